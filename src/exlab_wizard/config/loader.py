@@ -1,0 +1,125 @@
+"""Load ``config.yaml`` into a :class:`Config`, with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from exlab_wizard.config.models import Config
+
+__all__ = ["ConfigError", "load_config", "parse_config", "format_loc"]
+
+_TRANSPORT_TAGS = {"mount", "rsync_ssh", "rclone"}
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used.
+
+    ``problems`` holds one ``"<key path>: <reason>"`` string per problem; the
+    message joins them, so the first line always names a key.
+    """
+
+    def __init__(self, problems: list[str], source: Path | None = None):
+        self.problems = list(problems)
+        self.source = source
+        prefix = f"{source}: " if source is not None else ""
+        super().__init__(prefix + "; ".join(self.problems))
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """``('equipment', 1, 'transport', 'rsync_ssh', 'ssh_target')`` -> ``equipment[1].transport.ssh_target``."""
+    out = ""
+    previous = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif previous == "transport" and part in _TRANSPORT_TAGS:
+            pass  # pydantic's discriminated-union branch name, not a key
+        elif isinstance(part, str) and part.startswith(("function-", "tagged-union[")):
+            pass
+        else:
+            out += ("." if out else "") + str(part)
+        previous = part
+    return out or "<top level>"
+
+
+def _password_problems(data: Any, trail: str) -> list[str]:
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{trail}.{key}"
+            if str(key).lower() == "password":
+                found.append(
+                    f"{here}: secrets are not allowed in the config file; "
+                    "use key authentication (ssh_key_path) or an rclone config file"
+                )
+            else:
+                found.extend(_password_problems(value, here))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found.extend(_password_problems(value, f"{trail}[{index}]"))
+    return found
+
+
+def _plain(data: Any) -> Any:
+    """ruamel's CommentedMap/Seq -> dict/list, keys as strings."""
+    if isinstance(data, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_plain(v) for v in data]
+    return data
+
+
+def parse_config(data: Any, source: Path | None = None) -> Config:
+    """Validate already-parsed YAML data; raise :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"<top level>: expected a mapping of settings, got {type(data).__name__}"], source)
+    problems: list[str] = []
+    equipment = data.get("equipment")
+    if isinstance(equipment, list):
+        for index, item in enumerate(equipment):
+            if isinstance(item, dict) and isinstance(item.get("transport"), dict):
+                problems.extend(_password_problems(item["transport"], f"equipment[{index}].transport"))
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            message = str(error["msg"]).removeprefix("Value error, ")
+            loc = format_loc(tuple(error["loc"]))
+            if loc == "<top level>" and ": " in message and message.split(": ", 1)[0].startswith("equipment"):
+                problems.append(message)
+            else:
+                problems.append(f"{loc}: {message}")
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a YAML config file.
+
+    Raises :class:`ConfigError` for an unreadable file, invalid YAML or any
+    invalid value; the message names the key path of every problem.
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"<file>: config file not found: {path}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"<file>: cannot read {path}: {exc}"]) from None
+    yaml = YAML(typ="safe", pure=True)
+    try:
+        data = yaml.load(text)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{where}: invalid YAML: {problem}"], path) from None
+    return parse_config(_plain(data), path)

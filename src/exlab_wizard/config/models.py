@@ -1,0 +1,345 @@
+"""Pydantic models for ``config.yaml``.
+
+Attributes mirror the YAML keys, except a bandwidth window's ``from``/``to``,
+which are ``start``/``end`` in code (``from`` is a Python keyword).
+
+Every model forbids unknown keys: a typo in a lab's config must be an error
+that names the key, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DAYS",
+    "BandwidthConfig",
+    "BandwidthWindow",
+    "CleanupConfig",
+    "Config",
+    "EquipmentConfig",
+    "MountTransportConfig",
+    "RcloneTransportConfig",
+    "RsyncSshTransportConfig",
+    "SyncConfig",
+    "TransportConfig",
+    "ValidatorConfig",
+    "expand_path",
+]
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+EQUIPMENT_ID_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def expand_path(value: object) -> object:
+    """Expand ``~`` in a path-like config value; leave anything else alone."""
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if not text.strip():
+            raise ValueError("must not be empty")
+        return Path(os.path.expanduser(text))
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BandwidthWindow(_Model):
+    """A weekly window in the workstation's local time.
+
+    ``end`` earlier than ``start`` means the window runs past midnight into the
+    next day; ``start == end`` means the whole day.
+    """
+
+    days: tuple[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], ...] = Field(min_length=1)
+    start: dt.time = Field(alias="from")
+    end: dt.time = Field(alias="to")
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _lower_days(cls, value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return tuple(v.lower() if isinstance(v, str) else v for v in value)
+        return value
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _parse_hhmm(cls, value: object) -> object:
+        if isinstance(value, dt.time):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 08:00 as a sexagesimal integer (480).
+            if 0 <= value < 24 * 60:
+                return dt.time(value // 60, value % 60)
+            raise ValueError(f"{value!r} is not a time of day; quote it as \"HH:MM\"")
+        if not isinstance(value, str) or not _HHMM_RE.match(value.strip()):
+            raise ValueError(f"{value!r} is not a time of day \"HH:MM\" (00:00-23:59)")
+        hour, minute = value.strip().split(":")
+        return dt.time(int(hour), int(minute))
+
+
+class BandwidthConfig(_Model):
+    """Upload limit; with no ``schedule`` it applies at all times."""
+
+    upload_mbps: float | None = None
+    schedule: tuple[BandwidthWindow, ...] = ()
+
+    @field_validator("upload_mbps")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("must be null (unlimited) or above 0")
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _null_schedule(cls, value: object) -> object:
+        return () if value is None else value
+
+
+class _TransportBase(_Model):
+    bandwidth: BandwidthConfig = BandwidthConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: object) -> object:
+        if isinstance(data, dict):
+            _refuse_password(data, ())
+        return data
+
+
+def _refuse_password(data: object, trail: tuple[str | int, ...]) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if str(key).lower() == "password":
+                where = "".join(f"[{t}]" if isinstance(t, int) else f".{t}" for t in trail)
+                raise ValueError(
+                    f"'password'{' under ' + where.lstrip('.') if where else ''} is not allowed: "
+                    "no secrets in the config file; use key authentication "
+                    "(ssh_key_path) or an rclone config file"
+                )
+            _refuse_password(value, (*trail, str(key)))
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            _refuse_password(value, (*trail, index))
+
+
+class MountTransportConfig(_TransportBase):
+    """A mounted share (SMB/NFS/local disk)."""
+
+    type: Literal["mount"]
+    mount_path: Path
+    mount_marker: str = ".exlab-nas"
+
+    _expand = field_validator("mount_path", mode="before")(expand_path)
+
+    @field_validator("mount_marker")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value in (".", ".."):
+            raise ValueError("must be a plain file name inside mount_path")
+        return value
+
+    @property
+    def remote_root(self) -> str:
+        return str(self.mount_path)
+
+
+class RsyncSshTransportConfig(_TransportBase):
+    """rsync over ssh with key authentication."""
+
+    type: Literal["rsync_ssh"]
+    ssh_target: str
+    ssh_key_path: Path
+    ssh_port: int = Field(default=22, ge=1, le=65535)
+    remote_path: str
+    ssh_known_hosts: Path | None = None
+
+    _expand = field_validator("ssh_key_path", "ssh_known_hosts", mode="before")(expand_path)
+
+    @field_validator("ssh_target")
+    @classmethod
+    def _user_at_host(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._][A-Za-z0-9._-]*@[A-Za-z0-9.:\[\]_-]+", value):
+            raise ValueError(f"{value!r} is not user@host")
+        return value
+
+    @field_validator("remote_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must be an absolute path on the remote host")
+        return value.rstrip("/") or "/"
+
+    @property
+    def remote_root(self) -> str:
+        return self.remote_path
+
+
+class RcloneTransportConfig(_TransportBase):
+    """Any backend rclone speaks (sftp, S3, SMB, WebDAV, ...)."""
+
+    type: Literal["rclone"]
+    rclone_remote: str
+    rclone_remote_path: str = ""
+    rclone_config: Path | None = None
+
+    _expand = field_validator("rclone_config", mode="before")(expand_path)
+
+    @field_validator("rclone_remote")
+    @classmethod
+    def _remote_name(cls, value: str) -> str:
+        value = value.rstrip(":")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_. -]*", value):
+            raise ValueError(f"{value!r} is not an rclone remote name")
+        return value
+
+    @property
+    def remote_root(self) -> str:
+        return f"{self.rclone_remote}:{self.rclone_remote_path}"
+
+
+TransportConfig = Annotated[
+    Union[MountTransportConfig, RsyncSshTransportConfig, RcloneTransportConfig],
+    Field(discriminator="type"),
+]
+
+
+class EquipmentConfig(_Model):
+    """One instrument: where its runs live and how they reach the NAS."""
+
+    id: str
+    label: str = ""
+    local_root: Path
+    nas_root: str = ""
+    completeness_signal: Literal["sentinel_file", "manifest", "none"] = "sentinel_file"
+    sentinel_filename: str = "acquisition_complete.flag"
+    manifest_filename: str = "run_manifest.json"
+    transport: TransportConfig
+
+    _expand = field_validator("local_root", mode="before")(expand_path)
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        if not EQUIPMENT_ID_RE.match(value):
+            raise ValueError(f"{value!r} must match ^[A-Z][A-Z0-9_]*$ (e.g. CONFOCAL_01)")
+        return value
+
+    @field_validator("sentinel_filename", "manifest_filename")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        if not value or "/" in value or value in (".", ".."):
+            raise ValueError("must be a plain file name")
+        return value
+
+    @property
+    def equipment_root(self) -> Path:
+        """``<local_root>/<id>``: the folder holding this instrument's projects."""
+        return self.local_root / self.id
+
+
+class CleanupConfig(_Model):
+    enabled: bool = False
+    min_verify_passes: int = Field(default=2, ge=1)
+    min_age_hours: float = Field(default=24, ge=0)
+    retain_cache: bool = True
+
+
+class SyncConfig(_Model):
+    enabled: bool = True
+    max_parallel_jobs: int = Field(default=2, ge=1)
+    backoff_s: tuple[float, ...] = (30, 120, 480, 1800, 7200)
+    audit_interval_s: float = Field(default=86400, gt=0)
+    scan_interval_s: float = Field(default=30, gt=0)
+    verify_max_stream_bytes: int = Field(default=1073741824, ge=0)
+
+    @field_validator("backoff_s")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        for index, delay in enumerate(value):
+            if delay < 0:
+                raise ValueError(f"backoff_s[{index}] = {delay} must not be negative")
+        return value
+
+
+class ValidatorConfig(_Model):
+    content_scan_max_mib: float = Field(default=5, ge=0)
+    content_scan_extensions: tuple[str, ...] = (
+        ".txt", ".md", ".csv", ".tsv", ".json", ".yaml", ".yml",
+        ".toml", ".ini", ".cfg", ".conf", ".sh", ".py",
+    )
+
+    @field_validator("content_scan_extensions")
+    @classmethod
+    def _dotted_lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for ext in value:
+            ext = ext.strip().lower()
+            if not ext:
+                raise ValueError("an extension must not be empty")
+            out.append(ext if ext.startswith(".") else "." + ext)
+        return tuple(out)
+
+
+def _default_state_dir() -> Path:
+    return Path(os.path.expanduser("~/.local/state/exlab-wizard"))
+
+
+class Config(_Model):
+    equipment: tuple[EquipmentConfig, ...] = ()
+    nas_cleanup: CleanupConfig = CleanupConfig()
+    sync: SyncConfig = SyncConfig()
+    validator: ValidatorConfig = ValidatorConfig()
+    state_dir: Path = Field(default_factory=_default_state_dir)
+
+    _expand = field_validator("state_dir", mode="before")(expand_path)
+
+    @field_validator("equipment", mode="before")
+    @classmethod
+    def _null_equipment(cls, value: object) -> object:
+        return () if value is None else value
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "Config":
+        seen: dict[str, int] = {}
+        for index, equipment in enumerate(self.equipment):
+            if equipment.id in seen:
+                raise ValueError(
+                    f"equipment[{index}].id: {equipment.id!r} is already used by equipment[{seen[equipment.id]}]"
+                )
+            seen[equipment.id] = index
+        return self
+
+    def equipment_by_id(self, equipment_id: str) -> EquipmentConfig:
+        for equipment in self.equipment:
+            if equipment.id == equipment_id:
+                return equipment
+        raise KeyError(equipment_id)
+
+    def equipment_for_run(self, run_path: Path) -> EquipmentConfig | None:
+        """The equipment whose ``<local_root>/<id>`` contains ``run_path``."""
+        run = Path(os.path.abspath(run_path))
+        for equipment in self.equipment:
+            root = Path(os.path.abspath(equipment.equipment_root))
+            if run != root and run.is_relative_to(root):
+                return equipment
+        return None
+
+    @property
+    def queue_db(self) -> Path:
+        return self.state_dir / "queue.db"

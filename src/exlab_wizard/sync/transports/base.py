@@ -1,0 +1,175 @@
+"""The transport contract: what every way of reaching the NAS must do.
+
+A transport copies one run folder to its remote folder and can read back what
+the remote holds. Algorithms that work over any transport (verification,
+cleanup policy) live outside this package and ask a transport's
+:class:`TransportCapabilities` instead of testing its class.
+
+Remote paths: a run ``<local_root>/<id>/<rel>`` lands at
+``<remote root>/<rel>`` (:func:`remote_relpath`). Manifest keys are paths
+relative to the run root with ``/`` separators.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+from exlab_wizard.config.models import EquipmentConfig
+
+__all__ = [
+    "METADATA_DIR",
+    "ProgressCallback",
+    "RemoteManifest",
+    "Transport",
+    "TransportCapabilities",
+    "TransportError",
+    "TransportErrorKind",
+    "TransportResult",
+    "remote_relpath",
+]
+
+METADATA_DIR = ".exlab-wizard"
+
+#: Called with the number of bytes just sent (a delta, never a total).
+ProgressCallback = Callable[[int], None]
+
+
+class TransportErrorKind(StrEnum):
+    """Why a transfer or a remote read failed; the retry policy keys on it."""
+
+    NETWORK = "network"                    # timeout, refused, reset, NAS unmounted: back off
+    AUTH = "auth"                          # key refused, host key, permission denied: FAILED
+    HASH_MISMATCH = "hash_mismatch"        # the copy differs: transfer once more
+    LOCAL_FILE_VANISHED = "local_file_vanished"
+    REMOTE_WRITE_REFUSED = "remote_write_refused"  # read-only, disk full
+    REMOTE_CONFLICT = "remote_conflict"    # the remote folder holds files not in this run
+    LOCAL_DAMAGE = "local_damage"          # local bytes changed, size and mtime did not
+    UNKNOWN = "unknown"                    # back off, like network
+
+
+class TransportError(Exception):
+    """A typed failure: ``kind`` decides the retry, ``message`` is for people."""
+
+    def __init__(self, kind: TransportErrorKind | str, message: str):
+        self.kind = TransportErrorKind(kind)
+        self.message = message
+        super().__init__(f"{self.kind.value}: {message}")
+
+
+@dataclass(frozen=True)
+class TransportResult:
+    """What a successful push reports.
+
+    ``local_hashes``: for transports that hash the source in the same read pass
+    as the copy, the SHA-256 of exactly the bytes sent, keyed like a manifest
+    (data files and ``.exlab-wizard/`` files alike); ``None`` otherwise.
+    """
+
+    ok: bool
+    error_kind: TransportErrorKind | str | None = None
+    message: str = ""
+    files_sent: int = 0
+    bytes_sent: int = 0
+    local_hashes: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class RemoteManifest:
+    """What the remote holds for one run.
+
+    ``hashes``: relative path -> lowercase SHA-256 hex.
+    ``unverifiable``: relative path -> reason (e.g. ``verify_skipped_oversize``)
+    for files that exist remotely but could not be hashed; such a file is never
+    counted as verified.
+    """
+
+    hashes: dict[str, str]
+    unverifiable: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransportCapabilities:
+    """What a transport can do, as data the engine reads."""
+
+    #: push() returns ``local_hashes`` (one read pass for copy and hash).
+    hashes_while_sending: bool = False
+    #: the remote manifest is computed on the remote side (no download).
+    remote_hashing: bool = True
+    #: push() follows the bandwidth schedule mid-transfer on its own.
+    follows_schedule: bool = True
+
+
+def remote_relpath(equipment: EquipmentConfig, run_path: Path) -> PurePosixPath:
+    """The run's path relative to ``<local_root>/<id>``, as a POSIX path.
+
+    Raises ``ValueError`` when the run is not under that equipment.
+    """
+    root = Path(os.path.abspath(equipment.equipment_root))
+    run = Path(os.path.abspath(run_path))
+    rel = run.relative_to(root)
+    if not rel.parts:
+        raise ValueError(f"{run_path} is the equipment root, not a run")
+    return PurePosixPath(*rel.parts)
+
+
+class Transport(abc.ABC):
+    """One way of reaching the NAS, bound to one equipment.
+
+    Every method may raise :class:`TransportError`; none returns a failure
+    value. All methods are safe to call again after any failure or crash.
+    """
+
+    capabilities: TransportCapabilities = TransportCapabilities()
+
+    def __init__(self, equipment: EquipmentConfig):
+        self.equipment = equipment
+
+    def remote_run_path(self, run_path: Path) -> str:
+        """Where the run lives remotely, in the transport's own notation."""
+        rel = remote_relpath(self.equipment, run_path)
+        root = self.equipment.transport.remote_root.rstrip("/")
+        sep = "" if root.endswith(":") else "/"
+        return f"{root}{sep}{rel}"
+
+    @abc.abstractmethod
+    async def push(
+        self,
+        run_path: Path,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str] = frozenset(),
+        progress: ProgressCallback | None = None,
+    ) -> TransportResult:
+        """Copy the whole run folder (data and ``.exlab-wizard/``) to its remote folder.
+
+        Idempotent: files already present and equal are not sent again, except
+        the relative paths in ``rewrite``, which are always sent (used after a
+        hash mismatch). Creates remote parents. Never follows symlinks (they are
+        not copied). No temporary or partial file survives a completed push.
+        ``bwlimit_kibps`` is the limit in force at the start; the transport
+        follows the equipment's schedule while it runs.
+
+        Raises ``TransportError(REMOTE_CONFLICT)`` without writing anything when
+        the remote run folder already holds files that are not in this run.
+        """
+
+    @abc.abstractmethod
+    async def remote_manifest(self, run_path: Path) -> RemoteManifest:
+        """Hash every regular file of the run's remote folder (read-only).
+
+        Must reflect what the remote stores, never a local cache of it.
+        A missing remote folder yields an empty manifest only when the remote
+        root itself is reachable; an unreachable root raises NETWORK.
+        """
+
+    @abc.abstractmethod
+    async def reachable(self, run_path: Path) -> bool:
+        """Is the remote root reachable right now (and, for mount, mounted)?
+
+        Never raises for an unreachable remote: returns False.
+        """
