@@ -1,0 +1,109 @@
+"""``checksums.sha256``: the verified manifest, in GNU ``sha256sum`` format.
+
+Each line is ``<hex>  <path>``; a path holding a backslash, newline or
+carriage return is escaped as coreutils does (``\\\\``, ``\\n``, ``\\r``) and
+its line starts with ``\\``. Paths are relative to the run root with ``/``
+separators, sorted by their bytes (UTF-8, or the raw bytes of a non-UTF-8
+name via the filesystem encoding), so ``cd <run> && sha256sum -c
+.exlab-wizard/checksums.sha256`` passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "MANIFEST_NAME",
+    "ManifestFormatError",
+    "format_manifest",
+    "manifest_digest",
+    "manifest_path",
+    "parse_manifest",
+    "read_manifest",
+]
+
+MANIFEST_NAME = "checksums.sha256"
+_HEX_RE = re.compile(rb"^[0-9a-fA-F]{64}$")
+
+
+class ManifestFormatError(ValueError):
+    """A ``checksums.sha256`` line that is not in sha256sum format."""
+
+
+def manifest_path(run_path: Path) -> Path:
+    return Path(run_path) / ".exlab-wizard" / MANIFEST_NAME
+
+
+def _escape(name: bytes) -> tuple[bytes, bool]:
+    if not any(ch in name for ch in (b"\\", b"\n", b"\r")):
+        return name, False
+    return name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r"), True
+
+
+def _unescape(name: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(name):
+        ch = name[i : i + 1]
+        if ch == b"\\":
+            nxt = name[i + 1 : i + 2]
+            if nxt == b"\\":
+                out += b"\\"
+            elif nxt == b"n":
+                out += b"\n"
+            elif nxt == b"r":
+                out += b"\r"
+            else:
+                raise ManifestFormatError(f"bad escape \\{nxt!r} in {name!r}")
+            i += 2
+        else:
+            out += ch
+            i += 1
+    return bytes(out)
+
+
+def format_manifest(hashes: Mapping[str, str]) -> bytes:
+    """Render ``{relative path: hex}`` as sorted sha256sum lines (bytes)."""
+    lines = []
+    for key in sorted(hashes, key=os.fsencode):
+        name, escaped = _escape(os.fsencode(key))
+        digest = hashes[key].lower().encode("ascii")
+        if not _HEX_RE.match(digest):
+            raise ManifestFormatError(f"not a SHA-256 hex digest for {key!r}: {hashes[key]!r}")
+        lines.append((b"\\" if escaped else b"") + digest + b"  " + name + b"\n")
+    return b"".join(lines)
+
+
+def parse_manifest(data: bytes) -> dict[str, str]:
+    """Parse sha256sum output (text or binary mode markers) into ``{path: hex}``."""
+    out: dict[str, str] = {}
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line:
+            continue
+        escaped = line.startswith(b"\\")
+        if escaped:
+            line = line[1:]
+        digest, sep, rest = line[:64], line[64:66], line[66:]
+        if not _HEX_RE.match(digest) or sep not in (b"  ", b" *") or not rest:
+            raise ManifestFormatError(f"line {number} is not '<sha256>  <path>': {line[:120]!r}")
+        name = _unescape(rest) if escaped else rest
+        out[os.fsdecode(name)] = digest.decode("ascii").lower()
+    return out
+
+
+def read_manifest(run_path: Path) -> dict[str, str] | None:
+    """The run's recorded manifest, or None when it has none."""
+    try:
+        data = manifest_path(run_path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return parse_manifest(data)
+
+
+def manifest_digest(hashes: Mapping[str, str]) -> str:
+    """SHA-256 of the rendered manifest: names one verified state in logs."""
+    return hashlib.sha256(format_manifest(hashes)).hexdigest()
