@@ -1,0 +1,251 @@
+"""Durable file primitives: an atomic replace and an inter-process lock file.
+
+:func:`atomic_write_bytes` replaces a file so that a reader (or a machine that
+loses power at any instant) sees either the old content or the new one, never
+a mix: temp file in the same folder, write, check the byte count, fsync,
+rename over the target, fsync the folder.
+
+:class:`FileLock` serialises writers of one file across processes (an
+exclusive ``flock`` on a sidecar lock file) and across threads of one process
+(a per-path ``threading.Lock``), with a timeout.
+
+The error tree of the cache lives here so both modules can raise it:
+:class:`CacheError` with a :class:`CacheErrorKind`, and :class:`LockTimeout`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import threading
+import time
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "CacheError",
+    "CacheErrorKind",
+    "FileLock",
+    "LockTimeout",
+    "atomic_write_bytes",
+    "fsync_dir",
+]
+
+
+class CacheErrorKind(StrEnum):
+    """Why a cache file could not be read or written."""
+
+    MALFORMED = "malformed"                    # not JSON, not an object, wrong field types
+    UNSUPPORTED_SCHEMA = "unsupported_schema"  # schema_version missing, unparsable or major != 1
+    LOCK_TIMEOUT = "lock_timeout"              # another writer held the lock too long
+    IO = "io"                                  # the file system refused
+
+
+class CacheError(Exception):
+    """A cache file that cannot be used; ``kind`` says why, the message names the file."""
+
+    def __init__(self, kind: CacheErrorKind | str, message: str, path: Path | str | None = None):
+        self.kind = CacheErrorKind(kind)
+        self.message = message
+        self.path = Path(path) if path is not None else None
+        super().__init__(message)
+
+
+class LockTimeout(CacheError):
+    """The lock was not obtained within the timeout (``kind`` is ``lock_timeout``)."""
+
+    def __init__(self, message: str, path: Path | str | None = None):
+        super().__init__(CacheErrorKind.LOCK_TIMEOUT, message, path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a creation in ``folder`` durable (fsync the folder)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems (certain network shares) cannot fsync a folder.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _open_unique_temp(folder: Path, name: str, mode: int) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "could not find a free temporary name", str(folder))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    The bytes go to a uniquely named ``.<name>.<random>.tmp`` file in the same
+    folder; the byte count is checked, the file fsynced, renamed over ``path``
+    (``os.replace``) and the folder fsynced. An existing target keeps its
+    permission bits; a new one gets ``0o666`` minus the umask.
+
+    Raises ``OSError`` (including a short write) and leaves ``path`` untouched;
+    the temp file never survives a failure. The folder must exist.
+    """
+    path = Path(path)
+    data = bytes(data)
+    folder = path.parent
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+        keep_mode = True
+    except FileNotFoundError:
+        mode, keep_mode = 0o666, False
+    fd, tmp = _open_unique_temp(folder, path.name, mode)
+    try:
+        try:
+            if keep_mode:
+                os.fchmod(fd, mode)  # the umask applied at creation; restore the target's bits
+            view = memoryview(data)
+            written = 0
+            while written < len(data):
+                n = os.write(fd, view[written:])
+                if n <= 0:
+                    break
+                written += n
+            size = os.fstat(fd).st_size
+            if written != len(data) or size != len(data):
+                raise OSError(errno.EIO, f"short write: {size} of {len(data)} bytes reached the disk", str(tmp))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+class _PathLock:
+    __slots__ = ("lock", "owner")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+
+_REGISTRY_GUARD = threading.Lock()
+_REGISTRY: dict[str, _PathLock] = {}
+
+
+def _reset_after_fork() -> None:
+    # A forked child must not inherit locks held by threads that do not exist in it.
+    global _REGISTRY_GUARD, _REGISTRY
+    _REGISTRY_GUARD = threading.Lock()
+    _REGISTRY = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _path_lock(key: str) -> _PathLock:
+    with _REGISTRY_GUARD:
+        entry = _REGISTRY.get(key)
+        if entry is None:
+            entry = _REGISTRY[key] = _PathLock()
+        return entry
+
+
+class FileLock:
+    """An exclusive lock on ``path``, shared by threads and processes.
+
+    ``with FileLock(folder / "creation.json.lock", timeout=10.0): ...``
+
+    The lock file is created when missing (its folder must exist) and is never
+    deleted: deleting it would let two writers lock two different inodes.
+    Inside one process a per-path ``threading.Lock`` is taken first, then an
+    exclusive ``fcntl.flock`` (polled until the deadline). Raises
+    :class:`LockTimeout` after ``timeout`` seconds, :class:`CacheError`
+    (``io``) when the lock file cannot be opened, and ``RuntimeError`` when the
+    same thread asks again for a lock it already holds (the lock is not
+    re-entrant; waiting would only end in a timeout). Not re-usable while held.
+    """
+
+    def __init__(self, path: Path, timeout: float):
+        self.path = Path(path)
+        self.timeout = float(timeout)
+        self._key = os.path.abspath(self.path)
+        self._fd: int | None = None
+        self._entry: _PathLock | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise; see the class docstring."""
+        deadline = time.monotonic() + max(self.timeout, 0.0)
+        entry = _path_lock(self._key)
+        me = threading.get_ident()
+        if entry.owner == me:
+            raise RuntimeError(f"{self.path} is already locked by this thread (nested write?)")
+        if not entry.lock.acquire(timeout=max(self.timeout, 0.0)):
+            raise LockTimeout(
+                f"{self.path}: another writer in this process held the lock for more than {self.timeout:g} s",
+                self.path,
+            )
+        entry.owner = me
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            entry.owner = None
+            entry.lock.release()
+            raise CacheError(CacheErrorKind.IO, f"{self.path}: cannot open the lock file: {exc.strerror or exc}", self.path) from exc
+        try:
+            delay = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise LockTimeout(
+                            f"{self.path}: another process held the lock for more than {self.timeout:g} s",
+                            self.path,
+                        ) from None
+                    time.sleep(min(delay, remaining))
+                    delay = min(delay * 2, 0.05)
+        except BaseException:
+            os.close(fd)
+            entry.owner = None
+            entry.lock.release()
+            raise
+        self._fd, self._entry = fd, entry
+
+    def release(self) -> None:
+        """Release the lock (closing the descriptor drops the ``flock``)."""
+        fd, entry = self._fd, self._entry
+        self._fd = self._entry = None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        if entry is not None:
+            entry.owner = None
+            entry.lock.release()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
