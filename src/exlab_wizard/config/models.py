@@ -41,7 +41,7 @@ __all__ = [
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 EQUIPMENT_ID_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
-_HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+_HHMM_RE = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])$")  # H:MM or HH:MM
 
 
 def expand_path(value: object) -> object:
@@ -65,7 +65,7 @@ class BandwidthWindow(_Model):
     next day; ``start == end`` means the whole day.
     """
 
-    days: tuple[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], ...] = Field(min_length=1)
+    days: tuple[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], ...]
     start: dt.time = Field(alias="from")
     end: dt.time = Field(alias="to")
 
@@ -74,6 +74,15 @@ class BandwidthWindow(_Model):
     def _lower_days(cls, value: object) -> object:
         if isinstance(value, (list, tuple)):
             return tuple(v.lower() if isinstance(v, str) else v for v in value)
+        return value
+
+    @field_validator("days")
+    @classmethod
+    def _at_least_one_day(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Not Field(min_length=1): pydantic counts only the items that
+        # validated, so one bad day name also reported a bogus "empty" error.
+        if not value:
+            raise ValueError("must list at least one day (mon ... sun)")
         return value
 
     @field_validator("start", "end", mode="before")
