@@ -1,0 +1,463 @@
+"""The durable queue: transitions, events, crash safety, concurrency, the runner lease."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.sync import queue as queue_mod
+from exlab_wizard.sync.queue import (
+    JobNotFound,
+    JobQueue,
+    QueueSchemaError,
+    RunnerLease,
+    SyncEvent,
+    SyncJobRow,
+    lease_path_for,
+)
+from exlab_wizard.sync.states import TRANSITIONS, IllegalTransition, SyncJobState
+
+S = SyncJobState
+NOW = dt.datetime(2024, 5, 6, 12, 0, tzinfo=dt.UTC)
+
+
+def t(seconds: float) -> dt.datetime:
+    return NOW + dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "queue.db"
+
+
+@pytest.fixture
+def q(db: Path):
+    with JobQueue(db) as queue:
+        yield queue
+
+
+def make(q: JobQueue, name: str, equipment: str = "CONFOCAL_01", *, now: dt.datetime = NOW) -> SyncJobRow:
+    job, created = q.get_or_create(f"/data/lab/{equipment}/P/Runs/{name}", equipment, f"/nas/P/Runs/{name}", now=now)
+    assert created
+    return job
+
+
+def path_to(state: SyncJobState) -> list[SyncJobState]:
+    """A shortest legal path of states from QUEUED to ``state``."""
+    paths = {S.QUEUED: [S.QUEUED]}
+    frontier = [S.QUEUED]
+    while frontier:
+        nxt = []
+        for src in frontier:
+            for dst in sorted(TRANSITIONS[src]):
+                if dst not in paths:
+                    paths[dst] = [*paths[src], dst]
+                    nxt.append(dst)
+        frontier = nxt
+    return paths[state]
+
+
+def put_in(q: JobQueue, job: SyncJobRow, state: SyncJobState) -> SyncJobRow:
+    steps = path_to(state)
+    for src, dst in zip(steps, steps[1:]):
+        job = q.transition(job.id, src, dst, now=NOW, detail="setup")
+    return job
+
+
+def child(code: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+    )
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_open_sets_pragmas_and_schema(q: JobQueue, db: Path):
+    with q.transaction() as conn:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(queue_mod.MIGRATIONS)
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_get_or_create_is_one_job_per_run(q: JobQueue):
+    job, created = q.get_or_create("/data/lab/X/P/Runs/Run_1/", "X", "/nas/P/Runs/Run_1", now=NOW)
+    assert created and job.state is S.QUEUED and job.run_path == "/data/lab/X/P/Runs/Run_1"
+    assert len(job.id) == 32 and int(job.id, 16) >= 0
+    assert (job.created_at, job.updated_at, job.attempts, job.next_attempt_at) == (NOW, NOW, 0, None)
+    again, created = q.get_or_create("/data/lab/X/P/Runs/Run_1", "Y", "/elsewhere", now=t(5))
+    assert not created and again == job
+    assert q.by_run("/data/lab/X/P/Runs/./Run_1") == job
+    assert q.get(job.id) == job and q.get("nope") is None and q.by_run("/nope") is None
+    [event] = q.events(job.id)
+    assert (event.kind, event.from_state, event.to_state, event.detail, event.at) == (
+        "transition", None, "queued", "enqueued", NOW,
+    )
+
+
+def test_refuses_naive_times_and_relative_runs(q: JobQueue):
+    with pytest.raises(ValueError):
+        q.get_or_create("/data/r", "X", "/n/r", now=dt.datetime(2024, 1, 1))
+    with pytest.raises(ValueError):
+        q.get_or_create("data/r", "X", "/n/r", now=NOW)
+    assert q.list_jobs() == []
+
+
+def test_fields_round_trip_and_to_dict(q: JobQueue):
+    job = make(q, "Run_1")
+    other_tz = dt.timezone(dt.timedelta(hours=2))
+    job = q.transition(
+        job.id, S.QUEUED, S.RUNNING, now=t(1), detail="go",
+        attempts=2, next_attempt_at=None, error_kind="network", last_error="refused",
+        verify_passes=1, verified_at=t(2).astimezone(other_tz), mismatch_count=1,
+        overrides_relied_on=["a", "b"], manifest_digest="ff" * 32, last_verify_at=t(3),
+        pass_times=[t(2), t(3)], rewrite_paths=("x/y.tif", "a b.txt"),
+    )
+    assert job == q.get(job.id)
+    assert job.verified_at == t(2) and job.verified_at.utcoffset() == dt.timedelta(0)
+    assert job.overrides_relied_on == ("a", "b") and job.pass_times == (t(2), t(3))
+    assert job.rewrite_paths == ("x/y.tif", "a b.txt") and job.updated_at == t(1)
+    data = json.loads(json.dumps(q.job_with_events(job.id).to_dict()))
+    assert data["state"] == "running" and data["verified_at"] == "2024-05-06T12:00:02.000000+00:00"
+    assert [e["to_state"] for e in data["events"]] == ["queued", "running"]
+    # None clears a nullable field; omitted fields stay
+    job = q.update(job.id, S.RUNNING, now=t(4), error_kind=None)
+    assert job.error_kind is None and job.last_error == "refused" and job.updated_at == t(4)
+
+
+def test_bad_fields_write_nothing(q: JobQueue):
+    job = make(q, "Run_1")
+    for bad in ({"state": "failed"}, {"updated_at": NOW}, {"attempts": "1"}, {"attempts": True},
+                {"rewrite_paths": "abc"}, {"pass_times": [dt.datetime(2024, 1, 1)]}, {"last_error": 3}):
+        with pytest.raises((TypeError, ValueError)):
+            q.transition(job.id, S.QUEUED, S.RUNNING, now=t(1), **bad)
+        with pytest.raises((TypeError, ValueError)):
+            q.update(job.id, S.QUEUED, now=t(1), **bad)
+    assert q.get(job.id) == job and len(q.events(job.id)) == 1
+    with pytest.raises(ValueError):
+        q.update(job.id, S.QUEUED, now=t(1), event_kind="transition")
+    with pytest.raises(ValueError):
+        q.record_event(job.id, "transition", "x", now=t(1))
+    with pytest.raises(JobNotFound):
+        q.transition("nope", S.QUEUED, S.RUNNING, now=t(1))
+    with pytest.raises(JobNotFound):
+        q.record_event("nope", "note", "x", now=t(1))
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+@pytest.mark.parametrize("src", list(S), ids=str)
+def test_every_transition_pair(q: JobQueue, src: SyncJobState):
+    for dst in S:
+        job = put_in(q, make(q, f"Run_{src}_{dst}"), src)
+        assert job.state is src
+        before_events = q.events(job.id)
+        if dst in TRANSITIONS[src]:
+            moved = q.transition(job.id, src, dst, now=t(9), detail=f"{src}->{dst}")
+            assert moved.state is dst and moved.updated_at == t(9) and q.get(job.id) == moved
+            events = q.events(job.id)
+            assert events[:-1] == before_events
+            assert (events[-1].kind, events[-1].from_state, events[-1].to_state, events[-1].detail) == (
+                "transition", src.value, dst.value, f"{src}->{dst}",
+            )
+        else:
+            with pytest.raises(IllegalTransition):
+                q.transition(job.id, src, dst, now=t(9), attempts=99, last_error="no")
+            assert q.get(job.id) == job
+            assert q.events(job.id) == before_events
+
+
+def test_stale_transition_between_two_queues(db: Path):
+    with JobQueue(db) as a, JobQueue(db) as b:
+        job = make(a, "Run_1")
+        assert b.get(job.id).state is S.QUEUED
+        a.transition(job.id, S.QUEUED, S.RUNNING, now=t(1))
+        with pytest.raises(IllegalTransition, match=f"stale: job {job.id} is in state running, not queued"):
+            b.transition(job.id, S.QUEUED, S.FAILED, now=t(2), last_error="x")
+        with pytest.raises(IllegalTransition, match="stale"):
+            b.update(job.id, S.QUEUED, now=t(2), event_kind="note", detail="x", attempts=5)
+        row = b.get(job.id)
+        assert row.state is S.RUNNING and row.attempts == 0 and row.last_error is None
+        assert [e.to_state for e in b.events(job.id)] == ["queued", "running"]
+
+
+def test_update_and_events(q: JobQueue):
+    job = make(q, "Run_1")
+    job = q.update(job.id, S.QUEUED, now=t(1), event_kind="gate_hold", detail="held", next_attempt_at=t(30))
+    assert job.state is S.QUEUED and job.next_attempt_at == t(30)
+    q.update(job.id, S.QUEUED, now=t(2), attempts=1)  # no event
+    event = q.record_event(job.id, "cleanup_refused", "waiting: 1 of 2 verify passes", now=t(3))
+    assert isinstance(event, SyncEvent) and event.kind == "cleanup_refused" and event.from_state is None
+    assert q.get(job.id).updated_at == t(2)  # an event alone changes nothing on the job
+    events = q.events(job.id)
+    assert [e.kind for e in events] == ["transition", "gate_hold", "cleanup_refused"]
+    assert q.events(job.id, limit=2) == events[1:]
+    for i in range(60):
+        q.record_event(job.id, "note", f"n{i}", now=t(10 + i))
+    full = q.job_with_events(job.id)
+    assert len(full.events) == 50 and full.events[0].detail == "n10" and full.events[-1].detail == "n59"
+    assert q.job_with_events(job.run_path, limit=3).events == full.events[-3:]
+    assert q.job_with_events(job.run_path + "/").id == job.id
+    assert q.job_with_events("/no/such/run") is None and q.job_with_events("nope") is None
+    assert q.get(job.id).events == ()
+
+
+def test_list_and_counts(q: JobQueue):
+    a = make(q, "A", "EQ1", now=t(3))
+    b = make(q, "B", "EQ2", now=t(1))
+    c = make(q, "C", "EQ1", now=t(2))
+    q.transition(c.id, S.QUEUED, S.RUNNING, now=t(4))
+    assert [j.id for j in q.list_jobs()] == [b.id, c.id, a.id]
+    assert [j.id for j in q.list_jobs(state=S.QUEUED)] == [b.id, a.id]
+    assert [j.id for j in q.list_jobs(equipment_id="EQ1")] == [c.id, a.id]
+    assert [j.id for j in q.list_jobs(state="running", equipment_id="EQ1")] == [c.id]
+    counts = q.counts()
+    assert counts[S.QUEUED] == 2 and counts[S.RUNNING] == 1 and counts[S.CLEANED] == 0 and len(counts) == len(S)
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def test_next_due_and_next_wakeup(q: JobQueue):
+    retried = make(q, "Retried", "EQ1", now=t(-100))
+    q.update(retried.id, S.QUEUED, now=t(-50), next_attempt_at=t(-10))
+    fresh1 = make(q, "Fresh1", "EQ1", now=t(-5))
+    fresh2 = make(q, "Fresh2", "EQ2", now=t(-4))
+    later = make(q, "Later", "EQ3", now=t(-200))
+    q.update(later.id, S.QUEUED, now=t(-1), next_attempt_at=t(60))
+    soon = make(q, "Soon", "EQ4", now=t(-300))
+    q.update(soon.id, S.QUEUED, now=t(-1), next_attempt_at=t(30))
+    put_in(q, make(q, "Running", "EQ5", now=t(-1000)), S.RUNNING)
+
+    assert q.next_due(NOW).id == fresh1.id  # null next_attempt_at first
+    assert q.next_due(NOW, busy_equipment={"EQ1"}).id == fresh2.id
+    assert q.next_due(NOW, busy_equipment=["EQ2"]).id == fresh1.id
+    q.transition(fresh1.id, S.QUEUED, S.RUNNING, now=NOW)
+    assert q.next_due(NOW).id == fresh2.id
+    assert q.next_due(NOW, busy_equipment={"EQ2"}).id == retried.id  # due, earlier retry time
+    assert q.next_due(NOW, busy_equipment={"EQ1", "EQ2"}) is None  # the rest wait for the future
+    assert q.next_due(t(30), busy_equipment={"EQ1", "EQ2"}).id == soon.id  # <= now counts as due
+    assert q.next_due(t(61), busy_equipment={"EQ1", "EQ2", "EQ4"}).id == later.id
+    assert q.next_due(t(61), busy_equipment={"EQ1", "EQ2", "EQ3", "EQ4"}) is None
+    with pytest.raises(TypeError):
+        q.next_due(NOW, busy_equipment="EQ1")
+
+    assert q.next_wakeup(NOW) == t(30)
+    assert q.next_wakeup(t(30)) == t(60)
+    assert q.next_wakeup(t(60)) is None
+    assert q.next_wakeup() is None  # the real clock is long past these times
+
+
+def test_recover(q: JobQueue):
+    running = put_in(q, make(q, "R"), S.RUNNING)
+    running = q.update(running.id, S.RUNNING, now=NOW, attempts=3)
+    awaiting = put_in(q, make(q, "A"), S.AWAITING_VERIFY)
+    verified = put_in(q, make(q, "V"), S.VERIFIED)
+    queued = make(q, "Q")
+    back = q.recover(now=t(100))
+    assert [j.id for j in back] == [awaiting.id]
+    row = q.get(running.id)
+    assert (row.state, row.attempts, row.next_attempt_at, row.updated_at) == (S.QUEUED, 3, t(100), t(100))
+    last = q.events(running.id)[-1]
+    assert (last.from_state, last.to_state, last.detail) == ("running", "queued", "recovered after restart")
+    assert q.get(verified.id) == verified and q.get(queued.id) == queued and q.get(awaiting.id) == awaiting
+    assert q.recover(now=t(200)) == [q.get(awaiting.id)]
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+def test_transaction_commits_rolls_back_and_nests(q: JobQueue):
+    job = make(q, "Run_1")
+    with pytest.raises(RuntimeError):
+        with q.transaction():
+            q.transition(job.id, S.QUEUED, S.RUNNING, now=t(1))
+            q.record_event(job.id, "note", "inside", now=t(1))
+            raise RuntimeError("abort")
+    assert q.get(job.id) == job and len(q.events(job.id)) == 1
+
+    with q.transaction() as conn:
+        q.transition(job.id, S.QUEUED, S.RUNNING, now=t(2))
+        with pytest.raises(IllegalTransition):  # inner failure, caught: the outer work stands
+            q.transition(job.id, S.QUEUED, S.RUNNING, now=t(2))
+        assert conn.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()["state"] == "running"
+    assert q.get(job.id).state is S.RUNNING
+    assert [e.to_state for e in q.events(job.id)] == ["queued", "running"]
+
+
+def test_a_migration_is_one_list_entry(db: Path, monkeypatch: pytest.MonkeyPatch):
+    with JobQueue(db) as q:
+        make(q, "Run_1")
+    extra = "CREATE TABLE deletion_plans (job_id TEXT NOT NULL REFERENCES jobs (id), path TEXT NOT NULL);"
+    monkeypatch.setattr(queue_mod, "MIGRATIONS", [*queue_mod.MIGRATIONS, extra])
+    with JobQueue(db) as q:
+        job = q.list_jobs()[0]
+        with q.transaction() as conn:
+            conn.execute("INSERT INTO deletion_plans VALUES (?, ?)", (job.id, "a.tif"))
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+            with pytest.raises(sqlite3.IntegrityError):  # foreign keys are on
+                conn.execute("INSERT INTO deletion_plans VALUES ('nope', 'b.tif')")
+    monkeypatch.undo()
+    with pytest.raises(QueueSchemaError, match="newer"):
+        JobQueue(db)
+
+
+def test_threads_share_one_queue(q: JobQueue):
+    errors: list[BaseException] = []
+    runs = [f"/data/lab/EQ/P/Runs/Run_{i}" for i in range(20)]
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for run in rng.sample(runs, len(runs)):
+                job, _ = q.get_or_create(run, "EQ", "/nas/x", now=NOW)
+                q.record_event(job.id, "note", f"thread {seed}", now=NOW)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    jobs = q.list_jobs()
+    assert len(jobs) == 20 and all(len(q.events(j.id)) == 9 for j in jobs)
+
+
+def test_closed_queue_refuses(db: Path):
+    q = JobQueue(db)
+    q.close()
+    q.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        q.list_jobs()
+
+
+# --------------------------------------------------------------------------- processes
+
+KILL_LOOP = """
+    import datetime as dt, sys
+    from exlab_wizard.sync.queue import JobQueue
+    from exlab_wizard.sync.states import SyncJobState as S
+    q = JobQueue(sys.argv[1])
+    job_id = sys.argv[2]
+    print("ready", flush=True)
+    while True:
+        row = q.get(job_id)
+        target = S.RUNNING if row.state is S.QUEUED else S.QUEUED
+        q.transition(job_id, row.state, target, now=dt.datetime.now(dt.UTC),
+                     detail=f"step {row.attempts + 1}", attempts=row.attempts + 1)
+"""
+
+
+def test_state_and_event_agree_after_sigkill(db: Path):
+    with JobQueue(db) as q:
+        job = make(q, "Run_1")
+    rng = random.Random(1234)
+    for _ in range(20):
+        proc = child(KILL_LOOP, str(db), job.id)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        threading.Event().wait(rng.uniform(0.0, 0.04))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        with JobQueue(db) as q:
+            row = q.get(job.id)
+            transitions = [e for e in q.events(job.id) if e.kind == "transition"]
+            assert transitions[-1].to_state == row.state.value
+            assert len(transitions) == row.attempts + 1  # one event per committed step, no more, no less
+            assert transitions[-1].detail == ("enqueued" if row.attempts == 0 else f"step {row.attempts}")
+            with q.transaction() as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert row.attempts > 20  # the loop really ran between kills
+
+
+GET_OR_CREATE = """
+    import datetime as dt, json, random, sys
+    from exlab_wizard.sync.queue import JobQueue
+    q = JobQueue(sys.argv[1])
+    runs = [f"/data/lab/EQ/P/Runs/Run_{i:02d}" for i in range(50)]
+    random.Random(int(sys.argv[2])).shuffle(runs)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    out = {}
+    for run in runs:
+        job, created = q.get_or_create(run, "EQ", "/nas/" + run, now=dt.datetime.now(dt.UTC))
+        out[run] = [job.id, created]
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_four_processes_create_each_job_once(db: Path):
+    JobQueue(db).close()
+    procs = [child(GET_OR_CREATE, str(db), str(seed)) for seed in range(4)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    for proc in procs:  # start them together
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out))
+    ids = [{run: v[0] for run, v in r.items()} for r in results]
+    assert ids[0] == ids[1] == ids[2] == ids[3] and len(set(ids[0].values())) == 50
+    created = collections.Counter(run for r in results for run, v in r.items() if v[1])
+    assert len(created) == 50 and set(created.values()) == {1}
+    with JobQueue(db) as q:
+        jobs = q.list_jobs()
+        assert len(jobs) == 50 and {j.run_path: j.id for j in jobs} == ids[0]
+        assert all(len(q.events(j.id)) == 1 for j in jobs)
+
+
+HOLD_LEASE = """
+    import sys, time
+    from exlab_wizard.sync.queue import RunnerLease
+    lease = RunnerLease(sys.argv[1])
+    print("held" if lease.acquire() else "refused", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_runner_lease(db: Path):
+    path = lease_path_for(db)
+    assert path == db.with_name("queue.db.lease")
+    path.parent.mkdir(parents=True)
+    holder = child(HOLD_LEASE, str(path))
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        lease = RunnerLease(path)
+        assert lease.acquire() is False and not lease.held
+        assert lease.holder_pid() == holder.pid
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert lease.acquire() is True and lease.held and lease.acquire() is True
+    assert lease.holder_pid() == os.getpid()
+    other = RunnerLease(path)  # excluded within one process too
+    assert other.acquire() is False
+    second = child(HOLD_LEASE, str(path))
+    assert second.stdout.readline().strip() == "refused"
+    second.kill()
+    second.communicate()
+    lease.release()
+    lease.release()
+    assert not lease.held and other.acquire() is True
+    other.release()
