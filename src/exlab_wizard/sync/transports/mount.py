@@ -1,0 +1,791 @@
+"""The ``mount`` transport: copy a run to a mounted share (SMB, NFS or a local disk).
+
+No external tool. Guarantees, on top of the :class:`Transport` contract:
+
+* **Mount guard.** Nothing is listed, written, hashed or deleted unless
+  ``<mount_path>/<mount_marker>`` exists. An unmounted share leaves a bare
+  local folder at the mount point; writing into it would "verify" a copy on
+  the same disk. A missing marker raises ``TransportError(NETWORK)``
+  ("remote unreachable: ... is not mounted").
+* **No foreign data overwritten.** Before writing anything the remote run
+  folder is listed; a regular file there that the local run does not have
+  (outside ``.exlab-wizard/``, and other than a leftover temp file of ours),
+  or an entry whose type differs from the local one (a folder where the run
+  has a file, a symlink where the run has a file or folder), raises
+  ``REMOTE_CONFLICT`` with nothing written. Remote ``.exlab-wizard/`` files
+  the local run no longer has are our own metadata: left alone, no conflict.
+* **Atomic, durable files.** Each file is written to
+  ``.<name>.exlab-tmp-<hex>`` in its target folder while the source is
+  hashed in the same read pass, gets the source's mtime (ns) and permission
+  bits, is made durable, then renamed over the final name. Directories
+  touched are fsynced once at the end. Durability: files of 1 MiB and more,
+  and every file on a share whose ``syncfs`` is not known to reach stable
+  storage (SMB/CIFS, FUSE, unknown), are fsynced one by one in the copy
+  threads; small files on a local disk or NFS are made durable together with
+  one ``syncfs`` per batch before their renames (a per-file fsync costs a
+  journal commit each: 20,000 of them take seconds). Everything is durable
+  before ``push`` returns. Leftover temp files of a crashed push are removed
+  by the next one.
+* **Resume.** A remote file is taken as already sent when it is a regular
+  file with the local size and an equal mtime, unless its path is in
+  ``rewrite``. mtimes are equal when within 1 us (shares keeping ns, 100 ns
+  or us), or, when the remote mtime is a whole second, within 2 s (shares
+  keeping seconds, FAT's 2 s). A wrongly skipped file cannot pass: the
+  remote manifest is compared with the local hashes afterwards, and a
+  mismatch re-sends it through ``rewrite``. Skipped files are still hashed
+  locally so ``local_hashes`` covers the whole run.
+* **A source changing while copied** (size or mtime differ after the copy,
+  or fewer bytes than its size could be read; at most the size seen at open
+  is read, so a file appended to forever still ends) is copied again, up to 3 attempts in all;
+  then ``TransportError(UNKNOWN)`` (retried later with backoff: the run is
+  evidently still being written). A source file that disappears (or is
+  unlinked while copied) raises ``LOCAL_FILE_VANISHED``.
+* **Errors**: on the share, ENOSPC/EDQUOT/EFBIG/EROFS/EACCES/EPERM and names
+  the share refuses (EINVAL/EILSEQ/ENAMETOOLONG) are
+  ``REMOTE_WRITE_REFUSED``; ENOENT (share or folder gone), ENOTCONN, EIO,
+  ESTALE, EHOSTDOWN and other connection errors are ``NETWORK``; anything
+  else ``UNKNOWN``.
+* **Bandwidth**: a :class:`~exlab_wizard.sync.throttle.TokenBucket` shared
+  by the copy threads, starting at ``bwlimit_kibps`` and re-reading the
+  equipment's schedule at ``now()`` every half second.
+* **Remote manifest** reads past this machine's page cache: every file's
+  cached pages are dropped (fsync + ``POSIX_FADV_DONTNEED``) before it is
+  hashed, so the check reads what the share stores.
+
+Symlinks in the run are never followed nor copied. Progress callbacks get
+byte deltas from the copy threads, one call at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import datetime as dt
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.policy.bandwidth import limit_kibps
+from exlab_wizard.sync.throttle import TokenBucket
+from exlab_wizard.sync.transports.base import (
+    METADATA_DIR,
+    ProgressCallback,
+    RemoteManifest,
+    Transport,
+    TransportCapabilities,
+    TransportError,
+    TransportErrorKind,
+    TransportResult,
+    remote_relpath,
+)
+from exlab_wizard.sync.verifier import (
+    drop_page_cache_fd,
+    hash_fd,
+    is_metadata_path,
+    open_regular,
+    run_parallel,
+    scan_run,
+    serial_progress,
+)
+
+__all__ = ["MountTransport", "is_temp_name", "same_mtime"]
+
+#: Files at least this big are fsynced on their own, overlapping the write-back
+#: with the copy of the next file.
+LARGE_FILE = 1 << 20
+#: A batch of small files shares one syncfs before its renames.
+BATCH_FILES = 4096
+BATCH_BYTES = 512 << 20
+COPY_ATTEMPTS = 3
+
+_TEMP_MARK = ".exlab-tmp-"
+_TEMP_RE = re.compile(r"^\..+\.exlab-tmp-[0-9a-f]{6,32}$", re.DOTALL)
+_NAME_KEEP = 200  # bytes of the original name kept in a temp name (NAME_MAX is 255)
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+_GONE = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EINVAL}
+_REFUSED = {
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+    errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG, errno.EMLINK,
+}
+_NETWORK = {
+    errno.ENOENT, errno.ENOTCONN, errno.EIO, errno.ESTALE, errno.EHOSTDOWN, errno.EHOSTUNREACH,
+    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ENETDOWN,
+    errno.ENETUNREACH, errno.ENETRESET, errno.ENODEV, errno.ENXIO, errno.EREMOTEIO,
+    errno.ENOLINK, errno.ECOMM, errno.EPIPE,
+}
+#: Filesystems whose syncfs(2) makes every written file durable (for NFS the
+#: write-back commits to the server). Anything else gets per-file fsync.
+_SYNCFS_DURABLE = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "zfs", "bcachefs", "tmpfs", "ramfs", "nfs", "nfs4", "overlay"}
+)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_SYNCFS = _load_syncfs()
+
+
+def is_temp_name(name: str) -> bool:
+    """Is ``name`` (a file name, not a path) one of this transport's temp files?"""
+    return bool(_TEMP_RE.match(name))
+
+
+def same_mtime(local_ns: int, remote_ns: int) -> bool:
+    """The resume rule: mtimes equal to the precision the share evidently keeps."""
+    diff = abs(local_ns - remote_ns)
+    if diff <= 1_000:
+        return True
+    return remote_ns % 1_000_000_000 == 0 and diff < 2_000_000_000
+
+
+def _temp_name(name: str) -> str:
+    raw = os.fsencode(name)[:_NAME_KEEP]
+    return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + secrets.token_hex(6).encode())
+
+
+def _local_now() -> dt.datetime:
+    return dt.datetime.now().astimezone()
+
+
+def _filesystem_type(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo), or ''."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return ""
+    target = os.fsencode(os.path.realpath(path))
+    best, fstype = b"", ""
+    for line in lines:
+        left, _sep, right = line.partition(b" - ")
+        fields = left.split(b" ")
+        if len(fields) < 5 or not right:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, right.split(b" ")[0].decode(errors="replace")
+    return fstype
+
+
+def _syncfs(path: str) -> None:
+    fd = os.open(path, _DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:  # type: ignore[misc]
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+class _Cancelled(Exception):
+    """The push was cancelled (task cancelled, or another copy thread failed)."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    rel: str
+    path: str
+    folder: str  # relative folder of the file ('' = run root)
+    name: str
+    size: int
+    send: bool
+
+
+@dataclass
+class _Push:
+    """State of one push, shared by its copy threads."""
+
+    run: Path
+    remote: str
+    bucket: TokenBucket
+    progress: ProgressCallback | None
+    abort: threading.Event
+    per_file_sync: bool
+    hashes: dict[str, str] = field(default_factory=dict)
+    temps: set[str] = field(default_factory=set)
+    touched: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    files_sent: int = 0
+    bytes_sent: int = 0
+
+
+class MountTransport(Transport):
+    """Copies runs to ``<mount_path>/<run path relative to local_root/id>`` on a mounted share.
+
+    ``log``: equipment log for push and manifest events. ``now``: the aware
+    local time, read to follow the bandwidth schedule. ``threads``: copy and
+    hash threads (default 4: most of the time is spent in system calls).
+    """
+
+    capabilities = TransportCapabilities(hashes_while_sending=True, remote_hashing=True, follows_schedule=True)
+
+    def __init__(
+        self,
+        equipment: EquipmentConfig,
+        *,
+        log: EquipmentLog | None = None,
+        now: Callable[[], dt.datetime] = _local_now,
+        threads: int | None = None,
+    ):
+        super().__init__(equipment)
+        if not isinstance(equipment.transport, MountTransportConfig):
+            raise ValueError(f"equipment {equipment.id}: transport type is {equipment.transport.type!r}, not 'mount'")
+        self.config: MountTransportConfig = equipment.transport
+        self.mount_path = os.fspath(self.config.mount_path)
+        self.marker = os.path.join(self.mount_path, self.config.mount_marker)
+        self.log = log
+        self.now = now
+        self.threads = threads or 4
+
+    # ------------------------------------------------------------------ guard
+
+    def _mounted(self) -> bool:
+        try:
+            return os.path.isdir(self.mount_path) and os.path.exists(self.marker)
+        except OSError:
+            return False
+
+    def _require_mounted(self) -> None:
+        if not self._mounted():
+            raise TransportError(
+                TransportErrorKind.NETWORK,
+                f"remote unreachable: {self.mount_path} is not mounted (no {self.config.mount_marker})",
+            )
+
+    async def reachable(self, run_path: Path) -> bool:
+        """True when ``mount_path`` is a folder holding the mount marker. Never raises."""
+        return await asyncio.to_thread(self._mounted)
+
+    def _remote_error(self, exc: OSError, where: str) -> TransportError:
+        code = exc.errno
+        reason = f"{where}: {exc.strerror or exc}"
+        if code == errno.ENOENT and not self._mounted():
+            return TransportError(
+                TransportErrorKind.NETWORK,
+                f"remote unreachable: {self.mount_path} was unmounted (no {self.config.mount_marker}); {reason}",
+            )
+        if code in _REFUSED:
+            return TransportError(TransportErrorKind.REMOTE_WRITE_REFUSED, f"remote refused the write: {reason}")
+        if code in _NETWORK:
+            return TransportError(TransportErrorKind.NETWORK, f"remote unreachable: {reason}")
+        return TransportError(TransportErrorKind.UNKNOWN, f"remote error: {reason}")
+
+    @staticmethod
+    def _local_error(exc: OSError, rel: str, run: Path) -> TransportError:
+        if exc.errno in _GONE:
+            return TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {run} during the push")
+        return TransportError(TransportErrorKind.UNKNOWN, f"cannot read {rel} in {run}: {exc.strerror or exc}")
+
+    def _logged(self, level: str, run: Path, event: str, **fields: object) -> None:
+        if self.log is not None:
+            try:
+                self.log.write(level, run, event, **fields)
+            except OSError:
+                pass  # a full or read-only log disk must not fail a transfer
+
+    # ------------------------------------------------------------------ push
+
+    async def push(
+        self,
+        run_path: Path,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str] = frozenset(),
+        progress: ProgressCallback | None = None,
+    ) -> TransportResult:
+        """Copy the whole run (data and ``.exlab-wizard/``); see the module notes.
+
+        Returns ``TransportResult(ok=True, files_sent, bytes_sent,
+        local_hashes)`` where ``local_hashes`` covers every regular file of the
+        run, sent or skipped. Raises :class:`TransportError` on any failure.
+        """
+        abort = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                self._push, Path(run_path), bwlimit_kibps, frozenset(rewrite), progress, abort
+            )
+        except asyncio.CancelledError:
+            abort.set()  # the copy threads stop at their next block and remove their temp files
+            raise
+
+    def _push(
+        self,
+        run: Path,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str],
+        progress: ProgressCallback | None,
+        abort: threading.Event,
+    ) -> TransportResult:
+        started = time.monotonic()
+        self._require_mounted()
+        remote = self.remote_run_path(run)
+
+        started_limit = [bwlimit_kibps]
+
+        def current_limit() -> int | None:
+            if started_limit:
+                return started_limit.pop()  # the limit in force when the push started
+            return limit_kibps(self.config.bandwidth, self.now())
+
+        def nap(seconds: float) -> None:
+            if abort.wait(seconds):
+                raise _Cancelled()
+
+        job = _Push(
+            run=run,
+            remote=remote,
+            bucket=TokenBucket(current_limit, sleep=nap),
+            progress=serial_progress(progress),
+            abort=abort,
+            per_file_sync=True,
+        )
+        try:
+            self._push_steps(job, bwlimit_kibps, rewrite)
+        except _Cancelled:
+            error = TransportError(TransportErrorKind.UNKNOWN, "push cancelled")
+            self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
+            raise error from None
+        except TransportError as error:
+            self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
+            raise
+        except OSError as exc:  # anything not classified where it happened
+            error = TransportError(TransportErrorKind.UNKNOWN, f"push failed: {exc}")
+            self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
+            raise error from exc
+        finally:
+            for temp in list(job.temps):
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass  # removed by the next push as a stale temp file
+        self._logged(
+            "INFO", run, "push_end", transport="mount", files=job.files_sent, bytes=job.bytes_sent,
+            hashed=len(job.hashes), seconds=f"{time.monotonic() - started:.3f}",
+        )
+        hashes = dict(sorted(job.hashes.items(), key=lambda kv: os.fsencode(kv[0])))
+        return TransportResult(
+            ok=True,
+            files_sent=job.files_sent,
+            bytes_sent=job.bytes_sent,
+            local_hashes=hashes,
+            message=f"sent {job.files_sent} files ({job.bytes_sent} bytes) to {remote}; "
+            f"{len(hashes) - job.files_sent} already there",
+        )
+
+    def _push_steps(self, job: _Push, bwlimit_kibps: int | None, rewrite: frozenset[str]) -> None:
+        run = job.run
+        if not run.is_dir():
+            raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} does not exist")
+        try:
+            entries = list(scan_run(run, include_metadata=True, with_stat=True))
+        except OSError as exc:
+            raise self._local_error(exc, ".", run) from exc
+        local_dirs = sorted((e.rel for e in entries if e.is_dir), key=lambda rel: rel.count("/"))
+        local_files = {e.rel: e for e in entries if not e.is_dir}
+        remote_stats, stale = self._inspect_remote(job.remote, local_files, set(local_dirs))
+
+        sources = []
+        for rel, entry in local_files.items():
+            theirs = remote_stats.get(rel)
+            mine = entry.stat
+            send = (
+                rel in rewrite
+                or theirs is None
+                or theirs.st_size != mine.st_size
+                or not same_mtime(mine.st_mtime_ns, theirs.st_mtime_ns)
+            )
+            folder, _sep, name = rel.rpartition("/")
+            sources.append(_Source(rel, entry.path, folder, name, mine.st_size, send))
+        self._logged(
+            "INFO", run, "push_start", transport="mount", remote=job.remote, files=sum(s.send for s in sources),
+            bytes=sum(s.size for s in sources if s.send), skipped=sum(not s.send for s in sources),
+            bwlimit_kibps="none" if bwlimit_kibps is None else bwlimit_kibps,
+        )
+        self._remove_stale(job, stale)
+        self._make_dirs(job, run, local_dirs)
+        job.per_file_sync = _SYNCFS is None or _filesystem_type(job.remote) not in _SYNCFS_DURABLE
+        for batch in _batches(_interleave(sources)):
+            pending: list[tuple[str, str]] = []
+            run_parallel(batch, lambda src, view: self._transfer(job, src, view, pending), self.threads, job.abort)
+            if pending:
+                self._commit(job, pending)
+        if job.touched:
+            self._set_dir_times(job, run, local_dirs)
+        run_parallel(sorted(job.touched), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
+        self._require_mounted()
+
+    def _inspect_remote(
+        self, remote: str, local_files: dict, local_dirs: set[str]
+    ) -> tuple[dict[str, os.stat_result], list[str]]:
+        """Stats of remote files the run also has, and stale temp files; refuse conflicts."""
+        try:
+            root = os.lstat(remote)
+        except FileNotFoundError:
+            return {}, []
+        except OSError as exc:
+            raise self._remote_error(exc, remote) from exc
+        if not stat.S_ISDIR(root.st_mode):
+            raise TransportError(
+                TransportErrorKind.REMOTE_CONFLICT, f"remote run folder {remote} exists and is not a folder"
+            )
+        stats: dict[str, os.stat_result] = {}
+        stale: list[str] = []
+        foreign: list[str] = []
+        stack = [(remote, "")]
+        try:
+            while stack:
+                folder, prefix = stack.pop()
+                with os.scandir(folder) as listing:
+                    for entry in listing:
+                        rel = prefix + entry.name
+                        if entry.is_dir(follow_symlinks=False):
+                            if rel in local_files:
+                                foreign.append(rel + "/")
+                            stack.append((entry.path, rel + "/"))
+                        elif entry.is_file(follow_symlinks=False):
+                            if rel in local_files:
+                                stats[rel] = entry.stat(follow_symlinks=False)
+                            elif is_temp_name(entry.name):
+                                stale.append(entry.path)
+                            elif rel in local_dirs or not is_metadata_path(rel):
+                                foreign.append(rel)
+                        elif rel in local_files or rel in local_dirs:
+                            foreign.append(rel)  # a symlink or device where the run has a file or folder
+        except OSError as exc:
+            raise self._remote_error(exc, remote) from exc
+        if foreign:
+            foreign.sort(key=os.fsencode)
+            shown = ", ".join(repr(rel) for rel in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise TransportError(
+                TransportErrorKind.REMOTE_CONFLICT,
+                f"remote run folder {remote} already holds {len(foreign)} entries that are not in this run "
+                f"({shown}); nothing was written",
+            )
+        return stats, stale
+
+    def _remove_stale(self, job: _Push, stale: list[str]) -> None:
+        for path in stale:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._remote_error(exc, path) from exc
+            job.touched.add(os.path.dirname(path))
+
+    def _make_dirs(self, job: _Push, run: Path, local_dirs: list[str]) -> None:
+        """Create the remote run folder, its parents and every folder of the run (empty ones too)."""
+        wanted = [self.mount_path]
+        for part in remote_relpath(self.equipment, run).parts:
+            wanted.append(os.path.join(wanted[-1], part))
+        wanted.extend(os.path.join(job.remote, rel) for rel in local_dirs)
+        for path in wanted[1:]:
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise TransportError(
+                        TransportErrorKind.REMOTE_CONFLICT, f"{path} exists on the share and is not a folder"
+                    ) from None
+                continue
+            except OSError as exc:
+                raise self._remote_error(exc, path) from exc
+            job.touched.add(os.path.dirname(path))
+            job.touched.add(path)
+
+    def _transfer(self, job: _Push, src: _Source, view: memoryview, pending: list[tuple[str, str]]) -> None:
+        if not src.send:
+            job.hashes[src.rel] = self._hash_local(job, src, view)
+            return
+        folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
+        final = os.path.join(folder, src.name)
+        for _attempt in range(COPY_ATTEMPTS):
+            copied = self._copy_once(job, src, view, folder)
+            if copied is not None:
+                break
+        else:
+            raise TransportError(
+                TransportErrorKind.UNKNOWN,
+                f"{src.rel} kept changing while being copied ({COPY_ATTEMPTS} attempts); is the run still being written?",
+            )
+        temp, digest, durable = copied
+        job.hashes[src.rel] = digest
+        if durable:
+            self._rename(job, temp, final)
+        else:
+            pending.append((temp, final))
+
+    def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
+        try:
+            fd, _info = open_regular(src.path)
+        except OSError as exc:
+            raise self._local_error(exc, src.rel, job.run) from exc
+        try:
+            return hash_fd(fd, view)
+        except OSError as exc:
+            raise self._local_error(exc, src.rel, job.run) from exc
+        finally:
+            os.close(fd)
+
+    def _copy_once(
+        self, job: _Push, src: _Source, view: memoryview, folder: str
+    ) -> tuple[str, str, bool] | None:
+        """Copy to a temp file; (temp, sha256, durable) or None when the source changed meanwhile."""
+        try:
+            fd_in, before = open_regular(src.path)
+        except OSError as exc:
+            raise self._local_error(exc, src.rel, job.run) from exc
+        temp = os.path.join(folder, _temp_name(src.name))
+        try:
+            try:
+                fd_out = os.open(temp, _CREATE, 0o600)
+            except OSError as exc:
+                raise self._remote_error(exc, temp) from exc
+            job.temps.add(temp)
+            durable = job.per_file_sync or before.st_size >= LARGE_FILE
+            changed = False
+            try:
+                digest, count = self._stream(job, src, fd_in, fd_out, view, temp, before.st_size)
+                after = os.fstat(fd_in)
+                if after.st_nlink == 0:
+                    raise TransportError(
+                        TransportErrorKind.LOCAL_FILE_VANISHED, f"{src.rel}: deleted from {job.run} while being copied"
+                    )
+                changed = (
+                    count != before.st_size
+                    or after.st_size != before.st_size
+                    or after.st_mtime_ns != before.st_mtime_ns
+                )
+                if not changed:
+                    self._finish_file(fd_out, before, durable, temp)
+            except BaseException:
+                try:
+                    os.close(fd_out)
+                except OSError:
+                    pass  # the error in flight is the one to report
+                raise
+            try:
+                os.close(fd_out)
+            except OSError as exc:  # NFS and SMB report late write errors at close
+                raise self._remote_error(exc, temp) from exc
+        finally:
+            os.close(fd_in)
+        if changed:
+            self._unlink_temp(job, temp)
+            return None
+        return temp, digest, durable
+
+    def _stream(
+        self, job: _Push, src: _Source, fd_in: int, fd_out: int, view: memoryview, temp: str, size: int
+    ) -> tuple[str, int]:
+        """Copy at most ``size`` bytes (the size at open): a file appended to forever still ends."""
+        digest = hashlib.sha256()
+        readv, write = os.readv, os.write
+        consume, progress, abort = job.bucket.consume, job.progress, job.abort
+        block_size = len(view)
+        total = 0
+        while total < size:
+            if abort.is_set():
+                raise _Cancelled()
+            left = size - total
+            try:
+                count = readv(fd_in, [view if left >= block_size else view[:left]])
+            except OSError as exc:
+                raise self._local_error(exc, src.rel, job.run) from exc
+            if not count:
+                break  # shrank while copied: the caller sees the short count
+            block = view[:count]
+            digest.update(block)
+            consume(count)
+            done = 0
+            try:
+                while done < count:
+                    done += write(fd_out, block[done:])
+            except OSError as exc:
+                raise self._remote_error(exc, temp) from exc
+            total += count
+            with job.lock:
+                job.bytes_sent += count
+            if progress is not None:
+                progress(count)
+        return digest.hexdigest(), total
+
+    def _finish_file(self, fd_out: int, source: os.stat_result, durable: bool, temp: str) -> None:
+        try:
+            os.fchmod(fd_out, stat.S_IMODE(source.st_mode))
+        except OSError:
+            pass  # shares without POSIX permissions: the bytes and mtime are what matter
+        try:
+            os.utime(fd_out, ns=(source.st_atime_ns, source.st_mtime_ns))
+            if durable:
+                os.fsync(fd_out)
+        except OSError as exc:
+            raise self._remote_error(exc, temp) from exc
+
+    def _unlink_temp(self, job: _Push, temp: str) -> None:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        job.temps.discard(temp)
+
+    def _rename(self, job: _Push, temp: str, final: str) -> None:
+        try:
+            os.replace(temp, final)
+        except OSError as exc:
+            raise self._remote_error(exc, final) from exc
+        job.temps.discard(temp)
+        job.touched.add(os.path.dirname(final))
+        with job.lock:
+            job.files_sent += 1
+
+    def _commit(self, job: _Push, pending: list[tuple[str, str]]) -> None:
+        """Make a batch of small temp files durable with one syncfs, then rename them."""
+        try:
+            _syncfs(job.remote)
+        except OSError as exc:
+            raise self._remote_error(exc, job.remote) from exc
+        run_parallel(pending, lambda pair, _view: self._rename(job, *pair), self.threads, job.abort)
+
+    def _set_dir_times(self, job: _Push, run: Path, local_dirs: list[str]) -> None:
+        # Deepest first: setting a folder's time must come after every change inside it.
+        for rel in [*reversed(local_dirs), ""]:
+            try:
+                info = os.lstat(run / rel if rel else run)
+                os.utime(os.path.join(job.remote, rel) if rel else job.remote, ns=(info.st_atime_ns, info.st_mtime_ns))
+            except OSError:
+                pass  # folder times are a courtesy, not part of the verified copy
+
+    def _sync_dir(self, folder: str) -> None:
+        try:
+            _fsync_dir(folder)
+        except OSError as exc:
+            raise self._remote_error(exc, folder) from exc
+
+    # ------------------------------------------------------------------ remote manifest
+
+    async def remote_manifest(self, run_path: Path) -> RemoteManifest:
+        """Hash every regular file in the remote run folder, read from the share itself.
+
+        Marker guard as for ``push``; a missing remote run folder gives an
+        empty manifest. A file the share refuses to let us read is
+        ``unverifiable``; one removed while we hash is left out.
+        """
+        return await asyncio.to_thread(self._remote_manifest, Path(run_path))
+
+    def _remote_manifest(self, run: Path) -> RemoteManifest:
+        self._require_mounted()
+        remote = self.remote_run_path(run)
+        try:
+            listed = [(e.rel, e.path) for e in scan_run(remote, include_metadata=True) if not e.is_dir]
+        except FileNotFoundError:
+            self._require_mounted()
+            return RemoteManifest(hashes={})
+        except OSError as exc:
+            raise self._remote_error(exc, remote) from exc
+        # One syncfs cleans every page of a filesystem whose syncfs is durable; elsewhere each
+        # file is fsynced before its pages are dropped.
+        synced = False
+        if _SYNCFS is not None and _filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
+            try:
+                _syncfs(remote)
+                synced = True
+            except OSError:
+                synced = False
+        hashes: dict[str, str] = {}
+        unverifiable: dict[str, str] = {}
+
+        def work(item: tuple[str, str], view: memoryview) -> None:
+            rel, path = item
+            try:
+                fd, _info = open_regular(path)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    return  # removed or replaced since the listing: not on the share any more
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    unverifiable[rel] = f"unreadable: {exc.strerror}"
+                    return
+                raise self._remote_error(exc, path) from exc
+            try:
+                drop_page_cache_fd(fd, sync=not synced)
+                hashes[rel] = hash_fd(fd, view)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    unverifiable[rel] = f"unreadable: {exc.strerror}"
+                    return
+                raise self._remote_error(exc, path) from exc
+            finally:
+                os.close(fd)
+
+        run_parallel(listed, work, self.threads)
+        self._require_mounted()
+        self._logged("INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable))
+        return RemoteManifest(
+            hashes=dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0]))), unverifiable=unverifiable
+        )
+
+
+def _interleave(sources: list[_Source]) -> list[_Source]:
+    """Round-robin over folders, so parallel threads mostly work in different folders."""
+    by_folder: dict[str, list[_Source]] = {}
+    for src in sorted(sources, key=lambda s: os.fsencode(s.rel)):
+        by_folder.setdefault(src.folder, []).append(src)
+    queues = [iter(group) for group in by_folder.values()]
+    out: list[_Source] = []
+    while queues:
+        alive = []
+        for queue in queues:
+            item = next(queue, None)
+            if item is not None:
+                out.append(item)
+                alive.append(queue)
+        queues = alive
+    return out
+
+
+def _batches(sources: list[_Source]):
+    """Split the work so a batch of small files shares one syncfs."""
+    batch: list[_Source] = []
+    size = 0
+    for src in sources:
+        batch.append(src)
+        if src.send:
+            size += src.size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

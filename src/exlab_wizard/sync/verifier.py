@@ -1,0 +1,520 @@
+"""Run manifests: hashing a run, comparing two manifests, the recorded checksums file.
+
+The verifier works over any transport: it hashes the local run, takes the
+remote side as a :class:`~exlab_wizard.sync.transports.base.RemoteManifest`
+(or a plain ``{path: hex}`` mapping), and compares both ways with five
+outcomes (match, missing, extra, different, unverifiable). "Could not hash"
+is never a pass.
+
+Keys are paths relative to the run root with ``/`` separators (non-UTF-8
+bytes kept through the filesystem encoding). Only regular files count:
+symlinks are never followed nor listed. ``.exlab-wizard/`` (the run's
+metadata folder) is left out of data verification on both sides.
+
+Example::
+
+    verifier = Verifier()
+    local = await verifier.hash_local(run)
+    result = compare(local, await transport.remote_manifest(run))
+    if result.ok:
+        digest = verifier.write_manifest(run, local)
+
+Hashing is streaming SHA-256 with one reusable 1 MiB buffer per thread
+(constant memory), files hashed in parallel threads (``hashlib`` releases
+the GIL while it digests). Progress callbacks receive byte deltas; they are
+called from worker threads, one call at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from exlab_wizard.sync.manifest_format import (
+    format_manifest,
+    manifest_digest,
+    manifest_path,
+    read_manifest,
+)
+from exlab_wizard.sync.transports.base import (
+    METADATA_DIR,
+    ProgressCallback,
+    RemoteManifest,
+    TransportError,
+    TransportErrorKind,
+)
+
+__all__ = [
+    "BLOCK_SIZE",
+    "RunEntry",
+    "Verifier",
+    "VerifyResult",
+    "compare",
+    "default_threads",
+    "drop_page_cache",
+    "drop_page_cache_fd",
+    "hash_fd",
+    "hash_file",
+    "hash_tree",
+    "is_metadata_path",
+    "open_regular",
+    "run_parallel",
+    "scan_run",
+    "serial_progress",
+    "walk_run",
+]
+
+#: Read size for hashing and copying: big enough for full-speed I/O, small
+#: enough to keep memory constant (one buffer per thread).
+BLOCK_SIZE = 1 << 20
+
+_METADATA_PREFIX = METADATA_DIR + "/"
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+#: errno values meaning "the path no longer names the regular file we listed".
+_GONE = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR}
+
+
+def default_threads() -> int:
+    """Hashing threads when none is given: the CPU count within 2..4 (2 overlaps I/O on one core)."""
+    return max(2, min(os.cpu_count() or 1, 4))
+
+
+def is_metadata_path(rel: str) -> bool:
+    """True for keys inside the run's ``.exlab-wizard/`` folder."""
+    return rel.startswith(_METADATA_PREFIX)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def hash_fd(fd: int, view: memoryview, progress: ProgressCallback | None = None) -> str:
+    """SHA-256 hex of everything left to read from ``fd``, read into ``view``."""
+    digest = hashlib.sha256()
+    readv = os.readv
+    while True:
+        count = readv(fd, [view])
+        if not count:
+            return digest.hexdigest()
+        digest.update(view[:count])
+        if progress is not None:
+            progress(count)
+
+
+def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading without following a symlink.
+
+    Raises ``OSError(ELOOP)`` for a symlink and ``OSError(EINVAL)`` for
+    anything that is not a regular file (a FIFO never blocks the open).
+    """
+    fd = os.open(path, _OPEN_READ)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def _advise_sequential(fd: int, size: int) -> None:
+    if size > BLOCK_SIZE and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+
+
+def hash_file(
+    path: str | os.PathLike[str],
+    *,
+    block_size: int = BLOCK_SIZE,
+    progress: ProgressCallback | None = None,
+) -> str:
+    """Lowercase SHA-256 hex of one regular file, streamed in ``block_size`` blocks.
+
+    Never follows a symlink: a symlink raises ``OSError`` (``ELOOP``), as does
+    anything that is not a regular file. Missing files raise
+    ``FileNotFoundError``. ``progress(n)`` is called after each block.
+    """
+    view = memoryview(bytearray(block_size))
+    fd, info = open_regular(path)
+    try:
+        _advise_sequential(fd, info.st_size)
+        return hash_fd(fd, view, progress)
+    finally:
+        os.close(fd)
+
+
+def drop_page_cache_fd(fd: int, *, sync: bool = True) -> None:
+    """:func:`drop_page_cache` for an open file descriptor."""
+    # fsync first: dirty pages cannot be dropped, only clean ones.
+    if sync:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP, errno.EBADF):
+                raise
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def drop_page_cache(path: str | os.PathLike[str], *, sync: bool = True) -> None:
+    """Make the next read of ``path`` come from the storage, not this machine's memory.
+
+    fsync (so every page is clean), then ``posix_fadvise(POSIX_FADV_DONTNEED)``.
+    Best effort where the platform or filesystem does not support it; pass
+    ``sync=False`` when the filesystem was already synced as a whole.
+    Raises ``OSError`` for a missing file or a symlink (never followed).
+    """
+    fd, _info = open_regular(path)
+    try:
+        drop_page_cache_fd(fd, sync=sync)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- walking
+
+
+class RunEntry(NamedTuple):
+    """One regular file or directory found by :func:`scan_run`."""
+
+    rel: str                         #: relative POSIX path
+    path: str                        #: absolute (joined) path
+    is_dir: bool
+    stat: os.stat_result | None      #: lstat, when asked for
+
+
+def scan_run(
+    run_path: str | os.PathLike[str], *, include_metadata: bool = False, with_stat: bool = False
+) -> Iterator[RunEntry]:
+    """Every regular file and directory under ``run_path`` (not the root itself).
+
+    Symlinks and special files are skipped, nothing is followed; entries that
+    vanish while listed are left out. ``.exlab-wizard/`` (top level) only with
+    ``include_metadata``. Unordered. Raises ``FileNotFoundError`` when the
+    folder does not exist.
+    """
+    stack: list[tuple[str, str]] = [(os.fspath(run_path), "")]
+    while stack:
+        folder, prefix = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if not prefix and entry.name == METADATA_DIR and not include_metadata:
+                            continue
+                        yield RunEntry(rel, entry.path, True, entry.stat(follow_symlinks=False) if with_stat else None)
+                        stack.append((entry.path, rel + "/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        yield RunEntry(rel, entry.path, False, entry.stat(follow_symlinks=False) if with_stat else None)
+                except FileNotFoundError:
+                    continue  # vanished while listing: not part of the run any more
+
+
+def walk_run(run_path: str | os.PathLike[str], *, include_metadata: bool = False) -> list[str]:
+    """Relative POSIX paths of every regular file of the run, sorted by their bytes.
+
+    Symlinks are skipped (never followed); ``.exlab-wizard/`` is left out
+    unless ``include_metadata``. Raises ``FileNotFoundError`` when the run
+    folder does not exist.
+    """
+    files = [rel for rel, _path, is_dir, _st in scan_run(run_path, include_metadata=include_metadata) if not is_dir]
+    files.sort(key=os.fsencode)
+    return files
+
+
+# --------------------------------------------------------------------------- parallel hashing
+
+
+def serial_progress(callback: ProgressCallback | None) -> ProgressCallback | None:
+    """Wrap a progress callback so worker threads call it one at a time."""
+    return None if callback is None else _Progress(callback)
+
+
+class _Progress:
+
+    def __init__(self, callback: ProgressCallback | None):
+        self._callback = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, count: int) -> None:
+        with self._lock:
+            self._callback(count)  # type: ignore[misc]
+
+
+def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading.Event | None = None) -> None:
+    """Call ``work(item, buffer)`` for every item on ``threads`` threads.
+
+    Each thread owns one ``BLOCK_SIZE`` buffer (a memoryview) for the whole
+    run. The first exception stops the others (they finish the item in hand)
+    and is re-raised; a :class:`TransportError` wins over other errors.
+    """
+    abort = abort if abort is not None else threading.Event()
+    iterator = iter(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        view = memoryview(bytearray(BLOCK_SIZE))
+        while not abort.is_set():
+            with lock:
+                item = next(iterator, _DONE)
+            if item is _DONE:
+                return
+            try:
+                work(item, view)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                errors.append(exc)
+                abort.set()
+                return
+
+    if threads <= 1:
+        loop()
+    else:
+        workers = [threading.Thread(target=loop, name=f"exlab-io-{n}", daemon=True) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    if errors:
+        typed = [exc for exc in errors if isinstance(exc, TransportError)]
+        raise (typed or errors)[0]
+
+
+_DONE = object()
+
+
+def hash_tree(
+    run_path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    include_metadata: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict[str, str]:
+    """``{relative path: sha256 hex}`` for every regular file of the run.
+
+    Files are hashed in parallel (``threads``, default :func:`default_threads`).
+    Symlinks are skipped; ``.exlab-wizard/`` only with ``include_metadata``.
+    Raises ``TransportError(LOCAL_FILE_VANISHED)`` naming the file when a
+    listed file disappears (or stops being a regular file) before it is read.
+    """
+    root = os.fspath(run_path)
+    listed = [(rel, path) for rel, path, is_dir, _st in scan_run(root, include_metadata=include_metadata) if not is_dir]
+    hashes: dict[str, str] = {}
+    report = serial_progress(progress)
+
+    def work(item: tuple[str, str], view: memoryview) -> None:
+        rel, path = item
+        try:
+            fd, info = open_regular(path)
+        except OSError as exc:
+            if exc.errno in _GONE or exc.errno == errno.EINVAL:
+                raise TransportError(
+                    TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {root} while hashing"
+                ) from exc
+            raise
+        try:
+            _advise_sequential(fd, info.st_size)
+            hashes[rel] = hash_fd(fd, view, report)
+        finally:
+            os.close(fd)
+
+    run_parallel(listed, work, threads or default_threads())
+    return dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0])))
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of comparing a reference manifest with a candidate one.
+
+    ``missing``: in the reference (the local run), not in the candidate (the
+    remote). ``extra``: in the candidate, not in the reference. ``different``:
+    on both sides with different hashes. ``unverifiable``: the candidate has
+    the file but could not hash it (never a pass). ``checked``: data paths
+    examined (both sides together). ``manifest_digest``: SHA-256 of the
+    reference's data manifest as ``checksums.sha256`` renders it, or None
+    when there was no reference. ``ok`` only when all four tuples are empty
+    (and a reference existed).
+    """
+
+    ok: bool
+    missing: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    different: tuple[str, ...] = ()
+    unverifiable: tuple[str, ...] = ()
+    checked: int = 0
+    manifest_digest: str | None = None
+
+    @property
+    def problems(self) -> dict[str, tuple[str, ...]]:
+        """The non-empty outcome lists by name (for messages and logs)."""
+        named = {
+            "missing": self.missing,
+            "extra": self.extra,
+            "different": self.different,
+            "unverifiable": self.unverifiable,
+        }
+        return {name: paths for name, paths in named.items() if paths}
+
+
+def _sorted(paths: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(paths, key=os.fsencode))
+
+
+def _data_only(hashes: Mapping[str, str]) -> dict[str, str]:
+    return {rel: digest.lower() for rel, digest in hashes.items() if not is_metadata_path(rel)}
+
+
+def compare(local: Mapping[str, str], remote: RemoteManifest | Mapping[str, str]) -> VerifyResult:
+    """Compare the data files of two manifests both ways.
+
+    ``local`` is the reference, ``remote`` the candidate. Keys under
+    ``.exlab-wizard/`` are ignored on both sides. Hex digests compare
+    case-insensitively. A path the remote lists as unverifiable is reported
+    there (even if it also has a hash); an unverifiable path the local side
+    does not have is ``extra``.
+    """
+    if isinstance(remote, RemoteManifest):
+        remote_hashes, unverifiable_reasons = remote.hashes, remote.unverifiable
+    else:
+        remote_hashes, unverifiable_reasons = remote, {}
+    mine = _data_only(local)
+    theirs = _data_only(remote_hashes)
+    unverifiable = {rel for rel in unverifiable_reasons if not is_metadata_path(rel)}
+    remote_paths = set(theirs) | unverifiable
+
+    missing = [rel for rel in mine if rel not in remote_paths]
+    extra = [rel for rel in remote_paths if rel not in mine]
+    cannot = [rel for rel in unverifiable if rel in mine]
+    different = [rel for rel, digest in mine.items() if rel in theirs and rel not in unverifiable and theirs[rel] != digest]
+    ok = not (missing or extra or cannot or different)
+    return VerifyResult(
+        ok=ok,
+        missing=_sorted(missing),
+        extra=_sorted(extra),
+        different=_sorted(different),
+        unverifiable=_sorted(cannot),
+        checked=len(set(mine) | remote_paths),
+        manifest_digest=manifest_digest(mine),
+    )
+
+
+# --------------------------------------------------------------------------- the verifier
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+class Verifier:
+    """Hashes runs and keeps their recorded manifest (``.exlab-wizard/checksums.sha256``).
+
+    ``threads``: files hashed in parallel (default :func:`default_threads`).
+    The async methods run the hashing in a worker thread.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or default_threads()
+
+    async def hash_local(self, run_path: Path, progress: ProgressCallback | None = None) -> dict[str, str]:
+        """``{path: hex}`` of the run's data files (``.exlab-wizard/`` left out).
+
+        Raises ``TransportError(LOCAL_FILE_VANISHED)`` as :func:`hash_tree` does.
+        """
+        return await asyncio.to_thread(hash_tree, run_path, threads=self.threads, progress=progress)
+
+    async def verify_local_against_manifest(
+        self, run_path: Path, progress: ProgressCallback | None = None
+    ) -> VerifyResult:
+        """Re-hash the run's data files and check them against the recorded manifest.
+
+        Detects local bit rot and edits; changes nothing. The recorded
+        manifest is the reference: ``missing`` = recorded but gone locally,
+        ``extra`` = local files the manifest does not list, ``different`` =
+        content changed. Files found different are re-read once from storage
+        (page cache dropped) before being reported.
+
+        A run with no recorded manifest (never verified) gives ``ok=False``,
+        every local data file in ``extra`` and ``manifest_digest=None``.
+        A manifest that is not in sha256sum format raises
+        :class:`~exlab_wizard.sync.manifest_format.ManifestFormatError`.
+        """
+        recorded = await asyncio.to_thread(read_manifest, Path(run_path))
+        current = await self.hash_local(run_path, progress)
+        if recorded is None:
+            return VerifyResult(ok=False, extra=_sorted(current), checked=len(current), manifest_digest=None)
+        result = compare(recorded, current)
+        if result.different:
+            recheck = await asyncio.to_thread(self._rehash_from_storage, Path(run_path), result.different)
+            current.update(recheck)
+            result = compare(recorded, current)
+        return result
+
+    @staticmethod
+    def _rehash_from_storage(run_path: Path, paths: Iterable[str]) -> dict[str, str]:
+        out = {}
+        for rel in paths:
+            target = run_path / rel
+            drop_page_cache(target)
+            out[rel] = hash_file(target)
+        return out
+
+    def write_manifest(self, run_path: Path, hashes: Mapping[str, str]) -> str:
+        """Record ``hashes`` as the run's ``checksums.sha256``; return its manifest digest.
+
+        Only data files are written (keys under ``.exlab-wizard/`` are
+        dropped). Atomic and durable: temp file in the same folder, byte
+        count checked, fsync, rename, fsync of the folder. A crash leaves
+        either the old manifest or the new one.
+        """
+        data = _data_only(hashes)
+        body = format_manifest(data)
+        target = manifest_path(Path(run_path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.parent / f".{target.name}.exlab-tmp-{secrets.token_hex(6)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            try:
+                view = memoryview(body)
+                written = 0
+                while written < len(body):
+                    written += os.write(fd, view[written:])
+                if os.fstat(fd).st_size != len(body):
+                    raise OSError(errno.EIO, f"short write of {temp}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(target.parent)
+        return manifest_digest(data)

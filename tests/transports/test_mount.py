@@ -1,0 +1,559 @@
+"""The mount transport on tmp_path: copy, resume, guard, conflicts, failures, bandwidth."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import errno
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.transports import mount as mount_module
+from exlab_wizard.sync.transports.base import RemoteManifest, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.mount import MountTransport, is_temp_name, same_mtime
+from exlab_wizard.sync.verifier import Verifier, compare, hash_tree
+from tests.helpers import require_tool
+
+MIB = 1 << 20
+MONDAY_10AM = dt.datetime(2024, 1, 8, 10, 0).astimezone()
+SATURDAY_10AM = dt.datetime(2024, 1, 13, 10, 0).astimezone()
+
+HOSTILE_NAMES = [
+    "with space.txt",
+    "quote's \"double\".txt",
+    "$(touch pwned).txt",
+    "-leading-dash.txt",
+    "new\nline.txt",
+    "back\\slash.txt",
+    "ünïcødé_日本語.txt",
+    "semi;colon&amp|pipe*.txt",
+]
+
+
+class Lab:
+    """One equipment with a local run and a mounted 'NAS' folder, all under tmp_path."""
+
+    def __init__(self, tmp_path: Path, *, bandwidth: dict | None = None, now=None):
+        self.tmp = tmp_path
+        self.nas = tmp_path / "nas"
+        self.nas.mkdir()
+        (self.nas / ".exlab-nas").write_text("marker\n")
+        transport: dict = {"type": "mount", "mount_path": str(self.nas)}
+        if bandwidth is not None:
+            transport["bandwidth"] = bandwidth
+        self.equipment = EquipmentConfig(id="CONFOCAL_01", local_root=tmp_path / "local", transport=transport)
+        self.run = tmp_path / "local" / "CONFOCAL_01" / "PROJ-0042" / "Runs" / "Run_2024-01-08"
+        self.remote = self.nas / "PROJ-0042" / "Runs" / "Run_2024-01-08"
+        self.log = EquipmentLog(self.equipment)
+        kwargs = {"log": self.log}
+        if now is not None:
+            kwargs["now"] = now
+        self.transport = MountTransport(self.equipment, **kwargs)
+
+    def write(self, rel: str, data: bytes, *, mtime_ns: int | None = None) -> Path:
+        path = self.run / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if mtime_ns is not None:
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+        return path
+
+    def push(self, **kwargs):
+        kwargs.setdefault("bwlimit_kibps", None)
+        return asyncio.run(self.transport.push(self.run, **kwargs))
+
+    def log_text(self) -> str:
+        return self.log.path.read_text() if self.log.path.exists() else ""
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return Lab(tmp_path)
+
+
+def _build_full_run(lab: Lab) -> None:
+    lab.write("a.txt", b"alpha\n", mtime_ns=1_600_000_000_123_456_789)
+    lab.write("empty.bin", b"")
+    lab.write("sub/deeper/c.dat", bytes(range(256)) * 100)
+    lab.write("sub/deeper/empty_too", b"")
+    lab.write("big.raw", os.urandom(3 * MIB + 12345), mtime_ns=1_700_000_000_000_000_001)
+    lab.write(".exlab-wizard/creation.json", b'{"schema_version": "1.0", "sync_status": "pending"}')
+    for index, name in enumerate(HOSTILE_NAMES):
+        lab.write(name, f"root {index}".encode())
+        lab.write(f"hostile dir/{name}", f"nested {index}".encode())
+    (lab.run / "empty_dir").mkdir()
+    (lab.run / "sub" / "empty nested" / "deeper").mkdir(parents=True)
+    os.chmod(lab.run / "a.txt", 0o640)
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every entry under root: files by content and mtime, folders as markers."""
+    out: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            path = Path(folder) / name
+            out[str(path.relative_to(root))] = ("dir",)
+        for name in files:
+            path = Path(folder) / name
+            info = path.lstat()
+            out[str(path.relative_to(root))] = ("file", path.read_bytes(), info.st_mtime_ns, info.st_mode & 0o777)
+    return out
+
+
+def _temps(root: Path) -> list[str]:
+    return [name for _folder, _dirs, files in os.walk(root) for name in files if is_temp_name(name)]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_copy_is_byte_identical_with_mtimes(lab: Lab) -> None:
+    _build_full_run(lab)
+    progress: list[int] = []
+    result = lab.push(progress=progress.append)
+
+    assert result.ok
+    assert _tree(lab.remote) == _tree(lab.run)  # bytes, mtimes, modes, empty folders
+    assert (lab.remote / "empty_dir").is_dir() and (lab.remote / "sub/empty nested/deeper").is_dir()
+    expected = hash_tree(lab.run, include_metadata=True)
+    assert result.local_hashes == expected
+    assert result.files_sent == len(expected)
+    assert result.bytes_sent == sum(progress) == sum(p.stat().st_size for p in lab.run.rglob("*") if p.is_file())
+    assert _temps(lab.nas) == []
+    assert not (lab.tmp / "pwned").exists() and not Path("pwned").exists()
+
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert manifest.hashes == expected and manifest.unverifiable == {}
+    assert compare(result.local_hashes, manifest).ok
+
+    log = lab.log_text()
+    assert "push_start" in log and "push_end" in log
+    assert f"files={len(expected)} bytes={result.bytes_sent}" in log
+
+
+def test_nas_copy_passes_sha256sum_check(lab: Lab) -> None:
+    sha256sum = require_tool("sha256sum")
+    _build_full_run(lab)
+    hashes = lab.push().local_hashes
+    Verifier().write_manifest(lab.run, hashes)
+    second = lab.push()
+    assert second.files_sent == 1  # only the new checksums.sha256
+    check = subprocess.run([sha256sum, "-c", ".exlab-wizard/checksums.sha256"], cwd=lab.remote, capture_output=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_resume_sends_nothing_and_rewrite_resends(lab: Lab) -> None:
+    _build_full_run(lab)
+    first = lab.push()
+    second = lab.push()
+    assert (second.files_sent, second.bytes_sent) == (0, 0)
+    assert second.local_hashes == first.local_hashes  # skipped files are still hashed
+    third = lab.push(rewrite=frozenset({"a.txt", "sub/deeper/c.dat"}))
+    assert third.files_sent == 2
+    assert third.bytes_sent == len(b"alpha\n") + 25600
+
+    lab.write("a.txt", b"ALPHA\n", mtime_ns=1_600_000_001_000_000_000)  # edited: same size, new mtime
+    fourth = lab.push()
+    assert fourth.files_sent == 1 and (lab.remote / "a.txt").read_bytes() == b"ALPHA\n"
+
+
+def test_remote_damage_with_equal_size_and_mtime_is_resent_through_rewrite(lab: Lab) -> None:
+    _build_full_run(lab)
+    first = lab.push()
+    target = lab.remote / "sub/deeper/c.dat"
+    info = target.stat()
+    target.write_bytes(b"\0" * info.st_size)  # damaged on the NAS, size and mtime kept
+    os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    verdict = compare(first.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run)))
+    assert verdict.different == ("sub/deeper/c.dat",)
+    assert lab.push().files_sent == 0  # resume trusts size and mtime ...
+    lab.push(rewrite=frozenset(verdict.different))  # ... rewrite does not
+    assert compare(first.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run))).ok
+
+
+@pytest.mark.parametrize(
+    ("local_ns", "remote_ns", "equal"),
+    [
+        (1_700_000_000_123_456_789, 1_700_000_000_123_456_789, True),
+        (1_700_000_000_123_456_789, 1_700_000_000_123_456_700, True),  # 100 ns (SMB)
+        (1_700_000_000_123_456_789, 1_700_000_000_123_456_000, True),  # us
+        (1_700_000_000_123_456_789, 1_700_000_000_123_450_000, False),
+        (1_700_000_000_923_456_789, 1_700_000_000_000_000_000, True),  # whole seconds
+        (1_700_000_001_923_456_789, 1_700_000_000_000_000_000, True),  # FAT 2 s
+        (1_700_000_002_000_000_001, 1_700_000_000_000_000_000, False),
+        (1_700_000_000_500_000_000, 1_700_000_000_400_000_000, False),
+    ],
+)
+def test_mtime_equality_rule(local_ns: int, remote_ns: int, equal: bool) -> None:
+    assert same_mtime(local_ns, remote_ns) is equal
+
+
+def test_per_file_fsync_path_when_syncfs_is_not_trusted(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mount_module, "_SYNCFS", None)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(mount_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    _build_full_run(lab)
+    result = lab.push()
+    assert _tree(lab.remote) == _tree(lab.run)
+    assert len(synced) >= result.files_sent
+    assert compare(result.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run))).ok
+
+
+# --------------------------------------------------------------------------- guard and conflicts
+
+
+def test_missing_marker_is_network_and_writes_nothing(lab: Lab) -> None:
+    _build_full_run(lab)
+    (lab.nas / ".exlab-nas").unlink()
+    before = _tree(lab.nas)
+    with pytest.raises(TransportError) as caught:
+        lab.push()
+    assert caught.value.kind is TransportErrorKind.NETWORK
+    assert "not mounted" in caught.value.message and ".exlab-nas" in caught.value.message
+    with pytest.raises(TransportError) as caught:
+        asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert caught.value.kind is TransportErrorKind.NETWORK
+    assert asyncio.run(lab.transport.reachable(lab.run)) is False
+    assert _tree(lab.nas) == before == {}
+
+
+def test_mount_path_missing_is_unreachable(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    (lab.nas / ".exlab-nas").unlink()
+    lab.nas.rmdir()
+    assert asyncio.run(lab.transport.reachable(lab.run)) is False
+    lab.write("a", b"x")
+    with pytest.raises(TransportError) as caught:
+        lab.push()
+    assert caught.value.kind is TransportErrorKind.NETWORK
+    assert not lab.nas.exists()
+
+
+def test_reachable_with_marker(lab: Lab) -> None:
+    assert asyncio.run(lab.transport.reachable(lab.run)) is True
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    ["someone_elses.txt", "sub/deeper/other.dat", "a.txt/", "sub/deeper/c.dat/"],
+    ids=["file-at-root", "nested-file", "folder-where-run-has-a-file", "nested-folder-for-file"],
+)
+def test_conflict_refuses_and_writes_nothing(lab: Lab, foreign: str) -> None:
+    _build_full_run(lab)
+    target = lab.remote / foreign.rstrip("/")
+    if foreign.endswith("/"):
+        target.mkdir(parents=True)
+        (target / "inside").write_bytes(b"theirs")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"theirs")
+    before = _tree(lab.nas)
+    with pytest.raises(TransportError) as caught:
+        lab.push()
+    assert caught.value.kind is TransportErrorKind.REMOTE_CONFLICT
+    assert _tree(lab.nas) == before
+
+
+def test_symlink_on_the_remote_where_the_run_has_a_folder_is_a_conflict(lab: Lab, tmp_path: Path) -> None:
+    _build_full_run(lab)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lab.remote.mkdir(parents=True)
+    (lab.remote / "sub").symlink_to(elsewhere)
+    with pytest.raises(TransportError) as caught:
+        lab.push()
+    assert caught.value.kind is TransportErrorKind.REMOTE_CONFLICT
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_remote_metadata_files_we_no_longer_have_are_not_a_conflict(lab: Lab) -> None:
+    _build_full_run(lab)
+    lab.remote.joinpath(".exlab-wizard").mkdir(parents=True)
+    lab.remote.joinpath(".exlab-wizard", "old-sync.log").write_bytes(b"ours, rotated away locally")
+    assert lab.push().ok
+    assert (lab.remote / ".exlab-wizard" / "old-sync.log").exists()
+
+
+def test_stale_temp_files_are_removed(lab: Lab) -> None:
+    _build_full_run(lab)
+    lab.push()
+    stale = [
+        lab.remote / ".a.txt.exlab-tmp-0123456789ab",
+        lab.remote / "sub" / "deeper" / ".c.dat.exlab-tmp-abcdef012345",
+        lab.remote / ".new\nline.txt.exlab-tmp-00ff00ff00ff",
+    ]
+    for path in stale:
+        path.write_bytes(b"partial")
+    result = lab.push()
+    assert result.files_sent == 0
+    assert not any(path.exists() for path in stale)
+    assert _tree(lab.remote) == _tree(lab.run)
+
+
+def test_a_local_file_named_like_a_temp_file_is_data(lab: Lab) -> None:
+    lab.write(".x.exlab-tmp-0123456789ab", b"real data")
+    lab.push()
+    assert lab.push().files_sent == 0
+    assert (lab.remote / ".x.exlab-tmp-0123456789ab").read_bytes() == b"real data"
+
+
+# --------------------------------------------------------------------------- symlinks and local failures
+
+
+def test_symlinks_are_not_copied_and_targets_untouched(lab: Lab, tmp_path: Path) -> None:
+    _build_full_run(lab)
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"outside the run")
+    os.utime(secret, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    before = secret.stat()
+    (lab.run / "link_to_file").symlink_to(secret)
+    (lab.run / "link_to_dir").symlink_to(secret.parent)
+    (lab.run / "sub" / "dangling").symlink_to(tmp_path / "nowhere")
+    result = lab.push()
+    for name in ("link_to_file", "link_to_dir", "sub/dangling"):
+        assert not os.path.lexists(lab.remote / name)
+        assert name not in result.local_hashes
+    after = secret.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert secret.read_bytes() == b"outside the run"
+    assert not (lab.nas / "secret.txt").exists()
+
+
+def test_local_file_deleted_mid_push_is_local_file_vanished(lab: Lab) -> None:
+    files = [lab.write(f"d{index:02}/f.bin", os.urandom(70_000)) for index in range(40)]
+
+    def delete_the_rest(_count: int) -> None:
+        for path in files:
+            path.unlink(missing_ok=True)
+
+    with pytest.raises(TransportError) as caught:
+        lab.push(progress=delete_the_rest)
+    assert caught.value.kind is TransportErrorKind.LOCAL_FILE_VANISHED
+    assert "f.bin" in caught.value.message
+    assert _temps(lab.nas) == []
+    assert "push_failed" in lab.log_text()
+
+
+def test_file_changing_while_copied_is_copied_again(lab: Lab) -> None:
+    path = lab.write("growing.raw", os.urandom(3 * MIB))
+    appended: list[bool] = []
+
+    def append_once(_count: int) -> None:
+        if not appended:
+            appended.append(True)
+            with open(path, "ab") as handle:
+                handle.write(b"late data")
+
+    result = lab.push(progress=append_once)
+    final = path.read_bytes()
+    assert (lab.remote / "growing.raw").read_bytes() == final
+    assert result.local_hashes["growing.raw"] == hashlib.sha256(final).hexdigest()
+    assert _temps(lab.nas) == []
+
+
+def test_file_that_keeps_changing_fails_for_a_later_retry(lab: Lab) -> None:
+    path = lab.write("live.raw", os.urandom(2 * MIB))
+
+    def append_always(_count: int) -> None:
+        with open(path, "ab") as handle:
+            handle.write(b"more")
+
+    with pytest.raises(TransportError) as caught:
+        lab.push(progress=append_always)
+    assert caught.value.kind is TransportErrorKind.UNKNOWN
+    assert "kept changing" in caught.value.message
+    assert _temps(lab.nas) == []
+
+
+# --------------------------------------------------------------------------- remote failures
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def test_read_only_target_is_remote_write_refused(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    _build_full_run(lab)
+    lab.remote.mkdir(parents=True)
+    immutable = _chattr("+i", lab.remote)
+    if not immutable:  # no chattr here: force the error the real share would give
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and str(lab.remote) in os.fspath(path):
+                raise OSError(errno.EROFS, "Read-only file system", path)
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(mount_module.os, "open", refusing_open)
+    try:
+        with pytest.raises(TransportError) as caught:
+            lab.push()
+        assert caught.value.kind is TransportErrorKind.REMOTE_WRITE_REFUSED
+        assert list(lab.remote.iterdir()) == []
+    finally:
+        if immutable:
+            _chattr("-i", lab.remote)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (errno.ENOSPC, TransportErrorKind.REMOTE_WRITE_REFUSED),
+        (errno.EDQUOT, TransportErrorKind.REMOTE_WRITE_REFUSED),
+        (errno.EROFS, TransportErrorKind.REMOTE_WRITE_REFUSED),
+        (errno.EACCES, TransportErrorKind.REMOTE_WRITE_REFUSED),
+        (errno.EPERM, TransportErrorKind.REMOTE_WRITE_REFUSED),
+        (errno.ENOTCONN, TransportErrorKind.NETWORK),
+        (errno.EIO, TransportErrorKind.NETWORK),
+        (errno.ESTALE, TransportErrorKind.NETWORK),
+        (errno.EHOSTDOWN, TransportErrorKind.NETWORK),
+        (errno.ENOENT, TransportErrorKind.NETWORK),
+        (errno.EBUSY, TransportErrorKind.UNKNOWN),
+    ],
+)
+def test_remote_error_mapping(lab: Lab, code: int, kind: TransportErrorKind) -> None:
+    error = lab.transport._remote_error(OSError(code, os.strerror(code)), "/nas/x")
+    assert error.kind is kind
+
+
+def test_enospc_during_write_is_refused_and_leaves_no_temp(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab.write("big.raw", os.urandom(2 * MIB))
+    real_write = os.write
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mount_module.os, "write", full_disk)
+    with pytest.raises(TransportError) as caught:
+        lab.push()
+    monkeypatch.setattr(mount_module.os, "write", real_write)
+    assert caught.value.kind is TransportErrorKind.REMOTE_WRITE_REFUSED
+    assert _temps(lab.nas) == []
+
+
+def test_share_unmounted_mid_push_is_network(lab: Lab) -> None:
+    for index in range(30):
+        lab.write(f"d{index:02}/f.bin", os.urandom(50_000))
+    unmounted: list[bool] = []
+
+    def unmount(_count: int) -> None:
+        if not unmounted:
+            unmounted.append(True)
+            (lab.nas / ".exlab-nas").unlink()
+            for folder in lab.remote.iterdir():
+                if folder.name >= "d20" and folder.is_dir():
+                    for child in folder.iterdir():
+                        child.unlink()
+                    folder.rmdir()
+
+    with pytest.raises(TransportError) as caught:
+        lab.push(progress=unmount)
+    assert caught.value.kind is TransportErrorKind.NETWORK
+
+
+# --------------------------------------------------------------------------- remote manifest
+
+
+def test_remote_manifest_drops_cache_before_hashing_each_file(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    _build_full_run(lab)
+    lab.push()
+    events: list[tuple[str, int]] = []
+    real_drop, real_hash = mount_module.drop_page_cache_fd, mount_module.hash_fd
+
+    def drop(fd, **kwargs):
+        events.append(("drop", os.fstat(fd).st_ino))
+        return real_drop(fd, **kwargs)
+
+    def hashed(fd, view, progress=None):
+        events.append(("hash", os.fstat(fd).st_ino))
+        return real_hash(fd, view, progress)
+
+    monkeypatch.setattr(mount_module, "drop_page_cache_fd", drop)
+    monkeypatch.setattr(mount_module, "hash_fd", hashed)
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    dropped = {ino for what, ino in events if what == "drop"}
+    for position, (what, ino) in enumerate(events):
+        if what == "hash":
+            assert ("drop", ino) in events[:position]
+    assert len(dropped) == len(manifest.hashes) == len(hash_tree(lab.run, include_metadata=True))
+
+
+def test_remote_manifest_of_a_run_never_sent_is_empty(lab: Lab) -> None:
+    lab.write("a", b"x")
+    assert asyncio.run(lab.transport.remote_manifest(lab.run)) == RemoteManifest(hashes={})
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+
+WEEKDAY_WINDOW = {"upload_mbps": 0.5, "schedule": [{"days": ["mon", "tue", "wed", "thu", "fri"], "from": "08:00", "to": "18:00"}]}
+
+
+def test_window_closing_mid_transfer_lifts_the_limit(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, bandwidth=WEEKDAY_WINDOW, now=lambda: SATURDAY_10AM)
+    lab.write("data.raw", os.urandom(4 * MIB))
+    start = time.monotonic()
+    result = lab.push(bwlimit_kibps=61)  # 0.5 Mbps in force at the start: 67 s for 4 MiB
+    elapsed = time.monotonic() - start
+    assert result.bytes_sent == 4 * MIB
+    assert 0.4 <= elapsed < 3.0  # the limit held until the first re-read, then was lifted
+
+
+def test_window_opening_mid_transfer_imposes_the_limit(tmp_path: Path) -> None:
+    window = dict(WEEKDAY_WINDOW, upload_mbps=8)  # 976 KiB/s
+    calls: list[dt.datetime] = []
+
+    def now() -> dt.datetime:
+        calls.append(MONDAY_10AM)
+        return MONDAY_10AM
+
+    lab = Lab(tmp_path, bandwidth=window, now=now)
+    lab.write("data.raw", os.urandom(3 * MIB))
+    blocks: list[int] = []
+
+    def slow_network(count: int) -> None:
+        blocks.append(count)
+        if len(blocks) <= 2:
+            time.sleep(0.3)  # the first two blocks take 0.3 s each: past the 0.5 s re-read
+
+    start = time.monotonic()
+    lab.push(bwlimit_kibps=None, progress=slow_network)  # unlimited when the push started
+    elapsed = time.monotonic() - start
+    assert calls, "the schedule was never re-read"
+    # 0.6 s unlimited, then the last MiB at 976 KiB/s (~1.05 s); without the limit ~0.6 s
+    assert elapsed >= 1.35
+
+
+def test_cancelled_push_stops_and_cleans_up(lab: Lab) -> None:
+    lab.write("data.raw", os.urandom(4 * MIB))
+
+    async def cancel_soon() -> None:
+        task = asyncio.create_task(lab.transport.push(lab.run, bwlimit_kibps=8))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_soon())
+    deadline = time.monotonic() + 3
+    while _temps(lab.nas) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _temps(lab.nas) == []
+    assert not (lab.remote / "data.raw").exists()
+
+
+def test_module_exports() -> None:
+    assert set(mount_module.__all__) == {"MountTransport", "is_temp_name", "same_mtime"}
+    assert MountTransport.capabilities.hashes_while_sending
