@@ -1,0 +1,277 @@
+"""The cleanup interlocks as pure functions: facts in, a decision with its reason out.
+
+The local data of a verified run may be deleted only when all six hold, in
+this order (the cheap ones first, so the reaper never probes the NAS or reads
+the disk for a job that is waiting anyway):
+
+1. cleanup is enabled (``nas_cleanup.enabled``);
+2. ``verify_passes >= min_verify_passes``;
+3. at least ``min_age_hours`` since ``verified_at``, the first verification
+   of the current NAS copy (later passes do not restart the clock);
+4. the remote run root is reachable now;
+5. no override the gate relied on for this run was revoked or has expired;
+6. every local file still matches the verified manifest.
+
+:func:`decide` evaluates them in order and returns the first refusal, or
+``delete``. The facts that cost I/O (4, 5 and 6) may be left ``None``
+("not checked yet"); when every earlier interlock holds and the next one
+needs such a fact, the decision is ``check`` with ``needs`` naming the fact,
+so a caller gathers facts only as far as they matter::
+
+    facts = CleanupFacts(enabled=True, verify_passes=2, min_verify_passes=2,
+                         verified_at=t0, min_age_hours=24, now=t0 + 25 * HOUR)
+    decision = decide(facts)                     # check, needs="remote_reachable"
+    facts = replace(facts, remote_reachable=True)
+    ...
+
+Actions:
+
+- ``delete``: all six hold.
+- ``wait``: a condition fails; nothing changes, the job is tried again later.
+- ``requeue``: the local run changed since verification (a file added, or
+  edited with a new mtime): it goes back through the gate and is re-synced.
+- ``fail``: the local copy is in a state a person must look at: content that
+  changed while size and mtime did not (``local_damage``), or a verified file
+  that disappeared (``local_file_vanished``). Nothing is deleted and nothing
+  is sent over the good NAS copy.
+- ``check``: a fact is needed before deciding (``needs``).
+
+Reasons are short sentences for the audit trail, e.g. ``"cleanup disabled"``,
+``"waiting: 1 of 2 verify passes"``, ``"waiting: 20 h of 24 h"``, ``"remote
+unreachable"``, ``"override revoked since verification: <id>"``, ``"local
+file changed: <path>"``, ``"local file added: <path>"``, ``"local damage:
+<path>"``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "Action",
+    "CleanupDecision",
+    "CleanupFacts",
+    "LocalCheck",
+    "MAX_PATHS_IN_REASON",
+    "decide",
+    "eligible_to_promote",
+    "format_hours",
+    "name_paths",
+    "refusal_key",
+]
+
+Action = Literal["delete", "wait", "requeue", "fail", "check"]
+
+#: How many paths a reason names before it says "(+N more)".
+MAX_PATHS_IN_REASON = 10
+
+
+@dataclass(frozen=True)
+class LocalCheck:
+    """What a comparison of the local run with its verified manifest found.
+
+    ``refusal``: the run could not be checked at all (``"run folder is a
+    symlink"``, ``"run folder missing"``, ``"manifest changed since
+    verification"``, ...): nothing may be deleted and nothing is concluded.
+    ``added``: regular files outside ``.exlab-wizard/`` that the manifest
+    does not list. ``changed``: listed files edited since verification (new
+    mtime and new content), or no longer regular files (a symlink, a folder).
+    ``damaged``: listed files whose content differs while their mtime did not
+    change. ``missing``: listed files that are gone. Paths are relative to
+    the run root, ``/``-separated.
+    """
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    damaged: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    refusal: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        """True when the local run matches the manifest exactly."""
+        return self.refusal is None and not (self.added or self.changed or self.damaged or self.missing)
+
+
+@dataclass(frozen=True)
+class CleanupFacts:
+    """Everything the interlocks look at, gathered by the caller.
+
+    Times are timezone-aware. ``remote_reachable``, ``overrides_no_longer_active``
+    and ``local`` are ``None`` while not checked. ``overrides_no_longer_active``
+    holds the ids of the overrides the gate relied on that are not active any
+    more (revoked, expired, or gone from creation.json);
+    ``override_check_error`` says why they could not be read at all (the
+    interlock then fails: an override that cannot be read is not active).
+    """
+
+    enabled: bool
+    verify_passes: int
+    min_verify_passes: int
+    verified_at: dt.datetime | None
+    min_age_hours: float
+    now: dt.datetime
+    remote_reachable: bool | None = None
+    overrides_no_longer_active: tuple[str, ...] | None = None
+    override_check_error: str | None = None
+    local: LocalCheck | None = None
+
+
+@dataclass(frozen=True)
+class CleanupDecision:
+    """The outcome of the interlocks.
+
+    ``reason`` is the sentence recorded in the job's events. ``error_kind``
+    is set for ``fail`` (``local_damage`` or ``local_file_vanished``) and for
+    ``requeue`` (``local_changed``). ``paths`` are the local paths the
+    decision is about (all of them, also when the reason names only the
+    first few). ``needs`` names the missing fact for ``check``
+    (``"remote_reachable"``, ``"overrides"`` or ``"local"``). ``interlock``
+    is the number (1-6) of the interlock that refused, 0 for ``delete``.
+    """
+
+    action: Action
+    reason: str
+    error_kind: str | None = None
+    paths: tuple[str, ...] = ()
+    needs: str | None = None
+    interlock: int = 0
+
+
+def format_hours(hours: float) -> str:
+    """Hours for a reason: rounded down to 0.1 h and written without a trailing ``.0``."""
+    value = math.floor(max(hours, 0.0) * 10 + 1e-9) / 10
+    return f"{value:g}"
+
+
+def name_paths(paths: Sequence[str], limit: int = MAX_PATHS_IN_REASON) -> str:
+    """``a, b, c`` for a reason; beyond ``limit`` paths, ``... (+N more)``."""
+    shown = ", ".join(paths[:limit])
+    if len(paths) > limit:
+        shown += f" (+{len(paths) - limit} more)"
+    return shown
+
+
+_AGE_REASON = re.compile(r"^waiting: [0-9.]+ h of ")
+
+
+def refusal_key(reason: str) -> str:
+    """What two refusals must share to count as "the same refusal again".
+
+    The reason itself, except that the waiting-for-age refusal ignores the
+    hours already elapsed (``"waiting: 20 h of 24 h"`` and ``"waiting: 21 h
+    of 24 h"`` are one refusal), so a job waiting out its age is recorded
+    once, not every hour.
+    """
+    return _AGE_REASON.sub("waiting: age of ", reason)
+
+
+def _check_aware(name: str, value: dt.datetime | None) -> None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValueError(f"{name} must be timezone-aware, not {value!r}")
+
+
+def _passes_and_age(
+    verify_passes: int,
+    min_verify_passes: int,
+    verified_at: dt.datetime | None,
+    min_age_hours: float,
+    now: dt.datetime,
+) -> CleanupDecision | None:
+    """Interlocks 2 and 3; None when both hold."""
+    _check_aware("now", now)
+    _check_aware("verified_at", verified_at)
+    if verified_at is None:
+        return CleanupDecision("wait", "waiting: not verified", interlock=2)
+    if verify_passes < min_verify_passes:
+        return CleanupDecision("wait", f"waiting: {verify_passes} of {min_verify_passes} verify passes", interlock=2)
+    age_hours = (now - verified_at).total_seconds() / 3600.0
+    if age_hours < min_age_hours:
+        return CleanupDecision(
+            "wait", f"waiting: {format_hours(age_hours)} h of {min_age_hours:g} h", interlock=3
+        )
+    return None
+
+
+def eligible_to_promote(job: Any, config: Any, now: dt.datetime) -> tuple[bool, str]:
+    """May a VERIFIED job move to CLEANUP_ELIGIBLE (interlocks 2 and 3)?
+
+    ``job`` needs ``verify_passes`` and ``verified_at``; ``config`` is a
+    ``Config`` or its ``CleanupConfig`` (``nas_cleanup``). Returns ``(True,
+    "verified K times, first H h ago")`` or ``(False, <waiting reason>)``.
+    Whether cleanup is enabled does not matter here: it is checked right
+    before deleting.
+    """
+    cleanup = getattr(config, "nas_cleanup", config)
+    refusal = _passes_and_age(
+        job.verify_passes, cleanup.min_verify_passes, job.verified_at, cleanup.min_age_hours, now
+    )
+    if refusal is not None:
+        return False, refusal.reason
+    hours = (now - job.verified_at).total_seconds() / 3600.0
+    return True, f"verified {job.verify_passes} times, first {format_hours(hours)} h ago"
+
+
+def _local_decision(local: LocalCheck) -> CleanupDecision | None:
+    """Interlock 6; None when the local run matches the manifest."""
+    if local.refusal is not None:
+        return CleanupDecision("wait", local.refusal, interlock=6)
+    if local.damaged:
+        # Worst first: damaged bytes must never reach the NAS, so no re-sync.
+        return CleanupDecision(
+            "fail", f"local damage: {name_paths(local.damaged)}", "local_damage", tuple(local.damaged), interlock=6
+        )
+    if local.missing:
+        return CleanupDecision(
+            "fail", f"local file missing: {name_paths(local.missing)}", "local_file_vanished",
+            tuple(local.missing), interlock=6,
+        )
+    if local.changed:
+        return CleanupDecision(
+            "requeue", f"local file changed: {name_paths(local.changed)}", "local_changed",
+            tuple(local.changed) + tuple(local.added), interlock=6,
+        )
+    if local.added:
+        return CleanupDecision(
+            "requeue", f"local file added: {name_paths(local.added)}", "local_changed", tuple(local.added), interlock=6
+        )
+    return None
+
+
+def decide(facts: CleanupFacts) -> CleanupDecision:
+    """Evaluate the six interlocks in order; the first that fails decides.
+
+    Raises ``ValueError`` for a naive datetime. See the module docstring for
+    the actions and reasons.
+    """
+    if not facts.enabled:
+        return CleanupDecision("wait", "cleanup disabled", interlock=1)
+    refusal = _passes_and_age(
+        facts.verify_passes, facts.min_verify_passes, facts.verified_at, facts.min_age_hours, facts.now
+    )
+    if refusal is not None:
+        return refusal
+    if facts.remote_reachable is None:
+        return CleanupDecision("check", "remote not checked yet", needs="remote_reachable", interlock=4)
+    if not facts.remote_reachable:
+        return CleanupDecision("wait", "remote unreachable", interlock=4)
+    if facts.override_check_error is not None:
+        return CleanupDecision("wait", f"override status unknown: {facts.override_check_error}", interlock=5)
+    if facts.overrides_no_longer_active is None:
+        return CleanupDecision("check", "overrides not checked yet", needs="overrides", interlock=5)
+    if facts.overrides_no_longer_active:
+        return CleanupDecision(
+            "wait", f"override revoked since verification: {name_paths(list(facts.overrides_no_longer_active))}",
+            interlock=5,
+        )
+    if facts.local is None:
+        return CleanupDecision("check", "local run not checked yet", needs="local", interlock=6)
+    refusal = _local_decision(facts.local)
+    if refusal is not None:
+        return refusal
+    return CleanupDecision("delete", "all six interlocks hold")

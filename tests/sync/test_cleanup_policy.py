@@ -1,0 +1,146 @@
+"""The cleanup interlocks as pure functions: one table row per condition and outcome."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from types import SimpleNamespace
+
+import pytest
+
+from exlab_wizard.config.models import CleanupConfig, Config
+from exlab_wizard.sync.policy.cleanup import (
+    CleanupFacts,
+    LocalCheck,
+    decide,
+    eligible_to_promote,
+    format_hours,
+    name_paths,
+    refusal_key,
+)
+
+NOW = dt.datetime(2024, 5, 6, 12, 0, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+
+
+def facts(**changes) -> CleanupFacts:
+    """All six interlocks hold; ``changes`` breaks the ones a row is about."""
+    base = CleanupFacts(
+        enabled=True, verify_passes=2, min_verify_passes=2, verified_at=NOW - 25 * HOUR,
+        min_age_hours=24, now=NOW, remote_reachable=True, overrides_no_longer_active=(),
+        local=LocalCheck(),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "action", "reason", "error_kind", "interlock"),
+    [
+        ({}, "delete", "all six interlocks hold", None, 0),
+        ({"enabled": False}, "wait", "cleanup disabled", None, 1),
+        ({"verify_passes": 1}, "wait", "waiting: 1 of 2 verify passes", None, 2),
+        ({"verify_passes": 0}, "wait", "waiting: 0 of 2 verify passes", None, 2),
+        ({"verified_at": None, "verify_passes": 0}, "wait", "waiting: not verified", None, 2),
+        ({"verified_at": NOW - 20 * HOUR}, "wait", "waiting: 20 h of 24 h", None, 3),
+        ({"verified_at": NOW - 23.99 * HOUR}, "wait", "waiting: 23.9 h of 24 h", None, 3),
+        ({"verified_at": NOW + HOUR}, "wait", "waiting: 0 h of 24 h", None, 3),  # clock moved back
+        ({"verified_at": NOW - 24 * HOUR}, "delete", "all six interlocks hold", None, 0),
+        ({"min_age_hours": 0.5, "verified_at": NOW - 0.25 * HOUR}, "wait", "waiting: 0.2 h of 0.5 h", None, 3),
+        ({"remote_reachable": False}, "wait", "remote unreachable", None, 4),
+        ({"overrides_no_longer_active": ("ov-1",)}, "wait", "override revoked since verification: ov-1", None, 5),
+        ({"override_check_error": "creation.json unreadable: bad JSON"}, "wait",
+         "override status unknown: creation.json unreadable: bad JSON", None, 5),
+        ({"local": LocalCheck(changed=("a.tif",))}, "requeue", "local file changed: a.tif", "local_changed", 6),
+        ({"local": LocalCheck(added=("new.csv",))}, "requeue", "local file added: new.csv", "local_changed", 6),
+        ({"local": LocalCheck(damaged=("a.tif",))}, "fail", "local damage: a.tif", "local_damage", 6),
+        ({"local": LocalCheck(missing=("a.tif",))}, "fail", "local file missing: a.tif", "local_file_vanished", 6),
+        ({"local": LocalCheck(refusal="run folder is a symlink")}, "wait", "run folder is a symlink", None, 6),
+        # Worst first: damage beats a change; a change beats an addition.
+        ({"local": LocalCheck(damaged=("d",), changed=("c",), added=("a",))}, "fail", "local damage: d", "local_damage", 6),
+        ({"local": LocalCheck(changed=("c",), added=("a",))}, "requeue", "local file changed: c", "local_changed", 6),
+        # The first failing interlock decides, whatever fails after it.
+        ({"enabled": False, "remote_reachable": False, "local": LocalCheck(damaged=("d",))},
+         "wait", "cleanup disabled", None, 1),
+        ({"remote_reachable": False, "local": LocalCheck(damaged=("d",))}, "wait", "remote unreachable", None, 4),
+    ],
+)
+def test_decide_table(changes, action, reason, error_kind, interlock):
+    decision = decide(facts(**changes))
+    assert (decision.action, decision.reason, decision.error_kind, decision.interlock) == (
+        action, reason, error_kind, interlock,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "needs"),
+    [
+        ({"remote_reachable": None, "overrides_no_longer_active": None, "local": None}, "remote_reachable"),
+        ({"overrides_no_longer_active": None, "local": None}, "overrides"),
+        ({"local": None}, "local"),
+    ],
+)
+def test_unknown_facts_are_asked_for_in_order(changes, needs):
+    decision = decide(facts(**changes))
+    assert decision.action == "check" and decision.needs == needs
+
+
+def test_costly_facts_are_not_asked_for_while_a_cheap_interlock_refuses():
+    decision = decide(facts(enabled=False, remote_reachable=None, overrides_no_longer_active=None, local=None))
+    assert decision.action == "wait" and decision.reason == "cleanup disabled"
+    decision = decide(facts(verify_passes=1, remote_reachable=None, local=None))
+    assert decision.reason == "waiting: 1 of 2 verify passes"
+
+
+def test_decision_paths_list_every_path_while_the_reason_names_ten():
+    paths = tuple(f"f{i:02d}.tif" for i in range(13))
+    decision = decide(facts(local=LocalCheck(damaged=paths)))
+    assert decision.paths == paths
+    assert decision.reason == "local damage: " + ", ".join(paths[:10]) + " (+3 more)"
+
+
+def test_naive_times_are_refused():
+    with pytest.raises(ValueError):
+        decide(facts(now=NOW.replace(tzinfo=None)))
+
+
+def test_local_check_clean():
+    assert LocalCheck().clean
+    assert not LocalCheck(added=("x",)).clean
+    assert not LocalCheck(refusal="run folder missing").clean
+
+
+@pytest.mark.parametrize(
+    ("passes", "hours_ago", "ok", "reason"),
+    [
+        (2, 25, True, "verified 2 times, first 25 h ago"),
+        (5, 25, True, "verified 5 times, first 25 h ago"),
+        (1, 25, False, "waiting: 1 of 2 verify passes"),
+        (2, 20, False, "waiting: 20 h of 24 h"),
+    ],
+)
+def test_eligible_to_promote(passes, hours_ago, ok, reason):
+    job = SimpleNamespace(verify_passes=passes, verified_at=NOW - hours_ago * HOUR)
+    config = Config(nas_cleanup=CleanupConfig(enabled=False, min_verify_passes=2, min_age_hours=24))
+    # Whether cleanup is enabled is not part of promotion (it is checked right before deleting).
+    assert eligible_to_promote(job, config, NOW) == (ok, reason)
+    assert eligible_to_promote(job, config.nas_cleanup, NOW) == (ok, reason)
+
+
+def test_clock_counts_from_first_verification():
+    """Audit passes every 6 h do not restart the clock: only ``verified_at`` counts."""
+    job = SimpleNamespace(verify_passes=5, verified_at=NOW - 25 * HOUR,
+                          pass_times=tuple(NOW - h * HOUR for h in (25, 19, 13, 7, 1)))
+    assert eligible_to_promote(job, CleanupConfig(min_age_hours=24), NOW)[0]
+
+
+def test_refusal_key_merges_the_hours_of_an_age_wait_only():
+    assert refusal_key("waiting: 20 h of 24 h") == refusal_key("waiting: 21.5 h of 24 h")
+    assert refusal_key("waiting: 20 h of 24 h") != refusal_key("waiting: 20 h of 48 h")
+    assert refusal_key("waiting: 1 of 2 verify passes") != refusal_key("waiting: 2 of 3 verify passes")
+    assert refusal_key("remote unreachable") == "remote unreachable"
+
+
+def test_format_helpers():
+    assert [format_hours(h) for h in (0, 19.99, 20, 20.56, -3)] == ["0", "19.9", "20", "20.5", "0"]
+    assert name_paths(["a", "b"]) == "a, b"
+    assert name_paths(["a", "b", "c"], limit=2) == "a, b (+1 more)"

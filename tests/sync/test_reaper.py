@@ -1,0 +1,768 @@
+"""The cleanup reaper on real files and a real queue database.
+
+Every test builds a lab: runs under ``<local_root>/CONF_01/PROJ/Runs``, a
+"NAS" folder holding byte-identical copies, the verified manifest, and a job
+set up in the queue as the client leaves it after verification (files written
+three days ago, transfer 26 h ago, first verification 25 h ago).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.cache import CreationWriter
+from exlab_wizard.config.models import Config
+from exlab_wizard.sync import reaper as reaper_mod
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.manifest_format import format_manifest, manifest_digest
+from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.reaper import (
+    Reaper,
+    load_verified_stats,
+    record_verified_stat,
+    scan_run,
+)
+from exlab_wizard.sync.states import SyncJobState
+
+S = SyncJobState
+HOUR = dt.timedelta(hours=1)
+EQ = "CONF_01"
+
+DEFAULT_FILES = {
+    "image_001.tif": b"A" * 3000,
+    "image_002.tif": b"B" * 2000,
+    "sub/deeper/stack.raw": b"C" * 5000,
+    "sub/notes.txt": b"acquired ok\n",
+}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, bytes | str]]:
+    """Everything under ``root`` (not following symlinks): kind and content or link target."""
+    out: dict[str, tuple[str, bytes | str]] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[rel] = ("dir", b"")
+            else:
+                out[rel] = ("file", path.read_bytes())
+    return out
+
+
+@dataclasses.dataclass
+class Lab:
+    tmp: Path
+    config: Config
+    queue: JobQueue
+    writer: CreationWriter
+    now: dt.datetime
+    reachable: bool = True
+    push_ok: bool = True
+    pushes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def local_root(self) -> Path:
+        return self.tmp / "lab"
+
+    @property
+    def nas(self) -> Path:
+        return self.tmp / "nas"
+
+    def nas_copy(self, run: Path) -> Path:
+        return self.nas / run.relative_to(self.local_root / EQ)
+
+    def cleanup(self, **changes) -> None:
+        self.config = self.config.model_copy(
+            update={"nas_cleanup": self.config.nas_cleanup.model_copy(update=changes)}
+        )
+
+    def log_for(self, equipment_id: str) -> EquipmentLog:
+        return EquipmentLog(self.config.equipment_by_id(equipment_id))
+
+    def log_text(self) -> str:
+        path = self.log_for(EQ).path
+        return path.read_text() if path.exists() else ""
+
+    async def _remote_stat(self, job: SyncJobRow) -> bool:
+        return self.reachable
+
+    async def _push_metadata(self, job: SyncJobRow) -> bool:
+        run = Path(job.run_path)
+        self.pushes.append(
+            {"creation": self.writer.read(run).raw.get("local_cleaned"),
+             "data_left": sorted(p for p in DEFAULT_FILES if (run / p).exists())}
+        )
+        if self.push_ok:
+            shutil.copytree(run / ".exlab-wizard", self.nas_copy(run) / ".exlab-wizard", dirs_exist_ok=True)
+        return self.push_ok
+
+    def reaper(self, **kw) -> Reaper:
+        kw.setdefault("remote_stat", self._remote_stat)
+        kw.setdefault("push_metadata", self._push_metadata)
+        reaper = Reaper(self.queue, self.config, writer=self.writer, log_for=self.log_for,
+                        now=lambda: self.now, **kw)
+        return reaper
+
+    def run_pass(self, **kw):
+        reaper = self.reaper(**kw)
+        reaper.config = self.config
+        return asyncio.run(reaper.run_pass())
+
+    def job(self, job_id: str) -> SyncJobRow:
+        return self.queue.get(job_id)
+
+    def refusals(self, job_id: str) -> list[str]:
+        return [e.detail for e in self.queue.events(job_id) if e.kind == "cleanup_refused"]
+
+    def make_run(
+        self,
+        name: str = "Run_1",
+        files: dict[str, bytes] | None = None,
+        *,
+        passes: int = 2,
+        verified_hours_ago: float = 25,
+        overrides: tuple[str, ...] = (),
+        override_entries: list[dict] | None = None,
+        eligible: bool = False,
+    ) -> tuple[Path, str]:
+        files = DEFAULT_FILES if files is None else files
+        run = self.local_root / EQ / "PROJ" / "Runs" / name
+        run.mkdir(parents=True)
+        written = (self.now - 72 * HOUR).timestamp()
+        for rel, data in files.items():
+            target = run / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            os.utime(target, (written, written))
+        self.writer.ensure_minimal(run, local_path=str(run), nas_path=str(self.nas_copy(run)))
+        if override_entries is not None:
+            self.writer.update(run, lambda raw: raw.__setitem__("validation_overrides", override_entries))
+        hashes = {rel: sha(data) for rel, data in files.items()}
+        (run / ".exlab-wizard" / "checksums.sha256").write_bytes(format_manifest(hashes))
+        shutil.copytree(run, self.nas_copy(run), symlinks=True)
+        verified_at = self.now - verified_hours_ago * HOUR
+        job, _ = self.queue.get_or_create(str(run), EQ, str(self.nas_copy(run)), now=verified_at - 2 * HOUR)
+        self.queue.transition(job.id, S.QUEUED, S.RUNNING, now=verified_at - HOUR, overrides_relied_on=overrides)
+        self.queue.transition(job.id, S.RUNNING, S.AWAITING_VERIFY, now=verified_at - 0.5 * HOUR)
+        pass_times = tuple(verified_at + 6 * i * HOUR for i in range(passes))
+        self.queue.transition(
+            job.id, S.AWAITING_VERIFY, S.VERIFIED, now=verified_at, verify_passes=passes,
+            verified_at=verified_at, pass_times=pass_times, last_verify_at=pass_times[-1] if passes else None,
+            manifest_digest=manifest_digest(hashes),
+        )
+        # The files were last changed (ctime: just now, by utime) before the hashing began.
+        record_verified_stat(self.queue, job.id, run, hashes, verified_at,
+                             hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
+        if eligible:
+            self.queue.transition(job.id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=verified_at + HOUR)
+        return run, job.id
+
+    def manifest_files_intact(self, run: Path, files: dict[str, bytes] | None = None) -> bool:
+        files = DEFAULT_FILES if files is None else files
+        return all((run / rel).read_bytes() == data for rel, data in files.items())
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "nas").mkdir()
+    config = Config.model_validate({
+        "equipment": [{
+            "id": EQ, "local_root": str(tmp_path / "lab"),
+            "transport": {"type": "mount", "mount_path": str(tmp_path / "nas")},
+        }],
+        "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
+        "state_dir": str(tmp_path / "state"),
+    })
+    queue = JobQueue(tmp_path / "state" / "queue.db")
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    yield Lab(tmp_path, config, queue, CreationWriter(), now)
+    queue.close()
+
+
+def assert_nothing_deleted(lab: Lab, run: Path, files: dict[str, bytes] | None = None) -> None:
+    assert lab.manifest_files_intact(run, files)
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 0
+
+
+# --------------------------------------------------------------------------- all six hold
+
+
+def test_all_six_hold_deletes_exactly_the_manifest_files(lab: Lab):
+    run, job_id = lab.make_run()
+    (run / ".exlab-wizard" / "operator-notes.txt").write_text("not in the manifest, kept with the cache\n")
+    (run / "empty_marker").mkdir()  # a folder that was empty before: not "left empty" by the deletion
+    outcomes = lab.run_pass()
+
+    assert [o.action for o in outcomes] == ["promoted", "deleted"]
+    assert outcomes[1].files == 4 and outcomes[1].bytes == sum(map(len, DEFAULT_FILES.values()))
+    assert snapshot(run).keys() == {
+        ".exlab-wizard", ".exlab-wizard/creation.json", ".exlab-wizard/creation.json.lock",
+        ".exlab-wizard/checksums.sha256", ".exlab-wizard/operator-notes.txt", "empty_marker",
+    }
+    # The NAS copy is untouched.
+    assert lab.manifest_files_intact(lab.nas_copy(run))
+    job = lab.job(job_id)
+    assert job.state == S.CLEANED
+    kinds = [(e.kind, e.to_state) for e in lab.queue.events(job_id)]
+    assert ("cleanup_planned", None) in kinds and ("cleanup_deleted", None) in kinds
+    assert kinds[-1] == ("transition", "cleaned")
+    cleaned = lab.writer.read(run).raw["local_cleaned"]
+    assert cleaned["files"] == 4 and cleaned["bytes"] == 10012 and cleaned["manifest_digest"] == job.manifest_digest
+    line = next(line for line in lab.log_text().splitlines() if " cleanup_deleted " in line)
+    assert "files=4 bytes=10012 verify_passes=2 " in line
+    assert f"manifest_digest={job.manifest_digest}" in line
+    assert "pass_times=" + ",".join(
+        t.isoformat(timespec="seconds").replace("+00:00", "Z") for t in job.pass_times) in line
+    with lab.queue.transaction() as conn:
+        for table in ("cleanup_plan", "cleanup_progress", "verified_files"):
+            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0
+
+
+def test_the_plan_is_written_before_anything_is_deleted(lab: Lab, monkeypatch):
+    run, job_id = lab.make_run(eligible=True)
+    seen = []
+    real = reaper_mod._delete_batch
+
+    def spy(run_path, batch):
+        with lab.queue.transaction() as conn:
+            rows = conn.execute("SELECT path, size, sha256, manifest_digest FROM cleanup_plan").fetchall()
+        seen.append({os.fsdecode(r["path"]): (r["size"], r["sha256"], r["manifest_digest"]) for r in rows})
+        assert lab.manifest_files_intact(run)
+        return real(run_path, batch)
+
+    monkeypatch.setattr(reaper_mod, "_delete_batch", spy)
+    lab.run_pass()
+    digest = lab.job(job_id).manifest_digest
+    assert seen[0] == {rel: (len(data), sha(data), digest) for rel, data in DEFAULT_FILES.items()}
+
+
+# --------------------------------------------------------------------------- one test per interlock
+
+
+def test_interlock_1_cleanup_disabled(lab: Lab):
+    lab.cleanup(enabled=False)
+    run, job_id = lab.make_run()
+    lab.run_pass()
+    lab.run_pass()
+    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE  # eligible, but not deleted
+    assert lab.refusals(job_id) == ["cleanup disabled"]  # recorded once, not every pass
+    assert_nothing_deleted(lab, run)
+
+
+def test_interlock_2_verify_passes(lab: Lab):
+    run, job_id = lab.make_run(passes=1)
+    lab.run_pass()
+    assert lab.job(job_id).state == S.VERIFIED
+    assert lab.refusals(job_id) == ["waiting: 1 of 2 verify passes"]
+    assert_nothing_deleted(lab, run)
+
+
+def test_interlock_3_age(lab: Lab):
+    run, job_id = lab.make_run(verified_hours_ago=20)
+    lab.run_pass()
+    lab.now += HOUR
+    lab.run_pass()  # 21 h of 24 h: the same refusal, not recorded again
+    assert lab.job(job_id).state == S.VERIFIED
+    assert lab.refusals(job_id) == ["waiting: 20 h of 24 h"]
+    assert_nothing_deleted(lab, run)
+
+
+def test_interlock_4_remote_unreachable(lab: Lab):
+    run, job_id = lab.make_run()
+    lab.reachable = False
+    lab.run_pass()
+    lab.run_pass()
+    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE
+    assert lab.refusals(job_id) == ["remote unreachable"]
+    assert "cleanup_refused" in lab.log_text() and 'reason="remote unreachable"' in lab.log_text()
+    assert_nothing_deleted(lab, run)
+    lab.reachable = True
+    assert [o.action for o in lab.run_pass()] == ["deleted"]
+
+
+@pytest.mark.parametrize("probe", ["raises", "sync_false"])
+def test_interlock_4_probe_that_raises_or_answers_synchronously(lab: Lab, probe):
+    run, job_id = lab.make_run()
+
+    def remote_stat(job):
+        if probe == "raises":
+            raise OSError("no route to host")
+        return False
+
+    lab.run_pass(remote_stat=remote_stat)
+    assert lab.refusals(job_id) == ["remote unreachable"]
+    assert_nothing_deleted(lab, run)
+
+
+def _override(oid: str, **extra) -> dict:
+    entry = {"id": oid, "problem_class": "reserved_filesystem_name", "operator": "asmith",
+             "recorded_at": "2024-01-01T00:00:00Z", "expires_at": None, "reason": "instrument names it AUX",
+             "revoked": False}
+    entry.update(extra)
+    return entry
+
+
+def test_interlock_5_override_revoked(lab: Lab):
+    entries = [_override("ov-1"), {"id": "t-1", "revokes": "ov-1", "operator": "bsmith",
+                                   "recorded_at": "2024-02-01T00:00:00Z", "reason": "wrong", "revoked": True}]
+    run, job_id = lab.make_run(overrides=("ov-1",), override_entries=entries)
+    lab.run_pass()
+    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE
+    assert lab.refusals(job_id) == ["override revoked since verification: ov-1"]
+    assert_nothing_deleted(lab, run)
+
+
+def test_interlock_5_override_expired(lab: Lab):
+    expired = (lab.now - HOUR).isoformat().replace("+00:00", "Z")
+    run, job_id = lab.make_run(overrides=("ov-2",), override_entries=[_override("ov-2", expires_at=expired)])
+    lab.run_pass()
+    assert lab.refusals(job_id) == ["override revoked since verification: ov-2"]
+    assert_nothing_deleted(lab, run)
+
+
+def test_interlock_5_override_still_active_allows_cleanup(lab: Lab):
+    run, job_id = lab.make_run(overrides=("ov-3",), override_entries=[_override("ov-3")])
+    assert [o.action for o in lab.run_pass()] == ["promoted", "deleted"]
+
+
+def test_interlock_6_local_file_changed(lab: Lab):
+    run, job_id = lab.make_run()
+    (run / "image_001.tif").write_bytes(b"A" * 2999 + b"Z")  # an edit: new mtime
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "requeued"
+    job = lab.job(job_id)
+    assert job.state == S.QUEUED and job.error_kind == "local_changed"
+    assert job.last_error == "local file changed: image_001.tif"
+    assert "local file changed: image_001.tif" in lab.queue.events(job_id)[-1].detail
+    assert (run / "image_001.tif").read_bytes() == b"A" * 2999 + b"Z"
+    assert lab.manifest_files_intact(run, {k: v for k, v in DEFAULT_FILES.items() if k != "image_001.tif"})
+    assert job.verify_passes == 0 and job.verified_at is None  # the new copy starts a new clock
+
+
+# --------------------------------------------------------------------------- local changes
+
+
+def test_file_added_after_verification_requeues_and_nothing_is_deleted(lab: Lab):
+    run, job_id = lab.make_run()
+    (run / "sub" / "late_export.csv").write_text("a,b\n")
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "requeued"
+    assert lab.job(job_id).state == S.QUEUED
+    assert lab.job(job_id).last_error == "local file added: sub/late_export.csv"
+    assert_nothing_deleted(lab, run)
+    assert (run / "sub" / "late_export.csv").exists()
+
+
+def test_edited_and_added_files_both_stop_the_deletion(lab: Lab):
+    run, job_id = lab.make_run()
+    (run / "sub" / "notes.txt").write_text("acquired ok, then re-annotated\n")
+    (run / "extra.bin").write_bytes(b"new")
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "requeued"
+    assert set(outcomes[-1].paths) == {"sub/notes.txt", "extra.bin"}
+    assert all((run / rel).exists() for rel in DEFAULT_FILES)
+
+
+def test_local_damage_same_size_and_mtime_fails_and_deletes_nothing(lab: Lab):
+    run, job_id = lab.make_run()
+    target = run / "image_002.tif"
+    st = target.stat()
+    target.write_bytes(b"B" * 1000 + b"\x00" + b"B" * 999)  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    nas_before = snapshot(lab.nas_copy(run))
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "failed"
+    job = lab.job(job_id)
+    assert job.state == S.FAILED and job.error_kind == "local_damage"
+    assert "local damage: image_002.tif" in job.last_error
+    assert_nothing_deleted(lab, run, {k: v for k, v in DEFAULT_FILES.items() if k != "image_002.tif"})
+    assert snapshot(lab.nas_copy(run)) == nas_before  # never copied over the NAS
+    assert "cleanup_failed" in lab.log_text()
+
+
+def test_touched_file_with_unchanged_content_is_still_cleaned(lab: Lab):
+    run, job_id = lab.make_run()
+    os.utime(run / "image_001.tif")  # a backup tool touched it; the bytes are the verified ones
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "deleted"
+
+
+def test_vanished_file_fails_with_local_file_vanished(lab: Lab):
+    run, job_id = lab.make_run()
+    (run / "sub" / "notes.txt").unlink()
+    lab.run_pass()
+    job = lab.job(job_id)
+    assert job.state == S.FAILED and job.error_kind == "local_file_vanished"
+    assert "local file missing: sub/notes.txt" in job.last_error
+    assert lab.manifest_files_intact(run, {k: v for k, v in DEFAULT_FILES.items() if k != "sub/notes.txt"})
+
+
+def test_tampered_manifest_is_refused(lab: Lab):
+    run, job_id = lab.make_run()
+    hashes = {rel: sha(data) for rel, data in DEFAULT_FILES.items() if rel != "sub/notes.txt"}
+    (run / ".exlab-wizard" / "checksums.sha256").write_bytes(format_manifest(hashes))
+    lab.run_pass()
+    assert lab.refusals(job_id) == ["manifest changed since verification"]
+    assert_nothing_deleted(lab, run)
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+def test_symlink_in_the_run_pointing_outside_is_never_followed(lab: Lab):
+    outside = lab.tmp / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "precious.tif").write_bytes(b"P" * 100)
+    (outside / "folder" / "inner.tif").write_bytes(b"Q" * 100)
+    before = snapshot(outside)
+    run, job_id = lab.make_run()
+    os.symlink(outside / "precious.tif", run / "sub" / "link_to_file.tif")
+    os.symlink(outside / "folder", run / "sub" / "deeper" / "link_to_folder")
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "deleted"
+    assert snapshot(outside) == before
+    # The links are not ours to delete (never synced, never in a manifest): they stay, and keep their folders.
+    assert (run / "sub" / "link_to_file.tif").is_symlink()
+    assert (run / "sub" / "deeper" / "link_to_folder").is_symlink()
+    assert not (run / "image_001.tif").exists()
+
+
+def test_listed_file_replaced_by_a_symlink_is_not_deleted(lab: Lab):
+    outside = lab.tmp / "outside"
+    outside.mkdir()
+    (outside / "image_001.tif").write_bytes(DEFAULT_FILES["image_001.tif"])  # same bytes, elsewhere
+    run, job_id = lab.make_run()
+    (run / "image_001.tif").unlink()
+    os.symlink(outside / "image_001.tif", run / "image_001.tif")
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "requeued" and "image_001.tif" in outcomes[-1].reason
+    assert (outside / "image_001.tif").read_bytes() == DEFAULT_FILES["image_001.tif"]
+    assert (run / "image_001.tif").is_symlink()
+
+
+def test_listed_folder_replaced_by_a_symlink_is_not_followed(lab: Lab):
+    outside = lab.tmp / "outside"
+    run, job_id = lab.make_run()
+    shutil.move(run / "sub", outside)
+    os.symlink(outside, run / "sub")
+    before = snapshot(outside)
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "requeued"
+    assert snapshot(outside) == before
+
+
+def test_run_folder_replaced_by_a_symlink_after_verification(lab: Lab):
+    run, job_id = lab.make_run()
+    elsewhere = lab.tmp / "elsewhere" / "Run_1"
+    elsewhere.parent.mkdir()
+    shutil.move(run, elsewhere)
+    os.symlink(elsewhere, run)
+    before = snapshot(elsewhere)
+    lab.run_pass()
+    lab.run_pass()
+    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE
+    assert lab.refusals(job_id) == ["run folder is a symlink"]
+    assert snapshot(elsewhere) == before
+
+
+def test_run_folder_replaced_by_a_symlink_during_an_interrupted_deletion(lab: Lab, monkeypatch):
+    run, job_id = lab.make_run(eligible=True)
+
+    def crash(run_path, batch):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(reaper_mod, "_delete_batch", crash)
+    assert [o.action for o in lab.run_pass()] == ["error"]
+    monkeypatch.undo()
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 4
+    elsewhere = lab.tmp / "elsewhere"
+    shutil.move(run, elsewhere)
+    os.symlink(elsewhere, run)
+    before = snapshot(elsewhere)
+    outcomes = lab.run_pass()
+    assert outcomes[0].action == "waiting" and outcomes[0].reason == "deletion paused: run folder is a symlink"
+    assert snapshot(elsewhere) == before
+    # The folder comes back: the plan completes.
+    os.unlink(run)
+    shutil.move(elsewhere, run)
+    assert [o.action for o in lab.run_pass()] == ["deleted"]
+    assert not (run / "image_001.tif").exists()
+
+
+# --------------------------------------------------------------------------- the verification clock
+
+
+def test_clock_counts_from_first_verification_not_the_last_pass(lab: Lab):
+    """min_age_hours 24, audits every 6 h, first verified 25 h ago: cleaned."""
+    run, job_id = lab.make_run(passes=5, verified_hours_ago=25)
+    job = lab.job(job_id)
+    assert job.pass_times[-1] == lab.now - HOUR  # the last audit was an hour ago
+    assert [o.action for o in lab.run_pass()] == ["promoted", "deleted"]
+    assert lab.job(job_id).state == S.CLEANED
+
+
+# --------------------------------------------------------------------------- retain_cache false
+
+
+def test_retain_cache_false_removes_the_run_folder_after_a_verified_push(lab: Lab):
+    lab.cleanup(retain_cache=False)
+    run, job_id = lab.make_run()
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "deleted"
+    assert not run.exists()
+    assert lab.job(job_id).state == S.CLEANED
+    # The push came after the data deletion and carried the cleanup record to the NAS.
+    assert lab.pushes == [{"creation": lab.pushes[0]["creation"], "data_left": []}]
+    assert lab.pushes[0]["creation"]["files"] == 4
+    nas_meta = lab.nas_copy(run) / ".exlab-wizard" / "creation.json"
+    assert '"local_cleaned"' in nas_meta.read_text()
+    assert "cleanup_run_folder_removed" in lab.log_text()
+
+
+def test_retain_cache_false_keeps_the_run_folder_while_the_push_fails(lab: Lab):
+    lab.cleanup(retain_cache=False)
+    lab.push_ok = False
+    run, job_id = lab.make_run()
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "waiting"
+    assert outcomes[-1].reason == "waiting: final metadata push not verified"
+    assert run.is_dir() and (run / ".exlab-wizard" / "creation.json").exists()
+    assert not (run / "image_001.tif").exists()  # the data (verified on the NAS) is gone
+    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE
+    lab.run_pass()
+    assert lab.refusals(job_id) == ["waiting: final metadata push not verified"]
+    assert lab.log_text().count(" cleanup_deleted ") == 1  # logged once, not on every retry
+    lab.push_ok = True
+    assert [o.action for o in lab.run_pass()] == ["deleted"]
+    assert not run.exists()
+    assert lab.job(job_id).state == S.CLEANED
+
+
+def test_retain_cache_false_keeps_a_run_folder_holding_what_is_not_ours(lab: Lab):
+    lab.cleanup(retain_cache=False)
+    outside = lab.tmp / "outside.raw"
+    outside.write_bytes(b"not ours")
+    run, job_id = lab.make_run()
+    os.symlink(outside, run / "link.raw")
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "deleted"
+    assert lab.job(job_id).state == S.CLEANED
+    assert sorted(p.name for p in run.iterdir()) == ["link.raw"]
+    assert outside.read_bytes() == b"not ours"
+    assert "run folder kept" in lab.queue.events(job_id)[-1].detail
+    assert "cleanup_run_folder_kept" in lab.log_text()
+
+
+def test_retain_cache_false_without_a_push_keeps_the_run_folder(lab: Lab):
+    lab.cleanup(retain_cache=False)
+    run, job_id = lab.make_run()
+    reaper = Reaper(lab.queue, lab.config, writer=lab.writer, log_for=lab.log_for,
+                    remote_stat=lambda job: True, now=lambda: lab.now)
+    outcomes = asyncio.run(reaper.run_pass())
+    assert outcomes[-1].action == "waiting" and "no final metadata push" in outcomes[-1].reason
+    assert (run / ".exlab-wizard" / "creation.json").exists()
+
+
+# --------------------------------------------------------------------------- crashes and restarts
+
+
+def test_resume_after_a_crash_part_way(lab: Lab, monkeypatch):
+    files = {f"f{i:02d}.bin": bytes([i]) * (100 + i) for i in range(10)}
+    run, job_id = lab.make_run(files=files, eligible=True)
+    real = reaper_mod._delete_batch
+
+    def half_then_crash(run_path, batch):
+        real(run_path, batch[:4])
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(reaper_mod, "_delete_batch", half_then_crash)
+    lab.run_pass()
+    monkeypatch.undo()
+    assert sum((run / rel).exists() for rel in files) == 6
+    outcomes = lab.run_pass()
+    assert [o.action for o in outcomes] == ["deleted"]
+    assert outcomes[0].files == 10
+    assert not any((run / rel).exists() for rel in files)
+    assert "cleanup_resumed" in lab.log_text() and "resumed=true" in lab.log_text()
+
+
+def test_resume_never_deletes_a_file_changed_after_the_plan(lab: Lab, monkeypatch):
+    files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
+    run, job_id = lab.make_run(files=files, eligible=True)
+    real = reaper_mod._delete_batch
+
+    def two_then_crash(run_path, batch):
+        real(run_path, batch[:2])
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(reaper_mod, "_delete_batch", two_then_crash)
+    lab.run_pass()
+    monkeypatch.undo()
+    (run / "f04.bin").write_bytes(b"edited while the machine was down")
+    outcomes = lab.run_pass()
+    assert outcomes[0].action == "aborted"
+    job = lab.job(job_id)
+    assert job.state == S.FAILED and job.error_kind == "local_changed_during_cleanup"
+    assert "f04.bin" in job.last_error and "4 of 6 planned files were deleted" in job.last_error  # 2 before the crash, 2 after
+    assert (run / "f04.bin").read_bytes() == b"edited while the machine was down"
+    assert (run / "f05.bin").exists()  # nothing after the stop either
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 0
+
+
+def test_a_plan_whose_job_moved_on_is_dropped_not_carried_out(lab: Lab, monkeypatch):
+    run, job_id = lab.make_run(eligible=True)
+
+    def crash(run_path, batch):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(reaper_mod, "_delete_batch", crash)
+    lab.run_pass()
+    monkeypatch.undo()
+    # The audit loop found the NAS copy bad meanwhile: back to QUEUED for a re-transfer.
+    lab.queue.transition(job_id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=lab.now, detail="audit mismatch")
+    outcomes = lab.run_pass()
+    assert outcomes[0].action == "aborted"
+    assert_nothing_deleted(lab, run)
+    assert lab.queue.events(job_id)[-1].kind == "cleanup_aborted"
+
+
+def test_resumed_plan_waits_while_cleanup_is_disabled(lab: Lab, monkeypatch):
+    run, job_id = lab.make_run(eligible=True)
+    monkeypatch.setattr(reaper_mod, "_delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
+    lab.run_pass()
+    monkeypatch.undo()
+    lab.cleanup(enabled=False)
+    outcomes = lab.run_pass()
+    assert outcomes[0].reason == "deletion paused: cleanup disabled"
+    assert lab.manifest_files_intact(run)
+
+
+# --------------------------------------------------------------------------- record_verified_stat
+
+
+def test_record_verified_stat_keeps_the_first_trusted_stat(lab: Lab):
+    run, job_id = lab.make_run()
+    first = load_verified_stats(lab.queue, job_id)
+    assert all(v.trusted for v in first.values())
+    (run / "image_001.tif").write_bytes(b"edited")  # an audit pass then records again, without re-hashing
+    hashes = {rel: sha(data) for rel, data in DEFAULT_FILES.items()}
+    record_verified_stat(lab.queue, job_id, run, hashes, lab.now)
+    assert load_verified_stats(lab.queue, job_id) == first
+    lab.run_pass()
+    assert lab.job(job_id).last_error == "local file changed: image_001.tif"
+
+
+def test_record_verified_stat_distrusts_files_written_while_hashing(lab: Lab, monkeypatch):
+    monkeypatch.setattr(reaper_mod, "RACE_SLACK_NS", 0)  # the test cannot wait out 2 s of slack
+    run, job_id = lab.make_run()
+    hashing_began = dt.datetime.now(dt.UTC)
+    (run / "image_001.tif").write_bytes(b"A" * 3000)  # rewritten (same bytes) while being hashed
+    hashes = {rel: sha(data) for rel, data in DEFAULT_FILES.items()}
+    with lab.queue.transaction() as conn:
+        conn.execute("DELETE FROM verified_files")
+    record_verified_stat(lab.queue, job_id, run, hashes, lab.now, hashed_since=hashing_began)
+    stats = load_verified_stats(lab.queue, job_id)
+    assert not stats["image_001.tif"].trusted and stats["image_002.tif"].trusted
+    scan = scan_run(run, hashes, stats, verified_at=lab.now - 25 * HOUR)
+    assert scan.check.clean and scan.rehashed == ("image_001.tif",)
+
+
+def test_record_verified_stat_ignores_metadata_and_drops_files_no_longer_verified(lab: Lab):
+    run, job_id = lab.make_run()
+    hashes = {"image_001.tif": sha(DEFAULT_FILES["image_001.tif"]), ".exlab-wizard/creation.json": "0" * 64}
+    record_verified_stat(lab.queue, job_id, run, hashes, lab.now)
+    assert set(load_verified_stats(lab.queue, job_id)) == {"image_001.tif"}
+
+
+def test_without_recorded_stats_every_file_is_rehashed(lab: Lab):
+    run, job_id = lab.make_run()
+    with lab.queue.transaction() as conn:
+        conn.execute("DELETE FROM verified_files")
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "deleted"
+
+
+def test_non_utf8_file_names_round_trip(lab: Lab):
+    name = os.fsdecode(b"scan_\xff.raw")
+    run, job_id = lab.make_run(files={name: b"binary name"})
+    assert [o.action for o in lab.run_pass()] == ["promoted", "deleted"]
+    assert not os.path.lexists(os.path.join(os.fsencode(run), b"scan_\xff.raw"))
+
+
+# --------------------------------------------------------------------------- dry run, events, locking
+
+
+def test_dry_run_reports_and_changes_nothing(lab: Lab):
+    run_ok, ok_id = lab.make_run("Run_ok")
+    run_young, young_id = lab.make_run("Run_young", verified_hours_ago=20)
+    run_added, added_id = lab.make_run("Run_added", eligible=True)
+    (run_added / "new.bin").write_bytes(b"x")
+    before = {p: snapshot(p) for p in (run_ok, run_young, run_added)}
+    events_before = {j: len(lab.queue.events(j)) for j in (ok_id, young_id, added_id)}
+    reaper = lab.reaper()
+    outcomes = {o.job_id: o for o in asyncio.run(reaper.plan(dry_run=True))}
+    assert outcomes[ok_id].action == "would_delete"
+    assert (outcomes[ok_id].files, outcomes[ok_id].bytes) == (4, 10012)
+    assert outcomes[young_id].action == "waiting" and outcomes[young_id].reason == "waiting: 20 h of 24 h"
+    assert outcomes[added_id].action == "would_requeue" and outcomes[added_id].paths == ("new.bin",)
+    assert {p: snapshot(p) for p in before} == before
+    assert {j: len(lab.queue.events(j)) for j in events_before} == events_before
+    assert lab.job(ok_id).state == S.VERIFIED
+
+
+def test_refusals_are_recorded_again_after_a_state_change(lab: Lab):
+    run, job_id = lab.make_run()
+    lab.reachable = False
+    lab.run_pass()
+    lab.run_pass()
+    lab.cleanup(enabled=False)
+    lab.run_pass()
+    lab.cleanup(enabled=True)
+    lab.run_pass()
+    assert lab.refusals(job_id) == ["remote unreachable", "cleanup disabled", "remote unreachable"]
+
+
+def test_a_second_reaper_process_is_kept_out(lab: Lab):
+    run, job_id = lab.make_run()
+    fd = os.open(str(lab.queue.db_path) + ".reaper.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        # flock locks are per open file: a separate open of the same file conflicts, as another process would.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert [o.action for o in lab.run_pass()] == ["busy"]
+    finally:
+        os.close(fd)
+    assert lab.manifest_files_intact(run)
+    assert [o.action for o in lab.run_pass()] == ["promoted", "deleted"]
+
+
+def test_unknown_equipment_refuses_rather_than_deleting_unlogged(lab: Lab):
+    run, job_id = lab.make_run(eligible=True)
+
+    def no_log(equipment_id):
+        raise KeyError(equipment_id)
+
+    reaper = Reaper(lab.queue, lab.config, writer=lab.writer, log_for=no_log,
+                    remote_stat=lambda job: True, now=lambda: lab.now)
+    outcomes = asyncio.run(reaper.run_pass())
+    assert outcomes[0].action == "waiting" and outcomes[0].reason.startswith("equipment log unavailable")
+    assert lab.manifest_files_intact(run)
