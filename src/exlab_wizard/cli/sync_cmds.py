@@ -1,0 +1,218 @@
+"""``enqueue``, ``status``, ``jobs``, ``retry``, ``verify``: the queue from the command line.
+
+They work on the queue database directly, with or without a running ``serve``;
+``enqueue --wait`` runs the workers itself until the runs settle when no other
+process holds the runner lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from exlab_wizard.cli import main
+from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, config_option, console, fail, one_line_errors
+from exlab_wizard.cli.progress import JobProgress, byte_progress
+from exlab_wizard.config import Config
+from exlab_wizard.sync.nas_client import EnqueueError, NASSyncClient, SyncHandleState, client_from_config
+from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+
+__all__ = ["jobs_table", "run_client"]
+
+_STATE_STYLE = {
+    "queued": "cyan", "running": "bold blue", "awaiting_verify": "blue", "verified": "green",
+    "cleanup_eligible": "green", "cleaned": "dim green", "failed": "bold red", "blocked": "yellow",
+}
+
+
+def _ago(when: dt.datetime | None) -> str:
+    if when is None:
+        return ""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
+    table = Table(title=title, show_lines=False)
+    for column in ("job", "equipment", "run", "state", "attempts", "passes", "verified at", "reason / remote"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        state = row.state.value
+        reason = row.last_error if state in ("failed", "queued") and row.last_error else row.remote_path
+        table.add_row(
+            row.id[:8], row.equipment_id, row.run_path, f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            str(row.attempts), str(row.verify_passes), _ago(row.verified_at), reason or "",
+        )
+    return table
+
+
+def run_client(config: Config, body: Any, *, run_workers: bool = False) -> Any:
+    """Run ``await body(client)`` with an initialised client, closing it afterwards."""
+
+    async def _main() -> Any:
+        client = client_from_config(config)
+        await client.init(run_workers=run_workers)
+        try:
+            return await body(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(_main())
+
+
+@main.command("enqueue")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--wait", is_flag=True, help="Sync now and wait until the runs are verified or failed.")
+@config_option
+@one_line_errors
+def enqueue_cmd(paths: tuple[Path, ...], wait: bool, config: Config) -> None:
+    """Queue runs for sync (the Pre-Sync Gate runs first)."""
+    for path in paths:
+        if not path.is_dir():
+            fail(f"{path}: not a folder")
+
+    async def body(client: NASSyncClient) -> int:
+        blocked = False
+        ids = []
+        for path in paths:
+            try:
+                handle = await client.enqueue(path)
+            except EnqueueError as exc:
+                fail(str(exc))
+            if handle.state == SyncHandleState.BLOCKED:
+                blocked = True
+                console.print(f"[yellow]blocked[/] {handle.run_path}")
+                for finding in handle.blocking_findings:
+                    console.print(f"    {finding.rule}: {finding.offending_path} ({finding.matched_token!r})", highlight=False)
+            else:
+                ids.append(handle.job_id)
+                console.print(f"[cyan]queued[/]  {handle.run_path}  job {handle.job_id}", highlight=False)
+        if wait and ids:
+            if not client.runs_workers:
+                fail("another exlab-sync process runs the workers; it will sync these runs (drop --wait)", EXIT_USAGE)
+            with byte_progress(console) as progress:
+                client.add_listener(JobProgress(progress))
+                await _settle(client, ids)
+            rows = [r for r in await client.jobs() if r.id in ids]
+            console.print(jobs_table(rows, "Result"))
+            if any(r.state == SyncJobState.FAILED for r in rows):
+                return EXIT_PROBLEM
+        elif ids and not client.runs_workers and not wait:
+            pass
+        return EXIT_PROBLEM if blocked else EXIT_OK
+
+    raise SystemExit(run_client(config, body, run_workers=wait))
+
+
+async def _settle(client: NASSyncClient, ids: list[str], timeout: float | None = None) -> None:
+    done = {SyncJobState.VERIFIED, SyncJobState.FAILED, SyncJobState.CLEANUP_ELIGIBLE, SyncJobState.CLEANED}
+    while True:
+        rows = {r.id: r for r in await client.jobs()}
+        if all(rows[i].state in done for i in ids if i in rows):
+            return
+        await asyncio.sleep(0.05)
+
+
+@main.command("status")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@config_option
+@one_line_errors
+def status_cmd(path: Path | None, config: Config) -> None:
+    """The state of one run (with its recent events), or a count per state."""
+
+    async def body(client: NASSyncClient) -> int:
+        if path is None:
+            rows = await client.jobs()
+            table = Table(title="Queue")
+            table.add_column("state")
+            table.add_column("jobs", justify="right")
+            for state in SyncJobState:
+                n = sum(1 for r in rows if r.state == state)
+                if n:
+                    table.add_row(f"[{_STATE_STYLE.get(state.value, 'white')}]{state.value}[/]", str(n))
+            console.print(table if rows else "no jobs")
+            return EXIT_OK
+        row = await client.job(Path(os.path.abspath(path)))
+        if row is None:
+            console.print("none")
+            return EXIT_OK
+        console.print(jobs_table([row], "Job"))
+        events = Table(title="Events")
+        for column in ("time", "kind", "from", "to", "detail"):
+            events.add_column(column, overflow="fold")
+        for event in row.events:
+            events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "", event.detail)
+        console.print(events)
+        return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
+
+    raise SystemExit(run_client(config, body))
+
+
+@main.command("jobs")
+@click.option("--state", type=click.Choice([s.value for s in SyncJobState]), default=None)
+@click.option("--equipment", "equipment_id", default=None, help="Only this equipment id.")
+@config_option
+@one_line_errors
+def jobs_cmd(state: str | None, equipment_id: str | None, config: Config) -> None:
+    """List jobs."""
+
+    async def body(client: NASSyncClient) -> int:
+        rows = await client.jobs(state=state, equipment_id=equipment_id)
+        console.print(jobs_table(rows) if rows else "no jobs")
+        return EXIT_OK
+
+    raise SystemExit(run_client(config, body))
+
+
+@main.command("retry")
+@click.argument("job_id")
+@config_option
+@one_line_errors
+def retry_cmd(job_id: str, config: Config) -> None:
+    """Re-arm a FAILED job (a job id or a unique prefix of one)."""
+
+    async def body(client: NASSyncClient) -> int:
+        matches = [r for r in await client.jobs() if r.id.startswith(job_id)]
+        if len(matches) != 1:
+            fail(f"no job matches {job_id!r}" if not matches else f"{job_id!r} matches {len(matches)} jobs; give more of the id")
+        try:
+            row = await client.retry(matches[0].id)
+        except IllegalTransition:
+            fail(f"job {matches[0].id} is {matches[0].state.value}, not failed; only failed jobs can be retried", EXIT_PROBLEM)
+        console.print(f"[cyan]queued[/] {row.run_path} job {row.id}", highlight=False)
+        return EXIT_OK
+
+    raise SystemExit(run_client(config, body))
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@config_option
+@one_line_errors
+def verify_cmd(path: Path, config: Config) -> None:
+    """Re-hash a run and check it against its recorded checksums.sha256."""
+    from exlab_wizard.sync.manifest_format import read_manifest
+    from exlab_wizard.sync.verifier import walk_run
+
+    if read_manifest(path) is None:
+        fail(f"{path} has no .exlab-wizard/checksums.sha256 (not verified yet)", EXIT_PROBLEM)
+    total = sum(os.lstat(path / rel).st_size for rel in walk_run(path))
+
+    async def body(client: NASSyncClient) -> int:
+        with byte_progress(console) as progress:
+            task = progress.add_task(f"verify {path.name}", total=total or None)
+            result = await client.force_verify(path, progress=lambda n: progress.update(task, advance=n))
+        if result.ok:
+            console.print(f"[green]OK[/] {result.checked} files match checksums.sha256")
+            return EXIT_OK
+        for label, items in (("different", result.different), ("missing", result.missing), ("extra", result.extra)):
+            for item in items:
+                console.print(f"[red]{label}[/] {item}", highlight=False)
+        return EXIT_PROBLEM
+
+    raise SystemExit(run_client(config, body))

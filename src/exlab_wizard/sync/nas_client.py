@@ -1,0 +1,878 @@
+"""NAS sync client: the public surface of the sync engine.
+
+Wires the durable queue, the Pre-Sync Gate, the transports, the SHA-256
+verifier, the bandwidth schedule, the audit loop and the cleanup reaper.
+Workers are asyncio tasks in the caller's process; the SQLite queue is the
+durable record, so a restart loses no work.
+
+Usage::
+
+    client = NASSyncClient(config=cfg, queue_db=cfg.queue_db,
+                           validator=Validator(cfg.validator),
+                           cache_creation=CreationWriter())
+    await client.init()
+    handle = await client.enqueue(run_path)
+    ...
+    await client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exlab_wizard.cache import CreationWriter
+from exlab_wizard.config.models import Config, EquipmentConfig
+from exlab_wizard.sync import gate as gate_mod
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.manifest_format import read_manifest
+from exlab_wizard.sync.policy import bandwidth as bw_policy
+from exlab_wizard.sync.policy import retry as retry_policy
+from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
+from exlab_wizard.sync.states import IllegalTransition, SyncHandleState, SyncJobState
+from exlab_wizard.sync.transports import (
+    RemoteManifest,
+    Transport,
+    TransportError,
+    TransportErrorKind,
+    TransportResult,
+    make_transport,
+)
+from exlab_wizard.sync.transports.base import METADATA_DIR
+from exlab_wizard.sync.verifier import Verifier, VerifyResult, compare, hash_tree
+from exlab_wizard.validator import Finding, Validator
+
+__all__ = [
+    "EnqueueError",
+    "client_from_config",
+    "NASSyncClient",
+    "SyncHandleState",
+    "SyncJobHandle",
+    "SyncJobRow",
+    "SyncJobState",
+]
+
+logger = logging.getLogger(__name__)
+
+S = SyncJobState
+PushCallable = Callable[..., Awaitable[TransportResult]]
+HashsumCallable = Callable[[Path], Awaitable[Mapping[str, str]]]
+
+
+class EnqueueError(ValueError):
+    """The path cannot be enqueued (not a folder, not under any equipment)."""
+
+
+@dataclass(frozen=True)
+class SyncJobHandle:
+    """What ``enqueue`` returns.
+
+    ``job_id`` is empty when the gate blocked the run; ``blocking_findings`` is
+    non-empty exactly when ``state == BLOCKED``.
+    """
+
+    job_id: str
+    state: SyncHandleState
+    run_path: Path
+    blocking_findings: tuple[Finding, ...] = ()
+
+
+@dataclass
+class TransferProgress:
+    """Live progress of one job, for progress bars and the dashboard."""
+
+    job_id: str
+    run_path: str
+    phase: str  # "transfer" | "verify"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _run_size(run_path: Path) -> int:
+    total = 0
+    for root, dirs, files in os.walk(run_path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(root, name))
+                if not os.path.islink(os.path.join(root, name)):
+                    total += st.st_size
+    return total
+
+
+def _optional_kwargs(func: Callable[..., Any], **candidates: Any) -> dict[str, Any]:
+    """The keyword arguments beyond ``bwlimit_kibps`` that an injected push accepts."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return candidates
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+def _data_only(hashes: Mapping[str, str]) -> dict[str, str]:
+    prefix = METADATA_DIR + "/"
+    return {k: v for k, v in hashes.items() if not k.startswith(prefix) and k != METADATA_DIR}
+
+
+class NASSyncClient:
+    """Durable, per-equipment NAS sync queue with the Pre-Sync Gate.
+
+    Lifecycle: ``init()`` opens the queue, takes the runner lease when no other
+    process holds it (then recovers in-flight jobs and starts the workers, the
+    audit loop and the cleanup reaper); ``enqueue()`` gates a run and queues
+    it; ``close()`` stops the tasks and closes the queue. Every method is a
+    coroutine.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        queue_db: Path,
+        validator: Validator,
+        cache_creation: CreationWriter,
+        verifier: Verifier | None = None,
+        worker_poll_interval_s: float = 0.05,
+        push_callable_factory: Callable[[EquipmentConfig], Callable[..., Any]] | None = None,
+        hashsum_callable_factory: Callable[[EquipmentConfig], Callable[[Path], Awaitable[dict[str, str]]]] | None = None,
+        remote_stat_callable: Callable[[SyncJobRow], bool] | None = None,
+    ):
+        self.config = config
+        self.queue_db = Path(queue_db)
+        self.validator = validator
+        self.cache = cache_creation
+        self.verifier = verifier or Verifier()
+        self.worker_poll_interval_s = worker_poll_interval_s
+        self._push_factory = push_callable_factory
+        self._hashsum_factory = hashsum_callable_factory
+        self._remote_stat = remote_stat_callable
+        #: The clock; tests may replace it with a callable returning an aware datetime.
+        self.clock: Callable[[], dt.datetime] = _utcnow
+        self._queue: JobQueue | None = None
+        self._lease: RunnerLease | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._inflight: dict[str, asyncio.Task[Any]] = {}  # equipment id -> task
+        self._wake: asyncio.Event | None = None
+        self._transports: dict[str, Transport] = {}
+        self._pushes: dict[str, Callable[..., Any]] = {}
+        self._hashsums: dict[str, Callable[[Path], Awaitable[Any]]] = {}
+        self._logs: dict[str, EquipmentLog] = {}
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.progress: dict[str, TransferProgress] = {}
+        self._reaper: Any = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def runs_workers(self) -> bool:
+        """True when this client holds the runner lease and runs the workers."""
+        return self._lease is not None and self._lease.held
+
+    async def init(self, *, run_workers: bool = True) -> None:
+        """Open the queue; with the lease, recover and start the background tasks.
+
+        ``run_workers=False`` opens the queue for reading and writing rows only
+        (the CLI beside a running ``serve``).
+        """
+        self.queue_db.parent.mkdir(parents=True, exist_ok=True)
+        self._queue = JobQueue(self.queue_db)
+        self._wake = asyncio.Event()
+        if not run_workers:
+            return
+        lease = RunnerLease(self.queue_db.with_name(self.queue_db.name + ".lease"))
+        if not lease.acquire():
+            logger.info("another process runs the workers for %s", self.queue_db)
+            return
+        self._lease = lease
+        now = self.clock()
+        to_verify = self._queue.recover(now=now)
+        for job in to_verify:
+            equipment = self._equipment(job)
+            if equipment is not None and job.equipment_id not in self._inflight:
+                self._inflight[job.equipment_id] = asyncio.create_task(
+                    self._guarded(job, self._verify_job(job, equipment, local_hashes=None)),
+                    name=f"verify-{job.id}",
+                )
+        self._reaper = self._make_reaper()
+        if self.config.sync.enabled:
+            self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="sync-dispatch"))
+        self._tasks.append(asyncio.create_task(self._audit_loop(), name="sync-audit"))
+        if self._reaper is not None:
+            self._tasks.append(asyncio.create_task(self._reaper_loop(), name="sync-reaper"))
+
+    async def close(self) -> None:
+        """Stop every task (an interrupted job is recovered at the next init) and close the queue."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._tasks) + list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._inflight.clear()
+        if self._lease is not None:
+            self._lease.release()
+        if self._queue is not None:
+            self._queue.close()
+
+    async def __aenter__(self) -> "NASSyncClient":
+        await self.init()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ public API
+
+    async def enqueue(self, run_path: Path) -> SyncJobHandle:
+        """Run the Pre-Sync Gate; queue the run unless the gate blocks it.
+
+        A run has one job for life: enqueuing again returns the same job id and
+        re-arms the job only when it is FAILED. Raises :class:`EnqueueError`
+        for a path that is not a run folder under a configured equipment.
+        """
+        queue = self._require_queue()
+        run = Path(os.path.abspath(run_path))
+        equipment = self.config.equipment_for_run(run)
+        if equipment is None:
+            raise EnqueueError(f"{run} is not under any configured equipment's <local_root>/<id>")
+        if not run.is_dir() or run.is_symlink():
+            raise EnqueueError(f"{run} is not a run folder")
+        result = await asyncio.to_thread(gate_mod.check_run, run, validator=self.validator, writer=self.cache)
+        if not result.eligible:
+            self._log(equipment).warning(
+                run, "gate_blocked", rules=",".join(sorted({f.rule for f in result.blocking}))
+            )
+            return SyncJobHandle("", SyncHandleState.BLOCKED, run, tuple(result.blocking))
+        transport = self._transport(equipment)
+        remote = transport.remote_run_path(run)
+        await asyncio.to_thread(self._ensure_creation, run, remote)
+        now = self.clock()
+        job, created = queue.get_or_create(str(run), equipment.id, remote, now=now)
+        if not created and job.state == S.FAILED:
+            job = queue.transition(
+                job.id, S.FAILED, S.QUEUED, now=now, detail="re-armed by enqueue",
+                attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None,
+            )
+        if created:
+            self._log(equipment).info(run, "enqueued", job=job.id)
+        self._notify({"type": "state", "job_id": job.id, "run_path": str(run), "state": job.state.value})
+        self._kick()
+        return SyncJobHandle(job.id, SyncHandleState.QUEUED, run, ())
+
+    async def status(self, run_path: Path) -> str:
+        """``"none"`` when the run has no job, else its :class:`SyncJobState` value."""
+        job = self._require_queue().by_run(str(Path(os.path.abspath(run_path))))
+        return "none" if job is None else job.state.value
+
+    async def force_verify(self, run_path: Path, *, progress: Callable[[int], None] | None = None) -> VerifyResult:
+        """Re-hash the local run and check it against its recorded ``checksums.sha256``.
+
+        Detects local bit rot or edits; changes no queue state.
+        """
+        return await self.verifier.verify_local_against_manifest(Path(run_path), progress=progress)
+
+    async def retry(self, job_id: str) -> SyncJobRow:
+        """Re-arm a FAILED job (``FAILED -> QUEUED``); raises ``IllegalTransition`` otherwise."""
+        queue = self._require_queue()
+        job = queue.get(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        job = queue.transition(
+            job.id, S.FAILED, S.QUEUED, now=self.clock(), detail="retry requested",
+            attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None,
+        )
+        self._kick()
+        return job
+
+    async def jobs(self, state: SyncJobState | str | None = None, equipment_id: str | None = None) -> list[SyncJobRow]:
+        """Job rows, oldest first, optionally filtered."""
+        return self._require_queue().list_jobs(
+            state=SyncJobState(state) if state is not None else None, equipment_id=equipment_id
+        )
+
+    async def job(self, run_path: Path | str) -> SyncJobRow | None:
+        """One job (by run path or job id) with its recent events, oldest first."""
+        key = str(run_path)
+        if os.sep in key:
+            key = str(Path(os.path.abspath(key)))
+        return self._require_queue().job_with_events(key)
+
+    def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Receive progress and state events (dicts with a ``type`` key)."""
+        self._listeners.append(callback)
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until no job is in flight and no QUEUED job is due (tests, demo, CLI --wait)."""
+
+        async def _idle() -> None:
+            while True:
+                queue = self._require_queue()
+                due = queue.next_due(self.clock())
+                if not self._inflight and due is None:
+                    return
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(_idle(), timeout)
+
+    async def audit_once(self) -> None:
+        """Re-verify every VERIFIED or CLEANUP_ELIGIBLE job that is due (one audit pass)."""
+        await self._audit_pass(force=True)
+
+    async def cleanup_once(self, *, dry_run: bool = False) -> list[Any]:
+        """One reaper pass (or its plan with ``dry_run``)."""
+        reaper = self._reaper or self._make_reaper()
+        if reaper is None:
+            return []
+        if dry_run:
+            return await reaper.plan(dry_run=True)
+        return await reaper.run_pass()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _require_queue(self) -> JobQueue:
+        if self._queue is None:
+            raise RuntimeError("NASSyncClient.init() has not been awaited")
+        return self._queue
+
+    def _equipment(self, job: SyncJobRow) -> EquipmentConfig | None:
+        try:
+            return self.config.equipment_by_id(job.equipment_id)
+        except KeyError:
+            return None
+
+    def _log(self, equipment: EquipmentConfig) -> EquipmentLog:
+        log = self._logs.get(equipment.id)
+        if log is None:
+            log = self._logs[equipment.id] = EquipmentLog(equipment)
+        return log
+
+    def _log_for_id(self, equipment_id: str) -> EquipmentLog:
+        return self._log(self.config.equipment_by_id(equipment_id))
+
+    def _transport(self, equipment: EquipmentConfig) -> Transport:
+        transport = self._transports.get(equipment.id)
+        if transport is None:
+            transport = self._transports[equipment.id] = make_transport(
+                equipment, log=self._log(equipment),
+                verify_max_stream_bytes=self.config.sync.verify_max_stream_bytes,
+            )
+        return transport
+
+    def _push(self, equipment: EquipmentConfig) -> Callable[..., Any] | None:
+        if self._push_factory is None:
+            return None
+        if equipment.id not in self._pushes:
+            self._pushes[equipment.id] = self._push_factory(equipment)
+        return self._pushes[equipment.id]
+
+    def _hashsum(self, equipment: EquipmentConfig) -> Callable[[Path], Awaitable[Any]]:
+        if equipment.id not in self._hashsums:
+            if self._hashsum_factory is not None:
+                self._hashsums[equipment.id] = self._hashsum_factory(equipment)
+            else:
+                self._hashsums[equipment.id] = self._transport(equipment).remote_manifest
+        return self._hashsums[equipment.id]
+
+    async def _reachable(self, job: SyncJobRow) -> bool:
+        try:
+            if self._remote_stat is not None:
+                answer = self._remote_stat(job)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+                return bool(answer)
+            equipment = self._equipment(job)
+            if equipment is None:
+                return False
+            return bool(await self._transport(equipment).reachable(Path(job.run_path)))
+        except Exception as exc:  # a probe that fails means "not reachable"
+            logger.warning("remote stat failed for %s: %s", job.run_path, exc)
+            return False
+
+    def _ensure_creation(self, run: Path, remote: str) -> None:
+        creation = self.cache.ensure_minimal(run, local_path=str(run), nas_path=remote)
+        if creation.sync_status == "blocked_by_validation":
+            self.cache.set_sync_status(run, "pending")
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(event)
+            except Exception:  # a broken listener never stops a transfer
+                logger.exception("progress listener failed")
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _progress_cb(self, job: SyncJobRow, phase: str, total: int) -> Callable[[int], None]:
+        loop = asyncio.get_running_loop()
+        state = TransferProgress(job.id, job.run_path, phase, 0, total)
+        self.progress[job.id] = state
+
+        def on_bytes(delta: int) -> None:
+            state.bytes_done += delta
+            event = {
+                "type": "progress", "job_id": job.id, "run_path": job.run_path, "phase": phase,
+                "bytes": state.bytes_done, "total": state.bytes_total, "delta": delta,
+            }
+            try:
+                loop.call_soon_threadsafe(self._notify, event)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+        return on_bytes
+
+    # ------------------------------------------------------------------ workers
+
+    async def _dispatch_loop(self) -> None:
+        """Start due jobs: one per equipment, ``max_parallel_jobs`` overall."""
+        assert self._wake is not None
+        queue = self._require_queue()
+        limit = self.config.sync.max_parallel_jobs
+        while True:
+            self._wake.clear()
+            for equipment_id, task in list(self._inflight.items()):
+                if task.done():
+                    del self._inflight[equipment_id]
+            while len(self._inflight) < limit:
+                job = queue.next_due(self.clock(), busy_equipment=set(self._inflight))
+                if job is None:
+                    break
+                equipment = self._equipment(job)
+                if equipment is None:
+                    queue.transition(
+                        job.id, S.QUEUED, S.FAILED, now=self.clock(),
+                        detail=f"equipment {job.equipment_id} is no longer configured",
+                        error_kind="unknown", last_error=f"equipment {job.equipment_id} is no longer configured",
+                    )
+                    continue
+                task = asyncio.create_task(self._guarded(job, self._run_job(job, equipment)), name=f"job-{job.id}")
+                task.add_done_callback(lambda _t: self._kick())
+                self._inflight[equipment.id] = task
+            timeout = self.worker_poll_interval_s
+            wakeup = queue.next_wakeup(self.clock())
+            if wakeup is not None:
+                timeout = max(0.0, min(timeout, (wakeup - self.clock()).total_seconds()))
+            # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
+            # that races its timeout, and close() would then wait forever.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=max(timeout, 0.001))
+            finally:
+                waiter.cancel()
+
+    async def _guarded(self, job: SyncJobRow, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except IllegalTransition as exc:  # another process moved the job: its move stands
+            logger.warning("job %s: %s", job.id, exc)
+        except Exception:
+            logger.exception("job %s crashed", job.id)
+        finally:
+            self.progress.pop(job.id, None)
+
+    async def _run_job(self, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+        queue = self._require_queue()
+        run = Path(job.run_path)
+        log = self._log(equipment)
+        if not run.is_dir() or run.is_symlink():
+            self._fail(job, S.QUEUED, TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} is gone")
+            return
+        result = await asyncio.to_thread(gate_mod.check_run, run, validator=self.validator, writer=self.cache)
+        if not result.eligible:
+            rules = ",".join(sorted({f.rule for f in result.blocking}))
+            detail = f"held by the gate: {rules}"
+            last = queue.events(job.id, limit=1)
+            if not last or last[-1].detail != detail:
+                queue.record_event(job.id, "gate_hold", detail, now=self.clock())
+                log.warning(run, "gate_hold", rules=rules)
+            queue.update(
+                job.id, S.QUEUED, now=self.clock(),
+                next_attempt_at=self.clock() + dt.timedelta(seconds=self.config.sync.scan_interval_s),
+            )
+            return
+        now = self.clock()
+        job = queue.transition(
+            job.id, S.QUEUED, S.RUNNING, now=now, detail=f"transfer attempt {job.attempts + 1}",
+            overrides_relied_on=tuple(result.overrides_relied_on),
+        )
+        self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+        await asyncio.to_thread(self._mark_pending, run, job.remote_path)
+        limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
+        log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
+        push = self._push(equipment)
+        transport = self._transport(equipment)
+        hashes_in_pass = push is None and transport.capabilities.hashes_while_sending
+        total = await asyncio.to_thread(_run_size, run)
+        on_bytes = self._progress_cb(job, "transfer", total)
+        local_task: asyncio.Task[dict[str, str]] | None = None
+        if not hashes_in_pass:
+            # Hash the local run while the transfer runs: one overlapped read pass.
+            local_task = asyncio.create_task(self.verifier.hash_local(run))
+        try:
+            if push is not None:
+                outcome = push(run, bwlimit_kibps=limit, **_optional_kwargs(
+                    push, rewrite=frozenset(job.rewrite_paths), progress=on_bytes))
+                if inspect.isawaitable(outcome):
+                    outcome = await outcome
+            else:
+                outcome = await transport.push(
+                    run, bwlimit_kibps=limit, rewrite=frozenset(job.rewrite_paths), progress=on_bytes
+                )
+            if not isinstance(outcome, TransportResult):
+                raise TransportError(TransportErrorKind.UNKNOWN, f"push returned {type(outcome).__name__}, not a TransportResult")
+            if not outcome.ok:
+                raise TransportError(outcome.error_kind or TransportErrorKind.UNKNOWN, outcome.message or "push failed")
+            local_hashes = dict(outcome.local_hashes) if hashes_in_pass and outcome.local_hashes is not None else None
+            if local_hashes is None:
+                if local_task is None:
+                    local_task = asyncio.create_task(self.verifier.hash_local(run))
+                local_hashes = await local_task
+        except TransportError as exc:
+            await self._cancel(local_task)
+            self._retry_or_fail(job, S.RUNNING, exc.kind, exc.message)
+            return
+        except asyncio.CancelledError:
+            await self._cancel(local_task)
+            raise
+        except Exception as exc:
+            await self._cancel(local_task)
+            self._retry_or_fail(job, S.RUNNING, TransportErrorKind.UNKNOWN, f"{type(exc).__name__}: {exc}")
+            return
+        log.info(run, "transfer_done", job=job.id, files=outcome.files_sent, bytes=outcome.bytes_sent)
+        job = queue.transition(
+            job.id, S.RUNNING, S.AWAITING_VERIFY, now=self.clock(),
+            detail=f"sent {outcome.files_sent} files, {outcome.bytes_sent} bytes",
+        )
+        self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+        await self._verify_job(job, equipment, local_hashes=_data_only(local_hashes))
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[Any] | None) -> None:
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _mark_pending(self, run: Path, remote: str) -> None:
+        creation = self.cache.ensure_minimal(run, local_path=str(run), nas_path=remote)
+        if creation.sync_status != "pending":
+            self.cache.set_sync_status(run, "pending")
+
+    async def _remote_manifest(self, equipment: EquipmentConfig, run: Path) -> RemoteManifest:
+        answer = await self._hashsum(equipment)(run)
+        if isinstance(answer, RemoteManifest):
+            return answer
+        if not isinstance(answer, Mapping):
+            raise TransportError(TransportErrorKind.UNKNOWN, f"hashsum returned {type(answer).__name__}, not a mapping")
+        return RemoteManifest(hashes={str(k): str(v).lower() for k, v in answer.items()})
+
+    async def _verify_job(
+        self, job: SyncJobRow, equipment: EquipmentConfig, *, local_hashes: dict[str, str] | None
+    ) -> None:
+        """AWAITING_VERIFY -> VERIFIED, or back through the retry policy."""
+        queue = self._require_queue()
+        run = Path(job.run_path)
+        log = self._log(equipment)
+        try:
+            if local_hashes is None:
+                local_hashes = _data_only(await self.verifier.hash_local(run))
+            vanished = [p for p in sorted(local_hashes) if not os.path.lexists(run / p)]
+            if vanished:
+                self._fail(job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED,
+                           f"local file vanished between transfer and verify: {vanished[0]}"
+                           + (f" (+{len(vanished) - 1} more)" if len(vanished) > 1 else ""))
+                return
+            self._progress_cb(job, "verify", 0)
+            remote = await self._remote_manifest(equipment, run)
+        except TransportError as exc:
+            self._retry_or_fail(job, S.AWAITING_VERIFY, exc.kind, f"verify: {exc.message}")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._retry_or_fail(job, S.AWAITING_VERIFY, TransportErrorKind.UNKNOWN, f"verify: {type(exc).__name__}: {exc}")
+            return
+        outcome = compare(local_hashes, remote)
+        if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
+            self._fail(job, S.AWAITING_VERIFY, "verify_skipped_oversize",
+                       f"{len(outcome.unverifiable)} file(s) could not be hashed remotely "
+                       f"(larger than verify_max_stream_bytes): {outcome.unverifiable[0]}")
+            return
+        if outcome.extra and not (outcome.different or outcome.missing):
+            # The push checked that the remote folder held nothing foreign, so a
+            # file there that is not local any more was ours and vanished since.
+            self._fail(job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED,
+                       f"local file vanished between transfer and verify: {outcome.extra[0]}"
+                       + (f" (+{len(outcome.extra) - 1} more)" if len(outcome.extra) > 1 else ""))
+            return
+        if not outcome.ok:
+            bad = list(outcome.different) + list(outcome.missing)
+            summary = (
+                f"hash mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
+                f"{len(outcome.extra)} extra" + (f"; first: {(bad or list(outcome.extra))[0]}" if (bad or outcome.extra) else "")
+            )
+            log.error(run, "verify_mismatch", job=job.id, different=len(outcome.different),
+                      missing=len(outcome.missing), extra=len(outcome.extra))
+            self._retry_or_fail(job, S.AWAITING_VERIFY, TransportErrorKind.HASH_MISMATCH, summary, rewrite=tuple(bad))
+            return
+        digest = await asyncio.to_thread(self.verifier.write_manifest, run, local_hashes)
+        await asyncio.to_thread(self._mark_synced, run, job.remote_path)
+        now = self.clock()
+        job = queue.transition(
+            job.id, S.AWAITING_VERIFY, S.VERIFIED, now=now,
+            detail=f"verified {outcome.checked} files, manifest {digest[:12]}",
+            verify_passes=1, verified_at=now, last_verify_at=now, pass_times=(now,),
+            manifest_digest=digest, attempts=0, mismatch_count=0, rewrite_paths=(),
+            error_kind=None, last_error=None, next_attempt_at=None,
+        )
+        self._record_verified_stat(job, run, local_hashes, now)
+        log.info(run, "verified", job=job.id, files=outcome.checked, manifest_digest=digest)
+        self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+        await self._push_metadata(job, equipment)
+
+    def _record_verified_stat(self, job: SyncJobRow, run: Path, hashes: Mapping[str, str], now: dt.datetime) -> None:
+        try:
+            from exlab_wizard.sync.reaper import record_verified_stat
+        except ImportError:  # the reaper is optional in a minimal build
+            return
+        record_verified_stat(self._require_queue(), job.id, run, hashes, now)
+
+    def _mark_synced(self, run: Path, remote: str) -> None:
+        def mutate(raw: dict[str, Any]) -> None:
+            raw["sync_status"] = "synced"
+            paths = raw.setdefault("paths", {})
+            if isinstance(paths, dict):
+                paths["nas"] = remote
+
+        self.cache.update(run, mutate)
+
+    async def _push_metadata(self, job: SyncJobRow, equipment: EquipmentConfig) -> bool:
+        """Send the refreshed ``.exlab-wizard/`` (data files are unchanged, so resume skips them)."""
+        run = Path(job.run_path)
+        try:
+            push = self._push(equipment)
+            if push is not None:
+                outcome = push(run, bwlimit_kibps=None)
+                if inspect.isawaitable(outcome):
+                    outcome = await outcome
+            else:
+                limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
+                outcome = await self._transport(equipment).push(run, bwlimit_kibps=limit)
+            if not getattr(outcome, "ok", False):
+                raise TransportError(TransportErrorKind.UNKNOWN, getattr(outcome, "message", "metadata push failed"))
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._require_queue().record_event(job.id, "note", f"metadata push failed: {exc}", now=self.clock())
+            self._log(equipment).warning(run, "metadata_push_failed", job=job.id, error=str(exc))
+            return False
+
+    def _retry_or_fail(
+        self, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
+        *, rewrite: tuple[str, ...] = (),
+    ) -> None:
+        queue = self._require_queue()
+        kind_value = str(getattr(kind, "value", kind))
+        mismatch = job.mismatch_count + (1 if kind_value == TransportErrorKind.HASH_MISMATCH else 0)
+        attempts = job.attempts + 1
+        now = self.clock()
+        decision = retry_policy.decide(
+            kind_value, attempts=attempts, mismatch_count=mismatch,
+            backoff_s=self.config.sync.backoff_s, now=now, message=message,
+        )
+        equipment = self._equipment(job)
+        if decision.action == "retry":
+            job = queue.transition(
+                job.id, from_state, S.QUEUED, now=now, detail=decision.reason,
+                attempts=attempts, mismatch_count=mismatch, next_attempt_at=decision.next_attempt_at,
+                error_kind=decision.error_kind, last_error=decision.reason,
+                rewrite_paths=rewrite if decision.rewrite else job.rewrite_paths,
+            )
+            if equipment is not None:
+                self._log(equipment).warning(job.run_path, "retry_scheduled", job=job.id, kind=kind_value, reason=decision.reason)
+        else:
+            self._fail(job, from_state, decision.error_kind, decision.reason, attempts=attempts, mismatch=mismatch)
+            return
+        self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+
+    def _fail(
+        self, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
+        *, attempts: int | None = None, mismatch: int | None = None,
+    ) -> None:
+        queue = self._require_queue()
+        kind_value = str(getattr(kind, "value", kind))
+        fields: dict[str, Any] = {"error_kind": kind_value, "last_error": message, "next_attempt_at": None}
+        if attempts is not None:
+            fields["attempts"] = attempts
+        if mismatch is not None:
+            fields["mismatch_count"] = mismatch
+        job = queue.transition(job.id, from_state, S.FAILED, now=self.clock(), detail=message, **fields)
+        run = Path(job.run_path)
+        with contextlib.suppress(Exception):
+            if run.is_dir():
+                self.cache.set_sync_status(run, "failed")
+        equipment = self._equipment(job)
+        if equipment is not None:
+            self._log(equipment).error(run, "failed", job=job.id, kind=kind_value, reason=message)
+        self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+
+    # ------------------------------------------------------------------ audit loop
+
+    async def _audit_loop(self) -> None:
+        interval = self.config.sync.audit_interval_s
+        while True:
+            await asyncio.sleep(min(interval, max(self.config.sync.scan_interval_s, 0.05)))
+            try:
+                await self._audit_pass(force=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("audit pass failed")
+
+    async def _audit_pass(self, *, force: bool) -> None:
+        queue = self._require_queue()
+        interval = dt.timedelta(seconds=self.config.sync.audit_interval_s)
+        for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+            for job in queue.list_jobs(state=state):
+                equipment = self._equipment(job)
+                if equipment is None or job.equipment_id in self._inflight:
+                    continue
+                now = self.clock()
+                if not force and job.last_verify_at is not None and now - job.last_verify_at < interval:
+                    continue
+                if bw_policy.limit_kibps(equipment.transport.bandwidth, now) is not None and not force:
+                    continue  # never audit while a bandwidth window limits this equipment
+                await self._audit_job(job, equipment)
+
+    async def _audit_job(self, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+        """Re-verify the NAS copy against the recorded manifest; add a pass or send it back."""
+        queue = self._require_queue()
+        run = Path(job.run_path)
+        log = self._log(equipment)
+        if not await self._reachable(job):
+            queue.record_event(job.id, "audit_skipped", "remote unreachable", now=self.clock())
+            return
+        recorded = await asyncio.to_thread(read_manifest, run)
+        if recorded is None:
+            recorded = {}
+        try:
+            remote = await self._remote_manifest(equipment, run)
+        except TransportError as exc:
+            if exc.kind in (TransportErrorKind.NETWORK, TransportErrorKind.UNKNOWN):
+                queue.record_event(job.id, "audit_skipped", f"remote unreachable: {exc.message}", now=self.clock())
+                return
+            self._audit_failed(job, exc.kind, f"audit: {exc.message}")
+            return
+        outcome = compare(_data_only(recorded), remote)
+        now = self.clock()
+        if outcome.ok and recorded:
+            fresh = queue.get(job.id)
+            if fresh is None or fresh.state != job.state:
+                return
+            queue.update(
+                job.id, job.state, now=now, event_kind="verify_pass",
+                detail=f"audit pass {fresh.verify_passes + 1}: {outcome.checked} files match",
+                verify_passes=fresh.verify_passes + 1, last_verify_at=now,
+                pass_times=tuple(fresh.pass_times) + (now,),
+            )
+            log.info(run, "audit_pass", job=job.id, verify_passes=fresh.verify_passes + 1)
+            return
+        bad = tuple(outcome.different) + tuple(outcome.missing)
+        reason = (
+            "audit: no recorded manifest" if not recorded else
+            f"audit mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
+            f"{len(outcome.unverifiable)} unverifiable"
+        )
+        log.error(run, "audit_failed", job=job.id, reason=reason)
+        self._audit_failed(job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
+
+    def _audit_failed(self, job: SyncJobRow, kind: TransportErrorKind | str, reason: str, *, rewrite: tuple[str, ...] = ()) -> None:
+        """A failed re-verification: back to QUEUED for a re-transfer (or FAILED by the policy)."""
+        queue = self._require_queue()
+        kind_value = str(getattr(kind, "value", kind))
+        now = self.clock()
+        if kind_value == TransportErrorKind.HASH_MISMATCH:
+            queue.transition(
+                job.id, job.state, S.QUEUED, now=now, detail=reason,
+                attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=kind_value, last_error=reason,
+                rewrite_paths=rewrite, verify_passes=0, verified_at=None, pass_times=(),
+            )
+            self._kick()
+        else:
+            self._fail(job, job.state, kind_value, reason)
+
+    # ------------------------------------------------------------------ cleanup reaper
+
+    def _make_reaper(self) -> Any:
+        try:
+            from exlab_wizard.sync.reaper import Reaper
+        except ImportError:
+            return None
+        return Reaper(
+            self._require_queue(), self.config, writer=self.cache,
+            remote_stat=self._reachable, log_for=self._log_for_id,
+            push_metadata=self._reaper_push_metadata, now=lambda: self.clock(),
+        )
+
+    async def _reaper_push_metadata(self, job: SyncJobRow) -> bool:
+        """The final metadata push before the cache goes, verified against the NAS."""
+        equipment = self._equipment(job)
+        if equipment is None:
+            return False
+        if not await self._push_metadata(job, equipment):
+            return False
+        try:
+            remote = await self._remote_manifest(equipment, Path(job.run_path))
+        except Exception:
+            return False
+        everything = await asyncio.to_thread(hash_tree, Path(job.run_path), include_metadata=True)
+        prefix = METADATA_DIR + "/"
+        meta_local = {k: v for k, v in everything.items() if k.startswith(prefix)}
+        return all(remote.hashes.get(k) == v for k, v in meta_local.items())
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync.scan_interval_s)
+            try:
+                await self._reaper.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("cleanup pass failed")
+
+
+def client_from_config(config: Config, **overrides: Any) -> NASSyncClient:
+    """A client wired with the real validator, creation.json writer and verifier."""
+    from exlab_wizard.validator import Validator as _Validator
+
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "queue_db": config.queue_db,
+        "validator": _Validator(config.validator),
+        "cache_creation": CreationWriter(),
+    }
+    kwargs.update(overrides)
+    return NASSyncClient(**kwargs)
