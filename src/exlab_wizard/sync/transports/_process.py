@@ -1,0 +1,211 @@
+"""Running the external tools of the network transports (ssh, rsync, rclone).
+
+One place that starts a tool in its own process group, streams its output to
+callbacks, stops it on a deadline or on request (a bandwidth window edge), kills
+the whole group when the caller is cancelled, and writes what ran and how it
+ended to the equipment log. Also the local listing of a run that both network
+transports compare against the remote before writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exlab_wizard.sync.equipment_log import EquipmentLog
+
+__all__ = [
+    "LocalTree",
+    "ToolResult",
+    "local_tree",
+    "run_tool",
+    "tail",
+]
+
+#: How much of a tool's stderr goes into one equipment-log line.
+LOG_STDERR_CHARS = 4000
+#: Seconds between SIGTERM and SIGKILL when stopping a tool.
+TERM_GRACE_S = 3.0
+
+
+@dataclass
+class ToolResult:
+    """How one run of an external tool ended."""
+
+    argv: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+    #: stopped by us (deadline or stop request), not ended on its own
+    stopped: bool = False
+    timed_out: bool = False
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.stopped
+
+
+def tail(text: str, limit: int = LOG_STDERR_CHARS) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
+    # The tool runs in its own session: its process group id is its pid, so
+    # this reaches the tool and its children (rsync's ssh) and nothing else.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), TERM_GRACE_S)
+    except asyncio.TimeoutError:
+        _signal_group(proc, signal.SIGKILL)
+        await proc.wait()
+
+
+async def _pump(stream: asyncio.StreamReader | None, sink: bytearray, callback: Callable[[bytes], None] | None) -> None:
+    if stream is None:
+        return
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return
+        sink += chunk
+        if callback is not None:
+            callback(chunk)
+
+
+async def run_tool(
+    argv: Sequence[str],
+    *,
+    stdin: bytes | None = None,
+    timeout: float | None = None,
+    stop_after: float | None = None,
+    on_stdout: Callable[[bytes], None] | None = None,
+    on_stderr: Callable[[bytes], None] | None = None,
+    log: EquipmentLog | None = None,
+    run_path: object = None,
+    step: str = "",
+    env: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> ToolResult:
+    """Run ``argv`` to completion and return its exit code and output.
+
+    ``timeout``: seconds after which the tool is killed and the result marked
+    ``timed_out`` (a hung network). ``stop_after``: seconds after which the
+    tool is stopped on purpose (``stopped``), e.g. at a bandwidth window edge.
+    Cancelling the caller kills the tool's whole process group before the
+    cancellation propagates. Never raises for a failing tool: the caller
+    classifies the result. ``quiet`` logs only failures.
+    """
+    argv = [str(a) for a in argv]
+    tool = os.path.basename(argv[0])
+    if log is not None and not quiet:
+        log.info(run_path, "tool_start", tool=tool, step=step, argv=shlex.join(argv))
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+    )
+    out, err = bytearray(), bytearray()
+    stopped = timed_out = False
+    pumps: asyncio.Future | None = None
+    try:
+        if stdin is not None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the tool exited early; its exit code tells why
+            finally:
+                proc.stdin.close()
+        pumps = asyncio.gather(_pump(proc.stdout, out, on_stdout), _pump(proc.stderr, err, on_stderr))
+        limits = [t for t in (timeout, stop_after) if t is not None]
+        try:
+            await asyncio.wait_for(asyncio.shield(pumps), min(limits) if limits else None)
+        except asyncio.TimeoutError:
+            if stop_after is not None and (timeout is None or stop_after <= timeout):
+                stopped = True
+            else:
+                timed_out = stopped = True
+            await _stop(proc)
+        await pumps
+        await proc.wait()
+    except BaseException:
+        await asyncio.shield(_stop(proc))
+        if pumps is not None:
+            pumps.cancel()
+            with contextlib.suppress(BaseException):
+                await pumps
+        raise
+    result = ToolResult(argv, proc.returncode if proc.returncode is not None else -1, bytes(out), bytes(err),
+                        time.monotonic() - started, stopped, timed_out)  # fmt: skip
+    if log is not None and (not quiet or result.returncode != 0):
+        fields: dict[str, object] = {"tool": tool, "step": step, "rc": result.returncode,
+                                     "seconds": f"{result.seconds:.2f}"}  # fmt: skip
+        if stopped:
+            fields["stopped"] = "timeout" if timed_out else "window_edge"
+        if result.stderr.strip():
+            fields["stderr"] = tail(result.stderr_text)
+        level = "INFO" if result.returncode == 0 or (stopped and not timed_out) else "WARNING"
+        log.write(level, run_path, "tool_exit", **fields)
+    return result
+
+
+@dataclass
+class LocalTree:
+    """The regular files and folders of a local run, as relative POSIX paths."""
+
+    files: dict[str, int] = field(default_factory=dict)  # path -> size
+    dirs: set[str] = field(default_factory=set)
+    skipped: list[str] = field(default_factory=list)  # symlinks and other non-regular entries
+
+
+def local_tree(run_path: Path) -> LocalTree:
+    """List a run without following symlinks (they are never copied)."""
+    tree = LocalTree()
+    root = os.fspath(run_path)
+    for folder, dirnames, filenames in os.walk(root, followlinks=False):
+        rel_folder = os.path.relpath(folder, root)
+        prefix = "" if rel_folder == "." else rel_folder.replace(os.sep, "/") + "/"
+        kept = []
+        for name in dirnames:
+            if os.path.islink(os.path.join(folder, name)):
+                tree.skipped.append(prefix + name)
+            else:
+                kept.append(name)
+                tree.dirs.add(prefix + name)
+        dirnames[:] = kept
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                tree.files[prefix + name] = st.st_size
+            else:
+                tree.skipped.append(prefix + name)
+    return tree

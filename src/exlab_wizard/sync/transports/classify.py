@@ -1,0 +1,134 @@
+"""Why ssh, rsync or rclone failed: one table from exit code and stderr to a kind.
+
+Rules are tried in order; the first that matches the tool, the exit code (when
+the rule names codes) and a line of stderr (when the rule has a pattern) wins.
+Exit codes decide where they are unambiguous (rclone 5 is temporary); the
+message decides where they are not (ssh and rsync return 255 for a refused key
+and for a dead network alike, rsync 23 covers a read-only folder and a vanished
+source file). Every pattern was read from the real tool's output; the samples
+live in ``tests/transports/test_classify.py``.
+
+    >>> classify("rsync", 255, "user@nas: Permission denied (publickey).").kind
+    <TransportErrorKind.AUTH: 'auth'>
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+
+__all__ = ["REFUSES_RSYNC", "RULES", "Classification", "Rule", "classify", "transport_error"]
+
+K = TransportErrorKind
+SSH_FAMILY = frozenset({"ssh", "rsync"})  # rsync over ssh prints ssh's own messages
+ALL = frozenset({"ssh", "rsync", "rclone"})
+RCLONE = frozenset({"rclone"})
+RSYNC = frozenset({"rsync"})
+#: ``Rule.why`` of an account that may log in but not run rsync (sftp-only)
+REFUSES_RSYNC = "account may not run rsync"
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: TransportErrorKind
+    tools: frozenset[str]
+    codes: frozenset[int] | None = None  # None: any non-zero exit code
+    pattern: re.Pattern[str] | None = None  # None: any message
+    why: str = ""
+
+
+def _rule(kind, tools, codes=None, pattern=None, why=""):
+    return Rule(kind, frozenset(tools), frozenset(codes) if codes is not None else None,
+                re.compile(pattern, re.IGNORECASE) if pattern else None, why)  # fmt: skip
+
+
+RULES: tuple[Rule, ...] = (
+    # rclone's own exit codes first: 5 is "temporary, retry later".
+    _rule(K.NETWORK, RCLONE, {5}, None, "rclone: temporary error"),
+    # -- refused identity or host key (FAILED at once) --
+    _rule(K.AUTH, SSH_FAMILY, None, r"Permission denied \((publickey|password|keyboard|gssapi)", "key refused"),
+    _rule(K.AUTH, SSH_FAMILY, None,
+          r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|No \S+ host key is known"
+          r"|Too many authentication failures", "host key or identity"),  # fmt: skip
+    _rule(K.AUTH, SSH_FAMILY, None,
+          r"allows sftp connections only|protocol version mismatch -- is your shell clean"
+          r"|SSH_ORIGINAL_COMMAND does not run rsync", REFUSES_RSYNC),  # fmt: skip
+    _rule(K.AUTH, SSH_FAMILY, None, r"rrsync error: option .* has been disabled", "rsync option refused by the server"),
+    _rule(K.AUTH, RCLONE, None,
+          r"unable to authenticate|knownhosts: key (mismatch|is unknown)|known_hosts_file"
+          r"|SignatureDoesNotMatch|InvalidAccessKeyId|InvalidClientTokenId|ExpiredToken"
+          r"|StatusCode: 40[13]\b|\b401 Unauthorized|didn't find section in config file", "credentials refused"),  # fmt: skip
+    # -- the remote refuses the write (FAILED at once) --
+    _rule(K.REMOTE_WRITE_REFUSED, ALL, None,
+          r"No space left on device|Disk quota exceeded|Read-only file system|read-only server is not allowed"
+          r"|QuotaExceeded|InsufficientStorage|\b507 Insufficient", "remote full or read-only"),  # fmt: skip
+    _rule(K.REMOTE_WRITE_REFUSED, RSYNC, None,
+          r"rsync: \[(Receiver|generator)\] .*(Permission denied|Operation not permitted) \(\d+\)", "remote folder not writable"),
+    # -- a local source file vanished (FAILED at once); before rclone's generic
+    # permission rule, whose text also names the local side --
+    _rule(K.LOCAL_FILE_VANISHED, RSYNC, None,
+          r"file has vanished|rsync: \[sender\] (link_stat|send_files failed to open|change_dir) .*No such file or directory",
+          "local file vanished"),  # fmt: skip
+    _rule(K.LOCAL_FILE_VANISHED, RCLONE, None,
+          r"failed to open source object: .*no such file|Failed to calculate src hash: .*no such file"
+          r"|source file is being updated", "local file vanished"),  # fmt: skip
+    _rule(K.UNKNOWN, RCLONE, None, r"failed to open source object", "local file unreadable"),
+    _rule(K.REMOTE_WRITE_REFUSED, RCLONE, None,
+          r"(mkdir|mkParentDir|Put|Update|Failed to copy|Failed to set|couldn't).*(permission denied|operation not permitted)"
+          r"|AccessDenied|StatusCode: 403\b", "remote refuses the write"),  # fmt: skip
+    # -- the network (back off and retry) --
+    _rule(K.NETWORK, ALL, None,
+          r"Connection refused|Connection timed out|timed out|timeout|Connection reset|Broken pipe"
+          r"|connection unexpectedly closed|Connection closed by|closed by remote host|No route to host"
+          r"|Network is unreachable|Could not resolve hostname|Name or service not known"
+          r"|Temporary failure in name resolution|no such host|kex_exchange_identification"
+          r"|unexpected EOF|context deadline exceeded|StatusCode: 5\d\d\b|TLS handshake", "network"),  # fmt: skip
+    # -- exit codes alone --
+    _rule(K.NETWORK, {"ssh"}, {255}, None, "ssh transport error"),
+    _rule(K.NETWORK, RSYNC, {10, 12, 30, 35, 255}, None, "rsync connection error"),
+    _rule(K.REMOTE_WRITE_REFUSED, RCLONE, {6}, None, "rclone: no-retry error"),
+    _rule(K.AUTH, RCLONE, {7}, None, "rclone: fatal error"),
+)
+
+
+@dataclass(frozen=True)
+class Classification:
+    kind: TransportErrorKind
+    reason: str  # one human-readable line: what failed and the tool's own words
+    rule: Rule | None = None
+
+
+def _lines(stderr: str) -> list[str]:
+    return [line.strip() for line in stderr.splitlines() if line.strip()]
+
+
+def classify(tool: str, returncode: int, stderr: str) -> Classification:
+    """Map one failed run of ``tool`` (``ssh``, ``rsync`` or ``rclone``) to a kind.
+
+    ``reason`` quotes the stderr line that decided, or the last line when only
+    the exit code did. Unmatched failures are ``UNKNOWN`` (retried like network).
+    """
+    lines = _lines(stderr)
+    for rule in RULES:
+        if tool not in rule.tools or (rule.codes is not None and returncode not in rule.codes):
+            continue
+        if rule.pattern is None:
+            detail = lines[-1] if lines else ""
+            return Classification(rule.kind, _reason(tool, returncode, detail), rule)
+        for line in lines:
+            if rule.pattern.search(line):
+                return Classification(rule.kind, _reason(tool, returncode, line), rule)
+    return Classification(K.UNKNOWN, _reason(tool, returncode, lines[-1] if lines else ""), None)
+
+
+def _reason(tool: str, returncode: int, detail: str) -> str:
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    return f"{tool} exited with {returncode}" + (f": {detail}" if detail else "")
+
+
+def transport_error(tool: str, returncode: int, stderr: str, context: str = "") -> TransportError:
+    """The :class:`TransportError` for a failed tool run; ``context`` says what was being done."""
+    found = classify(tool, returncode, stderr)
+    return TransportError(found.kind, f"{context}: {found.reason}" if context else found.reason)

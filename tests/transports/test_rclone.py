@@ -1,0 +1,297 @@
+"""The rclone transport against real servers on 127.0.0.1.
+
+Two backends: sftp on the test sshd (with and without SHA-256 on the server)
+and an S3-compatible object store (``rclone serve s3``), which has no SHA-256
+of objects, so its manifest is hashed by download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.rclone import RcloneTransport, decode_name, encode_name
+from tests.fixtures.rclone_serve import S3Server
+from tests.fixtures.sshd import RW_USER
+from tests.transports.test_rsync_ssh import (
+    EQUIPMENT,
+    HOSTILE,
+    RUN_REL,
+    assert_sha256sum_check,
+    make_run,
+    regular_tree,
+    tree,
+    wait_until,
+)
+
+pytestmark = pytest.mark.network
+K = TransportErrorKind
+
+
+def hashes(files: dict[str, bytes]) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+
+
+def rclone_equipment(tmp_path: Path, remote: str, remote_path: str, config: Path, bandwidth: dict | None = None) -> EquipmentConfig:
+    transport = {"type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)}
+    if bandwidth is not None:
+        transport["bandwidth"] = bandwidth
+    return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport})
+
+
+@pytest.fixture
+def s3_place(s3_server: S3Server, s3_rclone_config, tmp_path):
+    """(equipment factory, folder on the server's disk where the run lands)."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+
+    def make(**kwargs) -> EquipmentConfig:
+        return rclone_equipment(tmp_path, "labs3", f"{s3_server.bucket}/{prefix}", s3_rclone_config(), **kwargs)
+
+    return make, s3_server.data_dir / s3_server.bucket / prefix
+
+
+def partials(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".partial")]
+
+
+# ----------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", ["plain", "new\nline", "tab\there", "del\x7f", "pic␊ture", "‛quote", "back\\slash"])
+def test_rclone_name_notation_round_trips(name):
+    assert decode_name(encode_name(name)) == name
+    assert "\n" not in encode_name(name)
+
+
+# ------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("remote_sha256", [False, True], ids=["download_hashing", "server_hashing"])
+async def test_sftp_hostile_names_end_to_end(tmp_path, sshd, remote_dir, rclone_sftp_config, remote_sha256):
+    conf = rclone_sftp_config(sshd, remote_sha256=remote_sha256)
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), conf)
+    run = make_run(eq.local_root)
+    transport = RcloneTransport(eq)
+    assert transport.capabilities.follows_schedule and not transport.capabilities.hashes_while_sending
+
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok and result.files_sent == len(HOSTILE)
+    remote_run = remote_dir / RUN_REL
+    assert tree(remote_run) == HOSTILE  # byte-identical names and contents, symlinks skipped
+    assert not partials(remote_dir)
+    assert_sha256sum_check(remote_run, run)
+
+    manifest = await transport.remote_manifest(run)
+    assert transport.capabilities.remote_hashing is remote_sha256
+    expected = hashes(HOSTILE)
+    assert {**manifest.hashes, **dict.fromkeys(manifest.unverifiable, "?")}.keys() == expected.keys()
+    for path, digest in manifest.hashes.items():
+        assert digest == expected[path], path
+    if not remote_sha256:
+        assert manifest.unverifiable == {}
+    else:  # rclone cannot read sha256sum's escaped output for names with a newline or backslash
+        assert set(manifest.unverifiable) <= {"new\nline.txt", "back\\slash.txt"}
+
+    again = await transport.push(run, bwlimit_kibps=None)
+    assert again.ok and again.files_sent == 0
+
+
+async def test_s3_object_store_end_to_end_with_download_hashing(tmp_path, s3_place):
+    make_eq, on_disk = s3_place
+    eq = make_eq()
+    run = make_run(eq.local_root)
+    transport = RcloneTransport(eq)
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok and result.files_sent == len(HOSTILE)
+
+    remote_run = on_disk / RUN_REL
+    assert regular_tree(remote_run) == HOSTILE
+    assert_sha256sum_check(remote_run, run)
+    manifest = await transport.remote_manifest(run)
+    assert not transport.capabilities.remote_hashing  # S3 has no SHA-256 of objects: downloaded
+    assert manifest.hashes == hashes(HOSTILE)
+    assert manifest.unverifiable == {}
+    assert await transport.reachable(run)
+
+
+async def test_download_hashing_skips_oversize_files(tmp_path, s3_place):
+    make_eq, _ = s3_place
+    eq = make_eq()
+    files = {"small.txt": b"s" * 100, "big.bin": os.urandom(5000), "edge.bin": b"e" * 1000}
+    run = make_run(eq.local_root, files, symlink=False)
+    await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    manifest = await RcloneTransport(eq, verify_max_stream_bytes=1000).remote_manifest(run)
+    assert manifest.hashes == hashes({k: v for k, v in files.items() if len(v) <= 1000})
+    assert manifest.unverifiable == {"big.bin": "verify_skipped_oversize"}
+
+
+async def test_missing_run_folder_is_an_empty_manifest(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    assert (await RcloneTransport(eq).remote_manifest(run)).hashes == {}
+    gone = rclone_equipment(tmp_path, "labsftp", str(remote_dir / "no-such-root"), rclone_sftp_config(sshd))
+    transport = RcloneTransport(gone)
+    with pytest.raises(TransportError) as caught:
+        await transport.remote_manifest(run)
+    assert caught.value.kind == K.NETWORK
+    assert not await transport.reachable(run)
+
+
+async def test_rewrite_resends_a_damaged_file_with_same_size_and_mtime(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    run = make_run(eq.local_root, {"a.bin": os.urandom(5000), "new\nname.bin": os.urandom(100)}, symlink=False)
+    transport = RcloneTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    for name in ("a.bin", "new\nname.bin"):
+        damaged = remote_dir / RUN_REL / name
+        stat = damaged.stat()
+        damaged.write_bytes(b"\0" * stat.st_size)
+        os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    await transport.push(run, bwlimit_kibps=None)  # no SHA-256 on the server: size and time match, not sent
+    assert (remote_dir / RUN_REL / "a.bin").read_bytes() == b"\0" * 5000
+    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin"}))
+    assert result.files_sent == 2
+    assert tree(remote_dir / RUN_REL) == tree(run)
+
+
+async def test_bandwidth_timetable_is_passed_to_rclone(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    bandwidth = {"upload_mbps": 50, "schedule": [{"days": ["mon", "tue"], "from": "08:00", "to": "18:00"}]}
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd), bandwidth=bandwidth)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    await RcloneTransport(eq).push(run, bwlimit_kibps=6103)
+    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+    copy = next(line for line in log.splitlines() if "tool_start" in line and "step=push" in line)
+    assert "--bwlimit 'Mon-08:00,6103k Mon-18:00,off Tue-08:00,6103k Tue-18:00,off'" in copy
+    assert "--links" not in copy and "--copy-links" not in copy and "-L" not in copy.split()
+
+
+# ---------------------------------------------------------- error classes
+
+
+async def test_sftp_key_refused_is_auth(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    conf = rclone_sftp_config(sshd, key=sshd.env.stranger_key)
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), conf)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RcloneTransport(eq)
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.AUTH
+    assert "unable to authenticate" in caught.value.message
+    assert not await transport.reachable(run)
+    assert list(remote_dir.iterdir()) == []
+
+
+async def test_s3_wrong_secret_is_auth(tmp_path, s3_server, s3_place):
+    make_eq, on_disk = s3_place
+    eq = make_eq()
+    conf = Path(eq.transport.rclone_config)
+    conf.write_text(conf.read_text().replace("secret_access_key = ", "secret_access_key = wrong"))
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.AUTH, caught.value.message
+    assert not on_disk.exists()
+
+
+async def test_sftp_server_down_is_network(tmp_path, sshd_factory, remote_dir, rclone_sftp_config):
+    server = sshd_factory()
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(server))
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RcloneTransport(eq)
+    assert await transport.reachable(run)
+    server.stop()
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.NETWORK
+    assert "connection refused" in caught.value.message.lower()
+    assert not await transport.reachable(run)
+    server.start()
+    assert (await transport.push(run, bwlimit_kibps=None)).ok
+
+
+async def test_s3_server_down_is_network(tmp_path, s3_place):
+    make_eq, _ = s3_place
+    eq = make_eq()
+    conf = Path(eq.transport.rclone_config)
+    text = conf.read_text()
+    port = text.split("127.0.0.1:")[1].split()[0]
+    from tests.fixtures.sshd import free_port
+
+    conf.write_text(text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RcloneTransport(eq)
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+    assert not await transport.reachable(run)
+
+
+async def test_read_only_remote_folder_is_remote_write_refused(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    locked = remote_dir / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)  # owned by root; the login user is unprivileged
+    eq = rclone_equipment(tmp_path, "labsftp", str(locked), rclone_sftp_config(sshd))
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_WRITE_REFUSED, caught.value.message
+    assert list(locked.iterdir()) == []
+
+
+async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    files = {f"f{i}.bin": os.urandom(60_000) for i in range(6)}
+    run = make_run(eq.local_root, files, symlink=False)
+    push = asyncio.create_task(RcloneTransport(eq).push(run, bwlimit_kibps=100))
+    await wait_until(lambda: bool(partials(remote_dir)), what="rclone uploading")
+    for name in ("f4.bin", "f5.bin"):
+        (run / name).unlink()
+    with pytest.raises(TransportError) as caught:
+        await push
+    assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
+
+
+async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    run = make_run(eq.local_root, {"a.txt": b"ours", "data.raw": b"our data"}, symlink=False)
+    remote_run = remote_dir / RUN_REL
+    (remote_run / "theirs").mkdir(parents=True)
+    (remote_run / "data.raw").write_bytes(b"their data")
+    (remote_run / "theirs" / "result.csv").write_bytes(b"their result")
+    before = tree(remote_run)
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    assert "theirs/result.csv" in caught.value.message
+    assert tree(remote_run) == before
+
+
+async def test_s3_conflict_and_own_partials(tmp_path, s3_place, sshd, remote_dir, rclone_sftp_config):
+    make_eq, on_disk = s3_place
+    eq = make_eq()
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    (on_disk / RUN_REL).mkdir(parents=True)
+    (on_disk / RUN_REL / "someone.raw").write_bytes(b"theirs")
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    assert regular_tree(on_disk / RUN_REL) == {"someone.raw": b"theirs"}
+
+    # rclone's own leftover of an interrupted upload is no conflict and is removed
+    sftp_eq = rclone_equipment(tmp_path / "sftp", "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    sftp_run = make_run(sftp_eq.local_root, {"a.txt": b"a", "new\nline": b"n"}, symlink=False)
+    remote_run = remote_dir / RUN_REL
+    remote_run.mkdir(parents=True)
+    (remote_run / "a.txt.0123abcd.partial").write_bytes(b"half")
+    (remote_run / "new\nline.89abcdef.partial").write_bytes(b"half")
+    shutil.chown(remote_run, RW_USER, RW_USER)
+    await RcloneTransport(sftp_eq).push(sftp_run, bwlimit_kibps=None)
+    assert tree(remote_run) == {"a.txt": b"a", "new\nline": b"n"}

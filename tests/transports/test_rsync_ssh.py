@@ -1,0 +1,457 @@
+"""The rsync_ssh transport against a real sshd on 127.0.0.1.
+
+Every failure here is the real one: a key the server does not know, a server
+that is down or killed mid-transfer, a folder the login user cannot write, a
+file deleted while rsync runs, someone else's files in the run folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.manifest_format import format_manifest
+from exlab_wizard.sync.transports import rsync_ssh
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.rsync_ssh import PARTIAL_DIR, RsyncSshTransport
+from tests.fixtures.sshd import RW_USER, SFTP_USER, SshServer
+from tests.helpers import require_tool
+
+pytestmark = pytest.mark.network
+K = TransportErrorKind
+EQUIPMENT = "CONFOCAL_01"
+RUN_REL = Path("PROJ-0042") / "Runs" / "Run_2024-05-01"
+
+#: names that break naive shell quoting or line-based parsing
+HOSTILE: dict[str, bytes] = {
+    "plain.txt": b"plain\n",
+    "with space.dat": os.urandom(3000),
+    "quote'single.txt": b"'",
+    'quote"double.txt': b'"',
+    "$(touch PWNED_SUB).txt": b"dollar",
+    "`touch PWNED_TICK`": b"tick",
+    "x'; touch PWNED; '": b"injection",
+    "-leading-dash.txt": b"dash",
+    "--rsync-path=evil": b"option-like",
+    "données µm 測定.csv": "unicode ✓".encode(),
+    "new\nline.txt": b"newline",
+    "back\\slash.txt": b"backslash",
+    "star*and?[x].raw": b"glob",
+    "empty.bin": b"",
+    "sub dir/nested $(x)/deep file.bin": os.urandom(70000),
+    ".exlab-wizard/creation.json": b'{"schema_version": "1.0", "level": "run"}\n',
+}
+
+
+def make_run(local_root: Path, files: dict[str, bytes] = HOSTILE, rel: Path = RUN_REL, symlink: bool = True) -> Path:
+    run = local_root / EQUIPMENT / rel
+    run.mkdir(parents=True)
+    for name, data in files.items():
+        path = run / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    if symlink:
+        (run / "link-to-plain").symlink_to("plain.txt")
+        (run / "link-outside").symlink_to("/etc/passwd")
+    return run
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Regular files under ``root`` -> bytes; a symlink shows as ``<symlink>``."""
+    out: dict[str, bytes] = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            out[rel] = b"<symlink>" if path.is_symlink() else path.read_bytes()
+    return out
+
+
+def regular_tree(root: Path) -> dict[str, bytes]:
+    return {k: v for k, v in tree(root).items() if v != b"<symlink>" or not (root / k).is_symlink()}
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in regular_tree(root).items()}
+
+
+def data_only(hashes: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in hashes.items() if not k.startswith(".exlab-wizard/")}
+
+
+def assert_sha256sum_check(remote_run: Path, local_run: Path) -> None:
+    """Real coreutils ``sha256sum -c`` over the remote copy, manifest built from the local files."""
+    manifest = remote_run / ".exlab-wizard" / "checksums.sha256"
+    manifest.write_bytes(format_manifest(data_only(sha256_tree(local_run))))
+    done = subprocess.run([require_tool("sha256sum"), "-c", "--strict", ".exlab-wizard/checksums.sha256"],
+                          cwd=remote_run, capture_output=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+    manifest.unlink()
+
+
+def equipment(tmp_path: Path, server: SshServer, remote_root: Path | str, *, user: str = RW_USER,
+              key: Path | None = None, known_hosts: Path | None = None, bandwidth: dict | None = None) -> EquipmentConfig:  # fmt: skip
+    transport = {
+        "type": "rsync_ssh",
+        "ssh_target": f"{user}@127.0.0.1",
+        "ssh_key_path": str(key or server.env.client_key),
+        "ssh_port": server.port,
+        "remote_path": str(remote_root),
+        "ssh_known_hosts": str(known_hosts or server.known_hosts),
+    }
+    if bandwidth is not None:
+        transport["bandwidth"] = bandwidth
+    return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport})
+
+
+def leftovers(root: Path) -> list[str]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        found += [os.path.join(folder, d) for d in dirs if d == PARTIAL_DIR]
+        found += [os.path.join(folder, f) for f in files if f.startswith(".") and f[-7:-6] == "."]
+    return found
+
+
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def receiving(remote_run: Path, name: str) -> bool:
+    """rsync is writing ``name`` (its temporary ``.name.XXXXXX`` or partial file has bytes)."""
+    if not remote_run.exists():
+        return False
+    for folder, _dirs, files in os.walk(remote_run):
+        for f in files:
+            if f.startswith(f".{name}.") or (Path(folder).name == PARTIAL_DIR and f == name):
+                try:
+                    if os.path.getsize(os.path.join(folder, f)) > 0:
+                        return True
+                except FileNotFoundError:
+                    pass
+    return False
+
+
+# --------------------------------------------------------------- end to end
+
+
+async def test_hostile_names_end_to_end(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root)
+    transport = RsyncSshTransport(eq)
+    assert transport.capabilities.remote_hashing and transport.capabilities.follows_schedule
+    assert not transport.capabilities.hashes_while_sending
+
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok and result.files_sent == len(HOSTILE)
+    assert result.bytes_sent == sum(len(v) for v in HOSTILE.values())
+
+    remote_run = remote_dir / RUN_REL
+    assert transport.remote_run_path(run) == f"{remote_dir}/{RUN_REL.as_posix()}"
+    assert tree(remote_run) == HOSTILE  # byte-identical, symlinks not copied
+    assert not leftovers(remote_dir)
+    assert_sha256sum_check(remote_run, run)
+
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == {k: hashlib.sha256(v).hexdigest() for k, v in HOSTILE.items()}
+    assert manifest.unverifiable == {}
+
+    again = await transport.push(run, bwlimit_kibps=None)  # idempotent: nothing to send
+    assert again.ok and again.files_sent == 0
+    log = (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log")
+    text = "".join(p.read_text() for p in log)
+    assert "tool_start" in text and "push_done" in text and "remote_manifest" in text
+
+
+@pytest.mark.parametrize("tool", ["python3-openssl", "openssl", "sha256sum"])
+async def test_every_remote_hash_tool_survives_hostile_names(tmp_path, sshd, remote_dir, tool):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root)
+    transport = RsyncSshTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    key = transport._host_key()
+    saved = rsync_ssh._HOST_TOOLS.get(key, "missing")
+    rsync_ssh._HOST_TOOLS[key] = tool
+    try:
+        manifest = await transport.remote_manifest(run)
+    finally:
+        if saved == "missing":
+            rsync_ssh._HOST_TOOLS.pop(key, None)
+        else:
+            rsync_ssh._HOST_TOOLS[key] = saved
+    assert manifest.hashes == {k: hashlib.sha256(v).hexdigest() for k, v in HOSTILE.items()}
+
+
+async def test_probe_picks_openssl_backed_python(tmp_path, sshd, remote_dir):
+    transport = RsyncSshTransport(equipment(tmp_path, sshd, remote_dir))
+    rsync_ssh._HOST_TOOLS.pop(transport._host_key(), None)
+    assert await transport.hash_tool() == "python3-openssl"
+
+
+async def test_shell_injection_in_names_and_remote_path(tmp_path, sshd, remote_dir):
+    remote_root = remote_dir / "lab share $(touch PWNED)" / "it's `touch PWNED` here"
+    remote_root.mkdir(parents=True)
+    shutil.chown(remote_root, RW_USER, RW_USER)
+    shutil.chown(remote_root.parent, RW_USER, RW_USER)
+    eq = equipment(tmp_path, sshd, remote_root)
+    files = {"x'; touch PWNED; '": b"a", "$(touch PWNED)": b"b", "ok.txt": b"c"}
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = RsyncSshTransport(eq)
+    cwd_before = set(os.listdir("."))
+
+    await transport.push(run, bwlimit_kibps=None)
+    manifest = await transport.remote_manifest(run)
+    assert await transport.reachable(run)
+
+    assert tree(remote_root / RUN_REL) == files
+    assert set(manifest.hashes) == set(files)
+    everything = [p for where in (remote_dir, sshd.env.homes[RW_USER], tmp_path) for p in where.rglob("*")]
+    assert not [p for p in everything if p.name == "PWNED"]
+    assert set(os.listdir(".")) == cwd_before
+
+
+async def test_rewrite_resends_a_damaged_file_with_same_size_and_mtime(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.bin": os.urandom(5000), "b.txt": b"b"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    damaged = remote_dir / RUN_REL / "a.bin"
+    stat = damaged.stat()
+    damaged.write_bytes(b"\0" * stat.st_size)
+    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    await transport.push(run, bwlimit_kibps=None)  # quick check: same size and mtime, not sent
+    assert damaged.read_bytes() == b"\0" * 5000
+    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin"}))
+    assert damaged.read_bytes() == (run / "a.bin").read_bytes()
+    assert result.files_sent == 1
+
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"gone.bin"}))
+    assert caught.value.kind == K.LOCAL_FILE_VANISHED
+
+
+async def test_follows_the_schedule_by_restarting_at_the_window_edge(tmp_path, sshd, remote_dir):
+    # Working hours end one second into the transfer: the limit is lifted then.
+    bandwidth = {"upload_mbps": 1.6, "schedule": [{"days": ["mon"], "from": "08:00", "to": "18:00"}]}
+    eq = equipment(tmp_path, sshd, remote_dir, bandwidth=bandwidth)
+    payload = os.urandom(1_000_000)
+    run = make_run(eq.local_root, {"big.bin": payload, "small.txt": b"s"}, symlink=False)
+    start = time.monotonic()
+    monday_evening = dt.datetime(2024, 1, 8, 17, 59, 59).astimezone()  # 2024-01-08 was a Monday
+
+    def clock() -> dt.datetime:
+        return monday_evening + dt.timedelta(seconds=time.monotonic() - start)
+
+    transport = RsyncSshTransport(eq, now=clock)
+    result = await transport.push(run, bwlimit_kibps=195)
+    elapsed = time.monotonic() - start
+    assert result.ok
+    assert (remote_dir / RUN_REL / "big.bin").read_bytes() == payload
+    assert elapsed < 3.5, f"limit not lifted at the edge ({elapsed:.1f}s; 1 MB at 195 KiB/s takes 5s)"
+    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+    assert "bandwidth_window_edge" in log and "new_kibps=unlimited" in log
+    starts = [line for line in log.splitlines() if "tool_start" in line and "step=push" in line]
+    assert "--bwlimit=195" in starts[0] and "--bwlimit" not in starts[-1]
+    assert not leftovers(remote_dir)
+
+
+# ------------------------------------------------------------- error classes
+
+
+async def test_key_not_in_authorized_keys_is_auth(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir, key=sshd.env.stranger_key)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.AUTH
+    assert "Permission denied (publickey" in caught.value.message
+    with pytest.raises(TransportError) as caught:
+        await transport.remote_manifest(run)
+    assert caught.value.kind == K.AUTH
+    assert not await transport.reachable(run)
+    assert list(remote_dir.iterdir()) == []
+
+
+async def test_changed_host_key_is_auth(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir, known_hosts=sshd.wrong_known_hosts)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.AUTH
+    assert list(remote_dir.iterdir()) == []
+
+
+async def test_server_down_is_network(tmp_path, sshd_factory, remote_dir):
+    server = sshd_factory()
+    eq = equipment(tmp_path, server, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    assert await transport.reachable(run)
+    server.stop()
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.NETWORK
+    assert "Connection refused" in caught.value.message
+    with pytest.raises(TransportError) as caught:
+        await transport.remote_manifest(run)
+    assert caught.value.kind == K.NETWORK
+    assert not await transport.reachable(run)
+
+
+async def test_server_killed_mid_transfer_then_restarted_completes(tmp_path, sshd_factory, remote_dir):
+    server = sshd_factory()
+    eq = equipment(tmp_path, server, remote_dir)
+    payload = os.urandom(600_000)
+    run = make_run(eq.local_root, {"big.bin": payload, "a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    remote_run = remote_dir / RUN_REL
+
+    push = asyncio.create_task(transport.push(run, bwlimit_kibps=150))
+    await wait_until(lambda: receiving(remote_run, "big.bin"), what="rsync receiving big.bin")
+    server.stop()  # the NAS goes away: listener and every session killed
+    with pytest.raises(TransportError) as caught:
+        await push
+    assert caught.value.kind == K.NETWORK
+
+    server.start()  # back after the backoff
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok
+    assert tree(remote_run) == {"big.bin": payload, "a.txt": b"a"}
+    assert not leftovers(remote_dir), "no partial or temporary file survives a completed push"
+    assert (await transport.remote_manifest(run)).hashes == sha256_tree(run)
+
+
+@pytest.mark.parametrize("where", ["parent", "run_folder"])
+async def test_read_only_remote_folder_is_remote_write_refused(tmp_path, sshd, remote_dir, where):
+    # The login user is unprivileged: permission bits bind it (root would ignore them).
+    locked = remote_dir / "locked"
+    target_root = locked if where == "parent" else remote_dir
+    if where == "run_folder":  # exists, owned by root, not writable by the login user
+        (remote_dir / RUN_REL).mkdir(parents=True)
+        locked = remote_dir / RUN_REL
+    else:
+        locked.mkdir()
+    locked.chmod(0o555)
+    eq = equipment(tmp_path, sshd, target_root)
+    run = make_run(eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_WRITE_REFUSED, caught.value.message
+    assert "Permission denied" in caught.value.message or "Operation not permitted" in caught.value.message
+    assert not any(p.is_file() for p in locked.rglob("*"))
+
+
+async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a_big.bin": os.urandom(400_000), "z_small.txt": b"z"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    push = asyncio.create_task(transport.push(run, bwlimit_kibps=200))
+    await wait_until(lambda: receiving(remote_dir / RUN_REL, "a_big.bin"), what="rsync receiving a_big.bin")
+    (run / "z_small.txt").unlink()
+    with pytest.raises(TransportError) as caught:
+        await push
+    assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
+    assert "vanished" in caught.value.message
+
+
+async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"ours", "data.raw": b"our data"}, symlink=False)
+    remote_run = remote_dir / RUN_REL
+    (remote_run / "theirs").mkdir(parents=True)
+    (remote_run / "data.raw").write_bytes(b"their data")
+    (remote_run / "theirs" / "result.csv").write_bytes(b"their result")
+    before = tree(remote_run)
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    assert "theirs/result.csv" in caught.value.message
+    assert tree(remote_run) == before  # nothing written, nothing overwritten
+
+
+async def test_own_leftovers_are_not_a_conflict_and_are_removed(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b"}, symlink=False)
+    remote_run = remote_dir / RUN_REL
+    (remote_run / PARTIAL_DIR).mkdir(parents=True)
+    (remote_run / "sub" / PARTIAL_DIR).mkdir(parents=True)
+    (remote_run / PARTIAL_DIR / "gone.bin").write_bytes(b"partial of a file no longer in the run")
+    (remote_run / "sub" / PARTIAL_DIR / "b.txt").write_bytes(b"partial")
+    (remote_run / ".a.txt.Xy12Zq").write_bytes(b"rsync temporary of a killed receiver")
+    (remote_run / ".exlab-wizard").mkdir()
+    (remote_run / ".exlab-wizard" / "sync.old.log").write_bytes(b"metadata pushed earlier")
+    subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
+
+    await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert tree(remote_run) == {"a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/sync.old.log": b"metadata pushed earlier"}
+    assert not leftovers(remote_dir)
+
+
+# ------------------------------------------------ manifests and reachability
+
+
+async def test_missing_run_folder_is_empty_and_missing_root_is_network(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    assert (await transport.remote_manifest(run)).hashes == {}
+    assert await transport.reachable(run)
+
+    gone = equipment(tmp_path, sshd, remote_dir / "no-such-root")
+    transport = RsyncSshTransport(gone)
+    with pytest.raises(TransportError) as caught:
+        await transport.remote_manifest(run)
+    assert caught.value.kind == K.NETWORK
+    assert not await transport.reachable(run)
+
+
+async def test_command_refusing_rrsync_remote_streams_back_and_skips_oversize(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {"small.txt": b"s" * 100, "big.bin": os.urandom(5000), "sub/new\nline": b"n"}
+    run = make_run(eq.local_root, files, symlink=False)
+    await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+
+    # Same user, but a key forced to `rrsync -ro /`: no commands, rsync reads only.
+    restricted = equipment(tmp_path, sshd, remote_dir, key=sshd.env.rrsync_key)
+    transport = RsyncSshTransport(restricted, verify_max_stream_bytes=1000)
+    assert await transport.hash_tool() is None
+    manifest = await transport.remote_manifest(run)
+    expected = {k: hashlib.sha256(v).hexdigest() for k, v in files.items() if len(v) <= 1000}
+    assert manifest.hashes == expected
+    assert manifest.unverifiable == {"big.bin": "verify_skipped_oversize"}
+    assert await transport.reachable(run)
+    with pytest.raises(TransportError) as caught:  # -ro: the server refuses writes
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind in (K.REMOTE_WRITE_REFUSED,), caught.value.message
+
+
+async def test_sftp_only_remote_streams_back_over_sftp(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {"small.txt": b"s" * 100, "big.bin": os.urandom(5000), "odd 'name' $(x)": b"q", "new\nline": b"n"}
+    run = make_run(eq.local_root, files, symlink=False)
+    await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+
+    sftp_only = equipment(tmp_path, sshd, remote_dir, user=SFTP_USER)
+    transport = RsyncSshTransport(sftp_only, verify_max_stream_bytes=1000, log=EquipmentLog(sftp_only))
+    assert await transport.hash_tool() is None
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == {k: hashlib.sha256(v).hexdigest() for k, v in files.items() if len(v) <= 1000}
+    assert manifest.unverifiable == {"big.bin": "verify_skipped_oversize"}
+    with pytest.raises(TransportError) as caught:  # this account may not run rsync at all
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.AUTH
