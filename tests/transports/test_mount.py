@@ -282,6 +282,30 @@ def test_remote_metadata_files_we_no_longer_have_are_not_a_conflict(lab: Lab) ->
     assert (lab.remote / ".exlab-wizard" / "old-sync.log").exists()
 
 
+def test_cleaned_files_are_ours_not_a_conflict_and_are_left_alone(lab: Lab) -> None:
+    _build_full_run(lab)
+    lab.write(".exlab-wizard/creation.json", b'{"v": 1}')
+    lab.push()
+    before = _tree(lab.remote)
+    data = sorted(rel for rel in before if not rel.startswith(".exlab-wizard") and before[rel][0] == "file")
+    for rel in data:  # the reaper deleted the local data after verification
+        (lab.run / rel).unlink()
+    lab.write(".exlab-wizard/creation.json", b'{"v": 2, "local_cleaned": true}')
+    with pytest.raises(TransportError) as caught:  # without being told, they look like someone else's
+        lab.push()
+    assert caught.value.kind is TransportErrorKind.REMOTE_CONFLICT
+    someone_elses = lab.remote / "not_ours.txt"
+    someone_elses.write_bytes(b"theirs")
+    with pytest.raises(TransportError) as caught:  # cleaned names only ours, nothing else
+        lab.push(cleaned=frozenset(data))
+    assert caught.value.kind is TransportErrorKind.REMOTE_CONFLICT
+    someone_elses.unlink()
+    assert lab.push(cleaned=frozenset(data)).ok
+    after = _tree(lab.remote)
+    assert after[".exlab-wizard/creation.json"][1] == b'{"v": 2, "local_cleaned": true}'
+    assert {rel: after[rel] for rel in data} == {rel: before[rel] for rel in data}
+
+
 def test_stale_temp_files_are_removed(lab: Lab) -> None:
     _build_full_run(lab)
     lab.push()
@@ -466,9 +490,14 @@ def test_share_unmounted_mid_push_is_network(lab: Lab) -> None:
 # --------------------------------------------------------------------------- remote manifest
 
 
-def test_remote_manifest_drops_cache_before_hashing_each_file(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("read_back", [True, False], ids=["read-back-by-push", "read-by-manifest"])
+def test_remote_manifest_drops_cache_before_hashing_each_file(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, read_back: bool
+) -> None:
     _build_full_run(lab)
-    lab.push()
+    if not read_back:
+        monkeypatch.setattr(mount_module, "READ_BACK_TTL_S", -1.0)  # as for an audit: all read anew
+        lab.push()
     events: list[tuple[str, int]] = []
     real_drop, real_hash = mount_module.drop_page_cache_fd, mount_module.hash_fd
 
@@ -482,12 +511,65 @@ def test_remote_manifest_drops_cache_before_hashing_each_file(lab: Lab, monkeypa
 
     monkeypatch.setattr(mount_module, "drop_page_cache_fd", drop)
     monkeypatch.setattr(mount_module, "hash_fd", hashed)
+    if read_back:  # the push reads each file back from the share right after it is durable
+        lab.push()
     manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
     dropped = {ino for what, ino in events if what == "drop"}
     for position, (what, ino) in enumerate(events):
         if what == "hash":
             assert ("drop", ino) in events[:position]
     assert len(dropped) == len(manifest.hashes) == len(hash_tree(lab.run, include_metadata=True))
+
+
+def _count_manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    reads: list[int] = []
+    real_hash = mount_module.hash_fd
+
+    def hashed(fd, view, progress=None):
+        reads.append(os.fstat(fd).st_ino)
+        return real_hash(fd, view, progress)
+
+    monkeypatch.setattr(mount_module, "hash_fd", hashed)
+    return reads
+
+
+def test_read_back_serves_the_next_manifest_once(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    _build_full_run(lab)
+    result = lab.push()
+    reads = _count_manifest_reads(monkeypatch)
+    first = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert reads == []  # every file was read back from the share by the push
+    assert compare(result.local_hashes, first).ok
+    second = asyncio.run(lab.transport.remote_manifest(lab.run))  # an audit: reads everything again
+    assert second == first
+    assert len(reads) == len(first.hashes)
+
+
+def test_read_back_is_not_trusted_for_a_file_changed_since(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab.write("big.raw", os.urandom(2 * MIB))
+    lab.write("small.txt", b"hello")
+    result = lab.push()
+    for rel in ("big.raw", "small.txt"):  # flip one byte, same size, mtime put back
+        target = lab.remote / rel
+        info = target.stat()
+        with open(target, "r+b") as handle:
+            first = handle.read(1)
+            handle.seek(0)
+            handle.write(bytes([first[0] ^ 1]))
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    reads = _count_manifest_reads(monkeypatch)
+    outcome = compare(result.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run)))
+    assert outcome.different == ("big.raw", "small.txt")
+    assert len(reads) == 2
+
+
+def test_read_back_expires(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab.write("a.bin", b"a" * 1000)
+    lab.push()
+    monkeypatch.setattr(mount_module, "READ_BACK_TTL_S", -1.0)
+    reads = _count_manifest_reads(monkeypatch)
+    asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert len(reads) == 1
 
 
 def test_remote_manifest_of_a_run_never_sent_is_empty(lab: Lab) -> None:

@@ -18,7 +18,8 @@ import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.rclone import RcloneTransport, decode_name, encode_name
+from exlab_wizard.sync.transports._process import LocalTree
+from exlab_wizard.sync.transports.rclone import RcloneTransport, _sort_extras, decode_name, encode_name
 from tests.fixtures.rclone_serve import S3Server
 from tests.fixtures.sshd import RW_USER
 from tests.transports.test_rsync_ssh import (
@@ -69,6 +70,41 @@ def partials(root: Path) -> list[Path]:
 def test_rclone_name_notation_round_trips(name):
     assert decode_name(encode_name(name)) == name
     assert "\n" not in encode_name(name)
+
+
+# rclone 1.75 names its partial upload "<leaf>.<8 hex>.partial"; a leaf over
+# 100 bytes is first cut, at a character boundary, so that the partial name is
+# no longer than the leaf (names below were read from real interrupted uploads).
+_L250, _E120 = "L" * 250, "é" * 120
+
+
+@pytest.mark.parametrize(
+    ("remote", "local", "ours"),
+    [
+        ("a.txt.0123abcd.partial", ["a.txt"], True),
+        ("new\nline.89abcdef.partial", ["new\nline"], True),
+        ("sub dir/b.txt.0123abcd.partial", ["sub dir/b.txt"], True),
+        (_L250[:233] + ".8545fc6a.partial", [_L250], True),
+        ("M" * 93 + ".5174fad9.partial", ["M" * 110], True),
+        (_E120[:111] + ".8393aa2f.partial", [_E120], True),
+        ("M" * 100 + ".2f20f919.partial", ["M" * 100], True),  # 100 bytes: not cut
+        # not ours: nothing of the run by that name, in that folder, or not rclone's shape
+        ("other.txt.0123abcd.partial", ["a.txt"], False),
+        ("b.txt.0123abcd.partial", ["sub/b.txt"], False),
+        ("sub/a.txt.0123abcd.partial", ["a.txt"], False),
+        ("a.txt.0123ABCD.partial", ["a.txt"], False),
+        ("a.txt.0123abc.partial", ["a.txt"], False),
+        ("a.txt.0123abcd.partial.bak", ["a.txt"], False),
+        ("a.txt.partial", ["a.txt"], False),
+        ("M" * 50 + ".2f20f919.partial", ["M" * 60], False),  # a short name is never cut
+        ("M" * 80 + ".2f20f919.partial", ["M" * 110], False),  # cut by more than the suffix
+        ("N" * 93 + ".5174fad9.partial", ["M" * 110], False),
+    ],
+)
+def test_own_partial_names(remote, local, ours):
+    tree_ = LocalTree(files=dict.fromkeys(local, 1))
+    junk, foreign = _sort_extras(tree_, {remote: 1})
+    assert (junk, foreign) == (([remote], []) if ours else ([], [remote]))
 
 
 # ------------------------------------------------------------ end to end
@@ -145,8 +181,14 @@ async def test_missing_run_folder_is_an_empty_manifest(tmp_path, sshd, remote_di
     assert not await transport.reachable(run)
 
 
+def without_remote_hashes(conf: Path) -> Path:
+    """The sftp remote of ``conf`` with no hash at all (rclone would find md5sum on the server)."""
+    conf.write_text(conf.read_text() + "md5sum_command = none\nsha1sum_command = none\n")
+    return conf
+
+
 async def test_rewrite_resends_a_damaged_file_with_same_size_and_mtime(tmp_path, sshd, remote_dir, rclone_sftp_config):
-    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), without_remote_hashes(rclone_sftp_config(sshd)))
     run = make_run(eq.local_root, {"a.bin": os.urandom(5000), "new\nname.bin": os.urandom(100)}, symlink=False)
     transport = RcloneTransport(eq)
     await transport.push(run, bwlimit_kibps=None)
@@ -155,7 +197,7 @@ async def test_rewrite_resends_a_damaged_file_with_same_size_and_mtime(tmp_path,
         stat = damaged.stat()
         damaged.write_bytes(b"\0" * stat.st_size)
         os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    await transport.push(run, bwlimit_kibps=None)  # no SHA-256 on the server: size and time match, not sent
+    await transport.push(run, bwlimit_kibps=None)  # no hash on the server: size and time match, not sent
     assert (remote_dir / RUN_REL / "a.bin").read_bytes() == b"\0" * 5000
     result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin"}))
     assert result.files_sent == 2
@@ -198,6 +240,9 @@ async def test_s3_wrong_secret_is_auth(tmp_path, s3_server, s3_place):
     with pytest.raises(TransportError) as caught:
         await RcloneTransport(eq).push(run, bwlimit_kibps=None)
     assert caught.value.kind == K.AUTH, caught.value.message
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).remote_manifest(run)
+    assert caught.value.kind == K.AUTH, caught.value.message
     assert not on_disk.exists()
 
 
@@ -217,21 +262,7 @@ async def test_sftp_server_down_is_network(tmp_path, sshd_factory, remote_dir, r
     assert (await transport.push(run, bwlimit_kibps=None)).ok
 
 
-async def test_s3_server_down_is_network(tmp_path, s3_place):
-    make_eq, _ = s3_place
-    eq = make_eq()
-    conf = Path(eq.transport.rclone_config)
-    text = conf.read_text()
-    port = text.split("127.0.0.1:")[1].split()[0]
-    from tests.fixtures.sshd import free_port
-
-    conf.write_text(text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
-    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
-    transport = RcloneTransport(eq)
-    with pytest.raises(TransportError) as caught:
-        await transport.push(run, bwlimit_kibps=None)
-    assert caught.value.kind == K.NETWORK, caught.value.message
-    assert not await transport.reachable(run)
+# An S3 store that is down: test_conformance.py::test_reachable_and_an_unreachable_remote_is_never_empty
 
 
 async def test_read_only_remote_folder_is_remote_write_refused(tmp_path, sshd, remote_dir, rclone_sftp_config):
@@ -259,6 +290,27 @@ async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_pat
     assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
 
 
+async def test_cleaned_files_are_ours_not_a_conflict_and_are_left_alone(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
+    files = {"a.txt": b"ours", "sub/data.raw": b"our data", ".exlab-wizard/creation.json": b'{"v": 1}'}
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = RcloneTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    remote_run = remote_dir / RUN_REL
+    # The reaper deleted the verified data locally; the final metadata push follows.
+    (run / "a.txt").unlink()
+    (run / "sub" / "data.raw").unlink()
+    (run / "sub").rmdir()
+    (run / ".exlab-wizard" / "creation.json").write_bytes(b'{"v": 2, "local_cleaned": true}')
+    with pytest.raises(TransportError) as caught:
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    await transport.push(run, bwlimit_kibps=None, cleaned=frozenset({"a.txt", "sub/data.raw"}))
+    assert tree(remote_run) == {
+        "a.txt": b"ours", "sub/data.raw": b"our data", ".exlab-wizard/creation.json": b'{"v": 2, "local_cleaned": true}',
+    }
+
+
 async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, sshd, remote_dir, rclone_sftp_config):
     eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
     run = make_run(eq.local_root, {"a.txt": b"ours", "data.raw": b"our data"}, symlink=False)
@@ -274,12 +326,13 @@ async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, s
     assert tree(remote_run) == before
 
 
-async def test_s3_conflict_and_own_partials(tmp_path, s3_place, sshd, remote_dir, rclone_sftp_config):
+async def test_s3_conflict_and_own_partials(tmp_path, s3_server, s3_place, sshd, remote_dir, rclone_sftp_config):
     make_eq, on_disk = s3_place
     eq = make_eq()
     run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
     (on_disk / RUN_REL).mkdir(parents=True)
     (on_disk / RUN_REL / "someone.raw").write_bytes(b"theirs")
+    s3_server.settle()
     with pytest.raises(TransportError) as caught:
         await RcloneTransport(eq).push(run, bwlimit_kibps=None)
     assert caught.value.kind == K.REMOTE_CONFLICT

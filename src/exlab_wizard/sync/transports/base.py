@@ -144,6 +144,7 @@ class Transport(abc.ABC):
         bwlimit_kibps: int | None,
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
+        cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
         """Copy the whole run folder (data and ``.exlab-wizard/``) to its remote folder.
 
@@ -156,6 +157,10 @@ class Transport(abc.ABC):
 
         Raises ``TransportError(REMOTE_CONFLICT)`` without writing anything when
         the remote run folder already holds files that are not in this run.
+        ``cleaned`` names data files of this run (relative paths) whose local
+        copies the cleanup reaper deleted after they were verified on the
+        remote: there they are this run's own files, not a conflict, and they
+        are left as they are (the final metadata push after a cleanup).
         """
 
     @abc.abstractmethod

@@ -18,7 +18,9 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   ``.<name>.exlab-tmp-<hex>`` in its target folder while the source is
   hashed in the same read pass, gets the source's mtime (ns) and permission
   bits, is made durable, then renamed over the final name. Directories
-  touched are fsynced once at the end. Durability: files of 1 MiB and more,
+  touched are fsynced once at the end. While a large file is copied,
+  write-back of every ``WRITE_BEHIND`` bytes written is started at once, so
+  its fsync waits for little. Durability: files of 1 MiB and more,
   and every file on a share whose ``syncfs`` is not known to reach stable
   storage (SMB/CIFS, FUSE, unknown), are fsynced one by one in the copy
   threads; small files on a local disk or NFS are made durable together with
@@ -50,7 +52,14 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   equipment's schedule at ``now()`` every half second.
 * **Remote manifest** reads past this machine's page cache: every file's
   cached pages are dropped (fsync + ``POSIX_FADV_DONTNEED``) before it is
-  hashed, so the check reads what the share stores.
+  hashed, so the check reads what the share stores. To overlap that read
+  with the copy, the push reads each file back the same way as soon as it
+  is durable and renamed (while the other threads go on copying), and keeps
+  its hash with the file's inode, size, mtime and ctime. The first remote
+  manifest after that push, if within ``READ_BACK_TTL_S``, takes those
+  hashes for files whose lstat still matches (any write or utime changes
+  the ctime) and reads every other file; later manifests (the audits) read
+  every file again.
 
 Symlinks in the run are never followed nor copied. Progress callbacks get
 byte deltas from the copy threads, one call at a time.
@@ -108,6 +117,13 @@ LARGE_FILE = 1 << 20
 BATCH_FILES = 4096
 BATCH_BYTES = 512 << 20
 COPY_ATTEMPTS = 3
+#: While a large file is copied, write-back of each such stretch already
+#: written is started at once (so the fsync at the end waits for little).
+WRITE_BEHIND = 8 << 20
+#: Hashes read back from the share during a push serve the remote manifest
+#: that follows within this many seconds, once; later manifests (audits)
+#: read everything again.
+READ_BACK_TTL_S = 120.0
 
 _TEMP_MARK = ".exlab-tmp-"
 _TEMP_RE = re.compile(r"^\..+\.exlab-tmp-[0-9a-f]{6,32}$", re.DOTALL)
@@ -235,6 +251,8 @@ class _Push:
     abort: threading.Event
     per_file_sync: bool
     hashes: dict[str, str] = field(default_factory=dict)
+    #: rel -> (ino, size, mtime ns, ctime ns, sha256 digest) of files read back from the share
+    read_back: dict[str, tuple[int, int, int, int, bytes]] = field(default_factory=dict)
     temps: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -247,7 +265,8 @@ class MountTransport(Transport):
 
     ``log``: equipment log for push and manifest events. ``now``: the aware
     local time, read to follow the bandwidth schedule. ``threads``: copy and
-    hash threads (default 4: most of the time is spent in system calls).
+    hash threads (default 6: much of the time is spent waiting on fsync and
+    on reads from the share, so more threads than cores keep both busy).
     """
 
     capabilities = TransportCapabilities(hashes_while_sending=True, remote_hashing=True, follows_schedule=True)
@@ -268,7 +287,10 @@ class MountTransport(Transport):
         self.marker = os.path.join(self.mount_path, self.config.mount_marker)
         self.log = log
         self.now = now
-        self.threads = threads or 4
+        self.threads = threads or 6
+        #: remote run folder -> (monotonic time the push ended, its read-back hashes)
+        self._read_backs: dict[str, tuple[float, dict[str, tuple[int, int, int, int, bytes]]]] = {}
+        self._read_backs_lock = threading.Lock()
 
     # ------------------------------------------------------------------ guard
 
@@ -325,6 +347,7 @@ class MountTransport(Transport):
         bwlimit_kibps: int | None,
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
+        cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
         """Copy the whole run (data and ``.exlab-wizard/``); see the module notes.
 
@@ -335,7 +358,7 @@ class MountTransport(Transport):
         abort = threading.Event()
         try:
             return await asyncio.to_thread(
-                self._push, Path(run_path), bwlimit_kibps, frozenset(rewrite), progress, abort
+                self._push, Path(run_path), bwlimit_kibps, frozenset(rewrite), progress, abort, frozenset(cleaned)
             )
         except asyncio.CancelledError:
             abort.set()  # the copy threads stop at their next block and remove their temp files
@@ -348,10 +371,12 @@ class MountTransport(Transport):
         rewrite: frozenset[str],
         progress: ProgressCallback | None,
         abort: threading.Event,
+        cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
         started = time.monotonic()
         self._require_mounted()
         remote = self.remote_run_path(run)
+        self._take_read_back(remote)  # what an earlier push read back is stale now
 
         started_limit = [bwlimit_kibps]
 
@@ -373,7 +398,7 @@ class MountTransport(Transport):
             per_file_sync=True,
         )
         try:
-            self._push_steps(job, bwlimit_kibps, rewrite)
+            self._push_steps(job, bwlimit_kibps, rewrite, cleaned)
         except _Cancelled:
             error = TransportError(TransportErrorKind.UNKNOWN, "push cancelled")
             self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
@@ -395,6 +420,9 @@ class MountTransport(Transport):
             "INFO", run, "push_end", transport="mount", files=job.files_sent, bytes=job.bytes_sent,
             hashed=len(job.hashes), seconds=f"{time.monotonic() - started:.3f}",
         )
+        if job.read_back:
+            with self._read_backs_lock:
+                self._read_backs[remote] = (time.monotonic(), job.read_back)
         hashes = dict(sorted(job.hashes.items(), key=lambda kv: os.fsencode(kv[0])))
         return TransportResult(
             ok=True,
@@ -405,30 +433,33 @@ class MountTransport(Transport):
             f"{len(hashes) - job.files_sent} already there",
         )
 
-    def _push_steps(self, job: _Push, bwlimit_kibps: int | None, rewrite: frozenset[str]) -> None:
+    def _push_steps(
+        self, job: _Push, bwlimit_kibps: int | None, rewrite: frozenset[str], cleaned: frozenset[str] = frozenset()
+    ) -> None:
         run = job.run
         if not run.is_dir():
             raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} does not exist")
         try:
-            entries = list(scan_run(run, include_metadata=True, with_stat=True))
+            dirs: list[str] = []
+            # (path, size, mtime ns) only: 20,000 whole stat results would cost megabytes.
+            local_files: dict[str, tuple[str, int, int]] = {}
+            for entry in scan_run(run, include_metadata=True, with_stat=True):
+                if entry.is_dir:
+                    dirs.append(entry.rel)
+                else:
+                    local_files[entry.rel] = (entry.path, entry.stat.st_size, entry.stat.st_mtime_ns)
         except OSError as exc:
             raise self._local_error(exc, ".", run) from exc
-        local_dirs = sorted((e.rel for e in entries if e.is_dir), key=lambda rel: rel.count("/"))
-        local_files = {e.rel: e for e in entries if not e.is_dir}
-        remote_stats, stale = self._inspect_remote(job.remote, local_files, set(local_dirs))
+        local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
+        remote_stats, stale = self._inspect_remote(job.remote, local_files, set(local_dirs), cleaned)
 
         sources = []
-        for rel, entry in local_files.items():
-            theirs = remote_stats.get(rel)
-            mine = entry.stat
-            send = (
-                rel in rewrite
-                or theirs is None
-                or theirs.st_size != mine.st_size
-                or not same_mtime(mine.st_mtime_ns, theirs.st_mtime_ns)
-            )
+        for rel, (path, size, mtime_ns) in local_files.items():
+            theirs = remote_stats.get(rel)  # (size, mtime ns)
+            send = rel in rewrite or theirs is None or theirs[0] != size or not same_mtime(mtime_ns, theirs[1])
             folder, _sep, name = rel.rpartition("/")
-            sources.append(_Source(rel, entry.path, folder, name, mine.st_size, send))
+            sources.append(_Source(rel, path, folder, name, size, send))
+        del local_files, remote_stats
         self._logged(
             "INFO", run, "push_start", transport="mount", remote=job.remote, files=sum(s.send for s in sources),
             bytes=sum(s.size for s in sources if s.send), skipped=sum(not s.send for s in sources),
@@ -438,7 +469,7 @@ class MountTransport(Transport):
         self._make_dirs(job, run, local_dirs)
         job.per_file_sync = _SYNCFS is None or _filesystem_type(job.remote) not in _SYNCFS_DURABLE
         for batch in _batches(_interleave(sources)):
-            pending: list[tuple[str, str]] = []
+            pending: list[tuple[str, str, str]] = []
             run_parallel(batch, lambda src, view: self._transfer(job, src, view, pending), self.threads, job.abort)
             if pending:
                 self._commit(job, pending)
@@ -448,9 +479,9 @@ class MountTransport(Transport):
         self._require_mounted()
 
     def _inspect_remote(
-        self, remote: str, local_files: dict, local_dirs: set[str]
-    ) -> tuple[dict[str, os.stat_result], list[str]]:
-        """Stats of remote files the run also has, and stale temp files; refuse conflicts."""
+        self, remote: str, local_files: dict, local_dirs: set[str], cleaned: frozenset[str] = frozenset()
+    ) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """(size, mtime ns) of remote files the run also has, and stale temp files; refuse conflicts."""
         try:
             root = os.lstat(remote)
         except FileNotFoundError:
@@ -461,7 +492,7 @@ class MountTransport(Transport):
             raise TransportError(
                 TransportErrorKind.REMOTE_CONFLICT, f"remote run folder {remote} exists and is not a folder"
             )
-        stats: dict[str, os.stat_result] = {}
+        stats: dict[str, tuple[int, int]] = {}
         stale: list[str] = []
         foreign: list[str] = []
         stack = [(remote, "")]
@@ -477,10 +508,11 @@ class MountTransport(Transport):
                             stack.append((entry.path, rel + "/"))
                         elif entry.is_file(follow_symlinks=False):
                             if rel in local_files:
-                                stats[rel] = entry.stat(follow_symlinks=False)
+                                info = entry.stat(follow_symlinks=False)
+                                stats[rel] = (info.st_size, info.st_mtime_ns)
                             elif is_temp_name(entry.name):
                                 stale.append(entry.path)
-                            elif rel in local_dirs or not is_metadata_path(rel):
+                            elif rel in local_dirs or not (is_metadata_path(rel) or rel in cleaned):
                                 foreign.append(rel)
                         elif rel in local_files or rel in local_dirs:
                             foreign.append(rel)  # a symlink or device where the run has a file or folder
@@ -526,7 +558,7 @@ class MountTransport(Transport):
             job.touched.add(os.path.dirname(path))
             job.touched.add(path)
 
-    def _transfer(self, job: _Push, src: _Source, view: memoryview, pending: list[tuple[str, str]]) -> None:
+    def _transfer(self, job: _Push, src: _Source, view: memoryview, pending: list[tuple[str, str, str]]) -> None:
         if not src.send:
             job.hashes[src.rel] = self._hash_local(job, src, view)
             return
@@ -545,8 +577,9 @@ class MountTransport(Transport):
         job.hashes[src.rel] = digest
         if durable:
             self._rename(job, temp, final)
+            self._read_back(job, src.rel, final, view)
         else:
-            pending.append((temp, final))
+            pending.append((temp, final, src.rel))
 
     def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
         try:
@@ -616,10 +649,19 @@ class MountTransport(Transport):
         readv, write = os.readv, os.write
         consume, progress, abort = job.bucket.consume, job.progress, job.abort
         block_size = len(view)
-        total = 0
+        total = started = 0
+        write_behind = WRITE_BEHIND if size >= LARGE_FILE and hasattr(os, "posix_fadvise") else 0
         while total < size:
             if abort.is_set():
                 raise _Cancelled()
+            if write_behind and total - started >= write_behind:
+                # DONTNEED on dirty pages starts their write-back without waiting for it
+                # (a hint: durability still comes from the fsync before the rename).
+                try:
+                    os.posix_fadvise(fd_out, started, total - started, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    write_behind = 0
+                started = total
             left = size - total
             try:
                 count = readv(fd_in, [view if left >= block_size else view[:left]])
@@ -672,13 +714,41 @@ class MountTransport(Transport):
         with job.lock:
             job.files_sent += 1
 
-    def _commit(self, job: _Push, pending: list[tuple[str, str]]) -> None:
-        """Make a batch of small temp files durable with one syncfs, then rename them."""
+    def _commit(self, job: _Push, pending: list[tuple[str, str, str]]) -> None:
+        """Make a batch of small temp files durable with one syncfs, then rename and read them back."""
         try:
             _syncfs(job.remote)
         except OSError as exc:
             raise self._remote_error(exc, job.remote) from exc
-        run_parallel(pending, lambda pair, _view: self._rename(job, *pair), self.threads, job.abort)
+
+        def commit(item: tuple[str, str, str], view: memoryview) -> None:
+            temp, final, rel = item
+            self._rename(job, temp, final)
+            self._read_back(job, rel, final, view)
+
+        run_parallel(pending, commit, self.threads, job.abort)
+
+    def _read_back(self, job: _Push, rel: str, final: str, view: memoryview) -> None:
+        """Hash a durable file as the share stores it (cached pages dropped), for the coming manifest.
+
+        Best effort: any error leaves the file to be read by the remote manifest.
+        """
+        try:
+            fd, info = open_regular(final)
+        except OSError:
+            return
+        try:
+            drop_page_cache_fd(fd, sync=False)  # durable already (fsync or syncfs): its pages are clean
+            digest = bytes.fromhex(hash_fd(fd, view))
+            after = os.fstat(fd)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        key = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if key == (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns):
+            with job.lock:
+                job.read_back[rel] = (*key, digest)
 
     def _set_dir_times(self, job: _Push, run: Path, local_dirs: list[str]) -> None:
         # Deepest first: setting a folder's time must come after every change inside it.
@@ -706,11 +776,30 @@ class MountTransport(Transport):
         """
         return await asyncio.to_thread(self._remote_manifest, Path(run_path))
 
+    def _take_read_back(self, remote: str) -> dict[str, tuple[int, int, int, int, bytes]]:
+        """The read-back hashes of the last push to ``remote``, once, when fresh; else {}."""
+        with self._read_backs_lock:
+            ended, read_back = self._read_backs.pop(remote, (0.0, {}))
+        return read_back if time.monotonic() - ended <= READ_BACK_TTL_S else {}
+
     def _remote_manifest(self, run: Path) -> RemoteManifest:
         self._require_mounted()
         remote = self.remote_run_path(run)
+        read_back = self._take_read_back(remote)
+        hashes: dict[str, str] = {}
         try:
-            listed = [(e.rel, e.path) for e in scan_run(remote, include_metadata=True) if not e.is_dir]
+            listed = []
+            for entry in scan_run(remote, include_metadata=True, with_stat=bool(read_back)):
+                if entry.is_dir:
+                    continue
+                known = read_back.get(entry.rel)
+                info = entry.stat
+                # Read back by the push and not changed since (a rewrite changes the ctime).
+                if known is not None and known[:4] == (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns):
+                    hashes[entry.rel] = known[4].hex()
+                else:
+                    listed.append((entry.rel, entry.path))
+            del read_back
         except FileNotFoundError:
             self._require_mounted()
             return RemoteManifest(hashes={})
@@ -725,7 +814,6 @@ class MountTransport(Transport):
                 synced = True
             except OSError:
                 synced = False
-        hashes: dict[str, str] = {}
         unverifiable: dict[str, str] = {}
 
         def work(item: tuple[str, str], view: memoryview) -> None:

@@ -7,19 +7,23 @@ the push raises ``REMOTE_CONFLICT`` without writing. Then ``rclone copy
 --checksum`` with ``--bwlimit`` as an rclone timetable of the equipment's
 schedule (the limit changes mid-transfer on rclone's own clock) and
 ``--retries 1`` (the engine owns the retry policy, and rclone's own retry
-would hide a local file that vanished mid-transfer). Symlinks are skipped
-(never ``--links``/``--copy-links``). Files in ``rewrite`` are sent first with
-``copyto --ignore-times``.
+would hide a local file that vanished mid-transfer) and ``--ignore-checksum``
+(no post-copy hash check: the verify pass compares every file's SHA-256
+anyway, and the check would hash each file on the remote a second time).
+Symlinks are skipped (never ``--links``/``--copy-links``). Files in
+``rewrite`` are sent first with ``copyto --ignore-times``.
 
 Remote manifest: ``rclone lsjson -R --hash-type sha256`` when the backend
-hashes SHA-256 natively (asked once with ``rclone backend features``);
-otherwise every file up to ``verify_max_stream_bytes`` is downloaded and
+hashes SHA-256 natively (asked once with ``rclone backend features``; a
+backend that does not list it, such as sftp with ``sha256sum_command``, is
+tried once: it counts as native only if it hashed every file); otherwise every file up to ``verify_max_stream_bytes`` is downloaded and
 hashed by ``rclone rc --loopback operations/hashsum`` with ``download=true``
 (JSON too); larger files are reported ``verify_skipped_oversize``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -58,7 +62,11 @@ __all__ = [
 
 K = TransportErrorKind
 OVERSIZE = "verify_skipped_oversize"
-_PARTIAL_RE = re.compile(r"^(?P<base>.+)\.[0-9a-f]{8}\.partial$")
+#: rclone's leftover of an interrupted upload: ``<leaf>.<8 hex>.partial`` beside the file
+#: (any character, newline included, may be in the leaf)
+_PARTIAL_RE = re.compile(r"(?P<base>.+)\.[0-9a-f]{8}\.partial", re.DOTALL)
+#: a leaf longer than this many bytes is cut so that its partial name is no longer than it
+_PARTIAL_TRUNCATE_OVER = 100
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 #: flags on every rclone call: fail fast on a dead remote, let the engine retry
 _COMMON = ["--contimeout", "15s", "--low-level-retries", "3"]
@@ -244,7 +252,11 @@ class RcloneTransport(Transport):
         self._now = now or (lambda: dt.datetime.now().astimezone())
         self.verify_max_stream_bytes = verify_max_stream_bytes
         self._rclone = rclone
+        #: True: the backend hashes SHA-256 itself; False: it cannot (download and hash here);
+        #: None: ``backend features`` did not list it, which some backends do although they can
+        #: (sftp with ``sha256sum_command``): the first manifest finds out.
         self._native_sha256: bool | None = None
+        self._probed = False
 
     def _fs(self, run_path: Path) -> str:
         """The run's remote folder in rclone's notation (``remote:path/rel``)."""
@@ -262,18 +274,29 @@ class RcloneTransport(Transport):
 
     async def probe(self, run_path: object = None) -> TransportCapabilities:
         """Ask the backend once whether it hashes SHA-256; returns the capabilities."""
-        if self._native_sha256 is None:
+        if not self._probed:
             argv = [*self._base(), *_PROBE_FLAGS, "backend", "features", "--", self.config.remote_root]
             result = await run_tool(argv, timeout=120, log=self.log, run_path=run_path, step="features", quiet=True)
             if result.returncode != 0:
-                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features")
+                error = transport_error("rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features")
+                if error.kind == K.UNKNOWN:
+                    # rclone's words can mislead here (a dead S3 endpoint gives "is a file not a
+                    # directory"): let a listing of the root say why, so that down is NETWORK
+                    listed = await run_tool([*self._base(), *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only",
+                                             "--no-mimetype", "--", self.config.remote_root],
+                                            timeout=60, log=self.log, run_path=run_path, step="root_check", quiet=True)  # fmt: skip
+                    if listed.returncode != 0:
+                        error = transport_error("rclone", listed.returncode, rclone_text(listed.stderr),
+                                                f"reaching {self.config.remote_root}")  # fmt: skip
+                raise error
             hashes = [str(h).lower() for h in json.loads(result.stdout).get("Hashes") or []]
-            self._native_sha256 = "sha256" in hashes
+            self._probed = True
+            self._native_sha256 = True if "sha256" in hashes else None
             self.capabilities = TransportCapabilities(
-                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True
+                hashes_while_sending=False, remote_hashing=bool(self._native_sha256), follows_schedule=True
             )
             self.log.info(run_path, "rclone_backend", remote=self.config.rclone_remote, hashes=",".join(hashes) or "none",
-                          remote_hashing=self._native_sha256)  # fmt: skip
+                          remote_hashing="untried" if self._native_sha256 is None else self._native_sha256)  # fmt: skip
         return self.capabilities
 
     # ---------------------------------------------------------------- push
@@ -293,6 +316,7 @@ class RcloneTransport(Transport):
         bwlimit_kibps: int | None,
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
+        cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
         run_path = Path(os.path.abspath(run_path))
         if not run_path.is_dir():
@@ -305,6 +329,11 @@ class RcloneTransport(Transport):
             if path not in local.files:
                 raise TransportError(K.LOCAL_FILE_VANISHED, f"{path!r} must be sent again but is no longer in the run")
 
+        if not self._probed:
+            # Ask the backend's features while the push runs (the verify pass needs them next);
+            # a failed probe is simply asked again by remote_manifest.
+            probing = asyncio.ensure_future(self.probe(run_path))
+            probing.add_done_callback(lambda task: task.cancelled() or task.exception())
         listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step="conflict_check")
         if listed.returncode == 3:
             remote: dict[str, int] = {}
@@ -313,6 +342,7 @@ class RcloneTransport(Transport):
         else:
             remote = _listing(listed.stdout)
         junk, foreign = _sort_extras(local, remote)
+        foreign = [p for p in foreign if p not in cleaned]  # our verified files whose local copies were cleaned
         if foreign:
             shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(foreign), examples=shown)
@@ -334,7 +364,10 @@ class RcloneTransport(Transport):
             bytes_sent += local.files[path]
 
         stats = _Stats(progress)
-        argv = [*self._base(), *_COMMON, "--retries", "1", *bw, "copy", "--checksum",
+        # --ignore-checksum: no post-copy hash check. The verify pass that follows compares the
+        # SHA-256 of every remote file with the local run anyway; rclone's own check would hash
+        # each file on the remote a second time (on sftp, one remote command per file).
+        argv = [*self._base(), *_COMMON, "--retries", "1", *bw, "copy", "--checksum", "--ignore-checksum",
                 "--use-json-log", "--stats", "1s", "--stats-log-level", "NOTICE",
                 "--", encode_name(str(run_path)), fs]  # fmt: skip
         result = await run_tool(argv, on_stderr=stats, log=self.log, run_path=run_path, step="push")
@@ -358,12 +391,8 @@ class RcloneTransport(Transport):
         fs = self._fs(Path(os.path.abspath(run_path)))
         base = self._base() + _COMMON
         await self.probe(run_path)
-        if not self._native_sha256:
-            manifest = await download_manifest(base, fs, self.config.remote_root, self.verify_max_stream_bytes,
-                                               log=self.log, run_path=run_path)  # fmt: skip
-            self.log.info(run_path, "remote_manifest", tool="rclone_download", files=len(manifest.hashes),
-                          unverifiable=len(manifest.unverifiable))  # fmt: skip
-            return manifest
+        if self._native_sha256 is False:
+            return await self._download_manifest(base, fs, run_path)
         listed = await _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_hash",
                                extra=["--hash", "--hash-type", "sha256"])  # fmt: skip
         if listed.returncode == 3:
@@ -383,8 +412,25 @@ class RcloneTransport(Transport):
                 hashes[path] = digest.lower()
             else:
                 unverifiable[path] = "remote_read_error"
+        if self._native_sha256 is None and (hashes or unverifiable):
+            # Not listed as a feature: trust the backend's hashing only when it hashed every file.
+            self._native_sha256 = not unverifiable
+            self.capabilities = TransportCapabilities(
+                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True
+            )
+            self.log.info(run_path, "rclone_backend_hashes_sha256", remote=self.config.rclone_remote,
+                          remote_hashing=self._native_sha256)  # fmt: skip
+            if not self._native_sha256:
+                return await self._download_manifest(base, fs, run_path)
         self.log.info(run_path, "remote_manifest", tool="rclone_lsjson", files=len(hashes), unverifiable=len(unverifiable))
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+    async def _download_manifest(self, base: list[str], fs: str, run_path: Path) -> RemoteManifest:
+        manifest = await download_manifest(base, fs, self.config.remote_root, self.verify_max_stream_bytes,
+                                           log=self.log, run_path=run_path)  # fmt: skip
+        self.log.info(run_path, "remote_manifest", tool="rclone_download", files=len(manifest.hashes),
+                      unverifiable=len(manifest.unverifiable))  # fmt: skip
+        return manifest
 
     # ------------------------------------------------------------- reachable
 
@@ -435,9 +481,35 @@ def _sort_extras(local: LocalTree, remote: dict[str, int]) -> tuple[list[str], l
     for path in sorted(remote):
         if path in local.files or path.split("/", 1)[0] == METADATA_DIR:
             continue
-        match = _PARTIAL_RE.match(path)
-        if match and match.group("base") in local.files:
+        if _is_own_partial(path, local):
             junk.append(path)
         else:
             foreign.append(path)
     return junk, foreign
+
+
+def _is_own_partial(path: str, local: LocalTree) -> bool:
+    """Is ``path`` rclone's partial upload of a file of this run (same folder, rclone's naming)?
+
+    rclone names it ``<leaf>.<8 hex>.partial``; a leaf over 100 bytes is first
+    cut (at a character boundary) so that the partial name is no longer than
+    the leaf itself. Anything else is not ours.
+    """
+    folder, _, leaf = path.rpartition("/")
+    match = _PARTIAL_RE.fullmatch(leaf)
+    if match is None:
+        return False
+    base = match.group("base")
+    prefix = f"{folder}/" if folder else ""
+    if prefix + base in local.files:
+        return True
+    cut = base.encode("utf-8", errors="surrogateescape")
+    limit = len(leaf.encode("utf-8", errors="surrogateescape"))
+    for name in local.files:
+        if not name.startswith(prefix) or "/" in name[len(prefix):]:
+            continue
+        whole = name[len(prefix):].encode("utf-8", errors="surrogateescape")
+        # cut to fit exactly, or up to 3 bytes shorter to end on a whole UTF-8 character
+        if len(whole) > _PARTIAL_TRUNCATE_OVER and len(whole) - 3 <= limit <= len(whole) and whole.startswith(cut):
+            return True
+    return False

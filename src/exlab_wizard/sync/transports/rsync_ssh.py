@@ -16,7 +16,14 @@ equipment's schedule the transfer is stopped and started again with the new
 Remote manifest: the fastest SHA-256 tool of the host (probed once per host:
 ``python3`` with OpenSSL's hashlib, ``openssl``, ``sha256sum -z``) runs over
 the remote run folder through ssh, every path shell-quoted and every output
-record NUL-separated. A remote that refuses commands (an rrsync or
+record NUL-separated. Where the remote has python3, the large files a push
+sends are hashed there while the push still runs, each once rsync has renamed
+it into place; the verify pass reuses such a hash only when the file's inode
+(device, inode, size, mtime and ctime) is unchanged since it was read, and
+hashes everything else itself. When this CPU has AES instructions and no
+ssh_config chose the ciphers, AES-GCM is put first in ssh's own list (the
+bulk encryption is a large part of a push's CPU; see
+:func:`preferred_ciphers`). A remote that refuses commands (an rrsync or
 ``internal-sftp`` account) is read back instead -- with rsync, else over sftp
 (rclone's sftp backend) -- and hashed here, each file up to
 ``verify_max_stream_bytes``; larger files are reported ``verify_skipped_oversize``.
@@ -25,6 +32,7 @@ record NUL-separated. A remote that refuses commands (an rrsync or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -40,7 +48,7 @@ from pathlib import Path
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
-from exlab_wizard.sync.transports._process import LocalTree, ToolResult, local_tree, run_tool
+from exlab_wizard.sync.transports._process import LocalTree, ToolResult, _stop, local_tree, run_tool
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     ProgressCallback,
@@ -63,9 +71,12 @@ OVERSIZE = "verify_skipped_oversize"
 #: (the fallback for a remote that refuses commands).
 STREAM_BATCH_BYTES = 256 << 20
 STREAM_BATCH_FILES = 2000
+#: Files at least this large are hashed on the remote while the rest of the push is sent
+#: (smaller ones cost more to watch than to hash in the verify pass).
+HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
 
 # rsync's temporary name for ``name`` while receiving it: ".name.XXXXXX".
-_RSYNC_TMP_RE = re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9]{6}$")
+_RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
 _LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
 _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
 _PROGRESS_RE = re.compile(rb"^\s*(\d+)\s+\d+%")
@@ -81,35 +92,157 @@ from concurrent.futures import ThreadPoolExecutor
 run, root = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
 if not os.path.isdir(run):
     sys.exit(0 if os.path.isdir(root) else 3)
-def digest(path):
+# stdin: hashes taken while the push ran, "<hex>  <identity>  <path>\0" (see _PY_WATCH);
+# one is reused only when the file's inode is unchanged since it was read.
+known = {}
+for rec in sys.stdin.buffer.read().split(b"\0"):
+    if len(rec) > 68 and rec[64:66] == b"  ":
+        ident, _, rel = rec[66:].partition(b"  ")
+        known[rel] = (ident, rec[:64].decode())
+def identity(st):
+    return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+SMALL = 1 << 20
+def hash_fd(fd, size):
     h = hashlib.sha256()
+    if size <= SMALL:
+        while True:
+            chunk = os.read(fd, SMALL + 1)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
     buf = bytearray(1 << 20)
     view = memoryview(buf)
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            return h.hexdigest()
+        h.update(view[:n])
+def digest(path, rel):
+    # -> (hex, "ERR<errno>" or None when not a regular file; None) or (None, path of a large file)
     try:
-        with open(path, "rb", buffering=0) as f:
+        fd = os.open(path, FLAGS)
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0), None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, None
+        seen = known.get(rel)
+        if seen is not None and seen[0] == identity(st):
+            return seen[1], None
+        if st.st_size > SMALL:
+            return None, path
+        return hash_fd(fd, st.st_size), None
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0), None
+    finally:
+        os.close(fd)
+def hash_large(path):
+    try:
+        fd = os.open(path, FLAGS)
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0)
+    try:
+        return hash_fd(fd, SMALL + 1)
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0)
+    finally:
+        os.close(fd)
+out = sys.stdout.buffer
+cut = len(run.rstrip(b"/")) + 1
+large = []
+with ThreadPoolExecutor(4) as pool:
+    stack = [run]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            rel = entry.path[cut:]
+            hexdigest, pending = digest(entry.path, rel)
+            if pending is not None:
+                large.append((rel, pool.submit(hash_large, pending)))
+            elif hexdigest is not None:
+                out.write(hexdigest.encode() + b"  " + rel + b"\0")
+    for rel, future in large:
+        out.write(future.result().encode() + b"  " + rel + b"\0")
+out.flush()
+"""
+# Hashing while sending: argument <run folder>; stdin "<path>\0<size>\0<mtime s>\0" per
+# file the push is about to send, then "\0", then nothing until the push ends (EOF).
+# Until then, each of those files is hashed as soon as it is complete under its final
+# name (rsync renames a file into place only once it is whole, with its size and mtime
+# set) and printed as "<hex>  <dev:ino:size:mtime_ns:ctime_ns>  <path>\0" -- the inode's
+# identity before and after the read, which must agree. At EOF it stops.
+_PY_WATCH = r"""
+import hashlib, os, stat, sys, threading
+run = os.fsencode(sys.argv[1])
+data = b""
+while b"\0\0" not in data:
+    chunk = os.read(0, 1 << 16)
+    if not chunk:
+        break
+    data += chunk
+f = data.partition(b"\0\0")[0].split(b"\0")
+pending = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - 2, 3)}
+done = threading.Event()
+def wait_eof():
+    while os.read(0, 1 << 16):
+        pass
+    done.set()
+threading.Thread(target=wait_eof, daemon=True).start()
+def identity(st):
+    return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+out = sys.stdout.buffer
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+while pending and not done.is_set():
+    ready = []
+    for rel, (size, mtime) in pending.items():
+        try:
+            st = os.lstat(os.path.join(run, rel))
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns // 1000000000 == mtime:
+            ready.append((rel, st))
+    if not ready:
+        done.wait(0.05)
+    for rel, st in ready:
+        if done.is_set():
+            break
+        del pending[rel]
+        try:
+            fd = os.open(os.path.join(run, rel), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if identity(os.fstat(fd)) != identity(st):
+                continue
+            h = hashlib.sha256()
             while True:
-                n = f.readinto(buf)
+                n = os.readv(fd, [buf])
                 if not n:
                     break
                 h.update(view[:n])
-    except OSError as e:
-        return "ERR%d" % (e.errno or 0)
-    return h.hexdigest()
-files = []
-for folder, dirs, names in os.walk(run):
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                files.append(path)
+            if identity(os.fstat(fd)) != identity(st):
+                continue
         except OSError:
-            pass
-cut = len(run.rstrip(b"/")) + 1
-out = sys.stdout.buffer
-with ThreadPoolExecutor(4) as pool:
-    for path, hexdigest in zip(files, pool.map(digest, files)):
-        out.write(hexdigest.encode() + b"  " + path[cut:] + b"\0")
-out.flush()
+            continue
+        finally:
+            os.close(fd)
+        out.write(h.hexdigest().encode() + b"  " + identity(st) + b"  " + rel + b"\0")
+        out.flush()
 """
 _SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
@@ -130,6 +263,53 @@ _TOOL_RANK = ("python3-openssl", "openssl", "sha256sum", "python3-builtin")
 # One probe per host for the whole process: (target, port, key, known_hosts) -> tool or None.
 _HOST_TOOLS: dict[tuple[str, int, str, str], str | None] = {}
 _RSYNC_VERSIONS: dict[str, tuple[int, ...]] = {}
+# Cipher list per host, decided once: (target, port, key, known_hosts) -> "-o Ciphers" value or None.
+_CIPHERS: dict[tuple[str, int, str, str], str | None] = {}
+_AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _cpu_has_aes() -> bool:
+    """Does this CPU have AES instructions (x86 ``aes`` flag, ARM ``aes`` feature)?"""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() in ("flags", "Features") and "aes" in value.split():
+            return True
+    return False
+
+
+def _ssh_ciphers(argv: list[str]) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout
+    for line in out.splitlines():
+        if line.startswith("ciphers "):
+            return line.split(None, 1)[1].strip().split(",")
+    return []
+
+
+def preferred_ciphers(ssh_argv: list[str], target: str) -> str | None:
+    """ssh's own cipher list with AES-GCM moved first, or None to leave ssh's choice alone.
+
+    Only when this CPU has AES instructions and the list in force for ``target``
+    is ssh's built-in default (nobody chose one in an ssh_config). On such CPUs
+    AES-GCM costs a fraction of the default chacha20-poly1305, and the bulk
+    transfer's encryption is a large share of a push's CPU; every cipher of the
+    default list stays in it, so a server without AES-GCM still connects.
+    """
+    if not _cpu_has_aes():
+        return None
+    try:
+        default = _ssh_ciphers([ssh_argv[0], "-F", os.devnull, "-G", "localhost"])
+        effective = _ssh_ciphers([*ssh_argv, "-G", target])
+    except Exception:  # noqa: BLE001 - an optimisation: any trouble leaves ssh's choice alone
+        return None
+    if not default or effective != default or not all(c in default for c in _AES_GCM):
+        return None
+    return ",".join([*_AES_GCM, *(c for c in default if c not in _AES_GCM)])
 
 
 def rsync_version(rsync: str) -> tuple[int, ...]:
@@ -217,6 +397,8 @@ class RsyncSshTransport(Transport):
     ``now``: the clock for the bandwidth schedule (aware local time).
     ``verify_max_stream_bytes``: largest file read back for hashing when the
     remote refuses commands.
+    ``prefer_aes_gcm``: put AES-GCM first in ssh's default cipher list where
+    this CPU has AES instructions (see :func:`preferred_ciphers`).
     """
 
     capabilities = TransportCapabilities(hashes_while_sending=False, remote_hashing=True, follows_schedule=True)
@@ -231,6 +413,7 @@ class RsyncSshTransport(Transport):
         connect_timeout_s: float = 10.0,
         io_timeout_s: int = 120,
         multiplex: bool = True,
+        prefer_aes_gcm: bool = True,
     ):
         super().__init__(equipment)
         if not isinstance(equipment.transport, RsyncSshTransportConfig):
@@ -242,6 +425,9 @@ class RsyncSshTransport(Transport):
         self.connect_timeout_s = connect_timeout_s
         self.io_timeout_s = io_timeout_s
         self.multiplex = multiplex
+        self.prefer_aes_gcm = prefer_aes_gcm
+        #: run path -> hashes the remote took while the last push of that run was sent
+        self._sent_hashes: dict[str, bytes] = {}
 
     # ----------------------------------------------------------------- tools
 
@@ -267,6 +453,12 @@ class RsyncSshTransport(Transport):
         if cfg.ssh_known_hosts is not None:
             known = _ssh_path(cfg.ssh_known_hosts)
             argv += ["-o", f'UserKnownHostsFile="{known}"' if " " in known else f"UserKnownHostsFile={known}"]
+        if self.prefer_aes_gcm:
+            key = self._host_key()
+            if key not in _CIPHERS:
+                _CIPHERS[key] = preferred_ciphers(argv, cfg.ssh_target)
+            if _CIPHERS[key]:
+                argv += ["-o", f"Ciphers={_CIPHERS[key]}"]
         if self.multiplex:
             # Reuse one authenticated connection for the listing, the transfer
             # and the hashing of a run (a handshake costs ~0.1-0.3 s each).
@@ -307,16 +499,26 @@ class RsyncSshTransport(Transport):
         bwlimit_kibps: int | None,
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
+        cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
         run_path = Path(os.path.abspath(run_path))
         if not run_path.is_dir():
             raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
         remote_run = self.remote_run_path(run_path)
-        local = local_tree(run_path)
-        rewrite_paths = sorted(self._checked_rewrite(local, rewrite))
-
-        listing = await self._list_remote(run_path, remote_run, step="conflict_check")
+        self._sent_hashes.pop(str(run_path), None)
+        # The remote listing (a round trip, and the ssh handshake) runs while the local run is walked.
+        listing_task = asyncio.ensure_future(self._list_remote(run_path, remote_run, step="conflict_check"))
+        try:
+            local = await asyncio.to_thread(local_tree, run_path)
+            rewrite_paths = sorted(self._checked_rewrite(local, rewrite))
+        except BaseException:
+            listing_task.cancel()
+            with contextlib.suppress(BaseException):
+                await listing_task
+            raise
+        listing = await listing_task
         junk, foreign = _sort_extras(local, listing or {})
+        foreign = [p for p in foreign if p not in cleaned]  # our verified files whose local copies were cleaned
         if foreign:
             shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(foreign), examples=shown)
@@ -325,6 +527,12 @@ class RsyncSshTransport(Transport):
                 f"remote run folder {remote_run} already holds {len(foreign)} file(s) that are not in this run "
                 f"({shown}); nothing was written",
             )
+
+        if self._host_key() not in _HOST_TOOLS:
+            # Learn the host's SHA-256 tool while rsync runs (the verify pass needs it next);
+            # a failed probe is simply asked again by remote_manifest.
+            probing = asyncio.ensure_future(self.hash_tool(run_path))
+            probing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
         files_sent = bytes_sent = 0
         common = ["-a", "--no-links", "--no-D", "--mkpath", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
@@ -339,15 +547,56 @@ class RsyncSshTransport(Transport):
                 step="rewrite",
             )
             files_sent, bytes_sent = _stats(result.stdout)
-        result = await self._rsync_following_schedule(
-            run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
-        )
+        watcher = await self._hash_while_sending(run_path, remote_run, local, listing or {})
+        try:
+            result = await self._rsync_following_schedule(
+                run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
+            )
+        except BaseException:
+            if watcher is not None:
+                await asyncio.shield(watcher.abort())
+            raise
+        if watcher is not None:
+            self._sent_hashes[str(run_path)] = await watcher.finish()
         files, size = _stats(result.stdout)
         files_sent, bytes_sent = files_sent + files, bytes_sent + size
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
         self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent)
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+
+    async def _hash_while_sending(
+        self, run_path: Path, remote_run: str, local: LocalTree, remote: dict[str, _Entry]
+    ) -> _RemoteWatcher | None:
+        """Start hashing, on the remote, the large files this push sends, each as soon as it lands.
+
+        Only where python3 may run remotely (not a host known to refuse commands
+        or to lack python3); a remote without it simply yields nothing, and every
+        file it did not hash is hashed by the verify pass as before.
+        """
+        tool = _HOST_TOOLS.get(self._host_key(), "python3")
+        if tool is None or not tool.startswith("python3"):
+            return None
+        header = bytearray()
+        for rel, size in local.files.items():
+            entry = remote.get(rel)
+            if size < HASH_WHILE_SENDING_MIN_BYTES or (entry is not None and entry.size == size):
+                continue  # small, or probably not sent again (same size): left to the verify pass
+            try:
+                mtime = os.lstat(run_path / rel).st_mtime_ns // 1_000_000_000
+            except OSError:
+                continue
+            header += os.fsencode(rel) + b"\0%d\0%d\0" % (size, mtime)
+        if not header:
+            return None
+        argv = [*self._ssh_argv(), self.config.ssh_target,
+                f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}"]  # fmt: skip
+        watcher = _RemoteWatcher()
+        try:
+            await watcher.start(argv, bytes(header) + b"\0")
+        except OSError:
+            return None
+        return watcher
 
     @staticmethod
     def _checked_rewrite(local: LocalTree, rewrite: Iterable[str]) -> list[str]:
@@ -437,8 +686,9 @@ class RsyncSshTransport(Transport):
             return await self._streamed_manifest(run_path, remote_run)
         root = self.config.remote_root
         args = f"{shlex.quote(remote_run)} {shlex.quote(root)}"
+        sent = self._sent_hashes.pop(str(run_path), b"")
         if tool.startswith("python3"):
-            command, stdin = f"python3 - {args}", _PY_HASH.encode()
+            command, stdin = f"python3 -c {shlex.quote(_PY_HASH)} {args}", sent
         elif tool == "openssl":
             command, stdin = f"sh -c {shlex.quote(_SH_OPENSSL)} sh {args}", None
         else:
@@ -453,6 +703,7 @@ class RsyncSshTransport(Transport):
             # some files could not be read (xargs 123): they are absent, hence never verified
             self.log.warning(run_path, "remote_hash_incomplete", rc=result.returncode, hashed=len(manifest.hashes))
         self.log.info(run_path, "remote_manifest", tool=tool, files=len(manifest.hashes),
+                      hashed_while_sending=sent.count(b"\0") if tool.startswith("python3") else 0,
                       unverifiable=len(manifest.unverifiable))  # fmt: skip
         return manifest
 
@@ -554,6 +805,52 @@ class RsyncSshTransport(Transport):
 # --------------------------------------------------------------------- helpers
 
 
+class _RemoteWatcher:
+    """The remote ``_PY_WATCH`` process: fed its file list, stopped by closing its stdin."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.Future[bytes] | None = None
+
+    async def start(self, argv: list[str], header: bytes) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.reader = asyncio.ensure_future(self.proc.stdout.read())
+        try:
+            self.proc.stdin.write(header)
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it could not start (no python3): it yields nothing
+
+    async def finish(self, timeout: float = 300.0) -> bytes:
+        """Stop watching; the records of every file hashed so far (``b""`` on any trouble)."""
+        assert self.proc is not None and self.reader is not None
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            out = await asyncio.wait_for(asyncio.shield(self.reader), timeout)
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except (OSError, asyncio.TimeoutError):
+            await self.abort()
+            return b""
+        except BaseException:
+            await asyncio.shield(self.abort())
+            raise
+        # only whole records of a process that ended well
+        return out[: out.rfind(b"\0") + 1] if self.proc.returncode == 0 else b""
+
+    async def abort(self) -> None:
+        if self.proc is not None:
+            await _stop(self.proc)
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self.reader
+
+
 class _ProgressParser:
     """Turn rsync ``--info=progress2`` totals into byte deltas for a progress callback."""
 
@@ -595,7 +892,7 @@ def _sort_extras(local: LocalTree, remote: dict[str, _Entry]) -> tuple[list[str]
             continue
         if parts[0] == METADATA_DIR:
             continue  # metadata pushed earlier (logs, an older manifest): ours, never a conflict
-        match = _RSYNC_TMP_RE.match(parts[-1])
+        match = _RSYNC_TMP_RE.fullmatch(parts[-1])
         if match and entry.kind == "f":
             parent = "/".join(parts[:-1])
             base = match.group("base")

@@ -1,0 +1,395 @@
+"""One conformance suite, run against every transport.
+
+Each transport is a few lines of fixture (:class:`Remote`): how to build its
+equipment, where the run lands on the server's disk (so a test can look at,
+damage or plant files there without going through the transport), an
+equipment whose server is down, and the name the transport gives its own
+leftover of an interrupted upload. The tests are the same for all:
+
+- hostile, nested and empty files arrive byte for byte, symlinks are not
+  copied, and the remote manifest equals the local hashes;
+- a second push sends nothing and rewrites nothing;
+- someone else's files make the push fail ``remote_conflict`` and stay as they
+  were, even when named like a leftover of a file this run does not have;
+- our own leftovers are no conflict and are gone after the push;
+- reachable() is true; with the server down (or the share unmounted) it is
+  false, and push and remote_manifest raise ``network`` -- an unreachable
+  remote is never an empty one;
+- the manifest of a run folder that is not there yet is empty;
+- the manifest shows what the remote holds: a corrupted byte (size and mtime
+  kept), a truncated, a deleted and an added file;
+- ``rewrite`` sends again a file damaged on the remote with size and mtime kept;
+- files named in ``cleaned`` (local copies deleted by cleanup) are ours, not
+  a conflict, and are left as they are.
+
+Backends: mount (a folder with the mount marker), rsync_ssh (the test sshd),
+rclone to sftp (the same sshd) and rclone to an S3 object store (``rclone
+serve s3`` on loopback). A missing tool fails the test, never skips it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.transports import make_transport
+from exlab_wizard.sync.transports.base import Transport, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.mount import is_temp_name
+from tests.fixtures.sshd import RW_USER, free_port
+from tests.transports.test_rsync_ssh import (
+    EQUIPMENT,
+    HOSTILE,
+    RUN_REL,
+    assert_sha256sum_check,
+    make_run,
+    tree,
+)
+from tests.transports.test_rsync_ssh import equipment as rsync_equipment
+
+pytestmark = pytest.mark.network
+K = TransportErrorKind
+BACKENDS = ["mount", "rsync_ssh", "rclone_sftp", "rclone_s3"]
+#: the mount transport's temporary name while writing ``name`` (``.<name>.exlab-tmp-<hex>``)
+MOUNT_TMP = ".{}.exlab-tmp-0123456789ab"
+
+
+def sha256(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def data_only(hashes: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in hashes.items() if not k.startswith(".exlab-wizard/")}
+
+
+def file_ids(root: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of every file: a rewrite or a touch shows as a change."""
+    out = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            info = os.lstat(os.path.join(folder, name))
+            out[Path(folder, name).relative_to(root).as_posix()] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return out
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, tuple[int, int, int]]]:
+    ids = file_ids(root)
+    return {name: (data, ids[name]) for name, data in tree(root).items()}
+
+
+@dataclass
+class Remote:
+    """One transport and its server, as the conformance tests see them."""
+
+    name: str
+    #: equipment whose runs live under ``local_root`` and land on the working server
+    equipment: Callable[[Path], EquipmentConfig]
+    #: the same equipment with the server down (or the share unmounted)
+    down: Callable[[Path], EquipmentConfig]
+    #: the server's folder on disk where the run ``RUN_REL`` lands
+    run_on_disk: Path
+    #: the transport's own leftover of an interrupted upload of ``name`` (a leaf name)
+    leftover: Callable[[str], str]
+    #: a leftover-shaped name is ours only when its file is in the run (rsync and
+    #: rclone names are shared with anyone using those tools); the mount
+    #: transport's temporary names are its own alone
+    leftover_needs_run_file: bool = True
+    #: wait until files written straight to disk are seen through the server
+    settle: Callable[[], None] = lambda: None
+
+    def transport(self, eq: EquipmentConfig) -> Transport:
+        return make_transport(eq)
+
+
+def _with_port(conf: Path, old: str, new: str) -> Path:
+    text = conf.read_text()
+    assert old in text, (old, text)
+    down = conf.with_name(conf.stem + "-down.conf")
+    down.write_text(text.replace(old, new))
+    return down
+
+
+def _rclone_equipment(local_root: Path, remote: str, remote_path: str, config: Path) -> EquipmentConfig:
+    transport = {"type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)}
+    return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root), "transport": transport})
+
+
+def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    (nas / ".exlab-nas").write_text("marker\n")
+
+    def equipment(local_root: Path, mount_path: Path = nas) -> EquipmentConfig:
+        return EquipmentConfig.model_validate(
+            {"id": EQUIPMENT, "local_root": str(local_root), "transport": {"type": "mount", "mount_path": str(mount_path)}}
+        )
+
+    def down(local_root: Path) -> EquipmentConfig:
+        bare = tmp_path / "unmounted"  # the bare folder an unmounted share leaves: no marker
+        bare.mkdir(exist_ok=True)
+        return equipment(local_root, bare)
+
+    assert is_temp_name(MOUNT_TMP.format("x"))
+    return Remote("mount", equipment, down, nas / RUN_REL, MOUNT_TMP.format, leftover_needs_run_file=False)
+
+
+def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    sshd = request.getfixturevalue("sshd")
+    remote_dir = request.getfixturevalue("remote_dir")
+
+    def equipment(local_root: Path) -> EquipmentConfig:
+        assert local_root.name == "lab"
+        return rsync_equipment(local_root.parent, sshd, remote_dir)
+
+    def down(local_root: Path) -> EquipmentConfig:
+        eq = equipment(local_root)
+        return eq.model_copy(update={"transport": eq.transport.model_copy(update={"ssh_port": free_port()})})
+
+    return Remote("rsync_ssh", equipment, down, remote_dir / RUN_REL, lambda name: f".{name}.Ab12Cd")
+
+
+def _rclone_sftp(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    sshd = request.getfixturevalue("sshd")
+    remote_dir = request.getfixturevalue("remote_dir")
+    conf = request.getfixturevalue("rclone_sftp_config")(sshd)
+
+    def equipment(local_root: Path) -> EquipmentConfig:
+        return _rclone_equipment(local_root, "labsftp", str(remote_dir), conf)
+
+    def down(local_root: Path) -> EquipmentConfig:
+        dead = _with_port(conf, f"port = {sshd.port}\n", f"port = {free_port()}\n")
+        return _rclone_equipment(local_root, "labsftp", str(remote_dir), dead)
+
+    return Remote("rclone_sftp", equipment, down, remote_dir / RUN_REL, lambda name: f"{name}.0123abcd.partial")
+
+
+def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    server = request.getfixturevalue("s3_server")
+    conf = request.getfixturevalue("s3_rclone_config")()
+    prefix = f"conformance-{uuid.uuid4().hex[:10]}"
+
+    def equipment(local_root: Path) -> EquipmentConfig:
+        return _rclone_equipment(local_root, "labs3", f"{server.bucket}/{prefix}", conf)
+
+    def down(local_root: Path) -> EquipmentConfig:
+        dead = _with_port(conf, f"127.0.0.1:{server.port}\n", f"127.0.0.1:{free_port()}\n")
+        return _rclone_equipment(local_root, "labs3", f"{server.bucket}/{prefix}", dead)
+
+    on_disk = server.data_dir / server.bucket / prefix / RUN_REL
+    return Remote("rclone_s3", equipment, down, on_disk, lambda name: f"{name}.0123abcd.partial", settle=server.settle)
+
+
+_FACTORIES = {"mount": _mount, "rsync_ssh": _rsync_ssh, "rclone_sftp": _rclone_sftp, "rclone_s3": _rclone_s3}
+
+
+@pytest.fixture(params=BACKENDS)
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    return _FACTORIES[request.param](request, tmp_path)
+
+
+@pytest.fixture
+def local_root(tmp_path: Path) -> Path:
+    return tmp_path / "lab"
+
+
+def put_on_disk(remote: Remote, files: dict[str, bytes]) -> None:
+    """Write files straight into the server's copy of the run, as someone else would."""
+    for name, data in files.items():
+        path = remote.run_on_disk / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    for folder, _dirs, _files in os.walk(remote.run_on_disk.parents[len(RUN_REL.parts) - 1]):
+        shutil.chown(folder, RW_USER, RW_USER)  # the sshd login user must be able to write there
+    remote.settle()
+
+
+# ------------------------------------------------------------------ tests
+
+
+async def test_push_copies_hostile_nested_and_empty_files_and_manifest_matches(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root)  # with a symlink inside and one pointing outside
+    transport = remote.transport(eq)
+
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok and result.files_sent == len(HOSTILE)
+    on_disk = tree(remote.run_on_disk)
+    assert on_disk == HOSTILE  # byte-identical names and contents; symlinks not copied
+    assert not any(os.path.islink(remote.run_on_disk / name) for name in on_disk)
+    assert_sha256sum_check(remote.run_on_disk, run)  # real coreutils over the server's copy
+
+    manifest = await transport.remote_manifest(run)
+    assert manifest.unverifiable == {}
+    expected = sha256(HOSTILE)
+    assert data_only(manifest.hashes) == data_only(expected)
+    for name, digest in manifest.hashes.items():  # metadata files may or may not be listed
+        assert digest == expected[name], name
+
+
+async def test_second_push_sends_and_rewrites_nothing(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    before = file_ids(remote.run_on_disk)
+
+    again = await remote.transport(eq).push(run, bwlimit_kibps=None)  # a fresh transport: a restarted service
+    assert again.ok and again.files_sent == 0 and again.bytes_sent == 0
+    assert file_ids(remote.run_on_disk) == before
+
+
+async def test_someone_elses_files_are_remote_conflict_and_untouched(remote, local_root):
+    eq = remote.equipment(local_root)
+    ours = {"data.raw": b"our data", "new\nline.txt": b"ours", "sub/a.txt": b"a"}
+    run = make_run(eq.local_root, ours, symlink=False)
+    theirs = {"data.raw": b"their data", "theirs/result.csv": b"their result"}  # data.raw: our name, other bytes
+    if remote.leftover_needs_run_file:  # shaped like a leftover, but of no file of this run
+        theirs["sub/" + remote.leftover("not-in-this-run.bin")] = b"half of something"
+    put_on_disk(remote, theirs)
+    before = snapshot(remote.run_on_disk)
+
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT, caught.value.message
+    assert "theirs/result.csv" in caught.value.message
+    assert snapshot(remote.run_on_disk) == before  # nothing written, removed or touched
+
+
+async def test_own_leftovers_are_no_conflict_and_are_removed(remote, local_root):
+    eq = remote.equipment(local_root)
+    files = {"a.bin": os.urandom(2000), "new\nline": b"n", "sub dir/b.txt": b"b", "L" * 150: b"long name"}
+    run = make_run(eq.local_root, files, symlink=False)
+    put_on_disk(remote, {
+        remote.leftover("a.bin"): b"half",
+        remote.leftover("new\nline"): b"h",
+        "sub dir/" + remote.leftover("b.txt"): b"",
+    })  # fmt: skip
+    result = await remote.transport(eq).push(run, bwlimit_kibps=None)
+    assert result.ok
+    assert tree(remote.run_on_disk) == files
+
+
+async def test_reachable_and_an_unreachable_remote_is_never_empty(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    assert await remote.transport(eq).reachable(run)
+
+    dead = remote.transport(remote.down(local_root))
+    # all three at once: some clients wait out their own retries before giving up
+    reachable, manifest, push = await asyncio.gather(
+        dead.reachable(run), dead.remote_manifest(run), dead.push(run, bwlimit_kibps=None), return_exceptions=True
+    )
+    assert reachable is False
+    for outcome in (manifest, push):
+        assert isinstance(outcome, TransportError), outcome
+        assert outcome.kind == K.NETWORK, outcome.message
+    assert not remote.run_on_disk.exists()
+
+
+async def test_mount_path_missing_is_unreachable_too(local_root, tmp_path):
+    eq = EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root),
+                                         "transport": {"type": "mount", "mount_path": str(tmp_path / "gone")}})  # fmt: skip
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = make_transport(eq)
+    assert not await transport.reachable(run)
+    with pytest.raises(TransportError) as caught:
+        await transport.remote_manifest(run)
+    assert caught.value.kind == K.NETWORK
+    assert not (tmp_path / "gone").exists()
+
+
+async def test_manifest_of_a_run_folder_not_there_yet_is_empty(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    manifest = await remote.transport(eq).remote_manifest(run)
+    assert manifest.hashes == {} and manifest.unverifiable == {}
+
+
+async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, local_root):
+    eq = remote.equipment(local_root)
+    files = {"a.bin": os.urandom(5000), "new\nname.bin": os.urandom(100), "sub/kept.txt": b"kept"}
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    for name in ("a.bin", "new\nname.bin"):
+        damaged = remote.run_on_disk / name
+        info = damaged.stat()
+        damaged.write_bytes(b"\0" * info.st_size)
+        os.utime(damaged, ns=(info.st_atime_ns, info.st_mtime_ns))
+    remote.settle()
+    kept = file_ids(remote.run_on_disk)["sub/kept.txt"]
+
+    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin"}))
+    assert result.ok and result.files_sent == 2
+    assert tree(remote.run_on_disk) == files
+    assert file_ids(remote.run_on_disk)["sub/kept.txt"] == kept
+    assert data_only((await transport.remote_manifest(run)).hashes) == sha256(files)
+
+
+async def test_manifest_shows_what_the_remote_holds_after_damage(remote, local_root):
+    """Corrupt a byte (size and mtime kept), truncate one, delete one, add one: the manifest sees each."""
+    eq = remote.equipment(local_root)
+    files = {"corrupt.bin": os.urandom(4096), "truncate.bin": os.urandom(3000), "delete.txt": b"d",
+             "new\nline.txt": b"kept", "sub/kept.bin": os.urandom(100)}  # fmt: skip
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    assert data_only((await transport.remote_manifest(run)).hashes) == sha256(files)  # read once: warm caches
+
+    corrupt = remote.run_on_disk / "corrupt.bin"
+    info = corrupt.stat()
+    with open(corrupt, "r+b") as handle:
+        handle.seek(2000)
+        handle.write(bytes([files["corrupt.bin"][2000] ^ 0x01]))
+    os.utime(corrupt, ns=(info.st_atime_ns, info.st_mtime_ns))
+    os.truncate(remote.run_on_disk / "truncate.bin", 1000)
+    (remote.run_on_disk / "delete.txt").unlink()
+    put_on_disk(remote, {"sub/added.txt": b"added"})
+
+    seen = data_only((await transport.remote_manifest(run)).hashes)
+    expected = sha256(files)
+    expected.pop("delete.txt")
+    expected["corrupt.bin"] = hashlib.sha256(corrupt.read_bytes()).hexdigest()
+    expected["truncate.bin"] = hashlib.sha256(files["truncate.bin"][:1000]).hexdigest()
+    expected["sub/added.txt"] = hashlib.sha256(b"added").hexdigest()
+    assert seen == expected
+
+
+async def test_cleaned_files_are_ours_and_left_alone(remote, local_root):
+    """After cleanup deleted verified local data, the final metadata push leaves the NAS copies be."""
+    eq = remote.equipment(local_root)
+    files = {"a.txt": b"ours", "new\nline.txt": b"nl", "sub/data.raw": b"our data",
+             ".exlab-wizard/creation.json": b'{"v": 1}'}  # fmt: skip
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    data = frozenset(name for name in files if not name.startswith(".exlab-wizard/"))
+    for name in data:
+        (run / name).unlink()
+    (run / "sub").rmdir()
+    (run / ".exlab-wizard" / "creation.json").write_bytes(b'{"v": 2, "local_cleaned": true}')
+    before = snapshot(remote.run_on_disk)
+
+    with pytest.raises(TransportError) as caught:  # not told: they look like someone else's
+        await transport.push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    put_on_disk(remote, {"not ours.txt": b"theirs"})
+    with pytest.raises(TransportError) as caught:  # "cleaned" covers our files, nothing else
+        await transport.push(run, bwlimit_kibps=None, cleaned=data)
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    (remote.run_on_disk / "not ours.txt").unlink()
+    remote.settle()
+    assert snapshot(remote.run_on_disk) == before
+
+    assert (await transport.push(run, bwlimit_kibps=None, cleaned=data)).ok
+    after = snapshot(remote.run_on_disk)
+    assert after[".exlab-wizard/creation.json"][0] == b'{"v": 2, "local_cleaned": true}'
+    assert {name: after[name] for name in data} == {name: before[name] for name in data}
