@@ -36,6 +36,11 @@ def cleanup_cmd(dry_run: bool, config: Config) -> None:
 
     async def body(client) -> int:
         outcomes = await client.cleanup_once(dry_run=dry_run)
+        # A pass may promote a job and then act on it: show each job once, with what happened last.
+        last: dict[str, object] = {}
+        for o in outcomes:
+            last[o.job_id or f"#{len(last)}"] = o
+        outcomes = list(last.values())
         if not outcomes:
             console.print("nothing to clean: no verified jobs")
             return EXIT_OK

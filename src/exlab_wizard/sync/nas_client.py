@@ -33,7 +33,7 @@ from exlab_wizard.cache import CreationWriter
 from exlab_wizard.config.models import Config, EquipmentConfig
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.equipment_log import EquipmentLog
-from exlab_wizard.sync.manifest_format import read_manifest
+from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
@@ -668,18 +668,27 @@ class NASSyncClient:
 
         self.cache.update(run, mutate)
 
-    async def _push_metadata(self, job: SyncJobRow, equipment: EquipmentConfig) -> bool:
-        """Send the refreshed ``.exlab-wizard/`` (data files are unchanged, so resume skips them)."""
+    async def _push_metadata(
+        self, job: SyncJobRow, equipment: EquipmentConfig, *, cleaned: frozenset[str] = frozenset()
+    ) -> bool:
+        """Send the refreshed ``.exlab-wizard/`` (data files are unchanged, so resume skips them).
+
+        ``cleaned``: verified data files whose local copies the reaper deleted
+        (the final push after a cleanup): the transport must not take their
+        remote copies for someone else's files.
+        """
         run = Path(job.run_path)
         try:
             push = self._push(equipment)
             if push is not None:
-                outcome = push(run, bwlimit_kibps=None)
+                extra = _optional_kwargs(push, cleaned=cleaned) if cleaned else {}
+                outcome = push(run, bwlimit_kibps=None, **extra)
                 if inspect.isawaitable(outcome):
                     outcome = await outcome
             else:
                 limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
-                outcome = await self._transport(equipment).push(run, bwlimit_kibps=limit)
+                extra = {"cleaned": cleaned} if cleaned else {}
+                outcome = await self._transport(equipment).push(run, bwlimit_kibps=limit, **extra)
             if not getattr(outcome, "ok", False):
                 raise TransportError(TransportErrorKind.UNKNOWN, getattr(outcome, "message", "metadata push failed"))
             return True
@@ -765,24 +774,49 @@ class NASSyncClient:
                     continue
                 if bw_policy.limit_kibps(equipment.transport.bandwidth, now) is not None and not force:
                     continue  # never audit while a bandwidth window limits this equipment
-                await self._audit_job(job, equipment)
+                try:
+                    await self._audit_job(job, equipment)
+                except IllegalTransition as exc:  # another process moved the job: its move stands
+                    logger.warning("audit of job %s: %s", job.id, exc)
+
+    def _audit_note(self, job: SyncJobRow, kind: str, detail: str) -> None:
+        """Record an audit event unless the job's last event already says the same (no spam while the NAS is away)."""
+        queue = self._require_queue()
+        last = queue.events(job.id, limit=1)
+        if last and last[-1].kind == kind and last[-1].detail == detail:
+            return
+        queue.record_event(job.id, kind, detail, now=self.clock())
 
     async def _audit_job(self, job: SyncJobRow, equipment: EquipmentConfig) -> None:
         """Re-verify the NAS copy against the recorded manifest; add a pass or send it back."""
         queue = self._require_queue()
         run = Path(job.run_path)
         log = self._log(equipment)
+        deleted_at = await asyncio.to_thread(self._local_data_deleted_at, job)
+        if deleted_at is not None:
+            # The reaper has deleted the local data and is finishing (the final metadata push):
+            # a re-transfer is impossible, and a missing local cache is not a mismatch.
+            self._audit_note(job, "audit_skipped", "local data already deleted: the cleanup is finishing")
+            return
+        if not await asyncio.to_thread(os.path.isdir, run):
+            # An external disk away, say: the recorded manifest cannot be read, which says nothing about the NAS.
+            self._audit_note(job, "audit_skipped", "local run folder missing: no recorded manifest to check against")
+            return
         if not await self._reachable(job):
-            queue.record_event(job.id, "audit_skipped", "remote unreachable", now=self.clock())
+            self._audit_note(job, "audit_skipped", "remote unreachable")
             return
         recorded = await asyncio.to_thread(read_manifest, run)
         if recorded is None:
             recorded = {}
+        if recorded and job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
+            # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
+            self._audit_note(job, "audit_skipped", "recorded manifest changed since verification")
+            return
         try:
             remote = await self._remote_manifest(equipment, run)
         except TransportError as exc:
             if exc.kind in (TransportErrorKind.NETWORK, TransportErrorKind.UNKNOWN):
-                queue.record_event(job.id, "audit_skipped", f"remote unreachable: {exc.message}", now=self.clock())
+                self._audit_note(job, "audit_skipped", f"remote unreachable: {exc.message}")
                 return
             self._audit_failed(job, exc.kind, f"audit: {exc.message}")
             return
@@ -790,10 +824,10 @@ class NASSyncClient:
         now = self.clock()
         if outcome.ok and recorded:
             fresh = queue.get(job.id)
-            if fresh is None or fresh.state != job.state:
-                return
+            if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+                return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
             queue.update(
-                job.id, job.state, now=now, event_kind="verify_pass",
+                job.id, fresh.state, now=now, event_kind="verify_pass",
                 detail=f"audit pass {fresh.verify_passes + 1}: {outcome.checked} files match",
                 verify_passes=fresh.verify_passes + 1, last_verify_at=now,
                 pass_times=tuple(fresh.pass_times) + (now,),
@@ -804,25 +838,107 @@ class NASSyncClient:
         reason = (
             "audit: no recorded manifest" if not recorded else
             f"audit mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
-            f"{len(outcome.unverifiable)} unverifiable"
+            f"{len(outcome.extra)} extra, {len(outcome.unverifiable)} unverifiable"
+            + (f"; first: {bad[0]}" if bad else "")
         )
         log.error(run, "audit_failed", job=job.id, reason=reason)
+        refusal = await asyncio.to_thread(self._local_copies_unusable, job, run, recorded, bad)
+        if refusal is not None:
+            kind, why = refusal
+            self._audit_failed(job, kind, f"{reason}; {why}", final=True)
+            return
         self._audit_failed(job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
 
-    def _audit_failed(self, job: SyncJobRow, kind: TransportErrorKind | str, reason: str, *, rewrite: tuple[str, ...] = ()) -> None:
-        """A failed re-verification: back to QUEUED for a re-transfer (or FAILED by the policy)."""
+    def _local_data_deleted_at(self, job: SyncJobRow) -> dt.datetime | None:
+        try:
+            from exlab_wizard.sync.reaper import local_data_deleted_at
+        except ImportError:  # the reaper is optional in a minimal build
+            return None
+        return local_data_deleted_at(self._require_queue(), job.id)
+
+    def _local_copies_unusable(
+        self, job: SyncJobRow, run: Path, recorded: Mapping[str, str], bad: tuple[str, ...]
+    ) -> tuple[str, str] | None:
+        """Before the NAS copies of ``bad`` are rewritten from local: are the local copies still the verified bytes?
+
+        Local damage (content changed, mtime not) must never be sent over the
+        NAS, and a local copy that is gone cannot be sent at all: both are
+        ``(error kind, reason)`` for FAILED. None when a re-transfer may go
+        ahead (the local copies are intact, or edited: an edit is re-synced).
+        """
+        subset = {p: recorded[p] for p in bad if p in recorded}
+        if not subset:
+            return None
+        try:
+            from exlab_wizard.sync.reaper import load_verified_stats, scan_run
+        except ImportError:
+            return None
+        from exlab_wizard.sync.policy.cleanup import name_paths
+
+        scan = scan_run(run, subset, load_verified_stats(self._require_queue(), job.id), verified_at=job.verified_at)
+        if scan.check.refusal is not None:
+            return None  # the run folder is away: the transfer itself will say so
+        if scan.check.damaged:
+            return "local_damage", (
+                f"the local copy is damaged too (content changed, mtime not): {name_paths(list(scan.check.damaged))}; "
+                "nothing sent"
+            )
+        if scan.check.missing:
+            return TransportErrorKind.LOCAL_FILE_VANISHED.value, (
+                f"no local copy to send again: {name_paths(list(scan.check.missing))}"
+            )
+        return None
+
+    def _audit_failed(
+        self, job: SyncJobRow, kind: TransportErrorKind | str, reason: str,
+        *, rewrite: tuple[str, ...] = (), final: bool = False,
+    ) -> None:
+        """A failed re-verification, decided by the retry policy.
+
+        The audit's mismatch counts as the first mismatch: the job goes back
+        to QUEUED for a re-transfer of the mismatched files (the verify clock
+        starts again), and a second mismatch after it is FAILED. Other kinds
+        (auth, remote refused) are FAILED at once. ``final`` fails the job
+        whatever the kind. The job's current state is re-read, so a promotion
+        to CLEANUP_ELIGIBLE made meanwhile does not swallow the failure (and
+        the pending deletion is cancelled with it).
+        """
         queue = self._require_queue()
         kind_value = str(getattr(kind, "value", kind))
-        now = self.clock()
-        if kind_value == TransportErrorKind.HASH_MISMATCH:
-            queue.transition(
-                job.id, job.state, S.QUEUED, now=now, detail=reason,
-                attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=kind_value, last_error=reason,
-                rewrite_paths=rewrite, verify_passes=0, verified_at=None, pass_times=(),
-            )
+        for _ in range(5):
+            fresh = queue.get(job.id)
+            if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+                return  # re-queued or cleaned meanwhile: nothing left to send back
+            now = self.clock()
+            if final:
+                decision = None
+            else:
+                decision = retry_policy.decide(
+                    kind_value, attempts=1, mismatch_count=1,
+                    backoff_s=self.config.sync.backoff_s, now=now, message=reason,
+                )
+            try:
+                if decision is None or decision.action != "retry":
+                    self._fail(fresh, fresh.state, kind_value if decision is None else decision.error_kind,
+                               reason if decision is None else decision.reason)
+                    return
+                queue.transition(
+                    job.id, fresh.state, S.QUEUED, now=now, detail=decision.reason,
+                    attempts=0, mismatch_count=1, next_attempt_at=decision.next_attempt_at,
+                    error_kind=decision.error_kind, last_error=decision.reason,
+                    rewrite_paths=rewrite if decision.rewrite else (),
+                    verify_passes=0, verified_at=None, pass_times=(),
+                )
+            except IllegalTransition:
+                continue  # the state changed under us: read it again
+            equipment = self._equipment(job)
+            if equipment is not None:
+                self._log(equipment).warning(job.run_path, "retry_scheduled", job=job.id, kind=kind_value,
+                                             reason=decision.reason)
+            self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": S.QUEUED.value})
             self._kick()
-        else:
-            self._fail(job, job.state, kind_value, reason)
+            return
+        raise IllegalTransition(f"job {job.id} kept changing state during its audit")
 
     # ------------------------------------------------------------------ cleanup reaper
 
@@ -842,7 +958,8 @@ class NASSyncClient:
         equipment = self._equipment(job)
         if equipment is None:
             return False
-        if not await self._push_metadata(job, equipment):
+        cleaned = await asyncio.to_thread(self._cleaned_paths, job)
+        if not await self._push_metadata(job, equipment, cleaned=cleaned):
             return False
         try:
             remote = await self._remote_manifest(equipment, Path(job.run_path))
@@ -852,6 +969,15 @@ class NASSyncClient:
         prefix = METADATA_DIR + "/"
         meta_local = {k: v for k, v in everything.items() if k.startswith(prefix)}
         return all(remote.hashes.get(k) == v for k, v in meta_local.items())
+
+    def _cleaned_paths(self, job: SyncJobRow) -> frozenset[str]:
+        """The verified data files whose local copies the reaper deleted: the plan's, and the manifest's."""
+        from exlab_wizard.sync.reaper import planned_paths
+
+        paths = set(planned_paths(self._require_queue(), job.id))
+        with contextlib.suppress(Exception):  # a manifest already removed: the plan suffices
+            paths.update(_data_only(read_manifest(Path(job.run_path)) or {}))
+        return frozenset(paths)
 
     async def _reaper_loop(self) -> None:
         while True:

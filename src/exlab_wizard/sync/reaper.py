@@ -76,6 +76,8 @@ __all__ = [
     "VerifiedStat",
     "ensure_cleanup_schema",
     "load_verified_stats",
+    "local_data_deleted_at",
+    "planned_paths",
     "record_verified_stat",
     "scan_run",
 ]
@@ -316,6 +318,32 @@ def load_verified_stats(queue: JobQueue, job_id: str) -> dict[str, VerifiedStat]
             trusted=bool(row["trusted"]),
         )
     return out
+
+
+def local_data_deleted_at(queue: JobQueue, job_id: str) -> dt.datetime | None:
+    """When the reaper finished deleting the job's local data, or None (not deleted, or no plan).
+
+    Set between the deletion of the data and CLEANED (with ``retain_cache:
+    false`` the job may wait there for the final metadata push). Such a job
+    has no local data to audit or send again.
+    """
+    ensure_cleanup_schema(queue)
+    with queue.transaction() as conn:
+        row = conn.execute("SELECT data_deleted_at FROM cleanup_progress WHERE job_id = ?", (job_id,)).fetchone()
+    return None if row is None else _from_ts(row["data_deleted_at"])
+
+
+def planned_paths(queue: JobQueue, job_id: str) -> frozenset[str]:
+    """The data files the job's cleanup plan deletes (or deleted); empty without a plan.
+
+    The plan outlives the manifest: with ``retain_cache: false`` a pass
+    interrupted while removing ``.exlab-wizard/`` may leave the plan and no
+    ``checksums.sha256``.
+    """
+    ensure_cleanup_schema(queue)
+    with queue.transaction() as conn:
+        rows = conn.execute("SELECT path FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
+    return frozenset(_path_text(row["path"]) for row in rows)
 
 
 # --------------------------------------------------------------------------- no-follow file access
