@@ -1,0 +1,269 @@
+"""Benchmark: our engine on the mount transport against cp, sha256sum and rclone.
+
+Generates, in one run and in a temporary folder (removed at the end), three
+runs (see ``bench/common.py``): ``big`` (1 GiB of 64 MiB files), ``small``
+(20,000 x 4 KiB in 100 folders) and ``mixed`` (200 x 2 MiB, 2,000 x 16 KiB,
+3 x 128 MiB). For each, interleaved ``--repeat`` times on the same warm
+source, it times copying the whole run folder to a "NAS" folder on the same
+disk by:
+
+  (a) our engine: ``NASSyncClient`` on the mount transport, enqueue to
+      VERIFIED (gate, copy with hashing, durable files, remote manifest read
+      past the page cache, compare, checksums.sha256), in a child process
+      (``bench/_engine_run.py``) whose peak RSS is reported;
+  (b) ``cp -a`` then ``sync``: the unverified copy;
+  (c) ``cp -a`` then coreutils ``sha256sum`` of source and destination, and
+      a compare of the two lists: the careful user's script;
+  (d) ``rclone copy --checksum`` then ``rclone check`` with SHA-256 on both
+      sides (``RCLONE_LOCAL_HASHES=sha256``).
+
+Each destination is removed (and ``sync`` run) between measurements, outside
+the timings. It also measures the local hashing rate of
+``exlab_wizard.sync.verifier.hash_tree`` on 2 threads over the warm big run.
+Prints medians, the ratios ours/(b) and ours/(d), and the targets of issue 3:
+big and mixed <= 0.8x (d) and <= 2.2x (b); small <= 0.8x (d); hashing
+>= 1.5 GB/s; peak memory < 100 MB for small. Exit 0 when all are met.
+
+    .venv/bin/python bench/sync_mount.py [--scale 1] [--repeat 3] [--datasets big,small,mixed] [--dir DIR]
+
+A smoke run: ``--scale 0.05 --repeat 1`` (well under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    DATASETS,
+    dataset,
+    fmt_bytes,
+    median,
+    ratio,
+    run_measured,
+    sh,
+    timed,
+    write_dataset,
+)
+
+from exlab_wizard.sync.transports.rclone import rclone_binary  # noqa: E402
+from exlab_wizard.sync.verifier import hash_tree  # noqa: E402
+
+__all__ = ["main"]
+
+EQUIPMENT = "BENCH_01"
+MARKER = ".exlab-nas"
+METHODS = ("a", "b", "c", "d")
+LABELS = {
+    "a": "(a) ours, enqueue->VERIFIED",
+    "b": "(b) cp -a + sync",
+    "c": "(c) cp -a + sha256sum x2",
+    "d": "(d) rclone copy+check sha256",
+}
+#: (max ours/(d), max ours/(b)) per dataset; None = no target.
+TARGETS = {"big": (0.8, 2.2), "small": (0.8, None), "mixed": (0.8, 2.2)}
+HASH_TARGET_GBPS = 1.5
+RSS_TARGET_MB = 100
+
+_CHECK_SCRIPT = r"""
+set -e
+cp -a -- "$1" "$2"
+(cd -- "$1" && find . -type f -print0 | sort -z | xargs -0 -r sha256sum) > "$3.src"
+(cd -- "$2" && find . -type f -print0 | sort -z | xargs -0 -r sha256sum) > "$3.dst"
+cmp -s -- "$3.src" "$3.dst"
+"""
+
+
+class Bench:
+    def __init__(self, base: Path, rclone: str):
+        self.base = base
+        self.local_root = base / "lab"
+        self.mount = base / "nas" / EQUIPMENT
+        self.dest = base / "dest"
+        self.rclone = rclone
+        self.mount.mkdir(parents=True)
+        (self.mount / MARKER).write_text("benchmark share\n")
+        self.dest.mkdir()
+        self.counter = 0
+
+    def make_run(self, name: str, scale: float) -> Path:
+        run = self.local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
+        meta = run / ".exlab-wizard"
+        meta.mkdir(parents=True)
+        (meta / "creation.json").write_text(json.dumps({
+            "schema_version": "1.0", "level": "run", "run_kind": "experimental",
+            "paths": {"local": str(run), "nas": None}, "sync_status": "pending",
+            "validation_overrides": [], "created_by": "bench/sync_mount.py",
+        }, indent=2) + "\n")
+        write_dataset(run, dataset(name, scale))
+        return run
+
+    def _clean(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        sh(["sync"])  # no write-back of one measurement spills into the next
+
+    def remote_of(self, run: Path) -> Path:
+        return self.mount / run.relative_to(self.local_root / EQUIPMENT)
+
+    def ours(self, run: Path) -> tuple[float, dict]:
+        self.counter += 1
+        state = self.base / f"state-{self.counter}"
+        try:
+            _wall, rss, out = run_measured([
+                sys.executable, Path(__file__).resolve().parent / "_engine_run.py",
+                "--run", run, "--local-root", self.local_root, "--mount", self.mount,
+                "--state", state, "--equipment", EQUIPMENT,
+            ])
+            result = json.loads(out.strip().splitlines()[-1])
+            result["rss"] = rss
+            return result["verified_s"], result
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+            self._clean(self.remote_of(run))
+
+    def cp_sync(self, run: Path) -> float:
+        target = self.dest / run.name
+        try:
+            return timed(lambda: sh(["sh", "-c", 'cp -a -- "$1" "$2" && sync', "sh", run, target]))[0]
+        finally:
+            self._clean(target)
+
+    def cp_sha256sum(self, run: Path) -> float:
+        target = self.dest / run.name
+        lists = self.base / "lists"
+        try:
+            return timed(lambda: sh(["bash", "-c", _CHECK_SCRIPT, "bash", run, target, lists]))[0]
+        finally:
+            for suffix in (".src", ".dst"):
+                Path(f"{lists}{suffix}").unlink(missing_ok=True)
+            self._clean(target)
+
+    def rclone_copy_check(self, run: Path) -> float:
+        target = self.dest / run.name
+        env = {"RCLONE_LOCAL_HASHES": "sha256", "RCLONE_CONFIG": os.devnull}
+        base = [self.rclone, "--config", os.devnull]
+
+        def both() -> None:
+            sh([*base, "copy", "--checksum", run, target], env=env)
+            sh([*base, "check", run, target], env=env)
+
+        try:
+            return timed(both)[0]
+        finally:
+            self._clean(target)
+
+
+def hashing_rate(run: Path, repeat: int) -> tuple[float, int]:
+    """(GB/s, bytes) of hash_tree on 2 threads over a warm run."""
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _s, fs in os.walk(run) for f in fs)
+    hash_tree(run, threads=2)  # warm
+    times = [timed(lambda: hash_tree(run, threads=2))[0] for _ in range(repeat)]
+    return size / median(times) / 1e9, size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="dataset size factor (0.05 for a smoke run)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of a,b,c,d")
+    parser.add_argument("--dir", type=Path, default=None, help="work here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    names = [n for n in args.datasets.split(",") if n]
+    methods = [m for m in args.methods.split(",") if m]
+    for name in names:
+        dataset(name)  # validates the name
+    if set(methods) - set(METHODS):
+        parser.error(f"--methods: choose from {','.join(METHODS)}")
+
+    base = Path(tempfile.mkdtemp(prefix="exlab-bench-mount-", dir=args.dir))
+    try:
+        bench = Bench(base, rclone_binary())
+        runs: dict[str, Path] = {}
+        for name in names:
+            took, run = timed(lambda: bench.make_run(name, args.scale))
+            runs[name] = run
+            print(f"generated {dataset(name, args.scale)} in {took:.1f} s", flush=True)
+        sh(["sync"])
+
+        times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in methods} for n in names}
+        extra: dict[str, list[dict]] = {n: [] for n in names}
+        actions = {"a": bench.ours, "b": bench.cp_sync, "c": bench.cp_sha256sum, "d": bench.rclone_copy_check}
+        for rep in range(args.repeat):
+            for name in names:
+                order = methods[rep % len(methods):] + methods[: rep % len(methods)]  # rotate the order
+                for method in order:
+                    result = actions[method](runs[name])
+                    if method == "a":
+                        seconds, info = result
+                        extra[name].append(info)
+                        if info.get("state") != "verified":
+                            raise RuntimeError(f"engine did not verify {name}: {info}")
+                    else:
+                        seconds = result
+                    times[name][method].append(seconds)
+                    print(f"  [{rep + 1}/{args.repeat}] {name:5s} {LABELS[method]:30s} {seconds:7.2f} s", flush=True)
+
+        rate = size = None
+        if "big" in runs:
+            rate, size = hashing_rate(runs["big"], max(3, args.repeat))
+
+        ok = True
+        report: dict[str, dict] = {"scale": args.scale, "repeat": args.repeat, "datasets": {}}
+        print()
+        print(f"medians of {args.repeat} interleaved runs, scale {args.scale}, warm source cache")
+        header = f"{'dataset':7s} " + " ".join(f"{'(' + m + ')':>8s}" for m in methods)
+        header += f" {'a/b':>6s} {'a/d':>6s} {'a idle':>7s} {'peak RSS':>9s}  targets"
+        print(header)
+        for name in names:
+            med = {m: median(times[name][m]) for m in methods}
+            line = f"{name:7s} " + " ".join(f"{med[m]:7.2f}s" for m in methods)
+            a_b = ratio(med["a"], med["b"]) if {"a", "b"} <= set(methods) else None
+            a_d = ratio(med["a"], med["d"]) if {"a", "d"} <= set(methods) else None
+            line += f" {a_b:6.2f}" if a_b is not None else f" {'-':>6s}"
+            line += f" {a_d:6.2f}" if a_d is not None else f" {'-':>6s}"
+            idle = median([i["idle_s"] for i in extra[name]]) if extra[name] else None
+            rss = max((i["rss"] for i in extra[name]), default=None)
+            line += f" {idle:6.2f}s" if idle is not None else f" {'-':>7s}"
+            line += f" {rss / 1e6:7.1f}MB" if rss is not None else f" {'-':>9s}"
+            max_d, max_b = TARGETS[name]
+            verdicts = []
+            if a_d is not None:
+                verdicts.append(f"a/d<={max_d}: {'met' if a_d <= max_d else 'MISSED'}")
+                ok &= a_d <= max_d
+            if max_b is not None and a_b is not None:
+                verdicts.append(f"a/b<={max_b}: {'met' if a_b <= max_b else 'MISSED'}")
+                ok &= a_b <= max_b
+            if name == "small" and rss is not None:
+                verdicts.append(f"RSS<{RSS_TARGET_MB}MB: {'met' if rss < RSS_TARGET_MB * 1e6 else 'MISSED'}")
+                ok &= rss < RSS_TARGET_MB * 1e6
+            print(line + "  " + ", ".join(verdicts))
+            report["datasets"][name] = {
+                "files": len(dataset(name, args.scale).files), "bytes": dataset(name, args.scale).total_bytes,
+                "times": times[name], "medians": med, "a_over_b": a_b, "a_over_d": a_d,
+                "a_idle_median": idle, "a_peak_rss_bytes": rss,
+            }
+        if rate is not None:
+            verdict = "met" if rate >= HASH_TARGET_GBPS else "MISSED"
+            print(f"local hashing (verifier.hash_tree, 2 threads, warm, {fmt_bytes(size)}): "
+                  f"{rate:.2f} GB/s  (target >= {HASH_TARGET_GBPS}: {verdict})")
+            ok &= rate >= HASH_TARGET_GBPS
+            report["hash_gbps"] = rate
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if ok else 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
