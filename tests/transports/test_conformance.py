@@ -20,7 +20,10 @@ leftover of an interrupted upload. The tests are the same for all:
   kept), a truncated, a deleted and an added file;
 - ``rewrite`` sends again a file damaged on the remote with size and mtime kept;
 - files named in ``cleaned`` (local copies deleted by cleanup) are ours, not
-  a conflict, and are left as they are.
+  a conflict, and are left as they are;
+- ``push_metadata`` sends every ``.exlab-wizard/`` file (even one rewritten
+  with size and mtime kept) and no data file; with the server down it raises
+  ``network`` and writes nothing.
 
 Backends: mount (a folder with the mount marker), rsync_ssh (the test sshd),
 rclone to sftp (the same sshd) and rclone to an S3 object store (``rclone
@@ -393,3 +396,52 @@ async def test_cleaned_files_are_ours_and_left_alone(remote, local_root):
     after = snapshot(remote.run_on_disk)
     assert after[".exlab-wizard/creation.json"][0] == b'{"v": 2, "local_cleaned": true}'
     assert {name: after[name] for name in data} == {name: before[name] for name in data}
+
+
+async def test_push_metadata_sends_only_the_metadata_folder(remote, local_root):
+    """After a verified push, push_metadata refreshes ``.exlab-wizard/`` and leaves the data alone."""
+    eq = remote.equipment(local_root)
+    files = {"a.bin": os.urandom(3000), "new\nline.txt": b"nl", "sub/b.txt": b"b",
+             ".exlab-wizard/creation.json": b'{"v": 1}',
+             ".exlab-wizard/checksums.sha256": b"0" * 64 + b"  a.bin\n"}  # fmt: skip
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    before = snapshot(remote.run_on_disk)
+
+    (run / "a.bin").write_bytes(b"changed locally, a whole push would send it")
+    (run / "sub" / "new.txt").write_bytes(b"a new data file, not sent either")
+    (run / ".exlab-wizard" / "creation.json").write_bytes(b'{"v": 2, "sync_status": "synced"}')
+    manifest = run / ".exlab-wizard" / "checksums.sha256"
+    info = manifest.stat()  # rewritten with its size and mtime kept: sent all the same
+    manifest.write_bytes(b"1" * 64 + b"  a.bin\n")
+    os.utime(manifest, ns=(info.st_atime_ns, info.st_mtime_ns))
+    (run / ".exlab-wizard" / "sync.log").write_bytes(b"a new metadata file\n")
+    (run / ".exlab-wizard" / "link-outside").symlink_to("/etc/passwd")  # never followed nor copied
+
+    result = await remote.transport(eq).push_metadata(run, bwlimit_kibps=None)  # a fresh transport
+    assert result.ok
+    remote.settle()
+    after = snapshot(remote.run_on_disk)
+    data = [name for name in files if not name.startswith(".exlab-wizard/")]
+    assert {name: after[name] for name in data} == {name: before[name] for name in data}
+    assert "sub/new.txt" not in after
+    assert {name: data for name, (data, _ids) in after.items() if name.startswith(".exlab-wizard/")} == {
+        ".exlab-wizard/creation.json": b'{"v": 2, "sync_status": "synced"}',
+        ".exlab-wizard/checksums.sha256": b"1" * 64 + b"  a.bin\n",
+        ".exlab-wizard/sync.log": b"a new metadata file\n",
+    }  # and no temporary or partial file left
+    assert (await transport.push_metadata(run, bwlimit_kibps=None)).ok  # idempotent
+    remote.settle()
+    assert tree(remote.run_on_disk) == {name: data for name, (data, _ids) in after.items()}
+
+
+async def test_push_metadata_to_an_unreachable_remote_is_network_and_writes_nothing(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a", ".exlab-wizard/creation.json": b"{}"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(remote.down(local_root)).push_metadata(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+    assert not remote.run_on_disk.exists()
+    if remote.name == "mount":  # the bare folder of an unmounted share stays bare
+        assert list((local_root.parent / "unmounted").iterdir()) == []

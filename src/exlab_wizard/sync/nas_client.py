@@ -671,11 +671,12 @@ class NASSyncClient:
     async def _push_metadata(
         self, job: SyncJobRow, equipment: EquipmentConfig, *, cleaned: frozenset[str] = frozenset()
     ) -> bool:
-        """Send the refreshed ``.exlab-wizard/`` (data files are unchanged, so resume skips them).
+        """Send the refreshed ``.exlab-wizard/`` alone (the transport's ``push_metadata``).
 
         ``cleaned``: verified data files whose local copies the reaper deleted
-        (the final push after a cleanup): the transport must not take their
-        remote copies for someone else's files.
+        (the final push after a cleanup): given to an injected push callable,
+        and to a transport without a metadata-only push, which sends the whole
+        run and must not take their remote copies for someone else's files.
         """
         run = Path(job.run_path)
         try:
@@ -687,8 +688,11 @@ class NASSyncClient:
                     outcome = await outcome
             else:
                 limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
-                extra = {"cleaned": cleaned} if cleaned else {}
-                outcome = await self._transport(equipment).push(run, bwlimit_kibps=limit, **extra)
+                transport = self._transport(equipment)
+                if cleaned and not transport.capabilities.metadata_push:
+                    outcome = await transport.push(run, bwlimit_kibps=limit, cleaned=cleaned)
+                else:
+                    outcome = await transport.push_metadata(run, bwlimit_kibps=limit)
             if not getattr(outcome, "ok", False):
                 raise TransportError(TransportErrorKind.UNKNOWN, getattr(outcome, "message", "metadata push failed"))
             return True

@@ -102,6 +102,8 @@ class TransportCapabilities:
     remote_hashing: bool = True
     #: push() follows the bandwidth schedule mid-transfer on its own.
     follows_schedule: bool = True
+    #: push_metadata() sends ``.exlab-wizard/`` alone (not the default whole-run push()).
+    metadata_push: bool = False
 
 
 def remote_relpath(equipment: EquipmentConfig, run_path: Path) -> PurePosixPath:
@@ -162,6 +164,37 @@ class Transport(abc.ABC):
         remote: there they are this run's own files, not a conflict, and they
         are left as they are (the final metadata push after a cleanup).
         """
+
+    async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
+        """Copy only the run's ``.exlab-wizard/`` folder to ``<remote run folder>/.exlab-wizard/``.
+
+        For refreshing the metadata (``checksums.sha256``, ``creation.json``)
+        of a run whose remote folder already holds its verified copy: the data
+        files are neither read nor compared nor written, locally or remotely.
+        Every regular file of the local ``.exlab-wizard/`` is sent on each
+        call, whatever the remote holds (they are few and small, and a
+        rewritten ``checksums.sha256`` often keeps its size and may keep its
+        mtime to the second); files inside the remote ``.exlab-wizard/`` are
+        overwritten (they are this run's own). Nothing outside it is touched,
+        except that the remote run folder and its parents are created when
+        missing. Durable like
+        push() (no temporary or partial file survives, a file is replaced
+        whole or not at all where the remote allows it); never follows
+        symlinks (they are not copied, and a ``.exlab-wizard`` that is a
+        symlink is refused). Idempotent: safe to call again after any failure.
+        ``bwlimit_kibps`` as for push(). ``local_hashes`` in the result, when
+        given, covers the ``.exlab-wizard/`` files only.
+
+        Raises :class:`TransportError` like push(): NETWORK when the remote is
+        unreachable (for a share, when its mount marker is missing, in which
+        case nothing is created), LOCAL_FILE_VANISHED when the run folder or
+        its ``.exlab-wizard/`` folder is missing, other kinds as push() does.
+
+        This default sends the whole run with push(), which skips the files
+        already there; transports that can send the one folder override it
+        and set ``capabilities.metadata_push``.
+        """
+        return await self.push(run_path, bwlimit_kibps=bwlimit_kibps)
 
     @abc.abstractmethod
     async def remote_manifest(self, run_path: Path) -> RemoteManifest:

@@ -269,7 +269,9 @@ class MountTransport(Transport):
     on reads from the share, so more threads than cores keep both busy).
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=True, remote_hashing=True, follows_schedule=True)
+    capabilities = TransportCapabilities(
+        hashes_while_sending=True, remote_hashing=True, follows_schedule=True, metadata_push=True
+    )
 
     def __init__(
         self,
@@ -364,6 +366,23 @@ class MountTransport(Transport):
             abort.set()  # the copy threads stop at their next block and remove their temp files
             raise
 
+    async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
+        """Copy only ``<run>/.exlab-wizard/`` to the share, file by file as push() does.
+
+        Only the remote ``.exlab-wizard/`` is listed and written; every file
+        is sent (temp name, durable, renamed); the data files are not looked
+        at. Same marker guard and errors as push(); ``local_hashes`` covers
+        the ``.exlab-wizard/`` files.
+        """
+        abort = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                self._push, Path(run_path), bwlimit_kibps, frozenset(), None, abort, frozenset(), True
+            )
+        except asyncio.CancelledError:
+            abort.set()
+            raise
+
     def _push(
         self,
         run: Path,
@@ -372,6 +391,7 @@ class MountTransport(Transport):
         progress: ProgressCallback | None,
         abort: threading.Event,
         cleaned: frozenset[str] = frozenset(),
+        metadata_only: bool = False,
     ) -> TransportResult:
         started = time.monotonic()
         self._require_mounted()
@@ -398,7 +418,7 @@ class MountTransport(Transport):
             per_file_sync=True,
         )
         try:
-            self._push_steps(job, bwlimit_kibps, rewrite, cleaned)
+            self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
         except _Cancelled:
             error = TransportError(TransportErrorKind.UNKNOWN, "push cancelled")
             self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
@@ -419,6 +439,7 @@ class MountTransport(Transport):
         self._logged(
             "INFO", run, "push_end", transport="mount", files=job.files_sent, bytes=job.bytes_sent,
             hashed=len(job.hashes), seconds=f"{time.monotonic() - started:.3f}",
+            **({"scope": METADATA_DIR} if metadata_only else {}),
         )
         if job.read_back:
             with self._read_backs_lock:
@@ -434,29 +455,42 @@ class MountTransport(Transport):
         )
 
     def _push_steps(
-        self, job: _Push, bwlimit_kibps: int | None, rewrite: frozenset[str], cleaned: frozenset[str] = frozenset()
+        self,
+        job: _Push,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str],
+        cleaned: frozenset[str] = frozenset(),
+        metadata_only: bool = False,
     ) -> None:
         run = job.run
         if not run.is_dir():
             raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} does not exist")
+        # The whole run, or (metadata_only) its .exlab-wizard/ folder alone, keyed like the run.
+        top, prefix = (run / METADATA_DIR, METADATA_DIR + "/") if metadata_only else (run, "")
+        if metadata_only and (os.path.islink(top) or not os.path.isdir(top)):
+            raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"{top} is not a folder")
         try:
-            dirs: list[str] = []
+            dirs: list[str] = [METADATA_DIR] if metadata_only else []
             # (path, size, mtime ns) only: 20,000 whole stat results would cost megabytes.
             local_files: dict[str, tuple[str, int, int]] = {}
-            for entry in scan_run(run, include_metadata=True, with_stat=True):
+            for entry in scan_run(top, include_metadata=True, with_stat=True):
                 if entry.is_dir:
-                    dirs.append(entry.rel)
+                    dirs.append(prefix + entry.rel)
                 else:
-                    local_files[entry.rel] = (entry.path, entry.stat.st_size, entry.stat.st_mtime_ns)
+                    local_files[prefix + entry.rel] = (entry.path, entry.stat.st_size, entry.stat.st_mtime_ns)
         except OSError as exc:
-            raise self._local_error(exc, ".", run) from exc
+            raise self._local_error(exc, prefix or ".", run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
-        remote_stats, stale = self._inspect_remote(job.remote, local_files, set(local_dirs), cleaned)
+        remote_stats, stale = self._inspect_remote(
+            job.remote, local_files, set(local_dirs), cleaned, only=METADATA_DIR if metadata_only else ""
+        )
 
         sources = []
         for rel, (path, size, mtime_ns) in local_files.items():
             theirs = remote_stats.get(rel)  # (size, mtime ns)
-            send = rel in rewrite or theirs is None or theirs[0] != size or not same_mtime(mtime_ns, theirs[1])
+            send = (
+                metadata_only or rel in rewrite or theirs is None or theirs[0] != size or not same_mtime(mtime_ns, theirs[1])
+            )
             folder, _sep, name = rel.rpartition("/")
             sources.append(_Source(rel, path, folder, name, size, send))
         del local_files, remote_stats
@@ -464,6 +498,7 @@ class MountTransport(Transport):
             "INFO", run, "push_start", transport="mount", remote=job.remote, files=sum(s.send for s in sources),
             bytes=sum(s.size for s in sources if s.send), skipped=sum(not s.send for s in sources),
             bwlimit_kibps="none" if bwlimit_kibps is None else bwlimit_kibps,
+            **({"scope": METADATA_DIR} if metadata_only else {}),
         )
         self._remove_stale(job, stale)
         self._make_dirs(job, run, local_dirs)
@@ -479,23 +514,34 @@ class MountTransport(Transport):
         self._require_mounted()
 
     def _inspect_remote(
-        self, remote: str, local_files: dict, local_dirs: set[str], cleaned: frozenset[str] = frozenset()
+        self,
+        remote: str,
+        local_files: dict,
+        local_dirs: set[str],
+        cleaned: frozenset[str] = frozenset(),
+        *,
+        only: str = "",
     ) -> tuple[dict[str, tuple[int, int]], list[str]]:
-        """(size, mtime ns) of remote files the run also has, and stale temp files; refuse conflicts."""
+        """(size, mtime ns) of remote files the run also has, and stale temp files; refuse conflicts.
+
+        ``only``: list just this subfolder of the remote run folder (relative path).
+        """
+        top = os.path.join(remote, only) if only else remote
         try:
-            root = os.lstat(remote)
+            root = os.lstat(top)
         except FileNotFoundError:
             return {}, []
         except OSError as exc:
-            raise self._remote_error(exc, remote) from exc
+            raise self._remote_error(exc, top) from exc
         if not stat.S_ISDIR(root.st_mode):
             raise TransportError(
-                TransportErrorKind.REMOTE_CONFLICT, f"remote run folder {remote} exists and is not a folder"
+                TransportErrorKind.REMOTE_CONFLICT,
+                f"remote {'folder' if only else 'run folder'} {top} exists and is not a folder",
             )
         stats: dict[str, tuple[int, int]] = {}
         stale: list[str] = []
         foreign: list[str] = []
-        stack = [(remote, "")]
+        stack = [(top, only + "/" if only else "")]
         try:
             while stack:
                 folder, prefix = stack.pop()

@@ -233,7 +233,9 @@ class RcloneTransport(Transport):
     first :meth:`remote_manifest`) finds that the backend hashes SHA-256 itself.
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=False, remote_hashing=False, follows_schedule=True)
+    capabilities = TransportCapabilities(
+        hashes_while_sending=False, remote_hashing=False, follows_schedule=True, metadata_push=True
+    )
 
     def __init__(
         self,
@@ -279,25 +281,32 @@ class RcloneTransport(Transport):
             result = await run_tool(argv, timeout=120, log=self.log, run_path=run_path, step="features", quiet=True)
             if result.returncode != 0:
                 error = transport_error("rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features")
-                if error.kind == K.UNKNOWN:
-                    # rclone's words can mislead here (a dead S3 endpoint gives "is a file not a
-                    # directory"): let a listing of the root say why, so that down is NETWORK
-                    listed = await run_tool([*self._base(), *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only",
-                                             "--no-mimetype", "--", self.config.remote_root],
-                                            timeout=60, log=self.log, run_path=run_path, step="root_check", quiet=True)  # fmt: skip
-                    if listed.returncode != 0:
-                        error = transport_error("rclone", listed.returncode, rclone_text(listed.stderr),
-                                                f"reaching {self.config.remote_root}")  # fmt: skip
-                raise error
+                raise await self._explained(error, run_path)
             hashes = [str(h).lower() for h in json.loads(result.stdout).get("Hashes") or []]
             self._probed = True
             self._native_sha256 = True if "sha256" in hashes else None
             self.capabilities = TransportCapabilities(
-                hashes_while_sending=False, remote_hashing=bool(self._native_sha256), follows_schedule=True
+                hashes_while_sending=False, remote_hashing=bool(self._native_sha256), follows_schedule=True,
+                metadata_push=True,
             )
             self.log.info(run_path, "rclone_backend", remote=self.config.rclone_remote, hashes=",".join(hashes) or "none",
                           remote_hashing="untried" if self._native_sha256 is None else self._native_sha256)  # fmt: skip
         return self.capabilities
+
+    async def _explained(self, error: TransportError, run_path: object) -> TransportError:
+        """An UNKNOWN error, or the reason a listing of the remote root gives when that fails.
+
+        rclone's words can mislead (a dead S3 endpoint gives "is a file not a
+        directory"): the listing says why, so that a remote that is down is NETWORK.
+        """
+        if error.kind != K.UNKNOWN:
+            return error
+        listed = await run_tool([*self._base(), *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only",
+                                 "--no-mimetype", "--", self.config.remote_root],
+                                timeout=60, log=self.log, run_path=run_path, step="root_check", quiet=True)  # fmt: skip
+        if listed.returncode != 0:
+            return transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"reaching {self.config.remote_root}")
+        return error
 
     # ---------------------------------------------------------------- push
 
@@ -385,6 +394,36 @@ class RcloneTransport(Transport):
         self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=files_sent, bytes=bytes_sent)
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
 
+    async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
+        """``rclone copy --ignore-times <run>/.exlab-wizard <remote run folder>/.exlab-wizard``.
+
+        The data files are neither listed nor hashed; everything in the remote
+        ``.exlab-wizard/`` is ours, so no conflict check. Every file is sent:
+        where the backend has no hash in common with the local disk (sftp
+        without a hash command), ``--checksum`` compares sizes only and would
+        keep a stale ``checksums.sha256`` of the same size. Flags, bandwidth,
+        error classification and logging as for push().
+        """
+        run_path = Path(os.path.abspath(run_path))
+        if not run_path.is_dir():
+            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
+        source = run_path / METADATA_DIR
+        if source.is_symlink() or not source.is_dir():
+            raise TransportError(K.LOCAL_FILE_VANISHED, f"{source} is not a folder")
+        fs = f"{self._fs(run_path)}/{METADATA_DIR}"
+        stats = _Stats(None)
+        argv = [*self._base(), *_COMMON, "--retries", "1", *self._bwlimit_args(bwlimit_kibps), "copy", "--ignore-times",
+                "--ignore-checksum", "--use-json-log", "--stats", "1s", "--stats-log-level", "NOTICE",
+                "--", encode_name(str(source)), fs]  # fmt: skip
+        result = await run_tool(argv, on_stderr=stats, log=self.log, run_path=run_path, step="push_metadata")
+        if result.returncode != 0:
+            error = transport_error("rclone", result.returncode, rclone_text(result.stderr), f"rclone copy to {fs}")
+            raise await self._explained(error, run_path)
+        stats.finish(result.stderr)
+        self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=stats.transfers, bytes=stats.bytes,
+                      scope=METADATA_DIR)  # fmt: skip
+        return TransportResult(ok=True, files_sent=stats.transfers, bytes_sent=stats.bytes)
+
     # ------------------------------------------------------- remote manifest
 
     async def remote_manifest(self, run_path: Path) -> RemoteManifest:
@@ -416,7 +455,8 @@ class RcloneTransport(Transport):
             # Not listed as a feature: trust the backend's hashing only when it hashed every file.
             self._native_sha256 = not unverifiable
             self.capabilities = TransportCapabilities(
-                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True
+                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True,
+                metadata_push=True,
             )
             self.log.info(run_path, "rclone_backend_hashes_sha256", remote=self.config.rclone_remote,
                           remote_hashing=self._native_sha256)  # fmt: skip

@@ -401,7 +401,9 @@ class RsyncSshTransport(Transport):
     this CPU has AES instructions (see :func:`preferred_ciphers`).
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=False, remote_hashing=True, follows_schedule=True)
+    capabilities = TransportCapabilities(
+        hashes_while_sending=False, remote_hashing=True, follows_schedule=True, metadata_push=True
+    )
 
     def __init__(
         self,
@@ -565,6 +567,32 @@ class RsyncSshTransport(Transport):
         self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent)
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
 
+    async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
+        """``rsync -a -I`` of ``<run>/.exlab-wizard/`` to the remote run folder's ``.exlab-wizard/``.
+
+        The data files are neither listed nor compared; everything in the
+        remote ``.exlab-wizard/`` is ours, so no conflict check. Every file is
+        sent (``-I``: rsync's size-and-mtime check compares whole seconds, and
+        a rewritten ``checksums.sha256`` keeps its size). rsync writes each
+        file to a temporary name and renames it; ssh options, bandwidth
+        schedule and error classification as for push().
+        """
+        run_path = Path(os.path.abspath(run_path))
+        if not run_path.is_dir():
+            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
+        source = run_path / METADATA_DIR
+        if source.is_symlink() or not source.is_dir():
+            raise TransportError(K.LOCAL_FILE_VANISHED, f"{source} is not a folder")
+        remote_meta = f"{self.remote_run_path(run_path).rstrip('/')}/{METADATA_DIR}"
+        args = ["-a", "-I", "--no-links", "--no-D", "--mkpath", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        result = await self._rsync_following_schedule(
+            run_path, args, remote_meta, bwlimit_kibps, step="push_metadata", source=source
+        )
+        files_sent, bytes_sent = _stats(result.stdout)
+        self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_meta, files=files_sent,
+                      bytes=bytes_sent, scope=METADATA_DIR)  # fmt: skip
+        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+
     async def _hash_while_sending(
         self, run_path: Path, remote_run: str, local: LocalTree, remote: dict[str, _Entry]
     ) -> _RemoteWatcher | None:
@@ -619,8 +647,12 @@ class RsyncSshTransport(Transport):
         stdin: bytes | None = None,
         progress: ProgressCallback | None = None,
         step: str,
+        source: Path | None = None,
     ) -> ToolResult:
-        """Run rsync, restarting it with the new ``--bwlimit`` at each window edge."""
+        """Run rsync, restarting it with the new ``--bwlimit`` at each window edge.
+
+        Sends the contents of ``source`` (default: the run folder) into ``remote_run``.
+        """
         bandwidth = self.config.bandwidth
         limit = bwlimit_kibps
         files_total = bytes_total = 0
@@ -631,7 +663,7 @@ class RsyncSshTransport(Transport):
             argv = [*self._rsync_base(), *args]
             if limit is not None:
                 argv.append(f"--bwlimit={max(1, int(limit))}")
-            argv += [f"{run_path}/", self._target(remote_run)]
+            argv += [f"{source or run_path}/", self._target(remote_run)]
             result = await run_tool(
                 argv, stdin=stdin, stop_after=stop_after, on_stdout=_ProgressParser(progress),
                 log=self.log, run_path=run_path, step=step,
