@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "interleave",
     "DATASETS",
     "Dataset",
     "dataset",
@@ -176,3 +177,34 @@ def fmt_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
+
+
+def interleave(
+    names: Sequence[str],
+    methods: Sequence[str],
+    repeat: int,
+    actions: dict[str, Callable[[Path], object]],
+    runs: dict[str, Path],
+    labels: dict[str, str],
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[dict]]]]:
+    """Time every method on every dataset ``repeat`` times, rotating the order each round.
+
+    An action returns seconds, or ``(seconds, info)`` for our engine; returns
+    the times and the infos per dataset and method.
+    """
+    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in methods} for n in names}
+    extra: dict[str, dict[str, list[dict]]] = {n: {m: [] for m in methods} for n in names}
+    width = max(len(labels[m]) for m in methods)
+    for rep in range(repeat):
+        for name in names:
+            order = [*methods[rep % len(methods):], *methods[: rep % len(methods)]]
+            for method in order:
+                result = actions[method](runs[name])
+                if isinstance(result, tuple):
+                    seconds, info = result
+                    extra[name][method].append(info)
+                else:
+                    seconds = result
+                times[name][method].append(seconds)
+                print(f"  [{rep + 1}/{repeat}] {name:5s} {labels[method]:{width}s} {seconds:7.2f} s", flush=True)
+    return times, extra

@@ -37,7 +37,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +45,7 @@ from common import (  # noqa: E402
     DATASETS,
     dataset,
     fmt_bytes,
+    interleave,
     median,
     ratio,
     run_measured,
@@ -195,23 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generated {dataset(name, args.scale)} in {took:.1f} s", flush=True)
         sh(["sync"])
 
-        times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in methods} for n in names}
-        extra: dict[str, list[dict]] = {n: [] for n in names}
         actions = {"a": bench.ours, "b": bench.cp_sync, "c": bench.cp_sha256sum, "d": bench.rclone_copy_check}
-        for rep in range(args.repeat):
-            for name in names:
-                order = methods[rep % len(methods):] + methods[: rep % len(methods)]  # rotate the order
-                for method in order:
-                    result = actions[method](runs[name])
-                    if method == "a":
-                        seconds, info = result
-                        extra[name].append(info)
-                        if info.get("state") != "verified":
-                            raise RuntimeError(f"engine did not verify {name}: {info}")
-                    else:
-                        seconds = result
-                    times[name][method].append(seconds)
-                    print(f"  [{rep + 1}/{args.repeat}] {name:5s} {LABELS[method]:30s} {seconds:7.2f} s", flush=True)
+        times, infos = interleave(names, methods, args.repeat, actions, runs, LABELS)
+        extra = {n: infos[n].get("a", []) for n in names}
+        for name in names:
+            for info in extra[name]:
+                if info.get("state") != "verified":
+                    raise RuntimeError(f"engine did not verify {name}: {info}")
 
         rate = size = None
         if "big" in runs:

@@ -55,7 +55,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 sys.path.insert(1, str(_HERE.parent))  # tests.fixtures.sshd: the same server the tests use
 
-from common import DATASETS, dataset, median, ratio, timed, write_dataset  # noqa: E402
+from common import DATASETS, dataset, interleave, median, ratio, timed, write_dataset  # noqa: E402
 
 from exlab_wizard.cache import CreationWriter  # noqa: E402
 from exlab_wizard.config import parse_config  # noqa: E402
@@ -335,20 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "C": lambda run: bench.ours(run, "rclone"),
             "CB": bench.rclone_base,
         }
-        times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in methods} for n in names}
-        extra: dict[str, dict[str, list[dict]]] = {n: {"R": [], "C": []} for n in names}
-        for rep in range(args.repeat):
-            for name in names:
-                order = methods[rep % len(methods):] + methods[: rep % len(methods)]  # rotate the order
-                for method in order:
-                    result = actions[method](runs[name])
-                    if isinstance(result, tuple):
-                        seconds, info = result
-                        extra[name][method].append(info)
-                    else:
-                        seconds = result
-                    times[name][method].append(seconds)
-                    print(f"  [{rep + 1}/{args.repeat}] {name:5s} {LABELS[method]:32s} {seconds:7.2f} s", flush=True)
+        times, extra = interleave(names, methods, args.repeat, actions, runs, LABELS)
 
         ok = True
         report: dict[str, object] = {"scale": args.scale, "repeat": args.repeat, "datasets": {}}
@@ -368,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     line += f" {'-':>6s}"
             for ours in ("R", "C"):
-                idle = median([i["idle_s"] for i in extra[name][ours]]) if extra[name][ours] else None
+                idle = median([i["idle_s"] for i in extra[name][ours]]) if extra[name].get(ours) else None
                 line += f" {idle:6.2f}s" if idle is not None else f" {'-':>7s}"
             verdicts = []
             for ours, theirs, limit in TARGETS[name]:

@@ -9,7 +9,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import platformdirs
@@ -29,7 +29,7 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir("exlab-wizard")) / "config.yaml"
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one clear line to stderr and exit."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)

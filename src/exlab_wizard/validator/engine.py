@@ -37,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
+from exlab_wizard.cache.creation import METADATA_DIR
 from exlab_wizard.config.models import ValidatorConfig
 from exlab_wizard.validator import rules
 from exlab_wizard.validator.findings import Finding, sort_findings
@@ -44,7 +45,6 @@ from exlab_wizard.validator.overrides import active_override_for
 
 __all__ = ["METADATA_DIR", "Validator"]
 
-METADATA_DIR = ".exlab-wizard"
 _CREATION_NAME = "creation.json"
 _MODE_FOLDERS = ("Runs", "TestRuns")
 _BINARY_PROBE = 8192

@@ -16,15 +16,19 @@ import shlex
 import signal
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.transports.base import METADATA_DIR, TransportError, TransportErrorKind
 
 __all__ = [
     "LocalTree",
     "ToolResult",
+    "checked_rewrite",
+    "local_metadata_folder",
+    "local_run_folder",
     "local_tree",
     "run_tool",
     "tail",
@@ -209,3 +213,34 @@ def local_tree(run_path: Path) -> LocalTree:
             else:
                 tree.skipped.append(prefix + name)
     return tree
+
+
+def local_run_folder(run_path: Path) -> Path:
+    """The run's absolute path; ``LOCAL_FILE_VANISHED`` when it is not a folder any more."""
+    run = Path(os.path.abspath(run_path))
+    if not run.is_dir():
+        raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} does not exist")
+    return run
+
+
+def local_metadata_folder(run_path: Path) -> tuple[Path, Path]:
+    """``(run, run/.exlab-wizard)``; ``LOCAL_FILE_VANISHED`` unless both are real folders."""
+    run = local_run_folder(run_path)
+    source = run / METADATA_DIR
+    if source.is_symlink() or not source.is_dir():
+        raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"{source} is not a folder")
+    return run, source
+
+
+def checked_rewrite(local: LocalTree, rewrite: Iterable[str]) -> list[str]:
+    """The paths to send again after a hash mismatch, each relative and still a file of the run."""
+    paths = []
+    for path in rewrite:
+        if path.startswith("/") or ".." in path.split("/"):
+            raise TransportError(TransportErrorKind.UNKNOWN, f"rewrite path {path!r} is not relative to the run")
+        if path not in local.files:
+            raise TransportError(
+                TransportErrorKind.LOCAL_FILE_VANISHED, f"{path!r} must be sent again but is no longer in the run"
+            )
+        paths.append(path)
+    return paths

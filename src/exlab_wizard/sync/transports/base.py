@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from exlab_wizard.cache.creation import METADATA_DIR
 from exlab_wizard.config.models import EquipmentConfig
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "remote_relpath",
 ]
 
-METADATA_DIR = ".exlab-wizard"
 
 #: Called with the number of bytes just sent (a delta, never a total).
 ProgressCallback = Callable[[int], None]

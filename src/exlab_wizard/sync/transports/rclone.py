@@ -36,7 +36,15 @@ from pathlib import Path
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import rclone_timetable
-from exlab_wizard.sync.transports._process import LocalTree, ToolResult, local_tree, run_tool
+from exlab_wizard.sync.transports._process import (
+    LocalTree,
+    ToolResult,
+    checked_rewrite,
+    local_metadata_folder,
+    local_run_folder,
+    local_tree,
+    run_tool,
+)
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     ProgressCallback,
@@ -327,16 +335,10 @@ class RcloneTransport(Transport):
         progress: ProgressCallback | None = None,
         cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
-        run_path = Path(os.path.abspath(run_path))
-        if not run_path.is_dir():
-            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
+        run_path = local_run_folder(run_path)
         fs = self._fs(run_path)
         local = local_tree(run_path)
-        for path in rewrite:
-            if path.startswith("/") or ".." in path.split("/"):
-                raise TransportError(K.UNKNOWN, f"rewrite path {path!r} is not relative to the run")
-            if path not in local.files:
-                raise TransportError(K.LOCAL_FILE_VANISHED, f"{path!r} must be sent again but is no longer in the run")
+        checked_rewrite(local, rewrite)
 
         if not self._probed:
             # Ask the backend's features while the push runs (the verify pass needs them next);
@@ -404,12 +406,7 @@ class RcloneTransport(Transport):
         keep a stale ``checksums.sha256`` of the same size. Flags, bandwidth,
         error classification and logging as for push().
         """
-        run_path = Path(os.path.abspath(run_path))
-        if not run_path.is_dir():
-            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
-        source = run_path / METADATA_DIR
-        if source.is_symlink() or not source.is_dir():
-            raise TransportError(K.LOCAL_FILE_VANISHED, f"{source} is not a folder")
+        run_path, source = local_metadata_folder(run_path)
         fs = f"{self._fs(run_path)}/{METADATA_DIR}"
         stats = _Stats(None)
         argv = [*self._base(), *_COMMON, "--retries", "1", *self._bwlimit_args(bwlimit_kibps), "copy", "--ignore-times",

@@ -48,7 +48,16 @@ from pathlib import Path
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
-from exlab_wizard.sync.transports._process import LocalTree, ToolResult, _stop, local_tree, run_tool
+from exlab_wizard.sync.transports._process import (
+    LocalTree,
+    ToolResult,
+    _stop,
+    checked_rewrite,
+    local_metadata_folder,
+    local_run_folder,
+    local_tree,
+    run_tool,
+)
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     ProgressCallback,
@@ -503,16 +512,14 @@ class RsyncSshTransport(Transport):
         progress: ProgressCallback | None = None,
         cleaned: frozenset[str] = frozenset(),
     ) -> TransportResult:
-        run_path = Path(os.path.abspath(run_path))
-        if not run_path.is_dir():
-            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
+        run_path = local_run_folder(run_path)
         remote_run = self.remote_run_path(run_path)
         self._sent_hashes.pop(str(run_path), None)
         # The remote listing (a round trip, and the ssh handshake) runs while the local run is walked.
         listing_task = asyncio.ensure_future(self._list_remote(run_path, remote_run, step="conflict_check"))
         try:
             local = await asyncio.to_thread(local_tree, run_path)
-            rewrite_paths = sorted(self._checked_rewrite(local, rewrite))
+            rewrite_paths = sorted(checked_rewrite(local, rewrite))
         except BaseException:
             listing_task.cancel()
             with contextlib.suppress(BaseException):
@@ -577,12 +584,7 @@ class RsyncSshTransport(Transport):
         file to a temporary name and renames it; ssh options, bandwidth
         schedule and error classification as for push().
         """
-        run_path = Path(os.path.abspath(run_path))
-        if not run_path.is_dir():
-            raise TransportError(K.LOCAL_FILE_VANISHED, f"run folder {run_path} does not exist")
-        source = run_path / METADATA_DIR
-        if source.is_symlink() or not source.is_dir():
-            raise TransportError(K.LOCAL_FILE_VANISHED, f"{source} is not a folder")
+        run_path, source = local_metadata_folder(run_path)
         remote_meta = f"{self.remote_run_path(run_path).rstrip('/')}/{METADATA_DIR}"
         args = ["-a", "-I", "--no-links", "--no-D", "--mkpath", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         result = await self._rsync_following_schedule(
@@ -625,17 +627,6 @@ class RsyncSshTransport(Transport):
         except OSError:
             return None
         return watcher
-
-    @staticmethod
-    def _checked_rewrite(local: LocalTree, rewrite: Iterable[str]) -> list[str]:
-        paths = []
-        for path in rewrite:
-            if path.startswith("/") or ".." in path.split("/"):
-                raise TransportError(K.UNKNOWN, f"rewrite path {path!r} is not relative to the run")
-            if path not in local.files:
-                raise TransportError(K.LOCAL_FILE_VANISHED, f"{path!r} must be sent again but is no longer in the run")
-            paths.append(path)
-        return paths
 
     async def _rsync_following_schedule(
         self,
