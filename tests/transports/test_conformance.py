@@ -392,6 +392,12 @@ async def test_cleaned_files_are_ours_and_left_alone(remote, local_root):
     remote.settle()
     assert snapshot(remote.run_on_disk) == before
 
+    assert (await transport.push(run, bwlimit_kibps=None, cleaned=data)).ok  # told: sent, data left be
+    remote.settle()
+    after = snapshot(remote.run_on_disk)
+    assert after[".exlab-wizard/creation.json"][0] == b'{"v": 2, "local_cleaned": true}'
+    assert {name: after[name] for name in data} == {name: before[name] for name in data}
+
     assert (await transport.push(run, bwlimit_kibps=None, cleaned=data)).ok
     after = snapshot(remote.run_on_disk)
     assert after[".exlab-wizard/creation.json"][0] == b'{"v": 2, "local_cleaned": true}'

@@ -282,30 +282,6 @@ def test_remote_metadata_files_we_no_longer_have_are_not_a_conflict(lab: Lab) ->
     assert (lab.remote / ".exlab-wizard" / "old-sync.log").exists()
 
 
-def test_cleaned_files_are_ours_not_a_conflict_and_are_left_alone(lab: Lab) -> None:
-    _build_full_run(lab)
-    lab.write(".exlab-wizard/creation.json", b'{"v": 1}')
-    lab.push()
-    before = _tree(lab.remote)
-    data = sorted(rel for rel in before if not rel.startswith(".exlab-wizard") and before[rel][0] == "file")
-    for rel in data:  # the reaper deleted the local data after verification
-        (lab.run / rel).unlink()
-    lab.write(".exlab-wizard/creation.json", b'{"v": 2, "local_cleaned": true}')
-    with pytest.raises(TransportError) as caught:  # without being told, they look like someone else's
-        lab.push()
-    assert caught.value.kind is TransportErrorKind.REMOTE_CONFLICT
-    someone_elses = lab.remote / "not_ours.txt"
-    someone_elses.write_bytes(b"theirs")
-    with pytest.raises(TransportError) as caught:  # cleaned names only ours, nothing else
-        lab.push(cleaned=frozenset(data))
-    assert caught.value.kind is TransportErrorKind.REMOTE_CONFLICT
-    someone_elses.unlink()
-    assert lab.push(cleaned=frozenset(data)).ok
-    after = _tree(lab.remote)
-    assert after[".exlab-wizard/creation.json"][1] == b'{"v": 2, "local_cleaned": true}'
-    assert {rel: after[rel] for rel in data} == {rel: before[rel] for rel in data}
-
-
 def test_stale_temp_files_are_removed(lab: Lab) -> None:
     _build_full_run(lab)
     lab.push()

@@ -290,27 +290,6 @@ async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_pat
     assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
 
 
-async def test_cleaned_files_are_ours_not_a_conflict_and_are_left_alone(tmp_path, sshd, remote_dir, rclone_sftp_config):
-    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
-    files = {"a.txt": b"ours", "sub/data.raw": b"our data", ".exlab-wizard/creation.json": b'{"v": 1}'}
-    run = make_run(eq.local_root, files, symlink=False)
-    transport = RcloneTransport(eq)
-    await transport.push(run, bwlimit_kibps=None)
-    remote_run = remote_dir / RUN_REL
-    # The reaper deleted the verified data locally; the final metadata push follows.
-    (run / "a.txt").unlink()
-    (run / "sub" / "data.raw").unlink()
-    (run / "sub").rmdir()
-    (run / ".exlab-wizard" / "creation.json").write_bytes(b'{"v": 2, "local_cleaned": true}')
-    with pytest.raises(TransportError) as caught:
-        await transport.push(run, bwlimit_kibps=None)
-    assert caught.value.kind == K.REMOTE_CONFLICT
-    await transport.push(run, bwlimit_kibps=None, cleaned=frozenset({"a.txt", "sub/data.raw"}))
-    assert tree(remote_run) == {
-        "a.txt": b"ours", "sub/data.raw": b"our data", ".exlab-wizard/creation.json": b'{"v": 2, "local_cleaned": true}',
-    }
-
-
 async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, sshd, remote_dir, rclone_sftp_config):
     eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
     run = make_run(eq.local_root, {"a.txt": b"ours", "data.raw": b"our data"}, symlink=False)
