@@ -36,7 +36,16 @@ from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
+from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
+from exlab_wizard.sync.reaper import (
+    Reaper,
+    load_verified_stats,
+    local_data_deleted_at,
+    planned_paths,
+    record_verified_stat,
+    scan_run,
+)
 from exlab_wizard.sync.states import IllegalTransition, SyncHandleState, SyncJobState
 from exlab_wizard.sync.transports import (
     RemoteManifest,
@@ -173,7 +182,7 @@ class NASSyncClient:
         self._logs: dict[str, EquipmentLog] = {}
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.progress: dict[str, TransferProgress] = {}
-        self._reaper: Any = None
+        self._reaper: Reaper | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -212,8 +221,7 @@ class NASSyncClient:
         if self.config.sync.enabled:
             self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="sync-dispatch"))
         self._tasks.append(asyncio.create_task(self._audit_loop(), name="sync-audit"))
-        if self._reaper is not None:
-            self._tasks.append(asyncio.create_task(self._reaper_loop(), name="sync-reaper"))
+        self._tasks.append(asyncio.create_task(self._reaper_loop(), name="sync-reaper"))
 
     async def close(self) -> None:
         """Stop every task (an interrupted job is recovered at the next init) and close the queue."""
@@ -340,8 +348,6 @@ class NASSyncClient:
     async def cleanup_once(self, *, dry_run: bool = False) -> list[Any]:
         """One reaper pass (or its plan with ``dry_run``)."""
         reaper = self._reaper or self._make_reaper()
-        if reaper is None:
-            return []
         if dry_run:
             return await reaper.plan(dry_run=True)
         return await reaper.run_pass()
@@ -653,10 +659,6 @@ class NASSyncClient:
         await self._push_metadata(job, equipment)
 
     def _record_verified_stat(self, job: SyncJobRow, run: Path, hashes: Mapping[str, str], now: dt.datetime) -> None:
-        try:
-            from exlab_wizard.sync.reaper import record_verified_stat
-        except ImportError:  # the reaper is optional in a minimal build
-            return
         record_verified_stat(self._require_queue(), job.id, run, hashes, now)
 
     def _mark_synced(self, run: Path, remote: str) -> None:
@@ -854,10 +856,6 @@ class NASSyncClient:
         self._audit_failed(job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
 
     def _local_data_deleted_at(self, job: SyncJobRow) -> dt.datetime | None:
-        try:
-            from exlab_wizard.sync.reaper import local_data_deleted_at
-        except ImportError:  # the reaper is optional in a minimal build
-            return None
         return local_data_deleted_at(self._require_queue(), job.id)
 
     def _local_copies_unusable(
@@ -873,12 +871,6 @@ class NASSyncClient:
         subset = {p: recorded[p] for p in bad if p in recorded}
         if not subset:
             return None
-        try:
-            from exlab_wizard.sync.reaper import load_verified_stats, scan_run
-        except ImportError:
-            return None
-        from exlab_wizard.sync.policy.cleanup import name_paths
-
         scan = scan_run(run, subset, load_verified_stats(self._require_queue(), job.id), verified_at=job.verified_at)
         if scan.check.refusal is not None:
             return None  # the run folder is away: the transfer itself will say so
@@ -946,11 +938,7 @@ class NASSyncClient:
 
     # ------------------------------------------------------------------ cleanup reaper
 
-    def _make_reaper(self) -> Any:
-        try:
-            from exlab_wizard.sync.reaper import Reaper
-        except ImportError:
-            return None
+    def _make_reaper(self) -> Reaper:
         return Reaper(
             self._require_queue(), self.config, writer=self.cache,
             remote_stat=self._reachable, log_for=self._log_for_id,
@@ -976,8 +964,6 @@ class NASSyncClient:
 
     def _cleaned_paths(self, job: SyncJobRow) -> frozenset[str]:
         """The verified data files whose local copies the reaper deleted: the plan's, and the manifest's."""
-        from exlab_wizard.sync.reaper import planned_paths
-
         paths = set(planned_paths(self._require_queue(), job.id))
         with contextlib.suppress(Exception):  # a manifest already removed: the plan suffices
             paths.update(_data_only(read_manifest(Path(job.run_path)) or {}))
@@ -996,12 +982,10 @@ class NASSyncClient:
 
 def client_from_config(config: Config, **overrides: Any) -> NASSyncClient:
     """A client wired with the real validator, creation.json writer and verifier."""
-    from exlab_wizard.validator import Validator as _Validator
-
     kwargs: dict[str, Any] = {
         "config": config,
         "queue_db": config.queue_db,
-        "validator": _Validator(config.validator),
+        "validator": Validator(config.validator),
         "cache_creation": CreationWriter(),
     }
     kwargs.update(overrides)
