@@ -766,3 +766,17 @@ def test_unknown_equipment_refuses_rather_than_deleting_unlogged(lab: Lab):
     outcomes = asyncio.run(reaper.run_pass())
     assert outcomes[0].action == "waiting" and outcomes[0].reason.startswith("equipment log unavailable")
     assert lab.manifest_files_intact(run)
+
+
+def test_a_queue_database_made_again_in_the_same_process_gets_the_reaper_tables(tmp_path: Path) -> None:
+    # A state folder removed and created again can give the new queue.db the old inode number;
+    # the tables must be made for the new database all the same.
+    db = tmp_path / "state" / "queue.db"
+    for _round in range(3):
+        db.parent.mkdir()
+        queue = JobQueue(db)
+        reaper_mod.ensure_cleanup_schema(queue)
+        with queue.transaction() as conn:
+            assert conn.execute("SELECT count(*) FROM cleanup_progress").fetchone()[0] == 0
+        queue.close()
+        shutil.rmtree(db.parent)

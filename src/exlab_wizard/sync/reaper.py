@@ -54,6 +54,7 @@ import inspect
 import logging
 import os
 import stat
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,21 +165,21 @@ def _path_text(blob: bytes | str) -> str:
     return os.fsdecode(blob)
 
 
-_SCHEMA_READY: set[tuple[int, str, int]] = set()
+#: Queues whose database already has the reaper's tables (one check per queue object:
+#: a database file removed and created again gets a new JobQueue, so a reused inode
+#: number cannot make us skip the tables).
+_SCHEMA_READY: weakref.WeakSet[JobQueue] = weakref.WeakSet()
 
 
 def ensure_cleanup_schema(queue: JobQueue) -> None:
     """Create the reaper's tables in the queue database if they are missing. Idempotent."""
-    queue.get("")  # a read: opens (and creates) the database file
-    db = Path(queue.db_path)
-    key = (os.getpid(), str(db.resolve()), os.stat(db).st_ino)
-    if key in _SCHEMA_READY:
+    if queue in _SCHEMA_READY:
         return
     with queue.transaction() as conn:
         for statement in CLEANUP_SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
-    _SCHEMA_READY.add(key)
+    _SCHEMA_READY.add(queue)
 
 
 def _utc_text(moment: dt.datetime) -> str:
