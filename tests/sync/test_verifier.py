@@ -110,6 +110,42 @@ def test_drop_page_cache_evicts_the_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def _cached(fd: int, offset: int) -> bool:
+    """Is the page at ``offset`` of ``fd`` in this machine's memory? (RWF_NOWAIT never reads the disk.)"""
+    try:
+        os.preadv(fd, [bytearray(4096)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * (1 << 20) + 5, 20 * (1 << 20) + 123])
+def test_hash_from_storage_reads_past_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "copy.bin"
+    path.write_bytes(data)  # dirty, in memory
+    fd = os.open(path, os.O_RDONLY)
+    first_read_cached: list[bool] = []
+    real_readv = os.readv
+
+    def readv(fileno, buffers):
+        if fileno == fd and not first_read_cached:
+            first_read_cached.append(_cached(fd, 0))
+        return real_readv(fileno, buffers)
+
+    monkeypatch.setattr(verifier_module.os, "readv", readv)
+    try:
+        assert verifier_module.hash_from_storage(fd, memoryview(bytearray(1 << 20))) == hashlib.sha256(data).hexdigest()
+        monkeypatch.setattr(verifier_module.os, "readv", real_readv)
+        if size:
+            assert first_read_cached == [False]  # written back and dropped before the first read
+        if size > 2 * verifier_module.DROP_BEHIND:
+            # pages already hashed were dropped as the read went on: the page cache did not fill up
+            assert not _cached(fd, 0) and not _cached(fd, verifier_module.DROP_BEHIND)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- walking and hash_tree
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import errno
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -204,6 +205,104 @@ def test_per_file_fsync_path_when_syncfs_is_not_trusted(lab: Lab, monkeypatch: p
     result = lab.push()
     assert _tree(lab.remote) == _tree(lab.run)
     assert len(synced) >= result.files_sent
+    assert compare(result.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run))).ok
+
+
+class _WriteSpy:
+    """Records, per temp file, how many bytes went out with O_DIRECT set and how many without."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, refuse_open: bool = False, refuse_write: bool = False):
+        self.opened_direct: list[str] = []
+        self.direct = 0
+        self.buffered = 0
+        real_open, real_write = os.open, os.write
+        direct_flag = getattr(os, "O_DIRECT", 0)
+        temp_fds: set[int] = set()
+
+        def spy_open(path, flags, mode=0o777, *args, **kwargs):
+            is_temp = is_temp_name(os.path.basename(os.fspath(path)))
+            if is_temp and flags & direct_flag:
+                self.opened_direct.append(os.fspath(path))
+                if refuse_open:
+                    raise OSError(errno.EINVAL, "direct I/O not supported here")
+            fd = real_open(path, flags, mode, *args, **kwargs)
+            if is_temp:
+                temp_fds.add(fd)
+            return fd
+
+        def spy_write(fd, data):
+            if fd in temp_fds:
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & direct_flag:
+                    if refuse_write:
+                        raise OSError(errno.EINVAL, "direct I/O alignment refused")
+                    count = real_write(fd, data)
+                    self.direct += count
+                    return count
+                count = real_write(fd, data)
+                self.buffered += count
+                return count
+            return real_write(fd, data)
+
+        monkeypatch.setattr(mount_module.os, "open", spy_open)
+        monkeypatch.setattr(mount_module.os, "write", spy_write)
+
+
+def _local_disk(monkeypatch: pytest.MonkeyPatch, lab: Lab) -> None:
+    """Treat the test's filesystem as a local disk that gets direct writes, whatever it is."""
+    fstype = mount_module._filesystem_type(str(lab.nas))
+    monkeypatch.setattr(mount_module, "_DIRECT_WRITE_FS", frozenset({fstype}))
+
+
+BIG = 3 * MIB + 12345  # whole 4 KiB blocks and a tail
+
+
+def _takes_direct_io(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL
+        return False
+    os.close(fd)
+    os.unlink(folder / "probe")
+    return True
+
+
+def test_large_files_bypass_the_page_cache_with_direct_writes(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert hasattr(os, "O_DIRECT"), "the engine runs on Linux, which has O_DIRECT"
+    _local_disk(monkeypatch, lab)
+    lab.write("big.raw", os.urandom(BIG))
+    lab.write("exact.raw", os.urandom(2 * MIB))
+    lab.write("small.txt", b"below the 1 MiB line: an ordinary write\n")
+    spy = _WriteSpy(monkeypatch)
+    result = lab.push()
+    assert _tree(lab.remote) == _tree(lab.run)
+    assert compare(result.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run))).ok
+    assert sorted(os.path.basename(p).split(".exlab-tmp-")[0] for p in spy.opened_direct) == [".big.raw", ".exact.raw"]
+    # every whole 4 KiB block of the large files went direct (on a filesystem that
+    # refuses O_DIRECT at open, the fallback wrote them all the ordinary way)
+    assert spy.direct == ((BIG - BIG % 4096) + 2 * MIB if _takes_direct_io(lab.nas) else 0)
+    assert spy.direct + spy.buffered == result.bytes_sent
+
+
+def test_network_shares_keep_buffered_writes(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mount_module, "_filesystem_type", lambda path: "nfs4")
+    lab.write("big.raw", os.urandom(BIG))
+    spy = _WriteSpy(monkeypatch)
+    lab.push()
+    assert spy.opened_direct == [] and spy.direct == 0
+    assert _tree(lab.remote) == _tree(lab.run)
+
+
+@pytest.mark.parametrize("refusal", ["open", "write"])
+def test_a_share_refusing_direct_io_gets_ordinary_writes(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    _local_disk(monkeypatch, lab)
+    lab.write("big.raw", os.urandom(BIG))
+    spy = _WriteSpy(monkeypatch, refuse_open=refusal == "open", refuse_write=refusal == "write")
+    result = lab.push()
+    assert len(spy.opened_direct) == 1 and spy.direct == 0 and spy.buffered == BIG
+    assert _tree(lab.remote) == _tree(lab.run) and _temps(lab.nas) == []
     assert compare(result.local_hashes, asyncio.run(lab.transport.remote_manifest(lab.run))).ok
 
 
@@ -467,45 +566,31 @@ def test_share_unmounted_mid_push_is_network(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("read_back", [True, False], ids=["read-back-by-push", "read-by-manifest"])
-def test_remote_manifest_drops_cache_before_hashing_each_file(
+def test_remote_manifest_reads_each_file_from_storage(
     lab: Lab, monkeypatch: pytest.MonkeyPatch, read_back: bool
 ) -> None:
     _build_full_run(lab)
     if not read_back:
         monkeypatch.setattr(mount_module, "READ_BACK_TTL_S", -1.0)  # as for an audit: all read anew
         lab.push()
-    events: list[tuple[str, int]] = []
-    real_drop, real_hash = mount_module.drop_page_cache_fd, mount_module.hash_fd
-
-    def drop(fd, **kwargs):
-        events.append(("drop", os.fstat(fd).st_ino))
-        return real_drop(fd, **kwargs)
-
-    def hashed(fd, view, progress=None):
-        events.append(("hash", os.fstat(fd).st_ino))
-        return real_hash(fd, view, progress)
-
-    monkeypatch.setattr(mount_module, "drop_page_cache_fd", drop)
-    monkeypatch.setattr(mount_module, "hash_fd", hashed)
+    reads = _count_manifest_reads(monkeypatch)
     if read_back:  # the push reads each file back from the share right after it is durable
         lab.push()
     manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
-    dropped = {ino for what, ino in events if what == "drop"}
-    for position, (what, ino) in enumerate(events):
-        if what == "hash":
-            assert ("drop", ino) in events[:position]
-    assert len(dropped) == len(manifest.hashes) == len(hash_tree(lab.run, include_metadata=True))
+    # every file of the copy was hashed past the page cache (verifier.hash_from_storage), once
+    assert len(set(reads)) == len(reads) == len(manifest.hashes) == len(hash_tree(lab.run, include_metadata=True))
+    assert set(reads) == {os.lstat(p).st_ino for p in lab.remote.rglob("*") if p.is_file()}
 
 
 def _count_manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     reads: list[int] = []
-    real_hash = mount_module.hash_fd
+    real_hash = mount_module.hash_from_storage
 
-    def hashed(fd, view, progress=None):
+    def hashed(fd, view, **kwargs):
         reads.append(os.fstat(fd).st_ino)
-        return real_hash(fd, view, progress)
+        return real_hash(fd, view, **kwargs)
 
-    monkeypatch.setattr(mount_module, "hash_fd", hashed)
+    monkeypatch.setattr(mount_module, "hash_from_storage", hashed)
     return reads
 
 

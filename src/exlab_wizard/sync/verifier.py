@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import mmap
 import os
 import secrets
 import stat
@@ -63,6 +64,7 @@ __all__ = [
     "drop_page_cache",
     "drop_page_cache_fd",
     "hash_fd",
+    "hash_from_storage",
     "hash_file",
     "hash_tree",
     "is_metadata_path",
@@ -171,6 +173,40 @@ def drop_page_cache_fd(fd: int, *, sync: bool = True) -> None:
             pass
 
 
+#: While a file is read back past the page cache, the pages already hashed are dropped
+#: every this many bytes: the read recycles a few MiB of memory instead of filling the
+#: page cache with the whole file. (Filling it costs more than the read where memory
+#: freed earlier was handed back to a hypervisor; on a 2-core VM, 1.46 s -> 0.98 s for
+#: a 1 GiB push with its read-back.)
+DROP_BEHIND = 8 << 20
+
+
+def hash_from_storage(fd: int, view: memoryview, *, sync: bool = True) -> str:
+    """SHA-256 hex of ``fd`` as the storage holds it, not as this machine's memory does.
+
+    :func:`drop_page_cache_fd` (``sync`` as there), then read to the end
+    from the current offset (0 for a fresh descriptor), dropping the pages already hashed every ``DROP_BEHIND`` bytes (they are
+    clean: nothing was written since the drop).
+    """
+    drop_page_cache_fd(fd, sync=sync)
+    digest = hashlib.sha256()
+    readv = os.readv
+    advise = hasattr(os, "posix_fadvise")
+    total = dropped = 0
+    while True:
+        count = readv(fd, [view])
+        if not count:
+            return digest.hexdigest()
+        digest.update(view[:count])
+        total += count
+        if advise and total - dropped >= DROP_BEHIND:
+            try:
+                os.posix_fadvise(fd, dropped, total - dropped, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                advise = False
+            dropped = total
+
+
 def drop_page_cache(path: str | os.PathLike[str], *, sync: bool = True) -> None:
     """Make the next read of ``path`` come from the storage, not this machine's memory.
 
@@ -260,8 +296,8 @@ class _Progress:
 def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading.Event | None = None) -> None:
     """Call ``work(item, buffer)`` for every item on ``threads`` threads.
 
-    Each thread owns one ``BLOCK_SIZE`` buffer (a memoryview) for the whole
-    run. The first exception stops the others (they finish the item in hand)
+    Each thread owns one ``BLOCK_SIZE`` buffer (a memoryview, page-aligned)
+    for the whole run. The first exception stops the others (they finish the item in hand)
     and is re-raised; a :class:`TransportError` wins over other errors.
     """
     abort = abort if abort is not None else threading.Event()
@@ -270,7 +306,7 @@ def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading
     errors: list[BaseException] = []
 
     def loop() -> None:
-        view = memoryview(bytearray(BLOCK_SIZE))
+        view = memoryview(mmap.mmap(-1, BLOCK_SIZE))  # page-aligned: usable for O_DIRECT
         while not abort.is_set():
             with lock:
                 item = next(iterator, _DONE)
@@ -478,10 +514,13 @@ class Verifier:
     @staticmethod
     def _rehash_from_storage(run_path: Path, paths: Iterable[str]) -> dict[str, str]:
         out = {}
+        view = memoryview(bytearray(BLOCK_SIZE))
         for rel in paths:
-            target = run_path / rel
-            drop_page_cache(target)
-            out[rel] = hash_file(target)
+            fd, _info = open_regular(run_path / rel)
+            try:
+                out[rel] = hash_from_storage(fd, view)
+            finally:
+                os.close(fd)
         return out
 
     def write_manifest(self, run_path: Path, hashes: Mapping[str, str]) -> str:
