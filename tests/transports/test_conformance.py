@@ -25,8 +25,9 @@ leftover of an interrupted upload. The tests are the same for all:
   with size and mtime kept) and no data file; with the server down it raises
   ``network`` and writes nothing.
 
-Backends: mount (a folder with the mount marker), rsync_ssh (the test sshd),
-rclone to sftp (the same sshd) and rclone to an S3 object store (``rclone
+Backends: mount (a folder with the mount marker), rsync_ssh (the test sshd;
+once as it sends a run this small, in one rsync, and once with every run sent
+as parallel rsync streams), rclone to sftp (the same sshd) and rclone to an S3 object store (``rclone
 serve s3`` on loopback). A missing tool fails the test, never skips it.
 """
 
@@ -44,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.sync.transports import make_transport
+from exlab_wizard.sync.transports import make_transport, rsync_ssh
 from exlab_wizard.sync.transports.base import Transport, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import is_temp_name
 from tests.fixtures.sshd import RW_USER, free_port
@@ -60,7 +61,7 @@ from tests.transports.test_rsync_ssh import equipment as rsync_equipment
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
-BACKENDS = ["mount", "rsync_ssh", "rclone_sftp", "rclone_s3"]
+BACKENDS = ["mount", "rsync_ssh", "rsync_ssh_streams", "rclone_sftp", "rclone_s3"]
 #: the mount transport's temporary name while writing ``name`` (``.<name>.exlab-tmp-<hex>``)
 MOUNT_TMP = ".{}.exlab-tmp-0123456789ab"
 
@@ -159,6 +160,14 @@ def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
     return Remote("rsync_ssh", equipment, down, remote_dir / RUN_REL, lambda name: f".{name}.Ab12Cd")
 
 
+def _rsync_ssh_streams(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    """rsync_ssh with every run, however small, sent as parallel rsync streams."""
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_BYTES", 0)
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_FILES", 0)
+    return _rsync_ssh(request, tmp_path)
+
+
 def _rclone_sftp(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
     sshd = request.getfixturevalue("sshd")
     remote_dir = request.getfixturevalue("remote_dir")
@@ -190,7 +199,13 @@ def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
     return Remote("rclone_s3", equipment, down, on_disk, lambda name: f"{name}.0123abcd.partial", settle=server.settle)
 
 
-_FACTORIES = {"mount": _mount, "rsync_ssh": _rsync_ssh, "rclone_sftp": _rclone_sftp, "rclone_s3": _rclone_s3}
+_FACTORIES = {
+    "mount": _mount,
+    "rsync_ssh": _rsync_ssh,
+    "rsync_ssh_streams": _rsync_ssh_streams,
+    "rclone_sftp": _rclone_sftp,
+    "rclone_s3": _rclone_s3,
+}
 
 
 @pytest.fixture(params=BACKENDS)

@@ -455,3 +455,86 @@ async def test_sftp_only_remote_streams_back_over_sftp(tmp_path, sshd, remote_di
     with pytest.raises(TransportError) as caught:  # this account may not run rsync at all
         await transport.push(run, bwlimit_kibps=None)
     assert caught.value.kind == K.AUTH
+
+
+# ----------------------------------------------------- parallel rsync streams
+
+
+def _folder_times(root: Path) -> dict[str, int]:
+    return {
+        Path(folder).relative_to(root).as_posix(): os.lstat(folder).st_mtime_ns // 1_000_000_000
+        for folder, _dirs, _files in os.walk(root)
+    }
+
+
+async def test_a_large_run_goes_as_parallel_streams_with_folders_and_their_times(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {f"frames/{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
+    files |= {"stack.tif": os.urandom(3 << 20), **HOSTILE}
+    run = make_run(eq.local_root, files, symlink=False)
+    (run / "empty folder" / "inside").mkdir(parents=True)
+    old = time.time() - 86_400 * 30
+    for folder, _dirs, _files in os.walk(run):
+        os.utime(folder, (old, old))  # the remote folders must get these times, not "now"
+    transport = RsyncSshTransport(eq)
+    progress: list[int] = []
+
+    result = await transport.push(run, bwlimit_kibps=None, progress=progress.append)
+    remote_run = remote_dir / RUN_REL
+    assert result.files_sent == len(files) and result.bytes_sent == sum(map(len, files.values()))
+    assert tree(remote_run) == files
+    assert (remote_run / "empty folder" / "inside").is_dir()
+    assert _folder_times(remote_run) == _folder_times(run)
+    assert sum(progress) == result.bytes_sent
+    assert_sha256sum_check(remote_run, run)
+    assert not leftovers(remote_dir)
+    assert data_only((await transport.remote_manifest(run)).hashes) == data_only(sha256_tree(run))
+    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+    streams = [line for line in log.splitlines() if "tool_start" in line and "step=push:" in line]
+    assert len(streams) == rsync_ssh.PUSH_STREAMS == 2, streams
+    assert all("--files-from=-" in line for line in streams)
+    # a second push sends nothing
+    assert (await transport.push(run, bwlimit_kibps=None)).files_sent == 0
+
+
+def test_streams_split_by_size_and_count():
+    files = {"huge": 100 << 20, **{f"s{i}": 4096 for i in range(2000)}, "big": 60 << 20, "mid": 40 << 20}
+    groups = rsync_ssh._split_for_streams(files, 2)
+    assert sorted(sum(groups, [])) == sorted(files)  # every file once
+    cost = [sum(files[f] + rsync_ssh.STREAM_FILE_COST for f in g) for g in groups]
+    assert max(cost) / min(cost) < 1.1
+    assert rsync_ssh._split_for_streams({"a": 10, "b": 20}, 2) == []  # small: one rsync
+    assert rsync_ssh._split_for_streams({"a": 64 << 20}, 2) == []  # one file: one rsync
+
+
+async def test_a_stream_that_fails_stops_the_others_and_names_the_file(tmp_path, sshd, remote_dir, monkeypatch):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {"a_big.bin": os.urandom(24 << 20), "b_big.bin": os.urandom(24 << 20), "c.txt": b"c"}
+    run = make_run(eq.local_root, files, symlink=False)
+    real_split = rsync_ssh._split_for_streams
+
+    def split_then_delete(local_files, streams):
+        groups = real_split(local_files, streams)
+        (run / "c.txt").unlink()  # gone between the listing and its stream
+        return groups
+
+    monkeypatch.setattr(rsync_ssh, "_split_for_streams", split_then_delete)
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
+    assert "c.txt" in caught.value.message
+    monkeypatch.setattr(rsync_ssh, "_split_for_streams", real_split)
+    result = await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)  # the retry completes
+    assert tree(remote_dir / RUN_REL) == {k: v for k, v in files.items() if k != "c.txt"}
+    assert result.ok and not leftovers(remote_dir)
+
+
+async def test_streams_share_a_limit_that_starts_mid_transfer(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    await transport._rsync_following_schedule(
+        run, ["-a", "--mkpath"], str(remote_dir / RUN_REL), 200, step="push:1/2", streams=2
+    )
+    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+    assert "--bwlimit=100" in log and "--bwlimit=200" not in log

@@ -80,6 +80,14 @@ OVERSIZE = "verify_skipped_oversize"
 #: (the fallback for a remote that refuses commands).
 STREAM_BATCH_BYTES = 256 << 20
 STREAM_BATCH_FILES = 2000
+#: rsyncs sent side by side for one push (see RsyncSshTransport._send); runs smaller
+#: than both thresholds below go in one.
+PUSH_STREAMS = 2
+STREAMS_MIN_BYTES = 16 << 20
+STREAMS_MIN_FILES = 1000
+#: What one more file costs a stream, in bytes of transfer (a round of file-list,
+#: create, rename): used to balance many small files against a few large ones.
+STREAM_FILE_COST = 64 << 10
 #: Files at least this large are hashed on the remote while the rest of the push is sent
 #: (smaller ones cost more to watch than to hash in the verify pass).
 HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
@@ -558,16 +566,13 @@ class RsyncSshTransport(Transport):
             files_sent, bytes_sent = _stats(result.stdout)
         watcher = await self._hash_while_sending(run_path, remote_run, local, listing or {})
         try:
-            result = await self._rsync_following_schedule(
-                run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
-            )
+            files, size = await self._send(run_path, common, remote_run, bwlimit_kibps, local, progress)
         except BaseException:
             if watcher is not None:
                 await asyncio.shield(watcher.abort())
             raise
         if watcher is not None:
             self._sent_hashes[str(run_path)] = await watcher.finish()
-        files, size = _stats(result.stdout)
         files_sent, bytes_sent = files_sent + files, bytes_sent + size
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
@@ -594,6 +599,58 @@ class RsyncSshTransport(Transport):
         self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_meta, files=files_sent,
                       bytes=bytes_sent, scope=METADATA_DIR)  # fmt: skip
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+
+    async def _send(
+        self,
+        run_path: Path,
+        common: list[str],
+        remote_run: str,
+        bwlimit_kibps: int | None,
+        local: LocalTree,
+        progress: ProgressCallback | None,
+    ) -> tuple[int, int]:
+        """The push proper; (files, bytes) sent.
+
+        One rsync for a small run or one sent under a bandwidth limit. Otherwise
+        ``PUSH_STREAMS`` rsyncs run side by side over the one ssh connection,
+        each given its share of the files (``--files-from``, balanced by size):
+        one rsync is a pipeline of processes that leaves cores idle while it
+        waits on itself. A pass that sends only the folders (all of them, the
+        empty ones too) runs first, so no two streams race to create one, and
+        again at the end, to give the folders their mtimes back after the
+        streams wrote into them. Should a bandwidth window open meanwhile, each
+        stream gets an equal share of its limit. The first stream to fail stops
+        the others.
+        """
+        groups = _split_for_streams(local.files, PUSH_STREAMS) if bwlimit_kibps is None else []
+        if len(groups) < 2:
+            result = await self._rsync_following_schedule(
+                run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
+            )
+            return _stats(result.stdout)
+        folders_only = [*common, "--include=*/", "--exclude=*"]
+        await self._rsync_following_schedule(run_path, folders_only, remote_run, None, step="push_folders")
+        args = [*common, "--info=progress2", "--files-from=-", "--from0"]
+        tasks = [
+            asyncio.ensure_future(self._rsync_following_schedule(
+                run_path, args, remote_run, None, stdin=b"".join(os.fsencode(rel) + b"\0" for rel in group),
+                progress=progress, step=f"push:{number}/{len(groups)}", streams=len(groups),
+            ))  # fmt: skip
+            for number, group in enumerate(groups, 1)
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        await self._rsync_following_schedule(run_path, folders_only, remote_run, None, step="push_folders")
+        files = size = 0
+        for result in results:
+            stream_files, stream_bytes = _stats(result.stdout)
+            files, size = files + stream_files, size + stream_bytes
+        return files, size
 
     async def _hash_while_sending(
         self, run_path: Path, remote_run: str, local: LocalTree, remote: dict[str, _Entry]
@@ -639,10 +696,13 @@ class RsyncSshTransport(Transport):
         progress: ProgressCallback | None = None,
         step: str,
         source: Path | None = None,
+        streams: int = 1,
     ) -> ToolResult:
         """Run rsync, restarting it with the new ``--bwlimit`` at each window edge.
 
-        Sends the contents of ``source`` (default: the run folder) into ``remote_run``.
+        Sends the contents of ``source`` (default: the run folder) into
+        ``remote_run``. ``streams``: how many rsyncs share the limit (each
+        gets ``limit / streams``).
         """
         bandwidth = self.config.bandwidth
         limit = bwlimit_kibps
@@ -653,7 +713,7 @@ class RsyncSshTransport(Transport):
             stop_after = max(0.05, (edge - now).total_seconds()) if edge is not None else None
             argv = [*self._rsync_base(), *args]
             if limit is not None:
-                argv.append(f"--bwlimit={max(1, int(limit))}")
+                argv.append(f"--bwlimit={max(1, int(limit / streams))}")
             argv += [f"{source or run_path}/", self._target(remote_run)]
             result = await run_tool(
                 argv, stdin=stdin, stop_after=stop_after, on_stdout=_ProgressParser(progress),
@@ -894,6 +954,20 @@ class _ProgressParser:
                 if total > self.last:
                     self.callback(total - self.last)
                     self.last = total
+
+
+def _split_for_streams(files: dict[str, int], streams: int) -> list[list[str]]:
+    """The run's files in ``streams`` groups of about equal cost, largest first; [] for a small run."""
+    total = sum(files.values())
+    if streams < 2 or len(files) < 2 or (total < STREAMS_MIN_BYTES and len(files) < STREAMS_MIN_FILES):
+        return []
+    groups: list[list[str]] = [[] for _ in range(streams)]
+    load = [0] * streams
+    for rel, size in sorted(files.items(), key=lambda item: (-item[1], item[0])):
+        lightest = load.index(min(load))
+        groups[lightest].append(rel)
+        load[lightest] += size + STREAM_FILE_COST
+    return [group for group in groups if group]
 
 
 def _stats(stdout: bytes) -> tuple[int, int]:
