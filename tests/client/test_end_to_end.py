@@ -184,3 +184,22 @@ async def test_unmounted_share_is_never_treated_as_empty(lab: Lab) -> None:
         assert not lab.nas_copy(run).exists()
     finally:
         await client.close()
+
+
+async def test_transfer_progress_reports_bytes_against_the_run_size(lab: Lab) -> None:
+    files = {f"frames/f{i}.raw": os.urandom(2 * 1024 * 1024) for i in range(8)}
+    run = lab.make_run(files=files)
+    size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    events: list[dict] = []
+    client = make_client(lab.config())
+    client.add_listener(lambda event: events.append(event) if event.get("type") == "progress" else None)
+    await client.init()
+    try:
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        assert (await client.job(run)).state == SyncJobState.VERIFIED
+    finally:
+        await client.close()
+    transfer = [e for e in events if e["phase"] == "transfer"]
+    assert sum(e["delta"] for e in transfer) == transfer[-1]["bytes"] == size
+    assert transfer[-1]["total"] == size  # counted while the copy started

@@ -206,3 +206,34 @@ async def test_one_corrupted_nas_byte_between_transfer_and_verify_is_caught(lab:
     # The re-transfer rewrote the damaged file although its size and mtime matched.
     assert row.state == SyncJobState.VERIFIED, row.last_error
     assert (lab.nas_copy(run) / "image.tif").read_bytes() == (run / "image.tif").read_bytes()
+
+
+async def test_local_file_gone_after_the_transfer_fails_even_with_the_remote_down(lab: Lab) -> None:
+    # The remote manifest is asked for while the local files are checked for: a local
+    # file deleted after it was hashed fails the job, whatever the remote answers.
+    run = lab.make_run(files={"a.dat": b"A" * 100, "sub/b.dat": b"B" * 100})
+    script = Script([], hash_failures=[TransportError(K.NETWORK, "NAS down")] * 3)
+    pushed = script.push_factory(None)
+
+    def push_factory(equipment: Any):
+        async def push(run_path: Path, *, bwlimit_kibps: int | None) -> TransportResult:
+            result = await pushed(run_path, bwlimit_kibps=bwlimit_kibps)
+            await asyncio.sleep(0.3)  # the local hashing, overlapped with the push, is done
+            (run_path / "sub" / "b.dat").unlink()
+            return result
+        return push
+
+    client = make_client(
+        lab.config(backoff_s=[0.01, 0.01]), push_callable_factory=push_factory,
+        hashsum_callable_factory=script.hashsum_factory, remote_stat_callable=lambda job: True,
+    )
+    await client.init()
+    try:
+        await client.enqueue(run)
+        await client.wait_idle(timeout=30)
+        row = await client.job(run)
+    finally:
+        await client.close()
+    assert row.state == SyncJobState.FAILED and row.error_kind == K.LOCAL_FILE_VANISHED.value, row.last_error
+    assert "sub/b.dat" in row.last_error and "between transfer and verify" in row.last_error
+    assert script.pushes == 1

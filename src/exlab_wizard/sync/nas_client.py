@@ -24,7 +24,7 @@ import datetime as dt
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from exlab_wizard.sync.transports import (
 )
 from exlab_wizard.sync.transports.base import METADATA_DIR
 from exlab_wizard.sync.verifier import Verifier, VerifyResult, compare, hash_tree
+from exlab_wizard.sync.verifier import scan_run as scan_entries
 from exlab_wizard.validator import Finding, Validator
 
 __all__ = [
@@ -111,14 +112,17 @@ def _utcnow() -> dt.datetime:
 
 
 def _run_size(run_path: Path) -> int:
-    total = 0
-    for root, dirs, files in os.walk(run_path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(root, name))
-                if not os.path.islink(os.path.join(root, name)):
-                    total += st.st_size
-    return total
+    """Bytes in the run's regular files (symlinks are never sent); 0 when it cannot be listed."""
+    try:
+        return sum(entry.stat.st_size for entry in scan_entries(run_path, include_metadata=True, with_stat=True)
+                   if not entry.is_dir)  # fmt: skip
+    except OSError:
+        return 0
+
+
+def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
+    """The paths no longer present under ``run``, sorted."""
+    return [p for p in sorted(paths) if not os.path.lexists(run / p)]
 
 
 def _optional_kwargs(func: Callable[..., Any], **candidates: Any) -> dict[str, Any]:
@@ -530,8 +534,9 @@ class NASSyncClient:
         push = self._push(equipment)
         transport = self._transport(equipment)
         hashes_in_pass = push is None and transport.capabilities.hashes_while_sending
-        total = await asyncio.to_thread(_run_size, run)
-        on_bytes = self._progress_cb(job, "transfer", total)
+        on_bytes = self._progress_cb(job, "transfer", 0)
+        # The run's size, for progress, is counted while the transfer starts.
+        sizing = asyncio.create_task(self._count_total(self.progress[job.id], run))
         local_task: asyncio.Task[dict[str, str]] | None = None
         if not hashes_in_pass:
             # Hash the local run while the transfer runs: one overlapped read pass.
@@ -566,6 +571,8 @@ class NASSyncClient:
             await self._cancel(local_task)
             self._retry_or_fail(job, S.RUNNING, TransportErrorKind.UNKNOWN, f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            await self._cancel(sizing)
         log.info(run, "transfer_done", job=job.id, files=outcome.files_sent, bytes=outcome.bytes_sent)
         job = queue.transition(
             job.id, S.RUNNING, S.AWAITING_VERIFY, now=self.clock(),
@@ -575,7 +582,11 @@ class NASSyncClient:
         await self._verify_job(job, equipment, local_hashes=_data_only(local_hashes))
 
     @staticmethod
-    async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    async def _count_total(state: TransferProgress, run: Path) -> None:
+        state.bytes_total = await asyncio.to_thread(_run_size, run)
+
+    @staticmethod
+    async def _cancel(task: asyncio.Future[Any] | None) -> None:
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -601,21 +612,27 @@ class NASSyncClient:
         queue = self._require_queue()
         run = Path(job.run_path)
         log = self._log(equipment)
+        manifest_task: asyncio.Future[RemoteManifest] | None = None
         try:
             if local_hashes is None:
                 local_hashes = _data_only(await self.verifier.hash_local(run))
-            vanished = [p for p in sorted(local_hashes) if not os.path.lexists(run / p)]
+            self._progress_cb(job, "verify", 0)
+            # The remote manifest is asked for while the local files are checked for;
+            # a vanished local file fails the job whatever the remote answers.
+            manifest_task = asyncio.ensure_future(self._remote_manifest(equipment, run))
+            vanished = await asyncio.to_thread(_vanished, run, local_hashes)
             if vanished:
+                await self._cancel(manifest_task)
                 self._fail(job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED,
                            f"local file vanished between transfer and verify: {vanished[0]}"
                            + (f" (+{len(vanished) - 1} more)" if len(vanished) > 1 else ""))
                 return
-            self._progress_cb(job, "verify", 0)
-            remote = await self._remote_manifest(equipment, run)
+            remote = await manifest_task
         except TransportError as exc:
             self._retry_or_fail(job, S.AWAITING_VERIFY, exc.kind, f"verify: {exc.message}")
             return
         except asyncio.CancelledError:
+            await self._cancel(manifest_task)
             raise
         except Exception as exc:
             self._retry_or_fail(job, S.AWAITING_VERIFY, TransportErrorKind.UNKNOWN, f"verify: {type(exc).__name__}: {exc}")
@@ -653,9 +670,11 @@ class NASSyncClient:
             manifest_digest=digest, attempts=0, mismatch_count=0, rewrite_paths=(),
             error_kind=None, last_error=None, next_attempt_at=None,
         )
-        self._record_verified_stat(job, run, local_hashes, now)
         log.info(run, "verified", job=job.id, files=outcome.checked, manifest_digest=digest)
         self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+        # What the reaper will check the local files against, before it deletes any. Lost
+        # in a crash right here, the reaper re-hashes every file instead: safe, only slower.
+        await asyncio.to_thread(self._record_verified_stat, job, run, local_hashes, now)
         await self._push_metadata(job, equipment)
 
     def _record_verified_stat(self, job: SyncJobRow, run: Path, hashes: Mapping[str, str], now: dt.datetime) -> None:
