@@ -18,7 +18,8 @@ import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports._process import LocalTree
+from exlab_wizard.sync.transports import rclone as rclone_mod
+from exlab_wizard.sync.transports._process import LocalTree, ToolResult
 from exlab_wizard.sync.transports.rclone import RcloneTransport, _sort_extras, decode_name, encode_name
 from tests.fixtures.rclone_serve import S3Server
 from tests.fixtures.sshd import RW_USER
@@ -138,6 +139,34 @@ async def test_sftp_hostile_names_end_to_end(tmp_path, sshd, remote_dir, rclone_
 
     again = await transport.push(run, bwlimit_kibps=None)
     assert again.ok and again.files_sent == 0
+
+
+def _log_text(eq: EquipmentConfig) -> str:
+    return "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+
+
+@pytest.mark.parametrize("bulk_hashing_works", [True, False], ids=["bulk", "fallback"])
+async def test_server_hashing_in_bulk_with_the_per_file_listing_as_fallback(
+    tmp_path, sshd, remote_dir, rclone_sftp_config, monkeypatch, bulk_hashing_works
+):
+    files = {f"d{i % 5}/f{i:03d}.bin": os.urandom(100 + i) for i in range(60)} | {"sp ace  two.txt": b"x"}
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd, remote_sha256=True))
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = RcloneTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    if not bulk_hashing_works:  # a backend that refuses operations/hashsum: each file's hash from lsjson
+        real = rclone_mod._hashsum
+
+        async def refused(base, fs, *, download=False, **kwargs):
+            if download:
+                return await real(base, fs, download=download, **kwargs)
+            return ToolResult(["rclone"], 1, b"", b"ERROR : hash unsupported", 0.0)
+
+        monkeypatch.setattr(rclone_mod, "_hashsum", refused)
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == hashes(files) and manifest.unverifiable == {}
+    tool = "rclone_hashsum" if bulk_hashing_works else "rclone_lsjson"
+    assert f"remote_manifest tool={tool} files={len(files)}" in _log_text(eq)
 
 
 async def test_s3_object_store_end_to_end_with_download_hashing(tmp_path, s3_place):

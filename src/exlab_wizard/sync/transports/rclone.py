@@ -197,6 +197,28 @@ async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog, run_
     return result.returncode == 0
 
 
+async def _hashsum(base: list[str], fs: str, *, log: EquipmentLog, run_path: object, download: bool = False,
+                   max_bytes: int | None = None) -> ToolResult:  # fmt: skip
+    """``operations/hashsum`` through ``rclone rc --loopback``: JSON, so any name survives."""
+    request: dict[str, object] = {"fs": fs, "hashType": "sha256", "download": download}
+    if max_bytes is not None:
+        request["_filter"] = {"MaxSize": max_bytes}
+    argv = [*base, "rc", "--loopback", "operations/hashsum", "--json", json.dumps(request)]
+    return await run_tool(argv, log=log, run_path=run_path, step="download_hash" if download else "remote_hash",
+                          quiet=not download)  # fmt: skip
+
+
+def _hashed_listing(stdout: bytes, sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
+    """(hashes, unverifiable) from ``operations/hashsum`` output: a listed file left unhashed is unverifiable."""
+    hashes: dict[str, str] = {}
+    for line in json.loads(stdout or b"{}").get("hashsum") or []:
+        digest, sep, name = line.partition("  ")  # the digest has no space; the name may hold anything
+        if sep and _HEX_RE.match(digest):
+            hashes[decode_name(name)] = digest.lower()
+    unverifiable = {path: "remote_read_error" for path in sizes if path not in hashes}
+    return hashes, unverifiable
+
+
 async def download_manifest(
     base: list[str], fs: str, root_fs: str, max_bytes: int, *, log: EquipmentLog, run_path: object
 ) -> RemoteManifest:
@@ -218,19 +240,13 @@ async def download_manifest(
     unverifiable = {path: OVERSIZE for path, size in sizes.items() if size > max_bytes}
     hashes: dict[str, str] = {}
     if len(unverifiable) < len(sizes):
-        request = {"fs": fs, "hashType": "sha256", "download": True, "_filter": {"MaxSize": max_bytes}}
-        argv = [*base, "rc", "--loopback", "operations/hashsum", "--json", json.dumps(request)]
-        result = await run_tool(argv, log=log, run_path=run_path, step="download_hash")
+        result = await _hashsum(base, fs, log=log, run_path=run_path, download=True, max_bytes=max_bytes)
         if result.returncode != 0:
             raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"hashing {fs}")
-        for line in json.loads(result.stdout).get("hashsum") or []:
-            digest, sep, name = line.partition("  ")
-            name = decode_name(name)
-            if sep and _HEX_RE.match(digest) and name in sizes:
-                hashes[name] = digest.lower()
-    for path, size in sizes.items():
-        if size <= max_bytes and path not in hashes:
-            unverifiable[path] = "remote_read_error"
+        readable = {path: size for path, size in sizes.items() if size <= max_bytes}
+        found, unreadable = _hashed_listing(result.stdout, readable)
+        hashes = {path: digest for path, digest in found.items() if path in sizes}
+        unverifiable |= unreadable
     return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
 
@@ -429,12 +445,42 @@ class RcloneTransport(Transport):
         await self.probe(run_path)
         if self._native_sha256 is False:
             return await self._download_manifest(base, fs, run_path)
-        listed = await _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_hash",
-                               extra=["--hash", "--hash-type", "sha256"])  # fmt: skip
+        # The listing (every name, JSON) and the hashing (rclone's checkers in parallel;
+        # lsjson --hash asks for one file at a time) run side by side.
+        listed, hashed = await asyncio.gather(
+            _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_list"),
+            _hashsum(base, fs, log=self.log, run_path=run_path),
+        )
         if listed.returncode == 3:
             if await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path):
                 return RemoteManifest(hashes={})
             raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} is not reachable")
+        if listed.returncode != 0:
+            raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
+        if hashed.returncode == 0:
+            hashes, unverifiable = _hashed_listing(hashed.stdout, _listing(listed.stdout))
+            tool = "rclone_hashsum"
+        else:  # no bulk hashing from this backend: ask the listing for each file's hash
+            hashes, unverifiable = await self._listed_hashes(base, fs, run_path)
+            tool = "rclone_lsjson"
+        if self._native_sha256 is None and (hashes or unverifiable):
+            # Not listed as a feature: trust the backend's hashing only when it hashed every file.
+            self._native_sha256 = not unverifiable
+            self.capabilities = TransportCapabilities(
+                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True,
+                metadata_push=True,
+            )
+            self.log.info(run_path, "rclone_backend_hashes_sha256", remote=self.config.rclone_remote,
+                          remote_hashing=self._native_sha256)  # fmt: skip
+            if not self._native_sha256:
+                return await self._download_manifest(base, fs, run_path)
+        self.log.info(run_path, "remote_manifest", tool=tool, files=len(hashes), unverifiable=len(unverifiable))
+        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+    async def _listed_hashes(self, base: list[str], fs: str, run_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+        """Each file's SHA-256 from ``lsjson -R --hash``: (hashes, unverifiable)."""
+        listed = await _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_hash",
+                               extra=["--hash", "--hash-type", "sha256"])  # fmt: skip
         if listed.returncode != 0:
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"hashing {fs}")
         hashes: dict[str, str] = {}
@@ -448,19 +494,7 @@ class RcloneTransport(Transport):
                 hashes[path] = digest.lower()
             else:
                 unverifiable[path] = "remote_read_error"
-        if self._native_sha256 is None and (hashes or unverifiable):
-            # Not listed as a feature: trust the backend's hashing only when it hashed every file.
-            self._native_sha256 = not unverifiable
-            self.capabilities = TransportCapabilities(
-                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True,
-                metadata_push=True,
-            )
-            self.log.info(run_path, "rclone_backend_hashes_sha256", remote=self.config.rclone_remote,
-                          remote_hashing=self._native_sha256)  # fmt: skip
-            if not self._native_sha256:
-                return await self._download_manifest(base, fs, run_path)
-        self.log.info(run_path, "remote_manifest", tool="rclone_lsjson", files=len(hashes), unverifiable=len(unverifiable))
-        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+        return hashes, unverifiable
 
     async def _download_manifest(self, base: list[str], fs: str, run_path: Path) -> RemoteManifest:
         manifest = await download_manifest(base, fs, self.config.remote_root, self.verify_max_stream_bytes,
