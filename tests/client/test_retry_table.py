@@ -237,3 +237,23 @@ async def test_local_file_gone_after_the_transfer_fails_even_with_the_remote_dow
     assert row.state == SyncJobState.FAILED and row.error_kind == K.LOCAL_FILE_VANISHED.value, row.last_error
     assert "sub/b.dat" in row.last_error and "between transfer and verify" in row.last_error
     assert script.pushes == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "shown"),
+    [("verify_skipped_oversize", "larger than verify_max_stream_bytes"), ("unreadable: Permission denied", "unreadable")],
+)
+async def test_a_file_the_nas_could_not_hash_is_never_verified_and_the_reason_is_shown(
+    lab: Lab, reason: str, shown: str
+) -> None:
+    from exlab_wizard.sync.transports.base import RemoteManifest
+
+    run = lab.make_run(files={"a.dat": b"A" * 100, "huge.raw": b"H" * 100})
+
+    def partly(run_path: Path) -> RemoteManifest:
+        known = _hashes(run_path)
+        return RemoteManifest(hashes={"a.dat": known["a.dat"]}, unverifiable={"huge.raw": reason})
+
+    row = await _run(lab, Script([], hash_failures=[partly]), run)
+    assert row.state == SyncJobState.FAILED and row.error_kind == "verify_skipped_oversize"
+    assert "huge.raw" in row.last_error and shown in row.last_error

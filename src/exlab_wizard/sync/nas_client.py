@@ -639,9 +639,11 @@ class NASSyncClient:
             return
         outcome = compare(local_hashes, remote)
         if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
+            first = outcome.unverifiable[0]
+            reason = remote.unverifiable.get(first, "")
+            why = "larger than verify_max_stream_bytes" if reason in ("", "verify_skipped_oversize") else reason
             self._fail(job, S.AWAITING_VERIFY, "verify_skipped_oversize",
-                       f"{len(outcome.unverifiable)} file(s) could not be hashed remotely "
-                       f"(larger than verify_max_stream_bytes): {outcome.unverifiable[0]}")
+                       f"{len(outcome.unverifiable)} file(s) could not be hashed remotely: {first} ({why})")
             return
         if outcome.extra and not (outcome.different or outcome.missing):
             # The push checked that the remote folder held nothing foreign, so a
