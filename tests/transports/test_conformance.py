@@ -333,11 +333,12 @@ async def test_manifest_of_a_run_folder_not_there_yet_is_empty(remote, local_roo
 
 async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, local_root):
     eq = remote.equipment(local_root)
-    files = {"a.bin": os.urandom(5000), "new\nname.bin": os.urandom(100), "sub/kept.txt": b"kept"}
+    files = {"a.bin": os.urandom(5000), "new\nname.bin": os.urandom(100), "#hash first.bin": b"#" * 300,
+             "sub/kept.txt": b"kept"}  # fmt: skip
     run = make_run(eq.local_root, files, symlink=False)
     transport = remote.transport(eq)
     await transport.push(run, bwlimit_kibps=None)
-    for name in ("a.bin", "new\nname.bin"):
+    for name in ("a.bin", "new\nname.bin", "#hash first.bin"):
         damaged = remote.run_on_disk / name
         info = damaged.stat()
         damaged.write_bytes(b"\0" * info.st_size)
@@ -345,8 +346,8 @@ async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, l
     remote.settle()
     kept = file_ids(remote.run_on_disk)["sub/kept.txt"]
 
-    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin"}))
-    assert result.ok and result.files_sent == 2
+    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin", "#hash first.bin"}))
+    assert result.ok and result.files_sent == 3
     assert tree(remote.run_on_disk) == files
     assert file_ids(remote.run_on_disk)["sub/kept.txt"] == kept
     assert data_only((await transport.remote_manifest(run)).hashes) == sha256(files)

@@ -700,3 +700,31 @@ def test_cancelled_push_stops_and_cleans_up(lab: Lab) -> None:
 def test_module_exports() -> None:
     assert set(mount_module.__all__) == {"MountTransport", "is_temp_name", "same_mtime"}
     assert MountTransport.capabilities.hashes_while_sending
+
+
+def test_a_cancelled_remote_manifest_stops_reading_the_share(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(60):
+        lab.write(f"f{i:02d}.bin", os.urandom(4096))
+    lab.push()
+    monkeypatch.setattr(mount_module, "READ_BACK_TTL_S", -1.0)  # every file read anew, as in an audit
+    real = mount_module.hash_from_storage
+    reads: list[int] = []
+
+    def slow(fd, view, **kwargs):
+        reads.append(fd)
+        time.sleep(0.02)
+        return real(fd, view, **kwargs)
+
+    monkeypatch.setattr(mount_module, "hash_from_storage", slow)
+
+    async def cancel_early() -> None:
+        task = asyncio.ensure_future(lab.transport.remote_manifest(lab.run))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_early())  # asyncio.run waits for the worker thread to return
+    stopped_at = len(reads)
+    time.sleep(0.2)
+    assert len(reads) == stopped_at < 60  # no file read after the cancellation settled

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -353,3 +354,17 @@ async def test_s3_conflict_and_own_partials(tmp_path, s3_server, s3_place, sshd,
     shutil.chown(remote_run, RW_USER, RW_USER)
     await RcloneTransport(sftp_eq).push(sftp_run, bwlimit_kibps=None)
     assert tree(remote_run) == {"a.txt": b"a", "new\nline": b"n"}
+
+
+def test_bulk_hash_output_is_matched_to_the_listing():
+    ok = "a" * 64
+    out = json.dumps({"hashsum": [
+        f"{ok}  two  spaces.txt", f"{'B' * 64}   leading space.txt", f"{ok}  new\nline.txt",
+        "UNSUPPORTED  unhashable.bin", "ERROR  failed.bin", f"{ok}  appeared later.txt",
+    ]}).encode()  # fmt: skip
+    listed = {"two  spaces.txt": 1, " leading space.txt": 1, "new\nline.txt": 1, "unhashable.bin": 1,
+              "failed.bin": 1, "never hashed.bin": 1}  # fmt: skip
+    hashes, unverifiable = rclone_mod._hashed_listing(out, listed)
+    assert hashes == {"two  spaces.txt": ok, " leading space.txt": "b" * 64, "new\nline.txt": ok,
+                      "appeared later.txt": ok}  # fmt: skip
+    assert unverifiable == dict.fromkeys(["unhashable.bin", "failed.bin", "never hashed.bin"], "remote_read_error")

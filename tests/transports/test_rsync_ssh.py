@@ -47,6 +47,8 @@ HOSTILE: dict[str, bytes] = {
     "new\nline.txt": b"newline",
     "back\\slash.txt": b"backslash",
     "star*and?[x].raw": b"glob",
+    "#comment-like.txt": b"rsync's --files-from reads a line starting with # as a comment",
+    ";semicolon-first.txt": b"and one starting with ;",
     "empty.bin": b"",
     "sub dir/nested $(x)/deep file.bin": os.urandom(70000),
     ".exlab-wizard/creation.json": b'{"schema_version": "1.0", "level": "run"}\n',
@@ -538,3 +540,24 @@ async def test_streams_share_a_limit_that_starts_mid_transfer(tmp_path, sshd, re
     )
     log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
     assert "--bwlimit=100" in log and "--bwlimit=200" not in log
+
+
+async def test_streams_write_into_read_only_folders_and_leave_their_modes(tmp_path, sshd, remote_dir, monkeypatch):
+    # The login user is unprivileged, so a 0555 folder binds it: one stream finishing must
+    # not lock the other out of a folder they share.
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_BYTES", 0)
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_FILES", 0)
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {f"locked/f{i:03d}.raw": os.urandom(2000 + i) for i in range(300)} | {"top.txt": b"t"}
+    run = make_run(eq.local_root, files, symlink=False)
+    (run / "locked").chmod(0o555)
+    try:
+        result = await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+        remote_run = remote_dir / RUN_REL
+        assert result.ok and tree(remote_run) == files
+        assert (remote_run / "locked").stat().st_mode & 0o777 == 0o555
+        assert not leftovers(remote_dir)
+    finally:
+        (run / "locked").chmod(0o755)
+        if (remote_dir / RUN_REL / "locked").exists():
+            (remote_dir / RUN_REL / "locked").chmod(0o755)

@@ -16,17 +16,21 @@ import shlex
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports.base import METADATA_DIR, TransportError, TransportErrorKind
+
+T = TypeVar("T")
 
 __all__ = [
     "LocalTree",
     "ToolResult",
     "checked_rewrite",
+    "gather_or_cancel",
     "local_metadata_folder",
     "local_run_folder",
     "local_tree",
@@ -95,6 +99,18 @@ async def _pump(stream: asyncio.StreamReader | None, sink: bytearray, callback: 
         sink += chunk
         if callback is not None:
             callback(chunk)
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """Await all of ``aws`` side by side; the first to raise cancels the others (and their tools)."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def run_tool(

@@ -876,7 +876,12 @@ class MountTransport(Transport):
         empty manifest. A file the share refuses to let us read is
         ``unverifiable``; one removed while we hash is left out.
         """
-        return await asyncio.to_thread(self._remote_manifest, Path(run_path))
+        abort = threading.Event()
+        try:
+            return await asyncio.to_thread(self._remote_manifest, Path(run_path), abort)
+        except asyncio.CancelledError:
+            abort.set()  # the hashing threads stop at their next file
+            raise
 
     def _take_read_back(self, remote: str) -> dict[str, tuple[int, int, int, int, bytes]]:
         """The read-back hashes of the last push to ``remote``, once, when fresh; else {}."""
@@ -884,7 +889,7 @@ class MountTransport(Transport):
             ended, read_back = self._read_backs.pop(remote, (0.0, {}))
         return read_back if time.monotonic() - ended <= READ_BACK_TTL_S else {}
 
-    def _remote_manifest(self, run: Path) -> RemoteManifest:
+    def _remote_manifest(self, run: Path, abort: threading.Event | None = None) -> RemoteManifest:
         self._require_mounted()
         remote = self.remote_run_path(run)
         read_back = self._take_read_back(remote)
@@ -939,7 +944,9 @@ class MountTransport(Transport):
             finally:
                 os.close(fd)
 
-        run_parallel(listed, work, self.threads)
+        run_parallel(listed, work, self.threads, abort)
+        if abort is not None and abort.is_set():
+            raise TransportError(TransportErrorKind.UNKNOWN, "remote manifest cancelled")
         self._require_mounted()
         self._logged("INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable))
         return RemoteManifest(

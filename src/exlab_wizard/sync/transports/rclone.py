@@ -40,6 +40,7 @@ from exlab_wizard.sync.transports._process import (
     LocalTree,
     ToolResult,
     checked_rewrite,
+    gather_or_cancel,
     local_metadata_folder,
     local_run_folder,
     local_tree,
@@ -447,7 +448,7 @@ class RcloneTransport(Transport):
             return await self._download_manifest(base, fs, run_path)
         # The listing (every name, JSON) and the hashing (rclone's checkers in parallel;
         # lsjson --hash asks for one file at a time) run side by side.
-        listed, hashed = await asyncio.gather(
+        listed, hashed = await gather_or_cancel(
             _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_list"),
             _hashsum(base, fs, log=self.log, run_path=run_path),
         )

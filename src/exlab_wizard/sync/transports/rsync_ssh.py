@@ -53,6 +53,7 @@ from exlab_wizard.sync.transports._process import (
     ToolResult,
     _stop,
     checked_rewrite,
+    gather_or_cancel,
     local_metadata_folder,
     local_run_folder,
     local_tree,
@@ -559,7 +560,7 @@ class RsyncSshTransport(Transport):
                 [*common, "-I", "--whole-file", "--files-from=-", "--from0"],
                 remote_run,
                 bwlimit_kibps,
-                stdin=b"\0".join(os.fsencode(p) for p in rewrite_paths) + b"\0",
+                stdin=_files_from(rewrite_paths),
                 progress=progress,
                 step="rewrite",
             )
@@ -628,23 +629,20 @@ class RsyncSshTransport(Transport):
                 run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
             )
             return _stats(result.stdout)
+        # Folders stay writable by us while the streams run (one stream finishing would
+        # otherwise give a read-only folder its mode while the other still writes into
+        # it); the last pass gives every folder its own mode and mtime.
+        writable = "--chmod=Du+rwx"
         folders_only = [*common, "--include=*/", "--exclude=*"]
-        await self._rsync_following_schedule(run_path, folders_only, remote_run, None, step="push_folders")
-        args = [*common, "--info=progress2", "--files-from=-", "--from0"]
-        tasks = [
-            asyncio.ensure_future(self._rsync_following_schedule(
-                run_path, args, remote_run, None, stdin=b"".join(os.fsencode(rel) + b"\0" for rel in group),
+        await self._rsync_following_schedule(run_path, [*folders_only, writable], remote_run, None, step="push_folders")
+        args = [*common, writable, "--info=progress2", "--files-from=-", "--from0"]
+        results = await gather_or_cancel(*(
+            self._rsync_following_schedule(
+                run_path, args, remote_run, None, stdin=_files_from(group),
                 progress=progress, step=f"push:{number}/{len(groups)}", streams=len(groups),
-            ))  # fmt: skip
+            )
             for number, group in enumerate(groups, 1)
-        ]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        ))  # fmt: skip
         await self._rsync_following_schedule(run_path, folders_only, remote_run, None, step="push_folders")
         files = size = 0
         for result in results:
@@ -954,6 +952,12 @@ class _ProgressParser:
                 if total > self.last:
                     self.callback(total - self.last)
                     self.last = total
+
+
+def _files_from(paths: Iterable[str]) -> bytes:
+    """A ``--files-from=- --from0`` list. Each path starts with ``./``: rsync reads a line
+    starting with ``#`` or ``;`` as a comment, even NUL-separated."""
+    return b"".join(b"./" + os.fsencode(rel) + b"\0" for rel in paths)
 
 
 def _split_for_streams(files: dict[str, int], streams: int) -> list[list[str]]:
