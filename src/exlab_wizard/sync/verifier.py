@@ -78,6 +78,12 @@ __all__ = [
 #: Read size for hashing and copying: big enough for full-speed I/O, small
 #: enough to keep memory constant (one buffer per thread).
 BLOCK_SIZE = 1 << 20
+#: While a file is read back past the page cache, the pages already hashed are dropped
+#: every this many bytes: the read recycles a few MiB of memory instead of filling the
+#: page cache with the whole file. (Filling it costs more than the read where memory
+#: freed earlier was handed back to a hypervisor; on a 2-core VM, 1.46 s -> 0.98 s for
+#: a 1 GiB push with its read-back.)
+DROP_BEHIND = 8 << 20
 
 _METADATA_PREFIX = METADATA_DIR + "/"
 _OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -98,10 +104,19 @@ def is_metadata_path(rel: str) -> bool:
 # --------------------------------------------------------------------------- hashing
 
 
-def hash_fd(fd: int, view: memoryview, progress: ProgressCallback | None = None) -> str:
-    """SHA-256 hex of everything left to read from ``fd``, read into ``view``."""
+def hash_fd(
+    fd: int, view: memoryview, progress: ProgressCallback | None = None, *, drop_behind: bool = False
+) -> str:
+    """SHA-256 hex of everything left to read from ``fd``, read into ``view``.
+
+    ``drop_behind``: every ``DROP_BEHIND`` bytes, drop the (clean) pages
+    already hashed from this machine's page cache; offsets are counted from 0,
+    so pass it for a descriptor read from its start.
+    """
     digest = hashlib.sha256()
     readv = os.readv
+    advise = drop_behind and hasattr(os, "posix_fadvise")
+    total = dropped = 0
     while True:
         count = readv(fd, [view])
         if not count:
@@ -109,6 +124,13 @@ def hash_fd(fd: int, view: memoryview, progress: ProgressCallback | None = None)
         digest.update(view[:count])
         if progress is not None:
             progress(count)
+        total += count
+        if advise and total - dropped >= DROP_BEHIND:
+            try:
+                os.posix_fadvise(fd, dropped, total - dropped, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                advise = False
+            dropped = total
 
 
 def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
@@ -173,38 +195,16 @@ def drop_page_cache_fd(fd: int, *, sync: bool = True) -> None:
             pass
 
 
-#: While a file is read back past the page cache, the pages already hashed are dropped
-#: every this many bytes: the read recycles a few MiB of memory instead of filling the
-#: page cache with the whole file. (Filling it costs more than the read where memory
-#: freed earlier was handed back to a hypervisor; on a 2-core VM, 1.46 s -> 0.98 s for
-#: a 1 GiB push with its read-back.)
-DROP_BEHIND = 8 << 20
-
-
 def hash_from_storage(fd: int, view: memoryview, *, sync: bool = True) -> str:
     """SHA-256 hex of ``fd`` as the storage holds it, not as this machine's memory does.
 
     :func:`drop_page_cache_fd` (``sync`` as there), then read to the end
-    from the current offset (0 for a fresh descriptor), dropping the pages already hashed every ``DROP_BEHIND`` bytes (they are
-    clean: nothing was written since the drop).
+    from offset 0 (a fresh descriptor), dropping the pages already hashed
+    every ``DROP_BEHIND`` bytes (they are clean: nothing was written since
+    the drop).
     """
     drop_page_cache_fd(fd, sync=sync)
-    digest = hashlib.sha256()
-    readv = os.readv
-    advise = hasattr(os, "posix_fadvise")
-    total = dropped = 0
-    while True:
-        count = readv(fd, [view])
-        if not count:
-            return digest.hexdigest()
-        digest.update(view[:count])
-        total += count
-        if advise and total - dropped >= DROP_BEHIND:
-            try:
-                os.posix_fadvise(fd, dropped, total - dropped, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                advise = False
-            dropped = total
+    return hash_fd(fd, view, drop_behind=True)
 
 
 def drop_page_cache(path: str | os.PathLike[str], *, sync: bool = True) -> None:

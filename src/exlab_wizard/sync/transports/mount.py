@@ -225,14 +225,6 @@ def _buffered(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
-def _aligned(view: memoryview) -> bool:
-    """Does ``view`` start on a ``_DIRECT_ALIGN`` boundary (as O_DIRECT needs)?"""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _DIRECT_ALIGN == 0
-    except TypeError:  # a read-only buffer
-        return False
-
-
 def _syncfs(path: str) -> None:
     fd = os.open(path, _DIRECTORY)
     try:
@@ -681,7 +673,7 @@ class MountTransport(Transport):
         temp = os.path.join(folder, _temp_name(src.name))
         try:
             durable = job.per_file_sync or before.st_size >= LARGE_FILE
-            direct = _O_DIRECT if job.direct_io and before.st_size >= LARGE_FILE and _aligned(view) else 0
+            direct = _O_DIRECT if job.direct_io and before.st_size >= LARGE_FILE else 0
             try:
                 try:
                     fd_out = os.open(temp, _CREATE | direct, 0o600)
@@ -731,10 +723,11 @@ class MountTransport(Transport):
     ) -> tuple[str, int]:
         """Copy at most ``size`` bytes (the size at open): a file appended to forever still ends.
 
-        ``direct``: ``fd_out`` was opened with ``O_DIRECT`` and ``view`` is
-        page-aligned; whole 4 KiB multiples go straight to the share, and the
-        first write that is not one (the tail, a short read, a share refusing
-        the alignment) turns direct I/O off for the rest of the file.
+        ``direct``: ``fd_out`` was opened with ``O_DIRECT`` (``view``, from
+        ``run_parallel``, is page-aligned); whole 4 KiB multiples go straight to
+        the share, and the first write that is not one (the tail, a short read)
+        or that the share refuses (``EINVAL``) turns direct I/O off for the rest
+        of the file.
         """
         digest = hashlib.sha256()
         readv, write = os.readv, os.write

@@ -5,7 +5,7 @@ Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial
 StrictHostKeyChecking=yes``. Before anything is written, the remote run folder
 is listed (``rsync --list-only``) and compared with the local run: a file that
 is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
-of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.XXXXXX``
+of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
 Leftovers are removed once a push completes. Files named in ``rewrite`` are
 sent whole first (``--ignore-times --whole-file``), whatever their size and
@@ -93,7 +93,7 @@ STREAM_FILE_COST = 64 << 10
 #: (smaller ones cost more to watch than to hash in the verify pass).
 HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
 
-# rsync's temporary name for ``name`` while receiving it: ".name.XXXXXX".
+# rsync's temporary name for ``name`` while receiving it: ".name." and 6 random letters or digits.
 _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
 _LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
 _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
