@@ -317,21 +317,6 @@ async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_pat
     assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
 
 
-async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, sshd, remote_dir, rclone_sftp_config):
-    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
-    run = make_run(eq.local_root, {"a.txt": b"ours", "data.raw": b"our data"}, symlink=False)
-    remote_run = remote_dir / RUN_REL
-    (remote_run / "theirs").mkdir(parents=True)
-    (remote_run / "data.raw").write_bytes(b"their data")
-    (remote_run / "theirs" / "result.csv").write_bytes(b"their result")
-    before = tree(remote_run)
-    with pytest.raises(TransportError) as caught:
-        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
-    assert caught.value.kind == K.REMOTE_CONFLICT
-    assert "theirs/result.csv" in caught.value.message
-    assert tree(remote_run) == before
-
-
 async def test_s3_conflict_and_own_partials(tmp_path, s3_server, s3_place, sshd, remote_dir, rclone_sftp_config):
     make_eq, on_disk = s3_place
     eq = make_eq()

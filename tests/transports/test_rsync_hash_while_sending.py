@@ -93,22 +93,14 @@ async def test_forged_records_cannot_vouch_for_a_file(tmp_path, sshd, remote_dir
     assert manifest.hashes == {"a.bin": sha((run / "a.bin").read_bytes())}
 
 
-async def test_hosts_without_python_hash_after_the_push_as_before(tmp_path, sshd, remote_dir):
+async def test_hosts_without_python_hash_after_the_push_as_before(tmp_path, sshd, remote_dir, monkeypatch):
     eq = equipment(tmp_path, sshd, remote_dir)
     run = make_run(eq.local_root, FILES, symlink=False)
     transport = RsyncSshTransport(eq)
-    key = transport._host_key()
-    saved = rsync_ssh._HOST_TOOLS.get(key, "missing")
-    rsync_ssh._HOST_TOOLS[key] = "sha256sum"
-    try:
-        await transport.push(run, bwlimit_kibps=None)
-        assert str(run) not in transport._sent_hashes
-        manifest = await transport.remote_manifest(run)
-    finally:
-        if saved == "missing":
-            rsync_ssh._HOST_TOOLS.pop(key, None)
-        else:
-            rsync_ssh._HOST_TOOLS[key] = saved
+    monkeypatch.setitem(rsync_ssh._HOST_TOOLS, transport._host_key(), "sha256sum")
+    await transport.push(run, bwlimit_kibps=None)
+    assert str(run) not in transport._sent_hashes
+    manifest = await transport.remote_manifest(run)
     assert manifest.hashes == {name: sha(data) for name, data in FILES.items()}
 
 

@@ -2,7 +2,8 @@
 
 Every failure here is the real one: a key the server does not know, a server
 that is down or killed mid-transfer, a folder the login user cannot write, a
-file deleted while rsync runs, someone else's files in the run folder.
+file deleted while rsync runs. Someone else's files in the run folder
+(``remote_conflict``) are tested for every transport in test_conformance.py.
 """
 
 from __future__ import annotations
@@ -179,21 +180,13 @@ async def test_hostile_names_end_to_end(tmp_path, sshd, remote_dir):
 
 
 @pytest.mark.parametrize("tool", ["python3-openssl", "openssl", "sha256sum"])
-async def test_every_remote_hash_tool_survives_hostile_names(tmp_path, sshd, remote_dir, tool):
+async def test_every_remote_hash_tool_survives_hostile_names(tmp_path, sshd, remote_dir, tool, monkeypatch):
     eq = equipment(tmp_path, sshd, remote_dir)
     run = make_run(eq.local_root)
     transport = RsyncSshTransport(eq)
     await transport.push(run, bwlimit_kibps=None)
-    key = transport._host_key()
-    saved = rsync_ssh._HOST_TOOLS.get(key, "missing")
-    rsync_ssh._HOST_TOOLS[key] = tool
-    try:
-        manifest = await transport.remote_manifest(run)
-    finally:
-        if saved == "missing":
-            rsync_ssh._HOST_TOOLS.pop(key, None)
-        else:
-            rsync_ssh._HOST_TOOLS[key] = saved
+    monkeypatch.setitem(rsync_ssh._HOST_TOOLS, transport._host_key(), tool)
+    manifest = await transport.remote_manifest(run)
     assert manifest.hashes == {k: hashlib.sha256(v).hexdigest() for k, v in HOSTILE.items()}
 
 
@@ -369,21 +362,6 @@ async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_pat
         await push
     assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
     assert "vanished" in caught.value.message
-
-
-async def test_someone_elses_files_are_remote_conflict_and_untouched(tmp_path, sshd, remote_dir):
-    eq = equipment(tmp_path, sshd, remote_dir)
-    run = make_run(eq.local_root, {"a.txt": b"ours", "data.raw": b"our data"}, symlink=False)
-    remote_run = remote_dir / RUN_REL
-    (remote_run / "theirs").mkdir(parents=True)
-    (remote_run / "data.raw").write_bytes(b"their data")
-    (remote_run / "theirs" / "result.csv").write_bytes(b"their result")
-    before = tree(remote_run)
-    with pytest.raises(TransportError) as caught:
-        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
-    assert caught.value.kind == K.REMOTE_CONFLICT
-    assert "theirs/result.csv" in caught.value.message
-    assert tree(remote_run) == before  # nothing written, nothing overwritten
 
 
 async def test_own_leftovers_are_not_a_conflict_and_are_removed(tmp_path, sshd, remote_dir):
