@@ -194,3 +194,41 @@ async def test_an_injected_hashsum_saying_all_is_well_never_replaces_the_listing
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["requeued"] and outcomes[0].paths == ("notes.txt",), outcomes
         assert data_intact(run)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("backend", ["mount", "rsync_ssh"])
+async def test_exlab_sync_cleanup_on_a_run_whose_nas_folder_was_deleted_deletes_nothing(
+    lab: Lab, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The issue as a lab administrator met it: sync, verify, delete the NAS folder, ``exlab-sync cleanup``."""
+    import json
+
+    from tests.client.test_cli_cleanup import _cli, _row
+
+    cfg, nas_copy = nas_setup(lab, request, backend)
+    eq = cfg.equipment_by_id(EQ)
+    config_file = lab.root / "config.yaml"
+    config_file.write_text(json.dumps({
+        "equipment": [{"id": EQ, "local_root": str(lab.local_root),
+                       "transport": json.loads(eq.transport.model_dump_json(exclude_none=True))}],
+        "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+        "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
+        "state_dir": str(lab.state),
+    }))
+    run = lab.make_run(files=FILES)
+    clock = Clock()
+    clock.advance(-30)
+    async with running(cfg, clock) as client:
+        await synced(client, run)
+        clock.advance(6)
+        await client.audit_once()  # 2 passes, first verified 30 h ago
+    shutil.rmtree(nas_copy(run))
+
+    done = _cli("cleanup", "--config", str(config_file))
+    assert "requeued" in _row(done.stdout, run) and "NAS copy incomplete: missing on the NAS" in done.stdout, (
+        done.stdout + done.stderr)
+    assert "freed 0 B" in done.stdout
+    assert data_intact(run)
+    status = _cli("status", str(run), "--config", str(config_file))
+    assert "queued" in status.stdout, status.stdout + status.stderr
