@@ -11,6 +11,8 @@ transfer the run verifies again and can be cleaned.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -34,13 +36,16 @@ from tests.client.test_audit_and_cleanup import (
     running,
     synced,
 )
+from tests.client.test_cli_cleanup import _cli, _row
 from tests.transports.test_rsync_ssh import equipment as rsync_equipment
 
 S = SyncJobState
 DAMAGES = ["run folder deleted", "file deleted", "file truncated"]
 
 
-def nas_setup(lab: Lab, request: pytest.FixtureRequest, backend: str, **cleanup: Any) -> tuple[Config, Callable[[Path], Path]]:
+def nas_setup(
+    lab: Lab, request: pytest.FixtureRequest, backend: str, **cleanup: Any
+) -> tuple[Config, Callable[[Path], Path]]:
     """The config (cleanup on, 2 passes, 24 h) and where a run's NAS copy lies on disk."""
     cfg = config(lab, **cleanup)
     if backend == "mount":
@@ -183,12 +188,11 @@ async def test_an_injected_hashsum_saying_all_is_well_never_replaces_the_listing
 
     def hashsum_factory(equipment: Any) -> Any:
         async def hashsum(run_path: Path) -> dict[str, str]:
-            import hashlib
-
             return {rel: hashlib.sha256(data).hexdigest() for rel, data in FILES.items()}
         return hashsum
 
-    async with running(cfg, clock, hashsum_callable_factory=hashsum_factory, remote_stat_callable=lambda job: True) as client:
+    fakes = {"hashsum_callable_factory": hashsum_factory, "remote_stat_callable": lambda job: True}
+    async with running(cfg, clock, **fakes) as client:
         await ready(client, clock, run)
         (lab.nas_copy(run) / "notes.txt").unlink()
         outcomes = acts(await client.cleanup_once())
@@ -202,10 +206,6 @@ async def test_exlab_sync_cleanup_on_a_run_whose_nas_folder_was_deleted_deletes_
     lab: Lab, request: pytest.FixtureRequest, backend: str
 ) -> None:
     """The issue as a lab administrator met it: sync, verify, delete the NAS folder, ``exlab-sync cleanup``."""
-    import json
-
-    from tests.client.test_cli_cleanup import _cli, _row
-
     cfg, nas_copy = nas_setup(lab, request, backend)
     eq = cfg.equipment_by_id(EQ)
     config_file = lab.root / "config.yaml"

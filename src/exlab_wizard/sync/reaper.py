@@ -1039,7 +1039,9 @@ class Reaper:
     async def _remote_check(self, job: SyncJobRow, expected: Mapping[str, int]) -> policy.RemoteCheck:
         """One listing of the remote run folder, compared with the sizes it must hold (interlock 4)."""
         if self.remote_listing is None:
-            return policy.RemoteCheck(refusal="remote run folder cannot be listed: nothing is deleted without a listing")
+            return policy.RemoteCheck(
+                refusal="remote run folder cannot be listed: nothing is deleted without a listing"
+            )
         try:
             listing = await self.remote_listing(job)
             if not isinstance(listing, Mapping):
@@ -1323,26 +1325,13 @@ class Reaper:
         """
         run = Path(job.run_path)
         if os.path.islink(run) or not os.path.isdir(run):
-            reason = "deletion paused: run folder missing" if not os.path.islink(run) else (
-                "deletion paused: run folder is a symlink")
+            # Its disk is away: a missing run is not a deleted one; decide when it is back.
+            reason = f"deletion paused: run folder {'is a symlink' if os.path.islink(run) else 'missing'}"
             self._refuse_event(job.id, reason)
             return ReaperOutcome(job.id, job.run_path, "waiting", reason)
         present = await asyncio.to_thread(self._count_present, progress)
         if present < progress.files:
-            done = progress.files - present
-            reason = (
-                f"cleanup stopped: {decision.reason}; {done} of {progress.files} planned files were already "
-                f"deleted (the NAS held them when the deletion was planned), nothing else"
-            )
-            with contextlib.suppress(IllegalTransition), self.queue.transaction() as conn:
-                self.queue.transition(
-                    job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
-                    error_kind="remote_changed_during_cleanup", last_error=reason, next_attempt_at=None,
-                )
-                self._drop_plan(conn, job.id)
-            log.error(job.run_path, "cleanup_stopped", job=job.id, reason=decision.reason, files_deleted=done,
-                      files_planned=progress.files, manifest_digest=progress.manifest_digest)
-            return ReaperOutcome(job.id, job.run_path, "aborted", reason, paths=decision.paths)
+            return self._stop_incomplete(job, progress, log, decision, progress.files - present)
         fresh, _scan = await self._decide(job, local=True)
         if fresh.action == "delete":
             return await self._execute(job, progress, log, resumed=True)  # the NAS copy is whole again
@@ -1359,6 +1348,24 @@ class Reaper:
             with self.queue.transaction() as conn:
                 self._drop_plan(conn, job.id)
         return outcome
+
+    def _stop_incomplete(
+        self, job: SyncJobRow, progress: _Progress, log: EquipmentLog, decision: CleanupDecision, done: int
+    ) -> ReaperOutcome:
+        """Part of the plan deleted, and the NAS copy lost planned files since: FAILED, plan dropped."""
+        reason = (
+            f"cleanup stopped: {decision.reason}; {done} of {progress.files} planned files were already "
+            f"deleted (the NAS held them when the deletion was planned), nothing else"
+        )
+        with contextlib.suppress(IllegalTransition), self.queue.transaction() as conn:
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
+                error_kind="remote_changed_during_cleanup", last_error=reason, next_attempt_at=None,
+            )
+            self._drop_plan(conn, job.id)
+        log.error(job.run_path, "cleanup_stopped", job=job.id, reason=decision.reason, files_deleted=done,
+                  files_planned=progress.files, manifest_digest=progress.manifest_digest)
+        return ReaperOutcome(job.id, job.run_path, "aborted", reason, paths=decision.paths)
 
     def _abandon(self, progress: _Progress, job: SyncJobRow | None, why: str) -> ReaperOutcome:
         """Drop a plan whose job is no longer CLEANUP_ELIGIBLE with the planned manifest: delete nothing more."""

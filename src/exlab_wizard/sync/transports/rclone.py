@@ -533,7 +533,9 @@ class RcloneTransport(Transport):
         """
         fs = self._fs(Path(os.path.abspath(run_path)))
         try:
-            return await list_sizes(self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path)
+            return await list_sizes(
+                self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path
+            )
         except TransportError as error:
             raise await self._explained(error, run_path) from None
 
