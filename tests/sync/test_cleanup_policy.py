@@ -12,6 +12,8 @@ from exlab_wizard.config.models import CleanupConfig, Config
 from exlab_wizard.sync.policy.cleanup import (
     CleanupFacts,
     LocalCheck,
+    RemoteCheck,
+    check_remote,
     decide,
     eligible_to_promote,
     format_hours,
@@ -28,7 +30,7 @@ def facts(**changes) -> CleanupFacts:
     base = CleanupFacts(
         enabled=True, verify_passes=2, min_verify_passes=2, verified_at=NOW - 25 * HOUR,
         min_age_hours=24, now=NOW, remote_reachable=True, overrides_no_longer_active=(),
-        local=LocalCheck(),
+        local=LocalCheck(), remote=RemoteCheck(),
     )
     return dataclasses.replace(base, **changes)
 
@@ -62,6 +64,23 @@ def facts(**changes) -> CleanupFacts:
         ({"enabled": False, "remote_reachable": False, "local": LocalCheck(damaged=("d",))},
          "wait", "cleanup disabled", None, 1),
         ({"remote_reachable": False, "local": LocalCheck(damaged=("d",))}, "wait", "remote unreachable", None, 4),
+        # Interlock 4's listing: the NAS copy must hold every file with its size.
+        ({"remote": RemoteCheck(missing=("a.tif",))}, "requeue", "NAS copy incomplete: missing on the NAS: a.tif",
+         "hash_mismatch", 4),
+        ({"remote": RemoteCheck(wrong_size=("b.raw",))}, "requeue",
+         "NAS copy incomplete: other size on the NAS: b.raw", "hash_mismatch", 4),
+        ({"remote": RemoteCheck(missing=("a",), wrong_size=("b",))}, "requeue",
+         "NAS copy incomplete: missing on the NAS: a; other size on the NAS: b", "hash_mismatch", 4),
+        ({"remote": RemoteCheck(refusal="remote unreachable: not mounted")}, "wait",
+         "remote unreachable: not mounted", None, 4),
+        # A local copy that cannot be sent again decides before an incomplete NAS copy.
+        ({"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(damaged=("a",))}, "fail", "local damage: a",
+         "local_damage", 6),
+        ({"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(missing=("a",))}, "fail",
+         "local file missing: a", "local_file_vanished", 6),
+        ({"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(refusal="run folder missing")}, "wait",
+         "run folder missing", None, 6),
+        ({"remote": RemoteCheck(missing=("a",)), "enabled": False}, "wait", "cleanup disabled", None, 1),
     ],
 )
 def test_decide_table(changes, action, reason, error_kind, interlock):
@@ -77,6 +96,8 @@ def test_decide_table(changes, action, reason, error_kind, interlock):
         ({"remote_reachable": None, "overrides_no_longer_active": None, "local": None}, "remote_reachable"),
         ({"overrides_no_longer_active": None, "local": None}, "overrides"),
         ({"local": None}, "local"),
+        ({"local": None, "remote": None}, "local"),
+        ({"remote": None}, "remote_listing"),
     ],
 )
 def test_unknown_facts_are_asked_for_in_order(changes, needs):
@@ -96,6 +117,17 @@ def test_decision_paths_list_every_path_while_the_reason_names_ten():
     decision = decide(facts(local=LocalCheck(damaged=paths)))
     assert decision.paths == paths
     assert decision.reason == "local damage: " + ", ".join(paths[:10]) + " (+3 more)"
+
+
+def test_check_remote_compares_sizes_of_the_expected_files_only():
+    expected = {"a.tif": 10, "sub/b.raw": 0, "new\nline": 3, "gone.txt": 5}
+    listing = {"a.tif": 10, "sub/b.raw": 1, "new\nline": 3, ".exlab-wizard/creation.json": 9, "theirs.txt": 1}
+    check = check_remote(expected, listing)
+    assert (check.missing, check.wrong_size) == (("gone.txt",), ("sub/b.raw",))
+    assert check.refusal is None and not check.complete
+    assert check_remote(expected, {**listing, "sub/b.raw": 0, "gone.txt": 5}).complete
+    assert check_remote(expected, {}).missing == ("a.tif", "gone.txt", "new\nline", "sub/b.raw")  # by bytes
+    assert not RemoteCheck(refusal="remote unreachable").complete
 
 
 def test_naive_times_are_refused():

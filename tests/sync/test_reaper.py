@@ -32,6 +32,7 @@ from exlab_wizard.sync.reaper import (
     scan_run,
 )
 from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports import make_transport
 
 S = SyncJobState
 HOUR = dt.timedelta(hours=1)
@@ -102,6 +103,10 @@ class Lab:
     async def _remote_stat(self, job: SyncJobRow) -> bool:
         return self.reachable
 
+    async def _remote_listing(self, job: SyncJobRow) -> dict[str, int]:
+        """The real mount transport's listing of the "NAS" folder."""
+        return await make_transport(self.config.equipment_by_id(EQ)).remote_listing(Path(job.run_path))
+
     async def _push_metadata(self, job: SyncJobRow) -> bool:
         run = Path(job.run_path)
         self.pushes.append(
@@ -115,6 +120,7 @@ class Lab:
     def reaper(self, **kw) -> Reaper:
         kw.setdefault("remote_stat", self._remote_stat)
         kw.setdefault("push_metadata", self._push_metadata)
+        kw.setdefault("remote_listing", self._remote_listing)
         reaper = Reaper(self.queue, self.config, writer=self.writer, log_for=self.log_for,
                         now=lambda: self.now, **kw)
         return reaper
@@ -182,6 +188,7 @@ class Lab:
 def lab(tmp_path: Path):
     (tmp_path / "lab").mkdir()
     (tmp_path / "nas").mkdir()
+    (tmp_path / "nas" / ".exlab-nas").write_text("mounted\n")
     config = Config.model_validate({
         "equipment": [{
             "id": EQ, "local_root": str(tmp_path / "lab"),
@@ -309,6 +316,118 @@ def test_interlock_4_probe_that_raises_or_answers_synchronously(lab: Lab, probe)
 
     lab.run_pass(remote_stat=remote_stat)
     assert lab.refusals(job_id) == ["remote unreachable"]
+    assert_nothing_deleted(lab, run)
+
+
+def _damage_nas(lab: Lab, run: Path, damage: str) -> tuple[str, ...]:
+    """Make the NAS copy incomplete one way; returns the manifest files the NAS no longer holds whole."""
+    nas = lab.nas_copy(run)
+    if damage == "run folder deleted":
+        shutil.rmtree(nas)
+        return tuple(sorted(DEFAULT_FILES, key=os.fsencode))
+    if damage == "run folder emptied":
+        for rel in DEFAULT_FILES:
+            (nas / rel).unlink()
+        return tuple(sorted(DEFAULT_FILES, key=os.fsencode))
+    if damage == "file deleted":
+        (nas / "sub" / "notes.txt").unlink()
+    elif damage == "file truncated":
+        os.truncate(nas / "sub" / "notes.txt", 3)
+    elif damage == "file grown":
+        with open(nas / "sub" / "notes.txt", "ab") as handle:
+            handle.write(b"more")
+    elif damage == "file replaced by a symlink":  # to a file of the same size: not the file itself
+        (nas / "sub" / "notes.txt").rename(nas / "sub" / "elsewhere.txt")
+        (nas / "sub" / "notes.txt").symlink_to("elsewhere.txt")
+    elif damage == "file replaced by a folder":
+        (nas / "sub" / "notes.txt").unlink()
+        (nas / "sub" / "notes.txt").mkdir()
+    return ("sub/notes.txt",)
+
+
+@pytest.mark.parametrize("damage", [
+    "run folder deleted", "run folder emptied", "file deleted", "file truncated", "file grown",
+    "file replaced by a symlink", "file replaced by a folder",
+])
+def test_interlock_4_an_incomplete_nas_copy_requeues_and_deletes_nothing(lab: Lab, damage: str):
+    run, job_id = lab.make_run()
+    bad = _damage_nas(lab, run, damage)
+    outcomes = lab.run_pass()
+    assert [o.action for o in outcomes] == ["promoted", "requeued"], outcomes
+    assert outcomes[1].paths == bad
+    assert_nothing_deleted(lab, run)
+    job = lab.job(job_id)
+    assert job.state == S.QUEUED and job.error_kind == "hash_mismatch"
+    assert job.rewrite_paths == bad and job.mismatch_count == 1  # sent again; a second mismatch is FAILED
+    assert job.verify_passes == 0 and job.verified_at is None  # the clock starts again after the re-transfer
+    back = lab.queue.events(job_id)[-1]
+    assert (back.from_state, back.to_state) == ("cleanup_eligible", "queued")
+    assert back.detail.startswith("NAS copy incomplete: ") and "sub/notes.txt" in back.detail
+    assert "nothing deleted" in back.detail
+    assert "cleanup_requeued" in lab.log_text()
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 0
+
+
+def test_interlock_4_a_listing_shows_someone_elses_extra_files_as_no_obstacle(lab: Lab):
+    run, job_id = lab.make_run()
+    (lab.nas_copy(run) / "their_notes.txt").write_text("a colleague's file beside the run")
+    assert [o.action for o in lab.run_pass()] == ["promoted", "deleted"]
+
+
+def test_interlock_4_a_share_unmounted_with_a_probe_saying_yes_waits(lab: Lab):
+    """remote_stat answers True (an injected probe), but the listing finds the share unmounted."""
+    run, job_id = lab.make_run()
+    (lab.nas / ".exlab-nas").unlink()
+    lab.run_pass()
+    lab.run_pass()
+    job = lab.job(job_id)
+    assert job.state == S.CLEANUP_ELIGIBLE
+    [refusal] = lab.refusals(job_id)  # recorded once
+    assert refusal.startswith("remote unreachable: ") and "not mounted" in refusal
+    assert_nothing_deleted(lab, run)
+    (lab.nas / ".exlab-nas").write_text("mounted\n")
+    assert [o.action for o in lab.run_pass()] == ["deleted"]
+
+
+@pytest.mark.parametrize("listing", ["none", "raises", "not a mapping"])
+def test_interlock_4_without_a_usable_listing_nothing_is_deleted(lab: Lab, listing: str):
+    run, job_id = lab.make_run()
+
+    async def broken(job):
+        if listing == "raises":
+            raise reaper_mod.TransportError("auth", "permission denied (publickey)")
+        return [("sub/notes.txt", 12)]
+
+    lab.run_pass(remote_listing=None if listing == "none" else broken)
+    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE
+    [refusal] = lab.refusals(job_id)
+    assert refusal.startswith("remote run folder cannot be listed" if listing == "none" else "remote listing failed")
+    assert_nothing_deleted(lab, run)
+
+
+def test_interlock_4_incomplete_nas_copy_and_local_damage_fails_and_sends_nothing(lab: Lab):
+    run, job_id = lab.make_run()
+    (lab.nas_copy(run) / "sub" / "notes.txt").unlink()
+    target = run / "sub" / "notes.txt"
+    info = target.stat()
+    target.write_bytes(b"ACQUIRED OK\n")  # same size, mtime put back: damage
+    os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    outcomes = lab.run_pass()
+    assert outcomes[-1].action == "failed"
+    job = lab.job(job_id)
+    assert job.state == S.FAILED and job.error_kind == "local_damage" and "sub/notes.txt" in job.last_error
+    assert not (lab.nas_copy(run) / "sub" / "notes.txt").exists()  # nothing was sent
+
+
+def test_dry_run_shows_an_incomplete_nas_copy(lab: Lab):
+    run, job_id = lab.make_run()
+    os.truncate(lab.nas_copy(run) / "image_002.tif", 10)
+    events_before = len(lab.queue.events(job_id))
+    [outcome] = asyncio.run(lab.reaper().plan(dry_run=True))
+    assert outcome.action == "would_requeue" and outcome.paths == ("image_002.tif",)
+    assert outcome.reason == "NAS copy incomplete: other size on the NAS: image_002.tif"
+    assert len(lab.queue.events(job_id)) == events_before and lab.job(job_id).state == S.VERIFIED
     assert_nothing_deleted(lab, run)
 
 
@@ -576,7 +695,7 @@ def test_retain_cache_false_without_a_push_keeps_the_run_folder(lab: Lab):
     lab.cleanup(retain_cache=False)
     run, job_id = lab.make_run()
     reaper = Reaper(lab.queue, lab.config, writer=lab.writer, log_for=lab.log_for,
-                    remote_stat=lambda job: True, now=lambda: lab.now)
+                    remote_stat=lambda job: True, now=lambda: lab.now, remote_listing=lab._remote_listing)
     outcomes = asyncio.run(reaper.run_pass())
     assert outcomes[-1].action == "waiting" and "no final metadata push" in outcomes[-1].reason
     assert (run / ".exlab-wizard" / "creation.json").exists()
@@ -644,6 +763,60 @@ def test_a_plan_whose_job_moved_on_is_dropped_not_carried_out(lab: Lab, monkeypa
     assert outcomes[0].action == "aborted"
     assert_nothing_deleted(lab, run)
     assert lab.queue.events(job_id)[-1].kind == "cleanup_aborted"
+
+
+def test_resumed_plan_lists_the_nas_again_and_requeues_when_nothing_was_deleted(lab: Lab, monkeypatch):
+    run, job_id = lab.make_run(eligible=True)
+    monkeypatch.setattr(reaper_mod, "_delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
+    lab.run_pass()  # the plan is written, then the process dies before the first unlink
+    monkeypatch.undo()
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 4
+    (lab.nas_copy(run) / "image_001.tif").unlink()  # while the machine was down
+    outcomes = lab.run_pass()
+    assert [o.action for o in outcomes] == ["requeued"] and outcomes[0].paths == ("image_001.tif",)
+    assert_nothing_deleted(lab, run)
+    job = lab.job(job_id)
+    assert job.state == S.QUEUED and job.rewrite_paths == ("image_001.tif",)
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_progress").fetchone()[0] == 0
+
+
+def test_resumed_plan_part_deleted_stops_when_the_nas_lost_a_file_still_here(lab: Lab, monkeypatch):
+    files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
+    run, job_id = lab.make_run(files=files, eligible=True)
+    real = reaper_mod._delete_batch
+
+    def two_then_crash(run_path, batch):
+        real(run_path, batch[:2])
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(reaper_mod, "_delete_batch", two_then_crash)
+    lab.run_pass()
+    monkeypatch.undo()
+    os.truncate(lab.nas_copy(run) / "f04.bin", 0)
+    outcomes = lab.run_pass()
+    assert outcomes[0].action == "aborted"
+    job = lab.job(job_id)
+    assert job.state == S.FAILED and job.error_kind == "remote_changed_during_cleanup"
+    assert "f04.bin" in job.last_error and "2 of 6 planned files were already deleted" in job.last_error
+    assert all((run / f"f{i:02d}.bin").read_bytes() == files[f"f{i:02d}.bin"] for i in range(2, 6))
+    with lab.queue.transaction() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cleanup_plan").fetchone()[0] == 0
+
+
+def test_resumed_plan_waits_while_the_listing_cannot_be_taken(lab: Lab, monkeypatch):
+    run, job_id = lab.make_run(eligible=True)
+    monkeypatch.setattr(reaper_mod, "_delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
+    lab.run_pass()
+    monkeypatch.undo()
+    (lab.nas / ".exlab-nas").unlink()
+    outcomes = lab.run_pass()
+    assert outcomes[0].action == "waiting" and outcomes[0].reason.startswith("deletion paused: remote unreachable")
+    assert lab.manifest_files_intact(run)  # the plan is kept for when the share is back
+    (lab.nas / ".exlab-nas").write_text("mounted\n")
+    assert [o.action for o in lab.run_pass()] == ["deleted"]
 
 
 def test_resumed_plan_waits_while_cleanup_is_disabled(lab: Lab, monkeypatch):

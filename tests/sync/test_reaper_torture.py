@@ -57,6 +57,7 @@ DRIVER = textwrap.dedent(
     from exlab_wizard.sync.equipment_log import EquipmentLog
     from exlab_wizard.sync.queue import JobQueue
     from exlab_wizard.sync.reaper import Reaper
+    from exlab_wizard.sync.transports import make_transport
 
     config = Config.model_validate(json.loads((root / "config.json").read_text()))
     real_unlink = os.unlink
@@ -74,9 +75,13 @@ DRIVER = textwrap.dedent(
         shutil.copytree(run / ".exlab-wizard", nas / run.relative_to(lab) / ".exlab-wizard", dirs_exist_ok=True)
         return True
 
+    async def remote_listing(job):
+        return await make_transport(config.equipment_by_id(job.equipment_id)).remote_listing(Path(job.run_path))
+
     reaper = Reaper(
         queue, config, writer=CreationWriter(), remote_stat=lambda job: True,
         log_for=lambda eq: EquipmentLog(config.equipment_by_id(eq)), push_metadata=push_metadata,
+        remote_listing=remote_listing,
     )
     print("ready", flush=True)
 
@@ -117,6 +122,7 @@ class Round:
     def _build(self, rng: random.Random) -> None:
         (self.root / "state").mkdir(parents=True)
         self.nas.mkdir()
+        (self.nas / ".exlab-nas").write_text("mounted\n")
         (self.outside / "deep").mkdir(parents=True)
         for i in range(5):
             (self.outside / f"precious_{i}.raw").write_bytes(os.urandom(300))

@@ -13,8 +13,12 @@ leftover of an interrupted upload. The tests are the same for all:
   were, even when named like a leftover of a file this run does not have;
 - our own leftovers are no conflict and are gone after the push;
 - reachable() is true; with the server down (or the share unmounted) it is
-  false, and push and remote_manifest raise ``network`` -- an unreachable
-  remote is never an empty one;
+  false, and push, remote_manifest and remote_listing raise ``network`` -- an
+  unreachable remote is never an empty one; so is a remote root that is gone;
+- remote_listing gives every regular file of the remote run folder with its
+  size (hostile names, non-UTF-8 names where the backend keeps bytes), sees a
+  deleted, a truncated and an added file, leaves symlinks out, and lists a
+  run folder that is not there yet as empty;
 - the manifest of a run folder that is not there yet is empty;
 - the manifest shows what the remote holds: a corrupted byte (size and mtime
   kept), a truncated, a deleted and an added file;
@@ -108,6 +112,10 @@ class Remote:
     leftover_needs_run_file: bool = True
     #: wait until files written straight to disk are seen through the server
     settle: Callable[[], None] = lambda: None
+    #: the same equipment with the server up and its remote root folder gone
+    root_gone: Callable[[Path], EquipmentConfig] | None = None
+    #: names are bytes end to end (a name that is not UTF-8 is listed as it is stored)
+    byte_names: bool = False
 
     def transport(self, eq: EquipmentConfig) -> Transport:
         return make_transport(eq)
@@ -141,8 +149,12 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         bare.mkdir(exist_ok=True)
         return equipment(local_root, bare)
 
+    def root_gone(local_root: Path) -> EquipmentConfig:
+        return equipment(local_root, tmp_path / "no-such-share")
+
     assert is_temp_name(MOUNT_TMP.format("x"))
-    return Remote("mount", equipment, down, nas / RUN_REL, MOUNT_TMP.format, leftover_needs_run_file=False)
+    return Remote("mount", equipment, down, nas / RUN_REL, MOUNT_TMP.format, leftover_needs_run_file=False,
+                  root_gone=root_gone, byte_names=True)
 
 
 def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -157,7 +169,12 @@ def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         eq = equipment(local_root)
         return eq.model_copy(update={"transport": eq.transport.model_copy(update={"ssh_port": free_port()})})
 
-    return Remote("rsync_ssh", equipment, down, remote_dir / RUN_REL, lambda name: f".{name}.Ab12Cd")
+    def root_gone(local_root: Path) -> EquipmentConfig:
+        assert local_root.name == "lab"
+        return rsync_equipment(local_root.parent, sshd, remote_dir / "no-such-root")
+
+    return Remote("rsync_ssh", equipment, down, remote_dir / RUN_REL, lambda name: f".{name}.Ab12Cd",
+                  root_gone=root_gone, byte_names=True)
 
 
 def _rsync_ssh_streams(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -180,7 +197,11 @@ def _rclone_sftp(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         dead = _with_port(conf, f"port = {sshd.port}\n", f"port = {free_port()}\n")
         return _rclone_equipment(local_root, "labsftp", str(remote_dir), dead)
 
-    return Remote("rclone_sftp", equipment, down, remote_dir / RUN_REL, lambda name: f"{name}.0123abcd.partial")
+    def root_gone(local_root: Path) -> EquipmentConfig:
+        return _rclone_equipment(local_root, "labsftp", str(remote_dir / "no-such-root"), conf)
+
+    return Remote("rclone_sftp", equipment, down, remote_dir / RUN_REL, lambda name: f"{name}.0123abcd.partial",
+                  root_gone=root_gone)
 
 
 def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -195,8 +216,12 @@ def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         dead = _with_port(conf, f"127.0.0.1:{server.port}\n", f"127.0.0.1:{free_port()}\n")
         return _rclone_equipment(local_root, "labs3", f"{server.bucket}/{prefix}", dead)
 
+    def root_gone(local_root: Path) -> EquipmentConfig:  # a bucket that does not exist
+        return _rclone_equipment(local_root, "labs3", f"no-such-bucket-{uuid.uuid4().hex[:8]}/{prefix}", conf)
+
     on_disk = server.data_dir / server.bucket / prefix / RUN_REL
-    return Remote("rclone_s3", equipment, down, on_disk, lambda name: f"{name}.0123abcd.partial", settle=server.settle)
+    return Remote("rclone_s3", equipment, down, on_disk, lambda name: f"{name}.0123abcd.partial", settle=server.settle,
+                  root_gone=root_gone)
 
 
 _FACTORIES = {
@@ -301,12 +326,13 @@ async def test_reachable_and_an_unreachable_remote_is_never_empty(remote, local_
     assert await remote.transport(eq).reachable(run)
 
     dead = remote.transport(remote.down(local_root))
-    # all three at once: some clients wait out their own retries before giving up
-    reachable, manifest, push = await asyncio.gather(
-        dead.reachable(run), dead.remote_manifest(run), dead.push(run, bwlimit_kibps=None), return_exceptions=True
+    # all at once: some clients wait out their own retries before giving up
+    reachable, manifest, push, listing = await asyncio.gather(
+        dead.reachable(run), dead.remote_manifest(run), dead.push(run, bwlimit_kibps=None), dead.remote_listing(run),
+        return_exceptions=True,
     )
     assert reachable is False
-    for outcome in (manifest, push):
+    for outcome in (manifest, push, listing):
         assert isinstance(outcome, TransportError), outcome
         assert outcome.kind == K.NETWORK, outcome.message
     assert not remote.run_on_disk.exists()
@@ -467,3 +493,41 @@ async def test_push_metadata_to_an_unreachable_remote_is_network_and_writes_noth
     assert not remote.run_on_disk.exists()
     if remote.name == "mount":  # the bare folder of an unmounted share stays bare
         assert list((local_root.parent / "unmounted").iterdir()) == []
+
+
+# ------------------------------------------------------------------ remote listing
+
+
+async def test_remote_listing_gives_every_file_with_its_size(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root)  # hostile names, nested and empty files; symlinks are not sent
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    expected = {name: len(data) for name, data in HOSTILE.items()}
+    assert await transport.remote_listing(run) == expected
+
+    (remote.run_on_disk / "with space.dat").unlink()
+    os.truncate(remote.run_on_disk / "sub dir/nested $(x)/deep file.bin", 1000)
+    added = {"new\nadded.txt": b"added", "#first.txt": b"#", "sub dir/nested $(x)/more.bin": b"m" * 77}
+    if remote.byte_names:
+        added[os.fsdecode(b"caf\xe9 \xff.raw")] = b"not utf-8"
+    put_on_disk(remote, added)
+    if remote.name != "rclone_s3":  # an object store holds no symlinks
+        (remote.run_on_disk / "link-on-nas").symlink_to("plain.txt")
+        (remote.run_on_disk / "sub dir" / "folder-link").symlink_to("nested $(x)")
+    remote.settle()
+    expected.pop("with space.dat")
+    expected["sub dir/nested $(x)/deep file.bin"] = 1000
+    expected |= {name: len(data) for name, data in added.items()}
+    assert await remote.transport(eq).remote_listing(run) == expected  # a fresh transport: nothing cached
+
+
+async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_root_is_network(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    assert await remote.transport(eq).remote_listing(run) == {}
+
+    assert remote.root_gone is not None
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(remote.root_gone(local_root)).remote_listing(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message

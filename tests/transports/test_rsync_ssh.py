@@ -437,6 +437,27 @@ async def test_sftp_only_remote_streams_back_over_sftp(tmp_path, sshd, remote_di
     assert caught.value.kind == K.AUTH
 
 
+async def test_remote_listing_through_rrsync_and_sftp_only_accounts(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {"a.txt": b"a" * 10, "sub/new\nline": b"n", "#hash 'q' $(x).bin": b"h" * 300}
+    run = make_run(eq.local_root, files, symlink=False)
+    await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    (remote_dir / RUN_REL / "link").symlink_to("a.txt")
+    expected = {name: len(data) for name, data in files.items()}
+
+    restricted = equipment(tmp_path, sshd, remote_dir, key=sshd.env.rrsync_key)  # no commands, rsync reads only
+    assert await RsyncSshTransport(restricted).remote_listing(run) == expected
+    sftp_only = equipment(tmp_path, sshd, remote_dir, user=SFTP_USER)  # may not run rsync: listed over sftp
+    transport = RsyncSshTransport(sftp_only, log=EquipmentLog(sftp_only))
+    assert await transport.remote_listing(run) == expected
+    shutil.rmtree(remote_dir / RUN_REL)
+    assert await transport.remote_listing(run) == {}
+    gone = equipment(tmp_path, sshd, remote_dir / "no-such-root", user=SFTP_USER)
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(gone, log=EquipmentLog(gone)).remote_listing(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+
+
 # ----------------------------------------------------- parallel rsync streams
 
 

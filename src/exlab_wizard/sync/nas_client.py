@@ -964,7 +964,20 @@ class NASSyncClient:
             self._require_queue(), self.config, writer=self.cache,
             remote_stat=self._reachable, log_for=self._log_for_id,
             push_metadata=self._reaper_push_metadata, now=lambda: self.clock(),
+            remote_listing=self._reaper_remote_listing,
         )
+
+    async def _reaper_remote_listing(self, job: SyncJobRow) -> dict[str, int]:
+        """The listing interlock 4 checks: always the equipment's own transport.
+
+        Never an injected callable: ``remote_stat_callable`` answers only
+        whether the remote is reachable, and an injected hashsum is not asked,
+        so neither can make a deletion easier than the real NAS allows.
+        """
+        equipment = self._equipment(job)
+        if equipment is None:
+            raise TransportError(TransportErrorKind.UNKNOWN, f"equipment {job.equipment_id} is no longer configured")
+        return await self._transport(equipment).remote_listing(Path(job.run_path))
 
     async def _reaper_push_metadata(self, job: SyncJobRow) -> bool:
         """The final metadata push before the cache goes, verified against the NAS."""

@@ -7,7 +7,10 @@ On each pass (:meth:`Reaper.run_pass`):
    resumed first, after the interlocks are checked again.
 2. A VERIFIED job meeting interlocks 2 and 3 moves to CLEANUP_ELIGIBLE.
 3. For each CLEANUP_ELIGIBLE job all six interlocks are checked, the costly
-   ones last (remote probe, overrides, then the local check). A refusal is
+   ones last (remote probe, overrides, the local check, then one listing of
+   the remote run folder, which must hold every planned file with its size:
+   a NAS copy that lost a file or holds one of another size sends the job
+   back to QUEUED to send those files again, nothing deleted). A refusal is
    recorded as a ``cleanup_refused`` event, once per reason (not on every
    pass). A local change sends the job back to QUEUED (through the gate, then
    re-synced); local damage or a vanished file sends it to FAILED, nothing
@@ -33,8 +36,9 @@ On each pass (:meth:`Reaper.run_pass`):
    e. One transaction moves the job to CLEANED and drops the plan.
 
 A crash at any point leaves the plan in the queue database; the next pass
-resumes at (b): files already gone are fine, anything not matching the plan
-is not deleted. Only files listed in the verified manifest and matching it
+resumes at (b), after the interlocks and a new listing of the remote run
+folder: files already gone are fine, anything not matching the plan is not
+deleted. Only files listed in the verified manifest and matching it
 are ever planned, so every local file either still exists or has a verified
 copy on the NAS.
 
@@ -66,7 +70,7 @@ from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupDecision, CleanupFacts, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
-from exlab_wizard.sync.transports.base import METADATA_DIR
+from exlab_wizard.sync.transports.base import METADATA_DIR, TransportError, TransportErrorKind
 
 __all__ = [
     "CLEANUP_SCHEMA",
@@ -889,6 +893,7 @@ class _ProcessLock:
 
 
 RemoteStat = Callable[[SyncJobRow], "bool | Awaitable[bool]"]
+RemoteListing = Callable[[SyncJobRow], Awaitable[Mapping[str, int]]]
 PushMetadata = Callable[[SyncJobRow], Awaitable[bool]]
 
 
@@ -899,7 +904,12 @@ class Reaper:
     ``nas_cleanup`` is read on every pass). ``writer``: a ``CreationWriter``
     (reads overrides, records ``local_cleaned``). ``remote_stat(job)``: is
     the job's remote run root reachable now (bool or awaitable; raising
-    counts as unreachable). ``log_for(equipment_id)``: the job's
+    counts as unreachable). ``remote_listing(job)``: every regular file of
+    the job's remote run folder -> its size, one fresh listing (the
+    transport's ``remote_listing``); taken right before a plan is written and
+    before a resumed plan deletes more, it must show every planned file with
+    its size. Raising (``TransportError(NETWORK)`` for an unreachable remote)
+    makes the job wait; without it nothing is ever deleted. ``log_for(equipment_id)``: the job's
     :class:`EquipmentLog` (raising refuses the deletion: nothing is deleted
     unlogged). ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
     True only when verified on the NAS; needed only with ``retain_cache:
@@ -920,11 +930,13 @@ class Reaper:
         log_for: Callable[[str], EquipmentLog],
         push_metadata: PushMetadata | None = None,
         now: Callable[[], dt.datetime] = _utcnow,
+        remote_listing: RemoteListing | None = None,
     ):
         self.queue = queue
         self.config = config
         self.writer = writer
         self.remote_stat = remote_stat
+        self.remote_listing = remote_listing
         self.log_for = log_for
         self.push_metadata = push_metadata
         self.now = now
@@ -1024,6 +1036,28 @@ class Reaper:
             logger.info("remote probe for job %s failed: %s", job.id, exc)
             return False
 
+    async def _remote_check(self, job: SyncJobRow, expected: Mapping[str, int]) -> policy.RemoteCheck:
+        """One listing of the remote run folder, compared with the sizes it must hold (interlock 4)."""
+        if self.remote_listing is None:
+            return policy.RemoteCheck(
+                refusal="remote run folder cannot be listed: nothing is deleted without a listing"
+            )
+        try:
+            listing = await self.remote_listing(job)
+            if not isinstance(listing, Mapping):
+                raise TypeError(f"remote listing returned {type(listing).__name__}, not a mapping")
+        except asyncio.CancelledError:
+            raise
+        except TransportError as exc:
+            logger.info("remote listing for job %s failed: %s", job.id, exc)
+            if exc.kind == TransportErrorKind.NETWORK:
+                return policy.RemoteCheck(refusal=f"remote unreachable: {exc.message}")
+            return policy.RemoteCheck(refusal=f"remote listing failed: {exc.kind.value}: {exc.message}")
+        except Exception as exc:
+            logger.info("remote listing for job %s failed: %s", job.id, exc)
+            return policy.RemoteCheck(refusal=f"remote listing failed: {type(exc).__name__}: {exc}")
+        return policy.check_remote(expected, listing)
+
     def _overrides(self, job: SyncJobRow, now: dt.datetime) -> tuple[tuple[str, ...], str | None]:
         """(ids no longer active, error reading them)."""
         ids = tuple(job.overrides_relied_on)
@@ -1074,8 +1108,15 @@ class Reaper:
             now=now,
         )
 
-    async def _decide(self, job: SyncJobRow, *, local: bool) -> tuple[CleanupDecision, LocalScan | None]:
-        """Gather facts as far as they matter and decide. ``local=False`` treats interlock 6 as holding."""
+    async def _decide(
+        self, job: SyncJobRow, *, local: bool, planned: Sequence[PlannedFile] | None = None
+    ) -> tuple[CleanupDecision, LocalScan | None]:
+        """Gather facts as far as they matter and decide.
+
+        ``local=False`` treats interlock 6 as holding; the remote listing is
+        then compared with ``planned`` (a resumed plan), or treated as holding
+        when ``planned`` is None (the data are deleted already).
+        """
         now = self.now()
         facts = self._base_facts(job, now)
         scan: LocalScan | None = None
@@ -1088,6 +1129,13 @@ class Reaper:
             elif decision.needs == "overrides":
                 gone, error = await asyncio.to_thread(self._overrides, job, now)
                 facts = dataclasses.replace(facts, overrides_no_longer_active=gone, override_check_error=error)
+            elif decision.needs == "remote_listing":
+                files = scan.files if scan is not None else planned
+                if files is None:
+                    facts = dataclasses.replace(facts, remote=policy.RemoteCheck())
+                else:
+                    expected = {f.path: f.size for f in files}
+                    facts = dataclasses.replace(facts, remote=await self._remote_check(job, expected))
             elif local:
                 scan = await asyncio.to_thread(self._scan, job)
                 facts = dataclasses.replace(facts, local=scan.check)
@@ -1127,6 +1175,8 @@ class Reaper:
                 log.info(job.run_path, "cleanup_refused", job=job.id, reason=decision.reason)
             return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason)
         if decision.action == "requeue":
+            if decision.interlock == 4:
+                return self._requeue_incomplete(job, decision, log)
             return self._requeue(job, decision, log)
         if decision.action == "fail":
             return self._fail(job, decision, log)
@@ -1143,6 +1193,25 @@ class Reaper:
                 job.id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=self.now(), detail=detail,
                 error_kind=decision.error_kind, last_error=decision.reason, attempts=0, mismatch_count=0,
                 next_attempt_at=None, verify_passes=0, verified_at=None, pass_times=(),
+            )
+        except IllegalTransition:
+            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+        log.warning(job.run_path, "cleanup_requeued", job=job.id, reason=decision.reason, paths=len(decision.paths))
+        return ReaperOutcome(job.id, job.run_path, "requeued", decision.reason, paths=decision.paths)
+
+    def _requeue_incomplete(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
+        """The NAS copy lost files (or holds them with another size): send them again, delete nothing.
+
+        The local check ran first and found the verified bytes, so they may be
+        sent. Counted as the first mismatch of the retry policy (as an audit
+        mismatch is): a second one after the re-transfer is FAILED.
+        """
+        detail = f"{decision.reason}; nothing deleted, these files are sent to the NAS again"
+        try:
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=self.now(), detail=detail,
+                error_kind=decision.error_kind, last_error=decision.reason, attempts=0, mismatch_count=1,
+                next_attempt_at=None, rewrite_paths=decision.paths, verify_passes=0, verified_at=None, pass_times=(),
             )
         except IllegalTransition:
             return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
@@ -1232,13 +1301,71 @@ class Reaper:
             reason = f"equipment log unavailable: {exc}"
             self._refuse_event(job.id, reason)
             return ReaperOutcome(job.id, job.run_path, "waiting", reason)
-        # Interlocks 1-5 again; 6 is the per-file check of the plan itself.
-        decision, _ = await self._decide(job, local=False)
+        # Interlocks 1-5 again, with a new listing of the remote run folder against the plan
+        # while local data remain; 6 is the per-file check of the plan itself.
+        planned = self._plan_files(job.id) if progress.data_deleted_at is None else None
+        decision, _ = await self._decide(job, local=False, planned=planned)
+        if decision.action == "requeue" and decision.interlock == 4:
+            return await self._resume_incomplete(job, progress, log, decision)
         if decision.action != "delete":
             reason = f"deletion paused: {decision.reason}"
             self._refuse_event(job.id, reason)
             return ReaperOutcome(job.id, job.run_path, "waiting", reason)
         return await self._execute(job, progress, log, resumed=True)
+
+    async def _resume_incomplete(
+        self, job: SyncJobRow, progress: _Progress, log: EquipmentLog, decision: CleanupDecision
+    ) -> ReaperOutcome:
+        """A resumed plan whose NAS copy lost planned files: delete nothing more.
+
+        Nothing deleted yet: the job is decided afresh, as one never planned
+        (the local copy is checked, then the NAS listed again), and the plan
+        dropped once it leaves CLEANUP_ELIGIBLE. Some files deleted already: a
+        re-transfer cannot send them, so FAILED for a person to look at.
+        """
+        run = Path(job.run_path)
+        if os.path.islink(run) or not os.path.isdir(run):
+            # Its disk is away: a missing run is not a deleted one; decide when it is back.
+            reason = f"deletion paused: run folder {'is a symlink' if os.path.islink(run) else 'missing'}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        present = await asyncio.to_thread(self._count_present, progress)
+        if present < progress.files:
+            return self._stop_incomplete(job, progress, log, decision, progress.files - present)
+        fresh, _scan = await self._decide(job, local=True)
+        if fresh.action == "delete":
+            return await self._execute(job, progress, log, resumed=True)  # the NAS copy is whole again
+        if fresh.action in ("wait", "check"):
+            reason = f"deletion paused: {fresh.reason}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        if fresh.action == "requeue":
+            outcome = (self._requeue_incomplete if fresh.interlock == 4 else self._requeue)(job, fresh, log)
+        else:
+            outcome = self._fail(job, fresh, log)
+        current = self.queue.get(job.id)
+        if current is None or current.state != S.CLEANUP_ELIGIBLE:
+            with self.queue.transaction() as conn:
+                self._drop_plan(conn, job.id)
+        return outcome
+
+    def _stop_incomplete(
+        self, job: SyncJobRow, progress: _Progress, log: EquipmentLog, decision: CleanupDecision, done: int
+    ) -> ReaperOutcome:
+        """Part of the plan deleted, and the NAS copy lost planned files since: FAILED, plan dropped."""
+        reason = (
+            f"cleanup stopped: {decision.reason}; {done} of {progress.files} planned files were already "
+            f"deleted (the NAS held them when the deletion was planned), nothing else"
+        )
+        with contextlib.suppress(IllegalTransition), self.queue.transaction() as conn:
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
+                error_kind="remote_changed_during_cleanup", last_error=reason, next_attempt_at=None,
+            )
+            self._drop_plan(conn, job.id)
+        log.error(job.run_path, "cleanup_stopped", job=job.id, reason=decision.reason, files_deleted=done,
+                  files_planned=progress.files, manifest_digest=progress.manifest_digest)
+        return ReaperOutcome(job.id, job.run_path, "aborted", reason, paths=decision.paths)
 
     def _abandon(self, progress: _Progress, job: SyncJobRow | None, why: str) -> ReaperOutcome:
         """Drop a plan whose job is no longer CLEANUP_ELIGIBLE with the planned manifest: delete nothing more."""

@@ -8,12 +8,17 @@ the disk for a job that is waiting anyway):
 2. ``verify_passes >= min_verify_passes``;
 3. at least ``min_age_hours`` since ``verified_at``, the first verification
    of the current NAS copy (later passes do not restart the clock);
-4. the remote run root is reachable now;
+4. the remote run root is reachable now, and one listing of the remote run
+   folder shows every manifest file with its manifest size;
 5. no override the gate relied on for this run was revoked or has expired;
 6. every local file still matches the verified manifest.
 
 :func:`decide` evaluates them in order and returns the first refusal, or
-``delete``. The facts that cost I/O (4, 5 and 6) may be left ``None``
+``delete``. Interlock 4 has two facts: reachability is checked in its place;
+the listing (:class:`RemoteCheck`, built by :func:`check_remote`) is looked at
+last, right before deleting, because what an incomplete NAS copy leads to
+depends on the local check: a re-transfer only from a local copy that still
+holds the verified bytes. The facts that cost I/O (4, 5 and 6) may be left ``None``
 ("not checked yet"); when every earlier interlock holds and the next one
 needs such a fact, the decision is ``check`` with ``needs`` naming the fact,
 so a caller gathers facts only as far as they matter::
@@ -30,6 +35,8 @@ Actions:
 - ``wait``: a condition fails; nothing changes, the job is tried again later.
 - ``requeue``: the local run changed since verification (a file added, or
   edited with a new mtime): it goes back through the gate and is re-synced.
+  Also when the NAS copy lost a manifest file or holds one with another size
+  (interlock 4, error kind ``hash_mismatch``): those files are sent again.
 - ``fail``: the local copy is in a state a person must look at: content that
   changed while size and mtime did not (``local_damage``), or a verified file
   that disappeared (``local_file_vanished``). Nothing is deleted and nothing
@@ -40,7 +47,7 @@ Reasons are short sentences for the audit trail, e.g. ``"cleanup disabled"``,
 ``"waiting: 1 of 2 verify passes"``, ``"waiting: 20 h of 24 h"``, ``"remote
 unreachable"``, ``"override revoked since verification: <id>"``, ``"local
 file changed: <path>"``, ``"local file added: <path>"``, ``"local damage:
-<path>"``.
+<path>"``, ``"NAS copy incomplete: missing on the NAS: <path>"``.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,6 +65,8 @@ __all__ = [
     "CleanupFacts",
     "LocalCheck",
     "MAX_PATHS_IN_REASON",
+    "RemoteCheck",
+    "check_remote",
     "decide",
     "eligible_to_promote",
     "format_hours",
@@ -99,11 +108,49 @@ class LocalCheck:
 
 
 @dataclass(frozen=True)
+class RemoteCheck:
+    """What one listing of the remote run folder showed, against the files to delete.
+
+    ``missing``: files the NAS copy does not hold (as regular files).
+    ``wrong_size``: files it holds with a size other than the manifest's.
+    ``refusal``: the listing could not be taken (``"remote unreachable:
+    ..."``): nothing may be deleted and nothing is concluded. Paths are
+    relative to the run root, ``/``-separated.
+    """
+
+    missing: tuple[str, ...] = ()
+    wrong_size: tuple[str, ...] = ()
+    refusal: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when the listing holds every file with its size."""
+        return self.refusal is None and not (self.missing or self.wrong_size)
+
+
+def check_remote(expected: Mapping[str, int], listing: Mapping[str, int]) -> RemoteCheck:
+    """Compare the sizes the NAS must hold (``expected``: path -> manifest size) with a listing.
+
+    Files in the listing that are not expected (metadata, someone else's) do
+    not matter here. Both results are sorted by the paths' bytes.
+    """
+    missing = [path for path in expected if path not in listing]
+    wrong = [path for path in expected if path in listing and listing[path] != expected[path]]
+    key = _path_bytes
+    return RemoteCheck(missing=tuple(sorted(missing, key=key)), wrong_size=tuple(sorted(wrong, key=key)))
+
+
+def _path_bytes(path: str) -> bytes:
+    return path.encode("utf-8", errors="surrogateescape")
+
+
+@dataclass(frozen=True)
 class CleanupFacts:
     """Everything the interlocks look at, gathered by the caller.
 
-    Times are timezone-aware. ``remote_reachable``, ``overrides_no_longer_active``
-    and ``local`` are ``None`` while not checked. ``overrides_no_longer_active``
+    Times are timezone-aware. ``remote_reachable``, ``overrides_no_longer_active``,
+    ``local`` and ``remote`` (the listing of the remote run folder) are
+    ``None`` while not checked. ``overrides_no_longer_active``
     holds the ids of the overrides the gate relied on that are not active any
     more (revoked, expired, or gone from creation.json);
     ``override_check_error`` says why they could not be read at all (the
@@ -120,6 +167,7 @@ class CleanupFacts:
     overrides_no_longer_active: tuple[str, ...] | None = None
     override_check_error: str | None = None
     local: LocalCheck | None = None
+    remote: RemoteCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -130,8 +178,9 @@ class CleanupDecision:
     is set for ``fail`` (``local_damage`` or ``local_file_vanished``) and for
     ``requeue`` (``local_changed``). ``paths`` are the local paths the
     decision is about (all of them, also when the reason names only the
-    first few). ``needs`` names the missing fact for ``check``
-    (``"remote_reachable"``, ``"overrides"`` or ``"local"``). ``interlock``
+    first few; for an incomplete NAS copy, the files to send again). ``needs``
+    names the missing fact for ``check`` (``"remote_reachable"``,
+    ``"overrides"``, ``"local"`` or ``"remote_listing"``). ``interlock``
     is the number (1-6) of the interlock that refused, 0 for ``delete``.
     """
 
@@ -274,4 +323,26 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
     refusal = _local_decision(facts.local)
     if refusal is not None:
         return refusal
+    if facts.remote is None:
+        return CleanupDecision("check", "remote run not listed yet", needs="remote_listing", interlock=4)
+    refusal = _remote_decision(facts.remote)
+    if refusal is not None:
+        return refusal
     return CleanupDecision("delete", "all six interlocks hold")
+
+
+def _remote_decision(remote: RemoteCheck) -> CleanupDecision | None:
+    """Interlock 4's listing; None when the NAS copy holds every file with its size."""
+    if remote.refusal is not None:
+        return CleanupDecision("wait", remote.refusal, interlock=4)
+    if remote.complete:
+        return None
+    parts = []
+    if remote.missing:
+        parts.append(f"missing on the NAS: {name_paths(remote.missing)}")
+    if remote.wrong_size:
+        parts.append(f"other size on the NAS: {name_paths(remote.wrong_size)}")
+    return CleanupDecision(
+        "requeue", "NAS copy incomplete: " + "; ".join(parts), "hash_mismatch",
+        tuple(remote.missing) + tuple(remote.wrong_size), interlock=4,
+    )

@@ -205,6 +205,28 @@ class Transport(abc.ABC):
         root itself is reachable; an unreachable root raises NETWORK.
         """
 
+    async def remote_listing(self, run_path: Path) -> dict[str, int]:
+        """Every regular file of the run's remote folder -> its size in bytes (read-only).
+
+        Keys are relative to the remote run folder with ``/`` separators, like
+        a manifest's (``.exlab-wizard/`` files included); symlinks, folders and
+        special files are left out and never followed. One listing of what the
+        remote stores now, never a local cache of it: the cleanup reaper takes
+        it right before it deletes local data.
+
+        A missing remote run folder, under a remote root that answers, is an
+        empty listing. A remote root that does not answer (a share that is not
+        mounted, a server that is down, a root folder that is gone) raises
+        ``TransportError(NETWORK)``: an unreachable remote is never an empty
+        one. Other failures raise their own kind.
+
+        This default raises ``UNKNOWN``: a transport that cannot list its
+        remote never lets the reaper delete anything.
+        """
+        raise TransportError(
+            TransportErrorKind.UNKNOWN, f"the {type(self).__name__} transport cannot list the remote run folder"
+        )
+
     @abc.abstractmethod
     async def reachable(self, run_path: Path) -> bool:
         """Is the remote root reachable right now (and, for mount, mounted)?

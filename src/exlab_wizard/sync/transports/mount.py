@@ -947,6 +947,53 @@ class MountTransport(Transport):
         )
 
 
+    # ------------------------------------------------------------------ remote listing
+
+    async def remote_listing(self, run_path: Path) -> dict[str, int]:
+        """Every regular file under the remote run folder -> its size, from ``lstat`` on the share.
+
+        Marker guard before and after the walk (a share unmounted meanwhile is
+        ``NETWORK``, never a short listing). A missing remote run folder, or one
+        that is not a folder, lists nothing; a subfolder removed while listed
+        lists nothing either. Nothing is followed, read or written.
+        """
+        return await asyncio.to_thread(self._remote_listing, Path(run_path))
+
+    def _remote_listing(self, run: Path) -> dict[str, int]:
+        self._require_mounted()
+        remote = self.remote_run_path(run)
+        sizes: dict[str, int] = {}
+        try:
+            if not stat.S_ISDIR(os.lstat(remote).st_mode):
+                self._require_mounted()
+                return sizes
+        except FileNotFoundError:
+            self._require_mounted()
+            return sizes
+        except OSError as exc:
+            raise self._remote_error(exc, remote) from exc
+        stack = [(remote, "")]
+        while stack:
+            folder, prefix = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # removed while listed: not on the share any more
+                        if stat.S_ISDIR(info.st_mode):
+                            stack.append((entry.path, f"{prefix}{entry.name}/"))
+                        elif stat.S_ISREG(info.st_mode):
+                            sizes[prefix + entry.name] = info.st_size
+            except FileNotFoundError:
+                continue  # a folder removed while listed, or the share unmounted (checked below)
+            except OSError as exc:
+                raise self._remote_error(exc, folder) from exc
+        self._require_mounted()
+        return sizes
+
+
 def _interleave(sources: list[_Source]) -> list[_Source]:
     """Round-robin over folders, so parallel threads mostly work in different folders."""
     by_folder: dict[str, list[_Source]] = {}

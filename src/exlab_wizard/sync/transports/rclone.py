@@ -64,6 +64,7 @@ __all__ = [
     "decode_name",
     "download_manifest",
     "encode_name",
+    "list_sizes",
     "rclone_binary",
     "rclone_text",
     "sftp_connection_string",
@@ -218,6 +219,23 @@ def _hashed_listing(stdout: bytes, sizes: dict[str, int]) -> tuple[dict[str, str
             hashes[decode_name(name)] = digest.lower()
     unverifiable = {path: "remote_read_error" for path in sizes if path not in hashes}
     return hashes, unverifiable
+
+
+async def list_sizes(base: list[str], fs: str, root_fs: str, *, log: EquipmentLog, run_path: object) -> dict[str, int]:
+    """Every file of a remote folder -> its size (``lsjson -R --files-only``: JSON, any name survives).
+
+    A missing folder is an empty listing when the root answers, ``NETWORK``
+    otherwise; other failures are classified from rclone's exit code and words.
+    """
+    # sftp: leave symlinks out (by default rclone lists them as the files they point to)
+    listed = await _lsjson(base, fs, log=log, run_path=run_path, step="remote_listing", extra=["--sftp-skip-links"])
+    if listed.returncode == 3:
+        if await _root_exists(base, root_fs, log=log, run_path=run_path):
+            return {}
+        raise TransportError(K.NETWORK, f"remote root {root_fs} is not reachable")
+    if listed.returncode != 0:
+        raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
+    return _listing(listed.stdout)
 
 
 async def download_manifest(
@@ -503,6 +521,23 @@ class RcloneTransport(Transport):
         self.log.info(run_path, "remote_manifest", tool="rclone_download", files=len(manifest.hashes),
                       unverifiable=len(manifest.unverifiable))  # fmt: skip
         return manifest
+
+    # ------------------------------------------------------- remote listing
+
+    async def remote_listing(self, run_path: Path) -> dict[str, int]:
+        """Every file of the remote run folder -> its size, from one ``rclone lsjson -R --files-only``.
+
+        Names come back decoded from rclone's notation. A missing run folder
+        lists nothing when the remote root answers; a remote that does not
+        answer is ``NETWORK``.
+        """
+        fs = self._fs(Path(os.path.abspath(run_path)))
+        try:
+            return await list_sizes(
+                self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path
+            )
+        except TransportError as error:
+            raise await self._explained(error, run_path) from None
 
     # ------------------------------------------------------------- reachable
 

@@ -864,6 +864,47 @@ class RsyncSshTransport(Transport):
                       unverifiable=len(manifest.unverifiable))  # fmt: skip
         return manifest
 
+    # ------------------------------------------------------- remote listing
+
+    async def remote_listing(self, run_path: Path) -> dict[str, int]:
+        """Every regular file of the remote run folder -> its size: ``rsync --list-only -r``.
+
+        rsync escapes every name it lists (a newline, a byte that is not
+        UTF-8: ``\\#ooo``), so any name survives; rsync lists, it runs no remote
+        command, so a command-refusing (rrsync) account answers too. An account
+        that may not run rsync at all (``internal-sftp``) is listed over sftp
+        instead. A missing run folder lists nothing when the remote root
+        exists; a missing root is ``NETWORK``.
+        """
+        run_path = Path(os.path.abspath(run_path))
+        remote_run = self.remote_run_path(run_path)
+        result = await self._list_remote_raw(run_path, remote_run, step="remote_listing")
+        if result.returncode == 0:
+            listing = parse_listing(result.stdout)
+            return {path: entry.size for path, entry in listing.items() if entry.kind == "f"}
+        if not (result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text)):
+            found = classify("rsync", result.returncode, result.stderr_text)
+            if found.rule is not None and found.rule.why == _REFUSES_RSYNC:
+                return await self._sftp_listing(run_path, remote_run)
+            raise transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_run}")
+        root = self.config.remote_root
+        if await self._list_remote(run_path, root, step="remote_listing_root", recursive=False) is None:
+            raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
+        return {}
+
+    async def _sftp_listing(self, run_path: Path, remote_run: str) -> dict[str, int]:
+        from exlab_wizard.sync.transports.rclone import list_sizes, rclone_binary, sftp_connection_string
+
+        cfg = self.config
+        user, _, host = cfg.ssh_target.rpartition("@")
+        known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
+        fs, root_fs = (
+            sftp_connection_string(host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path,
+                                   known_hosts_file=known, path=path)
+            for path in (remote_run, cfg.remote_root)
+        )  # fmt: skip
+        return await list_sizes([rclone_binary(), "--config", os.devnull], fs, root_fs, log=self.log, run_path=run_path)
+
     # ------------------------------------------------------------- reachable
 
     async def reachable(self, run_path: Path) -> bool:
