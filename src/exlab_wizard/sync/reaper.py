@@ -70,6 +70,7 @@ from exlab_wizard.sync.transports.base import METADATA_DIR
 
 __all__ = [
     "CLEANUP_SCHEMA",
+    "FinalPush",
     "LocalScan",
     "PlannedFile",
     "Reaper",
@@ -888,8 +889,21 @@ class _ProcessLock:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class FinalPush:
+    """What the final metadata push (``retain_cache: false``) proved.
+
+    ``verified``: the NAS holds the run's ``.exlab-wizard/``, so the local
+    one may go. ``reason``: how that was proved, or what is missing; it is
+    recorded with the job (the wait's reason, or the cleaned event).
+    """
+
+    verified: bool
+    reason: str = ""
+
+
 RemoteStat = Callable[[SyncJobRow], "bool | Awaitable[bool]"]
-PushMetadata = Callable[[SyncJobRow], Awaitable[bool]]
+PushMetadata = Callable[[SyncJobRow], "Awaitable[bool | FinalPush]"]
 
 
 class Reaper:
@@ -902,8 +916,8 @@ class Reaper:
     counts as unreachable). ``log_for(equipment_id)``: the job's
     :class:`EquipmentLog` (raising refuses the deletion: nothing is deleted
     unlogged). ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
-    True only when verified on the NAS; needed only with ``retain_cache:
-    false``. ``now()``: the clock (timezone-aware).
+    a :class:`FinalPush` (or True only when verified on the NAS); needed
+    only with ``retain_cache: false``. ``now()``: the clock (timezone-aware).
 
     One pass at a time per database: passes in one process are serialised,
     and a lock file ``<queue db>.reaper.lock`` keeps a second process (the
@@ -1072,6 +1086,7 @@ class Reaper:
             verified_at=job.verified_at,
             min_age_hours=cleanup.min_age_hours,
             now=now,
+            metadata_push_pending=job.metadata_push_pending,
         )
 
     async def _decide(self, job: SyncJobRow, *, local: bool) -> tuple[CleanupDecision, LocalScan | None]:
@@ -1313,7 +1328,8 @@ class Reaper:
         if not retain:
             waiting, folder_note = await self._remove_cache(job, log)
             if waiting is not None:
-                self._refuse_event(job.id, waiting)
+                if self._refuse_event(job.id, waiting):
+                    log.warning(job.run_path, "cleanup_waiting", job=job.id, reason=waiting)
                 return ReaperOutcome(job.id, job.run_path, "waiting", waiting, files=progress.files, bytes=progress.bytes)
         detail = (
             f"cleaned: {progress.files} files, {progress.bytes} bytes freed, "
@@ -1393,23 +1409,28 @@ class Reaper:
             if self.push_metadata is None:
                 return "waiting: no final metadata push available (retain_cache is false)", ""
             try:
-                pushed = bool(await self.push_metadata(job))
+                pushed = await self.push_metadata(job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.info("final metadata push for job %s failed: %s", job.id, exc)
-                pushed = False
-            if not pushed:
-                return "waiting: final metadata push not verified", ""
+                pushed = FinalPush(False, f"final metadata push failed: {type(exc).__name__}: {exc}")
+            if not isinstance(pushed, FinalPush):
+                pushed = FinalPush(bool(pushed), "final metadata push verified" if pushed else "")
+            if not pushed.verified:
+                return f"waiting: {pushed.reason or 'final metadata push not verified'}", ""
+            proof = pushed.reason
+        else:
+            proof = f"no {METADATA_DIR}/ files left to push"
         stop = await asyncio.to_thread(_remove_metadata, run, files, folders)
         if stop is not None:
             return f"waiting: {METADATA_DIR}/ changed during the final push: {stop}", ""
         kept = await asyncio.to_thread(_remove_run_folder, run)
         if kept is None:
-            log.info(job.run_path, "cleanup_run_folder_removed", job=job.id, metadata_files=len(files))
-            return None, "; .exlab-wizard/ and run folder removed"
-        log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept)
-        return None, f"; .exlab-wizard/ removed, {kept}"
+            log.info(job.run_path, "cleanup_run_folder_removed", job=job.id, metadata_files=len(files), proof=proof)
+            return None, f"; .exlab-wizard/ and run folder removed ({proof})"
+        log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept, proof=proof)
+        return None, f"; .exlab-wizard/ removed ({proof}), {kept}"
 
     # ------------------------------------------------------------ dry run
 
@@ -1421,7 +1442,10 @@ class Reaper:
                 files=progress.files, bytes=progress.bytes,
             )
         if job.state == S.VERIFIED:
-            ok, reason = policy.eligible_to_promote(job, self.config, self.now())
+            # What stands between the job and cleanup besides interlock 1 (decided below): a dry run
+            # with cleanup off is how a lab sees what enabling it would do.
+            opted_in = self.config.nas_cleanup.model_copy(update={"enabled": True})
+            ok, reason = policy.eligible_to_promote(job, opted_in, self.now())
             if not ok:
                 return ReaperOutcome(job.id, job.run_path, "waiting", reason)
         decision, scan = await self._decide(job, local=True)
