@@ -72,7 +72,8 @@ class Site:
             "schema_version": "1.0", "level": "run", "run_kind": "experimental",
             "paths": {"local": str(run), "nas": None}, "sync_status": "pending", "validation_overrides": [],
         }))  # fmt: skip
-        for rel, data in {**(files or {"data.bin": b"x" * 1000}), **{f".exlab-wizard/{k}": v for k, v in (meta or {}).items()}}.items():
+        contents = {**(files or {"data.bin": b"x" * 1000}), **{f".exlab-wizard/{k}": v for k, v in (meta or {}).items()}}
+        for rel, data in contents.items():
             target = run / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)

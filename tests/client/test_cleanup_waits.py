@@ -1,4 +1,4 @@
-"""The reaper never waits in silence, finishes when the NAS cannot show .exlab-wizard/, and keeps cleanup off when it is off."""
+"""The reaper never waits in silence, finishes when the NAS cannot show .exlab-wizard/, and keeps cleanup off."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def manifest_factory(holder: dict[str, Any]) -> Any:
         async def hashsum(run_path: Path) -> Any:
             answer = await holder["client"]._transport(equipment).remote_manifest(run_path)
             if holder["mode"] == "data_only":
-                return dataclasses.replace(answer, hashes={k: v for k, v in answer.hashes.items() if not k.startswith(PREFIX)})
+                data = {k: v for k, v in answer.hashes.items() if not k.startswith(PREFIX)}
+                return dataclasses.replace(answer, hashes=data)
             if holder["mode"] == "stale_creation":
                 return dataclasses.replace(answer, hashes={**answer.hashes, PREFIX + "creation.json": "0" * 64})
             return answer

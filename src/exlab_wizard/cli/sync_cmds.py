@@ -52,6 +52,8 @@ def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
     for row in rows:
         state = row.state.value
         reason = row.last_error if state in ("failed", "queued") and row.last_error else row.remote_path
+        if state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
+            reason = f"metadata push pending: {row.metadata_push_error}"
         table.add_row(
             row.id[:8], row.equipment_id, row.run_path, f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
             str(row.attempts), str(row.verify_passes), _ago(row.verified_at), reason or "",

@@ -937,7 +937,8 @@ class NASSyncClient:
                 else:
                     outcome = await transport.push_metadata(run, bwlimit_kibps=limit)
             if not getattr(outcome, "ok", False):
-                raise TransportError(TransportErrorKind.UNKNOWN, getattr(outcome, "message", "") or "metadata push failed")
+                message = getattr(outcome, "message", "") or "metadata push failed"
+                raise TransportError(TransportErrorKind.UNKNOWN, message)
             return outcome, None
         except asyncio.CancelledError:
             raise
@@ -1219,17 +1220,18 @@ class NASSyncClient:
         if meta_remote:
             bad = sorted(k for k, v in meta_local.items() if meta_remote.get(k) != v)
             if bad:
-                return FinalPush(False, f"final metadata push not verified: missing or different on the NAS: {name_paths(bad)}")
+                return FinalPush(False, "final metadata push not verified: missing or different on the NAS: "
+                                        + name_paths(bad))  # fmt: skip
             return FinalPush(True, f"final metadata push verified: {len(meta_local)} files read back from the NAS")
+        unlisted = f"final metadata push accepted: the remote manifest does not list {METADATA_DIR}/; "
         sent = getattr(outcome, "local_hashes", None)
         if sent is not None:
             differ = sorted(k for k, v in meta_local.items() if sent.get(k) != v)
             if differ:
-                return FinalPush(False, f"final metadata push not verified: sent bytes are not the local ones: {name_paths(differ)}")
-            return FinalPush(True, f"final metadata push accepted: the remote manifest does not list {METADATA_DIR}/; "
-                                   f"the push reported {len(meta_local)} files sent with their local hashes")  # fmt: skip
-        return FinalPush(True, f"final metadata push accepted: the remote manifest does not list {METADATA_DIR}/; "
-                               "the transport reported success")  # fmt: skip
+                return FinalPush(False, "final metadata push not verified: sent bytes are not the local ones: "
+                                        + name_paths(differ))  # fmt: skip
+            return FinalPush(True, unlisted + f"the push reported {len(meta_local)} files sent with their local hashes")
+        return FinalPush(True, unlisted + "the transport reported success")
 
     def _cleaned_paths(self, job: SyncJobRow) -> frozenset[str]:
         """The verified data files whose local copies the reaper deleted: the plan's, and the manifest's."""
