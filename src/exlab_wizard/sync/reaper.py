@@ -6,7 +6,7 @@ On each pass (:meth:`Reaper.run_pass`):
 1. A deletion planned earlier and interrupted (crash, kill, power cut) is
    resumed first, after the interlocks are checked again.
 2. A VERIFIED job meeting interlocks 2 and 3 moves to CLEANUP_ELIGIBLE.
-3. For each CLEANUP_ELIGIBLE job all six interlocks are checked, the costly
+3. For each CLEANUP_ELIGIBLE job all the interlocks are checked, the costly
    ones last (remote probe, overrides, then the local check). A refusal is
    recorded as a ``cleanup_refused`` event, once per reason (not on every
    pass). A local change sends the job back to QUEUED (through the gate, then
@@ -29,7 +29,8 @@ On each pass (:meth:`Reaper.run_pass`):
       verify_passes=K pass_times=... manifest_digest=...``; creation.json
       gets ``local_cleaned``. With ``retain_cache: false`` the
       ``.exlab-wizard/`` files and the run folder go only after
-      ``push_metadata(job)`` returned True.
+      ``push_metadata(job)`` proved the final push (:class:`FinalPush`);
+      until then the job waits, the reason recorded once.
    e. One transaction moves the job to CLEANED and drops the plan.
 
 A crash at any point leaves the plan in the queue database; the next pass
