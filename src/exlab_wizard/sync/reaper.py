@@ -5,7 +5,8 @@ On each pass (:meth:`Reaper.run_pass`):
 
 1. A deletion planned earlier and interrupted (crash, kill, power cut) is
    resumed first, after the interlocks are checked again.
-2. A VERIFIED job meeting interlocks 2 and 3 moves to CLEANUP_ELIGIBLE.
+2. A VERIFIED job meeting interlocks 1, 2 and 3 moves to CLEANUP_ELIGIBLE
+   (with cleanup disabled it stays VERIFIED).
 3. For each CLEANUP_ELIGIBLE job all the interlocks are checked, the costly
    ones last (remote probe, overrides, then the local check). A refusal is
    recorded as a ``cleanup_refused`` event, once per reason (not on every
