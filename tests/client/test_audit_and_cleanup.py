@@ -294,10 +294,12 @@ async def test_corrupted_nas_copy_fails_the_audit_cancels_the_deletion_and_is_re
         first_verified = job.verified_at
         await client.cleanup_once()
         job = await client.job(run)
-        assert job.state == S.CLEANUP_ELIGIBLE and refusals(job)[-1] == "cleanup disabled"
+        assert job.state == S.VERIFIED and refusals(job)[-1] == "cleanup disabled"  # cleanup off: stays verified
         # The NAS copy rots: same size, same mtime, one byte different.
         flip_byte_keep_stat(nas / "sub" / "stack.raw", 100)
         set_cleanup(client, enabled=True)  # the lab turns cleanup on: the deletion is now pending
+        await client._reaper._promote(await client.job(run))
+        assert (await client.job(run)).state == S.CLEANUP_ELIGIBLE
         clock.advance(6)
         await client.audit_once()
         job = await client.job(run)

@@ -49,6 +49,10 @@ def facts(**changes) -> CleanupFacts:
         ({"verified_at": NOW - 24 * HOUR}, "delete", "all six interlocks hold", None, 0),
         ({"min_age_hours": 0.5, "verified_at": NOW - 0.25 * HOUR}, "wait", "waiting: 0.2 h of 0.5 h", None, 3),
         ({"remote_reachable": False}, "wait", "remote unreachable", None, 4),
+        ({"metadata_push_pending": True}, "wait",
+         "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)", None, 4),
+        ({"metadata_push_pending": True, "remote_reachable": None, "local": None}, "wait",
+         "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)", None, 4),
         ({"overrides_no_longer_active": ("ov-1",)}, "wait", "override revoked since verification: ov-1", None, 5),
         ({"override_check_error": "creation.json unreadable: bad JSON"}, "wait",
          "override status unknown: creation.json unreadable: bad JSON", None, 5),
@@ -152,17 +156,19 @@ def test_local_check_clean():
 )
 def test_eligible_to_promote(passes, hours_ago, ok, reason):
     job = SimpleNamespace(verify_passes=passes, verified_at=NOW - hours_ago * HOUR)
-    config = Config(nas_cleanup=CleanupConfig(enabled=False, min_verify_passes=2, min_age_hours=24))
-    # Whether cleanup is enabled is not part of promotion (it is checked right before deleting).
+    config = Config(nas_cleanup=CleanupConfig(enabled=True, min_verify_passes=2, min_age_hours=24))
     assert eligible_to_promote(job, config, NOW) == (ok, reason)
     assert eligible_to_promote(job, config.nas_cleanup, NOW) == (ok, reason)
+    # With cleanup off a job stays VERIFIED, whatever its passes and age.
+    off = config.nas_cleanup.model_copy(update={"enabled": False})
+    assert eligible_to_promote(job, off, NOW) == (False, "cleanup disabled")
 
 
 def test_clock_counts_from_first_verification():
     """Audit passes every 6 h do not restart the clock: only ``verified_at`` counts."""
     job = SimpleNamespace(verify_passes=5, verified_at=NOW - 25 * HOUR,
                           pass_times=tuple(NOW - h * HOUR for h in (25, 19, 13, 7, 1)))
-    assert eligible_to_promote(job, CleanupConfig(min_age_hours=24), NOW)[0]
+    assert eligible_to_promote(job, CleanupConfig(enabled=True, min_age_hours=24), NOW)[0]
 
 
 def test_refusal_key_merges_the_hours_of_an_age_wait_only():

@@ -269,7 +269,7 @@ def test_interlock_1_cleanup_disabled(lab: Lab):
     run, job_id = lab.make_run()
     lab.run_pass()
     lab.run_pass()
-    assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE  # eligible, but not deleted
+    assert lab.job(job_id).state == S.VERIFIED  # with cleanup off, a job is not shown as about to be deleted
     assert lab.refusals(job_id) == ["cleanup disabled"]  # recorded once, not every pass
     assert_nothing_deleted(lab, run)
 

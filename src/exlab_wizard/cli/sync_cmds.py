@@ -2,14 +2,17 @@
 
 They work on the queue database directly, with or without a running ``serve``;
 ``enqueue --wait`` runs the workers itself until the runs settle when no other
-process holds the runner lease.
+process holds the runner lease. Every command that opens the queue sends the
+engine's own log records (tracebacks included) to ``<state_dir>/exlab-sync.log``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,12 @@ from exlab_wizard.config import Config
 from exlab_wizard.sync.nas_client import EnqueueError, NASSyncClient, SyncHandleState, client_from_config
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 
-__all__ = ["jobs_table", "run_client"]
+__all__ = ["CENTRAL_LOG_NAME", "DEFAULT_WAIT_TIMEOUT_S", "configure_logging", "jobs_table", "run_client"]
+
+#: The central log in ``state_dir``: what the engine logs through ``logging`` (tracebacks included).
+CENTRAL_LOG_NAME = "exlab-sync.log"
+#: How long ``enqueue --wait`` waits by default before it gives up (a day).
+DEFAULT_WAIT_TIMEOUT_S = 86400.0
 
 _STATE_STYLE = {
     "queued": "cyan", "running": "bold blue", "awaiting_verify": "blue", "verified": "green",
@@ -44,6 +52,8 @@ def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
     for row in rows:
         state = row.state.value
         reason = row.last_error if state in ("failed", "queued") and row.last_error else row.remote_path
+        if state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
+            reason = f"metadata push pending: {row.metadata_push_error}"
         table.add_row(
             row.id[:8], row.equipment_id, row.run_path, f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
             str(row.attempts), str(row.verify_passes), _ago(row.verified_at), reason or "",
@@ -51,8 +61,35 @@ def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
     return table
 
 
+def configure_logging(config: Config) -> Path | None:
+    """Send the engine's log records (INFO and up, tracebacks included) to ``<state_dir>/exlab-sync.log``.
+
+    The terminal gets one-line errors only, never a traceback. Idempotent;
+    returns the log's path, or None when it cannot be opened (the command
+    still runs: the equipment logs and the queue keep their records).
+    """
+    path = Path(config.state_dir) / CENTRAL_LOG_NAME
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.absolute():
+            return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    package = logging.getLogger("exlab_wizard")
+    if package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    return path
+
+
 def run_client(config: Config, body: Any, *, run_workers: bool = False) -> Any:
     """Run ``await body(client)`` with an initialised client, closing it afterwards."""
+    configure_logging(config)
 
     async def _main() -> Any:
         client = client_from_config(config)
@@ -67,10 +104,14 @@ def run_client(config: Config, body: Any, *, run_workers: bool = False) -> Any:
 
 @main.command("enqueue")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--wait", is_flag=True, help="Sync now and wait until the runs are verified or failed.")
+@click.option("--wait", is_flag=True, help="Sync now and wait until the runs are verified (metadata pushed) or failed.")
+@click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(min=0), default=DEFAULT_WAIT_TIMEOUT_S, show_default=True,
+    help="With --wait: give up after this many seconds (0: no limit), say what is still awaited, exit 1.",
+)
 @config_option
 @one_line_errors
-def enqueue_cmd(paths: tuple[Path, ...], wait: bool, config: Config) -> None:
+def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: Config) -> None:
     """Queue runs for sync (the Pre-Sync Gate runs first)."""
     for path in paths:
         if not path.is_dir():
@@ -97,10 +138,23 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, config: Config) -> None:
                 fail("another exlab-sync process runs the workers; it will sync these runs (drop --wait)", EXIT_USAGE)
             with byte_progress(console) as progress:
                 client.add_listener(JobProgress(progress))
-                await _settle(client, ids)
+                waiting = await _settle(client, ids, timeout_s or None)
             rows = [r for r in await client.jobs() if r.id in ids]
             console.print(jobs_table(rows, "Result"))
-            if any(r.state == SyncJobState.FAILED for r in rows):
+            if waiting:
+                client.close_push_timeout_s = 0.0  # the deadline is the user's: a push in flight stays pending
+                for job_id, what in waiting.items():
+                    console.print(f"[yellow]gave up waiting after {timeout_s:g} s[/] for job {job_id}: {what}",
+                                  highlight=False)  # fmt: skip
+                console.print("the queue keeps these jobs: serve, or the next enqueue --wait, carries them on",
+                              highlight=False)  # fmt: skip
+                return EXIT_PROBLEM
+            unpushed = [r for r in rows if r.state != SyncJobState.FAILED and r.metadata_push_pending]
+            for row in unpushed:
+                console.print(f"[yellow]metadata push pending[/] job {row.id}: {row.metadata_push_error}; "
+                              "the NAS copy lacks its checksums.sha256 until serve or the next enqueue --wait sends it",
+                              highlight=False)  # fmt: skip
+            if unpushed or any(r.state == SyncJobState.FAILED for r in rows):
                 return EXIT_PROBLEM
         elif ids and not client.runs_workers and not wait:
             pass
@@ -109,12 +163,16 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, config: Config) -> None:
     raise SystemExit(run_client(config, body, run_workers=wait))
 
 
-async def _settle(client: NASSyncClient, ids: list[str], timeout: float | None = None) -> None:
-    done = {SyncJobState.VERIFIED, SyncJobState.FAILED, SyncJobState.CLEANUP_ELIGIBLE, SyncJobState.CLEANED}
+async def _settle(client: NASSyncClient, ids: list[str], timeout: float | None) -> dict[str, str]:
+    """Wait until every job settled (its metadata push included), or ``timeout`` seconds.
+
+    Returns what each unsettled job still waits for (empty when all settled).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        rows = {r.id: r for r in await client.jobs()}
-        if all(rows[i].state in done for i in ids if i in rows):
-            return
+        waiting = await client.waiting_for(ids)
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            return waiting
         await asyncio.sleep(0.05)
 
 

@@ -39,6 +39,7 @@ from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import (
+    FinalPush,
     Reaper,
     load_verified_stats,
     local_data_deleted_at,
@@ -179,6 +180,8 @@ class NASSyncClient:
         self._lease: RunnerLease | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._inflight: dict[str, asyncio.Task[Any]] = {}  # equipment id -> task
+        self._inflight_jobs: dict[str, str] = {}  # equipment id -> the id of the job its task works on
+        self._pushing: set[asyncio.Task[Any]] = set()  # tasks inside a metadata push: close() lets them end
         self._wake: asyncio.Event | None = None
         self._transports: dict[str, Transport] = {}
         self._pushes: dict[str, Callable[..., Any]] = {}
@@ -188,6 +191,9 @@ class NASSyncClient:
         self.progress: dict[str, TransferProgress] = {}
         self._reaper: Reaper | None = None
         self._closed = False
+        #: How long close() waits for a metadata push in flight before cancelling it (it stays
+        #: recorded as pending, and the next client sends it).
+        self.close_push_timeout_s = 600.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,10 +223,7 @@ class NASSyncClient:
         for job in to_verify:
             equipment = self._equipment(job)
             if equipment is not None and job.equipment_id not in self._inflight:
-                self._inflight[job.equipment_id] = asyncio.create_task(
-                    self._guarded(job, self._verify_job(job, equipment, local_hashes=None)),
-                    name=f"verify-{job.id}",
-                )
+                self._start(job, equipment, self._verify_job(job, equipment, local_hashes=None), "verify")
         self._reaper = self._make_reaper()
         if self.config.sync.enabled:
             self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="sync-dispatch"))
@@ -228,18 +231,39 @@ class NASSyncClient:
         self._tasks.append(asyncio.create_task(self._reaper_loop(), name="sync-reaper"))
 
     async def close(self) -> None:
-        """Stop every task (an interrupted job is recovered at the next init) and close the queue."""
+        """Stop every task and close the queue.
+
+        A metadata push in flight is part of its job: it is left to end (up to
+        ``close_push_timeout_s``). Anything else is interrupted and recovered
+        at the next init (a cancelled metadata push stays pending and is sent
+        by the next client).
+        """
         if self._closed:
             return
         self._closed = True
-        tasks = list(self._tasks) + list(self._inflight.values())
-        for task in tasks:
+        loops = list(self._tasks)
+        for task in loops:
             task.cancel()
-        for task in tasks:
+        for task in loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        jobs = list(self._inflight.values())
+        pushing = [task for task in jobs if task in self._pushing]
+        for task in jobs:
+            if task not in pushing:
+                task.cancel()
+        if pushing:
+            _done, late = await asyncio.wait(pushing, timeout=self.close_push_timeout_s)
+            for task in late:
+                logger.warning("metadata push still running after %g s at close: cancelled, left pending",
+                               self.close_push_timeout_s)
+                task.cancel()
+        for task in jobs:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
         self._inflight.clear()
+        self._inflight_jobs.clear()
         if self._lease is not None:
             self._lease.release()
         if self._queue is not None:
@@ -333,17 +357,47 @@ class NASSyncClient:
         self._listeners.append(callback)
 
     async def wait_idle(self, timeout: float | None = None) -> None:
-        """Wait until no job is in flight and no QUEUED job is due (tests, demo, CLI --wait)."""
+        """Wait until no job is in flight and no QUEUED job or pending metadata push is due (tests, demo)."""
 
         async def _idle() -> None:
             while True:
                 queue = self._require_queue()
-                due = queue.next_due(self.clock())
+                now = self.clock()
+                due = queue.next_due(now) or queue.next_metadata_push(now)
                 if not self._inflight and due is None:
                     return
                 await asyncio.sleep(0.02)
 
         await asyncio.wait_for(_idle(), timeout)
+
+    async def waiting_for(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """What each of these jobs still waits for, by job id; a settled job is left out.
+
+        A job is settled when it is FAILED or CLEANED, or VERIFIED /
+        CLEANUP_ELIGIBLE with its metadata push done, or tried and failed
+        (then pending until a later try: ``metadata_push_error`` says why).
+        Unknown ids are left out. For ``enqueue --wait``.
+        """
+        queue = self._require_queue()
+        busy = {job_id for eq, job_id in self._inflight_jobs.items()
+                if eq in self._inflight and not self._inflight[eq].done()}  # fmt: skip
+        now = self.clock()
+        waiting: dict[str, str] = {}
+        for job_id in job_ids:
+            job = queue.get(job_id)
+            if job is None or job.state in (S.FAILED, S.CLEANED):
+                continue
+            if job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+                if job.metadata_push_pending and (job.id in busy or job.metadata_push_failures == 0):
+                    waiting[job.id] = f"{job.state.value}: metadata push to the NAS (checksums.sha256, creation.json)"
+                continue
+            what = job.state.value + (" (in flight)" if job.id in busy else "")
+            if job.state == S.QUEUED and job.next_attempt_at is not None and job.next_attempt_at > now:
+                what += f", next attempt at {job.next_attempt_at.astimezone().strftime('%Y-%m-%d %H:%M:%S')}"
+            if job.last_error:
+                what += f"; last error: {job.last_error}"
+            waiting[job.id] = what
+        return waiting
 
     async def audit_once(self) -> None:
         """Re-verify every VERIFIED or CLEANUP_ELIGIBLE job that is due (one audit pass)."""
@@ -453,6 +507,13 @@ class NASSyncClient:
 
     # ------------------------------------------------------------------ workers
 
+    def _start(self, job: SyncJobRow, equipment: EquipmentConfig, work: Awaitable[None], what: str) -> None:
+        """Run one step of a job as the equipment's in-flight task."""
+        task = asyncio.create_task(self._guarded(job, work), name=f"{what}-{job.id}")
+        task.add_done_callback(lambda _t: self._kick())
+        self._inflight[equipment.id] = task
+        self._inflight_jobs[equipment.id] = job.id
+
     async def _dispatch_loop(self) -> None:
         """Start due jobs: one per equipment, ``max_parallel_jobs`` overall."""
         assert self._wake is not None
@@ -475,13 +536,13 @@ class NASSyncClient:
                         error_kind="unknown", last_error=f"equipment {job.equipment_id} is no longer configured",
                     )
                     continue
-                task = asyncio.create_task(self._guarded(job, self._run_job(job, equipment)), name=f"job-{job.id}")
-                task.add_done_callback(lambda _t: self._kick())
-                self._inflight[equipment.id] = task
+                self._start(job, equipment, self._run_job(job, equipment), "job")
+            self._start_metadata_pushes(limit)
             timeout = self.worker_poll_interval_s
-            wakeup = queue.next_wakeup(self.clock())
-            if wakeup is not None:
-                timeout = max(0.0, min(timeout, (wakeup - self.clock()).total_seconds()))
+            now = self.clock()
+            wakeups = [t for t in (queue.next_wakeup(now), queue.next_metadata_wakeup(now)) if t is not None]
+            if wakeups:
+                timeout = max(0.0, min(timeout, (min(wakeups) - self.clock()).total_seconds()))
             # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
             # that races its timeout, and close() would then wait forever.
             waiter = asyncio.ensure_future(self._wake.wait())
@@ -490,6 +551,19 @@ class NASSyncClient:
             finally:
                 waiter.cancel()
 
+    def _start_metadata_pushes(self, limit: int) -> None:
+        """Start the pending metadata pushes that are due (a push interrupted or failed earlier)."""
+        queue = self._require_queue()
+        while len(self._inflight) < limit:
+            job = queue.next_metadata_push(self.clock(), busy_equipment=set(self._inflight))
+            if job is None:
+                return
+            equipment = self._equipment(job)
+            if equipment is None:
+                self._metadata_push_failed(job, f"equipment {job.equipment_id} is no longer configured")
+                continue
+            self._start(job, equipment, self._send_pending_metadata(job, equipment), "metadata")
+
     async def _guarded(self, job: SyncJobRow, work: Awaitable[None]) -> None:
         try:
             await work
@@ -497,10 +571,39 @@ class NASSyncClient:
             raise
         except IllegalTransition as exc:  # another process moved the job: its move stands
             logger.warning("job %s: %s", job.id, exc)
-        except Exception:
+        except Exception as exc:
             logger.exception("job %s crashed", job.id)
+            self._crashed(job, exc)
         finally:
             self.progress.pop(job.id, None)
+
+    def _crashed(self, job: SyncJobRow, exc: Exception) -> None:
+        """An unexpected exception in a job's steps: the retry policy decides, as ``unknown``.
+
+        A job caught in QUEUED (the gate), RUNNING or AWAITING_VERIFY is sent
+        back with backoff (FAILED once the backoff list is used up), with the
+        message in ``last_error`` and an event; a VERIFIED job whose metadata
+        push is pending gets the push tried again later.
+        """
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        queue = self._require_queue()
+        try:
+            fresh = queue.get(job.id)
+            if fresh is None:
+                return
+            equipment = self._equipment(fresh)
+            if equipment is not None:
+                with contextlib.suppress(Exception):  # the log disk may be what failed
+                    self._log(equipment).error(fresh.run_path, "job_error", job=fresh.id, state=fresh.state.value,
+                                               error=message)  # fmt: skip
+            if fresh.state in (S.QUEUED, S.RUNNING, S.AWAITING_VERIFY):
+                self._retry_or_fail(fresh, fresh.state, TransportErrorKind.UNKNOWN, message)
+            elif fresh.metadata_push_pending and fresh.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+                self._metadata_push_failed(fresh, message)
+            else:
+                queue.record_event(fresh.id, "note", f"error: {message}", now=self.clock())
+        except Exception:
+            logger.exception("job %s: its error could not be recorded", job.id)
 
     async def _run_job(self, job: SyncJobRow, equipment: EquipmentConfig) -> None:
         queue = self._require_queue()
@@ -671,13 +774,20 @@ class NASSyncClient:
             verify_passes=1, verified_at=now, last_verify_at=now, pass_times=(now,),
             manifest_digest=digest, attempts=0, mismatch_count=0, rewrite_paths=(),
             error_kind=None, last_error=None, next_attempt_at=None,
+            # The push of the refreshed .exlab-wizard/ is owed from this moment, durably.
+            metadata_push_due_at=now, metadata_push_failures=0, metadata_push_error=None,
         )
         log.info(run, "verified", job=job.id, files=outcome.checked, manifest_digest=digest)
         self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
         # What the reaper will check the local files against, before it deletes any. Lost
-        # in a crash right here, the reaper re-hashes every file instead: safe, only slower.
-        await asyncio.to_thread(self._record_verified_stat, job, run, local_hashes, now)
-        await self._push_metadata(job, equipment)
+        # in a crash (or an error) right here, the reaper re-hashes every file instead: safe, only slower.
+        try:
+            await asyncio.to_thread(self._record_verified_stat, job, run, local_hashes, now)
+        except Exception as exc:
+            logger.exception("job %s: verified stats not recorded", job.id)
+            queue.record_event(job.id, "note", f"verified file stats not recorded ({type(exc).__name__}: {exc}); "
+                               "the reaper re-hashes before deleting", now=self.clock())  # fmt: skip
+        await self._send_pending_metadata(job, equipment)
 
     def _record_verified_stat(self, job: SyncJobRow, run: Path, hashes: Mapping[str, str], now: dt.datetime) -> None:
         record_verified_stat(self._require_queue(), job.id, run, hashes, now)
@@ -691,10 +801,120 @@ class NASSyncClient:
 
         self.cache.update(run, mutate)
 
+    async def _send_pending_metadata(self, job: SyncJobRow, equipment: EquipmentConfig) -> bool:
+        """The metadata push a verification left pending: send it, and record the outcome on the job.
+
+        Success clears the pending push (event ``metadata_pushed``); a failure
+        keeps it, due again after a backoff (event ``metadata_push_failed``,
+        once per distinct reason). Cancelled (the process stops), it stays
+        pending and due: the next client sends it. True when sent.
+        """
+        run = Path(job.run_path)
+        task = asyncio.current_task()
+        if task is not None:
+            self._pushing.add(task)
+        try:
+            error = await asyncio.to_thread(self._local_manifest_problem, job)
+            if error is None:
+                cleaned: frozenset[str] = frozenset()
+                if await asyncio.to_thread(self._local_data_deleted_at, job) is not None:
+                    cleaned = await asyncio.to_thread(self._cleaned_paths, job)
+                _outcome, error = await self._try_metadata_push(job, equipment, cleaned=cleaned)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self._log(equipment).warning(run, "metadata_push_interrupted", job=job.id,
+                                             reason="cancelled; left pending for the next client")  # fmt: skip
+            raise
+        finally:
+            if task is not None:
+                self._pushing.discard(task)
+        if error is not None:
+            self._metadata_push_failed(job, error)
+            return False
+        self._metadata_push_done(job)
+        return True
+
+    def _local_manifest_problem(self, job: SyncJobRow) -> str | None:
+        """Why the local ``.exlab-wizard/`` must not go to the NAS as this job's evidence, or None."""
+        try:
+            recorded = read_manifest(Path(job.run_path))
+        except Exception as exc:
+            return f"local checksums.sha256 unreadable: {exc}"
+        if recorded is None:
+            return "no local checksums.sha256"
+        if job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
+            return "local checksums.sha256 is not the verified manifest; not sent"
+        return None
+
+    def _metadata_push_done(self, job: SyncJobRow) -> None:
+        queue = self._require_queue()
+        for _ in range(5):
+            fresh = queue.get(job.id)
+            if fresh is None or not fresh.metadata_push_pending:
+                return
+            try:
+                queue.update(
+                    fresh.id, fresh.state, now=self.clock(), event_kind="metadata_pushed",
+                    detail="refreshed .exlab-wizard/ (checksums.sha256, creation.json) sent to the NAS",
+                    metadata_push_due_at=None, metadata_push_failures=0, metadata_push_error=None,
+                )
+            except IllegalTransition:
+                continue  # the state changed under us: read it again
+            equipment = self._equipment(fresh)
+            if equipment is not None:
+                with contextlib.suppress(Exception):
+                    self._log(equipment).info(fresh.run_path, "metadata_pushed", job=fresh.id)
+            return
+
+    def _metadata_push_failed(self, job: SyncJobRow, reason: str) -> None:
+        """Keep the push pending, due again after ``backoff_s`` (its last entry, once they are used up)."""
+        queue = self._require_queue()
+        backoff = list(self.config.sync.backoff_s) or [self.config.sync.scan_interval_s]
+        for _ in range(5):
+            fresh = queue.get(job.id)
+            if fresh is None or not fresh.metadata_push_pending:
+                return
+            failures = fresh.metadata_push_failures + 1
+            delay = float(backoff[min(failures, len(backoff)) - 1])
+            now = self.clock()
+            repeated = fresh.metadata_push_error == reason
+            try:
+                queue.update(
+                    fresh.id, fresh.state, now=now, event_kind=None if repeated else "metadata_push_failed",
+                    detail=f"metadata push failed: {reason}; the NAS copy still lacks this verification's "
+                           f".exlab-wizard/ (checksums.sha256, creation.json); tried again in {delay:g} s",
+                    metadata_push_due_at=now + dt.timedelta(seconds=delay), metadata_push_failures=failures,
+                    metadata_push_error=reason,
+                )
+            except IllegalTransition:
+                continue
+            equipment = self._equipment(fresh)
+            if equipment is not None and not repeated:
+                with contextlib.suppress(Exception):
+                    self._log(equipment).warning(fresh.run_path, "metadata_push_failed", job=fresh.id, error=reason,
+                                                 retry_in_s=f"{delay:g}")  # fmt: skip
+            return
+
     async def _push_metadata(
         self, job: SyncJobRow, equipment: EquipmentConfig, *, cleaned: frozenset[str] = frozenset()
     ) -> bool:
+        """Send the refreshed ``.exlab-wizard/`` alone; True when the transport reported success.
+
+        A failure is recorded as a ``note`` event and a log line.
+        """
+        _outcome, error = await self._try_metadata_push(job, equipment, cleaned=cleaned)
+        if error is None:
+            return True
+        self._require_queue().record_event(job.id, "note", f"metadata push failed: {error}", now=self.clock())
+        self._log(equipment).warning(Path(job.run_path), "metadata_push_failed", job=job.id, error=error)
+        return False
+
+    async def _try_metadata_push(
+        self, job: SyncJobRow, equipment: EquipmentConfig, *, cleaned: frozenset[str] = frozenset()
+    ) -> tuple[Any, str | None]:
         """Send the refreshed ``.exlab-wizard/`` alone (the transport's ``push_metadata``).
+
+        Returns ``(what the push returned, None)``, or ``(None, why it failed)``.
 
         ``cleaned``: verified data files whose local copies the reaper deleted
         (the final push after a cleanup): given to an injected push callable,
@@ -717,14 +937,15 @@ class NASSyncClient:
                 else:
                     outcome = await transport.push_metadata(run, bwlimit_kibps=limit)
             if not getattr(outcome, "ok", False):
-                raise TransportError(TransportErrorKind.UNKNOWN, getattr(outcome, "message", "metadata push failed"))
-            return True
+                message = getattr(outcome, "message", "") or "metadata push failed"
+                raise TransportError(TransportErrorKind.UNKNOWN, message)
+            return outcome, None
         except asyncio.CancelledError:
             raise
+        except TransportError as exc:
+            return None, f"{exc.kind.value}: {exc.message}"
         except Exception as exc:
-            self._require_queue().record_event(job.id, "note", f"metadata push failed: {exc}", now=self.clock())
-            self._log(equipment).warning(run, "metadata_push_failed", job=job.id, error=str(exc))
-            return False
+            return None, f"{type(exc).__name__}: {exc}"
 
     def _retry_or_fail(
         self, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
@@ -741,12 +962,16 @@ class NASSyncClient:
         )
         equipment = self._equipment(job)
         if decision.action == "retry":
-            job = queue.transition(
-                job.id, from_state, S.QUEUED, now=now, detail=decision.reason,
-                attempts=attempts, mismatch_count=mismatch, next_attempt_at=decision.next_attempt_at,
-                error_kind=decision.error_kind, last_error=decision.reason,
-                rewrite_paths=rewrite if decision.rewrite else job.rewrite_paths,
-            )
+            fields: dict[str, Any] = {
+                "attempts": attempts, "mismatch_count": mismatch, "next_attempt_at": decision.next_attempt_at,
+                "error_kind": decision.error_kind, "last_error": decision.reason,
+                "rewrite_paths": rewrite if decision.rewrite else job.rewrite_paths,
+            }
+            if from_state == S.QUEUED:  # failed before its transfer began (the gate): no state change
+                job = queue.update(job.id, S.QUEUED, now=now, event_kind="retry_scheduled", detail=decision.reason,
+                                   **fields)  # fmt: skip
+            else:
+                job = queue.transition(job.id, from_state, S.QUEUED, now=now, detail=decision.reason, **fields)
             if equipment is not None:
                 self._log(equipment).warning(job.run_path, "retry_scheduled", job=job.id, kind=kind_value, reason=decision.reason)
         else:
@@ -979,22 +1204,47 @@ class NASSyncClient:
             raise TransportError(TransportErrorKind.UNKNOWN, f"equipment {job.equipment_id} is no longer configured")
         return await self._transport(equipment).remote_listing(Path(job.run_path))
 
-    async def _reaper_push_metadata(self, job: SyncJobRow) -> bool:
-        """The final metadata push before the cache goes, verified against the NAS."""
+    async def _reaper_push_metadata(self, job: SyncJobRow) -> FinalPush:
+        """The final metadata push before the local ``.exlab-wizard/`` goes, and what proves it arrived.
+
+        The proof, strongest available: the remote manifest lists
+        ``.exlab-wizard/`` files, and every local one is there with its hash.
+        When the manifest lists none at all (a hashsum or backend that shows
+        data files only), the push's own report: it succeeded, and the hashes
+        of what it sent (when it gives them) are those of the local files now.
+        Anything less is not verified, and the reason says what is missing.
+        """
         equipment = self._equipment(job)
         if equipment is None:
-            return False
+            return FinalPush(False, f"equipment {job.equipment_id} is no longer configured")
+        run = Path(job.run_path)
         cleaned = await asyncio.to_thread(self._cleaned_paths, job)
-        if not await self._push_metadata(job, equipment, cleaned=cleaned):
-            return False
+        outcome, error = await self._try_metadata_push(job, equipment, cleaned=cleaned)
+        if error is not None:
+            return FinalPush(False, f"final metadata push failed: {error}")
         try:
-            remote = await self._remote_manifest(equipment, Path(job.run_path))
-        except Exception:
-            return False
-        everything = await asyncio.to_thread(hash_tree, Path(job.run_path), include_metadata=True)
+            remote = await self._remote_manifest(equipment, run)
+        except Exception as exc:
+            return FinalPush(False, f"final metadata push not verified: remote manifest unavailable: {exc}")
+        everything = await asyncio.to_thread(hash_tree, run, include_metadata=True)
         prefix = METADATA_DIR + "/"
         meta_local = {k: v for k, v in everything.items() if k.startswith(prefix)}
-        return all(remote.hashes.get(k) == v for k, v in meta_local.items())
+        meta_remote = {k: v for k, v in remote.hashes.items() if k.startswith(prefix)}
+        if meta_remote:
+            bad = sorted(k for k, v in meta_local.items() if meta_remote.get(k) != v)
+            if bad:
+                return FinalPush(False, "final metadata push not verified: missing or different on the NAS: "
+                                        + name_paths(bad))  # fmt: skip
+            return FinalPush(True, f"final metadata push verified: {len(meta_local)} files read back from the NAS")
+        unlisted = f"final metadata push accepted: the remote manifest does not list {METADATA_DIR}/; "
+        sent = getattr(outcome, "local_hashes", None)
+        if sent is not None:
+            differ = sorted(k for k, v in meta_local.items() if sent.get(k) != v)
+            if differ:
+                return FinalPush(False, "final metadata push not verified: sent bytes are not the local ones: "
+                                        + name_paths(differ))  # fmt: skip
+            return FinalPush(True, unlisted + f"the push reported {len(meta_local)} files sent with their local hashes")
+        return FinalPush(True, unlisted + "the transport reported success")
 
     def _cleaned_paths(self, job: SyncJobRow) -> frozenset[str]:
         """The verified data files whose local copies the reaper deleted: the plan's, and the manifest's."""

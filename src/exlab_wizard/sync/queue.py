@@ -117,6 +117,15 @@ MIGRATIONS: list[Migration] = [
     );
     CREATE INDEX events_by_job ON events (job_id, id);
     """,
+    # 2: the push of the refreshed .exlab-wizard/ after a verification, recorded until it succeeded.
+    # Jobs verified before this version may have lost that push (closed before it ended): send it again.
+    """
+    ALTER TABLE jobs ADD COLUMN metadata_push_due_at TEXT;
+    ALTER TABLE jobs ADD COLUMN metadata_push_failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN metadata_push_error TEXT;
+    CREATE INDEX jobs_by_metadata_push ON jobs (metadata_push_due_at) WHERE metadata_push_due_at IS NOT NULL;
+    UPDATE jobs SET metadata_push_due_at = updated_at WHERE state IN ('verified', 'cleanup_eligible');
+    """,
 ]
 
 
@@ -191,6 +200,10 @@ class SyncJobRow:
     ``verified_at``: first verification of the current NAS copy.
     ``pass_times``: the verify passes of the current NAS copy.
     ``rewrite_paths``: files to send again whatever their size and mtime.
+    ``metadata_push_due_at``: set while the push of the refreshed
+    ``.exlab-wizard/`` after a verification has not succeeded yet (when it is
+    due next); ``metadata_push_failures`` and ``metadata_push_error``: its
+    failed attempts and the last reason.
     ``events`` is filled only by :meth:`JobQueue.job_with_events`.
     """
 
@@ -213,7 +226,15 @@ class SyncJobRow:
     last_verify_at: dt.datetime | None
     pass_times: tuple[dt.datetime, ...]
     rewrite_paths: tuple[str, ...]
+    metadata_push_due_at: dt.datetime | None = None
+    metadata_push_failures: int = 0
+    metadata_push_error: str | None = None
     events: tuple[SyncEvent, ...] = ()
+
+    @property
+    def metadata_push_pending(self) -> bool:
+        """True while the NAS copy has not received the ``.exlab-wizard/`` of the current verification."""
+        return self.metadata_push_due_at is not None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly values: ISO text times, the state's value, lists for tuples."""
@@ -237,6 +258,9 @@ class SyncJobRow:
             "last_verify_at": _iso(self.last_verify_at),
             "pass_times": [_iso(t) for t in self.pass_times],
             "rewrite_paths": list(self.rewrite_paths),
+            "metadata_push_due_at": _iso(self.metadata_push_due_at),
+            "metadata_push_failures": self.metadata_push_failures,
+            "metadata_push_error": self.metadata_push_error,
             "events": [e.to_dict() for e in self.events],
         }
 
@@ -262,6 +286,9 @@ def _job(row: sqlite3.Row) -> SyncJobRow:
         last_verify_at=_dt(row["last_verify_at"]),
         pass_times=tuple(_dt(t) for t in json.loads(row["pass_times"])),
         rewrite_paths=tuple(json.loads(row["rewrite_paths"])),
+        metadata_push_due_at=_dt(row["metadata_push_due_at"]),
+        metadata_push_failures=row["metadata_push_failures"],
+        metadata_push_error=row["metadata_push_error"],
     )
 
 
@@ -295,6 +322,9 @@ JOB_FIELDS: dict[str, str] = {
     "last_verify_at": _TIME,
     "pass_times": _TIMES,
     "rewrite_paths": _TEXTS,
+    "metadata_push_due_at": _TIME,
+    "metadata_push_failures": _INT,
+    "metadata_push_error": _TEXT,
 }
 
 
@@ -665,10 +695,15 @@ class JobQueue:
         """Crash recovery, for the lease holder only, in one transaction.
 
         Every RUNNING job goes back to QUEUED, due ``now``, attempts
-        unchanged, with the event ``recovered after restart``. Returns the
-        AWAITING_VERIFY jobs (oldest first) for the caller to verify again.
+        unchanged, with the event ``recovered after restart``. Every pending
+        metadata push is due ``now`` (an interrupted one is sent again at
+        once). Returns the AWAITING_VERIFY jobs (oldest first) for the caller
+        to verify again.
         """
         with self.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET metadata_push_due_at = ? WHERE metadata_push_due_at > ?", (_ts(now), _ts(now))
+            )
             running = conn.execute(
                 "SELECT id FROM jobs WHERE state = ? ORDER BY created_at, rowid",
                 (SyncJobState.RUNNING.value,),
@@ -777,6 +812,39 @@ class JobQueue:
         with self._locked() as conn:
             row = conn.execute(sql, params).fetchone()
         return None if row is None else _job(row)
+
+    def next_metadata_push(
+        self, now: dt.datetime, *, busy_equipment: Collection[str] = ()
+    ) -> SyncJobRow | None:
+        """The VERIFIED or CLEANUP_ELIGIBLE job whose pending metadata push is due first, or None.
+
+        Only jobs whose ``metadata_push_due_at`` is ``<= now`` and whose
+        equipment is not in ``busy_equipment``; the earliest due first.
+        """
+        if isinstance(busy_equipment, str):
+            raise TypeError("busy_equipment must be a collection of equipment ids, not a str")
+        busy = sorted({str(e) for e in busy_equipment})
+        sql = (
+            "SELECT * FROM jobs WHERE metadata_push_due_at IS NOT NULL AND metadata_push_due_at <= ?"
+            " AND state IN (?, ?)"
+        )
+        params: list[Any] = [_ts(now), SyncJobState.VERIFIED.value, SyncJobState.CLEANUP_ELIGIBLE.value]
+        if busy:
+            sql += f" AND equipment_id NOT IN ({', '.join('?' * len(busy))})"
+            params.extend(busy)
+        sql += " ORDER BY metadata_push_due_at, created_at, rowid LIMIT 1"
+        with self._locked() as conn:
+            row = conn.execute(sql, params).fetchone()
+        return None if row is None else _job(row)
+
+    def next_metadata_wakeup(self, now: dt.datetime) -> dt.datetime | None:
+        """The earliest pending metadata push due after ``now`` (VERIFIED or CLEANUP_ELIGIBLE jobs), or None."""
+        with self._locked() as conn:
+            row = conn.execute(
+                "SELECT MIN(metadata_push_due_at) AS t FROM jobs WHERE metadata_push_due_at > ? AND state IN (?, ?)",
+                (_ts(now), SyncJobState.VERIFIED.value, SyncJobState.CLEANUP_ELIGIBLE.value),
+            ).fetchone()
+        return _dt(row["t"])
 
     def next_wakeup(self, now: dt.datetime | None = None) -> dt.datetime | None:
         """The earliest ``next_attempt_at`` after ``now`` (default: the clock) among QUEUED jobs.

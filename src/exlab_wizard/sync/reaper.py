@@ -5,7 +5,8 @@ On each pass (:meth:`Reaper.run_pass`):
 
 1. A deletion planned earlier and interrupted (crash, kill, power cut) is
    resumed first, after the interlocks are checked again.
-2. A VERIFIED job meeting interlocks 2 and 3 moves to CLEANUP_ELIGIBLE.
+2. A VERIFIED job meeting interlocks 1, 2 and 3 moves to CLEANUP_ELIGIBLE
+   (with cleanup disabled it stays VERIFIED).
 3. For each CLEANUP_ELIGIBLE job all six interlocks are checked, the costly
    ones last (remote probe, overrides, the local check, then one listing of
    the remote run folder, which must hold every planned file with its size:
@@ -32,7 +33,8 @@ On each pass (:meth:`Reaper.run_pass`):
       verify_passes=K pass_times=... manifest_digest=...``; creation.json
       gets ``local_cleaned``. With ``retain_cache: false`` the
       ``.exlab-wizard/`` files and the run folder go only after
-      ``push_metadata(job)`` returned True.
+      ``push_metadata(job)`` proved the final push (:class:`FinalPush`);
+      until then the job waits, the reason recorded once.
    e. One transaction moves the job to CLEANED and drops the plan.
 
 A crash at any point leaves the plan in the queue database; the next pass
@@ -74,6 +76,7 @@ from exlab_wizard.sync.transports.base import METADATA_DIR, TransportError, Tran
 
 __all__ = [
     "CLEANUP_SCHEMA",
+    "FinalPush",
     "LocalScan",
     "PlannedFile",
     "Reaper",
@@ -892,9 +895,22 @@ class _ProcessLock:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class FinalPush:
+    """What the final metadata push (``retain_cache: false``) proved.
+
+    ``verified``: the NAS holds the run's ``.exlab-wizard/``, so the local
+    one may go. ``reason``: how that was proved, or what is missing; it is
+    recorded with the job (the wait's reason, or the cleaned event).
+    """
+
+    verified: bool
+    reason: str = ""
+
+
 RemoteStat = Callable[[SyncJobRow], "bool | Awaitable[bool]"]
 RemoteListing = Callable[[SyncJobRow], Awaitable[Mapping[str, int]]]
-PushMetadata = Callable[[SyncJobRow], Awaitable[bool]]
+PushMetadata = Callable[[SyncJobRow], "Awaitable[bool | FinalPush]"]
 
 
 class Reaper:
@@ -912,8 +928,8 @@ class Reaper:
     makes the job wait; without it nothing is ever deleted. ``log_for(equipment_id)``: the job's
     :class:`EquipmentLog` (raising refuses the deletion: nothing is deleted
     unlogged). ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
-    True only when verified on the NAS; needed only with ``retain_cache:
-    false``. ``now()``: the clock (timezone-aware).
+    a :class:`FinalPush` (or True only when verified on the NAS); needed
+    only with ``retain_cache: false``. ``now()``: the clock (timezone-aware).
 
     One pass at a time per database: passes in one process are serialised,
     and a lock file ``<queue db>.reaper.lock`` keeps a second process (the
@@ -1106,6 +1122,7 @@ class Reaper:
             verified_at=job.verified_at,
             min_age_hours=cleanup.min_age_hours,
             now=now,
+            metadata_push_pending=job.metadata_push_pending,
         )
 
     async def _decide(
@@ -1440,7 +1457,8 @@ class Reaper:
         if not retain:
             waiting, folder_note = await self._remove_cache(job, log)
             if waiting is not None:
-                self._refuse_event(job.id, waiting)
+                if self._refuse_event(job.id, waiting):
+                    log.warning(job.run_path, "cleanup_waiting", job=job.id, reason=waiting)
                 return ReaperOutcome(job.id, job.run_path, "waiting", waiting, files=progress.files, bytes=progress.bytes)
         detail = (
             f"cleaned: {progress.files} files, {progress.bytes} bytes freed, "
@@ -1520,23 +1538,28 @@ class Reaper:
             if self.push_metadata is None:
                 return "waiting: no final metadata push available (retain_cache is false)", ""
             try:
-                pushed = bool(await self.push_metadata(job))
+                pushed = await self.push_metadata(job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.info("final metadata push for job %s failed: %s", job.id, exc)
-                pushed = False
-            if not pushed:
-                return "waiting: final metadata push not verified", ""
+                pushed = FinalPush(False, f"final metadata push failed: {type(exc).__name__}: {exc}")
+            if not isinstance(pushed, FinalPush):
+                pushed = FinalPush(bool(pushed), "final metadata push verified" if pushed else "")
+            if not pushed.verified:
+                return f"waiting: {pushed.reason or 'final metadata push not verified'}", ""
+            proof = pushed.reason
+        else:
+            proof = f"no {METADATA_DIR}/ files left to push"
         stop = await asyncio.to_thread(_remove_metadata, run, files, folders)
         if stop is not None:
             return f"waiting: {METADATA_DIR}/ changed during the final push: {stop}", ""
         kept = await asyncio.to_thread(_remove_run_folder, run)
         if kept is None:
-            log.info(job.run_path, "cleanup_run_folder_removed", job=job.id, metadata_files=len(files))
-            return None, "; .exlab-wizard/ and run folder removed"
-        log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept)
-        return None, f"; .exlab-wizard/ removed, {kept}"
+            log.info(job.run_path, "cleanup_run_folder_removed", job=job.id, metadata_files=len(files), proof=proof)
+            return None, f"; .exlab-wizard/ and run folder removed ({proof})"
+        log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept, proof=proof)
+        return None, f"; .exlab-wizard/ removed ({proof}), {kept}"
 
     # ------------------------------------------------------------ dry run
 
@@ -1548,7 +1571,10 @@ class Reaper:
                 files=progress.files, bytes=progress.bytes,
             )
         if job.state == S.VERIFIED:
-            ok, reason = policy.eligible_to_promote(job, self.config, self.now())
+            # What stands between the job and cleanup besides interlock 1 (decided below): a dry run
+            # with cleanup off is how a lab sees what enabling it would do.
+            opted_in = self.config.nas_cleanup.model_copy(update={"enabled": True})
+            ok, reason = policy.eligible_to_promote(job, opted_in, self.now())
             if not ok:
                 return ReaperOutcome(job.id, job.run_path, "waiting", reason)
         decision, scan = await self._decide(job, local=True)

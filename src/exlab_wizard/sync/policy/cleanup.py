@@ -8,8 +8,10 @@ the disk for a job that is waiting anyway):
 2. ``verify_passes >= min_verify_passes``;
 3. at least ``min_age_hours`` since ``verified_at``, the first verification
    of the current NAS copy (later passes do not restart the clock);
-4. the remote run root is reachable now, and one listing of the remote run
-   folder shows every manifest file with its manifest size;
+4. the NAS copy holds the ``.exlab-wizard/`` of the current verification
+   (no metadata push pending), the remote run root is reachable now, and one
+   listing of the remote run folder shows every manifest file with its
+   manifest size;
 5. no override the gate relied on for this run was revoked or has expired;
 6. every local file still matches the verified manifest.
 
@@ -65,6 +67,7 @@ __all__ = [
     "CleanupFacts",
     "LocalCheck",
     "MAX_PATHS_IN_REASON",
+    "METADATA_PENDING_REASON",
     "RemoteCheck",
     "check_remote",
     "decide",
@@ -155,6 +158,10 @@ class CleanupFacts:
     more (revoked, expired, or gone from creation.json);
     ``override_check_error`` says why they could not be read at all (the
     interlock then fails: an override that cannot be read is not active).
+    ``metadata_push_pending``: the NAS copy has not yet received the
+    ``.exlab-wizard/`` of the current verification (its ``checksums.sha256``):
+    the local copy is the only one that says which bytes are right, so it
+    waits.
     """
 
     enabled: bool
@@ -168,6 +175,11 @@ class CleanupFacts:
     override_check_error: str | None = None
     local: LocalCheck | None = None
     remote: RemoteCheck | None = None
+    metadata_push_pending: bool = False
+
+
+#: The refusal while the metadata push of the current verification has not reached the NAS.
+METADATA_PENDING_REASON = "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)"
 
 
 @dataclass(frozen=True)
@@ -248,15 +260,18 @@ def _passes_and_age(
 
 
 def eligible_to_promote(job: Any, config: Any, now: dt.datetime) -> tuple[bool, str]:
-    """May a VERIFIED job move to CLEANUP_ELIGIBLE (interlocks 2 and 3)?
+    """May a VERIFIED job move to CLEANUP_ELIGIBLE (interlocks 1, 2 and 3)?
 
     ``job`` needs ``verify_passes`` and ``verified_at``; ``config`` is a
     ``Config`` or its ``CleanupConfig`` (``nas_cleanup``). Returns ``(True,
     "verified K times, first H h ago")`` or ``(False, <waiting reason>)``.
-    Whether cleanup is enabled does not matter here: it is checked right
-    before deleting.
+    With cleanup disabled a job stays VERIFIED (``"cleanup disabled"``):
+    CLEANUP_ELIGIBLE means "about to be deleted". Interlock 1 is checked
+    again right before deleting.
     """
     cleanup = getattr(config, "nas_cleanup", config)
+    if not cleanup.enabled:
+        return False, "cleanup disabled"
     refusal = _passes_and_age(
         job.verify_passes, cleanup.min_verify_passes, job.verified_at, cleanup.min_age_hours, now
     )
@@ -305,6 +320,8 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
     )
     if refusal is not None:
         return refusal
+    if facts.metadata_push_pending:
+        return CleanupDecision("wait", METADATA_PENDING_REASON, interlock=4)
     if facts.remote_reachable is None:
         return CleanupDecision("check", "remote not checked yet", needs="remote_reachable", interlock=4)
     if not facts.remote_reachable:

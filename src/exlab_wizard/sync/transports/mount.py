@@ -440,9 +440,15 @@ class MountTransport(Transport):
         )
         try:
             self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
+            if abort.is_set():
+                # The copy loops stop quietly between files once aborted: what ran was not the whole push.
+                raise _Cancelled()
         except _Cancelled:
             error = TransportError(TransportErrorKind.UNKNOWN, "push cancelled")
-            self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
+            self._logged(
+                "WARNING", run, "push_cancelled", transport="mount", files=job.files_sent, bytes=job.bytes_sent,
+                **({"scope": METADATA_DIR} if metadata_only else {}),
+            )
             raise error from None
         except TransportError as error:
             self._logged("ERROR", run, "push_failed", kind=error.kind.value, error=error.message)
