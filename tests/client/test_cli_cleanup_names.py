@@ -54,3 +54,9 @@ async def test_cleanup_table_escapes_names_from_the_manifest(lab: Lab) -> None:
         assert ESCAPED in text  # escaped, and the markup shown literally
         assert "cleanup error" not in text  # the reason was recorded, not lost in a crash
         assert result.returncode == 1, text  # a missing local file is a problem found
+    # The job's recorded reason and events show the name the same way.
+    for args in (("jobs",), ("status", str(run))):
+        result = subprocess.run([EXE, *args, "--config", str(config_file)], capture_output=True, env=env, timeout=120)
+        out = result.stdout + result.stderr
+        assert b"Traceback" not in out and not any(byte in out for byte in (b"\x1b", b"\x07", b"\xff")), out
+        assert b"[31mred[bold]markup[/bold]" in out

@@ -48,8 +48,8 @@ def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
         state = row.state.value
         reason = row.last_error if state in ("failed", "queued") and row.last_error else row.remote_path
         table.add_row(
-            row.id[:8], row.equipment_id, row.run_path, f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
-            str(row.attempts), str(row.verify_passes), _ago(row.verified_at), reason or "",
+            row.id[:8], row.equipment_id, Text(printable(row.run_path)), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            str(row.attempts), str(row.verify_passes), _ago(row.verified_at), Text(printable(reason or "")),
         )
     return table
 
@@ -152,7 +152,8 @@ def status_cmd(path: Path | None, config: Config) -> None:
         for column in ("time", "kind", "from", "to", "detail"):
             events.add_column(column, overflow="fold")
         for event in row.events:
-            events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "", event.detail)
+            events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "",
+                           Text(printable(event.detail)))
         console.print(events)
         return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
 
