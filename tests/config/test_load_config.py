@@ -45,6 +45,9 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
+MINIMAL_EQUIPMENT = "equipment: [{id: A, local_root: /data, transport: {type: mount, mount_path: /m}}]\n"
+
+
 # --- the full DESIGN example ---------------------------------------------------
 
 
@@ -180,10 +183,12 @@ def test_rsync_ssh_defaults(tmp_path: Path):
     assert tr.remote_root == "/srv/x"
 
 
-def test_empty_file_is_all_defaults(home: Path):
-    config = load_config(VALID / "empty.yaml")
-    assert config == Config()
-    assert config.equipment == ()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n", "~\n", "{}\n", "equipment: []\n", "equipment:\n"])
+def test_a_config_without_equipment_is_refused(tmp_path: Path, text: str):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.problems[0].startswith("equipment: ")
+    assert "defines no equipment" in caught.value.problems[0]
 
 
 # --- paths -----------------------------------------------------------------------
@@ -240,7 +245,7 @@ def test_fractional_durations_accepted():
 
 
 def test_empty_backoff_means_no_retry(tmp_path: Path):
-    config = load_config(write(tmp_path, "sync: {backoff_s: []}\n"))
+    config = load_config(write(tmp_path, MINIMAL_EQUIPMENT + "sync: {backoff_s: []}\n"))
     assert config.sync.backoff_s == ()
 
 

@@ -5,6 +5,11 @@ loses power at any instant) sees either the old content or the new one, never
 a mix: temp file in the same folder, write, check the byte count, fsync,
 rename over the target, fsync the folder.
 
+:func:`read_regular_file` reads a small file that someone else controls (a
+run's creation.json) without the traps of a plain read: it never follows a
+symbolic link, never opens a FIFO, socket or device, and never reads more
+than a bound, so a broken or hostile file cannot hang or exhaust the engine.
+
 :class:`FileLock` serialises writers of one file across processes (an
 exclusive ``flock`` on a sidecar lock file) and across threads of one process
 (a per-path ``threading.Lock``), with a timeout.
@@ -19,6 +24,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import threading
 import time
 from enum import StrEnum
@@ -32,6 +38,7 @@ __all__ = [
     "LockTimeout",
     "atomic_write_bytes",
     "fsync_dir",
+    "read_regular_file",
 ]
 
 
@@ -42,6 +49,8 @@ class CacheErrorKind(StrEnum):
     UNSUPPORTED_SCHEMA = "unsupported_schema"  # schema_version missing, unparsable or major != 1
     LOCK_TIMEOUT = "lock_timeout"              # another writer held the lock too long
     IO = "io"                                  # the file system refused
+    NOT_REGULAR = "not_regular_file"           # a symbolic link, folder, FIFO, socket or device
+    TOO_LARGE = "too_large"                    # larger than the reader's bound
 
 
 class CacheError(Exception):
@@ -129,6 +138,86 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(folder)
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_regular(path: Path, mode: int) -> CacheError:
+    return CacheError(
+        CacheErrorKind.NOT_REGULAR, f"{path} is {_file_kind(mode)}, not a regular file; it is not read", path
+    )
+
+
+def _too_large(path: Path, max_bytes: int) -> CacheError:
+    return CacheError(
+        CacheErrorKind.TOO_LARGE, f"{path} is larger than {max_bytes} bytes; it is not read", path
+    )
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of the regular file ``path``, or ``None`` when it does not exist.
+
+    Safe against a file that someone else controls: a symbolic link is never
+    followed (``lstat`` first, then ``O_NOFOLLOW``), a FIFO, socket, device
+    or folder is never opened for reading (``lstat``; ``O_NONBLOCK`` so that
+    a FIFO swapped in after the ``lstat`` cannot block the ``open``; ``fstat``
+    of the opened file must show a regular file again), and at most
+    ``max_bytes`` are read (a file that is, or grows, larger is refused).
+
+    Raises :class:`CacheError`: ``not_regular_file`` (symbolic link, folder,
+    FIFO, socket, device), ``too_large`` (more than ``max_bytes``), ``io``
+    (the file system refused: permission, I/O error). The message names the
+    file. Takes no lock.
+    """
+    path = Path(path)
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CacheError(CacheErrorKind.IO, f"{path}: cannot read: {exc.strerror or exc}", path) from exc
+    if not stat.S_ISREG(before.st_mode):
+        raise _not_regular(path, before.st_mode)
+    if before.st_size > max_bytes:
+        raise _too_large(path, max_bytes)
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        return None  # removed since the lstat: as if it never was
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a symbolic link since the lstat
+            raise _not_regular(path, stat.S_IFLNK) from exc
+        raise CacheError(CacheErrorKind.IO, f"{path}: cannot read: {exc.strerror or exc}", path) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(max_bytes + 1 - total, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise CacheError(CacheErrorKind.IO, f"{path}: cannot read: {exc.strerror or exc}", path) from exc
+    finally:
+        os.close(fd)
+    if total > max_bytes:
+        raise _too_large(path, max_bytes)
+    return b"".join(chunks)
 
 
 class _PathLock:

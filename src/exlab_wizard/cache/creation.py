@@ -34,9 +34,11 @@ from exlab_wizard.cache.atomic import (
     FileLock,
     LockTimeout,
     atomic_write_bytes,
+    read_regular_file,
 )
 
 __all__ = [
+    "CREATION_MAX_BYTES",
     "CREATION_NAME",
     "LOCK_SUFFIX",
     "METADATA_DIR",
@@ -59,6 +61,9 @@ SUPPORTED_MAJOR = 1
 SYNC_STATUSES = ("pending", "synced", "failed", "blocked_by_validation")
 _SCHEMA_RE = re.compile(r"^([0-9]+)\.([0-9]+)$")
 _BOM = b"\xef\xbb\xbf"
+# A real creation.json is a few KiB, even with a long override history; a
+# bigger file is not one the engine will load into memory.
+CREATION_MAX_BYTES = 16 * 1024 * 1024
 
 
 def creation_path(run_path: Path) -> Path:
@@ -115,7 +120,8 @@ class CreationJson(msgspec.Struct, frozen=True):
 
         ``source`` names the file in error messages. A leading UTF-8 BOM is
         tolerated. Raises :class:`CacheError` with kind ``malformed`` (not
-        JSON, not an object, a known field of the wrong type) or
+        JSON, nested too deeply, not an object, a known field of the wrong
+        type) or
         ``unsupported_schema`` (``schema_version`` missing, not "MAJOR.MINOR",
         or a major other than 1).
         """
@@ -127,6 +133,8 @@ class CreationJson(msgspec.Struct, frozen=True):
             raw = msgspec.json.decode(data)
         except msgspec.MsgspecError as exc:
             raise CacheError(CacheErrorKind.MALFORMED, f"{name} is not valid JSON: {exc}", source) from exc
+        except RecursionError as exc:
+            raise _too_deep(name, source) from exc
         if not isinstance(raw, dict):
             raise CacheError(
                 CacheErrorKind.MALFORMED,
@@ -144,6 +152,8 @@ class CreationJson(msgspec.Struct, frozen=True):
             known = msgspec.convert(raw, _KnownFields)
         except msgspec.ValidationError as exc:
             raise CacheError(CacheErrorKind.MALFORMED, f"{name} is malformed: {exc}", source) from exc
+        except RecursionError as exc:
+            raise _too_deep(name, source) from exc
         return cls(
             schema_version=version,
             level=known.level,
@@ -158,6 +168,10 @@ class CreationJson(msgspec.Struct, frozen=True):
     def get(self, key: str, default: Any = None) -> Any:
         """A top-level key of the file, known or not."""
         return self.raw.get(key, default)
+
+
+def _too_deep(name: str, source: Path | str | None) -> CacheError:
+    return CacheError(CacheErrorKind.MALFORMED, f"{name} is not usable JSON: nested too deeply", source)
 
 
 def _check_schema_version(raw: dict[str, Any], name: str, source: Path | str | None) -> str:
@@ -199,9 +213,10 @@ class CreationWriter:
     (``lock_timeout_seconds``), re-read the file, apply the change to the raw
     object, validate, write atomically. All methods are synchronous (call them
     through ``asyncio.to_thread`` from async code) and raise
-    :class:`CacheError`: ``malformed`` / ``unsupported_schema`` when the file
-    on disk cannot be used (it is then never overwritten), ``lock_timeout``,
-    or ``io``. Invalid arguments raise ``ValueError``.
+    :class:`CacheError`: ``malformed`` / ``unsupported_schema`` /
+    ``not_regular_file`` / ``too_large`` when the file on disk cannot be used
+    (it is then never overwritten), ``lock_timeout``, or ``io``. Invalid
+    arguments raise ``ValueError``.
 
     A run folder that does not exist is an ``io`` error; its ``.exlab-wizard``
     folder is created when missing.
@@ -214,19 +229,20 @@ class CreationWriter:
 
     def read(self, run_path: Path) -> CreationJson | None:
         """The run's creation.json, or ``None`` when it has none. Takes no lock:
-        writes are atomic renames, so a reader sees a whole file."""
+        writes are atomic renames, so a reader sees a whole file.
+
+        Only a regular file of at most :data:`CREATION_MAX_BYTES` is read; a
+        symbolic link is never followed. Anything else raises
+        :class:`CacheError` (``not_regular_file``, ``too_large``, ``io``,
+        ``malformed``, ``unsupported_schema``).
+        """
         path = creation_path(run_path)
         data = self._read_bytes(path)
         return None if data is None else CreationJson.from_bytes(data, path)
 
     @staticmethod
     def _read_bytes(path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise CacheError(CacheErrorKind.IO, f"{path}: cannot read: {exc.strerror or exc}", path) from exc
+        return read_regular_file(path, CREATION_MAX_BYTES)
 
     # -- the primitive -----------------------------------------------------
 
@@ -252,7 +268,7 @@ class CreationWriter:
             if existed:
                 before = CreationJson.from_bytes(data, path)  # type: ignore[arg-type]
                 raw = before.raw
-                unchanged = encode_creation(raw)
+                unchanged = _encode_checked(raw, path)
             else:
                 raw, unchanged = {}, None
             mutate(raw)
@@ -260,12 +276,7 @@ class CreationWriter:
                 raise TypeError("mutate must change the dict in place")
             if not existed and "schema_version" not in raw:
                 raw = {"schema_version": f"{SUPPORTED_MAJOR}.0", **raw}
-            try:
-                new = encode_creation(raw)
-            except (TypeError, ValueError) as exc:
-                raise CacheError(
-                    CacheErrorKind.MALFORMED, f"{path}: the change holds a value JSON cannot store: {exc}", path
-                ) from exc
+            new = _encode_checked(raw, path)
             view = CreationJson.from_bytes(new, path)
             if new == unchanged:
                 return view
@@ -392,6 +403,17 @@ class CreationWriter:
             raw[key] = value
 
         return self.update(run_path, mutate)
+
+
+def _encode_checked(raw: dict[str, Any], path: Path) -> bytes:
+    try:
+        return encode_creation(raw)
+    except (TypeError, ValueError) as exc:
+        raise CacheError(
+            CacheErrorKind.MALFORMED, f"{path}: the change holds a value JSON cannot store: {exc}", path
+        ) from exc
+    except RecursionError as exc:
+        raise _too_deep(str(path), path) from exc
 
 
 def _overrides_list(raw: dict[str, Any], run_path: Path) -> list[Any]:

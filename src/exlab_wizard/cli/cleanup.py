@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from exlab_wizard.cli import main
-from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, config_option, console, one_line_errors
+from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, config_option, console, one_line_errors, printable
 from exlab_wizard.cli.sync_cmds import run_client
 from exlab_wizard.config import Config
 
@@ -53,8 +54,11 @@ def cleanup_cmd(dry_run: bool, config: Config) -> None:
         for o in outcomes:
             if o.action in ("deleted", "would_delete"):
                 freed += o.bytes
-            table.add_row(o.run_path or "-", f"[{_STYLE.get(o.action, 'white')}]{o.action}[/]",
-                          str(o.files) if o.files else "", _size(o.bytes) if o.bytes else "", o.reason)
+            # Run paths and reasons carry file names from the run and its manifest:
+            # plain text, escaped, never terminal control sequences or rich markup.
+            table.add_row(Text(printable(o.run_path or "-")), Text(o.action, style=_STYLE.get(o.action, "white")),
+                          str(o.files) if o.files else "", _size(o.bytes) if o.bytes else "",
+                          Text(printable(o.reason)))
         console.print(table)
         console.print(f"{'would free' if dry_run else 'freed'} {_size(freed)}")
         return EXIT_PROBLEM if any(o.action in ("failed", "would_fail", "aborted", "error") for o in outcomes) else EXIT_OK

@@ -14,10 +14,14 @@ from typing import Any, NoReturn
 import click
 import platformdirs
 from rich.console import Console
+from rich.text import Text
 
 from exlab_wizard.config import Config, ConfigError, load_config
 
-__all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "config_option", "console", "err_console", "fail", "default_config_path", "one_line_errors"]
+__all__ = [
+    "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "config_option", "console", "err_console", "fail",
+    "default_config_path", "ensure_state_dir", "one_line_errors", "printable",
+]
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -29,9 +33,28 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir("exlab-wizard")) / "config.yaml"
 
 
+def printable(text: str) -> str:
+    """A name for a terminal: control characters and undecodable bytes escaped.
+
+    Print the result as plain text (``rich.text.Text`` or ``markup=False``) so
+    that ``[...]`` in a name is not read as rich markup either.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print one clear line to stderr and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one clear line to stderr and exit (the message is plain text, escaped)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(message)), highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -41,6 +64,16 @@ def _load(path: Path | None) -> Config:
         return load_config(path)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def ensure_state_dir(config: Config) -> None:
+    """Create ``state_dir`` when missing, or exit 2 with one line naming the key."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        fail(f"state_dir: {config.state_dir} exists and is not a folder", EXIT_USAGE)
+    except OSError as exc:
+        fail(f"state_dir: cannot create {config.state_dir}: {exc.strerror or exc}", EXIT_USAGE)
 
 
 def config_option(func: Callable[..., Any]) -> Callable[..., Any]:

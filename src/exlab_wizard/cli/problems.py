@@ -32,27 +32,14 @@ from rich.text import Text
 
 from exlab_wizard.cache import CreationWriter
 from exlab_wizard.cli import main
-from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, config_option, console, err_console, fail, one_line_errors
+from exlab_wizard.cli.common import (
+    EXIT_OK, EXIT_PROBLEM, config_option, console, err_console, fail, one_line_errors, printable,
+)
 from exlab_wizard.config import Config
 from exlab_wizard.sync.gate import evaluate_run
 from exlab_wizard.validator import Finding, Validator, sort_findings
 
 __all__ = ["collect_findings", "problems"]
-
-
-def _printable(text: str) -> str:
-    """A name for a terminal: control characters and undecodable bytes escaped."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        else:
-            out.append(repr(ch)[1:-1])
-    return "".join(out)
 
 
 def collect_findings(roots: list[Path], config: Config, *, now: dt.datetime | None = None) -> tuple[list[Finding], int]:
@@ -93,7 +80,7 @@ def _render_table(findings: list[Finding], base: str, runs: int) -> None:
     for finding in findings:
         key = (finding.tier, finding.rule, finding.offending_path, finding.matched_token, finding.rule_detail, _flag(finding))
         rows.setdefault(key, []).append(finding)
-    table = Table(title=f"Problems under {_printable(base)}", title_justify="left")
+    table = Table(title=Text(f"Problems under {printable(base)}"), title_justify="left")
     table.add_column("tier", no_wrap=True)
     table.add_column("rule", no_wrap=True)
     for column in ("path", "token", "detail"):
@@ -106,9 +93,9 @@ def _render_table(findings: list[Finding], base: str, runs: int) -> None:
         table.add_row(
             Text(tier, style=style),
             Text(rule),
-            Text(_printable(_display_path(path, base))),
-            Text(_printable(token)),
-            Text(_printable(detail)),
+            Text(printable(_display_path(path, base))),
+            Text(printable(token)),
+            Text(printable(detail)),
             Text(flag),
         )
     console.print(table)
@@ -153,7 +140,7 @@ def problems(path: Path | None, as_json: bool, config: Config) -> None:
     if as_json:
         sys.stdout.write(json.dumps([f.to_dict() for f in findings], indent=2) + "\n")
     elif not findings:
-        console.print(f"No problems found: {runs} run(s) checked under {_printable(base)}", highlight=False)
+        console.print(f"No problems found: {runs} run(s) checked under {printable(base)}", highlight=False, markup=False)
     else:
         _render_table(findings, base, runs)
     sys.exit(EXIT_PROBLEM if any(f.blocks for f in findings) else EXIT_OK)

@@ -18,9 +18,12 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from exlab_wizard.cli import main
-from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, config_option, console, fail, one_line_errors
+from exlab_wizard.cli.common import (
+    EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, config_option, console, ensure_state_dir, fail, one_line_errors, printable,
+)
 from exlab_wizard.cli.progress import JobProgress, byte_progress
 from exlab_wizard.config import Config
 from exlab_wizard.sync.nas_client import EnqueueError, NASSyncClient, SyncHandleState, client_from_config
@@ -55,8 +58,8 @@ def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
         if state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
             reason = f"metadata push pending: {row.metadata_push_error}"
         table.add_row(
-            row.id[:8], row.equipment_id, row.run_path, f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
-            str(row.attempts), str(row.verify_passes), _ago(row.verified_at), reason or "",
+            row.id[:8], row.equipment_id, Text(printable(row.run_path)), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            str(row.attempts), str(row.verify_passes), _ago(row.verified_at), Text(printable(reason or "")),
         )
     return table
 
@@ -89,6 +92,7 @@ def configure_logging(config: Config) -> Path | None:
 
 def run_client(config: Config, body: Any, *, run_workers: bool = False) -> Any:
     """Run ``await body(client)`` with an initialised client, closing it afterwards."""
+    ensure_state_dir(config)
     configure_logging(config)
 
     async def _main() -> Any:
@@ -129,7 +133,9 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
                 blocked = True
                 console.print(f"[yellow]blocked[/] {handle.run_path}")
                 for finding in handle.blocking_findings:
-                    console.print(f"    {finding.rule}: {finding.offending_path} ({finding.matched_token!r})", highlight=False)
+                    console.print(Text(printable(
+                        f"    {finding.rule}: {finding.offending_path} ({finding.matched_token!r}): {finding.rule_detail}"
+                    )), highlight=False)
             else:
                 ids.append(handle.job_id)
                 console.print(f"[cyan]queued[/]  {handle.run_path}  job {handle.job_id}", highlight=False)
@@ -204,7 +210,8 @@ def status_cmd(path: Path | None, config: Config) -> None:
         for column in ("time", "kind", "from", "to", "detail"):
             events.add_column(column, overflow="fold")
         for event in row.events:
-            events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "", event.detail)
+            events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "",
+                           Text(printable(event.detail)))
         console.print(events)
         return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
 
@@ -254,10 +261,14 @@ def retry_cmd(job_id: str, config: Config) -> None:
 @one_line_errors
 def verify_cmd(path: Path, config: Config) -> None:
     """Re-hash a run and check it against its recorded checksums.sha256."""
-    from exlab_wizard.sync.manifest_format import read_manifest
+    from exlab_wizard.sync.manifest_format import ManifestFormatError, read_manifest
     from exlab_wizard.sync.verifier import walk_run
 
-    if read_manifest(path) is None:
+    try:
+        recorded = read_manifest(path)
+    except (ManifestFormatError, OSError) as exc:  # a broken manifest is a problem found, not a usage error
+        fail(f"{path}: .exlab-wizard/checksums.sha256 cannot be used: {exc}", EXIT_PROBLEM)
+    if recorded is None:
         fail(f"{path} has no .exlab-wizard/checksums.sha256 (not verified yet)", EXIT_PROBLEM)
     total = sum(os.lstat(path / rel).st_size for rel in walk_run(path))
 
@@ -270,7 +281,7 @@ def verify_cmd(path: Path, config: Config) -> None:
             return EXIT_OK
         for label, items in (("different", result.different), ("missing", result.missing), ("extra", result.extra)):
             for item in items:
-                console.print(f"[red]{label}[/] {item}", highlight=False)
+                console.print(Text.assemble((label, "red"), " ", printable(item)), highlight=False)
         return EXIT_PROBLEM
 
     raise SystemExit(run_client(config, body))

@@ -14,6 +14,7 @@ from exlab_wizard.config.models import Config
 __all__ = ["ConfigError", "load_config", "parse_config", "format_loc"]
 
 _TRANSPORT_TAGS = {"mount", "rsync_ssh", "rclone"}
+_NO_EQUIPMENT = "list at least one instrument under equipment (see docs/config.md)"
 
 
 class ConfigError(ValueError):
@@ -75,21 +76,29 @@ def _plain(data: Any) -> Any:
 
 
 def parse_config(data: Any, source: Path | None = None) -> Config:
-    """Validate already-parsed YAML data; raise :class:`ConfigError`."""
+    """Validate already-parsed YAML data; raise :class:`ConfigError`.
+
+    A config must define at least one equipment: an empty file (``None``), an
+    empty mapping or an empty ``equipment`` list syncs nothing and is
+    refused, naming ``equipment``.
+    """
     if data is None:
-        data = {}
+        raise ConfigError([f"equipment: the file is empty, so it defines no equipment; {_NO_EQUIPMENT}"], source)
     if not isinstance(data, dict):
         raise ConfigError([f"<top level>: expected a mapping of settings, got {type(data).__name__}"], source)
-    problems: list[str] = []
+    secrets: list[str] = []
     equipment = data.get("equipment")
     if isinstance(equipment, list):
         for index, item in enumerate(equipment):
             if isinstance(item, dict) and isinstance(item.get("transport"), dict):
-                problems.extend(_password_problems(item["transport"], f"equipment[{index}].transport"))
-    if problems:
-        raise ConfigError(problems, source)
+                secrets.extend(_password_problems(item["transport"], f"equipment[{index}].transport"))
+    if secrets:
+        raise ConfigError(secrets, source)
+    problems: list[str] = []
+    if equipment in (None, []):
+        problems.append(f"equipment: the file defines no equipment; {_NO_EQUIPMENT}")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             message = str(error["msg"]).removeprefix("Value error, ")
@@ -98,7 +107,9 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
                 problems.append(message)
             else:
                 problems.append(f"{loc}: {message}")
-        raise ConfigError(problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return config
 
 
 def load_config(path: Path | str) -> Config:
@@ -122,4 +133,12 @@ def load_config(path: Path | str) -> Config:
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{where}: invalid YAML: {problem}"], path) from None
-    return parse_config(_plain(data), path)
+    except RecursionError:
+        raise ConfigError(["<yaml>: invalid YAML: nested too deeply"], path) from None
+    except ValueError as exc:  # a value YAML parses but Python refuses (an integer of 5000 digits)
+        raise ConfigError([f"<yaml>: invalid YAML: {exc}"], path) from None
+    try:
+        plain = _plain(data)
+    except RecursionError:
+        raise ConfigError(["<yaml>: invalid YAML: nested too deeply"], path) from None
+    return parse_config(plain, path)

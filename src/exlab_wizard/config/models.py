@@ -4,7 +4,9 @@ Attributes mirror the YAML keys, except a bandwidth window's ``from``/``to``,
 which are ``start``/``end`` in code (``from`` is a Python keyword).
 
 Every model forbids unknown keys: a typo in a lab's config must be an error
-that names the key, not a silently ignored setting.
+that names the key, not a silently ignored setting. Every number must be
+finite (no ``.inf`` / ``.nan``) and inside a sane range (durations at most
+one year), so that a value that loads never overflows at run time.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 __all__ = [
     "DAYS",
+    "MAX_CONTENT_SCAN_MIB",
+    "MAX_PARALLEL_JOBS",
+    "MAX_UPLOAD_MBPS",
+    "MAX_VERIFY_PASSES",
+    "MAX_VERIFY_STREAM_BYTES",
+    "MIN_INTERVAL_S",
+    "YEAR_S",
     "BandwidthConfig",
     "BandwidthWindow",
     "CleanupConfig",
@@ -43,6 +53,26 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 EQUIPMENT_ID_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _HHMM_RE = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])$")  # H:MM or HH:MM
 
+# The sane ranges of the numbers (docs/config.md says why each).
+YEAR_S = 365 * 24 * 3600            # the longest duration: one year, in seconds
+MIN_INTERVAL_S = 0.01               # a shorter scan or audit interval only burns the CPU
+MAX_UPLOAD_MBPS = 1_000_000         # 1 Tbit/s: far above any instrument PC's link
+MAX_PARALLEL_JOBS = 256
+MAX_VERIFY_PASSES = 1000
+MAX_VERIFY_STREAM_BYTES = 1 << 50   # 1 PiB
+MAX_CONTENT_SCAN_MIB = 1024         # files read whole into memory for the content scan
+
+
+def _show(value: float) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 24 else text[:12] + "..."
+
+
+def _at_most(value: float, limit: float, what: str) -> float:
+    if value > limit:
+        raise ValueError(f"{_show(value)} is too large: at most {what}")
+    return value
+
 
 def expand_path(value: object) -> object:
     """Expand ``~`` in a path-like config value; leave anything else alone."""
@@ -55,14 +85,18 @@ def expand_path(value: object) -> object:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # allow_inf_nan=False: .inf and .nan load as floats in YAML and would
+    # overflow timers and rate computations at run time.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class BandwidthWindow(_Model):
     """A weekly window in the workstation's local time.
 
     ``end`` earlier than ``start`` means the window runs past midnight into the
-    next day; ``start == end`` means the whole day.
+    next day. ``00:00`` to ``00:00`` is the whole day; any other ``start ==
+    end`` is refused (an empty window, or 24 hours from an odd time? most
+    likely a typo).
     """
 
     days: tuple[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], ...]
@@ -100,6 +134,16 @@ class BandwidthWindow(_Model):
         hour, minute = value.strip().split(":")
         return dt.time(int(hour), int(minute))
 
+    @field_validator("end")
+    @classmethod
+    def _not_equal_to_start(cls, value: dt.time, info: ValidationInfo) -> dt.time:
+        if info.data.get("start") == value and value != dt.time(0, 0):
+            raise ValueError(
+                f"equal to from ({value:%H:%M}): a window from a time to the same time is ambiguous; "
+                'for whole days write from "00:00" to "00:00", for a limit at all hours leave out schedule'
+            )
+        return value
+
 
 class BandwidthConfig(_Model):
     """Upload limit; with no ``schedule`` it applies at all times."""
@@ -112,6 +156,8 @@ class BandwidthConfig(_Model):
     def _positive(cls, value: float | None) -> float | None:
         if value is not None and not value > 0:
             raise ValueError("must be null (unlimited) or above 0")
+        if value is not None:
+            _at_most(value, MAX_UPLOAD_MBPS, f"{MAX_UPLOAD_MBPS} Mbps (null = unlimited)")
         return value
 
     @field_validator("schedule", mode="before")
@@ -268,6 +314,16 @@ class CleanupConfig(_Model):
     min_age_hours: float = Field(default=24, ge=0)
     retain_cache: bool = True
 
+    @field_validator("min_verify_passes")
+    @classmethod
+    def _passes_bound(cls, value: int) -> int:
+        return int(_at_most(value, MAX_VERIFY_PASSES, str(MAX_VERIFY_PASSES)))
+
+    @field_validator("min_age_hours")
+    @classmethod
+    def _age_bound(cls, value: float) -> float:
+        return _at_most(value, YEAR_S / 3600, f"one year ({YEAR_S // 3600} hours)")
+
 
 class SyncConfig(_Model):
     enabled: bool = True
@@ -283,7 +339,26 @@ class SyncConfig(_Model):
         for index, delay in enumerate(value):
             if delay < 0:
                 raise ValueError(f"backoff_s[{index}] = {delay} must not be negative")
+            if delay > YEAR_S:
+                raise ValueError(f"backoff_s[{index}] = {_show(delay)} is too large: at most one year ({YEAR_S} s)")
         return value
+
+    @field_validator("audit_interval_s", "scan_interval_s")
+    @classmethod
+    def _interval_range(cls, value: float) -> float:
+        if value < MIN_INTERVAL_S:
+            raise ValueError(f"{_show(value)} is too small: at least {MIN_INTERVAL_S:g} s")
+        return _at_most(value, YEAR_S, f"one year ({YEAR_S} s)")
+
+    @field_validator("max_parallel_jobs")
+    @classmethod
+    def _jobs_bound(cls, value: int) -> int:
+        return int(_at_most(value, MAX_PARALLEL_JOBS, str(MAX_PARALLEL_JOBS)))
+
+    @field_validator("verify_max_stream_bytes")
+    @classmethod
+    def _stream_bound(cls, value: int) -> int:
+        return int(_at_most(value, MAX_VERIFY_STREAM_BYTES, f"{MAX_VERIFY_STREAM_BYTES} (1 PiB)"))
 
 
 class ValidatorConfig(_Model):
@@ -304,6 +379,11 @@ class ValidatorConfig(_Model):
             out.append(ext if ext.startswith(".") else "." + ext)
         return tuple(out)
 
+    @field_validator("content_scan_max_mib")
+    @classmethod
+    def _scan_bound(cls, value: float) -> float:
+        return _at_most(value, MAX_CONTENT_SCAN_MIB, f"{MAX_CONTENT_SCAN_MIB} MiB")
+
 
 def _default_state_dir() -> Path:
     return Path(os.path.expanduser("~/.local/state/exlab-wizard"))
@@ -317,6 +397,20 @@ class Config(_Model):
     state_dir: Path = Field(default_factory=_default_state_dir)
 
     _expand = field_validator("state_dir", mode="before")(expand_path)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _folder_or_creatable(cls, value: Path) -> Path:
+        # It need not exist yet, but a file in its place (or in place of a
+        # parent) would fail later without naming the key.
+        probe = value
+        while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            if probe == value:
+                raise ValueError(f"{value} exists and is not a folder")
+            raise ValueError(f"{probe} is not a folder, so {value} cannot be created")
+        return value
 
     @field_validator("equipment", mode="before")
     @classmethod

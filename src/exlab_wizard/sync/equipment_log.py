@@ -53,7 +53,10 @@ class EquipmentLog:
         self.path = log_path_for(equipment)
 
     def write(self, level: str, run_path: object, event: str, **fields: object) -> None:
-        line = format_log_line(level, run_path, event, fields).encode("utf-8")
+        # A file name byte that is not UTF-8 (a lone surrogate) can only sit in a
+        # JSON-quoted value: written as the JSON escape \udcXX, the line stays
+        # UTF-8 and json.loads gives the name back.
+        line = format_log_line(level, run_path, event, fields).encode("utf-8", "backslashreplace")
         with _LOCK:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

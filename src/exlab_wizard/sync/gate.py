@@ -35,6 +35,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -73,14 +74,26 @@ class GateResult:
     status_error: str | None = field(default=None, compare=False)
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
 def _sha256_file(path: str) -> str | None:
+    """The file's SHA-256, or None unless it is a regular file (never a
+    symbolic link, FIFO or device: those could block or never end)."""
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 

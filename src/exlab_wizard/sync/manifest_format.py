@@ -16,7 +16,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, read_regular_file
+
 __all__ = [
+    "MANIFEST_MAX_BYTES",
     "MANIFEST_NAME",
     "ManifestFormatError",
     "format_manifest",
@@ -27,6 +30,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "checksums.sha256"
+# About 130 bytes a line: room for some eight million files in one run.
+MANIFEST_MAX_BYTES = 1 << 30
 _HEX_RE = re.compile(rb"^[0-9a-fA-F]{64}$")
 
 
@@ -96,12 +101,21 @@ def parse_manifest(data: bytes) -> dict[str, str]:
 
 
 def read_manifest(run_path: Path) -> dict[str, str] | None:
-    """The run's recorded manifest, or None when it has none."""
+    """The run's recorded manifest, or None when it has none.
+
+    Read like creation.json: only from a regular file of at most
+    :data:`MANIFEST_MAX_BYTES`, never through a symbolic link, never from a
+    FIFO or device (which could block or never end). Such a file, or one not
+    in sha256sum format, raises :class:`ManifestFormatError`; a file the
+    file system refuses to read raises its ``OSError``.
+    """
     try:
-        data = manifest_path(run_path).read_bytes()
-    except FileNotFoundError:
-        return None
-    return parse_manifest(data)
+        data = read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
+    except CacheError as exc:
+        if exc.kind == CacheErrorKind.IO and isinstance(exc.__cause__, OSError):
+            raise exc.__cause__ from None
+        raise ManifestFormatError(exc.message) from exc
+    return None if data is None else parse_manifest(data)
 
 
 def manifest_digest(hashes: Mapping[str, str]) -> str:

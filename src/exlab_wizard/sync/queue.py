@@ -149,6 +149,25 @@ def _ts(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
+def _storable(value: Any) -> Any:
+    """A text SQLite can store (valid UTF-8); other values unchanged.
+
+    A file name holding a byte that is not UTF-8 reaches a reason as a lone
+    surrogate (``surrogateescape``): it is stored as ``\\xNN`` instead of
+    making the whole transition fail.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _dt(text: str | None) -> dt.datetime | None:
     return None if text is None else dt.datetime.fromisoformat(text)
 
@@ -559,7 +578,7 @@ class JobQueue:
     ) -> None:
         conn.execute(
             "INSERT INTO events (job_id, at, kind, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, at, kind, from_state, to_state, str(detail)),
+            (job_id, at, kind, from_state, to_state, _storable(str(detail))),
         )
 
     @staticmethod
@@ -579,7 +598,7 @@ class JobQueue:
         columns = ", ".join(f"{name} = ?" for name in sets)
         cursor = conn.execute(
             f"UPDATE jobs SET {columns} WHERE id = ? AND state = ?",
-            (*sets.values(), job_id, expected.value),
+            (*(_storable(value) for value in sets.values()), job_id, expected.value),
         )
         if cursor.rowcount == 1:
             return

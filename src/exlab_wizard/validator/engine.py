@@ -8,7 +8,9 @@ What is checked in a run folder ``.../<EQUIPMENT>/<PROJECT>/<Runs|TestRuns>/<lea
 - ``mode_prefix_mismatch`` from creation.json ``run_kind``, the parent and the
   leaf;
 - creation.json itself: absent (``orphan``), unusable
-  (``unreadable_creation_json``), incomplete (``missing_required_field``);
+  (``unreadable_creation_json``: read only from a regular file of at most
+  16 MiB, never through a symbolic link), incomplete
+  (``missing_required_field``);
 - symbolic links: reported (``symlink_skipped``), never followed, their names
   and targets not checked further (they are not synced);
 - text content of the files listed in creation.json ``rendered_files`` when
@@ -37,7 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
-from exlab_wizard.cache.creation import METADATA_DIR
+from exlab_wizard.cache.atomic import read_regular_file
+from exlab_wizard.cache.creation import CREATION_MAX_BYTES, METADATA_DIR
 from exlab_wizard.config.models import ValidatorConfig
 from exlab_wizard.validator import rules
 from exlab_wizard.validator.findings import Finding, sort_findings
@@ -183,10 +186,12 @@ class Validator:
 
 
 def _declares_run(folder: str) -> bool:
+    # The same safe read as the gate's: a FIFO, a symbolic link or a huge
+    # file here must not hang or exhaust a search for runs.
     try:
-        with open(os.path.join(folder, METADATA_DIR, _CREATION_NAME), "rb") as handle:
-            raw = json.loads(handle.read().removeprefix(b"\xef\xbb\xbf"))
-    except (OSError, ValueError):
+        data = read_regular_file(Path(folder, METADATA_DIR, _CREATION_NAME), CREATION_MAX_BYTES)
+        raw = json.loads(data.removeprefix(b"\xef\xbb\xbf")) if data is not None else None
+    except (CacheError, ValueError, RecursionError):
         return False
     return isinstance(raw, dict) and raw.get("level") == "run"
 

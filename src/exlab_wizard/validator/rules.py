@@ -21,9 +21,10 @@ Hard rules (gate sync unless an operator override covers them):
   (``Runs``/``TestRuns``) and the run folder prefix (``Run_``/``TestRun_``)
   disagree;
 - ``unreadable_creation_json`` -- creation.json exists but the engine cannot
-  use it (not JSON, not an object, a known field of the wrong type,
-  ``schema_version`` missing, not "MAJOR.MINOR" or of a major other than 1,
-  or unreadable). Overrides live in that file, so this one cannot be
+  use it (not JSON, nested too deeply, not an object, a known field of the
+  wrong type, ``schema_version`` missing, not "MAJOR.MINOR" or of a major
+  other than 1, not a regular file -- a symbolic link, FIFO, folder or
+  device is never read --, larger than 16 MiB, or unreadable). Overrides live in that file, so this one cannot be
   overridden: fix the file (or move it away, which makes the run an orphan).
 
 Soft rules (reported, never gate):
