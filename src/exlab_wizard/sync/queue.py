@@ -117,6 +117,13 @@ MIGRATIONS: list[Migration] = [
     );
     CREATE INDEX events_by_job ON events (job_id, id);
     """,
+    # 2: local damage accepted as the new truth (retry --accept-local), and where the NAS keeps
+    # the verified files it replaces
+    """
+    ALTER TABLE jobs ADD COLUMN accept_local_paths TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN previous_stamp TEXT;
+    ALTER TABLE jobs ADD COLUMN previous_kept_at TEXT;
+    """,
 ]
 
 
@@ -191,6 +198,12 @@ class SyncJobRow:
     ``verified_at``: first verification of the current NAS copy.
     ``pass_times``: the verify passes of the current NAS copy.
     ``rewrite_paths``: files to send again whatever their size and mtime.
+    ``accept_local_paths``: files whose local bytes differ from the verified
+    manifest (local damage) that ``retry --accept-local`` allows to be sent
+    once, as the new truth. ``previous_stamp``: the UTC timestamp folder
+    under ``<remote run>/.exlab-wizard/previous/`` where the NAS keeps the
+    verified files they replace; ``previous_kept_at``: when that move was
+    done (None: not yet).
     ``events`` is filled only by :meth:`JobQueue.job_with_events`.
     """
 
@@ -213,6 +226,9 @@ class SyncJobRow:
     last_verify_at: dt.datetime | None
     pass_times: tuple[dt.datetime, ...]
     rewrite_paths: tuple[str, ...]
+    accept_local_paths: tuple[str, ...] = ()
+    previous_stamp: str | None = None
+    previous_kept_at: dt.datetime | None = None
     events: tuple[SyncEvent, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +253,9 @@ class SyncJobRow:
             "last_verify_at": _iso(self.last_verify_at),
             "pass_times": [_iso(t) for t in self.pass_times],
             "rewrite_paths": list(self.rewrite_paths),
+            "accept_local_paths": list(self.accept_local_paths),
+            "previous_stamp": self.previous_stamp,
+            "previous_kept_at": _iso(self.previous_kept_at),
             "events": [e.to_dict() for e in self.events],
         }
 
@@ -262,6 +281,9 @@ def _job(row: sqlite3.Row) -> SyncJobRow:
         last_verify_at=_dt(row["last_verify_at"]),
         pass_times=tuple(_dt(t) for t in json.loads(row["pass_times"])),
         rewrite_paths=tuple(json.loads(row["rewrite_paths"])),
+        accept_local_paths=tuple(json.loads(row["accept_local_paths"])),
+        previous_stamp=row["previous_stamp"],
+        previous_kept_at=_dt(row["previous_kept_at"]),
     )
 
 
@@ -295,6 +317,9 @@ JOB_FIELDS: dict[str, str] = {
     "last_verify_at": _TIME,
     "pass_times": _TIMES,
     "rewrite_paths": _TEXTS,
+    "accept_local_paths": _TEXTS,
+    "previous_stamp": _TEXT,
+    "previous_kept_at": _TIME,
 }
 
 
