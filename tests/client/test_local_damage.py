@@ -347,3 +347,19 @@ async def test_accept_local_move_is_recorded_and_not_repeated_after_a_failed_pus
         assert list(previous_files(copy).values()) == [FILES[DAMAGED]]
         assert (copy / DAMAGED).read_bytes() == (run / DAMAGED).read_bytes() != FILES[DAMAGED]
     assert isinstance(transport, MountTransport) == (nas.kind == "mount")
+
+
+async def test_restore_with_the_share_unmounted_changes_nothing(lab: Lab) -> None:
+    nas = Nas("mount", lab, {"type": "mount", "mount_path": str(lab.nas / EQ)}, lab.nas / EQ)
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        await failed_local_damage(client, clock, run)
+        local = (run / DAMAGED).read_bytes()
+        (lab.nas / EQ / ".exlab-nas").unlink()  # unmounted: the bare mount point is not the NAS
+        with pytest.raises(RestoreError) as caught:
+            await client.restore(run)
+        assert caught.value.kind == "unreachable"
+        assert (run / DAMAGED).read_bytes() == local
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage"

@@ -190,9 +190,9 @@ def find_damage(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
 class _Seen:
     size: int
     mtime_ns: int
-    atime_ns: int
-    ino: int
-    mode: int
+    atime_ns: int = field(compare=False)  # a reader elsewhere may move it: not a change
+    ino: int = 0
+    mode: int = 0
 
 
 def _lstat(path: Path) -> _Seen | None:
