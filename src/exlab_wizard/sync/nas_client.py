@@ -36,7 +36,7 @@ from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
-from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import (
     Reaper,
@@ -340,12 +340,13 @@ class NASSyncClient:
         damaged: tuple[str, ...] = ()
         if job.state == S.FAILED and (accept_local or job.error_kind == LOCAL_DAMAGE):
             damaged = await asyncio.to_thread(find_damage, queue, job)
-        if damaged and not accept_local:
+        already = set(damaged) <= set(job.accept_local_paths)  # accepted earlier, and that retry failed otherwise
+        if damaged and not accept_local and not already:
             raise LocalDamageError(job.id, job.run_path, damaged)
         now = self.clock()
-        fields: dict[str, Any] = {"accept_local_paths": (), "previous_stamp": None, "previous_kept_at": None}
+        fields: dict[str, Any] = {}
         detail = "retry requested"
-        if damaged:
+        if damaged and accept_local and not already:
             stamp = previous_stamp(now)
             fields = {"accept_local_paths": damaged, "previous_stamp": stamp, "previous_kept_at": None}
             detail = (
@@ -354,13 +355,13 @@ class NASSyncClient:
                 f"{METADATA_DIR}/previous/{stamp}/"
             )
         elif accept_local:
-            detail = "retry requested (--accept-local: no local damage found)"
+            detail = "retry requested (--accept-local: " + ("accepted already)" if damaged else "no local damage found)")
         job = queue.transition(
             job.id, S.FAILED, S.QUEUED, now=now, detail=detail,
             attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None, **fields,
         )
         equipment = self._equipment(job)
-        if damaged and equipment is not None:
+        if fields and equipment is not None:
             self._log(equipment).warning(job.run_path, "accept_local", job=job.id, files=len(damaged),
                                          previous=fields["previous_stamp"])  # fmt: skip
         self._kick()
@@ -405,18 +406,18 @@ class NASSyncClient:
         detail = restore_detail(restored, refused, job.manifest_digest or "")
         log = self._log(equipment)
         (log.warning if refused else log.info)(run, "restore", job=job.id, restored=len(restored), refused=len(refused))
-        job = await asyncio.to_thread(self._after_restore, job, detail, bool(refused))
+        check = None if refused else await asyncio.to_thread(check_local, queue, job)
+        job = self._after_restore(job, detail, bool(refused), check)
         return RestoreResult(job.id, job.run_path, restored, refused, job.state)
 
-    def _after_restore(self, job: SyncJobRow, detail: str, refused: bool) -> SyncJobRow:
-        """Record the restore; a ``local_damage`` job whose damage is gone leaves FAILED."""
+    def _after_restore(self, job: SyncJobRow, detail: str, refused: bool, check: LocalCheck | None) -> SyncJobRow:
+        """Record the restore; a ``local_damage`` job whose damage is gone (``check``) leaves FAILED."""
         queue = self._require_queue()
         now = self.clock()
         fresh = queue.get(job.id) or job
         if refused or fresh.state != S.FAILED or fresh.error_kind != LOCAL_DAMAGE:
             queue.record_event(job.id, "restore", detail, now=now)
             return fresh
-        check = check_local(queue, fresh)
         if check is not None and check.damaged:
             queue.record_event(job.id, "restore", detail + f"; still damaged: {name_paths(list(check.damaged))}", now=now)
             return fresh
