@@ -939,7 +939,16 @@ class RsyncSshTransport(Transport):
         keep = f"{remote_run}/{PREVIOUS_DIR}/{check_previous_stamp(stamp)}"
         if not wanted:
             return []
-        words = [self.config.remote_root, remote_run, keep, *wanted]
+        kept_set: set[str] = set()
+        for batch in _arg_batches(wanted):
+            kept_set |= await self._keep_batch(run_path, remote_run, keep, batch)
+        kept = sorted(kept_set, key=os.fsencode)
+        if kept:
+            self.log.info(run_path, "previous_kept", transport="rsync_ssh", files=len(kept), folder=keep)
+        return kept
+
+    async def _keep_batch(self, run_path: Path, remote_run: str, keep: str, paths: list[str]) -> set[str]:
+        words = [self.config.remote_root, remote_run, keep, *paths]
         command = f"sh -c {shlex.quote(_SH_KEEP_PREVIOUS)} sh " + " ".join(shlex.quote(w) for w in words)
         result = await self._ssh(command, run_path=run_path, step="keep_previous")
         if result.returncode == 255:
@@ -953,10 +962,7 @@ class RsyncSshTransport(Transport):
         if result.returncode != 0:
             raise TransportError(K.REMOTE_WRITE_REFUSED,
                                  f"moving verified files under {keep} failed: {result.stderr_text.strip()[:300]}")
-        kept = sorted({os.fsdecode(r) for r in records.split(b"\0") if r}, key=os.fsencode)
-        if kept:
-            self.log.info(run_path, "previous_kept", transport="rsync_ssh", files=len(kept), folder=keep)
-        return kept
+        return {os.fsdecode(r) for r in records.split(b"\0") if r}
 
     # ------------------------------------------------------------- reachable
 
@@ -1100,6 +1106,25 @@ def _sort_extras(local: LocalTree, remote: dict[str, _Entry]) -> tuple[list[str]
                 continue
         foreign.append(path)
     return sorted(junk), foreign
+
+
+#: The remote shell gets the whole command as one argument, which Linux limits to 128 KiB.
+_ARGS_MAX_BYTES = 64 << 10
+
+
+def _arg_batches(paths: list[str]) -> Iterable[list[str]]:
+    """Paths in groups whose quoted command stays well under the remote's limit for one argument."""
+    batch: list[str] = []
+    size = 0
+    for path in paths:
+        length = len(os.fsencode(shlex.quote(path))) + 1
+        if batch and size + length > _ARGS_MAX_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += length
+    if batch:
+        yield batch
 
 
 def _batches(files: list[tuple[str, int]]) -> Iterable[list[tuple[str, int]]]:
