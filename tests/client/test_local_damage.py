@@ -189,6 +189,30 @@ async def test_audit_driven_retransfer_and_its_mismatch_rewrite_never_send_damag
     assert manifest_digest(read_manifest(run)) == job.manifest_digest
 
 
+async def test_retry_of_a_job_failed_otherwise_never_lets_the_mismatch_rewrite_send_damage(nas: Nas) -> None:
+    """retry resets the mismatch count: the re-transfer would see the damaged file differ and rewrite it."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        job = await synced(client, run)
+        foreign = nas.copy(run) / "someone else.csv"
+        foreign.write_bytes(b"not ours")  # the audit sees an extra file; the re-transfer refuses the folder
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "remote_conflict", job.last_error
+        foreign.unlink()  # the admin cleans the folder up; meanwhile a local file rotted
+        flip_byte_keep_stat(run / DAMAGED, 13)
+
+        await client.retry(job.id)  # not a local_damage job: re-armed; the transfer finds the damage itself
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+        assert DAMAGED in job.last_error and "exlab-sync restore" in job.last_error
+    assert_nas_is_the_manifest(nas, run, job.manifest_digest)
+
+
 async def test_with_the_verified_stats_lost_damage_is_not_sent_and_an_edit_is(nas: Nas) -> None:
     """A crash right after VERIFIED lost the per-file stats: an old mtime is damage, a new one an edit."""
     clock = Clock()
