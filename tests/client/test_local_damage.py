@@ -31,7 +31,7 @@ from exlab_wizard.sync.reaper import load_verified_stats
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.mount import MountTransport
 from tests.client.conftest import Lab, make_client
-from tests.client.test_audit_and_cleanup import Clock, flip_byte_keep_stat
+from tests.client.test_audit_and_cleanup import Clock, flip_byte_keep_stat, until
 from tests.fixtures.sshd import RW_USER
 
 S = SyncJobState
@@ -363,7 +363,12 @@ async def test_accept_local_move_is_recorded_and_not_repeated_after_a_failed_pus
         monkeypatch.setattr(type(transport), "keep_previous", keep)
         monkeypatch.setattr(type(transport), "push", push_once_down)
         await client.retry(job.id, accept_local=True)
-        await client.wait_idle(timeout=60)
+
+        async def settled() -> bool:  # wait_idle does not wait for a retry that is not due yet
+            await client.wait_idle(timeout=60)
+            return (await client.job(run)).state in (S.VERIFIED, S.FAILED)
+
+        await until(settled)
         job = await client.job(run)
         assert job.state == S.VERIFIED, job.last_error
         assert calls == {"keep": 1, "push": 2}  # moved once; the data push twice (the first failed)
