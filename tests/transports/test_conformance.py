@@ -27,7 +27,13 @@ leftover of an interrupted upload. The tests are the same for all:
   a conflict, and are left as they are;
 - ``push_metadata`` sends every ``.exlab-wizard/`` file (even one rewritten
   with size and mtime kept) and no data file; with the server down it raises
-  ``network`` and writes nothing.
+  ``network`` and writes nothing;
+- ``fetch`` reads named files back as the remote stores them (hostile names,
+  a file absent there left out); with the server down it raises ``network``;
+- ``keep_previous`` moves named files under ``.exlab-wizard/previous/<stamp>/``
+  on the server (a rename where the server has one), is idempotent, never
+  overwrites a kept file, and the kept files are no conflict for the next push
+  and no data for verification.
 
 Backends: mount (a folder with the mount marker), rsync_ssh (the test sshd;
 once as it sends a run this small, in one rsync, and once with every run sent
@@ -530,4 +536,92 @@ async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_
     assert remote.root_gone is not None
     with pytest.raises(TransportError) as caught:
         await remote.transport(remote.root_gone(local_root)).remote_listing(run)
+# ------------------------------------------------------------------ fetch and keep_previous (local damage recovery)
+
+RECOVERY_FILES = {"a.bin": os.urandom(5000), "new\nline.bin": b"nl" * 100, "#hash first.bin": b"#" * 300,
+                  "sub dir/$(touch PWNED).bin": os.urandom(700), "-dash.txt": b"dash", "kept.txt": b"kept"}  # fmt: skip
+STAMP = "20261205T073000Z"
+
+
+async def test_fetch_reads_named_files_back_as_the_remote_holds_them(remote, local_root, tmp_path):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, RECOVERY_FILES, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    rotten = remote.run_on_disk / "a.bin"  # what the server stores now, size and mtime kept
+    info = rotten.stat()
+    rotten.write_bytes(b"\0" * info.st_size)
+    os.utime(rotten, ns=(info.st_atime_ns, info.st_mtime_ns))
+    remote.settle()
+    wanted = ["a.bin", "new\nline.bin", "#hash first.bin", "sub dir/$(touch PWNED).bin", "-dash.txt", "absent.bin"]
+    into = tmp_path / "scratch"
+    into.mkdir()
+
+    fetched = await remote.transport(eq).fetch(run, wanted, into)
+    assert sorted(fetched) == sorted(wanted[:-1])  # absent on the remote: left out
+    for rel, path in fetched.items():
+        expected = b"\0" * 5000 if rel == "a.bin" else RECOVERY_FILES[rel]
+        assert path == into / rel and path.read_bytes() == expected, rel
+    assert not (local_root.parent / "PWNED").exists() and not Path("PWNED").exists()
+    with pytest.raises(ValueError):
+        await transport.fetch(run, ["../escape.bin"], into)
+
+    dead = remote.transport(remote.down(local_root))
+    with pytest.raises(TransportError) as caught:
+        await dead.fetch(run, ["kept.txt"], tmp_path)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+
+
+async def test_fetch_from_a_run_folder_not_there_is_empty(remote, local_root, tmp_path):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    assert await remote.transport(eq).fetch(run, ["a.txt"], tmp_path) == {}
+
+
+async def test_keep_previous_moves_on_the_server_and_never_overwrites(remote, local_root):
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, RECOVERY_FILES, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    moved = ["a.bin", "new\nline.bin", "sub dir/$(touch PWNED).bin", "#hash first.bin"]
+    before = snapshot(remote.run_on_disk)
+
+    kept = await transport.keep_previous(run, [*moved, "absent.bin"], STAMP)
+    assert kept == sorted(moved, key=os.fsencode)
+    remote.settle()
+    after = snapshot(remote.run_on_disk)
+    for rel in moved:
+        assert rel not in after
+        data, (ino, size, mtime) = after[f".exlab-wizard/previous/{STAMP}/{rel}"]
+        assert data == RECOVERY_FILES[rel] and (size, mtime) == before[rel][1][1:]
+        if remote.name != "rclone_s3":  # a rename on the server, nothing sent again (S3 copies server-side)
+            assert ino == before[rel][1][0]
+    assert after["kept.txt"] == before["kept.txt"] and after["-dash.txt"] == before["-dash.txt"]
+    assert not (local_root.parent / "PWNED").exists() and not Path("PWNED").exists()
+
+    assert await remote.transport(eq).keep_previous(run, moved, STAMP) == kept  # idempotent
+    remote.settle()
+    assert snapshot(remote.run_on_disk) == after
+
+    # The local bytes are the new truth: the push sends them; the kept files are no conflict.
+    (run / "a.bin").write_bytes(b"accepted local bytes")
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok
+    remote.settle()
+    assert (remote.run_on_disk / "a.bin").read_bytes() == b"accepted local bytes"
+    # Called again now: the kept verified copy is not overwritten, the new file stays.
+    assert await transport.keep_previous(run, ["a.bin"], STAMP) == ["a.bin"]
+    remote.settle()
+    assert (remote.run_on_disk / "a.bin").read_bytes() == b"accepted local bytes"
+    assert (remote.run_on_disk / f".exlab-wizard/previous/{STAMP}/a.bin").read_bytes() == RECOVERY_FILES["a.bin"]
+    manifest = await transport.remote_manifest(run)
+    assert data_only(manifest.hashes) == data_only(sha256(tree(run)))  # previous/ is not data
+
+    with pytest.raises(ValueError):
+        await transport.keep_previous(run, ["a.bin"], "yesterday")
+    with pytest.raises(ValueError):
+        await transport.keep_previous(run, ["../a.bin"], STAMP)
+    dead = remote.transport(remote.down(local_root))
+    with pytest.raises(TransportError) as caught:
+        await dead.keep_previous(run, ["kept.txt"], STAMP)
     assert caught.value.kind == K.NETWORK, caught.value.message

@@ -560,3 +560,15 @@ async def test_streams_write_into_read_only_folders_and_leave_their_modes(tmp_pa
         (run / "locked").chmod(0o755)
         if (remote_dir / RUN_REL / "locked").exists():
             (remote_dir / RUN_REL / "locked").chmod(0o755)
+
+
+async def test_keep_previous_of_many_files_is_split_under_the_remote_argument_limit(tmp_path, sshd, remote_dir, monkeypatch):
+    """The remote shell gets the command as one argument (128 KiB on Linux): many paths go in several calls."""
+    monkeypatch.setattr(rsync_ssh, "_ARGS_MAX_BYTES", 300)
+    files = {f"folder {i:03d}/file 'quoted' {i:03d}.bin": b"%d" % i for i in range(40)}
+    run = make_run(tmp_path / "lab", files, symlink=False)
+    transport = RsyncSshTransport(equipment(tmp_path, sshd, remote_dir))
+    await transport.push(run, bwlimit_kibps=None)
+    kept = await transport.keep_previous(run, list(files), "20261205T073000Z")
+    assert kept == sorted(files, key=os.fsencode)
+    assert tree(remote_dir / RUN_REL / ".exlab-wizard" / "previous" / "20261205T073000Z") == files

@@ -1,4 +1,4 @@
-"""``enqueue``, ``status``, ``jobs``, ``retry``, ``verify``: the queue from the command line.
+"""``enqueue``, ``status``, ``jobs``, ``retry``, ``restore``, ``verify``: the queue from the command line.
 
 They work on the queue database directly, with or without a running ``serve``;
 ``enqueue --wait`` runs the workers itself until the runs settle when no other
@@ -22,12 +22,29 @@ from rich.text import Text
 
 from exlab_wizard.cli import main
 from exlab_wizard.cli.common import (
-    EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, config_option, console, ensure_state_dir, fail, one_line_errors, printable,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    config_option,
+    console,
+    ensure_state_dir,
+    err_console,
+    fail,
+    one_line_errors,
+    printable,
 )
 from exlab_wizard.cli.progress import JobProgress, byte_progress
 from exlab_wizard.config import Config
-from exlab_wizard.sync.nas_client import EnqueueError, NASSyncClient, SyncHandleState, client_from_config
+from exlab_wizard.sync.nas_client import (
+    EnqueueError,
+    LocalDamageError,
+    NASSyncClient,
+    RestoreError,
+    SyncHandleState,
+    client_from_config,
+)
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.transports import TransportError
 
 __all__ = ["CENTRAL_LOG_NAME", "DEFAULT_WAIT_TIMEOUT_S", "configure_logging", "jobs_table", "run_client"]
 
@@ -129,6 +146,10 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
                 handle = await client.enqueue(path)
             except EnqueueError as exc:
                 fail(str(exc))
+            except LocalDamageError as exc:  # not re-armed: the good NAS copy must not be overwritten
+                blocked = True
+                err_console.print(f"[bold red]error:[/] {path}: {exc}", highlight=False, soft_wrap=True)
+                continue
             if handle.state == SyncHandleState.BLOCKED:
                 blocked = True
                 console.print(f"[yellow]blocked[/] {handle.run_path}")
@@ -236,9 +257,12 @@ def jobs_cmd(state: str | None, equipment_id: str | None, config: Config) -> Non
 
 @main.command("retry")
 @click.argument("job_id")
+@click.option("--accept-local", is_flag=True,
+              help="Send locally damaged files as the new truth; the NAS keeps the verified ones under "
+                   ".exlab-wizard/previous/<UTC timestamp>/.")  # fmt: skip
 @config_option
 @one_line_errors
-def retry_cmd(job_id: str, config: Config) -> None:
+def retry_cmd(job_id: str, accept_local: bool, config: Config) -> None:
     """Re-arm a FAILED job (a job id or a unique prefix of one)."""
 
     async def body(client: NASSyncClient) -> int:
@@ -246,11 +270,47 @@ def retry_cmd(job_id: str, config: Config) -> None:
         if len(matches) != 1:
             fail(f"no job matches {job_id!r}" if not matches else f"{job_id!r} matches {len(matches)} jobs; give more of the id")
         try:
-            row = await client.retry(matches[0].id)
+            row = await client.retry(matches[0].id, accept_local=accept_local)
         except IllegalTransition:
             fail(f"job {matches[0].id} is {matches[0].state.value}, not failed; only failed jobs can be retried", EXIT_PROBLEM)
+        except LocalDamageError as exc:
+            fail(f"not retried: {exc}", EXIT_PROBLEM)
         console.print(f"[cyan]queued[/] {row.run_path} job {row.id}", highlight=False)
+        if row.accept_local_paths:
+            console.print(
+                f"the local bytes of {len(row.accept_local_paths)} file(s) will be sent as the new truth; the NAS keeps "
+                f"the verified ones under .exlab-wizard/previous/{row.previous_stamp}/",
+                highlight=False,
+            )
         return EXIT_OK
+
+    raise SystemExit(run_client(config, body))
+
+
+@main.command("restore")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@config_option
+@one_line_errors
+def restore_cmd(run: Path, config: Config) -> None:
+    """Copy the verified NAS bytes back over a run's locally damaged files."""
+
+    async def body(client: NASSyncClient) -> int:
+        try:
+            with byte_progress(console) as progress:
+                task = progress.add_task(f"restore {run.name}", total=None)
+                result = await client.restore(run, progress=lambda n: progress.update(task, advance=n))
+        except RestoreError as exc:
+            fail(str(exc), EXIT_USAGE if exc.kind == "no_job" else EXIT_PROBLEM)
+        except TransportError as exc:
+            fail(f"nothing more restored: {exc.message}", EXIT_PROBLEM)
+        for rel in result.restored:
+            console.print(f"[green]restored[/] {rel}", highlight=False)
+        for rel, why in sorted(result.refused.items()):
+            console.print(f"[red]not restored[/] {rel}: {why}", highlight=False)
+        if not result.restored and not result.refused:
+            console.print("nothing to restore: the local files match the verified manifest")
+        console.print(f"job {result.job_id} is {result.state.value if result.state else 'unknown'}", highlight=False)
+        return EXIT_OK if result.ok else EXIT_PROBLEM
 
     raise SystemExit(run_client(config, body))
 

@@ -36,7 +36,7 @@ from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
-from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import (
     FinalPush,
@@ -46,6 +46,19 @@ from exlab_wizard.sync.reaper import (
     planned_paths,
     record_verified_stat,
     scan_run,
+)
+from exlab_wizard.sync.recovery import (
+    LOCAL_DAMAGE,
+    LocalDamageError,
+    RestoreError,
+    RestoreResult,
+    check_local,
+    damage_message,
+    find_damage,
+    previous_stamp,
+    restore_damaged,
+    restore_detail,
+    verified_manifest,
 )
 from exlab_wizard.sync.states import IllegalTransition, SyncHandleState, SyncJobState
 from exlab_wizard.sync.transports import (
@@ -63,6 +76,9 @@ from exlab_wizard.validator import Finding, Validator
 
 __all__ = [
     "EnqueueError",
+    "LocalDamageError",
+    "RestoreError",
+    "RestoreResult",
     "client_from_config",
     "NASSyncClient",
     "SyncHandleState",
@@ -283,7 +299,10 @@ class NASSyncClient:
 
         A run has one job for life: enqueuing again returns the same job id and
         re-arms the job only when it is FAILED. Raises :class:`EnqueueError`
-        for a path that is not a run folder under a configured equipment.
+        for a path that is not a run folder under a configured equipment, and
+        :class:`LocalDamageError` for a job FAILED ``local_damage`` whose
+        damage is still there (it is not re-armed: see :meth:`restore` and
+        ``retry(job_id, accept_local=True)``).
         """
         queue = self._require_queue()
         run = Path(os.path.abspath(run_path))
@@ -304,6 +323,7 @@ class NASSyncClient:
         now = self.clock()
         job, created = queue.get_or_create(str(run), equipment.id, remote, now=now)
         if not created and job.state == S.FAILED:
+            await self._refuse_local_damage(job)
             job = queue.transition(
                 job.id, S.FAILED, S.QUEUED, now=now, detail="re-armed by enqueue",
                 attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None,
@@ -326,18 +346,128 @@ class NASSyncClient:
         """
         return await self.verifier.verify_local_against_manifest(Path(run_path), progress=progress)
 
-    async def retry(self, job_id: str) -> SyncJobRow:
-        """Re-arm a FAILED job (``FAILED -> QUEUED``); raises ``IllegalTransition`` otherwise."""
+    async def retry(self, job_id: str, *, accept_local: bool = False) -> SyncJobRow:
+        """Re-arm a FAILED job (``FAILED -> QUEUED``); raises ``IllegalTransition`` otherwise.
+
+        A job FAILED ``local_damage`` whose damage is still there is not
+        re-armed: :class:`LocalDamageError`. With ``accept_local`` the damaged
+        local files become the new truth: they are recorded on the job as
+        allowed to be sent once, and before the push the NAS moves each
+        verified file they replace to ``.exlab-wizard/previous/<UTC
+        timestamp>/`` in the remote run folder; the transfer then verifies
+        and writes a new manifest.
+        """
         queue = self._require_queue()
         job = queue.get(job_id)
         if job is None:
             raise KeyError(f"no job {job_id}")
+        damaged: tuple[str, ...] = ()
+        if job.state == S.FAILED and (accept_local or job.error_kind == LOCAL_DAMAGE):
+            damaged = await asyncio.to_thread(find_damage, queue, job)
+        already = set(damaged) <= set(job.accept_local_paths)  # accepted earlier, and that retry failed otherwise
+        if damaged and not accept_local and not already:
+            raise LocalDamageError(job.id, job.run_path, damaged)
+        now = self.clock()
+        fields: dict[str, Any] = {}
+        detail = "retry requested"
+        if damaged and accept_local and not already:
+            stamp = previous_stamp(now)
+            fields = {"accept_local_paths": damaged, "previous_stamp": stamp, "previous_kept_at": None}
+            detail = (
+                f"retry --accept-local: the local bytes of {len(damaged)} damaged file(s) are the new truth: "
+                f"{name_paths(list(damaged))}; the NAS keeps the verified ones under "
+                f"{METADATA_DIR}/previous/{stamp}/"
+            )
+        elif accept_local:
+            detail = "retry requested (--accept-local: " + ("accepted already)" if damaged else "no local damage found)")
         job = queue.transition(
-            job.id, S.FAILED, S.QUEUED, now=self.clock(), detail="retry requested",
-            attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None,
+            job.id, S.FAILED, S.QUEUED, now=now, detail=detail,
+            attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None, **fields,
         )
+        equipment = self._equipment(job)
+        if fields and equipment is not None:
+            self._log(equipment).warning(job.run_path, "accept_local", job=job.id, files=len(damaged),
+                                         previous=fields["previous_stamp"])  # fmt: skip
         self._kick()
         return job
+
+    async def restore(self, run_path: Path | str, *, progress: Callable[[int], None] | None = None) -> RestoreResult:
+        """Copy the verified NAS bytes back over the run's locally damaged files.
+
+        Each file is fetched from the NAS into a scratch folder in the run,
+        checked against the verified manifest, made durable, given its
+        recorded mtime and renamed over the damaged file; a NAS copy that
+        does not match the manifest is not restored (``refused``). When no
+        damage is left, a job FAILED ``local_damage`` goes back to VERIFIED
+        with the same manifest (the local run matches it exactly and the job
+        was verified) or to QUEUED (the run was edited as well, or the job
+        was waiting for a re-transfer). Every restore is an event.
+
+        Raises :class:`RestoreError` (no job, no verified manifest, a transfer
+        in flight, the NAS unreachable) and ``TransportError``.
+        """
+        queue = self._require_queue()
+        run = Path(os.path.abspath(run_path))
+        job = queue.by_run(str(run))
+        if job is None:
+            raise RestoreError("no_job", f"{run} has no sync job")
+        if job.state in (S.RUNNING, S.AWAITING_VERIFY, S.CLEANED):
+            raise RestoreError("busy", f"job {job.id} is {job.state.value}: nothing can be restored now")
+        if await asyncio.to_thread(verified_manifest, job) is None:
+            raise RestoreError("no_verified_manifest", f"{run} has no verified checksums.sha256 to restore against")
+        equipment = self._equipment(job)
+        if equipment is None:
+            raise RestoreError("no_job", f"equipment {job.equipment_id} is no longer configured")
+        damaged = await asyncio.to_thread(find_damage, queue, job)
+        restored: tuple[str, ...] = ()
+        refused: dict[str, str] = {}
+        if damaged:
+            if not await self._reachable(job):
+                raise RestoreError("unreachable", f"the NAS for {job.equipment_id} is not reachable now; nothing restored")
+            restored, refused = await restore_damaged(
+                queue, job, self._transport(equipment), damaged, progress=progress
+            )
+        detail = restore_detail(restored, refused, job.manifest_digest or "")
+        log = self._log(equipment)
+        (log.warning if refused else log.info)(run, "restore", job=job.id, restored=len(restored), refused=len(refused))
+        check = None if refused else await asyncio.to_thread(check_local, queue, job)
+        job = self._after_restore(job, detail, bool(refused), check)
+        return RestoreResult(job.id, job.run_path, restored, refused, job.state)
+
+    def _after_restore(self, job: SyncJobRow, detail: str, refused: bool, check: LocalCheck | None) -> SyncJobRow:
+        """Record the restore; a ``local_damage`` job whose damage is gone (``check``) leaves FAILED."""
+        queue = self._require_queue()
+        now = self.clock()
+        fresh = queue.get(job.id) or job
+        if refused or fresh.state != S.FAILED or fresh.error_kind != LOCAL_DAMAGE:
+            queue.record_event(job.id, "restore", detail, now=now)
+            return fresh
+        if check is not None and check.damaged:
+            queue.record_event(job.id, "restore", detail + f"; still damaged: {name_paths(list(check.damaged))}", now=now)
+            return fresh
+        cleared: dict[str, Any] = {
+            "attempts": 0, "mismatch_count": 0, "next_attempt_at": None, "error_kind": None, "last_error": None,
+            "accept_local_paths": (), "previous_stamp": None, "previous_kept_at": None,
+        }
+        if check is not None and check.clean and fresh.verified_at is not None:
+            fresh = queue.transition(job.id, S.FAILED, S.VERIFIED, now=now,
+                                     detail=f"{detail}; the local run matches the verified manifest again", **cleared)  # fmt: skip
+            with contextlib.suppress(Exception):
+                self.cache.set_sync_status(Path(job.run_path), "synced")
+        else:
+            fresh = queue.transition(job.id, S.FAILED, S.QUEUED, now=now,
+                                     detail=f"{detail}; the run changed since verification: transfer again", **cleared)  # fmt: skip
+            self._kick()
+        self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": fresh.state.value})
+        return fresh
+
+    async def _refuse_local_damage(self, job: SyncJobRow) -> None:
+        """Raise :class:`LocalDamageError` when a job FAILED ``local_damage`` still has damaged files."""
+        if job.error_kind != LOCAL_DAMAGE:
+            return
+        damaged = await asyncio.to_thread(find_damage, self._require_queue(), job)
+        if damaged:
+            raise LocalDamageError(job.id, job.run_path, damaged)
 
     async def jobs(self, state: SyncJobState | str | None = None, equipment_id: str | None = None) -> list[SyncJobRow]:
         """Job rows, oldest first, optionally filtered."""
@@ -625,12 +755,25 @@ class NASSyncClient:
                 next_attempt_at=self.clock() + dt.timedelta(seconds=self.config.sync.scan_interval_s),
             )
             return
+        # No damaged local byte is ever sent over a verified NAS copy, whatever brought the job here.
+        damaged = await asyncio.to_thread(find_damage, queue, job)
+        accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))
+        if len(accepted) < len(damaged):
+            self._fail(job, S.QUEUED, LOCAL_DAMAGE,
+                       damage_message(job.id, job.run_path, [p for p in damaged if p not in accepted]))
+            return
         now = self.clock()
         job = queue.transition(
             job.id, S.QUEUED, S.RUNNING, now=now, detail=f"transfer attempt {job.attempts + 1}",
             overrides_relied_on=tuple(result.overrides_relied_on),
         )
         self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+        if accepted and job.previous_kept_at is None:
+            try:
+                job = await self._keep_previous(job, equipment, accepted)
+            except TransportError as exc:
+                self._retry_or_fail(job, S.RUNNING, exc.kind, f"keeping the verified NAS files: {exc.message}")
+                return
         await asyncio.to_thread(self._mark_pending, run, job.remote_path)
         limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
         log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
@@ -645,15 +788,14 @@ class NASSyncClient:
             # Hash the local run while the transfer runs: one overlapped read pass.
             local_task = asyncio.create_task(self.verifier.hash_local(run))
         try:
+            rewrite = frozenset(job.rewrite_paths) | frozenset(accepted)
             if push is not None:
                 outcome = push(run, bwlimit_kibps=limit, **_optional_kwargs(
-                    push, rewrite=frozenset(job.rewrite_paths), progress=on_bytes))
+                    push, rewrite=rewrite, progress=on_bytes))
                 if inspect.isawaitable(outcome):
                     outcome = await outcome
             else:
-                outcome = await transport.push(
-                    run, bwlimit_kibps=limit, rewrite=frozenset(job.rewrite_paths), progress=on_bytes
-                )
+                outcome = await transport.push(run, bwlimit_kibps=limit, rewrite=rewrite, progress=on_bytes)
             if not isinstance(outcome, TransportResult):
                 raise TransportError(TransportErrorKind.UNKNOWN, f"push returned {type(outcome).__name__}, not a TransportResult")
             if not outcome.ok:
@@ -683,6 +825,18 @@ class NASSyncClient:
         )
         self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
         await self._verify_job(job, equipment, local_hashes=_data_only(local_hashes))
+
+    async def _keep_previous(self, job: SyncJobRow, equipment: EquipmentConfig, accepted: tuple[str, ...]) -> SyncJobRow:
+        """Move the verified NAS copies of the accepted files under ``previous/<stamp>/``; recorded once done."""
+        stamp = job.previous_stamp or previous_stamp(self.clock())
+        kept = await self._transport(equipment).keep_previous(Path(job.run_path), accepted, stamp)
+        job = self._require_queue().update(
+            job.id, S.RUNNING, now=self.clock(), event_kind="previous_kept",
+            detail=f"the NAS keeps {len(kept)} verified file(s) under {METADATA_DIR}/previous/{stamp}/"
+            + (f": {name_paths(list(kept))}" if kept else ""),
+            previous_stamp=stamp, previous_kept_at=self.clock(),
+        )
+        return job
 
     @staticmethod
     async def _count_total(state: TransferProgress, run: Path) -> None:
@@ -776,6 +930,7 @@ class NASSyncClient:
             error_kind=None, last_error=None, next_attempt_at=None,
             # The push of the refreshed .exlab-wizard/ is owed from this moment, durably.
             metadata_push_due_at=now, metadata_push_failures=0, metadata_push_error=None,
+            accept_local_paths=(), previous_stamp=None, previous_kept_at=None,
         )
         log.info(run, "verified", job=job.id, files=outcome.checked, manifest_digest=digest)
         self._notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})

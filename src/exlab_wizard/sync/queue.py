@@ -126,6 +126,13 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX jobs_by_metadata_push ON jobs (metadata_push_due_at) WHERE metadata_push_due_at IS NOT NULL;
     UPDATE jobs SET metadata_push_due_at = updated_at WHERE state IN ('verified', 'cleanup_eligible');
     """,
+    # 3: local damage accepted as the new truth (retry --accept-local), and where the NAS keeps
+    # the verified files it replaces
+    """
+    ALTER TABLE jobs ADD COLUMN accept_local_paths TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN previous_stamp TEXT;
+    ALTER TABLE jobs ADD COLUMN previous_kept_at TEXT;
+    """,
 ]
 
 
@@ -223,6 +230,12 @@ class SyncJobRow:
     ``.exlab-wizard/`` after a verification has not succeeded yet (when it is
     due next); ``metadata_push_failures`` and ``metadata_push_error``: its
     failed attempts and the last reason.
+    ``accept_local_paths``: files whose local bytes differ from the verified
+    manifest (local damage) that ``retry --accept-local`` allows to be sent
+    once, as the new truth. ``previous_stamp``: the UTC timestamp folder
+    under ``<remote run>/.exlab-wizard/previous/`` where the NAS keeps the
+    verified files they replace; ``previous_kept_at``: when that move was
+    done (None: not yet).
     ``events`` is filled only by :meth:`JobQueue.job_with_events`.
     """
 
@@ -248,6 +261,9 @@ class SyncJobRow:
     metadata_push_due_at: dt.datetime | None = None
     metadata_push_failures: int = 0
     metadata_push_error: str | None = None
+    accept_local_paths: tuple[str, ...] = ()
+    previous_stamp: str | None = None
+    previous_kept_at: dt.datetime | None = None
     events: tuple[SyncEvent, ...] = ()
 
     @property
@@ -280,6 +296,9 @@ class SyncJobRow:
             "metadata_push_due_at": _iso(self.metadata_push_due_at),
             "metadata_push_failures": self.metadata_push_failures,
             "metadata_push_error": self.metadata_push_error,
+            "accept_local_paths": list(self.accept_local_paths),
+            "previous_stamp": self.previous_stamp,
+            "previous_kept_at": _iso(self.previous_kept_at),
             "events": [e.to_dict() for e in self.events],
         }
 
@@ -308,6 +327,9 @@ def _job(row: sqlite3.Row) -> SyncJobRow:
         metadata_push_due_at=_dt(row["metadata_push_due_at"]),
         metadata_push_failures=row["metadata_push_failures"],
         metadata_push_error=row["metadata_push_error"],
+        accept_local_paths=tuple(json.loads(row["accept_local_paths"])),
+        previous_stamp=row["previous_stamp"],
+        previous_kept_at=_dt(row["previous_kept_at"]),
     )
 
 
@@ -344,6 +366,9 @@ JOB_FIELDS: dict[str, str] = {
     "metadata_push_due_at": _TIME,
     "metadata_push_failures": _INT,
     "metadata_push_error": _TEXT,
+    "accept_local_paths": _TEXTS,
+    "previous_stamp": _TEXT,
+    "previous_kept_at": _TIME,
 }
 
 

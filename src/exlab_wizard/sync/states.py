@@ -36,7 +36,8 @@ TRANSITIONS: dict[SyncJobState, frozenset[SyncJobState]] = {
     S.VERIFIED: frozenset({S.CLEANUP_ELIGIBLE, S.QUEUED, S.FAILED}),
     S.CLEANUP_ELIGIBLE: frozenset({S.CLEANED, S.QUEUED, S.FAILED}),
     S.CLEANED: frozenset(),
-    S.FAILED: frozenset({S.QUEUED}),
+    # FAILED -> VERIFIED: local damage restored from the verified NAS copy (restore).
+    S.FAILED: frozenset({S.QUEUED, S.VERIFIED}),
 }
 
 TERMINAL_STATES = frozenset({S.CLEANED})

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,7 @@ from exlab_wizard.config.models import EquipmentConfig
 
 __all__ = [
     "METADATA_DIR",
+    "PREVIOUS_DIR",
     "ProgressCallback",
     "RemoteManifest",
     "Transport",
@@ -31,12 +33,20 @@ __all__ = [
     "TransportError",
     "TransportErrorKind",
     "TransportResult",
+    "check_previous_stamp",
+    "check_relpath",
+    "previous_path",
     "remote_relpath",
 ]
 
 
 #: Called with the number of bytes just sent (a delta, never a total).
 ProgressCallback = Callable[[int], None]
+
+#: Where the remote run folder keeps the verified files that ``retry --accept-local``
+#: replaced: ``<remote run>/.exlab-wizard/previous/<UTC timestamp>/<relative path>``.
+PREVIOUS_DIR = f"{METADATA_DIR}/previous"
+_STAMP_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 
 
 class TransportErrorKind(StrEnum):
@@ -117,6 +127,30 @@ def remote_relpath(equipment: EquipmentConfig, run_path: Path) -> PurePosixPath:
     if not rel.parts:
         raise ValueError(f"{run_path} is the equipment root, not a run")
     return PurePosixPath(*rel.parts)
+
+
+def check_relpath(rel: str) -> str:
+    """``rel`` if it is a relative ``/``-separated path inside a run, else ``ValueError``.
+
+    Refuses an empty or absolute path, ``.``/``..``/empty segments and NUL,
+    so no remote operation named by a manifest path can leave the run folder.
+    """
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\x00" in rel or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"not a relative path inside a run: {rel!r}")
+    return rel
+
+
+def check_previous_stamp(stamp: str) -> str:
+    """``stamp`` if it is a UTC timestamp folder name (``20261205T073000Z``), else ``ValueError``."""
+    if not _STAMP_RE.fullmatch(stamp):
+        raise ValueError(f"not a UTC timestamp folder name (YYYYMMDDTHHMMSSZ): {stamp!r}")
+    return stamp
+
+
+def previous_path(stamp: str, rel: str) -> str:
+    """Where the replaced verified file ``rel`` is kept, relative to the remote run folder."""
+    return f"{PREVIOUS_DIR}/{check_previous_stamp(stamp)}/{check_relpath(rel)}"
 
 
 class Transport(abc.ABC):
@@ -226,6 +260,45 @@ class Transport(abc.ABC):
         raise TransportError(
             TransportErrorKind.UNKNOWN, f"the {type(self).__name__} transport cannot list the remote run folder"
         )
+    async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
+        """Copy the named files of the run's remote folder into the local folder ``into``.
+
+        Read-only on the remote. ``paths`` are relative to the run root
+        (``/``-separated); each lands at ``into/<path>`` (parent folders
+        created), holding the bytes the remote stores (for a share, read past
+        this machine's page cache). Returns ``{path: local file}`` for the
+        files fetched; a path the remote run folder does not hold as a regular
+        file is left out (never followed through a symlink). ``into`` is the
+        caller's scratch folder: the caller checks the bytes (against the
+        manifest) before using them, and removes the folder. Safe to call
+        again after any failure.
+
+        Raises ``TransportError(NETWORK)`` when the remote is unreachable (an
+        unreachable remote is never one that lacks the files),
+        ``ValueError`` for a path that leaves the run, other kinds as
+        remote_manifest() does. This default raises ``UNKNOWN``: a transport
+        that cannot read a file back.
+        """
+        raise TransportError(TransportErrorKind.UNKNOWN, f"{type(self).__name__} cannot fetch remote files")
+
+    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+        """Move the named remote files to ``<remote run>/.exlab-wizard/previous/<stamp>/<path>``.
+
+        Server-side (a rename or the remote's own move; nothing is sent
+        again), before a push replaces those files with other bytes, so the
+        NAS keeps every verified version it held. Durable before it returns.
+        Idempotent: a file already moved (source gone, destination present)
+        counts as kept; an existing destination is never overwritten (the
+        source then stays where it is). A path the remote does not hold as a
+        regular file is skipped. Returns the paths now kept under
+        ``previous/<stamp>/``, sorted.
+
+        Raises ``TransportError(NETWORK)`` when the remote is unreachable,
+        ``REMOTE_WRITE_REFUSED`` when it refuses the move, ``ValueError`` for
+        a path that leaves the run or a malformed ``stamp``
+        (:func:`check_previous_stamp`). This default raises ``UNKNOWN``.
+        """
+        raise TransportError(TransportErrorKind.UNKNOWN, f"{type(self).__name__} cannot keep previous versions")
 
     @abc.abstractmethod
     async def reachable(self, run_path: Path) -> bool:

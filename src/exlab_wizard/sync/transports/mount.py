@@ -84,7 +84,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,9 +101,12 @@ from exlab_wizard.sync.transports.base import (
     TransportError,
     TransportErrorKind,
     TransportResult,
+    check_relpath,
+    previous_path,
     remote_relpath,
 )
 from exlab_wizard.sync.verifier import (
+    drop_page_cache_fd,
     hash_fd,
     hash_from_storage,
     is_metadata_path,
@@ -951,6 +954,114 @@ class MountTransport(Transport):
         return RemoteManifest(
             hashes=dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0]))), unverifiable=unverifiable
         )
+
+    # ------------------------------------------------------------------ fetch, keep previous
+
+    async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
+        """Copy the named files from the share into ``into``, read past this machine's page cache.
+
+        Marker guard as for ``push``. A file reached through a symlink on the
+        share (the file or a folder above it) is not fetched.
+        """
+        return await asyncio.to_thread(self._fetch, Path(run_path), sorted(set(paths)), Path(into))
+
+    def _fetch(self, run: Path, paths: list[str], into: Path) -> dict[str, Path]:
+        self._require_mounted()
+        remote = self.remote_run_path(run)
+        fetched: dict[str, Path] = {}
+        buffer = bytearray(1 << 20)
+        for rel in map(check_relpath, paths):
+            if not self._plain_folders(remote, rel):
+                continue
+            source = os.path.join(remote, rel)
+            try:
+                fd, _info = open_regular(source)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    continue
+                raise self._remote_error(exc, source) from exc
+            target = into / rel
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "xb") as out:  # errors writing our scratch copy are local: raised as they are
+                    self._read_from_share(fd, source, buffer, out.write)
+            finally:
+                os.close(fd)
+            fetched[rel] = target
+        self._require_mounted()
+        return fetched
+
+    def _read_from_share(self, fd: int, source: str, buffer: bytearray, write: Callable[[memoryview], object]) -> None:
+        """Every byte of ``fd`` as the share stores it (cached pages dropped first), given to ``write``."""
+        view = memoryview(buffer)
+        try:
+            drop_page_cache_fd(fd)  # the bytes the share stores, not the ones this machine remembers
+        except OSError as exc:
+            raise self._remote_error(exc, source) from exc
+        while True:
+            try:
+                count = os.readv(fd, [buffer])
+            except OSError as exc:
+                raise self._remote_error(exc, source) from exc
+            if not count:
+                return
+            write(view[:count])
+
+    def _plain_folders(self, remote: str, rel: str) -> bool:
+        """Are the remote run folder and every folder between it and ``rel`` real folders (no symlink)?"""
+        folder = remote
+        for part in ["", *rel.split("/")[:-1]]:
+            folder = os.path.join(folder, part) if part else folder
+            try:
+                if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    return False
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise self._remote_error(exc, folder) from exc
+        return True
+
+    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+        """Rename the named files into ``.exlab-wizard/previous/<stamp>/`` on the share; folders fsynced."""
+        return await asyncio.to_thread(self._keep_previous, Path(run_path), sorted(set(paths)), stamp)
+
+    def _keep_previous(self, run: Path, paths: list[str], stamp: str) -> list[str]:
+        self._require_mounted()
+        remote = self.remote_run_path(run)
+        kept: list[str] = []
+        touched: set[str] = set()
+        for rel in paths:
+            kept_at = os.path.join(remote, previous_path(stamp, rel))
+            source = os.path.join(remote, rel)
+            try:
+                if os.path.lexists(kept_at):
+                    if stat.S_ISREG(os.lstat(kept_at).st_mode):
+                        kept.append(rel)  # moved by an earlier call: never overwritten
+                    continue
+                if not self._plain_folders(remote, rel) or not stat.S_ISREG(os.lstat(source).st_mode):
+                    continue
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._remote_error(exc, source) from exc
+            folder = os.path.dirname(kept_at)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                os.rename(source, kept_at)
+            except OSError as exc:
+                raise self._remote_error(exc, kept_at) from exc
+            touched.add(os.path.dirname(source))
+            while len(folder) >= len(remote):  # every folder made or changed, up to the run folder
+                touched.add(folder)
+                folder = os.path.dirname(folder)
+            kept.append(rel)
+        for folder in sorted(touched, key=len, reverse=True):
+            self._sync_dir(folder)
+        self._require_mounted()
+        if kept:
+            self._logged("INFO", run, "previous_kept", transport="mount", files=len(kept),
+                         folder=f"{METADATA_DIR}/previous/{stamp}")  # fmt: skip
+        return sorted(kept, key=os.fsencode)
 
 
     # ------------------------------------------------------------------ remote listing

@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
@@ -48,6 +48,7 @@ from exlab_wizard.sync.transports._process import (
 )
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
+    PREVIOUS_DIR,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -55,6 +56,9 @@ from exlab_wizard.sync.transports.base import (
     TransportError,
     TransportErrorKind,
     TransportResult,
+    check_previous_stamp,
+    check_relpath,
+    previous_path,
     remote_relpath,
 )
 from exlab_wizard.sync.transports.classify import transport_error
@@ -538,6 +542,64 @@ class RcloneTransport(Transport):
             )
         except TransportError as error:
             raise await self._explained(error, run_path) from None
+    # ------------------------------------------------------- fetch, keep previous
+
+    async def _remote_files(self, run_path: Path, fs: str, step: str) -> dict[str, int]:
+        """The remote folder's files (path -> size); {} when it is missing and the root answers."""
+        listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step=step)
+        if listed.returncode == 3:
+            if await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path):
+                return {}
+            raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} is not reachable")
+        if listed.returncode != 0:
+            raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
+        return _listing(listed.stdout)
+
+    async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
+        """``rclone copyto`` of each named file the remote run folder lists, into ``into``."""
+        run_path = Path(os.path.abspath(run_path))
+        fs = self._fs(run_path)
+        wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
+        remote = await self._remote_files(run_path, fs, "fetch_list")
+        fetched: dict[str, Path] = {}
+        for rel in (p for p in wanted if p in remote):
+            target = Path(into) / rel
+            argv = [*self._base(), *_COMMON, "--retries", "1", "copyto", "--",
+                    f"{fs}/{encode_name(rel)}", encode_name(str(target))]  # fmt: skip
+            result = await run_tool(argv, log=self.log, run_path=run_path, step="fetch", quiet=True)
+            if result.returncode in (3, 4):
+                continue  # gone since the listing
+            if result.returncode != 0:
+                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"fetching {rel!r}")
+            if target.is_file() and not target.is_symlink():
+                fetched[rel] = target
+        return fetched
+
+    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+        """``rclone moveto`` (server-side where the backend can) of each named file into ``previous/<stamp>/``."""
+        run_path = Path(os.path.abspath(run_path))
+        fs = self._fs(run_path)
+        wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
+        if not wanted:
+            return []
+        keep_rel = f"{PREVIOUS_DIR}/{check_previous_stamp(stamp)}"
+        remote = await self._remote_files(run_path, fs, "keep_previous_list")
+        kept: list[str] = []
+        for rel in wanted:
+            if f"{keep_rel}/{rel}" in remote:
+                kept.append(rel)  # moved by an earlier call: never overwritten
+                continue
+            if rel not in remote:
+                continue
+            argv = [*self._base(), *_COMMON, "--retries", "1", "moveto", "--",
+                    f"{fs}/{encode_name(rel)}", f"{fs}/{encode_name(previous_path(stamp, rel))}"]  # fmt: skip
+            result = await run_tool(argv, log=self.log, run_path=run_path, step="keep_previous")
+            if result.returncode != 0:
+                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"moving {rel!r} aside")
+            kept.append(rel)
+        if kept:
+            self.log.info(run_path, "previous_kept", transport="rclone", files=len(kept), folder=keep_rel)
+        return kept
 
     # ------------------------------------------------------------- reachable
 

@@ -40,7 +40,7 @@ import re
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,7 @@ from exlab_wizard.sync.transports._process import (
 )
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
+    PREVIOUS_DIR,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -68,6 +69,8 @@ from exlab_wizard.sync.transports.base import (
     TransportError,
     TransportErrorKind,
     TransportResult,
+    check_previous_stamp,
+    check_relpath,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
@@ -261,6 +264,39 @@ while pending and not done.is_set():
             os.close(fd)
         out.write(h.hexdigest().encode() + b"  " + identity(st) + b"  " + rel + b"\0")
         out.flush()
+"""
+# Keeping the verified files a push is about to replace: arguments <remote root> <run folder>
+# <previous folder> <path>...; each regular file <run>/<path> (no symlink on the way) is moved
+# to <previous>/<path> unless something is there already (never overwritten). Prints the marker
+# line, then "<path>\0" for each path now kept there; exit 3 when the root is missing, 4 when a
+# move fails. The moves are made durable (sync) before it exits.
+_SH_KEEP_PREVIOUS = r"""
+echo exlab-keep
+root=$1 run=$2 keep=$3
+shift 3
+[ -d "$root" ] || exit 3
+plain() {  # is every folder from $run down to the parent of $1 a real folder?
+    dir=$run rest=$1
+    [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
+    while case $rest in */*) true;; *) false;; esac; do
+        dir=$dir/${rest%%/*} rest=${rest#*/}
+        [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
+    done
+}
+moved=
+for rel do
+    dst=$keep/$rel
+    if [ -e "$dst" ] || [ -L "$dst" ]; then
+        [ -f "$dst" ] && [ ! -L "$dst" ] && printf '%s\0' "$rel"
+        continue
+    fi
+    plain "$rel" && [ -f "$run/$rel" ] && [ ! -L "$run/$rel" ] || continue
+    mkdir -p -- "${dst%/*}" && mv -- "$run/$rel" "$dst" || exit 4
+    printf '%s\0' "$rel"
+    moved=1
+done
+if [ -n "$moved" ]; then sync -f -- "$keep" 2>/dev/null || sync; fi
+exit 0
 """
 _SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
@@ -904,6 +940,69 @@ class RsyncSshTransport(Transport):
             for path in (remote_run, cfg.remote_root)
         )  # fmt: skip
         return await list_sizes([rclone_binary(), "--config", os.devnull], fs, root_fs, log=self.log, run_path=run_path)
+    # ------------------------------------------------------- fetch, keep previous
+
+    async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
+        """Pull the named files with rsync (``--files-from``, NUL-separated) into ``into``.
+
+        The remote run folder is listed first: only paths it holds as regular
+        files (not below a symlink) are pulled.
+        """
+        run_path = Path(os.path.abspath(run_path))
+        remote_run = self.remote_run_path(run_path)
+        wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
+        listing = await self._list_remote(run_path, remote_run, step="fetch_list")
+        if listing is None:
+            if await self._list_remote(run_path, self.config.remote_root, step="fetch_root", recursive=False) is None:
+                raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist")
+            return {}
+        present = [p for p in wanted if listing.get(p, _Entry("", 0)).kind == "f"]
+        if not present:
+            return {}
+        argv = [*self._rsync_base(), "--files-from=-", "--from0", "--no-links", "--no-D",
+                self._target(remote_run), f"{into}/"]  # fmt: skip
+        result = await run_tool(argv, stdin=_files_from(present), log=self.log, run_path=run_path, step="fetch")
+        if result.returncode not in (0, 23, 24):  # 23/24: a file gone meanwhile is simply not fetched
+            raise transport_error("rsync", result.returncode, result.stderr_text, f"fetching from {remote_run}")
+        fetched = {p: Path(into) / p for p in present}
+        return {p: path for p, path in fetched.items() if path.is_file() and not path.is_symlink()}
+
+    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+        """Move the named files on the NAS with ``mv`` through ssh (every path shell-quoted), then ``sync``.
+
+        Needs a remote that runs commands: one that refuses them (rrsync,
+        ``internal-sftp``) raises ``REMOTE_WRITE_REFUSED``.
+        """
+        run_path = Path(os.path.abspath(run_path))
+        remote_run = self.remote_run_path(run_path).rstrip("/")
+        wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
+        keep = f"{remote_run}/{PREVIOUS_DIR}/{check_previous_stamp(stamp)}"
+        if not wanted:
+            return []
+        kept_set: set[str] = set()
+        for batch in _arg_batches(wanted):
+            kept_set |= await self._keep_batch(run_path, remote_run, keep, batch)
+        kept = sorted(kept_set, key=os.fsencode)
+        if kept:
+            self.log.info(run_path, "previous_kept", transport="rsync_ssh", files=len(kept), folder=keep)
+        return kept
+
+    async def _keep_batch(self, run_path: Path, remote_run: str, keep: str, paths: list[str]) -> set[str]:
+        words = [self.config.remote_root, remote_run, keep, *paths]
+        command = f"sh -c {shlex.quote(_SH_KEEP_PREVIOUS)} sh " + " ".join(shlex.quote(w) for w in words)
+        result = await self._ssh(command, run_path=run_path, step="keep_previous")
+        if result.returncode == 255:
+            raise transport_error("ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}")
+        first, _, records = result.stdout.partition(b"\n")
+        if first.strip() != b"exlab-keep":
+            raise TransportError(K.REMOTE_WRITE_REFUSED, f"{self.config.ssh_target} refuses commands: the verified "
+                                 f"files cannot be kept under {keep} (needs a remote that runs mv)")  # fmt: skip
+        if result.returncode == 3:
+            raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist on {self.config.ssh_target}")
+        if result.returncode != 0:
+            raise TransportError(K.REMOTE_WRITE_REFUSED,
+                                 f"moving verified files under {keep} failed: {result.stderr_text.strip()[:300]}")
+        return {os.fsdecode(r) for r in records.split(b"\0") if r}
 
     # ------------------------------------------------------------- reachable
 
@@ -1047,6 +1146,25 @@ def _sort_extras(local: LocalTree, remote: dict[str, _Entry]) -> tuple[list[str]
                 continue
         foreign.append(path)
     return sorted(junk), foreign
+
+
+#: The remote shell gets the whole command as one argument, which Linux limits to 128 KiB.
+_ARGS_MAX_BYTES = 64 << 10
+
+
+def _arg_batches(paths: list[str]) -> Iterable[list[str]]:
+    """Paths in groups whose quoted command stays well under the remote's limit for one argument."""
+    batch: list[str] = []
+    size = 0
+    for path in paths:
+        length = len(os.fsencode(shlex.quote(path))) + 1
+        if batch and size + length > _ARGS_MAX_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += length
+    if batch:
+        yield batch
 
 
 def _batches(files: list[tuple[str, int]]) -> Iterable[list[tuple[str, int]]]:

@@ -1,0 +1,313 @@
+"""Local damage: the check before every transfer, and the two ways out of it.
+
+A run with a verified manifest (the job's ``manifest_digest`` and the
+recorded ``checksums.sha256`` agree) may hold a file whose bytes differ from
+the manifest while its size and mtime are the ones recorded at verification:
+local damage (bit rot, a bad disk, a tool writing behind the filesystem's
+back). Such bytes are never sent over the good NAS copy. The classification
+is the reaper's (:func:`exlab_wizard.sync.reaper.scan_run`): a file whose
+recorded stat is lost counts as edited only when its mtime is after the
+verification, otherwise as damaged.
+
+- :func:`find_damage` is run by the client before every transfer of such a
+  run (retry, re-enqueue, audit, mismatch rewrite all pass through it).
+- :func:`restore_damaged` copies the verified bytes back from the NAS:
+  fetched into a scratch folder inside the run, each checked against the
+  manifest, fsynced, given the recorded mtime, then renamed over the damaged
+  file. A NAS copy that does not match the manifest is not restored.
+- ``retry --accept-local`` (in the client) makes the local bytes the new
+  truth; the transport's ``keep_previous`` keeps the replaced NAS files.
+
+Usage::
+
+    damaged = find_damage(queue, job)          # () when nothing is damaged
+    if damaged:
+        raise LocalDamageError(job.id, job.run_path, damaged)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import secrets
+import shlex
+import shutil
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
+from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.reaper import load_verified_stats, scan_run
+from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import METADATA_DIR, PREVIOUS_DIR, Transport
+
+__all__ = [
+    "LOCAL_DAMAGE",
+    "LocalDamageError",
+    "RestoreError",
+    "RestoreResult",
+    "check_local",
+    "damage_message",
+    "find_damage",
+    "previous_stamp",
+    "restore_damaged",
+    "restore_detail",
+    "verified_manifest",
+]
+
+LOCAL_DAMAGE = "local_damage"
+_SCRATCH_PREFIX = ".restore-"
+_CHUNK = 1 << 20
+
+
+class LocalDamageError(Exception):
+    """The run holds local damage: the job is not re-armed into a transfer.
+
+    ``kind`` is ``"local_damage"``; ``paths`` the damaged files (relative to
+    the run). The message names the two ways out: ``exlab-sync restore`` and
+    ``exlab-sync retry --accept-local``.
+    """
+
+    kind = LOCAL_DAMAGE
+
+    def __init__(self, job_id: str, run_path: str, paths: Sequence[str]):
+        self.job_id = job_id
+        self.run_path = run_path
+        self.paths = tuple(paths)
+        super().__init__(damage_message(job_id, run_path, self.paths))
+
+
+class RestoreError(Exception):
+    """``restore`` could not run at all; nothing was changed.
+
+    ``kind``: ``no_job``, ``no_verified_manifest``, ``busy`` (a transfer is in
+    flight), ``unreachable`` (the NAS cannot be reached now).
+    """
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What ``restore`` did.
+
+    ``restored``: files whose verified bytes are back. ``refused``: damaged
+    files left as they are, with the reason (the NAS copy does not match the
+    manifest, is not on the NAS, or the local file changed meanwhile).
+    ``state``: the job's state afterwards.
+    """
+
+    job_id: str
+    run_path: str
+    restored: tuple[str, ...] = ()
+    refused: Mapping[str, str] = field(default_factory=dict)
+    state: SyncJobState | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+def damage_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
+    """The one-line reason for a ``local_damage`` failure, naming the files and the ways out."""
+    return (
+        f"local damage (content changed, size and mtime not): {name_paths(list(paths))}; nothing sent. "
+        f"`exlab-sync restore {shlex.quote(run_path)}` brings the verified bytes back from the NAS, "
+        f"`exlab-sync retry --accept-local {job_id}` sends the local bytes as the new truth "
+        f"(the NAS keeps the replaced files under {PREVIOUS_DIR}/)"
+    )
+
+
+def previous_stamp(now: dt.datetime) -> str:
+    """The ``previous/<stamp>/`` folder name for an accept-local decided at ``now`` (UTC)."""
+    return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def verified_manifest(job: SyncJobRow) -> dict[str, str] | None:
+    """The run's verified manifest (data files only), or None when the run has none.
+
+    Verified means: the job records a manifest digest and the run's
+    ``checksums.sha256`` has that digest. Blocking I/O.
+    """
+    if not job.manifest_digest:
+        return None
+    try:
+        manifest = read_manifest(Path(job.run_path))
+    except (ManifestFormatError, OSError):
+        return None
+    if manifest is None or manifest_digest(manifest) != job.manifest_digest:
+        return None
+    prefix = METADATA_DIR + "/"
+    return {k: v for k, v in manifest.items() if not k.startswith(prefix)}
+
+
+def _verified_since(queue: JobQueue, job: SyncJobRow) -> dt.datetime | None:
+    """When the current manifest was verified: ``verified_at``, else the last move to VERIFIED.
+
+    A re-queue clears ``verified_at``; the event trail still says when the
+    manifest on disk was verified, which is what tells an edit (newer mtime)
+    from damage when the per-file stats are lost.
+    """
+    if job.verified_at is not None:
+        return job.verified_at
+    for event in reversed(queue.events(job.id)):
+        if event.kind == TRANSITION_EVENT and event.to_state == SyncJobState.VERIFIED.value:
+            return event.at
+    return None
+
+
+def check_local(queue: JobQueue, job: SyncJobRow) -> LocalCheck | None:
+    """The reaper's local check of a run with a verified manifest; None without one. Blocking I/O."""
+    manifest = verified_manifest(job)
+    if not manifest:
+        return None
+    scan = scan_run(job.run_path, manifest, load_verified_stats(queue, job.id), verified_at=_verified_since(queue, job))
+    return scan.check
+
+
+def find_damage(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
+    """The run's locally damaged files (sorted), () when none or the run has no verified manifest.
+
+    A run folder that cannot be checked (gone, a symlink, unreadable) gives
+    (): the transfer then fails on its own. Blocking I/O: re-hashes the
+    files whose stat differs from the one recorded at verification.
+    """
+    check = check_local(queue, job)
+    return () if check is None else tuple(check.damaged)
+
+
+# --------------------------------------------------------------------------- restore
+
+
+@dataclass(frozen=True)
+class _Seen:
+    size: int
+    mtime_ns: int
+    atime_ns: int = field(compare=False)  # a reader elsewhere may move it: not a change
+    ino: int = 0
+    mode: int = 0
+
+
+def _lstat(path: Path) -> _Seen | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return _Seen(st.st_size, st.st_mtime_ns, st.st_atime_ns, st.st_ino, st.st_mode)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_and_sync(path: Path, progress: Callable[[int], None] | None) -> str:
+    """SHA-256 of the fetched copy, which is then made durable."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
+    """Give the checked copy the damaged file's mode and the recorded mtime, then rename it over the file."""
+    os.chmod(fetched, stat.S_IMODE(seen.mode))
+    os.utime(fetched, ns=(seen.atime_ns, mtime_ns))
+    os.replace(fetched, target)
+    _fsync_dir(target.parent)
+
+
+def _scratch(run: Path) -> Path:
+    meta = run / METADATA_DIR
+    if meta.is_symlink() or not meta.is_dir():
+        raise RestoreError("no_verified_manifest", f"{meta} is not a folder")
+    for stale in meta.glob(_SCRATCH_PREFIX + "*"):  # left by a restore that was killed
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = meta / f"{_SCRATCH_PREFIX}{secrets.token_hex(6)}"
+    scratch.mkdir(mode=0o700)
+    return scratch
+
+
+async def restore_damaged(
+    queue: JobQueue,
+    job: SyncJobRow,
+    transport: Transport,
+    damaged: Sequence[str],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Bring the verified bytes of ``damaged`` back from the NAS; (restored, refused with reasons).
+
+    Each file is fetched into a scratch folder inside the run's
+    ``.exlab-wizard/`` (same filesystem, so the final rename is atomic),
+    hashed and compared with the manifest, fsynced, given the mtime recorded
+    at verification (so it matches its verified stat again) and the damaged
+    file's mode, and renamed over the damaged file only if that file has not
+    changed since it was looked at. A NAS copy that does not match the
+    manifest, or is missing there, is not restored. Raises
+    ``TransportError`` from the transport (nothing restored then beyond the
+    files already renamed) and ``RestoreError`` for a run that cannot hold
+    the scratch folder.
+    """
+    run = Path(job.run_path)
+    manifest = verified_manifest(job) or {}
+    stats = load_verified_stats(queue, job.id)
+    seen = {rel: _lstat(run / rel) for rel in damaged}
+    scratch = await asyncio.to_thread(_scratch, run)
+    restored: list[str] = []
+    refused: dict[str, str] = {}
+    try:
+        fetched = await transport.fetch(run, [rel for rel, s in seen.items() if s is not None], scratch)
+        for rel in damaged:
+            before = seen[rel]
+            if before is None:
+                refused[rel] = "not a regular file here any more"
+                continue
+            copy = fetched.get(rel)
+            if copy is None:
+                refused[rel] = "not on the NAS"
+                continue
+            digest = await asyncio.to_thread(_hash_and_sync, copy, progress)
+            if digest != manifest.get(rel, "").lower():
+                refused[rel] = "the NAS copy does not match the verified manifest either"
+                continue
+            if _lstat(run / rel) != before:
+                refused[rel] = "changed locally during the restore"
+                continue
+            record = stats.get(rel)
+            mtime_ns = record.mtime_ns if record is not None and record.mtime_ns is not None else before.mtime_ns
+            await asyncio.to_thread(_put_back, copy, run / rel, before, mtime_ns)
+            restored.append(rel)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+    return tuple(restored), refused
+
+
+def restore_detail(restored: Sequence[str], refused: Mapping[str, str], digest: str) -> str:
+    """The event detail of a restore."""
+    parts = []
+    if restored:
+        parts.append(f"restored from the NAS: {name_paths(list(restored))} (manifest {digest[:12]})")
+    for rel, why in sorted(refused.items()):
+        parts.append(f"not restored: {rel}: {why}")
+    return "; ".join(parts) or "nothing to restore: the local files match the verified manifest"

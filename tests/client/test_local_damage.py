@@ -1,0 +1,394 @@
+"""Local damage never overwrites the good NAS copy; restore and accept-local, through the real client.
+
+Every test runs on the mount transport and on rsync_ssh against the loopback
+sshd. "Damage" is one byte flipped after verification with the file's size
+and mtime kept (bit rot behind the filesystem's back). After retry,
+re-enqueue, an audit-driven re-transfer or a mismatch rewrite, the NAS copy
+must still be byte-identical to the verified manifest and the job FAILED
+``local_damage`` naming the file; ``restore`` brings the verified bytes back;
+``retry --accept-local`` keeps the replaced NAS file under
+``.exlab-wizard/previous/<UTC timestamp>/`` and verifies the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exlab_wizard.config import Config, parse_config
+from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
+from exlab_wizard.sync.nas_client import LocalDamageError, NASSyncClient, RestoreError
+from exlab_wizard.sync.reaper import load_verified_stats
+from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.mount import MountTransport
+from tests.client.conftest import Lab, make_client
+from tests.client.test_audit_and_cleanup import Clock, flip_byte_keep_stat, until
+from tests.fixtures.sshd import RW_USER
+
+S = SyncJobState
+EQ = "CONFOCAL_01"
+FILES = {
+    "image_001.tif": b"A" * 3000 + os.urandom(1000),
+    "sub/stack.raw": os.urandom(5000),
+    "notes.txt": b"acquired ok\n",
+}
+DAMAGED = "sub/stack.raw"
+
+
+@dataclass
+class Nas:
+    """One transport's NAS, as these tests see it."""
+
+    kind: str
+    lab: Lab
+    transport: dict[str, Any]
+    root: Path  # where the runs land on the server's disk
+
+    def config(self, **cleanup: Any) -> Config:
+        opts = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True, **cleanup}
+        return parse_config({
+            "equipment": [{"id": EQ, "local_root": str(self.lab.local_root), "transport": self.transport}],
+            "sync": {"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+            "nas_cleanup": opts,
+            "state_dir": str(self.lab.state),
+        })  # fmt: skip
+
+    def copy(self, run: Path) -> Path:
+        return self.root / run.relative_to(self.lab.local_root / EQ)
+
+
+@pytest.fixture(params=["mount", "rsync_ssh"])
+def nas(request: pytest.FixtureRequest, lab: Lab) -> Nas:
+    if request.param == "mount":
+        return Nas("mount", lab, {"type": "mount", "mount_path": str(lab.nas / EQ)}, lab.nas / EQ)
+    sshd = request.getfixturevalue("sshd")
+    remote_dir = request.getfixturevalue("remote_dir")
+    transport = {
+        "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_key_path": str(sshd.env.client_key),
+        "ssh_port": sshd.port, "remote_path": str(remote_dir), "ssh_known_hosts": str(sshd.known_hosts),
+    }  # fmt: skip
+    return Nas("rsync_ssh", lab, transport, remote_dir)
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config, clock: Clock) -> AsyncIterator[NASSyncClient]:
+    client = make_client(cfg)
+    client.clock = clock
+    await client.init()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def data_tree(root: Path) -> dict[str, bytes]:
+    out = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            rel = (Path(folder) / name).relative_to(root).as_posix()
+            if not rel.startswith(".exlab-wizard/"):
+                out[rel] = (Path(folder) / name).read_bytes()
+    return out
+
+
+def previous_files(copy: Path) -> dict[str, bytes]:
+    """``<stamp>/<path>`` -> bytes of every file the NAS keeps under ``.exlab-wizard/previous/``."""
+    root = copy / ".exlab-wizard" / "previous"
+    out = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            out[(Path(folder) / name).relative_to(root).as_posix()] = (Path(folder) / name).read_bytes()
+    return out
+
+
+async def synced(client: NASSyncClient, run: Path) -> Any:
+    await client.enqueue(run)
+    await client.wait_idle(timeout=60)
+    job = await client.job(run)
+    assert job.state == S.VERIFIED, job.last_error
+    return job
+
+
+async def failed_local_damage(client: NASSyncClient, clock: Clock, run: Path) -> Any:
+    """Synced, audited, old enough; one byte flipped; the reaper's interlock 6 fails the job."""
+    await synced(client, run)
+    clock.advance(6)
+    await client.audit_once()
+    clock.advance(19)
+    flip_byte_keep_stat(run / DAMAGED, 42)
+    await client.cleanup_once()
+    job = await client.job(run)
+    assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+    return job
+
+
+def transfers_after(job: Any, moment: dt.datetime) -> list[Any]:
+    return [e for e in job.events if e.kind == "transition" and e.to_state == "running" and e.at > moment]
+
+
+def assert_nas_is_the_manifest(nas: Nas, run: Path, digest: str) -> None:
+    """The NAS copy is byte-identical to the verified files, and the local manifest is the verified one."""
+    assert data_tree(nas.copy(run)) == FILES
+    assert manifest_digest(read_manifest(run)) == digest
+
+
+# --------------------------------------------------------------------------- never sent
+
+
+async def test_retry_and_re_enqueue_of_a_local_damage_job_are_refused(nas: Nas) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        job = await failed_local_damage(client, clock, run)
+        failed_at = job.updated_at
+
+        with pytest.raises(LocalDamageError) as caught:
+            await client.retry(job.id)
+        assert caught.value.kind == "local_damage" and caught.value.paths == (DAMAGED,)
+        assert "exlab-sync restore" in str(caught.value) and f"retry --accept-local {job.id}" in str(caught.value)
+        with pytest.raises(LocalDamageError):
+            await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage" and DAMAGED in job.last_error
+        assert transfers_after(job, failed_at) == []
+    assert_nas_is_the_manifest(nas, run, job.manifest_digest)
+
+
+async def test_audit_driven_retransfer_and_its_mismatch_rewrite_never_send_damage(nas: Nas) -> None:
+    """The NAS loses one file; the re-transfer would find the damaged one different and rewrite it."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        job = await synced(client, run)
+        (nas.copy(run) / "notes.txt").unlink()  # the audit sees it missing: a re-transfer of it
+        flip_byte_keep_stat(run / DAMAGED, 7)
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+        assert f"local damage (content changed, size and mtime not): {DAMAGED}" in job.last_error
+        assert len([e for e in job.events if e.kind == "transition" and e.to_state == "running"]) == 1
+    assert data_tree(nas.copy(run)) == {k: v for k, v in FILES.items() if k != "notes.txt"}
+    assert manifest_digest(read_manifest(run)) == job.manifest_digest
+
+
+async def test_retry_of_a_job_failed_otherwise_never_lets_the_mismatch_rewrite_send_damage(nas: Nas) -> None:
+    """retry resets the mismatch count: the re-transfer would see the damaged file differ and rewrite it."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        job = await synced(client, run)
+        foreign = nas.copy(run) / "someone else.csv"
+        foreign.write_bytes(b"not ours")  # the audit sees an extra file; the re-transfer refuses the folder
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "remote_conflict", job.last_error
+        foreign.unlink()  # the admin cleans the folder up; meanwhile a local file rotted
+        flip_byte_keep_stat(run / DAMAGED, 13)
+
+        await client.retry(job.id)  # not a local_damage job: re-armed; the transfer finds the damage itself
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+        assert DAMAGED in job.last_error and "exlab-sync restore" in job.last_error
+    assert_nas_is_the_manifest(nas, run, job.manifest_digest)
+
+
+async def test_with_the_verified_stats_lost_damage_is_not_sent_and_an_edit_is(nas: Nas) -> None:
+    """A crash right after VERIFIED lost the per-file stats: an old mtime is damage, a new one an edit."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        job = await synced(client, run)
+        queue = client._require_queue()
+        with queue.transaction() as conn:
+            conn.execute("DELETE FROM verified_files WHERE job_id = ?", (job.id,))
+        assert load_verified_stats(queue, job.id) == {}
+        # Edited after verification (new mtime): re-synced as before.
+        (run / "notes.txt").write_bytes(b"re-acquired\n")
+        later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).timestamp()
+        os.utime(run / "notes.txt", (later, later))
+        (nas.copy(run) / "image_001.tif").unlink()  # an audit mismatch sends the job back to a transfer
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.VERIFIED, job.last_error
+        assert (nas.copy(run) / "notes.txt").read_bytes() == b"re-acquired\n"
+        assert read_manifest(run)["notes.txt"] == sha(b"re-acquired\n")
+
+        with queue.transaction() as conn:
+            conn.execute("DELETE FROM verified_files WHERE job_id = ?", (job.id,))
+        flip_byte_keep_stat(run / DAMAGED, 3)  # old mtime: damage, not an edit
+        (nas.copy(run) / "image_001.tif").unlink()
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+    assert (nas.copy(run) / DAMAGED).read_bytes() == FILES[DAMAGED]
+
+
+# --------------------------------------------------------------------------- restore
+
+
+async def test_restore_brings_the_verified_bytes_back_and_the_job_to_verified(nas: Nas) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        job = await failed_local_damage(client, clock, run)
+        recorded = load_verified_stats(client._require_queue(), job.id)[DAMAGED]
+
+        result = await client.restore(run)
+        assert result.ok and result.restored == (DAMAGED,) and result.state == S.VERIFIED
+        assert (run / DAMAGED).read_bytes() == FILES[DAMAGED]
+        assert os.stat(run / DAMAGED).st_mtime_ns == recorded.mtime_ns
+        assert not list((run / ".exlab-wizard").glob(".restore-*"))  # no scratch left
+        after = await client.job(run)
+        assert after.state == S.VERIFIED and after.manifest_digest == job.manifest_digest
+        assert after.verify_passes == job.verify_passes and after.verified_at == job.verified_at
+        assert after.error_kind is None and after.last_error is None
+        back = [e for e in after.events if e.kind == "transition" and e.from_state == "failed"]
+        assert back[-1].to_state == "verified" and f"restored from the NAS: {DAMAGED}" in back[-1].detail
+        assert (await client.force_verify(run)).ok
+        assert (await client.restore(run)).restored == ()  # nothing left to restore
+
+        # The reaper now finds the run intact again and frees it.
+        outcomes = [o for o in await client.cleanup_once() if o.action != "promoted"]
+        assert [o.action for o in outcomes] == ["deleted"], outcomes
+    assert data_tree(nas.copy(run)) == FILES
+
+
+async def test_restore_refuses_a_nas_copy_that_does_not_match_the_manifest(nas: Nas) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        job = await failed_local_damage(client, clock, run)
+        flip_byte_keep_stat(nas.copy(run) / DAMAGED, 99)  # the NAS copy rotted too
+        local = (run / DAMAGED).read_bytes()
+
+        result = await client.restore(run)
+        assert not result.ok and result.restored == ()
+        assert "does not match the verified manifest" in result.refused[DAMAGED]
+        assert (run / DAMAGED).read_bytes() == local  # left as it was
+        after = await client.job(run)
+        assert after.state == S.FAILED and after.error_kind == "local_damage"
+        assert any(e.kind == "restore" and "not restored" in e.detail for e in after.events)
+        assert not list((run / ".exlab-wizard").glob(".restore-*"))
+
+        other = nas.lab.make_run("Run_2026-01-02", files={"a.bin": b"a"})
+        with pytest.raises(RestoreError) as caught:
+            await client.restore(other)
+        assert caught.value.kind == "no_job"
+
+
+# --------------------------------------------------------------------------- accept-local
+
+
+async def test_accept_local_keeps_the_replaced_nas_file_and_verifies_the_new_one(nas: Nas) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        job = await synced(client, run)
+        flip_byte_keep_stat(run / DAMAGED, 11)
+        accepted = (run / DAMAGED).read_bytes()
+        (nas.copy(run) / "notes.txt").unlink()  # the audit sends the job to a re-transfer, which finds the damage
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage"
+
+        job = await client.retry(job.id, accept_local=True)
+        assert job.state == S.QUEUED and job.accept_local_paths == (DAMAGED,) and job.previous_stamp
+        stamp = job.previous_stamp
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.VERIFIED, job.last_error
+        assert job.accept_local_paths == () and job.previous_stamp is None
+        assert [e.kind for e in job.events].count("previous_kept") == 1
+
+        copy = nas.copy(run)
+        assert data_tree(copy) == {**FILES, DAMAGED: accepted}
+        assert previous_files(copy) == {f"{stamp}/{DAMAGED}": FILES[DAMAGED]}
+        assert read_manifest(run)[DAMAGED] == sha(accepted)
+        assert read_manifest(copy)[DAMAGED] == sha(accepted)  # the pushed metadata too
+        # previous/ is not data: the audit passes.
+        clock.advance(6)
+        await client.audit_once()
+        assert (await client.job(run)).verify_passes == 2
+
+
+async def test_accept_local_move_is_recorded_and_not_repeated_after_a_failed_push(nas: Nas, monkeypatch) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        job = await failed_local_damage(client, clock, run)
+        transport = client._transport(client.config.equipment_by_id(EQ))
+        real_push = type(transport).push
+        calls = {"keep": 0, "push": 0}
+        real_keep = type(transport).keep_previous
+
+        async def keep(self, *args, **kwargs):
+            calls["keep"] += 1
+            return await real_keep(self, *args, **kwargs)
+
+        async def push_once_down(self, *args, **kwargs):
+            calls["push"] += 1
+            if calls["push"] == 1:
+                from exlab_wizard.sync.transports import TransportError, TransportErrorKind
+
+                raise TransportError(TransportErrorKind.NETWORK, "connection reset (injected)")
+            return await real_push(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(transport), "keep_previous", keep)
+        monkeypatch.setattr(type(transport), "push", push_once_down)
+        await client.retry(job.id, accept_local=True)
+
+        async def settled() -> bool:  # wait_idle does not wait for a retry that is not due yet
+            await client.wait_idle(timeout=60)
+            return (await client.job(run)).state in (S.VERIFIED, S.FAILED)
+
+        await until(settled)
+        job = await client.job(run)
+        assert job.state == S.VERIFIED, job.last_error
+        assert calls == {"keep": 1, "push": 2}  # moved once; the data push twice (the first failed)
+        copy = nas.copy(run)
+        assert list(previous_files(copy).values()) == [FILES[DAMAGED]]
+        assert (copy / DAMAGED).read_bytes() == (run / DAMAGED).read_bytes() != FILES[DAMAGED]
+    assert isinstance(transport, MountTransport) == (nas.kind == "mount")
+
+
+async def test_restore_with_the_share_unmounted_changes_nothing(lab: Lab) -> None:
+    nas = Nas("mount", lab, {"type": "mount", "mount_path": str(lab.nas / EQ)}, lab.nas / EQ)
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        await failed_local_damage(client, clock, run)
+        local = (run / DAMAGED).read_bytes()
+        (lab.nas / EQ / ".exlab-nas").unlink()  # unmounted: the bare mount point is not the NAS
+        with pytest.raises(RestoreError) as caught:
+            await client.restore(run)
+        assert caught.value.kind == "unreachable"
+        assert (run / DAMAGED).read_bytes() == local
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage"
