@@ -60,13 +60,12 @@ this list):
 - :mod:`.interlocks`: the facts the policy asks for, and the dry run;
 - :mod:`.passes`: :class:`Reaper`, the order of it all.
 
-Callers import from this package only.
+Callers import from this package only (tests may reach a module to inject a
+failure where the code reads it, e.g. ``deletion.delete_batch``).
 """
-
 
 from exlab_wizard.sync.reaper.contract import FinalPush, ReaperOutcome
 from exlab_wizard.sync.reaper.local_check import (
-    RACE_SLACK_NS,
     LocalScan,
     load_verified_stats,
     record_verified_stat,
@@ -82,7 +81,6 @@ from exlab_wizard.sync.reaper.store import (
 )
 
 __all__ = [
-    "RACE_SLACK_NS",
     "FinalPush",
     "LocalScan",
     "PlannedFile",

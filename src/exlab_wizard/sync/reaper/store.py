@@ -289,11 +289,10 @@ class CleanupStore:
 
 
 def ensure_cleanup_schema(queue: JobQueue) -> None:
-    """Make sure the reaper's tables exist. Idempotent.
+    """Make sure the reaper's tables exist. Idempotent; takes no write lock.
 
-    They are the queue's migration 4, made when the database is opened;
-    this only opens it. Kept for callers written when the reaper made its
-    tables on first use.
+    The tables are the queue's migration 4, made when the database is
+    opened: this only opens it (raising like :class:`JobQueue`).
     """
     with queue.snapshot():
         pass
