@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from exlab_wizard.config import Config, parse_config
-from exlab_wizard.sync import reaper as reaper_mod
 from exlab_wizard.sync.equipment_log import log_path_for
 from exlab_wizard.sync.manifest_format import read_manifest
 from exlab_wizard.sync.nas_client import NASSyncClient, SyncHandleState
+from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.states import SyncJobState
 from tests.client.conftest import Lab, make_client
 
@@ -689,16 +689,16 @@ async def test_crash_after_the_plan_then_an_audit_failure_drops_the_plan(lab: La
     run = lab.make_run(files=FILES)
     async with running(cfg, clock) as client:
         await ready(client, clock, run)
-        real = reaper_mod._delete_batch
+        real = deletion.delete_batch
 
         def power_cut(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("power cut")
 
-        monkeypatch.setattr(reaper_mod, "_delete_batch", power_cut)
+        monkeypatch.setattr(deletion, "delete_batch", power_cut)
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["error"]
         assert "cleanup_planned" in [e.kind for e in (await client.job(run)).events]
-        monkeypatch.setattr(reaper_mod, "_delete_batch", real)
+        monkeypatch.setattr(deletion, "delete_batch", real)
         flip_byte_keep_stat(lab.nas_copy(run) / "notes.txt")
         clock.advance(6)
         await client.audit_once()

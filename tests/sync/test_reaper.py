@@ -27,12 +27,15 @@ from exlab_wizard.sync.manifest_format import format_manifest, manifest_digest
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import (
     Reaper,
+    deletion,
     load_verified_stats,
+    local_check,
     record_verified_stat,
     scan_run,
 )
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import make_transport
+from exlab_wizard.sync.transports.base import TransportError
 
 S = SyncJobState
 HOUR = dt.timedelta(hours=1)
@@ -246,7 +249,7 @@ def test_all_six_hold_deletes_exactly_the_manifest_files(lab: Lab):
 def test_the_plan_is_written_before_anything_is_deleted(lab: Lab, monkeypatch):
     run, job_id = lab.make_run(eligible=True)
     seen = []
-    real = reaper_mod._delete_batch
+    real = deletion.delete_batch
 
     def spy(run_path, batch):
         with lab.queue.transaction() as conn:
@@ -255,7 +258,7 @@ def test_the_plan_is_written_before_anything_is_deleted(lab: Lab, monkeypatch):
         assert lab.manifest_files_intact(run)
         return real(run_path, batch)
 
-    monkeypatch.setattr(reaper_mod, "_delete_batch", spy)
+    monkeypatch.setattr(deletion, "delete_batch", spy)
     lab.run_pass()
     digest = lab.job(job_id).manifest_digest
     assert seen[0] == {rel: (len(data), sha(data), digest) for rel, data in DEFAULT_FILES.items()}
@@ -396,7 +399,7 @@ def test_interlock_4_without_a_usable_listing_nothing_is_deleted(lab: Lab, listi
 
     async def broken(job):
         if listing == "raises":
-            raise reaper_mod.TransportError("auth", "permission denied (publickey)")
+            raise TransportError("auth", "permission denied (publickey)")
         return [("sub/notes.txt", 12)]
 
     lab.run_pass(remote_listing=None if listing == "none" else broken)
@@ -608,7 +611,7 @@ def test_run_folder_replaced_by_a_symlink_during_an_interrupted_deletion(lab: La
     def crash(run_path, batch):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(reaper_mod, "_delete_batch", crash)
+    monkeypatch.setattr(deletion, "delete_batch", crash)
     assert [o.action for o in lab.run_pass()] == ["error"]
     monkeypatch.undo()
     with lab.queue.transaction() as conn:
@@ -707,13 +710,13 @@ def test_retain_cache_false_without_a_push_keeps_the_run_folder(lab: Lab):
 def test_resume_after_a_crash_part_way(lab: Lab, monkeypatch):
     files = {f"f{i:02d}.bin": bytes([i]) * (100 + i) for i in range(10)}
     run, job_id = lab.make_run(files=files, eligible=True)
-    real = reaper_mod._delete_batch
+    real = deletion.delete_batch
 
     def half_then_crash(run_path, batch):
         real(run_path, batch[:4])
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(reaper_mod, "_delete_batch", half_then_crash)
+    monkeypatch.setattr(deletion, "delete_batch", half_then_crash)
     lab.run_pass()
     monkeypatch.undo()
     assert sum((run / rel).exists() for rel in files) == 6
@@ -727,13 +730,13 @@ def test_resume_after_a_crash_part_way(lab: Lab, monkeypatch):
 def test_resume_never_deletes_a_file_changed_after_the_plan(lab: Lab, monkeypatch):
     files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
     run, job_id = lab.make_run(files=files, eligible=True)
-    real = reaper_mod._delete_batch
+    real = deletion.delete_batch
 
     def two_then_crash(run_path, batch):
         real(run_path, batch[:2])
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(reaper_mod, "_delete_batch", two_then_crash)
+    monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
     lab.run_pass()
     monkeypatch.undo()
     (run / "f04.bin").write_bytes(b"edited while the machine was down")
@@ -754,7 +757,7 @@ def test_a_plan_whose_job_moved_on_is_dropped_not_carried_out(lab: Lab, monkeypa
     def crash(run_path, batch):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(reaper_mod, "_delete_batch", crash)
+    monkeypatch.setattr(deletion, "delete_batch", crash)
     lab.run_pass()
     monkeypatch.undo()
     # The audit loop found the NAS copy bad meanwhile: back to QUEUED for a re-transfer.
@@ -767,7 +770,7 @@ def test_a_plan_whose_job_moved_on_is_dropped_not_carried_out(lab: Lab, monkeypa
 
 def test_resumed_plan_lists_the_nas_again_and_requeues_when_nothing_was_deleted(lab: Lab, monkeypatch):
     run, job_id = lab.make_run(eligible=True)
-    monkeypatch.setattr(reaper_mod, "_delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(deletion, "delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
     lab.run_pass()  # the plan is written, then the process dies before the first unlink
     monkeypatch.undo()
     with lab.queue.transaction() as conn:
@@ -786,13 +789,13 @@ def test_resumed_plan_lists_the_nas_again_and_requeues_when_nothing_was_deleted(
 def test_resumed_plan_part_deleted_stops_when_the_nas_lost_a_file_still_here(lab: Lab, monkeypatch):
     files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
     run, job_id = lab.make_run(files=files, eligible=True)
-    real = reaper_mod._delete_batch
+    real = deletion.delete_batch
 
     def two_then_crash(run_path, batch):
         real(run_path, batch[:2])
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(reaper_mod, "_delete_batch", two_then_crash)
+    monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
     lab.run_pass()
     monkeypatch.undo()
     os.truncate(lab.nas_copy(run) / "f04.bin", 0)
@@ -808,7 +811,7 @@ def test_resumed_plan_part_deleted_stops_when_the_nas_lost_a_file_still_here(lab
 
 def test_resumed_plan_waits_while_the_listing_cannot_be_taken(lab: Lab, monkeypatch):
     run, job_id = lab.make_run(eligible=True)
-    monkeypatch.setattr(reaper_mod, "_delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(deletion, "delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
     lab.run_pass()
     monkeypatch.undo()
     (lab.nas / ".exlab-nas").unlink()
@@ -821,7 +824,7 @@ def test_resumed_plan_waits_while_the_listing_cannot_be_taken(lab: Lab, monkeypa
 
 def test_resumed_plan_waits_while_cleanup_is_disabled(lab: Lab, monkeypatch):
     run, job_id = lab.make_run(eligible=True)
-    monkeypatch.setattr(reaper_mod, "_delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(deletion, "delete_batch", lambda r, b: (_ for _ in ()).throw(RuntimeError("killed")))
     lab.run_pass()
     monkeypatch.undo()
     lab.cleanup(enabled=False)
@@ -846,7 +849,7 @@ def test_record_verified_stat_keeps_the_first_trusted_stat(lab: Lab):
 
 
 def test_record_verified_stat_distrusts_files_written_while_hashing(lab: Lab, monkeypatch):
-    monkeypatch.setattr(reaper_mod, "RACE_SLACK_NS", 0)  # the test cannot wait out 2 s of slack
+    monkeypatch.setattr(local_check, "RACE_SLACK_NS", 0)  # the test cannot wait out 2 s of slack
     run, job_id = lab.make_run()
     hashing_began = dt.datetime.now(dt.UTC)
     (run / "image_001.tif").write_bytes(b"A" * 3000)  # rewritten (same bytes) while being hashed

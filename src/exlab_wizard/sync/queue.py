@@ -133,6 +133,41 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE jobs ADD COLUMN previous_stamp TEXT;
     ALTER TABLE jobs ADD COLUMN previous_kept_at TEXT;
     """,
+    # 4: the cleanup reaper's tables: each verified file's stat, and the durable deletion plan.
+    # IF NOT EXISTS: earlier versions made these tables on first use, outside this list.
+    """
+    CREATE TABLE IF NOT EXISTS verified_files (
+        job_id      TEXT NOT NULL REFERENCES jobs (id),
+        path        BLOB NOT NULL,
+        sha256      TEXT NOT NULL,
+        size        INTEGER,
+        mtime_ns    INTEGER,
+        ctime_ns    INTEGER,
+        ino         TEXT,
+        trusted     INTEGER NOT NULL,
+        recorded_at TEXT NOT NULL,
+        PRIMARY KEY (job_id, path)
+    );
+    CREATE TABLE IF NOT EXISTS cleanup_progress (
+        job_id          TEXT PRIMARY KEY REFERENCES jobs (id),
+        run_path        TEXT NOT NULL,
+        manifest_digest TEXT NOT NULL,
+        planned_at      TEXT NOT NULL,
+        files           INTEGER NOT NULL,
+        bytes           INTEGER NOT NULL,
+        data_deleted_at TEXT
+    );
+    CREATE TABLE IF NOT EXISTS cleanup_plan (
+        job_id          TEXT NOT NULL REFERENCES jobs (id),
+        path            BLOB NOT NULL,
+        size            INTEGER NOT NULL,
+        mtime_ns        INTEGER NOT NULL,
+        ino             TEXT NOT NULL,
+        sha256          TEXT NOT NULL,
+        manifest_digest TEXT NOT NULL,
+        PRIMARY KEY (job_id, path)
+    );
+    """,
 ]
 
 
@@ -531,6 +566,15 @@ class JobQueue:
             finally:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
+
+    def snapshot(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A consistent read across several statements, without the write lock.
+
+        A deferred ``BEGIN``: in WAL mode it neither waits for nor blocks a
+        writer in another connection. Inside :meth:`transaction` it joins
+        that transaction. Yields the connection (rows read by column name).
+        """
+        return self._snapshot()
 
     def close(self) -> None:
         """Close the connection; later calls raise ``RuntimeError``. Idempotent."""

@@ -1,0 +1,245 @@
+"""Descriptor-relative, no-follow deletion of planned files, and the tidying after it.
+
+Owns every unlink and rmdir the reaper makes:
+
+- :func:`delete_batch`: each planned file is ``lstat``-ed right before it
+  is unlinked, through folders opened with ``O_NOFOLLOW`` from the run
+  folder down (see :mod:`.nofollow`); it must still be a regular file with
+  the planned size, mtime and inode, else nothing more is deleted. Folders
+  are fsync-ed after their files are unlinked.
+- :func:`remove_left_empty`: the folders the deletion left empty, deepest
+  first, never the run folder, never a symlink, never outside the run.
+- :func:`metadata_snapshot` / :func:`remove_metadata` /
+  :func:`remove_run_folder`: with ``retain_cache: false``, the
+  ``.exlab-wizard/`` files that did not change since the final push, then
+  the run folder when it is empty.
+
+Decides nothing: the reaper pass (:mod:`.passes`) says what to delete and
+when. Blocking I/O throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from exlab_wizard.sync.reaper.nofollow import (
+    CLOEXEC,
+    DIR_FLAGS,
+    RunFolderError,
+    Tree,
+    kind_of,
+    open_dir_chain,
+    open_run,
+    split_path,
+    walk,
+)
+from exlab_wizard.sync.reaper.store import PlannedFile
+from exlab_wizard.sync.transports.base import METADATA_DIR
+
+__all__ = [
+    "DeleteResult",
+    "delete_batch",
+    "metadata_snapshot",
+    "remove_left_empty",
+    "remove_metadata",
+    "remove_run_folder",
+]
+
+
+@dataclass
+class DeleteResult:
+    """What :func:`delete_batch` did: counts, and why it stopped (``stop``), if it did."""
+
+    deleted: int = 0
+    gone: int = 0
+    bytes_deleted: int = 0
+    stop: str | None = None        # a reason: nothing more was deleted
+    stop_fatal: bool = False       # the plan can never complete (FAILED) vs. try again later
+    stop_path: str | None = None
+
+
+def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
+    """Unlink the planned files of ``batch`` that still match the plan. Blocking I/O.
+
+    Stops at the first file that does not match (nothing more deleted).
+    Folders are fsync-ed after their files are unlinked.
+    """
+    result = DeleteResult()
+    try:
+        root = open_run(run_path)
+    except RunFolderError as exc:
+        result.stop = exc.reason
+        return result
+    try:
+        groups: dict[tuple[str, ...], list[PlannedFile]] = {}
+        for item in batch:
+            parents, _ = split_path(item.path)
+            groups.setdefault(tuple(parents), []).append(item)
+        for parents, items in groups.items():
+            try:
+                folder = open_dir_chain(root, parents)
+            except FileNotFoundError:
+                result.gone += len(items)  # the whole folder is gone: so are its files
+                continue
+            except OSError as exc:
+                result.stop = f"folder replaced since the plan: {'/'.join(parents)} ({exc.strerror or exc})"
+                result.stop_fatal, result.stop_path = True, items[0].path
+                return result
+            try:
+                unlinked = False
+                for item in items:
+                    _, name = split_path(item.path)
+                    try:
+                        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                    except FileNotFoundError:
+                        result.gone += 1
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        result.stop = f"not a regular file any more: {item.path} ({kind_of(st.st_mode)})"
+                    elif (st.st_size, st.st_mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.ino):
+                        result.stop = f"local file changed since the plan: {item.path}"
+                    if result.stop is not None:
+                        result.stop_fatal, result.stop_path = True, item.path
+                        break
+                    try:
+                        os.unlink(name, dir_fd=folder)
+                    except FileNotFoundError:
+                        result.gone += 1
+                        continue
+                    except OSError as exc:
+                        result.stop = f"cannot delete {item.path}: {exc.strerror or exc}"
+                        result.stop_path = item.path
+                        break
+                    unlinked = True
+                    result.deleted += 1
+                    result.bytes_deleted += item.size
+                if unlinked:
+                    os.fsync(folder)
+            finally:
+                os.close(folder)
+            if result.stop is not None:
+                return result
+    finally:
+        os.close(root)
+    return result
+
+
+def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
+    """Remove the folders that held the given files and are now empty, deepest first. Blocking I/O.
+
+    Never the run folder itself, never a symlink (``rmdir`` does not follow
+    one), never a folder outside the run (descent uses ``O_NOFOLLOW``).
+    Returns the folders removed.
+    """
+    candidates: set[tuple[str, ...]] = set()
+    for rel in paths:
+        parents, _ = split_path(rel)
+        for i in range(1, len(parents) + 1):
+            candidates.add(tuple(parents[:i]))
+    removed: list[str] = []
+    try:
+        root = open_run(run_path)
+    except RunFolderError:
+        return removed
+    try:
+        for folder in sorted(candidates, key=lambda p: (-len(p), p)):
+            try:
+                parent = open_dir_chain(root, folder[:-1])
+            except OSError:
+                continue
+            try:
+                os.rmdir(folder[-1], dir_fd=parent)
+            except OSError:
+                pass  # not empty, already gone, or not a folder: leave it
+            else:
+                removed.append("/".join(folder))
+                os.fsync(parent)
+            finally:
+                os.close(parent)
+    finally:
+        os.close(root)
+    return removed
+
+
+def metadata_snapshot(run_path: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
+    """Regular files under ``.exlab-wizard/`` (path, size, mtime_ns, inode), and its folders (deepest first)."""
+    files: list[tuple[str, int, int, int]] = []
+    folders: list[str] = []
+    root = open_run(run_path)
+    try:
+        try:
+            meta = os.open(METADATA_DIR, DIR_FLAGS, dir_fd=root)
+        except FileNotFoundError:
+            return files, folders
+        tree = Tree()
+        try:
+            walk(meta, "", tree, skip_metadata=False)
+        finally:
+            os.close(meta)
+    finally:
+        os.close(root)
+    if tree.unreadable:
+        raise OSError(f"cannot read {METADATA_DIR}/{tree.unreadable[0]}")
+    for rel, st in tree.files.items():
+        files.append((f"{METADATA_DIR}/{rel}", st.st_size, st.st_mtime_ns, st.st_ino))
+    folders = [f"{METADATA_DIR}/{d}" for d in sorted(tree.dirs, key=lambda p: (-p.count("/"), p))]
+    folders.append(METADATA_DIR)
+    return files, folders
+
+
+def remove_metadata(run_path: Path, files: Sequence[tuple[str, int, int, int]], folders: Sequence[str]) -> str | None:
+    """Delete the snapshotted ``.exlab-wizard/`` files that did not change, then its empty folders.
+
+    Returns a reason when something changed after the snapshot (nothing of
+    it deleted then), else None.
+    """
+    planned = [PlannedFile(rel, size, mtime_ns, ino, "") for rel, size, mtime_ns, ino in files]
+    result = delete_batch(run_path, planned)
+    if result.stop is not None:
+        return result.stop
+    try:
+        root = open_run(run_path)
+    except RunFolderError as exc:
+        return exc.reason
+    try:
+        for rel in folders:
+            parents, name = split_path(rel)
+            try:
+                parent = open_dir_chain(root, parents)
+            except OSError:
+                continue
+            try:
+                os.rmdir(name, dir_fd=parent)
+                os.fsync(parent)
+            except OSError:
+                pass
+            finally:
+                os.close(parent)
+    finally:
+        os.close(root)
+    return None
+
+
+def remove_run_folder(run_path: Path) -> str | None:
+    """``rmdir`` the run folder if it is empty (a symlink is never removed this way). None when removed."""
+    if os.path.islink(run_path):
+        return "run folder is a symlink"
+    try:
+        os.rmdir(run_path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"run folder kept: {exc.strerror or exc}"
+    with contextlib.suppress(OSError):
+        parent = os.open(run_path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | CLOEXEC)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+    return None
+

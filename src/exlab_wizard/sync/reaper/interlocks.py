@@ -1,0 +1,201 @@
+"""The interlock facts of one job, gathered as far as the cleanup policy asks for them.
+
+Owns how the reaper answers the questions of
+:func:`exlab_wizard.sync.policy.cleanup.decide`, cheapest first: is the
+remote reachable, are the overrides the job relied on still active, is the
+local run the verified bytes (:mod:`.local_check`), and does one fresh
+listing of the remote run folder hold every planned file with its size.
+The decision itself stays in the policy (pure); nothing here writes.
+A dry run is these facts decided without acting, so its answer for one job
+(:meth:`InterlockFacts._dry_run_job`) is here too.
+
+:class:`InterlockFacts` is a base of :class:`~.passes.Reaper`: it reads the
+reaper's ``queue``, ``config``, ``writer``, ``remote_stat``,
+``remote_listing`` and ``now`` at each call, so a config swapped on a live
+reaper takes effect on the next decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import inspect
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
+from exlab_wizard.sync.policy import cleanup as policy
+from exlab_wizard.sync.policy.cleanup import CleanupDecision, CleanupFacts, LocalCheck
+from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, RemoteStat
+from exlab_wizard.sync.reaper.local_check import LocalScan, load_verified_stats, scan_run
+from exlab_wizard.sync.reaper.store import PlannedFile, Progress
+from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+
+__all__ = ["InterlockFacts"]
+
+logger = logging.getLogger(__name__)
+
+class InterlockFacts:
+    """Gathers the facts the cleanup policy asks for, one question at a time (see the module)."""
+
+    queue: JobQueue
+    config: Any
+    writer: Any
+    remote_stat: RemoteStat
+    remote_listing: RemoteListing | None
+    now: Callable[[], dt.datetime]
+
+    async def _reachable(self, job: SyncJobRow) -> bool:
+        try:
+            answer = self.remote_stat(job)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            return bool(answer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.info("remote probe for job %s failed: %s", job.id, exc)
+            return False
+
+    async def _remote_check(self, job: SyncJobRow, expected: Mapping[str, int]) -> policy.RemoteCheck:
+        """One listing of the remote run folder, compared with the sizes it must hold (interlock 4)."""
+        if self.remote_listing is None:
+            return policy.RemoteCheck(
+                refusal="remote run folder cannot be listed: nothing is deleted without a listing"
+            )
+        try:
+            listing = await self.remote_listing(job)
+            if not isinstance(listing, Mapping):
+                raise TypeError(f"remote listing returned {type(listing).__name__}, not a mapping")
+        except asyncio.CancelledError:
+            raise
+        except TransportError as exc:
+            logger.info("remote listing for job %s failed: %s", job.id, exc)
+            if exc.kind == TransportErrorKind.NETWORK:
+                return policy.RemoteCheck(refusal=f"remote unreachable: {exc.message}")
+            return policy.RemoteCheck(refusal=f"remote listing failed: {exc.kind.value}: {exc.message}")
+        except Exception as exc:
+            logger.info("remote listing for job %s failed: %s", job.id, exc)
+            return policy.RemoteCheck(refusal=f"remote listing failed: {type(exc).__name__}: {exc}")
+        return policy.check_remote(expected, listing)
+
+    def _overrides(self, job: SyncJobRow, now: dt.datetime) -> tuple[tuple[str, ...], str | None]:
+        """(ids no longer active, error reading them)."""
+        ids = tuple(job.overrides_relied_on)
+        if not ids:
+            return (), None
+        from exlab_wizard.validator.overrides import revoked_or_expired
+
+        try:
+            creation = self.writer.read(Path(job.run_path))
+        except Exception as exc:
+            return (), f"creation.json unreadable: {exc}"
+        entries = list(creation.validation_overrides) if creation is not None else []
+        return tuple(revoked_or_expired(ids, entries, now)), None
+
+    def _scan(self, job: SyncJobRow) -> LocalScan:
+        run = Path(job.run_path)
+        if os.path.islink(run):
+            return LocalScan(LocalCheck(refusal="run folder is a symlink"))
+        try:
+            manifest = read_manifest(run)
+        except ManifestFormatError as exc:
+            return LocalScan(LocalCheck(refusal=f"manifest unreadable: {exc}"))
+        except OSError as exc:
+            if not run.exists():
+                return LocalScan(LocalCheck(refusal="run folder missing"))
+            return LocalScan(LocalCheck(refusal=f"manifest unreadable: {exc.strerror or exc}"))
+        if manifest is None:
+            if not run.exists():
+                return LocalScan(LocalCheck(refusal="run folder missing"))
+            return LocalScan(LocalCheck(refusal="no recorded manifest"))
+        if not job.manifest_digest:
+            return LocalScan(LocalCheck(refusal="no verified manifest digest on the job"))
+        if manifest_digest(manifest) != job.manifest_digest:
+            return LocalScan(LocalCheck(refusal="manifest changed since verification"))
+        if not manifest:
+            return LocalScan(LocalCheck(refusal="manifest lists no files"))
+        verified = load_verified_stats(self.queue, job.id)
+        return scan_run(run, manifest, verified, verified_at=job.verified_at)
+
+    def _base_facts(self, job: SyncJobRow, now: dt.datetime) -> CleanupFacts:
+        cleanup = self.config.nas_cleanup
+        return CleanupFacts(
+            enabled=cleanup.enabled,
+            verify_passes=job.verify_passes,
+            min_verify_passes=cleanup.min_verify_passes,
+            verified_at=job.verified_at,
+            min_age_hours=cleanup.min_age_hours,
+            now=now,
+            metadata_push_pending=job.metadata_push_pending,
+        )
+
+    async def _decide(
+        self, job: SyncJobRow, *, local: bool, planned: Sequence[PlannedFile] | None = None
+    ) -> tuple[CleanupDecision, LocalScan | None]:
+        """Gather facts as far as they matter and decide.
+
+        ``local=False`` treats interlock 6 as holding; the remote listing is
+        then compared with ``planned`` (a resumed plan), or treated as holding
+        when ``planned`` is None (the data are deleted already).
+        """
+        now = self.now()
+        facts = self._base_facts(job, now)
+        scan: LocalScan | None = None
+        while True:
+            decision = policy.decide(facts)
+            if decision.action != "check":
+                return decision, scan
+            if decision.needs == "remote_reachable":
+                facts = dataclasses.replace(facts, remote_reachable=await self._reachable(job))
+            elif decision.needs == "overrides":
+                gone, error = await asyncio.to_thread(self._overrides, job, now)
+                facts = dataclasses.replace(facts, overrides_no_longer_active=gone, override_check_error=error)
+            elif decision.needs == "remote_listing":
+                files = scan.files if scan is not None else planned
+                if files is None:
+                    facts = dataclasses.replace(facts, remote=policy.RemoteCheck())
+                else:
+                    expected = {f.path: f.size for f in files}
+                    facts = dataclasses.replace(facts, remote=await self._remote_check(job, expected))
+            elif local:
+                scan = await asyncio.to_thread(self._scan, job)
+                facts = dataclasses.replace(facts, local=scan.check)
+            else:
+                facts = dataclasses.replace(facts, local=LocalCheck())
+
+    # ------------------------------------------------------------ dry run
+
+    async def _dry_run_job(self, job: SyncJobRow, progress: Progress | None) -> ReaperOutcome:
+        if progress is not None:
+            return ReaperOutcome(
+                job.id, job.run_path, "in_progress",
+                f"deletion in progress: {progress.files} files, {progress.bytes} bytes planned",
+                files=progress.files, bytes=progress.bytes,
+            )
+        if job.state == SyncJobState.VERIFIED:
+            # What stands between the job and cleanup besides interlock 1 (decided below): a dry run
+            # with cleanup off is how a lab sees what enabling it would do.
+            opted_in = self.config.nas_cleanup.model_copy(update={"enabled": True})
+            ok, reason = policy.eligible_to_promote(job, opted_in, self.now())
+            if not ok:
+                return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        decision, scan = await self._decide(job, local=True)
+        if decision.action == "wait":
+            return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason)
+        if decision.action == "requeue":
+            return ReaperOutcome(job.id, job.run_path, "would_requeue", decision.reason, paths=decision.paths)
+        if decision.action == "fail":
+            return ReaperOutcome(job.id, job.run_path, "would_fail", decision.reason, paths=decision.paths)
+        assert scan is not None
+        return ReaperOutcome(
+            job.id, job.run_path, "would_delete",
+            f"would free {len(scan.files)} files, {scan.bytes} bytes",
+            files=len(scan.files), bytes=scan.bytes,
+        )

@@ -1,0 +1,254 @@
+"""The local check of a verified run: is every listed file still the verified bytes?
+
+Owns interlock 6's facts: :func:`scan_run` compares the run folder with its
+verified manifest and names the files added, changed, damaged or missing,
+and, when the run is clean, the files a deletion would remove
+(:class:`LocalScan`). A file is re-read only when its stat differs from the
+one recorded when it was verified: :func:`record_verified_stat` records
+those stats after every successful verification, :func:`load_verified_stats`
+reads them back (both through :class:`~.store.CleanupStore`).
+
+Never follows a symlink (see :mod:`.nofollow`). Reads only: nothing here
+deletes or writes a local file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from exlab_wizard.sync.policy import cleanup as policy
+from exlab_wizard.sync.policy.cleanup import LocalCheck
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
+from exlab_wizard.sync.reaper.nofollow import RunFolderError, Tree, hash_at, open_dir_chain, open_run, split_path, walk
+from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile, StatRow, VerifiedStat
+from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import METADATA_DIR
+
+__all__ = [
+    "RACE_SLACK_NS",
+    "LocalScan",
+    "PlannedFile",
+    "VerifiedStat",
+    "load_verified_stats",
+    "record_verified_stat",
+    "scan_run",
+]
+
+#: A file whose mtime is this close to (or after) the start of the hashing
+#: may have been written while it was hashed: its recorded stat is not
+#: trusted, and the reaper re-hashes it before deleting it. Covers filesystems
+#: with coarse timestamps (FAT: 2 s).
+RACE_SLACK_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class LocalScan:
+    """The local check's answer: what it found, and the files a deletion would remove.
+
+    ``files`` is complete only when ``check.clean``. ``rehashed`` names the
+    files whose stat differed from the recorded one and were read again.
+    """
+
+    check: LocalCheck
+    files: tuple[PlannedFile, ...] = ()
+    rehashed: tuple[str, ...] = ()
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+# --------------------------------------------------------------------------- verified stats
+
+
+def _data_paths(hashes: Mapping[str, str]) -> dict[str, str]:
+    prefix = METADATA_DIR + "/"
+    return {str(k): str(v).lower() for k, v in hashes.items() if k != METADATA_DIR and not str(k).startswith(prefix)}
+
+
+def _hashing_started(queue: JobQueue, job_id: str) -> dt.datetime | None:
+    """When the job last entered RUNNING: no local hashing of this copy began earlier."""
+    for event in reversed(queue.events(job_id)):
+        if event.kind == TRANSITION_EVENT and event.to_state == SyncJobState.RUNNING.value:
+            return event.at
+    return None
+
+
+def record_verified_stat(
+    queue: JobQueue,
+    job_id: str,
+    run_path: Path | str,
+    hashes: Mapping[str, str],
+    now: dt.datetime,
+    *,
+    hashed_since: dt.datetime | None = None,
+) -> int:
+    """Record the size, mtime, ctime and inode of each verified file. Call after every successful verification.
+
+    ``hashes`` is the verified local manifest (``{relative path: sha256}``;
+    ``.exlab-wizard/`` entries are ignored). ``hashed_since`` is when the
+    local hashing began; by default the time the job last entered RUNNING
+    (the earliest the hashing can have begun). A file modified within
+    :data:`RACE_SLACK_NS` of that time, or later, may not hold the hashed
+    bytes: its stat is recorded as not trusted, and the reaper re-hashes it
+    before it deletes anything.
+
+    A row whose recorded SHA-256 is unchanged and trusted is kept as it is:
+    the first stat recorded for that content stands, so a call made without
+    re-reading the local files (an audit pass) never passes a local edit
+    off as verified. Rows for files no longer in ``hashes`` are dropped.
+    Files missing locally are not recorded (the reaper then re-hashes).
+
+    Returns the number of rows written. Raises like the queue (``JobNotFound``
+    is not checked: the foreign key refuses an unknown job).
+    """
+    run = Path(run_path)
+    data = _data_paths(hashes)
+    since = hashed_since if hashed_since is not None else _hashing_started(queue, job_id)
+    since_ns = None if since is None else int(since.timestamp() * 1_000_000_000) - RACE_SLACK_NS
+    stats: dict[str, StatRow] = {}
+    for rel, sha in data.items():
+        try:
+            st = os.lstat(run / rel)
+        except OSError:
+            continue
+        regular = stat.S_ISREG(st.st_mode)
+        trusted = regular and since_ns is not None and st.st_mtime_ns < since_ns and st.st_ctime_ns < since_ns
+        stats[rel] = (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted)
+    return CleanupStore(queue).record_verified(job_id, data, stats, now)
+
+
+def load_verified_stats(queue: JobQueue, job_id: str) -> dict[str, VerifiedStat]:
+    """The recorded stats of a job's verified files, by relative path. Takes no write lock."""
+    return CleanupStore(queue).verified_stats(job_id)
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+def _bad_manifest_path(rel: str) -> bool:
+    if not rel or rel.startswith("/") or "\x00" in rel:
+        return True
+    parts = rel.split("/")
+    return any(part in ("", ".", "..") for part in parts) or parts[0] == METADATA_DIR
+
+
+def _replaced_ancestor(rel: str, tree: Tree) -> bool:
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        prefix = "/".join(parts[:i])
+        if prefix in tree.others or prefix in tree.files:
+            return True
+    return False
+
+
+def scan_run(
+    run_path: Path | str,
+    manifest: Mapping[str, str],
+    verified: Mapping[str, VerifiedStat],
+    *,
+    verified_at: dt.datetime | None = None,
+) -> LocalScan:
+    """Compare the local run with its verified manifest (interlock 6). Blocking I/O.
+
+    Never follows a symlink: the run folder is opened with ``O_NOFOLLOW``
+    (a run folder replaced by a symlink is refused) and so is every folder
+    and file below it. ``.exlab-wizard/`` is not compared.
+
+    Per listed file, against its recorded :class:`VerifiedStat`:
+
+    - same size, mtime, ctime and inode (and trusted): unchanged, not read;
+    - otherwise re-hashed: the same content -> unchanged (touched, copied
+      back, or recorded while possibly being written); different content
+      with a new mtime -> ``changed`` (an edit); different content with the
+      recorded mtime -> ``damaged`` (bytes changed behind the filesystem's
+      back). With no recorded stat at all, a new content is ``changed`` when
+      the file's mtime is after ``verified_at``, else ``damaged``;
+    - no longer a regular file (a symlink, a folder), or a parent folder
+      replaced by a symlink -> ``changed``; gone -> ``missing``.
+
+    A regular file the manifest does not list is ``added``; symlinks and
+    special files the manifest does not list are ignored (they are never
+    synced, and never deleted). A folder that cannot be read is a refusal
+    (its files cannot be checked).
+    """
+    run = Path(run_path)
+    for rel in manifest:
+        if _bad_manifest_path(rel):
+            return LocalScan(LocalCheck(refusal=f"manifest lists a path outside the run data: {rel!r}"))
+    try:
+        root = open_run(run)
+    except RunFolderError as exc:
+        return LocalScan(LocalCheck(refusal=exc.reason))
+    try:
+        tree = Tree()
+        walk(root, "", tree)
+        if tree.unreadable:
+            return LocalScan(LocalCheck(refusal=f"cannot read folder: {policy.name_paths(tree.unreadable)}"))
+        added = sorted((p for p in tree.files if p not in manifest), key=os.fsencode)
+        changed: list[str] = []
+        damaged: list[str] = []
+        missing: list[str] = []
+        rehashed: list[str] = []
+        planned: list[PlannedFile] = []
+        verified_ns = None if verified_at is None else int(verified_at.timestamp() * 1_000_000_000)
+        for rel in sorted(manifest, key=os.fsencode):
+            want = manifest[rel].lower()
+            st = tree.files.get(rel)
+            if st is None:
+                if rel in tree.others or rel in tree.dirs or _replaced_ancestor(rel, tree):
+                    changed.append(rel)
+                else:
+                    missing.append(rel)
+                continue
+            record = verified.get(rel)
+            if record is not None and record.sha256 != want:
+                record = None  # recorded for another content: vouches for nothing
+            if record is not None and record.matches(st):
+                planned.append(PlannedFile(rel, st.st_size, st.st_mtime_ns, st.st_ino, want))
+                continue
+            rehashed.append(rel)
+            parents, name = split_path(rel)
+            try:
+                folder = open_dir_chain(root, parents)
+            except FileNotFoundError:
+                missing.append(rel)
+                continue
+            except OSError:
+                changed.append(rel)
+                continue
+            try:
+                digest, before, after = hash_at(folder, name)
+            except FileNotFoundError:
+                missing.append(rel)
+                continue
+            except OSError:
+                changed.append(rel)  # became a symlink or a folder under us
+                continue
+            finally:
+                os.close(folder)
+            if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+                after.st_size, after.st_mtime_ns, after.st_ctime_ns
+            ) or before.st_ino != st.st_ino:
+                changed.append(rel)  # being written right now
+                continue
+            if digest == want:
+                planned.append(PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want))
+            elif record is not None:
+                (damaged if after.st_mtime_ns == record.mtime_ns else changed).append(rel)
+            elif verified_ns is not None and after.st_mtime_ns > verified_ns:
+                changed.append(rel)
+            else:
+                damaged.append(rel)
+        check = LocalCheck(
+            added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing)
+        )
+        return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
+    finally:
+        os.close(root)
+

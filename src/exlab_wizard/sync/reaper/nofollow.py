@@ -1,0 +1,173 @@
+"""No-follow access to a run folder: directory descriptors opened with ``O_NOFOLLOW``.
+
+Owns how the reaper reaches a file inside a run without ever following a
+symlink: the run folder is opened as a directory descriptor (never through
+a symlink at its last component), every folder below it is opened relative
+to its parent with ``O_NOFOLLOW``, and files are hashed or listed through
+those descriptors. A folder swapped for a symlink between two steps is
+refused (``ELOOP``/``ENOTDIR``), never followed out of the run.
+
+Used by the local check (:mod:`.local_check`) and the deletion
+(:mod:`.deletion`). Blocking I/O throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from exlab_wizard.sync.transports.base import METADATA_DIR
+
+__all__ = [
+    "CLOEXEC",
+    "DIR_FLAGS",
+    "FILE_FLAGS",
+    "RunFolderError",
+    "Tree",
+    "hash_at",
+    "kind_of",
+    "open_dir_chain",
+    "open_run",
+    "split_path",
+    "walk",
+]
+
+_HASH_CHUNK = 1024 * 1024
+
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | CLOEXEC
+FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | CLOEXEC
+
+
+class RunFolderError(Exception):
+    """The run folder cannot be opened as a real folder; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def open_run(run_path: Path) -> int:
+    """The run folder as a directory descriptor; never through a symlink at its last component."""
+    try:
+        return os.open(run_path, DIR_FLAGS)
+    except FileNotFoundError:
+        raise RunFolderError("run folder missing") from None
+    except OSError as exc:
+        if os.path.islink(run_path):
+            raise RunFolderError("run folder is a symlink") from None
+        if exc.errno in (getattr(os, "ELOOP", -1), getattr(os, "ENOTDIR", -1)):
+            raise RunFolderError("run folder is not a folder") from None
+        raise RunFolderError(f"cannot open run folder: {exc.strerror or exc}") from None
+
+
+def open_dir_chain(root_fd: int, parts: Sequence[str]) -> int:
+    """Descend from ``root_fd`` through ``parts`` with ``O_NOFOLLOW`` at each step.
+
+    Returns a new descriptor (the caller closes it). Raises ``OSError``:
+    ``ENOENT`` when a folder is gone, ``ELOOP``/``ENOTDIR`` when one was
+    replaced by a symlink or a file.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def split_path(rel: str) -> tuple[list[str], str]:
+    """``"a/b/c.tif"`` -> ``(["a", "b"], "c.tif")``."""
+    parts = rel.split("/")
+    return parts[:-1], parts[-1]
+
+
+def hash_at(dir_fd: int, name: str) -> tuple[str, os.stat_result, os.stat_result]:
+    """SHA-256 of a regular file opened without following symlinks, with its stat before and after."""
+    fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise IsADirectoryError(name)
+        digest = hashlib.sha256()
+        while True:
+            chunk = os.read(fd, _HASH_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), before, after
+
+
+@dataclass
+class Tree:
+    """What :func:`walk` found under a folder, by path relative to it."""
+
+    files: dict[str, os.stat_result] = dataclasses.field(default_factory=dict)
+    others: dict[str, str] = dataclasses.field(default_factory=dict)  # symlinks, sockets, ...
+    dirs: set[str] = dataclasses.field(default_factory=set)
+    unreadable: list[str] = dataclasses.field(default_factory=list)
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular entry is, in words for a reason."""
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "special file"
+
+
+def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> None:
+    """Every entry under ``dir_fd`` (lstat), never following a symlink; ``.exlab-wizard/`` skipped at the top."""
+    subdirs = []
+    try:
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                name = entry.name
+                if skip_metadata and not rel and name == METADATA_DIR:
+                    continue
+                path = f"{rel}/{name}" if rel else name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    tree.files[path] = st
+                elif stat.S_ISDIR(st.st_mode):
+                    tree.dirs.add(path)
+                    subdirs.append((name, path))
+                else:
+                    tree.others[path] = kind_of(st.st_mode)
+    except OSError as exc:
+        tree.unreadable.append(f"{rel or '.'} ({exc.strerror or exc})")
+        return
+    for name, path in subdirs:
+        try:
+            sub = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            tree.dirs.discard(path)
+            continue
+        except OSError as exc:
+            if exc.errno in (getattr(os, "ELOOP", -1), getattr(os, "ENOTDIR", -1)):
+                tree.dirs.discard(path)
+                tree.others[path] = "symlink"
+                continue
+            tree.unreadable.append(f"{path} ({exc.strerror or exc})")
+            continue
+        try:
+            walk(sub, path, tree, skip_metadata=skip_metadata)
+        finally:
+            os.close(sub)
+

@@ -1,0 +1,574 @@
+"""The reaper pass: orders the local check, the plan store and the deletion for each job.
+
+Owns :class:`Reaper` and what one pass does, in order (the whole sequence is
+described in :mod:`exlab_wizard.sync.reaper`): resume an interrupted plan
+after the interlocks are checked again, promote VERIFIED jobs, decide each
+CLEANUP_ELIGIBLE job (facts gathered by :class:`~.interlocks.InterlockFacts`,
+decided by the pure cleanup policy), write the plan durably
+(:class:`~.store.CleanupStore`), carry it out (:mod:`.deletion`), record the
+result and move the job to CLEANED. Also the dry run (:meth:`Reaper.plan`),
+the outcomes (:class:`ReaperOutcome`) and the final metadata push's answer
+(:class:`FinalPush`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.policy import cleanup as policy
+from exlab_wizard.sync.policy.cleanup import CleanupDecision
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.reaper import deletion
+from exlab_wizard.sync.reaper.contract import FinalPush, PushMetadata, ReaperOutcome, RemoteListing, RemoteStat
+from exlab_wizard.sync.reaper.interlocks import InterlockFacts
+from exlab_wizard.sync.reaper.nofollow import CLOEXEC, RunFolderError
+from exlab_wizard.sync.reaper.store import (
+    ABORTED_EVENT,
+    NOTE_EVENT,
+    REFUSED_EVENT,
+    CleanupStore,
+    PlannedFile,
+    Progress,
+)
+from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.transports.base import METADATA_DIR
+
+__all__ = ["Reaper"]
+
+logger = logging.getLogger(__name__)
+
+S = SyncJobState
+
+_DELETE_BATCH = 256
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _utc_text(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _ProcessLock:
+    """A non-blocking exclusive lock file: one reaper pass at a time per queue database."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: the asyncio lock and the runner lease suffice
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+class Reaper(InterlockFacts):
+    """Carries out cleanup for the jobs of one queue database.
+
+    ``queue``: the :class:`JobQueue`. ``config``: the ``Config`` (its
+    ``nas_cleanup`` is read on every pass). ``writer``: a ``CreationWriter``
+    (reads overrides, records ``local_cleaned``). ``remote_stat(job)``: is
+    the job's remote run root reachable now (bool or awaitable; raising
+    counts as unreachable). ``remote_listing(job)``: every regular file of
+    the job's remote run folder -> its size, one fresh listing (the
+    transport's ``remote_listing``); taken right before a plan is written and
+    before a resumed plan deletes more, it must show every planned file with
+    its size. Raising (``TransportError(NETWORK)`` for an unreachable remote)
+    makes the job wait; without it nothing is ever deleted. ``log_for(equipment_id)``: the job's
+    :class:`EquipmentLog` (raising refuses the deletion: nothing is deleted
+    unlogged). ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
+    a :class:`FinalPush` (or True only when verified on the NAS); needed
+    only with ``retain_cache: false``. ``now()``: the clock (timezone-aware).
+
+    One pass at a time per database: passes in one process are serialised,
+    and a lock file ``<queue db>.reaper.lock`` keeps a second process (the
+    CLI beside ``serve``) out while a pass runs.
+    """
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        config: Any,
+        *,
+        writer: Any,
+        remote_stat: RemoteStat,
+        log_for: Callable[[str], EquipmentLog],
+        push_metadata: PushMetadata | None = None,
+        now: Callable[[], dt.datetime] = _utcnow,
+        remote_listing: RemoteListing | None = None,
+    ):
+        self.queue = queue
+        self.config = config
+        self.writer = writer
+        self.remote_stat = remote_stat
+        self.remote_listing = remote_listing
+        self.log_for = log_for
+        self.push_metadata = push_metadata
+        self.now = now
+        self._lock = asyncio.Lock()
+        self._file_lock = _ProcessLock(Path(str(queue.db_path) + ".reaper.lock"))
+
+    @property
+    def _store(self) -> CleanupStore:
+        return CleanupStore(self.queue)
+
+    # ------------------------------------------------------------ public
+
+    async def run_pass(self) -> list[ReaperOutcome]:
+        """One pass: resume interrupted deletions, promote, then check and clean eligible jobs.
+
+        Returns one outcome per job looked at. Never raises for one job's
+        trouble: an unexpected error becomes an ``error`` outcome and a
+        refusal event, and the job is tried again next pass.
+        """
+        async with self._lock:
+            if not self._file_lock.acquire():
+                return [ReaperOutcome("", "", "busy", "another cleanup pass is running on this queue")]
+            try:
+                return await self._pass()
+            finally:
+                self._file_lock.release()
+
+    async def plan(self, dry_run: bool = True) -> list[ReaperOutcome]:
+        """What a pass would do, changing nothing (``exlab-sync cleanup --dry-run``).
+
+        For each VERIFIED or CLEANUP_ELIGIBLE job: ``would_delete`` with the
+        files and bytes it would free, or why it waits (``waiting``), or
+        ``would_requeue`` / ``would_fail`` with the local paths, or
+        ``in_progress`` for a deletion already planned. The remote is
+        probed and the local run checked (read only); no event is recorded.
+        With ``dry_run=False`` this is :meth:`run_pass`.
+        """
+        if not dry_run:
+            return await self.run_pass()
+        outcomes: list[ReaperOutcome] = []
+        progress = self._store.progress_rows()
+        for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+            for job in self.queue.list_jobs(state=state):
+                try:
+                    outcomes.append(await self._dry_run_job(job, progress.get(job.id)))
+                except Exception as exc:  # a dry run reports, it never stops
+                    outcomes.append(ReaperOutcome(job.id, job.run_path, "error", f"{type(exc).__name__}: {exc}"))
+        return outcomes
+
+    # ------------------------------------------------------------ the pass
+
+    async def _pass(self) -> list[ReaperOutcome]:
+        outcomes: list[ReaperOutcome] = []
+        progress = self._store.progress_rows()
+        for row in sorted(progress.values(), key=lambda p: p.planned_at):
+            outcomes.append(await self._guarded(row.job_id, row.run_path, self._resume(row)))
+        for job in self.queue.list_jobs(state=S.VERIFIED):
+            outcomes.append(await self._guarded(job.id, job.run_path, self._promote(job)))
+        for job in self.queue.list_jobs(state=S.CLEANUP_ELIGIBLE):
+            if job.id in progress:
+                continue
+            outcomes.append(await self._guarded(job.id, job.run_path, self._consider(job)))
+        return [o for o in outcomes if o is not None]
+
+    async def _guarded(self, job_id: str, run_path: str, work: Awaitable[ReaperOutcome | None]) -> ReaperOutcome | None:
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("cleanup of job %s failed", job_id)
+            reason = f"cleanup error: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                self._refuse_event(job_id, reason)
+            return ReaperOutcome(job_id, run_path, "error", reason)
+
+    async def _promote(self, job: SyncJobRow) -> ReaperOutcome | None:
+        ok, reason = policy.eligible_to_promote(job, self.config, self.now())
+        if not ok:
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        try:
+            self.queue.transition(job.id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=self.now(), detail=reason)
+        except IllegalTransition:
+            return None  # moved on meanwhile (an audit failed): nothing to do
+        return ReaperOutcome(job.id, job.run_path, "promoted", reason)
+
+    # ------------------------------------------------------------ events
+
+    def _refuse_event(self, job_id: str, reason: str) -> bool:
+        """Record a refusal unless the last one since the job's last transition says the same."""
+        key = policy.refusal_key(reason)
+        for event in reversed(self.queue.events(job_id, limit=100)):
+            if event.kind == TRANSITION_EVENT:
+                break
+            if event.kind == REFUSED_EVENT:
+                if policy.refusal_key(event.detail) == key:
+                    return False
+                break
+        self.queue.record_event(job_id, REFUSED_EVENT, reason, now=self.now())
+        return True
+
+    def _log(self, job: SyncJobRow) -> EquipmentLog:
+        return self.log_for(job.equipment_id)
+
+    # ------------------------------------------------------------ one eligible job
+
+    async def _consider(self, job: SyncJobRow) -> ReaperOutcome:
+        try:
+            log = self._log(job)
+        except Exception as exc:
+            reason = f"equipment log unavailable: {exc}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        decision, scan = await self._decide(job, local=True)
+        if decision.action == "wait":
+            if self._refuse_event(job.id, decision.reason) and decision.interlock >= 4:
+                log.info(job.run_path, "cleanup_refused", job=job.id, reason=decision.reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason)
+        if decision.action == "requeue":
+            if decision.interlock == 4:
+                return self._requeue_incomplete(job, decision, log)
+            return self._requeue(job, decision, log)
+        if decision.action == "fail":
+            return self._fail(job, decision, log)
+        assert decision.action == "delete" and scan is not None
+        progress = self._write_plan(job, scan.files, len(scan.rehashed), log)
+        if progress is None:
+            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+        return await self._execute(job, progress, log, resumed=False)
+
+    def _requeue(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
+        detail = f"{decision.reason}; nothing deleted, back through the gate for a new transfer"
+        try:
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=self.now(), detail=detail,
+                error_kind=decision.error_kind, last_error=decision.reason, attempts=0, mismatch_count=0,
+                next_attempt_at=None, verify_passes=0, verified_at=None, pass_times=(),
+            )
+        except IllegalTransition:
+            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+        log.warning(job.run_path, "cleanup_requeued", job=job.id, reason=decision.reason, paths=len(decision.paths))
+        return ReaperOutcome(job.id, job.run_path, "requeued", decision.reason, paths=decision.paths)
+
+    def _requeue_incomplete(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
+        """The NAS copy lost files (or holds them with another size): send them again, delete nothing.
+
+        The local check ran first and found the verified bytes, so they may be
+        sent. Counted as the first mismatch of the retry policy (as an audit
+        mismatch is): a second one after the re-transfer is FAILED.
+        """
+        detail = f"{decision.reason}; nothing deleted, these files are sent to the NAS again"
+        try:
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=self.now(), detail=detail,
+                error_kind=decision.error_kind, last_error=decision.reason, attempts=0, mismatch_count=1,
+                next_attempt_at=None, rewrite_paths=decision.paths, verify_passes=0, verified_at=None, pass_times=(),
+            )
+        except IllegalTransition:
+            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+        log.warning(job.run_path, "cleanup_requeued", job=job.id, reason=decision.reason, paths=len(decision.paths))
+        return ReaperOutcome(job.id, job.run_path, "requeued", decision.reason, paths=decision.paths)
+
+    def _fail(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
+        reason = f"{decision.reason}; nothing deleted, the NAS copy is left as verified"
+        try:
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
+                error_kind=decision.error_kind, last_error=reason, next_attempt_at=None,
+            )
+        except IllegalTransition:
+            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+        log.error(job.run_path, "cleanup_failed", job=job.id, kind=decision.error_kind, reason=decision.reason,
+                  paths=len(decision.paths))
+        return ReaperOutcome(job.id, job.run_path, "failed", reason, paths=decision.paths)
+
+    # ------------------------------------------------------------ the durable plan
+
+    def _write_plan(
+        self, job: SyncJobRow, files: tuple[PlannedFile, ...], rehashed: int, log: EquipmentLog
+    ) -> Progress | None:
+        """(a) The plan, the progress row and the ``cleanup_planned`` event in one transaction, then logged."""
+        now = self.now()
+        digest = job.manifest_digest or ""
+        total = sum(f.size for f in files)
+        retain = self.config.nas_cleanup.retain_cache
+        detail = (
+            f"cleanup planned: {len(files)} files, {total} bytes, manifest {digest}, "
+            f"verify passes {job.verify_passes}, retain_cache {'true' if retain else 'false'}"
+        )
+        progress = self._store.write_plan(job, files, now, detail)
+        if progress is not None:
+            log.info(
+                job.run_path, "cleanup_planned", job=job.id, files=len(files), bytes=total,
+                verify_passes=job.verify_passes, manifest_digest=digest, rehashed=rehashed,
+            )
+        return progress
+
+
+    async def _resume(self, progress: Progress) -> ReaperOutcome:
+        """A plan found at the start of a pass: carry it on, or drop it if its job moved on."""
+        job = self.queue.get(progress.job_id)
+        if job is None or job.state != S.CLEANUP_ELIGIBLE or job.manifest_digest != progress.manifest_digest:
+            return self._abandon(progress, job, "job left cleanup_eligible" if job else "job missing")
+        try:
+            log = self._log(job)
+        except Exception as exc:
+            reason = f"equipment log unavailable: {exc}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        # Interlocks 1-5 again, with a new listing of the remote run folder against the plan
+        # while local data remain; 6 is the per-file check of the plan itself.
+        planned = self._store.plan_files(job.id) if progress.data_deleted_at is None else None
+        decision, _ = await self._decide(job, local=False, planned=planned)
+        if decision.action == "requeue" and decision.interlock == 4:
+            return await self._resume_incomplete(job, progress, log, decision)
+        if decision.action != "delete":
+            reason = f"deletion paused: {decision.reason}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        return await self._execute(job, progress, log, resumed=True)
+
+    async def _resume_incomplete(
+        self, job: SyncJobRow, progress: Progress, log: EquipmentLog, decision: CleanupDecision
+    ) -> ReaperOutcome:
+        """A resumed plan whose NAS copy lost planned files: delete nothing more.
+
+        Nothing deleted yet: the job is decided afresh, as one never planned
+        (the local copy is checked, then the NAS listed again), and the plan
+        dropped once it leaves CLEANUP_ELIGIBLE. Some files deleted already: a
+        re-transfer cannot send them, so FAILED for a person to look at.
+        """
+        run = Path(job.run_path)
+        if os.path.islink(run) or not os.path.isdir(run):
+            # Its disk is away: a missing run is not a deleted one; decide when it is back.
+            reason = f"deletion paused: run folder {'is a symlink' if os.path.islink(run) else 'missing'}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        present = await asyncio.to_thread(self._count_present, progress)
+        if present < progress.files:
+            return self._stop_incomplete(job, progress, log, decision, progress.files - present)
+        fresh, _scan = await self._decide(job, local=True)
+        if fresh.action == "delete":
+            return await self._execute(job, progress, log, resumed=True)  # the NAS copy is whole again
+        if fresh.action in ("wait", "check"):
+            reason = f"deletion paused: {fresh.reason}"
+            self._refuse_event(job.id, reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        if fresh.action == "requeue":
+            outcome = (self._requeue_incomplete if fresh.interlock == 4 else self._requeue)(job, fresh, log)
+        else:
+            outcome = self._fail(job, fresh, log)
+        current = self.queue.get(job.id)
+        if current is None or current.state != S.CLEANUP_ELIGIBLE:
+            self._store.drop_plan(job.id)
+        return outcome
+
+    def _stop_incomplete(
+        self, job: SyncJobRow, progress: Progress, log: EquipmentLog, decision: CleanupDecision, done: int
+    ) -> ReaperOutcome:
+        """Part of the plan deleted, and the NAS copy lost planned files since: FAILED, plan dropped."""
+        reason = (
+            f"cleanup stopped: {decision.reason}; {done} of {progress.files} planned files were already "
+            f"deleted (the NAS held them when the deletion was planned), nothing else"
+        )
+        with contextlib.suppress(IllegalTransition), self.queue.transaction():
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
+                error_kind="remote_changed_during_cleanup", last_error=reason, next_attempt_at=None,
+            )
+            self._store.drop_plan(job.id)
+        log.error(job.run_path, "cleanup_stopped", job=job.id, reason=decision.reason, files_deleted=done,
+                  files_planned=progress.files, manifest_digest=progress.manifest_digest)
+        return ReaperOutcome(job.id, job.run_path, "aborted", reason, paths=decision.paths)
+
+    def _abandon(self, progress: Progress, job: SyncJobRow | None, why: str) -> ReaperOutcome:
+        """Drop a plan whose job is no longer CLEANUP_ELIGIBLE with the planned manifest: delete nothing more."""
+        present = self._count_present(progress)
+        detail = (
+            f"cleanup plan dropped ({why}): {progress.files - present} of {progress.files} planned files "
+            f"were already deleted; nothing more will be"
+        )
+        with self.queue.transaction():
+            self._store.drop_plan(progress.job_id)
+            if job is not None:
+                self.queue.record_event(job.id, ABORTED_EVENT, detail, now=self.now())
+        if job is not None:
+            with contextlib.suppress(Exception):
+                self._log(job).warning(job.run_path, "cleanup_aborted", job=job.id, reason=why,
+                                       files_deleted=progress.files - present, files_planned=progress.files)
+        return ReaperOutcome(progress.job_id, progress.run_path, "aborted", detail)
+
+    def _count_present(self, progress: Progress) -> int:
+        run = Path(progress.run_path)
+        return sum(1 for f in self._store.plan_files(progress.job_id) if os.path.lexists(run / f.path))
+
+    async def _execute(self, job: SyncJobRow, progress: Progress, log: EquipmentLog, *, resumed: bool) -> ReaperOutcome:
+        """(b)-(e): delete the planned files, tidy, log, record, then CLEANED."""
+        run = Path(job.run_path)
+        retain = self.config.nas_cleanup.retain_cache
+        files = self._store.plan_files(job.id)
+        if progress.data_deleted_at is None:
+            if resumed:
+                log.info(job.run_path, "cleanup_resumed", job=job.id, files=progress.files,
+                         manifest_digest=progress.manifest_digest)
+            deleted = gone = 0
+            for start in range(0, len(files), _DELETE_BATCH):
+                current = self.queue.get(job.id)
+                if (current is None or current.state != S.CLEANUP_ELIGIBLE
+                        or current.manifest_digest != progress.manifest_digest):
+                    return self._abandon(progress, current, "job left cleanup_eligible during the deletion")
+                batch = files[start:start + _DELETE_BATCH]
+                result = await asyncio.to_thread(deletion.delete_batch, run, batch)
+                deleted += result.deleted
+                gone += result.gone
+                if result.stop is not None:
+                    return self._stopped(job, progress, log, result, deleted)
+            if not resumed and gone:
+                # Files vanished between the check and the unlink; their verified copies are on the NAS.
+                log.warning(job.run_path, "cleanup_files_already_gone", job=job.id, files=gone)
+            removed = await asyncio.to_thread(deletion.remove_left_empty, run, [f.path for f in files])
+            fields: dict[str, object] = {
+                "job": job.id, "files": progress.files, "bytes": progress.bytes,
+                "verify_passes": job.verify_passes,
+                "pass_times": ",".join(_utc_text(t) for t in job.pass_times) or "-",
+                "manifest_digest": progress.manifest_digest,
+                "folders_removed": len(removed),
+            }
+            if resumed:
+                fields["resumed"] = True
+            log.info(job.run_path, "cleanup_deleted", **fields)
+            data_deleted_at = self.now()
+            self._store.mark_data_deleted(
+                job.id, data_deleted_at,
+                f"local data deleted: {progress.files} files, {progress.bytes} bytes, "
+                f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}",
+            )
+            progress = dataclasses.replace(progress, data_deleted_at=data_deleted_at)
+        await asyncio.to_thread(self._record_cleaned, job, progress, log)
+        folder_note = ""
+        if not retain:
+            waiting, folder_note = await self._remove_cache(job, log)
+            if waiting is not None:
+                if self._refuse_event(job.id, waiting):
+                    log.warning(job.run_path, "cleanup_waiting", job=job.id, reason=waiting)
+                return ReaperOutcome(job.id, job.run_path, "waiting", waiting, files=progress.files, bytes=progress.bytes)
+        detail = (
+            f"cleaned: {progress.files} files, {progress.bytes} bytes freed, "
+            f"manifest {progress.manifest_digest}{folder_note}"
+        )
+        try:
+            with self.queue.transaction():
+                self.queue.transition(job.id, S.CLEANUP_ELIGIBLE, S.CLEANED, now=self.now(), detail=detail)
+                self._store.drop_plan(job.id)
+                self._store.forget_verified(job.id)
+        except IllegalTransition:
+            current = self.queue.get(job.id)
+            return self._abandon(progress, current, "job left cleanup_eligible before it was marked cleaned")
+        return ReaperOutcome(job.id, job.run_path, "deleted", detail, files=progress.files, bytes=progress.bytes)
+
+    def _stopped(self, job: SyncJobRow, progress: Progress, log: EquipmentLog, result: deletion.DeleteResult,
+                 deleted_now: int) -> ReaperOutcome:
+        """A planned file no longer matches, or cannot be deleted: stop and record."""
+        present = self._count_present(progress)
+        done = progress.files - present
+        if not result.stop_fatal:
+            # The run folder is away or a file cannot be unlinked: keep the plan, try again next pass.
+            reason = f"deletion paused: {result.stop}"
+            if self._refuse_event(job.id, reason):
+                log.warning(job.run_path, "cleanup_paused", job=job.id, reason=result.stop,
+                            files_deleted=done, files_planned=progress.files)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, files=deleted_now)
+        reason = (
+            f"cleanup stopped: {result.stop}; {done} of {progress.files} planned files were deleted "
+            f"(their verified copies are on the NAS), nothing else"
+        )
+        with contextlib.suppress(IllegalTransition), self.queue.transaction():
+            self.queue.transition(
+                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
+                error_kind="local_changed_during_cleanup", last_error=reason, next_attempt_at=None,
+            )
+            self._store.drop_plan(job.id)
+        log.error(job.run_path, "cleanup_stopped", job=job.id, reason=result.stop, files_deleted=done,
+                  files_planned=progress.files, manifest_digest=progress.manifest_digest)
+        return ReaperOutcome(job.id, job.run_path, "aborted", reason, files=deleted_now,
+                             paths=(result.stop_path,) if result.stop_path else ())
+
+    def _record_cleaned(self, job: SyncJobRow, progress: Progress, log: EquipmentLog) -> None:
+        run = Path(job.run_path)
+        if os.path.islink(run) or not os.path.isdir(run / METADATA_DIR) or os.path.islink(run / METADATA_DIR):
+            return
+        value = {
+            "at": _utc_text(progress.data_deleted_at or self.now()),
+            "files": progress.files,
+            "bytes": progress.bytes,
+            "manifest_digest": progress.manifest_digest,
+        }
+        try:
+            self.writer.record(run, "local_cleaned", value)
+        except Exception as exc:
+            # The equipment log and the queue already hold the record; the deletion stands.
+            log.warning(job.run_path, "cleanup_record_failed", job=job.id, error=str(exc))
+            self.queue.record_event(job.id, NOTE_EVENT, f"creation.json not updated: {exc}", now=self.now())
+
+    async def _remove_cache(self, job: SyncJobRow, log: EquipmentLog) -> tuple[str | None, str]:
+        """``retain_cache: false``: push the metadata, then remove it and the run folder.
+
+        Returns (a reason when waiting, a note on what was removed).
+        """
+        run = Path(job.run_path)
+        if os.path.islink(run):
+            return "waiting: run folder is a symlink", ""
+        if not os.path.isdir(run):
+            if not os.path.isdir(run.parent):
+                return "waiting: run folder missing", ""  # its disk is away, not removed by us
+            return None, "; run folder removed"  # by an earlier, interrupted pass
+        try:
+            files, folders = await asyncio.to_thread(deletion.metadata_snapshot, run)
+        except (OSError, RunFolderError) as exc:
+            return f"waiting: cannot read {METADATA_DIR}/: {exc}", ""
+        if files:
+            if self.push_metadata is None:
+                return "waiting: no final metadata push available (retain_cache is false)", ""
+            try:
+                pushed = await self.push_metadata(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.info("final metadata push for job %s failed: %s", job.id, exc)
+                pushed = FinalPush(False, f"final metadata push failed: {type(exc).__name__}: {exc}")
+            if not isinstance(pushed, FinalPush):
+                pushed = FinalPush(bool(pushed), "final metadata push verified" if pushed else "")
+            if not pushed.verified:
+                return f"waiting: {pushed.reason or 'final metadata push not verified'}", ""
+            proof = pushed.reason
+        else:
+            proof = f"no {METADATA_DIR}/ files left to push"
+        stop = await asyncio.to_thread(deletion.remove_metadata, run, files, folders)
+        if stop is not None:
+            return f"waiting: {METADATA_DIR}/ changed during the final push: {stop}", ""
+        kept = await asyncio.to_thread(deletion.remove_run_folder, run)
+        if kept is None:
+            log.info(job.run_path, "cleanup_run_folder_removed", job=job.id, metadata_files=len(files), proof=proof)
+            return None, f"; .exlab-wizard/ and run folder removed ({proof})"
+        log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept, proof=proof)
+        return None, f"; .exlab-wizard/ removed ({proof}), {kept}"

@@ -1,0 +1,318 @@
+"""The reaper's durable records: verified stats and the deletion plan, in the queue database.
+
+Owns every SQL statement on the reaper's three tables (created by the
+queue's migration 4, like every other table):
+
+- ``verified_files``: the size, mtime, ctime and inode each verified file
+  had when it was hashed (:class:`VerifiedStat`);
+- ``cleanup_progress``: one row per job whose deletion is planned (its
+  manifest digest, counts, and when its data were deleted);
+- ``cleanup_plan``: one row per file that deletion may remove
+  (:class:`PlannedFile`).
+
+Writes run in the queue's ``BEGIN IMMEDIATE`` transaction (nested in the
+caller's, when there is one, so a plan is dropped in the same transaction
+as the job's transition). Reads take no write lock: a dry run or a status
+read never waits for, nor holds up, a writer in another process.
+
+Paths are stored as bytes (a name that is not valid UTF-8 survives the
+round trip); times as ISO 8601 UTC text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.states import SyncJobState
+
+__all__ = [
+    "ABORTED_EVENT",
+    "DELETED_EVENT",
+    "NOTE_EVENT",
+    "PLANNED_EVENT",
+    "REFUSED_EVENT",
+    "CleanupStore",
+    "PlannedFile",
+    "Progress",
+    "VerifiedStat",
+    "ensure_cleanup_schema",
+    "local_data_deleted_at",
+    "planned_paths",
+]
+
+#: Event kinds the reaper writes (besides state transitions).
+REFUSED_EVENT = "cleanup_refused"
+PLANNED_EVENT = "cleanup_planned"
+DELETED_EVENT = "cleanup_deleted"
+ABORTED_EVENT = "cleanup_aborted"
+NOTE_EVENT = "note"
+
+
+def _ts(moment: dt.datetime) -> str:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"naive datetime {moment!r}: pass a timezone-aware time")
+    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds")
+
+
+def _from_ts(text: str | None) -> dt.datetime | None:
+    return None if text is None else dt.datetime.fromisoformat(text)
+
+
+def _path_key(path: str) -> bytes:
+    # Stored as bytes: a name that is not valid UTF-8 survives the round trip.
+    return os.fsencode(path)
+
+
+def _path_text(blob: bytes | str) -> str:
+    return os.fsdecode(blob)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class VerifiedStat:
+    """A file's metadata as recorded when its content was verified.
+
+    ``trusted`` is False when the file may have been written while it was
+    hashed (or was not a regular file then): the reaper re-hashes such a file
+    before deleting it. ``size``/``mtime_ns``/``ctime_ns``/``ino`` are None
+    when the file could not be stat-ed.
+    """
+
+    path: str
+    sha256: str
+    size: int | None
+    mtime_ns: int | None
+    ctime_ns: int | None
+    ino: int | None
+    trusted: bool
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Same size, mtime, ctime and inode as ``st``, and trusted."""
+        return (
+            self.trusted
+            and self.size == st.st_size
+            and self.mtime_ns == st.st_mtime_ns
+            and self.ctime_ns == st.st_ctime_ns
+            and self.ino == st.st_ino
+        )
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file the deletion may remove, with the stat it must still have."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A job's planned deletion: what was planned, and when its data were deleted (None: not yet)."""
+
+    job_id: str
+    run_path: str
+    manifest_digest: str
+    planned_at: dt.datetime
+    files: int
+    bytes: int
+    data_deleted_at: dt.datetime | None
+
+
+#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted)`` of one file, as :meth:`CleanupStore.record_verified` takes it.
+StatRow = tuple[str, int, int, int, int, bool]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class CleanupStore:
+    """The reaper's tables in ``queue``'s database. Cheap to make; holds no state of its own."""
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+
+    # ------------------------------------------------------------ reads (no write lock)
+
+    def progress_rows(self) -> dict[str, Progress]:
+        """Every planned deletion, by job id."""
+        with self.queue.snapshot() as conn:
+            rows = conn.execute("SELECT * FROM cleanup_progress").fetchall()
+        return {
+            row["job_id"]: Progress(
+                job_id=row["job_id"], run_path=row["run_path"], manifest_digest=row["manifest_digest"],
+                planned_at=_from_ts(row["planned_at"]), files=row["files"], bytes=row["bytes"],
+                data_deleted_at=_from_ts(row["data_deleted_at"]),
+            )
+            for row in rows
+        }
+
+    def plan_files(self, job_id: str) -> list[PlannedFile]:
+        """The job's planned files, in byte order of their paths; empty without a plan."""
+        with self.queue.snapshot() as conn:
+            rows = conn.execute("SELECT * FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
+        files = [
+            PlannedFile(_path_text(r["path"]), r["size"], r["mtime_ns"], int(r["ino"]), r["sha256"]) for r in rows
+        ]
+        return sorted(files, key=lambda f: os.fsencode(f.path))
+
+    def planned_paths(self, job_id: str) -> frozenset[str]:
+        """The relative paths of the job's planned files; empty without a plan."""
+        with self.queue.snapshot() as conn:
+            rows = conn.execute("SELECT path FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
+        return frozenset(_path_text(row["path"]) for row in rows)
+
+    def data_deleted_at(self, job_id: str) -> dt.datetime | None:
+        """When the job's planned files were deleted; None when not yet, or without a plan."""
+        with self.queue.snapshot() as conn:
+            row = conn.execute("SELECT data_deleted_at FROM cleanup_progress WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else _from_ts(row["data_deleted_at"])
+
+    def verified_stats(self, job_id: str) -> dict[str, VerifiedStat]:
+        """The recorded stats of the job's verified files, by relative path."""
+        with self.queue.snapshot() as conn:
+            rows = conn.execute("SELECT * FROM verified_files WHERE job_id = ?", (job_id,)).fetchall()
+        out = {}
+        for row in rows:
+            rel = _path_text(row["path"])
+            out[rel] = VerifiedStat(
+                path=rel,
+                sha256=row["sha256"],
+                size=row["size"],
+                mtime_ns=row["mtime_ns"],
+                ctime_ns=row["ctime_ns"],
+                ino=None if row["ino"] is None else int(row["ino"]),
+                trusted=bool(row["trusted"]),
+            )
+        return out
+
+    # ------------------------------------------------------------ writes
+
+    def record_verified(
+        self, job_id: str, data: Mapping[str, str], stats: Mapping[str, StatRow], now: dt.datetime
+    ) -> int:
+        """Store the stats of a verified manifest's files; returns the rows written.
+
+        ``data``: the verified ``{path: sha256}`` (data files only); ``stats``:
+        the files of it that could be stat-ed. A row whose SHA-256 is unchanged
+        and trusted is kept as it is; rows of files no longer in ``data`` are
+        dropped, and so is the row of a file verified with new content that
+        could not be stat-ed now.
+        """
+        stamp = _ts(now)
+        written = 0
+        with self.queue.transaction() as conn:
+            existing = {
+                _path_text(row["path"]): row
+                for row in conn.execute("SELECT * FROM verified_files WHERE job_id = ?", (job_id,)).fetchall()
+            }
+            for rel in existing:
+                if rel not in data:
+                    conn.execute("DELETE FROM verified_files WHERE job_id = ? AND path = ?", (job_id, _path_key(rel)))
+            for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted) in stats.items():
+                old = existing.get(rel)
+                if old is not None and old["sha256"] == sha and old["trusted"]:
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO verified_files"
+                    " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, _path_key(rel), sha, size, mtime_ns, ctime_ns, str(ino), 1 if trusted else 0, stamp),
+                )
+                written += 1
+            for rel in data:
+                if rel not in stats and rel in existing and existing[rel]["sha256"] != data[rel]:
+                    # New content verified, file not stat-able now: the old stat must not vouch for it.
+                    conn.execute("DELETE FROM verified_files WHERE job_id = ? AND path = ?", (job_id, _path_key(rel)))
+        return written
+
+    def write_plan(
+        self, job: SyncJobRow, files: Sequence[PlannedFile], now: dt.datetime, detail: str
+    ) -> Progress | None:
+        """The plan, the progress row and the ``cleanup_planned`` event in one transaction.
+
+        None (nothing written) when the job is no longer CLEANUP_ELIGIBLE with
+        the manifest digest it was checked with.
+        """
+        digest = job.manifest_digest or ""
+        total = sum(f.size for f in files)
+        with self.queue.transaction() as conn:
+            row = conn.execute("SELECT state, manifest_digest FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if (
+                row is None
+                or row["state"] != SyncJobState.CLEANUP_ELIGIBLE.value
+                or row["manifest_digest"] != digest
+            ):
+                return None
+            conn.execute("DELETE FROM cleanup_plan WHERE job_id = ?", (job.id,))
+            conn.executemany(
+                "INSERT INTO cleanup_plan (job_id, path, size, mtime_ns, ino, sha256, manifest_digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job.id, _path_key(f.path), f.size, f.mtime_ns, str(f.ino), f.sha256, digest) for f in files],
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO cleanup_progress"
+                " (job_id, run_path, manifest_digest, planned_at, files, bytes, data_deleted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (job.id, job.run_path, digest, _ts(now), len(files), total),
+            )
+            self.queue.record_event(job.id, PLANNED_EVENT, detail, now=now)
+        return Progress(job.id, job.run_path, digest, now, len(files), total, None)
+
+    def mark_data_deleted(self, job_id: str, at: dt.datetime, detail: str) -> None:
+        """The planned files are gone: record when, with the ``cleanup_deleted`` event."""
+        with self.queue.transaction() as conn:
+            conn.execute("UPDATE cleanup_progress SET data_deleted_at = ? WHERE job_id = ?", (_ts(at), job_id))
+            self.queue.record_event(job_id, DELETED_EVENT, detail, now=at)
+
+    def drop_plan(self, job_id: str) -> None:
+        """Forget the job's plan. Inside the caller's transaction, part of it."""
+        with self.queue.transaction() as conn:
+            conn.execute("DELETE FROM cleanup_plan WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM cleanup_progress WHERE job_id = ?", (job_id,))
+
+    def forget_verified(self, job_id: str) -> None:
+        """Drop the job's verified stats (its local data are gone). Inside the caller's transaction, part of it."""
+        with self.queue.transaction() as conn:
+            conn.execute("DELETE FROM verified_files WHERE job_id = ?", (job_id,))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def ensure_cleanup_schema(queue: JobQueue) -> None:
+    """Make sure the reaper's tables exist. Idempotent; takes no write lock.
+
+    The tables are the queue's migration 4, made when the database is
+    opened: this only opens it (raising like :class:`JobQueue`).
+    """
+    with queue.snapshot():
+        pass
+
+
+def local_data_deleted_at(queue: JobQueue, job_id: str) -> dt.datetime | None:
+    """When the reaper finished deleting the job's local data, or None (not deleted, or no plan).
+
+    Set between the deletion of the data and CLEANED (with ``retain_cache:
+    false`` the job may wait there for the final metadata push). Such a job
+    has no local data to audit or send again.
+    """
+    return CleanupStore(queue).data_deleted_at(job_id)
+
+
+def planned_paths(queue: JobQueue, job_id: str) -> frozenset[str]:
+    """The data files the job's cleanup plan deletes (or deleted); empty without a plan.
+
+    The plan outlives the manifest: with ``retain_cache: false`` a pass
+    interrupted while removing ``.exlab-wizard/`` may leave the plan and no
+    ``checksums.sha256``.
+    """
+    return CleanupStore(queue).planned_paths(job_id)
