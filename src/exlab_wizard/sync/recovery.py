@@ -48,6 +48,7 @@ from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_dige
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import load_verified_stats, scan_run
+from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import METADATA_DIR, PREVIOUS_DIR, Transport
 
@@ -260,7 +261,7 @@ def _scratch(run: Path) -> Path:
 async def restore_damaged(
     queue: JobQueue,
     job: SyncJobRow,
-    transport: Transport,
+    transport: Transport | RemoteAccess,
     damaged: Sequence[str],
     *,
     progress: Callable[[int], None] | None = None,
@@ -395,8 +396,8 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     if damaged:
         if not await ctx.remotes.reachable(job):
             raise RestoreError("unreachable", f"the NAS for {job.equipment_id} is not reachable now; nothing restored")
-        transport = ctx.remotes.access(equipment).transport
-        restored, refused = await restore_damaged(queue, job, transport, damaged, progress=progress)
+        remote = ctx.remotes.access(equipment)
+        restored, refused = await restore_damaged(queue, job, remote, damaged, progress=progress)
     detail = restore_detail(restored, refused, job.manifest_digest or "")
     log = ctx.log(equipment)
     (log.warning if refused else log.info)(run, "restore", job=job.id, restored=len(restored), refused=len(refused))

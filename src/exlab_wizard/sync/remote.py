@@ -13,9 +13,9 @@ owns that choice, so no other part of the client asks which one is in use:
   a hashsum that raises is an error, never a match;
 - :meth:`Remotes.reachable`: the injected stat, else the transport's; any
   exception means "not reachable";
-- :meth:`Remotes.listing` (the reaper's interlock 4), :meth:`RemoteAccess.keep_previous`
-  and the transport itself (for ``restore``): always the equipment's own
-  transport, never an injected callable, so an injection cannot make a
+- :meth:`Remotes.listing` (the reaper's interlock 4), :meth:`RemoteAccess.fetch`
+  (``restore``) and :meth:`RemoteAccess.keep_previous` (``retry
+  --accept-local``): always the equipment's own transport, never an injected callable, so an injection cannot make a
   deletion easier than the real NAS allows.
 
 Usage::
@@ -152,6 +152,10 @@ class RemoteAccess:
         if not isinstance(answer, Mapping):
             raise TransportError(TransportErrorKind.UNKNOWN, f"hashsum returned {type(answer).__name__}, not a mapping")
         return RemoteManifest(hashes={str(k): str(v).lower() for k, v in answer.items()})
+
+    async def fetch(self, run: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
+        """The transport's ``fetch``: copy the NAS copies of ``paths`` into ``into`` (for ``restore``)."""
+        return await self.transport.fetch(run, paths, into)
 
     async def keep_previous(self, run: Path, paths: Collection[str], stamp: str) -> list[str]:
         """The transport's ``keep_previous``: move the verified NAS copies of ``paths`` under ``previous/<stamp>/``."""
