@@ -22,7 +22,7 @@ from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.context import ClientContext
-from exlab_wizard.sync.jobs import fail
+from exlab_wizard.sync.job_runner import fail
 from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy

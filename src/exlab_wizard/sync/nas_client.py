@@ -20,8 +20,8 @@ Contents of :class:`NASSyncClient`, and where the work is done:
 - ``init`` / ``close``: the runner lease, recovery of in-flight jobs, the
   background tasks (the dispatcher, the audit loop, the reaper loop);
 - ``enqueue``, ``status``, ``jobs``, ``job``, ``waiting_for``, ``wait_idle``:
-  the queue; a job's life is in :mod:`exlab_wizard.sync.jobs` (gate, damage
-  check, push, verify, VERIFIED, retry decision, the dispatcher), its owed
+  the queue; a job's life is in :mod:`exlab_wizard.sync.job_runner` (gate,
+  damage check, push, verify, VERIFIED, retry decision, the dispatcher), its owed
   metadata push in :mod:`exlab_wizard.sync.metadata_push`;
 - ``retry`` and ``restore``: :mod:`exlab_wizard.sync.recovery`;
 - ``audit_once``: :mod:`exlab_wizard.sync.audit`;
@@ -49,7 +49,7 @@ from typing import Any
 
 from exlab_wizard.cache import CreationWriter
 from exlab_wizard.config.models import Config, EquipmentConfig
-from exlab_wizard.sync import audit, jobs, metadata_push, recovery
+from exlab_wizard.sync import audit, job_runner, metadata_push, recovery
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.context import ClientContext, TransferProgress
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
@@ -183,10 +183,11 @@ class NASSyncClient:
         for job in ctx.queue.recover(now=self.clock()):
             equipment = ctx.equipment(job)
             if equipment is not None and job.equipment_id not in ctx.inflight:
-                jobs.start(ctx, job, equipment, jobs.verify_job(ctx, job, equipment, local_hashes=None), "verify")
+                verify = job_runner.verify_job(ctx, job, equipment, local_hashes=None)
+                job_runner.start(ctx, job, equipment, verify, "verify")
         self._reaper = self._make_reaper()
         if self.config.sync.enabled:
-            dispatch = jobs.dispatch_loop(ctx, poll_interval_s=self.worker_poll_interval_s)
+            dispatch = job_runner.dispatch_loop(ctx, poll_interval_s=self.worker_poll_interval_s)
             self._tasks.append(asyncio.create_task(dispatch, name="sync-dispatch"))
         self._tasks.append(asyncio.create_task(audit.audit_loop(ctx), name="sync-audit"))
         self._tasks.append(asyncio.create_task(self._reaper_loop(), name="sync-reaper"))
@@ -342,7 +343,7 @@ class NASSyncClient:
 
     async def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until no job is in flight and no QUEUED job or pending metadata push is due (tests, demo)."""
-        await asyncio.wait_for(jobs.wait_idle(self._ctx), timeout)
+        await asyncio.wait_for(job_runner.wait_idle(self._ctx), timeout)
 
     async def waiting_for(self, job_ids: Iterable[str]) -> dict[str, str]:
         """What each of these jobs still waits for, by job id; a settled job is left out.
@@ -352,7 +353,7 @@ class NASSyncClient:
         (then pending until a later try: ``metadata_push_error`` says why).
         Unknown ids are left out. For ``enqueue --wait``.
         """
-        return jobs.waiting_for(self._ctx, job_ids)
+        return job_runner.waiting_for(self._ctx, job_ids)
 
     async def audit_once(self) -> None:
         """Re-verify every VERIFIED or CLEANUP_ELIGIBLE job that is due (one audit pass)."""
