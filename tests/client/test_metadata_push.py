@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from exlab_wizard.sync.metadata_push import push_once
 from exlab_wizard.sync.nas_client import SyncHandleState
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import (
@@ -91,9 +92,9 @@ async def test_a_transport_without_metadata_push_gets_the_whole_run_push_with_cl
         await client.enqueue(run)
         job = await client.job(run)
         transport.pushes.clear()
-        assert await client._push_metadata(job, equipment)
+        assert await push_once(client._ctx, job, equipment)
         cleaned = frozenset({"image_001.tif"})
-        assert await client._push_metadata(job, equipment, cleaned=cleaned)
+        assert await push_once(client._ctx, job, equipment, cleaned=cleaned)
         assert transport.pushes == [{"run": run, "cleaned": frozenset()}, {"run": run, "cleaned": cleaned}]
     finally:
         await client.close()

@@ -15,8 +15,10 @@ verification, otherwise as damaged.
   fetched into a scratch folder inside the run, each checked against the
   manifest, fsynced, given the recorded mtime, then renamed over the damaged
   file. A NAS copy that does not match the manifest is not restored.
-- ``retry --accept-local`` (in the client) makes the local bytes the new
+- ``retry --accept-local`` (:func:`rearm`) makes the local bytes the new
   truth; the transport's ``keep_previous`` keeps the replaced NAS files.
+- :func:`restore` and :func:`rearm` are the client's ``restore`` and
+  ``retry``: they check, act and record the outcome on the job.
 
 Usage::
 
@@ -28,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -38,11 +41,14 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import load_verified_stats, scan_run
+from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import METADATA_DIR, PREVIOUS_DIR, Transport
 
@@ -55,12 +61,16 @@ __all__ = [
     "damage_message",
     "find_damage",
     "previous_stamp",
+    "rearm",
+    "refuse_local_damage",
+    "restore",
     "restore_damaged",
     "restore_detail",
     "verified_manifest",
 ]
 
 LOCAL_DAMAGE = "local_damage"
+S = SyncJobState
 _SCRATCH_PREFIX = ".restore-"
 _CHUNK = 1 << 20
 
@@ -251,7 +261,7 @@ def _scratch(run: Path) -> Path:
 async def restore_damaged(
     queue: JobQueue,
     job: SyncJobRow,
-    transport: Transport,
+    transport: Transport | RemoteAccess,
     damaged: Sequence[str],
     *,
     progress: Callable[[int], None] | None = None,
@@ -311,3 +321,120 @@ def restore_detail(restored: Sequence[str], refused: Mapping[str, str], digest: 
     for rel, why in sorted(refused.items()):
         parts.append(f"not restored: {rel}: {why}")
     return "; ".join(parts) or "nothing to restore: the local files match the verified manifest"
+
+
+# ---------------------------------------------------------------------- the client's two ways out
+
+
+async def refuse_local_damage(queue: JobQueue, job: SyncJobRow) -> None:
+    """Raise :class:`LocalDamageError` when a job FAILED ``local_damage`` still has damaged files."""
+    if job.error_kind != LOCAL_DAMAGE:
+        return
+    damaged = await asyncio.to_thread(find_damage, queue, job)
+    if damaged:
+        raise LocalDamageError(job.id, job.run_path, damaged)
+
+
+async def rearm(ctx: ClientContext, job_id: str, *, accept_local: bool = False) -> SyncJobRow:
+    """``FAILED -> QUEUED`` for ``retry``, with ``--accept-local`` recorded (see ``NASSyncClient.retry``).
+
+    Raises ``KeyError`` (no such job), :class:`LocalDamageError` (damage
+    still there, not accepted) and ``IllegalTransition`` (not FAILED).
+    """
+    queue = ctx.require_queue()
+    job = queue.get(job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    damaged: tuple[str, ...] = ()
+    if job.state == S.FAILED and (accept_local or job.error_kind == LOCAL_DAMAGE):
+        damaged = await asyncio.to_thread(find_damage, queue, job)
+    already = set(damaged) <= set(job.accept_local_paths)  # accepted earlier, and that retry failed otherwise
+    if damaged and not accept_local and not already:
+        raise LocalDamageError(job.id, job.run_path, damaged)
+    now = ctx.clock()
+    fields: dict[str, Any] = {}
+    detail = "retry requested"
+    if damaged and accept_local and not already:
+        stamp = previous_stamp(now)
+        fields = {"accept_local_paths": damaged, "previous_stamp": stamp, "previous_kept_at": None}
+        detail = (
+            f"retry --accept-local: the local bytes of {len(damaged)} damaged file(s) are the new truth: "
+            f"{name_paths(list(damaged))}; the NAS keeps the verified ones under "
+            f"{METADATA_DIR}/previous/{stamp}/"
+        )
+    elif accept_local:
+        detail = "retry requested (--accept-local: " + ("accepted already)" if damaged else "no local damage found)")
+    job = queue.transition(
+        job.id, S.FAILED, S.QUEUED, now=now, detail=detail,
+        attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None, **fields,
+    )
+    equipment = ctx.equipment(job)
+    if fields and equipment is not None:
+        ctx.log(equipment).warning(
+            job.run_path, "accept_local", job=job.id, files=len(damaged), previous=fields["previous_stamp"]
+        )
+    ctx.kick()
+    return job
+
+
+async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], None] | None = None) -> RestoreResult:
+    """Restore the run's damaged files from the NAS and record it (see ``NASSyncClient.restore``)."""
+    queue = ctx.require_queue()
+    job = queue.by_run(str(run))
+    if job is None:
+        raise RestoreError("no_job", f"{run} has no sync job")
+    if job.state in (S.RUNNING, S.AWAITING_VERIFY, S.CLEANED):
+        raise RestoreError("busy", f"job {job.id} is {job.state.value}: nothing can be restored now")
+    if await asyncio.to_thread(verified_manifest, job) is None:
+        raise RestoreError("no_verified_manifest", f"{run} has no verified checksums.sha256 to restore against")
+    equipment = ctx.equipment(job)
+    if equipment is None:
+        raise RestoreError("no_job", f"equipment {job.equipment_id} is no longer configured")
+    damaged = await asyncio.to_thread(find_damage, queue, job)
+    restored: tuple[str, ...] = ()
+    refused: dict[str, str] = {}
+    if damaged:
+        if not await ctx.remotes.reachable(job):
+            raise RestoreError("unreachable", f"the NAS for {job.equipment_id} is not reachable now; nothing restored")
+        remote = ctx.remotes.access(equipment)
+        restored, refused = await restore_damaged(queue, job, remote, damaged, progress=progress)
+    detail = restore_detail(restored, refused, job.manifest_digest or "")
+    log = ctx.log(equipment)
+    (log.warning if refused else log.info)(run, "restore", job=job.id, restored=len(restored), refused=len(refused))
+    check = None if refused else await asyncio.to_thread(check_local, queue, job)
+    job = _after_restore(ctx, job, detail, bool(refused), check)
+    return RestoreResult(job.id, job.run_path, restored, refused, job.state)
+
+
+def _after_restore(
+    ctx: ClientContext, job: SyncJobRow, detail: str, refused: bool, check: LocalCheck | None
+) -> SyncJobRow:
+    """Record the restore; a ``local_damage`` job whose damage is gone (``check``) leaves FAILED."""
+    queue = ctx.require_queue()
+    now = ctx.clock()
+    fresh = queue.get(job.id) or job
+    if refused or fresh.state != S.FAILED or fresh.error_kind != LOCAL_DAMAGE:
+        queue.record_event(job.id, "restore", detail, now=now)
+        return fresh
+    if check is not None and check.damaged:
+        queue.record_event(job.id, "restore", detail + f"; still damaged: {name_paths(list(check.damaged))}", now=now)
+        return fresh
+    cleared: dict[str, Any] = {
+        "attempts": 0, "mismatch_count": 0, "next_attempt_at": None, "error_kind": None, "last_error": None,
+        "accept_local_paths": (), "previous_stamp": None, "previous_kept_at": None,
+    }
+    if check is not None and check.clean and fresh.verified_at is not None:
+        fresh = queue.transition(
+            job.id, S.FAILED, S.VERIFIED, now=now,
+            detail=f"{detail}; the local run matches the verified manifest again", **cleared,
+        )
+        with contextlib.suppress(Exception):
+            ctx.cache.set_sync_status(Path(job.run_path), "synced")
+    else:
+        fresh = queue.transition(
+            job.id, S.FAILED, S.QUEUED, now=now,
+            detail=f"{detail}; the run changed since verification: transfer again", **cleared,
+        )
+        ctx.kick()
+    ctx.notify_state(fresh)
+    return fresh

@@ -1,0 +1,227 @@
+"""The audit: re-verifying NAS copies that were verified before.
+
+Every VERIFIED or CLEANUP_ELIGIBLE job is re-checked once per
+``audit_interval_s`` (never while a bandwidth window limits its equipment,
+unless forced): the remote manifest against the recorded, verified
+``checksums.sha256``. A match adds a verify pass (the cleanup counts them);
+a mismatch goes through the retry policy as the first mismatch (back to
+QUEUED for a re-transfer of the mismatched files), unless the local copies
+of those files are damaged or gone, which fails the job (nothing is sent).
+What cannot be checked now (the NAS away, the local run away, the reaper
+finishing) is skipped with an event, recorded once while it lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.context import ClientContext
+from exlab_wizard.sync.job_runner import fail
+from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
+from exlab_wizard.sync.metadata_push import data_only
+from exlab_wizard.sync.policy import bandwidth as bw_policy
+from exlab_wizard.sync.policy import retry as retry_policy
+from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, scan_run
+from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.transports import TransportError, TransportErrorKind
+from exlab_wizard.sync.verifier import compare
+
+__all__ = ["audit_job", "audit_loop", "audit_pass"]
+
+logger = logging.getLogger(__name__)
+
+S = SyncJobState
+
+
+async def audit_loop(ctx: ClientContext) -> None:
+    """Run :func:`audit_pass` for ever, every ``min(audit_interval_s, scan_interval_s)``; a failed pass is logged."""
+    interval = ctx.config.sync.audit_interval_s
+    while True:
+        await asyncio.sleep(min(interval, max(ctx.config.sync.scan_interval_s, 0.05)))
+        try:
+            await audit_pass(ctx, force=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("audit pass failed")
+
+
+async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
+    """Audit every VERIFIED or CLEANUP_ELIGIBLE job that is due (all of them with ``force``), not in flight."""
+    queue = ctx.require_queue()
+    interval = dt.timedelta(seconds=ctx.config.sync.audit_interval_s)
+    for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+        for job in queue.list_jobs(state=state):
+            equipment = ctx.equipment(job)
+            if equipment is None or job.equipment_id in ctx.inflight:
+                continue
+            now = ctx.clock()
+            if not force and job.last_verify_at is not None and now - job.last_verify_at < interval:
+                continue
+            if bw_policy.limit_kibps(equipment.transport.bandwidth, now) is not None and not force:
+                continue  # never audit while a bandwidth window limits this equipment
+            try:
+                await audit_job(ctx, job, equipment)
+            except IllegalTransition as exc:  # another process moved the job: its move stands
+                logger.warning("audit of job %s: %s", job.id, exc)
+
+
+def _note(ctx: ClientContext, job: SyncJobRow, kind: str, detail: str) -> None:
+    """Record an audit event unless the job's last event already says the same (no spam while the NAS is away)."""
+    queue = ctx.require_queue()
+    last = queue.events(job.id, limit=1)
+    if last and last[-1].kind == kind and last[-1].detail == detail:
+        return
+    queue.record_event(job.id, kind, detail, now=ctx.clock())
+
+
+async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+    """Re-verify the NAS copy against the recorded manifest; add a pass or send it back."""
+    queue = ctx.require_queue()
+    run = Path(job.run_path)
+    log = ctx.log(equipment)
+    deleted_at = await asyncio.to_thread(local_data_deleted_at, queue, job.id)
+    if deleted_at is not None:
+        # The reaper has deleted the local data and is finishing (the final metadata push):
+        # a re-transfer is impossible, and a missing local cache is not a mismatch.
+        _note(ctx, job, "audit_skipped", "local data already deleted: the cleanup is finishing")
+        return
+    if not await asyncio.to_thread(os.path.isdir, run):
+        # An external disk away, say: the recorded manifest cannot be read, which says nothing about the NAS.
+        _note(ctx, job, "audit_skipped", "local run folder missing: no recorded manifest to check against")
+        return
+    if not await ctx.remotes.reachable(job):
+        _note(ctx, job, "audit_skipped", "remote unreachable")
+        return
+    recorded = await asyncio.to_thread(read_manifest, run)
+    if recorded is None:
+        recorded = {}
+    if recorded and job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
+        # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
+        _note(ctx, job, "audit_skipped", "recorded manifest changed since verification")
+        return
+    try:
+        remote = await ctx.remotes.access(equipment).manifest(run)
+    except TransportError as exc:
+        if exc.kind in (TransportErrorKind.NETWORK, TransportErrorKind.UNKNOWN):
+            _note(ctx, job, "audit_skipped", f"remote unreachable: {exc.message}")
+            return
+        _audit_failed(ctx, job, exc.kind, f"audit: {exc.message}")
+        return
+    outcome = compare(data_only(recorded), remote)
+    now = ctx.clock()
+    if outcome.ok and recorded:
+        fresh = queue.get(job.id)
+        if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+            return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
+        queue.update(
+            job.id, fresh.state, now=now, event_kind="verify_pass",
+            detail=f"audit pass {fresh.verify_passes + 1}: {outcome.checked} files match",
+            verify_passes=fresh.verify_passes + 1, last_verify_at=now,
+            pass_times=tuple(fresh.pass_times) + (now,),
+        )
+        log.info(run, "audit_pass", job=job.id, verify_passes=fresh.verify_passes + 1)
+        return
+    bad = tuple(outcome.different) + tuple(outcome.missing)
+    reason = (
+        "audit: no recorded manifest" if not recorded else
+        f"audit mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
+        f"{len(outcome.extra)} extra, {len(outcome.unverifiable)} unverifiable"
+        + (f"; first: {bad[0]}" if bad else "")
+    )
+    log.error(run, "audit_failed", job=job.id, reason=reason)
+    refusal = await asyncio.to_thread(_local_copies_unusable, ctx, job, run, recorded, bad)
+    if refusal is not None:
+        kind, why = refusal
+        _audit_failed(ctx, job, kind, f"{reason}; {why}", final=True)
+        return
+    _audit_failed(ctx, job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
+
+
+def _local_copies_unusable(
+    ctx: ClientContext, job: SyncJobRow, run: Path, recorded: Mapping[str, str], bad: tuple[str, ...]
+) -> tuple[str, str] | None:
+    """Before the NAS copies of ``bad`` are rewritten from local: are the local copies still the verified bytes?
+
+    Local damage (content changed, mtime not) must never be sent over the
+    NAS, and a local copy that is gone cannot be sent at all: both are
+    ``(error kind, reason)`` for FAILED. None when a re-transfer may go
+    ahead (the local copies are intact, or edited: an edit is re-synced).
+    """
+    subset = {p: recorded[p] for p in bad if p in recorded}
+    if not subset:
+        return None
+    scan = scan_run(run, subset, load_verified_stats(ctx.require_queue(), job.id), verified_at=job.verified_at)
+    if scan.check.refusal is not None:
+        return None  # the run folder is away: the transfer itself will say so
+    if scan.check.damaged:
+        return "local_damage", (
+            f"the local copy is damaged too (content changed, mtime not): {name_paths(list(scan.check.damaged))}; "
+            "nothing sent"
+        )
+    if scan.check.missing:
+        return TransportErrorKind.LOCAL_FILE_VANISHED.value, (
+            f"no local copy to send again: {name_paths(list(scan.check.missing))}"
+        )
+    return None
+
+
+def _audit_failed(
+    ctx: ClientContext, job: SyncJobRow, kind: TransportErrorKind | str, reason: str,
+    *, rewrite: tuple[str, ...] = (), final: bool = False,
+) -> None:
+    """A failed re-verification, decided by the retry policy.
+
+    The audit's mismatch counts as the first mismatch: the job goes back
+    to QUEUED for a re-transfer of the mismatched files (the verify clock
+    starts again), and a second mismatch after it is FAILED. Other kinds
+    (auth, remote refused) are FAILED at once. ``final`` fails the job
+    whatever the kind. The job's current state is re-read, so a promotion
+    to CLEANUP_ELIGIBLE made meanwhile does not swallow the failure (and
+    the pending deletion is cancelled with it).
+    """
+    queue = ctx.require_queue()
+    kind_value = str(getattr(kind, "value", kind))
+    for _ in range(5):
+        fresh = queue.get(job.id)
+        if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+            return  # re-queued or cleaned meanwhile: nothing left to send back
+        now = ctx.clock()
+        if final:
+            decision = None
+        else:
+            decision = retry_policy.decide(
+                kind_value, attempts=1, mismatch_count=1,
+                backoff_s=ctx.config.sync.backoff_s, now=now, message=reason,
+            )
+        try:
+            if decision is None or decision.action != "retry":
+                failed_kind = kind_value if decision is None else decision.error_kind
+                fail(ctx, fresh, fresh.state, failed_kind, reason if decision is None else decision.reason)
+                return
+            queue.transition(
+                job.id, fresh.state, S.QUEUED, now=now, detail=decision.reason,
+                attempts=0, mismatch_count=1, next_attempt_at=decision.next_attempt_at,
+                error_kind=decision.error_kind, last_error=decision.reason,
+                rewrite_paths=rewrite if decision.rewrite else (),
+                verify_passes=0, verified_at=None, pass_times=(),
+            )
+        except IllegalTransition:
+            continue  # the state changed under us: read it again
+        equipment = ctx.equipment(job)
+        if equipment is not None:
+            ctx.log(equipment).warning(
+                job.run_path, "retry_scheduled", job=job.id, kind=kind_value, reason=decision.reason
+            )
+        ctx.notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": S.QUEUED.value})
+        ctx.kick()
+        return
+    raise IllegalTransition(f"job {job.id} kept changing state during its audit")

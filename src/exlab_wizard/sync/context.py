@@ -1,0 +1,140 @@
+"""The state the client shares with its parts: one small object, passed explicitly.
+
+:class:`ClientContext` holds what the job steps, the dispatcher, the audit
+and the metadata push all read or change: the config and the clock (both
+replaceable at any time; every part reads them at each use), the queue, the
+creation.json writer, the verifier, the remote access, the equipment logs,
+the listeners and live progress, and the map of in-flight tasks. It owns no
+behaviour beyond small lookups over that state (an equipment by job, its
+log, a notification to the listeners, a wake-up of the dispatcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from exlab_wizard.cache import CreationWriter
+from exlab_wizard.config.models import Config, EquipmentConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.remote import HashsumFactory, PushFactory, RemoteStat, Remotes
+from exlab_wizard.sync.verifier import Verifier
+from exlab_wizard.validator import Validator
+
+__all__ = ["ClientContext", "TransferProgress", "utcnow"]
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class TransferProgress:
+    """Live progress of one job, for progress bars and the dashboard."""
+
+    job_id: str
+    run_path: str
+    phase: str  # "transfer" | "verify"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+
+class ClientContext:
+    """What the client's parts share. Built by the client; ``queue`` is set by its ``init()``."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        validator: Validator,
+        cache: CreationWriter,
+        verifier: Verifier,
+        push_factory: PushFactory | None = None,
+        hashsum_factory: HashsumFactory | None = None,
+        remote_stat: RemoteStat | None = None,
+    ):
+        self.config = config
+        #: The clock: a callable returning an aware datetime (tests replace it).
+        self.clock: Callable[[], dt.datetime] = utcnow
+        self.validator = validator
+        self.cache = cache
+        self.verifier = verifier
+        self.queue: JobQueue | None = None
+        self.remotes = Remotes(
+            lambda: self.config,
+            log_for=self.log,
+            push_factory=push_factory,
+            hashsum_factory=hashsum_factory,
+            remote_stat=remote_stat,
+        )
+        self.logs: dict[str, EquipmentLog] = {}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.progress: dict[str, TransferProgress] = {}
+        self.inflight: dict[str, asyncio.Task[Any]] = {}  # equipment id -> task
+        self.inflight_jobs: dict[str, str] = {}  # equipment id -> the id of the job its task works on
+        self.pushing: set[asyncio.Task[Any]] = set()  # tasks inside a metadata push: close() lets them end
+        self.wake: asyncio.Event | None = None
+
+    def require_queue(self) -> JobQueue:
+        if self.queue is None:
+            raise RuntimeError("NASSyncClient.init() has not been awaited")
+        return self.queue
+
+    def equipment(self, job: SyncJobRow) -> EquipmentConfig | None:
+        """The job's equipment as configured now, or None when it is no longer configured."""
+        try:
+            return self.config.equipment_by_id(job.equipment_id)
+        except KeyError:
+            return None
+
+    def log(self, equipment: EquipmentConfig) -> EquipmentLog:
+        log = self.logs.get(equipment.id)
+        if log is None:
+            log = self.logs[equipment.id] = EquipmentLog(equipment)
+        return log
+
+    def log_for_id(self, equipment_id: str) -> EquipmentLog:
+        return self.log(self.config.equipment_by_id(equipment_id))
+
+    def notify(self, event: dict[str, Any]) -> None:
+        for callback in list(self.listeners):
+            try:
+                callback(event)
+            except Exception:  # a broken listener never stops a transfer
+                logger.exception("progress listener failed")
+
+    def notify_state(self, job: SyncJobRow) -> None:
+        """Tell the listeners the job's state (as ``job`` holds it)."""
+        self.notify({"type": "state", "job_id": job.id, "run_path": job.run_path, "state": job.state.value})
+
+    def kick(self) -> None:
+        """Wake the dispatcher."""
+        if self.wake is not None:
+            self.wake.set()
+
+    def progress_cb(self, job: SyncJobRow, phase: str, total: int) -> Callable[[int], None]:
+        """Start the job's live progress for ``phase``; the callback adds bytes (from any thread)."""
+        loop = asyncio.get_running_loop()
+        state = TransferProgress(job.id, job.run_path, phase, 0, total)
+        self.progress[job.id] = state
+
+        def on_bytes(delta: int) -> None:
+            state.bytes_done += delta
+            event = {
+                "type": "progress", "job_id": job.id, "run_path": job.run_path, "phase": phase,
+                "bytes": state.bytes_done, "total": state.bytes_total, "delta": delta,
+            }
+            try:
+                loop.call_soon_threadsafe(self.notify, event)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+        return on_bytes

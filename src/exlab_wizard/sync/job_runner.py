@@ -1,0 +1,514 @@
+"""The life of one job, and the dispatcher that starts jobs.
+
+One job's steps, each a durable transition of its queue row:
+
+- :func:`run_job`: the Pre-Sync Gate (a hold keeps the job QUEUED), the
+  local-damage check (damaged bytes are never sent), ``QUEUED -> RUNNING``,
+  the NAS copies kept for an accepted local change, the push with the local
+  hashing overlapped, ``RUNNING -> AWAITING_VERIFY``;
+- :func:`verify_job`: the remote manifest against the local hashes,
+  ``AWAITING_VERIFY -> VERIFIED`` with the new manifest, the verified file
+  stats for the reaper, and the metadata push the promotion owes;
+- :func:`retry_or_fail` and :func:`fail`: the retry policy's decision, recorded;
+- :func:`guarded`: an unexpected exception in a step is handed to the retry
+  policy as ``unknown`` (:func:`crashed`), never left as a job stuck RUNNING.
+
+The dispatcher (:func:`dispatch_loop`) starts due jobs and due metadata
+pushes, one per equipment and ``max_parallel_jobs`` overall; it sleeps until
+the next due time or a wake-up (:meth:`ClientContext.kick`), at most
+``poll_interval_s``. :func:`wait_idle` and :func:`waiting_for` answer what
+is still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+from collections.abc import Awaitable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync import gate as gate_mod
+from exlab_wizard.sync import metadata_push
+from exlab_wizard.sync.context import ClientContext, TransferProgress
+from exlab_wizard.sync.policy import bandwidth as bw_policy
+from exlab_wizard.sync.policy import retry as retry_policy
+from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.reaper import record_verified_stat
+from exlab_wizard.sync.remote import RemoteAccess
+from exlab_wizard.sync.recovery import LOCAL_DAMAGE, damage_message, find_damage, previous_stamp
+from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import METADATA_DIR
+from exlab_wizard.sync.verifier import compare
+from exlab_wizard.sync.verifier import scan_run as scan_entries
+
+__all__ = [
+    "crashed",
+    "dispatch_loop",
+    "fail",
+    "guarded",
+    "retry_or_fail",
+    "run_job",
+    "start",
+    "verify_job",
+    "wait_idle",
+    "waiting_for",
+]
+
+logger = logging.getLogger(__name__)
+
+S = SyncJobState
+
+
+# ---------------------------------------------------------------------- the dispatcher
+
+
+def start(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, work: Awaitable[None], what: str) -> None:
+    """Run one step of a job as the equipment's in-flight task."""
+    task = asyncio.create_task(guarded(ctx, job, work), name=f"{what}-{job.id}")
+    task.add_done_callback(lambda _t: ctx.kick())
+    ctx.inflight[equipment.id] = task
+    ctx.inflight_jobs[equipment.id] = job.id
+
+
+async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
+    """Start due jobs: one per equipment, ``max_parallel_jobs`` overall."""
+    assert ctx.wake is not None
+    queue = ctx.require_queue()
+    limit = ctx.config.sync.max_parallel_jobs
+    while True:
+        ctx.wake.clear()
+        for equipment_id, task in list(ctx.inflight.items()):
+            if task.done():
+                del ctx.inflight[equipment_id]
+        while len(ctx.inflight) < limit:
+            job = queue.next_due(ctx.clock(), busy_equipment=set(ctx.inflight))
+            if job is None:
+                break
+            equipment = ctx.equipment(job)
+            if equipment is None:
+                queue.transition(
+                    job.id, S.QUEUED, S.FAILED, now=ctx.clock(),
+                    detail=f"equipment {job.equipment_id} is no longer configured",
+                    error_kind="unknown", last_error=f"equipment {job.equipment_id} is no longer configured",
+                )
+                continue
+            start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
+        _start_metadata_pushes(ctx, limit)
+        timeout = poll_interval_s
+        now = ctx.clock()
+        wakeups = [t for t in (queue.next_wakeup(now), queue.next_metadata_wakeup(now)) if t is not None]
+        if wakeups:
+            timeout = max(0.0, min(timeout, (min(wakeups) - ctx.clock()).total_seconds()))
+        # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
+        # that races its timeout, and close() would then wait forever.
+        waiter = asyncio.ensure_future(ctx.wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=max(timeout, 0.001))
+        finally:
+            waiter.cancel()
+
+
+def _start_metadata_pushes(ctx: ClientContext, limit: int) -> None:
+    """Start the pending metadata pushes that are due (a push interrupted or failed earlier)."""
+    queue = ctx.require_queue()
+    while len(ctx.inflight) < limit:
+        job = queue.next_metadata_push(ctx.clock(), busy_equipment=set(ctx.inflight))
+        if job is None:
+            return
+        equipment = ctx.equipment(job)
+        if equipment is None:
+            metadata_push.push_failed(ctx, job, f"equipment {job.equipment_id} is no longer configured")
+            continue
+        start(ctx, job, equipment, metadata_push.send_pending(ctx, job, equipment), "metadata")
+
+
+async def wait_idle(ctx: ClientContext) -> None:
+    """Return once no job is in flight and no QUEUED job or pending metadata push is due."""
+    while True:
+        queue = ctx.require_queue()
+        now = ctx.clock()
+        due = queue.next_due(now) or queue.next_metadata_push(now)
+        if not ctx.inflight and due is None:
+            return
+        await asyncio.sleep(0.02)
+
+
+def waiting_for(ctx: ClientContext, job_ids: Iterable[str]) -> dict[str, str]:
+    """What each of these jobs still waits for, by job id (see ``NASSyncClient.waiting_for``)."""
+    queue = ctx.require_queue()
+    busy = {job_id for eq, job_id in ctx.inflight_jobs.items() if eq in ctx.inflight and not ctx.inflight[eq].done()}
+    now = ctx.clock()
+    waiting: dict[str, str] = {}
+    for job_id in job_ids:
+        job = queue.get(job_id)
+        if job is None or job.state in (S.FAILED, S.CLEANED):
+            continue
+        if job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+            if job.metadata_push_pending and (job.id in busy or job.metadata_push_failures == 0):
+                waiting[job.id] = f"{job.state.value}: metadata push to the NAS (checksums.sha256, creation.json)"
+            continue
+        what = job.state.value + (" (in flight)" if job.id in busy else "")
+        if job.state == S.QUEUED and job.next_attempt_at is not None and job.next_attempt_at > now:
+            what += f", next attempt at {job.next_attempt_at.astimezone().strftime('%Y-%m-%d %H:%M:%S')}"
+        if job.last_error:
+            what += f"; last error: {job.last_error}"
+        waiting[job.id] = what
+    return waiting
+
+
+# ---------------------------------------------------------------------- errors in a step
+
+
+async def guarded(ctx: ClientContext, job: SyncJobRow, work: Awaitable[None]) -> None:
+    """Run a job's step; an unexpected exception goes to :func:`crashed`, a stale move is logged."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        raise
+    except IllegalTransition as exc:  # another process moved the job: its move stands
+        logger.warning("job %s: %s", job.id, exc)
+    except Exception as exc:
+        logger.exception("job %s crashed", job.id)
+        crashed(ctx, job, exc)
+    finally:
+        ctx.progress.pop(job.id, None)
+
+
+def crashed(ctx: ClientContext, job: SyncJobRow, exc: Exception) -> None:
+    """An unexpected exception in a job's steps: the retry policy decides, as ``unknown``.
+
+    A job caught in QUEUED (the gate), RUNNING or AWAITING_VERIFY is sent
+    back with backoff (FAILED once the backoff list is used up), with the
+    message in ``last_error`` and an event; a VERIFIED job whose metadata
+    push is pending gets the push tried again later.
+    """
+    message = f"{type(exc).__name__}: {exc}"[:2000]
+    queue = ctx.require_queue()
+    try:
+        fresh = queue.get(job.id)
+        if fresh is None:
+            return
+        equipment = ctx.equipment(fresh)
+        if equipment is not None:
+            with contextlib.suppress(Exception):  # the log disk may be what failed
+                ctx.log(equipment).error(
+                    fresh.run_path, "job_error", job=fresh.id, state=fresh.state.value, error=message
+                )
+        if fresh.state in (S.QUEUED, S.RUNNING, S.AWAITING_VERIFY):
+            retry_or_fail(ctx, fresh, fresh.state, TransportErrorKind.UNKNOWN, message)
+        elif fresh.metadata_push_pending and fresh.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+            metadata_push.push_failed(ctx, fresh, message)
+        else:
+            queue.record_event(fresh.id, "note", f"error: {message}", now=ctx.clock())
+    except Exception:
+        logger.exception("job %s: its error could not be recorded", job.id)
+
+
+def retry_or_fail(
+    ctx: ClientContext, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
+    *, rewrite: tuple[str, ...] = (),
+) -> None:
+    """Record the retry policy's decision for a failed attempt: back to QUEUED with backoff, or FAILED."""
+    queue = ctx.require_queue()
+    kind_value = str(getattr(kind, "value", kind))
+    mismatch = job.mismatch_count + (1 if kind_value == TransportErrorKind.HASH_MISMATCH else 0)
+    attempts = job.attempts + 1
+    now = ctx.clock()
+    decision = retry_policy.decide(
+        kind_value, attempts=attempts, mismatch_count=mismatch,
+        backoff_s=ctx.config.sync.backoff_s, now=now, message=message,
+    )
+    equipment = ctx.equipment(job)
+    if decision.action != "retry":
+        fail(ctx, job, from_state, decision.error_kind, decision.reason, attempts=attempts, mismatch=mismatch)
+        return
+    fields: dict[str, Any] = {
+        "attempts": attempts, "mismatch_count": mismatch, "next_attempt_at": decision.next_attempt_at,
+        "error_kind": decision.error_kind, "last_error": decision.reason,
+        "rewrite_paths": rewrite if decision.rewrite else job.rewrite_paths,
+    }
+    if from_state == S.QUEUED:  # failed before its transfer began (the gate): no state change
+        job = queue.update(job.id, S.QUEUED, now=now, event_kind="retry_scheduled", detail=decision.reason, **fields)
+    else:
+        job = queue.transition(job.id, from_state, S.QUEUED, now=now, detail=decision.reason, **fields)
+    if equipment is not None:
+        ctx.log(equipment).warning(job.run_path, "retry_scheduled", job=job.id, kind=kind_value, reason=decision.reason)
+    ctx.notify_state(job)
+
+
+def fail(
+    ctx: ClientContext, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
+    *, attempts: int | None = None, mismatch: int | None = None,
+) -> None:
+    """Move the job to FAILED with ``kind`` and ``message``; mark the run's creation.json ``failed``."""
+    queue = ctx.require_queue()
+    kind_value = str(getattr(kind, "value", kind))
+    fields: dict[str, Any] = {"error_kind": kind_value, "last_error": message, "next_attempt_at": None}
+    if attempts is not None:
+        fields["attempts"] = attempts
+    if mismatch is not None:
+        fields["mismatch_count"] = mismatch
+    job = queue.transition(job.id, from_state, S.FAILED, now=ctx.clock(), detail=message, **fields)
+    run = Path(job.run_path)
+    with contextlib.suppress(Exception):
+        if run.is_dir():
+            ctx.cache.set_sync_status(run, "failed")
+    equipment = ctx.equipment(job)
+    if equipment is not None:
+        ctx.log(equipment).error(run, "failed", job=job.id, kind=kind_value, reason=message)
+    ctx.notify_state(job)
+
+
+# ---------------------------------------------------------------------- transfer
+
+
+async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+    """QUEUED -> RUNNING -> AWAITING_VERIFY, then :func:`verify_job`; or held, or back through the retry policy."""
+    queue = ctx.require_queue()
+    run = Path(job.run_path)
+    log = ctx.log(equipment)
+    if not run.is_dir() or run.is_symlink():
+        fail(ctx, job, S.QUEUED, TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} is gone")
+        return
+    result = await asyncio.to_thread(gate_mod.check_run, run, validator=ctx.validator, writer=ctx.cache)
+    if not result.eligible:
+        rules = ",".join(sorted({f.rule for f in result.blocking}))
+        detail = f"held by the gate: {rules}"
+        last = queue.events(job.id, limit=1)
+        if not last or last[-1].detail != detail:
+            queue.record_event(job.id, "gate_hold", detail, now=ctx.clock())
+            log.warning(run, "gate_hold", rules=rules)
+        queue.update(
+            job.id, S.QUEUED, now=ctx.clock(),
+            next_attempt_at=ctx.clock() + dt.timedelta(seconds=ctx.config.sync.scan_interval_s),
+        )
+        return
+    # No damaged local byte is ever sent over a verified NAS copy, whatever brought the job here.
+    damaged = await asyncio.to_thread(find_damage, queue, job)
+    accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))
+    if len(accepted) < len(damaged):
+        fail(ctx, job, S.QUEUED, LOCAL_DAMAGE, damage_message(job.id, job.run_path, [p for p in damaged if p not in accepted]))
+        return
+    job = queue.transition(
+        job.id, S.QUEUED, S.RUNNING, now=ctx.clock(), detail=f"transfer attempt {job.attempts + 1}",
+        overrides_relied_on=tuple(result.overrides_relied_on),
+    )
+    ctx.notify_state(job)
+    remote = ctx.remotes.access(equipment)
+    if accepted and job.previous_kept_at is None:
+        try:
+            job = await _keep_previous(ctx, job, remote, accepted)
+        except TransportError as exc:
+            retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the verified NAS files: {exc.message}")
+            return
+    await asyncio.to_thread(_mark_pending, ctx, run, job.remote_path)
+    limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
+    log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
+    hashes_in_pass = remote.hashes_while_sending
+    on_bytes = ctx.progress_cb(job, "transfer", 0)
+    # The run's size, for progress, is counted while the transfer starts.
+    sizing = asyncio.create_task(_count_total(ctx.progress[job.id], run))
+    local_task: asyncio.Task[dict[str, str]] | None = None
+    if not hashes_in_pass:
+        # Hash the local run while the transfer runs: one overlapped read pass.
+        local_task = asyncio.create_task(ctx.verifier.hash_local(run))
+    try:
+        rewrite = frozenset(job.rewrite_paths) | frozenset(accepted)
+        outcome = await remote.push_run(run, bwlimit_kibps=limit, rewrite=rewrite, progress=on_bytes)
+        local_hashes = dict(outcome.local_hashes) if hashes_in_pass and outcome.local_hashes is not None else None
+        if local_hashes is None:
+            if local_task is None:
+                local_task = asyncio.create_task(ctx.verifier.hash_local(run))
+            local_hashes = await local_task
+    except TransportError as exc:
+        await _cancel(local_task)
+        retry_or_fail(ctx, job, S.RUNNING, exc.kind, exc.message)
+        return
+    except asyncio.CancelledError:
+        await _cancel(local_task)
+        raise
+    except Exception as exc:
+        await _cancel(local_task)
+        retry_or_fail(ctx, job, S.RUNNING, TransportErrorKind.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        return
+    finally:
+        await _cancel(sizing)
+    log.info(run, "transfer_done", job=job.id, files=outcome.files_sent, bytes=outcome.bytes_sent)
+    job = queue.transition(
+        job.id, S.RUNNING, S.AWAITING_VERIFY, now=ctx.clock(),
+        detail=f"sent {outcome.files_sent} files, {outcome.bytes_sent} bytes",
+    )
+    ctx.notify_state(job)
+    await verify_job(ctx, job, equipment, local_hashes=metadata_push.data_only(local_hashes))
+
+
+async def _keep_previous(
+    ctx: ClientContext, job: SyncJobRow, remote: RemoteAccess, accepted: tuple[str, ...]
+) -> SyncJobRow:
+    """Move the verified NAS copies of the accepted files under ``previous/<stamp>/``; recorded once done."""
+    stamp = job.previous_stamp or previous_stamp(ctx.clock())
+    kept = await remote.keep_previous(Path(job.run_path), accepted, stamp)
+    return ctx.require_queue().update(
+        job.id, S.RUNNING, now=ctx.clock(), event_kind="previous_kept",
+        detail=f"the NAS keeps {len(kept)} verified file(s) under {METADATA_DIR}/previous/{stamp}/"
+        + (f": {name_paths(list(kept))}" if kept else ""),
+        previous_stamp=stamp, previous_kept_at=ctx.clock(),
+    )
+
+
+def _run_size(run_path: Path) -> int:
+    """Bytes in the run's regular files (symlinks are never sent); 0 when it cannot be listed."""
+    try:
+        entries = scan_entries(run_path, include_metadata=True, with_stat=True)
+        return sum(entry.stat.st_size for entry in entries if not entry.is_dir)
+    except OSError:
+        return 0
+
+
+async def _count_total(state: TransferProgress, run: Path) -> None:
+    state.bytes_total = await asyncio.to_thread(_run_size, run)
+
+
+async def _cancel(task: asyncio.Future[Any] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def _mark_pending(ctx: ClientContext, run: Path, remote: str) -> None:
+    creation = ctx.cache.ensure_minimal(run, local_path=str(run), nas_path=remote)
+    if creation.sync_status != "pending":
+        ctx.cache.set_sync_status(run, "pending")
+
+
+# ---------------------------------------------------------------------- verification
+
+
+def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
+    """The paths no longer present under ``run``, sorted."""
+    return [p for p in sorted(paths) if not os.path.lexists(run / p)]
+
+
+def _vanished_message(paths: list[str]) -> str:
+    return f"local file vanished between transfer and verify: {paths[0]}" + (
+        f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""
+    )
+
+
+async def verify_job(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, *, local_hashes: dict[str, str] | None
+) -> None:
+    """AWAITING_VERIFY -> VERIFIED, or back through the retry policy."""
+    run = Path(job.run_path)
+    manifest_task: asyncio.Future[RemoteManifest] | None = None
+    try:
+        if local_hashes is None:
+            local_hashes = metadata_push.data_only(await ctx.verifier.hash_local(run))
+        ctx.progress_cb(job, "verify", 0)
+        # The remote manifest is asked for while the local files are checked for;
+        # a vanished local file fails the job whatever the remote answers.
+        manifest_task = asyncio.ensure_future(ctx.remotes.access(equipment).manifest(run))
+        vanished = await asyncio.to_thread(_vanished, run, local_hashes)
+        if vanished:
+            await _cancel(manifest_task)
+            fail(ctx, job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED, _vanished_message(vanished))
+            return
+        remote = await manifest_task
+    except TransportError as exc:
+        retry_or_fail(ctx, job, S.AWAITING_VERIFY, exc.kind, f"verify: {exc.message}")
+        return
+    except asyncio.CancelledError:
+        await _cancel(manifest_task)
+        raise
+    except Exception as exc:
+        retry_or_fail(ctx, job, S.AWAITING_VERIFY, TransportErrorKind.UNKNOWN, f"verify: {type(exc).__name__}: {exc}")
+        return
+    checked = _judge(ctx, job, equipment, local_hashes, remote)
+    if checked is not None:
+        await _promote(ctx, job, equipment, local_hashes, checked=checked)
+
+
+def _judge(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, local_hashes: Mapping[str, str],
+    remote: RemoteManifest,
+) -> int | None:
+    """Compare: the number of files checked when every one matches; else the outcome recorded (FAILED or a retry), None."""
+    outcome = compare(local_hashes, remote)
+    if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
+        first = outcome.unverifiable[0]
+        reason = remote.unverifiable.get(first, "")
+        why = "larger than verify_max_stream_bytes" if reason in ("", "verify_skipped_oversize") else reason
+        message = f"{len(outcome.unverifiable)} file(s) could not be hashed remotely: {first} ({why})"
+        fail(ctx, job, S.AWAITING_VERIFY, "verify_skipped_oversize", message)
+        return None
+    if outcome.extra and not (outcome.different or outcome.missing):
+        # The push checked that the remote folder held nothing foreign, so a
+        # file there that is not local any more was ours and vanished since.
+        fail(ctx, job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED, _vanished_message(list(outcome.extra)))
+        return None
+    if not outcome.ok:
+        bad = list(outcome.different) + list(outcome.missing)
+        summary = (
+            f"hash mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
+            f"{len(outcome.extra)} extra" + (f"; first: {(bad or list(outcome.extra))[0]}" if (bad or outcome.extra) else "")
+        )
+        ctx.log(equipment).error(
+            Path(job.run_path), "verify_mismatch", job=job.id,
+            different=len(outcome.different), missing=len(outcome.missing), extra=len(outcome.extra),
+        )
+        retry_or_fail(ctx, job, S.AWAITING_VERIFY, TransportErrorKind.HASH_MISMATCH, summary, rewrite=tuple(bad))
+        return None
+    return outcome.checked
+
+
+async def _promote(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, local_hashes: dict[str, str], *, checked: int
+) -> None:
+    """AWAITING_VERIFY -> VERIFIED with the new manifest; then the verified stats and the metadata push it owes."""
+    queue = ctx.require_queue()
+    run = Path(job.run_path)
+    digest = await asyncio.to_thread(ctx.verifier.write_manifest, run, local_hashes)
+    await asyncio.to_thread(_mark_synced, ctx, run, job.remote_path)
+    now = ctx.clock()
+    job = queue.transition(
+        job.id, S.AWAITING_VERIFY, S.VERIFIED, now=now,
+        detail=f"verified {checked} files, manifest {digest[:12]}",
+        verify_passes=1, verified_at=now, last_verify_at=now, pass_times=(now,),
+        manifest_digest=digest, attempts=0, mismatch_count=0, rewrite_paths=(),
+        error_kind=None, last_error=None, next_attempt_at=None,
+        # The push of the refreshed .exlab-wizard/ is owed from this moment, durably.
+        metadata_push_due_at=now, metadata_push_failures=0, metadata_push_error=None,
+        accept_local_paths=(), previous_stamp=None, previous_kept_at=None,
+    )
+    ctx.log(equipment).info(run, "verified", job=job.id, files=checked, manifest_digest=digest)
+    ctx.notify_state(job)
+    # What the reaper will check the local files against, before it deletes any. Lost
+    # in a crash (or an error) right here, the reaper re-hashes every file instead: safe, only slower.
+    try:
+        await asyncio.to_thread(record_verified_stat, queue, job.id, run, local_hashes, now)
+    except Exception as exc:
+        logger.exception("job %s: verified stats not recorded", job.id)
+        queue.record_event(
+            job.id, "note",
+            f"verified file stats not recorded ({type(exc).__name__}: {exc}); the reaper re-hashes before deleting",
+            now=ctx.clock(),
+        )
+    await metadata_push.send_pending(ctx, job, equipment)
+
+
+def _mark_synced(ctx: ClientContext, run: Path, remote: str) -> None:
+    def mutate(raw: dict[str, Any]) -> None:
+        raw["sync_status"] = "synced"
+        paths = raw.setdefault("paths", {})
+        if isinstance(paths, dict):
+            paths["nas"] = remote
+
+    ctx.cache.update(run, mutate)

@@ -1,0 +1,233 @@
+"""The metadata push: sending a run's refreshed ``.exlab-wizard/`` to the NAS, and its bookkeeping.
+
+A verification writes a new ``checksums.sha256`` (and ``creation.json``)
+locally; the job becomes VERIFIED with the push of that folder owed,
+recorded durably on the job (``metadata_push_due_at``) in the same
+transaction. This module sends it and records the outcome:
+
+- :func:`send_pending`: send the push a job owes; success clears it, a
+  failure keeps it due again after a backoff, a cancel leaves it pending for
+  the next client;
+- :func:`push_once`: one push whose failure is only noted;
+- :func:`final_push`: the reaper's last push before the local
+  ``.exlab-wizard/`` goes, with the proof that it arrived (:class:`FinalPush`);
+- :func:`data_only` and :func:`cleaned_paths`: which paths are data, and
+  which verified data files the reaper already deleted locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.context import ClientContext
+from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
+from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
+from exlab_wizard.sync.states import IllegalTransition
+from exlab_wizard.sync.transports import TransportError
+from exlab_wizard.sync.transports.base import METADATA_DIR
+from exlab_wizard.sync.verifier import hash_tree
+
+__all__ = [
+    "cleaned_paths",
+    "data_only",
+    "final_push",
+    "push_failed",
+    "push_once",
+    "send_pending",
+    "try_push",
+]
+
+
+def data_only(hashes: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``hashes`` that are data files (not under ``.exlab-wizard/``)."""
+    prefix = METADATA_DIR + "/"
+    return {k: v for k, v in hashes.items() if not k.startswith(prefix) and k != METADATA_DIR}
+
+
+async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> bool:
+    """The metadata push a verification left pending: send it, and record the outcome on the job.
+
+    Success clears the pending push (event ``metadata_pushed``); a failure
+    keeps it, due again after a backoff (event ``metadata_push_failed``,
+    once per distinct reason). Cancelled (the process stops), it stays
+    pending and due: the next client sends it. True when sent.
+    """
+    run = Path(job.run_path)
+    task = asyncio.current_task()
+    if task is not None:
+        ctx.pushing.add(task)
+    try:
+        error = await asyncio.to_thread(_local_manifest_problem, job)
+        if error is None:
+            cleaned: frozenset[str] = frozenset()
+            if await asyncio.to_thread(local_data_deleted_at, ctx.require_queue(), job.id) is not None:
+                cleaned = await asyncio.to_thread(cleaned_paths, ctx, job)
+            _outcome, error = await try_push(ctx, job, equipment, cleaned=cleaned)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            ctx.log(equipment).warning(
+                run, "metadata_push_interrupted", job=job.id, reason="cancelled; left pending for the next client"
+            )
+        raise
+    finally:
+        if task is not None:
+            ctx.pushing.discard(task)
+    if error is not None:
+        push_failed(ctx, job, error)
+        return False
+    _push_done(ctx, job)
+    return True
+
+
+def _local_manifest_problem(job: SyncJobRow) -> str | None:
+    """Why the local ``.exlab-wizard/`` must not go to the NAS as this job's evidence, or None."""
+    try:
+        recorded = read_manifest(Path(job.run_path))
+    except Exception as exc:
+        return f"local checksums.sha256 unreadable: {exc}"
+    if recorded is None:
+        return "no local checksums.sha256"
+    if job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
+        return "local checksums.sha256 is not the verified manifest; not sent"
+    return None
+
+
+def _push_done(ctx: ClientContext, job: SyncJobRow) -> None:
+    queue = ctx.require_queue()
+    for _ in range(5):
+        fresh = queue.get(job.id)
+        if fresh is None or not fresh.metadata_push_pending:
+            return
+        try:
+            queue.update(
+                fresh.id, fresh.state, now=ctx.clock(), event_kind="metadata_pushed",
+                detail="refreshed .exlab-wizard/ (checksums.sha256, creation.json) sent to the NAS",
+                metadata_push_due_at=None, metadata_push_failures=0, metadata_push_error=None,
+            )
+        except IllegalTransition:
+            continue  # the state changed under us: read it again
+        equipment = ctx.equipment(fresh)
+        if equipment is not None:
+            with contextlib.suppress(Exception):
+                ctx.log(equipment).info(fresh.run_path, "metadata_pushed", job=fresh.id)
+        return
+
+
+def push_failed(ctx: ClientContext, job: SyncJobRow, reason: str) -> None:
+    """Keep the push pending, due again after ``backoff_s`` (its last entry, once they are used up)."""
+    queue = ctx.require_queue()
+    backoff = list(ctx.config.sync.backoff_s) or [ctx.config.sync.scan_interval_s]
+    for _ in range(5):
+        fresh = queue.get(job.id)
+        if fresh is None or not fresh.metadata_push_pending:
+            return
+        failures = fresh.metadata_push_failures + 1
+        delay = float(backoff[min(failures, len(backoff)) - 1])
+        now = ctx.clock()
+        repeated = fresh.metadata_push_error == reason
+        try:
+            queue.update(
+                fresh.id, fresh.state, now=now, event_kind=None if repeated else "metadata_push_failed",
+                detail=f"metadata push failed: {reason}; the NAS copy still lacks this verification's "
+                       f".exlab-wizard/ (checksums.sha256, creation.json); tried again in {delay:g} s",
+                metadata_push_due_at=now + dt.timedelta(seconds=delay), metadata_push_failures=failures,
+                metadata_push_error=reason,
+            )
+        except IllegalTransition:
+            continue
+        equipment = ctx.equipment(fresh)
+        if equipment is not None and not repeated:
+            with contextlib.suppress(Exception):
+                ctx.log(equipment).warning(
+                    fresh.run_path, "metadata_push_failed", job=fresh.id, error=reason, retry_in_s=f"{delay:g}"
+                )
+        return
+
+
+async def push_once(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, *, cleaned: frozenset[str] = frozenset()
+) -> bool:
+    """Send the refreshed ``.exlab-wizard/`` alone; True when the transport reported success.
+
+    A failure is recorded as a ``note`` event and a log line.
+    """
+    _outcome, error = await try_push(ctx, job, equipment, cleaned=cleaned)
+    if error is None:
+        return True
+    ctx.require_queue().record_event(job.id, "note", f"metadata push failed: {error}", now=ctx.clock())
+    ctx.log(equipment).warning(Path(job.run_path), "metadata_push_failed", job=job.id, error=error)
+    return False
+
+
+async def try_push(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, *, cleaned: frozenset[str] = frozenset()
+) -> tuple[Any, str | None]:
+    """Send the refreshed ``.exlab-wizard/`` alone (see :meth:`RemoteAccess.push_metadata`).
+
+    Returns ``(what the push returned, None)``, or ``(None, why it failed)``.
+    """
+    try:
+        return await ctx.remotes.access(equipment).push_metadata(Path(job.run_path), cleaned=cleaned), None
+    except asyncio.CancelledError:
+        raise
+    except TransportError as exc:
+        return None, f"{exc.kind.value}: {exc.message}"
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
+    """The final metadata push before the local ``.exlab-wizard/`` goes, and what proves it arrived.
+
+    The proof, strongest available: the remote manifest lists
+    ``.exlab-wizard/`` files, and every local one is there with its hash.
+    When the manifest lists none at all (a hashsum or backend that shows
+    data files only), the push's own report: it succeeded, and the hashes
+    of what it sent (when it gives them) are those of the local files now.
+    Anything less is not verified, and the reason says what is missing.
+    """
+    equipment = ctx.equipment(job)
+    if equipment is None:
+        return FinalPush(False, f"equipment {job.equipment_id} is no longer configured")
+    run = Path(job.run_path)
+    cleaned = await asyncio.to_thread(cleaned_paths, ctx, job)
+    outcome, error = await try_push(ctx, job, equipment, cleaned=cleaned)
+    if error is not None:
+        return FinalPush(False, f"final metadata push failed: {error}")
+    try:
+        remote = await ctx.remotes.access(equipment).manifest(run)
+    except Exception as exc:
+        return FinalPush(False, f"final metadata push not verified: remote manifest unavailable: {exc}")
+    everything = await asyncio.to_thread(hash_tree, run, include_metadata=True)
+    prefix = METADATA_DIR + "/"
+    meta_local = {k: v for k, v in everything.items() if k.startswith(prefix)}
+    meta_remote = {k: v for k, v in remote.hashes.items() if k.startswith(prefix)}
+    if meta_remote:
+        bad = sorted(k for k, v in meta_local.items() if meta_remote.get(k) != v)
+        if bad:
+            return FinalPush(False, "final metadata push not verified: missing or different on the NAS: " + name_paths(bad))
+        return FinalPush(True, f"final metadata push verified: {len(meta_local)} files read back from the NAS")
+    unlisted = f"final metadata push accepted: the remote manifest does not list {METADATA_DIR}/; "
+    sent = getattr(outcome, "local_hashes", None)
+    if sent is not None:
+        differ = sorted(k for k, v in meta_local.items() if sent.get(k) != v)
+        if differ:
+            return FinalPush(False, "final metadata push not verified: sent bytes are not the local ones: " + name_paths(differ))
+        return FinalPush(True, unlisted + f"the push reported {len(meta_local)} files sent with their local hashes")
+    return FinalPush(True, unlisted + "the transport reported success")
+
+
+def cleaned_paths(ctx: ClientContext, job: SyncJobRow) -> frozenset[str]:
+    """The verified data files whose local copies the reaper deleted: the plan's, and the manifest's."""
+    paths = set(planned_paths(ctx.require_queue(), job.id))
+    with contextlib.suppress(Exception):  # a manifest already removed: the plan suffices
+        paths.update(data_only(read_manifest(Path(job.run_path)) or {}))
+    return frozenset(paths)

@@ -1,0 +1,253 @@
+"""Remote access: push, hash, stat, list and fetch one equipment's NAS copy.
+
+The client may be given callables in place of parts of a transport (tests
+use them to force a failure): ``push_callable_factory``,
+``hashsum_callable_factory`` and ``remote_stat_callable``. :class:`Remotes`
+owns that choice, so no other part of the client asks which one is in use:
+
+- :meth:`RemoteAccess.push_run` and :meth:`RemoteAccess.push_metadata`: the
+  injected push when there is one (given only the keyword arguments it
+  accepts, see :func:`optional_kwargs`), else the transport's;
+- :meth:`RemoteAccess.manifest`: the injected hashsum, else the transport's
+  ``remote_manifest``; whatever it returns is checked to be a manifest, and
+  a hashsum that raises is an error, never a match;
+- :meth:`Remotes.reachable`: the injected stat, else the transport's; any
+  exception means "not reachable";
+- :meth:`Remotes.listing` (the reaper's interlock 4), :meth:`RemoteAccess.fetch`
+  (``restore``) and :meth:`RemoteAccess.keep_previous` (``retry
+  --accept-local``): always the equipment's own transport, never an injected callable, so an injection cannot make a
+  deletion easier than the real NAS allows.
+
+Usage::
+
+    remotes = Remotes(lambda: config, log_for=log_for)
+    remote = remotes.access(equipment)
+    result = await remote.push_run(run, bwlimit_kibps=None, rewrite=frozenset(), progress=None)
+    manifest = await remote.manifest(run)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from exlab_wizard.config.models import Config, EquipmentConfig
+from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.policy import bandwidth as bw_policy
+from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.transports import (
+    RemoteManifest,
+    Transport,
+    TransportError,
+    TransportErrorKind,
+    TransportResult,
+    make_transport,
+)
+
+__all__ = ["PushFactory", "HashsumFactory", "RemoteAccess", "RemoteStat", "Remotes", "optional_kwargs"]
+
+logger = logging.getLogger(__name__)
+
+PushFactory = Callable[[EquipmentConfig], Callable[..., Any]]
+HashsumFactory = Callable[[EquipmentConfig], Callable[[Path], Awaitable[Any]]]
+RemoteStat = Callable[[SyncJobRow], Any]
+
+
+def optional_kwargs(func: Callable[..., Any], **candidates: Any) -> dict[str, Any]:
+    """The keyword arguments beyond ``bwlimit_kibps`` that an injected push accepts."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return candidates
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+async def _call(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call an injected callable that may answer directly or with an awaitable."""
+    outcome = func(*args, **kwargs)
+    if inspect.isawaitable(outcome):
+        outcome = await outcome
+    return outcome
+
+
+class RemoteAccess:
+    """The NAS copy of one equipment's runs, through its transport or the injected callables."""
+
+    def __init__(self, remotes: Remotes, equipment: EquipmentConfig):
+        self.equipment = equipment
+        self._remotes = remotes
+
+    @property
+    def transport(self) -> Transport:
+        """The equipment's own transport (built on first use)."""
+        return self._remotes.transport(self.equipment)
+
+    @property
+    def _push(self) -> Callable[..., Any] | None:
+        return self._remotes.injected_push(self.equipment)
+
+    @property
+    def hashes_while_sending(self) -> bool:
+        """True when a push reports the local hashes itself (never for an injected push)."""
+        return self._push is None and self.transport.capabilities.hashes_while_sending
+
+    async def push_run(
+        self, run: Path, *, bwlimit_kibps: int | None, rewrite: frozenset[str],
+        progress: Callable[[int], None] | None,
+    ) -> TransportResult:
+        """Send the run; its :class:`TransportResult` when it succeeded.
+
+        Raises ``TransportError``: the push's own kind when it reported a
+        failure, ``UNKNOWN`` when it returned something other than a result.
+        """
+        push = self._push
+        if push is not None:
+            extra = optional_kwargs(push, rewrite=rewrite, progress=progress)
+            outcome = await _call(push, run, bwlimit_kibps=bwlimit_kibps, **extra)
+        else:
+            outcome = await self.transport.push(run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress)
+        if not isinstance(outcome, TransportResult):
+            raise TransportError(TransportErrorKind.UNKNOWN, f"push returned {type(outcome).__name__}, not a TransportResult")
+        if not outcome.ok:
+            raise TransportError(outcome.error_kind or TransportErrorKind.UNKNOWN, outcome.message or "push failed")
+        return outcome
+
+    async def push_metadata(self, run: Path, *, cleaned: frozenset[str] = frozenset()) -> Any:
+        """Send the refreshed ``.exlab-wizard/`` alone; what the push returned when it succeeded.
+
+        ``cleaned``: verified data files whose local copies the reaper deleted
+        (the final push after a cleanup): given to an injected push callable,
+        and to a transport without a metadata-only push, which sends the whole
+        run and must not take their remote copies for someone else's files.
+        An injected push gets no bandwidth limit. Raises ``TransportError``
+        (``UNKNOWN`` when the push reported a failure) or whatever the push raised.
+        """
+        push = self._push
+        if push is not None:
+            extra = optional_kwargs(push, cleaned=cleaned) if cleaned else {}
+            outcome = await _call(push, run, bwlimit_kibps=None, **extra)
+        else:
+            limit = bw_policy.limit_kibps(self.equipment.transport.bandwidth, dt.datetime.now().astimezone())
+            transport = self.transport
+            if cleaned and not transport.capabilities.metadata_push:
+                outcome = await transport.push(run, bwlimit_kibps=limit, cleaned=cleaned)
+            else:
+                outcome = await transport.push_metadata(run, bwlimit_kibps=limit)
+        if not getattr(outcome, "ok", False):
+            message = getattr(outcome, "message", "") or "metadata push failed"
+            raise TransportError(TransportErrorKind.UNKNOWN, message)
+        return outcome
+
+    async def manifest(self, run: Path) -> RemoteManifest:
+        """The remote run's hashes. Raises ``TransportError`` (``UNKNOWN`` for an answer that is not a mapping)."""
+        answer = await self._remotes.hashsum(self.equipment)(run)
+        if isinstance(answer, RemoteManifest):
+            return answer
+        if not isinstance(answer, Mapping):
+            raise TransportError(TransportErrorKind.UNKNOWN, f"hashsum returned {type(answer).__name__}, not a mapping")
+        return RemoteManifest(hashes={str(k): str(v).lower() for k, v in answer.items()})
+
+    async def fetch(self, run: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
+        """The transport's ``fetch``: copy the NAS copies of ``paths`` into ``into`` (for ``restore``)."""
+        return await self.transport.fetch(run, paths, into)
+
+    async def keep_previous(self, run: Path, paths: Collection[str], stamp: str) -> list[str]:
+        """The transport's ``keep_previous``: move the verified NAS copies of ``paths`` under ``previous/<stamp>/``."""
+        return await self.transport.keep_previous(run, paths, stamp)
+
+
+class Remotes:
+    """The :class:`RemoteAccess` of every configured equipment, and the two job-level questions.
+
+    ``config``: returns the current ``Config`` (read at each use, so a
+    reloaded config is seen). ``log_for``: the equipment's log, given to its
+    transport. The factories are called once per equipment id.
+    """
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        *,
+        log_for: Callable[[EquipmentConfig], EquipmentLog],
+        push_factory: PushFactory | None = None,
+        hashsum_factory: HashsumFactory | None = None,
+        remote_stat: RemoteStat | None = None,
+    ):
+        self._config = config
+        self._log_for = log_for
+        self._push_factory = push_factory
+        self._hashsum_factory = hashsum_factory
+        self._remote_stat = remote_stat
+        #: Transports by equipment id (tests may put one in before first use).
+        self.transports: dict[str, Transport] = {}
+        self._pushes: dict[str, Callable[..., Any]] = {}
+        self._hashsums: dict[str, Callable[[Path], Awaitable[Any]]] = {}
+
+    def transport(self, equipment: EquipmentConfig) -> Transport:
+        """The equipment's own transport, built once."""
+        transport = self.transports.get(equipment.id)
+        if transport is None:
+            transport = self.transports[equipment.id] = make_transport(
+                equipment, log=self._log_for(equipment),
+                verify_max_stream_bytes=self._config().sync.verify_max_stream_bytes,
+            )
+        return transport
+
+    def access(self, equipment: EquipmentConfig) -> RemoteAccess:
+        """The remote of ``equipment`` as it is configured now."""
+        return RemoteAccess(self, equipment)
+
+    def injected_push(self, equipment: EquipmentConfig) -> Callable[..., Any] | None:
+        """The injected push for ``equipment`` (its factory called once), or None."""
+        if self._push_factory is None:
+            return None
+        if equipment.id not in self._pushes:
+            self._pushes[equipment.id] = self._push_factory(equipment)
+        return self._pushes[equipment.id]
+
+    def hashsum(self, equipment: EquipmentConfig) -> Callable[[Path], Awaitable[Any]]:
+        """The injected hashsum for ``equipment`` (its factory called once), else the transport's ``remote_manifest``."""
+        if equipment.id not in self._hashsums:
+            if self._hashsum_factory is not None:
+                self._hashsums[equipment.id] = self._hashsum_factory(equipment)
+            else:
+                self._hashsums[equipment.id] = self.transport(equipment).remote_manifest
+        return self._hashsums[equipment.id]
+
+    def _equipment(self, job: SyncJobRow) -> EquipmentConfig | None:
+        try:
+            return self._config().equipment_by_id(job.equipment_id)
+        except KeyError:
+            return None
+
+    async def reachable(self, job: SyncJobRow) -> bool:
+        """Is the job's remote run root reachable now? A probe that fails, or an unknown equipment, is False."""
+        try:
+            if self._remote_stat is not None:
+                return bool(await _call(self._remote_stat, job))
+            equipment = self._equipment(job)
+            if equipment is None:
+                return False
+            return bool(await self.transport(equipment).reachable(Path(job.run_path)))
+        except Exception as exc:  # a probe that fails means "not reachable"
+            logger.warning("remote stat failed for %s: %s", job.run_path, exc)
+            return False
+
+    async def listing(self, job: SyncJobRow) -> dict[str, int]:
+        """The listing interlock 4 checks: always the equipment's own transport.
+
+        Never an injected callable: ``remote_stat_callable`` answers only
+        whether the remote is reachable, and an injected hashsum is not asked,
+        so neither can make a deletion easier than the real NAS allows.
+        Raises ``TransportError`` (``UNKNOWN`` for an equipment no longer configured).
+        """
+        equipment = self._equipment(job)
+        if equipment is None:
+            raise TransportError(TransportErrorKind.UNKNOWN, f"equipment {job.equipment_id} is no longer configured")
+        return await self.transport(equipment).remote_listing(Path(job.run_path))
