@@ -210,11 +210,15 @@ class CompletionWatcher:
         runs of equipment in the config that the watcher scans.
         """
         self._open()
-        watched = {e.id for e in self.config.equipment if e.completeness_signal != "none"}
+        watched = {
+            e.id for e in self.config.equipment if e.completeness_signal != "none"
+        }
         return [
             BlockedRun(row.run_path, row.equipment_id, row.findings, row.updated_at)
             for path, row in sorted(self._known.items())
-            if row.status == BLOCKED and path not in self._waiting and row.equipment_id in watched
+            if row.status == BLOCKED
+            and path not in self._waiting
+            and row.equipment_id in watched
         ]
 
     def incomplete(self) -> list[IncompleteRun]:
@@ -271,8 +275,12 @@ class CompletionWatcher:
     ) -> None:
         if equipment.completeness_signal == "none":
             report.skipped_equipment.append(equipment.id)
-            for path in [p for p, w in self._waiting.items() if w.equipment_id == equipment.id]:
-                del self._waiting[path]  # the signal was changed to none since the last pass
+            for path in [
+                p for p, w in self._waiting.items() if w.equipment_id == equipment.id
+            ]:
+                del self._waiting[
+                    path
+                ]  # the signal was changed to none since the last pass
             return
         listing = await asyncio.to_thread(list_runs, equipment.equipment_root)
         if listing.root_missing:
@@ -350,6 +358,17 @@ class CompletionWatcher:
         if row is not None and row.status == BLOCKED and row.fingerprint == seen:
             report.still_blocked += 1
             return
+        await self._enqueue(equipment, run, row, seen, report)
+
+    async def _enqueue(
+        self,
+        equipment: EquipmentConfig,
+        run: str,
+        row: WatchedRun | None,
+        seen: str,
+        report: ScanReport,
+    ) -> None:
+        """Hand a finished run to the client; remember the job, or the block and ``seen``."""
         handle = await self.client.enqueue(Path(run))
         now = self.clock()
         first_seen = row.first_seen_at if row is not None else now
