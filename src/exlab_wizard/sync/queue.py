@@ -168,6 +168,21 @@ MIGRATIONS: list[Migration] = [
         PRIMARY KEY (job_id, path)
     );
     """,
+    # 5: what the completion watcher learned about runs (exlab_wizard.service.watch_store): runs
+    # handed to the queue are not looked into again; gate-blocked runs wait for a change
+    """
+    CREATE TABLE watched_runs (
+        run_path      TEXT PRIMARY KEY,
+        equipment_id  TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        job_id        TEXT,
+        fingerprint   TEXT,
+        findings      TEXT NOT NULL DEFAULT '[]',
+        first_seen_at TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+    CREATE INDEX watched_runs_by_equipment ON watched_runs (equipment_id, status);
+    """,
 ]
 
 
