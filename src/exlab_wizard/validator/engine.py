@@ -40,8 +40,9 @@ from pathlib import Path
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
 from exlab_wizard.cache.atomic import read_regular_file
-from exlab_wizard.cache.creation import CREATION_MAX_BYTES, METADATA_DIR
+from exlab_wizard.cache.creation import CREATION_MAX_BYTES
 from exlab_wizard.config.models import ValidatorConfig
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.validator import rules
 from exlab_wizard.validator.findings import Finding, sort_findings
 from exlab_wizard.validator.overrides import active_override_for

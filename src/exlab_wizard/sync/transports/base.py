@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from exlab_wizard.cache.creation import METADATA_DIR
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = [
     "METADATA_DIR",

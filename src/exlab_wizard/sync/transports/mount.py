@@ -76,7 +76,6 @@ import ctypes
 import datetime as dt
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import secrets
@@ -89,11 +88,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
+from exlab_wizard.fileio import (
+    METADATA_DIR,
+    drop_page_cache_fd,
+    fsync_dir,
+    hash_fd,
+    hash_from_storage,
+    is_metadata_path,
+    open_regular,
+)
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -105,16 +112,7 @@ from exlab_wizard.sync.transports.base import (
     previous_path,
     remote_relpath,
 )
-from exlab_wizard.sync.verifier import (
-    drop_page_cache_fd,
-    hash_fd,
-    hash_from_storage,
-    is_metadata_path,
-    open_regular,
-    run_parallel,
-    scan_run,
-    serial_progress,
-)
+from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
 
@@ -234,17 +232,6 @@ def _syncfs(path: str) -> None:
         if _SYNCFS(fd) != 0:  # type: ignore[misc]
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
     finally:
         os.close(fd)
 
@@ -738,13 +725,13 @@ class MountTransport(Transport):
         or that the share refuses (``EINVAL``) turns direct I/O off for the rest
         of the file.
         """
-        digest = hashlib.sha256()
-        readv, write = os.readv, os.write
+        write = os.write
         consume, progress, abort = job.bucket.consume, job.progress, job.abort
-        block_size = len(view)
         total = started = 0
         write_behind = WRITE_BEHIND if size >= LARGE_FILE and not direct and hasattr(os, "posix_fadvise") else 0
-        while total < size:
+
+        def copy(block: memoryview) -> None:
+            nonlocal total, started, write_behind, direct
             if abort.is_set():
                 raise _Cancelled()
             if write_behind and total - started >= write_behind:
@@ -755,15 +742,7 @@ class MountTransport(Transport):
                 except OSError:
                     write_behind = 0
                 started = total
-            left = size - total
-            try:
-                count = readv(fd_in, [view if left >= block_size else view[:left]])
-            except OSError as exc:
-                raise self._local_error(exc, src.rel, job.run) from exc
-            if not count:
-                break  # shrank while copied: the caller sees the short count
-            block = view[:count]
-            digest.update(block)
+            count = len(block)
             consume(count)
             done = 0
             try:
@@ -785,9 +764,15 @@ class MountTransport(Transport):
             total += count
             with job.lock:
                 job.bytes_sent += count
-            if progress is not None:
-                progress(count)
-        return digest.hexdigest(), total
+
+        if abort.is_set():
+            raise _Cancelled()
+        try:
+            # A short read (the file shrank while copied) ends the loop: the caller sees the short count.
+            digest = hash_fd(fd_in, view, progress, limit=size, each=copy)
+        except OSError as exc:  # copy() turns its own errors into TransportError: this is the read
+            raise self._local_error(exc, src.rel, job.run) from exc
+        return digest, total
 
     def _finish_file(self, fd_out: int, source: os.stat_result, durable: bool, temp: str) -> None:
         try:
@@ -865,7 +850,7 @@ class MountTransport(Transport):
 
     def _sync_dir(self, folder: str) -> None:
         try:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:
             raise self._remote_error(exc, folder) from exc
 

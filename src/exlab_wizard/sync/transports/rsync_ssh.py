@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
+from exlab_wizard.fileio import hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.transports._process import (
@@ -434,11 +435,7 @@ def _ssh_path(path: Path) -> str:
 def _hash_files(paths: list[tuple[str, str]]) -> dict[str, str]:
     def one(item: tuple[str, str]) -> tuple[str, str]:
         key, path = item
-        digest = hashlib.sha256()
-        with open(path, "rb", buffering=0) as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        return key, digest.hexdigest()
+        return key, hash_file(path)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(pool.map(one, paths))
