@@ -94,7 +94,6 @@ from exlab_wizard.fileio import (
     fsync_dir,
     hash_fd,
     hash_from_storage,
-    is_metadata_path,
     open_regular,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
@@ -112,6 +111,7 @@ from exlab_wizard.sync.transports.base import (
     previous_path,
     remote_relpath,
 )
+from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
@@ -181,6 +181,10 @@ _SYNCFS = _load_syncfs()
 def is_temp_name(name: str) -> bool:
     """Is ``name`` (a file name, not a path) one of this transport's temp files?"""
     return bool(_TEMP_RE.match(name))
+
+
+def _own_temp(rel: str, kind: str) -> str | None:
+    return rel if kind == FILE and is_temp_name(rel.rpartition("/")[2]) else None
 
 
 def same_mtime(local_ns: int, remote_ns: int) -> bool:
@@ -558,40 +562,30 @@ class MountTransport(Transport):
                 f"remote {'folder' if only else 'run folder'} {top} exists and is not a folder",
             )
         stats: dict[str, tuple[int, int]] = {}
-        stale: list[str] = []
-        foreign: list[str] = []
+        listing: dict[str, str] = {}
         stack = [(top, only + "/" if only else "")]
         try:
             while stack:
                 folder, prefix = stack.pop()
-                with os.scandir(folder) as listing:
-                    for entry in listing:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
                         rel = prefix + entry.name
                         if entry.is_dir(follow_symlinks=False):
-                            if rel in local_files:
-                                foreign.append(rel + "/")
+                            listing[rel] = DIR
                             stack.append((entry.path, rel + "/"))
                         elif entry.is_file(follow_symlinks=False):
+                            listing[rel] = FILE
                             if rel in local_files:
                                 info = entry.stat(follow_symlinks=False)
                                 stats[rel] = (info.st_size, info.st_mtime_ns)
-                            elif is_temp_name(entry.name):
-                                stale.append(entry.path)
-                            elif rel in local_dirs or not (is_metadata_path(rel) or rel in cleaned):
-                                foreign.append(rel)
-                        elif rel in local_files or rel in local_dirs:
-                            foreign.append(rel)  # a symlink or device where the run has a file or folder
+                        else:
+                            listing[rel] = OTHER
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
-        if foreign:
-            foreign.sort(key=os.fsencode)
-            shown = ", ".join(repr(rel) for rel in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            raise TransportError(
-                TransportErrorKind.REMOTE_CONFLICT,
-                f"remote run folder {remote} already holds {len(foreign)} entries that are not in this run "
-                f"({shown}); nothing was written",
-            )
-        return stats, stale
+        extras = sort_remote(local_files, local_dirs, listing, cleaned, leftover=_own_temp)
+        if extras.foreign:
+            raise conflict_error(remote, extras.foreign)
+        return stats, [os.path.join(remote, rel) for rel in extras.leftovers]
 
     def _remove_stale(self, job: _Push, stale: list[str]) -> None:
         for path in stale:

@@ -62,6 +62,7 @@ from exlab_wizard.sync.transports.base import (
     remote_relpath,
 )
 from exlab_wizard.sync.transports.classify import transport_error
+from exlab_wizard.sync.transports.conflict import FILE, RemoteExtras, conflict_error, sort_remote
 
 __all__ = [
     "RcloneTransport",
@@ -391,16 +392,12 @@ class RcloneTransport(Transport):
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
         else:
             remote = _listing(listed.stdout)
-        junk, foreign = _sort_extras(local, remote)
-        foreign = [p for p in foreign if p not in cleaned]  # our verified files whose local copies were cleaned
-        if foreign:
-            shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(foreign), examples=shown)
-            raise TransportError(
-                K.REMOTE_CONFLICT,
-                f"remote run folder {fs} already holds {len(foreign)} file(s) that are not in this run "
-                f"({shown}); nothing was written",
-            )
+        extras = _sort_extras(local, remote, cleaned)
+        if extras.foreign:
+            error = conflict_error(fs, extras.foreign)
+            self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(extras.foreign))
+            raise error
+        junk = extras.leftovers
 
         bw = self._bwlimit_args(bwlimit_kibps)
         files_sent = bytes_sent = 0
@@ -644,17 +641,12 @@ class _Stats:
             self.buffer = b""
 
 
-def _sort_extras(local: LocalTree, remote: dict[str, int]) -> tuple[list[str], list[str]]:
+def _sort_extras(local: LocalTree, remote: dict[str, int], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
     """Split remote files that are not in the run into rclone's leftovers and foreign files."""
-    junk, foreign = [], []
-    for path in sorted(remote):
-        if path in local.files or path.split("/", 1)[0] == METADATA_DIR:
-            continue
-        if _is_own_partial(path, local):
-            junk.append(path)
-        else:
-            foreign.append(path)
-    return junk, foreign
+    return sort_remote(
+        local.files, local.dirs, dict.fromkeys(remote, FILE), cleaned,
+        leftover=lambda path, _kind: path if _is_own_partial(path, local) else None,
+    )
 
 
 def _is_own_partial(path: str, local: LocalTree) -> bool:

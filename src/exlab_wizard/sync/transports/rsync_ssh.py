@@ -74,6 +74,7 @@ from exlab_wizard.sync.transports.base import (
     check_relpath,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
+from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, RemoteExtras, conflict_error, sort_remote
 from exlab_wizard.sync.transports.classify import classify, transport_error
 
 __all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
@@ -568,16 +569,12 @@ class RsyncSshTransport(Transport):
                 await listing_task
             raise
         listing = await listing_task
-        junk, foreign = _sort_extras(local, listing or {})
-        foreign = [p for p in foreign if p not in cleaned]  # our verified files whose local copies were cleaned
-        if foreign:
-            shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(foreign), examples=shown)
-            raise TransportError(
-                K.REMOTE_CONFLICT,
-                f"remote run folder {remote_run} already holds {len(foreign)} file(s) that are not in this run "
-                f"({shown}); nothing was written",
-            )
+        extras = _sort_extras(local, listing or {}, cleaned)
+        if extras.foreign:
+            error = conflict_error(remote_run, extras.foreign)
+            self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(extras.foreign))
+            raise error
+        junk = extras.leftovers
 
         if self._host_key() not in _HOST_TOOLS:
             # Learn the host's SHA-256 tool while rsync runs (the verify pass needs it next);
@@ -1117,32 +1114,26 @@ def _stats(stdout: bytes) -> tuple[int, int]:
     return (int(files[-1]) if files else 0, int(size[-1]) if size else 0)
 
 
-def _sort_extras(local: LocalTree, remote: dict[str, _Entry]) -> tuple[list[str], list[str]]:
-    """Split remote entries that are not in the run into our leftovers and foreign files."""
-    junk: set[str] = set()
-    foreign: list[str] = []
-    for path, entry in sorted(remote.items()):
-        if entry.kind == "d" or path in local.files:
-            continue
+def _sort_extras(local: LocalTree, remote: dict[str, _Entry], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
+    """Split remote entries that are not in the run into our leftovers and foreign ones."""
+
+    def leftover(path: str, kind: str) -> str | None:
         parts = path.split("/")
         if PARTIAL_DIR in parts[:-1]:
-            junk.add("/".join(parts[: parts.index(PARTIAL_DIR) + 1]))
-            continue
-        if parts[0] == METADATA_DIR:
-            continue  # metadata pushed earlier (logs, an older manifest): ours, never a conflict
+            return "/".join(parts[: parts.index(PARTIAL_DIR) + 1])
         match = _RSYNC_TMP_RE.fullmatch(parts[-1])
-        if match and entry.kind == "f":
-            parent = "/".join(parts[:-1])
-            base = match.group("base")
-            candidate = f"{parent}/{base}" if parent else base
-            truncated = len(parts[-1]) >= 250 and any(
-                name.startswith(candidate) for name in local.files if name.rpartition("/")[0] == parent
-            )
-            if candidate in local.files or truncated:
-                junk.add(path)
-                continue
-        foreign.append(path)
-    return sorted(junk), foreign
+        if match is None or kind != FILE:
+            return None
+        parent = "/".join(parts[:-1])
+        base = match.group("base")
+        candidate = f"{parent}/{base}" if parent else base
+        truncated = len(parts[-1]) >= 250 and any(
+            name.startswith(candidate) for name in local.files if name.rpartition("/")[0] == parent
+        )
+        return path if candidate in local.files or truncated else None
+
+    kinds = {path: entry.kind if entry.kind in (FILE, DIR) else OTHER for path, entry in remote.items()}
+    return sort_remote(local.files, local.dirs, kinds, cleaned, leftover=leftover)
 
 
 #: The remote shell gets the whole command as one argument, which Linux limits to 128 KiB.
