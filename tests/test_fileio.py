@@ -126,6 +126,7 @@ def test_fsync_dir_lets_a_share_that_cannot_sync_folders_be(tmp_path: Path, monk
     def refuses(code: int):  # type: ignore[no-untyped-def]
         def fsync(fd: int) -> None:
             raise OSError(code, os.strerror(code))
+
         return fsync
 
     for code in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
@@ -151,7 +152,7 @@ def test_fsync_dir_of_a_missing_folder_raises(tmp_path: Path) -> None:
         (".exlab-wizard/creation.json", True),
         (".exlab-wizard/checksums.sha256", True),
         (".exlab-wizard/previous/20261205T073000Z/a.raw", True),
-        (".exlab-wizard", False),              # a file of that name is not inside the folder
+        (".exlab-wizard", False),  # a file of that name is not inside the folder
         (".Exlab-Wizard/creation.json", False),  # exact case: another folder, data
         (".EXLAB-WIZARD/x", False),
         (".exlab-wizard2/x", False),
@@ -291,7 +292,7 @@ def test_a_crash_before_the_rename_leaves_the_old_content(tmp_path: Path) -> Non
     target = tmp_path / "creation.json"
     target.write_bytes(b"old content")
     env = dict(os.environ, PYTHONPATH=str(Path(fileio.__file__).resolve().parents[1]))
-    child = subprocess.run([sys.executable, "-c", POWER_CUT, str(target)], env=env, timeout=60)
+    child = subprocess.run([sys.executable, "-c", POWER_CUT, str(target)], env=env, check=False, timeout=60)
     assert child.returncode == 9
     assert target.read_bytes() == b"old content"
     temps = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -83,9 +83,7 @@ def sort_remote(
         junk = leftover(path, kind)
         if junk is not None:
             leftovers.add(junk)
-        elif path in local_files or path in local_dirs:
-            foreign.append(path)
-        elif not (is_metadata_path(path) or path in cleaned):
+        elif path in local_files or path in local_dirs or not (is_metadata_path(path) or path in cleaned):
             foreign.append(path)
     return RemoteExtras(sorted(leftovers), sorted(foreign, key=os.fsencode))
 
