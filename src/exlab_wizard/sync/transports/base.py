@@ -13,6 +13,7 @@ relative to the run root with ``/`` separators.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -25,6 +26,7 @@ from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = [
     "METADATA_DIR",
+    "Clock",
     "PREVIOUS_DIR",
     "ProgressCallback",
     "RemoteManifest",
@@ -35,6 +37,7 @@ __all__ = [
     "TransportResult",
     "check_previous_stamp",
     "check_relpath",
+    "local_now",
     "previous_path",
     "remote_relpath",
 ]
@@ -42,6 +45,14 @@ __all__ = [
 
 #: Called with the number of bytes just sent (a delta, never a total).
 ProgressCallback = Callable[[int], None]
+#: The clock a transport reads to follow the bandwidth schedule: an aware datetime.
+Clock = Callable[[], dt.datetime]
+
+
+def local_now() -> dt.datetime:
+    """The default :data:`Clock`: this workstation's local time, timezone-aware."""
+    return dt.datetime.now().astimezone()
+
 
 #: Where the remote run folder keeps the verified files that ``retry --accept-local``
 #: replaced: ``<remote run>/.exlab-wizard/previous/<UTC timestamp>/<relative path>``.

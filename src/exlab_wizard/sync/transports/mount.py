@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import datetime as dt
 import errno
 import fcntl
 import os
@@ -100,6 +99,7 @@ from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
+    Clock,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -108,6 +108,7 @@ from exlab_wizard.sync.transports.base import (
     TransportErrorKind,
     TransportResult,
     check_relpath,
+    local_now,
     previous_path,
     remote_relpath,
 )
@@ -200,10 +201,6 @@ def _temp_name(name: str) -> str:
     return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + secrets.token_hex(6).encode())
 
 
-def _local_now() -> dt.datetime:
-    return dt.datetime.now().astimezone()
-
-
 def _filesystem_type(path: str) -> str:
     """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo), or ''."""
     try:
@@ -293,7 +290,7 @@ class MountTransport(Transport):
         equipment: EquipmentConfig,
         *,
         log: EquipmentLog | None = None,
-        now: Callable[[], dt.datetime] = _local_now,
+        now: Clock = local_now,
         threads: int | None = None,
     ):
         super().__init__(equipment)

@@ -24,13 +24,12 @@ hashed by ``rclone rc --loopback operations/hashsum`` with ``download=true``
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
@@ -49,6 +48,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     PREVIOUS_DIR,
+    Clock,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -58,6 +58,7 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
     check_previous_stamp,
     check_relpath,
+    local_now,
     previous_path,
     remote_relpath,
 )
@@ -279,6 +280,9 @@ class RcloneTransport(Transport):
 
     ``capabilities.remote_hashing`` is False until :meth:`probe` (run by the
     first :meth:`remote_manifest`) finds that the backend hashes SHA-256 itself.
+    ``now``: the transports' common clock; rclone follows the schedule on its
+    own through its ``--bwlimit`` timetable, by the system's local clock, so
+    this transport does not read it.
     """
 
     capabilities = TransportCapabilities(
@@ -290,7 +294,7 @@ class RcloneTransport(Transport):
         equipment: EquipmentConfig,
         *,
         log: EquipmentLog | None = None,
-        now: Callable[[], dt.datetime] | None = None,
+        now: Clock = local_now,
         verify_max_stream_bytes: int = 1 << 30,
         rclone: str | None = None,
     ):
@@ -299,7 +303,7 @@ class RcloneTransport(Transport):
             raise TypeError(f"{equipment.id}: transport is {equipment.transport.type}, not rclone")
         self.config: RcloneTransportConfig = equipment.transport
         self.log = log if log is not None else EquipmentLog(equipment)
-        self._now = now or (lambda: dt.datetime.now().astimezone())
+        self.now = now
         self.verify_max_stream_bytes = verify_max_stream_bytes
         self._rclone = rclone
         #: True: the backend hashes SHA-256 itself; False: it cannot (download and hash here);
@@ -377,7 +381,7 @@ class RcloneTransport(Transport):
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         fs = self._fs(run_path)
-        local = local_tree(run_path)
+        local = await asyncio.to_thread(local_tree, run_path)
         checked_rewrite(local, rewrite)
 
         if not self._probed:

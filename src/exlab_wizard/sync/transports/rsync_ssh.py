@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
+import errno
 import hashlib
 import os
 import re
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     PREVIOUS_DIR,
+    Clock,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -72,11 +73,12 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
     check_previous_stamp,
     check_relpath,
+    local_now,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
+from exlab_wizard.sync.transports.classify import classify, transport_error
 from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, RemoteExtras, conflict_error, sort_remote
 from exlab_wizard.sync.transports.remote_programs import remote_program
-from exlab_wizard.sync.transports.classify import classify, transport_error
 
 __all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
 
@@ -244,13 +246,40 @@ def _ssh_path(path: Path) -> str:
     return str(path).replace("%", "%%")
 
 
-def _hash_files(paths: list[tuple[str, str]]) -> dict[str, str]:
-    def one(item: tuple[str, str]) -> tuple[str, str]:
-        key, path = item
-        return key, hash_file(path)
+def _hash_files(scratch: str, paths: list[str]) -> dict[str, str]:
+    """``{path: sha256}`` of the files pulled into ``scratch``; a path not there as a regular file is left out."""
+
+    def one(path: str) -> tuple[str, str | None]:
+        try:
+            return path, hash_file(os.path.join(scratch, path))
+        except (FileNotFoundError, NotADirectoryError):
+            return path, None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):  # not a regular file: not pulled as one
+                return path, None
+            raise
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(one, paths))
+        return {path: digest for path, digest in pool.map(one, paths) if digest is not None}
+
+
+def _watch_header(run_path: Path, local: LocalTree, remote: dict[str, _Entry]) -> bytes:
+    """The remote watcher's file list: each large file this push will probably send (blocking: lstat)."""
+    header = bytearray()
+    for rel, size in local.files.items():
+        entry = remote.get(rel)
+        if size < HASH_WHILE_SENDING_MIN_BYTES or (entry is not None and entry.size == size):
+            continue  # small, or probably not sent again (same size): left to the verify pass
+        try:
+            mtime = os.lstat(run_path / rel).st_mtime_ns // 1_000_000_000
+        except OSError:
+            continue
+        header += os.fsencode(rel) + b"\0%d\0%d\0" % (size, mtime)
+    return bytes(header)
+
+
+def _regular_files(fetched: dict[str, Path]) -> dict[str, Path]:
+    return {p: path for p, path in fetched.items() if path.is_file() and not path.is_symlink()}
 
 
 class RsyncSshTransport(Transport):
@@ -273,7 +302,7 @@ class RsyncSshTransport(Transport):
         equipment: EquipmentConfig,
         *,
         log: EquipmentLog | None = None,
-        now: Callable[[], dt.datetime] | None = None,
+        now: Clock = local_now,
         verify_max_stream_bytes: int = 1 << 30,
         connect_timeout_s: float = 10.0,
         io_timeout_s: int = 120,
@@ -285,7 +314,7 @@ class RsyncSshTransport(Transport):
             raise TypeError(f"{equipment.id}: transport is {equipment.transport.type}, not rsync_ssh")
         self.config: RsyncSshTransportConfig = equipment.transport
         self.log = log if log is not None else EquipmentLog(equipment)
-        self._now = now or (lambda: dt.datetime.now().astimezone())
+        self.now = now
         self.verify_max_stream_bytes = verify_max_stream_bytes
         self.connect_timeout_s = connect_timeout_s
         self.io_timeout_s = io_timeout_s
@@ -503,23 +532,14 @@ class RsyncSshTransport(Transport):
         tool = _HOST_TOOLS.get(self._host_key(), "python3")
         if tool is None or not tool.startswith("python3"):
             return None
-        header = bytearray()
-        for rel, size in local.files.items():
-            entry = remote.get(rel)
-            if size < HASH_WHILE_SENDING_MIN_BYTES or (entry is not None and entry.size == size):
-                continue  # small, or probably not sent again (same size): left to the verify pass
-            try:
-                mtime = os.lstat(run_path / rel).st_mtime_ns // 1_000_000_000
-            except OSError:
-                continue
-            header += os.fsencode(rel) + b"\0%d\0%d\0" % (size, mtime)
+        header = await asyncio.to_thread(_watch_header, run_path, local, remote)
         if not header:
             return None
         argv = [*self._ssh_argv(), self.config.ssh_target,
                 f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}"]  # fmt: skip
         watcher = _RemoteWatcher()
         try:
-            await watcher.start(argv, bytes(header) + b"\0")
+            await watcher.start(argv, header + b"\0")
         except OSError:
             return None
         return watcher
@@ -547,7 +567,7 @@ class RsyncSshTransport(Transport):
         limit = bwlimit_kibps
         files_total = bytes_total = 0
         while True:
-            now = self._now()
+            now = self.now()
             edge = next_change(bandwidth, now)
             stop_after = max(0.05, (edge - now).total_seconds()) if edge is not None else None
             argv = [*self._rsync_base(), *args]
@@ -559,7 +579,7 @@ class RsyncSshTransport(Transport):
                 log=self.log, run_path=run_path, step=step,
             )  # fmt: skip
             if result.stopped and not result.timed_out:
-                at = max(self._now(), edge) if edge is not None else self._now()
+                at = max(self.now(), edge) if edge is not None else self.now()
                 new_limit = limit_kibps(bandwidth, at)
                 self.log.info(run_path, "bandwidth_window_edge", step=step, old_kibps=limit or "unlimited",
                               new_kibps=new_limit or "unlimited")  # fmt: skip
@@ -672,18 +692,20 @@ class RsyncSshTransport(Transport):
             else:
                 wanted.append((path, entry.size))
         for batch in _batches(wanted):
-            with tempfile.TemporaryDirectory(prefix="exlab-verify-") as scratch:
+            scratch = await asyncio.to_thread(tempfile.mkdtemp, prefix="exlab-verify-")
+            try:
                 argv = [*self._rsync_base(), "--files-from=-", "--from0", "--no-links", "--no-D",
                         self._target(remote_run), f"{scratch}/"]  # fmt: skip
                 result = await run_tool(argv, stdin=b"\0".join(os.fsencode(p) for p, _ in batch) + b"\0",
                                         log=self.log, run_path=run_path, step="stream_pull", quiet=True)  # fmt: skip
                 if result.returncode not in (0, 23, 24):
                     raise transport_error("rsync", result.returncode, result.stderr_text, f"reading back {remote_run}")
-                present = [(p, os.path.join(scratch, p)) for p, _ in batch if os.path.isfile(os.path.join(scratch, p))]
-                hashes.update(await asyncio.to_thread(_hash_files, present))
-                for path, _ in batch:
-                    if path not in hashes:
-                        unverifiable[path] = "remote_read_error"
+                hashes.update(await asyncio.to_thread(_hash_files, scratch, [p for p, _ in batch]))
+            finally:
+                await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+            for path, _ in batch:
+                if path not in hashes:
+                    unverifiable[path] = "remote_read_error"
         self.log.info(run_path, "remote_manifest", tool="rsync_stream", files=len(hashes), unverifiable=len(unverifiable))
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
@@ -769,8 +791,7 @@ class RsyncSshTransport(Transport):
         result = await run_tool(argv, stdin=_files_from(present), log=self.log, run_path=run_path, step="fetch")
         if result.returncode not in (0, 23, 24):  # 23/24: a file gone meanwhile is simply not fetched
             raise transport_error("rsync", result.returncode, result.stderr_text, f"fetching from {remote_run}")
-        fetched = {p: Path(into) / p for p in present}
-        return {p: path for p, path in fetched.items() if path.is_file() and not path.is_symlink()}
+        return await asyncio.to_thread(_regular_files, {p: Path(into) / p for p in present})
 
     async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
         """Move the named files on the NAS with ``mv`` through ssh (every path shell-quoted), then ``sync``.
