@@ -115,7 +115,16 @@ class RemoteManifest:
 
 @dataclass(frozen=True)
 class TransportCapabilities:
-    """What a transport can do, as data the engine reads."""
+    """What a transport can do, as data the engine reads.
+
+    The client acts on ``hashes_while_sending`` (it then takes the local
+    manifest from the push instead of hashing the run beside it) and on
+    ``metadata_push`` (without it, the metadata push after a cleanup is the
+    whole-run push() told which files were ``cleaned``, since the default
+    push_metadata() cannot pass them). ``remote_hashing`` and ``follows_schedule`` are facts reported
+    in logs and checked by the transports' tests; no engine decision depends
+    on them (every transport follows the schedule, as push() requires).
+    """
 
     #: push() returns ``local_hashes`` (one read pass for copy and hash).
     hashes_while_sending: bool = False
