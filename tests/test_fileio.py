@@ -297,3 +297,32 @@ def test_a_crash_before_the_rename_leaves_the_old_content(tmp_path: Path) -> Non
     assert target.read_bytes() == b"old content"
     temps = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert [p.read_bytes() for p in temps] == [b"new content"]  # whole, beside it, never in its place
+
+
+# --------------------------------------------------------------------------- bounded read
+
+
+@pytest.mark.parametrize("size", [0, 1, 99, 100, 101, 5000])
+def test_read_bounded_reads_at_most_one_byte_past_the_bound(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for hint in (0, size, max(0, size - 7), size + 7):
+        fd, _info = open_regular(path)
+        try:
+            got = fileio.read_bounded(fd, 100, hint)
+        finally:
+            os.close(fd)
+        assert got == data[:101], (size, hint)
+
+
+def test_read_bounded_of_a_file_that_grew_since_its_fstat(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10)
+    fd, info = open_regular(path)
+    try:
+        with open(path, "ab") as more:
+            more.write(b"y" * 50)
+        assert fileio.read_bounded(fd, 40, info.st_size) == b"x" * 10 + b"y" * 31
+    finally:
+        os.close(fd)

@@ -13,6 +13,8 @@ verifier, the transports and the reaper use these instead of their own copies.
   that loses power at any instant, sees the old content or the new one, never
   a mix (restic's recipe: temp file in the same folder, write, check the byte
   count, fsync, rename over the target, fsync the folder).
+- :func:`read_bounded`: read a file someone else controls without letting
+  it exhaust memory (at most one byte past a bound).
 - :func:`open_regular`, :func:`hash_fd`, :func:`hash_file`,
   :func:`hash_from_storage`: streaming SHA-256 of regular files, never
   following a symbolic link and never opening a FIFO for a blocking read;
@@ -53,6 +55,7 @@ __all__ = [
     "is_data_path",
     "is_metadata_path",
     "open_regular",
+    "read_bounded",
 ]
 
 #: The run's metadata folder (``<run>/.exlab-wizard/``): creation.json, checksums.sha256, logs.
@@ -163,6 +166,33 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, new_mode: i
             pass
         raise
     fsync_dir(folder)
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def read_bounded(fd: int, max_bytes: int, size_hint: int = 0) -> bytes:
+    """What is left to read from ``fd``, but never more than ``max_bytes + 1`` bytes.
+
+    A result longer than ``max_bytes`` means the file is larger than the
+    bound (the caller refuses or skips it); nothing beyond that one byte is
+    read. ``size_hint``: the size ``fstat`` gave; the first read asks for one
+    byte more, so a file of that size is read in one call, and one that grew
+    meanwhile is read on up to the bound. Raises ``OSError`` from the read.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    want = min(size_hint, max_bytes) + 1
+    while total <= max_bytes:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total == size_hint and len(chunk) < want:
+            break  # the whole file, as fstat sized it
+        want = min(max_bytes + 1 - total, BLOCK_SIZE)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- SHA-256 reads

@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
-from exlab_wizard.fileio import atomic_write_bytes, fsync_dir  # re-exported
+from exlab_wizard.fileio import atomic_write_bytes, fsync_dir, read_bounded  # the first two re-exported
 
 __all__ = [
     "CacheError",
@@ -132,21 +132,14 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _not_regular(path, info.st_mode)
-        chunks: list[bytes] = []
-        total = 0
-        while total <= max_bytes:
-            chunk = os.read(fd, min(max_bytes + 1 - total, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        data = read_bounded(fd, max_bytes, info.st_size)
     except OSError as exc:
         raise CacheError(CacheErrorKind.IO, f"{path}: cannot read: {exc.strerror or exc}", path) from exc
     finally:
         os.close(fd)
-    if total > max_bytes:
+    if len(data) > max_bytes:
         raise _too_large(path, max_bytes)
-    return b"".join(chunks)
+    return data
 
 
 class _PathLock:
