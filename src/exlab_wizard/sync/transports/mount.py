@@ -67,6 +67,10 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
 
 Symlinks in the run are never followed nor copied. Progress callbacks get
 byte deltas from the copy threads, one call at a time.
+
+One module, though long: it is one transport, and its parts (the copy
+threads, the batched durability, the read-back, the remote manifest that
+takes the read-back's hashes) share the push's state and its error mapping.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ backend that does not list it, such as sftp with ``sha256sum_command``, is
 tried once: it counts as native only if it hashed every file); otherwise every file up to ``verify_max_stream_bytes`` is downloaded and
 hashed by ``rclone rc --loopback operations/hashsum`` with ``download=true``
 (JSON too); larger files are reported ``verify_skipped_oversize``.
+
+One module, a little over the usual size: it is one transport, all of it
+speaking rclone's command line and its name encoding.
 """
 
 from __future__ import annotations

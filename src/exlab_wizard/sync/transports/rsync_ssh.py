@@ -27,6 +27,12 @@ bulk encryption is a large part of a push's CPU; see
 ``internal-sftp`` account) is read back instead -- with rsync, else over sftp
 (rclone's sftp backend) -- and hashed here, each file up to
 ``verify_max_stream_bytes``; larger files are reported ``verify_skipped_oversize``.
+
+One module, though long: it is one transport, and its parts (the ssh
+connection and cipher choice, the parallel streams, the remote watcher, the
+fallbacks for a host that refuses commands) share one ssh setup and one way
+of reading rsync's output. The programs it runs remotely are in
+``remote_programs/``.
 """
 
 from __future__ import annotations
