@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from exlab_wizard.fileio import METADATA_DIR
+
 __all__ = ["DemoLab", "build_demo_lab"]
 
 _MIB = 1 << 20
@@ -62,7 +64,7 @@ def _payload(rng: random.Random, size: int) -> bytes:
 
 
 def _make_run(run: Path, run_kind: str, files: dict[str, int], rng: random.Random, operator: str) -> Path:
-    meta = run / ".exlab-wizard"
+    meta = run / METADATA_DIR
     meta.mkdir(parents=True, exist_ok=True)
     (meta / "creation.json").write_text(json.dumps(_creation(run, run_kind, operator), indent=2) + "\n")
     for rel, size in files.items():

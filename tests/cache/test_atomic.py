@@ -1,8 +1,7 @@
-"""atomic_write_bytes and FileLock: durable replace, no temp file left, locks that time out."""
+"""FileLock: locks that time out. (atomic_write_bytes moved to exlab_wizard.fileio: tests/test_fileio.py.)"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,86 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.cache import atomic
-from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, FileLock, LockTimeout, atomic_write_bytes
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_atomic_write_creates_and_replaces_exactly(tmp_path: Path) -> None:
-    target = tmp_path / "creation.json"
-    atomic_write_bytes(target, b"first")
-    assert target.read_bytes() == b"first"
-    payload = bytes(range(256)) * 1000
-    atomic_write_bytes(target, payload)
-    assert target.read_bytes() == payload
-    atomic_write_bytes(target, b"")
-    assert target.read_bytes() == b""
-    assert _leftovers(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["creation.json"]
-
-
-def test_atomic_write_keeps_the_targets_permission_bits(tmp_path: Path) -> None:
-    target = tmp_path / "f"
-    target.write_bytes(b"old")
-    os.chmod(target, 0o640)
-    atomic_write_bytes(target, b"new")
-    assert target.stat().st_mode & 0o777 == 0o640
-
-
-def test_temp_file_is_hidden_unique_and_in_the_same_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[str, str]] = []
-    real_replace = os.replace
-
-    def spy(src, dst):  # type: ignore[no-untyped-def]
-        seen.append((str(src), str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", spy)
-    target = tmp_path / "creation.json"
-    atomic_write_bytes(target, b"a")
-    atomic_write_bytes(target, b"b")
-    (src1, dst1), (src2, _) = seen
-    assert Path(src1).parent == tmp_path and dst1 == str(target)
-    assert Path(src1).name.startswith(".creation.json.") and src1.endswith(".tmp")
-    assert src1 != src2
-
-
-@pytest.mark.parametrize("failing", ["fsync", "replace", "short_write"])
-def test_failed_write_leaves_old_content_and_no_temp_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
-) -> None:
-    target = tmp_path / "creation.json"
-    target.write_bytes(b"old content")
-
-    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise OSError(5, "forced failure")
-
-    if failing == "fsync":
-        monkeypatch.setattr(atomic.os, "fsync", boom)
-    elif failing == "replace":
-        monkeypatch.setattr(atomic.os, "replace", boom)
-    else:
-        monkeypatch.setattr(atomic.os, "write", lambda fd, data: 0)  # the disk takes nothing
-
-    with pytest.raises(OSError) as caught:
-        atomic_write_bytes(target, b"new content")
-    if failing == "short_write":
-        assert "short write" in str(caught.value)
-    monkeypatch.undo()
-    assert target.read_bytes() == b"old content"
-    assert _leftovers(tmp_path) == []
-
-
-def test_partial_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = os.write
-    monkeypatch.setattr(atomic.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
-    target = tmp_path / "f"
-    payload = b"0123456789" * 50
-    atomic_write_bytes(target, payload)
-    assert target.read_bytes() == payload
+from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, FileLock, LockTimeout
 
 
 def test_file_lock_creates_and_never_deletes_its_file(tmp_path: Path) -> None:

@@ -1,9 +1,7 @@
-"""Durable file primitives: an atomic replace and an inter-process lock file.
+"""Durable file primitives of the cache: a safe bounded read and an inter-process lock file.
 
-:func:`atomic_write_bytes` replaces a file so that a reader (or a machine that
-loses power at any instant) sees either the old content or the new one, never
-a mix: temp file in the same folder, write, check the byte count, fsync,
-rename over the target, fsync the folder.
+:func:`atomic_write_bytes` and :func:`fsync_dir` live in
+:mod:`exlab_wizard.fileio` (re-exported here for the cache's callers).
 
 :func:`read_regular_file` reads a small file that someone else controls (a
 run's creation.json) without the traps of a plain read: it never follows a
@@ -23,13 +21,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import threading
 import time
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
+
+from exlab_wizard.fileio import atomic_write_bytes, fsync_dir, read_bounded  # the first two re-exported
 
 __all__ = [
     "CacheError",
@@ -68,76 +67,6 @@ class LockTimeout(CacheError):
 
     def __init__(self, message: str, path: Path | str | None = None):
         super().__init__(CacheErrorKind.LOCK_TIMEOUT, message, path)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a creation in ``folder`` durable (fsync the folder)."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems (certain network shares) cannot fsync a folder.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _open_unique_temp(folder: Path, name: str, mode: int) -> tuple[int, Path]:
-    for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "could not find a free temporary name", str(folder))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
-
-    The bytes go to a uniquely named ``.<name>.<random>.tmp`` file in the same
-    folder; the byte count is checked, the file fsynced, renamed over ``path``
-    (``os.replace``) and the folder fsynced. An existing target keeps its
-    permission bits; a new one gets ``0o666`` minus the umask.
-
-    Raises ``OSError`` (including a short write) and leaves ``path`` untouched;
-    the temp file never survives a failure. The folder must exist.
-    """
-    path = Path(path)
-    data = bytes(data)
-    folder = path.parent
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-        keep_mode = True
-    except FileNotFoundError:
-        mode, keep_mode = 0o666, False
-    fd, tmp = _open_unique_temp(folder, path.name, mode)
-    try:
-        try:
-            if keep_mode:
-                os.fchmod(fd, mode)  # the umask applied at creation; restore the target's bits
-            view = memoryview(data)
-            written = 0
-            while written < len(data):
-                n = os.write(fd, view[written:])
-                if n <= 0:
-                    break
-                written += n
-            size = os.fstat(fd).st_size
-            if written != len(data) or size != len(data):
-                raise OSError(errno.EIO, f"short write: {size} of {len(data)} bytes reached the disk", str(tmp))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
 
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -203,21 +132,14 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _not_regular(path, info.st_mode)
-        chunks: list[bytes] = []
-        total = 0
-        while total <= max_bytes:
-            chunk = os.read(fd, min(max_bytes + 1 - total, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        data = read_bounded(fd, max_bytes, info.st_size)
     except OSError as exc:
         raise CacheError(CacheErrorKind.IO, f"{path}: cannot read: {exc.strerror or exc}", path) from exc
     finally:
         os.close(fd)
-    if total > max_bytes:
+    if len(data) > max_bytes:
         raise _too_large(path, max_bytes)
-    return b"".join(chunks)
+    return data
 
 
 class _PathLock:

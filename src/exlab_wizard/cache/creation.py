@@ -36,6 +36,7 @@ from exlab_wizard.cache.atomic import (
     atomic_write_bytes,
     read_regular_file,
 )
+from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = [
     "CREATION_MAX_BYTES",
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 CREATION_NAME = "creation.json"
-METADATA_DIR = ".exlab-wizard"
 LOCK_SUFFIX = ".lock"
 SUPPORTED_MAJOR = 1
 SYNC_STATUSES = ("pending", "synced", "failed", "blocked_by_validation")

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = ["EquipmentLog", "format_log_line", "log_path_for"]
 
@@ -23,7 +24,7 @@ _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/:
 
 
 def log_path_for(equipment: EquipmentConfig) -> Path:
-    return equipment.equipment_root / ".exlab-wizard" / f"wizard.{socket.gethostname()}.log"
+    return equipment.equipment_root / METADATA_DIR / f"wizard.{socket.gethostname()}.log"
 
 
 def _value(value: object) -> str:

@@ -32,15 +32,14 @@ that is eligible keeps its ``sync_status`` (the sync client sets
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
-import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
+from exlab_wizard.fileio import hash_file
 from exlab_wizard.sync.manifest_format import ManifestFormatError, read_manifest
 from exlab_wizard.validator.findings import Finding, sort_findings
 from exlab_wizard.validator.overrides import active_override_for
@@ -74,27 +73,13 @@ class GateResult:
     status_error: str | None = field(default=None, compare=False)
 
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-
-
 def _sha256_file(path: str) -> str | None:
     """The file's SHA-256, or None unless it is a regular file (never a
     symbolic link, FIFO or device: those could block or never end)."""
-    digest = hashlib.sha256()
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        return hash_file(path)
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 class _NasCopy:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, read_regular_file
+from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = [
     "MANIFEST_MAX_BYTES",
@@ -40,7 +41,7 @@ class ManifestFormatError(ValueError):
 
 
 def manifest_path(run_path: Path) -> Path:
-    return Path(run_path) / ".exlab-wizard" / MANIFEST_NAME
+    return Path(run_path) / METADATA_DIR / MANIFEST_NAME
 
 
 def _escape(name: bytes) -> tuple[bytes, bool]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import secrets
 import shlex
@@ -44,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.sync.context import ClientContext
+from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, fsync_dir, hash_fd, is_data_path
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import load_verified_stats, scan_run
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import METADATA_DIR, PREVIOUS_DIR, Transport
+from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport
 
 __all__ = [
     "LOCAL_DAMAGE",
@@ -72,7 +72,6 @@ __all__ = [
 LOCAL_DAMAGE = "local_damage"
 S = SyncJobState
 _SCRATCH_PREFIX = ".restore-"
-_CHUNK = 1 << 20
 
 
 class LocalDamageError(Exception):
@@ -154,8 +153,7 @@ def verified_manifest(job: SyncJobRow) -> dict[str, str] | None:
         return None
     if manifest is None or manifest_digest(manifest) != job.manifest_digest:
         return None
-    prefix = METADATA_DIR + "/"
-    return {k: v for k, v in manifest.items() if not k.startswith(prefix)}
+    return {k: v for k, v in manifest.items() if is_data_path(k)}
 
 
 def _verified_since(queue: JobQueue, job: SyncJobRow) -> dt.datetime | None:
@@ -215,27 +213,15 @@ def _lstat(path: Path) -> _Seen | None:
     return _Seen(st.st_size, st.st_mtime_ns, st.st_atime_ns, st.st_ino, st.st_mode)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _hash_and_sync(path: Path, progress: Callable[[int], None] | None) -> str:
     """SHA-256 of the fetched copy, which is then made durable."""
-    digest = hashlib.sha256()
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     try:
-        while chunk := os.read(fd, _CHUNK):
-            digest.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
+        digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)), progress)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return digest
 
 
 def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
@@ -243,7 +229,7 @@ def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
     os.chmod(fetched, stat.S_IMODE(seen.mode))
     os.utime(fetched, ns=(seen.atime_ns, mtime_ns))
     os.replace(fetched, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _scratch(run: Path) -> Path:

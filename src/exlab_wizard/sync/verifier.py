@@ -29,17 +29,28 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import mmap
 import os
-import secrets
-import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from exlab_wizard.fileio import (
+    BLOCK_SIZE,
+    DROP_BEHIND,
+    METADATA_DIR,
+    advise_sequential,
+    atomic_write_bytes,
+    drop_page_cache,
+    drop_page_cache_fd,
+    hash_fd,
+    hash_file,
+    hash_from_storage,
+    is_metadata_path,
+    open_regular,
+)
 from exlab_wizard.sync.manifest_format import (
     format_manifest,
     manifest_digest,
@@ -47,7 +58,6 @@ from exlab_wizard.sync.manifest_format import (
     read_manifest,
 )
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
     ProgressCallback,
     RemoteManifest,
     TransportError,
@@ -56,6 +66,7 @@ from exlab_wizard.sync.transports.base import (
 
 __all__ = [
     "BLOCK_SIZE",
+    "DROP_BEHIND",
     "RunEntry",
     "Verifier",
     "VerifyResult",
@@ -75,18 +86,6 @@ __all__ = [
     "walk_run",
 ]
 
-#: Read size for hashing and copying: big enough for full-speed I/O, small
-#: enough to keep memory constant (one buffer per thread).
-BLOCK_SIZE = 1 << 20
-#: While a file is read back past the page cache, the pages already hashed are dropped
-#: every this many bytes: the read recycles a few MiB of memory instead of filling the
-#: page cache with the whole file. (Filling it costs more than the read where memory
-#: freed earlier was handed back to a hypervisor; on a 2-core VM, 1.46 s -> 0.98 s for
-#: a 1 GiB push with its read-back.)
-DROP_BEHIND = 8 << 20
-
-_METADATA_PREFIX = METADATA_DIR + "/"
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 #: errno values meaning "the path no longer names the regular file we listed".
 _GONE = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR}
 
@@ -94,132 +93,6 @@ _GONE = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR}
 def default_threads() -> int:
     """Hashing threads when none is given: the CPU count within 2..4 (2 overlaps I/O on one core)."""
     return max(2, min(os.cpu_count() or 1, 4))
-
-
-def is_metadata_path(rel: str) -> bool:
-    """True for keys inside the run's ``.exlab-wizard/`` folder."""
-    return rel.startswith(_METADATA_PREFIX)
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def hash_fd(
-    fd: int, view: memoryview, progress: ProgressCallback | None = None, *, drop_behind: bool = False
-) -> str:
-    """SHA-256 hex of everything left to read from ``fd``, read into ``view``.
-
-    ``drop_behind``: every ``DROP_BEHIND`` bytes, drop the (clean) pages
-    already hashed from this machine's page cache; offsets are counted from 0,
-    so pass it for a descriptor read from its start.
-    """
-    digest = hashlib.sha256()
-    readv = os.readv
-    advise = drop_behind and hasattr(os, "posix_fadvise")
-    total = dropped = 0
-    while True:
-        count = readv(fd, [view])
-        if not count:
-            return digest.hexdigest()
-        digest.update(view[:count])
-        if progress is not None:
-            progress(count)
-        total += count
-        if advise and total - dropped >= DROP_BEHIND:
-            try:
-                os.posix_fadvise(fd, dropped, total - dropped, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                advise = False
-            dropped = total
-
-
-def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
-    """Open a regular file for reading without following a symlink.
-
-    Raises ``OSError(ELOOP)`` for a symlink and ``OSError(EINVAL)`` for
-    anything that is not a regular file (a FIFO never blocks the open).
-    """
-    fd = os.open(path, _OPEN_READ)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, info
-
-
-def _advise_sequential(fd: int, size: int) -> None:
-    if size > BLOCK_SIZE and hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
-
-
-def hash_file(
-    path: str | os.PathLike[str],
-    *,
-    block_size: int = BLOCK_SIZE,
-    progress: ProgressCallback | None = None,
-) -> str:
-    """Lowercase SHA-256 hex of one regular file, streamed in ``block_size`` blocks.
-
-    Never follows a symlink: a symlink raises ``OSError`` (``ELOOP``), as does
-    anything that is not a regular file. Missing files raise
-    ``FileNotFoundError``. ``progress(n)`` is called after each block.
-    """
-    view = memoryview(bytearray(block_size))
-    fd, info = open_regular(path)
-    try:
-        _advise_sequential(fd, info.st_size)
-        return hash_fd(fd, view, progress)
-    finally:
-        os.close(fd)
-
-
-def drop_page_cache_fd(fd: int, *, sync: bool = True) -> None:
-    """:func:`drop_page_cache` for an open file descriptor."""
-    # fsync first: dirty pages cannot be dropped, only clean ones.
-    if sync:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP, errno.EBADF):
-                raise
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-
-
-def hash_from_storage(fd: int, view: memoryview, *, sync: bool = True) -> str:
-    """SHA-256 hex of ``fd`` as the storage holds it, not as this machine's memory does.
-
-    :func:`drop_page_cache_fd` (``sync`` as there), then read to the end
-    from offset 0 (a fresh descriptor), dropping the pages already hashed
-    every ``DROP_BEHIND`` bytes (they are clean: nothing was written since
-    the drop).
-    """
-    drop_page_cache_fd(fd, sync=sync)
-    return hash_fd(fd, view, drop_behind=True)
-
-
-def drop_page_cache(path: str | os.PathLike[str], *, sync: bool = True) -> None:
-    """Make the next read of ``path`` come from the storage, not this machine's memory.
-
-    fsync (so every page is clean), then ``posix_fadvise(POSIX_FADV_DONTNEED)``.
-    Best effort where the platform or filesystem does not support it; pass
-    ``sync=False`` when the filesystem was already synced as a whole.
-    Raises ``OSError`` for a missing file or a symlink (never followed).
-    """
-    fd, _info = open_regular(path)
-    try:
-        drop_page_cache_fd(fd, sync=sync)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- walking
@@ -365,7 +238,7 @@ def hash_tree(
                 ) from exc
             raise
         try:
-            _advise_sequential(fd, info.st_size)
+            advise_sequential(fd, info.st_size)
             hashes[rel] = hash_fd(fd, view, report)
         finally:
             os.close(fd)
@@ -456,17 +329,6 @@ def compare(local: Mapping[str, str], remote: RemoteManifest | Mapping[str, str]
 # --------------------------------------------------------------------------- the verifier
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
 class Verifier:
     """Hashes runs and keeps their recorded manifest (``.exlab-wizard/checksums.sha256``).
 
@@ -535,25 +397,5 @@ class Verifier:
         body = format_manifest(data)
         target = manifest_path(Path(run_path))
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.parent / f".{target.name}.exlab-tmp-{secrets.token_hex(6)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        try:
-            try:
-                view = memoryview(body)
-                written = 0
-                while written < len(body):
-                    written += os.write(fd, view[written:])
-                if os.fstat(fd).st_size != len(body):
-                    raise OSError(errno.EIO, f"short write of {temp}")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(target.parent)
+        atomic_write_bytes(target, body, new_mode=0o644)
         return manifest_digest(data)

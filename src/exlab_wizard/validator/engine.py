@@ -40,8 +40,9 @@ from pathlib import Path
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
 from exlab_wizard.cache.atomic import read_regular_file
-from exlab_wizard.cache.creation import CREATION_MAX_BYTES, METADATA_DIR
+from exlab_wizard.cache.creation import CREATION_MAX_BYTES
 from exlab_wizard.config.models import ValidatorConfig
+from exlab_wizard.fileio import METADATA_DIR, read_bounded
 from exlab_wizard.validator import rules
 from exlab_wizard.validator.findings import Finding, sort_findings
 from exlab_wizard.validator.overrides import active_override_for
@@ -383,24 +384,12 @@ class _RunAudit:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
                 return
-            size = info.st_size
-            # Ask for one byte more than the size, so one read usually ends
-            # it; keep reading after a short read, and past the size (up to
-            # the limit) when the file grew.
-            chunks = [os.read(fd, size + 1)]
-            total = len(chunks[0])
-            while total != size and total <= max_bytes:
-                chunk = os.read(fd, min(max_bytes + 1 - total, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
+            data = read_bounded(fd, max_bytes, info.st_size)
         except OSError as exc:
             self.unreadable(path, "file_content", f"cannot read file: {exc.strerror or exc}")
             return
         finally:
             os.close(fd)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) > max_bytes:
             return  # grew past the limit since it was listed: skipped whole, like any large file
         if data.find(b"\x00", 0, _BINARY_PROBE) >= 0:

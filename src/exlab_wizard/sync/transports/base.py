@@ -13,6 +13,7 @@ relative to the run root with ``/`` separators.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from exlab_wizard.cache.creation import METADATA_DIR
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = [
     "METADATA_DIR",
+    "Clock",
     "PREVIOUS_DIR",
     "ProgressCallback",
     "RemoteManifest",
@@ -35,6 +37,7 @@ __all__ = [
     "TransportResult",
     "check_previous_stamp",
     "check_relpath",
+    "local_now",
     "previous_path",
     "remote_relpath",
 ]
@@ -42,6 +45,14 @@ __all__ = [
 
 #: Called with the number of bytes just sent (a delta, never a total).
 ProgressCallback = Callable[[int], None]
+#: The clock a transport reads to follow the bandwidth schedule: an aware datetime.
+Clock = Callable[[], dt.datetime]
+
+
+def local_now() -> dt.datetime:
+    """The default :data:`Clock`: this workstation's local time, timezone-aware."""
+    return dt.datetime.now().astimezone()
+
 
 #: Where the remote run folder keeps the verified files that ``retry --accept-local``
 #: replaced: ``<remote run>/.exlab-wizard/previous/<UTC timestamp>/<relative path>``.
@@ -104,7 +115,16 @@ class RemoteManifest:
 
 @dataclass(frozen=True)
 class TransportCapabilities:
-    """What a transport can do, as data the engine reads."""
+    """What a transport can do, as data the engine reads.
+
+    The client acts on ``hashes_while_sending`` (it then takes the local
+    manifest from the push instead of hashing the run beside it) and on
+    ``metadata_push`` (without it, the metadata push after a cleanup is the
+    whole-run push() told which files were ``cleaned``, since the default
+    push_metadata() cannot pass them). ``remote_hashing`` and ``follows_schedule`` are facts reported
+    in logs and checked by the transports' tests; no engine decision depends
+    on them (every transport follows the schedule, as push() requires).
+    """
 
     #: push() returns ``local_hashes`` (one read pass for copy and hash).
     hashes_while_sending: bool = False

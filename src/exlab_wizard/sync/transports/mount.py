@@ -67,16 +67,18 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
 
 Symlinks in the run are never followed nor copied. Progress callbacks get
 byte deltas from the copy threads, one call at a time.
+
+One module, though long: it is one transport, and its parts (the copy
+threads, the batched durability, the read-back, the remote manifest that
+takes the read-back's hashes) share the push's state and its error mapping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import datetime as dt
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import secrets
@@ -89,11 +91,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
+from exlab_wizard.fileio import (
+    METADATA_DIR,
+    drop_page_cache_fd,
+    fsync_dir,
+    hash_fd,
+    hash_from_storage,
+    open_regular,
+)
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
+    Clock,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -102,19 +112,12 @@ from exlab_wizard.sync.transports.base import (
     TransportErrorKind,
     TransportResult,
     check_relpath,
+    local_now,
     previous_path,
     remote_relpath,
 )
-from exlab_wizard.sync.verifier import (
-    drop_page_cache_fd,
-    hash_fd,
-    hash_from_storage,
-    is_metadata_path,
-    open_regular,
-    run_parallel,
-    scan_run,
-    serial_progress,
-)
+from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
+from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
 
@@ -185,6 +188,10 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 
 
+def _own_temp(rel: str, kind: str) -> str | None:
+    return rel if kind == FILE and is_temp_name(rel.rpartition("/")[2]) else None
+
+
 def same_mtime(local_ns: int, remote_ns: int) -> bool:
     """The resume rule: mtimes equal to the precision the share evidently keeps."""
     diff = abs(local_ns - remote_ns)
@@ -196,10 +203,6 @@ def same_mtime(local_ns: int, remote_ns: int) -> bool:
 def _temp_name(name: str) -> str:
     raw = os.fsencode(name)[:_NAME_KEEP]
     return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + secrets.token_hex(6).encode())
-
-
-def _local_now() -> dt.datetime:
-    return dt.datetime.now().astimezone()
 
 
 def _filesystem_type(path: str) -> str:
@@ -234,17 +237,6 @@ def _syncfs(path: str) -> None:
         if _SYNCFS(fd) != 0:  # type: ignore[misc]
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
     finally:
         os.close(fd)
 
@@ -302,7 +294,7 @@ class MountTransport(Transport):
         equipment: EquipmentConfig,
         *,
         log: EquipmentLog | None = None,
-        now: Callable[[], dt.datetime] = _local_now,
+        now: Clock = local_now,
         threads: int | None = None,
     ):
         super().__init__(equipment)
@@ -571,40 +563,30 @@ class MountTransport(Transport):
                 f"remote {'folder' if only else 'run folder'} {top} exists and is not a folder",
             )
         stats: dict[str, tuple[int, int]] = {}
-        stale: list[str] = []
-        foreign: list[str] = []
+        listing: dict[str, str] = {}
         stack = [(top, only + "/" if only else "")]
         try:
             while stack:
                 folder, prefix = stack.pop()
-                with os.scandir(folder) as listing:
-                    for entry in listing:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
                         rel = prefix + entry.name
                         if entry.is_dir(follow_symlinks=False):
-                            if rel in local_files:
-                                foreign.append(rel + "/")
+                            listing[rel] = DIR
                             stack.append((entry.path, rel + "/"))
                         elif entry.is_file(follow_symlinks=False):
+                            listing[rel] = FILE
                             if rel in local_files:
                                 info = entry.stat(follow_symlinks=False)
                                 stats[rel] = (info.st_size, info.st_mtime_ns)
-                            elif is_temp_name(entry.name):
-                                stale.append(entry.path)
-                            elif rel in local_dirs or not (is_metadata_path(rel) or rel in cleaned):
-                                foreign.append(rel)
-                        elif rel in local_files or rel in local_dirs:
-                            foreign.append(rel)  # a symlink or device where the run has a file or folder
+                        else:
+                            listing[rel] = OTHER
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
-        if foreign:
-            foreign.sort(key=os.fsencode)
-            shown = ", ".join(repr(rel) for rel in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            raise TransportError(
-                TransportErrorKind.REMOTE_CONFLICT,
-                f"remote run folder {remote} already holds {len(foreign)} entries that are not in this run "
-                f"({shown}); nothing was written",
-            )
-        return stats, stale
+        extras = sort_remote(local_files, local_dirs, listing, cleaned, leftover=_own_temp)
+        if extras.foreign:
+            raise conflict_error(remote, extras.foreign)
+        return stats, [os.path.join(remote, rel) for rel in extras.leftovers]
 
     def _remove_stale(self, job: _Push, stale: list[str]) -> None:
         for path in stale:
@@ -738,13 +720,13 @@ class MountTransport(Transport):
         or that the share refuses (``EINVAL``) turns direct I/O off for the rest
         of the file.
         """
-        digest = hashlib.sha256()
-        readv, write = os.readv, os.write
+        write = os.write
         consume, progress, abort = job.bucket.consume, job.progress, job.abort
-        block_size = len(view)
         total = started = 0
         write_behind = WRITE_BEHIND if size >= LARGE_FILE and not direct and hasattr(os, "posix_fadvise") else 0
-        while total < size:
+
+        def copy(block: memoryview) -> None:
+            nonlocal total, started, write_behind, direct
             if abort.is_set():
                 raise _Cancelled()
             if write_behind and total - started >= write_behind:
@@ -755,15 +737,7 @@ class MountTransport(Transport):
                 except OSError:
                     write_behind = 0
                 started = total
-            left = size - total
-            try:
-                count = readv(fd_in, [view if left >= block_size else view[:left]])
-            except OSError as exc:
-                raise self._local_error(exc, src.rel, job.run) from exc
-            if not count:
-                break  # shrank while copied: the caller sees the short count
-            block = view[:count]
-            digest.update(block)
+            count = len(block)
             consume(count)
             done = 0
             try:
@@ -785,9 +759,15 @@ class MountTransport(Transport):
             total += count
             with job.lock:
                 job.bytes_sent += count
-            if progress is not None:
-                progress(count)
-        return digest.hexdigest(), total
+
+        if abort.is_set():
+            raise _Cancelled()
+        try:
+            # A short read (the file shrank while copied) ends the loop: the caller sees the short count.
+            digest = hash_fd(fd_in, view, progress, limit=size, each=copy)
+        except OSError as exc:  # copy() turns its own errors into TransportError: this is the read
+            raise self._local_error(exc, src.rel, job.run) from exc
+        return digest, total
 
     def _finish_file(self, fd_out: int, source: os.stat_result, durable: bool, temp: str) -> None:
         try:
@@ -865,7 +845,7 @@ class MountTransport(Transport):
 
     def _sync_dir(self, folder: str) -> None:
         try:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:
             raise self._remote_error(exc, folder) from exc
 

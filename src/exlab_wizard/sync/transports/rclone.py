@@ -19,18 +19,20 @@ backend that does not list it, such as sftp with ``sha256sum_command``, is
 tried once: it counts as native only if it hashed every file); otherwise every file up to ``verify_max_stream_bytes`` is downloaded and
 hashed by ``rclone rc --loopback operations/hashsum`` with ``download=true``
 (JSON too); larger files are reported ``verify_skipped_oversize``.
+
+One module, a little over the usual size: it is one transport, all of it
+speaking rclone's command line and its name encoding.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
@@ -49,6 +51,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     PREVIOUS_DIR,
+    Clock,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -58,10 +61,12 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
     check_previous_stamp,
     check_relpath,
+    local_now,
     previous_path,
     remote_relpath,
 )
 from exlab_wizard.sync.transports.classify import transport_error
+from exlab_wizard.sync.transports.conflict import FILE, RemoteExtras, conflict_error, sort_remote
 
 __all__ = [
     "RcloneTransport",
@@ -278,6 +283,9 @@ class RcloneTransport(Transport):
 
     ``capabilities.remote_hashing`` is False until :meth:`probe` (run by the
     first :meth:`remote_manifest`) finds that the backend hashes SHA-256 itself.
+    ``now``: the transports' common clock; rclone follows the schedule on its
+    own through its ``--bwlimit`` timetable, by the system's local clock, so
+    this transport does not read it.
     """
 
     capabilities = TransportCapabilities(
@@ -289,7 +297,7 @@ class RcloneTransport(Transport):
         equipment: EquipmentConfig,
         *,
         log: EquipmentLog | None = None,
-        now: Callable[[], dt.datetime] | None = None,
+        now: Clock = local_now,
         verify_max_stream_bytes: int = 1 << 30,
         rclone: str | None = None,
     ):
@@ -298,7 +306,7 @@ class RcloneTransport(Transport):
             raise TypeError(f"{equipment.id}: transport is {equipment.transport.type}, not rclone")
         self.config: RcloneTransportConfig = equipment.transport
         self.log = log if log is not None else EquipmentLog(equipment)
-        self._now = now or (lambda: dt.datetime.now().astimezone())
+        self.now = now
         self.verify_max_stream_bytes = verify_max_stream_bytes
         self._rclone = rclone
         #: True: the backend hashes SHA-256 itself; False: it cannot (download and hash here);
@@ -376,7 +384,7 @@ class RcloneTransport(Transport):
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         fs = self._fs(run_path)
-        local = local_tree(run_path)
+        local = await asyncio.to_thread(local_tree, run_path)
         checked_rewrite(local, rewrite)
 
         if not self._probed:
@@ -391,16 +399,12 @@ class RcloneTransport(Transport):
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
         else:
             remote = _listing(listed.stdout)
-        junk, foreign = _sort_extras(local, remote)
-        foreign = [p for p in foreign if p not in cleaned]  # our verified files whose local copies were cleaned
-        if foreign:
-            shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(foreign), examples=shown)
-            raise TransportError(
-                K.REMOTE_CONFLICT,
-                f"remote run folder {fs} already holds {len(foreign)} file(s) that are not in this run "
-                f"({shown}); nothing was written",
-            )
+        extras = _sort_extras(local, remote, cleaned)
+        if extras.foreign:
+            error = conflict_error(fs, extras.foreign)
+            self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(extras.foreign))
+            raise error
+        junk = extras.leftovers
 
         bw = self._bwlimit_args(bwlimit_kibps)
         files_sent = bytes_sent = 0
@@ -644,17 +648,12 @@ class _Stats:
             self.buffer = b""
 
 
-def _sort_extras(local: LocalTree, remote: dict[str, int]) -> tuple[list[str], list[str]]:
+def _sort_extras(local: LocalTree, remote: dict[str, int], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
     """Split remote files that are not in the run into rclone's leftovers and foreign files."""
-    junk, foreign = [], []
-    for path in sorted(remote):
-        if path in local.files or path.split("/", 1)[0] == METADATA_DIR:
-            continue
-        if _is_own_partial(path, local):
-            junk.append(path)
-        else:
-            foreign.append(path)
-    return junk, foreign
+    return sort_remote(
+        local.files, local.dirs, dict.fromkeys(remote, FILE), cleaned,
+        leftover=lambda path, _kind: path if _is_own_partial(path, local) else None,
+    )
 
 
 def _is_own_partial(path: str, local: LocalTree) -> bool:

@@ -27,25 +27,32 @@ bulk encryption is a large part of a push's CPU; see
 ``internal-sftp`` account) is read back instead -- with rsync, else over sftp
 (rclone's sftp backend) -- and hashed here, each file up to
 ``verify_max_stream_bytes``; larger files are reported ``verify_skipped_oversize``.
+
+One module, though long: it is one transport, and its parts (the ssh
+connection and cipher choice, the parallel streams, the remote watcher, the
+fallbacks for a host that refuses commands) share one ssh setup and one way
+of reading rsync's output. The programs it runs remotely are in
+``remote_programs/``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
+import errno
 import hashlib
 import os
 import re
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
+from exlab_wizard.fileio import hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.transports._process import (
@@ -62,6 +69,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     METADATA_DIR,
     PREVIOUS_DIR,
+    Clock,
     ProgressCallback,
     RemoteManifest,
     Transport,
@@ -71,9 +79,12 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
     check_previous_stamp,
     check_relpath,
+    local_now,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
+from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, RemoteExtras, conflict_error, sort_remote
+from exlab_wizard.sync.transports.remote_programs import remote_program
 
 __all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
 
@@ -103,201 +114,11 @@ _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
 _PROGRESS_RE = re.compile(rb"^\s*(\d+)\s+\d+%")
 _MISSING_DIR_RE = re.compile(r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory")
 
-# Remote hashing, one program per tool. Arguments: <run folder> <remote root>.
-# Each prints "<hex>  <path relative to the run>\0" per regular file, never
-# follows a symlink, exits 0 with no output when the run folder is missing but
-# the root exists, and 3 when the root itself is missing.
-_PY_HASH = r"""
-import hashlib, os, stat, sys
-from concurrent.futures import ThreadPoolExecutor
-run, root = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
-if not os.path.isdir(run):
-    sys.exit(0 if os.path.isdir(root) else 3)
-# stdin: hashes taken while the push ran, "<hex>  <identity>  <path>\0" (see _PY_WATCH);
-# one is reused only when the file's inode is unchanged since it was read.
-known = {}
-for rec in sys.stdin.buffer.read().split(b"\0"):
-    if len(rec) > 68 and rec[64:66] == b"  ":
-        ident, _, rel = rec[66:].partition(b"  ")
-        known[rel] = (ident, rec[:64].decode())
-def identity(st):
-    return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-SMALL = 1 << 20
-def hash_fd(fd, size):
-    h = hashlib.sha256()
-    if size <= SMALL:
-        while True:
-            chunk = os.read(fd, SMALL + 1)
-            if not chunk:
-                return h.hexdigest()
-            h.update(chunk)
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    while True:
-        n = os.readv(fd, [buf])
-        if not n:
-            return h.hexdigest()
-        h.update(view[:n])
-def digest(path, rel):
-    # -> (hex, "ERR<errno>" or None when not a regular file; None) or (None, path of a large file)
-    try:
-        fd = os.open(path, FLAGS)
-    except OSError as e:
-        return "ERR%d" % (e.errno or 0), None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, None
-        seen = known.get(rel)
-        if seen is not None and seen[0] == identity(st):
-            return seen[1], None
-        if st.st_size > SMALL:
-            return None, path
-        return hash_fd(fd, st.st_size), None
-    except OSError as e:
-        return "ERR%d" % (e.errno or 0), None
-    finally:
-        os.close(fd)
-def hash_large(path):
-    try:
-        fd = os.open(path, FLAGS)
-    except OSError as e:
-        return "ERR%d" % (e.errno or 0)
-    try:
-        return hash_fd(fd, SMALL + 1)
-    except OSError as e:
-        return "ERR%d" % (e.errno or 0)
-    finally:
-        os.close(fd)
-out = sys.stdout.buffer
-cut = len(run.rstrip(b"/")) + 1
-large = []
-with ThreadPoolExecutor(4) as pool:
-    stack = [run]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-            except OSError:
-                continue
-            rel = entry.path[cut:]
-            hexdigest, pending = digest(entry.path, rel)
-            if pending is not None:
-                large.append((rel, pool.submit(hash_large, pending)))
-            elif hexdigest is not None:
-                out.write(hexdigest.encode() + b"  " + rel + b"\0")
-    for rel, future in large:
-        out.write(future.result().encode() + b"  " + rel + b"\0")
-out.flush()
-"""
-# Hashing while sending: argument <run folder>; stdin "<path>\0<size>\0<mtime s>\0" per
-# file the push is about to send, then "\0", then nothing until the push ends (EOF).
-# Until then, each of those files is hashed as soon as it is complete under its final
-# name (rsync renames a file into place only once it is whole, with its size and mtime
-# set) and printed as "<hex>  <dev:ino:size:mtime_ns:ctime_ns>  <path>\0" -- the inode's
-# identity before and after the read, which must agree. At EOF it stops.
-_PY_WATCH = r"""
-import hashlib, os, stat, sys, threading
-run = os.fsencode(sys.argv[1])
-data = b""
-while b"\0\0" not in data:
-    chunk = os.read(0, 1 << 16)
-    if not chunk:
-        break
-    data += chunk
-f = data.partition(b"\0\0")[0].split(b"\0")
-pending = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - 2, 3)}
-done = threading.Event()
-def wait_eof():
-    while os.read(0, 1 << 16):
-        pass
-    done.set()
-threading.Thread(target=wait_eof, daemon=True).start()
-def identity(st):
-    return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-out = sys.stdout.buffer
-buf = bytearray(1 << 20)
-view = memoryview(buf)
-while pending and not done.is_set():
-    ready = []
-    for rel, (size, mtime) in pending.items():
-        try:
-            st = os.lstat(os.path.join(run, rel))
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns // 1000000000 == mtime:
-            ready.append((rel, st))
-    if not ready:
-        done.wait(0.05)
-    for rel, st in ready:
-        if done.is_set():
-            break
-        del pending[rel]
-        try:
-            fd = os.open(os.path.join(run, rel), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if identity(os.fstat(fd)) != identity(st):
-                continue
-            h = hashlib.sha256()
-            while True:
-                n = os.readv(fd, [buf])
-                if not n:
-                    break
-                h.update(view[:n])
-            if identity(os.fstat(fd)) != identity(st):
-                continue
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        out.write(h.hexdigest().encode() + b"  " + identity(st) + b"  " + rel + b"\0")
-        out.flush()
-"""
-# Keeping the verified files a push is about to replace: arguments <remote root> <run folder>
-# <previous folder> <path>...; each regular file <run>/<path> (no symlink on the way) is moved
-# to <previous>/<path> unless something is there already (never overwritten). Prints the marker
-# line, then "<path>\0" for each path now kept there; exit 3 when the root is missing, 4 when a
-# move fails. The moves are made durable (sync) before it exits.
-_SH_KEEP_PREVIOUS = r"""
-echo exlab-keep
-root=$1 run=$2 keep=$3
-shift 3
-[ -d "$root" ] || exit 3
-plain() {  # is every folder from $run down to the parent of $1 a real folder?
-    dir=$run rest=$1
-    [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
-    while case $rest in */*) true;; *) false;; esac; do
-        dir=$dir/${rest%%/*} rest=${rest#*/}
-        [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
-    done
-}
-moved=
-for rel do
-    dst=$keep/$rel
-    if [ -e "$dst" ] || [ -L "$dst" ]; then
-        [ -f "$dst" ] && [ ! -L "$dst" ] && printf '%s\0' "$rel"
-        continue
-    fi
-    plain "$rel" && [ -f "$run/$rel" ] && [ ! -L "$run/$rel" ] || continue
-    mkdir -p -- "${dst%/*}" && mv -- "$run/$rel" "$dst" || exit 4
-    printf '%s\0' "$rel"
-    moved=1
-done
-if [ -n "$moved" ]; then sync -f -- "$keep" 2>/dev/null || sync; fi
-exit 0
-"""
+# Programs run on the remote host, kept in remote_programs/ (each file's opening comment
+# is its contract): hashing a run, hashing while a push sends, keeping replaced files.
+_PY_HASH = remote_program("remote_hash.py")
+_PY_WATCH = remote_program("remote_watch.py")
+_SH_KEEP_PREVIOUS = remote_program("keep_previous.sh")
 _SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
 _SH_OPENSSL = _SH_ENTER + "find . -type f -exec sh -c " + shlex.quote(
@@ -431,17 +252,40 @@ def _ssh_path(path: Path) -> str:
     return str(path).replace("%", "%%")
 
 
-def _hash_files(paths: list[tuple[str, str]]) -> dict[str, str]:
-    def one(item: tuple[str, str]) -> tuple[str, str]:
-        key, path = item
-        digest = hashlib.sha256()
-        with open(path, "rb", buffering=0) as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        return key, digest.hexdigest()
+def _hash_files(scratch: str, paths: list[str]) -> dict[str, str]:
+    """``{path: sha256}`` of the files pulled into ``scratch``; a path not there as a regular file is left out."""
+
+    def one(path: str) -> tuple[str, str | None]:
+        try:
+            return path, hash_file(os.path.join(scratch, path))
+        except (FileNotFoundError, NotADirectoryError):
+            return path, None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):  # not a regular file: not pulled as one
+                return path, None
+            raise
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(one, paths))
+        return {path: digest for path, digest in pool.map(one, paths) if digest is not None}
+
+
+def _watch_header(run_path: Path, local: LocalTree, remote: dict[str, _Entry]) -> bytes:
+    """The remote watcher's file list: each large file this push will probably send (blocking: lstat)."""
+    header = bytearray()
+    for rel, size in local.files.items():
+        entry = remote.get(rel)
+        if size < HASH_WHILE_SENDING_MIN_BYTES or (entry is not None and entry.size == size):
+            continue  # small, or probably not sent again (same size): left to the verify pass
+        try:
+            mtime = os.lstat(run_path / rel).st_mtime_ns // 1_000_000_000
+        except OSError:
+            continue
+        header += os.fsencode(rel) + b"\0%d\0%d\0" % (size, mtime)
+    return bytes(header)
+
+
+def _regular_files(fetched: dict[str, Path]) -> dict[str, Path]:
+    return {p: path for p, path in fetched.items() if path.is_file() and not path.is_symlink()}
 
 
 class RsyncSshTransport(Transport):
@@ -464,7 +308,7 @@ class RsyncSshTransport(Transport):
         equipment: EquipmentConfig,
         *,
         log: EquipmentLog | None = None,
-        now: Callable[[], dt.datetime] | None = None,
+        now: Clock = local_now,
         verify_max_stream_bytes: int = 1 << 30,
         connect_timeout_s: float = 10.0,
         io_timeout_s: int = 120,
@@ -476,7 +320,7 @@ class RsyncSshTransport(Transport):
             raise TypeError(f"{equipment.id}: transport is {equipment.transport.type}, not rsync_ssh")
         self.config: RsyncSshTransportConfig = equipment.transport
         self.log = log if log is not None else EquipmentLog(equipment)
-        self._now = now or (lambda: dt.datetime.now().astimezone())
+        self.now = now
         self.verify_max_stream_bytes = verify_max_stream_bytes
         self.connect_timeout_s = connect_timeout_s
         self.io_timeout_s = io_timeout_s
@@ -571,16 +415,12 @@ class RsyncSshTransport(Transport):
                 await listing_task
             raise
         listing = await listing_task
-        junk, foreign = _sort_extras(local, listing or {})
-        foreign = [p for p in foreign if p not in cleaned]  # our verified files whose local copies were cleaned
-        if foreign:
-            shown = ", ".join(repr(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(foreign), examples=shown)
-            raise TransportError(
-                K.REMOTE_CONFLICT,
-                f"remote run folder {remote_run} already holds {len(foreign)} file(s) that are not in this run "
-                f"({shown}); nothing was written",
-            )
+        extras = _sort_extras(local, listing or {}, cleaned)
+        if extras.foreign:
+            error = conflict_error(remote_run, extras.foreign)
+            self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(extras.foreign))
+            raise error
+        junk = extras.leftovers
 
         if self._host_key() not in _HOST_TOOLS:
             # Learn the host's SHA-256 tool while rsync runs (the verify pass needs it next);
@@ -698,23 +538,14 @@ class RsyncSshTransport(Transport):
         tool = _HOST_TOOLS.get(self._host_key(), "python3")
         if tool is None or not tool.startswith("python3"):
             return None
-        header = bytearray()
-        for rel, size in local.files.items():
-            entry = remote.get(rel)
-            if size < HASH_WHILE_SENDING_MIN_BYTES or (entry is not None and entry.size == size):
-                continue  # small, or probably not sent again (same size): left to the verify pass
-            try:
-                mtime = os.lstat(run_path / rel).st_mtime_ns // 1_000_000_000
-            except OSError:
-                continue
-            header += os.fsencode(rel) + b"\0%d\0%d\0" % (size, mtime)
+        header = await asyncio.to_thread(_watch_header, run_path, local, remote)
         if not header:
             return None
         argv = [*self._ssh_argv(), self.config.ssh_target,
                 f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}"]  # fmt: skip
         watcher = _RemoteWatcher()
         try:
-            await watcher.start(argv, bytes(header) + b"\0")
+            await watcher.start(argv, header + b"\0")
         except OSError:
             return None
         return watcher
@@ -742,7 +573,7 @@ class RsyncSshTransport(Transport):
         limit = bwlimit_kibps
         files_total = bytes_total = 0
         while True:
-            now = self._now()
+            now = self.now()
             edge = next_change(bandwidth, now)
             stop_after = max(0.05, (edge - now).total_seconds()) if edge is not None else None
             argv = [*self._rsync_base(), *args]
@@ -754,7 +585,7 @@ class RsyncSshTransport(Transport):
                 log=self.log, run_path=run_path, step=step,
             )  # fmt: skip
             if result.stopped and not result.timed_out:
-                at = max(self._now(), edge) if edge is not None else self._now()
+                at = max(self.now(), edge) if edge is not None else self.now()
                 new_limit = limit_kibps(bandwidth, at)
                 self.log.info(run_path, "bandwidth_window_edge", step=step, old_kibps=limit or "unlimited",
                               new_kibps=new_limit or "unlimited")  # fmt: skip
@@ -867,18 +698,20 @@ class RsyncSshTransport(Transport):
             else:
                 wanted.append((path, entry.size))
         for batch in _batches(wanted):
-            with tempfile.TemporaryDirectory(prefix="exlab-verify-") as scratch:
+            scratch = await asyncio.to_thread(tempfile.mkdtemp, prefix="exlab-verify-")
+            try:
                 argv = [*self._rsync_base(), "--files-from=-", "--from0", "--no-links", "--no-D",
                         self._target(remote_run), f"{scratch}/"]  # fmt: skip
                 result = await run_tool(argv, stdin=b"\0".join(os.fsencode(p) for p, _ in batch) + b"\0",
                                         log=self.log, run_path=run_path, step="stream_pull", quiet=True)  # fmt: skip
                 if result.returncode not in (0, 23, 24):
                     raise transport_error("rsync", result.returncode, result.stderr_text, f"reading back {remote_run}")
-                present = [(p, os.path.join(scratch, p)) for p, _ in batch if os.path.isfile(os.path.join(scratch, p))]
-                hashes.update(await asyncio.to_thread(_hash_files, present))
-                for path, _ in batch:
-                    if path not in hashes:
-                        unverifiable[path] = "remote_read_error"
+                hashes.update(await asyncio.to_thread(_hash_files, scratch, [p for p, _ in batch]))
+            finally:
+                await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+            for path, _ in batch:
+                if path not in hashes:
+                    unverifiable[path] = "remote_read_error"
         self.log.info(run_path, "remote_manifest", tool="rsync_stream", files=len(hashes), unverifiable=len(unverifiable))
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
@@ -964,8 +797,7 @@ class RsyncSshTransport(Transport):
         result = await run_tool(argv, stdin=_files_from(present), log=self.log, run_path=run_path, step="fetch")
         if result.returncode not in (0, 23, 24):  # 23/24: a file gone meanwhile is simply not fetched
             raise transport_error("rsync", result.returncode, result.stderr_text, f"fetching from {remote_run}")
-        fetched = {p: Path(into) / p for p in present}
-        return {p: path for p, path in fetched.items() if path.is_file() and not path.is_symlink()}
+        return await asyncio.to_thread(_regular_files, {p: Path(into) / p for p in present})
 
     async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
         """Move the named files on the NAS with ``mv`` through ssh (every path shell-quoted), then ``sync``.
@@ -1120,32 +952,26 @@ def _stats(stdout: bytes) -> tuple[int, int]:
     return (int(files[-1]) if files else 0, int(size[-1]) if size else 0)
 
 
-def _sort_extras(local: LocalTree, remote: dict[str, _Entry]) -> tuple[list[str], list[str]]:
-    """Split remote entries that are not in the run into our leftovers and foreign files."""
-    junk: set[str] = set()
-    foreign: list[str] = []
-    for path, entry in sorted(remote.items()):
-        if entry.kind == "d" or path in local.files:
-            continue
+def _sort_extras(local: LocalTree, remote: dict[str, _Entry], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
+    """Split remote entries that are not in the run into our leftovers and foreign ones."""
+
+    def leftover(path: str, kind: str) -> str | None:
         parts = path.split("/")
         if PARTIAL_DIR in parts[:-1]:
-            junk.add("/".join(parts[: parts.index(PARTIAL_DIR) + 1]))
-            continue
-        if parts[0] == METADATA_DIR:
-            continue  # metadata pushed earlier (logs, an older manifest): ours, never a conflict
+            return "/".join(parts[: parts.index(PARTIAL_DIR) + 1])
         match = _RSYNC_TMP_RE.fullmatch(parts[-1])
-        if match and entry.kind == "f":
-            parent = "/".join(parts[:-1])
-            base = match.group("base")
-            candidate = f"{parent}/{base}" if parent else base
-            truncated = len(parts[-1]) >= 250 and any(
-                name.startswith(candidate) for name in local.files if name.rpartition("/")[0] == parent
-            )
-            if candidate in local.files or truncated:
-                junk.add(path)
-                continue
-        foreign.append(path)
-    return sorted(junk), foreign
+        if match is None or kind != FILE:
+            return None
+        parent = "/".join(parts[:-1])
+        base = match.group("base")
+        candidate = f"{parent}/{base}" if parent else base
+        truncated = len(parts[-1]) >= 250 and any(
+            name.startswith(candidate) for name in local.files if name.rpartition("/")[0] == parent
+        )
+        return path if candidate in local.files or truncated else None
+
+    kinds = {path: entry.kind if entry.kind in (FILE, DIR) else OTHER for path, entry in remote.items()}
+    return sort_remote(local.files, local.dirs, kinds, cleaned, leftover=leftover)
 
 
 #: The remote shell gets the whole command as one argument, which Linux limits to 128 KiB.

@@ -1,0 +1,32 @@
+# Keeping the verified files a push is about to replace: arguments <remote root> <run folder>
+# <previous folder> <path>...; each regular file <run>/<path> (no symlink on the way) is moved
+# to <previous>/<path> unless something is there already (never overwritten). Prints the marker
+# line, then "<path>\0" for each path now kept there; exit 3 when the root is missing, 4 when a
+# move fails. The moves are made durable (sync) before it exits.
+
+echo exlab-keep
+root=$1 run=$2 keep=$3
+shift 3
+[ -d "$root" ] || exit 3
+plain() {  # is every folder from $run down to the parent of $1 a real folder?
+    dir=$run rest=$1
+    [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
+    while case $rest in */*) true;; *) false;; esac; do
+        dir=$dir/${rest%%/*} rest=${rest#*/}
+        [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
+    done
+}
+moved=
+for rel do
+    dst=$keep/$rel
+    if [ -e "$dst" ] || [ -L "$dst" ]; then
+        [ -f "$dst" ] && [ ! -L "$dst" ] && printf '%s\0' "$rel"
+        continue
+    fi
+    plain "$rel" && [ -f "$run/$rel" ] && [ ! -L "$run/$rel" ] || continue
+    mkdir -p -- "${dst%/*}" && mv -- "$run/$rel" "$dst" || exit 4
+    printf '%s\0' "$rel"
+    moved=1
+done
+if [ -n "$moved" ]; then sync -f -- "$keep" 2>/dev/null || sync; fi
+exit 0

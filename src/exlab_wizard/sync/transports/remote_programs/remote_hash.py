@@ -1,0 +1,115 @@
+# Remote hashing with python3 (rsync_ssh sends this file as `python3 -c`; the
+# host needs nothing installed). Arguments: <run folder> <remote root>.
+# Prints "<hex>  <path relative to the run>\0" per regular file, never
+# follows a symlink, exits 0 with no output when the run folder is missing but
+# the root exists, and 3 when the root itself is missing.
+# Written for any python3 a NAS may carry (3.5 has no f-strings): %-formatting stays.
+# ruff: noqa: UP031
+
+import hashlib
+import os
+import stat
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+run, root = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+if not os.path.isdir(run):
+    sys.exit(0 if os.path.isdir(root) else 3)
+# stdin: hashes taken while the push ran, "<hex>  <identity>  <path>\0" (see remote_watch.py);
+# one is reused only when the file's inode is unchanged since it was read.
+known = {}
+for rec in sys.stdin.buffer.read().split(b"\0"):
+    if len(rec) > 68 and rec[64:66] == b"  ":
+        ident, _, rel = rec[66:].partition(b"  ")
+        known[rel] = (ident, rec[:64].decode())
+
+
+def identity(st):
+    return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+SMALL = 1 << 20
+
+
+def hash_fd(fd, size):
+    h = hashlib.sha256()
+    if size <= SMALL:
+        while True:
+            chunk = os.read(fd, SMALL + 1)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            return h.hexdigest()
+        h.update(view[:n])
+
+
+def digest(path, rel):
+    # -> (hex, "ERR<errno>" or None when not a regular file; None) or (None, path of a large file)
+    try:
+        fd = os.open(path, FLAGS)
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0), None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, None
+        seen = known.get(rel)
+        if seen is not None and seen[0] == identity(st):
+            return seen[1], None
+        if st.st_size > SMALL:
+            return None, path
+        return hash_fd(fd, st.st_size), None
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0), None
+    finally:
+        os.close(fd)
+
+
+def hash_large(path):
+    try:
+        fd = os.open(path, FLAGS)
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0)
+    try:
+        return hash_fd(fd, SMALL + 1)
+    except OSError as e:
+        return "ERR%d" % (e.errno or 0)
+    finally:
+        os.close(fd)
+
+
+out = sys.stdout.buffer
+cut = len(run.rstrip(b"/")) + 1
+large = []
+with ThreadPoolExecutor(4) as pool:
+    stack = [run]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            rel = entry.path[cut:]
+            hexdigest, pending = digest(entry.path, rel)
+            if pending is not None:
+                large.append((rel, pool.submit(hash_large, pending)))
+            elif hexdigest is not None:
+                out.write(hexdigest.encode() + b"  " + rel + b"\0")
+    for rel, future in large:
+        out.write(future.result().encode() + b"  " + rel + b"\0")
+out.flush()

@@ -1,0 +1,78 @@
+# Hashing while sending: argument <run folder>; stdin "<path>\0<size>\0<mtime s>\0" per
+# file the push is about to send, then "\0", then nothing until the push ends (EOF).
+# Until then, each of those files is hashed as soon as it is complete under its final
+# name (rsync renames a file into place only once it is whole, with its size and mtime
+# set) and printed as "<hex>  <dev:ino:size:mtime_ns:ctime_ns>  <path>\0" -- the inode's
+# identity before and after the read, which must agree. At EOF it stops.
+# Written for any python3 a NAS may carry (3.5 has no f-strings).
+
+import hashlib
+import os
+import stat
+import sys
+import threading
+
+run = os.fsencode(sys.argv[1])
+data = b""
+while b"\0\0" not in data:
+    chunk = os.read(0, 1 << 16)
+    if not chunk:
+        break
+    data += chunk
+f = data.partition(b"\0\0")[0].split(b"\0")
+pending = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - 2, 3)}
+done = threading.Event()
+
+
+def wait_eof():
+    while os.read(0, 1 << 16):
+        pass
+    done.set()
+
+
+threading.Thread(target=wait_eof, daemon=True).start()
+
+
+def identity(st):
+    return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+out = sys.stdout.buffer
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+while pending and not done.is_set():
+    ready = []
+    for rel, (size, mtime) in pending.items():
+        try:
+            st = os.lstat(os.path.join(run, rel))
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns // 1000000000 == mtime:
+            ready.append((rel, st))
+    if not ready:
+        done.wait(0.05)
+    for rel, st in ready:
+        if done.is_set():
+            break
+        del pending[rel]
+        try:
+            fd = os.open(os.path.join(run, rel), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if identity(os.fstat(fd)) != identity(st):
+                continue
+            h = hashlib.sha256()
+            while True:
+                n = os.readv(fd, [buf])
+                if not n:
+                    break
+                h.update(view[:n])
+            if identity(os.fstat(fd)) != identity(st):
+                continue
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        out.write(h.hexdigest().encode() + b"  " + identity(st) + b"  " + rel + b"\0")
+        out.flush()

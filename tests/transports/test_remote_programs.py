@@ -1,0 +1,67 @@
+"""The programs rsync_ssh runs on the remote host are real files: valid, shipped, and doing their job here."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.sync.transports import rsync_ssh
+from exlab_wizard.sync.transports.remote_programs import PROGRAMS, remote_program
+
+HERE = Path(rsync_ssh.__file__).parent / "remote_programs"
+
+
+def test_every_program_is_a_file_of_the_package_and_is_what_rsync_ssh_sends() -> None:
+    assert sorted(p.name for p in HERE.iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py") == sorted(
+        PROGRAMS
+    )
+    assert rsync_ssh._PY_HASH == (HERE / "remote_hash.py").read_text()
+    assert rsync_ssh._PY_WATCH == (HERE / "remote_watch.py").read_text()
+    assert rsync_ssh._SH_KEEP_PREVIOUS == (HERE / "keep_previous.sh").read_text()
+    with pytest.raises(ValueError):
+        remote_program("../rsync_ssh.py")
+
+
+@pytest.mark.parametrize("name", [p for p in PROGRAMS if p.endswith(".py")])
+def test_python_programs_compile_and_import_only_the_standard_library(name: str) -> None:
+    source = remote_program(name)
+    compile(source, name, "exec")
+    assert "exlab_wizard" not in source
+
+
+def test_the_shell_program_parses() -> None:
+    sh = shutil.which("sh")
+    assert sh is not None
+    subprocess.run([sh, "-n", str(HERE / "keep_previous.sh")], check=True, timeout=30)
+
+
+def test_remote_hash_hashes_a_run_as_hashlib_does(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run = root / "Run_1"
+    files = {"a.txt": b"a", "sub/big.raw": os.urandom((1 << 20) + 5), "sub/empty": b"", "new\nline": b"n"}
+    for rel, data in files.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(data)
+    (run / "link").symlink_to("a.txt")  # never followed nor listed
+    program = remote_program("remote_hash.py")
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(run), str(root)], input=b"", capture_output=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    records = [r for r in done.stdout.split(b"\0") if r]
+    got = {os.fsdecode(r[66:]): r[:64].decode() for r in records}
+    assert got == {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    missing = subprocess.run(
+        [sys.executable, "-c", program, str(root / "absent"), str(root)], capture_output=True, check=False, timeout=60
+    )
+    assert (missing.returncode, missing.stdout) == (0, b"")
+    gone = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "x" / "y"), str(tmp_path / "x")], check=False, timeout=60
+    )
+    assert gone.returncode == 3
