@@ -23,8 +23,7 @@ from exlab_wizard.cache import (
     creation_path,
 )
 from exlab_wizard.validator.overrides import active_override_for
-
-from .test_atomic import hold_lock_in_child, release_child
+from tests.helpers import hold_lock_in_child, release_child
 
 FULL: dict[str, Any] = {
     "schema_version": "1.0",

@@ -7,12 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from exlab_wizard.sync.nas_client import SyncHandleState
 from exlab_wizard.sync.states import SyncJobState
-from tests.client.conftest import Lab, make_client
 from tests.helpers import require_tool
+from tests.lab import Lab, make_client
 
 HOSTILE = {
     "plain.txt": b"hello\n",

@@ -13,7 +13,7 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind, TransportResult
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.client.conftest import Lab, make_client
+from tests.lab import Lab, make_client
 
 K = TransportErrorKind
 

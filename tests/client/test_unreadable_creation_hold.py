@@ -17,8 +17,8 @@ import pytest
 
 from exlab_wizard.sync.nas_client import SyncHandleState
 from exlab_wizard.sync.states import SyncJobState
-from tests.cache.test_hostile_creation import NESTED_IN_A_FIELD
-from tests.client.conftest import Lab, make_client
+from tests.helpers import NESTED_IN_A_FIELD
+from tests.lab import Lab, make_client
 
 
 def _spoil(run: Path, how: str) -> None:

@@ -59,15 +59,10 @@ from exlab_wizard.sync.transports import make_transport, rsync_ssh
 from exlab_wizard.sync.transports.base import Transport, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import is_temp_name
 from tests.fixtures.sshd import RW_USER, free_port
-from tests.transports.test_rsync_ssh import (
-    EQUIPMENT,
-    HOSTILE,
-    RUN_REL,
-    assert_sha256sum_check,
-    make_run,
-    tree,
-)
-from tests.transports.test_rsync_ssh import equipment as rsync_equipment
+from tests.helpers import assert_sha256sum_check, tree
+from tests.lab import EQ as EQUIPMENT
+from tests.lab import HOSTILE, RUN_REL, rsync_equipment
+from tests.lab import make_hostile_run as make_run
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
