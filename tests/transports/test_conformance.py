@@ -531,6 +531,9 @@ async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_
     assert remote.root_gone is not None
     with pytest.raises(TransportError) as caught:
         await remote.transport(remote.root_gone(local_root)).remote_listing(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+
+
 # ------------------------------------------------------------------ fetch and keep_previous (local damage recovery)
 
 RECOVERY_FILES = {"a.bin": os.urandom(5000), "new\nline.bin": b"nl" * 100, "#hash first.bin": b"#" * 300,
