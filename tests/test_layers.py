@@ -85,12 +85,8 @@ def all_modules() -> dict[str, Path]:
 def layer_of(module: str) -> int | None:
     if module in PACKAGE_MARKERS:
         return PACKAGE_MARKERS[module]
-    best = None
-    for prefix, layer in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
-            if best is None or len(prefix) > len(best):
-                best = prefix
-    return None if best is None else LAYERS[best]
+    matches = [prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + ".")]
+    return LAYERS[max(matches, key=len)] if matches else None
 
 
 def imported_modules(module: str, path: Path, known: set[str]) -> list[tuple[str, int]]:

@@ -359,7 +359,7 @@ async def test_cleanup_deletes_the_manifest_files_logs_and_records_it(lab: Lab) 
     assert all(nas[rel] == data for rel, data in FILES.items())
     # The equipment log line a court can read.
     [line] = log_lines(lab, cfg, "cleanup_deleted")
-    stamps = ",".join(t.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    stamps = ",".join(t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
                       for t in job.pass_times)
     for field in (f"files={len(FILES)}", f"bytes={total}", "verify_passes=2", f"pass_times={stamps}",
                   f"manifest_digest={job.manifest_digest}"):
@@ -511,7 +511,7 @@ async def test_symlinks_pointing_outside_the_run_are_never_followed(lab: Lab) ->
     os.symlink(outside / "single.dat", run / "sub" / "linked_file.dat")
     before = tree(outside)
     async with running(cfg, clock) as client:
-        job = await ready(client, clock, run)
+        await ready(client, clock, run)
         assert set(read_manifest(run)) == set(FILES)  # symlinks are never synced
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["deleted"]
@@ -583,7 +583,9 @@ async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_pu
         # As if a pass had crashed part-way through removing the cache: the manifest is gone, the plan is not.
         (run / ".exlab-wizard" / "checksums.sha256").unlink()
         outcomes = acts(await client.cleanup_once())
-        assert [o.action for o in outcomes] == ["deleted"], (outcomes, [e.detail for e in (await client.job(run)).events])
+        assert [o.action for o in outcomes] == ["deleted"], (
+            outcomes, [e.detail for e in (await client.job(run)).events]
+        )
         assert "run folder removed" in outcomes[0].reason
         job = await client.job(run)
         assert job.state == S.CLEANED

@@ -1,4 +1,5 @@
-"""``exlab-sync retry`` / ``enqueue`` refuse local damage; ``restore`` and ``retry --accept-local``, as a user runs them."""
+"""``exlab-sync retry`` / ``enqueue`` refuse local damage; ``restore`` and ``retry --accept-local``,
+as a user runs them."""
 
 from __future__ import annotations
 

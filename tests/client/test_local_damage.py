@@ -281,7 +281,7 @@ async def test_restore_refuses_a_nas_copy_that_does_not_match_the_manifest(nas: 
     clock = Clock()
     run = nas.lab.make_run(files=FILES)
     async with running(nas.config(), clock) as client:
-        job = await failed_local_damage(client, clock, run)
+        await failed_local_damage(client, clock, run)
         flip_byte_keep_stat(nas.copy(run) / DAMAGED, 99)  # the NAS copy rotted too
         local = (run / DAMAGED).read_bytes()
 

@@ -60,7 +60,7 @@ async def test_the_bad_run_is_held_once_and_the_other_run_of_the_equipment_syncs
     assert synced.state == SyncJobState.VERIFIED, synced.last_error
     assert held.state == SyncJobState.QUEUED
     assert held.next_attempt_at is not None
-    assert held.next_attempt_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=50)
+    assert held.next_attempt_at > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=50)
     holds = [e for e in held.events if e.kind == "gate_hold"]
     assert len(holds) == 1 and "unreadable_creation_json" in holds[0].detail
     assert not [r for r in caplog.records if r.exc_info], "a job step crashed"

@@ -601,7 +601,8 @@ def test_resume_never_deletes_a_file_changed_after_the_plan(lab: Lab, monkeypatc
     assert outcomes[0].action == "aborted"
     job = lab.job(job_id)
     assert job.state == S.FAILED and job.error_kind == "local_changed_during_cleanup"
-    assert "f04.bin" in job.last_error and "4 of 6 planned files were deleted" in job.last_error  # 2 before the crash, 2 after
+    # 2 before the crash, 2 after
+    assert "f04.bin" in job.last_error and "4 of 6 planned files were deleted" in job.last_error
     assert (run / "f04.bin").read_bytes() == b"edited while the machine was down"
     assert (run / "f05.bin").exists()  # nothing after the stop either
     with lab.queue.transaction() as conn:

@@ -131,7 +131,9 @@ def _with_port(conf: Path, old: str, new: str) -> Path:
 
 
 def _rclone_equipment(local_root: Path, remote: str, remote_path: str, config: Path) -> EquipmentConfig:
-    transport = {"type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)}
+    transport = {
+        "type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)
+    }
     return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root), "transport": transport})
 
 
@@ -142,7 +144,8 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
 
     def equipment(local_root: Path, mount_path: Path = nas) -> EquipmentConfig:
         return EquipmentConfig.model_validate(
-            {"id": EQUIPMENT, "local_root": str(local_root), "transport": {"type": "mount", "mount_path": str(mount_path)}}
+            {"id": EQUIPMENT, "local_root": str(local_root),
+             "transport": {"type": "mount", "mount_path": str(mount_path)}}
         )
 
     def down(local_root: Path) -> EquipmentConfig:
@@ -340,8 +343,8 @@ async def test_reachable_and_an_unreachable_remote_is_never_empty(remote, local_
 
 
 async def test_mount_path_missing_is_unreachable_too(local_root, tmp_path):
-    eq = EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root),
-                                         "transport": {"type": "mount", "mount_path": str(tmp_path / "gone")}})  # fmt: skip
+    gone = {"type": "mount", "mount_path": str(tmp_path / "gone")}
+    eq = EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root), "transport": gone})
     run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
     transport = make_transport(eq)
     assert not await transport.reachable(run)
@@ -373,7 +376,9 @@ async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, l
     remote.settle()
     kept = file_ids(remote.run_on_disk)["sub/kept.txt"]
 
-    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin", "#hash first.bin"}))
+    result = await transport.push(
+        run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin", "#hash first.bin"})
+    )
     assert result.ok and result.files_sent == 3
     assert tree(remote.run_on_disk) == files
     assert file_ids(remote.run_on_disk)["sub/kept.txt"] == kept

@@ -604,7 +604,10 @@ def test_remote_manifest_of_a_run_never_sent_is_empty(lab: Lab) -> None:
 # --------------------------------------------------------------------------- bandwidth
 
 
-WEEKDAY_WINDOW = {"upload_mbps": 0.5, "schedule": [{"days": ["mon", "tue", "wed", "thu", "fri"], "from": "08:00", "to": "18:00"}]}
+WEEKDAY_WINDOW = {
+    "upload_mbps": 0.5,
+    "schedule": [{"days": ["mon", "tue", "wed", "thu", "fri"], "from": "08:00", "to": "18:00"}],
+}
 
 
 def test_window_closing_mid_transfer_lifts_the_limit(tmp_path: Path) -> None:

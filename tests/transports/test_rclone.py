@@ -45,7 +45,9 @@ def rclone_equipment(
     }
     if bandwidth is not None:
         transport["bandwidth"] = bandwidth
-    return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport})
+    return EquipmentConfig.model_validate(
+        {"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport}
+    )
 
 
 @pytest.fixture

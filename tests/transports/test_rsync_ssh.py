@@ -284,7 +284,9 @@ async def test_own_leftovers_are_not_a_conflict_and_are_removed(tmp_path, sshd, 
     subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
 
     await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
-    assert tree(remote_run) == {"a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/sync.old.log": b"metadata pushed earlier"}
+    assert tree(remote_run) == {
+        "a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/sync.old.log": b"metadata pushed earlier"
+    }
     assert not leftovers(remote_dir)
 
 
