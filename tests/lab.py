@@ -6,8 +6,9 @@ per equipment carrying the mount marker ``.exlab-nas``, a state folder, and
 the config (a :class:`Config` or a file for the console script) tying them
 together. :class:`Lab` builds that; the variants below reuse it:
 
-- :meth:`Lab.build`: two equipments (``CONFOCAL_01``, ``FACS_02``), each on
-  its own NAS folder ``nas/<id>`` (the client tests' ``lab`` fixture).
+- :func:`client_lab`: two equipments (``CONFOCAL_01``, ``FACS_02``), each on
+  its own NAS folder ``nas/<id>`` (the client tests' ``lab`` fixture); the
+  cli tests build a one-equipment :class:`Lab` the same way.
 - :class:`Site`: one equipment on the mount transport or on rsync_ssh to the
   loopback sshd (the client tests' ``site`` fixture).
 - :class:`VerifiedLab`: one equipment whose runs are already synced and
