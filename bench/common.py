@@ -138,7 +138,9 @@ def sh(argv: Sequence[str | os.PathLike[str]], *, env: dict[str, str] | None = N
     return done.stdout
 
 
-def run_measured(argv: Sequence[str | os.PathLike[str]], *, env: dict[str, str] | None = None) -> tuple[float, int, str]:
+def run_measured(
+    argv: Sequence[str | os.PathLike[str]], *, env: dict[str, str] | None = None
+) -> tuple[float, int, str]:
     """Run a child to completion: ``(wall s, its own peak RSS in bytes, stdout)``.
 
     The peak RSS comes from ``wait4`` of that one child (not the benchmark's).

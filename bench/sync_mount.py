@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     DATASETS,
     dataset,
     fmt_bytes,
@@ -54,8 +54,8 @@ from common import (  # noqa: E402
     write_dataset,
 )
 
-from exlab_wizard.sync.transports.rclone import rclone_binary  # noqa: E402
-from exlab_wizard.sync.verifier import hash_tree  # noqa: E402
+from exlab_wizard.sync.transports.rclone import rclone_binary
+from exlab_wizard.sync.verifier import hash_tree
 
 __all__ = ["main"]
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(base, rclone_binary())
         runs: dict[str, Path] = {}
         for name in names:
-            took, run = timed(lambda: bench.make_run(name, args.scale))
+            took, run = timed(lambda name=name: bench.make_run(name, args.scale))
             runs[name] = run
             print(f"generated {dataset(name, args.scale)} in {took:.1f} s", flush=True)
         sh(["sync"])

@@ -218,7 +218,9 @@ class Bench:
             verified = time.perf_counter() - start
             row = await client.job(run)
             if seen[-1] != "verified":
-                raise RuntimeError(f"ours ({kind}) did not verify: {row.state if row else '?'}: {row.last_error if row else ''}")
+                raise RuntimeError(
+                    f"ours ({kind}) did not verify: {row.state if row else '?'}: {row.last_error if row else ''}"
+                )
             await client.wait_idle(timeout=3600)  # the refreshed .exlab-wizard/ is pushed after VERIFIED
             idle = time.perf_counter() - start
         finally:
@@ -304,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     parser.add_argument("--dir", type=Path, default=None, help="work here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
-    parser.add_argument("--keep-log", type=Path, default=None, help="copy the equipment log (every tool run, timed) here")
+    parser.add_argument(
+        "--keep-log", type=Path, default=None, help="copy the equipment log (every tool run, timed) here"
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.datasets.split(",") if n]
     methods = [m for m in args.methods.split(",") if m]
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sshd pid {server.proc.pid} on 127.0.0.1:{server.port}, remote folder {remote}", flush=True)
         runs: dict[str, Path] = {}
         for name in names:
-            took, run = timed(lambda: bench.make_run(name, args.scale))
+            took, run = timed(lambda name=name: bench.make_run(name, args.scale))
             runs[name] = run
             print(f"generated {dataset(name, args.scale)} in {took:.1f} s", flush=True)
 

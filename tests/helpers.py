@@ -1,14 +1,52 @@
-"""Small helpers shared by the tests."""
+"""Small helpers shared by the tests: tools, the console script, waiting, clocks, file trees."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import hashlib
+import os
 import shutil
+import subprocess
 import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["require_tool"]
+from exlab_wizard.sync.manifest_format import format_manifest
+
+__all__ = [
+    "BOMB",
+    "EXE",
+    "NESTED_IN_A_FIELD",
+    "Clock",
+    "assert_sha256sum_check",
+    "cli",
+    "data_only",
+    "finishes",
+    "flip_byte_keep_stat",
+    "hold_lock_in_child",
+    "regular_tree",
+    "release_child",
+    "require_tool",
+    "sha256_tree",
+    "table_row",
+    "tree",
+    "until",
+    "wait_until",
+]
+
+#: the installed console script (the worktree's src wins through PYTHONPATH)
+EXE = str(Path(sys.executable).parent / "exlab-sync")
+
+#: nested brackets deep enough to exhaust a recursive parser
+BOMB = b"[" * 100_000 + b"]" * 100_000
+NESTED_IN_A_FIELD = b'{"schema_version": "1.0", "level": "run", "notes": ' + BOMB + b"}"
 
 
 def require_tool(name: str) -> str:
@@ -25,3 +63,152 @@ def require_tool(name: str) -> str:
                 return str(candidate)
         pytest.fail(f"{name} is not installed; run scripts/bootstrap.sh", pytrace=False)
     return found
+
+
+def cli(*args: str, columns: int = 200, timeout: float = 120, **run: Any) -> subprocess.CompletedProcess[str]:
+    """Run the console script ``exlab-sync`` with ``args``; ``run``: more :func:`subprocess.run` arguments."""
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=timeout, **run)
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+async def until(predicate: Any, timeout: float = 30.0) -> None:
+    """Poll an async predicate until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a plain predicate from a coroutine until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def finishes(call: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Run ``call`` in a thread; fail (instead of hanging) when it blocks, e.g. on a FIFO."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the call blocked"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class Clock:
+    """Real UTC time plus an offset that only moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta(0)
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+    def advance(self, hours: float) -> None:
+        self.offset += dt.timedelta(hours=hours)
+
+
+# --------------------------------------------------------------------------- another process holding a lock
+
+
+HOLD_FLOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()  # hold until the parent closes our stdin
+    """
+)
+
+
+def hold_lock_in_child(lock_path: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FLOCK, str(lock_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def release_child(child: subprocess.Popen[str]) -> None:
+    assert child.stdin is not None
+    child.stdin.close()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def flip_byte_keep_stat(path: Path, offset: int = 0) -> None:
+    """Change one byte; size and mtime stay as they were (damage behind the filesystem's back)."""
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Regular files under ``root`` -> bytes; a symlink shows as ``<symlink>``."""
+    out: dict[str, bytes] = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            out[rel] = b"<symlink>" if path.is_symlink() else path.read_bytes()
+    return out
+
+
+def regular_tree(root: Path) -> dict[str, bytes]:
+    return {k: v for k, v in tree(root).items() if v != b"<symlink>" or not (root / k).is_symlink()}
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in regular_tree(root).items()}
+
+
+def data_only(hashes: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in hashes.items() if not k.startswith(".exlab-wizard/")}
+
+
+def assert_sha256sum_check(remote_run: Path, local_run: Path) -> None:
+    """Real coreutils ``sha256sum -c`` over the remote copy, manifest built from the local files."""
+    manifest = remote_run / ".exlab-wizard" / "checksums.sha256"
+    manifest.write_bytes(format_manifest(data_only(sha256_tree(local_run))))
+    done = subprocess.run(
+        [require_tool("sha256sum"), "-c", "--strict", ".exlab-wizard/checksums.sha256"],
+        cwd=remote_run, capture_output=True,
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+    manifest.unlink()
+
+
+def table_row(output: str, needle: object) -> str:
+    """The one line of a rich table in ``output`` that shows ``needle``, its cells separated by single spaces."""
+    [line] = [line for line in output.splitlines() if str(needle) in line]
+    return " ".join(line.replace("│", " ").split())

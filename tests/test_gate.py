@@ -14,7 +14,7 @@ from exlab_wizard.sync.gate import check_run, evaluate_run
 from exlab_wizard.sync.manifest_format import format_manifest, manifest_path
 from exlab_wizard.validator import Validator
 
-NOW = dt.datetime(2026, 1, 15, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 15, 12, 0, tzinfo=dt.UTC)
 OVERRIDE_ID = "0f0c7a5e-2b4f-4d8e-9a51-7f3e2c1d0b9a"
 
 
@@ -93,7 +93,8 @@ def test_override_lets_run_through(tmp_path: Path) -> None:
 
 def test_expired_override_blocks(tmp_path: Path) -> None:
     override = {"id": OVERRIDE_ID, "problem_class": "reserved_filesystem_name", "operator": "asmith",
-                "recorded_at": "2026-01-01T09:00:00Z", "expires_at": "2026-01-14T00:00:00Z", "reason": "r", "revoked": False}
+                "recorded_at": "2026-01-01T09:00:00Z", "expires_at": "2026-01-14T00:00:00Z", "reason": "r",
+                "revoked": False}
     run = make_run(tmp_path, {"aux.csv": ""}, validation_overrides=[override])
     result = gate(run)
     assert not result.eligible and result.overrides_relied_on == []

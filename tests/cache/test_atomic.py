@@ -1,10 +1,7 @@
-"""FileLock: locks that time out. (atomic_write_bytes moved to exlab_wizard.fileio: tests/test_fileio.py.)"""
+"""FileLock: a lock file never deleted, locks that time out, within a process and across processes."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -12,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, FileLock, LockTimeout
+from tests.helpers import hold_lock_in_child, release_child
 
 
 def test_file_lock_creates_and_never_deletes_its_file(tmp_path: Path) -> None:
@@ -38,9 +36,8 @@ def test_file_lock_serialises_threads_and_times_out(tmp_path: Path) -> None:
     try:
         assert holding.wait(5)
         started = time.monotonic()
-        with pytest.raises(LockTimeout) as caught:
-            with FileLock(lock_path, timeout=0.2):
-                pass
+        with pytest.raises(LockTimeout) as caught, FileLock(lock_path, timeout=0.2):
+            pass
         assert 0.15 <= time.monotonic() - started < 2
         assert caught.value.kind is CacheErrorKind.LOCK_TIMEOUT
         assert str(lock_path) in str(caught.value)
@@ -53,53 +50,18 @@ def test_file_lock_serialises_threads_and_times_out(tmp_path: Path) -> None:
 
 def test_file_lock_refuses_nesting_in_one_thread(tmp_path: Path) -> None:
     lock_path = tmp_path / "x.lock"
-    with FileLock(lock_path, timeout=1.0):
-        with pytest.raises(RuntimeError, match="already locked by this thread"):
-            FileLock(lock_path, timeout=0.1).acquire()
+    with FileLock(lock_path, timeout=1.0), pytest.raises(RuntimeError, match="already locked by this thread"):
+        FileLock(lock_path, timeout=0.1).acquire()
     with FileLock(lock_path, timeout=0.1):
         pass
 
 
 def test_file_lock_on_a_missing_folder_is_an_io_error(tmp_path: Path) -> None:
-    with pytest.raises(CacheError) as caught:
-        with FileLock(tmp_path / "absent" / "x.lock", timeout=0.1):
-            pass
+    with pytest.raises(CacheError) as caught, FileLock(tmp_path / "absent" / "x.lock", timeout=0.1):
+        pass
     assert caught.value.kind is CacheErrorKind.IO
     with FileLock(tmp_path / "absent.lock", timeout=0.1):  # the thread lock was released
         pass
-
-
-HOLD_FLOCK = textwrap.dedent(
-    """
-    import fcntl, os, sys
-    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    print("locked", flush=True)
-    sys.stdin.read()  # hold until the parent closes our stdin
-    """
-)
-
-
-def hold_lock_in_child(lock_path: Path) -> subprocess.Popen[str]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", HOLD_FLOCK, str(lock_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "locked"
-    return child
-
-
-def release_child(child: subprocess.Popen[str]) -> None:
-    assert child.stdin is not None
-    child.stdin.close()
-    try:
-        child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def test_file_lock_times_out_against_another_process(tmp_path: Path) -> None:
@@ -107,9 +69,8 @@ def test_file_lock_times_out_against_another_process(tmp_path: Path) -> None:
     child = hold_lock_in_child(lock_path)
     try:
         started = time.monotonic()
-        with pytest.raises(LockTimeout, match="another process"):
-            with FileLock(lock_path, timeout=0.2):
-                pass
+        with pytest.raises(LockTimeout, match="another process"), FileLock(lock_path, timeout=0.2):
+            pass
         assert 0.15 <= time.monotonic() - started < 2
     finally:
         release_child(child)

@@ -24,7 +24,8 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     from exlab_wizard.cache import CreationWriter
 
-    run, go, name, threads, updates = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    run, go, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    threads, updates = int(sys.argv[4]), int(sys.argv[5])
     writer = CreationWriter(lock_timeout_seconds=30)
     print("ready", flush=True)
     while not go.exists():  # start all processes at once
@@ -53,7 +54,8 @@ def test_no_lost_update_across_processes_and_threads(tmp_path: Path) -> None:
 
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(run), str(go), f"p{n}", str(THREADS_PER_PROCESS), str(UPDATES_PER_PROCESS)],
+            [sys.executable, "-c", WORKER, str(run), str(go), f"p{n}",
+             str(THREADS_PER_PROCESS), str(UPDATES_PER_PROCESS)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -92,7 +94,9 @@ def test_no_lost_update_across_processes_and_threads(tmp_path: Path) -> None:
     # each writer's own items stay in the order it wrote them
     for n in range(PROCESSES):
         for t in range(THREADS_PER_PROCESS):
-            mine = [x for x in data["items"] if x.startswith(f"p{n}-") and int(x.split("-")[1]) % THREADS_PER_PROCESS == t]
+            mine = [
+                x for x in data["items"] if x.startswith(f"p{n}-") and int(x.split("-")[1]) % THREADS_PER_PROCESS == t
+            ]
             assert mine == sorted(mine, key=lambda x: int(x.split("-")[1]))
     assert data["unknown_key"] == {"nested": [1, 2, 3]}
     assert data["created_by"] == "exlab-sync"

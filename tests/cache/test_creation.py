@@ -23,8 +23,7 @@ from exlab_wizard.cache import (
     creation_path,
 )
 from exlab_wizard.validator.overrides import active_override_for
-
-from .test_atomic import hold_lock_in_child, release_child
+from tests.helpers import hold_lock_in_child, release_child
 
 FULL: dict[str, Any] = {
     "schema_version": "1.0",
@@ -98,7 +97,11 @@ def test_any_minor_of_major_1_is_accepted(version: str) -> None:
 @pytest.mark.parametrize(
     ("document", "kind", "message"),
     [
-        ({"schema_version": "2.0"}, CacheErrorKind.UNSUPPORTED_SCHEMA, "schema_version 2.0 is not supported (major must be 1)"),
+        (
+            {"schema_version": "2.0"},
+            CacheErrorKind.UNSUPPORTED_SCHEMA,
+            "schema_version 2.0 is not supported (major must be 1)",
+        ),
         ({"schema_version": "0.9"}, CacheErrorKind.UNSUPPORTED_SCHEMA, "major must be 1"),
         ({"schema_version": "x"}, CacheErrorKind.UNSUPPORTED_SCHEMA, 'schema_version "x" is not "MAJOR.MINOR"'),
         ({"schema_version": "1"}, CacheErrorKind.UNSUPPORTED_SCHEMA, "is not \"MAJOR.MINOR\""),
@@ -150,7 +153,9 @@ def test_read_names_the_file_in_errors(tmp_path: Path) -> None:
 
 def _writer_calls(writer: CreationWriter, run: Path) -> None:
     writer.set_sync_status(run, "synced")
-    override = writer.append_override(run, problem_class="reserved_filesystem_name", operator="asmith", reason="AUX.tif")
+    override = writer.append_override(
+        run, problem_class="reserved_filesystem_name", operator="asmith", reason="AUX.tif"
+    )
     writer.append_tombstone(run, revokes=override["id"], operator="bjones", reason="renamed")
     writer.record(run, "local_cleaned", {"at": "2024-01-01T00:00:00Z", "files": 3})
     writer.ensure_minimal(run, local_path=str(run), nas_path=None)
@@ -274,7 +279,7 @@ def _parse_utc(text: str) -> dt.datetime:
 def test_append_override_entry_shape(tmp_path: Path) -> None:
     run = make_run(tmp_path, FULL)
     writer = CreationWriter()
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     expires = dt.datetime(2031, 5, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     entry = writer.append_override(
         run, problem_class="leftover_jinja_marker", operator="asmith", reason="vendor syntax", expires_at=expires
@@ -284,7 +289,7 @@ def test_append_override_entry_shape(tmp_path: Path) -> None:
     assert entry["problem_class"] == "leftover_jinja_marker"
     assert entry["operator"] == "asmith" and entry["reason"] == "vendor syntax"
     assert entry["revoked"] is False
-    assert before - dt.timedelta(seconds=1) <= _parse_utc(entry["recorded_at"]) <= dt.datetime.now(dt.timezone.utc)
+    assert before - dt.timedelta(seconds=1) <= _parse_utc(entry["recorded_at"]) <= dt.datetime.now(dt.UTC)
     assert _parse_utc(entry["expires_at"]) == expires
     assert entry["expires_at"] == "2031-05-01T12:00:00Z"
     assert on_disk(run)["validation_overrides"] == [entry]
@@ -292,7 +297,7 @@ def test_append_override_entry_shape(tmp_path: Path) -> None:
     second = writer.append_override(run, problem_class="x", operator="asmith", reason="")
     assert second["expires_at"] is None
     assert [e["id"] for e in on_disk(run)["validation_overrides"]] == [entry["id"], second["id"]]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert active_override_for("leftover_jinja_marker", writer.read(run).validation_overrides, now) == entry
 
 
@@ -318,7 +323,7 @@ def test_append_tombstone(tmp_path: Path) -> None:
     assert uuid.UUID(tomb["id"]).version == 4 and tomb["id"] != override["id"]
     _parse_utc(tomb["recorded_at"])
     assert on_disk(run)["validation_overrides"] == [override, tomb]
-    assert active_override_for("x", writer.read(run).validation_overrides, dt.datetime.now(dt.timezone.utc)) is None
+    assert active_override_for("x", writer.read(run).validation_overrides, dt.datetime.now(dt.UTC)) is None
 
 
 def test_append_tombstone_refuses_an_unknown_id(tmp_path: Path) -> None:
@@ -345,7 +350,8 @@ def test_ensure_minimal_on_an_orphan_run(tmp_path: Path) -> None:
         "created_by": "exlab-sync",
     }
     assert view.raw == on_disk(run)
-    assert CreationWriter().ensure_minimal(tmp_path / "run", local_path="other", nas_path=None).paths["local"] == str(run)
+    again = CreationWriter().ensure_minimal(tmp_path / "run", local_path="other", nas_path=None)
+    assert again.paths["local"] == str(run)
 
 
 def test_ensure_minimal_leaves_an_existing_file_byte_for_byte(tmp_path: Path) -> None:

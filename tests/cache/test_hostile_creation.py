@@ -8,7 +8,6 @@ link, a folder, a file larger than the bound: reading raises
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,34 +16,13 @@ import pytest
 
 from exlab_wizard.cache import CacheError, CacheErrorKind, CreationJson, CreationWriter, creation_path
 from exlab_wizard.cache.creation import CREATION_MAX_BYTES
-
-BOMB = b"[" * 100_000 + b"]" * 100_000
-NESTED_IN_A_FIELD = b'{"schema_version": "1.0", "level": "run", "notes": ' + BOMB + b"}"
+from tests.helpers import BOMB, NESTED_IN_A_FIELD, finishes
 
 
 def make_run(tmp_path: Path) -> Path:
     run = tmp_path / "CONFOCAL_01" / "P" / "Runs" / "Run_1"
     (run / ".exlab-wizard").mkdir(parents=True)
     return run
-
-
-def finishes(call: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Run ``call`` in a thread; fail (instead of hanging) when it blocks, e.g. on a FIFO."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), "the call blocked"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def writer_calls(writer: CreationWriter, run: Path) -> list[Callable[[], Any]]:

@@ -6,17 +6,17 @@ unparsable manifest), 2 for a config error (one line naming the key).
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-EXE = str(Path(sys.executable).parent / "exlab-sync")
-BOMB = b"[" * 100_000 + b"]" * 100_000
+from tests.helpers import BOMB
+from tests.helpers import cli as run_cli
+from tests.lab import EQ, Lab, write_creation, write_files
+
 MEMORY_CAP = 2 << 30  # a read of /dev/zero must not be able to take the machine down with it
 
 
@@ -25,11 +25,7 @@ def _cap_memory() -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1"}
-    return subprocess.run(
-        [EXE, *args], capture_output=True, text=True, env=env, timeout=60, preexec_fn=_cap_memory,
-        errors="backslashreplace",
-    )
+    return run_cli(*args, columns=400, timeout=60, preexec_fn=_cap_memory, errors="backslashreplace")
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -42,22 +38,11 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
 
 def lab(tmp_path: Path, **extra: object) -> tuple[Path, Path]:
     """A lab with one clean run; returns (config file, run folder)."""
-    local_root = tmp_path / "lab"
-    run = local_root / "CONFOCAL_01" / "PROJ-1" / "Runs" / "Run_2026-01-15_1000"
-    (run / ".exlab-wizard").mkdir(parents=True)
-    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps({
-        "schema_version": "1.0", "level": "run", "run_kind": "experimental", "sync_status": "pending",
-    }))
-    (run / "data.txt").write_text("fine\n")
-    (tmp_path / "nas").mkdir()
-    (tmp_path / "nas" / ".exlab-nas").write_text("mounted\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({
-        "equipment": [{"id": "CONFOCAL_01", "local_root": str(local_root),
-                       "transport": {"type": "mount", "mount_path": str(tmp_path / "nas")}}],
-        "state_dir": str(tmp_path / "state"), **extra,
-    }))
-    return config, run
+    folders = Lab.build(tmp_path, equipment=(EQ,), nas_per_equipment=False)
+    run = folders.run_path("Run_2026-01-15_1000")
+    write_creation(run, paths=False)
+    write_files(run, {"data.txt": "fine\n"})
+    return folders.write_config(folders.config_data(**extra)), run
 
 
 def spoil(run: Path, how: str) -> str:

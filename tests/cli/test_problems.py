@@ -5,38 +5,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from exlab_wizard.cli import main
-
-EXLAB_SYNC = str(Path(sys.executable).parent / "exlab-sync")
+from tests.helpers import EXE as EXLAB_SYNC
+from tests.lab import EQ, Lab
 
 
 def make_lab(tmp_path: Path, files: dict[str, str], *, overrides: list | None = None) -> tuple[Path, Path]:
     """A lab with one run; returns (config file, run folder)."""
-    local_root = tmp_path / "lab"
-    run = local_root / "CONFOCAL_01" / "PROJ-0042" / "Runs" / "Run_2026-01-15_1000"
-    (run / ".exlab-wizard").mkdir(parents=True)
-    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps({
-        "schema_version": "1.0", "level": "run", "run_kind": "experimental",
-        "paths": {"local": str(run), "nas": "//nas/x"}, "sync_status": "pending",
-        "validation_overrides": overrides or [],
-    }))
-    for rel, text in files.items():
-        (run / rel).write_text(text)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "equipment:\n"
-        "  - id: CONFOCAL_01\n"
-        f"    local_root: {local_root}\n"
-        "    transport: {type: mount, mount_path: " + str(tmp_path / "nas") + "}\n"
-        f"state_dir: {tmp_path / 'state'}\n"
-    )
-    return config, run
+    lab = Lab.build(tmp_path, equipment=(EQ,), nas_per_equipment=False, project="PROJ-0042", marker=None)
+    run = lab.make_run("Run_2026-01-15_1000", files, overrides=overrides, nas="//nas/x")
+    return lab.write_config(lab.config_data()), run
 
 
 def invoke(*args: str):

@@ -11,13 +11,11 @@ usual.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +24,15 @@ import pytest
 from exlab_wizard.config import Config, parse_config
 from exlab_wizard.sync.equipment_log import log_path_for
 from exlab_wizard.sync.manifest_format import read_manifest
-from exlab_wizard.sync.nas_client import NASSyncClient, SyncHandleState
+from exlab_wizard.sync.nas_client import NASSyncClient
 from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.states import SyncJobState
-from tests.client.conftest import Lab, make_client
+from tests.helpers import Clock, flip_byte_keep_stat, until
+from tests.lab import EQ, FILES, Lab, acts, data_intact, events, ready, running, synced
+from tests.lab import cleanup_config as config
 
 S = SyncJobState
 HOUR = dt.timedelta(hours=1)
-EQ = "CONFOCAL_01"
-FILES = {
-    "image_001.tif": b"A" * 3000,
-    "sub/stack.raw": b"B" * 5000,
-    "notes.txt": b"acquired ok\n",
-}
-
-
-class Clock:
-    """Real UTC time plus an offset that only moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = dt.timedelta(0)
-
-    def __call__(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc) + self.offset
-
-    def advance(self, hours: float) -> None:
-        self.offset += dt.timedelta(hours=hours)
-
-
-def config(lab: Lab, *, loops: bool = False, **cleanup: Any) -> Config:
-    cfg = lab.config(audit_interval_s=6 * 3600, scan_interval_s=0.05 if loops else 3600)
-    opts = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True, **cleanup}
-    return cfg.model_copy(update={"nas_cleanup": cfg.nas_cleanup.model_copy(update=opts)})
 
 
 def set_cleanup(client: NASSyncClient, **changes: Any) -> None:
@@ -66,56 +41,6 @@ def set_cleanup(client: NASSyncClient, **changes: Any) -> None:
     client.config = cfg.model_copy(update={"nas_cleanup": cfg.nas_cleanup.model_copy(update=changes)})
     if client._reaper is not None:
         client._reaper.config = client.config
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config, clock: Clock, **kwargs: Any) -> AsyncIterator[NASSyncClient]:
-    client = make_client(cfg, **kwargs)
-    client.clock = clock
-    await client.init()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-async def until(predicate: Any, timeout: float = 30.0) -> None:
-    """Poll an async predicate until it holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
-async def synced(client: NASSyncClient, run: Path) -> Any:
-    handle = await client.enqueue(run)
-    assert handle.state == SyncHandleState.QUEUED, handle.blocking_findings
-    await client.wait_idle(timeout=60)
-    job = await client.job(run)
-    assert job.state == S.VERIFIED, job.last_error
-    return job
-
-
-async def ready(client: NASSyncClient, clock: Clock, run: Path) -> Any:
-    """Synced, audited once 6 h later, and 25 h old: every interlock holds."""
-    job = await synced(client, run)
-    clock.advance(6)
-    await client.audit_once()
-    clock.advance(19)
-    job = await client.job(run)
-    assert job.verify_passes == 2
-    return job
-
-
-def acts(outcomes: list[Any]) -> list[Any]:
-    """A pass's outcomes without the promotions to CLEANUP_ELIGIBLE."""
-    return [o for o in outcomes if o.action != "promoted"]
-
-
-def events(job: Any, kind: str | None = None) -> list[Any]:
-    return [e for e in job.events if kind is None or e.kind == kind]
 
 
 def refusals(job: Any) -> list[str]:
@@ -136,24 +61,11 @@ def tree(root: Path) -> dict[str, bytes | str]:
     return out
 
 
-def flip_byte_keep_stat(path: Path, offset: int = 0) -> None:
-    """Change one byte; size and mtime stay as they were (damage behind the filesystem's back)."""
-    st = os.stat(path)
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def log_lines(lab: Lab, cfg: Config, event: str) -> list[str]:
     path = log_path_for(cfg.equipment_by_id(EQ))
     if not path.exists():
         return []
     return [line for line in path.read_text().splitlines() if f" {event} " in line or line.endswith(f" {event}")]
-
-
-def data_intact(run: Path, files: dict[str, bytes] = FILES) -> bool:
-    return all((run / rel).is_file() and (run / rel).read_bytes() == data for rel, data in files.items())
 
 
 # --------------------------------------------------------------------------- the audit loop
@@ -447,7 +359,7 @@ async def test_cleanup_deletes_the_manifest_files_logs_and_records_it(lab: Lab) 
     assert all(nas[rel] == data for rel, data in FILES.items())
     # The equipment log line a court can read.
     [line] = log_lines(lab, cfg, "cleanup_deleted")
-    stamps = ",".join(t.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    stamps = ",".join(t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
                       for t in job.pass_times)
     for field in (f"files={len(FILES)}", f"bytes={total}", "verify_passes=2", f"pass_times={stamps}",
                   f"manifest_digest={job.manifest_digest}"):
@@ -599,7 +511,7 @@ async def test_symlinks_pointing_outside_the_run_are_never_followed(lab: Lab) ->
     os.symlink(outside / "single.dat", run / "sub" / "linked_file.dat")
     before = tree(outside)
     async with running(cfg, clock) as client:
-        job = await ready(client, clock, run)
+        await ready(client, clock, run)
         assert set(read_manifest(run)) == set(FILES)  # symlinks are never synced
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["deleted"]
@@ -671,7 +583,9 @@ async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_pu
         # As if a pass had crashed part-way through removing the cache: the manifest is gone, the plan is not.
         (run / ".exlab-wizard" / "checksums.sha256").unlink()
         outcomes = acts(await client.cleanup_once())
-        assert [o.action for o in outcomes] == ["deleted"], (outcomes, [e.detail for e in (await client.job(run)).events])
+        assert [o.action for o in outcomes] == ["deleted"], (
+            outcomes, [e.detail for e in (await client.job(run)).events]
+        )
         assert "run folder removed" in outcomes[0].reason
         job = await client.job(run)
         assert job.state == S.CLEANED

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,24 +24,17 @@ import pytest
 
 from exlab_wizard.config import Config
 from exlab_wizard.sync.states import SyncJobState
-from tests.client.conftest import Lab
-from tests.client.test_audit_and_cleanup import (
-    EQ,
-    FILES,
-    Clock,
-    acts,
-    config,
-    data_intact,
-    events,
-    ready,
-    running,
-    synced,
-)
-from tests.client.test_cli_cleanup import _cli, _row
-from tests.transports.test_rsync_ssh import equipment as rsync_equipment
+from tests.helpers import Clock, cli
+from tests.helpers import table_row as _row
+from tests.lab import EQ, FILES, Lab, acts, data_intact, events, ready, rsync_equipment, running, synced
+from tests.lab import cleanup_config as config
 
 S = SyncJobState
 DAMAGES = ["run folder deleted", "file deleted", "file truncated"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return cli(*args, columns=500)
 
 
 def nas_setup(

@@ -13,8 +13,7 @@ import pytest
 
 from exlab_wizard.sync.nas_client import NASSyncClient
 from exlab_wizard.sync.transports.base import METADATA_DIR
-from tests.client.conftest import make_client
-from tests.client.sites import Site, site  # noqa: F401 - site is a fixture
+from tests.lab import Site, make_client
 
 FILES = {"image_001.tif": b"\x01" * 5000, "sub/stack.raw": b"\x02" * 3000}
 PREFIX = METADATA_DIR + "/"

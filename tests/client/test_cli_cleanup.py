@@ -8,26 +8,17 @@ to clean and two that wait for different reasons.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from exlab_wizard.config import load_config
-from tests.client.conftest import Lab
-from tests.client.test_audit_and_cleanup import FILES, Clock, running, synced
-
-EXE = str(Path(sys.executable).parent / "exlab-sync")
+from tests.helpers import Clock, cli
+from tests.helpers import table_row as _row
+from tests.lab import FILES, Lab, running, synced
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "500", "NO_COLOR": "1"}
-    return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=120)
-
-
-def _row(output: str, run: Path) -> str:
-    [line] = [line for line in output.splitlines() if str(run) in line]
-    return " ".join(line.replace("│", " ").split())
+    return cli(*args, columns=500)
 
 
 async def test_cleanup_dry_run_lists_what_would_be_freed_and_why_others_wait_then_cleans(lab: Lab) -> None:

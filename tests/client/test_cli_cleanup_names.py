@@ -12,14 +12,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 from exlab_wizard.config import load_config
-from tests.client.conftest import Lab
-from tests.client.test_audit_and_cleanup import Clock, running, synced
+from tests.helpers import EXE, Clock
+from tests.lab import Lab, running, synced
 
-EXE = str(Path(sys.executable).parent / "exlab-sync")
 HOSTILE = os.fsdecode(b"\x1b]0;pwned\x07\x1b[31mred[bold]markup[/bold]\xff.bin")
 ESCAPED = "\\x1b]0;pwned\\x07\\x1b[31mred[bold]markup[/bold]\\xff.bin"
 OVERRIDE = {

@@ -1,17 +1,16 @@
-"""``exlab-sync retry`` / ``enqueue`` refuse local damage; ``restore`` and ``retry --accept-local``, as a user runs them."""
+"""``exlab-sync retry`` / ``enqueue`` refuse local damage; ``restore`` and ``retry --accept-local``,
+as a user runs them."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.client.conftest import Lab
-from tests.client.test_audit_and_cleanup import flip_byte_keep_stat
+from tests.helpers import EXE, flip_byte_keep_stat
+from tests.lab import Lab
 
-EXE = str(Path(sys.executable).parent / "exlab-sync")
 FILES = {"image_001.tif": os.urandom(4000), "sub/stack.raw": os.urandom(3000), "notes.txt": b"ok\n"}
 
 

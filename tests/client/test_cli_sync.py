@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_tool
-
-EXE = str(Path(sys.executable).parent / "exlab-sync")
+from tests.helpers import cli, require_tool
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    return cli(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

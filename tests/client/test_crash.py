@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from exlab_wizard.sync.states import SyncJobState
-from tests.client.conftest import Lab, make_client
+from tests.lab import Lab, make_client
 
 CHILD = textwrap.dedent(
     """

@@ -7,12 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from exlab_wizard.sync.nas_client import SyncHandleState
 from exlab_wizard.sync.states import SyncJobState
-from tests.client.conftest import Lab, make_client
 from tests.helpers import require_tool
+from tests.lab import Lab, make_client
 
 HOSTILE = {
     "plain.txt": b"hello\n",
@@ -23,7 +21,7 @@ HOSTILE = {
     "quote's \"double\".txt": b"quotes",
     "$(touch PWNED).txt": b"subshell",
     "-leading-dash.txt": b"dash",
-    "unicodé/Ünïcødé 数据.csv": "a,b\n1,2\n".encode(),
+    "unicodé/Ünïcødé 数据.csv": b"a,b\n1,2\n",
 }
 OVERRIDE = {
     "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01", "problem_class": "illegal_filesystem_character",
@@ -64,7 +62,9 @@ async def test_hostile_names_arrive_byte_identical_and_sha256sum_passes(lab: Lab
     assert not (lab.root / "PWNED").exists() and not Path("PWNED").exists()
     sha256sum = require_tool("sha256sum")
     for copy in (run, nas):
-        check = subprocess.run([sha256sum, "-c", "--quiet", ".exlab-wizard/checksums.sha256"], cwd=copy, capture_output=True)
+        check = subprocess.run(
+            [sha256sum, "-c", "--quiet", ".exlab-wizard/checksums.sha256"], cwd=copy, capture_output=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
     # the refreshed metadata reached the NAS: creation.json there says synced, unknown keys kept
     creation = json.loads((nas / ".exlab-wizard" / "creation.json").read_text())

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,9 @@ from exlab_wizard.cache import CreationWriter
 from exlab_wizard.cache.creation import creation_lock_path
 from exlab_wizard.sync.nas_client import NASSyncClient
 from exlab_wizard.validator import Validator
-from tests.client.sites import Site, cli, site  # noqa: F401 - site is a fixture
 from tests.fixtures.sshd import free_port
+from tests.helpers import cli
+from tests.lab import Site
 
 HOLD = """
 import fcntl, os, sys

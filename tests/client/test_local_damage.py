@@ -12,7 +12,6 @@ must still be byte-identical to the verified manifest and the job FAILED
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -30,9 +29,9 @@ from exlab_wizard.sync.nas_client import LocalDamageError, NASSyncClient, Restor
 from exlab_wizard.sync.reaper import load_verified_stats
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.client.conftest import Lab, make_client
-from tests.client.test_audit_and_cleanup import Clock, flip_byte_keep_stat, until
 from tests.fixtures.sshd import RW_USER
+from tests.helpers import Clock, flip_byte_keep_stat, until
+from tests.lab import Lab, make_client
 
 S = SyncJobState
 EQ = "CONFOCAL_01"
@@ -282,7 +281,7 @@ async def test_restore_refuses_a_nas_copy_that_does_not_match_the_manifest(nas: 
     clock = Clock()
     run = nas.lab.make_run(files=FILES)
     async with running(nas.config(), clock) as client:
-        job = await failed_local_damage(client, clock, run)
+        await failed_local_damage(client, clock, run)
         flip_byte_keep_stat(nas.copy(run) / DAMAGED, 99)  # the NAS copy rotted too
         local = (run / DAMAGED).read_bytes()
 
@@ -355,7 +354,10 @@ async def test_accept_local_move_is_recorded_and_not_repeated_after_a_failed_pus
         async def push_once_down(self, *args, **kwargs):
             calls["push"] += 1
             if calls["push"] == 1:
-                from exlab_wizard.sync.transports import TransportError, TransportErrorKind
+                from exlab_wizard.sync.transports import (
+                    TransportError,
+                    TransportErrorKind,
+                )
 
                 raise TransportError(TransportErrorKind.NETWORK, "connection reset (injected)")
             return await real_push(self, *args, **kwargs)

@@ -17,7 +17,7 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
 )
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.client.conftest import Lab, make_client
+from tests.lab import Lab, make_client
 
 FILES = {"image_001.tif": b"\x01" * 5000, "sub/stack.raw": b"\x02" * 3000}
 

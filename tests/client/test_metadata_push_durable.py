@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.client.conftest import make_client
-from tests.client.sites import EQ, EXE, Site, cli, site  # noqa: F401 - site is a fixture
 from tests.fixtures.sshd import kill_tree
+from tests.helpers import EXE, cli
+from tests.lab import EQ, Site, make_client
 
 BIG = os.urandom(24 * 1024 * 1024)
 
@@ -96,7 +96,9 @@ def test_a_metadata_push_killed_mid_way_blocks_cleanup_and_is_sent_by_the_next_c
     assert not job.metadata_push_pending and job.events[-1].kind == "metadata_pushed"
 
 
-async def test_a_cancelled_mount_push_is_never_logged_as_a_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_cancelled_mount_push_is_never_logged_as_a_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from exlab_wizard.config.models import EquipmentConfig
     from exlab_wizard.sync.equipment_log import EquipmentLog
 

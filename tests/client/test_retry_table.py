@@ -13,7 +13,7 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind, TransportResult
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.client.conftest import Lab, make_client
+from tests.lab import Lab, make_client
 
 K = TransportErrorKind
 
@@ -241,7 +241,10 @@ async def test_local_file_gone_after_the_transfer_fails_even_with_the_remote_dow
 
 @pytest.mark.parametrize(
     ("reason", "shown"),
-    [("verify_skipped_oversize", "larger than verify_max_stream_bytes"), ("unreadable: Permission denied", "unreadable")],
+    [
+        ("verify_skipped_oversize", "larger than verify_max_stream_bytes"),
+        ("unreadable: Permission denied", "unreadable"),
+    ],
 )
 async def test_a_file_the_nas_could_not_hash_is_never_verified_and_the_reason_is_shown(
     lab: Lab, reason: str, shown: str

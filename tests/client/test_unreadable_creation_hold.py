@@ -17,8 +17,8 @@ import pytest
 
 from exlab_wizard.sync.nas_client import SyncHandleState
 from exlab_wizard.sync.states import SyncJobState
-from tests.cache.test_hostile_creation import NESTED_IN_A_FIELD
-from tests.client.conftest import Lab, make_client
+from tests.helpers import NESTED_IN_A_FIELD
+from tests.lab import Lab, make_client
 
 
 def _spoil(run: Path, how: str) -> None:
@@ -60,7 +60,7 @@ async def test_the_bad_run_is_held_once_and_the_other_run_of_the_equipment_syncs
     assert synced.state == SyncJobState.VERIFIED, synced.last_error
     assert held.state == SyncJobState.QUEUED
     assert held.next_attempt_at is not None
-    assert held.next_attempt_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=50)
+    assert held.next_attempt_at > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=50)
     holds = [e for e in held.events if e.kind == "gate_hold"]
     assert len(holds) == 1 and "unreadable_creation_json" in holds[0].detail
     assert not [r for r in caplog.records if r.exc_info], "a job step crashed"

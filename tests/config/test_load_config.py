@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import textwrap
 from pathlib import Path
 
@@ -433,5 +432,5 @@ def test_equipment_by_id(two_instruments: Config):
 
 
 def test_config_is_frozen(two_instruments: Config):
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - which error a frozen model raises is pydantic's choice
         two_instruments.sync = None  # type: ignore[misc]

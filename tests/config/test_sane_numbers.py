@@ -66,7 +66,7 @@ def test_the_largest_accepted_values_work_where_they_are_used() -> None:
         nas_cleanup={"min_age_hours": YEAR_S / 3600, "min_verify_passes": MAX_VERIFY_PASSES},
         validator={"content_scan_max_mib": MAX_CONTENT_SCAN_MIB},
     ))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     # The timers and deadlines the engine computes from them do not overflow.
     assert now + dt.timedelta(seconds=loaded.sync.scan_interval_s) > now
     assert now + dt.timedelta(seconds=loaded.sync.audit_interval_s) > now

@@ -62,7 +62,10 @@ def facts(**changes) -> CleanupFacts:
         ({"local": LocalCheck(missing=("a.tif",))}, "fail", "local file missing: a.tif", "local_file_vanished", 6),
         ({"local": LocalCheck(refusal="run folder is a symlink")}, "wait", "run folder is a symlink", None, 6),
         # Worst first: damage beats a change; a change beats an addition.
-        ({"local": LocalCheck(damaged=("d",), changed=("c",), added=("a",))}, "fail", "local damage: d", "local_damage", 6),
+        (
+            {"local": LocalCheck(damaged=("d",), changed=("c",), added=("a",))},
+            "fail", "local damage: d", "local_damage", 6,
+        ),
         ({"local": LocalCheck(changed=("c",), added=("a",))}, "requeue", "local file changed: c", "local_changed", 6),
         # The first failing interlock decides, whatever fails after it.
         ({"enabled": False, "remote_reachable": False, "local": LocalCheck(damaged=("d",))},

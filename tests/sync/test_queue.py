@@ -71,7 +71,7 @@ def path_to(state: SyncJobState) -> list[SyncJobState]:
 
 def put_in(q: JobQueue, job: SyncJobRow, state: SyncJobState) -> SyncJobRow:
     steps = path_to(state)
-    for src, dst in zip(steps, steps[1:]):
+    for src, dst in zip(steps, steps[1:], strict=False):
         job = q.transition(job.id, src, dst, now=NOW, detail="setup")
     return job
 
@@ -285,11 +285,10 @@ def test_recover(q: JobQueue):
 
 def test_transaction_commits_rolls_back_and_nests(q: JobQueue):
     job = make(q, "Run_1")
-    with pytest.raises(RuntimeError):
-        with q.transaction():
-            q.transition(job.id, S.QUEUED, S.RUNNING, now=t(1))
-            q.record_event(job.id, "note", "inside", now=t(1))
-            raise RuntimeError("abort")
+    with pytest.raises(RuntimeError), q.transaction():
+        q.transition(job.id, S.QUEUED, S.RUNNING, now=t(1))
+        q.record_event(job.id, "note", "inside", now=t(1))
+        raise RuntimeError("abort")
     assert q.get(job.id) == job and len(q.events(job.id)) == 1
 
     with q.transaction() as conn:
@@ -328,7 +327,7 @@ def test_threads_share_one_queue(q: JobQueue):
             for run in rng.sample(runs, len(runs)):
                 job, _ = q.get_or_create(run, "EQ", "/nas/x", now=NOW)
                 q.record_event(job.id, "note", f"thread {seed}", now=NOW)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]

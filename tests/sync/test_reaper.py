@@ -9,7 +9,6 @@ three days ago, transfer 26 h ago, first verification 25 h ago).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
@@ -19,12 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.cache import CreationWriter
-from exlab_wizard.config.models import Config
 from exlab_wizard.sync import reaper as reaper_mod
-from exlab_wizard.sync.equipment_log import EquipmentLog
-from exlab_wizard.sync.manifest_format import format_manifest, manifest_digest
-from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.manifest_format import format_manifest
+from exlab_wizard.sync.queue import JobQueue
 from exlab_wizard.sync.reaper import (
     Reaper,
     deletion,
@@ -34,19 +30,13 @@ from exlab_wizard.sync.reaper import (
     scan_run,
 )
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports import make_transport
 from exlab_wizard.sync.transports.base import TransportError
+from tests.lab import VERIFIED_FILES as DEFAULT_FILES
+from tests.lab import VerifiedLab as Lab
 
 S = SyncJobState
 HOUR = dt.timedelta(hours=1)
-EQ = "CONF_01"
-
-DEFAULT_FILES = {
-    "image_001.tif": b"A" * 3000,
-    "image_002.tif": b"B" * 2000,
-    "sub/deeper/stack.raw": b"C" * 5000,
-    "sub/notes.txt": b"acquired ok\n",
-}
+EQ = Lab.EQ
 
 
 def sha(data: bytes) -> str:
@@ -69,141 +59,11 @@ def snapshot(root: Path) -> dict[str, tuple[str, bytes | str]]:
     return out
 
 
-@dataclasses.dataclass
-class Lab:
-    tmp: Path
-    config: Config
-    queue: JobQueue
-    writer: CreationWriter
-    now: dt.datetime
-    reachable: bool = True
-    push_ok: bool = True
-    pushes: list = dataclasses.field(default_factory=list)
-
-    @property
-    def local_root(self) -> Path:
-        return self.tmp / "lab"
-
-    @property
-    def nas(self) -> Path:
-        return self.tmp / "nas"
-
-    def nas_copy(self, run: Path) -> Path:
-        return self.nas / run.relative_to(self.local_root / EQ)
-
-    def cleanup(self, **changes) -> None:
-        self.config = self.config.model_copy(
-            update={"nas_cleanup": self.config.nas_cleanup.model_copy(update=changes)}
-        )
-
-    def log_for(self, equipment_id: str) -> EquipmentLog:
-        return EquipmentLog(self.config.equipment_by_id(equipment_id))
-
-    def log_text(self) -> str:
-        path = self.log_for(EQ).path
-        return path.read_text() if path.exists() else ""
-
-    async def _remote_stat(self, job: SyncJobRow) -> bool:
-        return self.reachable
-
-    async def _remote_listing(self, job: SyncJobRow) -> dict[str, int]:
-        """The real mount transport's listing of the "NAS" folder."""
-        return await make_transport(self.config.equipment_by_id(EQ)).remote_listing(Path(job.run_path))
-
-    async def _push_metadata(self, job: SyncJobRow) -> bool:
-        run = Path(job.run_path)
-        self.pushes.append(
-            {"creation": self.writer.read(run).raw.get("local_cleaned"),
-             "data_left": sorted(p for p in DEFAULT_FILES if (run / p).exists())}
-        )
-        if self.push_ok:
-            shutil.copytree(run / ".exlab-wizard", self.nas_copy(run) / ".exlab-wizard", dirs_exist_ok=True)
-        return self.push_ok
-
-    def reaper(self, **kw) -> Reaper:
-        kw.setdefault("remote_stat", self._remote_stat)
-        kw.setdefault("push_metadata", self._push_metadata)
-        kw.setdefault("remote_listing", self._remote_listing)
-        reaper = Reaper(self.queue, self.config, writer=self.writer, log_for=self.log_for,
-                        now=lambda: self.now, **kw)
-        return reaper
-
-    def run_pass(self, **kw):
-        reaper = self.reaper(**kw)
-        reaper.config = self.config
-        return asyncio.run(reaper.run_pass())
-
-    def job(self, job_id: str) -> SyncJobRow:
-        return self.queue.get(job_id)
-
-    def refusals(self, job_id: str) -> list[str]:
-        return [e.detail for e in self.queue.events(job_id) if e.kind == "cleanup_refused"]
-
-    def make_run(
-        self,
-        name: str = "Run_1",
-        files: dict[str, bytes] | None = None,
-        *,
-        passes: int = 2,
-        verified_hours_ago: float = 25,
-        overrides: tuple[str, ...] = (),
-        override_entries: list[dict] | None = None,
-        eligible: bool = False,
-    ) -> tuple[Path, str]:
-        files = DEFAULT_FILES if files is None else files
-        run = self.local_root / EQ / "PROJ" / "Runs" / name
-        run.mkdir(parents=True)
-        written = (self.now - 72 * HOUR).timestamp()
-        for rel, data in files.items():
-            target = run / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            os.utime(target, (written, written))
-        self.writer.ensure_minimal(run, local_path=str(run), nas_path=str(self.nas_copy(run)))
-        if override_entries is not None:
-            self.writer.update(run, lambda raw: raw.__setitem__("validation_overrides", override_entries))
-        hashes = {rel: sha(data) for rel, data in files.items()}
-        (run / ".exlab-wizard" / "checksums.sha256").write_bytes(format_manifest(hashes))
-        shutil.copytree(run, self.nas_copy(run), symlinks=True)
-        verified_at = self.now - verified_hours_ago * HOUR
-        job, _ = self.queue.get_or_create(str(run), EQ, str(self.nas_copy(run)), now=verified_at - 2 * HOUR)
-        self.queue.transition(job.id, S.QUEUED, S.RUNNING, now=verified_at - HOUR, overrides_relied_on=overrides)
-        self.queue.transition(job.id, S.RUNNING, S.AWAITING_VERIFY, now=verified_at - 0.5 * HOUR)
-        pass_times = tuple(verified_at + 6 * i * HOUR for i in range(passes))
-        self.queue.transition(
-            job.id, S.AWAITING_VERIFY, S.VERIFIED, now=verified_at, verify_passes=passes,
-            verified_at=verified_at, pass_times=pass_times, last_verify_at=pass_times[-1] if passes else None,
-            manifest_digest=manifest_digest(hashes),
-        )
-        # The files were last changed (ctime: just now, by utime) before the hashing began.
-        record_verified_stat(self.queue, job.id, run, hashes, verified_at,
-                             hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
-        if eligible:
-            self.queue.transition(job.id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=verified_at + HOUR)
-        return run, job.id
-
-    def manifest_files_intact(self, run: Path, files: dict[str, bytes] | None = None) -> bool:
-        files = DEFAULT_FILES if files is None else files
-        return all((run / rel).read_bytes() == data for rel, data in files.items())
-
-
 @pytest.fixture
 def lab(tmp_path: Path):
-    (tmp_path / "lab").mkdir()
-    (tmp_path / "nas").mkdir()
-    (tmp_path / "nas" / ".exlab-nas").write_text("mounted\n")
-    config = Config.model_validate({
-        "equipment": [{
-            "id": EQ, "local_root": str(tmp_path / "lab"),
-            "transport": {"type": "mount", "mount_path": str(tmp_path / "nas")},
-        }],
-        "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
-        "state_dir": str(tmp_path / "state"),
-    })
-    queue = JobQueue(tmp_path / "state" / "queue.db")
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    yield Lab(tmp_path, config, queue, CreationWriter(), now)
-    queue.close()
+    lab = Lab.build(tmp_path)
+    yield lab
+    lab.queue.close()
 
 
 def assert_nothing_deleted(lab: Lab, run: Path, files: dict[str, bytes] | None = None) -> None:
@@ -744,7 +604,8 @@ def test_resume_never_deletes_a_file_changed_after_the_plan(lab: Lab, monkeypatc
     assert outcomes[0].action == "aborted"
     job = lab.job(job_id)
     assert job.state == S.FAILED and job.error_kind == "local_changed_during_cleanup"
-    assert "f04.bin" in job.last_error and "4 of 6 planned files were deleted" in job.last_error  # 2 before the crash, 2 after
+    # 2 before the crash, 2 after
+    assert "f04.bin" in job.last_error and "4 of 6 planned files were deleted" in job.last_error
     assert (run / "f04.bin").read_bytes() == b"edited while the machine was down"
     assert (run / "f05.bin").exists()  # nothing after the stop either
     with lab.queue.transaction() as conn:

@@ -120,7 +120,9 @@ def _cached(fd: int, offset: int) -> bool:
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 3 * (1 << 20) + 5, 20 * (1 << 20) + 123])
-def test_hash_from_storage_reads_past_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+def test_hash_from_storage_reads_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
     data = os.urandom(size)
     path = tmp_path / "copy.bin"
     path.write_bytes(data)  # dirty, in memory

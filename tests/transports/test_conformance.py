@@ -59,15 +59,10 @@ from exlab_wizard.sync.transports import make_transport, rsync_ssh
 from exlab_wizard.sync.transports.base import Transport, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import is_temp_name
 from tests.fixtures.sshd import RW_USER, free_port
-from tests.transports.test_rsync_ssh import (
-    EQUIPMENT,
-    HOSTILE,
-    RUN_REL,
-    assert_sha256sum_check,
-    make_run,
-    tree,
-)
-from tests.transports.test_rsync_ssh import equipment as rsync_equipment
+from tests.helpers import assert_sha256sum_check, tree
+from tests.lab import EQ as EQUIPMENT
+from tests.lab import HOSTILE, RUN_REL, rsync_equipment
+from tests.lab import make_hostile_run as make_run
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
@@ -136,7 +131,9 @@ def _with_port(conf: Path, old: str, new: str) -> Path:
 
 
 def _rclone_equipment(local_root: Path, remote: str, remote_path: str, config: Path) -> EquipmentConfig:
-    transport = {"type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)}
+    transport = {
+        "type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)
+    }
     return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root), "transport": transport})
 
 
@@ -147,7 +144,8 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
 
     def equipment(local_root: Path, mount_path: Path = nas) -> EquipmentConfig:
         return EquipmentConfig.model_validate(
-            {"id": EQUIPMENT, "local_root": str(local_root), "transport": {"type": "mount", "mount_path": str(mount_path)}}
+            {"id": EQUIPMENT, "local_root": str(local_root),
+             "transport": {"type": "mount", "mount_path": str(mount_path)}}
         )
 
     def down(local_root: Path) -> EquipmentConfig:
@@ -345,8 +343,8 @@ async def test_reachable_and_an_unreachable_remote_is_never_empty(remote, local_
 
 
 async def test_mount_path_missing_is_unreachable_too(local_root, tmp_path):
-    eq = EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root),
-                                         "transport": {"type": "mount", "mount_path": str(tmp_path / "gone")}})  # fmt: skip
+    gone = {"type": "mount", "mount_path": str(tmp_path / "gone")}
+    eq = EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root), "transport": gone})
     run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
     transport = make_transport(eq)
     assert not await transport.reachable(run)
@@ -378,7 +376,9 @@ async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, l
     remote.settle()
     kept = file_ids(remote.run_on_disk)["sub/kept.txt"]
 
-    result = await transport.push(run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin", "#hash first.bin"}))
+    result = await transport.push(
+        run, bwlimit_kibps=None, rewrite=frozenset({"a.bin", "new\nname.bin", "#hash first.bin"})
+    )
     assert result.ok and result.files_sent == 3
     assert tree(remote.run_on_disk) == files
     assert file_ids(remote.run_on_disk)["sub/kept.txt"] == kept
@@ -536,6 +536,9 @@ async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_
     assert remote.root_gone is not None
     with pytest.raises(TransportError) as caught:
         await remote.transport(remote.root_gone(local_root)).remote_listing(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+
+
 # ------------------------------------------------------------------ fetch and keep_previous (local damage recovery)
 
 RECOVERY_FILES = {"a.bin": os.urandom(5000), "new\nline.bin": b"nl" * 100, "#hash first.bin": b"#" * 300,

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports import mount as mount_module
 from exlab_wizard.sync.transports.base import RemoteManifest, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import MountTransport, is_temp_name, same_mtime
 from exlab_wizard.sync.verifier import Verifier, compare, hash_tree
 from tests.helpers import require_tool
+from tests.lab import MountLab as Lab
 
 MIB = 1 << 20
 MONDAY_10AM = dt.datetime(2024, 1, 8, 10, 0).astimezone()
@@ -36,42 +35,6 @@ HOSTILE_NAMES = [
     "ünïcødé_日本語.txt",
     "semi;colon&amp|pipe*.txt",
 ]
-
-
-class Lab:
-    """One equipment with a local run and a mounted 'NAS' folder, all under tmp_path."""
-
-    def __init__(self, tmp_path: Path, *, bandwidth: dict | None = None, now=None):
-        self.tmp = tmp_path
-        self.nas = tmp_path / "nas"
-        self.nas.mkdir()
-        (self.nas / ".exlab-nas").write_text("marker\n")
-        transport: dict = {"type": "mount", "mount_path": str(self.nas)}
-        if bandwidth is not None:
-            transport["bandwidth"] = bandwidth
-        self.equipment = EquipmentConfig(id="CONFOCAL_01", local_root=tmp_path / "local", transport=transport)
-        self.run = tmp_path / "local" / "CONFOCAL_01" / "PROJ-0042" / "Runs" / "Run_2024-01-08"
-        self.remote = self.nas / "PROJ-0042" / "Runs" / "Run_2024-01-08"
-        self.log = EquipmentLog(self.equipment)
-        kwargs = {"log": self.log}
-        if now is not None:
-            kwargs["now"] = now
-        self.transport = MountTransport(self.equipment, **kwargs)
-
-    def write(self, rel: str, data: bytes, *, mtime_ns: int | None = None) -> Path:
-        path = self.run / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        if mtime_ns is not None:
-            os.utime(path, ns=(mtime_ns, mtime_ns))
-        return path
-
-    def push(self, **kwargs):
-        kwargs.setdefault("bwlimit_kibps", None)
-        return asyncio.run(self.transport.push(self.run, **kwargs))
-
-    def log_text(self) -> str:
-        return self.log.path.read_text() if self.log.path.exists() else ""
 
 
 @pytest.fixture
@@ -641,7 +604,10 @@ def test_remote_manifest_of_a_run_never_sent_is_empty(lab: Lab) -> None:
 # --------------------------------------------------------------------------- bandwidth
 
 
-WEEKDAY_WINDOW = {"upload_mbps": 0.5, "schedule": [{"days": ["mon", "tue", "wed", "thu", "fri"], "from": "08:00", "to": "18:00"}]}
+WEEKDAY_WINDOW = {
+    "upload_mbps": 0.5,
+    "schedule": [{"days": ["mon", "tue", "wed", "thu", "fri"], "from": "08:00", "to": "18:00"}],
+}
 
 
 def test_window_closing_mid_transfer_lifts_the_limit(tmp_path: Path) -> None:

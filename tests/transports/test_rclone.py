@@ -18,22 +18,16 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports import rclone as rclone_mod
 from exlab_wizard.sync.transports._process import LocalTree, ToolResult
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.rclone import RcloneTransport, _sort_extras, decode_name, encode_name
 from tests.fixtures.rclone_serve import S3Server
 from tests.fixtures.sshd import RW_USER
-from tests.transports.test_rsync_ssh import (
-    EQUIPMENT,
-    HOSTILE,
-    RUN_REL,
-    assert_sha256sum_check,
-    make_run,
-    regular_tree,
-    tree,
-    wait_until,
-)
+from tests.helpers import assert_sha256sum_check, regular_tree, tree, wait_until
+from tests.lab import EQ as EQUIPMENT
+from tests.lab import HOSTILE, RUN_REL
+from tests.lab import make_hostile_run as make_run
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
@@ -43,11 +37,17 @@ def hashes(files: dict[str, bytes]) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
 
 
-def rclone_equipment(tmp_path: Path, remote: str, remote_path: str, config: Path, bandwidth: dict | None = None) -> EquipmentConfig:
-    transport = {"type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)}
+def rclone_equipment(
+    tmp_path: Path, remote: str, remote_path: str, config: Path, bandwidth: dict | None = None
+) -> EquipmentConfig:
+    transport = {
+        "type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)
+    }
     if bandwidth is not None:
         transport["bandwidth"] = bandwidth
-    return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport})
+    return EquipmentConfig.model_validate(
+        {"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport}
+    )
 
 
 @pytest.fixture
@@ -304,7 +304,9 @@ async def test_read_only_remote_folder_is_remote_write_refused(tmp_path, sshd, r
     assert list(locked.iterdir()) == []
 
 
-async def test_local_file_removed_during_transfer_is_local_file_vanished(tmp_path, sshd, remote_dir, rclone_sftp_config):
+async def test_local_file_removed_during_transfer_is_local_file_vanished(
+    tmp_path, sshd, remote_dir, rclone_sftp_config
+):
     eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd))
     files = {f"f{i}.bin": os.urandom(60_000) for i in range(6)}
     run = make_run(eq.local_root, files, symlink=False)

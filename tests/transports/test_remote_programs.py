@@ -21,9 +21,9 @@ def test_every_program_is_a_file_of_the_package_and_is_what_rsync_ssh_sends() ->
     assert sorted(p.name for p in HERE.iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py") == sorted(
         PROGRAMS
     )
-    assert rsync_ssh._PY_HASH == (HERE / "remote_hash.py").read_text()
-    assert rsync_ssh._PY_WATCH == (HERE / "remote_watch.py").read_text()
-    assert rsync_ssh._SH_KEEP_PREVIOUS == (HERE / "keep_previous.sh").read_text()
+    assert (HERE / "remote_hash.py").read_text() == rsync_ssh._PY_HASH
+    assert (HERE / "remote_watch.py").read_text() == rsync_ssh._PY_WATCH
+    assert (HERE / "keep_previous.sh").read_text() == rsync_ssh._SH_KEEP_PREVIOUS
     with pytest.raises(ValueError):
         remote_program("../rsync_ssh.py")
 

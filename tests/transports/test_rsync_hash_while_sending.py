@@ -12,7 +12,9 @@ import pytest
 
 from exlab_wizard.sync.transports import rsync_ssh
 from exlab_wizard.sync.transports.rsync_ssh import HASH_WHILE_SENDING_MIN_BYTES, RsyncSshTransport
-from tests.transports.test_rsync_ssh import RUN_REL, equipment, make_run
+from tests.lab import RUN_REL
+from tests.lab import make_hostile_run as make_run
+from tests.lab import rsync_equipment as equipment
 
 pytestmark = pytest.mark.network
 

@@ -19,118 +19,24 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
-from exlab_wizard.sync.manifest_format import format_manifest
 from exlab_wizard.sync.transports import rsync_ssh
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.rsync_ssh import PARTIAL_DIR, RsyncSshTransport
-from tests.fixtures.sshd import RW_USER, SFTP_USER, SshServer
-from tests.helpers import require_tool
+from tests.fixtures.sshd import RW_USER, SFTP_USER
+from tests.helpers import assert_sha256sum_check, data_only, sha256_tree, tree, wait_until
+from tests.lab import HOSTILE, RUN_REL
+from tests.lab import make_hostile_run as make_run
+from tests.lab import rsync_equipment as equipment
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
-EQUIPMENT = "CONFOCAL_01"
-RUN_REL = Path("PROJ-0042") / "Runs" / "Run_2024-05-01"
-
-#: names that break naive shell quoting or line-based parsing
-HOSTILE: dict[str, bytes] = {
-    "plain.txt": b"plain\n",
-    "with space.dat": os.urandom(3000),
-    "quote'single.txt": b"'",
-    'quote"double.txt': b'"',
-    "$(touch PWNED_SUB).txt": b"dollar",
-    "`touch PWNED_TICK`": b"tick",
-    "x'; touch PWNED; '": b"injection",
-    "-leading-dash.txt": b"dash",
-    "--rsync-path=evil": b"option-like",
-    "données µm 測定.csv": "unicode ✓".encode(),
-    "new\nline.txt": b"newline",
-    "back\\slash.txt": b"backslash",
-    "star*and?[x].raw": b"glob",
-    "#comment-like.txt": b"rsync's --files-from reads a line starting with # as a comment",
-    ";semicolon-first.txt": b"and one starting with ;",
-    "empty.bin": b"",
-    "sub dir/nested $(x)/deep file.bin": os.urandom(70000),
-    ".exlab-wizard/creation.json": b'{"schema_version": "1.0", "level": "run"}\n',
-}
-
-
-def make_run(local_root: Path, files: dict[str, bytes] = HOSTILE, rel: Path = RUN_REL, symlink: bool = True) -> Path:
-    run = local_root / EQUIPMENT / rel
-    run.mkdir(parents=True)
-    for name, data in files.items():
-        path = run / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    if symlink:
-        (run / "link-to-plain").symlink_to("plain.txt")
-        (run / "link-outside").symlink_to("/etc/passwd")
-    return run
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Regular files under ``root`` -> bytes; a symlink shows as ``<symlink>``."""
-    out: dict[str, bytes] = {}
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(folder) / name
-            rel = path.relative_to(root).as_posix()
-            out[rel] = b"<symlink>" if path.is_symlink() else path.read_bytes()
-    return out
-
-
-def regular_tree(root: Path) -> dict[str, bytes]:
-    return {k: v for k, v in tree(root).items() if v != b"<symlink>" or not (root / k).is_symlink()}
-
-
-def sha256_tree(root: Path) -> dict[str, str]:
-    return {rel: hashlib.sha256(data).hexdigest() for rel, data in regular_tree(root).items()}
-
-
-def data_only(hashes: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in hashes.items() if not k.startswith(".exlab-wizard/")}
-
-
-def assert_sha256sum_check(remote_run: Path, local_run: Path) -> None:
-    """Real coreutils ``sha256sum -c`` over the remote copy, manifest built from the local files."""
-    manifest = remote_run / ".exlab-wizard" / "checksums.sha256"
-    manifest.write_bytes(format_manifest(data_only(sha256_tree(local_run))))
-    done = subprocess.run([require_tool("sha256sum"), "-c", "--strict", ".exlab-wizard/checksums.sha256"],
-                          cwd=remote_run, capture_output=True)  # fmt: skip
-    assert done.returncode == 0, done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
-    manifest.unlink()
-
-
-def equipment(tmp_path: Path, server: SshServer, remote_root: Path | str, *, user: str = RW_USER,
-              key: Path | None = None, known_hosts: Path | None = None, bandwidth: dict | None = None) -> EquipmentConfig:  # fmt: skip
-    transport = {
-        "type": "rsync_ssh",
-        "ssh_target": f"{user}@127.0.0.1",
-        "ssh_key_path": str(key or server.env.client_key),
-        "ssh_port": server.port,
-        "remote_path": str(remote_root),
-        "ssh_known_hosts": str(known_hosts or server.known_hosts),
-    }
-    if bandwidth is not None:
-        transport["bandwidth"] = bandwidth
-    return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(tmp_path / "lab"), "transport": transport})
-
-
 def leftovers(root: Path) -> list[str]:
     found = []
     for folder, dirs, files in os.walk(root):
         found += [os.path.join(folder, d) for d in dirs if d == PARTIAL_DIR]
         found += [os.path.join(folder, f) for f in files if f.startswith(".") and f[-7:-6] == "."]
     return found
-
-
-async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def receiving(remote_run: Path, name: str) -> bool:
@@ -378,7 +284,9 @@ async def test_own_leftovers_are_not_a_conflict_and_are_removed(tmp_path, sshd, 
     subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
 
     await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
-    assert tree(remote_run) == {"a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/sync.old.log": b"metadata pushed earlier"}
+    assert tree(remote_run) == {
+        "a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/sync.old.log": b"metadata pushed earlier"
+    }
     assert not leftovers(remote_dir)
 
 
@@ -562,7 +470,9 @@ async def test_streams_write_into_read_only_folders_and_leave_their_modes(tmp_pa
             (remote_dir / RUN_REL / "locked").chmod(0o755)
 
 
-async def test_keep_previous_of_many_files_is_split_under_the_remote_argument_limit(tmp_path, sshd, remote_dir, monkeypatch):
+async def test_keep_previous_of_many_files_is_split_under_the_remote_argument_limit(
+    tmp_path, sshd, remote_dir, monkeypatch
+):
     """The remote shell gets the command as one argument (128 KiB on Linux): many paths go in several calls."""
     monkeypatch.setattr(rsync_ssh, "_ARGS_MAX_BYTES", 300)
     files = {f"folder {i:03d}/file 'quoted' {i:03d}.bin": b"%d" % i for i in range(40)}

@@ -12,7 +12,7 @@ import pytest
 from exlab_wizard.config import ValidatorConfig
 from exlab_wizard.validator import Finding, Validator
 
-NOW = dt.datetime(2026, 1, 15, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 15, 12, 0, tzinfo=dt.UTC)
 
 
 def creation(kind: str = "experimental", **extra: object) -> dict:
@@ -70,8 +70,8 @@ def rules_of(findings: list[Finding]) -> set[str]:
 
 
 def test_clean_run_has_no_findings(tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"img_0001.tif": b"\x00\x01", "notes.txt": "2 mM <2 mM> NaCl\n", "data/a.csv": "x,y\n1,2\n",
-                              "README.md": "# Run\n\nSee <br> and <name> in prose.\n"})
+    run = make_run(tmp_path, {"img_0001.tif": b"\x00\x01", "notes.txt": "2 mM <2 mM> NaCl\n",
+                              "data/a.csv": "x,y\n1,2\n", "README.md": "# Run\n\nSee <br> and <name> in prose.\n"})
     assert Validator().audit_run(run, now=NOW) == []
 
 
@@ -93,7 +93,9 @@ def test_run_own_segments_checked(tmp_path: Path) -> None:
     run = make_run(tmp_path, equipment="EQ{{ id }}", project="<project>", leaf="Run_2026 ")
     found = summary(Validator().audit_run(run, now=NOW))
     assert ("leftover_jinja_marker", str(tmp_path / "EQ{{ id }}"), "directory_segment", "{{ id }}") in found
-    assert ("unresolved_placeholder_token", str(tmp_path / "EQ{{ id }}" / "<project>"), "directory_segment", "<project>") in found
+    assert (
+        "unresolved_placeholder_token", str(tmp_path / "EQ{{ id }}" / "<project>"), "directory_segment", "<project>"
+    ) in found
     assert ("illegal_filesystem_character", str(run), "directory_segment", " ") in found
     # the folder above the equipment is not the run's business
     tmp_findings = [f for f in Validator().audit_run(run, now=NOW) if f.offending_path == str(tmp_path)]
@@ -145,7 +147,9 @@ def test_content_scan_extensions(tmp_path: Path, name: str, scanned: bool) -> No
 def test_extensions_config_is_case_insensitive(tmp_path: Path) -> None:
     run = make_run(tmp_path, {"a.LOG": "<x>", "b.xml": "<y>"})
     validator = Validator(ValidatorConfig(content_scan_extensions=[".Log"]))
-    assert summary(validator.audit_run(run, now=NOW), run) == [("unresolved_placeholder_token", "a.LOG", "file_content", "<x>")]
+    assert summary(validator.audit_run(run, now=NOW), run) == [
+        ("unresolved_placeholder_token", "a.LOG", "file_content", "<x>")
+    ]
 
 
 @pytest.mark.parametrize("folder", ["plain", "Ünïcode"])
@@ -207,7 +211,9 @@ def test_rendered_files_absolute_paths_accepted(tmp_path: Path) -> None:
     run_dir = tmp_path / "CONFOCAL_01" / "PROJ-0042" / "Runs" / "Run_2026-01-15_1000"
     meta = creation(rendered_files=[str(run_dir / "r.txt")])
     run = make_run(tmp_path, {"r.txt": "<a>", "s.txt": "<b>"}, meta=meta)
-    assert summary(Validator().audit_run(run, now=NOW), run) == [("unresolved_placeholder_token", "r.txt", "file_content", "<a>")]
+    assert summary(Validator().audit_run(run, now=NOW), run) == [
+        ("unresolved_placeholder_token", "r.txt", "file_content", "<a>")
+    ]
 
 
 def test_empty_rendered_files_scans_nothing(tmp_path: Path) -> None:
@@ -258,7 +264,9 @@ def test_orphan_is_soft(tmp_path: Path) -> None:
 def test_unusable_creation_json_is_hard_not_a_crash(tmp_path: Path, content: str) -> None:
     run = make_run(tmp_path, meta=content)
     findings = Validator().audit_run(run, now=NOW)
-    assert [(f.rule, f.tier, f.offending_kind) for f in findings] == [("unreadable_creation_json", "hard", "file_content")]
+    assert [(f.rule, f.tier, f.offending_kind) for f in findings] == [
+        ("unreadable_creation_json", "hard", "file_content")
+    ]
     assert findings[0].offending_path == str(run / ".exlab-wizard" / "creation.json")
 
 
@@ -321,7 +329,9 @@ def test_override_activity(tmp_path: Path, entries: list, active: bool) -> None:
 
 
 def test_override_never_marks_soft_findings(tmp_path: Path) -> None:
-    run = make_run(tmp_path, meta=creation(validation_overrides=[_override("missing_required_field")]) | {"level": None})
+    run = make_run(
+        tmp_path, meta=creation(validation_overrides=[_override("missing_required_field")]) | {"level": None}
+    )
     (finding,) = Validator().audit_run(run, now=NOW)
     assert (finding.rule, finding.override_active) == ("missing_required_field", False)
 

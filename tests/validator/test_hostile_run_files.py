@@ -18,7 +18,7 @@ from exlab_wizard.cache import CreationWriter
 from exlab_wizard.sync.gate import check_run
 from exlab_wizard.sync.manifest_format import manifest_path
 from exlab_wizard.validator import Validator
-from tests.cache.test_hostile_creation import BOMB, finishes
+from tests.helpers import BOMB, finishes
 
 GOOD = {"schema_version": "1.0", "level": "run", "run_kind": "experimental", "sync_status": "pending"}
 

@@ -17,7 +17,7 @@ from exlab_wizard.validator.overrides import (
     revoked_or_expired,
 )
 
-NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 
 
 def override(oid: str, rule: str = "reserved_filesystem_name", **extra: Any) -> dict[str, Any]:
@@ -35,7 +35,10 @@ def override(oid: str, rule: str = "reserved_filesystem_name", **extra: Any) -> 
 
 
 def tombstone(tid: str, revokes: str) -> dict[str, Any]:
-    return {"id": tid, "revokes": revokes, "operator": "b", "recorded_at": "2024-05-02T00:00:00Z", "reason": "r", "revoked": True}
+    return {
+        "id": tid, "revokes": revokes, "operator": "b", "recorded_at": "2024-05-02T00:00:00Z", "reason": "r",
+        "revoked": True,
+    }
 
 
 def test_is_tombstone() -> None:
@@ -113,7 +116,7 @@ def test_revoked_or_expired() -> None:
     assert revoked_or_expired(ids, entries, NOW) == ["gone", "revoked", "missing", "t"]
     assert revoked_or_expired(["live"], entries, NOW) == []
     assert revoked_or_expired([], entries, NOW) == []
-    later = dt.datetime(2099, 1, 1, tzinfo=dt.timezone.utc)
+    later = dt.datetime(2099, 1, 1, tzinfo=dt.UTC)
     assert revoked_or_expired(["x"], [override("x", expires_at="2030-01-01T00:00:00Z")], later) == ["x"]
 
 
@@ -141,7 +144,7 @@ def test_parse_utc_timestamp() -> None:
 
 IDS = [f"id-{n}" for n in range(6)]
 RULES = ["r1", "r2", "r3"]
-OFFSETS = [dt.timezone.utc, dt.timezone(dt.timedelta(hours=2)), dt.timezone(dt.timedelta(hours=-5, minutes=-30))]
+OFFSETS = [dt.UTC, dt.timezone(dt.timedelta(hours=2)), dt.timezone(dt.timedelta(hours=-5, minutes=-30))]
 
 # expiry as (kind, seconds from NOW); rendered to text separately so the model never parses
 EXPIRY = st.one_of(

@@ -117,7 +117,8 @@ def test_illegal_character_found(segment: str, tokens: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "segment",
-    ["a.b", ".hidden", " leading space", "inner space", "Run_2024-05-01_1410", "äöü ñ", "del\x7fchar", "50%", "{x}", "a,b;c=d"],
+    ["a.b", ".hidden", " leading space", "inner space", "Run_2024-05-01_1410", "äöü ñ", "del\x7fchar", "50%", "{x}",
+     "a,b;c=d"],
 )
 def test_illegal_character_not_found(segment: str) -> None:
     assert rules.illegal_filesystem_character(segment) == []
@@ -154,7 +155,8 @@ def test_reserved_name_found(segment: str, stem: str) -> None:
 
 @pytest.mark.parametrize(
     "segment",
-    ["COM0", "LPT0", "COM10", "LPT10", "console.txt", "CONS", "xcon", "com", "LPT", "nul_data.csv", "icon.png", ".con", "auxiliary", "con-1.txt", "Run_CON"],
+    ["COM0", "LPT0", "COM10", "LPT10", "console.txt", "CONS", "xcon", "com", "LPT", "nul_data.csv", "icon.png", ".con",
+     "auxiliary", "con-1.txt", "Run_CON"],
 )
 def test_reserved_name_not_found(segment: str) -> None:
     assert rules.reserved_filesystem_name(segment) == []
@@ -187,13 +189,16 @@ def test_precheck_never_misses_random(name: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(alphabet=st.sampled_from(list("aAcClLnNoOpPrRtTuUxX19 .<>{}%_:\x07|?é\u0130K")), max_size=8), max_size=6))
+@given(st.lists(st.text(alphabet=st.sampled_from(list("aAcClLnNoOpPrRtTuUxX19 .<>{}%_:\x07|?é\u0130K")), max_size=8),
+                max_size=6))
 def test_listing_precheck_never_misses(names: list[str]) -> None:
     if any(_any_name_rule(name) for name in names):
         assert rules.names_may_offend(names)
 
 
-@pytest.mark.parametrize("names", [["é", "con.txt"], ["ok", "CON"], ["x\u0130", "aux .csv"], ["a", "b."], ["a", "{{x}}"]])
+@pytest.mark.parametrize(
+    "names", [["é", "con.txt"], ["ok", "CON"], ["x\u0130", "aux .csv"], ["a", "b."], ["a", "{{x}}"]]
+)
 def test_listing_precheck_examples(names: list[str]) -> None:
     assert rules.names_may_offend(names)
     assert not rules.names_may_offend([n.replace("con", "cone").replace("CON", "CONE").replace("aux", "auxx")
@@ -262,7 +267,9 @@ def test_front_matter_extracted(text: str, body: str, terminated: bool) -> None:
     assert text[front.offset : front.offset + len(body)] == body
 
 
-@pytest.mark.parametrize("text", ["# Title\n---\na: 1\n---\n", "", "prose only", " ---\na\n---\n", "----\na\n---\n", "\n---\na\n---\n"])
+@pytest.mark.parametrize(
+    "text", ["# Title\n---\na: 1\n---\n", "", "prose only", " ---\na\n---\n", "----\na\n---\n", "\n---\na\n---\n"]
+)
 def test_no_front_matter(text: str) -> None:
     assert rules.yaml_front_matter(text) is None
     assert rules.malformed_yaml_front_matter(text) == []
