@@ -413,7 +413,7 @@ class NASSyncClient:
             raise RestoreError("no_job", f"{run} has no sync job")
         if job.state in (S.RUNNING, S.AWAITING_VERIFY, S.CLEANED):
             raise RestoreError("busy", f"job {job.id} is {job.state.value}: nothing can be restored now")
-        if await asyncio.to_thread(verified_manifest, job) is None:
+        if await asyncio.to_thread(verified_manifest, job, queue) is None:
             raise RestoreError("no_verified_manifest", f"{run} has no verified checksums.sha256 to restore against")
         equipment = self._equipment(job)
         if equipment is None:
@@ -1212,9 +1212,11 @@ class NASSyncClient:
         if not await self._reachable(job):
             self._audit_note(job, "audit_skipped", "remote unreachable")
             return
-        recorded = await asyncio.to_thread(read_manifest, run)
+        # The verified manifest, also when the local checksums.sha256 was deleted or altered
+        # (the per-file hashes recorded at verification stand in for it).
+        recorded = await asyncio.to_thread(verified_manifest, job, queue)
         if recorded is None:
-            recorded = {}
+            recorded = await asyncio.to_thread(read_manifest, run) or {}
         if recorded and job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
             # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
             self._audit_note(job, "audit_skipped", "recorded manifest changed since verification")

@@ -1,0 +1,55 @@
+"""Local damage with the run's local checksums.sha256 deleted or altered: still never sent.
+
+The job keeps its manifest digest and the per-file SHA-256 recorded at
+verification; together they are a verified manifest even when the local
+``checksums.sha256`` is gone. Mount and rsync_ssh (loopback sshd).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from exlab_wizard.sync.manifest_format import manifest_path
+from exlab_wizard.sync.nas_client import LocalDamageError
+from exlab_wizard.sync.states import SyncJobState
+from tests.client.test_audit_and_cleanup import Clock, flip_byte_keep_stat
+from tests.client.test_local_damage import DAMAGED, FILES, Nas, data_tree, nas, running, synced  # noqa: F401
+
+S = SyncJobState
+KEPT = {k: v for k, v in FILES.items() if k != "notes.txt"}
+
+
+def lose_local_manifest(run, how: str) -> None:
+    path = manifest_path(run)
+    if how == "deleted":
+        path.unlink()
+    else:
+        path.write_text(path.read_text().replace(path.read_text()[:8], "0" * 8, 1))
+
+
+@pytest.mark.parametrize("how", ["deleted", "altered"])
+async def test_audit_and_reenqueue_never_send_damage_without_the_local_manifest(nas: Nas, how: str) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        await synced(client, run)
+        lose_local_manifest(run, how)
+        flip_byte_keep_stat(run / DAMAGED, 42)
+        (nas.copy(run) / "notes.txt").unlink()  # the audit sees it missing: a re-transfer of the run
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        if job.state == S.FAILED and job.error_kind != "local_damage":
+            await client.retry(job.id)  # the lab retries a hash_mismatch: its rewrite must not send damage
+            await client.wait_idle(timeout=60)
+        assert data_tree(nas.copy(run)) == KEPT
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+        assert DAMAGED in job.last_error and "exlab-sync restore" in job.last_error
+        with pytest.raises(LocalDamageError):
+            await client.retry(job.id)
+        with pytest.raises(LocalDamageError):
+            await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+    assert data_tree(nas.copy(run)) == KEPT
