@@ -13,7 +13,9 @@ from exlab_wizard.sync.manifest_format import manifest_path
 from exlab_wizard.sync.nas_client import LocalDamageError
 from exlab_wizard.sync.states import SyncJobState
 from tests.client.test_audit_and_cleanup import Clock, flip_byte_keep_stat
-from tests.client.test_local_damage import DAMAGED, FILES, Nas, data_tree, nas, running, synced  # noqa: F401
+from tests.client.test_local_damage import (  # noqa: F401
+    DAMAGED, FILES, Nas, data_tree, failed_local_damage, nas, running, synced,
+)
 
 S = SyncJobState
 KEPT = {k: v for k, v in FILES.items() if k != "notes.txt"}
@@ -53,3 +55,13 @@ async def test_audit_and_reenqueue_never_send_damage_without_the_local_manifest(
             await client.enqueue(run)
         await client.wait_idle(timeout=60)
     assert data_tree(nas.copy(run)) == KEPT
+
+
+async def test_the_reapers_local_damage_failure_names_the_ways_out(nas: Nas) -> None:
+    """The cleanup's FAILED local_damage says what to do, as retry and enqueue refusals do."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(), clock) as client:
+        job = await failed_local_damage(client, clock, run)
+        assert DAMAGED in job.last_error and "nothing deleted" in job.last_error
+        assert "exlab-sync restore" in job.last_error and f"retry --accept-local {job.id}" in job.last_error

@@ -53,6 +53,7 @@ __all__ = [
     "RestoreResult",
     "check_local",
     "damage_message",
+    "damage_ways_out",
     "find_damage",
     "previous_stamp",
     "restore_damaged",
@@ -119,6 +120,13 @@ def damage_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
     """The one-line reason for a ``local_damage`` failure, naming the files and the ways out."""
     return (
         f"local damage (content changed, size and mtime not): {name_paths(list(paths))}; nothing sent. "
+        + damage_ways_out(job_id, run_path)
+    )
+
+
+def damage_ways_out(job_id: str, run_path: str) -> str:
+    """The two commands that end a ``local_damage`` failure, as one sentence."""
+    return (
         f"`exlab-sync restore {shlex.quote(run_path)}` brings the verified bytes back from the NAS, "
         f"`exlab-sync retry --accept-local {job_id}` sends the local bytes as the new truth "
         f"(the NAS keeps the replaced files under {PREVIOUS_DIR}/)"
