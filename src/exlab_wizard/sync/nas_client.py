@@ -1212,11 +1212,9 @@ class NASSyncClient:
         if not await self._reachable(job):
             self._audit_note(job, "audit_skipped", "remote unreachable")
             return
-        # The verified manifest, also when the local checksums.sha256 was deleted or altered
-        # (the per-file hashes recorded at verification stand in for it).
-        recorded = await asyncio.to_thread(verified_manifest, job, queue)
+        recorded = await asyncio.to_thread(read_manifest, run)
         if recorded is None:
-            recorded = await asyncio.to_thread(read_manifest, run) or {}
+            recorded = {}
         if recorded and job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
             # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
             self._audit_note(job, "audit_skipped", "recorded manifest changed since verification")
