@@ -113,3 +113,21 @@ def test_the_size_bound(tmp_path: Path) -> None:
     with pytest.raises(CacheError):
         writer.set_sync_status(run, "pending")
     assert creation_path(run).stat().st_size == CREATION_MAX_BYTES + 1
+
+
+def test_the_lock_file_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    """A ``creation.json.lock`` planted as a symlink neither creates nor opens the file it points to."""
+    from exlab_wizard.cache.atomic import FileLock
+
+    run = make_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "created-by-the-engine"
+    elsewhere.parent.mkdir()
+    lock = run / ".exlab-wizard" / "creation.json.lock"
+    lock.symlink_to(elsewhere)
+    with pytest.raises(CacheError) as caught:
+        with FileLock(lock, timeout=1.0):
+            pass
+    assert caught.value.kind == CacheErrorKind.IO and "symbolic link" in str(caught.value)
+    assert not elsewhere.exists()
+    with FileLock(run / ".exlab-wizard" / "other.lock", timeout=1.0):  # a plain lock file still works
+        pass

@@ -223,6 +223,7 @@ async def test_exlab_sync_cleanup_on_a_run_whose_nas_folder_was_deleted_deletes_
     assert "requeued" in _row(done.stdout, run) and "NAS copy incomplete: missing on the NAS" in done.stdout, (
         done.stdout + done.stderr)
     assert "freed 0 B" in done.stdout
+    assert done.returncode == 1, "a NAS copy found incomplete is a problem found: exit 1"
     assert data_intact(run)
     status = _cli("status", str(run), "--config", str(config_file))
     assert "queued" in status.stdout, status.stdout + status.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import textwrap
 from pathlib import Path
 
@@ -434,3 +435,27 @@ def test_equipment_by_id(two_instruments: Config):
 def test_config_is_frozen(two_instruments: Config):
     with pytest.raises(Exception):  # noqa: B017 - which error a frozen model raises is pydantic's choice
         two_instruments.sync = None  # type: ignore[misc]
+
+
+def test_a_config_path_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path):
+    """``--config`` naming a FIFO (or a device) is a ConfigError at once, never a read that blocks."""
+    import threading
+
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            load_config(fifo)
+        except ConfigError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():  # unblock the reader so the test process can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_config blocked on a FIFO")
+    assert "not a regular file" in str(outcome["error"])

@@ -173,6 +173,16 @@ def _path_lock(key: str) -> _PathLock:
         return entry
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (create) a lock file: never through a symbolic link, never blocking on a FIFO; a regular file only."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
 class FileLock:
     """An exclusive lock on ``path``, shared by threads and processes.
 
@@ -209,11 +219,12 @@ class FileLock:
             )
         entry.owner = me
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = _open_lock_file(self.path)
         except OSError as exc:
             entry.owner = None
             entry.lock.release()
-            raise CacheError(CacheErrorKind.IO, f"{self.path}: cannot open the lock file: {exc.strerror or exc}", self.path) from exc
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+            raise CacheError(CacheErrorKind.IO, f"{self.path}: cannot open the lock file: {why}", self.path) from exc
         try:
             delay = 0.002
             while True:

@@ -61,6 +61,8 @@ def cleanup_cmd(dry_run: bool, config: Config) -> None:
                           Text(printable(o.reason)))
         console.print(table)
         console.print(f"{'would free' if dry_run else 'freed'} {_size(freed)}")
-        return EXIT_PROBLEM if any(o.action in ("failed", "would_fail", "aborted", "error") for o in outcomes) else EXIT_OK
+        # A wait is not a problem; a job sent back for a new transfer or failed is one found.
+        problems = ("failed", "would_fail", "requeued", "would_requeue", "aborted", "error")
+        return EXIT_PROBLEM if any(o.action in problems for o in outcomes) else EXIT_OK
 
     raise SystemExit(run_client(config, body, run_workers=False))

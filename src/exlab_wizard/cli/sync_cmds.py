@@ -59,20 +59,25 @@ _STATE_STYLE = {
 }
 
 
+_SYNC_OFF = "sync.enabled is false, nothing is sent to the NAS until it is true"
+
+
 def _ago(when: dt.datetime | None) -> str:
     if when is None:
         return ""
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def jobs_table(rows: list[Any], title: str = "Jobs") -> Table:
+def jobs_table(rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = True) -> Table:
     table = Table(title=title, show_lines=False)
     for column in ("job", "equipment", "run", "state", "attempts", "passes", "verified at", "reason / remote"):
         table.add_column(column, overflow="fold")
     for row in rows:
         state = row.state.value
         reason = row.last_error if state in ("failed", "queued") and row.last_error else row.remote_path
-        if state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
+        if state in ("verified", "cleanup_eligible") and row.metadata_push_pending and not sync_enabled:
+            reason = f"metadata push pending: {_SYNC_OFF}"
+        elif state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
             reason = f"metadata push pending: {row.metadata_push_error}"
         table.add_row(
             row.id[:8], row.equipment_id, Text(printable(row.run_path)), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
@@ -137,6 +142,8 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
     for path in paths:
         if not path.is_dir():
             fail(f"{path}: not a folder")
+    if wait and not config.sync.enabled:
+        fail(f"--wait: {_SYNC_OFF}; nothing would end the wait", EXIT_USAGE)
 
     async def body(client: NASSyncClient) -> int:
         blocked = False
@@ -226,7 +233,7 @@ def status_cmd(path: Path | None, config: Config) -> None:
         if row is None:
             console.print("none")
             return EXIT_OK
-        console.print(jobs_table([row], "Job"))
+        console.print(jobs_table([row], "Job", sync_enabled=config.sync.enabled))
         events = Table(title="Events")
         for column in ("time", "kind", "from", "to", "detail"):
             events.add_column(column, overflow="fold")
@@ -249,7 +256,7 @@ def jobs_cmd(state: str | None, equipment_id: str | None, config: Config) -> Non
 
     async def body(client: NASSyncClient) -> int:
         rows = await client.jobs(state=state, equipment_id=equipment_id)
-        console.print(jobs_table(rows) if rows else "no jobs")
+        console.print(jobs_table(rows, sync_enabled=config.sync.enabled) if rows else "no jobs")
         return EXIT_OK
 
     raise SystemExit(run_client(config, body))

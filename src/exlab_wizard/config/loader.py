@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +115,27 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
     return config
 
 
+CONFIG_MAX_BYTES = 16 << 20
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a regular config file (a symlink to one is fine); never blocks on a FIFO or device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > CONFIG_MAX_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {CONFIG_MAX_BYTES >> 20} MiB")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(CONFIG_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {CONFIG_MAX_BYTES >> 20} MiB")
+    return data.decode("utf-8")
+
+
 def load_config(path: Path | str) -> Config:
     """Read and validate a YAML config file.
 
@@ -120,7 +144,7 @@ def load_config(path: Path | str) -> Config:
     """
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_config_text(path)
     except FileNotFoundError:
         raise ConfigError([f"<file>: config file not found: {path}"]) from None
     except (OSError, UnicodeDecodeError) as exc:

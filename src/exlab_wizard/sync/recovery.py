@@ -59,6 +59,7 @@ __all__ = [
     "RestoreResult",
     "check_local",
     "damage_message",
+    "damage_ways_out",
     "find_damage",
     "previous_stamp",
     "rearm",
@@ -128,6 +129,13 @@ def damage_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
     """The one-line reason for a ``local_damage`` failure, naming the files and the ways out."""
     return (
         f"local damage (content changed, size and mtime not): {name_paths(list(paths))}; nothing sent. "
+        + damage_ways_out(job_id, run_path)
+    )
+
+
+def damage_ways_out(job_id: str, run_path: str) -> str:
+    """The two commands that end a ``local_damage`` failure, as one sentence."""
+    return (
         f"`exlab-sync restore {shlex.quote(run_path)}` brings the verified bytes back from the NAS, "
         f"`exlab-sync retry --accept-local {job_id}` sends the local bytes as the new truth "
         f"(the NAS keeps the replaced files under {PREVIOUS_DIR}/)"
@@ -139,21 +147,35 @@ def previous_stamp(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def verified_manifest(job: SyncJobRow) -> dict[str, str] | None:
+def verified_manifest(job: SyncJobRow, queue: JobQueue | None = None) -> dict[str, str] | None:
     """The run's verified manifest (data files only), or None when the run has none.
 
     Verified means: the job records a manifest digest and the run's
-    ``checksums.sha256`` has that digest. Blocking I/O.
+    ``checksums.sha256`` has that digest. When that file is gone or altered,
+    the SHA-256 of each file recorded in the queue at verification (given
+    ``queue``) stand in for it, if together they have the job's digest: the
+    verified truth outlives a deleted or edited ``checksums.sha256``.
+    Blocking I/O.
     """
     if not job.manifest_digest:
         return None
     try:
         manifest = read_manifest(Path(job.run_path))
     except (ManifestFormatError, OSError):
-        return None
+        manifest = None
     if manifest is None or manifest_digest(manifest) != job.manifest_digest:
+        manifest = None if queue is None else _recorded_manifest(queue, job)
+    if manifest is None:
         return None
     return {k: v for k, v in manifest.items() if is_data_path(k)}
+
+
+def _recorded_manifest(queue: JobQueue, job: SyncJobRow) -> dict[str, str] | None:
+    """The per-file SHA-256 recorded at verification, when they are exactly the job's manifest."""
+    recorded = {rel: rec.sha256.lower() for rel, rec in load_verified_stats(queue, job.id).items()}
+    if not recorded or manifest_digest(recorded) != job.manifest_digest:
+        return None
+    return recorded
 
 
 def _verified_since(queue: JobQueue, job: SyncJobRow) -> dt.datetime | None:
@@ -173,7 +195,7 @@ def _verified_since(queue: JobQueue, job: SyncJobRow) -> dt.datetime | None:
 
 def check_local(queue: JobQueue, job: SyncJobRow) -> LocalCheck | None:
     """The reaper's local check of a run with a verified manifest; None without one. Blocking I/O."""
-    manifest = verified_manifest(job)
+    manifest = verified_manifest(job, queue)
     if not manifest:
         return None
     scan = scan_run(job.run_path, manifest, load_verified_stats(queue, job.id), verified_at=_verified_since(queue, job))
@@ -266,7 +288,7 @@ async def restore_damaged(
     the scratch folder.
     """
     run = Path(job.run_path)
-    manifest = verified_manifest(job) or {}
+    manifest = verified_manifest(job, queue) or {}
     stats = load_verified_stats(queue, job.id)
     seen = {rel: _lstat(run / rel) for rel in damaged}
     scratch = await asyncio.to_thread(_scratch, run)
@@ -371,7 +393,7 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
         raise RestoreError("no_job", f"{run} has no sync job")
     if job.state in (S.RUNNING, S.AWAITING_VERIFY, S.CLEANED):
         raise RestoreError("busy", f"job {job.id} is {job.state.value}: nothing can be restored now")
-    if await asyncio.to_thread(verified_manifest, job) is None:
+    if await asyncio.to_thread(verified_manifest, job, queue) is None:
         raise RestoreError("no_verified_manifest", f"{run} has no verified checksums.sha256 to restore against")
     equipment = ctx.equipment(job)
     if equipment is None:

@@ -291,6 +291,10 @@ class Reaper(InterlockFacts):
 
     def _fail(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
         reason = f"{decision.reason}; nothing deleted, the NAS copy is left as verified"
+        if decision.error_kind == "local_damage":
+            from exlab_wizard.sync.recovery import damage_ways_out  # recovery builds on the reaper
+
+            reason += ". " + damage_ways_out(job.id, job.run_path)
         try:
             self.queue.transition(
                 job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,

@@ -468,7 +468,9 @@ class RcloneTransport(Transport):
 
     async def remote_manifest(self, run_path: Path) -> RemoteManifest:
         fs = self._fs(Path(os.path.abspath(run_path)))
-        base = self._base() + _COMMON
+        # sftp: a symlink on the NAS is never hashed as a file of the run (rclone follows links
+        # by default); it then shows as missing, and the re-send replaces it with the run's file.
+        base = self._base() + _COMMON + ["--sftp-skip-links"]
         await self.probe(run_path)
         if self._native_sha256 is False:
             return await self._download_manifest(base, fs, run_path)
