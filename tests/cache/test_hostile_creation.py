@@ -124,9 +124,8 @@ def test_the_lock_file_is_never_opened_through_a_symlink(tmp_path: Path) -> None
     elsewhere.parent.mkdir()
     lock = run / ".exlab-wizard" / "creation.json.lock"
     lock.symlink_to(elsewhere)
-    with pytest.raises(CacheError) as caught:
-        with FileLock(lock, timeout=1.0):
-            pass
+    with pytest.raises(CacheError) as caught, FileLock(lock, timeout=1.0):
+        pass
     assert caught.value.kind == CacheErrorKind.IO and "symbolic link" in str(caught.value)
     assert not elsewhere.exists()
     with FileLock(run / ".exlab-wizard" / "other.lock", timeout=1.0):  # a plain lock file still works

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from tests.client.conftest import Lab
-from tests.client.test_cli_local_damage import FILES, _cli
+from tests.helpers import cli
+from tests.lab import Lab
+
+FILES = {"image_001.tif": b"\x00image" * 500, "sub/stack.raw": b"stack" * 600, "notes.txt": b"ok\n"}
+
+
+def _cli(*args: str):
+    return cli(*args, columns=500)
 
 
 def _config(lab: Lab, enabled: bool) -> str:
