@@ -133,6 +133,12 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE jobs ADD COLUMN previous_stamp TEXT;
     ALTER TABLE jobs ADD COLUMN previous_kept_at TEXT;
     """,
+    # 4: the service's aggregate questions (jobs by equipment and state, pages by state) stay cheap
+    # with 100,000 jobs: a covering index for the GROUP BY, and one whose rows follow creation order.
+    """
+    CREATE INDEX jobs_by_equipment_state ON jobs (equipment_id, state, created_at, verified_at);
+    CREATE INDEX jobs_by_state ON jobs (state);
+    """,
 ]
 
 
