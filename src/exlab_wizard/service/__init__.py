@@ -1,0 +1,1 @@
+"""The long-running service: ``exlab-sync serve`` (workers, watcher, HTTP API, metrics)."""
