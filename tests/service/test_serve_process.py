@@ -89,14 +89,14 @@ def test_one_serve_per_state_dir_and_the_cli_works_beside_it(lab: Lab) -> None:
     serve = Serve(config)
     try:
         second = subprocess.run([EXE, "serve", "--config", str(config), "--port", "0"],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+                                check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "already runs the workers" in lines[0], second.stderr
         assert "Traceback" not in second.stderr
         run = lab.make_run()
         enqueue = subprocess.run([EXE, "enqueue", str(run), "--config", str(config)],
-                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+                                 check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert enqueue.returncode == 0, enqueue.stderr
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # serve, the lease holder, syncs what the CLI queued
@@ -105,7 +105,7 @@ def test_one_serve_per_state_dir_and_the_cli_works_beside_it(lab: Lab) -> None:
                 break
             time.sleep(0.1)
         assert jobs[0]["state"] == "verified"
-        listed = subprocess.run([EXE, "jobs", "--config", str(config)], capture_output=True, text=True, timeout=60,
+        listed = subprocess.run([EXE, "jobs", "--config", str(config)], check=False, capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "COLUMNS": "250"})  # fmt: skip
         assert listed.returncode == 0 and jobs[0]["id"][:8] in listed.stdout and "verified" in listed.stdout
         code, _took = serve.stop()

@@ -15,7 +15,15 @@ import sys
 import click
 
 from exlab_wizard.cli import main
-from exlab_wizard.cli.common import EXIT_OK, EXIT_USAGE, config_option, ensure_state_dir, err_console, fail, one_line_errors
+from exlab_wizard.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    config_option,
+    ensure_state_dir,
+    err_console,
+    fail,
+    one_line_errors,
+)
 from exlab_wizard.cli.sync_cmds import configure_logging
 from exlab_wizard.config import Config
 from exlab_wizard.service.server import LOOPBACK, AlreadyServing, ServiceInfo, run_service

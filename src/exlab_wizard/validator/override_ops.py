@@ -124,7 +124,7 @@ def add_override(
     the whole run, as the gate reads it. Raises :class:`OverrideError`, and
     :class:`~exlab_wizard.cache.CacheError` when creation.json cannot be used.
     """
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     checked_rule = check_rule(rule)
     why = _text("reason", reason)
     who = _text("operator", operator)
@@ -163,7 +163,7 @@ def revoke_override(
 
 def list_overrides(writer: CreationWriter, run: Path, *, now: dt.datetime | None = None) -> list[OverrideView]:
     """Every entry of the run's ``validation_overrides`` in file order, with its status at ``now``."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     _require_run(run)
     creation = writer.read(run)
     entries = [e for e in (creation.validation_overrides if creation is not None else []) if isinstance(e, dict)]
