@@ -1,7 +1,7 @@
 """``GET /metrics``: the service in Prometheus text format, per equipment.
 
-Read at scrape time (one aggregate query over a covering index, cheap with
-100,000 jobs): ``exlab_jobs{equipment,state}``,
+Read at scrape time (a GROUP BY over a covering index and one index seek per
+equipment: cheap with 100,000 jobs): ``exlab_jobs{equipment,state}``,
 ``exlab_oldest_queued_job_age_seconds``, ``exlab_last_verified_sync_timestamp_seconds``.
 Read from :class:`NasFacts`, refreshed in the background and never during a
 scrape (a probe may take seconds when a NAS is away): ``exlab_nas_reachable``,
@@ -107,22 +107,16 @@ class _QueueCollector(Collector):
         verified = GaugeMetricFamily("exlab_last_verified_sync_timestamp_seconds",
                                      "Unix time of the latest verification of a current NAS copy (0: never).",
                                      labels=["equipment"])  # fmt: skip
-        counts: dict[tuple[str, str], int] = {}
-        oldest_at: dict[str, float] = {}
-        last_at: dict[str, float] = {}
-        for row in self.stats.by_equipment_state():
-            counts[(row.equipment_id, row.state)] = row.jobs
-            if row.state == S.QUEUED.value and row.oldest_created_at is not None:
-                oldest_at[row.equipment_id] = row.oldest_created_at.timestamp()
-            if row.last_verified_at is not None:
-                last_at[row.equipment_id] = max(last_at.get(row.equipment_id, 0.0), row.last_verified_at.timestamp())
-        now = self.clock()
+        counts = {(row.equipment_id, row.state): row.jobs for row in self.stats.by_equipment_state()}
         known = ids + sorted({eq for eq, _ in counts} - set(ids))  # jobs of equipment no longer configured too
+        oldest_at = self.stats.oldest_queued(known)
+        last_at = self.stats.last_verified(known)
+        now = self.clock()
         for eq in known:
             for state in S:
                 jobs.add_metric([eq, state.value], counts.get((eq, state.value), 0))
-            oldest.add_metric([eq], max(0.0, now - oldest_at[eq]) if eq in oldest_at else 0.0)
-            verified.add_metric([eq], last_at.get(eq, 0.0))
+            oldest.add_metric([eq], max(0.0, now - oldest_at[eq].timestamp()) if eq in oldest_at else 0.0)
+            verified.add_metric([eq], last_at[eq].timestamp() if eq in last_at else 0.0)
         yield jobs
         yield oldest
         yield verified

@@ -133,10 +133,12 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE jobs ADD COLUMN previous_stamp TEXT;
     ALTER TABLE jobs ADD COLUMN previous_kept_at TEXT;
     """,
-    # 4: the service's aggregate questions (jobs by equipment and state, pages by state) stay cheap
-    # with 100,000 jobs: a covering index for the GROUP BY, and one whose rows follow creation order.
+    # 4: the service's questions stay cheap with 100,000 jobs: jobs by equipment and state (a
+    # covering GROUP BY) and the oldest queued job (one seek), the latest verification per
+    # equipment (one seek), and pages by state (an index whose rows follow creation order).
     """
-    CREATE INDEX jobs_by_equipment_state ON jobs (equipment_id, state, created_at, verified_at);
+    CREATE INDEX jobs_by_equipment_state ON jobs (equipment_id, state, created_at);
+    CREATE INDEX jobs_by_equipment_verified ON jobs (equipment_id, verified_at);
     CREATE INDEX jobs_by_state ON jobs (state);
     """,
 ]

@@ -11,6 +11,7 @@ Example::
     stats = QueueStats(config.queue_db)
     for row in stats.by_equipment_state():
         print(row.equipment_id, row.state, row.jobs)
+    stats.oldest_queued(["CONFOCAL_01"])  # {"CONFOCAL_01": <aware datetime>} when one is queued
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,11 @@ def _dt(text: str | None) -> dt.datetime | None:
 
 @dataclass(frozen=True)
 class EquipmentStateCount:
-    """Jobs of one equipment in one state; the oldest one's creation time and the latest ``verified_at``."""
+    """How many jobs of one equipment are in one state."""
 
     equipment_id: str
     state: str
     jobs: int
-    oldest_created_at: dt.datetime | None
-    last_verified_at: dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -116,17 +115,30 @@ class QueueStats:
     # ------------------------------------------------------------------ aggregates
 
     def by_equipment_state(self) -> list[EquipmentStateCount]:
-        """Job counts by equipment and state (only the pairs that have jobs), one pass over the table."""
-        sql = (
-            "SELECT equipment_id, state, COUNT(*) AS n, MIN(created_at) AS oldest, MAX(verified_at) AS verified"
-            " FROM jobs GROUP BY equipment_id, state"
-        )
+        """Job counts by equipment and state (only the pairs that have jobs): one pass over a covering index."""
+        sql = "SELECT equipment_id, state, COUNT(*) AS n FROM jobs GROUP BY equipment_id, state"
         with self._read() as conn:
             rows = conn.execute(sql).fetchall()
-        return [
-            EquipmentStateCount(r["equipment_id"], r["state"], r["n"], _dt(r["oldest"]), _dt(r["verified"]))
-            for r in rows
-        ]
+        return [EquipmentStateCount(r["equipment_id"], r["state"], r["n"]) for r in rows]
+
+    def oldest_queued(self, equipment_ids: Iterable[str]) -> dict[str, dt.datetime]:
+        """When the oldest QUEUED job of each equipment was created (equipment with none left out); one seek each."""
+        return self._per_equipment(
+            "SELECT MIN(created_at) FROM jobs WHERE equipment_id = ? AND state = ?", equipment_ids, _QUEUED
+        )
+
+    def last_verified(self, equipment_ids: Iterable[str]) -> dict[str, dt.datetime]:
+        """The latest ``verified_at`` of each equipment's jobs (never verified: left out); one seek each."""
+        return self._per_equipment("SELECT MAX(verified_at) FROM jobs WHERE equipment_id = ?", equipment_ids)
+
+    def _per_equipment(self, sql: str, equipment_ids: Iterable[str], *extra: Any) -> dict[str, dt.datetime]:
+        out: dict[str, dt.datetime] = {}
+        with self._read() as conn:
+            for equipment_id in equipment_ids:
+                moment = _dt(conn.execute(sql, (equipment_id, *extra)).fetchone()[0])
+                if moment is not None:
+                    out[equipment_id] = moment
+        return out
 
     def reclaimable_bytes(self) -> dict[str, int]:
         """Bytes of verified local data that cleanup could free (VERIFIED and CLEANUP_ELIGIBLE jobs), by equipment.
