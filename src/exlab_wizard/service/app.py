@@ -34,7 +34,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from exlab_wizard.cache import CacheError, CreationWriter
@@ -201,7 +201,7 @@ class RevokeBody(_Strict):
     operator: str | None = Field(None, max_length=200)
 
 
-def _readable(exc: RequestValidationError) -> str:
+def _readable(exc: RequestValidationError | ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
@@ -288,8 +288,8 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         raw = await request.body()
         try:
             body = RetryBody.model_validate_json(raw) if raw.strip() else RetryBody()
-        except ValueError as exc:
-            raise ApiError(422, "invalid_request", f"body: {exc}".splitlines()[0] + " (expected {\"accept_local\": true|false})") from None
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", _readable(exc) + ' (the body is optional: {"accept_local": true})') from None
         try:
             row = await ctx.client.retry(job_id, accept_local=body.accept_local)
         except KeyError:

@@ -31,6 +31,8 @@ __all__ = ["EventHub", "FeedMessage"]
 
 logger = logging.getLogger(__name__)
 
+_IN_FLIGHT = ("running", "awaiting_verify")
+
 #: Messages a subscriber may fall behind before its oldest are dropped.
 SUBSCRIBER_BACKLOG = 1000
 
@@ -143,6 +145,8 @@ class EventHub:
                 events = []
             for event in events:
                 self._last_id = event.id
+                if event.from_state in _IN_FLIGHT:  # a transfer or check that ended, however: forget its rate
+                    self._rates.pop(event.job_id, None)
                 for listener in self.stored_listeners:
                     with contextlib.suppress(Exception):
                         listener(event)
