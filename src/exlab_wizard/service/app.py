@@ -33,7 +33,6 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 
@@ -41,6 +40,7 @@ from exlab_wizard.cache import CacheError, CreationWriter
 from exlab_wizard.config.models import Config
 from exlab_wizard.service import shapes
 from exlab_wizard.service.auth import COOKIE_NAME, SESSION_TTL_S, Auth, AuthOutcome
+from exlab_wizard.service.dashboard import install_dashboard
 from exlab_wizard.service.events import EventHub, FeedMessage
 from exlab_wizard.service.metrics import NasFacts, ServiceMetrics
 from exlab_wizard.service.runpaths import OutsideRoots, resolve_run_path
@@ -56,7 +56,6 @@ __all__ = ["MAX_BODY_BYTES", "ApiError", "Guard", "ServiceContext", "Watcher", "
 
 #: The largest request body accepted (every body of this API is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
-_TEMPLATES = Path(__file__).parent / "templates"
 _STATE_VALUES = [s.value for s in SyncJobState]
 
 
@@ -225,7 +224,6 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         "(`<state_dir>/api-token`) or a browser session from the login address `serve` prints.",
         version="1",
     )
-    templates = Jinja2Templates(directory=str(_TEMPLATES))
     app.state.ctx = ctx
 
     @app.exception_handler(ApiError)
@@ -420,16 +418,7 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         reply.delete_cookie(COOKIE_NAME, path="/")
         return reply
 
-    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    async def index(request: Request) -> Response:
-        cards = await asyncio.to_thread(_equipment_cards, ctx)
-        failed = await asyncio.to_thread(ctx.stats.page, state=SyncJobState.FAILED.value, limit=50)
-        running = await asyncio.to_thread(ctx.stats.page, state=SyncJobState.RUNNING.value, limit=50)
-        logged_in = ctx.auth.session_valid(request.cookies.get(COOKIE_NAME))
-        return templates.TemplateResponse(request, "index.html", {
-            "cards": cards, "failed": failed.jobs, "running": running.jobs, "logged_in": logged_in,
-            "states": _STATE_VALUES,
-        })
+    install_dashboard(app, ctx)  # "/", its fragments, chart and static files
 
     return Guard(_hosts(app, allowed_hosts), ctx.auth)
 
