@@ -252,8 +252,8 @@ class WaitingBytes:
 class VerifiedChart:
     """The SVG chart's geometry: one bar per hour, a labelled y maximum and hour ticks every six hours."""
 
-    width: int = 720
-    height: int = 200
+    width: int = 960
+    height: int = 220
     left: int = 70
     right: int = 10
     top: int = 14
@@ -279,6 +279,7 @@ class VerifiedChart:
         total = sum(b for _at, b in hours)
         return {
             "chart": self, "bars": bars, "ticks": ticks, "scale_label": human_bytes(scale) if scale else "0 B",
+            "mid_y": self.top + plot_h / 2, "mid_label": human_bytes(scale / 2) if scale else "",
             "plot_bottom": self.top + plot_h, "plot_right": self.width - self.right,
             "total_label": human_bytes(total), "empty": total == 0,
         }
@@ -362,11 +363,20 @@ def _blocked(ctx: ServiceContext) -> list[dict[str, Any]] | None:
     for item in ctx.watcher.blocked():
         data = item.to_dict() if hasattr(item, "to_dict") else dict(item)
         findings = [f for f in data.get("findings", []) if f.get("tier", "hard") == "hard"] or data.get("findings", [])
+        findings = [{**f, "where": _within(str(data.get("run_path", "")), str(f.get("offending_path", "")))}
+                    for f in findings]  # fmt: skip
         choices: dict[str, str] = {}  # rule -> the first finding's path, in the findings' order
         for f in findings:
             choices.setdefault(str(f.get("rule", "")), str(f.get("offending_path", "")))
         out.append({**data, "findings": findings, "choices": list(choices.items())})
     return out
+
+
+def _within(run_path: str, path: str) -> str:
+    """``path`` shown inside its run: relative to the run folder ('' for the folder itself), else as given."""
+    if path == run_path:
+        return ""
+    return path.removeprefix(run_path.rstrip("/") + "/")
 
 
 # --------------------------------------------------------------------------- the router
