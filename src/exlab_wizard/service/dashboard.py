@@ -32,6 +32,7 @@ import datetime as dt
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,11 +202,13 @@ class WaitingBytes:
     every waiting run is counted). Thread-safe.
     """
 
-    def __init__(self, db_path: Path, *, max_new_walks: int = 200):
+    def __init__(self, db_path: Path, *, max_new_walks: int = 200, reuse_s: float = 10.0):
         self.db_path = db_path
         self.max_new_walks = max_new_walks
+        self.reuse_s = reuse_s
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._last: tuple[float, int | None, tuple[dict[str, int], dict[str, int], bool]] | None = None
 
     @staticmethod
     def _walk(run: str) -> int:
@@ -216,8 +219,17 @@ class WaitingBytes:
                     total += os.lstat(os.path.join(folder, name)).st_size
         return total
 
-    def refresh(self) -> tuple[dict[str, int], dict[str, int], bool]:
-        """``(bytes by equipment, runs by equipment, complete)`` for the waiting jobs now."""
+    def refresh(self, version: int | None = None) -> tuple[dict[str, int], dict[str, int], bool]:
+        """``(bytes by equipment, runs by equipment, complete)`` for the waiting jobs now.
+
+        ``version``: the queue's last event id. An answer for the same version
+        younger than ``reuse_s`` seconds is given again, so many open pages
+        refreshing after the same transition cost one query.
+        """
+        with self._lock:
+            last = self._last
+        if last is not None and version is not None and last[1] == version and time.monotonic() - last[0] < self.reuse_s:
+            return last[2]
         marks = ",".join("?" * len(WAITING_STATES))
         with _read_only(self.db_path) as conn:
             rows = conn.execute(f"SELECT run_path, equipment_id FROM jobs WHERE state IN ({marks})",
@@ -242,6 +254,7 @@ class WaitingBytes:
             by_runs[eq] = by_runs.get(eq, 0) + 1
         with self._lock:
             self._sizes = sizes  # runs no longer waiting are forgotten
+            self._last = (time.monotonic(), version, (by_bytes, by_runs, complete))
         return by_bytes, by_runs, complete
 
 
@@ -394,13 +407,25 @@ def _watch_feed(ctx: ServiceContext) -> None:
     add = getattr(ctx.watcher, "add_listener", None)
     if add is None:
         return
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
 
     def relay(event: dict[str, Any]) -> None:
-        if event.get("action") in ("blocked", "enqueued", "adopted", "forgotten"):
-            ctx.hub.publish(FeedMessage("watcher", {
-                "action": str(event.get("action")), "run_path": str(event.get("run_path", "")),
-                "equipment_id": str(event.get("equipment_id", "")),
-            }))
+        if event.get("action") not in ("blocked", "enqueued", "adopted", "forgotten"):
+            return
+        message = FeedMessage("watcher", {
+            "action": str(event.get("action")), "run_path": str(event.get("run_path", "")),
+            "equipment_id": str(event.get("equipment_id", "")),
+        })
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # called from a worker thread: the hub's queues belong to the loop
+            if loop is not None:
+                loop.call_soon_threadsafe(ctx.hub.publish, message)
+            return
+        ctx.hub.publish(message)
 
     add(relay)
 
@@ -418,7 +443,7 @@ def install_dashboard(app: FastAPI, ctx: ServiceContext) -> None:
         """The template context of one section (the page renders them all)."""
         now = dt.datetime.now(dt.UTC)
         if name in ("equipment", "totals"):
-            by_bytes, by_runs, complete = waiting.refresh()
+            by_bytes, by_runs, complete = waiting.refresh(ctx.hub.last_id)
             cards = _equipment_cards(ctx, _counts(ctx), by_bytes, by_runs, now)
             return {"cards": cards, "waiting_complete": complete, "states": _STATES,
                     "waiting_total": sum(by_bytes.values()), "waiting_runs": sum(by_runs.values()),
