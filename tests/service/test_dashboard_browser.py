@@ -66,7 +66,7 @@ async def logged_in_page(browser: Browser, svc: Service) -> Page:
     page = await (await browser.new_context()).new_page()
     await page.goto(svc.info.login_url)
     assert page.url == svc.url + "/"
-    await expect(page.locator("#session")).to_contain_text("Logged in")
+    await expect(page.locator("#session")).to_contain_text("You are logged in")
     await expect(page.locator("#live-status")).to_have_text("Live", timeout=WAIT_MS)
     await page.evaluate("window.__sameDocument = true")
     return page
