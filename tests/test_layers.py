@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.policy": 5,
     "exlab_wizard.sync.states": 6,
     "exlab_wizard.sync.queue": 6,
+    "exlab_wizard.sync.queue_stats": 6,
     "exlab_wizard.sync.manifest_format": 6,
     "exlab_wizard.sync.equipment_log": 6,
     # A token bucket on the standard library alone, used by the transports.

@@ -316,11 +316,14 @@ class CreationWriter:
         operator: str,
         reason: str,
         expires_at: dt.datetime | None = None,
+        path: str | None = None,
     ) -> dict[str, Any]:
         """Append an override of the hard rule ``problem_class`` and return the entry.
 
         ``{"id": <uuid4>, "problem_class", "operator", "recorded_at": <UTC ISO>,
-        "expires_at": <UTC ISO> | null, "reason", "revoked": false}``.
+        "expires_at": <UTC ISO> | null, "reason", "revoked": false}``, plus
+        ``"path"`` when given (the finding's path that prompted it: a note for
+        people; the override still covers the rule for the whole run).
         ``expires_at`` must be time-zone aware (``ValueError`` otherwise).
         """
         _require_text("problem_class", problem_class)
@@ -336,6 +339,8 @@ class CreationWriter:
             "reason": reason,
             "revoked": False,
         }
+        if path is not None:
+            entry["path"] = _require_text("path", path)
         self.update(run_path, lambda raw: _overrides_list(raw, run_path).append(dict(entry)))
         return entry
 

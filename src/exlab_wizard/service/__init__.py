@@ -1,4 +1,4 @@
-"""The long-running service around the sync client (``exlab-sync serve``).
+"""The long-running service: ``exlab-sync serve`` (workers, watcher, HTTP API, metrics, dashboard).
 
 :class:`CompletionWatcher` enqueues each finished run once, by itself
 (:mod:`exlab_wizard.service.watcher`).

@@ -183,6 +183,14 @@ MIGRATIONS: list[Migration] = [
     );
     CREATE INDEX watched_runs_by_equipment ON watched_runs (equipment_id, status);
     """,
+    # 6: the service's questions stay cheap with 100,000 jobs: jobs by equipment and state (a
+    # covering GROUP BY) and the oldest queued job (one seek), the latest verification per
+    # equipment (one seek), and pages by state (an index whose rows follow creation order).
+    """
+    CREATE INDEX jobs_by_equipment_state ON jobs (equipment_id, state, created_at);
+    CREATE INDEX jobs_by_equipment_verified ON jobs (equipment_id, verified_at);
+    CREATE INDEX jobs_by_state ON jobs (state);
+    """,
 ]
 
 

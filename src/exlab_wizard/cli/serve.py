@@ -1,0 +1,59 @@
+"""``exlab-sync serve``: the long-running service (workers, completion watcher, HTTP API, metrics).
+
+Loopback only by default; any other ``--host`` prints a warning (the API then
+answers the network: mutations still need the token). One ``serve`` per
+``state_dir``: a second one exits 2 with one line. Prints the address and a
+one-time browser login address; SIGTERM/SIGINT stop it within seconds, the
+queue intact, and the next start resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from exlab_wizard.cli import main
+from exlab_wizard.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    config_option,
+    ensure_state_dir,
+    err_console,
+    fail,
+    one_line_errors,
+)
+from exlab_wizard.cli.sync_cmds import configure_logging
+from exlab_wizard.config import Config
+from exlab_wizard.service.server import LOOPBACK, AlreadyServing, ServiceInfo, run_service
+
+__all__ = ["serve_cmd"]
+
+
+def _announce(info: ServiceInfo) -> None:
+    # Plain print and flush: supervisors and tests read these lines as they come.
+    print(f"exlab-sync serve: listening on {info.base_url} (API: {info.base_url}/docs, metrics: {info.base_url}/metrics)")
+    print(f"log in from a browser on this machine (works once, within 10 minutes): {info.login_url}")
+    sys.stdout.flush()
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
+@config_option
+@one_line_errors
+def serve_cmd(host: str, port: int, config: Config) -> None:
+    """Run the sync service: workers, completion watcher, HTTP API and /metrics."""
+    ensure_state_dir(config)
+    configure_logging(config)
+    if host not in LOOPBACK:
+        err_console.print(f"[yellow]warning:[/] listening on {host}: the API is reachable from the network "
+                          "(reads are open; changes need the token)", highlight=False)  # fmt: skip
+    try:
+        asyncio.run(run_service(config, host=host, port=port, on_ready=_announce))
+    except AlreadyServing as exc:
+        fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)
+    raise SystemExit(EXIT_OK)

@@ -1,0 +1,41 @@
+"""Which run paths the HTTP API accepts: absolute, inside a configured equipment's root, for real.
+
+A path is refused (:class:`OutsideRoots`, HTTP 400) when it is relative, holds
+a ``..`` segment, or is not inside any ``<local_root>/<id>`` -- both as
+written and once every symbolic link in it is resolved, so a link that
+points out of the lab's folders never lets the API touch what it points at.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from exlab_wizard.config.models import Config, EquipmentConfig
+
+__all__ = ["OutsideRoots", "resolve_run_path"]
+
+
+class OutsideRoots(ValueError):
+    """The path is not inside any configured equipment root."""
+
+
+def _inside(path: str, root: str) -> bool:
+    return path != root and path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_run_path(config: Config, text: str) -> tuple[Path, EquipmentConfig]:
+    """The run path (as written, normalised) and its equipment; :class:`OutsideRoots` otherwise."""
+    if "\x00" in text:
+        raise OutsideRoots("the path holds a NUL character")
+    if not os.path.isabs(text):
+        raise OutsideRoots(f"{text!r} is not an absolute path")
+    if ".." in Path(text).parts:
+        raise OutsideRoots(f"{text!r} holds a '..' segment")
+    written = os.path.normpath(text)
+    real = os.path.realpath(written)
+    for equipment in config.equipment:
+        root = os.path.abspath(equipment.equipment_root)
+        if _inside(written, root) and _inside(real, os.path.realpath(root)):
+            return Path(written), equipment
+    raise OutsideRoots(f"{text} is not inside any configured equipment's <local_root>/<id> (links resolved)")

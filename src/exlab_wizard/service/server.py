@@ -1,0 +1,198 @@
+"""One ``serve`` process: the client's workers, audit loop and reaper, the completion watcher,
+the NAS facts refresh and the HTTP app under uvicorn, all in one event loop.
+
+Shutdown (SIGTERM, SIGINT, or ``stop`` set): the live streams end, uvicorn
+stops taking requests, then ``client.close()`` stops the in-flight transfer
+at its next block (the transports remove their temporary files) and leaves
+the job in the queue, which the next start resumes. The whole shutdown is
+bounded by :data:`SHUTDOWN_BUDGET_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from exlab_wizard.config.models import Config
+from exlab_wizard.service.app import ServiceContext, Watcher, create_app
+from exlab_wizard.service.auth import Auth, load_or_create_token
+from exlab_wizard.service.events import EventHub
+from exlab_wizard.service.metrics import NasFacts, ServiceMetrics
+from exlab_wizard.service.watcher import CompletionWatcher
+from exlab_wizard.sync.nas_client import NASSyncClient, client_from_config
+from exlab_wizard.sync.queue import RunnerLease, lease_path_for
+from exlab_wizard.sync.queue_stats import QueueStats
+
+__all__ = ["LOOPBACK", "SHUTDOWN_BUDGET_S", "AlreadyServing", "ServiceInfo", "run_service"]
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: What a stop may take in all; SIGTERM must end the process well inside 10 s.
+SHUTDOWN_BUDGET_S = 7.0
+
+
+class AlreadyServing(RuntimeError):
+    """Another process holds the runner lease of this queue (another ``serve``, or ``enqueue --wait``)."""
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What a started service tells its caller: its address and a first one-time login address."""
+
+    base_url: str
+    login_url: str
+    ctx: ServiceContext
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ``run_service`` owns SIGTERM/SIGINT and the order of shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _make_watcher(config: Config, client: NASSyncClient) -> Watcher:
+    return CompletionWatcher(config, client)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # a small answer waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _origins(host: str, port: int) -> list[str]:
+    names = {host} | (set(LOOPBACK) if host in LOOPBACK else set())
+    return sorted(_url(name, port) for name in names)
+
+
+def _allowed_hosts(host: str) -> list[str] | None:
+    """Host headers a loopback service answers (refuses DNS-rebound names); None: any (another --host)."""
+    if host not in LOOPBACK:
+        return None
+    return ["127.0.0.1", "localhost", "[::1]", "::1"]
+
+
+async def run_service(
+    config: Config,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    on_ready: Callable[[ServiceInfo], None] | None = None,
+    stop: asyncio.Event | None = None,
+    client: NASSyncClient | None = None,
+    install_signals: bool = True,
+    facts_interval_s: float = 30.0,
+) -> None:
+    """Run the service until ``stop`` is set or SIGTERM/SIGINT arrives.
+
+    Raises :class:`AlreadyServing` when another process runs the workers for
+    this queue, and ``OSError`` when the address cannot be bound (both before
+    anything starts). ``client`` (tests) must not be initialised yet.
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    probe = RunnerLease(lease_path_for(config.queue_db))
+    if not probe.acquire():
+        holder = probe.holder_pid()
+        raise AlreadyServing(
+            f"another process{f' (pid {holder})' if holder else ''} already runs the workers for {config.queue_db}: "
+            "is exlab-sync serve already running on this state_dir?"
+        )
+    probe.release()  # the client takes it for real just below; a race is caught by runs_workers
+    sock = _bind(host, port)
+    port = sock.getsockname()[1]
+    token = load_or_create_token(config.state_dir)
+    client = client or client_from_config(config)
+    client.close_push_timeout_s = 3.0  # a metadata push left pending is resent by the next start
+    await client.init()
+    if not client.runs_workers:
+        await client.close()
+        sock.close()
+        raise AlreadyServing(f"another process already runs the workers for {config.queue_db}")
+    stop = stop or asyncio.Event()
+    stats = QueueStats(config.queue_db)
+    hub = EventHub(stats)
+    facts = NasFacts(config, stats, interval_s=facts_interval_s)
+    metrics = ServiceMetrics(config, stats, facts)
+    hub.stored_listeners.append(metrics.on_stored)
+    hub.progress_listeners.append(metrics.on_progress)
+    client.add_listener(hub.on_client_event)
+    base_url = _url(host, port)
+    auth = Auth(token, _origins(host, port))
+    watcher = _make_watcher(config, client)
+    ctx = ServiceContext(config=config, client=client, stats=stats, hub=hub, auth=auth, metrics=metrics,
+                         facts=facts, base_url=base_url, watcher=watcher)  # fmt: skip
+    app = create_app(ctx, allowed_hosts=_allowed_hosts(host))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
+                                    access_log=False))  # fmt: skip
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    background: list[asyncio.Task[Any]] = []
+    try:
+        hub.start()
+        background.append(asyncio.create_task(facts.run(), name="nas-facts"))
+        if watcher is not None:
+            background.append(asyncio.create_task(watcher.run(), name="completion-watcher"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if serving.done():
+            serving.result()  # startup failed: raise it
+        if on_ready is not None:
+            on_ready(ServiceInfo(base_url, f"{base_url}/login?code={auth.new_login_code()}", ctx))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({stopping, serving}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+    finally:
+        await _shutdown(server, hub, background, client, stats, locals().get("serving"))
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        sock.close()
+
+
+async def _shutdown(server: _Server, hub: EventHub, background: list[asyncio.Task[Any]], client: NASSyncClient,
+                    stats: QueueStats, serving: asyncio.Task[Any] | None) -> None:  # fmt: skip
+    """Stop taking work and requests, stop the transfer at a safe point, leave the queue durable."""
+    await hub.stop()  # ends every event stream, so uvicorn need not wait for them
+    server.should_exit = True
+    for task in background:
+        task.cancel()
+    for task in background:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    try:
+        await asyncio.wait_for(client.close(), SHUTDOWN_BUDGET_S)
+    except TimeoutError:
+        logger.error("the client did not close within %g s; the queue recovers the job at the next start",
+                     SHUTDOWN_BUDGET_S)  # fmt: skip
+    if serving is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(serving, 3.0)
+    stats.close()
