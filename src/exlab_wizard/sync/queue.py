@@ -29,6 +29,11 @@ connection behind a re-entrant lock); several processes may open the same
 file at once (SQLite's locking with ``busy_timeout``). Only one process runs
 workers for a file; :class:`RunnerLease` decides which.
 
+This module is longer than most on purpose: the schema and its migrations,
+the row type and every statement that writes a job row belong together, so
+that a column is added, read and written in one file. Read-only aggregates
+for the service live in :mod:`exlab_wizard.sync.queue_stats`.
+
 Example::
 
     queue = JobQueue(state_dir / "queue.db")
