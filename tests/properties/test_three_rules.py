@@ -311,6 +311,10 @@ class ThreeRules(RuleBasedStateMachine):
         except EnqueueError:
             assert not model.path.is_dir(), "enqueue refused an existing run folder"
             return  # the reaper removed the run folder (retain_cache: false)
+        except Exception as exc:
+            if not is_typed_refusal(exc):  # a damaged run is refused with a typed error, not re-armed
+                raise
+            return
         assert handle.state == SyncHandleState.QUEUED, handle.blocking_findings
 
     def _events_since(self, last: int) -> tuple[int, list[str]]:
@@ -390,9 +394,23 @@ class ThreeRules(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def enqueue(self, data: st.DataObject) -> None:
-        """The first sync of a run, or enqueuing it again (re-arms a FAILED job)."""
-        self._enqueue(self._pick_run(data, self.runs))
+        """The first sync of a run, or enqueuing it again (re-arms a FAILED job).
+
+        A run that is intact locally, new or FAILED for a reason other than local
+        damage, with the NAS there, must end VERIFIED with every file on the NAS.
+        """
+        model = self._pick_run(data, self.runs)
+        before = self._job(model)
+        due = (not self.nas.unplugged and self._intact_locally(model)
+               and (before is None or (before.state == S.FAILED and before.error_kind != "local_damage")))
+        self._enqueue(model)
         self._settle()
+        if due:
+            job = self._job(model)
+            assert job is not None and job.state == S.VERIFIED, (
+                f"an intact run with the NAS there did not sync: {job and (job.state.value, job.last_error)}")
+            missing = [rel for rel in sorted(model.truth) if not self._nas_safe(model, rel, job)]
+            assert not missing, f"VERIFIED, but not on the NAS under the verified manifest: {missing}"
 
     @rule()
     def audit(self) -> None:
@@ -406,9 +424,21 @@ class ThreeRules(RuleBasedStateMachine):
 
     @rule()
     def cleanup(self) -> None:
+        """A reaper pass. A verified run, intact locally and on the NAS, with the NAS there, is cleaned."""
         assert self.client is not None
+        due = [m for m in self.runs if not self.nas.unplugged and self._intact_locally(m)
+               and getattr(self._job(m), "state", None) in (S.VERIFIED, S.CLEANUP_ELIGIBLE)
+               and all(self._nas_safe(m, rel) for rel in m.truth)]
         self._run(self.client.cleanup_once())
         self._settle()
+        for model in due:
+            job = self._job(model)
+            assert job.state == S.CLEANED, (
+                f"{model.path.name}: every interlock held, yet the job is {job.state.value} "
+                f"({[e.detail for e in self._run(self.client.job(model.path)).events][-3:]})")
+
+    def _intact_locally(self, model: RunModel) -> bool:
+        return model.path.is_dir() and all(self._local(model, rel) == data for rel, data in model.truth.items())
 
     @precondition(lambda self: bool(self._nas_run_deletable()))
     @rule(data=st.data())
@@ -480,14 +510,26 @@ class ThreeRules(RuleBasedStateMachine):
                 raise
         self._settle()
 
-    @rule()
-    def restart(self) -> None:
-        """Close the client and open a new one on the same queue (a service restart)."""
+    @rule(retain_cache=st.booleans())
+    def restart(self, retain_cache: bool) -> None:
+        """Close the client and open a new one on the same queue (a service restart, maybe a new retain_cache)."""
         assert self.client is not None
         self._run(self.client.close())
         self.client = None
+        cleanup = self.config.nas_cleanup.model_copy(update={"retain_cache": retain_cache})
+        self.config = self.config.model_copy(update={"nas_cleanup": cleanup})
         self.client = self._open()
         self._settle()
+
+    @precondition(lambda self: any(m.path.is_dir() and len(m.truth) < 6 for m in self.runs))
+    @rule(data=st.data(), content=CONTENT)
+    def local_add_file(self, data: st.DataObject, content: bytes) -> None:
+        """The operator adds a file to a run folder (after its sync, or even after its cleanup)."""
+        model = self._pick_run(data, [m for m in self.runs if m.path.is_dir() and len(m.truth) < 6])
+        rel = f"added/late_{len(model.truth)}.bin"
+        (model.path / rel).parent.mkdir(exist_ok=True)
+        (model.path / rel).write_bytes(content)
+        model.truth[rel] = content
 
     @precondition(lambda self: not self.nas.unplugged)
     @rule()
