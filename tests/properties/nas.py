@@ -9,8 +9,11 @@ takes the NAS away and back with ``unplug``/``plug``:
   aside and an empty folder without the marker is left at the mount point.
   ``plug`` returns whatever the engine wrote into that bare folder (it must
   be nothing), then puts the share back.
-- rsync_ssh: the sshd that serves the remote root is stopped and started
-  again (a NAS that is switched off or off the network).
+- rsync_ssh: either the sshd that serves the remote root is stopped and
+  started again (a NAS switched off or off the network: ``how="down"``), or
+  the NAS is up but its volume is not mounted (``how="volume"``): the remote
+  root is gone from the server until ``plug``, which returns whatever the
+  engine created in its place (it must be nothing).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Nas:
     def transport(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def unplug(self) -> None:
+    def unplug(self, how: str = "down") -> None:
         raise NotImplementedError
 
     def plug(self) -> list[str]:
@@ -75,7 +78,7 @@ class MountNas(Nas):
     def transport(self) -> dict[str, Any]:
         return {"type": "mount", "mount_path": str(self.mount_point), "mount_marker": MARKER}
 
-    def unplug(self) -> None:
+    def unplug(self, how: str = "down") -> None:  # an unmounted share looks the same either way
         self.mount_point.rename(self._away)
         self.mount_point.mkdir()  # what an unmounted share leaves: a bare local folder
         self.storage = self._away
@@ -100,8 +103,10 @@ class RsyncNas(Nas):
         root = Path(tempfile.mkdtemp(prefix="nas-", dir=remote_base))
         root.chmod(0o755)
         shutil.chown(root, RW_USER, RW_USER)
-        self.storage = root
+        self.root = self.storage = root
+        self._away = root.with_name(root.name + "-volume-unmounted")
         self.unplugged = False
+        self.how = "down"
 
     def transport(self) -> dict[str, Any]:
         return {
@@ -109,20 +114,33 @@ class RsyncNas(Nas):
             "ssh_target": f"{RW_USER}@127.0.0.1",
             "ssh_key_path": str(self.server.env.client_key),
             "ssh_port": self.server.port,
-            "remote_path": str(self.storage),
+            "remote_path": str(self.root),
             "ssh_known_hosts": str(self.server.known_hosts),
         }
 
-    def unplug(self) -> None:
-        self.server.stop()
+    def unplug(self, how: str = "down") -> None:
+        self.how = how
+        if how == "down":
+            self.server.stop()
+        else:
+            self.root.rename(self._away)
+            self.storage = self._away
         self.unplugged = True
 
     def plug(self) -> list[str]:
-        self.server.start()
+        stray: list[str] = []
+        if self.how == "down":
+            self.server.start()
+        else:
+            if self.root.exists():
+                stray = ["."] + local_tree(self.root)
+                shutil.rmtree(self.root)
+            self._away.rename(self.root)
+            self.storage = self.root
         self.unplugged = False
-        return []
+        return stray
 
     def cleanup(self) -> None:
         if self.unplugged:
             self.plug()
-        shutil.rmtree(self.storage, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
