@@ -58,6 +58,10 @@ class Nas:
         """Make the NAS reachable again; returns what was written where the NAS was not."""
         raise NotImplementedError
 
+    def stray(self) -> list[str]:
+        """While away: what the engine wrote where the NAS should be (must be nothing)."""
+        return []
+
     def cleanup(self) -> None:
         pass
 
@@ -84,8 +88,11 @@ class MountNas(Nas):
         self.storage = self._away
         self.unplugged = True
 
+    def stray(self) -> list[str]:
+        return local_tree(self.mount_point) if self.unplugged else []
+
     def plug(self) -> list[str]:
-        stray = local_tree(self.mount_point)
+        stray = self.stray()
         shutil.rmtree(self.mount_point)
         self._away.rename(self.mount_point)
         self.storage = self.mount_point
@@ -127,13 +134,17 @@ class RsyncNas(Nas):
             self.storage = self._away
         self.unplugged = True
 
+    def stray(self) -> list[str]:
+        if not self.unplugged or self.how == "down" or not self.root.exists():
+            return []
+        return ["."] + local_tree(self.root)
+
     def plug(self) -> list[str]:
-        stray: list[str] = []
+        stray = self.stray()
         if self.how == "down":
             self.server.start()
         else:
             if self.root.exists():
-                stray = ["."] + local_tree(self.root)
                 shutil.rmtree(self.root)
             self._away.rename(self.root)
             self.storage = self.root
