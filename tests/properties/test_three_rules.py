@@ -42,10 +42,10 @@ yet may cost the run when ``min_verify_passes`` is 1; it is counted as an
 engine's to catch. And the test never damages a local file edited since the
 engine last verified it: rot after an edit looks exactly like a second edit.
 
-Default: a fixed seed (the same examples on every run, CI included), 150
-examples of up to 10 steps on the mount transport and 15 on rsync_ssh (about
-30 s in all while the rules hold). A long run with a fresh random seed and the
-example database (see tests/properties/README.md):
+Default: a fixed seed (the same examples on every run, CI included), 60
+examples of up to 15 steps on the mount transport and 10 on rsync_ssh. A
+long run with a fresh random seed and the example database (see
+tests/properties/README.md):
 
     EXLAB_PROPERTY_EXAMPLES=2000 EXLAB_PROPERTY_STEPS=25 \\
         .venv/bin/python -m pytest -q tests/properties -p no:cacheprovider
