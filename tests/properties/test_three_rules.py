@@ -81,7 +81,12 @@ from hypothesis.stateful import (
 
 from exlab_wizard.config import parse_config
 from exlab_wizard.sync.manifest_format import manifest_digest, parse_manifest
-from exlab_wizard.sync.nas_client import EnqueueError, NASSyncClient, SyncHandleState, client_from_config
+from exlab_wizard.sync.nas_client import (
+    EnqueueError,
+    NASSyncClient,
+    SyncHandleState,
+    client_from_config,
+)
 from exlab_wizard.sync.states import SyncJobState
 from tests.properties.nas import EQ, MountNas, Nas, RsyncNas
 
@@ -153,7 +158,7 @@ class Clock:
         self.offset = dt.timedelta(0)
 
     def __call__(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc) + self.offset
+        return dt.datetime.now(dt.UTC) + self.offset
 
     def advance(self, hours: float) -> None:
         self.offset += dt.timedelta(hours=hours)
@@ -627,7 +632,7 @@ class ThreeRules(RuleBasedStateMachine):
 
     def _rule_1(self, model: RunModel, manifests: list[dict[str, str]], where: str) -> list[str]:
         out = []
-        for rel, truth in sorted(list(model.truth.items())):
+        for rel, truth in sorted(model.truth.items()):
             local = self._local(model, rel)
             if local == truth:
                 continue
