@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
 from exlab_wizard.sync.context import ClientContext, TransferProgress
@@ -44,7 +45,6 @@ from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.recovery import LOCAL_DAMAGE, damage_message, find_damage, previous_stamp
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import METADATA_DIR
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 

@@ -36,6 +36,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import rclone_timetable
 from exlab_wizard.sync.transports._process import (
@@ -49,7 +50,6 @@ from exlab_wizard.sync.transports._process import (
     run_tool,
 )
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
     PREVIOUS_DIR,
     Clock,
     ProgressCallback,

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
-from exlab_wizard.fileio import hash_file
+from exlab_wizard.fileio import METADATA_DIR, hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.transports._process import (
@@ -67,7 +67,6 @@ from exlab_wizard.sync.transports._process import (
     run_tool,
 )
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
     PREVIOUS_DIR,
     Clock,
     ProgressCallback,
