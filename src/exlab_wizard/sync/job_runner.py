@@ -309,7 +309,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the verified NAS files: {exc.message}")
             return
     await asyncio.to_thread(_mark_pending, ctx, run, job.remote_path)
-    limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
+    limit = bw_policy.limit_kibps(equipment.transport.bandwidth, ctx.local_now())
     log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
     hashes_in_pass = remote.hashes_while_sending
     on_bytes = ctx.progress_cb(job, "transfer", 0)
