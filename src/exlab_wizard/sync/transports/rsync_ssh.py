@@ -298,9 +298,7 @@ class RsyncSshTransport(Transport):
     this CPU has AES instructions (see :func:`preferred_ciphers`).
     """
 
-    capabilities = TransportCapabilities(
-        hashes_while_sending=False, remote_hashing=True, follows_schedule=True, metadata_push=True
-    )
+    capabilities = TransportCapabilities(hashes_while_sending=False, metadata_push=True)
 
     def __init__(
         self,
