@@ -103,9 +103,9 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
         _start_metadata_pushes(ctx, limit)
         timeout = poll_interval_s
         now = ctx.clock()
-        wakeups = [t for t in (queue.next_wakeup(now), queue.next_metadata_wakeup(now)) if t is not None]
-        if wakeups:
-            timeout = max(0.0, min(timeout, (min(wakeups) - ctx.clock()).total_seconds()))
+        wakeup = queue.next_dispatch_wakeup(now)
+        if wakeup is not None:
+            timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
         # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
         # that races its timeout, and close() would then wait forever.
         waiter = asyncio.ensure_future(ctx.wake.wait())
