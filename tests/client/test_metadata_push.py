@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from exlab_wizard.sync.metadata_push import push_once
+from exlab_wizard.sync.metadata_push import data_only, push_once
 from exlab_wizard.sync.nas_client import SyncHandleState
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import (
@@ -98,3 +98,8 @@ async def test_a_transport_without_metadata_push_gets_the_whole_run_push_with_cl
         assert transport.pushes == [{"run": run, "cleaned": frozenset()}, {"run": run, "cleaned": cleaned}]
     finally:
         await client.close()
+
+
+def test_data_only_keeps_a_file_named_like_the_metadata_folder():
+    hashes = {".exlab-wizard": "a", ".exlab-wizard/creation.json": "b", ".Exlab-Wizard/x": "c", "d/e": "d"}
+    assert data_only(hashes) == {".exlab-wizard": "a", ".Exlab-Wizard/x": "c", "d/e": "d"}

@@ -264,6 +264,17 @@ def test_next_due_and_next_wakeup(q: JobQueue):
     assert q.next_wakeup() is None  # the real clock is long past these times
 
 
+def test_next_dispatch_wakeup_is_the_earlier_of_a_retry_and_a_metadata_push(q: JobQueue):
+    assert q.next_dispatch_wakeup(NOW) is None
+    retry = make(q, "Retry", "EQ1")
+    q.update(retry.id, S.QUEUED, now=NOW, next_attempt_at=t(60))
+    pushed = put_in(q, make(q, "Pushed", "EQ2"), S.VERIFIED)
+    q.update(pushed.id, S.VERIFIED, now=NOW, metadata_push_due_at=t(30))
+    assert q.next_dispatch_wakeup(NOW) == t(30) == q.next_metadata_wakeup(NOW)
+    assert q.next_dispatch_wakeup(t(30)) == t(60) == q.next_wakeup(t(30))
+    assert q.next_dispatch_wakeup(t(60)) is None
+
+
 def test_recover(q: JobQueue):
     running = put_in(q, make(q, "R"), S.RUNNING)
     running = q.update(running.id, S.RUNNING, now=NOW, attempts=3)

@@ -31,6 +31,7 @@ from exlab_wizard.sync.reaper import (
 )
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import TransportError
+from exlab_wizard.sync.verifier import hash_tree
 from tests.lab import VERIFIED_FILES as DEFAULT_FILES
 from tests.lab import VerifiedLab as Lab
 
@@ -729,6 +730,22 @@ def test_record_verified_stat_ignores_metadata_and_drops_files_no_longer_verifie
     hashes = {"image_001.tif": sha(DEFAULT_FILES["image_001.tif"]), ".exlab-wizard/creation.json": "0" * 64}
     record_verified_stat(lab.queue, job_id, run, hashes, lab.now)
     assert set(load_verified_stats(lab.queue, job_id)) == {"image_001.tif"}
+
+
+def test_a_file_named_like_the_metadata_folder_is_data(tmp_path: Path):
+    # fileio's rule (and the verifier's): only the top-level *folder* .exlab-wizard/ is metadata.
+    run = tmp_path / "Run_1"
+    run.mkdir()
+    (run / ".exlab-wizard").write_bytes(b"a data file, oddly named")
+    (run / "a.raw").write_bytes(b"a")
+    manifest = hash_tree(run)
+    assert set(manifest) == {".exlab-wizard", "a.raw"}
+    scan = scan_run(run, manifest, {})
+    assert scan.check.clean, scan.check
+    assert sorted(f.path for f in scan.files) == [".exlab-wizard", "a.raw"]
+    unlisted = scan_run(run, {"a.raw": manifest["a.raw"]}, {})
+    assert unlisted.check.added == (".exlab-wizard",)
+    assert local_check._data_paths({".exlab-wizard": "AB", ".exlab-wizard/c.json": "cd"}) == {".exlab-wizard": "ab"}
 
 
 def test_without_recorded_stats_every_file_is_rehashed(lab: Lab):

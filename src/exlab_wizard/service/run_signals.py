@@ -27,8 +27,9 @@ from typing import Any
 
 from exlab_wizard.cache import CacheError
 from exlab_wizard.cache.atomic import read_regular_file
-from exlab_wizard.cache.creation import CREATION_MAX_BYTES, CREATION_NAME, METADATA_DIR
+from exlab_wizard.cache.creation import CREATION_MAX_BYTES, CREATION_NAME
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 
 __all__ = [
     "MANIFEST_MAX_BYTES",

@@ -71,6 +71,7 @@ class ClientContext:
         self.remotes = Remotes(
             lambda: self.config,
             log_for=self.log,
+            now=self.local_now,
             push_factory=push_factory,
             hashsum_factory=hashsum_factory,
             remote_stat=remote_stat,
@@ -82,6 +83,14 @@ class ClientContext:
         self.inflight_jobs: dict[str, str] = {}  # equipment id -> the id of the job its task works on
         self.pushing: set[asyncio.Task[Any]] = set()  # tasks inside a metadata push: close() lets them end
         self.wake: asyncio.Event | None = None
+
+    def local_now(self) -> dt.datetime:
+        """:attr:`clock` in this workstation's local time: what the bandwidth schedule reads.
+
+        The one clock of the client, also handed to every transport it builds,
+        so a test's clock is the time the whole push sees.
+        """
+        return self.clock().astimezone()
 
     def require_queue(self) -> JobQueue:
         if self.queue is None:

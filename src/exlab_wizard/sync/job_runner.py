@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
 from exlab_wizard.sync.context import ClientContext, TransferProgress
@@ -44,7 +45,6 @@ from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.recovery import LOCAL_DAMAGE, damage_message, find_damage, previous_stamp
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import METADATA_DIR
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 
@@ -103,9 +103,9 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
         _start_metadata_pushes(ctx, limit)
         timeout = poll_interval_s
         now = ctx.clock()
-        wakeups = [t for t in (queue.next_wakeup(now), queue.next_metadata_wakeup(now)) if t is not None]
-        if wakeups:
-            timeout = max(0.0, min(timeout, (min(wakeups) - ctx.clock()).total_seconds()))
+        wakeup = queue.next_dispatch_wakeup(now)
+        if wakeup is not None:
+            timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
         # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
         # that races its timeout, and close() would then wait forever.
         waiter = asyncio.ensure_future(ctx.wake.wait())
@@ -309,7 +309,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the verified NAS files: {exc.message}")
             return
     await asyncio.to_thread(_mark_pending, ctx, run, job.remote_path)
-    limit = bw_policy.limit_kibps(equipment.transport.bandwidth, dt.datetime.now().astimezone())
+    limit = bw_policy.limit_kibps(equipment.transport.bandwidth, ctx.local_now())
     log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
     hashes_in_pass = remote.hashes_while_sending
     on_bytes = ctx.progress_cb(job, "transfer", 0)

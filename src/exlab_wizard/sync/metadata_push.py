@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR, is_data_path, is_metadata_path
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.policy.cleanup import name_paths
@@ -32,7 +33,6 @@ from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
 from exlab_wizard.sync.states import IllegalTransition
 from exlab_wizard.sync.transports import TransportError
-from exlab_wizard.sync.transports.base import METADATA_DIR
 from exlab_wizard.sync.verifier import hash_tree
 
 __all__ = [
@@ -48,8 +48,7 @@ __all__ = [
 
 def data_only(hashes: Mapping[str, str]) -> dict[str, str]:
     """The entries of ``hashes`` that are data files (not under ``.exlab-wizard/``)."""
-    prefix = METADATA_DIR + "/"
-    return {k: v for k, v in hashes.items() if not k.startswith(prefix) and k != METADATA_DIR}
+    return {k: v for k, v in hashes.items() if is_data_path(k)}
 
 
 async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> bool:
@@ -207,9 +206,8 @@ async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
     except Exception as exc:
         return FinalPush(False, f"final metadata push not verified: remote manifest unavailable: {exc}")
     everything = await asyncio.to_thread(hash_tree, run, include_metadata=True)
-    prefix = METADATA_DIR + "/"
-    meta_local = {k: v for k, v in everything.items() if k.startswith(prefix)}
-    meta_remote = {k: v for k, v in remote.hashes.items() if k.startswith(prefix)}
+    meta_local = {k: v for k, v in everything.items() if is_metadata_path(k)}
+    meta_remote = {k: v for k, v in remote.hashes.items() if is_metadata_path(k)}
     if meta_remote:
         bad = sorted(k for k, v in meta_local.items() if meta_remote.get(k) != v)
         if bad:

@@ -962,6 +962,23 @@ class JobQueue:
             ).fetchone()
         return _dt(row["t"])
 
+    def next_dispatch_wakeup(self, now: dt.datetime) -> dt.datetime | None:
+        """The earlier of :meth:`next_wakeup` and :meth:`next_metadata_wakeup`, in one query.
+
+        What the dispatcher sleeps until when it has nothing to start (it
+        asks at every tick, so one read instead of two).
+        """
+        stamp = _ts(now)
+        with self._locked() as conn:
+            row = conn.execute(
+                "SELECT MIN(t) AS t FROM ("
+                " SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state = ? AND next_attempt_at > ?"
+                " UNION ALL SELECT MIN(metadata_push_due_at) FROM jobs"
+                " WHERE metadata_push_due_at > ? AND state IN (?, ?))",
+                (_QUEUED, stamp, stamp, SyncJobState.VERIFIED.value, SyncJobState.CLEANUP_ELIGIBLE.value),
+            ).fetchone()
+        return _dt(row["t"])
+
     def next_wakeup(self, now: dt.datetime | None = None) -> dt.datetime | None:
         """The earliest ``next_attempt_at`` after ``now`` (default: the clock) among QUEUED jobs.
 

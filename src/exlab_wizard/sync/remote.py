@@ -28,7 +28,6 @@ Usage::
 
 from __future__ import annotations
 
-import datetime as dt
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -40,11 +39,13 @@ from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.transports import (
+    Clock,
     RemoteManifest,
     Transport,
     TransportError,
     TransportErrorKind,
     TransportResult,
+    local_now,
     make_transport,
 )
 
@@ -133,7 +134,7 @@ class RemoteAccess:
             extra = optional_kwargs(push, cleaned=cleaned) if cleaned else {}
             outcome = await _call(push, run, bwlimit_kibps=None, **extra)
         else:
-            limit = bw_policy.limit_kibps(self.equipment.transport.bandwidth, dt.datetime.now().astimezone())
+            limit = bw_policy.limit_kibps(self.equipment.transport.bandwidth, self._remotes.now())
             transport = self.transport
             if cleaned and not transport.capabilities.metadata_push:
                 outcome = await transport.push(run, bwlimit_kibps=limit, cleaned=cleaned)
@@ -167,7 +168,9 @@ class Remotes:
 
     ``config``: returns the current ``Config`` (read at each use, so a
     reloaded config is seen). ``log_for``: the equipment's log, given to its
-    transport. The factories are called once per equipment id.
+    transport. ``now``: the clock (aware, local time) the bandwidth schedule
+    is read by, here and in every transport built. The factories are called
+    once per equipment id.
     """
 
     def __init__(
@@ -178,8 +181,10 @@ class Remotes:
         push_factory: PushFactory | None = None,
         hashsum_factory: HashsumFactory | None = None,
         remote_stat: RemoteStat | None = None,
+        now: Clock = local_now,
     ):
         self._config = config
+        self.now = now
         self._log_for = log_for
         self._push_factory = push_factory
         self._hashsum_factory = hashsum_factory
@@ -194,7 +199,7 @@ class Remotes:
         transport = self.transports.get(equipment.id)
         if transport is None:
             transport = self.transports[equipment.id] = make_transport(
-                equipment, log=self._log_for(equipment),
+                equipment, log=self._log_for(equipment), now=self.now,
                 verify_max_stream_bytes=self._config().sync.verify_max_stream_bytes,
             )
         return transport

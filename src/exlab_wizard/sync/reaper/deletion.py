@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from exlab_wizard.fileio import METADATA_DIR, fsync_dir
 from exlab_wizard.sync.reaper.nofollow import (
-    CLOEXEC,
     DIR_FLAGS,
     RunFolderError,
     Tree,
@@ -39,7 +39,6 @@ from exlab_wizard.sync.reaper.nofollow import (
     walk,
 )
 from exlab_wizard.sync.reaper.store import PlannedFile
-from exlab_wizard.sync.transports.base import METADATA_DIR
 
 __all__ = [
     "DeleteResult",
@@ -236,10 +235,6 @@ def remove_run_folder(run_path: Path) -> str | None:
     except OSError as exc:
         return f"run folder kept: {exc.strerror or exc}"
     with contextlib.suppress(OSError):
-        parent = os.open(run_path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | CLOEXEC)
-        try:
-            os.fsync(parent)
-        finally:
-            os.close(parent)
+        fsync_dir(run_path.parent)
     return None
 

@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from exlab_wizard.fileio import is_data_path, is_metadata_path
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
 from exlab_wizard.sync.reaper.nofollow import RunFolderError, Tree, hash_at, open_dir_chain, open_run, split_path, walk
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile, StatRow, VerifiedStat
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import METADATA_DIR
 
 __all__ = [
     "RACE_SLACK_NS",
@@ -67,8 +67,7 @@ class LocalScan:
 
 
 def _data_paths(hashes: Mapping[str, str]) -> dict[str, str]:
-    prefix = METADATA_DIR + "/"
-    return {str(k): str(v).lower() for k, v in hashes.items() if k != METADATA_DIR and not str(k).startswith(prefix)}
+    return {str(k): str(v).lower() for k, v in hashes.items() if is_data_path(str(k))}
 
 
 def _hashing_started(queue: JobQueue, job_id: str) -> dt.datetime | None:
@@ -135,7 +134,7 @@ def _bad_manifest_path(rel: str) -> bool:
     if not rel or rel.startswith("/") or "\x00" in rel:
         return True
     parts = rel.split("/")
-    return any(part in ("", ".", "..") for part in parts) or parts[0] == METADATA_DIR
+    return any(part in ("", ".", "..") for part in parts) or is_metadata_path(rel)
 
 
 def _replaced_ancestor(rel: str, tree: Tree) -> bool:

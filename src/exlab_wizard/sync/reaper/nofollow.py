@@ -14,14 +14,13 @@ Used by the local check (:mod:`.local_check`) and the deletion
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.sync.transports.base import METADATA_DIR
+from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, open_regular
 
 __all__ = [
     "CLOEXEC",
@@ -36,8 +35,6 @@ __all__ = [
     "split_path",
     "walk",
 ]
-
-_HASH_CHUNK = 1024 * 1024
 
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | CLOEXEC
@@ -92,22 +89,18 @@ def split_path(rel: str) -> tuple[list[str], str]:
 
 
 def hash_at(dir_fd: int, name: str) -> tuple[str, os.stat_result, os.stat_result]:
-    """SHA-256 of a regular file opened without following symlinks, with its stat before and after."""
-    fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    """SHA-256 of a regular file opened without following symlinks, with its stat before and after.
+
+    Raises ``OSError`` (``ELOOP`` for a symlink, ``EINVAL`` for anything not
+    a regular file, ``FileNotFoundError`` when gone).
+    """
+    fd, before = open_regular(name, dir_fd=dir_fd)
     try:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
-            raise IsADirectoryError(name)
-        digest = hashlib.sha256()
-        while True:
-            chunk = os.read(fd, _HASH_CHUNK)
-            if not chunk:
-                break
-            digest.update(chunk)
+        digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
         after = os.fstat(fd)
     finally:
         os.close(fd)
-    return digest.hexdigest(), before, after
+    return digest, before, after
 
 
 @dataclass
@@ -130,18 +123,22 @@ def kind_of(mode: int) -> str:
 
 
 def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> None:
-    """Every entry under ``dir_fd`` (lstat), never following a symlink; ``.exlab-wizard/`` skipped at the top."""
+    """Every entry under ``dir_fd`` (lstat), never following a symlink; ``.exlab-wizard/`` skipped at the top.
+
+    Only the top-level *folder* of that exact name is skipped (metadata, as
+    :func:`exlab_wizard.fileio.is_metadata_path` has it); a file so named is data.
+    """
     subdirs = []
     try:
         with os.scandir(dir_fd) as entries:
             for entry in entries:
                 name = entry.name
-                if skip_metadata and not rel and name == METADATA_DIR:
-                    continue
                 path = f"{rel}/{name}" if rel else name
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
+                    continue
+                if skip_metadata and not rel and name == METADATA_DIR and stat.S_ISDIR(st.st_mode):
                     continue
                 if stat.S_ISREG(st.st_mode):
                     tree.files[path] = st

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupDecision
@@ -40,7 +41,6 @@ from exlab_wizard.sync.reaper.store import (
     Progress,
 )
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
-from exlab_wizard.sync.transports.base import METADATA_DIR
 
 __all__ = ["Reaper"]
 

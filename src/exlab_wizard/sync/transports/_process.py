@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
-from exlab_wizard.sync.transports.base import METADATA_DIR, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 
 T = TypeVar("T")
 

@@ -121,17 +121,14 @@ class TransportCapabilities:
     manifest from the push instead of hashing the run beside it) and on
     ``metadata_push`` (without it, the metadata push after a cleanup is the
     whole-run push() told which files were ``cleaned``, since the default
-    push_metadata() cannot pass them). ``remote_hashing`` and ``follows_schedule`` are facts reported
-    in logs and checked by the transports' tests; no engine decision depends
-    on them (every transport follows the schedule, as push() requires).
+    push_metadata() cannot pass them). Nothing else is declared here: every
+    transport follows the bandwidth schedule (push() requires it), and whether
+    the remote hashes SHA-256 itself is a fact a transport logs, not one the
+    engine decides on (see docs/transports.md, "Capabilities").
     """
 
     #: push() returns ``local_hashes`` (one read pass for copy and hash).
     hashes_while_sending: bool = False
-    #: the remote manifest is computed on the remote side (no download).
-    remote_hashing: bool = True
-    #: push() follows the bandwidth schedule mid-transfer on its own.
-    follows_schedule: bool = True
     #: push_metadata() sends ``.exlab-wizard/`` alone (not the default whole-run push()).
     metadata_push: bool = False
 

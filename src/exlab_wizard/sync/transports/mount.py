@@ -285,9 +285,7 @@ class MountTransport(Transport):
     on reads from the share, so more threads than cores keep both busy).
     """
 
-    capabilities = TransportCapabilities(
-        hashes_while_sending=True, remote_hashing=True, follows_schedule=True, metadata_push=True
-    )
+    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True)
 
     def __init__(
         self,

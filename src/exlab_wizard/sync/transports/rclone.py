@@ -36,6 +36,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import rclone_timetable
 from exlab_wizard.sync.transports._process import (
@@ -49,7 +50,6 @@ from exlab_wizard.sync.transports._process import (
     run_tool,
 )
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
     PREVIOUS_DIR,
     Clock,
     ProgressCallback,
@@ -281,16 +281,15 @@ async def download_manifest(
 class RcloneTransport(Transport):
     """``rclone copy`` to ``<rclone_remote>:<rclone_remote_path>/<run relative path>``.
 
-    ``capabilities.remote_hashing`` is False until :meth:`probe` (run by the
-    first :meth:`remote_manifest`) finds that the backend hashes SHA-256 itself.
+    The remote manifest is downloaded and hashed here unless :meth:`probe`
+    (run by the first :meth:`remote_manifest`) or that first manifest finds
+    that the backend hashes SHA-256 itself (logged as ``remote_hashing=``).
     ``now``: the transports' common clock; rclone follows the schedule on its
     own through its ``--bwlimit`` timetable, by the system's local clock, so
     this transport does not read it.
     """
 
-    capabilities = TransportCapabilities(
-        hashes_while_sending=False, remote_hashing=False, follows_schedule=True, metadata_push=True
-    )
+    capabilities = TransportCapabilities(hashes_while_sending=False, metadata_push=True)
 
     def __init__(
         self,
@@ -340,10 +339,6 @@ class RcloneTransport(Transport):
             hashes = [str(h).lower() for h in json.loads(result.stdout).get("Hashes") or []]
             self._probed = True
             self._native_sha256 = True if "sha256" in hashes else None
-            self.capabilities = TransportCapabilities(
-                hashes_while_sending=False, remote_hashing=bool(self._native_sha256), follows_schedule=True,
-                metadata_push=True,
-            )
             self.log.info(run_path, "rclone_backend", remote=self.config.rclone_remote, hashes=",".join(hashes) or "none",
                           remote_hashing="untried" if self._native_sha256 is None else self._native_sha256)  # fmt: skip
         return self.capabilities
@@ -495,10 +490,6 @@ class RcloneTransport(Transport):
         if self._native_sha256 is None and (hashes or unverifiable):
             # Not listed as a feature: trust the backend's hashing only when it hashed every file.
             self._native_sha256 = not unverifiable
-            self.capabilities = TransportCapabilities(
-                hashes_while_sending=False, remote_hashing=self._native_sha256, follows_schedule=True,
-                metadata_push=True,
-            )
             self.log.info(run_path, "rclone_backend_hashes_sha256", remote=self.config.rclone_remote,
                           remote_hashing=self._native_sha256)  # fmt: skip
             if not self._native_sha256:

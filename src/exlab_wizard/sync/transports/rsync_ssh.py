@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
-from exlab_wizard.fileio import hash_file
+from exlab_wizard.fileio import METADATA_DIR, hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.transports._process import (
@@ -67,7 +67,6 @@ from exlab_wizard.sync.transports._process import (
     run_tool,
 )
 from exlab_wizard.sync.transports.base import (
-    METADATA_DIR,
     PREVIOUS_DIR,
     Clock,
     ProgressCallback,
@@ -299,9 +298,7 @@ class RsyncSshTransport(Transport):
     this CPU has AES instructions (see :func:`preferred_ciphers`).
     """
 
-    capabilities = TransportCapabilities(
-        hashes_while_sending=False, remote_hashing=True, follows_schedule=True, metadata_push=True
-    )
+    capabilities = TransportCapabilities(hashes_while_sending=False, metadata_push=True)
 
     def __init__(
         self,
