@@ -35,6 +35,7 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
 from exlab_wizard.sync.context import ClientContext, TransferProgress
+from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unverifiable_kind
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
@@ -443,11 +444,14 @@ def _judge(
     """Compare: the number of files checked when every one matches; else the outcome recorded (FAILED or a retry), None."""
     outcome = compare(local_hashes, remote)
     if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
-        first = outcome.unverifiable[0]
-        reason = remote.unverifiable.get(first, "")
-        why = "larger than verify_max_stream_bytes" if reason in ("", "verify_skipped_oversize") else reason
+        # One the NAS failed to read is named first (it is its own kind): never reported as "oversize".
+        reasons = {rel: remote.unverifiable.get(rel) or UNVERIFIABLE_OVERSIZE for rel in outcome.unverifiable}
+        kinds = {rel: unverifiable_kind(reason) for rel, reason in reasons.items()}
+        first = next((rel for rel in kinds if kinds[rel] is FailureKind.VERIFY_UNREADABLE), outcome.unverifiable[0])
+        reason = reasons[first]
+        why = "larger than verify_max_stream_bytes" if reason == UNVERIFIABLE_OVERSIZE else reason
         message = f"{len(outcome.unverifiable)} file(s) could not be hashed remotely: {first} ({why})"
-        fail(ctx, job, S.AWAITING_VERIFY, "verify_skipped_oversize", message)
+        fail(ctx, job, S.AWAITING_VERIFY, kinds[first], message)
         return None
     if outcome.extra and not (outcome.different or outcome.missing):
         # The push checked that the remote folder held nothing foreign, so a
