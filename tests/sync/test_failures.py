@@ -35,8 +35,17 @@ def test_a_transport_error_cannot_carry_an_engine_only_kind() -> None:
 def test_the_stored_values_did_not_change() -> None:
     # error_kind strings already in SQLite keep their meaning: no data migration.
     assert {k.value for k in FailureKind} >= {
-        "network", "auth", "hash_mismatch", "local_file_vanished", "remote_write_refused", "remote_conflict",
-        "local_damage", "unknown", "verify_skipped_oversize", "local_changed", "local_changed_during_cleanup",
+        "network",
+        "auth",
+        "hash_mismatch",
+        "local_file_vanished",
+        "remote_write_refused",
+        "remote_conflict",
+        "local_damage",
+        "unknown",
+        "verify_skipped_oversize",
+        "local_changed",
+        "local_changed_during_cleanup",
         "remote_changed_during_cleanup",
     }
 
@@ -97,3 +106,10 @@ def test_remote_errno(code: int | None, kind: FailureKind) -> None:
 )
 def test_local_errno(code: int, kind: FailureKind) -> None:
     assert local_errno_kind(code) is kind
+
+
+@pytest.mark.parametrize("kind", list(FailureKind))
+def test_the_dashboard_has_plain_words_for_every_failure_kind(kind: FailureKind) -> None:
+    from exlab_wizard.service.dashboard import failure_sentence
+
+    assert failure_sentence(kind.value) != f"The job failed ({kind.value})."

@@ -99,17 +99,40 @@ UNREADABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 #: name it cannot store.
 REMOTE_REFUSED_ERRNOS = frozenset(
     {
-        errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-        errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG, errno.EMLINK,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EINVAL,
+        errno.EILSEQ,
+        errno.ENAMETOOLONG,
+        errno.EMLINK,
     }
 )
 #: The share is away: gone, disconnected, stale, or the network under it failed.
 REMOTE_NETWORK_ERRNOS = frozenset(
     {
-        errno.ENOENT, errno.ENOTCONN, errno.EIO, errno.ESTALE, errno.EHOSTDOWN, errno.EHOSTUNREACH,
-        errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ENETDOWN,
-        errno.ENETUNREACH, errno.ENETRESET, errno.ENODEV, errno.ENXIO, errno.EREMOTEIO,
-        errno.ENOLINK, errno.ECOMM, errno.EPIPE,
+        errno.ENOENT,
+        errno.ENOTCONN,
+        errno.EIO,
+        errno.ESTALE,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.ENETRESET,
+        errno.ENODEV,
+        errno.ENXIO,
+        errno.EREMOTEIO,
+        errno.ENOLINK,
+        errno.ECOMM,
+        errno.EPIPE,
     }
 )
 
