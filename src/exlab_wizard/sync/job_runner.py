@@ -49,6 +49,9 @@ from exlab_wizard.sync.transports.base import METADATA_DIR
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 
+#: The event of a run held by the gate; its ``code`` is the sorted blocking rules, comma-separated.
+GATE_HOLD_EVENT = "gate_hold"
+
 __all__ = [
     "crashed",
     "dispatch_loop",
@@ -97,7 +100,7 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
                 queue.transition(
                     job.id, S.QUEUED, S.FAILED, now=ctx.clock(),
                     detail=f"equipment {job.equipment_id} is no longer configured",
-                    error_kind="unknown", last_error=f"equipment {job.equipment_id} is no longer configured",
+                    error_kind=FailureKind.UNKNOWN, last_error=f"equipment {job.equipment_id} is no longer configured",
                 )
                 continue
             start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
@@ -280,11 +283,11 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         return
     result = await asyncio.to_thread(gate_mod.check_run, run, validator=ctx.validator, writer=ctx.cache)
     if not result.eligible:
+        # The hold's code is its sorted blocking rules: the same hold again is not recorded again.
         rules = ",".join(sorted({f.rule for f in result.blocking}))
-        detail = f"held by the gate: {rules}"
         last = queue.events(job.id, limit=1)
-        if not last or last[-1].detail != detail:
-            queue.record_event(job.id, "gate_hold", detail, now=ctx.clock())
+        if not last or last[-1].kind != GATE_HOLD_EVENT or last[-1].code != rules:
+            queue.record_event(job.id, GATE_HOLD_EVENT, f"held by the gate: {rules}", now=ctx.clock(), code=rules)
             log.warning(run, "gate_hold", rules=rules)
         queue.update(
             job.id, S.QUEUED, now=ctx.clock(),
