@@ -197,7 +197,8 @@ class QueueStats:
     def events_after(self, event_id: int, limit: int = 500) -> list[StoredEvent]:
         """Events with an id above ``event_id``, oldest first (a primary-key range: cheap)."""
         sql = (
-            "SELECT e.id, e.job_id, j.run_path, j.equipment_id, e.at, e.kind, e.from_state, e.to_state, e.detail, e.code"
+            "SELECT e.id, e.job_id, j.run_path, j.equipment_id, e.at, e.kind, e.from_state, e.to_state, e.detail,"
+            " e.code"
             " FROM events e JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?"
         )
         with self._read() as conn:
