@@ -9,6 +9,11 @@ decided by the pure cleanup policy), write the plan durably
 result and move the job to CLEANED. Also the dry run (:meth:`Reaper.plan`),
 the outcomes (:class:`ReaperOutcome`) and the final metadata push's answer
 (:class:`FinalPush`).
+
+One piece, a little over 600 lines: it is the single ordered sequence of one
+job's cleanup under the pass lock, and each refusal or stop beside the step
+that meets it (with its :class:`~exlab_wizard.sync.policy.cleanup.CleanupCode`)
+is what a reviewer must read in one place to trust a deletion.
 """
 
 from __future__ import annotations
