@@ -64,11 +64,7 @@ STDLIB_ONLY_LAYER = 1
 
 # Imports that break the order today, each to be removed by the issue 10 work
 # that moves the code; the lead empties this list once that work has landed.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    # A pure policy reaching up to the transports for TransportErrorKind, which
-    # moves to sync.failures (layer 1).
-    ("exlab_wizard.sync.policy.retry", "exlab_wizard.sync.transports.base"),
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

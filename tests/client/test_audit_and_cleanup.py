@@ -459,6 +459,9 @@ async def test_file_added_after_verification_goes_back_through_the_gate(lab: Lab
         job = await client.job(run)
         assert job.state == S.QUEUED
         assert [e.detail for e in events(job, "gate_hold")] == ["held by the gate: unresolved_placeholder_token"]
+        # The hold is recognised by its code (the sorted blocking rules), not its text.
+        assert [e.code for e in events(job, "gate_hold")] == ["unresolved_placeholder_token"]
+        assert [e.code for e in events(job, "cleanup_refused")] == []
         assert not (lab.nas_copy(run) / "late").exists()
         assert data_intact(run) and added.exists()
         added.write_text("sample,S-17\n")  # the operator fixes it; the held job is tried again

@@ -240,14 +240,16 @@ async def test_local_file_gone_after_the_transfer_fails_even_with_the_remote_dow
 
 
 @pytest.mark.parametrize(
-    ("reason", "shown"),
+    ("reason", "shown", "kind"),
     [
-        ("verify_skipped_oversize", "larger than verify_max_stream_bytes"),
-        ("unreadable: Permission denied", "unreadable"),
+        ("verify_skipped_oversize", "larger than verify_max_stream_bytes", "verify_skipped_oversize"),
+        # A file the NAS could not read is not "oversize" (issue 10).
+        ("unreadable: Permission denied", "unreadable", "verify_unreadable"),
+        ("remote_read_error", "remote_read_error", "verify_unreadable"),
     ],
 )
 async def test_a_file_the_nas_could_not_hash_is_never_verified_and_the_reason_is_shown(
-    lab: Lab, reason: str, shown: str
+    lab: Lab, reason: str, shown: str, kind: str
 ) -> None:
     from exlab_wizard.sync.transports.base import RemoteManifest
 
@@ -258,5 +260,5 @@ async def test_a_file_the_nas_could_not_hash_is_never_verified_and_the_reason_is
         return RemoteManifest(hashes={"a.dat": known["a.dat"]}, unverifiable={"huge.raw": reason})
 
     row = await _run(lab, Script([], hash_failures=[partly]), run)
-    assert row.state == SyncJobState.FAILED and row.error_kind == "verify_skipped_oversize"
+    assert row.state == SyncJobState.FAILED and row.error_kind == kind
     assert "huge.raw" in row.last_error and shown in row.last_error

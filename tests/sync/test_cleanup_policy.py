@@ -10,6 +10,7 @@ import pytest
 
 from exlab_wizard.config.models import CleanupConfig, Config
 from exlab_wizard.sync.policy.cleanup import (
+    CleanupCode,
     CleanupFacts,
     LocalCheck,
     RemoteCheck,
@@ -18,7 +19,7 @@ from exlab_wizard.sync.policy.cleanup import (
     eligible_to_promote,
     format_hours,
     name_paths,
-    refusal_key,
+    promotion_refusal,
 )
 
 NOW = dt.datetime(2024, 5, 6, 12, 0, tzinfo=dt.UTC)
@@ -174,11 +175,48 @@ def test_clock_counts_from_first_verification():
     assert eligible_to_promote(job, CleanupConfig(enabled=True, min_age_hours=24), NOW)[0]
 
 
-def test_refusal_key_merges_the_hours_of_an_age_wait_only():
-    assert refusal_key("waiting: 20 h of 24 h") == refusal_key("waiting: 21.5 h of 24 h")
-    assert refusal_key("waiting: 20 h of 24 h") != refusal_key("waiting: 20 h of 48 h")
-    assert refusal_key("waiting: 1 of 2 verify passes") != refusal_key("waiting: 2 of 3 verify passes")
-    assert refusal_key("remote unreachable") == "remote unreachable"
+C = CleanupCode
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({}, C.DELETE),
+        ({"enabled": False}, C.DISABLED),
+        ({"verify_passes": 1}, C.WAITING_PASSES),
+        ({"verified_at": None, "verify_passes": 0}, C.NOT_VERIFIED),
+        ({"verified_at": NOW - 20 * HOUR}, C.WAITING_AGE),
+        ({"verified_at": NOW - 21.5 * HOUR}, C.WAITING_AGE),  # the hours move, the code does not
+        ({"metadata_push_pending": True}, C.METADATA_PUSH_PENDING),
+        ({"remote_reachable": False}, C.REMOTE_UNREACHABLE),
+        ({"override_check_error": "bad JSON"}, C.OVERRIDE_UNKNOWN),
+        ({"overrides_no_longer_active": ("ov-1",)}, C.OVERRIDE_REVOKED),
+        ({"local": LocalCheck(refusal="run folder missing", refusal_code=C.RUN_MISSING)}, C.RUN_MISSING),
+        ({"local": LocalCheck(refusal="something else")}, C.LOCAL_UNCHECKED),
+        ({"local": LocalCheck(damaged=("a",), changed=("b",))}, C.LOCAL_DAMAGE),
+        ({"local": LocalCheck(missing=("a",))}, C.LOCAL_MISSING),
+        ({"local": LocalCheck(changed=("a",), added=("b",))}, C.LOCAL_CHANGED),
+        ({"local": LocalCheck(added=("b",))}, C.LOCAL_ADDED),
+        ({"remote": RemoteCheck(refusal="remote unreachable: x", refusal_code=C.REMOTE_UNREACHABLE)},
+         C.REMOTE_UNREACHABLE),
+        ({"remote": RemoteCheck(refusal="remote listing failed: auth: x")}, C.REMOTE_LISTING_FAILED),
+        ({"remote": RemoteCheck(missing=("a",))}, C.NAS_COPY_INCOMPLETE),
+        ({"remote_reachable": None}, C.CHECK_PENDING),
+    ],
+)
+def test_every_decision_carries_a_stable_code(changes, code):
+    """The reaper recognises a repeated refusal by this code, never by the reason's text."""
+    assert decide(facts(**changes)).code is code
+
+
+def test_promotion_refusal_is_the_wait_with_its_code():
+    job = SimpleNamespace(verify_passes=1, verified_at=NOW - 25 * HOUR)
+    refusal = promotion_refusal(job, CleanupConfig(enabled=True, min_verify_passes=2), NOW)
+    assert refusal is not None and refusal.code is C.WAITING_PASSES
+    assert refusal.reason == "waiting: 1 of 2 verify passes"
+    assert promotion_refusal(job, CleanupConfig(enabled=False), NOW).code is C.DISABLED
+    assert promotion_refusal(SimpleNamespace(verify_passes=2, verified_at=NOW - 25 * HOUR),
+                             CleanupConfig(enabled=True, min_verify_passes=2, min_age_hours=24), NOW) is None
 
 
 def test_format_helpers():

@@ -197,6 +197,22 @@ def test_stale_transition_between_two_queues(db: Path):
         assert [e.to_state for e in b.events(job.id)] == ["queued", "running"]
 
 
+def test_an_event_keeps_its_code_for_programs(q: JobQueue):
+    """A refusal's or a hold's code is stored beside its text and read back everywhere events are read."""
+    from exlab_wizard.sync.queue_stats import QueueStats
+
+    job = make(q, "Run_1")
+    q.record_event(job.id, "cleanup_refused", "remote unreachable: timed out", now=t(1), code="remote_unreachable")
+    q.record_event(job.id, "note", "no code", now=t(2))
+    refused, note = q.events(job.id)[-2:]
+    assert (refused.code, note.code) == ("remote_unreachable", None)
+    assert refused.to_dict()["code"] == "remote_unreachable"
+    assert q.job_with_events(job.id).events[-2].code == "remote_unreachable"
+    stored = QueueStats(q.db_path).events_after(0)
+    assert [(e.kind, e.code) for e in stored][-2:] == [("cleanup_refused", "remote_unreachable"), ("note", None)]
+    assert stored[-2].to_dict()["code"] == "remote_unreachable"
+
+
 def test_update_and_events(q: JobQueue):
     job = make(q, "Run_1")
     job = q.update(job.id, S.QUEUED, now=t(1), event_kind="gate_hold", detail="held", next_attempt_at=t(30))

@@ -20,6 +20,7 @@ import pytest
 
 from exlab_wizard.sync import reaper as reaper_mod
 from exlab_wizard.sync.manifest_format import format_manifest
+from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.queue import JobQueue
 from exlab_wizard.sync.reaper import (
     Reaper,
@@ -794,6 +795,31 @@ def test_refusals_are_recorded_again_after_a_state_change(lab: Lab):
     lab.cleanup(enabled=True)
     lab.run_pass()
     assert lab.refusals(job_id) == ["remote unreachable", "cleanup disabled", "remote unreachable"]
+
+
+def test_a_repeated_refusal_is_recognised_by_its_code_not_its_text(lab: Lab):
+    """An unreachable NAS whose error message changes each pass is one refusal, stored with its code."""
+    run, job_id = lab.make_run()
+    answers = iter(["connection timed out after 10 s", "connection timed out after 12 s"])
+
+    async def unreachable(job):
+        raise TransportError("network", next(answers))
+
+    lab.run_pass(remote_listing=unreachable)
+    outcomes = lab.run_pass(remote_listing=unreachable)
+    assert [(o.action, o.code) for o in outcomes] == [("waiting", CleanupCode.REMOTE_UNREACHABLE)]
+    assert lab.refusals(job_id) == ["remote unreachable: connection timed out after 10 s"]
+    [event] = [e for e in lab.queue.events(job_id) if e.kind == "cleanup_refused"]
+    assert event.code == "remote_unreachable" and event.to_dict()["code"] == "remote_unreachable"
+    assert_nothing_deleted(lab, run)
+
+
+def test_a_refusal_with_another_code_is_recorded_even_when_its_text_matches_the_last(lab: Lab):
+    run, job_id = lab.make_run()
+    lab.queue.record_event(job_id, "cleanup_refused", "remote unreachable", now=lab.now, code="remote_listing_failed")
+    lab.reachable = False
+    lab.run_pass()
+    assert lab.refusals(job_id) == ["remote unreachable", "remote unreachable"]
 
 
 def test_a_second_reaper_process_is_kept_out(lab: Lab):

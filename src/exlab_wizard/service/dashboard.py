@@ -46,6 +46,7 @@ from fastapi.templating import Jinja2Templates
 
 from exlab_wizard.service.auth import COOKIE_NAME
 from exlab_wizard.service.events import FeedMessage
+from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.states import SyncJobState
@@ -71,23 +72,30 @@ PARTIALS = ("equipment", "totals", "running", "failed", "blocked")
 TABLE_LIMIT = 50
 
 #: A failed job's reason in plain words, by its error kind (``last_error`` is shown beneath it).
-FAILURE_SENTENCES: dict[str, str] = {
-    "network": "The NAS could not be reached (network down, share not mounted, or no answer), and the retries "
-    "ran out.",
-    "unknown": "An unexpected error stopped the transfer, and the retries ran out.",
-    "auth": "The NAS refused the login (SSH key, user name, host key or permissions): fix the access, then retry.",
-    "hash_mismatch": "The copy on the NAS did not match the local files, even after a second transfer. Nothing "
-    "local was deleted.",
-    "local_file_vanished": "A file of the run disappeared or changed while it was being copied.",
-    "remote_write_refused": "The NAS refused to write (read-only share, missing permission or a full disk).",
-    "remote_conflict": "The run's folder on the NAS already holds files that are not part of this run; nothing was "
-    "overwritten. Move them away, then retry.",
-    "local_damage": "Local files changed content without their size or time changing (possible disk damage). "
-    "Restore them from the verified NAS copy (exlab-sync restore), or retry accepting the local files.",
-    "remote_changed_during_cleanup": "The NAS copy changed while cleanup checked it, so nothing local was "
+#: Every :class:`FailureKind` has one (a test checks).
+FAILURE_SENTENCES: dict[FailureKind, str] = {
+    FailureKind.NETWORK: "The NAS could not be reached (network down, share not mounted, or no answer), and the "
+    "retries ran out.",
+    FailureKind.UNKNOWN: "An unexpected error stopped the transfer, and the retries ran out.",
+    FailureKind.AUTH: "The NAS refused the login (SSH key, user name, host key or permissions): fix the access, "
+    "then retry.",
+    FailureKind.HASH_MISMATCH: "The copy on the NAS did not match the local files, even after a second transfer. "
+    "Nothing local was deleted.",
+    FailureKind.LOCAL_FILE_VANISHED: "A file of the run disappeared or changed while it was being copied.",
+    FailureKind.REMOTE_WRITE_REFUSED: "The NAS refused to write (read-only share, missing permission or a full disk).",
+    FailureKind.REMOTE_CONFLICT: "The run's folder on the NAS already holds files that are not part of this run; "
+    "nothing was overwritten. Move them away, then retry.",
+    FailureKind.LOCAL_DAMAGE: "Local files changed content without their size or time changing (possible disk "
+    "damage). Restore them from the verified NAS copy (exlab-sync restore), or retry accepting the local files.",
+    FailureKind.REMOTE_CHANGED_DURING_CLEANUP: "The NAS copy changed while cleanup checked it, so nothing local was "
     "deleted. Retry to transfer and verify again.",
-    "local_changed_during_cleanup": "Local files changed while cleanup checked them, so nothing was deleted. "
-    "Retry to transfer and verify again.",
+    FailureKind.LOCAL_CHANGED_DURING_CLEANUP: "Local files changed while cleanup checked them, so nothing was "
+    "deleted. Retry to transfer and verify again.",
+    FailureKind.VERIFY_SKIPPED_OVERSIZE: "A file is larger than the NAS may stream back for checking "
+    "(verify_max_stream_bytes), so the copy could not be verified. Nothing local was deleted.",
+    FailureKind.VERIFY_UNREADABLE: "The NAS could not read a copied file back to check it (permission or a read "
+    "error), so the copy could not be verified. Nothing local was deleted.",
+    FailureKind.LOCAL_CHANGED: "Local files changed after the run was verified; the run is sent again.",
 }
 
 

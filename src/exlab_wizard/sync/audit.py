@@ -22,6 +22,7 @@ from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.context import ClientContext
+from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.job_runner import fail
 from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
 from exlab_wizard.sync.metadata_push import data_only
@@ -163,7 +164,7 @@ def _local_copies_unusable(
     if scan.check.refusal is not None:
         return None  # the run folder is away: the transfer itself will say so
     if scan.check.damaged:
-        return "local_damage", (
+        return FailureKind.LOCAL_DAMAGE, (
             f"the local copy is damaged too (content changed, mtime not): {name_paths(list(scan.check.damaged))}; "
             "nothing sent"
         )

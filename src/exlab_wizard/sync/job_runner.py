@@ -36,6 +36,7 @@ from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
 from exlab_wizard.sync.context import ClientContext, TransferProgress
+from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unverifiable_kind
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
@@ -47,6 +48,9 @@ from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
+
+#: The event of a run held by the gate; its ``code`` is the sorted blocking rules, comma-separated.
+GATE_HOLD_EVENT = "gate_hold"
 
 __all__ = [
     "crashed",
@@ -96,7 +100,7 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
                 queue.transition(
                     job.id, S.QUEUED, S.FAILED, now=ctx.clock(),
                     detail=f"equipment {job.equipment_id} is no longer configured",
-                    error_kind="unknown", last_error=f"equipment {job.equipment_id} is no longer configured",
+                    error_kind=FailureKind.UNKNOWN, last_error=f"equipment {job.equipment_id} is no longer configured",
                 )
                 continue
             start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
@@ -279,11 +283,11 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         return
     result = await asyncio.to_thread(gate_mod.check_run, run, validator=ctx.validator, writer=ctx.cache)
     if not result.eligible:
+        # The hold's code is its sorted blocking rules: the same hold again is not recorded again.
         rules = ",".join(sorted({f.rule for f in result.blocking}))
-        detail = f"held by the gate: {rules}"
         last = queue.events(job.id, limit=1)
-        if not last or last[-1].detail != detail:
-            queue.record_event(job.id, "gate_hold", detail, now=ctx.clock())
+        if not last or last[-1].kind != GATE_HOLD_EVENT or last[-1].code != rules:
+            queue.record_event(job.id, GATE_HOLD_EVENT, f"held by the gate: {rules}", now=ctx.clock(), code=rules)
             log.warning(run, "gate_hold", rules=rules)
         queue.update(
             job.id, S.QUEUED, now=ctx.clock(),
@@ -443,11 +447,14 @@ def _judge(
     """Compare: the number of files checked when every one matches; else the outcome recorded (FAILED or a retry), None."""
     outcome = compare(local_hashes, remote)
     if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
-        first = outcome.unverifiable[0]
-        reason = remote.unverifiable.get(first, "")
-        why = "larger than verify_max_stream_bytes" if reason in ("", "verify_skipped_oversize") else reason
+        # One the NAS failed to read is named first (it is its own kind): never reported as "oversize".
+        reasons = {rel: remote.unverifiable.get(rel) or UNVERIFIABLE_OVERSIZE for rel in outcome.unverifiable}
+        kinds = {rel: unverifiable_kind(reason) for rel, reason in reasons.items()}
+        first = next((rel for rel in kinds if kinds[rel] is FailureKind.VERIFY_UNREADABLE), outcome.unverifiable[0])
+        reason = reasons[first]
+        why = "larger than verify_max_stream_bytes" if reason == UNVERIFIABLE_OVERSIZE else reason
         message = f"{len(outcome.unverifiable)} file(s) could not be hashed remotely: {first} ({why})"
-        fail(ctx, job, S.AWAITING_VERIFY, "verify_skipped_oversize", message)
+        fail(ctx, job, S.AWAITING_VERIFY, kinds[first], message)
         return None
     if outcome.extra and not (outcome.different or outcome.missing):
         # The push checked that the remote folder held nothing foreign, so a

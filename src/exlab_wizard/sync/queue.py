@@ -196,6 +196,12 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX jobs_by_equipment_verified ON jobs (equipment_id, verified_at);
     CREATE INDEX jobs_by_state ON jobs (state);
     """,
+    # 7: what an event is, as a stable code (a cleanup refusal's CleanupCode, a gate hold's sorted
+    # blocking rules): a repeated refusal or hold is recognised by it, never by its text.
+    # Older events have none (NULL): the next refusal or hold after the upgrade is recorded once more.
+    """
+    ALTER TABLE events ADD COLUMN code TEXT;
+    """,
 ]
 
 
@@ -256,7 +262,9 @@ class SyncEvent:
     ``kind`` is ``"transition"`` for a state change (``from_state`` is None
     only for the creation event) and something else for a decision that
     changed no state (``gate_hold``, ``cleanup_refused``, ``verify_pass``,
-    ``note``); those carry no from/to state.
+    ``note``); those carry no from/to state. ``code``: what the event is, for
+    programs (a refusal's ``CleanupCode`` value, a gate hold's sorted blocking
+    rules, comma-separated), or None; ``detail`` is for people.
     """
 
     id: int
@@ -266,6 +274,7 @@ class SyncEvent:
     from_state: str | None
     to_state: str | None
     detail: str
+    code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly values (the time as ISO text)."""
@@ -277,6 +286,7 @@ class SyncEvent:
             "from_state": self.from_state,
             "to_state": self.to_state,
             "detail": self.detail,
+            "code": self.code,
         }
 
 
@@ -405,6 +415,7 @@ def _event(row: sqlite3.Row) -> SyncEvent:
         from_state=row["from_state"],
         to_state=row["to_state"],
         detail=row["detail"],
+        code=row["code"] if "code" in row.keys() else None,
     )
 
 
@@ -672,10 +683,17 @@ class JobQueue:
         from_state: str | None,
         to_state: str | None,
         detail: str,
+        code: str | None = None,
     ) -> None:
+        if code is None:  # the column named only when used (a test may build an older schema)
+            conn.execute(
+                "INSERT INTO events (job_id, at, kind, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, at, kind, from_state, to_state, _storable(str(detail))),
+            )
+            return
         conn.execute(
-            "INSERT INTO events (job_id, at, kind, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, at, kind, from_state, to_state, _storable(str(detail))),
+            "INSERT INTO events (job_id, at, kind, from_state, to_state, detail, code) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, at, kind, from_state, to_state, _storable(str(detail)), str(code)),
         )
 
     @staticmethod
@@ -791,9 +809,12 @@ class JobQueue:
                 self._insert_event(conn, job_id, stamp, str(event_kind), None, None, detail)
             return self._fetch(conn, job_id)
 
-    def record_event(self, job_id: str, kind: str, detail: str, *, now: dt.datetime) -> SyncEvent:
+    def record_event(
+        self, job_id: str, kind: str, detail: str, *, now: dt.datetime, code: str | None = None
+    ) -> SyncEvent:
         """Record a decision that changes nothing on the job (e.g. a refused cleanup).
 
+        ``code`` says what the decision is, for programs (see :class:`SyncEvent`).
         Returns the event. Raises :class:`JobNotFound` for an unknown id and
         ``ValueError`` for kind ``"transition"``.
         """
@@ -803,7 +824,7 @@ class JobQueue:
         with self.transaction() as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise JobNotFound(job_id)
-            self._insert_event(conn, job_id, stamp, str(kind), None, None, detail)
+            self._insert_event(conn, job_id, stamp, str(kind), None, None, detail, code)
             row = conn.execute("SELECT * FROM events WHERE id = last_insert_rowid()").fetchone()
             return _event(row)
 

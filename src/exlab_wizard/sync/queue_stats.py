@@ -72,12 +72,13 @@ class StoredEvent:
     from_state: str | None
     to_state: str | None
     detail: str
+    code: str | None = None  # what the event is, for programs (see ``SyncEvent.code``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "job_id": self.job_id, "run_path": self.run_path, "equipment_id": self.equipment_id,
             "at": self.at, "kind": self.kind, "from_state": self.from_state, "to_state": self.to_state,
-            "detail": self.detail,
+            "detail": self.detail, "code": self.code,
         }
 
 
@@ -196,7 +197,8 @@ class QueueStats:
     def events_after(self, event_id: int, limit: int = 500) -> list[StoredEvent]:
         """Events with an id above ``event_id``, oldest first (a primary-key range: cheap)."""
         sql = (
-            "SELECT e.id, e.job_id, j.run_path, j.equipment_id, e.at, e.kind, e.from_state, e.to_state, e.detail"
+            "SELECT e.id, e.job_id, j.run_path, j.equipment_id, e.at, e.kind, e.from_state, e.to_state, e.detail,"
+            " e.code"
             " FROM events e JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?"
         )
         with self._read() as conn:

@@ -44,6 +44,7 @@ from typing import Any
 
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, fsync_dir, hash_fd, is_data_path
+from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
@@ -70,7 +71,7 @@ __all__ = [
     "verified_manifest",
 ]
 
-LOCAL_DAMAGE = "local_damage"
+LOCAL_DAMAGE = FailureKind.LOCAL_DAMAGE
 S = SyncJobState
 _SCRATCH_PREFIX = ".restore-"
 

@@ -28,7 +28,6 @@ called from worker threads, one call at a time.
 from __future__ import annotations
 
 import asyncio
-import errno
 import mmap
 import os
 import threading
@@ -51,6 +50,7 @@ from exlab_wizard.fileio import (
     is_metadata_path,
     open_regular,
 )
+from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.manifest_format import (
     format_manifest,
     manifest_digest,
@@ -86,8 +86,6 @@ __all__ = [
     "walk_run",
 ]
 
-#: errno values meaning "the path no longer names the regular file we listed".
-_GONE = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR}
 
 
 def default_threads() -> int:
@@ -232,7 +230,7 @@ def hash_tree(
         try:
             fd, info = open_regular(path)
         except OSError as exc:
-            if exc.errno in _GONE or exc.errno == errno.EINVAL:
+            if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
                 raise TransportError(
                     TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {root} while hashing"
                 ) from exc

@@ -45,7 +45,9 @@ Actions:
   is sent over the good NAS copy.
 - ``check``: a fact is needed before deciding (``needs``).
 
-Reasons are short sentences for the audit trail, e.g. ``"cleanup disabled"``,
+Every decision carries a stable :class:`CleanupCode` (``decision.code``): the
+API, the dashboard and the reaper's "same refusal again" test read the code;
+the reason is for people. Reasons are short sentences for the audit trail, e.g. ``"cleanup disabled"``,
 ``"waiting: 1 of 2 verify passes"``, ``"waiting: 20 h of 24 h"``, ``"remote
 unreachable"``, ``"override revoked since verification: <id>"``, ``"local
 file changed: <path>"``, ``"local file added: <path>"``, ``"local damage:
@@ -56,13 +58,16 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Literal
+
+from exlab_wizard.sync.failures import FailureKind
 
 __all__ = [
     "Action",
+    "CleanupCode",
     "CleanupDecision",
     "CleanupFacts",
     "LocalCheck",
@@ -74,13 +79,67 @@ __all__ = [
     "eligible_to_promote",
     "format_hours",
     "name_paths",
-    "refusal_key",
+    "promotion_refusal",
 ]
 
 Action = Literal["delete", "wait", "requeue", "fail", "check"]
 
 #: How many paths a reason names before it says "(+N more)".
 MAX_PATHS_IN_REASON = 10
+
+
+class CleanupCode(StrEnum):
+    """What a cleanup decision or a reaper outcome is, as a stable code (the reason is its sentence).
+
+    Two refusals of one job with the same code are the same refusal: the
+    reaper records it once (``events.code``), however the sentence's numbers
+    or the error message moved.
+    """
+
+    # -- interlocks 1-3 --
+    DISABLED = "disabled"
+    NOT_VERIFIED = "not_verified"
+    WAITING_PASSES = "waiting_passes"
+    WAITING_AGE = "waiting_age"
+    # -- interlock 4 --
+    METADATA_PUSH_PENDING = "metadata_push_pending"
+    REMOTE_UNREACHABLE = "remote_unreachable"
+    REMOTE_LISTING_FAILED = "remote_listing_failed"
+    NAS_COPY_INCOMPLETE = "nas_copy_incomplete"
+    # -- interlock 5 --
+    OVERRIDE_UNKNOWN = "override_unknown"
+    OVERRIDE_REVOKED = "override_revoked"
+    # -- interlock 6: the local run could not be checked --
+    RUN_MISSING = "run_missing"
+    RUN_SYMLINK = "run_symlink"
+    RUN_UNOPENABLE = "run_unopenable"
+    LOCAL_UNREADABLE = "local_unreadable"
+    MANIFEST_MISSING = "manifest_missing"
+    MANIFEST_UNREADABLE = "manifest_unreadable"
+    MANIFEST_CHANGED = "manifest_changed"
+    MANIFEST_EMPTY = "manifest_empty"
+    LOCAL_UNCHECKED = "local_unchecked"  # a refusal the check gave no code for
+    # -- interlock 6: what the local check found --
+    LOCAL_DAMAGE = "local_damage"
+    LOCAL_MISSING = "local_missing"
+    LOCAL_CHANGED = "local_changed"
+    LOCAL_ADDED = "local_added"
+    # -- a fact still to gather --
+    CHECK_PENDING = "check_pending"
+    # -- all six hold --
+    DELETE = "delete"
+    # -- the reaper's own outcomes --
+    PROMOTED = "promoted"
+    CLEANED = "cleaned"
+    BUSY = "busy"
+    ERROR = "error"
+    EQUIPMENT_LOG_UNAVAILABLE = "equipment_log_unavailable"
+    JOB_CHANGED = "job_changed"
+    DELETION_PAUSED = "deletion_paused"  # the run folder is away or a file cannot be unlinked
+    FINAL_PUSH_PENDING = "final_push_pending"  # retain_cache false: .exlab-wizard/ not proved on the NAS
+    LOCAL_CHANGED_DURING_CLEANUP = "local_changed_during_cleanup"
+    REMOTE_CHANGED_DURING_CLEANUP = "remote_changed_during_cleanup"
+    PLAN_DROPPED = "plan_dropped"
 
 
 @dataclass(frozen=True)
@@ -103,6 +162,8 @@ class LocalCheck:
     damaged: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     refusal: str | None = None
+    #: what ``refusal`` is, as a code (``LOCAL_UNCHECKED`` when left None)
+    refusal_code: CleanupCode | None = None
 
     @property
     def clean(self) -> bool:
@@ -124,6 +185,8 @@ class RemoteCheck:
     missing: tuple[str, ...] = ()
     wrong_size: tuple[str, ...] = ()
     refusal: str | None = None
+    #: what ``refusal`` is: ``REMOTE_UNREACHABLE`` or (when left None) ``REMOTE_LISTING_FAILED``
+    refusal_code: CleanupCode | None = None
 
     @property
     def complete(self) -> bool:
@@ -186,7 +249,8 @@ METADATA_PENDING_REASON = "waiting: metadata push to the NAS pending (checksums.
 class CleanupDecision:
     """The outcome of the interlocks.
 
-    ``reason`` is the sentence recorded in the job's events. ``error_kind``
+    ``code`` says what the decision is (stable, for programs); ``reason`` is
+    the sentence recorded in the job's events. ``error_kind``
     is set for ``fail`` (``local_damage`` or ``local_file_vanished``) and for
     ``requeue`` (``local_changed``). ``paths`` are the local paths the
     decision is about (all of them, also when the reason names only the
@@ -198,10 +262,11 @@ class CleanupDecision:
 
     action: Action
     reason: str
-    error_kind: str | None = None
+    error_kind: FailureKind | None = None
     paths: tuple[str, ...] = ()
     needs: str | None = None
     interlock: int = 0
+    code: CleanupCode = CleanupCode.CHECK_PENDING
 
 
 def format_hours(hours: float) -> str:
@@ -216,20 +281,6 @@ def name_paths(paths: Sequence[str], limit: int = MAX_PATHS_IN_REASON) -> str:
     if len(paths) > limit:
         shown += f" (+{len(paths) - limit} more)"
     return shown
-
-
-_AGE_REASON = re.compile(r"^waiting: [0-9.]+ h of ")
-
-
-def refusal_key(reason: str) -> str:
-    """What two refusals must share to count as "the same refusal again".
-
-    The reason itself, except that the waiting-for-age refusal ignores the
-    hours already elapsed (``"waiting: 20 h of 24 h"`` and ``"waiting: 21 h
-    of 24 h"`` are one refusal), so a job waiting out its age is recorded
-    once, not every hour.
-    """
-    return _AGE_REASON.sub("waiting: age of ", reason)
 
 
 def _check_aware(name: str, value: dt.datetime | None) -> None:
@@ -248,13 +299,17 @@ def _passes_and_age(
     _check_aware("now", now)
     _check_aware("verified_at", verified_at)
     if verified_at is None:
-        return CleanupDecision("wait", "waiting: not verified", interlock=2)
+        return CleanupDecision("wait", "waiting: not verified", interlock=2, code=CleanupCode.NOT_VERIFIED)
     if verify_passes < min_verify_passes:
-        return CleanupDecision("wait", f"waiting: {verify_passes} of {min_verify_passes} verify passes", interlock=2)
+        return CleanupDecision(
+            "wait", f"waiting: {verify_passes} of {min_verify_passes} verify passes", interlock=2,
+            code=CleanupCode.WAITING_PASSES,
+        )
     age_hours = (now - verified_at).total_seconds() / 3600.0
     if age_hours < min_age_hours:
         return CleanupDecision(
-            "wait", f"waiting: {format_hours(age_hours)} h of {min_age_hours:g} h", interlock=3
+            "wait", f"waiting: {format_hours(age_hours)} h of {min_age_hours:g} h", interlock=3,
+            code=CleanupCode.WAITING_AGE,
         )
     return None
 
@@ -269,40 +324,47 @@ def eligible_to_promote(job: Any, config: Any, now: dt.datetime) -> tuple[bool, 
     CLEANUP_ELIGIBLE means "about to be deleted". Interlock 1 is checked
     again right before deleting.
     """
-    cleanup = getattr(config, "nas_cleanup", config)
-    if not cleanup.enabled:
-        return False, "cleanup disabled"
-    refusal = _passes_and_age(
-        job.verify_passes, cleanup.min_verify_passes, job.verified_at, cleanup.min_age_hours, now
-    )
+    refusal = promotion_refusal(job, config, now)
     if refusal is not None:
         return False, refusal.reason
     hours = (now - job.verified_at).total_seconds() / 3600.0
     return True, f"verified {job.verify_passes} times, first {format_hours(hours)} h ago"
 
 
+def promotion_refusal(job: Any, config: Any, now: dt.datetime) -> CleanupDecision | None:
+    """Why :func:`eligible_to_promote` says no, as a ``wait`` decision with its code; None when it says yes."""
+    cleanup = getattr(config, "nas_cleanup", config)
+    if not cleanup.enabled:
+        return CleanupDecision("wait", "cleanup disabled", interlock=1, code=CleanupCode.DISABLED)
+    return _passes_and_age(job.verify_passes, cleanup.min_verify_passes, job.verified_at, cleanup.min_age_hours, now)
+
+
 def _local_decision(local: LocalCheck) -> CleanupDecision | None:
     """Interlock 6; None when the local run matches the manifest."""
     if local.refusal is not None:
-        return CleanupDecision("wait", local.refusal, interlock=6)
+        return CleanupDecision(
+            "wait", local.refusal, interlock=6, code=local.refusal_code or CleanupCode.LOCAL_UNCHECKED
+        )
     if local.damaged:
         # Worst first: damaged bytes must never reach the NAS, so no re-sync.
         return CleanupDecision(
-            "fail", f"local damage: {name_paths(local.damaged)}", "local_damage", tuple(local.damaged), interlock=6
+            "fail", f"local damage: {name_paths(local.damaged)}", FailureKind.LOCAL_DAMAGE, tuple(local.damaged),
+            interlock=6, code=CleanupCode.LOCAL_DAMAGE,
         )
     if local.missing:
         return CleanupDecision(
-            "fail", f"local file missing: {name_paths(local.missing)}", "local_file_vanished",
-            tuple(local.missing), interlock=6,
+            "fail", f"local file missing: {name_paths(local.missing)}", FailureKind.LOCAL_FILE_VANISHED,
+            tuple(local.missing), interlock=6, code=CleanupCode.LOCAL_MISSING,
         )
     if local.changed:
         return CleanupDecision(
-            "requeue", f"local file changed: {name_paths(local.changed)}", "local_changed",
-            tuple(local.changed) + tuple(local.added), interlock=6,
+            "requeue", f"local file changed: {name_paths(local.changed)}", FailureKind.LOCAL_CHANGED,
+            tuple(local.changed) + tuple(local.added), interlock=6, code=CleanupCode.LOCAL_CHANGED,
         )
     if local.added:
         return CleanupDecision(
-            "requeue", f"local file added: {name_paths(local.added)}", "local_changed", tuple(local.added), interlock=6
+            "requeue", f"local file added: {name_paths(local.added)}", FailureKind.LOCAL_CHANGED,
+            tuple(local.added), interlock=6, code=CleanupCode.LOCAL_ADDED,
         )
     return None
 
@@ -313,27 +375,30 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
     Raises ``ValueError`` for a naive datetime. See the module docstring for
     the actions and reasons.
     """
+    C = CleanupCode
     if not facts.enabled:
-        return CleanupDecision("wait", "cleanup disabled", interlock=1)
+        return CleanupDecision("wait", "cleanup disabled", interlock=1, code=C.DISABLED)
     refusal = _passes_and_age(
         facts.verify_passes, facts.min_verify_passes, facts.verified_at, facts.min_age_hours, facts.now
     )
     if refusal is not None:
         return refusal
     if facts.metadata_push_pending:
-        return CleanupDecision("wait", METADATA_PENDING_REASON, interlock=4)
+        return CleanupDecision("wait", METADATA_PENDING_REASON, interlock=4, code=C.METADATA_PUSH_PENDING)
     if facts.remote_reachable is None:
         return CleanupDecision("check", "remote not checked yet", needs="remote_reachable", interlock=4)
     if not facts.remote_reachable:
-        return CleanupDecision("wait", "remote unreachable", interlock=4)
+        return CleanupDecision("wait", "remote unreachable", interlock=4, code=C.REMOTE_UNREACHABLE)
     if facts.override_check_error is not None:
-        return CleanupDecision("wait", f"override status unknown: {facts.override_check_error}", interlock=5)
+        return CleanupDecision(
+            "wait", f"override status unknown: {facts.override_check_error}", interlock=5, code=C.OVERRIDE_UNKNOWN
+        )
     if facts.overrides_no_longer_active is None:
         return CleanupDecision("check", "overrides not checked yet", needs="overrides", interlock=5)
     if facts.overrides_no_longer_active:
         return CleanupDecision(
             "wait", f"override revoked since verification: {name_paths(list(facts.overrides_no_longer_active))}",
-            interlock=5,
+            interlock=5, code=C.OVERRIDE_REVOKED,
         )
     if facts.local is None:
         return CleanupDecision("check", "local run not checked yet", needs="local", interlock=6)
@@ -345,13 +410,15 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
     refusal = _remote_decision(facts.remote)
     if refusal is not None:
         return refusal
-    return CleanupDecision("delete", "all six interlocks hold")
+    return CleanupDecision("delete", "all six interlocks hold", code=C.DELETE)
 
 
 def _remote_decision(remote: RemoteCheck) -> CleanupDecision | None:
     """Interlock 4's listing; None when the NAS copy holds every file with its size."""
     if remote.refusal is not None:
-        return CleanupDecision("wait", remote.refusal, interlock=4)
+        return CleanupDecision(
+            "wait", remote.refusal, interlock=4, code=remote.refusal_code or CleanupCode.REMOTE_LISTING_FAILED
+        )
     if remote.complete:
         return None
     parts = []
@@ -360,6 +427,6 @@ def _remote_decision(remote: RemoteCheck) -> CleanupDecision | None:
     if remote.wrong_size:
         parts.append(f"other size on the NAS: {name_paths(remote.wrong_size)}")
     return CleanupDecision(
-        "requeue", "NAS copy incomplete: " + "; ".join(parts), "hash_mismatch",
-        tuple(remote.missing) + tuple(remote.wrong_size), interlock=4,
+        "requeue", "NAS copy incomplete: " + "; ".join(parts), FailureKind.HASH_MISMATCH,
+        tuple(remote.missing) + tuple(remote.wrong_size), interlock=4, code=CleanupCode.NAS_COPY_INCOMPLETE,
     )

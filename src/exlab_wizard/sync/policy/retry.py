@@ -33,19 +33,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from exlab_wizard.sync.transports.base import TransportErrorKind
+from exlab_wizard.sync.failures import TRANSPORT_KINDS, FailureKind
 
 __all__ = ["RetryDecision", "decide", "RETRY", "FAIL"]
 
 RETRY: Literal["retry"] = "retry"
 FAIL: Literal["fail"] = "fail"
 
-K = TransportErrorKind
+K = FailureKind
 
 _BACKOFF_KINDS = frozenset({K.NETWORK, K.UNKNOWN})
 
 #: Why each fail-at-once kind is not retried, in the lab's words.
-_FATAL_REASONS: dict[TransportErrorKind, str] = {
+_FATAL_REASONS: dict[FailureKind, str] = {
     K.AUTH: "authentication failed; not retried, an operator must fix the key or host key",
     K.LOCAL_FILE_VANISHED: "a local file vanished between transfer and verify; not retried",
     K.REMOTE_WRITE_REFUSED: "the NAS refused the write (full or read-only); not retried",
@@ -63,7 +63,8 @@ class RetryDecision:
 
     ``action`` is ``"retry"`` (back to QUEUED, due at ``next_attempt_at``) or
     ``"fail"`` (to FAILED, ``next_attempt_at`` is None). ``error_kind`` is the
-    normalised :class:`TransportErrorKind` value to store on the job;
+    normalised :class:`~exlab_wizard.sync.failures.FailureKind` value (of the
+    transport subset) to store on the job;
     ``reason`` is the human-readable text for ``last_error``. ``rewrite`` is
     True only for the re-transfer after a first hash mismatch: the mismatched
     files must be sent again whatever their size and mtime.
@@ -81,11 +82,12 @@ class RetryDecision:
         return self.action == RETRY
 
 
-def _normalise(kind: TransportErrorKind | str) -> TransportErrorKind:
+def _normalise(kind: FailureKind | str) -> FailureKind:
     try:
-        return TransportErrorKind(kind)
+        known = FailureKind(kind)
     except ValueError:
         return K.UNKNOWN
+    return known if known in TRANSPORT_KINDS else K.UNKNOWN
 
 
 def _seconds(value: float) -> str:
@@ -93,7 +95,7 @@ def _seconds(value: float) -> str:
 
 
 def decide(
-    kind: TransportErrorKind | str,
+    kind: FailureKind | str,
     *,
     attempts: int,
     mismatch_count: int,
@@ -108,13 +110,13 @@ def decide(
     since the last good verification, this one included (>= 1 for a hash
     mismatch). ``backoff_s``: the configured delays in seconds. ``now``: the
     clock. ``message``: what the transport said, carried into ``reason``.
-    A kind string that is not a :class:`TransportErrorKind` is treated as
-    ``unknown`` (and named in the reason).
+    A kind outside the transport subset of :class:`FailureKind` is treated
+    as ``unknown`` (and named in the reason).
 
     Raises ``ValueError`` when a counter the kind relies on is below 1.
     """
     known = _normalise(kind)
-    raw = kind.value if isinstance(kind, TransportErrorKind) else str(kind)
+    raw = str(kind)
     label = known.value if raw == known.value else f"{known.value} ({raw})"
     head = f"{label}: {message}" if message else label
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.queue import SyncJobRow
 
 __all__ = ["FinalPush", "PushMetadata", "ReaperOutcome", "RemoteListing", "RemoteStat"]
@@ -26,7 +27,9 @@ class ReaperOutcome:
     reaper holds the lock), ``error``; for a dry run ``would_delete``,
     ``would_requeue``, ``would_fail``, ``in_progress``. ``files``/``bytes``:
     deleted, or that would be freed. ``paths``: the local paths the outcome
-    is about.
+    is about. ``code``: what the outcome is, as a stable
+    :class:`~exlab_wizard.sync.policy.cleanup.CleanupCode` (which refusal a
+    ``waiting`` is, ...); ``reason`` is its sentence.
     """
 
     job_id: str
@@ -36,6 +39,7 @@ class ReaperOutcome:
     files: int = 0
     bytes: int = 0
     paths: tuple[str, ...] = ()
+    code: CleanupCode | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
 from exlab_wizard.sync.policy import cleanup as policy
-from exlab_wizard.sync.policy.cleanup import CleanupDecision, CleanupFacts, LocalCheck
+from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision, CleanupFacts, LocalCheck
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, RemoteStat
 from exlab_wizard.sync.reaper.local_check import LocalScan, load_verified_stats, scan_run
@@ -67,7 +67,8 @@ class InterlockFacts:
         """One listing of the remote run folder, compared with the sizes it must hold (interlock 4)."""
         if self.remote_listing is None:
             return policy.RemoteCheck(
-                refusal="remote run folder cannot be listed: nothing is deleted without a listing"
+                refusal="remote run folder cannot be listed: nothing is deleted without a listing",
+                refusal_code=CleanupCode.REMOTE_LISTING_FAILED,
             )
         try:
             listing = await self.remote_listing(job)
@@ -78,7 +79,9 @@ class InterlockFacts:
         except TransportError as exc:
             logger.info("remote listing for job %s failed: %s", job.id, exc)
             if exc.kind == TransportErrorKind.NETWORK:
-                return policy.RemoteCheck(refusal=f"remote unreachable: {exc.message}")
+                return policy.RemoteCheck(
+                    refusal=f"remote unreachable: {exc.message}", refusal_code=CleanupCode.REMOTE_UNREACHABLE
+                )
             return policy.RemoteCheck(refusal=f"remote listing failed: {exc.kind.value}: {exc.message}")
         except Exception as exc:
             logger.info("remote listing for job %s failed: %s", job.id, exc)
@@ -102,25 +105,25 @@ class InterlockFacts:
     def _scan(self, job: SyncJobRow) -> LocalScan:
         run = Path(job.run_path)
         if os.path.islink(run):
-            return LocalScan(LocalCheck(refusal="run folder is a symlink"))
+            return _refused("run folder is a symlink", CleanupCode.RUN_SYMLINK)
         try:
             manifest = read_manifest(run)
         except ManifestFormatError as exc:
-            return LocalScan(LocalCheck(refusal=f"manifest unreadable: {exc}"))
+            return _refused(f"manifest unreadable: {exc}", CleanupCode.MANIFEST_UNREADABLE)
         except OSError as exc:
             if not run.exists():
-                return LocalScan(LocalCheck(refusal="run folder missing"))
-            return LocalScan(LocalCheck(refusal=f"manifest unreadable: {exc.strerror or exc}"))
+                return _refused("run folder missing", CleanupCode.RUN_MISSING)
+            return _refused(f"manifest unreadable: {exc.strerror or exc}", CleanupCode.MANIFEST_UNREADABLE)
         if manifest is None:
             if not run.exists():
-                return LocalScan(LocalCheck(refusal="run folder missing"))
-            return LocalScan(LocalCheck(refusal="no recorded manifest"))
+                return _refused("run folder missing", CleanupCode.RUN_MISSING)
+            return _refused("no recorded manifest", CleanupCode.MANIFEST_MISSING)
         if not job.manifest_digest:
-            return LocalScan(LocalCheck(refusal="no verified manifest digest on the job"))
+            return _refused("no verified manifest digest on the job", CleanupCode.MANIFEST_MISSING)
         if manifest_digest(manifest) != job.manifest_digest:
-            return LocalScan(LocalCheck(refusal="manifest changed since verification"))
+            return _refused("manifest changed since verification", CleanupCode.MANIFEST_CHANGED)
         if not manifest:
-            return LocalScan(LocalCheck(refusal="manifest lists no files"))
+            return _refused("manifest lists no files", CleanupCode.MANIFEST_EMPTY)
         verified = load_verified_stats(self.queue, job.id)
         return scan_run(run, manifest, verified, verified_at=job.verified_at)
 
@@ -177,25 +180,34 @@ class InterlockFacts:
             return ReaperOutcome(
                 job.id, job.run_path, "in_progress",
                 f"deletion in progress: {progress.files} files, {progress.bytes} bytes planned",
-                files=progress.files, bytes=progress.bytes,
+                files=progress.files, bytes=progress.bytes, code=CleanupCode.DELETE,
             )
         if job.state == SyncJobState.VERIFIED:
             # What stands between the job and cleanup besides interlock 1 (decided below): a dry run
             # with cleanup off is how a lab sees what enabling it would do.
             opted_in = self.config.nas_cleanup.model_copy(update={"enabled": True})
-            ok, reason = policy.eligible_to_promote(job, opted_in, self.now())
-            if not ok:
-                return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+            refusal = policy.promotion_refusal(job, opted_in, self.now())
+            if refusal is not None:
+                return ReaperOutcome(job.id, job.run_path, "waiting", refusal.reason, code=refusal.code)
         decision, scan = await self._decide(job, local=True)
         if decision.action == "wait":
-            return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason)
+            return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason, code=decision.code)
         if decision.action == "requeue":
-            return ReaperOutcome(job.id, job.run_path, "would_requeue", decision.reason, paths=decision.paths)
+            return ReaperOutcome(
+                job.id, job.run_path, "would_requeue", decision.reason, paths=decision.paths, code=decision.code
+            )
         if decision.action == "fail":
-            return ReaperOutcome(job.id, job.run_path, "would_fail", decision.reason, paths=decision.paths)
+            return ReaperOutcome(
+                job.id, job.run_path, "would_fail", decision.reason, paths=decision.paths, code=decision.code
+            )
         assert scan is not None
         return ReaperOutcome(
             job.id, job.run_path, "would_delete",
             f"would free {len(scan.files)} files, {scan.bytes} bytes",
-            files=len(scan.files), bytes=scan.bytes,
+            files=len(scan.files), bytes=scan.bytes, code=CleanupCode.DELETE,
         )
+
+
+def _refused(reason: str, code: CleanupCode) -> LocalScan:
+    """A local run that could not be checked (interlock 6 refuses)."""
+    return LocalScan(LocalCheck(refusal=reason, refusal_code=code))

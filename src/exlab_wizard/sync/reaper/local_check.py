@@ -23,7 +23,7 @@ from pathlib import Path
 
 from exlab_wizard.fileio import is_data_path, is_metadata_path
 from exlab_wizard.sync.policy import cleanup as policy
-from exlab_wizard.sync.policy.cleanup import LocalCheck
+from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
 from exlab_wizard.sync.reaper.nofollow import RunFolderError, Tree, hash_at, open_dir_chain, open_run, split_path, walk
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile, StatRow, VerifiedStat
@@ -179,16 +179,22 @@ def scan_run(
     run = Path(run_path)
     for rel in manifest:
         if _bad_manifest_path(rel):
-            return LocalScan(LocalCheck(refusal=f"manifest lists a path outside the run data: {rel!r}"))
+            return LocalScan(LocalCheck(
+                refusal=f"manifest lists a path outside the run data: {rel!r}",
+                refusal_code=CleanupCode.MANIFEST_UNREADABLE,
+            ))
     try:
         root = open_run(run)
     except RunFolderError as exc:
-        return LocalScan(LocalCheck(refusal=exc.reason))
+        return LocalScan(LocalCheck(refusal=exc.reason, refusal_code=exc.code))
     try:
         tree = Tree()
         walk(root, "", tree)
         if tree.unreadable:
-            return LocalScan(LocalCheck(refusal=f"cannot read folder: {policy.name_paths(tree.unreadable)}"))
+            return LocalScan(LocalCheck(
+                refusal=f"cannot read folder: {policy.name_paths(tree.unreadable)}",
+                refusal_code=CleanupCode.LOCAL_UNREADABLE,
+            ))
         added = sorted((p for p in tree.files if p not in manifest), key=os.fsencode)
         changed: list[str] = []
         damaged: list[str] = []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, open_regular
+from exlab_wizard.sync.policy.cleanup import CleanupCode
 
 __all__ = [
     "CLOEXEC",
@@ -42,11 +43,12 @@ FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOC
 
 
 class RunFolderError(Exception):
-    """The run folder cannot be opened as a real folder; ``reason`` says why."""
+    """The run folder cannot be opened as a real folder; ``reason`` says why, ``code`` what it is."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, code: CleanupCode = CleanupCode.RUN_UNOPENABLE):
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 def open_run(run_path: Path) -> int:
@@ -54,10 +56,10 @@ def open_run(run_path: Path) -> int:
     try:
         return os.open(run_path, DIR_FLAGS)
     except FileNotFoundError:
-        raise RunFolderError("run folder missing") from None
+        raise RunFolderError("run folder missing", CleanupCode.RUN_MISSING) from None
     except OSError as exc:
         if os.path.islink(run_path):
-            raise RunFolderError("run folder is a symlink") from None
+            raise RunFolderError("run folder is a symlink", CleanupCode.RUN_SYMLINK) from None
         if exc.errno in (getattr(os, "ELOOP", -1), getattr(os, "ENOTDIR", -1)):
             raise RunFolderError("run folder is not a folder") from None
         raise RunFolderError(f"cannot open run folder: {exc.strerror or exc}") from None

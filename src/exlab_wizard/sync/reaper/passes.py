@@ -9,6 +9,11 @@ decided by the pure cleanup policy), write the plan durably
 result and move the job to CLEANED. Also the dry run (:meth:`Reaper.plan`),
 the outcomes (:class:`ReaperOutcome`) and the final metadata push's answer
 (:class:`FinalPush`).
+
+One piece, a little over 600 lines: it is the single ordered sequence of one
+job's cleanup under the pass lock, and each refusal or stop beside the step
+that meets it (with its :class:`~exlab_wizard.sync.policy.cleanup.CleanupCode`)
+is what a reviewer must read in one place to trust a deletion.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import Any
 
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.policy import cleanup as policy
-from exlab_wizard.sync.policy.cleanup import CleanupDecision
+from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.reaper.contract import FinalPush, PushMetadata, ReaperOutcome, RemoteListing, RemoteStat
@@ -35,6 +41,7 @@ from exlab_wizard.sync.reaper.nofollow import CLOEXEC, RunFolderError
 from exlab_wizard.sync.reaper.store import (
     ABORTED_EVENT,
     NOTE_EVENT,
+    PLANNED_EVENT,
     REFUSED_EVENT,
     CleanupStore,
     PlannedFile,
@@ -45,6 +52,7 @@ from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 __all__ = ["Reaper"]
 
 logger = logging.getLogger(__name__)
+C = CleanupCode
 
 S = SyncJobState
 
@@ -147,7 +155,7 @@ class Reaper(InterlockFacts):
         """
         async with self._lock:
             if not self._file_lock.acquire():
-                return [ReaperOutcome("", "", "busy", "another cleanup pass is running on this queue")]
+                return [ReaperOutcome("", "", "busy", "another cleanup pass is running on this queue", code=C.BUSY)]
             try:
                 return await self._pass()
             finally:
@@ -172,7 +180,9 @@ class Reaper(InterlockFacts):
                 try:
                     outcomes.append(await self._dry_run_job(job, progress.get(job.id)))
                 except Exception as exc:  # a dry run reports, it never stops
-                    outcomes.append(ReaperOutcome(job.id, job.run_path, "error", f"{type(exc).__name__}: {exc}"))
+                    outcomes.append(
+                        ReaperOutcome(job.id, job.run_path, "error", f"{type(exc).__name__}: {exc}", code=C.ERROR)
+                    )
         return outcomes
 
     # ------------------------------------------------------------ the pass
@@ -199,33 +209,40 @@ class Reaper(InterlockFacts):
             logger.exception("cleanup of job %s failed", job_id)
             reason = f"cleanup error: {type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
-                self._refuse_event(job_id, reason)
-            return ReaperOutcome(job_id, run_path, "error", reason)
+                self._refuse_event(job_id, reason, C.ERROR)
+            return ReaperOutcome(job_id, run_path, "error", reason, code=C.ERROR)
 
     async def _promote(self, job: SyncJobRow) -> ReaperOutcome | None:
-        ok, reason = policy.eligible_to_promote(job, self.config, self.now())
-        if not ok:
-            self._refuse_event(job.id, reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+        now = self.now()
+        refusal = policy.promotion_refusal(job, self.config, now)
+        if refusal is not None:
+            self._refuse_event(job.id, refusal.reason, refusal.code)
+            return ReaperOutcome(job.id, job.run_path, "waiting", refusal.reason, code=refusal.code)
+        _ok, reason = policy.eligible_to_promote(job, self.config, now)
         try:
             self.queue.transition(job.id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=self.now(), detail=reason)
         except IllegalTransition:
             return None  # moved on meanwhile (an audit failed): nothing to do
-        return ReaperOutcome(job.id, job.run_path, "promoted", reason)
+        return ReaperOutcome(job.id, job.run_path, "promoted", reason, code=C.PROMOTED)
 
     # ------------------------------------------------------------ events
 
-    def _refuse_event(self, job_id: str, reason: str) -> bool:
-        """Record a refusal unless the last one since the job's last transition says the same."""
-        key = policy.refusal_key(reason)
+    def _refuse_event(self, job_id: str, reason: str, code: CleanupCode) -> bool:
+        """Record a refusal unless the last one since the job's last transition or plan has its code.
+
+        Recognised by code, never by text: a job waiting out its age, or an
+        unreachable NAS whose error message changes, is one refusal. A plan
+        starts afresh, so a deletion paused for a reason refused before the
+        plan is recorded again.
+        """
         for event in reversed(self.queue.events(job_id, limit=100)):
-            if event.kind == TRANSITION_EVENT:
+            if event.kind in (TRANSITION_EVENT, PLANNED_EVENT):
                 break
             if event.kind == REFUSED_EVENT:
-                if policy.refusal_key(event.detail) == key:
+                if event.code == code:
                     return False
                 break
-        self.queue.record_event(job_id, REFUSED_EVENT, reason, now=self.now())
+        self.queue.record_event(job_id, REFUSED_EVENT, reason, now=self.now(), code=code)
         return True
 
     def _log(self, job: SyncJobRow) -> EquipmentLog:
@@ -238,13 +255,13 @@ class Reaper(InterlockFacts):
             log = self._log(job)
         except Exception as exc:
             reason = f"equipment log unavailable: {exc}"
-            self._refuse_event(job.id, reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+            self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
         decision, scan = await self._decide(job, local=True)
         if decision.action == "wait":
-            if self._refuse_event(job.id, decision.reason) and decision.interlock >= 4:
-                log.info(job.run_path, "cleanup_refused", job=job.id, reason=decision.reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason)
+            if self._refuse_event(job.id, decision.reason, decision.code) and decision.interlock >= 4:
+                log.info(job.run_path, "cleanup_refused", job=job.id, reason=decision.reason, code=decision.code)
+            return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason, code=decision.code)
         if decision.action == "requeue":
             if decision.interlock == 4:
                 return self._requeue_incomplete(job, decision, log)
@@ -254,7 +271,7 @@ class Reaper(InterlockFacts):
         assert decision.action == "delete" and scan is not None
         progress = self._write_plan(job, scan.files, len(scan.rehashed), log)
         if progress is None:
-            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+            return _job_changed(job)
         return await self._execute(job, progress, log, resumed=False)
 
     def _requeue(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
@@ -266,9 +283,11 @@ class Reaper(InterlockFacts):
                 next_attempt_at=None, verify_passes=0, verified_at=None, pass_times=(),
             )
         except IllegalTransition:
-            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+            return _job_changed(job)
         log.warning(job.run_path, "cleanup_requeued", job=job.id, reason=decision.reason, paths=len(decision.paths))
-        return ReaperOutcome(job.id, job.run_path, "requeued", decision.reason, paths=decision.paths)
+        return ReaperOutcome(
+            job.id, job.run_path, "requeued", decision.reason, paths=decision.paths, code=decision.code
+        )
 
     def _requeue_incomplete(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
         """The NAS copy lost files (or holds them with another size): send them again, delete nothing.
@@ -285,13 +304,15 @@ class Reaper(InterlockFacts):
                 next_attempt_at=None, rewrite_paths=decision.paths, verify_passes=0, verified_at=None, pass_times=(),
             )
         except IllegalTransition:
-            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+            return _job_changed(job)
         log.warning(job.run_path, "cleanup_requeued", job=job.id, reason=decision.reason, paths=len(decision.paths))
-        return ReaperOutcome(job.id, job.run_path, "requeued", decision.reason, paths=decision.paths)
+        return ReaperOutcome(
+            job.id, job.run_path, "requeued", decision.reason, paths=decision.paths, code=decision.code
+        )
 
     def _fail(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
         reason = f"{decision.reason}; nothing deleted, the NAS copy is left as verified"
-        if decision.error_kind == "local_damage":
+        if decision.error_kind == FailureKind.LOCAL_DAMAGE:
             from exlab_wizard.sync.recovery import damage_ways_out  # recovery builds on the reaper
 
             reason += ". " + damage_ways_out(job.id, job.run_path)
@@ -301,10 +322,12 @@ class Reaper(InterlockFacts):
                 error_kind=decision.error_kind, last_error=reason, next_attempt_at=None,
             )
         except IllegalTransition:
-            return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked")
+            return _job_changed(job)
         log.error(job.run_path, "cleanup_failed", job=job.id, kind=decision.error_kind, reason=decision.reason,
                   paths=len(decision.paths))
-        return ReaperOutcome(job.id, job.run_path, "failed", reason, paths=decision.paths)
+        return ReaperOutcome(
+            job.id, job.run_path, "failed", reason, paths=decision.paths, code=decision.code
+        )
 
     # ------------------------------------------------------------ the durable plan
 
@@ -338,8 +361,8 @@ class Reaper(InterlockFacts):
             log = self._log(job)
         except Exception as exc:
             reason = f"equipment log unavailable: {exc}"
-            self._refuse_event(job.id, reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+            self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
         # Interlocks 1-5 again, with a new listing of the remote run folder against the plan
         # while local data remain; 6 is the per-file check of the plan itself.
         planned = self._store.plan_files(job.id) if progress.data_deleted_at is None else None
@@ -348,8 +371,8 @@ class Reaper(InterlockFacts):
             return await self._resume_incomplete(job, progress, log, decision)
         if decision.action != "delete":
             reason = f"deletion paused: {decision.reason}"
-            self._refuse_event(job.id, reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+            self._refuse_event(job.id, reason, decision.code)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=decision.code)
         return await self._execute(job, progress, log, resumed=True)
 
     async def _resume_incomplete(
@@ -365,9 +388,10 @@ class Reaper(InterlockFacts):
         run = Path(job.run_path)
         if os.path.islink(run) or not os.path.isdir(run):
             # Its disk is away: a missing run is not a deleted one; decide when it is back.
-            reason = f"deletion paused: run folder {'is a symlink' if os.path.islink(run) else 'missing'}"
-            self._refuse_event(job.id, reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+            code = C.RUN_SYMLINK if os.path.islink(run) else C.RUN_MISSING
+            reason = f"deletion paused: run folder {'is a symlink' if code is C.RUN_SYMLINK else 'missing'}"
+            self._refuse_event(job.id, reason, code)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=code)
         present = await asyncio.to_thread(self._count_present, progress)
         if present < progress.files:
             return self._stop_incomplete(job, progress, log, decision, progress.files - present)
@@ -376,8 +400,8 @@ class Reaper(InterlockFacts):
             return await self._execute(job, progress, log, resumed=True)  # the NAS copy is whole again
         if fresh.action in ("wait", "check"):
             reason = f"deletion paused: {fresh.reason}"
-            self._refuse_event(job.id, reason)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason)
+            self._refuse_event(job.id, reason, fresh.code)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=fresh.code)
         if fresh.action == "requeue":
             outcome = (self._requeue_incomplete if fresh.interlock == 4 else self._requeue)(job, fresh, log)
         else:
@@ -398,12 +422,14 @@ class Reaper(InterlockFacts):
         with contextlib.suppress(IllegalTransition), self.queue.transaction():
             self.queue.transition(
                 job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
-                error_kind="remote_changed_during_cleanup", last_error=reason, next_attempt_at=None,
+                error_kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP, last_error=reason, next_attempt_at=None,
             )
             self._store.drop_plan(job.id)
         log.error(job.run_path, "cleanup_stopped", job=job.id, reason=decision.reason, files_deleted=done,
                   files_planned=progress.files, manifest_digest=progress.manifest_digest)
-        return ReaperOutcome(job.id, job.run_path, "aborted", reason, paths=decision.paths)
+        return ReaperOutcome(
+            job.id, job.run_path, "aborted", reason, paths=decision.paths, code=C.REMOTE_CHANGED_DURING_CLEANUP
+        )
 
     def _abandon(self, progress: Progress, job: SyncJobRow | None, why: str) -> ReaperOutcome:
         """Drop a plan whose job is no longer CLEANUP_ELIGIBLE with the planned manifest: delete nothing more."""
@@ -420,7 +446,7 @@ class Reaper(InterlockFacts):
             with contextlib.suppress(Exception):
                 self._log(job).warning(job.run_path, "cleanup_aborted", job=job.id, reason=why,
                                        files_deleted=progress.files - present, files_planned=progress.files)
-        return ReaperOutcome(progress.job_id, progress.run_path, "aborted", detail)
+        return ReaperOutcome(progress.job_id, progress.run_path, "aborted", detail, code=C.PLAN_DROPPED)
 
     def _count_present(self, progress: Progress) -> int:
         run = Path(progress.run_path)
@@ -473,9 +499,12 @@ class Reaper(InterlockFacts):
         if not retain:
             waiting, folder_note = await self._remove_cache(job, log)
             if waiting is not None:
-                if self._refuse_event(job.id, waiting):
-                    log.warning(job.run_path, "cleanup_waiting", job=job.id, reason=waiting)
-                return ReaperOutcome(job.id, job.run_path, "waiting", waiting, files=progress.files, bytes=progress.bytes)
+                code, reason = waiting
+                if self._refuse_event(job.id, reason, code):
+                    log.warning(job.run_path, "cleanup_waiting", job=job.id, reason=reason, code=code)
+                return ReaperOutcome(
+                    job.id, job.run_path, "waiting", reason, files=progress.files, bytes=progress.bytes, code=code
+                )
         detail = (
             f"cleaned: {progress.files} files, {progress.bytes} bytes freed, "
             f"manifest {progress.manifest_digest}{folder_note}"
@@ -488,7 +517,9 @@ class Reaper(InterlockFacts):
         except IllegalTransition:
             current = self.queue.get(job.id)
             return self._abandon(progress, current, "job left cleanup_eligible before it was marked cleaned")
-        return ReaperOutcome(job.id, job.run_path, "deleted", detail, files=progress.files, bytes=progress.bytes)
+        return ReaperOutcome(
+            job.id, job.run_path, "deleted", detail, files=progress.files, bytes=progress.bytes, code=C.CLEANED
+        )
 
     def _stopped(self, job: SyncJobRow, progress: Progress, log: EquipmentLog, result: deletion.DeleteResult,
                  deleted_now: int) -> ReaperOutcome:
@@ -498,10 +529,10 @@ class Reaper(InterlockFacts):
         if not result.stop_fatal:
             # The run folder is away or a file cannot be unlinked: keep the plan, try again next pass.
             reason = f"deletion paused: {result.stop}"
-            if self._refuse_event(job.id, reason):
+            if self._refuse_event(job.id, reason, C.DELETION_PAUSED):
                 log.warning(job.run_path, "cleanup_paused", job=job.id, reason=result.stop,
                             files_deleted=done, files_planned=progress.files)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason, files=deleted_now)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, files=deleted_now, code=C.DELETION_PAUSED)
         reason = (
             f"cleanup stopped: {result.stop}; {done} of {progress.files} planned files were deleted "
             f"(their verified copies are on the NAS), nothing else"
@@ -509,12 +540,13 @@ class Reaper(InterlockFacts):
         with contextlib.suppress(IllegalTransition), self.queue.transaction():
             self.queue.transition(
                 job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
-                error_kind="local_changed_during_cleanup", last_error=reason, next_attempt_at=None,
+                error_kind=FailureKind.LOCAL_CHANGED_DURING_CLEANUP, last_error=reason, next_attempt_at=None,
             )
             self._store.drop_plan(job.id)
         log.error(job.run_path, "cleanup_stopped", job=job.id, reason=result.stop, files_deleted=done,
                   files_planned=progress.files, manifest_digest=progress.manifest_digest)
         return ReaperOutcome(job.id, job.run_path, "aborted", reason, files=deleted_now,
+                             code=C.LOCAL_CHANGED_DURING_CLEANUP,
                              paths=(result.stop_path,) if result.stop_path else ())
 
     def _record_cleaned(self, job: SyncJobRow, progress: Progress, log: EquipmentLog) -> None:
@@ -534,25 +566,28 @@ class Reaper(InterlockFacts):
             log.warning(job.run_path, "cleanup_record_failed", job=job.id, error=str(exc))
             self.queue.record_event(job.id, NOTE_EVENT, f"creation.json not updated: {exc}", now=self.now())
 
-    async def _remove_cache(self, job: SyncJobRow, log: EquipmentLog) -> tuple[str | None, str]:
+    async def _remove_cache(
+        self, job: SyncJobRow, log: EquipmentLog
+    ) -> tuple[tuple[CleanupCode, str] | None, str]:
         """``retain_cache: false``: push the metadata, then remove it and the run folder.
 
-        Returns (a reason when waiting, a note on what was removed).
+        Returns ((code, reason) when waiting, a note on what was removed).
         """
         run = Path(job.run_path)
         if os.path.islink(run):
-            return "waiting: run folder is a symlink", ""
+            return (C.RUN_SYMLINK, "waiting: run folder is a symlink"), ""
         if not os.path.isdir(run):
             if not os.path.isdir(run.parent):
-                return "waiting: run folder missing", ""  # its disk is away, not removed by us
+                return (C.RUN_MISSING, "waiting: run folder missing"), ""  # its disk is away, not removed by us
             return None, "; run folder removed"  # by an earlier, interrupted pass
         try:
             files, folders = await asyncio.to_thread(deletion.metadata_snapshot, run)
         except (OSError, RunFolderError) as exc:
-            return f"waiting: cannot read {METADATA_DIR}/: {exc}", ""
+            return (C.LOCAL_UNREADABLE, f"waiting: cannot read {METADATA_DIR}/: {exc}"), ""
         if files:
             if self.push_metadata is None:
-                return "waiting: no final metadata push available (retain_cache is false)", ""
+                why = "waiting: no final metadata push available (retain_cache is false)"
+                return (C.FINAL_PUSH_PENDING, why), ""
             try:
                 pushed = await self.push_metadata(job)
             except asyncio.CancelledError:
@@ -563,16 +598,22 @@ class Reaper(InterlockFacts):
             if not isinstance(pushed, FinalPush):
                 pushed = FinalPush(bool(pushed), "final metadata push verified" if pushed else "")
             if not pushed.verified:
-                return f"waiting: {pushed.reason or 'final metadata push not verified'}", ""
+                why = f"waiting: {pushed.reason or 'final metadata push not verified'}"
+                return (C.FINAL_PUSH_PENDING, why), ""
             proof = pushed.reason
         else:
             proof = f"no {METADATA_DIR}/ files left to push"
         stop = await asyncio.to_thread(deletion.remove_metadata, run, files, folders)
         if stop is not None:
-            return f"waiting: {METADATA_DIR}/ changed during the final push: {stop}", ""
+            why = f"waiting: {METADATA_DIR}/ changed during the final push: {stop}"
+            return (C.FINAL_PUSH_PENDING, why), ""
         kept = await asyncio.to_thread(deletion.remove_run_folder, run)
         if kept is None:
             log.info(job.run_path, "cleanup_run_folder_removed", job=job.id, metadata_files=len(files), proof=proof)
             return None, f"; .exlab-wizard/ and run folder removed ({proof})"
         log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept, proof=proof)
         return None, f"; .exlab-wizard/ removed ({proof}), {kept}"
+
+
+def _job_changed(job: SyncJobRow) -> ReaperOutcome:
+    return ReaperOutcome(job.id, job.run_path, "waiting", "job changed while it was checked", code=C.JOB_CHANGED)

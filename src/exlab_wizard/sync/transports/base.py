@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.sync.failures import FailureKind as F
 
 __all__ = [
     "METADATA_DIR",
@@ -61,16 +62,20 @@ _STAMP_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 
 
 class TransportErrorKind(StrEnum):
-    """Why a transfer or a remote read failed; the retry policy keys on it."""
+    """Why a transfer or a remote read failed; the retry policy keys on it.
 
-    NETWORK = "network"                    # timeout, refused, reset, NAS unmounted: back off
-    AUTH = "auth"                          # key refused, host key, permission denied: FAILED
-    HASH_MISMATCH = "hash_mismatch"        # the copy differs: transfer once more
-    LOCAL_FILE_VANISHED = "local_file_vanished"
-    REMOTE_WRITE_REFUSED = "remote_write_refused"  # read-only, disk full
-    REMOTE_CONFLICT = "remote_conflict"    # the remote folder holds files not in this run
-    LOCAL_DAMAGE = "local_damage"          # local bytes changed, size and mtime did not
-    UNKNOWN = "unknown"                    # back off, like network
+    The transport subset of :class:`~exlab_wizard.sync.failures.FailureKind`
+    (same names, same values): a transport cannot raise an engine-only kind.
+    """
+
+    NETWORK = F.NETWORK.value  # timeout, refused, reset, NAS unmounted: back off
+    AUTH = F.AUTH.value  # key refused, host key, permission denied: FAILED
+    HASH_MISMATCH = F.HASH_MISMATCH.value  # the copy differs: transfer once more
+    LOCAL_FILE_VANISHED = F.LOCAL_FILE_VANISHED.value
+    REMOTE_WRITE_REFUSED = F.REMOTE_WRITE_REFUSED.value  # read-only, disk full
+    REMOTE_CONFLICT = F.REMOTE_CONFLICT.value  # the remote folder holds files not in this run
+    LOCAL_DAMAGE = F.LOCAL_DAMAGE.value  # local bytes changed, size and mtime did not
+    UNKNOWN = F.UNKNOWN.value  # back off, like network
 
 
 class TransportError(Exception):
@@ -104,9 +109,10 @@ class RemoteManifest:
     """What the remote holds for one run.
 
     ``hashes``: relative path -> lowercase SHA-256 hex.
-    ``unverifiable``: relative path -> reason (e.g. ``verify_skipped_oversize``)
-    for files that exist remotely but could not be hashed; such a file is never
-    counted as verified.
+    ``unverifiable``: relative path -> reason for files that exist remotely but
+    could not be hashed (:data:`~exlab_wizard.sync.failures.UNVERIFIABLE_OVERSIZE`, not read for its size;
+    :data:`~exlab_wizard.sync.failures.UNVERIFIABLE_READ_ERROR` or ``unreadable:
+    ...``, a read that failed); such a file is never counted as verified.
     """
 
     hashes: dict[str, str]

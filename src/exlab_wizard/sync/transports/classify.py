@@ -5,8 +5,13 @@ the rule names codes) and a line of stderr (when the rule has a pattern) wins.
 Exit codes decide where they are unambiguous (rclone 5 is temporary); the
 message decides where they are not (ssh and rsync return 255 for a refused key
 and for a dead network alike, rsync 23 covers a read-only folder and a vanished
-source file). Every pattern was read from the real tool's output; the samples
-live in ``tests/transports/test_classify.py``.
+source file). Every pattern was read from the real tool's output; real
+samples, captured here by ``tests/fixtures/stderr_samples/capture.py`` into
+``tests/fixtures/stderr_samples/samples.json``, are classified one by one in
+``tests/transports/test_classify.py``, with hand-written lines for the rules
+no sample reaches (cloud storage answers, rclone's own exit codes).
+
+The errno tables for a mounted share live in :mod:`exlab_wizard.sync.failures`.
 
     >>> classify("rsync", 255, "user@nas: Permission denied (publickey).").kind
     <TransportErrorKind.AUTH: 'auth'>
@@ -40,10 +45,17 @@ class Rule:
 
 
 def _rule(kind, tools, codes=None, pattern=None, why=""):
-    return Rule(kind, frozenset(tools), frozenset(codes) if codes is not None else None,
-                re.compile(pattern, re.IGNORECASE) if pattern else None, why)  # fmt: skip
+    return Rule(
+        kind,
+        frozenset(tools),
+        frozenset(codes) if codes is not None else None,
+        re.compile(pattern, re.IGNORECASE) if pattern else None,
+        why,
+    )
 
 
+# The table reads best one rule to a few lines, as written: the formatter leaves it alone.
+# fmt: off
 RULES: tuple[Rule, ...] = (
     # rclone's own exit codes first: 5 is "temporary, retry later".
     _rule(K.NETWORK, RCLONE, {5}, None, "rclone: temporary error"),
@@ -51,46 +63,51 @@ RULES: tuple[Rule, ...] = (
     _rule(K.AUTH, SSH_FAMILY, None, r"Permission denied \((publickey|password|keyboard|gssapi)", "key refused"),
     _rule(K.AUTH, SSH_FAMILY, None,
           r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|No \S+ host key is known"
-          r"|Too many authentication failures", "host key or identity"),  # fmt: skip
+          r"|Too many authentication failures", "host key or identity"),
     _rule(K.AUTH, SSH_FAMILY, None,
           r"allows sftp connections only|protocol version mismatch -- is your shell clean"
-          r"|SSH_ORIGINAL_COMMAND does not run rsync", REFUSES_RSYNC),  # fmt: skip
+          r"|SSH_ORIGINAL_COMMAND does not run rsync", REFUSES_RSYNC),
     _rule(K.AUTH, SSH_FAMILY, None, r"rrsync error: option .* has been disabled", "rsync option refused by the server"),
     _rule(K.AUTH, RCLONE, None,
           r"unable to authenticate|knownhosts: key (mismatch|is unknown)|known_hosts_file"
           r"|SignatureDoesNotMatch|InvalidAccessKeyId|InvalidClientTokenId|ExpiredToken"
-          r"|StatusCode: 40[13]\b|\b401 Unauthorized|didn't find section in config file", "credentials refused"),  # fmt: skip
+          r"|StatusCode: 40[13]\b|\b401 Unauthorized|didn't find section in config file", "credentials refused"),
     # -- the remote refuses the write (FAILED at once) --
     _rule(K.REMOTE_WRITE_REFUSED, ALL, None,
           r"No space left on device|Disk quota exceeded|Read-only file system|read-only server is not allowed"
-          r"|QuotaExceeded|InsufficientStorage|\b507 Insufficient", "remote full or read-only"),  # fmt: skip
+          r"|QuotaExceeded|InsufficientStorage|\b507 Insufficient|file too big for remaining disk space",
+          "remote full or read-only"),
     _rule(K.REMOTE_WRITE_REFUSED, RSYNC, None,
-          r"rsync: \[(Receiver|generator)\] .*(Permission denied|Operation not permitted) \(\d+\)", "remote folder not writable"),
+          r"rsync: \[(Receiver|generator)\] .*(Permission denied|Operation not permitted) \(\d+\)",
+          "remote folder not writable"),
     # -- a local source file vanished (FAILED at once); before rclone's generic
     # permission rule, whose text also names the local side --
     _rule(K.LOCAL_FILE_VANISHED, RSYNC, None,
-          r"file has vanished|rsync: \[sender\] (link_stat|send_files failed to open|change_dir) .*No such file or directory",
-          "local file vanished"),  # fmt: skip
+          r"file has vanished"
+          r"|rsync: \[sender\] (link_stat|send_files failed to open|change_dir) .*No such file or directory",
+          "local file vanished"),
     _rule(K.LOCAL_FILE_VANISHED, RCLONE, None,
           r"failed to open source object: .*no such file|Failed to calculate src hash: .*no such file"
-          r"|source file is being updated", "local file vanished"),  # fmt: skip
+          r"|source file is being updated", "local file vanished"),
     _rule(K.UNKNOWN, RCLONE, None, r"failed to open source object", "local file unreadable"),
     _rule(K.REMOTE_WRITE_REFUSED, RCLONE, None,
-          r"(mkdir|mkParentDir|Put|Update|Failed to copy|Failed to set|couldn't).*(permission denied|operation not permitted)"
-          r"|AccessDenied|StatusCode: 403\b", "remote refuses the write"),  # fmt: skip
+          r"(mkdir|mkParentDir|Put|Update|Failed to copy|Failed to set|couldn't)"
+          r".*(permission denied|operation not permitted)"
+          r"|AccessDenied|StatusCode: 403\b", "remote refuses the write"),
     # -- the network (back off and retry) --
     _rule(K.NETWORK, ALL, None,
           r"Connection refused|Connection timed out|timed out|timeout|Connection reset|Broken pipe"
           r"|connection unexpectedly closed|Connection closed by|closed by remote host|No route to host"
           r"|Network is unreachable|Could not resolve hostname|Name or service not known"
           r"|Temporary failure in name resolution|no such host|kex_exchange_identification"
-          r"|unexpected EOF|context deadline exceeded|StatusCode: 5\d\d\b|TLS handshake", "network"),  # fmt: skip
+          r"|unexpected EOF|context deadline exceeded|StatusCode: 5\d\d\b|TLS handshake", "network"),
     # -- exit codes alone --
     _rule(K.NETWORK, {"ssh"}, {255}, None, "ssh transport error"),
     _rule(K.NETWORK, RSYNC, {10, 12, 30, 35, 255}, None, "rsync connection error"),
     _rule(K.REMOTE_WRITE_REFUSED, RCLONE, {6}, None, "rclone: no-retry error"),
     _rule(K.AUTH, RCLONE, {7}, None, "rclone: fatal error"),
 )
+# fmt: on
 
 
 @dataclass(frozen=True)

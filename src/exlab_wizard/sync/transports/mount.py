@@ -49,7 +49,7 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   the share refuses (EINVAL/EILSEQ/ENAMETOOLONG) are
   ``REMOTE_WRITE_REFUSED``; ENOENT (share or folder gone), ENOTCONN, EIO,
   ESTALE, EHOSTDOWN and other connection errors are ``NETWORK``; anything
-  else ``UNKNOWN``.
+  else ``UNKNOWN`` (the tables are :mod:`exlab_wizard.sync.failures`'s).
 * **Bandwidth**: a :class:`~exlab_wizard.sync.throttle.TokenBucket` shared
   by the copy threads, starting at ``bwlimit_kibps`` and re-reading the
   equipment's schedule at ``now()`` every half second.
@@ -100,6 +100,13 @@ from exlab_wizard.fileio import (
     open_regular,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.failures import (
+    GONE_ERRNOS,
+    UNREADABLE_ERRNOS,
+    FailureKind,
+    local_errno_kind,
+    remote_errno_kind,
+)
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
@@ -153,17 +160,6 @@ _DIRECT_WRITE_FS = frozenset({"ext2", "ext3", "ext4", "xfs"})
 _DIRECT_ALIGN = 4096
 _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
-_GONE = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EINVAL}
-_REFUSED = {
-    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-    errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG, errno.EMLINK,
-}
-_NETWORK = {
-    errno.ENOENT, errno.ENOTCONN, errno.EIO, errno.ESTALE, errno.EHOSTDOWN, errno.EHOSTUNREACH,
-    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ENETDOWN,
-    errno.ENETUNREACH, errno.ENETRESET, errno.ENODEV, errno.ENXIO, errno.EREMOTEIO,
-    errno.ENOLINK, errno.ECOMM, errno.EPIPE,
-}
 #: Filesystems whose syncfs(2) makes every written file durable (for NFS the
 #: write-back commits to the server). Anything else gets per-file fsync.
 _SYNCFS_DURABLE = frozenset(
@@ -335,15 +331,16 @@ class MountTransport(Transport):
                 TransportErrorKind.NETWORK,
                 f"remote unreachable: {self.mount_path} was unmounted (no {self.config.mount_marker}); {reason}",
             )
-        if code in _REFUSED:
-            return TransportError(TransportErrorKind.REMOTE_WRITE_REFUSED, f"remote refused the write: {reason}")
-        if code in _NETWORK:
-            return TransportError(TransportErrorKind.NETWORK, f"remote unreachable: {reason}")
+        kind = remote_errno_kind(code)
+        if kind is FailureKind.REMOTE_WRITE_REFUSED:
+            return TransportError(kind, f"remote refused the write: {reason}")
+        if kind is FailureKind.NETWORK:
+            return TransportError(kind, f"remote unreachable: {reason}")
         return TransportError(TransportErrorKind.UNKNOWN, f"remote error: {reason}")
 
     @staticmethod
     def _local_error(exc: OSError, rel: str, run: Path) -> TransportError:
-        if exc.errno in _GONE:
+        if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
             return TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {run} during the push")
         return TransportError(TransportErrorKind.UNKNOWN, f"cannot read {rel} in {run}: {exc.strerror or exc}")
 
@@ -908,16 +905,16 @@ class MountTransport(Transport):
             try:
                 fd, _info = open_regular(path)
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in GONE_ERRNOS:
                     return  # removed or replaced since the listing: not on the share any more
-                if exc.errno in (errno.EACCES, errno.EPERM):
+                if exc.errno in UNREADABLE_ERRNOS:
                     unverifiable[rel] = f"unreadable: {exc.strerror}"
                     return
                 raise self._remote_error(exc, path) from exc
             try:
                 hashes[rel] = hash_from_storage(fd, view, sync=not synced)
             except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EPERM):
+                if exc.errno in UNREADABLE_ERRNOS:
                     unverifiable[rel] = f"unreadable: {exc.strerror}"
                     return
                 raise self._remote_error(exc, path) from exc
@@ -955,7 +952,7 @@ class MountTransport(Transport):
             try:
                 fd, _info = open_regular(source)
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in GONE_ERRNOS:
                     continue
                 raise self._remote_error(exc, source) from exc
             target = into / rel

@@ -38,6 +38,7 @@ from pathlib import Path
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, UNVERIFIABLE_READ_ERROR
 from exlab_wizard.sync.policy.bandwidth import rclone_timetable
 from exlab_wizard.sync.transports._process import (
     LocalTree,
@@ -80,7 +81,7 @@ __all__ = [
 ]
 
 K = TransportErrorKind
-OVERSIZE = "verify_skipped_oversize"
+OVERSIZE = UNVERIFIABLE_OVERSIZE
 #: rclone's leftover of an interrupted upload: ``<leaf>.<8 hex>.partial`` beside the file
 #: (any character, newline included, may be in the leaf)
 _PARTIAL_RE = re.compile(r"(?P<base>.+)\.[0-9a-f]{8}\.partial", re.DOTALL)
@@ -226,7 +227,7 @@ def _hashed_listing(stdout: bytes, sizes: dict[str, int]) -> tuple[dict[str, str
         digest, sep, name = line.partition("  ")  # the digest has no space; the name may hold anything
         if sep and _HEX_RE.match(digest):
             hashes[decode_name(name)] = digest.lower()
-    unverifiable = {path: "remote_read_error" for path in sizes if path not in hashes}
+    unverifiable = {path: UNVERIFIABLE_READ_ERROR for path in sizes if path not in hashes}
     return hashes, unverifiable
 
 
@@ -513,7 +514,7 @@ class RcloneTransport(Transport):
             if _HEX_RE.match(digest):
                 hashes[path] = digest.lower()
             else:
-                unverifiable[path] = "remote_read_error"
+                unverifiable[path] = UNVERIFIABLE_READ_ERROR
         return hashes, unverifiable
 
     async def _download_manifest(self, base: list[str], fs: str, run_path: Path) -> RemoteManifest:

@@ -54,6 +54,7 @@ from pathlib import Path
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
 from exlab_wizard.fileio import METADATA_DIR, hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, UNVERIFIABLE_READ_ERROR
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.transports._process import (
     LocalTree,
@@ -89,7 +90,7 @@ __all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
 
 K = TransportErrorKind
 PARTIAL_DIR = ".rsync-partial"
-OVERSIZE = "verify_skipped_oversize"
+OVERSIZE = UNVERIFIABLE_OVERSIZE
 #: Bytes pulled into one temporary folder before hashing and deleting it
 #: (the fallback for a remote that refuses commands).
 STREAM_BATCH_BYTES = 256 << 20
@@ -708,7 +709,7 @@ class RsyncSshTransport(Transport):
                 await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
             for path, _ in batch:
                 if path not in hashes:
-                    unverifiable[path] = "remote_read_error"
+                    unverifiable[path] = UNVERIFIABLE_READ_ERROR
         self.log.info(run_path, "remote_manifest", tool="rsync_stream", files=len(hashes), unverifiable=len(unverifiable))
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
@@ -1008,7 +1009,7 @@ def _record(hexdigest: bytes, name: bytes, hashes: dict[str, str], unverifiable:
     if re.fullmatch(rb"[0-9a-fA-F]{64}", hexdigest):
         hashes[path] = hexdigest.decode().lower()
     else:
-        unverifiable[path] = "remote_read_error"
+        unverifiable[path] = UNVERIFIABLE_READ_ERROR
 
 
 def _parse_nul_records(stdout: bytes) -> RemoteManifest:
