@@ -58,6 +58,7 @@ class SoakFigures:
     rss_third: int
     rss_end: int
     third: int
+    curve: list[tuple[int, int]]  # (runs verified, RSS) at every tenth of the runs
 
     @property
     def runs_per_s(self) -> float:
@@ -72,7 +73,8 @@ class SoakFigures:
         return (f"soak: {self.runs} runs (3 equipment, written at {self.rate:g}/s) all verified in {self.wall_s:.1f} s "
                 f"({self.runs_per_s:.2f} runs/s); serve RSS {self.rss_start / mib:.1f} MiB at start, "
                 f"{self.rss_third / mib:.1f} MiB after {self.third}, {self.rss_end / mib:.1f} MiB after {self.runs} "
-                f"({self.late_growth_per_run / 1024:+.1f} KiB per run over the last {self.runs - self.third})")  # fmt: skip
+                f"({self.late_growth_per_run / 1024:+.1f} KiB per run over the last {self.runs - self.third}); "
+                f"RSS MiB by runs verified: {', '.join(f'{n}: {r / mib:.1f}' for n, r in self.curve)}")  # fmt: skip
 
 
 def rss_bytes(pid: int) -> int:
@@ -174,6 +176,8 @@ def soak(root: Path, runs: int, rate: float, timeout: float) -> tuple[SoakFigure
             rss_start = rss_bytes(proc.pid)
             third = max(1, runs // 3)
             rss_third = None
+            curve: list[tuple[int, int]] = []
+            tenth = max(1, runs // 10)
             writer = Writer(root / "lab", runs, rate)
             started = time.monotonic()
             writer.start()
@@ -186,6 +190,8 @@ def soak(root: Path, runs: int, rate: float, timeout: float) -> tuple[SoakFigure
                 assert failed == 0, [j for j in all_jobs(http) if j["state"] == "failed"][:3]
                 if rss_third is None and verified >= third:
                     rss_third = rss_bytes(proc.pid)
+                if verified >= tenth * (len(curve) + 1):
+                    curve.append((verified, rss_bytes(proc.pid)))
                 time.sleep(0.25)
             wall = time.monotonic() - started
             assert verified == runs, f"{verified} of {runs} verified after {timeout} s"
@@ -199,7 +205,7 @@ def soak(root: Path, runs: int, rate: float, timeout: float) -> tuple[SoakFigure
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    figures = SoakFigures(runs, rate, wall, rss_start, rss_third or rss_end, rss_end, third)
+    figures = SoakFigures(runs, rate, wall, rss_start, rss_third or rss_end, rss_end, third, curve)
     return figures, jobs, writer.written
 
 
