@@ -112,6 +112,7 @@ def build_demo_lab(base: Path, *, scale: float = 1.0) -> DemoLab:
     blocked = _make_run(confocal / "Runs" / "Run_2026-11-03_1410", "experimental", {
         "<sample_id>_image.tif": 3 * mib,        # an unresolved template placeholder
         "settings.txt": 256,
+        "acquisition_complete.flag": 0,          # finished: `demo --serve` shows it as blocked
     }, rng, "asmith")
 
     for equipment in ("CONFOCAL_01", "FACS_02"):
@@ -145,6 +146,7 @@ nas_cleanup:
 sync:
   max_parallel_jobs: 2
   backoff_s: [1, 2, 4]
+  scan_interval_s: 2
 state_dir: {state}
 """
     )
