@@ -76,3 +76,30 @@ def test_file_lock_times_out_against_another_process(tmp_path: Path) -> None:
         release_child(child)
     with FileLock(lock_path, timeout=2.0):
         pass
+
+
+def test_the_per_path_lock_registry_forgets_paths_nobody_holds(tmp_path: Path) -> None:
+    """A service that writes a creation.json per run for months must not keep one lock entry per run forever."""
+    from exlab_wizard.cache import atomic
+
+    paths = [tmp_path / f"run{i}.lock" for i in range(50)]
+    for path in paths:
+        with FileLock(path, timeout=1.0):
+            assert str(path.absolute()) in atomic._REGISTRY
+    with pytest.raises(RuntimeError), FileLock(paths[0], timeout=1.0), FileLock(paths[0], timeout=0.05):
+        pass  # nested in one thread: refused
+    timed_out: list[BaseException] = []
+    with FileLock(paths[1], timeout=1.0):
+
+        def other() -> None:
+            try:
+                with FileLock(paths[1], timeout=0.05):
+                    pass
+            except LockTimeout as exc:
+                timed_out.append(exc)
+
+        waiter = threading.Thread(target=other)
+        waiter.start()
+        waiter.join()
+    assert timed_out
+    assert not any(str(p.absolute()) in atomic._REGISTRY for p in paths)

@@ -694,3 +694,17 @@ def test_a_cancelled_remote_manifest_stops_reading_the_share(lab: Lab, monkeypat
     stopped_at = len(reads)
     time.sleep(0.2)
     assert len(reads) == stopped_at < 60  # no file read after the cancellation settled
+
+
+def test_read_backs_nobody_takes_are_dropped_after_their_time_to_live(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push whose read-back no verification takes (the metadata push after VERIFIED) must not stay in memory."""
+    lab.write("a.raw", os.urandom(2000))
+    lab.push()
+    assert len(lab.transport._read_backs) == 1
+    clock = [time.monotonic() + mount_module.READ_BACK_TTL_S + 1]
+    monkeypatch.setattr(mount_module.time, "monotonic", lambda: clock[0])
+    other = lab.run.with_name("Run_2024-01-09")
+    (other / "b.raw").parent.mkdir(parents=True)
+    (other / "b.raw").write_bytes(b"b")
+    asyncio.run(lab.transport.push(other, bwlimit_kibps=None))
+    assert list(lab.transport._read_backs) == [lab.transport.remote_run_path(other)]

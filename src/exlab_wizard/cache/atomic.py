@@ -143,11 +143,12 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
 
 
 class _PathLock:
-    __slots__ = ("lock", "owner")
+    __slots__ = ("lock", "owner", "users")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: int | None = None
+        self.users = 0  # holders and waiters; the entry is dropped at 0, so the registry stays small
 
 
 _REGISTRY_GUARD = threading.Lock()
@@ -170,7 +171,16 @@ def _path_lock(key: str) -> _PathLock:
         entry = _REGISTRY.get(key)
         if entry is None:
             entry = _REGISTRY[key] = _PathLock()
+        entry.users += 1
         return entry
+
+
+def _unuse(key: str, entry: _PathLock) -> None:
+    """One holder or waiter less; a path nobody holds or waits for leaves the registry."""
+    with _REGISTRY_GUARD:
+        entry.users -= 1
+        if entry.users <= 0 and _REGISTRY.get(key) is entry:
+            del _REGISTRY[key]
 
 
 def _open_lock_file(path: Path) -> int:
@@ -211,8 +221,10 @@ class FileLock:
         entry = _path_lock(self._key)
         me = threading.get_ident()
         if entry.owner == me:
+            _unuse(self._key, entry)
             raise RuntimeError(f"{self.path} is already locked by this thread (nested write?)")
         if not entry.lock.acquire(timeout=max(self.timeout, 0.0)):
+            _unuse(self._key, entry)
             raise LockTimeout(
                 f"{self.path}: another writer in this process held the lock for more than {self.timeout:g} s",
                 self.path,
@@ -223,6 +235,7 @@ class FileLock:
         except OSError as exc:
             entry.owner = None
             entry.lock.release()
+            _unuse(self._key, entry)
             why = "it is a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
             raise CacheError(CacheErrorKind.IO, f"{self.path}: cannot open the lock file: {why}", self.path) from exc
         try:
@@ -244,6 +257,7 @@ class FileLock:
             os.close(fd)
             entry.owner = None
             entry.lock.release()
+            _unuse(self._key, entry)
             raise
         self._fd, self._entry = fd, entry
 
@@ -259,6 +273,7 @@ class FileLock:
         if entry is not None:
             entry.owner = None
             entry.lock.release()
+            _unuse(self._key, entry)
 
     def __enter__(self) -> FileLock:
         self.acquire()

@@ -459,8 +459,13 @@ class MountTransport(Transport):
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
         if job.read_back:
+            now = time.monotonic()
             with self._read_backs_lock:
-                self._read_backs[remote] = (time.monotonic(), job.read_back)
+                # Read-backs nobody asked for within their time to live (the metadata push after
+                # VERIFIED has no verification after it) are dropped here, so the map stays small.
+                for stale in [k for k, (ended, _) in self._read_backs.items() if now - ended > READ_BACK_TTL_S]:
+                    del self._read_backs[stale]
+                self._read_backs[remote] = (now, job.read_back)
         hashes = dict(sorted(job.hashes.items(), key=lambda kv: os.fsencode(kv[0])))
         return TransportResult(
             ok=True,
