@@ -564,6 +564,14 @@ async def test_a_write_to_a_gone_remote_root_is_network_and_creates_nothing(remo
     assert not await transport.reachable(run)
 
 
+async def test_the_manifest_of_a_run_under_a_gone_remote_root_is_network_never_empty(remote, local_root):
+    eq = remote.root_gone(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(eq).remote_manifest(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+
+
 # ------------------------------------------------------------------ fetch and keep_previous (local damage recovery)
 
 RECOVERY_FILES = {"a.bin": os.urandom(5000), "new\nline.bin": b"nl" * 100, "#hash first.bin": b"#" * 300,
