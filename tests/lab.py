@@ -258,6 +258,8 @@ class Site(Lab):
         server = request.getfixturevalue("sshd")
         site = cls(root, root / "lab", request.getfixturevalue("remote_dir"), root / "state", (EQ,), kind=kind)
         site.local_root.mkdir()
+        site.nas_root.mkdir()  # the configured remote root exists (a missing one is a volume not mounted)
+        shutil.chown(site.nas_root, RW_USER, RW_USER)
         site.transport = {
             "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_key_path": str(server.env.client_key),
             "ssh_port": server.port, "remote_path": str(site.nas_root), "ssh_known_hosts": str(server.known_hosts),

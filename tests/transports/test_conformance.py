@@ -116,6 +116,8 @@ class Remote:
     settle: Callable[[], None] = lambda: None
     #: the same equipment with the server up and its remote root folder gone
     root_gone: Callable[[Path], EquipmentConfig] | None = None
+    #: where that gone root would be on the server's disk (a write must never create it)
+    gone_on_disk: Path | None = None
     #: names are bytes end to end (a name that is not UTF-8 is listed as it is stored)
     byte_names: bool = False
 
@@ -159,7 +161,7 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
 
     assert is_temp_name(MOUNT_TMP.format("x"))
     return Remote("mount", equipment, down, nas / RUN_REL, MOUNT_TMP.format, leftover_needs_run_file=False,
-                  root_gone=root_gone, byte_names=True)
+                  root_gone=root_gone, gone_on_disk=tmp_path / "no-such-share", byte_names=True)
 
 
 def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -179,7 +181,7 @@ def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         return rsync_equipment(local_root.parent, sshd, remote_dir / "no-such-root")
 
     return Remote("rsync_ssh", equipment, down, remote_dir / RUN_REL, lambda name: f".{name}.Ab12Cd",
-                  root_gone=root_gone, byte_names=True)
+                  root_gone=root_gone, gone_on_disk=remote_dir / "no-such-root", byte_names=True)
 
 
 def _rsync_ssh_streams(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -206,13 +208,14 @@ def _rclone_sftp(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         return _rclone_equipment(local_root, "labsftp", str(remote_dir / "no-such-root"), conf)
 
     return Remote("rclone_sftp", equipment, down, remote_dir / RUN_REL, lambda name: f"{name}.0123abcd.partial",
-                  root_gone=root_gone)
+                  root_gone=root_gone, gone_on_disk=remote_dir / "no-such-root")
 
 
 def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
     server = request.getfixturevalue("s3_server")
     conf = request.getfixturevalue("s3_rclone_config")()
     prefix = f"conformance-{uuid.uuid4().hex[:10]}"
+    gone_bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
 
     def equipment(local_root: Path) -> EquipmentConfig:
         return _rclone_equipment(local_root, "labs3", f"{server.bucket}/{prefix}", conf)
@@ -222,11 +225,11 @@ def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         return _rclone_equipment(local_root, "labs3", f"{server.bucket}/{prefix}", dead)
 
     def root_gone(local_root: Path) -> EquipmentConfig:  # a bucket that does not exist
-        return _rclone_equipment(local_root, "labs3", f"no-such-bucket-{uuid.uuid4().hex[:8]}/{prefix}", conf)
+        return _rclone_equipment(local_root, "labs3", f"{gone_bucket}/{prefix}", conf)
 
     on_disk = server.data_dir / server.bucket / prefix / RUN_REL
     return Remote("rclone_s3", equipment, down, on_disk, lambda name: f"{name}.0123abcd.partial", settle=server.settle,
-                  root_gone=root_gone)
+                  root_gone=root_gone, gone_on_disk=server.data_dir / gone_bucket)
 
 
 _FACTORIES = {
@@ -537,6 +540,35 @@ async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_
     assert remote.root_gone is not None
     with pytest.raises(TransportError) as caught:
         await remote.transport(remote.root_gone(local_root)).remote_listing(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+
+
+@pytest.mark.parametrize("write", ["push", "push_metadata", "keep_previous"])
+async def test_a_write_to_a_gone_remote_root_is_network_and_creates_nothing(remote, local_root, write):
+    """A root that is gone is a NAS volume not mounted: never created again, on its system disk, by a write."""
+    eq = remote.root_gone(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/creation.json": b"{}"},
+                   symlink=False)  # fmt: skip
+    transport = remote.transport(eq)
+    writes = {
+        "push": lambda: transport.push(run, bwlimit_kibps=None),
+        "push_metadata": lambda: transport.push_metadata(run, bwlimit_kibps=None),
+        "keep_previous": lambda: transport.keep_previous(run, ["a.txt"], STAMP),
+    }
+    assert remote.gone_on_disk is not None and remote.gone_on_disk.parent.is_dir()
+    with pytest.raises(TransportError) as caught:
+        await writes[write]()
+    assert caught.value.kind == K.NETWORK, caught.value.message
+    remote.settle()
+    assert not remote.gone_on_disk.exists()
+    assert not await transport.reachable(run)
+
+
+async def test_the_manifest_of_a_run_under_a_gone_remote_root_is_network_never_empty(remote, local_root):
+    eq = remote.root_gone(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(eq).remote_manifest(run)
     assert caught.value.kind == K.NETWORK, caught.value.message
 
 

@@ -3,7 +3,9 @@
 Push: the remote run folder is listed first (``rclone lsjson``, JSON, so any
 name survives); a file that is not in the run, not under ``.exlab-wizard/`` and
 not rclone's own ``<name>.<8 hex>.partial`` leftover is someone else's data and
-the push raises ``REMOTE_CONFLICT`` without writing. Then ``rclone copy
+the push raises ``REMOTE_CONFLICT`` without writing. A run folder not there
+yet is written only once the remote root answers (rclone would create the
+root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
 --checksum`` with ``--bwlimit`` as an rclone timetable of the equipment's
 schedule (the limit changes mid-transfer on rclone's own clock) and
 ``--retries 1`` (the engine owns the retry policy, and rclone's own retry
@@ -361,6 +363,26 @@ class RcloneTransport(Transport):
 
     # ---------------------------------------------------------------- push
 
+    async def _require_root(self, run_path: object) -> None:
+        """Raise unless the remote root exists: ``NETWORK`` when it is missing.
+
+        ``rclone copy`` creates every missing folder of its destination, the
+        root too, so a NAS volume not mounted would get a fresh root on the
+        NAS's system disk, fill it and pass verification there (rule 3).
+        rclone cannot be told to create folders only below a given one, so the
+        root is listed right before the write (``lsjson --max-depth 1``; a
+        root that vanishes in the moment between remains possible). On an
+        object store (S3) a folder is only a prefix of names: there the root
+        is missing when its bucket is.
+        """
+        root = self.config.remote_root
+        argv = [*self._base(), *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only", "--no-mimetype", "--", root]
+        listed = await run_tool(argv, timeout=60, log=self.log, run_path=run_path, step="root_check", quiet=True)
+        if listed.returncode == 3:
+            raise TransportError(K.NETWORK, f"remote root {root} is missing: the NAS volume may not be mounted")
+        if listed.returncode != 0:
+            raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"reaching {root}")
+
     def _bwlimit_args(self, bwlimit_kibps: int | None) -> list[str]:
         timetable = rclone_timetable(self.config.bandwidth)
         if timetable is not None:
@@ -390,6 +412,7 @@ class RcloneTransport(Transport):
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
         listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step="conflict_check")
         if listed.returncode == 3:
+            await self._require_root(run_path)  # the copy below would create a missing root
             remote: dict[str, int] = {}
         elif listed.returncode != 0:
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
@@ -447,6 +470,7 @@ class RcloneTransport(Transport):
         """
         run_path, source = local_metadata_folder(run_path)
         fs = f"{self._fs(run_path)}/{METADATA_DIR}"
+        await self._require_root(run_path)
         stats = _Stats(None)
         argv = [*self._base(), *_COMMON, "--retries", "1", *self._bwlimit_args(bwlimit_kibps), "copy", "--ignore-times",
                 "--ignore-checksum", "--use-json-log", "--stats", "1s", "--stats-log-level", "NOTICE",

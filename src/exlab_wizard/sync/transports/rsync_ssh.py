@@ -1,12 +1,15 @@
 """The ``rsync_ssh`` transport: rsync over ssh with key authentication.
 
 Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial
---mkpath -s`` over ``ssh -i KEY -p PORT -o BatchMode=yes -o
+-s`` over ``ssh -i KEY -p PORT -o BatchMode=yes -o
 StrictHostKeyChecking=yes``. Before anything is written, the remote run folder
 is listed (``rsync --list-only``) and compared with the local run: a file that
 is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
 of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
+The run folder and its parents are created below the remote root only, never
+the root itself (see :meth:`RsyncSshTransport._make_run_folder`): a missing
+root is a NAS volume not mounted, ``NETWORK``.
 Leftovers are removed once a push completes. Files named in ``rewrite`` are
 sent whole first (``--ignore-times --whole-file``), whatever their size and
 mtime. rsync has no bandwidth timetable: at each window edge of the
@@ -80,6 +83,7 @@ from exlab_wizard.sync.transports.base import (
     check_previous_stamp,
     check_relpath,
     local_now,
+    remote_relpath,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
@@ -368,7 +372,7 @@ class RsyncSshTransport(Transport):
         rsync = self._tool("rsync")
         version = rsync_version(rsync)
         if version < (3, 2, 3):
-            raise TransportError(K.UNKNOWN, f"rsync {'.'.join(map(str, version))} is too old: 3.2.3 or later is needed (--mkpath)")
+            raise TransportError(K.UNKNOWN, f"rsync {'.'.join(map(str, version))} is too old: 3.2.3 or later is needed")
         rsh = " ".join(_rsh_word(word) for word in self._ssh_argv())
         # Remote paths must never be split or expanded by the remote shell:
         # rsync >= 3.2.4 escapes them itself (which restricted servers such as
@@ -427,7 +431,8 @@ class RsyncSshTransport(Transport):
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
         files_sent = bytes_sent = 0
-        common = ["-a", "--no-links", "--no-D", "--mkpath", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        await self._make_run_folder(run_path)
+        common = ["-a", "--no-links", "--no-D", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         if rewrite_paths:
             result = await self._rsync_following_schedule(
                 run_path,
@@ -466,7 +471,8 @@ class RsyncSshTransport(Transport):
         """
         run_path, source = local_metadata_folder(run_path)
         remote_meta = f"{self.remote_run_path(run_path).rstrip('/')}/{METADATA_DIR}"
-        args = ["-a", "-I", "--no-links", "--no-D", "--mkpath", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        await self._make_run_folder(run_path)
+        args = ["-a", "-I", "--no-links", "--no-D", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         result = await self._rsync_following_schedule(
             run_path, args, remote_meta, bwlimit_kibps, step="push_metadata", source=source
         )
@@ -592,12 +598,48 @@ class RsyncSshTransport(Transport):
                 limit = new_limit
                 continue
             if result.returncode != 0:
+                await self._raise_if_root_missing(run_path)
                 raise transport_error("rsync", result.returncode, result.stderr_text, f"rsync {step} to {remote_run}")
             if files_total or bytes_total:
                 files, size = _stats(result.stdout)
                 result.stdout += (f"\nNumber of regular files transferred: {files + files_total}\n"
                                   f"Total transferred file size: {size + bytes_total} bytes\n").encode()  # fmt: skip
             return result
+
+    async def _make_run_folder(self, run_path: Path) -> None:
+        """Create the remote run folder and its missing parents below the remote root, never the root.
+
+        rsync's ``--mkpath`` would create every missing folder of the destination,
+        the root too: on a NAS whose data volume is not mounted that is a fresh,
+        empty folder on the NAS's system disk, which a push would fill and the
+        verify pass then accept, and cleanup would delete the only other copy
+        (rule 3). So no rsync of a push has ``--mkpath``. This one sends the run's
+        folder chain alone (``-d --files-from``: folders, no files, no attributes)
+        to ``<root>/.``: rsync creates a missing destination with one ``mkdir``,
+        and ``mkdir <root>/.`` fails (ENOENT) when the root is missing, so the
+        check and the creation are one step, with no window between them, and it
+        needs no remote command (an rrsync account works too). The rsyncs that
+        follow create at most the run folder itself, whose parent exists only
+        below the root. A missing root raises ``NETWORK``.
+        """
+        rel = remote_relpath(self.equipment, run_path).as_posix()
+        root = self.config.remote_root.rstrip("/")
+        argv = [*self._rsync_base(), "-d", "--files-from=-", "--from0",
+                f"{os.path.abspath(self.equipment.equipment_root)}/", self._target(f"{root}/.")]  # fmt: skip
+        result = await run_tool(argv, stdin=_files_from([rel]), log=self.log, run_path=run_path, step="make_run_folder")
+        if result.returncode != 0:
+            await self._raise_if_root_missing(run_path)
+            raise transport_error("rsync", result.returncode, result.stderr_text, f"creating {rel} under {root}")
+
+    async def _raise_if_root_missing(self, run_path: Path) -> None:
+        """``NETWORK`` when the remote root does not exist (asked after a write failed)."""
+        root = self.config.remote_root
+        try:
+            missing = await self._list_remote(run_path, root, step="root_check", recursive=False) is None
+        except TransportError:
+            return  # the write's own error says more
+        if missing:
+            raise TransportError(K.NETWORK, f"remote root {root} is missing: the NAS volume may not be mounted")
 
     async def _list_remote(self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True) -> dict[str, _Entry] | None:
         """The remote folder's entries, or None when the folder does not exist."""
