@@ -51,6 +51,8 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.job_runner": 9,
     "exlab_wizard.sync.metadata_push": 9,
     "exlab_wizard.sync.audit": 9,
+    # Checks of the config and of the way to each NAS (transports, policy); plain data for the CLI and API.
+    "exlab_wizard.sync.doctor": 9,
     "exlab_wizard.sync.nas_client": 10,
     "exlab_wizard.cli": 11,
     "exlab_wizard.demo": 11,

@@ -32,10 +32,17 @@ from rich.text import Text
 from exlab_wizard.cache import CreationWriter
 from exlab_wizard.cli import main
 from exlab_wizard.cli.common import (
-    EXIT_OK, EXIT_PROBLEM, config_option, console, err_console, fail, one_line_errors, printable,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    config_option,
+    console,
+    err_console,
+    fail,
+    one_line_errors,
+    printable,
 )
-from exlab_wizard.config import Config
 from exlab_wizard.cli.output import emit_json, show_table
+from exlab_wizard.config import Config
 from exlab_wizard.service import shapes
 from exlab_wizard.sync.gate import GateResult, evaluate_run
 from exlab_wizard.validator import Finding, Validator, sort_findings

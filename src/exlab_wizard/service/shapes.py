@@ -12,8 +12,8 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from exlab_wizard.sync.nas_client import SyncJobHandle, TransferProgress
 from exlab_wizard.sync.gate import GateResult
+from exlab_wizard.sync.nas_client import SyncJobHandle, TransferProgress
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import ReaperOutcome
 from exlab_wizard.sync.states import SyncJobState
