@@ -6,7 +6,7 @@ counts, wherever it is written (module level, inside a function, under
 
  1. ``fileio``, ``sync.failures`` (standard library only)
  2. ``config``   3. ``cache``   4. ``validator``   5. ``sync.policy`` (pure)
- 6. ``sync.states``, ``sync.queue``, ``sync.manifest_format``, ``sync.equipment_log``
+ 6. ``sync.states``, ``sync.queue``, ``sync.equipment_log`` (``sync.manifest_format``, an on-disk format: 3)
  7. ``sync.transports``, ``sync.verifier``   8. ``sync.gate``
  9. ``sync.reaper``, ``sync.recovery`` and the client's parts
 10. ``sync.nas_client`` (the facade)   11. ``cli``, ``demo``, ``service``
@@ -33,7 +33,9 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.states": 6,
     "exlab_wizard.sync.queue": 6,
     "exlab_wizard.sync.queue_stats": 6,
-    "exlab_wizard.sync.manifest_format": 6,
+    # The checksums.sha256 on-disk format (cache.atomic and fileio only): the
+    # validator reads it to judge what of a run is already on the NAS.
+    "exlab_wizard.sync.manifest_format": 3,
     "exlab_wizard.sync.equipment_log": 6,
     # A token bucket on the standard library alone, used by the transports.
     "exlab_wizard.sync.throttle": 6,
@@ -49,6 +51,8 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.job_runner": 9,
     "exlab_wizard.sync.metadata_push": 9,
     "exlab_wizard.sync.audit": 9,
+    # Checks of the config and of the way to each NAS (transports, policy); plain data for the CLI and API.
+    "exlab_wizard.sync.doctor": 9,
     "exlab_wizard.sync.nas_client": 10,
     "exlab_wizard.cli": 11,
     "exlab_wizard.demo": 11,

@@ -48,7 +48,12 @@ def test_json_output(tmp_path: Path) -> None:
     config, run = make_lab(tmp_path, {"con.txt": "", "b.txt": "<name>"})
     result = invoke(str(run), "--json", "--config", str(config))
     assert result.exit_code == 1
-    data = json.loads(result.output)
+    document = json.loads(result.output)
+    assert document["runs_checked"] == 1
+    [checked] = document["runs"]
+    assert checked["run_path"] == str(run) and checked["eligible"] is False
+    data = checked["findings"]
+    assert checked["blocking"] == data
     assert [(d["tier"], d["rule"], Path(d["offending_path"]).name) for d in data] == [
         ("hard", "unresolved_placeholder_token", "b.txt"),
         ("hard", "reserved_filesystem_name", "con.txt"),
@@ -64,7 +69,8 @@ def test_overridden_hard_finding_is_not_a_problem(tmp_path: Path) -> None:
     config, run = make_lab(tmp_path, {"aux.csv": ""}, overrides=[override])
     result = invoke("--config", str(config), "--json")
     assert result.exit_code == 0, result.output
-    (finding,) = json.loads(result.output)
+    [checked] = json.loads(result.output)["runs"]
+    (finding,) = checked["findings"]
     assert finding["override_active"] is True and finding["tier"] == "hard"
     table = invoke("--config", str(config))
     assert table.exit_code == 0 and "active" in table.output

@@ -220,7 +220,7 @@ async def test_exlab_sync_cleanup_on_a_run_whose_nas_folder_was_deleted_deletes_
     shutil.rmtree(nas_copy(run))
 
     done = _cli("cleanup", "--config", str(config_file))
-    assert "requeued" in _row(done.stdout, run) and "NAS copy incomplete: missing on the NAS" in done.stdout, (
+    assert "requeued" in _row(done.stdout, run.relative_to(lab.local_root)) and "NAS copy incomplete: missing on the NAS" in done.stdout, (
         done.stdout + done.stderr)
     assert "freed 0 B" in done.stdout
     assert done.returncode == 1, "a NAS copy found incomplete is a problem found: exit 1"

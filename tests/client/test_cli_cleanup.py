@@ -51,17 +51,17 @@ async def test_cleanup_dry_run_lists_what_would_be_freed_and_why_others_wait_the
 
     dry = _cli("cleanup", "--dry-run", "--config", str(config_file))
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "would_delete 3 7.8 KiB would free 3 files, 8012 bytes" in _row(dry.stdout, old)
-    assert "waiting waiting: 3 h of 24 h" in _row(dry.stdout, young)
-    assert "waiting waiting: 1 of 2 verify passes" in _row(dry.stdout, once)
+    assert "would_delete 3 7.8 KiB would free 3 files, 8012 bytes" in _row(dry.stdout, old.relative_to(lab.local_root))
+    assert "waiting waiting: 3 h of 24 h" in _row(dry.stdout, young.relative_to(lab.local_root))
+    assert "waiting waiting: 1 of 2 verify passes" in _row(dry.stdout, once.relative_to(lab.local_root))
     assert "would free 7.8 KiB" in dry.stdout
     for run in (old, young, once):
         assert all((run / rel).read_bytes() == data for rel, data in FILES.items())
 
     done = _cli("cleanup", "--config", str(config_file))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "deleted 3 7.8 KiB cleaned: 3 files, 8012 bytes freed" in _row(done.stdout, old)
-    assert "waiting waiting: 3 h of 24 h" in _row(done.stdout, young)
+    assert "deleted 3 7.8 KiB cleaned: 3 files, 8012 bytes freed" in _row(done.stdout, old.relative_to(lab.local_root))
+    assert "waiting waiting: 3 h of 24 h" in _row(done.stdout, young.relative_to(lab.local_root))
     assert "freed 7.8 KiB" in done.stdout
     assert not any((old / rel).exists() for rel in FILES)
     for run in (young, once):

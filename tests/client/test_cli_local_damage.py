@@ -25,9 +25,8 @@ def _data(root: Path) -> dict[str, bytes]:
 
 
 def _job_id(config: str, run: Path) -> str:
-    status = _cli("status", str(run), "--config", config)
-    [line] = [line for line in status.stdout.splitlines() if str(run) in line and "│" in line]
-    return line.split("│")[1].strip()
+    status = _cli("status", str(run), "--config", config, "--json")
+    return json.loads(status.stdout)["job"]["id"]
 
 
 def test_retry_refused_then_restore_then_accept_local(lab: Lab) -> None:

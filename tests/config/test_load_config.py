@@ -459,3 +459,25 @@ def test_a_config_path_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path
             pass
         pytest.fail("load_config blocked on a FIFO")
     assert "not a regular file" in str(outcome["error"])
+
+
+# --- the transport type names its own key -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("transport", "expected"),
+    [
+        ("{type: ftp, mount_path: /m}", "equipment[1].transport.type: 'ftp' is not a transport type"),
+        ("{mount_path: /m}", "equipment[1].transport.type: missing"),
+    ],
+)
+def test_unknown_or_missing_transport_type_names_the_type_key(tmp_path: Path, transport: str, expected: str):
+    path = write(tmp_path, f"""\
+        equipment:
+          - {{id: A, local_root: /data, transport: {{type: mount, mount_path: /m}}}}
+          - {{id: B, local_root: /data, transport: {transport}}}
+        """)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems[0].startswith(expected)
+    assert "mount, rclone, rsync_ssh" in caught.value.problems[0]

@@ -18,7 +18,7 @@ def main() -> None:
     """Move lab instrument runs to the NAS, verified byte for byte."""
 
 
-for _module in ("problems", "sync_cmds", "demo", "cleanup", "serve"):
+for _module in ("problems", "sync_cmds", "demo", "cleanup", "serve", "overrides", "doctor"):
     try:
         importlib.import_module(f"exlab_wizard.cli.{_module}")
     except ModuleNotFoundError as exc:  # a command group not built yet

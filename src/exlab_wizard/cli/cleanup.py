@@ -8,8 +8,10 @@ from rich.text import Text
 
 from exlab_wizard.cli import main
 from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, config_option, console, one_line_errors, printable
+from exlab_wizard.cli.output import emit_json, run_label, show_table
 from exlab_wizard.cli.sync_cmds import run_client
 from exlab_wizard.config import Config
+from exlab_wizard.service import shapes
 
 __all__ = ["cleanup_cmd"]
 
@@ -30,9 +32,10 @@ def _size(n: int) -> str:
 
 @main.command("cleanup")
 @click.option("--dry-run", is_flag=True, help="List what would be freed and why each other job waits; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md).")
 @config_option
 @one_line_errors
-def cleanup_cmd(dry_run: bool, config: Config) -> None:
+def cleanup_cmd(dry_run: bool, as_json: bool, config: Config) -> None:
     """One cleanup pass: delete local data whose NAS copy is verified and every interlock holds."""
 
     async def body(client) -> int:
@@ -42,6 +45,12 @@ def cleanup_cmd(dry_run: bool, config: Config) -> None:
         for o in outcomes:
             last[o.job_id or f"#{len(last)}"] = o
         outcomes = list(last.values())
+        # A wait is not a problem; a job sent back for a new transfer or failed is one found.
+        problems = ("failed", "would_fail", "requeued", "would_requeue", "aborted", "error")
+        code = EXIT_PROBLEM if any(o.action in problems for o in outcomes) else EXIT_OK
+        if as_json:
+            emit_json(shapes.cleanup_report(outcomes, dry_run=dry_run, enabled=config.nas_cleanup.enabled))
+            return code
         if not outcomes:
             console.print("nothing to clean: no verified jobs")
             return EXIT_OK
@@ -56,13 +65,11 @@ def cleanup_cmd(dry_run: bool, config: Config) -> None:
                 freed += o.bytes
             # Run paths and reasons carry file names from the run and its manifest:
             # plain text, escaped, never terminal control sequences or rich markup.
-            table.add_row(Text(printable(o.run_path or "-")), Text(o.action, style=_STYLE.get(o.action, "white")),
+            table.add_row(Text(run_label(config, o.run_path) if o.run_path else "-"), Text(o.action, style=_STYLE.get(o.action, "white")),
                           str(o.files) if o.files else "", _size(o.bytes) if o.bytes else "",
                           Text(printable(o.reason)))
-        console.print(table)
+        show_table(table)
         console.print(f"{'would free' if dry_run else 'freed'} {_size(freed)}")
-        # A wait is not a problem; a job sent back for a new transfer or failed is one found.
-        problems = ("failed", "would_fail", "requeued", "would_requeue", "aborted", "error")
-        return EXIT_PROBLEM if any(o.action in problems for o in outcomes) else EXIT_OK
+        return code
 
     raise SystemExit(run_client(config, body, run_workers=False))

@@ -8,8 +8,8 @@ workers records blocks). Findings carry the gate's flags: ``override_active``
 ``synced_under_prior_policy`` (already verified on the NAS).
 
 Output: a table, hard findings first (columns tier, rule, path, token,
-detail, override), or with ``--json`` a JSON list of finding objects (every
-field of :class:`~exlab_wizard.validator.Finding`), one per finding per run.
+detail, override), or with ``--json`` one JSON document: ``runs_checked`` and
+``runs``, each run as ``GET /api/problems`` gives it (keys in docs/cli.md).
 
 Exit codes: 1 when some hard finding would block a sync (no active override,
 not synced earlier), 0 otherwise (soft findings and hard findings that are
@@ -21,7 +21,6 @@ configured, bad config), always one line on stderr.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,29 +32,44 @@ from rich.text import Text
 from exlab_wizard.cache import CreationWriter
 from exlab_wizard.cli import main
 from exlab_wizard.cli.common import (
-    EXIT_OK, EXIT_PROBLEM, config_option, console, err_console, fail, one_line_errors, printable,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    config_option,
+    console,
+    err_console,
+    fail,
+    one_line_errors,
+    printable,
 )
+from exlab_wizard.cli.output import emit_json, show_table
 from exlab_wizard.config import Config
-from exlab_wizard.sync.gate import evaluate_run
+from exlab_wizard.service import shapes
+from exlab_wizard.sync.gate import GateResult, evaluate_run
 from exlab_wizard.validator import Finding, Validator, sort_findings
 
-__all__ = ["collect_findings", "problems"]
+__all__ = ["collect_findings", "gate_runs", "problems"]
 
 
-def collect_findings(roots: list[Path], config: Config, *, now: dt.datetime | None = None) -> tuple[list[Finding], int]:
-    """The gate's findings (flags set, read-only) for every run under ``roots``, and the run count."""
+def gate_runs(roots: list[Path], config: Config, *, now: dt.datetime | None = None) -> dict[str, GateResult]:
+    """The gate's answer (read-only) for every run under ``roots``, by run path, sorted."""
     validator = Validator(config.validator)
     writer = CreationWriter()
     runs: list[str] = []
     for root in roots:
         runs.extend(validator.find_runs(root))
-    findings: list[Finding] = []
+    results: dict[str, GateResult] = {}
     for run in sorted(set(runs)):
         try:
-            findings.extend(evaluate_run(run, validator=validator, writer=writer, now=now).findings)
+            results[run] = evaluate_run(run, validator=validator, writer=writer, now=now)
         except (FileNotFoundError, NotADirectoryError):
             continue  # removed while we looked: nothing left to sync
-    return sort_findings(findings), len(set(runs))
+    return results
+
+
+def collect_findings(roots: list[Path], config: Config, *, now: dt.datetime | None = None) -> tuple[list[Finding], int]:
+    """The gate's findings (flags set, read-only) for every run under ``roots``, and the run count."""
+    results = gate_runs(roots, config, now=now)
+    return sort_findings([f for result in results.values() for f in result.findings]), len(results)
 
 
 def _display_path(path: str, base: str) -> str:
@@ -98,7 +112,7 @@ def _render_table(findings: list[Finding], base: str, runs: int) -> None:
             Text(printable(detail)),
             Text(flag),
         )
-    console.print(table)
+    show_table(table)
     blocking = sum(1 for f in findings if f.blocks)
     passing = sum(1 for f in findings if f.tier == "hard" and not f.blocks)
     soft = sum(1 for f in findings if f.tier == "soft")
@@ -111,7 +125,7 @@ def _render_table(findings: list[Finding], base: str, runs: int) -> None:
 
 @main.command("problems")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as a JSON list instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md) instead of a table.")
 @config_option
 @one_line_errors
 def problems(path: Path | None, as_json: bool, config: Config) -> None:
@@ -136,9 +150,10 @@ def problems(path: Path | None, as_json: bool, config: Config) -> None:
         local_roots = {os.path.abspath(e.local_root) for e in config.equipment}
         base = local_roots.pop() if len(local_roots) == 1 else os.sep
 
-    findings, runs = collect_findings(roots, config)
+    results = gate_runs(roots, config)
+    findings, runs = sort_findings([f for r in results.values() for f in r.findings]), len(results)
     if as_json:
-        sys.stdout.write(json.dumps([f.to_dict() for f in findings], indent=2) + "\n")
+        emit_json({"runs_checked": runs, "runs": [shapes.problems(run, result) for run, result in results.items()]})
     elif not findings:
         console.print(f"No problems found: {runs} run(s) checked under {printable(base)}", highlight=False, markup=False)
     else:

@@ -33,8 +33,10 @@ from exlab_wizard.cli.common import (
     one_line_errors,
     printable,
 )
+from exlab_wizard.cli.output import emit_json, run_label, show_table
 from exlab_wizard.cli.progress import JobProgress, byte_progress
 from exlab_wizard.config import Config
+from exlab_wizard.service import shapes
 from exlab_wizard.sync.nas_client import (
     EnqueueError,
     LocalDamageError,
@@ -68,7 +70,8 @@ def _ago(when: dt.datetime | None) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def jobs_table(rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = True) -> Table:
+def jobs_table(rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = True, config: Config | None = None) -> Table:
+    """The jobs as a table; with ``config`` runs are shown relative to their equipment's local root."""
     table = Table(title=title, show_lines=False)
     for column in ("job", "equipment", "run", "state", "attempts", "passes", "verified at", "reason / remote"):
         table.add_column(column, overflow="fold")
@@ -80,7 +83,7 @@ def jobs_table(rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = Tru
         elif state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
             reason = f"metadata push pending: {row.metadata_push_error}"
         table.add_row(
-            row.id[:8], row.equipment_id, Text(printable(row.run_path)), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            row.id[:8], row.equipment_id, Text(run_label(config, row.run_path) if config else printable(row.run_path)), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
             str(row.attempts), str(row.verify_passes), _ago(row.verified_at), Text(printable(reason or "")),
         )
     return table
@@ -174,7 +177,7 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
                 client.add_listener(JobProgress(progress))
                 waiting = await _settle(client, ids, timeout_s or None)
             rows = [r for r in await client.jobs() if r.id in ids]
-            console.print(jobs_table(rows, "Result"))
+            show_table(jobs_table(rows, "Result", config=config))
             if waiting:
                 client.close_push_timeout_s = 0.0  # the deadline is the user's: a push in flight stays pending
                 for job_id, what in waiting.items():
@@ -212,14 +215,18 @@ async def _settle(client: NASSyncClient, ids: list[str], timeout: float | None) 
 
 @main.command("status")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md).")
 @config_option
 @one_line_errors
-def status_cmd(path: Path | None, config: Config) -> None:
+def status_cmd(path: Path | None, as_json: bool, config: Config) -> None:
     """The state of one run (with its recent events), or a count per state."""
 
     async def body(client: NASSyncClient) -> int:
         if path is None:
             rows = await client.jobs()
+            if as_json:
+                emit_json(shapes.queue_counts(rows))
+                return EXIT_OK
             table = Table(title="Queue")
             table.add_column("state")
             table.add_column("jobs", justify="right")
@@ -227,20 +234,26 @@ def status_cmd(path: Path | None, config: Config) -> None:
                 n = sum(1 for r in rows if r.state == state)
                 if n:
                     table.add_row(f"[{_STATE_STYLE.get(state.value, 'white')}]{state.value}[/]", str(n))
-            console.print(table if rows else "no jobs")
+            show_table(table) if rows else console.print("no jobs")
             return EXIT_OK
-        row = await client.job(Path(os.path.abspath(path)))
-        if row is None:
+        run = os.path.abspath(path)
+        row = await client.job(Path(run))
+        if as_json:
+            emit_json(shapes.run_status(run, row))
+        elif row is None:
             console.print("none")
+        if row is None:
             return EXIT_OK
-        console.print(jobs_table([row], "Job", sync_enabled=config.sync.enabled))
+        if as_json:
+            return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
+        show_table(jobs_table([row], "Job", sync_enabled=config.sync.enabled, config=config))
         events = Table(title="Events")
         for column in ("time", "kind", "from", "to", "detail"):
             events.add_column(column, overflow="fold")
         for event in row.events:
             events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "",
                            Text(printable(event.detail)))
-        console.print(events)
+        show_table(events)
         return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
 
     raise SystemExit(run_client(config, body))
@@ -249,14 +262,20 @@ def status_cmd(path: Path | None, config: Config) -> None:
 @main.command("jobs")
 @click.option("--state", type=click.Choice([s.value for s in SyncJobState]), default=None)
 @click.option("--equipment", "equipment_id", default=None, help="Only this equipment id.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md).")
 @config_option
 @one_line_errors
-def jobs_cmd(state: str | None, equipment_id: str | None, config: Config) -> None:
+def jobs_cmd(state: str | None, equipment_id: str | None, as_json: bool, config: Config) -> None:
     """List jobs."""
 
     async def body(client: NASSyncClient) -> int:
         rows = await client.jobs(state=state, equipment_id=equipment_id)
-        console.print(jobs_table(rows, sync_enabled=config.sync.enabled) if rows else "no jobs")
+        if as_json:
+            emit_json(shapes.jobs_page(rows, None))
+        elif rows:
+            show_table(jobs_table(rows, sync_enabled=config.sync.enabled, config=config))
+        else:
+            console.print("no jobs")
         return EXIT_OK
 
     raise SystemExit(run_client(config, body))
@@ -324,9 +343,10 @@ def restore_cmd(run: Path, config: Config) -> None:
 
 @main.command("verify")
 @click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md); no progress bar.")
 @config_option
 @one_line_errors
-def verify_cmd(path: Path, config: Config) -> None:
+def verify_cmd(path: Path, as_json: bool, config: Config) -> None:
     """Re-hash a run and check it against its recorded checksums.sha256."""
     from exlab_wizard.sync.manifest_format import ManifestFormatError, read_manifest
     from exlab_wizard.sync.verifier import walk_run
@@ -340,6 +360,10 @@ def verify_cmd(path: Path, config: Config) -> None:
     total = sum(os.lstat(path / rel).st_size for rel in walk_run(path))
 
     async def body(client: NASSyncClient) -> int:
+        if as_json:
+            result = await client.force_verify(path)
+            emit_json(shapes.verify_result(os.path.abspath(path), result))
+            return EXIT_OK if result.ok else EXIT_PROBLEM
         with byte_progress(console) as progress:
             task = progress.add_task(f"verify {path.name}", total=total or None)
             result = await client.force_verify(path, progress=lambda n: progress.update(task, advance=n))

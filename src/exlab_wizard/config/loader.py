@@ -78,6 +78,15 @@ def _plain(data: Any) -> Any:
     return data
 
 
+def _transport_type_problem(loc: str, error: Any) -> tuple[str, str]:
+    """A transport ``type`` that is missing or unknown, named by its own key."""
+    tags = ", ".join(sorted(_TRANSPORT_TAGS))
+    if error["type"] == "union_tag_not_found":
+        return f"{loc}.type", f"missing; say which transport: one of {tags}"
+    tag = (error.get("ctx") or {}).get("tag", "")
+    return f"{loc}.type", f"{tag!r} is not a transport type; use one of {tags}"
+
+
 def parse_config(data: Any, source: Path | None = None) -> Config:
     """Validate already-parsed YAML data; raise :class:`ConfigError`.
 
@@ -106,6 +115,8 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
         for error in exc.errors(include_url=False):
             message = str(error["msg"]).removeprefix("Value error, ")
             loc = format_loc(tuple(error["loc"]))
+            if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc, message = _transport_type_problem(loc, error)
             if loc == "<top level>" and ": " in message and message.split(": ", 1)[0].startswith("equipment"):
                 problems.append(message)
             else:

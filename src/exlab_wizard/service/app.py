@@ -318,11 +318,7 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             result = await asyncio.to_thread(evaluate_run, run, validator=ctx.validator, writer=ctx.writer)
         except (FileNotFoundError, NotADirectoryError):
             raise ApiError(422, "not_a_run", f"{run} is not a run folder") from None
-        return {
-            "run_path": str(run), "eligible": result.eligible,
-            "findings": [shapes.finding(f) for f in result.findings],
-            "blocking": [shapes.finding(f) for f in result.blocking],
-        }
+        return shapes.problems(str(run), result)
 
     def override_error(exc: OverrideError) -> ApiError:
         status = {"not_found": 404, "already_revoked": 409}.get(exc.kind, 422)
@@ -337,7 +333,7 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             raise override_error(exc) from None
         except CacheError as exc:
             raise ApiError(409, f"creation_{exc.kind}", str(exc)) from None
-        return {"run_path": str(run), "overrides": [shapes.override_view(v) for v in views]}
+        return shapes.run_overrides(str(run), views)
 
     @app.post("/api/overrides", status_code=201, summary="Record an operator override of a hard rule for a run")
     async def add(body: OverrideBody) -> dict[str, Any]:

@@ -12,15 +12,18 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
+from exlab_wizard.sync.gate import GateResult
 from exlab_wizard.sync.nas_client import SyncJobHandle, TransferProgress
 from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.reaper import ReaperOutcome
+from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.verifier import VerifyResult
 from exlab_wizard.validator import Finding
 from exlab_wizard.validator.override_ops import OverrideView
 
 __all__ = [
-    "error", "finding", "handle", "iso", "job_detail", "job_row", "jobs_page", "override_view", "progress",
-    "verify_result",
+    "cleanup_report", "error", "finding", "handle", "iso", "job_detail", "job_row", "jobs_page", "override_view",
+    "problems", "progress", "queue_counts", "run_overrides", "run_status", "verify_result",
 ]
 
 
@@ -94,3 +97,54 @@ def override_view(view: OverrideView) -> dict[str, Any]:
     """An entry of ``validation_overrides`` as stored, plus ``status`` and ``revoked_by``."""
     return view.to_dict()
 
+
+
+def queue_counts(rows: Iterable[SyncJobRow]) -> dict[str, Any]:
+    """``{"total": n, "states": {<every state>: count}}``: the queue at a glance."""
+    states = {state.value: 0 for state in SyncJobState}
+    total = 0
+    for row in rows:
+        states[row.state.value] += 1
+        total += 1
+    return {"total": total, "states": states}
+
+
+def run_status(run_path: str, row: SyncJobRow | None) -> dict[str, Any]:
+    """One run: ``status`` is ``none`` or the job's state; ``job`` the job with its events (or null)."""
+    return {
+        "run_path": run_path,
+        "status": row.state.value if row is not None else "none",
+        "job": job_detail(row) if row is not None else None,
+    }
+
+
+def problems(run_path: str, result: GateResult) -> dict[str, Any]:
+    """What the gate says about one run: every finding and the blocking ones (flags set)."""
+    return {
+        "run_path": run_path,
+        "eligible": result.eligible,
+        "findings": [finding(f) for f in result.findings],
+        "blocking": [finding(f) for f in result.blocking],
+    }
+
+
+def run_overrides(run_path: str, views: Iterable[OverrideView]) -> dict[str, Any]:
+    return {"run_path": run_path, "overrides": [override_view(v) for v in views]}
+
+
+def _outcome(item: ReaperOutcome) -> dict[str, Any]:
+    return {
+        "job_id": item.job_id or None,
+        "run_path": item.run_path or None,
+        "action": item.action,
+        "reason": item.reason,
+        "files": item.files,
+        "bytes": item.bytes,
+    }
+
+
+def cleanup_report(outcomes: Iterable[ReaperOutcome], *, dry_run: bool, enabled: bool) -> dict[str, Any]:
+    """One cleanup pass: each job's last outcome, and the bytes freed (or that would be)."""
+    items = [_outcome(o) for o in outcomes]
+    freed = sum(o["bytes"] for o in items if o["action"] in ("deleted", "would_delete"))
+    return {"dry_run": dry_run, "cleanup_enabled": enabled, "outcomes": items, "bytes_freed": freed}

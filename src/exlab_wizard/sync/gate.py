@@ -8,16 +8,9 @@ The decision, for the findings of ``validator.audit_run(run_path)``:
 - a hard finding covered by an override active at ``now`` passes
   (``override_active=True``); the override's id is in ``overrides_relied_on``;
 - a hard finding on something already on the NAS passes
-  (``synced_under_prior_policy=True``). The run is on the NAS when its
-  creation.json says ``sync_status: synced`` or it has a verified manifest
-  (``.exlab-wizard/checksums.sha256``, written only after a verified
-  transfer). Then already on the NAS are: the run's own path segments
-  (equipment, project, parent, run folder), every file listed in the
-  manifest and every folder holding such a file, and -- for a content
-  finding -- a listed file whose current SHA-256 is still the one in the
-  manifest. Anything else (a file added or edited since) is judged like in
-  a run never synced. An override the prior sync made unnecessary is not
-  counted as relied on;
+  (``synced_under_prior_policy=True``, set by ``validator.audit_run``: the
+  judgement lives in :mod:`exlab_wizard.validator.prior_sync`). An override
+  the prior sync made unnecessary is not counted as relied on;
 - every other hard finding blocks. Soft findings never block.
 
 When the run is blocked :func:`check_run` sets ``sync_status:
@@ -39,8 +32,6 @@ from pathlib import Path
 from typing import Protocol
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
-from exlab_wizard.fileio import hash_file
-from exlab_wizard.sync.manifest_format import ManifestFormatError, read_manifest
 from exlab_wizard.validator.findings import Finding, sort_findings
 from exlab_wizard.validator.overrides import active_override_for
 
@@ -73,67 +64,11 @@ class GateResult:
     status_error: str | None = field(default=None, compare=False)
 
 
-def _sha256_file(path: str) -> str | None:
-    """The file's SHA-256, or None unless it is a regular file (never a
-    symbolic link, FIFO or device: those could block or never end)."""
-    try:
-        return hash_file(path)
-    except OSError:
-        return None
-
-
-class _NasCopy:
-    """What of the run is already on the NAS, from its verified manifest."""
-
-    def __init__(self, run: str, manifest: dict[str, str]):
-        self.run = run
-        self.manifest = manifest
-        self._folders: set[str] | None = None
-
-    def _relative(self, path: str) -> str | None:
-        rel = os.path.relpath(path, self.run)
-        if rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir:
-            return None
-        return rel.replace(os.sep, "/")
-
-    def covers(self, finding: Finding) -> bool:
-        path = os.path.abspath(finding.offending_path)
-        if path == self.run or self.run.startswith(path.rstrip(os.sep) + os.sep):
-            return True  # the run folder or one of its ancestors: the remote root is named after them
-        rel = self._relative(path)
-        if rel is None:
-            return False
-        if finding.offending_kind == "file_content":
-            expected = self.manifest.get(rel)
-            return expected is not None and _sha256_file(path) == expected.lower()
-        if rel in self.manifest:
-            return True
-        if finding.offending_kind == "directory_segment":
-            if self._folders is None:
-                self._folders = {
-                    key.rsplit("/", depth)[0] for key in self.manifest for depth in range(1, key.count("/") + 1)
-                }
-            return rel in self._folders
-        return False
-
-
 def _read_creation(writer: CreationWriter, run: str) -> CreationJson | None:
     try:
         return writer.read(Path(run))
     except CacheError:
         return None  # the validator reports it as unreadable_creation_json
-
-
-def _nas_copy(run: str, creation: CreationJson | None) -> _NasCopy | None:
-    try:
-        manifest = read_manifest(Path(run))
-    except (ManifestFormatError, OSError) as exc:
-        _log.warning("%s: cannot read the verified manifest: %s", run, exc)
-        manifest = None
-    synced = creation is not None and creation.sync_status == "synced"
-    if manifest is None and not synced:
-        return None
-    return _NasCopy(run, manifest or {})
 
 
 def evaluate_run(
@@ -154,7 +89,6 @@ def evaluate_run(
     findings = list(validator.audit_run(Path(run)))
     creation = _read_creation(writer, run)
     entries = creation.validation_overrides if creation is not None else []
-    nas = _nas_copy(run, creation)
 
     out: list[Finding] = []
     relied: set[str] = set()
@@ -163,7 +97,7 @@ def evaluate_run(
             out.append(replace(finding, override_active=False, synced_under_prior_policy=False))
             continue
         override = active_override_for(finding.rule, entries, now) if entries else None
-        prior = nas is not None and nas.covers(finding)
+        prior = finding.synced_under_prior_policy  # judged by the validator (validator.prior_sync)
         if override is not None and not prior:
             relied.add(str(override["id"]))
         out.append(replace(finding, override_active=override is not None, synced_under_prior_policy=prior))

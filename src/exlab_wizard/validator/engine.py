@@ -46,6 +46,7 @@ from exlab_wizard.fileio import METADATA_DIR, read_bounded
 from exlab_wizard.validator import rules
 from exlab_wizard.validator.findings import Finding, sort_findings
 from exlab_wizard.validator.overrides import active_override_for
+from exlab_wizard.validator.prior_sync import mark_prior_sync
 
 __all__ = ["METADATA_DIR", "Validator"]
 
@@ -111,8 +112,10 @@ class Validator:
 
         Hard findings covered by an override active at ``now`` (default: the
         current UTC time) in the run's creation.json come back with
-        ``override_active=True``; they are still hard. ``synced_under_prior_policy``
-        is always False here: the gate decides that.
+        ``override_active=True``; they are still hard. Hard findings on what is
+        already on the NAS (the run is ``synced`` or has a verified manifest)
+        come back with ``synced_under_prior_policy=True`` (see
+        :mod:`exlab_wizard.validator.prior_sync`); the gate lets them through.
 
         Raises ``FileNotFoundError`` / ``NotADirectoryError`` when ``run_path``
         is not a folder. Everything else wrong with the run (unreadable
@@ -268,7 +271,7 @@ class _RunAudit:
                     covered[finding.rule] = active_override_for(finding.rule, entries, now) is not None
                 if covered[finding.rule]:
                     self.findings[index] = _with_override(finding)
-        return sort_findings(self.findings)
+        return sort_findings(mark_prior_sync(run, self.findings, creation))
 
     # -- creation.json ------------------------------------------------------
 

@@ -9,6 +9,7 @@ never a deletion. Refusals are :class:`OverrideError` with a ``kind``:
 - ``soft_rule``: a soft rule never gates a sync, so it needs no override;
 - ``bad_value``: an empty reason or operator, an expiry without a time zone
   or not in the future;
+- ``outside_run``: the ``path`` noted with an override is not inside the run;
 - ``not_found``: no override with that id in the run's creation.json;
 - ``already_revoked``: the override was revoked before;
 - ``no_run``: the run folder does not exist.
@@ -23,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,9 @@ from exlab_wizard.cache import CreationWriter
 from exlab_wizard.validator.overrides import is_tombstone, parse_utc_timestamp
 from exlab_wizard.validator.rules import HARD_RULES, SOFT_RULES
 
-__all__ = ["OverrideError", "OverrideView", "add_override", "list_overrides", "parse_expiry", "revoke_override"]
+__all__ = [
+    "OverrideError", "OverrideView", "add_override", "check_path", "list_overrides", "parse_expiry", "revoke_override",
+]
 
 #: Longest reason or operator name kept (a paragraph, not a file).
 MAX_TEXT = 2000
@@ -99,6 +103,24 @@ def parse_expiry(value: object, *, now: dt.datetime) -> dt.datetime | None:
     return moment
 
 
+def check_path(run: Path, path: object) -> str | None:
+    """The finding's path noted with an override, relative to the run with ``/``; None for none.
+
+    An absolute path must lie inside ``run``; a relative one is taken from the
+    run root and may not climb out of it (``..``).
+    """
+    if path is None:
+        return None
+    text = _text("path", path)
+    absolute = os.path.normpath(text if os.path.isabs(text) else os.path.join(run, text))
+    root = os.path.normpath(os.path.abspath(run))
+    if absolute == root:
+        return "."
+    if not absolute.startswith(root.rstrip(os.sep) + os.sep):
+        raise OverrideError("outside_run", f"path {text!r} is not inside the run {run}")
+    return os.path.relpath(absolute, root).replace(os.sep, "/")
+
+
 def _require_run(run: Path) -> Path:
     if not run.is_dir() or run.is_symlink():
         raise OverrideError("no_run", f"{run} is not a run folder")
@@ -121,14 +143,15 @@ def add_override(
     ``expires_at``: None, an aware datetime, or ISO text with a time zone;
     it must be in the future. ``path`` (optional) names the finding's path
     that prompted the override, for people: the override covers the rule for
-    the whole run, as the gate reads it. Raises :class:`OverrideError`, and
+    the whole run, as the gate reads it; it is stored relative to the run and
+    must lie inside it (``outside_run`` otherwise). Raises :class:`OverrideError`, and
     :class:`~exlab_wizard.cache.CacheError` when creation.json cannot be used.
     """
     now = now or dt.datetime.now(dt.UTC)
     checked_rule = check_rule(rule)
     why = _text("reason", reason)
     who = _text("operator", operator)
-    note = None if path is None else _text("path", path)
+    note = check_path(run, path)
     if isinstance(expires_at, dt.datetime):
         expires_at = expires_at.isoformat()
     expiry = parse_expiry(expires_at, now=now)
