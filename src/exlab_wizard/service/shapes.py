@@ -137,6 +137,7 @@ def _outcome(item: ReaperOutcome) -> dict[str, Any]:
         "job_id": item.job_id or None,
         "run_path": item.run_path or None,
         "action": item.action,
+        "code": str(item.code) if item.code is not None else None,
         "reason": item.reason,
         "files": item.files,
         "bytes": item.bytes,

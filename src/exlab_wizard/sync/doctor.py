@@ -335,10 +335,10 @@ async def _rclone(equipment: EquipmentConfig, cfg: RcloneTransportConfig) -> lis
                       f"lsd {cfg.rclone_remote}:), the network, and rclone_remote_path")]  # fmt: skip
     checks = [Check("rclone_remote", True, f"{cfg.remote_root} answers")]
     try:
-        capabilities = await transport.probe()
+        await transport.probe()
     except TransportError as exc:
         return [*checks, Check("rclone_hashes", False, exc.message, "check the remote with rclone backend features")]
-    if capabilities.remote_hashing:
+    if transport._native_sha256:  # what the probe learned from the backend's features
         checks.append(Check("rclone_hashes", True, "the backend hashes SHA-256 itself"))
     else:
         checks.append(Check("rclone_hashes", True, "the backend does not list SHA-256: verification downloads each "
