@@ -1,0 +1,31 @@
+"""Shrunk examples the fuzzers found, kept as plain tests (each failed before its fix)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.cache import CreationWriter
+from exlab_wizard.validator.override_ops import OverrideError, revoke_override
+
+
+def _run_with_creation(tmp_path: Path, raw: dict) -> Path:
+    run = tmp_path / "lab" / "CONFOCAL_01" / "PROJ-1" / "Runs" / "Run_2026-01-01"
+    (run / ".exlab-wizard").mkdir(parents=True)
+    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps(raw))
+    return run
+
+
+@pytest.mark.parametrize("odd_id", [[], {}, ["a"], {"a": 1}])
+def test_revoking_beside_an_override_whose_id_is_not_text_is_not_found(tmp_path: Path, odd_id: object) -> None:
+    # Found by test_override_operations_on_generated_files_end_in_an_entry_or_a_typed_refusal:
+    # an entry with a JSON list or object as its id made revoke_override raise TypeError
+    # (unhashable type), a 500 from POST /api/overrides/{id}/revoke.
+    run = _run_with_creation(tmp_path, {"schema_version": "1.0", "validation_overrides": [{"id": odd_id}]})
+    before = (run / ".exlab-wizard" / "creation.json").read_bytes()
+    with pytest.raises(OverrideError) as caught:
+        revoke_override(CreationWriter(), run, "a", reason="wrong run", operator="jane")
+    assert caught.value.kind == "not_found"
+    assert (run / ".exlab-wizard" / "creation.json").read_bytes() == before
