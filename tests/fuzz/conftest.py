@@ -74,20 +74,29 @@ def guarded(call: Callable[[], Any], timeout: float = CALL_DEADLINE_S) -> tuple[
     return ("ok", outcome["ok"]) if "ok" in outcome else ("raised", outcome["raised"])
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, bytes | str | None, int, int]]:
-    """``{relative path: (mode, bytes or link target, mtime_ns, ctime_ns)}`` of everything under ``root``."""
+def snapshot(root: Path, *, lock_files: bool = True) -> dict[str, tuple[int, bytes | str | None, int, int]]:
+    """``{relative path: (mode, bytes or link target, mtime_ns, ctime_ns)}`` of everything under ``root``.
+
+    ``lock_files=False`` leaves out ``*.lock`` files and the times of folders:
+    a writer that takes creation.json's lock creates its lock file (which
+    stays, by design) even when it then refuses to write.
+    """
     out: dict[str, tuple[int, bytes | str | None, int, int]] = {}
     for folder, dirs, files in os.walk(root, followlinks=False):
         for name in dirs + files:
             path = os.path.join(folder, name)
+            if not lock_files and name.endswith(".lock"):
+                continue
             info = os.lstat(path)
+            times = (info.st_mtime_ns, info.st_ctime_ns)
             if os.path.islink(path):
                 body: bytes | str | None = os.readlink(path)
             elif os.path.isfile(path):
                 body = Path(path).read_bytes()
             else:
                 body = None
-            out[os.path.relpath(path, root)] = (info.st_mode, body, info.st_mtime_ns, info.st_ctime_ns)
+                times = times if lock_files else (0, 0)
+            out[os.path.relpath(path, root)] = (info.st_mode, body, *times)
     return out
 
 
