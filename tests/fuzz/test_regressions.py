@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from exlab_wizard.cache import CreationWriter
+from exlab_wizard.sync.manifest_format import format_manifest, parse_manifest
 from exlab_wizard.validator.override_ops import OverrideError, revoke_override
 
 
@@ -29,3 +32,18 @@ def test_revoking_beside_an_override_whose_id_is_not_text_is_not_found(tmp_path:
         revoke_override(CreationWriter(), run, "a", reason="wrong run", operator="jane")
     assert caught.value.kind == "not_found"
     assert (run / ".exlab-wizard" / "creation.json").read_bytes() == before
+
+
+def test_a_file_named_dash_at_the_run_root_passes_sha256sum_check(tmp_path: Path) -> None:
+    # Found by test_our_rendering_is_what_gnu_sha256sum_prints_and_checks (files={b"-": b"\x00"}):
+    # the line "<hex>  -" makes `sha256sum -c` hash its standard input instead of the file.
+    (tmp_path / "-").write_bytes(b"\x00")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "-").write_bytes(b"\x01")
+    hashes = {"-": hashlib.sha256(b"\x00").hexdigest(), "sub/-": hashlib.sha256(b"\x01").hexdigest()}
+    manifest = format_manifest(hashes)
+    assert parse_manifest(manifest) == hashes
+    (tmp_path / "checksums.sha256").write_bytes(manifest)
+    check = subprocess.run(["sha256sum", "--strict", "-c", "checksums.sha256"], cwd=tmp_path, capture_output=True,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
