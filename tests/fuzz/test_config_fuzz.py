@@ -24,17 +24,48 @@ KEY_PATHS: list[tuple[Any, ...]] = [
     (),
     ("equipment",),
     ("equipment", 0),
-    *[("equipment", 0, key) for key in ("id", "label", "local_root", "nas_root", "completeness_signal",
-                                        "sentinel_filename", "manifest_filename", "transport")],
-    *[("equipment", 0, "transport", key) for key in ("type", "mount_path", "mount_marker", "ssh_target",
-                                                     "ssh_port", "bandwidth", "rclone_remote", "password")],
+    *[
+        ("equipment", 0, key)
+        for key in (
+            "id",
+            "label",
+            "local_root",
+            "nas_root",
+            "completeness_signal",
+            "sentinel_filename",
+            "manifest_filename",
+            "transport",
+        )
+    ],
+    *[
+        ("equipment", 0, "transport", key)
+        for key in (
+            "type",
+            "mount_path",
+            "mount_marker",
+            "ssh_target",
+            "ssh_port",
+            "bandwidth",
+            "rclone_remote",
+            "password",
+        )
+    ],
     ("equipment", 0, "transport", "bandwidth", "upload_mbps"),
     ("equipment", 0, "transport", "bandwidth", "schedule"),
     ("nas_cleanup",),
     *[("nas_cleanup", key) for key in ("enabled", "min_verify_passes", "min_age_hours", "retain_cache")],
     ("sync",),
-    *[("sync", key) for key in ("enabled", "max_parallel_jobs", "backoff_s", "audit_interval_s",
-                                "scan_interval_s", "verify_max_stream_bytes")],
+    *[
+        ("sync", key)
+        for key in (
+            "enabled",
+            "max_parallel_jobs",
+            "backoff_s",
+            "audit_interval_s",
+            "scan_interval_s",
+            "verify_max_stream_bytes",
+        )
+    ],
     ("validator",),
     ("validator", "content_scan_max_mib"),
     ("validator", "content_scan_extensions"),
@@ -48,11 +79,33 @@ SCALARS = st.one_of(
     st.sampled_from([10**30, -(10**30), 2**63, 2**64 + 1, 10**4000 // 10**3990]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
-    st.sampled_from(["", "~", "/", "..", "mount", "rsync_ssh", "22:00", "mon", "1e400", ".inf", "-.nan",
-                     "0x10", "\x00", "\ud800", "a" * 5000, "password", "0o777"]),
+    st.sampled_from(
+        [
+            "",
+            "~",
+            "/",
+            "..",
+            "mount",
+            "rsync_ssh",
+            "22:00",
+            "mon",
+            "1e400",
+            ".inf",
+            "-.nan",
+            "0x10",
+            "\x00",
+            "\ud800",
+            "a" * 5000,
+            "password",
+            "0o777",
+        ]
+    ),
 )
-ODD_KEYS = st.one_of(st.text(max_size=12), st.integers(), st.sampled_from(["password", "PASSWORD", "from", "to",
-                                                                          "<<", "", " ", "id", "\u200b"]))
+ODD_KEYS = st.one_of(
+    st.text(max_size=12),
+    st.integers(),
+    st.sampled_from(["password", "PASSWORD", "from", "to", "<<", "", " ", "id", "\u200b"]),
+)
 JUNK = st.recursive(
     SCALARS,
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(ODD_KEYS, inner, max_size=4)),
@@ -67,7 +120,7 @@ def _deep(depth: int, leaf: Any) -> Any:
     return value
 
 
-VALUES = st.one_of(JUNK, st.builds(_deep, st.integers(1, 400), SCALARS))
+VALUES = st.one_of(JUNK, st.builds(_deep, st.integers(1, 200), SCALARS))
 
 
 def _base(folder: Path) -> dict[str, Any]:
@@ -76,9 +129,11 @@ def _base(folder: Path) -> dict[str, Any]:
             {
                 "id": "CONFOCAL_01",
                 "local_root": str(folder / "lab"),
-                "transport": {"type": "mount", "mount_path": str(folder / "nas"),
-                              "bandwidth": {"upload_mbps": 10, "schedule": [
-                                  {"days": ["mon"], "from": "08:00", "to": "18:00"}]}},
+                "transport": {
+                    "type": "mount",
+                    "mount_path": str(folder / "nas"),
+                    "bandwidth": {"upload_mbps": 10, "schedule": [{"days": ["mon"], "from": "08:00", "to": "18:00"}]},
+                },
             }
         ],
         "sync": {"backoff_s": [1, 2]},
@@ -98,9 +153,7 @@ def _set(data: Any, path: tuple[Any, ...], value: Any) -> Any:
             here = here.setdefault(part, {})
         else:
             return data
-    if isinstance(here, list) and isinstance(path[-1], int) and path[-1] < len(here):
-        here[path[-1]] = value
-    elif isinstance(here, dict):
+    if isinstance(here, list) and isinstance(path[-1], int) and path[-1] < len(here) or isinstance(here, dict):
         here[path[-1]] = value
     return data
 
@@ -143,13 +196,34 @@ def test_generated_structures_load_or_name_a_key(mutations: list[tuple[tuple[Any
         _check_load(folder, text.encode("utf-8", "surrogatepass"), "config: generated structures")
 
 
-_FRAGMENTS = st.sampled_from([
-    "equipment:\n", "  - id: CONF_1\n", "    local_root: /tmp/x\n", "    transport: {type: mount, mount_path: /n}\n",
-    "sync:\n  backoff_s: [1, .inf]\n", "&a [*a]\n", "*a\n", "!!python/object:os.system\n", "!!binary |\n  AAAA\n",
-    "? [a]\n: b\n", "key: !!float nan\n", "<<: {a: 1}\n", "---\n", "...\n", "%YAML 1.1\n", "\t- x\n",
-    "equipment: [" * 50, "]" * 50, "{" * 2000, "a: 1\na: 2\n", "state_dir: ~\n", "password: hunter2\n",
-    "nas_cleanup: {min_age_hours: 1e400}\n", "sync: {max_parallel_jobs: 99999999999999999999999}\n",
-])
+_FRAGMENTS = st.sampled_from(
+    [
+        "equipment:\n",
+        "  - id: CONF_1\n",
+        "    local_root: /tmp/x\n",
+        "    transport: {type: mount, mount_path: /n}\n",
+        "sync:\n  backoff_s: [1, .inf]\n",
+        "&a [*a]\n",
+        "*a\n",
+        "!!python/object:os.system\n",
+        "!!binary |\n  AAAA\n",
+        "? [a]\n: b\n",
+        "key: !!float nan\n",
+        "<<: {a: 1}\n",
+        "---\n",
+        "...\n",
+        "%YAML 1.1\n",
+        "\t- x\n",
+        "equipment: [" * 50,
+        "]" * 50,
+        "{" * 2000,
+        "a: 1\na: 2\n",
+        "state_dir: ~\n",
+        "password: hunter2\n",
+        "nas_cleanup: {min_age_hours: 1e400}\n",
+        "sync: {max_parallel_jobs: 99999999999999999999999}\n",
+    ]
+)
 
 
 @given(parts=st.lists(st.one_of(_FRAGMENTS, st.text(max_size=30)), max_size=12))
@@ -159,9 +233,16 @@ def test_generated_yaml_text_loads_or_names_a_key(parts: list[str]) -> None:
         _check_load(folder, "".join(parts).encode("utf-8", "surrogatepass"), "config: generated YAML text")
 
 
-@given(body=st.one_of(st.binary(max_size=400),
-                      st.builds(lambda head, junk: head + junk, st.sampled_from([b"equipment:\n  - id: ", b"\xef\xbb\xbf",
-                                b"state_dir: "]), st.binary(max_size=60))))
+@given(
+    body=st.one_of(
+        st.binary(max_size=400),
+        st.builds(
+            lambda head, junk: head + junk,
+            st.sampled_from([b"equipment:\n  - id: ", b"\xef\xbb\xbf", b"state_dir: "]),
+            st.binary(max_size=60),
+        ),
+    )
+)
 @FUZZ
 def test_generated_bytes_load_or_name_a_key(body: bytes) -> None:
     with case_dir() as folder:

@@ -33,16 +33,38 @@ NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 OVERRIDE_ERROR_KINDS = {"bad_value", "soft_rule", "unknown_rule", "no_run", "not_found", "already_revoked"}
 VIEW_STATUSES = {"active", "expired", "revoked", "unreadable", "tombstone"}
 
-SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
-                   st.sampled_from([10**40, "", "\ud800", "\x00"]))
-JUNK = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                    st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                    max_leaves=10)
+SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from([10**40, "", "\ud800", "\x00"]),
+)
+JUNK = st.recursive(
+    SCALAR,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=10,
+)
 TIMES = st.one_of(
-    st.sampled_from(["2026-06-01T12:00:00Z", "2026-06-01T12:00:00+00:00", "2027-01-01T00:00:00Z",
-                     "2025-01-01T00:00:00Z", "2026-06-01T12:00:00", "2026-06-01T13:00:00+02:00", "not a time",
-                     "9999-12-31T23:59:59Z", "0001-01-01T00:00:00-23:59", "2026-06-01T12:00:00z", " ", "Z",
-                     "2026-13-45T99:99:99Z", "2026-06-01T12:00:00+99:00"]),
+    st.sampled_from(
+        [
+            "2026-06-01T12:00:00Z",
+            "2026-06-01T12:00:00+00:00",
+            "2027-01-01T00:00:00Z",
+            "2025-01-01T00:00:00Z",
+            "2026-06-01T12:00:00",
+            "2026-06-01T13:00:00+02:00",
+            "not a time",
+            "9999-12-31T23:59:59Z",
+            "0001-01-01T00:00:00-23:59",
+            "2026-06-01T12:00:00z",
+            " ",
+            "Z",
+            "2026-13-45T99:99:99Z",
+            "2026-06-01T12:00:00+99:00",
+        ]
+    ),
     st.datetimes(timezones=st.one_of(st.none(), st.timezones())).map(dt.datetime.isoformat),
     JUNK,
 )
@@ -62,8 +84,16 @@ def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 ENTRY = st.one_of(
-    st.builds(_entry, id=_maybe(IDS), problem_class=_maybe(RULES), operator=_maybe(JUNK), recorded_at=_maybe(TIMES),
-              expires_at=_maybe(TIMES), reason=_maybe(JUNK), revoked=_maybe(st.one_of(st.booleans(), JUNK))),
+    st.builds(
+        _entry,
+        id=_maybe(IDS),
+        problem_class=_maybe(RULES),
+        operator=_maybe(JUNK),
+        recorded_at=_maybe(TIMES),
+        expires_at=_maybe(TIMES),
+        reason=_maybe(JUNK),
+        revoked=_maybe(st.one_of(st.booleans(), JUNK)),
+    ),
     st.builds(_entry, id=_maybe(IDS), revokes=_maybe(IDS), revoked=_maybe(st.one_of(st.booleans(), JUNK))),
     JUNK,
 )
@@ -83,11 +113,23 @@ CREATION_OBJECTS = st.builds(
 
 #: Mostly usable files (a supported schema), so the operations get past reading them.
 USABLE_CREATION = st.builds(
-    _entry, schema_version=st.sampled_from(["1.0", "1.3"]), level=st.just("run"),
+    _entry,
+    schema_version=st.sampled_from(["1.0", "1.3"]),
+    level=st.just("run"),
     sync_status=_maybe(st.sampled_from(["pending", "synced", "blocked_by_validation"])),
-    validation_overrides=st.one_of(st.lists(ENTRY, max_size=6), st.lists(st.builds(
-        _entry, id=st.sampled_from(["a", "b", "c"]), problem_class=st.sampled_from(HARD_RULES),
-        expires_at=_maybe(TIMES), revokes=_maybe(st.sampled_from(["a", "b", "zz"]))), max_size=5)),
+    validation_overrides=st.one_of(
+        st.lists(ENTRY, max_size=6),
+        st.lists(
+            st.builds(
+                _entry,
+                id=st.sampled_from(["a", "b", "c"]),
+                problem_class=st.sampled_from(HARD_RULES),
+                expires_at=_maybe(TIMES),
+                revokes=_maybe(st.sampled_from(["a", "b", "zz"])),
+            ),
+            max_size=5,
+        ),
+    ),
 )
 
 
@@ -100,9 +142,16 @@ CREATION_BYTES = st.one_of(
     st.binary(max_size=300),
     st.builds(lambda obj, cut: _json_bytes(obj)[:cut], CREATION_OBJECTS, st.integers(0, 200)),
     st.builds(lambda obj: b"\xef\xbb\xbf" + _json_bytes(obj), CREATION_OBJECTS),
-    st.sampled_from([b"[" * 5000 + b"]" * 5000, b'{"schema_version": "1.0", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                     b'{"schema_version": "1.0", "schema_version": "2.0"}', b"NaN", b'{"schema_version": "1.0"} x',
-                     b'{"schema_version": "1.0", "validation_overrides": [' + b"{}," * 2000 + b"{}]}"]),
+    st.sampled_from(
+        [
+            b"[" * 5000 + b"]" * 5000,
+            b'{"schema_version": "1.0", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            b'{"schema_version": "1.0", "schema_version": "2.0"}',
+            b"NaN",
+            b'{"schema_version": "1.0"} x',
+            b'{"schema_version": "1.0", "validation_overrides": [' + b"{}," * 2000 + b"{}]}",
+        ]
+    ),
 )
 
 
@@ -165,7 +214,13 @@ def test_generated_override_lists_pick_only_well_formed_live_overrides(entries: 
         assert "revokes" not in entry and entry.get("revoked") is not True and entry["id"] not in revoked
 
 
-WORDS = st.one_of(st.just("calibration run"), st.just("jane"), st.sampled_from(["calibration run", "ok'd by PI", "x" * 2001, " "]), st.text(max_size=30), JUNK)
+WORDS = st.one_of(
+    st.just("calibration run"),
+    st.just("jane"),
+    st.sampled_from(["calibration run", "ok'd by PI", "x" * 2001, " "]),
+    st.text(max_size=30),
+    JUNK,
+)
 ACTIONS = st.one_of(
     st.tuples(st.just("add"), RULES, WORDS, WORDS, st.one_of(st.none(), WORDS), st.one_of(st.none(), TIMES)),
     # the id to revoke is always text (a URL segment, a CLI argument): its type is the caller's contract
@@ -174,24 +229,28 @@ ACTIONS = st.one_of(
 )
 
 
+def _apply(writer: CreationWriter, run: Path, action: tuple) -> Any:
+    if action[0] == "add":
+        _, rule, reason, operator, path, expires = action
+        return add_override(
+            writer, run, rule=rule, reason=reason, operator=operator, path=path, expires_at=expires, now=NOW
+        )
+    if action[0] == "revoke":
+        _, override_id, reason, operator = action
+        return revoke_override(writer, run, override_id, reason=reason, operator=operator, now=NOW)
+    return list_overrides(writer, run, now=NOW)
+
+
 @given(creation=st.one_of(USABLE_CREATION, CREATION_OBJECTS), action=ACTIONS)
 @FUZZ
-def test_override_operations_on_generated_files_end_in_an_entry_or_a_typed_refusal(creation: dict, action: tuple) -> None:
+def test_override_operations_on_generated_files_end_in_an_entry_or_a_typed_refusal(
+    creation: dict, action: tuple
+) -> None:
     with case_dir() as folder:
         run = _make_run(folder, _json_bytes(creation))
         before = snapshot(folder, lock_files=False)
         writer = CreationWriter(lock_timeout_seconds=5)
-        if action[0] == "add":
-            _, rule, reason, operator, path, expires = action
-            call = lambda: add_override(writer, run, rule=rule, reason=reason, operator=operator,  # noqa: E731
-                                        path=path, expires_at=expires, now=NOW)
-        elif action[0] == "revoke":
-            _, override_id, reason, operator = action
-            call = lambda: revoke_override(writer, run, override_id, reason=reason, operator=operator,  # noqa: E731
-                                           now=NOW)
-        else:
-            call = lambda: list_overrides(writer, run, now=NOW)  # noqa: E731
-        kind, value = guarded(call)
+        kind, value = guarded(lambda: _apply(writer, run, action))
         CASES[f"overrides: {action[0]} on a generated creation.json ({'done' if kind == 'ok' else 'refused'})"] += 1
         if kind == "raised":
             assert isinstance(value, OverrideError | CacheError), f"{type(value).__name__}: {value}"

@@ -30,11 +30,30 @@ from exlab_wizard.sync.manifest_format import ManifestFormatError, format_manife
 from tests.fuzz.conftest import CASES, FUZZ, case_dir, guarded, snapshot
 
 HEX = st.binary(min_size=32, max_size=32).map(bytes.hex)
-NAME_BYTES = st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+NAME_BYTES = st.binary(min_size=1, max_size=40).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
+)
 ODD_NAME_BYTES = st.one_of(
     NAME_BYTES,
-    st.sampled_from([b"a\nb", b"a\\b", b"\\", b"\\n", b"a\rb", b"\r\n", b"\xff\xfe", b"caf\xc3\xa9", b" lead", b"trail ",
-                     b"*star", b"-", b"--", b"a  b", b"\\\\n"]),
+    st.sampled_from(
+        [
+            b"a\nb",
+            b"a\\b",
+            b"\\",
+            b"\\n",
+            b"a\rb",
+            b"\r\n",
+            b"\xff\xfe",
+            b"caf\xc3\xa9",
+            b" lead",
+            b"trail ",
+            b"*star",
+            b"-",
+            b"--",
+            b"a  b",
+            b"\\\\n",
+        ]
+    ),
 )
 RELATIVE = st.lists(ODD_NAME_BYTES, min_size=1, max_size=3).map(lambda parts: os.fsdecode(b"/".join(parts)))
 
@@ -45,12 +64,28 @@ def _line(digest: str, name: bytes, escaped: bool, sep: bytes) -> bytes:
 
 MANIFEST_BYTES = st.one_of(
     st.binary(max_size=400),
-    st.lists(st.builds(_line, HEX, st.binary(max_size=20), st.booleans(), st.sampled_from([b"  ", b" *", b" ", b"\t"])),
-             max_size=6).map(b"".join),
-    st.builds(lambda good, junk, cut: (good + junk)[:cut],
-              st.dictionaries(RELATIVE, HEX, max_size=4).map(format_manifest), st.binary(max_size=20), st.integers(0, 400)),
-    st.sampled_from([b"\\" * 70, b"0" * 64 + b"  ", b"0" * 64 + b"  \\", b"\\" + b"0" * 64 + b"  a\\q",
-                     b"\\" + b"0" * 64 + b"  a\\", b"G" * 64 + b"  a", b"0" * 63 + b"  a", b"\n" * 1000]),
+    st.lists(
+        st.builds(_line, HEX, st.binary(max_size=20), st.booleans(), st.sampled_from([b"  ", b" *", b" ", b"\t"])),
+        max_size=6,
+    ).map(b"".join),
+    st.builds(
+        lambda good, junk, cut: (good + junk)[:cut],
+        st.dictionaries(RELATIVE, HEX, max_size=4).map(format_manifest),
+        st.binary(max_size=20),
+        st.integers(0, 400),
+    ),
+    st.sampled_from(
+        [
+            b"\\" * 70,
+            b"0" * 64 + b"  ",
+            b"0" * 64 + b"  \\",
+            b"\\" + b"0" * 64 + b"  a\\q",
+            b"\\" + b"0" * 64 + b"  a\\",
+            b"G" * 64 + b"  a",
+            b"0" * 63 + b"  a",
+            b"\n" * 1000,
+        ]
+    ),
 )
 
 
@@ -87,8 +122,9 @@ def test_format_then_parse_gives_back_the_mapping(hashes: dict[str, str]) -> Non
 SHA256SUM = shutil.which("sha256sum")
 
 
-@given(files=st.dictionaries(ODD_NAME_BYTES.filter(lambda b: len(b) < 200), st.binary(max_size=64),
-                             min_size=1, max_size=5))
+@given(
+    files=st.dictionaries(ODD_NAME_BYTES.filter(lambda b: len(b) < 200), st.binary(max_size=64), min_size=1, max_size=5)
+)
 @FUZZ
 def test_our_rendering_is_what_gnu_sha256sum_prints_and_checks(files: dict[bytes, bytes]) -> None:
     assert SHA256SUM, "coreutils sha256sum is needed"
@@ -107,27 +143,59 @@ def test_our_rendering_is_what_gnu_sha256sum_prints_and_checks(files: dict[bytes
         assert ours == theirs.stdout
         (run / ".exlab-wizard").mkdir()
         (run / ".exlab-wizard" / "checksums.sha256").write_bytes(ours)
-        check = subprocess.run([SHA256SUM, "--strict", "-c", ".exlab-wizard/checksums.sha256"], cwd=run,
-                               capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        check = subprocess.run(
+            [SHA256SUM, "--strict", "-c", ".exlab-wizard/checksums.sha256"],
+            cwd=run,
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         assert check.returncode == 0, check.stdout + check.stderr
 
 
 # --------------------------------------------------------------------------- the watcher's run manifest
 
 RUN_FILES = {"data.bin": 100, "sub/a.txt": 5, "sub/deeper/b.raw": 0}
-SIZE = st.one_of(st.sampled_from([0, 5, 100, 101, -1]), st.integers(), st.floats(), st.booleans(), st.none(),
-                 st.text(max_size=4), st.just(10**30))
+SIZE = st.one_of(
+    st.sampled_from([0, 5, 100, 101, -1]),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=4),
+    st.just(10**30),
+)
 PATH = st.one_of(
-    st.sampled_from([*RUN_FILES, "link_to_data", "linked_sub/a.txt", "sub", "fifo", "missing.bin", "../outside.bin",
-                     "/etc/hostname", "sub//a.txt", "./data.bin", "sub/../data.bin", "data.bin/", "", "data.bin\0",
-                     "sub\\a.txt", "DATA.BIN", "sub/a.txt/x"]),
+    st.sampled_from(
+        [
+            *RUN_FILES,
+            "link_to_data",
+            "linked_sub/a.txt",
+            "sub",
+            "fifo",
+            "missing.bin",
+            "../outside.bin",
+            "/etc/hostname",
+            "sub//a.txt",
+            "./data.bin",
+            "sub/../data.bin",
+            "data.bin/",
+            "",
+            "data.bin\0",
+            "sub\\a.txt",
+            "DATA.BIN",
+            "sub/a.txt/x",
+        ]
+    ),
     st.text(max_size=20),
     st.integers(),
     st.none(),
 )
-JUNK = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
-                    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner,
-                                                                                          max_size=3)), max_leaves=8)
+JUNK = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=8,
+)
 ENTRY = st.one_of(st.fixed_dictionaries({"path": PATH, "size": SIZE}, optional={"sha256": HEX, "x": JUNK}), JUNK)
 
 
@@ -137,22 +205,41 @@ def _manifest_bytes(obj: Any) -> bytes:
 
 RUN_MANIFEST = st.one_of(
     st.builds(lambda entries: {"files": entries}, st.lists(ENTRY, max_size=6)).map(_manifest_bytes),
-    st.builds(lambda entries: {"files": entries, "extra": 1}, st.lists(st.fixed_dictionaries(
-        {"path": st.sampled_from(list(RUN_FILES)), "size": st.sampled_from([0, 5, 100])}), max_size=3)).map(
-        lambda obj: b"\xef\xbb\xbf" + _manifest_bytes(obj)),
+    st.builds(
+        lambda entries: {"files": entries, "extra": 1},
+        st.lists(
+            st.fixed_dictionaries({"path": st.sampled_from(list(RUN_FILES)), "size": st.sampled_from([0, 5, 100])}),
+            max_size=3,
+        ),
+    ).map(lambda obj: b"\xef\xbb\xbf" + _manifest_bytes(obj)),
     JUNK.map(_manifest_bytes),
     st.binary(max_size=200),
-    st.sampled_from([b'{"files": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"[" * 100_000, b'{"files": []}',
-                     b'{"files": [], "files": 3}', b"NaN"]),
+    st.sampled_from(
+        [
+            b'{"files": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b"[" * 100_000,
+            b'{"files": []}',
+            b'{"files": [], "files": 3}',
+            b"NaN",
+        ]
+    ),
 )
 
 
 def _equipment(folder: Path) -> Any:
-    return parse_config({
-        "equipment": [{"id": "CONFOCAL_01", "local_root": str(folder / "lab"), "completeness_signal": "manifest",
-                       "transport": {"type": "mount", "mount_path": str(folder / "nas")}}],
-        "state_dir": str(folder / "state"),
-    }).equipment[0]
+    return parse_config(
+        {
+            "equipment": [
+                {
+                    "id": "CONFOCAL_01",
+                    "local_root": str(folder / "lab"),
+                    "completeness_signal": "manifest",
+                    "transport": {"type": "mount", "mount_path": str(folder / "nas")},
+                }
+            ],
+            "state_dir": str(folder / "state"),
+        }
+    ).equipment[0]
 
 
 def _make_run(folder: Path, manifest: bytes) -> Path:

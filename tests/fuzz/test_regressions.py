@@ -44,6 +44,11 @@ def test_a_file_named_dash_at_the_run_root_passes_sha256sum_check(tmp_path: Path
     manifest = format_manifest(hashes)
     assert parse_manifest(manifest) == hashes
     (tmp_path / "checksums.sha256").write_bytes(manifest)
-    check = subprocess.run(["sha256sum", "--strict", "-c", "checksums.sha256"], cwd=tmp_path, capture_output=True,
-                           stdin=subprocess.DEVNULL, timeout=30)
+    check = subprocess.run(
+        ["sha256sum", "--strict", "-c", "checksums.sha256"],
+        cwd=tmp_path,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
