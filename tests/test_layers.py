@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.audit": 9,
     "exlab_wizard.sync.nas_client": 10,
     "exlab_wizard.cli": 11,
+    "exlab_wizard.__main__": 11,  # python -m exlab_wizard: the CLI
     "exlab_wizard.demo": 11,
     "exlab_wizard.service": 11,
 }
