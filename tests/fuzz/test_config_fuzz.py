@@ -216,7 +216,7 @@ _FRAGMENTS = st.sampled_from(
         "\t- x\n",
         "equipment: [" * 50,
         "]" * 50,
-        "{" * 2000,
+        "{" * 1000,
         "a: 1\na: 2\n",
         "state_dir: ~\n",
         "password: hunter2\n",
