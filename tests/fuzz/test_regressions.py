@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.cache import CreationWriter
+from exlab_wizard.config import ConfigError, load_config
 from exlab_wizard.sync.manifest_format import format_manifest, parse_manifest
 from exlab_wizard.validator.override_ops import OverrideError, revoke_override
 
@@ -52,3 +53,17 @@ def test_a_file_named_dash_at_the_run_root_passes_sha256sum_check(tmp_path: Path
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_state_dir_name_too_long_for_the_file_system_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    # Found by test_generated_structures_load_or_name_a_key (EXLAB_FUZZ_EXAMPLES=2000): state_dir of
+    # 5000 characters made load_config raise OSError ENAMETOOLONG instead of a ConfigError.
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "equipment:\n  - id: CONFOCAL_01\n    local_root: /tmp/lab\n"
+        "    transport: {type: mount, mount_path: /tmp/nas}\n" + f"state_dir: {tmp_path / ('a' * 5000)}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert caught.value.problems[0].startswith("state_dir: "), caught.value.problems
+    assert "File name too long" in caught.value.problems[0]
