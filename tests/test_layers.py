@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.doctor": 9,
     "exlab_wizard.sync.nas_client": 10,
     "exlab_wizard.cli": 11,
+    "exlab_wizard.__main__": 11,  # python -m exlab_wizard: the CLI
     "exlab_wizard.demo": 11,
     "exlab_wizard.service": 11,
 }

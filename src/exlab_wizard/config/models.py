@@ -404,9 +404,13 @@ class Config(_Model):
         # It need not exist yet, but a file in its place (or in place of a
         # parent) would fail later without naming the key.
         probe = value
-        while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
+        try:
+            while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+                probe = probe.parent
+            exists = probe.exists()
+        except OSError as exc:  # a name too long for the file system, a folder we may not search
+            raise ValueError(f"{value} cannot be used: {exc.strerror or exc}") from None
+        if exists and not probe.is_dir():
             if probe == value:
                 raise ValueError(f"{value} exists and is not a folder")
             raise ValueError(f"{probe} is not a folder, so {value} cannot be created")

@@ -5,7 +5,9 @@ carriage return is escaped as coreutils does (``\\\\``, ``\\n``, ``\\r``) and
 its line starts with ``\\``. Paths are relative to the run root with ``/``
 separators, sorted by their bytes (UTF-8, or the raw bytes of a non-UTF-8
 name via the filesystem encoding), so ``cd <run> && sha256sum -c
-.exlab-wizard/checksums.sha256`` passes.
+.exlab-wizard/checksums.sha256`` passes. A file named ``-`` at the run root
+is written ``./-`` (``sha256sum -c`` would read ``-`` as standard input) and
+read back as ``-``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MANIFEST_NAME = "checksums.sha256"
 # About 130 bytes a line: room for some eight million files in one run.
 MANIFEST_MAX_BYTES = 1 << 30
 _HEX_RE = re.compile(rb"^[0-9a-fA-F]{64}$")
+# sha256sum -c reads a listed "-" as standard input; "./-" names the file.
+_STDIN_NAME, _DASH_FILE = b"-", b"./-"
 
 
 class ManifestFormatError(ValueError):
@@ -77,6 +81,7 @@ def format_manifest(hashes: Mapping[str, str]) -> bytes:
     lines = []
     for key in sorted(hashes, key=os.fsencode):
         name, escaped = _escape(os.fsencode(key))
+        name = _DASH_FILE if name == _STDIN_NAME else name
         digest = hashes[key].lower().encode("ascii")
         if not _HEX_RE.match(digest):
             raise ManifestFormatError(f"not a SHA-256 hex digest for {key!r}: {hashes[key]!r}")
@@ -97,6 +102,7 @@ def parse_manifest(data: bytes) -> dict[str, str]:
         if not _HEX_RE.match(digest) or sep not in (b"  ", b" *") or not rest:
             raise ManifestFormatError(f"line {number} is not '<sha256>  <path>': {line[:120]!r}")
         name = _unescape(rest) if escaped else rest
+        name = _STDIN_NAME if name == _DASH_FILE else name
         out[os.fsdecode(name)] = digest.decode("ascii").lower()
     return out
 

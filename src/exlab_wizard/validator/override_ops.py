@@ -172,7 +172,9 @@ def revoke_override(
     why = _text("reason", reason)
     who = _text("operator", operator)
     _require_run(run)
-    views = {view.entry.get("id"): view for view in list_overrides(writer, run, now=now) if view.status != "tombstone"}
+    # an entry whose id is not text (a list, an object: a hand-edited file) cannot be the one named
+    views = {view.entry["id"]: view for view in list_overrides(writer, run, now=now)
+             if view.status != "tombstone" and isinstance(view.entry.get("id"), str)}
     view = views.get(override_id)
     if view is None:
         raise OverrideError("not_found", f"{run} has no override with id {override_id!r}")
