@@ -27,16 +27,23 @@ from exlab_wizard.validator import Validator
 
 
 async def _main(args: argparse.Namespace) -> dict:
-    config = parse_config({
-        "equipment": [{
-            "id": args.equipment,
-            "local_root": str(args.local_root),
-            "transport": {"type": "mount", "mount_path": str(args.mount)},
-        }],
-        "state_dir": str(args.state),
-    })
+    config = parse_config(
+        {
+            "equipment": [
+                {
+                    "id": args.equipment,
+                    "local_root": str(args.local_root),
+                    "transport": {"type": "mount", "mount_path": str(args.mount)},
+                }
+            ],
+            "state_dir": str(args.state),
+        }
+    )
     client = NASSyncClient(
-        config=config, queue_db=config.queue_db, validator=Validator(config.validator), cache_creation=CreationWriter(),
+        config=config,
+        queue_db=config.queue_db,
+        validator=Validator(config.validator),
+        cache_creation=CreationWriter(),
     )
     done = asyncio.Event()
     final: dict[str, str] = {}
@@ -61,8 +68,13 @@ async def _main(args: argparse.Namespace) -> dict:
         idle_s = time.perf_counter() - start
         job = await client.job(args.run)
         state = job.state.value if job is not None else "none"
-        return {"init_s": init_s, "verified_s": verified_s, "idle_s": idle_s, "state": state,
-                "last_error": getattr(job, "last_error", None)}
+        return {
+            "init_s": init_s,
+            "verified_s": verified_s,
+            "idle_s": idle_s,
+            "state": state,
+            "last_error": getattr(job, "last_error", None),
+        }
     finally:
         await client.close()
 

@@ -130,8 +130,11 @@ def timed(func: Callable[[], object]) -> tuple[float, object]:
 def sh(argv: Sequence[str | os.PathLike[str]], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """Run a command, raise with its stderr when it fails; return stdout."""
     done = subprocess.run(
-        [os.fspath(a) for a in argv], capture_output=True, text=True,
-        env=None if env is None else {**os.environ, **env}, cwd=cwd,
+        [os.fspath(a) for a in argv],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+        cwd=cwd,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))} failed ({done.returncode}): {done.stderr.strip()[:2000]}")
@@ -148,7 +151,9 @@ def run_measured(
     """
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [os.fspath(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [os.fspath(a) for a in argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=None if env is None else {**os.environ, **env},
     )
     out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
@@ -199,7 +204,7 @@ def interleave(
     width = max(len(labels[m]) for m in methods)
     for rep in range(repeat):
         for name in names:
-            order = [*methods[rep % len(methods):], *methods[: rep % len(methods)]]
+            order = [*methods[rep % len(methods) :], *methods[: rep % len(methods)]]
             for method in order:
                 result = actions[method](runs[name])
                 if isinstance(result, tuple):

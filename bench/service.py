@@ -30,9 +30,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from exlab_wizard.config import parse_config  # noqa: E402
-from exlab_wizard.service.server import ServiceInfo, run_service  # noqa: E402
-from exlab_wizard.sync.queue import JobQueue  # noqa: E402
+from exlab_wizard.config import parse_config
+from exlab_wizard.service.server import ServiceInfo, run_service
+from exlab_wizard.sync.queue import JobQueue
 
 STATES = ["queued", "running", "awaiting_verify", "verified", "cleanup_eligible", "cleaned", "failed"]
 WEIGHTS = [5, 1, 1, 30, 10, 50, 3]
@@ -45,7 +45,9 @@ def build(base: Path, jobs: int) -> tuple[object, list[str]]:
     for eq in EQUIPMENT:
         (nas / eq).mkdir(parents=True)
         (nas / eq / ".exlab-nas").write_text("mounted\n")
-        equipment.append({"id": eq, "local_root": str(local), "transport": {"type": "mount", "mount_path": str(nas / eq)}})
+        equipment.append(
+            {"id": eq, "local_root": str(local), "transport": {"type": "mount", "mount_path": str(nas / eq)}}
+        )
     config = parse_config({"equipment": equipment, "sync": {"enabled": False}, "state_dir": str(base / "state")})
     JobQueue(config.queue_db).close()
     rng = random.Random(7)
@@ -57,11 +59,15 @@ def build(base: Path, jobs: int) -> tuple[object, list[str]]:
         ids.append(job_id)
         stamp = f"2026-01-{1 + i % 28:02d}T{i % 24:02d}:00:00+00:00"
         verified = stamp if state in ("verified", "cleanup_eligible", "cleaned") else None
-        rows.append((job_id, f"{local}/{eq}/P/Runs/Run_{i}", eq, f"{nas}/{eq}/P/Runs/Run_{i}", state, stamp, stamp,
-                     verified))  # fmt: skip
+        rows.append(
+            (job_id, f"{local}/{eq}/P/Runs/Run_{i}", eq, f"{nas}/{eq}/P/Runs/Run_{i}", state, stamp, stamp, verified)
+        )
     conn = sqlite3.connect(config.queue_db)
-    conn.executemany("INSERT INTO jobs (id, run_path, equipment_id, remote_path, state, created_at, updated_at,"
-                     " verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)  # fmt: skip
+    conn.executemany(
+        "INSERT INTO jobs (id, run_path, equipment_id, remote_path, state, created_at, updated_at,"
+        " verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
     conn.commit()
     conn.execute("ANALYZE")
     conn.close()
@@ -98,8 +104,10 @@ async def event_rate(http: httpx.AsyncClient, db: Path, job_id: str, count: int)
     await asyncio.sleep(0.3)
     start = time.perf_counter()
     conn = sqlite3.connect(db)
-    conn.executemany("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, 'note', ?)",
-                     [(job_id, "2026-01-01T00:00:00+00:00", f"bench {i}") for i in range(count)])  # fmt: skip
+    conn.executemany(
+        "INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, 'note', ?)",
+        [(job_id, "2026-01-01T00:00:00+00:00", f"bench {i}") for i in range(count)],
+    )
     conn.commit()
     conn.close()
     await asyncio.wait_for(reader, 120)
@@ -110,11 +118,14 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="exlab-bench-service-") as tmp:
         started = time.perf_counter()
         config, ids = build(Path(tmp), args.jobs)
-        print(f"queue: {args.jobs} jobs over {len(EQUIPMENT)} equipment, built in {time.perf_counter() - started:.1f} s")
+        print(
+            f"queue: {args.jobs} jobs over {len(EQUIPMENT)} equipment, built in {time.perf_counter() - started:.1f} s"
+        )
         stop = asyncio.Event()
         ready: asyncio.Future[ServiceInfo] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run_service(config, port=0, stop=stop, install_signals=False,
-                                               on_ready=ready.set_result))  # fmt: skip
+        task = asyncio.create_task(
+            run_service(config, port=0, stop=stop, install_signals=False, on_ready=ready.set_result)
+        )
         info = await asyncio.wait_for(ready, 30)
         results = {}
         async with httpx.AsyncClient(base_url=info.base_url, timeout=60) as http:

@@ -98,11 +98,21 @@ class Bench:
         run = self.local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
         meta = run / ".exlab-wizard"
         meta.mkdir(parents=True)
-        (meta / "creation.json").write_text(json.dumps({
-            "schema_version": "1.0", "level": "run", "run_kind": "experimental",
-            "paths": {"local": str(run), "nas": None}, "sync_status": "pending",
-            "validation_overrides": [], "created_by": "bench/sync_mount.py",
-        }, indent=2) + "\n")
+        (meta / "creation.json").write_text(
+            json.dumps(
+                {
+                    "schema_version": "1.0",
+                    "level": "run",
+                    "run_kind": "experimental",
+                    "paths": {"local": str(run), "nas": None},
+                    "sync_status": "pending",
+                    "validation_overrides": [],
+                    "created_by": "bench/sync_mount.py",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         write_dataset(run, dataset(name, scale))
         return run
 
@@ -117,11 +127,22 @@ class Bench:
         self.counter += 1
         state = self.base / f"state-{self.counter}"
         try:
-            _wall, rss, out = run_measured([
-                sys.executable, Path(__file__).resolve().parent / "_engine_run.py",
-                "--run", run, "--local-root", self.local_root, "--mount", self.mount,
-                "--state", state, "--equipment", EQUIPMENT,
-            ])
+            _wall, rss, out = run_measured(
+                [
+                    sys.executable,
+                    Path(__file__).resolve().parent / "_engine_run.py",
+                    "--run",
+                    run,
+                    "--local-root",
+                    self.local_root,
+                    "--mount",
+                    self.mount,
+                    "--state",
+                    state,
+                    "--equipment",
+                    EQUIPMENT,
+                ]
+            )
             result = json.loads(out.strip().splitlines()[-1])
             result["rss"] = rss
             return result["verified_s"], result
@@ -238,14 +259,21 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= rss < RSS_TARGET_MB * 1e6
             print(line + "  " + ", ".join(verdicts))
             report["datasets"][name] = {
-                "files": len(dataset(name, args.scale).files), "bytes": dataset(name, args.scale).total_bytes,
-                "times": times[name], "medians": med, "a_over_b": a_b, "a_over_d": a_d,
-                "a_idle_median": idle, "a_peak_rss_bytes": rss,
+                "files": len(dataset(name, args.scale).files),
+                "bytes": dataset(name, args.scale).total_bytes,
+                "times": times[name],
+                "medians": med,
+                "a_over_b": a_b,
+                "a_over_d": a_d,
+                "a_idle_median": idle,
+                "a_peak_rss_bytes": rss,
             }
         if rate is not None:
             verdict = "met" if rate >= HASH_TARGET_GBPS else "MISSED"
-            print(f"local hashing (verifier.hash_tree, 2 threads, warm, {fmt_bytes(size)}): "
-                  f"{rate:.2f} GB/s  (target >= {HASH_TARGET_GBPS}: {verdict})")
+            print(
+                f"local hashing (verifier.hash_tree, 2 threads, warm, {fmt_bytes(size)}): "
+                f"{rate:.2f} GB/s  (target >= {HASH_TARGET_GBPS}: {verdict})"
+            )
             ok &= rate >= HASH_TARGET_GBPS
             report["hash_gbps"] = rate
         if args.json is not None:

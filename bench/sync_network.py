@@ -114,13 +114,21 @@ class Bench:
         self.rclone = rclone
         self.rclone_conf = base / "rclone.conf"
         self.rclone_conf.write_text(
-            "\n".join([
-                f"[{RCLONE_REMOTE}]", "type = sftp", "host = 127.0.0.1", f"port = {server.port}",
-                f"user = {RW_USER}", f"key_file = {server.env.client_key}",
-                f"known_hosts_file = {server.known_hosts}", "encoding = Slash",
-                "sha256sum_command = sha256sum", "",
-            ])
-        )  # fmt: skip
+            "\n".join(
+                [
+                    f"[{RCLONE_REMOTE}]",
+                    "type = sftp",
+                    "host = 127.0.0.1",
+                    f"port = {server.port}",
+                    f"user = {RW_USER}",
+                    f"key_file = {server.env.client_key}",
+                    f"known_hosts_file = {server.known_hosts}",
+                    "encoding = Slash",
+                    "sha256sum_command = sha256sum",
+                    "",
+                ]
+            )
+        )
         self.ssh = server.ssh_argv()  # [..., user@127.0.0.1]
         self.counter = 0
         self.pristine: dict[Path, dict[str, bytes]] = {}
@@ -131,11 +139,21 @@ class Bench:
         run = self.local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
         meta = run / ".exlab-wizard"
         meta.mkdir(parents=True)
-        (meta / "creation.json").write_text(json.dumps({
-            "schema_version": "1.0", "level": "run", "run_kind": "experimental",
-            "paths": {"local": str(run), "nas": None}, "sync_status": "pending",
-            "validation_overrides": [], "created_by": "bench/sync_network.py",
-        }, indent=2) + "\n")  # fmt: skip
+        (meta / "creation.json").write_text(
+            json.dumps(
+                {
+                    "schema_version": "1.0",
+                    "level": "run",
+                    "run_kind": "experimental",
+                    "paths": {"local": str(run), "nas": None},
+                    "sync_status": "pending",
+                    "validation_overrides": [],
+                    "created_by": "bench/sync_network.py",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         write_dataset(run, dataset(name, scale))
         self.pristine[run] = {p.name: p.read_bytes() for p in meta.iterdir()}
         return run
@@ -163,21 +181,34 @@ class Bench:
     def _config(self, kind: str, state: Path):
         if kind == "rsync_ssh":
             transport = {
-                "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_port": self.server.port,
-                "ssh_key_path": str(self.server.env.client_key), "ssh_known_hosts": str(self.server.known_hosts),
+                "type": "rsync_ssh",
+                "ssh_target": f"{RW_USER}@127.0.0.1",
+                "ssh_port": self.server.port,
+                "ssh_key_path": str(self.server.env.client_key),
+                "ssh_known_hosts": str(self.server.known_hosts),
                 "remote_path": str(self.remote_root),
-            }  # fmt: skip
+            }
         else:
             transport = {
-                "type": "rclone", "rclone_remote": f"{RCLONE_REMOTE}:", "rclone_remote_path": str(self.remote_root),
+                "type": "rclone",
+                "rclone_remote": f"{RCLONE_REMOTE}:",
+                "rclone_remote_path": str(self.remote_root),
                 "rclone_config": str(self.rclone_conf),
-            }  # fmt: skip
-        return parse_config({
-            "equipment": [{"id": EQUIPMENT, "local_root": str(self.local_root), "completeness_signal": "none",
-                           "transport": transport}],
-            "sync": {"backoff_s": [3600]},
-            "state_dir": str(state),
-        })  # fmt: skip
+            }
+        return parse_config(
+            {
+                "equipment": [
+                    {
+                        "id": EQUIPMENT,
+                        "local_root": str(self.local_root),
+                        "completeness_signal": "none",
+                        "transport": transport,
+                    }
+                ],
+                "sync": {"backoff_s": [3600]},
+                "state_dir": str(state),
+            }
+        )
 
     def _forget_host(self, config) -> None:
         """A cold start: no ssh master connection, no remembered hash tool."""
@@ -195,9 +226,11 @@ class Bench:
         if kind == "rsync_ssh":
             self._forget_host(config)
         client = NASSyncClient(
-            config=config, queue_db=config.queue_db, validator=Validator(config.validator),
+            config=config,
+            queue_db=config.queue_db,
+            validator=Validator(config.validator),
             cache_creation=CreationWriter(),
-        )  # fmt: skip
+        )
         done = asyncio.Event()
         seen: list[str] = []
 
@@ -257,10 +290,13 @@ class Bench:
             # the remote and the local hashing run at the same time
             remote_hash = subprocess.Popen(
                 [*self.ssh, f"sh -c '{_SHA256SUM_TREE}' sh '{remote}'"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            local_hash = subprocess.Popen(["sh", "-c", _SHA256SUM_TREE, "sh", str(run)],
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            local_hash = subprocess.Popen(
+                ["sh", "-c", _SHA256SUM_TREE, "sh", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             local_out, _ = local_hash.communicate()
             remote_out, remote_err = remote_hash.communicate()
             if remote_hash.returncode != 0 or local_hash.returncode != 0:
@@ -370,9 +406,13 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= value <= limit
             print(line + "  " + ", ".join(verdicts))
             report["datasets"][name] = {  # type: ignore[index]
-                "files": len(dataset(name, args.scale).files), "bytes": dataset(name, args.scale).total_bytes,
-                "times": times[name], "medians": med, "ratios": ratios, "ours": extra[name],
-            }  # fmt: skip
+                "files": len(dataset(name, args.scale).files),
+                "bytes": dataset(name, args.scale).total_bytes,
+                "times": times[name],
+                "medians": med,
+                "ratios": ratios,
+                "ours": extra[name],
+            }
         if args.json is not None:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         return 0 if ok else 1

@@ -49,11 +49,18 @@ def build_tree(root: Path, files: int, runs: int) -> int:
         run = root / equipment / project / parent / f"{prefix}2026-01-{r % 28 + 1:02d}_{r:04d}"
         meta = run / ".exlab-wizard"
         meta.mkdir(parents=True)
-        (meta / "creation.json").write_text(json.dumps({
-            "schema_version": "1.0", "level": "run", "run_kind": kind,
-            "paths": {"local": str(run), "nas": f"//nas/lab/{equipment}"}, "sync_status": "pending",
-            "validation_overrides": [],
-        }))
+        (meta / "creation.json").write_text(
+            json.dumps(
+                {
+                    "schema_version": "1.0",
+                    "level": "run",
+                    "run_kind": kind,
+                    "paths": {"local": str(run), "nas": f"//nas/lab/{equipment}"},
+                    "sync_status": "pending",
+                    "validation_overrides": [],
+                }
+            )
+        )
         written += 1
         folders = [run / f"tile_{t:02d}" for t in range(5)]
         for folder in folders:
@@ -118,12 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         audit_median, find_median = statistics.median(audits), statistics.median(finds)
         ratio = audit_median / find_median
         cpu_ratio = statistics.median(audit_cpu) / max(statistics.median(find_cpu), 1e-9)
-        print(f"find -type f | wc -l : median {find_median * 1000:8.1f} ms wall, "
-              f"{statistics.median(find_cpu) * 1000:6.1f} ms CPU  ({found} files)")
-        print(f"Validator.audit_tree : median {audit_median * 1000:8.1f} ms wall, "
-              f"{statistics.median(audit_cpu) * 1000:6.1f} ms CPU  ({findings} findings)")
-        print(f"ratio audit/find     : {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU  (target <= 3x wall) -> "
-              f"{'OK' if ratio <= 3 else 'SLOW'}")
+        print(
+            f"find -type f | wc -l : median {find_median * 1000:8.1f} ms wall, "
+            f"{statistics.median(find_cpu) * 1000:6.1f} ms CPU  ({found} files)"
+        )
+        print(
+            f"Validator.audit_tree : median {audit_median * 1000:8.1f} ms wall, "
+            f"{statistics.median(audit_cpu) * 1000:6.1f} ms CPU  ({findings} findings)"
+        )
+        print(
+            f"ratio audit/find     : {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU  (target <= 3x wall) -> "
+            f"{'OK' if ratio <= 3 else 'SLOW'}"
+        )
         return 0 if ratio <= 3 else 1
     finally:
         shutil.rmtree(base, ignore_errors=True)

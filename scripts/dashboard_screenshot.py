@@ -42,10 +42,18 @@ MIB = 1 << 20
 def make_run(local: Path, equipment: str, project: str, name: str, files: dict[str, int]) -> Path:
     run = local / equipment / project / "Runs" / name
     (run / ".exlab-wizard").mkdir(parents=True)
-    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps({
-        "schema_version": "1.0", "level": "run", "run_kind": "experimental",
-        "paths": {"local": str(run), "nas": None}, "sync_status": "pending", "validation_overrides": [],
-    }))  # fmt: skip
+    (run / ".exlab-wizard" / "creation.json").write_text(
+        json.dumps(
+            {
+                "schema_version": "1.0",
+                "level": "run",
+                "run_kind": "experimental",
+                "paths": {"local": str(run), "nas": None},
+                "sync_status": "pending",
+                "validation_overrides": [],
+            }
+        )
+    )
     for rel, size in files.items():
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_bytes(os.urandom(min(size, MIB)) * (size // MIB) + os.urandom(size % MIB))
@@ -59,22 +67,39 @@ def lab_config(base: Path) -> dict:
         (nas / eq / ".exlab-nas").write_text("mounted\n")
     (nas / "WIDEFIELD_03").mkdir(parents=True)  # no marker: the share is not mounted
     now = dt.datetime.now().astimezone()
-    window = {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
-              "start": (now - dt.timedelta(hours=2)).strftime("%H:00"),
-              "end": (now + dt.timedelta(hours=3)).strftime("%H:00")}  # fmt: skip
+    window = {
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+        "start": (now - dt.timedelta(hours=2)).strftime("%H:00"),
+        "end": (now + dt.timedelta(hours=3)).strftime("%H:00"),
+    }
     return {
         "equipment": [
-            {"id": "CONFOCAL_01", "label": "Zeiss LSM 980", "local_root": str(local),
-             "transport": {"type": "mount", "mount_path": str(nas / "CONFOCAL_01"),
-                           "bandwidth": {"upload_mbps": 40, "schedule": [window]}}},
-            {"id": "FACS_02", "label": "BD FACSymphony A5", "local_root": str(local),
-             "transport": {"type": "mount", "mount_path": str(nas / "FACS_02")}},
-            {"id": "WIDEFIELD_03", "label": "Nikon Ti2", "local_root": str(local),
-             "transport": {"type": "mount", "mount_path": str(nas / "WIDEFIELD_03")}},
+            {
+                "id": "CONFOCAL_01",
+                "label": "Zeiss LSM 980",
+                "local_root": str(local),
+                "transport": {
+                    "type": "mount",
+                    "mount_path": str(nas / "CONFOCAL_01"),
+                    "bandwidth": {"upload_mbps": 40, "schedule": [window]},
+                },
+            },
+            {
+                "id": "FACS_02",
+                "label": "BD FACSymphony A5",
+                "local_root": str(local),
+                "transport": {"type": "mount", "mount_path": str(nas / "FACS_02")},
+            },
+            {
+                "id": "WIDEFIELD_03",
+                "label": "Nikon Ti2",
+                "local_root": str(local),
+                "transport": {"type": "mount", "mount_path": str(nas / "WIDEFIELD_03")},
+            },
         ],
         "sync": {"scan_interval_s": 1, "max_parallel_jobs": 2, "backoff_s": [300, 900]},
         "state_dir": str(base / "state"),
-    }  # fmt: skip
+    }
 
 
 async def until(predicate, timeout: float = 60.0) -> None:
@@ -91,12 +116,22 @@ async def stage(base: Path, out: Path) -> None:
     local, nas = base / "lab", base / "nas"
     ready: asyncio.Future[ServiceInfo] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
-    task = asyncio.create_task(run_service(config, host="127.0.0.1", port=0, stop=stop, install_signals=False,
-                                           on_ready=ready.set_result, facts_interval_s=0.5))  # fmt: skip
+    task = asyncio.create_task(
+        run_service(
+            config,
+            host="127.0.0.1",
+            port=0,
+            stop=stop,
+            install_signals=False,
+            on_ready=ready.set_result,
+            facts_interval_s=0.5,
+        )
+    )
     info = await asyncio.wait_for(ready, 30)
     token = (config.state_dir / "api-token").read_text().strip()
     auth = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=info.base_url, headers=auth, timeout=30) as http:
+
         async def enqueue(run: Path) -> str:
             reply = await http.post("/api/enqueue", json={"run_path": str(run)})
             reply.raise_for_status()
@@ -106,19 +141,35 @@ async def stage(base: Path, out: Path) -> None:
             return (await http.get(f"/api/jobs/{job_id}")).json()["state"]
 
         synced = []
-        for i, (eq, size) in enumerate([("CONFOCAL_01", 24), ("FACS_02", 6), ("CONFOCAL_01", 40), ("FACS_02", 9),
-                                        ("CONFOCAL_01", 18), ("FACS_02", 4), ("CONFOCAL_01", 30), ("FACS_02", 7)]):
+        for i, (eq, size) in enumerate(
+            [
+                ("CONFOCAL_01", 24),
+                ("FACS_02", 6),
+                ("CONFOCAL_01", 40),
+                ("FACS_02", 9),
+                ("CONFOCAL_01", 18),
+                ("FACS_02", 4),
+                ("CONFOCAL_01", 30),
+                ("FACS_02", 7),
+            ]
+        ):
             project = "PROJ-0142" if eq == "CONFOCAL_01" else "PROJ-0150"
-            run = make_run(local, eq, project, f"Run_2026-12-0{1 + i // 3}_{i:02d}",
-                           {"images/stack.czi": size * MIB // 4, "acquisition.json": 2048})  # fmt: skip
+            run = make_run(
+                local,
+                eq,
+                project,
+                f"Run_2026-12-0{1 + i // 3}_{i:02d}",
+                {"images/stack.czi": size * MIB // 4, "acquisition.json": 2048},
+            )
             synced.append(await enqueue(run))
         for job_id in synced:
             await until(lambda j=job_id: _in(state(j), {"verified"}), 120)
         with sqlite3.connect(config.queue_db) as db:  # staged: spread the verifications over the last day
             for i, job_id in enumerate(synced):
                 at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=(i * 7 + 3) % 22 + 1, minutes=17 * i % 60)
-                db.execute("UPDATE jobs SET verified_at = ? WHERE id = ?", (at.isoformat(timespec="microseconds"),
-                                                                           job_id))  # fmt: skip
+                db.execute(
+                    "UPDATE jobs SET verified_at = ? WHERE id = ?", (at.isoformat(timespec="microseconds"), job_id)
+                )
 
         conflict = make_run(local, "FACS_02", "PROJ-0150", "Run_2026-12-04_plate3", {"plate.fcs": 3 * MIB})
         remote = nas / "FACS_02" / "PROJ-0150" / "Runs" / conflict.name
@@ -131,8 +182,13 @@ async def stage(base: Path, out: Path) -> None:
         (blocked / "acquisition_complete.flag").write_text("")
         await until(lambda: _in(state(failed), {"failed"}))
 
-        big = make_run(local, "CONFOCAL_01", "PROJ-0142", "Run_2026-12-05_timelapse",
-                       {"timelapse.czi": 300 * MIB, "acquisition.json": 2048})  # fmt: skip
+        big = make_run(
+            local,
+            "CONFOCAL_01",
+            "PROJ-0142",
+            "Run_2026-12-05_timelapse",
+            {"timelapse.czi": 300 * MIB, "acquisition.json": 2048},
+        )
         running = await enqueue(big)
         await until(lambda: _in(state(running), {"running"}))
 

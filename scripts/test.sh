@@ -6,6 +6,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 ./scripts/bootstrap.sh
 export PATH="$here/.venv/bin:$PATH"
+# Lint and format first: one clear failure before a long test run.
+.venv/bin/ruff check src tests bench scripts
+.venv/bin/ruff format --check src tests bench scripts
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

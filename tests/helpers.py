@@ -202,7 +202,8 @@ def assert_sha256sum_check(remote_run: Path, local_run: Path) -> None:
     manifest.write_bytes(format_manifest(data_only(sha256_tree(local_run))))
     done = subprocess.run(
         [require_tool("sha256sum"), "-c", "--strict", ".exlab-wizard/checksums.sha256"],
-        cwd=remote_run, capture_output=True,
+        cwd=remote_run,
+        capture_output=True,
     )
     assert done.returncode == 0, done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
     manifest.unlink()

@@ -111,8 +111,15 @@ def write_files(run: Path, files: Mapping[str, bytes | str], *, mtime: float | N
             os.utime(target, (mtime, mtime))
 
 
-def creation_data(run: Path, *, kind: str = "experimental", nas: str | None = None, paths: bool = True,
-                  overrides: list | None = None, **extra: Any) -> dict[str, Any]:  # fmt: skip
+def creation_data(
+    run: Path,
+    *,
+    kind: str = "experimental",
+    nas: str | None = None,
+    paths: bool = True,
+    overrides: list | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The creation.json of a pending run; ``paths=False`` leaves out its paths."""
     data: dict[str, Any] = {"schema_version": "1.0", "level": "run", "run_kind": kind}
     if paths:
@@ -152,11 +159,20 @@ class Lab:
     creation_extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, root: Path, *, equipment: tuple[str, ...] = (EQ, "FACS_02"), local: str = "lab",
-              nas_per_equipment: bool = True, marker: str | None = "mounted\n", **kwargs: Any) -> Lab:  # fmt: skip
+    def build(
+        cls,
+        root: Path,
+        *,
+        equipment: tuple[str, ...] = (EQ, "FACS_02"),
+        local: str = "lab",
+        nas_per_equipment: bool = True,
+        marker: str | None = "mounted\n",
+        **kwargs: Any,
+    ) -> Lab:
         """Make the folders: a NAS folder with the marker per equipment (none when ``marker`` is None)."""
-        lab = cls(root, root / local, root / "nas", root / "state", equipment,
-                  nas_per_equipment=nas_per_equipment, **kwargs)  # fmt: skip
+        lab = cls(
+            root, root / local, root / "nas", root / "state", equipment, nas_per_equipment=nas_per_equipment, **kwargs
+        )
         if marker is not None:
             for eq in equipment:
                 mark_nas(lab.mount_path(eq), marker)
@@ -196,10 +212,17 @@ class Lab:
         return self.local_root / equipment / (project or self.project) / parent / name
 
     def make_run(
-        self, name: str = "Run_2026-01-01", files: Mapping[str, bytes | str] | None = None, *,
-        equipment: str = EQ, project: str | None = None, overrides: list[dict] | None = None,
-        creation: bool = True, meta: dict[str, bytes] | None = None, nas: str | None = None,
-    ) -> Path:  # fmt: skip
+        self,
+        name: str = "Run_2026-01-01",
+        files: Mapping[str, bytes | str] | None = None,
+        *,
+        equipment: str = EQ,
+        project: str | None = None,
+        overrides: list[dict] | None = None,
+        creation: bool = True,
+        meta: dict[str, bytes] | None = None,
+        nas: str | None = None,
+    ) -> Path:
         """A run with its creation.json and ``files`` (one 1000-byte file unless given).
 
         ``meta``: more files in its ``.exlab-wizard/``; ``nas``: the NAS path
@@ -261,8 +284,12 @@ class Site(Lab):
         site.nas_root.mkdir()  # the configured remote root exists (a missing one is a volume not mounted)
         shutil.chown(site.nas_root, RW_USER, RW_USER)
         site.transport = {
-            "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_key_path": str(server.env.client_key),
-            "ssh_port": server.port, "remote_path": str(site.nas_root), "ssh_known_hosts": str(server.known_hosts),
+            "type": "rsync_ssh",
+            "ssh_target": f"{RW_USER}@127.0.0.1",
+            "ssh_key_path": str(server.env.client_key),
+            "ssh_port": server.port,
+            "remote_path": str(site.nas_root),
+            "ssh_known_hosts": str(server.known_hosts),
         }
         return site
 
@@ -274,8 +301,13 @@ class Site(Lab):
     def transport_data(self, equipment: str = EQ) -> dict[str, Any]:
         return dict(self.transport)
 
-    def config_data(self, *, sync: dict[str, Any] | None = None, cleanup: dict[str, Any] | None = None,  # type: ignore[override]
-                    bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    def config_data(
+        self,
+        *,
+        sync: dict[str, Any] | None = None,
+        cleanup: dict[str, Any] | None = None,  # type: ignore[override]
+        bandwidth: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         data = Lab.config_data(self, sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 30, **(sync or {})})
         if bandwidth is not None:
             data["equipment"][0]["transport"]["bandwidth"] = bandwidth
@@ -326,9 +358,11 @@ class VerifiedLab:
     @classmethod
     def build(cls, root: Path) -> VerifiedLab:
         folders = Lab.build(root, equipment=(cls.EQ,), nas_per_equipment=False, project="PROJ")
-        config = Config.model_validate(folders.config_data(
-            nas_cleanup={"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
-        ))  # fmt: skip
+        config = Config.model_validate(
+            folders.config_data(
+                nas_cleanup={"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
+            )
+        )
         queue = JobQueue(folders.state / "queue.db")
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         return cls(folders, config, queue, CreationWriter(), now)
@@ -349,9 +383,7 @@ class VerifiedLab:
         return self.folders.nas_copy(run, self.EQ)
 
     def cleanup(self, **changes) -> None:
-        self.config = self.config.model_copy(
-            update={"nas_cleanup": self.config.nas_cleanup.model_copy(update=changes)}
-        )
+        self.config = self.config.model_copy(update={"nas_cleanup": self.config.nas_cleanup.model_copy(update=changes)})
 
     def log_for(self, equipment_id: str) -> EquipmentLog:
         return EquipmentLog(self.config.equipment_by_id(equipment_id))
@@ -370,8 +402,10 @@ class VerifiedLab:
     async def _push_metadata(self, job: SyncJobRow) -> bool:
         run = Path(job.run_path)
         self.pushes.append(
-            {"creation": self.writer.read(run).raw.get("local_cleaned"),
-             "data_left": sorted(p for p in VERIFIED_FILES if (run / p).exists())}
+            {
+                "creation": self.writer.read(run).raw.get("local_cleaned"),
+                "data_left": sorted(p for p in VERIFIED_FILES if (run / p).exists()),
+            }
         )
         if self.push_ok:
             shutil.copytree(run / METADATA, self.nas_copy(run) / METADATA, dirs_exist_ok=True)
@@ -381,8 +415,7 @@ class VerifiedLab:
         kw.setdefault("remote_stat", self._remote_stat)
         kw.setdefault("push_metadata", self._push_metadata)
         kw.setdefault("remote_listing", self._remote_listing)
-        reaper = Reaper(self.queue, self.config, writer=self.writer, log_for=self.log_for,
-                        now=lambda: self.now, **kw)
+        reaper = Reaper(self.queue, self.config, writer=self.writer, log_for=self.log_for, now=lambda: self.now, **kw)
         return reaper
 
     def run_pass(self, **kw):
@@ -423,13 +456,20 @@ class VerifiedLab:
         self.queue.transition(job.id, S.RUNNING, S.AWAITING_VERIFY, now=verified_at - 0.5 * HOUR)
         pass_times = tuple(verified_at + 6 * i * HOUR for i in range(passes))
         self.queue.transition(
-            job.id, S.AWAITING_VERIFY, S.VERIFIED, now=verified_at, verify_passes=passes,
-            verified_at=verified_at, pass_times=pass_times, last_verify_at=pass_times[-1] if passes else None,
+            job.id,
+            S.AWAITING_VERIFY,
+            S.VERIFIED,
+            now=verified_at,
+            verify_passes=passes,
+            verified_at=verified_at,
+            pass_times=pass_times,
+            last_verify_at=pass_times[-1] if passes else None,
             manifest_digest=manifest_digest(hashes),
         )
         # The files were last changed (ctime: just now, by utime) before the hashing began.
-        record_verified_stat(self.queue, job.id, run, hashes, verified_at,
-                             hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
+        record_verified_stat(
+            self.queue, job.id, run, hashes, verified_at, hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        )
         if eligible:
             self.queue.transition(job.id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=verified_at + HOUR)
         return run, job.id
@@ -446,8 +486,9 @@ class MountLab:
     """One equipment with a local run and a mounted 'NAS' folder, all under tmp_path."""
 
     def __init__(self, tmp_path: Path, *, bandwidth: dict | None = None, now=None):
-        folders = Lab.build(tmp_path, equipment=(EQ,), local="local", nas_per_equipment=False,
-                            project="PROJ-0042", marker="marker\n")  # fmt: skip
+        folders = Lab.build(
+            tmp_path, equipment=(EQ,), local="local", nas_per_equipment=False, project="PROJ-0042", marker="marker\n"
+        )
         self.tmp = tmp_path
         self.nas = folders.nas
         transport = folders.transport_data()
@@ -505,8 +546,9 @@ HOSTILE: dict[str, bytes] = {
 }
 
 
-def make_hostile_run(local_root: Path, files: dict[str, bytes] = HOSTILE, rel: Path = RUN_REL,
-                     symlink: bool = True) -> Path:  # fmt: skip
+def make_hostile_run(
+    local_root: Path, files: dict[str, bytes] = HOSTILE, rel: Path = RUN_REL, symlink: bool = True
+) -> Path:
     """A run of ``CONFOCAL_01`` holding ``files`` and, with ``symlink``, two symbolic links."""
     run = local_root / EQ / rel
     run.mkdir(parents=True)
@@ -517,9 +559,16 @@ def make_hostile_run(local_root: Path, files: dict[str, bytes] = HOSTILE, rel: P
     return run
 
 
-def rsync_equipment(tmp_path: Path, server: SshServer, remote_root: Path | str, *, user: str = RW_USER,
-                    key: Path | None = None, known_hosts: Path | None = None,
-                    bandwidth: dict | None = None) -> EquipmentConfig:  # fmt: skip
+def rsync_equipment(
+    tmp_path: Path,
+    server: SshServer,
+    remote_root: Path | str,
+    *,
+    user: str = RW_USER,
+    key: Path | None = None,
+    known_hosts: Path | None = None,
+    bandwidth: dict | None = None,
+) -> EquipmentConfig:
     """``CONFOCAL_01`` (local root ``tmp_path/lab``) on rsync_ssh to the loopback sshd."""
     transport = {
         "type": "rsync_ssh",
@@ -546,8 +595,11 @@ FILES = {
 
 def make_client(config: Config, **kwargs: Any) -> NASSyncClient:
     return NASSyncClient(
-        config=config, queue_db=config.queue_db, validator=Validator(config.validator),
-        cache_creation=CreationWriter(), **kwargs,
+        config=config,
+        queue_db=config.queue_db,
+        validator=Validator(config.validator),
+        cache_creation=CreationWriter(),
+        **kwargs,
     )
 
 

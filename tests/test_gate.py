@@ -26,8 +26,15 @@ def make_run(root: Path, files: dict[str, str], *, status: str | None = "pending
         (run / rel).write_text(text)
     if status is not None:
         (run / ".exlab-wizard").mkdir()
-        meta = {"schema_version": "1.0", "level": "run", "run_kind": "experimental",
-                "paths": {"local": str(run), "nas": "//nas/x"}, "sync_status": status, "lab_note": "kept", **extra}
+        meta = {
+            "schema_version": "1.0",
+            "level": "run",
+            "run_kind": "experimental",
+            "paths": {"local": str(run), "nas": "//nas/x"},
+            "sync_status": status,
+            "lab_note": "kept",
+            **extra,
+        }
         (run / ".exlab-wizard" / "creation.json").write_text(json.dumps(meta))
     return run
 
@@ -80,8 +87,15 @@ def test_orphan_with_hard_finding_blocked_but_not_written(tmp_path: Path) -> Non
 
 
 def test_override_lets_run_through(tmp_path: Path) -> None:
-    override = {"id": OVERRIDE_ID, "problem_class": "reserved_filesystem_name", "operator": "asmith",
-                "recorded_at": "2026-01-10T09:00:00Z", "expires_at": None, "reason": "vendor file", "revoked": False}
+    override = {
+        "id": OVERRIDE_ID,
+        "problem_class": "reserved_filesystem_name",
+        "operator": "asmith",
+        "recorded_at": "2026-01-10T09:00:00Z",
+        "expires_at": None,
+        "reason": "vendor file",
+        "revoked": False,
+    }
     run = make_run(tmp_path, {"aux.csv": ""}, validation_overrides=[override])
     result = gate(run)
     assert result.eligible
@@ -92,9 +106,15 @@ def test_override_lets_run_through(tmp_path: Path) -> None:
 
 
 def test_expired_override_blocks(tmp_path: Path) -> None:
-    override = {"id": OVERRIDE_ID, "problem_class": "reserved_filesystem_name", "operator": "asmith",
-                "recorded_at": "2026-01-01T09:00:00Z", "expires_at": "2026-01-14T00:00:00Z", "reason": "r",
-                "revoked": False}
+    override = {
+        "id": OVERRIDE_ID,
+        "problem_class": "reserved_filesystem_name",
+        "operator": "asmith",
+        "recorded_at": "2026-01-01T09:00:00Z",
+        "expires_at": "2026-01-14T00:00:00Z",
+        "reason": "r",
+        "revoked": False,
+    }
     run = make_run(tmp_path, {"aux.csv": ""}, validation_overrides=[override])
     result = gate(run)
     assert not result.eligible and result.overrides_relied_on == []
@@ -115,9 +135,17 @@ def test_synced_run_own_segment_finding_does_not_block(tmp_path: Path) -> None:
     run = tmp_path / "CONFOCAL_01" / "PROJ <x>" / "Runs" / "Run_1"
     run.mkdir(parents=True)
     (run / ".exlab-wizard").mkdir()
-    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps(
-        {"schema_version": "1.0", "level": "run", "run_kind": "experimental", "paths": {"local": str(run)},
-         "sync_status": "synced"}))
+    (run / ".exlab-wizard" / "creation.json").write_text(
+        json.dumps(
+            {
+                "schema_version": "1.0",
+                "level": "run",
+                "run_kind": "experimental",
+                "paths": {"local": str(run)},
+                "sync_status": "synced",
+            }
+        )
+    )
     result = gate(run)
     assert result.eligible
     assert result.findings and all(f.synced_under_prior_policy for f in result.findings)
@@ -149,8 +177,15 @@ def test_edited_content_in_synced_run_blocks(tmp_path: Path) -> None:
 
 
 def test_override_not_relied_on_when_prior_sync_covers(tmp_path: Path) -> None:
-    override = {"id": OVERRIDE_ID, "problem_class": "reserved_filesystem_name", "operator": "asmith",
-                "recorded_at": "2026-01-10T09:00:00Z", "expires_at": None, "reason": "r", "revoked": False}
+    override = {
+        "id": OVERRIDE_ID,
+        "problem_class": "reserved_filesystem_name",
+        "operator": "asmith",
+        "recorded_at": "2026-01-10T09:00:00Z",
+        "expires_at": None,
+        "reason": "r",
+        "revoked": False,
+    }
     run = make_run(tmp_path, {"con.txt": ""}, status="synced", validation_overrides=[override])
     write_manifest(run, ["con.txt"])
     result = gate(run)

@@ -128,16 +128,19 @@ def test_no_module_imports_a_higher_layer() -> None:
         for target, line in imported_modules(module, path, known):
             if target != PACKAGE and not target.startswith(PACKAGE + "."):
                 if own == STDLIB_ONLY_LAYER and target.partition(".")[0] not in sys.stdlib_module_names:
-                    violations.append(f"{path.relative_to(SRC.parent)}:{line}: {module} (layer 1) imports {target}, "
-                                      "which is not in the standard library")
+                    violations.append(
+                        f"{path.relative_to(SRC.parent)}:{line}: {module} (layer 1) imports {target}, "
+                        "which is not in the standard library"
+                    )
                 continue
             theirs = layer_of(target)
             if theirs is None or theirs <= own:
                 continue
             seen.add((module, target))
             if (module, target) not in KNOWN_VIOLATIONS:
-                violations.append(f"{path.relative_to(SRC.parent)}:{line}: {module} (layer {own}) "
-                                  f"imports {target} (layer {theirs})")
+                violations.append(
+                    f"{path.relative_to(SRC.parent)}:{line}: {module} (layer {own}) imports {target} (layer {theirs})"
+                )
     assert not violations, "lower layer imports a higher one:\n" + "\n".join(violations)
     stale = KNOWN_VIOLATIONS - seen
     assert not stale, f"no longer imported; remove from KNOWN_VIOLATIONS: {sorted(stale)}"

@@ -86,34 +86,64 @@ def build_demo_lab(base: Path, *, scale: float = 1.0) -> DemoLab:
     confocal = local / "CONFOCAL_01" / "PROJ-0042"
     facs = local / "FACS_02" / "PROJ-0107"
     runs = [
-        _make_run(confocal / "Runs" / "Run_2026-11-02_0930", "experimental", {
-            "stack_z000-z063.tif": 24 * mib,
-            "stack_z064-z127.tif": 24 * mib,
-            "metadata/acquisition.json": 2048,
-            "metadata/notes.md": 512,
-            "acquisition_complete.flag": 0,
-        }, rng, "asmith"),
-        _make_run(confocal / "Runs" / "Run_2026-11-02_1512", "experimental", {
-            "tile_scan/tile_0001.tif": 6 * mib,
-            "tile_scan/tile_0002.tif": 6 * mib,
-            "tile_scan/tile_0003.tif": 6 * mib,
-            "acquisition_complete.flag": 0,
-        }, rng, "asmith"),
-        _make_run(facs / "Runs" / "Run_2026-11-01_1100", "experimental", {
-            **{f"fcs/sample_{i:02d}.fcs": 768 * 1024 for i in range(1, 13)},
-            "plate_layout.csv": 4096,
-            "acquisition_complete.flag": 0,
-        }, rng, "jdoe"),
-        _make_run(facs / "TestRuns" / "TestRun_2026-11-01_0815", "test", {
-            "fcs/beads.fcs": 2 * mib,
-            "qc_report.txt": 1024,
-        }, rng, "jdoe"),
+        _make_run(
+            confocal / "Runs" / "Run_2026-11-02_0930",
+            "experimental",
+            {
+                "stack_z000-z063.tif": 24 * mib,
+                "stack_z064-z127.tif": 24 * mib,
+                "metadata/acquisition.json": 2048,
+                "metadata/notes.md": 512,
+                "acquisition_complete.flag": 0,
+            },
+            rng,
+            "asmith",
+        ),
+        _make_run(
+            confocal / "Runs" / "Run_2026-11-02_1512",
+            "experimental",
+            {
+                "tile_scan/tile_0001.tif": 6 * mib,
+                "tile_scan/tile_0002.tif": 6 * mib,
+                "tile_scan/tile_0003.tif": 6 * mib,
+                "acquisition_complete.flag": 0,
+            },
+            rng,
+            "asmith",
+        ),
+        _make_run(
+            facs / "Runs" / "Run_2026-11-01_1100",
+            "experimental",
+            {
+                **{f"fcs/sample_{i:02d}.fcs": 768 * 1024 for i in range(1, 13)},
+                "plate_layout.csv": 4096,
+                "acquisition_complete.flag": 0,
+            },
+            rng,
+            "jdoe",
+        ),
+        _make_run(
+            facs / "TestRuns" / "TestRun_2026-11-01_0815",
+            "test",
+            {
+                "fcs/beads.fcs": 2 * mib,
+                "qc_report.txt": 1024,
+            },
+            rng,
+            "jdoe",
+        ),
     ]
-    blocked = _make_run(confocal / "Runs" / "Run_2026-11-03_1410", "experimental", {
-        "<sample_id>_image.tif": 3 * mib,        # an unresolved template placeholder
-        "settings.txt": 256,
-        "acquisition_complete.flag": 0,          # finished: `demo --serve` shows it as blocked
-    }, rng, "asmith")
+    blocked = _make_run(
+        confocal / "Runs" / "Run_2026-11-03_1410",
+        "experimental",
+        {
+            "<sample_id>_image.tif": 3 * mib,  # an unresolved template placeholder
+            "settings.txt": 256,
+            "acquisition_complete.flag": 0,  # finished: `demo --serve` shows it as blocked
+        },
+        rng,
+        "asmith",
+    )
 
     for equipment in ("CONFOCAL_01", "FACS_02"):
         share = nas / equipment
@@ -128,19 +158,19 @@ equipment:
   - id: CONFOCAL_01
     label: Confocal Microscope 1
     local_root: {local}
-    nas_root: {nas / 'CONFOCAL_01'}
+    nas_root: {nas / "CONFOCAL_01"}
     completeness_signal: sentinel_file
     transport:
       type: mount
-      mount_path: {nas / 'CONFOCAL_01'}
+      mount_path: {nas / "CONFOCAL_01"}
   - id: FACS_02
     label: Flow Cytometer 2
     local_root: {local}
-    nas_root: {nas / 'FACS_02'}
+    nas_root: {nas / "FACS_02"}
     completeness_signal: none
     transport:
       type: mount
-      mount_path: {nas / 'FACS_02'}
+      mount_path: {nas / "FACS_02"}
 nas_cleanup:
   enabled: false
 sync:

@@ -54,8 +54,16 @@ def test_no_lost_update_across_processes_and_threads(tmp_path: Path) -> None:
 
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(run), str(go), f"p{n}",
-             str(THREADS_PER_PROCESS), str(UPDATES_PER_PROCESS)],
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(run),
+                str(go),
+                f"p{n}",
+                str(THREADS_PER_PROCESS),
+                str(UPDATES_PER_PROCESS),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

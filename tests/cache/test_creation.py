@@ -104,8 +104,8 @@ def test_any_minor_of_major_1_is_accepted(version: str) -> None:
         ),
         ({"schema_version": "0.9"}, CacheErrorKind.UNSUPPORTED_SCHEMA, "major must be 1"),
         ({"schema_version": "x"}, CacheErrorKind.UNSUPPORTED_SCHEMA, 'schema_version "x" is not "MAJOR.MINOR"'),
-        ({"schema_version": "1"}, CacheErrorKind.UNSUPPORTED_SCHEMA, "is not \"MAJOR.MINOR\""),
-        ({"schema_version": 1.0}, CacheErrorKind.UNSUPPORTED_SCHEMA, "is not \"MAJOR.MINOR\""),
+        ({"schema_version": "1"}, CacheErrorKind.UNSUPPORTED_SCHEMA, 'is not "MAJOR.MINOR"'),
+        ({"schema_version": 1.0}, CacheErrorKind.UNSUPPORTED_SCHEMA, 'is not "MAJOR.MINOR"'),
         ({"level": "run"}, CacheErrorKind.UNSUPPORTED_SCHEMA, "has no schema_version"),
         ([1, 2], CacheErrorKind.MALFORMED, "must hold a JSON object"),
         ({"schema_version": "1.0", "sync_status": 3}, CacheErrorKind.MALFORMED, "sync_status"),
@@ -171,7 +171,7 @@ def test_every_writer_keeps_unknown_keys_and_order(tmp_path: Path) -> None:
         assert after[key] == FULL[key]
     assert after["paths"] == FULL["paths"]
     assert list(after)[: len(FULL)] == list(FULL)  # old keys in place, new ones appended
-    assert list(after)[len(FULL):] == ["local_cleaned", "tool_notes"]
+    assert list(after)[len(FULL) :] == ["local_cleaned", "tool_notes"]
     assert after["sync_status"] == "synced"
     assert [e["revoked"] for e in after["validation_overrides"]] == [False, True]
 

@@ -17,10 +17,14 @@ def _config(tmp_path: Path, transport: dict, *, bandwidth: dict | None = None) -
     if bandwidth is not None:
         transport = {**transport, "bandwidth": bandwidth}
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({
-        "equipment": [{"id": EQ, "local_root": str(tmp_path / "lab"), "transport": transport}],
-        "state_dir": str(tmp_path / "state"),
-    }))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "equipment": [{"id": EQ, "local_root": str(tmp_path / "lab"), "transport": transport}],
+                "state_dir": str(tmp_path / "state"),
+            }
+        )
+    )
     return config
 
 
@@ -39,8 +43,15 @@ def _lines(done: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
 
 
 def _ssh(server: SshServer, remote: Path, **over: object) -> dict:
-    return {"type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_key_path": str(server.env.client_key),
-            "ssh_port": server.port, "remote_path": str(remote), "ssh_known_hosts": str(server.known_hosts), **over}  # fmt: skip
+    return {
+        "type": "rsync_ssh",
+        "ssh_target": f"{RW_USER}@127.0.0.1",
+        "ssh_key_path": str(server.env.client_key),
+        "ssh_port": server.port,
+        "remote_path": str(remote),
+        "ssh_known_hosts": str(server.known_hosts),
+        **over,
+    }
 
 
 def test_rsync_ssh_good_key_every_check_passes(tmp_path: Path, sshd: SshServer, remote_dir: Path) -> None:
@@ -48,10 +59,24 @@ def test_rsync_ssh_good_key_every_check_passes(tmp_path: Path, sshd: SshServer, 
     done = cli("doctor", "--config", str(config), "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     checks = _checks(done)
-    assert list(checks) == ["config", "state_dir", "local_root", "ssh_key", "host_key", "ssh_login",
-                            "remote_writable", "remote_hash_tool", "bandwidth"]  # fmt: skip
+    assert list(checks) == [
+        "config",
+        "state_dir",
+        "local_root",
+        "ssh_key",
+        "host_key",
+        "ssh_login",
+        "remote_writable",
+        "remote_hash_tool",
+        "bandwidth",
+    ]
     assert all(c["ok"] and c["hint"] is None for c in checks.values())
-    assert checks["remote_hash_tool"]["detail"].split(",")[0] in ("python3-openssl", "openssl", "sha256sum", "python3-builtin")
+    assert checks["remote_hash_tool"]["detail"].split(",")[0] in (
+        "python3-openssl",
+        "openssl",
+        "sha256sum",
+        "python3-builtin",
+    )
     assert "MB/s" in checks["remote_hash_tool"]["detail"]
     assert checks["bandwidth"]["detail"] == "limited to 976 KiB/s (8 Mbps) now"
     assert list(remote_dir.iterdir()) == []  # the probe file is gone
@@ -109,10 +134,13 @@ def test_mount_without_marker_fails_and_writes_nothing(tmp_path: Path) -> None:
 
 def test_rclone_remote_that_does_not_answer(tmp_path: Path, sshd: SshServer) -> None:
     conf = tmp_path / "rclone.conf"
-    conf.write_text(f"[dead]\ntype = sftp\nhost = 127.0.0.1\nport = {free_port()}\nuser = x\n"
-                    f"key_file = {sshd.env.client_key}\nknown_hosts_file = {sshd.known_hosts}\n")  # fmt: skip
-    config = _config(tmp_path, {"type": "rclone", "rclone_remote": "dead", "rclone_remote_path": "lab",
-                                "rclone_config": str(conf)})  # fmt: skip
+    conf.write_text(
+        f"[dead]\ntype = sftp\nhost = 127.0.0.1\nport = {free_port()}\nuser = x\n"
+        f"key_file = {sshd.env.client_key}\nknown_hosts_file = {sshd.known_hosts}\n"
+    )
+    config = _config(
+        tmp_path, {"type": "rclone", "rclone_remote": "dead", "rclone_remote_path": "lab", "rclone_config": str(conf)}
+    )
     done = cli("doctor", "--config", str(config), "--json", timeout=60)
     assert done.returncode == 1
     checks = _checks(done)
@@ -122,8 +150,15 @@ def test_rclone_remote_that_does_not_answer(tmp_path: Path, sshd: SshServer) -> 
 
 def test_rclone_remote_that_answers(tmp_path: Path, sshd: SshServer, remote_dir: Path, rclone_sftp_config) -> None:
     conf = rclone_sftp_config(sshd, remote_sha256=True)
-    config = _config(tmp_path, {"type": "rclone", "rclone_remote": "labsftp", "rclone_remote_path": str(remote_dir),
-                                "rclone_config": str(conf)})  # fmt: skip
+    config = _config(
+        tmp_path,
+        {
+            "type": "rclone",
+            "rclone_remote": "labsftp",
+            "rclone_remote_path": str(remote_dir),
+            "rclone_config": str(conf),
+        },
+    )
     done = cli("doctor", "--config", str(config), "--json", timeout=60)
     assert done.returncode == 0, done.stdout
     assert _checks(done)["rclone_hashes"]["detail"] == "the backend hashes SHA-256 itself"
@@ -139,5 +174,10 @@ def test_bad_config_is_a_failed_check(tmp_path: Path) -> None:
 
 
 def test_check_is_plain_data() -> None:
-    assert Check("x", False, "d", "h", "EQ").to_dict() == {"name": "x", "ok": False, "detail": "d", "hint": "h",
-                                                            "equipment": "EQ"}  # fmt: skip
+    assert Check("x", False, "d", "h", "EQ").to_dict() == {
+        "name": "x",
+        "ok": False,
+        "detail": "d",
+        "hint": "h",
+        "equipment": "EQ",
+    }

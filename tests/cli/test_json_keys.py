@@ -63,7 +63,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lab, Path, dict[str, 
     runs = {"clean": lab.make_run("Run_1", {"a.txt": "fine"}), "overridden": lab.make_run("Run_2", {"aux.csv": "x"})}
     config = lab.write_config(lab.config_data(sync={"backoff_s": [0.01], "scan_interval_s": 3600}))
     c = ["--config", str(config)]
-    assert cli("override", "add", str(runs["overridden"]), "--rule", "reserved_filesystem_name", "--reason", "r", *c).returncode == 0
+    assert (
+        cli(
+            "override", "add", str(runs["overridden"]), "--rule", "reserved_filesystem_name", "--reason", "r", *c
+        ).returncode
+        == 0
+    )
     done = cli("enqueue", str(runs["clean"]), str(runs["overridden"]), "--wait", *c)
     assert done.returncode == 0, done.stdout + done.stderr
     runs["blocked"] = lab.make_run("Run_3", {"con.txt": "x"})

@@ -42,12 +42,32 @@ def _one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None
 
 def test_add_then_list(tmp_path: Path) -> None:
     lab, run, config = _lab(tmp_path)  # aux.csv blocks it (the revoke test sees it blocked again)
-    added = cli("override", "add", str(run), "--rule", RULE, "--reason", "the vendor names it AUX",
-                "--path", "aux.csv", "--expires", "30d", "--operator", "asmith", "--config", str(config))  # fmt: skip
+    added = cli(
+        "override",
+        "add",
+        str(run),
+        "--rule",
+        RULE,
+        "--reason",
+        "the vendor names it AUX",
+        "--path",
+        "aux.csv",
+        "--expires",
+        "30d",
+        "--operator",
+        "asmith",
+        "--config",
+        str(config),
+    )
     assert added.returncode == 0, added.stderr
     [entry] = _creation(run)["validation_overrides"]
     assert entry["id"] in added.stdout and "CONFOCAL_01/PROJ-1/Runs/Run_1" in added.stdout
-    assert (entry["problem_class"], entry["operator"], entry["path"], entry["revoked"]) == (RULE, "asmith", "aux.csv", False)
+    assert (entry["problem_class"], entry["operator"], entry["path"], entry["revoked"]) == (
+        RULE,
+        "asmith",
+        "aux.csv",
+        False,
+    )
     assert entry["expires_at"] is not None
     assert _creation(run)["lab_note"] == "kept"  # unknown keys survive
     assert cli("problems", str(run), "--config", str(config)).returncode == 0
@@ -77,8 +97,9 @@ def test_revoke_by_id_prefix_appends_a_tombstone(tmp_path: Path) -> None:
 
 def test_expires_on_a_date_holds_through_that_day(tmp_path: Path) -> None:
     _lab_, run, config = _lab(tmp_path)
-    done = cli("override", "add", str(run), "--rule", RULE, "--reason", "r", "--expires", "2099-01-31",
-               "--config", str(config))  # fmt: skip
+    done = cli(
+        "override", "add", str(run), "--rule", RULE, "--reason", "r", "--expires", "2099-01-31", "--config", str(config)
+    )
     assert done.returncode == 0, done.stderr
     assert _creation(run)["validation_overrides"][0]["expires_at"].startswith(("2099-01-31", "2099-02-01"))
 
@@ -108,7 +129,9 @@ def test_add_refuses_bad_input_with_one_line(tmp_path: Path, args: list[str], wo
 def test_missing_run_refused(tmp_path: Path) -> None:
     _lab_, run, config = _lab(tmp_path)
     c = ["--config", str(config)]
-    _one_line_error(cli("override", "add", str(run.parent / "Run_nope"), "--rule", RULE, "--reason", "r", *c), "no such run")
+    _one_line_error(
+        cli("override", "add", str(run.parent / "Run_nope"), "--rule", RULE, "--reason", "r", *c), "no such run"
+    )
     _one_line_error(cli("override", "list", str(run.parent / "Run_nope"), *c), "no such run")
 
 
@@ -131,8 +154,9 @@ async def test_held_job_syncs_on_the_next_pass_after_an_override(tmp_path: Path)
     await client.init()
     try:
         await wait_until(lambda: any(e.kind == "gate_hold" for e in lab.job(run).events), what="the gate's hold")
-        added = await asyncio.to_thread(cli, "override", "add", str(run), "--rule", RULE, "--reason", "vendor name",
-                                        "--config", str(config_file))  # fmt: skip
+        added = await asyncio.to_thread(
+            cli, "override", "add", str(run), "--rule", RULE, "--reason", "vendor name", "--config", str(config_file)
+        )
         assert added.returncode == 0, added.stderr
         await wait_until(lambda: lab.job(run).state == SyncJobState.VERIFIED, timeout=30, what="the sync")
         assert (lab.nas_copy(run) / "aux.csv").read_text() == "appeared after the enqueue"
@@ -151,8 +175,9 @@ async def test_watcher_gates_a_blocked_run_again_after_an_override(tmp_path: Pat
     try:
         first = await watcher.scan_once()
         assert first.blocked == [str(run)], first
-        added = await asyncio.to_thread(cli, "override", "add", str(run), "--rule", RULE, "--reason", "vendor name",
-                                        "--config", str(config_file))  # fmt: skip
+        added = await asyncio.to_thread(
+            cli, "override", "add", str(run), "--rule", RULE, "--reason", "vendor name", "--config", str(config_file)
+        )
         assert added.returncode == 0, added.stderr
         second = await watcher.scan_once()
         assert second.enqueued == [str(run)], second

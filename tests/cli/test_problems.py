@@ -58,14 +58,29 @@ def test_json_output(tmp_path: Path) -> None:
         ("hard", "unresolved_placeholder_token", "b.txt"),
         ("hard", "reserved_filesystem_name", "con.txt"),
     ]
-    assert set(data[0]) == {"rule", "tier", "run_path", "offending_path", "offending_kind", "matched_token",
-                            "rule_detail", "synced_under_prior_policy", "override_active"}
+    assert set(data[0]) == {
+        "rule",
+        "tier",
+        "run_path",
+        "offending_path",
+        "offending_kind",
+        "matched_token",
+        "rule_detail",
+        "synced_under_prior_policy",
+        "override_active",
+    }
 
 
 def test_overridden_hard_finding_is_not_a_problem(tmp_path: Path) -> None:
-    override = {"id": "b5b0d3c2-6a1e-4f7a-8d3b-2c9e1f0a4b7d", "problem_class": "reserved_filesystem_name",
-                "operator": "asmith", "recorded_at": "2026-01-10T09:00:00Z", "expires_at": None,
-                "reason": "vendor", "revoked": False}
+    override = {
+        "id": "b5b0d3c2-6a1e-4f7a-8d3b-2c9e1f0a4b7d",
+        "problem_class": "reserved_filesystem_name",
+        "operator": "asmith",
+        "recorded_at": "2026-01-10T09:00:00Z",
+        "expires_at": None,
+        "reason": "vendor",
+        "revoked": False,
+    }
     config, run = make_lab(tmp_path, {"aux.csv": ""}, overrides=[override])
     result = invoke("--config", str(config), "--json")
     assert result.exit_code == 0, result.output

@@ -99,18 +99,31 @@ async def test_audit_loop_adds_a_pass_with_its_time_every_interval(lab: Lab) -> 
 
 async def test_audit_loop_never_audits_while_a_bandwidth_window_limits_the_equipment(lab: Lab) -> None:
     every_day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-    cfg = parse_config({
-        "equipment": [
-            {"id": EQ, "local_root": str(lab.local_root),
-             "transport": {"type": "mount", "mount_path": str(lab.nas / EQ)}},
-            {"id": "FACS_02", "local_root": str(lab.local_root),
-             "transport": {"type": "mount", "mount_path": str(lab.nas / "FACS_02"),
-                           "bandwidth": {"upload_mbps": 500,
-                                         "schedule": [{"days": every_day, "from": "00:00", "to": "00:00"}]}}},
-        ],
-        "sync": {"backoff_s": [0.01], "scan_interval_s": 0.05, "audit_interval_s": 6 * 3600},
-        "state_dir": str(lab.state),
-    })
+    cfg = parse_config(
+        {
+            "equipment": [
+                {
+                    "id": EQ,
+                    "local_root": str(lab.local_root),
+                    "transport": {"type": "mount", "mount_path": str(lab.nas / EQ)},
+                },
+                {
+                    "id": "FACS_02",
+                    "local_root": str(lab.local_root),
+                    "transport": {
+                        "type": "mount",
+                        "mount_path": str(lab.nas / "FACS_02"),
+                        "bandwidth": {
+                            "upload_mbps": 500,
+                            "schedule": [{"days": every_day, "from": "00:00", "to": "00:00"}],
+                        },
+                    },
+                },
+            ],
+            "sync": {"backoff_s": [0.01], "scan_interval_s": 0.05, "audit_interval_s": 6 * 3600},
+            "state_dir": str(lab.state),
+        }
+    )
     clock = Clock()
     free = lab.make_run("Run_free", files=FILES)
     limited = lab.make_run("Run_limited", files=FILES, equipment="FACS_02")
@@ -193,7 +206,8 @@ async def test_audit_mismatch_with_local_damage_too_fails_and_sends_nothing(lab:
         assert "audit mismatch: 1 different" in job.last_error and "sub/stack.raw" in job.last_error
         assert tree(nas) == nas_before  # the damaged local bytes were never sent
         assert {k: v for k, v in tree(run).items() if not k.startswith(".exlab-wizard")} == {
-            k: v for k, v in local_before.items() if not k.startswith(".exlab-wizard")}
+            k: v for k, v in local_before.items() if not k.startswith(".exlab-wizard")
+        }
 
 
 async def test_corrupted_nas_copy_fails_the_audit_cancels_the_deletion_and_is_resynced(lab: Lab) -> None:
@@ -241,6 +255,7 @@ async def test_audit_mismatch_counts_as_the_first_mismatch_of_the_retry_policy(l
             if holder["rot"]:  # the NAS keeps returning a bad copy of notes.txt, whatever is written
                 answer = dataclasses.replace(answer, hashes={**answer.hashes, "notes.txt": "0" * 64})
             return answer
+
         return hashsum
 
     async with running(cfg, clock, hashsum_callable_factory=hashsum_factory) as client:
@@ -274,6 +289,7 @@ async def test_audit_mismatch_is_not_lost_when_the_reaper_promotes_the_job_meanw
                 holder.pop("promote")
                 await client.cleanup_once()  # the reaper promotes the job while the audit reads the NAS
             return answer
+
         return hashsum
 
     async with running(cfg, clock, hashsum_callable_factory=hashsum_factory) as client:
@@ -359,10 +375,14 @@ async def test_cleanup_deletes_the_manifest_files_logs_and_records_it(lab: Lab) 
     assert all(nas[rel] == data for rel, data in FILES.items())
     # The equipment log line a court can read.
     [line] = log_lines(lab, cfg, "cleanup_deleted")
-    stamps = ",".join(t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-                      for t in job.pass_times)
-    for field in (f"files={len(FILES)}", f"bytes={total}", "verify_passes=2", f"pass_times={stamps}",
-                  f"manifest_digest={job.manifest_digest}"):
+    stamps = ",".join(t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z") for t in job.pass_times)
+    for field in (
+        f"files={len(FILES)}",
+        f"bytes={total}",
+        "verify_passes=2",
+        f"pass_times={stamps}",
+        f"manifest_digest={job.manifest_digest}",
+    ):
         assert field in line.split(), (field, line)
     assert str(run) in line
     # creation.json keeps the record.
@@ -386,9 +406,13 @@ async def test_cleanup_deletes_the_manifest_files_logs_and_records_it(lab: Lab) 
 )
 async def test_each_interlock_alone_refuses_through_the_client(lab: Lab, setup: str, reason: str) -> None:
     override = {
-        "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01", "problem_class": "unresolved_placeholder_token",
-        "operator": "asmith", "recorded_at": "2026-01-01T00:00:00Z", "expires_at": None,
-        "reason": "the instrument writes <sample> in its notes", "revoked": False,
+        "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01",
+        "problem_class": "unresolved_placeholder_token",
+        "operator": "asmith",
+        "recorded_at": "2026-01-01T00:00:00Z",
+        "expires_at": None,
+        "reason": "the instrument writes <sample> in its notes",
+        "revoked": False,
     }
     files = dict(FILES)
     files["notes.txt"] = b"sample: <sample>\n"
@@ -406,8 +430,10 @@ async def test_each_interlock_alone_refuses_through_the_client(lab: Lab, setup: 
         if setup == "unmounted":
             (lab.nas / EQ / ".exlab-nas").unlink()
         if setup == "revoked":
+
             def revoke(raw: dict) -> None:
                 raw["validation_overrides"][0]["revoked"] = True
+
             client.cache.update(run, revoke)
         outcomes = acts(await client.cleanup_once())
         assert [(o.action, o.reason) for o in outcomes] == [("waiting", reason)]
@@ -563,8 +589,12 @@ async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_pu
         calls: list[dict[str, Any]] = []
 
         async def push(job_row: Any) -> bool:
-            calls.append({"data_left": [rel for rel in FILES if (run / rel).exists()],
-                          "cache": (run / ".exlab-wizard" / "creation.json").exists()})
+            calls.append(
+                {
+                    "data_left": [rel for rel in FILES if (run / rel).exists()],
+                    "cache": (run / ".exlab-wizard" / "creation.json").exists(),
+                }
+            )
             if len(calls) == 1:
                 return False  # the NAS refuses the first final push
             return await real_push(job_row)
@@ -587,7 +617,8 @@ async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_pu
         (run / ".exlab-wizard" / "checksums.sha256").unlink()
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["deleted"], (
-            outcomes, [e.detail for e in (await client.job(run)).events]
+            outcomes,
+            [e.detail for e in (await client.job(run)).events],
         )
         assert "run folder removed" in outcomes[0].reason
         job = await client.job(run)

@@ -183,6 +183,7 @@ async def test_an_injected_hashsum_saying_all_is_well_never_replaces_the_listing
     def hashsum_factory(equipment: Any) -> Any:
         async def hashsum(run_path: Path) -> dict[str, str]:
             return {rel: hashlib.sha256(data).hexdigest() for rel, data in FILES.items()}
+
         return hashsum
 
     fakes = {"hashsum_callable_factory": hashsum_factory, "remote_stat_callable": lambda job: True}
@@ -203,13 +204,22 @@ async def test_exlab_sync_cleanup_on_a_run_whose_nas_folder_was_deleted_deletes_
     cfg, nas_copy = nas_setup(lab, request, backend)
     eq = cfg.equipment_by_id(EQ)
     config_file = lab.root / "config.yaml"
-    config_file.write_text(json.dumps({
-        "equipment": [{"id": EQ, "local_root": str(lab.local_root),
-                       "transport": json.loads(eq.transport.model_dump_json(exclude_none=True))}],
-        "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
-        "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
-        "state_dir": str(lab.state),
-    }))
+    config_file.write_text(
+        json.dumps(
+            {
+                "equipment": [
+                    {
+                        "id": EQ,
+                        "local_root": str(lab.local_root),
+                        "transport": json.loads(eq.transport.model_dump_json(exclude_none=True)),
+                    }
+                ],
+                "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+                "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
+                "state_dir": str(lab.state),
+            }
+        )
+    )
     run = lab.make_run(files=FILES)
     clock = Clock()
     clock.advance(-30)
@@ -220,8 +230,10 @@ async def test_exlab_sync_cleanup_on_a_run_whose_nas_folder_was_deleted_deletes_
     shutil.rmtree(nas_copy(run))
 
     done = _cli("cleanup", "--config", str(config_file))
-    assert "requeued" in _row(done.stdout, run.relative_to(lab.local_root)) and "NAS copy incomplete: missing on the NAS" in done.stdout, (
-        done.stdout + done.stderr)
+    assert (
+        "requeued" in _row(done.stdout, run.relative_to(lab.local_root))
+        and "NAS copy incomplete: missing on the NAS" in done.stdout
+    ), done.stdout + done.stderr
     assert "freed 0 B" in done.stdout
     assert done.returncode == 1, "a NAS copy found incomplete is a problem found: exit 1"
     assert data_intact(run)

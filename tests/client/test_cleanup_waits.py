@@ -53,8 +53,9 @@ async def test_retain_cache_false_finishes_when_the_remote_manifest_lists_data_f
     holder: dict[str, Any] = {"mode": "data_only"}
     run = site.make_run(files=FILES)
     nas = site.nas_copy(run)
-    client = make_client(site.config(cleanup=cleanup(retain_cache=False)),
-                         hashsum_callable_factory=manifest_factory(holder))  # fmt: skip
+    client = make_client(
+        site.config(cleanup=cleanup(retain_cache=False)), hashsum_callable_factory=manifest_factory(holder)
+    )
     holder["client"] = client
     await client.init()
     try:
@@ -80,8 +81,9 @@ async def test_retain_cache_false_finishes_when_the_remote_manifest_lists_data_f
 async def test_a_final_push_the_nas_contradicts_waits_once_with_the_file_named(site: Site) -> None:
     holder: dict[str, Any] = {"mode": "stale_creation"}
     run = site.make_run(files=FILES)
-    client = make_client(site.config(cleanup=cleanup(retain_cache=False)),
-                         hashsum_callable_factory=manifest_factory(holder))  # fmt: skip
+    client = make_client(
+        site.config(cleanup=cleanup(retain_cache=False)), hashsum_callable_factory=manifest_factory(holder)
+    )
     holder["client"] = client
     await client.init()
     try:
@@ -92,8 +94,9 @@ async def test_a_final_push_the_nas_contradicts_waits_once_with_the_file_named(s
         assert job.state.value == "cleanup_eligible"
         assert [o.action for o in outcomes] == ["waiting"]
         refusals = [e.detail for e in job.events if e.kind == "cleanup_refused"]
-        assert refusals == ["waiting: final metadata push not verified: missing or different on the NAS: "
-                            ".exlab-wizard/creation.json"]  # fmt: skip
+        assert refusals == [
+            "waiting: final metadata push not verified: missing or different on the NAS: .exlab-wizard/creation.json"
+        ]
         assert len(site.log_lines("cleanup_waiting")) == 1
         assert (run / METADATA_DIR / "creation.json").is_file()  # the local evidence stays
         holder["mode"] = "honest"

@@ -23,15 +23,22 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_cleanup_dry_run_lists_what_would_be_freed_and_why_others_wait_then_cleans(lab: Lab) -> None:
     config_file = lab.root / "config.yaml"
-    config_file.write_text(json.dumps({
-        "equipment": [{
-            "id": "CONFOCAL_01", "local_root": str(lab.local_root),
-            "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")},
-        }],
-        "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
-        "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
-        "state_dir": str(lab.state),
-    }))
+    config_file.write_text(
+        json.dumps(
+            {
+                "equipment": [
+                    {
+                        "id": "CONFOCAL_01",
+                        "local_root": str(lab.local_root),
+                        "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")},
+                    }
+                ],
+                "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+                "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
+                "state_dir": str(lab.state),
+            }
+        )
+    )
     cfg = load_config(config_file)
     old = lab.make_run("Run_old", files=FILES)
     young = lab.make_run("Run_young", files=FILES)
@@ -76,13 +83,20 @@ async def test_cleanup_dry_run_lists_what_would_be_freed_and_why_others_wait_the
 
 def test_cleanup_without_verified_jobs_is_a_quiet_no_op(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(json.dumps({
-        "equipment": [{
-            "id": "CONFOCAL_01", "local_root": str(tmp_path / "lab"),
-            "transport": {"type": "mount", "mount_path": str(tmp_path / "nas")},
-        }],
-        "state_dir": str(tmp_path / "state"),
-    }))
+    config_file.write_text(
+        json.dumps(
+            {
+                "equipment": [
+                    {
+                        "id": "CONFOCAL_01",
+                        "local_root": str(tmp_path / "lab"),
+                        "transport": {"type": "mount", "mount_path": str(tmp_path / "nas")},
+                    }
+                ],
+                "state_dir": str(tmp_path / "state"),
+            }
+        )
+    )
     done = _cli("cleanup", "--config", str(config_file))
     assert done.returncode == 0 and "nothing to clean: no verified jobs" in done.stdout, done.stdout + done.stderr
     assert "Traceback" not in done.stderr

@@ -20,21 +20,34 @@ from tests.lab import Lab, running, synced
 HOSTILE = os.fsdecode(b"\x1b]0;pwned\x07\x1b[31mred[bold]markup[/bold]\xff.bin")
 ESCAPED = "\\x1b]0;pwned\\x07\\x1b[31mred[bold]markup[/bold]\\xff.bin"
 OVERRIDE = {
-    "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01", "problem_class": "illegal_filesystem_character",
-    "operator": "asmith", "recorded_at": "2026-01-01T00:00:00Z", "expires_at": None,
-    "reason": "the instrument writes these names", "revoked": False,
+    "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01",
+    "problem_class": "illegal_filesystem_character",
+    "operator": "asmith",
+    "recorded_at": "2026-01-01T00:00:00Z",
+    "expires_at": None,
+    "reason": "the instrument writes these names",
+    "revoked": False,
 }
 
 
 async def test_cleanup_table_escapes_names_from_the_manifest(lab: Lab) -> None:
     config_file = lab.root / "config.yaml"
-    config_file.write_text(json.dumps({
-        "equipment": [{"id": "CONFOCAL_01", "local_root": str(lab.local_root),
-                       "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")}}],
-        "sync": {"backoff_s": [0.01], "scan_interval_s": 3600},
-        "nas_cleanup": {"enabled": True, "min_verify_passes": 1, "min_age_hours": 0},
-        "state_dir": str(lab.state),
-    }))
+    config_file.write_text(
+        json.dumps(
+            {
+                "equipment": [
+                    {
+                        "id": "CONFOCAL_01",
+                        "local_root": str(lab.local_root),
+                        "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")},
+                    }
+                ],
+                "sync": {"backoff_s": [0.01], "scan_interval_s": 3600},
+                "nas_cleanup": {"enabled": True, "min_verify_passes": 1, "min_age_hours": 0},
+                "state_dir": str(lab.state),
+            }
+        )
+    )
     run = lab.make_run("Run_x", files={HOSTILE: b"a" * 100, "ok.bin": b"b" * 100}, overrides=[OVERRIDE])
     async with running(load_config(config_file), Clock()) as client:
         await synced(client, run)
@@ -42,8 +55,9 @@ async def test_cleanup_table_escapes_names_from_the_manifest(lab: Lab) -> None:
 
     env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1"}
     for args in (("--dry-run",), ()):
-        result = subprocess.run([EXE, "cleanup", *args, "--config", str(config_file)],
-                                capture_output=True, env=env, timeout=120)
+        result = subprocess.run(
+            [EXE, "cleanup", *args, "--config", str(config_file)], capture_output=True, env=env, timeout=120
+        )
         out = result.stdout + result.stderr
         assert b"Traceback" not in out
         assert not any(byte in out for byte in (b"\x1b", b"\x07", b"\xff")), out

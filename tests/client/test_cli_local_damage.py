@@ -20,8 +20,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _data(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and ".exlab-wizard" not in p.relative_to(root).parts}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".exlab-wizard" not in p.relative_to(root).parts
+    }
 
 
 def _job_id(config: str, run: Path) -> str:
@@ -31,13 +34,22 @@ def _job_id(config: str, run: Path) -> str:
 
 def test_retry_refused_then_restore_then_accept_local(lab: Lab) -> None:
     config_file = lab.root / "config.yaml"
-    config_file.write_text(json.dumps({
-        "equipment": [{"id": "CONFOCAL_01", "local_root": str(lab.local_root),
-                       "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")}}],
-        "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
-        "nas_cleanup": {"enabled": True, "min_verify_passes": 1, "min_age_hours": 0, "retain_cache": True},
-        "state_dir": str(lab.state),
-    }))  # fmt: skip
+    config_file.write_text(
+        json.dumps(
+            {
+                "equipment": [
+                    {
+                        "id": "CONFOCAL_01",
+                        "local_root": str(lab.local_root),
+                        "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")},
+                    }
+                ],
+                "sync": {"backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+                "nas_cleanup": {"enabled": True, "min_verify_passes": 1, "min_age_hours": 0, "retain_cache": True},
+                "state_dir": str(lab.state),
+            }
+        )
+    )
     config = str(config_file)
     run = lab.make_run(files=FILES)
     nas = lab.nas_copy(run)

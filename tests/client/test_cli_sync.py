@@ -79,8 +79,11 @@ def test_enqueue_wait_blocked_and_retry(demo: Path, tmp_path: Path) -> None:
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("equipment:\n  - id: lower\n    local_root: /x\n    transport: {type: mount, mount_path: /y}\n")
-    for args in (["jobs", "--config", str(bad)], ["status", "--config", str(tmp_path / "missing.yaml")],
-                 ["enqueue", str(tmp_path / "nope"), "--config", str(bad)]):
+    for args in (
+        ["jobs", "--config", str(bad)],
+        ["status", "--config", str(tmp_path / "missing.yaml")],
+        ["enqueue", str(tmp_path / "nope"), "--config", str(bad)],
+    ):
         out = _cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

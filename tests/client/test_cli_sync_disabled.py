@@ -17,12 +17,26 @@ def _cli(*args: str):
 
 def _config(lab: Lab, enabled: bool) -> str:
     path = lab.root / f"config-{enabled}.yaml"
-    path.write_text(json.dumps({
-        "equipment": [{"id": "CONFOCAL_01", "local_root": str(lab.local_root),
-                       "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")}}],
-        "sync": {"enabled": enabled, "backoff_s": [0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
-        "state_dir": str(lab.state),
-    }))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "equipment": [
+                    {
+                        "id": "CONFOCAL_01",
+                        "local_root": str(lab.local_root),
+                        "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01")},
+                    }
+                ],
+                "sync": {
+                    "enabled": enabled,
+                    "backoff_s": [0.01],
+                    "scan_interval_s": 3600,
+                    "audit_interval_s": 6 * 3600,
+                },
+                "state_dir": str(lab.state),
+            }
+        )
+    )
     return str(path)
 
 

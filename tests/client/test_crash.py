@@ -48,7 +48,9 @@ async def test_sigkill_mid_transfer_then_a_new_client_finishes(lab: Lab) -> None
     config_file.write_text(json.dumps(throttled))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(config_file), str(run)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
     )
     nas_run = lab.nas_copy(run)
     try:

@@ -18,15 +18,19 @@ HOSTILE = {
     "empty.bin": b"",
     "big/multi.bin": os.urandom(5 * 1024 * 1024 + 17),
     "with space.txt": b"space",
-    "quote's \"double\".txt": b"quotes",
+    'quote\'s "double".txt': b"quotes",
     "$(touch PWNED).txt": b"subshell",
     "-leading-dash.txt": b"dash",
     "unicodé/Ünïcødé 数据.csv": b"a,b\n1,2\n",
 }
 OVERRIDE = {
-    "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01", "problem_class": "illegal_filesystem_character",
-    "operator": "asmith", "recorded_at": "2026-01-01T00:00:00Z", "expires_at": None,
-    "reason": "instrument writes these names", "revoked": False,
+    "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a01",
+    "problem_class": "illegal_filesystem_character",
+    "operator": "asmith",
+    "recorded_at": "2026-01-01T00:00:00Z",
+    "expires_at": None,
+    "reason": "instrument writes these names",
+    "revoked": False,
 }
 
 
@@ -110,7 +114,11 @@ async def test_one_job_per_run_for_life_and_orphan_gets_minimal_creation(lab: La
         assert len(rows) == 1
         job = await client.job(run)
         assert [e.to_state for e in job.events if e.kind == "transition"][:4] == [
-            "queued", "running", "awaiting_verify", "verified"]
+            "queued",
+            "running",
+            "awaiting_verify",
+            "verified",
+        ]
     finally:
         await client.close()
 
@@ -127,6 +135,7 @@ async def test_queued_job_whose_run_became_blocked_waits(lab: Lab) -> None:
     await worker.init()
     try:
         import asyncio
+
         for _ in range(100):
             job = await worker.job(run)
             if any(e.kind == "gate_hold" for e in job.events):
@@ -173,6 +182,7 @@ async def test_unmounted_share_is_never_treated_as_empty(lab: Lab) -> None:
         await client.enqueue(run)
         await client.wait_idle(timeout=30)
         import asyncio
+
         for _ in range(200):
             if await client.status(run) == "failed":
                 break

@@ -49,8 +49,12 @@ async def test_a_creation_lock_held_too_long_ends_in_the_retry_policy(site: Site
     run = site.make_run()
 
     def client() -> NASSyncClient:
-        return NASSyncClient(config=config, queue_db=config.queue_db, validator=Validator(config.validator),
-                             cache_creation=CreationWriter(lock_timeout_seconds=0.2))  # fmt: skip
+        return NASSyncClient(
+            config=config,
+            queue_db=config.queue_db,
+            validator=Validator(config.validator),
+            cache_creation=CreationWriter(lock_timeout_seconds=0.2),
+        )
 
     queuer = client()
     await queuer.init(run_workers=False)
@@ -59,8 +63,12 @@ async def test_a_creation_lock_held_too_long_ends_in_the_retry_policy(site: Site
     finally:
         await queuer.close()
     # Another tool takes the run's creation.json lock and keeps it longer than the writer waits.
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(creation_lock_path(run))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(creation_lock_path(run))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         worker = client()
@@ -111,4 +119,3 @@ def test_enqueue_wait_gives_up_at_its_deadline_and_says_what_it_waits_for(site: 
     assert f"gave up waiting after 2 s for job {job.id}: queued" in " ".join(out.stdout.split())
     assert "Traceback" not in out.stderr
     assert (site.state / "exlab-sync.log").is_file()
-

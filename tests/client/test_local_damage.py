@@ -54,12 +54,14 @@ class Nas:
 
     def config(self, **cleanup: Any) -> Config:
         opts = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True, **cleanup}
-        return parse_config({
-            "equipment": [{"id": EQ, "local_root": str(self.lab.local_root), "transport": self.transport}],
-            "sync": {"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
-            "nas_cleanup": opts,
-            "state_dir": str(self.lab.state),
-        })  # fmt: skip
+        return parse_config(
+            {
+                "equipment": [{"id": EQ, "local_root": str(self.lab.local_root), "transport": self.transport}],
+                "sync": {"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+                "nas_cleanup": opts,
+                "state_dir": str(self.lab.state),
+            }
+        )
 
     def copy(self, run: Path) -> Path:
         return self.root / run.relative_to(self.lab.local_root / EQ)
@@ -72,9 +74,13 @@ def nas(request: pytest.FixtureRequest, lab: Lab) -> Nas:
     sshd = request.getfixturevalue("sshd")
     remote_dir = request.getfixturevalue("remote_dir")
     transport = {
-        "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_key_path": str(sshd.env.client_key),
-        "ssh_port": sshd.port, "remote_path": str(remote_dir), "ssh_known_hosts": str(sshd.known_hosts),
-    }  # fmt: skip
+        "type": "rsync_ssh",
+        "ssh_target": f"{RW_USER}@127.0.0.1",
+        "ssh_key_path": str(sshd.env.client_key),
+        "ssh_port": sshd.port,
+        "remote_path": str(remote_dir),
+        "ssh_known_hosts": str(sshd.known_hosts),
+    }
     return Nas("rsync_ssh", lab, transport, remote_dir)
 
 

@@ -65,8 +65,15 @@ class _WholeRunOnly(Transport):
         super().__init__(equipment)
         self.pushes: list[dict[str, Any]] = []
 
-    async def push(self, run_path: Path, *, bwlimit_kibps: int | None, rewrite: frozenset[str] = frozenset(),
-                   progress: Any = None, cleaned: frozenset[str] = frozenset()) -> TransportResult:  # fmt: skip
+    async def push(
+        self,
+        run_path: Path,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str] = frozenset(),
+        progress: Any = None,
+        cleaned: frozenset[str] = frozenset(),
+    ) -> TransportResult:
         self.pushes.append({"run": Path(run_path), "cleaned": cleaned})
         return TransportResult(ok=True)
 

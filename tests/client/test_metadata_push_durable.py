@@ -60,11 +60,17 @@ def test_a_metadata_push_killed_mid_way_blocks_cleanup_and_is_sent_by_the_next_c
     big = BIG[: 4 * 1024 * 1024]
     run = site.make_run(files={"image.tif": b"\x02" * 5000}, meta={"acquisition.log": big})
     # ~1 s per push of the big file: the kill lands inside the metadata push.
-    slow = site.write_config(bandwidth={"upload_mbps": 32}, cleanup={"enabled": True, "min_verify_passes": 1,
-                                                                    "min_age_hours": 0, "retain_cache": True})
+    slow = site.write_config(
+        bandwidth={"upload_mbps": 32},
+        cleanup={"enabled": True, "min_verify_passes": 1, "min_age_hours": 0, "retain_cache": True},
+    )
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    proc = subprocess.Popen([EXE, "enqueue", "--wait", str(run), "--config", str(slow)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [EXE, "enqueue", "--wait", str(run), "--config", str(slow)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for_line(site, "push_start", "scope=.exlab-wizard", proc)
         time.sleep(0.3)

@@ -52,6 +52,7 @@ class Script:
                     return TransportResult(ok=True)
                 raise failure
             return TransportResult(ok=True)
+
         return push
 
     def hashsum_factory(self, equipment: Any):
@@ -65,13 +66,16 @@ class Script:
                     return failure(run_path)
                 raise failure
             return dict(self.remote)
+
         return hashsum
 
 
 async def _run(lab: Lab, script: Script, run: Path, **sync: Any):
     client = make_client(
-        lab.config(**sync), push_callable_factory=script.push_factory,
-        hashsum_callable_factory=script.hashsum_factory, remote_stat_callable=lambda job: True,
+        lab.config(**sync),
+        push_callable_factory=script.push_factory,
+        hashsum_callable_factory=script.hashsum_factory,
+        remote_stat_callable=lambda job: True,
     )
     await client.init()
     try:
@@ -185,6 +189,7 @@ async def test_one_corrupted_nas_byte_between_transfer_and_verify_is_caught(lab:
                 os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and mtime unchanged
                 corruptions.append(target)
             return await transport.remote_manifest(run_path)
+
         return hashsum
 
     # the real push (so the re-transfer's rewrite is the real one); corruption before the readback
@@ -221,11 +226,14 @@ async def test_local_file_gone_after_the_transfer_fails_even_with_the_remote_dow
             await asyncio.sleep(0.3)  # the local hashing, overlapped with the push, is done
             (run_path / "sub" / "b.dat").unlink()
             return result
+
         return push
 
     client = make_client(
-        lab.config(backoff_s=[0.01, 0.01]), push_callable_factory=push_factory,
-        hashsum_callable_factory=script.hashsum_factory, remote_stat_callable=lambda job: True,
+        lab.config(backoff_s=[0.01, 0.01]),
+        push_callable_factory=push_factory,
+        hashsum_callable_factory=script.hashsum_factory,
+        remote_stat_callable=lambda job: True,
     )
     await client.init()
     try:

@@ -25,8 +25,19 @@ VALID = Path(__file__).parent / "valid"
 DESIGN_MD = Path(__file__).resolve().parents[3] / "shared" / "DESIGN.md"
 
 DESIGN_EXTENSIONS = (
-    ".txt", ".md", ".csv", ".tsv", ".json", ".yaml", ".yml",
-    ".toml", ".ini", ".cfg", ".conf", ".sh", ".py",
+    ".txt",
+    ".md",
+    ".csv",
+    ".tsv",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".ini",
+    ".cfg",
+    ".conf",
+    ".sh",
+    ".py",
 )
 
 
@@ -169,12 +180,15 @@ def test_every_default_is_the_design_default(home: Path):
 
 
 def test_rsync_ssh_defaults(tmp_path: Path):
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         equipment:
           - id: A
             local_root: /data
             transport: {type: rsync_ssh, ssh_target: u@h, ssh_key_path: /k, remote_path: /srv/x/}
-        """)
+        """,
+    )
     tr = load_config(path).equipment[0].transport
     assert isinstance(tr, RsyncSshTransportConfig)
     assert tr.ssh_port == 22
@@ -211,13 +225,16 @@ def test_tilde_expanded_in_every_path(home: Path):
 
 
 def test_paths_need_not_exist(tmp_path: Path):
-    path = write(tmp_path, f"""\
+    path = write(
+        tmp_path,
+        f"""\
         equipment:
           - id: A
             local_root: {tmp_path}/nope/never
             transport: {{type: mount, mount_path: {tmp_path}/also/missing}}
         state_dir: {tmp_path}/state/missing
-        """)
+        """,
+    )
     config = load_config(path)
     assert not config.equipment[0].local_root.exists()
     assert not config.state_dir.exists()  # loading creates nothing
@@ -287,7 +304,9 @@ def test_sexagesimal_integer_is_a_time_of_day():
 
 @pytest.mark.parametrize("text", ["8:00", '"8:00"', "08:00", '"08:00"'])
 def test_quoted_and_unquoted_times_agree(tmp_path: Path, text: str):
-    path = write(tmp_path, f"""\
+    path = write(
+        tmp_path,
+        f"""\
         equipment:
           - id: A
             local_root: /data
@@ -297,7 +316,8 @@ def test_quoted_and_unquoted_times_agree(tmp_path: Path, text: str):
               bandwidth:
                 upload_mbps: 5
                 schedule: [{{days: [mon], from: {text}, to: "18:00"}}]
-        """)
+        """,
+    )
     window = load_config(path).equipment[0].transport.bandwidth.schedule[0]
     assert window.start == dt.time(8, 0)
 
@@ -330,7 +350,9 @@ def test_config_error_is_a_value_error():
 
 
 def test_multiple_problems_are_all_reported_in_one_error(tmp_path: Path):
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         equipment:
           - id: confocal
             local_root: ''
@@ -342,7 +364,8 @@ def test_multiple_problems_are_all_reported_in_one_error(tmp_path: Path):
         sync: {max_parallel_jobs: two, backoff_s: [1, -1], audit_interval_s: 0}
         validator: {content_scan_max_mib: -1}
         surprise: 1
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     keys = {problem.split(": ", 1)[0] for problem in caught.value.problems}
@@ -367,7 +390,9 @@ def test_multiple_problems_are_all_reported_in_one_error(tmp_path: Path):
 
 def test_one_bad_day_is_one_problem(tmp_path: Path):
     """A bad day name is reported once, not also as an 'empty days' list."""
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         equipment:
           - id: A
             local_root: /data
@@ -375,7 +400,8 @@ def test_one_bad_day_is_one_problem(tmp_path: Path):
               type: mount
               mount_path: /m
               bandwidth: {schedule: [{days: [monday], from: "08:00", to: "18:00"}]}
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert len(caught.value.problems) == 1, caught.value.problems
@@ -387,7 +413,10 @@ def test_one_bad_day_is_one_problem(tmp_path: Path):
 
 @pytest.fixture
 def two_instruments(tmp_path: Path) -> Config:
-    return load_config(write(tmp_path, f"""\
+    return load_config(
+        write(
+            tmp_path,
+            f"""\
         equipment:
           - id: SCOPE
             local_root: {tmp_path}/lab
@@ -398,7 +427,9 @@ def two_instruments(tmp_path: Path) -> Config:
           - id: READER
             local_root: {tmp_path}/other
             transport: {{type: mount, mount_path: /m3}}
-        """))
+        """,
+        )
+    )
 
 
 def test_equipment_root_is_local_root_joined_with_id(two_instruments: Config, tmp_path: Path):
@@ -472,11 +503,14 @@ def test_a_config_path_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path
     ],
 )
 def test_unknown_or_missing_transport_type_names_the_type_key(tmp_path: Path, transport: str, expected: str):
-    path = write(tmp_path, f"""\
+    path = write(
+        tmp_path,
+        f"""\
         equipment:
           - {{id: A, local_root: /data, transport: {{type: mount, mount_path: /m}}}}
           - {{id: B, local_root: /data, transport: {transport}}}
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems[0].startswith(expected)

@@ -59,13 +59,20 @@ def test_out_of_range_numbers_are_refused_naming_the_key(data: dict[str, Any], k
 
 
 def test_the_largest_accepted_values_work_where_they_are_used() -> None:
-    loaded = parse_config(config(
-        bw={"upload_mbps": MAX_UPLOAD_MBPS},
-        sync={"backoff_s": [YEAR_S], "scan_interval_s": YEAR_S, "audit_interval_s": YEAR_S,
-              "max_parallel_jobs": MAX_PARALLEL_JOBS, "verify_max_stream_bytes": MAX_VERIFY_STREAM_BYTES},
-        nas_cleanup={"min_age_hours": YEAR_S / 3600, "min_verify_passes": MAX_VERIFY_PASSES},
-        validator={"content_scan_max_mib": MAX_CONTENT_SCAN_MIB},
-    ))
+    loaded = parse_config(
+        config(
+            bw={"upload_mbps": MAX_UPLOAD_MBPS},
+            sync={
+                "backoff_s": [YEAR_S],
+                "scan_interval_s": YEAR_S,
+                "audit_interval_s": YEAR_S,
+                "max_parallel_jobs": MAX_PARALLEL_JOBS,
+                "verify_max_stream_bytes": MAX_VERIFY_STREAM_BYTES,
+            },
+            nas_cleanup={"min_age_hours": YEAR_S / 3600, "min_verify_passes": MAX_VERIFY_PASSES},
+            validator={"content_scan_max_mib": MAX_CONTENT_SCAN_MIB},
+        )
+    )
     now = dt.datetime.now(dt.UTC)
     # The timers and deadlines the engine computes from them do not overflow.
     assert now + dt.timedelta(seconds=loaded.sync.scan_interval_s) > now

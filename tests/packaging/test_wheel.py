@@ -79,8 +79,13 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Path) 
 
 def test_pipx_installs_the_wheel(wheel: Path, tmp_path: Path) -> None:
     # As the README tells a lab: pipx puts the app in its own venv and the command on PATH.
-    env = {**os.environ, "PIPX_HOME": str(tmp_path / "pipx"), "PIPX_BIN_DIR": str(tmp_path / "bin"),
-           "PIPX_MAN_DIR": str(tmp_path / "man"), "HOME": str(tmp_path)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PIPX_HOME": str(tmp_path / "pipx"),
+        "PIPX_BIN_DIR": str(tmp_path / "bin"),
+        "PIPX_MAN_DIR": str(tmp_path / "man"),
+        "HOME": str(tmp_path),
+    }
     env.pop("PYTHONPATH", None)
     _run(sys.executable, "-m", "pipx", "install", wheel, env=env, timeout=600)
     cfg = (tmp_path / "pipx" / "venvs" / "exlab-wizard" / "pyvenv.cfg").read_text()

@@ -241,8 +241,11 @@ class ThreeRules(RuleBasedStateMachine):
                         + "; ".join(f"{Path(j.run_path).name} {j.state.value}" for j in rows)
                     ) from None
                 queued = await client.jobs(state=S.QUEUED)
-                if not [j for j in queued if j.next_attempt_at is not None
-                        and (j.next_attempt_at - self.clock()).total_seconds() < 2]:
+                if not [
+                    j
+                    for j in queued
+                    if j.next_attempt_at is not None and (j.next_attempt_at - self.clock()).total_seconds() < 2
+                ]:
                     return
                 await asyncio.sleep(0.02)
 
@@ -301,10 +304,18 @@ class ThreeRules(RuleBasedStateMachine):
         rel = f"PROJ-1/Runs/Run_2026-01-0{len(self.runs) + 1}"
         run = self.local_root / EQ / rel
         (run / META).mkdir(parents=True)
-        (run / META / "creation.json").write_text(json.dumps({
-            "schema_version": "1.0", "level": "run", "run_kind": "experimental",
-            "paths": {"local": str(run), "nas": None}, "sync_status": "pending", "validation_overrides": [],
-        }))
+        (run / META / "creation.json").write_text(
+            json.dumps(
+                {
+                    "schema_version": "1.0",
+                    "level": "run",
+                    "run_kind": "experimental",
+                    "paths": {"local": str(run), "nas": None},
+                    "sync_status": "pending",
+                    "validation_overrides": [],
+                }
+            )
+        )
         for name, data in files.items():
             (run / name).parent.mkdir(parents=True, exist_ok=True)
             (run / name).write_bytes(data)
@@ -355,12 +366,19 @@ class ThreeRules(RuleBasedStateMachine):
 
     def _nas_damageable(self) -> list[tuple[RunModel, str]]:
         """NAS files the test may damage: their intended bytes are intact locally."""
-        return [(m, rel) for m in self.runs for rel in sorted(m.truth)
-                if self._nas(m, rel) is not None and self._local(m, rel) == m.truth[rel]]
+        return [
+            (m, rel)
+            for m in self.runs
+            for rel in sorted(m.truth)
+            if self._nas(m, rel) is not None and self._local(m, rel) == m.truth[rel]
+        ]
 
     def _nas_run_deletable(self) -> list[RunModel]:
-        return [m for m in self.runs if self._nas_dir(m).exists()
-                and all(self._local(m, rel) == data for rel, data in m.truth.items())]
+        return [
+            m
+            for m in self.runs
+            if self._nas_dir(m).exists() and all(self._local(m, rel) == data for rel, data in m.truth.items())
+        ]
 
     def _local_damageable(self) -> list[tuple[RunModel, str]]:
         """Local files the test may damage: intact, the NAS holds them under a verified manifest, not edited since.
@@ -373,8 +391,13 @@ class ThreeRules(RuleBasedStateMachine):
         out = []
         for m in self.runs:
             manifests = self._manifests(m, jobs.get(str(m.path)))
-            out += [(m, rel) for rel in sorted(m.truth) if rel not in m.touched
-                    and self._local(m, rel) == m.truth[rel] and self._nas_safe(m, rel, manifests=manifests)]
+            out += [
+                (m, rel)
+                for rel in sorted(m.truth)
+                if rel not in m.touched
+                and self._local(m, rel) == m.truth[rel]
+                and self._nas_safe(m, rel, manifests=manifests)
+            ]
         return out
 
     def _local_present(self) -> list[tuple[RunModel, str]]:
@@ -389,14 +412,20 @@ class ThreeRules(RuleBasedStateMachine):
     @initialize(retain_cache=st.booleans(), files=FILES, pending=st.none() | FILES)
     def first_run_synced(self, retain_cache: bool, files: dict[str, bytes], pending: dict[str, bytes] | None) -> None:
         """One run synced; maybe a second run written but not enqueued yet."""
-        self.config = parse_config({
-            "equipment": [{"id": EQ, "local_root": str(self.local_root), "transport": self.nas.transport()}],
-            # scan and audit intervals of an hour: the reaper and the audit run only as steps
-            "sync": {"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
-            "nas_cleanup": {"enabled": True, "min_verify_passes": 1, "min_age_hours": 0,
-                            "retain_cache": retain_cache},
-            "state_dir": str(self.example / "state"),
-        })
+        self.config = parse_config(
+            {
+                "equipment": [{"id": EQ, "local_root": str(self.local_root), "transport": self.nas.transport()}],
+                # scan and audit intervals of an hour: the reaper and the audit run only as steps
+                "sync": {"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
+                "nas_cleanup": {
+                    "enabled": True,
+                    "min_verify_passes": 1,
+                    "min_age_hours": 0,
+                    "retain_cache": retain_cache,
+                },
+                "state_dir": str(self.example / "state"),
+            }
+        )
         self.client = self._open()
         self._enqueue(self._new_run(files))
         self._settle()
@@ -417,14 +446,18 @@ class ThreeRules(RuleBasedStateMachine):
         """
         model = self._pick_run(data, self.runs)
         before = self._job(model)
-        due = (not self.nas.unplugged and self._intact_locally(model)
-               and (before is None or (before.state == S.FAILED and before.error_kind != "local_damage")))
+        due = (
+            not self.nas.unplugged
+            and self._intact_locally(model)
+            and (before is None or (before.state == S.FAILED and before.error_kind != "local_damage"))
+        )
         self._enqueue(model)
         self._settle()
         if due:
             job = self._job(model)
             assert job is not None and job.state == S.VERIFIED, (
-                f"an intact run with the NAS there did not sync: {job and (job.state.value, job.last_error)}")
+                f"an intact run with the NAS there did not sync: {job and (job.state.value, job.last_error)}"
+            )
             missing = [rel for rel in sorted(model.truth) if not self._nas_safe(model, rel, job)]
             assert not missing, f"VERIFIED, but not on the NAS under the verified manifest: {missing}"
 
@@ -442,16 +475,22 @@ class ThreeRules(RuleBasedStateMachine):
     def cleanup(self) -> None:
         """A reaper pass. A verified run, intact locally and on the NAS, with the NAS there, is cleaned."""
         assert self.client is not None
-        due = [m for m in self.runs if not self.nas.unplugged and self._intact_locally(m)
-               and getattr(self._job(m), "state", None) in (S.VERIFIED, S.CLEANUP_ELIGIBLE)
-               and all(self._nas_safe(m, rel) for rel in m.truth)]
+        due = [
+            m
+            for m in self.runs
+            if not self.nas.unplugged
+            and self._intact_locally(m)
+            and getattr(self._job(m), "state", None) in (S.VERIFIED, S.CLEANUP_ELIGIBLE)
+            and all(self._nas_safe(m, rel) for rel in m.truth)
+        ]
         self._run(self.client.cleanup_once())
         self._settle()
         for model in due:
             job = self._job(model)
             assert job.state == S.CLEANED, (
                 f"{model.path.name}: every interlock held, yet the job is {job.state.value} "
-                f"({[e.detail for e in self._run(self.client.job(model.path)).events][-3:]})")
+                f"({[e.detail for e in self._run(self.client.job(model.path)).events][-3:]})"
+            )
 
     def _intact_locally(self, model: RunModel) -> bool:
         return model.path.is_dir() and all(self._local(model, rel) == data for rel, data in model.truth.items())
@@ -592,8 +631,11 @@ class ThreeRules(RuleBasedStateMachine):
             """``exlab-sync restore RUN``: verified NAS bytes back over damaged local files."""
             assert self.client is not None
             model = self._pick_run(data, [m for m in self.runs if self._job(m) is not None])
-            damaged = [rel for rel in sorted(model.truth)
-                       if self._local(model, rel) not in (None, model.truth[rel]) and self._nas_safe(model, rel)]
+            damaged = [
+                rel
+                for rel in sorted(model.truth)
+                if self._local(model, rel) not in (None, model.truth[rel]) and self._nas_safe(model, rel)
+            ]
             try:
                 self._run(self.client.restore(model.path))
             except Exception as exc:
@@ -620,14 +662,20 @@ class ThreeRules(RuleBasedStateMachine):
                 model.touched.clear()  # the engine has hashed the edited files and recorded their stat
             job = jobs.get(str(model.path))
             manifests = self._manifests(model, job)
-            where = f"{Path(model.rel).name} (job {'none' if job is None else job.state.value}" + (
-                f", {job.error_kind}: {job.last_error}" if job is not None and job.error_kind else "") + ")"
+            where = (
+                f"{Path(model.rel).name} (job {'none' if job is None else job.state.value}"
+                + (f", {job.error_kind}: {job.last_error}" if job is not None and job.error_kind else "")
+                + ")"
+            )
             problems += self._rule_1(model, manifests, where)
             problems += self._rule_2(model, where)
             self._remember_good(model, manifests)
         problems += self._rule_3(newest, promoted)
-        problems += [f"not idle: {Path(j.run_path).name} left {j.state.value}" for j in jobs.values()
-                     if j.state in (S.RUNNING, S.AWAITING_VERIFY)]
+        problems += [
+            f"not idle: {Path(j.run_path).name} left {j.state.value}"
+            for j in jobs.values()
+            if j.state in (S.RUNNING, S.AWAITING_VERIFY)
+        ]
         assert not problems, "\n".join(problems)
 
     def _rule_1(self, model: RunModel, manifests: list[dict[str, str]], where: str) -> list[str]:
@@ -650,7 +698,13 @@ class ThreeRules(RuleBasedStateMachine):
             out.append(
                 f"rule 1: {where} {rel}: the intended bytes exist nowhere: "
                 f"local {'missing' if local is None else 'differs'}, NAS "
-                + ("missing" if nas is None else "differs" if nas != truth else "holds them but no verified manifest lists them")
+                + (
+                    "missing"
+                    if nas is None
+                    else "differs"
+                    if nas != truth
+                    else "holds them but no verified manifest lists them"
+                )
             )
         return out
 
@@ -664,11 +718,15 @@ class ThreeRules(RuleBasedStateMachine):
                 out.append(f"rule 2: {where} {rel}: a verified NAS file vanished (not deleted by the test)")
             elif now != model.truth.get(rel):
                 sent = " (they are the damaged local bytes)" if now == self._local(model, rel) else ""
-                out.append(f"rule 2: {where} {rel}: the verified NAS copy was replaced by bytes that are neither "
-                           f"the verified ones nor the run's intended content{sent}")
+                out.append(
+                    f"rule 2: {where} {rel}: the verified NAS copy was replaced by bytes that are neither "
+                    f"the verified ones nor the run's intended content{sent}"
+                )
             elif rel in model.accepted and not self._kept_previous(model, rel, model.accepted[rel]):
-                out.append(f"rule 2: {where} {rel}: accept-local replaced the verified NAS copy without keeping it "
-                           f"under {META}/previous/<UTC timestamp>/")
+                out.append(
+                    f"rule 2: {where} {rel}: accept-local replaced the verified NAS copy without keeping it "
+                    f"under {META}/previous/<UTC timestamp>/"
+                )
         return out
 
     def _kept_previous(self, model: RunModel, rel: str, old: bytes) -> bool:
@@ -690,8 +748,10 @@ class ThreeRules(RuleBasedStateMachine):
             gone = sorted(self.local_before - local_now)
             if gone:
                 out.append(f"rule 3: local files deleted while the NAS was away: {gone}")
-            out += [f"rule 3: while the NAS was away: {Path(run).name}: {old} -> {new} ({detail})"
-                    for run, old, new, detail in promoted]
+            out += [
+                f"rule 3: while the NAS was away: {Path(run).name}: {old} -> {new} ({detail})"
+                for run, old, new, detail in promoted
+            ]
         stray = self.nas.stray()
         if stray:
             out.append(f"rule 3: written where the NAS should be while it was away: {stray[:8]}")

@@ -93,9 +93,7 @@ class WatchLab:
         files: dict[str, bytes] | None = None,
     ) -> Path:
         run = self.run_dir(name, project)
-        for rel, data in (
-            files if files is not None else {"data.bin": b"x" * 100}
-        ).items():
+        for rel, data in (files if files is not None else {"data.bin": b"x" * 100}).items():
             (run / rel).parent.mkdir(parents=True, exist_ok=True)
             (run / rel).write_bytes(data)
         (run / "acquisition_complete.flag").write_text("")
@@ -199,8 +197,17 @@ class Service:
 async def serving(config: Config, lab: Lab) -> AsyncIterator[Service]:
     stop = asyncio.Event()
     ready: asyncio.Future[ServiceInfo] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_service(config, host="127.0.0.1", port=0, stop=stop, install_signals=False,
-                                           on_ready=ready.set_result, facts_interval_s=0.1))  # fmt: skip
+    task = asyncio.create_task(
+        run_service(
+            config,
+            host="127.0.0.1",
+            port=0,
+            stop=stop,
+            install_signals=False,
+            on_ready=ready.set_result,
+            facts_interval_s=0.1,
+        )
+    )
     done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises the start-up failure

@@ -54,8 +54,9 @@ async def test_bad_bodies_are_422_with_a_readable_message(service: Service) -> N
     assert reply.json()["detail"] == "run_path: Field required"
     extra = await service.post("/api/enqueue", {"run_path": "/x", "force": True})
     assert extra.status_code == 422 and "force" in extra.json()["detail"]
-    garbage = await service.http.post("/api/enqueue", content=b"{not json", headers={**service.auth,
-                                      "content-type": "application/json"})  # fmt: skip
+    garbage = await service.http.post(
+        "/api/enqueue", content=b"{not json", headers={**service.auth, "content-type": "application/json"}
+    )
     assert garbage.status_code == 422 and "JSON" in garbage.json()["detail"]
     retry = await service.http.post("/api/jobs/abc/retry", content=b'{"accept_local": "maybe"}', headers=service.auth)
     assert retry.status_code == 422 and "accept_local" in retry.json()["detail"]
@@ -116,8 +117,12 @@ async def test_enqueue_sync_and_job_detail(service: Service) -> None:
     job_id = (await service.post("/api/enqueue", {"run_path": str(run)})).json()["job_id"]
     row = await service.wait_state(job_id, "verified")
     kinds = [(e["from_state"], e["to_state"]) for e in row["events"] if e["kind"] == "transition"]
-    assert kinds[:4] == [(None, "queued"), ("queued", "running"), ("running", "awaiting_verify"),
-                         ("awaiting_verify", "verified")]  # fmt: skip
+    assert kinds[:4] == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "awaiting_verify"),
+        ("awaiting_verify", "verified"),
+    ]
     assert row["verify_passes"] == 1 and "progress" in row
     again = (await service.post("/api/enqueue", {"run_path": str(run)})).json()
     assert again["job_id"] == job_id  # one job for life
@@ -147,8 +152,21 @@ async def test_jobs_are_paged_and_filtered(service: Service) -> None:
     assert seen == ids
     facs = (await service.http.get("/api/jobs", params={"equipment_id": "FACS_02"})).json()["jobs"]
     assert [j["id"] for j in facs] == ids[0::2]
-    assert set(facs[0]) >= {"id", "run_path", "equipment_id", "remote_path", "state", "attempts", "next_attempt_at",
-                            "error_kind", "last_error", "verify_passes", "verified_at", "created_at", "updated_at"}
+    assert set(facs[0]) >= {
+        "id",
+        "run_path",
+        "equipment_id",
+        "remote_path",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "error_kind",
+        "last_error",
+        "verify_passes",
+        "verified_at",
+        "created_at",
+        "updated_at",
+    }
     assert (await service.http.get("/api/jobs", params={"after": "nope"})).status_code == 422
     assert (await service.http.get("/api/jobs", params={"limit": 0})).status_code == 422
 
@@ -189,8 +207,12 @@ async def test_events_stream_a_run_from_queued_to_verified(service: Service) -> 
     job_id = (await service.post("/api/enqueue", {"run_path": str(run)})).json()["job_id"]
     await asyncio.wait_for(listener, 20)
     moves = [(d["from_state"], d["to_state"]) for e, d in seen if e == "transition" and d["job_id"] == job_id]
-    assert moves == [(None, "queued"), ("queued", "running"), ("running", "awaiting_verify"),
-                     ("awaiting_verify", "verified")]  # fmt: skip
+    assert moves == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "awaiting_verify"),
+        ("awaiting_verify", "verified"),
+    ]
     progress = [d for e, d in seen if e == "progress" and d["job_id"] == job_id]
     assert progress, "no progress event"
     assert all(set(d) >= {"bytes_done", "bytes_total", "rate_bps", "phase"} for d in progress)
@@ -229,4 +251,3 @@ async def test_requests_for_a_foreign_host_name_are_refused(service: Service) ->
     reply = await service.http.get("/api/jobs", headers={"Host": "evil.example:80"})
     assert reply.status_code == 400
     assert (await service.http.get("/api/jobs", headers={"Host": "localhost"})).status_code == 200
-

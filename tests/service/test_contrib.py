@@ -21,7 +21,7 @@ UNIT = CONTRIB / "systemd" / "exlab-sync.service"
 ALERTS = CONTRIB / "prometheus" / "exlab-sync-alerts.yml"
 SCRAPE = CONTRIB / "prometheus" / "exlab-sync.yml"
 _METRIC = re.compile(r"\bexlab_[a-z_]+\b")
-_MATCHER = re.compile(r'\b(exlab_[a-z_]+)\{([^}]*)\}')
+_MATCHER = re.compile(r"\b(exlab_[a-z_]+)\{([^}]*)\}")
 _LABEL = re.compile(r'(\w+)\s*=~?\s*"([^"]*)"')
 
 
@@ -58,8 +58,13 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     text = UNIT.read_text().replace("/opt/exlab-wizard/.venv/bin/exlab-sync", exe)
     assert exe in text
     (tmp_path / UNIT.name).write_text(text)
-    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / UNIT.name)],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / UNIT.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     # An unknown or misspelt key is only a warning (exit 0): refuse any line about our file.
     complaints = [line for line in (done.stdout + done.stderr).splitlines() if UNIT.name in line]
     assert done.returncode == 0 and complaints == [], done.stdout + done.stderr

@@ -31,15 +31,25 @@ def lab_config(lab: Any, **sync: Any) -> Config:
     """The fixture's two mount equipment; CONFOCAL_01 limited to 8 Mbps so a 2 MiB run takes about 2 s."""
     data = {
         "equipment": [
-            {"id": "CONFOCAL_01", "label": "Zeiss LSM 980", "local_root": str(lab.local_root),
-             "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01"),
-                           "bandwidth": {"upload_mbps": 8}}},
-            {"id": "FACS_02", "local_root": str(lab.local_root),
-             "transport": {"type": "mount", "mount_path": str(lab.nas / "FACS_02")}},
+            {
+                "id": "CONFOCAL_01",
+                "label": "Zeiss LSM 980",
+                "local_root": str(lab.local_root),
+                "transport": {
+                    "type": "mount",
+                    "mount_path": str(lab.nas / "CONFOCAL_01"),
+                    "bandwidth": {"upload_mbps": 8},
+                },
+            },
+            {
+                "id": "FACS_02",
+                "local_root": str(lab.local_root),
+                "transport": {"type": "mount", "mount_path": str(lab.nas / "FACS_02")},
+            },
         ],
         "sync": {"backoff_s": [0.01], "scan_interval_s": 0.2, "max_parallel_jobs": 1, **sync},
         "state_dir": str(lab.state),
-    }  # fmt: skip
+    }
     return parse_config(data)
 
 

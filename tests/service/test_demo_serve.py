@@ -16,8 +16,12 @@ EXE = str(Path(sys.executable).with_name("exlab-sync"))
 
 
 def _start(base: Path, port: int) -> subprocess.Popen[str]:
-    return subprocess.Popen([EXE, "demo", "--serve", "--dir", str(base), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [EXE, "demo", "--serve", "--dir", str(base), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _login_url(proc: subprocess.Popen[str], timeout: float = 60) -> str:

@@ -65,8 +65,9 @@ async def test_oldest_queued_job_age(lab) -> None:
     config = lab.config(enabled=False)  # no workers: the jobs stay QUEUED
     queue = JobQueue(config.queue_db)
     queue.get_or_create(str(lab.make_run("Run_old", equipment="FACS_02")), "FACS_02", "/nowhere", now=old)
-    queue.get_or_create(str(lab.make_run("Run_new", equipment="FACS_02")), "FACS_02", "/nowhere",
-                        now=old + dt.timedelta(hours=2))  # fmt: skip
+    queue.get_or_create(
+        str(lab.make_run("Run_new", equipment="FACS_02")), "FACS_02", "/nowhere", now=old + dt.timedelta(hours=2)
+    )
     queue.close()
     async with serving(config, lab) as service:
         samples = await scrape(service)
@@ -85,9 +86,13 @@ def test_a_scrape_reads_jobs_through_a_covering_index(tmp_path) -> None:
         "EXPLAIN QUERY PLAN SELECT equipment_id, state, COUNT(*) FROM jobs GROUP BY equipment_id, state"
     ).fetchall()
     assert "COVERING INDEX" in " ".join(str(row[-1]) for row in plan), plan
-    for sql in ("SELECT MIN(created_at) FROM jobs WHERE equipment_id = 'A' AND state = 'queued'",
-                "SELECT MAX(verified_at) FROM jobs WHERE equipment_id = 'A'"):  # fmt: skip
+    for sql in (
+        "SELECT MIN(created_at) FROM jobs WHERE equipment_id = 'A' AND state = 'queued'",
+        "SELECT MAX(verified_at) FROM jobs WHERE equipment_id = 'A'",
+    ):
         plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall())
         assert plan.startswith("SEARCH") and "INDEX" in plan, (sql, plan)
-    filtered = conn.execute("EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE state = 'failed' ORDER BY rowid LIMIT 51").fetchall()
+    filtered = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE state = 'failed' ORDER BY rowid LIMIT 51"
+    ).fetchall()
     assert "TEMP B-TREE" not in " ".join(str(row[-1]) for row in filtered), filtered

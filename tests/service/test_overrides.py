@@ -25,10 +25,17 @@ async def test_an_override_lets_a_blocked_run_sync_and_a_revocation_is_a_tombsto
     assert blocked["blocking_findings"][0]["rule"] == RULE
 
     expires = (dt.datetime.now(dt.UTC) + dt.timedelta(days=2)).isoformat()
-    reply = await service.post("/api/overrides", {
-        "run_path": str(run), "rule": RULE, "reason": "the instrument writes {{sample}} literally",
-        "path": run.name, "expires_at": expires, "operator": "asmith",
-    })
+    reply = await service.post(
+        "/api/overrides",
+        {
+            "run_path": str(run),
+            "rule": RULE,
+            "reason": "the instrument writes {{sample}} literally",
+            "path": run.name,
+            "expires_at": expires,
+            "operator": "asmith",
+        },
+    )
     assert reply.status_code == 201, reply.text
     entry = reply.json()["override"]
     stored = creation(run)

@@ -23,10 +23,13 @@ EXE = str(Path(sys.executable).with_name("exlab-sync"))
 def write_config(lab: Lab, *, upload_mbps: float | None = None) -> Path:
     bandwidth = {"upload_mbps": upload_mbps} if upload_mbps is not None else {"upload_mbps": None}
     config = {
-        "equipment": [{
-            "id": "CONFOCAL_01", "local_root": str(lab.local_root),
-            "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01"), "bandwidth": bandwidth},
-        }],
+        "equipment": [
+            {
+                "id": "CONFOCAL_01",
+                "local_root": str(lab.local_root),
+                "transport": {"type": "mount", "mount_path": str(lab.nas / "CONFOCAL_01"), "bandwidth": bandwidth},
+            }
+        ],
         "sync": {"backoff_s": [0.1, 0.1], "scan_interval_s": 0.2},
         "state_dir": str(lab.state),
     }
@@ -37,8 +40,12 @@ def write_config(lab: Lab, *, upload_mbps: float | None = None) -> Path:
 
 class Serve:
     def __init__(self, config: Path):
-        self.proc = subprocess.Popen([EXE, "serve", "--config", str(config), "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [EXE, "serve", "--config", str(config), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.url = self._wait_for_url(30)
 
     def _wait_for_url(self, timeout: float) -> str:
@@ -88,15 +95,21 @@ def test_one_serve_per_state_dir_and_the_cli_works_beside_it(lab: Lab) -> None:
     config = write_config(lab)
     serve = Serve(config)
     try:
-        second = subprocess.run([EXE, "serve", "--config", str(config), "--port", "0"],
-                                check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+        second = subprocess.run(
+            [EXE, "serve", "--config", str(config), "--port", "0"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "already runs the workers" in lines[0], second.stderr
         assert "Traceback" not in second.stderr
         run = lab.make_run()
-        enqueue = subprocess.run([EXE, "enqueue", str(run), "--config", str(config)],
-                                 check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+        enqueue = subprocess.run(
+            [EXE, "enqueue", str(run), "--config", str(config)], check=False, capture_output=True, text=True, timeout=60
+        )
         assert enqueue.returncode == 0, enqueue.stderr
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # serve, the lease holder, syncs what the CLI queued
@@ -105,8 +118,14 @@ def test_one_serve_per_state_dir_and_the_cli_works_beside_it(lab: Lab) -> None:
                 break
             time.sleep(0.1)
         assert jobs[0]["state"] == "verified"
-        listed = subprocess.run([EXE, "jobs", "--config", str(config)], check=False, capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "COLUMNS": "250"})  # fmt: skip
+        listed = subprocess.run(
+            [EXE, "jobs", "--config", str(config)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "250"},
+        )
         assert listed.returncode == 0 and jobs[0]["id"][:8] in listed.stdout and "verified" in listed.stdout
         code, _took = serve.stop()
         assert code == 0
@@ -119,8 +138,9 @@ def test_sigterm_mid_transfer_exits_in_time_and_the_next_start_resumes(lab: Lab)
     serve = Serve(write_config(lab, upload_mbps=16))  # ~2 MB/s: the transfer takes a dozen seconds
     try:
         token = (lab.state / "api-token").read_text().strip()
-        reply = httpx.post(f"{serve.url}/api/enqueue", json={"run_path": str(run)},
-                           headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        reply = httpx.post(
+            f"{serve.url}/api/enqueue", json={"run_path": str(run)}, headers={"Authorization": f"Bearer {token}"}
+        )
         job_id = reply.json()["job_id"]
         deadline = time.monotonic() + 30
         done = 0

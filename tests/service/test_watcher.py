@@ -25,11 +25,7 @@ def _log_events(wlab: WatchLab, event: str) -> list[str]:
     path = log_path_for(wlab.config().equipment[0])
     if not path.exists():
         return []
-    return [
-        line
-        for line in path.read_text().splitlines()
-        if f" {event} " in line or line.endswith(f" {event}")
-    ]
+    return [line for line in path.read_text().splitlines() if f" {event} " in line or line.endswith(f" {event}")]
 
 
 # ------------------------------------------------------------------ sentinel
@@ -48,10 +44,7 @@ async def test_run_written_slowly_is_enqueued_after_the_sentinel_and_once(
             assert report.enqueued == [] and report.waiting == 1
             assert await w.client.status(run) == "none"
         [waiting] = w.watcher.incomplete()
-        assert (
-            waiting.run_path == str(run)
-            and "acquisition_complete.flag" in waiting.reason
-        )
+        assert waiting.run_path == str(run) and "acquisition_complete.flag" in waiting.reason
 
         (run / "acquisition_complete.flag").write_text("")
         report = await w.watcher.scan_once()
@@ -63,24 +56,16 @@ async def test_run_written_slowly_is_enqueued_after_the_sentinel_and_once(
         assert await w.client.status(run) == SyncJobState.VERIFIED.value
         for _ in range(3):
             report = await w.watcher.scan_once()
-            assert (
-                report.enqueued == []
-                and report.already_queued == 1
-                and report.examined == 0
-            )
+            assert report.enqueued == [] and report.already_queued == 1 and report.examined == 0
         assert w.spy.calls == [run]
         assert len(await w.client.jobs()) == 1
-        assert [e["action"] for e in w.events if e["action"] != "waiting"] == [
-            "enqueued"
-        ]
+        assert [e["action"] for e in w.events if e["action"] != "waiting"] == ["enqueued"]
         assert len(_log_events(wlab, "watcher_enqueued")) == 1
     finally:
         await stop(w)
 
 
-async def test_a_sentinel_that_is_not_a_regular_file_does_not_count(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_a_sentinel_that_is_not_a_regular_file_does_not_count(wlab: WatchLab, watching: Running) -> None:
     run = wlab.run_dir()
     (run / "data.bin").write_bytes(b"x")
     os.symlink(run / "data.bin", run / "acquisition_complete.flag")
@@ -98,9 +83,7 @@ async def test_test_runs_are_watched_too(wlab: WatchLab, watching: Running) -> N
 
 
 def _write_manifest(run: Path, files: dict[str, int]) -> None:
-    (run / "run_manifest.json").write_text(
-        json.dumps({"files": [{"path": p, "size": s} for p, s in files.items()]})
-    )
+    (run / "run_manifest.json").write_text(json.dumps({"files": [{"path": p, "size": s} for p, s in files.items()]}))
 
 
 async def test_manifest_run_waits_while_a_file_is_still_growing(wlab: WatchLab) -> None:
@@ -112,23 +95,15 @@ async def test_manifest_run_waits_while_a_file_is_still_growing(wlab: WatchLab) 
         (run / "a.bin").write_bytes(b"a" * 1000)
         (run / "sub").mkdir()
         report = await w.watcher.scan_once()
-        assert (
-            report.enqueued == []
-            and "sub/b.bin (missing)" in w.watcher.incomplete()[0].reason
-        )
-        growing = os.open(
-            run / "sub" / "b.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
-        )
+        assert report.enqueued == [] and "sub/b.bin (missing)" in w.watcher.incomplete()[0].reason
+        growing = os.open(run / "sub" / "b.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             for chunk in range(3):
                 os.write(growing, b"b" * 1000)
                 report = await w.watcher.scan_once()
                 if chunk < 2:
                     assert report.enqueued == [] and w.spy.calls == []
-                    assert (
-                        f"sub/b.bin ({(chunk + 1) * 1000} of 3000 bytes)"
-                        in w.watcher.incomplete()[0].reason
-                    )
+                    assert f"sub/b.bin ({(chunk + 1) * 1000} of 3000 bytes)" in w.watcher.incomplete()[0].reason
         finally:
             os.close(growing)
         assert report.enqueued == [str(run)] and w.spy.calls == [run]
@@ -145,23 +120,14 @@ async def test_malformed_manifest_waits_with_a_reason_then_a_fixed_one_counts(
     try:
         run = wlab.run_dir()
         (run / "a.bin").write_bytes(b"a" * 10)
-        (run / "run_manifest.json").write_text(
-            '{"files": [{"path": "a.bin", "si'
-        )  # half written
+        (run / "run_manifest.json").write_text('{"files": [{"path": "a.bin", "si')  # half written
         report = await w.watcher.scan_once()
         assert report.enqueued == [] and report.errors == []
         [waiting] = w.watcher.incomplete()
-        assert (
-            waiting.signal == "manifest"
-            and "malformed manifest run_manifest.json" in waiting.reason
-        )
-        assert [e["reason"] for e in w.events if e["action"] == "waiting"] == [
-            waiting.reason
-        ]
+        assert waiting.signal == "manifest" and "malformed manifest run_manifest.json" in waiting.reason
+        assert [e["reason"] for e in w.events if e["action"] == "waiting"] == [waiting.reason]
         assert (await w.watcher.scan_once()).enqueued == []
-        assert [e["action"] for e in w.events] == [
-            "waiting"
-        ]  # the same reason is not sent again
+        assert [e["action"] for e in w.events] == ["waiting"]  # the same reason is not sent again
 
         _write_manifest(run, {"a.bin": 10})
         assert (await w.watcher.scan_once()).enqueued == [str(run)]
@@ -216,9 +182,7 @@ async def test_malformed_manifest_waits_with_a_reason_then_a_fixed_one_counts(
         (b'{"files": []}', None, ""),
     ],
 )
-def test_manifest_completeness_table(
-    wlab: WatchLab, manifest: bytes | None, setup: str | None, reason: str
-) -> None:
+def test_manifest_completeness_table(wlab: WatchLab, manifest: bytes | None, setup: str | None, reason: str) -> None:
     wlab.signal = "manifest"
     equipment = wlab.config().equipment[0]
     run = wlab.run_dir()
@@ -263,25 +227,18 @@ async def test_signal_none_never_enqueues(wlab: WatchLab) -> None:
 # ------------------------------------------------------------------ the gate
 
 
-async def test_blocked_run_is_reported_once_and_enqueued_after_an_override(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_blocked_run_is_reported_once_and_enqueued_after_an_override(wlab: WatchLab, watching: Running) -> None:
     run = wlab.finished_run(files={"data.bin": b"x" * 10, PLACEHOLDER: b"1,2\n"})
     report = await watching.watcher.scan_once()
     assert report.blocked == [str(run)] and report.enqueued == []
     [blocked] = watching.watcher.blocked()
     assert blocked.run_path == str(run)
     assert {f.rule for f in blocked.findings} == {"leftover_jinja_marker"}
-    assert (
-        json.loads((run / ".exlab-wizard" / "creation.json").read_text())["sync_status"]
-        == "blocked_by_validation"
-    )
+    assert json.loads((run / ".exlab-wizard" / "creation.json").read_text())["sync_status"] == "blocked_by_validation"
 
     for _ in range(3):
         report = await watching.watcher.scan_once()
-        assert (
-            report.blocked == [] and report.still_blocked == 1 and report.enqueued == []
-        )
+        assert report.blocked == [] and report.still_blocked == 1 and report.enqueued == []
     assert watching.spy.calls == [run]  # the gate was asked once, not at every pass
     assert await watching.client.jobs() == []
     assert [e["action"] for e in watching.events] == ["blocked"]
@@ -299,14 +256,10 @@ async def test_blocked_run_is_reported_once_and_enqueued_after_an_override(
     assert watching.spy.calls == [run, run]
     assert watching.watcher.blocked() == []
     assert await watching.client.status(run) == SyncJobState.QUEUED.value
-    assert (await watching.watcher.scan_once()).enqueued == [] and len(
-        watching.spy.calls
-    ) == 2
+    assert (await watching.watcher.scan_once()).enqueued == [] and len(watching.spy.calls) == 2
 
 
-async def test_blocked_run_is_enqueued_after_the_offending_file_is_renamed(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_blocked_run_is_enqueued_after_the_offending_file_is_renamed(wlab: WatchLab, watching: Running) -> None:
     run = wlab.finished_run(files={"data.bin": b"x" * 10, PLACEHOLDER: b"1,2\n"})
     assert (await watching.watcher.scan_once()).blocked == [str(run)]
     assert (await watching.watcher.scan_once()).still_blocked == 1
@@ -315,9 +268,7 @@ async def test_blocked_run_is_enqueued_after_the_offending_file_is_renamed(
     assert len(watching.spy.calls) == 2
 
 
-async def test_blocked_run_whose_override_does_not_help_stays_blocked(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_blocked_run_whose_override_does_not_help_stays_blocked(wlab: WatchLab, watching: Running) -> None:
     run = wlab.finished_run(files={PLACEHOLDER: b"1,2\n"})
     assert (await watching.watcher.scan_once()).blocked == [str(run)]
     CreationWriter().append_override(
@@ -327,9 +278,7 @@ async def test_blocked_run_whose_override_does_not_help_stays_blocked(
         reason="wrong rule",
     )
     report = await watching.watcher.scan_once()
-    assert (
-        report.blocked == [str(run)] and report.enqueued == []
-    )  # asked again: it changed
+    assert report.blocked == [str(run)] and report.enqueued == []  # asked again: it changed
     assert (await watching.watcher.scan_once()).still_blocked == 1
     assert len(watching.spy.calls) == 2
 
@@ -345,19 +294,13 @@ async def test_a_new_watcher_on_the_same_state_does_not_enqueue_again(
     first = await start(wlab.config())
     try:
         report = await first.watcher.scan_once()
-        assert sorted(report.enqueued) == sorted(map(str, done)) and report.blocked == [
-            str(bad)
-        ]
+        assert sorted(report.enqueued) == sorted(map(str, done)) and report.blocked == [str(bad)]
     finally:
         await stop(first)
 
-    second = await start(
-        wlab.config()
-    )  # a restart: new client, new watcher, same state_dir
+    second = await start(wlab.config())  # a restart: new client, new watcher, same state_dir
     try:
-        assert [b.run_path for b in second.watcher.blocked()] == [
-            str(bad)
-        ]  # known before any pass
+        assert [b.run_path for b in second.watcher.blocked()] == [str(bad)]  # known before any pass
         report = await second.watcher.scan_once()
         assert report.enqueued == [] and report.blocked == [] and report.adopted == []
         assert report.already_queued == 3 and report.still_blocked == 1
@@ -367,18 +310,12 @@ async def test_a_new_watcher_on_the_same_state_does_not_enqueue_again(
         await stop(second)
 
 
-async def test_runs_with_a_job_made_by_hand_are_adopted_not_enqueued(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_runs_with_a_job_made_by_hand_are_adopted_not_enqueued(wlab: WatchLab, watching: Running) -> None:
     run = wlab.finished_run()
     await watching.client.enqueue(run)  # the operator, before the watcher looked
     watching.spy.calls.clear()
     report = await watching.watcher.scan_once()
-    assert (
-        report.adopted == [str(run)]
-        and report.enqueued == []
-        and watching.spy.calls == []
-    )
+    assert report.adopted == [str(run)] and report.enqueued == [] and watching.spy.calls == []
     assert (await watching.watcher.scan_once()).already_queued == 1
 
 
@@ -442,11 +379,7 @@ async def test_a_pass_over_many_finished_runs_does_not_look_into_them(
     queue.close()
 
     report = await watching.watcher.scan_once()
-    assert (
-        len(report.enqueued) == 40
-        and len(report.adopted) == 1960
-        and report.errors == []
-    )
+    assert len(report.enqueued) == 40 and len(report.adopted) == 1960 and report.errors == []
 
     walks: list[str] = []
     for name in ("completeness", "fingerprint"):
@@ -464,28 +397,20 @@ async def test_a_pass_over_many_finished_runs_does_not_look_into_them(
     report_with_new = await watching.watcher.scan_once()
     monkeypatch.undo()
 
-    assert (
-        report.already_queued == 2000 and report.examined == 0 and report.enqueued == []
-    )
+    assert report.already_queued == 2000 and report.examined == 0 and report.enqueued == []
     assert walks == [
         "completeness",
         "fingerprint",
     ]  # only for the new run, in the last pass
-    assert (
-        counter.inside == []
-    )  # nothing under a run already handed over was stat'ed, opened or listed
-    assert (
-        listings == 1 + 4 + 4
-    )  # the root, the projects, their Runs/: per pass, not per run
+    assert counter.inside == []  # nothing under a run already handed over was stat'ed, opened or listed
+    assert listings == 1 + 4 + 4  # the root, the projects, their Runs/: per pass, not per run
     assert report_with_new.enqueued == [str(new)] and report_with_new.examined == 1
 
 
 # ------------------------------------------------------------------ folders that come and go
 
 
-async def test_symlinked_run_project_or_runs_folder_is_not_followed(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_symlinked_run_project_or_runs_folder_is_not_followed(wlab: WatchLab, watching: Running) -> None:
     outside = wlab.root / "outside" / "Run_real"
     outside.mkdir(parents=True)
     (outside / "data.bin").write_bytes(b"x")
@@ -523,17 +448,11 @@ async def test_a_run_that_disappears_is_forgotten_but_an_unmounted_root_forgets_
     shutil.rmtree(gone)
     report = await watching.watcher.scan_once()
     assert report.forgotten == [str(gone)] and watching.watcher.blocked() == []
-    rows = (
-        sqlite3.connect(wlab.config().queue_db)
-        .execute("SELECT run_path, status FROM watched_runs")
-        .fetchall()
-    )
+    rows = sqlite3.connect(wlab.config().queue_db).execute("SELECT run_path, status FROM watched_runs").fetchall()
     assert rows == [(str(keep), "handed_over")]
 
 
-async def test_run_loop_enqueues_a_run_by_itself(
-    wlab: WatchLab, watching: Running
-) -> None:
+async def test_run_loop_enqueues_a_run_by_itself(wlab: WatchLab, watching: Running) -> None:
     task = asyncio.create_task(watching.watcher.run())
     try:
         run = wlab.finished_run()

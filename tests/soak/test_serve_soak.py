@@ -70,11 +70,13 @@ class SoakFigures:
 
     def line(self) -> str:
         mib = 1024 * 1024
-        return (f"soak: {self.runs} runs (3 equipment, written at {self.rate:g}/s) all verified in {self.wall_s:.1f} s "
-                f"({self.runs_per_s:.2f} runs/s); serve RSS {self.rss_start / mib:.1f} MiB at start, "
-                f"{self.rss_third / mib:.1f} MiB after {self.third}, {self.rss_end / mib:.1f} MiB after {self.runs} "
-                f"({self.late_growth_per_run / 1024:+.1f} KiB per run over the last {self.runs - self.third}); "
-                f"RSS MiB by runs verified: {', '.join(f'{n}: {r / mib:.1f}' for n, r in self.curve)}")  # fmt: skip
+        return (
+            f"soak: {self.runs} runs (3 equipment, written at {self.rate:g}/s) all verified in {self.wall_s:.1f} s "
+            f"({self.runs_per_s:.2f} runs/s); serve RSS {self.rss_start / mib:.1f} MiB at start, "
+            f"{self.rss_third / mib:.1f} MiB after {self.third}, {self.rss_end / mib:.1f} MiB after {self.runs} "
+            f"({self.late_growth_per_run / 1024:+.1f} KiB per run over the last {self.runs - self.third}); "
+            f"RSS MiB by runs verified: {', '.join(f'{n}: {r / mib:.1f}' for n, r in self.curve)}"
+        )
 
 
 def rss_bytes(pid: int) -> int:
@@ -90,11 +92,20 @@ def write_config(root: Path) -> Path:
         share = root / "nas" / eq
         share.mkdir(parents=True)
         (share / ".exlab-nas").write_text("mounted\n")
-        equipment.append({"id": eq, "local_root": str(root / "lab"), "completeness_signal": "sentinel_file",
-                          "transport": {"type": "mount", "mount_path": str(share)}})  # fmt: skip
+        equipment.append(
+            {
+                "id": eq,
+                "local_root": str(root / "lab"),
+                "completeness_signal": "sentinel_file",
+                "transport": {"type": "mount", "mount_path": str(share)},
+            }
+        )
     (root / "lab").mkdir()
-    config = {"equipment": equipment, "sync": {"backoff_s": [0.5, 1], "scan_interval_s": 0.5},
-              "state_dir": str(root / "state")}  # fmt: skip
+    config = {
+        "equipment": equipment,
+        "sync": {"backoff_s": [0.5, 1], "scan_interval_s": 0.5},
+        "state_dir": str(root / "state"),
+    }
     path = root / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
@@ -105,13 +116,25 @@ def write_run(lab: Path, index: int) -> Path:
     eq = EQUIPMENT[index % len(EQUIPMENT)]
     run = lab / eq / f"PROJ-{index % 7:04d}" / "Runs" / f"Run_2026-12-05_{index:04d}"
     (run / ".exlab-wizard").mkdir(parents=True)
-    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps({
-        "schema_version": "1.0", "level": "run", "run_kind": "experimental",
-        "paths": {"local": str(run), "nas": None}, "sync_status": "pending", "validation_overrides": [],
-    }))  # fmt: skip
+    (run / ".exlab-wizard" / "creation.json").write_text(
+        json.dumps(
+            {
+                "schema_version": "1.0",
+                "level": "run",
+                "run_kind": "experimental",
+                "paths": {"local": str(run), "nas": None},
+                "sync_status": "pending",
+                "validation_overrides": [],
+            }
+        )
+    )
     (run / "images").mkdir()
-    for name, size in (("images/frame_0001.tif", 16384), ("images/frame_0002.tif", 16384),
-                       ("metadata.json", 700), ("notes.txt", 120)):  # fmt: skip
+    for name, size in (
+        ("images/frame_0001.tif", 16384),
+        ("images/frame_0002.tif", 16384),
+        ("metadata.json", 700),
+        ("notes.txt", 120),
+    ):
         (run / name).write_bytes(os.urandom(size))
     (run / SENTINEL).write_text("")
     return run
@@ -137,8 +160,12 @@ class Writer(threading.Thread):
 
 
 def start_serve(config: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([EXE, "serve", "--config", str(config), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [EXE, "serve", "--config", str(config), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + 30

@@ -29,9 +29,16 @@ HOUR = dt.timedelta(hours=1)
 def facts(**changes) -> CleanupFacts:
     """All six interlocks hold; ``changes`` breaks the ones a row is about."""
     base = CleanupFacts(
-        enabled=True, verify_passes=2, min_verify_passes=2, verified_at=NOW - 25 * HOUR,
-        min_age_hours=24, now=NOW, remote_reachable=True, overrides_no_longer_active=(),
-        local=LocalCheck(), remote=RemoteCheck(),
+        enabled=True,
+        verify_passes=2,
+        min_verify_passes=2,
+        verified_at=NOW - 25 * HOUR,
+        min_age_hours=24,
+        now=NOW,
+        remote_reachable=True,
+        overrides_no_longer_active=(),
+        local=LocalCheck(),
+        remote=RemoteCheck(),
     )
     return dataclasses.replace(base, **changes)
 
@@ -50,13 +57,28 @@ def facts(**changes) -> CleanupFacts:
         ({"verified_at": NOW - 24 * HOUR}, "delete", "all six interlocks hold", None, 0),
         ({"min_age_hours": 0.5, "verified_at": NOW - 0.25 * HOUR}, "wait", "waiting: 0.2 h of 0.5 h", None, 3),
         ({"remote_reachable": False}, "wait", "remote unreachable", None, 4),
-        ({"metadata_push_pending": True}, "wait",
-         "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)", None, 4),
-        ({"metadata_push_pending": True, "remote_reachable": None, "local": None}, "wait",
-         "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)", None, 4),
+        (
+            {"metadata_push_pending": True},
+            "wait",
+            "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)",
+            None,
+            4,
+        ),
+        (
+            {"metadata_push_pending": True, "remote_reachable": None, "local": None},
+            "wait",
+            "waiting: metadata push to the NAS pending (checksums.sha256 not there yet)",
+            None,
+            4,
+        ),
         ({"overrides_no_longer_active": ("ov-1",)}, "wait", "override revoked since verification: ov-1", None, 5),
-        ({"override_check_error": "creation.json unreadable: bad JSON"}, "wait",
-         "override status unknown: creation.json unreadable: bad JSON", None, 5),
+        (
+            {"override_check_error": "creation.json unreadable: bad JSON"},
+            "wait",
+            "override status unknown: creation.json unreadable: bad JSON",
+            None,
+            5,
+        ),
         ({"local": LocalCheck(changed=("a.tif",))}, "requeue", "local file changed: a.tif", "local_changed", 6),
         ({"local": LocalCheck(added=("new.csv",))}, "requeue", "local file added: new.csv", "local_changed", 6),
         ({"local": LocalCheck(damaged=("a.tif",))}, "fail", "local damage: a.tif", "local_damage", 6),
@@ -65,36 +87,82 @@ def facts(**changes) -> CleanupFacts:
         # Worst first: damage beats a change; a change beats an addition.
         (
             {"local": LocalCheck(damaged=("d",), changed=("c",), added=("a",))},
-            "fail", "local damage: d", "local_damage", 6,
+            "fail",
+            "local damage: d",
+            "local_damage",
+            6,
         ),
         ({"local": LocalCheck(changed=("c",), added=("a",))}, "requeue", "local file changed: c", "local_changed", 6),
         # The first failing interlock decides, whatever fails after it.
-        ({"enabled": False, "remote_reachable": False, "local": LocalCheck(damaged=("d",))},
-         "wait", "cleanup disabled", None, 1),
+        (
+            {"enabled": False, "remote_reachable": False, "local": LocalCheck(damaged=("d",))},
+            "wait",
+            "cleanup disabled",
+            None,
+            1,
+        ),
         ({"remote_reachable": False, "local": LocalCheck(damaged=("d",))}, "wait", "remote unreachable", None, 4),
         # Interlock 4's listing: the NAS copy must hold every file with its size.
-        ({"remote": RemoteCheck(missing=("a.tif",))}, "requeue", "NAS copy incomplete: missing on the NAS: a.tif",
-         "hash_mismatch", 4),
-        ({"remote": RemoteCheck(wrong_size=("b.raw",))}, "requeue",
-         "NAS copy incomplete: other size on the NAS: b.raw", "hash_mismatch", 4),
-        ({"remote": RemoteCheck(missing=("a",), wrong_size=("b",))}, "requeue",
-         "NAS copy incomplete: missing on the NAS: a; other size on the NAS: b", "hash_mismatch", 4),
-        ({"remote": RemoteCheck(refusal="remote unreachable: not mounted")}, "wait",
-         "remote unreachable: not mounted", None, 4),
+        (
+            {"remote": RemoteCheck(missing=("a.tif",))},
+            "requeue",
+            "NAS copy incomplete: missing on the NAS: a.tif",
+            "hash_mismatch",
+            4,
+        ),
+        (
+            {"remote": RemoteCheck(wrong_size=("b.raw",))},
+            "requeue",
+            "NAS copy incomplete: other size on the NAS: b.raw",
+            "hash_mismatch",
+            4,
+        ),
+        (
+            {"remote": RemoteCheck(missing=("a",), wrong_size=("b",))},
+            "requeue",
+            "NAS copy incomplete: missing on the NAS: a; other size on the NAS: b",
+            "hash_mismatch",
+            4,
+        ),
+        (
+            {"remote": RemoteCheck(refusal="remote unreachable: not mounted")},
+            "wait",
+            "remote unreachable: not mounted",
+            None,
+            4,
+        ),
         # A local copy that cannot be sent again decides before an incomplete NAS copy.
-        ({"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(damaged=("a",))}, "fail", "local damage: a",
-         "local_damage", 6),
-        ({"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(missing=("a",))}, "fail",
-         "local file missing: a", "local_file_vanished", 6),
-        ({"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(refusal="run folder missing")}, "wait",
-         "run folder missing", None, 6),
+        (
+            {"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(damaged=("a",))},
+            "fail",
+            "local damage: a",
+            "local_damage",
+            6,
+        ),
+        (
+            {"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(missing=("a",))},
+            "fail",
+            "local file missing: a",
+            "local_file_vanished",
+            6,
+        ),
+        (
+            {"remote": RemoteCheck(missing=("a",)), "local": LocalCheck(refusal="run folder missing")},
+            "wait",
+            "run folder missing",
+            None,
+            6,
+        ),
         ({"remote": RemoteCheck(missing=("a",)), "enabled": False}, "wait", "cleanup disabled", None, 1),
     ],
 )
 def test_decide_table(changes, action, reason, error_kind, interlock):
     decision = decide(facts(**changes))
     assert (decision.action, decision.reason, decision.error_kind, decision.interlock) == (
-        action, reason, error_kind, interlock,
+        action,
+        reason,
+        error_kind,
+        interlock,
     )
 
 
@@ -170,8 +238,9 @@ def test_eligible_to_promote(passes, hours_ago, ok, reason):
 
 def test_clock_counts_from_first_verification():
     """Audit passes every 6 h do not restart the clock: only ``verified_at`` counts."""
-    job = SimpleNamespace(verify_passes=5, verified_at=NOW - 25 * HOUR,
-                          pass_times=tuple(NOW - h * HOUR for h in (25, 19, 13, 7, 1)))
+    job = SimpleNamespace(
+        verify_passes=5, verified_at=NOW - 25 * HOUR, pass_times=tuple(NOW - h * HOUR for h in (25, 19, 13, 7, 1))
+    )
     assert eligible_to_promote(job, CleanupConfig(enabled=True, min_age_hours=24), NOW)[0]
 
 
@@ -197,8 +266,10 @@ C = CleanupCode
         ({"local": LocalCheck(missing=("a",))}, C.LOCAL_MISSING),
         ({"local": LocalCheck(changed=("a",), added=("b",))}, C.LOCAL_CHANGED),
         ({"local": LocalCheck(added=("b",))}, C.LOCAL_ADDED),
-        ({"remote": RemoteCheck(refusal="remote unreachable: x", refusal_code=C.REMOTE_UNREACHABLE)},
-         C.REMOTE_UNREACHABLE),
+        (
+            {"remote": RemoteCheck(refusal="remote unreachable: x", refusal_code=C.REMOTE_UNREACHABLE)},
+            C.REMOTE_UNREACHABLE,
+        ),
         ({"remote": RemoteCheck(refusal="remote listing failed: auth: x")}, C.REMOTE_LISTING_FAILED),
         ({"remote": RemoteCheck(missing=("a",))}, C.NAS_COPY_INCOMPLETE),
         ({"remote_reachable": None}, C.CHECK_PENDING),
@@ -215,8 +286,14 @@ def test_promotion_refusal_is_the_wait_with_its_code():
     assert refusal is not None and refusal.code is C.WAITING_PASSES
     assert refusal.reason == "waiting: 1 of 2 verify passes"
     assert promotion_refusal(job, CleanupConfig(enabled=False), NOW).code is C.DISABLED
-    assert promotion_refusal(SimpleNamespace(verify_passes=2, verified_at=NOW - 25 * HOUR),
-                             CleanupConfig(enabled=True, min_verify_passes=2, min_age_hours=24), NOW) is None
+    assert (
+        promotion_refusal(
+            SimpleNamespace(verify_passes=2, verified_at=NOW - 25 * HOUR),
+            CleanupConfig(enabled=True, min_verify_passes=2, min_age_hours=24),
+            NOW,
+        )
+        is None
+    )
 
 
 def test_format_helpers():

@@ -79,7 +79,11 @@ def put_in(q: JobQueue, job: SyncJobRow, state: SyncJobState) -> SyncJobRow:
 def child(code: str, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
     )
 
 
@@ -106,7 +110,11 @@ def test_get_or_create_is_one_job_per_run(q: JobQueue):
     assert q.get(job.id) == job and q.get("nope") is None and q.by_run("/nope") is None
     [event] = q.events(job.id)
     assert (event.kind, event.from_state, event.to_state, event.detail, event.at) == (
-        "transition", None, "queued", "enqueued", NOW,
+        "transition",
+        None,
+        "queued",
+        "enqueued",
+        NOW,
     )
 
 
@@ -122,11 +130,23 @@ def test_fields_round_trip_and_to_dict(q: JobQueue):
     job = make(q, "Run_1")
     other_tz = dt.timezone(dt.timedelta(hours=2))
     job = q.transition(
-        job.id, S.QUEUED, S.RUNNING, now=t(1), detail="go",
-        attempts=2, next_attempt_at=None, error_kind="network", last_error="refused",
-        verify_passes=1, verified_at=t(2).astimezone(other_tz), mismatch_count=1,
-        overrides_relied_on=["a", "b"], manifest_digest="ff" * 32, last_verify_at=t(3),
-        pass_times=[t(2), t(3)], rewrite_paths=("x/y.tif", "a b.txt"),
+        job.id,
+        S.QUEUED,
+        S.RUNNING,
+        now=t(1),
+        detail="go",
+        attempts=2,
+        next_attempt_at=None,
+        error_kind="network",
+        last_error="refused",
+        verify_passes=1,
+        verified_at=t(2).astimezone(other_tz),
+        mismatch_count=1,
+        overrides_relied_on=["a", "b"],
+        manifest_digest="ff" * 32,
+        last_verify_at=t(3),
+        pass_times=[t(2), t(3)],
+        rewrite_paths=("x/y.tif", "a b.txt"),
     )
     assert job == q.get(job.id)
     assert job.verified_at == t(2) and job.verified_at.utcoffset() == dt.timedelta(0)
@@ -142,8 +162,15 @@ def test_fields_round_trip_and_to_dict(q: JobQueue):
 
 def test_bad_fields_write_nothing(q: JobQueue):
     job = make(q, "Run_1")
-    for bad in ({"state": "failed"}, {"updated_at": NOW}, {"attempts": "1"}, {"attempts": True},
-                {"rewrite_paths": "abc"}, {"pass_times": [dt.datetime(2024, 1, 1)]}, {"last_error": 3}):
+    for bad in (
+        {"state": "failed"},
+        {"updated_at": NOW},
+        {"attempts": "1"},
+        {"attempts": True},
+        {"rewrite_paths": "abc"},
+        {"pass_times": [dt.datetime(2024, 1, 1)]},
+        {"last_error": 3},
+    ):
         with pytest.raises((TypeError, ValueError)):
             q.transition(job.id, S.QUEUED, S.RUNNING, now=t(1), **bad)
         with pytest.raises((TypeError, ValueError)):
@@ -174,7 +201,10 @@ def test_every_transition_pair(q: JobQueue, src: SyncJobState):
             events = q.events(job.id)
             assert events[:-1] == before_events
             assert (events[-1].kind, events[-1].from_state, events[-1].to_state, events[-1].detail) == (
-                "transition", src.value, dst.value, f"{src}->{dst}",
+                "transition",
+                src.value,
+                dst.value,
+                f"{src}->{dst}",
             )
         else:
             with pytest.raises(IllegalTransition):

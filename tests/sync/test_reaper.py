@@ -86,8 +86,12 @@ def test_all_six_hold_deletes_exactly_the_manifest_files(lab: Lab):
     assert [o.action for o in outcomes] == ["promoted", "deleted"]
     assert outcomes[1].files == 4 and outcomes[1].bytes == sum(map(len, DEFAULT_FILES.values()))
     assert snapshot(run).keys() == {
-        ".exlab-wizard", ".exlab-wizard/creation.json", ".exlab-wizard/creation.json.lock",
-        ".exlab-wizard/checksums.sha256", ".exlab-wizard/operator-notes.txt", "empty_marker",
+        ".exlab-wizard",
+        ".exlab-wizard/creation.json",
+        ".exlab-wizard/creation.json.lock",
+        ".exlab-wizard/checksums.sha256",
+        ".exlab-wizard/operator-notes.txt",
+        "empty_marker",
     }
     # The NAS copy is untouched.
     assert lab.manifest_files_intact(lab.nas_copy(run))
@@ -101,8 +105,9 @@ def test_all_six_hold_deletes_exactly_the_manifest_files(lab: Lab):
     line = next(line for line in lab.log_text().splitlines() if " cleanup_deleted " in line)
     assert "files=4 bytes=10012 verify_passes=2 " in line
     assert f"manifest_digest={job.manifest_digest}" in line
-    assert "pass_times=" + ",".join(
-        t.isoformat(timespec="seconds").replace("+00:00", "Z") for t in job.pass_times) in line
+    assert (
+        "pass_times=" + ",".join(t.isoformat(timespec="seconds").replace("+00:00", "Z") for t in job.pass_times) in line
+    )
     with lab.queue.transaction() as conn:
         for table in ("cleanup_plan", "cleanup_progress", "verified_files"):
             assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0
@@ -210,10 +215,18 @@ def _damage_nas(lab: Lab, run: Path, damage: str) -> tuple[str, ...]:
     return ("sub/notes.txt",)
 
 
-@pytest.mark.parametrize("damage", [
-    "run folder deleted", "run folder emptied", "file deleted", "file truncated", "file grown",
-    "file replaced by a symlink", "file replaced by a folder",
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "run folder deleted",
+        "run folder emptied",
+        "file deleted",
+        "file truncated",
+        "file grown",
+        "file replaced by a symlink",
+        "file replaced by a folder",
+    ],
+)
 def test_interlock_4_an_incomplete_nas_copy_requeues_and_deletes_nothing(lab: Lab, damage: str):
     run, job_id = lab.make_run()
     bad = _damage_nas(lab, run, damage)
@@ -297,16 +310,31 @@ def test_dry_run_shows_an_incomplete_nas_copy(lab: Lab):
 
 
 def _override(oid: str, **extra) -> dict:
-    entry = {"id": oid, "problem_class": "reserved_filesystem_name", "operator": "asmith",
-             "recorded_at": "2024-01-01T00:00:00Z", "expires_at": None, "reason": "instrument names it AUX",
-             "revoked": False}
+    entry = {
+        "id": oid,
+        "problem_class": "reserved_filesystem_name",
+        "operator": "asmith",
+        "recorded_at": "2024-01-01T00:00:00Z",
+        "expires_at": None,
+        "reason": "instrument names it AUX",
+        "revoked": False,
+    }
     entry.update(extra)
     return entry
 
 
 def test_interlock_5_override_revoked(lab: Lab):
-    entries = [_override("ov-1"), {"id": "t-1", "revokes": "ov-1", "operator": "bsmith",
-                                   "recorded_at": "2024-02-01T00:00:00Z", "reason": "wrong", "revoked": True}]
+    entries = [
+        _override("ov-1"),
+        {
+            "id": "t-1",
+            "revokes": "ov-1",
+            "operator": "bsmith",
+            "recorded_at": "2024-02-01T00:00:00Z",
+            "reason": "wrong",
+            "revoked": True,
+        },
+    ]
     run, job_id = lab.make_run(overrides=("ov-1",), override_entries=entries)
     lab.run_pass()
     assert lab.job(job_id).state == S.CLEANUP_ELIGIBLE
@@ -559,8 +587,15 @@ def test_retain_cache_false_keeps_a_run_folder_holding_what_is_not_ours(lab: Lab
 def test_retain_cache_false_without_a_push_keeps_the_run_folder(lab: Lab):
     lab.cleanup(retain_cache=False)
     run, job_id = lab.make_run()
-    reaper = Reaper(lab.queue, lab.config, writer=lab.writer, log_for=lab.log_for,
-                    remote_stat=lambda job: True, now=lambda: lab.now, remote_listing=lab._remote_listing)
+    reaper = Reaper(
+        lab.queue,
+        lab.config,
+        writer=lab.writer,
+        log_for=lab.log_for,
+        remote_stat=lambda job: True,
+        now=lambda: lab.now,
+        remote_listing=lab._remote_listing,
+    )
     outcomes = asyncio.run(reaper.run_pass())
     assert outcomes[-1].action == "waiting" and "no final metadata push" in outcomes[-1].reason
     assert (run / ".exlab-wizard" / "creation.json").exists()
@@ -841,8 +876,9 @@ def test_unknown_equipment_refuses_rather_than_deleting_unlogged(lab: Lab):
     def no_log(equipment_id):
         raise KeyError(equipment_id)
 
-    reaper = Reaper(lab.queue, lab.config, writer=lab.writer, log_for=no_log,
-                    remote_stat=lambda job: True, now=lambda: lab.now)
+    reaper = Reaper(
+        lab.queue, lab.config, writer=lab.writer, log_for=no_log, remote_stat=lambda job: True, now=lambda: lab.now
+    )
     outcomes = asyncio.run(reaper.run_pass())
     assert outcomes[0].action == "waiting" and outcomes[0].reason.startswith("equipment log unavailable")
     assert lab.manifest_files_intact(run)

@@ -106,9 +106,7 @@ def test_a_database_with_the_old_ad_hoc_tables_upgrades_and_keeps_its_plan(
         assert reaper.local_data_deleted_at(queue, job_id) is None
 
 
-def test_reading_the_plan_does_not_wait_for_another_connections_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_reading_the_plan_does_not_wait_for_another_connections_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # A short busy timeout: a read that waited for the lock would fail fast instead of after 10 s.
     monkeypatch.setattr(queue_mod, "BUSY_TIMEOUT_S", 0.2)
     db = tmp_path / "queue.db"

@@ -128,10 +128,19 @@ class Round:
             (self.outside / f"precious_{i}.raw").write_bytes(os.urandom(300))
             (self.outside / "deep" / f"more_{i}.raw").write_bytes(os.urandom(300))
         config = {
-            "equipment": [{"id": EQ, "local_root": str(self.root / "lab"),
-                           "transport": {"type": "mount", "mount_path": str(self.nas)}}],
-            "nas_cleanup": {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24,
-                            "retain_cache": self.retain_cache},
+            "equipment": [
+                {
+                    "id": EQ,
+                    "local_root": str(self.root / "lab"),
+                    "transport": {"type": "mount", "mount_path": str(self.nas)},
+                }
+            ],
+            "nas_cleanup": {
+                "enabled": True,
+                "min_verify_passes": 2,
+                "min_age_hours": 24,
+                "retain_cache": self.retain_cache,
+            },
             "state_dir": str(self.root / "state"),
         }
         (self.root / "config.json").write_text(json.dumps(config))
@@ -156,15 +165,29 @@ class Round:
                 (run / ".exlab-wizard" / "checksums.sha256").write_bytes(format_manifest(hashes))
                 shutil.copytree(run, self.nas / run.relative_to(self.lab), symlinks=True)
                 verified_at = now - 25 * HOUR
-                job, _ = queue.get_or_create(str(run), EQ, str(self.nas / run.relative_to(self.lab)),
-                                             now=verified_at - 2 * HOUR)
+                job, _ = queue.get_or_create(
+                    str(run), EQ, str(self.nas / run.relative_to(self.lab)), now=verified_at - 2 * HOUR
+                )
                 queue.transition(job.id, S.QUEUED, S.RUNNING, now=verified_at - HOUR)
                 queue.transition(job.id, S.RUNNING, S.AWAITING_VERIFY, now=verified_at - 0.5 * HOUR)
-                queue.transition(job.id, S.AWAITING_VERIFY, S.VERIFIED, now=verified_at, verify_passes=2,
-                                 verified_at=verified_at, pass_times=(verified_at, verified_at + 6 * HOUR),
-                                 manifest_digest=manifest_digest(hashes))
-                record_verified_stat(queue, job.id, run, hashes, verified_at,
-                                     hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
+                queue.transition(
+                    job.id,
+                    S.AWAITING_VERIFY,
+                    S.VERIFIED,
+                    now=verified_at,
+                    verify_passes=2,
+                    verified_at=verified_at,
+                    pass_times=(verified_at, verified_at + 6 * HOUR),
+                    manifest_digest=manifest_digest(hashes),
+                )
+                record_verified_stat(
+                    queue,
+                    job.id,
+                    run,
+                    hashes,
+                    verified_at,
+                    hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3),
+                )
                 self.expected[str(run)] = dict(files)
                 self.local_only[str(run)] = {}
                 # Deliberate trouble after verification, on a few runs.
@@ -198,8 +221,10 @@ class Round:
     def _jobs(self) -> tuple[dict[str, tuple[str, str]], int]:
         conn = sqlite3.connect(self.db)
         try:
-            jobs = {row[0]: (row[1], row[2]) for row in
-                    conn.execute("SELECT run_path, state, manifest_digest FROM jobs").fetchall()}
+            jobs = {
+                row[0]: (row[1], row[2])
+                for row in conn.execute("SELECT run_path, state, manifest_digest FROM jobs").fetchall()
+            }
             try:
                 planned = conn.execute("SELECT COUNT(*) FROM cleanup_progress").fetchone()[0]
             except sqlite3.OperationalError:
@@ -234,8 +259,9 @@ class Round:
                         problems.append(f"{run.name}/{rel}: local bytes differ from the original")
                     continue
                 remote = nas_run / rel
-                if not (manifest_ok and manifest.get(rel) == sha(data)
-                        and remote.is_file() and remote.read_bytes() == data):
+                if not (
+                    manifest_ok and manifest.get(rel) == sha(data) and remote.is_file() and remote.read_bytes() == data
+                ):
                     problems.append(f"{run.name}/{rel}: gone locally without a verified NAS copy")
             for rel, data in self.local_only[run_text].items():
                 if rel not in files and (not (run / rel).is_file() or (run / rel).read_bytes() != data):
@@ -274,7 +300,10 @@ def _start(root: Path, delay: float) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(root.parent / "driver.py"), str(root), str(delay)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
     )
 
 

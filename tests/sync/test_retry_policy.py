@@ -80,8 +80,7 @@ def test_network_boundary_is_len_backoff_plus_one_attempts():
     for n in range(0, 7):
         backoff = [10.0] * n
         actions = [
-            decide("network", attempts=a, mismatch_count=0, backoff_s=backoff, now=NOW).action
-            for a in range(1, n + 3)
+            decide("network", attempts=a, mismatch_count=0, backoff_s=backoff, now=NOW).action for a in range(1, n + 3)
         ]
         assert actions == [RETRY] * n + [FAIL, FAIL]
 

@@ -35,7 +35,7 @@ HOSTILE_NAMES = [
     "back\\slash.txt",
     "-leading-dash.txt",
     "$(touch pwned).txt",
-    "quote's \"double\".txt",
+    'quote\'s "double".txt',
 ]
 
 

@@ -135,7 +135,10 @@ def _with_port(conf: Path, old: str, new: str) -> Path:
 
 def _rclone_equipment(local_root: Path, remote: str, remote_path: str, config: Path) -> EquipmentConfig:
     transport = {
-        "type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)
+        "type": "rclone",
+        "rclone_remote": remote,
+        "rclone_remote_path": remote_path,
+        "rclone_config": str(config),
     }
     return EquipmentConfig.model_validate({"id": EQUIPMENT, "local_root": str(local_root), "transport": transport})
 
@@ -147,8 +150,11 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
 
     def equipment(local_root: Path, mount_path: Path = nas) -> EquipmentConfig:
         return EquipmentConfig.model_validate(
-            {"id": EQUIPMENT, "local_root": str(local_root),
-             "transport": {"type": "mount", "mount_path": str(mount_path)}}
+            {
+                "id": EQUIPMENT,
+                "local_root": str(local_root),
+                "transport": {"type": "mount", "mount_path": str(mount_path)},
+            }
         )
 
     def down(local_root: Path) -> EquipmentConfig:
@@ -160,8 +166,17 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         return equipment(local_root, tmp_path / "no-such-share")
 
     assert is_temp_name(MOUNT_TMP.format("x"))
-    return Remote("mount", equipment, down, nas / RUN_REL, MOUNT_TMP.format, leftover_needs_run_file=False,
-                  root_gone=root_gone, gone_on_disk=tmp_path / "no-such-share", byte_names=True)
+    return Remote(
+        "mount",
+        equipment,
+        down,
+        nas / RUN_REL,
+        MOUNT_TMP.format,
+        leftover_needs_run_file=False,
+        root_gone=root_gone,
+        gone_on_disk=tmp_path / "no-such-share",
+        byte_names=True,
+    )
 
 
 def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -180,8 +195,16 @@ def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         assert local_root.name == "lab"
         return rsync_equipment(local_root.parent, sshd, remote_dir / "no-such-root")
 
-    return Remote("rsync_ssh", equipment, down, remote_dir / RUN_REL, lambda name: f".{name}.Ab12Cd",
-                  root_gone=root_gone, gone_on_disk=remote_dir / "no-such-root", byte_names=True)
+    return Remote(
+        "rsync_ssh",
+        equipment,
+        down,
+        remote_dir / RUN_REL,
+        lambda name: f".{name}.Ab12Cd",
+        root_gone=root_gone,
+        gone_on_disk=remote_dir / "no-such-root",
+        byte_names=True,
+    )
 
 
 def _rsync_ssh_streams(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -207,8 +230,15 @@ def _rclone_sftp(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
     def root_gone(local_root: Path) -> EquipmentConfig:
         return _rclone_equipment(local_root, "labsftp", str(remote_dir / "no-such-root"), conf)
 
-    return Remote("rclone_sftp", equipment, down, remote_dir / RUN_REL, lambda name: f"{name}.0123abcd.partial",
-                  root_gone=root_gone, gone_on_disk=remote_dir / "no-such-root")
+    return Remote(
+        "rclone_sftp",
+        equipment,
+        down,
+        remote_dir / RUN_REL,
+        lambda name: f"{name}.0123abcd.partial",
+        root_gone=root_gone,
+        gone_on_disk=remote_dir / "no-such-root",
+    )
 
 
 def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -228,8 +258,16 @@ def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         return _rclone_equipment(local_root, "labs3", f"{gone_bucket}/{prefix}", conf)
 
     on_disk = server.data_dir / server.bucket / prefix / RUN_REL
-    return Remote("rclone_s3", equipment, down, on_disk, lambda name: f"{name}.0123abcd.partial", settle=server.settle,
-                  root_gone=root_gone, gone_on_disk=server.data_dir / gone_bucket)
+    return Remote(
+        "rclone_s3",
+        equipment,
+        down,
+        on_disk,
+        lambda name: f"{name}.0123abcd.partial",
+        settle=server.settle,
+        root_gone=root_gone,
+        gone_on_disk=server.data_dir / gone_bucket,
+    )
 
 
 _FACTORIES = {
@@ -318,11 +356,14 @@ async def test_own_leftovers_are_no_conflict_and_are_removed(remote, local_root)
     eq = remote.equipment(local_root)
     files = {"a.bin": os.urandom(2000), "new\nline": b"n", "sub dir/b.txt": b"b", "L" * 150: b"long name"}
     run = make_run(eq.local_root, files, symlink=False)
-    put_on_disk(remote, {
-        remote.leftover("a.bin"): b"half",
-        remote.leftover("new\nline"): b"h",
-        "sub dir/" + remote.leftover("b.txt"): b"",
-    })  # fmt: skip
+    put_on_disk(
+        remote,
+        {
+            remote.leftover("a.bin"): b"half",
+            remote.leftover("new\nline"): b"h",
+            "sub dir/" + remote.leftover("b.txt"): b"",
+        },
+    )
     result = await remote.transport(eq).push(run, bwlimit_kibps=None)
     assert result.ok
     assert tree(remote.run_on_disk) == files
@@ -336,7 +377,10 @@ async def test_reachable_and_an_unreachable_remote_is_never_empty(remote, local_
     dead = remote.transport(remote.down(local_root))
     # all at once: some clients wait out their own retries before giving up
     reachable, manifest, push, listing = await asyncio.gather(
-        dead.reachable(run), dead.remote_manifest(run), dead.push(run, bwlimit_kibps=None), dead.remote_listing(run),
+        dead.reachable(run),
+        dead.remote_manifest(run),
+        dead.push(run, bwlimit_kibps=None),
+        dead.remote_listing(run),
         return_exceptions=True,
     )
     assert reachable is False
@@ -367,8 +411,12 @@ async def test_manifest_of_a_run_folder_not_there_yet_is_empty(remote, local_roo
 
 async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, local_root):
     eq = remote.equipment(local_root)
-    files = {"a.bin": os.urandom(5000), "new\nname.bin": os.urandom(100), "#hash first.bin": b"#" * 300,
-             "sub/kept.txt": b"kept"}  # fmt: skip
+    files = {
+        "a.bin": os.urandom(5000),
+        "new\nname.bin": os.urandom(100),
+        "#hash first.bin": b"#" * 300,
+        "sub/kept.txt": b"kept",
+    }
     run = make_run(eq.local_root, files, symlink=False)
     transport = remote.transport(eq)
     await transport.push(run, bwlimit_kibps=None)
@@ -392,8 +440,13 @@ async def test_rewrite_resends_a_file_damaged_with_size_and_mtime_kept(remote, l
 async def test_manifest_shows_what_the_remote_holds_after_damage(remote, local_root):
     """Corrupt a byte (size and mtime kept), truncate one, delete one, add one: the manifest sees each."""
     eq = remote.equipment(local_root)
-    files = {"corrupt.bin": os.urandom(4096), "truncate.bin": os.urandom(3000), "delete.txt": b"d",
-             "new\nline.txt": b"kept", "sub/kept.bin": os.urandom(100)}  # fmt: skip
+    files = {
+        "corrupt.bin": os.urandom(4096),
+        "truncate.bin": os.urandom(3000),
+        "delete.txt": b"d",
+        "new\nline.txt": b"kept",
+        "sub/kept.bin": os.urandom(100),
+    }
     run = make_run(eq.local_root, files, symlink=False)
     transport = remote.transport(eq)
     await transport.push(run, bwlimit_kibps=None)
@@ -421,8 +474,12 @@ async def test_manifest_shows_what_the_remote_holds_after_damage(remote, local_r
 async def test_cleaned_files_are_ours_and_left_alone(remote, local_root):
     """After cleanup deleted verified local data, the final metadata push leaves the NAS copies be."""
     eq = remote.equipment(local_root)
-    files = {"a.txt": b"ours", "new\nline.txt": b"nl", "sub/data.raw": b"our data",
-             ".exlab-wizard/creation.json": b'{"v": 1}'}  # fmt: skip
+    files = {
+        "a.txt": b"ours",
+        "new\nline.txt": b"nl",
+        "sub/data.raw": b"our data",
+        ".exlab-wizard/creation.json": b'{"v": 1}',
+    }
     run = make_run(eq.local_root, files, symlink=False)
     transport = remote.transport(eq)
     await transport.push(run, bwlimit_kibps=None)
@@ -459,9 +516,13 @@ async def test_cleaned_files_are_ours_and_left_alone(remote, local_root):
 async def test_push_metadata_sends_only_the_metadata_folder(remote, local_root):
     """After a verified push, push_metadata refreshes ``.exlab-wizard/`` and leaves the data alone."""
     eq = remote.equipment(local_root)
-    files = {"a.bin": os.urandom(3000), "new\nline.txt": b"nl", "sub/b.txt": b"b",
-             ".exlab-wizard/creation.json": b'{"v": 1}',
-             ".exlab-wizard/checksums.sha256": b"0" * 64 + b"  a.bin\n"}  # fmt: skip
+    files = {
+        "a.bin": os.urandom(3000),
+        "new\nline.txt": b"nl",
+        "sub/b.txt": b"b",
+        ".exlab-wizard/creation.json": b'{"v": 1}',
+        ".exlab-wizard/checksums.sha256": b"0" * 64 + b"  a.bin\n",
+    }
     run = make_run(eq.local_root, files, symlink=False)
     transport = remote.transport(eq)
     await transport.push(run, bwlimit_kibps=None)
@@ -547,8 +608,9 @@ async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_
 async def test_a_write_to_a_gone_remote_root_is_network_and_creates_nothing(remote, local_root, write):
     """A root that is gone is a NAS volume not mounted: never created again, on its system disk, by a write."""
     eq = remote.root_gone(local_root)
-    run = make_run(eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/creation.json": b"{}"},
-                   symlink=False)  # fmt: skip
+    run = make_run(
+        eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/creation.json": b"{}"}, symlink=False
+    )
     transport = remote.transport(eq)
     writes = {
         "push": lambda: transport.push(run, bwlimit_kibps=None),
@@ -574,8 +636,14 @@ async def test_the_manifest_of_a_run_under_a_gone_remote_root_is_network_never_e
 
 # ------------------------------------------------------------------ fetch and keep_previous (local damage recovery)
 
-RECOVERY_FILES = {"a.bin": os.urandom(5000), "new\nline.bin": b"nl" * 100, "#hash first.bin": b"#" * 300,
-                  "sub dir/$(touch PWNED).bin": os.urandom(700), "-dash.txt": b"dash", "kept.txt": b"kept"}  # fmt: skip
+RECOVERY_FILES = {
+    "a.bin": os.urandom(5000),
+    "new\nline.bin": b"nl" * 100,
+    "#hash first.bin": b"#" * 300,
+    "sub dir/$(touch PWNED).bin": os.urandom(700),
+    "-dash.txt": b"dash",
+    "kept.txt": b"kept",
+}
 STAMP = "20261205T073000Z"
 
 

@@ -27,7 +27,7 @@ SATURDAY_10AM = dt.datetime(2024, 1, 13, 10, 0).astimezone()
 
 HOSTILE_NAMES = [
     "with space.txt",
-    "quote's \"double\".txt",
+    'quote\'s "double".txt',
     "$(touch pwned).txt",
     "-leading-dash.txt",
     "new\nline.txt",
@@ -696,7 +696,9 @@ def test_a_cancelled_remote_manifest_stops_reading_the_share(lab: Lab, monkeypat
     assert len(reads) == stopped_at < 60  # no file read after the cancellation settled
 
 
-def test_read_backs_nobody_takes_are_dropped_after_their_time_to_live(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_backs_nobody_takes_are_dropped_after_their_time_to_live(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A push whose read-back no verification takes (the metadata push after VERIFIED) must not stay in memory."""
     lab.write("a.raw", os.urandom(2000))
     lab.push()

@@ -42,7 +42,10 @@ def rclone_equipment(
     tmp_path: Path, remote: str, remote_path: str, config: Path, bandwidth: dict | None = None
 ) -> EquipmentConfig:
     transport = {
-        "type": "rclone", "rclone_remote": remote, "rclone_remote_path": remote_path, "rclone_config": str(config)
+        "type": "rclone",
+        "rclone_remote": remote,
+        "rclone_remote_path": remote_path,
+        "rclone_config": str(config),
     }
     if bandwidth is not None:
         transport["bandwidth"] = bandwidth
@@ -352,13 +355,31 @@ async def test_s3_conflict_and_own_partials(tmp_path, s3_server, s3_place, sshd,
 
 def test_bulk_hash_output_is_matched_to_the_listing():
     ok = "a" * 64
-    out = json.dumps({"hashsum": [
-        f"{ok}  two  spaces.txt", f"{'B' * 64}   leading space.txt", f"{ok}  new\nline.txt",
-        "UNSUPPORTED  unhashable.bin", "ERROR  failed.bin", f"{ok}  appeared later.txt",
-    ]}).encode()  # fmt: skip
-    listed = {"two  spaces.txt": 1, " leading space.txt": 1, "new\nline.txt": 1, "unhashable.bin": 1,
-              "failed.bin": 1, "never hashed.bin": 1}  # fmt: skip
+    out = json.dumps(
+        {
+            "hashsum": [
+                f"{ok}  two  spaces.txt",
+                f"{'B' * 64}   leading space.txt",
+                f"{ok}  new\nline.txt",
+                "UNSUPPORTED  unhashable.bin",
+                "ERROR  failed.bin",
+                f"{ok}  appeared later.txt",
+            ]
+        }
+    ).encode()
+    listed = {
+        "two  spaces.txt": 1,
+        " leading space.txt": 1,
+        "new\nline.txt": 1,
+        "unhashable.bin": 1,
+        "failed.bin": 1,
+        "never hashed.bin": 1,
+    }
     hashes, unverifiable = rclone_mod._hashed_listing(out, listed)
-    assert hashes == {"two  spaces.txt": ok, " leading space.txt": "b" * 64, "new\nline.txt": ok,
-                      "appeared later.txt": ok}  # fmt: skip
+    assert hashes == {
+        "two  spaces.txt": ok,
+        " leading space.txt": "b" * 64,
+        "new\nline.txt": ok,
+        "appeared later.txt": ok,
+    }
     assert unverifiable == dict.fromkeys(["unhashable.bin", "failed.bin", "never hashed.bin"], "remote_read_error")

@@ -31,6 +31,8 @@ from tests.lab import rsync_equipment as equipment
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
+
+
 def leftovers(root: Path) -> list[str]:
     found = []
     for folder, dirs, files in os.walk(root):
@@ -284,7 +286,9 @@ async def test_own_leftovers_are_not_a_conflict_and_are_removed(tmp_path, sshd, 
 
     await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
     assert tree(remote_run) == {
-        "a.txt": b"a", "sub/b.txt": b"b", ".exlab-wizard/sync.old.log": b"metadata pushed earlier"
+        "a.txt": b"a",
+        "sub/b.txt": b"b",
+        ".exlab-wizard/sync.old.log": b"metadata pushed earlier",
     }
     assert not leftovers(remote_dir)
 

@@ -70,8 +70,15 @@ def rules_of(findings: list[Finding]) -> set[str]:
 
 
 def test_clean_run_has_no_findings(tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"img_0001.tif": b"\x00\x01", "notes.txt": "2 mM <2 mM> NaCl\n",
-                              "data/a.csv": "x,y\n1,2\n", "README.md": "# Run\n\nSee <br> and <name> in prose.\n"})
+    run = make_run(
+        tmp_path,
+        {
+            "img_0001.tif": b"\x00\x01",
+            "notes.txt": "2 mM <2 mM> NaCl\n",
+            "data/a.csv": "x,y\n1,2\n",
+            "README.md": "# Run\n\nSee <br> and <name> in prose.\n",
+        },
+    )
     assert Validator().audit_run(run, now=NOW) == []
 
 
@@ -94,7 +101,10 @@ def test_run_own_segments_checked(tmp_path: Path) -> None:
     found = summary(Validator().audit_run(run, now=NOW))
     assert ("leftover_jinja_marker", str(tmp_path / "EQ{{ id }}"), "directory_segment", "{{ id }}") in found
     assert (
-        "unresolved_placeholder_token", str(tmp_path / "EQ{{ id }}" / "<project>"), "directory_segment", "<project>"
+        "unresolved_placeholder_token",
+        str(tmp_path / "EQ{{ id }}" / "<project>"),
+        "directory_segment",
+        "<project>",
     ) in found
     assert ("illegal_filesystem_character", str(run), "directory_segment", " ") in found
     # the folder above the equipment is not the run's business
@@ -154,8 +164,14 @@ def test_extensions_config_is_case_insensitive(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("folder", ["plain", "Ünïcode"])
 def test_content_candidates_in_any_listing(tmp_path: Path, folder: str) -> None:
-    files = {f"{folder}/a.TXT": "<a>", f"{folder}/é.Csv": "<b>", f"{folder}/c.txt.tif": "<c>", f"{folder}/.txt": "<d>",
-             f"{folder}/sub/d.json": "<e>", f"{folder}/x.yml": "<f>"}
+    files = {
+        f"{folder}/a.TXT": "<a>",
+        f"{folder}/é.Csv": "<b>",
+        f"{folder}/c.txt.tif": "<c>",
+        f"{folder}/.txt": "<d>",
+        f"{folder}/sub/d.json": "<e>",
+        f"{folder}/x.yml": "<f>",
+    }
     run = make_run(tmp_path, files)
     found = {os.path.relpath(f.offending_path, run) for f in Validator().audit_run(run, now=NOW)}
     assert found == {f"{folder}/a.TXT", f"{folder}/é.Csv", f"{folder}/.txt", f"{folder}/sub/d.json", f"{folder}/x.yml"}
@@ -176,16 +192,21 @@ def test_large_file_skipped_whole(tmp_path: Path) -> None:
 
 
 def test_markdown_prose_not_scanned_front_matter_is(tmp_path: Path) -> None:
-    run = make_run(tmp_path, {
-        "a.md": "---\ntitle: <title>\nby: {{ author }}\n---\n# Body <prose_token> {{ not_scanned }}\n",
-        "b.md": "# no front matter <x>\n",
-        "c.MD": "---\nok: 1\n---\n",
-    })
+    run = make_run(
+        tmp_path,
+        {
+            "a.md": "---\ntitle: <title>\nby: {{ author }}\n---\n# Body <prose_token> {{ not_scanned }}\n",
+            "b.md": "# no front matter <x>\n",
+            "c.MD": "---\nok: 1\n---\n",
+        },
+    )
     found = summary(Validator().audit_run(run, now=NOW), run)
-    assert sorted(found) == sorted([
-        ("unresolved_placeholder_token", "a.md", "file_content", "<title>"),
-        ("leftover_jinja_marker", "a.md", "file_content", "{{ author }}"),
-    ])
+    assert sorted(found) == sorted(
+        [
+            ("unresolved_placeholder_token", "a.md", "file_content", "<title>"),
+            ("leftover_jinja_marker", "a.md", "file_content", "{{ author }}"),
+        ]
+    )
     line = next(f for f in Validator().audit_run(run, now=NOW) if f.matched_token == "<title>").rule_detail
     assert "line 2" in line
 
@@ -257,8 +278,13 @@ def test_orphan_is_soft(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ["{not json", "[1, 2]", json.dumps({"level": "run"}), json.dumps(creation() | {"schema_version": "2.0"}),
-     json.dumps(creation() | {"validation_overrides": "yes"})],
+    [
+        "{not json",
+        "[1, 2]",
+        json.dumps({"level": "run"}),
+        json.dumps(creation() | {"schema_version": "2.0"}),
+        json.dumps(creation() | {"validation_overrides": "yes"}),
+    ],
     ids=["not-json", "not-object", "no-schema", "schema-2", "bad-overrides"],
 )
 def test_unusable_creation_json_is_hard_not_a_crash(tmp_path: Path, content: str) -> None:
@@ -297,8 +323,16 @@ def test_mode_prefix_without_run_kind(tmp_path: Path) -> None:
 
 
 def _override(rule: str, oid: str = "11111111-1111-4111-8111-111111111111", **extra: object) -> dict:
-    return {"id": oid, "problem_class": rule, "operator": "asmith", "recorded_at": "2026-01-01T00:00:00Z",
-            "expires_at": None, "reason": "instrument names it so", "revoked": False, **extra}
+    return {
+        "id": oid,
+        "problem_class": rule,
+        "operator": "asmith",
+        "recorded_at": "2026-01-01T00:00:00Z",
+        "expires_at": None,
+        "reason": "instrument names it so",
+        "revoked": False,
+        **extra,
+    }
 
 
 def test_active_override_marks_hard_findings(tmp_path: Path) -> None:
@@ -315,9 +349,20 @@ def test_active_override_marks_hard_findings(tmp_path: Path) -> None:
     [
         ([_override("reserved_filesystem_name", expires_at="2026-02-01T00:00:00Z")], True),
         ([_override("reserved_filesystem_name", expires_at="2026-01-01T00:00:00Z")], False),
-        ([_override("reserved_filesystem_name"),
-          {"id": "t1", "revokes": "11111111-1111-4111-8111-111111111111", "operator": "b", "recorded_at": "x",
-           "reason": "r", "revoked": True}], False),
+        (
+            [
+                _override("reserved_filesystem_name"),
+                {
+                    "id": "t1",
+                    "revokes": "11111111-1111-4111-8111-111111111111",
+                    "operator": "b",
+                    "recorded_at": "x",
+                    "reason": "r",
+                    "revoked": True,
+                },
+            ],
+            False,
+        ),
         ([_override("illegal_filesystem_character")], False),
     ],
     ids=["not-expired", "expired", "revoked", "other-rule"],

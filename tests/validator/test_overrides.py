@@ -36,7 +36,11 @@ def override(oid: str, rule: str = "reserved_filesystem_name", **extra: Any) -> 
 
 def tombstone(tid: str, revokes: str) -> dict[str, Any]:
     return {
-        "id": tid, "revokes": revokes, "operator": "b", "recorded_at": "2024-05-02T00:00:00Z", "reason": "r",
+        "id": tid,
+        "revokes": revokes,
+        "operator": "b",
+        "recorded_at": "2024-05-02T00:00:00Z",
+        "reason": "r",
         "revoked": True,
     }
 

@@ -18,15 +18,24 @@ def _run(root: Path, files: dict[str, str], status: str) -> Path:
     for rel, text in files.items():
         (run / rel).write_text(text)
     (run / ".exlab-wizard").mkdir()
-    (run / ".exlab-wizard" / "creation.json").write_text(json.dumps(
-        {"schema_version": "1.0", "level": "run", "run_kind": "experimental",
-         "paths": {"local": str(run), "nas": "//nas/x"}, "sync_status": status}))
+    (run / ".exlab-wizard" / "creation.json").write_text(
+        json.dumps(
+            {
+                "schema_version": "1.0",
+                "level": "run",
+                "run_kind": "experimental",
+                "paths": {"local": str(run), "nas": "//nas/x"},
+                "sync_status": status,
+            }
+        )
+    )
     return run
 
 
 def _manifest(run: Path, rels: list[str]) -> None:
-    manifest_path(run).write_bytes(format_manifest(
-        {rel: hashlib.sha256((run / rel).read_bytes()).hexdigest() for rel in rels}))
+    manifest_path(run).write_bytes(
+        format_manifest({rel: hashlib.sha256((run / rel).read_bytes()).hexdigest() for rel in rels})
+    )
 
 
 def _flags(findings: list) -> list[tuple[str, str, bool]]:

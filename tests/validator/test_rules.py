@@ -117,8 +117,18 @@ def test_illegal_character_found(segment: str, tokens: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "segment",
-    ["a.b", ".hidden", " leading space", "inner space", "Run_2024-05-01_1410", "äöü ñ", "del\x7fchar", "50%", "{x}",
-     "a,b;c=d"],
+    [
+        "a.b",
+        ".hidden",
+        " leading space",
+        "inner space",
+        "Run_2024-05-01_1410",
+        "äöü ñ",
+        "del\x7fchar",
+        "50%",
+        "{x}",
+        "a,b;c=d",
+    ],
 )
 def test_illegal_character_not_found(segment: str) -> None:
     assert rules.illegal_filesystem_character(segment) == []
@@ -155,8 +165,23 @@ def test_reserved_name_found(segment: str, stem: str) -> None:
 
 @pytest.mark.parametrize(
     "segment",
-    ["COM0", "LPT0", "COM10", "LPT10", "console.txt", "CONS", "xcon", "com", "LPT", "nul_data.csv", "icon.png", ".con",
-     "auxiliary", "con-1.txt", "Run_CON"],
+    [
+        "COM0",
+        "LPT0",
+        "COM10",
+        "LPT10",
+        "console.txt",
+        "CONS",
+        "xcon",
+        "com",
+        "LPT",
+        "nul_data.csv",
+        "icon.png",
+        ".con",
+        "auxiliary",
+        "con-1.txt",
+        "Run_CON",
+    ],
 )
 def test_reserved_name_not_found(segment: str) -> None:
     assert rules.reserved_filesystem_name(segment) == []
@@ -166,8 +191,24 @@ def test_reserved_name_not_found(segment: str) -> None:
 
 
 _NAME_CASES = [
-    "<name>", "a{{x}}", "{% x %}", "a\x00", "a\x1f", "a:b", "a.", "a ", "CON", "con.txt", "LPT9.csv",
-    "aux .txt", "com1", "Con", "ok.txt", "plain", "{x}", "a{b",
+    "<name>",
+    "a{{x}}",
+    "{% x %}",
+    "a\x00",
+    "a\x1f",
+    "a:b",
+    "a.",
+    "a ",
+    "CON",
+    "con.txt",
+    "LPT9.csv",
+    "aux .txt",
+    "com1",
+    "Con",
+    "ok.txt",
+    "plain",
+    "{x}",
+    "a{b",
 ]
 
 
@@ -182,15 +223,18 @@ def test_precheck_never_misses(name: str) -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("aAcClLnNoOpPrRsStTuUxX0159 .<>{}%_:\x00\x07|?*\"/\\")), max_size=12))
+@given(st.text(alphabet=st.sampled_from(list('aAcClLnNoOpPrRsStTuUxX0159 .<>{}%_:\x00\x07|?*"/\\')), max_size=12))
 def test_precheck_never_misses_random(name: str) -> None:
     if _any_name_rule(name):
         assert rules.name_may_offend(name)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(alphabet=st.sampled_from(list("aAcClLnNoOpPrRtTuUxX19 .<>{}%_:\x07|?é\u0130K")), max_size=8),
-                max_size=6))
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from(list("aAcClLnNoOpPrRtTuUxX19 .<>{}%_:\x07|?é\u0130K")), max_size=8), max_size=6
+    )
+)
 def test_listing_precheck_never_misses(names: list[str]) -> None:
     if any(_any_name_rule(name) for name in names):
         assert rules.names_may_offend(names)
@@ -201,8 +245,16 @@ def test_listing_precheck_never_misses(names: list[str]) -> None:
 )
 def test_listing_precheck_examples(names: list[str]) -> None:
     assert rules.names_may_offend(names)
-    assert not rules.names_may_offend([n.replace("con", "cone").replace("CON", "CONE").replace("aux", "auxx")
-                                       .replace("b.", "b").replace("{{x}}", "x") for n in names])
+    assert not rules.names_may_offend(
+        [
+            n.replace("con", "cone")
+            .replace("CON", "CONE")
+            .replace("aux", "auxx")
+            .replace("b.", "b")
+            .replace("{{x}}", "x")
+            for n in names
+        ]
+    )
 
 
 def test_precheck_passes_clean_names() -> None:
@@ -343,8 +395,13 @@ def test_orphan_and_symlink() -> None:
 def test_every_rule_has_a_tier() -> None:
     assert set(rules.HARD_RULES) | set(rules.SOFT_RULES) == set(rules.RULE_TIERS)
     assert not set(rules.HARD_RULES) & set(rules.SOFT_RULES)
-    for rule in ("unresolved_placeholder_token", "leftover_jinja_marker", "illegal_filesystem_character",
-                 "reserved_filesystem_name", "mode_prefix_mismatch"):
+    for rule in (
+        "unresolved_placeholder_token",
+        "leftover_jinja_marker",
+        "illegal_filesystem_character",
+        "reserved_filesystem_name",
+        "mode_prefix_mismatch",
+    ):
         assert rules.RULE_TIERS[rule] == "hard"
     for rule in ("orphan", "malformed_yaml_front_matter", "missing_required_field", "symlink_skipped"):
         assert rules.RULE_TIERS[rule] == "soft"
@@ -354,8 +411,15 @@ def test_every_rule_has_a_tier() -> None:
 
 
 def _finding(rule: str, tier: str, path: str, token: str = "t") -> Finding:
-    return Finding(rule=rule, tier=tier, run_path="/r", offending_path=path, offending_kind="file_name",
-                   matched_token=token, rule_detail="d")
+    return Finding(
+        rule=rule,
+        tier=tier,
+        run_path="/r",
+        offending_path=path,
+        offending_kind="file_name",
+        matched_token=token,
+        rule_detail="d",
+    )
 
 
 def test_finding_order_and_dict() -> None:
@@ -375,8 +439,17 @@ def test_finding_order_and_dict() -> None:
         ("soft", "/a", "orphan", "t"),
     ]
     data = ordered[0].to_dict()
-    assert list(data) == ["rule", "tier", "run_path", "offending_path", "offending_kind", "matched_token",
-                          "rule_detail", "synced_under_prior_policy", "override_active"]
+    assert list(data) == [
+        "rule",
+        "tier",
+        "run_path",
+        "offending_path",
+        "offending_kind",
+        "matched_token",
+        "rule_detail",
+        "synced_under_prior_policy",
+        "override_active",
+    ]
     assert Finding.from_dict(data) == ordered[0]
 
 

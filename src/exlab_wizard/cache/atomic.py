@@ -44,12 +44,12 @@ __all__ = [
 class CacheErrorKind(StrEnum):
     """Why a cache file could not be read or written."""
 
-    MALFORMED = "malformed"                    # not JSON, not an object, wrong field types
+    MALFORMED = "malformed"  # not JSON, not an object, wrong field types
     UNSUPPORTED_SCHEMA = "unsupported_schema"  # schema_version missing, unparsable or major != 1
-    LOCK_TIMEOUT = "lock_timeout"              # another writer held the lock too long
-    IO = "io"                                  # the file system refused
-    NOT_REGULAR = "not_regular_file"           # a symbolic link, folder, FIFO, socket or device
-    TOO_LARGE = "too_large"                    # larger than the reader's bound
+    LOCK_TIMEOUT = "lock_timeout"  # another writer held the lock too long
+    IO = "io"  # the file system refused
+    NOT_REGULAR = "not_regular_file"  # a symbolic link, folder, FIFO, socket or device
+    TOO_LARGE = "too_large"  # larger than the reader's bound
 
 
 class CacheError(Exception):
@@ -74,8 +74,12 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEX
 
 def _file_kind(mode: int) -> str:
     for test, name in (
-        (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
     ):
         if test(mode):
             return name
@@ -89,9 +93,7 @@ def _not_regular(path: Path, mode: int) -> CacheError:
 
 
 def _too_large(path: Path, max_bytes: int) -> CacheError:
-    return CacheError(
-        CacheErrorKind.TOO_LARGE, f"{path} is larger than {max_bytes} bytes; it is not read", path
-    )
+    return CacheError(CacheErrorKind.TOO_LARGE, f"{path} is larger than {max_bytes} bytes; it is not read", path)
 
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes | None:

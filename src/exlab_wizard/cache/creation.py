@@ -128,7 +128,7 @@ class CreationJson(msgspec.Struct, frozen=True):
         name = str(source) if source is not None else CREATION_NAME
         data = bytes(data)
         if data.startswith(_BOM):
-            data = data[len(_BOM):]
+            data = data[len(_BOM) :]
         try:
             raw = msgspec.json.decode(data)
         except msgspec.MsgspecError as exc:
@@ -181,7 +181,7 @@ def _check_schema_version(raw: dict[str, Any], name: str, source: Path | str | N
     if not isinstance(version, str) or not _SCHEMA_RE.match(version):
         raise CacheError(
             CacheErrorKind.UNSUPPORTED_SCHEMA,
-            f"{name}: schema_version {json.dumps(version, ensure_ascii=False)} is not \"MAJOR.MINOR\"",
+            f'{name}: schema_version {json.dumps(version, ensure_ascii=False)} is not "MAJOR.MINOR"',
             source,
         )
     major = int(_SCHEMA_RE.match(version).group(1))  # type: ignore[union-attr]
@@ -197,7 +197,7 @@ def _check_schema_version(raw: dict[str, Any], name: str, source: Path | str | N
 def _utc_iso(moment: dt.datetime) -> str:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"timestamp {moment.isoformat()} has no time zone; pass an aware datetime")
-    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _require_text(name: str, value: object) -> str:
@@ -334,7 +334,7 @@ class CreationWriter:
             "id": str(uuid.uuid4()),
             "problem_class": problem_class,
             "operator": operator,
-            "recorded_at": _utc_iso(dt.datetime.now(dt.timezone.utc)),
+            "recorded_at": _utc_iso(dt.datetime.now(dt.UTC)),
             "expires_at": _utc_iso(expires_at) if expires_at is not None else None,
             "reason": reason,
             "revoked": False,
@@ -360,7 +360,7 @@ class CreationWriter:
             "id": str(uuid.uuid4()),
             "revokes": revokes,
             "operator": operator,
-            "recorded_at": _utc_iso(dt.datetime.now(dt.timezone.utc)),
+            "recorded_at": _utc_iso(dt.datetime.now(dt.UTC)),
             "reason": reason,
             "revoked": True,
         }
@@ -368,7 +368,9 @@ class CreationWriter:
         def mutate(raw: dict[str, Any]) -> None:
             entries = _overrides_list(raw, run_path)
             known = {
-                e.get("id") for e in entries if isinstance(e, dict) and "revokes" not in e and e.get("revoked") is not True
+                e.get("id")
+                for e in entries
+                if isinstance(e, dict) and "revokes" not in e and e.get("revoked") is not True
             }
             if revokes not in known:
                 raise ValueError(f"{creation_path(run_path)}: no override with id {revokes!r} to revoke")
@@ -432,4 +434,3 @@ def _overrides_list(raw: dict[str, Any], run_path: Path) -> list[Any]:
             creation_path(run_path),
         )
     return entries
-

@@ -16,9 +16,18 @@ from exlab_wizard.service import shapes
 __all__ = ["cleanup_cmd"]
 
 _STYLE = {
-    "deleted": "green", "would_delete": "green", "promoted": "cyan", "waiting": "yellow",
-    "requeued": "magenta", "would_requeue": "magenta", "failed": "bold red", "would_fail": "bold red",
-    "aborted": "red", "error": "red", "busy": "dim", "in_progress": "cyan",
+    "deleted": "green",
+    "would_delete": "green",
+    "promoted": "cyan",
+    "waiting": "yellow",
+    "requeued": "magenta",
+    "would_requeue": "magenta",
+    "failed": "bold red",
+    "would_fail": "bold red",
+    "aborted": "red",
+    "error": "red",
+    "busy": "dim",
+    "in_progress": "cyan",
 }
 
 
@@ -65,9 +74,13 @@ def cleanup_cmd(dry_run: bool, as_json: bool, config: Config) -> None:
                 freed += o.bytes
             # Run paths and reasons carry file names from the run and its manifest:
             # plain text, escaped, never terminal control sequences or rich markup.
-            table.add_row(Text(run_label(config, o.run_path) if o.run_path else "-"), Text(o.action, style=_STYLE.get(o.action, "white")),
-                          str(o.files) if o.files else "", _size(o.bytes) if o.bytes else "",
-                          Text(printable(o.reason)))
+            table.add_row(
+                Text(run_label(config, o.run_path) if o.run_path else "-"),
+                Text(o.action, style=_STYLE.get(o.action, "white")),
+                str(o.files) if o.files else "",
+                _size(o.bytes) if o.bytes else "",
+                Text(printable(o.reason)),
+            )
         show_table(table)
         console.print(f"{'would free' if dry_run else 'freed'} {_size(freed)}")
         return code

@@ -19,8 +19,17 @@ from rich.text import Text
 from exlab_wizard.config import Config, ConfigError, load_config
 
 __all__ = [
-    "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "config_option", "console", "err_console", "fail",
-    "default_config_path", "ensure_state_dir", "one_line_errors", "printable",
+    "EXIT_OK",
+    "EXIT_PROBLEM",
+    "EXIT_USAGE",
+    "config_option",
+    "console",
+    "err_console",
+    "fail",
+    "default_config_path",
+    "ensure_state_dir",
+    "one_line_errors",
+    "printable",
 ]
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2

@@ -33,12 +33,26 @@ DEMO_PORT = 8765
 
 
 @main.command("demo")
-@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Build the sample lab here (an empty or new folder). Default: a new temporary folder.")
-@click.option("--serve", "serve", is_flag=True,
-              help="Sync it through a running service and open the dashboard on 127.0.0.1 (Ctrl-C stops it).")
-@click.option("--port", type=click.IntRange(0, 65535), default=DEMO_PORT, show_default=True,
-              help="With --serve: the port (taken: a free one; 0: any free one).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Build the sample lab here (an empty or new folder). Default: a new temporary folder.",
+)
+@click.option(
+    "--serve",
+    "serve",
+    is_flag=True,
+    help="Sync it through a running service and open the dashboard on 127.0.0.1 (Ctrl-C stops it).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEMO_PORT,
+    show_default=True,
+    help="With --serve: the port (taken: a free one; 0: any free one).",
+)
 @one_line_errors
 def demo_cmd(directory: Path | None, serve: bool, port: int) -> None:
     """Build a sample lab and a local "NAS" folder, and sync it end to end."""
@@ -57,7 +71,9 @@ def demo_cmd(directory: Path | None, serve: bool, port: int) -> None:
     console.print(f"done in {time.monotonic() - started:.1f} s. Check a NAS copy yourself:")
     sample = lab.runs[0]
     rel = sample.relative_to(lab.local_root / "CONFOCAL_01")
-    console.print(f"  cd '{lab.nas_root / 'CONFOCAL_01' / rel}' && sha256sum -c .exlab-wizard/checksums.sha256", highlight=False)
+    console.print(
+        f"  cd '{lab.nas_root / 'CONFOCAL_01' / rel}' && sha256sum -c .exlab-wizard/checksums.sha256", highlight=False
+    )
     console.print(f"  exlab-sync jobs --config '{lab.config_path}'", highlight=False)
     raise SystemExit(code)
 
@@ -152,5 +168,6 @@ async def _enqueue_demo_runs(info: ServiceInfo, lab: DemoLab) -> None:
             await info.ctx.client.enqueue(run)
         except Exception as exc:  # the service keeps running; say what did not queue
             print(f"exlab-sync demo: could not queue {run}: {exc}", file=sys.stderr, flush=True)
-    print(f"exlab-sync demo: {len(lab.runs)} runs queued, 1 blocked by the gate; watch them on the dashboard",
-          flush=True)
+    print(
+        f"exlab-sync demo: {len(lab.runs)} runs queued, 1 blocked by the gate; watch them on the dashboard", flush=True
+    )

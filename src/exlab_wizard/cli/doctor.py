@@ -35,16 +35,25 @@ def _print(check: Check) -> None:
             cells.append(f"fix: {check.hint}")
         click.echo(tsv_line(cells))
         return
-    line = Text.assemble(("✓ ", "green") if check.ok else ("✗ ", "bold red"), (f"{where} ", "bold"),
-                         (f"{check.name}: ", ""), printable(check.detail))  # fmt: skip
+    line = Text.assemble(
+        ("✓ ", "green") if check.ok else ("✗ ", "bold red"),
+        (f"{where} ", "bold"),
+        (f"{check.name}: ", ""),
+        printable(check.detail),
+    )
     if check.hint:
         line.append(f"  → fix: {printable(check.hint)}", style="yellow")
     console.print(line, highlight=False, soft_wrap=True)
 
 
 @main.command("doctor")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Config file (default: the platform config folder, exlab-wizard/config.yaml).")  # fmt: skip
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Config file (default: the platform config folder, exlab-wizard/config.yaml).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md).")
 @one_line_errors
 def doctor_cmd(config_path: Path | None, as_json: bool) -> None:

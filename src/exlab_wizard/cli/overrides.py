@@ -128,18 +128,29 @@ def override_group() -> None:
 @click.option("--rule", required=True, help="The hard rule to let through (see `exlab-sync problems RUN`).")
 @click.option("--reason", required=True, help="Why: kept in creation.json for the audit trail.")
 @click.option("--path", "subpath", default=None, help="The finding's path inside the run (a note for people).")
-@click.option("--expires", default=None, help="2027-01-31 (through that day), 30d, 12h, 2w, or an ISO time with a zone.")
+@click.option(
+    "--expires", default=None, help="2027-01-31 (through that day), 30d, 12h, 2w, or an ISO time with a zone."
+)
 @click.option("--operator", default=None, help="Who decides (default: the user running the command).")
 @config_option
 @one_line_errors
-def add_cmd(run: Path, rule: str, reason: str, subpath: str | None, expires: str | None, operator: str | None,
-            config: Config) -> None:  # fmt: skip
+def add_cmd(
+    run: Path, rule: str, reason: str, subpath: str | None, expires: str | None, operator: str | None, config: Config
+) -> None:
     """Record an override of RULE for the run RUN."""
     path = _run_arg(run)
     now = dt.datetime.now(dt.UTC)
     try:
-        entry = add_override(CreationWriter(), path, rule=rule, reason=reason, operator=operator or getpass.getuser(),
-                             path=subpath, expires_at=expiry_from_text(expires, now=now), now=now)  # fmt: skip
+        entry = add_override(
+            CreationWriter(),
+            path,
+            rule=rule,
+            reason=reason,
+            operator=operator or getpass.getuser(),
+            path=subpath,
+            expires_at=expiry_from_text(expires, now=now),
+            now=now,
+        )
     except OverrideError as exc:
         fail(exc.message, EXIT_USAGE)
     except CacheError as exc:
@@ -152,8 +163,13 @@ def add_cmd(run: Path, rule: str, reason: str, subpath: str | None, expires: str
 @override_group.command("revoke")
 @click.argument("override_id")
 @click.option("--reason", required=True, help="Why the override no longer holds.")
-@click.option("--run", "run", type=click.Path(path_type=Path), default=None,
-              help="The run holding the override (default: search every configured equipment's runs).")  # fmt: skip
+@click.option(
+    "--run",
+    "run",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run holding the override (default: search every configured equipment's runs).",
+)
 @click.option("--operator", default=None, help="Who decides (default: the user running the command).")
 @config_option
 @one_line_errors
@@ -163,8 +179,11 @@ def revoke_cmd(override_id: str, reason: str, run: Path | None, operator: str | 
     try:
         if run is not None:
             path = _run_arg(run)
-            matches = [v.entry["id"] for v in list_overrides(writer, path)
-                       if v.status != "tombstone" and str(v.entry.get("id", "")).startswith(override_id)]  # fmt: skip
+            matches = [
+                v.entry["id"]
+                for v in list_overrides(writer, path)
+                if v.status != "tombstone" and str(v.entry.get("id", "")).startswith(override_id)
+            ]
             full = matches[0] if len(matches) == 1 else override_id
         else:
             found, full = find_override(config, writer, override_id)
@@ -208,9 +227,17 @@ def list_cmd(run: Path | None, as_json: bool, config: Config) -> None:
     for r, views in listed:
         for view in views:
             entry = view.entry
-            rule = entry.get("problem_class") or (f"revokes {entry.get('revokes')}" if view.status == "tombstone" else "")
-            table.add_row(Text(run_label(config, r)), Text(printable(str(entry.get("id", "")))), Text(printable(str(rule))),
-                          view.status, Text(printable(str(entry.get("expires_at") or ""))),
-                          Text(printable(str(entry.get("operator", "")))), Text(printable(str(entry.get("reason", "")))))  # fmt: skip
+            rule = entry.get("problem_class") or (
+                f"revokes {entry.get('revokes')}" if view.status == "tombstone" else ""
+            )
+            table.add_row(
+                Text(run_label(config, r)),
+                Text(printable(str(entry.get("id", "")))),
+                Text(printable(str(rule))),
+                view.status,
+                Text(printable(str(entry.get("expires_at") or ""))),
+                Text(printable(str(entry.get("operator", "")))),
+                Text(printable(str(entry.get("reason", "")))),
+            )
     show_table(table)
     raise SystemExit(EXIT_OK)

@@ -92,7 +92,14 @@ def _render_table(findings: list[Finding], base: str, runs: int) -> None:
     # project folder name, say); show it once with the number of runs.
     rows: dict[tuple[str, ...], list[Finding]] = {}
     for finding in findings:
-        key = (finding.tier, finding.rule, finding.offending_path, finding.matched_token, finding.rule_detail, _flag(finding))
+        key = (
+            finding.tier,
+            finding.rule,
+            finding.offending_path,
+            finding.matched_token,
+            finding.rule_detail,
+            _flag(finding),
+        )
         rows.setdefault(key, []).append(finding)
     table = Table(title=Text(f"Problems under {printable(base)}"), title_justify="left")
     table.add_column("tier", no_wrap=True)
@@ -125,7 +132,9 @@ def _render_table(findings: list[Finding], base: str, runs: int) -> None:
 
 @main.command("problems")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md) instead of a table.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document (keys in docs/cli.md) instead of a table."
+)
 @config_option
 @one_line_errors
 def problems(path: Path | None, as_json: bool, config: Config) -> None:
@@ -155,7 +164,9 @@ def problems(path: Path | None, as_json: bool, config: Config) -> None:
     if as_json:
         emit_json({"runs_checked": runs, "runs": [shapes.problems(run, result) for run, result in results.items()]})
     elif not findings:
-        console.print(f"No problems found: {runs} run(s) checked under {printable(base)}", highlight=False, markup=False)
+        console.print(
+            f"No problems found: {runs} run(s) checked under {printable(base)}", highlight=False, markup=False
+        )
     else:
         _render_table(findings, base, runs)
     sys.exit(EXIT_PROBLEM if any(f.blocks for f in findings) else EXIT_OK)

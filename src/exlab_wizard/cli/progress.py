@@ -50,7 +50,9 @@ class JobProgress:
             task = self.tasks.get(job_id)
             if task is None:
                 task = self.tasks[job_id] = self.progress.add_task(self._label(event), total=event.get("total") or None)
-            self.progress.update(task, completed=event["bytes"], total=max(event.get("total") or 0, event["bytes"]) or None)
+            self.progress.update(
+                task, completed=event["bytes"], total=max(event.get("total") or 0, event["bytes"]) or None
+            )
         elif event["type"] == "state":
             task = self.tasks.get(job_id)
             state = event.get("state")

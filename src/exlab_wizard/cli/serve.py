@@ -33,7 +33,9 @@ __all__ = ["serve_cmd"]
 
 def _announce(info: ServiceInfo) -> None:
     # Plain print and flush: supervisors and tests read these lines as they come.
-    print(f"exlab-sync serve: listening on {info.base_url} (API: {info.base_url}/docs, metrics: {info.base_url}/metrics)")
+    print(
+        f"exlab-sync serve: listening on {info.base_url} (API: {info.base_url}/docs, metrics: {info.base_url}/metrics)"
+    )
     print(f"log in from a browser on this machine (works once, within 10 minutes): {info.login_url}")
     sys.stdout.flush()
 
@@ -48,8 +50,11 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     ensure_state_dir(config)
     configure_logging(config)
     if host not in LOOPBACK:
-        err_console.print(f"[yellow]warning:[/] listening on {host}: the API is reachable from the network "
-                          "(reads are open; changes need the token)", highlight=False)  # fmt: skip
+        err_console.print(
+            f"[yellow]warning:[/] listening on {host}: the API is reachable from the network "
+            "(reads are open; changes need the token)",
+            highlight=False,
+        )
     try:
         asyncio.run(run_service(config, host=host, port=port, on_ready=_announce))
     except AlreadyServing as exc:

@@ -56,8 +56,14 @@ CENTRAL_LOG_NAME = "exlab-sync.log"
 DEFAULT_WAIT_TIMEOUT_S = 86400.0
 
 _STATE_STYLE = {
-    "queued": "cyan", "running": "bold blue", "awaiting_verify": "blue", "verified": "green",
-    "cleanup_eligible": "green", "cleaned": "dim green", "failed": "bold red", "blocked": "yellow",
+    "queued": "cyan",
+    "running": "bold blue",
+    "awaiting_verify": "blue",
+    "verified": "green",
+    "cleanup_eligible": "green",
+    "cleaned": "dim green",
+    "failed": "bold red",
+    "blocked": "yellow",
 }
 
 
@@ -70,7 +76,9 @@ def _ago(when: dt.datetime | None) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def jobs_table(rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = True, config: Config | None = None) -> Table:
+def jobs_table(
+    rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = True, config: Config | None = None
+) -> Table:
     """The jobs as a table; with ``config`` runs are shown relative to their equipment's local root."""
     table = Table(title=title, show_lines=False)
     for column in ("job", "equipment", "run", "state", "attempts", "passes", "verified at", "reason / remote"):
@@ -83,8 +91,14 @@ def jobs_table(rows: list[Any], title: str = "Jobs", *, sync_enabled: bool = Tru
         elif state in ("verified", "cleanup_eligible") and row.metadata_push_pending and row.metadata_push_error:
             reason = f"metadata push pending: {row.metadata_push_error}"
         table.add_row(
-            row.id[:8], row.equipment_id, Text(run_label(config, row.run_path) if config else printable(row.run_path)), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
-            str(row.attempts), str(row.verify_passes), _ago(row.verified_at), Text(printable(reason or "")),
+            row.id[:8],
+            row.equipment_id,
+            Text(run_label(config, row.run_path) if config else printable(row.run_path)),
+            f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            str(row.attempts),
+            str(row.verify_passes),
+            _ago(row.verified_at),
+            Text(printable(reason or "")),
         )
     return table
 
@@ -135,7 +149,11 @@ def run_client(config: Config, body: Any, *, run_workers: bool = False) -> Any:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--wait", is_flag=True, help="Sync now and wait until the runs are verified (metadata pushed) or failed.")
 @click.option(
-    "--timeout", "timeout_s", type=click.FloatRange(min=0), default=DEFAULT_WAIT_TIMEOUT_S, show_default=True,
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_WAIT_TIMEOUT_S,
+    show_default=True,
     help="With --wait: give up after this many seconds (0: no limit), say what is still awaited, exit 1.",
 )
 @config_option
@@ -164,9 +182,14 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
                 blocked = True
                 console.print(f"[yellow]blocked[/] {handle.run_path}")
                 for finding in handle.blocking_findings:
-                    console.print(Text(printable(
-                        f"    {finding.rule}: {finding.offending_path} ({finding.matched_token!r}): {finding.rule_detail}"
-                    )), highlight=False)
+                    console.print(
+                        Text(
+                            printable(
+                                f"    {finding.rule}: {finding.offending_path} ({finding.matched_token!r}): {finding.rule_detail}"
+                            )
+                        ),
+                        highlight=False,
+                    )
             else:
                 ids.append(handle.job_id)
                 console.print(f"[cyan]queued[/]  {handle.run_path}  job {handle.job_id}", highlight=False)
@@ -181,16 +204,20 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
             if waiting:
                 client.close_push_timeout_s = 0.0  # the deadline is the user's: a push in flight stays pending
                 for job_id, what in waiting.items():
-                    console.print(f"[yellow]gave up waiting after {timeout_s:g} s[/] for job {job_id}: {what}",
-                                  highlight=False)  # fmt: skip
-                console.print("the queue keeps these jobs: serve, or the next enqueue --wait, carries them on",
-                              highlight=False)  # fmt: skip
+                    console.print(
+                        f"[yellow]gave up waiting after {timeout_s:g} s[/] for job {job_id}: {what}", highlight=False
+                    )
+                console.print(
+                    "the queue keeps these jobs: serve, or the next enqueue --wait, carries them on", highlight=False
+                )
                 return EXIT_PROBLEM
             unpushed = [r for r in rows if r.state != SyncJobState.FAILED and r.metadata_push_pending]
             for row in unpushed:
-                console.print(f"[yellow]metadata push pending[/] job {row.id}: {row.metadata_push_error}; "
-                              "the NAS copy lacks its checksums.sha256 until serve or the next enqueue --wait sends it",
-                              highlight=False)  # fmt: skip
+                console.print(
+                    f"[yellow]metadata push pending[/] job {row.id}: {row.metadata_push_error}; "
+                    "the NAS copy lacks its checksums.sha256 until serve or the next enqueue --wait sends it",
+                    highlight=False,
+                )
             if unpushed or any(r.state == SyncJobState.FAILED for r in rows):
                 return EXIT_PROBLEM
         elif ids and not client.runs_workers and not wait:
@@ -251,8 +278,9 @@ def status_cmd(path: Path | None, as_json: bool, config: Config) -> None:
         for column in ("time", "kind", "from", "to", "detail"):
             events.add_column(column, overflow="fold")
         for event in row.events:
-            events.add_row(_ago(event.at), event.kind, event.from_state or "", event.to_state or "",
-                           Text(printable(event.detail)))
+            events.add_row(
+                _ago(event.at), event.kind, event.from_state or "", event.to_state or "", Text(printable(event.detail))
+            )
         show_table(events)
         return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
 
@@ -283,9 +311,12 @@ def jobs_cmd(state: str | None, equipment_id: str | None, as_json: bool, config:
 
 @main.command("retry")
 @click.argument("job_id")
-@click.option("--accept-local", is_flag=True,
-              help="Send locally damaged files as the new truth; the NAS keeps the verified ones under "
-                   ".exlab-wizard/previous/<UTC timestamp>/.")  # fmt: skip
+@click.option(
+    "--accept-local",
+    is_flag=True,
+    help="Send locally damaged files as the new truth; the NAS keeps the verified ones under "
+    ".exlab-wizard/previous/<UTC timestamp>/.",
+)
 @config_option
 @one_line_errors
 def retry_cmd(job_id: str, accept_local: bool, config: Config) -> None:
@@ -294,11 +325,18 @@ def retry_cmd(job_id: str, accept_local: bool, config: Config) -> None:
     async def body(client: NASSyncClient) -> int:
         matches = [r for r in await client.jobs() if r.id.startswith(job_id)]
         if len(matches) != 1:
-            fail(f"no job matches {job_id!r}" if not matches else f"{job_id!r} matches {len(matches)} jobs; give more of the id")
+            fail(
+                f"no job matches {job_id!r}"
+                if not matches
+                else f"{job_id!r} matches {len(matches)} jobs; give more of the id"
+            )
         try:
             row = await client.retry(matches[0].id, accept_local=accept_local)
         except IllegalTransition:
-            fail(f"job {matches[0].id} is {matches[0].state.value}, not failed; only failed jobs can be retried", EXIT_PROBLEM)
+            fail(
+                f"job {matches[0].id} is {matches[0].state.value}, not failed; only failed jobs can be retried",
+                EXIT_PROBLEM,
+            )
         except LocalDamageError as exc:
             fail(f"not retried: {exc}", EXIT_PROBLEM)
         console.print(f"[cyan]queued[/] {row.run_path} job {row.id}", highlight=False)

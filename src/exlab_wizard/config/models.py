@@ -15,7 +15,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -54,13 +54,13 @@ EQUIPMENT_ID_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _HHMM_RE = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])$")  # H:MM or HH:MM
 
 # The sane ranges of the numbers (docs/config.md says why each).
-YEAR_S = 365 * 24 * 3600            # the longest duration: one year, in seconds
-MIN_INTERVAL_S = 0.01               # a shorter scan or audit interval only burns the CPU
-MAX_UPLOAD_MBPS = 1_000_000         # 1 Tbit/s: far above any instrument PC's link
+YEAR_S = 365 * 24 * 3600  # the longest duration: one year, in seconds
+MIN_INTERVAL_S = 0.01  # a shorter scan or audit interval only burns the CPU
+MAX_UPLOAD_MBPS = 1_000_000  # 1 Tbit/s: far above any instrument PC's link
 MAX_PARALLEL_JOBS = 256
 MAX_VERIFY_PASSES = 1000
-MAX_VERIFY_STREAM_BYTES = 1 << 50   # 1 PiB
-MAX_CONTENT_SCAN_MIB = 1024         # files read whole into memory for the content scan
+MAX_VERIFY_STREAM_BYTES = 1 << 50  # 1 PiB
+MAX_CONTENT_SCAN_MIB = 1024  # files read whole into memory for the content scan
 
 
 def _show(value: float) -> str:
@@ -128,9 +128,9 @@ class BandwidthWindow(_Model):
             # YAML 1.1 reads an unquoted 08:00 as a sexagesimal integer (480).
             if 0 <= value < 24 * 60:
                 return dt.time(value // 60, value % 60)
-            raise ValueError(f"{value!r} is not a time of day; quote it as \"HH:MM\"")
+            raise ValueError(f'{value!r} is not a time of day; quote it as "HH:MM"')
         if not isinstance(value, str) or not _HHMM_RE.match(value.strip()):
-            raise ValueError(f"{value!r} is not a time of day \"HH:MM\" (00:00-23:59)")
+            raise ValueError(f'{value!r} is not a time of day "HH:MM" (00:00-23:59)')
         hour, minute = value.strip().split(":")
         return dt.time(int(hour), int(minute))
 
@@ -269,7 +269,7 @@ class RcloneTransportConfig(_TransportBase):
 
 
 TransportConfig = Annotated[
-    Union[MountTransportConfig, RsyncSshTransportConfig, RcloneTransportConfig],
+    MountTransportConfig | RsyncSshTransportConfig | RcloneTransportConfig,
     Field(discriminator="type"),
 ]
 
@@ -364,8 +364,19 @@ class SyncConfig(_Model):
 class ValidatorConfig(_Model):
     content_scan_max_mib: float = Field(default=5, ge=0)
     content_scan_extensions: tuple[str, ...] = (
-        ".txt", ".md", ".csv", ".tsv", ".json", ".yaml", ".yml",
-        ".toml", ".ini", ".cfg", ".conf", ".sh", ".py",
+        ".txt",
+        ".md",
+        ".csv",
+        ".tsv",
+        ".json",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".conf",
+        ".sh",
+        ".py",
     )
 
     @field_validator("content_scan_extensions")
@@ -422,7 +433,7 @@ class Config(_Model):
         return () if value is None else value
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> "Config":
+    def _unique_ids(self) -> Config:
         seen: dict[str, int] = {}
         for index, equipment in enumerate(self.equipment):
             if equipment.id in seen:

@@ -162,12 +162,18 @@ def _cookie(header: str, name: str) -> str | None:
 def _auth_reply(outcome: AuthOutcome) -> JSONResponse:
     if outcome is AuthOutcome.MISSING:
         return _json_reply(
-            401, shapes.error("unauthenticated", "this call changes something: send 'Authorization: Bearer <token>' "
-                                                 "(the token is in <state_dir>/api-token) or log in from the address "
-                                                 "serve printed"),
+            401,
+            shapes.error(
+                "unauthenticated",
+                "this call changes something: send 'Authorization: Bearer <token>' "
+                "(the token is in <state_dir>/api-token) or log in from the address "
+                "serve printed",
+            ),
             {"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
-    return _json_reply(403, shapes.error("forbidden", "wrong token, or a browser request not from this server's origin"))
+        )
+    return _json_reply(
+        403, shapes.error("forbidden", "wrong token, or a browser request not from this server's origin")
+    )
 
 
 # --------------------------------------------------------------------------- bodies
@@ -232,8 +238,10 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _json_reply(422, shapes.error("invalid_request", _readable(exc), errors=json.loads(json.dumps(
-            exc.errors(), default=str))))  # fmt: skip
+        return _json_reply(
+            422,
+            shapes.error("invalid_request", _readable(exc), errors=json.loads(json.dumps(exc.errors(), default=str))),
+        )
 
     def run_path(text: str) -> Path:
         try:
@@ -253,8 +261,9 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         if state is not None and state not in _STATE_VALUES:
             raise ApiError(422, "invalid_request", f"state must be one of {', '.join(_STATE_VALUES)}, not {state!r}")
         try:
-            page = await asyncio.to_thread(ctx.stats.page, state=state, equipment_id=equipment_id, limit=limit,
-                                           after=after)  # fmt: skip
+            page = await asyncio.to_thread(
+                ctx.stats.page, state=state, equipment_id=equipment_id, limit=limit, after=after
+            )
         except KeyError:
             raise ApiError(422, "invalid_request", f"after: no job {after!r}") from None
         return shapes.jobs_page(page.jobs, page.next_after)
@@ -287,7 +296,9 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         try:
             body = RetryBody.model_validate_json(raw) if raw.strip() else RetryBody()
         except ValidationError as exc:
-            raise ApiError(422, "invalid_request", _readable(exc) + ' (the body is optional: {"accept_local": true})') from None
+            raise ApiError(
+                422, "invalid_request", _readable(exc) + ' (the body is optional: {"accept_local": true})'
+            ) from None
         try:
             row = await ctx.client.retry(job_id, accept_local=body.accept_local)
         except KeyError:
@@ -340,8 +351,14 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         run = run_path(body.run_path)
         try:
             entry = await asyncio.to_thread(
-                add_override, ctx.writer, run, rule=body.rule, reason=body.reason,
-                operator=body.operator or ctx.operator, path=body.path, expires_at=body.expires_at,
+                add_override,
+                ctx.writer,
+                run,
+                rule=body.rule,
+                reason=body.reason,
+                operator=body.operator or ctx.operator,
+                path=body.path,
+                expires_at=body.expires_at,
             )
         except OverrideError as exc:
             raise override_error(exc) from None
@@ -354,7 +371,11 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
         run = run_path(body.run_path)
         try:
             entry = await asyncio.to_thread(
-                revoke_override, ctx.writer, run, override_id, reason=body.reason,
+                revoke_override,
+                ctx.writer,
+                run,
+                override_id,
+                reason=body.reason,
                 operator=body.operator or ctx.operator,
             )
         except OverrideError as exc:
@@ -373,7 +394,11 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
     async def watcher() -> dict[str, Any]:
         if ctx.watcher is None:
             return {"running": False, "blocked": [], "incomplete": []}
-        return {"running": True, "blocked": _plain(ctx.watcher.blocked()), "incomplete": _plain(ctx.watcher.incomplete())}
+        return {
+            "running": True,
+            "blocked": _plain(ctx.watcher.blocked()),
+            "incomplete": _plain(ctx.watcher.incomplete()),
+        }
 
     @app.get("/api/events", summary="Server-sent events: transition, event, progress")
     async def events(request: Request) -> EventSourceResponse:
@@ -395,10 +420,12 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
     async def login(code: str = Query("", max_length=200)) -> Response:
         session = ctx.auth.redeem_login_code(code)
         if session is None:
-            return HTMLResponse("<!doctype html><title>exlab-sync</title><p>This login address was used already "
-                                "or has expired. Ask for a new one: <code>exlab-sync serve</code> prints one at "
-                                "start, and <code>POST /api/login-codes</code> with the token makes another.</p>",
-                                status_code=403)  # fmt: skip
+            return HTMLResponse(
+                "<!doctype html><title>exlab-sync</title><p>This login address was used already "
+                "or has expired. Ask for a new one: <code>exlab-sync serve</code> prints one at "
+                "start, and <code>POST /api/login-codes</code> with the token makes another.</p>",
+                status_code=403,
+            )
         reply = RedirectResponse("/", status_code=303)
         reply.set_cookie(COOKIE_NAME, session, max_age=int(SESSION_TTL_S), httponly=True, samesite="strict", path="/")
         return reply
@@ -455,13 +482,20 @@ def _equipment_cards(ctx: ServiceContext) -> list[dict[str, Any]]:
     for eq in ctx.config.equipment:
         bandwidth = eq.transport.bandwidth
         change = bw_policy.next_change(bandwidth, now)
-        cards.append({
-            "id": eq.id, "label": eq.label, "transport": eq.transport.type, "nas_root": eq.nas_root,
-            "nas_reachable": ctx.facts.reachable.get(eq.id), "nas_probed_at": ctx.facts.probed_at.get(eq.id),
-            "bwlimit_kibps_now": bw_policy.limit_kibps(bandwidth, now),
-            "bwlimit_next_change": shapes.iso(change),
-            "jobs": counts[eq.id], "bytes_reclaimable": ctx.facts.reclaimable.get(eq.id, 0),
-        })
+        cards.append(
+            {
+                "id": eq.id,
+                "label": eq.label,
+                "transport": eq.transport.type,
+                "nas_root": eq.nas_root,
+                "nas_reachable": ctx.facts.reachable.get(eq.id),
+                "nas_probed_at": ctx.facts.probed_at.get(eq.id),
+                "bwlimit_kibps_now": bw_policy.limit_kibps(bandwidth, now),
+                "bwlimit_next_change": shapes.iso(change),
+                "jobs": counts[eq.id],
+                "bytes_reclaimable": ctx.facts.reclaimable.get(eq.id, 0),
+            }
+        )
     return cards
 
 

@@ -31,7 +31,13 @@ from enum import StrEnum
 from pathlib import Path
 
 __all__ = [
-    "COOKIE_NAME", "LOGIN_CODE_TTL_S", "SESSION_TTL_S", "TOKEN_NAME", "Auth", "AuthOutcome", "load_or_create_token",
+    "COOKIE_NAME",
+    "LOGIN_CODE_TTL_S",
+    "SESSION_TTL_S",
+    "TOKEN_NAME",
+    "Auth",
+    "AuthOutcome",
+    "load_or_create_token",
 ]
 
 logger = logging.getLogger(__name__)

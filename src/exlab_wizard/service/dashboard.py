@@ -57,7 +57,12 @@ if TYPE_CHECKING:
     from exlab_wizard.service.app import ServiceContext
 
 __all__ = [
-    "FAILURE_SENTENCES", "PARTIALS", "VerifiedChart", "WaitingBytes", "failure_sentence", "install_dashboard",
+    "FAILURE_SENTENCES",
+    "PARTIALS",
+    "VerifiedChart",
+    "WaitingBytes",
+    "failure_sentence",
+    "install_dashboard",
     "verified_per_hour",
 ]
 
@@ -236,12 +241,18 @@ class WaitingBytes:
         """
         with self._lock:
             last = self._last
-        if last is not None and version is not None and last[1] == version and time.monotonic() - last[0] < self.reuse_s:
+        if (
+            last is not None
+            and version is not None
+            and last[1] == version
+            and time.monotonic() - last[0] < self.reuse_s
+        ):
             return last[2]
         marks = ",".join("?" * len(WAITING_STATES))
         with _read_only(self.db_path) as conn:
-            rows = conn.execute(f"SELECT run_path, equipment_id FROM jobs WHERE state IN ({marks})",
-                                WAITING_STATES).fetchall()  # fmt: skip
+            rows = conn.execute(
+                f"SELECT run_path, equipment_id FROM jobs WHERE state IN ({marks})", WAITING_STATES
+            ).fetchall()
         with self._lock:
             known = dict(self._sizes)
         walked = 0
@@ -290,19 +301,29 @@ class VerifiedChart:
         for i, (at, value) in enumerate(hours):
             h = 0.0 if scale == 0 else plot_h * value / scale
             local = at.astimezone()
-            bars.append({
-                "x": round(self.left + i * slot + 1, 1), "y": round(self.top + plot_h - h, 1),
-                "w": round(max(1.0, slot - 2), 1), "h": round(h, 1),
-                "label": f"{local.strftime('%H:%M')}: {human_bytes(value)} verified",
-            })
+            bars.append(
+                {
+                    "x": round(self.left + i * slot + 1, 1),
+                    "y": round(self.top + plot_h - h, 1),
+                    "w": round(max(1.0, slot - 2), 1),
+                    "h": round(h, 1),
+                    "label": f"{local.strftime('%H:%M')}: {human_bytes(value)} verified",
+                }
+            )
             if local.hour % 6 == 0:
                 ticks.append({"x": round(self.left + i * slot, 1), "label": local.strftime("%H:%M")})
         total = sum(b for _at, b in hours)
         return {
-            "chart": self, "bars": bars, "ticks": ticks, "scale_label": human_bytes(scale) if scale else "0 B",
-            "mid_y": self.top + plot_h / 2, "mid_label": human_bytes(scale / 2) if scale else "",
-            "plot_bottom": self.top + plot_h, "plot_right": self.width - self.right,
-            "total_label": human_bytes(total), "empty": total == 0,
+            "chart": self,
+            "bars": bars,
+            "ticks": ticks,
+            "scale_label": human_bytes(scale) if scale else "0 B",
+            "mid_y": self.top + plot_h / 2,
+            "mid_label": human_bytes(scale / 2) if scale else "",
+            "plot_bottom": self.top + plot_h,
+            "plot_right": self.width - self.right,
+            "total_label": human_bytes(total),
+            "empty": total == 0,
         }
 
 
@@ -324,8 +345,13 @@ def _nice_ceiling(value: int) -> int:
 # --------------------------------------------------------------------------- reads for the page
 
 
-def _equipment_cards(ctx: ServiceContext, counts: dict[str, dict[str, int]], waiting: dict[str, int],
-                     waiting_runs: dict[str, int], now: dt.datetime) -> list[dict[str, Any]]:  # fmt: skip
+def _equipment_cards(
+    ctx: ServiceContext,
+    counts: dict[str, dict[str, int]],
+    waiting: dict[str, int],
+    waiting_runs: dict[str, int],
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
     cards = []
     for eq in ctx.config.equipment:
         bandwidth = eq.transport.bandwidth
@@ -333,14 +359,23 @@ def _equipment_cards(ctx: ServiceContext, counts: dict[str, dict[str, int]], wai
         change = bw_policy.next_change(bandwidth, now)
         limit_then = bw_policy.limit_kibps(bandwidth, change + dt.timedelta(seconds=1)) if change else None
         jobs = counts.get(eq.id, dict.fromkeys(_STATES, 0))
-        cards.append({
-            "id": eq.id, "label": eq.label, "transport": eq.transport.type,
-            "nas_reachable": ctx.facts.reachable.get(eq.id), "nas_probed_at": ctx.facts.probed_at.get(eq.id),
-            "limit_now": limit, "next_change": change, "limit_then": limit_then,
-            "jobs": jobs, "total_jobs": sum(jobs.values()),
-            "waiting_bytes": waiting.get(eq.id, 0), "waiting_runs": waiting_runs.get(eq.id, 0),
-            "reclaimable_bytes": ctx.facts.reclaimable.get(eq.id, 0),
-        })
+        cards.append(
+            {
+                "id": eq.id,
+                "label": eq.label,
+                "transport": eq.transport.type,
+                "nas_reachable": ctx.facts.reachable.get(eq.id),
+                "nas_probed_at": ctx.facts.probed_at.get(eq.id),
+                "limit_now": limit,
+                "next_change": change,
+                "limit_then": limit_then,
+                "jobs": jobs,
+                "total_jobs": sum(jobs.values()),
+                "waiting_bytes": waiting.get(eq.id, 0),
+                "waiting_runs": waiting_runs.get(eq.id, 0),
+                "reclaimable_bytes": ctx.facts.reclaimable.get(eq.id, 0),
+            }
+        )
     return cards
 
 
@@ -363,11 +398,16 @@ def _running(ctx: ServiceContext, loop_now: float) -> list[dict[str, Any]]:
         elapsed = loop_now - live.started_at if live else 0.0
         rate = done / elapsed if live and elapsed > 0 and done > 0 else None
         eta = (total - done) / rate if rate and total > done else None
-        out.append({
-            "job": row, "phase": live.phase if live else ("verify" if row.state == S.AWAITING_VERIFY.value
-                                                           else "transfer"),
-            "done": done, "total": total, "rate": rate, "eta": eta,
-        })  # fmt: skip
+        out.append(
+            {
+                "job": row,
+                "phase": live.phase if live else ("verify" if row.state == S.AWAITING_VERIFY.value else "transfer"),
+                "done": done,
+                "total": total,
+                "rate": rate,
+                "eta": eta,
+            }
+        )
     return out
 
 
@@ -384,8 +424,9 @@ def _blocked(ctx: ServiceContext) -> list[dict[str, Any]] | None:
     for item in ctx.watcher.blocked():
         data = item.to_dict() if hasattr(item, "to_dict") else dict(item)
         findings = [f for f in data.get("findings", []) if f.get("tier", "hard") == "hard"] or data.get("findings", [])
-        findings = [{**f, "where": _within(str(data.get("run_path", "")), str(f.get("offending_path", "")))}
-                    for f in findings]  # fmt: skip
+        findings = [
+            {**f, "where": _within(str(data.get("run_path", "")), str(f.get("offending_path", "")))} for f in findings
+        ]
         choices: dict[str, str] = {}  # rule -> the first finding's path, in the findings' order
         for f in findings:
             choices.setdefault(str(f.get("rule", "")), str(f.get("offending_path", "")))
@@ -404,8 +445,9 @@ def _within(run_path: str, path: str) -> str:
 
 
 def _templates() -> Jinja2Templates:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True, trim_blocks=True, lstrip_blocks=True
+    )
     env.filters.update(bytes=human_bytes, duration=human_duration, when=local_time)
     return Jinja2Templates(env=env)
 
@@ -423,10 +465,14 @@ def _watch_feed(ctx: ServiceContext) -> None:
     def relay(event: dict[str, Any]) -> None:
         if event.get("action") not in ("blocked", "enqueued", "adopted", "forgotten"):
             return
-        message = FeedMessage("watcher", {
-            "action": str(event.get("action")), "run_path": str(event.get("run_path", "")),
-            "equipment_id": str(event.get("equipment_id", "")),
-        })
+        message = FeedMessage(
+            "watcher",
+            {
+                "action": str(event.get("action")),
+                "run_path": str(event.get("run_path", "")),
+                "equipment_id": str(event.get("equipment_id", "")),
+            },
+        )
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # called from a worker thread: the hub's queues belong to the loop
@@ -453,9 +499,14 @@ def install_dashboard(app: FastAPI, ctx: ServiceContext) -> None:
         if name in ("equipment", "totals"):
             by_bytes, by_runs, complete = waiting.refresh(ctx.hub.last_id)
             cards = _equipment_cards(ctx, _counts(ctx), by_bytes, by_runs, now)
-            return {"cards": cards, "waiting_complete": complete, "states": _STATES,
-                    "waiting_total": sum(by_bytes.values()), "waiting_runs": sum(by_runs.values()),
-                    "reclaimable_total": sum(ctx.facts.reclaimable.values())}  # fmt: skip
+            return {
+                "cards": cards,
+                "waiting_complete": complete,
+                "states": _STATES,
+                "waiting_total": sum(by_bytes.values()),
+                "waiting_runs": sum(by_runs.values()),
+                "reclaimable_total": sum(ctx.facts.reclaimable.values()),
+            }
         if name == "running":
             return {"running": _running(ctx, loop_now)}
         if name == "failed":
@@ -484,10 +535,10 @@ def install_dashboard(app: FastAPI, ctx: ServiceContext) -> None:
 
     @router.get("/charts/verified.svg")
     async def verified_chart(request: Request) -> Response:
-        hours = await asyncio.to_thread(verified_per_hour, ctx.config.queue_db, equipment_ids,
-                                        dt.datetime.now(dt.UTC))  # fmt: skip
-        return templates.TemplateResponse(request, "verified_chart.svg", chart.context(hours),
-                                          media_type="image/svg+xml", headers=_NO_STORE)  # fmt: skip
+        hours = await asyncio.to_thread(verified_per_hour, ctx.config.queue_db, equipment_ids, dt.datetime.now(dt.UTC))
+        return templates.TemplateResponse(
+            request, "verified_chart.svg", chart.context(hours), media_type="image/svg+xml", headers=_NO_STORE
+        )
 
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static")

@@ -175,7 +175,16 @@ class EventHub:
         rate.at, rate.bytes, rate.sent_at = now, done, now
         if finished:
             self._rates.pop(job_id, None)
-        self.publish(FeedMessage("progress", {
-            "job_id": job_id, "run_path": event.get("run_path"), "phase": event.get("phase"),
-            "bytes_done": done, "bytes_total": total, "rate_bps": bps,
-        }))
+        self.publish(
+            FeedMessage(
+                "progress",
+                {
+                    "job_id": job_id,
+                    "run_path": event.get("run_path"),
+                    "phase": event.get("phase"),
+                    "bytes_done": done,
+                    "bytes_total": total,
+                    "rate_bps": bps,
+                },
+            )
+        )

@@ -102,11 +102,16 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         ids = [eq.id for eq in self.config.equipment]
         jobs = GaugeMetricFamily("exlab_jobs", "Jobs by equipment and state.", labels=["equipment", "state"])
-        oldest = GaugeMetricFamily("exlab_oldest_queued_job_age_seconds",
-                                   "Age of the oldest QUEUED job (0: none queued).", labels=["equipment"])  # fmt: skip
-        verified = GaugeMetricFamily("exlab_last_verified_sync_timestamp_seconds",
-                                     "Unix time of the latest verification of a current NAS copy (0: never).",
-                                     labels=["equipment"])  # fmt: skip
+        oldest = GaugeMetricFamily(
+            "exlab_oldest_queued_job_age_seconds",
+            "Age of the oldest QUEUED job (0: none queued).",
+            labels=["equipment"],
+        )
+        verified = GaugeMetricFamily(
+            "exlab_last_verified_sync_timestamp_seconds",
+            "Unix time of the latest verification of a current NAS copy (0: never).",
+            labels=["equipment"],
+        )
         counts = {(row.equipment_id, row.state): row.jobs for row in self.stats.by_equipment_state()}
         known = ids + sorted({eq for eq, _ in counts} - set(ids))  # jobs of equipment no longer configured too
         oldest_at = self.stats.oldest_queued(known)
@@ -120,13 +125,17 @@ class _QueueCollector(Collector):
         yield jobs
         yield oldest
         yield verified
-        reachable = GaugeMetricFamily("exlab_nas_reachable", "1 when the last background probe reached the NAS.",
-                                      labels=["equipment"])  # fmt: skip
-        probed = GaugeMetricFamily("exlab_nas_probe_timestamp_seconds", "Unix time of the last NAS probe (0: none yet).",
-                                   labels=["equipment"])  # fmt: skip
-        reclaim = GaugeMetricFamily("exlab_reclaimable_bytes",
-                                    "Verified local bytes that cleanup could free (VERIFIED and CLEANUP_ELIGIBLE jobs).",
-                                    labels=["equipment"])  # fmt: skip
+        reachable = GaugeMetricFamily(
+            "exlab_nas_reachable", "1 when the last background probe reached the NAS.", labels=["equipment"]
+        )
+        probed = GaugeMetricFamily(
+            "exlab_nas_probe_timestamp_seconds", "Unix time of the last NAS probe (0: none yet).", labels=["equipment"]
+        )
+        reclaim = GaugeMetricFamily(
+            "exlab_reclaimable_bytes",
+            "Verified local bytes that cleanup could free (VERIFIED and CLEANUP_ELIGIBLE jobs).",
+            labels=["equipment"],
+        )
         for eq in ids:
             reachable.add_metric([eq], 1.0 if self.facts.reachable.get(eq) else 0.0)
             probed.add_metric([eq], self.facts.probed_at.get(eq, 0.0))
@@ -143,12 +152,22 @@ class ServiceMetrics:
         self.config = config
         self.registry = CollectorRegistry()
         self.registry.register(_QueueCollector(config, stats, facts, clock))
-        self.transferred = Counter("exlab_transferred_bytes", "Bytes sent to the NAS by transfers.",
-                                   ["equipment"], registry=self.registry)  # fmt: skip
-        self.verifications = Counter("exlab_verifications", "Verification outcomes (pass, fail).",
-                                     ["equipment", "outcome"], registry=self.registry)  # fmt: skip
-        self.durations = Histogram("exlab_transfer_duration_seconds", "Time from RUNNING to the end of the transfer.",
-                                   ["equipment"], buckets=_DURATION_BUCKETS, registry=self.registry)  # fmt: skip
+        self.transferred = Counter(
+            "exlab_transferred_bytes", "Bytes sent to the NAS by transfers.", ["equipment"], registry=self.registry
+        )
+        self.verifications = Counter(
+            "exlab_verifications",
+            "Verification outcomes (pass, fail).",
+            ["equipment", "outcome"],
+            registry=self.registry,
+        )
+        self.durations = Histogram(
+            "exlab_transfer_duration_seconds",
+            "Time from RUNNING to the end of the transfer.",
+            ["equipment"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self._running_since: dict[str, float] = {}
         for eq in config.equipment:  # every series present from the start, at 0
             self.transferred.labels(eq.id)
@@ -189,4 +208,3 @@ class ServiceMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
-

@@ -63,9 +63,7 @@ class RunListing:
 
     def may_hold(self, run: str) -> bool:
         """Could ``run`` be under a folder this listing could not see?"""
-        return self.root_missing or any(
-            run.startswith(folder + os.sep) for folder in self.unlisted
-        )
+        return self.root_missing or any(run.startswith(folder + os.sep) for folder in self.unlisted)
 
 
 def _real_folders(folder: str, listing: RunListing) -> list[tuple[str, str]] | None:
@@ -134,9 +132,7 @@ def _sentinel(run: str, name: str) -> Completeness:
     except FileNotFoundError:
         return Completeness(False, f"waiting for the sentinel file {name}")
     except OSError as exc:
-        return Completeness(
-            False, f"cannot look at the sentinel file {name}: {exc.strerror or exc}"
-        )
+        return Completeness(False, f"cannot look at the sentinel file {name}: {exc.strerror or exc}")
     if not stat.S_ISREG(mode):
         return Completeness(False, f"the sentinel {name} is not a regular file")
     return Completeness(True)
@@ -154,11 +150,7 @@ def _manifest_entries(raw: Any, name: str) -> list[tuple[str, int]] | str:
         if not isinstance(path, str) or not path:
             return f"malformed manifest {name}: files[{index}].path must be a non-empty string"
         parts = path.split("/")
-        if (
-            path.startswith("/")
-            or any(part in ("", ".", "..") for part in parts)
-            or "\0" in path
-        ):
+        if path.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\0" in path:
             return f"malformed manifest {name}: files[{index}].path {path!r} is not a relative path inside the run"
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             return f"malformed manifest {name}: files[{index}].size must be a whole number of bytes"
@@ -239,9 +231,7 @@ def completeness(equipment: EquipmentConfig, run_path: Path | str) -> Completene
 def _creation_digest(run: str) -> str:
     """creation.json's content without ``sync_status`` (which the gate itself writes)."""
     try:
-        data = read_regular_file(
-            Path(run, METADATA_DIR, CREATION_NAME), CREATION_MAX_BYTES
-        )
+        data = read_regular_file(Path(run, METADATA_DIR, CREATION_NAME), CREATION_MAX_BYTES)
     except CacheError as exc:
         return f"unusable:{exc.kind.value}"
     if data is None:
@@ -252,9 +242,7 @@ def _creation_digest(run: str) -> str:
         raw = None
     if isinstance(raw, dict):
         raw = {key: value for key, value in raw.items() if key != "sync_status"}
-        data = json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str).encode(
-            "utf-8", "surrogatepass"
-        )
+        data = json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
     return hashlib.sha256(data).hexdigest()
 
 

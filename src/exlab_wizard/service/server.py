@@ -144,11 +144,21 @@ async def run_service(
     base_url = _url(host, port)
     auth = Auth(token, _origins(host, port))
     watcher = _make_watcher(config, client)
-    ctx = ServiceContext(config=config, client=client, stats=stats, hub=hub, auth=auth, metrics=metrics,
-                         facts=facts, base_url=base_url, watcher=watcher)  # fmt: skip
+    ctx = ServiceContext(
+        config=config,
+        client=client,
+        stats=stats,
+        hub=hub,
+        auth=auth,
+        metrics=metrics,
+        facts=facts,
+        base_url=base_url,
+        watcher=watcher,
+    )
     app = create_app(ctx, allowed_hosts=_allowed_hosts(host))
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
-                                    access_log=False))  # fmt: skip
+    server = _Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, access_log=False)
+    )
     loop = asyncio.get_running_loop()
     if install_signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -177,8 +187,14 @@ async def run_service(
         sock.close()
 
 
-async def _shutdown(server: _Server, hub: EventHub, background: list[asyncio.Task[Any]], client: NASSyncClient,
-                    stats: QueueStats, serving: asyncio.Task[Any] | None) -> None:  # fmt: skip
+async def _shutdown(
+    server: _Server,
+    hub: EventHub,
+    background: list[asyncio.Task[Any]],
+    client: NASSyncClient,
+    stats: QueueStats,
+    serving: asyncio.Task[Any] | None,
+) -> None:
     """Stop taking work and requests, stop the transfer at a safe point, leave the queue durable."""
     await hub.stop()  # ends every event stream, so uvicorn need not wait for them
     server.should_exit = True
@@ -190,8 +206,9 @@ async def _shutdown(server: _Server, hub: EventHub, background: list[asyncio.Tas
     try:
         await asyncio.wait_for(client.close(), SHUTDOWN_BUDGET_S)
     except TimeoutError:
-        logger.error("the client did not close within %g s; the queue recovers the job at the next start",
-                     SHUTDOWN_BUDGET_S)  # fmt: skip
+        logger.error(
+            "the client did not close within %g s; the queue recovers the job at the next start", SHUTDOWN_BUDGET_S
+        )
     if serving is not None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(serving, 3.0)

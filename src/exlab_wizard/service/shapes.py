@@ -22,8 +22,21 @@ from exlab_wizard.validator import Finding
 from exlab_wizard.validator.override_ops import OverrideView
 
 __all__ = [
-    "cleanup_report", "error", "finding", "handle", "iso", "job_detail", "job_row", "jobs_page", "override_view",
-    "problems", "progress", "queue_counts", "run_overrides", "run_status", "verify_result",
+    "cleanup_report",
+    "error",
+    "finding",
+    "handle",
+    "iso",
+    "job_detail",
+    "job_row",
+    "jobs_page",
+    "override_view",
+    "problems",
+    "progress",
+    "queue_counts",
+    "run_overrides",
+    "run_status",
+    "verify_result",
 ]
 
 
@@ -96,7 +109,6 @@ def verify_result(run_path: str, result: VerifyResult) -> dict[str, Any]:
 def override_view(view: OverrideView) -> dict[str, Any]:
     """An entry of ``validation_overrides`` as stored, plus ``status`` and ``revoked_by``."""
     return view.to_dict()
-
 
 
 def queue_counts(rows: Iterable[SyncJobRow]) -> dict[str, Any]:

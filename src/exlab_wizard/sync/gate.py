@@ -84,7 +84,7 @@ def evaluate_run(
     active. Raises what ``validator.audit_run`` raises for a run folder that
     does not exist (``FileNotFoundError`` / ``NotADirectoryError``).
     """
-    now = now if now is not None else dt.datetime.now(dt.timezone.utc)
+    now = now if now is not None else dt.datetime.now(dt.UTC)
     run = os.path.abspath(os.fspath(run_path))
     findings = list(validator.audit_run(Path(run)))
     creation = _read_creation(writer, run)

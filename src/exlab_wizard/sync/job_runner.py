@@ -42,8 +42,8 @@ from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import record_verified_stat
-from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.recovery import LOCAL_DAMAGE, damage_message, find_damage, previous_stamp
+from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
 from exlab_wizard.sync.verifier import compare
@@ -98,9 +98,13 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
             equipment = ctx.equipment(job)
             if equipment is None:
                 queue.transition(
-                    job.id, S.QUEUED, S.FAILED, now=ctx.clock(),
+                    job.id,
+                    S.QUEUED,
+                    S.FAILED,
+                    now=ctx.clock(),
                     detail=f"equipment {job.equipment_id} is no longer configured",
-                    error_kind=FailureKind.UNKNOWN, last_error=f"equipment {job.equipment_id} is no longer configured",
+                    error_kind=FailureKind.UNKNOWN,
+                    last_error=f"equipment {job.equipment_id} is no longer configured",
                 )
                 continue
             start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
@@ -216,8 +220,13 @@ def crashed(ctx: ClientContext, job: SyncJobRow, exc: Exception) -> None:
 
 
 def retry_or_fail(
-    ctx: ClientContext, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
-    *, rewrite: tuple[str, ...] = (),
+    ctx: ClientContext,
+    job: SyncJobRow,
+    from_state: SyncJobState,
+    kind: TransportErrorKind | str,
+    message: str,
+    *,
+    rewrite: tuple[str, ...] = (),
 ) -> None:
     """Record the retry policy's decision for a failed attempt: back to QUEUED with backoff, or FAILED."""
     queue = ctx.require_queue()
@@ -226,16 +235,23 @@ def retry_or_fail(
     attempts = job.attempts + 1
     now = ctx.clock()
     decision = retry_policy.decide(
-        kind_value, attempts=attempts, mismatch_count=mismatch,
-        backoff_s=ctx.config.sync.backoff_s, now=now, message=message,
+        kind_value,
+        attempts=attempts,
+        mismatch_count=mismatch,
+        backoff_s=ctx.config.sync.backoff_s,
+        now=now,
+        message=message,
     )
     equipment = ctx.equipment(job)
     if decision.action != "retry":
         fail(ctx, job, from_state, decision.error_kind, decision.reason, attempts=attempts, mismatch=mismatch)
         return
     fields: dict[str, Any] = {
-        "attempts": attempts, "mismatch_count": mismatch, "next_attempt_at": decision.next_attempt_at,
-        "error_kind": decision.error_kind, "last_error": decision.reason,
+        "attempts": attempts,
+        "mismatch_count": mismatch,
+        "next_attempt_at": decision.next_attempt_at,
+        "error_kind": decision.error_kind,
+        "last_error": decision.reason,
         "rewrite_paths": rewrite if decision.rewrite else job.rewrite_paths,
     }
     if from_state == S.QUEUED:  # failed before its transfer began (the gate): no state change
@@ -248,8 +264,14 @@ def retry_or_fail(
 
 
 def fail(
-    ctx: ClientContext, job: SyncJobRow, from_state: SyncJobState, kind: TransportErrorKind | str, message: str,
-    *, attempts: int | None = None, mismatch: int | None = None,
+    ctx: ClientContext,
+    job: SyncJobRow,
+    from_state: SyncJobState,
+    kind: TransportErrorKind | str,
+    message: str,
+    *,
+    attempts: int | None = None,
+    mismatch: int | None = None,
 ) -> None:
     """Move the job to FAILED with ``kind`` and ``message``; mark the run's creation.json ``failed``."""
     queue = ctx.require_queue()
@@ -290,7 +312,9 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             queue.record_event(job.id, GATE_HOLD_EVENT, f"held by the gate: {rules}", now=ctx.clock(), code=rules)
             log.warning(run, "gate_hold", rules=rules)
         queue.update(
-            job.id, S.QUEUED, now=ctx.clock(),
+            job.id,
+            S.QUEUED,
+            now=ctx.clock(),
             next_attempt_at=ctx.clock() + dt.timedelta(seconds=ctx.config.sync.scan_interval_s),
         )
         return
@@ -298,10 +322,20 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     damaged = await asyncio.to_thread(find_damage, queue, job)
     accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))
     if len(accepted) < len(damaged):
-        fail(ctx, job, S.QUEUED, LOCAL_DAMAGE, damage_message(job.id, job.run_path, [p for p in damaged if p not in accepted]))
+        fail(
+            ctx,
+            job,
+            S.QUEUED,
+            LOCAL_DAMAGE,
+            damage_message(job.id, job.run_path, [p for p in damaged if p not in accepted]),
+        )
         return
     job = queue.transition(
-        job.id, S.QUEUED, S.RUNNING, now=ctx.clock(), detail=f"transfer attempt {job.attempts + 1}",
+        job.id,
+        S.QUEUED,
+        S.RUNNING,
+        now=ctx.clock(),
+        detail=f"transfer attempt {job.attempts + 1}",
         overrides_relied_on=tuple(result.overrides_relied_on),
     )
     ctx.notify_state(job)
@@ -346,7 +380,10 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         await _cancel(sizing)
     log.info(run, "transfer_done", job=job.id, files=outcome.files_sent, bytes=outcome.bytes_sent)
     job = queue.transition(
-        job.id, S.RUNNING, S.AWAITING_VERIFY, now=ctx.clock(),
+        job.id,
+        S.RUNNING,
+        S.AWAITING_VERIFY,
+        now=ctx.clock(),
         detail=f"sent {outcome.files_sent} files, {outcome.bytes_sent} bytes",
     )
     ctx.notify_state(job)
@@ -360,10 +397,14 @@ async def _keep_previous(
     stamp = job.previous_stamp or previous_stamp(ctx.clock())
     kept = await remote.keep_previous(Path(job.run_path), accepted, stamp)
     return ctx.require_queue().update(
-        job.id, S.RUNNING, now=ctx.clock(), event_kind="previous_kept",
+        job.id,
+        S.RUNNING,
+        now=ctx.clock(),
+        event_kind="previous_kept",
         detail=f"the NAS keeps {len(kept)} verified file(s) under {METADATA_DIR}/previous/{stamp}/"
         + (f": {name_paths(list(kept))}" if kept else ""),
-        previous_stamp=stamp, previous_kept_at=ctx.clock(),
+        previous_stamp=stamp,
+        previous_kept_at=ctx.clock(),
     )
 
 
@@ -441,7 +482,10 @@ async def verify_job(
 
 
 def _judge(
-    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, local_hashes: Mapping[str, str],
+    ctx: ClientContext,
+    job: SyncJobRow,
+    equipment: EquipmentConfig,
+    local_hashes: Mapping[str, str],
     remote: RemoteManifest,
 ) -> int | None:
     """Compare: the number of files checked when every one matches; else the outcome recorded (FAILED or a retry), None."""
@@ -459,17 +503,24 @@ def _judge(
     if outcome.extra and not (outcome.different or outcome.missing):
         # The push checked that the remote folder held nothing foreign, so a
         # file there that is not local any more was ours and vanished since.
-        fail(ctx, job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED, _vanished_message(list(outcome.extra)))
+        fail(
+            ctx, job, S.AWAITING_VERIFY, TransportErrorKind.LOCAL_FILE_VANISHED, _vanished_message(list(outcome.extra))
+        )
         return None
     if not outcome.ok:
         bad = list(outcome.different) + list(outcome.missing)
         summary = (
             f"hash mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
-            f"{len(outcome.extra)} extra" + (f"; first: {(bad or list(outcome.extra))[0]}" if (bad or outcome.extra) else "")
+            f"{len(outcome.extra)} extra"
+            + (f"; first: {(bad or list(outcome.extra))[0]}" if (bad or outcome.extra) else "")
         )
         ctx.log(equipment).error(
-            Path(job.run_path), "verify_mismatch", job=job.id,
-            different=len(outcome.different), missing=len(outcome.missing), extra=len(outcome.extra),
+            Path(job.run_path),
+            "verify_mismatch",
+            job=job.id,
+            different=len(outcome.different),
+            missing=len(outcome.missing),
+            extra=len(outcome.extra),
         )
         retry_or_fail(ctx, job, S.AWAITING_VERIFY, TransportErrorKind.HASH_MISMATCH, summary, rewrite=tuple(bad))
         return None
@@ -486,14 +537,29 @@ async def _promote(
     await asyncio.to_thread(_mark_synced, ctx, run, job.remote_path)
     now = ctx.clock()
     job = queue.transition(
-        job.id, S.AWAITING_VERIFY, S.VERIFIED, now=now,
+        job.id,
+        S.AWAITING_VERIFY,
+        S.VERIFIED,
+        now=now,
         detail=f"verified {checked} files, manifest {digest[:12]}",
-        verify_passes=1, verified_at=now, last_verify_at=now, pass_times=(now,),
-        manifest_digest=digest, attempts=0, mismatch_count=0, rewrite_paths=(),
-        error_kind=None, last_error=None, next_attempt_at=None,
+        verify_passes=1,
+        verified_at=now,
+        last_verify_at=now,
+        pass_times=(now,),
+        manifest_digest=digest,
+        attempts=0,
+        mismatch_count=0,
+        rewrite_paths=(),
+        error_kind=None,
+        last_error=None,
+        next_attempt_at=None,
         # The push of the refreshed .exlab-wizard/ is owed from this moment, durably.
-        metadata_push_due_at=now, metadata_push_failures=0, metadata_push_error=None,
-        accept_local_paths=(), previous_stamp=None, previous_kept_at=None,
+        metadata_push_due_at=now,
+        metadata_push_failures=0,
+        metadata_push_error=None,
+        accept_local_paths=(),
+        previous_stamp=None,
+        previous_kept_at=None,
     )
     ctx.log(equipment).info(run, "verified", job=job.id, files=checked, manifest_digest=digest)
     ctx.notify_state(job)
@@ -504,7 +570,8 @@ async def _promote(
     except Exception as exc:
         logger.exception("job %s: verified stats not recorded", job.id)
         queue.record_event(
-            job.id, "note",
+            job.id,
+            "note",
             f"verified file stats not recorded ({type(exc).__name__}: {exc}); the reaper re-hashes before deleting",
             now=ctx.clock(),
         )

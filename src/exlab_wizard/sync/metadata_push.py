@@ -107,9 +107,14 @@ def _push_done(ctx: ClientContext, job: SyncJobRow) -> None:
             return
         try:
             queue.update(
-                fresh.id, fresh.state, now=ctx.clock(), event_kind="metadata_pushed",
+                fresh.id,
+                fresh.state,
+                now=ctx.clock(),
+                event_kind="metadata_pushed",
                 detail="refreshed .exlab-wizard/ (checksums.sha256, creation.json) sent to the NAS",
-                metadata_push_due_at=None, metadata_push_failures=0, metadata_push_error=None,
+                metadata_push_due_at=None,
+                metadata_push_failures=0,
+                metadata_push_error=None,
             )
         except IllegalTransition:
             continue  # the state changed under us: read it again
@@ -134,10 +139,14 @@ def push_failed(ctx: ClientContext, job: SyncJobRow, reason: str) -> None:
         repeated = fresh.metadata_push_error == reason
         try:
             queue.update(
-                fresh.id, fresh.state, now=now, event_kind=None if repeated else "metadata_push_failed",
+                fresh.id,
+                fresh.state,
+                now=now,
+                event_kind=None if repeated else "metadata_push_failed",
                 detail=f"metadata push failed: {reason}; the NAS copy still lacks this verification's "
-                       f".exlab-wizard/ (checksums.sha256, creation.json); tried again in {delay:g} s",
-                metadata_push_due_at=now + dt.timedelta(seconds=delay), metadata_push_failures=failures,
+                f".exlab-wizard/ (checksums.sha256, creation.json); tried again in {delay:g} s",
+                metadata_push_due_at=now + dt.timedelta(seconds=delay),
+                metadata_push_failures=failures,
                 metadata_push_error=reason,
             )
         except IllegalTransition:
@@ -211,14 +220,18 @@ async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
     if meta_remote:
         bad = sorted(k for k, v in meta_local.items() if meta_remote.get(k) != v)
         if bad:
-            return FinalPush(False, "final metadata push not verified: missing or different on the NAS: " + name_paths(bad))
+            return FinalPush(
+                False, "final metadata push not verified: missing or different on the NAS: " + name_paths(bad)
+            )
         return FinalPush(True, f"final metadata push verified: {len(meta_local)} files read back from the NAS")
     unlisted = f"final metadata push accepted: the remote manifest does not list {METADATA_DIR}/; "
     sent = getattr(outcome, "local_hashes", None)
     if sent is not None:
         differ = sorted(k for k, v in meta_local.items() if sent.get(k) != v)
         if differ:
-            return FinalPush(False, "final metadata push not verified: sent bytes are not the local ones: " + name_paths(differ))
+            return FinalPush(
+                False, "final metadata push not verified: sent bytes are not the local ones: " + name_paths(differ)
+            )
         return FinalPush(True, unlisted + f"the push reported {len(meta_local)} files sent with their local hashes")
     return FinalPush(True, unlisted + "the transport reported success")
 

@@ -234,7 +234,7 @@ class NASSyncClient:
         if ctx.queue is not None:
             ctx.queue.close()
 
-    async def __aenter__(self) -> "NASSyncClient":
+    async def __aenter__(self) -> NASSyncClient:
         await self.init()
         return self
 
@@ -273,8 +273,16 @@ class NASSyncClient:
         if not created and job.state == S.FAILED:
             await recovery.refuse_local_damage(queue, job)
             job = queue.transition(
-                job.id, S.FAILED, S.QUEUED, now=now, detail="re-armed by enqueue",
-                attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None,
+                job.id,
+                S.FAILED,
+                S.QUEUED,
+                now=now,
+                detail="re-armed by enqueue",
+                attempts=0,
+                mismatch_count=0,
+                next_attempt_at=None,
+                error_kind=None,
+                last_error=None,
             )
         if created:
             ctx.log(equipment).info(run, "enqueued", job=job.id)
@@ -387,9 +395,13 @@ class NASSyncClient:
     def _make_reaper(self) -> Reaper:
         ctx = self._ctx
         return Reaper(
-            ctx.require_queue(), self.config, writer=self.cache,
-            remote_stat=ctx.remotes.reachable, log_for=ctx.log_for_id,
-            push_metadata=lambda job: metadata_push.final_push(ctx, job), now=lambda: ctx.clock(),
+            ctx.require_queue(),
+            self.config,
+            writer=self.cache,
+            remote_stat=ctx.remotes.reachable,
+            log_for=ctx.log_for_id,
+            push_metadata=lambda job: metadata_push.final_push(ctx, job),
+            now=lambda: ctx.clock(),
             remote_listing=ctx.remotes.listing,
         )
 

@@ -415,7 +415,7 @@ def _event(row: sqlite3.Row) -> SyncEvent:
         from_state=row["from_state"],
         to_state=row["to_state"],
         detail=row["detail"],
-        code=row["code"] if "code" in row.keys() else None,
+        code=row["code"] if "code" in row.keys() else None,  # noqa: SIM118 (`in` on a Row looks at its values)
     )
 
 
@@ -537,9 +537,7 @@ class JobQueue:
     # ---------------------------------------------------------------- plumbing
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -875,9 +873,7 @@ class JobQueue:
             row = conn.execute("SELECT * FROM jobs WHERE run_path = ?", (run,)).fetchone()
         return None if row is None else _job(row)
 
-    def list_jobs(
-        self, state: SyncJobState | str | None = None, equipment_id: str | None = None
-    ) -> list[SyncJobRow]:
+    def list_jobs(self, state: SyncJobState | str | None = None, equipment_id: str | None = None) -> list[SyncJobRow]:
         """Jobs, oldest first, optionally only those in ``state`` and/or of ``equipment_id``."""
         clauses, params = [], []
         if state is not None:
@@ -950,9 +946,7 @@ class JobQueue:
             row = conn.execute(sql, params).fetchone()
         return None if row is None else _job(row)
 
-    def next_metadata_push(
-        self, now: dt.datetime, *, busy_equipment: Collection[str] = ()
-    ) -> SyncJobRow | None:
+    def next_metadata_push(self, now: dt.datetime, *, busy_equipment: Collection[str] = ()) -> SyncJobRow | None:
         """The VERIFIED or CLEANUP_ELIGIBLE job whose pending metadata push is due first, or None.
 
         Only jobs whose ``metadata_push_due_at`` is ``<= now`` and whose

@@ -76,9 +76,16 @@ class StoredEvent:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "job_id": self.job_id, "run_path": self.run_path, "equipment_id": self.equipment_id,
-            "at": self.at, "kind": self.kind, "from_state": self.from_state, "to_state": self.to_state,
-            "detail": self.detail, "code": self.code,
+            "id": self.id,
+            "job_id": self.job_id,
+            "run_path": self.run_path,
+            "equipment_id": self.equipment_id,
+            "at": self.at,
+            "kind": self.kind,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "detail": self.detail,
+            "code": self.code,
         }
 
 
@@ -97,8 +104,13 @@ class QueueStats:
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._conn is None:
-                conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False,
-                                       isolation_level=None, timeout=10.0)  # fmt: skip
+                conn = sqlite3.connect(
+                    f"file:{self.db_path}?mode=ro",
+                    uri=True,
+                    check_same_thread=False,
+                    isolation_level=None,
+                    timeout=10.0,
+                )
                 conn.row_factory = sqlite3.Row
                 self._conn = conn
             self._conn.execute("BEGIN")  # one snapshot for the whole question

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, fsync_dir, hash_fd, is_data_path
+from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
@@ -374,8 +374,17 @@ async def rearm(ctx: ClientContext, job_id: str, *, accept_local: bool = False) 
     elif accept_local:
         detail = "retry requested (--accept-local: " + ("accepted already)" if damaged else "no local damage found)")
     job = queue.transition(
-        job.id, S.FAILED, S.QUEUED, now=now, detail=detail,
-        attempts=0, mismatch_count=0, next_attempt_at=None, error_kind=None, last_error=None, **fields,
+        job.id,
+        S.FAILED,
+        S.QUEUED,
+        now=now,
+        detail=detail,
+        attempts=0,
+        mismatch_count=0,
+        next_attempt_at=None,
+        error_kind=None,
+        last_error=None,
+        **fields,
     )
     equipment = ctx.equipment(job)
     if fields and equipment is not None:
@@ -429,20 +438,34 @@ def _after_restore(
         queue.record_event(job.id, "restore", detail + f"; still damaged: {name_paths(list(check.damaged))}", now=now)
         return fresh
     cleared: dict[str, Any] = {
-        "attempts": 0, "mismatch_count": 0, "next_attempt_at": None, "error_kind": None, "last_error": None,
-        "accept_local_paths": (), "previous_stamp": None, "previous_kept_at": None,
+        "attempts": 0,
+        "mismatch_count": 0,
+        "next_attempt_at": None,
+        "error_kind": None,
+        "last_error": None,
+        "accept_local_paths": (),
+        "previous_stamp": None,
+        "previous_kept_at": None,
     }
     if check is not None and check.clean and fresh.verified_at is not None:
         fresh = queue.transition(
-            job.id, S.FAILED, S.VERIFIED, now=now,
-            detail=f"{detail}; the local run matches the verified manifest again", **cleared,
+            job.id,
+            S.FAILED,
+            S.VERIFIED,
+            now=now,
+            detail=f"{detail}; the local run matches the verified manifest again",
+            **cleared,
         )
         with contextlib.suppress(Exception):
             ctx.cache.set_sync_status(Path(job.run_path), "synced")
     else:
         fresh = queue.transition(
-            job.id, S.FAILED, S.QUEUED, now=now,
-            detail=f"{detail}; the run changed since verification: transfer again", **cleared,
+            job.id,
+            S.FAILED,
+            S.QUEUED,
+            now=now,
+            detail=f"{detail}; the run changed since verification: transfer again",
+            **cleared,
         )
         ctx.kick()
     ctx.notify_state(fresh)

@@ -99,7 +99,11 @@ class RemoteAccess:
         return self._push is None and self.transport.capabilities.hashes_while_sending
 
     async def push_run(
-        self, run: Path, *, bwlimit_kibps: int | None, rewrite: frozenset[str],
+        self,
+        run: Path,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str],
         progress: Callable[[int], None] | None,
     ) -> TransportResult:
         """Send the run; its :class:`TransportResult` when it succeeded.
@@ -114,7 +118,9 @@ class RemoteAccess:
         else:
             outcome = await self.transport.push(run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress)
         if not isinstance(outcome, TransportResult):
-            raise TransportError(TransportErrorKind.UNKNOWN, f"push returned {type(outcome).__name__}, not a TransportResult")
+            raise TransportError(
+                TransportErrorKind.UNKNOWN, f"push returned {type(outcome).__name__}, not a TransportResult"
+            )
         if not outcome.ok:
             raise TransportError(outcome.error_kind or TransportErrorKind.UNKNOWN, outcome.message or "push failed")
         return outcome
@@ -199,7 +205,9 @@ class Remotes:
         transport = self.transports.get(equipment.id)
         if transport is None:
             transport = self.transports[equipment.id] = make_transport(
-                equipment, log=self._log_for(equipment), now=self.now,
+                equipment,
+                log=self._log_for(equipment),
+                now=self.now,
                 verify_max_stream_bytes=self._config().sync.verify_max_stream_bytes,
             )
         return transport

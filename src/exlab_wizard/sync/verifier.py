@@ -87,7 +87,6 @@ __all__ = [
 ]
 
 
-
 def default_threads() -> int:
     """Hashing threads when none is given: the CPU count within 2..4 (2 overlaps I/O on one core)."""
     return max(2, min(os.cpu_count() or 1, 4))
@@ -99,10 +98,10 @@ def default_threads() -> int:
 class RunEntry(NamedTuple):
     """One regular file or directory found by :func:`scan_run`."""
 
-    rel: str                         #: relative POSIX path
-    path: str                        #: absolute (joined) path
+    rel: str  #: relative POSIX path
+    path: str  #: absolute (joined) path
     is_dir: bool
-    stat: os.stat_result | None      #: lstat, when asked for
+    stat: os.stat_result | None  #: lstat, when asked for
 
 
 def scan_run(
@@ -154,7 +153,6 @@ def serial_progress(callback: ProgressCallback | None) -> ProgressCallback | Non
 
 
 class _Progress:
-
     def __init__(self, callback: ProgressCallback | None):
         self._callback = callback
         self._lock = threading.Lock()
@@ -185,7 +183,7 @@ def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading
                 return
             try:
                 work(item, view)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            except BaseException as exc:
                 errors.append(exc)
                 abort.set()
                 return
@@ -311,7 +309,9 @@ def compare(local: Mapping[str, str], remote: RemoteManifest | Mapping[str, str]
     missing = [rel for rel in mine if rel not in remote_paths]
     extra = [rel for rel in remote_paths if rel not in mine]
     cannot = [rel for rel in unverifiable if rel in mine]
-    different = [rel for rel, digest in mine.items() if rel in theirs and rel not in unverifiable and theirs[rel] != digest]
+    different = [
+        rel for rel, digest in mine.items() if rel in theirs and rel not in unverifiable and theirs[rel] != digest
+    ]
     ok = not (missing or extra or cannot or different)
     return VerifyResult(
         ok=ok,

@@ -34,7 +34,13 @@ from exlab_wizard.validator.overrides import is_tombstone, parse_utc_timestamp
 from exlab_wizard.validator.rules import HARD_RULES, SOFT_RULES
 
 __all__ = [
-    "OverrideError", "OverrideView", "add_override", "check_path", "list_overrides", "parse_expiry", "revoke_override",
+    "OverrideError",
+    "OverrideView",
+    "add_override",
+    "check_path",
+    "list_overrides",
+    "parse_expiry",
+    "revoke_override",
 ]
 
 #: Longest reason or operator name kept (a paragraph, not a file).
@@ -156,12 +162,18 @@ def add_override(
         expires_at = expires_at.isoformat()
     expiry = parse_expiry(expires_at, now=now)
     _require_run(run)
-    return writer.append_override(run, problem_class=checked_rule, operator=who, reason=why,
-                                  expires_at=expiry, path=note)  # fmt: skip
+    return writer.append_override(
+        run, problem_class=checked_rule, operator=who, reason=why, expires_at=expiry, path=note
+    )
 
 
 def revoke_override(
-    writer: CreationWriter, run: Path, override_id: str, *, reason: object, operator: object,
+    writer: CreationWriter,
+    run: Path,
+    override_id: str,
+    *,
+    reason: object,
+    operator: object,
     now: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """Append a tombstone revoking ``override_id``; return it. Nothing is ever removed.
@@ -173,8 +185,11 @@ def revoke_override(
     who = _text("operator", operator)
     _require_run(run)
     # an entry whose id is not text (a list, an object: a hand-edited file) cannot be the one named
-    views = {view.entry["id"]: view for view in list_overrides(writer, run, now=now)
-             if view.status != "tombstone" and isinstance(view.entry.get("id"), str)}
+    views = {
+        view.entry["id"]: view
+        for view in list_overrides(writer, run, now=now)
+        if view.status != "tombstone" and isinstance(view.entry.get("id"), str)
+    }
     view = views.get(override_id)
     if view is None:
         raise OverrideError("not_found", f"{run} has no override with id {override_id!r}")
@@ -192,7 +207,9 @@ def list_overrides(writer: CreationWriter, run: Path, *, now: dt.datetime | None
     _require_run(run)
     creation = writer.read(run)
     entries = [e for e in (creation.validation_overrides if creation is not None else []) if isinstance(e, dict)]
-    revoked_by = {e["revokes"]: str(e.get("id")) for e in entries if is_tombstone(e) and isinstance(e.get("revokes"), str)}
+    revoked_by = {
+        e["revokes"]: str(e.get("id")) for e in entries if is_tombstone(e) and isinstance(e.get("revokes"), str)
+    }
     views: list[OverrideView] = []
     for entry in entries:
         if is_tombstone(entry):

@@ -49,8 +49,8 @@ def parse_utc_timestamp(value: object) -> dt.datetime | None:
     except ValueError:
         return None
     if moment.tzinfo is None or moment.utcoffset() is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
 
 
 def _check_now(now: dt.datetime) -> dt.datetime:

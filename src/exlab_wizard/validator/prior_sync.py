@@ -94,7 +94,4 @@ def mark_prior_sync(run: str, findings: list[Finding], creation: CreationJson | 
     nas = nas_copy(run, creation)
     if nas is None:
         return findings
-    return [
-        replace(f, synced_under_prior_policy=True) if f.tier == "hard" and nas.covers(f) else f
-        for f in findings
-    ]
+    return [replace(f, synced_under_prior_policy=True) if f.tier == "hard" and nas.covers(f) else f for f in findings]

@@ -180,8 +180,7 @@ def unresolved_placeholder_token(text: str) -> list[Hit]:
     if "<" not in text:
         return []
     return [
-        Hit(m.group(), f"unresolved template placeholder {m.group()}", m.start())
-        for m in PLACEHOLDER_RE.finditer(text)
+        Hit(m.group(), f"unresolved template placeholder {m.group()}", m.start()) for m in PLACEHOLDER_RE.finditer(text)
     ]
 
 
@@ -190,9 +189,13 @@ def leftover_jinja_marker(text: str) -> list[Hit]:
     hits: list[Hit] = []
     # The guards keep a text full of "{{" with no "}}" from costing a scan per brace.
     if "{{" in text and "}}" in text:
-        hits.extend(Hit(m.group(), f"leftover Jinja expression {m.group()}", m.start()) for m in _JINJA_VAR_RE.finditer(text))
+        hits.extend(
+            Hit(m.group(), f"leftover Jinja expression {m.group()}", m.start()) for m in _JINJA_VAR_RE.finditer(text)
+        )
     if "{%" in text and "%}" in text:
-        hits.extend(Hit(m.group(), f"leftover Jinja statement {m.group()}", m.start()) for m in _JINJA_BLOCK_RE.finditer(text))
+        hits.extend(
+            Hit(m.group(), f"leftover Jinja statement {m.group()}", m.start()) for m in _JINJA_BLOCK_RE.finditer(text)
+        )
     hits.sort(key=lambda hit: hit.offset)
     return hits
 
@@ -357,7 +360,10 @@ def missing_required_field(raw: Mapping[str, Any]) -> list[Hit]:
             hits.append(Hit("paths.local", "creation.json has no paths.local"))
     if not absent("sync_status") and raw["sync_status"] not in SYNC_STATUSES:
         hits.append(
-            Hit("sync_status", f"creation.json sync_status {raw['sync_status']!r} is not one of {', '.join(SYNC_STATUSES)}")
+            Hit(
+                "sync_status",
+                f"creation.json sync_status {raw['sync_status']!r} is not one of {', '.join(SYNC_STATUSES)}",
+            )
         )
     return hits
 

@@ -72,12 +72,18 @@ def next_change(bandwidth: BandwidthConfig, now: dt.datetime) -> dt.datetime | N
     local = _naive_local(now)
     current = limit_kibps(bandwidth, local)
     edges = sorted(
-        {edge for window in bandwidth.schedule for interval in _intervals(window, local) for edge in interval if edge > local}
+        {
+            edge
+            for window in bandwidth.schedule
+            for interval in _intervals(window, local)
+            for edge in interval
+            if edge > local
+        }
     )
     for edge in edges:
         if limit_kibps(bandwidth, edge) != current:
             if now.tzinfo is not None:
-                return edge.astimezone(dt.timezone.utc).astimezone(now.tzinfo)
+                return edge.astimezone(dt.UTC).astimezone(now.tzinfo)
             return edge
     return None
 

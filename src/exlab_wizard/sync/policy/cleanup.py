@@ -302,13 +302,17 @@ def _passes_and_age(
         return CleanupDecision("wait", "waiting: not verified", interlock=2, code=CleanupCode.NOT_VERIFIED)
     if verify_passes < min_verify_passes:
         return CleanupDecision(
-            "wait", f"waiting: {verify_passes} of {min_verify_passes} verify passes", interlock=2,
+            "wait",
+            f"waiting: {verify_passes} of {min_verify_passes} verify passes",
+            interlock=2,
             code=CleanupCode.WAITING_PASSES,
         )
     age_hours = (now - verified_at).total_seconds() / 3600.0
     if age_hours < min_age_hours:
         return CleanupDecision(
-            "wait", f"waiting: {format_hours(age_hours)} h of {min_age_hours:g} h", interlock=3,
+            "wait",
+            f"waiting: {format_hours(age_hours)} h of {min_age_hours:g} h",
+            interlock=3,
             code=CleanupCode.WAITING_AGE,
         )
     return None
@@ -348,23 +352,39 @@ def _local_decision(local: LocalCheck) -> CleanupDecision | None:
     if local.damaged:
         # Worst first: damaged bytes must never reach the NAS, so no re-sync.
         return CleanupDecision(
-            "fail", f"local damage: {name_paths(local.damaged)}", FailureKind.LOCAL_DAMAGE, tuple(local.damaged),
-            interlock=6, code=CleanupCode.LOCAL_DAMAGE,
+            "fail",
+            f"local damage: {name_paths(local.damaged)}",
+            FailureKind.LOCAL_DAMAGE,
+            tuple(local.damaged),
+            interlock=6,
+            code=CleanupCode.LOCAL_DAMAGE,
         )
     if local.missing:
         return CleanupDecision(
-            "fail", f"local file missing: {name_paths(local.missing)}", FailureKind.LOCAL_FILE_VANISHED,
-            tuple(local.missing), interlock=6, code=CleanupCode.LOCAL_MISSING,
+            "fail",
+            f"local file missing: {name_paths(local.missing)}",
+            FailureKind.LOCAL_FILE_VANISHED,
+            tuple(local.missing),
+            interlock=6,
+            code=CleanupCode.LOCAL_MISSING,
         )
     if local.changed:
         return CleanupDecision(
-            "requeue", f"local file changed: {name_paths(local.changed)}", FailureKind.LOCAL_CHANGED,
-            tuple(local.changed) + tuple(local.added), interlock=6, code=CleanupCode.LOCAL_CHANGED,
+            "requeue",
+            f"local file changed: {name_paths(local.changed)}",
+            FailureKind.LOCAL_CHANGED,
+            tuple(local.changed) + tuple(local.added),
+            interlock=6,
+            code=CleanupCode.LOCAL_CHANGED,
         )
     if local.added:
         return CleanupDecision(
-            "requeue", f"local file added: {name_paths(local.added)}", FailureKind.LOCAL_CHANGED,
-            tuple(local.added), interlock=6, code=CleanupCode.LOCAL_ADDED,
+            "requeue",
+            f"local file added: {name_paths(local.added)}",
+            FailureKind.LOCAL_CHANGED,
+            tuple(local.added),
+            interlock=6,
+            code=CleanupCode.LOCAL_ADDED,
         )
     return None
 
@@ -397,8 +417,10 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
         return CleanupDecision("check", "overrides not checked yet", needs="overrides", interlock=5)
     if facts.overrides_no_longer_active:
         return CleanupDecision(
-            "wait", f"override revoked since verification: {name_paths(list(facts.overrides_no_longer_active))}",
-            interlock=5, code=C.OVERRIDE_REVOKED,
+            "wait",
+            f"override revoked since verification: {name_paths(list(facts.overrides_no_longer_active))}",
+            interlock=5,
+            code=C.OVERRIDE_REVOKED,
         )
     if facts.local is None:
         return CleanupDecision("check", "local run not checked yet", needs="local", interlock=6)
@@ -427,6 +449,10 @@ def _remote_decision(remote: RemoteCheck) -> CleanupDecision | None:
     if remote.wrong_size:
         parts.append(f"other size on the NAS: {name_paths(remote.wrong_size)}")
     return CleanupDecision(
-        "requeue", "NAS copy incomplete: " + "; ".join(parts), FailureKind.HASH_MISMATCH,
-        tuple(remote.missing) + tuple(remote.wrong_size), interlock=4, code=CleanupCode.NAS_COPY_INCOMPLETE,
+        "requeue",
+        "NAS copy incomplete: " + "; ".join(parts),
+        FailureKind.HASH_MISMATCH,
+        tuple(remote.missing) + tuple(remote.wrong_size),
+        interlock=4,
+        code=CleanupCode.NAS_COPY_INCOMPLETE,
     )

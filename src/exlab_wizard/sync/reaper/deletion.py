@@ -57,8 +57,8 @@ class DeleteResult:
     deleted: int = 0
     gone: int = 0
     bytes_deleted: int = 0
-    stop: str | None = None        # a reason: nothing more was deleted
-    stop_fatal: bool = False       # the plan can never complete (FAILED) vs. try again later
+    stop: str | None = None  # a reason: nothing more was deleted
+    stop_fatal: bool = False  # the plan can never complete (FAILED) vs. try again later
     stop_path: str | None = None
 
 
@@ -237,4 +237,3 @@ def remove_run_folder(run_path: Path) -> str | None:
     with contextlib.suppress(OSError):
         fsync_dir(run_path.parent)
     return None
-

@@ -41,6 +41,7 @@ __all__ = ["InterlockFacts"]
 
 logger = logging.getLogger(__name__)
 
+
 class InterlockFacts:
     """Gathers the facts the cleanup policy asks for, one question at a time (see the module)."""
 
@@ -178,9 +179,13 @@ class InterlockFacts:
     async def _dry_run_job(self, job: SyncJobRow, progress: Progress | None) -> ReaperOutcome:
         if progress is not None:
             return ReaperOutcome(
-                job.id, job.run_path, "in_progress",
+                job.id,
+                job.run_path,
+                "in_progress",
                 f"deletion in progress: {progress.files} files, {progress.bytes} bytes planned",
-                files=progress.files, bytes=progress.bytes, code=CleanupCode.DELETE,
+                files=progress.files,
+                bytes=progress.bytes,
+                code=CleanupCode.DELETE,
             )
         if job.state == SyncJobState.VERIFIED:
             # What stands between the job and cleanup besides interlock 1 (decided below): a dry run
@@ -202,9 +207,13 @@ class InterlockFacts:
             )
         assert scan is not None
         return ReaperOutcome(
-            job.id, job.run_path, "would_delete",
+            job.id,
+            job.run_path,
+            "would_delete",
             f"would free {len(scan.files)} files, {scan.bytes} bytes",
-            files=len(scan.files), bytes=scan.bytes, code=CleanupCode.DELETE,
+            files=len(scan.files),
+            bytes=scan.bytes,
+            code=CleanupCode.DELETE,
         )
 
 

@@ -179,10 +179,12 @@ def scan_run(
     run = Path(run_path)
     for rel in manifest:
         if _bad_manifest_path(rel):
-            return LocalScan(LocalCheck(
-                refusal=f"manifest lists a path outside the run data: {rel!r}",
-                refusal_code=CleanupCode.MANIFEST_UNREADABLE,
-            ))
+            return LocalScan(
+                LocalCheck(
+                    refusal=f"manifest lists a path outside the run data: {rel!r}",
+                    refusal_code=CleanupCode.MANIFEST_UNREADABLE,
+                )
+            )
     try:
         root = open_run(run)
     except RunFolderError as exc:
@@ -191,10 +193,12 @@ def scan_run(
         tree = Tree()
         walk(root, "", tree)
         if tree.unreadable:
-            return LocalScan(LocalCheck(
-                refusal=f"cannot read folder: {policy.name_paths(tree.unreadable)}",
-                refusal_code=CleanupCode.LOCAL_UNREADABLE,
-            ))
+            return LocalScan(
+                LocalCheck(
+                    refusal=f"cannot read folder: {policy.name_paths(tree.unreadable)}",
+                    refusal_code=CleanupCode.LOCAL_UNREADABLE,
+                )
+            )
         added = sorted((p for p in tree.files if p not in manifest), key=os.fsencode)
         changed: list[str] = []
         damaged: list[str] = []
@@ -238,7 +242,9 @@ def scan_run(
             finally:
                 os.close(folder)
             if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
-                after.st_size, after.st_mtime_ns, after.st_ctime_ns
+                after.st_size,
+                after.st_mtime_ns,
+                after.st_ctime_ns,
             ) or before.st_ino != st.st_ino:
                 changed.append(rel)  # being written right now
                 continue
@@ -250,10 +256,7 @@ def scan_run(
                 changed.append(rel)
             else:
                 damaged.append(rel)
-        check = LocalCheck(
-            added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing)
-        )
+        check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:
         os.close(root)
-

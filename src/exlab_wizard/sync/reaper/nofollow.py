@@ -169,4 +169,3 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
             walk(sub, path, tree, skip_metadata=skip_metadata)
         finally:
             os.close(sub)
-

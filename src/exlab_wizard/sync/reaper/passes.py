@@ -278,9 +278,19 @@ class Reaper(InterlockFacts):
         detail = f"{decision.reason}; nothing deleted, back through the gate for a new transfer"
         try:
             self.queue.transition(
-                job.id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=self.now(), detail=detail,
-                error_kind=decision.error_kind, last_error=decision.reason, attempts=0, mismatch_count=0,
-                next_attempt_at=None, verify_passes=0, verified_at=None, pass_times=(),
+                job.id,
+                S.CLEANUP_ELIGIBLE,
+                S.QUEUED,
+                now=self.now(),
+                detail=detail,
+                error_kind=decision.error_kind,
+                last_error=decision.reason,
+                attempts=0,
+                mismatch_count=0,
+                next_attempt_at=None,
+                verify_passes=0,
+                verified_at=None,
+                pass_times=(),
             )
         except IllegalTransition:
             return _job_changed(job)
@@ -299,9 +309,20 @@ class Reaper(InterlockFacts):
         detail = f"{decision.reason}; nothing deleted, these files are sent to the NAS again"
         try:
             self.queue.transition(
-                job.id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=self.now(), detail=detail,
-                error_kind=decision.error_kind, last_error=decision.reason, attempts=0, mismatch_count=1,
-                next_attempt_at=None, rewrite_paths=decision.paths, verify_passes=0, verified_at=None, pass_times=(),
+                job.id,
+                S.CLEANUP_ELIGIBLE,
+                S.QUEUED,
+                now=self.now(),
+                detail=detail,
+                error_kind=decision.error_kind,
+                last_error=decision.reason,
+                attempts=0,
+                mismatch_count=1,
+                next_attempt_at=None,
+                rewrite_paths=decision.paths,
+                verify_passes=0,
+                verified_at=None,
+                pass_times=(),
             )
         except IllegalTransition:
             return _job_changed(job)
@@ -318,16 +339,26 @@ class Reaper(InterlockFacts):
             reason += ". " + damage_ways_out(job.id, job.run_path)
         try:
             self.queue.transition(
-                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
-                error_kind=decision.error_kind, last_error=reason, next_attempt_at=None,
+                job.id,
+                S.CLEANUP_ELIGIBLE,
+                S.FAILED,
+                now=self.now(),
+                detail=reason,
+                error_kind=decision.error_kind,
+                last_error=reason,
+                next_attempt_at=None,
             )
         except IllegalTransition:
             return _job_changed(job)
-        log.error(job.run_path, "cleanup_failed", job=job.id, kind=decision.error_kind, reason=decision.reason,
-                  paths=len(decision.paths))
-        return ReaperOutcome(
-            job.id, job.run_path, "failed", reason, paths=decision.paths, code=decision.code
+        log.error(
+            job.run_path,
+            "cleanup_failed",
+            job=job.id,
+            kind=decision.error_kind,
+            reason=decision.reason,
+            paths=len(decision.paths),
         )
+        return ReaperOutcome(job.id, job.run_path, "failed", reason, paths=decision.paths, code=decision.code)
 
     # ------------------------------------------------------------ the durable plan
 
@@ -346,11 +377,16 @@ class Reaper(InterlockFacts):
         progress = self._store.write_plan(job, files, now, detail)
         if progress is not None:
             log.info(
-                job.run_path, "cleanup_planned", job=job.id, files=len(files), bytes=total,
-                verify_passes=job.verify_passes, manifest_digest=digest, rehashed=rehashed,
+                job.run_path,
+                "cleanup_planned",
+                job=job.id,
+                files=len(files),
+                bytes=total,
+                verify_passes=job.verify_passes,
+                manifest_digest=digest,
+                rehashed=rehashed,
             )
         return progress
-
 
     async def _resume(self, progress: Progress) -> ReaperOutcome:
         """A plan found at the start of a pass: carry it on, or drop it if its job moved on."""
@@ -421,12 +457,25 @@ class Reaper(InterlockFacts):
         )
         with contextlib.suppress(IllegalTransition), self.queue.transaction():
             self.queue.transition(
-                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
-                error_kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP, last_error=reason, next_attempt_at=None,
+                job.id,
+                S.CLEANUP_ELIGIBLE,
+                S.FAILED,
+                now=self.now(),
+                detail=reason,
+                error_kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP,
+                last_error=reason,
+                next_attempt_at=None,
             )
             self._store.drop_plan(job.id)
-        log.error(job.run_path, "cleanup_stopped", job=job.id, reason=decision.reason, files_deleted=done,
-                  files_planned=progress.files, manifest_digest=progress.manifest_digest)
+        log.error(
+            job.run_path,
+            "cleanup_stopped",
+            job=job.id,
+            reason=decision.reason,
+            files_deleted=done,
+            files_planned=progress.files,
+            manifest_digest=progress.manifest_digest,
+        )
         return ReaperOutcome(
             job.id, job.run_path, "aborted", reason, paths=decision.paths, code=C.REMOTE_CHANGED_DURING_CLEANUP
         )
@@ -444,8 +493,14 @@ class Reaper(InterlockFacts):
                 self.queue.record_event(job.id, ABORTED_EVENT, detail, now=self.now())
         if job is not None:
             with contextlib.suppress(Exception):
-                self._log(job).warning(job.run_path, "cleanup_aborted", job=job.id, reason=why,
-                                       files_deleted=progress.files - present, files_planned=progress.files)
+                self._log(job).warning(
+                    job.run_path,
+                    "cleanup_aborted",
+                    job=job.id,
+                    reason=why,
+                    files_deleted=progress.files - present,
+                    files_planned=progress.files,
+                )
         return ReaperOutcome(progress.job_id, progress.run_path, "aborted", detail, code=C.PLAN_DROPPED)
 
     def _count_present(self, progress: Progress) -> int:
@@ -459,15 +514,23 @@ class Reaper(InterlockFacts):
         files = self._store.plan_files(job.id)
         if progress.data_deleted_at is None:
             if resumed:
-                log.info(job.run_path, "cleanup_resumed", job=job.id, files=progress.files,
-                         manifest_digest=progress.manifest_digest)
+                log.info(
+                    job.run_path,
+                    "cleanup_resumed",
+                    job=job.id,
+                    files=progress.files,
+                    manifest_digest=progress.manifest_digest,
+                )
             deleted = gone = 0
             for start in range(0, len(files), _DELETE_BATCH):
                 current = self.queue.get(job.id)
-                if (current is None or current.state != S.CLEANUP_ELIGIBLE
-                        or current.manifest_digest != progress.manifest_digest):
+                if (
+                    current is None
+                    or current.state != S.CLEANUP_ELIGIBLE
+                    or current.manifest_digest != progress.manifest_digest
+                ):
                     return self._abandon(progress, current, "job left cleanup_eligible during the deletion")
-                batch = files[start:start + _DELETE_BATCH]
+                batch = files[start : start + _DELETE_BATCH]
                 result = await asyncio.to_thread(deletion.delete_batch, run, batch)
                 deleted += result.deleted
                 gone += result.gone
@@ -478,7 +541,9 @@ class Reaper(InterlockFacts):
                 log.warning(job.run_path, "cleanup_files_already_gone", job=job.id, files=gone)
             removed = await asyncio.to_thread(deletion.remove_left_empty, run, [f.path for f in files])
             fields: dict[str, object] = {
-                "job": job.id, "files": progress.files, "bytes": progress.bytes,
+                "job": job.id,
+                "files": progress.files,
+                "bytes": progress.bytes,
                 "verify_passes": job.verify_passes,
                 "pass_times": ",".join(_utc_text(t) for t in job.pass_times) or "-",
                 "manifest_digest": progress.manifest_digest,
@@ -489,7 +554,8 @@ class Reaper(InterlockFacts):
             log.info(job.run_path, "cleanup_deleted", **fields)
             data_deleted_at = self.now()
             self._store.mark_data_deleted(
-                job.id, data_deleted_at,
+                job.id,
+                data_deleted_at,
                 f"local data deleted: {progress.files} files, {progress.bytes} bytes, "
                 f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}",
             )
@@ -521,8 +587,9 @@ class Reaper(InterlockFacts):
             job.id, job.run_path, "deleted", detail, files=progress.files, bytes=progress.bytes, code=C.CLEANED
         )
 
-    def _stopped(self, job: SyncJobRow, progress: Progress, log: EquipmentLog, result: deletion.DeleteResult,
-                 deleted_now: int) -> ReaperOutcome:
+    def _stopped(
+        self, job: SyncJobRow, progress: Progress, log: EquipmentLog, result: deletion.DeleteResult, deleted_now: int
+    ) -> ReaperOutcome:
         """A planned file no longer matches, or cannot be deleted: stop and record."""
         present = self._count_present(progress)
         done = progress.files - present
@@ -530,8 +597,14 @@ class Reaper(InterlockFacts):
             # The run folder is away or a file cannot be unlinked: keep the plan, try again next pass.
             reason = f"deletion paused: {result.stop}"
             if self._refuse_event(job.id, reason, C.DELETION_PAUSED):
-                log.warning(job.run_path, "cleanup_paused", job=job.id, reason=result.stop,
-                            files_deleted=done, files_planned=progress.files)
+                log.warning(
+                    job.run_path,
+                    "cleanup_paused",
+                    job=job.id,
+                    reason=result.stop,
+                    files_deleted=done,
+                    files_planned=progress.files,
+                )
             return ReaperOutcome(job.id, job.run_path, "waiting", reason, files=deleted_now, code=C.DELETION_PAUSED)
         reason = (
             f"cleanup stopped: {result.stop}; {done} of {progress.files} planned files were deleted "
@@ -539,15 +612,34 @@ class Reaper(InterlockFacts):
         )
         with contextlib.suppress(IllegalTransition), self.queue.transaction():
             self.queue.transition(
-                job.id, S.CLEANUP_ELIGIBLE, S.FAILED, now=self.now(), detail=reason,
-                error_kind=FailureKind.LOCAL_CHANGED_DURING_CLEANUP, last_error=reason, next_attempt_at=None,
+                job.id,
+                S.CLEANUP_ELIGIBLE,
+                S.FAILED,
+                now=self.now(),
+                detail=reason,
+                error_kind=FailureKind.LOCAL_CHANGED_DURING_CLEANUP,
+                last_error=reason,
+                next_attempt_at=None,
             )
             self._store.drop_plan(job.id)
-        log.error(job.run_path, "cleanup_stopped", job=job.id, reason=result.stop, files_deleted=done,
-                  files_planned=progress.files, manifest_digest=progress.manifest_digest)
-        return ReaperOutcome(job.id, job.run_path, "aborted", reason, files=deleted_now,
-                             code=C.LOCAL_CHANGED_DURING_CLEANUP,
-                             paths=(result.stop_path,) if result.stop_path else ())
+        log.error(
+            job.run_path,
+            "cleanup_stopped",
+            job=job.id,
+            reason=result.stop,
+            files_deleted=done,
+            files_planned=progress.files,
+            manifest_digest=progress.manifest_digest,
+        )
+        return ReaperOutcome(
+            job.id,
+            job.run_path,
+            "aborted",
+            reason,
+            files=deleted_now,
+            code=C.LOCAL_CHANGED_DURING_CLEANUP,
+            paths=(result.stop_path,) if result.stop_path else (),
+        )
 
     def _record_cleaned(self, job: SyncJobRow, progress: Progress, log: EquipmentLog) -> None:
         run = Path(job.run_path)
@@ -566,9 +658,7 @@ class Reaper(InterlockFacts):
             log.warning(job.run_path, "cleanup_record_failed", job=job.id, error=str(exc))
             self.queue.record_event(job.id, NOTE_EVENT, f"creation.json not updated: {exc}", now=self.now())
 
-    async def _remove_cache(
-        self, job: SyncJobRow, log: EquipmentLog
-    ) -> tuple[tuple[CleanupCode, str] | None, str]:
+    async def _remove_cache(self, job: SyncJobRow, log: EquipmentLog) -> tuple[tuple[CleanupCode, str] | None, str]:
         """``retain_cache: false``: push the metadata, then remove it and the run folder.
 
         Returns ((code, reason) when waiting, a note on what was removed).

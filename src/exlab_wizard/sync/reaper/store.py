@@ -148,8 +148,12 @@ class CleanupStore:
             rows = conn.execute("SELECT * FROM cleanup_progress").fetchall()
         return {
             row["job_id"]: Progress(
-                job_id=row["job_id"], run_path=row["run_path"], manifest_digest=row["manifest_digest"],
-                planned_at=_from_ts(row["planned_at"]), files=row["files"], bytes=row["bytes"],
+                job_id=row["job_id"],
+                run_path=row["run_path"],
+                manifest_digest=row["manifest_digest"],
+                planned_at=_from_ts(row["planned_at"]),
+                files=row["files"],
+                bytes=row["bytes"],
                 data_deleted_at=_from_ts(row["data_deleted_at"]),
             )
             for row in rows
@@ -159,9 +163,7 @@ class CleanupStore:
         """The job's planned files, in byte order of their paths; empty without a plan."""
         with self.queue.snapshot() as conn:
             rows = conn.execute("SELECT * FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
-        files = [
-            PlannedFile(_path_text(r["path"]), r["size"], r["mtime_ns"], int(r["ino"]), r["sha256"]) for r in rows
-        ]
+        files = [PlannedFile(_path_text(r["path"]), r["size"], r["mtime_ns"], int(r["ino"]), r["sha256"]) for r in rows]
         return sorted(files, key=lambda f: os.fsencode(f.path))
 
     def planned_paths(self, job_id: str) -> frozenset[str]:
@@ -246,11 +248,7 @@ class CleanupStore:
         total = sum(f.size for f in files)
         with self.queue.transaction() as conn:
             row = conn.execute("SELECT state, manifest_digest FROM jobs WHERE id = ?", (job.id,)).fetchone()
-            if (
-                row is None
-                or row["state"] != SyncJobState.CLEANUP_ELIGIBLE.value
-                or row["manifest_digest"] != digest
-            ):
+            if row is None or row["state"] != SyncJobState.CLEANUP_ELIGIBLE.value or row["manifest_digest"] != digest:
                 return None
             conn.execute("DELETE FROM cleanup_plan WHERE job_id = ?", (job.id,))
             conn.executemany(

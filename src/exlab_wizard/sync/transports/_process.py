@@ -85,7 +85,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     _signal_group(proc, signal.SIGTERM)
     try:
         await asyncio.wait_for(proc.wait(), TERM_GRACE_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _signal_group(proc, signal.SIGKILL)
         await proc.wait()
 
@@ -167,7 +167,7 @@ async def run_tool(
         limits = [t for t in (timeout, stop_after) if t is not None]
         try:
             await asyncio.wait_for(asyncio.shield(pumps), min(limits) if limits else None)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if stop_after is not None and (timeout is None or stop_after <= timeout):
                 stopped = True
             else:
@@ -182,11 +182,22 @@ async def run_tool(
             with contextlib.suppress(BaseException):
                 await pumps
         raise
-    result = ToolResult(argv, proc.returncode if proc.returncode is not None else -1, bytes(out), bytes(err),
-                        time.monotonic() - started, stopped, timed_out)  # fmt: skip
+    result = ToolResult(
+        argv,
+        proc.returncode if proc.returncode is not None else -1,
+        bytes(out),
+        bytes(err),
+        time.monotonic() - started,
+        stopped,
+        timed_out,
+    )
     if log is not None and (not quiet or result.returncode != 0):
-        fields: dict[str, object] = {"tool": tool, "step": step, "rc": result.returncode,
-                                     "seconds": f"{result.seconds:.2f}"}  # fmt: skip
+        fields: dict[str, object] = {
+            "tool": tool,
+            "step": step,
+            "rc": result.returncode,
+            "seconds": f"{result.seconds:.2f}",
+        }
         if stopped:
             fields["stopped"] = "timeout" if timed_out else "window_edge"
         if result.stderr.strip():

@@ -283,6 +283,7 @@ class Transport(abc.ABC):
         raise TransportError(
             TransportErrorKind.UNKNOWN, f"the {type(self).__name__} transport cannot list the remote run folder"
         )
+
     async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
         """Copy the named files of the run's remote folder into the local folder ``into``.
 

@@ -163,7 +163,22 @@ _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXE
 #: Filesystems whose syncfs(2) makes every written file durable (for NFS the
 #: write-back commits to the server). Anything else gets per-file fsync.
 _SYNCFS_DURABLE = frozenset(
-    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "zfs", "bcachefs", "tmpfs", "ramfs", "nfs", "nfs4", "overlay"}
+    {
+        "ext2",
+        "ext3",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "f2fs",
+        "jfs",
+        "zfs",
+        "bcachefs",
+        "tmpfs",
+        "ramfs",
+        "nfs",
+        "nfs4",
+        "overlay",
+    }
 )
 
 
@@ -436,7 +451,12 @@ class MountTransport(Transport):
         except _Cancelled:
             error = TransportError(TransportErrorKind.UNKNOWN, "push cancelled")
             self._logged(
-                "WARNING", run, "push_cancelled", transport="mount", files=job.files_sent, bytes=job.bytes_sent,
+                "WARNING",
+                run,
+                "push_cancelled",
+                transport="mount",
+                files=job.files_sent,
+                bytes=job.bytes_sent,
                 **({"scope": METADATA_DIR} if metadata_only else {}),
             )
             raise error from None
@@ -454,8 +474,14 @@ class MountTransport(Transport):
                 except OSError:
                     pass  # removed by the next push as a stale temp file
         self._logged(
-            "INFO", run, "push_end", transport="mount", files=job.files_sent, bytes=job.bytes_sent,
-            hashed=len(job.hashes), seconds=f"{time.monotonic() - started:.3f}",
+            "INFO",
+            run,
+            "push_end",
+            transport="mount",
+            files=job.files_sent,
+            bytes=job.bytes_sent,
+            hashed=len(job.hashes),
+            seconds=f"{time.monotonic() - started:.3f}",
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
         if job.read_back:
@@ -511,14 +537,24 @@ class MountTransport(Transport):
         for rel, (path, size, mtime_ns) in local_files.items():
             theirs = remote_stats.get(rel)  # (size, mtime ns)
             send = (
-                metadata_only or rel in rewrite or theirs is None or theirs[0] != size or not same_mtime(mtime_ns, theirs[1])
+                metadata_only
+                or rel in rewrite
+                or theirs is None
+                or theirs[0] != size
+                or not same_mtime(mtime_ns, theirs[1])
             )
             folder, _sep, name = rel.rpartition("/")
             sources.append(_Source(rel, path, folder, name, size, send))
         del local_files, remote_stats
         self._logged(
-            "INFO", run, "push_start", transport="mount", remote=job.remote, files=sum(s.send for s in sources),
-            bytes=sum(s.size for s in sources if s.send), skipped=sum(not s.send for s in sources),
+            "INFO",
+            run,
+            "push_start",
+            transport="mount",
+            remote=job.remote,
+            files=sum(s.send for s in sources),
+            bytes=sum(s.size for s in sources if s.send),
+            skipped=sum(not s.send for s in sources),
             bwlimit_kibps="none" if bwlimit_kibps is None else bwlimit_kibps,
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
@@ -529,7 +565,12 @@ class MountTransport(Transport):
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
         for batch in _batches(_interleave(sources)):
             pending: list[tuple[str, str, str]] = []
-            run_parallel(batch, lambda src, view: self._transfer(job, src, view, pending), self.threads, job.abort)
+            run_parallel(
+                batch,
+                lambda src, view, pending=pending: self._transfer(job, src, view, pending),
+                self.threads,
+                job.abort,
+            )
             if pending:
                 self._commit(job, pending)
         if job.touched:
@@ -653,9 +694,7 @@ class MountTransport(Transport):
         finally:
             os.close(fd)
 
-    def _copy_once(
-        self, job: _Push, src: _Source, view: memoryview, folder: str
-    ) -> tuple[str, str, bool] | None:
+    def _copy_once(self, job: _Push, src: _Source, view: memoryview, folder: str) -> tuple[str, str, bool] | None:
         """Copy to a temp file; (temp, sha256, durable) or None when the source changed meanwhile."""
         try:
             fd_in, before = open_regular(src.path)
@@ -709,7 +748,14 @@ class MountTransport(Transport):
         return temp, digest, durable
 
     def _stream(
-        self, job: _Push, src: _Source, fd_in: int, fd_out: int, view: memoryview, temp: str, size: int,
+        self,
+        job: _Push,
+        src: _Source,
+        fd_in: int,
+        fd_out: int,
+        view: memoryview,
+        temp: str,
+        size: int,
         direct: bool = False,
     ) -> tuple[str, int]:
         """Copy at most ``size`` bytes (the size at open): a file appended to forever still ends.
@@ -930,7 +976,9 @@ class MountTransport(Transport):
         if abort is not None and abort.is_set():
             raise TransportError(TransportErrorKind.UNKNOWN, "remote manifest cancelled")
         self._require_mounted()
-        self._logged("INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable))
+        self._logged(
+            "INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable)
+        )
         return RemoteManifest(
             hashes=dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0]))), unverifiable=unverifiable
         )
@@ -1039,10 +1087,15 @@ class MountTransport(Transport):
             self._sync_dir(folder)
         self._require_mounted()
         if kept:
-            self._logged("INFO", run, "previous_kept", transport="mount", files=len(kept),
-                         folder=f"{METADATA_DIR}/previous/{stamp}")  # fmt: skip
+            self._logged(
+                "INFO",
+                run,
+                "previous_kept",
+                transport="mount",
+                files=len(kept),
+                folder=f"{METADATA_DIR}/previous/{stamp}",
+            )
         return sorted(kept, key=os.fsencode)
-
 
     # ------------------------------------------------------------------ remote listing
 

@@ -179,7 +179,9 @@ def _quote_value(value: object) -> str:
     return '"' + str(value).replace('"', '""') + '"'
 
 
-def sftp_connection_string(*, host: str, port: int, user: str, key_file: Path, known_hosts_file: Path, path: str) -> str:
+def sftp_connection_string(
+    *, host: str, port: int, user: str, key_file: Path, known_hosts_file: Path, path: str
+) -> str:
     """An on-the-fly rclone sftp remote (no config file) that never runs remote commands."""
     host = host.strip("[]")
     params = {
@@ -196,11 +198,16 @@ def sftp_connection_string(*, host: str, port: int, user: str, key_file: Path, k
 
 
 def _listing(stdout: bytes) -> dict[str, int]:
-    return {decode_name(item["Path"]): int(item.get("Size", 0)) for item in json.loads(stdout or b"[]") if not item.get("IsDir")}
+    return {
+        decode_name(item["Path"]): int(item.get("Size", 0))
+        for item in json.loads(stdout or b"[]")
+        if not item.get("IsDir")
+    }
 
 
-async def _lsjson(base: list[str], fs: str, *, log: EquipmentLog, run_path: object, step: str,
-                  extra: list[str] = ()) -> ToolResult:  # fmt: skip
+async def _lsjson(
+    base: list[str], fs: str, *, log: EquipmentLog, run_path: object, step: str, extra: list[str] = ()
+) -> ToolResult:
     argv = [*base, "lsjson", "-R", "--files-only", "--no-mimetype", *extra, "--", fs]
     return await run_tool(argv, log=log, run_path=run_path, step=step, quiet=True)
 
@@ -211,15 +218,23 @@ async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog, run_
     return result.returncode == 0
 
 
-async def _hashsum(base: list[str], fs: str, *, log: EquipmentLog, run_path: object, download: bool = False,
-                   max_bytes: int | None = None) -> ToolResult:  # fmt: skip
+async def _hashsum(
+    base: list[str],
+    fs: str,
+    *,
+    log: EquipmentLog,
+    run_path: object,
+    download: bool = False,
+    max_bytes: int | None = None,
+) -> ToolResult:
     """``operations/hashsum`` through ``rclone rc --loopback``: JSON, so any name survives."""
     request: dict[str, object] = {"fs": fs, "hashType": "sha256", "download": download}
     if max_bytes is not None:
         request["_filter"] = {"MaxSize": max_bytes}
     argv = [*base, "rc", "--loopback", "operations/hashsum", "--json", json.dumps(request)]
-    return await run_tool(argv, log=log, run_path=run_path, step="download_hash" if download else "remote_hash",
-                          quiet=not download)  # fmt: skip
+    return await run_tool(
+        argv, log=log, run_path=run_path, step="download_hash" if download else "remote_hash", quiet=not download
+    )
 
 
 def _hashed_listing(stdout: bytes, sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
@@ -337,13 +352,20 @@ class RcloneTransport(Transport):
             argv = [*self._base(), *_PROBE_FLAGS, "backend", "features", "--", self.config.remote_root]
             result = await run_tool(argv, timeout=120, log=self.log, run_path=run_path, step="features", quiet=True)
             if result.returncode != 0:
-                error = transport_error("rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features")
+                error = transport_error(
+                    "rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features"
+                )
                 raise await self._explained(error, run_path)
             hashes = [str(h).lower() for h in json.loads(result.stdout).get("Hashes") or []]
             self._probed = True
             self._native_sha256 = True if "sha256" in hashes else None
-            self.log.info(run_path, "rclone_backend", remote=self.config.rclone_remote, hashes=",".join(hashes) or "none",
-                          remote_hashing="untried" if self._native_sha256 is None else self._native_sha256)  # fmt: skip
+            self.log.info(
+                run_path,
+                "rclone_backend",
+                remote=self.config.rclone_remote,
+                hashes=",".join(hashes) or "none",
+                remote_hashing="untried" if self._native_sha256 is None else self._native_sha256,
+            )
         return self.capabilities
 
     async def _explained(self, error: TransportError, run_path: object) -> TransportError:
@@ -354,11 +376,28 @@ class RcloneTransport(Transport):
         """
         if error.kind != K.UNKNOWN:
             return error
-        listed = await run_tool([*self._base(), *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only",
-                                 "--no-mimetype", "--", self.config.remote_root],
-                                timeout=60, log=self.log, run_path=run_path, step="root_check", quiet=True)  # fmt: skip
+        listed = await run_tool(
+            [
+                *self._base(),
+                *_PROBE_FLAGS,
+                "lsjson",
+                "--max-depth",
+                "1",
+                "--dirs-only",
+                "--no-mimetype",
+                "--",
+                self.config.remote_root,
+            ],
+            timeout=60,
+            log=self.log,
+            run_path=run_path,
+            step="root_check",
+            quiet=True,
+        )
         if listed.returncode != 0:
-            return transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"reaching {self.config.remote_root}")
+            return transport_error(
+                "rclone", listed.returncode, rclone_text(listed.stderr), f"reaching {self.config.remote_root}"
+            )
         return error
 
     # ---------------------------------------------------------------- push
@@ -428,11 +467,23 @@ class RcloneTransport(Transport):
         bw = self._bwlimit_args(bwlimit_kibps)
         files_sent = bytes_sent = 0
         for path in sorted(rewrite):
-            argv = [*self._base(), *_COMMON, "--retries", "1", *bw, "copyto", "--ignore-times",
-                    "--", encode_name(str(run_path / path)), f"{fs}/{encode_name(path)}"]  # fmt: skip
+            argv = [
+                *self._base(),
+                *_COMMON,
+                "--retries",
+                "1",
+                *bw,
+                "copyto",
+                "--ignore-times",
+                "--",
+                encode_name(str(run_path / path)),
+                f"{fs}/{encode_name(path)}",
+            ]
             result = await run_tool(argv, log=self.log, run_path=run_path, step="rewrite")
             if result.returncode != 0:
-                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"sending {path!r} again")
+                raise transport_error(
+                    "rclone", result.returncode, rclone_text(result.stderr), f"sending {path!r} again"
+                )
             files_sent += 1
             bytes_sent += local.files[path]
 
@@ -440,9 +491,24 @@ class RcloneTransport(Transport):
         # --ignore-checksum: no post-copy hash check. The verify pass that follows compares the
         # SHA-256 of every remote file with the local run anyway; rclone's own check would hash
         # each file on the remote a second time (on sftp, one remote command per file).
-        argv = [*self._base(), *_COMMON, "--retries", "1", *bw, "copy", "--checksum", "--ignore-checksum",
-                "--use-json-log", "--stats", "1s", "--stats-log-level", "NOTICE",
-                "--", encode_name(str(run_path)), fs]  # fmt: skip
+        argv = [
+            *self._base(),
+            *_COMMON,
+            "--retries",
+            "1",
+            *bw,
+            "copy",
+            "--checksum",
+            "--ignore-checksum",
+            "--use-json-log",
+            "--stats",
+            "1s",
+            "--stats-log-level",
+            "NOTICE",
+            "--",
+            encode_name(str(run_path)),
+            fs,
+        ]
         result = await run_tool(argv, on_stderr=stats, log=self.log, run_path=run_path, step="push")
         if result.returncode != 0:
             raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"rclone copy to {fs}")
@@ -472,16 +538,38 @@ class RcloneTransport(Transport):
         fs = f"{self._fs(run_path)}/{METADATA_DIR}"
         await self._require_root(run_path)
         stats = _Stats(None)
-        argv = [*self._base(), *_COMMON, "--retries", "1", *self._bwlimit_args(bwlimit_kibps), "copy", "--ignore-times",
-                "--ignore-checksum", "--use-json-log", "--stats", "1s", "--stats-log-level", "NOTICE",
-                "--", encode_name(str(source)), fs]  # fmt: skip
+        argv = [
+            *self._base(),
+            *_COMMON,
+            "--retries",
+            "1",
+            *self._bwlimit_args(bwlimit_kibps),
+            "copy",
+            "--ignore-times",
+            "--ignore-checksum",
+            "--use-json-log",
+            "--stats",
+            "1s",
+            "--stats-log-level",
+            "NOTICE",
+            "--",
+            encode_name(str(source)),
+            fs,
+        ]
         result = await run_tool(argv, on_stderr=stats, log=self.log, run_path=run_path, step="push_metadata")
         if result.returncode != 0:
             error = transport_error("rclone", result.returncode, rclone_text(result.stderr), f"rclone copy to {fs}")
             raise await self._explained(error, run_path)
         stats.finish(result.stderr)
-        self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=stats.transfers, bytes=stats.bytes,
-                      scope=METADATA_DIR)  # fmt: skip
+        self.log.info(
+            run_path,
+            "push_done",
+            transport="rclone",
+            remote=fs,
+            files=stats.transfers,
+            bytes=stats.bytes,
+            scope=METADATA_DIR,
+        )
         return TransportResult(ok=True, files_sent=stats.transfers, bytes_sent=stats.bytes)
 
     # ------------------------------------------------------- remote manifest
@@ -515,8 +603,12 @@ class RcloneTransport(Transport):
         if self._native_sha256 is None and (hashes or unverifiable):
             # Not listed as a feature: trust the backend's hashing only when it hashed every file.
             self._native_sha256 = not unverifiable
-            self.log.info(run_path, "rclone_backend_hashes_sha256", remote=self.config.rclone_remote,
-                          remote_hashing=self._native_sha256)  # fmt: skip
+            self.log.info(
+                run_path,
+                "rclone_backend_hashes_sha256",
+                remote=self.config.rclone_remote,
+                remote_hashing=self._native_sha256,
+            )
             if not self._native_sha256:
                 return await self._download_manifest(base, fs, run_path)
         self.log.info(run_path, "remote_manifest", tool=tool, files=len(hashes), unverifiable=len(unverifiable))
@@ -524,8 +616,9 @@ class RcloneTransport(Transport):
 
     async def _listed_hashes(self, base: list[str], fs: str, run_path: Path) -> tuple[dict[str, str], dict[str, str]]:
         """Each file's SHA-256 from ``lsjson -R --hash``: (hashes, unverifiable)."""
-        listed = await _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_hash",
-                               extra=["--hash", "--hash-type", "sha256"])  # fmt: skip
+        listed = await _lsjson(
+            base, fs, log=self.log, run_path=run_path, step="remote_hash", extra=["--hash", "--hash-type", "sha256"]
+        )
         if listed.returncode != 0:
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"hashing {fs}")
         hashes: dict[str, str] = {}
@@ -542,10 +635,16 @@ class RcloneTransport(Transport):
         return hashes, unverifiable
 
     async def _download_manifest(self, base: list[str], fs: str, run_path: Path) -> RemoteManifest:
-        manifest = await download_manifest(base, fs, self.config.remote_root, self.verify_max_stream_bytes,
-                                           log=self.log, run_path=run_path)  # fmt: skip
-        self.log.info(run_path, "remote_manifest", tool="rclone_download", files=len(manifest.hashes),
-                      unverifiable=len(manifest.unverifiable))  # fmt: skip
+        manifest = await download_manifest(
+            base, fs, self.config.remote_root, self.verify_max_stream_bytes, log=self.log, run_path=run_path
+        )
+        self.log.info(
+            run_path,
+            "remote_manifest",
+            tool="rclone_download",
+            files=len(manifest.hashes),
+            unverifiable=len(manifest.unverifiable),
+        )
         return manifest
 
     # ------------------------------------------------------- remote listing
@@ -564,6 +663,7 @@ class RcloneTransport(Transport):
             )
         except TransportError as error:
             raise await self._explained(error, run_path) from None
+
     # ------------------------------------------------------- fetch, keep previous
 
     async def _remote_files(self, run_path: Path, fs: str, step: str) -> dict[str, int]:
@@ -586,8 +686,16 @@ class RcloneTransport(Transport):
         fetched: dict[str, Path] = {}
         for rel in (p for p in wanted if p in remote):
             target = Path(into) / rel
-            argv = [*self._base(), *_COMMON, "--retries", "1", "copyto", "--",
-                    f"{fs}/{encode_name(rel)}", encode_name(str(target))]  # fmt: skip
+            argv = [
+                *self._base(),
+                *_COMMON,
+                "--retries",
+                "1",
+                "copyto",
+                "--",
+                f"{fs}/{encode_name(rel)}",
+                encode_name(str(target)),
+            ]
             result = await run_tool(argv, log=self.log, run_path=run_path, step="fetch", quiet=True)
             if result.returncode in (3, 4):
                 continue  # gone since the listing
@@ -613,8 +721,16 @@ class RcloneTransport(Transport):
                 continue
             if rel not in remote:
                 continue
-            argv = [*self._base(), *_COMMON, "--retries", "1", "moveto", "--",
-                    f"{fs}/{encode_name(rel)}", f"{fs}/{encode_name(previous_path(stamp, rel))}"]  # fmt: skip
+            argv = [
+                *self._base(),
+                *_COMMON,
+                "--retries",
+                "1",
+                "moveto",
+                "--",
+                f"{fs}/{encode_name(rel)}",
+                f"{fs}/{encode_name(previous_path(stamp, rel))}",
+            ]
             result = await run_tool(argv, log=self.log, run_path=run_path, step="keep_previous")
             if result.returncode != 0:
                 raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"moving {rel!r} aside")
@@ -669,7 +785,10 @@ class _Stats:
 def _sort_extras(local: LocalTree, remote: dict[str, int], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
     """Split remote files that are not in the run into rclone's leftovers and foreign files."""
     return sort_remote(
-        local.files, local.dirs, dict.fromkeys(remote, FILE), cleaned,
+        local.files,
+        local.dirs,
+        dict.fromkeys(remote, FILE),
+        cleaned,
         leftover=lambda path, _kind: path if _is_own_partial(path, local) else None,
     )
 
@@ -692,9 +811,9 @@ def _is_own_partial(path: str, local: LocalTree) -> bool:
     cut = base.encode("utf-8", errors="surrogateescape")
     limit = len(leaf.encode("utf-8", errors="surrogateescape"))
     for name in local.files:
-        if not name.startswith(prefix) or "/" in name[len(prefix):]:
+        if not name.startswith(prefix) or "/" in name[len(prefix) :]:
             continue
-        whole = name[len(prefix):].encode("utf-8", errors="surrogateescape")
+        whole = name[len(prefix) :].encode("utf-8", errors="surrogateescape")
         # cut to fit exactly, or up to 3 bytes shorter to end on a whole UTF-8 character
         if len(whole) > _PARTIAL_TRUNCATE_OVER and len(whole) - 3 <= limit <= len(whole) and whole.startswith(cut):
             return True

@@ -116,7 +116,9 @@ _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # full
 _LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
 _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
 _PROGRESS_RE = re.compile(rb"^\s*(\d+)\s+\d+%")
-_MISSING_DIR_RE = re.compile(r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory")
+_MISSING_DIR_RE = re.compile(
+    r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory"
+)
 
 # Programs run on the remote host, kept in remote_programs/ (each file's opening comment
 # is its contract): hashing a run, hashing while a push sends, keeping replaced files.
@@ -125,13 +127,18 @@ _PY_WATCH = remote_program("remote_watch.py")
 _SH_KEEP_PREVIOUS = remote_program("keep_previous.sh")
 _SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
-_SH_OPENSSL = _SH_ENTER + "find . -type f -exec sh -c " + shlex.quote(
-    'for f do printf "%s\\0" "$f"; openssl dgst -sha256 -r < "$f" || echo ERR; done'
-) + " sh {} +"
+_SH_OPENSSL = (
+    _SH_ENTER
+    + "find . -type f -exec sh -c "
+    + shlex.quote('for f do printf "%s\\0" "$f"; openssl dgst -sha256 -r < "$f" || echo ERR; done')
+    + " sh {} +"
+)
 _PROBE = (
     "echo exlab-probe; "
     "command -v python3 >/dev/null 2>&1 && python3 -c "
-    + shlex.quote("import hashlib; print('python3-' + ('openssl' if hashlib.sha256.__name__.startswith('openssl') else 'builtin'))")
+    + shlex.quote(
+        "import hashlib; print('python3-' + ('openssl' if hashlib.sha256.__name__.startswith('openssl') else 'builtin'))"
+    )
     + " 2>/dev/null; "
     'command -v openssl >/dev/null 2>&1 && printf "" | openssl dgst -sha256 -r >/dev/null 2>&1 && echo openssl; '
     'printf "" | sha256sum -z >/dev/null 2>&1 && echo sha256sum; true'
@@ -184,7 +191,7 @@ def preferred_ciphers(ssh_argv: list[str], target: str) -> str | None:
     try:
         default = _ssh_ciphers([ssh_argv[0], "-F", os.devnull, "-G", "localhost"])
         effective = _ssh_ciphers([*ssh_argv, "-G", target])
-    except Exception:  # noqa: BLE001 - an optimisation: any trouble leaves ssh's choice alone
+    except Exception:
         return None
     if not default or effective != default or not all(c in default for c in _AES_GCM):
         return None
@@ -343,15 +350,23 @@ class RsyncSshTransport(Transport):
         cfg = self.config
         argv = [
             self._tool("ssh"),
-            "-i", _ssh_path(cfg.ssh_key_path),
-            "-p", str(cfg.ssh_port),
-            "-o", "BatchMode=yes",
-            "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"ConnectTimeout={max(1, round(connect_timeout_s or self.connect_timeout_s))}",
-            "-o", "ServerAliveInterval=15",
-            "-o", "ServerAliveCountMax=4",
-        ]  # fmt: skip
+            "-i",
+            _ssh_path(cfg.ssh_key_path),
+            "-p",
+            str(cfg.ssh_port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"ConnectTimeout={max(1, round(connect_timeout_s or self.connect_timeout_s))}",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
+        ]
         if cfg.ssh_known_hosts is not None:
             known = _ssh_path(cfg.ssh_known_hosts)
             argv += ["-o", f'UserKnownHostsFile="{known}"' if " " in known else f"UserKnownHostsFile={known}"]
@@ -387,10 +402,21 @@ class RsyncSshTransport(Transport):
         cfg = self.config
         return (cfg.ssh_target, cfg.ssh_port, str(cfg.ssh_key_path), str(cfg.ssh_known_hosts or ""))
 
-    async def _ssh(self, command: str, *, run_path: object, step: str, stdin: bytes | None = None,
-                   timeout: float | None = None, connect_timeout_s: float | None = None, quiet: bool = False) -> ToolResult:  # fmt: skip
+    async def _ssh(
+        self,
+        command: str,
+        *,
+        run_path: object,
+        step: str,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        connect_timeout_s: float | None = None,
+        quiet: bool = False,
+    ) -> ToolResult:
         argv = [*self._ssh_argv(connect_timeout_s), self.config.ssh_target, command]
-        return await run_tool(argv, stdin=stdin, timeout=timeout, log=self.log, run_path=run_path, step=step, quiet=quiet)
+        return await run_tool(
+            argv, stdin=stdin, timeout=timeout, log=self.log, run_path=run_path, step=step, quiet=quiet
+        )
 
     # ------------------------------------------------------------------ push
 
@@ -456,7 +482,9 @@ class RsyncSshTransport(Transport):
         files_sent, bytes_sent = files_sent + files, bytes_sent + size
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
-        self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent)
+        self.log.info(
+            run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent
+        )
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
 
     async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
@@ -477,8 +505,15 @@ class RsyncSshTransport(Transport):
             run_path, args, remote_meta, bwlimit_kibps, step="push_metadata", source=source
         )
         files_sent, bytes_sent = _stats(result.stdout)
-        self.log.info(run_path, "push_done", transport="rsync_ssh", remote=remote_meta, files=files_sent,
-                      bytes=bytes_sent, scope=METADATA_DIR)  # fmt: skip
+        self.log.info(
+            run_path,
+            "push_done",
+            transport="rsync_ssh",
+            remote=remote_meta,
+            files=files_sent,
+            bytes=bytes_sent,
+            scope=METADATA_DIR,
+        )
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
 
     async def _send(
@@ -516,13 +551,21 @@ class RsyncSshTransport(Transport):
         folders_only = [*common, "--include=*/", "--exclude=*"]
         await self._rsync_following_schedule(run_path, [*folders_only, writable], remote_run, None, step="push_folders")
         args = [*common, writable, "--info=progress2", "--files-from=-", "--from0"]
-        results = await gather_or_cancel(*(
-            self._rsync_following_schedule(
-                run_path, args, remote_run, None, stdin=_files_from(group),
-                progress=progress, step=f"push:{number}/{len(groups)}", streams=len(groups),
+        results = await gather_or_cancel(
+            *(
+                self._rsync_following_schedule(
+                    run_path,
+                    args,
+                    remote_run,
+                    None,
+                    stdin=_files_from(group),
+                    progress=progress,
+                    step=f"push:{number}/{len(groups)}",
+                    streams=len(groups),
+                )
+                for number, group in enumerate(groups, 1)
             )
-            for number, group in enumerate(groups, 1)
-        ))  # fmt: skip
+        )
         await self._rsync_following_schedule(run_path, folders_only, remote_run, None, step="push_folders")
         files = size = 0
         for result in results:
@@ -545,8 +588,11 @@ class RsyncSshTransport(Transport):
         header = await asyncio.to_thread(_watch_header, run_path, local, remote)
         if not header:
             return None
-        argv = [*self._ssh_argv(), self.config.ssh_target,
-                f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}"]  # fmt: skip
+        argv = [
+            *self._ssh_argv(),
+            self.config.ssh_target,
+            f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}",
+        ]
         watcher = _RemoteWatcher()
         try:
             await watcher.start(argv, header + b"\0")
@@ -585,14 +631,24 @@ class RsyncSshTransport(Transport):
                 argv.append(f"--bwlimit={max(1, int(limit / streams))}")
             argv += [f"{source or run_path}/", self._target(remote_run)]
             result = await run_tool(
-                argv, stdin=stdin, stop_after=stop_after, on_stdout=_ProgressParser(progress),
-                log=self.log, run_path=run_path, step=step,
-            )  # fmt: skip
+                argv,
+                stdin=stdin,
+                stop_after=stop_after,
+                on_stdout=_ProgressParser(progress),
+                log=self.log,
+                run_path=run_path,
+                step=step,
+            )
             if result.stopped and not result.timed_out:
                 at = max(self.now(), edge) if edge is not None else self.now()
                 new_limit = limit_kibps(bandwidth, at)
-                self.log.info(run_path, "bandwidth_window_edge", step=step, old_kibps=limit or "unlimited",
-                              new_kibps=new_limit or "unlimited")  # fmt: skip
+                self.log.info(
+                    run_path,
+                    "bandwidth_window_edge",
+                    step=step,
+                    old_kibps=limit or "unlimited",
+                    new_kibps=new_limit or "unlimited",
+                )
                 files, size = _stats(result.stdout)
                 files_total, bytes_total = files_total + files, bytes_total + size
                 limit = new_limit
@@ -602,8 +658,10 @@ class RsyncSshTransport(Transport):
                 raise transport_error("rsync", result.returncode, result.stderr_text, f"rsync {step} to {remote_run}")
             if files_total or bytes_total:
                 files, size = _stats(result.stdout)
-                result.stdout += (f"\nNumber of regular files transferred: {files + files_total}\n"
-                                  f"Total transferred file size: {size + bytes_total} bytes\n").encode()  # fmt: skip
+                result.stdout += (
+                    f"\nNumber of regular files transferred: {files + files_total}\n"
+                    f"Total transferred file size: {size + bytes_total} bytes\n"
+                ).encode()
             return result
 
     async def _make_run_folder(self, run_path: Path) -> None:
@@ -624,8 +682,14 @@ class RsyncSshTransport(Transport):
         """
         rel = remote_relpath(self.equipment, run_path).as_posix()
         root = self.config.remote_root.rstrip("/")
-        argv = [*self._rsync_base(), "-d", "--files-from=-", "--from0",
-                f"{os.path.abspath(self.equipment.equipment_root)}/", self._target(f"{root}/.")]  # fmt: skip
+        argv = [
+            *self._rsync_base(),
+            "-d",
+            "--files-from=-",
+            "--from0",
+            f"{os.path.abspath(self.equipment.equipment_root)}/",
+            self._target(f"{root}/."),
+        ]
         result = await run_tool(argv, stdin=_files_from([rel]), log=self.log, run_path=run_path, step="make_run_folder")
         if result.returncode != 0:
             await self._raise_if_root_missing(run_path)
@@ -641,7 +705,9 @@ class RsyncSshTransport(Transport):
         if missing:
             raise TransportError(K.NETWORK, f"remote root {root} is missing: the NAS volume may not be mounted")
 
-    async def _list_remote(self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True) -> dict[str, _Entry] | None:
+    async def _list_remote(
+        self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
+    ) -> dict[str, _Entry] | None:
         """The remote folder's entries, or None when the folder does not exist."""
         result = await self._list_remote_raw(run_path, remote_path, step=step, recursive=recursive)
         if result.returncode == 0:
@@ -650,16 +716,32 @@ class RsyncSshTransport(Transport):
             return None
         raise transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_path}")
 
-    async def _list_remote_raw(self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True) -> ToolResult:
+    async def _list_remote_raw(
+        self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
+    ) -> ToolResult:
         argv = [*self._rsync_base(), "--list-only", *(["-r"] if recursive else []), self._target(remote_path)]
         return await run_tool(argv, log=self.log, run_path=run_path, step=step, quiet=True)
 
     async def _remove_leftovers(self, run_path: Path, remote_run: str, junk: list[str]) -> None:
         """Delete rsync's leftovers of interrupted pushes (exact paths, never a pattern)."""
-        argv = [*self._rsync_base(), "-r", "--no-links", "--delete-missing-args", "--force",
-                "--files-from=-", "--from0", f"{run_path}/", self._target(remote_run)]  # fmt: skip
-        result = await run_tool(argv, stdin=b"\0".join(os.fsencode(p) for p in junk) + b"\0",
-                                log=self.log, run_path=run_path, step="remove_leftovers")  # fmt: skip
+        argv = [
+            *self._rsync_base(),
+            "-r",
+            "--no-links",
+            "--delete-missing-args",
+            "--force",
+            "--files-from=-",
+            "--from0",
+            f"{run_path}/",
+            self._target(remote_run),
+        ]
+        result = await run_tool(
+            argv,
+            stdin=b"\0".join(os.fsencode(p) for p in junk) + b"\0",
+            log=self.log,
+            run_path=run_path,
+            step="remove_leftovers",
+        )
         if result.returncode != 0:
             raise transport_error("rsync", result.returncode, result.stderr_text, f"removing leftovers in {remote_run}")
         self.log.info(run_path, "leftovers_removed", remote=remote_run, count=len(junk))
@@ -690,9 +772,14 @@ class RsyncSshTransport(Transport):
         if result.returncode != 0:
             # some files could not be read (xargs 123): they are absent, hence never verified
             self.log.warning(run_path, "remote_hash_incomplete", rc=result.returncode, hashed=len(manifest.hashes))
-        self.log.info(run_path, "remote_manifest", tool=tool, files=len(manifest.hashes),
-                      hashed_while_sending=sent.count(b"\0") if tool.startswith("python3") else 0,
-                      unverifiable=len(manifest.unverifiable))  # fmt: skip
+        self.log.info(
+            run_path,
+            "remote_manifest",
+            tool=tool,
+            files=len(manifest.hashes),
+            hashed_while_sending=sent.count(b"\0") if tool.startswith("python3") else 0,
+            unverifiable=len(manifest.unverifiable),
+        )
         return manifest
 
     async def hash_tool(self, run_path: object = None) -> str | None:
@@ -702,7 +789,9 @@ class RsyncSshTransport(Transport):
             return _HOST_TOOLS[key]
         result = await self._ssh(f"sh -c {shlex.quote(_PROBE)}", run_path=run_path, step="probe_hash_tool", timeout=60)
         if result.returncode == 255:
-            raise transport_error("ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}")
+            raise transport_error(
+                "ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}"
+            )
         lines = result.stdout.decode(errors="replace").split()
         if "exlab-probe" not in lines:
             tool = None  # a forced command (rrsync, internal-sftp) answered instead of our shell
@@ -724,7 +813,10 @@ class RsyncSshTransport(Transport):
                 return await self._sftp_manifest(run_path, remote_run)
             raise transport_error("rsync", probe.returncode, probe.stderr_text, f"listing {remote_run}")
         if listing is None:
-            if await self._list_remote(run_path, self.config.remote_root, step="stream_list_root", recursive=False) is None:
+            if (
+                await self._list_remote(run_path, self.config.remote_root, step="stream_list_root", recursive=False)
+                is None
+            ):
                 raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist")
             return RemoteManifest(hashes={})
         hashes: dict[str, str] = {}
@@ -740,10 +832,23 @@ class RsyncSshTransport(Transport):
         for batch in _batches(wanted):
             scratch = await asyncio.to_thread(tempfile.mkdtemp, prefix="exlab-verify-")
             try:
-                argv = [*self._rsync_base(), "--files-from=-", "--from0", "--no-links", "--no-D",
-                        self._target(remote_run), f"{scratch}/"]  # fmt: skip
-                result = await run_tool(argv, stdin=b"\0".join(os.fsencode(p) for p, _ in batch) + b"\0",
-                                        log=self.log, run_path=run_path, step="stream_pull", quiet=True)  # fmt: skip
+                argv = [
+                    *self._rsync_base(),
+                    "--files-from=-",
+                    "--from0",
+                    "--no-links",
+                    "--no-D",
+                    self._target(remote_run),
+                    f"{scratch}/",
+                ]
+                result = await run_tool(
+                    argv,
+                    stdin=b"\0".join(os.fsencode(p) for p, _ in batch) + b"\0",
+                    log=self.log,
+                    run_path=run_path,
+                    step="stream_pull",
+                    quiet=True,
+                )
                 if result.returncode not in (0, 23, 24):
                     raise transport_error("rsync", result.returncode, result.stderr_text, f"reading back {remote_run}")
                 hashes.update(await asyncio.to_thread(_hash_files, scratch, [p for p, _ in batch]))
@@ -752,7 +857,9 @@ class RsyncSshTransport(Transport):
             for path, _ in batch:
                 if path not in hashes:
                     unverifiable[path] = UNVERIFIABLE_READ_ERROR
-        self.log.info(run_path, "remote_manifest", tool="rsync_stream", files=len(hashes), unverifiable=len(unverifiable))
+        self.log.info(
+            run_path, "remote_manifest", tool="rsync_stream", files=len(hashes), unverifiable=len(unverifiable)
+        )
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
     async def _sftp_manifest(self, run_path: Path, remote_run: str) -> RemoteManifest:
@@ -761,16 +868,32 @@ class RsyncSshTransport(Transport):
         cfg = self.config
         user, _, host = cfg.ssh_target.rpartition("@")
         known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
-        fs = sftp_connection_string(host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path,
-                                    known_hosts_file=known, path=remote_run)  # fmt: skip
-        root_fs = sftp_connection_string(host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path,
-                                         known_hosts_file=known, path=cfg.remote_root)  # fmt: skip
+        fs = sftp_connection_string(
+            host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=remote_run
+        )
+        root_fs = sftp_connection_string(
+            host=host,
+            port=cfg.ssh_port,
+            user=user,
+            key_file=cfg.ssh_key_path,
+            known_hosts_file=known,
+            path=cfg.remote_root,
+        )
         manifest = await download_manifest(
-            [rclone_binary(), "--config", os.devnull], fs, root_fs, self.verify_max_stream_bytes,
-            log=self.log, run_path=run_path,
-        )  # fmt: skip
-        self.log.info(run_path, "remote_manifest", tool="sftp_stream", files=len(manifest.hashes),
-                      unverifiable=len(manifest.unverifiable))  # fmt: skip
+            [rclone_binary(), "--config", os.devnull],
+            fs,
+            root_fs,
+            self.verify_max_stream_bytes,
+            log=self.log,
+            run_path=run_path,
+        )
+        self.log.info(
+            run_path,
+            "remote_manifest",
+            tool="sftp_stream",
+            files=len(manifest.hashes),
+            unverifiable=len(manifest.unverifiable),
+        )
         return manifest
 
     # ------------------------------------------------------- remote listing
@@ -808,11 +931,13 @@ class RsyncSshTransport(Transport):
         user, _, host = cfg.ssh_target.rpartition("@")
         known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
         fs, root_fs = (
-            sftp_connection_string(host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path,
-                                   known_hosts_file=known, path=path)
+            sftp_connection_string(
+                host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=path
+            )
             for path in (remote_run, cfg.remote_root)
-        )  # fmt: skip
+        )
         return await list_sizes([rclone_binary(), "--config", os.devnull], fs, root_fs, log=self.log, run_path=run_path)
+
     # ------------------------------------------------------- fetch, keep previous
 
     async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
@@ -832,8 +957,15 @@ class RsyncSshTransport(Transport):
         present = [p for p in wanted if listing.get(p, _Entry("", 0)).kind == "f"]
         if not present:
             return {}
-        argv = [*self._rsync_base(), "--files-from=-", "--from0", "--no-links", "--no-D",
-                self._target(remote_run), f"{into}/"]  # fmt: skip
+        argv = [
+            *self._rsync_base(),
+            "--files-from=-",
+            "--from0",
+            "--no-links",
+            "--no-D",
+            self._target(remote_run),
+            f"{into}/",
+        ]
         result = await run_tool(argv, stdin=_files_from(present), log=self.log, run_path=run_path, step="fetch")
         if result.returncode not in (0, 23, 24):  # 23/24: a file gone meanwhile is simply not fetched
             raise transport_error("rsync", result.returncode, result.stderr_text, f"fetching from {remote_run}")
@@ -864,16 +996,24 @@ class RsyncSshTransport(Transport):
         command = f"sh -c {shlex.quote(_SH_KEEP_PREVIOUS)} sh " + " ".join(shlex.quote(w) for w in words)
         result = await self._ssh(command, run_path=run_path, step="keep_previous")
         if result.returncode == 255:
-            raise transport_error("ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}")
+            raise transport_error(
+                "ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}"
+            )
         first, _, records = result.stdout.partition(b"\n")
         if first.strip() != b"exlab-keep":
-            raise TransportError(K.REMOTE_WRITE_REFUSED, f"{self.config.ssh_target} refuses commands: the verified "
-                                 f"files cannot be kept under {keep} (needs a remote that runs mv)")  # fmt: skip
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED,
+                f"{self.config.ssh_target} refuses commands: the verified "
+                f"files cannot be kept under {keep} (needs a remote that runs mv)",
+            )
         if result.returncode == 3:
-            raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist on {self.config.ssh_target}")
+            raise TransportError(
+                K.NETWORK, f"remote root {self.config.remote_root} does not exist on {self.config.ssh_target}"
+            )
         if result.returncode != 0:
-            raise TransportError(K.REMOTE_WRITE_REFUSED,
-                                 f"moving verified files under {keep} failed: {result.stderr_text.strip()[:300]}")
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED, f"moving verified files under {keep} failed: {result.stderr_text.strip()[:300]}"
+            )
         return {os.fsdecode(r) for r in records.split(b"\0") if r}
 
     # ------------------------------------------------------------- reachable
@@ -881,8 +1021,14 @@ class RsyncSshTransport(Transport):
     async def reachable(self, run_path: Path) -> bool:
         root = self.config.remote_root
         try:
-            result = await self._ssh(f"test -d {shlex.quote(root)}", run_path=run_path, step="reachable",
-                                     timeout=30, connect_timeout_s=5, quiet=True)  # fmt: skip
+            result = await self._ssh(
+                f"test -d {shlex.quote(root)}",
+                run_path=run_path,
+                step="reachable",
+                timeout=30,
+                connect_timeout_s=5,
+                quiet=True,
+            )
             if result.returncode == 0:
                 return True
             if result.returncode == 255:
@@ -907,9 +1053,12 @@ class _RemoteWatcher:
 
     async def start(self, argv: list[str], header: bytes) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.reader = asyncio.ensure_future(self.proc.stdout.read())
         try:
@@ -926,7 +1075,7 @@ class _RemoteWatcher:
             self.proc.stdin.close()
             out = await asyncio.wait_for(asyncio.shield(self.reader), timeout)
             await asyncio.wait_for(self.proc.wait(), 30)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             await self.abort()
             return b""
         except BaseException:
