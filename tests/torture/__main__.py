@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from tests.torture.harness import torture, report
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", default="mount,rsync_ssh")
     parser.add_argument("--report", type=Path, help="write the report here (e.g. docs/reliability.md)")
     args = parser.parse_args(argv)
+    # SIGTERM (and SIGINT, which a background shell job ignores) end the run through its cleanup:
+    # servers stopped by PID, loop file systems unmounted.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     tally = torture(rounds=args.rounds, kills=args.kills, seed=args.seed, runs=args.runs,
                     transports=tuple(args.transports.split(",")))  # fmt: skip
     command = "python -m tests.torture " + shlex.join(sys.argv[1:] if argv is None else argv)

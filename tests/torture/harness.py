@@ -64,6 +64,8 @@ KILL_PHASES = ("transfer", "verification", "metadata_push", "audit", "deletion")
 ENDED = ("cleaned", "failed", "verified", "cleanup_eligible")
 CREATION_LOCK_TIMEOUT_S = 10.0  # CreationWriter's default (cache/creation.py)
 _RSYNC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9]{6}$")
+#: fileio.atomic_write_bytes's temporary name (creation.json, checksums.sha256 under .exlab-wizard/)
+_ATOMIC_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 
 # --------------------------------------------------------------------------- records
@@ -94,6 +96,10 @@ class Tally:
     leftovers: list[str] = field(default_factory=list)
     stuck: list[str] = field(default_factory=list)
     nas_flips_repaired: int = 0
+    nas_flips_detected: int = 0
+    #: .exlab-wizard/.<name>.<hex>.tmp left by a SIGKILL inside an atomic metadata write (see the report)
+    metadata_temps: list[str] = field(default_factory=list)
+    nas_flips_undetected: int = 0
     #: findings on a file whose NAS copy the harness flipped after its verification (see the report)
     late_flip: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -244,6 +250,7 @@ class Run:
     files: dict[str, str] = field(default_factory=dict)     # rel -> sha256 the lab last wrote
     damaged: dict[str, str] = field(default_factory=dict)   # rel -> sha256 of the good bytes (local flipped)
     enqueued: bool = False
+    touched: bool = False      # a damage fault hit it already (one per run: two would destroy both copies)
 
 
 class Round:
@@ -262,7 +269,8 @@ class Round:
         self.restarts = 0
         self.runs: list[Run] = []
         self.foreign: dict[Path, str] = {}
-        self.flipped_nas: list[tuple[str, str, bool]] = []   # (run rel, file rel, before verification) corrupted on the NAS
+        #: (run rel, file rel, job id, last event id before the flip): NAS bytes the harness corrupted
+        self.flipped_nas: list[tuple[str, str, str, int]] = []
         self.serve: Serve | None = None
         self.sshd: SshServer | None = None
         self.serve_lock = threading.Lock()
@@ -410,10 +418,12 @@ class Round:
         return Fault("share_unmounted", self.index, "running", busy["state"] if busy else "idle")
 
     def fault_nas_flip(self) -> Fault:
-        row = self.wait_for(lambda r: r["state"] == "awaiting_verify", 10.0)
+        row = self.wait_for(lambda r: r["state"] == "awaiting_verify" and not self.run_of(r).touched, 10.0)
         if row is None:
             return Fault("nas_flip_before_verify", self.index, "awaiting_verify", "not seen", landed=False)
         run = self.run_of(row)
+        run.touched = True
+        since = self._last_event(row["id"])
         frel = "stack.raw"
         target = self.nas_root / run.rel / frel
         try:
@@ -421,12 +431,20 @@ class Round:
         except OSError as exc:
             return Fault("nas_flip_before_verify", self.index, "awaiting_verify", "no file", False, str(exc))
         after = next((r["state"] for r in read_jobs(self.db) if r["id"] == row["id"]), "?")
-        self.flipped_nas.append((run.rel, frel, after == "awaiting_verify"))
+        self.flipped_nas.append((run.rel, frel, row["id"], since))
         return Fault("nas_flip_before_verify", self.index, "awaiting_verify", after, detail=f"{run.rel}/{frel}")
 
     def _verified(self, timeout: float = 15.0) -> dict | None:
-        return self.wait_for(lambda r: r["state"] == "verified" and not r["plan"]
-                             and self.run_of(r).enqueued and not self.run_of(r).damaged, timeout)  # fmt: skip
+        """A VERIFIED job with no cleanup plan yet, on a run no damage fault touched before."""
+        row = self.wait_for(lambda r: r["state"] == "verified" and not r["plan"]
+                            and not self.run_of(r).touched, timeout)  # fmt: skip
+        if row is not None:
+            self.run_of(row).touched = True
+        return row
+
+    def _last_event(self, job_id: str) -> int:
+        events = job_events(self.db, job_id)
+        return events[-1]["id"] if events else 0
 
     def fault_nas_delete(self) -> Fault:
         row = self._verified()
@@ -635,8 +653,16 @@ def _file_sha(path: Path) -> str | None:
 def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     """The invariant, after the recovery period; returns the round's findings."""
     out: dict = {"losses": [], "nas_damage": [], "foreign": [], "leftovers": [], "stuck": [], "jobs": Counter(),
-                 "files": 0, "flips_repaired": 0, "late_flip": []}  # fmt: skip
+                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [],
+           "flips_detected": 0, "flips_undetected": 0}  # fmt: skip
     by_path = {j["run_path"]: j for j in jobs}
+    undetected = set()   # flips the engine never reacted to: they landed after the bytes were verified
+    for run_rel, frel, job_id, since in rnd.flipped_nas:
+        later = [e for e in job_events(rnd.db, job_id) if e["id"] > since]
+        detected = any(e["to_state"] in ("queued", "failed") for e in later)
+        out["flips_detected" if detected else "flips_undetected"] += 1
+        if not detected:
+            undetected.add((run_rel, frel))
     for run in rnd.runs:
         job = by_path.get(str(run.path))
         state = "missing" if job is None else job["state"]
@@ -660,17 +686,17 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
                 continue
             if nas == good and manifest.get(frel) == good:
                 continue
-            late = any(r == run.rel and f == frel and not before for r, f, before in rnd.flipped_nas)
+            late = (run.rel, frel) in undetected
             out["late_flip" if late else "losses"].append(f"round {rnd.index} {run.rel}/{frel}: local {local and local[:8]}, "
                                  f"NAS {nas and nas[:8]}, manifest {manifest.get(frel, '-')[:8]}, want {good[:8]} "
                                  f"(job {state})")  # fmt: skip
         for frel, want in manifest.items():  # every verified NAS file is the manifest's bytes
             got = _file_sha(nas_dir / frel)
-            late = any(r == run.rel and f == frel and not before for r, f, before in rnd.flipped_nas)
+            late = (run.rel, frel) in undetected
             if got != want:
                 out["late_flip" if late else "nas_damage"].append(f"round {rnd.index} {run.rel}/{frel}: NAS {got and got[:8]} "
                                          f"!= manifest {want[:8]} (job {state})")  # fmt: skip
-        for flipped_run, frel, _before in rnd.flipped_nas:
+        for flipped_run, frel, _job, _since in rnd.flipped_nas:
             if flipped_run == run.rel and _file_sha(nas_dir / frel) == run.files.get(frel):
                 out["flips_repaired"] += 1
     for path, want in rnd.foreign.items():
@@ -679,7 +705,9 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     for tree in (rnd.nas_root, rnd.local_root):
         for folder, dirs, files in os.walk(tree):
             for name in [*dirs, *files]:
-                if is_leftover(name):
+                if _ATOMIC_TEMP.match(name) and Path(folder).name == META:
+                    out["metadata_temps"].append(f"round {rnd.index} {Path(folder, name).relative_to(rnd.root)}")
+                elif is_leftover(name):
                     out["leftovers"].append(f"round {rnd.index} {Path(folder, name).relative_to(rnd.root)}")
     out["settled"] = settled
     return out
@@ -732,6 +760,11 @@ def torture(*, rounds: int, kills: int, seed: int, runs: int = 4, transports: tu
             tally.stuck += result["stuck"]
             tally.nas_flips_repaired += result["flips_repaired"]
             tally.late_flip += result["late_flip"]
+            tally.nas_flips_detected += result["flips_detected"]
+            tally.metadata_temps += result["metadata_temps"]
+            for finding in result["metadata_temps"]:
+                log(f"  METADATA TEMP LEFT {finding}")
+            tally.nas_flips_undetected += result["flips_undetected"]
             for finding in result["late_flip"]:
                 log(f"  LATE NAS FLIP {finding}")
             for problem in [*result["losses"], *result["nas_damage"], *result["foreign"], *result["leftovers"], *result["stuck"]]:
@@ -776,11 +809,13 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         f"| service restarts after a kill (all came back) | {tally.restarts} |",
         f"| rounds whose jobs all ended in the recovery period | {tally.recovered_rounds} / {tally.rounds} |",
         f"| files checked against the invariant | {tally.files_checked} |",
-        f"| NAS corruptions the engine repaired (flipped bytes back to the manifest's) | {tally.nas_flips_repaired} |",
+        f"| NAS byte flips: detected by the engine / not detected (landed after the bytes were verified) | {tally.nas_flips_detected} / {tally.nas_flips_undetected} |",
+        f"| NAS byte flips repaired (the file back to the manifest's bytes) | {tally.nas_flips_repaired} |",
         f"| **losses** (a file neither local nor verified on the NAS) | **{len(tally.losses)}** |",
         f"| NAS files differing from their manifest | {len(tally.nas_damage)} |",
         f"| foreign NAS files changed | {len(tally.foreign_overwritten)} |",
-        f"| temporary files left | {len(tally.leftovers)} |",
+        f"| transfer temporary files left (mount, rsync, rclone) | {len(tally.leftovers)} |",
+        f"| metadata temporary files left (`.exlab-wizard/.<name>.<hex>.tmp`, see below) | {len(tally.metadata_temps)} |",
         f"| jobs stuck or failed without a reason | {len(tally.stuck)} |",
         "",
         "## SIGKILLs by phase",
@@ -811,6 +846,13 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
               "put an audit between the verification and the deletion. Counted apart from the losses:",
               ""]
     lines += [f"- {p}" for p in tally.late_flip] if tally.late_flip else ["None in this run."]
+    lines += ["", "## Metadata temporary files left by a SIGKILL", "",
+              "`fileio.atomic_write_bytes` writes `creation.json` and `checksums.sha256` through",
+              "`.<name>.<12 hex>.tmp` and removes that file on every failure it sees, but a SIGKILL between",
+              "the create and the rename leaves it, and nothing removes it later: the next metadata push",
+              "even copies it to the NAS run folder. Harmless to the data (no reader takes it for the real",
+              "file) but clutter that a lab's IT would see. Found:", ""]
+    lines += [f"- {p}" for p in tally.metadata_temps] if tally.metadata_temps else ["None in this run."]
     problems = tally.problems()
     lines += ["", "## Problems found", ""]
     lines += [f"- {p}" for p in problems] if problems else ["None."]
