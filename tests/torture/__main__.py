@@ -1,4 +1,4 @@
-"""``python -m tests.torture --rounds 50 --kills 100 --report docs/reliability.md``: the long run.
+"""``python -m tests.torture --rounds 20 --kills 100 --report docs/reliability.md``: the long run.
 
 Prints each fault as it is injected, then the report; ``--report`` also writes it.
 Needs root (loop mounts, chattr, the sshd fixture's users).
@@ -21,7 +21,7 @@ def _stop(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.torture", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--kills", type=int, default=100, help="SIGKILLs of the service over all rounds")
     parser.add_argument("--runs", type=int, default=4, help="runs per round")
     parser.add_argument("--seed", type=int, default=13)

@@ -99,6 +99,8 @@ class Tally:
     nas_flips_detected: int = 0
     #: .exlab-wizard/.<name>.<hex>.tmp left by a SIGKILL inside an atomic metadata write (see the report)
     metadata_temps: list[str] = field(default_factory=list)
+    #: transfer temps in the NAS folder of a FAILED job (its next push removes them)
+    failed_temps: list[str] = field(default_factory=list)
     nas_flips_undetected: int = 0
     #: findings on a file whose NAS copy the harness flipped after its verification (see the report)
     late_flip: list[str] = field(default_factory=list)
@@ -653,7 +655,7 @@ def _file_sha(path: Path) -> str | None:
 def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     """The invariant, after the recovery period; returns the round's findings."""
     out: dict = {"losses": [], "nas_damage": [], "foreign": [], "leftovers": [], "stuck": [], "jobs": Counter(),
-                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [],
+                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [], "failed_temps": [],
            "flips_detected": 0, "flips_undetected": 0}  # fmt: skip
     by_path = {j["run_path"]: j for j in jobs}
     undetected = set()   # flips the engine never reacted to: they landed after the bytes were verified
@@ -702,11 +704,15 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     for path, want in rnd.foreign.items():
         if _file_sha(path) != want:
             out["foreign"].append(f"round {rnd.index} foreign {path.relative_to(rnd.nas_root)} changed or gone")
+    # a FAILED job's transfer temps (say the folder went read-only mid-copy) are removed by its next push
+    failed_dirs = [rnd.nas_root / r.rel for r in rnd.runs if by_path.get(str(r.path), {}).get("state") == "failed"]
     for tree in (rnd.nas_root, rnd.local_root):
         for folder, dirs, files in os.walk(tree):
             for name in [*dirs, *files]:
                 if _ATOMIC_TEMP.match(name) and Path(folder).name == META:
                     out["metadata_temps"].append(f"round {rnd.index} {Path(folder, name).relative_to(rnd.root)}")
+                elif is_leftover(name) and any(Path(folder, name).is_relative_to(d) for d in failed_dirs):
+                    out["failed_temps"].append(f"round {rnd.index} {Path(folder, name).relative_to(rnd.root)}")
                 elif is_leftover(name):
                     out["leftovers"].append(f"round {rnd.index} {Path(folder, name).relative_to(rnd.root)}")
     out["settled"] = settled
@@ -762,6 +768,7 @@ def torture(*, rounds: int, kills: int, seed: int, runs: int = 4, transports: tu
             tally.late_flip += result["late_flip"]
             tally.nas_flips_detected += result["flips_detected"]
             tally.metadata_temps += result["metadata_temps"]
+            tally.failed_temps += result["failed_temps"]
             for finding in result["metadata_temps"]:
                 log(f"  METADATA TEMP LEFT {finding}")
             tally.nas_flips_undetected += result["flips_undetected"]
@@ -815,6 +822,7 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         f"| NAS files differing from their manifest | {len(tally.nas_damage)} |",
         f"| foreign NAS files changed | {len(tally.foreign_overwritten)} |",
         f"| transfer temporary files left (mount, rsync, rclone) | {len(tally.leftovers)} |",
+        f"| transfer temporary files in a FAILED job's NAS folder (its next push removes them) | {len(tally.failed_temps)} |",
         f"| metadata temporary files left (`.exlab-wizard/.<name>.<hex>.tmp`, see below) | {len(tally.metadata_temps)} |",
         f"| jobs stuck or failed without a reason | {len(tally.stuck)} |",
         "",
