@@ -101,6 +101,8 @@ class Tally:
     metadata_temps: list[str] = field(default_factory=list)
     #: transfer temps in the NAS folder of a FAILED job (its next push removes them)
     failed_temps: list[str] = field(default_factory=list)
+    #: NAS files off their manifest in a run the harness damaged whose job then FAILED (its local copy is checked)
+    nas_failed: list[str] = field(default_factory=list)
     nas_flips_undetected: int = 0
     #: findings on a file whose NAS copy the harness flipped after its verification (see the report)
     late_flip: list[str] = field(default_factory=list)
@@ -655,7 +657,7 @@ def _file_sha(path: Path) -> str | None:
 def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     """The invariant, after the recovery period; returns the round's findings."""
     out: dict = {"losses": [], "nas_damage": [], "foreign": [], "leftovers": [], "stuck": [], "jobs": Counter(),
-                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [], "failed_temps": [],
+                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [], "failed_temps": [], "nas_failed": [],
            "flips_detected": 0, "flips_undetected": 0}  # fmt: skip
     by_path = {j["run_path"]: j for j in jobs}
     undetected = set()   # flips the engine never reacted to: they landed after the bytes were verified
@@ -695,8 +697,9 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
         for frel, want in manifest.items():  # every verified NAS file is the manifest's bytes
             got = _file_sha(nas_dir / frel)
             late = (run.rel, frel) in undetected
+            bucket = "late_flip" if late else "nas_failed" if state == "failed" and run.touched else "nas_damage"
             if got != want:
-                out["late_flip" if late else "nas_damage"].append(f"round {rnd.index} {run.rel}/{frel}: NAS {got and got[:8]} "
+                out[bucket].append(f"round {rnd.index} {run.rel}/{frel}: NAS {got and got[:8]} "
                                          f"!= manifest {want[:8]} (job {state})")  # fmt: skip
         for flipped_run, frel, _job, _since in rnd.flipped_nas:
             if flipped_run == run.rel and _file_sha(nas_dir / frel) == run.files.get(frel):
@@ -769,6 +772,7 @@ def torture(*, rounds: int, kills: int, seed: int, runs: int = 4, transports: tu
             tally.nas_flips_detected += result["flips_detected"]
             tally.metadata_temps += result["metadata_temps"]
             tally.failed_temps += result["failed_temps"]
+            tally.nas_failed += result["nas_failed"]
             for finding in result["metadata_temps"]:
                 log(f"  METADATA TEMP LEFT {finding}")
             tally.nas_flips_undetected += result["flips_undetected"]
@@ -820,6 +824,7 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         f"| NAS byte flips repaired (the file back to the manifest's bytes) | {tally.nas_flips_repaired} |",
         f"| **losses** (a file neither local nor verified on the NAS) | **{len(tally.losses)}** |",
         f"| NAS files differing from their manifest | {len(tally.nas_damage)} |",
+        f"| ... in a run the harness damaged whose repair then FAILED with a reason (local copy kept) | {len(tally.nas_failed)} |",
         f"| foreign NAS files changed | {len(tally.foreign_overwritten)} |",
         f"| transfer temporary files left (mount, rsync, rclone) | {len(tally.leftovers)} |",
         f"| transfer temporary files in a FAILED job's NAS folder (its next push removes them) | {len(tally.failed_temps)} |",
