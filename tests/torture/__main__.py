@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.torture.harness import torture, report
+from tests.torture.harness import report, torture
 
 
 def _stop(signum: int, _frame: object) -> None:

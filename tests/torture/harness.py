@@ -75,9 +75,9 @@ _ATOMIC_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 class Fault:
     kind: str
     round: int
-    aim: str = ""          # the phase or state aimed at
-    hit: str = ""          # what it hit (phase seen at the kill, state at the injection)
-    landed: bool = True    # False: the window was missed, nothing was done
+    aim: str = ""  # the phase or state aimed at
+    hit: str = ""  # what it hit (phase seen at the kill, state at the injection)
+    landed: bool = True  # False: the window was missed, nothing was done
     detail: str = ""
 
 
@@ -86,9 +86,9 @@ class Tally:
     rounds: int = 0
     rounds_by_transport: Counter = field(default_factory=Counter)
     faults: list[Fault] = field(default_factory=list)
-    restarts: int = 0              # serve started again after a kill
-    recovered_rounds: int = 0      # rounds whose jobs all settled in the recovery period
-    jobs: Counter = field(default_factory=Counter)   # final state (failed:<kind>)
+    restarts: int = 0  # serve started again after a kill
+    recovered_rounds: int = 0  # rounds whose jobs all settled in the recovery period
+    jobs: Counter = field(default_factory=Counter)  # final state (failed:<kind>)
     files_checked: int = 0
     losses: list[str] = field(default_factory=list)
     nas_damage: list[str] = field(default_factory=list)
@@ -250,11 +250,11 @@ def sha(data: bytes) -> str:
 @dataclass
 class Run:
     path: Path
-    rel: str                                   # relative to the equipment folder (and to the NAS root)
-    files: dict[str, str] = field(default_factory=dict)     # rel -> sha256 the lab last wrote
-    damaged: dict[str, str] = field(default_factory=dict)   # rel -> sha256 of the good bytes (local flipped)
+    rel: str  # relative to the equipment folder (and to the NAS root)
+    files: dict[str, str] = field(default_factory=dict)  # rel -> sha256 the lab last wrote
+    damaged: dict[str, str] = field(default_factory=dict)  # rel -> sha256 of the good bytes (local flipped)
     enqueued: bool = False
-    touched: bool = False      # a damage fault hit it already (one per run: two would destroy both copies)
+    touched: bool = False  # a damage fault hit it already (one per run: two would destroy both copies)
 
 
 class Round:
@@ -299,8 +299,9 @@ class Round:
             self.nas_root.chmod(0o755)
             self.sshd = SshServer(self.ssh_env, self.root / "sshd").start()
             transport = {
-                "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1", "ssh_key_path": str(self.ssh_env.client_key),
-                "ssh_port": self.sshd.port, "remote_path": str(self.nas_root), "ssh_known_hosts": str(self.sshd.known_hosts),
+                "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1",
+                "ssh_key_path": str(self.ssh_env.client_key), "ssh_port": self.sshd.port,
+                "remote_path": str(self.nas_root), "ssh_known_hosts": str(self.sshd.known_hosts),
             }  # fmt: skip
         transport["bandwidth"] = {"upload_mbps": 48}  # ~6 MB/s: transfers last long enough to be hit
         config = {
@@ -364,7 +365,10 @@ class Round:
         raise RuntimeError(f"enqueue {run.rel}: no service")
 
     def feed(self) -> None:
-        """Keep work flowing: a new run enqueued while fewer than two jobs are under way (up to ``runs`` more per round than kills)."""
+        """Keep work flowing: a new run enqueued while fewer than two jobs are under way.
+
+        At most ``runs`` + kills + other faults runs per round.
+        """
         active = [r for r in read_jobs(self.db) if r["state"] not in ("cleaned", "failed")]
         if len(active) < 2 and len(self.runs) < self.n_runs + self.kills + len(self.fault_kinds):
             run = self._make_run(len(self.runs))
@@ -529,7 +533,7 @@ class Round:
         return Fault("nas_full", self.index, "running", row["state"] if row else "idle")
 
     def fault_lock(self) -> Fault:
-        """Hold a run's creation.json.lock (flock, as FileLock takes it) past the writer's timeout, in the background."""
+        """Hold a run's creation.json.lock (flock, as FileLock) past the writer's timeout, in the background."""
         row = self.wait_for(lambda r: r["state"] in ("running", "awaiting_verify"), 8.0)
         run = self.run_of(row) if row else self.rng.choice(self.runs)
         lock = run.path / META / "creation.json.lock"
@@ -657,10 +661,11 @@ def _file_sha(path: Path) -> str | None:
 def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     """The invariant, after the recovery period; returns the round's findings."""
     out: dict = {"losses": [], "nas_damage": [], "foreign": [], "leftovers": [], "stuck": [], "jobs": Counter(),
-                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [], "failed_temps": [], "nas_failed": [],
+                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [], "failed_temps": [],
+                 "nas_failed": [],
            "flips_detected": 0, "flips_undetected": 0}  # fmt: skip
     by_path = {j["run_path"]: j for j in jobs}
-    undetected = set()   # flips the engine never reacted to: they landed after the bytes were verified
+    undetected = set()  # flips the engine never reacted to: they landed after the bytes were verified
     for run_rel, frel, job_id, since in rnd.flipped_nas:
         later = [e for e in job_events(rnd.db, job_id) if e["id"] > since]
         detected = any(e["to_state"] in ("queued", "failed") for e in later)
@@ -672,7 +677,9 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
         state = "missing" if job is None else job["state"]
         if job is not None and state == "failed":
             out["jobs"][f"failed:{job.get('error_kind') or 'no reason'}"] += 1
-            rnd.log(f"  round {rnd.index} {run.rel} failed {job.get('error_kind')}: {(job.get('last_error') or '')[:300]}")
+            rnd.log(
+                f"  round {rnd.index} {run.rel} failed {job.get('error_kind')}: {(job.get('last_error') or '')[:300]}"
+            )
             if not job.get("error_kind") and not job.get("last_error"):
                 out["stuck"].append(f"round {rnd.index} {run.rel}: failed without a reason")
         else:
@@ -691,7 +698,8 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
             if nas == good and manifest.get(frel) == good:
                 continue
             late = (run.rel, frel) in undetected
-            out["late_flip" if late else "losses"].append(f"round {rnd.index} {run.rel}/{frel}: local {local and local[:8]}, "
+            out["late_flip" if late else "losses"].append(
+                                 f"round {rnd.index} {run.rel}/{frel}: local {local and local[:8]}, "
                                  f"NAS {nas and nas[:8]}, manifest {manifest.get(frel, '-')[:8]}, want {good[:8]} "
                                  f"(job {state})")  # fmt: skip
         for frel, want in manifest.items():  # every verified NAS file is the manifest's bytes
@@ -729,19 +737,24 @@ OTHER_FAULTS = ("sshd_restart", "share_unmounted", "nas_flip", "nas_delete", "lo
 
 
 def plan_rounds(rounds: int, kills: int, transports: tuple[str, ...]) -> list[tuple[str, int, list[str]]]:
-    """Transports alternate; kills spread evenly; every other fault kind once per round (sshd only on rsync_ssh, marker only on mount)."""
+    """Transports alternate; kills spread evenly; every other fault kind once per round.
+
+    The sshd restart only on rsync_ssh rounds, the marker removal only on mount rounds.
+    """
     plans = []
     for i in range(rounds):
         transport = transports[i % len(transports)]
         k = kills // rounds + (1 if i < kills % rounds else 0)
         faults = [f for f in OTHER_FAULTS
-                  if not (f == "sshd_restart" and transport == "mount") and not (f == "share_unmounted" and transport != "mount")]  # fmt: skip
+                  if not (f == "sshd_restart" and transport == "mount")
+                  and not (f == "share_unmounted" and transport != "mount")]  # fmt: skip
         plans.append((transport, k, faults))
     return plans
 
 
-def torture(*, rounds: int, kills: int, seed: int, runs: int = 4, transports: tuple[str, ...] = ("mount", "rsync_ssh"),
-            faults: list[str] | None = None, workdir: Path | None = None, recovery_s: float = 90.0, log=print) -> Tally:  # fmt: skip
+def torture(*, rounds: int, kills: int, seed: int, runs: int = 4,
+            transports: tuple[str, ...] = ("mount", "rsync_ssh"), faults: list[str] | None = None,
+            workdir: Path | None = None, recovery_s: float = 90.0, log=print) -> Tally:  # fmt: skip
     """Play ``rounds`` rounds with ``kills`` SIGKILLs in all; ``faults``: the other faults per round (default: all)."""
     tally = Tally()
     started = time.monotonic()
@@ -778,7 +791,13 @@ def torture(*, rounds: int, kills: int, seed: int, runs: int = 4, transports: tu
             tally.nas_flips_undetected += result["flips_undetected"]
             for finding in result["late_flip"]:
                 log(f"  LATE NAS FLIP {finding}")
-            for problem in [*result["losses"], *result["nas_damage"], *result["foreign"], *result["leftovers"], *result["stuck"]]:
+            for problem in [
+                *result["losses"],
+                *result["nas_damage"],
+                *result["foreign"],
+                *result["leftovers"],
+                *result["stuck"],
+            ]:
                 log(f"  PROBLEM {problem}")
     finally:
         if env is not None:
@@ -820,15 +839,19 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         f"| service restarts after a kill (all came back) | {tally.restarts} |",
         f"| rounds whose jobs all ended in the recovery period | {tally.recovered_rounds} / {tally.rounds} |",
         f"| files checked against the invariant | {tally.files_checked} |",
-        f"| NAS byte flips: detected by the engine / not detected (landed after the bytes were verified) | {tally.nas_flips_detected} / {tally.nas_flips_undetected} |",
+        "| NAS byte flips: detected by the engine / not detected (landed after the bytes were verified) | "
+        f"{tally.nas_flips_detected} / {tally.nas_flips_undetected} |",
         f"| NAS byte flips repaired (the file back to the manifest's bytes) | {tally.nas_flips_repaired} |",
         f"| **losses** (a file neither local nor verified on the NAS) | **{len(tally.losses)}** |",
         f"| NAS files differing from their manifest | {len(tally.nas_damage)} |",
-        f"| ... in a run the harness damaged whose repair then FAILED with a reason (local copy kept) | {len(tally.nas_failed)} |",
+        "| ... in a run the harness damaged whose repair then FAILED with a reason (local copy kept) | "
+        f"{len(tally.nas_failed)} |",
         f"| foreign NAS files changed | {len(tally.foreign_overwritten)} |",
         f"| transfer temporary files left (mount, rsync, rclone) | {len(tally.leftovers)} |",
-        f"| transfer temporary files in a FAILED job's NAS folder (its next push removes them) | {len(tally.failed_temps)} |",
-        f"| metadata temporary files left (`.exlab-wizard/.<name>.<hex>.tmp`, see below) | {len(tally.metadata_temps)} |",
+        "| transfer temporary files in a FAILED job's NAS folder (its next push removes them) | "
+        f"{len(tally.failed_temps)} |",
+        "| metadata temporary files left (`.exlab-wizard/.<name>.<hex>.tmp`, see below) | "
+        f"{len(tally.metadata_temps)} |",
         f"| jobs stuck or failed without a reason | {len(tally.stuck)} |",
         "",
         "## SIGKILLs by phase",
@@ -843,28 +866,43 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
     ]
     for phase in [*KILL_PHASES, *sorted(set(by_phase) - set(KILL_PHASES))]:
         lines.append(f"| {phase} | {aimed[phase]} | {landed_aim[phase]} | {by_phase[phase]} |")
-    lines += ["", "## Other faults", "", "| fault | tried | landed | state of the job hit at injection |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Other faults",
+        "",
+        "| fault | tried | landed | state of the job hit at injection |",
+        "|---|---|---|---|",
+    ]
     for kind in sorted(others):
         seen = ", ".join(f"{s} {n}" for s, n in hits[kind].most_common())
         lines.append(f"| {kind} | {others[kind]} | {others_landed[kind]} | {seen} |")
     lines += ["", "## How the jobs ended", "", "| final state | jobs |", "|---|---|"]
     for state, n in sorted(tally.jobs.items()):
         lines.append(f"| {state} | {n} |")
-    lines += ["", "## NAS corruption after verification, before the deletion", "",
-              "A NAS byte flipped after the job was already VERIFIED (the flip aimed at the short",
-              "AWAITING_VERIFY window and missed it). With `min_verify_passes: 1` and `min_age_hours: 0`",
-              "the reaper may delete the local copy before any audit re-reads the NAS, because its",
-              "re-check right before the deletion compares the NAS listing (sizes), not the bytes;",
-              "the local copy is then gone and the NAS copy is damaged. The defaults (2 passes, 24 h)",
-              "put an audit between the verification and the deletion. Counted apart from the losses:",
-              ""]
+    lines += [
+        "",
+        "## NAS corruption after verification, before the deletion",
+        "",
+        "A NAS byte flipped after the job was already VERIFIED (the flip aimed at the short",
+        "AWAITING_VERIFY window and missed it). With `min_verify_passes: 1` and `min_age_hours: 0`",
+        "the reaper may delete the local copy before any audit re-reads the NAS, because its",
+        "re-check right before the deletion compares the NAS listing (sizes), not the bytes;",
+        "the local copy is then gone and the NAS copy is damaged. The defaults (2 passes, 24 h)",
+        "put an audit between the verification and the deletion. Counted apart from the losses:",
+        "",
+    ]
     lines += [f"- {p}" for p in tally.late_flip] if tally.late_flip else ["None in this run."]
-    lines += ["", "## Metadata temporary files left by a SIGKILL", "",
-              "`fileio.atomic_write_bytes` writes `creation.json` and `checksums.sha256` through",
-              "`.<name>.<12 hex>.tmp` and removes that file on every failure it sees, but a SIGKILL between",
-              "the create and the rename leaves it, and nothing removes it later: the next metadata push",
-              "even copies it to the NAS run folder. Harmless to the data (no reader takes it for the real",
-              "file) but clutter that a lab's IT would see. Found:", ""]
+    lines += [
+        "",
+        "## Metadata temporary files left by a SIGKILL",
+        "",
+        "`fileio.atomic_write_bytes` writes `creation.json` and `checksums.sha256` through",
+        "`.<name>.<12 hex>.tmp` and removes that file on every failure it sees, but a SIGKILL between",
+        "the create and the rename leaves it, and nothing removes it later: the next metadata push",
+        "even copies it to the NAS run folder. Harmless to the data (no reader takes it for the real",
+        "file) but clutter that a lab's IT would see. Found:",
+        "",
+    ]
     lines += [f"- {p}" for p in tally.metadata_temps] if tally.metadata_temps else ["None in this run."]
     problems = tally.problems()
     lines += ["", "## Problems found", ""]
