@@ -1,0 +1,63 @@
+"""The short torture round of the suite, and the harness's findings reproduced small.
+
+The short round: mount and rsync_ssh, ten SIGKILLs, every other fault once
+(about 90 s on two cores). The long run is
+``python -m tests.torture --rounds 20 --kills 100 --report docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import require_tool
+from tests.lab import Lab
+from tests.torture.harness import OTHER_FAULTS, report, torture
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts, chattr and the sshd users need root")
+
+
+@root_only
+def test_short_round_keeps_every_file_and_ends_every_job() -> None:
+    for tool in ("mkfs.ext4", "mount", "chattr", "sshd", "rsync"):
+        require_tool(tool)
+    lines: list[str] = []
+    tally = torture(rounds=2, kills=10, seed=7, runs=3, recovery_s=60, log=lines.append)
+    print(report(tally, command="pytest tests/torture", seed=7))
+    log = "\n".join(lines)
+    kinds = {f.kind for f in tally.faults}
+    assert sum(f.kind == "sigkill" for f in tally.faults) == 10
+    assert tally.restarts == 10
+    assert {"sshd_restart", "share_unmounted", "nas_full", "nas_read_only", "creation_lock_held",
+            "local_flip_after_verify", "local_edit_after_verify", "nas_flip_before_verify"} <= kinds  # fmt: skip
+    assert kinds & {"nas_file_deleted", "nas_run_folder_deleted"}
+    assert len(OTHER_FAULTS) == 9
+    assert tally.files_checked > 0
+    assert tally.losses == [], log
+    assert tally.nas_damage == [], log
+    assert tally.foreign_overwritten == [], log
+    assert tally.leftovers == [], log
+    assert tally.stuck == [], log
+    # Not asserted, reported: tally.late_flip (a NAS flip after verification, see docs/reliability.md)
+    # and tally.metadata_temps (the xfail below).
+
+
+@pytest.mark.xfail(strict=True, reason="found by the torture harness: a SIGKILL inside atomic_write_bytes leaves "
+                   "its .<name>.<hex>.tmp for good, and the metadata push copies it to the NAS")  # fmt: skip
+def test_a_temp_file_left_by_a_killed_metadata_write_is_not_kept_nor_pushed(tmp_path: Path) -> None:
+    lab = Lab.build(tmp_path, equipment=("CONFOCAL_01",))
+    run = lab.make_run()
+    stale = run / ".exlab-wizard" / ".creation.json.0123456789ab.tmp"
+    stale.write_text('{"half written": ')  # what a SIGKILL between the create and the rename leaves
+    config = lab.write_config(lab.config_data(sync={"backoff_s": [0.1], "scan_interval_s": 0.2}))
+    exe = str(Path(sys.executable).with_name("exlab-sync"))
+    done = subprocess.run([exe, "enqueue", str(run), "--wait", "--timeout", "60", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (lab.nas_copy(run) / ".exlab-wizard" / "checksums.sha256").exists()  # synced and pushed
+    assert not (lab.nas_copy(run) / ".exlab-wizard" / stale.name).exists()
+    assert not stale.exists()
