@@ -485,3 +485,25 @@ async def test_keep_previous_of_many_files_is_split_under_the_remote_argument_li
     kept = await transport.keep_previous(run, list(files), "20261205T073000Z")
     assert kept == sorted(files, key=os.fsencode)
     assert tree(remote_dir / RUN_REL / ".exlab-wizard" / "previous" / "20261205T073000Z") == files
+
+
+async def test_a_listing_whose_connection_drops_after_the_missing_folder_is_not_local_damage(
+    tmp_path, sshd, remote_dir, monkeypatch
+):
+    """rsync exits 255 after the NAS said the run folder is missing: an empty listing, not local_file_vanished."""
+    from exlab_wizard.sync.transports._process import ToolResult
+
+    eq = equipment(tmp_path, sshd, remote_dir)
+    transport = RsyncSshTransport(eq)
+    run = make_run(eq.local_root)
+    stderr = b'rsync: [sender] change_dir "/srv/x/Run" failed: No such file or directory (2)\n'
+
+    real = transport._list_remote_raw
+
+    async def dropped(*args, **kwargs):
+        if kwargs.get("step") == "remote_listing":  # the run folder's listing; the root's is real
+            return ToolResult(["rsync"], 255, b"", stderr, 0.1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "_list_remote_raw", dropped)
+    assert await transport.remote_listing(run) == {}

@@ -914,7 +914,10 @@ class RsyncSshTransport(Transport):
         if result.returncode == 0:
             listing = parse_listing(result.stdout)
             return {path: entry.size for path, entry in listing.items() if entry.kind == "f"}
-        if not (result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text)):
+        # The sender of a listing is the NAS: its "change_dir ... No such file" says the run folder
+        # is missing there, whatever the exit code (23, or 255 when the connection then dropped),
+        # never that a local file vanished. The root is checked below.
+        if not _MISSING_DIR_RE.search(result.stderr_text):
             found = classify("rsync", result.returncode, result.stderr_text)
             if found.rule is not None and found.rule.why == _REFUSES_RSYNC:
                 return await self._sftp_listing(run_path, remote_run)
