@@ -35,12 +35,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "remove_stale_temps",
     "BLOCK_SIZE",
     "DROP_BEHIND",
     "METADATA_DIR",
@@ -118,6 +120,30 @@ def _open_unique_temp(folder: Path, name: str, mode: int) -> tuple[int, Path]:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "could not find a free temporary name", str(folder))
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the ``.<name>.<12 hex>.tmp`` files an earlier, killed :func:`atomic_write_bytes` of ``path`` left.
+
+    Only for a caller that is the one writer of ``path`` right now (it holds
+    the file's lock, or it is the only process that writes it): any such temp
+    is then a leftover, never a write in progress. Returns the names removed.
+    """
+    path = Path(path)
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.[0-9a-f]{12}\.tmp")
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if pattern.fullmatch(name):
+            try:
+                os.unlink(path.parent / name)
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, new_mode: int = 0o666) -> None:

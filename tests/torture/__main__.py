@@ -32,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     # servers stopped by PID, loop file systems unmounted.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
-    tally = torture(rounds=args.rounds, kills=args.kills, seed=args.seed, runs=args.runs,
-                    transports=tuple(args.transports.split(",")))  # fmt: skip
+    tally = torture(
+        rounds=args.rounds,
+        kills=args.kills,
+        seed=args.seed,
+        runs=args.runs,
+        transports=tuple(args.transports.split(",")),
+    )
     command = "python -m tests.torture " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = report(tally, command=command.strip(), seed=args.seed)
     print(text)

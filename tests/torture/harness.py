@@ -149,8 +149,13 @@ class Serve:
     def __init__(self, config: Path, state: Path):
         env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.log = open(state.parent / "serve.log", "a")  # noqa: SIM115 - closed in stop/kill
-        self.proc = subprocess.Popen([EXE, "serve", "--config", str(config), "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [EXE, "serve", "--config", str(config), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
         self.url = self._wait_for_url(60)
         self.token = (state / "api-token").read_text().strip()
 
@@ -260,8 +265,18 @@ class Run:
 class Round:
     """One round: a lab, its NAS, the service, a fault schedule and the invariant check."""
 
-    def __init__(self, index: int, seed: int, transport: str, kills: int, faults: list[str],
-                 runs: int, workdir: Path, ssh_env: SshEnv | None, log=print):  # fmt: skip
+    def __init__(
+        self,
+        index: int,
+        seed: int,
+        transport: str,
+        kills: int,
+        faults: list[str],
+        runs: int,
+        workdir: Path,
+        ssh_env: SshEnv | None,
+        log=print,
+    ):
         self.index, self.transport, self.kills, self.fault_kinds = index, transport, kills, faults
         self.rng = random.Random(f"{seed}:{index}")
         self.n_runs = runs
@@ -299,10 +314,13 @@ class Round:
             self.nas_root.chmod(0o755)
             self.sshd = SshServer(self.ssh_env, self.root / "sshd").start()
             transport = {
-                "type": "rsync_ssh", "ssh_target": f"{RW_USER}@127.0.0.1",
-                "ssh_key_path": str(self.ssh_env.client_key), "ssh_port": self.sshd.port,
-                "remote_path": str(self.nas_root), "ssh_known_hosts": str(self.sshd.known_hosts),
-            }  # fmt: skip
+                "type": "rsync_ssh",
+                "ssh_target": f"{RW_USER}@127.0.0.1",
+                "ssh_key_path": str(self.ssh_env.client_key),
+                "ssh_port": self.sshd.port,
+                "remote_path": str(self.nas_root),
+                "ssh_known_hosts": str(self.sshd.known_hosts),
+            }
         transport["bandwidth"] = {"upload_mbps": 48}  # ~6 MB/s: transfers last long enough to be hit
         config = {
             "equipment": [{"id": EQ, "local_root": str(self.local_root), "transport": transport}],
@@ -444,8 +462,9 @@ class Round:
 
     def _verified(self, timeout: float = 15.0) -> dict | None:
         """A VERIFIED job with no cleanup plan yet, on a run no damage fault touched before."""
-        row = self.wait_for(lambda r: r["state"] == "verified" and not r["plan"]
-                            and not self.run_of(r).touched, timeout)  # fmt: skip
+        row = self.wait_for(
+            lambda r: r["state"] == "verified" and not r["plan"] and not self.run_of(r).touched, timeout
+        )
         if row is not None:
             self.run_of(row).touched = True
         return row
@@ -515,8 +534,13 @@ class Round:
             time.sleep(self.rng.uniform(2, 4))
         finally:
             _sh("chattr", "-i", str(target))
-        return Fault("nas_read_only", self.index, "running", row["state"] if row else "idle",
-                     detail=str(target.relative_to(self.nasfs.mnt)))  # fmt: skip
+        return Fault(
+            "nas_read_only",
+            self.index,
+            "running",
+            row["state"] if row else "idle",
+            detail=str(target.relative_to(self.nasfs.mnt)),
+        )
 
     def fault_nas_full(self) -> Fault:
         row = self.wait_for(lambda r: r["state"] == "running", 8.0)
@@ -547,14 +571,21 @@ class Round:
         thread = threading.Thread(target=holder, daemon=True)
         thread.start()
         self.background.append(thread)
-        return Fault("creation_lock_held", self.index, "running", row["state"] if row else "idle",
-                     detail=f"{run.rel} {hold:g} s")  # fmt: skip
+        return Fault(
+            "creation_lock_held", self.index, "running", row["state"] if row else "idle", detail=f"{run.rel} {hold:g} s"
+        )
 
     FAULTS = {
-        "sshd_restart": fault_sshd, "share_unmounted": fault_marker_gone, "nas_flip": fault_nas_flip,
-        "nas_delete": fault_nas_delete, "local_flip": fault_local_flip, "local_edit": fault_local_edit,
-        "read_only": fault_readonly, "nas_full": fault_nas_full, "creation_lock": fault_lock,
-    }  # fmt: skip
+        "sshd_restart": fault_sshd,
+        "share_unmounted": fault_marker_gone,
+        "nas_flip": fault_nas_flip,
+        "nas_delete": fault_nas_delete,
+        "local_flip": fault_local_flip,
+        "local_edit": fault_local_edit,
+        "read_only": fault_readonly,
+        "nas_full": fault_nas_full,
+        "creation_lock": fault_lock,
+    }
 
     # ---- the round
 
@@ -570,8 +601,10 @@ class Round:
                 self.feed()
                 fault = self.fault_kill(arg) if kind == "kill" else self.FAULTS[arg](self)
                 self.faults.append(fault)
-                self.log(f"  round {self.index} {fault.kind:24} aim={fault.aim:14} hit={fault.hit:16} "
-                         f"{'landed' if fault.landed else 'missed'} {fault.detail}")  # fmt: skip
+                self.log(
+                    f"  round {self.index} {fault.kind:24} aim={fault.aim:14} hit={fault.hit:16} "
+                    f"{'landed' if fault.landed else 'missed'} {fault.detail}"
+                )
             for thread in self.background:
                 thread.join()
             settled = self.recover(recovery_s)
@@ -639,8 +672,14 @@ def _orphans(root: Path) -> list[int]:
 
 def is_leftover(name: str) -> bool:
     """A transfer's temporary file: mount's, rsync's partials, rclone's."""
-    return (is_temp_name(name) or name == ".rsync-partial" or bool(_RSYNC_TEMP.match(name))
-            or name.endswith(".partial") or ".exlab-tmp-" in name or name.endswith(".tmp"))  # fmt: skip
+    return (
+        is_temp_name(name)
+        or name == ".rsync-partial"
+        or bool(_RSYNC_TEMP.match(name))
+        or name.endswith(".partial")
+        or ".exlab-tmp-" in name
+        or name.endswith(".tmp")
+    )
 
 
 def _nas_manifest(run_dir: Path) -> dict[str, str]:
@@ -660,10 +699,22 @@ def _file_sha(path: Path) -> str | None:
 
 def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     """The invariant, after the recovery period; returns the round's findings."""
-    out: dict = {"losses": [], "nas_damage": [], "foreign": [], "leftovers": [], "stuck": [], "jobs": Counter(),
-                 "files": 0, "flips_repaired": 0, "late_flip": [], "metadata_temps": [], "failed_temps": [],
-                 "nas_failed": [],
-           "flips_detected": 0, "flips_undetected": 0}  # fmt: skip
+    out: dict = {
+        "losses": [],
+        "nas_damage": [],
+        "foreign": [],
+        "leftovers": [],
+        "stuck": [],
+        "jobs": Counter(),
+        "files": 0,
+        "flips_repaired": 0,
+        "late_flip": [],
+        "metadata_temps": [],
+        "failed_temps": [],
+        "nas_failed": [],
+        "flips_detected": 0,
+        "flips_undetected": 0,
+    }
     by_path = {j["run_path"]: j for j in jobs}
     undetected = set()  # flips the engine never reacted to: they landed after the bytes were verified
     for run_rel, frel, job_id, since in rnd.flipped_nas:
@@ -699,16 +750,18 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
                 continue
             late = (run.rel, frel) in undetected
             out["late_flip" if late else "losses"].append(
-                                 f"round {rnd.index} {run.rel}/{frel}: local {local and local[:8]}, "
-                                 f"NAS {nas and nas[:8]}, manifest {manifest.get(frel, '-')[:8]}, want {good[:8]} "
-                                 f"(job {state})")  # fmt: skip
+                f"round {rnd.index} {run.rel}/{frel}: local {local and local[:8]}, "
+                f"NAS {nas and nas[:8]}, manifest {manifest.get(frel, '-')[:8]}, want {good[:8]} "
+                f"(job {state})"
+            )
         for frel, want in manifest.items():  # every verified NAS file is the manifest's bytes
             got = _file_sha(nas_dir / frel)
             late = (run.rel, frel) in undetected
             bucket = "late_flip" if late else "nas_failed" if state == "failed" and run.touched else "nas_damage"
             if got != want:
-                out[bucket].append(f"round {rnd.index} {run.rel}/{frel}: NAS {got and got[:8]} "
-                                         f"!= manifest {want[:8]} (job {state})")  # fmt: skip
+                out[bucket].append(
+                    f"round {rnd.index} {run.rel}/{frel}: NAS {got and got[:8]} != manifest {want[:8]} (job {state})"
+                )
         for flipped_run, frel, _job, _since in rnd.flipped_nas:
             if flipped_run == run.rel and _file_sha(nas_dir / frel) == run.files.get(frel):
                 out["flips_repaired"] += 1
@@ -732,8 +785,17 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
 
 # --------------------------------------------------------------------------- many rounds, the report
 
-OTHER_FAULTS = ("sshd_restart", "share_unmounted", "nas_flip", "nas_delete", "local_flip", "local_edit",
-                "read_only", "nas_full", "creation_lock")  # fmt: skip
+OTHER_FAULTS = (
+    "sshd_restart",
+    "share_unmounted",
+    "nas_flip",
+    "nas_delete",
+    "local_flip",
+    "local_edit",
+    "read_only",
+    "nas_full",
+    "creation_lock",
+)
 
 
 def plan_rounds(rounds: int, kills: int, transports: tuple[str, ...]) -> list[tuple[str, int, list[str]]]:
@@ -745,16 +807,28 @@ def plan_rounds(rounds: int, kills: int, transports: tuple[str, ...]) -> list[tu
     for i in range(rounds):
         transport = transports[i % len(transports)]
         k = kills // rounds + (1 if i < kills % rounds else 0)
-        faults = [f for f in OTHER_FAULTS
-                  if not (f == "sshd_restart" and transport == "mount")
-                  and not (f == "share_unmounted" and transport != "mount")]  # fmt: skip
+        faults = [
+            f
+            for f in OTHER_FAULTS
+            if not (f == "sshd_restart" and transport == "mount")
+            and not (f == "share_unmounted" and transport != "mount")
+        ]
         plans.append((transport, k, faults))
     return plans
 
 
-def torture(*, rounds: int, kills: int, seed: int, runs: int = 4,
-            transports: tuple[str, ...] = ("mount", "rsync_ssh"), faults: list[str] | None = None,
-            workdir: Path | None = None, recovery_s: float = 90.0, log=print) -> Tally:  # fmt: skip
+def torture(
+    *,
+    rounds: int,
+    kills: int,
+    seed: int,
+    runs: int = 4,
+    transports: tuple[str, ...] = ("mount", "rsync_ssh"),
+    faults: list[str] | None = None,
+    workdir: Path | None = None,
+    recovery_s: float = 90.0,
+    log=print,
+) -> Tally:
     """Play ``rounds`` rounds with ``kills`` SIGKILLs in all; ``faults``: the other faults per round (default: all)."""
     tally = Tally()
     started = time.monotonic()

@@ -32,8 +32,16 @@ def test_short_round_keeps_every_file_and_ends_every_job() -> None:
     kinds = {f.kind for f in tally.faults}
     assert sum(f.kind == "sigkill" for f in tally.faults) == 10
     assert tally.restarts == 10
-    assert {"sshd_restart", "share_unmounted", "nas_full", "nas_read_only", "creation_lock_held",
-            "local_flip_after_verify", "local_edit_after_verify", "nas_flip_before_verify"} <= kinds  # fmt: skip
+    assert {
+        "sshd_restart",
+        "share_unmounted",
+        "nas_full",
+        "nas_read_only",
+        "creation_lock_held",
+        "local_flip_after_verify",
+        "local_edit_after_verify",
+        "nas_flip_before_verify",
+    } <= kinds
     assert kinds & {"nas_file_deleted", "nas_run_folder_deleted"}
     assert len(OTHER_FAULTS) == 9
     assert tally.files_checked > 0
@@ -46,17 +54,20 @@ def test_short_round_keeps_every_file_and_ends_every_job() -> None:
     # and tally.metadata_temps (the xfail below).
 
 
-@pytest.mark.xfail(strict=True, reason="found by the torture harness: a SIGKILL inside atomic_write_bytes leaves "
-                   "its .<name>.<hex>.tmp for good, and the metadata push copies it to the NAS")  # fmt: skip
 def test_a_temp_file_left_by_a_killed_metadata_write_is_not_kept_nor_pushed(tmp_path: Path) -> None:
+    """Found by the torture harness: a SIGKILL inside atomic_write_bytes left its temp for good, and pushed it."""
     lab = Lab.build(tmp_path, equipment=("CONFOCAL_01",))
     run = lab.make_run()
     stale = run / ".exlab-wizard" / ".creation.json.0123456789ab.tmp"
     stale.write_text('{"half written": ')  # what a SIGKILL between the create and the rename leaves
     config = lab.write_config(lab.config_data(sync={"backoff_s": [0.1], "scan_interval_s": 0.2}))
     exe = str(Path(sys.executable).with_name("exlab-sync"))
-    done = subprocess.run([exe, "enqueue", str(run), "--wait", "--timeout", "60", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [exe, "enqueue", str(run), "--wait", "--timeout", "60", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert (lab.nas_copy(run) / ".exlab-wizard" / "checksums.sha256").exists()  # synced and pushed
     assert not (lab.nas_copy(run) / ".exlab-wizard" / stale.name).exists()

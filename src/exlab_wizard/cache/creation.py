@@ -36,7 +36,7 @@ from exlab_wizard.cache.atomic import (
     atomic_write_bytes,
     read_regular_file,
 )
-from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.fileio import METADATA_DIR, remove_stale_temps
 
 __all__ = [
     "CREATION_MAX_BYTES",
@@ -278,6 +278,8 @@ class CreationWriter:
                 raw = {"schema_version": f"{SUPPORTED_MAJOR}.0", **raw}
             new = _encode_checked(raw, path)
             view = CreationJson.from_bytes(new, path)
+            # Under the lock every other temp of this file is a killed writer's leftover: never kept, never pushed.
+            remove_stale_temps(path)
             if new == unchanged:
                 return view
             try:

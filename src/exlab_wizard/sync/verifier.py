@@ -49,6 +49,7 @@ from exlab_wizard.fileio import (
     hash_from_storage,
     is_metadata_path,
     open_regular,
+    remove_stale_temps,
 )
 from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.manifest_format import (
@@ -395,5 +396,6 @@ class Verifier:
         body = format_manifest(data)
         target = manifest_path(Path(run_path))
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)  # the runner lease holder is the one writer: any other temp is a leftover
         atomic_write_bytes(target, body, new_mode=0o644)
         return manifest_digest(data)
