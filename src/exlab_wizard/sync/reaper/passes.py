@@ -10,7 +10,7 @@ result and move the job to CLEANED. Also the dry run (:meth:`Reaper.plan`),
 the outcomes (:class:`ReaperOutcome`) and the final metadata push's answer
 (:class:`FinalPush`).
 
-One piece, a little over 600 lines: it is the single ordered sequence of one
+One piece, longer than most modules here: it is the single ordered sequence of one
 job's cleanup under the pass lock, and each refusal or stop beside the step
 that meets it (with its :class:`~exlab_wizard.sync.policy.cleanup.CleanupCode`)
 is what a reviewer must read in one place to trust a deletion.
@@ -455,6 +455,24 @@ class Reaper(InterlockFacts):
             f"cleanup stopped: {decision.reason}; {done} of {progress.files} planned files were already "
             f"deleted (the NAS held them when the deletion was planned), nothing else"
         )
+        self._fail_part_deleted(
+            job, progress, log, reason, FailureKind.REMOTE_CHANGED_DURING_CLEANUP, decision.reason, done
+        )
+        return ReaperOutcome(
+            job.id, job.run_path, "aborted", reason, paths=decision.paths, code=C.REMOTE_CHANGED_DURING_CLEANUP
+        )
+
+    def _fail_part_deleted(
+        self,
+        job: SyncJobRow,
+        progress: Progress,
+        log: EquipmentLog,
+        reason: str,
+        kind: FailureKind,
+        why: str | None,
+        done: int,
+    ) -> None:
+        """A deletion stopped part way: FAILED with ``kind``, the plan dropped (one transaction), logged."""
         with contextlib.suppress(IllegalTransition), self.queue.transaction():
             self.queue.transition(
                 job.id,
@@ -462,7 +480,7 @@ class Reaper(InterlockFacts):
                 S.FAILED,
                 now=self.now(),
                 detail=reason,
-                error_kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP,
+                error_kind=kind,
                 last_error=reason,
                 next_attempt_at=None,
             )
@@ -471,13 +489,10 @@ class Reaper(InterlockFacts):
             job.run_path,
             "cleanup_stopped",
             job=job.id,
-            reason=decision.reason,
+            reason=why,
             files_deleted=done,
             files_planned=progress.files,
             manifest_digest=progress.manifest_digest,
-        )
-        return ReaperOutcome(
-            job.id, job.run_path, "aborted", reason, paths=decision.paths, code=C.REMOTE_CHANGED_DURING_CLEANUP
         )
 
     def _abandon(self, progress: Progress, job: SyncJobRow | None, why: str) -> ReaperOutcome:
@@ -610,27 +625,7 @@ class Reaper(InterlockFacts):
             f"cleanup stopped: {result.stop}; {done} of {progress.files} planned files were deleted "
             f"(their verified copies are on the NAS), nothing else"
         )
-        with contextlib.suppress(IllegalTransition), self.queue.transaction():
-            self.queue.transition(
-                job.id,
-                S.CLEANUP_ELIGIBLE,
-                S.FAILED,
-                now=self.now(),
-                detail=reason,
-                error_kind=FailureKind.LOCAL_CHANGED_DURING_CLEANUP,
-                last_error=reason,
-                next_attempt_at=None,
-            )
-            self._store.drop_plan(job.id)
-        log.error(
-            job.run_path,
-            "cleanup_stopped",
-            job=job.id,
-            reason=result.stop,
-            files_deleted=done,
-            files_planned=progress.files,
-            manifest_digest=progress.manifest_digest,
-        )
+        self._fail_part_deleted(job, progress, log, reason, FailureKind.LOCAL_CHANGED_DURING_CLEANUP, result.stop, done)
         return ReaperOutcome(
             job.id,
             job.run_path,
