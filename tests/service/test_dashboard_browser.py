@@ -151,8 +151,7 @@ async def test_a_failed_jobs_retry_button_re_arms_it(browser: Browser, svc: Serv
 async def test_a_blocked_run_shows_its_finding_and_an_override_from_the_page_lets_it_sync(
     browser: Browser, svc: Service
 ) -> None:
-    if svc.info.ctx.watcher is None:
-        pytest.skip("this build has no completion watcher (exlab_wizard.service.watcher) to list blocked runs")
+    assert svc.info.ctx.watcher is not None, "serve runs the completion watcher: it lists blocked runs"
     page = await logged_in_page(browser, svc)
     run = svc.lab.make_run("Run_{{sample}}", {"data.bin": b"z" * 500}, equipment="FACS_02")
     (run / "acquisition_complete.flag").write_text("")  # finished: the watcher gates it, and it is blocked
