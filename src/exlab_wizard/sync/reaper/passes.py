@@ -263,8 +263,6 @@ class Reaper(InterlockFacts):
                 log.info(job.run_path, "cleanup_refused", job=job.id, reason=decision.reason, code=decision.code)
             return ReaperOutcome(job.id, job.run_path, "waiting", decision.reason, code=decision.code)
         if decision.action == "requeue":
-            if decision.interlock == 4:
-                return self._requeue_incomplete(job, decision, log)
             return self._requeue(job, decision, log)
         if decision.action == "fail":
             return self._fail(job, decision, log)
@@ -275,54 +273,31 @@ class Reaper(InterlockFacts):
         return await self._execute(job, progress, log, resumed=False)
 
     def _requeue(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
-        detail = f"{decision.reason}; nothing deleted, back through the gate for a new transfer"
-        try:
-            self.queue.transition(
-                job.id,
-                S.CLEANUP_ELIGIBLE,
-                S.QUEUED,
-                now=self.now(),
-                detail=detail,
-                error_kind=decision.error_kind,
-                last_error=decision.reason,
-                attempts=0,
-                mismatch_count=0,
-                next_attempt_at=None,
-                verify_passes=0,
-                verified_at=None,
-                pass_times=(),
-            )
-        except IllegalTransition:
-            return _job_changed(job)
-        log.warning(job.run_path, "cleanup_requeued", job=job.id, reason=decision.reason, paths=len(decision.paths))
-        return ReaperOutcome(
-            job.id, job.run_path, "requeued", decision.reason, paths=decision.paths, code=decision.code
-        )
+        """Back to QUEUED, nothing deleted: the local run changed (through the gate for a new transfer).
 
-    def _requeue_incomplete(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
-        """The NAS copy lost files (or holds them with another size): send them again, delete nothing.
-
-        The local check ran first and found the verified bytes, so they may be
-        sent. Counted as the first mismatch of the retry policy (as an audit
-        mismatch is): a second one after the re-transfer is FAILED.
+        Or, for interlock 4, the NAS copy lost files (or holds them with another
+        size): those are sent again. The local check ran first and found the
+        verified bytes, so they may be sent; counted as the first mismatch of
+        the retry policy (as an audit mismatch is): a second one is FAILED.
         """
-        detail = f"{decision.reason}; nothing deleted, these files are sent to the NAS again"
+        incomplete = decision.interlock == 4
+        what = "these files are sent to the NAS again" if incomplete else "back through the gate for a new transfer"
         try:
             self.queue.transition(
                 job.id,
                 S.CLEANUP_ELIGIBLE,
                 S.QUEUED,
                 now=self.now(),
-                detail=detail,
+                detail=f"{decision.reason}; nothing deleted, {what}",
                 error_kind=decision.error_kind,
                 last_error=decision.reason,
                 attempts=0,
-                mismatch_count=1,
+                mismatch_count=1 if incomplete else 0,
                 next_attempt_at=None,
-                rewrite_paths=decision.paths,
                 verify_passes=0,
                 verified_at=None,
                 pass_times=(),
+                **({"rewrite_paths": decision.paths} if incomplete else {}),
             )
         except IllegalTransition:
             return _job_changed(job)
@@ -439,7 +414,7 @@ class Reaper(InterlockFacts):
             self._refuse_event(job.id, reason, fresh.code)
             return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=fresh.code)
         if fresh.action == "requeue":
-            outcome = (self._requeue_incomplete if fresh.interlock == 4 else self._requeue)(job, fresh, log)
+            outcome = self._requeue(job, fresh, log)
         else:
             outcome = self._fail(job, fresh, log)
         current = self.queue.get(job.id)
