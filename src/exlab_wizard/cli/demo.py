@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -23,9 +24,11 @@ from exlab_wizard.cli.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, console, 
 from exlab_wizard.cli.progress import JobProgress, byte_progress
 from exlab_wizard.config import load_config
 from exlab_wizard.demo import DemoLab, build_demo_lab
-from exlab_wizard.service.server import AlreadyServing, ServiceInfo, run_service
 from exlab_wizard.sync.nas_client import SyncHandleState, client_from_config
 from exlab_wizard.sync.states import SyncJobState
+
+if TYPE_CHECKING:  # FastAPI and uvicorn load only for ``demo --serve``
+    from exlab_wizard.service.server import ServiceInfo
 
 __all__ = ["demo_cmd"]
 
@@ -130,6 +133,8 @@ def _free_or_any(port: int) -> int:
 
 def _serve_demo(config, lab: DemoLab, port: int) -> None:
     """Run ``serve`` on the demo lab until SIGTERM/SIGINT; exits the process."""
+    from exlab_wizard.service.server import AlreadyServing
+
     try:
         asyncio.run(_run_demo_service(config, lab, _free_or_any(port)))
     except AlreadyServing as exc:
@@ -150,6 +155,8 @@ async def _run_demo_service(config, lab: DemoLab, port: int) -> None:
         print("Ctrl-C stops it.")
         sys.stdout.flush()
         ready.set_result(info)
+
+    from exlab_wizard.service.server import run_service
 
     service = asyncio.create_task(run_service(config, host="127.0.0.1", port=port, on_ready=on_ready))
     await asyncio.wait({service, ready}, return_when=asyncio.FIRST_COMPLETED)

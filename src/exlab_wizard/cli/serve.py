@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -26,7 +27,9 @@ from exlab_wizard.cli.common import (
 )
 from exlab_wizard.cli.sync_cmds import configure_logging
 from exlab_wizard.config import Config
-from exlab_wizard.service.server import LOOPBACK, AlreadyServing, ServiceInfo, run_service
+
+if TYPE_CHECKING:  # FastAPI and uvicorn load only when ``serve`` runs: every other command starts faster
+    from exlab_wizard.service.server import ServiceInfo
 
 __all__ = ["serve_cmd"]
 
@@ -49,6 +52,8 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     """Run the sync service: workers, completion watcher, HTTP API and /metrics."""
     ensure_state_dir(config)
     configure_logging(config)
+    from exlab_wizard.service.server import LOOPBACK, AlreadyServing, run_service
+
     if host not in LOOPBACK:
         err_console.print(
             f"[yellow]warning:[/] listening on {host}: the API is reachable from the network "
