@@ -146,6 +146,23 @@ def _replaced_ancestor(rel: str, tree: Tree) -> bool:
     return False
 
 
+def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None) -> bool:
+    """Is a file whose bytes differ from the manifest damaged (True) or edited (False)? By its mtime.
+
+    An edit moves the mtime on. A trusted record holds the mtime of the
+    verified bytes: damage keeps it. Otherwise (no record, or one stat-ed
+    after the hashing, which may hold the mtime of a write in progress then:
+    a tool rewriting bytes and putting the old mtime back, caught half way)
+    only an mtime after the verification and after the recorded one is an
+    edit: when in doubt, damage.
+    """
+    if record is not None and record.trusted and record.mtime_ns is not None:
+        return mtime_ns == record.mtime_ns
+    if record is not None and record.mtime_ns is not None and mtime_ns <= record.mtime_ns:
+        return True
+    return verified_ns is None or mtime_ns <= verified_ns
+
+
 def scan_run(
     run_path: Path | str,
     manifest: Mapping[str, str],
@@ -166,8 +183,10 @@ def scan_run(
       back, or recorded while possibly being written); different content
       with a new mtime -> ``changed`` (an edit); different content with the
       recorded mtime -> ``damaged`` (bytes changed behind the filesystem's
-      back). With no recorded stat at all, a new content is ``changed`` when
-      the file's mtime is after ``verified_at``, else ``damaged``;
+      back). With no trusted recorded stat (none, or one stat-ed after the
+      hashing, maybe in the middle of a write), a new content is ``changed``
+      only when the file's mtime is after ``verified_at`` and after the
+      recorded one, else ``damaged`` (see :func:`_damage`);
     - no longer a regular file (a symlink, a folder), or a parent folder
       replaced by a symlink -> ``changed``; gone -> ``missing``.
 
@@ -250,12 +269,8 @@ def scan_run(
                 continue
             if digest == want:
                 planned.append(PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want))
-            elif record is not None:
-                (damaged if after.st_mtime_ns == record.mtime_ns else changed).append(rel)
-            elif verified_ns is not None and after.st_mtime_ns > verified_ns:
-                changed.append(rel)
             else:
-                damaged.append(rel)
+                (damaged if _damage(after.st_mtime_ns, record, verified_ns) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:
