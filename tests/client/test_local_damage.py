@@ -492,21 +492,21 @@ async def test_the_reapers_local_damage_failure_names_the_ways_out(nas: Nas) -> 
 # ------------------------------------------------------------------ damage while the verified stats are recorded
 
 
-def rot_while_the_stats_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+def rot_while_the_stats_are_recorded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A tool rewrites DAMAGED's bytes and puts the old mtime back, half done when the verified stats are taken.
 
     Found by the torture harness: the record caught the new bytes' mtime, and once the old one was back
-    the damage looked like an edit and was sent over the verified NAS copy.
+    the damage looked like an edit and was sent over the verified NAS copy. Returns [the old mtime] once done.
     """
     real = job_runner.record_verified_stat
-    done: list[bool] = []
+    done: list[int] = []
 
     def record(queue: Any, job_id: str, run_path: Any, hashes: Any, now: Any, **kw: Any) -> int:
         if done:
             return real(queue, job_id, run_path, hashes, now, **kw)
-        done.append(True)
         path = Path(run_path) / DAMAGED
         st = os.stat(path)
+        done.append(st.st_mtime_ns)
         flip_byte_keep_stat(path, 42)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the rewrite's own mtime
         try:
@@ -515,6 +515,7 @@ def rot_while_the_stats_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old one put back
 
     monkeypatch.setattr(job_runner, "record_verified_stat", record)
+    return done
 
 
 @pytest.mark.parametrize("via", ["cleanup", "audit re-transfer"])
@@ -524,7 +525,7 @@ async def test_damage_caught_half_way_by_the_stats_record_is_never_sent(
     clock = Clock()
     run = nas.lab.make_run(files=FILES)
     cleanup = {"min_verify_passes": 1, "min_age_hours": 0} if via == "cleanup" else {"enabled": False}
-    rot_while_the_stats_are_recorded(monkeypatch)
+    verified_mtime = rot_while_the_stats_are_recorded(monkeypatch)
     async with running(nas.config(**cleanup), clock) as client:
         job = await synced(client, run)
         assert (run / DAMAGED).read_bytes() != FILES[DAMAGED]
@@ -540,5 +541,10 @@ async def test_damage_caught_half_way_by_the_stats_record_is_never_sent(
             await client.retry(job.id)  # the lab retries a hash_mismatch: its rewrite must not send damage
             await client.wait_idle(timeout=60)
         await _assert_failed_local_damage_and_refused(client, run)
-    assert (nas.copy(run) / DAMAGED).read_bytes() == FILES[DAMAGED]
-    assert read_manifest(run)[DAMAGED] == sha(FILES[DAMAGED])
+        assert (nas.copy(run) / DAMAGED).read_bytes() == FILES[DAMAGED]
+        assert read_manifest(run)[DAMAGED] == sha(FILES[DAMAGED])
+        # restore: the verified bytes with the verified mtime (not the half-done rewrite's, which was recorded)
+        restored = await client.restore(run)
+        assert restored.restored == (DAMAGED,) and restored.ok
+    assert (run / DAMAGED).read_bytes() == FILES[DAMAGED]
+    assert os.stat(run / DAMAGED).st_mtime_ns == verified_mtime[0]
