@@ -150,16 +150,16 @@ def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None)
     """Is a file whose bytes differ from the manifest damaged (True) or edited (False)? By its mtime.
 
     An edit moves the mtime on. A trusted record holds the mtime of the
-    verified bytes: damage keeps it. Otherwise (no record, or one stat-ed
-    after the hashing, which may hold the mtime of a write in progress then:
-    a tool rewriting bytes and putting the old mtime back, caught half way)
-    only an mtime after the verification and after the recorded one is an
-    edit: when in doubt, damage.
+    verified bytes: damage keeps it. An untrusted one was stat-ed after the
+    hashing and may hold the mtime of a write in progress then (a tool
+    rewriting bytes and putting the old mtime back, caught half way): only an
+    mtime later than the recorded one is an edit. Without a record, only an
+    mtime after the verification is.
     """
-    if record is not None and record.trusted and record.mtime_ns is not None:
-        return mtime_ns == record.mtime_ns
-    if record is not None and record.mtime_ns is not None and mtime_ns <= record.mtime_ns:
-        return True
+    if record is not None and record.mtime_ns is not None:
+        if record.trusted:
+            return mtime_ns == record.mtime_ns
+        return mtime_ns <= record.mtime_ns
     return verified_ns is None or mtime_ns <= verified_ns
 
 
@@ -183,10 +183,11 @@ def scan_run(
       back, or recorded while possibly being written); different content
       with a new mtime -> ``changed`` (an edit); different content with the
       recorded mtime -> ``damaged`` (bytes changed behind the filesystem's
-      back). With no trusted recorded stat (none, or one stat-ed after the
-      hashing, maybe in the middle of a write), a new content is ``changed``
-      only when the file's mtime is after ``verified_at`` and after the
-      recorded one, else ``damaged`` (see :func:`_damage`);
+      back). A record that is not trusted (stat-ed after the hashing, maybe
+      in the middle of a write) counts an mtime as new only when it is later
+      than the recorded one. With no recorded stat at all, a new content is
+      ``changed`` when the file's mtime is after ``verified_at``, else
+      ``damaged`` (see :func:`_damage`);
     - no longer a regular file (a symlink, a folder), or a parent folder
       replaced by a symlink -> ``changed``; gone -> ``missing``.
 
