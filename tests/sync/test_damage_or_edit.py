@@ -24,9 +24,14 @@ from exlab_wizard.sync.reaper import load_verified_stats, record_verified_stat, 
 GOOD = b"verified bytes " * 200
 REL = "sub/stack.raw"
 NOW = dt.datetime.now(dt.UTC)
-#: Record not trusted: the file was written 1 s before the hashing began (within RACE_SLACK_NS).
-#: Trusted: written three days before.
-WRITTEN_BEFORE = {"untrusted": dt.timedelta(seconds=1), "trusted": dt.timedelta(days=3)}
+#: (how long before the hashing the file was written, how far the client's clock is ahead of the
+#: file times). The file's ctime is the test's own time: the record is not trusted, except with
+#: the client's clock an hour ahead, which makes a stat taken after the hashing look older than it.
+CASES = {
+    "written 1 s before": (dt.timedelta(seconds=1), dt.timedelta(0)),
+    "mtime 3 days old": (dt.timedelta(days=3), dt.timedelta(0)),
+    "client clock 1 h ahead": (dt.timedelta(seconds=1), dt.timedelta(hours=1)),
+}
 
 
 def _ns(moment: dt.datetime) -> int:
@@ -46,23 +51,26 @@ def _flipped() -> bytes:
     return bytes(data)
 
 
-@pytest.fixture(params=sorted(WRITTEN_BEFORE))
+@pytest.fixture(params=sorted(CASES))
 def verified(request: pytest.FixtureRequest, tmp_path: Path):
     """A run whose file was hashed at NOW; returns (queue, job id, run, the file's mtime at hashing, record)."""
     run = tmp_path / "Run_0001"
     (run / "sub").mkdir(parents=True)
     path = run / REL
     path.write_bytes(GOOD)
-    original = _ns(NOW - WRITTEN_BEFORE[request.param])
+    written_before, ahead = CASES[request.param]
+    original = _ns(NOW - written_before)
     os.utime(path, ns=(original, original))
     queue = JobQueue(tmp_path / "queue.db")
     job, _ = queue.get_or_create(str(run), "CONF_01", "/nas/Run_0001", now=NOW)
 
     def record() -> None:
         hashes = {REL: hashlib.sha256(GOOD).hexdigest()}
-        record_verified_stat(queue, job.id, run, hashes, NOW + dt.timedelta(seconds=1), hashed_since=NOW)
+        record_verified_stat(
+            queue, job.id, run, hashes, NOW + ahead + dt.timedelta(seconds=1), hashed_since=NOW + ahead
+        )
 
-    yield queue, job.id, run, original, record, request.param == "trusted"
+    yield queue, job.id, run, original, record
     queue.close()
 
 
@@ -77,8 +85,19 @@ ORDERS = ["record, bytes, mtime back", "bytes, record, mtime back", "bytes, mtim
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_bytes_rewritten_with_the_old_mtime_put_back_are_damage_whenever_the_stats_are_recorded(verified, order):
-    queue, job_id, run, original, record, _trusted = verified
+def test_bytes_rewritten_with_the_old_mtime_put_back_are_damage_whenever_the_stats_are_recorded(
+    verified, order, request: pytest.FixtureRequest
+):
+    queue, job_id, run, original, record = verified
+    if order == ORDERS[2] and "ahead" in request.node.name:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="known, left open: a client clock ahead of the file times makes the stat of a file "
+                "damaged between its hashing and the record trusted, and a trusted matching stat is not "
+                "re-read: the damage is missed until a full re-read (exlab-sync verify)",
+            )
+        )
     path = run / REL
     steps = {
         "record": record,
@@ -93,7 +112,7 @@ def test_bytes_rewritten_with_the_old_mtime_put_back_are_damage_whenever_the_sta
 
 @pytest.mark.parametrize("order", ["record, edit", "edit begun, record, edit ends"])
 def test_an_edit_after_the_hashing_is_an_edit_whenever_the_stats_are_recorded(verified, order):
-    queue, job_id, run, original, record, _trusted = verified
+    queue, job_id, run, original, record = verified
     path = run / REL
     if order == "record, edit":
         record()
@@ -107,9 +126,18 @@ def test_an_edit_after_the_hashing_is_an_edit_whenever_the_stats_are_recorded(ve
 
 
 def test_with_no_stat_recorded_the_verification_time_decides(verified):
-    queue, job_id, run, original, _record, _trusted = verified
+    queue, job_id, run, original, _record = verified
     path = run / REL
     _rewrite(path, _flipped(), original)
     assert _check(queue, job_id, run).damaged == (REL,)
     _rewrite(path, b"re-acquired " * 300, _ns(NOW + dt.timedelta(seconds=5)))
     assert _check(queue, job_id, run).changed == (REL,)
+
+
+def test_new_bytes_with_an_older_mtime_put_back_are_damage(verified):
+    """No edit moves the mtime back: bytes rewritten under an older mtime are not sent as the new truth."""
+    queue, job_id, run, original, record = verified
+    record()
+    _rewrite(run / REL, _flipped(), original - 60_000_000_000)
+    check = _check(queue, job_id, run)
+    assert check.damaged == (REL,) and check.changed == ()

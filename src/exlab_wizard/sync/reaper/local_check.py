@@ -149,16 +149,15 @@ def _replaced_ancestor(rel: str, tree: Tree) -> bool:
 def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None) -> bool:
     """Is a file whose bytes differ from the manifest damaged (True) or edited (False)? By its mtime.
 
-    An edit moves the mtime on. A trusted record holds the mtime of the
-    verified bytes: damage keeps it. An untrusted one was stat-ed after the
-    hashing and may hold the mtime of a write in progress then (a tool
-    rewriting bytes and putting the old mtime back, caught half way): only an
-    mtime later than the recorded one is an edit. Without a record, only an
-    mtime after the verification is.
+    An edit moves the mtime on, past the one recorded after the verification;
+    damage keeps it, or puts an older one back. Trusted or not, a record was
+    stat-ed after the hashing, and may have caught a rewrite half way (a tool
+    rewriting bytes and then putting the old mtime back): so the old mtime
+    coming back is damage too. File times are compared with file times (the
+    "trusted" flag compares them with the client's clock, which may be off).
+    Without a record, only an mtime after the verification is an edit.
     """
     if record is not None and record.mtime_ns is not None:
-        if record.trusted:
-            return mtime_ns == record.mtime_ns
         return mtime_ns <= record.mtime_ns
     return verified_ns is None or mtime_ns <= verified_ns
 
@@ -181,13 +180,13 @@ def scan_run(
     - same size, mtime, ctime and inode (and trusted): unchanged, not read;
     - otherwise re-hashed: the same content -> unchanged (touched, copied
       back, or recorded while possibly being written); different content
-      with a new mtime -> ``changed`` (an edit); different content with the
-      recorded mtime -> ``damaged`` (bytes changed behind the filesystem's
-      back). A record that is not trusted (stat-ed after the hashing, maybe
-      in the middle of a write) counts an mtime as new only when it is later
-      than the recorded one. With no recorded stat at all, a new content is
-      ``changed`` when the file's mtime is after ``verified_at``, else
-      ``damaged`` (see :func:`_damage`);
+      with an mtime later than the recorded one -> ``changed`` (an edit);
+      different content with the recorded mtime or an older one ->
+      ``damaged`` (bytes changed behind the filesystem's back, maybe with
+      the old mtime put back after a record that caught the rewrite half
+      way). With no recorded stat at all, a new content is ``changed`` when
+      the file's mtime is after ``verified_at``, else ``damaged`` (see
+      :func:`_damage`);
     - no longer a regular file (a symlink, a folder), or a parent folder
       replaced by a symlink -> ``changed``; gone -> ``missing``.
 
