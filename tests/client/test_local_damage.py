@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from exlab_wizard.config import Config, parse_config
+from exlab_wizard.sync import job_runner
 from exlab_wizard.sync.manifest_format import manifest_digest, manifest_path, read_manifest
 from exlab_wizard.sync.nas_client import LocalDamageError, NASSyncClient, RestoreError
 from exlab_wizard.sync.reaper import load_verified_stats
@@ -486,3 +487,64 @@ async def test_the_reapers_local_damage_failure_names_the_ways_out(nas: Nas) -> 
         job = await failed_local_damage(client, clock, run)
         assert DAMAGED in job.last_error and "nothing deleted" in job.last_error
         assert "exlab-sync restore" in job.last_error and f"retry --accept-local {job.id}" in job.last_error
+
+
+# ------------------------------------------------------------------ damage while the verified stats are recorded
+
+
+def rot_while_the_stats_are_recorded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A tool rewrites DAMAGED's bytes and puts the old mtime back, half done when the verified stats are taken.
+
+    Found by the torture harness: the record caught the new bytes' mtime, and once the old one was back
+    the damage looked like an edit and was sent over the verified NAS copy. Returns [the old mtime] once done.
+    """
+    real = job_runner.record_verified_stat
+    done: list[int] = []
+
+    def record(queue: Any, job_id: str, run_path: Any, hashes: Any, now: Any, **kw: Any) -> int:
+        if done:
+            return real(queue, job_id, run_path, hashes, now, **kw)
+        path = Path(run_path) / DAMAGED
+        st = os.stat(path)
+        done.append(st.st_mtime_ns)
+        flip_byte_keep_stat(path, 42)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the rewrite's own mtime
+        try:
+            return real(queue, job_id, run_path, hashes, now, **kw)
+        finally:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old one put back
+
+    monkeypatch.setattr(job_runner, "record_verified_stat", record)
+    return done
+
+
+@pytest.mark.parametrize("via", ["cleanup", "audit re-transfer"])
+async def test_damage_caught_half_way_by_the_stats_record_is_never_sent(
+    nas: Nas, via: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    cleanup = {"min_verify_passes": 1, "min_age_hours": 0} if via == "cleanup" else {"enabled": False}
+    verified_mtime = rot_while_the_stats_are_recorded(monkeypatch)
+    async with running(nas.config(**cleanup), clock) as client:
+        job = await synced(client, run)
+        assert (run / DAMAGED).read_bytes() != FILES[DAMAGED]
+        if via == "cleanup":
+            await client.cleanup_once()
+        else:
+            (nas.copy(run) / "notes.txt").unlink()  # the audit sends the run back to a transfer
+            clock.advance(6)
+            await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        if job.state == S.FAILED and job.error_kind != "local_damage":
+            await client.retry(job.id)  # the lab retries a hash_mismatch: its rewrite must not send damage
+            await client.wait_idle(timeout=60)
+        await _assert_failed_local_damage_and_refused(client, run)
+        assert (nas.copy(run) / DAMAGED).read_bytes() == FILES[DAMAGED]
+        assert read_manifest(run)[DAMAGED] == sha(FILES[DAMAGED])
+        # restore: the verified bytes with the verified mtime (not the half-done rewrite's, which was recorded)
+        restored = await client.restore(run)
+        assert restored.restored == (DAMAGED,) and restored.ok
+    assert (run / DAMAGED).read_bytes() == FILES[DAMAGED]
+    assert os.stat(run / DAMAGED).st_mtime_ns == verified_mtime[0]

@@ -11,7 +11,8 @@ with cleanup enabled, one verify pass and no minimum age, so the reaper can
 really delete; ``retain_cache`` is drawn both ways. Each example syncs one
 run first, then takes random steps: create a run, enqueue it (first sync or
 again), audit, cleanup, delete the run's NAS folder, delete/truncate/flip one
-NAS file, flip a local byte keeping size and mtime (damage), edit a local file
+NAS file, flip a local byte keeping size and mtime (damage; also half way
+through the client's record of a verification's file stats), edit a local file
 (new bytes, new mtime), retry a FAILED job, restart the client, unplug and
 plug the NAS, and, where the client has them, ``retry(accept_local=True)``
 and ``restore``.
@@ -80,6 +81,7 @@ from hypothesis.stateful import (
 )
 
 from exlab_wizard.config import parse_config
+from exlab_wizard.sync import job_runner
 from exlab_wizard.sync.manifest_format import manifest_digest, parse_manifest
 from exlab_wizard.sync.nas_client import (
     EnqueueError,
@@ -87,6 +89,7 @@ from exlab_wizard.sync.nas_client import (
     SyncHandleState,
     client_from_config,
 )
+from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.states import SyncJobState
 from tests.properties.nas import EQ, MountNas, Nas, RsyncNas
 
@@ -203,8 +206,12 @@ class ThreeRules(RuleBasedStateMachine):
         self.local_before: set[tuple[str, str]] = set()
         self.last_event = 0
         self.unplugged_before = False
+        #: armed by rot_at_the_next_verification; done inside the client's next record of verified stats
+        self.rot_armed = False
+        job_runner.record_verified_stat = self._record_verified_stat
 
     def teardown(self) -> None:
+        job_runner.record_verified_stat = record_verified_stat
         try:
             if self.client is not None:
                 self._run(self.client.close())
@@ -540,6 +547,35 @@ class ThreeRules(RuleBasedStateMachine):
         model, rel = self._pick_file(data, self._local_damageable())
         path = model.path / rel
         flip_byte_keep_stat(path, offset)
+
+    @rule()
+    def rot_at_the_next_verification(self) -> None:
+        """Armed: at the next verification a tool rewrites a verified file's bytes and puts its old mtime back.
+
+        Half done (the new bytes with the write's mtime) when the client records the verified
+        stats: found by the torture harness, where such damage went out as an edit.
+        """
+        self.rot_armed = True
+
+    def _record_verified_stat(self, queue: Any, job_id: str, run_path: Any, hashes: Any, now: Any, **kw: Any) -> int:
+        """The client's record of a verification's file stats, with the armed rot half way through it."""
+        model = next((m for m in self.runs if str(m.path) == str(run_path)), None)
+        rot = [
+            rel
+            for rel in sorted(model.truth if self.rot_armed and model is not None else ())
+            if hashes.get(rel) == sha(model.truth[rel]) and self._local(model, rel) == model.truth[rel]
+        ]
+        if not rot:
+            return record_verified_stat(queue, job_id, run_path, hashes, now, **kw)
+        self.rot_armed = False
+        path = model.path / rot[0]
+        before = os.stat(path)
+        flip_byte_keep_stat(path, 0)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # the write's own mtime
+        try:
+            return record_verified_stat(queue, job_id, run_path, hashes, now, **kw)
+        finally:
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the old one put back
 
     @precondition(lambda self: bool(self._local_present()))
     @rule(data=st.data(), content=CONTENT)

@@ -9,7 +9,8 @@ service aimed at a phase (transfer, verification, metadata push, audit,
 deletion: read from the queue database, the durable record), the sshd
 stopped and restarted, a NAS byte flipped between transfer and
 verification, a NAS file or run folder deleted after verification, a local
-byte flipped after verification (size and mtime kept), a local file edited
+byte flipped after verification (size and mtime kept, the service frozen
+meanwhile so that it sees the flip whole, as bit rot is), a local file edited
 after verification, the NAS run folder made immutable (``chattr +i``, which
 stops root too), the NAS full, the mount marker gone, another process
 holding a run's ``creation.json.lock`` past the writer's timeout.
@@ -497,14 +498,34 @@ class Round:
         frel = self.rng.choice(sorted(run.files))
         target = run.path / frel
         try:
-            st = os.stat(target)
-            _flip(target, self.rng)
-            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+            with self.service_stopped():
+                st = os.stat(target)
+                _flip(target, self.rng)
+                os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
         except OSError as exc:
             return Fault("local_flip_after_verify", self.index, "verified", "gone", False, str(exc))
         run.damaged[frel] = run.files[frel]
         state = next((r["state"] for r in read_jobs(self.db) if r["id"] == row["id"]), "?")
         return Fault("local_flip_after_verify", self.index, "verified", state, detail=f"{run.rel}/{frel}")
+
+    @contextlib.contextmanager
+    def service_stopped(self):
+        """The service frozen (SIGSTOP) meanwhile: it sees the local flip whole, as bit rot is.
+
+        The flip is a write (stamped with the time) and then the old mtime put back. Seen in
+        between, it is an edit, rightly re-synced: the round could count its bytes as lost.
+        The service catching that half-done rewrite in its verified stats is
+        tests/client/test_local_damage.py's (``rot_while_the_stats_are_recorded``).
+        """
+        with self.serve_lock:
+            proc = self.serve.proc if self.serve is not None and self.serve.proc.poll() is None else None
+            if proc is not None:
+                os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                yield
+            finally:
+                if proc is not None:
+                    os.kill(proc.pid, signal.SIGCONT)
 
     def fault_local_edit(self) -> Fault:
         row = self._verified()

@@ -280,7 +280,8 @@ async def restore_damaged(
     Each file is fetched into a scratch folder inside the run's
     ``.exlab-wizard/`` (same filesystem, so the final rename is atomic),
     hashed and compared with the manifest, fsynced, given the mtime recorded
-    at verification (so it matches its verified stat again) and the damaged
+    at verification when that record is trusted, else the damaged file's own
+    (so it matches its verified stat again), and the damaged
     file's mode, and renamed over the damaged file only if that file has not
     changed since it was looked at. A NAS copy that does not match the
     manifest, or is missing there, is not restored. Raises
@@ -314,7 +315,10 @@ async def restore_damaged(
                 refused[rel] = "changed locally during the restore"
                 continue
             record = stats.get(rel)
-            mtime_ns = record.mtime_ns if record is not None and record.mtime_ns is not None else before.mtime_ns
+            # An untrusted record may hold a half-done rewrite's mtime: the damaged file keeps the verified one.
+            mtime_ns = before.mtime_ns
+            if record is not None and record.trusted and record.mtime_ns is not None:
+                mtime_ns = record.mtime_ns
             await asyncio.to_thread(_put_back, copy, run / rel, before, mtime_ns)
             restored.append(rel)
     finally:

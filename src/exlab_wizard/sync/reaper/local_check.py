@@ -146,6 +146,22 @@ def _replaced_ancestor(rel: str, tree: Tree) -> bool:
     return False
 
 
+def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None) -> bool:
+    """Is a file whose bytes differ from the manifest damaged (True) or edited (False)? By its mtime.
+
+    An edit moves the mtime on, past the one recorded after the verification;
+    damage keeps it, or puts an older one back. Trusted or not, a record was
+    stat-ed after the hashing, and may have caught a rewrite half way (a tool
+    rewriting bytes and then putting the old mtime back): so the old mtime
+    coming back is damage too. File times are compared with file times (the
+    "trusted" flag compares them with the client's clock, which may be off).
+    Without a record, only an mtime after the verification is an edit.
+    """
+    if record is not None and record.mtime_ns is not None:
+        return mtime_ns <= record.mtime_ns
+    return verified_ns is None or mtime_ns <= verified_ns
+
+
 def scan_run(
     run_path: Path | str,
     manifest: Mapping[str, str],
@@ -164,10 +180,13 @@ def scan_run(
     - same size, mtime, ctime and inode (and trusted): unchanged, not read;
     - otherwise re-hashed: the same content -> unchanged (touched, copied
       back, or recorded while possibly being written); different content
-      with a new mtime -> ``changed`` (an edit); different content with the
-      recorded mtime -> ``damaged`` (bytes changed behind the filesystem's
-      back). With no recorded stat at all, a new content is ``changed`` when
-      the file's mtime is after ``verified_at``, else ``damaged``;
+      with an mtime later than the recorded one -> ``changed`` (an edit);
+      different content with the recorded mtime or an older one ->
+      ``damaged`` (bytes changed behind the filesystem's back, maybe with
+      the old mtime put back after a record that caught the rewrite half
+      way). With no recorded stat at all, a new content is ``changed`` when
+      the file's mtime is after ``verified_at``, else ``damaged`` (see
+      :func:`_damage`);
     - no longer a regular file (a symlink, a folder), or a parent folder
       replaced by a symlink -> ``changed``; gone -> ``missing``.
 
@@ -250,12 +269,8 @@ def scan_run(
                 continue
             if digest == want:
                 planned.append(PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want))
-            elif record is not None:
-                (damaged if after.st_mtime_ns == record.mtime_ns else changed).append(rel)
-            elif verified_ns is not None and after.st_mtime_ns > verified_ns:
-                changed.append(rel)
             else:
-                damaged.append(rel)
+                (damaged if _damage(after.st_mtime_ns, record, verified_ns) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:
