@@ -42,12 +42,13 @@ def leftovers(root: Path) -> list[str]:
 
 
 def receiving(remote_run: Path, name: str) -> bool:
-    """rsync is writing ``name`` (its temporary ``.name.XXXXXX`` or partial file has bytes)."""
+    """rsync is writing ``name`` (its temporary ``.name.XXXXXX``, partial file, or the file in place has bytes)."""
     if not remote_run.exists():
         return False
     for folder, _dirs, files in os.walk(remote_run):
         for f in files:
-            if f.startswith(f".{name}.") or (Path(folder).name == PARTIAL_DIR and f == name):
+            in_place = Path(folder) == remote_run and f == name  # a fresh run folder is written in place
+            if in_place or f.startswith(f".{name}.") or (Path(folder).name == PARTIAL_DIR and f == name):
                 try:
                     if os.path.getsize(os.path.join(folder, f)) > 0:
                         return True
@@ -442,6 +443,20 @@ async def test_a_run_of_small_files_goes_as_one_rsync(tmp_path, sshd, remote_dir
     await _push_and_check(eq, run, files, remote_dir)
     steps = _push_steps(eq)
     assert len(steps) == 2 and all("step=push " in line for line in steps), steps  # two pushes, one rsync each
+
+
+async def test_a_run_folder_made_by_the_push_is_written_in_place_and_an_existing_one_never(tmp_path, sshd, remote_dir):
+    """In place only where there is no NAS copy to keep whole: a folder the same push made."""
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    (run / "a.txt").write_bytes(b"a changed, longer")
+    await transport.push(run, bwlimit_kibps=None)
+    first, second = _push_steps(eq)
+    assert "--inplace" in first and "--partial-dir" not in first
+    assert "--inplace" not in second and f"--partial-dir={PARTIAL_DIR}" in second
+    assert tree(remote_dir / RUN_REL) == {"a.txt": b"a changed, longer", "sub/b.txt": b"b"}
 
 
 def test_streams_split_by_size_and_count():

@@ -464,7 +464,8 @@ class RsyncSshTransport(Transport):
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
         files_sent = bytes_sent = 0
-        common = ["-a", "--no-links", "--no-D", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        kept = ["-a", "--no-links", "--no-D"]
+        common = [*kept, "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         if rewrite_paths:
             result = await self._rsync_following_schedule(
                 run_path,
@@ -477,8 +478,14 @@ class RsyncSshTransport(Transport):
             )
             files_sent, bytes_sent = _stats(result.stdout)
         watcher = await self._hash_while_sending(run_path, remote_run, local, listing or {})
+        # Into a run folder this push has just made, files are written in place: there is no NAS
+        # copy to keep whole until the new one is complete, and rsync's temporary file and rename
+        # per file cost a fifth of a push of small files. A push cut off leaves partial files
+        # under their own names, without their mtimes: the next push, into a folder that exists,
+        # sends them again the usual way (temporary file, rename).
+        sending = common if listing is not None else [*kept, "--inplace", "--stats"]
         try:
-            files, size = await self._send(run_path, common, remote_run, bwlimit_kibps, local, progress)
+            files, size = await self._send(run_path, sending, remote_run, bwlimit_kibps, local, progress)
         except BaseException:
             if watcher is not None:
                 await asyncio.shield(watcher.abort())
@@ -1178,15 +1185,21 @@ class _ProgressParser:
     def __call__(self, chunk: bytes) -> None:
         if self.callback is None:
             return
+        # The totals only grow: the last whole progress record of the chunk says it all
+        # (rsync writes one per file, 20,000 for a run of 20,000 small files).
         self.buffer += chunk
-        *records, self.buffer = re.split(rb"[\r\n]", self.buffer)
-        for record in records:
+        end = max(self.buffer.rfind(b"\r"), self.buffer.rfind(b"\n"))
+        if end < 0:
+            return
+        records, self.buffer = self.buffer[:end], self.buffer[end + 1 :]
+        for record in reversed(re.split(rb"[\r\n]", records)):
             match = _PROGRESS_RE.match(record)
             if match:
                 total = int(match.group(1))
                 if total > self.last:
                     self.callback(total - self.last)
                     self.last = total
+                return
 
 
 def _files_from(paths: Iterable[str]) -> bytes:
