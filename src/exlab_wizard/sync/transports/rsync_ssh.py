@@ -115,10 +115,6 @@ STREAMS_MAX_SHARE = 0.7
 #: Files at least this large are hashed on the remote while the rest of the push is sent
 #: (smaller ones cost more to watch than to hash in the verify pass).
 HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
-#: The remote manifest right after a push of this many files or more runs as this many
-#: hashing programs side by side (python3 hosts).
-REMOTE_HASH_PARTS = 2
-REMOTE_HASH_PARTS_MIN_FILES = 1000
 
 # rsync's temporary name for ``name`` while receiving it: ".name." and 6 random letters or digits.
 _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
@@ -347,8 +343,6 @@ class RsyncSshTransport(Transport):
         self.prefer_aes_gcm = prefer_aes_gcm
         #: run path -> hashes the remote took while the last push of that run was sent
         self._sent_hashes: dict[str, bytes] = {}
-        #: run path -> how many files the last push of that run had (to plan its remote manifest)
-        self._pushed_files: dict[str, int] = {}
 
     # ----------------------------------------------------------------- tools
 
@@ -444,7 +438,6 @@ class RsyncSshTransport(Transport):
         run_path = local_run_folder(run_path)
         remote_run = self.remote_run_path(run_path)
         self._sent_hashes.pop(str(run_path), None)
-        self._pushed_files.pop(str(run_path), None)
         # The remote listing (a round trip, and the ssh handshake) runs while the local run is walked;
         # a run folder the NAS does not have yet is made right away (nothing can conflict in it).
         listing_task = asyncio.ensure_future(self._list_or_make(run_path, remote_run))
@@ -499,7 +492,6 @@ class RsyncSshTransport(Transport):
             raise
         if watcher is not None:
             self._sent_hashes[str(run_path)] = await watcher.finish()
-        self._pushed_files[str(run_path)] = len(local.files)
         files_sent, bytes_sent = files_sent + files, bytes_sent + size
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
@@ -843,41 +835,21 @@ class RsyncSshTransport(Transport):
         root = self.config.remote_root
         args = f"{shlex.quote(remote_run)} {shlex.quote(root)}"
         sent = self._sent_hashes.pop(str(run_path), b"")
-        pushed_files = self._pushed_files.pop(str(run_path), 0)
         if tool.startswith("python3"):
-            # A run of many files is hashed by two programs side by side, each taking half of
-            # the files (by a hash of the path): a program hashing small files is bound by its
-            # own per-file work on one core, and the push that used both has ended.
-            parts = REMOTE_HASH_PARTS if pushed_files >= REMOTE_HASH_PARTS_MIN_FILES else 1
-            program = f"python3 -c {shlex.quote(_PY_HASH)} {args}"
-            commands = [program] if parts == 1 else [f"{program} {part}/{parts}" for part in range(parts)]
-            stdin = sent
+            command, stdin = f"python3 -c {shlex.quote(_PY_HASH)} {args}", sent
         elif tool == "openssl":
-            commands, stdin = [f"sh -c {shlex.quote(_SH_OPENSSL)} sh {args}"], None
+            command, stdin = f"sh -c {shlex.quote(_SH_OPENSSL)} sh {args}", None
         else:
-            commands, stdin = [f"sh -c {shlex.quote(_SH_SHA256SUM)} sh {args}"], None
-        results = await gather_or_cancel(
-            *(
-                self._ssh(
-                    command,
-                    run_path=run_path,
-                    step=f"remote_hash:{tool}" + (f":{number}/{len(commands)}" if len(commands) > 1 else ""),
-                    stdin=stdin,
-                )
-                for number, command in enumerate(commands, 1)
-            )
-        )
-        for result in results:
-            if result.returncode == 3:
-                raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
-            if result.returncode == 255 or (result.returncode != 0 and not result.stdout):
-                raise transport_error("ssh", result.returncode, result.stderr_text, f"hashing {remote_run}")
-        stdout = b"".join(result.stdout for result in results)
-        manifest = _parse_openssl(stdout) if tool == "openssl" else _parse_nul_records(stdout)
-        failed = [result.returncode for result in results if result.returncode != 0]
-        if failed:
+            command, stdin = f"sh -c {shlex.quote(_SH_SHA256SUM)} sh {args}", None
+        result = await self._ssh(command, run_path=run_path, step=f"remote_hash:{tool}", stdin=stdin)
+        if result.returncode == 3:
+            raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
+        if result.returncode == 255 or (result.returncode != 0 and not result.stdout):
+            raise transport_error("ssh", result.returncode, result.stderr_text, f"hashing {remote_run}")
+        manifest = _parse_openssl(result.stdout) if tool == "openssl" else _parse_nul_records(result.stdout)
+        if result.returncode != 0:
             # some files could not be read (xargs 123): they are absent, hence never verified
-            self.log.warning(run_path, "remote_hash_incomplete", rc=failed[0], hashed=len(manifest.hashes))
+            self.log.warning(run_path, "remote_hash_incomplete", rc=result.returncode, hashed=len(manifest.hashes))
         self.log.info(
             run_path,
             "remote_manifest",

@@ -1,7 +1,5 @@
 # Remote hashing with python3 (rsync_ssh sends this file as `python3 -c`; the
-# host needs nothing installed). Arguments: <run folder> <remote root> [<part>/<parts>].
-# With <part>/<parts> (e.g. 0/2), only the files whose path's CRC-32 modulo <parts> is
-# <part>: that many of these running side by side hash every file once.
+# host needs nothing installed). Arguments: <run folder> <remote root>.
 # Prints "<hex>  <path relative to the run>\0" per regular file, never
 # follows a symlink, exits 0 with no output when the run folder is missing but
 # the root exists, and 3 when the root itself is missing.
@@ -12,11 +10,9 @@ import hashlib
 import os
 import stat
 import sys
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 run, root = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
-part, parts = (int(x) for x in sys.argv[3].split("/")) if len(sys.argv) > 3 else (0, 1)
 if not os.path.isdir(run):
     sys.exit(0 if os.path.isdir(root) else 3)
 # stdin: hashes taken while the push ran, "<hex>  <identity>  <path>\0" (see remote_watch.py);
@@ -109,8 +105,6 @@ with ThreadPoolExecutor(4) as pool:
             except OSError:
                 continue
             rel = entry.path[cut:]
-            if parts > 1 and zlib.crc32(rel) % parts != part:
-                continue
             hexdigest, pending = digest(entry.path, rel)
             if pending is not None:
                 large.append((rel, pool.submit(hash_large, pending)))
