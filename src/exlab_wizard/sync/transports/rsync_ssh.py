@@ -2,8 +2,10 @@
 
 Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial
 -s`` over ``ssh -i KEY -p PORT -o BatchMode=yes -o
-StrictHostKeyChecking=yes``. Before anything is written, the remote run folder
-is listed (``rsync --list-only``) and compared with the local run: a file that
+StrictHostKeyChecking=yes`` (``--inplace`` instead of the partial options
+into a run folder the push itself made, where no NAS copy exists to keep
+whole). Before anything is written, the remote run folder is listed (``rsync
+--list-only``) and compared with the local run: a file that
 is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
 of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
