@@ -21,6 +21,7 @@ import pytest
 
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports import rsync_ssh
+from exlab_wizard.sync.transports._process import local_tree
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.rsync_ssh import PARTIAL_DIR, RsyncSshTransport
 from tests.fixtures.sshd import RW_USER, SFTP_USER
@@ -457,6 +458,29 @@ async def test_a_run_folder_made_by_the_push_is_written_in_place_and_an_existing
     assert "--inplace" in first and "--partial-dir" not in first
     assert "--inplace" not in second and f"--partial-dir={PARTIAL_DIR}" in second
     assert tree(remote_dir / RUN_REL) == {"a.txt": b"a changed, longer", "sub/b.txt": b"b"}
+
+
+def test_top_level_streams_send_every_file_exactly_once(tmp_path, monkeypatch):
+    """The real rsync, dry run, given each stream's filters: together every file, no file twice."""
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MAX_SHARE", 1.0)
+    files = {**HOSTILE, **{f"folder {i}/f{i}.raw": b"x" * (i + 1) for i in range(6)}, "top.bin": b"t"}
+    run = make_run(tmp_path / "lab", files, symlink=False)
+    local = local_tree(run)
+    units = rsync_ssh._split_top_level(run, local, 3)
+    assert len(units) == 3 and all(len(group) >= 2 for group in units)
+    sent: list[set[str]] = []
+    for args, stdin in zip(*rsync_ssh._top_level_filters(units), strict=True):
+        done = subprocess.run(
+            ["rsync", "-a", "-n", "--out-format=%n", *args, f"{run}/", f"{tmp_path / 'nowhere'}/"],
+            input=stdin,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        names = {rsync_ssh._unescape(line) for line in done.stdout.split(b"\n") if line}
+        sent.append({name for name in names if name in local.files})
+    assert set().union(*sent) == set(local.files)
+    assert sum(map(len, sent)) == len(local.files), "a file went in two streams"
 
 
 def test_streams_split_by_size_and_count():

@@ -591,15 +591,12 @@ class RsyncSshTransport(Transport):
         separated; a name rsync would read as a wildcard stays with the first
         stream.
         """
-        others = [name for group in units[1:] for name in group]
-        lists = [[*common, "--info=progress2", "--exclude-from=-", "--from0"]]
-        lists += [[*common, "--info=progress2", "--include-from=-", "--from0", "--exclude=/*"]] * (len(units) - 1)
-        stdins = [_patterns(others), *(_patterns(group) for group in units[1:])]
+        lists, stdins = _top_level_filters(units)
         results = await gather_or_cancel(
             *(
                 self._rsync_following_schedule(
                     run_path,
-                    args,
+                    [*common, "--info=progress2", *args],
                     remote_run,
                     None,
                     stdin=stdin,
@@ -1213,6 +1210,18 @@ def _files_from(paths: Iterable[str]) -> bytes:
 def _patterns(names: Iterable[str]) -> bytes:
     """rsync filter patterns matching exactly these top-level names of the run, NUL-separated."""
     return b"".join(b"/" + os.fsencode(name) + b"\0" for name in names)
+
+
+def _top_level_filters(units: list[list[str]]) -> tuple[list[list[str]], list[bytes]]:
+    """Each stream's rsync filter options and standard input: the first excludes the others' entries.
+
+    ``--from0`` comes first: rsync reads an ``--exclude-from`` or ``--include-from``
+    file as soon as it meets the option, with the separator in force at that point.
+    """
+    others = [name for group in units[1:] for name in group]
+    lists = [["--from0", "--exclude-from=-"]]
+    lists += [["--from0", "--include-from=-", "--exclude=/*"] for _ in units[1:]]
+    return lists, [_patterns(others), *(_patterns(group) for group in units[1:])]
 
 
 def _wants_streams(files: dict[str, int]) -> bool:
