@@ -212,6 +212,7 @@ def _rsync_ssh_streams(request: pytest.FixtureRequest, tmp_path: Path) -> Remote
     monkeypatch = request.getfixturevalue("monkeypatch")
     monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_BYTES", 0)
     monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_FILES", 0)
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_AVERAGE_BYTES", 0)
     return _rsync_ssh(request, tmp_path)
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports import rsync_ssh
+from exlab_wizard.sync.transports._process import local_tree
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.rsync_ssh import PARTIAL_DIR, RsyncSshTransport
 from tests.fixtures.sshd import RW_USER, SFTP_USER
@@ -42,12 +43,13 @@ def leftovers(root: Path) -> list[str]:
 
 
 def receiving(remote_run: Path, name: str) -> bool:
-    """rsync is writing ``name`` (its temporary ``.name.XXXXXX`` or partial file has bytes)."""
+    """rsync is writing ``name`` (its temporary ``.name.XXXXXX``, partial file, or the file in place has bytes)."""
     if not remote_run.exists():
         return False
     for folder, _dirs, files in os.walk(remote_run):
         for f in files:
-            if f.startswith(f".{name}.") or (Path(folder).name == PARTIAL_DIR and f == name):
+            in_place = Path(folder) == remote_run and f == name  # a fresh run folder is written in place
+            if in_place or f.startswith(f".{name}.") or (Path(folder).name == PARTIAL_DIR and f == name):
                 try:
                     if os.path.getsize(os.path.join(folder, f)) > 0:
                         return True
@@ -379,18 +381,18 @@ def _folder_times(root: Path) -> dict[str, int]:
     }
 
 
-async def test_a_large_run_goes_as_parallel_streams_with_folders_and_their_times(tmp_path, sshd, remote_dir):
-    eq = equipment(tmp_path, sshd, remote_dir)
-    files = {f"frames/{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
-    files |= {"stack.tif": os.urandom(3 << 20), **HOSTILE}
-    run = make_run(eq.local_root, files, symlink=False)
-    (run / "empty folder" / "inside").mkdir(parents=True)
+def _push_steps(eq) -> list[str]:
+    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+    return [line for line in log.splitlines() if "tool_start" in line and "step=push" in line]
+
+
+async def _push_and_check(eq, run: Path, files: dict[str, bytes], remote_dir: Path) -> None:
+    """Push ``run`` with no limit; everything arrives, folders with their times, and a second push sends nothing."""
     old = time.time() - 86_400 * 30
     for folder, _dirs, _files in os.walk(run):
         os.utime(folder, (old, old))  # the remote folders must get these times, not "now"
     transport = RsyncSshTransport(eq)
     progress: list[int] = []
-
     result = await transport.push(run, bwlimit_kibps=None, progress=progress.append)
     remote_run = remote_dir / RUN_REL
     assert result.files_sent == len(files) and result.bytes_sent == sum(map(len, files.values()))
@@ -401,12 +403,84 @@ async def test_a_large_run_goes_as_parallel_streams_with_folders_and_their_times
     assert_sha256sum_check(remote_run, run)
     assert not leftovers(remote_dir)
     assert data_only((await transport.remote_manifest(run)).hashes) == data_only(sha256_tree(run))
-    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
-    streams = [line for line in log.splitlines() if "tool_start" in line and "step=push:" in line]
-    assert len(streams) == rsync_ssh.PUSH_STREAMS == 2, streams
-    assert all("--files-from=-" in line for line in streams)
-    # a second push sends nothing
     assert (await transport.push(run, bwlimit_kibps=None)).files_sent == 0
+
+
+async def test_a_large_run_goes_as_streams_over_its_top_level_entries(tmp_path, sshd, remote_dir, monkeypatch):
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_AVERAGE_BYTES", 0)
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {f"frames_{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
+    files |= {"stack.tif": os.urandom(3 << 20), **HOSTILE}  # names rsync reads as wildcards among them
+    run = make_run(eq.local_root, files, symlink=False)
+    (run / "empty folder" / "inside").mkdir(parents=True)
+    await _push_and_check(eq, run, files, remote_dir)
+    streams = [line for line in _push_steps(eq) if "step=push:" in line]
+    assert len(streams) == 2 * rsync_ssh.PUSH_STREAMS == 4, streams  # two pushes of two streams
+    assert "--exclude-from=-" in streams[0] and "--include-from=-" in streams[1]
+    assert not any("--files-from" in line for line in streams)  # rsync lists as it goes
+
+
+async def test_a_run_whose_top_level_is_one_folder_goes_as_streams_given_file_lists(
+    tmp_path, sshd, remote_dir, monkeypatch
+):
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_AVERAGE_BYTES", 0)
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {f"frames/{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
+    files |= {"stack.tif": os.urandom(3 << 20), **HOSTILE}
+    run = make_run(eq.local_root, files, symlink=False)
+    (run / "empty folder" / "inside").mkdir(parents=True)
+    await _push_and_check(eq, run, files, remote_dir)
+    streams = [line for line in _push_steps(eq) if "step=push:" in line]
+    assert len(streams) == 4 and all("--files-from=-" in line for line in streams), streams
+
+
+async def test_a_run_of_small_files_goes_as_one_rsync(tmp_path, sshd, remote_dir):
+    """Many small files: their round trips bind the push, and one rsync lists as it sends."""
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {f"frames_{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
+    files |= HOSTILE
+    run = make_run(eq.local_root, files, symlink=False)
+    (run / "empty folder" / "inside").mkdir(parents=True)
+    await _push_and_check(eq, run, files, remote_dir)
+    steps = _push_steps(eq)
+    assert len(steps) == 2 and all("step=push " in line for line in steps), steps  # two pushes, one rsync each
+
+
+async def test_a_run_folder_made_by_the_push_is_written_in_place_and_an_existing_one_never(tmp_path, sshd, remote_dir):
+    """In place only where there is no NAS copy to keep whole: a folder the same push made."""
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a", "sub/b.txt": b"b"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    (run / "a.txt").write_bytes(b"a changed, longer")
+    await transport.push(run, bwlimit_kibps=None)
+    first, second = _push_steps(eq)
+    assert "--inplace" in first and "--partial-dir" not in first
+    assert "--inplace" not in second and f"--partial-dir={PARTIAL_DIR}" in second
+    assert tree(remote_dir / RUN_REL) == {"a.txt": b"a changed, longer", "sub/b.txt": b"b"}
+
+
+def test_top_level_streams_send_every_file_exactly_once(tmp_path, monkeypatch):
+    """The real rsync, dry run, given each stream's filters: together every file, no file twice."""
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MAX_SHARE", 1.0)
+    files = {**HOSTILE, **{f"folder {i}/f{i}.raw": b"x" * (i + 1) for i in range(6)}, "top.bin": b"t"}
+    run = make_run(tmp_path / "lab", files, symlink=False)
+    local = local_tree(run)
+    units = rsync_ssh._split_top_level(run, local, 3)
+    assert len(units) == 3 and all(len(group) >= 2 for group in units)
+    sent: list[set[str]] = []
+    for args, stdin in zip(*rsync_ssh._top_level_filters(units), strict=True):
+        done = subprocess.run(
+            ["rsync", "-a", "-n", "--out-format=%n", *args, f"{run}/", f"{tmp_path / 'nowhere'}/"],
+            input=stdin,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        names = {rsync_ssh._unescape(line) for line in done.stdout.split(b"\n") if line}
+        sent.append({name for name in names if name in local.files})
+    assert set().union(*sent) == set(local.files)
+    assert sum(map(len, sent)) == len(local.files), "a file went in two streams"
 
 
 def test_streams_split_by_size_and_count():
@@ -421,13 +495,14 @@ def test_streams_split_by_size_and_count():
 
 async def test_a_stream_that_fails_stops_the_others_and_names_the_file(tmp_path, sshd, remote_dir, monkeypatch):
     eq = equipment(tmp_path, sshd, remote_dir)
-    files = {"a_big.bin": os.urandom(24 << 20), "b_big.bin": os.urandom(24 << 20), "c.txt": b"c"}
+    # one top-level folder: streams given file lists, which name each file
+    files = {"data/a_big.bin": os.urandom(24 << 20), "data/b_big.bin": os.urandom(24 << 20), "data/c.txt": b"c"}
     run = make_run(eq.local_root, files, symlink=False)
     real_split = rsync_ssh._split_for_streams
 
     def split_then_delete(local_files, streams):
         groups = real_split(local_files, streams)
-        (run / "c.txt").unlink()  # gone between the listing and its stream
+        (run / "data" / "c.txt").unlink()  # gone between the listing and its stream
         return groups
 
     monkeypatch.setattr(rsync_ssh, "_split_for_streams", split_then_delete)
@@ -437,7 +512,7 @@ async def test_a_stream_that_fails_stops_the_others_and_names_the_file(tmp_path,
     assert "c.txt" in caught.value.message
     monkeypatch.setattr(rsync_ssh, "_split_for_streams", real_split)
     result = await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)  # the retry completes
-    assert tree(remote_dir / RUN_REL) == {k: v for k, v in files.items() if k != "c.txt"}
+    assert tree(remote_dir / RUN_REL) == {k: v for k, v in files.items() if k != "data/c.txt"}
     assert result.ok and not leftovers(remote_dir)
 
 
@@ -457,6 +532,7 @@ async def test_streams_write_into_read_only_folders_and_leave_their_modes(tmp_pa
     # not lock the other out of a folder they share.
     monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_BYTES", 0)
     monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_FILES", 0)
+    monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_AVERAGE_BYTES", 0)
     eq = equipment(tmp_path, sshd, remote_dir)
     files = {f"locked/f{i:03d}.raw": os.urandom(2000 + i) for i in range(300)} | {"top.txt": b"t"}
     run = make_run(eq.local_root, files, symlink=False)

@@ -2,8 +2,10 @@
 
 Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial
 -s`` over ``ssh -i KEY -p PORT -o BatchMode=yes -o
-StrictHostKeyChecking=yes``. Before anything is written, the remote run folder
-is listed (``rsync --list-only``) and compared with the local run: a file that
+StrictHostKeyChecking=yes`` (``--inplace`` instead of the partial options
+into a run folder the push itself made, where no NAS copy exists to keep
+whole). Before anything is written, the remote run folder is listed (``rsync
+--list-only``) and compared with the local run: a file that
 is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
 of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
@@ -107,6 +109,11 @@ STREAMS_MIN_FILES = 1000
 #: What one more file costs a stream, in bytes of transfer (a round of file-list,
 #: create, rename): used to balance many small files against a few large ones.
 STREAM_FILE_COST = 64 << 10
+#: Runs whose files average less than this go as one rsync: per-file round trips bind them,
+#: and two rsyncs would only share the CPU both need.
+STREAMS_MIN_AVERAGE_BYTES = 64 << 10
+#: Streams over the top-level entries only when no stream gets more than this share of the run.
+STREAMS_MAX_SHARE = 0.7
 #: Files at least this large are hashed on the remote while the rest of the push is sent
 #: (smaller ones cost more to watch than to hash in the verify pass).
 HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
@@ -115,6 +122,7 @@ HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
 _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
 _LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
 _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
+_WILDCARD_RE = re.compile(r"[*?\[\\]")
 _PROGRESS_RE = re.compile(rb"^\s*(\d+)\s+\d+%")
 _MISSING_DIR_RE = re.compile(
     r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory"
@@ -432,8 +440,9 @@ class RsyncSshTransport(Transport):
         run_path = local_run_folder(run_path)
         remote_run = self.remote_run_path(run_path)
         self._sent_hashes.pop(str(run_path), None)
-        # The remote listing (a round trip, and the ssh handshake) runs while the local run is walked.
-        listing_task = asyncio.ensure_future(self._list_remote(run_path, remote_run, step="conflict_check"))
+        # The remote listing (a round trip, and the ssh handshake) runs while the local run is walked;
+        # a run folder the NAS does not have yet is made right away (nothing can conflict in it).
+        listing_task = asyncio.ensure_future(self._list_or_make(run_path, remote_run))
         try:
             local = await asyncio.to_thread(local_tree, run_path)
             rewrite_paths = sorted(checked_rewrite(local, rewrite))
@@ -457,8 +466,8 @@ class RsyncSshTransport(Transport):
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
         files_sent = bytes_sent = 0
-        await self._make_run_folder(run_path)
-        common = ["-a", "--no-links", "--no-D", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        kept = ["-a", "--no-links", "--no-D"]
+        common = [*kept, "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         if rewrite_paths:
             result = await self._rsync_following_schedule(
                 run_path,
@@ -471,8 +480,14 @@ class RsyncSshTransport(Transport):
             )
             files_sent, bytes_sent = _stats(result.stdout)
         watcher = await self._hash_while_sending(run_path, remote_run, local, listing or {})
+        # Into a run folder this push has just made, files are written in place: there is no NAS
+        # copy to keep whole until the new one is complete, and rsync's temporary file and rename
+        # per file cost a fifth of a push of small files. A push cut off leaves partial files
+        # under their own names, without their mtimes: the next push, into a folder that exists,
+        # sends them again the usual way (temporary file, rename).
+        sending = common if listing is not None else [*kept, "--inplace", "--stats"]
         try:
-            files, size = await self._send(run_path, common, remote_run, bwlimit_kibps, local, progress)
+            files, size = await self._send(run_path, sending, remote_run, bwlimit_kibps, local, progress)
         except BaseException:
             if watcher is not None:
                 await asyncio.shield(watcher.abort())
@@ -486,6 +501,13 @@ class RsyncSshTransport(Transport):
             run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent
         )
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+
+    async def _list_or_make(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
+        """The remote run folder's entries; when it is missing, it is made (below the root only) and None returned."""
+        listing = await self._list_remote(run_path, remote_run, step="conflict_check")
+        if listing is None:
+            await self._make_run_folder(run_path)
+        return listing
 
     async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
         """``rsync -a -I`` of ``<run>/.exlab-wizard/`` to the remote run folder's ``.exlab-wizard/``.
@@ -527,23 +549,82 @@ class RsyncSshTransport(Transport):
     ) -> tuple[int, int]:
         """The push proper; (files, bytes) sent.
 
-        One rsync for a small run or one sent under a bandwidth limit. Otherwise
-        ``PUSH_STREAMS`` rsyncs run side by side over the one ssh connection,
-        each given its share of the files (``--files-from``, balanced by size):
-        one rsync is a pipeline of processes that leaves cores idle while it
-        waits on itself. A pass that sends only the folders (all of them, the
-        empty ones too) runs first, so no two streams race to create one, and
-        again at the end, to give the folders their mtimes back after the
-        streams wrote into them. Should a bandwidth window open meanwhile, each
-        stream gets an equal share of its limit. The first stream to fail stops
-        the others.
+        One rsync for a small run, a run of small files (their per-file round
+        trips bind it, and two rsyncs would only share the CPU they need) or one
+        sent under a bandwidth limit. Otherwise ``PUSH_STREAMS`` rsyncs run side
+        by side over the one ssh connection: one rsync is a pipeline of
+        processes that leaves cores idle while it waits on itself. Each stream
+        then takes whole top-level entries of the run, recursively (rsync builds
+        its file list as it goes, so sending starts at once), and a pass that
+        sends the run folder alone gives it its mtime back at the end; see
+        :meth:`_send_top_level`. A run whose top level cannot be shared out
+        fairly goes as streams given lists of files (:meth:`_send_listed`).
+        Should a bandwidth window open meanwhile, each stream gets an equal
+        share of its limit. The first stream to fail stops the others.
         """
-        groups = _split_for_streams(local.files, PUSH_STREAMS) if bwlimit_kibps is None else []
-        if len(groups) < 2:
-            result = await self._rsync_following_schedule(
-                run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
+        if bwlimit_kibps is None and _wants_streams(local.files):
+            units = _split_top_level(run_path, local, PUSH_STREAMS)
+            if len(units) >= 2:
+                return await self._send_top_level(run_path, common, remote_run, units, progress)
+            groups = _split_for_streams(local.files, PUSH_STREAMS)
+            if len(groups) >= 2:
+                return await self._send_listed(run_path, common, remote_run, groups, progress)
+        result = await self._rsync_following_schedule(
+            run_path, [*common, "--info=progress2"], remote_run, bwlimit_kibps, progress=progress, step="push"
+        )
+        return _stats(result.stdout)
+
+    async def _send_top_level(
+        self,
+        run_path: Path,
+        common: list[str],
+        remote_run: str,
+        units: list[list[str]],
+        progress: ProgressCallback | None,
+    ) -> tuple[int, int]:
+        """Streams over the run's top-level entries: the first sends all but the others' entries.
+
+        Each entry (file or folder, with everything below it) belongs to one
+        stream, so no folder is written by two streams but the run folder
+        itself, which is writable by us (see :func:`_split_top_level`). Names go
+        as rsync filter patterns anchored at the run folder (``/name``), NUL-
+        separated; a name rsync would read as a wildcard stays with the first
+        stream.
+        """
+        lists, stdins = _top_level_filters(units)
+        results = await gather_or_cancel(
+            *(
+                self._rsync_following_schedule(
+                    run_path,
+                    [*common, "--info=progress2", *args],
+                    remote_run,
+                    None,
+                    stdin=stdin,
+                    progress=progress,
+                    step=f"push:{number}/{len(units)}",
+                    streams=len(units),
+                )
+                for number, (args, stdin) in enumerate(zip(lists, stdins, strict=True), 1)
             )
-            return _stats(result.stdout)
+        )
+        run_folder_only = [*common, "--no-recursive", "--dirs", "--exclude=*"]
+        await self._rsync_following_schedule(run_path, run_folder_only, remote_run, None, step="push_run_folder")
+        return _sum_stats(results)
+
+    async def _send_listed(
+        self,
+        run_path: Path,
+        common: list[str],
+        remote_run: str,
+        groups: list[list[str]],
+        progress: ProgressCallback | None,
+    ) -> tuple[int, int]:
+        """Streams given their files by list (``--files-from``), balanced by size.
+
+        A pass that sends only the folders (all of them, the empty ones too)
+        runs first, so no two streams race to create one, and again at the end,
+        to give the folders their mtimes back after the streams wrote into them.
+        """
         # Folders stay writable by us while the streams run (one stream finishing would
         # otherwise give a read-only folder its mode while the other still writes into
         # it); the last pass gives every folder its own mode and mtime.
@@ -567,11 +648,7 @@ class RsyncSshTransport(Transport):
             )
         )
         await self._rsync_following_schedule(run_path, folders_only, remote_run, None, step="push_folders")
-        files = size = 0
-        for result in results:
-            stream_files, stream_bytes = _stats(result.stdout)
-            files, size = files + stream_files, size + stream_bytes
-        return files, size
+        return _sum_stats(results)
 
     async def _hash_while_sending(
         self, run_path: Path, remote_run: str, local: LocalTree, remote: dict[str, _Entry]
@@ -1107,21 +1184,92 @@ class _ProgressParser:
     def __call__(self, chunk: bytes) -> None:
         if self.callback is None:
             return
+        # The totals only grow: the last whole progress record of the chunk says it all
+        # (rsync writes one per file, 20,000 for a run of 20,000 small files).
         self.buffer += chunk
-        *records, self.buffer = re.split(rb"[\r\n]", self.buffer)
-        for record in records:
+        end = max(self.buffer.rfind(b"\r"), self.buffer.rfind(b"\n"))
+        if end < 0:
+            return
+        records, self.buffer = self.buffer[:end], self.buffer[end + 1 :]
+        for record in reversed(re.split(rb"[\r\n]", records)):
             match = _PROGRESS_RE.match(record)
             if match:
                 total = int(match.group(1))
                 if total > self.last:
                     self.callback(total - self.last)
                     self.last = total
+                return
 
 
 def _files_from(paths: Iterable[str]) -> bytes:
     """A ``--files-from=- --from0`` list. Each path starts with ``./``: rsync reads a line
     starting with ``#`` or ``;`` as a comment, even NUL-separated."""
     return b"".join(b"./" + os.fsencode(rel) + b"\0" for rel in paths)
+
+
+def _patterns(names: Iterable[str]) -> bytes:
+    """rsync filter patterns matching exactly these top-level names of the run, NUL-separated."""
+    return b"".join(b"/" + os.fsencode(name) + b"\0" for name in names)
+
+
+def _top_level_filters(units: list[list[str]]) -> tuple[list[list[str]], list[bytes]]:
+    """Each stream's rsync filter options and standard input: the first excludes the others' entries.
+
+    ``--from0`` comes first: rsync reads an ``--exclude-from`` or ``--include-from``
+    file as soon as it meets the option, with the separator in force at that point.
+    """
+    others = [name for group in units[1:] for name in group]
+    lists = [["--from0", "--exclude-from=-"]]
+    lists += [["--from0", "--include-from=-", "--exclude=/*"] for _ in units[1:]]
+    return lists, [_patterns(others), *(_patterns(group) for group in units[1:])]
+
+
+def _wants_streams(files: dict[str, int]) -> bool:
+    """Is the run large enough, in files of a size, for parallel rsyncs to pay?"""
+    total = sum(files.values())
+    if len(files) < 2 or (total < STREAMS_MIN_BYTES and len(files) < STREAMS_MIN_FILES):
+        return False
+    return total >= STREAMS_MIN_AVERAGE_BYTES * len(files)
+
+
+def _split_top_level(run_path: Path, local: LocalTree, streams: int) -> list[list[str]]:
+    """The run's top-level entries in ``streams`` groups of about equal cost; [] when not fair or not safe.
+
+    Safe: the run folder, which every stream writes into, is writable by its
+    owner here (rsync gives it its mode when a stream ends, and a read-only one
+    would lock the others out). Fair: no group costs more than
+    ``STREAMS_MAX_SHARE`` of the run. Names holding a character rsync reads as
+    a wildcard (``*?[\\``) cannot be named exactly in a filter and stay in the
+    first group.
+    """
+    try:
+        if streams < 2 or os.lstat(run_path).st_mode & 0o700 != 0o700:
+            return []
+    except OSError:
+        return []
+    cost: dict[str, int] = {}
+    for rel, size in local.files.items():
+        top = rel.partition("/")[0]
+        cost[top] = cost.get(top, 0) + size + STREAM_FILE_COST
+    for rel in local.dirs:
+        cost.setdefault(rel.partition("/")[0], STREAM_FILE_COST)
+    groups: list[list[str]] = [[] for _ in range(streams)]
+    load = [0] * streams
+    for name, units in sorted(cost.items(), key=lambda item: (-item[1], item[0])):
+        chosen = 0 if _WILDCARD_RE.search(name) else load.index(min(load))
+        groups[chosen].append(name)
+        load[chosen] += units
+    if max(load) > STREAMS_MAX_SHARE * sum(load) or not all(groups):
+        return []
+    return groups
+
+
+def _sum_stats(results: Iterable[ToolResult]) -> tuple[int, int]:
+    files = size = 0
+    for result in results:
+        stream_files, stream_bytes = _stats(result.stdout)
+        files, size = files + stream_files, size + stream_bytes
+    return files, size
 
 
 def _split_for_streams(files: dict[str, int], streams: int) -> list[list[str]]:
