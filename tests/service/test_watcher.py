@@ -319,6 +319,21 @@ async def test_runs_with_a_job_made_by_hand_are_adopted_not_enqueued(wlab: Watch
     assert (await watching.watcher.scan_once()).already_queued == 1
 
 
+async def test_handed_over_runs_cost_memory_for_their_path_alone(wlab: WatchLab, watching: Running) -> None:
+    """The watcher remembers every run still in the tree: a handed-over one must not cost a full record each."""
+    for i in range(4):
+        wlab.finished_run(f"Run_{i}")
+    by_hand = wlab.finished_run("Run_hand")
+    await watching.client.enqueue(by_hand)
+    report = await watching.watcher.scan_once()
+    assert len(report.enqueued) == 4 and report.adopted == [str(by_hand)]
+    known = watching.watcher._known
+    assert len(known) == 5 and len({id(row) for row in known.values()}) == 1  # one shared record per equipment
+    assert (await watching.watcher.scan_once()).already_queued == 5
+    rows = sqlite3.connect(wlab.config().queue_db).execute("SELECT job_id, first_seen_at FROM watched_runs").fetchall()
+    assert len(rows) == 5 and all(job_id and seen for job_id, seen in rows)  # the durable rows keep it all
+
+
 class _Counter:
     """Counts file-system calls on paths inside given run folders."""
 

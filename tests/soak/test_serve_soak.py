@@ -7,11 +7,16 @@ them; the test waits until every run is VERIFIED (none may fail) and reads
 the service's resident memory (``VmRSS`` of ``/proc/<pid>/status``) when it
 starts, after the first third of the runs is verified, and at the end.
 
-The memory check: the growth over the last two thirds of the runs, per run,
-must stay under :data:`LEAK_BYTES_PER_RUN` once it is above a noise floor of
-:data:`RSS_NOISE_BYTES` (allocator arenas and SQLite's page cache settle in
-steps). A service that kept something for every finished job (a progress
-record, an event, a listener) would grow by at least that much per run.
+The memory check: the first third of the runs is the warm-up (SQLite's page
+caches, capped per connection, fill; the worker threads and their malloc
+arenas appear). Over the last two thirds RSS may grow by at most
+:data:`RSS_NOISE_BYTES` or :data:`LEAK_BYTES_PER_RUN` per run, whichever is
+more. A service that kept something for every finished job grows by that
+much per run for ever and fails it: 32 KiB kept per verified job fails the
+suite's 90 runs, 16 KiB fails the 300-run soak (checked by injecting such a
+leak). Smaller leaks need the long soak below: after about 600 runs the
+service grows by about 1.5 KiB per run (the watcher's record of each run
+still in the tree, allocator noise), see ``bench/README.md``.
 
 In the suite: 90 runs at 8 runs/s. The full soak of the issue (300 runs over
 a few minutes), with its figures printed:
@@ -42,9 +47,9 @@ EXE = str(Path(sys.executable).with_name("exlab-sync"))
 EQUIPMENT = ("CONFOCAL_01", "FACS_02", "PLATE_03")
 SENTINEL = "acquisition_complete.flag"
 #: Growth per finished run (over the last two thirds) that counts as a leak.
-LEAK_BYTES_PER_RUN = 24 * 1024
-#: Growth below this is allocator and cache noise whatever the number of runs.
-RSS_NOISE_BYTES = 3 * 1024 * 1024
+LEAK_BYTES_PER_RUN = 16 * 1024
+#: Growth below this is allocator noise (a 1 MiB pymalloc arena, a thread's malloc arena) whatever the runs.
+RSS_NOISE_BYTES = 2 * 1024 * 1024
 _VERIFIED = re.compile(r'^exlab_jobs\{equipment="[^"]+",state="verified"\} ([0-9.e+]+)$', re.M)
 _FAILED = re.compile(r'^exlab_jobs\{equipment="[^"]+",state="failed"\} ([0-9.e+]+)$', re.M)
 
@@ -129,13 +134,14 @@ def write_run(lab: Path, index: int) -> Path:
         )
     )
     (run / "images").mkdir()
-    for name, size in (
-        ("images/frame_0001.tif", 16384),
-        ("images/frame_0002.tif", 16384),
-        ("metadata.json", 700),
-        ("notes.txt", 120),
-    ):
-        (run / name).write_bytes(os.urandom(size))
+    for name in ("images/frame_0001.tif", "images/frame_0002.tif"):
+        (run / name).write_bytes(os.urandom(16384))
+    # Text files hold text: random bytes in a .json or .txt are scanned as text when they hold no
+    # NUL, and now and then spell a placeholder such as "<m>", which the gate rightly blocks.
+    (run / "metadata.json").write_text(
+        json.dumps({"run": index, "equipment": eq, "frames": 2, "exposure_ms": 10 + index % 40, "operator": "soak"})
+    )
+    (run / "notes.txt").write_text(f"soak run {index} on {eq}: two frames, nothing unusual.\n")
     (run / SENTINEL).write_text("")
     return run
 
@@ -215,6 +221,9 @@ def soak(root: Path, runs: int, rate: float, timeout: float) -> tuple[SoakFigure
                 assert proc.poll() is None, proc.stderr.read()
                 verified, failed = counts(http)
                 assert failed == 0, [j for j in all_jobs(http) if j["state"] == "failed"][:3]
+                if not writer.is_alive() and verified < runs:  # a run the gate blocked never ends: say why
+                    blocked = http.get("/api/watcher").json()["blocked"]
+                    assert blocked == [], blocked[:3]
                 if rss_third is None and verified >= third:
                     rss_third = rss_bytes(proc.pid)
                 if verified >= tenth * (len(curve) + 1):
@@ -240,7 +249,10 @@ def check(figures: SoakFigures, jobs: list[dict], written: list[Path]) -> None:
     assert sorted(j["run_path"] for j in jobs) == sorted(str(p) for p in written)  # each run enqueued exactly once
     assert {j["state"] for j in jobs} == {"verified"}
     late = figures.rss_end - figures.rss_third
-    assert late < RSS_NOISE_BYTES or figures.late_growth_per_run < LEAK_BYTES_PER_RUN, figures.line()
+    allowed = max(RSS_NOISE_BYTES, LEAK_BYTES_PER_RUN * (figures.runs - figures.third))
+    assert late <= allowed, f"RSS grew {late / 1024:.0f} KiB after the warm-up (at most {allowed / 1024:.0f}): " + (
+        figures.line()
+    )
 
 
 def test_serve_soak_every_run_verified_and_memory_flat(tmp_path: Path) -> None:

@@ -97,6 +97,8 @@ def test_open_sets_pragmas_and_schema(q: JobQueue, db: Path):
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(queue_mod.MIGRATIONS)
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with q.transaction() as conn:  # a long-lived connection's page cache is bounded, not SQLite's 2 MB
+        assert conn.execute("PRAGMA cache_size").fetchone()[0] == -queue_mod.CACHE_KIB
 
 
 def test_get_or_create_is_one_job_per_run(q: JobQueue):
@@ -275,6 +277,22 @@ def test_list_and_counts(q: JobQueue):
     assert [j.id for j in q.list_jobs(state="running", equipment_id="EQ1")] == [c.id]
     counts = q.counts()
     assert counts[S.QUEUED] == 2 and counts[S.RUNNING] == 1 and counts[S.CLEANED] == 0 and len(counts) == len(S)
+
+
+def test_iter_jobs_reads_page_by_page_and_sees_moves(q: JobQueue, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(queue_mod, "JOB_PAGE", 3)
+    jobs = [put_in(q, make(q, f"R{i:02d}", now=t(i)), S.VERIFIED) for i in range(8)]
+    make(q, "Q")  # another state: never yielded
+    assert [j.id for j in q.iter_jobs(S.VERIFIED)] == [j.id for j in jobs]
+    seen = []
+    for job in q.iter_jobs("verified"):
+        seen.append(job.id)
+        if len(seen) == 1:  # moves made during the pass: the later pages show them
+            q.transition(jobs[5].id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=t(10))
+            put_in(q, make(q, "LATE", now=t(11)), S.VERIFIED)
+    assert seen[:5] == [j.id for j in jobs[:5]] and jobs[5].id not in seen
+    assert seen[5:7] == [jobs[6].id, jobs[7].id] and len(seen) == 8  # and LATE, after them
+    assert list(q.iter_jobs(S.FAILED)) == []
 
 
 # --------------------------------------------------------------------------- scheduling

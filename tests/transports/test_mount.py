@@ -710,3 +710,16 @@ def test_read_backs_nobody_takes_are_dropped_after_their_time_to_live(
     (other / "b.raw").write_bytes(b"b")
     asyncio.run(lab.transport.push(other, bwlimit_kibps=None))
     assert list(lab.transport._read_backs) == [lab.transport.remote_run_path(other)]
+
+
+def test_a_metadata_only_push_keeps_no_read_back(lab: Lab) -> None:
+    """The metadata push follows VERIFIED and no verification takes its read-back: keep none (soak memory)."""
+    lab.write("a.raw", os.urandom(2000))
+    lab.push()
+    asyncio.run(lab.transport.remote_manifest(lab.run))  # the verification takes the push's read-back
+    assert lab.transport._read_backs == {}
+    (lab.run / ".exlab-wizard").mkdir(exist_ok=True)
+    (lab.run / ".exlab-wizard" / "creation.json").write_text('{"sync_status": "verified"}')
+    result = asyncio.run(lab.transport.push_metadata(lab.run))
+    assert result.ok and result.files_sent >= 1
+    assert lab.transport._read_backs == {}

@@ -88,6 +88,9 @@ logger = logging.getLogger(__name__)
 Listener = Callable[[dict[str, Any]], None]
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -190,6 +193,7 @@ class CompletionWatcher:
         self.clock = clock or _utcnow
         self._store: WatchStore | None = None
         self._known: dict[str, WatchedRun] = {}
+        self._handed: dict[str, WatchedRun] = {}  # per equipment: the one record of its handed-over runs
         self._waiting: dict[str, IncompleteRun] = {}
         self._listeners: list[Listener] = []
         self._logs: dict[str, EquipmentLog] = {}
@@ -259,7 +263,7 @@ class CompletionWatcher:
     def _open(self) -> WatchStore:
         if self._store is None:
             self._store = WatchStore(self.config.queue_db)
-            self._known = self._store.all()
+            self._known = {path: self._slim(row) for path, row in self._store.all().items()}
         return self._store
 
     async def _scan_equipment(self, equipment: EquipmentConfig, report: ScanReport) -> None:
@@ -294,7 +298,7 @@ class CompletionWatcher:
             # first start is one commit, not thousands. A row lost in a crash is
             # adopted again at the next pass.
             self._open().save(adopted)
-            self._known.update((row.run_path, row) for row in adopted)
+            self._known.update((row.run_path, self._slim(row)) for row in adopted)
 
     def _forget_gone(self, equipment: EquipmentConfig, listing: RunListing, report: ScanReport) -> None:
         present = set(listing.runs)
@@ -415,7 +419,19 @@ class CompletionWatcher:
 
     def _remember(self, row: WatchedRun) -> None:
         self._open().save([row])  # durable before the next run is looked at
-        self._known[row.run_path] = row
+        self._known[row.run_path] = self._slim(row)
+
+    def _slim(self, row: WatchedRun) -> WatchedRun:
+        """What memory keeps of a row. A handed-over run is never looked at again: only its
+        equipment matters (to forget it when it goes), so all of an equipment's share one
+        record and a run costs its path alone, not a record with its times and job id."""
+        if row.status != HANDED_OVER:
+            return row
+        shared = self._handed.get(row.equipment_id)
+        if shared is None:
+            shared = WatchedRun("", row.equipment_id, HANDED_OVER, None, None, (), _EPOCH, _EPOCH)
+            self._handed[row.equipment_id] = shared
+        return shared
 
     # ------------------------------------------------------------------ reporting
 

@@ -60,7 +60,7 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
     queue = ctx.require_queue()
     interval = dt.timedelta(seconds=ctx.config.sync.audit_interval_s)
     for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
-        for job in queue.list_jobs(state=state):
+        for job in queue.iter_jobs(state):  # page by page, whatever the size of the queue
             equipment = ctx.equipment(job)
             if equipment is None or job.equipment_id in ctx.inflight:
                 continue

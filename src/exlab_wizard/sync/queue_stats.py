@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.queue import CACHE_KIB, SyncJobRow
 from exlab_wizard.sync.queue import _job as _row  # the one place rows are read from SQL
 from exlab_wizard.sync.states import SyncJobState
 
@@ -112,6 +112,7 @@ class QueueStats:
                     timeout=10.0,
                 )
                 conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # a long-lived connection: bounded
                 self._conn = conn
             self._conn.execute("BEGIN")  # one snapshot for the whole question
             try:

@@ -192,9 +192,10 @@ class Reaper(InterlockFacts):
         progress = self._store.progress_rows()
         for row in sorted(progress.values(), key=lambda p: p.planned_at):
             outcomes.append(await self._guarded(row.job_id, row.run_path, self._resume(row)))
-        for job in self.queue.list_jobs(state=S.VERIFIED):
+        # Page by page: a pass over 100,000 verified jobs must not hold them all at once.
+        for job in self.queue.iter_jobs(S.VERIFIED):
             outcomes.append(await self._guarded(job.id, job.run_path, self._promote(job)))
-        for job in self.queue.list_jobs(state=S.CLEANUP_ELIGIBLE):
+        for job in self.queue.iter_jobs(S.CLEANUP_ELIGIBLE):
             if job.id in progress:
                 continue
             outcomes.append(await self._guarded(job.id, job.run_path, self._consider(job)))

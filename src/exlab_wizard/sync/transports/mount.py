@@ -484,7 +484,9 @@ class MountTransport(Transport):
             seconds=f"{time.monotonic() - started:.3f}",
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
-        if job.read_back:
+        # A metadata-only push follows VERIFIED: no verification comes after it (an audit reads
+        # every file again), so its read-back would only sit in memory until its time to live.
+        if job.read_back and not metadata_only:
             now = time.monotonic()
             with self._read_backs_lock:
                 # Read-backs nobody asked for within their time to live (the metadata push after
