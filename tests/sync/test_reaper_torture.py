@@ -71,8 +71,17 @@ DRIVER = textwrap.dedent(
     lab, nas = root / "lab" / "CONF_01", root / "nas"
 
     async def push_metadata(job):
+        # As the real transports do: each file to a temporary name, then renamed over the old one,
+        # so a kill mid-push never leaves a truncated NAS checksums.sha256 (the invariant reads it).
         run = Path(job.run_path)
-        shutil.copytree(run / ".exlab-wizard", nas / run.relative_to(lab) / ".exlab-wizard", dirs_exist_ok=True)
+        src, dst = run / ".exlab-wizard", nas / run.relative_to(lab) / ".exlab-wizard"
+        for folder, _dirs, names in os.walk(src):
+            target = dst / Path(folder).relative_to(src)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                tmp = target / f".{name}.part"
+                shutil.copy2(Path(folder) / name, tmp)
+                os.replace(tmp, target / name)
         return True
 
     async def remote_listing(job):
