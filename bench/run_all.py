@@ -499,29 +499,34 @@ def transport_sections(
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in METHODS} for n in runs}
     infos: dict[str, dict[str, list[dict]]] = {n: {m: [] for m in METHODS} for n in runs}
     reserve = 0.35 * budget_s  # the other sections
-    round_took: list[float] = []
+    walls: dict[tuple[str, str], float] = {}  # (dataset, method) -> its first measurement, setup included
     done = 0
+
+    def wanted(rep: int, name: str, method: str) -> bool:
+        if method in NETWORK and name not in plan.network_datasets:
+            return False
+        # one measurement of a slow method is enough: it bounds the run's time
+        return not (rep and times[name][method] and times[name][method][0] > SLOW_S)
+
     for rep in range(plan.repeat):
-        if round_took and clock.elapsed() + max(round_took) > budget_s - reserve:
-            clock.say(f"budget: stopping the transport rounds after {done} of {plan.repeat}")
+        estimate = sum(walls.get((n, m), 0.0) for n in runs for m in METHODS if wanted(rep, n, m))
+        if rep and clock.elapsed() + estimate > budget_s - reserve:
+            clock.say(f"budget: stopping the transport rounds after {done} of {plan.repeat} (next ~{estimate:.0f} s)")
             break
-        started = time.perf_counter()
         for name, run in runs.items():
             order = [*METHODS[rep % len(METHODS) :], *METHODS[: rep % len(METHODS)]]
             for method in order:
-                if method in NETWORK and name not in plan.network_datasets:
+                if not wanted(rep, name, method):
                     continue
-                if rep and times[name][method] and times[name][method][0] > SLOW_S:
-                    continue  # one measurement of a slow method is enough to bound the run's time
                 began = time.perf_counter()
                 seconds, info = bench.measure(method, run, specs[name])
                 times[name][method].append(seconds)
                 infos[name][method].append(info)
+                walls.setdefault((name, method), time.perf_counter() - began)
                 clock.say(
                     f"round {rep + 1}/{plan.repeat} {name:5s} {method:5s} {seconds:8.2f} s"
                     f"  (with setup {time.perf_counter() - began:.1f} s)"
                 )
-        round_took.append(time.perf_counter() - started)
         done += 1
     med = {n: {m: median(times[n][m]) for m in METHODS} for n in runs}
 
