@@ -115,7 +115,7 @@ class _PeakTracer:
     """With ``EXLAB_BENCH_TRACEMALLOC=FILE``: the Python allocation sites alive at the traced peak.
 
     Polls ``tracemalloc`` twice a second and keeps a snapshot each time the
-    traced total has grown by 5 %; at the end writes the largest snapshot's
+    traced total has grown by 15 %; at the end writes the largest snapshot's
     top sites, each named by its innermost ``exlab_wizard`` frame, as JSON.
     """
 
@@ -131,7 +131,7 @@ class _PeakTracer:
     def _poll(self) -> None:
         while not self.stop.wait(0.5):
             current, _peak = tracemalloc.get_traced_memory()
-            if current > self.best_size * 1.05:
+            if current > self.best_size * 1.15:
                 self.best, self.best_size = tracemalloc.take_snapshot(), current
         current, _peak = tracemalloc.get_traced_memory()
         if current > self.best_size:
