@@ -3,9 +3,11 @@
 Run in its own process so its peak RSS (``wait4``) is the engine's alone.
 
     python bench/_engine_run.py --run RUN --local-root ROOT --mount MOUNT --state DIR [--equipment EQ]
+    python bench/_engine_run.py --run RUN --config CONFIG.json
 
 The run must lie at ``<ROOT>/<EQ>/...`` and hold ``.exlab-wizard/creation.json``;
-``MOUNT`` must hold the mount marker ``.exlab-nas``. Prints one JSON line:
+``MOUNT`` must hold the mount marker ``.exlab-nas``. ``--config`` takes a whole
+config document (JSON) instead, for the network transports. Prints one JSON line:
 ``{"init_s", "verified_s" (enqueue to VERIFIED), "idle_s" (enqueue to no
 work left, i.e. after the refreshed .exlab-wizard/ was pushed), "state"}``.
 Exit 1 when the job did not reach VERIFIED.
@@ -16,8 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 from exlab_wizard.cache import CreationWriter
@@ -26,8 +31,10 @@ from exlab_wizard.sync.nas_client import NASSyncClient
 from exlab_wizard.validator import Validator
 
 
-async def _main(args: argparse.Namespace) -> dict:
-    config = parse_config(
+def _config(args: argparse.Namespace):
+    if args.config is not None:
+        return parse_config(json.loads(args.config.read_text()))
+    return parse_config(
         {
             "equipment": [
                 {
@@ -39,6 +46,10 @@ async def _main(args: argparse.Namespace) -> dict:
             "state_dir": str(args.state),
         }
     )
+
+
+async def _main(args: argparse.Namespace) -> dict:
+    config = _config(args)
     client = NASSyncClient(
         config=config,
         queue_db=config.queue_db,
@@ -46,11 +57,14 @@ async def _main(args: argparse.Namespace) -> dict:
         cache_creation=CreationWriter(),
     )
     done = asyncio.Event()
-    final: dict[str, str] = {}
+    seen: list[str] = []
 
     def on_event(event: dict) -> None:
-        if event.get("type") == "state" and event.get("state") in ("verified", "failed"):
-            final["state"] = event["state"]
+        if event.get("type") != "state":
+            return
+        seen.append(event["state"])
+        # queued again after running: a failed attempt waiting for its retry
+        if event["state"] in ("verified", "failed") or (event["state"] == "queued" and "running" in seen):
             done.set()
 
     client.add_listener(on_event)
@@ -69,6 +83,7 @@ async def _main(args: argparse.Namespace) -> dict:
         job = await client.job(args.run)
         state = job.state.value if job is not None else "none"
         return {
+            "peak_rss": _own_peak_rss(),
             "init_s": init_s,
             "verified_s": verified_s,
             "idle_s": idle_s,
@@ -79,16 +94,99 @@ async def _main(args: argparse.Namespace) -> dict:
         await client.close()
 
 
+def _own_peak_rss() -> int:
+    """This process's own peak RSS in bytes (``VmHWM``), 0 where /proc is missing.
+
+    ``wait4``'s ``ru_maxrss`` is no good for this: Linux carries the parent's
+    high-water mark into a child across ``exec``, so a child of a 300 MB
+    benchmark process reports at least 300 MB.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _PeakTracer:
+    """With ``EXLAB_BENCH_TRACEMALLOC=FILE``: the Python allocation sites alive at the traced peak.
+
+    Polls ``tracemalloc`` twice a second and keeps a snapshot each time the
+    traced total has grown by 15 %; at the end writes the largest snapshot's
+    top sites, each named by its innermost ``exlab_wizard`` frame, as JSON.
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+        self.best: tracemalloc.Snapshot | None = None
+        self.best_size = 0
+        self.stop = threading.Event()
+        tracemalloc.start(8)
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.5):
+            current, _peak = tracemalloc.get_traced_memory()
+            if current > self.best_size * 1.15:
+                self.best, self.best_size = tracemalloc.take_snapshot(), current
+        current, _peak = tracemalloc.get_traced_memory()
+        if current > self.best_size:
+            self.best, self.best_size = tracemalloc.take_snapshot(), current
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        _current, peak = tracemalloc.get_traced_memory()
+        sites: dict[str, list[int]] = {}
+        assert self.best is not None
+        for stat in self.best.statistics("traceback"):
+            frames = list(stat.traceback)  # oldest call first, the allocation last
+            ours = [f for f in frames if "exlab_wizard" in f.filename]
+            frame = (ours or frames)[-1]
+            inner = frames[-1]
+            where = f"{_short(frame.filename)}:{frame.lineno}"
+            if inner is not frame:
+                where += f" (allocated in {_short(inner.filename)}:{inner.lineno})"
+            entry = sites.setdefault(where, [0, 0])
+            entry[0] += stat.size
+            entry[1] += stat.count
+        top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:12]
+        with open(self.out, "w") as handle:
+            json.dump(
+                {
+                    "peak": peak,
+                    "snapshot_at": self.best_size,
+                    "top": [{"where": w, "size": v[0], "count": v[1]} for w, v in top],
+                },
+                handle,
+            )
+
+
+def _short(filename: str) -> str:
+    marker = "exlab_wizard" + os.sep
+    return filename[filename.rindex(marker) :] if marker in filename else os.path.basename(filename)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--local-root", type=Path, required=True)
-    parser.add_argument("--mount", type=Path, required=True)
-    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--local-root", type=Path)
+    parser.add_argument("--mount", type=Path)
+    parser.add_argument("--state", type=Path)
+    parser.add_argument("--config", type=Path, help="a whole config document (JSON) instead of the three above")
     parser.add_argument("--equipment", default="BENCH_01")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
+    if args.config is None and None in (args.local_root, args.mount, args.state):
+        parser.error("give --config, or --local-root, --mount and --state")
+    tracer = _PeakTracer(os.environ["EXLAB_BENCH_TRACEMALLOC"]) if os.environ.get("EXLAB_BENCH_TRACEMALLOC") else None
     result = asyncio.run(_main(args))
+    if tracer is not None:
+        tracer.finish()
     print(json.dumps(result))
     return 0 if result.get("state") in ("verified",) else 1
 

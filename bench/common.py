@@ -161,7 +161,8 @@ def run_measured(
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace')[-3000:]}")
+        said = (err.decode(errors="replace")[-3000:] + " " + out.decode(errors="replace")[-1000:]).strip()
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {said}")
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return wall, usage.ru_maxrss * scale, out.decode()
 

@@ -114,13 +114,13 @@ async def event_rate(http: httpx.AsyncClient, db: Path, job_id: str, count: int)
     return count / (time.perf_counter() - start)
 
 
-async def main(args: argparse.Namespace) -> None:
+async def measure(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], float]:
+    """``({call: (median ms, p95 ms)}, events/s)``; used by ``bench/run_all.py`` too."""
     with tempfile.TemporaryDirectory(prefix="exlab-bench-service-") as tmp:
         started = time.perf_counter()
         config, ids = build(Path(tmp), args.jobs)
-        print(
-            f"queue: {args.jobs} jobs over {len(EQUIPMENT)} equipment, built in {time.perf_counter() - started:.1f} s"
-        )
+        say = (lambda *_a: None) if getattr(args, "quiet", False) else print
+        say(f"queue: {args.jobs} jobs over {len(EQUIPMENT)} equipment, built in {time.perf_counter() - started:.1f} s")
         stop = asyncio.Event()
         ready: asyncio.Future[ServiceInfo] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
@@ -142,6 +142,11 @@ async def main(args: argparse.Namespace) -> None:
             rate = await event_rate(http, config.queue_db, ids[0], args.events)
         stop.set()
         await task
+    return results, rate
+
+
+async def main(args: argparse.Namespace) -> None:
+    results, rate = await measure(args)
     print(f"{'call':<40} {'median ms':>10} {'p95 ms':>8}")
     for name, (median, p95) in results.items():
         print(f"{name:<40} {median:>10.1f} {p95:>8.1f}")

@@ -15,10 +15,13 @@ disk by:
   (c) ``cp -a`` then coreutils ``sha256sum`` of source and destination, and
       a compare of the two lists: the careful user's script;
   (d) ``rclone copy --checksum`` then ``rclone check`` with SHA-256 on both
-      sides (``RCLONE_LOCAL_HASHES=sha256``).
+      sides (``RCLONE_LOCAL_HASHES=sha256``), then ``sync -f``: a durable,
+      verified copy, as ours is.
 
-Each destination is removed (and ``sync`` run) between measurements, outside
-the timings. It also measures the local hashing rate of
+Every measurement writes into a filesystem made for it (``fresh_fs.py``: a
+loop-mounted ext4 when root, else a new folder kept until the end), so no
+method pays for the inodes another one freed. ``bench/run_all.py`` runs this
+comparison with the disk's floor beside it and writes ``bench/RESULTS.md``. It also measures the local hashing rate of
 ``exlab_wizard.sync.verifier.hash_tree`` on 2 threads over the warm big run.
 Prints medians, the ratios ours/(b) and ours/(d), and the targets of issue 3:
 big and mixed <= 0.8x (d) and <= 2.2x (b); small <= 0.8x (d); hashing
@@ -53,6 +56,7 @@ from common import (
     timed,
     write_dataset,
 )
+from fresh_fs import FreshFs
 
 from exlab_wizard.sync.transports.rclone import rclone_binary
 from exlab_wizard.sync.verifier import hash_tree
@@ -66,7 +70,7 @@ LABELS = {
     "a": "(a) ours, enqueue->VERIFIED",
     "b": "(b) cp -a + sync",
     "c": "(c) cp -a + sha256sum x2",
-    "d": "(d) rclone copy+check sha256",
+    "d": "(d) rclone copy+check sha256+sync",
 }
 #: (max ours/(d), max ours/(b)) per dataset; None = no target.
 TARGETS = {"big": (0.8, 2.2), "small": (0.8, None), "mixed": (0.8, 2.2)}
@@ -86,13 +90,10 @@ class Bench:
     def __init__(self, base: Path, rclone: str):
         self.base = base
         self.local_root = base / "lab"
-        self.mount = base / "nas" / EQUIPMENT
-        self.dest = base / "dest"
         self.rclone = rclone
-        self.mount.mkdir(parents=True)
-        (self.mount / MARKER).write_text("benchmark share\n")
-        self.dest.mkdir()
+        self.fs = FreshFs(base / "fresh")
         self.counter = 0
+        self.sizes: dict[Path, tuple[int, int]] = {}
 
     def make_run(self, name: str, scale: float) -> Path:
         run = self.local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
@@ -116,17 +117,20 @@ class Bench:
         write_dataset(run, dataset(name, scale))
         return run
 
-    def _clean(self, path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+    def fresh(self, run: Path):
+        """An empty folder on a filesystem of its own for one measurement (see ``fresh_fs.py``)."""
+        if run not in self.sizes:
+            files = [os.path.join(d, f) for d, _s, fs in os.walk(run) for f in fs]
+            self.sizes[run] = (len(files), sum(os.path.getsize(f) for f in files))
+        files, size = self.sizes[run]
         sh(["sync"])  # no write-back of one measurement spills into the next
-
-    def remote_of(self, run: Path) -> Path:
-        return self.mount / run.relative_to(self.local_root / EQUIPMENT)
+        return self.fs.make(run.name[-5:], files=files + 100, data_bytes=size)
 
     def ours(self, run: Path) -> tuple[float, dict]:
         self.counter += 1
         state = self.base / f"state-{self.counter}"
-        try:
+        with self.fresh(run) as mount:
+            (mount / MARKER).write_text("benchmark share\n")
             _wall, rss, out = run_measured(
                 [
                     sys.executable,
@@ -136,50 +140,41 @@ class Bench:
                     "--local-root",
                     self.local_root,
                     "--mount",
-                    self.mount,
+                    mount,
                     "--state",
                     state,
                     "--equipment",
                     EQUIPMENT,
                 ]
             )
-            result = json.loads(out.strip().splitlines()[-1])
-            result["rss"] = rss
-            return result["verified_s"], result
-        finally:
-            shutil.rmtree(state, ignore_errors=True)
-            self._clean(self.remote_of(run))
+        result = json.loads(out.strip().splitlines()[-1])
+        result["rss"] = result.get("peak_rss") or rss  # the child's own VmHWM: wait4's includes ours
+        return result["verified_s"], result
 
     def cp_sync(self, run: Path) -> float:
-        target = self.dest / run.name
-        try:
-            return timed(lambda: sh(["sh", "-c", 'cp -a -- "$1" "$2" && sync', "sh", run, target]))[0]
-        finally:
-            self._clean(target)
+        with self.fresh(run) as dest:
+            target = dest / run.name
+            return timed(lambda: sh(["sh", "-c", 'cp -a -- "$1" "$2" && sync -f "$2"', "sh", run, target]))[0]
 
     def cp_sha256sum(self, run: Path) -> float:
-        target = self.dest / run.name
-        lists = self.base / "lists"
-        try:
+        lists = self.base / f"lists-{self.counter}"
+        self.counter += 1
+        with self.fresh(run) as dest:
+            target = dest / run.name
             return timed(lambda: sh(["bash", "-c", _CHECK_SCRIPT, "bash", run, target, lists]))[0]
-        finally:
-            for suffix in (".src", ".dst"):
-                Path(f"{lists}{suffix}").unlink(missing_ok=True)
-            self._clean(target)
 
     def rclone_copy_check(self, run: Path) -> float:
-        target = self.dest / run.name
         env = {"RCLONE_LOCAL_HASHES": "sha256", "RCLONE_CONFIG": os.devnull}
         base = [self.rclone, "--config", os.devnull]
+        with self.fresh(run) as dest:
+            target = dest / run.name
 
-        def both() -> None:
-            sh([*base, "copy", "--checksum", run, target], env=env)
-            sh([*base, "check", run, target], env=env)
+            def all_three() -> None:
+                sh([*base, "copy", "--checksum", run, target], env=env)
+                sh([*base, "check", run, target], env=env)
+                sh(["sync", "-f", target])
 
-        try:
-            return timed(both)[0]
-        finally:
-            self._clean(target)
+            return timed(all_three)[0]
 
 
 def hashing_rate(run: Path, repeat: int) -> tuple[float, int]:
@@ -280,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         return 0 if ok else 1
     finally:
+        if "bench" in locals():
+            bench.fs.cleanup()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -23,8 +23,11 @@ folder to an empty remote folder by:
 
 The rclone sftp remote is configured as a lab that wants SHA-256 from its
 sftp server would (``sha256sum_command = sha256sum``, other hashes
-auto-detected, byte-exact names); both (C) and (CB) use it. The remote
-folder is emptied between measurements, outside the timings. Prints medians
+auto-detected, byte-exact names); both (C) and (CB) use it. Every
+measurement's remote folder is a filesystem made for it (``fresh_fs.py``: a
+loop-mounted ext4 when root, else a new folder kept until the end), so no
+method pays for the inodes another one freed. ``bench/run_all.py`` runs these
+with the disk's floor beside them and writes ``bench/RESULTS.md``. Prints medians
 (and, for ours, the median time until the job is idle, i.e. after the
 refreshed ``.exlab-wizard/`` was pushed following VERIFIED) and the ratios
 R/RB, R/RR and C/CB against the targets of issue 4: R <= 0.65x RB and
@@ -56,6 +59,7 @@ sys.path.insert(0, str(_HERE))
 sys.path.insert(1, str(_HERE.parent))  # tests.fixtures.sshd: the same server the tests use
 
 from common import DATASETS, dataset, interleave, median, ratio, timed, write_dataset  # noqa: E402
+from fresh_fs import FreshFs  # noqa: E402
 
 from exlab_wizard.cache import CreationWriter  # noqa: E402
 from exlab_wizard.config import parse_config  # noqa: E402
@@ -132,6 +136,20 @@ class Bench:
         self.ssh = server.ssh_argv()  # [..., user@127.0.0.1]
         self.counter = 0
         self.pristine: dict[Path, dict[str, bytes]] = {}
+        #: when set, every measurement gets its own remote filesystem (see fresh_remote) and nothing is emptied
+        self.fs: FreshFs | None = None
+
+    def fresh_remote(self, run: Path, action):
+        """Run ``action(run)`` with ``remote_root`` on a filesystem made for it."""
+        assert self.fs is not None
+        files = sum(len(f) for _d, _s, f in os.walk(run)) + 100
+        size = sum(os.path.getsize(os.path.join(d, n)) for d, _s, f in os.walk(run) for n in f)
+        subprocess.run(["sync"], check=True)
+        with self.fs.make(run.name[-5:], files=files, data_bytes=size) as dest:
+            shutil.chown(dest, RW_USER, RW_USER)
+            dest.chmod(0o755)
+            self.remote_root = dest
+            return action(run)
 
     # ------------------------------------------------------------- the lab
 
@@ -170,6 +188,8 @@ class Bench:
         return self.remote_root / run.relative_to(self.local_root / EQUIPMENT)
 
     def _clean_remote(self) -> None:
+        if self.fs is not None:
+            return  # a fresh filesystem per measurement: nothing to empty
         for entry in self.remote_root.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -356,11 +376,12 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="exlab-bench-network-", dir=args.dir))
     base.chmod(0o700)
-    server = remote = env = None
+    server = remote = env = bench = None
     try:
         server, remote = start_server(base)
         env = server.env
         bench = Bench(base, server, remote, rclone_binary())
+        bench.fs = FreshFs(remote / "fresh")
         print(f"sshd pid {server.proc.pid} on 127.0.0.1:{server.port}, remote folder {remote}", flush=True)
         runs: dict[str, Path] = {}
         for name in names:
@@ -368,13 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = run
             print(f"generated {dataset(name, args.scale)} in {took:.1f} s", flush=True)
 
-        actions = {
+        plain = {
             "R": lambda run: bench.ours(run, "rsync_ssh"),
             "RB": bench.rsync_verify,
             "RR": bench.rsync_bare,
             "C": lambda run: bench.ours(run, "rclone"),
             "CB": bench.rclone_base,
         }
+        actions = {m: (lambda run, act=act: bench.fresh_remote(run, act)) for m, act in plain.items()}
         times, extra = interleave(names, methods, args.repeat, actions, runs, LABELS)
 
         ok = True
@@ -425,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if env is not None:
             env.cleanup()
         if remote is not None:
+            if bench is not None and bench.fs is not None:
+                bench.fs.cleanup()
             shutil.rmtree(remote, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
 

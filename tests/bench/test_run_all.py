@@ -1,0 +1,55 @@
+"""``python -m bench.run_all --quick`` writes a results file with every section and figure.
+
+The smoke run of the one benchmark command (tiny data, one round): what is
+checked is that every benchmark still runs end to end and that the file says
+what it must (command, date, commit, machine, the method of the copies, each
+section and the targets), not the figures themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_quick_run_writes_every_section(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from run_all import SECTIONS
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    out = tmp_path / "RESULTS.md"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run_all", "--quick", "--no-lock", "--out", str(out), "--dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    for title in SECTIONS:
+        assert f"## {title}\n" in text, title
+    assert "(not measured)" not in text
+    for must in ("git commit:", "date:", "kernel", "CPUs", "copies:", "total time of this run"):
+        assert must in text, must
+    # every dataset has its floor and the mount figures against their anchor
+    for name in ("big", "small", "mixed"):
+        assert f"**{name}**" in text
+        assert f"| M/MA | {name} |" in text
+    for ratio in ("R/RR | small", "C/CB | small", "audit_tree / find", "hash_tree / sha256sum", "status() at"):
+        assert ratio in text, ratio
+    assert "peak RSS at 4,000 files" in text
+    assert " targets met." in text
+    # nothing left behind: no loop mount, no work folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("exlab-bench-all-")]
