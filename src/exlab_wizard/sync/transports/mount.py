@@ -79,25 +79,31 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import hashlib
+import mmap
 import os
+import queue as queue_mod
 import re
 import secrets
 import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
 from exlab_wizard.fileio import (
+    BLOCK_SIZE,
     METADATA_DIR,
     drop_page_cache_fd,
     fsync_dir,
     hash_fd,
     hash_from_storage,
     open_regular,
+    prefetch_from_storage,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import (
@@ -132,8 +138,18 @@ __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
 #: with the copy of the next file.
 LARGE_FILE = 1 << 20
 #: A batch of small files shares one syncfs before its renames.
-BATCH_FILES = 4096
-BATCH_BYTES = 512 << 20
+BATCH_FILES = 2048
+BATCH_BYTES = 64 << 20
+#: Small files are copied by this many threads (about one per core: a 4 KiB copy is
+#: a dozen short system calls, and more threads only hand the interpreter lock around).
+SMALL_THREADS = max(1, min(os.cpu_count() or 1, 4))
+#: The copy threads take this many small files at a time.
+SMALL_CHUNK = 32
+#: The read-back of a batch keeps this many files' reads from storage in flight.
+READ_AHEAD = 32
+#: Progress is reported at most once per this many bytes per copy thread (plus a
+#: last call for the rest), not once per small file.
+PROGRESS_STEP = 1 << 20
 COPY_ATTEMPTS = 3
 #: While a large file is copied, write-back of each such stretch already
 #: written is started at once (so the fsync at the end waits for little).
@@ -563,16 +579,17 @@ class MountTransport(Transport):
         fstype = _filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
-        for batch in _batches(_interleave(sources)):
-            pending: list[tuple[str, str, str]] = []
-            run_parallel(
-                batch,
-                lambda src, view, pending=pending: self._transfer(job, src, view, pending),
-                self.threads,
-                job.abort,
-            )
-            if pending:
-                self._commit(job, pending)
+        ordered = _interleave(sources)
+        del sources
+        # Small files on a share whose syncfs is durable go in batches (one syncfs each); every
+        # other file is made durable on its own (fsync) by the copy threads.
+        batched = [] if job.per_file_sync else [s for s in ordered if s.send and s.size < LARGE_FILE]
+        alone = [s for s in ordered if not (s.send and s.size < LARGE_FILE)] if batched else ordered
+        del ordered
+        if alone:
+            run_parallel(alone, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
+        if batched:
+            self._send_small(job, batched)
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
         run_parallel(sorted(job.touched), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
@@ -659,28 +676,216 @@ class MountTransport(Transport):
             job.touched.add(os.path.dirname(path))
             job.touched.add(path)
 
-    def _transfer(self, job: _Push, src: _Source, view: memoryview, pending: list[tuple[str, str, str]]) -> None:
+    def _transfer(self, job: _Push, src: _Source, view: memoryview) -> None:
+        """Hash a skipped file, or copy one, make it durable on its own, rename it and read it back."""
         if not src.send:
             job.hashes[src.rel] = self._hash_local(job, src, view)
             return
         folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
         final = os.path.join(folder, src.name)
         for _attempt in range(COPY_ATTEMPTS):
-            copied = self._copy_once(job, src, view, folder)
+            copied = self._copy_once(job, src, view, folder, durable=True)
             if copied is not None:
                 break
         else:
-            raise TransportError(
-                TransportErrorKind.UNKNOWN,
-                f"{src.rel} kept changing while being copied ({COPY_ATTEMPTS} attempts); is the run still being written?",
-            )
-        temp, digest, durable = copied
+            raise _kept_changing(src)
+        temp, digest = copied
         job.hashes[src.rel] = digest
-        if durable:
-            self._rename(job, temp, final)
-            self._read_back(job, src.rel, final, view)
-        else:
-            pending.append((temp, final, src.rel))
+        self._rename(job, temp, final)
+        self._read_back(job, src.rel, final, view)
+
+    # ------------------------------------------------------------------ small files, in batches
+
+    def _send_small(self, job: _Push, small: list[_Source]) -> None:
+        """Copy small files in batches: copy threads, then one syncfs, renames and read-back per batch.
+
+        The copy threads (:data:`SMALL_THREADS`) fill batch k+1 while the
+        committer thread makes batch k durable (one ``syncfs``), renames its
+        files and reads them back from storage with :data:`READ_AHEAD` reads
+        in flight. Any failure stops both sides; the first error is raised.
+        """
+        committer = _Committer(self, job)
+        try:
+            for batch in _batches(small):
+                pending: list[tuple[str, str, str]] = []
+                chunks = [batch[i : i + SMALL_CHUNK] for i in range(0, len(batch), SMALL_CHUNK)]
+                run_parallel(
+                    chunks,
+                    lambda chunk, view, pending=pending: self._copy_chunk(job, chunk, view, pending),
+                    SMALL_THREADS,
+                    job.abort,
+                )
+                if job.abort.is_set():
+                    break
+                committer.put(pending)
+        except BaseException:
+            job.abort.set()
+            committer.close(report=False)  # the copy's error is the one to raise
+            raise
+        committer.close()
+
+    def _copy_chunk(
+        self, job: _Push, chunk: list[_Source], view: memoryview, pending: list[tuple[str, str, str]]
+    ) -> None:
+        """Copy a few small files to temp names (not yet durable); queue them for the committer."""
+        progress = job.progress
+        unreported = sent = 0
+        try:
+            for src in chunk:
+                if job.abort.is_set():
+                    raise _Cancelled()
+                folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
+                for _attempt in range(COPY_ATTEMPTS):
+                    copied = self._copy_small(job, src, view, folder)
+                    if copied is not None:
+                        break
+                else:
+                    raise _kept_changing(src)
+                temp, digest, count = copied
+                job.hashes[src.rel] = digest
+                pending.append((temp, os.path.join(folder, src.name), src.rel))
+                sent += count
+                unreported += count
+                if progress is not None and unreported >= PROGRESS_STEP:
+                    progress(unreported)
+                    unreported = 0
+        finally:
+            with job.lock:
+                job.bytes_sent += sent
+        if progress is not None and unreported:
+            progress(unreported)
+
+    def _copy_small(self, job: _Push, src: _Source, view: memoryview, folder: str) -> tuple[str, str, int] | None:
+        """One small file to a temp name, hashed from the same read; (temp, sha256, bytes) or None if it changed.
+
+        The file is read whole into ``view`` (at most the size seen at open);
+        one that grew past the buffer since it was listed goes the general way.
+        """
+        try:
+            fd_in, before = open_regular(src.path)
+        except OSError as exc:
+            raise self._local_error(exc, src.rel, job.run) from exc
+        try:
+            size = before.st_size
+            if size > len(view):
+                os.close(fd_in)
+                fd_in = -1
+                copied = self._copy_once(job, src, view, folder, durable=False)
+                return None if copied is None else (*copied, size)
+            count = 0
+            try:
+                while count < size:
+                    got = os.readv(fd_in, [view[count:size]])
+                    if not got:
+                        break  # shrank while read: the size check below sees it
+                    count += got
+            except OSError as exc:
+                raise self._local_error(exc, src.rel, job.run) from exc
+            block = view[:count]
+            digest = hashlib.sha256(block).hexdigest()
+            job.bucket.consume(count)
+            temp = os.path.join(folder, _temp_name(src.name))
+            try:
+                fd_out = os.open(temp, _CREATE, 0o600)
+            except OSError as exc:
+                raise self._remote_error(exc, temp) from exc
+            job.temps.add(temp)
+            try:
+                done = 0
+                try:
+                    while done < count:
+                        done += os.write(fd_out, block[done:])
+                except OSError as exc:
+                    raise self._remote_error(exc, temp) from exc
+                after = os.fstat(fd_in)
+                if after.st_nlink == 0:
+                    raise TransportError(
+                        TransportErrorKind.LOCAL_FILE_VANISHED, f"{src.rel}: deleted from {job.run} while being copied"
+                    )
+                changed = count != size or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
+                if not changed:
+                    self._finish_file(fd_out, before, False, temp)
+            except BaseException:
+                try:
+                    os.close(fd_out)
+                except OSError:
+                    pass  # the error in flight is the one to report
+                raise
+            try:
+                os.close(fd_out)
+            except OSError as exc:  # NFS and SMB report late write errors at close
+                raise self._remote_error(exc, temp) from exc
+        finally:
+            if fd_in >= 0:
+                os.close(fd_in)
+        if changed:
+            self._unlink_temp(job, temp)
+            return None
+        return temp, digest, count
+
+    def _commit_batch(self, job: _Push, batch: list[tuple[str, str, str]], view: memoryview) -> None:
+        """Make a batch of temp files durable with one syncfs, then rename each and read it back.
+
+        The read-back runs on this one thread: each file is renamed and its
+        read from storage started (:func:`prefetch_from_storage`) ``READ_AHEAD``
+        files before it is hashed, so the reads overlap instead of waiting one
+        by one. Best effort like :meth:`_read_back`: a file that cannot be
+        read back is read by the remote manifest.
+        """
+        try:
+            _syncfs(job.remote)
+        except OSError as exc:
+            raise self._remote_error(exc, job.remote) from exc
+        items = iter(batch)
+        ahead: deque[tuple[str, int, os.stat_result]] = deque()
+        read_back: dict[str, tuple[int, int, int, int, bytes]] = {}
+        renamed = 0
+
+        def rename_next() -> None:
+            nonlocal renamed
+            for temp, final, rel in items:
+                if job.abort.is_set():
+                    raise _Cancelled()
+                try:
+                    os.replace(temp, final)
+                except OSError as exc:
+                    raise self._remote_error(exc, final) from exc
+                job.temps.discard(temp)
+                job.touched.add(os.path.dirname(final))
+                renamed += 1
+                try:
+                    fd, info = open_regular(final)
+                except OSError:
+                    return
+                try:
+                    prefetch_from_storage(fd, sync=False)  # durable already (syncfs): its pages are clean
+                except OSError:
+                    os.close(fd)
+                    return
+                ahead.append((rel, fd, info))
+                return
+
+        try:
+            for _ in range(READ_AHEAD):
+                rename_next()
+            while ahead:
+                rel, fd, info = ahead.popleft()
+                try:
+                    rename_next()
+                    digest = hash_from_storage(fd, view, sync=False, prefetched=True, limit=info.st_size)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                # The stat before the read: any later write or utime changes the ctime, and the
+                # remote manifest then reads the file again.
+                read_back[rel] = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, bytes.fromhex(digest))
+        finally:
+            for _rel, fd, _info in ahead:
+                os.close(fd)
+            with job.lock:
+                job.files_sent += renamed
+                job.read_back.update(read_back)
 
     def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
         try:
@@ -694,15 +899,16 @@ class MountTransport(Transport):
         finally:
             os.close(fd)
 
-    def _copy_once(self, job: _Push, src: _Source, view: memoryview, folder: str) -> tuple[str, str, bool] | None:
-        """Copy to a temp file; (temp, sha256, durable) or None when the source changed meanwhile."""
+    def _copy_once(
+        self, job: _Push, src: _Source, view: memoryview, folder: str, *, durable: bool
+    ) -> tuple[str, str] | None:
+        """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile."""
         try:
             fd_in, before = open_regular(src.path)
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         temp = os.path.join(folder, _temp_name(src.name))
         try:
-            durable = job.per_file_sync or before.st_size >= LARGE_FILE
             direct = _O_DIRECT if job.direct_io and before.st_size >= LARGE_FILE else 0
             try:
                 try:
@@ -745,7 +951,7 @@ class MountTransport(Transport):
         if changed:
             self._unlink_temp(job, temp)
             return None
-        return temp, digest, durable
+        return temp, digest
 
     def _stream(
         self,
@@ -843,20 +1049,6 @@ class MountTransport(Transport):
         job.touched.add(os.path.dirname(final))
         with job.lock:
             job.files_sent += 1
-
-    def _commit(self, job: _Push, pending: list[tuple[str, str, str]]) -> None:
-        """Make a batch of small temp files durable with one syncfs, then rename and read them back."""
-        try:
-            _syncfs(job.remote)
-        except OSError as exc:
-            raise self._remote_error(exc, job.remote) from exc
-
-        def commit(item: tuple[str, str, str], view: memoryview) -> None:
-            temp, final, rel = item
-            self._rename(job, temp, final)
-            self._read_back(job, rel, final, view)
-
-        run_parallel(pending, commit, self.threads, job.abort)
 
     def _read_back(self, job: _Push, rel: str, final: str, view: memoryview) -> None:
         """Hash a durable file as the share stores it (cached pages dropped), for the coming manifest.
@@ -1142,6 +1334,53 @@ class MountTransport(Transport):
                 raise self._remote_error(exc, folder) from exc
         self._require_mounted()
         return sizes
+
+
+def _kept_changing(src: _Source) -> TransportError:
+    return TransportError(
+        TransportErrorKind.UNKNOWN,
+        f"{src.rel} kept changing while being copied ({COPY_ATTEMPTS} attempts); is the run still being written?",
+    )
+
+
+class _Committer:
+    """The thread that commits batches of small files (:meth:`MountTransport._commit_batch`) in order.
+
+    ``put`` hands over a batch (waiting while one is already queued);
+    ``close`` waits for the thread to end and raises its first error. After
+    an error, or once the push is aborted, batches still handed over are
+    dropped (their temp files are removed with the push's others).
+    """
+
+    def __init__(self, transport: MountTransport, job: _Push):
+        self._transport = transport
+        self._job = job
+        self._queue: queue_mod.Queue[list[tuple[str, str, str]] | None] = queue_mod.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="exlab-commit", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[tuple[str, str, str]]) -> None:
+        self._queue.put(batch)
+
+    def close(self, *, report: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if report and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None or self._job.abort.is_set():
+                continue
+            try:
+                self._transport._commit_batch(self._job, batch, view)
+            except _Cancelled:
+                pass
+            except BaseException as exc:
+                self._error = exc
+                self._job.abort.set()
 
 
 def _interleave(sources: list[_Source]) -> list[_Source]:
