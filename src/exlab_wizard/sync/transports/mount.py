@@ -66,7 +66,9 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   every file again.
 
 Symlinks in the run are never followed nor copied. Progress callbacks get
-byte deltas from the copy threads, one call at a time.
+byte deltas from the copy threads, one call at a time (for small files, one
+call per MiB or so, not per file); a callback with ``set_total`` is told the
+bytes to send once the run is listed (``reports_total``).
 
 One module, though long: it is one transport, and its parts (the copy
 threads, the batched durability, the read-back, the remote manifest that
@@ -128,6 +130,7 @@ from exlab_wizard.sync.transports.base import (
     local_now,
     previous_path,
     remote_relpath,
+    report_total,
 )
 from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress
@@ -292,6 +295,7 @@ class _Push:
     progress: ProgressCallback | None
     abort: threading.Event
     per_file_sync: bool
+    total_sink: ProgressCallback | None = None  # the caller's own callback, told the total (report_total)
     direct_io: bool = False
     hashes: dict[str, str] = field(default_factory=dict)
     #: rel -> (ino, size, mtime ns, ctime ns, sha256 digest) of files read back from the share
@@ -312,7 +316,7 @@ class MountTransport(Transport):
     on reads from the share, so more threads than cores keep both busy).
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True)
+    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True, reports_total=True)
 
     def __init__(
         self,
@@ -458,6 +462,7 @@ class MountTransport(Transport):
             progress=serial_progress(progress),
             abort=abort,
             per_file_sync=True,
+            total_sink=progress,
         )
         try:
             self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
@@ -574,6 +579,7 @@ class MountTransport(Transport):
             bwlimit_kibps="none" if bwlimit_kibps is None else bwlimit_kibps,
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
+        report_total(job.total_sink, sum(s.size for s in sources if s.send))
         self._remove_stale(job, stale)
         self._make_dirs(job, run, local_dirs)
         fstype = _filesystem_type(job.remote)
