@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import dataset, median, sh, write_dataset  # noqa: E402
+from common import dataset, median, sh, write_dataset
 
 EQUIPMENT = "BENCH_01"
 MARKER = ".exlab-nas"
@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 med = median(times[name][method])
                 rel = f"  {med / anchor:5.2f}x anchor" if anchor else ""
-                print(f"{name:6s} {method:14s} median {med:6.2f} s{rel}  ({', '.join(f'{t:.2f}' for t in times[name][method])})")
+                print(
+                    f"{name:6s} {method:14s} median {med:6.2f} s{rel}  ({', '.join(f'{t:.2f}' for t in times[name][method])})"
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
