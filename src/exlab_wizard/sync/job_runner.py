@@ -462,8 +462,23 @@ def _mark_pending(ctx: ClientContext, run: Path, remote: str) -> None:
 
 
 def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
-    """The paths no longer present under ``run``, sorted."""
-    return [p for p in sorted(paths) if not os.path.lexists(run / p)]
+    """The paths no longer present under ``run`` (of any type: nothing followed), sorted.
+
+    One listing per folder instead of one ``lstat`` per file.
+    """
+    by_folder: dict[str, list[tuple[str, str]]] = {}
+    for rel in paths:
+        folder, _sep, name = rel.rpartition("/")
+        by_folder.setdefault(folder, []).append((rel, name))
+    gone: list[str] = []
+    for folder, entries in by_folder.items():
+        try:
+            with os.scandir(run / folder if folder else run) as listing:
+                present = {entry.name for entry in listing}
+        except OSError:  # gone, or no longer a folder: as lexists() would say of each file
+            present = set()
+        gone.extend(rel for rel, name in entries if name not in present)
+    return sorted(gone)
 
 
 def _vanished_message(paths: list[str]) -> str:
@@ -513,7 +528,7 @@ def _judge(
     remote: RemoteManifest,
 ) -> int | None:
     """Compare: the number of files checked when every one matches; else the outcome recorded (FAILED or a retry), None."""
-    outcome = compare(local_hashes, remote)
+    outcome = compare(local_hashes, remote, digest=False)  # the digest comes with the manifest written
     if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
         # One the NAS failed to read is named first (it is its own kind): never reported as "oversize".
         reasons = {rel: remote.unverifiable.get(rel) or UNVERIFIABLE_OVERSIZE for rel in outcome.unverifiable}

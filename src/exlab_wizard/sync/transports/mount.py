@@ -82,6 +82,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import mmap
 import os
 import queue as queue_mod
@@ -230,9 +231,16 @@ def same_mtime(local_ns: int, remote_ns: int) -> bool:
     return remote_ns % 1_000_000_000 == 0 and diff < 2_000_000_000
 
 
+#: Temp names end in this process's random salt and a counter: unique without asking
+#: the kernel for random bytes once per file (O_EXCL refuses a clash all the same).
+_TEMP_SALT = secrets.token_hex(4)
+_TEMP_COUNTER = itertools.count()
+
+
 def _temp_name(name: str) -> str:
     raw = os.fsencode(name)[:_NAME_KEEP]
-    return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + secrets.token_hex(6).encode())
+    suffix = f"{_TEMP_SALT}{next(_TEMP_COUNTER) & 0xFFFFFFFF:08x}"
+    return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + suffix.encode())
 
 
 def _filesystem_type(path: str) -> str:
@@ -1141,7 +1149,7 @@ class MountTransport(Transport):
         # One syncfs cleans every page of a filesystem whose syncfs is durable; elsewhere each
         # file is fsynced before its pages are dropped.
         synced = False
-        if _SYNCFS is not None and _filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
+        if listed and _SYNCFS is not None and _filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
             try:
                 _syncfs(remote)
                 synced = True
