@@ -12,7 +12,9 @@ Methods:
   ``ours:main=/work/main/src``): ``NASSyncClient`` on the mount transport,
   ``enqueue()`` to VERIFIED (``bench/_engine_run.py`` in a child);
 * ``anchor``: ``rclone copy --checksum``, ``rclone check`` (SHA-256 on both
-  sides, ``RCLONE_LOCAL_HASHES=sha256``) and ``sync``;
+  sides, ``RCLONE_LOCAL_HASHES=sha256``) and ``sync -f`` of the copy (its
+  filesystem's syncfs; a global ``sync`` on a shared machine also waits for
+  everyone else's writes);
 * ``loop``: a plain one-thread Python loop doing the same durable copy (temp
   file, one syncfs, renames, folders fsynced), the read-back past the page
   cache (``POSIX_FADV_DONTNEED``) and the manifest.
@@ -124,7 +126,9 @@ def run_anchor(run: Path, mnt: Path) -> float:
     start = time.perf_counter()
     subprocess.run([rclone, "--config", os.devnull, "copy", "--checksum", run, target], env=env, check=True)
     subprocess.run([rclone, "--config", os.devnull, "check", run, target], env=env, check=True, capture_output=True)
-    subprocess.run(["sync"], check=True)
+    # syncfs of the copy's filesystem: what makes rclone's copy durable, as our engine's
+    # syncfs does for its own (a global `sync` also waits for every other writer on the machine).
+    subprocess.run(["sync", "-f", target], check=True)
     return time.perf_counter() - start
 
 
