@@ -600,10 +600,15 @@ class MountTransport(Transport):
         batched = [] if job.per_file_sync else [s for s in ordered if s.send and s.size < LARGE_FILE]
         alone = [s for s in ordered if not (s.send and s.size < LARGE_FILE)] if batched else ordered
         del ordered
+        work = []
         if alone:
-            run_parallel(alone, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
+            work.append(
+                lambda: run_parallel(alone, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
+            )
         if batched:
-            self._send_small(job, batched)
+            work.append(lambda: self._send_small(job, batched))
+        # Side by side: large files mostly wait on the disk, small ones on the CPU.
+        _side_by_side(work, job.abort)
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
         run_parallel(sorted(job.touched), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
@@ -1348,6 +1353,32 @@ class MountTransport(Transport):
                 raise self._remote_error(exc, folder) from exc
         self._require_mounted()
         return sizes
+
+
+def _side_by_side(work: list[Callable[[], None]], abort: threading.Event) -> None:
+    """Run each callable on its own thread (the first on this one); the first error stops the rest and is raised.
+
+    A :class:`TransportError` wins over other errors, as in ``run_parallel``.
+    """
+    errors: list[BaseException] = []
+
+    def run(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException as exc:
+            errors.append(exc)
+            abort.set()
+
+    threads = [threading.Thread(target=run, args=(step,), name="exlab-side", daemon=True) for step in work[1:]]
+    for thread in threads:
+        thread.start()
+    if work:
+        run(work[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        typed = [exc for exc in errors if isinstance(exc, TransportError)]
+        raise (typed or errors)[0]
 
 
 def _kept_changing(src: _Source) -> TransportError:
