@@ -145,6 +145,10 @@ LARGE_FILE = 1 << 20
 #: A batch of small files shares one syncfs before its renames.
 BATCH_FILES = 2048
 BATCH_BYTES = 64 << 20
+#: Files made durable on their own go to the copy threads in rounds of at most this many
+#: bytes (or 4,096 files); a round ends when its last file is read back.
+ROUND_BYTES = 512 << 20
+ROUND_FILES = 4096
 #: Small files are copied by this many threads (about one per core: a 4 KiB copy is
 #: a dozen short system calls, and more threads only hand the interpreter lock around).
 SMALL_THREADS = max(1, min(os.cpu_count() or 1, 4))
@@ -602,9 +606,7 @@ class MountTransport(Transport):
         del ordered
         work = []
         if alone:
-            work.append(
-                lambda: run_parallel(alone, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
-            )
+            work.append(lambda: self._send_alone(job, alone))
         if batched:
             work.append(lambda: self._send_small(job, batched))
         # Side by side: large files mostly wait on the disk, small ones on the CPU.
@@ -713,6 +715,11 @@ class MountTransport(Transport):
         self._rename(job, temp, final)
         self._read_back(job, src.rel, final, view)
 
+    def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
+        """Files fsynced one by one (large ones, or every file on a share whose syncfs is not trusted)."""
+        for part in _batches(alone, ROUND_FILES, ROUND_BYTES):
+            run_parallel(part, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
+
     # ------------------------------------------------------------------ small files, in batches
 
     def _send_small(self, job: _Push, small: list[_Source]) -> None:
@@ -725,7 +732,7 @@ class MountTransport(Transport):
         """
         committer = _Committer(self, job)
         try:
-            for batch in _batches(small):
+            for batch in _batches(small, BATCH_FILES, BATCH_BYTES):
                 pending: list[tuple[str, str, str]] = []
                 chunks = [batch[i : i + SMALL_CHUNK] for i in range(0, len(batch), SMALL_CHUNK)]
                 run_parallel(
@@ -1446,15 +1453,15 @@ def _interleave(sources: list[_Source]) -> list[_Source]:
     return out
 
 
-def _batches(sources: list[_Source]):
-    """Split the work so a batch of small files shares one syncfs."""
+def _batches(sources: list[_Source], max_files: int, max_bytes: int):
+    """Split the work into batches of at most ``max_files`` files or about ``max_bytes`` bytes to send."""
     batch: list[_Source] = []
     size = 0
     for src in sources:
         batch.append(src)
         if src.send:
             size += src.size
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+        if len(batch) >= max_files or size >= max_bytes:
             yield batch
             batch, size = [], 0
     if batch:
