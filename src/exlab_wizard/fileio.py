@@ -16,7 +16,7 @@ verifier, the transports and the reaper use these instead of their own copies.
 - :func:`read_bounded`: read a file someone else controls without letting
   it exhaust memory (at most one byte past a bound).
 - :func:`open_regular`, :func:`hash_fd`, :func:`hash_file`,
-  :func:`hash_from_storage`: streaming SHA-256 of regular files, never
+  :func:`hash_from_storage`, :func:`prefetch_from_storage`: streaming SHA-256 of regular files, never
   following a symbolic link and never opening a FIFO for a blocking read;
   one read loop serves plain hashing, hashing while copying (``each``) and
   reading past the page cache (``drop_behind``).
@@ -57,6 +57,7 @@ __all__ = [
     "is_data_path",
     "is_metadata_path",
     "open_regular",
+    "prefetch_from_storage",
     "read_bounded",
 ]
 
@@ -353,13 +354,38 @@ def drop_page_cache(path: str | os.PathLike[str], *, sync: bool = True) -> None:
         os.close(fd)
 
 
-def hash_from_storage(fd: int, view: memoryview, *, sync: bool = True) -> str:
+def prefetch_from_storage(fd: int, *, sync: bool = True) -> None:
+    """Drop ``fd``'s cached pages and start reading them again from the storage, without waiting.
+
+    :func:`drop_page_cache_fd` (``sync`` as there), then
+    ``POSIX_FADV_WILLNEED``: the read the kernel starts fills the cache from
+    the storage, not from what this machine wrote. A reader that starts the
+    next files' reads this way while it hashes the current one waits on one
+    storage round trip at a time instead of one per file. Finish with
+    :func:`hash_from_storage` ``(prefetched=True)``; best effort like
+    :func:`drop_page_cache_fd`.
+    """
+    drop_page_cache_fd(fd, sync=sync)
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+
+def hash_from_storage(
+    fd: int, view: memoryview, *, sync: bool = True, prefetched: bool = False, limit: int | None = None
+) -> str:
     """SHA-256 hex of ``fd`` as the storage holds it, not as this machine's memory does.
 
     :func:`drop_page_cache_fd` (``sync`` as there), then read to the end
     from offset 0 (a fresh descriptor), dropping the pages already hashed
     every ``DROP_BEHIND`` bytes (they are clean: nothing was written since
-    the drop).
+    the drop). ``prefetched``: :func:`prefetch_from_storage` already dropped
+    the cache and started the read (dropping again would throw that read
+    away). ``limit``: read at most this many bytes (the size ``fstat`` gave
+    at open, for a caller that keeps it beside the hash).
     """
-    drop_page_cache_fd(fd, sync=sync)
-    return hash_fd(fd, view, drop_behind=True)
+    if not prefetched:
+        drop_page_cache_fd(fd, sync=sync)
+    return hash_fd(fd, view, drop_behind=True, limit=limit)

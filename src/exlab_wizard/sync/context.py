@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,12 @@ from exlab_wizard.sync.remote import HashsumFactory, PushFactory, Remotes, Remot
 from exlab_wizard.sync.verifier import Verifier
 from exlab_wizard.validator import Validator
 
-__all__ = ["ClientContext", "TransferProgress", "utcnow"]
+__all__ = ["PROGRESS_INTERVAL_S", "ClientContext", "ProgressSink", "TransferProgress", "utcnow"]
 
 logger = logging.getLogger(__name__)
+
+#: Live progress goes to the listeners at most this often per job.
+PROGRESS_INTERVAL_S = 0.25
 
 
 def utcnow() -> dt.datetime:
@@ -129,26 +133,72 @@ class ClientContext:
         if self.wake is not None:
             self.wake.set()
 
-    def progress_cb(self, job: SyncJobRow, phase: str, total: int) -> Callable[[int], None]:
-        """Start the job's live progress for ``phase``; the callback adds bytes (from any thread)."""
-        loop = asyncio.get_running_loop()
+    def progress_cb(self, job: SyncJobRow, phase: str, total: int) -> ProgressSink:
+        """Start the job's live progress for ``phase``; the sink adds bytes (from any thread)."""
         state = TransferProgress(job.id, job.run_path, phase, 0, total)
         self.progress[job.id] = state
+        return ProgressSink(self, state)
 
-        def on_bytes(delta: int) -> None:
-            state.bytes_done += delta
-            event = {
+
+class ProgressSink:
+    """The byte counter of one job's phase: threads add to it, the event loop reports it.
+
+    ``sink(delta)`` adds bytes from any thread (a lock and an addition: a copy
+    thread never waits on the event loop). The listeners get one ``progress``
+    event per :data:`PROGRESS_INTERVAL_S` at most while bytes come in
+    (``delta`` = the bytes since the previous event, ``bytes`` = the sum),
+    and the rest when the step calls :meth:`flush` on the loop. ``set_total``
+    records the bytes the phase will go through (a transport that lists the
+    run before sending tells it, so nothing else has to size the run).
+    """
+
+    def __init__(self, ctx: ClientContext, state: TransferProgress):
+        self._ctx = ctx
+        self._state = state
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._armed = False
+        self._reported = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, delta: int) -> None:
+        with self._lock:
+            self._state.bytes_done += delta
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self._loop.call_soon_threadsafe(self._arm)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def set_total(self, total: int) -> None:
+        self._state.bytes_total = total
+
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(PROGRESS_INTERVAL_S, self.flush)
+
+    def flush(self) -> None:
+        """Report the bytes added since the last event (call on the event loop)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._lock:
+            self._armed = False
+            done = self._state.bytes_done
+        delta, self._reported = done - self._reported, done
+        if not delta:
+            return
+        state = self._state
+        self._ctx.notify(
+            {
                 "type": "progress",
-                "job_id": job.id,
-                "run_path": job.run_path,
-                "phase": phase,
-                "bytes": state.bytes_done,
+                "job_id": state.job_id,
+                "run_path": state.run_path,
+                "phase": state.phase,
+                "bytes": done,
                 "total": state.bytes_total,
                 "delta": delta,
             }
-            try:
-                loop.call_soon_threadsafe(self.notify, event)
-            except RuntimeError:  # loop closed during shutdown
-                pass
-
-        return on_bytes
+        )

@@ -91,6 +91,11 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
         for equipment_id, task in list(ctx.inflight.items()):
             if task.done():
                 del ctx.inflight[equipment_id]
+        if not _can_start(ctx, limit):
+            # Every slot or every equipment is busy: nothing could start, so the queue is not
+            # read (a step that ends wakes the loop at once).
+            await _sleep_until_woken(ctx, poll_interval_s)
+            continue
         while len(ctx.inflight) < limit:
             job = queue.next_due(ctx.clock(), busy_equipment=set(ctx.inflight))
             if job is None:
@@ -114,13 +119,29 @@ async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
         wakeup = queue.next_dispatch_wakeup(now)
         if wakeup is not None:
             timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
-        # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
-        # that races its timeout, and close() would then wait forever.
-        waiter = asyncio.ensure_future(ctx.wake.wait())
-        try:
-            await asyncio.wait({waiter}, timeout=max(timeout, 0.001))
-        finally:
-            waiter.cancel()
+        await _sleep_until_woken(ctx, timeout)
+
+
+def _can_start(ctx: ClientContext, limit: int) -> bool:
+    """Is a slot free, and a configured equipment with nothing in flight?
+
+    (A job whose equipment is no longer configured is failed when the queue is next read.)
+    """
+    if len(ctx.inflight) >= limit:
+        return False
+    configured = {equipment.id for equipment in ctx.config.equipment}
+    return not configured or not configured <= set(ctx.inflight)
+
+
+async def _sleep_until_woken(ctx: ClientContext, timeout: float) -> None:
+    assert ctx.wake is not None
+    # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel
+    # that races its timeout, and close() would then wait forever.
+    waiter = asyncio.ensure_future(ctx.wake.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=max(timeout, 0.001))
+    finally:
+        waiter.cancel()
 
 
 def _start_metadata_pushes(ctx: ClientContext, limit: int) -> None:
@@ -351,8 +372,10 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
     hashes_in_pass = remote.hashes_while_sending
     on_bytes = ctx.progress_cb(job, "transfer", 0)
-    # The run's size, for progress, is counted while the transfer starts.
-    sizing = asyncio.create_task(_count_total(ctx.progress[job.id], run))
+    sizing: asyncio.Task[None] | None = None
+    if not remote.reports_total:
+        # The run's size, for progress, is counted while the transfer starts.
+        sizing = asyncio.create_task(_count_total(ctx.progress[job.id], run))
     local_task: asyncio.Task[dict[str, str]] | None = None
     if not hashes_in_pass:
         # Hash the local run while the transfer runs: one overlapped read pass.
@@ -378,6 +401,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         return
     finally:
         await _cancel(sizing)
+        on_bytes.flush()
     log.info(run, "transfer_done", job=job.id, files=outcome.files_sent, bytes=outcome.bytes_sent)
     job = queue.transition(
         job.id,
@@ -438,8 +462,23 @@ def _mark_pending(ctx: ClientContext, run: Path, remote: str) -> None:
 
 
 def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
-    """The paths no longer present under ``run``, sorted."""
-    return [p for p in sorted(paths) if not os.path.lexists(run / p)]
+    """The paths no longer present under ``run`` (of any type: nothing followed), sorted.
+
+    One listing per folder instead of one ``lstat`` per file.
+    """
+    by_folder: dict[str, list[tuple[str, str]]] = {}
+    for rel in paths:
+        folder, _sep, name = rel.rpartition("/")
+        by_folder.setdefault(folder, []).append((rel, name))
+    gone: list[str] = []
+    for folder, entries in by_folder.items():
+        try:
+            with os.scandir(run / folder if folder else run) as listing:
+                present = {entry.name for entry in listing}
+        except OSError:  # gone, or no longer a folder: as lexists() would say of each file
+            present = set()
+        gone.extend(rel for rel, name in entries if name not in present)
+    return sorted(gone)
 
 
 def _vanished_message(paths: list[str]) -> str:
@@ -489,7 +528,7 @@ def _judge(
     remote: RemoteManifest,
 ) -> int | None:
     """Compare: the number of files checked when every one matches; else the outcome recorded (FAILED or a retry), None."""
-    outcome = compare(local_hashes, remote)
+    outcome = compare(local_hashes, remote, digest=False)  # the digest comes with the manifest written
     if outcome.unverifiable and not (outcome.missing or outcome.extra or outcome.different):
         # One the NAS failed to read is named first (it is its own kind): never reported as "oversize".
         reasons = {rel: remote.unverifiable.get(rel) or UNVERIFIABLE_OVERSIZE for rel in outcome.unverifiable}

@@ -49,7 +49,7 @@ def manifest_path(run_path: Path) -> Path:
 
 
 def _escape(name: bytes) -> tuple[bytes, bool]:
-    if not any(ch in name for ch in (b"\\", b"\n", b"\r")):
+    if b"\\" not in name and b"\n" not in name and b"\r" not in name:
         return name, False
     return name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r"), True
 

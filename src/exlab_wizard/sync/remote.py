@@ -98,6 +98,11 @@ class RemoteAccess:
         """True when a push reports the local hashes itself (never for an injected push)."""
         return self._push is None and self.transport.capabilities.hashes_while_sending
 
+    @property
+    def reports_total(self) -> bool:
+        """True when a push tells its progress callback the bytes to send (never for an injected push)."""
+        return self._push is None and self.transport.capabilities.reports_total
+
     async def push_run(
         self,
         run: Path,

@@ -28,6 +28,7 @@ called from worker threads, one call at a time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import mmap
 import os
 import threading
@@ -289,14 +290,18 @@ def _data_only(hashes: Mapping[str, str]) -> dict[str, str]:
     return {rel: digest.lower() for rel, digest in hashes.items() if not is_metadata_path(rel)}
 
 
-def compare(local: Mapping[str, str], remote: RemoteManifest | Mapping[str, str]) -> VerifyResult:
+def compare(
+    local: Mapping[str, str], remote: RemoteManifest | Mapping[str, str], *, digest: bool = True
+) -> VerifyResult:
     """Compare the data files of two manifests both ways.
 
     ``local`` is the reference, ``remote`` the candidate. Keys under
     ``.exlab-wizard/`` are ignored on both sides. Hex digests compare
     case-insensitively. A path the remote lists as unverifiable is reported
     there (even if it also has a hash); an unverifiable path the local side
-    does not have is ``extra``.
+    does not have is ``extra``. ``digest=False`` leaves ``manifest_digest``
+    None (a caller about to write the manifest gets it from
+    :meth:`Verifier.write_manifest` without rendering it twice).
     """
     if isinstance(remote, RemoteManifest):
         remote_hashes, unverifiable_reasons = remote.hashes, remote.unverifiable
@@ -321,7 +326,7 @@ def compare(local: Mapping[str, str], remote: RemoteManifest | Mapping[str, str]
         different=_sorted(different),
         unverifiable=_sorted(cannot),
         checked=len(set(mine) | remote_paths),
-        manifest_digest=manifest_digest(mine),
+        manifest_digest=manifest_digest(mine) if digest else None,
     )
 
 
@@ -398,4 +403,4 @@ class Verifier:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)  # the runner lease holder is the one writer: any other temp is a leftover
         atomic_write_bytes(target, body, new_mode=0o644)
-        return manifest_digest(data)
+        return hashlib.sha256(body).hexdigest()  # manifest_digest(data), without rendering it again

@@ -41,6 +41,7 @@ __all__ = [
     "local_now",
     "previous_path",
     "remote_relpath",
+    "report_total",
 ]
 
 
@@ -124,7 +125,8 @@ class TransportCapabilities:
     """What a transport can do, as data the engine reads.
 
     The client acts on ``hashes_while_sending`` (it then takes the local
-    manifest from the push instead of hashing the run beside it) and on
+    manifest from the push instead of hashing the run beside it), on
+    ``reports_total`` (it then does not size the run for progress) and on
     ``metadata_push`` (without it, the metadata push after a cleanup is the
     whole-run push() told which files were ``cleaned``, since the default
     push_metadata() cannot pass them). Nothing else is declared here: every
@@ -137,6 +139,20 @@ class TransportCapabilities:
     hashes_while_sending: bool = False
     #: push_metadata() sends ``.exlab-wizard/`` alone (not the default whole-run push()).
     metadata_push: bool = False
+    #: push() tells its progress callback the bytes it will send (:func:`report_total`)
+    #: once it has listed the run, so the client need not size the run itself.
+    reports_total: bool = False
+
+
+def report_total(progress: ProgressCallback | None, total: int) -> None:
+    """Tell ``progress`` the bytes a push will send, when it takes that (a ``set_total`` method).
+
+    A progress callback is any ``callable(delta)``; the client's also has
+    ``set_total(bytes)``. Never raises for a callback without it.
+    """
+    set_total = getattr(progress, "set_total", None)
+    if set_total is not None:
+        set_total(total)
 
 
 def remote_relpath(equipment: EquipmentConfig, run_path: Path) -> PurePosixPath:

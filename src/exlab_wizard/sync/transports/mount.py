@@ -28,8 +28,11 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   storage (SMB/CIFS, FUSE, unknown), are fsynced one by one in the copy
   threads; small files on a local disk or NFS are made durable together with
   one ``syncfs`` per batch before their renames (a per-file fsync costs a
-  journal commit each: 20,000 of them take seconds). Everything is durable
-  before ``push`` returns. Leftover temp files of a crashed push are removed
+  journal commit each: 20,000 of them take seconds). Those small files are
+  copied by about one thread per core in batches, while a committer thread
+  makes the previous batch durable, renames it and reads it back on its own
+  (the next files' reads started ahead); large files go side by side on
+  ``threads`` threads. Everything is durable before ``push`` returns. Leftover temp files of a crashed push are removed
   by the next one.
 * **Resume.** A remote file is taken as already sent when it is a regular
   file with the local size and an equal mtime, unless its path is in
@@ -66,7 +69,9 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   every file again.
 
 Symlinks in the run are never followed nor copied. Progress callbacks get
-byte deltas from the copy threads, one call at a time.
+byte deltas from the copy threads, one call at a time (for small files, one
+call per MiB or so, not per file); a callback with ``set_total`` is told the
+bytes to send once the run is listed (``reports_total``).
 
 One module, though long: it is one transport, and its parts (the copy
 threads, the batched durability, the read-back, the remote manifest that
@@ -79,25 +84,33 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import hashlib
+import itertools
+import mmap
 import os
+import queue as queue_mod
 import re
 import secrets
 import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
 from exlab_wizard.fileio import (
+    BLOCK_SIZE,
     METADATA_DIR,
     drop_page_cache_fd,
     fsync_dir,
     hash_fd,
     hash_from_storage,
     open_regular,
+    prefetch_from_storage,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import (
@@ -122,6 +135,7 @@ from exlab_wizard.sync.transports.base import (
     local_now,
     previous_path,
     remote_relpath,
+    report_total,
 )
 from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress
@@ -132,8 +146,22 @@ __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
 #: with the copy of the next file.
 LARGE_FILE = 1 << 20
 #: A batch of small files shares one syncfs before its renames.
-BATCH_FILES = 4096
-BATCH_BYTES = 512 << 20
+BATCH_FILES = 2048
+BATCH_BYTES = 64 << 20
+#: Files made durable on their own go to the copy threads in rounds of at most this many
+#: bytes (or 4,096 files); a round ends when its last file is read back.
+ROUND_BYTES = 512 << 20
+ROUND_FILES = 4096
+#: Small files are copied by this many threads (about one per core: a 4 KiB copy is
+#: a dozen short system calls, and more threads only hand the interpreter lock around).
+SMALL_THREADS = max(1, min(os.cpu_count() or 1, 4))
+#: The copy threads take this many small files at a time.
+SMALL_CHUNK = 32
+#: The read-back of a batch keeps this many files' reads from storage in flight.
+READ_AHEAD = 32
+#: Progress is reported at most once per this many bytes per copy thread (plus a
+#: last call for the rest), not once per small file.
+PROGRESS_STEP = 1 << 20
 COPY_ATTEMPTS = 3
 #: While a large file is copied, write-back of each such stretch already
 #: written is started at once (so the fsync at the end waits for little).
@@ -211,9 +239,16 @@ def same_mtime(local_ns: int, remote_ns: int) -> bool:
     return remote_ns % 1_000_000_000 == 0 and diff < 2_000_000_000
 
 
+#: Temp names end in this process's random salt and a counter: unique without asking
+#: the kernel for random bytes once per file (O_EXCL refuses a clash all the same).
+_TEMP_SALT = secrets.token_hex(4)
+_TEMP_COUNTER = itertools.count()
+
+
 def _temp_name(name: str) -> str:
     raw = os.fsencode(name)[:_NAME_KEEP]
-    return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + secrets.token_hex(6).encode())
+    suffix = f"{_TEMP_SALT}{next(_TEMP_COUNTER) & 0xFFFFFFFF:08x}"
+    return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + suffix.encode())
 
 
 def _filesystem_type(path: str) -> str:
@@ -256,8 +291,7 @@ class _Cancelled(Exception):
     """The push was cancelled (task cancelled, or another copy thread failed)."""
 
 
-@dataclass(frozen=True)
-class _Source:
+class _Source(NamedTuple):  # a tuple: 20,000 of them are built per push
     rel: str
     path: str
     folder: str  # relative folder of the file ('' = run root)
@@ -276,6 +310,7 @@ class _Push:
     progress: ProgressCallback | None
     abort: threading.Event
     per_file_sync: bool
+    total_sink: ProgressCallback | None = None  # the caller's own callback, told the total (report_total)
     direct_io: bool = False
     hashes: dict[str, str] = field(default_factory=dict)
     #: rel -> (ino, size, mtime ns, ctime ns, sha256 digest) of files read back from the share
@@ -292,11 +327,13 @@ class MountTransport(Transport):
 
     ``log``: equipment log for push and manifest events. ``now``: the aware
     local time, read to follow the bandwidth schedule. ``threads``: copy and
-    hash threads (default 6: much of the time is spent waiting on fsync and
-    on reads from the share, so more threads than cores keep both busy).
+    hash threads for files fsynced one by one and for the remote manifest
+    (default 6: much of the time is spent waiting on fsync and on reads from
+    the share, so more threads than cores keep both busy); small files in
+    batches use :data:`SMALL_THREADS`.
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True)
+    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True, reports_total=True)
 
     def __init__(
         self,
@@ -442,6 +479,7 @@ class MountTransport(Transport):
             progress=serial_progress(progress),
             abort=abort,
             per_file_sync=True,
+            total_sink=progress,
         )
         try:
             self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
@@ -560,21 +598,26 @@ class MountTransport(Transport):
             bwlimit_kibps="none" if bwlimit_kibps is None else bwlimit_kibps,
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
+        report_total(job.total_sink, sum(s.size for s in sources if s.send))
         self._remove_stale(job, stale)
         self._make_dirs(job, run, local_dirs)
         fstype = _filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
-        for batch in _batches(_interleave(sources)):
-            pending: list[tuple[str, str, str]] = []
-            run_parallel(
-                batch,
-                lambda src, view, pending=pending: self._transfer(job, src, view, pending),
-                self.threads,
-                job.abort,
-            )
-            if pending:
-                self._commit(job, pending)
+        ordered = _interleave(sources)
+        del sources
+        # Small files on a share whose syncfs is durable go in batches (one syncfs each); every
+        # other file is made durable on its own (fsync) by the copy threads.
+        batched = [] if job.per_file_sync else [s for s in ordered if s.send and s.size < LARGE_FILE]
+        alone = [s for s in ordered if not (s.send and s.size < LARGE_FILE)] if batched else ordered
+        del ordered
+        work = []
+        if alone:
+            work.append(lambda: self._send_alone(job, alone))
+        if batched:
+            work.append(lambda: self._send_small(job, batched))
+        # Side by side: large files mostly wait on the disk, small ones on the CPU.
+        _side_by_side(work, job.abort)
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
         run_parallel(sorted(job.touched), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
@@ -661,28 +704,221 @@ class MountTransport(Transport):
             job.touched.add(os.path.dirname(path))
             job.touched.add(path)
 
-    def _transfer(self, job: _Push, src: _Source, view: memoryview, pending: list[tuple[str, str, str]]) -> None:
+    def _transfer(self, job: _Push, src: _Source, view: memoryview) -> None:
+        """Hash a skipped file, or copy one, make it durable on its own, rename it and read it back."""
         if not src.send:
             job.hashes[src.rel] = self._hash_local(job, src, view)
             return
         folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
         final = os.path.join(folder, src.name)
         for _attempt in range(COPY_ATTEMPTS):
-            copied = self._copy_once(job, src, view, folder)
+            copied = self._copy_once(job, src, view, folder, durable=True)
             if copied is not None:
                 break
         else:
-            raise TransportError(
-                TransportErrorKind.UNKNOWN,
-                f"{src.rel} kept changing while being copied ({COPY_ATTEMPTS} attempts); is the run still being written?",
-            )
-        temp, digest, durable = copied
+            raise _kept_changing(src)
+        temp, digest = copied
         job.hashes[src.rel] = digest
-        if durable:
-            self._rename(job, temp, final)
-            self._read_back(job, src.rel, final, view)
-        else:
-            pending.append((temp, final, src.rel))
+        self._rename(job, temp, final)
+        self._read_back(job, src.rel, final, view)
+
+    def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
+        """Files fsynced one by one (large ones, or every file on a share whose syncfs is not trusted)."""
+        for part in _batches(alone, ROUND_FILES, ROUND_BYTES):
+            run_parallel(part, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
+
+    # ------------------------------------------------------------------ small files, in batches
+
+    def _send_small(self, job: _Push, small: list[_Source]) -> None:
+        """Copy small files in batches: copy threads, then one syncfs, renames and read-back per batch.
+
+        The copy threads (:data:`SMALL_THREADS`) fill batch k+1 while the
+        committer thread makes batch k durable (one ``syncfs``), renames its
+        files and reads them back from storage with :data:`READ_AHEAD` reads
+        in flight. Any failure stops both sides; the first error is raised.
+        """
+        committer = _Committer(self, job)
+        try:
+            for batch in _batches(small, BATCH_FILES, BATCH_BYTES):
+                pending: list[tuple[str, str, str]] = []
+                chunks = [batch[i : i + SMALL_CHUNK] for i in range(0, len(batch), SMALL_CHUNK)]
+                run_parallel(
+                    chunks,
+                    lambda chunk, view, pending=pending: self._copy_chunk(job, chunk, view, pending),
+                    SMALL_THREADS,
+                    job.abort,
+                )
+                if job.abort.is_set():
+                    break
+                committer.put(pending)
+        except BaseException:
+            job.abort.set()
+            committer.close(report=False)  # the copy's error is the one to raise
+            raise
+        committer.close()
+
+    def _copy_chunk(
+        self, job: _Push, chunk: list[_Source], view: memoryview, pending: list[tuple[str, str, str]]
+    ) -> None:
+        """Copy a few small files to temp names (not yet durable); queue them for the committer."""
+        progress = job.progress
+        unreported = sent = 0
+        try:
+            for src in chunk:
+                if job.abort.is_set():
+                    raise _Cancelled()
+                folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
+                for _attempt in range(COPY_ATTEMPTS):
+                    copied = self._copy_small(job, src, view, folder)
+                    if copied is not None:
+                        break
+                else:
+                    raise _kept_changing(src)
+                temp, digest, count = copied
+                job.hashes[src.rel] = digest
+                pending.append((temp, os.path.join(folder, src.name), src.rel))
+                sent += count
+                unreported += count
+                if progress is not None and unreported >= PROGRESS_STEP:
+                    progress(unreported)
+                    unreported = 0
+        finally:
+            with job.lock:
+                job.bytes_sent += sent
+        if progress is not None and unreported:
+            progress(unreported)
+
+    def _copy_small(self, job: _Push, src: _Source, view: memoryview, folder: str) -> tuple[str, str, int] | None:
+        """One small file to a temp name, hashed from the same read; (temp, sha256, bytes) or None if it changed.
+
+        The file is read whole into ``view`` (at most the size seen at open);
+        one that grew past the buffer since it was listed goes the general way.
+        """
+        try:
+            fd_in, before = open_regular(src.path)
+        except OSError as exc:
+            raise self._local_error(exc, src.rel, job.run) from exc
+        try:
+            size = before.st_size
+            if size > len(view):
+                os.close(fd_in)
+                fd_in = -1
+                copied = self._copy_once(job, src, view, folder, durable=False)
+                return None if copied is None else (*copied, size)
+            count = 0
+            try:
+                while count < size:
+                    got = os.readv(fd_in, [view[count:size]])
+                    if not got:
+                        break  # shrank while read: the size check below sees it
+                    count += got
+            except OSError as exc:
+                raise self._local_error(exc, src.rel, job.run) from exc
+            block = view[:count]
+            digest = hashlib.sha256(block).hexdigest()
+            job.bucket.consume(count)
+            temp = os.path.join(folder, _temp_name(src.name))
+            try:
+                fd_out = os.open(temp, _CREATE, 0o600)
+            except OSError as exc:
+                raise self._remote_error(exc, temp) from exc
+            job.temps.add(temp)
+            try:
+                done = 0
+                try:
+                    while done < count:
+                        done += os.write(fd_out, block[done:])
+                except OSError as exc:
+                    raise self._remote_error(exc, temp) from exc
+                after = os.fstat(fd_in)
+                if after.st_nlink == 0:
+                    raise TransportError(
+                        TransportErrorKind.LOCAL_FILE_VANISHED, f"{src.rel}: deleted from {job.run} while being copied"
+                    )
+                changed = count != size or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
+                if not changed:
+                    self._finish_file(fd_out, before, False, temp)
+            except BaseException:
+                try:
+                    os.close(fd_out)
+                except OSError:
+                    pass  # the error in flight is the one to report
+                raise
+            try:
+                os.close(fd_out)
+            except OSError as exc:  # NFS and SMB report late write errors at close
+                raise self._remote_error(exc, temp) from exc
+        finally:
+            if fd_in >= 0:
+                os.close(fd_in)
+        if changed:
+            self._unlink_temp(job, temp)
+            return None
+        return temp, digest, count
+
+    def _commit_batch(self, job: _Push, batch: list[tuple[str, str, str]], view: memoryview) -> None:
+        """Make a batch of temp files durable with one syncfs, then rename each and read it back.
+
+        The read-back runs on this one thread: each file is renamed and its
+        read from storage started (:func:`prefetch_from_storage`) ``READ_AHEAD``
+        files before it is hashed, so the reads overlap instead of waiting one
+        by one. Best effort like :meth:`_read_back`: a file that cannot be
+        read back is read by the remote manifest.
+        """
+        try:
+            _syncfs(job.remote)
+        except OSError as exc:
+            raise self._remote_error(exc, job.remote) from exc
+        items = iter(batch)
+        ahead: deque[tuple[str, int, os.stat_result]] = deque()
+        read_back: dict[str, tuple[int, int, int, int, bytes]] = {}
+        renamed = 0
+
+        def rename_next() -> None:
+            nonlocal renamed
+            for temp, final, rel in items:
+                if job.abort.is_set():
+                    raise _Cancelled()
+                try:
+                    os.replace(temp, final)
+                except OSError as exc:
+                    raise self._remote_error(exc, final) from exc
+                job.temps.discard(temp)
+                job.touched.add(os.path.dirname(final))
+                renamed += 1
+                try:
+                    fd, info = open_regular(final)
+                except OSError:
+                    return
+                try:
+                    prefetch_from_storage(fd, sync=False)  # durable already (syncfs): its pages are clean
+                except OSError:
+                    os.close(fd)
+                    return
+                ahead.append((rel, fd, info))
+                return
+
+        try:
+            for _ in range(READ_AHEAD):
+                rename_next()
+            while ahead:
+                rel, fd, info = ahead.popleft()
+                try:
+                    rename_next()
+                    digest = hash_from_storage(fd, view, sync=False, prefetched=True, limit=info.st_size)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                # The stat before the read: any later write or utime changes the ctime, and the
+                # remote manifest then reads the file again.
+                read_back[rel] = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, bytes.fromhex(digest))
+        finally:
+            for _rel, fd, _info in ahead:
+                os.close(fd)
+            with job.lock:
+                job.files_sent += renamed
+                job.read_back.update(read_back)
 
     def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
         try:
@@ -696,15 +932,16 @@ class MountTransport(Transport):
         finally:
             os.close(fd)
 
-    def _copy_once(self, job: _Push, src: _Source, view: memoryview, folder: str) -> tuple[str, str, bool] | None:
-        """Copy to a temp file; (temp, sha256, durable) or None when the source changed meanwhile."""
+    def _copy_once(
+        self, job: _Push, src: _Source, view: memoryview, folder: str, *, durable: bool
+    ) -> tuple[str, str] | None:
+        """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile."""
         try:
             fd_in, before = open_regular(src.path)
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         temp = os.path.join(folder, _temp_name(src.name))
         try:
-            durable = job.per_file_sync or before.st_size >= LARGE_FILE
             direct = _O_DIRECT if job.direct_io and before.st_size >= LARGE_FILE else 0
             try:
                 try:
@@ -747,7 +984,7 @@ class MountTransport(Transport):
         if changed:
             self._unlink_temp(job, temp)
             return None
-        return temp, digest, durable
+        return temp, digest
 
     def _stream(
         self,
@@ -846,20 +1083,6 @@ class MountTransport(Transport):
         with job.lock:
             job.files_sent += 1
 
-    def _commit(self, job: _Push, pending: list[tuple[str, str, str]]) -> None:
-        """Make a batch of small temp files durable with one syncfs, then rename and read them back."""
-        try:
-            _syncfs(job.remote)
-        except OSError as exc:
-            raise self._remote_error(exc, job.remote) from exc
-
-        def commit(item: tuple[str, str, str], view: memoryview) -> None:
-            temp, final, rel = item
-            self._rename(job, temp, final)
-            self._read_back(job, rel, final, view)
-
-        run_parallel(pending, commit, self.threads, job.abort)
-
     def _read_back(self, job: _Push, rel: str, final: str, view: memoryview) -> None:
         """Hash a durable file as the share stores it (cached pages dropped), for the coming manifest.
 
@@ -945,7 +1168,7 @@ class MountTransport(Transport):
         # One syncfs cleans every page of a filesystem whose syncfs is durable; elsewhere each
         # file is fsynced before its pages are dropped.
         synced = False
-        if _SYNCFS is not None and _filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
+        if listed and _SYNCFS is not None and _filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
             try:
                 _syncfs(remote)
                 synced = True
@@ -1146,6 +1369,79 @@ class MountTransport(Transport):
         return sizes
 
 
+def _side_by_side(work: list[Callable[[], None]], abort: threading.Event) -> None:
+    """Run each callable on its own thread (the first on this one); the first error stops the rest and is raised.
+
+    A :class:`TransportError` wins over other errors, as in ``run_parallel``.
+    """
+    errors: list[BaseException] = []
+
+    def run(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException as exc:
+            errors.append(exc)
+            abort.set()
+
+    threads = [threading.Thread(target=run, args=(step,), name="exlab-side", daemon=True) for step in work[1:]]
+    for thread in threads:
+        thread.start()
+    if work:
+        run(work[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        typed = [exc for exc in errors if isinstance(exc, TransportError)]
+        raise (typed or errors)[0]
+
+
+def _kept_changing(src: _Source) -> TransportError:
+    return TransportError(
+        TransportErrorKind.UNKNOWN,
+        f"{src.rel} kept changing while being copied ({COPY_ATTEMPTS} attempts); is the run still being written?",
+    )
+
+
+class _Committer:
+    """The thread that commits batches of small files (:meth:`MountTransport._commit_batch`) in order.
+
+    ``put`` hands over a batch (waiting while one is already queued);
+    ``close`` waits for the thread to end and raises its first error. After
+    an error, or once the push is aborted, batches still handed over are
+    dropped (their temp files are removed with the push's others).
+    """
+
+    def __init__(self, transport: MountTransport, job: _Push):
+        self._transport = transport
+        self._job = job
+        self._queue: queue_mod.Queue[list[tuple[str, str, str]] | None] = queue_mod.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="exlab-commit", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[tuple[str, str, str]]) -> None:
+        self._queue.put(batch)
+
+    def close(self, *, report: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if report and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None or self._job.abort.is_set():
+                continue
+            try:
+                self._transport._commit_batch(self._job, batch, view)
+            except _Cancelled:
+                pass
+            except BaseException as exc:
+                self._error = exc
+                self._job.abort.set()
+
+
 def _interleave(sources: list[_Source]) -> list[_Source]:
     """Round-robin over folders, so parallel threads mostly work in different folders."""
     by_folder: dict[str, list[_Source]] = {}
@@ -1164,15 +1460,15 @@ def _interleave(sources: list[_Source]) -> list[_Source]:
     return out
 
 
-def _batches(sources: list[_Source]):
-    """Split the work so a batch of small files shares one syncfs."""
+def _batches(sources: list[_Source], max_files: int, max_bytes: int):
+    """Split the work into batches of at most ``max_files`` files or about ``max_bytes`` bytes to send."""
     batch: list[_Source] = []
     size = 0
     for src in sources:
         batch.append(src)
         if src.send:
             size += src.size
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+        if len(batch) >= max_files or size >= max_bytes:
             yield batch
             batch, size = [], 0
     if batch:
