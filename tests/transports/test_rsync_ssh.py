@@ -583,3 +583,31 @@ async def test_a_listing_whose_connection_drops_after_the_missing_folder_is_not_
 
     monkeypatch.setattr(transport, "_list_remote_raw", dropped)
     assert await transport.remote_listing(run) == {}
+
+
+@pytest.mark.parametrize("call", ["push", "fetch"])
+async def test_a_listing_of_a_missing_folder_cut_short_is_network_not_a_vanished_local_file(
+    tmp_path, sshd, remote_dir, monkeypatch, call
+):
+    # Found by the torture harness: sshd stopped right after rsync said the NAS run folder was
+    # missing (exit 255, not 23). The sender of a listing is the NAS: nothing local vanished, and
+    # the job must be retried, not failed at once.
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    real = rsync_ssh.run_tool
+
+    async def connection_drops_after_a_listing(argv, **kwargs):
+        result = await real(argv, **kwargs)
+        if "--list-only" in argv and result.returncode == 23:
+            result.returncode = 255
+        return result
+
+    monkeypatch.setattr(rsync_ssh, "run_tool", connection_drops_after_a_listing)
+    transport = RsyncSshTransport(eq)
+    with pytest.raises(TransportError) as caught:
+        if call == "push":
+            await transport.push(run, bwlimit_kibps=None)
+        else:
+            await transport.fetch(run, ["a.txt"], tmp_path)
+    assert caught.value.kind == K.NETWORK, caught.value.message
+    assert "No such file" in caught.value.message

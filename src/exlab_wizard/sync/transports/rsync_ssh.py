@@ -128,6 +128,21 @@ _MISSING_DIR_RE = re.compile(
     r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory"
 )
 
+
+def _listing_error(result: ToolResult, remote_path: str) -> TransportError:
+    """The error of a failed ``--list-only`` run, whose sender is the NAS.
+
+    rsync's "[sender] ... No such file" or "file has vanished" then speak of
+    the NAS, never of a local file: such a listing cut short (exit 255, the
+    connection dropped after it) is ``NETWORK`` and retried, not
+    ``local_file_vanished``, which fails the job at once.
+    """
+    error = transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_path}")
+    if error.kind == K.LOCAL_FILE_VANISHED:
+        return TransportError(K.NETWORK, error.message)
+    return error
+
+
 # Programs run on the remote host, kept in remote_programs/ (each file's opening comment
 # is its contract): hashing a run, hashing while a push sends, keeping replaced files.
 _PY_HASH = remote_program("remote_hash.py")
@@ -791,7 +806,7 @@ class RsyncSshTransport(Transport):
             return parse_listing(result.stdout)
         if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
             return None
-        raise transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_path}")
+        raise _listing_error(result, remote_path)
 
     async def _list_remote_raw(
         self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
@@ -888,7 +903,7 @@ class RsyncSshTransport(Transport):
             found = classify("rsync", probe.returncode, probe.stderr_text)
             if found.rule is not None and found.rule.why == _REFUSES_RSYNC:
                 return await self._sftp_manifest(run_path, remote_run)
-            raise transport_error("rsync", probe.returncode, probe.stderr_text, f"listing {remote_run}")
+            raise _listing_error(probe, remote_run)
         if listing is None:
             if (
                 await self._list_remote(run_path, self.config.remote_root, step="stream_list_root", recursive=False)
@@ -998,7 +1013,7 @@ class RsyncSshTransport(Transport):
             found = classify("rsync", result.returncode, result.stderr_text)
             if found.rule is not None and found.rule.why == _REFUSES_RSYNC:
                 return await self._sftp_listing(run_path, remote_run)
-            raise transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_run}")
+            raise _listing_error(result, remote_run)
         root = self.config.remote_root
         if await self._list_remote(run_path, root, step="remote_listing_root", recursive=False) is None:
             raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
