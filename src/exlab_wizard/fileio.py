@@ -147,7 +147,7 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, new_mode: int = 0o666) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray, *, new_mode: int = 0o666) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
     The bytes go to a uniquely named ``.<name>.<random>.tmp`` file in the same
@@ -160,7 +160,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, new_mode: i
     the temp file never survives a failure. The folder must exist.
     """
     path = Path(path)
-    data = bytes(data)
+    if not isinstance(data, bytes | bytearray):
+        data = bytes(data)  # a bytearray is written as it is: a manifest's can be 30 MB
     folder = path.parent
     try:
         mode = os.stat(path).st_mode & 0o7777

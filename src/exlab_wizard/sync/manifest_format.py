@@ -30,6 +30,8 @@ __all__ = [
     "manifest_path",
     "parse_manifest",
     "read_manifest",
+    "read_manifest_bytes",
+    "render_manifest",
 ]
 
 MANIFEST_NAME = "checksums.sha256"
@@ -78,15 +80,25 @@ def _unescape(name: bytes) -> bytes:
 
 def format_manifest(hashes: Mapping[str, str]) -> bytes:
     """Render ``{relative path: hex}`` as sorted sha256sum lines (bytes)."""
-    lines = []
+    return bytes(render_manifest(hashes))
+
+
+def render_manifest(hashes: Mapping[str, str]) -> bytearray:
+    """:func:`format_manifest` into one growing buffer (no line objects: 200,000 of them cost ~35 MB)."""
+    out = bytearray()
     for key in sorted(hashes, key=os.fsencode):
         name, escaped = _escape(os.fsencode(key))
         name = _DASH_FILE if name == _STDIN_NAME else name
         digest = hashes[key].lower().encode("ascii")
         if not _HEX_RE.match(digest):
             raise ManifestFormatError(f"not a SHA-256 hex digest for {key!r}: {hashes[key]!r}")
-        lines.append((b"\\" if escaped else b"") + digest + b"  " + name + b"\n")
-    return b"".join(lines)
+        if escaped:
+            out += b"\\"
+        out += digest
+        out += b"  "
+        out += name
+        out += b"\n"
+    return out
 
 
 def parse_manifest(data: bytes) -> dict[str, str]:
@@ -116,15 +128,20 @@ def read_manifest(run_path: Path) -> dict[str, str] | None:
     in sha256sum format, raises :class:`ManifestFormatError`; a file the
     file system refuses to read raises its ``OSError``.
     """
+    data = read_manifest_bytes(run_path)
+    return None if data is None else parse_manifest(data)
+
+
+def read_manifest_bytes(run_path: Path) -> bytes | None:
+    """The run's recorded manifest as stored (not parsed), or None; read and refused as :func:`read_manifest`."""
     try:
-        data = read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
+        return read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
     except CacheError as exc:
         if exc.kind == CacheErrorKind.IO and isinstance(exc.__cause__, OSError):
             raise exc.__cause__ from None
         raise ManifestFormatError(exc.message) from exc
-    return None if data is None else parse_manifest(data)
 
 
 def manifest_digest(hashes: Mapping[str, str]) -> str:
     """SHA-256 of the rendered manifest: names one verified state in logs."""
-    return hashlib.sha256(format_manifest(hashes)).hexdigest()
+    return hashlib.sha256(render_manifest(hashes)).hexdigest()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR, is_data_path, is_metadata_path
 from exlab_wizard.sync.context import ClientContext
-from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
+from exlab_wizard.sync.manifest_format import manifest_digest, parse_manifest, read_manifest, read_manifest_bytes
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
@@ -89,7 +90,10 @@ async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: Equipment
 def _local_manifest_problem(job: SyncJobRow) -> str | None:
     """Why the local ``.exlab-wizard/`` must not go to the NAS as this job's evidence, or None."""
     try:
-        recorded = read_manifest(Path(job.run_path))
+        raw = read_manifest_bytes(Path(job.run_path))
+        if raw is not None and job.manifest_digest and hashlib.sha256(raw).hexdigest() == job.manifest_digest:
+            return None  # byte for byte the verified manifest: not parsed (200,000 entries cost ~50 MB)
+        recorded = None if raw is None else parse_manifest(raw)
     except Exception as exc:
         return f"local checksums.sha256 unreadable: {exc}"
     if recorded is None:

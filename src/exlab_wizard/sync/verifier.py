@@ -54,10 +54,10 @@ from exlab_wizard.fileio import (
 )
 from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.manifest_format import (
-    format_manifest,
     manifest_digest,
     manifest_path,
     read_manifest,
+    render_manifest,
 )
 from exlab_wizard.sync.transports.base import (
     ProgressCallback,
@@ -286,8 +286,22 @@ def _sorted(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(paths, key=os.fsencode))
 
 
-def _data_only(hashes: Mapping[str, str]) -> dict[str, str]:
-    return {rel: digest.lower() for rel, digest in hashes.items() if not is_metadata_path(rel)}
+def _lower_hex(digest: str) -> bool:
+    return digest.islower() or digest.isdigit()
+
+
+def _data_only(hashes: Mapping[str, str]) -> Mapping[str, str]:
+    """The data files' entries, digests in lower case: ``hashes`` itself when it is that already.
+
+    A run's manifest can hold 200,000 files: no copy (and no new digest strings) unless needed.
+    """
+    if all(_lower_hex(digest) and not is_metadata_path(rel) for rel, digest in hashes.items()):
+        return hashes
+    return {
+        rel: digest if _lower_hex(digest) else digest.lower()
+        for rel, digest in hashes.items()
+        if not is_metadata_path(rel)
+    }
 
 
 def compare(
@@ -310,10 +324,11 @@ def compare(
     mine = _data_only(local)
     theirs = _data_only(remote_hashes)
     unverifiable = {rel for rel in unverifiable_reasons if not is_metadata_path(rel)}
-    remote_paths = set(theirs) | unverifiable
 
-    missing = [rel for rel in mine if rel not in remote_paths]
-    extra = [rel for rel in remote_paths if rel not in mine]
+    # No set of every path: at 200,000 files each costs megabytes, and the lookups need none.
+    missing = [rel for rel in mine if rel not in theirs and rel not in unverifiable]
+    extra = [rel for rel in theirs if rel not in mine]
+    extra += [rel for rel in unverifiable if rel not in mine and rel not in theirs]
     cannot = [rel for rel in unverifiable if rel in mine]
     different = [
         rel for rel, digest in mine.items() if rel in theirs and rel not in unverifiable and theirs[rel] != digest
@@ -325,7 +340,7 @@ def compare(
         extra=_sorted(extra),
         different=_sorted(different),
         unverifiable=_sorted(cannot),
-        checked=len(set(mine) | remote_paths),
+        checked=len(mine) + len(extra),  # every path of either side, once
         manifest_digest=manifest_digest(mine) if digest else None,
     )
 
@@ -398,7 +413,7 @@ class Verifier:
         either the old manifest or the new one.
         """
         data = _data_only(hashes)
-        body = format_manifest(data)
+        body = render_manifest(data)
         target = manifest_path(Path(run_path))
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)  # the runner lease holder is the one writer: any other temp is a leftover
