@@ -484,12 +484,12 @@ def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
     listed: dict[str, set[str]] = {}  # folder -> names, a few folders at a time (not a copy of the run)
     names = 0
     gone: list[str] = []
-    for rel in paths:
+    for rel in sorted(paths):  # folder by folder (mostly); a list of references, no keys made
         folder, _sep, name = rel.rpartition("/")
         present = listed.get(folder)
         if present is None:
             if names > _VANISHED_NAMES:
-                listed.clear()  # paths come folder by folder (sorted): a folder is rarely listed twice
+                listed.clear()  # sorted: a folder's paths are together, it is rarely listed twice
                 names = 0
             try:
                 with os.scandir(run / folder if folder else run) as listing:

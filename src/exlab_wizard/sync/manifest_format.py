@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, read_regular_file
@@ -26,12 +26,11 @@ __all__ = [
     "MANIFEST_NAME",
     "ManifestFormatError",
     "format_manifest",
+    "manifest_chunks",
     "manifest_digest",
     "manifest_path",
     "parse_manifest",
     "read_manifest",
-    "read_manifest_bytes",
-    "render_manifest",
 ]
 
 MANIFEST_NAME = "checksums.sha256"
@@ -80,13 +79,36 @@ def _unescape(name: bytes) -> bytes:
 
 def format_manifest(hashes: Mapping[str, str]) -> bytes:
     """Render ``{relative path: hex}`` as sorted sha256sum lines (bytes)."""
-    return bytes(render_manifest(hashes))
+    return b"".join(manifest_chunks(hashes))
 
 
-def render_manifest(hashes: Mapping[str, str]) -> bytearray:
-    """:func:`format_manifest` into one growing buffer (no line objects: 200,000 of them cost ~35 MB)."""
+def _by_bytes(keys: Iterable[str]) -> list[str]:
+    """``keys`` sorted by their bytes (os.fsencode), without making those bytes when not needed.
+
+    UTF-8 keeps code point order, so a plain sort is the byte order unless a
+    key holds a surrogate escape (a non-UTF-8 name): only then sorted by bytes.
+    """
+    ordered = sorted(keys)
+    if not all(key.isascii() or _utf8(key) for key in ordered):
+        ordered.sort(key=os.fsencode)
+    return ordered
+
+
+def _utf8(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def manifest_chunks(hashes: Mapping[str, str], size: int = 1 << 20) -> Iterator[bytearray]:
+    """:func:`format_manifest` in pieces of about ``size`` bytes, for writing without the whole in memory.
+
+    No object per line: 200,000 lines as bytes objects cost ~35 MB.
+    """
     out = bytearray()
-    for key in sorted(hashes, key=os.fsencode):
+    for key in _by_bytes(hashes):
         name, escaped = _escape(os.fsencode(key))
         name = _DASH_FILE if name == _STDIN_NAME else name
         digest = hashes[key].lower().encode("ascii")
@@ -98,7 +120,11 @@ def render_manifest(hashes: Mapping[str, str]) -> bytearray:
         out += b"  "
         out += name
         out += b"\n"
-    return out
+        if len(out) >= size:
+            yield out
+            out = bytearray()
+    if out:
+        yield out
 
 
 def parse_manifest(data: bytes) -> dict[str, str]:
@@ -128,20 +154,18 @@ def read_manifest(run_path: Path) -> dict[str, str] | None:
     in sha256sum format, raises :class:`ManifestFormatError`; a file the
     file system refuses to read raises its ``OSError``.
     """
-    data = read_manifest_bytes(run_path)
-    return None if data is None else parse_manifest(data)
-
-
-def read_manifest_bytes(run_path: Path) -> bytes | None:
-    """The run's recorded manifest as stored (not parsed), or None; read and refused as :func:`read_manifest`."""
     try:
-        return read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
+        data = read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
     except CacheError as exc:
         if exc.kind == CacheErrorKind.IO and isinstance(exc.__cause__, OSError):
             raise exc.__cause__ from None
         raise ManifestFormatError(exc.message) from exc
+    return None if data is None else parse_manifest(data)
 
 
 def manifest_digest(hashes: Mapping[str, str]) -> str:
     """SHA-256 of the rendered manifest: names one verified state in logs."""
-    return hashlib.sha256(render_manifest(hashes)).hexdigest()
+    digest = hashlib.sha256()
+    for chunk in manifest_chunks(hashes):  # never the whole rendering in memory
+        digest.update(chunk)
+    return digest.hexdigest()

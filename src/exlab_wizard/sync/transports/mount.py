@@ -97,7 +97,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -546,8 +546,8 @@ class MountTransport(Transport):
         )
         # A metadata-only push follows VERIFIED: no verification comes after it (an audit reads
         # every file again), so its read-back would only sit in memory until its time to live.
-        # Sorted by bytes, one entry moved at a time (no list of (path, hash) pairs beside the two dicts).
-        hashes = {rel: job.hashes.pop(rel) for rel in sorted(job.hashes, key=os.fsencode)}
+        # Unsorted (the manifest is sorted when written): a sorted copy of 200,000 entries costs ~25 MB.
+        hashes = job.hashes
         if job.read_back and not metadata_only:
             now = time.monotonic()
             with self._read_backs_lock:
@@ -761,10 +761,12 @@ class MountTransport(Transport):
         committer thread makes batch k durable (one ``syncfs``), renames its
         files and reads them back from storage with :data:`READ_AHEAD` reads
         in flight. Any failure stops both sides; the first error is raised.
+        ``small`` is emptied as its files are taken (each file's record is
+        freed once its batch is copied).
         """
         committer = _Committer(self, job)
         try:
-            for batch in _batches(small, BATCH_FILES, BATCH_BYTES):
+            for batch in _batches(_drain(small), BATCH_FILES, BATCH_BYTES):
                 pending: list[tuple[str, str, str]] = []
                 chunks = [batch[i : i + SMALL_CHUNK] for i in range(0, len(batch), SMALL_CHUNK)]
                 run_parallel(
@@ -1230,9 +1232,8 @@ class MountTransport(Transport):
         self._logged(
             "INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable)
         )
-        # Sorted by bytes, one entry moved at a time (no list of pairs beside the two dicts).
-        ordered = {rel: hashes.pop(rel) for rel in sorted(hashes, key=os.fsencode)}
-        return RemoteManifest(hashes=ordered, unverifiable=unverifiable)
+        # Unsorted: a sorted copy of 200,000 entries costs ~25 MB, and compare() needs no order.
+        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
     # ------------------------------------------------------------------ fetch, keep previous
 
@@ -1486,7 +1487,14 @@ def _interleave(sources: list[_Source]) -> list[_Source]:
     return out
 
 
-def _batches(sources: list[_Source], max_files: int, max_bytes: int):
+def _drain(sources: list[_Source]) -> Iterator[_Source]:
+    """The items of ``sources`` in order, each removed from the list as it is taken."""
+    sources.reverse()
+    while sources:
+        yield sources.pop()
+
+
+def _batches(sources: Iterable[_Source], max_files: int, max_bytes: int):
     """Split the work into batches of at most ``max_files`` files or about ``max_bytes`` bytes to send."""
     batch: list[_Source] = []
     size = 0
