@@ -38,7 +38,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = [
@@ -159,8 +159,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, new_mode: i
     Raises ``OSError`` (including a short write) and leaves ``path`` untouched;
     the temp file never survives a failure. The folder must exist.
     """
+    atomic_write_chunks(path, [bytes(data) if not isinstance(data, bytes | bytearray) else data], new_mode=new_mode)
+
+
+def atomic_write_chunks(
+    path: str | os.PathLike[str], chunks: Iterable[bytes | bytearray], *, new_mode: int = 0o666
+) -> None:
+    """:func:`atomic_write_bytes` of the chunks one after the other, never all in memory at once.
+
+    An error raised by the iterator leaves ``path`` untouched, as a failed write does.
+    """
     path = Path(path)
-    data = bytes(data)
     folder = path.parent
     try:
         mode = os.stat(path).st_mode & 0o7777
@@ -172,16 +181,22 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, new_mode: i
         try:
             if keep_mode:
                 os.fchmod(fd, mode)  # the umask applied at creation; restore the target's bits
-            view = memoryview(data)
-            written = 0
-            while written < len(data):
-                n = os.write(fd, view[written:])
-                if n <= 0:
+            expected = written = 0
+            for data in chunks:
+                expected += len(data)
+                view = memoryview(data)
+                done = 0
+                while done < len(data):
+                    n = os.write(fd, view[done:])
+                    if n <= 0:
+                        break
+                    done += n
+                written += done
+                if done != len(data):
                     break
-                written += n
             size = os.fstat(fd).st_size
-            if written != len(data) or size != len(data):
-                raise OSError(errno.EIO, f"short write: {size} of {len(data)} bytes reached the disk", str(tmp))
+            if written != expected or size != expected:
+                raise OSError(errno.EIO, f"short write: {size} of {expected} bytes reached the disk", str(tmp))
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.fileio import METADATA_DIR, is_data_path
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
 from exlab_wizard.sync.context import ClientContext, TransferProgress
@@ -383,7 +384,9 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     try:
         rewrite = frozenset(job.rewrite_paths) | frozenset(accepted)
         outcome = await remote.push_run(run, bwlimit_kibps=limit, rewrite=rewrite, progress=on_bytes)
-        local_hashes = dict(outcome.local_hashes) if hashes_in_pass and outcome.local_hashes is not None else None
+        local_hashes = _data_hashes(outcome.local_hashes) if hashes_in_pass else None
+        # The push's own hashes are not kept beside the data-only ones through the verification.
+        outcome = dataclasses.replace(outcome, local_hashes=None)
         if local_hashes is None:
             if local_task is None:
                 local_task = asyncio.create_task(ctx.verifier.hash_local(run))
@@ -411,7 +414,19 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         detail=f"sent {outcome.files_sent} files, {outcome.bytes_sent} bytes",
     )
     ctx.notify_state(job)
-    await verify_job(ctx, job, equipment, local_hashes=metadata_push.data_only(local_hashes))
+    await verify_job(ctx, job, equipment, local_hashes=_data_hashes(local_hashes))
+
+
+def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The data files' entries of ``hashes``: in place when it is a dict (ours once a push returned it).
+
+    At 200,000 files a second dict beside the push's costs about 10 MB.
+    """
+    if hashes is None or not isinstance(hashes, dict):
+        return None if hashes is None else metadata_push.data_only(hashes)
+    for rel in [rel for rel in hashes if not is_data_path(rel)]:
+        del hashes[rel]
+    return hashes
 
 
 async def _keep_previous(
@@ -464,21 +479,32 @@ def _mark_pending(ctx: ClientContext, run: Path, remote: str) -> None:
 def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
     """The paths no longer present under ``run`` (of any type: nothing followed), sorted.
 
-    One listing per folder instead of one ``lstat`` per file.
+    One listing per folder (mostly) instead of one ``lstat`` per file.
     """
-    by_folder: dict[str, list[tuple[str, str]]] = {}
-    for rel in paths:
-        folder, _sep, name = rel.rpartition("/")
-        by_folder.setdefault(folder, []).append((rel, name))
+    listed: dict[str, set[str]] = {}  # folder -> names, a few folders at a time (not a copy of the run)
+    names = 0
     gone: list[str] = []
-    for folder, entries in by_folder.items():
-        try:
-            with os.scandir(run / folder if folder else run) as listing:
-                present = {entry.name for entry in listing}
-        except OSError:  # gone, or no longer a folder: as lexists() would say of each file
-            present = set()
-        gone.extend(rel for rel, name in entries if name not in present)
+    for rel in sorted(paths):  # folder by folder (mostly); a list of references, no keys made
+        folder, _sep, name = rel.rpartition("/")
+        present = listed.get(folder)
+        if present is None:
+            if names > _VANISHED_NAMES:
+                listed.clear()  # sorted: a folder's paths are together, it is rarely listed twice
+                names = 0
+            try:
+                with os.scandir(run / folder if folder else run) as listing:
+                    present = {entry.name for entry in listing}
+            except OSError:  # gone, or no longer a folder: as lexists() would say of each file
+                present = set()
+            listed[folder] = present
+            names += len(present)
+        if name not in present:
+            gone.append(rel)
     return sorted(gone)
+
+
+#: :func:`_vanished` forgets its folder listings once they hold this many names.
+_VANISHED_NAMES = 20_000
 
 
 def _vanished_message(paths: list[str]) -> str:

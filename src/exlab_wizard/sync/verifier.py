@@ -42,7 +42,7 @@ from exlab_wizard.fileio import (
     DROP_BEHIND,
     METADATA_DIR,
     advise_sequential,
-    atomic_write_bytes,
+    atomic_write_chunks,
     drop_page_cache,
     drop_page_cache_fd,
     hash_fd,
@@ -54,7 +54,7 @@ from exlab_wizard.fileio import (
 )
 from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.manifest_format import (
-    format_manifest,
+    manifest_chunks,
     manifest_digest,
     manifest_path,
     read_manifest,
@@ -286,8 +286,26 @@ def _sorted(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(paths, key=os.fsencode))
 
 
-def _data_only(hashes: Mapping[str, str]) -> dict[str, str]:
-    return {rel: digest.lower() for rel, digest in hashes.items() if not is_metadata_path(rel)}
+def _lower_hex(digest: str) -> bool:
+    return digest.islower() or digest.isdigit()
+
+
+def _lowered(digest: str) -> str:
+    return digest if _lower_hex(digest) else digest.lower()
+
+
+def _data_only(hashes: Mapping[str, str]) -> Mapping[str, str]:
+    """The data files' entries, digests in lower case: ``hashes`` itself when it is that already.
+
+    A run's manifest can hold 200,000 files: no copy (and no new digest strings) unless needed.
+    """
+    if all(_lower_hex(digest) and not is_metadata_path(rel) for rel, digest in hashes.items()):
+        return hashes
+    return {
+        rel: digest if _lower_hex(digest) else digest.lower()
+        for rel, digest in hashes.items()
+        if not is_metadata_path(rel)
+    }
 
 
 def compare(
@@ -308,15 +326,18 @@ def compare(
     else:
         remote_hashes, unverifiable_reasons = remote, {}
     mine = _data_only(local)
-    theirs = _data_only(remote_hashes)
+    theirs = remote_hashes  # its .exlab-wizard/ entries skipped below: no copy of 200,000 entries
     unverifiable = {rel for rel in unverifiable_reasons if not is_metadata_path(rel)}
-    remote_paths = set(theirs) | unverifiable
 
-    missing = [rel for rel in mine if rel not in remote_paths]
-    extra = [rel for rel in remote_paths if rel not in mine]
+    # No set of every path: at 200,000 files each costs megabytes, and the lookups need none.
+    missing = [rel for rel in mine if rel not in theirs and rel not in unverifiable]
+    extra = [rel for rel in theirs if rel not in mine and not is_metadata_path(rel)]
+    extra += [rel for rel in unverifiable if rel not in mine and rel not in theirs]
     cannot = [rel for rel in unverifiable if rel in mine]
     different = [
-        rel for rel, digest in mine.items() if rel in theirs and rel not in unverifiable and theirs[rel] != digest
+        rel
+        for rel, digest in mine.items()
+        if rel in theirs and rel not in unverifiable and _lowered(theirs[rel]) != digest
     ]
     ok = not (missing or extra or cannot or different)
     return VerifyResult(
@@ -325,7 +346,7 @@ def compare(
         extra=_sorted(extra),
         different=_sorted(different),
         unverifiable=_sorted(cannot),
-        checked=len(set(mine) | remote_paths),
+        checked=len(mine) + len(extra),  # every path of either side, once
         manifest_digest=manifest_digest(mine) if digest else None,
     )
 
@@ -398,9 +419,15 @@ class Verifier:
         either the old manifest or the new one.
         """
         data = _data_only(hashes)
-        body = format_manifest(data)
         target = manifest_path(Path(run_path))
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)  # the runner lease holder is the one writer: any other temp is a leftover
-        atomic_write_bytes(target, body, new_mode=0o644)
-        return hashlib.sha256(body).hexdigest()  # manifest_digest(data), without rendering it again
+        digest = hashlib.sha256()
+
+        def chunks() -> Iterator[bytearray]:  # rendered, hashed and written a piece at a time
+            for chunk in manifest_chunks(data):
+                digest.update(chunk)
+                yield chunk
+
+        atomic_write_chunks(target, chunks(), new_mode=0o644)
+        return digest.hexdigest()  # manifest_digest(data), without rendering it again

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
@@ -199,12 +199,17 @@ class CleanupStore:
     # ------------------------------------------------------------ writes
 
     def record_verified(
-        self, job_id: str, data: Mapping[str, str], stats: Mapping[str, StatRow], now: dt.datetime
+        self,
+        job_id: str,
+        data: Mapping[str, str],
+        stats: Mapping[str, StatRow] | Iterable[tuple[str, StatRow]],
+        now: dt.datetime,
     ) -> int:
         """Store the stats of a verified manifest's files; returns the rows written.
 
         ``data``: the verified ``{path: sha256}`` (data files only); ``stats``:
-        the files of it that could be stat-ed. A row whose SHA-256 is unchanged
+        the files of it that could be stat-ed (a mapping, or ``(path, row)``
+        pairs taken one at a time). A row whose SHA-256 is unchanged
         and trusted is kept as it is; rows of files no longer in ``data`` are
         dropped, and so is the row of a file verified with new content that
         could not be stat-ed now.
@@ -219,8 +224,13 @@ class CleanupStore:
             for rel in existing:
                 if rel not in data:
                     conn.execute("DELETE FROM verified_files WHERE job_id = ? AND path = ?", (job_id, _path_key(rel)))
-            for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted) in stats.items():
+            stated: set[str] = set()  # of the existing rows only
+            for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted) in (
+                stats.items() if isinstance(stats, Mapping) else stats
+            ):
                 old = existing.get(rel)
+                if old is not None:
+                    stated.add(rel)
                 if old is not None and old["sha256"] == sha and old["trusted"]:
                     continue
                 conn.execute(
@@ -231,7 +241,7 @@ class CleanupStore:
                 )
                 written += 1
             for rel in data:
-                if rel not in stats and rel in existing and existing[rel]["sha256"] != data[rel]:
+                if rel in existing and rel not in stated and existing[rel]["sha256"] != data[rel]:
                     # New content verified, file not stat-able now: the old stat must not vouch for it.
                     conn.execute("DELETE FROM verified_files WHERE job_id = ? AND path = ?", (job_id, _path_key(rel)))
         return written

@@ -92,11 +92,12 @@ import queue as queue_mod
 import re
 import secrets
 import stat
+import struct
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -291,13 +292,21 @@ class _Cancelled(Exception):
     """The push was cancelled (task cancelled, or another copy thread failed)."""
 
 
-class _Source(NamedTuple):  # a tuple: 20,000 of them are built per push
+class _Source(NamedTuple):
+    """One file of the push: a small tuple (200,000 of them may be built), the rest derived."""
+
     rel: str
-    path: str
-    folder: str  # relative folder of the file ('' = run root)
-    name: str
     size: int
     send: bool
+
+    @property
+    def folder(self) -> str:
+        """Relative folder of the file ('' = run root)."""
+        return self.rel.rpartition("/")[0]
+
+    @property
+    def name(self) -> str:
+        return self.rel.rpartition("/")[2]
 
 
 @dataclass
@@ -313,13 +322,26 @@ class _Push:
     total_sink: ProgressCallback | None = None  # the caller's own callback, told the total (report_total)
     direct_io: bool = False
     hashes: dict[str, str] = field(default_factory=dict)
-    #: rel -> (ino, size, mtime ns, ctime ns, sha256 digest) of files read back from the share
-    read_back: dict[str, tuple[int, int, int, int, bytes]] = field(default_factory=dict)
+    #: rel -> :func:`_stat_key` + sha256 digest (one 64-byte string) of files read back from the share
+    read_back: dict[str, bytes] = field(default_factory=dict)
     temps: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     files_sent: int = 0
     bytes_sent: int = 0
+
+    def source_path(self, src: _Source) -> str:
+        """The absolute local path of ``src`` (made when needed, not kept per file)."""
+        return os.path.join(self.run, src.rel)
+
+
+#: (inode, size, mtime ns, ctime ns) of a file as 32 bytes: a read-back record is these and the
+#: 32-byte digest in one bytes object (about 100 bytes a file, not 280 as a tuple of ints).
+_STAT_KEY = struct.Struct("<Qqqq")
+
+
+def _stat_key(info: os.stat_result) -> bytes:
+    return _STAT_KEY.pack(info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 class MountTransport(Transport):
@@ -352,8 +374,8 @@ class MountTransport(Transport):
         self.log = log
         self.now = now
         self.threads = threads or 6
-        #: remote run folder -> (monotonic time the push ended, its read-back hashes)
-        self._read_backs: dict[str, tuple[float, dict[str, tuple[int, int, int, int, bytes]]]] = {}
+        #: remote run folder -> (monotonic time the push ended, its read-back records, its local hashes)
+        self._read_backs: dict[str, tuple[float, dict[str, bytes], dict[str, str]]] = {}
         self._read_backs_lock = threading.Lock()
 
     # ------------------------------------------------------------------ guard
@@ -524,15 +546,18 @@ class MountTransport(Transport):
         )
         # A metadata-only push follows VERIFIED: no verification comes after it (an audit reads
         # every file again), so its read-back would only sit in memory until its time to live.
+        # Unsorted (the manifest is sorted when written): a sorted copy of 200,000 entries costs ~25 MB.
+        hashes = job.hashes
         if job.read_back and not metadata_only:
             now = time.monotonic()
             with self._read_backs_lock:
                 # Read-backs nobody asked for within their time to live (the metadata push after
                 # VERIFIED has no verification after it) are dropped here, so the map stays small.
-                for stale in [k for k, (ended, _) in self._read_backs.items() if now - ended > READ_BACK_TTL_S]:
+                for stale in [k for k, (ended, *_) in self._read_backs.items() if now - ended > READ_BACK_TTL_S]:
                     del self._read_backs[stale]
-                self._read_backs[remote] = (now, job.read_back)
-        hashes = dict(sorted(job.hashes.items(), key=lambda kv: os.fsencode(kv[0])))
+                # With the local hashes (alive anyway until the verification): the remote manifest
+                # takes their digest strings where equal instead of making 200,000 new ones.
+                self._read_backs[remote] = (now, job.read_back, hashes)
         return TransportResult(
             ok=True,
             files_sent=job.files_sent,
@@ -559,13 +584,14 @@ class MountTransport(Transport):
             raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"{top} is not a folder")
         try:
             dirs: list[str] = [METADATA_DIR] if metadata_only else []
-            # (path, size, mtime ns) only: 20,000 whole stat results would cost megabytes.
-            local_files: dict[str, tuple[str, int, int]] = {}
+            # (size, mtime ns) only: whole stat results, or absolute paths, would cost hundreds of
+            # bytes a file (the path is made from the run folder when the file is opened).
+            local_files: dict[str, tuple[int, int]] = {}
             for entry in scan_run(top, include_metadata=True, with_stat=True):
                 if entry.is_dir:
                     dirs.append(prefix + entry.rel)
                 else:
-                    local_files[prefix + entry.rel] = (entry.path, entry.stat.st_size, entry.stat.st_mtime_ns)
+                    local_files[prefix + entry.rel] = (entry.stat.st_size, entry.stat.st_mtime_ns)
         except OSError as exc:
             raise self._local_error(exc, prefix or ".", run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
@@ -574,7 +600,7 @@ class MountTransport(Transport):
         )
 
         sources = []
-        for rel, (path, size, mtime_ns) in local_files.items():
+        for rel, (size, mtime_ns) in local_files.items():
             theirs = remote_stats.get(rel)  # (size, mtime ns)
             send = (
                 metadata_only
@@ -583,8 +609,7 @@ class MountTransport(Transport):
                 or theirs[0] != size
                 or not same_mtime(mtime_ns, theirs[1])
             )
-            folder, _sep, name = rel.rpartition("/")
-            sources.append(_Source(rel, path, folder, name, size, send))
+            sources.append(_Source(rel, size, send))
         del local_files, remote_stats
         self._logged(
             "INFO",
@@ -736,10 +761,12 @@ class MountTransport(Transport):
         committer thread makes batch k durable (one ``syncfs``), renames its
         files and reads them back from storage with :data:`READ_AHEAD` reads
         in flight. Any failure stops both sides; the first error is raised.
+        ``small`` is emptied as its files are taken (each file's record is
+        freed once its batch is copied).
         """
         committer = _Committer(self, job)
         try:
-            for batch in _batches(small, BATCH_FILES, BATCH_BYTES):
+            for batch in _batches(_drain(small), BATCH_FILES, BATCH_BYTES):
                 pending: list[tuple[str, str, str]] = []
                 chunks = [batch[i : i + SMALL_CHUNK] for i in range(0, len(batch), SMALL_CHUNK)]
                 run_parallel(
@@ -795,7 +822,7 @@ class MountTransport(Transport):
         one that grew past the buffer since it was listed goes the general way.
         """
         try:
-            fd_in, before = open_regular(src.path)
+            fd_in, before = open_regular(job.source_path(src))
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         try:
@@ -871,7 +898,7 @@ class MountTransport(Transport):
             raise self._remote_error(exc, job.remote) from exc
         items = iter(batch)
         ahead: deque[tuple[str, int, os.stat_result]] = deque()
-        read_back: dict[str, tuple[int, int, int, int, bytes]] = {}
+        read_back: dict[str, bytes] = {}
         renamed = 0
 
         def rename_next() -> None:
@@ -912,7 +939,7 @@ class MountTransport(Transport):
                     os.close(fd)
                 # The stat before the read: any later write or utime changes the ctime, and the
                 # remote manifest then reads the file again.
-                read_back[rel] = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, bytes.fromhex(digest))
+                read_back[rel] = _stat_key(info) + bytes.fromhex(digest)
         finally:
             for _rel, fd, _info in ahead:
                 os.close(fd)
@@ -922,7 +949,7 @@ class MountTransport(Transport):
 
     def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
         try:
-            fd, _info = open_regular(src.path)
+            fd, _info = open_regular(job.source_path(src))
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         try:
@@ -937,7 +964,7 @@ class MountTransport(Transport):
     ) -> tuple[str, str] | None:
         """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile."""
         try:
-            fd_in, before = open_regular(src.path)
+            fd_in, before = open_regular(job.source_path(src))
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         temp = os.path.join(folder, _temp_name(src.name))
@@ -1100,10 +1127,10 @@ class MountTransport(Transport):
             return
         finally:
             os.close(fd)
-        key = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        if key == (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns):
+        key = _stat_key(info)
+        if key == _stat_key(after):
             with job.lock:
-                job.read_back[rel] = (*key, digest)
+                job.read_back[rel] = key + digest
 
     def _set_dir_times(self, job: _Push, run: Path, local_dirs: list[str]) -> None:
         # Deepest first: setting a folder's time must come after every change inside it.
@@ -1136,30 +1163,31 @@ class MountTransport(Transport):
             abort.set()  # the hashing threads stop at their next file
             raise
 
-    def _take_read_back(self, remote: str) -> dict[str, tuple[int, int, int, int, bytes]]:
-        """The read-back hashes of the last push to ``remote``, once, when fresh; else {}."""
+    def _take_read_back(self, remote: str) -> tuple[dict[str, bytes], dict[str, str]]:
+        """The read-back records and local hashes of the last push to ``remote``, once, when fresh; else empty."""
         with self._read_backs_lock:
-            ended, read_back = self._read_backs.pop(remote, (0.0, {}))
-        return read_back if time.monotonic() - ended <= READ_BACK_TTL_S else {}
+            ended, read_back, local = self._read_backs.pop(remote, (0.0, {}, {}))
+        return (read_back, local) if time.monotonic() - ended <= READ_BACK_TTL_S else ({}, {})
 
     def _remote_manifest(self, run: Path, abort: threading.Event | None = None) -> RemoteManifest:
         self._require_mounted()
         remote = self.remote_run_path(run)
-        read_back = self._take_read_back(remote)
+        read_back, local = self._take_read_back(remote)
         hashes: dict[str, str] = {}
         try:
             listed = []
             for entry in scan_run(remote, include_metadata=True, with_stat=bool(read_back)):
                 if entry.is_dir:
                     continue
-                known = read_back.get(entry.rel)
-                info = entry.stat
+                known = read_back.pop(entry.rel, None)
                 # Read back by the push and not changed since (a rewrite changes the ctime).
-                if known is not None and known[:4] == (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns):
-                    hashes[entry.rel] = known[4].hex()
+                if known is not None and known[: _STAT_KEY.size] == _stat_key(entry.stat):
+                    text = known[_STAT_KEY.size :].hex()
+                    mine = local.get(entry.rel)
+                    hashes[entry.rel] = mine if mine == text else text  # the same string once, where equal
                 else:
                     listed.append((entry.rel, entry.path))
-            del read_back
+            del read_back, local
         except FileNotFoundError:
             self._require_mounted()
             return RemoteManifest(hashes={})
@@ -1204,9 +1232,8 @@ class MountTransport(Transport):
         self._logged(
             "INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable)
         )
-        return RemoteManifest(
-            hashes=dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0]))), unverifiable=unverifiable
-        )
+        # Unsorted: a sorted copy of 200,000 entries costs ~25 MB, and compare() needs no order.
+        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
     # ------------------------------------------------------------------ fetch, keep previous
 
@@ -1460,7 +1487,14 @@ def _interleave(sources: list[_Source]) -> list[_Source]:
     return out
 
 
-def _batches(sources: list[_Source], max_files: int, max_bytes: int):
+def _drain(sources: list[_Source]) -> Iterator[_Source]:
+    """The items of ``sources`` in order, each removed from the list as it is taken."""
+    sources.reverse()
+    while sources:
+        yield sources.pop()
+
+
+def _batches(sources: Iterable[_Source], max_files: int, max_bytes: int):
     """Split the work into batches of at most ``max_files`` files or about ``max_bytes`` bytes to send."""
     batch: list[_Source] = []
     size = 0
