@@ -174,3 +174,18 @@ def test_sigterm_mid_transfer_exits_in_time_and_the_next_start_resumes(lab: Lab)
         assert code == 0
     finally:
         serve.kill()
+
+
+def test_serve_caps_glibcs_malloc_arenas_in_a_fresh_process() -> None:
+    # The soak's memory check relies on it: without the cap each new worker thread may open an
+    # arena that grows to its working size late in a run, a step the check reads as growth.
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes\n"
+        "from exlab_wizard.service.server import SERVE_MALLOC_ARENAS, cap_malloc_arenas\n"
+        "print(cap_malloc_arenas(), SERVE_MALLOC_ARENAS)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "2"], out

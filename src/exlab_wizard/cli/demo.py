@@ -133,8 +133,9 @@ def _free_or_any(port: int) -> int:
 
 def _serve_demo(config, lab: DemoLab, port: int) -> None:
     """Run ``serve`` on the demo lab until SIGTERM/SIGINT; exits the process."""
-    from exlab_wizard.service.server import AlreadyServing
+    from exlab_wizard.service.server import AlreadyServing, cap_malloc_arenas
 
+    cap_malloc_arenas()
     try:
         asyncio.run(_run_demo_service(config, lab, _free_or_any(port)))
     except AlreadyServing as exc:

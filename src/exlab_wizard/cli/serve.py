@@ -52,7 +52,9 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     """Run the sync service: workers, completion watcher, HTTP API and /metrics."""
     ensure_state_dir(config)
     configure_logging(config)
-    from exlab_wizard.service.server import LOOPBACK, AlreadyServing, run_service
+    from exlab_wizard.service.server import LOOPBACK, AlreadyServing, cap_malloc_arenas, run_service
+
+    cap_malloc_arenas()  # before any thread: memory stays steady over weeks of runs
 
     if host not in LOOPBACK:
         err_console.print(
