@@ -51,6 +51,8 @@ class _Rate:
     at: float
     bytes: int
     sent_at: float = 0.0
+    bps: float | None = None  # the job's last measured rate: a new phase shows it until it has its own
+    phase: Any = None
 
 
 @dataclass(eq=False)  # hashed by identity: kept in a set
@@ -164,17 +166,19 @@ class EventHub:
         job_id = str(event.get("job_id"))
         now = asyncio.get_running_loop().time()
         done, total = int(event.get("bytes") or 0), int(event.get("total") or 0)
-        rate = self._rates.get(job_id)
-        if rate is None or rate.bytes > done:  # a new phase starts from zero
-            rate = self._rates[job_id] = _Rate(now, done, sent_at=-self.throttle_s)
+        rate, phase = self._rates.get(job_id), event.get("phase")
+        if rate is None or rate.bytes > done or rate.phase != phase:  # a new phase
+            last = rate.bps if rate is not None else None
+            rate = self._rates[job_id] = _Rate(now, done, sent_at=-self.throttle_s, bps=last, phase=phase)
         finished = total > 0 and done >= total
         if now - rate.sent_at < self.throttle_s and not finished:
             return
         elapsed = now - rate.at
-        bps = (done - rate.bytes) / elapsed if elapsed > 0 else None
+        if elapsed > 0:  # else the phase's first message: the job's last rate stands
+            rate.bps = (done - rate.bytes) / elapsed
+        bps = rate.bps
         rate.at, rate.bytes, rate.sent_at = now, done, now
-        if finished:
-            self._rates.pop(job_id, None)
+        # Forgotten when the job leaves RUNNING or AWAITING_VERIFY (the table's transition, above).
         self.publish(
             FeedMessage(
                 "progress",
