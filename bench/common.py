@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import statistics
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "new_run",
     "interleave",
     "DATASETS",
     "Dataset",
@@ -92,6 +94,24 @@ def dataset(name: str, scale: float = 1.0) -> Dataset:
     else:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     return Dataset(name, tuple(files))
+
+
+def new_run(root: Path, equipment: str, name: str, created_by: str) -> Path:
+    """A run folder ``<root>/<equipment>/PROJ-0001/Runs/Run_2026-12-01_<name>`` with its creation.json, no data yet."""
+    run = root / equipment / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
+    meta = run / ".exlab-wizard"
+    meta.mkdir(parents=True)
+    creation = {
+        "schema_version": "1.0",
+        "level": "run",
+        "run_kind": "experimental",
+        "paths": {"local": str(run), "nas": None},
+        "sync_status": "pending",
+        "validation_overrides": [],
+        "created_by": created_by,
+    }
+    (meta / "creation.json").write_text(json.dumps(creation, indent=2) + "\n")
+    return run
 
 
 def write_dataset(root: Path, spec: Dataset, *, seed: int = 3) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import statistics
 import sys
@@ -31,6 +30,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 import service as sbench  # noqa: E402
+from common import new_run  # noqa: E402
 
 from exlab_wizard.cache import CreationWriter  # noqa: E402
 from exlab_wizard.sync.nas_client import NASSyncClient  # noqa: E402
@@ -45,21 +45,7 @@ def _make_runs(local: Path, count: int) -> list[Path]:
     runs = []
     for k in range(count):
         equipment = sbench.EQUIPMENT[k % len(sbench.EQUIPMENT)]
-        run = local / equipment / "PROJ-0001" / "Runs" / f"Run_2026-12-01_q{k:05d}"
-        meta = run / ".exlab-wizard"
-        meta.mkdir(parents=True)
-        (meta / "creation.json").write_text(
-            json.dumps(
-                {
-                    "schema_version": "1.0",
-                    "level": "run",
-                    "run_kind": "experimental",
-                    "paths": {"local": str(run), "nas": None},
-                    "sync_status": "pending",
-                    "validation_overrides": [],
-                }
-            )
-        )
+        run = new_run(local, equipment, f"q{k:05d}", "bench/queue_bench.py")
         for name in ("plate.csv", "image_000.tif", "image_001.tif"):
             (run / name).write_bytes(b"0123456789abcdef" * 64)
         runs.append(run)

@@ -58,7 +58,7 @@ for _path in (str(_HERE), str(_ROOT)):
 
 import floor  # noqa: E402
 import sync_network  # noqa: E402
-from common import DATASETS, Dataset, dataset, median, ratio, run_measured, write_dataset  # noqa: E402
+from common import DATASETS, Dataset, dataset, median, new_run, ratio, run_measured, write_dataset  # noqa: E402
 from fresh_fs import FreshFs  # noqa: E402
 
 from exlab_wizard.sync.transports.rclone import rclone_binary  # noqa: E402
@@ -305,24 +305,7 @@ def summarize_raw(path: Path, top: int = 8) -> list[str]:
 
 
 def make_run(local_root: Path, name: str, spec: Dataset) -> Path:
-    run = local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
-    meta = run / ".exlab-wizard"
-    meta.mkdir(parents=True)
-    (meta / "creation.json").write_text(
-        json.dumps(
-            {
-                "schema_version": "1.0",
-                "level": "run",
-                "run_kind": "experimental",
-                "paths": {"local": str(run), "nas": None},
-                "sync_status": "pending",
-                "validation_overrides": [],
-                "created_by": "bench/run_all.py",
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    run = new_run(local_root, EQUIPMENT, name, "bench/run_all.py")
     write_dataset(run, spec)
     return run
 

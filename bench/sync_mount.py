@@ -50,6 +50,7 @@ from common import (
     fmt_bytes,
     interleave,
     median,
+    new_run,
     ratio,
     run_measured,
     sh,
@@ -96,24 +97,7 @@ class Bench:
         self.sizes: dict[Path, tuple[int, int]] = {}
 
     def make_run(self, name: str, scale: float) -> Path:
-        run = self.local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
-        meta = run / ".exlab-wizard"
-        meta.mkdir(parents=True)
-        (meta / "creation.json").write_text(
-            json.dumps(
-                {
-                    "schema_version": "1.0",
-                    "level": "run",
-                    "run_kind": "experimental",
-                    "paths": {"local": str(run), "nas": None},
-                    "sync_status": "pending",
-                    "validation_overrides": [],
-                    "created_by": "bench/sync_mount.py",
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        run = new_run(self.local_root, EQUIPMENT, name, "bench/sync_mount.py")
         write_dataset(run, dataset(name, scale))
         return run
 

@@ -58,7 +58,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 sys.path.insert(1, str(_HERE.parent))  # tests.fixtures.sshd: the same server the tests use
 
-from common import DATASETS, dataset, interleave, median, ratio, timed, write_dataset  # noqa: E402
+from common import DATASETS, dataset, interleave, median, new_run, ratio, timed, write_dataset  # noqa: E402
 from fresh_fs import FreshFs  # noqa: E402
 
 from exlab_wizard.cache import CreationWriter  # noqa: E402
@@ -154,26 +154,9 @@ class Bench:
     # ------------------------------------------------------------- the lab
 
     def make_run(self, name: str, scale: float) -> Path:
-        run = self.local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
-        meta = run / ".exlab-wizard"
-        meta.mkdir(parents=True)
-        (meta / "creation.json").write_text(
-            json.dumps(
-                {
-                    "schema_version": "1.0",
-                    "level": "run",
-                    "run_kind": "experimental",
-                    "paths": {"local": str(run), "nas": None},
-                    "sync_status": "pending",
-                    "validation_overrides": [],
-                    "created_by": "bench/sync_network.py",
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        run = new_run(self.local_root, EQUIPMENT, name, "bench/sync_network.py")
         write_dataset(run, dataset(name, scale))
-        self.pristine[run] = {p.name: p.read_bytes() for p in meta.iterdir()}
+        self.pristine[run] = {p.name: p.read_bytes() for p in (run / ".exlab-wizard").iterdir()}
         return run
 
     def _restore_metadata(self, run: Path) -> None:
