@@ -587,6 +587,47 @@ def test_read_back_is_not_trusted_for_a_file_changed_since(lab: Lab, monkeypatch
     assert len(reads) == 2
 
 
+def test_the_manifest_after_a_push_holds_the_push_own_strings(lab: Lab) -> None:
+    """Issue 13 (memory): the manifest taken from the read-back makes no new path or digest string per file."""
+    for index in range(50):
+        lab.write(f"d{index % 3}/f{index}.bin", index.to_bytes(2, "little") * 300)
+    result = lab.push()
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert manifest.hashes == result.local_hashes
+    keys = {id(rel) for rel in result.local_hashes}
+    assert all(id(rel) in keys for rel in manifest.hashes)
+    assert all(manifest.hashes[rel] is result.local_hashes[rel] for rel in manifest.hashes)
+
+
+def test_a_file_read_back_unlike_its_copy_is_read_again(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-back whose digest differs from the one computed while copying is not kept: the manifest reads again."""
+    lab.write("a.bin", b"a" * 1000)
+    lab.write("b.bin", b"b" * 1000)
+    real_hash = mount_module.hash_from_storage
+
+    def misread(fd, view, **kwargs):  # the push's read-back of a.bin gives a wrong digest once
+        digest = real_hash(fd, view, **kwargs)
+        return "0" * 64 if os.fstat(fd).st_size == 1000 and os.pread(fd, 1, 0) == b"a" else digest
+
+    monkeypatch.setattr(mount_module, "hash_from_storage", misread)
+    result = lab.push()
+    monkeypatch.setattr(mount_module, "hash_from_storage", real_hash)
+    reads = _count_manifest_reads(monkeypatch)
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert reads == [(lab.remote / "a.bin").stat().st_ino]
+    assert compare(result.local_hashes, manifest).ok
+
+
+def test_a_file_read_back_then_removed_from_the_share_is_not_in_the_manifest(lab: Lab) -> None:
+    lab.write("a.bin", b"a" * 1000)
+    lab.write("sub/b.bin", b"b" * 1000)
+    result = lab.push()
+    (lab.remote / "sub" / "b.bin").unlink()
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert "sub/b.bin" not in manifest.hashes
+    assert compare(result.local_hashes, manifest).missing == ("sub/b.bin",)
+
+
 def test_read_back_expires(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     lab.write("a.bin", b"a" * 1000)
     lab.push()
