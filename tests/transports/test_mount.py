@@ -600,22 +600,39 @@ def test_the_manifest_after_a_push_holds_the_push_own_strings(lab: Lab) -> None:
 
 
 def test_a_file_read_back_unlike_its_copy_is_read_again(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A read-back whose digest differs from the one computed while copying is not kept: the manifest reads again."""
-    lab.write("a.bin", b"a" * 1000)
-    lab.write("b.bin", b"b" * 1000)
+    """A read-back whose digest differs from the copy's vouches for nothing: the manifest reads its folder again."""
+    lab.write("x/a.bin", b"a" * 1000)
+    lab.write("x/c.bin", b"c" * 1000)
+    lab.write("y/b.bin", b"b" * 1000)
     real_hash = mount_module.hash_from_storage
 
-    def misread(fd, view, **kwargs):  # the push's read-back of a.bin gives a wrong digest once
+    def misread(fd, view, **kwargs):  # the push's read-back of x/a.bin gives a wrong digest
         digest = real_hash(fd, view, **kwargs)
-        return "0" * 64 if os.fstat(fd).st_size == 1000 and os.pread(fd, 1, 0) == b"a" else digest
+        return "0" * 64 if os.pread(fd, 1, 0) == b"a" else digest
 
     monkeypatch.setattr(mount_module, "hash_from_storage", misread)
     result = lab.push()
     monkeypatch.setattr(mount_module, "hash_from_storage", real_hash)
     reads = _count_manifest_reads(monkeypatch)
     manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
-    assert reads == [(lab.remote / "a.bin").stat().st_ino]
+    assert sorted(reads) == sorted((lab.remote / rel).stat().st_ino for rel in ("x/a.bin", "x/c.bin"))
     assert compare(result.local_hashes, manifest).ok
+
+
+def test_a_folder_with_a_file_changed_since_its_read_back_is_read_again(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder's sum of tags no longer matches: every file of it (and only it) is read from storage."""
+    for index in range(5):
+        lab.write(f"x/f{index}.bin", bytes([index]) * 500)
+        lab.write(f"y/f{index}.bin", bytes([index + 9]) * 500)
+    result = lab.push()
+    os.utime(lab.remote / "x" / "f3.bin", ns=(1, os.stat(lab.remote / "x" / "f3.bin").st_mtime_ns))  # a new ctime
+    reads = _count_manifest_reads(monkeypatch)
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert sorted(reads) == sorted(p.stat().st_ino for p in (lab.remote / "x").iterdir())
+    assert compare(result.local_hashes, manifest).ok
+    assert dict(manifest.hashes) == result.local_hashes
 
 
 def test_a_file_read_back_then_removed_from_the_share_is_not_in_the_manifest(lab: Lab) -> None:
