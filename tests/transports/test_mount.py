@@ -604,15 +604,21 @@ def test_a_file_read_back_unlike_its_copy_is_read_again(lab: Lab, monkeypatch: p
     lab.write("x/a.bin", b"a" * 1000)
     lab.write("x/c.bin", b"c" * 1000)
     lab.write("y/b.bin", b"b" * 1000)
-    real_hash = mount_module.hash_from_storage
 
-    def misread(fd, view, **kwargs):  # the push's read-back of x/a.bin gives a wrong digest
-        digest = real_hash(fd, view, **kwargs)
-        return "0" * 64 if os.pread(fd, 1, 0) == b"a" else digest
+    def misreading(real):  # the push's read-back of x/a.bin gives a wrong digest (hex or raw)
+        def fake(fd, *args, **kwargs):
+            digest = real(fd, *args, **kwargs)
+            if os.pread(fd, 1, 0) != b"a":
+                return digest
+            return bytes(len(digest)) if isinstance(digest, bytes) else "0" * len(digest)
 
-    monkeypatch.setattr(mount_module, "hash_from_storage", misread)
+        return fake
+
+    for name in ("hash_from_storage", "_hash_prefetched"):  # whichever hashes the read-back
+        if hasattr(mount_module, name):
+            monkeypatch.setattr(mount_module, name, misreading(getattr(mount_module, name)))
     result = lab.push()
-    monkeypatch.setattr(mount_module, "hash_from_storage", real_hash)
+    monkeypatch.undo()
     reads = _count_manifest_reads(monkeypatch)
     manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
     assert sorted(reads) == sorted((lab.remote / rel).stat().st_ino for rel in ("x/a.bin", "x/c.bin"))
