@@ -115,7 +115,7 @@ def _own_peak_rss() -> int:
 def _cap_malloc_arenas(arenas: int = 2) -> None:
     """glibc's malloc arenas capped before any thread starts, as ``exlab-sync serve`` runs the engine.
 
-    Uncapped, each copy thread's arena keeps the dict tables freed in it (~16 MB more at 200,000
+    Uncapped, each copy thread's arena keeps the dict tables freed in it (7 to 16 MB more at 200,000
     files). Done here with ``mallopt`` rather than by importing the service's
     ``cap_malloc_arenas``: that import alone adds ~12 MB the engine does not need.
     """
