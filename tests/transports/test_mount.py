@@ -587,6 +587,70 @@ def test_read_back_is_not_trusted_for_a_file_changed_since(lab: Lab, monkeypatch
     assert len(reads) == 2
 
 
+def test_the_manifest_after_a_push_holds_the_push_own_strings(lab: Lab) -> None:
+    """Issue 13 (memory): the manifest taken from the read-back makes no new path or digest string per file."""
+    for index in range(50):
+        lab.write(f"d{index % 3}/f{index}.bin", index.to_bytes(2, "little") * 300)
+    result = lab.push()
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert manifest.hashes == result.local_hashes
+    keys = {id(rel) for rel in result.local_hashes}
+    assert all(id(rel) in keys for rel in manifest.hashes)
+    assert all(manifest.hashes[rel] is result.local_hashes[rel] for rel in manifest.hashes)
+
+
+def test_a_file_read_back_unlike_its_copy_is_read_again(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-back whose digest differs from the copy's vouches for nothing: the manifest reads its folder again."""
+    lab.write("x/a.bin", b"a" * 1000)
+    lab.write("x/c.bin", b"c" * 1000)
+    lab.write("y/b.bin", b"b" * 1000)
+
+    def misreading(real):  # the push's read-back of x/a.bin gives a wrong digest (hex or raw)
+        def fake(fd, *args, **kwargs):
+            digest = real(fd, *args, **kwargs)
+            if os.pread(fd, 1, 0) != b"a":
+                return digest
+            return bytes(len(digest)) if isinstance(digest, bytes) else "0" * len(digest)
+
+        return fake
+
+    for name in ("hash_from_storage", "_hash_prefetched"):  # whichever hashes the read-back
+        if hasattr(mount_module, name):
+            monkeypatch.setattr(mount_module, name, misreading(getattr(mount_module, name)))
+    result = lab.push()
+    monkeypatch.undo()
+    reads = _count_manifest_reads(monkeypatch)
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert sorted(reads) == sorted((lab.remote / rel).stat().st_ino for rel in ("x/a.bin", "x/c.bin"))
+    assert compare(result.local_hashes, manifest).ok
+
+
+def test_a_folder_with_a_file_changed_since_its_read_back_is_read_again(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder's sum of tags no longer matches: every file of it (and only it) is read from storage."""
+    for index in range(5):
+        lab.write(f"x/f{index}.bin", bytes([index]) * 500)
+        lab.write(f"y/f{index}.bin", bytes([index + 9]) * 500)
+    result = lab.push()
+    os.utime(lab.remote / "x" / "f3.bin", ns=(1, os.stat(lab.remote / "x" / "f3.bin").st_mtime_ns))  # a new ctime
+    reads = _count_manifest_reads(monkeypatch)
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert sorted(reads) == sorted(p.stat().st_ino for p in (lab.remote / "x").iterdir())
+    assert compare(result.local_hashes, manifest).ok
+    assert dict(manifest.hashes) == result.local_hashes
+
+
+def test_a_file_read_back_then_removed_from_the_share_is_not_in_the_manifest(lab: Lab) -> None:
+    lab.write("a.bin", b"a" * 1000)
+    lab.write("sub/b.bin", b"b" * 1000)
+    result = lab.push()
+    (lab.remote / "sub" / "b.bin").unlink()
+    manifest = asyncio.run(lab.transport.remote_manifest(lab.run))
+    assert "sub/b.bin" not in manifest.hashes
+    assert compare(result.local_hashes, manifest).missing == ("sub/b.bin",)
+
+
 def test_read_back_expires(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     lab.write("a.bin", b"a" * 1000)
     lab.push()

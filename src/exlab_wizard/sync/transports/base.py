@@ -116,7 +116,7 @@ class RemoteManifest:
     ...``, a read that failed); such a file is never counted as verified.
     """
 
-    hashes: dict[str, str]
+    hashes: Mapping[str, str]
     unverifiable: dict[str, str] = field(default_factory=dict)
 
 

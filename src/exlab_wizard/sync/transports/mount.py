@@ -61,12 +61,17 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   hashed, so the check reads what the share stores (and the pages it reads
   are dropped again as it goes: see ``verifier.hash_from_storage``). To overlap that read
   with the copy, the push reads each file back the same way as soon as it
-  is durable and renamed (while the other threads go on copying), and keeps
-  its hash with the file's inode, size, mtime and ctime. The first remote
-  manifest after that push, if within ``READ_BACK_TTL_S``, takes those
-  hashes for files whose lstat still matches (any write or utime changes
-  the ctime) and reads every other file; later manifests (the audits) read
-  every file again.
+  is durable and renamed (while the other threads go on copying); when the
+  bytes read back have the digest computed while copying, it adds a 64-bit
+  tag of that digest and the file's inode, size, mtime and ctime to its
+  folder's count and sum (a few numbers a folder, nothing kept a file). The
+  first remote manifest after that push, if within ``READ_BACK_TTL_S``,
+  lists the share and gives a folder's files the local digests when the
+  folder's count and sum of tags (from each file's lstat now, any write or
+  utime changing the ctime) agree and every local file of it is there; it
+  reads every file of any other folder from storage (a file read back
+  differently included), and the files the local run does not have. Later
+  manifests (the audits) read every file again.
 
 Symlinks in the run are never followed nor copied. Progress callbacks get
 byte deltas from the copy threads, one call at a time (for small files, one
@@ -97,7 +102,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -322,8 +327,9 @@ class _Push:
     total_sink: ProgressCallback | None = None  # the caller's own callback, told the total (report_total)
     direct_io: bool = False
     hashes: dict[str, str] = field(default_factory=dict)
-    #: rel -> :func:`_stat_key` + sha256 digest (one 64-byte string) of files read back from the share
-    read_back: dict[str, bytes] = field(default_factory=dict)
+    #: folder -> [files, sum of their :func:`_read_back_tag`] of the files read back from the
+    #: share with the digest of ``hashes`` (a few numbers a folder, none a file)
+    read_back: dict[str, list[int]] = field(default_factory=dict)
     temps: set[str] = field(default_factory=set)
     touched: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -335,13 +341,39 @@ class _Push:
         return os.path.join(self.run, src.rel)
 
 
-#: (inode, size, mtime ns, ctime ns) of a file as 32 bytes: a read-back record is these and the
-#: 32-byte digest in one bytes object (about 100 bytes a file, not 280 as a tuple of ints).
+#: (inode, size, mtime ns, ctime ns) of a file as 32 bytes
 _STAT_KEY = struct.Struct("<Qqqq")
+
+#: read-back tags and their sums are 64-bit
+_TAG_MASK = (1 << 64) - 1
 
 
 def _stat_key(info: os.stat_result) -> bytes:
     return _STAT_KEY.pack(info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _read_back_tag(info: os.stat_result, digest: str) -> int:
+    """A file's read-back tag: 64 bits of a keyed hash of its stat key and its SHA-256 (hex).
+
+    ``hash()`` of bytes is SipHash, keyed at random per process. The push
+    adds up, folder by folder, the tags of the files whose bytes read back
+    from storage had the digest computed from the local file; the remote
+    manifest adds up the tags of the folder's files as listed then with the
+    local digests, and takes those digests for the whole folder only when
+    both the count and the sum agree (see :meth:`MountTransport._list_remote`).
+    """
+    return hash(_stat_key(info) + bytes.fromhex(digest)) & _TAG_MASK
+
+
+def _add_tag(sums: dict[str, list[int]], rel: str, tag: int) -> None:
+    """Count ``rel``'s tag into its folder's ``[files, sum of tags]``."""
+    folder = rel.rpartition("/")[0]
+    acc = sums.get(folder)
+    if acc is None:
+        sums[folder] = [1, tag]
+    else:
+        acc[0] += 1
+        acc[1] = (acc[1] + tag) & _TAG_MASK
 
 
 class MountTransport(Transport):
@@ -375,7 +407,7 @@ class MountTransport(Transport):
         self.now = now
         self.threads = threads or 6
         #: remote run folder -> (monotonic time the push ended, its read-back records, its local hashes)
-        self._read_backs: dict[str, tuple[float, dict[str, bytes], dict[str, str]]] = {}
+        self._read_backs: dict[str, tuple[float, dict[str, list[int]], dict[str, str]]] = {}
         self._read_backs_lock = threading.Lock()
 
     # ------------------------------------------------------------------ guard
@@ -600,7 +632,8 @@ class MountTransport(Transport):
         )
 
         sources = []
-        for rel, (size, mtime_ns) in local_files.items():
+        while local_files:  # each entry freed as its record is made: the two are never whole at once
+            rel, (size, mtime_ns) = local_files.popitem()
             theirs = remote_stats.get(rel)  # (size, mtime ns)
             send = (
                 metadata_only
@@ -898,7 +931,8 @@ class MountTransport(Transport):
             raise self._remote_error(exc, job.remote) from exc
         items = iter(batch)
         ahead: deque[tuple[str, int, os.stat_result]] = deque()
-        read_back: dict[str, bytes] = {}
+        read_back: dict[str, list[int]] = {}
+        hashes = job.hashes
         renamed = 0
 
         def rename_next() -> None:
@@ -938,14 +972,18 @@ class MountTransport(Transport):
                 finally:
                     os.close(fd)
                 # The stat before the read: any later write or utime changes the ctime, and the
-                # remote manifest then reads the file again.
-                read_back[rel] = _stat_key(info) + bytes.fromhex(digest)
+                # remote manifest then reads the file again (as it does one read back different).
+                if hashes.get(rel) == digest:
+                    _add_tag(read_back, rel, _read_back_tag(info, digest))
         finally:
             for _rel, fd, _info in ahead:
                 os.close(fd)
             with job.lock:
                 job.files_sent += renamed
-                job.read_back.update(read_back)
+                for folder, (files, total) in read_back.items():
+                    acc = job.read_back.setdefault(folder, [0, 0])
+                    acc[0] += files
+                    acc[1] = (acc[1] + total) & _TAG_MASK
 
     def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
         try:
@@ -1121,16 +1159,16 @@ class MountTransport(Transport):
             return
         try:
             # durable already (fsync or syncfs): its pages are clean
-            digest = bytes.fromhex(hash_from_storage(fd, view, sync=False))
+            digest = hash_from_storage(fd, view, sync=False)
             after = os.fstat(fd)
         except OSError:
             return
         finally:
             os.close(fd)
-        key = _stat_key(info)
-        if key == _stat_key(after):
+        if _stat_key(info) == _stat_key(after) and job.hashes.get(rel) == digest:
+            tag = _read_back_tag(info, digest)
             with job.lock:
-                job.read_back[rel] = key + digest
+                _add_tag(job.read_back, rel, tag)
 
     def _set_dir_times(self, job: _Push, run: Path, local_dirs: list[str]) -> None:
         # Deepest first: setting a folder's time must come after every change inside it.
@@ -1163,7 +1201,7 @@ class MountTransport(Transport):
             abort.set()  # the hashing threads stop at their next file
             raise
 
-    def _take_read_back(self, remote: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    def _take_read_back(self, remote: str) -> tuple[dict[str, list[int]], dict[str, str]]:
         """The read-back records and local hashes of the last push to ``remote``, once, when fresh; else empty."""
         with self._read_backs_lock:
             ended, read_back, local = self._read_backs.pop(remote, (0.0, {}, {}))
@@ -1173,26 +1211,15 @@ class MountTransport(Transport):
         self._require_mounted()
         remote = self.remote_run_path(run)
         read_back, local = self._take_read_back(remote)
-        hashes: dict[str, str] = {}
         try:
-            listed = []
-            for entry in scan_run(remote, include_metadata=True, with_stat=bool(read_back)):
-                if entry.is_dir:
-                    continue
-                known = read_back.pop(entry.rel, None)
-                # Read back by the push and not changed since (a rewrite changes the ctime).
-                if known is not None and known[: _STAT_KEY.size] == _stat_key(entry.stat):
-                    text = known[_STAT_KEY.size :].hex()
-                    mine = local.get(entry.rel)
-                    hashes[entry.rel] = mine if mine == text else text  # the same string once, where equal
-                else:
-                    listed.append((entry.rel, entry.path))
-            del read_back, local
+            listed, folders = self._list_remote(remote, read_back, local)
+            del read_back
         except FileNotFoundError:
             self._require_mounted()
             return RemoteManifest(hashes={})
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
+        hashes: dict[str, str] = {}
         # One syncfs cleans every page of a filesystem whose syncfs is durable; elsewhere each
         # file is fsynced before its pages are dropped.
         synced = False
@@ -1229,11 +1256,68 @@ class MountTransport(Transport):
         if abort is not None and abort.is_set():
             raise TransportError(TransportErrorKind.UNKNOWN, "remote manifest cancelled")
         self._require_mounted()
-        self._logged(
-            "INFO", run, "remote_manifest", transport="mount", files=len(hashes), unverifiable=len(unverifiable)
-        )
         # Unsorted: a sorted copy of 200,000 entries costs ~25 MB, and compare() needs no order.
-        return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+        manifest: Mapping[str, str] = _ReadBackManifest(local, folders, hashes) if folders else hashes
+        self._logged(
+            "INFO", run, "remote_manifest", transport="mount", files=len(manifest), unverifiable=len(unverifiable)
+        )
+        return RemoteManifest(hashes=manifest, unverifiable=unverifiable)
+
+    @staticmethod
+    def _list_remote(
+        remote: str, read_back: dict[str, list[int]], local: dict[str, str]
+    ) -> tuple[list[tuple[str, str]], dict[str, int]]:
+        """List the remote run folder: the files to read from storage, and the folders confirmed by the read-back.
+
+        A folder is confirmed when every local file of it is there, read back
+        by the push with its local digest, and unchanged since: the count of
+        its listed files that the local manifest has, and the sum of their
+        tags (:func:`_read_back_tag`, from their lstat now and the local
+        digest), equal the push's record, and that count is the number of
+        local files in the folder. Its files then take the local digests (no
+        record a file kept, no string made); every file of any other folder,
+        and every file the local manifest does not have, is read. A file
+        changed since its read-back (a new ctime) changes the sum, with odds
+        of 2**-64 of not doing so. Returns the files to read as (rel, path),
+        and the confirmed folders with their file counts. Nothing followed.
+        """
+        listed: list[tuple[str, str]] = []
+        if not read_back:
+            listed = [(e.rel, e.path) for e in scan_run(remote, include_metadata=True) if not e.is_dir]
+            return listed, {}
+        wanted: dict[str, int] = {}  # folder -> local files in it
+        for rel in local:
+            folder = rel.rpartition("/")[0]
+            wanted[folder] = wanted.get(folder, 0) + 1
+        confirmed: dict[str, int] = {}
+        stack = [(remote, "")]
+        while stack:
+            path, prefix = stack.pop()
+            held: list[tuple[str, str]] = []  # this folder's files the local manifest has
+            total = 0
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    rel = prefix + entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append((entry.path, rel + "/"))
+                            continue
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        mine = local.get(rel)
+                        if mine is None:
+                            listed.append((rel, entry.path))
+                            continue
+                        total = (total + _read_back_tag(entry.stat(follow_symlinks=False), mine)) & _TAG_MASK
+                    except FileNotFoundError:
+                        continue  # vanished while listed: not on the share any more
+                    held.append((rel, entry.path))
+            folder = prefix[:-1]
+            if held and read_back.get(folder) == [len(held), total] and wanted.get(folder) == len(held):
+                confirmed[folder] = len(held)
+            else:
+                listed.extend(held)
+        return listed, confirmed
 
     # ------------------------------------------------------------------ fetch, keep previous
 
@@ -1394,6 +1478,47 @@ class MountTransport(Transport):
                 raise self._remote_error(exc, folder) from exc
         self._require_mounted()
         return sizes
+
+
+class _ReadBackManifest(Mapping[str, str]):
+    """The remote manifest after a push: the local digests of the folders the read-back confirmed, and the files read.
+
+    A view, not a copy: at 200,000 files a dict of its own would cost about
+    130 bytes a file. ``folders``: the confirmed folders with their file
+    counts (every local file of each is on the share); ``read``: the files
+    hashed from storage now (never in a confirmed folder).
+    """
+
+    __slots__ = ("_folders", "_local", "_read", "_size")
+
+    def __init__(self, local: Mapping[str, str], folders: dict[str, int], read: dict[str, str]):
+        self._local, self._folders, self._read = local, folders, read
+        self._size = len(read) + sum(folders.values())
+
+    def _confirmed(self, rel: str) -> bool:
+        return rel.rpartition("/")[0] in self._folders and rel in self._local
+
+    def __getitem__(self, rel: str) -> str:
+        digest = self._read.get(rel)
+        if digest is not None:
+            return digest
+        if isinstance(rel, str) and self._confirmed(rel):
+            return self._local[rel]
+        raise KeyError(rel)
+
+    def __contains__(self, rel: object) -> bool:
+        return rel in self._read or (isinstance(rel, str) and self._confirmed(rel))
+
+    def __iter__(self) -> Iterator[str]:
+        folders = self._folders
+        yield from (rel for rel in self._local if rel.rpartition("/")[0] in folders)
+        yield from self._read
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"_ReadBackManifest({dict(self)!r})"
 
 
 def _side_by_side(work: list[Callable[[], None]], abort: threading.Event) -> None:
