@@ -61,15 +61,35 @@ def receiving(remote_run: Path, name: str) -> bool:
 # --------------------------------------------------------------- end to end
 
 
+class _Progress:
+    """A progress callback that records the totals it is told."""
+
+    def __init__(self, totals: list[int]):
+        self.totals = totals
+
+    def __call__(self, delta: int) -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
+        self.totals.append(total)
+
+
 async def test_hostile_names_end_to_end(tmp_path, sshd, remote_dir):
     eq = equipment(tmp_path, sshd, remote_dir)
     run = make_run(eq.local_root)
     transport = RsyncSshTransport(eq)
-    assert not transport.capabilities.hashes_while_sending
+    assert transport.capabilities.hashes_while_sending and transport.capabilities.reports_total
 
-    result = await transport.push(run, bwlimit_kibps=None)
+    totals: list[int] = []
+    progress = _Progress(totals)
+    result = await transport.push(run, bwlimit_kibps=None, progress=progress)
     assert result.ok and result.files_sent == len(HOSTILE)
     assert result.bytes_sent == sum(len(v) for v in HOSTILE.values())
+    # The local manifest comes from the push's own listing: every data file, hashed here.
+    assert result.local_hashes == {
+        k: hashlib.sha256(v).hexdigest() for k, v in HOSTILE.items() if not k.startswith(".exlab-wizard/")
+    }
+    assert totals == [sum(len(v) for v in HOSTILE.values())]
 
     remote_run = remote_dir / RUN_REL
     assert transport.remote_run_path(run) == f"{remote_dir}/{RUN_REL.as_posix()}"
