@@ -278,43 +278,41 @@ def checked_rewrite(local: LocalTree, rewrite: Iterable[str]) -> list[str]:
     return paths
 
 
-#: Threads hashing the local run beside a network push (the tools it runs need the other core).
-LOCAL_HASH_THREADS = 2
+#: Files at least this large are hashed on a thread of their own (hashlib lets go of the
+#: interpreter lock while it digests a large block; for small files the interpreter's own
+#: work per file is the cost, and a second thread only fights the first for the lock).
+LARGE_FILE_BYTES = 1 << 20
 
 
-def hash_local_files(
-    run_path: Path, tree: LocalTree, abort: threading.Event, threads: int = LOCAL_HASH_THREADS
-) -> dict[str, str]:
-    """``{path: sha256 hex}`` of the data files of ``tree`` (``.exlab-wizard/`` left out), hashed in threads.
+def hash_local_files(run_path: Path, tree: LocalTree, abort: threading.Event) -> dict[str, str]:
+    """``{path: sha256 hex}`` of the data files of ``tree`` (``.exlab-wizard/`` left out).
 
     The run is not walked again: the push's own listing says what to hash,
-    so the local manifest names exactly the files the push was given.
-    Blocking; stops early (returning what it has) once ``abort`` is set.
-    Raises ``TransportError(LOCAL_FILE_VANISHED)`` naming a file gone (or no
-    longer a regular file) before it was read, and the ``OSError`` of any
-    other failed read.
+    so the local manifest names exactly the files the push was given. Small
+    files are hashed on one thread and large ones (:data:`LARGE_FILE_BYTES`)
+    on another. Blocking; stops early (returning what it has) once ``abort``
+    is set. Raises ``TransportError(LOCAL_FILE_VANISHED)`` naming a file gone
+    (or no longer a regular file) before it was read, and the ``OSError`` of
+    any other failed read.
     """
     root = os.fspath(run_path)
-    paths = iter([rel for rel in tree.files if is_data_path(rel)])
+    small = [rel for rel, size in tree.files.items() if size < LARGE_FILE_BYTES and is_data_path(rel)]
+    large = [rel for rel, size in tree.files.items() if size >= LARGE_FILE_BYTES and is_data_path(rel)]
     hashes: dict[str, str] = {}
     errors: list[BaseException] = []
-    lock = threading.Lock()
 
-    def loop() -> None:
+    def loop(paths: list[str]) -> None:
         view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
-        while not abort.is_set():
-            with lock:
-                rel = next(paths, None)
-            if rel is None:
-                return
-            try:
+        try:
+            for rel in paths:
+                if abort.is_set():
+                    return
                 hashes[rel] = _hash_one(root, rel, view)
-            except BaseException as exc:
-                errors.append(exc)
-                abort.set()
-                return
+        except BaseException as exc:
+            errors.append(exc)
+            abort.set()
 
-    workers = [threading.Thread(target=loop, name=f"exlab-hash-{n}", daemon=True) for n in range(max(1, threads))]
+    workers = [threading.Thread(target=loop, args=(paths,), daemon=True) for paths in (small, large) if paths]
     for worker in workers:
         worker.start()
     for worker in workers:
