@@ -16,7 +16,9 @@ Leftovers are removed once a push completes. Files named in ``rewrite`` are
 sent whole first (``--ignore-times --whole-file``), whatever their size and
 mtime. rsync has no bandwidth timetable: at each window edge of the
 equipment's schedule the transfer is stopped and started again with the new
-``--bwlimit``; ``--partial-dir`` keeps what was sent.
+``--bwlimit``; ``--partial-dir`` keeps what was sent. The push's one listing of the local
+run also gives the progress total and the local manifest: the listed data
+files are hashed here beside the transfer (``hashes_while_sending``).
 
 Remote manifest: the fastest SHA-256 tool of the host (probed once per host:
 ``python3`` with OpenSSL's hashlib, ``openssl``, ``sha256sum -z``) runs over
