@@ -14,13 +14,14 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from exlab_wizard.sync.equipment_log import EquipmentLog
-from exlab_wizard.sync.transports import rsync_ssh
+from exlab_wizard.sync.transports import _process, rsync_ssh
 from exlab_wizard.sync.transports._process import local_tree
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.rsync_ssh import PARTIAL_DIR, RsyncSshTransport
@@ -61,15 +62,35 @@ def receiving(remote_run: Path, name: str) -> bool:
 # --------------------------------------------------------------- end to end
 
 
+class _Progress:
+    """A progress callback that records the totals it is told."""
+
+    def __init__(self, totals: list[int]):
+        self.totals = totals
+
+    def __call__(self, delta: int) -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
+        self.totals.append(total)
+
+
 async def test_hostile_names_end_to_end(tmp_path, sshd, remote_dir):
     eq = equipment(tmp_path, sshd, remote_dir)
     run = make_run(eq.local_root)
     transport = RsyncSshTransport(eq)
-    assert not transport.capabilities.hashes_while_sending
+    assert transport.capabilities.hashes_while_sending and transport.capabilities.reports_total
 
-    result = await transport.push(run, bwlimit_kibps=None)
+    totals: list[int] = []
+    progress = _Progress(totals)
+    result = await transport.push(run, bwlimit_kibps=None, progress=progress)
     assert result.ok and result.files_sent == len(HOSTILE)
     assert result.bytes_sent == sum(len(v) for v in HOSTILE.values())
+    # The local manifest comes from the push's own listing: every data file, hashed here.
+    assert result.local_hashes == {
+        k: hashlib.sha256(v).hexdigest() for k, v in HOSTILE.items() if not k.startswith(".exlab-wizard/")
+    }
+    assert totals == [sum(len(v) for v in HOSTILE.values())]
 
     remote_run = remote_dir / RUN_REL
     assert transport.remote_run_path(run) == f"{remote_dir}/{RUN_REL.as_posix()}"
@@ -611,3 +632,41 @@ async def test_a_listing_of_a_missing_folder_cut_short_is_network_not_a_vanished
             await transport.fetch(run, ["a.txt"], tmp_path)
     assert caught.value.kind == K.NETWORK, caught.value.message
     assert "No such file" in caught.value.message
+
+
+# --------------------------------------------------------------- local hashes from the push's listing
+
+
+def test_local_hashes_come_from_the_listing_the_push_was_given(tmp_path):
+    """Every data file of the listing hashed once (small and large, odd names), metadata left out."""
+    files = {**HOSTILE, "large.bin": os.urandom(_process.LARGE_FILE_BYTES + 5)}
+    run = make_run(tmp_path / "lab", files, symlink=True)
+    listed = local_tree(run)
+    (run / "added after the listing.txt").write_bytes(b"not listed, not hashed")
+    hashes = _process.hash_local_files(run, listed, threading.Event())
+    assert hashes == {k: hashlib.sha256(v).hexdigest() for k, v in data_only(files).items()}
+
+
+def test_a_listed_file_gone_before_it_is_hashed_is_local_file_vanished(tmp_path):
+    run = make_run(tmp_path / "lab", {"a.txt": b"a", "sub/b.txt": b"b"}, symlink=False)
+    listed = local_tree(run)
+    (run / "sub" / "b.txt").unlink()
+    with pytest.raises(TransportError) as caught:
+        _process.hash_local_files(run, listed, threading.Event())
+    assert caught.value.kind == TransportErrorKind.LOCAL_FILE_VANISHED and "sub/b.txt" in caught.value.message
+
+
+async def test_a_push_whose_listed_file_vanishes_fails_as_local_file_vanished(tmp_path, sshd, remote_dir, monkeypatch):
+    """The push's own hashing, not a later walk, notices it: the push raises, nothing is verified."""
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a", "b.txt": b"b"}, symlink=False)
+
+    def listing_then_gone(path: Path) -> _process.LocalTree:
+        listed = local_tree(path)
+        (path / "b.txt").unlink()
+        return listed
+
+    monkeypatch.setattr(rsync_ssh, "local_tree", listing_then_gone)
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == TransportErrorKind.LOCAL_FILE_VANISHED

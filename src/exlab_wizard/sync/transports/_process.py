@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import shlex
 import signal
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, advise_sequential, hash_fd, is_data_path, open_regular
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 
 T = TypeVar("T")
@@ -32,6 +35,7 @@ __all__ = [
     "ToolResult",
     "checked_rewrite",
     "gather_or_cancel",
+    "hash_local_files",
     "local_metadata_folder",
     "local_run_folder",
     "local_tree",
@@ -272,3 +276,63 @@ def checked_rewrite(local: LocalTree, rewrite: Iterable[str]) -> list[str]:
             )
         paths.append(path)
     return paths
+
+
+#: Files at least this large are hashed on a thread of their own (hashlib lets go of the
+#: interpreter lock while it digests a large block; for small files the interpreter's own
+#: work per file is the cost, and a second thread only fights the first for the lock).
+LARGE_FILE_BYTES = 1 << 20
+
+
+def hash_local_files(run_path: Path, tree: LocalTree, abort: threading.Event) -> dict[str, str]:
+    """``{path: sha256 hex}`` of the data files of ``tree`` (``.exlab-wizard/`` left out).
+
+    The run is not walked again: the push's own listing says what to hash,
+    so the local manifest names exactly the files the push was given. Small
+    files are hashed on one thread and large ones (:data:`LARGE_FILE_BYTES`)
+    on another. Blocking; stops early (returning what it has) once ``abort``
+    is set. Raises ``TransportError(LOCAL_FILE_VANISHED)`` naming a file gone
+    (or no longer a regular file) before it was read, and the ``OSError`` of
+    any other failed read.
+    """
+    root = os.fspath(run_path)
+    small = [rel for rel, size in tree.files.items() if size < LARGE_FILE_BYTES and is_data_path(rel)]
+    large = [rel for rel, size in tree.files.items() if size >= LARGE_FILE_BYTES and is_data_path(rel)]
+    hashes: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def loop(paths: list[str]) -> None:
+        view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
+        try:
+            for rel in paths:
+                if abort.is_set():
+                    return
+                hashes[rel] = _hash_one(root, rel, view)
+        except BaseException as exc:
+            errors.append(exc)
+            abort.set()
+
+    workers = [threading.Thread(target=loop, args=(paths,), daemon=True) for paths in (small, large) if paths]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return hashes
+
+
+def _hash_one(root: str, rel: str, view: memoryview) -> str:
+    try:
+        fd, info = open_regular(os.path.join(root, rel))
+    except OSError as exc:
+        if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
+            raise TransportError(
+                TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {root} while hashing"
+            ) from exc
+        raise
+    try:
+        advise_sequential(fd, info.st_size)
+        return hash_fd(fd, view)
+    finally:
+        os.close(fd)

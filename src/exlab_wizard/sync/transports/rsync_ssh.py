@@ -16,7 +16,9 @@ Leftovers are removed once a push completes. Files named in ``rewrite`` are
 sent whole first (``--ignore-times --whole-file``), whatever their size and
 mtime. rsync has no bandwidth timetable: at each window edge of the
 equipment's schedule the transfer is stopped and started again with the new
-``--bwlimit``; ``--partial-dir`` keeps what was sent.
+``--bwlimit``; ``--partial-dir`` keeps what was sent. The push's one listing of the local
+run also gives the progress total and the local manifest: the listed data
+files are hashed here beside the transfer (``hashes_while_sending``).
 
 Remote manifest: the fastest SHA-256 tool of the host (probed once per host:
 ``python3`` with OpenSSL's hashlib, ``openssl``, ``sha256sum -z``) runs over
@@ -51,6 +53,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +70,7 @@ from exlab_wizard.sync.transports._process import (
     _stop,
     checked_rewrite,
     gather_or_cancel,
+    hash_local_files,
     local_metadata_folder,
     local_run_folder,
     local_tree,
@@ -86,6 +90,7 @@ from exlab_wizard.sync.transports.base import (
     check_relpath,
     local_now,
     remote_relpath,
+    report_total,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
@@ -333,7 +338,7 @@ class RsyncSshTransport(Transport):
     this CPU has AES instructions (see :func:`preferred_ciphers`).
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=False, metadata_push=True)
+    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True, reports_total=True)
 
     def __init__(
         self,
@@ -466,7 +471,39 @@ class RsyncSshTransport(Transport):
             with contextlib.suppress(BaseException):
                 await listing_task
             raise
-        listing = await listing_task
+        # The local hashes are taken beside the transfer, from the same listing (one walk of the run).
+        report_total(progress, sum(local.files.values()))
+        abort = threading.Event()
+        hashing = asyncio.ensure_future(asyncio.to_thread(hash_local_files, run_path, local, abort))
+        try:
+            listing = await listing_task
+            files_sent, bytes_sent = await self._push_listed(
+                run_path, remote_run, local, listing, rewrite_paths, bwlimit_kibps, progress, cleaned
+            )
+            local_hashes = await hashing
+        except BaseException:
+            abort.set()
+            listing_task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(hashing)
+            raise
+        self.log.info(
+            run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent
+        )
+        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent, local_hashes=local_hashes)
+
+    async def _push_listed(
+        self,
+        run_path: Path,
+        remote_run: str,
+        local: LocalTree,
+        listing: dict[str, _Entry] | None,
+        rewrite_paths: list[str],
+        bwlimit_kibps: int | None,
+        progress: ProgressCallback | None,
+        cleaned: frozenset[str],
+    ) -> tuple[int, int]:
+        """The push once both listings are in: the conflict check, then rsync; (files, bytes) sent."""
         extras = _sort_extras(local, listing or {}, cleaned)
         if extras.foreign:
             error = conflict_error(remote_run, extras.foreign)
@@ -512,10 +549,7 @@ class RsyncSshTransport(Transport):
         files_sent, bytes_sent = files_sent + files, bytes_sent + size
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
-        self.log.info(
-            run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent
-        )
-        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+        return files_sent, bytes_sent
 
     async def _list_or_make(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
         """The remote run folder's entries; when it is missing, it is made (below the root only) and None returned."""

@@ -1,0 +1,101 @@
+"""rsync_ssh before and after a change, in one run: this checkout's engine, another checkout's, the bare rsync.
+
+Uses ``run_all.py``'s methods as they are (the engine in a child process,
+enqueue to VERIFIED; every copy to a fresh loop-mounted ext4; each timed
+measurement under ``/tmp/exlab-bench.lock``), with one more method: ``Rb``,
+the same engine run from ``--before-src`` (default ``/work/main/src``).
+Prints the medians and the ratios to the bare ``rsync -a --checksum`` (RR).
+
+    PYTHONPATH=$PWD/src .venv/bin/python bench/before_after.py --datasets small,mixed,big --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+sys.path.insert(1, str(_HERE.parent))
+
+import run_all  # noqa: E402
+from common import dataset, median, run_measured  # noqa: E402
+from fresh_fs import FreshFs  # noqa: E402
+
+__all__ = ["main"]
+
+
+class BeforeAfter(run_all.Transports):
+    """run_all's transports plus ``Rb``: rsync_ssh by the engine of another source tree."""
+
+    before_src = "/work/main/src"
+
+    def _engine_before(self, argv: list[str], _profile: Path | None) -> tuple[float, dict]:
+        _wall, _rss, out = run_measured(
+            [sys.executable, str(run_all.ENGINE), *argv], env={"PYTHONPATH": self.before_src}
+        )
+        info = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        if info.get("state") != "verified":
+            raise RuntimeError(f"the engine ({self.before_src}) did not verify: {info}")
+        return info["verified_s"], info
+
+    def _m_Rb(self, run: Path, dest: Path, profile: Path | None) -> tuple[float, dict]:
+        self._engine = self._engine_before  # type: ignore[method-assign]
+        try:
+            return self._network("rsync_ssh", run, dest, profile)
+        finally:
+            del self._engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="small,mixed,big")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--before-src", default=BeforeAfter.before_src)
+    args = parser.parse_args(argv)
+    methods = ["R", "Rb", "RR"]
+    run_all.NETWORK = (*run_all.NETWORK, "Rb")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    base = Path(tempfile.mkdtemp(prefix="exlab-bench-ba-"))
+    remote_base = Path(tempfile.mkdtemp(prefix="exlab-bench-ba-remote-"))  # in /tmp: the login user reaches it
+    remote_base.chmod(0o755)
+    fs = FreshFs(base / "fresh")
+    remote_fs = FreshFs(remote_base, mode=fs.mode)
+    remote_fs.why_not_loop = fs.why_not_loop
+    bench = BeforeAfter(base, fs, remote_fs, base, use_lock=True)
+    bench.before_src = args.before_src
+    try:
+        runs = {name: bench.add_run(name, dataset(name)) for name in args.datasets.split(",")}
+        subprocess.run(["sync"], check=True)
+        bench.start_sshd()
+        times: dict[str, dict[str, list[float]]] = {name: {m: [] for m in methods} for name in runs}
+        for rep in range(args.repeat):
+            for name, run in runs.items():
+                for method in methods[rep % 3 :] + methods[: rep % 3]:
+                    seconds, _info = bench.measure(method, run, dataset(name))
+                    times[name][method].append(seconds)
+                    print(f"  [{rep + 1}/{args.repeat}] {name} {method} {seconds:.2f} s", flush=True)
+        for name, by_method in times.items():
+            med = {m: median(v) for m, v in by_method.items()}
+            print(
+                f"{name}: R {med['R']:.2f} s, Rb {med['Rb']:.2f} s, RR {med['RR']:.2f} s;"
+                f" R/RR {med['R'] / med['RR']:.2f}, Rb/RR {med['Rb'] / med['RR']:.2f}"
+                f" (runs {json.dumps({m: [round(x, 2) for x in v] for m, v in by_method.items()})})"
+            )
+        return 0
+    finally:
+        bench.stop()
+        fs.cleanup()
+        remote_fs.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(remote_base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
