@@ -11,7 +11,8 @@ and, for the copies, next to the disk's own floor:
    ``cp -a`` + ``sync``;
 2. the three transports against their anchors: mount against ``rclone copy
    --checksum`` + ``rclone check`` (SHA-256) + ``sync``; rsync_ssh against a
-   bare ``rsync -a --checksum``; rclone (sftp) against ``rclone copy
+   bare ``rsync -a --checksum`` + ``sync`` of the copy (ours makes the NAS's copy
+   durable before hashing it); rclone (sftp) against ``rclone copy
    --checksum`` + ``rclone hashsum sha256``. Every copy goes to a filesystem
    made for that one measurement (``bench/fresh_fs.py``): no method pays for
    the inodes another one freed;
@@ -112,7 +113,7 @@ LABELS = {
     "M": "mount, ours (enqueue to VERIFIED)",
     "MA": "mount anchor: rclone copy --checksum + rclone check (SHA-256) + sync",
     "R": "rsync_ssh, ours (enqueue to VERIFIED)",
-    "RR": "rsync_ssh anchor: bare rsync -a --checksum",
+    "RR": "rsync_ssh anchor: bare rsync -a --checksum + sync of the copy",
     "C": "rclone (sftp), ours (enqueue to VERIFIED)",
     "CB": "rclone anchor: rclone copy --checksum + rclone hashsum sha256",
 }
@@ -392,6 +393,7 @@ class Transports:
         self.net.remote_root = dest
         start = time.perf_counter()
         sh(self.net._rsync_argv(run))
+        sh(["sync", "-f", str(dest)])  # our rsync_ssh copy is durable on the NAS before it is hashed; so is this one
         return time.perf_counter() - start
 
     def _m_CB(self, run: Path, dest: Path, _profile: Path | None) -> float:

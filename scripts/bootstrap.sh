@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
 need_apt=()
-for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils chattr:e2fsprogs chromium:chromium; do
+for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils openssl:openssl chattr:e2fsprogs chromium:chromium; do
   bin="${tool%%:*}"; pkg="${tool##*:}"
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
     need_apt+=("$pkg")

@@ -65,3 +65,71 @@ def test_remote_hash_hashes_a_run_as_hashlib_does(tmp_path: Path) -> None:
         [sys.executable, "-c", program, str(tmp_path / "x" / "y"), str(tmp_path / "x")], check=False, timeout=60
     )
     assert gone.returncode == 3
+
+
+# A prelude run before remote_hash.py in the same interpreter: it logs to stderr, in order,
+# every syncfs (with the folder its fd names) and every file opened for hashing.
+_TRACE_PRELUDE = """
+import ctypes, os, sys
+_CDLL, _open = ctypes.CDLL, os.open
+class _Traced:
+    def __init__(self, *a, **k):
+        self._lib = _CDLL(*a, **k)
+    def __getattr__(self, name):
+        real = getattr(self._lib, name)
+        if name != "syncfs":
+            return real
+        def syncfs(fd):
+            sys.stderr.write("syncfs %s\\n" % os.readlink("/proc/self/fd/%d" % fd))
+            return real(fd)
+        return syncfs
+def _traced_open(path, flags, *a, **k):
+    if not flags & getattr(os, "O_DIRECTORY", 0):
+        sys.stderr.write("open %s\\n" % os.fsdecode(path))
+    return _open(path, flags, *a, **k)
+ctypes.CDLL, os.open = _Traced, _traced_open
+"""
+
+
+def _run_with_files(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    run = root / "Run_1"
+    (run / "sub").mkdir(parents=True)
+    (run / "a.txt").write_bytes(b"a")
+    (run / "sub" / "b.raw").write_bytes(b"b" * 5000)
+    return root, run
+
+
+def test_remote_hash_makes_the_run_durable_before_it_hashes_a_byte(tmp_path: Path) -> None:
+    root, run = _run_with_files(tmp_path)
+    program = _TRACE_PRELUDE + remote_program("remote_hash.py")
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(run), str(root)], input=b"", capture_output=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    trace = done.stderr.decode().splitlines()
+    assert trace[0] == f"syncfs {run}", trace  # before any file is opened for its hash
+    assert sorted(trace[1:]) == [f"open {run}/a.txt", f"open {run}/sub/b.raw"]
+    assert len([r for r in done.stdout.split(b"\0") if r]) == 2
+
+
+@pytest.mark.parametrize("program", ["_SH_SHA256SUM", "_SH_OPENSSL"])
+def test_the_shell_hashing_programs_sync_the_run_before_they_hash(tmp_path: Path, program: str) -> None:
+    root, run = _run_with_files(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls"
+    for tool in ("sync", "sha256sum", "openssl"):  # each logs its call, then runs the real one
+        real = shutil.which(tool)
+        if real is not None:
+            (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\nexec {real} "$@"\n')
+            (fake / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    script = getattr(rsync_ssh, program)
+    done = subprocess.run(
+        ["sh", "-c", script, "sh", str(run), str(root)], env=env, capture_output=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "sync -f .", calls  # run from inside the run folder, before any hashing
+    assert len(calls) > 1 and all(not c.startswith("sync") for c in calls[1:])

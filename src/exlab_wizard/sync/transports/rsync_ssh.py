@@ -153,7 +153,9 @@ def _listing_error(result: ToolResult, remote_path: str) -> TransportError:
 _PY_HASH = remote_program("remote_hash.py")
 _PY_WATCH = remote_program("remote_watch.py")
 _SH_KEEP_PREVIOUS = remote_program("keep_previous.sh")
-_SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
+# Every hashing program first makes the run's filesystem durable on the NAS (``sync -f``, a
+# whole ``sync`` where coreutils is older than 8.24): VERIFIED means the bytes are on its disks.
+_SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; sync -f . 2>/dev/null || sync; '
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
 _SH_OPENSSL = (
     _SH_ENTER

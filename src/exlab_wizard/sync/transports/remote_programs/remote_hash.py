@@ -1,6 +1,7 @@
 # Remote hashing with python3 (rsync_ssh sends this file as `python3 -c`; the
 # host needs nothing installed). Arguments: <run folder> <remote root>.
-# Prints "<hex>  <path relative to the run>\0" per regular file, never
+# Makes the run's filesystem durable first (syncfs), then
+# prints "<hex>  <path relative to the run>\0" per regular file, never
 # follows a symlink, exits 0 with no output when the run folder is missing but
 # the root exists, and 3 when the root itself is missing.
 # Written for any python3 a NAS may carry (3.5 has no f-strings): %-formatting stays.
@@ -15,6 +16,26 @@ from concurrent.futures import ThreadPoolExecutor
 run, root = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
 if not os.path.isdir(run):
     sys.exit(0 if os.path.isdir(root) else 3)
+
+
+def flush(folder):
+    # The run's bytes onto the NAS's disks before they are hashed: a hash of pages a power
+    # cut would lose verifies nothing. syncfs of the run's filesystem, else a whole sync.
+    try:
+        import ctypes
+
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            if ctypes.CDLL(None, use_errno=True).syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (ImportError, OSError, AttributeError):
+        pass
+    os.sync()
+
+
+flush(run)
 # stdin: hashes taken while the push ran, "<hex>  <identity>  <path>\0" (see remote_watch.py);
 # one is reused only when the file's inode is unchanged since it was read.
 known = {}
