@@ -546,14 +546,21 @@ def test_remote_manifest_reads_each_file_from_storage(
 
 
 def _count_manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Files hashed past the page cache: by ``hash_from_storage``, or by the small-file batch's read-back."""
     reads: list[int] = []
     real_hash = mount_module.hash_from_storage
+    real_prefetched = mount_module._hash_prefetched
 
     def hashed(fd, view, **kwargs):
         reads.append(os.fstat(fd).st_ino)
         return real_hash(fd, view, **kwargs)
 
+    def prefetched(fd, info):
+        reads.append(os.fstat(fd).st_ino)
+        return real_prefetched(fd, info)
+
     monkeypatch.setattr(mount_module, "hash_from_storage", hashed)
+    monkeypatch.setattr(mount_module, "_hash_prefetched", prefetched)
     return reads
 
 
