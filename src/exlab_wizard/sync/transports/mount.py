@@ -29,10 +29,10 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   threads; small files on a local disk or NFS are made durable together with
   one ``syncfs`` per batch before their renames (a per-file fsync costs a
   journal commit each: 20,000 of them take seconds). Those small files are
-  copied by about one thread per core in batches, while a committer thread
-  makes the previous batch durable, renames it and reads it back on its own
-  (the next files' reads started ahead); large files go side by side on
-  ``threads`` threads. Everything is durable before ``push`` returns. Leftover temp files of a crashed push are removed
+  copied in batches by one thread, relative to their open folders, while a
+  helper thread runs the ``syncfs`` of the previous batch; that thread then
+  renames the previous batch and reads it back (the next files' reads started
+  ahead); large files go side by side on ``threads`` threads. Everything is durable before ``push`` returns. Leftover temp files of a crashed push are removed
   by the next one.
 * **Resume.** A remote file is taken as already sent when it is a regular
   file with the local size and an equal mtime, unless its path is in
@@ -353,7 +353,7 @@ class MountTransport(Transport):
     hash threads for files fsynced one by one and for the remote manifest
     (default 6: much of the time is spent waiting on fsync and on reads from
     the share, so more threads than cores keep both busy); small files in
-    batches use :data:`SMALL_THREADS`.
+    batches go on one thread of their own.
     """
 
     capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True, reports_total=True)
