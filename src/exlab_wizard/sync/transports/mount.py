@@ -1491,16 +1491,18 @@ def _hash_prefetched(fd: int, info: os.stat_result) -> bytes:
 
     The batch read-back's: the file's cached pages were dropped and its read
     started (``POSIX_FADV_DONTNEED``, then ``POSIX_FADV_WILLNEED``); read
-    whole in one call, as :func:`hash_from_storage` would with ``prefetched``.
+    in one call when it fits a block (a file that grew after it was listed is
+    read a block at a time), as :func:`hash_from_storage` would with ``prefetched``.
     """
-    size = info.st_size
-    data = os.read(fd, size) if size else b""
-    while len(data) < size:
-        more = os.read(fd, size - len(data))
-        if not more:
+    digest = hashlib.sha256()
+    left = info.st_size
+    while left > 0:
+        data = os.read(fd, min(left, BLOCK_SIZE))
+        if not data:
             break
-        data += more
-    return hashlib.sha256(data).digest()
+        digest.update(data)
+        left -= len(data)
+    return digest.digest()
 
 
 class _Folders:
