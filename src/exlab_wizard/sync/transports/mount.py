@@ -151,8 +151,9 @@ BATCH_BYTES = 64 << 20
 #: bytes (or 4,096 files); a round ends when its last file is read back.
 ROUND_BYTES = 512 << 20
 ROUND_FILES = 4096
-#: The read-back of a batch keeps this many files' reads from storage in flight.
-READ_AHEAD = 32
+#: The read-back of a batch keeps this many files' reads from storage in flight (one thread
+#: reads back: 8 took 3.3 s for 20,000 x 4 KiB, 32 2.6 s, 128 2.2 s; at most a batch's bytes).
+READ_AHEAD = 128
 #: Open folders kept for the small files that follow in them (per side: the run, the share).
 DIR_FDS = 16
 #: Progress is reported at most once per this many bytes per copy thread (plus a
