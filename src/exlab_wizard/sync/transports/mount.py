@@ -995,7 +995,7 @@ class MountTransport(Transport):
                     os.close(fd)
                 # The stat before the read: any later write or utime changes the ctime, and the
                 # remote manifest then reads the file again.
-                read_back[rel] = _stat_key(info) + digest
+                read_back[rel] = _stat_key(info) + bytes.fromhex(digest)
         finally:
             for _rel, fd, _info in ahead:
                 os.close(fd)
@@ -1487,8 +1487,8 @@ def _current_umask() -> int | None:
     return None
 
 
-def _hash_prefetched(fd: int, info: os.stat_result) -> bytes:
-    """SHA-256 digest (32 bytes) of the ``info.st_size`` bytes of a small file whose read from storage was started.
+def _hash_prefetched(fd: int, info: os.stat_result) -> str:
+    """SHA-256 hex of the ``info.st_size`` bytes of a small file whose read from storage was started.
 
     The batch read-back's: the file's cached pages were dropped and its read
     started (``POSIX_FADV_DONTNEED``, then ``POSIX_FADV_WILLNEED``); read
@@ -1503,7 +1503,7 @@ def _hash_prefetched(fd: int, info: os.stat_result) -> bytes:
             break
         digest.update(data)
         left -= len(data)
-    return digest.digest()
+    return digest.hexdigest()
 
 
 class _Folders:
