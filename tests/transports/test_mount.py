@@ -8,6 +8,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -390,6 +391,46 @@ def test_symlinks_are_not_copied_and_targets_untouched(lab: Lab, tmp_path: Path)
     assert not (lab.nas / "secret.txt").exists()
 
 
+def test_a_run_folder_swapped_for_a_symlink_after_listing_is_not_followed(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small files (the batched path): the folder is opened without following a symlink, so
+    # bytes from outside the run never reach the share under the run's names.
+    for index in range(3):
+        lab.write(f"well/frame_{index}.bin", b"run data %d" % index)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for index in range(3):
+        (outside / f"frame_{index}.bin").write_bytes(b"not the run's %d" % index)
+    real_make_dirs = MountTransport._make_dirs
+
+    def swap_after_listing(self, job, run, local_dirs):
+        real_make_dirs(self, job, run, local_dirs)
+        (lab.run / "well").rename(tmp_path / "well.moved")
+        (lab.run / "well").symlink_to(outside)
+
+    monkeypatch.setattr(MountTransport, "_make_dirs", swap_after_listing)
+    with pytest.raises(TransportError):
+        lab.push()
+    copied = [p.read_bytes() for p in (lab.remote / "well").iterdir()] if (lab.remote / "well").exists() else []
+    assert not [data for data in copied if data.startswith(b"not the run")]
+    assert _temps(lab.nas) == []
+
+
+def test_small_files_keep_their_permission_bits(lab: Lab) -> None:
+    # A temp file is created with its final mode when the umask keeps it, else fchmod gives it.
+    modes = {"a.bin": 0o644, "b.bin": 0o600, "c.bin": 0o755, "d.bin": 0o444, "e.bin": 0o664, "f.bin": 0o2755}
+    for name, mode in modes.items():
+        os.chmod(lab.write(f"m/{name}", name.encode()), mode)
+    old = os.umask(0o022)
+    try:
+        lab.push()
+    finally:
+        os.umask(old)
+    for name, mode in modes.items():
+        assert stat.S_IMODE(os.lstat(lab.remote / "m" / name).st_mode) == mode, name
+
+
 def test_local_file_deleted_mid_push_is_local_file_vanished(lab: Lab) -> None:
     files = [lab.write(f"d{index:02}/f.bin", os.urandom(70_000)) for index in range(40)]
 
@@ -546,14 +587,21 @@ def test_remote_manifest_reads_each_file_from_storage(
 
 
 def _count_manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Files hashed past the page cache: by ``hash_from_storage``, or by the small-file batch's read-back."""
     reads: list[int] = []
     real_hash = mount_module.hash_from_storage
+    real_prefetched = mount_module._hash_prefetched
 
     def hashed(fd, view, **kwargs):
         reads.append(os.fstat(fd).st_ino)
         return real_hash(fd, view, **kwargs)
 
+    def prefetched(fd, info):
+        reads.append(os.fstat(fd).st_ino)
+        return real_prefetched(fd, info)
+
     monkeypatch.setattr(mount_module, "hash_from_storage", hashed)
+    monkeypatch.setattr(mount_module, "_hash_prefetched", prefetched)
     return reads
 
 

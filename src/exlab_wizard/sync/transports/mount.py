@@ -29,10 +29,10 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   threads; small files on a local disk or NFS are made durable together with
   one ``syncfs`` per batch before their renames (a per-file fsync costs a
   journal commit each: 20,000 of them take seconds). Those small files are
-  copied by about one thread per core in batches, while a committer thread
-  makes the previous batch durable, renames it and reads it back on its own
-  (the next files' reads started ahead); large files go side by side on
-  ``threads`` threads. Everything is durable before ``push`` returns. Leftover temp files of a crashed push are removed
+  copied in batches by one thread, relative to their open folders, while a
+  helper thread runs the ``syncfs`` of the previous batch; that thread then
+  renames the previous batch and reads it back (the next files' reads started
+  ahead); large files go side by side on ``threads`` threads. Everything is durable before ``push`` returns. Leftover temp files of a crashed push are removed
   by the next one.
 * **Resume.** A remote file is taken as already sent when it is a regular
   file with the local size and an equal mtime, unless its path is in
@@ -93,7 +93,6 @@ import hashlib
 import itertools
 import mmap
 import os
-import queue as queue_mod
 import re
 import secrets
 import stat
@@ -116,7 +115,6 @@ from exlab_wizard.fileio import (
     hash_fd,
     hash_from_storage,
     open_regular,
-    prefetch_from_storage,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import (
@@ -158,13 +156,11 @@ BATCH_BYTES = 64 << 20
 #: bytes (or 4,096 files); a round ends when its last file is read back.
 ROUND_BYTES = 512 << 20
 ROUND_FILES = 4096
-#: Small files are copied by this many threads (about one per core: a 4 KiB copy is
-#: a dozen short system calls, and more threads only hand the interpreter lock around).
-SMALL_THREADS = max(1, min(os.cpu_count() or 1, 4))
-#: The copy threads take this many small files at a time.
-SMALL_CHUNK = 32
-#: The read-back of a batch keeps this many files' reads from storage in flight.
-READ_AHEAD = 32
+#: The read-back of a batch keeps this many files' reads from storage in flight (one thread
+#: reads back: 8 took 3.3 s for 20,000 x 4 KiB, 32 2.6 s, 128 2.2 s; at most a batch's bytes).
+READ_AHEAD = 128
+#: Open folders kept for the small files that follow in them (per side: the run, the share).
+DIR_FDS = 16
 #: Progress is reported at most once per this many bytes per copy thread (plus a
 #: last call for the rest), not once per small file.
 PROGRESS_STEP = 1 << 20
@@ -193,6 +189,10 @@ _DIRECT_WRITE_FS = frozenset({"ext2", "ext3", "ext4", "xfs"})
 #: O_DIRECT writes are whole multiples of this, from a buffer aligned to it.
 _DIRECT_ALIGN = 4096
 _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+#: A folder the small-file copy works in, opened once for the files in it: never through a symlink.
+_FOLDER = _DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
+_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+_FADVISE = getattr(os, "posix_fadvise", None)
 
 #: Filesystems whose syncfs(2) makes every written file durable (for NFS the
 #: write-back commits to the server). Anything else gets per-file fsync.
@@ -335,6 +335,8 @@ class _Push:
     lock: threading.Lock = field(default_factory=threading.Lock)
     files_sent: int = 0
     bytes_sent: int = 0
+    #: this process's umask (None: unknown, every temp file gets its mode with fchmod)
+    umask: int | None = None
 
     def source_path(self, src: _Source) -> str:
         """The absolute local path of ``src`` (made when needed, not kept per file)."""
@@ -384,7 +386,7 @@ class MountTransport(Transport):
     hash threads for files fsynced one by one and for the remote manifest
     (default 6: much of the time is spent waiting on fsync and on reads from
     the share, so more threads than cores keep both busy); small files in
-    batches use :data:`SMALL_THREADS`.
+    batches go on one thread of their own.
     """
 
     capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True, reports_total=True)
@@ -662,13 +664,14 @@ class MountTransport(Transport):
         fstype = _filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
-        ordered = _interleave(sources)
+        job.umask = _current_umask()
+        # Small files on a share whose syncfs is durable go in batches (one syncfs each), folder by
+        # folder (one thread, each folder opened once); every other file is made durable on its own
+        # (fsync) by the copy threads, round-robin over folders.
+        sources.sort(key=lambda s: os.fsencode(s.rel))
+        batched = [] if job.per_file_sync else [s for s in sources if s.send and s.size < LARGE_FILE]
+        alone = _interleave([s for s in sources if not (s.send and s.size < LARGE_FILE)] if batched else sources)
         del sources
-        # Small files on a share whose syncfs is durable go in batches (one syncfs each); every
-        # other file is made durable on its own (fsync) by the copy threads.
-        batched = [] if job.per_file_sync else [s for s in ordered if s.send and s.size < LARGE_FILE]
-        alone = [s for s in ordered if not (s.send and s.size < LARGE_FILE)] if batched else ordered
-        del ordered
         work = []
         if alone:
             work.append(lambda: self._send_alone(job, alone))
@@ -788,55 +791,71 @@ class MountTransport(Transport):
     # ------------------------------------------------------------------ small files, in batches
 
     def _send_small(self, job: _Push, small: list[_Source]) -> None:
-        """Copy small files in batches: copy threads, then one syncfs, renames and read-back per batch.
+        """Copy small files in batches on this one thread; one syncfs per batch on a thread of its own.
 
-        The copy threads (:data:`SMALL_THREADS`) fill batch k+1 while the
-        committer thread makes batch k durable (one ``syncfs``), renames its
-        files and reads them back from storage with :data:`READ_AHEAD` reads
-        in flight. Any failure stops both sides; the first error is raised.
-        ``small`` is emptied as its files are taken (each file's record is
-        freed once its batch is copied).
+        Batch k+1 is copied while the ``syncfs`` that makes batch k durable
+        runs; then batch k is renamed and read back from storage with
+        :data:`READ_AHEAD` reads in flight. One thread does all the copying
+        and reading: a 4 KiB file is a dozen short system calls, and threads
+        doing them side by side spend more time handing the interpreter lock
+        to each other than they gain (two copy threads and a committer were
+        slower than this one thread on two cores). Files are opened, created
+        and renamed relative to their open folder (:class:`_Folders`).
+        ``small`` is emptied as its files are taken. Any failure stops the
+        push; the first error is raised.
         """
-        committer = _Committer(self, job)
+        sources, shares = _Folders(os.fspath(job.run)), _Folders(job.remote)
+        view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
+        syncing: _Background | None = None
+        copied: list[tuple[str, str, str, str]] = []
         try:
             for batch in _batches(_drain(small), BATCH_FILES, BATCH_BYTES):
-                pending: list[tuple[str, str, str]] = []
-                chunks = [batch[i : i + SMALL_CHUNK] for i in range(0, len(batch), SMALL_CHUNK)]
-                run_parallel(
-                    chunks,
-                    lambda chunk, view, pending=pending: self._copy_chunk(job, chunk, view, pending),
-                    SMALL_THREADS,
-                    job.abort,
-                )
-                if job.abort.is_set():
-                    break
-                committer.put(pending)
+                ready = self._copy_batch(job, batch, view, sources, shares)
+                del batch
+                if syncing is not None:
+                    syncing.wait()
+                    self._commit_batch(job, copied, shares)
+                copied, syncing = ready, _Background(lambda: self._syncfs_share(job))
+            if syncing is not None:
+                syncing.wait()
+                self._commit_batch(job, copied, shares)
         except BaseException:
             job.abort.set()
-            committer.close(report=False)  # the copy's error is the one to raise
+            if syncing is not None:
+                syncing.join()
             raise
-        committer.close()
+        finally:
+            sources.close()
+            shares.close()
 
-    def _copy_chunk(
-        self, job: _Push, chunk: list[_Source], view: memoryview, pending: list[tuple[str, str, str]]
-    ) -> None:
-        """Copy a few small files to temp names (not yet durable); queue them for the committer."""
-        progress = job.progress
+    def _syncfs_share(self, job: _Push) -> None:
+        try:
+            _syncfs(job.remote)
+        except OSError as exc:
+            raise self._remote_error(exc, job.remote) from exc
+
+    def _copy_batch(
+        self, job: _Push, batch: list[_Source], view: memoryview, sources: _Folders, shares: _Folders
+    ) -> list[tuple[str, str, str, str]]:
+        """Copy a batch of small files to temp names (not yet durable): ``(folder, temp, name, rel)`` each."""
+        progress, abort, hashes = job.progress, job.abort, job.hashes
+        copied: list[tuple[str, str, str, str]] = []
         unreported = sent = 0
         try:
-            for src in chunk:
-                if job.abort.is_set():
+            for src in batch:
+                if abort.is_set():
                     raise _Cancelled()
-                folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
+                rel = src.rel
+                folder, _sep, name = rel.rpartition("/")
                 for _attempt in range(COPY_ATTEMPTS):
-                    copied = self._copy_small(job, src, view, folder)
-                    if copied is not None:
+                    done = self._copy_small(job, src, view, folder, name, sources, shares)
+                    if done is not None:
                         break
                 else:
                     raise _kept_changing(src)
-                temp, digest, count = copied
-                job.hashes[src.rel] = digest
-                pending.append((temp, os.path.join(folder, src.name), src.rel))
+                temp, digest, count = done
+                hashes[rel] = digest
+                copied.append((folder, temp, name, rel))
                 sent += count
                 unreported += count
                 if progress is not None and unreported >= PROGRESS_STEP:
@@ -847,126 +866,163 @@ class MountTransport(Transport):
                 job.bytes_sent += sent
         if progress is not None and unreported:
             progress(unreported)
+        return copied
 
-    def _copy_small(self, job: _Push, src: _Source, view: memoryview, folder: str) -> tuple[str, str, int] | None:
-        """One small file to a temp name, hashed from the same read; (temp, sha256, bytes) or None if it changed.
+    def _copy_small(
+        self, job: _Push, src: _Source, view: memoryview, folder: str, name: str, sources: _Folders, shares: _Folders
+    ) -> tuple[str, str, int] | None:
+        """One small file to a temp name, hashed from the same read; (temp name, sha256, bytes) or None if it changed.
 
-        The file is read whole into ``view`` (at most the size seen at open);
-        one that grew past the buffer since it was listed goes the general way.
+        The file is read whole (at most the size seen at open); one that grew
+        past the buffer since it was listed goes the general way.
         """
         try:
-            fd_in, before = open_regular(job.source_path(src))
+            fd_in = os.open(name, _READ, dir_fd=sources.fd(folder))
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         try:
+            try:
+                before = os.fstat(fd_in)
+                if not stat.S_ISREG(before.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file", src.rel)
+            except OSError as exc:
+                raise self._local_error(exc, src.rel, job.run) from exc
             size = before.st_size
             if size > len(view):
                 os.close(fd_in)
                 fd_in = -1
-                copied = self._copy_once(job, src, view, folder, durable=False)
-                return None if copied is None else (*copied, size)
-            count = 0
+                copied = self._copy_once(job, src, view, shares.path(folder), durable=False)
+                return None if copied is None else (os.path.basename(copied[0]), copied[1], size)
             try:
-                while count < size:
-                    got = os.readv(fd_in, [view[count:size]])
-                    if not got:
-                        break  # shrank while read: the size check below sees it
-                    count += got
+                data = os.read(fd_in, size) if size else b""
+                while len(data) < size:
+                    more = os.read(fd_in, size - len(data))
+                    if not more:
+                        break  # shrank while read: the size check sees it
+                    data += more
             except OSError as exc:
                 raise self._local_error(exc, src.rel, job.run) from exc
-            block = view[:count]
-            digest = hashlib.sha256(block).hexdigest()
-            job.bucket.consume(count)
-            temp = os.path.join(folder, _temp_name(src.name))
+            digest = hashlib.sha256(data).hexdigest()
+            job.bucket.consume(len(data))
+            temp = _temp_name(name)
+            mode = stat.S_IMODE(before.st_mode)
+            # Created with its final permission bits when the umask keeps them: one fchmod less.
+            chmod = job.umask is None or mode & ~0o777 or mode & job.umask
             try:
-                fd_out = os.open(temp, _CREATE, 0o600)
+                fd_out = os.open(temp, _CREATE, 0o600 if chmod else mode, dir_fd=shares.fd(folder))
             except OSError as exc:
-                raise self._remote_error(exc, temp) from exc
-            job.temps.add(temp)
+                raise self._remote_error(exc, shares.path(folder, temp)) from exc
+            temp_path = shares.path(folder, temp)
+            job.temps.add(temp_path)
             try:
                 done = 0
-                try:
-                    while done < count:
-                        done += os.write(fd_out, block[done:])
-                except OSError as exc:
-                    raise self._remote_error(exc, temp) from exc
-                after = os.fstat(fd_in)
-                if after.st_nlink == 0:
-                    raise TransportError(
-                        TransportErrorKind.LOCAL_FILE_VANISHED, f"{src.rel}: deleted from {job.run} while being copied"
-                    )
-                changed = count != size or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
-                if not changed:
-                    self._finish_file(fd_out, before, False, temp)
-            except BaseException:
-                try:
-                    os.close(fd_out)
-                except OSError:
-                    pass  # the error in flight is the one to report
-                raise
-            try:
-                os.close(fd_out)
-            except OSError as exc:  # NFS and SMB report late write errors at close
-                raise self._remote_error(exc, temp) from exc
+                while done < len(data):
+                    done += os.write(fd_out, data[done:] if done else data)
+            except OSError as exc:
+                _close_quietly(fd_out)
+                raise self._remote_error(exc, temp_path) from exc
+            changed = self._seal(
+                job, src, fd_in, fd_out, before, len(data), temp_path, durable=False, chmod=bool(chmod)
+            )
         finally:
             if fd_in >= 0:
                 os.close(fd_in)
         if changed:
-            self._unlink_temp(job, temp)
+            self._unlink_temp(job, temp_path)
             return None
-        return temp, digest, count
+        return temp, digest, len(data)
 
-    def _commit_batch(self, job: _Push, batch: list[tuple[str, str, str]], view: memoryview) -> None:
-        """Make a batch of temp files durable with one syncfs, then rename each and read it back.
+    def _seal(
+        self,
+        job: _Push,
+        src: _Source,
+        fd_in: int,
+        fd_out: int,
+        before: os.stat_result,
+        count: int,
+        temp: str,
+        *,
+        durable: bool,
+        chmod: bool = True,
+    ) -> bool:
+        """End a copy: did the source change meanwhile? If not, the temp file gets its mode and mtime.
 
-        The read-back runs on this one thread: each file is renamed and its
-        read from storage started (:func:`prefetch_from_storage`) ``READ_AHEAD``
-        files before it is hashed, so the reads overlap instead of waiting one
-        by one. Best effort like :meth:`_read_back`: a file that cannot be
-        read back is read by the remote manifest.
+        Closes ``fd_out`` in every case (a late write error at close is the
+        share's). Raises ``LOCAL_FILE_VANISHED`` for a source unlinked while
+        copied. True when the source changed (the temp file is to be removed).
         """
         try:
-            _syncfs(job.remote)
-        except OSError as exc:
-            raise self._remote_error(exc, job.remote) from exc
+            after = os.fstat(fd_in)
+            if after.st_nlink == 0:
+                raise TransportError(
+                    TransportErrorKind.LOCAL_FILE_VANISHED, f"{src.rel}: deleted from {job.run} while being copied"
+                )
+            size = before.st_size
+            changed = count != size or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
+            if not changed:
+                self._finish_file(fd_out, before, durable, temp, chmod)
+        except BaseException:
+            _close_quietly(fd_out)  # the error in flight is the one to report
+            raise
+        try:
+            os.close(fd_out)
+        except OSError as exc:  # NFS and SMB report late write errors at close
+            raise self._remote_error(exc, temp) from exc
+        return changed
+
+    def _commit_batch(self, job: _Push, batch: list[tuple[str, str, str, str]], shares: _Folders) -> None:
+        """Rename a batch of temp files made durable by one syncfs, and read each back from storage.
+
+        Each file is renamed and its read from storage started (cached pages
+        dropped, then ``POSIX_FADV_WILLNEED``) :data:`READ_AHEAD` files
+        before it is hashed, so the reads overlap instead of waiting one by
+        one. Best effort like :meth:`_read_back`: a file that cannot be read
+        back is read by the remote manifest.
+        """
+        abort, temps = job.abort, job.temps
         items = iter(batch)
         ahead: deque[tuple[str, int, os.stat_result]] = deque()
         read_back: dict[str, list[int]] = {}
         hashes = job.hashes
+        folders: set[str] = set()
         renamed = 0
-
-        def rename_next() -> None:
-            nonlocal renamed
-            for temp, final, rel in items:
-                if job.abort.is_set():
-                    raise _Cancelled()
-                try:
-                    os.replace(temp, final)
-                except OSError as exc:
-                    raise self._remote_error(exc, final) from exc
-                job.temps.discard(temp)
-                job.touched.add(os.path.dirname(final))
-                renamed += 1
-                try:
-                    fd, info = open_regular(final)
-                except OSError:
-                    return
-                try:
-                    prefetch_from_storage(fd, sync=False)  # durable already (syncfs): its pages are clean
-                except OSError:
-                    os.close(fd)
-                    return
-                ahead.append((rel, fd, info))
-                return
-
         try:
-            for _ in range(READ_AHEAD):
-                rename_next()
-            while ahead:
+            while True:
+                while len(ahead) < READ_AHEAD:
+                    item = next(items, None)
+                    if item is None:
+                        break
+                    if abort.is_set():
+                        raise _Cancelled()
+                    folder, temp, name, rel = item
+                    try:
+                        at = shares.fd(folder)
+                        os.replace(temp, name, src_dir_fd=at, dst_dir_fd=at)
+                    except OSError as exc:
+                        raise self._remote_error(exc, shares.path(folder, name)) from exc
+                    temps.discard(shares.path(folder, temp))
+                    folders.add(folder)
+                    renamed += 1
+                    try:
+                        fd = os.open(name, _READ, dir_fd=at)
+                    except OSError:
+                        continue
+                    try:
+                        info = os.fstat(fd)
+                        if _FADVISE is None or not stat.S_ISREG(info.st_mode):
+                            raise OSError(errno.EINVAL, "cannot read past the page cache")
+                        # durable already (syncfs): its pages are clean and can be dropped
+                        _FADVISE(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        _FADVISE(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    except OSError:
+                        os.close(fd)
+                        continue
+                    ahead.append((rel, fd, info))
+                if not ahead:
+                    break
                 rel, fd, info = ahead.popleft()
                 try:
-                    rename_next()
-                    digest = hash_from_storage(fd, view, sync=False, prefetched=True, limit=info.st_size)
+                    digest = _hash_prefetched(fd, info)
                 except OSError:
                     continue
                 finally:
@@ -978,6 +1034,7 @@ class MountTransport(Transport):
         finally:
             for _rel, fd, _info in ahead:
                 os.close(fd)
+            job.touched.update(shares.path(folder) for folder in folders)
             with job.lock:
                 job.files_sent += renamed
                 for folder, (files, total) in read_back.items():
@@ -1019,31 +1076,12 @@ class MountTransport(Transport):
             except OSError as exc:
                 raise self._remote_error(exc, temp) from exc
             job.temps.add(temp)
-            changed = False
             try:
                 digest, count = self._stream(job, src, fd_in, fd_out, view, temp, before.st_size, bool(direct))
-                after = os.fstat(fd_in)
-                if after.st_nlink == 0:
-                    raise TransportError(
-                        TransportErrorKind.LOCAL_FILE_VANISHED, f"{src.rel}: deleted from {job.run} while being copied"
-                    )
-                changed = (
-                    count != before.st_size
-                    or after.st_size != before.st_size
-                    or after.st_mtime_ns != before.st_mtime_ns
-                )
-                if not changed:
-                    self._finish_file(fd_out, before, durable, temp)
             except BaseException:
-                try:
-                    os.close(fd_out)
-                except OSError:
-                    pass  # the error in flight is the one to report
+                _close_quietly(fd_out)  # the error in flight is the one to report
                 raise
-            try:
-                os.close(fd_out)
-            except OSError as exc:  # NFS and SMB report late write errors at close
-                raise self._remote_error(exc, temp) from exc
+            changed = self._seal(job, src, fd_in, fd_out, before, count, temp, durable=durable)
         finally:
             os.close(fd_in)
         if changed:
@@ -1119,11 +1157,12 @@ class MountTransport(Transport):
             raise self._local_error(exc, src.rel, job.run) from exc
         return digest, total
 
-    def _finish_file(self, fd_out: int, source: os.stat_result, durable: bool, temp: str) -> None:
-        try:
-            os.fchmod(fd_out, stat.S_IMODE(source.st_mode))
-        except OSError:
-            pass  # shares without POSIX permissions: the bytes and mtime are what matter
+    def _finish_file(self, fd_out: int, source: os.stat_result, durable: bool, temp: str, chmod: bool = True) -> None:
+        if chmod:
+            try:
+                os.fchmod(fd_out, stat.S_IMODE(source.st_mode))
+            except OSError:
+                pass  # shares without POSIX permissions: the bytes and mtime are what matter
         try:
             os.utime(fd_out, ns=(source.st_atime_ns, source.st_mtime_ns))
             if durable:
@@ -1554,44 +1593,98 @@ def _kept_changing(src: _Source) -> TransportError:
     )
 
 
-class _Committer:
-    """The thread that commits batches of small files (:meth:`MountTransport._commit_batch`) in order.
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # the error in flight is the one to report
 
-    ``put`` hands over a batch (waiting while one is already queued);
-    ``close`` waits for the thread to end and raises its first error. After
-    an error, or once the push is aborted, batches still handed over are
-    dropped (their temp files are removed with the push's others).
+
+def _current_umask() -> int | None:
+    """This process's umask, read without changing it (``/proc/self/status``), or None."""
+    try:
+        with open("/proc/self/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _hash_prefetched(fd: int, info: os.stat_result) -> str:
+    """SHA-256 hex of the ``info.st_size`` bytes of a small file whose read from storage was started.
+
+    The batch read-back's: the file's cached pages were dropped and its read
+    started (``POSIX_FADV_DONTNEED``, then ``POSIX_FADV_WILLNEED``); read
+    in one call when it fits a block (a file that grew after it was listed is
+    read a block at a time), as :func:`hash_from_storage` would with ``prefetched``.
+    """
+    digest = hashlib.sha256()
+    left = info.st_size
+    while left > 0:
+        data = os.read(fd, min(left, BLOCK_SIZE))
+        if not data:
+            break
+        digest.update(data)
+        left -= len(data)
+    return digest.hexdigest()
+
+
+class _Folders:
+    """Folders under ``base`` opened by path (never through a symlink as their last part), kept a while.
+
+    The small-file copy opens, creates and renames files relative to their
+    open folder, so the kernel does not walk the whole path for each file.
+    The last :data:`DIR_FDS` folders stay open (files come folder by folder).
     """
 
-    def __init__(self, transport: MountTransport, job: _Push):
-        self._transport = transport
-        self._job = job
-        self._queue: queue_mod.Queue[list[tuple[str, str, str]] | None] = queue_mod.Queue(maxsize=1)
+    def __init__(self, base: str):
+        self.base = base
+        self._open: dict[str, int] = {}
+
+    def path(self, folder: str, name: str = "") -> str:
+        """The absolute path of ``folder`` (relative, '' = ``base``), or of ``name`` in it."""
+        path = f"{self.base}/{folder}" if folder else self.base
+        return f"{path}/{name}" if name else path
+
+    def fd(self, folder: str) -> int:
+        """The open folder ``folder``; raises ``OSError`` as ``os.open`` does."""
+        fd = self._open.get(folder)
+        if fd is None:
+            fd = os.open(self.path(folder), _FOLDER)
+            if len(self._open) >= DIR_FDS:
+                os.close(self._open.pop(next(iter(self._open))))
+            self._open[folder] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            _close_quietly(fd)
+        self._open.clear()
+
+
+class _Background:
+    """One call on a thread of its own; ``wait`` waits for it and raises its error."""
+
+    def __init__(self, call: Callable[[], None]):
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="exlab-commit", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(call,), name="exlab-syncfs", daemon=True)
         self._thread.start()
 
-    def put(self, batch: list[tuple[str, str, str]]) -> None:
-        self._queue.put(batch)
+    def _run(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException as exc:
+            self._error = exc
 
-    def close(self, *, report: bool = True) -> None:
-        self._queue.put(None)
+    def join(self) -> None:
         self._thread.join()
-        if report and self._error is not None:
-            raise self._error
 
-    def _run(self) -> None:
-        view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
-        while (batch := self._queue.get()) is not None:
-            if self._error is not None or self._job.abort.is_set():
-                continue
-            try:
-                self._transport._commit_batch(self._job, batch, view)
-            except _Cancelled:
-                pass
-            except BaseException as exc:
-                self._error = exc
-                self._job.abort.set()
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _interleave(sources: list[_Source]) -> list[_Source]:
