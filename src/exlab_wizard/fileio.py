@@ -258,6 +258,25 @@ def open_regular(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> 
     return fd, info
 
 
+def open_regular_beneath(base: str | os.PathLike[str], rel: str) -> tuple[int, os.stat_result]:
+    """:func:`open_regular` of ``base/rel``, each folder of ``rel`` opened without following a symlink.
+
+    A folder inside ``base`` swapped for a symlink since it was listed (the
+    file's own or one above it) raises ``OSError`` (``ELOOP`` or ``ENOTDIR``)
+    instead of reaching a file outside ``base``.
+    """
+    parts = rel.split("/")
+    at = os.open(base, _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0), dir_fd=at)
+            os.close(at)
+            at = inner
+        return open_regular(parts[-1], dir_fd=at)
+    finally:
+        os.close(at)
+
+
 def advise_sequential(fd: int, size: int) -> None:
     """Tell the kernel a file of ``size`` bytes is read from start to end (best effort)."""
     if size > BLOCK_SIZE and hasattr(os, "posix_fadvise"):

@@ -17,7 +17,7 @@ import pytest
 
 from exlab_wizard.sync.transports import mount as mount_module
 from exlab_wizard.sync.transports.base import RemoteManifest, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.mount import MountTransport, is_temp_name, same_mtime
+from exlab_wizard.sync.transports.mount import LARGE_FILE, MountTransport, is_temp_name, same_mtime
 from exlab_wizard.sync.verifier import Verifier, compare, hash_tree
 from tests.helpers import require_tool
 from tests.lab import MountLab as Lab
@@ -179,7 +179,7 @@ class _WriteSpy:
         self.opened_direct: list[str] = []
         self.direct = 0
         self.buffered = 0
-        real_open, real_write = os.open, os.write
+        real_open, real_write, real_close = os.open, os.write, os.close
         direct_flag = getattr(os, "O_DIRECT", 0)
         temp_fds: set[int] = set()
 
@@ -207,8 +207,13 @@ class _WriteSpy:
                 return count
             return real_write(fd, data)
 
+        def spy_close(fd):
+            temp_fds.discard(fd)  # its number is free for the next file opened
+            return real_close(fd)
+
         monkeypatch.setattr(mount_module.os, "open", spy_open)
         monkeypatch.setattr(mount_module.os, "write", spy_write)
+        monkeypatch.setattr(mount_module.os, "close", spy_close)
 
 
 def _local_disk(monkeypatch: pytest.MonkeyPatch, lab: Lab) -> None:
@@ -391,28 +396,34 @@ def test_symlinks_are_not_copied_and_targets_untouched(lab: Lab, tmp_path: Path)
     assert not (lab.nas / "secret.txt").exists()
 
 
+@pytest.mark.parametrize("swapped", ["well", "plate"], ids=["the files' folder", "a folder above it"])
+@pytest.mark.parametrize("size", [16, LARGE_FILE], ids=["small files", "large files"])
 def test_a_run_folder_swapped_for_a_symlink_after_listing_is_not_followed(
-    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swapped: str, size: int
 ) -> None:
-    # Small files (the batched path): the folder is opened without following a symlink, so
-    # bytes from outside the run never reach the share under the run's names.
+    # Small files (the batched path) and large ones: every folder is opened without following a
+    # symlink, the files' own and every one above it, so bytes from outside the run never reach
+    # the share under the run's names.
     for index in range(3):
-        lab.write(f"well/frame_{index}.bin", b"run data %d" % index)
+        lab.write(f"plate/well/frame_{index}.bin", (b"run data %d" % index).ljust(size, b"."))
     outside = tmp_path / "outside"
-    outside.mkdir()
+    (outside / "well").mkdir(parents=True)
     for index in range(3):
-        (outside / f"frame_{index}.bin").write_bytes(b"not the run's %d" % index)
+        data = (b"not the run's %d" % index).ljust(size, b".")
+        (outside / f"frame_{index}.bin").write_bytes(data)
+        (outside / "well" / f"frame_{index}.bin").write_bytes(data)
     real_make_dirs = MountTransport._make_dirs
+    target = lab.run / ("plate/well" if swapped == "well" else "plate")
 
     def swap_after_listing(self, job, run, local_dirs):
         real_make_dirs(self, job, run, local_dirs)
-        (lab.run / "well").rename(tmp_path / "well.moved")
-        (lab.run / "well").symlink_to(outside)
+        target.rename(tmp_path / "moved")
+        target.symlink_to(outside)
 
     monkeypatch.setattr(MountTransport, "_make_dirs", swap_after_listing)
     with pytest.raises(TransportError):
         lab.push()
-    copied = [p.read_bytes() for p in (lab.remote / "well").iterdir()] if (lab.remote / "well").exists() else []
+    copied = [p.read_bytes() for p in lab.remote.rglob("*") if p.is_file()] if lab.remote.exists() else []
     assert not [data for data in copied if data.startswith(b"not the run")]
     assert _temps(lab.nas) == []
 

@@ -115,6 +115,7 @@ from exlab_wizard.fileio import (
     hash_fd,
     hash_from_storage,
     open_regular,
+    open_regular_beneath,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import (
@@ -337,10 +338,6 @@ class _Push:
     bytes_sent: int = 0
     #: this process's umask (None: unknown, every temp file gets its mode with fchmod)
     umask: int | None = None
-
-    def source_path(self, src: _Source) -> str:
-        """The absolute local path of ``src`` (made when needed, not kept per file)."""
-        return os.path.join(self.run, src.rel)
 
 
 #: (inode, size, mtime ns, ctime ns) of a file as 32 bytes
@@ -1044,7 +1041,7 @@ class MountTransport(Transport):
 
     def _hash_local(self, job: _Push, src: _Source, view: memoryview) -> str:
         try:
-            fd, _info = open_regular(job.source_path(src))
+            fd, _info = open_regular_beneath(job.run, src.rel)
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         try:
@@ -1059,7 +1056,7 @@ class MountTransport(Transport):
     ) -> tuple[str, str] | None:
         """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile."""
         try:
-            fd_in, before = open_regular(job.source_path(src))
+            fd_in, before = open_regular_beneath(job.run, src.rel)
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
         temp = os.path.join(folder, _temp_name(src.name))
@@ -1632,7 +1629,7 @@ def _hash_prefetched(fd: int, info: os.stat_result) -> str:
 
 
 class _Folders:
-    """Folders under ``base`` opened by path (never through a symlink as their last part), kept a while.
+    """Folders under ``base``, opened part by part without following a symlink, kept a while.
 
     The small-file copy opens, creates and renames files relative to their
     open folder, so the kernel does not walk the whole path for each file.
@@ -1649,10 +1646,19 @@ class _Folders:
         return f"{path}/{name}" if name else path
 
     def fd(self, folder: str) -> int:
-        """The open folder ``folder``; raises ``OSError`` as ``os.open`` does."""
+        """The open folder ``folder``; raises ``OSError`` as ``os.open`` does.
+
+        Opened one part at a time, each relative to the folder above it and
+        without following a symlink: a folder of the run swapped for a
+        symlink after the listing (itself or one above it) is never entered.
+        """
         fd = self._open.get(folder)
         if fd is None:
-            fd = os.open(self.path(folder), _FOLDER)
+            if folder:
+                parent, _, name = folder.rpartition("/")
+                fd = os.open(name, _FOLDER, dir_fd=self.fd(parent))
+            else:
+                fd = os.open(self.base, _FOLDER)
             if len(self._open) >= DIR_FDS:
                 os.close(self._open.pop(next(iter(self._open))))
             self._open[folder] = fd
