@@ -118,11 +118,14 @@ def record_verified_stat(
     since = hashed_since if hashed_since is not None else _hashing_started(queue, job_id)
     since_ns = None if since is None else int(since.timestamp() * 1_000_000_000) - RACE_SLACK_NS
 
+    base = os.fspath(run) + "/"
+
     def stats() -> Iterator[tuple[str, StatRow]]:
         # One file's row at a time, straight into the store: 200,000 rows held at once cost ~60 MB.
+        # Paths joined as strings: a Path a file cost a third of the call at 20,000 files.
         for rel, sha in data.items():
             try:
-                st = os.lstat(run / rel)
+                st = os.lstat(base + rel)
             except OSError:
                 continue
             regular = stat.S_ISREG(st.st_mode)
