@@ -206,6 +206,29 @@ def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading
 _DONE = object()
 
 
+def hash_run_file(
+    root: str, rel: str, path: str, view: memoryview, progress: Callable[[int], None] | None = None
+) -> str:
+    """SHA-256 hex of the run file ``rel`` at ``path`` (in ``root``), never through a symlink.
+
+    A file gone since it was listed raises ``TransportError``
+    (``LOCAL_FILE_VANISHED``); other errors raise as ``OSError``.
+    """
+    try:
+        fd, info = open_regular(path)
+    except OSError as exc:
+        if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
+            raise TransportError(
+                TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {root} while hashing"
+            ) from exc
+        raise
+    try:
+        advise_sequential(fd, info.st_size)
+        return hash_fd(fd, view, progress)
+    finally:
+        os.close(fd)
+
+
 def hash_tree(
     run_path: str | os.PathLike[str],
     *,
@@ -227,19 +250,7 @@ def hash_tree(
 
     def work(item: tuple[str, str], view: memoryview) -> None:
         rel, path = item
-        try:
-            fd, info = open_regular(path)
-        except OSError as exc:
-            if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
-                raise TransportError(
-                    TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {root} while hashing"
-                ) from exc
-            raise
-        try:
-            advise_sequential(fd, info.st_size)
-            hashes[rel] = hash_fd(fd, view, report)
-        finally:
-            os.close(fd)
+        hashes[rel] = hash_run_file(root, rel, path, view, report)
 
     run_parallel(listed, work, threads or default_threads())
     return dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0])))

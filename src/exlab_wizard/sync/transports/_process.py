@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, advise_sequential, hash_fd, is_data_path, open_regular
+from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, is_data_path
 from exlab_wizard.sync.equipment_log import EquipmentLog
-from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+from exlab_wizard.sync.verifier import hash_run_file
 
 T = TypeVar("T")
 
@@ -323,16 +323,4 @@ def hash_local_files(run_path: Path, tree: LocalTree, abort: threading.Event) ->
 
 
 def _hash_one(root: str, rel: str, view: memoryview) -> str:
-    try:
-        fd, info = open_regular(os.path.join(root, rel))
-    except OSError as exc:
-        if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
-            raise TransportError(
-                TransportErrorKind.LOCAL_FILE_VANISHED, f"{rel}: vanished from {root} while hashing"
-            ) from exc
-        raise
-    try:
-        advise_sequential(fd, info.st_size)
-        return hash_fd(fd, view)
-    finally:
-        os.close(fd)
+    return hash_run_file(root, rel, os.path.join(root, rel), view)
