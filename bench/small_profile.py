@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import dataset, median, sh, write_dataset
+from common import dataset, median, new_run, sh, write_dataset
 
 EQUIPMENT = "BENCH_01"
 MARKER = ".exlab-nas"
@@ -50,19 +50,7 @@ REPO_SRC = HERE.parent / "src"
 
 
 def make_run(local_root: Path, name: str, scale: float) -> Path:
-    run = local_root / EQUIPMENT / "PROJ-0001" / "Runs" / f"Run_2026-12-01_{name}"
-    meta = run / ".exlab-wizard"
-    meta.mkdir(parents=True)
-    creation = {
-        "schema_version": "1.0",
-        "level": "run",
-        "run_kind": "experimental",
-        "paths": {"local": str(run), "nas": None},
-        "sync_status": "pending",
-        "validation_overrides": [],
-        "created_by": "bench/small_profile.py",
-    }
-    (meta / "creation.json").write_text(json.dumps(creation, indent=2) + "\n")
+    run = new_run(local_root, EQUIPMENT, name, "bench/small_profile.py")
     write_dataset(run, dataset(name, scale))
     return run
 

@@ -429,11 +429,7 @@ async def test_the_audit_driven_retransfer_never_sends_damage_without_the_local_
         (nas.copy(run) / "notes.txt").unlink()
         clock.advance(6)
         await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
-        if job.state == S.FAILED and job.error_kind != "local_damage":
-            await client.retry(job.id)  # the lab retries a hash_mismatch: its rewrite must not send damage
-            await client.wait_idle(timeout=60)
+        await _settle_retrying_a_mismatch(client, run)
         assert data_tree(nas.copy(run)) == KEPT
         await _assert_failed_local_damage_and_refused(client, run)
     assert data_tree(nas.copy(run)) == KEPT
@@ -466,6 +462,15 @@ async def test_a_retry_never_sends_damage_without_the_local_manifest(nas: Nas, h
         assert data_tree(nas.copy(run)) == FILES
         await _assert_failed_local_damage_and_refused(client, run)
     assert data_tree(nas.copy(run)) == FILES
+
+
+async def _settle_retrying_a_mismatch(client, run) -> None:
+    """Wait for the client to settle; a job FAILED for another reason than local damage is retried once."""
+    await client.wait_idle(timeout=60)
+    job = await client.job(run)
+    if job.state == S.FAILED and job.error_kind != "local_damage":
+        await client.retry(job.id)  # the lab retries a hash_mismatch: its rewrite must not send damage
+        await client.wait_idle(timeout=60)
 
 
 async def _assert_failed_local_damage_and_refused(client, run) -> None:
@@ -527,7 +532,7 @@ async def test_damage_caught_half_way_by_the_stats_record_is_never_sent(
     cleanup = {"min_verify_passes": 1, "min_age_hours": 0} if via == "cleanup" else {"enabled": False}
     verified_mtime = rot_while_the_stats_are_recorded(monkeypatch)
     async with running(nas.config(**cleanup), clock) as client:
-        job = await synced(client, run)
+        await synced(client, run)
         assert (run / DAMAGED).read_bytes() != FILES[DAMAGED]
         if via == "cleanup":
             await client.cleanup_once()
@@ -535,11 +540,7 @@ async def test_damage_caught_half_way_by_the_stats_record_is_never_sent(
             (nas.copy(run) / "notes.txt").unlink()  # the audit sends the run back to a transfer
             clock.advance(6)
             await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
-        if job.state == S.FAILED and job.error_kind != "local_damage":
-            await client.retry(job.id)  # the lab retries a hash_mismatch: its rewrite must not send damage
-            await client.wait_idle(timeout=60)
+        await _settle_retrying_a_mismatch(client, run)
         await _assert_failed_local_damage_and_refused(client, run)
         assert (nas.copy(run) / DAMAGED).read_bytes() == FILES[DAMAGED]
         assert read_manifest(run)[DAMAGED] == sha(FILES[DAMAGED])

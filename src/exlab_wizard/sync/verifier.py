@@ -164,6 +164,32 @@ class _Progress:
             self._callback(count)  # type: ignore[misc]
 
 
+def side_by_side(work: list[Callable[[], None]], abort: threading.Event) -> None:
+    """Run each callable on its own thread (the first on this one); the first error stops the rest and is raised.
+
+    A :class:`TransportError` wins over other errors, as in :func:`run_parallel`.
+    """
+    errors: list[BaseException] = []
+
+    def run(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException as exc:
+            errors.append(exc)
+            abort.set()
+
+    threads = [threading.Thread(target=run, args=(step,), name="exlab-side", daemon=True) for step in work[1:]]
+    for thread in threads:
+        thread.start()
+    if work:
+        run(work[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        typed = [exc for exc in errors if isinstance(exc, TransportError)]
+        raise (typed or errors)[0]
+
+
 def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading.Event | None = None) -> None:
     """Call ``work(item, buffer)`` for every item on ``threads`` threads.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import mmap
 import os
 import shlex
@@ -26,7 +27,7 @@ from typing import TypeVar
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, is_data_path
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
-from exlab_wizard.sync.verifier import hash_run_file
+from exlab_wizard.sync.verifier import hash_run_file, side_by_side
 
 T = TypeVar("T")
 
@@ -299,28 +300,13 @@ def hash_local_files(run_path: Path, tree: LocalTree, abort: threading.Event) ->
     small = [rel for rel, size in tree.files.items() if size < LARGE_FILE_BYTES and is_data_path(rel)]
     large = [rel for rel, size in tree.files.items() if size >= LARGE_FILE_BYTES and is_data_path(rel)]
     hashes: dict[str, str] = {}
-    errors: list[BaseException] = []
 
     def loop(paths: list[str]) -> None:
         view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
-        try:
-            for rel in paths:
-                if abort.is_set():
-                    return
-                hashes[rel] = _hash_one(root, rel, view)
-        except BaseException as exc:
-            errors.append(exc)
-            abort.set()
+        for rel in paths:
+            if abort.is_set():
+                return
+            hashes[rel] = hash_run_file(root, rel, os.path.join(root, rel), view)
 
-    workers = [threading.Thread(target=loop, args=(paths,), daemon=True) for paths in (small, large) if paths]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+    side_by_side([functools.partial(loop, paths) for paths in (small, large) if paths], abort)
     return hashes
-
-
-def _hash_one(root: str, rel: str, view: memoryview) -> str:
-    return hash_run_file(root, rel, os.path.join(root, rel), view)

@@ -143,7 +143,7 @@ from exlab_wizard.sync.transports.base import (
     report_total,
 )
 from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
-from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress
+from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
 
@@ -675,7 +675,7 @@ class MountTransport(Transport):
         if batched:
             work.append(lambda: self._send_small(job, batched))
         # Side by side: large files mostly wait on the disk, small ones on the CPU.
-        _side_by_side(work, job.abort)
+        side_by_side(work, job.abort)
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
         run_parallel(sorted(job.touched), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
@@ -1555,32 +1555,6 @@ class _ReadBackManifest(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"_ReadBackManifest({dict(self)!r})"
-
-
-def _side_by_side(work: list[Callable[[], None]], abort: threading.Event) -> None:
-    """Run each callable on its own thread (the first on this one); the first error stops the rest and is raised.
-
-    A :class:`TransportError` wins over other errors, as in ``run_parallel``.
-    """
-    errors: list[BaseException] = []
-
-    def run(step: Callable[[], None]) -> None:
-        try:
-            step()
-        except BaseException as exc:
-            errors.append(exc)
-            abort.set()
-
-    threads = [threading.Thread(target=run, args=(step,), name="exlab-side", daemon=True) for step in work[1:]]
-    for thread in threads:
-        thread.start()
-    if work:
-        run(work[0])
-    for thread in threads:
-        thread.join()
-    if errors:
-        typed = [exc for exc in errors if isinstance(exc, TransportError)]
-        raise (typed or errors)[0]
 
 
 def _kept_changing(src: _Source) -> TransportError:
