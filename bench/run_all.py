@@ -439,7 +439,7 @@ class Transports:
         config = self.net._config(kind, state)
         if kind == "rsync_ssh":
             self.net._forget_host(config)  # each run pays its handshake and its probe
-        doc = _network_doc(self.net, kind, state)
+        doc = self.net.config_doc(kind, state)
         path = self.base / f"config-{self.counter}.json"
         path.write_text(json.dumps(doc))
         return self._engine(["--run", str(run), "--config", str(path)], profile)
@@ -449,38 +449,6 @@ class Transports:
 
     def _m_C(self, run: Path, dest: Path, profile: Path | None) -> tuple[float, dict]:
         return self._network("rclone", run, dest, profile)
-
-
-def _network_doc(net: sync_network.Bench, kind: str, state: Path) -> dict:
-    """The config document of ``sync_network.Bench._config`` as JSON for the engine child."""
-    if kind == "rsync_ssh":
-        transport = {
-            "type": "rsync_ssh",
-            "ssh_target": f"{sync_network.RW_USER}@127.0.0.1",
-            "ssh_port": net.server.port,
-            "ssh_key_path": str(net.server.env.client_key),
-            "ssh_known_hosts": str(net.server.known_hosts),
-            "remote_path": str(net.remote_root),
-        }
-    else:
-        transport = {
-            "type": "rclone",
-            "rclone_remote": f"{sync_network.RCLONE_REMOTE}:",
-            "rclone_remote_path": str(net.remote_root),
-            "rclone_config": str(net.rclone_conf),
-        }
-    return {
-        "equipment": [
-            {
-                "id": EQUIPMENT,
-                "local_root": str(net.local_root),
-                "completeness_signal": "none",
-                "transport": transport,
-            }
-        ],
-        "sync": {"backoff_s": [3600]},
-        "state_dir": str(state),
-    }
 
 
 # ----------------------------------------------------------------------------- sections 1 and 2

@@ -181,7 +181,8 @@ class Bench:
 
     # ------------------------------------------------------------- ours
 
-    def _config(self, kind: str, state: Path):
+    def config_doc(self, kind: str, state: Path) -> dict:
+        """The engine's config document for ``kind`` (rsync_ssh or rclone) against this bench's servers."""
         if kind == "rsync_ssh":
             transport = {
                 "type": "rsync_ssh",
@@ -198,20 +199,21 @@ class Bench:
                 "rclone_remote_path": str(self.remote_root),
                 "rclone_config": str(self.rclone_conf),
             }
-        return parse_config(
-            {
-                "equipment": [
-                    {
-                        "id": EQUIPMENT,
-                        "local_root": str(self.local_root),
-                        "completeness_signal": "none",
-                        "transport": transport,
-                    }
-                ],
-                "sync": {"backoff_s": [3600]},
-                "state_dir": str(state),
-            }
-        )
+        return {
+            "equipment": [
+                {
+                    "id": EQUIPMENT,
+                    "local_root": str(self.local_root),
+                    "completeness_signal": "none",
+                    "transport": transport,
+                }
+            ],
+            "sync": {"backoff_s": [3600]},
+            "state_dir": str(state),
+        }
+
+    def _config(self, kind: str, state: Path):
+        return parse_config(self.config_doc(kind, state))
 
     def _forget_host(self, config) -> None:
         """A cold start: no ssh master connection, no remembered hash tool."""
