@@ -102,11 +102,11 @@ class Plan:
 
 QUICK = Plan(0.01, 1, 2_000, (1_000, 4_000), 5_000, 50, 2_000, 5, 300, 1, False, ("small",))
 FULL = Plan(1.0, 3, 50_000, (50_000, 200_000), 100_000, 1_000, 100_000, 50, 20_000, 3, True, DATASETS)
-NETWORK = ("R", "RR", "C", "CB")
+NETWORK = ("R", "RR", "RN", "C", "CB")
 #: a measurement that took longer than this in round 1 is not repeated (rclone over sftp on small)
 SLOW_S = 30.0
 
-METHODS = ("floor", "cp", "M", "MA", "R", "RR", "C", "CB")
+METHODS = ("floor", "cp", "M", "MA", "R", "RR", "RN", "C", "CB")
 LABELS = {
     "floor": "floor: O_DIRECT read + O_DIRECT write + syncfs",
     "cp": "floor: cp -a + sync",
@@ -114,6 +114,7 @@ LABELS = {
     "MA": "mount anchor: rclone copy --checksum + rclone check (SHA-256) + sync",
     "R": "rsync_ssh, ours (enqueue to VERIFIED)",
     "RR": "rsync_ssh anchor: bare rsync -a --checksum + sync of the copy",
+    "RN": "rsync_ssh anchor as issue 13 names it: bare rsync -a --checksum, copy not synced",
     "C": "rclone (sftp), ours (enqueue to VERIFIED)",
     "CB": "rclone anchor: rclone copy --checksum + rclone hashsum sha256",
 }
@@ -124,6 +125,7 @@ TRANSPORT_TARGETS = [
     ("M", "MA", "big", 0.6),
     ("M", "floor", "big", 1.3),
     ("R", "RR", None, 1.0),
+    ("R", "RN", None, 1.0),  # the issue's own anchor: not durable, so not like with like (RR is)
     ("C", "CB", None, 1.0),
 ]
 
@@ -398,11 +400,18 @@ class Transports:
         return time.perf_counter() - start
 
     def _m_RR(self, run: Path, dest: Path, _profile: Path | None) -> float:
+        return self._bare_rsync(run, dest, durable=True)
+
+    def _m_RN(self, run: Path, dest: Path, _profile: Path | None) -> float:
+        return self._bare_rsync(run, dest, durable=False)
+
+    def _bare_rsync(self, run: Path, dest: Path, *, durable: bool) -> float:
         assert self.net is not None
         self.net.remote_root = dest
         start = time.perf_counter()
         sh(self.net._rsync_argv(run))
-        sh(["sync", "-f", str(dest)])  # our rsync_ssh copy is durable on the NAS before it is hashed; so is this one
+        if durable:  # our rsync_ssh copy is durable on the NAS before it is hashed; so is this one
+            sh(["sync", "-f", str(dest)])
         return time.perf_counter() - start
 
     def _m_CB(self, run: Path, dest: Path, _profile: Path | None) -> float:
