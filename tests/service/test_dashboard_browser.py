@@ -28,7 +28,7 @@ WAIT_MS = 20_000
 
 
 def lab_config(lab: Any, **sync: Any) -> Config:
-    """The fixture's two mount equipment; CONFOCAL_01 limited to 8 Mbps so a 2 MiB run takes about 2 s."""
+    """The fixture's two mount equipment; CONFOCAL_01 limited to 8 Mbps so a 6 MiB run takes about 6 s."""
     data = {
         "equipment": [
             {
@@ -93,7 +93,8 @@ def count(page: Page, equipment: str, state: str) -> Any:
 async def test_a_run_moves_from_queued_to_verified_on_the_open_page(browser: Browser, svc: Service) -> None:
     page = await logged_in_page(browser, svc)
     assert svc.token not in await page.content()
-    big = svc.lab.make_run("Run_big", {"image.czi": os.urandom(2 * 1024 * 1024)})
+    # 6 MiB: a progress message each MiB, so the rate (measured between two) shows for seconds, not one poll.
+    big = svc.lab.make_run("Run_big", {"image.czi": os.urandom(6 * 1024 * 1024)})
     small = svc.lab.make_run("Run_small", {"data.bin": b"x" * 1000})
     for run in (big, small):
         assert (await svc.post("/api/enqueue", {"run_path": str(run)})).json()["state"] == "queued"
@@ -107,13 +108,15 @@ async def test_a_run_moves_from_queued_to_verified_on_the_open_page(browser: Bro
         timeout=WAIT_MS,
     )
     await expect(row.locator('[data-field="rate"]')).to_contain_text("/s", timeout=WAIT_MS)
+    # The section drawn again by the server (after any transition) keeps the rate the feed measured.
+    assert "/s</td>" in (await svc.http.get("/partials/running")).text
     await expect(count(page, "CONFOCAL_01", "verified")).to_have_text("2", timeout=WAIT_MS)
     await expect(count(page, "CONFOCAL_01", "queued")).to_have_text("0")
     await expect(page.locator("#part-running")).to_contain_text("Nothing is transferring")
     await still_same_document(page)
     # The chart was drawn again with the verified bytes (the server's SVG, not a script's).
     svg = (await svc.http.get("/charts/verified.svg")).text
-    assert "2.0 MiB in all" in svg
+    assert "6.0 MiB in all" in svg
 
 
 async def test_a_failed_jobs_retry_button_re_arms_it(browser: Browser, svc: Service) -> None:

@@ -26,3 +26,5 @@ async def test_a_phase_that_ends_in_its_first_message_shows_the_jobs_last_rate()
     assert rates[0] is None  # nothing measured yet
     assert all(r and r > 0 for r in rates[1:3]), rates
     assert rates[3] == rates[2], rates  # the check's first message keeps the copy's rate, not "-"
+    assert hub.rate("j1") == rates[3]  # what a section drawn again by the server shows
+    assert hub.rate("j2") is None

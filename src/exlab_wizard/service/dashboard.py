@@ -396,7 +396,8 @@ def _running(ctx: ServiceContext, loop_now: float) -> list[dict[str, Any]]:
         done = live.bytes_done if live else 0
         total = live.bytes_total if live else 0
         elapsed = loop_now - live.started_at if live else 0.0
-        rate = done / elapsed if live and elapsed > 0 and done > 0 else None
+        # The feed's rate first: a section drawn again between two progress messages keeps what the page showed.
+        rate = ctx.hub.rate(row.id) or (done / elapsed if live and elapsed > 0 and done > 0 else None)
         eta = (total - done) / rate if rate and total > done else None
         out.append(
             {

@@ -111,6 +111,11 @@ class EventHub:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    def rate(self, job_id: str) -> float | None:
+        """The job's last rate sent on the feed (bytes/s), None before it has one: a page drawn again shows it too."""
+        rate = self._rates.get(job_id)
+        return rate.bps if rate is not None else None
+
     @staticmethod
     def _offer(sub: _Subscriber, message: FeedMessage) -> None:
         while True:
