@@ -67,10 +67,37 @@ def test_remote_hash_hashes_a_run_as_hashlib_does(tmp_path: Path) -> None:
     assert gone.returncode == 3
 
 
-# A prelude run before remote_hash.py in the same interpreter: it logs to stderr, in order,
-# every syncfs (with the folder its fd names) and every file opened for hashing.
+def _hash_with(program: str, run: Path, root: Path, cpus: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    """remote_hash.py (``program``: it, maybe with a prelude) run on ``run``; on ``cpus`` cores (its workers) if given."""
+    pin = ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cpus])] if cpus else []
+    argv = [*pin, sys.executable, "-c", program, str(run), str(root)]
+    return subprocess.run(argv, input=b"", capture_output=True, check=False, timeout=60)
+
+
+@pytest.mark.parametrize("cpus", [1, 2, None])
+def test_remote_hash_workers_share_the_files_each_hashed_once(tmp_path: Path, cpus: int | None) -> None:
+    if cpus and len(os.sched_getaffinity(0)) < cpus:
+        pytest.fail(f"this test wants {cpus} cores")
+    root = tmp_path / "root"
+    run = root / "Run_1"
+    files = {f"d{d}/f{n:03}": os.urandom(n * 37) for d in range(3) for n in range(41)}
+    files |= {"top.txt": b"t", "d1/big.raw": os.urandom((1 << 20) + 9), "d2/e/deep": b"deep"}
+    for rel, data in files.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(data)
+    done = _hash_with(remote_program("remote_hash.py"), run, root, cpus)
+    assert done.returncode == 0, done.stderr
+    records = [r for r in done.stdout.split(b"\0") if r]
+    assert len(records) == len(files)  # each once: no worker skipped a file, none was hashed twice
+    got = {os.fsdecode(r[66:]): r[:64].decode() for r in records}
+    assert got == {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+
+# A prelude run before remote_hash.py in the same interpreter: it logs to stderr every syncfs
+# (the folder its fd names, when it starts and when it has returned, after a pause), every
+# file opened for hashing (by any worker), and the program's end (the parent's only).
 _TRACE_PRELUDE = """
-import ctypes, os, sys
+import atexit, ctypes, os, sys, time
 _CDLL, _open = ctypes.CDLL, os.open
 class _Traced:
     def __init__(self, *a, **k):
@@ -81,13 +108,20 @@ class _Traced:
             return real
         def syncfs(fd):
             sys.stderr.write("syncfs %s\\n" % os.readlink("/proc/self/fd/%d" % fd))
-            return real(fd)
+            sys.stderr.flush()
+            time.sleep(0.5)
+            try:
+                return real(fd)
+            finally:
+                sys.stderr.write("syncfs returned\\n")
+                sys.stderr.flush()
         return syncfs
 def _traced_open(path, flags, *a, **k):
     if not flags & getattr(os, "O_DIRECTORY", 0):
-        sys.stderr.write("open %s\\n" % os.fsdecode(path))
+        os.write(2, ("open %s\\n" % os.fsdecode(path)).encode())
     return _open(path, flags, *a, **k)
 ctypes.CDLL, os.open = _Traced, _traced_open
+atexit.register(lambda: sys.stderr.write("end\\n"))
 """
 
 
@@ -100,16 +134,16 @@ def _run_with_files(tmp_path: Path) -> tuple[Path, Path]:
     return root, run
 
 
-def test_remote_hash_makes_the_run_durable_before_it_hashes_a_byte(tmp_path: Path) -> None:
+def test_remote_hash_ends_only_once_the_run_is_durable_and_hashes_while_it_is_made_so(tmp_path: Path) -> None:
     root, run = _run_with_files(tmp_path)
-    program = _TRACE_PRELUDE + remote_program("remote_hash.py")
-    done = subprocess.run(
-        [sys.executable, "-c", program, str(run), str(root)], input=b"", capture_output=True, check=False, timeout=60
-    )
+    done = _hash_with(_TRACE_PRELUDE + remote_program("remote_hash.py"), run, root)
     assert done.returncode == 0, done.stderr
     trace = done.stderr.decode().splitlines()
-    assert trace[0] == f"syncfs {run}", trace  # before any file is opened for its hash
-    assert sorted(trace[1:]) == [f"open {run}/a.txt", f"open {run}/sub/b.raw"]
+    assert trace.count(f"syncfs {run}") == 1, trace  # one flush of the run's filesystem, by the parent
+    assert trace[-2:] == ["syncfs returned", "end"], trace  # nothing is reported as hashed before it returned
+    opens = [i for i, line in enumerate(trace) if line.startswith("open ")]
+    assert sorted(trace[i] for i in opens) == [f"open {run}/a.txt", f"open {run}/sub/b.raw"]
+    assert max(opens) < trace.index("syncfs returned")  # the hashing ran beside the flush, not after it
     assert len([r for r in done.stdout.split(b"\0") if r]) == 2
 
 
