@@ -481,6 +481,53 @@ async def test_a_run_folder_made_by_the_push_is_written_in_place_and_an_existing
     assert tree(remote_dir / RUN_REL) == {"a.txt": b"a changed, longer", "sub/b.txt": b"b"}
 
 
+def _conflict_checks(eq) -> list[str]:
+    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
+    return [line for line in log.splitlines() if "step=conflict_check" in line]
+
+
+@pytest.mark.parametrize("name", [RUN_REL.name, "Run_[1]*?x"])  # the second: a pattern, listed directly
+async def test_a_new_run_is_found_missing_through_its_parent_without_an_rsync_error(tmp_path, sshd, remote_dir, name):
+    """rsync pauses 0.1 s before it exits with an error: a new run's listing must not be one."""
+    rel = RUN_REL.with_name(name)
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, rel=rel, symlink=False)
+    sibling = (remote_dir / rel).with_name(name + "_b")  # a run whose name starts with ours
+    sibling.mkdir(parents=True)
+    (sibling / "other.txt").write_bytes(b"another run's file")
+    subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
+
+    await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert tree(remote_dir / rel) == {"a.txt": b"a"}
+    assert tree(sibling) == {"other.txt": b"another run's file"}
+    failed = [line for line in _conflict_checks(eq) if "tool_exit" in line and " rc=0" not in line]
+    assert bool(failed) == (name != RUN_REL.name), failed
+    # Pushed again: the listing finds the run's own files (no conflict, nothing foreign, nothing resent).
+    assert (await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)).files_sent == 0
+    assert tree(remote_dir / rel) == {"a.txt": b"a"}
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+async def test_a_file_or_symlink_in_place_of_the_run_folder_is_a_conflict(tmp_path, sshd, remote_dir, kind):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    remote_run = remote_dir / RUN_REL
+    elsewhere = remote_dir / "elsewhere"
+    elsewhere.mkdir()
+    remote_run.parent.mkdir(parents=True)
+    if kind == "file":
+        remote_run.write_bytes(b"someone's file under the run's name")
+    else:
+        remote_run.symlink_to(elsewhere)  # a push through it would write outside the run's place
+    subprocess.run(["chown", "-R", "-h", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
+
+    with pytest.raises(TransportError) as caught:
+        await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT, caught.value.message
+    assert list(elsewhere.iterdir()) == []
+    assert remote_run.is_symlink() if kind == "symlink" else remote_run.read_bytes().startswith(b"someone")
+
+
 def test_top_level_streams_send_every_file_exactly_once(tmp_path, monkeypatch):
     """The real rsync, dry run, given each stream's filters: together every file, no file twice."""
     monkeypatch.setattr(rsync_ssh, "STREAMS_MAX_SHARE", 1.0)

@@ -555,7 +555,7 @@ class RsyncSshTransport(Transport):
 
     async def _list_or_make(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
         """The remote run folder's entries; when it is missing, it is made (below the root only) and None returned."""
-        listing = await self._list_remote(run_path, remote_run, step="conflict_check")
+        listing = await self._list_run_folder(run_path, remote_run)
         if listing is None:
             await self._make_run_folder(run_path)
         return listing
@@ -832,6 +832,38 @@ class RsyncSshTransport(Transport):
             return  # the write's own error says more
         if missing:
             raise TransportError(K.NETWORK, f"remote root {root} is missing: the NAS volume may not be mounted")
+
+    async def _list_run_folder(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
+        """The run folder's entries (None when it is missing), listed through its parent.
+
+        A listing of a missing folder is an rsync error, and an rsync server
+        pauses 0.1 s before it exits with one: every new run would pay it.
+        Listing the parent with filters that name only the run (the entry
+        itself and everything below it) answers "missing" without an error
+        when the parent exists. The run's own entry, of any kind, is listed:
+        a file or symlink in its place on the NAS is a conflict, never a
+        missing folder to make (a symlink would lead the push elsewhere). A
+        name rsync would read as a pattern (``*?[\\``) or holding a line break is
+        listed directly, as before.
+        """
+        parent, _sep, name = remote_run.rstrip("/").rpartition("/")
+        if not parent or not name or _WILDCARD_RE.search(name) or "\n" in name or "\r" in name:
+            return await self._list_remote(run_path, remote_run, step="conflict_check")
+        filters = [f"--include=/{name}", f"--include=/{name}/**", "--exclude=*"]
+        argv = [*self._rsync_base(), "--list-only", "-r", *filters, self._target(parent)]
+        result = await run_tool(argv, log=self.log, run_path=run_path, step="conflict_check", quiet=True)
+        if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
+            return None  # the parent is missing too
+        if result.returncode != 0:
+            raise _listing_error(result, remote_run)
+        entries = parse_listing(result.stdout)
+        top = entries.pop(name, None)
+        if top is None:
+            return None
+        if top.kind != "d":
+            raise conflict_error(remote_run, ["."])
+        prefix = name + "/"
+        return {path[len(prefix) :]: entry for path, entry in entries.items() if path.startswith(prefix)}
 
     async def _list_remote(
         self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
