@@ -403,8 +403,7 @@ def _folder_times(root: Path) -> dict[str, int]:
 
 
 def _push_steps(eq) -> list[str]:
-    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
-    return [line for line in log.splitlines() if "tool_start" in line and "step=push" in line]
+    return [line for line in _log_lines(eq) if "tool_start" in line and "step=push" in line]
 
 
 async def _push_and_check(eq, run: Path, files: dict[str, bytes], remote_dir: Path) -> None:
@@ -427,9 +426,13 @@ async def _push_and_check(eq, run: Path, files: dict[str, bytes], remote_dir: Pa
     assert (await transport.push(run, bwlimit_kibps=None)).files_sent == 0
 
 
-async def test_a_large_run_goes_as_streams_over_its_top_level_entries(tmp_path, sshd, remote_dir, monkeypatch):
+@pytest.mark.parametrize("parent", ["missing", "there"])  # there: the streams' rsyncs must make the run folder
+async def test_a_large_run_goes_as_streams_over_its_top_level_entries(tmp_path, sshd, remote_dir, monkeypatch, parent):
     monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_AVERAGE_BYTES", 0)
     eq = equipment(tmp_path, sshd, remote_dir)
+    if parent == "there":
+        (remote_dir / RUN_REL).parent.mkdir(parents=True)
+        subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
     files = {f"frames_{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
     files |= {"stack.tif": os.urandom(3 << 20), **HOSTILE}  # names rsync reads as wildcards among them
     run = make_run(eq.local_root, files, symlink=False)
@@ -441,11 +444,15 @@ async def test_a_large_run_goes_as_streams_over_its_top_level_entries(tmp_path, 
     assert not any("--files-from" in line for line in streams)  # rsync lists as it goes
 
 
+@pytest.mark.parametrize("parent", ["missing", "there"])
 async def test_a_run_whose_top_level_is_one_folder_goes_as_streams_given_file_lists(
-    tmp_path, sshd, remote_dir, monkeypatch
+    tmp_path, sshd, remote_dir, monkeypatch, parent
 ):
     monkeypatch.setattr(rsync_ssh, "STREAMS_MIN_AVERAGE_BYTES", 0)
     eq = equipment(tmp_path, sshd, remote_dir)
+    if parent == "there":
+        (remote_dir / RUN_REL).parent.mkdir(parents=True)
+        subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
     files = {f"frames/{i % 7}/f{i:04d}.raw": os.urandom(5000) for i in range(rsync_ssh.STREAMS_MIN_FILES)}
     files |= {"stack.tif": os.urandom(3 << 20), **HOSTILE}
     run = make_run(eq.local_root, files, symlink=False)
@@ -481,9 +488,12 @@ async def test_a_run_folder_made_by_the_push_is_written_in_place_and_an_existing
     assert tree(remote_dir / RUN_REL) == {"a.txt": b"a changed, longer", "sub/b.txt": b"b"}
 
 
+def _log_lines(eq) -> list[str]:
+    return "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log")).splitlines()
+
+
 def _conflict_checks(eq) -> list[str]:
-    log = "".join(p.read_text() for p in (eq.equipment_root / ".exlab-wizard").glob("wizard.*.log"))
-    return [line for line in log.splitlines() if "step=conflict_check" in line]
+    return [line for line in _log_lines(eq) if "step=conflict_check" in line]
 
 
 @pytest.mark.parametrize("name", [RUN_REL.name, "Run_[1]*?x"])  # the second: a pattern, listed directly
@@ -502,6 +512,9 @@ async def test_a_new_run_is_found_missing_through_its_parent_without_an_rsync_er
     assert tree(sibling) == {"other.txt": b"another run's file"}
     failed = [line for line in _conflict_checks(eq) if "tool_exit" in line and " rc=0" not in line]
     assert bool(failed) == (name != RUN_REL.name), failed
+    # Its parent listed, the push's own rsync makes the run folder: no separate round trip for it.
+    made = [line for line in _log_lines(eq) if "step=make_run_folder" in line]
+    assert bool(made) == (name != RUN_REL.name), made
     # Pushed again: the listing finds the run's own files (no conflict, nothing foreign, nothing resent).
     assert (await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)).files_sent == 0
     assert tree(remote_dir / rel) == {"a.txt": b"a"}

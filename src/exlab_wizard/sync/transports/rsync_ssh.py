@@ -541,7 +541,9 @@ class RsyncSshTransport(Transport):
         # sends them again the usual way (temporary file, rename).
         sending = common if listing is not None else [*kept, "--inplace", "--stats"]
         try:
-            files, size = await self._send(run_path, sending, remote_run, bwlimit_kibps, local, progress)
+            files, size = await self._send(
+                run_path, sending, remote_run, bwlimit_kibps, local, progress, made=listing is not None
+            )
         except BaseException:
             if watcher is not None:
                 await asyncio.shield(watcher.abort())
@@ -554,9 +556,14 @@ class RsyncSshTransport(Transport):
         return files_sent, bytes_sent
 
     async def _list_or_make(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
-        """The remote run folder's entries; when it is missing, it is made (below the root only) and None returned."""
-        listing = await self._list_run_folder(run_path, remote_run)
-        if listing is None:
+        """The remote run folder's entries; None when it is missing, and then the push can make it.
+
+        When its parent was just listed, the push's own rsync makes the run
+        folder (one ``mkdir`` in a folder that exists, hence below the root);
+        otherwise the folder chain is made here (:meth:`_make_run_folder`).
+        """
+        listing, parent_listed = await self._list_run_folder(run_path, remote_run)
+        if listing is None and not parent_listed:
             await self._make_run_folder(run_path)
         return listing
 
@@ -597,8 +604,10 @@ class RsyncSshTransport(Transport):
         bwlimit_kibps: int | None,
         local: LocalTree,
         progress: ProgressCallback | None,
+        *,
+        made: bool = True,
     ) -> tuple[int, int]:
-        """The push proper; (files, bytes) sent.
+        """The push proper; (files, bytes) sent. ``made``: the run folder is known to exist on the NAS.
 
         One rsync for a small run, a run of small files (their per-file round
         trips bind it, and two rsyncs would only share the CPU they need) or one
@@ -616,7 +625,7 @@ class RsyncSshTransport(Transport):
         if bwlimit_kibps is None and _wants_streams(local.files):
             units = _split_top_level(run_path, local, PUSH_STREAMS)
             if len(units) >= 2:
-                return await self._send_top_level(run_path, common, remote_run, units, progress)
+                return await self._send_top_level(run_path, common, remote_run, units, progress, made=made)
             groups = _split_for_streams(local.files, PUSH_STREAMS)
             if len(groups) >= 2:
                 return await self._send_listed(run_path, common, remote_run, groups, progress)
@@ -632,6 +641,8 @@ class RsyncSshTransport(Transport):
         remote_run: str,
         units: list[list[str]],
         progress: ProgressCallback | None,
+        *,
+        made: bool = True,
     ) -> tuple[int, int]:
         """Streams over the run's top-level entries: the first sends all but the others' entries.
 
@@ -643,6 +654,9 @@ class RsyncSshTransport(Transport):
         stream.
         """
         lists, stdins = _top_level_filters(units)
+        run_folder_only = [*common, "--no-recursive", "--dirs", "--exclude=*"]
+        if not made:  # one rsync makes the run folder, not every stream racing to
+            await self._rsync_following_schedule(run_path, run_folder_only, remote_run, None, step="push_run_folder")
         results = await gather_or_cancel(
             *(
                 self._rsync_following_schedule(
@@ -658,7 +672,6 @@ class RsyncSshTransport(Transport):
                 for number, (args, stdin) in enumerate(zip(lists, stdins, strict=True), 1)
             )
         )
-        run_folder_only = [*common, "--no-recursive", "--dirs", "--exclude=*"]
         await self._rsync_following_schedule(run_path, run_folder_only, remote_run, None, step="push_run_folder")
         return _sum_stats(results)
 
@@ -833,8 +846,8 @@ class RsyncSshTransport(Transport):
         if missing:
             raise TransportError(K.NETWORK, f"remote root {root} is missing: the NAS volume may not be mounted")
 
-    async def _list_run_folder(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
-        """The run folder's entries (None when it is missing), listed through its parent.
+    async def _list_run_folder(self, run_path: Path, remote_run: str) -> tuple[dict[str, _Entry] | None, bool]:
+        """The run folder's entries (None when it is missing), listed through its parent; and was the parent listed.
 
         A listing of a missing folder is an rsync error, and an rsync server
         pauses 0.1 s before it exits with one: every new run would pay it.
@@ -848,22 +861,22 @@ class RsyncSshTransport(Transport):
         """
         parent, _sep, name = remote_run.rstrip("/").rpartition("/")
         if not parent or not name or _WILDCARD_RE.search(name) or "\n" in name or "\r" in name:
-            return await self._list_remote(run_path, remote_run, step="conflict_check")
+            return await self._list_remote(run_path, remote_run, step="conflict_check"), False
         filters = [f"--include=/{name}", f"--include=/{name}/**", "--exclude=*"]
         argv = [*self._rsync_base(), "--list-only", "-r", *filters, self._target(parent)]
         result = await run_tool(argv, log=self.log, run_path=run_path, step="conflict_check", quiet=True)
         if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
-            return None  # the parent is missing too
+            return None, False  # the parent is missing too
         if result.returncode != 0:
             raise _listing_error(result, remote_run)
         entries = parse_listing(result.stdout)
         top = entries.pop(name, None)
         if top is None:
-            return None
+            return None, True
         if top.kind != "d":
             raise conflict_error(remote_run, ["."])
         prefix = name + "/"
-        return {path[len(prefix) :]: entry for path, entry in entries.items() if path.startswith(prefix)}
+        return {path[len(prefix) :]: entry for path, entry in entries.items() if path.startswith(prefix)}, True
 
     async def _list_remote(
         self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
