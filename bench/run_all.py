@@ -444,6 +444,7 @@ class Transports:
     def _network(self, kind: str, run: Path, dest: Path, profile: Path | None) -> tuple[float, dict]:
         assert self.net is not None
         self.net.remote_root = dest
+        sync_network.make_project_folder(dest, run.relative_to(self.local_root / EQUIPMENT))
         state = self._state()
         config = self.net._config(kind, state)
         if kind == "rsync_ssh":
@@ -523,8 +524,10 @@ def transport_sections(
         f"{SLOW_S:.0f} s in round 1 is measured once); source warm in the page",
         "cache; 'ours' is enqueue() to the job's VERIFIED state in a child process (`bench/_engine_run.py`),",
         "whose own peak RSS (`VmHWM`) is shown. The network transports talk to a loopback `sshd`",
-        "(`tests/fixtures/sshd.py`); their remote folder is the fresh filesystem. x floor = the median",
-        "over the direct floor of section 1, x cp = over `cp -a` + `sync`.",
+        "(`tests/fixtures/sshd.py`); their remote folder is the fresh filesystem, where, for ours, the run's",
+        "project folder (`PROJ-0001/Runs`) exists, as after the project's first run: each side makes",
+        "one folder, the run's. x floor = the median over the direct floor of section 1, x cp = over",
+        "`cp -a` + `sync`.",
         "",
     ]
     for name in runs:

@@ -107,6 +107,20 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
     return done
 
 
+def make_project_folder(remote_root: Path, run_rel: Path) -> None:
+    """The folders above the run's on the NAS (``PROJ-0001/Runs``), owned by the login user.
+
+    As after the project's first run: the engine then makes the run folder
+    alone, as the anchors make theirs in a root that exists.
+    """
+    parent = remote_root / run_rel.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for folder in [parent, *parent.parents]:
+        if folder == remote_root:
+            break
+        shutil.chown(folder, RW_USER, RW_USER)
+
+
 class Bench:
     """The server, the remote folder, the local lab and one method per measurement."""
 
@@ -230,6 +244,7 @@ class Bench:
         config = self._config(kind, state)
         if kind == "rsync_ssh":
             self._forget_host(config)
+        make_project_folder(self.remote_root, run.relative_to(self.local_root / EQUIPMENT))
         client = NASSyncClient(
             config=config,
             queue_db=config.queue_db,

@@ -4,10 +4,7 @@
 # the hashes are of the same pages, and the program ends only once the flush
 # has returned), prints "<hex>  <path relative to the run>\0" per regular file,
 # never follows a symlink, exits 0 with no output when the run folder is
-# missing but the root exists, and 3 when the root itself is missing. The files
-# are shared among up to WORKERS processes (forked where the host can), each
-# taking every WORKERS-th file of a folder in name order; exit 1 when one of
-# them failed (the files it had not printed are then absent: never verified).
+# missing but the root exists, and 3 when the root itself is missing.
 # Written for any python3 a NAS may carry (3.5 has no f-strings): %-formatting stays.
 # ruff: noqa: UP031
 
@@ -109,92 +106,35 @@ def hash_large(path):
         os.close(fd)
 
 
-def cpus():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def walk(out, share):
-    # Every WORKERS-th regular file of each folder, in name order, from the ``share``-th on.
-    cut = len(run.rstrip(b"/")) + 1
-    large = []
-    with ThreadPoolExecutor(max(1, 4 // WORKERS)) as pool:
-        stack = [run]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            index = -1
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                        continue
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                except OSError:
-                    continue
-                index += 1
-                if index % WORKERS != share:
-                    continue
-                rel = entry.path[cut:]
-                hexdigest, pending = digest(entry.path, rel)
-                if pending is not None:
-                    large.append((rel, pool.submit(hash_large, pending)))
-                elif hexdigest is not None:
-                    out.write(hexdigest.encode() + b"  " + rel + b"\0")
-        for rel, future in large:
-            out.write(future.result().encode() + b"  " + rel + b"\0")
-    out.flush()
-
-
-def forward(fd, out):
-    # A worker's records onto our stdout, whole ones only (a BufferedWriter's write is atomic among threads).
-    rest = b""
-    with os.fdopen(fd, "rb", 0) as pipe:
-        while True:
-            chunk = pipe.read(1 << 16)
-            if not chunk:
-                break
-            head, sep, rest = (rest + chunk).rpartition(b"\0")
-            if sep:
-                out.write(head + sep)
-
-
-# Workers: hashing many small files is interpreter-bound, one core each. Forked before any
-# thread starts; a worker writes into its own pipe and never runs on into the code below.
-WORKERS = max(1, min(4, cpus())) if hasattr(os, "fork") else 1
-children = []
-for share in range(1, WORKERS):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            for _pid, fd in children:
-                os.close(fd)
-            walk(os.fdopen(w, "wb"), share)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    children.append((pid, r))
-
 out = sys.stdout.buffer
 syncing = threading.Thread(target=flush, args=(run,))
 syncing.start()
-readers = [threading.Thread(target=forward, args=(fd, out)) for _pid, fd in children]
-for reader in readers:
-    reader.start()
-walk(out, 0)
-for reader in readers:
-    reader.join()
-failed = [pid for pid, _fd in children if os.waitpid(pid, 0)[1] != 0]
+cut = len(run.rstrip(b"/")) + 1
+large = []
+with ThreadPoolExecutor(4) as pool:
+    stack = [run]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            rel = entry.path[cut:]
+            hexdigest, pending = digest(entry.path, rel)
+            if pending is not None:
+                large.append((rel, pool.submit(hash_large, pending)))
+            elif hexdigest is not None:
+                out.write(hexdigest.encode() + b"  " + rel + b"\0")
+    for rel, future in large:
+        out.write(future.result().encode() + b"  " + rel + b"\0")
 out.flush()
 syncing.join()  # the program never ends, so no hash is trusted, before the run is on the NAS's disks
-sys.exit(1 if failed else 0)
