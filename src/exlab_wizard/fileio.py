@@ -56,7 +56,9 @@ __all__ = [
     "hash_from_storage",
     "is_data_path",
     "is_metadata_path",
+    "OpenFolders",
     "open_regular",
+    "open_regular_beneath",
     "prefetch_from_storage",
     "read_bounded",
 ]
@@ -79,6 +81,10 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _OPEN_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
 #: O_NONBLOCK: a FIFO swapped in for a file never blocks the open.
 _OPEN_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+#: A folder opened to work in: never through a symlink.
+_OPEN_FOLDER = _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0)
+#: Open folders an :class:`OpenFolders` keeps for the files that follow in them.
+DIR_FDS = 16
 #: errno values of an fsync that the file system does not support (some network shares).
 _CANNOT_SYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 
@@ -275,6 +281,53 @@ def open_regular_beneath(base: str | os.PathLike[str], rel: str) -> tuple[int, o
         return open_regular(parts[-1], dir_fd=at)
     finally:
         os.close(at)
+
+
+class OpenFolders:
+    """Folders under ``base``, opened part by part without following a symlink, kept a while.
+
+    Files are then opened, created and renamed relative to their open folder,
+    so the kernel does not walk the whole path for each file, and a folder of
+    ``base`` swapped for a symlink after it was listed (itself or one above
+    it) is never entered. The last :data:`DIR_FDS` folders stay open (files
+    come folder by folder). One owner (thread) at a time; :meth:`close` at the end.
+    """
+
+    def __init__(self, base: str):
+        self.base = base
+        self._open: dict[str, int] = {}
+
+    def path(self, folder: str, name: str = "") -> str:
+        """The absolute path of ``folder`` (relative, '' = ``base``), or of ``name`` in it."""
+        path = f"{self.base}/{folder}" if folder else self.base
+        return f"{path}/{name}" if name else path
+
+    def fd(self, folder: str) -> int:
+        """The open folder ``folder``; raises ``OSError`` as ``os.open`` does (``ELOOP``/``ENOTDIR`` for a symlink)."""
+        fd = self._open.get(folder)
+        if fd is None:
+            if folder:
+                parent, _, name = folder.rpartition("/")
+                fd = os.open(name, _OPEN_FOLDER, dir_fd=self.fd(parent))
+            else:
+                fd = os.open(self.base, _OPEN_FOLDER)
+            if len(self._open) >= DIR_FDS:
+                os.close(self._open.pop(next(iter(self._open))))
+            self._open[folder] = fd
+        return fd
+
+    def open_regular(self, rel: str) -> tuple[int, os.stat_result]:
+        """:func:`open_regular` of the file ``rel`` (relative to ``base``) in its open folder."""
+        folder, _, name = rel.rpartition("/")
+        return open_regular(name, dir_fd=self.fd(folder))
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._open.clear()
 
 
 def advise_sequential(fd: int, size: int) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from exlab_wizard.sync import verifier
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports import _process, rsync_ssh
 from exlab_wizard.sync.transports._process import local_tree
@@ -714,6 +715,41 @@ def test_a_listed_file_gone_before_it_is_hashed_is_local_file_vanished(tmp_path)
     with pytest.raises(TransportError) as caught:
         _process.hash_local_files(run, listed, threading.Event())
     assert caught.value.kind == TransportErrorKind.LOCAL_FILE_VANISHED and "sub/b.txt" in caught.value.message
+
+
+@pytest.mark.parametrize("swapped", ["sub", "sub/deep"])  # the file's own folder, or one above it
+@pytest.mark.parametrize("hashing", ["push", "hash_tree"])
+def test_a_run_folder_swapped_for_a_symlink_after_listing_is_never_hashed_through(
+    tmp_path, monkeypatch, swapped, hashing
+):
+    """The bytes behind the symlink are someone else's: never hashed as the run's (they would be verified)."""
+    run = make_run(tmp_path / "lab", {"a.txt": b"a", "sub/deep/b.txt": b"the run's own bytes"}, symlink=False)
+    elsewhere = tmp_path / "elsewhere"
+    foreign = elsewhere / "deep" / "b.txt" if swapped == "sub" else elsewhere / "b.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"foreign bytes, same name")
+
+    def swap() -> None:
+        (run / swapped).rename(tmp_path / "moved-away")
+        (run / swapped).symlink_to(elsewhere)
+
+    real_scan = verifier.scan_run
+
+    def scan_then_swap(*args, **kwargs):
+        listed = list(real_scan(*args, **kwargs))
+        swap()
+        return iter(listed)
+
+    with pytest.raises(TransportError) as caught:
+        if hashing == "push":
+            listed = local_tree(run)
+            swap()
+            _process.hash_local_files(run, listed, threading.Event())
+        else:
+            monkeypatch.setattr(verifier, "scan_run", scan_then_swap)
+            verifier.hash_tree(run)
+    assert caught.value.kind == TransportErrorKind.LOCAL_FILE_VANISHED
+    assert "sub/deep/b.txt" in caught.value.message
 
 
 async def test_a_push_whose_listed_file_vanishes_fails_as_local_file_vanished(tmp_path, sshd, remote_dir, monkeypatch):

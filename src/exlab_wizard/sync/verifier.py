@@ -41,6 +41,7 @@ from exlab_wizard.fileio import (
     BLOCK_SIZE,
     DROP_BEHIND,
     METADATA_DIR,
+    OpenFolders,
     advise_sequential,
     atomic_write_chunks,
     drop_page_cache,
@@ -50,6 +51,7 @@ from exlab_wizard.fileio import (
     hash_from_storage,
     is_metadata_path,
     open_regular,
+    open_regular_beneath,
     remove_stale_temps,
 )
 from exlab_wizard.sync.failures import FailureKind, local_errno_kind
@@ -233,15 +235,21 @@ _DONE = object()
 
 
 def hash_run_file(
-    root: str, rel: str, path: str, view: memoryview, progress: Callable[[int], None] | None = None
+    root: str,
+    rel: str,
+    view: memoryview,
+    progress: Callable[[int], None] | None = None,
+    folders: OpenFolders | None = None,
 ) -> str:
-    """SHA-256 hex of the run file ``rel`` at ``path`` (in ``root``), never through a symlink.
+    """SHA-256 hex of the run file ``rel`` of ``root``, never through a symlink, its folders' included.
 
-    A file gone since it was listed raises ``TransportError``
-    (``LOCAL_FILE_VANISHED``); other errors raise as ``OSError``.
+    ``folders``: the caller's open folders of ``root``, for many files in a
+    row. A file gone since it was listed, or a folder of its path swapped for
+    a symlink since (the bytes there are someone else's), raises
+    ``TransportError`` (``LOCAL_FILE_VANISHED``); other errors raise as ``OSError``.
     """
     try:
-        fd, info = open_regular(path)
+        fd, info = folders.open_regular(rel) if folders is not None else open_regular_beneath(root, rel)
     except OSError as exc:
         if local_errno_kind(exc.errno) is FailureKind.LOCAL_FILE_VANISHED:
             raise TransportError(
@@ -270,13 +278,12 @@ def hash_tree(
     listed file disappears (or stops being a regular file) before it is read.
     """
     root = os.fspath(run_path)
-    listed = [(rel, path) for rel, path, is_dir, _st in scan_run(root, include_metadata=include_metadata) if not is_dir]
+    listed = [rel for rel, _path, is_dir, _st in scan_run(root, include_metadata=include_metadata) if not is_dir]
     hashes: dict[str, str] = {}
     report = serial_progress(progress)
 
-    def work(item: tuple[str, str], view: memoryview) -> None:
-        rel, path = item
-        hashes[rel] = hash_run_file(root, rel, path, view, report)
+    def work(rel: str, view: memoryview) -> None:
+        hashes[rel] = hash_run_file(root, rel, view, report)
 
     run_parallel(listed, work, threads or default_threads())
     return dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0])))
@@ -440,7 +447,7 @@ class Verifier:
         out = {}
         view = memoryview(bytearray(BLOCK_SIZE))
         for rel in paths:
-            fd, _info = open_regular(run_path / rel)
+            fd, _info = open_regular_beneath(run_path, rel)
             try:
                 out[rel] = hash_from_storage(fd, view)
             finally:

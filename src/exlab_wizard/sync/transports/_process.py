@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, is_data_path
+from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, OpenFolders, is_data_path
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.verifier import hash_run_file, side_by_side
@@ -303,10 +303,14 @@ def hash_local_files(run_path: Path, tree: LocalTree, abort: threading.Event) ->
 
     def loop(paths: list[str]) -> None:
         view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
-        for rel in paths:
-            if abort.is_set():
-                return
-            hashes[rel] = hash_run_file(root, rel, os.path.join(root, rel), view)
+        folders = OpenFolders(root)  # each file opened in its folder, no folder entered through a symlink
+        try:
+            for rel in paths:
+                if abort.is_set():
+                    return
+                hashes[rel] = hash_run_file(root, rel, view, folders=folders)
+        finally:
+            folders.close()
 
     side_by_side([functools.partial(loop, paths) for paths in (small, large) if paths], abort)
     return hashes

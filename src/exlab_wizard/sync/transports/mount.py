@@ -110,6 +110,7 @@ from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
 from exlab_wizard.fileio import (
     BLOCK_SIZE,
     METADATA_DIR,
+    OpenFolders,
     drop_page_cache_fd,
     fsync_dir,
     hash_fd,
@@ -160,8 +161,6 @@ ROUND_FILES = 4096
 #: The read-back of a batch keeps this many files' reads from storage in flight (one thread
 #: reads back: 8 took 3.3 s for 20,000 x 4 KiB, 32 2.6 s, 128 2.2 s; at most a batch's bytes).
 READ_AHEAD = 128
-#: Open folders kept for the small files that follow in them (per side: the run, the share).
-DIR_FDS = 16
 #: Progress is reported at most once per this many bytes per copy thread (plus a
 #: last call for the rest), not once per small file.
 PROGRESS_STEP = 1 << 20
@@ -190,8 +189,6 @@ _DIRECT_WRITE_FS = frozenset({"ext2", "ext3", "ext4", "xfs"})
 #: O_DIRECT writes are whole multiples of this, from a buffer aligned to it.
 _DIRECT_ALIGN = 4096
 _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-#: A folder the small-file copy works in, opened once for the files in it: never through a symlink.
-_FOLDER = _DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
 _READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 _FADVISE = getattr(os, "posix_fadvise", None)
 
@@ -797,11 +794,11 @@ class MountTransport(Transport):
         doing them side by side spend more time handing the interpreter lock
         to each other than they gain (two copy threads and a committer were
         slower than this one thread on two cores). Files are opened, created
-        and renamed relative to their open folder (:class:`_Folders`).
+        and renamed relative to their open folder (:class:`OpenFolders`).
         ``small`` is emptied as its files are taken. Any failure stops the
         push; the first error is raised.
         """
-        sources, shares = _Folders(os.fspath(job.run)), _Folders(job.remote)
+        sources, shares = OpenFolders(os.fspath(job.run)), OpenFolders(job.remote)
         view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
         syncing: _Background | None = None
         copied: list[tuple[str, str, str, str]] = []
@@ -832,7 +829,7 @@ class MountTransport(Transport):
             raise self._remote_error(exc, job.remote) from exc
 
     def _copy_batch(
-        self, job: _Push, batch: list[_Source], view: memoryview, sources: _Folders, shares: _Folders
+        self, job: _Push, batch: list[_Source], view: memoryview, sources: OpenFolders, shares: OpenFolders
     ) -> list[tuple[str, str, str, str]]:
         """Copy a batch of small files to temp names (not yet durable): ``(folder, temp, name, rel)`` each."""
         progress, abort, hashes = job.progress, job.abort, job.hashes
@@ -866,7 +863,14 @@ class MountTransport(Transport):
         return copied
 
     def _copy_small(
-        self, job: _Push, src: _Source, view: memoryview, folder: str, name: str, sources: _Folders, shares: _Folders
+        self,
+        job: _Push,
+        src: _Source,
+        view: memoryview,
+        folder: str,
+        name: str,
+        sources: OpenFolders,
+        shares: OpenFolders,
     ) -> tuple[str, str, int] | None:
         """One small file to a temp name, hashed from the same read; (temp name, sha256, bytes) or None if it changed.
 
@@ -967,7 +971,7 @@ class MountTransport(Transport):
             raise self._remote_error(exc, temp) from exc
         return changed
 
-    def _commit_batch(self, job: _Push, batch: list[tuple[str, str, str, str]], shares: _Folders) -> None:
+    def _commit_batch(self, job: _Push, batch: list[tuple[str, str, str, str]], shares: OpenFolders) -> None:
         """Rename a batch of temp files made durable by one syncfs, and read each back from storage.
 
         Each file is renamed and its read from storage started (cached pages
@@ -1600,48 +1604,6 @@ def _hash_prefetched(fd: int, info: os.stat_result) -> str:
         digest.update(data)
         left -= len(data)
     return digest.hexdigest()
-
-
-class _Folders:
-    """Folders under ``base``, opened part by part without following a symlink, kept a while.
-
-    The small-file copy opens, creates and renames files relative to their
-    open folder, so the kernel does not walk the whole path for each file.
-    The last :data:`DIR_FDS` folders stay open (files come folder by folder).
-    """
-
-    def __init__(self, base: str):
-        self.base = base
-        self._open: dict[str, int] = {}
-
-    def path(self, folder: str, name: str = "") -> str:
-        """The absolute path of ``folder`` (relative, '' = ``base``), or of ``name`` in it."""
-        path = f"{self.base}/{folder}" if folder else self.base
-        return f"{path}/{name}" if name else path
-
-    def fd(self, folder: str) -> int:
-        """The open folder ``folder``; raises ``OSError`` as ``os.open`` does.
-
-        Opened one part at a time, each relative to the folder above it and
-        without following a symlink: a folder of the run swapped for a
-        symlink after the listing (itself or one above it) is never entered.
-        """
-        fd = self._open.get(folder)
-        if fd is None:
-            if folder:
-                parent, _, name = folder.rpartition("/")
-                fd = os.open(name, _FOLDER, dir_fd=self.fd(parent))
-            else:
-                fd = os.open(self.base, _FOLDER)
-            if len(self._open) >= DIR_FDS:
-                os.close(self._open.pop(next(iter(self._open))))
-            self._open[folder] = fd
-        return fd
-
-    def close(self) -> None:
-        for fd in self._open.values():
-            _close_quietly(fd)
-        self._open.clear()
 
 
 class _Background:
