@@ -56,6 +56,27 @@ async def test_after_verified_only_the_metadata_folder_is_pushed(lab: Lab, monke
         assert (nas / ".exlab-wizard" / name).read_bytes() == (run / ".exlab-wizard" / name).read_bytes()
 
 
+async def test_a_killed_manifest_writes_temp_file_never_reaches_the_nas(lab: Lab) -> None:
+    """Found by the torture harness: a SIGKILL mid-write of checksums.sha256 left its temp, which a push sent."""
+    run = lab.make_run(files=FILES)
+    stale = run / ".exlab-wizard" / ".checksums.sha256.0123456789ab.tmp"
+    stale.write_bytes(b"half a manifest: its writer was killed before the rename")
+    client = make_client(lab.config())
+    await client.init()
+    try:
+        handle = await client.enqueue(run)
+        assert handle.state == SyncHandleState.QUEUED, handle.blocking_findings
+        await client.wait_idle(timeout=60)
+        row = await client.job(run)
+        assert row.state == SyncJobState.VERIFIED, row.last_error
+    finally:
+        await client.close()
+    nas = lab.nas_copy(run) / ".exlab-wizard"
+    assert sorted(p.name for p in nas.iterdir() if p.name.endswith(".tmp")) == []
+    assert not stale.exists()
+    assert (nas / "checksums.sha256").read_bytes() == (run / ".exlab-wizard" / "checksums.sha256").read_bytes()
+
+
 class _WholeRunOnly(Transport):
     """A transport with push() alone: the contract's default push_metadata sends the whole run."""
 

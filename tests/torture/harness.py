@@ -993,9 +993,11 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         "",
         "`fileio.atomic_write_bytes` writes `creation.json` and `checksums.sha256` through",
         "`.<name>.<12 hex>.tmp` and removes that file on every failure it sees, but a SIGKILL between",
-        "the create and the rename leaves it, and nothing removes it later: the next metadata push",
-        "even copies it to the NAS run folder. Harmless to the data (no reader takes it for the real",
-        "file) but clutter that a lab's IT would see. Found:",
+        "the create and the rename leaves it. Every push removes a leftover of `checksums.sha256`",
+        "first (the job's runner is that file's one writer), so none reaches the NAS any more;",
+        "`creation.json`'s writer removes its own under the file's lock at its next write. Harmless",
+        "to the data (no reader takes one for the real file) but clutter that a lab's IT would see.",
+        "Found:",
         "",
     ]
     lines += [f"- {p}" for p in tally.metadata_temps] if tally.metadata_temps else ["None in this run."]

@@ -28,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -35,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.config.models import Config, EquipmentConfig
+from exlab_wizard.fileio import remove_stale_temps
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.manifest_format import manifest_path
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.transports import (
@@ -116,6 +119,7 @@ class RemoteAccess:
         Raises ``TransportError``: the push's own kind when it reported a
         failure, ``UNKNOWN`` when it returned something other than a result.
         """
+        await _drop_killed_manifest_writes(run)
         push = self._push
         if push is not None:
             extra = optional_kwargs(push, rewrite=rewrite, progress=progress)
@@ -140,6 +144,7 @@ class RemoteAccess:
         An injected push gets no bandwidth limit. Raises ``TransportError``
         (``UNKNOWN`` when the push reported a failure) or whatever the push raised.
         """
+        await _drop_killed_manifest_writes(run)
         push = self._push
         if push is not None:
             extra = optional_kwargs(push, cleaned=cleaned) if cleaned else {}
@@ -269,3 +274,16 @@ class Remotes:
         if equipment is None:
             raise TransportError(TransportErrorKind.UNKNOWN, f"equipment {job.equipment_id} is no longer configured")
         return await self.transport(equipment).remote_listing(Path(job.run_path))
+
+
+async def _drop_killed_manifest_writes(run: Path) -> None:
+    """Remove the temp file a killed write of the run's ``checksums.sha256`` left, before a push could send it.
+
+    A SIGKILL between the temp's creation and its rename leaves
+    ``.checksums.sha256.<hex>.tmp`` in ``.exlab-wizard/``; the next push (of
+    the run, or of its metadata) would carry it to the NAS, where nothing
+    removes it. The job's runner, which pushes, is the one writer of that
+    file (``creation.json``'s writer removes its own leftovers under the
+    file's lock).
+    """
+    await asyncio.to_thread(remove_stale_temps, manifest_path(Path(run)))
