@@ -17,7 +17,7 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
 )
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.lab import Lab, make_client
+from tests.lab import Lab, make_client, synced
 
 FILES = {"image_001.tif": b"\x01" * 5000, "sub/stack.raw": b"\x02" * 3000}
 
@@ -64,11 +64,7 @@ async def test_a_killed_manifest_writes_temp_file_never_reaches_the_nas(lab: Lab
     client = make_client(lab.config())
     await client.init()
     try:
-        handle = await client.enqueue(run)
-        assert handle.state == SyncHandleState.QUEUED, handle.blocking_findings
-        await client.wait_idle(timeout=60)
-        row = await client.job(run)
-        assert row.state == SyncJobState.VERIFIED, row.last_error
+        await synced(client, run)  # enqueued, idle, VERIFIED
     finally:
         await client.close()
     nas = lab.nas_copy(run) / ".exlab-wizard"
