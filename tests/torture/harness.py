@@ -107,10 +107,12 @@ class Tally:
     nas_flips_undetected: int = 0
     #: findings on a file whose NAS copy the harness flipped after its verification (see the report)
     late_flip: list[str] = field(default_factory=list)
+    #: tools (rsync, rclone, ssh, the remote programs) still running seconds after their service was killed
+    outlived: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def problems(self) -> list[str]:
-        return [*self.losses, *self.nas_damage, *self.foreign_overwritten, *self.leftovers, *self.stuck]
+        return [*self.losses, *self.nas_damage, *self.foreign_overwritten, *self.leftovers, *self.stuck, *self.outlived]
 
 
 # --------------------------------------------------------------------------- the NAS and the service
@@ -181,7 +183,7 @@ class Serve:
         return httpx.get(self.url + "/api/jobs", params={"limit": 1000}, timeout=30).json()["jobs"]
 
     def kill(self) -> None:
-        """SIGKILL of the service process alone (its rsync children live on, as after a real crash)."""
+        """SIGKILL of the service process alone, as a crash; its tools must die with it (checked after each kill)."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
@@ -287,6 +289,7 @@ class Round:
         self.log = log
         self.faults: list[Fault] = []
         self.restarts = 0
+        self.outlived: list[str] = []
         self.runs: list[Run] = []
         self.foreign: dict[Path, str] = {}
         #: (run rel, file rel, job id, last event id before the flip): NAS bytes the harness corrupted
@@ -418,6 +421,7 @@ class Round:
         with self.serve_lock:
             rows = read_jobs(self.db) if row is None else [row]
             self.serve.kill()
+        self.outlived += [f"round {self.index}: outlived the killed service: {cmd}" for cmd in _outliving(self.root)]
         seen = [p for p in (phase_of(r) for r in rows) if p]
         hit = phase_of(row) if row else (seen[0] if seen else "idle")
         time.sleep(self.rng.uniform(0, 0.5))
@@ -677,6 +681,35 @@ def _flip(path: Path, rng: random.Random) -> None:
         os.fsync(f.fileno())
 
 
+#: What a service runs: its tools here, and (through sshd) the remote ends of rsync and the remote programs.
+_TOOLS = {b"rsync", b"rclone", b"ssh", b"sh", b"python3"}
+#: Seconds a tool's remote end may take to see its connection close.
+OUTLIVE_GRACE_S = 3.0
+
+
+def _tool_processes(root: Path) -> dict[int, str]:
+    """Running tools whose command line names this round's folder (ssh's shared connection, ``[mux]``, aside)."""
+    found = {}
+    for pid in _orphans(root):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+            running = state not in (b"Z", b"X") and b"[mux]" not in cmdline
+            if running and os.path.basename(cmdline.split(b"\0")[0]) in _TOOLS:
+                found[pid] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
+    return found
+
+
+def _outliving(root: Path) -> list[str]:
+    """The tools of a service just killed that are still running after the grace period."""
+    deadline = time.monotonic() + OUTLIVE_GRACE_S
+    left = _tool_processes(root)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = _tool_processes(root)
+    return sorted(left.values())
+
+
 def _orphans(root: Path) -> list[int]:
     """Processes (rsync, ssh left by a killed service) whose command line names this round's folder."""
     out = []
@@ -867,6 +900,7 @@ def torture(
             tally.rounds_by_transport[transport] += 1
             tally.faults += rnd.faults
             tally.restarts += rnd.restarts
+            tally.outlived += rnd.outlived
             tally.recovered_rounds += bool(result["settled"])
             tally.jobs.update(result["jobs"])
             tally.files_checked += result["files"]
@@ -892,6 +926,7 @@ def torture(
                 *result["foreign"],
                 *result["leftovers"],
                 *result["stuck"],
+                *rnd.outlived,
             ]:
                 log(f"  PROBLEM {problem}")
     finally:
@@ -932,6 +967,8 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         f"| SIGKILLs of the service | {len(kills)} |",
         f"| other faults injected (landed / tried) | {sum(others_landed.values())} / {sum(others.values())} |",
         f"| service restarts after a kill (all came back) | {tally.restarts} |",
+        f"| tools (rsync, ssh, remote programs) still running {OUTLIVE_GRACE_S:g} s after a kill | "
+        f"{len(tally.outlived)} |",
         f"| rounds whose jobs all ended in the recovery period | {tally.recovered_rounds} / {tally.rounds} |",
         f"| files checked against the invariant | {tally.files_checked} |",
         "| NAS byte flips: detected by the engine / not detected (landed after the bytes were verified) | "

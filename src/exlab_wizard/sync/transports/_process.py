@@ -1,6 +1,7 @@
 """Running the external tools of the network transports (ssh, rsync, rclone).
 
-One place that starts a tool in its own process group, streams its output to
+One place that starts a tool in its own process group (and, on Linux, bound
+to die with this process: :func:`spawn`), streams its output to
 callbacks, stops it on a deadline or on request (a bandwidth window edge), kills
 the whole group when the caller is cancelled, and writes what ran and how it
 ended to the equipment log. Also the local listing of a run that both network
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import mmap
 import os
 import shlex
 import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -41,6 +44,7 @@ __all__ = [
     "local_run_folder",
     "local_tree",
     "run_tool",
+    "spawn",
     "tail",
 ]
 
@@ -82,6 +86,50 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     # this reaches the tool and its children (rsync's ssh) and nothing else.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+#: Resolved here, not in the child: between fork and exec nothing may import or load.
+_PRCTL = _load_prctl()
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before exec: the kernel sends it SIGKILL when ``parent`` ends.
+
+    A killed service must leave no writer behind: an rsync or rclone that
+    outlived it would go on writing into the NAS copy while the next service
+    pushes, verifies and deletes the same run. The tool's own children (rsync's
+    ssh) see their pipe close and end with it. If ``parent`` already ended
+    during the fork, the child leaves at once.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(255)
+
+
+async def spawn(argv: Sequence[str], **kwargs: object) -> asyncio.subprocess.Process:
+    """``asyncio.create_subprocess_exec`` for a tool: its own session, and killed with this process (Linux)."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        start_new_session=True,
+        preexec_fn=functools.partial(_die_with, os.getpid()),
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -147,12 +195,11 @@ async def run_tool(
     if log is not None and not quiet:
         log.info(run_path, "tool_start", tool=tool, step=step, argv=shlex.join(argv))
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
+    proc = await spawn(
+        argv,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
         env=env,
     )
     out, err = bytearray(), bytearray()

@@ -75,6 +75,7 @@ from exlab_wizard.sync.transports._process import (
     local_run_folder,
     local_tree,
     run_tool,
+    spawn,
 )
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
@@ -1228,12 +1229,11 @@ class _RemoteWatcher:
         self.reader: asyncio.Future[bytes] | None = None
 
     async def start(self, argv: list[str], header: bytes) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv,
+        self.proc = await spawn(
+            argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.reader = asyncio.ensure_future(self.proc.stdout.read())

@@ -1,0 +1,147 @@
+"""A tool (rsync, rclone, ssh) never outlives the process that started it.
+
+A service killed with SIGKILL gets no chance to stop its tools. One that lived
+on would keep writing into the NAS copy of a run while the next service
+pushes, verifies and deletes the same run. Each spawn path is run in a child
+Python process that is then SIGKILLed; its tool must be gone right after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import exlab_wizard
+from tests.lab import RUN_REL, make_hostile_run, rsync_equipment
+from tests.transports.test_rsync_ssh import receiving
+
+SRC = str(Path(exlab_wizard.__file__).resolve().parents[1])
+LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's"
+)
+
+# The tool writes its pid, then sleeps; the child prints "started" once the pid file is there.
+STARTERS = {
+    "run_tool": """
+        from exlab_wizard.sync.transports._process import run_tool
+        async def start(argv):
+            asyncio.ensure_future(run_tool(argv))
+    """,
+    "remote_watcher": """
+        from exlab_wizard.sync.transports.rsync_ssh import _RemoteWatcher
+        async def start(argv):
+            await _RemoteWatcher().start(argv, b"\\0")
+    """,
+}
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that may never come does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+@LINUX_ONLY
+@pytest.mark.parametrize("path", sorted(STARTERS))
+def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str) -> None:
+    pid_file = tmp_path / "tool.pid"
+    script = textwrap.dedent(STARTERS[path]) + textwrap.dedent(f"""
+        import asyncio, os, sys
+        async def main():
+            await start(["sh", "-c", "echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file} && exec sleep 60"])
+            while not os.path.exists({str(pid_file)!r}):
+                await asyncio.sleep(0.02)
+            print("started", flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+    """)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC}
+    )
+    tool = None
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "started"
+        tool = int(pid_file.read_text())
+        assert _alive(tool)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 5
+        while _alive(tool) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(tool), f"the tool ({path}) outlived the process that started it"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if tool is not None and _alive(tool):
+            os.kill(tool, signal.SIGKILL)
+
+
+def _tools_naming(text: str) -> dict[int, str]:
+    """Running rsync/ssh processes whose command line holds ``text`` (ssh's shared connection aside)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            name = os.path.basename(cmdline.split(b"\0")[0])
+            if name in (b"rsync", b"ssh") and text.encode() in cmdline and b"[mux]" not in cmdline:
+                found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+@LINUX_ONLY
+@pytest.mark.network
+def test_a_push_cut_off_by_a_sigkill_stops_writing_to_the_nas(tmp_path: Path, sshd, remote_dir: Path) -> None:
+    """The real thing: rsync over ssh, slowed to 100 KiB/s, its engine SIGKILLed in the middle."""
+    eq = rsync_equipment(tmp_path, sshd, remote_dir)
+    run = make_hostile_run(eq.local_root, {"big.bin": os.urandom(3_000_000)}, symlink=False)
+    script = textwrap.dedent(f"""
+        import asyncio, json
+        from pathlib import Path
+        from exlab_wizard.config.models import EquipmentConfig
+        from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
+        eq = EquipmentConfig.model_validate(json.loads({json.dumps(eq.model_dump(mode="json", exclude_unset=True))!r}))
+        asyncio.run(RsyncSshTransport(eq).push(Path({str(run)!r}), bwlimit_kibps=100))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": SRC})
+    remote_run = remote_dir / RUN_REL
+    try:
+        deadline = time.monotonic() + 30
+        while not receiving(remote_run, "big.bin") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiving(remote_run, "big.bin"), "the push never started writing"
+        assert _tools_naming(str(run))
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 5
+        while _tools_naming(str(run)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(_tools_naming(str(run)).values()) == []
+
+        def written() -> int:
+            return sum(p.stat().st_size for p in remote_run.rglob("*") if p.is_file())
+
+        before = written()
+        time.sleep(1.5)  # at 100 KiB/s a live writer adds about 150 KB
+        assert written() == before, "something still writes into the NAS copy"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for pid in _tools_naming(str(run)):  # what a failing run of this test left
+            os.kill(pid, signal.SIGKILL)
