@@ -326,3 +326,16 @@ def test_read_bounded_of_a_file_that_grew_since_its_fstat(tmp_path: Path) -> Non
         assert fileio.read_bounded(fd, 40, info.st_size) == b"x" * 10 + b"y" * 31
     finally:
         os.close(fd)
+
+
+def test_filesystem_now_is_the_files_clock_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    before = sorted(os.listdir(tmp_path))
+    now = fileio.filesystem_now_ns(tmp_path)
+    if getattr(os, "O_TMPFILE", 0):
+        assert now is not None
+        (tmp_path / "stamped").write_bytes(b"x")
+        stamped = os.stat(tmp_path / "stamped").st_ctime_ns
+        assert now <= stamped and stamped - now < 5_000_000_000  # the same clock, a moment apart
+        os.unlink(tmp_path / "stamped")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert fileio.filesystem_now_ns(tmp_path / "missing") is None

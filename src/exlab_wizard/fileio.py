@@ -50,6 +50,7 @@ __all__ = [
     "atomic_write_bytes",
     "drop_page_cache",
     "drop_page_cache_fd",
+    "filesystem_now_ns",
     "fsync_dir",
     "hash_fd",
     "hash_file",
@@ -115,6 +116,28 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
     except OSError as exc:
         if exc.errno not in _CANNOT_SYNC:
             raise
+    finally:
+        os.close(fd)
+
+
+def filesystem_now_ns(folder: str | os.PathLike[str]) -> int | None:
+    """The time now by the clock that stamps the files of ``folder``'s filesystem; None where unknown.
+
+    Read as the ctime of an unnamed file made there (``O_TMPFILE``: it has no
+    name, so nothing is left behind, even by a crash). That clock is not
+    always this process's: a share stamps files by its server's clock, and
+    this machine's clock may have been stepped since. None when the
+    filesystem cannot make such a file (no ``O_TMPFILE``, read-only).
+    """
+    unnamed = getattr(os, "O_TMPFILE", 0)
+    if not unnamed:
+        return None
+    try:
+        fd = os.open(folder, unnamed | os.O_WRONLY, 0o600)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_ctime_ns
     finally:
         os.close(fd)
 

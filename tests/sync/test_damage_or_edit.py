@@ -85,19 +85,8 @@ ORDERS = ["record, bytes, mtime back", "bytes, record, mtime back", "bytes, mtim
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_bytes_rewritten_with_the_old_mtime_put_back_are_damage_whenever_the_stats_are_recorded(
-    verified, order, request: pytest.FixtureRequest
-):
+def test_bytes_rewritten_with_the_old_mtime_put_back_are_damage_whenever_the_stats_are_recorded(verified, order):
     queue, job_id, run, original, record = verified
-    if order == ORDERS[2] and "ahead" in request.node.name:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known, left open: a client clock ahead of the file times makes the stat of a file "
-                "damaged between its hashing and the record trusted, and a trusted matching stat is not "
-                "re-read: the damage is missed until a full re-read (exlab-sync verify)",
-            )
-        )
     path = run / REL
     steps = {
         "record": record,

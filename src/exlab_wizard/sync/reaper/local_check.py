@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.fileio import is_data_path, is_metadata_path
+from exlab_wizard.fileio import filesystem_now_ns, is_data_path, is_metadata_path
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
@@ -77,6 +77,10 @@ def _lower(digest: str) -> bool:
     return digest.islower() or digest.isdigit()
 
 
+def _ns(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1_000_000_000)
+
+
 def _hashing_started(queue: JobQueue, job_id: str) -> dt.datetime | None:
     """When the job last entered RUNNING: no local hashing of this copy began earlier."""
     for event in reversed(queue.events(job_id)):
@@ -116,7 +120,14 @@ def record_verified_stat(
     run = Path(run_path)
     data = _data_paths(hashes)
     since = hashed_since if hashed_since is not None else _hashing_started(queue, job_id)
-    since_ns = None if since is None else int(since.timestamp() * 1_000_000_000) - RACE_SLACK_NS
+    since_ns = None if since is None else _ns(since) - RACE_SLACK_NS
+    if since_ns is not None:
+        # The files are stamped by their filesystem's clock. Where this client's clock runs ahead
+        # of it (a share's server behind, this clock stepped back since), the hashing began
+        # earlier in file time than the client says: move the bound back by that much, never on.
+        file_now = filesystem_now_ns(run)
+        if file_now is not None:
+            since_ns -= max(0, _ns(now) - file_now)
 
     base = os.fspath(run) + "/"
 
