@@ -130,3 +130,29 @@ def test_new_bytes_with_an_older_mtime_put_back_are_damage(verified):
     _rewrite(run / REL, _flipped(), original - 60_000_000_000)
     check = _check(queue, job_id, run)
     assert check.damaged == (REL,) and check.changed == ()
+
+
+def test_with_no_stat_recorded_and_file_times_ahead_of_the_client_damage_is_still_damage(tmp_path: Path):
+    """The run on a share whose server's clock is an hour ahead: file times are after ``verified_at``.
+
+    With no recorded stat (lost in a crash right after VERIFIED), new bytes under the file's
+    own mtime must not read as an edit because that mtime is later than the client's
+    verification time: the bound is also the manifest's write, stamped by the same clock.
+    """
+    run = tmp_path / "Run_0001"
+    (run / "sub").mkdir(parents=True)
+    (run / ".exlab-wizard").mkdir()
+    path = run / REL
+    path.write_bytes(GOOD)
+    server_ahead = dt.timedelta(hours=1)
+    verified_at = dt.datetime.now(dt.UTC)  # the client's clock
+    written = _ns(verified_at + server_ahead - dt.timedelta(minutes=10))  # by the server's, before the hashing
+    os.utime(path, ns=(written, written))
+    manifest = {REL: hashlib.sha256(GOOD).hexdigest()}
+    # The manifest written at the verification: stamped by the server's clock too (an hour ahead).
+    (run / ".exlab-wizard" / "checksums.sha256").write_text(f"{manifest[REL]}  {REL}\n")
+    at_verification = _ns(verified_at + server_ahead)
+    os.utime(run / ".exlab-wizard" / "checksums.sha256", ns=(at_verification, at_verification))
+    _rewrite(path, _flipped(), written)
+    check = scan_run(run, manifest, {}, verified_at=verified_at).check
+    assert check.damaged == (REL,) and check.changed == ()

@@ -21,7 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.fileio import filesystem_now_ns, is_data_path, is_metadata_path
+from exlab_wizard.fileio import METADATA_DIR, filesystem_now_ns, is_data_path, is_metadata_path
+from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
@@ -186,6 +187,31 @@ def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None)
     return verified_ns is None or mtime_ns <= verified_ns
 
 
+def _verified_bound(root: int, verified_at: dt.datetime | None) -> int | None:
+    """The file time after which a new content counts as an edit when no stat was recorded.
+
+    ``verified_at`` is the client's clock; the files are stamped by their
+    filesystem's, which may run ahead (a share's server). The manifest
+    written at the verification carries that clock's time of it: the later
+    of the two is the bound (later only makes more changes damage: nothing
+    deleted, nothing sent).
+    """
+    if verified_at is None:
+        return None
+    bound = _ns(verified_at)
+    try:
+        meta = os.open(METADATA_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+    except OSError:
+        return bound
+    try:
+        written = os.stat(MANIFEST_NAME, dir_fd=meta, follow_symlinks=False)
+    except OSError:
+        return bound
+    finally:
+        os.close(meta)
+    return max(bound, written.st_mtime_ns) if stat.S_ISREG(written.st_mode) else bound
+
+
 def scan_run(
     run_path: Path | str,
     manifest: Mapping[str, str],
@@ -248,7 +274,7 @@ def scan_run(
         missing: list[str] = []
         rehashed: list[str] = []
         planned: list[PlannedFile] = []
-        verified_ns = None if verified_at is None else int(verified_at.timestamp() * 1_000_000_000)
+        verified_ns = _verified_bound(root, verified_at)
         for rel in sorted(manifest, key=os.fsencode):
             want = manifest[rel].lower()
             st = tree.files.get(rel)
