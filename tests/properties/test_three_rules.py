@@ -183,6 +183,11 @@ class RunModel:
     rotten: set[str] = field(default_factory=set)
     #: local files edited (new mtime) since the engine last verified the run
     touched: set[str] = field(default_factory=set)
+    #: files edited after a verification's hashing, before its record: touched even once it is VERIFIED
+    late: set[str] = field(default_factory=set)
+    #: such edits until the next verification: the record caught their stat, so no engine can tell
+    #: them from damage (docs/cleanup.md); ``restore`` may then rightly bring the verified bytes back
+    ambiguous: set[str] = field(default_factory=set)
 
 
 class ThreeRules(RuleBasedStateMachine):
@@ -208,6 +213,8 @@ class ThreeRules(RuleBasedStateMachine):
         self.unplugged_before = False
         #: armed by rot_at_the_next_verification; done inside the client's next record of verified stats
         self.rot_armed = False
+        #: armed by edit_at_the_next_verification; done just before the client's next record
+        self.edit_armed = False
         job_runner.record_verified_stat = self._record_verified_stat
 
     def teardown(self) -> None:
@@ -465,7 +472,10 @@ class ThreeRules(RuleBasedStateMachine):
             assert job is not None and job.state == S.VERIFIED, (
                 f"an intact run with the NAS there did not sync: {job and (job.state.value, job.last_error)}"
             )
-            missing = [rel for rel in sorted(model.truth) if not self._nas_safe(model, rel, job)]
+            # (a file edited after the hashing holds newer bytes than the ones just verified)
+            missing = [
+                rel for rel in sorted(model.truth) if rel not in model.late and not self._nas_safe(model, rel, job)
+            ]
             assert not missing, f"VERIFIED, but not on the NAS under the verified manifest: {missing}"
 
     @rule()
@@ -557,9 +567,40 @@ class ThreeRules(RuleBasedStateMachine):
         """
         self.rot_armed = True
 
+    @rule()
+    def edit_at_the_next_verification(self) -> None:
+        """Armed: a file is edited (new bytes, stamped now by the file system) after the hashing, before the record.
+
+        With the client's clock ahead of the file times (every audit moves it an hour on),
+        the edit must not be recorded as a trusted stat of the verified bytes: the reaper
+        would not re-read it and would delete an edit the NAS never got.
+        """
+        self.edit_armed = True
+
+    def _edit_before_record(self, model: RunModel | None, hashes: Any) -> None:
+        edit = [
+            rel
+            for rel in sorted(model.truth if self.edit_armed and model is not None else ())
+            if model.truth[rel]
+            and hashes.get(rel) == sha(model.truth[rel])
+            and self._local(model, rel) == model.truth[rel]
+        ]
+        if not edit:
+            return
+        self.edit_armed = False
+        rel = edit[0]
+        model.good[rel] = model.truth[rel]  # what the NAS holds now, just verified
+        # The same size: only the bytes and the file's times tell this edit from the verified file.
+        content = bytes(b ^ 0x5A for b in model.truth[rel])
+        (model.path / rel).write_bytes(content)
+        model.truth[rel] = content
+        model.accepted.pop(rel, None)
+        model.late.add(rel)
+
     def _record_verified_stat(self, queue: Any, job_id: str, run_path: Any, hashes: Any, now: Any, **kw: Any) -> int:
         """The client's record of a verification's file stats, with the armed rot half way through it."""
         model = next((m for m in self.runs if str(m.path) == str(run_path)), None)
+        self._edit_before_record(model, hashes)
         rot = [
             rel
             for rel in sorted(model.truth if self.rot_armed and model is not None else ())
@@ -680,6 +721,11 @@ class ThreeRules(RuleBasedStateMachine):
                 self._settle()
                 return
             self._settle()
+            for rel in sorted(model.ambiguous):
+                if self._local(model, rel) == model.good.get(rel):  # the operator chose the verified bytes
+                    model.truth[rel] = model.good[rel]
+                    model.ambiguous.discard(rel)
+                    model.touched.discard(rel)
             still = [rel for rel in damaged if self._local(model, rel) != model.truth[rel]]
             assert not still, f"restore returned, but these damaged files still differ from the verified bytes: {still}"
 
@@ -696,6 +742,10 @@ class ThreeRules(RuleBasedStateMachine):
         for model in self.runs:
             if str(model.path) in verified_again:
                 model.touched.clear()  # the engine has hashed the edited files and recorded their stat
+                model.ambiguous.clear()
+            model.touched |= model.late
+            model.ambiguous |= model.late
+            model.late.clear()
             job = jobs.get(str(model.path))
             manifests = self._manifests(model, job)
             where = (
@@ -831,3 +881,45 @@ def test_three_rules_hold_on_rsync_ssh(sshd_factory: Callable[[], Any], remote_d
         # Shrinking over ssh takes minutes: the default run reports the example as found.
         settings=_settings(max(EXAMPLES // 6, 5), shrink=LONG),
     )
+
+
+class _Pick:
+    """A stand-in for hypothesis's ``data()`` in a fixed history: draws the choice whose name holds ``name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def draw(self, strategy: Any, label: str | None = None) -> Any:
+        inner = getattr(strategy, "wrapped_strategy", strategy)
+        return next(choice for choice in inner.elements if self.name in choice)
+
+
+def test_an_edit_between_the_hashing_and_the_record_with_the_clock_ahead_is_never_deleted(tmp_path: Path) -> None:
+    """A fixed history the machine can draw: audit (the client's clock an hour ahead), the edit armed,
+    the second run synced (edited, same size, after its hashing), two reaper passes.
+
+    Before the record read the file system's clock, the edit's stat was recorded as trusted
+    (its times looked an hour older than the hashing), matched at the reaper's check, and the
+    edit was deleted with the NAS holding the pre-edit bytes: rule 1.
+    """
+    machine = _machine(MountNas, tmp_path)()
+    try:
+        machine.first_run_synced(
+            retain_cache=False,
+            files={"image_001.tif": b"A" * 100, "stack.raw": b"B" * 50},
+            pending={"image_001.tif": b"C" * 100, "stack.raw": b"D" * 50},
+        )
+        second = sorted(model.path.name for model in machine.runs)[-1]
+        steps: list[Callable[[], None]] = [
+            machine.audit,
+            machine.edit_at_the_next_verification,
+            lambda: machine.enqueue(_Pick(second)),
+            machine.cleanup,
+            machine.cleanup,
+        ]
+        for step in steps:
+            step()
+            machine.the_three_rules_hold()
+        assert machine.edit_armed is False, "the edit was never made: the history tests nothing"
+    finally:
+        machine.teardown()
