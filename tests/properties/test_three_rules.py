@@ -13,7 +13,8 @@ run first, then takes random steps: create a run, enqueue it (first sync or
 again), audit, cleanup, delete the run's NAS folder, delete/truncate/flip one
 NAS file, flip a local byte keeping size and mtime (damage; also half way
 through the client's record of a verification's file stats), edit a local file
-(new bytes, new mtime), retry a FAILED job, restart the client, unplug and
+(new bytes, new mtime; also between a verification's hashing and its record,
+with the client's clock ahead of the file times after an audit), retry a FAILED job, restart the client, unplug and
 plug the NAS, and, where the client has them, ``retry(accept_local=True)``
 and ``restore``.
 
