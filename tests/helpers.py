@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ __all__ = [
     "release_child",
     "require_tool",
     "sha256_tree",
+    "processes",
     "table_row",
+    "tool_processes",
     "tree",
     "until",
     "wait_until",
@@ -213,3 +215,36 @@ def table_row(output: str, needle: object) -> str:
     """The one line of a rich table in ``output`` that shows ``needle``, its cells separated by single spaces."""
     [line] = [line for line in output.splitlines() if str(needle) in line]
     return " ".join(line.replace("│", " ").split())
+
+
+#: What the engine runs: its tools, and (through sshd) the remote ends of rsync and the remote programs.
+TOOL_NAMES = frozenset({b"rsync", b"rclone", b"ssh", b"sh", b"python3"})
+
+
+def processes() -> Iterator[tuple[int, bytes, bytes]]:
+    """(pid, command line with NULs, state letter) of every other process that can be read in /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rpartition(b")")[2].split()[0]
+        except OSError:
+            continue
+        yield int(entry), cmdline, state
+
+
+def tool_processes(text: str, names: frozenset[bytes] = TOOL_NAMES) -> dict[int, str]:
+    """Running processes named in ``names`` whose command line holds ``text``: {pid: command line}.
+
+    Zombies (ended, waiting for a reaper that may never come) and ssh's shared
+    connection (``[mux]``, kept on purpose) are left out.
+    """
+    return {
+        pid: cmdline.replace(b"\0", b" ").decode(errors="replace")
+        for pid, cmdline, state in processes()
+        if text.encode() in cmdline
+        and state not in (b"Z", b"X")
+        and b"[mux]" not in cmdline
+        and os.path.basename(cmdline.split(b"\0")[0]) in names
+    }

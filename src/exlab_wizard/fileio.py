@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -295,10 +296,10 @@ def open_regular_beneath(base: str | os.PathLike[str], rel: str) -> tuple[int, o
     instead of reaching a file outside ``base``.
     """
     parts = rel.split("/")
-    at = os.open(base, _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0))
+    at = os.open(base, _OPEN_FOLDER)
     try:
         for part in parts[:-1]:
-            inner = os.open(part, _OPEN_DIR | getattr(os, "O_NOFOLLOW", 0), dir_fd=at)
+            inner = os.open(part, _OPEN_FOLDER, dir_fd=at)
             os.close(at)
             at = inner
         return open_regular(parts[-1], dir_fd=at)
@@ -346,10 +347,8 @@ class OpenFolders:
 
     def close(self) -> None:
         for fd in self._open.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._open.clear()
 
 

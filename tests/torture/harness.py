@@ -52,6 +52,7 @@ import exlab_wizard
 from exlab_wizard.sync.manifest_format import parse_manifest
 from exlab_wizard.sync.transports.mount import is_temp_name
 from tests.fixtures.sshd import RW_USER, SshEnv, SshServer
+from tests.helpers import processes, tool_processes
 from tests.lab import mark_nas, write_creation
 
 EQ = "CONFOCAL_01"
@@ -681,44 +682,23 @@ def _flip(path: Path, rng: random.Random) -> None:
         os.fsync(f.fileno())
 
 
-#: What a service runs: its tools here, and (through sshd) the remote ends of rsync and the remote programs.
-_TOOLS = {b"rsync", b"rclone", b"ssh", b"sh", b"python3"}
 #: Seconds a tool's remote end may take to see its connection close.
 OUTLIVE_GRACE_S = 3.0
-
-
-def _tool_processes(root: Path) -> dict[int, str]:
-    """Running tools whose command line names this round's folder (ssh's shared connection, ``[mux]``, aside)."""
-    found = {}
-    for pid in _orphans(root):
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
-            running = state not in (b"Z", b"X") and b"[mux]" not in cmdline
-            if running and os.path.basename(cmdline.split(b"\0")[0]) in _TOOLS:
-                found[pid] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
-    return found
 
 
 def _outliving(root: Path) -> list[str]:
     """The tools of a service just killed that are still running after the grace period."""
     deadline = time.monotonic() + OUTLIVE_GRACE_S
-    left = _tool_processes(root)
+    left = tool_processes(str(root))
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = _tool_processes(root)
-    return sorted(left.values())
+        left = tool_processes(str(root))
+    return sorted(cmd[:200] for cmd in left.values())
 
 
 def _orphans(root: Path) -> list[int]:
     """Processes (rsync, ssh left by a killed service) whose command line names this round's folder."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                if str(root).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    out.append(int(entry))
-    return out
+    return [pid for pid, cmdline, _state in processes() if str(root).encode() in cmdline]
 
 
 # --------------------------------------------------------------------------- the invariant

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 
 import exlab_wizard
+from tests.helpers import tool_processes
 from tests.lab import RUN_REL, make_hostile_run, rsync_equipment
 from tests.transports.test_rsync_ssh import receiving
 
 SRC = str(Path(exlab_wizard.__file__).resolve().parents[1])
-LINUX_ONLY = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's"
-)
+RSYNC_SSH = frozenset({b"rsync", b"ssh"})
 
 # The tool writes its pid, then sleeps; the child prints "started" once the pid file is there.
 STARTERS = {
@@ -52,7 +51,6 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
-@LINUX_ONLY
 @pytest.mark.parametrize("path", sorted(STARTERS))
 def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str) -> None:
     pid_file = tmp_path / "tool.pid"
@@ -89,22 +87,6 @@ def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str)
             os.kill(tool, signal.SIGKILL)
 
 
-def _tools_naming(text: str) -> dict[int, str]:
-    """Running rsync/ssh processes whose command line holds ``text`` (ssh's shared connection aside)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _alive(int(entry)):
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            name = os.path.basename(cmdline.split(b"\0")[0])
-            if name in (b"rsync", b"ssh") and text.encode() in cmdline and b"[mux]" not in cmdline:
-                found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-    return found
-
-
-@LINUX_ONLY
 @pytest.mark.network
 def test_a_push_cut_off_by_a_sigkill_stops_writing_to_the_nas(tmp_path: Path, sshd, remote_dir: Path) -> None:
     """The real thing: rsync over ssh, slowed to 100 KiB/s, its engine SIGKILLed in the middle."""
@@ -125,13 +107,13 @@ def test_a_push_cut_off_by_a_sigkill_stops_writing_to_the_nas(tmp_path: Path, ss
         while not receiving(remote_run, "big.bin") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert receiving(remote_run, "big.bin"), "the push never started writing"
-        assert _tools_naming(str(run))
+        assert tool_processes(str(run), RSYNC_SSH)
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         deadline = time.monotonic() + 5
-        while _tools_naming(str(run)) and time.monotonic() < deadline:
+        while tool_processes(str(run), RSYNC_SSH) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list(_tools_naming(str(run)).values()) == []
+        assert list(tool_processes(str(run), RSYNC_SSH).values()) == []
 
         def written() -> int:
             return sum(p.stat().st_size for p in remote_run.rglob("*") if p.is_file())
@@ -143,5 +125,5 @@ def test_a_push_cut_off_by_a_sigkill_stops_writing_to_the_nas(tmp_path: Path, ss
         if child.poll() is None:
             child.kill()
             child.wait()
-        for pid in _tools_naming(str(run)):  # what a failing run of this test left
+        for pid in tool_processes(str(run), RSYNC_SSH):  # what a failing run of this test left
             os.kill(pid, signal.SIGKILL)

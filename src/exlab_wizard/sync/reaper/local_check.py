@@ -200,7 +200,7 @@ def _verified_bound(root: int, verified_at: dt.datetime | None) -> int | None:
         return None
     bound = _ns(verified_at)
     try:
-        meta = os.open(METADATA_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        meta = open_dir_chain(root, [METADATA_DIR])
     except OSError:
         return bound
     try:
