@@ -33,6 +33,7 @@ from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, scan_run
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import remote_run_path, run_location
 from exlab_wizard.sync.verifier import compare
 
 __all__ = ["audit_job", "audit_loop", "audit_pass"]
@@ -123,17 +124,26 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         fresh = queue.get(job.id)
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
+        here = run_location(equipment, run)
+        if _verified_elsewhere(fresh, equipment, run, here):
+            # The configuration names another NAS than the one the passes were read at: this
+            # pass, every file hashed there, is the first at the new place (the reaper waits for it).
+            passes, times, detail = 1, (now,), f"audit pass at a new NAS location ({here}), the first there"
+        else:
+            passes, times = fresh.verify_passes + 1, tuple(fresh.pass_times) + (now,)
+            detail = f"audit pass {passes}: {outcome.checked} files match"
         queue.update(
             job.id,
             fresh.state,
             now=now,
             event_kind="verify_pass",
-            detail=f"audit pass {fresh.verify_passes + 1}: {outcome.checked} files match",
-            verify_passes=fresh.verify_passes + 1,
+            detail=detail,
+            verify_passes=passes,
             last_verify_at=now,
-            pass_times=tuple(fresh.pass_times) + (now,),
+            pass_times=times,
+            verified_location=here,
         )
-        log.info(run, "audit_pass", job=job.id, verify_passes=fresh.verify_passes + 1)
+        log.info(run, "audit_pass", job=job.id, verify_passes=passes)
         return
     bad = tuple(outcome.different) + tuple(outcome.missing)
     reason = (
@@ -149,6 +159,13 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         _audit_failed(ctx, job, kind, f"{reason}; {why}", final=True)
         return
     _audit_failed(ctx, job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
+
+
+def _verified_elsewhere(job: SyncJobRow, equipment: EquipmentConfig, run: Path, here: str) -> bool:
+    """Were the job's passes read at another NAS than ``here`` (a job verified before locations were kept: by its remote path)?"""
+    if job.verified_location is not None:
+        return job.verified_location != here
+    return job.remote_path != remote_run_path(equipment, run)
 
 
 def _local_copies_unusable(

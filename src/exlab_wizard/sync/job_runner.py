@@ -47,6 +47,7 @@ from exlab_wizard.sync.recovery import LOCAL_DAMAGE, damage_message, find_damage
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import run_location
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 
@@ -625,6 +626,8 @@ async def _promote(
         accept_local_paths=(),
         previous_stamp=None,
         previous_kept_at=None,
+        # Where the manifest just compared was read: the passes count for this place only.
+        verified_location=run_location(equipment, run),
     )
     ctx.log(equipment).info(run, "verified", job=job.id, files=checked, manifest_digest=digest)
     ctx.notify_state(job)

@@ -209,6 +209,14 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE events ADD COLUMN code TEXT;
     """,
+    # 8: a planned file's ctime (a change that keeps size, mtime and inode still moves it; older
+    # plans have none, NULL: each such file is re-hashed before it is unlinked), and where the
+    # NAS copy was verified (exlab_wizard.sync.transports.base.run_location; NULL for jobs
+    # verified before: the reaper then compares remote_path alone).
+    """
+    ALTER TABLE cleanup_plan ADD COLUMN ctime_ns INTEGER;
+    ALTER TABLE jobs ADD COLUMN verified_location TEXT;
+    """,
 ]
 
 
@@ -344,6 +352,8 @@ class SyncJobRow:
     accept_local_paths: tuple[str, ...] = ()
     previous_stamp: str | None = None
     previous_kept_at: dt.datetime | None = None
+    #: where the NAS copy was verified (:func:`~exlab_wizard.sync.transports.base.run_location`); None before
+    verified_location: str | None = None
     events: tuple[SyncEvent, ...] = ()
 
     @property
@@ -410,6 +420,8 @@ def _job(row: sqlite3.Row) -> SyncJobRow:
         accept_local_paths=tuple(json.loads(row["accept_local_paths"])),
         previous_stamp=row["previous_stamp"],
         previous_kept_at=_dt(row["previous_kept_at"]),
+        # A database opened at an older schema step (a test pinning the migrations) has no such column.
+        verified_location=row["verified_location"] if "verified_location" in row.keys() else None,  # noqa: SIM118
     )
 
 
@@ -450,6 +462,7 @@ JOB_FIELDS: dict[str, str] = {
     "accept_local_paths": _TEXTS,
     "previous_stamp": _TEXT,
     "previous_kept_at": _TIME,
+    "verified_location": _TEXT,
 }
 
 

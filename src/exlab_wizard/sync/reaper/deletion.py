@@ -5,8 +5,11 @@ Owns every unlink and rmdir the reaper makes:
 - :func:`delete_batch`: each planned file is ``lstat``-ed right before it
   is unlinked, through folders opened with ``O_NOFOLLOW`` from the run
   folder down (see :mod:`.nofollow`); it must still be a regular file with
-  the planned size, mtime and inode, else nothing more is deleted. Folders
-  are fsync-ed after their files are unlinked.
+  the planned size, mtime and inode, else nothing more is deleted. One
+  whose ctime moved since it was checked (a change that put its size and
+  mtime back does that; so does a chmod or a hard link) is hashed again
+  and must still hold the verified bytes. Folders are fsync-ed after their
+  files are unlinked.
 - :func:`remove_left_empty`: the folders the deletion left empty, deepest
   first, never the run folder, never a symlink, never outside the run.
 - :func:`metadata_snapshot` / :func:`remove_metadata` /
@@ -32,6 +35,7 @@ from exlab_wizard.sync.reaper.nofollow import (
     DIR_FLAGS,
     RunFolderError,
     Tree,
+    hash_at,
     kind_of,
     open_dir_chain,
     open_run,
@@ -102,6 +106,8 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
                         result.stop = f"not a regular file any more: {item.path} ({kind_of(st.st_mode)})"
                     elif (st.st_size, st.st_mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.ino):
                         result.stop = f"local file changed since the plan: {item.path}"
+                    elif st.st_ctime_ns != item.ctime_ns and not _still_verified(folder, name, item):
+                        result.stop = f"local file changed since the plan (its bytes, not its mtime): {item.path}"
                     if result.stop is not None:
                         result.stop_fatal, result.stop_path = True, item.path
                         break
@@ -126,6 +132,30 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
     finally:
         os.close(root)
     return result
+
+
+def _still_verified(folder: int, name: str, item: PlannedFile) -> bool:
+    """Does the file, whose ctime moved since the plan, still hold the verified bytes? Read through ``folder``.
+
+    Hashed again (nothing followed) and compared with the plan's SHA-256; it
+    must be the planned inode with the planned size and mtime, and not change
+    while it is read. A plan with no SHA-256 (the ``.exlab-wizard/`` files)
+    has nothing to compare with: False.
+    """
+    if not item.sha256:
+        return False
+    try:
+        digest, before, after = hash_at(folder, name)
+    except OSError:
+        return False
+    planned = (item.size, item.mtime_ns, item.ino)
+    if (before.st_size, before.st_mtime_ns, before.st_ino) != planned or (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    ) != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+        return False
+    return digest == item.sha256.lower()
 
 
 def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
@@ -165,9 +195,9 @@ def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
     return removed
 
 
-def metadata_snapshot(run_path: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
-    """Regular files under ``.exlab-wizard/`` (path, size, mtime_ns, inode), and its folders (deepest first)."""
-    files: list[tuple[str, int, int, int]] = []
+def metadata_snapshot(run_path: Path) -> tuple[list[tuple[str, int, int, int, int]], list[str]]:
+    """Regular files under ``.exlab-wizard/`` (path, size, mtime_ns, inode, ctime_ns), and its folders (deepest first)."""
+    files: list[tuple[str, int, int, int, int]] = []
     folders: list[str] = []
     root = open_run(run_path)
     try:
@@ -185,19 +215,21 @@ def metadata_snapshot(run_path: Path) -> tuple[list[tuple[str, int, int, int]], 
     if tree.unreadable:
         raise OSError(f"cannot read {METADATA_DIR}/{tree.unreadable[0]}")
     for rel, st in tree.files.items():
-        files.append((f"{METADATA_DIR}/{rel}", st.st_size, st.st_mtime_ns, st.st_ino))
+        files.append((f"{METADATA_DIR}/{rel}", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     folders = [f"{METADATA_DIR}/{d}" for d in sorted(tree.dirs, key=lambda p: (-p.count("/"), p))]
     folders.append(METADATA_DIR)
     return files, folders
 
 
-def remove_metadata(run_path: Path, files: Sequence[tuple[str, int, int, int]], folders: Sequence[str]) -> str | None:
+def remove_metadata(
+    run_path: Path, files: Sequence[tuple[str, int, int, int, int]], folders: Sequence[str]
+) -> str | None:
     """Delete the snapshotted ``.exlab-wizard/`` files that did not change, then its empty folders.
 
     Returns a reason when something changed after the snapshot (nothing of
     it deleted then), else None.
     """
-    planned = [PlannedFile(rel, size, mtime_ns, ino, "") for rel, size, mtime_ns, ino in files]
+    planned = [PlannedFile(rel, size, mtime_ns, ino, "", ctime_ns) for rel, size, mtime_ns, ino, ctime_ns in files]
     result = delete_batch(run_path, planned)
     if result.stop is not None:
         return result.stop

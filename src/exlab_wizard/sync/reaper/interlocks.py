@@ -35,7 +35,7 @@ from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, Remo
 from exlab_wizard.sync.reaper.local_check import LocalScan, load_verified_stats, scan_run
 from exlab_wizard.sync.reaper.store import PlannedFile, Progress
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind, remote_run_path, run_location
 
 __all__ = ["InterlockFacts"]
 
@@ -66,6 +66,9 @@ class InterlockFacts:
 
     async def _remote_check(self, job: SyncJobRow, expected: Mapping[str, int]) -> policy.RemoteCheck:
         """One listing of the remote run folder, compared with the sizes it must hold (interlock 4)."""
+        moved = self._moved(job)
+        if moved is not None:
+            return policy.RemoteCheck(refusal=moved, refusal_code=CleanupCode.NAS_LOCATION_CHANGED)
         if self.remote_listing is None:
             return policy.RemoteCheck(
                 refusal="remote run folder cannot be listed: nothing is deleted without a listing",
@@ -88,6 +91,37 @@ class InterlockFacts:
             logger.info("remote listing for job %s failed: %s", job.id, exc)
             return policy.RemoteCheck(refusal=f"remote listing failed: {type(exc).__name__}: {exc}")
         return policy.check_remote(expected, listing)
+
+    def _moved(self, job: SyncJobRow) -> str | None:
+        """Why the NAS the configuration names now is not where the job's copy was verified; None when it is.
+
+        Passes read at one place vouch for nothing at another: after the
+        equipment's share, host or remote path changed in the config, the
+        listing would be of a copy nobody hashed. The audit verifies the run
+        at the new place (its pass there counts as the first), and only then
+        may the reaper go on. A job verified before locations were recorded
+        is judged by its remote path alone.
+        """
+        try:
+            equipment = self.config.equipment_by_id(job.equipment_id)
+        except (KeyError, LookupError):
+            equipment = None
+        if equipment is None:
+            return f"equipment {job.equipment_id} is no longer configured: its NAS copy cannot be checked"
+        run = Path(job.run_path)
+        try:
+            if job.verified_location is not None:
+                was, now = job.verified_location, run_location(equipment, run)
+            else:
+                was, now = job.remote_path, remote_run_path(equipment, run)
+        except ValueError:
+            return f"the run is no longer under equipment {job.equipment_id}'s local root"
+        if was == now:
+            return None
+        return (
+            f"NAS location changed since the verification (verified at {was}, the configuration now names {now}):"
+            " the audit verifies the run there before anything is deleted"
+        )
 
     def _overrides(self, job: SyncJobRow, now: dt.datetime) -> tuple[tuple[str, ...], str | None]:
         """(ids no longer active, error reading them)."""

@@ -288,7 +288,7 @@ def scan_run(
             if record is not None and record.sha256 != want:
                 record = None  # recorded for another content: vouches for nothing
             if record is not None and record.matches(st):
-                planned.append(PlannedFile(rel, st.st_size, st.st_mtime_ns, st.st_ino, want))
+                planned.append(PlannedFile(rel, st.st_size, st.st_mtime_ns, st.st_ino, want, st.st_ctime_ns))
                 continue
             rehashed.append(rel)
             parents, name = split_path(rel)
@@ -318,7 +318,9 @@ def scan_run(
                 changed.append(rel)  # being written right now
                 continue
             if digest == want:
-                planned.append(PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want))
+                planned.append(
+                    PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want, after.st_ctime_ns)
+                )
             else:
                 (damaged if _damage(after.st_mtime_ns, record, verified_ns) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))

@@ -105,13 +105,19 @@ class VerifiedStat:
 
 @dataclass(frozen=True)
 class PlannedFile:
-    """One file the deletion may remove, with the stat it must still have."""
+    """One file the deletion may remove, with the stat it must still have.
+
+    ``ctime_ns``: its ctime when it was checked (None: not known, a plan
+    written before ctimes were kept). A file whose ctime moved since is
+    re-hashed before it is unlinked (:func:`~.deletion.delete_batch`).
+    """
 
     path: str
     size: int
     mtime_ns: int
     ino: int
     sha256: str
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,10 @@ class CleanupStore:
         """The job's planned files, in byte order of their paths; empty without a plan."""
         with self.queue.snapshot() as conn:
             rows = conn.execute("SELECT * FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
-        files = [PlannedFile(_path_text(r["path"]), r["size"], r["mtime_ns"], int(r["ino"]), r["sha256"]) for r in rows]
+        files = [
+            PlannedFile(_path_text(r["path"]), r["size"], r["mtime_ns"], int(r["ino"]), r["sha256"], r["ctime_ns"])
+            for r in rows
+        ]
         return sorted(files, key=lambda f: os.fsencode(f.path))
 
     def planned_paths(self, job_id: str) -> frozenset[str]:
@@ -267,9 +276,12 @@ class CleanupStore:
                 return None
             conn.execute("DELETE FROM cleanup_plan WHERE job_id = ?", (job.id,))
             conn.executemany(
-                "INSERT INTO cleanup_plan (job_id, path, size, mtime_ns, ino, sha256, manifest_digest)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(job.id, _path_key(f.path), f.size, f.mtime_ns, str(f.ino), f.sha256, digest) for f in files],
+                "INSERT INTO cleanup_plan (job_id, path, size, mtime_ns, ino, sha256, manifest_digest, ctime_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (job.id, _path_key(f.path), f.size, f.mtime_ns, str(f.ino), f.sha256, digest, f.ctime_ns)
+                    for f in files
+                ],
             )
             conn.execute(
                 "INSERT OR REPLACE INTO cleanup_progress"

@@ -41,7 +41,9 @@ __all__ = [
     "local_now",
     "previous_path",
     "remote_relpath",
+    "remote_run_path",
     "report_total",
+    "run_location",
 ]
 
 
@@ -168,6 +170,34 @@ def remote_relpath(equipment: EquipmentConfig, run_path: Path) -> PurePosixPath:
     return PurePosixPath(*rel.parts)
 
 
+def remote_run_path(equipment: EquipmentConfig, run_path: Path) -> str:
+    """Where the run lives remotely, in the transport's own notation (``ValueError`` as :func:`remote_relpath`)."""
+    rel = remote_relpath(equipment, run_path)
+    root = equipment.transport.remote_root.rstrip("/")
+    sep = "" if root.endswith(":") else "/"
+    return f"{root}{sep}{rel}"
+
+
+def run_location(equipment: EquipmentConfig, run_path: Path) -> str:
+    """Where the run's NAS copy is, as one string that also names the server.
+
+    Two locations are equal only when every setting that picks the place is:
+    the transport, its ssh target and port (rsync_ssh) or rclone config file
+    (rclone), and the run's remote path. A verification counts for the place
+    it read (the job's ``verified_location``); the reaper deletes nothing on
+    the strength of passes read somewhere else. ``ValueError`` as
+    :func:`remote_relpath`.
+    """
+    transport = equipment.transport
+    if transport.type == "rsync_ssh":
+        server = f"{transport.ssh_target}:{transport.ssh_port}"
+    elif transport.type == "rclone":
+        server = str(transport.rclone_config or "")
+    else:
+        server = ""
+    return f"{transport.type}|{server}|{remote_run_path(equipment, run_path)}"
+
+
 def check_relpath(rel: str) -> str:
     """``rel`` if it is a relative ``/``-separated path inside a run, else ``ValueError``.
 
@@ -206,10 +236,7 @@ class Transport(abc.ABC):
 
     def remote_run_path(self, run_path: Path) -> str:
         """Where the run lives remotely, in the transport's own notation."""
-        rel = remote_relpath(self.equipment, run_path)
-        root = self.equipment.transport.remote_root.rstrip("/")
-        sep = "" if root.endswith(":") else "/"
-        return f"{root}{sep}{rel}"
+        return remote_run_path(self.equipment, run_path)
 
     @abc.abstractmethod
     async def push(

@@ -1,0 +1,91 @@
+"""The equipment's NAS moved in the config: passes read at the old place vouch for nothing at the new one (rule 1).
+
+The job records where its copy was verified (``verified_location``). After
+the configured share, host or remote path changed, the reaper refuses
+(``nas_location_changed``) even when the new place lists every file at its
+size (a copy still being filled, say); the audit hashes the run there, and
+its pass counts as the first at the new place. Only then may the reaper go on.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from exlab_wizard.config import Config
+from exlab_wizard.sync.policy.cleanup import CleanupCode
+from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import run_location
+from tests.helpers import Clock
+from tests.lab import EQ, FILES, Lab, acts, data_intact, mark_nas, ready, running
+from tests.lab import cleanup_config as config
+
+S = SyncJobState
+
+
+def _moved(cfg: Config, share: Path) -> Config:
+    equipment = [
+        eq.model_copy(update={"transport": eq.transport.model_copy(update={"mount_path": share})})
+        if eq.id == EQ
+        else eq
+        for eq in cfg.equipment
+    ]
+    return cfg.model_copy(update={"equipment": equipment})
+
+
+async def test_a_moved_nas_is_verified_by_the_audit_before_anything_is_deleted(lab: Lab, tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = config(lab)
+    run = lab.make_run(files=FILES)
+    async with running(cfg, clock) as client:
+        job = await ready(client, clock, run)  # two passes on the first share
+    assert job.verified_location == run_location(cfg.equipment_by_id(EQ), run)
+
+    # The lab moves the equipment to a new share and copies its runs there; the copy of this
+    # run is still being filled: every file at its final size, not yet its bytes.
+    share = mark_nas(tmp_path / "nas2")
+    new_copy = share / lab.nas_copy(run).relative_to(lab.mount_path(EQ))
+    shutil.copytree(lab.nas_copy(run), new_copy)
+    for rel, data in FILES.items():
+        (new_copy / rel).write_bytes(b"\0" * len(data))
+    moved = _moved(cfg, share)
+
+    async with running(moved, clock) as client:
+        [outcome] = acts(await client.cleanup_once())
+        assert (outcome.action, outcome.code) == ("waiting", CleanupCode.NAS_LOCATION_CHANGED), outcome
+        assert data_intact(run)
+
+        # The audit reads the new place: the unfilled copy is a mismatch, never a pass.
+        await client.audit_once()
+        job = await client.job(run)
+        assert job.verify_passes == 0 and job.state == S.QUEUED
+
+    # The copy at the new place completed and verified (the re-sync the audit asked for ran).
+    async with running(moved, clock) as client:
+        job = await client.wait_idle(30) or await client.job(run)
+        job = await client.job(run)
+        assert job.state == S.VERIFIED and job.verified_location == run_location(moved.equipment_by_id(EQ), run)
+        assert all((new_copy / rel).read_bytes() == data for rel, data in FILES.items())
+
+
+async def test_an_audit_at_a_moved_nas_holding_the_copy_counts_as_its_first_pass(lab: Lab, tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = config(lab)
+    run = lab.make_run(files=FILES)
+    async with running(cfg, clock) as client:
+        await ready(client, clock, run)
+    share = mark_nas(tmp_path / "nas2")
+    shutil.copytree(lab.nas_copy(run), share / lab.nas_copy(run).relative_to(lab.mount_path(EQ)))
+    moved = _moved(cfg, share)
+    async with running(moved, clock) as client:
+        await client.audit_once()
+        job = await client.job(run)
+        assert job.verify_passes == 1 and job.verified_location == run_location(moved.equipment_by_id(EQ), run)
+        assert [o.code for o in acts(await client.cleanup_once())] == [CleanupCode.WAITING_PASSES]
+        clock.advance(6)
+        await client.audit_once()
+        assert (await client.job(run)).verify_passes == 2
+        [outcome] = acts(await client.cleanup_once())
+        assert outcome.action == "deleted", outcome
+    assert not any((run / rel).exists() for rel in FILES)
+    assert (lab.nas_copy(run) / next(iter(FILES))).exists()  # the old share untouched
