@@ -226,6 +226,15 @@ async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
     if equipment is None:
         return FinalPush(False, f"equipment {job.equipment_id} is no longer configured")
     run = Path(job.run_path)
+    # The local data may be gone already: the NAS's checksums.sha256 is then the last full record
+    # of the verified hashes, and a damaged or edited local one must never be sent over it. (One
+    # that is gone sends nothing over it: a pass that removed the cache after a proved push and
+    # was cut off before the end pushes the rest again.)
+    problem = None
+    if await asyncio.to_thread(os.path.lexists, manifest_path(run)):
+        problem = await asyncio.to_thread(_local_manifest_problem, job)
+    if problem is not None:
+        return FinalPush(False, f"final metadata push refused: {problem}")
     cleaned = await asyncio.to_thread(cleaned_paths, ctx, job)
     outcome, error = await try_push(ctx, job, equipment, cleaned=cleaned)
     if error is not None:
