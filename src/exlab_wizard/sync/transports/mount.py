@@ -766,16 +766,27 @@ class MountTransport(Transport):
             return
         folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
         final = os.path.join(folder, src.name)
-        for _attempt in range(COPY_ATTEMPTS):
-            copied = self._copy_once(job, src, view, folder, durable=True)
-            if copied is not None:
-                break
-        else:
-            raise _kept_changing(src)
-        temp, digest = copied
-        job.hashes[src.rel] = digest
-        self._rename(job, temp, final)
-        self._read_back(job, src.rel, final, view)
+        # The file is created, renamed and read back in its folder opened part by part without
+        # following a symlink: a folder of the NAS run swapped for a link (to another run's
+        # verified folder, say) after the listing is never written through.
+        shares = OpenFolders(job.remote)
+        try:
+            try:
+                at = shares.fd(src.folder)
+            except OSError as exc:
+                raise self._remote_error(exc, folder) from exc
+            for _attempt in range(COPY_ATTEMPTS):
+                copied = self._copy_once(job, src, view, folder, durable=True, dir_fd=at)
+                if copied is not None:
+                    break
+            else:
+                raise _kept_changing(src)
+            temp, digest = copied
+            job.hashes[src.rel] = digest
+            self._rename(job, temp, final, dir_fd=at)
+            self._read_back(job, src.rel, final, view, dir_fd=at)
+        finally:
+            shares.close()
 
     def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
         """Files fsynced one by one (large ones, or every file on a share whose syncfs is not trusted)."""
@@ -892,7 +903,7 @@ class MountTransport(Transport):
             if size > len(view):
                 os.close(fd_in)
                 fd_in = -1
-                copied = self._copy_once(job, src, view, shares.path(folder), durable=False)
+                copied = self._copy_once(job, src, view, shares.path(folder), durable=False, dir_fd=shares.fd(folder))
                 return None if copied is None else (os.path.basename(copied[0]), copied[1], size)
             try:
                 data = os.read(fd_in, size) if size else b""
@@ -929,7 +940,7 @@ class MountTransport(Transport):
             if fd_in >= 0:
                 os.close(fd_in)
         if changed:
-            self._unlink_temp(job, temp_path)
+            self._unlink_temp(job, temp_path, dir_fd=shares.fd(folder))
             return None
         return temp, digest, len(data)
 
@@ -1056,24 +1067,29 @@ class MountTransport(Transport):
             os.close(fd)
 
     def _copy_once(
-        self, job: _Push, src: _Source, view: memoryview, folder: str, *, durable: bool
+        self, job: _Push, src: _Source, view: memoryview, folder: str, *, durable: bool, dir_fd: int
     ) -> tuple[str, str] | None:
-        """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile."""
+        """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile.
+
+        The temp file is made in ``dir_fd``, the open ``folder``; ``temp`` is its path, for messages
+        and the push's list of temp files.
+        """
         try:
             fd_in, before = open_regular_beneath(job.run, src.rel)
         except OSError as exc:
             raise self._local_error(exc, src.rel, job.run) from exc
-        temp = os.path.join(folder, _temp_name(src.name))
+        name = _temp_name(src.name)
+        temp = os.path.join(folder, name)
         try:
             direct = _O_DIRECT if job.direct_io and before.st_size >= LARGE_FILE else 0
             try:
                 try:
-                    fd_out = os.open(temp, _CREATE | direct, 0o600)
+                    fd_out = os.open(name, _CREATE | direct, 0o600, dir_fd=dir_fd)
                 except OSError as exc:
                     if not direct or exc.errno != errno.EINVAL:
                         raise
                     direct = 0  # the share does not do direct I/O
-                    fd_out = os.open(temp, _CREATE, 0o600)
+                    fd_out = os.open(name, _CREATE, 0o600, dir_fd=dir_fd)
             except OSError as exc:
                 raise self._remote_error(exc, temp) from exc
             job.temps.add(temp)
@@ -1086,7 +1102,7 @@ class MountTransport(Transport):
         finally:
             os.close(fd_in)
         if changed:
-            self._unlink_temp(job, temp)
+            self._unlink_temp(job, temp, dir_fd=dir_fd)
             return None
         return temp, digest
 
@@ -1171,16 +1187,17 @@ class MountTransport(Transport):
         except OSError as exc:
             raise self._remote_error(exc, temp) from exc
 
-    def _unlink_temp(self, job: _Push, temp: str) -> None:
+    def _unlink_temp(self, job: _Push, temp: str, *, dir_fd: int) -> None:
         try:
-            os.unlink(temp)
+            os.unlink(os.path.basename(temp), dir_fd=dir_fd)
         except OSError:
             pass
         job.temps.discard(temp)
 
-    def _rename(self, job: _Push, temp: str, final: str) -> None:
+    def _rename(self, job: _Push, temp: str, final: str, *, dir_fd: int) -> None:
+        """``temp`` over ``final``, both in the open folder ``dir_fd`` (their paths name them in messages)."""
         try:
-            os.replace(temp, final)
+            os.replace(os.path.basename(temp), os.path.basename(final), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             raise self._remote_error(exc, final) from exc
         job.temps.discard(temp)
@@ -1188,13 +1205,14 @@ class MountTransport(Transport):
         with job.lock:
             job.files_sent += 1
 
-    def _read_back(self, job: _Push, rel: str, final: str, view: memoryview) -> None:
+    def _read_back(self, job: _Push, rel: str, final: str, view: memoryview, *, dir_fd: int) -> None:
         """Hash a durable file as the share stores it (cached pages dropped), for the coming manifest.
 
-        Best effort: any error leaves the file to be read by the remote manifest.
+        ``final`` is read in the open folder ``dir_fd``. Best effort: any error leaves the file to
+        be read by the remote manifest.
         """
         try:
-            fd, info = open_regular(final)
+            fd, info = open_regular(os.path.basename(final), dir_fd=dir_fd)
         except OSError:
             return
         try:

@@ -6,7 +6,9 @@ not rclone's own ``<name>.<8 hex>.partial`` leftover is someone else's data and
 the push raises ``REMOTE_CONFLICT`` without writing. A run folder not there
 yet is written only once the remote root answers (rclone would create the
 root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
---checksum`` with ``--bwlimit`` as an rclone timetable of the equipment's
+--checksum`` (for a run verified before, without it: sizes and modification
+times, so a local file damaged with its stat kept is never sent over its
+verified NAS copy) with ``--bwlimit`` as an rclone timetable of the equipment's
 schedule (the limit changes mid-transfer on rclone's own clock) and
 ``--retries 1`` (the engine owns the retry policy, and rclone's own retry
 would hide a local file that vanished mid-transfer) and ``--ignore-checksum``
@@ -41,6 +43,7 @@ from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, UNVERIFIABLE_READ_ERROR
+from exlab_wizard.sync.manifest_format import MANIFEST_NAME, manifest_path
 from exlab_wizard.sync.policy.bandwidth import rclone_timetable
 from exlab_wizard.sync.transports._process import (
     LocalTree,
@@ -487,6 +490,13 @@ class RcloneTransport(Transport):
             files_sent += 1
             bytes_sent += local.files[path]
 
+        # A run verified before (its checksums.sha256 here or on the NAS) may have verified NAS copies:
+        # files are then compared by size and modification time, as rsync -a and the mount transport
+        # do. By content (--checksum), a local file damaged with its stat kept (bit rot, invisible
+        # to the damage check) would differ from its NAS copy and be sent over the good one; a NAS
+        # copy that differs is the verify pass's to find, and is then sent again by ``rewrite``.
+        verified_before = os.path.lexists(manifest_path(run_path)) or f"{METADATA_DIR}/{MANIFEST_NAME}" in remote
+        compare = [] if verified_before else ["--checksum"]
         stats = _Stats(progress)
         # --ignore-checksum: no post-copy hash check. The verify pass that follows compares the
         # SHA-256 of every remote file with the local run anyway; rclone's own check would hash
@@ -498,7 +508,7 @@ class RcloneTransport(Transport):
             "1",
             *bw,
             "copy",
-            "--checksum",
+            *compare,
             "--ignore-checksum",
             "--use-json-log",
             "--stats",
