@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -59,6 +60,7 @@ __all__ = [
     "is_data_path",
     "is_metadata_path",
     "OpenFolders",
+    "OpenFoldersByThread",
     "open_regular",
     "open_regular_beneath",
     "prefetch_from_storage",
@@ -350,6 +352,29 @@ class OpenFolders:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._open.clear()
+
+
+class OpenFoldersByThread:
+    """One :class:`OpenFolders` of ``base`` for each thread that asks (:meth:`mine`), all closed by :meth:`close`."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self._lock = threading.Lock()
+        self._by_thread: dict[int, OpenFolders] = {}
+
+    def mine(self) -> OpenFolders:
+        key = threading.get_ident()
+        with self._lock:
+            folders = self._by_thread.get(key)
+            if folders is None:
+                folders = self._by_thread[key] = OpenFolders(self.base)
+        return folders
+
+    def close(self) -> None:
+        with self._lock:
+            for folders in self._by_thread.values():
+                folders.close()
+            self._by_thread.clear()
 
 
 def advise_sequential(fd: int, size: int) -> None:

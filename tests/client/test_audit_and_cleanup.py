@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -577,6 +579,25 @@ async def test_run_folder_replaced_by_a_symlink_after_verification(lab: Lab) -> 
 # --------------------------------------------------------------------------- retain_cache: false
 
 
+def first_final_push_fails(client: NASSyncClient, note: Callable[[], Any] = lambda: None) -> list[Any]:
+    """The reaper's first final metadata push fails (the NAS refuses it), later ones go through.
+
+    Returns the list of what ``note()`` said at each push, as it grows.
+    """
+    reaper = client._reaper
+    real_push = reaper.push_metadata
+    calls: list[Any] = []
+
+    async def push(job_row: Any) -> bool:
+        calls.append(note())
+        if len(calls) == 1:
+            return False
+        return await real_push(job_row)
+
+    reaper.push_metadata = push
+    return calls
+
+
 async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_push_is_verified(lab: Lab) -> None:
     clock = Clock()
     cfg = config(lab, retain_cache=False)
@@ -584,22 +605,13 @@ async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_pu
     nas = lab.nas_copy(run)
     async with running(cfg, clock) as client:
         job = await ready(client, clock, run)
-        reaper = client._reaper
-        real_push = reaper.push_metadata
-        calls: list[dict[str, Any]] = []
-
-        async def push(job_row: Any) -> bool:
-            calls.append(
-                {
-                    "data_left": [rel for rel in FILES if (run / rel).exists()],
-                    "cache": (run / ".exlab-wizard" / "creation.json").exists(),
-                }
-            )
-            if len(calls) == 1:
-                return False  # the NAS refuses the first final push
-            return await real_push(job_row)
-
-        reaper.push_metadata = push
+        calls = first_final_push_fails(
+            client,
+            lambda: {
+                "data_left": [rel for rel in FILES if (run / rel).exists()],
+                "cache": (run / ".exlab-wizard" / "creation.json").exists(),
+            },
+        )
         outcomes = acts(await client.cleanup_once())
         assert [(o.action, o.reason) for o in outcomes] == [("waiting", "waiting: final metadata push not verified")]
         assert calls == [{"data_left": [], "cache": True}]
@@ -629,6 +641,38 @@ async def test_retain_cache_false_removes_the_run_folder_only_after_the_final_pu
     assert record["files"] == len(FILES) and record["manifest_digest"] == job.manifest_digest
     assert all((nas / rel).read_bytes() == data for rel, data in FILES.items())
     assert len(log_lines(lab, cfg, "cleanup_run_folder_removed")) == 1
+
+
+# The final metadata push never sends a damaged local checksums.sha256 over the verified one (rule 2).
+# With retain_cache: false the local data are deleted before the final push; the NAS's
+# checksums.sha256 is then the last full record of the verified hashes. Before, a local one
+# damaged while the job waited for the NAS was pushed over it, "proved" by reading it back, and
+# the local copy deleted. final_push now refuses as send_pending does.
+
+
+async def test_final_push_never_replaces_the_verified_manifest_on_the_nas(lab: Lab) -> None:
+    clock = Clock()
+    cfg = config(lab, retain_cache=False)
+    run = lab.make_run(files=FILES)
+    nas = lab.nas_copy(run)
+    async with running(cfg, clock) as client:
+        job = await ready(client, clock, run)
+        nas_manifest = nas / ".exlab-wizard" / "checksums.sha256"
+        assert hashlib.sha256(nas_manifest.read_bytes()).hexdigest() == job.manifest_digest  # the verified one
+        first_final_push_fails(client)  # the NAS is away for the first: the job waits, data already deleted
+        outcomes = acts(await client.cleanup_once())
+        assert [o.action for o in outcomes] == ["waiting"]
+        assert not any((run / rel).exists() for rel in FILES)  # local data gone, .exlab-wizard/ kept
+
+        # While the job waits, the local checksums.sha256 rots (one byte, size and mtime kept).
+        flip_byte_keep_stat(run / ".exlab-wizard" / "checksums.sha256", offset=3)
+
+        await client.cleanup_once()
+        job = await client.job(run)
+    assert hashlib.sha256(nas_manifest.read_bytes()).hexdigest() == job.manifest_digest, (
+        f"the NAS's verified checksums.sha256 was replaced by the damaged local one (job {job.state}, "
+        f"local run folder exists: {run.exists()})"
+    )
 
 
 async def test_crash_after_the_plan_then_an_audit_failure_drops_the_plan(lab: Lab, monkeypatch) -> None:

@@ -33,7 +33,7 @@ from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, scan_run
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import remote_run_path, run_location
+from exlab_wizard.sync.transports.base import location_change, run_location
 from exlab_wizard.sync.verifier import compare
 
 __all__ = ["audit_job", "audit_loop", "audit_pass"]
@@ -125,7 +125,10 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
         here = run_location(equipment, run)
-        if _verified_elsewhere(fresh, equipment, run, here):
+        moved = location_change(
+            equipment, run, verified_location=fresh.verified_location, remote_path=fresh.remote_path
+        )
+        if moved is not None:
             # The configuration names another NAS than the one the passes were read at: this
             # pass, every file hashed there, is the first at the new place (the reaper waits for it).
             passes, times, detail = 1, (now,), f"audit pass at a new NAS location ({here}), the first there"
@@ -159,13 +162,6 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         _audit_failed(ctx, job, kind, f"{reason}; {why}", final=True)
         return
     _audit_failed(ctx, job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
-
-
-def _verified_elsewhere(job: SyncJobRow, equipment: EquipmentConfig, run: Path, here: str) -> bool:
-    """Were the job's passes read at another NAS than ``here`` (a job verified before locations were kept: by its remote path)?"""
-    if job.verified_location is not None:
-        return job.verified_location != here
-    return job.remote_path != remote_run_path(equipment, run)
 
 
 def _local_copies_unusable(

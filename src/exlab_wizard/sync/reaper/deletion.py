@@ -40,6 +40,7 @@ from exlab_wizard.sync.reaper.nofollow import (
     open_dir_chain,
     open_run,
     split_path,
+    steady,
     walk,
 )
 from exlab_wizard.sync.reaper.store import PlannedFile
@@ -148,14 +149,8 @@ def _still_verified(folder: int, name: str, item: PlannedFile) -> bool:
         digest, before, after = hash_at(folder, name)
     except OSError:
         return False
-    planned = (item.size, item.mtime_ns, item.ino)
-    if (before.st_size, before.st_mtime_ns, before.st_ino) != planned or (
-        after.st_size,
-        after.st_mtime_ns,
-        after.st_ctime_ns,
-    ) != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
-        return False
-    return digest == item.sha256.lower()
+    planned = (before.st_size, before.st_mtime_ns, before.st_ino) == (item.size, item.mtime_ns, item.ino)
+    return planned and steady(before, after) and digest == item.sha256.lower()
 
 
 def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
@@ -195,9 +190,9 @@ def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
     return removed
 
 
-def metadata_snapshot(run_path: Path) -> tuple[list[tuple[str, int, int, int, int]], list[str]]:
-    """Regular files under ``.exlab-wizard/`` (path, size, mtime_ns, inode, ctime_ns), and its folders (deepest first)."""
-    files: list[tuple[str, int, int, int, int]] = []
+def metadata_snapshot(run_path: Path) -> tuple[list[PlannedFile], list[str]]:
+    """Regular files under ``.exlab-wizard/`` as planned files (no SHA-256), and its folders (deepest first)."""
+    files: list[PlannedFile] = []
     folders: list[str] = []
     root = open_run(run_path)
     try:
@@ -215,22 +210,19 @@ def metadata_snapshot(run_path: Path) -> tuple[list[tuple[str, int, int, int, in
     if tree.unreadable:
         raise OSError(f"cannot read {METADATA_DIR}/{tree.unreadable[0]}")
     for rel, st in tree.files.items():
-        files.append((f"{METADATA_DIR}/{rel}", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+        files.append(PlannedFile(f"{METADATA_DIR}/{rel}", st.st_size, st.st_mtime_ns, st.st_ino, "", st.st_ctime_ns))
     folders = [f"{METADATA_DIR}/{d}" for d in sorted(tree.dirs, key=lambda p: (-p.count("/"), p))]
     folders.append(METADATA_DIR)
     return files, folders
 
 
-def remove_metadata(
-    run_path: Path, files: Sequence[tuple[str, int, int, int, int]], folders: Sequence[str]
-) -> str | None:
+def remove_metadata(run_path: Path, files: Sequence[PlannedFile], folders: Sequence[str]) -> str | None:
     """Delete the snapshotted ``.exlab-wizard/`` files that did not change, then its empty folders.
 
     Returns a reason when something changed after the snapshot (nothing of
     it deleted then), else None.
     """
-    planned = [PlannedFile(rel, size, mtime_ns, ino, "", ctime_ns) for rel, size, mtime_ns, ino, ctime_ns in files]
-    result = delete_batch(run_path, planned)
+    result = delete_batch(run_path, files)
     if result.stop is not None:
         return result.stop
     try:

@@ -35,7 +35,7 @@ from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, Remo
 from exlab_wizard.sync.reaper.local_check import LocalScan, load_verified_stats, scan_run
 from exlab_wizard.sync.reaper.store import PlannedFile, Progress
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind, remote_run_path, run_location
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind, location_change
 
 __all__ = ["InterlockFacts"]
 
@@ -104,23 +104,19 @@ class InterlockFacts:
         """
         try:
             equipment = self.config.equipment_by_id(job.equipment_id)
-        except (KeyError, LookupError):
-            equipment = None
-        if equipment is None:
+        except KeyError:
             return f"equipment {job.equipment_id} is no longer configured: its NAS copy cannot be checked"
-        run = Path(job.run_path)
         try:
-            if job.verified_location is not None:
-                was, now = job.verified_location, run_location(equipment, run)
-            else:
-                was, now = job.remote_path, remote_run_path(equipment, run)
+            moved = location_change(
+                equipment, Path(job.run_path), verified_location=job.verified_location, remote_path=job.remote_path
+            )
         except ValueError:
             return f"the run is no longer under equipment {job.equipment_id}'s local root"
-        if was == now:
+        if moved is None:
             return None
         return (
-            f"NAS location changed since the verification (verified at {was}, the configuration now names {now}):"
-            " the audit verifies the run there before anything is deleted"
+            f"NAS location changed since the verification (verified at {moved[0]}, the configuration now names"
+            f" {moved[1]}): the audit verifies the run there before anything is deleted"
         )
 
     def _overrides(self, job: SyncJobRow, now: dt.datetime) -> tuple[tuple[str, ...], str | None]:

@@ -26,7 +26,16 @@ from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
-from exlab_wizard.sync.reaper.nofollow import RunFolderError, Tree, hash_at, open_dir_chain, open_run, split_path, walk
+from exlab_wizard.sync.reaper.nofollow import (
+    RunFolderError,
+    Tree,
+    hash_at,
+    open_dir_chain,
+    open_run,
+    split_path,
+    steady,
+    walk,
+)
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile, StatRow, VerifiedStat
 from exlab_wizard.sync.states import SyncJobState
 
@@ -310,11 +319,7 @@ def scan_run(
                 continue
             finally:
                 os.close(folder)
-            if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
-                after.st_size,
-                after.st_mtime_ns,
-                after.st_ctime_ns,
-            ) or before.st_ino != st.st_ino:
+            if not steady(before, after) or before.st_ino != st.st_ino:
                 changed.append(rel)  # being written right now
                 continue
             if digest == want:

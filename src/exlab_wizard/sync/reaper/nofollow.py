@@ -34,6 +34,7 @@ __all__ = [
     "open_dir_chain",
     "open_run",
     "split_path",
+    "steady",
     "walk",
 ]
 
@@ -103,6 +104,15 @@ def hash_at(dir_fd: int, name: str) -> tuple[str, os.stat_result, os.stat_result
     finally:
         os.close(fd)
     return digest, before, after
+
+
+def steady(before: os.stat_result, after: os.stat_result) -> bool:
+    """Same size, mtime and ctime before and after a read (:func:`hash_at`): nothing wrote to the file meanwhile."""
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
 
 
 @dataclass

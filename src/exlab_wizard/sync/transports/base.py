@@ -39,6 +39,7 @@ __all__ = [
     "check_previous_stamp",
     "check_relpath",
     "local_now",
+    "location_change",
     "previous_path",
     "remote_relpath",
     "remote_run_path",
@@ -196,6 +197,22 @@ def run_location(equipment: EquipmentConfig, run_path: Path) -> str:
     else:
         server = ""
     return f"{transport.type}|{server}|{remote_run_path(equipment, run_path)}"
+
+
+def location_change(
+    equipment: EquipmentConfig, run_path: Path, *, verified_location: str | None, remote_path: str
+) -> tuple[str, str] | None:
+    """``(where the copy was verified, where the configuration now names)`` when they differ, else None.
+
+    A job verified before locations were recorded (``verified_location``
+    None) is judged by its ``remote_path`` alone. ``ValueError`` as
+    :func:`remote_relpath`.
+    """
+    if verified_location is not None:
+        was, now = verified_location, run_location(equipment, run_path)
+    else:
+        was, now = remote_path, remote_run_path(equipment, run_path)
+    return None if was == now else (was, now)
 
 
 def check_relpath(rel: str) -> str:

@@ -103,6 +103,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -111,6 +112,7 @@ from exlab_wizard.fileio import (
     BLOCK_SIZE,
     METADATA_DIR,
     OpenFolders,
+    OpenFoldersByThread,
     drop_page_cache_fd,
     fsync_dir,
     hash_fd,
@@ -759,39 +761,41 @@ class MountTransport(Transport):
             job.touched.add(os.path.dirname(path))
             job.touched.add(path)
 
-    def _transfer(self, job: _Push, src: _Source, view: memoryview) -> None:
-        """Hash a skipped file, or copy one, make it durable on its own, rename it and read it back."""
+    def _transfer(self, job: _Push, folders: OpenFoldersByThread, src: _Source, view: memoryview) -> None:
+        """Hash a skipped file, or copy one, make it durable on its own, rename it and read it back.
+
+        The file is created, renamed and read back in its folder opened part by part without
+        following a symlink (this thread's ``folders``): a folder of the NAS run swapped for a
+        link (to another run's verified folder, say) after the listing is never written through.
+        """
         if not src.send:
             job.hashes[src.rel] = self._hash_local(job, src, view)
             return
-        folder = os.path.join(job.remote, src.folder) if src.folder else job.remote
-        final = os.path.join(folder, src.name)
-        # The file is created, renamed and read back in its folder opened part by part without
-        # following a symlink: a folder of the NAS run swapped for a link (to another run's
-        # verified folder, say) after the listing is never written through.
-        shares = OpenFolders(job.remote)
+        shares = folders.mine()
+        folder, final = shares.path(src.folder), shares.path(src.folder, src.name)
         try:
-            try:
-                at = shares.fd(src.folder)
-            except OSError as exc:
-                raise self._remote_error(exc, folder) from exc
-            for _attempt in range(COPY_ATTEMPTS):
-                copied = self._copy_once(job, src, view, folder, durable=True, dir_fd=at)
-                if copied is not None:
-                    break
-            else:
-                raise _kept_changing(src)
-            temp, digest = copied
-            job.hashes[src.rel] = digest
-            self._rename(job, temp, final, dir_fd=at)
-            self._read_back(job, src.rel, final, view, dir_fd=at)
-        finally:
-            shares.close()
+            at = shares.fd(src.folder)
+        except OSError as exc:
+            raise self._remote_error(exc, folder) from exc
+        for _attempt in range(COPY_ATTEMPTS):
+            copied = self._copy_once(job, src, view, folder, durable=True, dir_fd=at)
+            if copied is not None:
+                break
+        else:
+            raise _kept_changing(src)
+        temp, digest = copied
+        job.hashes[src.rel] = digest
+        self._rename(job, temp, final, dir_fd=at)
+        self._read_back(job, src.rel, final, view, dir_fd=at)
 
     def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
         """Files fsynced one by one (large ones, or every file on a share whose syncfs is not trusted)."""
         for part in _batches(alone, ROUND_FILES, ROUND_BYTES):
-            run_parallel(part, lambda src, view: self._transfer(job, src, view), self.threads, job.abort)
+            shares = OpenFoldersByThread(job.remote)  # each copy thread keeps its folders open for the round
+            try:
+                run_parallel(part, partial(self._transfer, job, shares), self.threads, job.abort)
+            finally:
+                shares.close()
 
     # ------------------------------------------------------------------ small files, in batches
 

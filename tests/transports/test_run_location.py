@@ -1,0 +1,79 @@
+"""Where a run's NAS copy is (``run_location``): every setting that picks the place changes it, nothing else does.
+
+The reaper deletes nothing on passes read at another place than the
+configuration names now (``location_change``); these are the settings of
+each transport that name the place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.transports.base import location_change, remote_run_path, run_location
+
+BASE = {
+    "mount": {"type": "mount", "mount_path": "/mnt/nas"},
+    "rsync_ssh": {
+        "type": "rsync_ssh",
+        "ssh_target": "lab@nas1",
+        "ssh_key_path": "/keys/id",
+        "ssh_port": 22,
+        "remote_path": "/srv/lab",
+    },
+    "rclone": {
+        "type": "rclone",
+        "rclone_remote": "labnas",
+        "rclone_remote_path": "lab",
+        "rclone_config": "/etc/rclone-a.conf",
+    },
+}
+#: per transport: settings that move the copy elsewhere, and one that does not
+MOVES = {
+    "mount": [{"mount_path": "/mnt/nas2"}],
+    "rsync_ssh": [{"ssh_target": "lab@nas2"}, {"ssh_port": 2222}, {"remote_path": "/srv/lab2"}],
+    "rclone": [{"rclone_remote": "othernas"}, {"rclone_remote_path": "lab2"}, {"rclone_config": "/etc/rclone-b.conf"}],
+}
+STAYS = {
+    "mount": {"bandwidth": {"upload_mbps": 100}},
+    "rsync_ssh": {"ssh_key_path": "/keys/other"},
+    "rclone": {"bandwidth": {"upload_mbps": 100}},
+}
+
+
+def _equipment(tmp_path: Path, transport: dict) -> EquipmentConfig:
+    return EquipmentConfig.model_validate({"id": "EQ_01", "local_root": str(tmp_path), "transport": transport})
+
+
+@pytest.mark.parametrize(
+    ("kind", "change"), [(kind, change) for kind, changes in MOVES.items() for change in changes], ids=str
+)
+def test_a_setting_that_names_another_place_changes_the_location(tmp_path: Path, kind: str, change: dict) -> None:
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    before = _equipment(tmp_path, BASE[kind])
+    after = _equipment(tmp_path, {**BASE[kind], **change})
+    verified = run_location(before, run)
+    assert run_location(after, run) != verified
+    moved = location_change(after, run, verified_location=verified, remote_path=remote_run_path(before, run))
+    assert moved == (verified, run_location(after, run))
+    assert location_change(before, run, verified_location=verified, remote_path="ignored") is None
+
+
+@pytest.mark.parametrize("kind", list(STAYS))
+def test_other_settings_leave_the_location(tmp_path: Path, kind: str) -> None:
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    before, after = _equipment(tmp_path, BASE[kind]), _equipment(tmp_path, {**BASE[kind], **STAYS[kind]})
+    assert run_location(after, run) == run_location(before, run)
+
+
+def test_a_job_verified_before_locations_were_kept_is_judged_by_its_remote_path(tmp_path: Path) -> None:
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    eq = _equipment(tmp_path, BASE["rsync_ssh"])
+    here = remote_run_path(eq, run)
+    assert location_change(eq, run, verified_location=None, remote_path=here) is None
+    assert location_change(eq, run, verified_location=None, remote_path="/srv/old/PROJ/Run_1") == (
+        "/srv/old/PROJ/Run_1",
+        here,
+    )
