@@ -363,11 +363,19 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     )
     ctx.notify_state(job)
     remote = ctx.remotes.access(equipment)
-    if accepted and job.previous_kept_at is None:
+    # What this transfer sends over a NAS copy on purpose is kept first (moved under previous/<stamp>/,
+    # never overwritten): the accepted local changes, once, and every file sent again after a hash
+    # mismatch. Such a mismatch on a file the push skipped (the same size and mtime on both sides)
+    # means one side changed its bytes under its stat, and which one no check can tell: a NAS copy
+    # that rotted, or the only copy of an edit that reached the NAS before the local one rotted.
+    keep = (accepted if job.previous_kept_at is None else ()) + tuple(
+        p for p in job.rewrite_paths if p not in accepted
+    )
+    if keep:
         try:
-            job = await _keep_previous(ctx, job, remote, accepted)
+            job = await _keep_previous(ctx, job, remote, keep)
         except TransportError as exc:
-            retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the verified NAS files: {exc.message}")
+            retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the NAS files: {exc.message}")
             return
     await asyncio.to_thread(_mark_pending, ctx, run, job.remote_path)
     limit = bw_policy.limit_kibps(equipment.transport.bandwidth, ctx.local_now())
@@ -433,7 +441,11 @@ def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
 async def _keep_previous(
     ctx: ClientContext, job: SyncJobRow, remote: RemoteAccess, accepted: tuple[str, ...]
 ) -> SyncJobRow:
-    """Move the verified NAS copies of the accepted files under ``previous/<stamp>/``; recorded once done."""
+    """Move the NAS copies of ``accepted`` (files about to be sent over) under ``previous/<stamp>/``; recorded once done.
+
+    One stamp for the job until it is verified again: a second call keeps what
+    the first did not, and never overwrites a kept copy.
+    """
     stamp = job.previous_stamp or previous_stamp(ctx.clock())
     kept = await remote.keep_previous(Path(job.run_path), accepted, stamp)
     return ctx.require_queue().update(
@@ -441,7 +453,7 @@ async def _keep_previous(
         S.RUNNING,
         now=ctx.clock(),
         event_kind="previous_kept",
-        detail=f"the NAS keeps {len(kept)} verified file(s) under {METADATA_DIR}/previous/{stamp}/"
+        detail=f"the NAS keeps {len(kept)} file(s) under {METADATA_DIR}/previous/{stamp}/"
         + (f": {name_paths(list(kept))}" if kept else ""),
         previous_stamp=stamp,
         previous_kept_at=ctx.clock(),
