@@ -368,9 +368,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # mismatch. Such a mismatch on a file the push skipped (the same size and mtime on both sides)
     # means one side changed its bytes under its stat, and which one no check can tell: a NAS copy
     # that rotted, or the only copy of an edit that reached the NAS before the local one rotted.
-    keep = (accepted if job.previous_kept_at is None else ()) + tuple(
-        p for p in job.rewrite_paths if p not in accepted
-    )
+    keep = (accepted if job.previous_kept_at is None else ()) + tuple(p for p in job.rewrite_paths if p not in accepted)
     if keep:
         try:
             job = await _keep_previous(ctx, job, remote, keep)

@@ -43,7 +43,7 @@ from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, UNVERIFIABLE_READ_ERROR
-from exlab_wizard.sync.manifest_format import MANIFEST_NAME, manifest_path
+from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy.bandwidth import rclone_timetable
 from exlab_wizard.sync.transports._process import (
     LocalTree,
@@ -495,8 +495,8 @@ class RcloneTransport(Transport):
         # do. By content (--checksum), a local file damaged with its stat kept (bit rot, invisible
         # to the damage check) would differ from its NAS copy and be sent over the good one; a NAS
         # copy that differs is the verify pass's to find, and is then sent again by ``rewrite``.
-        verified_before = os.path.lexists(manifest_path(run_path)) or f"{METADATA_DIR}/{MANIFEST_NAME}" in remote
-        compare = [] if verified_before else ["--checksum"]
+        manifest = f"{METADATA_DIR}/{MANIFEST_NAME}"  # both listings have it, when there is one
+        compare = [] if manifest in local.files or manifest in remote else ["--checksum"]
         stats = _Stats(progress)
         # --ignore-checksum: no post-copy hash check. The verify pass that follows compares the
         # SHA-256 of every remote file with the local run anyway; rclone's own check would hash
