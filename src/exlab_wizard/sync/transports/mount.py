@@ -656,7 +656,7 @@ class MountTransport(Transport):
         )
         report_total(job.total_sink, sum(s.size for s in sources if s.send))
         self._remove_stale(job, stale)
-        self._make_dirs(job, run, local_dirs)
+        chain = self._make_dirs(job, run, local_dirs)
         fstype = _filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
@@ -677,7 +677,11 @@ class MountTransport(Transport):
         side_by_side(work, job.abort)
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
-        run_parallel(sorted(job.touched), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
+        # Every folder of the run and of the chain above it, not only those this push touched: a
+        # push cut off before this step left its folders and renames unsynced, and the next one,
+        # skipping the files already there, touches none of them (a clean folder's fsync is cheap).
+        folders = job.touched.union(chain)
+        run_parallel(sorted(folders), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
         self._require_mounted()
 
     def _inspect_remote(
@@ -741,8 +745,11 @@ class MountTransport(Transport):
                 raise self._remote_error(exc, path) from exc
             job.touched.add(os.path.dirname(path))
 
-    def _make_dirs(self, job: _Push, run: Path, local_dirs: list[str]) -> None:
-        """Create the remote run folder, its parents and every folder of the run (empty ones too)."""
+    def _make_dirs(self, job: _Push, run: Path, local_dirs: list[str]) -> list[str]:
+        """Create the remote run folder, its parents and every folder of the run (empty ones too); all of them.
+
+        The list starts with ``mount_path``, whose entry for the first folder a fsync of it makes durable.
+        """
         wanted = [self.mount_path]
         for part in remote_relpath(self.equipment, run).parts:
             wanted.append(os.path.join(wanted[-1], part))
@@ -760,6 +767,7 @@ class MountTransport(Transport):
                 raise self._remote_error(exc, path) from exc
             job.touched.add(os.path.dirname(path))
             job.touched.add(path)
+        return wanted
 
     def _transfer(self, job: _Push, folders: OpenFoldersByThread, src: _Source, view: memoryview) -> None:
         """Hash a skipped file, or copy one, make it durable on its own, rename it and read it back.
