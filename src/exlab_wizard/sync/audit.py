@@ -88,6 +88,9 @@ def _note(ctx: ClientContext, job: SyncJobRow, kind: str, detail: str) -> None:
 async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
     """Re-verify the NAS copy against the recorded manifest; add a pass or send it back."""
     queue = ctx.require_queue()
+    job = queue.get(job.id) or job  # the row as the audit begins: its pass counts for this verification only
+    if job.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+        return
     run = Path(job.run_path)
     log = ctx.log(equipment)
     deleted_at = await asyncio.to_thread(local_data_deleted_at, queue, job.id)
@@ -124,6 +127,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         fresh = queue.get(job.id)
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
+        if not _same_verification(fresh, job):
+            return  # verified again meanwhile (a new copy): this pass read the one before
         here = run_location(equipment, run)
         moved = location_change(
             equipment, run, verified_location=fresh.verified_location, remote_path=fresh.remote_path
@@ -135,17 +140,22 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         else:
             passes, times = fresh.verify_passes + 1, tuple(fresh.pass_times) + (now,)
             detail = f"audit pass {passes}: {outcome.checked} files match"
-        queue.update(
-            job.id,
-            fresh.state,
-            now=now,
-            event_kind="verify_pass",
-            detail=detail,
-            verify_passes=passes,
-            last_verify_at=now,
-            pass_times=times,
-            verified_location=here,
-        )
+        try:
+            queue.update(
+                job.id,
+                fresh.state,
+                now=now,
+                # Checked in the same statement: a re-verification since the read above gets no pass.
+                unchanged={"verified_at": job.verified_at, "manifest_digest": job.manifest_digest},
+                event_kind="verify_pass",
+                detail=detail,
+                verify_passes=passes,
+                last_verify_at=now,
+                pass_times=times,
+                verified_location=here,
+            )
+        except IllegalTransition:
+            return  # moved on or verified again between the read and the write: no pass
         log.info(run, "audit_pass", job=job.id, verify_passes=passes)
         return
     bad = tuple(outcome.different) + tuple(outcome.missing)
@@ -192,6 +202,11 @@ def _local_copies_unusable(
     return None
 
 
+def _same_verification(fresh: SyncJobRow, job: SyncJobRow) -> bool:
+    """Is ``fresh`` still the verification ``job`` was when the audit began (same time, same manifest)?"""
+    return fresh.verified_at == job.verified_at and fresh.manifest_digest == job.manifest_digest
+
+
 def _audit_failed(
     ctx: ClientContext,
     job: SyncJobRow,
@@ -217,6 +232,8 @@ def _audit_failed(
         fresh = queue.get(job.id)
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # re-queued or cleaned meanwhile: nothing left to send back
+        if not _same_verification(fresh, job):
+            return  # verified again meanwhile: what this audit read was the copy before
         now = ctx.clock()
         if final:
             decision = None
@@ -232,7 +249,8 @@ def _audit_failed(
         try:
             if decision is None or decision.action != "retry":
                 failed_kind = kind_value if decision is None else decision.error_kind
-                fail(ctx, fresh, fresh.state, failed_kind, reason if decision is None else decision.reason)
+                why = reason if decision is None else decision.reason
+                fail(ctx, fresh, fresh.state, failed_kind, why, nas_copy_bad=True)
                 return
             queue.transition(
                 job.id,

@@ -295,11 +295,19 @@ def fail(
     *,
     attempts: int | None = None,
     mismatch: int | None = None,
+    nas_copy_bad: bool = False,
 ) -> None:
-    """Move the job to FAILED with ``kind`` and ``message``; mark the run's creation.json ``failed``."""
+    """Move the job to FAILED with ``kind`` and ``message``; mark the run's creation.json ``failed``.
+
+    ``nas_copy_bad``: the failure found the NAS copy wrong (an audit), so its
+    verification and passes are cleared: nothing (a restore, say) may bring
+    the job back to VERIFIED without a new transfer and verification.
+    """
     queue = ctx.require_queue()
     kind_value = str(getattr(kind, "value", kind))
     fields: dict[str, Any] = {"error_kind": kind_value, "last_error": message, "next_attempt_at": None}
+    if nas_copy_bad:
+        fields.update(verify_passes=0, verified_at=None, pass_times=())
     if attempts is not None:
         fields["attempts"] = attempts
     if mismatch is not None:

@@ -728,17 +728,22 @@ class JobQueue:
         job_id: str,
         expected: SyncJobState,
         sets: dict[str, Any],
+        unchanged: dict[str, Any] | None = None,
     ) -> None:
         columns = ", ".join(f"{name} = ?" for name in sets)
+        same = unchanged or {}
+        guards = "".join(f" AND {name} IS ?" for name in same)
         cursor = conn.execute(
-            f"UPDATE jobs SET {columns} WHERE id = ? AND state = ?",
-            (*(_storable(value) for value in sets.values()), job_id, expected.value),
+            f"UPDATE jobs SET {columns} WHERE id = ? AND state = ?{guards}",
+            (*(_storable(value) for value in sets.values()), job_id, expected.value, *same.values()),
         )
         if cursor.rowcount == 1:
             return
         current = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if current is None:
             raise JobNotFound(job_id)
+        if current["state"] == expected.value:
+            raise IllegalTransition(f"stale: job {job_id} changed its {', '.join(same)} meanwhile")
         raise IllegalTransition(f"stale: job {job_id} is in state {current['state']}, not {expected.value}")
 
     # ---------------------------------------------------------------- writes
@@ -808,22 +813,26 @@ class JobQueue:
         now: dt.datetime,
         event_kind: str | None = None,
         detail: str = "",
+        unchanged: dict[str, Any] | None = None,
         **fields: Any,
     ) -> SyncJobRow:
         """Change job fields without a state change, guarded by ``expected_state``.
 
         Sets ``updated_at``; when ``event_kind`` is given, records that event
-        (no from/to state) in the same transaction. Raises like
-        :meth:`transition`; ``ValueError`` for ``event_kind="transition"``
-        (state changes go through :meth:`transition`).
+        (no from/to state) in the same transaction. ``unchanged``: fields
+        (of :data:`JOB_FIELDS`) that must still hold these values, checked in
+        the same statement (an audit pass counts only for the verification it
+        read). Raises like :meth:`transition`; ``ValueError`` for
+        ``event_kind="transition"`` (state changes go through :meth:`transition`).
         """
         expected = SyncJobState(expected_state)
         if event_kind == TRANSITION_EVENT:
             raise ValueError("a transition event needs a state change: use transition()")
         sets = _encode_all(fields)
+        same = _encode_all(dict(unchanged or {}))
         stamp = _ts(now)
         with self.transaction() as conn:
-            self._guarded_update(conn, job_id, expected, {**sets, "updated_at": stamp})
+            self._guarded_update(conn, job_id, expected, {**sets, "updated_at": stamp}, same)
             if event_kind is not None:
                 self._insert_event(conn, job_id, stamp, str(event_kind), None, None, detail)
             return self._fetch(conn, job_id)
