@@ -9,7 +9,8 @@ the verification finds NAS B against local C and sends C again. Which side
 rotted, no check can tell, and the NAS's B was the only copy of the edit: the
 engine now moves every NAS copy it is about to send over after a mismatch
 under ``.exlab-wizard/previous/<stamp>/`` first, as it does for accepted local
-changes.
+changes; and, since a later review, every file changed since the verification
+before the first re-transfer already.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import make_transport
 from tests.helpers import Clock, flip_byte_keep_stat
-from tests.lab import EQ, Lab, events, ready, running
+from tests.lab import EQ, Lab, events, ready, running, synced
 from tests.lab import cleanup_config as config
 
 S = SyncJobState
@@ -55,8 +56,28 @@ async def test_an_edit_that_reached_the_nas_survives_its_local_copy_rotting(lab:
     assert (nas / X).read_bytes() == edit or edit in _previous(nas).values(), (
         f"the NAS's copy of the edit is gone; job {job.state.value}: {job.last_error}"
     )
-    # What happened is on the record: the mismatch, and the NAS copy kept before the file was sent again.
-    assert any("hash mismatch" in e.detail for e in job.events), [e.detail for e in job.events]
+    # What happened is on the record: the NAS copy kept before the file was sent again (X changed
+    # since the verification, so it is kept before the first re-transfer, before any mismatch).
     kept = [e.detail for e in events(job, "previous_kept")]
     assert kept and X in kept[-1], [e.detail for e in job.events]
     assert rotten != edit
+
+
+async def test_a_file_sent_again_after_an_audit_mismatch_has_its_nas_copy_kept_first(lab: Lab) -> None:
+    clock = Clock()
+    cfg = config(lab, enabled=False)
+    run = lab.make_run(files=FILES)
+    nas = lab.nas_copy(run)
+    async with running(cfg, clock) as client:
+        await synced(client, run)
+        flip_byte_keep_stat(nas / X, 7)  # the NAS copy differs now; which side is right, no check can tell
+        differing = (nas / X).read_bytes()
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+    assert job.state == S.VERIFIED, job.last_error
+    assert (nas / X).read_bytes() == FILES[X]
+    assert differing in _previous(nas).values()
+    kept = [e.detail for e in events(job, "previous_kept")]
+    assert kept and X in kept[-1], [e.detail for e in job.events]

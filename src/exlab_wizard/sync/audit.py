@@ -29,12 +29,14 @@ from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
-from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, scan_run
+from exlab_wizard.sync.recovery import check_local, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import location_change, run_location
 from exlab_wizard.sync.verifier import compare
+from exlab_wizard.sync.verifier import scan_run as list_run
 
 __all__ = ["audit_job", "audit_loop", "audit_pass"]
 
@@ -74,6 +76,26 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 await audit_job(ctx, job, equipment)
             except IllegalTransition as exc:  # another process moved the job: its move stands
                 logger.warning("audit of job %s: %s", job.id, exc)
+    for job in queue.iter_jobs(S.CLEANED):
+        late = await asyncio.to_thread(_data_after_cleanup, Path(job.run_path))
+        if late:
+            _note(
+                ctx,
+                job,
+                "late_data",
+                f"{len(late)} data file(s) written into the run folder after its cleanup are not on the NAS: "
+                f"{name_paths(late)}; a cleaned run is not sent again: move them into a new run folder",
+            )
+
+
+def _data_after_cleanup(run: Path) -> list[str]:
+    """Data files (outside ``.exlab-wizard/``) in a cleaned run's folder, sorted; [] when it has none or is gone."""
+    if not run.is_dir() or run.is_symlink():
+        return []
+    try:
+        return sorted(entry.rel for entry in list_run(run) if not entry.is_dir)
+    except OSError:
+        return []
 
 
 def _note(ctx: ClientContext, job: SyncJobRow, kind: str, detail: str) -> None:
@@ -106,10 +128,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     if not await ctx.remotes.reachable(job):
         _note(ctx, job, "audit_skipped", "remote unreachable")
         return
-    recorded = await asyncio.to_thread(read_manifest, run)
+    recorded = await asyncio.to_thread(_verified_record, queue, job, run)
     if recorded is None:
-        recorded = {}
-    if recorded and job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
         # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
         _note(ctx, job, "audit_skipped", "recorded manifest changed since verification")
         return
@@ -157,6 +177,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         except IllegalTransition:
             return  # moved on or verified again between the read and the write: no pass
         log.info(run, "audit_pass", job=job.id, verify_passes=passes)
+        await send_back_if_changed(ctx, job, run)
         return
     bad = tuple(outcome.different) + tuple(outcome.missing)
     reason = (
@@ -200,6 +221,66 @@ def _local_copies_unusable(
             f"no local copy to send again: {name_paths(list(scan.check.missing))}"
         )
     return None
+
+
+def _verified_record(queue: JobQueue, job: SyncJobRow, run: Path) -> dict[str, str] | None:
+    """What the NAS copy is checked against: the verified manifest; ``{}`` when the run has none at all.
+
+    The run's ``checksums.sha256`` when it has the job's digest, else the
+    per-file hashes the queue recorded at verification (a lost or edited
+    local file does not make a verified NAS copy look unverified). None when
+    the local file was changed and the queue has no stand-in: nothing is
+    concluded then.
+    """
+    if job.manifest_digest:
+        verified = verified_manifest(job, queue)
+        if verified is not None:
+            return verified
+    local = read_manifest(run) or {}
+    if local and job.manifest_digest and manifest_digest(local) != job.manifest_digest:
+        return None
+    return local
+
+
+async def send_back_if_changed(ctx: ClientContext, job: SyncJobRow, run: Path) -> None:
+    """Files added to the run or edited since its verification send the job back to QUEUED (cleanup on or off).
+
+    Otherwise data an instrument writes after VERIFIED would only ever be
+    found by the reaper, which never looks while cleanup is off. The NAS
+    copies of edited files are kept under ``previous/`` by the transfer.
+    """
+    queue = ctx.require_queue()
+    check = await asyncio.to_thread(check_local, queue, job)
+    if check is None or check.refusal is not None or not (check.added or check.changed):
+        return
+    paths = sorted({*check.added, *check.changed})
+    reason = f"the run changed since verification: {len(paths)} file(s) added or edited ({name_paths(paths)})"
+    fresh = queue.get(job.id)
+    if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or not _same_verification(fresh, job):
+        return
+    try:
+        fresh = queue.transition(
+            job.id,
+            fresh.state,
+            S.QUEUED,
+            now=ctx.clock(),
+            detail=f"{reason}; sent again",
+            attempts=0,
+            mismatch_count=0,
+            next_attempt_at=None,
+            error_kind=None,
+            last_error=None,
+            verify_passes=0,
+            verified_at=None,
+            pass_times=(),
+        )
+    except IllegalTransition:
+        return  # another actor moved it first
+    equipment = ctx.equipment(job)
+    if equipment is not None:
+        ctx.log(equipment).warning(run, "run_changed", job=job.id, files=len(paths))
+    ctx.notify_state(fresh)
+    ctx.kick()
 
 
 def _same_verification(fresh: SyncJobRow, job: SyncJobRow) -> bool:

@@ -43,7 +43,7 @@ from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import record_verified_stat
-from exlab_wizard.sync.recovery import LOCAL_DAMAGE, damage_message, find_damage, previous_stamp
+from exlab_wizard.sync.recovery import LOCAL_DAMAGE, check_local, damage_message, previous_stamp
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
@@ -350,7 +350,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         )
         return
     # No damaged local byte is ever sent over a verified NAS copy, whatever brought the job here.
-    damaged = await asyncio.to_thread(find_damage, queue, job)
+    check = await asyncio.to_thread(check_local, queue, job)
+    damaged = () if check is None else tuple(check.damaged)
     accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))
     if len(accepted) < len(damaged):
         fail(
@@ -376,7 +377,10 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # mismatch. Such a mismatch on a file the push skipped (the same size and mtime on both sides)
     # means one side changed its bytes under its stat, and which one no check can tell: a NAS copy
     # that rotted, or the only copy of an edit that reached the NAS before the local one rotted.
-    keep = (accepted if job.previous_kept_at is None else ()) + tuple(p for p in job.rewrite_paths if p not in accepted)
+    # And every file changed since the verification: an edit, or a new run under a reused name,
+    # which no check can tell apart; the verified NAS copy is never replaced without being kept.
+    again = dict.fromkeys((*job.rewrite_paths, *(() if check is None else check.changed)))
+    keep = (accepted if job.previous_kept_at is None else ()) + tuple(p for p in again if p not in accepted)
     if keep:
         try:
             job = await _keep_previous(ctx, job, remote, keep)
