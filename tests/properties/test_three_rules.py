@@ -502,6 +502,9 @@ class ThreeRules(RuleBasedStateMachine):
             and self._intact_locally(m)
             and getattr(self._job(m), "state", None) in (S.VERIFIED, S.CLEANUP_ELIGIBLE)
             and all(self._nas_safe(m, rel) for rel in m.truth)
+            # (a run folder deleted and written again by hand lost its checksums.sha256: the reaper
+            # refuses it, "no recorded manifest", until it is verified again)
+            and (m.path / META / "checksums.sha256").is_file()
         ]
         self._run(self.client.cleanup_once())
         self._settle()
@@ -668,6 +671,34 @@ class ThreeRules(RuleBasedStateMachine):
         (model.path / rel).write_bytes(content)
         model.truth[rel] = content
 
+    @precondition(lambda self: bool(self._verified_runs()))
+    @rule(data=st.data(), content=CONTENT)
+    def reuse_run_name(self, data: st.DataObject, content: bytes) -> None:
+        """The lab deletes a verified run by hand and a new acquisition reuses its folder and file names.
+
+        The new run has new bytes under every old name and no ``checksums.sha256``
+        yet. Its data are the truth now; the old run's verified NAS bytes are
+        protected by rule 2 (kept in place or under ``previous/``).
+        """
+        model = self._pick_run(data, self._verified_runs())
+        shutil.rmtree(model.path)
+        (model.path / META).mkdir(parents=True)
+        for i, rel in enumerate(sorted(model.truth)):
+            new = content + bytes([i]) + b"reused"
+            (model.path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (model.path / rel).write_bytes(new)
+            model.truth[rel] = new
+            model.accepted.pop(rel, None)
+            model.touched.add(rel)
+
+    def _verified_runs(self) -> list[RunModel]:
+        jobs = self._jobs() if self.client is not None else {}
+        return [
+            m
+            for m in self.runs
+            if m.path.is_dir() and getattr(jobs.get(str(m.path)), "state", None) in (S.VERIFIED, S.CLEANUP_ELIGIBLE)
+        ]
+
     @precondition(lambda self: not self.nas.unplugged)
     @rule(how=st.sampled_from(["down", "volume"]))
     def unplug_nas(self, how: str) -> None:
@@ -818,9 +849,12 @@ class ThreeRules(RuleBasedStateMachine):
                     f"rule 2: {where} {rel}: the verified NAS copy was replaced by bytes that are neither "
                     f"the verified ones nor the run's intended content{sent}"
                 )
-            elif rel in model.accepted and not self._kept_previous(model, rel, model.accepted[rel]):
+            elif not self._kept_previous(model, rel, good):
+                # An edit, accept-local, or a new run under a reused folder name: no check tells them
+                # apart, so whatever replaces a verified NAS copy, that copy is kept first.
+                how = "accept-local" if rel in model.accepted else "the run's new bytes"
                 out.append(
-                    f"rule 2: {where} {rel}: accept-local replaced the verified NAS copy without keeping it "
+                    f"rule 2: {where} {rel}: {how} replaced the verified NAS copy without keeping it "
                     f"under {META}/previous/<UTC timestamp>/"
                 )
         return out
@@ -931,5 +965,31 @@ def test_an_edit_between_the_hashing_and_the_record_with_the_clock_ahead_is_neve
             step()
             machine.the_three_rules_hold()
         assert machine.edit_armed is False, "the edit was never made: the history tests nothing"
+    finally:
+        machine.teardown()
+
+
+def test_a_reused_run_name_right_after_a_rewrite_keeps_the_verified_copy(tmp_path: Path) -> None:
+    """A fixed history the machine found: the NAS copy truncated, the reaper's rewrite (which keeps the
+    truncated copy under ``previous/<stamp>/``), then the run's name reused within the same second.
+
+    The second round of kept copies took the same stamp, found its file already there, took it as kept
+    by a retry of its own round, and the push wrote the new run over the verified copy: rule 2.
+    """
+    machine = _machine(MountNas, tmp_path)()
+    try:
+        machine.first_run_synced(retain_cache=False, files={"image_001.tif": b"\x00"}, pending=None)
+        run = machine.runs[0]
+        steps: list[Callable[[], None]] = [
+            lambda: machine.nas_truncate_file(_Pick("image_001.tif")),
+            machine.cleanup,
+            lambda: machine.reuse_run_name(_Pick(run.path.name), b"\x00"),
+            lambda: machine.enqueue(_Pick(run.path.name)),
+        ]
+        for step in steps:
+            step()
+            machine.the_three_rules_hold()
+        stamps = sorted(p.name for p in (machine._nas_dir(run) / META / "previous").iterdir())
+        assert len(stamps) == 2, stamps  # the truncated copy, and the verified one of the old run
     finally:
         machine.teardown()

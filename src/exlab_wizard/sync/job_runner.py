@@ -43,7 +43,13 @@ from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import record_verified_stat
-from exlab_wizard.sync.recovery import LOCAL_DAMAGE, check_local, damage_message, previous_stamp
+from exlab_wizard.sync.recovery import (
+    LOCAL_DAMAGE,
+    PREVIOUS_KEPT_EVENT,
+    check_local,
+    damage_message,
+    new_previous_stamp,
+)
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
@@ -456,13 +462,13 @@ async def _keep_previous(
     One stamp for the job until it is verified again: a second call keeps what
     the first did not, and never overwrites a kept copy.
     """
-    stamp = job.previous_stamp or previous_stamp(ctx.clock())
+    stamp = job.previous_stamp or new_previous_stamp(ctx.require_queue(), job, ctx.clock())
     kept = await remote.keep_previous(Path(job.run_path), accepted, stamp)
     return ctx.require_queue().update(
         job.id,
         S.RUNNING,
         now=ctx.clock(),
-        event_kind="previous_kept",
+        event_kind=PREVIOUS_KEPT_EVENT,
         detail=f"the NAS keeps {len(kept)} file(s) under {METADATA_DIR}/previous/{stamp}/"
         + (f": {name_paths(list(kept))}" if kept else ""),
         previous_stamp=stamp,

@@ -55,6 +55,7 @@ from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport
 
 __all__ = [
     "LOCAL_DAMAGE",
+    "PREVIOUS_KEPT_EVENT",
     "LocalDamageError",
     "RestoreError",
     "RestoreResult",
@@ -62,6 +63,7 @@ __all__ = [
     "damage_message",
     "damage_ways_out",
     "find_damage",
+    "new_previous_stamp",
     "previous_stamp",
     "rearm",
     "refuse_local_damage",
@@ -143,9 +145,27 @@ def damage_ways_out(job_id: str, run_path: str) -> str:
     )
 
 
+#: the event a transfer records once it has kept NAS copies under ``previous/<stamp>/``
+PREVIOUS_KEPT_EVENT = "previous_kept"
+
+
 def previous_stamp(now: dt.datetime) -> str:
     """The ``previous/<stamp>/`` folder name for an accept-local decided at ``now`` (UTC)."""
     return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime) -> str:
+    """A ``previous/<stamp>/`` for a new round of kept NAS copies: ``now``, or later than every stamp the job used.
+
+    A round never shares its folder with an earlier one: a keep finding its
+    file already under the stamp takes it as kept by its own round (a retry)
+    and leaves the NAS file in place, so two rounds within one second would
+    let the second one's verified copy be overwritten. Every stamp was chosen
+    at or before its round's first ``previous_kept`` event, so one second past
+    the last such event is past them all.
+    """
+    kept = [event.at for event in queue.events(job.id) if event.kind == PREVIOUS_KEPT_EVENT]
+    return previous_stamp(max([now, *(at + dt.timedelta(seconds=1) for at in kept)]))
 
 
 def verified_manifest(job: SyncJobRow, queue: JobQueue | None = None) -> dict[str, str] | None:
@@ -368,7 +388,7 @@ async def rearm(ctx: ClientContext, job_id: str, *, accept_local: bool = False) 
     fields: dict[str, Any] = {}
     detail = "retry requested"
     if damaged and accept_local and not already:
-        stamp = previous_stamp(now)
+        stamp = new_previous_stamp(queue, job, now)
         fields = {"accept_local_paths": damaged, "previous_stamp": stamp, "previous_kept_at": None}
         detail = (
             f"retry --accept-local: the local bytes of {len(damaged)} damaged file(s) are the new truth: "
