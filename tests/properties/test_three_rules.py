@@ -14,7 +14,9 @@ again), audit, cleanup, delete the run's NAS folder, delete/truncate/flip one
 NAS file, flip a local byte keeping size and mtime (damage; also half way
 through the client's record of a verification's file stats), edit a local file
 (new bytes, new mtime; also between a verification's hashing and its record,
-with the client's clock ahead of the file times after an audit), retry a FAILED job, restart the client, unplug and
+with the client's clock ahead of the file times after an audit), add a file,
+delete a verified run by hand and reuse its folder and file names for a new
+acquisition, retry a FAILED job, restart the client, unplug and
 plug the NAS, and, where the client has them, ``retry(accept_local=True)``
 and ``restore``.
 
@@ -27,8 +29,8 @@ the NAS bytes last seen under a verified manifest. After every step (and after
     byte-identical and listed with that hash in a verified manifest (the NAS
     or the local ``.exlab-wizard/checksums.sha256`` whose digest is the job's);
 (b) rule 2: a NAS file seen verified is unchanged, or replaced by the run's
-    current intended bytes (an edit re-synced); bytes accepted through
-    ``--accept-local`` must leave the replaced version under
+    current intended bytes (an edit re-synced, accept-local, a reused run
+    name) with the replaced verified version left under
     ``<remote run>/.exlab-wizard/previous/<UTC timestamp>/``. The test's own
     NAS damage steps are the only other way a verified NAS file may change;
 (c) rule 3: while the NAS is away, no local file is deleted, no job reaches
