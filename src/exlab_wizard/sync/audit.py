@@ -30,7 +30,7 @@ from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
-from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, scan_run
+from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, planned_paths, scan_run
 from exlab_wizard.sync.recovery import check_local, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
@@ -38,7 +38,7 @@ from exlab_wizard.sync.transports.base import location_change, run_location
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as list_run
 
-__all__ = ["audit_job", "audit_loop", "audit_pass"]
+__all__ = ["audit_job", "audit_loop", "audit_pass", "send_back_if_changed"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 await audit_job(ctx, job, equipment)
             except IllegalTransition as exc:  # another process moved the job: its move stands
                 logger.warning("audit of job %s: %s", job.id, exc)
+    now = ctx.clock()
+    last = ctx.late_data_checked_at
+    if not force and last is not None and now - last < interval:
+        return
+    ctx.late_data_checked_at = now
     for job in queue.iter_jobs(S.CLEANED):
         late = await asyncio.to_thread(_data_after_cleanup, Path(job.run_path))
         if late:
@@ -250,6 +255,8 @@ async def send_back_if_changed(ctx: ClientContext, job: SyncJobRow, run: Path) -
     copies of edited files are kept under ``previous/`` by the transfer.
     """
     queue = ctx.require_queue()
+    if await asyncio.to_thread(planned_paths, queue, job.id):
+        return  # the reaper has planned (or done) the deletion: the run is its to finish, not to send again
     check = await asyncio.to_thread(check_local, queue, job)
     if check is None or check.refusal is not None or not (check.added or check.changed):
         return
@@ -331,7 +338,8 @@ def _audit_failed(
             if decision is None or decision.action != "retry":
                 failed_kind = kind_value if decision is None else decision.error_kind
                 why = reason if decision is None else decision.reason
-                fail(ctx, fresh, fresh.state, failed_kind, why, nas_copy_bad=True)
+                bad = final or failed_kind == TransportErrorKind.HASH_MISMATCH.value
+                fail(ctx, fresh, fresh.state, failed_kind, why, nas_copy_bad=bad)
                 return
             queue.transition(
                 job.id,

@@ -87,6 +87,8 @@ class ClientContext:
         self.inflight_jobs: dict[str, str] = {}  # equipment id -> the id of the job its task works on
         self.pushing: set[asyncio.Task[Any]] = set()  # tasks inside a metadata push: close() lets them end
         self.wake: asyncio.Event | None = None
+        #: when the audit last looked for data written into CLEANED run folders (once an audit interval)
+        self.late_data_checked_at: dt.datetime | None = None
 
     def local_now(self) -> dt.datetime:
         """:attr:`clock` in this workstation's local time: what the bandwidth schedule reads.

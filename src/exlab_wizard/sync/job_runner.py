@@ -385,11 +385,14 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # that rotted, or the only copy of an edit that reached the NAS before the local one rotted.
     # And every file changed since the verification: an edit, or a new run under a reused name,
     # which no check can tell apart; the verified NAS copy is never replaced without being kept.
+    # Verified before with no verified manifest left to say what changed (the local checksums.sha256
+    # gone and the queue's record lost): every data file the NAS holds is kept.
     again = dict.fromkeys((*job.rewrite_paths, *(() if check is None else check.changed)))
     keep = (accepted if job.previous_kept_at is None else ()) + tuple(p for p in again if p not in accepted)
-    if keep:
+    everything = check is None and bool(job.manifest_digest)
+    if keep or everything:
         try:
-            job = await _keep_previous(ctx, job, remote, keep)
+            job = await _keep_on_nas(ctx, job, remote, keep, everything=everything)
         except TransportError as exc:
             retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the NAS files: {exc.message}")
             return
@@ -452,6 +455,21 @@ def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
     for rel in [rel for rel in hashes if not is_data_path(rel)]:
         del hashes[rel]
     return hashes
+
+
+async def _keep_on_nas(
+    ctx: ClientContext, job: SyncJobRow, remote: RemoteAccess, paths: tuple[str, ...], *, everything: bool
+) -> SyncJobRow:
+    """Keep, of ``paths`` (or ``everything``: every data file there), the files the NAS holds now.
+
+    A file the NAS does not hold cannot be overwritten: it is not asked for,
+    so a host that refuses commands still takes a file an operator moved
+    aside by hand (docs/recovery.md), and nothing is asked when nothing is there.
+    """
+    on_nas = await ctx.remotes.listing(job)
+    wanted = sorted(rel for rel in on_nas if is_data_path(rel)) if everything else paths
+    held = tuple(rel for rel in wanted if rel in on_nas)
+    return await _keep_previous(ctx, job, remote, held) if held else job
 
 
 async def _keep_previous(
