@@ -28,6 +28,9 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
+import exlab_wizard.sync.job_runner as job_runner
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
 from tests.lab import FILES, Lab, running, synced, write_files
@@ -51,13 +54,26 @@ def _nas_bytes(root: Path) -> set[bytes]:
     return out
 
 
-async def test_reused_run_name_does_not_overwrite_the_old_runs_verified_nas_copy(lab: Lab) -> None:
+@pytest.mark.parametrize("record", ["recorded", "not_recorded"])
+async def test_reused_run_name_does_not_overwrite_the_old_runs_verified_nas_copy(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, record: str
+) -> None:
+    """``not_recorded``: the queue's record of the verified hashes was never written (a kill right
+    after VERIFIED, or the handled error path), so no verified manifest is left anywhere once the
+    local run is gone: the transfer keeps every data file of the NAS copy (found by a second review)."""
+    if record == "not_recorded":
+
+        def broken(*_a: object, **_k: object) -> None:
+            raise OSError(28, "No space left on device")  # "verified file stats not recorded"
+
+        monkeypatch.setattr(job_runner, "record_verified_stat", broken)
     clock = Clock()
     cfg = lab.config(audit_interval_s=6 * 3600, scan_interval_s=3600)
     assert not cfg.nas_cleanup.enabled  # the default
     run = lab.make_run("Run_A", files=FILES)
     async with running(cfg, clock) as client:
         job = await synced(client, run)
+        monkeypatch.undo()
         nas = lab.nas_copy(run)
         old = {hashlib.sha256(data).digest() for data in FILES.values()}
         assert old <= _nas_bytes(nas)
