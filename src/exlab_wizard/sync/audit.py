@@ -30,7 +30,7 @@ from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
-from exlab_wizard.sync.reaper import load_verified_stats, local_data_deleted_at, planned_paths, scan_run
+from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, local_data_deleted_at, scan_run
 from exlab_wizard.sync.recovery import check_local, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
@@ -133,11 +133,12 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     if not await ctx.remotes.reachable(job):
         _note(ctx, job, "audit_skipped", "remote unreachable")
         return
-    recorded = await asyncio.to_thread(_verified_record, queue, job, run)
-    if recorded is None:
+    verified = await asyncio.to_thread(_verified_record, queue, job, run)
+    if verified is None:
         # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
         _note(ctx, job, "audit_skipped", "recorded manifest changed since verification")
         return
+    recorded = data_only(verified)
     try:
         remote = await ctx.remotes.access(equipment).manifest(run)
     except TransportError as exc:
@@ -146,7 +147,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
             return
         _audit_failed(ctx, job, exc.kind, f"audit: {exc.message}")
         return
-    outcome = compare(data_only(recorded), remote)
+    outcome = compare(recorded, remote)
     now = ctx.clock()
     if outcome.ok and recorded:
         fresh = queue.get(job.id)
@@ -182,7 +183,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         except IllegalTransition:
             return  # moved on or verified again between the read and the write: no pass
         log.info(run, "audit_pass", job=job.id, verify_passes=passes)
-        await send_back_if_changed(ctx, job, run)
+        await send_back_if_changed(ctx, job, run, recorded)
         return
     bad = tuple(outcome.different) + tuple(outcome.missing)
     reason = (
@@ -247,24 +248,28 @@ def _verified_record(queue: JobQueue, job: SyncJobRow, run: Path) -> dict[str, s
     return local
 
 
-async def send_back_if_changed(ctx: ClientContext, job: SyncJobRow, run: Path) -> None:
+async def send_back_if_changed(
+    ctx: ClientContext, job: SyncJobRow, run: Path, manifest: Mapping[str, str] | None = None
+) -> SyncJobRow | None:
     """Files added to the run or edited since its verification send the job back to QUEUED (cleanup on or off).
 
     Otherwise data an instrument writes after VERIFIED would only ever be
     found by the reaper, which never looks while cleanup is off. The NAS
     copies of edited files are kept under ``previous/`` by the transfer.
+    ``manifest``: the verified manifest, when the caller has read it. The
+    job as sent back, or None when it was left as it is.
     """
     queue = ctx.require_queue()
-    if await asyncio.to_thread(planned_paths, queue, job.id):
-        return  # the reaper has planned (or done) the deletion: the run is its to finish, not to send again
-    check = await asyncio.to_thread(check_local, queue, job)
+    if await asyncio.to_thread(cleanup_planned, queue, job.id):
+        return None  # the reaper has planned (or done) the deletion: the run is its to finish, not to send again
+    check = await asyncio.to_thread(check_local, queue, job, manifest)
     if check is None or check.refusal is not None or not (check.added or check.changed):
-        return
+        return None
     paths = sorted({*check.added, *check.changed})
     reason = f"the run changed since verification: {len(paths)} file(s) added or edited ({name_paths(paths)})"
     fresh = queue.get(job.id)
     if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or not _same_verification(fresh, job):
-        return
+        return None
     try:
         fresh = queue.transition(
             job.id,
@@ -282,12 +287,13 @@ async def send_back_if_changed(ctx: ClientContext, job: SyncJobRow, run: Path) -
             pass_times=(),
         )
     except IllegalTransition:
-        return  # another actor moved it first
+        return None  # another actor moved it first
     equipment = ctx.equipment(job)
     if equipment is not None:
         ctx.log(equipment).warning(run, "run_changed", job=job.id, files=len(paths))
     ctx.notify_state(fresh)
     ctx.kick()
+    return fresh
 
 
 def _same_verification(fresh: SyncJobRow, job: SyncJobRow) -> bool:

@@ -286,8 +286,7 @@ class NASSyncClient:
             )
         elif not created and job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             # Asked again for a verified run: files added or edited since are sent (the audit finds them too).
-            await audit.send_back_if_changed(ctx, job, run)
-            job = queue.get(job.id) or job
+            job = await audit.send_back_if_changed(ctx, job, run) or job
         if created:
             ctx.log(equipment).info(run, "enqueued", job=job.id)
         ctx.notify({"type": "state", "job_id": job.id, "run_path": str(run), "state": job.state.value})

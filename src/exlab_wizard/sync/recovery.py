@@ -214,9 +214,13 @@ def _verified_since(queue: JobQueue, job: SyncJobRow) -> dt.datetime | None:
     return None
 
 
-def check_local(queue: JobQueue, job: SyncJobRow) -> LocalCheck | None:
-    """The reaper's local check of a run with a verified manifest; None without one. Blocking I/O."""
-    manifest = verified_manifest(job, queue)
+def check_local(queue: JobQueue, job: SyncJobRow, manifest: Mapping[str, str] | None = None) -> LocalCheck | None:
+    """The reaper's local check of a run with a verified manifest; None without one. Blocking I/O.
+
+    ``manifest``: the verified manifest when the caller has it already (data files only).
+    """
+    if manifest is None:
+        manifest = verified_manifest(job, queue)
     if not manifest:
         return None
     scan = scan_run(job.run_path, manifest, load_verified_stats(queue, job.id), verified_at=_verified_since(queue, job))

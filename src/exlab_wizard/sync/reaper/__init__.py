@@ -75,6 +75,7 @@ from exlab_wizard.sync.reaper.passes import Reaper
 from exlab_wizard.sync.reaper.store import (
     PlannedFile,
     VerifiedStat,
+    cleanup_planned,
     ensure_cleanup_schema,
     local_data_deleted_at,
     planned_paths,
@@ -87,6 +88,7 @@ __all__ = [
     "Reaper",
     "ReaperOutcome",
     "VerifiedStat",
+    "cleanup_planned",
     "ensure_cleanup_schema",
     "load_verified_stats",
     "local_data_deleted_at",

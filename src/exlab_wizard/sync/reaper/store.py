@@ -333,6 +333,12 @@ def local_data_deleted_at(queue: JobQueue, job_id: str) -> dt.datetime | None:
     return CleanupStore(queue).data_deleted_at(job_id)
 
 
+def cleanup_planned(queue: JobQueue, job_id: str) -> bool:
+    """Has the reaper a deletion plan for the job (planned, under way or done)? One row read, not the plan."""
+    with queue.snapshot() as conn:
+        return conn.execute("SELECT 1 FROM cleanup_progress WHERE job_id = ?", (job_id,)).fetchone() is not None
+
+
 def planned_paths(queue: JobQueue, job_id: str) -> frozenset[str]:
     """The data files the job's cleanup plan deletes (or deleted); empty without a plan.
 
