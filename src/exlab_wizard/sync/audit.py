@@ -14,6 +14,7 @@ finishing) is skipped with an event, recorded once while it lasts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -76,6 +77,12 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 await audit_job(ctx, job, equipment)
             except IllegalTransition as exc:  # another process moved the job: its move stands
                 logger.warning("audit of job %s: %s", job.id, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one job's trouble never keeps the others from their passes
+                logger.exception("audit of job %s failed", job.id)
+                with contextlib.suppress(Exception):
+                    _note(ctx, job, "audit_skipped", f"audit error: {type(exc).__name__}: {exc}"[:2000])
     now = ctx.clock()
     last = ctx.late_data_checked_at
     if not force and last is not None and now - last < interval:
@@ -120,6 +127,13 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         return
     run = Path(job.run_path)
     log = ctx.log(equipment)
+    try:
+        run_location(equipment, run)
+    except ValueError:
+        # local_root changed in the config (the data moved to another disk): the NAS place of
+        # this run cannot be named any more, so nothing is read or counted for it.
+        _note(ctx, job, "audit_skipped", f"the run is no longer under equipment {equipment.id}'s local root")
+        return
     deleted_at = await asyncio.to_thread(local_data_deleted_at, queue, job.id)
     if deleted_at is not None:
         # The reaper has deleted the local data and is finishing (the final metadata push):
