@@ -12,6 +12,11 @@ The decision, for the findings of ``validator.audit_run(run_path)``:
   judgement lives in :mod:`exlab_wizard.validator.prior_sync`). An override
   the prior sync made unnecessary is not counted as relied on;
 - every other hard finding blocks. Soft findings never block.
+- a run folder inside another run folder, or holding one (a ``.exlab-wizard/``
+  folder below its top, or above it), blocks as ``nested_run``, and no
+  override lets it through: the NAS copy of the one would lie inside the
+  NAS copy of the other, each sending its files over the other's verified
+  copy (docs/engine.md).
 
 When the run is blocked :func:`check_run` sets ``sync_status:
 blocked_by_validation`` (also on a run that was ``synced``: what is on the
@@ -25,17 +30,23 @@ that is eligible keeps its ``sync_status`` (the sync client sets
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from exlab_wizard.cache import CacheError, CreationJson, CreationWriter
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.validator.findings import Finding, sort_findings
 from exlab_wizard.validator.overrides import active_override_for
 
-__all__ = ["BLOCKED_STATUS", "GateResult", "check_run", "evaluate_run"]
+__all__ = ["BLOCKED_STATUS", "NESTED_RUN", "GateResult", "check_run", "evaluate_run", "nested_runs"]
+
+#: The rule of a run folder inside another, or holding one; never overridable.
+NESTED_RUN = "nested_run"
 
 BLOCKED_STATUS = "blocked_by_validation"
 _log = logging.getLogger(__name__)
@@ -101,6 +112,7 @@ def evaluate_run(
         if override is not None and not prior:
             relied.add(str(override["id"]))
         out.append(replace(finding, override_active=override is not None, synced_under_prior_policy=prior))
+    out.extend(nested_runs(run))
     out = sort_findings(out)
     blocking = [finding for finding in out if finding.blocks]
     return GateResult(
@@ -108,6 +120,64 @@ def evaluate_run(
         findings=out,
         blocking=blocking,
         overrides_relied_on=sorted(relied),
+    )
+
+
+def nested_runs(run: str) -> list[Finding]:
+    """``nested_run`` findings: every run folder above ``run``, and every folder inside it holding ``.exlab-wizard/``.
+
+    Above the run, equipment and project folders may hold ``.exlab-wizard/``
+    too: a folder there is a run when its creation.json says ``level: run``
+    or it holds a verified manifest. Inside a run, any is one too many.
+    """
+    found = []
+    above = os.path.dirname(run)
+    while above and above != os.path.dirname(above):
+        if _is_run_folder(above) and _is_a_run(above):
+            found.append(_nested(run, above, f"the run folder lies inside the run folder {above}"))
+        above = os.path.dirname(above)
+    stack = [run]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                subfolders = [e.path for e in entries if e.is_dir(follow_symlinks=False) and e.name != METADATA_DIR]
+        except OSError:
+            continue  # gone or unreadable: the validator and the push report it
+        for path in subfolders:
+            if _is_run_folder(path):
+                found.append(_nested(run, path, f"the run folder holds another run folder, {path}"))
+            stack.append(path)
+    return found
+
+
+def _is_a_run(path: str) -> bool:
+    meta = os.path.join(path, METADATA_DIR)
+    if os.path.lexists(os.path.join(meta, "checksums.sha256")):
+        return True
+    try:
+        with open(os.path.join(meta, "creation.json"), "rb") as handle:
+            return json.loads(handle.read(1 << 20)).get("level") == "run"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_run_folder(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(os.path.join(path, METADATA_DIR)).st_mode)
+    except OSError:
+        return False
+
+
+def _nested(run: str, other: str, why: str) -> Finding:
+    return Finding(
+        rule=NESTED_RUN,
+        tier="hard",
+        run_path=run,
+        offending_path=other,
+        offending_kind="directory_segment",
+        matched_token=METADATA_DIR,
+        rule_detail=f"{why}: their NAS copies would lie one inside the other; move one of them out",
     )
 
 
