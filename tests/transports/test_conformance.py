@@ -353,6 +353,81 @@ async def test_someone_elses_files_are_remote_conflict_and_untouched(remote, loc
     assert snapshot(remote.run_on_disk) == before  # nothing written, removed or touched
 
 
+def _manifest_of(files: dict[str, bytes]) -> bytes:
+    return "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in sorted(files.items())).encode()
+
+
+async def test_another_runs_verified_copy_is_remote_conflict_and_untouched(remote, local_root):
+    """Two runs on one NAS folder (a share folding case, two PCs set up alike): the first push never overwrites."""
+    eq = remote.equipment(local_root)
+    ours = {"frame_001.tif": b"our frame", "sub/stack.raw": b"our stack"}  # an instrument's fixed names
+    run = make_run(eq.local_root, ours, symlink=False)
+    theirs = {"frame_001.tif": b"their frame", "sub/stack.raw": b"their stack"}
+    put_on_disk(remote, {**theirs, ".exlab-wizard/checksums.sha256": _manifest_of(theirs)})
+    before = snapshot(remote.run_on_disk)
+
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_CONFLICT, caught.value.message
+    assert "verified copy of another run" in caught.value.message
+    assert snapshot(remote.run_on_disk) == before  # nothing written, removed or touched
+
+
+async def test_a_verified_copy_of_this_run_is_no_conflict(remote, local_root):
+    """The run's own verified copy: the local run carries the same manifest (moved to a new disk, queue lost)."""
+    eq = remote.equipment(local_root)
+    files = {"frame_001.tif": b"frame", "sub/stack.raw": b"stack"}
+    manifest = {".exlab-wizard/checksums.sha256": _manifest_of(files)}
+    run = make_run(eq.local_root, {**files, **manifest}, symlink=False)
+    put_on_disk(remote, {"frame_001.tif": b"half", **manifest})  # an earlier push of it, cut short
+    result = await remote.transport(eq).push(run, bwlimit_kibps=None)
+    assert result.ok
+    assert tree(remote.run_on_disk) == {**files, **manifest}
+
+
+async def test_an_older_manifest_of_this_run_is_no_conflict_and_anothers_still_is(remote, local_root):
+    """A run verified before sends its edits over its own copy, whose manifest there is an older one of its own."""
+    eq = remote.equipment(local_root)
+    files = {"frame_001.tif": b"frame, edited", "sub/stack.raw": b"stack"}
+    run = make_run(eq.local_root, {**files, ".exlab-wizard/checksums.sha256": _manifest_of(files)}, symlink=False)
+    older = {"frame_001.tif": b"frame", "sub/stack.raw": b"stack"}
+    put_on_disk(remote, {**older, ".exlab-wizard/checksums.sha256": _manifest_of(older)})
+    before = snapshot(remote.run_on_disk)
+    older_digest = hashlib.sha256(_manifest_of(older)).hexdigest()
+
+    with pytest.raises(TransportError) as caught:  # not one of the manifests named as this run's
+        await remote.transport(eq).push(run, bwlimit_kibps=None, own_manifests=["0" * 64])
+    assert caught.value.kind == K.REMOTE_CONFLICT
+    assert snapshot(remote.run_on_disk) == before
+
+    result = await remote.transport(eq).push(
+        run, bwlimit_kibps=None, rewrite=frozenset({"frame_001.tif"}), own_manifests=[older_digest[:12]]
+    )
+    assert result.ok
+    assert tree(remote.run_on_disk)["frame_001.tif"] == b"frame, edited"
+
+
+async def test_a_push_given_a_stamp_keeps_every_file_it_replaces(remote, local_root):
+    """A run verified before: what the push itself finds changed and writes over is first kept under previous/."""
+    eq = remote.equipment(local_root)
+    old = {"a.bin": b"verified a", "sub/b.bin": b"verified b", "same.bin": b"unchanged"}
+    run = make_run(eq.local_root, old, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    new = {"a.bin": b"edited a, longer now", "sub/b.bin": b"VERIFIED B"}  # b: same size, other bytes
+    for rel, data in new.items():
+        (run / rel).write_bytes(data)
+        os.utime(run / rel, (1_900_000_000, 1_900_000_000))
+    stamp = "20261206T010203Z"
+
+    result = await transport.push(run, bwlimit_kibps=None, own_manifests=["0" * 64], previous_stamp=stamp)
+    assert result.ok
+    on_disk = tree(remote.run_on_disk)
+    assert {rel: on_disk[rel] for rel in old} == {**old, **new}
+    kept = {rel: data for rel, data in on_disk.items() if rel.startswith(".exlab-wizard/previous/")}
+    assert kept == {f".exlab-wizard/previous/{stamp}/{rel}": old[rel] for rel in new}
+
+
 async def test_own_leftovers_are_no_conflict_and_are_removed(remote, local_root):
     eq = remote.equipment(local_root)
     files = {"a.bin": os.urandom(2000), "new\nline": b"n", "sub dir/b.txt": b"b", "L" * 150: b"long name"}

@@ -846,3 +846,24 @@ def test_a_metadata_only_push_keeps_no_read_back(lab: Lab) -> None:
     result = asyncio.run(lab.transport.push_metadata(lab.run))
     assert result.ok and result.files_sent >= 1
     assert lab.transport._read_backs == {}
+
+
+@pytest.mark.parametrize(
+    "name", ["a" + "é" * 110, "é" * 127, "日本語" * 30, "x" * 255], ids=["odd", "even", "cjk", "ascii"]
+)
+def test_a_temp_name_never_cuts_a_character_in_half(name: str) -> None:
+    """A long non-ASCII name the share accepts: its temp name is whole UTF-8 too (exFAT and SMB refuse half a character)."""
+    from exlab_wizard.sync.transports.mount import _temp_name
+
+    temp = os.fsencode(_temp_name(name))
+    assert len(temp) <= 255
+    assert temp.decode("utf-8").startswith("." + name[:10])
+    assert is_temp_name(os.fsdecode(temp))
+
+
+def test_a_temp_name_of_a_name_that_is_not_utf8_keeps_its_bytes() -> None:
+    from exlab_wizard.sync.transports.mount import _temp_name
+
+    name = os.fsdecode(b"frame\xff" * 60)
+    temp = os.fsencode(_temp_name(name))
+    assert temp.startswith(b".frame\xff") and len(temp) <= 255

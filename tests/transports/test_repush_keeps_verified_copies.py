@@ -11,6 +11,7 @@ bytes; the next audit finds the local damage instead.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -46,7 +47,8 @@ async def _repush_after_local_damage(transport, run, remote_run, *, manifest_her
         manifest_path(run).unlink()  # the NAS copy of it alone says the run was verified
     _damage_keeping_size_and_mtime(run / "a.bin")
     (run / "added.txt").write_bytes(b"a new file: the run goes around again\n")
-    await transport.push(run, bwlimit_kibps=None)
+    # As the job runner calls it for a job verified with that manifest:
+    await transport.push(run, bwlimit_kibps=None, own_manifests=[hashlib.sha256(b"verified\n").hexdigest()])
     assert (remote_run / "added.txt").exists()  # the push did run
     return good, (remote_run / "a.bin").read_bytes()
 

@@ -317,6 +317,36 @@ async def test_own_leftovers_are_not_a_conflict_and_are_removed(tmp_path, sshd, 
     assert not leftovers(remote_dir)
 
 
+async def test_a_sibling_differing_only_in_case_is_never_taken_for_a_missing_run_folder(
+    tmp_path, sshd, remote_dir, monkeypatch
+):
+    """On a NAS that folds case (SMB, exFAT) ``Run_a`` opens ``Run_A``: such a sibling makes the push list the run's path.
+
+    The parent's listing alone would say "missing" (rsync matches names exactly) and the push would write in
+    place into the other run's folder. Here the NAS is case-sensitive: the listing finds nothing, the run
+    lands in its own folder and the sibling is untouched.
+    """
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    sibling = (remote_dir / RUN_REL).with_name(RUN_REL.name.swapcase())
+    sibling.mkdir(parents=True)
+    (sibling / "a.txt").write_bytes(b"another run's")
+    subprocess.run(["chown", "-R", f"{RW_USER}:{RW_USER}", str(remote_dir)], check=True)
+    transport = RsyncSshTransport(eq)
+    listed: list[str] = []
+    real = transport._list_remote
+
+    async def spy(run_path, remote_path, **kwargs):
+        listed.append(str(remote_path).rstrip("/"))
+        return await real(run_path, remote_path, **kwargs)
+
+    monkeypatch.setattr(transport, "_list_remote", spy)
+    await transport.push(run, bwlimit_kibps=None)
+    assert str(remote_dir / RUN_REL) in listed  # asked as the NAS resolves it, not assumed missing
+    assert tree(remote_dir / RUN_REL) == {"a.txt": b"a"}
+    assert tree(sibling) == {"a.txt": b"another run's"}
+
+
 # ------------------------------------------------ manifests and reachability
 
 

@@ -28,6 +28,8 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import re
+import time
 from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,12 @@ from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unver
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
-from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
     PREVIOUS_KEPT_EVENT,
+    PREVIOUS_RESERVED_EVENT,
     check_local,
     damage_message,
     new_previous_stamp,
@@ -54,6 +57,7 @@ from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import run_location
+from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 
@@ -376,6 +380,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         detail=f"transfer attempt {job.attempts + 1}",
         overrides_relied_on=tuple(result.overrides_relied_on),
     )
+    # By the monotonic clock: a wall clock stepped back since would date the hashing too late (see _promote).
+    hashing_began = time.monotonic()
     ctx.notify_state(job)
     remote = ctx.remotes.access(equipment)
     # What this transfer sends over a NAS copy on purpose is kept first (moved under previous/<stamp>/,
@@ -390,12 +396,20 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     again = dict.fromkeys((*job.rewrite_paths, *(() if check is None else check.changed)))
     keep = (accepted if job.previous_kept_at is None else ()) + tuple(p for p in again if p not in accepted)
     everything = check is None and bool(job.manifest_digest)
+    # The manifests this run may have left on the NAS: a NAS folder holding another one is another
+    # run's verified copy (two runs reaching one folder), never written to, nor moved aside.
+    own = await asyncio.to_thread(_own_manifests, queue, job)
     if keep or everything:
         try:
-            job = await _keep_on_nas(ctx, job, remote, keep, everything=everything)
+            job = await _keep_on_nas(ctx, job, remote, keep, everything=everything, own=own)
         except TransportError as exc:
             retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the NAS files: {exc.message}")
             return
+    # Verified before: the push itself keeps whatever NAS file it replaces, whatever changed locally
+    # since the check above, in a folder of its own for each attempt (rsync's --backup-dir would
+    # replace a file kept there by an earlier attempt). Reserved durably, with the event a later
+    # round's stamp is chosen past, before anything could be moved there.
+    push_stamp = _reserve_push_stamp(ctx, job) if own else None
     await asyncio.to_thread(_mark_pending, ctx, run, job.remote_path)
     limit = bw_policy.limit_kibps(equipment.transport.bandwidth, ctx.local_now())
     log.info(run, "transfer_start", job=job.id, attempt=job.attempts + 1, bwlimit_kibps=limit or 0)
@@ -411,7 +425,14 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         local_task = asyncio.create_task(ctx.verifier.hash_local(run))
     try:
         rewrite = frozenset(job.rewrite_paths) | frozenset(accepted)
-        outcome = await remote.push_run(run, bwlimit_kibps=limit, rewrite=rewrite, progress=on_bytes)
+        outcome = await remote.push_run(
+            run,
+            bwlimit_kibps=limit,
+            rewrite=rewrite,
+            progress=on_bytes,
+            own_manifests=own,
+            previous_stamp=push_stamp,
+        )
         local_hashes = _data_hashes(outcome.local_hashes) if hashes_in_pass else None
         # The push's own hashes are not kept beside the data-only ones through the verification.
         outcome = dataclasses.replace(outcome, local_hashes=None)
@@ -442,7 +463,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         detail=f"sent {outcome.files_sent} files, {outcome.bytes_sent} bytes",
     )
     ctx.notify_state(job)
-    await verify_job(ctx, job, equipment, local_hashes=_data_hashes(local_hashes))
+    await verify_job(ctx, job, equipment, local_hashes=_data_hashes(local_hashes), hashing_began=hashing_began)
 
 
 def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -458,15 +479,25 @@ def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
 
 
 async def _keep_on_nas(
-    ctx: ClientContext, job: SyncJobRow, remote: RemoteAccess, paths: tuple[str, ...], *, everything: bool
+    ctx: ClientContext,
+    job: SyncJobRow,
+    remote: RemoteAccess,
+    paths: tuple[str, ...],
+    *,
+    everything: bool,
+    own: tuple[str, ...],
 ) -> SyncJobRow:
     """Keep, of ``paths`` (or ``everything``: every data file there), the files the NAS holds now.
 
     A file the NAS does not hold cannot be overwritten: it is not asked for,
     so a host that refuses commands still takes a file an operator moved
     aside by hand (docs/recovery.md), and nothing is asked when nothing is there.
+    A NAS folder whose verified manifest is not one of ``own`` (nor the local
+    one) is another run's: ``REMOTE_CONFLICT``, nothing moved.
     """
     on_nas = await ctx.remotes.listing(job)
+    if NAS_MANIFEST in on_nas:
+        await check_owner(Path(job.run_path), job.remote_path, remote.fetch, own)
     wanted = sorted(rel for rel in on_nas if is_data_path(rel)) if everything else paths
     held = tuple(rel for rel in wanted if rel in on_nas)
     return await _keep_previous(ctx, job, remote, held) if held else job
@@ -492,6 +523,34 @@ async def _keep_previous(
         previous_stamp=stamp,
         previous_kept_at=ctx.clock(),
     )
+
+
+def _reserve_push_stamp(ctx: ClientContext, job: SyncJobRow) -> str:
+    """A new ``previous/<stamp>/`` for the NAS files this attempt's push replaces, recorded as an event."""
+    queue = ctx.require_queue()
+    stamp = new_previous_stamp(queue, job, ctx.clock())
+    queue.record_event(
+        job.id,
+        PREVIOUS_RESERVED_EVENT,
+        f"the push keeps every NAS file it replaces under {METADATA_DIR}/previous/{stamp}/",
+        now=ctx.clock(),
+    )
+    return stamp
+
+
+#: The manifest digest a VERIFIED transition's detail names (its first 12 hex digits).
+_VERIFIED_DETAIL = re.compile(r"\bmanifest ([0-9a-f]{12})\b")
+
+
+def _own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
+    """The manifests ``job`` was verified with: the last whole, the earlier ones by their events' 12 hex digits."""
+    own = [job.manifest_digest] if job.manifest_digest else []
+    for event in queue.events(job.id):
+        if event.kind == TRANSITION_EVENT and event.to_state == S.VERIFIED.value:
+            found = _VERIFIED_DETAIL.search(event.detail or "")
+            if found:
+                own.append(found.group(1))
+    return tuple(dict.fromkeys(own))
 
 
 def _run_size(run_path: Path) -> int:
@@ -561,13 +620,22 @@ def _vanished_message(paths: list[str]) -> str:
 
 
 async def verify_job(
-    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, *, local_hashes: dict[str, str] | None
+    ctx: ClientContext,
+    job: SyncJobRow,
+    equipment: EquipmentConfig,
+    *,
+    local_hashes: dict[str, str] | None,
+    hashing_began: float | None = None,
 ) -> None:
-    """AWAITING_VERIFY -> VERIFIED, or back through the retry policy."""
+    """AWAITING_VERIFY -> VERIFIED, or back through the retry policy.
+
+    ``hashing_began``: ``time.monotonic()`` when the hashing of ``local_hashes`` began.
+    """
     run = Path(job.run_path)
     manifest_task: asyncio.Future[RemoteManifest] | None = None
     try:
-        if local_hashes is None:
+        if local_hashes is None or hashing_began is None:
+            hashing_began = time.monotonic()
             local_hashes = metadata_push.data_only(await ctx.verifier.hash_local(run))
         ctx.progress_cb(job, "verify", 0)
         # The remote manifest is asked for while the local files are checked for;
@@ -590,7 +658,7 @@ async def verify_job(
         return
     checked = _judge(ctx, job, equipment, local_hashes, remote)
     if checked is not None:
-        await _promote(ctx, job, equipment, local_hashes, checked=checked)
+        await _promote(ctx, job, equipment, local_hashes, checked=checked, hashing_began=hashing_began)
 
 
 def _judge(
@@ -640,7 +708,13 @@ def _judge(
 
 
 async def _promote(
-    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, local_hashes: dict[str, str], *, checked: int
+    ctx: ClientContext,
+    job: SyncJobRow,
+    equipment: EquipmentConfig,
+    local_hashes: dict[str, str],
+    *,
+    checked: int,
+    hashing_began: float,
 ) -> None:
     """AWAITING_VERIFY -> VERIFIED with the new manifest; then the verified stats and the metadata push it owes."""
     queue = ctx.require_queue()
@@ -680,7 +754,12 @@ async def _promote(
     # What the reaper will check the local files against, before it deletes any. Lost
     # in a crash (or an error) right here, the reaper re-hashes every file instead: safe, only slower.
     try:
-        await asyncio.to_thread(record_verified_stat, queue, job.id, run, local_hashes, now)
+        # How long ago the hashing began, by the monotonic clock: a file changed since then may
+        # not hold the hashed bytes, whatever a stepped wall clock would make of its times.
+        hashing_for_s = time.monotonic() - hashing_began
+        await asyncio.to_thread(
+            record_verified_stat, queue, job.id, run, local_hashes, now, hashing_for_s=hashing_for_s
+        )
     except Exception as exc:
         logger.exception("job %s: verified stats not recorded", job.id)
         queue.record_event(

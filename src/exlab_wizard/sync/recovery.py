@@ -56,6 +56,7 @@ from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport
 __all__ = [
     "LOCAL_DAMAGE",
     "PREVIOUS_KEPT_EVENT",
+    "PREVIOUS_RESERVED_EVENT",
     "LocalDamageError",
     "RestoreError",
     "RestoreResult",
@@ -147,6 +148,8 @@ def damage_ways_out(job_id: str, run_path: str) -> str:
 
 #: the event a transfer records once it has kept NAS copies under ``previous/<stamp>/``
 PREVIOUS_KEPT_EVENT = "previous_kept"
+#: A folder ``previous/<stamp>/`` reserved for the NAS files a push replaces (its detail names it).
+PREVIOUS_RESERVED_EVENT = "previous_reserved"
 
 
 def previous_stamp(now: dt.datetime) -> str:
@@ -161,10 +164,11 @@ def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime) -> st
     file already under the stamp takes it as kept by its own round (a retry)
     and leaves the NAS file in place, so two rounds within one second would
     let the second one's verified copy be overwritten. Every stamp was chosen
-    at or before its round's first ``previous_kept`` event, so one second past
+    at or before its round's first ``previous_kept`` event (or the
+    ``previous_reserved`` event of a push's own keeping), so one second past
     the last such event is past them all.
     """
-    kept = [event.at for event in queue.events(job.id) if event.kind == PREVIOUS_KEPT_EVENT]
+    kept = [event.at for event in queue.events(job.id) if event.kind in (PREVIOUS_KEPT_EVENT, PREVIOUS_RESERVED_EVENT)]
     return previous_stamp(max([now, *(at + dt.timedelta(seconds=1) for at in kept)]))
 
 

@@ -113,19 +113,29 @@ class RemoteAccess:
         bwlimit_kibps: int | None,
         rewrite: frozenset[str],
         progress: Callable[[int], None] | None,
+        own_manifests: Collection[str] = (),
+        previous_stamp: str | None = None,
     ) -> TransportResult:
         """Send the run; its :class:`TransportResult` when it succeeded.
 
+        ``own_manifests``: the manifests the job was verified with; ``previous_stamp``: where the
+        push keeps the NAS files it replaces (see ``Transport.push``).
         Raises ``TransportError``: the push's own kind when it reported a
         failure, ``UNKNOWN`` when it returned something other than a result.
         """
         await _drop_killed_manifest_writes(run)
         push = self._push
         if push is not None:
-            extra = optional_kwargs(push, rewrite=rewrite, progress=progress)
+            extra = optional_kwargs(
+                push, rewrite=rewrite, progress=progress, own_manifests=own_manifests, previous_stamp=previous_stamp
+            )
             outcome = await _call(push, run, bwlimit_kibps=bwlimit_kibps, **extra)
         else:
-            outcome = await self.transport.push(run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress)
+            # A transport written before ``own_manifests`` existed makes its own conflict check.
+            own = optional_kwargs(self.transport.push, own_manifests=own_manifests, previous_stamp=previous_stamp)
+            outcome = await self.transport.push(
+                run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress, **own
+            )
         if not isinstance(outcome, TransportResult):
             raise TransportError(
                 TransportErrorKind.UNKNOWN, f"push returned {type(outcome).__name__}, not a TransportResult"
@@ -153,7 +163,8 @@ class RemoteAccess:
             limit = bw_policy.limit_kibps(self.equipment.transport.bandwidth, self._remotes.now())
             transport = self.transport
             if cleaned and not transport.capabilities.metadata_push:
-                outcome = await transport.push(run, bwlimit_kibps=limit, cleaned=cleaned)
+                skip = optional_kwargs(transport.push, own_manifests=None)  # the run was just verified there
+                outcome = await transport.push(run, bwlimit_kibps=limit, cleaned=cleaned, **skip)
             else:
                 outcome = await transport.push_metadata(run, bwlimit_kibps=limit)
         if not getattr(outcome, "ok", False):

@@ -50,7 +50,7 @@ _FATAL_REASONS: dict[FailureKind, str] = {
     K.LOCAL_FILE_VANISHED: "a local file vanished between transfer and verify; not retried",
     K.REMOTE_WRITE_REFUSED: "the NAS refused the write (full or read-only); not retried",
     K.REMOTE_CONFLICT: (
-        "the remote run folder holds files that are not in this run; not retried, never overwriting someone else's data"
+        "the remote run folder holds files that are not this run's; not retried, never overwriting someone else's data"
     ),
     K.LOCAL_DAMAGE: "local file content changed while size and mtime did not; not retried",
 }

@@ -107,16 +107,23 @@ def record_verified_stat(
     now: dt.datetime,
     *,
     hashed_since: dt.datetime | None = None,
+    hashing_for_s: float | None = None,
 ) -> int:
     """Record the size, mtime, ctime and inode of each verified file. Call after every successful verification.
 
     ``hashes`` is the verified local manifest (``{relative path: sha256}``;
     ``.exlab-wizard/`` entries are ignored). ``hashed_since`` is when the
     local hashing began; by default the time the job last entered RUNNING
-    (the earliest the hashing can have begun). A file modified within
+    (the earliest the hashing can have begun). ``hashing_for_s``: how long
+    ago the hashing began by the monotonic clock; the bound is then never
+    later than ``now`` minus that, so a wall clock stepped back since the
+    job entered RUNNING (NTP correcting a clock that ran ahead) cannot date
+    a later edit before the hashing. A file modified within
     :data:`RACE_SLACK_NS` of that time, or later, may not hold the hashed
     bytes: its stat is recorded as not trusted, and the reaper re-hashes it
-    before it deletes anything.
+    before it deletes anything. So is a file below a folder (the run's
+    included) whose ctime is that late: renamed or moved into place since,
+    it may hold another run's files of the same names.
 
     A row whose recorded SHA-256 is unchanged and trusted is kept as it is:
     the first stat recorded for that content stands, so a call made without
@@ -130,6 +137,9 @@ def record_verified_stat(
     run = Path(run_path)
     data = _data_paths(hashes)
     since = hashed_since if hashed_since is not None else _hashing_started(queue, job_id)
+    if hashing_for_s is not None:
+        began = now - dt.timedelta(seconds=max(0.0, hashing_for_s))
+        since = began if since is None else min(since, began)
     since_ns = None if since is None else _ns(since) - RACE_SLACK_NS
     if since_ns is not None:
         # The files are stamped by their filesystem's clock. Where this client's clock runs ahead
@@ -140,6 +150,23 @@ def record_verified_stat(
             since_ns -= max(0, _ns(now) - file_now)
 
     base = os.fspath(run) + "/"
+    #: folder (relative, "" = the run) -> it and every folder above it, up to the run's, unchanged
+    #: since the hashing began. A folder renamed or moved into place since (another run's folder
+    #: swapped in under this name, a subfolder replaced) has a new ctime: the files below it are
+    #: not the ones hashed, whatever their own times say.
+    folders: dict[str, bool] = {}
+
+    def folder_kept(folder: str) -> bool:
+        known = folders.get(folder)
+        if known is None:
+            above = True if not folder else folder_kept(folder.rpartition("/")[0])
+            try:
+                st = os.lstat(base + folder if folder else run)
+                known = above and stat.S_ISDIR(st.st_mode) and since_ns is not None and st.st_ctime_ns < since_ns
+            except OSError:
+                known = False
+            folders[folder] = known
+        return known
 
     def stats() -> Iterator[tuple[str, StatRow]]:
         # One file's row at a time, straight into the store: 200,000 rows held at once cost ~60 MB.
@@ -150,7 +177,13 @@ def record_verified_stat(
             except OSError:
                 continue
             regular = stat.S_ISREG(st.st_mode)
-            trusted = regular and since_ns is not None and st.st_mtime_ns < since_ns and st.st_ctime_ns < since_ns
+            trusted = (
+                regular
+                and since_ns is not None
+                and st.st_mtime_ns < since_ns
+                and st.st_ctime_ns < since_ns
+                and folder_kept(rel.rpartition("/")[0])
+            )
             yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted)
 
     return CleanupStore(queue).record_verified(job_id, data, stats(), now)

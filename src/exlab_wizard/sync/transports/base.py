@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import inspect
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -264,6 +265,8 @@ class Transport(abc.ABC):
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
         cleaned: frozenset[str] = frozenset(),
+        own_manifests: Collection[str] | None = (),
+        previous_stamp: str | None = None,
     ) -> TransportResult:
         """Copy the whole run folder (data and ``.exlab-wizard/``) to its remote folder.
 
@@ -280,6 +283,18 @@ class Transport(abc.ABC):
         copies the cleanup reaper deleted after they were verified on the
         remote: there they are this run's own files, not a conflict, and they
         are left as they are (the final metadata push after a cleanup).
+        A remote run folder holding a verified manifest
+        (``.exlab-wizard/checksums.sha256``) that is neither the local run's own
+        nor one of ``own_manifests`` (SHA-256 hex digests, or their first 12
+        digits, of the manifests this run was verified with) raises
+        ``REMOTE_CONFLICT`` too: it is the verified copy of another run (see
+        :mod:`~exlab_wizard.sync.transports.conflict`). ``own_manifests=None``
+        skips that check (the metadata refresh right after a verification).
+        ``previous_stamp`` (a run verified before): every file of the remote
+        run folder the push replaces is first moved to
+        ``.exlab-wizard/previous/<stamp>/<path>``, decided from what the push
+        itself finds, never from a check made earlier; a file that cannot be
+        kept so is not written over.
         """
 
     async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
@@ -311,7 +326,9 @@ class Transport(abc.ABC):
         already there; transports that can send the one folder override it
         and set ``capabilities.metadata_push``.
         """
-        return await self.push(run_path, bwlimit_kibps=bwlimit_kibps)
+        # After a verification: the remote manifest, if any, is this run's (an older one of its own).
+        skip = {"own_manifests": None} if "own_manifests" in inspect.signature(self.push).parameters else {}
+        return await self.push(run_path, bwlimit_kibps=bwlimit_kibps, **skip)
 
     @abc.abstractmethod
     async def remote_manifest(self, run_path: Path) -> RemoteManifest:

@@ -11,18 +11,46 @@ Remote entries the run does not have that are *not* a conflict: the transport's
 own leftovers (removed by the push), files inside the run's ``.exlab-wizard/``
 (metadata pushed earlier: ours), and files named in ``cleaned`` (this run's
 verified files whose local copies the reaper deleted).
+
+One entry of ``.exlab-wizard/`` is not taken on trust: the verified manifest
+(:data:`NAS_MANIFEST`). A remote run folder that holds one holds the verified
+copy of *some* run, and a run never verified before is not it unless its own
+``checksums.sha256`` is that very file (:func:`foreign_copy_error`). Two runs
+reach one NAS folder through a share that folds letter case (``Run_A`` and
+``Run_a`` on SMB, exFAT, macOS) or two instrument PCs configured alike; the
+files of the second have the names of the first, and without this check its
+push would overwrite the first run's only verified copy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
-from collections.abc import Callable, Collection, Mapping
+import tempfile
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
-from exlab_wizard.fileio import is_metadata_path
+from exlab_wizard.fileio import METADATA_DIR, hash_file, is_metadata_path
+from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 
-__all__ = ["DIR", "FILE", "OTHER", "RemoteExtras", "conflict_error", "sort_remote"]
+__all__ = [
+    "DIR",
+    "FILE",
+    "NAS_MANIFEST",
+    "OTHER",
+    "RemoteExtras",
+    "conflict_error",
+    "check_owner",
+    "foreign_copy_error",
+    "local_manifest_digest",
+    "sort_remote",
+]
+
+#: The run's verified manifest, relative to the run folder: on the NAS, the mark of a verified copy.
+NAS_MANIFEST = f"{METADATA_DIR}/{MANIFEST_NAME}"
 
 #: Kinds of remote entries: a regular file, a folder, anything else (a symlink, a device).
 FILE, DIR, OTHER = "f", "d", "o"
@@ -97,3 +125,64 @@ def conflict_error(remote_run: str, foreign: Collection[str]) -> TransportError:
         f"remote run folder {remote_run} already holds {len(names)} entries that are not in this run "
         f"({shown}); nothing was written",
     )
+
+
+def local_manifest_digest(run: os.PathLike[str] | str) -> str | None:
+    """SHA-256 of the run's own ``checksums.sha256``; None when it has none (never followed through a symlink)."""
+    try:
+        return hash_file(os.path.join(run, NAS_MANIFEST))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a symlink, a folder, unreadable: not a manifest this run can vouch for
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM):
+            return None
+        raise
+
+
+def foreign_copy_error(remote_run: str, *, ours: Collection[str], theirs: str | None) -> TransportError | None:
+    """``REMOTE_CONFLICT`` when the remote run folder holds another run's verified copy; else None.
+
+    ``theirs``: SHA-256 of the remote run folder's :data:`NAS_MANIFEST`
+    (None: it has none). ``ours``: the manifests this run may have left
+    there: the SHA-256 of its own local ``checksums.sha256`` and of every
+    manifest it was verified with (the queue keeps the last whole, its
+    events the first 12 hex digits of each). A run whose verified copy is
+    already there (a run folder moved to a new disk, a queue lost) carries
+    that manifest with it.
+    """
+    if theirs is None or any(mine and theirs.startswith(mine) for mine in ours):
+        return None
+    return TransportError(
+        TransportErrorKind.REMOTE_CONFLICT,
+        f"remote run folder {remote_run} holds the verified copy of another run (its {NAS_MANIFEST} is not "
+        f"one of this run's: two runs reach one NAS folder, e.g. names differing only in letter case on a "
+        f"share that folds case, or two instrument PCs configured alike); nothing was written",
+    )
+
+
+async def check_owner(
+    run: Path,
+    remote_run: str,
+    fetch: Callable[[Path, Collection[str], Path], Awaitable[Mapping[str, Path]]],
+    own: Collection[str],
+) -> None:
+    """Raise :func:`foreign_copy_error`'s error for a remote run folder listed with a :data:`NAS_MANIFEST`.
+
+    ``fetch``: the transport's own ``fetch`` (the manifest is read back
+    through it, as the remote stores it); ``own``: as ``ours`` there, beside
+    the local manifest. Call it only when a listing showed the manifest: one
+    that cannot be read now raises ``NETWORK`` (never taken for none).
+    """
+    with tempfile.TemporaryDirectory(prefix="exlab-owner-") as into:
+        fetched = await fetch(run, [NAS_MANIFEST], Path(into))
+        path = fetched.get(NAS_MANIFEST)
+        if path is None:
+            raise TransportError(
+                TransportErrorKind.NETWORK,
+                f"{remote_run}/{NAS_MANIFEST} is listed but could not be read; nothing was written",
+            )
+        theirs = await asyncio.to_thread(hash_file, path)
+    local = await asyncio.to_thread(local_manifest_digest, run)
+    error = foreign_copy_error(remote_run, ours=[*own, *([local] if local else [])], theirs=theirs)
+    if error is not None:
+        raise error

@@ -117,6 +117,7 @@ from exlab_wizard.fileio import (
     fsync_dir,
     hash_fd,
     hash_from_storage,
+    is_data_path,
     open_regular,
     open_regular_beneath,
 )
@@ -145,7 +146,16 @@ from exlab_wizard.sync.transports.base import (
     remote_relpath,
     report_total,
 )
-from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
+from exlab_wizard.sync.transports.conflict import (
+    DIR,
+    FILE,
+    NAS_MANIFEST,
+    OTHER,
+    conflict_error,
+    foreign_copy_error,
+    local_manifest_digest,
+    sort_remote,
+)
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
@@ -252,7 +262,14 @@ _TEMP_COUNTER = itertools.count()
 
 
 def _temp_name(name: str) -> str:
-    raw = os.fsencode(name)[:_NAME_KEEP]
+    whole = os.fsencode(name)
+    raw = whole[:_NAME_KEEP]
+    try:
+        whole.decode("utf-8")
+    except UnicodeDecodeError:
+        pass  # not UTF-8 at all: the share took the name's own bytes, it takes their prefix
+    else:
+        raw = raw.decode("utf-8", "ignore").encode()  # never half a character: exFAT and SMB refuse one
     suffix = f"{_TEMP_SALT}{next(_TEMP_COUNTER) & 0xFFFFFFFF:08x}"
     return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + suffix.encode())
 
@@ -337,6 +354,10 @@ class _Push:
     bytes_sent: int = 0
     #: this process's umask (None: unknown, every temp file gets its mode with fchmod)
     umask: int | None = None
+    #: the manifests the run may have left on the NAS (conflict.foreign_copy_error); None: no check
+    own: Collection[str] | None = None
+    #: a run verified before: every data file the push replaces is first moved under previous/<stamp>/
+    keep_stamp: str | None = None
 
 
 #: (inode, size, mtime ns, ctime ns) of a file as 32 bytes
@@ -465,6 +486,8 @@ class MountTransport(Transport):
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
         cleaned: frozenset[str] = frozenset(),
+        own_manifests: Collection[str] | None = (),
+        previous_stamp: str | None = None,
     ) -> TransportResult:
         """Copy the whole run (data and ``.exlab-wizard/``); see the module notes.
 
@@ -475,7 +498,15 @@ class MountTransport(Transport):
         abort = threading.Event()
         try:
             return await asyncio.to_thread(
-                self._push, Path(run_path), bwlimit_kibps, frozenset(rewrite), progress, abort, frozenset(cleaned)
+                self._push,
+                Path(run_path),
+                bwlimit_kibps,
+                frozenset(rewrite),
+                progress,
+                abort,
+                frozenset(cleaned),
+                own=own_manifests,
+                keep_stamp=previous_stamp,
             )
         except asyncio.CancelledError:
             abort.set()  # the copy threads stop at their next block and remove their temp files
@@ -507,6 +538,9 @@ class MountTransport(Transport):
         abort: threading.Event,
         cleaned: frozenset[str] = frozenset(),
         metadata_only: bool = False,
+        *,
+        own: Collection[str] | None = None,
+        keep_stamp: str | None = None,
     ) -> TransportResult:
         started = time.monotonic()
         self._require_mounted()
@@ -532,6 +566,8 @@ class MountTransport(Transport):
             abort=abort,
             per_file_sync=True,
             total_sink=progress,
+            own=None if metadata_only else own,
+            keep_stamp=None if metadata_only else keep_stamp,
         )
         try:
             self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
@@ -626,10 +662,16 @@ class MountTransport(Transport):
             raise self._local_error(exc, prefix or ".", run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
         remote_stats, stale = self._inspect_remote(
-            job.remote, local_files, set(local_dirs), cleaned, only=METADATA_DIR if metadata_only else ""
+            job.remote,
+            local_files,
+            set(local_dirs),
+            cleaned,
+            only=METADATA_DIR if metadata_only else "",
+            owner=None if job.own is None else (run, job.own),
         )
 
         sources = []
+        replaced: list[str] = []  # data files on the NAS this push writes over
         while local_files:  # each entry freed as its record is made: the two are never whole at once
             rel, (size, mtime_ns) = local_files.popitem()
             theirs = remote_stats.get(rel)  # (size, mtime ns)
@@ -641,7 +683,11 @@ class MountTransport(Transport):
                 or not same_mtime(mtime_ns, theirs[1])
             )
             sources.append(_Source(rel, size, send))
+            if send and theirs is not None and job.keep_stamp is not None and is_data_path(rel):
+                replaced.append(rel)
         del local_files, remote_stats
+        if replaced:
+            self._keep_replaced(job, sorted(replaced, key=os.fsencode))
         self._logged(
             "INFO",
             run,
@@ -692,10 +738,14 @@ class MountTransport(Transport):
         cleaned: frozenset[str] = frozenset(),
         *,
         only: str = "",
+        owner: tuple[Path, Collection[str]] | None = None,
     ) -> tuple[dict[str, tuple[int, int]], list[str]]:
         """(size, mtime ns) of remote files the run also has, and stale temp files; refuse conflicts.
 
         ``only``: list just this subfolder of the remote run folder (relative path).
+        ``owner``: the local run and the manifests it may have left on the NAS: a verified
+        manifest there must be one of them
+        (:func:`~exlab_wizard.sync.transports.conflict.foreign_copy_error`).
         """
         top = os.path.join(remote, only) if only else remote
         try:
@@ -733,7 +783,39 @@ class MountTransport(Transport):
         extras = sort_remote(local_files, local_dirs, listing, cleaned, leftover=_own_temp)
         if extras.foreign:
             raise conflict_error(remote, extras.foreign)
+        if owner is not None and listing.get(NAS_MANIFEST) == FILE:
+            local = local_manifest_digest(owner[0])
+            ours = [*owner[1], *([local] if local else [])]
+            error = foreign_copy_error(remote, ours=ours, theirs=self._remote_digest(remote))
+            if error is not None:
+                raise error
         return stats, [os.path.join(remote, rel) for rel in extras.leftovers]
+
+    def _keep_replaced(self, job: _Push, replaced: list[str]) -> None:
+        """Move the NAS files this push replaces under ``previous/<stamp>/`` before anything is written.
+
+        The push decides what it sends from its own listing, not from a check
+        made earlier: whatever changed locally since (an edit, damage, another
+        folder renamed into place), the verified NAS copy it replaces is kept.
+        A file already kept under the stamp was kept by an earlier attempt of
+        this round (one stamp from one verification to the next): what is in
+        its place now is that attempt's own write, never verified.
+        """
+        assert job.keep_stamp is not None
+        self._keep_previous(job.run, replaced, job.keep_stamp)
+
+    def _remote_digest(self, remote: str) -> str:
+        """SHA-256 of the remote run folder's verified manifest (read past no symlink)."""
+        try:
+            fd, _info = open_regular_beneath(remote, NAS_MANIFEST)
+        except OSError as exc:
+            raise self._remote_error(exc, os.path.join(remote, NAS_MANIFEST)) from exc
+        try:
+            return hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
+        except OSError as exc:
+            raise self._remote_error(exc, os.path.join(remote, NAS_MANIFEST)) from exc
+        finally:
+            os.close(fd)
 
     def _remove_stale(self, job: _Push, stale: list[str]) -> None:
         for path in stale:

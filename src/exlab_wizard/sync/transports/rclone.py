@@ -72,7 +72,14 @@ from exlab_wizard.sync.transports.base import (
     remote_relpath,
 )
 from exlab_wizard.sync.transports.classify import transport_error
-from exlab_wizard.sync.transports.conflict import FILE, RemoteExtras, conflict_error, sort_remote
+from exlab_wizard.sync.transports.conflict import (
+    FILE,
+    NAS_MANIFEST,
+    RemoteExtras,
+    check_owner,
+    conflict_error,
+    sort_remote,
+)
 
 __all__ = [
     "RcloneTransport",
@@ -441,6 +448,8 @@ class RcloneTransport(Transport):
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
         cleaned: frozenset[str] = frozenset(),
+        own_manifests: Collection[str] | None = (),
+        previous_stamp: str | None = None,
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         fs = self._fs(run_path)
@@ -465,9 +474,27 @@ class RcloneTransport(Transport):
             error = conflict_error(fs, extras.foreign)
             self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(extras.foreign))
             raise error
+        if own_manifests is not None and NAS_MANIFEST in remote:
+            try:
+                await check_owner(run_path, fs, self.fetch, own_manifests)
+            except TransportError as error:
+                self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
+                raise
         junk = extras.leftovers
 
         bw = self._bwlimit_args(bwlimit_kibps)
+        # A run verified before: rclone itself moves every file it replaces under previous/<stamp>/
+        # (server-side), deciding from its own look at the files, not from a check made earlier.
+        keep = (
+            []
+            if previous_stamp is None
+            else [
+                "--backup-dir",
+                f"{fs}/{PREVIOUS_DIR}/{check_previous_stamp(previous_stamp)}",
+                "--exclude",
+                f"/{METADATA_DIR}/**",  # previous/ included; the metadata push after the verification sends it
+            ]
+        )
         files_sent = bytes_sent = 0
         for path in sorted(rewrite):
             argv = [
@@ -476,6 +503,7 @@ class RcloneTransport(Transport):
                 "--retries",
                 "1",
                 *bw,
+                *keep,
                 "copyto",
                 "--ignore-times",
                 "--",
@@ -490,13 +518,14 @@ class RcloneTransport(Transport):
             files_sent += 1
             bytes_sent += local.files[path]
 
-        # A run verified before (its checksums.sha256 here or on the NAS) may have verified NAS copies:
+        # A run verified before (so its job says, or its checksums.sha256 here or on the NAS) may have verified NAS copies:
         # files are then compared by size and modification time, as rsync -a and the mount transport
         # do. By content (--checksum), a local file damaged with its stat kept (bit rot, invisible
         # to the damage check) would differ from its NAS copy and be sent over the good one; a NAS
         # copy that differs is the verify pass's to find, and is then sent again by ``rewrite``.
         manifest = f"{METADATA_DIR}/{MANIFEST_NAME}"  # both listings have it, when there is one
-        compare = [] if manifest in local.files or manifest in remote else ["--checksum"]
+        verified_before = bool(own_manifests) or manifest in local.files or manifest in remote
+        compare = [] if verified_before else ["--checksum"]
         stats = _Stats(progress)
         # --ignore-checksum: no post-copy hash check. The verify pass that follows compares the
         # SHA-256 of every remote file with the local run anyway; rclone's own check would hash
@@ -507,6 +536,7 @@ class RcloneTransport(Transport):
             "--retries",
             "1",
             *bw,
+            *keep,
             "copy",
             *compare,
             "--ignore-checksum",

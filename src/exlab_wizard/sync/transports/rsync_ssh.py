@@ -54,6 +54,7 @@ import shlex
 import shutil
 import tempfile
 import threading
+import unicodedata
 from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,7 +96,16 @@ from exlab_wizard.sync.transports.base import (
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
-from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, RemoteExtras, conflict_error, sort_remote
+from exlab_wizard.sync.transports.conflict import (
+    DIR,
+    FILE,
+    NAS_MANIFEST,
+    OTHER,
+    RemoteExtras,
+    check_owner,
+    conflict_error,
+    sort_remote,
+)
 from exlab_wizard.sync.transports.remote_programs import remote_program
 
 __all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
@@ -252,6 +262,11 @@ def _control_path(key: tuple[str, int, str, str]) -> str:
 class _Entry:
     kind: str  # "f" file, "d" folder, "l" symlink, "o" other
     size: int
+
+
+def _folded(name: str) -> str:
+    """``name`` as a NAS that folds letter case and Unicode forms compares it."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _unescape(name: bytes) -> str:
@@ -459,6 +474,8 @@ class RsyncSshTransport(Transport):
         rewrite: frozenset[str] = frozenset(),
         progress: ProgressCallback | None = None,
         cleaned: frozenset[str] = frozenset(),
+        own_manifests: Collection[str] | None = (),
+        previous_stamp: str | None = None,
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         remote_run = self.remote_run_path(run_path)
@@ -481,7 +498,16 @@ class RsyncSshTransport(Transport):
         try:
             listing = await listing_task
             files_sent, bytes_sent = await self._push_listed(
-                run_path, remote_run, local, listing, rewrite_paths, bwlimit_kibps, progress, cleaned
+                run_path,
+                remote_run,
+                local,
+                listing,
+                rewrite_paths,
+                bwlimit_kibps,
+                progress,
+                cleaned,
+                own=own_manifests,
+                keep_stamp=previous_stamp,
             )
             local_hashes = await hashing
         except BaseException:
@@ -505,13 +531,22 @@ class RsyncSshTransport(Transport):
         bwlimit_kibps: int | None,
         progress: ProgressCallback | None,
         cleaned: frozenset[str],
+        *,
+        own: Collection[str] | None = None,
+        keep_stamp: str | None = None,
     ) -> tuple[int, int]:
-        """The push once both listings are in: the conflict check, then rsync; (files, bytes) sent."""
+        """The push once both listings are in: the conflict checks, then rsync; (files, bytes) sent."""
         extras = _sort_extras(local, listing or {}, cleaned)
         if extras.foreign:
             error = conflict_error(remote_run, extras.foreign)
             self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(extras.foreign))
             raise error
+        if own is not None and listing is not None and NAS_MANIFEST in listing and listing[NAS_MANIFEST].kind == "f":
+            try:
+                await check_owner(run_path, remote_run, self.fetch, own)
+            except TransportError as error:
+                self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
+                raise
         junk = extras.leftovers
 
         if self._host_key() not in _HOST_TOOLS:
@@ -523,6 +558,16 @@ class RsyncSshTransport(Transport):
         files_sent = bytes_sent = 0
         kept = ["-a", "--no-links", "--no-D"]
         common = [*kept, "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        if keep_stamp is not None:
+            # A run verified before: rsync itself moves every file it replaces under previous/<stamp>/
+            # (relative to the run folder, whatever the stream), deciding from its own look at the
+            # files, not from a check made earlier. Its .exlab-wizard/ is left to the metadata push
+            # after the verification (it would be kept there too, and it is no data).
+            common += [
+                f"--exclude=/{METADATA_DIR}/",
+                "--backup",
+                f"--backup-dir={PREVIOUS_DIR}/{check_previous_stamp(keep_stamp)}",
+            ]
         if rewrite_paths:
             result = await self._rsync_following_schedule(
                 run_path,
@@ -543,7 +588,14 @@ class RsyncSshTransport(Transport):
         sending = common if listing is not None else [*kept, "--inplace", "--stats"]
         try:
             files, size = await self._send(
-                run_path, sending, remote_run, bwlimit_kibps, local, progress, made=listing is not None
+                run_path,
+                sending,
+                remote_run,
+                bwlimit_kibps,
+                local,
+                progress,
+                made=listing is not None,
+                streams=keep_stamp is None,  # streams would race to make the same backup folders
             )
         except BaseException:
             if watcher is not None:
@@ -607,6 +659,7 @@ class RsyncSshTransport(Transport):
         progress: ProgressCallback | None,
         *,
         made: bool = True,
+        streams: bool = True,
     ) -> tuple[int, int]:
         """The push proper; (files, bytes) sent. ``made``: the run folder is known to exist on the NAS.
 
@@ -623,7 +676,7 @@ class RsyncSshTransport(Transport):
         Should a bandwidth window open meanwhile, each stream gets an equal
         share of its limit. The first stream to fail stops the others.
         """
-        if bwlimit_kibps is None and _wants_streams(local.files):
+        if streams and bwlimit_kibps is None and _wants_streams(local.files):
             units = _split_top_level(run_path, local, PUSH_STREAMS)
             if len(units) >= 2:
                 return await self._send_top_level(run_path, common, remote_run, units, progress, made=made)
@@ -848,36 +901,37 @@ class RsyncSshTransport(Transport):
             raise TransportError(K.NETWORK, f"remote root {root} is missing: the NAS volume may not be mounted")
 
     async def _list_run_folder(self, run_path: Path, remote_run: str) -> tuple[dict[str, _Entry] | None, bool]:
-        """The run folder's entries (None when it is missing), listed through its parent; and was the parent listed.
+        """The run folder's entries (None when it is missing), found through its parent; and was the parent listed.
 
         A listing of a missing folder is an rsync error, and an rsync server
         pauses 0.1 s before it exits with one: every new run would pay it.
-        Listing the parent with filters that name only the run (the entry
-        itself and everything below it) answers "missing" without an error
-        when the parent exists. The run's own entry, of any kind, is listed:
-        a file or symlink in its place on the NAS is a conflict, never a
-        missing folder to make (a symlink would lead the push elsewhere). A
-        name rsync would read as a pattern (``*?[\\``) or holding a line break is
-        listed directly, as before.
+        Listing the parent's own entries (``-d``, not recursive) answers
+        "missing" without an error when the parent exists; a run folder that
+        is there is then listed itself. The run's own entry, of any kind, is
+        looked at: a file or symlink in its place on the NAS is a conflict,
+        never a missing folder to make (a symlink would lead the push
+        elsewhere). A sibling whose name differs from the run's only in letter
+        case or Unicode form is the run's own folder on a NAS that folds
+        names (SMB, exFAT, macOS), another run's: the run's path is then
+        listed as the NAS resolves it, never taken for missing. A name rsync
+        would read as a pattern (``*?[\\``) or holding a line break is listed
+        directly, as before.
         """
         parent, _sep, name = remote_run.rstrip("/").rpartition("/")
         if not parent or not name or _WILDCARD_RE.search(name) or "\n" in name or "\r" in name:
             return await self._list_remote(run_path, remote_run, step="conflict_check"), False
-        filters = [f"--include=/{name}", f"--include=/{name}/**", "--exclude=*"]
-        argv = [*self._rsync_base(), "--list-only", "-r", *filters, self._target(parent)]
-        result = await run_tool(argv, log=self.log, run_path=run_path, step="conflict_check", quiet=True)
-        if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
+        entries = await self._list_remote(run_path, parent, step="conflict_check", recursive=False)
+        if entries is None:
             return None, False  # the parent is missing too
-        if result.returncode != 0:
-            raise _listing_error(result, remote_run)
-        entries = parse_listing(result.stdout)
-        top = entries.pop(name, None)
+        top = entries.get(name)
         if top is None:
-            return None, True
+            folded = _folded(name)
+            if not any(_folded(other) == folded for other in entries):
+                return None, True
+            return await self._list_remote(run_path, remote_run, step="conflict_check"), False
         if top.kind != "d":
             raise conflict_error(remote_run, ["."])
-        prefix = name + "/"
-        return {path[len(prefix) :]: entry for path, entry in entries.items() if path.startswith(prefix)}, True
+        return await self._list_remote(run_path, remote_run, step="conflict_check"), True
 
     async def _list_remote(
         self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True

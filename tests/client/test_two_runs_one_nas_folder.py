@@ -1,0 +1,178 @@
+"""Two runs that reach one NAS folder: the second never overwrites the first's verified copy.
+
+The remote path of a run is the transport's root joined with the run's path
+below ``<local_root>/<id>``: the equipment id is not part of it, so two
+instruments on one share with a project and a run name in common reach one
+NAS folder; so do two runs whose names differ only in letter case on a
+share that folds case (SMB, exFAT, macOS), or two instrument PCs configured
+alike. An instrument writes fixed file names, so the second run's push found
+only names of its own there, took the first run's verified files for an
+earlier attempt of its own, and wrote over them; with cleanup on, the
+reaper then deleted the first run's local files (its last check compares
+sizes). A run never verified now refuses a remote run folder whose
+``.exlab-wizard/checksums.sha256`` is not its own (``remote_conflict``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.config import Config
+from exlab_wizard.sync.states import SyncJobState
+from tests.helpers import Clock
+from tests.lab import EQ, FILES, Lab, cleanup_config, ready, running, synced
+
+S = SyncJobState
+OTHER = "FACS_02"
+#: same names and sizes as FILES, other bytes (another instrument's run)
+FOREIGN = {rel: bytes(255 - b for b in data) for rel, data in FILES.items()}
+
+
+async def test_a_second_instrument_never_overwrites_the_first_ones_verified_copy(tmp_path: Path) -> None:
+    lab = Lab.build(tmp_path, nas_per_equipment=False)  # both equipments on one share
+    clock = Clock()
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    async with running(cleanup_config(lab), clock) as client:
+        await ready(client, clock, run_a)  # verified, 2 passes, 25 h old
+        nas = lab.nas_copy(run_a, EQ)
+
+        run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+        assert lab.nas_copy(run_b, OTHER) == nas  # one NAS folder for both
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+        assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
+        assert "verified copy of another run" in job_b.last_error
+        assert all((nas / rel).read_bytes() == data for rel, data in FILES.items())  # rule 2
+
+        await client.cleanup_once()
+        job_a = await client.job(run_a)
+        assert job_a.state == S.CLEANED  # its copy is the good one: its cleanup goes on
+        assert all((nas / rel).read_bytes() == data for rel, data in FILES.items())  # rule 1: a copy remains
+        assert all((run_b / rel).read_bytes() == data for rel, data in FOREIGN.items())  # B kept locally
+
+
+@pytest.mark.network
+async def test_on_rsync_ssh_too(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two PCs on one NAS folder over rsync_ssh: the second PC's run is refused, the first's copy kept."""
+    from tests.lab import Site
+
+    (tmp_path / "pc1").mkdir()
+    first = Site.on(request, tmp_path / "pc1", "rsync_ssh")
+    pc2 = tmp_path / "pc2"
+    second = Site(pc2, pc2 / "lab", first.nas_root, pc2 / "state", (EQ,), kind="rsync_ssh")
+    second.local_root.mkdir(parents=True)
+    second.transport = dict(first.transport)
+    run_a = first.make_run("Run_1", files=FILES)
+    run_b = second.make_run("Run_1", files=FOREIGN)
+    assert run_a.relative_to(first.local_root) == run_b.relative_to(second.local_root)  # one remote path
+    async with running(first.config(), Clock()) as client:
+        await client.enqueue(run_a)
+        await client.wait_idle(timeout=60)
+        assert (await client.job(run_a)).state == S.VERIFIED
+    async with running(second.config(), Clock()) as client:
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+        assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
+    nas = first.nas_copy(run_a)
+    assert all((nas / rel).read_bytes() == data for rel, data in FILES.items())
+
+
+async def test_a_retry_never_moves_another_runs_verified_files_aside(tmp_path: Path) -> None:
+    """The ownership check comes before the NAS copies of files sent again are kept (moved under previous/).
+
+    B's first push went in before A had a manifest there; A pushed over it and was verified; B's
+    verification found A's bytes, so B is QUEUED with its files to send again. B's retry must not
+    move A's verified files aside before it is refused.
+    """
+    lab = Lab.build(tmp_path, nas_per_equipment=False)  # both equipments on one share
+    clock = Clock()
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+    nas = lab.nas_copy(run_a, EQ)
+    assert lab.nas_copy(run_b, OTHER) == nas
+    async with running(cleanup_config(lab), clock) as client:
+        queue = client._ctx.require_queue()
+        # B: tried once, its verification mismatched (A's bytes), retry scheduled later.
+        remote_b = client._ctx.remotes.transport(client.config.equipment_by_id(OTHER)).remote_run_path(run_b)
+        job_b, _ = queue.get_or_create(str(run_b), OTHER, remote_b, now=clock())
+        queue.update(
+            job_b.id,
+            S.QUEUED,
+            now=clock(),
+            attempts=1,
+            mismatch_count=1,
+            error_kind="hash_mismatch",
+            last_error="hash mismatch: 3 different",
+            rewrite_paths=tuple(sorted(FILES)),
+            next_attempt_at=clock() + dt.timedelta(hours=1),
+        )
+        await synced(client, run_a)  # A verified, its manifest pushed
+        assert (nas / ".exlab-wizard" / "checksums.sha256").is_file()
+        # B's retry comes due.
+        queue.update(job_b.id, S.QUEUED, now=clock(), next_attempt_at=clock())
+        client._ctx.kick()
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+        assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
+        moved = [e.detail for e in job_b.events if e.kind == "previous_kept"]
+        # Rule 2: A's verified copy must be untouched by B.
+        assert all((nas / rel).is_file() and (nas / rel).read_bytes() == data for rel, data in FILES.items()), (
+            f"A's verified NAS files were moved by never-verified job B: {moved}"
+        )
+
+
+def _onto(cfg: Config, equipment_id: str, share: Path) -> Config:
+    equipment = [
+        eq.model_copy(update={"transport": eq.transport.model_copy(update={"mount_path": share})})
+        if eq.id == equipment_id
+        else eq
+        for eq in cfg.equipment
+    ]
+    return cfg.model_copy(update={"equipment": equipment})
+
+
+def _everything_under(folder: Path) -> list[bytes]:
+    return [p.read_bytes() for p in folder.rglob("*") if p.is_file()]
+
+
+async def test_a_run_verified_elsewhere_never_overwrites_another_runs_only_copy(tmp_path: Path) -> None:
+    """A job verified before is no owner of a NAS folder holding another run's manifest.
+
+    FACS_02 is moved in the config onto CONFOCAL_01's share, where CONFOCAL_01's run of the same
+    project and name is verified and cleaned (``retain_cache: false``: the NAS copy is its only
+    one). FACS_02's run, verified on its own share, gets a late file: its push must not write its
+    unchanged files over the other run's copy (nothing would be kept: they did not change).
+    """
+    lab = Lab.build(tmp_path)  # nas/EQ and nas/FACS_02: one share each
+    clock = Clock()
+    cfg = cleanup_config(lab, retain_cache=False)
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+    nas_a = lab.nas_copy(run_a, EQ)
+    async with running(cfg, clock) as client:
+        await ready(client, clock, run_a)
+        await client.cleanup_once()
+        await client.wait_idle(timeout=60)
+        assert (await client.job(run_a)).state == S.CLEANED
+        await synced(client, run_b)  # B verified on its own share
+    assert not any((run_a / rel).exists() for rel in FILES)  # A's only copy is now the NAS one
+    assert all((nas_a / rel).read_bytes() == data for rel, data in FILES.items())
+
+    # The lab brings FACS_02 onto EQ's share; B gets a late file and is enqueued again.
+    moved = _onto(cfg, OTHER, lab.mount_path(EQ))
+    assert lab.mount_path(EQ) / run_b.relative_to(lab.local_root / OTHER) == nas_a
+    (run_b / "late.txt").write_bytes(b"late\n")
+    async with running(moved, clock) as client:
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+    for rel, data in FILES.items():
+        assert data in _everything_under(nas_a), (
+            f"A's only copy of {rel} is gone from the NAS (B's job ended {job_b.state.value}: {job_b.last_error})"
+        )
+    assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
