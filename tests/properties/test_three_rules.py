@@ -96,6 +96,9 @@ from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.states import SyncJobState
 from tests.properties.nas import EQ, MountNas, Nas, RsyncNas
 
+#: The second instrument, on the same NAS as the first.
+TWIN_EQ = "FACS_02"
+
 S = SyncJobState
 META = ".exlab-wizard"
 EXAMPLES_ENV = "EXLAB_PROPERTY_EXAMPLES"
@@ -319,9 +322,9 @@ class ThreeRules(RuleBasedStateMachine):
                     found.add((model.rel, rel))
         return found
 
-    def _new_run(self, files: dict[str, bytes]) -> RunModel:
-        rel = f"PROJ-1/Runs/Run_2026-01-0{len(self.runs) + 1}"
-        run = self.local_root / EQ / rel
+    def _new_run(self, files: dict[str, bytes], *, equipment: str = EQ, rel: str | None = None) -> RunModel:
+        rel = rel or f"PROJ-1/Runs/Run_2026-01-0{len(self.runs) + 1}"
+        run = self.local_root / equipment / rel
         (run / META).mkdir(parents=True)
         (run / META / "creation.json").write_text(
             json.dumps(
@@ -383,21 +386,36 @@ class ThreeRules(RuleBasedStateMachine):
         by_name = {f"{m.path.name}/{rel}": (m, rel) for m, rel in files}
         return by_name[data.draw(st.sampled_from(sorted(by_name)), label="file")]
 
+    def _sharing(self, model: RunModel) -> list[RunModel]:
+        """The runs whose NAS folder is ``model``'s (itself, and a second instrument's run of that name)."""
+        return [m for m in self.runs if m.rel == model.rel]
+
     def _nas_damageable(self) -> list[tuple[RunModel, str]]:
-        """NAS files the test may damage: their intended bytes are intact locally."""
+        """NAS files the test may damage: the intended bytes of every run there are intact locally."""
         return [
             (m, rel)
             for m in self.runs
             for rel in sorted(m.truth)
-            if self._nas(m, rel) is not None and self._local(m, rel) == m.truth[rel]
+            if self._nas(m, rel) is not None
+            and all(self._local(o, rel) == o.truth[rel] for o in self._sharing(m) if rel in o.truth)
         ]
 
     def _nas_run_deletable(self) -> list[RunModel]:
         return [
             m
             for m in self.runs
-            if self._nas_dir(m).exists() and all(self._local(m, rel) == data for rel, data in m.truth.items())
+            if self._nas_dir(m).exists()
+            and all(self._local(o, rel) == data for o in self._sharing(m) for rel, data in o.truth.items())
         ]
+
+    def _forget_nas(self, model: RunModel, rel: str | None, *, rotten: bool = False) -> None:
+        """The test damaged the NAS copy of ``rel`` (None: the whole folder) of every run whose folder it is."""
+        for other in self._sharing(model):
+            for name in list(other.good) if rel is None else [rel]:
+                other.good.pop(name, None)
+                other.rotten.discard(name)
+                if rotten:
+                    other.rotten.add(name)
 
     def _local_damageable(self) -> list[tuple[RunModel, str]]:
         """Local files the test may damage: intact, the NAS holds them under a verified manifest, not edited since.
@@ -433,7 +451,12 @@ class ThreeRules(RuleBasedStateMachine):
         """One run synced; maybe a second run written but not enqueued yet."""
         self.config = parse_config(
             {
-                "equipment": [{"id": EQ, "local_root": str(self.local_root), "transport": self.nas.transport()}],
+                # A second instrument on the same share: its runs of the same project and name reach
+                # the same NAS folders (the NAS path leaves the equipment id out).
+                "equipment": [
+                    {"id": eq, "local_root": str(self.local_root), "transport": self.nas.transport()}
+                    for eq in (EQ, TWIN_EQ)
+                ],
                 # scan and audit intervals of an hour: the reaper and the audit run only as steps
                 "sync": {"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600},
                 "nas_cleanup": {
@@ -461,14 +484,18 @@ class ThreeRules(RuleBasedStateMachine):
         """The first sync of a run, or enqueuing it again (re-arms a FAILED job).
 
         A run that is intact locally, new or FAILED for a reason other than local
-        damage, with the NAS there, must end VERIFIED with every file on the NAS.
+        damage or another run's verified copy in its NAS folder, with the NAS
+        there, must end VERIFIED with every file on the NAS.
         """
         model = self._pick_run(data, self.runs)
         before = self._job(model)
         due = (
             not self.nas.unplugged
             and self._intact_locally(model)
-            and (before is None or (before.state == S.FAILED and before.error_kind != "local_damage"))
+            and (
+                before is None
+                or (before.state == S.FAILED and before.error_kind not in ("local_damage", "remote_conflict"))
+            )
         )
         self._enqueue(model)
         self._settle()
@@ -526,16 +553,14 @@ class ThreeRules(RuleBasedStateMachine):
         """An admin deletes the run's NAS folder (or the NAS is rolled back to an older snapshot)."""
         model = self._pick_run(data, self._nas_run_deletable())
         shutil.rmtree(self._nas_dir(model))
-        model.good.clear()
-        model.rotten.clear()
+        self._forget_nas(model, None)
 
     @precondition(lambda self: bool(self._nas_damageable()))
     @rule(data=st.data())
     def nas_delete_file(self, data: st.DataObject) -> None:
         model, rel = self._pick_file(data, self._nas_damageable())
         (self._nas_dir(model) / rel).unlink()
-        model.good.pop(rel, None)
-        model.rotten.discard(rel)
+        self._forget_nas(model, rel)
 
     @precondition(lambda self: bool(self._nas_damageable()))
     @rule(data=st.data())
@@ -546,8 +571,7 @@ class ThreeRules(RuleBasedStateMachine):
         info = os.stat(path)
         os.truncate(path, info.st_size // 2)
         os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
-        model.good.pop(rel, None)
-        model.rotten.discard(rel)
+        self._forget_nas(model, rel)
 
     @precondition(lambda self: bool(self._nas_damageable()))
     @rule(data=st.data(), offset=st.integers(0, 4095))
@@ -555,8 +579,7 @@ class ThreeRules(RuleBasedStateMachine):
         """NAS bit rot: one byte flipped, size and mtime kept."""
         model, rel = self._pick_file(data, self._nas_damageable())
         flip_byte_keep_stat(self._nas_dir(model) / rel, offset)
-        model.good.pop(rel, None)
-        model.rotten.add(rel)
+        self._forget_nas(model, rel, rotten=True)
 
     @precondition(lambda self: bool(self._local_damageable()))
     @rule(data=st.data(), offset=st.integers(0, 4095))
@@ -692,6 +715,25 @@ class ThreeRules(RuleBasedStateMachine):
             model.truth[rel] = new
             model.accepted.pop(rel, None)
             model.touched.add(rel)
+
+    @precondition(lambda self: len(self.runs) < 4 and bool(self._twinless()))
+    @rule(data=st.data(), content=CONTENT)
+    def second_instrument_same_folder(self, data: st.DataObject, content: bytes) -> None:
+        """A second instrument's run of the same project and name: one NAS folder for both, then enqueued.
+
+        Same file names (instruments write fixed names), other bytes. Its NAS
+        folder may hold the first run's verified copy, which its push must never
+        write over (a share folding case, two PCs set up alike do the same).
+        """
+        first = self._pick_run(data, self._twinless())
+        files = {rel: content + bytes([i]) + b"twin" for i, rel in enumerate(sorted(first.truth))}
+        self._enqueue(self._new_run(files, equipment=TWIN_EQ, rel=first.rel))
+        self._settle()
+
+    def _twinless(self) -> list[RunModel]:
+        """Runs of the first instrument that have no second-instrument twin yet."""
+        taken = {m.rel for m in self.runs if TWIN_EQ in m.path.parts}
+        return [m for m in self.runs if TWIN_EQ not in m.path.parts and m.rel not in taken]
 
     def _verified_runs(self) -> list[RunModel]:
         jobs = self._jobs() if self.client is not None else {}
