@@ -253,6 +253,10 @@ def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
 
     def down(local_root: Path) -> EquipmentConfig:
         dead = _with_port(conf, f"127.0.0.1:{server.port}\n", f"127.0.0.1:{free_port()}\n")
+        # rclone's S3 backend retries a refused connection with the AWS SDK's backoff
+        # (--low-level-retries attempts, each again retried by rclone: 10-25 s a call).
+        # A user's rclone.conf may lower that per remote; the refusal is classified the same.
+        dead.write_text(dead.read_text() + "override.low_level_retries = 1\n")
         return _rclone_equipment(local_root, "labs3", f"{server.bucket}/{prefix}", dead)
 
     def root_gone(local_root: Path) -> EquipmentConfig:  # a bucket that does not exist
