@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=4, help="runs per round")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--transports", default="mount,rsync_ssh")
+    parser.add_argument("--parallel", type=int, default=1, help="rounds played at once")
     parser.add_argument("--report", type=Path, help="write the report here (e.g. docs/reliability.md)")
     args = parser.parse_args(argv)
     # SIGTERM (and SIGINT, which a background shell job ignores) end the run through its cleanup:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         runs=args.runs,
         transports=tuple(args.transports.split(",")),
+        parallel=args.parallel,
     )
     command = "python -m tests.torture " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = report(tally, command=command.strip(), seed=args.seed)

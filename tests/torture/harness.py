@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+#: rounds played at once take their loop devices one after the other
+_LOOP_SETUP = threading.Lock()
+
+
 class LoopNas:
     """A small ext4 (no reserved blocks) loop-mounted at ``mnt``; unmounted by :meth:`close`."""
 
@@ -133,7 +138,8 @@ class LoopNas:
         with open(self.image, "wb") as f:
             f.truncate(mib * 1024 * 1024)
         _sh("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", str(self.image))
-        _sh("mount", "-o", "loop", str(self.image), str(self.mnt))
+        with _LOOP_SETUP:
+            _sh("mount", "-o", "loop", str(self.image), str(self.mnt))
         shutil.rmtree(self.mnt / "lost+found", ignore_errors=True)
 
     def close(self) -> None:
@@ -861,60 +867,82 @@ def torture(
     faults: list[str] | None = None,
     workdir: Path | None = None,
     recovery_s: float = 90.0,
+    parallel: int = 1,
     log=print,
 ) -> Tally:
-    """Play ``rounds`` rounds with ``kills`` SIGKILLs in all; ``faults``: the other faults per round (default: all)."""
+    """Play ``rounds`` rounds with ``kills`` SIGKILLs in all; ``faults``: the other faults per round (default: all).
+
+    ``parallel``: rounds played at once, each with its own lab, NAS, service and sshd (they
+    share nothing but the ssh keys); the tally is summed in round order all the same.
+    """
     tally = Tally()
     started = time.monotonic()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="exlab-torture-"))
     workdir.chmod(0o755)  # the sshd's unprivileged user walks down to the NAS folder
     env = SshEnv.create(workdir / "ssh-env") if "rsync_ssh" in transports else None
+    plans = list(enumerate(plan_rounds(rounds, kills, transports)))
+
+    def play(plan: tuple[int, tuple[str, int, list[str]]]) -> tuple[Round, dict]:
+        i, (transport, k, kinds) = plan
+        if faults is not None:
+            kinds = [f for f in faults if f in kinds]
+        log(f"round {i}: {transport}, {k} kills, faults {', '.join(kinds)}")
+        rnd = Round(i, seed, transport, k, kinds, runs, workdir, env, log)
+        return rnd, rnd.play(recovery_s)
+
     try:
-        for i, (transport, k, kinds) in enumerate(plan_rounds(rounds, kills, transports)):
-            if faults is not None:
-                kinds = [f for f in faults if f in kinds]
-            log(f"round {i}: {transport}, {k} kills, faults {', '.join(kinds)}")
-            rnd = Round(i, seed, transport, k, kinds, runs, workdir, env, log)
-            result = rnd.play(recovery_s)
-            tally.rounds += 1
-            tally.rounds_by_transport[transport] += 1
-            tally.faults += rnd.faults
-            tally.restarts += rnd.restarts
-            tally.outlived += rnd.outlived
-            tally.recovered_rounds += bool(result["settled"])
-            tally.jobs.update(result["jobs"])
-            tally.files_checked += result["files"]
-            tally.losses += result["losses"]
-            tally.nas_damage += result["nas_damage"]
-            tally.foreign_overwritten += result["foreign"]
-            tally.leftovers += result["leftovers"]
-            tally.stuck += result["stuck"]
-            tally.nas_flips_repaired += result["flips_repaired"]
-            tally.late_flip += result["late_flip"]
-            tally.nas_flips_detected += result["flips_detected"]
-            tally.metadata_temps += result["metadata_temps"]
-            tally.failed_temps += result["failed_temps"]
-            tally.nas_failed += result["nas_failed"]
-            for finding in result["metadata_temps"]:
-                log(f"  METADATA TEMP LEFT {finding}")
-            tally.nas_flips_undetected += result["flips_undetected"]
-            for finding in result["late_flip"]:
-                log(f"  LATE NAS FLIP {finding}")
-            for problem in [
-                *result["losses"],
-                *result["nas_damage"],
-                *result["foreign"],
-                *result["leftovers"],
-                *result["stuck"],
-                *rnd.outlived,
-            ]:
-                log(f"  PROBLEM {problem}")
+        if parallel <= 1:
+            for rnd, result in map(play, plans):  # one after the other, in this thread
+                _tally_round(tally, rnd, result, log)
+        else:
+            pool = ThreadPoolExecutor(max_workers=parallel)
+            try:
+                for rnd, result in pool.map(play, plans):
+                    _tally_round(tally, rnd, result, log)
+            finally:  # rounds under way end and clean up in their own threads
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         if env is not None:
             env.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     tally.seconds = time.monotonic() - started
     return tally
+
+
+def _tally_round(tally: Tally, rnd: Round, result: dict, log) -> None:
+    tally.rounds += 1
+    tally.rounds_by_transport[rnd.transport] += 1
+    tally.faults += rnd.faults
+    tally.restarts += rnd.restarts
+    tally.outlived += rnd.outlived
+    tally.recovered_rounds += bool(result["settled"])
+    tally.jobs.update(result["jobs"])
+    tally.files_checked += result["files"]
+    tally.losses += result["losses"]
+    tally.nas_damage += result["nas_damage"]
+    tally.foreign_overwritten += result["foreign"]
+    tally.leftovers += result["leftovers"]
+    tally.stuck += result["stuck"]
+    tally.nas_flips_repaired += result["flips_repaired"]
+    tally.late_flip += result["late_flip"]
+    tally.nas_flips_detected += result["flips_detected"]
+    tally.metadata_temps += result["metadata_temps"]
+    tally.failed_temps += result["failed_temps"]
+    tally.nas_failed += result["nas_failed"]
+    for finding in result["metadata_temps"]:
+        log(f"  METADATA TEMP LEFT {finding}")
+    tally.nas_flips_undetected += result["flips_undetected"]
+    for finding in result["late_flip"]:
+        log(f"  LATE NAS FLIP {finding}")
+    for problem in [
+        *result["losses"],
+        *result["nas_damage"],
+        *result["foreign"],
+        *result["leftovers"],
+        *result["stuck"],
+        *rnd.outlived,
+    ]:
+        log(f"  PROBLEM {problem}")
 
 
 def report(tally: Tally, *, command: str, seed: int) -> str:
