@@ -432,6 +432,34 @@ async def test_a_push_given_a_stamp_keeps_every_file_it_replaces(remote, local_r
     assert kept == {f".exlab-wizard/previous/{stamp}/{rel}": old[rel] for rel in new}
 
 
+async def test_a_push_given_a_stamp_keeps_every_file_it_rewrites_under_its_own_path(remote, local_root):
+    """Files sent again whatever their stat (a hash mismatch, accept-local): each kept at its own path.
+
+    rclone sends them one by one with ``copyto``, which takes no filter and keeps a replaced file
+    under the backup folder by its name alone: two files of one name in two folders would share it.
+    """
+    eq = remote.equipment(local_root)
+    old = {"a/x.bin": b"verified a", "b/x.bin": b"verified b", "top.bin": b"verified top"}
+    run = make_run(eq.local_root, old, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    new = {rel: data.upper() for rel, data in old.items()}  # same sizes, stats put back
+    for rel, data in new.items():
+        st = os.stat(run / rel)
+        (run / rel).write_bytes(data)
+        os.utime(run / rel, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stamp = "20261206T010203Z"
+
+    result = await transport.push(
+        run, bwlimit_kibps=None, rewrite=frozenset(new), own_manifests=["0" * 64], previous_stamp=stamp
+    )
+    assert result.ok
+    on_disk = tree(remote.run_on_disk)
+    assert {rel: on_disk[rel] for rel in old} == new
+    kept = {rel: data for rel, data in on_disk.items() if rel.startswith(".exlab-wizard/previous/")}
+    assert kept == {f".exlab-wizard/previous/{stamp}/{rel}": old[rel] for rel in old}
+
+
 async def test_own_leftovers_are_no_conflict_and_are_removed(remote, local_root):
     eq = remote.equipment(local_root)
     files = {"a.bin": os.urandom(2000), "new\nline": b"n", "sub dir/b.txt": b"b", "L" * 150: b"long name"}

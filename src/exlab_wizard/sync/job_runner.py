@@ -381,7 +381,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         overrides_relied_on=tuple(result.overrides_relied_on),
     )
     # By the monotonic clock: a wall clock stepped back since would date the hashing too late (see _promote).
-    hashing_began = time.monotonic()
+    hashing = _HashingStart.now(run)
     ctx.notify_state(job)
     remote = ctx.remotes.access(equipment)
     # What this transfer sends over a NAS copy on purpose is kept first (moved under previous/<stamp>/,
@@ -463,7 +463,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         detail=f"sent {outcome.files_sent} files, {outcome.bytes_sent} bytes",
     )
     ctx.notify_state(job)
-    await verify_job(ctx, job, equipment, local_hashes=_data_hashes(local_hashes), hashing_began=hashing_began)
+    await verify_job(ctx, job, equipment, local_hashes=_data_hashes(local_hashes), hashing=hashing)
 
 
 def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -523,6 +523,23 @@ async def _keep_previous(
         previous_stamp=stamp,
         previous_kept_at=ctx.clock(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _HashingStart:
+    """When the local hashing of a run began (``time.monotonic()``), and its folder then (device, inode)."""
+
+    at: float
+    folder: tuple[int, int] | None
+
+    @classmethod
+    def now(cls, run: Path) -> _HashingStart:
+        try:
+            info = os.lstat(run)
+            folder = (info.st_dev, info.st_ino)
+        except OSError:
+            folder = None
+        return cls(time.monotonic(), folder)
 
 
 def _reserve_push_stamp(ctx: ClientContext, job: SyncJobRow) -> str:
@@ -625,17 +642,17 @@ async def verify_job(
     equipment: EquipmentConfig,
     *,
     local_hashes: dict[str, str] | None,
-    hashing_began: float | None = None,
+    hashing: _HashingStart | None = None,
 ) -> None:
     """AWAITING_VERIFY -> VERIFIED, or back through the retry policy.
 
-    ``hashing_began``: ``time.monotonic()`` when the hashing of ``local_hashes`` began.
+    ``hashing``: when, and in which run folder, the hashing of ``local_hashes`` began.
     """
     run = Path(job.run_path)
     manifest_task: asyncio.Future[RemoteManifest] | None = None
     try:
-        if local_hashes is None or hashing_began is None:
-            hashing_began = time.monotonic()
+        if local_hashes is None or hashing is None:
+            hashing = _HashingStart.now(run)
             local_hashes = metadata_push.data_only(await ctx.verifier.hash_local(run))
         ctx.progress_cb(job, "verify", 0)
         # The remote manifest is asked for while the local files are checked for;
@@ -658,7 +675,7 @@ async def verify_job(
         return
     checked = _judge(ctx, job, equipment, local_hashes, remote)
     if checked is not None:
-        await _promote(ctx, job, equipment, local_hashes, checked=checked, hashing_began=hashing_began)
+        await _promote(ctx, job, equipment, local_hashes, checked=checked, hashing=hashing)
 
 
 def _judge(
@@ -714,7 +731,7 @@ async def _promote(
     local_hashes: dict[str, str],
     *,
     checked: int,
-    hashing_began: float,
+    hashing: _HashingStart,
 ) -> None:
     """AWAITING_VERIFY -> VERIFIED with the new manifest; then the verified stats and the metadata push it owes."""
     queue = ctx.require_queue()
@@ -755,10 +772,18 @@ async def _promote(
     # in a crash (or an error) right here, the reaper re-hashes every file instead: safe, only slower.
     try:
         # How long ago the hashing began, by the monotonic clock: a file changed since then may
-        # not hold the hashed bytes, whatever a stepped wall clock would make of its times.
-        hashing_for_s = time.monotonic() - hashing_began
+        # not hold the hashed bytes, whatever a stepped wall clock would make of its times. And the
+        # run folder it began in: another folder moved in under the run's path (the run's own, or
+        # one above it, renamed) holds files that were never hashed.
         await asyncio.to_thread(
-            record_verified_stat, queue, job.id, run, local_hashes, now, hashing_for_s=hashing_for_s
+            record_verified_stat,
+            queue,
+            job.id,
+            run,
+            local_hashes,
+            now,
+            hashing_for_s=time.monotonic() - hashing.at,
+            run_folder=hashing.folder,
         )
     except Exception as exc:
         logger.exception("job %s: verified stats not recorded", job.id)

@@ -108,6 +108,7 @@ def record_verified_stat(
     *,
     hashed_since: dt.datetime | None = None,
     hashing_for_s: float | None = None,
+    run_folder: tuple[int, int] | None = None,
 ) -> int:
     """Record the size, mtime, ctime and inode of each verified file. Call after every successful verification.
 
@@ -123,7 +124,9 @@ def record_verified_stat(
     bytes: its stat is recorded as not trusted, and the reaper re-hashes it
     before it deletes anything. So is a file below a folder (the run's
     included) whose ctime is that late: renamed or moved into place since,
-    it may hold another run's files of the same names.
+    it may hold another run's files of the same names. ``run_folder``: the
+    run folder's (device, inode) when the hashing began; another folder at
+    the run's path now (one above it renamed) makes every file untrusted.
 
     A row whose recorded SHA-256 is unchanged and trusted is kept as it is:
     the first stat recorded for that content stands, so a call made without
@@ -163,6 +166,8 @@ def record_verified_stat(
             try:
                 st = os.lstat(base + folder if folder else run)
                 known = above and stat.S_ISDIR(st.st_mode) and since_ns is not None and st.st_ctime_ns < since_ns
+                if not folder and run_folder is not None:
+                    known = known and (st.st_dev, st.st_ino) == run_folder
             except OSError:
                 known = False
             folders[folder] = known

@@ -485,25 +485,30 @@ class RcloneTransport(Transport):
         bw = self._bwlimit_args(bwlimit_kibps)
         # A run verified before: rclone itself moves every file it replaces under previous/<stamp>/
         # (server-side), deciding from its own look at the files, not from a check made earlier.
+        kept_at = None if previous_stamp is None else f"{fs}/{PREVIOUS_DIR}/{check_previous_stamp(previous_stamp)}"
         keep = (
             []
-            if previous_stamp is None
+            if kept_at is None
             else [
                 "--backup-dir",
-                f"{fs}/{PREVIOUS_DIR}/{check_previous_stamp(previous_stamp)}",
+                kept_at,
                 "--exclude",
                 f"/{METADATA_DIR}/**",  # previous/ included; the metadata push after the verification sends it
             ]
         )
         files_sent = bytes_sent = 0
         for path in sorted(rewrite):
+            # copyto takes no filter, and keeps a replaced file under the backup folder by its name
+            # alone: the folder is given for each file.
+            folder = path.rpartition("/")[0]
+            keep_one = [] if kept_at is None else ["--backup-dir", f"{kept_at}/{encode_name(folder)}".rstrip("/")]
             argv = [
                 *self._base(),
                 *_COMMON,
                 "--retries",
                 "1",
                 *bw,
-                *keep,
+                *keep_one,
                 "copyto",
                 "--ignore-times",
                 "--",
