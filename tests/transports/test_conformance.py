@@ -52,6 +52,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -340,6 +341,16 @@ async def test_second_push_sends_and_rewrites_nothing(remote, local_root):
     assert file_ids(remote.run_on_disk) == before
 
 
+async def _refused_untouched(remote: Remote, push: Callable[[], Any]) -> TransportError:
+    """``push()`` raises ``REMOTE_CONFLICT`` and leaves the server's copy of the run as it was."""
+    before = snapshot(remote.run_on_disk)
+    with pytest.raises(TransportError) as caught:
+        await push()
+    assert caught.value.kind == K.REMOTE_CONFLICT, caught.value.message
+    assert snapshot(remote.run_on_disk) == before  # nothing written, removed or touched
+    return caught.value
+
+
 async def test_someone_elses_files_are_remote_conflict_and_untouched(remote, local_root):
     eq = remote.equipment(local_root)
     ours = {"data.raw": b"our data", "new\nline.txt": b"ours", "sub/a.txt": b"a"}
@@ -348,13 +359,9 @@ async def test_someone_elses_files_are_remote_conflict_and_untouched(remote, loc
     if remote.leftover_needs_run_file:  # shaped like a leftover, but of no file of this run
         theirs["sub/" + remote.leftover("not-in-this-run.bin")] = b"half of something"
     put_on_disk(remote, theirs)
-    before = snapshot(remote.run_on_disk)
 
-    with pytest.raises(TransportError) as caught:
-        await remote.transport(eq).push(run, bwlimit_kibps=None)
-    assert caught.value.kind == K.REMOTE_CONFLICT, caught.value.message
-    assert "theirs/result.csv" in caught.value.message
-    assert snapshot(remote.run_on_disk) == before  # nothing written, removed or touched
+    refused = await _refused_untouched(remote, lambda: remote.transport(eq).push(run, bwlimit_kibps=None))
+    assert "theirs/result.csv" in refused.message
 
 
 def _manifest_of(files: dict[str, bytes]) -> bytes:
@@ -368,13 +375,9 @@ async def test_another_runs_verified_copy_is_remote_conflict_and_untouched(remot
     run = make_run(eq.local_root, ours, symlink=False)
     theirs = {"frame_001.tif": b"their frame", "sub/stack.raw": b"their stack"}
     put_on_disk(remote, {**theirs, ".exlab-wizard/checksums.sha256": _manifest_of(theirs)})
-    before = snapshot(remote.run_on_disk)
 
-    with pytest.raises(TransportError) as caught:
-        await remote.transport(eq).push(run, bwlimit_kibps=None)
-    assert caught.value.kind == K.REMOTE_CONFLICT, caught.value.message
-    assert "verified copy of another run" in caught.value.message
-    assert snapshot(remote.run_on_disk) == before  # nothing written, removed or touched
+    refused = await _refused_untouched(remote, lambda: remote.transport(eq).push(run, bwlimit_kibps=None))
+    assert "verified copy of another run" in refused.message
 
 
 async def test_a_verified_copy_of_this_run_is_no_conflict(remote, local_root):
@@ -396,13 +399,12 @@ async def test_an_older_manifest_of_this_run_is_no_conflict_and_anothers_still_i
     run = make_run(eq.local_root, {**files, ".exlab-wizard/checksums.sha256": _manifest_of(files)}, symlink=False)
     older = {"frame_001.tif": b"frame", "sub/stack.raw": b"stack"}
     put_on_disk(remote, {**older, ".exlab-wizard/checksums.sha256": _manifest_of(older)})
-    before = snapshot(remote.run_on_disk)
     older_digest = hashlib.sha256(_manifest_of(older)).hexdigest()
 
-    with pytest.raises(TransportError) as caught:  # not one of the manifests named as this run's
-        await remote.transport(eq).push(run, bwlimit_kibps=None, own_manifests=["0" * 64])
-    assert caught.value.kind == K.REMOTE_CONFLICT
-    assert snapshot(remote.run_on_disk) == before
+    # Not one of the manifests named as this run's:
+    await _refused_untouched(
+        remote, lambda: remote.transport(eq).push(run, bwlimit_kibps=None, own_manifests=["0" * 64])
+    )
 
     result = await remote.transport(eq).push(
         run, bwlimit_kibps=None, rewrite=frozenset({"frame_001.tif"}), own_manifests=[older_digest[:12]]
