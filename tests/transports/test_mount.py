@@ -108,8 +108,10 @@ def test_nas_copy_passes_sha256sum_check(lab: Lab) -> None:
     _build_full_run(lab)
     hashes = lab.push().local_hashes
     Verifier().write_manifest(lab.run, hashes)
-    second = lab.push()
-    assert second.files_sent == 1  # only the new checksums.sha256
+    # The manifest goes with the metadata push after the verification, never with the data.
+    assert lab.push().files_sent == 0
+    assert not (lab.remote / ".exlab-wizard" / "checksums.sha256").exists()
+    asyncio.run(lab.transport.push_metadata(lab.run))
     check = subprocess.run([sha256sum, "-c", ".exlab-wizard/checksums.sha256"], cwd=lab.remote, capture_output=True)
     assert check.returncode == 0, check.stderr
 

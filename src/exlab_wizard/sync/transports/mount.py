@@ -656,7 +656,10 @@ class MountTransport(Transport):
             for entry in scan_run(top, include_metadata=True, with_stat=True):
                 if entry.is_dir:
                     dirs.append(prefix + entry.rel)
-                else:
+                elif metadata_only or entry.rel != NAS_MANIFEST:
+                    # The verified manifest goes to the NAS only with the metadata push after its
+                    # VERIFIED is recorded: a NAS manifest is then always one the queue knows
+                    # (conflict.foreign_copy_error), never one written locally by a step that failed.
                     local_files[prefix + entry.rel] = (entry.stat.st_size, entry.stat.st_mtime_ns)
         except OSError as exc:
             raise self._local_error(exc, prefix or ".", run) from exc

@@ -542,6 +542,8 @@ class RcloneTransport(Transport):
             "1",
             *bw,
             *keep,
+            "--exclude",
+            f"/{NAS_MANIFEST}",  # only with the metadata push after the verification (see mount)
             "copy",
             *compare,
             "--ignore-checksum",

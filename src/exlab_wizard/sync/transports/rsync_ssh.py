@@ -556,7 +556,9 @@ class RsyncSshTransport(Transport):
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
         files_sent = bytes_sent = 0
-        kept = ["-a", "--no-links", "--no-D"]
+        # The verified manifest goes only with the metadata push after its VERIFIED is recorded
+        # (see MountTransport._push_steps).
+        kept = ["-a", "--no-links", "--no-D", f"--exclude=/{NAS_MANIFEST}"]
         common = [*kept, "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         if keep_stamp is not None:
             # A run verified before: rsync itself moves every file it replaces under previous/<stamp>/
