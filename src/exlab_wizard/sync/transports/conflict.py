@@ -14,12 +14,13 @@ verified files whose local copies the reaper deleted).
 
 One entry of ``.exlab-wizard/`` is not taken on trust: the verified manifest
 (:data:`NAS_MANIFEST`). A remote run folder that holds one holds the verified
-copy of *some* run, and a run never verified before is not it unless its own
-``checksums.sha256`` is that very file (:func:`foreign_copy_error`). Two runs
-reach one NAS folder through a share that folds letter case (``Run_A`` and
-``Run_a`` on SMB, exFAT, macOS) or two instrument PCs configured alike; the
-files of the second have the names of the first, and without this check its
-push would overwrite the first run's only verified copy.
+copy of *some* run, and it is this run's only when that file is the run's own
+``checksums.sha256`` or one the run was verified with (:func:`foreign_copy_error`).
+Two runs reach one NAS folder through a share that folds letter case
+(``Run_A`` and ``Run_a`` on SMB, exFAT, macOS), two instruments on one share
+with a project and a run name in common, or two instrument PCs configured
+alike; the files of the second have the names of the first, and without this
+check its push would overwrite the first run's only verified copy.
 """
 
 from __future__ import annotations
