@@ -98,6 +98,44 @@ def mark_nas(folder: Path, text: str = "mounted\n") -> Path:
     return folder
 
 
+def act_once_in(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, when: Callable[..., bool], action: Callable[[], None]
+) -> list[int]:
+    """Run ``action`` once, right before the first call of ``owner.name`` whose arguments ``when`` accepts.
+
+    Places a user's action in a window of the engine's steps. The list
+    returned holds one item once the action ran (a test asserts it did).
+    """
+    real = getattr(owner, name)
+    fired: list[int] = []
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        if not fired and when(*args, **kwargs):
+            fired.append(1)
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, hook)
+    return fired
+
+
+def on_share(cfg: Config, equipment_id: str, share: Path) -> Config:
+    """``cfg`` with the mount transport of ``equipment_id`` moved to the share at ``share``."""
+    equipment = [
+        eq.model_copy(update={"transport": eq.transport.model_copy(update={"mount_path": share})})
+        if eq.id == equipment_id
+        else eq
+        for eq in cfg.equipment
+    ]
+    return cfg.model_copy(update={"equipment": equipment})
+
+
+def swap_folder(mine: Path, theirs: Path) -> None:
+    """A user puts folder ``theirs`` in the place of ``mine`` (renamed ``<name>_old``)."""
+    os.rename(mine, mine.with_name(mine.name + "_old"))
+    os.rename(theirs, mine)
+
+
 def write_files(run: Path, files: Mapping[str, bytes | str], *, mtime: float | None = None) -> None:
     """Write ``files`` (relative path -> bytes or text) under ``run``, optionally with one mtime."""
     for rel, data in files.items():

@@ -20,7 +20,7 @@ import pytest
 from exlab_wizard.sync import job_runner
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import FILES, Lab, cleanup_config, running, synced
+from tests.lab import FILES, Lab, act_once_in, cleanup_config, running, swap_folder, synced
 
 S = SyncJobState
 FOREIGN = {rel: b"F" * (len(data) + 7) for rel, data in FILES.items()}
@@ -45,23 +45,17 @@ async def test_a_change_before_the_push_never_replaces_the_verified_copy_unkept(
 
         edited = sorted(FILES)[-1]
         (run / edited).write_bytes(b"an edit\n")  # an ordinary edit: the run is sent again
-        real = job_runner._mark_pending
-        fired = []
 
-        def hook(ctx, run_path, remote):  # type: ignore[no-untyped-def]
-            if not fired and Path(run_path) == run:
-                fired.append(1)
-                if action == "swap_folder":  # the user renames folders while the job starts
-                    os.rename(run, run.with_name("Run_2026-01-01_old"))
-                    os.rename(other, run)
-                else:  # a file damaged: truncated, its mtime put back
-                    target = run / sorted(FILES)[0]
-                    st = target.stat()
-                    target.write_bytes(FILES[sorted(FILES)[0]][:10])
-                    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-            return real(ctx, run_path, remote)
+        def change() -> None:
+            if action == "swap_folder":  # the user renames folders while the job starts
+                swap_folder(run, other)
+            else:  # a file damaged: truncated, its mtime put back
+                target = run / sorted(FILES)[0]
+                st = target.stat()
+                target.write_bytes(FILES[sorted(FILES)[0]][:10])
+                os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
-        monkeypatch.setattr(job_runner, "_mark_pending", hook)
+        fired = act_once_in(monkeypatch, job_runner, "_mark_pending", lambda ctx, run_path, _: run_path == run, change)
         await client.enqueue(run)
         await client.wait_idle(timeout=60)
         job = await client.job(run)

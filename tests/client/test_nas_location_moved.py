@@ -12,25 +12,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from exlab_wizard.config import Config
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import run_location
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, acts, data_intact, mark_nas, ready, running
+from tests.lab import EQ, FILES, Lab, acts, data_intact, mark_nas, on_share, ready, running
 from tests.lab import cleanup_config as config
 
 S = SyncJobState
-
-
-def _moved(cfg: Config, share: Path) -> Config:
-    equipment = [
-        eq.model_copy(update={"transport": eq.transport.model_copy(update={"mount_path": share})})
-        if eq.id == EQ
-        else eq
-        for eq in cfg.equipment
-    ]
-    return cfg.model_copy(update={"equipment": equipment})
 
 
 async def test_a_moved_nas_is_verified_by_the_audit_before_anything_is_deleted(lab: Lab, tmp_path: Path) -> None:
@@ -48,7 +37,7 @@ async def test_a_moved_nas_is_verified_by_the_audit_before_anything_is_deleted(l
     shutil.copytree(lab.nas_copy(run), new_copy)
     for rel, data in FILES.items():
         (new_copy / rel).write_bytes(b"\0" * len(data))
-    moved = _moved(cfg, share)
+    moved = on_share(cfg, EQ, share)
 
     async with running(moved, clock) as client:
         [outcome] = acts(await client.cleanup_once())
@@ -76,7 +65,7 @@ async def test_an_audit_at_a_moved_nas_holding_the_copy_counts_as_its_first_pass
         await ready(client, clock, run)
     share = mark_nas(tmp_path / "nas2")
     shutil.copytree(lab.nas_copy(run), share / lab.nas_copy(run).relative_to(lab.mount_path(EQ)))
-    moved = _moved(cfg, share)
+    moved = on_share(cfg, EQ, share)
     async with running(moved, clock) as client:
         await client.audit_once()
         job = await client.job(run)

@@ -16,7 +16,6 @@ the renames in the verification's window.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from exlab_wizard.sync import job_runner
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, cleanup_config, running
+from tests.lab import EQ, FILES, Lab, act_once_in, cleanup_config, running, swap_folder
 
 S = SyncJobState
 OTHER = {rel: bytes(255 - b for b in data) for rel, data in FILES.items()}  # same names and sizes
@@ -46,17 +45,13 @@ async def test_a_folder_swapped_during_the_verification_never_has_its_bytes_dele
         mine, theirs = lab.local_root / EQ / "PROJ-1", lab.local_root / EQ / "PROJ-2"
     time.sleep(2.5)  # their files are older than the hashing by more than RACE_SLACK_NS
 
-    real = job_runner._judge
-    fired = []
-
-    def hook(ctx, job, equipment, local_hashes, remote):  # type: ignore[no-untyped-def]
-        if not fired and Path(job.run_path) == run:
-            fired.append(1)
-            os.rename(mine, mine.with_name(mine.name + "_old"))
-            os.rename(theirs, mine)
-        return real(ctx, job, equipment, local_hashes, remote)
-
-    monkeypatch.setattr(job_runner, "_judge", hook)
+    fired = act_once_in(
+        monkeypatch,
+        job_runner,
+        "_judge",
+        lambda ctx, job, *_: Path(job.run_path) == run,
+        lambda: swap_folder(mine, theirs),
+    )
     async with running(cleanup_config(lab), clock) as client:
         await client.enqueue(run)
         await client.wait_idle(timeout=60)

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.config import Config
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, cleanup_config, ready, running, synced
+from tests.lab import EQ, FILES, Lab, cleanup_config, on_share, ready, running, synced
 
 S = SyncJobState
 OTHER = "FACS_02"
@@ -126,16 +125,6 @@ async def test_a_retry_never_moves_another_runs_verified_files_aside(tmp_path: P
         )
 
 
-def _onto(cfg: Config, equipment_id: str, share: Path) -> Config:
-    equipment = [
-        eq.model_copy(update={"transport": eq.transport.model_copy(update={"mount_path": share})})
-        if eq.id == equipment_id
-        else eq
-        for eq in cfg.equipment
-    ]
-    return cfg.model_copy(update={"equipment": equipment})
-
-
 def _everything_under(folder: Path) -> list[bytes]:
     return [p.read_bytes() for p in folder.rglob("*") if p.is_file()]
 
@@ -164,7 +153,7 @@ async def test_a_run_verified_elsewhere_never_overwrites_another_runs_only_copy(
     assert all((nas_a / rel).read_bytes() == data for rel, data in FILES.items())
 
     # The lab brings FACS_02 onto EQ's share; B gets a late file and is enqueued again.
-    moved = _onto(cfg, OTHER, lab.mount_path(EQ))
+    moved = on_share(cfg, OTHER, lab.mount_path(EQ))
     assert lab.mount_path(EQ) / run_b.relative_to(lab.local_root / OTHER) == nas_a
     (run_b / "late.txt").write_bytes(b"late\n")
     async with running(moved, clock) as client:

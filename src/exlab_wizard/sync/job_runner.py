@@ -560,8 +560,14 @@ _VERIFIED_DETAIL = re.compile(r"\bmanifest ([0-9a-f]{12})\b")
 
 
 def _own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
-    """The manifests ``job`` was verified with: the last whole, the earlier ones by their events' 12 hex digits."""
-    own = [job.manifest_digest] if job.manifest_digest else []
+    """The manifests ``job`` was verified with: the last whole, the earlier ones by their events' 12 hex digits.
+
+    Every VERIFIED sets ``manifest_digest`` and nothing clears it: a job without one was never
+    verified, and its events are not read (a first push, the common case).
+    """
+    if not job.manifest_digest:
+        return ()
+    own = [job.manifest_digest]
     for event in queue.events(job.id):
         if event.kind == TRANSITION_EVENT and event.to_state == S.VERIFIED.value:
             found = _VERIFIED_DETAIL.search(event.detail or "")

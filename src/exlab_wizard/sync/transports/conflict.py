@@ -140,18 +140,19 @@ def local_manifest_digest(run: os.PathLike[str] | str) -> str | None:
         raise
 
 
-def foreign_copy_error(remote_run: str, *, ours: Collection[str], theirs: str | None) -> TransportError | None:
+def foreign_copy_error(
+    remote_run: str, *, theirs: str | None, own: Collection[str], local: str | None
+) -> TransportError | None:
     """``REMOTE_CONFLICT`` when the remote run folder holds another run's verified copy; else None.
 
     ``theirs``: SHA-256 of the remote run folder's :data:`NAS_MANIFEST`
-    (None: it has none). ``ours``: the manifests this run may have left
-    there: the SHA-256 of its own local ``checksums.sha256`` and of every
-    manifest it was verified with (the queue keeps the last whole, its
-    events the first 12 hex digits of each). A run whose verified copy is
-    already there (a run folder moved to a new disk, a queue lost) carries
-    that manifest with it.
+    (None: it has none). It is this run's when it is ``local``, the SHA-256
+    of the run's own ``checksums.sha256`` (a run folder moved to a new disk,
+    or a queue lost, carries its manifest with it), or one of ``own``, the
+    manifests the run was verified with (the queue keeps the last whole, its
+    events the first 12 hex digits of each).
     """
-    if theirs is None or any(mine and theirs.startswith(mine) for mine in ours):
+    if theirs is None or any(mine and theirs.startswith(mine) for mine in (*own, local)):
         return None
     return TransportError(
         TransportErrorKind.REMOTE_CONFLICT,
@@ -169,9 +170,9 @@ async def check_owner(
 ) -> None:
     """Raise :func:`foreign_copy_error`'s error for a remote run folder listed with a :data:`NAS_MANIFEST`.
 
-    ``fetch``: the transport's own ``fetch`` (the manifest is read back
-    through it, as the remote stores it); ``own``: as ``ours`` there, beside
-    the local manifest. Call it only when a listing showed the manifest: one
+    ``fetch``: how the transport reads the named files back, as the remote
+    stores them, into a folder; ``own``: as there. Call it only when a
+    listing showed the manifest: one
     that cannot be read now raises ``NETWORK`` (never taken for none).
     """
     with tempfile.TemporaryDirectory(prefix="exlab-owner-") as into:
@@ -184,6 +185,6 @@ async def check_owner(
             )
         theirs = await asyncio.to_thread(hash_file, path)
     local = await asyncio.to_thread(local_manifest_digest, run)
-    error = foreign_copy_error(remote_run, ours=[*own, *([local] if local else [])], theirs=theirs)
+    error = foreign_copy_error(remote_run, theirs=theirs, own=own, local=local)
     if error is not None:
         raise error

@@ -787,9 +787,9 @@ class MountTransport(Transport):
         if extras.foreign:
             raise conflict_error(remote, extras.foreign)
         if owner is not None and listing.get(NAS_MANIFEST) == FILE:
-            local = local_manifest_digest(owner[0])
-            ours = [*owner[1], *([local] if local else [])]
-            error = foreign_copy_error(remote, ours=ours, theirs=self._remote_digest(remote))
+            error = foreign_copy_error(
+                remote, theirs=self._remote_digest(remote), own=owner[1], local=local_manifest_digest(owner[0])
+            )
             if error is not None:
                 raise error
         return stats, [os.path.join(remote, rel) for rel in extras.leftovers]

@@ -476,7 +476,9 @@ class RcloneTransport(Transport):
             raise error
         if own_manifests is not None and NAS_MANIFEST in remote:
             try:
-                await check_owner(run_path, fs, self.fetch, own_manifests)
+                # The listing just showed the manifest: copied out without listing the run again.
+                copy_out = lambda run, paths, into: self._copy_out(run, fs, sorted(paths), into)  # noqa: E731
+                await check_owner(run_path, fs, copy_out, own_manifests)
             except TransportError as error:
                 self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
                 raise
@@ -730,8 +732,12 @@ class RcloneTransport(Transport):
         fs = self._fs(run_path)
         wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
         remote = await self._remote_files(run_path, fs, "fetch_list")
+        return await self._copy_out(run_path, fs, [p for p in wanted if p in remote], into)
+
+    async def _copy_out(self, run_path: Path, fs: str, present: list[str], into: Path) -> dict[str, Path]:
+        """``rclone copyto`` of ``present`` (files a listing just showed) into ``into``; those that arrived."""
         fetched: dict[str, Path] = {}
-        for rel in (p for p in wanted if p in remote):
+        for rel in present:
             target = Path(into) / rel
             argv = [
                 *self._base(),

@@ -543,7 +543,9 @@ class RsyncSshTransport(Transport):
             raise error
         if own is not None and listing is not None and NAS_MANIFEST in listing and listing[NAS_MANIFEST].kind == "f":
             try:
-                await check_owner(run_path, remote_run, self.fetch, own)
+                # The listing just showed the manifest: pulled without listing the run again.
+                pull = lambda run, paths, into: self._pull(run, remote_run, sorted(paths), into)  # noqa: E731
+                await check_owner(run_path, remote_run, pull, own)
             except TransportError as error:
                 self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
                 raise
@@ -1188,6 +1190,10 @@ class RsyncSshTransport(Transport):
                 raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist")
             return {}
         present = [p for p in wanted if listing.get(p, _Entry("", 0)).kind == "f"]
+        return await self._pull(run_path, remote_run, present, into)
+
+    async def _pull(self, run_path: Path, remote_run: str, present: list[str], into: Path) -> dict[str, Path]:
+        """Pull ``present`` (regular files a listing just showed) into ``into``; those that arrived."""
         if not present:
             return {}
         argv = [
