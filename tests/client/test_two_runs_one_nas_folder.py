@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.mount import MountTransport
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, cleanup_config, on_share, ready, running, synced
+from tests.lab import EQ, FILES, MARKER, Lab, cleanup_config, on_share, ready, running, synced
 
 S = SyncJobState
 OTHER = "FACS_02"
@@ -165,3 +167,93 @@ async def test_a_run_verified_elsewhere_never_overwrites_another_runs_only_copy(
             f"A's only copy of {rel} is gone from the NAS (B's job ended {job_b.state.value}: {job_b.last_error})"
         )
     assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
+
+
+def _metadata_push_down(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every metadata push fails (the NAS busy) while the list returned is not empty."""
+    real = MountTransport.push_metadata
+    down = [True]
+
+    async def metadata_push_fails(self: MountTransport, run_path: Path, **kwargs: object) -> object:
+        if down:
+            raise TransportError(TransportErrorKind.NETWORK, "the NAS is busy")
+        return await real(self, run_path, **kwargs)
+
+    monkeypatch.setattr(MountTransport, "push_metadata", metadata_push_fails)
+    return down
+
+
+async def test_a_second_instrument_never_overwrites_a_copy_whose_manifest_is_not_there_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the first run's VERIFIED and its metadata push, its NAS copy has no manifest.
+
+    The metadata push that writes it may fail and wait for its retry (the NAS busy for a
+    moment): the NAS folder then holds a verified copy with no ``checksums.sha256``. A second
+    run's first push found only names of its own there and took them for an earlier attempt of
+    its own. A job that never ran now refuses a NAS folder holding data files of its names.
+    """
+    lab = Lab.build(tmp_path, nas_per_equipment=False)  # both equipments on one share
+    clock = Clock()
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    nas = lab.nas_copy(run_a, EQ)
+    down = _metadata_push_down(monkeypatch)
+    async with running(cleanup_config(lab), clock) as client:
+        job_a = await synced(client, run_a)
+        assert job_a.metadata_push_due_at is not None  # owed, not sent
+        assert not (nas / ".exlab-wizard" / "checksums.sha256").exists()
+
+        run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+        assert lab.nas_copy(run_b, OTHER) == nas
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+        assert all((nas / rel).read_bytes() == data for rel, data in FILES.items()), (
+            f"the second run wrote over the first one's verified copy (B ended {job_b.state.value}: {job_b.last_error})"
+        )
+        assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
+
+        down.clear()  # the NAS answers again: A's metadata push goes through, its cleanup follows
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        clock.advance(19)
+        await client.cleanup_once()
+        assert (await client.job(run_a)).state == S.CLEANED
+        assert all((nas / rel).read_bytes() == data for rel, data in FILES.items())  # rule 1: a copy remains
+        assert all((run_b / rel).read_bytes() == data for rel, data in FOREIGN.items())  # B kept locally
+
+
+async def test_an_attempt_that_wrote_nothing_leaves_the_next_one_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second run's first attempt failed before it wrote (the share away, as for the first
+    run's metadata push): its retry still takes no file of its names on the NAS for its own."""
+    lab = Lab.build(tmp_path, nas_per_equipment=False)  # both equipments on one share
+    clock = Clock()
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+    nas = lab.nas_copy(run_a, EQ)
+    _metadata_push_down(monkeypatch)
+    async with running(cleanup_config(lab), clock) as client:
+        await synced(client, run_a)  # verified; its manifest not on the NAS yet
+        marker = lab.mount_path(EQ) / MARKER
+        saved = marker.read_bytes()
+        marker.unlink()  # the share away for a moment
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+        assert job_b.attempts >= 1 and job_b.error_kind == "network", (job_b.state, job_b.last_error)
+        assert (await client.job(run_a)).state == S.VERIFIED
+        marker.write_bytes(saved)
+        if job_b.state == S.FAILED:  # out of attempts: the operator's retry
+            await client.retry(job_b.id)
+        else:
+            client._ctx.require_queue().update(job_b.id, S.QUEUED, now=clock(), next_attempt_at=clock())
+            client._ctx.kick()
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+        assert all((nas / rel).read_bytes() == data for rel, data in FILES.items()), (
+            f"the second run's retry wrote over the first one's verified copy (B ended {job_b.state.value})"
+        )
+        assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)

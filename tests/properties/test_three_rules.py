@@ -717,18 +717,28 @@ class ThreeRules(RuleBasedStateMachine):
             model.touched.add(rel)
 
     @precondition(lambda self: len(self.runs) < 4 and bool(self._twinless()))
-    @rule(data=st.data(), content=CONTENT)
-    def second_instrument_same_folder(self, data: st.DataObject, content: bytes) -> None:
+    @rule(data=st.data(), content=CONTENT, manifest_late=st.booleans())
+    def second_instrument_same_folder(self, data: st.DataObject, content: bytes, manifest_late: bool) -> None:
         """A second instrument's run of the same project and name: one NAS folder for both, then enqueued.
 
         Same file names (instruments write fixed names), other bytes. Its NAS
         folder may hold the first run's verified copy, which its push must never
         write over (a share folding case, two PCs set up alike do the same).
+        ``manifest_late``: the first run's NAS manifest is not there yet while
+        the second run goes (its metadata push after VERIFIED failed and waits
+        for its retry), and lands after.
         """
         first = self._pick_run(data, self._twinless())
         files = {rel: content + bytes([i]) + b"twin" for i, rel in enumerate(sorted(first.truth))}
+        manifest = self._nas_dir(first) / META / "checksums.sha256"
+        held = self.example / "manifest-not-there-yet"
+        late = manifest_late and manifest.is_file()
+        if late:
+            os.replace(manifest, held)
         self._enqueue(self._new_run(files, equipment=TWIN_EQ, rel=first.rel))
         self._settle()
+        if late and not manifest.exists():
+            os.replace(held, manifest)  # the first run's metadata push comes through
 
     def _twinless(self) -> list[RunModel]:
         """Runs of the first instrument that have no second-instrument twin yet."""

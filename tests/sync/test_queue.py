@@ -392,6 +392,26 @@ def test_a_migration_is_one_list_entry(db: Path, monkeypatch: pytest.MonkeyPatch
         JobQueue(db)
 
 
+def test_jobs_that_ran_before_the_claim_event_existed_count_as_claimed(db: Path, monkeypatch: pytest.MonkeyPatch):
+    """Migration 9: a job an attempt of which ran may have written to its NAS folder; one never run did not."""
+    monkeypatch.setattr(queue_mod, "MIGRATIONS", queue_mod.MIGRATIONS[:8])
+    with JobQueue(db) as q:
+        ran = make(q, "Run_1")
+        q.transition(ran.id, S.QUEUED, S.RUNNING, now=t(1))
+        q.transition(ran.id, S.RUNNING, S.QUEUED, now=t(2))
+        q.transition(ran.id, S.QUEUED, S.RUNNING, now=t(3))
+        waiting = make(q, "Run_2")
+    monkeypatch.undo()
+    with JobQueue(db) as q:
+        claims = [e for e in q.events(ran.id) if e.kind == queue_mod.NAS_CLAIMED_EVENT]
+        assert [e.at for e in claims] == [t(1)]
+        assert not [e for e in q.events(waiting.id) if e.kind == queue_mod.NAS_CLAIMED_EVENT]
+        later = make(q, "Run_3")
+        q.transition(later.id, S.QUEUED, S.RUNNING, now=t(4))  # after the upgrade: only a push claims
+    with JobQueue(db) as q:
+        assert not [e for e in q.events(later.id) if e.kind == queue_mod.NAS_CLAIMED_EVENT]
+
+
 def test_threads_share_one_queue(q: JobQueue):
     errors: list[BaseException] = []
     runs = [f"/data/lab/EQ/P/Runs/Run_{i}" for i in range(20)]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from exlab_wizard.sync.transports.base import TransportErrorKind
-from exlab_wizard.sync.transports.conflict import DIR, FILE, OTHER, conflict_error, sort_remote
+from exlab_wizard.sync.transports.conflict import (
+    DIR,
+    FILE,
+    OTHER,
+    conflict_error,
+    sort_remote,
+    unclaimed_files_error,
+)
 
 LOCAL_FILES = {"a.raw": 3, "sub/b.raw": 4, ".exlab-wizard/creation.json": 2}
 LOCAL_DIRS = {"sub", ".exlab-wizard"}
@@ -36,7 +43,7 @@ def _temp(path: str, kind: str) -> str | None:
 )
 def test_sort_remote(remote, leftovers, foreign) -> None:
     extras = sort_remote(LOCAL_FILES, LOCAL_DIRS, remote, frozenset({"cleaned.raw"}), leftover=_temp)
-    assert extras == (leftovers, foreign)
+    assert extras == (leftovers, foreign, ())
 
 
 def test_a_leftover_may_name_the_folder_to_remove() -> None:
@@ -44,7 +51,21 @@ def test_a_leftover_may_name_the_folder_to_remove() -> None:
         return "sub/.partial" if path.startswith("sub/.partial/") else None
 
     remote = {"sub/.partial/a": FILE, "sub/.partial/b": FILE, "sub/.partial": DIR}
-    assert sort_remote(LOCAL_FILES, LOCAL_DIRS, remote, leftover=partial_dir) == (["sub/.partial"], [])
+    assert sort_remote(LOCAL_FILES, LOCAL_DIRS, remote, leftover=partial_dir) == (["sub/.partial"], [], ())
+
+
+def test_a_fresh_push_lists_the_data_files_of_its_names_as_claimed() -> None:
+    """``fresh``: files of the run's names are no conflict by themselves, but listed; metadata never is."""
+    remote = {"a.raw": FILE, "sub": DIR, "sub/b.raw": FILE, ".exlab-wizard/creation.json": FILE, "c.raw": FILE}
+    extras = sort_remote(LOCAL_FILES, LOCAL_DIRS, remote, fresh=True)
+    assert extras == ([], ["c.raw"], ("a.raw", "sub/b.raw"))
+    assert sort_remote(LOCAL_FILES, LOCAL_DIRS, remote).claimed == ()  # a job that claimed the folder
+
+    error = unclaimed_files_error("nas:/runs/Run_1", extras.claimed)
+    assert error is not None and error.kind is TransportErrorKind.REMOTE_CONFLICT
+    assert "2 data files" in error.message and "'sub/b.raw'" in error.message
+    assert error.message.endswith("nothing was written")
+    assert unclaimed_files_error("nas:/runs/Run_1", ()) is None
 
 
 def test_conflict_error_names_the_first_five() -> None:

@@ -380,6 +380,37 @@ async def test_another_runs_verified_copy_is_remote_conflict_and_untouched(remot
     assert "verified copy of another run" in refused.message
 
 
+async def test_a_first_push_never_takes_files_of_its_names_for_its_own(remote, local_root):
+    """``fresh``: another run's copy whose manifest is not there yet (its metadata push waits) is refused.
+
+    The same folder for a job that ran before is an earlier attempt of its own, resumed.
+    """
+    eq = remote.equipment(local_root)
+    ours = {"frame_001.tif": b"our frame", "sub/stack.raw": b"our stack", "new.bin": b"only ours"}
+    run = make_run(eq.local_root, ours, symlink=False)
+    theirs = {"frame_001.tif": b"their frame", "sub/stack.raw": b"our stack"}  # one differs, one is equal
+    put_on_disk(remote, theirs)
+
+    refused = await _refused_untouched(remote, lambda: remote.transport(eq).push(run, bwlimit_kibps=None, fresh=True))
+    assert "frame_001.tif" in refused.message and "sub/stack.raw" in refused.message
+
+    result = await remote.transport(eq).push(run, bwlimit_kibps=None)  # a later attempt: its own, resumed
+    assert result.ok
+    assert {rel: data for rel, data in tree(remote.run_on_disk).items() if rel in ours} == ours
+
+
+async def test_a_first_push_into_its_own_verified_copy_goes_on(remote, local_root):
+    """``fresh`` with the run's own manifest on the NAS (a queue lost): the folder is the run's."""
+    eq = remote.equipment(local_root)
+    files = {"frame_001.tif": b"frame", "sub/stack.raw": b"stack"}
+    manifest = {".exlab-wizard/checksums.sha256": _manifest_of(files)}
+    run = make_run(eq.local_root, {**files, **manifest}, symlink=False)
+    put_on_disk(remote, {"frame_001.tif": b"half", **manifest})
+    result = await remote.transport(eq).push(run, bwlimit_kibps=None, fresh=True)
+    assert result.ok
+    assert tree(remote.run_on_disk) == {**files, **manifest}
+
+
 async def test_a_verified_copy_of_this_run_is_no_conflict(remote, local_root):
     """The run's own verified copy: the local run carries the same manifest (moved to a new disk, queue lost)."""
     eq = remote.equipment(local_root)

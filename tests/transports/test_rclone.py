@@ -109,7 +109,7 @@ _L250, _E120 = "L" * 250, "é" * 120
 )
 def test_own_partial_names(remote, local, ours):
     tree_ = LocalTree(files=dict.fromkeys(local, 1))
-    junk, foreign = _sort_extras(tree_, {remote: 1})
+    junk, foreign, _claimed = _sort_extras(tree_, {remote: 1})
     assert (junk, foreign) == (([remote], []) if ours else ([], [remote]))
 
 

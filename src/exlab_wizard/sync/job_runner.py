@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -43,7 +44,7 @@ from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unver
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
-from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
@@ -399,6 +400,10 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # The manifests this run may have left on the NAS: a NAS folder holding another one is another
     # run's verified copy (two runs reaching one folder), never written to, nor moved aside.
     own = await asyncio.to_thread(_own_manifests, queue, job)
+    # A job no push of which ever got past its conflict checks wrote nothing to the NAS: data files
+    # of its names there are another's (another run's verified copy whose manifest its metadata push
+    # has not written yet). A push about to write records it first, durably.
+    fresh = not await asyncio.to_thread(_claimed_before, queue, job)
     if keep or everything:
         try:
             job = await _keep_on_nas(ctx, job, remote, keep, everything=everything, own=own)
@@ -432,6 +437,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             progress=on_bytes,
             own_manifests=own,
             previous_stamp=push_stamp,
+            fresh=fresh,
+            claim=functools.partial(_claim, ctx, job) if fresh else None,
         )
         local_hashes = _data_hashes(outcome.local_hashes) if hashes_in_pass else None
         # The push's own hashes are not kept beside the data-only ones through the verification.
@@ -574,6 +581,18 @@ def _own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
             if found:
                 own.append(found.group(1))
     return tuple(dict.fromkeys(own))
+
+
+def _claimed_before(queue: JobQueue, job: SyncJobRow) -> bool:
+    """May a push of ``job`` have written into its NAS folder? (a verified job's did; else its events say)"""
+    return bool(job.manifest_digest) or any(e.kind == NAS_CLAIMED_EVENT for e in queue.events(job.id))
+
+
+def _claim(ctx: ClientContext, job: SyncJobRow) -> None:
+    """Record, before the push's first write, that it writes into the job's NAS folder (see _claimed_before)."""
+    ctx.require_queue().record_event(
+        job.id, NAS_CLAIMED_EVENT, f"the push writes into {job.remote_path}", now=ctx.clock()
+    )
 
 
 def _run_size(run_path: Path) -> int:

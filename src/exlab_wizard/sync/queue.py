@@ -64,6 +64,7 @@ __all__ = [
     "CACHE_KIB",
     "JOB_FIELDS",
     "MIGRATIONS",
+    "NAS_CLAIMED_EVENT",
     "TRANSITION_EVENT",
     "JobNotFound",
     "JobQueue",
@@ -86,6 +87,9 @@ JOB_PAGE = 200
 
 #: Event kind of every state change (other kinds record decisions).
 TRANSITION_EVENT = "transition"
+#: A push of the job got past its conflict checks and is about to write into the NAS folder:
+#: from then on, files of the run's names there may be the job's own (conflict.unclaimed_files_error).
+NAS_CLAIMED_EVENT = "nas_claimed"
 
 #: One schema step: an SQL script, or a function given the connection inside
 #: the migration transaction.
@@ -216,6 +220,13 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE cleanup_plan ADD COLUMN ctime_ns INTEGER;
     ALTER TABLE jobs ADD COLUMN verified_location TEXT;
+    """,
+    # 9: a job whose push may have written into its NAS folder says so (NAS_CLAIMED_EVENT). Before
+    # this version nothing did: every job an attempt of which ran is taken to have written.
+    """
+    INSERT INTO events (job_id, at, kind, detail)
+    SELECT job_id, MIN(at), 'nas_claimed', 'an attempt ran before this version: it may have written to the NAS'
+    FROM events WHERE kind = 'transition' AND to_state = 'running' GROUP BY job_id;
     """,
 ]
 

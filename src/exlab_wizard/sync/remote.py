@@ -115,11 +115,14 @@ class RemoteAccess:
         progress: Callable[[int], None] | None,
         own_manifests: Collection[str] = (),
         previous_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> TransportResult:
         """Send the run; its :class:`TransportResult` when it succeeded.
 
         ``own_manifests``: the manifests the job was verified with; ``previous_stamp``: where the
-        push keeps the NAS files it replaces (see ``Transport.push``).
+        push keeps the NAS files it replaces; ``fresh``: no push of the job wrote to the NAS yet;
+        ``claim``: records that this one is about to (see ``Transport.push``).
         Raises ``TransportError``: the push's own kind when it reported a
         failure, ``UNKNOWN`` when it returned something other than a result.
         """
@@ -127,12 +130,24 @@ class RemoteAccess:
         push = self._push
         if push is not None:
             extra = optional_kwargs(
-                push, rewrite=rewrite, progress=progress, own_manifests=own_manifests, previous_stamp=previous_stamp
+                push,
+                rewrite=rewrite,
+                progress=progress,
+                own_manifests=own_manifests,
+                previous_stamp=previous_stamp,
+                fresh=fresh,
+                claim=claim,
             )
             outcome = await _call(push, run, bwlimit_kibps=bwlimit_kibps, **extra)
         else:
             # A transport written before ``own_manifests`` existed makes its own conflict check.
-            own = optional_kwargs(self.transport.push, own_manifests=own_manifests, previous_stamp=previous_stamp)
+            own = optional_kwargs(
+                self.transport.push,
+                own_manifests=own_manifests,
+                previous_stamp=previous_stamp,
+                fresh=fresh,
+                claim=claim,
+            )
             outcome = await self.transport.push(
                 run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress, **own
             )

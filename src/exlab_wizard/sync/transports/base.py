@@ -267,6 +267,8 @@ class Transport(abc.ABC):
         cleaned: frozenset[str] = frozenset(),
         own_manifests: Collection[str] | None = (),
         previous_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> TransportResult:
         """Copy the whole run folder (data and ``.exlab-wizard/``) to its remote folder.
 
@@ -295,6 +297,14 @@ class Transport(abc.ABC):
         ``.exlab-wizard/previous/<stamp>/<path>``, decided from what the push
         itself finds, never from a check made earlier; a file that cannot be
         kept so is not written over.
+        ``fresh`` (no push of this job has written to the remote yet): a data
+        file of the run's names already in the remote run folder is another's,
+        and raises ``REMOTE_CONFLICT`` without writing anything, unless the
+        folder's verified manifest is this run's own (see
+        :func:`~exlab_wizard.sync.transports.conflict.unclaimed_files_error`).
+        ``claim`` is called once, after every conflict check passed and before
+        the push writes or moves any file of the remote run folder; the caller
+        records there that the job's pushes are no longer ``fresh``.
         """
 
     async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:

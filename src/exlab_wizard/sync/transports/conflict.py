@@ -21,6 +21,14 @@ Two runs reach one NAS folder through a share that folds letter case
 with a project and a run name in common, or two instrument PCs configured
 alike; the files of the second have the names of the first, and without this
 check its push would overwrite the first run's only verified copy.
+
+A verified copy has no manifest on the NAS for a while: the metadata push after
+VERIFIED writes it, and it may fail and wait for its retry. So a job that has
+never run before (``fresh``) takes no data file on the NAS for its own: data
+files of the run's names in a NAS folder no attempt of the job wrote to are
+another's, unless the folder's manifest says the run is its owner
+(:func:`unclaimed_files_error`). A job that ran before may have left them there
+itself (a push cut off), and resumes.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ __all__ = [
     "foreign_copy_error",
     "local_manifest_digest",
     "sort_remote",
+    "unclaimed_files_error",
 ]
 
 #: The run's verified manifest, relative to the run folder: on the NAS, the mark of a verified copy.
@@ -67,10 +76,13 @@ class RemoteExtras(NamedTuple):
     ``leftovers``: the transport's own leftovers to remove (sorted, no
     duplicates). ``foreign``: entries that are someone else's (sorted by
     their bytes; a folder where the run has a file ends with ``/``).
+    ``claimed``: see :func:`sort_remote`'s ``fresh``.
     """
 
     leftovers: list[str]
     foreign: list[str]
+    #: with ``fresh``: the data files the remote folder holds under the run's names (sorted by bytes)
+    claimed: tuple[str, ...] = ()
 
 
 def _never(path: str, kind: str) -> str | None:
@@ -84,6 +96,7 @@ def sort_remote(
     cleaned: Collection[str] = frozenset(),
     *,
     leftover: Leftover = _never,
+    fresh: bool = False,
 ) -> RemoteExtras:
     """Split the remote run folder's entries into the transport's leftovers and foreign ones.
 
@@ -94,6 +107,9 @@ def sort_remote(
 
     - a folder is foreign where the run has a file, else fine;
     - a regular file where the run has one is ours (compared by the push);
+      with ``fresh`` (no attempt of this job has written to the folder), a
+      data file there is listed in ``claimed`` too (see
+      :func:`unclaimed_files_error`);
     - the transport's own leftover (``leftover``) is to be removed;
     - anything where the run has a file or a folder (a symlink, a file in
       place of a folder) is foreign;
@@ -102,19 +118,22 @@ def sort_remote(
     """
     leftovers: set[str] = set()
     foreign: list[str] = []
+    claimed: list[str] = []
     for path, kind in remote.items():
         if kind == DIR:
             if path in local_files:
                 foreign.append(path + "/")
             continue
         if kind == FILE and path in local_files:
+            if fresh and not is_metadata_path(path):
+                claimed.append(path)
             continue
         junk = leftover(path, kind)
         if junk is not None:
             leftovers.add(junk)
         elif path in local_files or path in local_dirs or not (is_metadata_path(path) or path in cleaned):
             foreign.append(path)
-    return RemoteExtras(sorted(leftovers), sorted(foreign, key=os.fsencode))
+    return RemoteExtras(sorted(leftovers), sorted(foreign, key=os.fsencode), tuple(sorted(claimed, key=os.fsencode)))
 
 
 def conflict_error(remote_run: str, foreign: Collection[str]) -> TransportError:
@@ -125,6 +144,28 @@ def conflict_error(remote_run: str, foreign: Collection[str]) -> TransportError:
         TransportErrorKind.REMOTE_CONFLICT,
         f"remote run folder {remote_run} already holds {len(names)} entries that are not in this run "
         f"({shown}); nothing was written",
+    )
+
+
+def unclaimed_files_error(remote_run: str, claimed: Collection[str]) -> TransportError | None:
+    """``REMOTE_CONFLICT`` for a job's first push into a NAS folder that holds data files of its names; else None.
+
+    ``claimed``: :class:`RemoteExtras`'s, from a listing that showed no
+    manifest of this run (:data:`NAS_MANIFEST` absent, or one
+    :func:`foreign_copy_error` found to be the run's own: pass nothing then).
+    No attempt of the job wrote to the folder, so the files are another's: most
+    often another run's verified copy whose manifest is not there yet (its
+    metadata push waits for its retry), or one a lost queue's job sent.
+    """
+    if not claimed:
+        return None
+    names = sorted(claimed, key=os.fsencode)
+    shown = ", ".join(repr(p) for p in names[:5]) + (" ..." if len(names) > 5 else "")
+    return TransportError(
+        TransportErrorKind.REMOTE_CONFLICT,
+        f"remote run folder {remote_run} already holds {len(names)} data files with this run's names ({shown}) "
+        f"that no push of this job wrote, and no manifest of this run: another run's copy, or one sent by a "
+        f"queue since lost; nothing was written",
     )
 
 

@@ -155,6 +155,7 @@ from exlab_wizard.sync.transports.conflict import (
     foreign_copy_error,
     local_manifest_digest,
     sort_remote,
+    unclaimed_files_error,
 )
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
@@ -358,6 +359,10 @@ class _Push:
     own: Collection[str] | None = None
     #: a run verified before: every data file the push replaces is first moved under previous/<stamp>/
     keep_stamp: str | None = None
+    #: no push of the job wrote to the NAS yet: a data file of the run's names there is another's
+    fresh: bool = False
+    #: called once the conflict checks passed, before the first write (Transport.push)
+    claim: Callable[[], None] | None = None
 
 
 #: (inode, size, mtime ns, ctime ns) of a file as 32 bytes
@@ -488,6 +493,8 @@ class MountTransport(Transport):
         cleaned: frozenset[str] = frozenset(),
         own_manifests: Collection[str] | None = (),
         previous_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> TransportResult:
         """Copy the whole run (data and ``.exlab-wizard/``); see the module notes.
 
@@ -507,6 +514,8 @@ class MountTransport(Transport):
                 frozenset(cleaned),
                 own=own_manifests,
                 keep_stamp=previous_stamp,
+                fresh=fresh,
+                claim=claim,
             )
         except asyncio.CancelledError:
             abort.set()  # the copy threads stop at their next block and remove their temp files
@@ -541,6 +550,8 @@ class MountTransport(Transport):
         *,
         own: Collection[str] | None = None,
         keep_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> TransportResult:
         started = time.monotonic()
         self._require_mounted()
@@ -568,6 +579,8 @@ class MountTransport(Transport):
             total_sink=progress,
             own=None if metadata_only else own,
             keep_stamp=None if metadata_only else keep_stamp,
+            fresh=fresh and not metadata_only,
+            claim=None if metadata_only else claim,
         )
         try:
             self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
@@ -671,7 +684,10 @@ class MountTransport(Transport):
             cleaned,
             only=METADATA_DIR if metadata_only else "",
             owner=None if job.own is None else (run, job.own),
+            fresh=job.fresh,
         )
+        if job.claim is not None:
+            job.claim()  # durably, before anything is written or moved in the NAS folder
 
         sources = []
         replaced: list[str] = []  # data files on the NAS this push writes over
@@ -742,6 +758,7 @@ class MountTransport(Transport):
         *,
         only: str = "",
         owner: tuple[Path, Collection[str]] | None = None,
+        fresh: bool = False,
     ) -> tuple[dict[str, tuple[int, int]], list[str]]:
         """(size, mtime ns) of remote files the run also has, and stale temp files; refuse conflicts.
 
@@ -749,6 +766,8 @@ class MountTransport(Transport):
         ``owner``: the local run and the manifests it may have left on the NAS: a verified
         manifest there must be one of them
         (:func:`~exlab_wizard.sync.transports.conflict.foreign_copy_error`).
+        ``fresh``: without such a manifest, a data file of the run's names there is another's
+        (:func:`~exlab_wizard.sync.transports.conflict.unclaimed_files_error`).
         """
         top = os.path.join(remote, only) if only else remote
         try:
@@ -783,15 +802,17 @@ class MountTransport(Transport):
                             listing[rel] = OTHER
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
-        extras = sort_remote(local_files, local_dirs, listing, cleaned, leftover=_own_temp)
+        extras = sort_remote(local_files, local_dirs, listing, cleaned, leftover=_own_temp, fresh=fresh)
         if extras.foreign:
             raise conflict_error(remote, extras.foreign)
         if owner is not None and listing.get(NAS_MANIFEST) == FILE:
             error = foreign_copy_error(
                 remote, theirs=self._remote_digest(remote), own=owner[1], local=local_manifest_digest(owner[0])
             )
-            if error is not None:
-                raise error
+        else:
+            error = unclaimed_files_error(remote, extras.claimed)
+        if error is not None:
+            raise error
         return stats, [os.path.join(remote, rel) for rel in extras.leftovers]
 
     def _keep_replaced(self, job: _Push, replaced: list[str]) -> None:

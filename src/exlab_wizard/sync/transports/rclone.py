@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
@@ -79,6 +79,7 @@ from exlab_wizard.sync.transports.conflict import (
     check_owner,
     conflict_error,
     sort_remote,
+    unclaimed_files_error,
 )
 
 __all__ = [
@@ -450,6 +451,8 @@ class RcloneTransport(Transport):
         cleaned: frozenset[str] = frozenset(),
         own_manifests: Collection[str] | None = (),
         previous_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         fs = self._fs(run_path)
@@ -469,7 +472,7 @@ class RcloneTransport(Transport):
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
         else:
             remote = _listing(listed.stdout)
-        extras = _sort_extras(local, remote, cleaned)
+        extras = _sort_extras(local, remote, cleaned, fresh=fresh)
         if extras.foreign:
             error = conflict_error(fs, extras.foreign)
             self.log.error(run_path, "remote_conflict", remote=fs, foreign_files=len(extras.foreign))
@@ -482,6 +485,11 @@ class RcloneTransport(Transport):
             except TransportError as error:
                 self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
                 raise
+        elif (error := unclaimed_files_error(fs, extras.claimed)) is not None:
+            self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
+            raise error
+        if claim is not None:
+            await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
         junk = extras.leftovers
 
         bw = self._bwlimit_args(bwlimit_kibps)
@@ -835,7 +843,9 @@ class _Stats:
             self.buffer = b""
 
 
-def _sort_extras(local: LocalTree, remote: dict[str, int], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
+def _sort_extras(
+    local: LocalTree, remote: dict[str, int], cleaned: Collection[str] = frozenset(), *, fresh: bool = False
+) -> RemoteExtras:
     """Split remote files that are not in the run into rclone's leftovers and foreign files."""
     return sort_remote(
         local.files,
@@ -843,6 +853,7 @@ def _sort_extras(local: LocalTree, remote: dict[str, int], cleaned: Collection[s
         dict.fromkeys(remote, FILE),
         cleaned,
         leftover=lambda path, _kind: path if _is_own_partial(path, local) else None,
+        fresh=fresh,
     )
 
 

@@ -55,7 +55,7 @@ import shutil
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +105,7 @@ from exlab_wizard.sync.transports.conflict import (
     check_owner,
     conflict_error,
     sort_remote,
+    unclaimed_files_error,
 )
 from exlab_wizard.sync.transports.remote_programs import remote_program
 
@@ -476,6 +477,8 @@ class RsyncSshTransport(Transport):
         cleaned: frozenset[str] = frozenset(),
         own_manifests: Collection[str] | None = (),
         previous_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         remote_run = self.remote_run_path(run_path)
@@ -508,6 +511,8 @@ class RsyncSshTransport(Transport):
                 cleaned,
                 own=own_manifests,
                 keep_stamp=previous_stamp,
+                fresh=fresh,
+                claim=claim,
             )
             local_hashes = await hashing
         except BaseException:
@@ -534,9 +539,11 @@ class RsyncSshTransport(Transport):
         *,
         own: Collection[str] | None = None,
         keep_stamp: str | None = None,
+        fresh: bool = False,
+        claim: Callable[[], None] | None = None,
     ) -> tuple[int, int]:
         """The push once both listings are in: the conflict checks, then rsync; (files, bytes) sent."""
-        extras = _sort_extras(local, listing or {}, cleaned)
+        extras = _sort_extras(local, listing or {}, cleaned, fresh=fresh)
         if extras.foreign:
             error = conflict_error(remote_run, extras.foreign)
             self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(extras.foreign))
@@ -549,6 +556,11 @@ class RsyncSshTransport(Transport):
             except TransportError as error:
                 self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
                 raise
+        elif (error := unclaimed_files_error(remote_run, extras.claimed)) is not None:
+            self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
+            raise error
+        if claim is not None:
+            await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
         junk = extras.leftovers
 
         if self._host_key() not in _HOST_TOOLS:
@@ -1450,7 +1462,9 @@ def _stats(stdout: bytes) -> tuple[int, int]:
     return (int(files[-1]) if files else 0, int(size[-1]) if size else 0)
 
 
-def _sort_extras(local: LocalTree, remote: dict[str, _Entry], cleaned: Collection[str] = frozenset()) -> RemoteExtras:
+def _sort_extras(
+    local: LocalTree, remote: dict[str, _Entry], cleaned: Collection[str] = frozenset(), *, fresh: bool = False
+) -> RemoteExtras:
     """Split remote entries that are not in the run into our leftovers and foreign ones."""
 
     def leftover(path: str, kind: str) -> str | None:
@@ -1469,7 +1483,7 @@ def _sort_extras(local: LocalTree, remote: dict[str, _Entry], cleaned: Collectio
         return path if candidate in local.files or truncated else None
 
     kinds = {path: entry.kind if entry.kind in (FILE, DIR) else OTHER for path, entry in remote.items()}
-    return sort_remote(local.files, local.dirs, kinds, cleaned, leftover=leftover)
+    return sort_remote(local.files, local.dirs, kinds, cleaned, leftover=leftover, fresh=fresh)
 
 
 #: The remote shell gets the whole command as one argument, which Linux limits to 128 KiB.
