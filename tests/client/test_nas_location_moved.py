@@ -78,3 +78,37 @@ async def test_an_audit_at_a_moved_nas_holding_the_copy_counts_as_its_first_pass
         assert outcome.action == "deleted", outcome
     assert not any((run / rel).exists() for rel in FILES)
     assert (lab.nas_copy(run) / next(iter(FILES))).exists()  # the old share untouched
+
+
+async def test_a_config_replaced_on_a_running_client_reads_the_new_share(lab: Lab, tmp_path: Path) -> None:
+    """``client.config = ...`` (a reload) moves the equipment to a share whose copy is still being filled.
+
+    The transport was kept by equipment id, built from the old settings: the audit hashed the
+    old share and recorded its passes for the new place, and the reaper (given the old config
+    at its start) then deleted on the strength of a listing of the new share, whose files held
+    zeros at their final sizes (rule 1). Found by review.
+    """
+    clock = Clock()
+    cfg = config(lab)
+    run = lab.make_run(files=FILES)
+    share = mark_nas(tmp_path / "nas2")
+    new_copy = share / lab.nas_copy(run).relative_to(lab.mount_path(EQ))
+    moved = on_share(cfg, EQ, share)
+    async with running(cfg, clock) as client:
+        await ready(client, clock, run)  # two passes on the first share
+        for rel, data in FILES.items():
+            (new_copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            (new_copy / rel).write_bytes(b"\0" * len(data))
+        client.config = moved
+        for _ in range(2):
+            clock.advance(6)
+            await client.audit_once()
+            await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        here = run_location(moved.equipment_by_id(EQ), run)
+        if job.verified_location == here:  # any pass counted for the new place was read there
+            assert all((new_copy / rel).read_bytes() == data for rel, data in FILES.items())
+        outcomes = acts(await client.cleanup_once())
+        assert data_intact(run) or all((new_copy / rel).read_bytes() == data for rel, data in FILES.items()), (
+            f"deleted locally while the new share holds zeros: {[(o.action, o.reason) for o in outcomes]}"
+        )

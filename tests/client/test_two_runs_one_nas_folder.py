@@ -30,6 +30,7 @@ S = SyncJobState
 OTHER = "FACS_02"
 #: same names and sizes as FILES, other bytes (another instrument's run)
 FOREIGN = {rel: bytes(255 - b for b in data) for rel, data in FILES.items()}
+MANIFEST = ".exlab-wizard/checksums.sha256"
 
 
 async def test_a_second_instrument_never_overwrites_the_first_ones_verified_copy(tmp_path: Path) -> None:
@@ -257,3 +258,66 @@ async def test_an_attempt_that_wrote_nothing_leaves_the_next_one_fresh(
             f"the second run's retry wrote over the first one's verified copy (B ended {job_b.state.value})"
         )
         assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
+
+
+async def test_a_verified_run_moved_in_the_config_never_moves_another_runs_copy_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B verified on its own share; FACS_02 is moved in the config onto CONFOCAL_01's share, where A's
+    run of the same names is verified with its metadata push waiting (no manifest there yet). B gets a
+    late file: its push (a 'claimed' job: verified, elsewhere) must not replace A's verified files."""
+    lab = Lab.build(tmp_path)  # nas/EQ and nas/FACS_02: one share each
+    clock = Clock()
+    cfg = cleanup_config(lab)
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+    nas_a = lab.nas_copy(run_a, EQ)
+    async with running(cfg, clock) as client:
+        await synced(client, run_b)  # B verified on its own share, manifest pushed
+    down = _metadata_push_down(monkeypatch)
+    async with running(cfg, clock) as client:
+        await synced(client, run_a)  # A verified; its manifest not on the NAS yet
+    assert not (nas_a / MANIFEST).exists()
+
+    moved = on_share(cfg, OTHER, lab.mount_path(EQ))
+    assert lab.mount_path(EQ) / run_b.relative_to(lab.local_root / OTHER) == nas_a
+    (run_b / "late.txt").write_bytes(b"late\n")
+    async with running(moved, clock) as client:
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        job_b = await client.job(run_b)
+    assert down  # A's metadata push still waits
+    assert all((nas_a / rel).read_bytes() == data for rel, data in FILES.items()), (
+        f"B (verified elsewhere) replaced A's verified NAS files (B ended {job_b.state.value}: {job_b.last_error})"
+    )
+
+
+async def test_a_metadata_push_after_a_config_move_never_writes_over_another_runs_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B verified on its own share with its metadata push waiting; FACS_02 is then moved onto
+    CONFOCAL_01's share, where A is verified with its manifest there. B's metadata push (own_manifests
+    None: no check) must not write B's checksums.sha256 over A's, which would also refuse A from its
+    own folder for good."""
+    lab = Lab.build(tmp_path)
+    clock = Clock()
+    cfg = cleanup_config(lab)
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+    nas_a = lab.nas_copy(run_a, EQ)
+    async with running(cfg, clock) as client:
+        await synced(client, run_a)  # A verified, manifest pushed
+    a_manifest = (nas_a / MANIFEST).read_bytes()
+    down = _metadata_push_down(monkeypatch)
+    async with running(cfg, clock) as client:
+        await synced(client, run_b)  # B verified on its own share, metadata push waiting
+    down.clear()
+
+    moved = on_share(cfg, OTHER, lab.mount_path(EQ))
+    async with running(moved, clock) as client:
+        await client.wait_idle(timeout=60)  # B's pending metadata push is due now
+        job_b = await client.job(run_b)
+    assert (nas_a / MANIFEST).read_bytes() == a_manifest, (
+        f"B's metadata push wrote its manifest over A's verified one (B: {job_b.state.value}, "
+        f"metadata push pending={job_b.metadata_push_pending})"
+    )

@@ -485,12 +485,15 @@ class ThreeRules(RuleBasedStateMachine):
 
         A run that is intact locally, new or FAILED for a reason other than local
         damage or another run's verified copy in its NAS folder, with the NAS
-        there, must end VERIFIED with every file on the NAS.
+        there, and alone in its NAS folder, must end VERIFIED with every file on
+        the NAS. (Of two runs sharing one NAS folder, the one that did not get
+        there first is refused, whenever its push first reaches the folder.)
         """
         model = self._pick_run(data, self.runs)
         before = self._job(model)
         due = (
             not self.nas.unplugged
+            and len(self._sharing(model)) == 1
             and self._intact_locally(model)
             and (
                 before is None
@@ -1019,6 +1022,34 @@ def test_an_edit_between_the_hashing_and_the_record_with_the_clock_ahead_is_neve
             step()
             machine.the_three_rules_hold()
         assert machine.edit_armed is False, "the edit was never made: the history tests nothing"
+    finally:
+        machine.teardown()
+
+
+def test_a_restore_never_writes_over_a_new_run_written_in_the_records_clock_tick(tmp_path: Path) -> None:
+    """A fixed history the machine found (a long run): a rewrite half done when the verified stats were
+    recorded (an untrusted record carrying the rewrite's mtime), the run folder then replaced by a new
+    acquisition of the same names within the same tick of the filesystem's clock, then a restore.
+
+    The new file carried the record's mtime, so its new bytes counted as damage, and the restore wrote
+    the verified NAS bytes over the only copy of the new run's file. Its size differs: an edit.
+    """
+    machine = _machine(MountNas, tmp_path)()
+    try:
+        machine.first_run_synced(
+            retain_cache=False, files={"image_001.tif": b"\x00", "stack.raw": b"\x00"}, pending=None
+        )
+        run = machine.runs[0]
+        steps: list[Callable[[], None]] = [
+            machine.rot_at_the_next_verification,
+            lambda: machine.nas_flip_byte(_Pick("image_001.tif"), 0),
+            machine.audit,
+            lambda: machine.reuse_run_name(_Pick(run.path.name), b"\x00"),
+            lambda: machine.restore(_Pick(run.path.name)),
+        ]
+        for step in steps:
+            step()
+            machine.the_three_rules_hold()
     finally:
         machine.teardown()
 

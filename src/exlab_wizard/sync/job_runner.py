@@ -57,7 +57,7 @@ from exlab_wizard.sync.recovery import (
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import run_location
+from exlab_wizard.sync.transports.base import location_change, run_location
 from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
@@ -400,11 +400,13 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # The manifests this run may have left on the NAS: a NAS folder holding another one is another
     # run's verified copy (two runs reaching one folder), never written to, nor moved aside.
     own = await asyncio.to_thread(_own_manifests, queue, job)
-    # A job no push of which ever got past its conflict checks wrote nothing to the NAS: data files
-    # of its names there are another's (another run's verified copy whose manifest its metadata push
-    # has not written yet). A push about to write records it first, durably.
-    fresh = not await asyncio.to_thread(_claimed_before, queue, job)
-    if keep or everything:
+    # A job no push of which ever got past its conflict checks at this NAS place wrote nothing there:
+    # data files of its names there are another's (another run's verified copy whose manifest its
+    # metadata push has not written yet), and none is its to keep. A push about to write records
+    # it first, durably.
+    here = run_location(equipment, run)
+    fresh = not await asyncio.to_thread(_claimed_before, queue, job, equipment, run)
+    if (keep or everything) and not fresh:
         try:
             job = await _keep_on_nas(ctx, job, remote, keep, everything=everything, own=own)
         except TransportError as exc:
@@ -438,7 +440,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             own_manifests=own,
             previous_stamp=push_stamp,
             fresh=fresh,
-            claim=functools.partial(_claim, ctx, job) if fresh else None,
+            claim=functools.partial(_claim, ctx, job, here) if fresh else None,
         )
         local_hashes = _data_hashes(outcome.local_hashes) if hashes_in_pass else None
         # The push's own hashes are not kept beside the data-only ones through the verification.
@@ -583,15 +585,26 @@ def _own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
     return tuple(dict.fromkeys(own))
 
 
-def _claimed_before(queue: JobQueue, job: SyncJobRow) -> bool:
-    """May a push of ``job`` have written into its NAS folder? (a verified job's did; else its events say)"""
-    return bool(job.manifest_digest) or any(e.kind == NAS_CLAIMED_EVENT for e in queue.events(job.id))
+def _claimed_before(queue: JobQueue, job: SyncJobRow, equipment: EquipmentConfig, run: Path) -> bool:
+    """May a push of ``job`` have written into its NAS folder at the place the configuration names now?
+
+    A job verified there did; otherwise its claims say (each names its place; one carried over from
+    an older version names none, and counts unless the configuration has moved the run since).
+    """
+    here = run_location(equipment, run)
+    moved = location_change(equipment, run, verified_location=job.verified_location, remote_path=job.remote_path)
+    if job.manifest_digest and moved is None:
+        return True
+    return any(
+        e.kind == NAS_CLAIMED_EVENT and (e.code == here or (e.code is None and moved is None))
+        for e in queue.events(job.id)
+    )
 
 
-def _claim(ctx: ClientContext, job: SyncJobRow) -> None:
-    """Record, before the push's first write, that it writes into the job's NAS folder (see _claimed_before)."""
+def _claim(ctx: ClientContext, job: SyncJobRow, here: str) -> None:
+    """Record, before the push's first write, that it writes into the NAS folder at ``here`` (see _claimed_before)."""
     ctx.require_queue().record_event(
-        job.id, NAS_CLAIMED_EVENT, f"the push writes into {job.remote_path}", now=ctx.clock()
+        job.id, NAS_CLAIMED_EVENT, f"the push writes into the NAS folder at {here}", now=ctx.clock(), code=here
     )
 
 

@@ -34,6 +34,7 @@ from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
 from exlab_wizard.sync.states import IllegalTransition
 from exlab_wizard.sync.transports import TransportError
+from exlab_wizard.sync.transports.base import location_change
 from exlab_wizard.sync.verifier import hash_tree
 
 __all__ = [
@@ -200,10 +201,20 @@ async def try_push(
 ) -> tuple[Any, str | None]:
     """Send the refreshed ``.exlab-wizard/`` alone (see :meth:`RemoteAccess.push_metadata`).
 
-    Returns ``(what the push returned, None)``, or ``(None, why it failed)``.
+    Returns ``(what the push returned, None)``, or ``(None, why it failed)``. Never sent to a
+    NAS place other than the one the job was verified at (the configuration moved the run since):
+    the folder there may be another run's, and the refreshed ``.exlab-wizard/`` goes there only
+    once the run is verified there (the audit's pass at the new place, or a push after its mismatch).
     """
+    run = Path(job.run_path)
     try:
-        return await ctx.remotes.access(equipment).push_metadata(Path(job.run_path), cleaned=cleaned), None
+        moved = location_change(equipment, run, verified_location=job.verified_location, remote_path=job.remote_path)
+    except ValueError as exc:
+        return None, f"no NAS place for the run: {exc}"
+    if moved is not None:
+        return None, f"the NAS place changed since the verification ({moved[0]} -> {moved[1]}); not sent there yet"
+    try:
+        return await ctx.remotes.access(equipment).push_metadata(run, cleaned=cleaned), None
     except asyncio.CancelledError:
         raise
     except TransportError as exc:

@@ -372,7 +372,7 @@ class NASSyncClient:
 
     async def cleanup_once(self, *, dry_run: bool = False) -> list[Any]:
         """One reaper pass (or its plan with ``dry_run``)."""
-        reaper = self._reaper or self._make_reaper()
+        reaper = self._current_reaper()
         if dry_run:
             return await reaper.plan(dry_run=True)
         return await reaper.run_pass()
@@ -395,6 +395,13 @@ class NASSyncClient:
         if creation.sync_status == "blocked_by_validation":
             self.cache.set_sync_status(run, "pending")
 
+    def _current_reaper(self) -> Reaper:
+        """The reaper, judging by the configuration in force now (``config`` may have been replaced)."""
+        if self._reaper is None:
+            self._reaper = self._make_reaper()
+        self._reaper.config = self.config
+        return self._reaper
+
     def _make_reaper(self) -> Reaper:
         ctx = self._ctx
         return Reaper(
@@ -412,7 +419,7 @@ class NASSyncClient:
         while True:
             await asyncio.sleep(self.config.sync.scan_interval_s)
             try:
-                await self._reaper.run_pass()
+                await self._current_reaper().run_pass()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -233,19 +233,23 @@ class Remotes:
         self._remote_stat = remote_stat
         #: Transports by equipment id (tests may put one in before first use).
         self.transports: dict[str, Transport] = {}
+        #: The transport settings each built transport was made from: a reload that changes them
+        #: gets a new one (one built from the old settings would read and write the old place).
+        self._built_for: dict[str, Any] = {}
         self._pushes: dict[str, Callable[..., Any]] = {}
         self._hashsums: dict[str, Callable[[Path], Awaitable[Any]]] = {}
 
     def transport(self, equipment: EquipmentConfig) -> Transport:
-        """The equipment's own transport, built once."""
+        """The equipment's own transport, built once for its transport settings (again when they change)."""
         transport = self.transports.get(equipment.id)
-        if transport is None:
+        if transport is None or self._built_for.get(equipment.id, equipment.transport) != equipment.transport:
             transport = self.transports[equipment.id] = make_transport(
                 equipment,
                 log=self._log_for(equipment),
                 now=self.now,
                 verify_max_stream_bytes=self._config().sync.verify_max_stream_bytes,
             )
+            self._built_for[equipment.id] = equipment.transport
         return transport
 
     def access(self, equipment: EquipmentConfig) -> RemoteAccess:
@@ -263,10 +267,9 @@ class Remotes:
     def hashsum(self, equipment: EquipmentConfig) -> Callable[[Path], Awaitable[Any]]:
         """The injected hashsum for ``equipment`` (its factory called once), else the transport's ``remote_manifest``."""
         if equipment.id not in self._hashsums:
-            if self._hashsum_factory is not None:
-                self._hashsums[equipment.id] = self._hashsum_factory(equipment)
-            else:
-                self._hashsums[equipment.id] = self.transport(equipment).remote_manifest
+            if self._hashsum_factory is None:
+                return self.transport(equipment).remote_manifest  # the transport for the settings in force
+            self._hashsums[equipment.id] = self._hashsum_factory(equipment)
         return self._hashsums[equipment.id]
 
     def _equipment(self, job: SyncJobRow) -> EquipmentConfig | None:
