@@ -411,6 +411,47 @@ async def test_a_first_push_into_its_own_verified_copy_goes_on(remote, local_roo
     assert tree(remote.run_on_disk) == {**files, **manifest}
 
 
+OWNER, OTHER_JOB = "a" * 32, "b" * 32
+
+
+async def test_a_push_naming_its_job_claims_the_folder(remote, local_root):
+    """``owner``: the push leaves ``.exlab-wizard/claims/<owner>`` in the remote run folder (made by it)."""
+    eq = remote.equipment(local_root)
+    files = {"frame_001.tif": b"frame", "sub/stack.raw": b"stack"}
+    run = make_run(eq.local_root, files, symlink=False)
+    result = await remote.transport(eq).push(run, bwlimit_kibps=None, fresh=True, owner=OWNER)
+    assert result.ok
+    on_disk = tree(remote.run_on_disk)
+    assert f".exlab-wizard/claims/{OWNER}" in on_disk
+    assert {rel: on_disk[rel] for rel in files} == files
+
+    again = await remote.transport(eq).push(run, bwlimit_kibps=None, fresh=True, owner=OWNER)  # its own folder
+    assert again.ok and again.files_sent == 0
+
+
+async def test_a_folder_another_job_claimed_is_remote_conflict_and_untouched(remote, local_root):
+    """Another job's claim, no verified manifest: that job's folder, even with none of its files there yet."""
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"frame_001.tif": b"ours", "new.bin": b"only ours"}, symlink=False)
+    put_on_disk(remote, {f".exlab-wizard/claims/{OTHER_JOB}": b"FACS_02 /data/Run_1\n"})
+    for fresh in (True, False):
+        refused = await _refused_untouched(
+            remote, lambda fresh=fresh: remote.transport(eq).push(run, bwlimit_kibps=None, fresh=fresh, owner=OWNER)
+        )
+        assert "claimed by another job" in refused.message and OTHER_JOB in refused.message
+
+
+async def test_its_own_claim_makes_the_files_there_its_own(remote, local_root):
+    """A push cut off after its claim: the job's next push resumes over its own files, ``fresh`` or not."""
+    eq = remote.equipment(local_root)
+    files = {"frame_001.tif": b"frame, whole", "sub/stack.raw": b"stack"}
+    run = make_run(eq.local_root, files, symlink=False)
+    put_on_disk(remote, {f".exlab-wizard/claims/{OWNER}": b"x\n", "frame_001.tif": b"fra"})
+    result = await remote.transport(eq).push(run, bwlimit_kibps=None, fresh=True, owner=OWNER)
+    assert result.ok
+    assert {rel: data for rel, data in tree(remote.run_on_disk).items() if rel in files} == files
+
+
 async def test_a_verified_copy_of_this_run_is_no_conflict(remote, local_root):
     """The run's own verified copy: the local run carries the same manifest (moved to a new disk, queue lost)."""
     eq = remote.equipment(local_root)

@@ -58,7 +58,7 @@ from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import location_change, run_location
-from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner
+from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner, claim_markers, ownership_error
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 
@@ -400,15 +400,15 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # The manifests this run may have left on the NAS: a NAS folder holding another one is another
     # run's verified copy (two runs reaching one folder), never written to, nor moved aside.
     own = await asyncio.to_thread(_own_manifests, queue, job)
-    # A job no push of which ever got past its conflict checks at this NAS place wrote nothing there:
-    # data files of its names there are another's (another run's verified copy whose manifest its
-    # metadata push has not written yet), and none is its to keep. A push about to write records
-    # it first, durably.
+    # A job that never wrote into the folder at this NAS place: data files of its names there are
+    # another's (another run's verified copy whose manifest its metadata push has not written yet),
+    # and none is its to keep. What says it wrote is its claim file on the NAS, which a push writes
+    # (durably) before its first file; the queue knows only of jobs from before claim files.
     here = run_location(equipment, run)
     fresh = not await asyncio.to_thread(_claimed_before, queue, job, equipment, run)
-    if (keep or everything) and not fresh:
+    if keep or everything:
         try:
-            job = await _keep_on_nas(ctx, job, remote, keep, everything=everything, own=own)
+            job = await _keep_on_nas(ctx, job, remote, keep, everything=everything, own=own, fresh=fresh)
         except TransportError as exc:
             retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"keeping the NAS files: {exc.message}")
             return
@@ -441,6 +441,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             previous_stamp=push_stamp,
             fresh=fresh,
             claim=functools.partial(_claim, ctx, job, here) if fresh else None,
+            owner=job.id,
         )
         local_hashes = _data_hashes(outcome.local_hashes) if hashes_in_pass else None
         # The push's own hashes are not kept beside the data-only ones through the verification.
@@ -495,6 +496,7 @@ async def _keep_on_nas(
     *,
     everything: bool,
     own: tuple[str, ...],
+    fresh: bool,
 ) -> SyncJobRow:
     """Keep, of ``paths`` (or ``everything``: every data file there), the files the NAS holds now.
 
@@ -502,11 +504,23 @@ async def _keep_on_nas(
     so a host that refuses commands still takes a file an operator moved
     aside by hand (docs/recovery.md), and nothing is asked when nothing is there.
     A NAS folder whose verified manifest is not one of ``own`` (nor the local
-    one) is another run's: ``REMOTE_CONFLICT``, nothing moved.
+    one) is another run's: ``REMOTE_CONFLICT``, nothing moved; so is one with no such manifest that
+    is not the job's (another job's claim there, or, ``fresh``, no claim of its own: see
+    :func:`~exlab_wizard.sync.transports.conflict.ownership_error`).
     """
     on_nas = await ctx.remotes.listing(job)
     if NAS_MANIFEST in on_nas:
         await check_owner(Path(job.run_path), job.remote_path, remote.fetch, own)
+    else:
+        error = ownership_error(
+            job.remote_path,
+            claimed=[rel for rel in on_nas if is_data_path(rel)],
+            markers=claim_markers(on_nas),
+            owner=job.id,
+            fresh=fresh,
+        )
+        if error is not None:
+            raise error
     wanted = sorted(rel for rel in on_nas if is_data_path(rel)) if everything else paths
     held = tuple(rel for rel in wanted if rel in on_nas)
     return await _keep_previous(ctx, job, remote, held) if held else job
@@ -586,19 +600,20 @@ def _own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
 
 
 def _claimed_before(queue: JobQueue, job: SyncJobRow, equipment: EquipmentConfig, run: Path) -> bool:
-    """May a push of ``job`` have written into its NAS folder at the place the configuration names now?
+    """May a push of ``job`` have written into its NAS folder at the place the configuration names now,
+    before pushes named their job there (``.exlab-wizard/claims/<job id>``, which the push itself reads)?
 
-    A job verified there did; otherwise its claims say (each names its place; one carried over from
-    an older version names none, and counts unless the configuration has moved the run since).
+    A job verified there did, and one that ran under a version before claims (its claim, carried
+    over by the queue's migration, names no place: it counts unless the configuration has moved
+    the run since). A claim recorded since says only that a push got past its checks: whether it
+    wrote is for the NAS to say, by the job's claim file there.
     """
-    here = run_location(equipment, run)
     moved = location_change(equipment, run, verified_location=job.verified_location, remote_path=job.remote_path)
-    if job.manifest_digest and moved is None:
+    if moved is not None:
+        return False
+    if job.manifest_digest:
         return True
-    return any(
-        e.kind == NAS_CLAIMED_EVENT and (e.code == here or (e.code is None and moved is None))
-        for e in queue.events(job.id)
-    )
+    return any(e.kind == NAS_CLAIMED_EVENT and e.code is None for e in queue.events(job.id))
 
 
 def _claim(ctx: ClientContext, job: SyncJobRow, here: str) -> None:

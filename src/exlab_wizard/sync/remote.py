@@ -117,12 +117,14 @@ class RemoteAccess:
         previous_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> TransportResult:
         """Send the run; its :class:`TransportResult` when it succeeded.
 
         ``own_manifests``: the manifests the job was verified with; ``previous_stamp``: where the
         push keeps the NAS files it replaces; ``fresh``: no push of the job wrote to the NAS yet;
-        ``claim``: records that this one is about to (see ``Transport.push``).
+        ``claim``: records that this one is about to; ``owner``: the job's id, named on the NAS
+        (see ``Transport.push``).
         Raises ``TransportError``: the push's own kind when it reported a
         failure, ``UNKNOWN`` when it returned something other than a result.
         """
@@ -137,6 +139,7 @@ class RemoteAccess:
                 previous_stamp=previous_stamp,
                 fresh=fresh,
                 claim=claim,
+                owner=owner,
             )
             outcome = await _call(push, run, bwlimit_kibps=bwlimit_kibps, **extra)
         else:
@@ -147,6 +150,7 @@ class RemoteAccess:
                 previous_stamp=previous_stamp,
                 fresh=fresh,
                 claim=claim,
+                owner=owner,
             )
             outcome = await self.transport.push(
                 run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress, **own

@@ -269,6 +269,7 @@ class Transport(abc.ABC):
         previous_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> TransportResult:
         """Copy the whole run folder (data and ``.exlab-wizard/``) to its remote folder.
 
@@ -303,8 +304,15 @@ class Transport(abc.ABC):
         folder's verified manifest is this run's own (see
         :func:`~exlab_wizard.sync.transports.conflict.unclaimed_files_error`).
         ``claim`` is called once, after every conflict check passed and before
-        the push writes or moves any file of the remote run folder; the caller
-        records there that the job's pushes are no longer ``fresh``.
+        the push writes or moves any file of the remote run folder (an event
+        for the job's history).
+        ``owner`` (the job's id): right after ``claim``, before any file of the
+        run, the push writes ``.exlab-wizard/claims/<owner>`` into the remote
+        run folder unless it is there (durably where the transport can). A
+        remote run folder with no verified manifest of this run that holds
+        another job's claim raises ``REMOTE_CONFLICT``, and one holding this
+        job's claim is this job's whatever ``fresh`` says (see
+        :func:`~exlab_wizard.sync.transports.conflict.ownership_error`).
         """
 
     async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:

@@ -29,6 +29,13 @@ files of the run's names in a NAS folder no attempt of the job wrote to are
 another's, unless the folder's manifest says the run is its owner
 (:func:`unclaimed_files_error`). A job that ran before may have left them there
 itself (a push cut off), and resumes.
+
+What says a job ran there is on the NAS itself: before its first write into
+the folder, a push names its job in ``.exlab-wizard/claims/<job id>``
+(:data:`CLAIMS_DIR`), and a folder holding another job's claim, and no
+verified manifest of the run, is that job's (:func:`ownership_error`): a job
+whose push claimed the folder and then wrote nothing (the share gone a moment
+later) never takes for its own what another run put there since.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import asyncio
 import errno
 import os
 import tempfile
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,11 +55,14 @@ from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 __all__ = [
     "DIR",
     "FILE",
+    "CLAIMS_DIR",
     "NAS_MANIFEST",
     "OTHER",
     "RemoteExtras",
     "conflict_error",
     "check_owner",
+    "claim_markers",
+    "ownership_error",
     "foreign_copy_error",
     "local_manifest_digest",
     "sort_remote",
@@ -61,6 +71,9 @@ __all__ = [
 
 #: The run's verified manifest, relative to the run folder: on the NAS, the mark of a verified copy.
 NAS_MANIFEST = f"{METADATA_DIR}/{MANIFEST_NAME}"
+
+#: Where a push names the job it writes for, one empty-ish file a job: ``<CLAIMS_DIR>/<job id>``.
+CLAIMS_DIR = f"{METADATA_DIR}/claims"
 
 #: Kinds of remote entries: a regular file, a folder, anything else (a symlink, a device).
 FILE, DIR, OTHER = "f", "d", "o"
@@ -167,6 +180,37 @@ def unclaimed_files_error(remote_run: str, claimed: Collection[str]) -> Transpor
         f"that no push of this job wrote, and no manifest of this run: another run's copy, or one sent by a "
         f"queue since lost; nothing was written",
     )
+
+
+def claim_markers(paths: Iterable[str]) -> set[str]:
+    """The job ids named by claims among the remote run folder's regular files ``paths``."""
+    prefix = CLAIMS_DIR + "/"
+    return {path[len(prefix) :] for path in paths if path.startswith(prefix) and "/" not in path[len(prefix) :]}
+
+
+def ownership_error(
+    remote_run: str, *, claimed: Collection[str], markers: Collection[str], owner: str | None, fresh: bool
+) -> TransportError | None:
+    """``REMOTE_CONFLICT`` for a remote run folder that holds no verified manifest of this run and is not its; else None.
+
+    ``markers``: the job ids claiming the folder (:func:`claim_markers`);
+    ``owner``: this job's id (None: a caller that names no job, and claims
+    are not looked at). Another job's claim makes the folder that job's.
+    This job's own claim makes the files there its own (a push cut off).
+    With neither, ``fresh`` decides (:func:`unclaimed_files_error`).
+    """
+    if owner is not None:
+        others = sorted(m for m in markers if m != owner)
+        if others:
+            return TransportError(
+                TransportErrorKind.REMOTE_CONFLICT,
+                f"remote run folder {remote_run} is claimed by another job ({', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}): its push wrote there first, and the folder holds no "
+                f"verified manifest of this run; nothing was written",
+            )
+        if owner in markers:
+            return None
+    return unclaimed_files_error(remote_run, claimed) if fresh else None
 
 
 def local_manifest_digest(run: os.PathLike[str] | str) -> str | None:

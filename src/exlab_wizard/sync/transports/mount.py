@@ -147,15 +147,17 @@ from exlab_wizard.sync.transports.base import (
     report_total,
 )
 from exlab_wizard.sync.transports.conflict import (
+    CLAIMS_DIR,
     DIR,
     FILE,
     NAS_MANIFEST,
     OTHER,
+    claim_markers,
     conflict_error,
     foreign_copy_error,
     local_manifest_digest,
+    ownership_error,
     sort_remote,
-    unclaimed_files_error,
 )
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
@@ -363,6 +365,8 @@ class _Push:
     fresh: bool = False
     #: called once the conflict checks passed, before the first write (Transport.push)
     claim: Callable[[], None] | None = None
+    #: the job's id, named in .exlab-wizard/claims/ before the first write (None: no claim written)
+    owner: str | None = None
 
 
 #: (inode, size, mtime ns, ctime ns) of a file as 32 bytes
@@ -495,6 +499,7 @@ class MountTransport(Transport):
         previous_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> TransportResult:
         """Copy the whole run (data and ``.exlab-wizard/``); see the module notes.
 
@@ -516,6 +521,7 @@ class MountTransport(Transport):
                 keep_stamp=previous_stamp,
                 fresh=fresh,
                 claim=claim,
+                owner=owner,
             )
         except asyncio.CancelledError:
             abort.set()  # the copy threads stop at their next block and remove their temp files
@@ -552,6 +558,7 @@ class MountTransport(Transport):
         keep_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> TransportResult:
         started = time.monotonic()
         self._require_mounted()
@@ -581,6 +588,7 @@ class MountTransport(Transport):
             keep_stamp=None if metadata_only else keep_stamp,
             fresh=fresh and not metadata_only,
             claim=None if metadata_only else claim,
+            owner=None if metadata_only else owner,
         )
         try:
             self._push_steps(job, bwlimit_kibps, rewrite, cleaned, metadata_only)
@@ -677,7 +685,7 @@ class MountTransport(Transport):
         except OSError as exc:
             raise self._local_error(exc, prefix or ".", run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
-        remote_stats, stale = self._inspect_remote(
+        remote_stats, stale, claimed_here = self._inspect_remote(
             job.remote,
             local_files,
             set(local_dirs),
@@ -685,6 +693,7 @@ class MountTransport(Transport):
             only=METADATA_DIR if metadata_only else "",
             owner=None if job.own is None else (run, job.own),
             fresh=job.fresh,
+            job_id=job.owner,
         )
         if job.claim is not None:
             job.claim()  # durably, before anything is written or moved in the NAS folder
@@ -722,6 +731,8 @@ class MountTransport(Transport):
         report_total(job.total_sink, sum(s.size for s in sources if s.send))
         self._remove_stale(job, stale)
         chain = self._make_dirs(job, run, local_dirs)
+        if job.owner is not None and not claimed_here:
+            self._write_claim(job)  # durably, before any file of the run is written
         fstype = _filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
@@ -759,21 +770,24 @@ class MountTransport(Transport):
         only: str = "",
         owner: tuple[Path, Collection[str]] | None = None,
         fresh: bool = False,
-    ) -> tuple[dict[str, tuple[int, int]], list[str]]:
-        """(size, mtime ns) of remote files the run also has, and stale temp files; refuse conflicts.
+        job_id: str | None = None,
+    ) -> tuple[dict[str, tuple[int, int]], list[str], bool]:
+        """(size, mtime ns) of remote files the run also has, stale temp files, and does ``job_id`` claim the folder.
+
+        Refuses conflicts.
 
         ``only``: list just this subfolder of the remote run folder (relative path).
         ``owner``: the local run and the manifests it may have left on the NAS: a verified
         manifest there must be one of them
         (:func:`~exlab_wizard.sync.transports.conflict.foreign_copy_error`).
-        ``fresh``: without such a manifest, a data file of the run's names there is another's
-        (:func:`~exlab_wizard.sync.transports.conflict.unclaimed_files_error`).
+        ``fresh``, ``job_id``: without such a manifest, the folder must not be another job's
+        (:func:`~exlab_wizard.sync.transports.conflict.ownership_error`).
         """
         top = os.path.join(remote, only) if only else remote
         try:
             root = os.lstat(top)
         except FileNotFoundError:
-            return {}, []
+            return {}, [], False
         except OSError as exc:
             raise self._remote_error(exc, top) from exc
         if not stat.S_ISDIR(root.st_mode):
@@ -810,10 +824,17 @@ class MountTransport(Transport):
                 remote, theirs=self._remote_digest(remote), own=owner[1], local=local_manifest_digest(owner[0])
             )
         else:
-            error = unclaimed_files_error(remote, extras.claimed)
+            error = ownership_error(
+                remote,
+                claimed=extras.claimed,
+                markers=claim_markers(rel for rel, kind in listing.items() if kind == FILE),
+                owner=job_id,
+                fresh=fresh,
+            )
         if error is not None:
             raise error
-        return stats, [os.path.join(remote, rel) for rel in extras.leftovers]
+        claimed_here = job_id is not None and listing.get(f"{CLAIMS_DIR}/{job_id}") == FILE
+        return stats, [os.path.join(remote, rel) for rel in extras.leftovers], claimed_here
 
     def _keep_replaced(self, job: _Push, replaced: list[str]) -> None:
         """Move the NAS files this push replaces under ``previous/<stamp>/`` before anything is written.
@@ -850,6 +871,24 @@ class MountTransport(Transport):
             except OSError as exc:
                 raise self._remote_error(exc, path) from exc
             job.touched.add(os.path.dirname(path))
+
+    def _write_claim(self, job: _Push) -> None:
+        """``.exlab-wizard/claims/<job id>`` in the remote run folder, durable (file and folders) before it returns."""
+        assert job.owner is not None
+        folder = os.path.join(job.remote, CLAIMS_DIR)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, job.owner)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, f"{self.equipment.id} {job.run}\n".encode(errors="surrogateescape"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for at in (folder, os.path.dirname(folder), job.remote):
+                fsync_dir(at)
+        except OSError as exc:
+            raise self._remote_error(exc, folder) from exc
 
     def _make_dirs(self, job: _Push, run: Path, local_dirs: list[str]) -> list[str]:
         """Create the remote run folder, its parents and every folder of the run (empty ones too); all of them.

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -73,13 +74,15 @@ from exlab_wizard.sync.transports.base import (
 )
 from exlab_wizard.sync.transports.classify import transport_error
 from exlab_wizard.sync.transports.conflict import (
+    CLAIMS_DIR,
     FILE,
     NAS_MANIFEST,
     RemoteExtras,
     check_owner,
+    claim_markers,
     conflict_error,
+    ownership_error,
     sort_remote,
-    unclaimed_files_error,
 )
 
 __all__ = [
@@ -453,6 +456,7 @@ class RcloneTransport(Transport):
         previous_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         fs = self._fs(run_path)
@@ -485,11 +489,17 @@ class RcloneTransport(Transport):
             except TransportError as error:
                 self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
                 raise
-        elif (error := unclaimed_files_error(fs, extras.claimed)) is not None:
+        elif (
+            error := ownership_error(
+                fs, claimed=extras.claimed, markers=claim_markers(remote), owner=owner, fresh=fresh
+            )
+        ) is not None:
             self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
             raise error
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
+        if owner is not None and f"{CLAIMS_DIR}/{owner}" not in remote:
+            await self._send_claim(run_path, fs, f"{CLAIMS_DIR}/{owner}")  # before any file of the run
         junk = extras.leftovers
 
         bw = self._bwlimit_args(bwlimit_kibps)
@@ -741,6 +751,16 @@ class RcloneTransport(Transport):
         wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
         remote = await self._remote_files(run_path, fs, "fetch_list")
         return await self._copy_out(run_path, fs, [p for p in wanted if p in remote], into)
+
+    async def _send_claim(self, run_path: Path, fs: str, claim: str) -> None:
+        """``claim`` (``.exlab-wizard/claims/<job id>``) into the remote run folder (``copyto`` of a file made for it)."""
+        with tempfile.TemporaryDirectory(prefix="exlab-claim-") as scratch:
+            local = Path(scratch) / "claim"
+            local.write_text(f"{self.equipment.id} {run_path}\n", errors="surrogateescape")
+            argv = [*self._base(), *_COMMON, "--retries", "1", "copyto", "--", str(local), f"{fs}/{claim}"]
+            result = await run_tool(argv, log=self.log, run_path=run_path, step="claim")
+        if result.returncode != 0:
+            raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"claiming {fs}")
 
     async def _copy_out(self, run_path: Path, fs: str, present: list[str], into: Path) -> dict[str, Path]:
         """``rclone copyto`` of ``present`` (files a listing just showed) into ``into``; those that arrived."""

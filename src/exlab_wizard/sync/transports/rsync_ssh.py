@@ -97,15 +97,17 @@ from exlab_wizard.sync.transports.base import (
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
 from exlab_wizard.sync.transports.conflict import (
+    CLAIMS_DIR,
     DIR,
     FILE,
     NAS_MANIFEST,
     OTHER,
     RemoteExtras,
     check_owner,
+    claim_markers,
     conflict_error,
+    ownership_error,
     sort_remote,
-    unclaimed_files_error,
 )
 from exlab_wizard.sync.transports.remote_programs import remote_program
 
@@ -479,6 +481,7 @@ class RsyncSshTransport(Transport):
         previous_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> TransportResult:
         run_path = local_run_folder(run_path)
         remote_run = self.remote_run_path(run_path)
@@ -513,6 +516,7 @@ class RsyncSshTransport(Transport):
                 keep_stamp=previous_stamp,
                 fresh=fresh,
                 claim=claim,
+                owner=owner,
             )
             local_hashes = await hashing
         except BaseException:
@@ -541,6 +545,7 @@ class RsyncSshTransport(Transport):
         keep_stamp: str | None = None,
         fresh: bool = False,
         claim: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> tuple[int, int]:
         """The push once both listings are in: the conflict checks, then rsync; (files, bytes) sent."""
         extras = _sort_extras(local, listing or {}, cleaned, fresh=fresh)
@@ -556,11 +561,22 @@ class RsyncSshTransport(Transport):
             except TransportError as error:
                 self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
                 raise
-        elif (error := unclaimed_files_error(remote_run, extras.claimed)) is not None:
+        elif (
+            error := ownership_error(
+                remote_run,
+                claimed=extras.claimed,
+                markers=claim_markers(path for path, entry in (listing or {}).items() if entry.kind == FILE),
+                owner=owner,
+                fresh=fresh,
+            )
+        ) is not None:
             self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
             raise error
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
+        mine = f"{CLAIMS_DIR}/{owner}"
+        if owner is not None and not (listing is not None and mine in listing and listing[mine].kind == FILE):
+            await self._send_claim(run_path, remote_run, mine)  # before any file of the run
         junk = extras.leftovers
 
         if self._host_key() not in _HOST_TOOLS:
@@ -623,6 +639,27 @@ class RsyncSshTransport(Transport):
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
         return files_sent, bytes_sent
+
+    async def _send_claim(self, run_path: Path, remote_run: str, claim: str) -> None:
+        """``claim`` (``.exlab-wizard/claims/<job id>``) into the remote run folder, its folders made as needed.
+
+        One rsync of a file made for it (``--files-from``: the folders on its
+        path come along). The run folder itself is made when missing (its
+        parent exists: a push's own rsync would make it the same way).
+        """
+        with tempfile.TemporaryDirectory(prefix="exlab-claim-") as scratch:
+            local = Path(scratch) / claim
+            local.parent.mkdir(parents=True)
+            local.write_text(f"{self.equipment.id} {run_path}\n", errors="surrogateescape")
+            await self._rsync_following_schedule(
+                run_path,
+                ["-a", "--no-links", "--no-D", "--files-from=-", "--from0"],
+                remote_run,
+                None,
+                stdin=_files_from([claim]),
+                step="claim",
+                source=Path(scratch),
+            )
 
     async def _list_or_make(self, run_path: Path, remote_run: str) -> dict[str, _Entry] | None:
         """The remote run folder's entries; None when it is missing, and then the push can make it.
