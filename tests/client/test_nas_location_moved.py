@@ -12,6 +12,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
+from exlab_wizard.config import parse_config
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import run_location
@@ -112,3 +115,35 @@ async def test_a_config_replaced_on_a_running_client_reads_the_new_share(lab: La
         assert data_intact(run) or all((new_copy / rel).read_bytes() == data for rel, data in FILES.items()), (
             f"deleted locally while the new share holds zeros: {[(o.action, o.reason) for o in outcomes]}"
         )
+
+
+@pytest.mark.network
+async def test_an_rclone_remote_moved_in_its_config_file_deletes_nothing(lab: Lab, tmp_path: Path) -> None:
+    """The lab points its rclone remote at a new NAS by editing rclone.conf (same remote name, same file).
+
+    The place recorded named the config file only, so the move went unseen: the reaper listed
+    the new NAS, whose copy was still being filled (zeros at the final sizes), and deleted
+    (rule 1). Found by review. The remote's definition is part of the place now.
+    """
+    nas1, nas2 = tmp_path / "rnas1", tmp_path / "rnas2"
+    nas1.mkdir()
+    nas2.mkdir()
+    conf = tmp_path / "rclone.conf"
+    conf.write_text(f"[labnas]\ntype = alias\nremote = {nas1}\n")
+    data = lab.config_data(sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600})
+    data["equipment"][0]["transport"] = {"type": "rclone", "rclone_remote": "labnas", "rclone_config": str(conf)}
+    data["nas_cleanup"] = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
+    cfg = parse_config(data)
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    rel = run.relative_to(lab.local_root / EQ)
+    async with running(cfg, clock) as client:
+        await ready(client, clock, run)
+        assert all((nas1 / rel / name).read_bytes() == body for name, body in FILES.items())
+        for name, body in FILES.items():  # the new NAS, its copy being filled
+            (nas2 / rel / name).parent.mkdir(parents=True, exist_ok=True)
+            (nas2 / rel / name).write_bytes(b"\0" * len(body))
+        conf.write_text(f"[labnas]\ntype = alias\nremote = {nas2}\n")
+        outcomes = acts(await client.cleanup_once())
+        assert data_intact(run), f"deleted with the new NAS holding zeros: {[(o.action, o.reason) for o in outcomes]}"
+        assert any(o.code == CleanupCode.NAS_LOCATION_CHANGED for o in outcomes), outcomes

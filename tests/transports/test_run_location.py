@@ -77,3 +77,42 @@ def test_a_job_verified_before_locations_were_kept_is_judged_by_its_remote_path(
         "/srv/old/PROJ/Run_1",
         here,
     )
+
+
+def _rclone(tmp_path: Path, conf: str, **extra: str) -> EquipmentConfig:
+    path = tmp_path / "rclone.conf"
+    path.write_text(conf)
+    return _equipment(tmp_path, {**BASE["rclone"], "rclone_config": str(path), **extra})
+
+
+def test_an_rclone_remote_edited_in_its_config_file_is_another_place(tmp_path: Path) -> None:
+    """A lab moves to a new NAS the rclone way: the remote's definition changes, its name and file do not."""
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    before = _rclone(tmp_path, "[labnas]\ntype = sftp\nhost = nas1\n\n[other]\ntype = local\n")
+    verified = run_location(before, run)
+    (tmp_path / "rclone.conf").write_text("[labnas]\ntype = sftp\nhost = nas2\n\n[other]\ntype = local\n")
+    assert location_change(before, run, verified_location=verified, remote_path="ignored") is not None
+    # another remote of the file edited, or the file rewritten alike: the same place
+    (tmp_path / "rclone.conf").write_text("[other]\ntype = s3\n\n[labnas]\nhost = nas2\ntype = sftp\n")
+    again = run_location(before, run)
+    (tmp_path / "rclone.conf").write_text("[labnas]\ntype = sftp\nhost = nas2\n\n[other]\ntype = local\n")
+    assert run_location(before, run) == again
+
+
+def test_an_rclone_remote_follows_the_remotes_it_names(tmp_path: Path) -> None:
+    """``alias``, ``crypt``, ``union``: the remote named in a value is part of the place."""
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    eq = _rclone(tmp_path, "[labnas]\ntype = alias\nremote = disk:/srv/a\n\n[disk]\ntype = sftp\nhost = nas1\n")
+    verified = run_location(eq, run)
+    (tmp_path / "rclone.conf").write_text(
+        "[labnas]\ntype = alias\nremote = disk:/srv/a\n\n[disk]\ntype = sftp\nhost = nas2\n"
+    )
+    assert location_change(eq, run, verified_location=verified, remote_path="ignored") is not None
+
+
+def test_an_rclone_location_recorded_before_definitions_counts_as_before(tmp_path: Path) -> None:
+    """Recorded by an older version (config file and path only): judged as then, not taken for a move."""
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    eq = _rclone(tmp_path, "[labnas]\ntype = sftp\nhost = nas1\n")
+    old = f"rclone|{eq.transport.rclone_config}|{remote_run_path(eq, run)}"
+    assert location_change(eq, run, verified_location=old, remote_path="ignored") is None

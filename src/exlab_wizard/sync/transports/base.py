@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.failures import FailureKind as F
+from exlab_wizard.sync.transports.rclone_conf import remote_digest
 
 __all__ = [
     "METADATA_DIR",
@@ -185,7 +186,8 @@ def run_location(equipment: EquipmentConfig, run_path: Path) -> str:
 
     Two locations are equal only when every setting that picks the place is:
     the transport, its ssh target and port (rsync_ssh) or rclone config file
-    (rclone), and the run's remote path. A verification counts for the place
+    and the remote's definition in it (rclone: see
+    :mod:`~exlab_wizard.sync.transports.rclone_conf`), and the run's remote path. A verification counts for the place
     it read (the job's ``verified_location``); the reaper deletes nothing on
     the strength of passes read somewhere else. ``ValueError`` as
     :func:`remote_relpath`.
@@ -194,10 +196,19 @@ def run_location(equipment: EquipmentConfig, run_path: Path) -> str:
     if transport.type == "rsync_ssh":
         server = f"{transport.ssh_target}:{transport.ssh_port}"
     elif transport.type == "rclone":
-        server = str(transport.rclone_config or "")
+        # The remote's definition too: a lab moves to a new NAS by editing the remote in rclone.conf.
+        server = f"{transport.rclone_config or ''}#{remote_digest(transport.rclone_config, transport.rclone_remote)}"
     else:
         server = ""
     return f"{transport.type}|{server}|{remote_run_path(equipment, run_path)}"
+
+
+def _location_before_remote_digests(equipment: EquipmentConfig, run_path: Path) -> str | None:
+    """An rclone run's location as recorded before it named the remote's definition (None: not rclone)."""
+    transport = equipment.transport
+    if transport.type != "rclone":
+        return None
+    return f"rclone|{transport.rclone_config or ''}|{remote_run_path(equipment, run_path)}"
 
 
 def location_change(
@@ -211,6 +222,8 @@ def location_change(
     """
     if verified_location is not None:
         was, now = verified_location, run_location(equipment, run_path)
+        if was == _location_before_remote_digests(equipment, run_path):
+            return None  # recorded before definitions were: judged by the config file and path, as then
     else:
         was, now = remote_path, remote_run_path(equipment, run_path)
     return None if was == now else (was, now)

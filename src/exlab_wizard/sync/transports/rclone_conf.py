@@ -1,0 +1,88 @@
+"""What an rclone remote is: a digest of its definition, for :func:`~exlab_wizard.sync.transports.base.run_location`.
+
+A lab moves to a new NAS the rclone way by editing the remote in
+``rclone.conf`` (a new host, bucket or share under the same name). The
+config file's path alone would call that the same place, and the reaper
+would delete on the strength of passes read at the old one. So the place
+of an rclone run names the remote's settings too: its section of the config
+file, every remote it refers to (``alias``, ``crypt``, ``union``,
+``chunker``, ... name another remote in a value as ``name:path``), and the
+``RCLONE_CONFIG_<NAME>_*`` environment variables that override them. An
+encrypted config file, or one that does not parse, counts as a whole.
+Read once per version of the file (path, inode, size, mtime).
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import os
+from pathlib import Path
+
+__all__ = ["config_path", "remote_digest"]
+
+_CACHE: dict[tuple[str, int, int, int, str], str] = {}
+_CACHE_MAX = 64
+
+
+def config_path(configured: Path | None) -> Path:
+    """The config file rclone reads: the configured one, else ``$RCLONE_CONFIG``, else its default."""
+    if configured is not None:
+        return Path(configured)
+    if os.environ.get("RCLONE_CONFIG"):
+        return Path(os.environ["RCLONE_CONFIG"])
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "rclone" / "rclone.conf"
+
+
+def remote_digest(configured: Path | None, remote: str) -> str:
+    """16 hex digits naming the definition of ``remote`` (no trailing colon); ``none`` with no config file."""
+    env = sorted(
+        (key, value) for key, value in os.environ.items() if key.startswith(f"RCLONE_CONFIG_{remote.upper()}_")
+    )
+    path = config_path(configured)
+    try:
+        info = os.stat(path)
+        key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, remote)
+        found = _CACHE.get(key)
+        if found is None:
+            found = _definition(path.read_bytes(), remote)
+            if len(_CACHE) >= _CACHE_MAX:
+                _CACHE.clear()
+            _CACHE[key] = found
+    except OSError:
+        found = "none"
+    if not env:
+        return found
+    return hashlib.sha256(repr((found, env)).encode()).hexdigest()[:16]
+
+
+def _definition(raw: bytes, remote: str) -> str:
+    text = raw.decode("utf-8", "replace")
+    whole = hashlib.sha256(raw).hexdigest()[:16]
+    if text.lstrip().startswith("# Encrypted rclone configuration"):
+        return whole
+    parser = configparser.RawConfigParser(strict=False, interpolation=None, default_section="\0")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys as written
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return whole
+    parts: list[tuple[str, list[tuple[str, str]]]] = []
+    seen: set[str] = set()
+    todo = [remote]
+    while todo:
+        name = todo.pop()
+        if name in seen or not parser.has_section(name):
+            continue
+        seen.add(name)
+        items = sorted(parser.items(name))
+        parts.append((name, items))
+        for _key, value in items:
+            for token in value.split():
+                ref, colon, _rest = token.partition(":")
+                if colon and ref and parser.has_section(ref):
+                    todo.append(ref)
+    if not parts:
+        return "none"
+    return hashlib.sha256(repr(sorted(parts)).encode()).hexdigest()[:16]
