@@ -35,6 +35,7 @@ from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_p
 from exlab_wizard.sync.states import IllegalTransition
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports.base import location_change
+from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner
 from exlab_wizard.sync.verifier import hash_tree
 
 __all__ = [
@@ -201,18 +202,23 @@ async def try_push(
 ) -> tuple[Any, str | None]:
     """Send the refreshed ``.exlab-wizard/`` alone (see :meth:`RemoteAccess.push_metadata`).
 
-    Returns ``(what the push returned, None)``, or ``(None, why it failed)``. Never sent to a
-    NAS place other than the one the job was verified at (the configuration moved the run since):
-    the folder there may be another run's, and the refreshed ``.exlab-wizard/`` goes there only
-    once the run is verified there (the audit's pass at the new place, or a push after its mismatch).
+    Returns ``(what the push returned, None)``, or ``(None, why it failed)``. Sent to a NAS
+    place other than the one the job was verified at (the configuration moved the run since)
+    only when the folder there holds the run's own verified manifest (a share copied whole to a
+    new NAS): another folder there may be another run's, and its manifest would be written over.
+    Otherwise it waits until the run is verified there (the audit's pass at the new place).
     """
     run = Path(job.run_path)
     try:
         moved = location_change(equipment, run, verified_location=job.verified_location, remote_path=job.remote_path)
+        if moved is not None:
+            refused = await _not_ours_there(ctx, job, equipment, moved)
+            if refused is not None:
+                return None, refused
     except ValueError as exc:
         return None, f"no NAS place for the run: {exc}"
-    if moved is not None:
-        return None, f"the NAS place changed since the verification ({moved[0]} -> {moved[1]}); not sent there yet"
+    except TransportError as exc:
+        return None, f"{exc.kind.value}: {exc.message}"
     try:
         return await ctx.remotes.access(equipment).push_metadata(run, cleaned=cleaned), None
     except asyncio.CancelledError:
@@ -221,6 +227,21 @@ async def try_push(
         return None, f"{exc.kind.value}: {exc.message}"
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
+
+
+async def _not_ours_there(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, moved: tuple[str, str]
+) -> str | None:
+    """None when the folder at the new place holds the job's own verified manifest; else why not."""
+    waiting = f"the NAS place changed since the verification ({moved[0]} -> {moved[1]}); not sent there yet"
+    if NAS_MANIFEST not in await ctx.remotes.listing(job):
+        return waiting + " (no verified manifest of the run there)"
+    own = (job.manifest_digest,) if job.manifest_digest else ()
+    try:
+        await check_owner(Path(job.run_path), job.remote_path, ctx.remotes.access(equipment).fetch, own)
+    except TransportError as exc:
+        return f"{waiting}: {exc.message}"
+    return None
 
 
 async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -182,10 +183,16 @@ def unclaimed_files_error(remote_run: str, claimed: Collection[str]) -> Transpor
     )
 
 
+#: A job id: 32 lowercase hex digits (a uuid4's). Nothing else in :data:`CLAIMS_DIR` is a claim: a
+#: transport's temp file of a claim upload cut off (rsync ``.<id>.XXXXXX``, rclone
+#: ``<id>.<hex>.partial``) names no job, and must never lock its own job out of its folder.
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def claim_markers(paths: Iterable[str]) -> set[str]:
     """The job ids named by claims among the remote run folder's regular files ``paths``."""
     prefix = CLAIMS_DIR + "/"
-    return {path[len(prefix) :] for path in paths if path.startswith(prefix) and "/" not in path[len(prefix) :]}
+    return {path[len(prefix) :] for path in paths if path.startswith(prefix) and _JOB_ID.fullmatch(path[len(prefix) :])}
 
 
 def ownership_error(
