@@ -147,3 +147,25 @@ async def test_an_rclone_remote_moved_in_its_config_file_deletes_nothing(lab: La
         outcomes = acts(await client.cleanup_once())
         assert data_intact(run), f"deleted with the new NAS holding zeros: {[(o.action, o.reason) for o in outcomes]}"
         assert any(o.code == CleanupCode.NAS_LOCATION_CHANGED for o in outcomes), outcomes
+
+
+async def test_a_config_replaced_on_a_running_client_names_runs_by_the_new_local_root(lab: Lab, tmp_path: Path) -> None:
+    """A reload that moves only ``local_root``: the transport built before named runs by the old root
+    (``ValueError`` for every new run, jobs failing ``unknown``). Found by review."""
+    clock = Clock()
+    cfg = config(lab)
+    first = lab.make_run("Run_2026-01-01", files=FILES)
+    async with running(cfg, clock) as client:
+        await client.enqueue(first)
+        await client.wait_idle(timeout=60)
+        new_root = tmp_path / "disk2"
+        shutil.copytree(lab.local_root, new_root)
+        eq = cfg.equipment_by_id(EQ).model_copy(update={"local_root": new_root})
+        client.config = cfg.model_copy(update={"equipment": [eq]})
+        run = new_root / first.relative_to(lab.local_root).parent / "Run_2026-01-02"
+        shutil.copytree(first, run)
+        (run / ".exlab-wizard" / "checksums.sha256").unlink(missing_ok=True)
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == SyncJobState.VERIFIED, (job.state, job.last_error)

@@ -237,23 +237,24 @@ class Remotes:
         self._remote_stat = remote_stat
         #: Transports by equipment id (tests may put one in before first use).
         self.transports: dict[str, Transport] = {}
-        #: The transport settings each built transport was made from: a reload that changes them
-        #: gets a new one (one built from the old settings would read and write the old place).
+        #: The equipment settings each built transport was made from: a reload that changes them
+        #: gets a new one (one built from the old settings would read and write the old place,
+        #: or name runs by the old local_root).
         self._built_for: dict[str, Any] = {}
         self._pushes: dict[str, Callable[..., Any]] = {}
         self._hashsums: dict[str, Callable[[Path], Awaitable[Any]]] = {}
 
     def transport(self, equipment: EquipmentConfig) -> Transport:
-        """The equipment's own transport, built once for its transport settings (again when they change)."""
+        """The equipment's own transport, built once for its settings (again when they change)."""
         transport = self.transports.get(equipment.id)
-        if transport is None or self._built_for.get(equipment.id, equipment.transport) != equipment.transport:
+        if transport is None or self._built_for.get(equipment.id, equipment) != equipment:
             transport = self.transports[equipment.id] = make_transport(
                 equipment,
                 log=self._log_for(equipment),
                 now=self.now,
                 verify_max_stream_bytes=self._config().sync.verify_max_stream_bytes,
             )
-            self._built_for[equipment.id] = equipment.transport
+            self._built_for[equipment.id] = equipment
         return transport
 
     def access(self, equipment: EquipmentConfig) -> RemoteAccess:
