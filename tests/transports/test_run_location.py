@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.transports import rclone_conf
 from exlab_wizard.sync.transports.base import location_change, remote_run_path, run_location
 
 BASE = {
@@ -79,9 +80,15 @@ def test_a_job_verified_before_locations_were_kept_is_judged_by_its_remote_path(
     )
 
 
+def _conf(tmp_path: Path, text: str) -> None:
+    """Write the rclone config; read again whatever its times (two writes may share a clock tick and a size)."""
+    (tmp_path / "rclone.conf").write_text(text)
+    rclone_conf._CACHE.clear()
+
+
 def _rclone(tmp_path: Path, conf: str, **extra: str) -> EquipmentConfig:
     path = tmp_path / "rclone.conf"
-    path.write_text(conf)
+    _conf(tmp_path, conf)
     return _equipment(tmp_path, {**BASE["rclone"], "rclone_config": str(path), **extra})
 
 
@@ -90,12 +97,12 @@ def test_an_rclone_remote_edited_in_its_config_file_is_another_place(tmp_path: P
     run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
     before = _rclone(tmp_path, "[labnas]\ntype = sftp\nhost = nas1\n\n[other]\ntype = local\n")
     verified = run_location(before, run)
-    (tmp_path / "rclone.conf").write_text("[labnas]\ntype = sftp\nhost = nas2\n\n[other]\ntype = local\n")
+    _conf(tmp_path, "[labnas]\ntype = sftp\nhost = nas2\n\n[other]\ntype = local\n")
     assert location_change(before, run, verified_location=verified, remote_path="ignored") is not None
     # another remote of the file edited, or the file rewritten alike: the same place
-    (tmp_path / "rclone.conf").write_text("[other]\ntype = s3\n\n[labnas]\nhost = nas2\ntype = sftp\n")
+    _conf(tmp_path, "[other]\ntype = s3\n\n[labnas]\nhost = nas2\ntype = sftp\n")
     again = run_location(before, run)
-    (tmp_path / "rclone.conf").write_text("[labnas]\ntype = sftp\nhost = nas2\n\n[other]\ntype = local\n")
+    _conf(tmp_path, "[labnas]\ntype = sftp\nhost = nas2\n\n[other]\ntype = local\n")
     assert run_location(before, run) == again
 
 
@@ -104,9 +111,7 @@ def test_an_rclone_remote_follows_the_remotes_it_names(tmp_path: Path) -> None:
     run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
     eq = _rclone(tmp_path, "[labnas]\ntype = alias\nremote = disk:/srv/a\n\n[disk]\ntype = sftp\nhost = nas1\n")
     verified = run_location(eq, run)
-    (tmp_path / "rclone.conf").write_text(
-        "[labnas]\ntype = alias\nremote = disk:/srv/a\n\n[disk]\ntype = sftp\nhost = nas2\n"
-    )
+    _conf(tmp_path, "[labnas]\ntype = alias\nremote = disk:/srv/a\n\n[disk]\ntype = sftp\nhost = nas2\n")
     assert location_change(eq, run, verified_location=verified, remote_path="ignored") is not None
 
 
@@ -116,3 +121,14 @@ def test_an_rclone_location_recorded_before_definitions_counts_as_before(tmp_pat
     eq = _rclone(tmp_path, "[labnas]\ntype = sftp\nhost = nas1\n")
     old = f"rclone|{eq.transport.rclone_config}|{remote_run_path(eq, run)}"
     assert location_change(eq, run, verified_location=old, remote_path="ignored") is None
+
+
+def test_an_oauth_token_refreshed_by_rclone_is_the_same_place(tmp_path: Path) -> None:
+    """rclone writes a refreshed OAuth token back into the file (about hourly): not a move."""
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    eq = _rclone(tmp_path, '[labnas]\ntype = onedrive\ndrive_id = b!x\ntoken = {"access_token":"a1","expiry":"t1"}\n')
+    verified = run_location(eq, run)
+    _conf(tmp_path, '[labnas]\ntype = onedrive\ndrive_id = b!x\ntoken = {"access_token":"a2","expiry":"t2"}\n')
+    assert location_change(eq, run, verified_location=verified, remote_path="ignored") is None
+    _conf(tmp_path, '[labnas]\ntype = onedrive\ndrive_id = b!y\ntoken = {"access_token":"a2"}\n')
+    assert location_change(eq, run, verified_location=verified, remote_path="ignored") is not None

@@ -7,7 +7,8 @@ would delete on the strength of passes read at the old one. So the place
 of an rclone run names the remote's settings too: its section of the config
 file, every remote it refers to (``alias``, ``crypt``, ``union``,
 ``chunker``, ... name another remote in a value as ``name:path``), and the
-``RCLONE_CONFIG_<NAME>_*`` environment variables that override them. An
+``RCLONE_CONFIG_<NAME>_*`` environment variables that override them; not
+an OAuth ``token``, which rclone refreshes in the file on its own. An
 encrypted config file, or one that does not parse, counts as a whole.
 Read once per version of the file (path, inode, size, mtime).
 """
@@ -20,6 +21,11 @@ import os
 from pathlib import Path
 
 __all__ = ["config_path", "remote_digest"]
+
+#: Keys rclone itself rewrites while the remote stays where it is: an OAuth backend's access token
+#: (OneDrive, Google Drive, Dropbox, Box: refreshed about hourly and written back to the file).
+#: Counted, every refresh would look like a move, and the reaper would wait for ever.
+_VOLATILE = frozenset({"token"})
 
 _CACHE: dict[tuple[str, int, int, int, str], str] = {}
 _CACHE_MAX = 64
@@ -76,7 +82,7 @@ def _definition(raw: bytes, remote: str) -> str:
         if name in seen or not parser.has_section(name):
             continue
         seen.add(name)
-        items = sorted(parser.items(name))
+        items = sorted((key, value) for key, value in parser.items(name) if key not in _VOLATILE)
         parts.append((name, items))
         for _key, value in items:
             for token in value.split():
