@@ -218,26 +218,18 @@ def _replaced_ancestor(rel: str, tree: Tree) -> bool:
     return False
 
 
-def _damage(size: int, ino: int, mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None) -> bool:
+def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None) -> bool:
     """Is a file whose bytes differ from the manifest damaged (True) or edited (False)? By its mtime.
 
     An edit moves the mtime on, past the one recorded after the verification;
     damage keeps it, or puts an older one back. Trusted or not, a record was
     stat-ed after the hashing, and may have caught a rewrite half way (a tool
     rewriting bytes and then putting the old mtime back): so the old mtime
-    coming back is damage too, whatever the size (a file truncated by a
-    crash or a repair keeps its mtime). File times are compared with file
-    times (the "trusted" flag compares them with the client's clock, which
-    may be off). But a filesystem stamps them by a coarse clock (a tick of
-    some milliseconds): a new file written under the name within the tick of
-    the record carries its mtime. One with another inode and another size
-    than the record's is such a new file, an edit, never restored over nor
-    withheld as damage. Without a record, only an mtime after the
-    verification is an edit.
+    coming back is damage too. File times are compared with file times (the
+    "trusted" flag compares them with the client's clock, which may be off).
+    Without a record, only an mtime after the verification is an edit.
     """
     if record is not None and record.mtime_ns is not None:
-        if record.size is not None and record.ino is not None and size != record.size and ino != record.ino:
-            return False
         return mtime_ns <= record.mtime_ns
     return verified_ns is None or mtime_ns <= verified_ns
 
@@ -373,9 +365,7 @@ def scan_run(
                     PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want, after.st_ctime_ns)
                 )
             else:
-                (
-                    damaged if _damage(after.st_size, after.st_ino, after.st_mtime_ns, record, verified_ns) else changed
-                ).append(rel)
+                (damaged if _damage(after.st_mtime_ns, record, verified_ns) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:

@@ -43,8 +43,11 @@ def config_path(configured: Path | None) -> Path:
 
 def remote_digest(configured: Path | None, remote: str) -> str:
     """16 hex digits naming the definition of ``remote`` (no trailing colon); ``none`` with no config file."""
+    prefix = f"RCLONE_CONFIG_{remote.upper()}_"
     env = sorted(
-        (key, value) for key, value in os.environ.items() if key.startswith(f"RCLONE_CONFIG_{remote.upper()}_")
+        (key, value)
+        for key, value in os.environ.items()
+        if key.startswith(prefix) and key[len(prefix) :].lower() not in _VOLATILE
     )
     path = config_path(configured)
     try:
