@@ -56,6 +56,10 @@ from tests.helpers import Clock
 __all__ = [
     "EQ",
     "FILES",
+    "TWIN_FILES",
+    "everything_under",
+    "metadata_push_down",
+    "retry_now",
     "HOSTILE",
     "MARKER",
     "RUN_REL",
@@ -629,6 +633,29 @@ FILES = {
     "sub/stack.raw": b"B" * 5000,
     "notes.txt": b"acquired ok\n",
 }
+#: a second instrument's run of the same names and sizes as FILES, other bytes (two runs, one NAS folder)
+TWIN_FILES = {rel: bytes(255 - b for b in data) for rel, data in FILES.items()}
+
+
+def everything_under(folder: Path) -> list[bytes]:
+    """The bytes of every file below ``folder`` (``previous/`` included): is a copy anywhere there?"""
+    return [p.read_bytes() for p in folder.rglob("*") if p.is_file()]
+
+
+def metadata_push_down(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every mount metadata push fails (the NAS busy) while the list returned is not empty."""
+    from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+
+    real = MountTransport.push_metadata
+    down = [True]
+
+    async def metadata_push_fails(self: MountTransport, run_path: Path, **kwargs: Any) -> Any:
+        if down:
+            raise TransportError(TransportErrorKind.NETWORK, "the NAS is busy")
+        return await real(self, run_path, **kwargs)
+
+    monkeypatch.setattr(MountTransport, "push_metadata", metadata_push_fails)
+    return down
 
 
 def make_client(config: Config, **kwargs: Any) -> NASSyncClient:
@@ -666,6 +693,18 @@ async def synced(client: NASSyncClient, run: Path) -> Any:
     job = await client.job(run)
     assert job.state == S.VERIFIED, job.last_error
     return job
+
+
+async def retry_now(client: NASSyncClient, clock: Clock, run: Path) -> Any:
+    """The run's job tried again now: its queued retry made due, or (out of attempts) the operator's retry; idle after."""
+    job = await client.job(run)
+    if job.state == S.FAILED:
+        await client.retry(job.id)
+    else:
+        client._ctx.require_queue().update(job.id, S.QUEUED, now=clock(), next_attempt_at=clock())
+        client._ctx.kick()
+    await client.wait_idle(timeout=60)
+    return await client.job(run)
 
 
 async def ready(client: NASSyncClient, clock: Clock, run: Path) -> Any:

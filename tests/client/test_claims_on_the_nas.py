@@ -19,27 +19,23 @@ from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import MountTransport
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, cleanup_config, on_share, running, synced
+from tests.lab import (
+    EQ,
+    FILES,
+    TWIN_FILES,
+    Lab,
+    cleanup_config,
+    metadata_push_down,
+    on_share,
+    retry_now,
+    running,
+    synced,
+)
 
 S = SyncJobState
 OTHER = "FACS_02"
-#: same names and sizes as FILES, other bytes (another instrument's run)
-FOREIGN = {rel: bytes(255 - b for b in data) for rel, data in FILES.items()}
+FOREIGN = TWIN_FILES  # another instrument's run: same names and sizes, other bytes
 NAS_MANIFEST = ".exlab-wizard/checksums.sha256"
-
-
-def _metadata_push_down(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Every metadata push fails (the NAS busy) while the list returned is not empty."""
-    real = MountTransport.push_metadata
-    down = [True]
-
-    async def metadata_push_fails(self: MountTransport, run_path: Path, **kwargs: object) -> object:
-        if down:
-            raise TransportError(TransportErrorKind.NETWORK, "the NAS is busy")
-        return await real(self, run_path, **kwargs)
-
-    monkeypatch.setattr(MountTransport, "push_metadata", metadata_push_fails)
-    return down
 
 
 def _share_drops_after_the_listing(monkeypatch: pytest.MonkeyPatch, run: Path) -> list[bool]:
@@ -70,7 +66,7 @@ async def test_a_claim_that_wrote_nothing_never_makes_another_runs_copy_its_own(
     nas = lab.nas_copy(run_a, EQ)
     assert lab.nas_copy(run_b, OTHER) == nas
     dropped = _share_drops_after_the_listing(monkeypatch, run_b)
-    _metadata_push_down(monkeypatch)
+    metadata_push_down(monkeypatch)
     async with running(cleanup_config(lab), clock) as client:
         await client.enqueue(run_b)
         await client.wait_idle(timeout=60)
@@ -84,15 +80,7 @@ async def test_a_claim_that_wrote_nothing_never_makes_another_runs_copy_its_own(
         await synced(client, run_a)
         assert not (nas / NAS_MANIFEST).exists()
         dropped.clear()  # the share answers B again
-        job_b = await client.job(run_b)
-
-        if job_b.state == S.FAILED:
-            await client.retry(job_b.id)
-        else:
-            client._ctx.require_queue().update(job_b.id, S.QUEUED, now=clock(), next_attempt_at=clock())
-            client._ctx.kick()
-        await client.wait_idle(timeout=60)
-        job_b = await client.job(run_b)
+        job_b = await retry_now(client, clock, run_b)
         assert all((nas / rel).read_bytes() == data for rel, data in FILES.items()), (
             f"B, whose only push wrote nothing, wrote over A's verified copy (B ended {job_b.state.value})"
         )
@@ -109,19 +97,13 @@ async def test_then_the_first_runs_reaper_deletes_its_only_copy(
     run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
     nas = lab.nas_copy(run_a, EQ)
     dropped = _share_drops_after_the_listing(monkeypatch, run_b)
-    down = _metadata_push_down(monkeypatch)
+    down = metadata_push_down(monkeypatch)
     async with running(cleanup_config(lab, min_verify_passes=1), clock) as client:
         await client.enqueue(run_b)
         await client.wait_idle(timeout=60)
         await synced(client, run_a)
         dropped.clear()
-        job_b = await client.job(run_b)
-        if job_b.state == S.FAILED:
-            await client.retry(job_b.id)
-        else:
-            client._ctx.require_queue().update(job_b.id, S.QUEUED, now=clock(), next_attempt_at=clock())
-            client._ctx.kick()
-        await client.wait_idle(timeout=60)
+        await retry_now(client, clock, run_b)
         down.clear()  # the NAS answers every push again
         clock.advance(25)
         client._ctx.kick()

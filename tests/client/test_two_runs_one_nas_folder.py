@@ -21,15 +21,26 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.mount import MountTransport
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, MARKER, Lab, cleanup_config, on_share, ready, running, synced
+from tests.lab import (
+    EQ,
+    FILES,
+    MARKER,
+    TWIN_FILES,
+    Lab,
+    cleanup_config,
+    everything_under,
+    metadata_push_down,
+    on_share,
+    ready,
+    retry_now,
+    running,
+    synced,
+)
 
 S = SyncJobState
 OTHER = "FACS_02"
-#: same names and sizes as FILES, other bytes (another instrument's run)
-FOREIGN = {rel: bytes(255 - b for b in data) for rel, data in FILES.items()}
+FOREIGN = TWIN_FILES  # another instrument's run: same names and sizes, other bytes
 MANIFEST = ".exlab-wizard/checksums.sha256"
 
 
@@ -128,10 +139,6 @@ async def test_a_retry_never_moves_another_runs_verified_files_aside(tmp_path: P
         )
 
 
-def _everything_under(folder: Path) -> list[bytes]:
-    return [p.read_bytes() for p in folder.rglob("*") if p.is_file()]
-
-
 async def test_a_run_verified_elsewhere_never_overwrites_another_runs_only_copy(tmp_path: Path) -> None:
     """A job verified before is no owner of a NAS folder holding another run's manifest.
 
@@ -164,24 +171,10 @@ async def test_a_run_verified_elsewhere_never_overwrites_another_runs_only_copy(
         await client.wait_idle(timeout=60)
         job_b = await client.job(run_b)
     for rel, data in FILES.items():
-        assert data in _everything_under(nas_a), (
+        assert data in everything_under(nas_a), (
             f"A's only copy of {rel} is gone from the NAS (B's job ended {job_b.state.value}: {job_b.last_error})"
         )
     assert job_b.state == S.FAILED and job_b.error_kind == "remote_conflict", (job_b.state, job_b.last_error)
-
-
-def _metadata_push_down(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Every metadata push fails (the NAS busy) while the list returned is not empty."""
-    real = MountTransport.push_metadata
-    down = [True]
-
-    async def metadata_push_fails(self: MountTransport, run_path: Path, **kwargs: object) -> object:
-        if down:
-            raise TransportError(TransportErrorKind.NETWORK, "the NAS is busy")
-        return await real(self, run_path, **kwargs)
-
-    monkeypatch.setattr(MountTransport, "push_metadata", metadata_push_fails)
-    return down
 
 
 async def test_a_second_instrument_never_overwrites_a_copy_whose_manifest_is_not_there_yet(
@@ -198,7 +191,7 @@ async def test_a_second_instrument_never_overwrites_a_copy_whose_manifest_is_not
     clock = Clock()
     run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
     nas = lab.nas_copy(run_a, EQ)
-    down = _metadata_push_down(monkeypatch)
+    down = metadata_push_down(monkeypatch)
     async with running(cleanup_config(lab), clock) as client:
         job_a = await synced(client, run_a)
         assert job_a.metadata_push_due_at is not None  # owed, not sent
@@ -235,7 +228,7 @@ async def test_an_attempt_that_wrote_nothing_leaves_the_next_one_fresh(
     run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
     run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
     nas = lab.nas_copy(run_a, EQ)
-    _metadata_push_down(monkeypatch)
+    metadata_push_down(monkeypatch)
     async with running(cleanup_config(lab), clock) as client:
         await synced(client, run_a)  # verified; its manifest not on the NAS yet
         marker = lab.mount_path(EQ) / MARKER
@@ -247,13 +240,7 @@ async def test_an_attempt_that_wrote_nothing_leaves_the_next_one_fresh(
         assert job_b.attempts >= 1 and job_b.error_kind == "network", (job_b.state, job_b.last_error)
         assert (await client.job(run_a)).state == S.VERIFIED
         marker.write_bytes(saved)
-        if job_b.state == S.FAILED:  # out of attempts: the operator's retry
-            await client.retry(job_b.id)
-        else:
-            client._ctx.require_queue().update(job_b.id, S.QUEUED, now=clock(), next_attempt_at=clock())
-            client._ctx.kick()
-        await client.wait_idle(timeout=60)
-        job_b = await client.job(run_b)
+        job_b = await retry_now(client, clock, run_b)  # out of attempts: the operator's retry
         assert all((nas / rel).read_bytes() == data for rel, data in FILES.items()), (
             f"the second run's retry wrote over the first one's verified copy (B ended {job_b.state.value})"
         )
@@ -274,7 +261,7 @@ async def test_a_verified_run_moved_in_the_config_never_moves_another_runs_copy_
     nas_a = lab.nas_copy(run_a, EQ)
     async with running(cfg, clock) as client:
         await synced(client, run_b)  # B verified on its own share, manifest pushed
-    down = _metadata_push_down(monkeypatch)
+    down = metadata_push_down(monkeypatch)
     async with running(cfg, clock) as client:
         await synced(client, run_a)  # A verified; its manifest not on the NAS yet
     assert not (nas_a / MANIFEST).exists()
@@ -308,7 +295,7 @@ async def test_a_metadata_push_after_a_config_move_never_writes_over_another_run
     async with running(cfg, clock) as client:
         await synced(client, run_a)  # A verified, manifest pushed
     a_manifest = (nas_a / MANIFEST).read_bytes()
-    down = _metadata_push_down(monkeypatch)
+    down = metadata_push_down(monkeypatch)
     async with running(cfg, clock) as client:
         await synced(client, run_b)  # B verified on its own share, metadata push waiting
     down.clear()
