@@ -62,7 +62,9 @@ __all__ = [
     "RemoteExtras",
     "conflict_error",
     "check_owner",
+    "claim_body",
     "claim_markers",
+    "claim_path",
     "ownership_error",
     "foreign_copy_error",
     "local_manifest_digest",
@@ -193,6 +195,16 @@ def claim_markers(paths: Iterable[str]) -> set[str]:
     """The job ids named by claims among the remote run folder's regular files ``paths``."""
     prefix = CLAIMS_DIR + "/"
     return {path[len(prefix) :] for path in paths if path.startswith(prefix) and _JOB_ID.fullmatch(path[len(prefix) :])}
+
+
+def claim_path(owner: str) -> str:
+    """Where job ``owner`` claims a remote run folder, relative to it."""
+    return f"{CLAIMS_DIR}/{owner}"
+
+
+def claim_body(equipment_id: str, run: os.PathLike[str] | str) -> bytes:
+    """What a claim file holds, for a person looking at the NAS: the equipment and the local run."""
+    return f"{equipment_id} {os.fspath(run)}\n".encode(errors="surrogateescape")
 
 
 def ownership_error(

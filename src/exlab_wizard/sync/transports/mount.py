@@ -152,7 +152,9 @@ from exlab_wizard.sync.transports.conflict import (
     FILE,
     NAS_MANIFEST,
     OTHER,
+    claim_body,
     claim_markers,
+    claim_path,
     conflict_error,
     foreign_copy_error,
     local_manifest_digest,
@@ -833,7 +835,7 @@ class MountTransport(Transport):
             )
         if error is not None:
             raise error
-        claimed_here = job_id is not None and listing.get(f"{CLAIMS_DIR}/{job_id}") == FILE
+        claimed_here = job_id is not None and listing.get(claim_path(job_id)) == FILE
         return stats, [os.path.join(remote, rel) for rel in extras.leftovers], claimed_here
 
     def _keep_replaced(self, job: _Push, replaced: list[str]) -> None:
@@ -881,7 +883,7 @@ class MountTransport(Transport):
             path = os.path.join(folder, job.owner)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
-                os.write(fd, f"{self.equipment.id} {job.run}\n".encode(errors="surrogateescape"))
+                os.write(fd, claim_body(self.equipment.id, job.run))
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -74,12 +74,13 @@ from exlab_wizard.sync.transports.base import (
 )
 from exlab_wizard.sync.transports.classify import transport_error
 from exlab_wizard.sync.transports.conflict import (
-    CLAIMS_DIR,
     FILE,
     NAS_MANIFEST,
     RemoteExtras,
     check_owner,
+    claim_body,
     claim_markers,
+    claim_path,
     conflict_error,
     ownership_error,
     sort_remote,
@@ -498,8 +499,8 @@ class RcloneTransport(Transport):
             raise error
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
-        if owner is not None and f"{CLAIMS_DIR}/{owner}" not in remote:
-            await self._send_claim(run_path, fs, f"{CLAIMS_DIR}/{owner}")  # before any file of the run
+        if owner is not None and claim_path(owner) not in remote:
+            await self._send_claim(run_path, fs, claim_path(owner))  # before any file of the run
         junk = extras.leftovers
 
         bw = self._bwlimit_args(bwlimit_kibps)
@@ -756,7 +757,7 @@ class RcloneTransport(Transport):
         """``claim`` (``.exlab-wizard/claims/<job id>``) into the remote run folder (``copyto`` of a file made for it)."""
         with tempfile.TemporaryDirectory(prefix="exlab-claim-") as scratch:
             local = Path(scratch) / "claim"
-            local.write_text(f"{self.equipment.id} {run_path}\n", errors="surrogateescape")
+            local.write_bytes(claim_body(self.equipment.id, run_path))
             argv = [*self._base(), *_COMMON, "--retries", "1", "copyto", "--", str(local), f"{fs}/{claim}"]
             result = await run_tool(argv, log=self.log, run_path=run_path, step="claim")
         if result.returncode != 0:

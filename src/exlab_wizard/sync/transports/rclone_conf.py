@@ -79,9 +79,9 @@ def _definition(raw: bytes, remote: str) -> str:
         return whole
     parts: list[tuple[str, list[tuple[str, str]]]] = []
     seen: set[str] = set()
-    todo = [remote]
-    while todo:
-        name = todo.pop()
+    pending = [remote]
+    while pending:
+        name = pending.pop()
         if name in seen or not parser.has_section(name):
             continue
         seen.add(name)
@@ -91,7 +91,7 @@ def _definition(raw: bytes, remote: str) -> str:
             for token in value.split():
                 ref, colon, _rest = token.partition(":")
                 if colon and ref and parser.has_section(ref):
-                    todo.append(ref)
+                    pending.append(ref)
     if not parts:
         return "none"
     return hashlib.sha256(repr(sorted(parts)).encode()).hexdigest()[:16]

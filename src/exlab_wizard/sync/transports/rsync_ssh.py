@@ -97,14 +97,15 @@ from exlab_wizard.sync.transports.base import (
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
 from exlab_wizard.sync.transports.classify import classify, transport_error
 from exlab_wizard.sync.transports.conflict import (
-    CLAIMS_DIR,
     DIR,
     FILE,
     NAS_MANIFEST,
     OTHER,
     RemoteExtras,
     check_owner,
+    claim_body,
     claim_markers,
+    claim_path,
     conflict_error,
     ownership_error,
     sort_remote,
@@ -574,8 +575,8 @@ class RsyncSshTransport(Transport):
             raise error
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
-        mine = f"{CLAIMS_DIR}/{owner}"
-        if owner is not None and not (listing is not None and mine in listing and listing[mine].kind == FILE):
+        mine = None if owner is None else claim_path(owner)
+        if mine is not None and not (listing is not None and mine in listing and listing[mine].kind == FILE):
             await self._send_claim(run_path, remote_run, mine)  # before any file of the run
         junk = extras.leftovers
 
@@ -650,7 +651,7 @@ class RsyncSshTransport(Transport):
         with tempfile.TemporaryDirectory(prefix="exlab-claim-") as scratch:
             local = Path(scratch) / claim
             local.parent.mkdir(parents=True)
-            local.write_text(f"{self.equipment.id} {run_path}\n", errors="surrogateescape")
+            local.write_bytes(claim_body(self.equipment.id, run_path))
             await self._rsync_following_schedule(
                 run_path,
                 ["-a", "--no-links", "--no-D", "--files-from=-", "--from0"],
