@@ -7,6 +7,7 @@ each transport that name the place.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -81,9 +82,8 @@ def test_a_job_verified_before_locations_were_kept_is_judged_by_its_remote_path(
 
 
 def _conf(tmp_path: Path, text: str) -> None:
-    """Write the rclone config; read again whatever its times (two writes may share a clock tick and a size)."""
+    """Write the rclone config in place (two writes may share a clock tick and a size: read as they are)."""
     (tmp_path / "rclone.conf").write_text(text)
-    rclone_conf._CACHE.clear()
 
 
 def _rclone(tmp_path: Path, conf: str, **extra: str) -> EquipmentConfig:
@@ -132,3 +132,19 @@ def test_an_oauth_token_refreshed_by_rclone_is_the_same_place(tmp_path: Path) ->
     assert location_change(eq, run, verified_location=verified, remote_path="ignored") is None
     _conf(tmp_path, '[labnas]\ntype = onedrive\ndrive_id = b!y\ntoken = {"access_token":"a2"}\n')
     assert location_change(eq, run, verified_location=verified, remote_path="ignored") is not None
+
+
+def test_an_rclone_remote_edited_within_one_clock_tick_at_the_same_size_is_another_place(tmp_path: Path) -> None:
+    """A share with a 2 s clock (FAT, SMB): the edit keeps the inode, the size and the mtime; the place still moves."""
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    eq = _rclone(tmp_path, "[labnas]\ntype = sftp\nhost = nas1\n")
+    path = tmp_path / "rclone.conf"
+    before = path.stat()
+    verified = run_location(eq, run)
+    with path.open("r+b") as handle:  # same inode, same size
+        handle.write(b"[labnas]\ntype = sftp\nhost = nas2\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert location_change(eq, run, verified_location=verified, remote_path="ignored") is not None
+    assert rclone_conf._CACHE  # parsed once per content, not once per call

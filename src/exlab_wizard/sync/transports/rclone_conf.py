@@ -10,7 +10,9 @@ file, every remote it refers to (``alias``, ``crypt``, ``union``,
 ``RCLONE_CONFIG_<NAME>_*`` environment variables that override them; not
 an OAuth ``token``, which rclone refreshes in the file on its own. An
 encrypted config file, or one that does not parse, counts as a whole.
-Read once per version of the file (path, inode, size, mtime).
+The file is read on every call (a few KiB) and parsed once per content:
+a stat key (inode, size, mtime) would miss an edit that keeps the size
+within one tick of a coarse clock (FAT, SMB: 2 s).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ __all__ = ["config_path", "remote_digest"]
 #: Counted, every refresh would look like a move, and the reaper would wait for ever.
 _VOLATILE = frozenset({"token"})
 
-_CACHE: dict[tuple[str, int, int, int, str], str] = {}
+_CACHE: dict[tuple[bytes, str], str] = {}
 _CACHE_MAX = 64
 
 
@@ -51,11 +53,11 @@ def remote_digest(configured: Path | None, remote: str) -> str:
     )
     path = config_path(configured)
     try:
-        info = os.stat(path)
-        key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, remote)
+        raw = path.read_bytes()
+        key = (hashlib.sha256(raw).digest(), remote)
         found = _CACHE.get(key)
         if found is None:
-            found = _definition(path.read_bytes(), remote)
+            found = _definition(raw, remote)
             if len(_CACHE) >= _CACHE_MAX:
                 _CACHE.clear()
             _CACHE[key] = found
