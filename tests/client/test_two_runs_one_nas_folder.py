@@ -308,3 +308,36 @@ async def test_a_metadata_push_after_a_config_move_never_writes_over_another_run
         f"B's metadata push wrote its manifest over A's verified one (B: {job_b.state.value}, "
         f"metadata push pending={job_b.metadata_push_pending})"
     )
+
+
+async def test_the_reaper_deletes_nothing_from_a_folder_another_runs_job_claimed(tmp_path: Path) -> None:
+    """Two first pushes into one folder at the same instant both claim it, and the later bytes win.
+
+    Neither push can see the other (both listed the folder empty), so the first run's copy was
+    verified and then written over with bytes of its size. The reaper's last listing shows the
+    other run's claim: it deletes nothing, and says why.
+    """
+    from exlab_wizard.sync.policy.cleanup import CleanupCode
+    from exlab_wizard.sync.transports.conflict import claim_path
+
+    lab = Lab.build(tmp_path, nas_per_equipment=False)  # both equipments on one share
+    clock = Clock()
+    run_a = lab.make_run("Run_2026-01-01", files=FILES, equipment=EQ)
+    run_b = lab.make_run("Run_2026-01-01", files=FOREIGN, equipment=OTHER)
+    async with running(cleanup_config(lab), clock) as client:
+        await ready(client, clock, run_a)
+        nas = lab.nas_copy(run_a, EQ)
+        queue = client._ctx.require_queue()
+        job_b, _ = queue.get_or_create(str(run_b), OTHER, str(nas), now=clock())
+        (nas / claim_path(job_b.id)).write_bytes(b"FACS_02\n")  # B's claim, then its bytes over A's
+        for rel, data in FOREIGN.items():
+            (nas / rel).write_bytes(data)
+
+        outcomes = await client.cleanup_once()
+        job_a = await client.job(run_a)
+        assert job_a.state != S.CLEANED
+        codes = [o.code for o in outcomes if o.action != "promoted"]
+        assert codes == [CleanupCode.NAS_FOLDER_CLAIMED], outcomes
+        assert all((run_a / rel).read_bytes() == data for rel, data in FILES.items())  # rule 1
+        refusal = next(o for o in outcomes if o.code == CleanupCode.NAS_FOLDER_CLAIMED)
+        assert str(run_b) in refusal.reason

@@ -424,6 +424,8 @@ async def test_a_push_naming_its_job_claims_the_folder(remote, local_root):
     on_disk = tree(remote.run_on_disk)
     assert f".exlab-wizard/claims/{OWNER}" in on_disk
     assert {rel: on_disk[rel] for rel in files} == files
+    # the reaper's last listing sees claims (another run's refuses the deletion)
+    assert f".exlab-wizard/claims/{OWNER}" in await remote.transport(eq).remote_listing(run)
 
     again = await remote.transport(eq).push(run, bwlimit_kibps=None, fresh=True, owner=OWNER)  # its own folder
     assert again.ok and again.files_sent == 0

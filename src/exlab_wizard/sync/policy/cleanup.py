@@ -107,6 +107,7 @@ class CleanupCode(StrEnum):
     REMOTE_LISTING_FAILED = "remote_listing_failed"
     NAS_COPY_INCOMPLETE = "nas_copy_incomplete"
     NAS_LOCATION_CHANGED = "nas_location_changed"
+    NAS_FOLDER_CLAIMED = "nas_folder_claimed"
     # -- interlock 5 --
     OVERRIDE_UNKNOWN = "override_unknown"
     OVERRIDE_REVOKED = "override_revoked"

@@ -36,6 +36,7 @@ from exlab_wizard.sync.reaper.local_check import LocalScan, load_verified_stats,
 from exlab_wizard.sync.reaper.store import PlannedFile, Progress
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind, location_change
+from exlab_wizard.sync.transports.conflict import claim_markers
 
 __all__ = ["InterlockFacts"]
 
@@ -90,7 +91,29 @@ class InterlockFacts:
         except Exception as exc:
             logger.info("remote listing for job %s failed: %s", job.id, exc)
             return policy.RemoteCheck(refusal=f"remote listing failed: {type(exc).__name__}: {exc}")
+        claimed = self._claimed_by_another_run(job, listing)
+        if claimed is not None:
+            return policy.RemoteCheck(refusal=claimed, refusal_code=CleanupCode.NAS_FOLDER_CLAIMED)
         return policy.check_remote(expected, listing)
+
+    def _claimed_by_another_run(self, job: SyncJobRow, listing: Mapping[str, int]) -> str | None:
+        """Why the listing shows another run's claim on the NAS folder; None when it shows none.
+
+        Two first pushes into one folder at the same instant (two instruments
+        of this PC on one share) both list it empty and both claim it; the
+        later bytes win, at the sizes the listing checks. A run has one job
+        for life, so a claim of another job this queue knows is another run's.
+        A claim of a job it does not know (another PC, a state folder lost)
+        is left to the pushes (:func:`~exlab_wizard.sync.transports.conflict.ownership_error`).
+        """
+        others = sorted(claim_markers(listing) - {job.id})
+        runs = [row.run_path for row in map(self.queue.get, others) if row is not None]
+        if not runs:
+            return None
+        return (
+            f"the NAS folder is claimed by another run's job too ({', '.join(runs)}): its bytes may have"
+            " replaced this copy's, which sizes cannot tell; nothing is deleted (docs/recovery.md)"
+        )
 
     def _moved(self, job: SyncJobRow) -> str | None:
         """Why the NAS the configuration names now is not where the job's copy was verified; None when it is.
