@@ -59,6 +59,7 @@ __all__ = [
     "hash_from_storage",
     "is_data_path",
     "is_metadata_path",
+    "make_dirs_durable",
     "OpenFolders",
     "OpenFoldersByThread",
     "open_regular",
@@ -121,6 +122,31 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def make_dirs_durable(folder: str | os.PathLike[str]) -> None:
+    """``mkdir -p folder``, each folder it creates made durable in its parent (fsync of the parent).
+
+    A new folder's entry survives a power cut only once its parent is
+    fsynced; the files written inside it later are fsynced with their own
+    folder, not with this one. Nothing is synced when the folder exists.
+    """
+    path = os.path.abspath(folder)
+    missing: list[str] = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for each in reversed(missing):
+        try:
+            os.mkdir(each)
+        except FileExistsError:
+            if not os.path.isdir(each):
+                raise
+            continue  # made meanwhile by another writer, who makes it durable
+        fsync_dir(os.path.dirname(each))
 
 
 def filesystem_now_ns(folder: str | os.PathLike[str]) -> int | None:

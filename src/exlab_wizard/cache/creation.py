@@ -36,7 +36,7 @@ from exlab_wizard.cache.atomic import (
     atomic_write_bytes,
     read_regular_file,
 )
-from exlab_wizard.fileio import METADATA_DIR, remove_stale_temps
+from exlab_wizard.fileio import METADATA_DIR, make_dirs_durable, remove_stale_temps
 
 __all__ = [
     "CREATION_MAX_BYTES",
@@ -294,7 +294,7 @@ class CreationWriter:
             raise CacheError(CacheErrorKind.IO, f"{run_path}: run folder does not exist", run_path)
         folder = run_path / METADATA_DIR
         try:
-            folder.mkdir(exist_ok=True)
+            make_dirs_durable(folder)  # its entry in the run folder survives a power cut
         except OSError as exc:
             raise CacheError(CacheErrorKind.IO, f"{folder}: cannot create: {exc.strerror or exc}", folder) from exc
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.fileio import METADATA_DIR, make_dirs_durable
 
 __all__ = ["EquipmentLog", "format_log_line", "log_path_for"]
 
@@ -61,7 +61,7 @@ class EquipmentLog:
         # UTF-8 and json.loads gives the name back.
         line = format_log_line(level, run_path, event, fields).encode("utf-8", "backslashreplace")
         with _LOCK:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs_durable(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, line)

@@ -50,6 +50,7 @@ from exlab_wizard.fileio import (
     hash_file,
     hash_from_storage,
     is_metadata_path,
+    make_dirs_durable,
     open_regular,
     open_regular_beneath,
     remove_stale_temps,
@@ -464,7 +465,7 @@ class Verifier:
         """
         data = _data_only(hashes)
         target = manifest_path(Path(run_path))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(target.parent)  # a power cut keeps the folder's entry, not only its files
         remove_stale_temps(target)  # the runner lease holder is the one writer: any other temp is a leftover
         digest = hashlib.sha256()
 
