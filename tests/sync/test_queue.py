@@ -555,3 +555,24 @@ def test_runner_lease(db: Path):
     lease.release()
     assert not lease.held and other.acquire() is True
     other.release()
+
+
+def test_verified_stats_recorded_before_newer_existed_stand_for_the_verified_bytes(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Migration 10: rows recorded by an older version read as ``newer`` False (the damage rule as then)."""
+    from exlab_wizard.sync.reaper.store import CleanupStore
+
+    monkeypatch.setattr(queue_mod, "MIGRATIONS", queue_mod.MIGRATIONS[:9])
+    with JobQueue(db) as q:
+        job = make(q, "Run_1")
+        with q.transaction() as conn:
+            conn.execute(
+                "INSERT INTO verified_files (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, recorded_at)"
+                " VALUES (?, ?, ?, 1, 2, 3, '4', 0, ?)",
+                (job.id, b"a.tif", "0" * 64, "2026-01-01T00:00:00+00:00"),
+            )
+    monkeypatch.undo()
+    with JobQueue(db) as q:
+        (stat,) = CleanupStore(q).verified_stats(job.id).values()
+        assert (stat.path, stat.trusted, stat.newer) == ("a.tif", False, False)

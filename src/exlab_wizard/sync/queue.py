@@ -228,6 +228,11 @@ MIGRATIONS: list[Migration] = [
     SELECT job_id, MIN(at), 'nas_claimed', 'an attempt ran before this version: it may have written to the NAS'
     FROM events WHERE kind = 'transition' AND to_state = 'running' GROUP BY job_id;
     """,
+    # 10: a verified file's recorded stat that stands for bytes written after the hashing read it
+    # (read again when recorded: another content). Its own mtime then means an edit, not damage.
+    """
+    ALTER TABLE verified_files ADD COLUMN newer INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -21,7 +21,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.fileio import METADATA_DIR, filesystem_now_ns, is_data_path, is_metadata_path
+from exlab_wizard.fileio import (
+    BLOCK_SIZE,
+    METADATA_DIR,
+    filesystem_now_ns,
+    hash_fd,
+    is_data_path,
+    is_metadata_path,
+    open_regular,
+)
 from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
@@ -127,6 +135,9 @@ def record_verified_stat(
     it may hold another run's files of the same names. ``run_folder``: the
     run folder's (device, inode) when the hashing began; another folder at
     the run's path now (one above it renamed) makes every file untrusted.
+    A file stamped since the hashing began is read again: when it holds
+    other bytes now, its row is ``newer`` (see :class:`VerifiedStat`), and the
+    reaper takes its content for an edit, never for damage.
 
     A row whose recorded SHA-256 is unchanged and trusted is kept as it is:
     the first stat recorded for that content stands, so a call made without
@@ -189,9 +200,36 @@ def record_verified_stat(
                 and st.st_ctime_ns < since_ns
                 and folder_kept(rel.rpartition("/")[0])
             )
-            yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted)
+            # Bytes a write stamped after the hashing began (no slack: an mtime put back to before it
+            # is not that) may not be the bytes it read: read them again.
+            newer = (
+                regular
+                and (since_ns is None or st.st_mtime_ns >= since_ns + RACE_SLACK_NS)
+                and _not_these_bytes(base + rel, sha, st)
+            )
+            yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer)
 
     return CleanupStore(queue).record_verified(job_id, data, stats(), now)
+
+
+def _not_these_bytes(path: str, sha: str, st: os.stat_result) -> bool:
+    """Does the file at ``path`` (stat-ed as ``st``) hold other bytes than ``sha`` now, or is it being written?
+
+    Read past nothing: a file that cannot be opened as a regular file is
+    left to the reaper's own check (False).
+    """
+    try:
+        fd, before = open_regular(path)
+    except OSError:
+        return False
+    try:
+        digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
+        after = os.fstat(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return digest != sha or not steady(before, after) or (before.st_ino, before.st_size) != (st.st_ino, st.st_size)
 
 
 def load_verified_stats(queue: JobQueue, job_id: str) -> dict[str, VerifiedStat]:
@@ -224,12 +262,19 @@ def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None)
     An edit moves the mtime on, past the one recorded after the verification;
     damage keeps it, or puts an older one back. Trusted or not, a record was
     stat-ed after the hashing, and may have caught a rewrite half way (a tool
-    rewriting bytes and then putting the old mtime back): so the old mtime
-    coming back is damage too. File times are compared with file times (the
-    "trusted" flag compares them with the client's clock, which may be off).
-    Without a record, only an mtime after the verification is an edit.
+    rewriting bytes and then putting the old mtime back): so an older mtime
+    coming back is damage too. The very mtime of a record that was found
+    ``newer`` is not: read again when recorded, the file held bytes written
+    after the hashing read it (a frame appended to a file already copied), so
+    that mtime stands for an edit the hashing missed, which is sent again,
+    never "restored" away. File times are
+    compared with file times (the "trusted" flag compares them with the
+    client's clock, which may be off). Without a record, only an mtime after
+    the verification is an edit.
     """
     if record is not None and record.mtime_ns is not None:
+        if record.newer:
+            return mtime_ns < record.mtime_ns
         return mtime_ns <= record.mtime_ns
     return verified_ns is None or mtime_ns <= verified_ns
 

@@ -81,7 +81,9 @@ class VerifiedStat:
     ``trusted`` is False when the file may have been written while it was
     hashed (or was not a regular file then): the reaper re-hashes such a file
     before deleting it. ``size``/``mtime_ns``/``ctime_ns``/``ino`` are None
-    when the file could not be stat-ed.
+    when the file could not be stat-ed. ``newer``: read again when recorded,
+    the file held other bytes than the verified ones: this stat is of an
+    edit the hashing missed (a frame appended after the file was copied).
     """
 
     path: str
@@ -91,6 +93,7 @@ class VerifiedStat:
     ctime_ns: int | None
     ino: int | None
     trusted: bool
+    newer: bool = False
 
     def matches(self, st: os.stat_result) -> bool:
         """Same size, mtime, ctime and inode as ``st``, and trusted."""
@@ -133,8 +136,9 @@ class Progress:
     data_deleted_at: dt.datetime | None
 
 
-#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted)`` of one file, as :meth:`CleanupStore.record_verified` takes it.
-StatRow = tuple[str, int, int, int, int, bool]
+#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted, newer)`` of one file, as
+#: :meth:`CleanupStore.record_verified` takes it (see :class:`VerifiedStat`).
+StatRow = tuple[str, int, int, int, int, bool, bool]
 
 
 # --------------------------------------------------------------------------- the store
@@ -202,6 +206,7 @@ class CleanupStore:
                 ctime_ns=row["ctime_ns"],
                 ino=None if row["ino"] is None else int(row["ino"]),
                 trusted=bool(row["trusted"]),
+                newer=bool(row["newer"]),
             )
         return out
 
@@ -237,7 +242,7 @@ class CleanupStore:
 
             def rows() -> Iterator[tuple[object, ...]]:
                 nonlocal written
-                for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted) in (
+                for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted, newer) in (
                     stats.items() if isinstance(stats, Mapping) else stats
                 ):
                     old = existing.get(rel)
@@ -246,12 +251,23 @@ class CleanupStore:
                     if old is not None and old["sha256"] == sha and old["trusted"]:
                         continue
                     written += 1
-                    yield (job_id, _path_key(rel), sha, size, mtime_ns, ctime_ns, str(ino), 1 if trusted else 0, stamp)
+                    yield (
+                        job_id,
+                        _path_key(rel),
+                        sha,
+                        size,
+                        mtime_ns,
+                        ctime_ns,
+                        str(ino),
+                        int(trusted),
+                        int(newer),
+                        stamp,
+                    )
 
             conn.executemany(  # one statement for every row: half the time of one execute a row
                 "INSERT OR REPLACE INTO verified_files"
-                " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, newer, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows(),
             )
             for rel in data:
