@@ -1,9 +1,11 @@
 """The audit: re-verifying NAS copies that were verified before.
 
 Every VERIFIED or CLEANUP_ELIGIBLE job is re-checked once per
-``audit_interval_s`` (never while a bandwidth window limits its equipment,
-unless forced): the remote manifest against the recorded, verified
-``checksums.sha256``. A match adds a verify pass (the cleanup counts them);
+``audit_interval_s`` (never while a schedule window of its equipment's
+bandwidth limit is open, unless forced; an ``upload_mbps`` with no schedule
+has no window and does not stop it): the remote manifest against the
+recorded, verified ``checksums.sha256``. While a window is open only the
+local check runs (files added or edited since verification are sent). A match adds a verify pass (the cleanup counts them);
 a mismatch goes through the retry policy as the first mismatch (back to
 QUEUED for a re-transfer of the mismatched files), unless the local copies
 of those files are damaged or gone, which fails the job (nothing is sent).
@@ -39,7 +41,7 @@ from exlab_wizard.sync.transports.base import location_change, run_location
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as list_run
 
-__all__ = ["audit_job", "audit_loop", "audit_pass", "send_back_if_changed"]
+__all__ = ["audit_job", "audit_loop", "audit_pass", "local_check", "send_back_if_changed"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +65,32 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
     """Audit every VERIFIED or CLEANUP_ELIGIBLE job that is due (all of them with ``force``), not in flight."""
     queue = ctx.require_queue()
     interval = dt.timedelta(seconds=ctx.config.sync.audit_interval_s)
+    seen: set[str] = set()
     for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
         for job in queue.iter_jobs(state):  # page by page, whatever the size of the queue
+            seen.add(job.id)
             equipment = ctx.equipment(job)
             if equipment is None or job.equipment_id in ctx.inflight:
                 continue
             now = ctx.clock()
             if not force and job.last_verify_at is not None and now - job.last_verify_at < interval:
                 continue
-            if bw_policy.limit_kibps(equipment.transport.bandwidth, now) is not None and not force:
-                continue  # never audit while a bandwidth window limits this equipment
+            window = not force and _window_limits(equipment, ctx.local_now())
+            if window:
+                # Never read the NAS while a schedule window limits this equipment; the local check
+                # reads nothing from it, so a file written since verification is still sent (under
+                # the window's limit), once an audit interval.
+                checked = ctx.window_checked_at.get(job.id)
+                if checked is not None and now - checked < interval:
+                    continue
+                ctx.window_checked_at[job.id] = now
+            else:
+                ctx.window_checked_at.pop(job.id, None)
             try:
-                await audit_job(ctx, job, equipment)
+                if window:
+                    await local_check(ctx, job, equipment)
+                else:
+                    await audit_job(ctx, job, equipment)
             except IllegalTransition as exc:  # another process moved the job: its move stands
                 logger.warning("audit of job %s: %s", job.id, exc)
             except asyncio.CancelledError:
@@ -83,6 +99,8 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 logger.exception("audit of job %s failed", job.id)
                 with contextlib.suppress(Exception):
                     _note(ctx, job, "audit_skipped", f"audit error: {type(exc).__name__}: {exc}"[:2000])
+    for job_id in [j for j in ctx.window_checked_at if j not in seen]:
+        del ctx.window_checked_at[job_id]  # audited since, or no longer verified: forget it
     now = ctx.clock()
     last = ctx.late_data_checked_at
     if not force and last is not None and now - last < interval:
@@ -98,6 +116,26 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 f"{len(late)} data file(s) written into the run folder after its cleanup are not on the NAS: "
                 f"{name_paths(late)}; a cleaned run is not sent again: move them into a new run folder",
             )
+
+
+def _window_limits(equipment: EquipmentConfig, now: dt.datetime) -> bool:
+    """Does a schedule window limit ``equipment`` at ``now``? A limit with no schedule has no window: False."""
+    bandwidth = equipment.transport.bandwidth
+    return bandwidth.upload_mbps is not None and bw_policy.active_window(bandwidth, now) is not None
+
+
+async def local_check(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+    """The audit's local half alone, for a window that keeps it off the NAS: files added or edited since
+    verification send the job back to QUEUED (:func:`send_back_if_changed`); no pass, nothing read from the NAS."""
+    job = ctx.require_queue().get(job.id) or job
+    if job.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+        return
+    run = Path(job.run_path)
+    try:
+        run_location(equipment, run)
+    except ValueError:
+        return  # no longer under its local root: its NAS place cannot be named, nothing to send it to
+    await send_back_if_changed(ctx, job, run)
 
 
 def _data_after_cleanup(run: Path) -> list[str]:

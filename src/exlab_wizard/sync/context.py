@@ -89,6 +89,9 @@ class ClientContext:
         self.wake: asyncio.Event | None = None
         #: when the audit last looked for data written into CLEANED run folders (once an audit interval)
         self.late_data_checked_at: dt.datetime | None = None
+        #: job id -> when the audit last ran its local check alone on it, a schedule window keeping it
+        #: off the NAS (once an audit interval; dropped once the job is audited or leaves VERIFIED)
+        self.window_checked_at: dict[str, dt.datetime] = {}
 
     def local_now(self) -> dt.datetime:
         """:attr:`clock` in this workstation's local time: what the bandwidth schedule reads.
