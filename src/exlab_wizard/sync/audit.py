@@ -5,9 +5,10 @@ Every VERIFIED or CLEANUP_ELIGIBLE job is re-checked once per
 bandwidth limit is open, unless forced; an ``upload_mbps`` with no schedule
 has no window and does not stop it): the remote manifest against the
 recorded, verified ``checksums.sha256``. While a window is open only the
-local check runs (files added or edited since verification are sent). A match adds a verify pass (the cleanup counts them);
-a mismatch goes through the retry policy as the first mismatch (back to
-QUEUED for a re-transfer of the mismatched files), unless the local copies
+local check runs (files added or edited since verification are sent). A
+match adds a verify pass (the cleanup counts them); a mismatch goes
+through the retry policy as the first mismatch (back to QUEUED for a
+re-transfer of the mismatched files), unless the local copies
 of those files are damaged or gone, which fails the job (nothing is sent).
 What cannot be checked now (the NAS away, the local run away, the reaper
 finishing) is skipped with an event, recorded once while it lasts.
@@ -100,7 +101,7 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 with contextlib.suppress(Exception):
                     _note(ctx, job, "audit_skipped", f"audit error: {type(exc).__name__}: {exc}"[:2000])
     for job_id in [j for j in ctx.window_checked_at if j not in seen]:
-        del ctx.window_checked_at[job_id]  # audited since, or no longer verified: forget it
+        del ctx.window_checked_at[job_id]  # no longer VERIFIED or CLEANUP_ELIGIBLE: forget it
     now = ctx.clock()
     last = ctx.late_data_checked_at
     if not force and last is not None and now - last < interval:
