@@ -6,12 +6,12 @@ watcher) runs in a thread for the module. For every operation in
 requests that break it; each is sent with the bearer token (so it reaches the
 route) and, for a ``POST``, once more without it. Every answer must be below
 500 and carry no traceback. Generated attacks follow: run paths built from
-``..``, ``.``, doubled slashes, absolute paths outside the roots and a
-symbolic link out of the equipment root (400 ``outside_roots`` unless the path
-really is a run inside a root); wrong tokens (401 / 403); foreign ``Origin``
-values on a posted session cookie (403); bodies over 64 KiB, with and without
-``Content-Length`` (413). ``/api/events`` (a stream that never ends) is left to
-tests/service.
+``..``, ``.``, doubled slashes, segments over 255 bytes, absolute paths
+outside the roots and a symbolic link out of the equipment root (400
+``outside_roots`` or 422 unless the path really is a run inside a root);
+wrong tokens (401 / 403); foreign ``Origin`` values on a posted session cookie
+(403); bodies over 64 KiB, with and without ``Content-Length`` (413).
+``/api/events`` (a stream that never ends) is left to tests/service.
 
 ``EXLAB_FUZZ_API_EXAMPLES`` sets the generated requests per operation and mode
 (default 15); ``EXLAB_FUZZ_API_ATTACKS`` the examples per generated attack
@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -53,7 +53,10 @@ RUN_PATH_ENDPOINTS = (
     ("GET", "/api/problems"),
     ("GET", "/api/overrides"),
     ("POST", "/api/overrides"),
+    ("POST", "/api/overrides/abcdefgh/revoke"),
 )
+#: One path segment over NAME_MAX (255 bytes): realpath takes it, the first stat refuses it.
+LONG_SEGMENT = "Run_" + "x" * 300
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", 'File "/', "Internal Server Error")
 
 
@@ -155,7 +158,8 @@ def _operations(served: Served) -> list[Any]:
 def test_every_operation_from_the_schema_answers_below_500(served: Served) -> None:
     operations = _operations(served)
     assert {op.path for op in operations} >= {"/api/jobs", "/api/enqueue", "/api/overrides", "/api/verify"}
-    real_paths = st.sampled_from([str(run) for run in served.runs] + [str(served.link), "/etc", ".."])
+    long_run = str(served.runs[0].parent / LONG_SEGMENT)
+    real_paths = st.sampled_from([str(run) for run in served.runs] + [str(served.link), long_run, "/etc", ".."])
 
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -204,6 +208,8 @@ SEGMENTS = st.sampled_from(
         "..\\..",
         "\x00",
         "~",
+        LONG_SEGMENT,
+        "x" * 256,
     ]
 )
 
@@ -242,6 +248,8 @@ def _is_a_run_inside(served: Served, path: str) -> bool:
     segments=st.lists(SEGMENTS, max_size=7),
     endpoint=st.sampled_from(RUN_PATH_ENDPOINTS),
 )
+@example(start="eq", segments=[LONG_SEGMENT], endpoint=("POST", "/api/enqueue"))
+@example(start="eq", segments=["x" * 256], endpoint=("POST", "/api/overrides/abcdefgh/revoke"))
 @ATTACKS
 def test_generated_traversals_and_link_escapes_are_refused(
     served: Served, start: str, segments: list[str], endpoint: tuple[str, str]
@@ -255,6 +263,8 @@ def test_generated_traversals_and_link_escapes_are_refused(
             body = {"run_path": path}
             if route == "/api/overrides":
                 body |= {"rule": "leftover_jinja_marker", "reason": "fuzz"}
+            elif route.endswith("/revoke"):
+                body |= {"reason": "fuzz"}
             response = http.post(route, json=body)
     inside = _is_a_run_inside(served, path)
     CASES[f"api attack: path traversal / link escape ({method} {route}, {'a run' if inside else 'refused'})"] += 1

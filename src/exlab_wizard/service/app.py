@@ -1,7 +1,8 @@
 """The FastAPI app of ``exlab-sync serve``: a thin layer over the client, the queue and creation.json.
 
 Routes (JSON shapes in :mod:`exlab_wizard.service.shapes`; every error is
-``{"detail": <one readable line>, "kind": ...}``):
+``{"detail": <one readable line>, "kind": ...}``, also for an ``OSError`` no
+route expected: 409, ``local_file_vanished`` or ``unknown``, never a traceback):
 
 - reads, open on the bound address: ``GET /api/jobs``, ``/api/jobs/{id}``,
   ``/api/problems``, ``/api/overrides``, ``/api/equipment``, ``/api/watcher``,
@@ -25,6 +26,7 @@ import dataclasses
 import datetime as dt
 import getpass
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,6 +46,7 @@ from exlab_wizard.service.dashboard import install_dashboard
 from exlab_wizard.service.events import EventHub, FeedMessage
 from exlab_wizard.service.metrics import NasFacts, ServiceMetrics
 from exlab_wizard.service.runpaths import OutsideRoots, resolve_run_path
+from exlab_wizard.sync.failures import local_errno_kind
 from exlab_wizard.sync.gate import evaluate_run
 from exlab_wizard.sync.nas_client import EnqueueError, LocalDamageError, NASSyncClient
 from exlab_wizard.sync.policy import bandwidth as bw_policy
@@ -57,6 +60,8 @@ __all__ = ["MAX_BODY_BYTES", "ApiError", "Guard", "ServiceContext", "Watcher", "
 #: The largest request body accepted (every body of this API is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 _STATE_VALUES = [s.value for s in SyncJobState]
+
+logger = logging.getLogger(__name__)
 
 
 class Watcher(Protocol):
@@ -242,6 +247,14 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             422,
             shapes.error("invalid_request", _readable(exc), errors=json.loads(json.dumps(exc.errors(), default=str))),
         )
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        # The net under every route: the file system refused something no route expected.
+        # The traceback goes to the server's log, never into the answer.
+        logger.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _json_reply(409, shapes.error(local_errno_kind(exc.errno).value, f"{where}{exc.strerror or exc}"))
 
     def run_path(text: str) -> Path:
         try:

@@ -4,10 +4,15 @@ A path is refused (:class:`OutsideRoots`, HTTP 400) when it is relative, holds
 a ``..`` segment, or is not inside any ``<local_root>/<id>`` -- both as
 written and once every symbolic link in it is resolved, so a link that
 points out of the lab's folders never lets the API touch what it points at.
+A path the file system refuses to look at (a segment longer than 255 bytes,
+a loop of links, a folder that may not be searched) is refused the same way:
+its links cannot be resolved, so it cannot be shown to be inside a root.
+A path that does not exist is let through: the routes answer 422 (not a run).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -24,6 +29,19 @@ def _inside(path: str, root: str) -> bool:
     return path != root and path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+#: What ``lstat`` says of a path that is only absent (the routes answer 422: not a run folder).
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR})
+
+
+def _lookable(written: str, text: str) -> None:
+    """:class:`OutsideRoots` when the file system refuses to look at ``written`` (realpath does not say)."""
+    try:
+        os.lstat(written)
+    except OSError as exc:
+        if exc.errno not in _ABSENT:
+            raise OutsideRoots(f"{text} cannot be checked against the roots: {exc.strerror or exc}") from None
+
+
 def resolve_run_path(config: Config, text: str) -> tuple[Path, EquipmentConfig]:
     """The run path (as written, normalised) and its equipment; :class:`OutsideRoots` otherwise."""
     if "\x00" in text:
@@ -37,5 +55,6 @@ def resolve_run_path(config: Config, text: str) -> tuple[Path, EquipmentConfig]:
     for equipment in config.equipment:
         root = os.path.abspath(equipment.equipment_root)
         if _inside(written, root) and _inside(real, os.path.realpath(root)):
+            _lookable(written, text)
             return Path(written), equipment
     raise OutsideRoots(f"{text} is not inside any configured equipment's <local_root>/<id> (links resolved)")
