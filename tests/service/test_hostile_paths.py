@@ -2,7 +2,8 @@
 
 docs/service.md: every error is ``{"detail", "kind"}``. A path segment longer
 than NAME_MAX (255 bytes) passed the path check (``realpath`` does not stat)
-and every route that then looked at it answered 500 with a traceback.
+and every route that then looked at it answered 500 with a traceback; a run
+whose ``.exlab-wizard`` is a regular file did the same to ``POST /api/verify``.
 An ``OSError`` that no route expects is answered as JSON too, never a traceback.
 """
 
@@ -15,6 +16,8 @@ import pytest
 
 from exlab_wizard.service import app as app_module
 from exlab_wizard.service.runpaths import OutsideRoots, resolve_run_path
+from exlab_wizard.sync import verifier as verifier_module
+from exlab_wizard.sync.transports import TransportError, TransportErrorKind
 from tests.lab import Lab
 from tests.service.conftest import Service
 
@@ -76,6 +79,23 @@ async def test_a_long_segment_under_a_missing_folder_is_not_a_run(service: Servi
     assert reply.status_code == 422 and reply.json()["kind"] == "not_a_run", reply.text
 
 
+async def test_verify_of_a_run_whose_metadata_folder_is_a_file_is_409_bad_manifest(service: Service) -> None:
+    run = service.lab.make_run("Run_B", creation=False)
+    (run / ".exlab-wizard").write_text("not a folder")
+    reply = await service.post("/api/verify", {"run_path": str(run)})
+    assert reply.status_code == 409, reply.text[:300]
+    assert reply.json()["kind"] == "bad_manifest"
+    assert "checksums.sha256 cannot be read: Not a directory" in reply.json()["detail"]
+    _no_traceback(reply)
+
+
+async def test_verify_of_a_run_whose_manifest_is_a_folder_is_409_bad_manifest(service: Service) -> None:
+    run = service.lab.make_run("Run_C")
+    (run / ".exlab-wizard" / "checksums.sha256").mkdir()
+    reply = await service.post("/api/verify", {"run_path": str(run)})
+    assert reply.status_code == 409 and reply.json()["kind"] == "bad_manifest", reply.text[:300]
+
+
 @pytest.mark.parametrize(
     ("code", "kind"), [(errno.EACCES, "unknown"), (errno.EIO, "unknown"), (errno.ELOOP, "local_file_vanished")]
 )
@@ -92,3 +112,17 @@ async def test_an_os_error_no_route_expects_is_json_not_a_traceback(
     assert reply.status_code == 409, reply.text[:300]
     assert reply.json() == {"detail": f"{run / 'data.bin'}: refused by the test", "kind": kind}
     _no_traceback(reply)
+
+
+async def test_verify_of_a_run_whose_file_vanishes_while_hashed_is_409(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = service.lab.make_run("Run_E")
+
+    def vanished(*_args: object, **_kwargs: object) -> None:
+        raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"data.bin: vanished from {run} while hashing")
+
+    monkeypatch.setattr(verifier_module, "hash_tree", vanished)
+    reply = await service.post("/api/verify", {"run_path": str(run)})
+    assert reply.status_code == 409, reply.text[:300]
+    assert reply.json() == {"detail": f"data.bin: vanished from {run} while hashing", "kind": "local_file_vanished"}

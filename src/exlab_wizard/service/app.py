@@ -52,6 +52,7 @@ from exlab_wizard.sync.nas_client import EnqueueError, LocalDamageError, NASSync
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue_stats import QueueStats
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.validator import Validator
 from exlab_wizard.validator.override_ops import OverrideError, add_override, list_overrides, revoke_override
 
@@ -329,8 +330,10 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             raise ApiError(422, "not_a_run", f"{run} is not a run folder")
         try:
             result = await ctx.client.force_verify(run)
-        except ValueError as exc:  # a manifest not in sha256sum format
+        except ValueError as exc:  # a manifest not in sha256sum format, or not readable
             raise ApiError(409, "bad_manifest", str(exc)) from None
+        except TransportError as exc:  # a file gone while it was hashed
+            raise ApiError(409, exc.kind.value, exc.message) from None
         return shapes.verify_result(str(run), result)
 
     # ------------------------------------------------------------------ gate and overrides

@@ -57,6 +57,7 @@ from exlab_wizard.fileio import (
 )
 from exlab_wizard.sync.failures import FailureKind, local_errno_kind
 from exlab_wizard.sync.manifest_format import (
+    ManifestFormatError,
     manifest_chunks,
     manifest_digest,
     manifest_path,
@@ -429,10 +430,15 @@ class Verifier:
 
         A run with no recorded manifest (never verified) gives ``ok=False``,
         every local data file in ``extra`` and ``manifest_digest=None``.
-        A manifest that is not in sha256sum format raises
+        A manifest that is not in sha256sum format, or that the file system
+        refuses to read (``.exlab-wizard`` a file, no permission), raises
         :class:`~exlab_wizard.sync.manifest_format.ManifestFormatError`.
         """
-        recorded = await asyncio.to_thread(read_manifest, Path(run_path))
+        try:
+            recorded = await asyncio.to_thread(read_manifest, Path(run_path))
+        except OSError as exc:  # as the CLI's verify says it: the manifest cannot be used
+            where = manifest_path(Path(run_path))
+            raise ManifestFormatError(f"{where} cannot be read: {exc.strerror or exc}") from exc
         current = await self.hash_local(run_path, progress)
         if recorded is None:
             return VerifyResult(ok=False, extra=_sorted(current), checked=len(current), manifest_digest=None)
