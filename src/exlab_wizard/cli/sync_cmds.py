@@ -356,7 +356,7 @@ def retry_cmd(job_id: str, accept_local: bool, config: Config) -> None:
 @config_option
 @one_line_errors
 def restore_cmd(run: Path, config: Config) -> None:
-    """Copy the verified NAS bytes back over a run's locally damaged files."""
+    """Copy the verified NAS bytes back over a run's locally damaged files, and back where files were lost."""
 
     async def body(client: NASSyncClient) -> int:
         try:

@@ -319,7 +319,7 @@ class NASSyncClient:
         return await recovery.rearm(self._ctx, job_id, accept_local=accept_local)
 
     async def restore(self, run_path: Path | str, *, progress: Callable[[int], None] | None = None) -> RestoreResult:
-        """Copy the verified NAS bytes back over the run's locally damaged files.
+        """Copy the verified NAS bytes back over the run's locally damaged files, and back where files were lost.
 
         Each file is fetched from the NAS into a scratch folder in the run,
         checked against the verified manifest, made durable, given its
@@ -328,7 +328,10 @@ class NASSyncClient:
         damage is left, a job FAILED ``local_damage`` goes back to VERIFIED
         with the same manifest (the local run matches it exactly and the job
         was verified) or to QUEUED (the run was edited as well, or the job
-        was waiting for a re-transfer). Every restore is an event.
+        was waiting for a re-transfer). Files of the manifest missing locally
+        are put back too (unless a deletion is planned): a job FAILED for
+        them (``local_file_vanished``, a cleanup stopped part way) goes to
+        QUEUED once the run is whole. Every restore is an event.
 
         Raises :class:`RestoreError` (no job, no verified manifest, a transfer
         in flight, the NAS unreachable) and ``TransportError``.

@@ -48,7 +48,7 @@ from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
-from exlab_wizard.sync.reaper import load_verified_stats, scan_run
+from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, scan_run
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport
@@ -283,6 +283,38 @@ def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
     fsync_dir(target.parent)
 
 
+def _put_missing(fetched: Path, run: Path, rel: str, mtime_ns: int | None) -> str | None:
+    """Put the checked copy where a file the run lost was; the reason when it cannot be put there.
+
+    The folders on the way are made (durably) when gone, never followed
+    through a symlink; the file is linked in only if nothing appeared there
+    meanwhile (no clobber), then the scratch name is removed.
+    """
+    folder = run
+    for part in rel.split("/")[:-1]:
+        folder = folder / part
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            try:
+                os.mkdir(folder)
+            except OSError as exc:
+                return f"cannot make its folder: {exc.strerror or exc}"
+            fsync_dir(folder.parent)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{folder.relative_to(run)} is not a folder here any more"
+    if mtime_ns is not None:
+        os.utime(fetched, ns=(mtime_ns, mtime_ns))
+    try:
+        os.link(fetched, folder / rel.rsplit("/", 1)[-1])
+    except FileExistsError:
+        return "appeared locally during the restore"
+    os.unlink(fetched)
+    fsync_dir(folder)
+    return None
+
+
 def _scratch(run: Path) -> Path:
     meta = run / METADATA_DIR
     if meta.is_symlink() or not meta.is_dir():
@@ -301,9 +333,15 @@ async def restore_damaged(
     transport: Transport | RemoteAccess,
     damaged: Sequence[str],
     *,
+    missing: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> tuple[tuple[str, ...], dict[str, str]]:
-    """Bring the verified bytes of ``damaged`` back from the NAS; (restored, refused with reasons).
+    """Bring the verified bytes of ``damaged`` and ``missing`` back from the NAS; (restored, refused with reasons).
+
+    ``missing``: files of the manifest the run lost (a cleanup stopped part
+    way, a file deleted by mistake): put back where they were, only where
+    nothing appeared meanwhile, with the mtime recorded at verification when
+    that record is trusted.
 
     Each file is fetched into a scratch folder inside the run's
     ``.exlab-wizard/`` (same filesystem, so the final rename is atomic),
@@ -325,7 +363,24 @@ async def restore_damaged(
     restored: list[str] = []
     refused: dict[str, str] = {}
     try:
-        fetched = await transport.fetch(run, [rel for rel, s in seen.items() if s is not None], scratch)
+        wanted = [rel for rel, s in seen.items() if s is not None] + list(missing)
+        fetched = await transport.fetch(run, wanted, scratch)
+        for rel in missing:
+            copy = fetched.get(rel)
+            if copy is None:
+                refused[rel] = "not on the NAS"
+                continue
+            digest = await asyncio.to_thread(_hash_and_sync, copy, progress)
+            if digest != manifest.get(rel, "").lower():
+                refused[rel] = "the NAS copy does not match the verified manifest"
+                continue
+            record = stats.get(rel)
+            trusted_mtime = record.mtime_ns if record is not None and record.trusted else None
+            why = await asyncio.to_thread(_put_missing, copy, run, rel, trusted_mtime)
+            if why is None:
+                restored.append(rel)
+            else:
+                refused[rel] = why
         for rel in damaged:
             before = seen[rel]
             if before is None:
@@ -440,14 +495,14 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     equipment = ctx.equipment(job)
     if equipment is None:
         raise RestoreError("no_job", f"equipment {job.equipment_id} is no longer configured")
-    damaged = await asyncio.to_thread(find_damage, queue, job)
+    damaged, missing = await asyncio.to_thread(_to_restore, queue, job)
     restored: tuple[str, ...] = ()
     refused: dict[str, str] = {}
-    if damaged:
+    if damaged or missing:
         if not await ctx.remotes.reachable(job):
             raise RestoreError("unreachable", f"the NAS for {job.equipment_id} is not reachable now; nothing restored")
         remote = ctx.remotes.access(equipment)
-        restored, refused = await restore_damaged(queue, job, remote, damaged, progress=progress)
+        restored, refused = await restore_damaged(queue, job, remote, damaged, missing=missing, progress=progress)
     detail = restore_detail(restored, refused, job.manifest_digest or "")
     log = ctx.log(equipment)
     (log.warning if refused else log.info)(run, "restore", job=job.id, restored=len(restored), refused=len(refused))
@@ -456,15 +511,43 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     return RestoreResult(job.id, job.run_path, restored, refused, job.state)
 
 
+def _to_restore(queue: JobQueue, job: SyncJobRow) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(damaged, missing): the files ``restore`` brings back. Blocking I/O.
+
+    Missing files are brought back only when no deletion is planned for the
+    run: a reaper at work removes them on purpose.
+    """
+    check = check_local(queue, job)
+    if check is None:
+        return (), ()
+    missing = () if cleanup_planned(queue, job.id) else tuple(check.missing)
+    return tuple(check.damaged), missing
+
+
+#: Failures a restore of the run's lost or damaged files may end. After anything but local
+#: damage the run goes back to QUEUED: a new transfer and verification prove the NAS copy again.
+_RESTORE_ENDS = frozenset(
+    {
+        LOCAL_DAMAGE,
+        FailureKind.LOCAL_FILE_VANISHED,
+        FailureKind.LOCAL_CHANGED_DURING_CLEANUP,
+        FailureKind.REMOTE_CHANGED_DURING_CLEANUP,
+    }
+)
+
+
 def _after_restore(
     ctx: ClientContext, job: SyncJobRow, detail: str, refused: bool, check: LocalCheck | None
 ) -> SyncJobRow:
-    """Record the restore; a ``local_damage`` job whose damage is gone (``check``) leaves FAILED."""
+    """Record the restore; a job FAILED for lost or damaged files (``_RESTORE_ENDS``) whose run is whole leaves FAILED."""
     queue = ctx.require_queue()
     now = ctx.clock()
     fresh = queue.get(job.id) or job
-    if refused or fresh.state != S.FAILED or fresh.error_kind != LOCAL_DAMAGE:
+    if refused or fresh.state != S.FAILED or fresh.error_kind not in _RESTORE_ENDS:
         queue.record_event(job.id, "restore", detail, now=now)
+        return fresh
+    if check is not None and check.missing:
+        queue.record_event(job.id, "restore", detail + f"; still missing: {name_paths(list(check.missing))}", now=now)
         return fresh
     if check is not None and check.damaged:
         queue.record_event(job.id, "restore", detail + f"; still damaged: {name_paths(list(check.damaged))}", now=now)
@@ -479,7 +562,7 @@ def _after_restore(
         "previous_stamp": None,
         "previous_kept_at": None,
     }
-    if check is not None and check.clean and fresh.verified_at is not None:
+    if check is not None and check.clean and fresh.verified_at is not None and fresh.error_kind == LOCAL_DAMAGE:
         fresh = queue.transition(
             job.id,
             S.FAILED,
