@@ -896,3 +896,34 @@ def test_a_queue_database_made_again_in_the_same_process_gets_the_reaper_tables(
             assert conn.execute("SELECT count(*) FROM cleanup_progress").fetchone()[0] == 0
         queue.close()
         shutil.rmtree(db.parent)
+
+
+def test_a_folder_whose_planned_files_are_found_gone_is_fsynced_before_the_deletion_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Pass 1 unlinked the files and was killed before its fsync; pass 2 finds them gone: it makes that durable."""
+    import stat as stat_mod
+
+    from exlab_wizard.sync.reaper.store import PlannedFile
+
+    run = tmp_path / "Run_1"
+    (run / "sub").mkdir(parents=True)
+    planned = []
+    for name in ("a.bin", "b.bin"):
+        path = run / "sub" / name
+        path.write_bytes(b"x")
+        st = path.stat()
+        planned.append(PlannedFile(f"sub/{name}", st.st_size, st.st_mtime_ns, st.st_ino, "0" * 64, st.st_ctime_ns))
+        path.unlink()  # by the killed pass
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat_mod.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = deletion.delete_batch(run, planned)
+    assert (result.deleted, result.gone, result.stop) == (0, 2, None)
+    assert str(run / "sub") in synced

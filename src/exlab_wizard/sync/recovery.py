@@ -279,8 +279,17 @@ def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
     """Give the checked copy the damaged file's mode and the recorded mtime, then rename it over the file."""
     os.chmod(fetched, stat.S_IMODE(seen.mode))
     os.utime(fetched, ns=(seen.atime_ns, mtime_ns))
+    _fsync_file(fetched)  # the mode and mtime too, before the rename makes it the run's file
     os.replace(fetched, target)
     fsync_dir(target.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _put_missing(fetched: Path, run: Path, rel: str, mtime_ns: int | None) -> str | None:
@@ -306,6 +315,7 @@ def _put_missing(fetched: Path, run: Path, rel: str, mtime_ns: int | None) -> st
             return f"{folder.relative_to(run)} is not a folder here any more"
     if mtime_ns is not None:
         os.utime(fetched, ns=(mtime_ns, mtime_ns))
+        _fsync_file(fetched)
     try:
         os.link(fetched, folder / rel.rsplit("/", 1)[-1])
     except FileExistsError:

@@ -95,13 +95,14 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
                 result.stop_fatal, result.stop_path = True, items[0].path
                 return result
             try:
-                unlinked = False
+                touched = False  # an unlink here, by this pass or by one killed before its fsync
                 for item in items:
                     _, name = split_path(item.path)
                     try:
                         st = os.stat(name, dir_fd=folder, follow_symlinks=False)
                     except FileNotFoundError:
                         result.gone += 1
+                        touched = True
                         continue
                     if not stat.S_ISREG(st.st_mode):
                         result.stop = f"not a regular file any more: {item.path} ({kind_of(st.st_mode)})"
@@ -116,15 +117,16 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
                         os.unlink(name, dir_fd=folder)
                     except FileNotFoundError:
                         result.gone += 1
+                        touched = True
                         continue
                     except OSError as exc:
                         result.stop = f"cannot delete {item.path}: {exc.strerror or exc}"
                         result.stop_path = item.path
                         break
-                    unlinked = True
+                    touched = True
                     result.deleted += 1
                     result.bytes_deleted += item.size
-                if unlinked:
+                if touched:  # durable before the deletion is recorded as done
                     os.fsync(folder)
             finally:
                 os.close(folder)
