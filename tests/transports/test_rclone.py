@@ -122,10 +122,11 @@ async def test_sftp_hostile_names_end_to_end(tmp_path, sshd, remote_dir, rclone_
     eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), conf)
     run = make_run(eq.local_root)
     transport = RcloneTransport(eq)
-    assert not transport.capabilities.hashes_while_sending
+    assert transport.capabilities.hashes_while_sending
 
     result = await transport.push(run, bwlimit_kibps=None)
     assert result.ok and result.files_sent == len(HOSTILE)
+    assert result.local_hashes == {k: v for k, v in hashes(HOSTILE).items() if not k.startswith(".exlab-wizard/")}
     remote_run = remote_dir / RUN_REL
     assert tree(remote_run) == HOSTILE  # byte-identical names and contents, symlinks skipped
     assert not partials(remote_dir)

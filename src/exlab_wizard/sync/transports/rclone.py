@@ -6,7 +6,10 @@ not rclone's own ``<name>.<8 hex>.partial`` leftover is someone else's data and
 the push raises ``REMOTE_CONFLICT`` without writing. A run folder not there
 yet is written only once the remote root answers (rclone would create the
 root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
---checksum`` (for a run verified before, without it: sizes and modification
+--files-from0`` of exactly the files the push listed, which are hashed here
+beside the transfer (``hashes_while_sending``): a file the run gains during
+the push is neither sent nor hashed, and the audit finds it added. The copy runs
+with ``--checksum`` (for a run verified before, without it: sizes and modification
 times, so a local file damaged with its stat kept is never sent over its
 verified NAS copy) with ``--bwlimit`` as an rclone timetable of the equipment's
 schedule (the limit changes mid-transfer on rclone's own clock) and
@@ -31,12 +34,14 @@ speaking rclone's command line and its name encoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -51,6 +56,7 @@ from exlab_wizard.sync.transports._process import (
     ToolResult,
     checked_rewrite,
     gather_or_cancel,
+    hash_local_files,
     local_metadata_folder,
     local_run_folder,
     local_tree,
@@ -71,6 +77,7 @@ from exlab_wizard.sync.transports.base import (
     local_now,
     previous_path,
     remote_relpath,
+    report_total,
 )
 from exlab_wizard.sync.transports.classify import transport_error
 from exlab_wizard.sync.transports.conflict import (
@@ -322,7 +329,7 @@ class RcloneTransport(Transport):
     this transport does not read it.
     """
 
-    capabilities = TransportCapabilities(hashes_while_sending=False, metadata_push=True)
+    capabilities = TransportCapabilities(hashes_while_sending=True, metadata_push=True, reports_total=True)
 
     def __init__(
         self,
@@ -463,7 +470,54 @@ class RcloneTransport(Transport):
         fs = self._fs(run_path)
         local = await asyncio.to_thread(local_tree, run_path)
         checked_rewrite(local, rewrite)
+        # The local hashes are taken beside the transfer, from the same listing: the copy sends
+        # exactly these files (--files-from0), so a file the run gains meanwhile is neither sent
+        # nor hashed (the audit finds it added), as on the other transports. The listing gives
+        # the progress bar its total too.
+        report_total(progress, sum(local.files.values()))
+        abort = threading.Event()
+        hashing = asyncio.ensure_future(asyncio.to_thread(hash_local_files, run_path, local, abort))
+        try:
+            files_sent, bytes_sent = await self._push_listed(
+                run_path,
+                fs,
+                local,
+                bwlimit_kibps=bwlimit_kibps,
+                rewrite=rewrite,
+                progress=progress,
+                cleaned=cleaned,
+                own_manifests=own_manifests,
+                previous_stamp=previous_stamp,
+                fresh=fresh,
+                claim=claim,
+                owner=owner,
+            )
+            local_hashes = await hashing
+        except BaseException:
+            abort.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(hashing)
+            raise
+        self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=files_sent, bytes=bytes_sent)
+        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent, local_hashes=local_hashes)
 
+    async def _push_listed(
+        self,
+        run_path: Path,
+        fs: str,
+        local: LocalTree,
+        *,
+        bwlimit_kibps: int | None,
+        rewrite: frozenset[str],
+        progress: ProgressCallback | None,
+        cleaned: frozenset[str],
+        own_manifests: Collection[str] | None,
+        previous_stamp: str | None,
+        fresh: bool,
+        claim: Callable[[], None] | None,
+        owner: str | None,
+    ) -> tuple[int, int]:
+        """push() once the run is listed (``local``): the checks, the claim, the copy; (files, bytes) sent."""
         if not self._probed:
             # Ask the backend's features while the push runs (the verify pass needs them next);
             # a failed probe is simply asked again by remote_manifest.
@@ -507,16 +561,7 @@ class RcloneTransport(Transport):
         # A run verified before: rclone itself moves every file it replaces under previous/<stamp>/
         # (server-side), deciding from its own look at the files, not from a check made earlier.
         kept_at = None if previous_stamp is None else f"{fs}/{PREVIOUS_DIR}/{check_previous_stamp(previous_stamp)}"
-        keep = (
-            []
-            if kept_at is None
-            else [
-                "--backup-dir",
-                kept_at,
-                "--exclude",
-                f"/{METADATA_DIR}/**",  # previous/ included; the metadata push after the verification sends it
-            ]
-        )
+        keep = [] if kept_at is None else ["--backup-dir", kept_at]
         files_sent = bytes_sent = 0
         for path in sorted(rewrite):
             # copyto takes no filter, and keeps a replaced file under the backup folder by its name
@@ -556,6 +601,10 @@ class RcloneTransport(Transport):
         # --ignore-checksum: no post-copy hash check. The verify pass that follows compares the
         # SHA-256 of every remote file with the local run anyway; rclone's own check would hash
         # each file on the remote a second time (on sftp, one remote command per file).
+        # Exactly the files listed (rclone takes no other filter beside a list): never the
+        # checksums.sha256, sent only by the metadata push after the verification (see mount); for
+        # a run verified before, nothing of .exlab-wizard/ (previous/ included), which that push sends.
+        sending = sorted(rel for rel in local.files if _sent_by_copy(rel, metadata=kept_at is None))
         argv = [
             *self._base(),
             *_COMMON,
@@ -563,8 +612,8 @@ class RcloneTransport(Transport):
             "1",
             *bw,
             *keep,
-            "--exclude",
-            f"/{NAS_MANIFEST}",  # only with the metadata push after the verification (see mount)
+            "--files-from0",
+            "-",
             "copy",
             *compare,
             "--ignore-checksum",
@@ -577,7 +626,8 @@ class RcloneTransport(Transport):
             encode_name(str(run_path)),
             fs,
         ]
-        result = await run_tool(argv, on_stderr=stats, log=self.log, run_path=run_path, step="push")
+        names = b"".join(encode_name(rel).encode("utf-8") + b"\0" for rel in sending)
+        result = await run_tool(argv, stdin=names, on_stderr=stats, log=self.log, run_path=run_path, step="push")
         if result.returncode != 0:
             raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"rclone copy to {fs}")
         stats.finish(result.stderr)
@@ -589,8 +639,7 @@ class RcloneTransport(Transport):
             result = await run_tool(argv, log=self.log, run_path=run_path, step="remove_leftovers")
             if result.returncode not in (0, 4):  # 4: already gone
                 raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"removing {path!r}")
-        self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=files_sent, bytes=bytes_sent)
-        return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent)
+        return files_sent, bytes_sent
 
     async def push_metadata(self, run_path: Path, *, bwlimit_kibps: int | None = None) -> TransportResult:
         """``rclone copy --ignore-times <run>/.exlab-wizard <remote run folder>/.exlab-wizard``.
@@ -862,6 +911,13 @@ class _Stats:
         if self.buffer:
             self._record(self.buffer)
             self.buffer = b""
+
+
+def _sent_by_copy(rel: str, *, metadata: bool) -> bool:
+    """Does the push's ``rclone copy`` send the run's file ``rel`` (``metadata``: its .exlab-wizard/ too)?"""
+    if rel == NAS_MANIFEST:
+        return False
+    return metadata or not rel.startswith(f"{METADATA_DIR}/")
 
 
 def _sort_extras(
