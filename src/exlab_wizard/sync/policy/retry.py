@@ -48,7 +48,7 @@ _BACKOFF_KINDS = frozenset({K.NETWORK, K.UNKNOWN})
 _FATAL_REASONS: dict[FailureKind, str] = {
     K.AUTH: "authentication failed; not retried, an operator must fix the key or host key",
     K.LOCAL_FILE_VANISHED: "a local file vanished between transfer and verify; not retried",
-    K.REMOTE_WRITE_REFUSED: "the NAS refused the write (full or read-only); not retried",
+    K.REMOTE_WRITE_REFUSED: "the NAS refused the write (full, read-only, or a name it cannot take); not retried",
     K.REMOTE_CONFLICT: (
         "the remote run folder holds files that are not this run's; not retried, never overwriting someone else's data"
     ),

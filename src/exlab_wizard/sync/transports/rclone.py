@@ -8,7 +8,10 @@ yet is written only once the remote root answers (rclone would create the
 root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
 --files-from0`` of exactly the files the push listed, which are hashed here
 beside the transfer (``hashes_while_sending``): a file the run gains during
-the push is neither sent nor hashed, and the audit finds it added. The copy runs
+the push is neither sent nor hashed, and the audit finds it added. A run
+with a file name that is not UTF-8 is refused before any write
+(``REMOTE_WRITE_REFUSED``): rclone copies it, but prints every name as JSON,
+where such a byte reads U+FFFD, so it could never be verified. The copy runs
 with ``--checksum`` (for a run verified before, without it: sizes and modification
 times, so a local file damaged with its stat kept is never sent over its
 verified NAS copy) with ``--bwlimit`` as an rclone timetable of the equipment's
@@ -470,6 +473,7 @@ class RcloneTransport(Transport):
         fs = self._fs(run_path)
         local = await asyncio.to_thread(local_tree, run_path)
         checked_rewrite(local, rewrite)
+        _check_utf8_names(local)  # before anything is written on the NAS
         # The local hashes are taken beside the transfer, from the same listing: the copy sends
         # exactly these files (--files-from0), so a file the run gains meanwhile is neither sent
         # nor hashed (the audit finds it added), as on the other transports. The listing gives
@@ -918,6 +922,23 @@ def _sent_by_copy(rel: str, *, metadata: bool) -> bool:
     if rel == NAS_MANIFEST:
         return False
     return metadata or not rel.startswith(f"{METADATA_DIR}/")
+
+
+def _check_utf8_names(local: LocalTree) -> None:
+    """Raise ``REMOTE_WRITE_REFUSED`` naming the first file whose name is not UTF-8.
+
+    rclone copies such a name byte for byte, but its listings and hashes come
+    back as JSON, where every byte that is not UTF-8 reads U+FFFD: the file
+    would never verify, and two such names would list as one.
+    """
+    for rel in sorted(local.files, key=os.fsencode):
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(rel).decode("utf-8", errors="backslashreplace")
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED, f"file name is not UTF-8: rclone cannot list it back: {shown}"
+            ) from None
 
 
 def _sort_extras(
