@@ -100,6 +100,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -687,6 +688,13 @@ class MountTransport(Transport):
         except OSError as exc:
             raise self._local_error(exc, prefix or ".", run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
+        twins = _fold_twins(local_files)
+        if twins is not None and self._share_folds(job.remote):
+            raise TransportError(
+                TransportErrorKind.REMOTE_WRITE_REFUSED,
+                f"the share takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or Unicode"
+                " form): it cannot hold both files of this run; nothing was written, rename one of them",
+            )
         remote_stats, stale, claimed_here = self._inspect_remote(
             job.remote,
             local_files,
@@ -761,6 +769,32 @@ class MountTransport(Transport):
         folders = job.touched.union(chain)
         run_parallel(sorted(folders), lambda folder, _view: self._sync_dir(folder), self.threads, job.abort)
         self._require_mounted()
+
+    def _share_folds(self, remote: str) -> bool:
+        """Does the share take names that differ in letter case for one? Asked of a folder on it.
+
+        The deepest existing folder of ``remote`` below the share root whose
+        name has a cased letter is looked up under its name with the case
+        swapped: the same folder found means the share folds. No such folder
+        yet (a first push of a new project): False, and the audit's read-back
+        by name finds the two files one later.
+        """
+        root = os.path.realpath(self.mount_path)
+        folder = os.path.realpath(remote)
+        while folder.startswith(root + os.sep):
+            name = os.path.basename(folder)
+            if name.swapcase() != name:
+                try:
+                    here = os.stat(folder)
+                    there = os.stat(os.path.join(os.path.dirname(folder), name.swapcase()))
+                except OSError:
+                    pass  # not there yet (or no such twin): go up
+                else:
+                    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+                if os.path.isdir(folder):
+                    return False  # there, and its swapped name is not: the share tells case apart
+            folder = os.path.dirname(folder)
+        return False
 
     def _inspect_remote(
         self,
@@ -1736,6 +1770,23 @@ class _ReadBackManifest(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"_ReadBackManifest({dict(self)!r})"
+
+
+def _fold_twins(names: Iterable[str]) -> tuple[str, str] | None:
+    """Two of the run's files (relative paths) in one folder whose names differ only in letter case or
+    Unicode form, or None. ``names`` lists each folder's files together (:func:`scan_run`'s order), so
+    one folder's names are held at a time.
+    """
+    folder, seen = None, {}
+    for rel in names:
+        parent, _, name = rel.rpartition("/")
+        if parent != folder:
+            folder, seen = parent, {}
+        folded = unicodedata.normalize("NFC", name).casefold()
+        other = seen.setdefault(folded, rel)
+        if other != rel:
+            return other, rel
+    return None
 
 
 def _kept_changing(src: _Source) -> TransportError:
