@@ -14,6 +14,7 @@ runs; ``client.audit_once()`` forces and would pass either way.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
@@ -29,6 +30,13 @@ S = SyncJobState
 LATE = {"late/frame_0099.tif": b"L" * 4096}
 EVERY_DAY = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 ALL_WEEK = [{"days": EVERY_DAY, "from": "00:00", "to": "00:00"}]  # a window open at every hour
+
+
+def open_now(hours: int = 20) -> list[dict[str, Any]]:
+    """A window open from an hour ago for ``hours`` more, every day, closed the rest of the day."""
+    now = dt.datetime.now().astimezone()
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(hours=hours)
+    return [{"days": EVERY_DAY, "from": start.strftime("%H:%M"), "to": end.strftime("%H:%M")}]
 
 
 def limited(lab: Lab, *, schedule: list[dict[str, Any]] | None = None, **cleanup: Any) -> Config:
@@ -64,10 +72,22 @@ async def test_a_file_written_after_verified_on_an_always_limited_equipment_is_s
     assert sent and after.state == S.VERIFIED
 
 
-async def test_an_always_limited_equipment_gets_its_second_verify_pass(lab: Lab) -> None:
+DAY_AND_NIGHT = [
+    {"days": EVERY_DAY, "from": "08:00", "to": "20:00"},
+    {"days": EVERY_DAY, "from": "20:00", "to": "08:00"},
+]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [None, ALL_WEEK, DAY_AND_NIGHT],
+    ids=["no schedule", "00:00-00:00 every day", "day and night windows"],
+)
+async def test_an_always_limited_equipment_gets_its_second_verify_pass(lab: Lab, schedule) -> None:
+    """A limit at all times has no window that closes: the audit reads the NAS (it waited for ever)."""
     clock = Clock()
     run = lab.make_run("Run_capped", files=FILES)
-    async with running(limited(lab, min_age_hours=1), clock) as client:
+    async with running(limited(lab, schedule=schedule, min_age_hours=1), clock) as client:
         await synced(client, run)
         for _ in range(12):  # three days
             clock.advance(6)
@@ -83,7 +103,7 @@ async def test_an_always_limited_equipment_gets_its_second_verify_pass(lab: Lab)
 async def test_inside_a_window_a_late_file_is_sent_without_an_audit_pass(lab: Lab) -> None:
     clock = Clock()
     run = lab.make_run("Run_window", files=FILES)
-    async with running(limited(lab, schedule=ALL_WEEK), clock) as client:
+    async with running(limited(lab, schedule=open_now()), clock) as client:
         await synced(client, run)
         write_files(run, LATE, mtime=time.time() + 2)
         clock.advance(6)  # the audit is due; the window keeps it off the NAS
@@ -109,7 +129,7 @@ async def test_inside_a_window_the_local_check_runs_once_an_audit_interval(
     monkeypatch.setattr(audit, "check_local", counted)
     clock = Clock()
     run = lab.make_run("Run_quiet", files=FILES)
-    async with running(limited(lab, schedule=ALL_WEEK), clock) as client:
+    async with running(limited(lab, schedule=open_now()), clock) as client:
         await synced(client, run)
         clock.advance(6)
         for _ in range(3):  # three turns of the loop within one interval: one local check

@@ -120,9 +120,15 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
 
 
 def _window_limits(equipment: EquipmentConfig, now: dt.datetime) -> bool:
-    """Does a schedule window limit ``equipment`` at ``now``? A limit with no schedule has no window: False."""
+    """Does a schedule window limit ``equipment`` at ``now``, a window that closes? A limit with no
+    schedule has no window, and neither has a schedule whose windows cover every hour (the same limit
+    at all times, the window never closing): False, or the audit would wait for ever."""
     bandwidth = equipment.transport.bandwidth
-    return bandwidth.upload_mbps is not None and bw_policy.active_window(bandwidth, now) is not None
+    return (
+        bandwidth.upload_mbps is not None
+        and bw_policy.active_window(bandwidth, now) is not None
+        and bw_policy.next_change(bandwidth, now) is not None
+    )
 
 
 async def local_check(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
