@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from exlab_wizard.sync import job_runner
+from exlab_wizard.sync.reaper import load_verified_stats
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
 from tests.lab import FILES, Lab, act_once_in, cleanup_config, running, synced
@@ -66,3 +67,46 @@ async def test_a_file_grown_after_its_copy_is_never_cut_back(tmp_path: Path, mon
         f"NAS {len(on_nas)} bytes"
     )
     assert verdict[1] != "local_damage", f"a file that only grew was called local damage: {verdict}"
+
+
+def _flip_a_bit_keeping_the_stat(path: Path) -> bytes:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # bit rot keeps the mtime
+    return bytes(data)
+
+
+async def test_bit_rot_in_a_file_recorded_newer_is_never_sent_over_the_nas_copy(tmp_path: Path, monkeypatch) -> None:
+    """Found by review: the edit's mtime alone made any bytes under it an edit, and a later bit flip was sent (rule 2)."""
+    lab = Lab.build(tmp_path)
+    cfg = cleanup_config(lab)
+    run = lab.make_run("Run_2026-01-01", files={**FILES, "acquisition_complete.flag": b""})
+    fired = act_once_in(
+        monkeypatch, job_runner, "record_verified_stat", lambda *a, **k: True, lambda: _append_frame(run)
+    )
+    clock = Clock()
+    async with running(cfg, clock) as client:
+        job = await synced(client, run)
+        assert fired
+        queue = client._ctx.require_queue()
+        assert load_verified_stats(queue, job.id)[GROWN].newer_sha256 is not None  # the edit's bytes are recorded
+        nas_before = (lab.nas_copy(run) / GROWN).read_bytes()
+
+        damaged = _flip_a_bit_keeping_the_stat(run / GROWN)  # later: bit rot at rest, stat kept
+
+        for _ in range(5):  # a day of audits and cleanup passes: the reaper's local check comes
+            clock.advance(6)
+            await client.audit_once()
+            await client.cleanup_once()
+            await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        on_nas = (lab.nas_copy(run) / GROWN).read_bytes()
+
+    assert on_nas != damaged, (
+        f"local damage (a bit flipped, size and mtime kept) was sent over the verified NAS copy as an edit; "
+        f"job {job.state.value} {job.error_kind}; NAS had {len(nas_before)} verified bytes"
+    )
+    assert job.error_kind == "local_damage", (job.state.value, job.error_kind, job.last_error)

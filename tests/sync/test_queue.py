@@ -560,7 +560,7 @@ def test_runner_lease(db: Path):
 def test_verified_stats_recorded_before_newer_existed_stand_for_the_verified_bytes(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """Migration 10: rows recorded by an older version read as ``newer`` False (the damage rule as then)."""
+    """Migration 10: rows recorded by an older version have no ``newer_sha256`` (the damage rule as then)."""
     from exlab_wizard.sync.reaper.store import CleanupStore
 
     monkeypatch.setattr(queue_mod, "MIGRATIONS", queue_mod.MIGRATIONS[:9])
@@ -575,4 +575,4 @@ def test_verified_stats_recorded_before_newer_existed_stand_for_the_verified_byt
     monkeypatch.undo()
     with JobQueue(db) as q:
         (stat,) = CleanupStore(q).verified_stats(job.id).values()
-        assert (stat.path, stat.trusted, stat.newer) == ("a.tif", False, False)
+        assert (stat.path, stat.trusted, stat.newer_sha256) == ("a.tif", False, None)

@@ -229,9 +229,10 @@ MIGRATIONS: list[Migration] = [
     FROM events WHERE kind = 'transition' AND to_state = 'running' GROUP BY job_id;
     """,
     # 10: a verified file's recorded stat that stands for bytes written after the hashing read it
-    # (read again when recorded: another content). Its own mtime then means an edit, not damage.
+    # (read again when recorded: another content, its SHA-256 here). That content under that very
+    # mtime is then an edit, not damage; NULL: the stat stands for the verified bytes.
     """
-    ALTER TABLE verified_files ADD COLUMN newer INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE verified_files ADD COLUMN newer_sha256 TEXT;
     """,
 ]
 

@@ -136,8 +136,9 @@ def record_verified_stat(
     run folder's (device, inode) when the hashing began; another folder at
     the run's path now (one above it renamed) makes every file untrusted.
     A file stamped since the hashing began is read again: when it holds
-    other bytes now, its row is ``newer`` (see :class:`VerifiedStat`), and the
-    reaper takes its content for an edit, never for damage.
+    other bytes now, its row records their SHA-256 (``newer_sha256``, see
+    :class:`VerifiedStat`), and the reaper takes those bytes for an edit,
+    never for damage.
 
     A row whose recorded SHA-256 is unchanged and trusted is kept as it is:
     the first stat recorded for that content stands, so a call made without
@@ -203,33 +204,33 @@ def record_verified_stat(
             # Bytes a write stamped after the hashing began (no slack: an mtime put back to before it
             # is not that) may not be the bytes it read: read them again.
             newer = (
-                regular
-                and (since_ns is None or st.st_mtime_ns >= since_ns + RACE_SLACK_NS)
-                and _not_these_bytes(base + rel, sha, st)
+                _other_bytes(base + rel, sha)
+                if regular and (since_ns is None or st.st_mtime_ns >= since_ns + RACE_SLACK_NS)
+                else None
             )
             yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer)
 
     return CleanupStore(queue).record_verified(job_id, data, stats(), now)
 
 
-def _not_these_bytes(path: str, sha: str, st: os.stat_result) -> bool:
-    """Does the file at ``path`` (stat-ed as ``st``) hold other bytes than ``sha`` now, or is it being written?
+def _other_bytes(path: str, sha: str) -> str | None:
+    """The SHA-256 of the bytes the file at ``path`` holds now, when they are not ``sha``; else None.
 
-    Read past nothing: a file that cannot be opened as a regular file is
-    left to the reaper's own check (False).
+    A file being written meanwhile gives the digest of what was read: its
+    next mtime is later than the one recorded, an edit anyway. A file that
+    cannot be read as a regular file is left to the reaper's own check.
     """
     try:
-        fd, before = open_regular(path)
+        fd, _before = open_regular(path)
     except OSError:
-        return False
+        return None
     try:
         digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
-        after = os.fstat(fd)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
-    return digest != sha or not steady(before, after) or (before.st_ino, before.st_size) != (st.st_ino, st.st_size)
+    return None if digest == sha else digest
 
 
 def load_verified_stats(queue: JobQueue, job_id: str) -> dict[str, VerifiedStat]:
@@ -256,25 +257,25 @@ def _replaced_ancestor(rel: str, tree: Tree) -> bool:
     return False
 
 
-def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None) -> bool:
-    """Is a file whose bytes differ from the manifest damaged (True) or edited (False)? By its mtime.
+def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None, digest: str) -> bool:
+    """Is a file whose bytes (``digest``) differ from the manifest damaged (True) or edited (False)? By its mtime.
 
     An edit moves the mtime on, past the one recorded after the verification;
     damage keeps it, or puts an older one back. Trusted or not, a record was
     stat-ed after the hashing, and may have caught a rewrite half way (a tool
     rewriting bytes and then putting the old mtime back): so an older mtime
-    coming back is damage too. The very mtime of a record that was found
-    ``newer`` is not: read again when recorded, the file held bytes written
-    after the hashing read it (a frame appended to a file already copied), so
-    that mtime stands for an edit the hashing missed, which is sent again,
-    never "restored" away. File times are
+    coming back is damage too. Except the very bytes a record found newer
+    (``newer_sha256``): read again when recorded, the file held bytes written
+    after the hashing read it (a frame appended to a file already copied);
+    those bytes under that mtime are the edit the hashing missed, sent again,
+    never "restored" away. Other bytes under that mtime are damage. File times are
     compared with file times (the "trusted" flag compares them with the
     client's clock, which may be off). Without a record, only an mtime after
     the verification is an edit.
     """
     if record is not None and record.mtime_ns is not None:
-        if record.newer:
-            return mtime_ns < record.mtime_ns
+        if record.newer_sha256 is not None and mtime_ns == record.mtime_ns and digest == record.newer_sha256:
+            return False
         return mtime_ns <= record.mtime_ns
     return verified_ns is None or mtime_ns <= verified_ns
 
@@ -410,7 +411,7 @@ def scan_run(
                     PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want, after.st_ctime_ns)
                 )
             else:
-                (damaged if _damage(after.st_mtime_ns, record, verified_ns) else changed).append(rel)
+                (damaged if _damage(after.st_mtime_ns, record, verified_ns, digest) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:

@@ -81,9 +81,10 @@ class VerifiedStat:
     ``trusted`` is False when the file may have been written while it was
     hashed (or was not a regular file then): the reaper re-hashes such a file
     before deleting it. ``size``/``mtime_ns``/``ctime_ns``/``ino`` are None
-    when the file could not be stat-ed. ``newer``: read again when recorded,
-    the file held other bytes than the verified ones: this stat is of an
-    edit the hashing missed (a frame appended after the file was copied).
+    when the file could not be stat-ed. ``newer_sha256``: read again when
+    recorded, the file held other bytes than the verified ones, these: this
+    stat is of an edit the hashing missed (a frame appended after the file
+    was copied). None: the stat stands for the verified bytes.
     """
 
     path: str
@@ -93,7 +94,7 @@ class VerifiedStat:
     ctime_ns: int | None
     ino: int | None
     trusted: bool
-    newer: bool = False
+    newer_sha256: str | None = None
 
     def matches(self, st: os.stat_result) -> bool:
         """Same size, mtime, ctime and inode as ``st``, and trusted."""
@@ -136,9 +137,9 @@ class Progress:
     data_deleted_at: dt.datetime | None
 
 
-#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted, newer)`` of one file, as
+#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted, newer_sha256)`` of one file, as
 #: :meth:`CleanupStore.record_verified` takes it (see :class:`VerifiedStat`).
-StatRow = tuple[str, int, int, int, int, bool, bool]
+StatRow = tuple[str, int, int, int, int, bool, str | None]
 
 
 # --------------------------------------------------------------------------- the store
@@ -206,7 +207,7 @@ class CleanupStore:
                 ctime_ns=row["ctime_ns"],
                 ino=None if row["ino"] is None else int(row["ino"]),
                 trusted=bool(row["trusted"]),
-                newer=bool(row["newer"]),
+                newer_sha256=row["newer_sha256"],
             )
         return out
 
@@ -242,7 +243,7 @@ class CleanupStore:
 
             def rows() -> Iterator[tuple[object, ...]]:
                 nonlocal written
-                for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted, newer) in (
+                for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted, newer_sha256) in (
                     stats.items() if isinstance(stats, Mapping) else stats
                 ):
                     old = existing.get(rel)
@@ -260,13 +261,13 @@ class CleanupStore:
                         ctime_ns,
                         str(ino),
                         int(trusted),
-                        int(newer),
+                        newer_sha256,
                         stamp,
                     )
 
             conn.executemany(  # one statement for every row: half the time of one execute a row
                 "INSERT OR REPLACE INTO verified_files"
-                " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, newer, recorded_at)"
+                " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, newer_sha256, recorded_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows(),
             )
