@@ -44,6 +44,19 @@ def test_a_late_case_twin_never_lands_on_the_verified_copy_of_a_share_that_folds
     assert sorted(p.name for p in Path(lab.remote).iterdir() if not p.name.startswith(".")) == ["A.tif"]
 
 
+def test_a_late_file_in_a_case_twin_folder_is_refused_on_a_share_that_folds_case(tmp_path: Path) -> None:
+    """``sub/A.tif`` is the NAS file ``Sub/A.tif`` on such a share (found by review)."""
+    lab = MountLab(tmp_path)
+    lab.write("Sub/A.tif", b"verified frame")
+    assert lab.push().ok
+    _folding(lab)
+    lab.write("sub/A.tif", b"another frame, late")
+    with pytest.raises(TransportError) as refused:
+        lab.push()
+    assert refused.value.kind is TransportErrorKind.REMOTE_WRITE_REFUSED
+    assert (Path(lab.remote) / "Sub" / "A.tif").read_bytes() == b"verified frame"
+
+
 def test_a_share_that_tells_case_apart_takes_both(tmp_path: Path) -> None:
     lab = MountLab(tmp_path)
     lab.write("A.tif", b"one")
@@ -61,3 +74,7 @@ def test_twins_are_names_of_one_folder_that_fold_alike() -> None:
     assert _fold_twins(["d/A.tif", "e/a.tif"]) is None
     assert _fold_twins(["x/caf\u00e9.raw", "x/cafe\u0301.raw"]) == ("x/caf\u00e9.raw", "x/cafe\u0301.raw")
     assert _fold_twins(["Image_001.TIF", "Image_002.TIF"]) is None
+    # folders too: their files meet on the NAS (found by review)
+    assert _fold_twins(["Sub/A.tif", "other/x", "sub/A.tif"], ["Sub", "other", "sub"]) == ("Sub", "sub")
+    assert _fold_twins(["Data", "data/x"], ["data"]) == ("data", "Data")
+    assert _fold_twins(["d/Data", "d/data/x"], ["d", "d/data"]) == ("d/data", "d/Data")

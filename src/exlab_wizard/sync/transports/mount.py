@@ -688,7 +688,7 @@ class MountTransport(Transport):
         except OSError as exc:
             raise self._local_error(exc, prefix or ".", run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
-        twins = _fold_twins(local_files)
+        twins = _fold_twins(local_files, local_dirs)
         if twins is not None and self._share_folds(job.remote):
             raise TransportError(
                 TransportErrorKind.REMOTE_WRITE_REFUSED,
@@ -1772,17 +1772,30 @@ class _ReadBackManifest(Mapping[str, str]):
         return f"_ReadBackManifest({dict(self)!r})"
 
 
-def _fold_twins(names: Iterable[str]) -> tuple[str, str] | None:
-    """Two of the run's files (relative paths) in one folder whose names differ only in letter case or
-    Unicode form, or None. ``names`` lists each folder's files together (:func:`scan_run`'s order), so
-    one folder's names are held at a time.
+def _fold_twins(files: Iterable[str], dirs: Iterable[str] = ()) -> tuple[str, str] | None:
+    """Two entries of the run (relative paths) in one folder whose names differ only in letter case or
+    Unicode form, or None: two files, two folders (``Sub/``, ``sub/``: their files meet on the NAS), or a
+    file and a folder. ``files`` lists each folder's files together (:func:`scan_run`'s order), so one
+    folder's file names are held at a time, beside every folder's (a few).
     """
-    folder, seen = None, {}
-    for rel in names:
+
+    def fold(rel: str) -> tuple[str, str]:
         parent, _, name = rel.rpartition("/")
+        return parent, unicodedata.normalize("NFC", name).casefold()
+
+    folders: dict[tuple[str, str], str] = {}
+    for rel in dirs:
+        other = folders.setdefault(fold(rel), rel)
+        if other != rel:
+            return other, rel
+    by_parent: dict[str, dict[str, str]] = {}
+    for (parent, folded), rel in folders.items():
+        by_parent.setdefault(parent, {})[folded] = rel
+    folder, seen = None, {}
+    for rel in files:
+        parent, folded = fold(rel)
         if parent != folder:
-            folder, seen = parent, {}
-        folded = unicodedata.normalize("NFC", name).casefold()
+            folder, seen = parent, dict(by_parent.get(parent, {}))
         other = seen.setdefault(folded, rel)
         if other != rel:
             return other, rel
