@@ -866,6 +866,40 @@ async def test_fetch_from_a_run_folder_not_there_is_empty(remote, local_root, tm
     assert await remote.transport(eq).fetch(run, ["a.txt"], tmp_path) == {}
 
 
+@pytest.mark.parametrize(("name", "sibling"), [("Run_[1]", "Run_1"), ("Run_*", "Run_x"), ("Run_?", "Run_x")])
+async def test_a_run_folder_named_like_a_pattern_is_only_ever_itself(remote, local_root, tmp_path, name, sibling):
+    """Listed, fetched, checked and written as itself, never as a sibling its name matches as a pattern.
+
+    rsync's remote side expands wildcards in a remote path: ``Run_[1]`` was listed and checked as
+    ``Run_1`` (the reaper's last look saw the sibling's files, the push was refused for them).
+    """
+    eq = remote.equipment(local_root)
+    files = {"a.tif": os.urandom(3000), "sub/b.txt": b"this run's\n"}
+    twin = {rel: bytes(255 - b for b in data) for rel, data in files.items()}  # same names and sizes
+    run = make_run(eq.local_root, files, rel=RUN_REL.with_name(name), symlink=False)
+    on_disk = remote.run_on_disk.with_name(name)
+    other = remote.run_on_disk.with_name(sibling)
+    for rel, data in twin.items():  # another run's copy, as put_on_disk writes one
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_bytes(data)
+    put_on_disk(remote, {})
+    transport = remote.transport(eq)
+
+    assert await transport.remote_listing(run) == {}
+    assert await transport.fetch(run, list(files), tmp_path) == {}
+    await transport.push(run, bwlimit_kibps=None, fresh=True)  # no conflict with the sibling's files
+    remote.settle()
+    assert tree(on_disk) == files and tree(other) == twin
+    assert await transport.remote_listing(run) == {rel: len(data) for rel, data in files.items()}
+    fetched = await transport.fetch(run, list(files), tmp_path)
+    assert {rel: path.read_bytes() for rel, path in fetched.items()} == files
+    assert data_only((await transport.remote_manifest(run)).hashes) == sha256(files)
+
+    shutil.rmtree(on_disk)  # its NAS copy lost: the last look before a deletion sees that
+    remote.settle()
+    assert await remote.transport(eq).remote_listing(run) == {}
+
+
 async def test_keep_previous_moves_on_the_server_and_never_overwrites(remote, local_root):
     eq = remote.equipment(local_root)
     run = make_run(eq.local_root, RECOVERY_FILES, symlink=False)

@@ -527,7 +527,7 @@ def _conflict_checks(eq) -> list[str]:
     return [line for line in _log_lines(eq) if "step=conflict_check" in line]
 
 
-@pytest.mark.parametrize("name", [RUN_REL.name, "Run_[1]*?x"])  # the second: a pattern, listed directly
+@pytest.mark.parametrize("name", [RUN_REL.name, "Run_[1]*?x"])  # the second: a pattern to rsync's remote side
 async def test_a_new_run_is_found_missing_through_its_parent_without_an_rsync_error(tmp_path, sshd, remote_dir, name):
     """rsync pauses 0.1 s before it exits with an error: a new run's listing must not be one."""
     rel = RUN_REL.with_name(name)
@@ -542,8 +542,9 @@ async def test_a_new_run_is_found_missing_through_its_parent_without_an_rsync_er
     assert tree(remote_dir / rel) == {"a.txt": b"a"}
     assert tree(sibling) == {"other.txt": b"another run's file"}
     failed = [line for line in _conflict_checks(eq) if "tool_exit" in line and " rc=0" not in line]
-    assert bool(failed) == (name != RUN_REL.name), failed
-    # Its parent listed, the push's own rsync makes the run folder: no separate round trip for it.
+    assert not failed, failed
+    # Its parent listed, the push's own rsync makes the run folder: no separate round trip for it. A name
+    # rsync's remote side reads as a pattern names the folder only once it exists: made first.
     made = [line for line in _log_lines(eq) if "step=make_run_folder" in line]
     assert bool(made) == (name != RUN_REL.name), made
     # Pushed again: the listing finds the run's own files (no conflict, nothing foreign, nothing resent).

@@ -9,6 +9,9 @@ whole). Before anything is written, the remote run folder is listed (``rsync
 is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
 of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
+Every remote path is given to rsync with its wildcard characters bracketed
+(:func:`remote_path_arg`): the remote side expands them, in a source and a
+destination alike.
 The run folder and its parents are created below the remote root only, never
 the root itself (see :meth:`RsyncSshTransport._make_run_folder`): a missing
 root is a NAS volume not mounted, ``NETWORK``.
@@ -112,7 +115,7 @@ from exlab_wizard.sync.transports.conflict import (
 )
 from exlab_wizard.sync.transports.remote_programs import remote_program
 
-__all__ = ["PARTIAL_DIR", "RsyncSshTransport"]
+__all__ = ["PARTIAL_DIR", "RsyncSshTransport", "remote_path_arg"]
 
 K = TransportErrorKind
 PARTIAL_DIR = ".rsync-partial"
@@ -143,6 +146,7 @@ _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # full
 _LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
 _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
 _WILDCARD_RE = re.compile(r"[*?\[\\]")
+_GLOB_RE = re.compile(r"[*?\[]")
 _PROGRESS_RE = re.compile(rb"^\s*(\d+)\s+\d+%")
 _MISSING_DIR_RE = re.compile(
     r"change_dir .* failed: No such file or directory|link_stat .* failed: No such file or directory"
@@ -297,6 +301,30 @@ def parse_listing(stdout: bytes) -> dict[str, _Entry]:
     return entries
 
 
+def remote_path_arg(path: str, *, protected: bool = False) -> str:
+    """``path`` as rsync's remote side reads it literally: each wildcard character bracketed (``[[]``).
+
+    The remote side expands wildcards in a remote path, a source and a
+    destination alike: the remote shell (rsync 3.2.4 and later escapes every
+    other special character for it, not ``*?[]``), rrsync (Python's glob), or,
+    with ``-s`` (``protected``), the remote rsync itself (glob(3), where a
+    backslash escapes too). ``Runs/Run_[1]`` named ``Runs/Run_1`` whenever that
+    existed. ``[c]`` matches ``c`` alone in all three; a pattern that matches
+    nothing is taken as it is, so a destination must exist before it is
+    written to (see :meth:`RsyncSshTransport._list_or_make`). Without ``-s``,
+    rsync passes a backslash before a wildcard character on unescaped (an
+    escape the remote side honours): such a path cannot be named and raises
+    ``UNKNOWN``.
+    """
+    if protected:
+        return re.sub(r"[*?\[\\]", lambda m: "[\\\\]" if m.group() == "\\" else f"[{m.group()}]", path)
+    if re.search(r"\\[*?\[\]]", path):
+        raise TransportError(
+            K.UNKNOWN, f"cannot name {path!r} to rsync's remote side exactly (a backslash before a wildcard character)"
+        )
+    return _GLOB_RE.sub(lambda m: f"[{m.group()}]", path)
+
+
 def _rsh_word(arg: str) -> str:
     """Quote one word of rsync's ``-e`` command (rsync splits it itself, no shell)."""
     if arg and not re.search(r"[\s'\"\\]", arg):
@@ -446,7 +474,9 @@ class RsyncSshTransport(Transport):
         return [rsync, *protect, "--no-h", f"--timeout={self.io_timeout_s}", "-e", rsh]
 
     def _target(self, remote_path: str) -> str:
-        return f"{self.config.ssh_target}:{remote_path.rstrip('/')}/"
+        """``host:path/`` for rsync, ``path`` named literally (see :func:`remote_path_arg`)."""
+        protected = rsync_version(self._tool("rsync")) < (3, 2, 4)  # -s: see _rsync_base
+        return f"{self.config.ssh_target}:{remote_path_arg(remote_path.rstrip('/'), protected=protected)}/"
 
     def _host_key(self) -> tuple[str, int, str, str]:
         cfg = self.config
@@ -667,10 +697,13 @@ class RsyncSshTransport(Transport):
 
         When its parent was just listed, the push's own rsync makes the run
         folder (one ``mkdir`` in a folder that exists, hence below the root);
-        otherwise the folder chain is made here (:meth:`_make_run_folder`).
+        otherwise the folder chain is made here (:meth:`_make_run_folder`). So
+        it is for a path holding a wildcard character: rsync is given it as a
+        pattern (:func:`remote_path_arg`), which names a folder only once it
+        exists.
         """
         listing, parent_listed = await self._list_run_folder(run_path, remote_run)
-        if listing is None and not parent_listed:
+        if listing is None and (not parent_listed or _WILDCARD_RE.search(remote_run)):
             await self._make_run_folder(run_path)
         return listing
 
@@ -682,11 +715,13 @@ class RsyncSshTransport(Transport):
         sent (``-I``: rsync's size-and-mtime check compares whole seconds, and
         a rewritten ``checksums.sha256`` keeps its size). rsync writes each
         file to a temporary name and renames it; ssh options, bandwidth
-        schedule and error classification as for push().
+        schedule and error classification as for push(). The remote
+        ``.exlab-wizard/`` is made first with the run folder, so the
+        destination exists (:func:`remote_path_arg`).
         """
         run_path, source = local_metadata_folder(run_path)
         remote_meta = f"{self.remote_run_path(run_path).rstrip('/')}/{METADATA_DIR}"
-        await self._make_run_folder(run_path)
+        await self._make_run_folder(run_path, METADATA_DIR)
         args = ["-a", "-I", "--no-links", "--no-D", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         result = await self._rsync_following_schedule(
             run_path, args, remote_meta, bwlimit_kibps, step="push_metadata", source=source
@@ -913,8 +948,10 @@ class RsyncSshTransport(Transport):
                 ).encode()
             return result
 
-    async def _make_run_folder(self, run_path: Path) -> None:
+    async def _make_run_folder(self, run_path: Path, *inside: str) -> None:
         """Create the remote run folder and its missing parents below the remote root, never the root.
+
+        ``inside``: folders of the run (relative, local ones) made with it.
 
         rsync's ``--mkpath`` would create every missing folder of the destination,
         the root too: on a NAS whose data volume is not mounted that is a fresh,
@@ -939,7 +976,8 @@ class RsyncSshTransport(Transport):
             f"{os.path.abspath(self.equipment.equipment_root)}/",
             self._target(f"{root}/."),
         ]
-        result = await run_tool(argv, stdin=_files_from([rel]), log=self.log, run_path=run_path, step="make_run_folder")
+        chain = [rel, *(f"{rel}/{folder}" for folder in inside)]
+        result = await run_tool(argv, stdin=_files_from(chain), log=self.log, run_path=run_path, step="make_run_folder")
         if result.returncode != 0:
             await self._raise_if_root_missing(run_path)
             raise transport_error("rsync", result.returncode, result.stderr_text, f"creating {rel} under {root}")
@@ -967,12 +1005,11 @@ class RsyncSshTransport(Transport):
         elsewhere). A sibling whose name differs from the run's only in letter
         case or Unicode form is the run's own folder on a NAS that folds
         names (SMB, exFAT, macOS), another run's: the run's path is then
-        listed as the NAS resolves it, never taken for missing. A name rsync
-        would read as a pattern (``*?[\\``) or holding a line break is listed
-        directly, as before.
+        listed as the NAS resolves it, never taken for missing. A name holding
+        a line break is listed directly, as before.
         """
         parent, _sep, name = remote_run.rstrip("/").rpartition("/")
-        if not parent or not name or _WILDCARD_RE.search(name) or "\n" in name or "\r" in name:
+        if not parent or not name or "\n" in name or "\r" in name:
             return await self._list_remote(run_path, remote_run, step="conflict_check"), False
         entries = await self._list_remote(run_path, parent, step="conflict_check", recursive=False)
         if entries is None:
