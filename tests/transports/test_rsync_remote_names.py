@@ -1,14 +1,20 @@
-"""rsync_ssh names every remote folder exactly, whatever its name.
+"""rsync_ssh names every remote folder exactly, whatever its name or the run's names.
 
 - A remote path holding a wildcard character (``[``, and with an override of
   the gate ``*``, ``?``) is expanded by rsync's remote side (its shell, rrsync,
   or rsync itself), as a source and as a destination: ``Run_[1]`` was listed,
   fetched and written as ``Run_1`` whenever that existed. Now each is
   bracketed, and a destination is made before it is written to.
+- A data folder named ``.rsync-partial`` is the run's own: rsync's relative
+  partial-dir of that name took ``D/.rsync-partial/N`` for the partial upload
+  of ``D/N`` (used it as the basis and deleted it) and never sent such a
+  folder again. Such a run is pushed without a partial-dir, and such a folder
+  on the NAS is a leftover only where the run has (and had) none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -17,10 +23,18 @@ from pathlib import Path
 
 import pytest
 
+from exlab_wizard.sync.transports._process import LocalTree
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport, remote_path_arg
+from exlab_wizard.sync.transports.rsync_ssh import (
+    PARTIAL_DIR,
+    RsyncSshTransport,
+    _partial_args,
+    _sort_extras,
+    parse_listing,
+    remote_path_arg,
+)
 from tests.fixtures.sshd import RW_USER
-from tests.helpers import tree
+from tests.helpers import tree, wait_until
 from tests.lab import RUN_REL
 from tests.lab import make_hostile_run as make_run
 from tests.lab import rsync_equipment as equipment
@@ -99,3 +113,76 @@ async def test_a_folder_named_like_a_pattern_is_listed_fetched_and_written_as_it
     shutil.rmtree(remote_dir / rel)
     assert await transport.remote_listing(run) == {}
     assert await RsyncSshTransport(restricted).remote_listing(run) == {}
+
+
+# ------------------------------------------------------- a data folder named .rsync-partial
+
+
+RUN_OWN = {
+    "a.tif": os.urandom(3000),
+    ".rsync-partial/a.tif": b"verified data in a folder named like rsync's partial-dir\n",
+    "sub/b.bin": os.urandom(5000),
+    "sub/.rsync-partial/b.bin": b"more of the run's own data\n",
+}
+
+
+async def test_a_run_folder_named_rsync_partial_is_sent_and_never_taken_for_a_partial_upload(
+    tmp_path, sshd, remote_dir
+):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, RUN_OWN, symlink=False)
+    nas = remote_dir / RUN_REL
+    transport = RsyncSshTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)  # a new folder: written in place
+    assert tree(nas) == RUN_OWN
+    kept = {rel: os.lstat(nas / rel).st_ino for rel in RUN_OWN if PARTIAL_DIR in rel}
+
+    # The files those folders would hold "partials" of change; a file is added to one of them.
+    for rel in ("a.tif", "sub/b.bin"):
+        (run / rel).write_bytes(os.urandom(len(RUN_OWN[rel])))
+        os.utime(run / rel, (1_900_000_000, 1_900_000_000))
+    (run / PARTIAL_DIR / "late.txt").write_bytes(b"added after the first push")
+    await transport.push(run, bwlimit_kibps=None)
+    assert tree(nas) == tree(run)  # the folders' files kept, the new one sent
+    assert {rel: os.lstat(nas / rel).st_ino for rel in kept} == kept  # not even rewritten
+
+
+async def test_a_push_of_such_a_run_cut_off_writes_nothing_into_its_folder(tmp_path, sshd, remote_dir):
+    eq = equipment(tmp_path, sshd, remote_dir)
+    files = {"a.txt": b"a", ".rsync-partial/big.bin": b"the run's own"}
+    run = make_run(eq.local_root, files, symlink=False)
+    transport = RsyncSshTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    nas = remote_dir / RUN_REL
+    (run / "big.bin").write_bytes(os.urandom(900_000))
+
+    push = asyncio.create_task(transport.push(run, bwlimit_kibps=150))  # into a folder that exists
+    await wait_until(lambda: any(nas.glob(".big.bin.*")), what="big.bin on its way")
+    await asyncio.sleep(0.3)
+    push.cancel()  # rsync stopped: with a partial-dir, its receiver would keep what arrived there
+    with pytest.raises(asyncio.CancelledError):
+        await push
+    await wait_until(lambda: not any(nas.glob(".big.bin.*")), what="the temporary file removed")
+    assert tree(nas) == files
+
+    await transport.push(run, bwlimit_kibps=None)
+    assert tree(nas) == tree(run)
+
+
+def test_only_a_partial_dir_the_run_does_not_have_is_a_leftover() -> None:
+    local = LocalTree(files={"a.tif": 1, ".rsync-partial/a.tif": 1, "sub/b.bin": 1}, dirs={".rsync-partial", "sub"})
+    listing = parse_listing(
+        b"-rw-r--r--              1 2026/01/01 00:00:00 .rsync-partial/stray.bin\n"
+        b"-rw-r--r--              1 2026/01/01 00:00:00 sub/.rsync-partial/b.bin\n"
+        b"-rw-r--r--              1 2026/01/01 00:00:00 gone/.rsync-partial/c.bin\n"
+        b"-rw-r--r--              1 2026/01/01 00:00:00 reaped/.rsync-partial/d.bin\n"
+        b"-rw-r--r--              1 2026/01/01 00:00:00 .exlab-wizard/previous/20260101T000000Z/.rsync-partial/a.tif\n"
+    )
+    cleaned = frozenset({"reaped/.rsync-partial/d.bin"})  # the run's own, its local copy deleted by cleanup
+    extras = _sort_extras(local, listing, cleaned)
+    assert extras.leftovers == ["gone/.rsync-partial", "sub/.rsync-partial"]  # partials of an interrupted push
+    assert extras.foreign == [".rsync-partial/stray.bin"]  # in the run's own folder: someone else's
+    # reaped/...: the run's own verified copy; previous/...: one kept when it was replaced. Both stay.
+    assert _partial_args(local, frozenset()) == []  # the run has such a folder: no partial-dir
+    assert _partial_args(LocalTree(files={"a.tif": 1}), cleaned) == []  # it had one
+    assert _partial_args(LocalTree(files={"a.tif": 1}), frozenset()) == ["--partial", f"--partial-dir={PARTIAL_DIR}"]

@@ -1,13 +1,14 @@
 """The ``rsync_ssh`` transport: rsync over ssh with key authentication.
 
-Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial
--s`` over ``ssh -i KEY -p PORT -o BatchMode=yes -o
-StrictHostKeyChecking=yes`` (``--inplace`` instead of the partial options
-into a run folder the push itself made, where no NAS copy exists to keep
-whole). Before anything is written, the remote run folder is listed (``rsync
---list-only``) and compared with the local run: a file that
-is neither in the run, nor under ``.exlab-wizard/``, nor rsync's own leftover
-of an interrupted push (a ``.rsync-partial/`` folder or a ``.<name>.<6 random>``
+Push: ``rsync -a --no-links --no-D --partial --partial-dir=.rsync-partial``
+(no partial-dir for a run that has a ``.rsync-partial`` folder of its own)
+over ``ssh -i KEY -p PORT -o BatchMode=yes -o StrictHostKeyChecking=yes``
+(``--inplace`` instead of the partial options into a run folder the push
+itself made, where no NAS copy exists to keep whole). Before anything is
+written, the remote run folder is listed (``rsync --list-only``) and compared
+with the local run: a file that is neither in the run, nor under
+``.exlab-wizard/``, nor rsync's own leftover of an interrupted push (a
+``.rsync-partial/`` folder the run does not have, or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
 Every remote path is given to rsync with its wildcard characters bracketed
 (:func:`remote_path_arg`): the remote side expands them, in a source and a
@@ -118,6 +119,12 @@ from exlab_wizard.sync.transports.remote_programs import remote_program
 __all__ = ["PARTIAL_DIR", "RsyncSshTransport", "remote_path_arg"]
 
 K = TransportErrorKind
+#: rsync's partial-dir, relative: ``D/.rsync-partial/N`` holds the partial upload of ``D/N``. rsync
+#: takes such a file for one (its basis, then deleted) and leaves such folders out of what it
+#: sends, so a run that has a folder of this name is pushed without a partial-dir
+#: (:func:`_partial_args`). An absolute partial-dir would hold the partials of all folders under
+#: their names alone: rsync deleted one file's partial while it sent another of the same name from
+#: it (a protocol error, code 2), as in a run of ``pos1/img.tif`` and ``pos2/img.tif``.
 PARTIAL_DIR = ".rsync-partial"
 OVERSIZE = UNVERIFIABLE_OVERSIZE
 #: Bytes pulled into one temporary folder before hashing and deleting it
@@ -620,7 +627,7 @@ class RsyncSshTransport(Transport):
         # The verified manifest goes only with the metadata push after its VERIFIED is recorded
         # (see MountTransport._push_steps).
         kept = ["-a", "--no-links", "--no-D", f"--exclude=/{NAS_MANIFEST}"]
-        common = [*kept, "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
+        common = [*kept, *_partial_args(local, cleaned), "--stats"]
         if keep_stamp is not None:
             # A run verified before: rsync itself moves every file it replaces under previous/<stamp>/
             # (relative to the run folder, whatever the stream), deciding from its own look at the
@@ -714,7 +721,8 @@ class RsyncSshTransport(Transport):
         remote ``.exlab-wizard/`` is ours, so no conflict check. Every file is
         sent (``-I``: rsync's size-and-mtime check compares whole seconds, and
         a rewritten ``checksums.sha256`` keeps its size). rsync writes each
-        file to a temporary name and renames it; ssh options, bandwidth
+        file to a temporary name and renames it (its partial-dir is in the
+        engine's own folder, where no run data are); ssh options, bandwidth
         schedule and error classification as for push(). The remote
         ``.exlab-wizard/`` is made first with the run folder, so the
         destination exists (:func:`remote_path_arg`).
@@ -1537,6 +1545,32 @@ def _stats(stdout: bytes) -> tuple[int, int]:
     return (int(files[-1]) if files else 0, int(size[-1]) if size else 0)
 
 
+def _has_partial_dir(paths: Iterable[str]) -> bool:
+    return any(PARTIAL_DIR in path.split("/") for path in paths)
+
+
+def _partial_args(local: LocalTree, cleaned: Collection[str]) -> list[str]:
+    """rsync's options for a file cut off mid-transfer: kept in a partial-dir, unless the run has one.
+
+    A run with a ``.rsync-partial`` folder (one it has, or had before cleanup
+    deleted its local copies) gets none: rsync then writes to a temporary
+    file and renames it, and deletes that file when stopped (no resume, never
+    a write into the run's own folder, never one of its files taken for a
+    partial upload).
+    """
+    if _has_partial_dir(local.files) or _has_partial_dir(local.dirs) or _has_partial_dir(cleaned):
+        return []
+    return ["--partial", f"--partial-dir={PARTIAL_DIR}"]
+
+
+def _holds_run_paths(folder: str, local: LocalTree, cleaned: Collection[str]) -> bool:
+    """Is ``folder`` (relative to the run) a path of the run, or one above a file of it?"""
+    if folder in local.dirs or folder in local.files or folder in cleaned:
+        return True
+    prefix = folder + "/"
+    return any(path.startswith(prefix) for path in cleaned)
+
+
 def _sort_extras(
     local: LocalTree, remote: dict[str, _Entry], cleaned: Collection[str] = frozenset(), *, fresh: bool = False
 ) -> RemoteExtras:
@@ -1544,8 +1578,12 @@ def _sort_extras(
 
     def leftover(path: str, kind: str) -> str | None:
         parts = path.split("/")
-        if PARTIAL_DIR in parts[:-1]:
-            return "/".join(parts[: parts.index(PARTIAL_DIR) + 1])
+        for at, part in enumerate(parts[:-1]):
+            folder = "/".join(parts[: at + 1])
+            if part == PARTIAL_DIR and not _holds_run_paths(folder, local, cleaned):
+                return folder  # removed whole: a partial-dir holds nothing of the run
+            if folder == PREVIOUS_DIR:
+                break  # verified copies kept there: the run's own, whatever their names
         match = _RSYNC_TMP_RE.fullmatch(parts[-1])
         if match is None or kind != FILE:
             return None
