@@ -169,6 +169,18 @@ async def test_a_push_of_such_a_run_cut_off_writes_nothing_into_its_folder(tmp_p
     assert tree(nas) == tree(run)
 
 
+async def test_a_leftover_partial_dir_in_a_folder_the_run_no_longer_has_is_removed(tmp_path, sshd, remote_dir):
+    """Its folder is not in the run: rsync's removal, sent from the run folder, failed "file has vanished"."""
+    eq = equipment(tmp_path, sshd, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    nas = remote_dir / RUN_REL
+    (nas / "gone" / PARTIAL_DIR).mkdir(parents=True)
+    (nas / "gone" / PARTIAL_DIR / "c.bin").write_bytes(b"partial of a file in a folder deleted since")
+    _chown(remote_dir)
+    await RsyncSshTransport(eq).push(run, bwlimit_kibps=None)
+    assert tree(nas) == {"a.txt": b"a"}
+
+
 def test_only_a_partial_dir_the_run_does_not_have_is_a_leftover() -> None:
     local = LocalTree(files={"a.tif": 1, ".rsync-partial/a.tif": 1, "sub/b.bin": 1}, dirs={".rsync-partial", "sub"})
     listing = parse_listing(

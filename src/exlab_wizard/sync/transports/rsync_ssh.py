@@ -1050,25 +1050,30 @@ class RsyncSshTransport(Transport):
         return await run_tool(argv, log=self.log, run_path=run_path, step=step, quiet=True)
 
     async def _remove_leftovers(self, run_path: Path, remote_run: str, junk: list[str]) -> None:
-        """Delete rsync's leftovers of interrupted pushes (exact paths, never a pattern)."""
-        argv = [
-            *self._rsync_base(),
-            "-r",
-            "--no-links",
-            "--delete-missing-args",
-            "--force",
-            "--files-from=-",
-            "--from0",
-            f"{run_path}/",
-            self._target(remote_run),
-        ]
-        result = await run_tool(
-            argv,
-            stdin=b"\0".join(os.fsencode(p) for p in junk) + b"\0",
-            log=self.log,
-            run_path=run_path,
-            step="remove_leftovers",
-        )
+        """Delete rsync's leftovers of interrupted pushes (exact paths, never a pattern).
+
+        Each is named, missing, from an empty folder that holds only the
+        folders above it: ``--delete-missing-args`` needs those on the sending
+        side, and a ``.rsync-partial/`` may be left in a folder the run no
+        longer has (rsync then failed "file has vanished" after the push).
+        """
+        with tempfile.TemporaryDirectory(prefix="exlab-leftovers-") as scratch:
+            for path in junk:
+                os.makedirs(os.path.join(scratch, os.path.dirname(path)), exist_ok=True)
+            argv = [
+                *self._rsync_base(),
+                "-r",
+                "--no-links",
+                "--delete-missing-args",
+                "--force",
+                "--files-from=-",
+                "--from0",
+                f"{scratch}/",
+                self._target(remote_run),
+            ]
+            result = await run_tool(
+                argv, stdin=_files_from(junk), log=self.log, run_path=run_path, step="remove_leftovers"
+            )
         if result.returncode != 0:
             raise transport_error("rsync", result.returncode, result.stderr_text, f"removing leftovers in {remote_run}")
         self.log.info(run_path, "leftovers_removed", remote=remote_run, count=len(junk))
