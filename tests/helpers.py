@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -248,3 +249,92 @@ def tool_processes(text: str, names: frozenset[bytes] = TOOL_NAMES) -> dict[int,
         and b"[mux]" not in cmdline
         and os.path.basename(cmdline.split(b"\0")[0]) in names
     }
+
+
+# --------------------------------------------------------------------------- power cuts
+
+
+class Durability:
+    """Directory entries made under ``root``, and whether their folder was synced since: a power cut's model.
+
+    POSIX makes a new entry (a mkdir, a rename) durable once its folder is
+    fsynced, or the filesystem synced (the mount transport's ``_syncfs``).
+    """
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
+        self.root = os.path.realpath(root)
+        self.pending: set[tuple[str, str]] = set()  # (folder, name) not durable yet
+        real_mkdir, real_replace, real_rename, real_fsync = os.mkdir, os.replace, os.rename, os.fsync
+        from exlab_wizard.sync.transports import mount as mount_module
+
+        real_syncfs = mount_module._syncfs
+
+        def folder_of(path, dir_fd):
+            if dir_fd is not None:
+                base = os.readlink(f"/proc/self/fd/{dir_fd}")
+                full = os.path.join(base, os.fspath(path))
+            else:
+                full = os.path.abspath(os.fspath(path))
+            return os.path.realpath(os.path.dirname(full)), os.path.basename(full)
+
+        def made(path, dir_fd=None):
+            folder, name = folder_of(path, dir_fd)
+            if folder == self.root or folder.startswith(self.root + os.sep):
+                self.pending.add((folder, name))
+
+        def mkdir(path, mode=0o777, *, dir_fd=None):
+            real_mkdir(path, mode, dir_fd=dir_fd)
+            made(path, dir_fd)
+
+        def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+            real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+            made(dst, dst_dir_fd)
+
+        def rename(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+            real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+            made(dst, dst_dir_fd)
+
+        def fsync(fd):
+            real_fsync(fd)
+            fd = fd if isinstance(fd, int) else fd.fileno()
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                folder = os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
+                self.pending = {(f, n) for f, n in self.pending if f != folder}
+
+        def syncfs(path):
+            real_syncfs(path)
+            self.pending.clear()
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(mount_module, "_syncfs", syncfs)
+
+    def power_cut(self) -> list[str]:
+        """Remove every entry not made durable; the paths removed, relative to the root."""
+        lost = []
+        for folder, name in sorted(self.pending, key=lambda fn: len(fn[0])):
+            path = os.path.join(folder, name)
+            if not os.path.lexists(path):
+                continue
+            lost.append(os.path.relpath(path, self.root))
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        self.pending.clear()
+        return lost
+
+    def lost(self, nas: Path, rels) -> list[str]:
+        """The files under ``nas`` a power cut now would take away (one of their path's entries not durable)."""
+        out = []
+        for rel in rels:
+            path = os.path.realpath(nas / rel)
+            while path != self.root and path.startswith(self.root + os.sep):
+                folder, name = os.path.dirname(path), os.path.basename(path)
+                if (folder, name) in self.pending:
+                    out.append(rel)
+                    break
+                path = folder
+        return sorted(out)

@@ -24,79 +24,17 @@ local copy never freed, though the NAS copy is verified and complete.
 from __future__ import annotations
 
 import os
-import shutil
-import stat
 from pathlib import Path
 
 import pytest
 
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import mount as mount_module
-from tests.helpers import Clock
+from tests.helpers import Clock, Durability
 from tests.lab import FILES, Lab, running
 from tests.lab import cleanup_config as config
 
 S = SyncJobState
-
-
-class LocalDurability:
-    """Directory entries made under ``root`` whose folder was not fsynced since."""
-
-    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
-        self.root = os.path.realpath(root)
-        self.pending: set[tuple[str, str]] = set()
-        real_mkdir, real_replace, real_rename, real_fsync = os.mkdir, os.replace, os.rename, os.fsync
-
-        def folder_of(path, dir_fd):
-            if dir_fd is not None:
-                full = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fspath(path))
-            else:
-                full = os.path.abspath(os.fspath(path))
-            return os.path.realpath(os.path.dirname(full)), os.path.basename(full)
-
-        def made(path, dir_fd=None):
-            folder, name = folder_of(path, dir_fd)
-            if folder == self.root or folder.startswith(self.root + os.sep):
-                self.pending.add((folder, name))
-
-        def mkdir(path, mode=0o777, *, dir_fd=None):
-            real_mkdir(path, mode, dir_fd=dir_fd)
-            made(path, dir_fd)
-
-        def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
-            real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-            made(dst, dst_dir_fd)
-
-        def rename(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
-            real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-            made(dst, dst_dir_fd)
-
-        def fsync(fd):
-            real_fsync(fd)
-            fd = fd if isinstance(fd, int) else fd.fileno()
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                folder = os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
-                self.pending = {(f, n) for f, n in self.pending if f != folder}
-
-        monkeypatch.setattr(os, "mkdir", mkdir)
-        monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(os, "rename", rename)
-        monkeypatch.setattr(os, "fsync", fsync)
-
-    def power_cut(self) -> list[str]:
-        """Remove every entry not made durable; the paths removed (relative to the root)."""
-        lost = []
-        for folder, name in sorted(self.pending, key=lambda fn: len(fn[0])):
-            path = os.path.join(folder, name)
-            if not os.path.lexists(path):
-                continue
-            lost.append(os.path.relpath(path, self.root))
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        self.pending.clear()
-        return lost
 
 
 async def test_local_power_cut_after_verified_leaves_the_run_cleanable(
@@ -111,7 +49,7 @@ async def test_local_power_cut_after_verified_leaves_the_run_cleanable(
             fd = os.open(folder, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-    model = LocalDurability(lab.local_root, monkeypatch)
+    model = Durability(lab.local_root, monkeypatch)
 
     cfg = config(lab, min_verify_passes=1, min_age_hours=0)
     clock = Clock()

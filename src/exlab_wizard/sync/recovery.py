@@ -375,14 +375,22 @@ async def restore_damaged(
     try:
         wanted = [rel for rel, s in seen.items() if s is not None] + list(missing)
         fetched = await transport.fetch(run, wanted, scratch)
-        for rel in missing:
+
+        async def checked(rel: str) -> Path | None:
+            """The fetched copy of ``rel``, durable and holding the verified bytes; None (refused) when not."""
             copy = fetched.get(rel)
             if copy is None:
                 refused[rel] = "not on the NAS"
-                continue
+                return None
             digest = await asyncio.to_thread(_hash_and_sync, copy, progress)
             if digest != manifest.get(rel, "").lower():
-                refused[rel] = "the NAS copy does not match the verified manifest"
+                refused[rel] = "the NAS copy does not match the verified manifest either"
+                return None
+            return copy
+
+        for rel in missing:
+            copy = await checked(rel)
+            if copy is None:
                 continue
             record = stats.get(rel)
             trusted_mtime = record.mtime_ns if record is not None and record.trusted else None
@@ -396,13 +404,8 @@ async def restore_damaged(
             if before is None:
                 refused[rel] = "not a regular file here any more"
                 continue
-            copy = fetched.get(rel)
+            copy = await checked(rel)
             if copy is None:
-                refused[rel] = "not on the NAS"
-                continue
-            digest = await asyncio.to_thread(_hash_and_sync, copy, progress)
-            if digest != manifest.get(rel, "").lower():
-                refused[rel] = "the NAS copy does not match the verified manifest either"
                 continue
             if _lstat(run / rel) != before:
                 refused[rel] = "changed locally during the restore"

@@ -40,6 +40,7 @@ __all__ = [
     "checked_rewrite",
     "gather_or_cancel",
     "hash_local_files",
+    "hashed_beside",
     "local_metadata_folder",
     "local_run_folder",
     "local_tree",
@@ -361,3 +362,22 @@ def hash_local_files(run_path: Path, tree: LocalTree, abort: threading.Event) ->
 
     side_by_side([functools.partial(loop, paths) for paths in (small, large) if paths], abort)
     return hashes
+
+
+async def hashed_beside(run_path: Path, tree: LocalTree, send: Callable[[], Awaitable[T]]) -> tuple[T, dict[str, str]]:
+    """``(send()'s result, the local hashes)``: :func:`hash_local_files` of ``tree`` runs beside the send.
+
+    One read pass of the local run each: the send's tool reads the files for
+    the transfer, this thread for the manifest, from the same listing. Any
+    error (or a cancel) stops the hashing before it is raised.
+    """
+    abort = threading.Event()
+    hashing = asyncio.ensure_future(asyncio.to_thread(hash_local_files, run_path, tree, abort))
+    try:
+        result = await send()
+        return result, await hashing
+    except BaseException:
+        abort.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(hashing)
+        raise

@@ -37,14 +37,12 @@ speaking rclone's command line and its name encoding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -59,7 +57,7 @@ from exlab_wizard.sync.transports._process import (
     ToolResult,
     checked_rewrite,
     gather_or_cancel,
-    hash_local_files,
+    hashed_beside,
     local_metadata_folder,
     local_run_folder,
     local_tree,
@@ -479,10 +477,10 @@ class RcloneTransport(Transport):
         # nor hashed (the audit finds it added), as on the other transports. The listing gives
         # the progress bar its total too.
         report_total(progress, sum(local.files.values()))
-        abort = threading.Event()
-        hashing = asyncio.ensure_future(asyncio.to_thread(hash_local_files, run_path, local, abort))
-        try:
-            files_sent, bytes_sent = await self._push_listed(
+        (files_sent, bytes_sent), local_hashes = await hashed_beside(
+            run_path,
+            local,
+            lambda: self._push_listed(
                 run_path,
                 fs,
                 local,
@@ -495,13 +493,8 @@ class RcloneTransport(Transport):
                 fresh=fresh,
                 claim=claim,
                 owner=owner,
-            )
-            local_hashes = await hashing
-        except BaseException:
-            abort.set()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(hashing)
-            raise
+            ),
+        )
         self.log.info(run_path, "push_done", transport="rclone", remote=fs, files=files_sent, bytes=bytes_sent)
         return TransportResult(ok=True, files_sent=files_sent, bytes_sent=bytes_sent, local_hashes=local_hashes)
 

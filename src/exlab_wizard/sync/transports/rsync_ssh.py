@@ -57,7 +57,6 @@ import re
 import shlex
 import shutil
 import tempfile
-import threading
 import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +74,7 @@ from exlab_wizard.sync.transports._process import (
     _stop,
     checked_rewrite,
     gather_or_cancel,
-    hash_local_files,
+    hashed_beside,
     local_metadata_folder,
     local_run_folder,
     local_tree,
@@ -537,11 +536,14 @@ class RsyncSshTransport(Transport):
             raise
         # The local hashes are taken beside the transfer, from the same listing (one walk of the run).
         report_total(progress, sum(local.files.values()))
-        abort = threading.Event()
-        hashing = asyncio.ensure_future(asyncio.to_thread(hash_local_files, run_path, local, abort))
-        try:
-            listing = await listing_task
-            files_sent, bytes_sent = await self._push_listed(
+
+        async def send() -> tuple[int, int]:
+            try:
+                listing = await listing_task
+            except BaseException:
+                listing_task.cancel()
+                raise
+            return await self._push_listed(
                 run_path,
                 remote_run,
                 local,
@@ -556,13 +558,8 @@ class RsyncSshTransport(Transport):
                 claim=claim,
                 owner=owner,
             )
-            local_hashes = await hashing
-        except BaseException:
-            abort.set()
-            listing_task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(hashing)
-            raise
+
+        (files_sent, bytes_sent), local_hashes = await hashed_beside(run_path, local, send)
         self.log.info(
             run_path, "push_done", transport="rsync_ssh", remote=remote_run, files=files_sent, bytes=bytes_sent
         )
