@@ -38,24 +38,29 @@ def _append_frame(run: Path) -> None:
         f.write(FRAME)
 
 
-async def test_a_file_grown_after_its_copy_is_never_cut_back(tmp_path: Path, monkeypatch) -> None:
+def _grown_while_verified(tmp_path: Path, monkeypatch) -> tuple[Lab, Path]:
+    """A run whose ``GROWN`` gets a frame appended right before its verified stats are recorded."""
     lab = Lab.build(tmp_path)
-    cfg = cleanup_config(lab)
     run = lab.make_run("Run_2026-01-01", files={**FILES, "acquisition_complete.flag": b""})
-    fired = act_once_in(
-        monkeypatch, job_runner, "record_verified_stat", lambda *a, **k: True, lambda: _append_frame(run)
-    )
+    act_once_in(monkeypatch, job_runner, "record_verified_stat", lambda *a, **k: True, lambda: _append_frame(run))
+    return lab, run
+
+
+async def _a_day_of_audits_and_cleanup(client, clock: Clock) -> None:
+    for _ in range(5):  # the reaper's local check comes once the run is 24 h old
+        clock.advance(6)
+        await client.audit_once()
+        await client.cleanup_once()
+        await client.wait_idle(timeout=60)
+
+
+async def test_a_file_grown_after_its_copy_is_never_cut_back(tmp_path: Path, monkeypatch) -> None:
+    lab, run = _grown_while_verified(tmp_path, monkeypatch)
     clock = Clock()
-    async with running(cfg, clock) as client:
+    async with running(cleanup_config(lab), clock) as client:
         job = await synced(client, run)
-        assert fired
-        grown = (run / GROWN).read_bytes()
-        assert grown.endswith(FRAME)
-        for _ in range(5):  # a day of audits and cleanup passes
-            clock.advance(6)
-            await client.audit_once()
-            await client.cleanup_once()
-            await client.wait_idle(timeout=60)
+        assert (run / GROWN).read_bytes().endswith(FRAME)
+        await _a_day_of_audits_and_cleanup(client, clock)
         job = await client.job(run)
         verdict = (job.state.value, job.error_kind, job.last_error)
         if job.state == S.FAILED and job.error_kind == "local_damage":
@@ -81,27 +86,17 @@ def _flip_a_bit_keeping_the_stat(path: Path) -> bytes:
 
 async def test_bit_rot_in_a_file_recorded_newer_is_never_sent_over_the_nas_copy(tmp_path: Path, monkeypatch) -> None:
     """Found by review: the edit's mtime alone made any bytes under it an edit, and a later bit flip was sent (rule 2)."""
-    lab = Lab.build(tmp_path)
-    cfg = cleanup_config(lab)
-    run = lab.make_run("Run_2026-01-01", files={**FILES, "acquisition_complete.flag": b""})
-    fired = act_once_in(
-        monkeypatch, job_runner, "record_verified_stat", lambda *a, **k: True, lambda: _append_frame(run)
-    )
+    lab, run = _grown_while_verified(tmp_path, monkeypatch)
     clock = Clock()
-    async with running(cfg, clock) as client:
+    async with running(cleanup_config(lab), clock) as client:
         job = await synced(client, run)
-        assert fired
         queue = client._ctx.require_queue()
         assert load_verified_stats(queue, job.id)[GROWN].newer_sha256 is not None  # the edit's bytes are recorded
         nas_before = (lab.nas_copy(run) / GROWN).read_bytes()
 
         damaged = _flip_a_bit_keeping_the_stat(run / GROWN)  # later: bit rot at rest, stat kept
 
-        for _ in range(5):  # a day of audits and cleanup passes: the reaper's local check comes
-            clock.advance(6)
-            await client.audit_once()
-            await client.cleanup_once()
-            await client.wait_idle(timeout=60)
+        await _a_day_of_audits_and_cleanup(client, clock)
         job = await client.job(run)
         on_nas = (lab.nas_copy(run) / GROWN).read_bytes()
 
