@@ -19,6 +19,7 @@ pushed without a partial-dir.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,4 +69,36 @@ async def test_a_verified_nas_file_under_rsync_partial_is_never_destroyed_by_a_l
     assert not seen, (
         f"a verified NAS file was destroyed by the push (rule 2): {seen}; "
         f"job {job.state.value} {job.last_error}; events {[(e.kind, e.detail) for e in job.events][-8:]}"
+    )
+
+
+OWN = ".rsync-partial/a.tif"
+LOST_FILES = {
+    "a.tif": os.urandom(3000),
+    "b.tif": os.urandom(2000),
+    OWN: b"verified data of the run, in its own folder\n",
+}
+
+
+async def test_a_verified_nas_copy_under_the_runs_own_rsync_partial_folder_is_never_removed(site: Site) -> None:
+    """The folder lost locally (it looks like rsync's junk): its verified NAS copy is not a leftover (found by review)."""
+    clock = Clock()
+    run = site.make_run(files=LOST_FILES)
+    nas = site.nas_copy(run)
+    async with running(site.config(), clock) as client:
+        await synced(client, run)
+        assert (nas / OWN).read_bytes() == LOST_FILES[OWN]  # verified on the NAS
+        # Locally, the folder that looks like rsync's junk is removed; a.tif is edited.
+        shutil.rmtree(run / ".rsync-partial")
+        (run / "a.tif").write_bytes(os.urandom(3000))
+        os.utime(run / "a.tif", (1_900_000_000, 1_900_000_000))
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+    kept = everything_under(nas / ".exlab-wizard" / "previous") if (nas / ".exlab-wizard" / "previous").exists() else []
+    here = (nas / OWN).read_bytes() if (nas / OWN).is_file() else None
+    assert here == LOST_FILES[OWN] or LOST_FILES[OWN] in kept, (
+        f"the verified NAS copy of {OWN!r} was deleted by the push (taken for rsync's leftover), not kept "
+        f"under previous/ either; its local copy is gone too: no copy left. job {job.state.value} "
+        f"{job.error_kind}: {job.last_error}"
     )

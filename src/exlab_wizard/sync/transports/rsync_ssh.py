@@ -67,6 +67,7 @@ from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
 from exlab_wizard.fileio import METADATA_DIR, hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, UNVERIFIABLE_READ_ERROR
+from exlab_wizard.sync.manifest_format import ManifestFormatError, read_manifest
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.transports._process import (
     LocalTree,
@@ -583,7 +584,7 @@ class RsyncSshTransport(Transport):
         owner: str | None = None,
     ) -> tuple[int, int]:
         """The push once both listings are in: the conflict checks, then rsync; (files, bytes) sent."""
-        extras = _sort_extras(local, listing or {}, cleaned, fresh=fresh)
+        extras = _sort_extras(local, listing or {}, cleaned, fresh=fresh, verified=lambda: _verified_paths(run_path))
         if extras.foreign:
             error = conflict_error(remote_run, extras.foreign)
             self.log.error(run_path, "remote_conflict", remote=remote_run, foreign_files=len(extras.foreign))
@@ -704,7 +705,10 @@ class RsyncSshTransport(Transport):
         otherwise the folder chain is made here (:meth:`_make_run_folder`). So
         it is for a path holding a wildcard character: rsync is given it as a
         pattern (:func:`remote_path_arg`), which names a folder only once it
-        exists.
+        exists. Never before the listing: ``rsync -d`` would replace a file in
+        the folder's place on the NAS. A login shell that refuses a pattern
+        matching nothing (zsh, csh) refuses the listing of such a folder while
+        it is missing: its run waits (``network``), a known limit.
         """
         listing, parent_listed = await self._list_run_folder(run_path, remote_run)
         if listing is None and (not parent_listed or _WILDCARD_RE.search(remote_run)):
@@ -1565,24 +1569,72 @@ def _partial_args(local: LocalTree, cleaned: Collection[str]) -> list[str]:
     return ["--partial", f"--partial-dir={PARTIAL_DIR}"]
 
 
-def _holds_run_paths(folder: str, local: LocalTree, cleaned: Collection[str]) -> bool:
-    """Is ``folder`` (relative to the run) a path of the run, or one above a file of it?"""
-    if folder in local.dirs or folder in local.files or folder in cleaned:
+def _verified_paths(run_path: Path) -> frozenset[str]:
+    """The data paths of the run's local ``checksums.sha256`` (its last verified manifest); none without one.
+
+    One that cannot be read names every path: a ``.rsync-partial/`` folder is
+    then never taken for rsync's (the push refuses it as not this run's).
+    """
+    try:
+        manifest = read_manifest(run_path)
+    except (ManifestFormatError, OSError):
+        return _EVERY_PATH
+    return frozenset() if manifest is None else frozenset(manifest)
+
+
+class _EveryPath(frozenset):
+    """Holds every path: what a manifest that could not be read may have listed."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_EVERY_PATH = _EveryPath()
+
+
+def _holds(folder: str, paths: Collection[str]) -> bool:
+    """Is ``folder`` one of ``paths``, or above one of them?"""
+    if folder in paths:
         return True
     prefix = folder + "/"
-    return any(path.startswith(prefix) for path in cleaned)
+    return any(path.startswith(prefix) for path in paths)
+
+
+def _holds_run_paths(folder: str, local: LocalTree, cleaned: Collection[str]) -> bool:
+    """Is ``folder`` (relative to the run) a path of the run, or one above a file of it?"""
+    return folder in local.dirs or folder in local.files or _holds(folder, cleaned)
 
 
 def _sort_extras(
-    local: LocalTree, remote: dict[str, _Entry], cleaned: Collection[str] = frozenset(), *, fresh: bool = False
+    local: LocalTree,
+    remote: dict[str, _Entry],
+    cleaned: Collection[str] = frozenset(),
+    *,
+    fresh: bool = False,
+    verified: Callable[[], Collection[str]] = frozenset,
 ) -> RemoteExtras:
-    """Split remote entries that are not in the run into our leftovers and foreign ones."""
+    """Split remote entries that are not in the run into our leftovers and foreign ones.
+
+    ``verified()``: the paths of the run's verified manifest, asked only when
+    a ``.rsync-partial/`` folder the run does not hold now is found: one that
+    holds a verified path is the run's own data (lost locally), never rsync's.
+    """
+    known: list[Collection[str]] = []
+
+    def verified_paths() -> Collection[str]:
+        if not known:
+            known.append(verified())
+        return known[0]
 
     def leftover(path: str, kind: str) -> str | None:
         parts = path.split("/")
         for at, part in enumerate(parts[:-1]):
             folder = "/".join(parts[: at + 1])
-            if part == PARTIAL_DIR and not _holds_run_paths(folder, local, cleaned):
+            if (
+                part == PARTIAL_DIR
+                and not _holds_run_paths(folder, local, cleaned)
+                and not _holds(folder, verified_paths())
+            ):
                 return folder  # removed whole: a partial-dir holds nothing of the run
             if folder == PREVIOUS_DIR:
                 break  # verified copies kept there: the run's own, whatever their names
