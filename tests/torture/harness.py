@@ -759,7 +759,11 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
     undetected = set()  # flips the engine never reacted to: they landed after the bytes were verified
     for run_rel, frel, job_id, since in rnd.flipped_nas:
         later = [e for e in job_events(rnd.db, job_id) if e["id"] > since]
-        detected = any(e["to_state"] in ("queued", "failed") for e in later)
+        # Detected in time: before the reaper planned the deletion. An audit that finds the flip
+        # after the local copy was deleted (a deletion cut by a kill, the audit first after the
+        # restart) comes too late: the verification missed it, as for a flip never detected.
+        planned = next((e["id"] for e in later if e["kind"] == "cleanup_planned"), None)
+        detected = any(e["to_state"] in ("queued", "failed") and (planned is None or e["id"] < planned) for e in later)
         out["flips_detected" if detected else "flips_undetected"] += 1
         if not detected:
             undetected.add((run_rel, frel))
