@@ -788,6 +788,30 @@ def test_cancelled_push_stops_and_cleans_up(lab: Lab) -> None:
     assert not (lab.remote / "data.raw").exists()
 
 
+def test_a_push_cancelled_during_a_copys_fsync_renames_nothing(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled while a file's copy was made durable (a stalled share): the thread renames nothing after.
+
+    Its coroutine returns at once and the service may hand its lease over while the thread still
+    runs: a rename then would land beside another process's push (found by review).
+    """
+    lab.write("data.raw", os.urandom(2 * MIB))
+    real = MountTransport._copy_once
+    pushes: list = []
+
+    def copy_then_cancelled(self, job, *args, **kwargs):
+        copied = real(self, job, *args, **kwargs)
+        pushes.append(job)
+        job.abort.set()  # the cancel lands while the fsync ran
+        return copied
+
+    monkeypatch.setattr(MountTransport, "_copy_once", copy_then_cancelled)
+    with pytest.raises(TransportError, match="cancelled"):
+        lab.push()
+    assert pushes
+    assert not (lab.remote / "data.raw").exists()
+    assert _temps(lab.nas) == []
+
+
 def test_module_exports() -> None:
     assert set(mount_module.__all__) == {"MountTransport", "is_temp_name", "same_mtime"}
     assert MountTransport.capabilities.hashes_while_sending

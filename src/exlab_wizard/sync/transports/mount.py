@@ -973,6 +973,11 @@ class MountTransport(Transport):
         else:
             raise _kept_changing(src)
         temp, digest = copied
+        if job.abort.is_set():
+            # Cancelled during the copy (its fsync may take long on a stalled share): no rename after
+            # the push was given up, when its lease may already be another process's.
+            self._unlink_temp(job, temp, dir_fd=at)
+            raise _Cancelled()
         job.hashes[src.rel] = digest
         self._rename(job, temp, final, dir_fd=at)
         self._read_back(job, src.rel, final, view, dir_fd=at)
