@@ -66,10 +66,8 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
     """Audit every VERIFIED or CLEANUP_ELIGIBLE job that is due (all of them with ``force``), not in flight."""
     queue = ctx.require_queue()
     interval = dt.timedelta(seconds=ctx.config.sync.audit_interval_s)
-    seen: set[str] = set()
     for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
         for job in queue.iter_jobs(state):  # page by page, whatever the size of the queue
-            seen.add(job.id)
             equipment = ctx.equipment(job)
             if equipment is None or job.equipment_id in ctx.inflight:
                 continue
@@ -100,9 +98,10 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 logger.exception("audit of job %s failed", job.id)
                 with contextlib.suppress(Exception):
                     _note(ctx, job, "audit_skipped", f"audit error: {type(exc).__name__}: {exc}"[:2000])
-    for job_id in [j for j in ctx.window_checked_at if j not in seen]:
-        del ctx.window_checked_at[job_id]  # no longer VERIFIED or CLEANUP_ELIGIBLE: forget it
     now = ctx.clock()
+    # A check older than an interval holds nothing back (the job is checked anew): forgotten, so
+    # jobs that left VERIFIED and CLEANUP_ELIGIBLE leave no entry behind.
+    ctx.window_checked_at = {j: at for j, at in ctx.window_checked_at.items() if now - at < interval}
     last = ctx.late_data_checked_at
     if not force and last is not None and now - last < interval:
         return

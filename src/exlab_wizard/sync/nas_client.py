@@ -322,8 +322,8 @@ class NASSyncClient:
         """Copy the verified NAS bytes back over the run's locally damaged files, and back where files were lost.
 
         Each file is fetched from the NAS into a scratch folder in the run,
-        checked against the verified manifest, made durable, given its
-        recorded mtime and renamed over the damaged file; a NAS copy that
+        checked against the verified manifest, given its recorded mtime,
+        made durable and renamed over the damaged file; a NAS copy that
         does not match the manifest is not restored (``refused``). When no
         damage is left, a job FAILED ``local_damage`` goes back to VERIFIED
         with the same manifest (the local run matches it exactly and the job

@@ -13,7 +13,7 @@ verification, otherwise as damaged.
   run (retry, re-enqueue, audit, mismatch rewrite all pass through it).
 - :func:`restore_damaged` copies the verified bytes back from the NAS:
   fetched into a scratch folder inside the run, each checked against the
-  manifest, fsynced, given the recorded mtime, then renamed over the damaged
+  manifest, given the recorded mtime, fsynced, then renamed over the damaged
   file. A NAS copy that does not match the manifest is not restored.
 - ``retry --accept-local`` (:func:`rearm`) makes the local bytes the new
   truth; the transport's ``keep_previous`` keeps the replaced NAS files.
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, fsync_dir, hash_fd, is_data_path
+from exlab_wizard.fileio import METADATA_DIR, fsync_dir, hash_file, is_data_path
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
@@ -264,22 +264,11 @@ def _lstat(path: Path) -> _Seen | None:
     return _Seen(st.st_size, st.st_mtime_ns, st.st_atime_ns, st.st_ino, st.st_mode)
 
 
-def _hash_and_sync(path: Path, progress: Callable[[int], None] | None) -> str:
-    """SHA-256 of the fetched copy, which is then made durable."""
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)), progress)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return digest
-
-
 def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
     """Give the checked copy the damaged file's mode and the recorded mtime, then rename it over the file."""
     os.chmod(fetched, stat.S_IMODE(seen.mode))
     os.utime(fetched, ns=(seen.atime_ns, mtime_ns))
-    _fsync_file(fetched)  # the mode and mtime too, before the rename makes it the run's file
+    _fsync_file(fetched)  # its bytes, mode and mtime, before the rename makes it the run's file
     os.replace(fetched, target)
     fsync_dir(target.parent)
 
@@ -315,7 +304,7 @@ def _put_missing(fetched: Path, run: Path, rel: str, mtime_ns: int | None) -> st
             return f"{folder.relative_to(run)} is not a folder here any more"
     if mtime_ns is not None:
         os.utime(fetched, ns=(mtime_ns, mtime_ns))
-        _fsync_file(fetched)
+    _fsync_file(fetched)  # its bytes and mtime, before the link makes it the run's file
     try:
         os.link(fetched, folder / rel.rsplit("/", 1)[-1])
     except FileExistsError:
@@ -355,10 +344,10 @@ async def restore_damaged(
 
     Each file is fetched into a scratch folder inside the run's
     ``.exlab-wizard/`` (same filesystem, so the final rename is atomic),
-    hashed and compared with the manifest, fsynced, given the mtime recorded
+    hashed and compared with the manifest, given the mtime recorded
     at verification when that record is trusted, else the damaged file's own
     (so it matches its verified stat again), and the damaged
-    file's mode, and renamed over the damaged file only if that file has not
+    file's mode, fsynced, and renamed over the damaged file only if that file has not
     changed since it was looked at. A NAS copy that does not match the
     manifest, or is missing there, is not restored. Raises
     ``TransportError`` from the transport (nothing restored then beyond the
@@ -382,7 +371,7 @@ async def restore_damaged(
             if copy is None:
                 refused[rel] = "not on the NAS"
                 return None
-            digest = await asyncio.to_thread(_hash_and_sync, copy, progress)
+            digest = await asyncio.to_thread(hash_file, copy, progress=progress)
             if digest != manifest.get(rel, "").lower():
                 refused[rel] = "the NAS copy does not match the verified manifest either"
                 return None

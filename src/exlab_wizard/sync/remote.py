@@ -130,28 +130,20 @@ class RemoteAccess:
         """
         await _drop_killed_manifest_writes(run)
         push = self._push
+        # Newer keywords, given only to a push or transport written to take them.
+        newer = {
+            "own_manifests": own_manifests,
+            "previous_stamp": previous_stamp,
+            "fresh": fresh,
+            "claim": claim,
+            "owner": owner,
+        }
         if push is not None:
-            extra = optional_kwargs(
-                push,
-                rewrite=rewrite,
-                progress=progress,
-                own_manifests=own_manifests,
-                previous_stamp=previous_stamp,
-                fresh=fresh,
-                claim=claim,
-                owner=owner,
-            )
+            extra = optional_kwargs(push, rewrite=rewrite, progress=progress, **newer)
             outcome = await _call(push, run, bwlimit_kibps=bwlimit_kibps, **extra)
         else:
             # A transport written before ``own_manifests`` existed makes its own conflict check.
-            own = optional_kwargs(
-                self.transport.push,
-                own_manifests=own_manifests,
-                previous_stamp=previous_stamp,
-                fresh=fresh,
-                claim=claim,
-                owner=owner,
-            )
+            own = optional_kwargs(self.transport.push, **newer)
             outcome = await self.transport.push(
                 run, bwlimit_kibps=bwlimit_kibps, rewrite=rewrite, progress=progress, **own
             )

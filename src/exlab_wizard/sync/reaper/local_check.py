@@ -21,15 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.fileio import (
-    BLOCK_SIZE,
-    METADATA_DIR,
-    filesystem_now_ns,
-    hash_fd,
-    is_data_path,
-    is_metadata_path,
-    open_regular,
-)
+from exlab_wizard.fileio import METADATA_DIR, filesystem_now_ns, hash_file, is_data_path, is_metadata_path
 from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
@@ -221,15 +213,9 @@ def _other_bytes(path: str, sha: str) -> str | None:
     cannot be read as a regular file is left to the reaper's own check.
     """
     try:
-        fd, _before = open_regular(path)
+        digest = hash_file(path)
     except OSError:
         return None
-    try:
-        digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     return None if digest == sha else digest
 
 

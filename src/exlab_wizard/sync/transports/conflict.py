@@ -186,7 +186,7 @@ def unclaimed_files_error(remote_run: str, claimed: Collection[str]) -> Transpor
 
 
 #: A job id: 32 lowercase hex digits (a uuid4's). Nothing else in :data:`CLAIMS_DIR` is a claim: a
-#: transport's temp file of a claim upload cut off (rsync ``.<id>.XXXXXX``, rclone
+#: transport's temp file of a claim upload cut off (rsync ``.<id>.<6 random characters>``, rclone
 #: ``<id>.<hex>.partial``) names no job, and must never lock its own job out of its folder.
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -1788,14 +1788,12 @@ def _fold_twins(files: Iterable[str], dirs: Iterable[str] = ()) -> tuple[str, st
         parent, _, name = rel.rpartition("/")
         return parent, unicodedata.normalize("NFC", name).casefold()
 
-    folders: dict[tuple[str, str], str] = {}
+    by_parent: dict[str, dict[str, str]] = {}  # folder -> its folders' folded names
     for rel in dirs:
-        other = folders.setdefault(fold(rel), rel)
+        parent, folded = fold(rel)
+        other = by_parent.setdefault(parent, {}).setdefault(folded, rel)
         if other != rel:
             return other, rel
-    by_parent: dict[str, dict[str, str]] = {}
-    for (parent, folded), rel in folders.items():
-        by_parent.setdefault(parent, {})[folded] = rel
     folder, seen = None, {}
     for rel in files:
         parent, folded = fold(rel)
