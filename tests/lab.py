@@ -675,6 +675,15 @@ def cleanup_config(lab: Lab, *, loops: bool = False, **cleanup: Any) -> Config:
     return cfg.model_copy(update={"nas_cleanup": cfg.nas_cleanup.model_copy(update=opts)})
 
 
+def rclone_cleanup_config(lab: Lab, conf: Path) -> Config:
+    """The lab's first equipment on the rclone remote ``labnas`` of the config file ``conf``, cleanup on
+    (two passes, 24 h); the loops run only when asked."""
+    data = lab.config_data(sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600})
+    data["equipment"][0]["transport"] = {"type": "rclone", "rclone_remote": "labnas", "rclone_config": str(conf)}
+    data["nas_cleanup"] = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
+    return parse_config(data)
+
+
 @contextlib.asynccontextmanager
 async def running(cfg: Config, clock: Callable[[], dt.datetime], **kwargs: Any) -> AsyncIterator[NASSyncClient]:
     client = make_client(cfg, **kwargs)

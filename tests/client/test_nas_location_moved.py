@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.config import parse_config
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import run_location
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, acts, data_intact, mark_nas, on_share, ready, running
+from tests.lab import EQ, FILES, Lab, acts, data_intact, mark_nas, on_share, rclone_cleanup_config, ready, running
 from tests.lab import cleanup_config as config
 
 S = SyncJobState
@@ -130,10 +129,7 @@ async def test_an_rclone_remote_moved_in_its_config_file_deletes_nothing(lab: La
     nas2.mkdir()
     conf = tmp_path / "rclone.conf"
     conf.write_text(f"[labnas]\ntype = alias\nremote = {nas1}\n")
-    data = lab.config_data(sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600})
-    data["equipment"][0]["transport"] = {"type": "rclone", "rclone_remote": "labnas", "rclone_config": str(conf)}
-    data["nas_cleanup"] = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
-    cfg = parse_config(data)
+    cfg = rclone_cleanup_config(lab, conf)
     clock = Clock()
     run = lab.make_run(files=FILES)
     rel = run.relative_to(lab.local_root / EQ)

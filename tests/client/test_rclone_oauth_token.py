@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from exlab_wizard.config import parse_config
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import location_change, run_location
 from tests.helpers import Clock
-from tests.lab import FILES, Lab, acts, running, synced
+from tests.lab import FILES, Lab, acts, rclone_cleanup_config, running, synced
 
 S = SyncJobState
 
@@ -59,10 +58,7 @@ async def test_oauth_token_refreshes_do_not_stop_cleanup_for_ever(lab: Lab, tmp_
     conf = tmp_path / "rclone.conf"
     n = 0
     _conf(conf, nas, n)
-    data = lab.config_data(sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 3600, "audit_interval_s": 6 * 3600})
-    data["equipment"][0]["transport"] = {"type": "rclone", "rclone_remote": "labnas", "rclone_config": str(conf)}
-    data["nas_cleanup"] = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
-    cfg = parse_config(data)
+    cfg = rclone_cleanup_config(lab, conf)
     clock = Clock()
     run = lab.make_run(files=FILES)
     reasons = []

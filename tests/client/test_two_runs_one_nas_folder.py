@@ -44,6 +44,17 @@ FOREIGN = TWIN_FILES  # another instrument's run: same names and sizes, other by
 MANIFEST = ".exlab-wizard/checksums.sha256"
 
 
+async def _moved_onto_as_share_and_sent_again(lab: Lab, cfg, clock: Clock, run_b: Path, nas_a: Path):
+    """FACS_02 brought onto EQ's share (B's NAS folder is now A's); B gets a late file and is enqueued again."""
+    moved = on_share(cfg, OTHER, lab.mount_path(EQ))
+    assert lab.mount_path(EQ) / run_b.relative_to(lab.local_root / OTHER) == nas_a
+    (run_b / "late.txt").write_bytes(b"late\n")
+    async with running(moved, clock) as client:
+        await client.enqueue(run_b)
+        await client.wait_idle(timeout=60)
+        return await client.job(run_b)
+
+
 async def test_a_second_instrument_never_overwrites_the_first_ones_verified_copy(tmp_path: Path) -> None:
     lab = Lab.build(tmp_path, nas_per_equipment=False)  # both equipments on one share
     clock = Clock()
@@ -163,13 +174,7 @@ async def test_a_run_verified_elsewhere_never_overwrites_another_runs_only_copy(
     assert all((nas_a / rel).read_bytes() == data for rel, data in FILES.items())
 
     # The lab brings FACS_02 onto EQ's share; B gets a late file and is enqueued again.
-    moved = on_share(cfg, OTHER, lab.mount_path(EQ))
-    assert lab.mount_path(EQ) / run_b.relative_to(lab.local_root / OTHER) == nas_a
-    (run_b / "late.txt").write_bytes(b"late\n")
-    async with running(moved, clock) as client:
-        await client.enqueue(run_b)
-        await client.wait_idle(timeout=60)
-        job_b = await client.job(run_b)
+    job_b = await _moved_onto_as_share_and_sent_again(lab, cfg, clock, run_b, nas_a)
     for rel, data in FILES.items():
         assert data in everything_under(nas_a), (
             f"A's only copy of {rel} is gone from the NAS (B's job ended {job_b.state.value}: {job_b.last_error})"
@@ -266,13 +271,7 @@ async def test_a_verified_run_moved_in_the_config_never_moves_another_runs_copy_
         await synced(client, run_a)  # A verified; its manifest not on the NAS yet
     assert not (nas_a / MANIFEST).exists()
 
-    moved = on_share(cfg, OTHER, lab.mount_path(EQ))
-    assert lab.mount_path(EQ) / run_b.relative_to(lab.local_root / OTHER) == nas_a
-    (run_b / "late.txt").write_bytes(b"late\n")
-    async with running(moved, clock) as client:
-        await client.enqueue(run_b)
-        await client.wait_idle(timeout=60)
-        job_b = await client.job(run_b)
+    job_b = await _moved_onto_as_share_and_sent_again(lab, cfg, clock, run_b, nas_a)
     assert down  # A's metadata push still waits
     assert all((nas_a / rel).read_bytes() == data for rel, data in FILES.items()), (
         f"B (verified elsewhere) replaced A's verified NAS files (B ended {job_b.state.value}: {job_b.last_error})"
