@@ -85,6 +85,8 @@ class ClientContext:
         self.progress: dict[str, TransferProgress] = {}
         self.inflight: dict[str, asyncio.Task[Any]] = {}  # equipment id -> task
         self.inflight_jobs: dict[str, str] = {}  # equipment id -> the id of the job its task works on
+        #: jobs whose in-flight task ended: the dispatcher checks that each one's outcome reached the queue
+        self.ended: set[str] = set()
         self.pushing: set[asyncio.Task[Any]] = set()  # tasks inside a metadata push: close() lets them end
         self.wake: asyncio.Event | None = None
         #: when the audit last looked for data written into CLEANED run folders (once an audit interval)

@@ -97,42 +97,89 @@ def start(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, work:
 async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
     """Start due jobs: one per equipment, ``max_parallel_jobs`` overall."""
     assert ctx.wake is not None
-    queue = ctx.require_queue()
-    limit = ctx.config.sync.max_parallel_jobs
     while True:
         ctx.wake.clear()
-        for equipment_id, task in list(ctx.inflight.items()):
-            if task.done():
-                del ctx.inflight[equipment_id]
-        if not _can_start(ctx, limit):
-            # Every slot or every equipment is busy: nothing could start, so the queue is not
-            # read (a step that ends wakes the loop at once).
-            await _sleep_until_woken(ctx, poll_interval_s)
-            continue
-        while len(ctx.inflight) < limit:
-            job = queue.next_due(ctx.clock(), busy_equipment=set(ctx.inflight))
-            if job is None:
-                break
-            equipment = ctx.equipment(job)
-            if equipment is None:
-                queue.transition(
-                    job.id,
-                    S.QUEUED,
-                    S.FAILED,
-                    now=ctx.clock(),
-                    detail=f"equipment {job.equipment_id} is no longer configured",
-                    error_kind=FailureKind.UNKNOWN,
-                    last_error=f"equipment {job.equipment_id} is no longer configured",
-                )
-                continue
-            start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
-        _start_metadata_pushes(ctx, limit)
-        timeout = poll_interval_s
-        now = ctx.clock()
-        wakeup = queue.next_dispatch_wakeup(now)
-        if wakeup is not None:
-            timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
+        try:
+            timeout = _dispatch_once(ctx, poll_interval_s)
+        except Exception:
+            # The queue could not be read or written (locked by another program past its busy
+            # timeout, its disk full): nothing is started, and the loop goes on.
+            logger.exception("dispatching jobs failed; tried again in %g s", poll_interval_s)
+            timeout = poll_interval_s
         await _sleep_until_woken(ctx, timeout)
+
+
+def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
+    """Start what is due; the time to sleep before the next look."""
+    queue = ctx.require_queue()
+    limit = ctx.config.sync.max_parallel_jobs
+    for equipment_id, task in list(ctx.inflight.items()):
+        if task.done():
+            del ctx.inflight[equipment_id]
+            ctx.ended.add(ctx.inflight_jobs.pop(equipment_id))
+    _settle_ended(ctx)
+    if not _can_start(ctx, limit):
+        # Every slot or every equipment is busy: nothing could start, so the queue is not
+        # read (a step that ends wakes the loop at once).
+        return poll_interval_s
+    while len(ctx.inflight) < limit:
+        job = queue.next_due(ctx.clock(), busy_equipment=set(ctx.inflight))
+        if job is None:
+            break
+        equipment = ctx.equipment(job)
+        if equipment is None:
+            queue.transition(
+                job.id,
+                S.QUEUED,
+                S.FAILED,
+                now=ctx.clock(),
+                detail=f"equipment {job.equipment_id} is no longer configured",
+                error_kind=FailureKind.UNKNOWN,
+                last_error=f"equipment {job.equipment_id} is no longer configured",
+            )
+            continue
+        start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
+    _start_metadata_pushes(ctx, limit)
+    timeout = poll_interval_s
+    wakeup = queue.next_dispatch_wakeup(ctx.clock())
+    if wakeup is not None:
+        timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
+    return timeout
+
+
+def _settle_ended(ctx: ClientContext) -> None:
+    """Jobs whose step ended without its outcome in the queue go on, as after a restart.
+
+    A step's last transition, and :func:`crashed` after it, fail while the
+    queue cannot be written (another program holding its write lock past the
+    busy timeout, its disk full); the row is left RUNNING or AWAITING_VERIFY,
+    which no step picks up. Such a RUNNING job goes through the retry policy
+    (what its push left on the NAS is its own: its claim says so); an
+    AWAITING_VERIFY one is verified again. A job is forgotten here only once
+    the queue has answered for it (an error here is the dispatcher's: it tries
+    again at its next look).
+    """
+    queue = ctx.require_queue()
+    for job_id in list(ctx.ended):
+        if job_id in ctx.inflight_jobs.values():
+            ctx.ended.discard(job_id)  # started again already
+            continue
+        job = queue.get(job_id)
+        if job is not None and job.state == S.RUNNING:
+            logger.warning("job %s: its step ended with the job still running in the queue; sent again", job.id)
+            with contextlib.suppress(IllegalTransition):  # another process moved it: its move stands
+                retry_or_fail(ctx, job, S.RUNNING, TransportErrorKind.UNKNOWN, _UNRECORDED)
+        elif job is not None and job.state == S.AWAITING_VERIFY:
+            equipment = ctx.equipment(job)
+            if equipment is not None and job.equipment_id in ctx.inflight:
+                continue  # its equipment is busy: next time
+            if equipment is not None:
+                logger.warning("job %s: its step ended before its verification was recorded; verified again", job.id)
+                start(ctx, job, equipment, verify_job(ctx, job, equipment, local_hashes=None), "verify")
+        ctx.ended.discard(job_id)
+
+
+_UNRECORDED = "the step's outcome could not be written to the job queue (locked by another program, or its disk full)"
 
 
 def _can_start(ctx: ClientContext, limit: int) -> bool:
