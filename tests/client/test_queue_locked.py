@@ -1,17 +1,22 @@
-"""The job queue locked by another program for longer than the busy timeout.
+"""The job queue refusing writes: locked by another program past the busy timeout, or its disk full.
 
 A backup tool, an admin's ``sqlite3`` shell or a second process can hold
-``queue.db``'s write lock; SQLite then gives up after the busy timeout.
-The service must not lose its dispatcher over it, nor leave a job whose
-outcome could not be written RUNNING (or AWAITING_VERIFY) for ever: once
-the lock is gone, every job ends verified, as after a restart.
+``queue.db``'s write lock; SQLite then gives up after the busy timeout. The
+state folder usually sits on the acquisition PC's system disk, which
+instrument software fills. The service must not lose its dispatcher over
+either, nor leave a job whose outcome could not be written RUNNING (or
+AWAITING_VERIFY) for ever: once writes go through again, every job ends
+verified, as after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import os
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,7 +27,7 @@ from exlab_wizard.sync import job_runner
 from exlab_wizard.sync import queue as queue_module
 from exlab_wizard.sync.states import SyncJobState as S
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.lab import EQ, Lab, running
+from tests.lab import EQ, Lab, act_once_in, running
 
 
 def clock() -> dt.datetime:
@@ -135,3 +140,46 @@ def test_settling_forgets_a_job_only_once_the_queue_answered() -> None:
     with pytest.raises(sqlite3.OperationalError):
         job_runner._settle_ended(ctx)  # type: ignore[arg-type]
     assert ctx.ended == {"job-1"}
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4M"):
+    """A real 4 MiB tmpfs at ``path``, unmounted at the end."""
+    assert os.geteuid() == 0, "a tmpfs mount needs root"
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Another program fills the disk to the last byte."""
+    for name, chunk in (("other.big", 65536), ("other.last", 1)):
+        with contextlib.suppress(OSError), open(path / name, "wb") as f:
+            while True:
+                f.write(b"\0" * chunk)
+                f.flush()
+
+
+async def test_a_job_in_flight_when_the_state_disk_fills_goes_on_once_space_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab.build(tmp_path, equipment=(EQ,))
+    with small_disk(lab.state):
+        run = lab.make_run(files={"a.bin": b"a" * 5000, "sub/b.bin": b"b" * 3000})
+        fired = act_once_in(monkeypatch, MountTransport, "push", lambda *a, **kw: True, lambda: fill(lab.state))
+        async with running(lab.config(), clock) as client:
+            await client.enqueue(run)
+            await until(lambda: fired, "the push began")
+            await asyncio.sleep(1.0)  # the push and its bookkeeping meet the full disk
+            for name in ("other.big", "other.last"):
+                (lab.state / name).unlink()  # space is back
+            monkeypatch.undo()
+            queue = client._ctx.require_queue()
+            await until(
+                lambda: queue.by_run(str(run)).state == S.VERIFIED,  # type: ignore[union-attr]
+                "the job went on once the disk had space again",
+            )
+        assert (lab.nas_copy(run) / "sub/b.bin").read_bytes() == b"b" * 3000

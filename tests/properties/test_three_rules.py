@@ -17,8 +17,9 @@ through the client's record of a verification's file stats), edit a local file
 with the client's clock ahead of the file times after an audit), add a file,
 delete a verified run by hand and reuse its folder and file names for a new
 acquisition, retry a FAILED job, restart the client, unplug and
-plug the NAS, and, where the client has them, ``retry(accept_local=True)``
-and ``restore``.
+plug the NAS, lock the job queue for the client's next few writes (another
+program holding SQLite's write lock past the busy timeout), and, where the
+client has them, ``retry(accept_local=True)`` and ``restore``.
 
 The machine keeps a model: the intended content of every file the lab ever
 wrote (an edit or an accepted local version changes it; damage does not), and
@@ -35,7 +36,9 @@ the NAS bytes last seen under a verified manifest. After every step (and after
     NAS damage steps are the only other way a verified NAS file may change;
 (c) rule 3: while the NAS is away, no local file is deleted, no job reaches
     VERIFIED or CLEANED, and nothing is written where the share should be;
-(d) no job is left RUNNING or AWAITING_VERIFY once the client is idle.
+(d) no job is left RUNNING or AWAITING_VERIFY once the client is idle (a
+    queue locked for a while included: a step meeting the lock may fail, and
+    what it promises is then not asserted, but nothing may be left half done).
 
 Damage is only done where the other side still holds the truth: the test
 never destroys the last copy itself. One loss is the configuration's, not the
@@ -93,6 +96,7 @@ from exlab_wizard.sync.nas_client import (
     SyncHandleState,
     client_from_config,
 )
+from exlab_wizard.sync.queue import JobQueue
 from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.states import SyncJobState
 from tests.properties.nas import EQ, MountNas, Nas, RsyncNas
@@ -161,6 +165,10 @@ def is_typed_refusal(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("exlab_wizard.")
 
 
+class QueueLocked(sqlite3.OperationalError):
+    """SQLite's answer when another program holds the queue's write lock past the busy timeout."""
+
+
 class Clock:
     """Real UTC time plus an offset that only moves forward."""
 
@@ -224,10 +232,29 @@ class ThreeRules(RuleBasedStateMachine):
         self.rotted: set[tuple[str, str]] = set()
         #: armed by edit_at_the_next_verification; done just before the client's next record
         self.edit_armed = False
+        #: armed by queue_locked: writes that still go through, then writes that fail
+        self.writes_before_lock = 0
+        self.locked_writes = 0
+        #: a write failed for the lock during this step (reset after the step's checks)
+        self.lock_met = False
         job_runner.record_verified_stat = self._record_verified_stat
+        real_transaction = self._real_transaction = JobQueue.transaction
+
+        def transaction(queue: JobQueue) -> Any:
+            if self.locked_writes > 0 and queue._depth == 0:
+                if self.writes_before_lock > 0:
+                    self.writes_before_lock -= 1
+                    return real_transaction(queue)
+                self.locked_writes -= 1
+                self.lock_met = True
+                raise QueueLocked("database is locked")
+            return real_transaction(queue)
+
+        JobQueue.transaction = transaction  # type: ignore[method-assign]
 
     def teardown(self) -> None:
         job_runner.record_verified_stat = record_verified_stat
+        JobQueue.transaction = self._real_transaction  # type: ignore[method-assign]
         try:
             if self.client is not None:
                 self._run(self.client.close())
@@ -239,7 +266,12 @@ class ThreeRules(RuleBasedStateMachine):
     # ------------------------------------------------------------------ plumbing
 
     def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return self.loop.run_until_complete(coro)
+        """Run a coroutine; a call the locked queue refused (what the CLI shows as an error) returns None."""
+        try:
+            return self.loop.run_until_complete(coro)
+        except QueueLocked:
+            assert self.lock_met
+            return None
 
     def _open(self) -> NASSyncClient:
         client = client_from_config(self.config)
@@ -357,6 +389,8 @@ class ThreeRules(RuleBasedStateMachine):
             if not is_typed_refusal(exc):  # a damaged run is refused with a typed error, not re-armed
                 raise
             return
+        if handle is None:
+            return  # the queue was locked
         assert handle.state == SyncHandleState.QUEUED, handle.blocking_findings
 
     def _events_since(self, last: int) -> tuple[int, list[tuple[str, str, str, str]]]:
@@ -503,7 +537,7 @@ class ThreeRules(RuleBasedStateMachine):
         )
         self._enqueue(model)
         self._settle()
-        if due:
+        if due and not self.lock_met:
             job = self._job(model)
             assert job is not None and job.state == S.VERIFIED, (
                 f"an intact run with the NAS there did not sync: {job and (job.state.value, job.last_error)}"
@@ -541,7 +575,7 @@ class ThreeRules(RuleBasedStateMachine):
         ]
         self._run(self.client.cleanup_once())
         self._settle()
-        for model in due:
+        for model in due if not self.lock_met else ():
             job = self._job(model)
             assert job.state == S.CLEANED, (
                 f"{model.path.name}: every interlock held, yet the job is {job.state.value} "
@@ -683,6 +717,7 @@ class ThreeRules(RuleBasedStateMachine):
     def restart(self, retain_cache: bool) -> None:
         """Close the client and open a new one on the same queue (a service restart, maybe a new retain_cache)."""
         assert self.client is not None
+        self.locked_writes = 0  # (a service that cannot start on a locked queue is restarted later)
         self._run(self.client.close())
         self.client = None
         cleanup = self.config.nas_cleanup.model_copy(update={"retain_cache": retain_cache})
@@ -762,6 +797,17 @@ class ThreeRules(RuleBasedStateMachine):
             if m.path.is_dir() and getattr(jobs.get(str(m.path)), "state", None) in (S.VERIFIED, S.CLEANUP_ELIGIBLE)
         ]
 
+    @rule(after=st.integers(0, 8), writes=st.integers(1, 4))
+    def queue_locked(self, after: int, writes: int) -> None:
+        """Armed: after the client's next ``after`` writes, another program takes the queue's write
+        lock; the ``writes`` writes after them fail.
+
+        As SQLite fails them after its busy timeout ("database is locked"), wherever they
+        are: a job's transitions, its error report, the reaper's records, an API call.
+        The lock is let go at the end of the step that met it.
+        """
+        self.writes_before_lock, self.locked_writes = after, writes
+
     @precondition(lambda self: not self.nas.unplugged)
     @rule(how=st.sampled_from(["down", "volume"]))
     def unplug_nas(self, how: str) -> None:
@@ -789,6 +835,9 @@ class ThreeRules(RuleBasedStateMachine):
                     raise
                 self._settle()
                 return
+            if self.lock_met:
+                self._settle()
+                return  # not accepted: the queue was locked
             for rel in model.truth:
                 local = self._local(model, rel)
                 if local is None or local == model.truth[rel]:
@@ -820,6 +869,8 @@ class ThreeRules(RuleBasedStateMachine):
                 self._settle()
                 return
             self._settle()
+            if self.lock_met:
+                return  # the restore may have stopped part way; the rules still hold
             for rel in sorted(model.ambiguous):
                 if self._local(model, rel) == model.good.get(rel):  # the operator chose the verified bytes
                     model.truth[rel] = model.good[rel]
@@ -866,6 +917,8 @@ class ThreeRules(RuleBasedStateMachine):
             for j in jobs.values()
             if j.state in (S.RUNNING, S.AWAITING_VERIFY)
         ]
+        if self.lock_met:
+            self.locked_writes, self.lock_met = 0, False  # the other program lets go of the lock
         assert not problems, "\n".join(problems)
 
     def _rule_1(self, model: RunModel, manifests: list[dict[str, str]], where: str) -> list[str]:

@@ -219,12 +219,12 @@ def _start_metadata_pushes(ctx: ClientContext, limit: int) -> None:
 
 
 async def wait_idle(ctx: ClientContext) -> None:
-    """Return once no job is in flight and no QUEUED job or pending metadata push is due."""
+    """Return once no job is in flight or ended unsettled, and no QUEUED job or pending metadata push is due."""
     while True:
         queue = ctx.require_queue()
         now = ctx.clock()
         due = queue.next_due(now) or queue.next_metadata_push(now)
-        if not ctx.inflight and due is None:
+        if not ctx.inflight and not ctx.ended and due is None:
             return
         await asyncio.sleep(0.02)
 
