@@ -459,6 +459,23 @@ def test_local_file_deleted_mid_push_is_local_file_vanished(lab: Lab) -> None:
     assert "push_failed" in lab.log_text()
 
 
+def test_an_unreadable_subfolder_is_named_in_the_error(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab.write("a.bin", b"a")
+    lab.write("plates/A1/frame.bin", b"f")
+    real = os.scandir
+
+    def refused(path):  # as for a folder without read permission (root's tests cannot drop it)
+        if os.fspath(path).endswith("plates/A1"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(TransportError) as caught:
+        lab.push()
+    assert caught.value.message.startswith("cannot read plates/A1 in "), caught.value.message
+    assert "Permission denied" in caught.value.message
+
+
 def test_file_changing_while_copied_is_copied_again(lab: Lab) -> None:
     path = lab.write("growing.raw", os.urandom(3 * MIB))
     appended: list[bool] = []

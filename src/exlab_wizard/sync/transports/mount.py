@@ -686,7 +686,9 @@ class MountTransport(Transport):
                     # (conflict.foreign_copy_error), never one written locally by a step that failed.
                     local_files[prefix + entry.rel] = (entry.stat.st_size, entry.stat.st_mtime_ns)
         except OSError as exc:
-            raise self._local_error(exc, prefix or ".", run) from exc
+            # The folder the listing could not read (a subfolder without permission), named in the run.
+            where = os.path.relpath(exc.filename, run) if isinstance(exc.filename, str) else prefix or "."
+            raise self._local_error(exc, where, run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
         twins = _fold_twins(local_files, local_dirs)
         if twins is not None and self._share_folds(job.remote):
