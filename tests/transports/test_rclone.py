@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -22,7 +23,13 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.transports import rclone as rclone_mod
 from exlab_wizard.sync.transports._process import LocalTree, ToolResult
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.rclone import RcloneTransport, _sort_extras, decode_name, encode_name
+from exlab_wizard.sync.transports.rclone import (
+    RcloneTransport,
+    _sort_extras,
+    decode_name,
+    encode_name,
+    rclone_can_name,
+)
 from tests.fixtures.rclone_serve import S3Server
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import assert_sha256sum_check, regular_tree, tree, wait_until
@@ -72,10 +79,74 @@ def partials(root: Path) -> list[Path]:
 # ----------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("name", ["plain", "new\nline", "tab\there", "del\x7f", "pic␊ture", "‛quote", "back\\slash"])
-def test_rclone_name_notation_round_trips(name):
-    assert decode_name(encode_name(name)) == name
-    assert "\n" not in encode_name(name)
+_Q = "\u201b"  # rclone's quote rune
+#: every character of rclone's local encoding (Slash, Dot, NUL) and of its own notation (also control
+#: characters and DEL), each stand-in, the quote rune, and look-alikes that are neither
+_SPECIAL = [
+    *(chr(code) for code in range(1, 0x20)),
+    "\x7f",
+    *(chr(code) for code in range(0x2400, 0x2422)),
+    "\uff0f",
+    "\uff0e",
+    _Q,
+    ".",
+    "\\",
+    "\uff3c",
+    "\ufffd",
+]
+_NOTATION_NAMES = sorted(
+    {f"a{ch}b" for ch in _SPECIAL}
+    | {f"{ch}z" for ch in _SPECIAL}
+    | {f"a{ch}" for ch in _SPECIAL}
+    | {f"{_Q}{ch}" for ch in _SPECIAL}
+    | {f"{_Q}{_Q}{ch}" for ch in _SPECIAL}
+    | {
+        "\uff0e",
+        "\uff0e\uff0e",
+        f"{_Q}\uff0e",
+        f"{_Q}\uff0e{_Q}\uff0e",
+        "\uff0e\uff0ex",
+        f"{_Q}{_Q}z",
+        "試料Ａ／Ｂ.csv",
+    }
+)
+
+
+def test_rclone_name_notation_is_what_rclone_lists(tmp_path, rclone_bin):
+    """encode_name is what ``rclone lsjson`` prints for real local files and folders; the ones it finds come back.
+
+    Each name is a file (``f<i>/<name>``) and a folder (``d<i>/<name>/in``).
+    ``rclone_can_name`` is exactly the set that ``rclone copy --files-from0``
+    of the encoded names sends; the others rclone cannot find (it skips them).
+    """
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    for i, name in enumerate(_NOTATION_NAMES):
+        (src / f"f{i}").mkdir(parents=True)
+        (src / f"f{i}" / name).write_bytes(b"f")
+        (src / f"d{i}" / name).mkdir(parents=True)
+        (src / f"d{i}" / name / "in").write_bytes(b"d")
+    # one level down only: rclone cannot list inside a folder it cannot find by its name
+    argv = [rclone_bin, "--config", os.devnull, "lsjson", "-R", "--max-depth", "2", "--no-mimetype", str(src)]
+    listed = json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
+    printed = {tuple(item["Path"].split("/")) for item in listed if "/" in item["Path"]}
+    expected = {(f"{kind}{i}", encode_name(name)) for i, name in enumerate(_NOTATION_NAMES) for kind in "fd"}
+    assert printed == expected
+    for name in _NOTATION_NAMES:
+        assert "\n" not in encode_name(name) and "\0" not in encode_name(name)
+        if rclone_can_name(name):
+            assert decode_name(encode_name(name)) == name
+
+    paths = [p for i, name in enumerate(_NOTATION_NAMES) for p in (f"f{i}/{name}", f"d{i}/{name}/in")]
+    names = b"".join(encode_name(p).encode() + b"\0" for p in paths)
+    argv = [rclone_bin, "--config", os.devnull, "--retries", "1", "copy", "--files-from0", "-", str(src), str(dst)]
+    subprocess.run(argv, input=names, capture_output=True)  # fails for some of those it cannot find
+    sent = {p for p in paths if (dst / p).is_file()}
+    assert sent == {p for p in paths if rclone_can_name(p)}
+    assert {"試料Ａ／Ｂ.csv", "a\uff0fb", "a\u2400b", f"{_Q}{_Q}z", f"{_Q}\uff0f"} <= set(
+        filter(rclone_can_name, _NOTATION_NAMES)
+    )
+    assert not {f"a{_Q}", f"a{_Q}b", f"{_Q}z", f"{_Q}\u240a"} & set(filter(rclone_can_name, _NOTATION_NAMES))
 
 
 # rclone 1.75 names its partial upload "<leaf>.<8 hex>.partial"; a leaf over
@@ -194,6 +265,54 @@ async def test_s3_object_store_end_to_end_with_download_hashing(tmp_path, s3_pla
     assert manifest.hashes == hashes(HOSTILE)
     assert manifest.unverifiable == {}
     assert await transport.reachable(run)
+
+
+#: names that rclone writes as they are, where it once was told ``‛／`` and ``‛␀`` and skipped them unseen
+STAND_IN_NAMES = {
+    "試料Ａ／Ｂ.csv": b"fullwidth solidus, an ordinary CJK name\n",
+    "x␀y.dat": b"symbol for null\n",
+    "sub／dir/in.txt": b"in a folder so named\n",
+    "plain.txt": b"plain\n",
+}
+
+
+@pytest.mark.parametrize("run_rel", [RUN_REL, RUN_REL.parent / "Run_試料Ａ／Ｂ"], ids=["run", "run_folder_so_named"])
+async def test_s3_names_with_rclone_stand_ins_are_sent_and_verified(tmp_path, s3_place, run_rel):
+    make_eq, on_disk = s3_place
+    eq = make_eq()
+    run = make_run(eq.local_root, STAND_IN_NAMES, rel=run_rel, symlink=False)
+    transport = RcloneTransport(eq)
+
+    result = await transport.push(run, bwlimit_kibps=None)
+    assert result.ok and result.files_sent == len(STAND_IN_NAMES)
+    assert regular_tree(on_disk / run_rel) == STAND_IN_NAMES, "push returned ok but left files out"
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == hashes(STAND_IN_NAMES) and manifest.unverifiable == {}
+
+
+@pytest.mark.parametrize(
+    ("run_rel", "files", "refused"),
+    [
+        (
+            RUN_REL,
+            {"it\u201bs.txt": b"q", "ok.txt": b"ok"},
+            "file name with \u201b (U+201B): rclone cannot find it by its name: it\u201bs.txt",
+        ),
+        (RUN_REL, {"sub\u201b/a.txt": b"q", "ok.txt": b"ok"}, "rclone cannot find it by its name: sub\u201b/a.txt"),
+        (RUN_REL.parent / "Run_\u201bq", {"ok.txt": b"ok"}, "run folder name with \u201b (U+201B): rclone cannot find"),
+    ],
+    ids=["file", "folder", "run_folder"],
+)
+async def test_a_name_rclone_cannot_find_is_refused_before_any_write(tmp_path, s3_place, run_rel, files, refused):
+    """rclone lists ``a‛b`` as ``a‛‛b`` and looks for ``a‛‛b`` when told either: it never finds the file."""
+    make_eq, on_disk = s3_place
+    eq = make_eq()
+    run = make_run(eq.local_root, files, rel=run_rel, symlink=False)
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None, owner="job1")
+    assert caught.value.kind == K.REMOTE_WRITE_REFUSED, caught.value.message
+    assert refused in caught.value.message
+    assert not on_disk.exists()  # nothing written, not even a claim
 
 
 async def test_download_hashing_skips_oversize_files(tmp_path, s3_place):

@@ -8,10 +8,11 @@ yet is written only once the remote root answers (rclone would create the
 root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
 --files-from0`` of exactly the files the push listed, which are hashed here
 beside the transfer (``hashes_while_sending``): a file the run gains during
-the push is neither sent nor hashed, and the audit finds it added. A run
-with a file name that is not UTF-8 is refused before any write
-(``REMOTE_WRITE_REFUSED``): rclone copies it, but prints every name as JSON,
-where such a byte reads U+FFFD, so it could never be verified. The copy runs
+the push is neither sent nor hashed, and the audit finds it added. A run with a name rclone cannot carry is refused
+before any write (``REMOTE_WRITE_REFUSED``): a name that is not UTF-8 (rclone
+copies it, but prints every name as JSON, where such a byte reads U+FFFD, so
+it could never be verified) or one rclone cannot find by its name (see
+:func:`rclone_can_name`). The copy runs
 with ``--checksum`` (for a run verified before, without it: sizes and modification
 times, so a local file damaged with its stat kept is never sent over its
 verified NAS copy) with ``--bwlimit`` as an rclone timetable of the equipment's
@@ -101,6 +102,7 @@ __all__ = [
     "encode_name",
     "list_sizes",
     "rclone_binary",
+    "rclone_can_name",
     "rclone_text",
     "sftp_connection_string",
 ]
@@ -149,53 +151,79 @@ def rclone_text(stderr: bytes | str) -> str:
     return "\n".join(lines)
 
 
-_QUOTE = "\u201b"  # rclone's quote rune: the next character is literal
+_QUOTE = "\u201b"  # rclone's quote rune: the next character is itself, not a stand-in
+_Encoding = tuple[dict[str, str], dict[str, str]]  # (real character -> its stand-in, the reverse)
 
 
-def _is_replacement(ch: str) -> bool:
-    code = ord(ch)
-    return 0x2400 <= code <= 0x241F or code == 0x2421 or ch == "\uff0f"
+def _encoding(stand_ins: dict[str, str]) -> _Encoding:
+    return stand_ins, {v: k for k, v in stand_ins.items()}
+
+
+#: rclone's local backend on Linux (encoding ``Slash,Dot``; NUL always)
+_LOCAL = _encoding({"\0": "\u2400", "/": "\uff0f"})
+#: rclone's own notation ("Standard"), of its command line and its output: also control characters and DEL
+_STANDARD = _encoding({**_LOCAL[0], **{chr(code): chr(0x2400 + code) for code in range(1, 0x20)}, "\x7f": "\u2421"})
+#: both encode the whole names ``.`` and ``..`` (``Dot``), and quote their stand-ins
+_DOTS = {".": "\uff0e", "..": "\uff0e\uff0e", "\uff0e": "\u201b\uff0e", "\uff0e\uff0e": "\u201b\uff0e\u201b\uff0e"}
+_UNDOTS = {v: k for k, v in _DOTS.items()}
+
+
+def _encode(encoding: _Encoding, name: str) -> str:
+    """One name in an rclone encoding: a real character -> its stand-in; a real stand-in or quote is quoted."""
+    if name in _DOTS:
+        return _DOTS[name]
+    stand_in, real = encoding
+    return "".join(stand_in.get(ch) or (_QUOTE + ch if ch == _QUOTE or ch in real else ch) for ch in name)
+
+
+def _decode(encoding: _Encoding, name: str) -> str:
+    """The inverse of :func:`_encode`, as rclone reads it: a quote before any other character stays."""
+    if name in _UNDOTS:
+        return _UNDOTS[name]
+    real = encoding[1]
+    out: list[str] = []
+    quoted = False
+    for ch in name:
+        if quoted:
+            quoted = False
+            out.append(ch if ch == _QUOTE or ch in real else _QUOTE + ch)
+        elif ch == _QUOTE:
+            quoted = True
+        else:
+            out.append(real.get(ch, ch))
+    if quoted:
+        out.append(_QUOTE)
+    return "".join(out)
 
 
 def encode_name(path: str) -> str:
-    """A real path in rclone's internal ("Standard") notation, as its command line expects.
+    """A real local path in rclone's notation, as its command line and ``--files-from0`` expect.
 
-    Control characters become their Unicode pictures (newline -> U+240A);
-    a real picture character is quoted with U+201B. Separators stay ``/``.
+    What ``rclone lsjson`` prints for a local file: its local backend reads the
+    name (``／`` and ``␀`` are its stand-ins for ``/`` and NUL), and rclone's
+    notation writes it out (control characters as their pictures, a real
+    picture or ``‛`` quoted with ``‛``). So ``x／y`` stays ``x／y`` and a
+    newline is ``␊``. Separators stay ``/``. A name that does not come back
+    from :func:`decode_name` (a ``‛`` before an ordinary character) is one
+    rclone cannot find: see :func:`rclone_can_name`.
     """
-    out = []
-    for ch in path:
-        code = ord(ch)
-        if code < 0x20:
-            out.append(chr(0x2400 + code))
-        elif code == 0x7F:
-            out.append("\u2421")
-        elif _is_replacement(ch):
-            out.append(_QUOTE + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
+    return "/".join(_encode(_STANDARD, _decode(_LOCAL, part)) for part in path.split("/"))
 
 
 def decode_name(path: str) -> str:
-    """The real path of a name rclone printed (lsjson, hashsum): the inverse of :func:`encode_name`."""
-    out = []
-    i = 0
-    while i < len(path):
-        ch = path[i]
-        if ch == _QUOTE and i + 1 < len(path) and _is_replacement(path[i + 1]):
-            out.append(path[i + 1])
-            i += 2
-            continue
-        code = ord(ch)
-        if 0x2400 <= code <= 0x241F:
-            out.append(chr(code - 0x2400))
-        elif code == 0x2421:
-            out.append("\x7f")
-        else:
-            out.append(ch)
-        i += 1
-    return "".join(out)
+    """The real local path of a name rclone printed (lsjson, hashsum, ``--combined``): what rclone opens for it."""
+    return "/".join(_encode(_LOCAL, _decode(_STANDARD, part)) for part in path.split("/"))
+
+
+def rclone_can_name(path: str) -> bool:
+    """Can rclone find the local file ``path``? Not with a ``‛`` that quotes nothing rclone's local backend quotes.
+
+    That backend quotes only ``‛``, ``／``, ``␀`` and a whole name ``．`` or
+    ``．．``. It reads any other ``‛`` (``a‛b``, ``a‛``) as itself, then doubles
+    every quote when it opens a file: it lists ``a‛b`` as ``a‛‛b`` and opens
+    ``a‛‛b`` for it (``‛`` and ``‛‛`` list alike), so the file is never found.
+    """
+    return decode_name(encode_name(path)) == path
 
 
 def _quote_value(value: object) -> str:
@@ -471,7 +499,7 @@ class RcloneTransport(Transport):
         fs = self._fs(run_path)
         local = await asyncio.to_thread(local_tree, run_path)
         checked_rewrite(local, rewrite)
-        _check_utf8_names(local)  # before anything is written on the NAS
+        _check_names(run_path, local)  # before anything is written on the NAS
         # The local hashes are taken beside the transfer, from the same listing: the copy sends
         # exactly these files (--files-from0), so a file the run gains meanwhile is neither sent
         # nor hashed (the audit finds it added), as on the other transports. The listing gives
@@ -917,21 +945,29 @@ def _sent_by_copy(rel: str, *, metadata: bool) -> bool:
     return metadata or not rel.startswith(f"{METADATA_DIR}/")
 
 
-def _check_utf8_names(local: LocalTree) -> None:
-    """Raise ``REMOTE_WRITE_REFUSED`` naming the first file whose name is not UTF-8.
+def _check_names(run_path: Path, local: LocalTree) -> None:
+    """Raise ``REMOTE_WRITE_REFUSED`` naming the run folder, else the first file, whose name rclone cannot carry.
 
-    rclone copies such a name byte for byte, but its listings and hashes come
-    back as JSON, where every byte that is not UTF-8 reads U+FFFD: the file
-    would never verify, and two such names would list as one.
+    A name that is not UTF-8: rclone copies it byte for byte, but its listings
+    and hashes come back as JSON, where every byte that is not UTF-8 reads
+    U+FFFD: the file would never verify, and two such names would list as one.
+    A ``‛`` (U+201B) before an ordinary character (:func:`rclone_can_name`):
+    rclone cannot find the file at all, and skips it from its list of files
+    without an error.
     """
-    for rel in sorted(local.files, key=os.fsencode):
+    named = [("run folder", str(run_path))] + [("file", rel) for rel in sorted(local.files, key=os.fsencode)]
+    for what, path in named:
         try:
-            rel.encode("utf-8")
+            path.encode("utf-8")
         except UnicodeEncodeError:
-            shown = os.fsencode(rel).decode("utf-8", errors="backslashreplace")
+            shown = os.fsencode(path).decode("utf-8", errors="backslashreplace")
             raise TransportError(
-                K.REMOTE_WRITE_REFUSED, f"file name is not UTF-8: rclone cannot list it back: {shown}"
+                K.REMOTE_WRITE_REFUSED, f"{what} name is not UTF-8: rclone cannot list it back: {shown}"
             ) from None
+        if not rclone_can_name(path):
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED, f"{what} name with \u201b (U+201B): rclone cannot find it by its name: {path}"
+            )
 
 
 def _sort_extras(
