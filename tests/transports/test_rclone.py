@@ -34,7 +34,7 @@ from tests.fixtures.rclone_serve import S3Server
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import assert_sha256sum_check, regular_tree, tree, wait_until
 from tests.lab import EQ as EQUIPMENT
-from tests.lab import HOSTILE, RUN_REL
+from tests.lab import HOSTILE, RUN_REL, act_once_in
 from tests.lab import make_hostile_run as make_run
 
 pytestmark = pytest.mark.network
@@ -313,6 +313,43 @@ async def test_a_name_rclone_cannot_find_is_refused_before_any_write(tmp_path, s
     assert caught.value.kind == K.REMOTE_WRITE_REFUSED, caught.value.message
     assert refused in caught.value.message
     assert not on_disk.exists()  # nothing written, not even a claim
+
+
+async def test_a_listed_file_rclone_does_not_find_fails_the_push(tmp_path, s3_place, monkeypatch):
+    """rclone skips a ``--files-from0`` name it does not find, exit 0: its ``--combined`` report shows it.
+
+    Here the list is written in a notation rclone no longer reads (the old
+    quoting of ``／``), as after an rclone upgrade that changed its own.
+    """
+    make_eq, on_disk = s3_place
+    eq = make_eq()
+    run = make_run(eq.local_root, {"試料Ａ／Ｂ.csv": b"m", "ok.txt": b"ok"}, symlink=False)
+    current = rclone_mod.encode_name
+    monkeypatch.setattr(rclone_mod, "encode_name", lambda path: current(path).replace("\uff0f", "\u201b\uff0f"))
+    monkeypatch.setattr(rclone_mod, "rclone_can_name", lambda path: True)  # a change the check did not foresee
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    assert caught.value.kind == K.REMOTE_WRITE_REFUSED, caught.value.message
+    assert "rclone did not find 試料Ａ／Ｂ.csv in the run: not sent" in caught.value.message
+
+
+async def test_a_file_deleted_right_before_the_copy_is_local_file_vanished(tmp_path, s3_place, monkeypatch):
+    """Listed, then deleted before rclone looks: rclone skips it without an error; the push must not pass."""
+    make_eq, _ = s3_place
+    eq = make_eq()
+    run = make_run(eq.local_root, {"a.txt": b"a", "gone.txt": b"g"}, symlink=False)
+    fired = act_once_in(
+        monkeypatch,
+        rclone_mod,
+        "run_tool",
+        lambda *a, **kw: kw.get("step") == "push",
+        lambda: (run / "gone.txt").unlink(),
+    )
+    with pytest.raises(TransportError) as caught:
+        await RcloneTransport(eq).push(run, bwlimit_kibps=None)
+    assert fired
+    assert caught.value.kind == K.LOCAL_FILE_VANISHED, caught.value.message
+    assert "gone.txt" in caught.value.message
 
 
 async def test_download_hashing_skips_oversize_files(tmp_path, s3_place):

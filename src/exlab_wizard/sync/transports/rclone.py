@@ -8,7 +8,9 @@ yet is written only once the remote root answers (rclone would create the
 root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
 --files-from0`` of exactly the files the push listed, which are hashed here
 beside the transfer (``hashes_while_sending``): a file the run gains during
-the push is neither sent nor hashed, and the audit finds it added. A run with a name rclone cannot carry is refused
+the push is neither sent nor hashed, and the audit finds it added. rclone
+skips a listed file it does not find without an error, so its ``--combined``
+report must name every one. A run with a name rclone cannot carry is refused
 before any write (``REMOTE_WRITE_REFUSED``): a name that is not UTF-8 (rclone
 copies it, but prints every name as JSON, where such a byte reads U+FFFD, so
 it could never be verified) or one rclone cannot find by its name (see
@@ -647,6 +649,8 @@ class RcloneTransport(Transport):
             "1s",
             "--stats-log-level",
             "NOTICE",
+            "--combined",
+            "-",
             "--",
             encode_name(str(run_path)),
             fs,
@@ -655,6 +659,7 @@ class RcloneTransport(Transport):
         result = await run_tool(argv, stdin=names, on_stderr=stats, log=self.log, run_path=run_path, step="push")
         if result.returncode != 0:
             raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"rclone copy to {fs}")
+        _check_all_found(run_path, sending, result.stdout)
         stats.finish(result.stderr)
         files_sent += stats.transfers
         bytes_sent += stats.bytes
@@ -968,6 +973,28 @@ def _check_names(run_path: Path, local: LocalTree) -> None:
             raise TransportError(
                 K.REMOTE_WRITE_REFUSED, f"{what} name with \u201b (U+201B): rclone cannot find it by its name: {path}"
             )
+
+
+def _check_all_found(run_path: Path, sending: list[str], combined: bytes) -> None:
+    """Raise unless rclone's ``--combined`` report names every file of ``sending`` as found in the run.
+
+    rclone skips a ``--files-from0`` entry it does not find, without an error:
+    a file gone since the listing is ``LOCAL_FILE_VANISHED``; one still there
+    is a name rclone cannot find, ``REMOTE_WRITE_REFUSED``.
+    """
+    found = set()
+    for line in combined.decode("utf-8", errors="replace").split("\n"):
+        sign, _, path = line.partition(" ")
+        if sign in ("=", "+", "*"):  # identical, sent, sent over a different copy
+            found.add(decode_name(path))
+    missed = [rel for rel in sending if rel not in found]
+    if not missed:
+        return
+    gone = [rel for rel in missed if not os.path.lexists(run_path / rel)]
+    if gone:
+        raise TransportError(K.LOCAL_FILE_VANISHED, f"{gone[0]}: vanished from {run_path} during the push")
+    more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
+    raise TransportError(K.REMOTE_WRITE_REFUSED, f"rclone did not find {missed[0]}{more} in the run: not sent")
 
 
 def _sort_extras(
