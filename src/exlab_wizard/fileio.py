@@ -8,6 +8,11 @@ verifier, the transports and the reaper use these instead of their own copies.
   inside the top-level folder named exactly ``.exlab-wizard`` (byte for byte,
   case-sensitive); everything else, ``.Exlab-Wizard/`` or a *file* named
   ``.exlab-wizard`` included, is data.
+- :func:`reaping_name` / :func:`is_reaping_name`: the private name the reaper
+  gives a planned file right before its unlink (``.exlab-reaping-<20 hex>``);
+  a file so named outside ``.exlab-wizard/``, at any depth, is never a run's
+  data: every listing of a run's data leaves it out.
+- :func:`rename_noreplace`: rename within a folder, never over an existing name.
 - :func:`fsync_dir`: make a creation, rename or unlink in a folder durable.
 - :func:`atomic_write_bytes`: replace a file so that a reader, or a machine
   that loses power at any instant, sees the old content or the new one, never
@@ -33,7 +38,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -48,6 +55,7 @@ __all__ = [
     "BLOCK_SIZE",
     "DROP_BEHIND",
     "METADATA_DIR",
+    "REAPING_PREFIX",
     "advise_sequential",
     "atomic_write_bytes",
     "drop_page_cache",
@@ -59,6 +67,7 @@ __all__ = [
     "hash_from_storage",
     "is_data_path",
     "is_metadata_path",
+    "is_reaping_name",
     "make_dirs_durable",
     "OpenFolders",
     "OpenFoldersByThread",
@@ -66,6 +75,8 @@ __all__ = [
     "open_regular_beneath",
     "prefetch_from_storage",
     "read_bounded",
+    "reaping_name",
+    "rename_noreplace",
 ]
 
 #: The run's metadata folder (``<run>/.exlab-wizard/``): creation.json, checksums.sha256, logs.
@@ -102,6 +113,26 @@ def is_metadata_path(rel: str) -> bool:
 def is_data_path(rel: str) -> bool:
     """True for a relative path of a data file: anything outside ``.exlab-wizard/``."""
     return not rel.startswith(_METADATA_PREFIX)
+
+
+#: The reaper's private names (:func:`reaping_name`) begin so.
+REAPING_PREFIX = ".exlab-reaping-"
+_REAPING_NAME = re.compile(re.escape(REAPING_PREFIX) + r"[0-9a-f]{20}")
+
+
+def reaping_name(name: str, ino: int) -> str:
+    """The private name a planned file (``name`` in its folder, inode ``ino``) is renamed to before its unlink.
+
+    Deterministic (a resumed deletion finds what a killed one set aside) and
+    35 characters whatever the length of ``name``.
+    """
+    key = os.fsencode(name) + b"\0" + str(ino).encode()
+    return REAPING_PREFIX + hashlib.sha256(key).hexdigest()[:20]
+
+
+def is_reaping_name(name: str) -> bool:
+    """True for a file name made by :func:`reaping_name` (outside ``.exlab-wizard/``, never listed as data)."""
+    return _REAPING_NAME.fullmatch(name) is not None
 
 
 # --------------------------------------------------------------------------- durable writes
@@ -147,6 +178,53 @@ def make_dirs_durable(folder: str | os.PathLike[str]) -> None:
                 raise
             continue  # made meanwhile by another writer, who makes it durable
         fsync_dir(os.path.dirname(each))
+
+
+#: renameat2's flag: fail with EEXIST rather than replace the target (Linux 3.15+).
+_RENAME_NOREPLACE = 1
+#: The kernel, the file system or the C library does not offer RENAME_NOREPLACE.
+_NO_NOREPLACE = frozenset({errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """The C library's ``renameat2`` (glibc 2.28+, musl 1.2.3+), or None where there is none."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
+
+
+def rename_noreplace(src: str, dst: str, *, dir_fd: int, atomic_only: bool = False) -> None:
+    """Rename ``src`` to ``dst``, both names in the folder ``dir_fd``, never replacing an existing ``dst``.
+
+    ``renameat2(RENAME_NOREPLACE)``: atomic, ``FileExistsError`` when ``dst``
+    exists. Where it is not offered (no ``renameat2`` in the C library; a
+    kernel or file system that refuses the flag: ``EINVAL``, ``ENOSYS``,
+    ``ENOTSUP``), ``dst`` is looked up and the rename made only when it is
+    absent: a file made at ``dst`` between the look-up and the rename would
+    be replaced, so that fallback is only for names no other program uses
+    (the reaper's :func:`reaping_name`); ``atomic_only`` refuses it (``OSError``
+    ``ENOTSUP``). Raises ``OSError`` as ``os.rename``.
+    """
+    func = _renameat2()
+    if func is not None:
+        if func(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _NO_NOREPLACE:
+            raise OSError(err, os.strerror(err), src, None, dst)
+    if atomic_only:
+        raise OSError(errno.ENOTSUP, "no rename that refuses to replace a file here", src, None, dst)
+    try:
+        os.stat(dst, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
 
 
 def filesystem_now_ns(folder: str | os.PathLike[str]) -> int | None:

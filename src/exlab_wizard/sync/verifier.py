@@ -50,6 +50,7 @@ from exlab_wizard.fileio import (
     hash_file,
     hash_from_storage,
     is_metadata_path,
+    is_reaping_name,
     make_dirs_durable,
     open_regular,
     open_regular_beneath,
@@ -111,18 +112,27 @@ class RunEntry(NamedTuple):
 
 
 def scan_run(
-    run_path: str | os.PathLike[str], *, include_metadata: bool = False, with_stat: bool = False
+    run_path: str | os.PathLike[str],
+    *,
+    include_metadata: bool = False,
+    with_stat: bool = False,
+    metadata_root: bool = False,
 ) -> Iterator[RunEntry]:
     """Every regular file and directory under ``run_path`` (not the root itself).
 
     Symlinks and special files are skipped, nothing is followed; entries that
     vanish while listed are left out. ``.exlab-wizard/`` (top level) only with
-    ``include_metadata``. Unordered. Raises ``FileNotFoundError`` when the
+    ``include_metadata``. A file with one of the reaper's private names
+    (:func:`~exlab_wizard.fileio.is_reaping_name`: set aside for its unlink)
+    is left out, except inside ``.exlab-wizard/`` (``metadata_root``:
+    ``run_path`` is that folder), where it is metadata like any other file, sent
+    by the final metadata push and deleted with it. Unordered. Raises ``FileNotFoundError`` when the
     folder does not exist.
     """
     stack: list[tuple[str, str]] = [(os.fspath(run_path), "")]
     while stack:
         folder, prefix = stack.pop()
+        data = not metadata_root and not is_metadata_path(prefix)
         with os.scandir(folder) as entries:
             for entry in entries:
                 rel = prefix + entry.name
@@ -132,7 +142,7 @@ def scan_run(
                             continue
                         yield RunEntry(rel, entry.path, True, entry.stat(follow_symlinks=False) if with_stat else None)
                         stack.append((entry.path, rel + "/"))
-                    elif entry.is_file(follow_symlinks=False):
+                    elif entry.is_file(follow_symlinks=False) and not (data and is_reaping_name(entry.name)):
                         yield RunEntry(rel, entry.path, False, entry.stat(follow_symlinks=False) if with_stat else None)
                 except FileNotFoundError:
                     continue  # vanished while listing: not part of the run any more

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, open_regular
+from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, is_reaping_name, open_regular
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 
 __all__ = [
@@ -137,6 +137,10 @@ def kind_of(mode: int) -> str:
 def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> None:
     """Every entry under ``dir_fd`` (lstat), never following a symlink; ``.exlab-wizard/`` skipped at the top.
 
+    With ``skip_metadata`` (a run's data) a regular file with one of the
+    reaper's private names (:func:`~exlab_wizard.fileio.is_reaping_name`: set
+    aside for its unlink) is left out too, wherever it is.
+
     Only the top-level *folder* of that exact name is skipped (metadata, as
     :func:`exlab_wizard.fileio.is_metadata_path` has it); a file so named is data.
     """
@@ -153,6 +157,8 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
                 if skip_metadata and not rel and name == METADATA_DIR and stat.S_ISDIR(st.st_mode):
                     continue
                 if stat.S_ISREG(st.st_mode):
+                    if skip_metadata and is_reaping_name(name):
+                        continue  # set aside by a deletion for its unlink (see .deletion): not data
                     tree.files[path] = st
                 elif stat.S_ISDIR(st.st_mode):
                     tree.dirs.add(path)

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, OpenFolders, is_data_path
+from exlab_wizard.fileio import (
+    BLOCK_SIZE,
+    METADATA_DIR,
+    OpenFolders,
+    is_data_path,
+    is_metadata_path,
+    is_reaping_name,
+)
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.verifier import hash_run_file, side_by_side
@@ -270,7 +277,11 @@ class LocalTree:
 
 
 def local_tree(run_path: Path) -> LocalTree:
-    """List a run without following symlinks (they are never copied)."""
+    """List a run without following symlinks (they are never copied).
+
+    A data file with one of the reaper's private names is left out (set aside
+    for its unlink: :func:`~exlab_wizard.fileio.is_reaping_name`).
+    """
     tree = LocalTree()
     root = os.fspath(run_path)
     for folder, dirnames, filenames in os.walk(root, followlinks=False):
@@ -290,7 +301,8 @@ def local_tree(run_path: Path) -> LocalTree:
             except FileNotFoundError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                tree.files[prefix + name] = st.st_size
+                if is_metadata_path(prefix + name) or not is_reaping_name(name):  # not data: set aside
+                    tree.files[prefix + name] = st.st_size
             else:
                 tree.skipped.append(prefix + name)
     return tree

@@ -677,7 +677,7 @@ class MountTransport(Transport):
             # (size, mtime ns) only: whole stat results, or absolute paths, would cost hundreds of
             # bytes a file (the path is made from the run folder when the file is opened).
             local_files: dict[str, tuple[int, int]] = {}
-            for entry in scan_run(top, include_metadata=True, with_stat=True):
+            for entry in scan_run(top, include_metadata=True, with_stat=True, metadata_root=metadata_only):
                 if entry.is_dir:
                     dirs.append(prefix + entry.rel)
                 elif metadata_only or entry.rel != NAS_MANIFEST:
