@@ -8,8 +8,14 @@ Owns every unlink and rmdir the reaper makes:
   the planned size, mtime and inode, else nothing more is deleted. One
   whose ctime moved since it was checked (a change that put its size and
   mtime back does that; so does a chmod or a hard link) is hashed again
-  and must still hold the verified bytes. Folders are fsync-ed after their
-  files are unlinked.
+  and must still hold the verified bytes. It is then renamed, in its folder
+  and never over a file, to a private name (``.exlab-reaping-<20 hex>``, the
+  same for the same planned file every time), and that name must hold the
+  planned inode before it is unlinked: a file renamed over the planned name
+  in between is given its name back and the deletion stops. A pass killed
+  between the rename and the unlink leaves the private name, which the next
+  one deletes if it holds the planned file (no listing of a run shows such a
+  name meanwhile). Folders are fsync-ed after their files are unlinked.
 - :func:`remove_left_empty`: the folders the deletion left empty, deepest
   first, never the run folder, never a symlink, never outside the run.
 - :func:`metadata_snapshot` / :func:`remove_metadata` /
@@ -29,8 +35,9 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from exlab_wizard.fileio import METADATA_DIR, fsync_dir
+from exlab_wizard.fileio import METADATA_DIR, fsync_dir, reaping_name, rename_noreplace
 from exlab_wizard.sync.reaper.nofollow import (
     DIR_FLAGS,
     RunFolderError,
@@ -95,37 +102,21 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
                 result.stop_fatal, result.stop_path = True, items[0].path
                 return result
             try:
-                touched = False  # an unlink here, by this pass or by one killed before its fsync
+                touched = False  # a rename or unlink here, by this pass or by one killed before its fsync
                 for item in items:
                     _, name = split_path(item.path)
-                    try:
-                        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
-                    except FileNotFoundError:
-                        result.gone += 1
-                        touched = True
-                        continue
-                    if not stat.S_ISREG(st.st_mode):
-                        result.stop = f"not a regular file any more: {item.path} ({kind_of(st.st_mode)})"
-                    elif (st.st_size, st.st_mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.ino):
-                        result.stop = f"local file changed since the plan: {item.path}"
-                    elif st.st_ctime_ns != item.ctime_ns and not _still_verified(folder, name, item):
-                        result.stop = f"local file changed since the plan (its bytes, not its mtime): {item.path}"
-                    if result.stop is not None:
-                        result.stop_fatal, result.stop_path = True, item.path
-                        break
-                    try:
-                        os.unlink(name, dir_fd=folder)
-                    except FileNotFoundError:
-                        result.gone += 1
-                        touched = True
-                        continue
-                    except OSError as exc:
-                        result.stop = f"cannot delete {item.path}: {exc.strerror or exc}"
-                        result.stop_path = item.path
-                        break
                     touched = True
-                    result.deleted += 1
-                    result.bytes_deleted += item.size
+                    try:
+                        deleted = _reap(folder, name, item)
+                    except _Stop as stop:
+                        result.stop, result.stop_path = stop.reason, item.path
+                        result.stop_fatal = stop.fatal
+                        break
+                    if deleted:
+                        result.deleted += 1
+                        result.bytes_deleted += item.size
+                    else:
+                        result.gone += 1
                 if touched:  # durable before the deletion is recorded as done
                     os.fsync(folder)
             finally:
@@ -135,6 +126,127 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
     finally:
         os.close(root)
     return result
+
+
+class _Stop(Exception):
+    """A planned file that may not be deleted: nothing more is (``fatal``: the plan can never complete)."""
+
+    def __init__(self, reason: str, *, fatal: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.fatal = fatal
+
+
+def _planned(st: os.stat_result, item: PlannedFile) -> bool:
+    """A regular file with the planned size, mtime and inode."""
+    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns, st.st_ino) == (item.size, item.mtime_ns, item.ino)
+
+
+def _reap(folder: int, name: str, item: PlannedFile) -> bool:
+    """Delete one planned file, ``name`` in ``folder``: True when deleted, False when it was gone. Raises :class:`_Stop`.
+
+    Checked by name, then taken out of reach (renamed to its private name,
+    :func:`~exlab_wizard.fileio.reaping_name`, never over a file), then the
+    file under the private name is checked to be the planned inode and only
+    then unlinked: an unlink of the name would remove whatever file has the
+    name at that instant, such as a new version another program saved ("write
+    a temp file, rename it over") after the check. Nothing else writes to or
+    renames over a private name.
+    """
+    private = reaping_name(name, item.ino)
+    try:
+        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return _reap_set_aside(folder, private, item)
+    if not stat.S_ISREG(st.st_mode):
+        raise _Stop(f"not a regular file any more: {item.path} ({kind_of(st.st_mode)})")
+    if not _planned(st, item):
+        raise _Stop(f"local file changed since the plan: {item.path}")
+    if st.st_ctime_ns != item.ctime_ns and not _still_verified(folder, name, item):
+        raise _Stop(f"local file changed since the plan (its bytes, not its mtime): {item.path}")
+    try:
+        rename_noreplace(name, private, dir_fd=folder)
+    except FileNotFoundError:
+        return False  # deleted meanwhile by someone else: its verified copy is on the NAS
+    except FileExistsError:
+        raise _Stop(f"cannot delete {item.path}: {_beside(item.path, private)} is in the way") from None
+    except OSError as exc:
+        raise _Stop(f"cannot delete {item.path}: {exc.strerror or exc}", fatal=False) from None
+    try:
+        moved = os.stat(private, dir_fd=folder, follow_symlinks=False)
+    except OSError as exc:  # nothing else uses the name: should not happen
+        raise _Stop(f"cannot delete {item.path}: {_beside(item.path, private)}: {exc.strerror or exc}") from None
+    if not _planned(moved, item):
+        _put_back(folder, private, name, item)
+    _unlink_private(folder, private, item)
+    return True
+
+
+def _reap_set_aside(folder: int, private: str, item: PlannedFile) -> bool:
+    """A planned file whose name is gone: deleted before, or set aside by a pass killed before its unlink.
+
+    The private name holding the planned file (its inode, size and mtime;
+    and, having been renamed, its verified bytes when the plan has them) is
+    unlinked: True. Anything else there is not the plan's: kept, a fatal stop.
+    False when there is nothing to delete.
+    """
+    try:
+        st = os.stat(private, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not _planned(st, item) or (item.sha256 and not _still_verified(folder, private, item)):
+        raise _Stop(
+            f"local file changed since the plan: {item.path} is gone, and the file an interrupted deletion set "
+            f"aside as {_beside(item.path, private)} is not the planned one (kept)"
+        )
+    _unlink_private(folder, private, item)
+    return True
+
+
+def _put_back(folder: int, private: str, name: str, item: PlannedFile) -> NoReturn:
+    """The name was replaced between its check and the rename: give the file now under ``private`` its name back.
+
+    Linked back (never over a file: a link refuses to replace one), then the
+    private name unlinked. A fatal stop in every case; when a file has the
+    name again already, both are kept and both named.
+    """
+    kept = f"local file changed since the plan: {item.path} was replaced before its deletion"
+    try:
+        try:
+            os.link(private, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: renamed back, never over a file
+            rename_noreplace(private, name, dir_fd=folder, atomic_only=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(private, dir_fd=folder)  # the same file stays under its name
+    except FileExistsError:
+        raise _Stop(
+            f"{kept}, and again since: the file found in its place is kept as {_beside(item.path, private)}, "
+            f"the newest at {item.path}"
+        ) from None
+    except OSError as exc:
+        raise _Stop(
+            f"{kept}: the file found in its place is kept as {_beside(item.path, private)} "
+            f"(cannot be put back: {exc.strerror or exc})"
+        ) from None
+    raise _Stop(f"{kept}: that file is kept, nothing of it deleted")
+
+
+def _unlink_private(folder: int, private: str, item: PlannedFile) -> None:
+    try:
+        os.unlink(private, dir_fd=folder)
+    except FileNotFoundError:
+        pass  # nothing else uses the name: should not happen
+    except OSError as exc:  # the next pass finds it set aside and deletes it then
+        raise _Stop(f"cannot delete {item.path}: {exc.strerror or exc}", fatal=False) from None
+
+
+def _beside(path: str, private: str) -> str:
+    """The run-relative path of ``private`` in ``path``'s folder."""
+    parents, _ = split_path(path)
+    return "/".join([*parents, private])
 
 
 def _still_verified(folder: int, name: str, item: PlannedFile) -> bool:
