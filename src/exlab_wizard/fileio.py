@@ -132,7 +132,8 @@ def reaping_name(name: str, ino: int) -> str:
 
 def is_reaping_name(name: str) -> bool:
     """True for a file name made by :func:`reaping_name` (outside ``.exlab-wizard/``, never listed as data)."""
-    return _REAPING_NAME.fullmatch(name) is not None
+    # (a prefix test first: this runs for every file of every listing)
+    return name.startswith(REAPING_PREFIX) and _REAPING_NAME.fullmatch(name) is not None
 
 
 # --------------------------------------------------------------------------- durable writes
