@@ -18,7 +18,8 @@ leftover of an interrupted upload. The tests are the same for all:
 - remote_listing gives every regular file of the remote run folder with its
   size (hostile names, non-UTF-8 names where the backend keeps bytes), sees a
   deleted, a truncated and an added file, leaves symlinks out, and lists a
-  run folder that is not there yet as empty;
+  run folder that is not there yet as empty; remote_stats lists the same
+  files with the mtime each was sent with (in a time zone far from UTC);
 - the manifest of a run folder that is not there yet is empty;
 - the manifest shows what the remote holds: a corrupted byte (size and mtime
   kept), a truncated, a deleted and an added file;
@@ -59,7 +60,7 @@ import pytest
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.transports import make_transport, rsync_ssh
 from exlab_wizard.sync.transports.base import Transport, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.mount import is_temp_name
+from exlab_wizard.sync.transports.mount import is_temp_name, same_mtime
 from tests.fixtures.sshd import RW_USER, free_port
 from tests.helpers import assert_sha256sum_check, tree
 from tests.lab import EQ as EQUIPMENT
@@ -775,6 +776,34 @@ async def test_remote_listing_gives_every_file_with_its_size(remote, local_root)
     expected["sub dir/nested $(x)/deep file.bin"] = 1000
     expected |= {name: len(data) for name, data in added.items()}
     assert await remote.transport(eq).remote_listing(run) == expected  # a fresh transport: nothing cached
+
+
+async def test_remote_stats_gives_every_file_with_its_size_and_the_mtime_it_was_sent_with(
+    remote, local_root, monkeypatch
+):
+    """The local check of a run whose queue was lost takes a NAS copy's size and mtime for the verified stat.
+
+    In a time zone far from UTC: rsync lists times in its own local time, rclone with their offset.
+    """
+    monkeypatch.setenv("TZ", "Pacific/Chatham")
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root)
+    old = 1_700_000_000_123_456_789  # sent with an mtime long past, to the nanosecond
+    os.utime(run / "plain.txt", ns=(old, old))
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    stats = await remote.transport(eq).remote_stats(run)
+    assert {rel: info.size for rel, info in stats.items()} == await transport.remote_listing(run)
+    for rel, info in stats.items():
+        local = os.lstat(run / rel).st_mtime_ns
+        assert same_mtime(local, info.mtime_ns), (rel, local, info.mtime_ns)
+    assert stats["plain.txt"].mtime_ns // 1_000_000_000 == old // 1_000_000_000
+
+    other = make_run(eq.local_root, {"a": b"a"}, RUN_REL.parent / "Other", symlink=False)
+    assert await remote.transport(eq).remote_stats(other) == {}  # a run folder not there yet
+    with pytest.raises(TransportError) as caught:
+        await remote.transport(remote.root_gone(local_root)).remote_stats(run)
+    assert caught.value.kind == K.NETWORK, caught.value.message
 
 
 async def test_remote_listing_of_a_run_folder_not_there_yet_is_empty_and_a_gone_root_is_network(remote, local_root):

@@ -11,6 +11,7 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports.base import (
     Clock,
+    RemoteFile,
     RemoteManifest,
     Transport,
     TransportCapabilities,
@@ -23,6 +24,7 @@ from exlab_wizard.sync.transports.base import (
 
 __all__ = [
     "Clock",
+    "RemoteFile",
     "RemoteManifest",
     "Transport",
     "TransportCapabilities",

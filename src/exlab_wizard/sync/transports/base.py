@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR
@@ -32,6 +33,7 @@ __all__ = [
     "Clock",
     "PREVIOUS_DIR",
     "ProgressCallback",
+    "RemoteFile",
     "RemoteManifest",
     "Transport",
     "TransportCapabilities",
@@ -123,6 +125,19 @@ class RemoteManifest:
 
     hashes: Mapping[str, str]
     unverifiable: dict[str, str] = field(default_factory=dict)
+
+
+class RemoteFile(NamedTuple):
+    """One regular file of a remote run folder as :meth:`Transport.remote_stats` lists it.
+
+    ``mtime_ns``: its modification time in nanoseconds since the epoch, to the
+    precision the remote keeps or the listing shows (whole seconds for an
+    rsync or sftp listing): compare it with
+    :func:`~exlab_wizard.sync.transports.mount.same_mtime`.
+    """
+
+    size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -390,6 +405,21 @@ class Transport(abc.ABC):
         """
         raise TransportError(
             TransportErrorKind.UNKNOWN, f"the {type(self).__name__} transport cannot list the remote run folder"
+        )
+
+    async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
+        """Every regular file of the run's remote folder -> its size and mtime (read-only).
+
+        Listed like :meth:`remote_listing` (same keys, same errors: an
+        unreachable remote raises ``NETWORK``, a missing run folder is empty).
+        The client asks it before the first transfer of a run whose queue has
+        no verified manifest (docs/recovery.md): every transport keeps a
+        file's mtime when it sends it, so a local file with its verified
+        copy's size and mtime but other bytes is local damage. This default
+        raises ``UNKNOWN``.
+        """
+        raise TransportError(
+            TransportErrorKind.UNKNOWN, f"the {type(self).__name__} transport cannot list the remote files' mtimes"
         )
 
     async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:

@@ -135,6 +135,7 @@ from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
     Clock,
     ProgressCallback,
+    RemoteFile,
     RemoteManifest,
     Transport,
     TransportCapabilities,
@@ -1701,19 +1702,24 @@ class MountTransport(Transport):
         that is not a folder, lists nothing; a subfolder removed while listed
         lists nothing either. Nothing is followed, read or written.
         """
+        listed = await asyncio.to_thread(self._remote_listing, Path(run_path))
+        return {rel: info.size for rel, info in listed.items()}
+
+    async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
+        """As :meth:`remote_listing`, each file with its mtime as the share keeps it."""
         return await asyncio.to_thread(self._remote_listing, Path(run_path))
 
-    def _remote_listing(self, run: Path) -> dict[str, int]:
+    def _remote_listing(self, run: Path) -> dict[str, RemoteFile]:
         self._require_mounted()
         remote = self.remote_run_path(run)
-        sizes: dict[str, int] = {}
+        files: dict[str, RemoteFile] = {}
         try:
             if not stat.S_ISDIR(os.lstat(remote).st_mode):
                 self._require_mounted()
-                return sizes
+                return files
         except FileNotFoundError:
             self._require_mounted()
-            return sizes
+            return files
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
         stack = [(remote, "")]
@@ -1729,13 +1735,13 @@ class MountTransport(Transport):
                         if stat.S_ISDIR(info.st_mode):
                             stack.append((entry.path, f"{prefix}{entry.name}/"))
                         elif stat.S_ISREG(info.st_mode):
-                            sizes[prefix + entry.name] = info.st_size
+                            files[prefix + entry.name] = RemoteFile(info.st_size, info.st_mtime_ns)
             except FileNotFoundError:
                 continue  # a folder removed while listed, or the share unmounted (checked below)
             except OSError as exc:
                 raise self._remote_error(exc, folder) from exc
         self._require_mounted()
-        return sizes
+        return files
 
 
 class _ReadBackManifest(Mapping[str, str]):

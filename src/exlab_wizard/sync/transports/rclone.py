@@ -40,6 +40,7 @@ speaking rclone's command line and its name encoding.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import os
 import re
@@ -70,6 +71,7 @@ from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
     Clock,
     ProgressCallback,
+    RemoteFile,
     RemoteManifest,
     Transport,
     TransportCapabilities,
@@ -103,6 +105,7 @@ __all__ = [
     "download_manifest",
     "encode_name",
     "list_sizes",
+    "list_stats",
     "rclone_binary",
     "rclone_can_name",
     "rclone_text",
@@ -117,6 +120,8 @@ _PARTIAL_RE = re.compile(r"(?P<base>.+)\.[0-9a-f]{8}\.partial", re.DOTALL)
 #: a leaf longer than this many bytes is cut so that its partial name is no longer than it
 _PARTIAL_TRUNCATE_OVER = 100
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+#: ``lsjson``'s ModTime: RFC 3339, up to nanoseconds, in UTC (``Z``) or with an offset
+_MODTIME_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
 #: flags on every rclone call: fail fast on a dead remote, let the engine retry
 _COMMON = ["--contimeout", "15s", "--low-level-retries", "3"]
 _PROBE_FLAGS = ["--contimeout", "5s", "--low-level-retries", "1", "--retries", "1"]
@@ -258,6 +263,26 @@ def _listing(stdout: bytes) -> dict[str, int]:
     }
 
 
+def _stat_listing(stdout: bytes) -> dict[str, RemoteFile]:
+    return {
+        decode_name(item["Path"]): RemoteFile(int(item.get("Size", 0)), modtime_ns(str(item.get("ModTime", ""))))
+        for item in json.loads(stdout or b"[]")
+        if not item.get("IsDir")
+    }
+
+
+def modtime_ns(text: str) -> int:
+    """An ``lsjson`` ModTime as nanoseconds since the epoch; ``UNKNOWN`` for anything else (never a guess)."""
+    found = _MODTIME_RE.fullmatch(text)
+    if found is None:
+        raise TransportError(K.UNKNOWN, f"rclone listed a modification time it cannot read: {text!r}")
+    year, month, day, hour, minute, second = (int(found.group(i)) for i in range(1, 7))
+    offset = found.group(8)
+    shift = 0 if offset == "Z" else (1 if offset[0] == "+" else -1) * (int(offset[1:3]) * 3600 + int(offset[4:6]) * 60)
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) - shift
+    return seconds * 1_000_000_000 + int((found.group(7) or "").ljust(9, "0"))
+
+
 async def _lsjson(
     base: list[str], fs: str, *, log: EquipmentLog, run_path: object, step: str, extra: list[str] = ()
 ) -> ToolResult:
@@ -307,15 +332,26 @@ async def list_sizes(base: list[str], fs: str, root_fs: str, *, log: EquipmentLo
     A missing folder is an empty listing when the root answers, ``NETWORK``
     otherwise; other failures are classified from rclone's exit code and words.
     """
+    return _listing(await _listed(base, fs, root_fs, log=log, run_path=run_path))
+
+
+async def list_stats(
+    base: list[str], fs: str, root_fs: str, *, log: EquipmentLog, run_path: object
+) -> dict[str, RemoteFile]:
+    """As :func:`list_sizes`, each file with its size and modification time."""
+    return _stat_listing(await _listed(base, fs, root_fs, log=log, run_path=run_path))
+
+
+async def _listed(base: list[str], fs: str, root_fs: str, *, log: EquipmentLog, run_path: object) -> bytes:
     # sftp: leave symlinks out (by default rclone lists them as the files they point to)
     listed = await _lsjson(base, fs, log=log, run_path=run_path, step="remote_listing", extra=["--sftp-skip-links"])
     if listed.returncode == 3:
         if await _root_exists(base, root_fs, log=log, run_path=run_path):
-            return {}
+            return b"[]"
         raise TransportError(K.NETWORK, f"remote root {root_fs} is not reachable")
     if listed.returncode != 0:
         raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
-    return _listing(listed.stdout)
+    return listed.stdout
 
 
 async def download_manifest(
@@ -806,6 +842,16 @@ class RcloneTransport(Transport):
         fs = self._fs(Path(os.path.abspath(run_path)))
         try:
             return await list_sizes(
+                self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path
+            )
+        except TransportError as error:
+            raise await self._explained(error, run_path) from None
+
+    async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
+        """As :meth:`remote_listing`, each file with the modification time rclone lists (the backend's precision)."""
+        fs = self._fs(Path(os.path.abspath(run_path)))
+        try:
+            return await list_stats(
                 self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path
             )
         except TransportError as error:

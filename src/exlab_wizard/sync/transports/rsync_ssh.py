@@ -49,6 +49,7 @@ of reading rsync's output. The programs it runs remotely are in
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import errno
 import hashlib
@@ -86,6 +87,7 @@ from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
     Clock,
     ProgressCallback,
+    RemoteFile,
     RemoteManifest,
     Transport,
     TransportCapabilities,
@@ -150,7 +152,7 @@ HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
 
 # rsync's temporary name for ``name`` while receiving it: ".name." and 6 random letters or digits.
 _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
-_LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
+_LIST_RE = re.compile(rb"^(?P<mode>\S+)\s+(?P<size>\d+) (?P<when>\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) (?P<name>.*)$")
 _ESCAPE_RE = re.compile(rb"\\#([0-7]{3})")
 _WILDCARD_RE = re.compile(r"[*?\[\\]")
 _GLOB_RE = re.compile(r"[*?\[]")
@@ -277,6 +279,9 @@ def _control_path(key: tuple[str, int, str, str]) -> str:
 class _Entry:
     kind: str  # "f" file, "d" folder, "l" symlink, "o" other
     size: int
+    #: whole seconds since the epoch, as listed when asked for (rsync prints the listing's times
+    #: in its local time zone: every listing runs with ``TZ=UTC``, see :func:`_listing_env`)
+    mtime_s: int = 0
 
 
 def _folded(name: str) -> str:
@@ -289,8 +294,13 @@ def _unescape(name: bytes) -> str:
     return os.fsdecode(_ESCAPE_RE.sub(lambda m: bytes([int(m.group(1), 8)]), name))
 
 
-def parse_listing(stdout: bytes) -> dict[str, _Entry]:
-    """``rsync --list-only -r --no-h`` output -> {relative path: entry}."""
+def _listing_env() -> dict[str, str]:
+    """The environment of an rsync listing: this one, with the listed times printed in UTC."""
+    return {**os.environ, "TZ": "UTC"}
+
+
+def parse_listing(stdout: bytes, *, times: bool = False) -> dict[str, _Entry]:
+    """``rsync --list-only -r --no-h`` output -> {relative path: entry}; ``times``: with their mtimes."""
     entries: dict[str, _Entry] = {}
     for line in stdout.split(b"\n"):
         match = _LIST_RE.match(line)
@@ -304,8 +314,15 @@ def parse_listing(stdout: bytes) -> dict[str, _Entry]:
         path = _unescape(name)
         if path == ".":
             continue
-        entries[path] = _Entry(kind, int(match.group("size")))
+        entries[path] = _Entry(kind, int(match.group("size")), _listed_time(match.group("when")) if times else 0)
     return entries
+
+
+def _listed_time(when: bytes) -> int:
+    """``YYYY/MM/DD hh:mm:ss`` (UTC) -> seconds since the epoch."""
+    return calendar.timegm(
+        (int(when[0:4]), int(when[5:7]), int(when[8:10]), int(when[11:13]), int(when[14:16]), int(when[17:19]), 0, 0, 0)
+    )
 
 
 def remote_path_arg(path: str, *, protected: bool = False) -> str:
@@ -1048,7 +1065,7 @@ class RsyncSshTransport(Transport):
         self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
     ) -> ToolResult:
         argv = [*self._rsync_base(), "--list-only", *(["-r"] if recursive else []), self._target(remote_path)]
-        return await run_tool(argv, log=self.log, run_path=run_path, step=step, quiet=True)
+        return await run_tool(argv, log=self.log, run_path=run_path, step=step, quiet=True, env=_listing_env())
 
     async def _remove_leftovers(self, run_path: Path, remote_run: str, junk: list[str]) -> None:
         """Delete rsync's leftovers of interrupted pushes (exact paths, never a pattern).
@@ -1241,12 +1258,20 @@ class RsyncSshTransport(Transport):
         instead. A missing run folder lists nothing when the remote root
         exists; a missing root is ``NETWORK``.
         """
+        return {path: info.size for path, info in (await self.remote_stats(run_path)).items()}
+
+    async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
+        """As :meth:`remote_listing`, each file with its mtime in whole seconds (as rsync and sftp list it)."""
         run_path = Path(os.path.abspath(run_path))
         remote_run = self.remote_run_path(run_path)
         result = await self._list_remote_raw(run_path, remote_run, step="remote_listing")
         if result.returncode == 0:
-            listing = parse_listing(result.stdout)
-            return {path: entry.size for path, entry in listing.items() if entry.kind == "f"}
+            listing = parse_listing(result.stdout, times=True)
+            return {
+                path: RemoteFile(entry.size, entry.mtime_s * 1_000_000_000)
+                for path, entry in listing.items()
+                if entry.kind == "f"
+            }
         # The sender of a listing is the NAS: its "change_dir ... No such file" says the run folder
         # is missing there, whatever the exit code (23, or 255 when the connection then dropped),
         # never that a local file vanished. The root is checked below.
@@ -1260,8 +1285,8 @@ class RsyncSshTransport(Transport):
             raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
         return {}
 
-    async def _sftp_listing(self, run_path: Path, remote_run: str) -> dict[str, int]:
-        from exlab_wizard.sync.transports.rclone import list_sizes, rclone_binary, sftp_connection_string
+    async def _sftp_listing(self, run_path: Path, remote_run: str) -> dict[str, RemoteFile]:
+        from exlab_wizard.sync.transports.rclone import list_stats, rclone_binary, sftp_connection_string
 
         cfg = self.config
         user, _, host = cfg.ssh_target.rpartition("@")
@@ -1272,7 +1297,7 @@ class RsyncSshTransport(Transport):
             )
             for path in (remote_run, cfg.remote_root)
         )
-        return await list_sizes([rclone_binary(), "--config", os.devnull], fs, root_fs, log=self.log, run_path=run_path)
+        return await list_stats([rclone_binary(), "--config", os.devnull], fs, root_fs, log=self.log, run_path=run_path)
 
     # ------------------------------------------------------- fetch, keep previous
 
