@@ -50,7 +50,10 @@ from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
     PREVIOUS_KEPT_EVENT,
     PREVIOUS_RESERVED_EVENT,
+    NasCopyCheck,
+    adopt_nas_copy,
     check_local,
+    check_nas_copy,
     damage_message,
     new_previous_stamp,
 )
@@ -409,6 +412,21 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         return
     # No damaged local byte is ever sent over a verified NAS copy, whatever brought the job here.
     check = await asyncio.to_thread(check_local, queue, job)
+    remote = ctx.remotes.access(equipment)
+    nas_copy: NasCopyCheck | None = None
+    if check is None:
+        # No verified manifest in the queue (lost with it, or restored from before the verification):
+        # the run's own checksums.sha256, when its NAS folder holds the same, stands for it, and the
+        # NAS copies' sizes and mtimes for the stats recorded at verification.
+        try:
+            nas_copy = await check_nas_copy(run, remote)
+        except TransportError as exc:
+            retry_or_fail(ctx, job, S.QUEUED, exc.kind, f"checking the NAS copy: {exc.message}")
+            return
+        if nas_copy is not None and nas_copy.damaged:
+            job = adopt_nas_copy(queue, job, nas_copy, ctx.clock())  # so retry, enqueue and restore know it
+            fail(ctx, job, S.QUEUED, LOCAL_DAMAGE, damage_message(job.id, job.run_path, nas_copy.damaged))
+            return
     damaged = () if check is None else tuple(check.damaged)
     accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))
     if len(accepted) < len(damaged):
@@ -431,7 +449,6 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # By the monotonic clock: a wall clock stepped back since would date the hashing too late (see _promote).
     hashing = _HashingStart.now(run)
     ctx.notify_state(job)
-    remote = ctx.remotes.access(equipment)
     # What this transfer sends over a NAS copy on purpose is kept first (moved under previous/<stamp>/,
     # never overwritten): the accepted local changes, once, and every file sent again after a hash
     # mismatch. Such a mismatch on a file the push skipped (the same size and mtime on both sides)
@@ -447,6 +464,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # The manifests this run may have left on the NAS: a NAS folder holding another one is another
     # run's verified copy (two runs reaching one folder), never written to, nor moved aside.
     own = await asyncio.to_thread(_own_manifests, queue, job)
+    if nas_copy is not None:
+        own = (*own, nas_copy.digest)  # the run's verified copy is there: the push keeps what it replaces
     # A job that never wrote into the folder at this NAS place: data files of its names there are
     # another's (another run's verified copy whose manifest its metadata push has not written yet),
     # and none is its to keep. What says it wrote is its claim file on the NAS, which a push writes

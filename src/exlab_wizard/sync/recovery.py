@@ -11,6 +11,10 @@ verification, otherwise as damaged.
 
 - :func:`find_damage` is run by the client before every transfer of such a
   run (retry, re-enqueue, audit, mismatch rewrite all pass through it).
+- :func:`check_nas_copy` stands in for it when the queue holds no verified
+  manifest of the run (lost, or restored from before the verification): the
+  run's own ``checksums.sha256``, when its NAS folder holds the same one,
+  and the NAS copies' sizes and mtimes in place of the recorded stats.
 - :func:`restore_damaged` copies the verified bytes back from the NAS:
   fetched into a scratch folder inside the run, each checked against the
   manifest, given the recorded mtime, fsynced, then renamed over the damaged
@@ -32,35 +36,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import secrets
 import shlex
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exlab_wizard.cache.atomic import CacheError, read_regular_file
 from exlab_wizard.fileio import METADATA_DIR, fsync_dir, hash_file, is_data_path
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
-from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
+from exlab_wizard.sync.manifest_format import (
+    MANIFEST_MAX_BYTES,
+    ManifestFormatError,
+    manifest_digest,
+    manifest_path,
+    parse_manifest,
+    read_manifest,
+)
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
-from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, scan_run
+from exlab_wizard.sync.reaper import (
+    check_against_copy,
+    cleanup_planned,
+    load_verified_stats,
+    record_copy_stats,
+    scan_run,
+)
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport
+from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.conflict import NAS_MANIFEST
 
 __all__ = [
     "LOCAL_DAMAGE",
     "PREVIOUS_KEPT_EVENT",
     "PREVIOUS_RESERVED_EVENT",
     "LocalDamageError",
+    "NasCopyCheck",
     "RestoreError",
     "RestoreResult",
+    "adopt_nas_copy",
     "check_local",
+    "check_nas_copy",
     "damage_message",
     "damage_ways_out",
     "find_damage",
@@ -240,6 +264,85 @@ def find_damage(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
     """
     check = check_local(queue, job)
     return () if check is None else tuple(check.damaged)
+
+
+# --------------------------------------------------------------------------- no verified manifest in the queue
+
+
+@dataclass(frozen=True)
+class NasCopyCheck:
+    """:func:`check_nas_copy`'s answer: the run's verified copy on the NAS, and the local files damaged against it.
+
+    ``digest``: the manifest digest of the run's ``checksums.sha256``, which
+    the NAS folder holds byte for byte; ``manifest``: its data files;
+    ``damaged``: the local files whose bytes differ from it while their mtime
+    is not later than their NAS copy's; ``rows``: the stats the NAS copies
+    vouch for (:func:`~exlab_wizard.sync.reaper.check_against_copy`).
+    """
+
+    digest: str
+    manifest: Mapping[str, str]
+    damaged: tuple[str, ...]
+    rows: Mapping[str, Any]
+
+
+async def check_nas_copy(run: Path, remote: RemoteAccess) -> NasCopyCheck | None:
+    """The local check of a run the queue holds no verified manifest of, against its verified NAS copy.
+
+    The run's own ``.exlab-wizard/checksums.sha256`` says which bytes were
+    verified, when its NAS folder holds the very same file (the run's own
+    verified copy, as the push itself recognises it); the NAS copies' sizes
+    and mtimes stand in for the stats the lost queue recorded. None when the
+    run has no readable manifest or the NAS folder holds no such one (nothing
+    verified there to protect: the push's own checks apply). Raises
+    ``TransportError`` (``NETWORK`` for a manifest listed that cannot be read:
+    never taken for none). Reads only; hashes only the local files whose
+    mtime is not later than their copy's.
+    """
+    try:
+        raw = await asyncio.to_thread(read_regular_file, manifest_path(run), MANIFEST_MAX_BYTES)
+        listed = parse_manifest(raw) if raw is not None else None
+    except (CacheError, ManifestFormatError, OSError):
+        return None
+    manifest = {rel: sha.lower() for rel, sha in (listed or {}).items() if is_data_path(rel)}
+    if raw is None or not manifest:
+        return None
+    copies = await remote.stats(run)
+    if NAS_MANIFEST not in copies:
+        return None
+    with tempfile.TemporaryDirectory(prefix="exlab-nas-manifest-") as into:
+        fetched = (await remote.fetch(run, [NAS_MANIFEST], Path(into))).get(NAS_MANIFEST)
+        if fetched is None:
+            raise TransportError(
+                TransportErrorKind.NETWORK, f"the NAS copy's {NAS_MANIFEST} is listed but could not be read"
+            )
+        theirs = await asyncio.to_thread(hash_file, fetched)
+    if theirs != hashlib.sha256(raw).hexdigest():
+        return None
+    damaged, rows = await asyncio.to_thread(check_against_copy, run, manifest, copies)
+    return NasCopyCheck(manifest_digest(listed or {}), manifest, damaged, rows)
+
+
+def adopt_nas_copy(queue: JobQueue, job: SyncJobRow, found: NasCopyCheck, now: dt.datetime) -> SyncJobRow:
+    """Make the run's verified NAS copy the job's verified manifest (``manifest_digest``, the copies' stats).
+
+    For a job about to fail ``local_damage`` on :func:`check_nas_copy`'s
+    answer: ``retry`` and ``enqueue`` then refuse it while the damage is
+    there, ``restore`` brings the verified bytes back, ``retry
+    --accept-local`` sends the local ones keeping the NAS copies, as for a run
+    this queue verified. ``verified_at`` stays unset: this queue verified
+    nothing, and a restored run is transferred and verified again.
+    """
+    record_copy_stats(queue, job.id, found.manifest, found.rows, now)
+    return queue.update(
+        job.id,
+        job.state,
+        now=now,
+        event_kind="note",
+        detail=f"no verified manifest in the queue: the run's checksums.sha256 (manifest {found.digest[:12]}), "
+        "which its NAS folder holds too, stands for it",
+        manifest_digest=found.digest,
+    )
 
 
 # --------------------------------------------------------------------------- restore

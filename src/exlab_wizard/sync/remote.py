@@ -13,7 +13,8 @@ owns that choice, so no other part of the client asks which one is in use:
   a hashsum that raises is an error, never a match;
 - :meth:`Remotes.reachable`: the injected stat, else the transport's; any
   exception means "not reachable";
-- :meth:`Remotes.listing` (the reaper's interlock 4), :meth:`RemoteAccess.fetch`
+- :meth:`Remotes.listing` (the reaper's interlock 4), :meth:`RemoteAccess.stats`
+  (the local check of a run its queue lost), :meth:`RemoteAccess.fetch`
   (``restore``) and :meth:`RemoteAccess.keep_previous` (``retry
   --accept-local``): always the equipment's own transport, never an injected callable, so an injection cannot make a
   deletion easier than the real NAS allows.
@@ -43,6 +44,7 @@ from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.transports import (
     Clock,
+    RemoteFile,
     RemoteManifest,
     Transport,
     TransportError,
@@ -191,6 +193,10 @@ class RemoteAccess:
         if not isinstance(answer, Mapping):
             raise TransportError(TransportErrorKind.UNKNOWN, f"hashsum returned {type(answer).__name__}, not a mapping")
         return RemoteManifest(hashes={str(k): str(v).lower() for k, v in answer.items()})
+
+    async def stats(self, run: Path) -> dict[str, RemoteFile]:
+        """The transport's ``remote_stats``: the NAS run folder's files with their sizes and mtimes."""
+        return await self.transport.remote_stats(run)
 
     async def fetch(self, run: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
         """The transport's ``fetch``: copy the NAS copies of ``paths`` into ``into`` (for ``restore``)."""

@@ -67,7 +67,9 @@ failure where the code reads it, e.g. ``deletion.delete_batch``).
 from exlab_wizard.sync.reaper.contract import FinalPush, ReaperOutcome
 from exlab_wizard.sync.reaper.local_check import (
     LocalScan,
+    check_against_copy,
     load_verified_stats,
+    record_copy_stats,
     record_verified_stat,
     scan_run,
 )
@@ -88,11 +90,13 @@ __all__ = [
     "Reaper",
     "ReaperOutcome",
     "VerifiedStat",
+    "check_against_copy",
     "cleanup_planned",
     "ensure_cleanup_schema",
     "load_verified_stats",
     "local_data_deleted_at",
     "planned_paths",
+    "record_copy_stats",
     "record_verified_stat",
     "scan_run",
 ]

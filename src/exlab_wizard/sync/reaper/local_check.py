@@ -6,7 +6,9 @@ and, when the run is clean, the files a deletion would remove
 (:class:`LocalScan`). A file is re-read only when its stat differs from the
 one recorded when it was verified: :func:`record_verified_stat` records
 those stats after every successful verification, :func:`load_verified_stats`
-reads them back (both through :class:`~.store.CleanupStore`).
+reads them back (both through :class:`~.store.CleanupStore`). For a run whose
+queue lost them, :func:`check_against_copy` takes the verified NAS copies'
+sizes and mtimes instead, and :func:`record_copy_stats` records those.
 
 Never follows a symlink (see :mod:`.nofollow`). Reads only: nothing here
 deletes or writes a local file.
@@ -38,13 +40,17 @@ from exlab_wizard.sync.reaper.nofollow import (
 )
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile, StatRow, VerifiedStat
 from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import RemoteFile
+from exlab_wizard.sync.transports.mount import same_mtime
 
 __all__ = [
     "RACE_SLACK_NS",
     "LocalScan",
     "PlannedFile",
     "VerifiedStat",
+    "check_against_copy",
     "load_verified_stats",
+    "record_copy_stats",
     "record_verified_stat",
     "scan_run",
 ]
@@ -402,3 +408,83 @@ def scan_run(
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:
         os.close(root)
+
+
+# --------------------------------------------------------------------------- no recorded stat: the NAS copy's
+
+
+def check_against_copy(
+    run_path: Path | str, manifest: Mapping[str, str], copies: Mapping[str, RemoteFile]
+) -> tuple[tuple[str, ...], dict[str, StatRow]]:
+    """The local check of a run whose verified stats the queue does not hold, against its NAS copy. Blocking I/O.
+
+    ``manifest``: the run's own ``checksums.sha256`` (data files), which its
+    NAS folder holds too (the run's own verified copy); ``copies``: that
+    folder's files with their size and mtime (``Transport.remote_stats``).
+    Every transport gives a file it sends the local mtime, so a verified
+    copy's size and mtime are the ones its local file had when those bytes
+    were sent: they stand in for the stats recorded at verification (lost with
+    the queue), under :func:`_damage`'s rule. Mtimes are compared to the
+    precision the NAS evidently keeps (``same_mtime``: 2 s where it keeps
+    whole seconds, as FAT does, and as rsync and sftp list them): within it,
+    a file's mtime is its copy's.
+
+    Returns ``(damaged, rows)``. ``damaged``: the files whose bytes differ
+    from the manifest while their mtime is not later than their copy's (size
+    the same or not). Only those files are read: a later mtime is an edit,
+    sent as such (the push keeps the replaced NAS copy). ``rows``: for each
+    file the NAS holds, the stat its copy vouches for (the copy's size, the
+    local mtime when it is the copy's, else the copy's), not trusted (the
+    reaper and ``restore`` re-hash before they rely on it), in the form
+    :meth:`~.store.CleanupStore.record_verified` takes. Files the run or the
+    NAS does not hold, or that are no regular files here, are left out.
+    Never follows a symlink; reads only.
+    """
+    try:
+        root = open_run(Path(run_path))
+    except RunFolderError:
+        return (), {}
+    try:
+        tree = Tree()
+        walk(root, "", tree)
+        damaged: list[str] = []
+        rows: dict[str, StatRow] = {}
+        for rel in sorted(manifest, key=os.fsencode):
+            st, copy = tree.files.get(rel), copies.get(rel)
+            if st is None or copy is None or _bad_manifest_path(rel):
+                continue
+            want = manifest[rel].lower()
+            mtime_ns = st.st_mtime_ns if same_mtime(st.st_mtime_ns, copy.mtime_ns) else copy.mtime_ns
+            rows[rel] = (want, copy.size, mtime_ns, st.st_ctime_ns, st.st_ino, False, None)
+            if st.st_mtime_ns > mtime_ns:
+                continue  # edited since its copy was sent
+            parents, name = split_path(rel)
+            try:
+                folder = open_dir_chain(root, parents)
+            except OSError:
+                continue  # gone or replaced meanwhile: nothing here to send as damage
+            try:
+                digest, before, after = hash_at(folder, name)
+            except OSError:
+                continue
+            finally:
+                os.close(folder)
+            # Written to while read: an edit under way, never damage.
+            if steady(before, after) and digest != want and after.st_mtime_ns <= mtime_ns:
+                damaged.append(rel)
+        return tuple(damaged), rows
+    finally:
+        os.close(root)
+
+
+def record_copy_stats(
+    queue: JobQueue, job_id: str, manifest: Mapping[str, str], rows: Mapping[str, StatRow], now: dt.datetime
+) -> int:
+    """Record :func:`check_against_copy`'s ``rows`` as the job's verified stats (``manifest``: its data files).
+
+    For a job that takes the run's verified copy on the NAS for its own (its
+    queue lost): :func:`scan_run`, and so ``retry``, ``enqueue`` and
+    ``restore``, then tell damage from an edit as for a run verified by this
+    queue. A verification of the job records its own stats over them.
+    """
+    return CleanupStore(queue).record_verified(job_id, _data_paths(manifest), rows, now)
