@@ -4,12 +4,14 @@
 A window applies on each listed day from ``start`` to ``end``; an ``end``
 earlier than ``start`` runs past midnight into the next day, and ``start ==
 end`` means 24 hours from ``start``. With no schedule the limit always applies.
+Windows are read on the local wall clock, through its changes (see :func:`next_change`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 
 from exlab_wizard.config.models import DAYS, BandwidthConfig, BandwidthWindow
 
@@ -62,29 +64,69 @@ def limit_kibps(bandwidth: BandwidthConfig, now: dt.datetime) -> int | None:
     return None
 
 
-def next_change(bandwidth: BandwidthConfig, now: dt.datetime) -> dt.datetime | None:
-    """The next window edge after ``now`` at which the limit changes, or None.
+def _wall(instant: dt.datetime) -> dt.datetime:
+    """The local wall-clock time (naive) at an aware ``instant``."""
+    return instant.astimezone().replace(tzinfo=None)
 
-    Returned in the same form as ``now`` (aware if it was aware).
+
+def _first_second(early: dt.datetime, late: dt.datetime, reached: Callable[[dt.datetime], bool]) -> dt.datetime:
+    """The first whole second in (``early``, ``late``] at which ``reached`` holds (it holds at ``late``, and from
+    then on). Clock changes happen on whole seconds."""
+    low, high = math.floor(early.timestamp()), math.ceil(late.timestamp())
+    while high - low > 1:
+        middle = (low + high) // 2
+        if reached(dt.datetime.fromtimestamp(middle, dt.UTC)):
+            high = middle
+        else:
+            low = middle
+    return dt.datetime.fromtimestamp(high, dt.UTC)
+
+
+def _instants(wall: dt.datetime) -> list[dt.datetime]:
+    """The instants (aware, UTC) at which the local clocks reach the naive ``wall`` time.
+
+    Usually one. On the night clocks go forward, a wall time they skip is
+    reached when they jump past it (02:30 on the night 02:00 CET becomes
+    03:00 CEST: at 03:00 CEST). On the night they go back, a wall time in the
+    hour that happens twice is reached twice, and the jump back in between is
+    itself a change of wall time (02:59:59 CEST to 02:00 CET).
+    """
+    early, late = sorted(wall.replace(fold=fold).astimezone(dt.UTC) for fold in (0, 1))
+    if early == late:
+        return [early]
+    shown = [instant for instant in (early, late) if _wall(instant) == wall]
+    if not shown:  # skipped
+        return [_first_second(early, late, lambda instant: _wall(instant) >= wall)]
+    offset = late.astimezone().utcoffset()
+    jump_back = _first_second(early, late, lambda instant: instant.astimezone().utcoffset() == offset)
+    return sorted({*shown, jump_back})
+
+
+def next_change(bandwidth: BandwidthConfig, now: dt.datetime) -> dt.datetime | None:
+    """The first instant after ``now`` at which the limit changes, or None.
+
+    Always later than ``now``, and :func:`limit_kibps` differs there from its
+    value at ``now`` (an edge where the limit stays the same, one window
+    ending where another begins, is passed over). Window edges follow the
+    local wall clock through its changes (see :func:`_instants`). Returned in
+    the same form as ``now`` (aware if it was aware; a naive ``now`` is local
+    time).
     """
     if bandwidth.upload_mbps is None or not bandwidth.schedule:
         return None
-    local = _naive_local(now)
-    current = limit_kibps(bandwidth, local)
-    edges = sorted(
-        {
-            edge
-            for window in bandwidth.schedule
-            for interval in _intervals(window, local)
-            for edge in interval
-            if edge > local
-        }
-    )
-    for edge in edges:
-        if limit_kibps(bandwidth, edge) != current:
-            if now.tzinfo is not None:
-                return edge.astimezone(dt.UTC).astimezone(now.tzinfo)
-            return edge
+    moment = now if now.tzinfo is not None else now.astimezone()
+    local = _naive_local(moment)
+    current = limit_kibps(bandwidth, moment)
+    walls = {
+        edge
+        for window in bandwidth.schedule
+        for interval in _intervals(window, local)
+        for edge in interval
+        if edge > local - dt.timedelta(days=1)  # an instant's wall time is off by an hour at most
+    }
+    for instant in sorted({instant for wall in walls for instant in _instants(wall) if instant > moment}):
+        if limit_kibps(bandwidth, instant) != current:
+            return instant.astimezone(now.tzinfo) if now.tzinfo is not None else _wall(instant)
     return None
 
 
