@@ -18,10 +18,11 @@ the root itself (see :meth:`RsyncSshTransport._make_run_folder`): a missing
 root is a NAS volume not mounted, ``NETWORK``.
 Leftovers are removed once a push completes. Files named in ``rewrite`` are
 sent whole first (``--ignore-times --whole-file``), whatever their size and
-mtime. rsync has no bandwidth timetable: at each window edge of the
-equipment's schedule the transfer is stopped and started again with the new
-``--bwlimit``; ``--partial-dir`` keeps what was sent. The push's one listing of the local
-run also gives the progress total and the local manifest: the listed data
+mtime. rsync has no bandwidth timetable: each rsync starts with the limit in
+force as it starts, and at the next edge of the equipment's schedule where the
+limit changes it is stopped and started again with the new ``--bwlimit``;
+``--partial-dir`` keeps what was sent. The push's one listing of the local run
+also gives the progress total and the local manifest: the listed data
 files are hashed here beside the transfer (``hashes_while_sending``).
 
 Remote manifest: the fastest SHA-256 tool of the host (probed once per host:
@@ -51,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import datetime as dt
 import errno
 import hashlib
 import os
@@ -149,6 +151,8 @@ STREAMS_MAX_SHARE = 0.7
 #: Files at least this large are hashed on the remote while the rest of the push is sent
 #: (smaller ones cost more to watch than to hash in the verify pass).
 HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
+#: Should the schedule name a window edge already past, rsync runs on and the schedule is read again after this.
+EDGE_RECHECK_S = 300.0
 
 # rsync's temporary name for ``name`` while receiving it: ".name." and 6 random letters or digits.
 _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
@@ -791,7 +795,7 @@ class RsyncSshTransport(Transport):
         Should a bandwidth window open meanwhile, each stream gets an equal
         share of its limit. The first stream to fail stops the others.
         """
-        if streams and bwlimit_kibps is None and _wants_streams(local.files):
+        if streams and self._limit_now(bwlimit_kibps, self.now()) is None and _wants_streams(local.files):
             units = _split_top_level(run_path, local, PUSH_STREAMS)
             if len(units) >= 2:
                 return await self._send_top_level(run_path, common, remote_run, units, progress, made=made)
@@ -927,15 +931,26 @@ class RsyncSshTransport(Transport):
 
         Sends the contents of ``source`` (default: the run folder) into
         ``remote_run``. ``streams``: how many rsyncs share the limit (each
-        gets ``limit / streams``).
+        gets ``limit / streams``). Each rsync takes the limit in force when it
+        starts (:meth:`_limit_now`), not the one ``bwlimit_kibps`` had when the
+        push began: a window that opened meanwhile (while the run was listed,
+        or a file re-sent) applies from the first byte.
         """
         bandwidth = self.config.bandwidth
-        limit = bwlimit_kibps
         files_total = bytes_total = 0
+        reached: dt.datetime | None = None  # the edge last stopped at: its time has come, whatever now() says
         while True:
-            now = self.now()
+            now = self.now() if reached is None else max(self.now(), reached)
+            limit = self._limit_now(bwlimit_kibps, now)
             edge = next_change(bandwidth, now)
-            stop_after = max(0.05, (edge - now).total_seconds()) if edge is not None else None
+            if edge is not None and edge <= now:
+                # next_change never answers so; should it, rsync is not stopped every instant for it
+                # but runs on and looks at the schedule again a while later.
+                self.log.warning(run_path, "bandwidth_edge_in_past", step=step, edge=edge.isoformat())
+                stop_after: float | None = EDGE_RECHECK_S
+                edge = None
+            else:
+                stop_after = max(0.05, (edge - now).total_seconds()) if edge is not None else None
             argv = [*self._rsync_base(), *args]
             if limit is not None:
                 argv.append(f"--bwlimit={max(1, int(limit / streams))}")
@@ -950,18 +965,17 @@ class RsyncSshTransport(Transport):
                 step=step,
             )
             if result.stopped and not result.timed_out:
-                at = max(self.now(), edge) if edge is not None else self.now()
-                new_limit = limit_kibps(bandwidth, at)
+                reached = edge
+                at = self.now() if edge is None else max(self.now(), edge)
                 self.log.info(
                     run_path,
                     "bandwidth_window_edge",
                     step=step,
                     old_kibps=limit or "unlimited",
-                    new_kibps=new_limit or "unlimited",
+                    new_kibps=self._limit_now(bwlimit_kibps, at) or "unlimited",
                 )
                 files, size = _stats(result.stdout)
                 files_total, bytes_total = files_total + files, bytes_total + size
-                limit = new_limit
                 continue
             if result.returncode != 0:
                 await self._raise_if_root_missing(run_path)
@@ -973,6 +987,12 @@ class RsyncSshTransport(Transport):
                     f"Total transferred file size: {size + bytes_total} bytes\n"
                 ).encode()
             return result
+
+    def _limit_now(self, given: int | None, now: dt.datetime) -> int | None:
+        """The limit (KiB/s, None: unlimited) for an rsync starting at ``now``: the equipment's schedule's,
+        when it has a limit; else ``given`` (a push asked to go slow by its caller)."""
+        bandwidth = self.config.bandwidth
+        return given if bandwidth.upload_mbps is None else limit_kibps(bandwidth, now)
 
     async def _make_run_folder(self, run_path: Path, *inside: str) -> None:
         """Create the remote run folder and its missing parents below the remote root, never the root.
