@@ -472,6 +472,14 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # (durably) before its first file; the queue knows only of jobs from before claim files.
     here = run_location(equipment, run)
     fresh = not await asyncio.to_thread(_claimed_before, queue, job, equipment, run)
+    if not fresh or nas_copy is not None:
+        # The folder is the run's own: the push sends .exlab-wizard/ too, and never a creation.json
+        # poorer than the NAS's (one written anew where the local one was lost).
+        try:
+            await metadata_push.keep_nas_record(ctx, run, equipment)
+        except TransportError as exc:
+            retry_or_fail(ctx, job, S.RUNNING, exc.kind, f"reading the NAS's creation.json: {exc.message}")
+            return
     if keep or everything:
         try:
             job = await _keep_on_nas(ctx, job, remote, keep, everything=everything, own=own, fresh=fresh)

@@ -13,6 +13,13 @@ transaction. This module sends it and records the outcome:
   ``.exlab-wizard/`` goes, with the proof that it arrived (:class:`FinalPush`);
 - :func:`data_only` and :func:`cleaned_paths`: which paths are data, and
   which verified data files the reaper already deleted locally.
+
+Every push first brings into the local ``creation.json`` what the NAS's one
+holds and the local one lacks (:func:`keep_nas_record`; the client does the
+same before a push into a folder that is the run's own): the engine writes a
+new, nearly empty ``creation.json`` where the local one was lost (the minimal
+file before a push, the reaper's ``local_cleaned`` record), and the push must
+never send such a file over the run's full record on the NAS.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from exlab_wizard.cache import CacheError
+from exlab_wizard.cache.atomic import read_regular_file
+from exlab_wizard.cache.creation import CREATION_MAX_BYTES, CreationJson
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, is_data_path, is_metadata_path, open_regular
 from exlab_wizard.sync.context import ClientContext
@@ -42,6 +53,7 @@ __all__ = [
     "cleaned_paths",
     "data_only",
     "final_push",
+    "keep_nas_record",
     "push_failed",
     "push_once",
     "send_pending",
@@ -220,6 +232,7 @@ async def try_push(
     except TransportError as exc:
         return None, f"{exc.kind.value}: {exc.message}"
     try:
+        await keep_nas_record(ctx, run, equipment)
         return await ctx.remotes.access(equipment).push_metadata(run, cleaned=cleaned), None
     except asyncio.CancelledError:
         raise
@@ -227,6 +240,61 @@ async def try_push(
         return None, f"{exc.kind.value}: {exc.message}"
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
+
+
+CREATION_REL = f"{METADATA_DIR}/creation.json"
+
+
+async def keep_nas_record(ctx: ClientContext, run: Path, equipment: EquipmentConfig) -> None:
+    """Bring what the NAS's ``creation.json`` holds and the local one lacks into the local one, before a push.
+
+    The NAS folder is the run's own (the push goes nowhere else), so its
+    ``creation.json`` is the run's record as an earlier push left it. Its
+    top-level keys the local file lacks are added (the local file made anew
+    when absent), and its ``validation_overrides`` entries missing locally
+    are appended (entries are only ever added: a revocation is an entry of
+    its own). Where both hold a key, the local value stands: it is the newer.
+    A NAS file that is no creation.json (unreadable as one) holds no record
+    to keep; a transport that cannot read NAS files back keeps the old way
+    (the local file sent as it is). Raises ``TransportError`` when the NAS cannot be read (never
+    taken for a NAS without the file) and ``CacheError`` when the local file
+    cannot be written: the push then waits.
+    """
+    remote = ctx.remotes.access(equipment)
+    if not remote.can_fetch:
+        return  # a transport that cannot read the NAS back (an embedder's): as before
+    with tempfile.TemporaryDirectory(prefix="exlab-nas-record-") as into:
+        fetched = (await remote.fetch(run, [CREATION_REL], Path(into))).get(CREATION_REL)
+        if fetched is None:
+            return  # not on the NAS (yet)
+        try:
+            data = await asyncio.to_thread(read_regular_file, fetched, CREATION_MAX_BYTES)
+            theirs = CreationJson.from_bytes(data or b"", fetched).raw
+        except (CacheError, OSError):
+            return
+    local = await asyncio.to_thread(ctx.cache.read, run)
+    if local is not None and not _missing_from(local.raw, theirs):
+        return
+
+    def mutate(raw: dict[str, Any]) -> None:
+        for key, value in _missing_from(raw, theirs).items():
+            if key == "validation_overrides" and isinstance(raw.get(key), list):
+                raw[key] = raw[key] + value
+            else:
+                raw[key] = value
+
+    await asyncio.to_thread(ctx.cache.update, run, mutate)
+
+
+def _missing_from(local: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """What of ``theirs`` ``local`` lacks: its keys, and for ``validation_overrides`` the entries alone."""
+    missing: dict[str, Any] = {key: value for key, value in theirs.items() if key not in local}
+    mine, nas = local.get("validation_overrides"), theirs.get("validation_overrides")
+    if isinstance(mine, list) and isinstance(nas, list):
+        extra = [entry for entry in nas if entry not in mine]
+        if extra:
+            missing["validation_overrides"] = extra
+    return missing
 
 
 async def _not_ours_there(

@@ -104,6 +104,11 @@ class RemoteAccess:
         return self._push is None and self.transport.capabilities.hashes_while_sending
 
     @property
+    def can_fetch(self) -> bool:
+        """True when the transport reads NAS files back (:meth:`fetch`; not the base class's refusal)."""
+        return type(self.transport).fetch is not Transport.fetch
+
+    @property
     def reports_total(self) -> bool:
         """True when a push tells its progress callback the bytes to send (never for an injected push)."""
         return self._push is None and self.transport.capabilities.reports_total
