@@ -28,7 +28,7 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.job_runner import fail
-from exlab_wizard.sync.manifest_format import manifest_digest, read_manifest
+from exlab_wizard.sync.manifest_format import read_manifest
 from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
@@ -191,11 +191,14 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     if not await ctx.remotes.reachable(job):
         _note(ctx, job, "audit_skipped", "remote unreachable")
         return
-    verified = await asyncio.to_thread(_verified_record, queue, job, run)
-    if verified is None:
+    record = await asyncio.to_thread(_verified_record, queue, job, run)
+    if record is None:
         # Never count a pass against a manifest that is not the verified one (the reaper refuses it too).
         _note(ctx, job, "audit_skipped", "recorded manifest changed since verification")
         return
+    # ``known`` tells the verified manifest of a run with no data files (``{}``, an acquisition that
+    # wrote nothing: a pass when the NAS copy holds none either) from no recorded manifest at all.
+    verified, known = record
     recorded = data_only(verified)
     try:
         remote = await ctx.remotes.access(equipment).manifest(run)
@@ -207,7 +210,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         return
     outcome = compare(recorded, remote)
     now = ctx.clock()
-    if outcome.ok and recorded:
+    if outcome.ok and known:
         fresh = queue.get(job.id)
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
@@ -246,7 +249,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     bad = tuple(outcome.different) + tuple(outcome.missing)
     reason = (
         "audit: no recorded manifest"
-        if not recorded
+        if not known
         else f"audit mismatch: {len(outcome.different)} different, {len(outcome.missing)} missing, "
         f"{len(outcome.extra)} extra, {len(outcome.unverifiable)} unverifiable" + (f"; first: {bad[0]}" if bad else "")
     )
@@ -287,23 +290,25 @@ def _local_copies_unusable(
     return None
 
 
-def _verified_record(queue: JobQueue, job: SyncJobRow, run: Path) -> dict[str, str] | None:
-    """What the NAS copy is checked against: the verified manifest; ``{}`` when the run has none at all.
+def _verified_record(queue: JobQueue, job: SyncJobRow, run: Path) -> tuple[dict[str, str], bool] | None:
+    """What the NAS copy is checked against: (the manifest, is it the recorded one).
 
     The run's ``checksums.sha256`` when it has the job's digest, else the
     per-file hashes the queue recorded at verification (a lost or edited
-    local file does not make a verified NAS copy look unverified). None when
-    the local file was changed and the queue has no stand-in: nothing is
-    concluded then.
+    local file does not make a verified NAS copy look unverified): known,
+    and ``{}`` for a run verified with no data files. ``({}, False)`` when the
+    run has no ``checksums.sha256`` and the queue no stand-in (or the job no
+    digest and the run no manifest listing files): no recorded manifest. None
+    when the local file is not the job's digest (edited, or emptied) and the
+    queue has no stand-in: nothing is concluded then.
     """
-    if job.manifest_digest:
-        verified = verified_manifest(job, queue)
-        if verified is not None:
-            return verified
-    local = read_manifest(run) or {}
-    if local and job.manifest_digest and manifest_digest(local) != job.manifest_digest:
-        return None
-    return local
+    if not job.manifest_digest:
+        local = read_manifest(run)
+        return local or {}, bool(local)  # never verified: a local manifest that lists files, as before
+    verified = verified_manifest(job, queue)
+    if verified is not None:
+        return verified, True
+    return ({}, False) if read_manifest(run) is None else None
 
 
 async def send_back_if_changed(

@@ -119,7 +119,7 @@ class CleanupCode(StrEnum):
     MANIFEST_MISSING = "manifest_missing"
     MANIFEST_UNREADABLE = "manifest_unreadable"
     MANIFEST_CHANGED = "manifest_changed"
-    MANIFEST_EMPTY = "manifest_empty"
+    MANIFEST_EMPTY = "manifest_empty"  # no longer given: a run verified with no data files is cleaned
     LOCAL_UNCHECKED = "local_unchecked"  # a refusal the check gave no code for
     # -- interlock 6: what the local check found --
     LOCAL_DAMAGE = "local_damage"

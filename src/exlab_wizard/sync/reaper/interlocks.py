@@ -176,8 +176,9 @@ class InterlockFacts:
             return _refused("no verified manifest digest on the job", CleanupCode.MANIFEST_MISSING)
         if manifest_digest(manifest) != job.manifest_digest:
             return _refused("manifest changed since verification", CleanupCode.MANIFEST_CHANGED)
-        if not manifest:
-            return _refused("manifest lists no files", CleanupCode.MANIFEST_EMPTY)
+        # An empty manifest of this digest is a run verified with no data files: it is checked like
+        # any other (a data file found there now is "added": sent, not deleted), and cleaned with
+        # nothing to delete (docs/cleanup.md).
         verified = load_verified_stats(self.queue, job.id)
         return scan_run(run, manifest, verified, verified_at=job.verified_at)
 
