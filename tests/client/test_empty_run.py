@@ -11,8 +11,11 @@ NAS copy holds no data files either, and the reaper cleans the run with
 nothing to delete (its cache and run folder with ``retain_cache: false``,
 after the proved final push; folders that were empty before are kept).
 
-The reverse mistake sat beside it: an emptied ``checksums.sha256`` was taken
-for a lost one (the run sent again instead of the audit refusing to conclude).
+The same ``{}`` was taken for "none" elsewhere: the local check (a file
+written into a verified empty run was never sent by the audit), the queue's
+record standing in for a lost ``checksums.sha256`` (an empty record was
+refused), and, the reverse, an emptied ``checksums.sha256`` taken for a lost
+one (the run sent again instead of the audit refusing to conclude).
 """
 
 from __future__ import annotations
@@ -115,6 +118,33 @@ async def test_a_run_of_empty_folders_gets_its_audit_passes_and_keeps_its_folder
     assert not (run / METADATA_DIR).exists()
     nas = site.nas_copy(run)
     assert (nas / "ch1" / "raw").is_dir() and (nas / METADATA_DIR / "creation.json").is_file()
+
+
+async def test_a_file_written_into_a_verified_empty_run_is_sent_by_the_audit(site: Site) -> None:
+    """Cleanup off: the audit's local check is what finds the file (the reaper never looks)."""
+    run = site.make_run("Run_1", files={})
+    clock = Clock()
+    async with running(_config(site, enabled=False), clock) as client:
+        await synced(client, run)
+        (run / "late.bin").write_bytes(b"the instrument wrote after all\n")
+        await _audits(client, clock, 1)
+        job = await client.job(run)
+    assert job.state == S.VERIFIED and job.manifest_digest != EMPTY_DIGEST, (job.state, job.manifest_digest)
+    assert any("the run changed since verification" in (e.detail or "") for e in job.events)
+    assert (site.nas_copy(run) / "late.bin").read_bytes() == b"the instrument wrote after all\n"
+
+
+async def test_an_empty_run_whose_checksums_file_is_lost_still_gets_its_pass(site: Site) -> None:
+    """The queue's record (no files, the job's digest) stands in for the lost local checksums.sha256."""
+    run = site.make_run("Run_1", files={})
+    clock = Clock()
+    async with running(_config(site, enabled=False), clock) as client:
+        await synced(client, run)
+        manifest_path(run).unlink()
+        await _audits(client, clock, 1)
+        job = await client.job(run)
+    assert job.state == S.VERIFIED and job.verify_passes == 2, (job.state, job.verify_passes, _mismatches(job))
+    assert not _mismatches(job) and not _reserved(job)
 
 
 async def test_an_emptied_checksums_file_is_not_taken_for_a_lost_one(site: Site) -> None:

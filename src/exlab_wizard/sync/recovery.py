@@ -222,7 +222,8 @@ def verified_manifest(job: SyncJobRow, queue: JobQueue | None = None) -> dict[st
 def _recorded_manifest(queue: JobQueue, job: SyncJobRow) -> dict[str, str] | None:
     """The per-file SHA-256 recorded at verification, when they are exactly the job's manifest."""
     recorded = {rel: rec.sha256.lower() for rel, rec in load_verified_stats(queue, job.id).items()}
-    if not recorded or manifest_digest(recorded) != job.manifest_digest:
+    # None (the record is lost) unless they are the job's digest; ``{}`` is when the verified manifest was empty.
+    if manifest_digest(recorded) != job.manifest_digest:
         return None
     return recorded
 
@@ -245,11 +246,12 @@ def _verified_since(queue: JobQueue, job: SyncJobRow) -> dt.datetime | None:
 def check_local(queue: JobQueue, job: SyncJobRow, manifest: Mapping[str, str] | None = None) -> LocalCheck | None:
     """The reaper's local check of a run with a verified manifest; None without one. Blocking I/O.
 
-    ``manifest``: the verified manifest when the caller has it already (data files only).
+    ``manifest``: the verified manifest when the caller has it already (data files only). An
+    empty one (a run verified with no data files) is checked too: every data file found is added.
     """
     if manifest is None:
         manifest = verified_manifest(job, queue)
-    if not manifest:
+    if manifest is None:
         return None
     scan = scan_run(job.run_path, manifest, load_verified_stats(queue, job.id), verified_at=_verified_since(queue, job))
     return scan.check
