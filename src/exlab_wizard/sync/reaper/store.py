@@ -16,7 +16,10 @@ as the job's transition). Reads take no write lock: a dry run or a status
 read never waits for, nor holds up, a writer in another process.
 
 Paths are stored as bytes (a name that is not valid UTF-8 survives the
-round trip); times as ISO 8601 UTC text.
+round trip); times as ISO 8601 UTC text; a file's mtime and ctime in
+nanoseconds as an INTEGER, or, outside SQLite's signed 64 bits (past
+2262-04-11 or before 1677-09-21), as its decimal digits in a BLOB (see
+:func:`_ns_key`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,27 @@ def _path_key(path: str) -> bytes:
 
 def _path_text(blob: bytes | str) -> str:
     return os.fsdecode(blob)
+
+
+#: the integers SQLite stores as INTEGER
+_INT64 = range(-(2**63), 2**63)
+
+
+def _ns_key(ns: int | None) -> int | bytes | None:
+    """A time in nanoseconds as stored: exact, whatever its size.
+
+    An INTEGER when it fits SQLite's signed 64 bits; else its decimal digits
+    as a BLOB (an mtime past 2262-04-11: ``touch -d 2300-01-01``). Not TEXT:
+    the columns are declared INTEGER, and their affinity turns an integer
+    literal too large for 64 bits into a REAL, losing digits. A BLOB is
+    stored as it is, so no migration is needed and older rows read as before.
+    """
+    return ns if ns is None or ns in _INT64 else b"%d" % ns
+
+
+def _ns_value(stored: int | bytes | None) -> int | None:
+    """A stored time in nanoseconds (:func:`_ns_key`) as the int it was."""
+    return int(stored) if isinstance(stored, bytes) else stored
 
 
 # --------------------------------------------------------------------------- records
@@ -175,7 +199,14 @@ class CleanupStore:
         with self.queue.snapshot() as conn:
             rows = conn.execute("SELECT * FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
         files = [
-            PlannedFile(_path_text(r["path"]), r["size"], r["mtime_ns"], int(r["ino"]), r["sha256"], r["ctime_ns"])
+            PlannedFile(
+                _path_text(r["path"]),
+                r["size"],
+                _ns_value(r["mtime_ns"]),
+                int(r["ino"]),
+                r["sha256"],
+                _ns_value(r["ctime_ns"]),
+            )
             for r in rows
         ]
         return sorted(files, key=lambda f: os.fsencode(f.path))
@@ -203,8 +234,8 @@ class CleanupStore:
                 path=rel,
                 sha256=row["sha256"],
                 size=row["size"],
-                mtime_ns=row["mtime_ns"],
-                ctime_ns=row["ctime_ns"],
+                mtime_ns=_ns_value(row["mtime_ns"]),
+                ctime_ns=_ns_value(row["ctime_ns"]),
                 ino=None if row["ino"] is None else int(row["ino"]),
                 trusted=bool(row["trusted"]),
                 newer_sha256=row["newer_sha256"],
@@ -257,8 +288,8 @@ class CleanupStore:
                         _path_key(rel),
                         sha,
                         size,
-                        mtime_ns,
-                        ctime_ns,
+                        _ns_key(mtime_ns),
+                        _ns_key(ctime_ns),
                         str(ino),
                         int(trusted),
                         newer_sha256,
@@ -296,7 +327,16 @@ class CleanupStore:
                 "INSERT INTO cleanup_plan (job_id, path, size, mtime_ns, ino, sha256, manifest_digest, ctime_ns)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (job.id, _path_key(f.path), f.size, f.mtime_ns, str(f.ino), f.sha256, digest, f.ctime_ns)
+                    (
+                        job.id,
+                        _path_key(f.path),
+                        f.size,
+                        _ns_key(f.mtime_ns),
+                        str(f.ino),
+                        f.sha256,
+                        digest,
+                        _ns_key(f.ctime_ns),
+                    )
                     for f in files
                 ],
             )

@@ -96,7 +96,6 @@ import os
 import re
 import secrets
 import stat
-import struct
 import sys
 import threading
 import time
@@ -373,15 +372,13 @@ class _Push:
     owner: str | None = None
 
 
-#: (inode, size, mtime ns, ctime ns) of a file as 32 bytes
-_STAT_KEY = struct.Struct("<Qqqq")
-
 #: read-back tags and their sums are 64-bit
 _TAG_MASK = (1 << 64) - 1
 
 
 def _stat_key(info: os.stat_result) -> bytes:
-    return _STAT_KEY.pack(info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    """A file's (inode, size, mtime ns, ctime ns), exactly: the ns times may not fit 64 bits (past 2262)."""
+    return b"%d:%d:%d:%d" % (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _read_back_tag(info: os.stat_result, digest: str) -> int:
