@@ -12,8 +12,8 @@ verifier, the transports and the reaper use these instead of their own copies.
   gives a planned file right before its unlink (``.exlab-reaping-<20 hex>``);
   a file so named outside ``.exlab-wizard/``, at any depth, is never a run's
   data: every listing of a run's data leaves it out.
-- :func:`rename_noreplace`: rename within a folder, never over an existing name.
-- :func:`fsync_dir`: make a creation, rename or unlink in a folder durable.
+- :func:`rename_noreplace`: rename between open folders, never over an existing name.
+- :func:`fsync_dir` / :func:`fsync_dir_fd`: make a creation, rename or unlink in a folder durable.
 - :func:`atomic_write_bytes`: replace a file so that a reader, or a machine
   that loses power at any instant, sees the old content or the new one, never
   a mix (restic's recipe: temp file in the same folder, write, check the byte
@@ -62,6 +62,7 @@ __all__ = [
     "drop_page_cache_fd",
     "filesystem_now_ns",
     "fsync_dir",
+    "fsync_dir_fd",
     "hash_fd",
     "hash_file",
     "hash_from_storage",
@@ -148,12 +149,18 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """
     fd = os.open(folder, _OPEN_DIR)
     try:
+        fsync_dir_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir_fd(fd: int) -> None:
+    """:func:`fsync_dir` of a folder already open (``fd`` stays open)."""
+    try:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in _CANNOT_SYNC:
             raise
-    finally:
-        os.close(fd)
 
 
 def make_dirs_durable(folder: str | os.PathLike[str]) -> None:
@@ -199,8 +206,12 @@ def _renameat2() -> Callable[..., int] | None:
     return func
 
 
-def rename_noreplace(src: str, dst: str, *, dir_fd: int, atomic_only: bool = False) -> None:
-    """Rename ``src`` to ``dst``, both names in the folder ``dir_fd``, never replacing an existing ``dst``.
+def rename_noreplace(
+    src: str, dst: str, *, dir_fd: int, dst_dir_fd: int | None = None, atomic_only: bool = False
+) -> None:
+    """Rename ``src`` in the folder ``dir_fd`` to ``dst`` in ``dst_dir_fd``, never replacing an existing ``dst``.
+
+    ``dst_dir_fd`` None: ``dst`` is in the same folder as ``src``.
 
     ``renameat2(RENAME_NOREPLACE)``: atomic, ``FileExistsError`` when ``dst``
     exists. Where it is not offered (no ``renameat2`` in the C library; a
@@ -211,9 +222,10 @@ def rename_noreplace(src: str, dst: str, *, dir_fd: int, atomic_only: bool = Fal
     (the reaper's :func:`reaping_name`); ``atomic_only`` refuses it (``OSError``
     ``ENOTSUP``). Raises ``OSError`` as ``os.rename``.
     """
+    to = dir_fd if dst_dir_fd is None else dst_dir_fd
     func = _renameat2()
     if func is not None:
-        if func(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        if func(dir_fd, os.fsencode(src), to, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in _NO_NOREPLACE:
@@ -221,9 +233,9 @@ def rename_noreplace(src: str, dst: str, *, dir_fd: int, atomic_only: bool = Fal
     if atomic_only:
         raise OSError(errno.ENOTSUP, "no rename that refuses to replace a file here", src, None, dst)
     try:
-        os.stat(dst, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(dst, dir_fd=to, follow_symlinks=False)
     except FileNotFoundError:
-        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=to)
         return
     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
 

@@ -7,16 +7,20 @@ created and renamed by path, so a folder replaced meanwhile by a symlink to
 another run's verified folder was followed, and this run's bytes renamed over
 the other run's verified file. They are now made, renamed and read back in
 their folder opened part by part without following a symlink, as the batched
-small files always were.
+small files always were. Keeping a verified NAS copy under
+``.exlab-wizard/previous/<stamp>/`` likewise never follows a symlink there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
 
-from exlab_wizard.sync.transports.base import TransportError
+import pytest
+
+from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import LARGE_FILE, MountTransport
 from tests.lab import MountLab as Lab
 
@@ -56,3 +60,20 @@ def test_remote_folder_swapped_for_symlink_mid_push_is_not_written_through(tmp_p
     assert hashlib.sha256(after).hexdigest() == hashlib.sha256(theirs).hexdigest(), (
         "the other run's verified NAS file was overwritten with this run's bytes through the symlink"
     )
+
+
+def test_keeping_a_verified_copy_never_follows_a_symlink_on_the_way_to_previous(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.write("sub/data.bin", b"verified bytes")
+    assert lab.push().ok
+    # On the NAS, previous/ is a symlink to another run's folder (made by hand, or by a tool).
+    elsewhere = lab.remote.parent / "Run_2023-12-01"
+    elsewhere.mkdir()
+    (lab.remote / ".exlab-wizard").mkdir(exist_ok=True)
+    (lab.remote / ".exlab-wizard" / "previous").symlink_to(elsewhere)
+
+    with pytest.raises(TransportError) as caught:
+        asyncio.run(lab.transport.keep_previous(lab.run, ["sub/data.bin"], "20240108T120000Z"))
+    assert caught.value.kind == TransportErrorKind.REMOTE_CONFLICT, caught.value.message
+    assert list(elsewhere.iterdir()) == []  # nothing made or moved through the link
+    assert (lab.remote / "sub" / "data.bin").read_bytes() == b"verified bytes"

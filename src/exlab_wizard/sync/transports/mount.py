@@ -115,11 +115,14 @@ from exlab_wizard.fileio import (
     OpenFoldersByThread,
     drop_page_cache_fd,
     fsync_dir,
+    fsync_dir_fd,
     hash_fd,
     hash_from_storage,
     is_data_path,
+    is_reaping_name,
     open_regular,
     open_regular_beneath,
+    rename_noreplace,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import (
@@ -833,23 +836,17 @@ class MountTransport(Transport):
             )
         stats: dict[str, tuple[int, int]] = {}
         listing: dict[str, str] = {}
-        stack = [(top, only + "/" if only else "")]
         try:
-            while stack:
-                folder, prefix = stack.pop()
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        rel = prefix + entry.name
-                        if entry.is_dir(follow_symlinks=False):
-                            listing[rel] = DIR
-                            stack.append((entry.path, rel + "/"))
-                        elif entry.is_file(follow_symlinks=False):
-                            listing[rel] = FILE
-                            if rel in local_files:
-                                info = entry.stat(follow_symlinks=False)
-                                stats[rel] = (info.st_size, info.st_mtime_ns)
-                        else:
-                            listing[rel] = OTHER
+            for rel, entry in _scan_share(top, only + "/" if only else ""):
+                if entry.is_dir(follow_symlinks=False):
+                    listing[rel] = DIR
+                elif entry.is_file(follow_symlinks=False):
+                    listing[rel] = FILE
+                    if rel in local_files:
+                        info = entry.stat(follow_symlinks=False)
+                        stats[rel] = (info.st_size, info.st_mtime_ns)
+                else:
+                    listing[rel] = OTHER
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
         extras = sort_remote(local_files, local_dirs, listing, cleaned, leftover=_own_temp, fresh=fresh)
@@ -1486,11 +1483,13 @@ class MountTransport(Transport):
             except OSError:
                 synced = False
         unverifiable: dict[str, str] = {}
+        # Each file opened in its folder, opened part by part: a kept copy's path may be past PATH_MAX.
+        shares = OpenFoldersByThread(remote)
 
-        def work(item: tuple[str, str], view: memoryview) -> None:
-            rel, path = item
+        def work(rel: str, view: memoryview) -> None:
+            path = f"{remote}/{rel}"  # for messages only
             try:
-                fd, _info = open_regular(path)
+                fd, _info = shares.mine().open_regular(rel)
             except OSError as exc:
                 if exc.errno in GONE_ERRNOS:
                     return  # removed or replaced since the listing: not on the share any more
@@ -1508,7 +1507,10 @@ class MountTransport(Transport):
             finally:
                 os.close(fd)
 
-        run_parallel(listed, work, self.threads, abort)
+        try:
+            run_parallel(listed, work, self.threads, abort)
+        finally:
+            shares.close()
         if abort is not None and abort.is_set():
             raise TransportError(TransportErrorKind.UNKNOWN, "remote manifest cancelled")
         self._require_mounted()
@@ -1522,7 +1524,7 @@ class MountTransport(Transport):
     @staticmethod
     def _list_remote(
         remote: str, read_back: dict[str, list[int]], local: dict[str, str]
-    ) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    ) -> tuple[list[str], dict[str, int]]:
         """List the remote run folder: the files to read from storage, and the folders confirmed by the read-back.
 
         A folder is confirmed when every local file of it is there, read back
@@ -1534,45 +1536,50 @@ class MountTransport(Transport):
         record a file kept, no string made); every file of any other folder,
         and every file the local manifest does not have, is read. A file
         changed since its read-back (a new ctime) changes the sum, with odds
-        of 2**-64 of not doing so. Returns the files to read as (rel, path),
-        and the confirmed folders with their file counts. Nothing followed.
+        of 2**-64 of not doing so. Returns the files to read (relative
+        paths), and the confirmed folders with their file counts. Nothing
+        followed (:func:`_scan_share`).
         """
-        listed: list[tuple[str, str]] = []
         if not read_back:
-            listed = [(e.rel, e.path) for e in scan_run(remote, include_metadata=True) if not e.is_dir]
+            listed = [
+                rel
+                for rel, entry in _scan_share(remote)
+                if entry.is_file(follow_symlinks=False) and not (is_data_path(rel) and is_reaping_name(entry.name))
+            ]
             return listed, {}
         wanted: dict[str, int] = {}  # folder -> local files in it
         for rel in local:
             folder = rel.rpartition("/")[0]
             wanted[folder] = wanted.get(folder, 0) + 1
+        listed: list[str] = []
         confirmed: dict[str, int] = {}
-        stack = [(remote, "")]
-        while stack:
-            path, prefix = stack.pop()
-            held: list[tuple[str, str]] = []  # this folder's files the local manifest has
-            total = 0
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    rel = prefix + entry.name
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append((entry.path, rel + "/"))
-                            continue
-                        if not entry.is_file(follow_symlinks=False):
-                            continue
-                        mine = local.get(rel)
-                        if mine is None:
-                            listed.append((rel, entry.path))
-                            continue
-                        total = (total + _read_back_tag(entry.stat(follow_symlinks=False), mine)) & _TAG_MASK
-                    except FileNotFoundError:
-                        continue  # vanished while listed: not on the share any more
-                    held.append((rel, entry.path))
-            folder = prefix[:-1]
+        held: list[str] = []  # the files of the folder being listed that the local manifest has
+        total = 0
+        folder: str | None = None
+
+        def close_folder() -> None:
             if held and read_back.get(folder) == [len(held), total] and wanted.get(folder) == len(held):
                 confirmed[folder] = len(held)
             else:
                 listed.extend(held)
+
+        for rel, entry in _scan_share(remote):  # folders one at a time
+            here = rel.rpartition("/")[0]
+            if here != folder:
+                close_folder()
+                folder, held, total = here, [], 0
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                mine = local.get(rel)
+                if mine is None:
+                    listed.append(rel)
+                    continue
+                total = (total + _read_back_tag(entry.stat(follow_symlinks=False), mine)) & _TAG_MASK
+            except FileNotFoundError:
+                continue  # vanished while listed: not on the share any more
+            held.append(rel)
+        close_folder()
         return listed, confirmed
 
     # ------------------------------------------------------------------ fetch, keep previous
@@ -1590,24 +1597,27 @@ class MountTransport(Transport):
         remote = self.remote_run_path(run)
         fetched: dict[str, Path] = {}
         buffer = bytearray(1 << 20)
-        for rel in map(check_relpath, paths):
-            if not self._plain_folders(remote, rel):
-                continue
-            source = os.path.join(remote, rel)
-            try:
-                fd, _info = open_regular(source)
-            except OSError as exc:
-                if exc.errno in GONE_ERRNOS:
-                    continue
-                raise self._remote_error(exc, source) from exc
-            target = into / rel
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "xb") as out:  # errors writing our scratch copy are local: raised as they are
-                    self._read_from_share(fd, source, buffer, out.write)
-            finally:
-                os.close(fd)
-            fetched[rel] = target
+        shares = OpenFolders(remote)  # every folder opened below the run folder, never through a symlink
+        try:
+            for rel in map(check_relpath, paths):
+                folder, _, name = rel.rpartition("/")
+                source = shares.path(folder, name)
+                try:
+                    fd, _info = open_regular(name, dir_fd=shares.fd(folder))
+                except OSError as exc:
+                    if exc.errno in GONE_ERRNOS:  # missing, or a symlink (the file or a folder above it)
+                        continue
+                    raise self._remote_error(exc, source) from exc
+                target = into / rel
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(target, "xb") as out:  # errors writing our scratch copy are local: raised as they are
+                        self._read_from_share(fd, source, buffer, out.write)
+                finally:
+                    os.close(fd)
+                fetched[rel] = target
+        finally:
+            shares.close()
         self._require_mounted()
         return fetched
 
@@ -1627,56 +1637,62 @@ class MountTransport(Transport):
                 return
             write(view[:count])
 
-    def _plain_folders(self, remote: str, rel: str) -> bool:
-        """Are the remote run folder and every folder between it and ``rel`` real folders (no symlink)?"""
-        folder = remote
-        for part in ["", *rel.split("/")[:-1]]:
-            folder = os.path.join(folder, part) if part else folder
-            try:
-                if not stat.S_ISDIR(os.lstat(folder).st_mode):
-                    return False
-            except FileNotFoundError:
-                return False
-            except OSError as exc:
-                raise self._remote_error(exc, folder) from exc
-        return True
-
     async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
         """Rename the named files into ``.exlab-wizard/previous/<stamp>/`` on the share; folders fsynced."""
         return await asyncio.to_thread(self._keep_previous, Path(run_path), sorted(set(paths)), stamp)
 
     def _keep_previous(self, run: Path, paths: list[str], stamp: str) -> list[str]:
+        """Each rename made below the remote run folder, opened once: folder by folder, never through a symlink.
+
+        Paths relative to open folders, never absolute ones: a file whose NAS
+        path is close to PATH_MAX is kept too (its kept path is ~40 bytes longer).
+        """
         self._require_mounted()
         remote = self.remote_run_path(run)
         kept: list[str] = []
-        touched: set[str] = set()
-        for rel in paths:
-            kept_at = os.path.join(remote, previous_path(stamp, rel))
-            source = os.path.join(remote, rel)
-            try:
-                if os.path.lexists(kept_at):
-                    if stat.S_ISREG(os.lstat(kept_at).st_mode):
-                        kept.append(rel)  # moved by an earlier call: never overwritten
-                    continue
-                if not self._plain_folders(remote, rel) or not stat.S_ISREG(os.lstat(source).st_mode):
-                    continue
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise self._remote_error(exc, source) from exc
-            folder = os.path.dirname(kept_at)
-            try:
-                os.makedirs(folder, exist_ok=True)
-                os.rename(source, kept_at)
-            except OSError as exc:
-                raise self._remote_error(exc, kept_at) from exc
-            touched.add(os.path.dirname(source))
-            while len(folder) >= len(remote):  # every folder made or changed, up to the run folder
+        touched: set[str] = set()  # folders (relative to the run folder) whose entries changed
+        shares = OpenFolders(remote)
+        try:
+            for rel in paths:
+                kept_folder, _, kept_name = previous_path(stamp, rel).rpartition("/")
+                folder, _, name = rel.rpartition("/")
+                source = shares.path(folder, name)
+                try:
+                    there = self._lstat_below(shares, kept_folder, kept_name)
+                    if there is not None:
+                        if stat.S_ISREG(there.st_mode):
+                            kept.append(rel)  # moved by an earlier call: never overwritten
+                        continue
+                    mine = self._lstat_below(shares, folder, name)
+                    if mine is None or not stat.S_ISREG(mine.st_mode):
+                        continue
+                except OSError as exc:
+                    raise self._remote_error(exc, source) from exc
+                at = self._make_folders_below(shares, kept_folder, touched)
+                try:
+                    rename_noreplace(name, kept_name, dir_fd=shares.fd(folder), dst_dir_fd=at)
+                except FileExistsError:
+                    continue  # made meanwhile: never overwritten; the source stays where it is
+                except OSError as exc:
+                    if exc.errno in GONE_ERRNOS:
+                        continue  # gone (or swapped for a symlink) since it was looked at
+                    raise self._remote_error(exc, shares.path(kept_folder, kept_name)) from exc
+                finally:
+                    os.close(at)
                 touched.add(folder)
-                folder = os.path.dirname(folder)
-            kept.append(rel)
-        for folder in sorted(touched, key=len, reverse=True):
-            self._sync_dir(folder)
+                while True:  # every folder made or changed, up to the run folder
+                    touched.add(kept_folder)
+                    if not kept_folder:
+                        break
+                    kept_folder = kept_folder.rpartition("/")[0]
+                kept.append(rel)
+            for each in sorted(touched, key=len, reverse=True):  # inner folders first
+                try:
+                    fsync_dir_fd(shares.fd(each))
+                except OSError as exc:
+                    raise self._remote_error(exc, shares.path(each)) from exc
+        finally:
+            shares.close()
         self._require_mounted()
         if kept:
             self._logged(
@@ -1688,6 +1704,45 @@ class MountTransport(Transport):
                 folder=f"{METADATA_DIR}/previous/{stamp}",
             )
         return sorted(kept, key=os.fsencode)
+
+    @staticmethod
+    def _lstat_below(shares: OpenFolders, folder: str, name: str) -> os.stat_result | None:
+        """``lstat`` of ``name`` in ``folder`` below the run folder; None when missing.
+
+        None too when a folder on the way is not a real folder (a symlink is never followed).
+        """
+        try:
+            return os.stat(name, dir_fd=shares.fd(folder), follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+
+    def _make_folders_below(self, shares: OpenFolders, folder: str, touched: set[str]) -> int:
+        """``folder`` below the run folder, each missing part made in its open parent; a new descriptor of it.
+
+        The caller closes the descriptor (``shares`` may close its own at any
+        later open). A part that exists and is not a real folder (a file, a
+        symlink: never followed) raises ``REMOTE_CONFLICT``. Each folder that
+        gained an entry is added to ``touched``.
+        """
+        parent = ""
+        try:
+            for part in folder.split("/"):
+                try:
+                    os.mkdir(part, dir_fd=shares.fd(parent))
+                    touched.add(parent)
+                except FileExistsError:
+                    pass
+                parent = f"{parent}/{part}" if parent else part
+            return os.dup(shares.fd(folder))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise TransportError(
+                    TransportErrorKind.REMOTE_CONFLICT,
+                    f"{shares.path(parent)} on the share is not a folder; the verified copy cannot be kept there",
+                ) from None
+            raise self._remote_error(exc, shares.path(parent)) from exc
 
     # ------------------------------------------------------------------ remote listing
 
@@ -1719,26 +1774,53 @@ class MountTransport(Transport):
             return files
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
-        stack = [(remote, "")]
-        while stack:
-            folder, prefix = stack.pop()
-            try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        try:
-                            info = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # removed while listed: not on the share any more
-                        if stat.S_ISDIR(info.st_mode):
-                            stack.append((entry.path, f"{prefix}{entry.name}/"))
-                        elif stat.S_ISREG(info.st_mode):
-                            files[prefix + entry.name] = RemoteFile(info.st_size, info.st_mtime_ns)
-            except FileNotFoundError:
-                continue  # a folder removed while listed, or the share unmounted (checked below)
-            except OSError as exc:
-                raise self._remote_error(exc, folder) from exc
+        try:
+            for rel, entry in _scan_share(remote):
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed while listed: not on the share any more
+                if stat.S_ISREG(info.st_mode):
+                    files[rel] = RemoteFile(info.st_size, info.st_mtime_ns)
+        except FileNotFoundError:
+            pass  # the run folder removed while listed, or the share unmounted (checked below)
+        except OSError as exc:
+            raise self._remote_error(exc, remote) from exc
         self._require_mounted()
         return files
+
+
+def _scan_share(top: str, prefix: str = "") -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """``(prefix + relative path, entry)`` of everything below the share folder ``top``, folders one at a time.
+
+    Each folder is opened relative to its open parent without following a
+    symlink, never by its absolute path: below a run folder a path may be
+    longer than PATH_MAX (a file kept under ``.exlab-wizard/previous/<stamp>/``
+    is ~40 bytes deeper than it was). A folder removed, or swapped for a
+    symlink, while listed is left out. An entry's ``stat()`` holds until the
+    next entry is taken. Raises ``OSError`` as ``os.open`` when ``top`` is
+    missing or not a real folder, as ``os.scandir`` otherwise. Unordered.
+    """
+    folders = OpenFolders(top)
+    try:
+        folders.fd("")
+        stack = [""]
+        while stack:
+            folder = stack.pop()
+            try:
+                fd = folders.fd(folder)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue
+                raise
+            with os.scandir(fd) as entries:  # no other folder is opened while these are listed
+                for entry in entries:
+                    rel = f"{folder}/{entry.name}" if folder else entry.name
+                    yield prefix + rel, entry
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(rel)
+    finally:
+        folders.close()
 
 
 class _ReadBackManifest(Mapping[str, str]):
