@@ -1,9 +1,9 @@
 """The local check of a run whose queue was lost, against its verified NAS copy's sizes and mtimes.
 
 Bytes that differ from the run's manifest are damage when the file's mtime is not later than its
-NAS copy's, to the precision the NAS evidently keeps (``same_mtime``): within 2 s of a copy stamped
-in whole seconds (FAT, SMB to some servers, rsync and sftp listings), within 1 us otherwise. A
-later mtime is an edit: not read, sent as such.
+NAS copy's by more than 2 s, the coarsest precision a NAS keeps (FAT 2 s, whole seconds in rsync
+and sftp listings, exFAT 10 ms, many backends 1 ms, each truncating or rounding the sent time).
+A later mtime is an edit: not read, sent as such.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ T = 1_767_268_800 * SECOND  # the copy's mtime, a whole second
         (T + 1_500_000_000, T, True),  # FAT's 2 s
         (T + 3 * SECOND, T, False),  # edited 3 s after: later than any share's precision
         (T - 10 * SECOND, T, True),  # an older mtime put back: no editor does that
-        (T + 123_000_005_100, T + 123_000_000_100, False),  # a share keeping ns, 5 us later: an edit
+        # A share keeping ns, 5 us later: an edit within 2 s of the copy's own write is taken for damage
+        # (refused, kept locally, named: restore or retry --accept-local), never the reverse.
+        (T + 123_000_005_100, T + 123_000_000_100, True),
+        (T + 123_456_789, T + 120_000_000, True),  # exFAT: the copy's mtime is the local one truncated to 10 ms
+        (T + 123_456_789, T + 123_000_000, True),  # a backend keeping milliseconds
         (T + 123_000_000_600, T + 123_000_000_100, True),  # within 1 us: the same
     ],
 )

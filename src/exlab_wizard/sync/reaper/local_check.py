@@ -41,7 +41,6 @@ from exlab_wizard.sync.reaper.nofollow import (
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile, StatRow, VerifiedStat
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import RemoteFile
-from exlab_wizard.sync.transports.mount import same_mtime
 
 __all__ = [
     "RACE_SLACK_NS",
@@ -413,6 +412,11 @@ def scan_run(
 # --------------------------------------------------------------------------- no recorded stat: the NAS copy's
 
 
+#: How much later than its NAS copy's mtime a local file's may be and still be the copy's time: FAT
+#: keeps 2 s, exFAT 10 ms, many backends 1 ms, and each truncates (or rounds) the time it was sent.
+COPY_TIME_SLACK_NS = 2_000_000_000
+
+
 def check_against_copy(
     run_path: Path | str, manifest: Mapping[str, str], copies: Mapping[str, RemoteFile]
 ) -> tuple[tuple[str, ...], dict[str, StatRow]]:
@@ -424,10 +428,10 @@ def check_against_copy(
     Every transport gives a file it sends the local mtime, so a verified
     copy's size and mtime are the ones its local file had when those bytes
     were sent: they stand in for the stats recorded at verification (lost with
-    the queue), under :func:`_damage`'s rule. Mtimes are compared to the
-    precision the NAS evidently keeps (``same_mtime``: 2 s where it keeps
-    whole seconds, as FAT does, and as rsync and sftp list them): within it,
-    a file's mtime is its copy's.
+    the queue), under :func:`_damage`'s rule. A NAS keeps mtimes to its own
+    precision (2 s on FAT, 10 ms on exFAT, 1 ms on many backends; whole
+    seconds as rsync and sftp list them): a local mtime up to
+    :data:`COPY_TIME_SLACK_NS` past its copy's is the copy's time.
 
     Returns ``(damaged, rows)``. ``damaged``: the files whose bytes differ
     from the manifest while their mtime is not later than their copy's (size
@@ -454,9 +458,12 @@ def check_against_copy(
             if st is None or copy is None or _bad_manifest_path(rel):
                 continue
             want = manifest[rel].lower()
-            mtime_ns = st.st_mtime_ns if same_mtime(st.st_mtime_ns, copy.mtime_ns) else copy.mtime_ns
+            # The copy's time, to any precision a NAS keeps (exFAT 10 ms, a backend's 1 ms, FAT's 2 s):
+            # only a local mtime past it by more than the coarsest is an edit, never hashed.
+            same = st.st_mtime_ns <= copy.mtime_ns + COPY_TIME_SLACK_NS
+            mtime_ns = st.st_mtime_ns if same and st.st_mtime_ns >= copy.mtime_ns - 1_000 else copy.mtime_ns
             rows[rel] = (want, copy.size, mtime_ns, st.st_ctime_ns, st.st_ino, False, None)
-            if st.st_mtime_ns > mtime_ns:
+            if not same:
                 continue  # edited since its copy was sent
             parents, name = split_path(rel)
             try:
