@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RsyncSshTransportConfig
-from exlab_wizard.fileio import METADATA_DIR, hash_file
+from exlab_wizard.fileio import METADATA_DIR, REAPING_PREFIX, hash_file
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, UNVERIFIABLE_READ_ERROR
 from exlab_wizard.sync.manifest_format import ManifestFormatError, read_manifest
@@ -405,6 +405,13 @@ def _regular_files(fetched: dict[str, Path]) -> dict[str, Path]:
     return {p: path for p, path in fetched.items() if path.is_file() and not path.is_symlink()}
 
 
+#: rsync's rule for a push of the whole run: a file the reaper set aside for its unlink
+#: (``fileio.reaping_name``, left by a pass killed before the unlink) is no data. Every local listing
+#: leaves it out; rsync recursing the run folder by itself must as well. (Inside ``.exlab-wizard/``
+#: such a name is metadata: the metadata push, which does not use this rule, sends it.)
+_NOT_DATA = f"--exclude={REAPING_PREFIX}{'[0-9a-f]' * 20}"
+
+
 class RsyncSshTransport(Transport):
     """rsync over ssh to ``<ssh_target>:<remote_path>/<run relative path>``.
 
@@ -645,7 +652,7 @@ class RsyncSshTransport(Transport):
         files_sent = bytes_sent = 0
         # The verified manifest goes only with the metadata push after its VERIFIED is recorded
         # (see MountTransport._push_steps).
-        kept = ["-a", "--no-links", "--no-D", f"--exclude=/{NAS_MANIFEST}"]
+        kept = ["-a", "--no-links", "--no-D", f"--exclude=/{NAS_MANIFEST}", _NOT_DATA]
         common = [*kept, *_partial_args(local, cleaned), "--stats"]
         if keep_stamp is not None:
             # A run verified before: rsync itself moves every file it replaces under previous/<stamp>/
