@@ -18,6 +18,7 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import RemoteFile
 from exlab_wizard.sync.transports.mount import MountTransport
+from tests.client.test_queue_lost_local_damage import lose_queue
 from tests.helpers import Clock, flip_byte_keep_stat
 from tests.lab import FILES, Site, ready, running
 
@@ -57,9 +58,7 @@ async def test_queue_lost_damage_on_an_exfat_share_is_sent_over_the_verified_cop
     async with running(cfg, clock) as client:
         await ready(client, clock, run)
     flip_byte_keep_stat(run / DAMAGED, offset=100)
-    for path in site.state.iterdir():
-        if path.name.startswith("queue.db"):
-            path.unlink()
+    lose_queue(site.state)
     nas = site.nas_copy(run)
     async with running(cfg, clock) as client:
         await client.enqueue(run)

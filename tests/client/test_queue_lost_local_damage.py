@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def _config(site: Site) -> Config:
     )
 
 
-def _lose_queue(state: Path) -> None:
+def lose_queue(state: Path) -> None:
+    """``queue.db`` and its WAL files deleted (a state folder reset)."""
     for path in state.iterdir():
         if path.name.startswith("queue.db"):
             path.unlink()
@@ -51,6 +53,22 @@ def _edit(path: Path, data: bytes) -> None:
     before = os.stat(path)
     path.write_bytes(data)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 60_000_000_000))
+
+
+async def _verified_then_queue_lost(site: Site, change: Callable[[Path], None]) -> tuple[Config, Clock, Path]:
+    """A run verified twice (its NAS copy good); then, the service stopped, ``change(run)`` and the queue lost."""
+    clock = Clock()
+    run = site.make_run("Run_2026-01-01", files=FILES)
+    cfg = _config(site)
+    async with running(cfg, clock) as client:
+        await ready(client, clock, run)
+    change(run)
+    lose_queue(site.state)
+    return cfg, clock, run
+
+
+def _rot(run: Path) -> None:
+    flip_byte_keep_stat(run / DAMAGED, offset=100)
 
 
 async def _damage_is_refused(cfg: Config, clock: Clock, run: Path, nas: Path) -> None:
@@ -88,25 +106,13 @@ async def _damage_is_refused(cfg: Config, clock: Clock, run: Path, nas: Path) ->
 
 
 async def test_damage_made_while_the_queue_was_lost_is_never_sent_over_the_verified_copy(site: Site) -> None:
-    clock = Clock()
-    run = site.make_run("Run_2026-01-01", files=FILES)
-    cfg = _config(site)
-    async with running(cfg, clock) as client:
-        await ready(client, clock, run)  # verified twice, the NAS copy is good
-    flip_byte_keep_stat(run / DAMAGED, offset=100)  # while the service is stopped
-    _lose_queue(site.state)
+    cfg, clock, run = await _verified_then_queue_lost(site, _rot)
     await _damage_is_refused(cfg, clock, run, site.nas_copy(run))
 
 
 async def test_accept_local_sends_the_damaged_bytes_and_keeps_the_verified_copy(site: Site) -> None:
     """The other way out: the lab declares the local bytes the truth; the NAS keeps the verified ones."""
-    clock = Clock()
-    run = site.make_run("Run_2026-01-01", files=FILES)
-    cfg = _config(site)
-    async with running(cfg, clock) as client:
-        await ready(client, clock, run)
-    flip_byte_keep_stat(run / DAMAGED, offset=100)
-    _lose_queue(site.state)
+    cfg, clock, run = await _verified_then_queue_lost(site, _rot)
     nas = site.nas_copy(run)
     async with running(cfg, clock) as client:
         await client.enqueue(run)
@@ -138,7 +144,7 @@ async def test_a_queue_restored_from_before_the_verification_behaves_the_same(si
     async with running(cfg, clock) as client:
         await ready(client, clock, run)
     flip_byte_keep_stat(run / DAMAGED, offset=100)
-    _lose_queue(site.state)
+    lose_queue(site.state)
     for path in backup.iterdir():
         if path.name.startswith("queue.db"):
             shutil.copy2(path, site.state / path.name)
@@ -146,13 +152,7 @@ async def test_a_queue_restored_from_before_the_verification_behaves_the_same(si
 
 
 async def test_an_edit_made_while_the_queue_was_lost_is_sent_and_the_verified_copy_kept(site: Site) -> None:
-    clock = Clock()
-    run = site.make_run("Run_2026-01-01", files=FILES)
-    cfg = _config(site)
-    async with running(cfg, clock) as client:
-        await ready(client, clock, run)
-    _edit(run / DAMAGED, b"Z" * 3000)
-    _lose_queue(site.state)
+    cfg, clock, run = await _verified_then_queue_lost(site, lambda run: _edit(run / DAMAGED, b"Z" * 3000))
     nas = site.nas_copy(run)
     async with running(cfg, clock) as client:
         await client.enqueue(run)
@@ -166,14 +166,12 @@ async def test_an_edit_made_while_the_queue_was_lost_is_sent_and_the_verified_co
 
 async def test_restore_puts_back_the_damaged_file_and_leaves_an_edit_to_be_sent(site: Site) -> None:
     """Damage and an edit in one run, the queue lost: only the damaged file is named and restored."""
-    clock = Clock()
-    run = site.make_run("Run_2026-01-01", files=FILES)
-    cfg = _config(site)
-    async with running(cfg, clock) as client:
-        await ready(client, clock, run)
-    flip_byte_keep_stat(run / DAMAGED, offset=100)
-    _edit(run / "notes.txt", b"acquired ok, then annotated\n")
-    _lose_queue(site.state)
+
+    def rot_and_edit(run: Path) -> None:
+        _rot(run)
+        _edit(run / "notes.txt", b"acquired ok, then annotated\n")
+
+    cfg, clock, run = await _verified_then_queue_lost(site, rot_and_edit)
     nas = site.nas_copy(run)
     async with running(cfg, clock) as client:
         await client.enqueue(run)
@@ -204,5 +202,5 @@ async def test_on_rclone_too(lab: Lab, tmp_path: Path) -> None:
     async with running(cfg, clock) as client:
         await ready(client, clock, run)
     flip_byte_keep_stat(run / DAMAGED, offset=100)
-    _lose_queue(lab.state)
+    lose_queue(lab.state)
     await _damage_is_refused(cfg, clock, run, nas_root / run.relative_to(lab.local_root / EQ))

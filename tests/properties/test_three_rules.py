@@ -1109,3 +1109,34 @@ def test_a_reused_run_name_right_after_a_rewrite_keeps_the_verified_copy(tmp_pat
         assert len(stamps) == 2, stamps  # the truncated copy, and the verified one of the old run
     finally:
         machine.teardown()
+
+
+def test_three_rounds_of_kept_copies_within_two_seconds_never_share_a_stamp(tmp_path: Path) -> None:
+    """A fixed history the long run found: a NAS flip mended (its copy kept, a push stamp reserved one
+    second ahead), then two edits sent back by the reaper within the same two seconds.
+
+    A new round's stamp was one second past the *times* of the job's earlier kept/reserved events; the
+    reserved stamp lay one second ahead of its own event, so the next round took that very stamp, and
+    the round after it found its file already under the stamp, took it as kept by a retry, and the
+    push wrote the edit over the verified copy without keeping it: rule 2.
+    """
+    machine = _machine(MountNas, tmp_path)()
+    try:
+        machine.first_run_synced(retain_cache=False, files={"image_001.tif": b"\x00"}, pending=None)
+        machine.the_three_rules_hold()
+        steps: list[Callable[[], None]] = [
+            machine.edit_at_the_next_verification,
+            lambda: machine.nas_flip_byte(_Pick("image_001.tif"), 0),
+            machine.audit,
+            machine.edit_at_the_next_verification,
+            machine.cleanup,
+            machine.cleanup,
+        ]
+        for step in steps:
+            step()
+            machine.the_three_rules_hold()
+        run = machine.runs[0]
+        stamps = sorted(p.name for p in (machine._nas_dir(run) / META / "previous").iterdir())
+        assert len(stamps) == 3, stamps  # the flipped copy, then each verified version replaced by an edit
+    finally:
+        machine.teardown()

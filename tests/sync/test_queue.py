@@ -576,3 +576,22 @@ def test_verified_stats_recorded_before_newer_existed_stand_for_the_verified_byt
     with JobQueue(db) as q:
         (stat,) = CleanupStore(q).verified_stats(job.id).values()
         assert (stat.path, stat.trusted, stat.newer_sha256) == ("a.tif", False, None)
+
+
+def test_a_new_previous_stamp_is_past_every_stamp_the_job_named(q: JobQueue) -> None:
+    """A reserved stamp one second ahead of its own event: the next round's stamp is past the stamp."""
+    from exlab_wizard.sync.recovery import PREVIOUS_KEPT_EVENT, PREVIOUS_RESERVED_EVENT, new_previous_stamp
+
+    job = make(q, "Run_stamps")
+    at = dt.datetime(2026, 12, 6, 10, 23, 52, 600_000, tzinfo=dt.UTC)
+    q.record_event(
+        job.id, PREVIOUS_KEPT_EVENT, "the NAS keeps 1 file(s) under .exlab-wizard/previous/20261206T102352Z/: a", now=at
+    )
+    q.record_event(
+        job.id, PREVIOUS_RESERVED_EVENT, "the push keeps ... under .exlab-wizard/previous/20261206T102353Z/", now=at
+    )
+    later = at + dt.timedelta(milliseconds=80)
+    assert new_previous_stamp(q, job, later) == "20261206T102354Z"  # not ...53Z, the reserved one
+    # An event naming no stamp (older engines) still counts by its time.
+    q.record_event(job.id, PREVIOUS_KEPT_EVENT, "kept", now=at + dt.timedelta(seconds=5))
+    assert new_previous_stamp(q, job, later) == "20261206T102358Z"

@@ -38,6 +38,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -187,13 +188,29 @@ def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime) -> st
     A round never shares its folder with an earlier one: a keep finding its
     file already under the stamp takes it as kept by its own round (a retry)
     and leaves the NAS file in place, so two rounds within one second would
-    let the second one's verified copy be overwritten. Every stamp was chosen
-    at or before its round's first ``previous_kept`` event (or the
-    ``previous_reserved`` event of a push's own keeping), so one second past
-    the last such event is past them all.
+    let the second one's verified copy be overwritten. The stamps used are
+    the ones the job's ``previous_kept`` and ``previous_reserved`` events name,
+    and, for an event that names none, its time (a stamp is chosen at or
+    before its round's first such event). A stamp may lie ahead of its event's
+    time (it was itself pushed one second past an earlier one): the event's
+    time alone, plus one second, can fall within that very stamp's second.
     """
-    kept = [event.at for event in queue.events(job.id) if event.kind in (PREVIOUS_KEPT_EVENT, PREVIOUS_RESERVED_EVENT)]
-    return previous_stamp(max([now, *(at + dt.timedelta(seconds=1) for at in kept)]))
+    latest = now
+    for event in queue.events(job.id):
+        if event.kind not in (PREVIOUS_KEPT_EVENT, PREVIOUS_RESERVED_EVENT):
+            continue
+        named = _NAMED_STAMP.search(event.detail or "")
+        used = event.at if named is None else _stamp_time(named.group(1))
+        latest = max(latest, used + dt.timedelta(seconds=1))
+    return previous_stamp(latest)
+
+
+#: The stamp an event's detail names: ``.../previous/<stamp>/...``.
+_NAMED_STAMP = re.compile(rf"{re.escape(PREVIOUS_DIR)}/([0-9]{{8}}T[0-9]{{6}}Z)/")
+
+
+def _stamp_time(stamp: str) -> dt.datetime:
+    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
 
 
 def verified_manifest(job: SyncJobRow, queue: JobQueue | None = None) -> dict[str, str] | None:
