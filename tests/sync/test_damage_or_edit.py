@@ -156,3 +156,33 @@ def test_with_no_stat_recorded_and_file_times_ahead_of_the_client_damage_is_stil
     _rewrite(path, _flipped(), written)
     check = scan_run(run, manifest, {}, verified_at=verified_at).check
     assert check.damaged == (REL,) and check.changed == ()
+
+
+@pytest.mark.parametrize(
+    ("newer_sha256", "trusted", "older_mtime", "verdict"),
+    [
+        ("", False, False, "changed"),  # before migration 10, never read again: maybe the edit the hashing missed
+        ("", False, True, "damaged"),  # no write puts an mtime back, whoever recorded the stat
+        (None, False, False, "damaged"),  # recorded by this version: the stat stands for the verified bytes
+        ("", True, False, "damaged"),  # a trusted stat is exact, however old
+    ],
+)
+def test_a_stat_recorded_before_migration_10_may_be_an_edit_the_hashing_missed(
+    tmp_path: Path, newer_sha256: str | None, trusted: bool, older_mtime: bool, verdict: str
+):
+    """Queue migration 11 marks such untrusted rows (``newer_sha256 = ''``): new bytes under their mtime are an edit."""
+    from exlab_wizard.sync.reaper import VerifiedStat
+
+    run = tmp_path / "Run_0001"
+    (run / "sub").mkdir(parents=True)
+    path = run / REL
+    path.write_bytes(GOOD + b"frame")  # a frame appended after the hashing, then stat-ed
+    st = path.stat()
+    sha = hashlib.sha256(GOOD).hexdigest()
+    record = VerifiedStat(REL, sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer_sha256)
+    if older_mtime:
+        _rewrite(path, _flipped(), st.st_mtime_ns - 60_000_000_000)
+    elif trusted:
+        _rewrite(path, _flipped() + b"frame", st.st_mtime_ns)  # the stat no longer matches (ctime)
+    check = scan_run(run, {REL: sha}, {REL: record}, verified_at=NOW).check
+    assert getattr(check, verdict) == (REL,), (check.changed, check.damaged)

@@ -557,25 +557,46 @@ def test_runner_lease(db: Path):
     other.release()
 
 
-def test_verified_stats_recorded_before_newer_existed_stand_for_the_verified_bytes(
-    db: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("version", [9, 10])
+def test_untrusted_stats_recorded_before_newer_existed_are_marked_legacy(
+    db: Path, monkeypatch: pytest.MonkeyPatch, version: int
 ):
-    """Migration 10: rows recorded by an older version have no ``newer_sha256`` (the damage rule as then)."""
-    from exlab_wizard.sync.reaper.store import CleanupStore
+    """Migration 11: an untrusted row an engine before 10 recorded may stand for bytes written after the hashing.
 
-    monkeypatch.setattr(queue_mod, "MIGRATIONS", queue_mod.MIGRATIONS[:9])
+    Migration 10 left such rows NULL ("the verified bytes"); 11 marks them ``''``. Trusted rows (their
+    stat is exact) and rows with a recorded digest keep theirs, and so do the rows written after it.
+    """
+    from exlab_wizard.sync.reaper.store import LEGACY_NEWER, CleanupStore
+
+    newer = "ab" * 32
+    monkeypatch.setattr(queue_mod, "MIGRATIONS", queue_mod.MIGRATIONS[:version])
     with JobQueue(db) as q:
         job = make(q, "Run_1")
         with q.transaction() as conn:
-            conn.execute(
-                "INSERT INTO verified_files (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, recorded_at)"
-                " VALUES (?, ?, ?, 1, 2, 3, '4', 0, ?)",
-                (job.id, b"a.tif", "0" * 64, "2026-01-01T00:00:00+00:00"),
-            )
+            for path, trusted in ((b"grown.tif", 0), (b"kept.tif", 1)):
+                conn.execute(
+                    "INSERT INTO verified_files (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted,"
+                    " recorded_at) VALUES (?, ?, ?, 1, 2, 3, '4', ?, ?)",
+                    (job.id, path, "0" * 64, trusted, "2026-01-01T00:00:00+00:00"),
+                )
+            if version >= 10:  # an engine at 10 recorded the bytes it read again
+                conn.execute(
+                    "INSERT INTO verified_files (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted,"
+                    " recorded_at, newer_sha256) VALUES (?, ?, ?, 1, 2, 3, '4', 0, ?, ?)",
+                    (job.id, b"read.tif", "0" * 64, "2026-01-01T00:00:00+00:00", newer),
+                )
     monkeypatch.undo()
     with JobQueue(db) as q:
+        stats = CleanupStore(q).verified_stats(job.id)
+        assert (stats["grown.tif"].newer_sha256, stats["grown.tif"].legacy) == (LEGACY_NEWER, True)
+        assert (stats["kept.tif"].newer_sha256, stats["kept.tif"].legacy) == (None, False)
+        if version >= 10:
+            assert (stats["read.tif"].newer_sha256, stats["read.tif"].legacy) == (newer, False)
+        row = ("0" * 64, 1, 2, 3, 4, False, None)  # untrusted, recorded by this version
+        CleanupStore(q).record_verified(job.id, {"new.tif": "0" * 64}, {"new.tif": row}, NOW)
+    with JobQueue(db) as q:  # opened again: no migration runs twice
         (stat,) = CleanupStore(q).verified_stats(job.id).values()
-        assert (stat.path, stat.trusted, stat.newer_sha256) == ("a.tif", False, None)
+        assert (stat.path, stat.trusted, stat.newer_sha256, stat.legacy) == ("new.tif", False, None, False)
 
 
 def test_a_new_previous_stamp_is_past_every_stamp_the_job_named(q: JobQueue) -> None:

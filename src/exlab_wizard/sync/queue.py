@@ -234,6 +234,15 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE verified_files ADD COLUMN newer_sha256 TEXT;
     """,
+    # 11: untrusted rows recorded before 10, by engines that never read a file stamped after the
+    # hashing again: the stat may be of bytes written since (a frame appended to a file already
+    # copied), and 10 left NULL, "the verified bytes". '' (never a SHA-256): nothing known of the
+    # bytes under that stat; new bytes under it are an edit, never damage. A database at 10 may
+    # hold such rows still (upgraded, not verified again), which look like 10's own untrusted
+    # NULL rows: every untrusted NULL row is marked. Rows written from here on keep NULL's meaning.
+    """
+    UPDATE verified_files SET newer_sha256 = '' WHERE trusted = 0 AND newer_sha256 IS NULL;
+    """,
 ]
 
 

@@ -259,12 +259,18 @@ def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None,
     (``newer_sha256``): read again when recorded, the file held bytes written
     after the hashing read it (a frame appended to a file already copied);
     those bytes under that mtime are the edit the hashing missed, sent again,
-    never "restored" away. Other bytes under that mtime are damage. File times are
+    never "restored" away. Other bytes under that mtime are damage. An
+    untrusted row an engine before queue migration 10 recorded
+    (:attr:`~.store.VerifiedStat.legacy`) never read the file again: any
+    bytes under its mtime may be that edit, so they are one (sent again; the
+    push keeps the replaced NAS copy), only an older mtime is damage. File times are
     compared with file times (the "trusted" flag compares them with the
     client's clock, which may be off). Without a record, only an mtime after
     the verification is an edit.
     """
     if record is not None and record.mtime_ns is not None:
+        if record.legacy:
+            return mtime_ns < record.mtime_ns
         if record.newer_sha256 is not None and mtime_ns == record.mtime_ns and digest == record.newer_sha256:
             return False
         return mtime_ns <= record.mtime_ns

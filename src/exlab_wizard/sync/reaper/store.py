@@ -35,6 +35,7 @@ from exlab_wizard.sync.states import SyncJobState
 __all__ = [
     "ABORTED_EVENT",
     "DELETED_EVENT",
+    "LEGACY_NEWER",
     "NOTE_EVENT",
     "PLANNED_EVENT",
     "REFUSED_EVENT",
@@ -97,6 +98,10 @@ def _ns_value(stored: int | bytes | None) -> int | None:
 
 # --------------------------------------------------------------------------- records
 
+#: ``newer_sha256`` of an untrusted row recorded before queue migration 10 (set by migration 11;
+#: never a SHA-256): whether the file held newer bytes than the verified ones then is not known.
+LEGACY_NEWER = ""
+
 
 @dataclass(frozen=True)
 class VerifiedStat:
@@ -109,6 +114,9 @@ class VerifiedStat:
     recorded, the file held other bytes than the verified ones, these: this
     stat is of an edit the hashing missed (a frame appended after the file
     was copied). None: the stat stands for the verified bytes.
+    :data:`LEGACY_NEWER` (queue migration 11): an untrusted row an engine
+    before migration 10 recorded without reading the file again; its stat
+    may be of bytes written after the hashing (:attr:`legacy`).
     """
 
     path: str
@@ -119,6 +127,11 @@ class VerifiedStat:
     ino: int | None
     trusted: bool
     newer_sha256: str | None = None
+
+    @property
+    def legacy(self) -> bool:
+        """Untrusted and recorded before migration 10: the bytes under this stat were never read."""
+        return not self.trusted and self.newer_sha256 == LEGACY_NEWER
 
     def matches(self, st: os.stat_result) -> bool:
         """Same size, mtime, ctime and inode as ``st``, and trusted."""
