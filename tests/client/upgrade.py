@@ -2,8 +2,10 @@
 
 ``as_version(db, k)`` rebuilds ``db`` as schema version ``k``: a fresh file
 with ``MIGRATIONS[:k]`` applied and every row copied with the columns that
-schema had (rows of tables it lacks dropped). Events an older engine did not
-write are dropped (``nas_claimed`` before version 9). The next
+schema had (rows of tables it lacks dropped, unless ``ad_hoc_reaper`` keeps
+the reaper's, which engines before version 4 made on first use). Events an
+older engine did not write are dropped (``nas_claimed`` before version 9);
+``edit`` changes the rows as that engine would have left them. The next
 :class:`~exlab_wizard.sync.queue.JobQueue` to open it runs the migrations
 from ``k`` on, as an upgraded engine would.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from exlab_wizard.sync import queue as queue_mod
@@ -32,7 +35,13 @@ def _remove(path: Path) -> None:
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 
-def as_version(db: Path, k: int) -> None:
+def as_version(
+    db: Path,
+    k: int,
+    *,
+    ad_hoc_reaper: bool = False,
+    edit: Callable[[sqlite3.Connection], None] | None = None,
+) -> None:
     """Rewrite ``db`` (closed by every queue) in place as schema version ``k`` (see the module)."""
     new = db.with_name(db.name + ".new")
     _remove(new)
@@ -42,6 +51,11 @@ def as_version(db: Path, k: int) -> None:
     for step in queue_mod.MIGRATIONS[:k]:
         assert isinstance(step, str)
         for statement in _statements(step):
+            dst.execute(statement)
+    if ad_hoc_reaper and k < 4:
+        reaper_tables = queue_mod.MIGRATIONS[3]  # CREATE TABLE IF NOT EXISTS: the tables as made on first use
+        assert isinstance(reaper_tables, str)
+        for statement in _statements(reaper_tables):
             dst.execute(statement)
     dst.execute(f"PRAGMA user_version = {k}")
     src = sqlite3.connect(db)
@@ -53,6 +67,8 @@ def as_version(db: Path, k: int) -> None:
         where = f" WHERE kind != '{NAS_CLAIMED_EVENT}'" if table == "events" and k < 9 else ""
         rows = src.execute(f"SELECT {', '.join(cols)} FROM {table}{where} ORDER BY rowid").fetchall()
         dst.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
+    if edit is not None:
+        edit(dst)
     dst.execute("COMMIT")
     src.close()
     dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -8,6 +8,11 @@ name via the filesystem encoding), so ``cd <run> && sha256sum -c
 .exlab-wizard/checksums.sha256`` passes. A file named ``-`` at the run root
 is written ``./-`` (``sha256sum -c`` would read ``-`` as standard input) and
 read back as ``-``.
+
+A job's manifest digest is the SHA-256 of the file its verification wrote
+(and pushed). Whether a run's file is that manifest is answered in one place,
+:func:`has_digest`: the file's own bytes first, so a file an older engine
+wrote in its rendering stays the verified one.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ __all__ = [
     "MANIFEST_NAME",
     "ManifestFormatError",
     "format_manifest",
+    "has_digest",
     "manifest_chunks",
     "manifest_digest",
     "manifest_path",
     "parse_manifest",
     "read_manifest",
+    "read_manifest_and_digest",
 ]
 
 MANIFEST_NAME = "checksums.sha256"
@@ -107,10 +114,15 @@ def manifest_chunks(hashes: Mapping[str, str], size: int = 1 << 20) -> Iterator[
 
     No object per line: 200,000 lines as bytes objects cost ~35 MB.
     """
+    return _chunks(hashes, size, _DASH_FILE)
+
+
+def _chunks(hashes: Mapping[str, str], size: int, dash: bytes) -> Iterator[bytearray]:
+    """:func:`manifest_chunks`, a root file named ``-`` written as ``dash``."""
     out = bytearray()
     for key in _by_bytes(hashes):
         name, escaped = _escape(os.fsencode(key))
-        name = _DASH_FILE if name == _STDIN_NAME else name
+        name = dash if name == _STDIN_NAME else name
         digest = hashes[key].lower().encode("ascii")
         if not _HEX_RE.match(digest):
             raise ManifestFormatError(f"not a SHA-256 hex digest for {key!r}: {hashes[key]!r}")
@@ -154,18 +166,49 @@ def read_manifest(run_path: Path) -> dict[str, str] | None:
     in sha256sum format, raises :class:`ManifestFormatError`; a file the
     file system refuses to read raises its ``OSError``.
     """
+    data = _read_bytes(run_path)
+    return None if data is None else parse_manifest(data)
+
+
+def read_manifest_and_digest(run_path: Path) -> tuple[dict[str, str], str] | None:
+    """:func:`read_manifest`, with the SHA-256 of the file's bytes (for :func:`has_digest`); same errors."""
+    data = _read_bytes(run_path)
+    return None if data is None else (parse_manifest(data), hashlib.sha256(data).hexdigest())
+
+
+def _read_bytes(run_path: Path) -> bytes | None:
     try:
-        data = read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
+        return read_regular_file(manifest_path(run_path), MANIFEST_MAX_BYTES)
     except CacheError as exc:
         if exc.kind == CacheErrorKind.IO and isinstance(exc.__cause__, OSError):
             raise exc.__cause__ from None
         raise ManifestFormatError(exc.message) from exc
-    return None if data is None else parse_manifest(data)
 
 
 def manifest_digest(hashes: Mapping[str, str]) -> str:
     """SHA-256 of the rendered manifest: names one verified state in logs."""
+    return _digest(hashes, _DASH_FILE)
+
+
+def _digest(hashes: Mapping[str, str], dash: bytes) -> str:
     digest = hashlib.sha256()
-    for chunk in manifest_chunks(hashes):  # never the whole rendering in memory
+    for chunk in _chunks(hashes, 1 << 20, dash):  # never the whole rendering in memory
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def has_digest(hashes: Mapping[str, str], digest: str | None, *, file_sha256: str | None = None) -> bool:
+    """Is ``hashes`` (a run's parsed ``checksums.sha256``) the manifest a job verified with ``digest``?
+
+    ``file_sha256``, the SHA-256 of the file's bytes as read, is compared
+    first: the job's digest is that of the file its verification wrote, in
+    whatever rendering the engine of the day used. Then ``hashes`` rendered
+    as this engine writes them, and as engines wrote them before a root file
+    named ``-`` became ``./-`` (its line read ``<hex>  -``). False without a
+    ``digest``.
+    """
+    if not digest:
+        return False
+    if file_sha256 == digest or manifest_digest(hashes) == digest:
+        return True
+    return "-" in hashes and _digest(hashes, _STDIN_NAME) == digest

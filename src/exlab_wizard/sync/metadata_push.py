@@ -39,7 +39,7 @@ from exlab_wizard.cache.creation import CREATION_MAX_BYTES, CreationJson
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, is_data_path, is_metadata_path, open_regular
 from exlab_wizard.sync.context import ClientContext
-from exlab_wizard.sync.manifest_format import manifest_digest, manifest_path, read_manifest
+from exlab_wizard.sync.manifest_format import has_digest, manifest_path, read_manifest
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
@@ -111,7 +111,7 @@ def _local_manifest_problem(job: SyncJobRow) -> str | None:
         return f"local checksums.sha256 unreadable: {exc}"
     if recorded is None:
         return "no local checksums.sha256"
-    if job.manifest_digest and manifest_digest(recorded) != job.manifest_digest:
+    if job.manifest_digest and not has_digest(recorded, job.manifest_digest):  # its bytes were compared above
         return "local checksums.sha256 is not the verified manifest; not sent"
     return None
 

@@ -56,10 +56,11 @@ from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.manifest_format import (
     MANIFEST_MAX_BYTES,
     ManifestFormatError,
+    has_digest,
     manifest_digest,
     manifest_path,
     parse_manifest,
-    read_manifest,
+    read_manifest_and_digest,
 )
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
@@ -217,7 +218,8 @@ def verified_manifest(job: SyncJobRow, queue: JobQueue | None = None) -> dict[st
     """The run's verified manifest (data files only), or None when the run has none.
 
     Verified means: the job records a manifest digest and the run's
-    ``checksums.sha256`` has that digest. When that file is gone or altered,
+    ``checksums.sha256`` has that digest (:func:`has_digest`: its bytes, or
+    its entries rendered). When that file is gone or altered,
     the SHA-256 of each file recorded in the queue at verification (given
     ``queue``) stand in for it, if together they have the job's digest: the
     verified truth outlives a deleted or edited ``checksums.sha256``.
@@ -226,11 +228,14 @@ def verified_manifest(job: SyncJobRow, queue: JobQueue | None = None) -> dict[st
     if not job.manifest_digest:
         return None
     try:
-        manifest = read_manifest(Path(job.run_path))
+        recorded = read_manifest_and_digest(Path(job.run_path))
     except (ManifestFormatError, OSError):
-        manifest = None
-    if manifest is None or manifest_digest(manifest) != job.manifest_digest:
-        manifest = None if queue is None else _recorded_manifest(queue, job)
+        recorded = None
+    manifest = None
+    if recorded is not None and has_digest(recorded[0], job.manifest_digest, file_sha256=recorded[1]):
+        manifest = recorded[0]
+    elif queue is not None:
+        manifest = _recorded_manifest(queue, job)
     if manifest is None:
         return None
     return {k: v for k, v in manifest.items() if is_data_path(k)}
@@ -240,7 +245,7 @@ def _recorded_manifest(queue: JobQueue, job: SyncJobRow) -> dict[str, str] | Non
     """The per-file SHA-256 recorded at verification, when they are exactly the job's manifest."""
     recorded = {rel: rec.sha256.lower() for rel, rec in load_verified_stats(queue, job.id).items()}
     # None (the record is lost) unless they are the job's digest; ``{}`` is when the verified manifest was empty.
-    if manifest_digest(recorded) != job.manifest_digest:
+    if not has_digest(recorded, job.manifest_digest):
         return None
     return recorded
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from exlab_wizard.sync.manifest_format import ManifestFormatError, manifest_digest, read_manifest
+from exlab_wizard.sync.manifest_format import ManifestFormatError, has_digest, read_manifest_and_digest
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision, CleanupFacts, LocalCheck
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
@@ -161,20 +161,21 @@ class InterlockFacts:
         if os.path.islink(run):
             return _refused("run folder is a symlink", CleanupCode.RUN_SYMLINK)
         try:
-            manifest = read_manifest(run)
+            recorded = read_manifest_and_digest(run)
         except ManifestFormatError as exc:
             return _refused(f"manifest unreadable: {exc}", CleanupCode.MANIFEST_UNREADABLE)
         except OSError as exc:
             if not run.exists():
                 return _refused("run folder missing", CleanupCode.RUN_MISSING)
             return _refused(f"manifest unreadable: {exc.strerror or exc}", CleanupCode.MANIFEST_UNREADABLE)
-        if manifest is None:
+        if recorded is None:
             if not run.exists():
                 return _refused("run folder missing", CleanupCode.RUN_MISSING)
             return _refused("no recorded manifest", CleanupCode.MANIFEST_MISSING)
         if not job.manifest_digest:
             return _refused("no verified manifest digest on the job", CleanupCode.MANIFEST_MISSING)
-        if manifest_digest(manifest) != job.manifest_digest:
+        manifest, file_sha256 = recorded
+        if not has_digest(manifest, job.manifest_digest, file_sha256=file_sha256):
             return _refused("manifest changed since verification", CleanupCode.MANIFEST_CHANGED)
         # An empty manifest of this digest is a run verified with no data files: it is checked like
         # any other (a data file found there now is "added": sent, not deleted), and cleaned with
