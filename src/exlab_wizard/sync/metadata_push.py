@@ -72,9 +72,16 @@ async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: Equipment
     Success clears the pending push (event ``metadata_pushed``); a failure
     keeps it, due again after a backoff (event ``metadata_push_failed``,
     once per distinct reason). Cancelled (the process stops), it stays
-    pending and due: the next client sends it. True when sent.
+    pending and due: the next client sends it. True when sent (or cleared).
+
+    A push with nothing left to send is cleared without one (event
+    ``metadata_push_cleared``): the cleanup deleted the run's local data and
+    its ``checksums.sha256`` is gone (see :func:`_nothing_left_to_send`).
     """
     run = Path(job.run_path)
+    if await asyncio.to_thread(_nothing_left_to_send, ctx, job):
+        _push_done(ctx, job, "metadata_push_cleared", _NOTHING_LEFT)
+        return True
     task = asyncio.current_task()
     if task is not None:
         ctx.pushing.add(task)
@@ -97,8 +104,43 @@ async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: Equipment
     if error is not None:
         push_failed(ctx, job, error)
         return False
-    _push_done(ctx, job)
+    _push_done(
+        ctx, job, "metadata_pushed", "refreshed .exlab-wizard/ (checksums.sha256, creation.json) sent to the NAS"
+    )
     return True
+
+
+_NOTHING_LEFT = (
+    "pending metadata push cleared, nothing left to send: the cleanup deleted the local data and the run's "
+    "checksums.sha256 is gone (with retain_cache: false it is removed only after the final push is verified "
+    "on the NAS; any .exlab-wizard/ file left is pushed and proved before it goes)"
+)
+
+
+def _nothing_left_to_send(ctx: ClientContext, job: SyncJobRow) -> bool:
+    """Is there no evidence left for the job's pending push to send? Blocking I/O.
+
+    True when the reaper deleted the job's local data (``data_deleted_at``)
+    and the run's ``checksums.sha256`` is gone: from a run folder that is
+    there (neither it nor its ``.exlab-wizard/`` a symlink), or with the run
+    folder while its parent is there (a parent gone too is a disk away, not
+    a removal). A cleanup with ``retain_cache: false`` removes them only after
+    its final push is verified on the NAS; killed before CLEANED under a queue
+    from before pending pushes (migration 2 marked the job as owing one), it
+    left a push that could never be made, and the reaper waiting on it. What
+    is left of ``.exlab-wizard/`` the resumed cleanup pushes and proves before
+    removing it.
+    """
+    if local_data_deleted_at(ctx.require_queue(), job.id) is None:
+        return False
+    run = Path(job.run_path)
+    if os.path.islink(run):
+        return False
+    if not os.path.isdir(run):
+        return os.path.isdir(run.parent) and not os.path.lexists(run)
+    if os.path.islink(run / METADATA_DIR):
+        return False
+    return not os.path.lexists(manifest_path(run))
 
 
 def _local_manifest_problem(job: SyncJobRow) -> str | None:
@@ -133,7 +175,8 @@ def _is_verified_manifest(run: Path, digest: str) -> bool:
         os.close(fd)
 
 
-def _push_done(ctx: ClientContext, job: SyncJobRow) -> None:
+def _push_done(ctx: ClientContext, job: SyncJobRow, kind: str, detail: str) -> None:
+    """Clear the job's pending push, with an event and a log line ``kind``."""
     queue = ctx.require_queue()
     for _ in range(5):
         fresh = queue.get(job.id)
@@ -144,8 +187,8 @@ def _push_done(ctx: ClientContext, job: SyncJobRow) -> None:
                 fresh.id,
                 fresh.state,
                 now=ctx.clock(),
-                event_kind="metadata_pushed",
-                detail="refreshed .exlab-wizard/ (checksums.sha256, creation.json) sent to the NAS",
+                event_kind=kind,
+                detail=detail,
                 metadata_push_due_at=None,
                 metadata_push_failures=0,
                 metadata_push_error=None,
@@ -155,7 +198,7 @@ def _push_done(ctx: ClientContext, job: SyncJobRow) -> None:
         equipment = ctx.equipment(fresh)
         if equipment is not None:
             with contextlib.suppress(Exception):
-                ctx.log(equipment).info(fresh.run_path, "metadata_pushed", job=fresh.id)
+                ctx.log(equipment).info(fresh.run_path, kind, job=fresh.id)
         return
 
 
