@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,24 +125,22 @@ def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
         # Every slot or every equipment is busy: nothing could start, so the queue is not
         # read (a step that ends wakes the loop at once).
         return poll_interval_s
-    while len(ctx.inflight) < limit:
-        job = queue.next_due(ctx.clock(), busy_equipment=set(ctx.inflight))
-        if job is None:
-            break
-        equipment = ctx.equipment(job)
-        if equipment is None:
-            queue.transition(
-                job.id,
-                S.QUEUED,
-                S.FAILED,
-                now=ctx.clock(),
-                detail=f"equipment {job.equipment_id} is no longer configured",
-                error_kind=FailureKind.UNKNOWN,
-                last_error=f"equipment {job.equipment_id} is no longer configured",
-            )
-            continue
-        start(ctx, job, equipment, run_job(ctx, job, equipment), "job")
-    _start_metadata_pushes(ctx, limit)
+
+    def unconfigured(job: SyncJobRow, why: str) -> None:
+        queue.transition(
+            job.id, S.QUEUED, S.FAILED, now=ctx.clock(), detail=why, error_kind=FailureKind.UNKNOWN, last_error=why
+        )
+
+    _start_due(ctx, limit, queue.next_due, unconfigured, run_job, "job")
+    # The pending metadata pushes that are due (a push interrupted or failed earlier).
+    _start_due(
+        ctx,
+        limit,
+        queue.next_metadata_push,
+        lambda job, why: metadata_push.push_failed(ctx, job, why),
+        metadata_push.send_pending,
+        "metadata",
+    )
     timeout = poll_interval_s
     wakeup = queue.next_dispatch_wakeup(ctx.clock())
     if wakeup is not None:
@@ -207,18 +205,27 @@ async def _sleep_until_woken(ctx: ClientContext, timeout: float) -> None:
         waiter.cancel()
 
 
-def _start_metadata_pushes(ctx: ClientContext, limit: int) -> None:
-    """Start the pending metadata pushes that are due (a push interrupted or failed earlier)."""
-    queue = ctx.require_queue()
+def _start_due(
+    ctx: ClientContext,
+    limit: int,
+    next_job: Callable[..., SyncJobRow | None],
+    unconfigured: Callable[[SyncJobRow, str], None],
+    work: Callable[[ClientContext, SyncJobRow, EquipmentConfig], Awaitable[Any]],
+    what: str,
+) -> None:
+    """Start ``work`` for each job ``next_job`` finds due, while a slot is free, one per equipment.
+
+    A job whose equipment is no longer configured goes to ``unconfigured`` with the reason.
+    """
     while len(ctx.inflight) < limit:
-        job = queue.next_metadata_push(ctx.clock(), busy_equipment=set(ctx.inflight))
+        job = next_job(ctx.clock(), busy_equipment=set(ctx.inflight))
         if job is None:
             return
         equipment = ctx.equipment(job)
         if equipment is None:
-            metadata_push.push_failed(ctx, job, f"equipment {job.equipment_id} is no longer configured")
+            unconfigured(job, f"equipment {job.equipment_id} is no longer configured")
             continue
-        start(ctx, job, equipment, metadata_push.send_pending(ctx, job, equipment), "metadata")
+        start(ctx, job, equipment, work(ctx, job, equipment), what)
 
 
 async def wait_idle(ctx: ClientContext) -> None:
