@@ -37,7 +37,15 @@ from exlab_wizard.cache import CacheError
 from exlab_wizard.cache.atomic import read_regular_file
 from exlab_wizard.cache.creation import CREATION_MAX_BYTES, CreationJson
 from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, is_data_path, is_metadata_path, open_regular
+from exlab_wizard.fileio import (
+    BLOCK_SIZE,
+    METADATA_DIR,
+    hash_fd,
+    hash_file,
+    is_data_path,
+    is_metadata_path,
+    open_regular,
+)
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.manifest_format import has_digest, manifest_path, read_manifest
 from exlab_wizard.sync.policy.cleanup import name_paths
@@ -389,6 +397,14 @@ async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
     everything = await asyncio.to_thread(hash_tree, run, include_metadata=True)
     meta_local = {k: v for k, v in everything.items() if is_metadata_path(k)}
     meta_remote = {k: v for k, v in remote.hashes.items() if is_metadata_path(k)}
+    # A file the remote could not hash (over verify_max_stream_bytes, where the NAS is hashed by
+    # downloading: a large checksums.sha256 on S3) is read back whole and hashed here.
+    unhashed = [k for k in meta_local if k not in meta_remote and k in remote.unverifiable]
+    if unhashed:
+        try:
+            meta_remote.update(await _read_back(ctx, equipment, run, unhashed))
+        except Exception as exc:
+            return FinalPush(False, f"final metadata push not verified: reading it back failed: {exc}")
     if meta_remote:
         bad = sorted(k for k, v in meta_local.items() if meta_remote.get(k) != v)
         if bad:
@@ -406,6 +422,16 @@ async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
             )
         return FinalPush(True, unlisted + f"the push reported {len(meta_local)} files sent with their local hashes")
     return FinalPush(True, unlisted + "the transport reported success")
+
+
+async def _read_back(ctx: ClientContext, equipment: EquipmentConfig, run: Path, paths: list[str]) -> dict[str, str]:
+    """The SHA-256 of the NAS copies of ``paths``, fetched whole (those the NAS does not hold are left out)."""
+    remote = ctx.remotes.access(equipment)
+    if not remote.can_fetch:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="exlab-read-back-") as into:
+        fetched = await remote.fetch(run, paths, Path(into))
+        return {rel: await asyncio.to_thread(hash_file, path) for rel, path in fetched.items()}
 
 
 def cleaned_paths(ctx: ClientContext, job: SyncJobRow) -> frozenset[str]:

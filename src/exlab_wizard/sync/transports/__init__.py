@@ -62,5 +62,5 @@ def make_transport(
     if kind == "rclone":
         from exlab_wizard.sync.transports.rclone import RcloneTransport
 
-        return RcloneTransport(equipment, log=log, now=now)
+        return RcloneTransport(equipment, log=log, now=now, verify_max_stream_bytes=verify_max_stream_bytes)
     raise ValueError(f"unknown transport type {kind!r}")
