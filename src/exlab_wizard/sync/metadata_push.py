@@ -87,7 +87,8 @@ async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: Equipment
     its ``checksums.sha256`` is gone (see :func:`_nothing_left_to_send`).
     """
     run = Path(job.run_path)
-    if await asyncio.to_thread(_nothing_left_to_send, ctx, job):
+    deleted_at = await asyncio.to_thread(local_data_deleted_at, ctx.require_queue(), job.id)
+    if deleted_at is not None and await asyncio.to_thread(_nothing_left_to_send, run):
         _push_done(ctx, job, "metadata_push_cleared", _NOTHING_LEFT)
         return True
     task = asyncio.current_task()
@@ -97,7 +98,7 @@ async def send_pending(ctx: ClientContext, job: SyncJobRow, equipment: Equipment
         error = await asyncio.to_thread(_local_manifest_problem, job)
         if error is None:
             cleaned: frozenset[str] = frozenset()
-            if await asyncio.to_thread(local_data_deleted_at, ctx.require_queue(), job.id) is not None:
+            if deleted_at is not None:
                 cleaned = await asyncio.to_thread(cleaned_paths, ctx, job)
             _outcome, error = await try_push(ctx, job, equipment, cleaned=cleaned)
     except asyncio.CancelledError:
@@ -125,11 +126,10 @@ _NOTHING_LEFT = (
 )
 
 
-def _nothing_left_to_send(ctx: ClientContext, job: SyncJobRow) -> bool:
-    """Is there no evidence left for the job's pending push to send? Blocking I/O.
+def _nothing_left_to_send(run: Path) -> bool:
+    """Is there no evidence left for a pending push to send, the reaper having deleted the local data? Blocking I/O.
 
-    True when the reaper deleted the job's local data (``data_deleted_at``)
-    and the run's ``checksums.sha256`` is gone: from a run folder that is
+    True when the run's ``checksums.sha256`` is gone: from a run folder that is
     there (neither it nor its ``.exlab-wizard/`` a symlink), or with the run
     folder while its parent is there (a parent gone too is a disk away, not
     a removal). A cleanup with ``retain_cache: false`` removes them only after
@@ -139,9 +139,6 @@ def _nothing_left_to_send(ctx: ClientContext, job: SyncJobRow) -> bool:
     is left of ``.exlab-wizard/`` the resumed cleanup pushes and proves before
     removing it.
     """
-    if local_data_deleted_at(ctx.require_queue(), job.id) is None:
-        return False
-    run = Path(job.run_path)
     if os.path.islink(run):
         return False
     if not os.path.isdir(run):
