@@ -71,10 +71,15 @@ def _rot(run: Path) -> None:
     flip_byte_keep_stat(run / DAMAGED, offset=100)
 
 
-async def _damage_is_refused(cfg: Config, clock: Clock, run: Path, nas: Path) -> None:
-    """Re-enqueued after the damage: FAILED ``local_damage``, nothing sent, nothing deleted; ``restore`` mends it."""
+async def _damage_is_refused(cfg: Config, clock: Clock, run: Path, nas: Path, *, enqueue: bool = True) -> None:
+    """Re-enqueued after the damage: FAILED ``local_damage``, nothing sent, nothing deleted; ``restore`` mends it.
+
+    ``enqueue=False``: the job is still QUEUED in the queue the client opens (a restored backup); the
+    workers take it at start, so an enqueue would race them (refused once they found the damage).
+    """
     async with running(cfg, clock) as client:
-        await client.enqueue(run)  # the watcher would do the same
+        if enqueue:
+            await client.enqueue(run)  # the watcher would do the same
         await client.wait_idle(timeout=60)
         job = await client.job(run)
         clock.advance(30)
@@ -148,7 +153,7 @@ async def test_a_queue_restored_from_before_the_verification_behaves_the_same(si
     for path in backup.iterdir():
         if path.name.startswith("queue.db"):
             shutil.copy2(path, site.state / path.name)
-    await _damage_is_refused(cfg, clock, run, site.nas_copy(run))
+    await _damage_is_refused(cfg, clock, run, site.nas_copy(run), enqueue=False)
 
 
 async def test_an_edit_made_while_the_queue_was_lost_is_sent_and_the_verified_copy_kept(site: Site) -> None:
