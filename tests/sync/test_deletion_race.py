@@ -220,10 +220,53 @@ def test_a_set_aside_file_that_is_not_the_planned_one_is_kept(lab: Lab, monkeypa
         os.utime(private, ns=(st.st_atime_ns, st.st_mtime_ns))
     lab.run_pass()
     job = lab.job(job_id)
-    assert private.read_bytes() == new, "a set-aside file that is not the planned one was deleted"
-    assert {rel: (run / rel).read_bytes() for rel in VERIFIED_FILES if (run / rel).exists()} == before
     assert job.state == S.FAILED and job.error_kind == FailureKind.LOCAL_CHANGED_DURING_CLEANUP
-    assert left in job.last_error
+    assert {rel: (run / rel).read_bytes() for rel in VERIFIED_FILES if (run / rel).exists() and rel in before} == before
+    if change == "replaced":  # another inode: not the file set aside, kept where it is and named
+        assert private.read_bytes() == new, "a set-aside file that is not the planned one was deleted"
+        assert left in job.last_error
+    else:  # the planned inode: its name back first, then found changed by the resumed check
+        name = next(rel for rel in VERIFIED_FILES if rel not in before)
+        assert not private.exists() and (run / name).read_bytes() == new, "the edited file was not kept"
+        assert name in job.last_error
+
+
+def test_a_set_aside_file_gets_its_name_back_when_the_plan_is_dropped(lab: Lab, monkeypatch):
+    """Killed after the rename, then the job left CLEANUP_ELIGIBLE (an audit mismatch, a retry): nothing is
+    deleted, and the planned file is the lab's again under its own name, not hidden under the private one."""
+    run, job_id = lab.make_run(eligible=True)
+    killed: list[str] = []
+    _kill_after_the_rename(monkeypatch, killed)
+    lab.run_pass()
+    monkeypatch.undo()
+    (left,) = _set_aside(run)
+    (name,) = [rel for rel in VERIFIED_FILES if "/" not in rel and not (run / rel).exists()]
+    lab.queue.transition(job_id, S.CLEANUP_ELIGIBLE, S.QUEUED, now=lab.now, detail="audit mismatch")
+    outcomes = lab.run_pass()
+    assert [o.code for o in outcomes if o.job_id == job_id][0].value == "plan_dropped", outcomes
+    assert (run / name).read_bytes() == VERIFIED_FILES[name], (
+        "the planned file stayed hidden after its plan was dropped"
+    )
+    assert _set_aside(run) == []
+    assert name in walk_run(run)  # the run's data again: the next push and check see it
+
+
+def test_a_set_aside_file_whose_name_was_taken_is_kept_and_named(lab: Lab, monkeypatch):
+    """Killed after the rename; the instrument then writes a new file under the name: both kept, the job FAILED."""
+    run, job_id = lab.make_run(eligible=True)
+    killed: list[str] = []
+    _kill_after_the_rename(monkeypatch, killed)
+    lab.run_pass()
+    monkeypatch.undo()
+    (left,) = _set_aside(run)
+    (name,) = [rel for rel in VERIFIED_FILES if "/" not in rel and not (run / rel).exists()]
+    (run / name).write_bytes(b"new acquisition")
+    lab.run_pass()
+    job = lab.job(job_id)
+    assert (run / name).read_bytes() == b"new acquisition"
+    assert (run / left).read_bytes() == VERIFIED_FILES[name]
+    assert job.state == S.FAILED and job.error_kind == FailureKind.LOCAL_CHANGED_DURING_CLEANUP
+    assert left in job.last_error and "saved again" in job.last_error
 
 
 # ---------------------------------------------------------------- retain_cache: false, the .exlab-wizard/ files

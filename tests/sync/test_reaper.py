@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -749,7 +750,12 @@ def test_record_verified_stat_keeps_the_first_trusted_stat(lab: Lab):
 def test_record_verified_stat_distrusts_files_written_while_hashing(lab: Lab, monkeypatch):
     monkeypatch.setattr(local_check, "RACE_SLACK_NS", 0)  # the test cannot wait out 2 s of slack
     run, job_id = lab.make_run()
-    hashing_began = dt.datetime.now(dt.UTC)
+    # The hashing's start read from the file system's own (coarse) clock, as the mtimes are: the wall
+    # clock can be a tick ahead of the mtime of a file written right after it (flaky under load).
+    time.sleep(0.05)  # past the tick of the run's files
+    probe = run.parent / "clock-probe"
+    probe.write_bytes(b"")
+    hashing_began = dt.datetime.fromtimestamp(probe.stat().st_mtime_ns / 1e9, dt.UTC)
     (run / "image_001.tif").write_bytes(b"A" * 3000)  # rewritten (same bytes) while being hashed
     hashes = {rel: sha(data) for rel, data in DEFAULT_FILES.items()}
     with lab.queue.transaction() as conn:

@@ -16,6 +16,8 @@ Owns every unlink and rmdir the reaper makes:
   between the rename and the unlink leaves the private name, which the next
   one deletes if it holds the planned file (no listing of a run shows such a
   name meanwhile). Folders are fsync-ed after their files are unlinked.
+- :func:`put_back_set_aside`: at the start of a resumed plan, every file a
+  killed pass set aside gets its name back before anything is decided.
 - :func:`remove_left_empty`: the folders the deletion left empty, deepest
   first, never the run folder, never a symlink, never outside the run.
 - :func:`metadata_snapshot` / :func:`remove_metadata` /
@@ -56,6 +58,7 @@ __all__ = [
     "DeleteResult",
     "delete_batch",
     "metadata_snapshot",
+    "put_back_set_aside",
     "remove_left_empty",
     "remove_metadata",
     "remove_run_folder",
@@ -212,15 +215,7 @@ def _put_back(folder: int, private: str, name: str, item: PlannedFile) -> NoRetu
     """
     kept = f"local file changed since the plan: {item.path} was replaced before its deletion"
     try:
-        try:
-            os.link(private, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links on this file system: renamed back, never over a file
-            rename_noreplace(private, name, dir_fd=folder, atomic_only=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(private, dir_fd=folder)  # the same file stays under its name
+        _name_back(folder, private, name)
     except FileExistsError:
         raise _Stop(
             f"{kept}, and again since: the file found in its place is kept as {_beside(item.path, private)}, "
@@ -232,6 +227,94 @@ def _put_back(folder: int, private: str, name: str, item: PlannedFile) -> NoRetu
             f"(cannot be put back: {exc.strerror or exc})"
         ) from None
     raise _Stop(f"{kept}: that file is kept, nothing of it deleted")
+
+
+def _name_back(folder: int, private: str, name: str) -> None:
+    """The file under ``private`` in ``folder`` gets ``name`` again, never over a file (``FileExistsError``).
+
+    Linked back, then the private name unlinked; where the file system has
+    no hard links, renamed back with a rename that refuses to replace.
+    """
+    try:
+        os.link(private, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system: renamed back, never over a file
+        rename_noreplace(private, name, dir_fd=folder, atomic_only=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(private, dir_fd=folder)  # the same file stays under its name
+
+
+def put_back_set_aside(run_path: Path, planned: Sequence[PlannedFile]) -> list[str]:
+    """Give each planned file a killed pass set aside (its private name) its own name back. Blocking I/O.
+
+    A plan found at the start of a pass may have been cut between a file's
+    rename to its private name and its unlink. That file was never deleted:
+    it is put back under its name before anything else is decided, so the
+    resumed plan checks it like any other planned file (and deletes it only
+    if it still matches), and a plan dropped instead leaves the file where
+    the lab expects it, not hidden under a name no listing shows. Returns the
+    run-relative private paths that could not be put back because a file has
+    the name again (both kept). Folders are fsync-ed after a rename. Nothing
+    is done when the run folder cannot be opened (its disk away: the plan waits).
+    """
+    blocked: list[str] = []
+    try:
+        root = open_run(run_path)
+    except RunFolderError:
+        return blocked
+    try:
+        groups: dict[tuple[str, ...], list[PlannedFile]] = {}
+        for item in planned:
+            parents, _ = split_path(item.path)
+            groups.setdefault(tuple(parents), []).append(item)
+        for parents, items in groups.items():
+            try:
+                folder = open_dir_chain(root, parents)
+            except OSError:
+                continue  # gone or replaced: nothing of the plan set aside in it
+            try:
+                moved = False
+                for item in items:
+                    _, name = split_path(item.path)
+                    private = reaping_name(name, item.ino)
+                    try:
+                        st = os.stat(private, dir_fd=folder, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not _planned(st, item):
+                        continue  # not the file set aside: the resume's check keeps it and names it
+                    try:
+                        _name_back(folder, private, name)
+                    except FileExistsError:
+                        if not _same_file(folder, name, st):
+                            blocked.append(_beside(item.path, private))
+                            continue
+                        # A put-back killed between its link and the private name's unlink: one file, two names.
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(private, dir_fd=folder)
+                        moved = True
+                    except OSError:
+                        continue  # left set aside: the resume's check deletes it or names it
+                    else:
+                        moved = True
+                if moved:
+                    os.fsync(folder)
+            finally:
+                os.close(folder)
+    finally:
+        os.close(root)
+    return blocked
+
+
+def _same_file(folder: int, name: str, st: os.stat_result) -> bool:
+    """Is ``name`` in ``folder`` (not followed) the file of ``st``?"""
+    try:
+        other = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _unlink_private(folder: int, private: str, item: PlannedFile) -> None:

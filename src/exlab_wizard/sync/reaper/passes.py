@@ -365,16 +365,39 @@ class Reaper(InterlockFacts):
         return progress
 
     async def _resume(self, progress: Progress) -> ReaperOutcome:
-        """A plan found at the start of a pass: carry it on, or drop it if its job moved on."""
+        """A plan found at the start of a pass: carry it on, or drop it if its job moved on.
+
+        Files a killed pass set aside get their names back first (never
+        deleted, they are the lab's files again whatever is decided next).
+        """
+        blocked: list[str] = []
+        if progress.data_deleted_at is None:
+            blocked = await asyncio.to_thread(
+                deletion.put_back_set_aside, Path(progress.run_path), self._store.plan_files(progress.job_id)
+            )
         job = self.queue.get(progress.job_id)
         if job is None or job.state != S.CLEANUP_ELIGIBLE or job.manifest_digest != progress.manifest_digest:
-            return self._abandon(progress, job, "job left cleanup_eligible" if job else "job missing")
+            why = "job left cleanup_eligible" if job else "job missing"
+            if blocked:
+                why += f"; kept as set aside, a file has its name again: {', '.join(blocked)}"
+            return self._abandon(progress, job, why)
         try:
             log = self._log(job)
         except Exception as exc:
             reason = f"equipment log unavailable: {exc}"
             self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
             return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
+        if blocked:
+            done = progress.files - self._count_present(progress)
+            why = (
+                f"local file saved again after an interrupted deletion set the planned one aside: "
+                f"the planned file is kept as {', '.join(blocked)}"
+            )
+            reason = f"cleanup stopped: {why}; {done} of {progress.files} planned files were deleted, nothing else"
+            self._fail_part_deleted(job, progress, log, reason, FailureKind.LOCAL_CHANGED_DURING_CLEANUP, why, done)
+            return ReaperOutcome(
+                job.id, job.run_path, "aborted", reason, code=C.LOCAL_CHANGED_DURING_CLEANUP, paths=tuple(blocked)
+            )
         # Interlocks 1-5 again, with a new listing of the remote run folder against the plan
         # while local data remain; 6 is the per-file check of the plan itself.
         planned = self._store.plan_files(job.id) if progress.data_deleted_at is None else None
