@@ -29,7 +29,6 @@ import datetime as dt
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -44,7 +43,7 @@ from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unver
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
-from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, TRANSITION_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
@@ -470,7 +469,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     everything = check is None and bool(job.manifest_digest)
     # The manifests this run may have left on the NAS: a NAS folder holding another one is another
     # run's verified copy (two runs reaching one folder), never written to, nor moved aside.
-    own = await asyncio.to_thread(_own_manifests, queue, job)
+    own = await asyncio.to_thread(metadata_push.own_manifests, queue, job)
     if nas_copy is not None:
         own = (*own, nas_copy.digest)  # the run's verified copy is there: the push keeps what it replaces
     # A job that never wrote into the folder at this NAS place: data files of its names there are
@@ -657,27 +656,6 @@ def _reserve_push_stamp(ctx: ClientContext, job: SyncJobRow) -> str:
         now=ctx.clock(),
     )
     return stamp
-
-
-#: The manifest digest a VERIFIED transition's detail names (its first 12 hex digits).
-_VERIFIED_DETAIL = re.compile(r"\bmanifest ([0-9a-f]{12})\b")
-
-
-def _own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
-    """The manifests ``job`` was verified with: the last whole, the earlier ones by their events' 12 hex digits.
-
-    Every VERIFIED sets ``manifest_digest`` and nothing clears it: a job without one was never
-    verified, and its events are not read (a first push, the common case).
-    """
-    if not job.manifest_digest:
-        return ()
-    own = [job.manifest_digest]
-    for event in queue.events(job.id):
-        if event.kind == TRANSITION_EVENT and event.to_state == S.VERIFIED.value:
-            found = _VERIFIED_DETAIL.search(event.detail or "")
-            if found:
-                own.append(found.group(1))
-    return tuple(dict.fromkeys(own))
 
 
 def _claimed_before(queue: JobQueue, job: SyncJobRow, equipment: EquipmentConfig, run: Path) -> bool:

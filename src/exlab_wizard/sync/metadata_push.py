@@ -14,9 +14,11 @@ transaction. This module sends it and records the outcome:
 - :func:`data_only` and :func:`cleaned_paths`: which paths are data, and
   which verified data files the reaper already deleted locally.
 
-Every push first brings into the local ``creation.json`` what the NAS's one
-holds and the local one lacks (:func:`keep_nas_record`; the client does the
-same before a push into a folder that is the run's own): the engine writes a
+Every push first checks that the NAS run folder is the run's own
+(:func:`check_nas_folder`: the transports' metadata-only push checks nothing),
+then brings into the local ``creation.json`` what the NAS's one holds and the
+local one lacks (:func:`keep_nas_record`; the client does the same before a
+push into a folder that is the run's own): the engine writes a
 new, nearly empty ``creation.json`` where the local one was lost (the minimal
 file before a push, the reaper's ``local_cleaned`` record), and the push must
 never send such a file over the run's full record on the NAS.
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,19 +52,27 @@ from exlab_wizard.fileio import (
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.manifest_format import has_digest, manifest_path, read_manifest
 from exlab_wizard.sync.policy.cleanup import name_paths
-from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
-from exlab_wizard.sync.states import IllegalTransition
+from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError
-from exlab_wizard.sync.transports.base import location_change
-from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner
+from exlab_wizard.sync.transports.base import location_change, remote_run_path
+from exlab_wizard.sync.transports.conflict import (
+    NAS_MANIFEST,
+    check_owner,
+    claim_markers,
+    claim_path,
+    ownership_error,
+)
 from exlab_wizard.sync.verifier import hash_tree
 
 __all__ = [
+    "check_nas_folder",
     "cleaned_paths",
     "data_only",
     "final_push",
     "keep_nas_record",
+    "own_manifests",
     "push_failed",
     "push_once",
     "send_pending",
@@ -267,6 +278,7 @@ async def try_push(
     only when the folder there holds the run's own verified manifest (a share copied whole to a
     new NAS): another folder there may be another run's, and its manifest would be written over.
     Otherwise it waits until the run is verified there (the audit's pass at the new place).
+    Nothing is read from or written to a NAS folder that is not the run's (:func:`check_nas_folder`).
     """
     run = Path(job.run_path)
     try:
@@ -280,6 +292,7 @@ async def try_push(
     except TransportError as exc:
         return None, f"{exc.kind.value}: {exc.message}"
     try:
+        await check_nas_folder(ctx, job, equipment)
         await keep_nas_record(ctx, run, equipment)
         return await ctx.remotes.access(equipment).push_metadata(run, cleaned=cleaned), None
     except asyncio.CancelledError:
@@ -288,6 +301,60 @@ async def try_push(
         return None, f"{exc.kind.value}: {exc.message}"
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
+
+
+async def check_nas_folder(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+    """Raise ``REMOTE_CONFLICT`` unless the job's NAS run folder is its run's; before a metadata push reads or writes it.
+
+    The transports' metadata-only push makes no ownership check of its own
+    (the run was verified there), but the folder may have changed hands since:
+    a verified copy whose manifest is not written yet (its metadata push
+    waiting) looks abandoned, and may be deleted and filled by another PC's
+    run of the same name. The folder is the run's when it holds this job's
+    claim (its push wrote there, past the push's own checks); else when its
+    verified manifest is one of the run's (:func:`check_owner`: the job's
+    :func:`own_manifests`, or the local one); else when it holds no other
+    job's claim (a push from before claims wrote none). The NAS unreachable,
+    or listed and then unreadable, raises ``NETWORK`` (never taken for a
+    folder without claims). A transport that cannot read the NAS back (an
+    embedder's) is not checked: as before.
+    """
+    remote = ctx.remotes.access(equipment)
+    if not remote.can_fetch:
+        return
+    run = Path(job.run_path)
+    where = remote_run_path(equipment, run)
+    listing = await ctx.remotes.listing(job)
+    if claim_path(job.id) in listing:
+        return
+    if NAS_MANIFEST in listing:
+        own = await asyncio.to_thread(own_manifests, ctx.require_queue(), job)
+        await check_owner(run, where, remote.fetch, own)
+        return
+    error = ownership_error(where, claimed=(), markers=claim_markers(listing), owner=job.id, fresh=False)
+    if error is not None:
+        raise error
+
+
+#: The manifest digest a VERIFIED transition's detail names (its first 12 hex digits).
+_VERIFIED_DETAIL = re.compile(r"\bmanifest ([0-9a-f]{12})\b")
+
+
+def own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
+    """The manifests ``job`` was verified with: the last whole, the earlier ones by their events' 12 hex digits.
+
+    Every VERIFIED sets ``manifest_digest`` and nothing clears it: a job without one was never
+    verified, and its events are not read (a first push, the common case). Blocking (the queue).
+    """
+    if not job.manifest_digest:
+        return ()
+    own = [job.manifest_digest]
+    for event in queue.events(job.id):
+        if event.kind == TRANSITION_EVENT and event.to_state == SyncJobState.VERIFIED.value:
+            found = _VERIFIED_DETAIL.search(event.detail or "")
+            if found:
+                own.append(found.group(1))
+    return tuple(dict.fromkeys(own))
 
 
 CREATION_REL = f"{METADATA_DIR}/creation.json"
