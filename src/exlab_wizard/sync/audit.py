@@ -72,7 +72,7 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
             if equipment is None or job.equipment_id in ctx.inflight:
                 continue
             now = ctx.clock()
-            if not force and job.last_verify_at is not None and now - job.last_verify_at < interval:
+            if not force and _recent(job.last_verify_at, now, interval):
                 continue
             window = not force and _window_limits(equipment, ctx.local_now())
             if window:
@@ -80,7 +80,7 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 # reads nothing from it, so a file written since verification is still sent (under
                 # the window's limit), once an audit interval.
                 checked = ctx.window_checked_at.get(job.id)
-                if checked is not None and now - checked < interval:
+                if _recent(checked, now, interval):
                     continue
                 ctx.window_checked_at[job.id] = now
             else:
@@ -101,9 +101,8 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
     now = ctx.clock()
     # A check older than an interval holds nothing back (the job is checked anew): forgotten, so
     # jobs that left VERIFIED and CLEANUP_ELIGIBLE leave no entry behind.
-    ctx.window_checked_at = {j: at for j, at in ctx.window_checked_at.items() if now - at < interval}
-    last = ctx.late_data_checked_at
-    if not force and last is not None and now - last < interval:
+    ctx.window_checked_at = {j: at for j, at in ctx.window_checked_at.items() if _recent(at, now, interval)}
+    if not force and _recent(ctx.late_data_checked_at, now, interval):
         return
     ctx.late_data_checked_at = now
     for job in queue.iter_jobs(S.CLEANED):
@@ -116,6 +115,13 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 f"{len(late)} data file(s) written into the run folder after its cleanup are not on the NAS: "
                 f"{name_paths(late)}; a cleaned run is not sent again: move them into a new run folder",
             )
+
+
+def _recent(last: dt.datetime | None, now: dt.datetime, interval: dt.timedelta) -> bool:
+    """Was ``last`` less than ``interval`` before ``now``? A time after ``now`` was not: it was taken
+    while the clock ran ahead and it has been set back since, and the check is due (waiting for the
+    clock to catch up would skip the audit for the whole error of that clock)."""
+    return last is not None and dt.timedelta(0) <= now - last < interval
 
 
 def _window_limits(equipment: EquipmentConfig, now: dt.datetime) -> bool:

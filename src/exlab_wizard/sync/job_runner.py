@@ -43,7 +43,7 @@ from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unver
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import name_paths
-from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, JobQueue, SyncJobRow, attempt_due
 from exlab_wizard.sync.reaper import record_verified_stat
 from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
@@ -72,6 +72,7 @@ __all__ = [
     "dispatch_loop",
     "fail",
     "guarded",
+    "max_wait",
     "retry_or_fail",
     "run_job",
     "start",
@@ -86,6 +87,16 @@ S = SyncJobState
 
 
 # ---------------------------------------------------------------------- the dispatcher
+
+
+def max_wait(ctx: ClientContext) -> dt.timedelta:
+    """The longest wait this engine sets on a QUEUED job: its longest backoff, or a scan interval.
+
+    A ``next_attempt_at`` further ahead was set while the clock ran ahead and
+    has since been set back: it is due (:func:`~exlab_wizard.sync.queue.attempt_due`).
+    """
+    sync = ctx.config.sync
+    return dt.timedelta(seconds=max((*sync.backoff_s, sync.scan_interval_s)))
 
 
 def start(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, work: Awaitable[None], what: str) -> None:
@@ -130,7 +141,7 @@ def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
             job.id, S.QUEUED, S.FAILED, now=ctx.clock(), detail=why, error_kind=FailureKind.UNKNOWN, last_error=why
         )
 
-    _start_due(ctx, limit, queue.next_due, unconfigured, run_job, "job")
+    _start_due(ctx, limit, functools.partial(queue.next_due, max_wait=max_wait(ctx)), unconfigured, run_job, "job")
     # The pending metadata pushes that are due (a push interrupted or failed earlier).
     _start_due(
         ctx,
@@ -141,7 +152,7 @@ def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
         "metadata",
     )
     timeout = poll_interval_s
-    wakeup = queue.next_dispatch_wakeup(ctx.clock())
+    wakeup = queue.next_dispatch_wakeup(ctx.clock(), max_wait=max_wait(ctx))
     if wakeup is not None:
         timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
     return timeout
@@ -232,7 +243,7 @@ async def wait_idle(ctx: ClientContext) -> None:
     while True:
         queue = ctx.require_queue()
         now = ctx.clock()
-        due = queue.next_due(now) or queue.next_metadata_push(now)
+        due = queue.next_due(now, max_wait=max_wait(ctx)) or queue.next_metadata_push(now)
         if not ctx.inflight and not ctx.ended and due is None:
             return
         await asyncio.sleep(0.02)
@@ -253,8 +264,9 @@ def waiting_for(ctx: ClientContext, job_ids: Iterable[str]) -> dict[str, str]:
                 waiting[job.id] = f"{job.state.value}: metadata push to the NAS (checksums.sha256, creation.json)"
             continue
         what = job.state.value + (" (in flight)" if job.id in busy else "")
-        if job.state == S.QUEUED and job.next_attempt_at is not None and job.next_attempt_at > now:
-            what += f", next attempt at {job.next_attempt_at.astimezone().strftime('%Y-%m-%d %H:%M:%S')}"
+        at = job.next_attempt_at
+        if job.state == S.QUEUED and at is not None and not attempt_due(at, now, max_wait(ctx)):
+            what += f", next attempt at {at.astimezone().strftime('%Y-%m-%d %H:%M:%S')}"
         if job.last_error:
             what += f"; last error: {job.last_error}"
         waiting[job.id] = what

@@ -180,7 +180,7 @@ class NASSyncClient:
             logger.info("another process runs the workers for %s", self.queue_db)
             return
         self._lease = lease
-        for job in ctx.queue.recover(now=self.clock()):
+        for job in ctx.queue.recover(now=self.clock(), max_wait=job_runner.max_wait(ctx)):
             equipment = ctx.equipment(job)
             if equipment is not None and job.equipment_id not in ctx.inflight:
                 verify = job_runner.verify_job(ctx, job, equipment, local_hashes=None)

@@ -73,6 +73,7 @@ __all__ = [
     "RunnerLease",
     "SyncEvent",
     "SyncJobRow",
+    "attempt_due",
     "lease_path_for",
 ]
 
@@ -291,6 +292,26 @@ def _dt(text: str | None) -> dt.datetime | None:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else _ts(value)
+
+
+def _beyond(now: dt.datetime, max_wait: dt.timedelta | None) -> str:
+    """The stamp after which a recorded due time counts as due now (see :func:`attempt_due`).
+
+    With no ``max_wait`` nothing is beyond it (the year 9999 is later than every stamp).
+    """
+    return "9999" if max_wait is None else _ts(now + max_wait)
+
+
+def attempt_due(at: dt.datetime | None, now: dt.datetime, max_wait: dt.timedelta | None = None) -> bool:
+    """Is a QUEUED job whose ``next_attempt_at`` is ``at`` due at ``now``?
+
+    Due when ``at`` is unset or not after ``now``, and also when it lies
+    further ahead than ``max_wait`` (the longest wait the engine ever sets: a
+    backoff or a scan interval). Such a time was set by a clock that ran ahead
+    and has since been set back; waiting it out would hold the job for the
+    whole error of that clock.
+    """
+    return at is None or at <= now or (max_wait is not None and at > now + max_wait)
 
 
 # --------------------------------------------------------------------------- rows
@@ -882,18 +903,24 @@ class JobQueue:
             row = conn.execute("SELECT * FROM events WHERE id = last_insert_rowid()").fetchone()
             return _event(row)
 
-    def recover(self, *, now: dt.datetime) -> list[SyncJobRow]:
+    def recover(self, *, now: dt.datetime, max_wait: dt.timedelta | None = None) -> list[SyncJobRow]:
         """Crash recovery, for the lease holder only, in one transaction.
 
         Every RUNNING job goes back to QUEUED, due ``now``, attempts
         unchanged, with the event ``recovered after restart``. Every pending
         metadata push is due ``now`` (an interrupted one is sent again at
-        once). Returns the AWAITING_VERIFY jobs (oldest first) for the caller
-        to verify again.
+        once), and so is every QUEUED job whose ``next_attempt_at`` lies
+        further ahead than ``max_wait`` (set by a clock since set back, see
+        :func:`attempt_due`). Returns the AWAITING_VERIFY jobs (oldest first)
+        for the caller to verify again.
         """
         with self.transaction() as conn:
             conn.execute(
                 "UPDATE jobs SET metadata_push_due_at = ? WHERE metadata_push_due_at > ?", (_ts(now), _ts(now))
+            )
+            conn.execute(
+                "UPDATE jobs SET next_attempt_at = ? WHERE state = ? AND next_attempt_at > ?",
+                (_ts(now), _QUEUED, _beyond(now, max_wait)),
             )
             running = conn.execute(
                 "SELECT id FROM jobs WHERE state = ? ORDER BY created_at, rowid",
@@ -1004,11 +1031,14 @@ class JobQueue:
             events = self._events(conn, row["id"], limit)
         return dataclasses.replace(_job(row), events=tuple(events))
 
-    def next_due(self, now: dt.datetime, *, busy_equipment: Collection[str] = ()) -> SyncJobRow | None:
+    def next_due(
+        self, now: dt.datetime, *, busy_equipment: Collection[str] = (), max_wait: dt.timedelta | None = None
+    ) -> SyncJobRow | None:
         """The QUEUED job to run next, or None.
 
-        Among QUEUED jobs that are due (``next_attempt_at`` null or <= ``now``)
-        and whose equipment is not in ``busy_equipment``: the one with a null
+        Among QUEUED jobs that are due (``next_attempt_at`` null or <= ``now``,
+        or further ahead than ``max_wait``: see :func:`attempt_due`) and whose
+        equipment is not in ``busy_equipment``: the one with a null
         ``next_attempt_at`` first, then the earliest ``next_attempt_at``, then
         the oldest. It is only read, not claimed: the worker then calls
         :meth:`transition` to RUNNING, which fails if another got there first.
@@ -1016,8 +1046,11 @@ class JobQueue:
         if isinstance(busy_equipment, str):
             raise TypeError("busy_equipment must be a collection of equipment ids, not a str")
         busy = sorted({str(e) for e in busy_equipment})
-        sql = "SELECT * FROM jobs WHERE state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
-        params: list[Any] = [_QUEUED, _ts(now)]
+        sql = (
+            "SELECT * FROM jobs WHERE state = ?"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?)"
+        )
+        params: list[Any] = [_QUEUED, _ts(now), _beyond(now, max_wait)]
         if busy:
             sql += f" AND equipment_id NOT IN ({', '.join('?' * len(busy))})"
             params.extend(busy)
@@ -1057,7 +1090,7 @@ class JobQueue:
             ).fetchone()
         return _dt(row["t"])
 
-    def next_dispatch_wakeup(self, now: dt.datetime) -> dt.datetime | None:
+    def next_dispatch_wakeup(self, now: dt.datetime, *, max_wait: dt.timedelta | None = None) -> dt.datetime | None:
         """The earlier of :meth:`next_wakeup` and :meth:`next_metadata_wakeup`, in one query.
 
         What the dispatcher sleeps until when it has nothing to start (it
@@ -1068,23 +1101,35 @@ class JobQueue:
             row = conn.execute(
                 "SELECT MIN(t) AS t FROM ("
                 " SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state = ? AND next_attempt_at > ?"
+                " AND next_attempt_at <= ?"
                 " UNION ALL SELECT MIN(metadata_push_due_at) FROM jobs"
                 " WHERE metadata_push_due_at > ? AND state IN (?, ?))",
-                (_QUEUED, stamp, stamp, SyncJobState.VERIFIED.value, SyncJobState.CLEANUP_ELIGIBLE.value),
+                (
+                    _QUEUED,
+                    stamp,
+                    _beyond(now, max_wait),
+                    stamp,
+                    SyncJobState.VERIFIED.value,
+                    SyncJobState.CLEANUP_ELIGIBLE.value,
+                ),
             ).fetchone()
         return _dt(row["t"])
 
-    def next_wakeup(self, now: dt.datetime | None = None) -> dt.datetime | None:
+    def next_wakeup(
+        self, now: dt.datetime | None = None, *, max_wait: dt.timedelta | None = None
+    ) -> dt.datetime | None:
         """The earliest ``next_attempt_at`` after ``now`` (default: the clock) among QUEUED jobs.
 
         None when no QUEUED job waits for a future time. A worker sleeps
-        until then (or until woken by a new job).
+        until then (or until woken by a new job). A time further ahead than
+        ``max_wait`` is due already (:func:`attempt_due`), not waited for.
         """
-        stamp = _ts(now if now is not None else dt.datetime.now(dt.UTC))
+        at = now if now is not None else dt.datetime.now(dt.UTC)
         with self._locked() as conn:
             row = conn.execute(
-                "SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state = ? AND next_attempt_at > ?",
-                (_QUEUED, stamp),
+                "SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state = ? AND next_attempt_at > ?"
+                " AND next_attempt_at <= ?",
+                (_QUEUED, _ts(at), _beyond(at, max_wait)),
             ).fetchone()
         return _dt(row["t"])
 
