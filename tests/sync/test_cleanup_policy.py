@@ -53,7 +53,14 @@ def facts(**changes) -> CleanupFacts:
         ({"verified_at": None, "verify_passes": 0}, "wait", "waiting: not verified", None, 2),
         ({"verified_at": NOW - 20 * HOUR}, "wait", "waiting: 20 h of 24 h", None, 3),
         ({"verified_at": NOW - 23.99 * HOUR}, "wait", "waiting: 23.9 h of 24 h", None, 3),
-        ({"verified_at": NOW + HOUR}, "wait", "waiting: 0 h of 24 h", None, 3),  # clock moved back
+        (  # clock moved back: the age counts from the next pass
+            {"verified_at": NOW + HOUR},
+            "wait",
+            "waiting: 0 h of 24 h; verified at 2024-05-06T13:00:00+00:00, after the clock's now (set back since):"
+            " the age counts from the next verify pass",
+            None,
+            3,
+        ),
         ({"verified_at": NOW - 24 * HOUR}, "delete", "all six interlocks hold", None, 0),
         ({"min_age_hours": 0.5, "verified_at": NOW - 0.25 * HOUR}, "wait", "waiting: 0.2 h of 0.5 h", None, 3),
         ({"remote_reachable": False}, "wait", "remote unreachable", None, 4),

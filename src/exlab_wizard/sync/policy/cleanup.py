@@ -7,7 +7,9 @@ the disk for a job that is waiting anyway):
 1. cleanup is enabled (``nas_cleanup.enabled``);
 2. ``verify_passes >= min_verify_passes``;
 3. at least ``min_age_hours`` since ``verified_at``, the first verification
-   of the current NAS copy (later passes do not restart the clock);
+   of the current NAS copy (later passes do not restart the clock; a
+   ``verified_at`` after ``now``, stamped by a clock since set back, counts
+   from the first later pass that is not: :func:`age_start`);
 4. the NAS copy holds the ``.exlab-wizard/`` of the current verification
    (no metadata push pending), the remote run root is reachable now, and one
    listing of the remote run folder shows every manifest file with its
@@ -74,6 +76,7 @@ __all__ = [
     "MAX_PATHS_IN_REASON",
     "METADATA_PENDING_REASON",
     "RemoteCheck",
+    "age_start",
     "check_remote",
     "decide",
     "eligible_to_promote",
@@ -223,6 +226,8 @@ class CleanupFacts:
     more (revoked, expired, or gone from creation.json);
     ``override_check_error`` says why they could not be read at all (the
     interlock then fails: an override that cannot be read is not active).
+    ``pass_times``: the verify passes of the current NAS copy (for a
+    ``verified_at`` after ``now``, see :func:`age_start`).
     ``metadata_push_pending``: the NAS copy has not yet received the
     ``.exlab-wizard/`` of the current verification (its ``checksums.sha256``):
     the local copy is the only one that says which bytes are right, so it
@@ -241,6 +246,7 @@ class CleanupFacts:
     local: LocalCheck | None = None
     remote: RemoteCheck | None = None
     metadata_push_pending: bool = False
+    pass_times: tuple[dt.datetime, ...] = ()
 
 
 #: The refusal while the metadata push of the current verification has not reached the NAS.
@@ -290,16 +296,35 @@ def _check_aware(name: str, value: dt.datetime | None) -> None:
         raise ValueError(f"{name} must be timezone-aware, not {value!r}")
 
 
+def age_start(
+    verified_at: dt.datetime | None, pass_times: Sequence[dt.datetime], now: dt.datetime
+) -> dt.datetime | None:
+    """When interlock 3's age counts from: the earliest verification of the current NAS copy not after ``now``.
+
+    That is ``verified_at`` (its later passes are later), unless the clock
+    ran ahead when it was stamped and has been set back since: then it is
+    the first pass made after the correction (an audit pass is due at once,
+    see ``audit.py``), so the age never counts from a time before a real
+    verification. None while there is no such time (no pass since).
+    """
+    if verified_at is None:
+        return None
+    return min((t for t in (verified_at, *pass_times) if t <= now), default=None)
+
+
 def _passes_and_age(
     verify_passes: int,
     min_verify_passes: int,
     verified_at: dt.datetime | None,
     min_age_hours: float,
     now: dt.datetime,
+    pass_times: Sequence[dt.datetime] = (),
 ) -> CleanupDecision | None:
     """Interlocks 2 and 3; None when both hold."""
     _check_aware("now", now)
     _check_aware("verified_at", verified_at)
+    for at in pass_times:
+        _check_aware("pass_times", at)
     if verified_at is None:
         return CleanupDecision("wait", "waiting: not verified", interlock=2, code=CleanupCode.NOT_VERIFIED)
     if verify_passes < min_verify_passes:
@@ -309,7 +334,16 @@ def _passes_and_age(
             interlock=2,
             code=CleanupCode.WAITING_PASSES,
         )
-    age_hours = (now - verified_at).total_seconds() / 3600.0
+    start = age_start(verified_at, pass_times, now)
+    if start is None:
+        return CleanupDecision(
+            "wait",
+            f"waiting: 0 h of {min_age_hours:g} h; verified at {verified_at.isoformat(timespec='seconds')},"
+            " after the clock's now (set back since): the age counts from the next verify pass",
+            interlock=3,
+            code=CleanupCode.WAITING_AGE,
+        )
+    age_hours = (now - start).total_seconds() / 3600.0
     if age_hours < min_age_hours:
         return CleanupDecision(
             "wait",
@@ -333,7 +367,8 @@ def eligible_to_promote(job: Any, config: Any, now: dt.datetime) -> tuple[bool, 
     refusal = promotion_refusal(job, config, now)
     if refusal is not None:
         return False, refusal.reason
-    hours = (now - job.verified_at).total_seconds() / 3600.0
+    start = age_start(job.verified_at, getattr(job, "pass_times", ()), now) or now
+    hours = (now - start).total_seconds() / 3600.0
     return True, f"verified {job.verify_passes} times, first {format_hours(hours)} h ago"
 
 
@@ -342,7 +377,14 @@ def promotion_refusal(job: Any, config: Any, now: dt.datetime) -> CleanupDecisio
     cleanup = getattr(config, "nas_cleanup", config)
     if not cleanup.enabled:
         return CleanupDecision("wait", "cleanup disabled", interlock=1, code=CleanupCode.DISABLED)
-    return _passes_and_age(job.verify_passes, cleanup.min_verify_passes, job.verified_at, cleanup.min_age_hours, now)
+    return _passes_and_age(
+        job.verify_passes,
+        cleanup.min_verify_passes,
+        job.verified_at,
+        cleanup.min_age_hours,
+        now,
+        getattr(job, "pass_times", ()),
+    )
 
 
 def _local_decision(local: LocalCheck) -> CleanupDecision | None:
@@ -401,7 +443,12 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
     if not facts.enabled:
         return CleanupDecision("wait", "cleanup disabled", interlock=1, code=C.DISABLED)
     refusal = _passes_and_age(
-        facts.verify_passes, facts.min_verify_passes, facts.verified_at, facts.min_age_hours, facts.now
+        facts.verify_passes,
+        facts.min_verify_passes,
+        facts.verified_at,
+        facts.min_age_hours,
+        facts.now,
+        facts.pass_times,
     )
     if refusal is not None:
         return refusal

@@ -193,6 +193,7 @@ class InterlockFacts:
             min_age_hours=cleanup.min_age_hours,
             now=now,
             metadata_push_pending=job.metadata_push_pending,
+            pass_times=job.pass_times,
         )
 
     async def _decide(
