@@ -104,3 +104,20 @@ def test_a_verified_at_in_the_past_counts_as_before() -> None:
     assert age_start(passes[0], passes, NOW) == passes[0]
     assert decide(facts(passes[0], passes, NOW)).action == "delete"
     assert decide(facts(passes[0], passes, NOW - 2 * HOUR)).code == CleanupCode.WAITING_AGE
+
+
+def test_a_metadata_push_due_further_ahead_than_any_wait_is_due_while_running(q: JobQueue) -> None:
+    """The same for a pending metadata push whose retry was stamped by a clock since set back (no restart)."""
+    real = queued(q, "EQ1", None)
+    stuck = queued(q, "EQ2", None)
+    for job_id, due in ((real, t(60)), (stuck, NOW + YEAR)):
+        q.update(job_id, S.QUEUED, now=NOW - HOUR, next_attempt_at=None)
+        q.transition(job_id, S.QUEUED, S.RUNNING, now=NOW - HOUR)
+        q.transition(job_id, S.RUNNING, S.AWAITING_VERIFY, now=NOW - HOUR)
+        q.transition(job_id, S.AWAITING_VERIFY, S.VERIFIED, now=NOW - HOUR, manifest_digest="ab" * 32)
+        q.update(job_id, S.VERIFIED, now=NOW - HOUR, metadata_push_due_at=due)
+    assert q.next_metadata_push(NOW) is None  # as before when no max_wait is given
+    assert q.next_metadata_push(NOW, max_wait=MAX_WAIT).id == stuck
+    assert q.next_metadata_push(NOW, busy_equipment={"EQ2"}, max_wait=MAX_WAIT) is None
+    assert q.next_dispatch_wakeup(NOW, max_wait=MAX_WAIT) == t(60)  # the real retry, not a year away
+    assert q.next_dispatch_wakeup(NOW) == t(60)

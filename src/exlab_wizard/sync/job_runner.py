@@ -141,18 +141,19 @@ def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
             job.id, S.QUEUED, S.FAILED, now=ctx.clock(), detail=why, error_kind=FailureKind.UNKNOWN, last_error=why
         )
 
-    _start_due(ctx, limit, functools.partial(queue.next_due, max_wait=max_wait(ctx)), unconfigured, run_job, "job")
+    wait = max_wait(ctx)
+    _start_due(ctx, limit, functools.partial(queue.next_due, max_wait=wait), unconfigured, run_job, "job")
     # The pending metadata pushes that are due (a push interrupted or failed earlier).
     _start_due(
         ctx,
         limit,
-        queue.next_metadata_push,
+        functools.partial(queue.next_metadata_push, max_wait=wait),
         lambda job, why: metadata_push.push_failed(ctx, job, why),
         metadata_push.send_pending,
         "metadata",
     )
     timeout = poll_interval_s
-    wakeup = queue.next_dispatch_wakeup(ctx.clock(), max_wait=max_wait(ctx))
+    wakeup = queue.next_dispatch_wakeup(ctx.clock(), max_wait=wait)
     if wakeup is not None:
         timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
     return timeout
@@ -243,7 +244,8 @@ async def wait_idle(ctx: ClientContext) -> None:
     while True:
         queue = ctx.require_queue()
         now = ctx.clock()
-        due = queue.next_due(now, max_wait=max_wait(ctx)) or queue.next_metadata_push(now)
+        wait = max_wait(ctx)
+        due = queue.next_due(now, max_wait=wait) or queue.next_metadata_push(now, max_wait=wait)
         if not ctx.inflight and not ctx.ended and due is None:
             return
         await asyncio.sleep(0.02)

@@ -1059,20 +1059,29 @@ class JobQueue:
             row = conn.execute(sql, params).fetchone()
         return None if row is None else _job(row)
 
-    def next_metadata_push(self, now: dt.datetime, *, busy_equipment: Collection[str] = ()) -> SyncJobRow | None:
+    def next_metadata_push(
+        self, now: dt.datetime, *, busy_equipment: Collection[str] = (), max_wait: dt.timedelta | None = None
+    ) -> SyncJobRow | None:
         """The VERIFIED or CLEANUP_ELIGIBLE job whose pending metadata push is due first, or None.
 
-        Only jobs whose ``metadata_push_due_at`` is ``<= now`` and whose
-        equipment is not in ``busy_equipment``; the earliest due first.
+        Only jobs whose ``metadata_push_due_at`` is ``<= now`` (or further
+        ahead than ``max_wait``: set by a clock since set back, as for
+        :func:`attempt_due`) and whose equipment is not in ``busy_equipment``;
+        the earliest due first.
         """
         if isinstance(busy_equipment, str):
             raise TypeError("busy_equipment must be a collection of equipment ids, not a str")
         busy = sorted({str(e) for e in busy_equipment})
         sql = (
-            "SELECT * FROM jobs WHERE metadata_push_due_at IS NOT NULL AND metadata_push_due_at <= ?"
-            " AND state IN (?, ?)"
+            "SELECT * FROM jobs WHERE metadata_push_due_at IS NOT NULL"
+            " AND (metadata_push_due_at <= ? OR metadata_push_due_at > ?) AND state IN (?, ?)"
         )
-        params: list[Any] = [_ts(now), SyncJobState.VERIFIED.value, SyncJobState.CLEANUP_ELIGIBLE.value]
+        params: list[Any] = [
+            _ts(now),
+            _beyond(now, max_wait),
+            SyncJobState.VERIFIED.value,
+            SyncJobState.CLEANUP_ELIGIBLE.value,
+        ]
         if busy:
             sql += f" AND equipment_id NOT IN ({', '.join('?' * len(busy))})"
             params.extend(busy)
@@ -1103,12 +1112,13 @@ class JobQueue:
                 " SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state = ? AND next_attempt_at > ?"
                 " AND next_attempt_at <= ?"
                 " UNION ALL SELECT MIN(metadata_push_due_at) FROM jobs"
-                " WHERE metadata_push_due_at > ? AND state IN (?, ?))",
+                " WHERE metadata_push_due_at > ? AND metadata_push_due_at <= ? AND state IN (?, ?))",
                 (
                     _QUEUED,
                     stamp,
                     _beyond(now, max_wait),
                     stamp,
+                    _beyond(now, max_wait),
                     SyncJobState.VERIFIED.value,
                     SyncJobState.CLEANUP_ELIGIBLE.value,
                 ),
