@@ -59,7 +59,7 @@ import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.transports import make_transport, rsync_ssh
-from exlab_wizard.sync.transports.base import Transport, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import PreviousStampTaken, Transport, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import is_temp_name, same_mtime
 from tests.fixtures.sshd import RW_USER, free_port
 from tests.helpers import assert_sha256sum_check, tree
@@ -976,6 +976,43 @@ async def test_keep_previous_moves_on_the_server_and_never_overwrites(remote, lo
     with pytest.raises(TransportError) as caught:
         await dead.keep_previous(run, ["kept.txt"], STAMP)
     assert caught.value.kind == K.NETWORK, caught.value.message
+
+
+async def test_a_new_stamp_the_nas_holds_already_is_refused_and_nothing_moves(remote, local_root):
+    """``previous/<stamp>/`` already on the NAS (an earlier round's: a clock set back, a lost queue).
+
+    A keep that starts the round there (``new``), and a push keeping under it, refuse it before
+    anything is moved or written: the earlier round's kept copy is never replaced, and the NAS
+    file the push would replace is never written over unkept. Without ``new`` (a keep cut off
+    and resumed), the folder is the round's own, as before.
+    """
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, RECOVERY_FILES, symlink=False)
+    transport = remote.transport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    put_on_disk(remote, {f".exlab-wizard/previous/{STAMP}/a.bin": b"an earlier round's verified copy"})
+    before = snapshot(remote.run_on_disk)
+
+    with pytest.raises(PreviousStampTaken) as caught:
+        await transport.keep_previous(run, ["a.bin", "kept.txt"], STAMP, new=True)
+    assert caught.value.stamp == STAMP and caught.value.kind == K.UNKNOWN, caught.value.message
+    remote.settle()
+    assert snapshot(remote.run_on_disk) == before
+
+    (run / "a.bin").write_bytes(b"an edit, sent over the verified copy")
+    with pytest.raises(PreviousStampTaken):
+        await transport.push(run, bwlimit_kibps=None, own_manifests=(), previous_stamp=STAMP)
+    remote.settle()
+    assert snapshot(remote.run_on_disk) == before
+
+    # A later stamp is the round's own: the NAS copy is kept there, the earlier one stays.
+    later = "20261205T073001Z"
+    assert await transport.keep_previous(run, ["kept.txt"], later, new=True) == ["kept.txt"]
+    assert await transport.keep_previous(run, ["kept.txt"], later) == ["kept.txt"]  # resumed: its own
+    remote.settle()
+    on_disk = tree(remote.run_on_disk)
+    assert on_disk[f".exlab-wizard/previous/{STAMP}/a.bin"] == b"an earlier round's verified copy"
+    assert on_disk[f".exlab-wizard/previous/{later}/kept.txt"] == RECOVERY_FILES["kept.txt"]
 
 
 # ------------------------------------------------------------------ symlinks on the NAS

@@ -207,9 +207,14 @@ class RemoteAccess:
         """The transport's ``fetch``: copy the NAS copies of ``paths`` into ``into`` (for ``restore``)."""
         return await self.transport.fetch(run, paths, into)
 
-    async def keep_previous(self, run: Path, paths: Collection[str], stamp: str) -> list[str]:
-        """The transport's ``keep_previous``: move the verified NAS copies of ``paths`` under ``previous/<stamp>/``."""
-        return await self.transport.keep_previous(run, paths, stamp)
+    async def keep_previous(self, run: Path, paths: Collection[str], stamp: str, *, new: bool = False) -> list[str]:
+        """The transport's ``keep_previous``: move the verified NAS copies of ``paths`` under ``previous/<stamp>/``.
+
+        ``new``: the round's first keep there (a transport written before it makes its own checks).
+        """
+        return await self.transport.keep_previous(
+            run, paths, stamp, **optional_kwargs(self.transport.keep_previous, new=new)
+        )
 
 
 class Remotes:

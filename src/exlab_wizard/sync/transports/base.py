@@ -17,7 +17,7 @@ import datetime as dt
 import inspect
 import os
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -32,6 +32,7 @@ __all__ = [
     "METADATA_DIR",
     "Clock",
     "PREVIOUS_DIR",
+    "PreviousStampTaken",
     "ProgressCallback",
     "RemoteFile",
     "RemoteManifest",
@@ -45,6 +46,7 @@ __all__ = [
     "local_now",
     "location_change",
     "previous_path",
+    "previous_stamps",
     "remote_relpath",
     "remote_run_path",
     "report_total",
@@ -93,6 +95,22 @@ class TransportError(Exception):
         self.kind = TransportErrorKind(kind)
         self.message = message
         super().__init__(f"{self.kind.value}: {message}")
+
+
+class PreviousStampTaken(TransportError):
+    """A round's new ``previous/<stamp>/`` is already on the NAS: another round's kept copies, never written into.
+
+    Raised before anything is moved or written; the caller keeps under a later
+    stamp (a retry, ``UNKNOWN``, does too: the stamp is recorded as used).
+    """
+
+    def __init__(self, stamp: str, remote: str):
+        self.stamp = stamp
+        super().__init__(
+            TransportErrorKind.UNKNOWN,
+            f"{remote}/{PREVIOUS_DIR}/{stamp}/ already exists on the NAS (an earlier round's kept copies): "
+            "this round keeps under a later stamp",
+        )
 
 
 @dataclass(frozen=True)
@@ -268,6 +286,22 @@ def previous_path(stamp: str, rel: str) -> str:
     return f"{PREVIOUS_DIR}/{check_previous_stamp(stamp)}/{check_relpath(rel)}"
 
 
+def previous_stamps(paths: Iterable[str]) -> set[str]:
+    """The ``previous/<stamp>/`` folders a listing of a remote run folder shows (relative paths, any kind).
+
+    A folder shows through what it holds: a stamp folder with nothing in it
+    is left out (it keeps nothing a keep could overwrite).
+    """
+    prefix = PREVIOUS_DIR + "/"
+    found: set[str] = set()
+    for rel in paths:
+        if rel.startswith(prefix):
+            stamp, sep, _rest = rel[len(prefix) :].partition("/")
+            if sep and _STAMP_RE.fullmatch(stamp):
+                found.add(stamp)
+    return found
+
+
 class Transport(abc.ABC):
     """One way of reaching the NAS, bound to one equipment.
 
@@ -325,7 +359,9 @@ class Transport(abc.ABC):
         run folder the push replaces is first moved to
         ``.exlab-wizard/previous/<stamp>/<path>``, decided from what the push
         itself finds, never from a check made earlier; a file that cannot be
-        kept so is not written over.
+        kept so is not written over. A new stamp each push: a listing that
+        shows ``previous/<stamp>/`` already (an earlier round's kept copies)
+        raises :class:`PreviousStampTaken` before anything is written.
         ``fresh`` (no push of this job has written to the remote yet): a data
         file of the run's names already in the remote run folder is another's,
         and raises ``REMOTE_CONFLICT`` without writing anything, unless the
@@ -443,7 +479,9 @@ class Transport(abc.ABC):
         """
         raise TransportError(TransportErrorKind.UNKNOWN, f"{type(self).__name__} cannot fetch remote files")
 
-    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+    async def keep_previous(
+        self, run_path: Path, paths: Collection[str], stamp: str, *, new: bool = False
+    ) -> list[str]:
         """Move the named remote files to ``<remote run>/.exlab-wizard/previous/<stamp>/<path>``.
 
         Server-side (a rename or the remote's own move; nothing is sent
@@ -454,6 +492,11 @@ class Transport(abc.ABC):
         source then stays where it is). A path the remote does not hold as a
         regular file is skipped. Returns the paths now kept under
         ``previous/<stamp>/``, sorted.
+
+        ``new``: the round's first keep under ``stamp``: a ``previous/<stamp>/``
+        already on the NAS is an earlier round's (a clock set back, a job that
+        lost its queue) and raises :class:`PreviousStampTaken`, nothing moved.
+        Without it the folder may be this round's own, from a call cut off.
 
         Raises ``TransportError(NETWORK)`` when the remote is unreachable,
         ``REMOTE_WRITE_REFUSED`` when it refuses the move, ``ValueError`` for

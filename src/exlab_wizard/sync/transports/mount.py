@@ -135,7 +135,9 @@ from exlab_wizard.sync.failures import (
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
+    PREVIOUS_DIR,
     Clock,
+    PreviousStampTaken,
     ProgressCallback,
     RemoteFile,
     RemoteManifest,
@@ -144,9 +146,11 @@ from exlab_wizard.sync.transports.base import (
     TransportError,
     TransportErrorKind,
     TransportResult,
+    check_previous_stamp,
     check_relpath,
     local_now,
     previous_path,
+    previous_stamps,
     remote_relpath,
     report_total,
 )
@@ -707,6 +711,7 @@ class MountTransport(Transport):
             owner=None if job.own is None else (run, job.own),
             fresh=job.fresh,
             job_id=job.owner,
+            keep_stamp=job.keep_stamp,
         )
         if job.claim is not None:
             job.claim()  # durably, before anything is written or moved in the NAS folder
@@ -810,6 +815,7 @@ class MountTransport(Transport):
         owner: tuple[Path, Collection[str]] | None = None,
         fresh: bool = False,
         job_id: str | None = None,
+        keep_stamp: str | None = None,
     ) -> tuple[dict[str, tuple[int, int]], list[str], bool]:
         """(size, mtime ns) of remote files the run also has, stale temp files, and does ``job_id`` claim the folder.
 
@@ -821,6 +827,8 @@ class MountTransport(Transport):
         (:func:`~exlab_wizard.sync.transports.conflict.foreign_copy_error`).
         ``fresh``, ``job_id``: without such a manifest, the folder must not be another job's
         (:func:`~exlab_wizard.sync.transports.conflict.ownership_error`).
+        ``keep_stamp``: the push's new ``previous/<stamp>/``, which the folder must not hold yet
+        (:class:`~exlab_wizard.sync.transports.base.PreviousStampTaken`).
         """
         top = os.path.join(remote, only) if only else remote
         try:
@@ -866,6 +874,8 @@ class MountTransport(Transport):
             )
         if error is not None:
             raise error
+        if keep_stamp is not None and keep_stamp in previous_stamps(listing):
+            raise PreviousStampTaken(keep_stamp, remote)
         claimed_here = job_id is not None and listing.get(claim_path(job_id)) == FILE
         return stats, [os.path.join(remote, rel) for rel in extras.leftovers], claimed_here
 
@@ -1637,11 +1647,13 @@ class MountTransport(Transport):
                 return
             write(view[:count])
 
-    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+    async def keep_previous(
+        self, run_path: Path, paths: Collection[str], stamp: str, *, new: bool = False
+    ) -> list[str]:
         """Rename the named files into ``.exlab-wizard/previous/<stamp>/`` on the share; folders fsynced."""
-        return await asyncio.to_thread(self._keep_previous, Path(run_path), sorted(set(paths)), stamp)
+        return await asyncio.to_thread(self._keep_previous, Path(run_path), sorted(set(paths)), stamp, new=new)
 
-    def _keep_previous(self, run: Path, paths: list[str], stamp: str) -> list[str]:
+    def _keep_previous(self, run: Path, paths: list[str], stamp: str, *, new: bool = False) -> list[str]:
         """Each rename made below the remote run folder, opened once: folder by folder, never through a symlink.
 
         Paths relative to open folders, never absolute ones: a file whose NAS
@@ -1653,6 +1665,14 @@ class MountTransport(Transport):
         touched: set[str] = set()  # folders (relative to the run folder) whose entries changed
         shares = OpenFolders(remote)
         try:
+            if new and paths:
+                # The round's first keep under the stamp: a folder there is an earlier round's.
+                try:
+                    there = self._lstat_below(shares, PREVIOUS_DIR, check_previous_stamp(stamp))
+                except OSError as exc:
+                    raise self._remote_error(exc, shares.path(PREVIOUS_DIR, stamp)) from exc
+                if there is not None:
+                    raise PreviousStampTaken(stamp, remote)
             for rel in paths:
                 kept_folder, _, kept_name = previous_path(stamp, rel).rpartition("/")
                 folder, _, name = rel.rpartition("/")

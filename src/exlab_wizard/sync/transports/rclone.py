@@ -70,6 +70,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
     Clock,
+    PreviousStampTaken,
     ProgressCallback,
     RemoteFile,
     RemoteManifest,
@@ -82,6 +83,7 @@ from exlab_wizard.sync.transports.base import (
     check_relpath,
     local_now,
     previous_path,
+    previous_stamps,
     remote_relpath,
     report_total,
 )
@@ -614,6 +616,8 @@ class RcloneTransport(Transport):
         ) is not None:
             self.log.error(run_path, "remote_conflict", remote=fs, error=error.message)
             raise error
+        if previous_stamp is not None and previous_stamp in previous_stamps(remote):
+            raise PreviousStampTaken(previous_stamp, fs)  # --backup-dir would replace what it keeps
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
         if owner is not None and claim_path(owner) not in remote:
@@ -912,7 +916,9 @@ class RcloneTransport(Transport):
                 fetched[rel] = target
         return fetched
 
-    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+    async def keep_previous(
+        self, run_path: Path, paths: Collection[str], stamp: str, *, new: bool = False
+    ) -> list[str]:
         """``rclone moveto`` (server-side where the backend can) of each named file into ``previous/<stamp>/``."""
         run_path = Path(os.path.abspath(run_path))
         fs = self._fs(run_path)
@@ -921,6 +927,8 @@ class RcloneTransport(Transport):
             return []
         keep_rel = f"{PREVIOUS_DIR}/{check_previous_stamp(stamp)}"
         remote = await self._remote_files(run_path, fs, "keep_previous_list")
+        if new and stamp in previous_stamps(remote):
+            raise PreviousStampTaken(stamp, fs)  # an earlier round's: moveto would replace what it keeps
         kept: list[str] = []
         for rel in wanted:
             if f"{keep_rel}/{rel}" in remote:

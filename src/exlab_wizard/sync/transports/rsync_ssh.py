@@ -88,6 +88,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
     Clock,
+    PreviousStampTaken,
     ProgressCallback,
     RemoteFile,
     RemoteManifest,
@@ -99,6 +100,7 @@ from exlab_wizard.sync.transports.base import (
     check_previous_stamp,
     check_relpath,
     local_now,
+    previous_stamps,
     remote_relpath,
     report_total,
 )
@@ -636,6 +638,8 @@ class RsyncSshTransport(Transport):
         ) is not None:
             self.log.error(run_path, "remote_conflict", remote=remote_run, error=error.message)
             raise error
+        if keep_stamp is not None and listing is not None and keep_stamp in previous_stamps(listing):
+            raise PreviousStampTaken(keep_stamp, remote_run)  # --backup-dir would replace what it keeps
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
         mine = None if owner is None else claim_path(owner)
@@ -1363,7 +1367,9 @@ class RsyncSshTransport(Transport):
             raise transport_error("rsync", result.returncode, result.stderr_text, f"fetching from {remote_run}")
         return await asyncio.to_thread(_regular_files, {p: Path(into) / p for p in present})
 
-    async def keep_previous(self, run_path: Path, paths: Collection[str], stamp: str) -> list[str]:
+    async def keep_previous(
+        self, run_path: Path, paths: Collection[str], stamp: str, *, new: bool = False
+    ) -> list[str]:
         """Move the named files on the NAS with ``mv`` through ssh (every path shell-quoted), then ``sync``.
 
         Needs a remote that runs commands: one that refuses them (rrsync,
@@ -1377,14 +1383,18 @@ class RsyncSshTransport(Transport):
             return []
         kept_set: set[str] = set()
         for batch in _arg_batches(wanted):
-            kept_set |= await self._keep_batch(run_path, remote_run, keep, batch)
+            # Only the first batch checks that the folder is new: the ones after it may find it made by it.
+            kept_set |= await self._keep_batch(run_path, remote_run, keep, batch, new=new)
+            new = False
         kept = sorted(kept_set, key=os.fsencode)
         if kept:
             self.log.info(run_path, "previous_kept", transport="rsync_ssh", files=len(kept), folder=keep)
         return kept
 
-    async def _keep_batch(self, run_path: Path, remote_run: str, keep: str, paths: list[str]) -> set[str]:
-        words = [self.config.remote_root, remote_run, keep, *paths]
+    async def _keep_batch(
+        self, run_path: Path, remote_run: str, keep: str, paths: list[str], *, new: bool = False
+    ) -> set[str]:
+        words = [self.config.remote_root, remote_run, keep, "new" if new else "again", *paths]
         command = f"sh -c {shlex.quote(_SH_KEEP_PREVIOUS)} sh " + " ".join(shlex.quote(w) for w in words)
         result = await self._ssh(command, run_path=run_path, step="keep_previous")
         if result.returncode == 255:
@@ -1402,6 +1412,8 @@ class RsyncSshTransport(Transport):
             raise TransportError(
                 K.NETWORK, f"remote root {self.config.remote_root} does not exist on {self.config.ssh_target}"
             )
+        if result.returncode == 5:
+            raise PreviousStampTaken(keep.rpartition("/")[2], remote_run)
         if result.returncode != 0:
             raise TransportError(
                 K.REMOTE_WRITE_REFUSED, f"moving verified files under {keep} failed: {result.stderr_text.strip()[:300]}"

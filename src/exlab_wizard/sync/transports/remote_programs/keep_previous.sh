@@ -1,13 +1,15 @@
 # Keeping the verified files a push is about to replace: arguments <remote root> <run folder>
-# <previous folder> <path>...; each regular file <run>/<path> (no symlink on the way) is moved
-# to <previous>/<path> unless something is there already (never overwritten). Prints the marker
-# line, then "<path>\0" for each path now kept there; exit 3 when the root is missing, 4 when a
-# move fails. The moves are made durable (sync) before it exits.
+# <previous folder> <new|again> <path>...; each regular file <run>/<path> (no symlink on the way)
+# is moved to <previous>/<path> unless something is there already (never overwritten). "new": the
+# round's first keep there, so a <previous> folder that exists is an earlier round's: exit 5,
+# nothing moved. Prints the marker line, then "<path>\0" for each path now kept there; exit 3 when
+# the root is missing, 4 when a move fails. The moves are made durable (sync) before it exits.
 
 echo exlab-keep
-root=$1 run=$2 keep=$3
-shift 3
+root=$1 run=$2 keep=$3 mode=$4
+shift 4
 [ -d "$root" ] || exit 3
+if [ "$mode" = new ] && { [ -e "$keep" ] || [ -L "$keep" ]; }; then exit 5; fi
 plain() {  # is every folder from $run down to the parent of $1 a real folder?
     dir=$run rest=$1
     [ -d "$dir" ] && [ ! -L "$dir" ] || return 1
