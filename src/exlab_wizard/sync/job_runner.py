@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,12 @@ from exlab_wizard.sync.recovery import (
     check_nas_copy,
     damage_message,
     new_previous_stamp,
+    used_previous_stamps,
 )
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import location_change, run_location
+from exlab_wizard.sync.transports.base import PreviousStampTaken, location_change, previous_stamps, run_location
 from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner, claim_markers, ownership_error
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
@@ -509,7 +510,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # Verified before: the push itself keeps whatever NAS file it replaces, whatever changed locally
     # since the check above, in a folder of its own for each attempt (rsync's --backup-dir would
     # replace a file kept there by an earlier attempt). Reserved durably, with the event a later
-    # round's stamp is chosen past, before anything could be moved there.
+    # round's stamp is chosen past, before anything could be moved there. A stamp the NAS already
+    # holds (an earlier round's, which this job's events may not name) is refused by the push.
     push_stamp = _reserve_push_stamp(ctx, job) if own else None
     await asyncio.to_thread(_mark_pending, ctx, run, job.remote_path)
     limit = bw_policy.limit_kibps(equipment.transport.bandwidth, ctx.local_now())
@@ -526,17 +528,25 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         local_task = asyncio.create_task(ctx.verifier.hash_local(run))
     try:
         rewrite = frozenset(job.rewrite_paths) | frozenset(accepted)
-        outcome = await remote.push_run(
+        push = functools.partial(
+            remote.push_run,
             run,
             bwlimit_kibps=limit,
             rewrite=rewrite,
             progress=on_bytes,
             own_manifests=own,
-            previous_stamp=push_stamp,
             fresh=fresh,
             claim=functools.partial(_claim, ctx, job, here) if fresh else None,
             owner=job.id,
         )
+        try:
+            outcome = await push(previous_stamp=push_stamp)
+        except PreviousStampTaken as taken:
+            # Refused before anything was written: once more, past every stamp the NAS holds
+            # (a listing that fails raises: an unreachable NAS is never one without previous/).
+            log.warning(run, "previous_stamp_taken", job=job.id, stamp=taken.stamp)
+            push_stamp = _reserve_push_stamp(ctx, job, await ctx.remotes.listing(job))
+            outcome = await push(previous_stamp=push_stamp)
         local_hashes = _data_hashes(outcome.local_hashes) if hashes_in_pass else None
         # The push's own hashes are not kept beside the data-only ones through the verification.
         outcome = dataclasses.replace(outcome, local_hashes=None)
@@ -617,20 +627,57 @@ async def _keep_on_nas(
             raise error
     wanted = sorted(rel for rel in on_nas if is_data_path(rel)) if everything else paths
     held = tuple(rel for rel in wanted if rel in on_nas)
-    return await _keep_previous(ctx, job, remote, held) if held else job
+    return await _keep_previous(ctx, job, remote, held, on_nas) if held else job
+
+
+#: How many new stamps a keep tries when the NAS turns out to hold each one already.
+_STAMP_TRIES = 3
 
 
 async def _keep_previous(
-    ctx: ClientContext, job: SyncJobRow, remote: RemoteAccess, accepted: tuple[str, ...]
+    ctx: ClientContext,
+    job: SyncJobRow,
+    remote: RemoteAccess,
+    accepted: tuple[str, ...],
+    on_nas: Collection[str],
 ) -> SyncJobRow:
     """Move the NAS copies of ``accepted`` (files about to be sent over) under ``previous/<stamp>/``; recorded once done.
 
     One stamp for the job until it is verified again: a second call keeps what
-    the first did not, and never overwrites a kept copy.
+    the first did not, and never overwrites a kept copy. A stamp is the job's
+    own once its events name it (reserved, durably, before the first move):
+    its folder on the NAS is then this round's, from a keep cut off. Any other
+    (a new one, or the one ``retry --accept-local`` proposed) is chosen past
+    every stamp ``on_nas`` (the NAS run folder's listing) shows, and the
+    transport refuses it still if the folder is there (:class:`PreviousStampTaken`).
     """
-    stamp = job.previous_stamp or new_previous_stamp(ctx.require_queue(), job, ctx.clock())
-    kept = await remote.keep_previous(Path(job.run_path), accepted, stamp)
-    return ctx.require_queue().update(
+    queue = ctx.require_queue()
+    run = Path(job.run_path)
+    stamp = job.previous_stamp
+    if stamp is not None and (job.previous_kept_at is not None or stamp in used_previous_stamps(queue, job)):
+        kept = await remote.keep_previous(run, accepted, stamp)  # its own folder: a keep cut off resumes there
+    else:
+        if stamp is None or stamp in previous_stamps(on_nas):
+            stamp = new_previous_stamp(queue, job, ctx.clock(), on_nas)
+        tries = 1
+        while True:
+            job = queue.update(
+                job.id,
+                S.RUNNING,
+                now=ctx.clock(),
+                event_kind=PREVIOUS_RESERVED_EVENT,
+                detail=f"the NAS keeps the files sent over under {METADATA_DIR}/previous/{stamp}/",
+                previous_stamp=stamp,
+            )
+            try:
+                kept = await remote.keep_previous(run, accepted, stamp, new=True)
+                break
+            except PreviousStampTaken:
+                if tries == _STAMP_TRIES:
+                    raise
+                tries += 1
+                stamp = new_previous_stamp(queue, job, ctx.clock(), on_nas)  # past the one just reserved
+    return queue.update(
         job.id,
         S.RUNNING,
         now=ctx.clock(),
@@ -659,10 +706,13 @@ class _HashingStart:
         return cls(time.monotonic(), folder)
 
 
-def _reserve_push_stamp(ctx: ClientContext, job: SyncJobRow) -> str:
-    """A new ``previous/<stamp>/`` for the NAS files this attempt's push replaces, recorded as an event."""
+def _reserve_push_stamp(ctx: ClientContext, job: SyncJobRow, on_nas: Collection[str] = ()) -> str:
+    """A new ``previous/<stamp>/`` for the NAS files this attempt's push replaces, recorded as an event.
+
+    Past every stamp the job's events name, and every one ``on_nas`` (a listing of the NAS run folder) shows.
+    """
     queue = ctx.require_queue()
-    stamp = new_previous_stamp(queue, job, ctx.clock())
+    stamp = new_previous_stamp(queue, job, ctx.clock(), on_nas)
     queue.record_event(
         job.id,
         PREVIOUS_RESERVED_EVENT,

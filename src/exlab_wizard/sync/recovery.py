@@ -44,7 +44,7 @@ import shlex
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,13 @@ from exlab_wizard.sync.reaper import (
 )
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import PREVIOUS_DIR, Transport, TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.base import (
+    PREVIOUS_DIR,
+    Transport,
+    TransportError,
+    TransportErrorKind,
+    previous_stamps,
+)
 from exlab_wizard.sync.transports.conflict import NAS_MANIFEST
 
 __all__ = [
@@ -92,6 +98,7 @@ __all__ = [
     "find_damage",
     "new_previous_stamp",
     "previous_stamp",
+    "used_previous_stamps",
     "rearm",
     "refuse_local_damage",
     "restore",
@@ -183,7 +190,7 @@ def previous_stamp(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime) -> str:
+def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime, on_nas: Iterable[str] = ()) -> str:
     """A ``previous/<stamp>/`` for a new round of kept NAS copies: ``now``, or later than every stamp the job used.
 
     A round never shares its folder with an earlier one: a keep finding its
@@ -195,8 +202,13 @@ def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime) -> st
     before its round's first such event). A stamp may lie ahead of its event's
     time (it was itself pushed one second past an earlier one): the event's
     time alone, plus one second, can fall within that very stamp's second.
+    And later than every stamp ``on_nas`` (a listing of the NAS run folder)
+    shows: a job that lost its queue, or a new job on an old NAS folder, names
+    none of the rounds kept there, and a clock set back can be at their second.
     """
     latest = now
+    for stamp in previous_stamps(on_nas):
+        latest = max(latest, _stamp_time(stamp) + dt.timedelta(seconds=1))
     for event in queue.events(job.id):
         if event.kind not in (PREVIOUS_KEPT_EVENT, PREVIOUS_RESERVED_EVENT):
             continue
@@ -204,6 +216,17 @@ def new_previous_stamp(queue: JobQueue, job: SyncJobRow, now: dt.datetime) -> st
         used = event.at if named is None else _stamp_time(named.group(1))
         latest = max(latest, used + dt.timedelta(seconds=1))
     return previous_stamp(latest)
+
+
+def used_previous_stamps(queue: JobQueue, job: SyncJobRow) -> set[str]:
+    """The stamps the job's ``previous_kept`` and ``previous_reserved`` events name: folders its own rounds made."""
+    used: set[str] = set()
+    for event in queue.events(job.id):
+        if event.kind in (PREVIOUS_KEPT_EVENT, PREVIOUS_RESERVED_EVENT):
+            named = _NAMED_STAMP.search(event.detail or "")
+            if named is not None:
+                used.add(named.group(1))
+    return used
 
 
 #: The stamp an event's detail names: ``.../previous/<stamp>/...``.
