@@ -103,17 +103,31 @@ class InterlockFacts:
         of this PC on one share) both list it empty and both claim it; the
         later bytes win, at the sizes the listing checks. A run has one job
         for life, so a claim of another job this queue knows is another run's.
+
         A claim of a job it does not know (another PC, a state folder lost)
-        is left to the pushes (:func:`~exlab_wizard.sync.transports.conflict.ownership_error`).
+        is another's when the job's own claim is gone: every data push of the
+        job names it there, so the folder was emptied or replaced since (and
+        another PC's run of the same names and sizes pushed into it). Beside
+        the job's own claim it is left to the pushes
+        (:func:`~exlab_wizard.sync.transports.conflict.ownership_error`): the
+        run's old job of a queue since lost. A job that wrote no claim (an
+        engine before claims) is judged by the folder's other claims alone.
         """
-        others = sorted(claim_markers(listing) - {job.id})
+        claims = claim_markers(listing)
+        others = sorted(claims - {job.id})
         runs = [row.run_path for row in map(self.queue.get, others) if row is not None]
-        if not runs:
-            return None
-        return (
-            f"the NAS folder is claimed by another run's job too ({', '.join(runs)}): its bytes may have"
-            " replaced this copy's, which sizes cannot tell; nothing is deleted (docs/recovery.md)"
-        )
+        if runs:
+            return (
+                f"the NAS folder is claimed by another run's job too ({', '.join(runs)}): its bytes may have"
+                " replaced this copy's, which sizes cannot tell; nothing is deleted (docs/recovery.md)"
+            )
+        if others and job.id not in claims:
+            return (
+                f"the NAS folder is claimed by a job this queue does not know ({', '.join(others[:3])}) and no"
+                " longer by this job: it was replaced since this copy was verified (another PC's run, or a"
+                " lost queue's); nothing is deleted (docs/recovery.md)"
+            )
+        return None
 
     def _moved(self, job: SyncJobRow) -> str | None:
         """Why the NAS the configuration names now is not where the job's copy was verified; None when it is.
