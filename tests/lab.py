@@ -47,7 +47,7 @@ from exlab_wizard.sync.nas_client import NASSyncClient, SyncHandleState
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import Reaper, record_verified_stat
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports import make_transport
+from exlab_wizard.sync.transports import RemoteFile, make_transport
 from exlab_wizard.sync.transports.mount import MountTransport
 from exlab_wizard.validator import Validator
 from tests.fixtures.sshd import RW_USER, SshServer
@@ -437,9 +437,9 @@ class VerifiedLab:
     async def _remote_stat(self, job: SyncJobRow) -> bool:
         return self.reachable
 
-    async def _remote_listing(self, job: SyncJobRow) -> dict[str, int]:
-        """The real mount transport's listing of the "NAS" folder."""
-        return await make_transport(self.config.equipment_by_id(self.EQ)).remote_listing(Path(job.run_path))
+    async def _remote_listing(self, job: SyncJobRow) -> dict[str, RemoteFile]:
+        """The real mount transport's listing of the "NAS" folder (sizes and mtimes, as the client's)."""
+        return await make_transport(self.config.equipment_by_id(self.EQ)).remote_stats(Path(job.run_path))
 
     async def _push_metadata(self, job: SyncJobRow) -> bool:
         run = Path(job.run_path)

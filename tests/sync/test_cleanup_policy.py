@@ -213,6 +213,19 @@ def test_check_remote_compares_sizes_of_the_expected_files_only():
     assert not RemoteCheck(refusal="remote unreachable").complete
 
 
+def test_check_remote_compares_mtimes_within_the_slack_when_given():
+    expected = {"a.tif": 10, "b.raw": 5, "c.txt": 3, "d.bin": 1}
+    listing = {"a.tif": 10, "b.raw": 5, "c.txt": 4, "d.bin": 1}
+    sent = {"a.tif": {100}, "b.raw": {100, 200}, "c.txt": {100}}  # d.bin: no time to compare
+    listed = {"a.tif": 103, "b.raw": 199, "c.txt": 500, "d.bin": 9}
+    check = check_remote(expected, listing, sent_times=sent, listed_times=listed, slack_ns=2)
+    assert (check.other_mtime, check.wrong_size) == (("a.tif",), ("c.txt",))  # a size mismatch is named once
+    assert check_remote(expected, listing).other_mtime == ()  # sizes alone without times
+    decision = decide(facts(remote=RemoteCheck(other_mtime=("a.tif",))))
+    assert (decision.action, decision.paths, decision.interlock) == ("requeue", ("a.tif",), 4)
+    assert decision.reason == "NAS copy changed since it was sent: other mtime on the NAS than the push gave: a.tif"
+
+
 def test_naive_times_are_refused():
     with pytest.raises(ValueError):
         decide(facts(now=NOW.replace(tzinfo=None)))
@@ -279,6 +292,8 @@ C = CleanupCode
         ),
         ({"remote": RemoteCheck(refusal="remote listing failed: auth: x")}, C.REMOTE_LISTING_FAILED),
         ({"remote": RemoteCheck(missing=("a",))}, C.NAS_COPY_INCOMPLETE),
+        ({"remote": RemoteCheck(other_mtime=("a",))}, C.NAS_COPY_CHANGED),
+        ({"remote": RemoteCheck(wrong_size=("b",), other_mtime=("a",))}, C.NAS_COPY_INCOMPLETE),
         ({"remote_reachable": None}, C.CHECK_PENDING),
     ],
 )

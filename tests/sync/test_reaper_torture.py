@@ -85,7 +85,7 @@ DRIVER = textwrap.dedent(
         return True
 
     async def remote_listing(job):
-        return await make_transport(config.equipment_by_id(job.equipment_id)).remote_listing(Path(job.run_path))
+        return await make_transport(config.equipment_by_id(job.equipment_id)).remote_stats(Path(job.run_path))
 
     reaper = Reaper(
         queue, config, writer=CreationWriter(), remote_stat=lambda job: True,

@@ -304,8 +304,8 @@ class Remotes:
             logger.warning("remote stat failed for %s: %s", job.run_path, exc)
             return False
 
-    async def listing(self, job: SyncJobRow) -> dict[str, int]:
-        """The listing interlock 4 checks: always the equipment's own transport.
+    async def listing(self, job: SyncJobRow) -> dict[str, RemoteFile]:
+        """The listing interlock 4 checks (each file's size and mtime): always the equipment's own transport.
 
         Never an injected callable: ``remote_stat_callable`` answers only
         whether the remote is reachable, and an injected hashsum is not asked,
@@ -315,7 +315,7 @@ class Remotes:
         equipment = self._equipment(job)
         if equipment is None:
             raise TransportError(TransportErrorKind.UNKNOWN, f"equipment {job.equipment_id} is no longer configured")
-        return await self.transport(equipment).remote_listing(Path(job.run_path))
+        return await self.transport(equipment).remote_stats(Path(job.run_path))
 
 
 async def _drop_killed_manifest_writes(run: Path) -> None:

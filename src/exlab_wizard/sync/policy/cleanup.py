@@ -13,7 +13,7 @@ the disk for a job that is waiting anyway):
 4. the NAS copy holds the ``.exlab-wizard/`` of the current verification
    (no metadata push pending), the remote run root is reachable now, and one
    listing of the remote run folder shows every manifest file with its
-   manifest size;
+   manifest size and the mtime the push gave it;
 5. no override the gate relied on for this run was revoked or has expired;
 6. every local file still matches the verified manifest.
 
@@ -40,7 +40,8 @@ Actions:
 - ``requeue``: the local run changed since verification (a file added, or
   edited with a new mtime): it goes back through the gate and is re-synced.
   Also when the NAS copy lost a manifest file or holds one with another size
-  (interlock 4, error kind ``hash_mismatch``): those files are sent again.
+  or another mtime than the push gave it (interlock 4, error kind
+  ``hash_mismatch``): those files are sent again.
 - ``fail``: the local copy is in a state a person must look at: content that
   changed while size and mtime did not (``local_damage``), or a verified file
   that disappeared (``local_file_vanished``). Nothing is deleted and nothing
@@ -60,7 +61,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -109,6 +110,7 @@ class CleanupCode(StrEnum):
     REMOTE_UNREACHABLE = "remote_unreachable"
     REMOTE_LISTING_FAILED = "remote_listing_failed"
     NAS_COPY_INCOMPLETE = "nas_copy_incomplete"
+    NAS_COPY_CHANGED = "nas_copy_changed"  # files at their sizes with another mtime than the push gave them
     NAS_LOCATION_CHANGED = "nas_location_changed"
     NAS_FOLDER_CLAIMED = "nas_folder_claimed"
     # -- interlock 5 --
@@ -182,6 +184,8 @@ class RemoteCheck:
 
     ``missing``: files the NAS copy does not hold (as regular files).
     ``wrong_size``: files it holds with a size other than the manifest's.
+    ``other_mtime``: files it holds at their size with an mtime that is none
+    the push gave them (a restore from an older snapshot, another's bytes).
     ``refusal``: the listing could not be taken (``"remote unreachable:
     ..."``): nothing may be deleted and nothing is concluded. Paths are
     relative to the run root, ``/``-separated.
@@ -192,23 +196,47 @@ class RemoteCheck:
     refusal: str | None = None
     #: what ``refusal`` is: ``REMOTE_UNREACHABLE`` or (when left None) ``REMOTE_LISTING_FAILED``
     refusal_code: CleanupCode | None = None
+    other_mtime: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
-        """True when the listing holds every file with its size."""
-        return self.refusal is None and not (self.missing or self.wrong_size)
+        """True when the listing holds every file with its size (and, where compared, its mtime)."""
+        return self.refusal is None and not (self.missing or self.wrong_size or self.other_mtime)
 
 
-def check_remote(expected: Mapping[str, int], listing: Mapping[str, int]) -> RemoteCheck:
+def check_remote(
+    expected: Mapping[str, int],
+    listing: Mapping[str, int],
+    *,
+    sent_times: Mapping[str, Collection[int]] | None = None,
+    listed_times: Mapping[str, int] | None = None,
+    slack_ns: int = 0,
+) -> RemoteCheck:
     """Compare the sizes the NAS must hold (``expected``: path -> manifest size) with a listing.
 
     Files in the listing that are not expected (metadata, someone else's) do
-    not matter here. Both results are sorted by the paths' bytes.
+    not matter here. With ``sent_times`` (path -> the mtimes in ns the push
+    may have given the file) and ``listed_times`` (path -> the listing's
+    mtime), a file held at its size whose mtime is within ``slack_ns`` of none
+    of its own is ``other_mtime``; a path without sent times is not compared.
+    Results are sorted by the paths' bytes.
     """
     missing = [path for path in expected if path not in listing]
     wrong = [path for path in expected if path in listing and listing[path] != expected[path]]
+    other = []
+    if sent_times is not None and listed_times is not None:
+        for path in expected:
+            sent = sent_times.get(path)
+            if path not in listing or path in wrong or not sent or path not in listed_times:
+                continue
+            if all(abs(listed_times[path] - t) > slack_ns for t in sent):
+                other.append(path)
     key = _path_bytes
-    return RemoteCheck(missing=tuple(sorted(missing, key=key)), wrong_size=tuple(sorted(wrong, key=key)))
+    return RemoteCheck(
+        missing=tuple(sorted(missing, key=key)),
+        wrong_size=tuple(sorted(wrong, key=key)),
+        other_mtime=tuple(sorted(other, key=key)),
+    )
 
 
 def _path_bytes(path: str) -> bytes:
@@ -485,7 +513,7 @@ def decide(facts: CleanupFacts) -> CleanupDecision:
 
 
 def _remote_decision(remote: RemoteCheck) -> CleanupDecision | None:
-    """Interlock 4's listing; None when the NAS copy holds every file with its size."""
+    """Interlock 4's listing; None when the NAS copy holds every file with its size and mtime."""
     if remote.refusal is not None:
         return CleanupDecision(
             "wait", remote.refusal, interlock=4, code=remote.refusal_code or CleanupCode.REMOTE_LISTING_FAILED
@@ -497,11 +525,14 @@ def _remote_decision(remote: RemoteCheck) -> CleanupDecision | None:
         parts.append(f"missing on the NAS: {name_paths(remote.missing)}")
     if remote.wrong_size:
         parts.append(f"other size on the NAS: {name_paths(remote.wrong_size)}")
+    if remote.other_mtime:
+        parts.append(f"other mtime on the NAS than the push gave: {name_paths(remote.other_mtime)}")
+    incomplete = bool(remote.missing or remote.wrong_size)
     return CleanupDecision(
         "requeue",
-        "NAS copy incomplete: " + "; ".join(parts),
+        ("NAS copy incomplete: " if incomplete else "NAS copy changed since it was sent: ") + "; ".join(parts),
         FailureKind.HASH_MISMATCH,
-        tuple(remote.missing) + tuple(remote.wrong_size),
+        tuple(remote.missing) + tuple(remote.wrong_size) + tuple(remote.other_mtime),
         interlock=4,
-        code=CleanupCode.NAS_COPY_INCOMPLETE,
+        code=CleanupCode.NAS_COPY_INCOMPLETE if incomplete else CleanupCode.NAS_COPY_CHANGED,
     )

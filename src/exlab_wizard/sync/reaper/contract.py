@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.transports.base import RemoteFile
 
 __all__ = ["FinalPush", "PushMetadata", "ReaperOutcome", "RemoteListing", "RemoteStat"]
 
@@ -57,7 +58,8 @@ class FinalPush:
 
 #: Is the job's remote run root reachable now (bool or awaitable; raising counts as unreachable).
 RemoteStat = Callable[[SyncJobRow], "bool | Awaitable[bool]"]
-#: Every regular file of the job's remote run folder -> its size, from one fresh listing.
-RemoteListing = Callable[[SyncJobRow], Awaitable[Mapping[str, int]]]
+#: Every regular file of the job's remote run folder -> its size and mtime, from one fresh listing
+#: (the transport's ``remote_stats``).
+RemoteListing = Callable[[SyncJobRow], Awaitable[Mapping[str, RemoteFile]]]
 #: The final push of ``.exlab-wizard/`` (``retain_cache: false``).
 PushMetadata = Callable[[SyncJobRow], "Awaitable[bool | FinalPush]"]

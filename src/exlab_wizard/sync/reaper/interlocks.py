@@ -4,7 +4,8 @@ Owns how the reaper answers the questions of
 :func:`exlab_wizard.sync.policy.cleanup.decide`, cheapest first: is the
 remote reachable, are the overrides the job relied on still active, is the
 local run the verified bytes (:mod:`.local_check`), and does one fresh
-listing of the remote run folder hold every planned file with its size.
+listing of the remote run folder hold every planned file with its size and
+the mtime the push gave it, in a folder no other job took over.
 The decision itself stays in the policy (pure); nothing here writes.
 A dry run is these facts decided without acting, so its answer for one job
 (:meth:`InterlockFacts._dry_run_job`) is here too.
@@ -32,10 +33,10 @@ from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision, CleanupFacts, LocalCheck
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, RemoteStat
-from exlab_wizard.sync.reaper.local_check import LocalScan, load_verified_stats, scan_run
+from exlab_wizard.sync.reaper.local_check import COPY_TIME_SLACK_NS, LocalScan, load_verified_stats, scan_run
 from exlab_wizard.sync.reaper.store import PlannedFile, Progress
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind, location_change
+from exlab_wizard.sync.transports.base import RemoteFile, TransportError, TransportErrorKind, location_change
 from exlab_wizard.sync.transports.conflict import claim_markers
 
 __all__ = ["InterlockFacts"]
@@ -65,8 +66,16 @@ class InterlockFacts:
             logger.info("remote probe for job %s failed: %s", job.id, exc)
             return False
 
-    async def _remote_check(self, job: SyncJobRow, expected: Mapping[str, int]) -> policy.RemoteCheck:
-        """One listing of the remote run folder, compared with the sizes it must hold (interlock 4)."""
+    async def _remote_check(self, job: SyncJobRow, files: Sequence[PlannedFile]) -> policy.RemoteCheck:
+        """One listing of the remote run folder, compared with the files it must hold (interlock 4).
+
+        Each planned file must be there at its size, with an mtime the push
+        gave it (:meth:`_sent_times`): every transport copies the local mtime
+        to the NAS, so a file at its size with another mtime is not the copy
+        sent and verified (a folder restored from an older snapshot, another's
+        bytes). A NAS keeps mtimes to its own precision (FAT 2 s, whole
+        seconds as rsync lists them): :data:`COPY_TIME_SLACK_NS` either way.
+        """
         moved = self._moved(job)
         if moved is not None:
             return policy.RemoteCheck(refusal=moved, refusal_code=CleanupCode.NAS_LOCATION_CHANGED)
@@ -79,6 +88,8 @@ class InterlockFacts:
             listing = await self.remote_listing(job)
             if not isinstance(listing, Mapping):
                 raise TypeError(f"remote listing returned {type(listing).__name__}, not a mapping")
+            if not all(isinstance(entry, RemoteFile) for entry in listing.values()):
+                raise TypeError("remote listing holds no modification times (expected RemoteFile entries)")
         except asyncio.CancelledError:
             raise
         except TransportError as exc:
@@ -94,9 +105,33 @@ class InterlockFacts:
         claimed = self._claimed_by_another_run(job, listing)
         if claimed is not None:
             return policy.RemoteCheck(refusal=claimed, refusal_code=CleanupCode.NAS_FOLDER_CLAIMED)
-        return policy.check_remote(expected, listing)
+        sent = await asyncio.to_thread(self._sent_times, job, files)
+        return policy.check_remote(
+            {f.path: f.size for f in files},
+            {path: entry.size for path, entry in listing.items()},
+            sent_times=sent,
+            listed_times={path: entry.mtime_ns for path, entry in listing.items()},
+            slack_ns=COPY_TIME_SLACK_NS,
+        )
 
-    def _claimed_by_another_run(self, job: SyncJobRow, listing: Mapping[str, int]) -> str | None:
+    def _sent_times(self, job: SyncJobRow, files: Sequence[PlannedFile]) -> dict[str, set[int]]:
+        """The mtimes a push may have given each planned file on the NAS: the local one, and the verified one.
+
+        The local mtime is the one the checked bytes have now (a push sends
+        it); the one recorded at verification is the copy's when the local
+        file was touched since without a change of content. A record of other
+        bytes (another manifest's) vouches for nothing.
+        """
+        verified = load_verified_stats(self.queue, job.id)
+        times: dict[str, set[int]] = {}
+        for f in files:
+            times[f.path] = {f.mtime_ns}
+            record = verified.get(f.path)
+            if record is not None and record.mtime_ns is not None and record.sha256 == f.sha256:
+                times[f.path].add(record.mtime_ns)
+        return times
+
+    def _claimed_by_another_run(self, job: SyncJobRow, listing: Mapping[str, RemoteFile]) -> str | None:
         """Why the listing shows another run's claim on the NAS folder; None when it shows none.
 
         Two first pushes into one folder at the same instant (two instruments
@@ -236,8 +271,7 @@ class InterlockFacts:
                 if files is None:
                     facts = dataclasses.replace(facts, remote=policy.RemoteCheck())
                 else:
-                    expected = {f.path: f.size for f in files}
-                    facts = dataclasses.replace(facts, remote=await self._remote_check(job, expected))
+                    facts = dataclasses.replace(facts, remote=await self._remote_check(job, files))
             elif local:
                 scan = await asyncio.to_thread(self._scan, job)
                 facts = dataclasses.replace(facts, local=scan.check)

@@ -102,10 +102,10 @@ class Reaper(InterlockFacts):
     (reads overrides, records ``local_cleaned``). ``remote_stat(job)``: is
     the job's remote run root reachable now (bool or awaitable; raising
     counts as unreachable). ``remote_listing(job)``: every regular file of
-    the job's remote run folder -> its size, one fresh listing (the
-    transport's ``remote_listing``); taken right before a plan is written and
+    the job's remote run folder -> its size and mtime, one fresh listing (the
+    transport's ``remote_stats``); taken right before a plan is written and
     before a resumed plan deletes more, it must show every planned file with
-    its size. Raising (``TransportError(NETWORK)`` for an unreachable remote)
+    its size and the mtime the push gave it. Raising (``TransportError(NETWORK)`` for an unreachable remote)
     makes the job wait; without it nothing is ever deleted. ``log_for(equipment_id)``: the job's
     :class:`EquipmentLog` (raising refuses the deletion: nothing is deleted
     unlogged). ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
