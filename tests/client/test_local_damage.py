@@ -189,7 +189,10 @@ async def test_audit_driven_retransfer_and_its_mismatch_rewrite_never_send_damag
 
         job = await client.job(run)
         assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
-        assert f"local damage (content changed, size and mtime not): {DAMAGED}" in job.last_error
+        assert (
+            f"local damage (content differs from the verified copy, mtime not moved on by an edit): {DAMAGED}"
+            in job.last_error
+        )
         assert len([e for e in job.events if e.kind == "transition" and e.to_state == "running"]) == 1
     assert data_tree(nas.copy(run)) == {k: v for k, v in FILES.items() if k != "notes.txt"}
     assert manifest_digest(read_manifest(run)) == job.manifest_digest

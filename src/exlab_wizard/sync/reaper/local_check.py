@@ -248,14 +248,45 @@ def _replaced_ancestor(rel: str, tree: Tree) -> bool:
     return False
 
 
-def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None, digest: str) -> bool:
-    """Is a file whose bytes (``digest``) differ from the manifest damaged (True) or edited (False)? By its mtime.
+def _written_behind(st: os.stat_result, size: int | None, times: tuple[int | None, ...]) -> bool:
+    """Did a write stamped by a clock now behind the record's give the file a new size? Then it is an edit.
 
-    An edit moves the mtime on, past the one recorded after the verification;
-    damage keeps it, or puts an older one back. Trusted or not, a record was
+    The file's change time (``st_ctime``), set by the kernel at every write,
+    rename or ``utime`` and never by a tool, is earlier than a time
+    recorded for the file (``times``: its recorded mtime and ctime, or its
+    NAS copy's mtime): nothing since the record can have been stamped so
+    unless the clock that stamps the file runs behind the one that stamped
+    the record (the files written while the PC's clock ran ahead, then NTP;
+    a CMOS reset to 2000; a lab setting the clock back). Any mtime compared
+    with the recorded one then says nothing of edit or damage. What tells a
+    write from a tool putting an old mtime back is the file's own pair: a
+    write stamps mtime and ctime alike (a save through a temp file and a
+    rename within :data:`RACE_SLACK_NS`), a put-back mtime lies behind the
+    ctime of its ``utime``. And the size must differ from the recorded one:
+    damage keeps the size (DESIGN section 6); a file of another size, stamped
+    by a write, is an edit, sent again (the push keeps the replaced NAS copy
+    under ``previous/``), never "restored" away.
+    """
+    known = [t for t in times if t is not None]
+    return (
+        size is not None
+        and st.st_size != size
+        and bool(known)
+        and st.st_ctime_ns < max(known)
+        and abs(st.st_ctime_ns - st.st_mtime_ns) <= RACE_SLACK_NS
+    )
+
+
+def _damage(st: os.stat_result, record: VerifiedStat | None, verified_ns: int | None, digest: str) -> bool:
+    """Is a file (stat-ed ``st``) whose bytes (``digest``) differ from the manifest damaged (True) or edited (False)?
+
+    By its mtime. An edit moves the mtime on, past the one recorded after the
+    verification; damage keeps it, or puts an older one back. Trusted or not, a record was
     stat-ed after the hashing, and may have caught a rewrite half way (a tool
     rewriting bytes and then putting the old mtime back): so an older mtime
-    coming back is damage too. Except the very bytes a record found newer
+    coming back is damage too. Except a write stamped by a clock behind the
+    record's that gave the file another size (:func:`_written_behind`): an
+    edit, whatever its mtime. Except the very bytes a record found newer
     (``newer_sha256``): read again when recorded, the file held bytes written
     after the hashing read it (a frame appended to a file already copied);
     those bytes under that mtime are the edit the hashing missed, sent again,
@@ -268,7 +299,10 @@ def _damage(mtime_ns: int, record: VerifiedStat | None, verified_ns: int | None,
     client's clock, which may be off). Without a record, only an mtime after
     the verification is an edit.
     """
+    mtime_ns = st.st_mtime_ns
     if record is not None and record.mtime_ns is not None:
+        if _written_behind(st, record.size, (record.mtime_ns, record.ctime_ns)):
+            return False
         if record.legacy:
             return mtime_ns < record.mtime_ns
         if record.newer_sha256 is not None and mtime_ns == record.mtime_ns and digest == record.newer_sha256:
@@ -324,7 +358,9 @@ def scan_run(
       different content with the recorded mtime or an older one ->
       ``damaged`` (bytes changed behind the filesystem's back, maybe with
       the old mtime put back after a record that caught the rewrite half
-      way). With no recorded stat at all, a new content is ``changed`` when
+      way), unless a write stamped by a clock behind the record's gave it
+      another size (``changed``: :func:`_written_behind`). With no recorded
+      stat at all, a new content is ``changed`` when
       the file's mtime is after ``verified_at``, else ``damaged`` (see
       :func:`_damage`);
     - no longer a regular file (a symlink, a folder), or a parent folder
@@ -408,7 +444,7 @@ def scan_run(
                     PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want, after.st_ctime_ns)
                 )
             else:
-                (damaged if _damage(after.st_mtime_ns, record, verified_ns, digest) else changed).append(rel)
+                (damaged if _damage(after, record, verified_ns, digest) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))
         return LocalScan(check, tuple(planned) if check.clean else (), tuple(rehashed))
     finally:
@@ -441,7 +477,9 @@ def check_against_copy(
 
     Returns ``(damaged, rows)``. ``damaged``: the files whose bytes differ
     from the manifest while their mtime is not later than their copy's (size
-    the same or not). Only those files are read: a later mtime is an edit,
+    the same or not; but a write stamped by a clock behind the copy's mtime
+    that gave the file another size is an edit, :func:`_written_behind`).
+    Only those files are read: a later mtime is an edit,
     sent as such (the push keeps the replaced NAS copy). ``rows``: for each
     file the NAS holds, the stat its copy vouches for (the copy's size, the
     local mtime when it is the copy's, else the copy's), not trusted (the
@@ -483,7 +521,12 @@ def check_against_copy(
             finally:
                 os.close(folder)
             # Written to while read: an edit under way, never damage.
-            if steady(before, after) and digest != want and after.st_mtime_ns <= mtime_ns:
+            if (
+                steady(before, after)
+                and digest != want
+                and after.st_mtime_ns <= mtime_ns
+                and not _written_behind(after, copy.size, (copy.mtime_ns,))
+            ):
                 damaged.append(rel)
         return tuple(damaged), rows
     finally:
