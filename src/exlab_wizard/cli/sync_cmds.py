@@ -368,7 +368,8 @@ def restore_cmd(run: Path, config: Config) -> None:
         except TransportError as exc:
             fail(f"nothing more restored: {exc.message}", EXIT_PROBLEM)
         for rel in result.restored:
-            console.print(f"[green]restored[/] {rel}", highlight=False)
+            aside = f" (the local bytes kept at {result.kept[rel]})" if rel in result.kept else ""
+            console.print(f"[green]restored[/] {rel}{aside}", highlight=False)
         for rel, why in sorted(result.refused.items()):
             console.print(f"[red]not restored[/] {rel}: {why}", highlight=False)
         if not result.restored and not result.refused:

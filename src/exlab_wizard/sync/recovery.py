@@ -18,7 +18,9 @@ verification, otherwise as damaged.
 - :func:`restore_damaged` copies the verified bytes back from the NAS:
   fetched into a scratch folder inside the run, each checked against the
   manifest, given the recorded mtime, fsynced, then renamed over the damaged
-  file. A NAS copy that does not match the manifest is not restored.
+  file, whose bytes are kept first under ``.exlab-wizard/replaced/<stamp>/``
+  (:data:`REPLACED_DIR`). A NAS copy that does not match the manifest is not
+  restored.
 - ``retry --accept-local`` (:func:`rearm`) makes the local bytes the new
   truth; the transport's ``keep_previous`` keeps the replaced NAS files.
 - :func:`restore` and :func:`rearm` are the client's ``restore`` and
@@ -86,6 +88,7 @@ __all__ = [
     "LOCAL_DAMAGE",
     "PREVIOUS_KEPT_EVENT",
     "PREVIOUS_RESERVED_EVENT",
+    "REPLACED_DIR",
     "LocalDamageError",
     "NasCopyCheck",
     "RestoreError",
@@ -110,6 +113,10 @@ __all__ = [
 LOCAL_DAMAGE = FailureKind.LOCAL_DAMAGE
 S = SyncJobState
 _SCRATCH_PREFIX = ".restore-"
+#: Where ``restore`` keeps the local bytes it replaces (``<stamp>/<relative path>``): never data,
+#: pushed with ``.exlab-wizard/`` (so a cleanup removes them only once proved on the NAS), never
+#: deleted by the engine otherwise.
+REPLACED_DIR = f"{METADATA_DIR}/replaced"
 
 
 class LocalDamageError(Exception):
@@ -148,7 +155,9 @@ class RestoreResult:
     ``restored``: files whose verified bytes are back. ``refused``: damaged
     files left as they are, with the reason (the NAS copy does not match the
     manifest, is not on the NAS, or the local file changed meanwhile).
-    ``state``: the job's state afterwards.
+    ``state``: the job's state afterwards. ``kept``: for each damaged file
+    restored, where its replaced local bytes are now (relative to the run,
+    under :data:`REPLACED_DIR`).
     """
 
     job_id: str
@@ -156,6 +165,7 @@ class RestoreResult:
     restored: tuple[str, ...] = ()
     refused: Mapping[str, str] = field(default_factory=dict)
     state: SyncJobState | None = None
+    kept: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -173,7 +183,8 @@ def damage_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
 def damage_ways_out(job_id: str, run_path: str) -> str:
     """The two commands that end a ``local_damage`` failure, as one sentence."""
     return (
-        f"`exlab-sync restore {shlex.quote(run_path)}` brings the verified bytes back from the NAS, "
+        f"`exlab-sync restore {shlex.quote(run_path)}` brings the verified bytes back from the NAS "
+        f"(the local ones kept under {REPLACED_DIR}/), "
         f"`exlab-sync retry --accept-local {job_id}` sends the local bytes as the new truth "
         f"(the NAS keeps the replaced files under {PREVIOUS_DIR}/)"
     )
@@ -423,6 +434,60 @@ def _put_back(fetched: Path, target: Path, seen: _Seen, mtime_ns: int) -> None:
     fsync_dir(target.parent)
 
 
+def _keep_local(run: Path, target: Path, kept: str, seen: _Seen) -> None:
+    """Keep the bytes of the damaged file ``target`` at ``run/kept`` (``seen``: its stat) before they are replaced.
+
+    A hard link (same inode: whatever the file holds until the rename is
+    kept), else, where the filesystem has none, a copy with its mtime, made
+    durable. The folders on the way are made, never followed through a
+    symlink; nothing there is ever overwritten. Raises ``OSError`` when the
+    bytes cannot be kept: the file is then not restored.
+    """
+    *parts, name = kept.split("/")
+    folder = run
+    for part in parts:
+        folder = folder / part
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                raise NotADirectoryError(f"{folder} is not a folder") from None
+        else:
+            fsync_dir(folder.parent)
+    dest = folder / name
+    try:
+        os.link(target, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, exFAT, some shares): a copy
+        src = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                while chunk := os.read(src, 1 << 20):
+                    os.write(dst, chunk)
+                os.utime(dst, ns=(seen.atime_ns, seen.mtime_ns))
+                os.fsync(dst)
+            except OSError:
+                os.unlink(dest)  # a part kept is no keeping: the file is not restored
+                raise
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    fsync_dir(folder)
+
+
+def _replaced_stamp(run: Path, now: dt.datetime) -> str:
+    """A ``replaced/<stamp>`` folder name for this restore: ``now`` (UTC), suffixed when a restore used it."""
+    base = previous_stamp(now)
+    stamp, n = base, 1
+    while os.path.lexists(run / REPLACED_DIR / stamp):
+        n += 1
+        stamp = f"{base}-{n}"
+    return stamp
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
@@ -484,8 +549,12 @@ async def restore_damaged(
     *,
     missing: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
-) -> tuple[tuple[str, ...], dict[str, str]]:
-    """Bring the verified bytes of ``damaged`` and ``missing`` back from the NAS; (restored, refused with reasons).
+    now: dt.datetime | None = None,
+) -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
+    """Bring the verified bytes of ``damaged`` and ``missing`` back from the NAS; (restored, refused, kept).
+
+    ``refused``: the files not restored, with the reason; ``kept``: for each
+    damaged file restored, where its local bytes are now (relative to the run).
 
     ``missing``: files of the manifest the run lost (a cleanup stopped part
     way, a file deleted by mistake): put back where they were, only where
@@ -498,7 +567,11 @@ async def restore_damaged(
     at verification when that record is trusted, else the damaged file's own
     (so it matches its verified stat again), and the damaged
     file's mode, fsynced, and renamed over the damaged file only if that file has not
-    changed since it was looked at. A NAS copy that does not match the
+    changed since it was looked at, and only once the damaged file's bytes are
+    kept under ``.exlab-wizard/replaced/<stamp>/<path>`` (``now``, UTC; a hard link,
+    else a copy): restore never destroys local bytes, which may be an edit the
+    NAS never had (a change the local check could not tell from damage). A
+    file whose bytes cannot be kept is not restored. A NAS copy that does not match the
     manifest, or is missing there, is not restored. Raises
     ``TransportError`` from the transport (nothing restored then beyond the
     files already renamed) and ``RestoreError`` for a run that cannot hold
@@ -511,6 +584,8 @@ async def restore_damaged(
     scratch = await asyncio.to_thread(_scratch, run)
     restored: list[str] = []
     refused: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    stamp = _replaced_stamp(run, now or dt.datetime.now(dt.UTC)) if damaged else ""
     try:
         wanted = [rel for rel, s in seen.items() if s is not None] + list(missing)
         fetched = await transport.fetch(run, wanted, scratch)
@@ -549,6 +624,15 @@ async def restore_damaged(
             if _lstat(run / rel) != before:
                 refused[rel] = "changed locally during the restore"
                 continue
+            aside = f"{REPLACED_DIR}/{stamp}/{rel}"
+            try:
+                await asyncio.to_thread(_keep_local, run, run / rel, aside, before)
+            except OSError as exc:
+                refused[rel] = f"cannot keep its local bytes under {REPLACED_DIR}/: {exc.strerror or exc}"
+                continue
+            if _lstat(run / rel) != before:  # a copy, and the file changed meanwhile
+                refused[rel] = f"changed locally during the restore (its bytes kept at {aside})"
+                continue
             record = stats.get(rel)
             # An untrusted record may hold a half-done rewrite's mtime: the damaged file keeps the verified one.
             mtime_ns = before.mtime_ns
@@ -556,16 +640,22 @@ async def restore_damaged(
                 mtime_ns = record.mtime_ns
             await asyncio.to_thread(_put_back, copy, run / rel, before, mtime_ns)
             restored.append(rel)
+            kept[rel] = aside
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
-    return tuple(restored), refused
+    return tuple(restored), refused, kept
 
 
-def restore_detail(restored: Sequence[str], refused: Mapping[str, str], digest: str) -> str:
+def restore_detail(
+    restored: Sequence[str], refused: Mapping[str, str], digest: str, kept: Mapping[str, str] | None = None
+) -> str:
     """The event detail of a restore."""
     parts = []
     if restored:
         parts.append(f"restored from the NAS: {name_paths(list(restored))} (manifest {digest[:12]})")
+    if kept:
+        folder = next(iter(kept.values())).split("/")[: REPLACED_DIR.count("/") + 2]
+        parts.append(f"the replaced local bytes kept under {'/'.join(folder)}/")
     for rel, why in sorted(refused.items()):
         parts.append(f"not restored: {rel}: {why}")
     return "; ".join(parts) or "nothing to restore: the local files match the verified manifest"
@@ -650,17 +740,20 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     damaged, missing = await asyncio.to_thread(_to_restore, queue, job)
     restored: tuple[str, ...] = ()
     refused: dict[str, str] = {}
+    kept: dict[str, str] = {}
     if damaged or missing:
         if not await ctx.remotes.reachable(job):
             raise RestoreError("unreachable", f"the NAS for {job.equipment_id} is not reachable now; nothing restored")
         remote = ctx.remotes.access(equipment)
-        restored, refused = await restore_damaged(queue, job, remote, damaged, missing=missing, progress=progress)
-    detail = restore_detail(restored, refused, job.manifest_digest or "")
+        restored, refused, kept = await restore_damaged(
+            queue, job, remote, damaged, missing=missing, progress=progress, now=ctx.clock()
+        )
+    detail = restore_detail(restored, refused, job.manifest_digest or "", kept)
     log = ctx.log(equipment)
     (log.warning if refused else log.info)(run, "restore", job=job.id, restored=len(restored), refused=len(refused))
     check = None if refused else await asyncio.to_thread(check_local, queue, job)
     job = _after_restore(ctx, job, detail, bool(refused), check)
-    return RestoreResult(job.id, job.run_path, restored, refused, job.state)
+    return RestoreResult(job.id, job.run_path, restored, refused, job.state, kept)
 
 
 def _to_restore(queue: JobQueue, job: SyncJobRow) -> tuple[tuple[str, ...], tuple[str, ...]]:
