@@ -41,7 +41,7 @@ class FailureKind(StrEnum):
     LOCAL_FILE_VANISHED = "local_file_vanished"
     REMOTE_WRITE_REFUSED = "remote_write_refused"  # read-only, disk full
     REMOTE_CONFLICT = "remote_conflict"  # the remote folder holds files not in this run
-    LOCAL_DAMAGE = "local_damage"  # local bytes changed, size and mtime did not
+    LOCAL_DAMAGE = "local_damage"  # local bytes changed, mtime not moved on by an edit
     UNKNOWN = "unknown"  # back off, like network
     # -- decided by the engine --
     #: a NAS file too large to stream back for hashing (``verify_max_stream_bytes``)

@@ -84,7 +84,7 @@ class TransportErrorKind(StrEnum):
     LOCAL_FILE_VANISHED = F.LOCAL_FILE_VANISHED.value
     REMOTE_WRITE_REFUSED = F.REMOTE_WRITE_REFUSED.value  # read-only, disk full
     REMOTE_CONFLICT = F.REMOTE_CONFLICT.value  # the remote folder holds files not in this run
-    LOCAL_DAMAGE = F.LOCAL_DAMAGE.value  # local bytes changed, size and mtime did not
+    LOCAL_DAMAGE = F.LOCAL_DAMAGE.value  # local bytes changed, mtime not moved on by an edit
     UNKNOWN = F.UNKNOWN.value  # back off, like network
 
 
