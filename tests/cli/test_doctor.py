@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
 from exlab_wizard.sync.doctor import Check
+from exlab_wizard.sync.queue import MIGRATIONS, JobQueue
 from tests.fixtures.sshd import RW_USER, SshServer, free_port
 from tests.helpers import cli
 from tests.lab import EQ, mark_nas
@@ -181,3 +183,26 @@ def test_check_is_plain_data() -> None:
         "hint": "h",
         "equipment": "EQ",
     }
+
+
+def test_a_queue_written_by_a_newer_engine_fails_state_dir(tmp_path: Path) -> None:
+    """A lab went back to an older engine: the service will refuse the queue; doctor says so, and never deletes it."""
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    mark_nas(nas)
+    config = _config(tmp_path, {"type": "mount", "mount_path": str(nas)})
+    JobQueue(tmp_path / "state" / "queue.db").close()  # this engine's queue: fine
+    done = cli("doctor", "--config", str(config), "--json")
+    state = _checks(done)["state_dir"]
+    assert done.returncode == 0 and state["ok"], done.stdout
+    assert f"queue schema {len(MIGRATIONS)}" in state["detail"]
+    newer = len(MIGRATIONS) + 1
+    con = sqlite3.connect(tmp_path / "state" / "queue.db")
+    con.execute(f"PRAGMA user_version = {newer}")
+    con.close()
+    done = cli("doctor", "--config", str(config), "--json")
+    state = _checks(done)["state_dir"]
+    assert done.returncode == 1 and not state["ok"]
+    assert f"queue schema {newer}" in state["detail"] and "newer exlab-wizard" in state["detail"]
+    assert "never delete queue.db" in state["hint"]
+    assert (tmp_path / "state" / "queue.db").exists()

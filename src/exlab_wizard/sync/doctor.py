@@ -24,6 +24,9 @@ Per equipment:
   be downloaded to verify it).
 - ``bandwidth``: the upload limit in force now and when it changes next.
 
+Before them, ``state_dir``: writable (or can be made), and its ``queue.db``
+(if any) not written by a newer engine (read-only, never changed).
+
 Nothing here changes the queue or a run; the only writes are the probe files.
 """
 
@@ -33,6 +36,7 @@ import datetime as dt
 import os
 import shlex
 import shutil
+import sqlite3
 import stat
 import subprocess
 import uuid
@@ -49,6 +53,7 @@ from exlab_wizard.config.models import (
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
+from exlab_wizard.sync.queue import MIGRATIONS
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports._process import run_tool
 from exlab_wizard.sync.transports.classify import transport_error
@@ -126,16 +131,51 @@ async def run_checks(config: Config, *, now: dt.datetime | None = None) -> list[
 
 
 def _state_dir(config: Config) -> Check:
+    """The state folder is writable (or can be made), and its ``queue.db``, if any, is one this program reads."""
     folder = Path(config.state_dir)
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
-    if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
-        return Check("state_dir", True, f"{folder} {'is writable' if probe == folder else 'can be created'}")
-    return Check(
-        "state_dir",
-        False,
-        f"{folder}: not a writable folder",
-        f"create it and give this user write access: mkdir -p {shlex.quote(str(folder))}",
-    )
+    if not (probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)):
+        return Check(
+            "state_dir",
+            False,
+            f"{folder}: not a writable folder",
+            f"create it and give this user write access: mkdir -p {shlex.quote(str(folder))}",
+        )
+    found = f"{folder} {'is writable' if probe == folder else 'can be created'}"
+    db = config.queue_db
+    if not db.exists():
+        return Check("state_dir", True, found)
+    try:
+        version = _schema_version(db)
+    except sqlite3.Error as exc:
+        return Check(
+            "state_dir",
+            False,
+            f"{found}, but {db} cannot be read: {exc}",
+            "never delete queue.db (it holds the verified manifests cleanup relies on); check its owner and "
+            "permissions, and the disk",
+        )
+    ours = len(MIGRATIONS)
+    if version > ours:
+        return Check(
+            "state_dir",
+            False,
+            f"{found}, but {db} was written by a newer exlab-wizard (queue schema {version}, this program "
+            f"reads up to {ours}): the service will not start",
+            "install the newer exlab-wizard again (never delete queue.db: it holds the verified manifests "
+            "cleanup relies on)",
+        )
+    upgrade = "" if version == ours else f", upgraded to {ours} at the next start"
+    return Check("state_dir", True, f"{found}; queue schema {version}{upgrade}")
+
+
+def _schema_version(db: Path) -> int:
+    """``PRAGMA user_version`` of the queue database, read without writing to it."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def _local_root(equipment: EquipmentConfig) -> Check:
