@@ -51,6 +51,7 @@ verification, which stores them in the ``verified_files`` table.
 The package, lowest module first (each reaches only those above it in
 this list):
 
+- :mod:`.mounts`: the mount points inside a run (``/proc/self/mountinfo``);
 - :mod:`.nofollow`: directory descriptors opened with ``O_NOFOLLOW``;
 - :mod:`.store`: the verified stats and the durable plan (the queue's
   migration 4), read without the write lock;
@@ -73,6 +74,7 @@ from exlab_wizard.sync.reaper.local_check import (
     record_verified_stat,
     scan_run,
 )
+from exlab_wizard.sync.reaper.mounts import mount_refusal
 from exlab_wizard.sync.reaper.passes import Reaper
 from exlab_wizard.sync.reaper.store import (
     PlannedFile,
@@ -95,6 +97,7 @@ __all__ = [
     "ensure_cleanup_schema",
     "load_verified_stats",
     "local_data_deleted_at",
+    "mount_refusal",
     "planned_paths",
     "record_copy_stats",
     "record_verified_stat",

@@ -16,6 +16,9 @@ Owns every unlink and rmdir the reaper makes:
   between the rename and the unlink leaves the private name, which the next
   one deletes if it holds the planned file (no listing of a run shows such a
   name meanwhile). Folders are fsync-ed after their files are unlinked.
+  A run that holds a mount point (the mount table read once per batch, and
+  no folder on another device entered) has nothing deleted: the files below
+  one are another folder's, reached through the run's names.
 - :func:`put_back_set_aside`: at the start of a resumed plan, every file a
   killed pass set aside gets its name back before anything is decided.
 - :func:`remove_left_empty`: the folders the deletion left empty, deepest
@@ -32,6 +35,7 @@ when. Blocking I/O throughout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from exlab_wizard.fileio import METADATA_DIR, fsync_dir, reaping_name, rename_noreplace
+from exlab_wizard.sync.reaper.mounts import describe, mounts_inside
 from exlab_wizard.sync.reaper.nofollow import (
     DIR_FLAGS,
     RunFolderError,
@@ -81,7 +86,10 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
     """Unlink the planned files of ``batch`` that still match the plan. Blocking I/O.
 
     Stops at the first file that does not match (nothing more deleted).
-    Folders are fsync-ed after their files are unlinked.
+    Folders are fsync-ed after their files are unlinked. Deletes nothing
+    while a mount point is inside the run (the mount table is read right
+    before the batch; a folder on another device is never entered): a stop,
+    not fatal, the plan waits for the mount to go.
     """
     result = DeleteResult()
     try:
@@ -90,6 +98,10 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
         result.stop = exc.reason
         return result
     try:
+        mounted = mounts_inside(run_path)
+        if mounted:
+            result.stop = describe(mounted)
+            return result
         groups: dict[tuple[str, ...], list[PlannedFile]] = {}
         for item in batch:
             parents, _ = split_path(item.path)
@@ -101,6 +113,9 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
                 result.gone += len(items)  # the whole folder is gone: so are its files
                 continue
             except OSError as exc:
+                if exc.errno == errno.EXDEV:  # another file system mounted on the way: not the run's files
+                    result.stop = describe(["/".join(parents)])
+                    return result
                 result.stop = f"folder replaced since the plan: {'/'.join(parents)} ({exc.strerror or exc})"
                 result.stop_fatal, result.stop_path = True, items[0].path
                 return result
@@ -354,7 +369,8 @@ def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
     """Remove the folders that held the given files and are now empty, deepest first. Blocking I/O.
 
     Never the run folder itself, never a symlink (``rmdir`` does not follow
-    one), never a folder outside the run (descent uses ``O_NOFOLLOW``).
+    one), never a folder outside the run (descent uses ``O_NOFOLLOW`` and
+    crosses no mount point; nothing at or below one is removed).
     Returns the folders removed.
     """
     candidates: set[tuple[str, ...]] = set()
@@ -368,7 +384,10 @@ def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
     except RunFolderError:
         return removed
     try:
+        mounted = [tuple(m.split("/")) for m in mounts_inside(run_path)]
         for folder in sorted(candidates, key=lambda p: (-len(p), p)):
+            if any(folder[: len(m)] == m for m in mounted):
+                continue  # a mount point, or below one: another folder's
             try:
                 parent = open_dir_chain(root, folder[:-1])
             except OSError:
@@ -406,6 +425,8 @@ def metadata_snapshot(run_path: Path) -> tuple[list[PlannedFile], list[str]]:
         os.close(root)
     if tree.unreadable:
         raise OSError(f"cannot read {METADATA_DIR}/{tree.unreadable[0]}")
+    if tree.mounts:
+        raise OSError(describe([f"{METADATA_DIR}/{m}" for m in tree.mounts]))
     for rel, st in tree.files.items():
         files.append(PlannedFile(f"{METADATA_DIR}/{rel}", st.st_size, st.st_mtime_ns, st.st_ino, "", st.st_ctime_ns))
     folders = [f"{METADATA_DIR}/{d}" for d in sorted(tree.dirs, key=lambda p: (-p.count("/"), p))]

@@ -10,8 +10,10 @@ reads them back (both through :class:`~.store.CleanupStore`). For a run whose
 queue lost them, :func:`check_against_copy` takes the verified NAS copies'
 sizes and mtimes instead, and :func:`record_copy_stats` records those.
 
-Never follows a symlink (see :mod:`.nofollow`). Reads only: nothing here
-deletes or writes a local file.
+Never follows a symlink (see :mod:`.nofollow`) and never takes a file below
+a mount point inside the run for the run's (see :mod:`.mounts`): the scan
+refuses such a run, the verified stats of those files are not trusted.
+Reads only: nothing here deletes or writes a local file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
+from exlab_wizard.sync.reaper.mounts import describe, mounts_inside
 from exlab_wizard.sync.reaper.nofollow import (
     RunFolderError,
     Tree,
@@ -132,6 +135,11 @@ def record_verified_stat(
     it may hold another run's files of the same names. ``run_folder``: the
     run folder's (device, inode) when the hashing began; another folder at
     the run's path now (one above it renamed) makes every file untrusted.
+    So does a mount point inside the run (a folder bind-mounted over a
+    subfolder shows another folder's files under the run's names, with no
+    ctime moved): every file at or below one, or below a folder on another
+    device than the run folder, is recorded as not trusted (the reaper refuses the run while
+    the mount is there, and re-hashes those files once it is gone).
     A file stamped since the hashing began is read again: when it holds
     other bytes now, its row records their SHA-256 (``newer_sha256``, see
     :class:`VerifiedStat`), and the reaper takes those bytes for an edit,
@@ -167,6 +175,12 @@ def record_verified_stat(
     #: swapped in under this name, a subfolder replaced) has a new ctime: the files below it are
     #: not the ones hashed, whatever their own times say.
     folders: dict[str, bool] = {}
+    #: Mount points inside the run (read once): the files at or below one are another folder's.
+    mounted = frozenset(mounts_inside(run))
+    try:
+        run_dev: int | None = os.lstat(run).st_dev
+    except OSError:
+        run_dev = None
 
     def folder_kept(folder: str) -> bool:
         known = folders.get(folder)
@@ -174,7 +188,14 @@ def record_verified_stat(
             above = True if not folder else folder_kept(folder.rpartition("/")[0])
             try:
                 st = os.lstat(base + folder if folder else run)
-                known = above and stat.S_ISDIR(st.st_mode) and since_ns is not None and st.st_ctime_ns < since_ns
+                known = (
+                    above
+                    and stat.S_ISDIR(st.st_mode)
+                    and since_ns is not None
+                    and st.st_ctime_ns < since_ns
+                    and st.st_dev == run_dev
+                    and folder not in mounted
+                )
                 if not folder and run_folder is not None:
                     known = known and (st.st_dev, st.st_ino) == run_folder
             except OSError:
@@ -196,6 +217,7 @@ def record_verified_stat(
                 and since_ns is not None
                 and st.st_mtime_ns < since_ns
                 and st.st_ctime_ns < since_ns
+                and rel not in mounted
                 and folder_kept(rel.rpartition("/")[0])
             )
             # Bytes a write stamped after the hashing began (no slack: an mtime put back to before it
@@ -369,7 +391,9 @@ def scan_run(
     A regular file the manifest does not list is ``added``; symlinks and
     special files the manifest does not list are ignored (they are never
     synced, and never deleted). A folder that cannot be read is a refusal
-    (its files cannot be checked).
+    (its files cannot be checked), and so is a mount point inside the run
+    (``run holds a mount point: <paths>``, :data:`CleanupCode.RUN_HOLDS_MOUNT`):
+    the files below it are another folder's, whatever their stats say.
     """
     run = Path(run_path)
     for rel in manifest:
@@ -387,6 +411,9 @@ def scan_run(
     try:
         tree = Tree()
         walk(root, "", tree)
+        mounted = sorted(set(tree.mounts).union(mounts_inside(run)), key=os.fsencode)
+        if mounted:
+            return LocalScan(LocalCheck(refusal=describe(mounted), refusal_code=CleanupCode.RUN_HOLDS_MOUNT))
         if tree.unreadable:
             return LocalScan(
                 LocalCheck(
@@ -454,6 +481,11 @@ def scan_run(
 # --------------------------------------------------------------------------- no recorded stat: the NAS copy's
 
 
+def _below_any(rel: str, mounted: tuple[str, ...]) -> bool:
+    """Is ``rel`` one of the ``mounted`` paths, or below one?"""
+    return any(rel == m or rel.startswith(m + "/") for m in mounted)
+
+
 #: How much later than its NAS copy's mtime a local file's may be and still be the copy's time: FAT
 #: keeps 2 s, exFAT 10 ms, many backends 1 ms, and each truncates (or rounds) the time it was sent.
 COPY_TIME_SLACK_NS = 2_000_000_000
@@ -485,7 +517,8 @@ def check_against_copy(
     local mtime when it is the copy's, else the copy's), not trusted (the
     reaper and ``restore`` re-hash before they rely on it), in the form
     :meth:`~.store.CleanupStore.record_verified` takes. Files the run or the
-    NAS does not hold, or that are no regular files here, are left out.
+    NAS does not hold, that are no regular files here, or that are at or
+    below a mount point inside the run (another folder's), are left out.
     Never follows a symlink; reads only.
     """
     try:
@@ -495,11 +528,12 @@ def check_against_copy(
     try:
         tree = Tree()
         walk(root, "", tree)
+        mounted = tuple(mounts_inside(run_path))
         damaged: list[str] = []
         rows: dict[str, StatRow] = {}
         for rel in sorted(manifest, key=os.fsencode):
             st, copy = tree.files.get(rel), copies.get(rel)
-            if st is None or copy is None or _bad_manifest_path(rel):
+            if st is None or copy is None or _bad_manifest_path(rel) or _below_any(rel, mounted):
                 continue
             want = manifest[rel].lower()
             # The copy's time, to any precision a NAS keeps (exFAT 10 ms, a backend's 1 ms, FAT's 2 s):

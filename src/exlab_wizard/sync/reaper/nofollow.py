@@ -5,7 +5,11 @@ symlink: the run folder is opened as a directory descriptor (never through
 a symlink at its last component), every folder below it is opened relative
 to its parent with ``O_NOFOLLOW``, and files are hashed or listed through
 those descriptors. A folder swapped for a symlink between two steps is
-refused (``ELOOP``/``ENOTDIR``), never followed out of the run.
+refused (``ELOOP``/``ENOTDIR``), never followed out of the run. Nor is a
+mount point crossed: a folder on another device than the run folder is
+never descended into or listed as the run's (:class:`Tree`'s
+``mounts``; ``EXDEV`` from :func:`open_dir_chain`). A bind mount of a folder
+of the same file system shows no other device: :mod:`.mounts` finds those.
 
 Used by the local check (:mod:`.local_check`) and the deletion
 (:mod:`.deletion`). Blocking I/O throughout.
@@ -14,6 +18,7 @@ Used by the local check (:mod:`.local_check`) and the deletion
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -67,18 +72,22 @@ def open_run(run_path: Path) -> int:
 
 
 def open_dir_chain(root_fd: int, parts: Sequence[str]) -> int:
-    """Descend from ``root_fd`` through ``parts`` with ``O_NOFOLLOW`` at each step.
+    """Descend from ``root_fd`` through ``parts`` with ``O_NOFOLLOW`` at each step, never across a mount point.
 
     Returns a new descriptor (the caller closes it). Raises ``OSError``:
     ``ENOENT`` when a folder is gone, ``ELOOP``/``ENOTDIR`` when one was
-    replaced by a symlink or a file.
+    replaced by a symlink or a file, ``EXDEV`` when one is on another device
+    than ``root_fd`` (a file system mounted there).
     """
     fd = os.dup(root_fd)
     try:
+        device = os.fstat(fd).st_dev if parts else None
         for part in parts:
             nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nxt
+            if os.fstat(fd).st_dev != device:
+                raise OSError(errno.EXDEV, "a mount point (another file system)", part)
     except BaseException:
         os.close(fd)
         raise
@@ -123,6 +132,7 @@ class Tree:
     others: dict[str, str] = dataclasses.field(default_factory=dict)  # symlinks, sockets, ...
     dirs: set[str] = dataclasses.field(default_factory=set)
     unreadable: list[str] = dataclasses.field(default_factory=list)
+    mounts: list[str] = dataclasses.field(default_factory=list)  # on another device: mount points, never entered
 
 
 def kind_of(mode: int) -> str:
@@ -143,9 +153,15 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
 
     Only the top-level *folder* of that exact name is skipped (metadata, as
     :func:`exlab_wizard.fileio.is_metadata_path` has it); a file so named is data.
+
+    A folder on another device than its parent (a file system mounted
+    there) goes to ``tree.mounts`` and nowhere else: never entered. Only
+    folders are compared: overlayfs may give a file of a lower layer a
+    device of its own, never a folder.
     """
     subdirs = []
     try:
+        device = os.fstat(dir_fd).st_dev
         with os.scandir(dir_fd) as entries:
             for entry in entries:
                 name = entry.name
@@ -156,7 +172,9 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
                     continue
                 if skip_metadata and not rel and name == METADATA_DIR and stat.S_ISDIR(st.st_mode):
                     continue
-                if stat.S_ISREG(st.st_mode):
+                if st.st_dev != device and stat.S_ISDIR(st.st_mode):
+                    tree.mounts.append(path)
+                elif stat.S_ISREG(st.st_mode):
                     if skip_metadata and is_reaping_name(name):
                         continue  # set aside by a deletion for its unlink (see .deletion): not data
                     tree.files[path] = st
@@ -182,6 +200,10 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
             tree.unreadable.append(f"{path} ({exc.strerror or exc})")
             continue
         try:
+            if os.fstat(sub).st_dev != device:  # mounted on since it was listed
+                tree.dirs.discard(path)
+                tree.mounts.append(path)
+                continue
             walk(sub, path, tree, skip_metadata=skip_metadata)
         finally:
             os.close(sub)
