@@ -9,6 +9,7 @@ than the run folder is a mount point too, found without the table.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -22,7 +23,7 @@ import pytest
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.reaper import deletion, load_verified_stats, mounts, record_verified_stat, scan_run
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile
-from exlab_wizard.sync.recovery import verified_manifest
+from exlab_wizard.sync.recovery import restore_damaged, verified_manifest
 from exlab_wizard.sync.states import SyncJobState
 from tests.lab import VERIFIED_FILES
 from tests.lab import VerifiedLab as Lab
@@ -186,3 +187,29 @@ def test_empty_folders_below_a_mount_point_are_never_removed(lab: Lab, tmp_path:
         removed = deletion.remove_left_empty(run, ["sub/deeper/stack.raw"])
     assert removed == []
     assert (other / "deeper").is_dir()
+
+
+class _NasCopy:
+    """A transport whose ``fetch`` gives the verified bytes."""
+
+    async def fetch(self, run_path: Path, paths, into: Path) -> dict[str, Path]:
+        out = {}
+        for rel in paths:
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            (into / rel).write_bytes(VERIFIED_FILES[rel])
+            out[rel] = into / rel
+        return out
+
+
+@root_only
+def test_restore_writes_nothing_through_a_mount_point(lab: Lab, tmp_path: Path) -> None:
+    run, job_id = lab.make_run()
+    other = tmp_path / "elsewhere" / "sub"
+    other.mkdir(parents=True)
+    with mounted("--bind", str(other), str(run / "sub")):
+        restored, refused, _ = asyncio.run(
+            restore_damaged(lab.queue, lab.job(job_id), _NasCopy(), [], missing=["sub/notes.txt"])
+        )
+    assert restored == ()
+    assert refused == {"sub/notes.txt": "run holds a mount point: sub; nothing written through it"}
+    assert list(other.iterdir()) == []

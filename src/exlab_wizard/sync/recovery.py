@@ -70,6 +70,7 @@ from exlab_wizard.sync.reaper import (
     check_against_copy,
     cleanup_planned,
     load_verified_stats,
+    mount_refusal,
     record_copy_stats,
     scan_run,
 )
@@ -140,7 +141,9 @@ class RestoreError(Exception):
     """``restore`` could not run at all; nothing was changed.
 
     ``kind``: ``no_job``, ``no_verified_manifest``, ``busy`` (a transfer is in
-    flight), ``unreachable`` (the NAS cannot be reached now).
+    flight), ``unreachable`` (the NAS cannot be reached now), ``mount_point``
+    (a folder is mounted inside the run: its files are another folder's, never
+    written through).
     """
 
     def __init__(self, kind: str, message: str):
@@ -575,7 +578,9 @@ async def restore_damaged(
     manifest, or is missing there, is not restored. Raises
     ``TransportError`` from the transport (nothing restored then beyond the
     files already renamed) and ``RestoreError`` for a run that cannot hold
-    the scratch folder.
+    the scratch folder. Nothing is written while a mount point is inside the
+    run (the mount table read again once the files are fetched): every file
+    is refused then.
     """
     run = Path(job.run_path)
     manifest = verified_manifest(job, queue) or {}
@@ -589,6 +594,10 @@ async def restore_damaged(
     try:
         wanted = [rel for rel, s in seen.items() if s is not None] + list(missing)
         fetched = await transport.fetch(run, wanted, scratch)
+        mounted = await asyncio.to_thread(mount_refusal, run)
+        if mounted is not None:
+            refused.update(dict.fromkeys([*damaged, *missing], f"{mounted}; nothing written through it"))
+            return (), refused, {}
 
         async def checked(rel: str) -> Path | None:
             """The fetched copy of ``rel``, durable and holding the verified bytes; None (refused) when not."""
@@ -737,6 +746,9 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     equipment = ctx.equipment(job)
     if equipment is None:
         raise RestoreError("no_job", f"equipment {job.equipment_id} is no longer configured")
+    mounted = await asyncio.to_thread(mount_refusal, run)
+    if mounted is not None:
+        raise RestoreError("mount_point", f"{run}: {mounted}; nothing restored")
     damaged, missing = await asyncio.to_thread(_to_restore, queue, job)
     restored: tuple[str, ...] = ()
     refused: dict[str, str] = {}
