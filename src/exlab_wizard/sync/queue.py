@@ -244,6 +244,14 @@ MIGRATIONS: list[Migration] = [
     """
     UPDATE verified_files SET newer_sha256 = '' WHERE trusted = 0 AND newer_sha256 IS NULL;
     """,
+    # 12: which folder a cleanup was planned in (exlab_wizard.sync.reaper.store.folder_identity: the
+    # device and inode of the run folder and of its .exlab-wizard/). After the data are deleted, a
+    # folder at the run's path that is not that one is another run's: the final metadata push sends
+    # nothing from it and deletes nothing in it. NULL for plans written before: not known, the
+    # reaper then judges by what the folder holds.
+    """
+    ALTER TABLE cleanup_progress ADD COLUMN run_folder TEXT;
+    """,
 ]
 
 

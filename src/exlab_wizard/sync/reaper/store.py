@@ -6,7 +6,8 @@ queue's migration 4, like every other table):
 - ``verified_files``: the size, mtime, ctime and inode each verified file
   had when it was hashed (:class:`VerifiedStat`);
 - ``cleanup_progress``: one row per job whose deletion is planned (its
-  manifest digest, counts, and when its data were deleted);
+  manifest digest, counts, the folder it was planned in (:func:`folder_identity`,
+  queue migration 12), and when its data were deleted);
 - ``cleanup_plan``: one row per file that deletion may remove
   (:class:`PlannedFile`).
 
@@ -29,12 +30,14 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.states import SyncJobState
 
 __all__ = [
     "ABORTED_EVENT",
     "DELETED_EVENT",
+    "FINAL_PUSH_SKIPPED_EVENT",
     "LEGACY_NEWER",
     "NOTE_EVENT",
     "PLANNED_EVENT",
@@ -44,8 +47,10 @@ __all__ = [
     "Progress",
     "VerifiedStat",
     "ensure_cleanup_schema",
+    "folder_identity",
     "local_data_deleted_at",
     "planned_paths",
+    "planned_run_folder",
 ]
 
 #: Event kinds the reaper writes (besides state transitions).
@@ -54,6 +59,8 @@ PLANNED_EVENT = "cleanup_planned"
 DELETED_EVENT = "cleanup_deleted"
 ABORTED_EVENT = "cleanup_aborted"
 NOTE_EVENT = "note"
+#: the job finished without its final metadata push: another run's folder was at its path
+FINAL_PUSH_SKIPPED_EVENT = "final_push_skipped"
 
 
 def _ts(moment: dt.datetime) -> str:
@@ -163,7 +170,12 @@ class PlannedFile:
 
 @dataclass(frozen=True)
 class Progress:
-    """A job's planned deletion: what was planned, and when its data were deleted (None: not yet)."""
+    """A job's planned deletion: what was planned, and when its data were deleted (None: not yet).
+
+    ``run_folder``: the :func:`folder_identity` of the run folder the plan was
+    written for; None when not known (a plan written before queue migration 12,
+    or a folder that could not be stat-ed then).
+    """
 
     job_id: str
     run_path: str
@@ -172,6 +184,27 @@ class Progress:
     files: int
     bytes: int
     data_deleted_at: dt.datetime | None
+    run_folder: str | None = None
+
+
+def folder_identity(run: str | os.PathLike[str]) -> str | None:
+    """Which folder is at ``run`` now: ``"<dev>:<ino> <dev>:<ino>"`` of it and of its ``.exlab-wizard/``.
+
+    ``-`` for a ``.exlab-wizard/`` that is not there. None when the run folder
+    cannot be stat-ed. Never through a symlink (``lstat``). A folder deleted and
+    made again may get the same numbers (ext4 reuses a freed inode at once): a
+    different identity proves another folder, an equal one proves nothing alone.
+    """
+    try:
+        st = os.lstat(run)
+    except OSError:
+        return None
+    try:
+        meta = os.lstat(os.path.join(run, METADATA_DIR))
+        inner = f"{meta.st_dev}:{meta.st_ino}"
+    except OSError:
+        inner = "-"
+    return f"{st.st_dev}:{st.st_ino} {inner}"
 
 
 #: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted, newer_sha256)`` of one file, as
@@ -203,6 +236,7 @@ class CleanupStore:
                 files=row["files"],
                 bytes=row["bytes"],
                 data_deleted_at=_from_ts(row["data_deleted_at"]),
+                run_folder=row["run_folder"],
             )
             for row in rows
         }
@@ -322,10 +356,17 @@ class CleanupStore:
         return written
 
     def write_plan(
-        self, job: SyncJobRow, files: Sequence[PlannedFile], now: dt.datetime, detail: str
+        self,
+        job: SyncJobRow,
+        files: Sequence[PlannedFile],
+        now: dt.datetime,
+        detail: str,
+        *,
+        run_folder: str | None = None,
     ) -> Progress | None:
         """The plan, the progress row and the ``cleanup_planned`` event in one transaction.
 
+        ``run_folder``: the :func:`folder_identity` of the run folder checked.
         None (nothing written) when the job is no longer CLEANUP_ELIGIBLE with
         the manifest digest it was checked with.
         """
@@ -355,12 +396,12 @@ class CleanupStore:
             )
             conn.execute(
                 "INSERT OR REPLACE INTO cleanup_progress"
-                " (job_id, run_path, manifest_digest, planned_at, files, bytes, data_deleted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                (job.id, job.run_path, digest, _ts(now), len(files), total),
+                " (job_id, run_path, manifest_digest, planned_at, files, bytes, data_deleted_at, run_folder)"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                (job.id, job.run_path, digest, _ts(now), len(files), total, run_folder),
             )
             self.queue.record_event(job.id, PLANNED_EVENT, detail, now=now)
-        return Progress(job.id, job.run_path, digest, now, len(files), total, None)
+        return Progress(job.id, job.run_path, digest, now, len(files), total, None, run_folder)
 
     def mark_data_deleted(self, job_id: str, at: dt.datetime, detail: str) -> None:
         """The planned files are gone: record when, with the ``cleanup_deleted`` event."""
@@ -401,6 +442,13 @@ def local_data_deleted_at(queue: JobQueue, job_id: str) -> dt.datetime | None:
     has no local data to audit or send again.
     """
     return CleanupStore(queue).data_deleted_at(job_id)
+
+
+def planned_run_folder(queue: JobQueue, job_id: str) -> str | None:
+    """The :func:`folder_identity` of the run folder the job's cleanup was planned in; None when not known."""
+    with queue.snapshot() as conn:
+        row = conn.execute("SELECT run_folder FROM cleanup_progress WHERE job_id = ?", (job_id,)).fetchone()
+    return None if row is None else row["run_folder"]
 
 
 def cleanup_planned(queue: JobQueue, job_id: str) -> bool:
