@@ -54,6 +54,8 @@ from exlab_wizard.sync.manifest_format import has_digest, manifest_path, read_ma
 from exlab_wizard.sync.policy.cleanup import name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import FinalPush, local_data_deleted_at, planned_paths
+from exlab_wizard.sync.reaper.passes import another_runs_folder
+from exlab_wizard.sync.reaper.store import planned_run_folder
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports.base import location_change, remote_run_path
@@ -427,6 +429,12 @@ async def _not_ours_there(
     return None
 
 
+def _another_runs_folder(ctx: ClientContext, job: SyncJobRow) -> str | None:
+    """Why the job's run folder is not the one its cleanup deleted the data of (:func:`another_runs_folder`)."""
+    planned = planned_run_folder(ctx.require_queue(), job.id)
+    return another_runs_folder(Path(job.run_path), planned, job.manifest_digest or "", ctx.cache)
+
+
 async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
     """The final metadata push before the local ``.exlab-wizard/`` goes, and what proves it arrived.
 
@@ -445,8 +453,10 @@ async def final_push(ctx: ClientContext, job: SyncJobRow) -> FinalPush:
     # of the verified hashes, and a damaged or edited local one must never be sent over it. (One
     # that is gone sends nothing over it: a pass that removed the cache after a proved push and
     # was cut off before the end pushes the rest again.)
-    problem = None
-    if await asyncio.to_thread(os.path.lexists, manifest_path(run)):
+    # And the folder must still be the one the cleanup deleted the data of (the reaper looked just before):
+    # a new run made under the name would send its creation.json over the run's record on the NAS.
+    problem = await asyncio.to_thread(_another_runs_folder, ctx, job)
+    if problem is None and await asyncio.to_thread(os.path.lexists, manifest_path(run)):
         problem = await asyncio.to_thread(_local_manifest_problem, job)
     if problem is not None:
         return FinalPush(False, f"final metadata push refused: {problem}")

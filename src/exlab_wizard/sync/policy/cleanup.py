@@ -145,6 +145,7 @@ class CleanupCode(StrEnum):
     JOB_CHANGED = "job_changed"
     DELETION_PAUSED = "deletion_paused"  # the run folder is away or a file cannot be unlinked
     FINAL_PUSH_PENDING = "final_push_pending"  # retain_cache false: .exlab-wizard/ not proved on the NAS
+    RUN_FOLDER_REPLACED = "run_folder_replaced"  # data deleted, then another run's folder at the run's path
     LOCAL_CHANGED_DURING_CLEANUP = "local_changed_during_cleanup"
     REMOTE_CHANGED_DURING_CLEANUP = "remote_changed_during_cleanup"
     PLAN_DROPPED = "plan_dropped"

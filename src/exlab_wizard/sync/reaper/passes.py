@@ -22,15 +22,18 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from exlab_wizard.cache.creation import creation_path
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.failures import FailureKind
+from exlab_wizard.sync.manifest_format import manifest_path
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
@@ -40,16 +43,19 @@ from exlab_wizard.sync.reaper.interlocks import InterlockFacts
 from exlab_wizard.sync.reaper.nofollow import CLOEXEC, RunFolderError
 from exlab_wizard.sync.reaper.store import (
     ABORTED_EVENT,
+    FINAL_PUSH_SKIPPED_EVENT,
     NOTE_EVENT,
     PLANNED_EVENT,
     REFUSED_EVENT,
     CleanupStore,
     PlannedFile,
     Progress,
+    folder_identity,
 )
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.verifier import scan_run as list_run
 
-__all__ = ["Reaper"]
+__all__ = ["Reaper", "another_runs_folder"]
 
 logger = logging.getLogger(__name__)
 C = CleanupCode
@@ -350,7 +356,9 @@ class Reaper(InterlockFacts):
             f"cleanup planned: {len(files)} files, {total} bytes, manifest {digest}, "
             f"verify passes {job.verify_passes}, retain_cache {'true' if retain else 'false'}"
         )
-        progress = self._store.write_plan(job, files, now, detail)
+        # The folder checked: once its data are deleted, a folder at the path that is not this one is
+        # another run's, and step 5 sends nothing from it (see _another_runs_folder).
+        progress = self._store.write_plan(job, files, now, detail, run_folder=folder_identity(job.run_path))
         if progress is not None:
             log.info(
                 job.run_path,
@@ -526,7 +534,8 @@ class Reaper(InterlockFacts):
         run = Path(job.run_path)
         retain = self.config.nas_cleanup.retain_cache
         files = self._store.plan_files(job.id)
-        if progress.data_deleted_at is None:
+        deleted_before = progress.data_deleted_at is not None
+        if not deleted_before:
             if resumed:
                 log.info(
                     job.run_path,
@@ -574,9 +583,15 @@ class Reaper(InterlockFacts):
                 f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}",
             )
             progress = dataclasses.replace(progress, data_deleted_at=data_deleted_at)
-        await asyncio.to_thread(self._record_cleaned, job, progress, log)
+        # Deleted by an earlier pass: the folder now at the run's path may be another run's.
+        replaced = await asyncio.to_thread(self._another_runs_folder, progress) if deleted_before else None
+        skipped = ""
         folder_note = ""
-        if not retain:
+        if replaced is not None:
+            skipped, folder_note = self._skip_final_push(job, log, replaced, retain)
+        else:
+            await asyncio.to_thread(self._record_cleaned, job, progress, log)
+        if not retain and replaced is None:
             waiting, folder_note = await self._remove_cache(job, log)
             if waiting is not None:
                 code, reason = waiting
@@ -591,6 +606,10 @@ class Reaper(InterlockFacts):
         )
         try:
             with self.queue.transaction():
+                if skipped:
+                    self.queue.record_event(
+                        job.id, FINAL_PUSH_SKIPPED_EVENT, skipped, now=self.now(), code=C.RUN_FOLDER_REPLACED
+                    )
                 self.queue.transition(job.id, S.CLEANUP_ELIGIBLE, S.CLEANED, now=self.now(), detail=detail)
                 self._store.drop_plan(job.id)
                 self._store.forget_verified(job.id)
@@ -634,6 +653,42 @@ class Reaper(InterlockFacts):
             code=C.LOCAL_CHANGED_DURING_CLEANUP,
             paths=(result.stop_path,) if result.stop_path else (),
         )
+
+    def _another_runs_folder(self, progress: Progress) -> str | None:
+        """After the data were deleted: why the folder at the run's path is another run's, or None.
+
+        See :func:`another_runs_folder`. A missing folder or a symlink is not
+        judged here (step 5 waits for it, or finds it removed). Blocking I/O.
+        """
+        run = Path(progress.run_path)
+        if os.path.islink(run) or not os.path.isdir(run):
+            return None
+        return another_runs_folder(run, progress.run_folder, progress.manifest_digest, self.writer)
+
+    def _skip_final_push(self, job: SyncJobRow, log: EquipmentLog, why: str, retain: bool) -> tuple[str, str]:
+        """Another run's folder is at the path: nothing is recorded, pushed or deleted there.
+
+        Returns (the ``final_push_skipped`` event's detail, the note for the
+        CLEANED transition). The NAS holds the run's verified
+        ``checksums.sha256`` and ``creation.json`` since the push after its
+        verification (interlock 4 refused to plan before it was done); only
+        ``local_cleaned`` never reaches it.
+        """
+        if retain:
+            detail = (
+                f"local_cleaned not recorded in creation.json: {why}; another run's folder is at the run's path, "
+                f"nothing was written in it"
+            )
+            log.warning(job.run_path, "cleanup_record_skipped", job=job.id, reason=why)
+            return detail, "; local_cleaned not recorded: another run's folder is at the run's path"
+        detail = (
+            f"final metadata push skipped: {why}; another run's folder is at the run's path, nothing was sent "
+            f"from it nor deleted in it. The NAS keeps this run's verified checksums.sha256 and creation.json "
+            f"from the push after its verification, without local_cleaned (the cleanup_deleted event and the "
+            f"equipment log record the deletion)"
+        )
+        log.warning(job.run_path, "cleanup_final_push_skipped", job=job.id, reason=why)
+        return detail, "; final metadata push skipped: another run's folder is at the run's path"
 
     def _record_cleaned(self, job: SyncJobRow, progress: Progress, log: EquipmentLog) -> None:
         run = Path(job.run_path)
@@ -697,6 +752,53 @@ class Reaper(InterlockFacts):
             return None, f"; .exlab-wizard/ and run folder removed ({proof})"
         log.warning(job.run_path, "cleanup_run_folder_kept", job=job.id, reason=kept, proof=proof)
         return None, f"; .exlab-wizard/ removed ({proof}), {kept}"
+
+
+def another_runs_folder(run: Path, planned: str | None, manifest_digest: str, writer: Any) -> str | None:
+    """Why the folder at ``run``, whose data the cleanup of ``manifest_digest`` deleted, is another run's; or None.
+
+    Another run's when it is not the folder the plan was written in
+    (``planned``, its :func:`~.store.folder_identity`; None when not known: a
+    plan from before queue migration 12): the device and inode of the folder,
+    or of its ``.exlab-wizard/`` while there, differ. A freed inode is given
+    again at once on ext4, so a folder deleted and made anew can carry the
+    planned numbers: what it holds decides too. The cleanup's own folder holds
+    ``checksums.sha256`` until the final push is proved (the push then compares
+    it with the verified manifest byte for byte), and its ``creation.json``
+    records ``local_cleaned`` with the cleanup's manifest digest. Without
+    ``checksums.sha256``, a ``creation.json`` without that record (or
+    unreadable) is another run's, and so is a folder with neither file and data
+    files in it. (A kill while ``.exlab-wizard/`` was removed after a failed
+    ``local_cleaned`` record reads as another's: nothing is sent or deleted
+    then, the safe side.) ``writer`` reads ``creation.json`` (a
+    ``CreationWriter``). Blocking I/O.
+    """
+    now = folder_identity(run)
+    if planned is not None and now is not None:
+        planned_run, _, planned_meta = planned.partition(" ")
+        now_run, _, now_meta = now.partition(" ")
+        if now_run != planned_run:
+            return "the run folder is not the one the cleanup was planned in (another device and inode)"
+        if now_meta not in ("-", planned_meta):
+            return f"its {METADATA_DIR}/ is not the one the cleanup was planned with (another device and inode)"
+    if os.path.lexists(manifest_path(run)):
+        return None
+    if os.path.lexists(creation_path(run)):
+        try:
+            record = writer.read(run)
+        except Exception as exc:
+            return f"no checksums.sha256, and its creation.json is unreadable ({exc})"
+        cleaned = record.get("local_cleaned") if record is not None else None
+        if isinstance(cleaned, dict) and cleaned.get("manifest_digest") == manifest_digest:
+            return None
+        return "no checksums.sha256, and its creation.json has no local_cleaned record of this cleanup"
+    try:
+        data = sorted(itertools.islice((e.rel for e in list_run(run) if not e.is_dir), 3))
+    except OSError:
+        return None  # unreadable: step 5 reads .exlab-wizard/ next and waits on the same error
+    if data:
+        return f"no checksums.sha256 nor creation.json, and data files: {', '.join(data)}"
+    return None
 
 
 def _job_changed(job: SyncJobRow) -> ReaperOutcome:
