@@ -10,8 +10,12 @@ match adds a verify pass (the cleanup counts them); a mismatch goes
 through the retry policy as the first mismatch (back to QUEUED for a
 re-transfer of the mismatched files), unless the local copies
 of those files are damaged or gone, which fails the job (nothing is sent).
-What cannot be checked now (the NAS away, the local run away, the reaper
-finishing) is skipped with an event, recorded once while it lasts.
+Local damage found by the local check (other bytes under an mtime not moved
+on by an edit: a new run copied with its old times into the place of a
+verified one, say) fails the job ``local_damage`` before any pass is
+counted, cleanup on or off. What cannot be checked now (the NAS away, the
+local run away, the reaper finishing) is skipped with an event, recorded
+once while it lasts.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from exlab_wizard.sync.manifest_format import read_manifest
 from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
-from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, local_data_deleted_at, scan_run
-from exlab_wizard.sync.recovery import check_local, verified_manifest
+from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_message, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import location_change, run_location
@@ -217,6 +221,12 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     outcome = compare(recorded, remote)
     now = ctx.clock()
     if outcome.ok and known:
+        # The local check before the pass: local damage fails the job and counts no pass (the NAS copy
+        # is good, but the run beside it is not the verified one: its passes would vouch for nothing).
+        check = await _checked_locally(ctx, job, recorded)
+        if check is not None and check.damaged:
+            await _act_on_local_check(ctx, job, run, check)
+            return
         fresh = queue.get(job.id)
         if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
@@ -250,7 +260,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         except IllegalTransition:
             return  # moved on or verified again between the read and the write: no pass
         log.info(run, "audit_pass", job=job.id, verify_passes=passes)
-        await send_back_if_changed(ctx, job, run, recorded)
+        if check is not None:
+            await _act_on_local_check(ctx, job, run, check)
         return
     bad = tuple(outcome.different) + tuple(outcome.missing)
     reason = (
@@ -318,21 +329,58 @@ def _verified_record(queue: JobQueue, job: SyncJobRow, run: Path) -> tuple[dict[
 
 
 async def send_back_if_changed(
-    ctx: ClientContext, job: SyncJobRow, run: Path, manifest: Mapping[str, str] | None = None
+    ctx: ClientContext,
+    job: SyncJobRow,
+    run: Path,
+    manifest: Mapping[str, str] | None = None,
+    *,
+    raise_damage: bool = False,
 ) -> SyncJobRow | None:
     """Files added to the run or edited since its verification send the job back to QUEUED (cleanup on or off).
 
     Otherwise data an instrument writes after VERIFIED would only ever be
     found by the reaper, which never looks while cleanup is off. The NAS
     copies of edited files are kept under ``previous/`` by the transfer.
-    ``manifest``: the verified manifest, when the caller has read it. The
-    job as sent back, or None when it was left as it is.
+    Local damage (other bytes, the mtime not moved on by an edit) is never
+    sent: the job goes to FAILED ``local_damage`` instead, as the reaper's
+    interlock 6 does. ``manifest``: the verified manifest, when the caller
+    has read it. The job as sent back or failed, or None when it was left
+    as it is. ``raise_damage`` (``enqueue``'s answer): raise
+    :class:`~exlab_wizard.sync.recovery.LocalDamageError` once the job is
+    FAILED for local damage.
+    """
+    check = await _checked_locally(ctx, job, manifest)
+    if check is None:
+        return None
+    moved = await _act_on_local_check(ctx, job, run, check)
+    if raise_damage and check.damaged and moved is not None and moved.state == S.FAILED:
+        raise LocalDamageError(job.id, job.run_path, check.damaged)
+    return moved
+
+
+async def _checked_locally(
+    ctx: ClientContext, job: SyncJobRow, manifest: Mapping[str, str] | None = None
+) -> LocalCheck | None:
+    """The local check of a verified run, or None: no verified manifest, the run unreadable, or a
+    deletion plan for it (the run is then the reaper's to finish, not to send again or fail)."""
+    queue = ctx.require_queue()
+    if await asyncio.to_thread(cleanup_planned, queue, job.id):
+        return None
+    check = await asyncio.to_thread(check_local, queue, job, manifest)
+    return None if check is None or check.refusal is not None else check
+
+
+async def _act_on_local_check(ctx: ClientContext, job: SyncJobRow, run: Path, check: LocalCheck) -> SyncJobRow | None:
+    """Damage: FAILED ``local_damage``; else files added or edited: back to QUEUED; else nothing (None).
+
+    Nothing once the reaper has planned a deletion since the check (asked again: one row read).
     """
     queue = ctx.require_queue()
     if await asyncio.to_thread(cleanup_planned, queue, job.id):
-        return None  # the reaper has planned (or done) the deletion: the run is its to finish, not to send again
-    check = await asyncio.to_thread(check_local, queue, job, manifest)
-    if check is None or check.refusal is not None or not (check.added or check.changed):
+        return None
+    if check.damaged:
+        return _fail_local_damage(ctx, job, check.damaged)
+    if not (check.added or check.changed):
         return None
     paths = sorted({*check.added, *check.changed})
     reason = f"the run changed since verification: {len(paths)} file(s) added or edited ({name_paths(paths)})"
@@ -363,6 +411,20 @@ async def send_back_if_changed(
     ctx.notify_state(fresh)
     ctx.kick()
     return fresh
+
+
+def _fail_local_damage(ctx: ClientContext, job: SyncJobRow, damaged: tuple[str, ...]) -> SyncJobRow | None:
+    """FAILED ``local_damage`` with the reaper's message and ways out; nothing sent, the NAS copy left as
+    verified (its passes kept: a ``restore`` brings the job back to VERIFIED). None when it moved on."""
+    queue = ctx.require_queue()
+    fresh = queue.get(job.id)
+    if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or not _same_verification(fresh, job):
+        return None
+    try:
+        fail(ctx, fresh, fresh.state, FailureKind.LOCAL_DAMAGE, damage_message(job.id, job.run_path, damaged))
+    except IllegalTransition:
+        return None  # another actor moved it first
+    return queue.get(job.id)
 
 
 def _same_verification(fresh: SyncJobRow, job: SyncJobRow) -> bool:

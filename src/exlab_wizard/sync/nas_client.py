@@ -251,7 +251,10 @@ class NASSyncClient:
         for a path that is not a run folder under a configured equipment, and
         :class:`LocalDamageError` for a job FAILED ``local_damage`` whose
         damage is still there (it is not re-armed: see :meth:`restore` and
-        ``retry(job_id, accept_local=True)``).
+        ``retry(job_id, accept_local=True)``), or a verified job whose run
+        holds local damage now (a new run copied with its old mtimes into
+        the place of a verified one, say): that job is FAILED
+        ``local_damage`` first, nothing sent.
         """
         ctx = self._ctx
         queue = ctx.require_queue()
@@ -285,8 +288,9 @@ class NASSyncClient:
                 last_error=None,
             )
         elif not created and job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
-            # Asked again for a verified run: files added or edited since are sent (the audit finds them too).
-            job = await audit.send_back_if_changed(ctx, job, run) or job
+            # Asked again for a verified run: files added or edited since are sent (the audit finds them
+            # too); local damage fails the job and is answered as for a job FAILED local_damage.
+            job = await audit.send_back_if_changed(ctx, job, run, raise_damage=True) or job
         if created:
             ctx.log(equipment).info(run, "enqueued", job=job.id)
         ctx.notify({"type": "state", "job_id": job.id, "run_path": str(run), "state": job.state.value})
