@@ -15,7 +15,9 @@ from exlab_wizard.sync.transports.base import TransportErrorKind
 
 
 @pytest.mark.parametrize(
-    "kind", [k.value for k in TransportErrorKind] + ["remote_changed_during_cleanup", "local_changed_during_cleanup"]
+    "kind",
+    [k.value for k in TransportErrorKind]
+    + ["remote_changed_during_cleanup", "local_changed_during_cleanup", "run_folder_missing"],
 )
 def test_every_failure_kind_has_its_own_sentence(kind: str) -> None:
     assert kind in FAILURE_SENTENCES

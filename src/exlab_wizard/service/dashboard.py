@@ -101,6 +101,8 @@ FAILURE_SENTENCES: dict[FailureKind, str] = {
     FailureKind.VERIFY_UNREADABLE: "The NAS could not read a copied file back to check it (permission or a read "
     "error), so the copy could not be verified. Nothing local was deleted.",
     FailureKind.LOCAL_CHANGED: "Local files changed after the run was verified; the run is sent again.",
+    FailureKind.RUN_FOLDER_MISSING: "The run folder has been gone for a day while its parent folder is there "
+    "(renamed or deleted?). Nothing was deleted by the engine; if the folder comes back, retry.",
 }
 
 

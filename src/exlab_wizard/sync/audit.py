@@ -15,7 +15,9 @@ on by an edit: a new run copied with its old times into the place of a
 verified one, say) fails the job ``local_damage`` before any pass is
 counted, cleanup on or off. What cannot be checked now (the NAS away, the
 local run away, the reaper finishing) is skipped with an event, recorded
-once while it lasts.
+once while it lasts; a run folder gone while its parent folder is there (a
+rename or a deletion, not a disk away) fails the job ``run_folder_missing``
+after :data:`RUN_FOLDER_GRACE`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
-from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, local_data_deleted_at, scan_run
 from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_message, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
@@ -46,11 +48,21 @@ from exlab_wizard.sync.transports.base import location_change, run_location
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as list_run
 
-__all__ = ["audit_job", "audit_loop", "audit_pass", "local_check", "send_back_if_changed"]
+__all__ = ["RUN_FOLDER_GRACE", "audit_job", "audit_loop", "audit_pass", "local_check", "send_back_if_changed"]
 
 logger = logging.getLogger(__name__)
 
 S = SyncJobState
+
+#: How long a verified job's run folder may be gone, its parent folder there, before the job is
+#: FAILED ``run_folder_missing``: a folder moved away for a while (copied elsewhere and back) is
+#: waited for; one renamed or deleted for good no longer counts as verified for ever.
+RUN_FOLDER_GRACE = dt.timedelta(days=1)
+#: The audit event (``audit_skipped``) whose code marks the start of such an absence.
+_MISSING = FailureKind.RUN_FOLDER_MISSING.value
+#: Events read back for the start of an absence; one further back counts as not seen (later: waits longer).
+_MISSING_LOOKBACK = 200
+_MISSING_NOTE = "local run folder missing: no recorded manifest to check against"
 
 
 async def audit_loop(ctx: ClientContext) -> None:
@@ -151,6 +163,11 @@ async def local_check(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentC
         run_location(equipment, run)
     except ValueError:
         return  # no longer under its local root: its NAS place cannot be named, nothing to send it to
+    if await asyncio.to_thread(cleanup_planned, ctx.require_queue(), job.id):
+        return  # the reaper has planned (or done) the deletion: the run is its to finish
+    if not await asyncio.to_thread(os.path.isdir, run):
+        await _run_folder_missing(ctx, job, run)
+        return
     await send_back_if_changed(ctx, job, run)
 
 
@@ -196,7 +213,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         return
     if not await asyncio.to_thread(os.path.isdir, run):
         # An external disk away, say: the recorded manifest cannot be read, which says nothing about the NAS.
-        _note(ctx, job, "audit_skipped", "local run folder missing: no recorded manifest to check against")
+        await _run_folder_missing(ctx, job, run)
         return
     if not await ctx.remotes.reachable(job):
         _note(ctx, job, "audit_skipped", "remote unreachable")
@@ -425,6 +442,74 @@ def _fail_local_damage(ctx: ClientContext, job: SyncJobRow, damaged: tuple[str, 
     except IllegalTransition:
         return None  # another actor moved it first
     return queue.get(job.id)
+
+
+async def _run_folder_missing(ctx: ClientContext, job: SyncJobRow, run: Path) -> None:
+    """A verified job's run folder is not there: wait for it, or after :data:`RUN_FOLDER_GRACE` fail the job.
+
+    Only a folder gone while its parent folder is there (renamed, or
+    deleted) fails, and only with no deletion planned for the run (with
+    ``retain_cache: false`` a cleaned run's folder is removed on purpose). A
+    missing parent is a disk or share away, which says nothing of the run:
+    it is waited for as long as it lasts. The absence is timed from the
+    first audit that saw it (an ``audit_skipped`` event with code
+    ``run_folder_missing``); any other audit finding since starts it anew.
+    """
+    queue = ctx.require_queue()
+    gone = not await asyncio.to_thread(os.path.lexists, run) and await asyncio.to_thread(os.path.isdir, run.parent)
+    if not gone or await asyncio.to_thread(cleanup_planned, queue, job.id):
+        _note(ctx, job, "audit_skipped", _MISSING_NOTE)
+        return
+    now = ctx.clock()
+    since = _missing_since(queue, job.id)
+    if since is None:
+        queue.record_event(
+            job.id,
+            "audit_skipped",
+            f"local run folder missing while its parent folder is there (renamed or deleted?): the job fails "
+            f"`{_MISSING}` if it is still missing in {_hours(RUN_FOLDER_GRACE)}",
+            now=now,
+            code=_MISSING,
+        )
+        return
+    if now - since < RUN_FOLDER_GRACE:
+        return  # a clock set back since makes this negative: it waits, never fails early
+    fresh = queue.get(job.id)
+    if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+        return
+    reason = (
+        f"the run folder is gone (renamed or deleted?) since {_utc_text(since)}; nothing was deleted by the "
+        f"engine; if it comes back, `exlab-sync retry {job.id}` re-arms it"
+    )
+    try:
+        fail(ctx, fresh, fresh.state, FailureKind.RUN_FOLDER_MISSING, reason)
+    except IllegalTransition:
+        return  # another actor moved it first
+
+
+def _missing_since(queue: JobQueue, job_id: str) -> dt.datetime | None:
+    """When the audit first saw the run folder gone in the absence still going on; None when not seen yet.
+
+    Read back from the job's events: the last ``run_folder_missing``
+    markers not followed by a transition, a pass or another audit finding
+    (the reaper's refusals and other notes say nothing of the folder).
+    """
+    since = None
+    for event in reversed(queue.events(job_id, limit=_MISSING_LOOKBACK)):
+        if event.kind == "audit_skipped" and event.code == _MISSING:
+            since = event.at
+        elif event.kind in (TRANSITION_EVENT, "verify_pass", "audit_skipped"):
+            break
+    return since
+
+
+def _hours(span: dt.timedelta) -> str:
+    hours = span.total_seconds() / 3600
+    return f"{hours:g} h"
+
+
+def _utc_text(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _same_verification(fresh: SyncJobRow, job: SyncJobRow) -> bool:

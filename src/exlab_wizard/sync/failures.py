@@ -54,6 +54,9 @@ class FailureKind(StrEnum):
     LOCAL_CHANGED_DURING_CLEANUP = "local_changed_during_cleanup"
     #: the NAS copy lost planned files after part of the deletion; it stopped
     REMOTE_CHANGED_DURING_CLEANUP = "remote_changed_during_cleanup"
+    #: the run folder of a verified job gone for a day while its parent folder is there (renamed
+    #: or deleted, not a disk away); nothing deleted, ``retry`` re-arms it once the folder is back
+    RUN_FOLDER_MISSING = "run_folder_missing"
 
 
 #: The kinds a transport may raise (the values of ``TransportErrorKind``).

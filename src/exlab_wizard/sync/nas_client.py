@@ -54,7 +54,7 @@ from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.context import ClientContext, TransferProgress
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import Reaper
-from exlab_wizard.sync.recovery import LocalDamageError, RestoreError, RestoreResult
+from exlab_wizard.sync.recovery import LocalDamageError, RestoreError, RestoreResult, RunFolderMissingError
 from exlab_wizard.sync.remote import HashsumFactory, PushFactory, RemoteStat
 from exlab_wizard.sync.states import SyncHandleState, SyncJobState
 from exlab_wizard.sync.transports import Transport
@@ -66,6 +66,7 @@ __all__ = [
     "LocalDamageError",
     "RestoreError",
     "RestoreResult",
+    "RunFolderMissingError",
     "client_from_config",
     "NASSyncClient",
     "SyncHandleState",
@@ -313,7 +314,9 @@ class NASSyncClient:
         """Re-arm a FAILED job (``FAILED -> QUEUED``); raises ``IllegalTransition`` otherwise.
 
         A job FAILED ``local_damage`` whose damage is still there is not
-        re-armed: :class:`LocalDamageError`. With ``accept_local`` the damaged
+        re-armed: :class:`LocalDamageError`; nor is a job FAILED
+        ``run_folder_missing`` whose run folder is still not there:
+        :class:`RunFolderMissingError`. With ``accept_local`` the damaged
         local files become the new truth: they are recorded on the job as
         allowed to be sent once, and before the push the NAS moves each
         verified file they replace to ``.exlab-wizard/previous/<UTC

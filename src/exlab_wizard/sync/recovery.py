@@ -94,6 +94,7 @@ __all__ = [
     "NasCopyCheck",
     "RestoreError",
     "RestoreResult",
+    "RunFolderMissingError",
     "adopt_nas_copy",
     "check_local",
     "check_nas_copy",
@@ -135,6 +136,23 @@ class LocalDamageError(Exception):
         self.run_path = run_path
         self.paths = tuple(paths)
         super().__init__(damage_message(job_id, run_path, self.paths))
+
+
+class RunFolderMissingError(Exception):
+    """``retry`` of a job FAILED ``run_folder_missing`` whose run folder is still not there: not re-armed.
+
+    ``kind`` is ``"run_folder_missing"``. Re-armed, the transfer would only
+    fail again (``local_file_vanished``) and lose the reason.
+    """
+
+    kind = FailureKind.RUN_FOLDER_MISSING
+
+    def __init__(self, job_id: str, run_path: str):
+        self.job_id = job_id
+        self.run_path = run_path
+        super().__init__(
+            f"job {job_id}: the run folder {run_path} is still missing; put it back where it was, then retry"
+        )
 
 
 class RestoreError(Exception):
@@ -686,12 +704,18 @@ async def rearm(ctx: ClientContext, job_id: str, *, accept_local: bool = False) 
     """``FAILED -> QUEUED`` for ``retry``, with ``--accept-local`` recorded (see ``NASSyncClient.retry``).
 
     Raises ``KeyError`` (no such job), :class:`LocalDamageError` (damage
-    still there, not accepted) and ``IllegalTransition`` (not FAILED).
+    still there, not accepted), :class:`RunFolderMissingError` (FAILED
+    ``run_folder_missing`` and the folder still not there) and
+    ``IllegalTransition`` (not FAILED).
     """
     queue = ctx.require_queue()
     job = queue.get(job_id)
     if job is None:
         raise KeyError(f"no job {job_id}")
+    if job.state == S.FAILED and job.error_kind == FailureKind.RUN_FOLDER_MISSING:
+        run = Path(job.run_path)
+        if not await asyncio.to_thread(os.path.isdir, run) or await asyncio.to_thread(os.path.islink, run):
+            raise RunFolderMissingError(job.id, job.run_path)
     damaged: tuple[str, ...] = ()
     if job.state == S.FAILED and (accept_local or job.error_kind == LOCAL_DAMAGE):
         damaged = await asyncio.to_thread(find_damage, queue, job)
