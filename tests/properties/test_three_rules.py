@@ -11,7 +11,8 @@ with cleanup enabled, one verify pass and no minimum age, so the reaper can
 really delete; ``retain_cache`` is drawn both ways. Each example syncs one
 run first, then takes random steps: create a run, enqueue it (first sync or
 again), audit, cleanup, delete the run's NAS folder, delete/truncate/flip one
-NAS file, flip a local byte keeping size and mtime (damage; also half way
+NAS file, put one NAS file back from an older snapshot (other bytes, the same
+size, an older mtime), flip a local byte keeping size and mtime (damage; also half way
 through the client's record of a verification's file stats), edit a local file
 (new bytes, new mtime; also between a verification's hashing and its record,
 with the client's clock ahead of the file times after an audit), add a file,
@@ -45,7 +46,8 @@ never destroys the last copy itself. One loss is the configuration's, not the
 engine's: the reaper re-checks the NAS copy's listing (sizes) right before it
 deletes, not its bytes, so NAS rot of the same size that no audit has seen
 yet may cost the run when ``min_verify_passes`` is 1; it is counted as an
-``event``, not a failure. Once an audit has run over the rot, it is the
+``event``, not a failure (a snapshot restore whose mtime is within the 2 s a
+copy's mtime may be off counts the same; an older one is the engine's to see). Once an audit has run over the rot, it is the
 engine's to catch. And the test never damages a local file edited since the
 engine last verified it: rot after an edit looks exactly like a second edit.
 
@@ -618,6 +620,21 @@ class ThreeRules(RuleBasedStateMachine):
         model, rel = self._pick_file(data, self._nas_damageable())
         flip_byte_keep_stat(self._nas_dir(model) / rel, offset)
         self._forget_nas(model, rel, rotten=True)
+
+    @precondition(lambda self: bool(self._nas_damageable()))
+    @rule(data=st.data(), offset=st.integers(0, 4095), seconds=st.sampled_from([1, 3600, 30 * 86400]))
+    def nas_snapshot_restore(self, data: st.DataObject, offset: int, seconds: int) -> None:
+        """The NAS file put back from an older snapshot: other bytes, the same size, an older mtime.
+
+        Unlike bit rot (mtime kept), the listing the reaper takes right before
+        a deletion can see it: no local byte may be deleted on such a copy.
+        """
+        model, rel = self._pick_file(data, self._nas_damageable())
+        path = self._nas_dir(model) / rel
+        info = os.stat(path)
+        flip_byte_keep_stat(path, offset)
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns - seconds * 10**9))
+        self._forget_nas(model, rel, rotten=seconds <= 2)  # within the 2 s slack of a copy's mtime: as bit rot
 
     @precondition(lambda self: bool(self._local_damageable()))
     @rule(data=st.data(), offset=st.integers(0, 4095))
