@@ -396,6 +396,31 @@ class ValidatorConfig(_Model):
         return _at_most(value, MAX_CONTENT_SCAN_MIB, f"{MAX_CONTENT_SCAN_MIB} MiB")
 
 
+def _spellings(path: Path) -> tuple[str, str]:
+    """(absolute path, resolved path): the resolved one as far as the file system answers."""
+    absolute = os.path.abspath(path)
+    try:
+        return absolute, os.path.realpath(absolute)
+    except (OSError, ValueError):  # a NUL in the name, a symlink loop under strict rules
+        return absolute, absolute
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _overlap(one: tuple[str, str], other: tuple[str, str]) -> str | None:
+    """How folder ``one`` sits against ``other`` (``"is"``, ``"is inside"``, ``"holds"``); None when apart."""
+    for mine, theirs in zip(one, other, strict=True):
+        if mine == theirs:
+            return "is"
+        if _inside(mine, theirs):
+            return "is inside"
+        if _inside(theirs, mine):
+            return "holds"
+    return None
+
+
 def _default_state_dir() -> Path:
     return Path(os.path.expanduser("~/.local/state/exlab-wizard"))
 
@@ -441,6 +466,40 @@ class Config(_Model):
                     f"equipment[{index}].id: {equipment.id!r} is already used by equipment[{seen[equipment.id]}]"
                 )
             seen[equipment.id] = index
+        return self
+
+    @model_validator(mode="after")
+    def _separate_folders(self) -> Config:
+        """Every equipment's ``<local_root>/<id>`` apart from the others' and from every NAS place.
+
+        A run under two equipment roots goes to whichever entry comes first
+        (:meth:`equipment_for_run`), with that one's transport. A mount at or
+        inside an equipment's folder (or holding it) makes the NAS copy the
+        local data itself: verified against itself, then deleted by cleanup.
+        Paths compared as written (absolute) and resolved (symlinks).
+        """
+        roots = [_spellings(eq.equipment_root) for eq in self.equipment]
+        for j, later in enumerate(roots):
+            for i in range(j):
+                relation = _overlap(later, roots[i])
+                if relation is not None:
+                    raise ValueError(
+                        f"equipment[{j}].local_root: {self.equipment[j].id}'s folder {later[0]} {relation}"
+                        f" equipment[{i}]'s folder {roots[i][0]}; each equipment needs a <local_root>/<id>"
+                        " of its own, apart from the others'"
+                    )
+        for j, equipment in enumerate(self.equipment):
+            if equipment.transport.type != "mount":
+                continue
+            mount = _spellings(equipment.transport.mount_path)
+            for i, root in enumerate(roots):
+                relation = _overlap(mount, root)
+                if relation is not None:
+                    raise ValueError(
+                        f"equipment[{j}].transport.mount_path: {mount[0]} {relation} equipment[{i}]'s local"
+                        f" folder {root[0]}: the NAS copy would be the local data itself, and cleanup would"
+                        " delete the only copy; mount the share apart from the local data"
+                    )
         return self
 
     def equipment_by_id(self, equipment_id: str) -> EquipmentConfig:
