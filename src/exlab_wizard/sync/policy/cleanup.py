@@ -113,6 +113,7 @@ class CleanupCode(StrEnum):
     NAS_COPY_CHANGED = "nas_copy_changed"  # files at their sizes with another mtime than the push gave them
     NAS_LOCATION_CHANGED = "nas_location_changed"
     NAS_FOLDER_CLAIMED = "nas_folder_claimed"
+    NAS_IS_LOCAL = "nas_is_local"  # the NAS run folder is the local run folder (or shares its files)
     # -- interlock 5 --
     OVERRIDE_UNKNOWN = "override_unknown"
     OVERRIDE_REVOKED = "override_revoked"

@@ -36,8 +36,14 @@ from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, Remo
 from exlab_wizard.sync.reaper.local_check import COPY_TIME_SLACK_NS, LocalScan, load_verified_stats, scan_run
 from exlab_wizard.sync.reaper.store import PlannedFile, Progress
 from exlab_wizard.sync.states import SyncJobState
-from exlab_wizard.sync.transports.base import RemoteFile, TransportError, TransportErrorKind, location_change
-from exlab_wizard.sync.transports.conflict import claim_markers
+from exlab_wizard.sync.transports.base import (
+    RemoteFile,
+    TransportError,
+    TransportErrorKind,
+    location_change,
+    remote_run_path,
+)
+from exlab_wizard.sync.transports.conflict import claim_markers, claim_path
 
 __all__ = ["InterlockFacts"]
 
@@ -105,6 +111,9 @@ class InterlockFacts:
         claimed = self._claimed_by_another_run(job, listing)
         if claimed is not None:
             return policy.RemoteCheck(refusal=claimed, refusal_code=CleanupCode.NAS_FOLDER_CLAIMED)
+        local = await asyncio.to_thread(self._nas_is_local, job, files)
+        if local is not None:
+            return policy.RemoteCheck(refusal=local, refusal_code=CleanupCode.NAS_IS_LOCAL)
         sent = await asyncio.to_thread(self._sent_times, job, files)
         return policy.check_remote(
             {f.path: f.size for f in files},
@@ -162,6 +171,48 @@ class InterlockFacts:
                 " longer by this job: it was replaced since this copy was verified (another PC's run, or a"
                 " lost queue's); nothing is deleted (docs/recovery.md)"
             )
+        return None
+
+    def _nas_is_local(self, job: SyncJobRow, files: Sequence[PlannedFile]) -> str | None:
+        """Why the NAS copy is the local run itself; None when it is apart. Blocking I/O.
+
+        The loader refuses a mount path at, inside or above an equipment's
+        folder, but not a symlink or bind mount made later: then the listing
+        shows the local files, and deleting them deletes the "copy". Mount:
+        the NAS run folder must not be the local one, nor hold a planned file
+        of the same device and inode. Any transport: the job's claim, which
+        every push writes into the NAS run folder, must not turn up in the
+        local run (a remote path on this very machine).
+        """
+        run = Path(job.run_path)
+        stop = "; nothing is deleted: put the NAS copy apart from the local data (docs/config.md)"
+        claim = claim_path(job.id)
+        if os.path.lexists(run / claim):
+            return (
+                f"the job's NAS claim ({claim}) is in the local run folder: the NAS run folder is the local one{stop}"
+            )
+        try:
+            equipment = self.config.equipment_by_id(job.equipment_id)
+            if equipment.transport.type != "mount":
+                return None
+            nas = Path(remote_run_path(equipment, run))
+        except (KeyError, ValueError):
+            return None  # _moved has said why already
+        try:
+            try:
+                if os.path.samefile(run, nas):
+                    return f"the NAS run folder {nas} is the local run folder{stop}"
+            except FileNotFoundError:
+                return None  # no local run to delete from (its own check says so), or no NAS folder (the listing's)
+            for f in files:
+                try:
+                    here, there = os.lstat(run / f.path), os.stat(nas / f.path)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # deleted here already (a resumed plan), or missing there (the listing tells)
+                if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                    return f"{f.path} on the NAS ({nas}) is the local file itself{stop}"
+        except OSError as exc:
+            return f"cannot tell whether the NAS run folder {nas} is the local one: {exc.strerror or exc}; nothing is deleted"
         return None
 
     def _moved(self, job: SyncJobRow) -> str | None:
