@@ -81,6 +81,7 @@ __all__ = [
     "check_remote",
     "decide",
     "eligible_to_promote",
+    "finishing_refusal",
     "format_hours",
     "name_paths",
     "promotion_refusal",
@@ -416,6 +417,23 @@ def promotion_refusal(job: Any, config: Any, now: dt.datetime) -> CleanupDecisio
         now,
         getattr(job, "pass_times", ()),
     )
+
+
+def finishing_refusal(config: Any) -> CleanupDecision | None:
+    """Why a plan whose data are deleted (``data_deleted_at`` set) may not finish now; None when it may.
+
+    Interlock 1 alone. Nothing local is left for interlocks 2, 3, 5 and 6 to
+    protect, and the audit counts no passes for such a job: a pause on one of
+    them (``min_verify_passes`` raised, an override expired, ``creation.json``
+    removed by a killed pass) could never end. What is left, the final
+    metadata push, is gated by its own proof, read back from the NAS (an
+    unreachable NAS fails it: a wait, never a skip). ``config``: a ``Config``
+    or its ``nas_cleanup``.
+    """
+    cleanup = getattr(config, "nas_cleanup", config)
+    if not cleanup.enabled:
+        return CleanupDecision("wait", "cleanup disabled", interlock=1, code=CleanupCode.DISABLED)
+    return None
 
 
 def _local_decision(local: LocalCheck) -> CleanupDecision | None:

@@ -4,7 +4,8 @@ The reaper carries out the decisions of :mod:`exlab_wizard.sync.policy.cleanup`.
 On each pass (:meth:`Reaper.run_pass`):
 
 1. A deletion planned earlier and interrupted (crash, kill, power cut) is
-   resumed first, after the interlocks are checked again.
+   resumed first, after the interlocks are checked again (once its data are
+   deleted, interlock 1 alone: the final push's proof gates the rest).
 2. A VERIFIED job meeting interlocks 1, 2 and 3 moves to CLEANUP_ELIGIBLE
    (with cleanup disabled it stays VERIFIED).
 3. For each CLEANUP_ELIGIBLE job all six interlocks are checked, the costly

@@ -2,7 +2,8 @@
 
 Owns :class:`Reaper` and what one pass does, in order (the whole sequence is
 described in :mod:`exlab_wizard.sync.reaper`): resume an interrupted plan
-after the interlocks are checked again, promote VERIFIED jobs, decide each
+after the interlocks are checked again (interlock 1 alone once its data are
+deleted), promote VERIFIED jobs, decide each
 CLEANUP_ELIGIBLE job (facts gathered by :class:`~.interlocks.InterlockFacts`,
 decided by the pure cleanup policy), write the plan durably
 (:class:`~.store.CleanupStore`), carry it out (:mod:`.deletion`), record the
@@ -406,10 +407,18 @@ class Reaper(InterlockFacts):
             return ReaperOutcome(
                 job.id, job.run_path, "aborted", reason, code=C.LOCAL_CHANGED_DURING_CLEANUP, paths=tuple(blocked)
             )
-        # Interlocks 1-5 again, with a new listing of the remote run folder against the plan
-        # while local data remain; 6 is the per-file check of the plan itself.
-        planned = self._store.plan_files(job.id) if progress.data_deleted_at is None else None
-        decision, _ = await self._decide(job, local=False, planned=planned)
+        if progress.data_deleted_at is not None:
+            # Nothing local is left for interlocks 2, 3, 5 and 6 to protect, and the audit counts no
+            # passes now: only interlock 1, then the final push's own proof (policy.finishing_refusal).
+            refusal = policy.finishing_refusal(self.config)
+            if refusal is not None:
+                reason = f"deletion paused: {refusal.reason}"
+                self._refuse_event(job.id, reason, refusal.code)
+                return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=refusal.code)
+            return await self._execute(job, progress, log, resumed=True)
+        # Interlocks 1-5 again, with a new listing of the remote run folder against the plan;
+        # 6 is the per-file check of the plan itself.
+        decision, _ = await self._decide(job, local=False, planned=self._store.plan_files(job.id))
         if decision.action == "requeue" and decision.interlock == 4:
             return await self._resume_incomplete(job, progress, log, decision)
         if decision.action != "delete":
