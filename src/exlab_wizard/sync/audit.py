@@ -14,10 +14,10 @@ Local damage found by the local check (other bytes under an mtime not moved
 on by an edit: a new run copied with its old times into the place of a
 verified one, say) fails the job ``local_damage`` before any pass is
 counted, cleanup on or off. What cannot be checked now (the NAS away, the
-local run away, the reaper finishing) is skipped with an event, recorded
-once while it lasts; a run folder gone while its parent folder is there (a
-rename or a deletion, not a disk away) fails the job ``run_folder_missing``
-after :data:`RUN_FOLDER_GRACE`.
+local run away, the reaper finishing, the equipment no longer configured) is
+skipped with an event, recorded once while it lasts; a run folder gone while
+its parent folder is there (a rename or a deletion, not a disk away) fails the
+job ``run_folder_missing`` after :data:`RUN_FOLDER_GRACE`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, local_data_deleted_at, scan_run
+from exlab_wizard.sync.reaper.store import REFUSED_EVENT
 from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_message, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
@@ -85,7 +86,11 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
     for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
         for job in queue.iter_jobs(state):  # page by page, whatever the size of the queue
             equipment = ctx.equipment(job)
-            if equipment is None or job.equipment_id in ctx.inflight:
+            if equipment is None:
+                # Renamed or removed in the config: its NAS place cannot be named (the reaper waits too).
+                _note(ctx, job, "audit_skipped", _unconfigured_note(job))
+                continue
+            if job.equipment_id in ctx.inflight:
                 continue
             now = ctx.clock()
             if not force and _recent(job.last_verify_at, now, interval):
@@ -181,10 +186,26 @@ def _data_after_cleanup(run: Path) -> list[str]:
         return []
 
 
+def _unconfigured_note(job: SyncJobRow) -> str:
+    return (
+        f"equipment {job.equipment_id} is no longer configured: its NAS copy cannot be named, so it is not "
+        f"audited (nor cleaned) until the equipment is configured again"
+    )
+
+
+#: Events read back for the audit's last one: the reaper's refusals between two audits are passed over.
+_NOTE_LOOKBACK = 20
+
+
 def _note(ctx: ClientContext, job: SyncJobRow, kind: str, detail: str) -> None:
-    """Record an audit event unless the job's last event already says the same (no spam while the NAS is away)."""
+    """Record an audit event unless the job's last event already says the same (no spam while the NAS is away).
+
+    The reaper's refusals (``cleanup_refused``, themselves recorded once while
+    they last) are passed over: a skip and a refusal of one cause alternating
+    on each pass would otherwise both be recorded every time.
+    """
     queue = ctx.require_queue()
-    last = queue.events(job.id, limit=1)
+    last = [e for e in queue.events(job.id, limit=_NOTE_LOOKBACK) if e.kind != REFUSED_EVENT][-1:]
     if last and last[-1].kind == kind and last[-1].detail == detail:
         return
     queue.record_event(job.id, kind, detail, now=ctx.clock())

@@ -144,6 +144,7 @@ class CleanupCode(StrEnum):
     BUSY = "busy"
     ERROR = "error"
     EQUIPMENT_LOG_UNAVAILABLE = "equipment_log_unavailable"
+    EQUIPMENT_UNCONFIGURED = "equipment_unconfigured"  # the job's equipment id is gone from the config
     JOB_CHANGED = "job_changed"
     DELETION_PAUSED = "deletion_paused"  # the run folder is away or a file cannot be unlinked
     FINAL_PUSH_PENDING = "final_push_pending"  # retain_cache false: .exlab-wizard/ not proved on the NAS

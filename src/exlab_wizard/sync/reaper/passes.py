@@ -221,6 +221,9 @@ class Reaper(InterlockFacts):
             return ReaperOutcome(job_id, run_path, "error", reason, code=C.ERROR)
 
     async def _promote(self, job: SyncJobRow) -> ReaperOutcome | None:
+        unconfigured = self._unconfigured(job)
+        if unconfigured is not None:
+            return unconfigured  # CLEANUP_ELIGIBLE means "about to be deleted": not for it
         now = self.now()
         refusal = policy.promotion_refusal(job, self.config, now)
         if refusal is not None:
@@ -256,9 +259,29 @@ class Reaper(InterlockFacts):
     def _log(self, job: SyncJobRow) -> EquipmentLog:
         return self.log_for(job.equipment_id)
 
+    def _unconfigured(self, job: SyncJobRow) -> ReaperOutcome | None:
+        """A wait when the job's equipment id is no longer in the config (renamed or removed); None when it is.
+
+        Its NAS place cannot be named, nor its log opened: nothing is deleted or
+        finished for it until the equipment is configured again.
+        """
+        try:
+            self.config.equipment_by_id(job.equipment_id)
+        except KeyError:
+            reason = (
+                f"equipment {job.equipment_id} is no longer configured: nothing is deleted for its runs "
+                f"until it is configured again"
+            )
+            self._refuse_event(job.id, reason, C.EQUIPMENT_UNCONFIGURED)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_UNCONFIGURED)
+        return None
+
     # ------------------------------------------------------------ one eligible job
 
     async def _consider(self, job: SyncJobRow) -> ReaperOutcome:
+        unconfigured = self._unconfigured(job)
+        if unconfigured is not None:
+            return unconfigured
         try:
             log = self._log(job)
         except Exception as exc:
@@ -390,6 +413,9 @@ class Reaper(InterlockFacts):
             if blocked:
                 why += f"; kept as set aside, a file has its name again: {', '.join(blocked)}"
             return self._abandon(progress, job, why)
+        unconfigured = self._unconfigured(job)
+        if unconfigured is not None:
+            return unconfigured
         try:
             log = self._log(job)
         except Exception as exc:
