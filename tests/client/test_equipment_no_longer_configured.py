@@ -3,7 +3,8 @@
 The lab renames an equipment id (CONFOCAL_01 -> CONFOCAL_1, same share, same
 disk) or removes it. The old jobs' NAS place can no longer be named. A
 verified job used to wait for ever on "equipment log unavailable:
-'CONFOCAL_01'" (a KeyError), skipped by the audit with no event.
+'CONFOCAL_01'" (a KeyError), skipped by the audit with no event; a job
+awaiting its verification stayed AWAITING_VERIFY with no event at all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from exlab_wizard.config.models import Config
 from exlab_wizard.sync.policy.cleanup import CleanupCode
+from exlab_wizard.sync.queue import JobQueue
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
 from tests.lab import FILES, Lab, acts, ready, running
@@ -59,3 +61,32 @@ async def test_a_renamed_equipment_id_is_named_as_the_reason(lab: Lab, tmp_path:
     refused = [e for e in job.events if e.kind == "cleanup_refused" and e.code == CleanupCode.EQUIPMENT_UNCONFIGURED]
     assert len(skipped) == 1, [(e.kind, e.code, e.detail) for e in job.events][-8:]
     assert len(refused) == 1, [e.detail for e in job.events]
+
+
+async def test_a_job_awaiting_verification_of_a_removed_equipment_fails_saying_why(lab: Lab, tmp_path: Path) -> None:
+    """serve stopped between a push and its verification (AWAITING_VERIFY); the equipment is removed before
+    the restart. It is FAILED as a QUEUED job of a removed equipment is, with the way back: retry."""
+    clock = Clock()
+    cfg = config(lab)
+    run = lab.make_run(files=FILES)
+    async with running(cfg, clock) as client:
+        queue = client._ctx.require_queue()
+        remote = client._ctx.remotes.transport(cfg.equipment_by_id("CONFOCAL_01")).remote_run_path(run)
+        job, _ = queue.get_or_create(str(run), "CONFOCAL_01", remote, now=clock())
+    # The state a kill leaves between the push and the verification.
+    with JobQueue(cfg.queue_db) as queue:
+        queue.transition(job.id, S.QUEUED, S.RUNNING, now=clock())
+        queue.transition(job.id, S.RUNNING, S.AWAITING_VERIFY, now=clock())
+    removed = cfg.model_copy(update={"equipment": [eq for eq in cfg.equipment if eq.id != "CONFOCAL_01"]})
+    async with running(removed, clock) as client:
+        for _ in range(3):
+            clock.advance(1)
+            client._ctx.kick()
+            await client.wait_idle(timeout=10)
+            await client.audit_once()
+            await client.cleanup_once()
+        job = await client.job(run)
+    assert job.state == S.FAILED, (job.state.value, [e.detail for e in job.events][-1:])
+    assert "equipment CONFOCAL_01 is no longer configured" in (job.last_error or ""), job.last_error
+    assert "exlab-sync retry" in (job.last_error or ""), job.last_error
+    assert all((run / rel).read_bytes() == data for rel, data in FILES.items())

@@ -137,10 +137,8 @@ def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
         # read (a step that ends wakes the loop at once).
         return poll_interval_s
 
-    def unconfigured(job: SyncJobRow, why: str) -> None:
-        queue.transition(
-            job.id, S.QUEUED, S.FAILED, now=ctx.clock(), detail=why, error_kind=FailureKind.UNKNOWN, last_error=why
-        )
+    def unconfigured(job: SyncJobRow, _why: str) -> None:
+        fail_unconfigured(ctx, job, S.QUEUED)
 
     wait = max_wait(ctx)
     _start_due(ctx, limit, functools.partial(queue.next_due, max_wait=wait), unconfigured, run_job, "job")
@@ -158,6 +156,22 @@ def _dispatch_once(ctx: ClientContext, poll_interval_s: float) -> float:
     if wakeup is not None:
         timeout = max(0.0, min(timeout, (wakeup - ctx.clock()).total_seconds()))
     return timeout
+
+
+def fail_unconfigured(ctx: ClientContext, job: SyncJobRow, from_state: SyncJobState) -> None:
+    """FAILED ``unknown``: the job's equipment id is no longer in the config (renamed or removed).
+
+    For a QUEUED job (nothing can be sent) and an AWAITING_VERIFY one (nothing
+    can be verified); the reason says the way back. Raises ``IllegalTransition``
+    when another actor moved the job first.
+    """
+    why = (
+        f"equipment {job.equipment_id} is no longer configured; once it is configured again, "
+        f"`exlab-sync retry {job.id}` re-arms the job"
+    )
+    ctx.require_queue().transition(
+        job.id, from_state, S.FAILED, now=ctx.clock(), detail=why, error_kind=FailureKind.UNKNOWN, last_error=why
+    )
 
 
 def _settle_ended(ctx: ClientContext) -> None:
@@ -189,6 +203,9 @@ def _settle_ended(ctx: ClientContext) -> None:
             if equipment is not None:
                 logger.warning("job %s: its step ended before its verification was recorded; verified again", job.id)
                 start(ctx, job, equipment, verify_job(ctx, job, equipment, local_hashes=None), "verify")
+            else:
+                with contextlib.suppress(IllegalTransition):  # another process moved it: its move stands
+                    fail_unconfigured(ctx, job, S.AWAITING_VERIFY)
         ctx.ended.discard(job_id)
 
 

@@ -56,7 +56,7 @@ from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import Reaper
 from exlab_wizard.sync.recovery import LocalDamageError, RestoreError, RestoreResult, RunFolderMissingError
 from exlab_wizard.sync.remote import HashsumFactory, PushFactory, RemoteStat
-from exlab_wizard.sync.states import SyncHandleState, SyncJobState
+from exlab_wizard.sync.states import IllegalTransition, SyncHandleState, SyncJobState
 from exlab_wizard.sync.transports import Transport
 from exlab_wizard.sync.verifier import Verifier, VerifyResult
 from exlab_wizard.validator import Finding, Validator
@@ -183,7 +183,12 @@ class NASSyncClient:
         self._lease = lease
         for job in ctx.queue.recover(now=self.clock(), max_wait=job_runner.max_wait(ctx)):
             equipment = ctx.equipment(job)
-            if equipment is not None and job.equipment_id not in ctx.inflight:
+            if equipment is None:
+                # Renamed or removed in the config while it awaited its verification: FAILED as a
+                # QUEUED job of it is (the reason names `retry`, the way back once it is configured).
+                with contextlib.suppress(IllegalTransition):
+                    job_runner.fail_unconfigured(ctx, job, S.AWAITING_VERIFY)
+            elif job.equipment_id not in ctx.inflight:
                 verify = job_runner.verify_job(ctx, job, equipment, local_hashes=None)
                 job_runner.start(ctx, job, equipment, verify, "verify")
         self._reaper = self._make_reaper()
