@@ -90,3 +90,9 @@ async def test_a_job_awaiting_verification_of_a_removed_equipment_fails_saying_w
     assert "equipment CONFOCAL_01 is no longer configured" in (job.last_error or ""), job.last_error
     assert "exlab-sync retry" in (job.last_error or ""), job.last_error
     assert all((run / rel).read_bytes() == data for rel, data in FILES.items())
+    # The way back the reason names: the entry configured again, then retry.
+    async with running(cfg, clock) as client:
+        await client.retry(job.id)
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+    assert job.state == S.VERIFIED, job.last_error
