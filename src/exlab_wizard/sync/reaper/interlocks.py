@@ -302,8 +302,10 @@ class InterlockFacts:
         """Gather facts as far as they matter and decide.
 
         ``local=False`` treats interlock 6 as holding; the remote listing is
-        then compared with ``planned`` (a resumed plan), or treated as holding
-        when ``planned`` is None (the data are deleted already).
+        then compared with ``planned`` (a resumed plan). With neither a local
+        scan nor ``planned`` there is nothing to compare the listing with, and
+        interlock 4 does not hold (a plan whose data are deleted is finished
+        by interlock 1 and the final push's proof, never through here).
         """
         now = self.now()
         facts = self._base_facts(job, now)
@@ -320,7 +322,9 @@ class InterlockFacts:
             elif decision.needs == "remote_listing":
                 files = scan.files if scan is not None else planned
                 if files is None:
-                    facts = dataclasses.replace(facts, remote=policy.RemoteCheck())
+                    facts = dataclasses.replace(
+                        facts, remote=policy.RemoteCheck(refusal="no planned files to compare the NAS listing with")
+                    )
                 else:
                     facts = dataclasses.replace(facts, remote=await self._remote_check(job, files))
             elif local:
