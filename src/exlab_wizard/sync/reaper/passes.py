@@ -794,8 +794,9 @@ def another_runs_folder(run: Path, planned: str | None, manifest_digest: str, wr
 
     Another run's when it is not the folder the plan was written in
     (``planned``, its :func:`~.store.folder_identity`; None when not known: a
-    plan from before queue migration 12): the device and inode of the folder,
-    or of its ``.exlab-wizard/`` while there, differ. A freed inode is given
+    plan from before queue migration 12): on the same device, the inode of the
+    folder, or of its ``.exlab-wizard/`` while there, differs (a new device
+    number alone proves nothing: a re-plugged disk gets one). A freed inode is given
     again at once on ext4, so a folder deleted and made anew can carry the
     planned numbers: what it holds decides too. The cleanup's own folder holds
     ``checksums.sha256`` until the final push is proved (the push then compares
@@ -809,7 +810,9 @@ def another_runs_folder(run: Path, planned: str | None, manifest_digest: str, wr
     ``CreationWriter``). Blocking I/O.
     """
     now = folder_identity(run)
-    if planned is not None and now is not None:
+    if planned is not None and now is not None and _device(now) == _device(planned):
+        # Another device number says nothing: a disk re-plugged (sdb -> sdc), LVM after a reboot,
+        # NFS or btrfs mounted again give the same folder a new one. What it holds decides then.
         planned_run, _, planned_meta = planned.partition(" ")
         now_run, _, now_meta = now.partition(" ")
         if now_run != planned_run:
@@ -834,6 +837,11 @@ def another_runs_folder(run: Path, planned: str | None, manifest_digest: str, wr
     if data:
         return f"no checksums.sha256 nor creation.json, and data files: {', '.join(data)}"
     return None
+
+
+def _device(identity: str) -> str:
+    """The run folder's device number in a :func:`~.store.folder_identity`."""
+    return identity.partition(":")[0]
 
 
 def _job_changed(job: SyncJobRow) -> ReaperOutcome:
