@@ -326,8 +326,14 @@ async def check_nas_folder(ctx: ClientContext, job: SyncJobRow, equipment: Equip
         return
     run = Path(job.run_path)
     where = remote_run_path(equipment, run)
+    own_claim = claim_path(job.id)
+    # The job's claim alone first (the usual case): a listing of a whole run holds every file's
+    # name in memory (200,000 names: tens of MB) and, over ssh, costs a walk of the NAS folder.
+    with tempfile.TemporaryDirectory(prefix="exlab-nas-claim-") as into:
+        if own_claim in await remote.fetch(run, [own_claim], Path(into)):
+            return
     listing = await ctx.remotes.listing(job)
-    if claim_path(job.id) in listing:
+    if own_claim in listing:
         return
     if NAS_MANIFEST in listing:
         own = await asyncio.to_thread(own_manifests, ctx.require_queue(), job)
