@@ -1030,7 +1030,7 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         "A NAS byte flipped after the job was already VERIFIED (the flip aimed at the short",
         "AWAITING_VERIFY window and missed it). With `min_verify_passes: 1` and `min_age_hours: 0`",
         "the reaper may delete the local copy before any audit re-reads the NAS, because its",
-        "re-check right before the deletion compares the NAS listing (sizes), not the bytes;",
+        "re-check right before the deletion compares the NAS listing (sizes, mtimes), not the bytes;",
         "the local copy is then gone and the NAS copy is damaged. The defaults (2 passes, 24 h)",
         "put an audit between the verification and the deletion. Counted apart from the losses:",
         "",
