@@ -102,11 +102,7 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
         if mounted:
             result.stop = describe(mounted)
             return result
-        groups: dict[tuple[str, ...], list[PlannedFile]] = {}
-        for item in batch:
-            parents, _ = split_path(item.path)
-            groups.setdefault(tuple(parents), []).append(item)
-        for parents, items in groups.items():
+        for parents, items in _by_folder(batch).items():
             try:
                 folder = open_dir_chain(root, parents)
             except FileNotFoundError:
@@ -144,6 +140,15 @@ def delete_batch(run_path: Path, batch: Sequence[PlannedFile]) -> DeleteResult:
     finally:
         os.close(root)
     return result
+
+
+def _by_folder(items: Iterable[PlannedFile]) -> dict[tuple[str, ...], list[PlannedFile]]:
+    """The planned files by their folder (its parts below the run folder), in order."""
+    groups: dict[tuple[str, ...], list[PlannedFile]] = {}
+    for item in items:
+        parents, _ = split_path(item.path)
+        groups.setdefault(tuple(parents), []).append(item)
+    return groups
 
 
 class _Stop(Exception):
@@ -280,11 +285,7 @@ def put_back_set_aside(run_path: Path, planned: Sequence[PlannedFile]) -> list[s
     except RunFolderError:
         return blocked
     try:
-        groups: dict[tuple[str, ...], list[PlannedFile]] = {}
-        for item in planned:
-            parents, _ = split_path(item.path)
-            groups.setdefault(tuple(parents), []).append(item)
-        for parents, items in groups.items():
+        for parents, items in _by_folder(planned).items():
             try:
                 folder = open_dir_chain(root, parents)
             except OSError:
