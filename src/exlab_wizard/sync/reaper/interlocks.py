@@ -129,15 +129,19 @@ class InterlockFacts:
         The local mtime is the one the checked bytes have now (a push sends
         it); the one recorded at verification is the copy's when the local
         file was touched since without a change of content. A record of other
-        bytes (another manifest's) vouches for nothing.
+        bytes (another manifest's) vouches for nothing. Each also as SFTP
+        version 3 (OpenSSH's, under rclone sftp) stores it: whole seconds
+        modulo 2**32, so a file dated before 1970 or after 2106 lands at
+        another time (the same one for times in between).
         """
         verified = load_verified_stats(self.queue, job.id)
         times: dict[str, set[int]] = {}
         for f in files:
-            times[f.path] = {f.mtime_ns}
+            sent = {f.mtime_ns}
             record = verified.get(f.path)
             if record is not None and record.mtime_ns is not None and record.sha256 == f.sha256:
-                times[f.path].add(record.mtime_ns)
+                sent.add(record.mtime_ns)
+            times[f.path] = sent | {_sftp_v3_time(t) for t in sent}
         return times
 
     def _claimed_by_another_run(self, job: SyncJobRow, listing: Mapping[str, RemoteFile]) -> str | None:
@@ -374,6 +378,11 @@ class InterlockFacts:
             bytes=scan.bytes,
             code=CleanupCode.DELETE,
         )
+
+
+def _sftp_v3_time(mtime_ns: int) -> int:
+    """``mtime_ns`` as an SFTP v3 server keeps it: unsigned 32-bit whole seconds (wrapped outside 1970-2106)."""
+    return (mtime_ns // 1_000_000_000 % 2**32) * 1_000_000_000
 
 
 def _refused(reason: str, code: CleanupCode) -> LocalScan:
