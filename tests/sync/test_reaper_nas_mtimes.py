@@ -17,6 +17,7 @@ import pytest
 
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.reaper import deletion
+from exlab_wizard.sync.reaper.interlocks import narrow_times
 from exlab_wizard.sync.states import SyncJobState
 from tests.lab import VERIFIED_FILES as FILES
 from tests.lab import VerifiedLab as Lab
@@ -143,3 +144,19 @@ def test_a_local_file_touched_since_verification_still_cleans(lab: Lab) -> None:
     os.utime(run / "image_001.tif")  # now: re-hashed by the local check, the same bytes
     assert [o.action for o in lab.run_pass()] == ["promoted", "deleted"]
     assert lab.job(job_id).state == S.CLEANED
+
+
+@pytest.mark.parametrize(
+    ("sent_s", "stored_s"),
+    [
+        (1_700_000_000, 1_700_000_000),  # within 32 bits: the time itself
+        (-631_152_000, 3_663_815_296),  # 1950 on SFTP v3 (unsigned seconds): 2086
+        (7_258_118_400, 2_963_151_104),  # 2200 on SFTP v3: 2063
+        (2_208_988_800, -2_085_978_496),  # 2040 on an rsync before protocol 30 (signed seconds): 1903
+        (-2_208_988_800, 2_085_978_496),  # 1900 there: 2036
+    ],
+)
+def test_a_32_bit_store_of_a_sent_mtime_counts_as_sent(sent_s: int, stored_s: int) -> None:
+    assert stored_s * 1_000_000_000 in narrow_times(sent_s * 1_000_000_000 + 123)
+    assert sent_s * 1_000_000_000 + 123 in narrow_times(sent_s * 1_000_000_000 + 123)
+    assert len(narrow_times(1_700_000_000_000_000_000)) == 1  # 2023 to the ns: nothing else accepted

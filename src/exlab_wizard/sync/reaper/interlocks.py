@@ -45,7 +45,7 @@ from exlab_wizard.sync.transports.base import (
 )
 from exlab_wizard.sync.transports.conflict import claim_markers, claim_path
 
-__all__ = ["InterlockFacts"]
+__all__ = ["InterlockFacts", "narrow_times"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +129,10 @@ class InterlockFacts:
         The local mtime is the one the checked bytes have now (a push sends
         it); the one recorded at verification is the copy's when the local
         file was touched since without a change of content. A record of other
-        bytes (another manifest's) vouches for nothing. Each also as SFTP
-        version 3 (OpenSSH's, under rclone sftp) stores it: whole seconds
-        modulo 2**32, so a file dated before 1970 or after 2106 lands at
-        another time (the same one for times in between).
+        bytes (another manifest's) vouches for nothing. Each also as a
+        32-bit store keeps it (:func:`narrow_times`: SFTP version 3 under
+        rclone sftp, an rsync older than protocol 30 on the NAS), so a file
+        dated outside what 32 bits hold lands at another time.
         """
         verified = load_verified_stats(self.queue, job.id)
         times: dict[str, set[int]] = {}
@@ -141,7 +141,7 @@ class InterlockFacts:
             record = verified.get(f.path)
             if record is not None and record.mtime_ns is not None and record.sha256 == f.sha256:
                 sent.add(record.mtime_ns)
-            times[f.path] = sent | {_sftp_v3_time(t) for t in sent}
+            times[f.path] = {n for t in sent for n in narrow_times(t)}
         return times
 
     def _claimed_by_another_run(self, job: SyncJobRow, listing: Mapping[str, RemoteFile]) -> str | None:
@@ -380,9 +380,18 @@ class InterlockFacts:
         )
 
 
-def _sftp_v3_time(mtime_ns: int) -> int:
-    """``mtime_ns`` as an SFTP v3 server keeps it: unsigned 32-bit whole seconds (wrapped outside 1970-2106)."""
-    return (mtime_ns // 1_000_000_000 % 2**32) * 1_000_000_000
+def narrow_times(mtime_ns: int) -> set[int]:
+    """``mtime_ns``, and the times a NAS keeping 32-bit whole seconds gives a file sent with it.
+
+    SFTP version 3 (OpenSSH's sftp-server, under rclone sftp) keeps unsigned
+    seconds (wrapped outside 1970-2106); rsync before protocol 30 (2.6.9, as
+    some NAS and macOS hosts still run) sends signed ones (wrapped outside
+    1901-2038). Between those years both are the time itself, whole seconds.
+    """
+    seconds = mtime_ns // 1_000_000_000
+    unsigned = seconds % 2**32
+    signed = unsigned - 2**32 if unsigned >= 2**31 else unsigned
+    return {mtime_ns, unsigned * 1_000_000_000, signed * 1_000_000_000}
 
 
 def _refused(reason: str, code: CleanupCode) -> LocalScan:
