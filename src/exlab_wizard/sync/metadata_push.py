@@ -294,8 +294,10 @@ async def try_push(
     except TransportError as exc:
         return None, f"{exc.kind.value}: {exc.message}"
     try:
-        await check_nas_folder(ctx, job, equipment)
-        await keep_nas_record(ctx, run, equipment)
+        # One fetch for both questions (over ssh or rclone each fetch lists the NAS run folder).
+        nas = await fetch_small(ctx, equipment, run, [claim_path(job.id), CREATION_REL])
+        await check_nas_folder(ctx, job, equipment, nas)
+        await keep_nas_record(ctx, run, equipment, nas)
         return await ctx.remotes.access(equipment).push_metadata(run, cleaned=cleaned), None
     except asyncio.CancelledError:
         raise
@@ -305,7 +307,32 @@ async def try_push(
         return None, f"{type(exc).__name__}: {exc}"
 
 
-async def check_nas_folder(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
+async def fetch_small(
+    ctx: ClientContext, equipment: EquipmentConfig, run: Path, paths: list[str]
+) -> dict[str, bytes | None] | None:
+    """The bytes of the named small NAS files of the run (``CREATION_MAX_BYTES`` at most), in one fetch.
+
+    A path the NAS folder does not hold is left out; one held but unreadable
+    here maps to None. None when the transport cannot read the NAS back (an
+    embedder's). Raises ``TransportError`` as the fetch does (``NETWORK``:
+    never taken for a NAS without the files).
+    """
+    remote = ctx.remotes.access(equipment)
+    if not remote.can_fetch:
+        return None
+    found: dict[str, bytes | None] = {}
+    with tempfile.TemporaryDirectory(prefix="exlab-nas-meta-") as into:
+        for rel, path in (await remote.fetch(run, paths, Path(into))).items():
+            try:
+                found[rel] = await asyncio.to_thread(read_regular_file, path, CREATION_MAX_BYTES)
+            except (CacheError, OSError):
+                found[rel] = None
+    return found
+
+
+async def check_nas_folder(
+    ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, nas: Mapping[str, bytes | None] | None
+) -> None:
     """Raise ``REMOTE_CONFLICT`` unless the job's NAS run folder is its run's; before a metadata push reads or writes it.
 
     The transports' metadata-only push makes no ownership check of its own
@@ -318,20 +345,20 @@ async def check_nas_folder(ctx: ClientContext, job: SyncJobRow, equipment: Equip
     :func:`own_manifests`, or the local one); else when it holds no other
     job's claim (a push from before claims wrote none). The NAS unreachable,
     or listed and then unreadable, raises ``NETWORK`` (never taken for a
-    folder without claims). A transport that cannot read the NAS back (an
-    embedder's) is not checked: as before.
+    folder without claims). ``nas``: :func:`fetch_small` of the job's claim
+    (None: a transport that cannot read the NAS back, an embedder's, is not
+    checked: as before).
     """
-    remote = ctx.remotes.access(equipment)
-    if not remote.can_fetch:
+    if nas is None:
         return
     run = Path(job.run_path)
     where = remote_run_path(equipment, run)
     own_claim = claim_path(job.id)
-    # The job's claim alone first (the usual case): a listing of a whole run holds every file's
-    # name in memory (200,000 names: tens of MB) and, over ssh, costs a walk of the NAS folder.
-    with tempfile.TemporaryDirectory(prefix="exlab-nas-claim-") as into:
-        if own_claim in await remote.fetch(run, [own_claim], Path(into)):
-            return
+    # The job's claim first (the usual case): a listing of a whole run holds every file's
+    # name in memory (200,000 names: tens of MB).
+    if own_claim in nas:
+        return
+    remote = ctx.remotes.access(equipment)
     listing = await ctx.remotes.listing(job)
     if own_claim in listing:
         return
@@ -368,7 +395,9 @@ def own_manifests(queue: JobQueue, job: SyncJobRow) -> tuple[str, ...]:
 CREATION_REL = f"{METADATA_DIR}/creation.json"
 
 
-async def keep_nas_record(ctx: ClientContext, run: Path, equipment: EquipmentConfig) -> None:
+async def keep_nas_record(
+    ctx: ClientContext, run: Path, equipment: EquipmentConfig, nas: Mapping[str, bytes | None] | None = None
+) -> None:
     """Bring what the NAS's ``creation.json`` holds and the local one lacks into the local one, before a push.
 
     The NAS folder is the run's own (the push goes nowhere else), so its
@@ -381,20 +410,22 @@ async def keep_nas_record(ctx: ClientContext, run: Path, equipment: EquipmentCon
     to keep; a transport that cannot read NAS files back keeps the old way
     (the local file sent as it is). Raises ``TransportError`` when the NAS cannot be read (never
     taken for a NAS without the file) and ``CacheError`` when the local file
-    cannot be written: the push then waits.
+    cannot be written: the push then waits. ``nas``: the NAS file already
+    fetched (:func:`fetch_small`), else it is fetched here.
     """
-    remote = ctx.remotes.access(equipment)
-    if not remote.can_fetch:
-        return  # a transport that cannot read the NAS back (an embedder's): as before
-    with tempfile.TemporaryDirectory(prefix="exlab-nas-record-") as into:
-        fetched = (await remote.fetch(run, [CREATION_REL], Path(into))).get(CREATION_REL)
-        if fetched is None:
-            return  # not on the NAS (yet)
-        try:
-            data = await asyncio.to_thread(read_regular_file, fetched, CREATION_MAX_BYTES)
-            theirs = CreationJson.from_bytes(data or b"", fetched).raw
-        except (CacheError, OSError):
-            return
+    if nas is None:
+        nas = await fetch_small(ctx, equipment, run, [CREATION_REL])
+        if nas is None:
+            return  # a transport that cannot read the NAS back (an embedder's): as before
+    if CREATION_REL not in nas:
+        return  # not on the NAS (yet)
+    data = nas[CREATION_REL]
+    if data is None:
+        return
+    try:
+        theirs = CreationJson.from_bytes(data, Path(CREATION_REL)).raw
+    except CacheError:
+        return
     local = await asyncio.to_thread(ctx.cache.read, run)
     if local is not None and not _missing_from(local.raw, theirs):
         return
