@@ -675,6 +675,22 @@ def cleanup_config(lab: Lab, *, loops: bool = False, **cleanup: Any) -> Config:
     return cfg.model_copy(update={"nas_cleanup": cfg.nas_cleanup.model_copy(update=opts)})
 
 
+def rclone_s3_equipment(lab: Lab, s3_server: Any, s3_rclone_config: Any, prefix: str) -> list[dict[str, Any]]:
+    """The lab's equipment list: its one equipment on the ``rclone serve s3`` fixture, under ``prefix`` in its bucket."""
+    return [
+        {
+            "id": EQ,
+            "local_root": str(lab.local_root),
+            "transport": {
+                "type": "rclone",
+                "rclone_remote": "labs3",
+                "rclone_remote_path": f"{s3_server.bucket}/{prefix}",
+                "rclone_config": str(s3_rclone_config()),
+            },
+        }
+    ]
+
+
 def rclone_cleanup_config(lab: Lab, conf: Path) -> Config:
     """The lab's first equipment on the rclone remote ``labnas`` of the config file ``conf``, cleanup on
     (two passes, 24 h); the loops run only when asked."""

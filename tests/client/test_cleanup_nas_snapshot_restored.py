@@ -27,7 +27,7 @@ from exlab_wizard.config import parse_config
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, Site, acts, everything_under, ready, running, synced
+from tests.lab import FILES, Lab, Site, acts, everything_under, rclone_s3_equipment, ready, running, synced
 
 S = SyncJobState
 CLEANUP = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
@@ -94,18 +94,7 @@ async def test_a_run_on_rclone_s3_still_cleans(tmp_path: Path, s3_server, s3_rcl
     lab = Lab.build(tmp_path)
     prefix = f"mtimes-{os.getpid()}-{time.monotonic_ns()}"
     data = lab.config_data(sync={"backoff_s": [0.01, 0.01], **SYNC})
-    data["equipment"] = [
-        {
-            "id": EQ,
-            "local_root": str(lab.local_root),
-            "transport": {
-                "type": "rclone",
-                "rclone_remote": "labs3",
-                "rclone_remote_path": f"{s3_server.bucket}/{prefix}",
-                "rclone_config": str(s3_rclone_config()),
-            },
-        }
-    ]
+    data["equipment"] = rclone_s3_equipment(lab, s3_server, s3_rclone_config, prefix)
     data["nas_cleanup"] = CLEANUP
     clock = Clock()
     run = lab.make_run("Run_1", files=FILES)

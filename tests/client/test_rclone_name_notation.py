@@ -23,7 +23,7 @@ import pytest
 from exlab_wizard.config import parse_config
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import EQ, Lab, running
+from tests.lab import EQ, Lab, rclone_s3_equipment, running
 
 pytestmark = pytest.mark.network
 S = SyncJobState
@@ -34,18 +34,7 @@ def _s3_lab(tmp_path: Path, s3_server, s3_rclone_config) -> tuple[Lab, object, P
     lab = Lab.build(tmp_path)
     data = lab.config_data(sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 0.05})
     prefix = f"names-{uuid.uuid4().hex[:10]}"
-    data["equipment"] = [
-        {
-            "id": EQ,
-            "local_root": str(lab.local_root),
-            "transport": {
-                "type": "rclone",
-                "rclone_remote": "labs3",
-                "rclone_remote_path": f"{s3_server.bucket}/{prefix}",
-                "rclone_config": str(s3_rclone_config()),
-            },
-        }
-    ]
+    data["equipment"] = rclone_s3_equipment(lab, s3_server, s3_rclone_config, prefix)
     return lab, parse_config(data), s3_server.data_dir / s3_server.bucket / prefix
 
 

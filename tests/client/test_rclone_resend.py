@@ -15,7 +15,7 @@ from pathlib import Path
 from exlab_wizard.config import parse_config
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, running, synced
+from tests.lab import FILES, Lab, rclone_s3_equipment, running, synced
 
 S = SyncJobState
 
@@ -24,18 +24,7 @@ async def test_rclone_resend_of_a_damaged_nas_file(tmp_path: Path, s3_server, s3
     lab = Lab.build(tmp_path)
     prefix = f"revthree-{os.getpid()}-{time.monotonic_ns()}"
     data = lab.config_data(sync={"backoff_s": [0.01, 0.01], "scan_interval_s": 0.05, "audit_interval_s": 6 * 3600})
-    data["equipment"] = [
-        {
-            "id": EQ,
-            "local_root": str(lab.local_root),
-            "transport": {
-                "type": "rclone",
-                "rclone_remote": "labs3",
-                "rclone_remote_path": f"{s3_server.bucket}/{prefix}",
-                "rclone_config": str(s3_rclone_config()),
-            },
-        }
-    ]
+    data["equipment"] = rclone_s3_equipment(lab, s3_server, s3_rclone_config, prefix)
     cfg = parse_config(data)
     clock = Clock()
     run = lab.make_run("Run_2026-01-01", files=FILES)
