@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +373,24 @@ VERIFIED_FILES = {
     "sub/deeper/stack.raw": b"C" * 5000,
     "sub/notes.txt": b"acquired ok\n",
 }
+
+
+@contextlib.contextmanager
+def deletion_killed_after_two(monkeypatch: Any) -> Iterator[None]:
+    """Inside: the reaper's deletion unlinks two planned files, then the process "dies" (an exception)."""
+    from exlab_wizard.sync.reaper import deletion
+
+    real = deletion.delete_batch
+
+    def two_then_crash(run_path: Path, batch: Any) -> Any:
+        real(run_path, batch[:2])
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
 
 
 @dataclasses.dataclass

@@ -34,10 +34,9 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync.nas_client import RestoreError
-from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.states import SyncJobState
 from tests.helpers import Clock
-from tests.lab import Lab, cleanup_config, ready, running
+from tests.lab import Lab, cleanup_config, deletion_killed_after_two, ready, running
 
 S = SyncJobState
 FILES = {f"f{i:02d}.bin": bytes([65 + i]) * 100 for i in range(6)}
@@ -52,15 +51,8 @@ async def test_a_run_whose_cleanup_stopped_part_way_can_be_synced_again(
     clock = Clock()
     async with running(cleanup_config(lab), clock) as client:
         await ready(client, clock, run)
-        real = deletion.delete_batch
-
-        def two_then_crash(run_path, batch):  # the process dies after two unlinks
-            real(run_path, batch[:2])
-            raise RuntimeError("killed")
-
-        monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
-        await client.cleanup_once()
-        monkeypatch.undo()
+        with deletion_killed_after_two(monkeypatch):
+            await client.cleanup_once()
         (run / "f04.bin").write_bytes(EDIT)  # a planned file edited before the deletion resumes
         await client.cleanup_once()
         job = await client.job(run)

@@ -36,6 +36,7 @@ from exlab_wizard.sync.transports.base import TransportError
 from exlab_wizard.sync.verifier import hash_tree
 from tests.lab import VERIFIED_FILES as DEFAULT_FILES
 from tests.lab import VerifiedLab as Lab
+from tests.lab import deletion_killed_after_two
 
 S = SyncJobState
 HOUR = dt.timedelta(hours=1)
@@ -628,15 +629,8 @@ def test_resume_after_a_crash_part_way(lab: Lab, monkeypatch):
 def test_resume_never_deletes_a_file_changed_after_the_plan(lab: Lab, monkeypatch):
     files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
     run, job_id = lab.make_run(files=files, eligible=True)
-    real = deletion.delete_batch
-
-    def two_then_crash(run_path, batch):
-        real(run_path, batch[:2])
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
-    lab.run_pass()
-    monkeypatch.undo()
+    with deletion_killed_after_two(monkeypatch):
+        lab.run_pass()
     (run / "f04.bin").write_bytes(b"edited while the machine was down")
     outcomes = lab.run_pass()
     assert outcomes[0].action == "aborted"
@@ -688,15 +682,8 @@ def test_resumed_plan_lists_the_nas_again_and_requeues_when_nothing_was_deleted(
 def test_resumed_plan_part_deleted_stops_when_the_nas_lost_a_file_still_here(lab: Lab, monkeypatch):
     files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
     run, job_id = lab.make_run(files=files, eligible=True)
-    real = deletion.delete_batch
-
-    def two_then_crash(run_path, batch):
-        real(run_path, batch[:2])
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
-    lab.run_pass()
-    monkeypatch.undo()
+    with deletion_killed_after_two(monkeypatch):
+        lab.run_pass()
     os.truncate(lab.nas_copy(run) / "f04.bin", 0)
     outcomes = lab.run_pass()
     assert outcomes[0].action == "aborted"

@@ -21,6 +21,7 @@ from exlab_wizard.sync.reaper.interlocks import narrow_times
 from exlab_wizard.sync.states import SyncJobState
 from tests.lab import VERIFIED_FILES as FILES
 from tests.lab import VerifiedLab as Lab
+from tests.lab import deletion_killed_after_two
 
 S = SyncJobState
 SECOND = 1_000_000_000
@@ -97,15 +98,8 @@ def test_a_resumed_plan_lists_the_mtimes_again(lab: Lab, monkeypatch: pytest.Mon
 def test_a_resumed_plan_part_deleted_stops(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     files = {f"f{i:02d}.bin": bytes([i]) * 100 for i in range(6)}
     run, job_id = lab.make_run(files=files, eligible=True)
-    real = deletion.delete_batch
-
-    def two_then_crash(run_path, batch):
-        real(run_path, batch[:2])
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(deletion, "delete_batch", two_then_crash)
-    lab.run_pass()
-    monkeypatch.undo()
+    with deletion_killed_after_two(monkeypatch):
+        lab.run_pass()
     shift_nas_mtime(lab, run, "f04.bin", -3600 * SECOND)
     outcomes = lab.run_pass()
     assert outcomes[0].action == "aborted" and outcomes[0].code == CleanupCode.REMOTE_CHANGED_DURING_CLEANUP
