@@ -59,6 +59,7 @@ for _path in (str(_HERE), str(_ROOT)):
 
 import floor  # noqa: E402
 import sync_network  # noqa: E402
+import timeline  # noqa: E402
 from common import DATASETS, Dataset, dataset, median, new_run, ratio, run_measured, write_dataset  # noqa: E402
 from fresh_fs import FreshFs  # noqa: E402
 
@@ -399,20 +400,22 @@ class Transports:
         sh(["sync", "-f", str(dest / run.name)])  # syncfs of the copy's filesystem, not the whole machine's
         return time.perf_counter() - start
 
-    def _m_RR(self, run: Path, dest: Path, _profile: Path | None) -> float:
+    def _m_RR(self, run: Path, dest: Path, _profile: Path | None) -> tuple[float, dict]:
         return self._bare_rsync(run, dest, durable=True)
 
-    def _m_RN(self, run: Path, dest: Path, _profile: Path | None) -> float:
+    def _m_RN(self, run: Path, dest: Path, _profile: Path | None) -> tuple[float, dict]:
         return self._bare_rsync(run, dest, durable=False)
 
-    def _bare_rsync(self, run: Path, dest: Path, *, durable: bool) -> float:
+    def _bare_rsync(self, run: Path, dest: Path, *, durable: bool) -> tuple[float, dict]:
         assert self.net is not None
         self.net.remote_root = dest
         start = time.perf_counter()
         sh(self.net._rsync_argv(run))
+        copied = time.perf_counter()
         if durable:  # our rsync_ssh copy is durable on the NAS before it is hashed; so is this one
             sh(["sync", "-f", str(dest)])
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        return end - start, {"rsync_s": copied - start, "sync_s": end - copied}
 
     def _m_CB(self, run: Path, dest: Path, _profile: Path | None) -> float:
         assert self.net is not None
@@ -423,8 +426,11 @@ class Transports:
         argv = [sys.executable, str(ENGINE), *argv]
         if profile is not None and py_spy() is not None:
             argv = [py_spy(), "record", "--idle", "-r", "100", "-f", "raw", "-o", str(profile), "--", *argv]
+        logs = self.local_root / EQUIPMENT / ".exlab-wizard"
+        before = timeline.offsets(logs)
         _wall, rss, out = run_measured(argv)
         info = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])  # py-spy talks too
+        info["timeline"] = timeline.rows(timeline.appended(logs, before))
         if info.get("state") != "verified":
             raise RuntimeError(f"the engine did not verify {argv[-1]}: {info}")
         info["rss"] = info.get("peak_rss") or rss  # the child's own VmHWM (see _engine_run._own_peak_rss)
@@ -589,7 +595,43 @@ def transport_sections(
                     "",
                 ]
                 raw.unlink(missing_ok=True)
+                if ours in NETWORK:
+                    lines += tool_timeline(ours, name, times, infos)
     report.add(SECTIONS[2], lines)
+
+
+def _median_info(times: list[float], infos: list[dict]) -> tuple[float, dict]:
+    """The measured run whose time is the median (the lower one of an even count), with its info."""
+    pick = sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]
+    return times[pick], infos[pick]
+
+
+def tool_timeline(
+    ours: str, name: str, times: dict[str, dict[str, list[float]]], infos: dict[str, dict[str, list[dict]]]
+) -> list[str]:
+    """A network transport's median run, tool by tool from its equipment log, beside its anchor's split."""
+    if not times[name][ours]:
+        return []
+    seconds, info = _median_info(times[name][ours], infos[name][ours])
+    if not info.get("timeline"):
+        return []
+    lines = [
+        f"Its median measured run ({seconds:.2f} s), tool by tool as its equipment log times them, in seconds",
+        "from `enqueue()`; 'untimed' is time in which no logged tool ran: the engine's own work and, before",
+        "the claim, the ssh connection and the NAS folder's listing (run unlogged).",
+        "",
+        *timeline.table(info["timeline"]),
+        "",
+    ]
+    if ours == "R" and times[name]["RR"]:
+        rr_s, rr = _median_info(times[name]["RR"], infos[name]["RR"])
+        if "rsync_s" in rr:
+            lines += [
+                f"Its anchor's median run ({rr_s:.2f} s): `rsync -a --checksum` {rr['rsync_s']:.2f} s, "
+                f"then `sync -f` of the copy {rr['sync_s']:.2f} s.",
+                "",
+            ]
+    return lines
 
 
 # ----------------------------------------------------------------------------- 3. validator
