@@ -10,7 +10,10 @@ queue intact, and the next start resumes.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+import urllib.error
+import urllib.request
 from typing import TYPE_CHECKING
 
 import click
@@ -18,6 +21,7 @@ import click
 from exlab_wizard.cli import main
 from exlab_wizard.cli.common import (
     EXIT_OK,
+    EXIT_PROBLEM,
     EXIT_USAGE,
     config_option,
     ensure_state_dir,
@@ -31,7 +35,7 @@ from exlab_wizard.config import Config
 if TYPE_CHECKING:  # FastAPI and uvicorn load only when ``serve`` runs: every other command starts faster
     from exlab_wizard.service.server import ServiceInfo
 
-__all__ = ["serve_cmd"]
+__all__ = ["login_url_cmd", "serve_cmd"]
 
 
 def _announce(info: ServiceInfo) -> None:
@@ -69,3 +73,46 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)
     raise SystemExit(EXIT_OK)
+
+
+@main.command("login-url")
+@config_option
+@one_line_errors
+def login_url_cmd(config: Config) -> None:
+    """A new one-time browser login address from the running service (the one `serve` printed expires)."""
+    from exlab_wizard.service.auth import TOKEN_NAME
+    from exlab_wizard.service.server import service_url_path
+
+    where = service_url_path(config.state_dir)
+    try:
+        base_url = where.read_text().strip()
+    except FileNotFoundError:
+        fail(
+            f"no exlab-sync serve is running for {config.state_dir} (no {where.name} there): start it first",
+            EXIT_PROBLEM,
+        )
+    except OSError as exc:
+        fail(f"cannot read {where}: {exc.strerror or exc}", EXIT_PROBLEM)
+    token_path = config.state_dir / TOKEN_NAME
+    try:
+        token = token_path.read_text().strip()
+    except OSError as exc:
+        fail(
+            f"cannot read {token_path}: {exc.strerror or exc} (run this as the user the service runs as)",
+            EXIT_PROBLEM,
+        )
+    request = urllib.request.Request(
+        f"{base_url}/api/login-codes", method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+        with direct.open(request, timeout=10) as answer:
+            login_url = json.loads(answer.read())["login_url"]
+    except urllib.error.HTTPError as exc:
+        fail(f"the service at {base_url} refused: HTTP {exc.code} (is {token_path} its token?)", EXIT_PROBLEM)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        fail(f"the service at {base_url} does not answer ({reason}): is exlab-sync serve running?", EXIT_PROBLEM)
+    except (ValueError, KeyError):
+        fail(f"the service at {base_url} gave no login address", EXIT_PROBLEM)
+    print(f"log in from a browser on this machine (works once, within 10 minutes): {login_url}")

@@ -441,7 +441,7 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             return HTMLResponse(
                 "<!doctype html><title>exlab-sync</title><p>This login address was used already "
                 "or has expired. Ask for a new one: <code>exlab-sync serve</code> prints one at "
-                "start, and <code>POST /api/login-codes</code> with the token makes another.</p>",
+                "start, and <code>exlab-sync login-url</code> on this machine makes another.</p>",
                 status_code=403,
             )
         reply = RedirectResponse("/", status_code=303)

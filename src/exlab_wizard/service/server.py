@@ -19,11 +19,13 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from exlab_wizard.config.models import Config
+from exlab_wizard.fileio import atomic_write_bytes
 from exlab_wizard.service.app import ServiceContext, Watcher, create_app
 from exlab_wizard.service.auth import Auth, load_or_create_token
 from exlab_wizard.service.events import EventHub
@@ -36,11 +38,13 @@ from exlab_wizard.sync.queue_stats import QueueStats
 __all__ = [
     "LOOPBACK",
     "SERVE_MALLOC_ARENAS",
+    "SERVICE_URL_NAME",
     "SHUTDOWN_BUDGET_S",
     "AlreadyServing",
     "ServiceInfo",
     "cap_malloc_arenas",
     "run_service",
+    "service_url_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,15 @@ logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 #: What a stop may take in all; SIGTERM must end the process well inside 10 s.
 SHUTDOWN_BUDGET_S = 7.0
+
+
+#: ``<state_dir>/service-url``: the running service's address, for the CLI (``exlab-sync login-url``);
+#: written once it listens, removed when it stops (one left by a killed service is stale).
+SERVICE_URL_NAME = "service-url"
+
+
+def service_url_path(state_dir: Path) -> Path:
+    return Path(state_dir) / SERVICE_URL_NAME
 
 
 class AlreadyServing(RuntimeError):
@@ -205,6 +218,7 @@ async def run_service(
             await asyncio.sleep(0.01)
         if serving.done():
             serving.result()  # startup failed: raise it
+        _write_url(config, base_url)
         if on_ready is not None:
             on_ready(ServiceInfo(base_url, f"{base_url}/login?code={auth.new_login_code()}", ctx))
         stopping = asyncio.ensure_future(stop.wait())
@@ -212,10 +226,25 @@ async def run_service(
         stopping.cancel()
     finally:
         await _shutdown(server, hub, background, client, stats, locals().get("serving"))
+        _remove_url(config, base_url)
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
         sock.close()
+
+
+def _write_url(config: Config, base_url: str) -> None:
+    try:
+        atomic_write_bytes(service_url_path(config.state_dir), f"{base_url}\n".encode(), new_mode=0o644)
+    except OSError as exc:  # the service works without it; only `exlab-sync login-url` needs it
+        logger.warning("cannot write %s: %s", service_url_path(config.state_dir), exc)
+
+
+def _remove_url(config: Config, base_url: str) -> None:
+    path = service_url_path(config.state_dir)
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == base_url:
+            path.unlink()
 
 
 async def _shutdown(
