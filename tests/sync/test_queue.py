@@ -616,3 +616,25 @@ def test_a_new_previous_stamp_is_past_every_stamp_the_job_named(q: JobQueue) -> 
     # An event naming no stamp (older engines) still counts by its time.
     q.record_event(job.id, PREVIOUS_KEPT_EVENT, "kept", now=at + dt.timedelta(seconds=5))
     assert new_previous_stamp(q, job, later) == "20261206T102358Z"
+
+
+def test_the_wal_is_cut_back_after_a_burst(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of writes grows queue.db-wal; once checkpointed, the next write cuts it back to
+    WAL_LIMIT_BYTES instead of keeping the burst's size for the life of the service."""
+    monkeypatch.setattr(queue_mod, "WAL_LIMIT_BYTES", 64 << 10, raising=False)
+    with JobQueue(db) as queue:
+        with queue.transaction() as conn:  # one big transaction: no checkpoint inside it
+            for i in range(3000):
+                run = f"/data/lab/CONFOCAL_01/P/Runs/burst-{i:05d}-" + "x" * 200
+                conn.execute(
+                    "INSERT INTO jobs (id, run_path, equipment_id, remote_path, state, created_at, updated_at)"
+                    " VALUES (?, ?, 'CONFOCAL_01', ?, 'queued', ?, ?)",
+                    (f"j{i:05d}", run, run, "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"),
+                )
+        wal = db.with_name(db.name + "-wal")
+        burst = wal.stat().st_size
+        assert burst > 1 << 20
+        with queue.snapshot() as conn:
+            assert conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+        make(queue, "after-the-burst")  # the first write after a whole checkpoint restarts the WAL
+        assert wal.stat().st_size <= 64 << 10

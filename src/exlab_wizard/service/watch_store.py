@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.sync.queue import BUSY_TIMEOUT_S, CACHE_KIB, JobQueue
+from exlab_wizard.sync.queue import BUSY_TIMEOUT_S, CACHE_KIB, WAL_LIMIT_BYTES, JobQueue
 from exlab_wizard.validator import Finding
 
 __all__ = ["BLOCKED", "HANDED_OVER", "WatchStore", "WatchedRun"]
@@ -94,6 +94,7 @@ class WatchStore:
         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
     def close(self) -> None:

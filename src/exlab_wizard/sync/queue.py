@@ -66,6 +66,7 @@ __all__ = [
     "MIGRATIONS",
     "NAS_CLAIMED_EVENT",
     "TRANSITION_EVENT",
+    "WAL_LIMIT_BYTES",
     "JobNotFound",
     "JobQueue",
     "Migration",
@@ -83,6 +84,10 @@ BUSY_TIMEOUT_S = 10.0
 #: fills as the queue file grows, in every long-lived connection of a service; the pages
 #: come back from the OS page cache in microseconds, so a small cache costs little.
 CACHE_KIB = 256
+#: Bytes the WAL file is cut back to once a checkpoint has emptied it (``PRAGMA journal_size_limit``).
+#: Without a limit SQLite keeps the file at the largest it ever grew (a burst of 100,000 enqueues),
+#: for the life of the service.
+WAL_LIMIT_BYTES = 16 << 20
 #: Jobs read per query by :meth:`JobQueue.iter_jobs`: a pass over every verified job holds one page.
 JOB_PAGE = 200
 
@@ -621,6 +626,7 @@ class JobQueue:
             if str(mode).lower() != "wal":
                 raise QueueSchemaError(f"{self.db_path}: cannot use WAL journaling (got {mode!r})")
             conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(conn)
         except BaseException:
