@@ -1,6 +1,11 @@
 """Shared CLI plumbing: the ``--config`` option, one-line errors, exit codes.
 
 Exit codes: 0 success, 1 the operation found a problem, 2 usage/config error.
+
+:data:`console` and :data:`err_console` never break a printed line: a path, a
+job id or a command to paste stays on its line however narrow the terminal,
+and piped (where rich would otherwise wrap at 80 columns). Tables are drawn
+to the terminal's width as before: they are printed with ``soft_wrap=False``.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ __all__ = [
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a line longer than the terminal is left for the terminal to fold, never cut with a line break.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def default_config_path() -> Path:

@@ -110,7 +110,7 @@ async def _sync_all(config, lab) -> int:
             else:
                 ok = False
                 table.add_row(rel, f"[red]{row.state.value}[/]", row.last_error or "")
-        console.print(table)
+        console.print(table, soft_wrap=False)  # drawn to the terminal's width, piped too
         return EXIT_OK if ok else EXIT_PROBLEM
     finally:
         await client.close()

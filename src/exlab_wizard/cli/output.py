@@ -48,7 +48,7 @@ def tsv_line(cells: list[Any]) -> str:
 def show_table(table: Table) -> None:
     """Print ``table``: drawn on a terminal, tab-separated lines otherwise."""
     if console.is_terminal:
-        console.print(table)
+        console.print(table, soft_wrap=False)  # drawn to the terminal's width (the console's lines are not)
         return
     columns = [list(column.cells) for column in table.columns]
     out = [tsv_line([column.header for column in table.columns])]
