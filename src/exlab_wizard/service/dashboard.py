@@ -90,8 +90,11 @@ FAILURE_SENTENCES: dict[FailureKind, str] = {
     FailureKind.REMOTE_WRITE_REFUSED: "The NAS refused to write (read-only share, missing permission or a full disk).",
     FailureKind.REMOTE_CONFLICT: "The run's folder on the NAS already holds files that are not part of this run; "
     "nothing was overwritten. Move them away, then retry.",
+    # Retry here posts {} and is refused for this kind: the sentence names the two commands (as the CLI does).
     FailureKind.LOCAL_DAMAGE: "Local files changed content without their size or time changing (possible disk "
-    "damage). Restore them from the verified NAS copy (exlab-sync restore), or retry accepting the local files.",
+    "damage); Retry alone is refused while the damage is there. `exlab-sync restore RUN` brings the verified NAS "
+    "copy back, or `exlab-sync retry --accept-local JOB_ID` sends the local files as the new truth (Details names "
+    "this run's).",
     FailureKind.REMOTE_CHANGED_DURING_CLEANUP: "The NAS copy changed while cleanup checked it, so nothing local was "
     "deleted. Retry to transfer and verify again.",
     FailureKind.LOCAL_CHANGED_DURING_CLEANUP: "Local files changed while cleanup checked them, so nothing was "
