@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -18,18 +19,25 @@ __all__ = ["ConfigError", "load_config", "parse_config", "format_loc"]
 
 _TRANSPORT_TAGS = {"mount", "rsync_ssh", "rclone"}
 _NO_EQUIPMENT = "list at least one instrument under equipment (see docs/config.md)"
+#: What to do about a problem, when the key it names is not the whole story.
+FIX_KEY = "fix the key it names (see docs/config.md)"
+FIX_TABS = "indent with spaces, not tabs"
+FIX_YAML = "fix the YAML syntax at the line it names"
 
 
 class ConfigError(ValueError):
     """The config file cannot be used.
 
     ``problems`` holds one ``"<key path>: <reason>"`` string per problem; the
-    message joins them, so the first line always names a key.
+    message joins them with ``"; "`` on one line, so it always starts by naming a
+    key. ``hint``: what to do about it, in a few words (``FIX_KEY`` unless the
+    file is not valid YAML).
     """
 
-    def __init__(self, problems: list[str], source: Path | None = None):
+    def __init__(self, problems: list[str], source: Path | None = None, *, hint: str = FIX_KEY):
         self.problems = list(problems)
         self.source = source
+        self.hint = hint
         prefix = f"{source}: " if source is not None else ""
         super().__init__(prefix + "; ".join(self.problems))
 
@@ -78,6 +86,44 @@ def _plain(data: Any) -> Any:
     return data
 
 
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The config models an annotation holds (``tuple[X, ...]``, ``X | Y``, ``Annotated[...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = get_args(annotation)
+    if get_origin(annotation) is Annotated:
+        args = args[:1]
+    return [model for arg in args for model in _model_classes(arg)]
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the config accepts in the mapping at pydantic's ``loc`` (empty when it cannot tell)."""
+    models: list[type[BaseModel]] = [Config]
+    for part in loc:
+        if isinstance(part, int) or str(part).startswith(("function-", "tagged-union[")):
+            continue
+        holding = [model for model in models if part in model.model_fields]
+        if holding:
+            models = [found for model in holding for found in _model_classes(model.model_fields[part].annotation)]
+        else:  # a discriminated union's branch (a transport ``type``)
+            models = [
+                m for m in models if "type" in m.model_fields and part in get_args(m.model_fields["type"].annotation)
+            ]
+        if not models:
+            return []
+    keys = {name for model in models for name in model.model_fields}
+    keys |= {f.alias for model in models for f in model.model_fields.values() if f.alias}
+    return sorted(keys)
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """`` (did you mean 'completeness_signal'?)`` for an unknown key close to a known one, else ``""``."""
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], _keys_at(loc[:-1]), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _transport_type_problem(loc: str, error: Any) -> tuple[str, str]:
     """A transport ``type`` that is missing or unknown, named by its own key."""
     tags = ", ".join(sorted(_TRANSPORT_TAGS))
@@ -117,6 +163,8 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
             loc = format_loc(tuple(error["loc"]))
             if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc, message = _transport_type_problem(loc, error)
+            elif error["type"] == "extra_forbidden":
+                message += _did_you_mean(tuple(error["loc"]))
             if loc == "<top level>" and ": " in message and message.split(": ", 1)[0].startswith("equipment"):
                 problems.append(message)
             else:
@@ -167,13 +215,15 @@ def load_config(path: Path | str) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"{where}: invalid YAML: {problem}"], path) from None
+        if "\t" in problem or "'\\t'" in problem:  # YAML indentation never takes a tab
+            raise ConfigError([f"{where}: invalid YAML: {problem}: {FIX_TABS}"], path, hint=FIX_TABS) from None
+        raise ConfigError([f"{where}: invalid YAML: {problem}"], path, hint=FIX_YAML) from None
     except RecursionError:
-        raise ConfigError(["<yaml>: invalid YAML: nested too deeply"], path) from None
+        raise ConfigError(["<yaml>: invalid YAML: nested too deeply"], path, hint=FIX_YAML) from None
     except ValueError as exc:  # a value YAML parses but Python refuses (an integer of 5000 digits)
-        raise ConfigError([f"<yaml>: invalid YAML: {exc}"], path) from None
+        raise ConfigError([f"<yaml>: invalid YAML: {exc}"], path, hint=FIX_YAML) from None
     try:
         plain = _plain(data)
     except RecursionError:
-        raise ConfigError(["<yaml>: invalid YAML: nested too deeply"], path) from None
+        raise ConfigError(["<yaml>: invalid YAML: nested too deeply"], path, hint=FIX_YAML) from None
     return parse_config(plain, path)

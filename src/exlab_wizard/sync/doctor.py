@@ -104,7 +104,7 @@ def check_config_file(path: Path) -> tuple[Config | None, Check]:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        return None, Check("config", False, str(exc), "fix the key it names (see docs/config.md)")
+        return None, Check("config", False, str(exc), exc.hint)
     names = ", ".join(e.id for e in config.equipment)
     return config, Check("config", True, f"{path}: {len(config.equipment)} equipment ({names})")
 
