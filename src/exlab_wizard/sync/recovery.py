@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.cache.atomic import CacheError, read_regular_file
+from exlab_wizard.config import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR, fsync_dir, hash_file, is_data_path
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
@@ -101,6 +102,7 @@ __all__ = [
     "damage_message",
     "damage_ways_out",
     "find_damage",
+    "nas_copy_place",
     "new_previous_stamp",
     "previous_stamp",
     "used_previous_stamps",
@@ -159,7 +161,8 @@ class RestoreError(Exception):
     """``restore`` could not run at all; nothing was changed.
 
     ``kind``: ``no_job``, ``no_verified_manifest``, ``busy`` (a transfer is in
-    flight), ``unreachable`` (the NAS cannot be reached now), ``mount_point``
+    flight), ``cleaned`` (the local files were deleted once verified: the
+    message names the NAS copy to copy back from), ``unreachable`` (the NAS cannot be reached now), ``mount_point``
     (a folder is mounted inside the run: its files are another folder's, never
     written through).
     """
@@ -763,7 +766,14 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     job = queue.by_run(str(run))
     if job is None:
         raise RestoreError("no_job", f"{run} has no sync job")
-    if job.state in (S.RUNNING, S.AWAITING_VERIFY, S.CLEANED):
+    if job.state == S.CLEANED:
+        place = nas_copy_place(ctx.equipment(job), job.remote_path)
+        raise RestoreError(
+            "cleaned",
+            f"job {job.id} is cleaned: its local files were deleted once verified, so restore has nothing to "
+            f"check against; the verified copy is on the NAS at {place}: copy the files back from there",
+        )
+    if job.state in (S.RUNNING, S.AWAITING_VERIFY):
         raise RestoreError("busy", f"job {job.id} is {job.state.value}: nothing can be restored now")
     if await asyncio.to_thread(verified_manifest, job, queue) is None:
         raise RestoreError("no_verified_manifest", f"{run} has no verified checksums.sha256 to restore against")
@@ -790,6 +800,19 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     check = None if refused else await asyncio.to_thread(check_local, queue, job)
     job = _after_restore(ctx, job, detail, bool(refused), check)
     return RestoreResult(job.id, job.run_path, restored, refused, job.state, kept)
+
+
+def nas_copy_place(equipment: EquipmentConfig | None, remote_path: str) -> str:
+    """Where a job's NAS copy is, as a person reaches it: the run folder's ``remote_path``.
+
+    For rsync over ssh it follows ``user@host:`` (and names a port other than
+    22); rclone's ``remote:path`` and a mount's folder are given as they are.
+    """
+    transport = equipment.transport if equipment is not None else None
+    if transport is not None and transport.type == "rsync_ssh":
+        port = f" (ssh port {transport.ssh_port})" if transport.ssh_port != 22 else ""
+        return f"{transport.ssh_target}:{remote_path}{port}"
+    return remote_path
 
 
 def _to_restore(queue: JobQueue, job: SyncJobRow) -> tuple[tuple[str, ...], tuple[str, ...]]:
