@@ -75,12 +75,26 @@ def _at_most(value: float, limit: float, what: str) -> float:
 
 
 def expand_path(value: object) -> object:
-    """Expand ``~`` in a path-like config value; leave anything else alone."""
+    """A path on this PC from the config: ``~`` expanded, then absolute or refused; anything else left alone.
+
+    A relative path would be read against the current folder of each process
+    (``/`` under systemd, wherever an operator types a command): another run
+    folder, NAS folder or queue per process, silently. It is refused rather
+    than resolved against the config file's folder, so that the path written
+    is the path used.
+    """
     if isinstance(value, (str, Path)):
         text = str(value)
         if not text.strip():
             raise ValueError("must not be empty")
-        return Path(os.path.expanduser(text))
+        path = Path(os.path.expanduser(text))
+        if not path.is_absolute():
+            if text.startswith("~"):
+                raise ValueError(
+                    f"{text!r}: {text.split('/')[0]} is no user's home folder here; write an absolute path"
+                )
+            raise ValueError(f"{text!r} is relative: write an absolute path (or one starting with ~)")
+        return path
     return value
 
 
