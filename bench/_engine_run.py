@@ -186,12 +186,17 @@ def _short(filename: str) -> str:
     return filename[filename.rindex(marker) :] if marker in filename else os.path.basename(filename)
 
 
+def _absolute(text: str) -> Path:
+    """A folder named on the command line, absolute: the config refuses relative paths."""
+    return Path(os.path.abspath(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--local-root", type=Path)
-    parser.add_argument("--mount", type=Path)
-    parser.add_argument("--state", type=Path)
+    parser.add_argument("--local-root", type=_absolute)
+    parser.add_argument("--mount", type=_absolute)
+    parser.add_argument("--state", type=_absolute)
     parser.add_argument("--config", type=Path, help="a whole config document (JSON) instead of the three above")
     parser.add_argument("--equipment", default="BENCH_01")
     parser.add_argument("--timeout", type=float, default=900)

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fs-size", default="3G")
-    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--dir", type=os.path.abspath, default=None)
     parser.add_argument("--plain-loop", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_loop:

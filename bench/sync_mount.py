@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of a,b,c,d")
-    parser.add_argument("--dir", type=Path, default=None, help="work here (default: a temporary folder)")
+    parser.add_argument("--dir", type=os.path.abspath, default=None, help="work here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args(argv)
     names = [n for n in args.datasets.split(",") if n]

@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    parser.add_argument("--dir", type=Path, default=None, help="work here (default: a temporary folder)")
+    parser.add_argument("--dir", type=os.path.abspath, default=None, help="work here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     parser.add_argument(
         "--keep-log", type=Path, default=None, help="copy the equipment log (every tool run, timed) here"
