@@ -35,7 +35,7 @@ from exlab_wizard.cli.common import (
 )
 from exlab_wizard.cli.output import emit_json, run_label, show_table
 from exlab_wizard.cli.progress import JobProgress, byte_progress
-from exlab_wizard.config import Config
+from exlab_wizard.config import Config, EquipmentConfig
 from exlab_wizard.service import shapes
 from exlab_wizard.sync.nas_client import (
     EnqueueError,
@@ -162,8 +162,7 @@ def run_client(config: Config, body: Any, *, run_workers: bool = False) -> Any:
 def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: Config) -> None:
     """Queue runs for sync (the Pre-Sync Gate runs first)."""
     for path in paths:
-        if not path.is_dir():
-            fail(f"{path}: not a folder")
+        _require_folder(path)
     if wait and not config.sync.enabled:
         fail(f"--wait: {_SYNC_OFF}; nothing would end the wait", EXIT_USAGE)
 
@@ -228,6 +227,21 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
     raise SystemExit(run_client(config, body, run_workers=wait))
 
 
+def _require_folder(path: Path) -> None:
+    """Exit 2 with one line when ``path`` is not a folder (``enqueue``'s first check, before the queue opens)."""
+    if not path.is_dir():
+        fail(f"{path}: not a folder")
+
+
+def _require_run_folder(client: NASSyncClient, path: Path) -> tuple[Path, EquipmentConfig]:
+    """The run folder (absolute) and its equipment; exit 2 with one line, as ``enqueue`` would, otherwise."""
+    _require_folder(path)
+    try:
+        return client.run_folder(path)
+    except EnqueueError as exc:
+        fail(str(exc))
+
+
 async def _settle(client: NASSyncClient, ids: list[str], timeout: float | None) -> dict[str, str]:
     """Wait until every job settled (its metadata push included), or ``timeout`` seconds.
 
@@ -266,13 +280,15 @@ def status_cmd(path: Path | None, as_json: bool, config: Config) -> None:
             return EXIT_OK
         run = os.path.abspath(path)
         row = await client.job(Path(run))
-        if as_json:
-            emit_json(shapes.run_status(run, row))
-        elif row is None:
-            console.print("none")
-        if row is None:
+        if row is None:  # no job: a run with no job yet, or no run at all (fail as enqueue would)
+            _require_run_folder(client, path)
+            if as_json:
+                emit_json(shapes.run_status(run, None))
+            else:
+                console.print("none")
             return EXIT_OK
         if as_json:
+            emit_json(shapes.run_status(run, row))
             return EXIT_PROBLEM if row.state == SyncJobState.FAILED else EXIT_OK
         show_table(jobs_table([row], "Job", sync_enabled=config.sync.enabled, config=config))
         events = Table(title="Events")

@@ -264,12 +264,7 @@ class NASSyncClient:
         """
         ctx = self._ctx
         queue = ctx.require_queue()
-        run = Path(os.path.abspath(run_path))
-        equipment = self.config.equipment_for_run(run)
-        if equipment is None:
-            raise EnqueueError(f"{run} is not under any configured equipment's <local_root>/<id>")
-        if not run.is_dir() or run.is_symlink():
-            raise EnqueueError(f"{run} is not a run folder")
+        run, equipment = self.run_folder(run_path)
         result = await asyncio.to_thread(gate_mod.check_run, run, validator=self.validator, writer=self.cache)
         if not result.eligible:
             rules = ",".join(sorted({f.rule for f in result.blocking}))
@@ -302,6 +297,21 @@ class NASSyncClient:
         ctx.notify({"type": "state", "job_id": job.id, "run_path": str(run), "state": job.state.value})
         ctx.kick()
         return SyncJobHandle(job.id, SyncHandleState.QUEUED, run, ())
+
+    def run_folder(self, run_path: Path | str) -> tuple[Path, EquipmentConfig]:
+        """The run (absolute) and its equipment; :class:`EnqueueError` when it cannot be one.
+
+        The path must lie under a configured equipment's ``<local_root>/<id>``
+        and be a folder (not a symbolic link). Reads no queue; what
+        :meth:`enqueue` checks before the gate runs.
+        """
+        run = Path(os.path.abspath(run_path))
+        equipment = self.config.equipment_for_run(run)
+        if equipment is None:
+            raise EnqueueError(f"{run} is not under any configured equipment's <local_root>/<id>")
+        if not run.is_dir() or run.is_symlink():
+            raise EnqueueError(f"{run} is not a run folder")
+        return run, equipment
 
     async def status(self, run_path: Path) -> str:
         """``"none"`` when the run has no job, else its :class:`SyncJobState` value."""
