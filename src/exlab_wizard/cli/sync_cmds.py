@@ -37,6 +37,7 @@ from exlab_wizard.cli.output import emit_json, run_label, show_table
 from exlab_wizard.cli.progress import JobProgress, byte_progress
 from exlab_wizard.config import Config, EquipmentConfig
 from exlab_wizard.service import shapes
+from exlab_wizard.service.run_signals import waiting_reason
 from exlab_wizard.sync.nas_client import (
     EnqueueError,
     LocalDamageError,
@@ -261,7 +262,7 @@ async def _settle(client: NASSyncClient, ids: list[str], timeout: float | None) 
 @config_option
 @one_line_errors
 def status_cmd(path: Path | None, as_json: bool, config: Config) -> None:
-    """The state of one run (with its recent events), or a count per state."""
+    """The state of one run (with its recent events; with no job, why the watcher waits), or a count per state."""
 
     async def body(client: NASSyncClient) -> int:
         if path is None:
@@ -280,12 +281,14 @@ def status_cmd(path: Path | None, as_json: bool, config: Config) -> None:
             return EXIT_OK
         run = os.path.abspath(path)
         row = await client.job(Path(run))
-        if row is None:  # no job: a run with no job yet, or no run at all (fail as enqueue would)
-            _require_run_folder(client, path)
+        if row is None:  # no job: a run waiting (say why), or no run at all (fail as enqueue would)
+            folder, equipment = _require_run_folder(client, path)
+            waiting = await asyncio.to_thread(waiting_reason, equipment, folder)
             if as_json:
-                emit_json(shapes.run_status(run, None))
+                emit_json(shapes.run_status(run, None, waiting))
             else:
-                console.print("none")
+                shown = f"none ({printable(waiting)})" if waiting else "none"
+                console.print(Text(shown), highlight=False, soft_wrap=True)
             return EXIT_OK
         if as_json:
             emit_json(shapes.run_status(run, row))

@@ -1,6 +1,6 @@
 """What the completion watcher learns from the file system about runs.
 
-Three read-only functions, each cheap enough for its place in a pass:
+Read-only functions, each cheap enough for where it is used:
 
 - :func:`list_runs` lists the run folders of one equipment,
   ``<root>/<PROJECT>/Runs/<run>`` and ``<root>/<PROJECT>/TestRuns/<run>``:
@@ -8,6 +8,8 @@ Three read-only functions, each cheap enough for its place in a pass:
 - :func:`completeness` says whether a run's completeness signal holds
   (``sentinel_file``: one ``lstat``; ``manifest``: read the run's manifest
   and ``lstat`` each listed file). Only for runs not yet handed to the queue.
+- :func:`waiting_reason` puts the first two together for one run with no
+  job: why the watcher does not enqueue it (``exlab-sync status RUN``).
 - :func:`fingerprint` digests what the Pre-Sync Gate looks at in a run (a
   walk of its tree), so a blocked run is gated again only when it changed.
 
@@ -39,6 +41,7 @@ __all__ = [
     "completeness",
     "fingerprint",
     "list_runs",
+    "waiting_reason",
 ]
 
 #: The largest run manifest read (a run of 100,000 files lists in well under this).
@@ -226,6 +229,23 @@ def completeness(equipment: EquipmentConfig, run_path: Path | str) -> Completene
     if signal == "manifest":
         return _manifest(run, equipment.manifest_filename)
     return Completeness(False, "completeness_signal is none: enqueue by hand")
+
+
+def waiting_reason(equipment: EquipmentConfig, run_path: Path | str) -> str | None:
+    """Why the completion watcher does not enqueue this run (yet), in words; None when it would.
+
+    What ``GET /api/watcher`` shows under ``incomplete`` for a run with no
+    job, computed here without a running service: :func:`completeness`'s
+    reason for a run :func:`list_runs` lists under the equipment's root (the
+    watcher looks at no other folder), including ``completeness_signal is
+    none`` (the watcher never enqueues those runs). None for any other
+    folder, or when the signal holds.
+    """
+    run = os.path.abspath(os.fspath(run_path))
+    if run not in list_runs(equipment.equipment_root).runs:
+        return None
+    check = completeness(equipment, run)
+    return None if check.complete else check.reason
 
 
 def _creation_digest(run: str) -> str:

@@ -121,12 +121,17 @@ def queue_counts(rows: Iterable[SyncJobRow]) -> dict[str, Any]:
     return {"total": total, "states": states}
 
 
-def run_status(run_path: str, row: SyncJobRow | None) -> dict[str, Any]:
-    """One run: ``status`` is ``none`` or the job's state; ``job`` the job with its events (or null)."""
+def run_status(run_path: str, row: SyncJobRow | None, waiting_reason: str | None = None) -> dict[str, Any]:
+    """One run: ``status`` is ``none`` or the job's state; ``job`` the job with its events (or null).
+
+    ``waiting_reason``: with no job, why the completion watcher does not
+    enqueue the run yet (its completeness signal), else null.
+    """
     return {
         "run_path": run_path,
         "status": row.state.value if row is not None else "none",
         "job": job_detail(row) if row is not None else None,
+        "waiting_reason": waiting_reason if row is None else None,
     }
 
 
