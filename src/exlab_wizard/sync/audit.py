@@ -38,7 +38,7 @@ from exlab_wizard.sync.manifest_format import read_manifest
 from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
-from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
+from exlab_wizard.sync.policy.cleanup import LocalCheck, add_pass_time, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, local_data_deleted_at, scan_run
 from exlab_wizard.sync.reaper.store import REFUSED_EVENT
@@ -279,7 +279,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
             # pass, every file hashed there, is the first at the new place (the reaper waits for it).
             passes, times, detail = 1, (now,), f"audit pass at a new NAS location ({here}), the first there"
         else:
-            passes, times = fresh.verify_passes + 1, tuple(fresh.pass_times) + (now,)
+            passes, times = fresh.verify_passes + 1, add_pass_time(fresh.pass_times, now)
             detail = f"audit pass {passes}: {outcome.checked} files match"
         try:
             queue.update(

@@ -372,7 +372,8 @@ class SyncJobRow:
     ``attempts``: failed transfer attempts since the last success or re-arm.
     ``mismatch_count``: hash mismatches since the last good verification.
     ``verified_at``: first verification of the current NAS copy.
-    ``pass_times``: the verify passes of the current NAS copy.
+    ``pass_times``: the times of the verify passes of the current NAS copy,
+    at most 16 (the earliest and the latest; ``verify_passes`` counts them all).
     ``rewrite_paths``: files to send again whatever their size and mtime.
     ``metadata_push_due_at``: set while the push of the refreshed
     ``.exlab-wizard/`` after a verification has not succeeded yet (when it is

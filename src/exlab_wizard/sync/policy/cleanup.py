@@ -76,7 +76,9 @@ __all__ = [
     "LocalCheck",
     "MAX_PATHS_IN_REASON",
     "METADATA_PENDING_REASON",
+    "PASS_TIMES_KEPT",
     "RemoteCheck",
+    "add_pass_time",
     "age_start",
     "check_remote",
     "decide",
@@ -343,6 +345,29 @@ def age_start(
     if verified_at is None:
         return None
     return min((t for t in (verified_at, *pass_times) if t <= now), default=None)
+
+
+#: The verify pass times a job keeps: the earliest of all and the latest ``PASS_TIMES_KEPT - 1``.
+PASS_TIMES_KEPT = 16
+
+
+def add_pass_time(
+    pass_times: Sequence[dt.datetime], at: dt.datetime, keep: int = PASS_TIMES_KEPT
+) -> tuple[dt.datetime, ...]:
+    """``pass_times`` with the pass at ``at`` appended, at most ``keep`` (2 or more) of them.
+
+    Kept: the earliest time of all, then the latest ``keep - 1`` in order. The
+    earliest is all :func:`age_start` reads of them (the earliest time not after
+    ``now`` is the earliest of all, or there is none), so interlock 3 decides
+    as with every pass kept, a clock set back included; how many passes there
+    were is ``verify_passes``. A daily audit would otherwise grow the row by a
+    time a day for as long as the run stays on disk.
+    """
+    times = (*pass_times, at)
+    if len(times) <= keep:
+        return times
+    cut = len(times) - keep + 1
+    return (min(times[:cut]), *times[cut:])
 
 
 def _passes_and_age(
