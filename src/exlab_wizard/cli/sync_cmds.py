@@ -9,9 +9,11 @@ engine's own log records (tracebacks included) to ``<state_dir>/exlab-sync.log``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,44 @@ def jobs_table(
     return table
 
 
+class _CentralLogHandler(logging.FileHandler):
+    """The central log's handler: a failure to write the file costs that record, never the caller.
+
+    ``FileHandler`` reopens a closed stream outside its own error guard, so
+    that ``open`` failing (a logging reconfiguration closed it, and the
+    process is out of descriptors) raised into whatever was logging: asyncio's
+    exception handler, which ended ``serve``, or a worker's
+    ``logger.exception``. A failure is one line on stderr (again after a
+    record got through); the next record tries the file again.
+    """
+
+    _failures = 0
+    _said: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        failures = self._failures
+        try:
+            super().emit(record)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+        if self._failures == failures:
+            self._said = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failures += 1
+        error = sys.exc_info()[1]
+        line = (
+            f"exlab-sync: cannot write the central log {self.baseFilename}: {getattr(error, 'strerror', None) or error}"
+        )
+        if logging.raiseExceptions and line != self._said:
+            self._said = line
+            with contextlib.suppress(Exception):
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+
+
 def configure_logging(config: Config) -> Path | None:
     """Send the engine's log records (INFO and up, tracebacks included) to ``<state_dir>/exlab-sync.log``.
 
@@ -119,7 +159,7 @@ def configure_logging(config: Config) -> Path | None:
             return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = _CentralLogHandler(path, encoding="utf-8")
     except OSError:
         return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

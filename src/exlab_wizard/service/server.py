@@ -200,8 +200,13 @@ async def run_service(
         watcher=watcher,
     )
     app = create_app(ctx, allowed_hosts=_allowed_hosts(host))
+    # log_config=None: uvicorn's default dictConfig would close the central log's handler (the next
+    # record reopens the file, which fails while descriptors run out) and print its own lines to
+    # stderr; its warnings go to the root logger, so to the central log, as every other record.
     server = _Server(
-        uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, access_log=False)
+        uvicorn.Config(
+            app, log_config=None, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, access_log=False
+        )
     )
     loop = asyncio.get_running_loop()
     if install_signals:
