@@ -25,7 +25,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from exlab_wizard.cli import main
 from exlab_wizard.config import load_config
 from tests.soak.test_serve_soak import EXE, counts, start_serve, write_config, write_run
 
@@ -154,3 +156,41 @@ def test_a_central_log_that_cannot_be_reopened_costs_the_record_never_the_caller
     text = path.read_text()
     assert "written again" in text and "lost" not in text
     assert capsys.readouterr().err == ""
+
+
+def test_only_the_bind_says_cannot_listen(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with taken:
+        done = subprocess.run(
+            [EXE, "serve", "--config", str(write_config(tmp_path)), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use", done.stderr
+
+
+@pytest.mark.parametrize(("started", "code", "says"), [(True, 1, "serve stopped"), (False, 2, "serve cannot start")])
+def test_another_os_error_names_what_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: bool, code: int, says: str
+) -> None:
+    from exlab_wizard.cli import serve
+    from exlab_wizard.service import server
+
+    async def failing(config, *, host, port, on_ready):
+        if started:
+            on_ready(server.ServiceInfo("http://127.0.0.1:1", "http://127.0.0.1:1/login?code=x", None))
+        raise OSError(errno.EMFILE, "Too many open files", str(tmp_path / "state" / "queue.db"))
+
+    monkeypatch.setattr(server, "run_service", failing)
+    monkeypatch.setattr(server, "cap_malloc_arenas", lambda: None)
+    monkeypatch.setattr(serve, "configure_logging", lambda config: None)
+    result = CliRunner().invoke(main, ["serve", "--config", str(write_config(tmp_path)), "--port", "0"])
+    assert result.exit_code == code, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == f"error: {says}: Too many open files ({tmp_path / 'state' / 'queue.db'})", result.output
+    assert "cannot listen" not in result.output

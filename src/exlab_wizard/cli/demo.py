@@ -133,15 +133,22 @@ def _free_or_any(port: int) -> int:
 
 def _serve_demo(config, lab: DemoLab, port: int) -> None:
     """Run ``serve`` on the demo lab until SIGTERM/SIGINT; exits the process."""
-    from exlab_wizard.service.server import AlreadyServing, cap_malloc_arenas
+    from exlab_wizard.service.server import AlreadyServing, CannotListen, cap_malloc_arenas
 
     cap_malloc_arenas()
     try:
-        asyncio.run(_run_demo_service(config, lab, _free_or_any(port)))
-    except AlreadyServing as exc:
-        fail(str(exc), EXIT_USAGE)
+        free = _free_or_any(port)
     except OSError as exc:
         fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", EXIT_USAGE)
+    try:
+        asyncio.run(_run_demo_service(config, lab, free))
+    except AlreadyServing as exc:
+        fail(str(exc), EXIT_USAGE)
+    except CannotListen as exc:
+        fail(f"cannot listen on 127.0.0.1:{free}: {exc.strerror or exc}", EXIT_USAGE)
+    except OSError as exc:  # not the address: the machine's (out of descriptors, a disk error)
+        where = f" ({exc.filename})" if exc.filename else ""
+        fail(f"the demo service stopped: {exc.strerror or exc}{where}", EXIT_PROBLEM)
     print("exlab-sync demo: stopped; the queue is kept in", config.state_dir, flush=True)
     raise SystemExit(EXIT_OK)
 

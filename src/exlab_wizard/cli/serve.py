@@ -56,7 +56,7 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     """Run the sync service: workers, completion watcher, HTTP API and /metrics."""
     ensure_state_dir(config)
     configure_logging(config)
-    from exlab_wizard.service.server import LOOPBACK, AlreadyServing, cap_malloc_arenas, run_service
+    from exlab_wizard.service.server import LOOPBACK, AlreadyServing, CannotListen, cap_malloc_arenas, run_service
 
     cap_malloc_arenas()  # before any thread: memory stays steady over weeks of runs
 
@@ -66,12 +66,26 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
             "(reads are open; changes need the token)",
             highlight=False,
         )
+    started = False
+
+    def on_ready(info: ServiceInfo) -> None:
+        nonlocal started
+        started = True
+        _announce(info)
+
     try:
-        asyncio.run(run_service(config, host=host, port=port, on_ready=_announce))
+        asyncio.run(run_service(config, host=host, port=port, on_ready=on_ready))
     except AlreadyServing as exc:
         fail(str(exc), EXIT_USAGE)
-    except OSError as exc:
+    except CannotListen as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)
+    except OSError as exc:
+        # Once serving, a failure is the machine's (out of descriptors, a disk error): exit 1, which a
+        # supervisor restarts; before, it is the state_dir's (exit 2, as an unusable state_dir is).
+        where = f" ({exc.filename})" if exc.filename else ""
+        if started:
+            fail(f"serve stopped: {exc.strerror or exc}{where}", EXIT_PROBLEM)
+        fail(f"serve cannot start: {exc.strerror or exc}{where}", EXIT_USAGE)
     raise SystemExit(EXIT_OK)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "SERVICE_URL_NAME",
     "SHUTDOWN_BUDGET_S",
     "AlreadyServing",
+    "CannotListen",
     "ServiceInfo",
     "cap_malloc_arenas",
     "run_service",
@@ -65,6 +66,10 @@ def service_url_path(state_dir: Path) -> Path:
 
 class AlreadyServing(RuntimeError):
     """Another process holds the runner lease of this queue (another ``serve``, or ``enqueue --wait``)."""
+
+
+class CannotListen(OSError):
+    """The address cannot be bound (port taken, not this machine's address, no permission): ``strerror`` says why."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise CannotListen(exc.errno, exc.strerror) from exc
     sock.listen(128)
     sock.setblocking(False)
     return sock
@@ -155,8 +160,9 @@ async def run_service(
     """Run the service until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     Raises :class:`AlreadyServing` when another process runs the workers for
-    this queue, and ``OSError`` when the address cannot be bound (both before
-    anything starts). ``client`` (tests) must not be initialised yet.
+    this queue, and :class:`CannotListen` when the address cannot be bound
+    (both before anything starts); any other ``OSError`` is not about the
+    address. ``client`` (tests) must not be initialised yet.
     """
     config.state_dir.mkdir(parents=True, exist_ok=True)
     probe = RunnerLease(lease_path_for(config.queue_db))
