@@ -95,8 +95,8 @@ class Check:
 class _NoLog(EquipmentLog):
     """The doctor's tool runs are not events of the equipment: nothing is written to its log."""
 
-    def write(self, level: str, run_path: object, event: str, **fields: object) -> None:
-        return None
+    def write(self, level: str, run_path: object, event: str, **fields: object) -> bool:
+        return True
 
 
 def check_config_file(path: Path) -> tuple[Config | None, Check]:

@@ -115,7 +115,9 @@ class Reaper(InterlockFacts):
     its size and the mtime the push gave it. Raising (``TransportError(NETWORK)`` for an unreachable remote)
     makes the job wait; without it nothing is ever deleted. ``log_for(equipment_id)``: the job's
     :class:`EquipmentLog` (raising refuses the deletion: nothing is deleted
-    unlogged). ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
+    unlogged); a line it cannot write (the full instrument disk a cleanup is
+    there to free) stops nothing, the queue's events being the durable
+    record. ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
     a :class:`FinalPush` (or True only when verified on the NAS); needed
     only with ``retain_cache: false``. ``now()``: the clock (timezone-aware).
 
@@ -609,13 +611,14 @@ class Reaper(InterlockFacts):
             }
             if resumed:
                 fields["resumed"] = True
-            log.info(job.run_path, "cleanup_deleted", **fields)
+            logged = log.info(job.run_path, "cleanup_deleted", **fields)
             data_deleted_at = self.now()
             self._store.mark_data_deleted(
                 job.id,
                 data_deleted_at,
                 f"local data deleted: {progress.files} files, {progress.bytes} bytes, "
-                f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}",
+                f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}"
+                + ("" if logged else f"; equipment log {log.path} unwritable ({log.last_error}): this is the record"),
             )
             progress = dataclasses.replace(progress, data_deleted_at=data_deleted_at)
         # Deleted by an earlier pass: the folder now at the run's path may be another run's.
