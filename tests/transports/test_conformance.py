@@ -15,6 +15,7 @@ leftover of an interrupted upload. The tests are the same for all:
 - reachable() is true; with the server down (or the share unmounted) it is
   false, and push, remote_manifest and remote_listing raise ``network`` -- an
   unreachable remote is never an empty one; so is a remote root that is gone;
+  probed again and again while down, it writes one equipment-log line at most;
 - remote_listing gives every regular file of the remote run folder with its
   size (hostile names, non-UTF-8 names where the backend keeps bytes), sees a
   deleted, a truncated and an added file, leaves symlinks out, and lists a
@@ -58,6 +59,7 @@ from typing import Any
 import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync.equipment_log import log_path_for
 from exlab_wizard.sync.transports import make_transport, rsync_ssh
 from exlab_wizard.sync.transports.base import PreviousStampTaken, Transport, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import is_temp_name, same_mtime
@@ -573,6 +575,19 @@ async def test_reachable_and_an_unreachable_remote_is_never_empty(remote, local_
         assert isinstance(outcome, TransportError), outcome
         assert outcome.kind == K.NETWORK, outcome.message
     assert not remote.run_on_disk.exists()
+
+
+async def test_a_remote_that_stays_down_is_logged_once_however_often_it_is_probed(remote, local_root):
+    # The reaper and the audit probe each waiting job on every pass, the service's metrics every
+    # 30 s: a weekend outage must not grow the equipment log (on the instrument's disk) per probe.
+    eq = remote.down(local_root)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = remote.transport(eq)
+    for _ in range(3):
+        assert await transport.reachable(run) is False
+    log = log_path_for(eq)
+    lines = log.read_text().splitlines() if log.exists() else []
+    assert len(lines) <= 1, lines
 
 
 async def test_mount_path_missing_is_unreachable_too(local_root, tmp_path):

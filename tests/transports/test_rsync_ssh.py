@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync import verifier
-from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.equipment_log import EquipmentLog, log_path_for
 from exlab_wizard.sync.transports import _process, rsync_ssh
 from exlab_wizard.sync.transports._process import local_tree
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
@@ -383,6 +383,43 @@ async def test_command_refusing_rrsync_remote_streams_back_and_skips_oversize(tm
     with pytest.raises(TransportError) as caught:  # -ro: the server refuses writes
         await transport.push(run, bwlimit_kibps=None)
     assert caught.value.kind in (K.REMOTE_WRITE_REFUSED,), caught.value.message
+
+
+def log_lines(eq) -> list[str]:
+    path = log_path_for(eq)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_probing_a_command_refusing_remote_writes_nothing_to_the_equipment_log(tmp_path, sshd, remote_dir):
+    # rrsync refuses `test -d` and serves rsync: reachable, and its refusal is no failure to log
+    # (the reaper and the audit probe per job on every pass).
+    restricted = equipment(tmp_path, sshd, remote_dir, key=sshd.env.rrsync_key)
+    run = make_run(restricted.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(restricted)
+    for _ in range(3):
+        assert await transport.reachable(run)
+    assert log_lines(restricted) == []
+
+
+async def test_a_failing_probe_is_logged_once_per_outage(tmp_path, sshd_factory, remote_dir):
+    server = sshd_factory()
+    eq = equipment(tmp_path, server, remote_dir)
+    run = make_run(eq.local_root, {"a.txt": b"a"}, symlink=False)
+    transport = RsyncSshTransport(eq)
+    assert await transport.reachable(run)
+    assert log_lines(eq) == []  # a probe that succeeds writes nothing
+    server.stop()
+    for _ in range(3):
+        assert not await transport.reachable(run)
+    first = log_lines(eq)
+    assert len(first) == 1 and " tool_exit tool=ssh step=reachable rc=255 " in first[0], first
+    assert "Connection refused" in first[0]  # ssh's reason, for whoever reads the log
+    server.start()
+    assert await transport.reachable(run)
+    server.stop()
+    for _ in range(3):
+        assert not await transport.reachable(run)
+    assert len(log_lines(eq)) == 2  # the next outage is logged once again
 
 
 async def test_sftp_only_remote_streams_back_over_sftp(tmp_path, sshd, remote_dir):

@@ -51,6 +51,7 @@ __all__ = [
     "local_metadata_folder",
     "local_run_folder",
     "local_tree",
+    "log_tool_exit",
     "run_tool",
     "spawn",
     "tail",
@@ -252,19 +253,24 @@ async def run_tool(
         timed_out,
     )
     if log is not None and (not quiet or result.returncode != 0):
-        fields: dict[str, object] = {
-            "tool": tool,
-            "step": step,
-            "rc": result.returncode,
-            "seconds": f"{result.seconds:.2f}",
-        }
-        if stopped:
-            fields["stopped"] = "timeout" if timed_out else "window_edge"
-        if result.stderr.strip():
-            fields["stderr"] = tail(result.stderr_text)
-        level = "INFO" if result.returncode == 0 or (stopped and not timed_out) else "WARNING"
-        log.write(level, run_path, "tool_exit", **fields)
+        log_tool_exit(log, run_path, step, result)
     return result
+
+
+def log_tool_exit(log: EquipmentLog, run_path: object, step: str, result: ToolResult) -> None:
+    """Write the ``tool_exit`` line of ``result`` (what :func:`run_tool` writes as a tool ends)."""
+    fields: dict[str, object] = {
+        "tool": os.path.basename(result.argv[0]),
+        "step": step,
+        "rc": result.returncode,
+        "seconds": f"{result.seconds:.2f}",
+    }
+    if result.stopped:
+        fields["stopped"] = "timeout" if result.timed_out else "window_edge"
+    if result.stderr.strip():
+        fields["stderr"] = tail(result.stderr_text)
+    level = "INFO" if result.returncode == 0 or (result.stopped and not result.timed_out) else "WARNING"
+    log.write(level, run_path, "tool_exit", **fields)
 
 
 @dataclass

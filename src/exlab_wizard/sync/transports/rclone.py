@@ -292,7 +292,7 @@ async def _lsjson(
     return await run_tool(argv, log=log, run_path=run_path, step=step, quiet=True)
 
 
-async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog, run_path: object) -> bool:
+async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog | None, run_path: object) -> bool:
     argv = [*base, *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only", "--no-mimetype", "--", root_fs]
     result = await run_tool(argv, timeout=60, log=log, run_path=run_path, step="root_check", quiet=True)
     return result.returncode == 0
@@ -422,6 +422,8 @@ class RcloneTransport(Transport):
         #: (sftp with ``sha256sum_command``): the first manifest finds out.
         self._native_sha256: bool | None = None
         self._probed = False
+        #: the last reachability probe succeeded (or none ran): the next failing one is logged
+        self._probe_ok = True
 
     def _fs(self, run_path: Path) -> str:
         """The run's remote folder in rclone's notation (``remote:path/rel``)."""
@@ -957,10 +959,19 @@ class RcloneTransport(Transport):
     # ------------------------------------------------------------- reachable
 
     async def reachable(self, run_path: Path) -> bool:
+        """Is the remote root there? Never raises.
+
+        Called per job on every reaper and audit pass, and by the service's
+        metrics: a failing probe is written to the equipment log once, then
+        not again until one succeeds (the callers record the wait).
+        """
+        log = self.log if self._probe_ok else None
         try:
-            return await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path)
+            ok = await _root_exists(self._base(), self.config.remote_root, log=log, run_path=run_path)
         except (OSError, TransportError):
-            return False
+            ok = False
+        self._probe_ok = ok
+        return ok
 
 
 class _Stats:

@@ -82,6 +82,7 @@ from exlab_wizard.sync.transports._process import (
     local_metadata_folder,
     local_run_folder,
     local_tree,
+    log_tool_exit,
     run_tool,
     spawn,
 )
@@ -452,6 +453,8 @@ class RsyncSshTransport(Transport):
         self.prefer_aes_gcm = prefer_aes_gcm
         #: run path -> hashes the remote took while the last push of that run was sent
         self._sent_hashes: dict[str, bytes] = {}
+        #: the last reachability probe succeeded (or none ran): the next failing one is logged
+        self._probe_ok = True
 
     # ----------------------------------------------------------------- tools
 
@@ -1423,26 +1426,32 @@ class RsyncSshTransport(Transport):
     # ------------------------------------------------------------- reachable
 
     async def reachable(self, run_path: Path) -> bool:
+        """Is the remote root there? Never raises.
+
+        Called per job on every reaper and audit pass, and by the service's
+        metrics: a failing probe is written to the equipment log once, then
+        not again until one succeeds (a weekend outage must not grow the log
+        by a line per job per pass; the callers record the wait).
+        """
+        ok = await self._probe(run_path, self.log if self._probe_ok else None)
+        self._probe_ok = ok
+        return ok
+
+    async def _probe(self, run_path: Path, log: EquipmentLog | None) -> bool:
+        """``ssh test -d`` of the root, else (a remote refusing commands) ``rsync --list-only``; the answer logged."""
         root = self.config.remote_root
         try:
-            result = await self._ssh(
-                f"test -d {shlex.quote(root)}",
-                run_path=run_path,
-                step="reachable",
-                timeout=30,
-                connect_timeout_s=5,
-                quiet=True,
-            )
-            if result.returncode == 0:
-                return True
-            if result.returncode == 255:
-                return False
-            # A remote that refuses commands may still serve rsync.
-            argv = [*self._rsync_base(), "--list-only", self._target(root)]
-            listed = await run_tool(argv, timeout=30, log=self.log, run_path=run_path, step="reachable", quiet=True)
-            return listed.returncode == 0
+            argv = [*self._ssh_argv(5), self.config.ssh_target, f"test -d {shlex.quote(root)}"]
+            result = await run_tool(argv, timeout=30, step="reachable")
+            if result.returncode not in (0, 255):
+                # A remote that refuses commands may still serve rsync: its refusal is no failure to log.
+                argv = [*self._rsync_base(), "--list-only", self._target(root)]
+                result = await run_tool(argv, timeout=30, step="reachable")
         except (OSError, TransportError):
             return False
+        if result.returncode != 0 and log is not None:
+            log_tool_exit(log, run_path, "reachable", result)
+        return result.returncode == 0
 
 
 # --------------------------------------------------------------------- helpers
