@@ -12,6 +12,7 @@ the next ones are not, until the NAS answers again.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ PASSES = 8
 
 
 async def test_reaper_passes_with_the_nas_down_do_not_grow_the_equipment_log(
-    tmp_path: Path, sshd_factory, remote_dir: Path
+    tmp_path: Path, sshd_factory, remote_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = sshd_factory()
     lab = Lab.build(tmp_path, equipment=(EQ,), marker=None)
@@ -50,12 +51,15 @@ async def test_reaper_passes_with_the_nas_down_do_not_grow_the_equipment_log(
         server.stop()  # the NAS goes away (a reboot, a weekend power-down)
         log = lab.equipment_log()
         before = len(log.read_text().splitlines())
+        caplog.set_level(logging.INFO, logger="exlab_wizard")  # what the central log would take
+        caplog.clear()
         counts = []
         for _ in range(PASSES):
             outcomes = [o for o in await client.cleanup_once() if o.action != "promoted"]
             assert {o.action for o in outcomes} == {"waiting"}, [(o.action, o.reason) for o in outcomes]
             counts.append(len(log.read_text().splitlines()))
         after = log.read_text().splitlines()
+        central = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
         jobs = [await client.job(run) for run in runs]
         server.start()  # the NAS is back: the waiting jobs are cleaned
         cleaned = [(o.action, o.reason) for o in await client.cleanup_once()]
@@ -70,3 +74,5 @@ async def test_reaper_passes_with_the_nas_down_do_not_grow_the_equipment_log(
     assert len(set(counts)) == 1, f"the log grew on passes after the first: {counts}"
     assert sum(" tool_exit " in line for line in new) == 1, new  # the first failing probe, with ssh's reason
     assert states == ["cleaned"] * len(runs), cleaned
+    # Nor the central log (state_dir): no INFO line per job per pass either.
+    assert len(central) <= len(runs), central[:4]

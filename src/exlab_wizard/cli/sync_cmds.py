@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -52,10 +53,22 @@ from exlab_wizard.sync.nas_client import (
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError
 
-__all__ = ["CENTRAL_LOG_NAME", "DEFAULT_WAIT_TIMEOUT_S", "configure_logging", "jobs_table", "run_client"]
+__all__ = [
+    "CENTRAL_LOG_BACKUPS",
+    "CENTRAL_LOG_MAX_BYTES",
+    "CENTRAL_LOG_NAME",
+    "DEFAULT_WAIT_TIMEOUT_S",
+    "configure_logging",
+    "jobs_table",
+    "run_client",
+]
 
 #: The central log in ``state_dir``: what the engine logs through ``logging`` (tracebacks included).
 CENTRAL_LOG_NAME = "exlab-sync.log"
+#: The central log is rolled over at this size, keeping CENTRAL_LOG_BACKUPS older files
+#: (``exlab-sync.log.1`` ...): a service that runs for years never fills its state_dir's disk.
+CENTRAL_LOG_MAX_BYTES = 10 << 20
+CENTRAL_LOG_BACKUPS = 4
 #: How long ``enqueue --wait`` waits by default before it gives up (a day).
 DEFAULT_WAIT_TIMEOUT_S = 86400.0
 
@@ -107,7 +120,7 @@ def jobs_table(
     return table
 
 
-class _CentralLogHandler(logging.FileHandler):
+class _CentralLogHandler(logging.handlers.RotatingFileHandler):
     """The central log's handler: a failure to write the file costs that record, never the caller.
 
     ``FileHandler`` reopens a closed stream outside its own error guard, so
@@ -148,6 +161,8 @@ class _CentralLogHandler(logging.FileHandler):
 def configure_logging(config: Config) -> Path | None:
     """Send the engine's log records (INFO and up, tracebacks included) to ``<state_dir>/exlab-sync.log``.
 
+    Rolled over at :data:`CENTRAL_LOG_MAX_BYTES`, :data:`CENTRAL_LOG_BACKUPS` older files kept.
+
     The terminal gets one-line errors only, never a traceback. Idempotent;
     returns the log's path, or None when it cannot be opened (the command
     still runs: the equipment logs and the queue keep their records).
@@ -159,7 +174,9 @@ def configure_logging(config: Config) -> Path | None:
             return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = _CentralLogHandler(path, encoding="utf-8")
+        handler = _CentralLogHandler(
+            path, encoding="utf-8", maxBytes=CENTRAL_LOG_MAX_BYTES, backupCount=CENTRAL_LOG_BACKUPS
+        )
     except OSError:
         return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -69,7 +69,9 @@ class InterlockFacts:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.info("remote probe for job %s failed: %s", job.id, exc)
+            logger.debug(
+                "remote probe for job %s failed: %s", job.id, exc
+            )  # per job and pass: the queue's refusal says it once
             return False
 
     async def _remote_check(self, job: SyncJobRow, files: Sequence[PlannedFile]) -> policy.RemoteCheck:
@@ -99,14 +101,14 @@ class InterlockFacts:
         except asyncio.CancelledError:
             raise
         except TransportError as exc:
-            logger.info("remote listing for job %s failed: %s", job.id, exc)
+            logger.debug("remote listing for job %s failed: %s", job.id, exc)
             if exc.kind == TransportErrorKind.NETWORK:
                 return policy.RemoteCheck(
                     refusal=f"remote unreachable: {exc.message}", refusal_code=CleanupCode.REMOTE_UNREACHABLE
                 )
             return policy.RemoteCheck(refusal=f"remote listing failed: {exc.kind.value}: {exc.message}")
         except Exception as exc:
-            logger.info("remote listing for job %s failed: %s", job.id, exc)
+            logger.debug("remote listing for job %s failed: %s", job.id, exc)
             return policy.RemoteCheck(refusal=f"remote listing failed: {type(exc).__name__}: {exc}")
         claimed = self._claimed_by_another_run(job, listing)
         if claimed is not None:
