@@ -197,7 +197,8 @@ async def run_tool(
     tool is stopped on purpose (``stopped``), e.g. at a bandwidth window edge.
     Cancelling the caller kills the tool's whole process group before the
     cancellation propagates. Never raises for a failing tool: the caller
-    classifies the result. ``quiet`` logs only failures.
+    classifies the result. ``quiet`` logs only failures, and the same failure
+    of the same run and step once an hour at most (:data:`QUIET_REPEAT_S`).
     """
     argv = [str(a) for a in argv]
     tool = os.path.basename(argv[0])
@@ -252,9 +253,32 @@ async def run_tool(
         stopped,
         timed_out,
     )
-    if log is not None and (not quiet or result.returncode != 0):
+    if log is not None and (not quiet or _new_quiet_failure(log, run_path, step, result)):
         log_tool_exit(log, run_path, step, result)
     return result
+
+
+#: A quiet step's failure is written again only after this many seconds, unless it changed.
+QUIET_REPEAT_S = 3600.0
+#: (log file, run, step) -> (exit code, stderr tail) of the last failure written, and when.
+_QUIET_FAILURES: dict[tuple[str, str, str], tuple[tuple[int, str], float]] = {}
+
+
+def _new_quiet_failure(log: EquipmentLog, run_path: object, step: str, result: ToolResult) -> bool:
+    """Should a ``quiet`` step's result be logged? A failure, unless the same one was logged for this
+    run and step within :data:`QUIET_REPEAT_S` (a NAS folder that cannot be listed, asked again on every
+    reaper pass for weeks: the queue records the wait once; the equipment log need not say it 2,880 times
+    a day). A success logs nothing and forgets the failure."""
+    key = (str(getattr(log, "path", id(log))), str(run_path), step)
+    if result.returncode == 0:
+        _QUIET_FAILURES.pop(key, None)
+        return False
+    said, now = (result.returncode, tail(result.stderr_text)), time.monotonic()
+    last = _QUIET_FAILURES.get(key)
+    if last is not None and last[0] == said and now - last[1] < QUIET_REPEAT_S:
+        return False
+    _QUIET_FAILURES[key] = (said, now)
+    return True
 
 
 def log_tool_exit(log: EquipmentLog, run_path: object, step: str, result: ToolResult) -> None:
