@@ -50,16 +50,20 @@ of reading rsync's output. The programs it runs remotely are in
 from __future__ import annotations
 
 import asyncio
+import atexit
 import calendar
 import contextlib
 import datetime as dt
 import errno
 import hashlib
+import logging
 import os
 import re
 import shlex
 import shutil
+import stat
 import tempfile
+import threading
 import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -217,6 +221,13 @@ _RSYNC_VERSIONS: dict[str, tuple[int, ...]] = {}
 # Cipher list per host, decided once: (target, port, key, known_hosts) -> "-o Ciphers" value or None.
 _CIPHERS: dict[tuple[str, int, str, str], str | None] = {}
 _AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+# ssh master sockets: this process's own folder, made when the shared one was refused, and the
+# (folder, problem) pairs already warned about (see _control_folder).
+_OWN_CONTROL_DIR: Path | None = None
+_REFUSED_CONTROL_DIRS: set[tuple[str, str]] = set()
+_CONTROL_LOCK = threading.Lock()
+
+_log = logging.getLogger(__name__)
 
 
 def _cpu_has_aes() -> bool:
@@ -275,11 +286,71 @@ def rsync_version(rsync: str) -> tuple[int, ...]:
 
 
 def _control_path(key: tuple[str, int, str, str]) -> str:
-    """One ssh master connection per (target, port, key, known_hosts), in a private folder."""
-    folder = Path(tempfile.gettempdir()) / f"exlab-ssh-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    """The ssh ControlPath of one master connection per (target, port, key, known_hosts).
+
+    ssh hands every command to whatever listens on a ControlPath without asking
+    whose it is, so the socket lives only in a folder no other user made or can
+    write into (see :func:`_control_folder`). Its name is a digest of the key
+    (the path stays far below the 108 bytes of a Unix socket's name).
+    """
     digest = hashlib.sha256("\0".join(map(str, key)).encode()).hexdigest()[:20]
-    return str(folder / digest)
+    return str(_control_folder() / digest)
+
+
+def _not_private(folder: Path) -> str | None:
+    """None when ``folder`` is a real folder of this uid that nobody else may enter; else what it is."""
+    try:
+        info = os.lstat(folder)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    mode = stat.S_IMODE(info.st_mode)
+    what = "a symlink" if stat.S_ISLNK(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) else "not a folder"
+    if what != "a folder" or info.st_uid != os.getuid() or mode & 0o077:
+        return f"{what}, owner uid {info.st_uid}, mode {mode:04o}"
+    return None
+
+
+def _control_folder() -> Path:
+    """The folder of this uid's ssh master sockets, shared by its processes where that is safe.
+
+    ``$XDG_RUNTIME_DIR/exlab-ssh`` when the runtime folder is ours and private,
+    else ``<tempdir>/exlab-ssh-<uid>``. Such a folder is used only when, after
+    ``mkdir``, it is a real folder of this uid with no group or other access:
+    in a shared ``/tmp`` another user may have made it first, or made it a
+    symlink, and listen there as a fake master. Otherwise this process keeps
+    its masters in a fresh folder of its own (removed at exit) and logs one
+    warning naming the folder refused.
+    """
+    global _OWN_CONTROL_DIR
+    candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and _not_private(Path(runtime)) is None:
+        candidates.append(Path(runtime) / "exlab-ssh")
+    candidates.append(Path(tempfile.gettempdir()) / f"exlab-ssh-{os.getuid()}")
+    with _CONTROL_LOCK:
+        refused = []
+        for folder in candidates:
+            with contextlib.suppress(OSError):  # there already (checked below), or cannot be made
+                folder.mkdir(mode=0o700)
+            problem = _not_private(folder)
+            if problem is None:
+                return folder
+            refused.append((folder, problem))
+        if _OWN_CONTROL_DIR is None or _not_private(_OWN_CONTROL_DIR) is not None:
+            _OWN_CONTROL_DIR = Path(tempfile.mkdtemp(prefix="exlab-ssh-"))
+            atexit.register(shutil.rmtree, _OWN_CONTROL_DIR, True)
+        for folder, problem in refused:
+            if (str(folder), problem) not in _REFUSED_CONTROL_DIRS:
+                _REFUSED_CONTROL_DIRS.add((str(folder), problem))
+                _log.warning(
+                    "ssh master folder %s is not private to uid %d (%s): not used; "
+                    "this process keeps its ssh masters in %s",
+                    folder,
+                    os.getuid(),
+                    problem,
+                    _OWN_CONTROL_DIR,
+                )
+        return _OWN_CONTROL_DIR
 
 
 @dataclass(frozen=True)
