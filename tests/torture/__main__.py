@@ -1,5 +1,7 @@
 """``python -m tests.torture --rounds 20 --kills 100 --report docs/reliability.md``: the long run.
 
+``--transports mount,rsync_ssh,rclone`` adds rclone sftp rounds (default: mount and rsync_ssh).
+
 Prints each fault as it is injected, then the report; ``--report`` also writes it.
 Needs root (loop mounts, chattr, the sshd fixture's users).
 """
@@ -12,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.torture.harness import report, torture
+from tests.torture.harness import TRANSPORTS, report, torture
 
 
 def _stop(signum: int, _frame: object) -> None:
@@ -25,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=100, help="SIGKILLs of the service over all rounds")
     parser.add_argument("--runs", type=int, default=4, help="runs per round")
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--transports", default="mount,rsync_ssh")
+    parser.add_argument(
+        "--transports", default="mount,rsync_ssh", help=f"rounds alternate these, of {','.join(TRANSPORTS)}"
+    )
     parser.add_argument("--parallel", type=int, default=1, help="rounds played at once")
     parser.add_argument("--report", type=Path, help="write the report here (e.g. docs/reliability.md)")
     args = parser.parse_args(argv)
+    transports = tuple(args.transports.split(","))
+    if not transports or not set(transports) <= set(TRANSPORTS):
+        parser.error(f"--transports: a comma-separated list of {', '.join(TRANSPORTS)}")
     # SIGTERM (and SIGINT, which a background shell job ignores) end the run through its cleanup:
     # servers stopped by PID, loop file systems unmounted.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         kills=args.kills,
         seed=args.seed,
         runs=args.runs,
-        transports=tuple(args.transports.split(",")),
+        transports=transports,
         parallel=args.parallel,
     )
     command = "python -m tests.torture " + shlex.join(sys.argv[1:] if argv is None else argv)

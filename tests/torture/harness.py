@@ -7,13 +7,19 @@ scan and audit intervals), enqueues the runs through the API and, while
 they sync, injects a seeded random schedule of faults: SIGKILL of the
 service aimed at a phase (transfer, verification, metadata push, audit,
 deletion: read from the queue database, the durable record), the sshd
-stopped and restarted, a NAS byte flipped between transfer and
+stopped and restarted (rsync_ssh and rclone rounds), a NAS byte flipped between transfer and
 verification, a NAS file or run folder deleted after verification, a local
 byte flipped after verification (size and mtime kept, the service frozen
 meanwhile so that it sees the flip whole, as bit rot is), a local file edited
 after verification, the NAS run folder made immutable (``chattr +i``, which
 stops root too), the NAS full, the mount marker gone, another process
 holding a run's ``creation.json.lock`` past the writer's timeout.
+
+Transports: ``mount`` (the NAS folder itself), ``rsync_ssh`` and ``rclone``
+(an sftp remote), both of these to a loopback sshd (tests/fixtures/sshd.py)
+whose unprivileged user writes into the NAS folder; the NAS faults act on that
+folder alike. An rclone round hashes on the server (``sha256sum`` through ssh)
+or by downloading, drawn from the round's seed.
 
 After a recovery period without faults the round checks the invariant (see
 :func:`check_round`) and its findings are summed in a :class:`Tally`, which
@@ -52,10 +58,13 @@ import httpx
 import exlab_wizard
 from exlab_wizard.sync.manifest_format import parse_manifest
 from exlab_wizard.sync.transports.mount import is_temp_name
-from tests.fixtures.sshd import RW_USER, SshEnv, SshServer
+from tests.fixtures.sshd import RW_USER, SshEnv, SshServer, write_rclone_sftp_config
 from tests.helpers import processes, tool_processes
 from tests.lab import mark_nas, write_creation
 
+TRANSPORTS = ("mount", "rsync_ssh", "rclone")
+#: transports reaching the NAS through the round's sshd (as its unprivileged user)
+SSH_TRANSPORTS = ("rsync_ssh", "rclone")
 EQ = "CONFOCAL_01"
 PROJECT = "PROJ-1"
 MARKER = ".exlab-nas"
@@ -303,6 +312,7 @@ class Round:
         self.flipped_nas: list[tuple[str, str, str, int]] = []
         self.serve: Serve | None = None
         self.sshd: SshServer | None = None
+        self.remote_sha256 = False  # rclone rounds: the NAS hashes with sha256sum over ssh
         self.serve_lock = threading.Lock()
         self.background: list[threading.Thread] = []
 
@@ -332,6 +342,18 @@ class Round:
                 "remote_path": str(self.nas_root),
                 "ssh_known_hosts": str(self.sshd.known_hosts),
             }
+            if self.transport == "rclone":
+                self.remote_sha256 = self.rng.random() < 0.5
+                # in the round's folder: a tool left running names it on its command line (see _outliving)
+                conf = write_rclone_sftp_config(self.root / "rclone.conf", self.sshd, remote_sha256=self.remote_sha256)
+                transport = {
+                    "type": "rclone",
+                    "rclone_remote": "labsftp",
+                    "rclone_remote_path": str(self.nas_root),
+                    "rclone_config": str(conf),
+                }
+                hashing = "on the server (sha256sum)" if self.remote_sha256 else "by download"
+                self.log(f"  round {self.index} rclone sftp, NAS hashed {hashing}")
         transport["bandwidth"] = {"upload_mbps": 48}  # ~6 MB/s: transfers last long enough to be hit
         config = {
             "equipment": [{"id": EQ, "local_root": str(self.local_root), "transport": transport}],
@@ -353,7 +375,7 @@ class Round:
             data = self.rng.randbytes(self.rng.randint(100, 5000))
             target.write_bytes(data)
             self.foreign[target] = sha(data)
-        if self.transport == "rsync_ssh":
+        if self.transport in SSH_TRANSPORTS:
             for folder, dirs, files in os.walk(self.nas_root):
                 for name in [*dirs, *files]:
                     shutil.chown(os.path.join(folder, name), RW_USER, RW_USER)
@@ -845,8 +867,11 @@ OTHER_FAULTS = (
 def plan_rounds(rounds: int, kills: int, transports: tuple[str, ...]) -> list[tuple[str, int, list[str]]]:
     """Transports alternate; kills spread evenly; every other fault kind once per round.
 
-    The sshd restart only on rsync_ssh rounds, the marker removal only on mount rounds.
+    The sshd restart only on rsync_ssh and rclone rounds, the marker removal only on mount rounds.
     """
+    unknown = sorted(set(transports) - set(TRANSPORTS))
+    if unknown or not transports:
+        raise ValueError(f"transports: {', '.join(unknown) or 'none'} (known: {', '.join(TRANSPORTS)})")
     plans = []
     for i in range(rounds):
         transport = transports[i % len(transports)]
@@ -883,7 +908,7 @@ def torture(
     started = time.monotonic()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="exlab-torture-"))
     workdir.chmod(0o755)  # the sshd's unprivileged user walks down to the NAS folder
-    env = SshEnv.create(workdir / "ssh-env") if "rsync_ssh" in transports else None
+    env = SshEnv.create(workdir / "ssh-env") if set(SSH_TRANSPORTS) & set(transports) else None
     plans = list(enumerate(plan_rounds(rounds, kills, transports)))
 
     def play(plan: tuple[int, tuple[str, int, list[str]]]) -> tuple[Round, dict]:
@@ -938,6 +963,8 @@ def _tally_round(tally: Tally, rnd: Round, result: dict, log) -> None:
     tally.nas_flips_undetected += result["flips_undetected"]
     for finding in result["late_flip"]:
         log(f"  LATE NAS FLIP {finding}")
+    for finding in result["nas_failed"]:
+        log(f"  NAS OFF ITS MANIFEST, JOB FAILED {finding}")
     for problem in [
         *result["losses"],
         *result["nas_damage"],
@@ -947,6 +974,17 @@ def _tally_round(tally: Tally, rnd: Round, result: dict, log) -> None:
         *rnd.outlived,
     ]:
         log(f"  PROBLEM {problem}")
+
+
+def _transports_text(tally: Tally) -> str:
+    """The transports the rounds played, in words, for the report's first paragraph."""
+    words = {
+        "mount": "the mount transport",
+        "rsync_ssh": "rsync_ssh to a loopback sshd",
+        "rclone": "rclone sftp to a loopback sshd",
+    }
+    names = [words.get(t, t) for t in TRANSPORTS if tally.rounds_by_transport[t]] or ["no transport"]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def report(tally: Tally, *, command: str, seed: int) -> str:
@@ -963,7 +1001,7 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         "",
         "Generated by the torture harness (`tests/torture/`): the real `exlab-sync serve` over a generated",
         "lab with cleanup enabled (`min_verify_passes: 1`, `min_age_hours: 0`, scan and audit every 0.5 s),",
-        "on the mount transport and on rsync_ssh to a loopback sshd, each NAS a small loop-mounted ext4,",
+        f"on {_transports_text(tally)}, each NAS a small loop-mounted ext4,",
         "with faults injected at random (seeded). After each round, and a recovery period without faults,",
         "the invariant is checked: every file the lab wrote is still local or byte-identical on the NAS under",
         "the verified manifest; no NAS file differs from its manifest; foreign NAS data untouched; no",
@@ -979,7 +1017,7 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         f"| SIGKILLs of the service | {len(kills)} |",
         f"| other faults injected (landed / tried) | {sum(others_landed.values())} / {sum(others.values())} |",
         f"| service restarts after a kill (all came back) | {tally.restarts} |",
-        f"| tools (rsync, ssh, remote programs) still running {OUTLIVE_GRACE_S:g} s after a kill | "
+        f"| tools (rsync, rclone, ssh, remote programs) still running {OUTLIVE_GRACE_S:g} s after a kill | "
         f"{len(tally.outlived)} |",
         f"| rounds whose jobs all ended in the recovery period | {tally.recovered_rounds} / {tally.rounds} |",
         f"| files checked against the invariant | {tally.files_checked} |",
