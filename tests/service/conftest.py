@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,3 +229,52 @@ async def serving(config: Config, lab: Lab) -> AsyncIterator[Service]:
 async def service(lab: Lab) -> AsyncIterator[Service]:
     async with serving(lab.config(), lab) as svc:
         yield svc
+
+
+# --------------------------------------------------------------------------- another local user
+
+OTHER_USER = "attacker"
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[pwd.struct_passwd]:
+    """A second local login (``attacker``): made with ``useradd`` when missing, removed afterwards if made here."""
+    if os.geteuid() != 0:
+        pytest.skip("running a process as another local user needs root")
+    made = False
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", OTHER_USER], check=True)
+        made = True
+    try:
+        yield pwd.getpwnam(OTHER_USER)
+    finally:
+        if made:
+            subprocess.run(["userdel", OTHER_USER], check=False)
+
+
+@pytest.fixture
+def shared_lab() -> Iterator[tuple[Lab, list[subprocess.Popen]]]:
+    """A one-equipment lab in a folder other users may search (as a home folder is, 0755), under umask 022.
+
+    Also a list for the processes a test starts: killed at the end.
+    """
+    root = Path(tempfile.mkdtemp(prefix="exlab-shared-", dir="/tmp"))
+    root.chmod(0o755)
+    old = os.umask(0o022)
+    procs: list[subprocess.Popen] = []
+    try:
+        yield Lab.build(root, equipment=(EQ,)), procs
+    finally:
+        os.umask(old)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def as_user(user: pwd.struct_passwd, argv: list[str], **kw: Any) -> subprocess.Popen:
+    """Start ``argv`` as ``user`` (no supplementary groups)."""
+    return subprocess.Popen(argv, user=user.pw_uid, group=user.pw_gid, extra_groups=[], **kw)

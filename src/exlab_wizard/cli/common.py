@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from exlab_wizard.config import Config, ConfigError, load_config
+from exlab_wizard.sync.state_dir import make_state_dir
 
 __all__ = [
     "EXIT_OK",
@@ -82,9 +83,9 @@ def _load(path: Path | None) -> Config:
 
 
 def ensure_state_dir(config: Config) -> None:
-    """Create ``state_dir`` when missing, or exit 2 with one line naming the key."""
+    """Create ``state_dir`` (0700) when missing, or exit 2 with one line naming the key."""
     try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(config.state_dir)
     except FileExistsError:
         fail(f"state_dir: {config.state_dir} exists and is not a folder", EXIT_USAGE)
     except OSError as exc:

@@ -2,21 +2,24 @@
 
 Loopback only by default; any other ``--host`` prints a warning (the API then
 answers the network: mutations still need the token). One ``serve`` per
-``state_dir``: a second one exits 2 with one line. Prints the address and a
-one-time browser login address; SIGTERM/SIGINT stop it within seconds, the
-queue intact, and the next start resumes.
+``state_dir``: a second one exits 2 with one line. A ``state_dir`` or runner
+lease another local user could use is a warning line at start. Prints the
+address and a one-time browser login address; SIGTERM/SIGINT stop it within
+seconds, the queue intact, and the next start resumes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING
 
 import click
+from rich.text import Text
 
 from exlab_wizard.cli import main
 from exlab_wizard.cli.common import (
@@ -28,14 +31,19 @@ from exlab_wizard.cli.common import (
     err_console,
     fail,
     one_line_errors,
+    printable,
 )
 from exlab_wizard.cli.sync_cmds import configure_logging
 from exlab_wizard.config import Config
+from exlab_wizard.sync.queue import lease_path_for
+from exlab_wizard.sync.state_dir import state_dir_warnings
 
 if TYPE_CHECKING:  # FastAPI and uvicorn load only when ``serve`` runs: every other command starts faster
     from exlab_wizard.service.server import ServiceInfo
 
 __all__ = ["login_url_cmd", "serve_cmd"]
+
+logger = logging.getLogger(__name__)
 
 
 def _announce(info: ServiceInfo) -> None:
@@ -59,6 +67,10 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     from exlab_wizard.service.server import LOOPBACK, AlreadyServing, CannotListen, cap_malloc_arenas, run_service
 
     cap_malloc_arenas()  # before any thread: memory stays steady over weeks of runs
+
+    for line in state_dir_warnings(config.state_dir, lease_path_for(config.queue_db)):
+        logger.warning("%s", line)
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", printable(line)), highlight=False)
 
     if host not in LOOPBACK:
         err_console.print(

@@ -50,6 +50,7 @@ from exlab_wizard.sync.nas_client import (
     SyncHandleState,
     client_from_config,
 )
+from exlab_wizard.sync.state_dir import make_state_dir, private_opener
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError
 
@@ -134,6 +135,12 @@ class _CentralLogHandler(logging.handlers.RotatingFileHandler):
     _failures = 0
     _said: str | None = None
 
+    def _open(self) -> Any:
+        # 0600 whatever the umask: the state folder's files are the service user's (sync.state_dir).
+        return self._builtin_open(
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=private_opener
+        )
+
     def emit(self, record: logging.LogRecord) -> None:
         failures = self._failures
         try:
@@ -173,7 +180,7 @@ def configure_logging(config: Config) -> Path | None:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.absolute():
             return path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_state_dir(path.parent)
         handler = _CentralLogHandler(
             path, encoding="utf-8", maxBytes=CENTRAL_LOG_MAX_BYTES, backupCount=CENTRAL_LOG_BACKUPS
         )

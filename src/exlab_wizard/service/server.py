@@ -34,6 +34,7 @@ from exlab_wizard.service.watcher import CompletionWatcher
 from exlab_wizard.sync.nas_client import NASSyncClient, client_from_config
 from exlab_wizard.sync.queue import RunnerLease, lease_path_for
 from exlab_wizard.sync.queue_stats import QueueStats
+from exlab_wizard.sync.state_dir import PRIVATE_FILE_MODE, make_state_dir, user_name
 
 __all__ = [
     "LOOPBACK",
@@ -164,14 +165,10 @@ async def run_service(
     (both before anything starts); any other ``OSError`` is not about the
     address. ``client`` (tests) must not be initialised yet.
     """
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(config.state_dir)
     probe = RunnerLease(lease_path_for(config.queue_db))
     if not probe.acquire():
-        holder = probe.holder_pid()
-        raise AlreadyServing(
-            f"another process{f' (pid {holder})' if holder else ''} already runs the workers for {config.queue_db}: "
-            "is exlab-sync serve already running on this state_dir?"
-        )
+        raise _lease_taken(probe, config)
     probe.release()  # the client takes it for real just below; a race is caught by runs_workers
     sock = _bind(host, port)
     port = sock.getsockname()[1]
@@ -244,9 +241,24 @@ async def run_service(
         sock.close()
 
 
+def _lease_taken(lease: RunnerLease, config: Config) -> AlreadyServing:
+    """The one line for a runner lease held by another process: says when that is not an exlab-sync one."""
+    holder = lease.holder()
+    if holder is not None and holder.is_exlab is False:
+        whose = f", {user_name(holder.uid)}" if holder.uid is not None else ""
+        return AlreadyServing(
+            f"the runner lease {lease.path} is held by pid {holder.pid}{whose} (not an exlab-sync process: "
+            f"another user's lock?): serve cannot run the workers for {config.queue_db} until it lets go"
+        )
+    return AlreadyServing(
+        f"another process{f' (pid {holder.pid})' if holder else ''} already runs the workers for {config.queue_db}: "
+        "is exlab-sync serve already running on this state_dir?"
+    )
+
+
 def _write_url(config: Config, base_url: str) -> None:
     try:
-        atomic_write_bytes(service_url_path(config.state_dir), f"{base_url}\n".encode(), new_mode=0o644)
+        atomic_write_bytes(service_url_path(config.state_dir), f"{base_url}\n".encode(), new_mode=PRIVATE_FILE_MODE)
     except OSError as exc:  # the service works without it; only `exlab-sync login-url` needs it
         logger.warning("cannot write %s: %s", service_url_path(config.state_dir), exc)
 

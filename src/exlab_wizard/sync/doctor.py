@@ -25,13 +25,16 @@ Per equipment:
 - ``bandwidth``: the upload limit in force now and when it changes next.
 
 Before them, ``state_dir``: writable (or can be made), and its ``queue.db``
-(if any) not written by a newer engine (read-only, never changed).
+(if any) not written by a newer engine (read-only, never changed); a folder
+owned by another user or writable by all, or a runner lease other users can
+open, adds a warning to the detail (the check still passes).
 
 Nothing here changes the queue or a run; the only writes are the probe files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -53,7 +56,8 @@ from exlab_wizard.config.models import (
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
-from exlab_wizard.sync.queue import MIGRATIONS
+from exlab_wizard.sync.queue import MIGRATIONS, lease_path_for
+from exlab_wizard.sync.state_dir import state_dir_warnings
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports._process import run_tool
 from exlab_wizard.sync.transports.classify import transport_error
@@ -131,6 +135,15 @@ async def run_checks(config: Config, *, now: dt.datetime | None = None) -> list[
 
 
 def _state_dir(config: Config) -> Check:
+    """:func:`_state_dir_found`, with a warning for what another local user could use to stop the service."""
+    check = _state_dir_found(config)
+    warnings = state_dir_warnings(config.state_dir, lease_path_for(config.queue_db))
+    if not warnings:
+        return check
+    return dataclasses.replace(check, detail=check.detail + "".join(f"; warning: {w}" for w in warnings))
+
+
+def _state_dir_found(config: Config) -> Check:
     """The state folder is writable (or can be made), and its ``queue.db``, if any, is one this program reads."""
     folder = Path(config.state_dir)
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)

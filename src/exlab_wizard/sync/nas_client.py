@@ -56,6 +56,7 @@ from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import Reaper
 from exlab_wizard.sync.recovery import LocalDamageError, RestoreError, RestoreResult, RunFolderMissingError
 from exlab_wizard.sync.remote import HashsumFactory, PushFactory, RemoteStat
+from exlab_wizard.sync.state_dir import make_state_dir
 from exlab_wizard.sync.states import IllegalTransition, SyncHandleState, SyncJobState
 from exlab_wizard.sync.transports import Transport
 from exlab_wizard.sync.verifier import Verifier, VerifyResult
@@ -171,7 +172,7 @@ class NASSyncClient:
         (the CLI beside a running ``serve``).
         """
         ctx = self._ctx
-        self.queue_db.parent.mkdir(parents=True, exist_ok=True)
+        make_state_dir(self.queue_db.parent)
         ctx.queue = JobQueue(self.queue_db)
         ctx.wake = asyncio.Event()
         if not run_workers:

@@ -48,8 +48,10 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -57,6 +59,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exlab_wizard.sync.state_dir import (
+    PRIVATE_FILE_MODE,
+    LockHolder,
+    create_private,
+    is_mine,
+    lock_holder,
+    make_state_dir,
+    user_name,
+)
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState, check_transition
 
 __all__ = [
@@ -77,6 +88,8 @@ __all__ = [
     "attempt_due",
     "lease_path_for",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: How long a writer waits for another connection's write lock.
 BUSY_TIMEOUT_S = 10.0
@@ -591,6 +604,26 @@ _QUEUED = SyncJobState.QUEUED.value
 # --------------------------------------------------------------------------- queue
 
 
+def _keep_private(db_path: Path) -> None:
+    """Create the queue database 0600; take other users' bits off one of ours (and its -wal, -shm).
+
+    SQLite creates ``-wal`` and ``-shm`` with the database's mode, so a 0600
+    database keeps the three private. A file other users can open lets them
+    take SQLite's locks (a read lock on ``-shm`` holds every writer); group
+    bits an admin gave stay. Best effort: the queue opens either way.
+    """
+    with contextlib.suppress(OSError):
+        if create_private(db_path):
+            return
+    for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
+        with contextlib.suppress(OSError):
+            info = os.stat(path, follow_symlinks=False)
+            mode = stat.S_IMODE(info.st_mode)
+            if stat.S_ISREG(info.st_mode) and is_mine(info) and mode & 0o007:
+                os.chmod(path, mode & ~0o007)
+                logger.warning("%s was open to other users (mode %04o): set to %04o", path, mode, mode & ~0o007)
+
+
 class JobQueue:
     """The SQLite job store at ``db_path`` (created, with its folder, if missing).
 
@@ -611,7 +644,8 @@ class JobQueue:
         self._closed = False
         # Connections inherited through fork are kept referenced, never used or closed.
         self._inherited: list[sqlite3.Connection] = []
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        make_state_dir(self.db_path.parent)
+        _keep_private(self.db_path)
         with self._locked():
             pass
 
@@ -1179,43 +1213,84 @@ class RunnerLease:
     Two ``RunnerLease`` objects exclude each other even within one process.
     The holder's pid is written into the file for people; the lock, not the
     file's content, is the lease.
+
+    The file is 0600: a ``flock`` needs only a descriptor, so any user who can
+    open the file could hold the lease. A lease file found open to others, or
+    owned by another user, is made anew by the process that takes it: a fresh
+    0600 file, locked, renamed over it (the old one stays locked too until
+    :meth:`release`, so a process that opened it before the rename cannot
+    take it either).
     """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self._fd: int | None = None
+        self._fds: list[int] = []
         self._lock = threading.Lock()
 
     @property
     def held(self) -> bool:
         """True while this object holds the lease."""
-        return self._fd is not None
+        return bool(self._fds)
 
     def acquire(self) -> bool:
         """Take the lease if no other holder has it; True when held (also if already held)."""
         with self._lock:
-            if self._fd is not None:
+            if self._fds:
                 return True
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            make_state_dir(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+            fds = [fd]
             try:
                 if not _try_lock(fd):
                     os.close(fd)
                     return False
+                info = os.fstat(fd)
+                if not is_mine(info) or stat.S_IMODE(info.st_mode) & 0o077:
+                    fresh = self._renew(info)
+                    if fresh is not None:
+                        fds.insert(0, fresh)
                 with contextlib.suppress(OSError):  # the pid is for people only
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()}\n".encode())
+                    os.ftruncate(fds[0], 0)
+                    os.write(fds[0], f"{os.getpid()}\n".encode())
             except BaseException:
-                os.close(fd)
+                for each in fds:
+                    os.close(each)
                 raise
-            self._fd = fd
+            self._fds = fds
             return True
+
+    def _renew(self, old: os.stat_result) -> int | None:
+        """A fresh 0600 lease file, locked and renamed over :attr:`path`; None (logged) when it cannot be made."""
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+        except OSError as exc:
+            logger.warning("cannot make the runner lease %s anew: %s", self.path, exc.strerror or exc)
+            return None
+        try:
+            if not _try_lock(fd):  # a name no one else knows: cannot be locked already
+                raise OSError(f"{tmp} is locked")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            logger.warning("cannot make the runner lease %s anew: %s", self.path, getattr(exc, "strerror", None) or exc)
+            return None
+        owner = "" if is_mine(old) else f", owned by {user_name(old.st_uid)}"
+        logger.warning(
+            "the runner lease %s was open to other users (mode %04o%s): made anew, 0600",
+            self.path,
+            stat.S_IMODE(old.st_mode),
+            owner,
+        )
+        return fd
 
     def release(self) -> None:
         """Give the lease up. Idempotent."""
         with self._lock:
-            if self._fd is not None:
-                fd, self._fd = self._fd, None
+            fds, self._fds = self._fds, []
+            for fd in fds:
                 os.close(fd)  # closing the only descriptor drops the lock
 
     def holder_pid(self) -> int | None:
@@ -1225,6 +1300,14 @@ class RunnerLease:
         except OSError:
             return None
         return int(text) if text.isdigit() else None
+
+    def holder(self) -> LockHolder | None:
+        """Who holds the lease now: the OS's answer where it gives one (Linux), else the pid in the file."""
+        found = lock_holder(self.path)
+        if found is not None:
+            return found
+        pid = self.holder_pid()
+        return LockHolder.of(pid) if pid else None
 
 
 def _try_lock(fd: int) -> bool:

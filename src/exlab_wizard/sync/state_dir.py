@@ -1,0 +1,178 @@
+"""The state folder belongs to the user that runs the engine: made 0700, its files 0600.
+
+Any local user who can open a file in ``state_dir`` can lock it: an exclusive
+``flock`` on the runner lease needs only a read-only descriptor, and a read
+lock on the queue's ``-shm`` holds SQLite's writers. Such a lock stops
+``serve`` for good. So the engine makes ``state_dir`` 0700 and creates the
+runner lease, the queue database (SQLite gives ``-wal`` and ``-shm`` the
+database's mode), the central log and ``service-url`` 0600, whatever the
+umask. A folder an admin made with group access on purpose (systemd's
+``StateDirectoryMode=0750``) is left as it is; one owned by another user, or
+writable by every user, is named by :func:`state_dir_warnings` (``serve`` at
+start, ``doctor``), as is a lease other users can open.
+
+:func:`lock_holder` says who holds a ``flock`` (``/proc/locks`` on Linux) and
+whether that process is an exlab-sync one, for the message of a ``serve``
+that finds the lease taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
+    "LockHolder",
+    "create_private",
+    "is_mine",
+    "lock_holder",
+    "make_state_dir",
+    "private_opener",
+    "state_dir_warnings",
+    "user_name",
+]
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+#: What names a process as this program's in its command line (the console script, ``python -m``).
+_OUR_COMMANDS = ("exlab-sync", "exlab_wizard", "exlab-wizard")
+
+
+def _euid() -> int | None:
+    return os.geteuid() if hasattr(os, "geteuid") else None
+
+
+def is_mine(info: os.stat_result) -> bool:
+    """True when this user owns the file (always where there are no uids)."""
+    me = _euid()
+    return me is None or info.st_uid == me
+
+
+def user_name(uid: int) -> str:
+    """``uid 1003 (attacker)``, or ``uid 1003`` when the name is unknown."""
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def make_state_dir(path: Path | str) -> None:
+    """``mkdir -p`` the state folder, 0700 when this makes it (a folder already there keeps its mode).
+
+    Raises ``OSError`` (``FileExistsError`` when a file is in the way).
+    """
+    Path(path).mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+
+
+def create_private(path: Path | str) -> bool:
+    """Create ``path`` empty and 0600 when missing (never through a symbolic link); True when made."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def private_opener(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open`: a file it creates is 0600."""
+    return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+
+
+def state_dir_warnings(state_dir: Path | str, lease: Path | str) -> list[str]:
+    """One line per thing in ``state_dir`` another local user could use to stop the engine.
+
+    The folder: owned by another user (root excepted), or writable by every
+    user. The runner lease: owned by another user, or open to group or others
+    (opening it is all a ``flock`` needs). Group access to the folder is
+    fine. Missing paths are no warning.
+    """
+    me = _euid()
+    if me is None:
+        return []
+    found: list[str] = []
+    folder = Path(state_dir)
+    with contextlib.suppress(OSError):
+        info = os.stat(folder)
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in (me, 0):
+            found.append(
+                f"state_dir {folder} (mode {mode:04o}) is owned by {user_name(info.st_uid)}, not by this user "
+                f"({user_name(me)}): that user can replace the queue and hold the runner lease; "
+                "run exlab-sync as the folder's owner, or chown it"
+            )
+        elif mode & 0o002:
+            found.append(
+                f"state_dir {folder} is writable by every local user (mode {mode:04o}): any of them can replace "
+                "the queue and hold the runner lease; chmod o-w it (0700, or 0750 for a group)"
+            )
+    path = Path(lease)
+    with contextlib.suppress(OSError):
+        info = os.stat(path, follow_symlinks=False)
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid != me:
+            found.append(
+                f"the runner lease {path} (mode {mode:04o}) is owned by {user_name(info.st_uid)}, not by this user "
+                f"({user_name(me)}): its owner can hold it and stop serve; serve makes it anew (0600) when it takes it"
+            )
+        elif mode & 0o077:
+            found.append(
+                f"the runner lease {path} is open to other users (mode {mode:04o}): any of them can hold it and "
+                "stop serve; serve makes it anew (0600) when it takes it"
+            )
+    return found
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """A process holding a lock: its pid, its user and command line when ``/proc`` tells (None otherwise)."""
+
+    pid: int
+    uid: int | None = None
+    command: str | None = None
+
+    @property
+    def is_exlab(self) -> bool | None:
+        """True for an exlab-sync process, False for another program, None when the command is unknown."""
+        if self.command is None:
+            return None
+        return any(name in self.command for name in _OUR_COMMANDS)
+
+    @classmethod
+    def of(cls, pid: int) -> LockHolder:
+        """What ``/proc/<pid>`` says about ``pid`` (a process gone, or hidden, leaves both unknown)."""
+        proc = Path("/proc") / str(pid)
+        uid = command = None
+        with contextlib.suppress(OSError):
+            uid = os.stat(proc).st_uid
+        with contextlib.suppress(OSError):
+            raw = (proc / "cmdline").read_bytes()
+            command = raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+        return cls(pid, uid, command)
+
+
+def lock_holder(path: Path | str) -> LockHolder | None:
+    """The process holding a ``flock`` on ``path``, from ``/proc/locks`` (None: not held, or not Linux)."""
+    try:
+        info = os.stat(path)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2459193 0 EOF"; a waiter's line has "->" after the number.
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != device:
+            continue
+        with contextlib.suppress(ValueError):
+            pid = int(fields[4])
+            if pid > 0:  # 0 or -1: a holder outside this pid namespace, or an open file description lock
+                return LockHolder.of(pid)
+    return None
