@@ -2,10 +2,12 @@
 
 Loopback only by default; any other ``--host`` prints a warning (the API then
 answers the network: mutations still need the token). One ``serve`` per
-``state_dir``: a second one exits 2 with one line. A ``state_dir`` or runner
-lease another local user could use is a warning line at start. Prints the
-address and a one-time browser login address; SIGTERM/SIGINT stop it within
-seconds, the queue intact, and the next start resumes.
+``state_dir``: a second one exits 2 with one line. A port in use is one
+warning line, not an exit: the workers run and the port is tried again every
+30 s. A ``state_dir`` or runner lease another local user could use is a
+warning line at start. Prints the address and a one-time browser login
+address once it listens; SIGTERM/SIGINT stop it within seconds, the queue
+intact, and the next start resumes.
 """
 
 from __future__ import annotations
@@ -64,7 +66,14 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
     """Run the sync service: workers, completion watcher, HTTP API and /metrics."""
     ensure_state_dir(config)
     configure_logging(config)
-    from exlab_wizard.service.server import LOOPBACK, AlreadyServing, CannotListen, cap_malloc_arenas, run_service
+    from exlab_wizard.service.server import (
+        LISTEN_RETRY_S,
+        LOOPBACK,
+        AlreadyServing,
+        CannotListen,
+        cap_malloc_arenas,
+        run_service,
+    )
 
     cap_malloc_arenas()  # before any thread: memory stays steady over weeks of runs
 
@@ -85,8 +94,20 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
         started = True
         _announce(info)
 
+    def on_port_taken(exc: CannotListen) -> None:
+        # Syncing does not wait for the dashboard: a port another user took (exit 2 is never
+        # restarted) would otherwise stop the lab's data for good.
+        err_console.print(
+            Text.assemble(
+                ("warning:", "yellow"),
+                f" cannot listen on {host}:{port}: address in use; syncing goes on without the API and "
+                f"dashboard, trying again every {LISTEN_RETRY_S:g} s",
+            ),
+            highlight=False,
+        )
+
     try:
-        asyncio.run(run_service(config, host=host, port=port, on_ready=on_ready))
+        asyncio.run(run_service(config, host=host, port=port, on_ready=on_ready, on_port_taken=on_port_taken))
     except AlreadyServing as exc:
         fail(str(exc), EXIT_USAGE)
     except CannotListen as exc:

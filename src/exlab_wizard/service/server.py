@@ -1,6 +1,10 @@
 """One ``serve`` process: the client's workers, audit loop and reaper, the completion watcher,
 the NAS facts refresh and the HTTP app under uvicorn, all in one event loop.
 
+A port another process holds (``EADDRINUSE``) need not stop the syncing: with
+``on_port_taken`` the service starts without the HTTP side and binds again
+every :data:`LISTEN_RETRY_S` until it gets the port, then serves as usual.
+
 Shutdown (SIGTERM, SIGINT, or ``stop`` set): the live streams end, uvicorn
 stops taking requests, then ``client.close()`` stops the in-flight transfer
 at its next block (the transports remove their temporary files) and leaves
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import signal
 import socket
@@ -37,6 +42,7 @@ from exlab_wizard.sync.queue_stats import QueueStats
 from exlab_wizard.sync.state_dir import PRIVATE_FILE_MODE, make_state_dir, user_name
 
 __all__ = [
+    "LISTEN_RETRY_S",
     "LOOPBACK",
     "SERVE_MALLOC_ARENAS",
     "SERVICE_URL_NAME",
@@ -54,6 +60,8 @@ logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 #: What a stop may take in all; SIGTERM must end the process well inside 10 s.
 SHUTDOWN_BUDGET_S = 7.0
+#: How often a service whose port was taken tries to bind it again.
+LISTEN_RETRY_S = 30.0
 
 
 #: ``<state_dir>/service-url``: the running service's address, for the CLI (``exlab-sync login-url``);
@@ -157,28 +165,49 @@ async def run_service(
     client: NASSyncClient | None = None,
     install_signals: bool = True,
     facts_interval_s: float = 30.0,
+    on_port_taken: Callable[[CannotListen], None] | None = None,
+    listen_retry_s: float = LISTEN_RETRY_S,
 ) -> None:
     """Run the service until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     Raises :class:`AlreadyServing` when another process runs the workers for
     this queue, and :class:`CannotListen` when the address cannot be bound
     (both before anything starts); any other ``OSError`` is not about the
-    address. ``client`` (tests) must not be initialised yet.
+    address. With ``on_port_taken``, a port in use (``EADDRINUSE``, only
+    that) is no error: it is called once, the workers, watcher, audit and
+    reaper start, and the bind is tried again every ``listen_retry_s``;
+    ``on_ready`` comes once it listens. ``client`` (tests) must not be
+    initialised yet.
     """
     make_state_dir(config.state_dir)
     probe = RunnerLease(lease_path_for(config.queue_db))
     if not probe.acquire():
         raise _lease_taken(probe, config)
     probe.release()  # the client takes it for real just below; a race is caught by runs_workers
-    sock = _bind(host, port)
-    port = sock.getsockname()[1]
+    sock: socket.socket | None = None
+    try:
+        sock = _bind(host, port)
+    except CannotListen as exc:
+        if on_port_taken is None or exc.errno != errno.EADDRINUSE or port == 0:
+            raise
+        logger.warning(
+            "cannot listen on %s:%d: address in use; syncing goes on without the API and dashboard, "
+            "trying again every %g s",
+            host,
+            port,
+            listen_retry_s,
+        )
+        on_port_taken(exc)
+    else:
+        port = sock.getsockname()[1]
     token = load_or_create_token(config.state_dir)
     client = client or client_from_config(config)
     client.close_push_timeout_s = 3.0  # a metadata push left pending is resent by the next start
     await client.init()
     if not client.runs_workers:
         await client.close()
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise AlreadyServing(f"another process already runs the workers for {config.queue_db}")
     stop = stop or asyncio.Event()
     stats = QueueStats(config.queue_db)
@@ -211,34 +240,38 @@ async def run_service(
             app, log_config=None, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, access_log=False
         )
     )
+
+    def listening() -> None:
+        _write_url(config, base_url)
+        if on_ready is not None:
+            on_ready(ServiceInfo(base_url, f"{base_url}/login?code={auth.new_login_code()}", ctx))
+
+    http = _Http(server, host, port, sock, listen_retry_s, listening)
     loop = asyncio.get_running_loop()
     if install_signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     background: list[asyncio.Task[Any]] = []
+    serving: asyncio.Task[None] | None = None
     try:
         hub.start()
         background.append(asyncio.create_task(facts.run(), name="nas-facts"))
         if watcher is not None:
             background.append(asyncio.create_task(watcher.run(), name="completion-watcher"))
-        serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if serving.done():
-            serving.result()  # startup failed: raise it
-        _write_url(config, base_url)
-        if on_ready is not None:
-            on_ready(ServiceInfo(base_url, f"{base_url}/login?code={auth.new_login_code()}", ctx))
+        serving = asyncio.create_task(http.run(), name="http")
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({stopping, serving}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        if serving.done() and not http.announced:
+            serving.result()  # startup failed: raise it
     finally:
-        await _shutdown(server, hub, background, client, stats, locals().get("serving"))
+        await _shutdown(server, hub, background, client, stats, serving, http)
         _remove_url(config, base_url)
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-        sock.close()
+        if http.sock is not None:
+            http.sock.close()
 
 
 def _lease_taken(lease: RunnerLease, config: Config) -> AlreadyServing:
@@ -254,6 +287,64 @@ def _lease_taken(lease: RunnerLease, config: Config) -> AlreadyServing:
         f"another process{f' (pid {holder.pid})' if holder else ''} already runs the workers for {config.queue_db}: "
         "is exlab-sync serve already running on this state_dir?"
     )
+
+
+class _Http:
+    """The HTTP side of ``serve``: the bound socket, or binds every ``retry_s`` until it gets one; then uvicorn.
+
+    :attr:`announced` turns True once uvicorn has started and ``listening``
+    has run (``service-url`` written, the address printed).
+    """
+
+    def __init__(
+        self,
+        server: _Server,
+        host: str,
+        port: int,
+        sock: socket.socket | None,
+        retry_s: float,
+        listening: Callable[[], None],
+    ):
+        self.server = server
+        self.host, self.port = host, port
+        self.sock = sock
+        self.retry_s = retry_s
+        self.listening = listening
+        self.announced = False
+
+    @property
+    def bound(self) -> bool:
+        return self.sock is not None
+
+    async def run(self) -> None:
+        said = None
+        while self.sock is None:
+            await asyncio.sleep(self.retry_s)
+            try:
+                self.sock = _bind(self.host, self.port)
+            except CannotListen as exc:
+                if exc.errno != errno.EADDRINUSE and exc.strerror != said:  # a new reason, said once
+                    said = exc.strerror
+                    logger.warning("cannot listen on %s:%d: %s; trying again", self.host, self.port, exc.strerror)
+                continue
+            logger.warning("listening on %s:%d now: the API and dashboard are back", self.host, self.port)
+        announce = asyncio.create_task(self._announce(), name="http-started")
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            announce.cancel()
+        if announce.done() and not announce.cancelled() and announce.exception() is not None:
+            raise announce.exception()  # type: ignore[misc]
+
+    async def _announce(self) -> None:
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        try:
+            self.listening()
+        except BaseException:
+            self.server.should_exit = True  # the caller sees it as a failed start
+            raise
+        self.announced = True
 
 
 def _write_url(config: Config, base_url: str) -> None:
@@ -276,9 +367,12 @@ async def _shutdown(
     background: list[asyncio.Task[Any]],
     client: NASSyncClient,
     stats: QueueStats,
-    serving: asyncio.Task[Any] | None,
+    serving: asyncio.Task[None] | None,
+    http: _Http,
 ) -> None:
     """Stop taking work and requests, stop the transfer at a safe point, leave the queue durable."""
+    if serving is not None and not http.bound:
+        serving.cancel()  # still waiting for the port: it must not bind now
     await hub.stop()  # ends every event stream, so uvicorn need not wait for them
     server.should_exit = True
     for task in background:
