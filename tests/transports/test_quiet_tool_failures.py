@@ -66,3 +66,53 @@ async def test_the_same_failure_is_written_again_after_an_hour(
     for _ in range(3):
         await _run(log, "exit 23")
     assert len(_exits(log)) == 3
+
+
+def test_what_differs_between_two_runs_of_the_same_failure_is_left_out_of_the_comparison() -> None:
+    def same(a: str, b: str) -> bool:
+        return _process.failure_text(a) == _process.failure_text(b)
+
+    # rclone's clock, plain and in a JSON log record
+    assert same(
+        "2026/12/06 14:30:22 ERROR : error listing: directory not found\n"
+        "2026/12/06 14:30:22 NOTICE: Failed to lsjson with 2 errors",
+        "2026/12/07 09:01:02.123456 ERROR : error listing: directory not found\n"
+        "2026/12/07 09:01:03 NOTICE: Failed to lsjson with 2 errors",
+    )
+    assert same(
+        '{"level":"error","msg":"directory not found","source":"x.go:1","time":"2026-12-06T14:30:22.1+01:00"}',
+        '{"level":"error","msg":"directory not found","source":"x.go:1","time":"2026-12-06T15:00:00.9+01:00"}',
+    )
+    # a connection's local port, bytes received before it dropped, an S3 request's ids
+    assert same(
+        "read tcp 10.0.0.2:54321->10.0.0.1:22: read: connection reset by peer",
+        "read tcp 10.0.0.2:40000->10.0.0.1:22: read: connection reset by peer",
+    )
+    assert same(
+        "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]",
+        "rsync: connection unexpectedly closed (1234 bytes received so far) [Receiver]",
+    )
+    assert same(
+        "StatusCode: 403, RequestID: 17A2B3C4D5E6F, HostID: abc=, api error AccessDenied",
+        "StatusCode: 403, RequestID: 99FF00AA11BB2, HostID: xyz=, api error AccessDenied",
+    )
+    # what tells one failure from another stays
+    assert not same("StatusCode: 403, api error AccessDenied", "StatusCode: 503, api error SlowDown")
+    assert not same(
+        "rsync error: some files could not be transferred (code 23) at main.c(1338) [sender=3.2.7]",
+        "rsync error: error in rsync protocol data stream (code 12) at io.c(232) [sender=3.2.7]",
+    )
+    assert not same("ssh: connect to host nas port 22: Connection refused", "ssh: connect to host nas port 2222: x")
+
+
+async def test_the_failures_remembered_are_capped(log: EquipmentLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run that ends without a later success (deleted, moved) is forgotten once others crowd it out.
+    monkeypatch.setattr(_process, "QUIET_FAILURES_KEPT", 3)
+    for n in range(5):
+        await _run(log, "exit 23", run=f"/lab/EQ_01/P/Runs/R{n}")
+    assert len(_process._QUIET_FAILURES) == 3
+    assert len(_exits(log)) == 5
+    await _run(log, "exit 23", run="/lab/EQ_01/P/Runs/R4")  # remembered: not written again
+    assert len(_exits(log)) == 5
+    await _run(log, "exit 23", run="/lab/EQ_01/P/Runs/R0")  # forgotten: written again
+    assert len(_exits(log)) == 6

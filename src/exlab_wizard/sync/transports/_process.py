@@ -14,14 +14,17 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hashlib
 import mmap
 import os
+import re
 import shlex
 import signal
 import stat
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,7 @@ __all__ = [
     "LocalTree",
     "ToolResult",
     "checked_rewrite",
+    "failure_text",
     "gather_or_cancel",
     "hash_local_files",
     "hashed_beside",
@@ -52,6 +56,7 @@ __all__ = [
     "local_run_folder",
     "local_tree",
     "log_tool_exit",
+    "new_failure",
     "run_tool",
     "spawn",
     "tail",
@@ -253,31 +258,62 @@ async def run_tool(
         stopped,
         timed_out,
     )
-    if log is not None and (not quiet or _new_quiet_failure(log, run_path, step, result)):
+    if log is not None and (not quiet or new_failure(log, str(run_path), step, result)):
         log_tool_exit(log, run_path, step, result)
     return result
 
 
 #: A quiet step's failure is written again only after this many seconds, unless it changed.
 QUIET_REPEAT_S = 3600.0
-#: (log file, run, step) -> (exit code, stderr tail) of the last failure written, and when.
-_QUIET_FAILURES: dict[tuple[str, str, str], tuple[tuple[int, str], float]] = {}
+#: How many failures :func:`new_failure` remembers; past that the longest unseen is forgotten
+#: (a run that ends without a later success would otherwise stay for the life of the service).
+QUIET_FAILURES_KEPT = 4096
+#: (log file, scope, step) -> (exit code, digest of the normalised stderr) of the last failure
+#: written, and when; oldest seen first.
+_QUIET_FAILURES: OrderedDict[tuple[str, str, str], tuple[tuple[int, bytes], float]] = OrderedDict()
+
+#: What differs between two runs of a tool that fail the same way: rclone's per-line clock
+#: (``2026/12/06 14:30:22[.123456] ``, or ``"time":...`` of a JSON log record), its stats'
+#: elapsed time, the local port of a TCP connection (``10.0.0.2:54321->``), a byte count
+#: received before a connection dropped (rsync), a pid, an S3 request's ids.
+_VARYING = [
+    (re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d(?:\.\d+)? ", re.M), ""),
+    (re.compile(r'"time":\s*"[^"]*",?\s*'), ""),
+    (re.compile(r"(Elapsed time:\s*)\S+"), r"\1#"),
+    (re.compile(r":\d+->"), ":#->"),
+    (re.compile(r"\(\d+ bytes received so far\)"), "(# bytes received so far)"),
+    (re.compile(r"\bpid[ =:]\s*\d+", re.I), "pid #"),
+    (re.compile(r"\b(request ?id|host ?id|x-amz-request-id|x-amz-id-2)(\s*[:=]\s*)[^\s,;]+", re.I), r"\1\2#"),
+]
 
 
-def _new_quiet_failure(log: EquipmentLog, run_path: object, step: str, result: ToolResult) -> bool:
-    """Should a ``quiet`` step's result be logged? A failure, unless the same one was logged for this
-    run and step within :data:`QUIET_REPEAT_S` (a NAS folder that cannot be listed, asked again on every
-    reaper pass for weeks: the queue records the wait once; the equipment log need not say it 2,880 times
-    a day). A success logs nothing and forgets the failure."""
-    key = (str(getattr(log, "path", id(log))), str(run_path), step)
+def failure_text(stderr: str) -> str:
+    """``stderr`` with what differs between two runs of the same failure taken out (a comparison key only)."""
+    for pattern, repl in _VARYING:
+        stderr = pattern.sub(repl, stderr)
+    return tail(stderr)
+
+
+def new_failure(log: EquipmentLog, scope: str, step: str, result: ToolResult) -> bool:
+    """Should this result of a step asked over and over be logged? A failure, unless the same one
+    (exit code and :func:`failure_text`) was logged for this log, ``scope`` (a run, or the remote root
+    of a reachability probe) and step within :data:`QUIET_REPEAT_S` (a NAS folder that cannot be
+    listed, asked again on every reaper pass for weeks: the queue records the wait once; the equipment
+    log need not say it 2,880 times a day). A success logs nothing and forgets the failure."""
+    key = (str(getattr(log, "path", id(log))), scope, step)
     if result.returncode == 0:
         _QUIET_FAILURES.pop(key, None)
         return False
-    said, now = (result.returncode, tail(result.stderr_text)), time.monotonic()
+    digest = hashlib.blake2b(failure_text(result.stderr_text).encode(), digest_size=16).digest()
+    said, now = (result.returncode, digest), time.monotonic()
     last = _QUIET_FAILURES.get(key)
     if last is not None and last[0] == said and now - last[1] < QUIET_REPEAT_S:
+        _QUIET_FAILURES.move_to_end(key)
         return False
     _QUIET_FAILURES[key] = (said, now)
+    _QUIET_FAILURES.move_to_end(key)
+    while len(_QUIET_FAILURES) > QUIET_FAILURES_KEPT:
+        _QUIET_FAILURES.popitem(last=False)
     return True
 
 
