@@ -65,6 +65,8 @@ from exlab_wizard.sync.transports._process import (
     local_metadata_folder,
     local_run_folder,
     local_tree,
+    log_tool_exit,
+    new_failure,
     run_tool,
 )
 from exlab_wizard.sync.transports.base import (
@@ -292,10 +294,15 @@ async def _lsjson(
     return await run_tool(argv, log=log, run_path=run_path, step=step, quiet=True)
 
 
-async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog | None, run_path: object) -> bool:
+async def _root_listing(
+    base: list[str], root_fs: str, *, log: EquipmentLog | None = None, run_path: object = None
+) -> ToolResult:
     argv = [*base, *_PROBE_FLAGS, "lsjson", "--max-depth", "1", "--dirs-only", "--no-mimetype", "--", root_fs]
-    result = await run_tool(argv, timeout=60, log=log, run_path=run_path, step="root_check", quiet=True)
-    return result.returncode == 0
+    return await run_tool(argv, timeout=60, log=log, run_path=run_path, step="root_check", quiet=True)
+
+
+async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog | None, run_path: object) -> bool:
+    return (await _root_listing(base, root_fs, log=log, run_path=run_path)).returncode == 0
 
 
 async def _hashsum(
@@ -422,8 +429,6 @@ class RcloneTransport(Transport):
         #: (sftp with ``sha256sum_command``): the first manifest finds out.
         self._native_sha256: bool | None = None
         self._probed = False
-        #: the last reachability probe succeeded (or none ran): the next failing one is logged
-        self._probe_ok = True
 
     def _fs(self, run_path: Path) -> str:
         """The run's remote folder in rclone's notation (``remote:path/rel``)."""
@@ -963,15 +968,17 @@ class RcloneTransport(Transport):
 
         Called per job on every reaper and audit pass, and by the service's
         metrics: a failing probe is written to the equipment log once, then
-        not again until one succeeds (the callers record the wait).
+        again only when it fails another way or after an hour
+        (``QUIET_REPEAT_S``), and once more after a success (the callers
+        record the wait).
         """
-        log = self.log if self._probe_ok else None
         try:
-            ok = await _root_exists(self._base(), self.config.remote_root, log=log, run_path=run_path)
+            result = await _root_listing(self._base(), self.config.remote_root)
         except (OSError, TransportError):
-            ok = False
-        self._probe_ok = ok
-        return ok
+            return False
+        if new_failure(self.log, self.config.remote_root, "reachable", result):
+            log_tool_exit(self.log, run_path, "root_check", result)
+        return result.returncode == 0
 
 
 class _Stats:

@@ -87,6 +87,7 @@ from exlab_wizard.sync.transports._process import (
     local_run_folder,
     local_tree,
     log_tool_exit,
+    new_failure,
     run_tool,
     spawn,
 )
@@ -524,8 +525,6 @@ class RsyncSshTransport(Transport):
         self.prefer_aes_gcm = prefer_aes_gcm
         #: run path -> hashes the remote took while the last push of that run was sent
         self._sent_hashes: dict[str, bytes] = {}
-        #: the last reachability probe succeeded (or none ran): the next failing one is logged
-        self._probe_ok = True
 
     # ----------------------------------------------------------------- tools
 
@@ -1501,15 +1500,20 @@ class RsyncSshTransport(Transport):
 
         Called per job on every reaper and audit pass, and by the service's
         metrics: a failing probe is written to the equipment log once, then
-        not again until one succeeds (a weekend outage must not grow the log
-        by a line per job per pass; the callers record the wait).
+        again only when it fails another way (the host answers again, its data
+        volume not mounted) or after an hour (``QUIET_REPEAT_S``), and once more
+        after a success (a weekend outage must not grow the log by a line per
+        job per pass; the callers record the wait).
         """
-        ok = await self._probe(run_path, self.log if self._probe_ok else None)
-        self._probe_ok = ok
-        return ok
+        result = await self._probe()
+        if result is None:
+            return False
+        if new_failure(self.log, f"{self.config.ssh_target}:{self.config.remote_root}", "reachable", result):
+            log_tool_exit(self.log, run_path, "reachable", result)
+        return result.returncode == 0
 
-    async def _probe(self, run_path: Path, log: EquipmentLog | None) -> bool:
-        """``ssh test -d`` of the root, else (a remote refusing commands) ``rsync --list-only``; the answer logged."""
+    async def _probe(self) -> ToolResult | None:
+        """``ssh test -d`` of the root, else (a remote refusing commands) ``rsync --list-only``; None: not run."""
         root = self.config.remote_root
         try:
             argv = [*self._ssh_argv(5), self.config.ssh_target, f"test -d {shlex.quote(root)}"]
@@ -1519,10 +1523,8 @@ class RsyncSshTransport(Transport):
                 argv = [*self._rsync_base(), "--list-only", self._target(root)]
                 result = await run_tool(argv, timeout=30, step="reachable")
         except (OSError, TransportError):
-            return False
-        if result.returncode != 0 and log is not None:
-            log_tool_exit(log, run_path, "reachable", result)
-        return result.returncode == 0
+            return None
+        return result
 
 
 # --------------------------------------------------------------------- helpers
