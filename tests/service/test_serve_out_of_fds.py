@@ -188,7 +188,7 @@ def test_another_os_error_names_what_failed(
 
     monkeypatch.setattr(server, "run_service", failing)
     monkeypatch.setattr(server, "cap_malloc_arenas", lambda: None)
-    monkeypatch.setattr(serve, "configure_logging", lambda config: None)
+    monkeypatch.setattr(serve, "configure_logging", lambda config, **_: None)
     result = CliRunner().invoke(main, ["serve", "--config", str(write_config(tmp_path)), "--port", "0"])
     assert result.exit_code == code, result.output
     last = result.output.strip().splitlines()[-1]

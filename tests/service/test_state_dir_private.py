@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from exlab_wizard.config import load_config
 from exlab_wizard.sync.doctor import Check, run_checks
 from exlab_wizard.sync.queue import lease_path_for
@@ -177,8 +179,11 @@ def test_a_lease_held_by_another_program_is_named(other_user: pwd.struct_passwd,
     ), done.stderr
 
 
-def test_a_folder_or_lease_another_user_could_use_is_a_warning(other_user: pwd.struct_passwd, shared_lab) -> None:
-    from exlab_wizard.sync.state_dir import state_dir_warnings  # here: the rest of the file runs on older code
+def test_a_folder_or_lease_another_user_could_use_is_a_warning(
+    other_user: pwd.struct_passwd, shared_lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exlab_wizard.sync import state_dir  # here: the rest of the file runs on older code
+    from exlab_wizard.sync.state_dir import state_dir_warnings
 
     lab, _procs = shared_lab
     config = load_config(write_config(lab))
@@ -195,16 +200,28 @@ def test_a_folder_or_lease_another_user_could_use_is_a_warning(other_user: pwd.s
     lab.state.chmod(0o700)
     os.chown(lab.state, other_user.pw_uid, other_user.pw_gid)
     lease.touch(mode=0o644)
+    name, uid = other_user.pw_name, other_user.pw_uid
+    # Root looking at another user's folder (doctor as root) is told to run as that user, and the lease
+    # is judged for that user: a lease of root's there is one the service cannot open.
     (found_dir, found_lease) = state_dir_warnings(lab.state, lease)
-    assert found_dir.startswith(
-        f"state_dir {lab.state} (mode 0700) is owned by uid {other_user.pw_uid} ({other_user.pw_name}), not by this "
-        "user (uid 0 (root))"
-    ), found_dir
-    assert found_lease.startswith(f"the runner lease {lease} is open to other users (mode 0644)"), found_lease
+    assert (
+        found_dir == f"state_dir {lab.state} belongs to {name}: run this as that user (sudo -u {name} exlab-sync ...)"
+    )
+    assert found_lease.startswith(
+        f"the runner lease {lease} (mode 0644) is owned by uid 0 (root), not by the state_dir's owner (uid {uid} ({name}))"
+    ), found_lease
     check = _state_dir_check(config)
     assert check.ok and f"; warning: {found_dir}; warning: {found_lease}" in check.detail, check.detail
+    with monkeypatch.context() as patch:  # any other user looking at it
+        patch.setattr(state_dir, "_euid", lambda: 4242)
+        (found_dir, _found_lease) = state_dir_warnings(lab.state, lease)
+    assert found_dir.startswith(
+        f"state_dir {lab.state} (mode 0700) is owned by uid {uid} ({name}), not by this user (uid 4242)"
+    ), found_dir
 
     os.chown(lab.state, 0, 0)
+    (found_lease,) = state_dir_warnings(lab.state, lease)
+    assert found_lease.startswith(f"the runner lease {lease} is open to other users (mode 0644)"), found_lease
     doctor = subprocess.run(
         [EXE, "doctor", "--config", str(lab.root / "config.yaml")], capture_output=True, text=True, timeout=60
     )

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from exlab_wizard.config import Config, ConfigError, load_config
-from exlab_wizard.sync.state_dir import make_state_dir
+from exlab_wizard.sync.state_dir import ForeignStateDirError, check_writer, make_state_dir
 
 __all__ = [
     "EXIT_OK",
@@ -83,9 +83,20 @@ def _load(path: Path | None) -> Config:
 
 
 def ensure_state_dir(config: Config) -> None:
-    """Create ``state_dir`` (0700) when missing, or exit 2 with one line naming the key."""
+    """Create ``state_dir`` (0700) when missing, or exit 2 with one line naming the key.
+
+    Every command that writes in ``state_dir`` (the queue commands, ``cleanup``,
+    ``serve``) calls this first. Run as root on a ``state_dir`` another user
+    owns (``sudo exlab-sync jobs`` beside the systemd service) it exits 2
+    before touching the folder: the files root would make there (a central
+    log rolled over, the lease, a new queue database) would be root's, and the
+    service could no longer open them.
+    """
     try:
+        check_writer(config.state_dir)
         make_state_dir(config.state_dir)
+    except ForeignStateDirError as exc:
+        fail(str(exc), EXIT_USAGE)
     except FileExistsError:
         fail(f"state_dir: {config.state_dir} exists and is not a folder", EXIT_USAGE)
     except OSError as exc:

@@ -5,9 +5,9 @@ answers the network: mutations still need the token). One ``serve`` per
 ``state_dir``: a second one exits 2 with one line. A port in use is one
 warning line, not an exit: the workers run and the port is tried again every
 30 s. A ``state_dir`` or runner lease another local user could use is a
-warning line at start. Prints the address and a one-time browser login
-address once it listens; SIGTERM/SIGINT stop it within seconds, the queue
-intact, and the next start resumes.
+warning line at start, as is a central log it cannot open. Prints the
+address and a one-time browser login address once it listens; SIGTERM/SIGINT
+stop it within seconds, the queue intact, and the next start resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -57,6 +58,22 @@ def _announce(info: ServiceInfo) -> None:
     sys.stdout.flush()
 
 
+def _no_central_log(path: Path, error: OSError) -> None:
+    # Else every warning and traceback of the engine would be lost without a word (a log left
+    # owned by root, say): the service runs on, this line reaches the journal.
+    err_console.print(
+        Text.assemble(
+            ("warning:", "yellow"),
+            " ",
+            printable(
+                f"cannot open the central log {path}: {error.strerror or error}; serve runs on, but its warnings "
+                "and tracebacks are not kept (check the file's owner and mode)"
+            ),
+        ),
+        highlight=False,
+    )
+
+
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
@@ -65,7 +82,7 @@ def _announce(info: ServiceInfo) -> None:
 def serve_cmd(host: str, port: int, config: Config) -> None:
     """Run the sync service: workers, completion watcher, HTTP API and /metrics."""
     ensure_state_dir(config)
-    configure_logging(config)
+    configure_logging(config, on_error=_no_central_log)
     from exlab_wizard.service.server import (
         LISTEN_RETRY_S,
         LOOPBACK,

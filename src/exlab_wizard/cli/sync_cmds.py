@@ -16,6 +16,7 @@ import logging.handlers
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from exlab_wizard.sync.nas_client import (
     SyncHandleState,
     client_from_config,
 )
-from exlab_wizard.sync.state_dir import make_state_dir, private_opener
+from exlab_wizard.sync.state_dir import check_writer, make_state_dir, private_opener
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError
 
@@ -165,14 +166,17 @@ class _CentralLogHandler(logging.handlers.RotatingFileHandler):
                 sys.stderr.flush()
 
 
-def configure_logging(config: Config) -> Path | None:
+def configure_logging(config: Config, *, on_error: Callable[[Path, OSError], None] | None = None) -> Path | None:
     """Send the engine's log records (INFO and up, tracebacks included) to ``<state_dir>/exlab-sync.log``.
 
     Rolled over at :data:`CENTRAL_LOG_MAX_BYTES`, :data:`CENTRAL_LOG_BACKUPS` older files kept.
 
     The terminal gets one-line errors only, never a traceback. Idempotent;
     returns the log's path, or None when it cannot be opened (the command
-    still runs: the equipment logs and the queue keep their records).
+    still runs: the equipment logs and the queue keep their records), after
+    calling ``on_error(path, error)`` when given. Root gets None for a
+    ``state_dir`` another user owns (:func:`check_writer`): a log root rolled
+    over there would be root's, and the service could not open it again.
     """
     path = Path(config.state_dir) / CENTRAL_LOG_NAME
     root = logging.getLogger()
@@ -180,11 +184,14 @@ def configure_logging(config: Config) -> Path | None:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.absolute():
             return path
     try:
+        check_writer(path.parent)  # root on the service user's state_dir: never a log of root's there
         make_state_dir(path.parent)
         handler = _CentralLogHandler(
             path, encoding="utf-8", maxBytes=CENTRAL_LOG_MAX_BYTES, backupCount=CENTRAL_LOG_BACKUPS
         )
-    except OSError:
+    except OSError as exc:
+        if on_error is not None:
+            on_error(path, exc)
         return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)

@@ -11,6 +11,13 @@ umask. A folder an admin made with group access on purpose (systemd's
 writable by every user, is named by :func:`state_dir_warnings` (``serve`` at
 start, ``doctor``), as is a lease other users can open.
 
+Root must not write there either: what root creates in the service user's
+``state_dir`` (a central log rolled over, the lease, ``service-url``, a new
+queue database) is root's, and the service can no longer open it. So
+:func:`check_writer` refuses a process running as root on a ``state_dir``
+another user owns (:class:`ForeignStateDirError`); the CLI calls it before any
+command touches the folder.
+
 :func:`lock_holder` says who holds a ``flock`` (``/proc/locks`` on Linux) and
 whether that process is an exlab-sync one, for the message of a ``serve``
 that finds the lease taken.
@@ -27,7 +34,9 @@ from pathlib import Path
 __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
+    "ForeignStateDirError",
     "LockHolder",
+    "check_writer",
     "create_private",
     "is_mine",
     "lock_holder",
@@ -63,6 +72,49 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _login_name(uid: int) -> str | None:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return None
+
+
+class ForeignStateDirError(PermissionError):
+    """Root was about to write into a ``state_dir`` that another user (the service's) owns.
+
+    ``kind`` is ``"state_dir_foreign_owner"``; ``path`` the folder, ``uid`` its
+    owner. The message is the one line the CLI prints.
+    """
+
+    kind = "state_dir_foreign_owner"
+
+    def __init__(self, path: Path, uid: int):
+        self.path, self.uid = path, uid
+        name = _login_name(uid)
+        owner, sudo_user = (name, name) if name else (f"uid {uid}", f"'#{uid}'")
+        super().__init__(
+            f"state_dir {path} belongs to {owner}: run this as that user (sudo -u {sudo_user} exlab-sync ...)"
+        )
+
+
+def check_writer(state_dir: Path | str) -> None:
+    """Raise :class:`ForeignStateDirError` when this process runs as root and ``state_dir`` is another user's.
+
+    A missing folder, or any other user, passes: root making its own
+    ``state_dir`` is fine, and another user is stopped by the folder's mode.
+    """
+    if _euid() != 0:
+        return
+    try:
+        owner = os.stat(state_dir).st_uid
+    except OSError:
+        return
+    if owner != 0:
+        raise ForeignStateDirError(Path(state_dir), owner)
+
+
 def make_state_dir(path: Path | str) -> None:
     """``mkdir -p`` the state folder, 0700 when this makes it (a folder already there keeps its mode).
 
@@ -92,16 +144,22 @@ def state_dir_warnings(state_dir: Path | str, lease: Path | str) -> list[str]:
     The folder: owned by another user (root excepted), or writable by every
     user. The runner lease: owned by another user, or open to group or others
     (opening it is all a ``flock`` needs). Group access to the folder is
-    fine. Missing paths are no warning.
+    fine. Missing paths are no warning. Root looking at another user's folder
+    (``doctor``) is told to run as that user (:class:`ForeignStateDirError`'s
+    line), and the lease is judged for the folder's owner.
     """
     me = _euid()
     if me is None:
         return []
     found: list[str] = []
     folder = Path(state_dir)
+    whose = "this user"
     with contextlib.suppress(OSError):
         info = os.stat(folder)
         mode = stat.S_IMODE(info.st_mode)
+        if me == 0 and info.st_uid != 0:
+            found.append(str(ForeignStateDirError(folder, info.st_uid)))
+            me, whose = info.st_uid, "the state_dir's owner"  # what follows is judged for the service user
         if info.st_uid not in (me, 0):
             found.append(
                 f"state_dir {folder} (mode {mode:04o}) is owned by {user_name(info.st_uid)}, not by this user "
@@ -119,7 +177,7 @@ def state_dir_warnings(state_dir: Path | str, lease: Path | str) -> list[str]:
         mode = stat.S_IMODE(info.st_mode)
         if info.st_uid != me:
             found.append(
-                f"the runner lease {path} (mode {mode:04o}) is owned by {user_name(info.st_uid)}, not by this user "
+                f"the runner lease {path} (mode {mode:04o}) is owned by {user_name(info.st_uid)}, not by {whose} "
                 f"({user_name(me)}): its owner can hold it and stop serve; serve makes it anew (0600) when it takes it"
             )
         elif mode & 0o077:
