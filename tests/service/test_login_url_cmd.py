@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exlab_wizard.service.server import service_url_path
+from exlab_wizard.service.server import ServiceAddress, service_url_path
 from tests.lab import Lab
 from tests.service.test_serve_process import EXE, Serve, write_config
 
@@ -35,7 +35,8 @@ def test_login_url_gives_a_working_address_from_the_running_service(lab: Lab) ->
     config = write_config(lab)
     serve = Serve(config)
     try:
-        assert service_url_path(lab.state).read_text().strip() == serve.url
+        assert ServiceAddress.read(lab.state) == ServiceAddress(serve.url, serve.proc.pid)
+        assert service_url_path(lab.state).read_text() == f"{serve.url} {serve.proc.pid}\n"  # docs/cli.md
         done = _login_url(config)
         assert done.returncode == 0, done.stderr
         url = done.stdout.strip().rsplit(" ", 1)[-1]
@@ -59,9 +60,13 @@ def test_login_url_without_a_service_says_so_in_one_line(lab: Lab) -> None:
     done = _login_url(config)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "no exlab-sync serve is running" in done.stderr
-    # left by a killed service: the address answers nothing
+    # left by a killed service: its pid holds no runner lease, nothing is sent to the address
     lab.state.mkdir(parents=True, exist_ok=True)
     (lab.state / "api-token").write_text("x" * 43 + "\n")
-    service_url_path(lab.state).write_text("http://127.0.0.1:9\n")
+    service_url_path(lab.state).write_text("http://127.0.0.1:9 999999\n")
     stale = _login_url(config)
-    assert stale.returncode == 1 and "does not answer" in stale.stderr and "Traceback" not in stale.stderr
+    assert stale.returncode == 1 and stale.stderr.strip().count("\n") == 0 and "Traceback" not in stale.stderr
+    assert stale.stderr.strip() == (
+        f"error: no exlab-sync serve is running for {lab.state}: {service_url_path(lab.state)} is stale "
+        "(pid 999999, which wrote it, does not hold the runner lease); the token was not sent"
+    )

@@ -12,6 +12,7 @@ again every 30 s, and once it binds the usual lines are printed and
 from __future__ import annotations
 
 import asyncio
+import os
 import pwd
 import socket
 import subprocess
@@ -126,7 +127,7 @@ def test_serve_listens_once_the_port_is_free_and_synced_meanwhile(tmp_path: Path
                     break
                 await asyncio.sleep(0.05)
             assert [info.base_url for info in ready] == [f"http://127.0.0.1:{port}"]
-            assert service_url_path(lab.state).read_text().strip() == ready[0].base_url
+            assert service_url_path(lab.state).read_text() == f"{ready[0].base_url} {os.getpid()}\n"
             assert oct(service_url_path(lab.state).stat().st_mode & 0o777) == "0o600"
             async with httpx.AsyncClient(base_url=ready[0].base_url, timeout=10) as http:
                 jobs = (await http.get("/api/jobs")).json()["jobs"]

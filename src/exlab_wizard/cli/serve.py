@@ -8,6 +8,9 @@ warning line, not an exit: the workers run and the port is tried again every
 warning line at start, as is a central log it cannot open. Prints the
 address and a one-time browser login address once it listens; SIGTERM/SIGINT
 stop it within seconds, the queue intact, and the next start resumes.
+
+``login-url`` sends the API token only to the serve that holds the runner
+lease now, at the address it wrote in ``service-url`` with its pid.
 """
 
 from __future__ import annotations
@@ -145,18 +148,16 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
 def login_url_cmd(config: Config) -> None:
     """A new one-time browser login address from the running service (the one `serve` printed expires)."""
     from exlab_wizard.service.auth import TOKEN_NAME
-    from exlab_wizard.service.server import service_url_path
+    from exlab_wizard.service.server import NoService, running_service_url, service_url_path
 
-    where = service_url_path(config.state_dir)
+    # The token goes only to a listener proven to be this state_dir's serve: a service-url left by a
+    # killed serve names a port any local user may hold now.
     try:
-        base_url = where.read_text().strip()
-    except FileNotFoundError:
-        fail(
-            f"no exlab-sync serve is running for {config.state_dir} (no {where.name} there): start it first",
-            EXIT_PROBLEM,
-        )
+        base_url = running_service_url(config)
+    except NoService as exc:
+        fail(str(exc), EXIT_PROBLEM)
     except OSError as exc:
-        fail(f"cannot read {where}: {exc.strerror or exc}", EXIT_PROBLEM)
+        fail(f"cannot read {service_url_path(config.state_dir)}: {exc.strerror or exc}", EXIT_PROBLEM)
     token_path = config.state_dir / TOKEN_NAME
     try:
         token = token_path.read_text().strip()

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -39,7 +40,7 @@ from exlab_wizard.service.watcher import CompletionWatcher
 from exlab_wizard.sync.nas_client import NASSyncClient, client_from_config
 from exlab_wizard.sync.queue import RunnerLease, lease_path_for
 from exlab_wizard.sync.queue_stats import QueueStats
-from exlab_wizard.sync.state_dir import PRIVATE_FILE_MODE, make_state_dir, user_name
+from exlab_wizard.sync.state_dir import PRIVATE_FILE_MODE, lock_holder, make_state_dir, user_name
 
 __all__ = [
     "LISTEN_RETRY_S",
@@ -49,9 +50,12 @@ __all__ = [
     "SHUTDOWN_BUDGET_S",
     "AlreadyServing",
     "CannotListen",
+    "NoService",
+    "ServiceAddress",
     "ServiceInfo",
     "cap_malloc_arenas",
     "run_service",
+    "running_service_url",
     "service_url_path",
 ]
 
@@ -64,13 +68,77 @@ SHUTDOWN_BUDGET_S = 7.0
 LISTEN_RETRY_S = 30.0
 
 
-#: ``<state_dir>/service-url``: the running service's address, for the CLI (``exlab-sync login-url``);
-#: written once it listens, removed when it stops (one left by a killed service is stale).
+#: ``<state_dir>/service-url``: one line, the running service's address and pid
+#: (``http://127.0.0.1:8765 12345``), for the CLI (``exlab-sync login-url``). Written once it
+#: listens, removed when it stops and by the next serve that takes the runner lease: one left by a
+#: killed service is stale, trusted only while its pid holds the lease (:func:`running_service_url`).
 SERVICE_URL_NAME = "service-url"
 
 
 def service_url_path(state_dir: Path) -> Path:
     return Path(state_dir) / SERVICE_URL_NAME
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    """What ``service-url`` says: the address, and the pid of the serve that wrote it (None: none named)."""
+
+    url: str
+    pid: int | None
+
+    @classmethod
+    def read(cls, state_dir: Path) -> ServiceAddress:
+        """The file's address and pid. Raises ``OSError`` (``FileNotFoundError``: no serve wrote one)."""
+        words = service_url_path(state_dir).read_text().split()
+        pid = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        return cls(words[0] if words else "", pid)
+
+    def line(self) -> str:
+        return f"{self.url} {self.pid}\n"
+
+
+class NoService(LookupError):
+    """No ``serve`` is proven to listen at the address ``service-url`` names.
+
+    ``kind``: ``"missing"`` (no file: no serve listens) or ``"stale"`` (left by
+    a serve that is gone). The message is one line for the CLI.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def running_service_url(config: Config) -> str:
+    """The address of the ``serve`` running for ``config``'s state_dir, proven before a token is sent to it.
+
+    ``service-url`` names a pid, and that process must hold the runner lease
+    now (the OS's answer, ``/proc/locks``): a serve writes the file only once
+    it has bound its port and keeps the port until it stops, so what listens
+    there is that serve. A file left by a killed serve (whose port any local
+    user may have bound since) fails the check. Raises :class:`NoService`, or
+    ``OSError`` when the file cannot be read.
+    """
+    path = service_url_path(config.state_dir)
+    try:
+        address = ServiceAddress.read(config.state_dir)
+    except FileNotFoundError:
+        raise NoService(
+            "missing", f"no exlab-sync serve is running for {config.state_dir} (no {path.name} there): start it first"
+        ) from None
+    holder = lock_holder(lease_path_for(config.queue_db))
+    if address.pid is not None and holder is not None and holder.pid == address.pid and address.url:
+        return address.url
+    if address.pid is None:
+        why = "it names no pid"
+    elif holder is None:
+        why = f"pid {address.pid}, which wrote it, does not hold the runner lease"
+    else:
+        why = f"the runner lease is held by pid {holder.pid}, not by pid {address.pid}, which wrote it"
+    raise NoService(
+        "stale",
+        f"no exlab-sync serve is running for {config.state_dir}: {path} is stale ({why}); the token was not sent",
+    )
 
 
 class AlreadyServing(RuntimeError):
@@ -209,6 +277,10 @@ async def run_service(
         if sock is not None:
             sock.close()
         raise AlreadyServing(f"another process already runs the workers for {config.queue_db}")
+    # The lease is ours: a service-url still there was left by a serve that died, and its port may be
+    # anyone's now. Until this one listens, login-url finds no address.
+    with contextlib.suppress(OSError):
+        service_url_path(config.state_dir).unlink()
     stop = stop or asyncio.Event()
     stats = QueueStats(config.queue_db)
     hub = EventHub(stats)
@@ -348,8 +420,9 @@ class _Http:
 
 
 def _write_url(config: Config, base_url: str) -> None:
+    line = ServiceAddress(base_url, os.getpid()).line()
     try:
-        atomic_write_bytes(service_url_path(config.state_dir), f"{base_url}\n".encode(), new_mode=PRIVATE_FILE_MODE)
+        atomic_write_bytes(service_url_path(config.state_dir), line.encode(), new_mode=PRIVATE_FILE_MODE)
     except OSError as exc:  # the service works without it; only `exlab-sync login-url` needs it
         logger.warning("cannot write %s: %s", service_url_path(config.state_dir), exc)
 
@@ -357,7 +430,7 @@ def _write_url(config: Config, base_url: str) -> None:
 def _remove_url(config: Config, base_url: str) -> None:
     path = service_url_path(config.state_dir)
     with contextlib.suppress(OSError):
-        if path.read_text().strip() == base_url:
+        if ServiceAddress.read(config.state_dir) == ServiceAddress(base_url, os.getpid()):
             path.unlink()
 
 
