@@ -193,6 +193,7 @@ class NASSyncClient:
                 verify = job_runner.verify_job(ctx, job, equipment, local_hashes=None)
                 job_runner.start(ctx, job, equipment, verify, "verify")
         self._reaper = self._make_reaper()
+        self._reaper.make_lock_private()  # before anyone else can open an older version's 0644 lock
         if self.config.sync.enabled:
             dispatch = job_runner.dispatch_loop(ctx, poll_interval_s=self.worker_poll_interval_s)
             self._tasks.append(asyncio.create_task(dispatch, name="sync-dispatch"))

@@ -60,13 +60,12 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.sync.state_dir import (
-    PRIVATE_FILE_MODE,
     LockHolder,
+    PrivateLock,
     create_private,
     is_mine,
     lock_holder,
     make_state_dir,
-    user_name,
 )
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState, check_transition
 
@@ -1214,84 +1213,40 @@ class RunnerLease:
     The holder's pid is written into the file for people; the lock, not the
     file's content, is the lease.
 
-    The file is 0600: a ``flock`` needs only a descriptor, so any user who can
-    open the file could hold the lease. A lease file found open to others, or
-    owned by another user, is made anew by the process that takes it: a fresh
-    0600 file, locked, renamed over it (the old one stays locked too until
-    :meth:`release`, so a process that opened it before the rename cannot
-    take it either).
+    The file is a :class:`~exlab_wizard.sync.state_dir.PrivateLock`: 0600,
+    made anew when others could open it or another user owns it, and the
+    lock counts only on the file still at the path (a process that opened the
+    old file before it was renamed away takes nothing by locking it).
     """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self._fds: list[int] = []
+        self._file = PrivateLock(self.path, "the runner lease")
         self._lock = threading.Lock()
 
     @property
     def held(self) -> bool:
         """True while this object holds the lease."""
-        return bool(self._fds)
+        return self._file.held
 
     def acquire(self) -> bool:
         """Take the lease if no other holder has it; True when held (also if already held)."""
         with self._lock:
-            if self._fds:
+            if self._file.held:
                 return True
             make_state_dir(self.path.parent)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
-            fds = [fd]
-            try:
-                if not _try_lock(fd):
-                    os.close(fd)
-                    return False
-                info = os.fstat(fd)
-                if not is_mine(info) or stat.S_IMODE(info.st_mode) & 0o077:
-                    fresh = self._renew(info)
-                    if fresh is not None:
-                        fds.insert(0, fresh)
-                with contextlib.suppress(OSError):  # the pid is for people only
-                    os.ftruncate(fds[0], 0)
-                    os.write(fds[0], f"{os.getpid()}\n".encode())
-            except BaseException:
-                for each in fds:
-                    os.close(each)
-                raise
-            self._fds = fds
+            if not self._file.acquire():
+                return False
+            fd = self._file.fd
+            with contextlib.suppress(OSError):  # the pid is for people only
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
             return True
-
-    def _renew(self, old: os.stat_result) -> int | None:
-        """A fresh 0600 lease file, locked and renamed over :attr:`path`; None (logged) when it cannot be made."""
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
-        except OSError as exc:
-            logger.warning("cannot make the runner lease %s anew: %s", self.path, exc.strerror or exc)
-            return None
-        try:
-            if not _try_lock(fd):  # a name no one else knows: cannot be locked already
-                raise OSError(f"{tmp} is locked")
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            logger.warning("cannot make the runner lease %s anew: %s", self.path, getattr(exc, "strerror", None) or exc)
-            return None
-        owner = "" if is_mine(old) else f", owned by {user_name(old.st_uid)}"
-        logger.warning(
-            "the runner lease %s was open to other users (mode %04o%s): made anew, 0600",
-            self.path,
-            stat.S_IMODE(old.st_mode),
-            owner,
-        )
-        return fd
 
     def release(self) -> None:
         """Give the lease up. Idempotent."""
         with self._lock:
-            fds, self._fds = self._fds, []
-            for fd in fds:
-                os.close(fd)  # closing the only descriptor drops the lock
+            self._file.release()
 
     def holder_pid(self) -> int | None:
         """The pid last written by a holder (informational; may be stale)."""
@@ -1308,21 +1263,3 @@ class RunnerLease:
             return found
         pid = self.holder_pid()
         return LockHolder.of(pid) if pid else None
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True

@@ -21,21 +21,35 @@ command touches the folder.
 :func:`lock_holder` says who holds a ``flock`` (``/proc/locks`` on Linux) and
 whether that process is an exlab-sync one, for the message of a ``serve``
 that finds the lease taken.
+
+:class:`PrivateLock` is the one lock file of both the runner lease and the
+reaper's ``<queue db>.reaper.lock``: 0600, made anew when others could open it
+(or another user owns it), and a lock counts only on the file still at its
+path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import stat
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
     "ForeignStateDirError",
     "LockHolder",
+    "PrivateLock",
     "check_writer",
     "create_private",
     "is_mine",
@@ -46,8 +60,13 @@ __all__ = [
     "user_name",
 ]
 
+logger = logging.getLogger(__name__)
+
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+#: Opens of a lock file's path by :meth:`PrivateLock.acquire` when each file it locked was renamed away.
+LOCK_ATTEMPTS = 5
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: What names a process as this program's in its command line (the console script, ``python -m``).
 _OUR_COMMANDS = ("exlab-sync", "exlab_wizard", "exlab-wizard")
 
@@ -234,3 +253,153 @@ def lock_holder(path: Path | str) -> LockHolder | None:
             if pid > 0:  # 0 or -1: a holder outside this pid namespace, or an open file description lock
                 return LockHolder.of(pid)
     return None
+
+
+def _try_lock(fd: int) -> bool:
+    """A non-blocking exclusive lock on ``fd`` (``flock``; ``msvcrt`` on Windows): True when taken."""
+    if fcntl is None:
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(path: Path, info: os.stat_result) -> bool:
+    """True when ``path`` names the file ``info`` is of (a lock on a file renamed away is no one's lock)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino)
+
+
+class PrivateLock:
+    """A non-blocking exclusive lock on a 0600 file of ``state_dir``: the runner lease, the reaper's lock.
+
+    ``what`` names it in log lines (``"the runner lease"``). :meth:`acquire`
+    opens ``path`` (made 0600 when missing), locks it, and keeps the lock only
+    when the file it locked is still the one at ``path`` (same device and
+    inode): another process may have renamed a fresh file over it between the
+    open and the lock, and a lock on the file renamed away excludes no one.
+    Then it opens the path again, at most :data:`LOCK_ATTEMPTS` times.
+
+    A ``flock`` needs only a read-only descriptor, so a file others can open,
+    or one another user owns (an older version's 0644, root's), is made anew
+    by the process that takes it: a fresh 0600 file, locked, renamed over it.
+    The old one stays locked too until :meth:`release`, for an older engine
+    that does not look which file it locked. A file this user may only read
+    (root's 0644 in the service user's folder) is locked read-only and made
+    anew the same way: the folder's owner may rename in it.
+
+    Not thread-safe by itself: the caller serialises :meth:`acquire` and
+    :meth:`release`. Raises ``OSError`` when the path cannot be opened at all.
+    """
+
+    def __init__(self, path: Path | str, what: str):
+        self.path = Path(path)
+        self.what = what
+        self._fds: list[int] = []
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return bool(self._fds)
+
+    @property
+    def fd(self) -> int | None:
+        """The descriptor of the file at :attr:`path` while held (writable unless it could not be made anew)."""
+        return self._fds[0] if self._fds else None
+
+    def acquire(self) -> bool:
+        """Take the lock if no other holder has it; True when held (also if already held)."""
+        if self._fds:
+            return True
+        for _ in range(LOCK_ATTEMPTS):
+            fds = self._attempt()
+            if fds is None:
+                return False
+            if fds:
+                self._fds = fds
+                return True
+        logger.warning("%s %s was replaced %d times while being taken: not taken", self.what, self.path, LOCK_ATTEMPTS)
+        return False
+
+    def release(self) -> None:
+        """Let the lock go. Idempotent."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)  # closing the only descriptor drops the lock
+
+    def _open(self) -> tuple[int, bool]:
+        """A descriptor of the file at the path, and whether it is read-only (this user may not write it)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | _CLOEXEC, PRIVATE_FILE_MODE), False
+        except PermissionError as exc:
+            if exc.errno != errno.EACCES:
+                raise
+            try:
+                return os.open(self.path, os.O_RDONLY | _CLOEXEC), True
+            except OSError:
+                raise exc from None
+
+    def _attempt(self) -> list[int] | None:
+        """The held descriptors (the file at the path first); None: another holds it; []: renamed away, again."""
+        fd, read_only = self._open()
+        fds = [fd]
+        try:
+            if not _try_lock(fd):
+                os.close(fd)
+                return None
+            info = os.fstat(fd)
+            if not _same_file(self.path, info):
+                os.close(fd)
+                return []
+            if read_only or not is_mine(info) or stat.S_IMODE(info.st_mode) & 0o077:
+                fresh = self._renew(info)
+                if fresh is not None:
+                    fds.insert(0, fresh)
+                    if not _same_file(self.path, os.fstat(fresh)):  # replaced again by someone else
+                        for each in fds:
+                            os.close(each)
+                        return []
+        except BaseException:
+            for each in fds:
+                os.close(each)
+            raise
+        return fds
+
+    def _renew(self, old: os.stat_result) -> int | None:
+        """A fresh 0600 file, locked and renamed over :attr:`path`; None (logged) when it cannot be made."""
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC, PRIVATE_FILE_MODE)
+        except OSError as exc:
+            logger.warning("cannot make %s %s anew: %s", self.what, self.path, exc.strerror or exc)
+            return None
+        try:
+            if not _try_lock(fd):  # a name no one else knows: cannot be locked already
+                raise OSError(f"{tmp} is locked")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            logger.warning("cannot make %s %s anew: %s", self.what, self.path, getattr(exc, "strerror", None) or exc)
+            return None
+        owner = "" if is_mine(old) else f", owned by {user_name(old.st_uid)}"
+        logger.warning(
+            "%s %s was open to other users (mode %04o%s): made anew, 0600",
+            self.what,
+            self.path,
+            stat.S_IMODE(old.st_mode),
+            owner,
+        )
+        return fd

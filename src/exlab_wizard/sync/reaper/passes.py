@@ -41,7 +41,7 @@ from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.reaper.contract import FinalPush, PushMetadata, ReaperOutcome, RemoteListing, RemoteStat
 from exlab_wizard.sync.reaper.interlocks import InterlockFacts
-from exlab_wizard.sync.reaper.nofollow import CLOEXEC, RunFolderError
+from exlab_wizard.sync.reaper.nofollow import RunFolderError
 from exlab_wizard.sync.reaper.store import (
     ABORTED_EVENT,
     FINAL_PUSH_SKIPPED_EVENT,
@@ -53,6 +53,7 @@ from exlab_wizard.sync.reaper.store import (
     Progress,
     folder_identity,
 )
+from exlab_wizard.sync.state_dir import PrivateLock, lock_holder, user_name
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.verifier import scan_run as list_run
 
@@ -64,6 +65,8 @@ C = CleanupCode
 S = SyncJobState
 
 _DELETE_BATCH = 256
+#: Passes in a row that find the reaper lock held before that is said (central log, job events).
+BUSY_PASSES_SAID = 10
 
 
 def _utcnow() -> dt.datetime:
@@ -75,30 +78,38 @@ def _utc_text(moment: dt.datetime) -> str:
 
 
 class _ProcessLock:
-    """A non-blocking exclusive lock file: one reaper pass at a time per queue database."""
+    """A non-blocking exclusive lock file: one reaper pass at a time per queue database.
+
+    A :class:`~exlab_wizard.sync.state_dir.PrivateLock`, as the runner lease:
+    0600, made anew when others could open it (an older version's 0644, or
+    root's), so no other local user can hold it and stop every pass.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd: int | None = None
+        self._file = PrivateLock(path, "the reaper lock")
 
     def acquire(self) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: the asyncio lock and the runner lease suffice
+        if os.name == "nt":  # pragma: no cover - Windows: the asyncio lock and the runner lease suffice
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
+        return self._file.acquire()
 
     def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        self._file.release()
+
+    def holder(self) -> str:
+        """Who holds the lock, for a log line: ``pid N, uid U (name), command`` or ``a process not named``."""
+        found = lock_holder(self.path)
+        if found is None:
+            return "a process the system does not name"
+        text = f"pid {found.pid}"
+        if found.uid is not None:
+            text += f", {user_name(found.uid)}"
+        if found.command:
+            text += f", {found.command[:200]!r}"
+        if found.is_exlab is False:
+            text += " (not an exlab-sync process: another user's lock?)"
+        return text
 
 
 class Reaper(InterlockFacts):
@@ -148,6 +159,7 @@ class Reaper(InterlockFacts):
         self.now = now
         self._lock = asyncio.Lock()
         self._file_lock = _ProcessLock(Path(str(queue.db_path) + ".reaper.lock"))
+        self._busy_passes = 0
 
     @property
     def _store(self) -> CleanupStore:
@@ -164,11 +176,46 @@ class Reaper(InterlockFacts):
         """
         async with self._lock:
             if not self._file_lock.acquire():
-                return [ReaperOutcome("", "", "busy", "another cleanup pass is running on this queue", code=C.BUSY)]
+                return [self._busy()]
+            if self._busy_passes >= BUSY_PASSES_SAID:
+                logger.warning(
+                    "cleanup passes run again, after %d passes that found the reaper lock held", self._busy_passes
+                )
+            self._busy_passes = 0
             try:
                 return await self._pass()
             finally:
                 self._file_lock.release()
+
+    def make_lock_private(self) -> None:
+        """Take and let go of the reaper lock once (``serve`` at start): a lock file others could open is made anew.
+
+        Else another local user could open an older version's 0644 lock before
+        the first pass and hold it. A lock held now (``exlab-sync cleanup``)
+        is left to the next pass.
+        """
+        try:
+            if self._file_lock.acquire():
+                self._file_lock.release()
+        except OSError as exc:
+            logger.warning("cannot take the reaper lock %s: %s", self._file_lock.path, exc.strerror or exc)
+
+    def _busy(self) -> ReaperOutcome:
+        """This pass found the lock held; the :data:`BUSY_PASSES_SAID`-th in a row says so, once, naming the holder."""
+        self._busy_passes += 1
+        reason = "another cleanup pass is running on this queue"
+        if self._busy_passes == BUSY_PASSES_SAID:
+            reason = (
+                f"no cleanup pass for {BUSY_PASSES_SAID} passes in a row: the reaper lock {self._file_lock.path} "
+                f"is held by {self._file_lock.holder()}"
+            )
+            logger.warning("%s", reason)
+            with contextlib.suppress(Exception):  # each job that waits for cleanup says why (once per reason)
+                if self.config.nas_cleanup.enabled:
+                    for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
+                        for job in self.queue.iter_jobs(state):
+                            self._refuse_event(job.id, reason, C.BUSY)
+        return ReaperOutcome("", "", "busy", reason, code=C.BUSY)
 
     async def plan(self, dry_run: bool = True) -> list[ReaperOutcome]:
         """What a pass would do, changing nothing (``exlab-sync cleanup --dry-run``).
