@@ -107,11 +107,14 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
             "(reads are open; changes need the token)",
             highlight=False,
         )
-    started = False
+    started = False  # the workers run: a failure from then on stops a service that was syncing
 
-    def on_ready(info: ServiceInfo) -> None:
+    def on_running() -> None:
         nonlocal started
         started = True
+
+    def on_ready(info: ServiceInfo) -> None:
+        on_running()
         _announce(info)
 
     def on_port_taken(exc: CannotListen) -> None:
@@ -127,14 +130,18 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
         )
 
     try:
-        asyncio.run(run_service(config, host=host, port=port, on_ready=on_ready, on_port_taken=on_port_taken))
+        asyncio.run(
+            run_service(
+                config, host=host, port=port, on_ready=on_ready, on_port_taken=on_port_taken, on_running=on_running
+            )
+        )
     except AlreadyServing as exc:
         fail(str(exc), EXIT_USAGE)
     except CannotListen as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)
     except OSError as exc:
-        # Once serving, a failure is the machine's (out of descriptors, a disk error): exit 1, which a
-        # supervisor restarts; before, it is the state_dir's (exit 2, as an unusable state_dir is).
+        # Once the workers run, a failure is the machine's (out of descriptors, a disk error): exit 1,
+        # which a supervisor restarts; before, it is the state_dir's (exit 2, as an unusable state_dir is).
         where = f" ({exc.filename})" if exc.filename else ""
         if started:
             fail(f"serve stopped: {exc.strerror or exc}{where}", EXIT_PROBLEM)

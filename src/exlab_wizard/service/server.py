@@ -171,18 +171,22 @@ def _make_watcher(config: Config, client: NASSyncClient) -> Watcher:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; every failure (``socket()`` out of descriptors too) is CannotListen."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
-    # a small answer waits ~40 ms for a delayed ACK (Nagle).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+        # a small answer waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise CannotListen(exc.errno, exc.strerror) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise CannotListen(exc.errno, exc.strerror) from exc
-    sock.listen(128)
-    sock.setblocking(False)
     return sock
 
 
@@ -235,6 +239,7 @@ async def run_service(
     facts_interval_s: float = 30.0,
     on_port_taken: Callable[[CannotListen], None] | None = None,
     listen_retry_s: float = LISTEN_RETRY_S,
+    on_running: Callable[[], None] | None = None,
 ) -> None:
     """Run the service until ``stop`` is set or SIGTERM/SIGINT arrives.
 
@@ -244,7 +249,9 @@ async def run_service(
     address. With ``on_port_taken``, a port in use (``EADDRINUSE``, only
     that) is no error: it is called once, the workers, watcher, audit and
     reaper start, and the bind is tried again every ``listen_retry_s``;
-    ``on_ready`` comes once it listens. ``client`` (tests) must not be
+    ``on_ready`` comes once it listens. ``on_running`` is called once the
+    workers run (the lease taken, the queue recovered): from then on a failure
+    stops a service that was syncing. ``client`` (tests) must not be
     initialised yet.
     """
     make_state_dir(config.state_dir)
@@ -281,6 +288,8 @@ async def run_service(
     # anyone's now. Until this one listens, login-url finds no address.
     with contextlib.suppress(OSError):
         service_url_path(config.state_dir).unlink()
+    if on_running is not None:
+        on_running()
     stop = stop or asyncio.Event()
     stats = QueueStats(config.queue_db)
     hub = EventHub(stats)
@@ -394,10 +403,11 @@ class _Http:
             await asyncio.sleep(self.retry_s)
             try:
                 self.sock = _bind(self.host, self.port)
-            except CannotListen as exc:
-                if exc.errno != errno.EADDRINUSE and exc.strerror != said:  # a new reason, said once
-                    said = exc.strerror
-                    logger.warning("cannot listen on %s:%d: %s; trying again", self.host, self.port, exc.strerror)
+            except OSError as exc:  # any of them (out of descriptors for a moment): the workers go on
+                reason = exc.strerror or str(exc)
+                if exc.errno != errno.EADDRINUSE and reason != said:  # a new reason, said once
+                    said = reason
+                    logger.warning("cannot listen on %s:%d: %s; trying again", self.host, self.port, reason)
                 continue
             logger.warning("listening on %s:%d now: the API and dashboard are back", self.host, self.port)
         announce = asyncio.create_task(self._announce(), name="http-started")
