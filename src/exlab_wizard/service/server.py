@@ -258,6 +258,11 @@ async def run_service(
     probe = RunnerLease(lease_path_for(config.queue_db))
     if not probe.acquire():
         raise _lease_taken(probe, config)
+    # The lease is ours: a service-url still there was left by a serve that died, and its port may be
+    # anyone's now. Removed while the probe holds the lease: once this process holds it again (its pid
+    # may be the dead one's, after a reboot), login-url must find no address until this one listens.
+    with contextlib.suppress(OSError):
+        service_url_path(config.state_dir).unlink()
     probe.release()  # the client takes it for real just below; a race is caught by runs_workers
     sock: socket.socket | None = None
     try:
@@ -284,10 +289,6 @@ async def run_service(
         if sock is not None:
             sock.close()
         raise AlreadyServing(f"another process already runs the workers for {config.queue_db}")
-    # The lease is ours: a service-url still there was left by a serve that died, and its port may be
-    # anyone's now. Until this one listens, login-url finds no address.
-    with contextlib.suppress(OSError):
-        service_url_path(config.state_dir).unlink()
     if on_running is not None:
         on_running()
     stop = stop or asyncio.Event()
