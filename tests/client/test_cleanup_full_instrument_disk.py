@@ -27,10 +27,13 @@ from exlab_wizard.config import Config
 from tests.helpers import Clock
 from tests.lab import Lab, running, synced
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
-
 FILES = {"image_001.tif": b"A" * 200_000, "sub/stack.raw": b"B" * 100_000}
 SCRATCH = "instrument_scratch.bin"
+
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    assert os.geteuid() == 0, "a tmpfs mount needs root"  # fails, never skips, without it
 
 
 @contextlib.contextmanager
