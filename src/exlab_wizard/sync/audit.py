@@ -9,7 +9,12 @@ local check runs (files added or edited since verification are sent). A
 match adds a verify pass (the cleanup counts them); a mismatch goes
 through the retry policy as the first mismatch (back to QUEUED for a
 re-transfer of the mismatched files), unless the local copies
-of those files are damaged or gone, which fails the job (nothing is sent).
+of those files are damaged or gone, which fails the job (nothing is sent),
+or the reaper's deletion of the run is under way with files deleted: it is
+stopped and the job FAILED ``remote_changed_during_cleanup``, saying what was
+deleted, what the NAS holds wrong and what is kept. The finding's transition
+is made under the job's lock (``ClientContext.job_locks``), which the reaper
+holds through each batch of unlinks: the two never interleave.
 Local damage found by the local check (other bytes under an mtime not moved
 on by an edit: a new run copied with its old times into the place of a
 verified one, say) fails the job ``local_damage`` before any pass is
@@ -31,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.job_runner import fail
@@ -40,7 +46,15 @@ from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import LocalCheck, add_pass_time, name_paths
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
-from exlab_wizard.sync.reaper import cleanup_planned, load_verified_stats, local_data_deleted_at, scan_run
+from exlab_wizard.sync.reaper import (
+    PlanProgress,
+    cleanup_planned,
+    drop_plan,
+    load_verified_stats,
+    local_data_deleted_at,
+    plan_progress,
+    scan_run,
+)
 from exlab_wizard.sync.reaper.store import REFUSED_EVENT
 from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_message, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
@@ -309,12 +323,127 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         f"{len(outcome.extra)} extra, {len(outcome.unverifiable)} unverifiable" + (f"; first: {bad[0]}" if bad else "")
     )
     log.error(run, "audit_failed", job=job.id, reason=reason)
-    refusal = await asyncio.to_thread(_local_copies_unusable, ctx, job, run, recorded, bad)
-    if refusal is not None:
-        kind, why = refusal
-        _audit_failed(ctx, job, kind, f"{reason}; {why}", final=True)
-        return
-    _audit_failed(ctx, job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
+    # Under the job's lock, shared with the reaper: no batch of its unlinks runs until the job has moved.
+    async with ctx.job_locks(job.id):
+        fresh = queue.get(job.id)
+        if fresh is not None and fresh.state == S.CLEANED and _same_verification(fresh, job):
+            # The reaper finished while the NAS was read: nothing is left to stop or send, only to say.
+            queue.record_event(
+                job.id,
+                "audit_failed",
+                f"{reason}; found as the cleanup finished: the local data are deleted, so the verified bytes of "
+                f"{name_paths(list(bad)) or 'the run'} may now exist only in an older copy (a NAS snapshot, a "
+                f"backup) or nowhere",
+                now=ctx.clock(),
+            )
+            return
+        plan = await asyncio.to_thread(plan_progress, queue, job.id, run)
+        if plan is not None and (plan.deleted or plan.data_deleted or plan.blocked):
+            # Part of the run is deleted: a re-transfer of the rest would not verify (nor send those).
+            _stop_cleanup(ctx, job, run, reason, (tuple(outcome.different), tuple(outcome.missing)), plan)
+            return
+        refusal = await asyncio.to_thread(_local_copies_unusable, ctx, job, run, recorded, bad)
+        if refusal is not None:
+            kind, why = refusal
+            _audit_failed(ctx, job, kind, f"{reason}; {why}", final=True)
+            return
+        _audit_failed(ctx, job, TransportErrorKind.HASH_MISMATCH, reason, rewrite=bad)
+
+
+def _stop_cleanup(
+    ctx: ClientContext,
+    job: SyncJobRow,
+    run: Path,
+    reason: str,
+    found: tuple[tuple[str, ...], tuple[str, ...]],
+    plan: PlanProgress,
+) -> None:
+    """A mismatch while the reaper's deletion of the run is under way: stop it, FAILED, plan dropped.
+
+    As the reaper fails a cleanup stopped part way (``remote_changed_during_cleanup``):
+    which files were deleted (their NAS copies verified before), which NAS
+    files are found different or missing now, the rest kept locally. The
+    mismatched files are recorded to be sent again (``rewrite_paths``) once
+    ``retry`` has put the deleted files back from the NAS; one whose local
+    copy this cleanup deleted is said plainly to be lost but for an older
+    copy. The caller holds the job's lock: no unlink is under way.
+    """
+    queue = ctx.require_queue()
+    fresh = queue.get(job.id)
+    if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or not _same_verification(fresh, job):
+        return  # moved on meanwhile: the reaper's next batch check finds that
+    different, missing = found
+    bad = (*different, *missing)
+    deleted = set(plan.deleted)
+    lost = [p for p in bad if p in deleted]
+    kept = [p for p in bad if p not in deleted]
+    left = len(plan.planned) - len(plan.deleted)
+    parts = [
+        f"{reason}; the cleanup was stopped: {len(plan.deleted)} of {len(plan.planned)} planned files were "
+        f"already deleted locally"
+        + (f" ({name_paths(list(plan.deleted))})" if plan.deleted else "")
+        + f", their NAS copies verified before the deletion; the other {left} are kept locally"
+    ]
+    found_text = "; ".join(
+        f"{what} on the NAS: {name_paths(list(paths))}"
+        for what, paths in (("different", different), ("missing", missing))
+        if paths
+    )
+    if found_text:
+        parts.append(f"now {found_text}")
+    if plan.blocked:
+        parts.append(
+            f"kept as set aside by an interrupted deletion (a file has the name again): {', '.join(plan.blocked)}"
+        )
+    if lost:
+        parts.append(
+            f"{name_paths(lost)}: deleted locally by this cleanup, and the NAS copy is not the verified bytes: they "
+            f"may now exist only in an older copy (a NAS snapshot, a backup) or nowhere; put them back into the run, "
+            f"then `exlab-sync retry {job.id}`"
+        )
+    if kept:
+        parts.append(
+            f"the local copies of {name_paths(kept)} are kept: `exlab-sync retry {job.id}` puts the deleted files "
+            f"back from their NAS copies and sends these again (the NAS keeps the copies found different under "
+            f"{METADATA_DIR}/previous/)"
+        )
+    message = "; ".join(parts)
+    now = ctx.clock()
+    try:
+        with queue.transaction():
+            moved = queue.transition(
+                job.id,
+                fresh.state,
+                S.FAILED,
+                now=now,
+                detail=message,
+                error_kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP,
+                last_error=message,
+                next_attempt_at=None,
+                # The NAS copy was found bad: nothing may bring the job back to VERIFIED without a transfer.
+                verify_passes=0,
+                verified_at=None,
+                pass_times=(),
+                rewrite_paths=bad,
+            )
+            drop_plan(queue, job.id)
+    except IllegalTransition:
+        return  # another actor moved it first
+    with contextlib.suppress(Exception):
+        if run.is_dir():
+            ctx.cache.set_sync_status(run, "failed")
+    equipment = ctx.equipment(job)
+    if equipment is not None:
+        ctx.log(equipment).error(
+            run,
+            "cleanup_stopped",
+            job=job.id,
+            reason=reason,
+            files_deleted=len(plan.deleted),
+            files_planned=len(plan.planned),
+            manifest_digest=job.manifest_digest,
+        )
+    ctx.notify_state(moved)
 
 
 def _local_copies_unusable(
@@ -413,6 +542,11 @@ async def _act_on_local_check(ctx: ClientContext, job: SyncJobRow, run: Path, ch
 
     Nothing once the reaper has planned a deletion since the check (asked again: one row read).
     """
+    async with ctx.job_locks(job.id):  # the reaper's batches wait: a send-back never lands mid-deletion
+        return await _act_unlocked(ctx, job, run, check)
+
+
+async def _act_unlocked(ctx: ClientContext, job: SyncJobRow, run: Path, check: LocalCheck) -> SyncJobRow | None:
     queue = ctx.require_queue()
     if await asyncio.to_thread(cleanup_planned, queue, job.id):
         return None

@@ -4,7 +4,8 @@
 and the metadata push all read or change: the config and the clock (both
 replaceable at any time; every part reads them at each use), the queue, the
 creation.json writer, the verifier, the remote access, the equipment logs,
-the listeners and live progress, and the map of in-flight tasks. It owns no
+the listeners and live progress, the map of in-flight tasks, and the per-job
+locks the audit shares with the reaper. It owns no
 behaviour beyond small lookups over that state (an equipment by job, its
 log, a notification to the listeners, a wake-up of the dispatcher).
 """
@@ -23,6 +24,7 @@ from exlab_wizard.cache import CreationWriter
 from exlab_wizard.config.models import Config, EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
+from exlab_wizard.sync.reaper.contract import JobLocks
 from exlab_wizard.sync.remote import HashsumFactory, PushFactory, Remotes, RemoteStat
 from exlab_wizard.sync.verifier import Verifier
 from exlab_wizard.validator import Validator
@@ -94,6 +96,9 @@ class ClientContext:
         #: job id -> when the audit last ran its local check alone on it, a schedule window keeping it
         #: off the NAS (once an audit interval; dropped once the job is audited or leaves VERIFIED)
         self.window_checked_at: dict[str, dt.datetime] = {}
+        #: one lock per job, held by the reaper through each batch of unlinks and by the audit through
+        #: its finding's transition: the two never interleave on a job
+        self.job_locks = JobLocks()
 
     def local_now(self) -> dt.datetime:
         """:attr:`clock` in this workstation's local time: what the bandwidth schedule reads.

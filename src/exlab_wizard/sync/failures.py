@@ -52,7 +52,8 @@ class FailureKind(StrEnum):
     LOCAL_CHANGED = "local_changed"
     #: a planned file changed while the reaper deleted; the deletion stopped
     LOCAL_CHANGED_DURING_CLEANUP = "local_changed_during_cleanup"
-    #: the NAS copy lost planned files after part of the deletion; it stopped
+    #: the NAS copy lost planned files after part of the deletion, or the audit found it
+    #: different meanwhile; the deletion stopped
     REMOTE_CHANGED_DURING_CLEANUP = "remote_changed_during_cleanup"
     #: the run folder of a verified job gone for a day while its parent folder is there (renamed
     #: or deleted, not a disk away); nothing deleted, ``retry`` re-arms it once the folder is back

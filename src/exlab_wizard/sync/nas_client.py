@@ -440,6 +440,7 @@ class NASSyncClient:
             push_metadata=lambda job: metadata_push.final_push(ctx, job),
             now=lambda: ctx.clock(),
             remote_listing=ctx.remotes.listing,
+            job_locks=ctx.job_locks,
         )
 
     async def _reaper_loop(self) -> None:

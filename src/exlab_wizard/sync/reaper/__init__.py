@@ -27,7 +27,11 @@ On each pass (:meth:`Reaper.run_pass`):
       down: it must still be a regular file with the planned size, mtime and
       inode, else the deletion stops (nothing more is deleted). A file
       already gone is fine (an interrupted pass deleted it). Parent folders
-      are fsync-ed.
+      are fsync-ed. Before each batch the job is read again, and the check
+      and the batch run under the job's lock (:class:`JobLocks`, shared with
+      the audit): an audit finding the NAS copy bad stops the deletion
+      between two batches, never inside one (:func:`plan_progress` tells it
+      how far the plan got).
    c. Folders left empty by the deletion are removed (never a symlink, never
       outside the run, never ``.exlab-wizard/`` while ``retain_cache``).
    d. The equipment log gets ``cleanup_deleted files=N bytes=B
@@ -66,7 +70,7 @@ Callers import from this package only (tests may reach a module to inject a
 failure where the code reads it, e.g. ``deletion.delete_batch``).
 """
 
-from exlab_wizard.sync.reaper.contract import FinalPush, ReaperOutcome
+from exlab_wizard.sync.reaper.contract import FinalPush, JobLocks, PlanProgress, ReaperOutcome
 from exlab_wizard.sync.reaper.local_check import (
     LocalScan,
     check_against_copy,
@@ -76,11 +80,12 @@ from exlab_wizard.sync.reaper.local_check import (
     scan_run,
 )
 from exlab_wizard.sync.reaper.mounts import mount_refusal
-from exlab_wizard.sync.reaper.passes import Reaper
+from exlab_wizard.sync.reaper.passes import Reaper, plan_progress
 from exlab_wizard.sync.reaper.store import (
     PlannedFile,
     VerifiedStat,
     cleanup_planned,
+    drop_plan,
     ensure_cleanup_schema,
     local_data_deleted_at,
     planned_paths,
@@ -88,17 +93,21 @@ from exlab_wizard.sync.reaper.store import (
 
 __all__ = [
     "FinalPush",
+    "JobLocks",
     "LocalScan",
+    "PlanProgress",
     "PlannedFile",
     "Reaper",
     "ReaperOutcome",
     "VerifiedStat",
     "check_against_copy",
     "cleanup_planned",
+    "drop_plan",
     "ensure_cleanup_schema",
     "load_verified_stats",
     "local_data_deleted_at",
     "mount_refusal",
+    "plan_progress",
     "planned_paths",
     "record_copy_stats",
     "record_verified_stat",

@@ -39,7 +39,15 @@ from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import deletion
-from exlab_wizard.sync.reaper.contract import FinalPush, PushMetadata, ReaperOutcome, RemoteListing, RemoteStat
+from exlab_wizard.sync.reaper.contract import (
+    FinalPush,
+    JobLocks,
+    PlanProgress,
+    PushMetadata,
+    ReaperOutcome,
+    RemoteListing,
+    RemoteStat,
+)
 from exlab_wizard.sync.reaper.interlocks import InterlockFacts
 from exlab_wizard.sync.reaper.nofollow import RunFolderError
 from exlab_wizard.sync.reaper.store import (
@@ -51,13 +59,14 @@ from exlab_wizard.sync.reaper.store import (
     CleanupStore,
     PlannedFile,
     Progress,
+    cleanup_planned,
     folder_identity,
 )
 from exlab_wizard.sync.state_dir import PrivateLock, lock_holder, user_name
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.verifier import scan_run as list_run
 
-__all__ = ["Reaper", "another_runs_folder"]
+__all__ = ["Reaper", "another_runs_folder", "plan_progress"]
 
 logger = logging.getLogger(__name__)
 C = CleanupCode
@@ -131,6 +140,8 @@ class Reaper(InterlockFacts):
     record. ``push_metadata(job)``: the final push of ``.exlab-wizard/``,
     a :class:`FinalPush` (or True only when verified on the NAS); needed
     only with ``retain_cache: false``. ``now()``: the clock (timezone-aware).
+    ``job_locks``: the per-job locks shared with the audit (:class:`JobLocks`;
+    the client's, so an audit finding and a batch of unlinks never interleave).
 
     One pass at a time per database: passes in one process are serialised,
     and a lock file ``<queue db>.reaper.lock`` keeps a second process (the
@@ -148,6 +159,7 @@ class Reaper(InterlockFacts):
         push_metadata: PushMetadata | None = None,
         now: Callable[[], dt.datetime] = _utcnow,
         remote_listing: RemoteListing | None = None,
+        job_locks: JobLocks | None = None,
     ):
         self.queue = queue
         self.config = config
@@ -157,6 +169,7 @@ class Reaper(InterlockFacts):
         self.log_for = log_for
         self.push_metadata = push_metadata
         self.now = now
+        self.job_locks = job_locks if job_locks is not None else JobLocks()
         self._lock = asyncio.Lock()
         self._file_lock = _ProcessLock(Path(str(queue.db_path) + ".reaper.lock"))
         self._busy_passes = 0
@@ -445,43 +458,48 @@ class Reaper(InterlockFacts):
             )
         return progress
 
-    async def _resume(self, progress: Progress) -> ReaperOutcome:
+    async def _resume(self, progress: Progress) -> ReaperOutcome | None:
         """A plan found at the start of a pass: carry it on, or drop it if its job moved on.
 
         Files a killed pass set aside get their names back first (never
         deleted, they are the lab's files again whatever is decided next).
+        None when the plan is gone since the pass began (an audit stopped the
+        deletion and said so itself).
         """
-        blocked: list[str] = []
-        if progress.data_deleted_at is None:
-            blocked = await asyncio.to_thread(
-                deletion.put_back_set_aside, Path(progress.run_path), self._store.plan_files(progress.job_id)
-            )
-        job = self.queue.get(progress.job_id)
-        if job is None or job.state != S.CLEANUP_ELIGIBLE or job.manifest_digest != progress.manifest_digest:
-            why = "job left cleanup_eligible" if job else "job missing"
+        async with self.job_locks(progress.job_id):  # the audit puts back and counts under it too
+            if not cleanup_planned(self.queue, progress.job_id):
+                return None
+            blocked: list[str] = []
+            if progress.data_deleted_at is None:
+                blocked = await asyncio.to_thread(
+                    deletion.put_back_set_aside, Path(progress.run_path), self._store.plan_files(progress.job_id)
+                )
+            job = self.queue.get(progress.job_id)
+            if job is None or job.state != S.CLEANUP_ELIGIBLE or job.manifest_digest != progress.manifest_digest:
+                why = "job left cleanup_eligible" if job else "job missing"
+                if blocked:
+                    why += f"; kept as set aside, a file has its name again: {', '.join(blocked)}"
+                return self._abandon(progress, job, why)
+            unconfigured = self._unconfigured(job)
+            if unconfigured is not None:
+                return unconfigured
+            try:
+                log = self._log(job)
+            except Exception as exc:
+                reason = f"equipment log unavailable: {exc}"
+                self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
+                return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
             if blocked:
-                why += f"; kept as set aside, a file has its name again: {', '.join(blocked)}"
-            return self._abandon(progress, job, why)
-        unconfigured = self._unconfigured(job)
-        if unconfigured is not None:
-            return unconfigured
-        try:
-            log = self._log(job)
-        except Exception as exc:
-            reason = f"equipment log unavailable: {exc}"
-            self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
-        if blocked:
-            done = progress.files - self._count_present(progress)
-            why = (
-                f"local file saved again after an interrupted deletion set the planned one aside: "
-                f"the planned file is kept as {', '.join(blocked)}"
-            )
-            reason = f"cleanup stopped: {why}; {done} of {progress.files} planned files were deleted, nothing else"
-            self._fail_part_deleted(job, progress, log, reason, FailureKind.LOCAL_CHANGED_DURING_CLEANUP, why, done)
-            return ReaperOutcome(
-                job.id, job.run_path, "aborted", reason, code=C.LOCAL_CHANGED_DURING_CLEANUP, paths=tuple(blocked)
-            )
+                done = progress.files - self._count_present(progress)
+                why = (
+                    f"local file saved again after an interrupted deletion set the planned one aside: "
+                    f"the planned file is kept as {', '.join(blocked)}"
+                )
+                reason = f"cleanup stopped: {why}; {done} of {progress.files} planned files were deleted, nothing else"
+                self._fail_part_deleted(job, progress, log, reason, FailureKind.LOCAL_CHANGED_DURING_CLEANUP, why, done)
+                return ReaperOutcome(
+                    job.id, job.run_path, "aborted", reason, code=C.LOCAL_CHANGED_DURING_CLEANUP, paths=tuple(blocked)
+                )
         if progress.data_deleted_at is not None:
             # Nothing local is left for interlocks 2, 3, 5 and 6 to protect, and the audit counts no
             # passes now: only interlock 1, then the final push's own proof (policy.finishing_refusal).
@@ -519,9 +537,10 @@ class Reaper(InterlockFacts):
             reason = f"deletion paused: run folder {'is a symlink' if code is C.RUN_SYMLINK else 'missing'}"
             self._refuse_event(job.id, reason, code)
             return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=code)
-        present = await asyncio.to_thread(self._count_present, progress)
-        if present < progress.files:
-            return self._stop_incomplete(job, progress, log, decision, progress.files - present)
+        async with self.job_locks(job.id):
+            present = await asyncio.to_thread(self._count_present, progress)
+            if present < progress.files:
+                return self._stop_incomplete(job, progress, log, decision, progress.files - present)
         fresh, _scan = await self._decide(job, local=True)
         if fresh.action == "delete":
             return await self._execute(job, progress, log, resumed=True)  # the NAS copy is whole again
@@ -563,19 +582,25 @@ class Reaper(InterlockFacts):
         why: str | None,
         done: int,
     ) -> None:
-        """A deletion stopped part way: FAILED with ``kind``, the plan dropped (one transaction), logged."""
-        with contextlib.suppress(IllegalTransition), self.queue.transaction():
-            self.queue.transition(
-                job.id,
-                S.CLEANUP_ELIGIBLE,
-                S.FAILED,
-                now=self.now(),
-                detail=reason,
-                error_kind=kind,
-                last_error=reason,
-                next_attempt_at=None,
-            )
-            self._store.drop_plan(job.id)
+        """A deletion stopped part way: FAILED with ``kind``, the plan dropped (one transaction), logged.
+
+        Nothing when the job left CLEANUP_ELIGIBLE first (the audit stopped the deletion: its failure stands).
+        """
+        try:
+            with self.queue.transaction():
+                self.queue.transition(
+                    job.id,
+                    S.CLEANUP_ELIGIBLE,
+                    S.FAILED,
+                    now=self.now(),
+                    detail=reason,
+                    error_kind=kind,
+                    last_error=reason,
+                    next_attempt_at=None,
+                )
+                self._store.drop_plan(job.id)
+        except IllegalTransition:
+            return
         log.error(
             job.run_path,
             "cleanup_stopped",
@@ -586,9 +611,15 @@ class Reaper(InterlockFacts):
             manifest_digest=progress.manifest_digest,
         )
 
-    def _abandon(self, progress: Progress, job: SyncJobRow | None, why: str) -> ReaperOutcome:
-        """Drop a plan whose job is no longer CLEANUP_ELIGIBLE with the planned manifest: delete nothing more."""
-        present = self._count_present(progress)
+    def _abandon(
+        self, progress: Progress, job: SyncJobRow | None, why: str, files: list[PlannedFile] | None = None
+    ) -> ReaperOutcome:
+        """Drop a plan whose job is no longer CLEANUP_ELIGIBLE with the planned manifest: delete nothing more.
+
+        ``files``: the planned files, when the caller holds them (the audit that
+        stopped the deletion may have dropped the plan from the queue already).
+        """
+        present = self._count_present(progress, files)
         detail = (
             f"cleanup plan dropped ({why}): {progress.files - present} of {progress.files} planned files "
             f"were already deleted; nothing more will be"
@@ -609,14 +640,19 @@ class Reaper(InterlockFacts):
                 )
         return ReaperOutcome(progress.job_id, progress.run_path, "aborted", detail, code=C.PLAN_DROPPED)
 
-    def _count_present(self, progress: Progress) -> int:
+    def _count_present(self, progress: Progress, files: list[PlannedFile] | None = None) -> int:
         run = Path(progress.run_path)
-        return sum(1 for f in self._store.plan_files(progress.job_id) if os.path.lexists(run / f.path))
+        planned = self._store.plan_files(progress.job_id) if files is None else files
+        return sum(1 for f in planned if os.path.lexists(run / f.path))
 
     async def _execute(self, job: SyncJobRow, progress: Progress, log: EquipmentLog, *, resumed: bool) -> ReaperOutcome:
-        """(b)-(e): delete the planned files, tidy, log, record, then CLEANED."""
+        """(b)-(e): delete the planned files, tidy, log, record, then CLEANED.
+
+        Each batch of unlinks, the record that the data are deleted, and the
+        steps after it each run under the job's lock, after the job is read
+        again (:class:`~.contract.JobLocks`).
+        """
         run = Path(job.run_path)
-        retain = self.config.nas_cleanup.retain_cache
         files = self._store.plan_files(job.id)
         deleted_before = progress.data_deleted_at is not None
         if not deleted_before:
@@ -629,45 +665,66 @@ class Reaper(InterlockFacts):
                     manifest_digest=progress.manifest_digest,
                 )
             deleted = gone = 0
+            during = "job left cleanup_eligible during the deletion"
             for start in range(0, len(files), _DELETE_BATCH):
+                # The state check and the batch under the job's lock: an audit that found the NAS copy
+                # bad meanwhile either stopped the job before this batch or counts its files as deleted.
+                async with self.job_locks(job.id):
+                    current = self.queue.get(job.id)
+                    if not _still_planned(current, progress):
+                        return self._abandon(progress, current, during, files)
+                    batch = files[start : start + _DELETE_BATCH]
+                    result = await asyncio.to_thread(deletion.delete_batch, run, batch)
+                    deleted += result.deleted
+                    gone += result.gone
+                    if result.stop is not None:
+                        return self._stopped(job, progress, log, result, deleted)
+            async with self.job_locks(job.id):
                 current = self.queue.get(job.id)
-                if (
-                    current is None
-                    or current.state != S.CLEANUP_ELIGIBLE
-                    or current.manifest_digest != progress.manifest_digest
-                ):
-                    return self._abandon(progress, current, "job left cleanup_eligible during the deletion")
-                batch = files[start : start + _DELETE_BATCH]
-                result = await asyncio.to_thread(deletion.delete_batch, run, batch)
-                deleted += result.deleted
-                gone += result.gone
-                if result.stop is not None:
-                    return self._stopped(job, progress, log, result, deleted)
-            if not resumed and gone:
-                # Files vanished between the check and the unlink; their verified copies are on the NAS.
-                log.warning(job.run_path, "cleanup_files_already_gone", job=job.id, files=gone)
-            removed = await asyncio.to_thread(deletion.remove_left_empty, run, [f.path for f in files])
-            fields: dict[str, object] = {
-                "job": job.id,
-                "files": progress.files,
-                "bytes": progress.bytes,
-                "verify_passes": job.verify_passes,
-                "pass_times": ",".join(_utc_text(t) for t in job.pass_times) or "-",
-                "manifest_digest": progress.manifest_digest,
-                "folders_removed": len(removed),
-            }
-            if resumed:
-                fields["resumed"] = True
-            logged = log.info(job.run_path, "cleanup_deleted", **fields)
-            data_deleted_at = self.now()
-            self._store.mark_data_deleted(
-                job.id,
-                data_deleted_at,
-                f"local data deleted: {progress.files} files, {progress.bytes} bytes, "
-                f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}"
-                + ("" if logged else f"; equipment log {log.path} unwritable ({log.last_error}): this is the record"),
-            )
+                if not _still_planned(current, progress):
+                    return self._abandon(progress, current, during, files)
+                if not resumed and gone:
+                    # Files vanished between the check and the unlink; their verified copies are on the NAS.
+                    log.warning(job.run_path, "cleanup_files_already_gone", job=job.id, files=gone)
+                removed = await asyncio.to_thread(deletion.remove_left_empty, run, [f.path for f in files])
+                fields: dict[str, object] = {
+                    "job": job.id,
+                    "files": progress.files,
+                    "bytes": progress.bytes,
+                    "verify_passes": job.verify_passes,
+                    "pass_times": ",".join(_utc_text(t) for t in job.pass_times) or "-",
+                    "manifest_digest": progress.manifest_digest,
+                    "folders_removed": len(removed),
+                }
+                if resumed:
+                    fields["resumed"] = True
+                logged = log.info(job.run_path, "cleanup_deleted", **fields)
+                data_deleted_at = self.now()
+                self._store.mark_data_deleted(
+                    job.id,
+                    data_deleted_at,
+                    f"local data deleted: {progress.files} files, {progress.bytes} bytes, "
+                    f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}"
+                    + (
+                        ""
+                        if logged
+                        else f"; equipment log {log.path} unwritable ({log.last_error}): this is the record"
+                    ),
+                )
             progress = dataclasses.replace(progress, data_deleted_at=data_deleted_at)
+        # The last steps under the job's lock too: an audit that found the NAS copy bad as the last files
+        # went has FAILED the job (no record, no final push, no CLEANED), or meets it CLEANED and says so.
+        async with self.job_locks(job.id):
+            return await self._finish(job, progress, log, files, deleted_before)
+
+    async def _finish(
+        self, job: SyncJobRow, progress: Progress, log: EquipmentLog, files: list[PlannedFile], deleted_before: bool
+    ) -> ReaperOutcome:
+        """(d)-(e) once the data are deleted: record, the final push (``retain_cache: false``), then CLEANED."""
+        retain = self.config.nas_cleanup.retain_cache
+        current = self.queue.get(job.id)
+        if not _still_planned(current, progress):
+            return self._abandon(progress, current, "job left cleanup_eligible once its data were deleted", files)
         # Deleted by an earlier pass: the folder now at the run's path may be another run's.
         replaced = await asyncio.to_thread(self._another_runs_folder, progress) if deleted_before else None
         skipped = ""
@@ -700,7 +757,7 @@ class Reaper(InterlockFacts):
                 self._store.forget_verified(job.id)
         except IllegalTransition:
             current = self.queue.get(job.id)
-            return self._abandon(progress, current, "job left cleanup_eligible before it was marked cleaned")
+            return self._abandon(progress, current, "job left cleanup_eligible before it was marked cleaned", files)
         return ReaperOutcome(
             job.id, job.run_path, "deleted", detail, files=progress.files, bytes=progress.bytes, code=C.CLEANED
         )
@@ -839,6 +896,31 @@ class Reaper(InterlockFacts):
         return None, f"; .exlab-wizard/ removed ({proof}), {kept}"
 
 
+def plan_progress(queue: JobQueue, job_id: str, run: Path) -> PlanProgress | None:
+    """How far the job's deletion plan got; None without a plan. Blocking I/O.
+
+    For a caller outside the pass (the audit) about to stop the deletion: it
+    must hold the job's lock (:class:`~.contract.JobLocks`), so no batch of
+    unlinks is under way. Files a killed pass set aside get their names back
+    first, as a resumed plan does (a plan dropped next must not leave them
+    hidden), so a file counts as deleted only when it is gone. A run folder
+    that is not there (its disk away) counts nothing as deleted.
+    """
+    store = CleanupStore(queue)
+    if not cleanup_planned(queue, job_id):
+        return None
+    files = store.plan_files(job_id)
+    data_deleted = store.data_deleted_at(job_id) is not None
+    blocked: list[str] = []
+    if not data_deleted:
+        blocked = deletion.put_back_set_aside(run, files)
+    planned = tuple(f.path for f in files)
+    if os.path.islink(run) or not os.path.isdir(run):
+        return PlanProgress(planned, (), data_deleted, tuple(blocked))
+    deleted = tuple(p for p in planned if not os.path.lexists(run / p))
+    return PlanProgress(planned, deleted, data_deleted, tuple(blocked))
+
+
 def another_runs_folder(run: Path, planned: str | None, manifest_digest: str, writer: Any) -> str | None:
     """Why the folder at ``run``, whose data the cleanup of ``manifest_digest`` deleted, is another run's; or None.
 
@@ -892,6 +974,11 @@ def another_runs_folder(run: Path, planned: str | None, manifest_digest: str, wr
 def _device(identity: str) -> str:
     """The run folder's device number in a :func:`~.store.folder_identity`."""
     return identity.partition(":")[0]
+
+
+def _still_planned(job: SyncJobRow | None, progress: Progress) -> bool:
+    """Is ``job`` still CLEANUP_ELIGIBLE with the manifest ``progress`` planned the deletion of?"""
+    return job is not None and job.state == S.CLEANUP_ELIGIBLE and job.manifest_digest == progress.manifest_digest
 
 
 def _job_changed(job: SyncJobRow) -> ReaperOutcome:

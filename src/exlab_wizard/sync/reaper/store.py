@@ -46,6 +46,7 @@ __all__ = [
     "PlannedFile",
     "Progress",
     "VerifiedStat",
+    "drop_plan",
     "ensure_cleanup_schema",
     "folder_identity",
     "local_data_deleted_at",
@@ -442,6 +443,11 @@ def local_data_deleted_at(queue: JobQueue, job_id: str) -> dt.datetime | None:
     has no local data to audit or send again.
     """
     return CleanupStore(queue).data_deleted_at(job_id)
+
+
+def drop_plan(queue: JobQueue, job_id: str) -> None:
+    """Forget the job's deletion plan (its files and progress). Inside the caller's transaction, part of it."""
+    CleanupStore(queue).drop_plan(job_id)
 
 
 def planned_run_folder(queue: JobQueue, job_id: str) -> str | None:
