@@ -17,7 +17,8 @@ lock, held by the reaper from its state check through each batch and by the
 audit through its transition), and a mismatch found with part of the run
 deleted never sends the rest again: the deletion stops, the job is FAILED
 ``remote_changed_during_cleanup`` naming what was deleted, what the NAS
-holds wrong and what is kept.
+holds wrong and what is kept, and ``retry`` puts the deleted files back from
+their verified NAS copies and sends the kept ``stack.raw`` over the bad one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from exlab_wizard.sync.nas_client import RunIncompleteError
 from exlab_wizard.sync.reaper import deletion, passes
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import SyncJobState
@@ -52,7 +54,9 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def test_a_mismatch_after_a_killed_deletion_stops_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_mismatch_after_a_killed_deletion_stops_it_and_retry_repairs_the_nas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lab = Lab.build(tmp_path)
     run = lab.make_run("Run_0003", files=FILES)
     nas = lab.nas_copy(run)
@@ -85,7 +89,19 @@ async def test_a_mismatch_after_a_killed_deletion_stops_it(tmp_path: Path, monke
         assert f"exlab-sync retry {job.id}" in why, why
         assert lab.log_lines("cleanup_stopped"), "the equipment log names the stop"
 
-        assert (nas / "stack.raw").read_bytes() != FILES["stack.raw"]  # left as found, for a person to look at
+        await client.retry(job.id)  # puts the deleted frames back from the NAS, sends stack.raw again
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+
+    assert job.state == S.VERIFIED, f"{job.state.value} {job.error_kind}: {job.last_error}"
+    assert (nas / "stack.raw").read_bytes() == FILES["stack.raw"]  # repaired from the local copy
+    for rel, data in FILES.items():
+        assert (run / rel).read_bytes() == data, rel
+        assert (nas / rel).read_bytes() == data, rel
+    flipped = [p for p in _previous(nas) if p.endswith("/stack.raw")]
+    assert flipped, "the NAS copy found different is kept under previous/, never written over"
+    kept = nas / ".exlab-wizard" / "previous" / flipped[0]
+    assert _sha(kept.read_bytes()) != _sha(FILES["stack.raw"])
 
 
 async def test_a_mismatched_file_the_deletion_already_took_is_said_lost(
@@ -111,7 +127,13 @@ async def test_a_mismatched_file_the_deletion_already_took_is_said_lost(
         assert "or nowhere" in why, why
         assert all((run / rel).exists() for rel in FILES if rel not in ("frame_00.tif", "frame_01.tif"))
 
+        with pytest.raises(RunIncompleteError) as refused:
+            await client.retry(job.id)
+        assert refused.value.paths == ("frame_01.tif",)
+        job = await client.job(run)
+    assert job.state == S.FAILED
     assert _previous(nas) == []  # nothing moved aside: the bad NAS copy is all that is left of frame_01.tif
+    assert (run / "frame_00.tif").read_bytes() == FILES["frame_00.tif"]  # put back: its NAS copy is good
 
 
 async def test_the_audit_waits_for_a_batch_under_way_then_stops_the_rest(

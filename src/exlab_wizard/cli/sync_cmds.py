@@ -48,6 +48,7 @@ from exlab_wizard.sync.nas_client import (
     NASSyncClient,
     RestoreError,
     RunFolderMissingError,
+    RunIncompleteError,
     SyncHandleState,
     client_from_config,
 )
@@ -428,7 +429,7 @@ def retry_cmd(job_id: str, accept_local: bool, config: Config) -> None:
                 f"job {matches[0].id} is {matches[0].state.value}, not failed; only failed jobs can be retried",
                 EXIT_PROBLEM,
             )
-        except (LocalDamageError, RunFolderMissingError) as exc:
+        except (LocalDamageError, RunFolderMissingError, RunIncompleteError) as exc:
             fail(f"not retried: {exc}", EXIT_PROBLEM)
         console.print(f"[cyan]queued[/] {row.run_path} job {row.id}", highlight=False)
         if row.accept_local_paths:

@@ -48,7 +48,13 @@ from exlab_wizard.service.metrics import NasFacts, ServiceMetrics
 from exlab_wizard.service.runpaths import OutsideRoots, resolve_run_path
 from exlab_wizard.sync.failures import local_errno_kind
 from exlab_wizard.sync.gate import evaluate_run
-from exlab_wizard.sync.nas_client import EnqueueError, LocalDamageError, NASSyncClient, RunFolderMissingError
+from exlab_wizard.sync.nas_client import (
+    EnqueueError,
+    LocalDamageError,
+    NASSyncClient,
+    RunFolderMissingError,
+    RunIncompleteError,
+)
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue_stats import QueueStats
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
@@ -321,6 +327,8 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             raise ApiError(409, "local_damage", str(exc)) from None
         except RunFolderMissingError as exc:
             raise ApiError(409, "run_folder_missing", str(exc)) from None
+        except RunIncompleteError as exc:
+            raise ApiError(409, "run_incomplete", str(exc)) from None
         except IllegalTransition as exc:
             raise ApiError(409, "not_failed", f"only a FAILED job can be retried: {exc}") from None
         return shapes.job_row(row)

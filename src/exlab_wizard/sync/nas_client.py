@@ -54,7 +54,13 @@ from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.context import ClientContext, TransferProgress
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import Reaper
-from exlab_wizard.sync.recovery import LocalDamageError, RestoreError, RestoreResult, RunFolderMissingError
+from exlab_wizard.sync.recovery import (
+    LocalDamageError,
+    RestoreError,
+    RestoreResult,
+    RunFolderMissingError,
+    RunIncompleteError,
+)
 from exlab_wizard.sync.remote import HashsumFactory, PushFactory, RemoteStat
 from exlab_wizard.sync.state_dir import make_state_dir
 from exlab_wizard.sync.states import IllegalTransition, SyncHandleState, SyncJobState
@@ -68,6 +74,7 @@ __all__ = [
     "RestoreError",
     "RestoreResult",
     "RunFolderMissingError",
+    "RunIncompleteError",
     "client_from_config",
     "NASSyncClient",
     "SyncHandleState",
@@ -333,7 +340,9 @@ class NASSyncClient:
         A job FAILED ``local_damage`` whose damage is still there is not
         re-armed: :class:`LocalDamageError`; nor is a job FAILED
         ``run_folder_missing`` whose run folder is still not there:
-        :class:`RunFolderMissingError`. With ``accept_local`` the damaged
+        :class:`RunFolderMissingError`. A job whose cleanup stopped part way
+        first gets the deleted files back from their verified NAS copies; one
+        that cannot be put back: :class:`RunIncompleteError`. With ``accept_local`` the damaged
         local files become the new truth: they are recorded on the job as
         allowed to be sent once, and before the push the NAS moves each
         verified file they replace to ``.exlab-wizard/previous/<UTC

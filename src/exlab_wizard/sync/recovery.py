@@ -96,6 +96,7 @@ __all__ = [
     "RestoreError",
     "RestoreResult",
     "RunFolderMissingError",
+    "RunIncompleteError",
     "adopt_nas_copy",
     "check_local",
     "check_nas_copy",
@@ -155,6 +156,23 @@ class RunFolderMissingError(Exception):
         super().__init__(
             f"job {job_id}: the run folder {run_path} is still missing; put it back where it was, then retry"
         )
+
+
+class RunIncompleteError(Exception):
+    """``retry`` of a job whose cleanup stopped part way: the files it deleted cannot all be put back; not re-armed.
+
+    ``kind`` is ``"run_incomplete"``. Re-armed without them, the push would
+    take their NAS copies for another's files (``remote_conflict``), and the
+    verification could not pass. ``paths``: the files not put back.
+    """
+
+    kind = "run_incomplete"
+
+    def __init__(self, job_id: str, run_path: str, why: str, paths: Sequence[str] = ()):
+        self.job_id = job_id
+        self.run_path = run_path
+        self.paths = tuple(paths)
+        super().__init__(f"job {job_id}: {why}; the job stays failed")
 
 
 class RestoreError(Exception):
@@ -706,15 +724,22 @@ async def refuse_local_damage(queue: JobQueue, job: SyncJobRow) -> None:
 async def rearm(ctx: ClientContext, job_id: str, *, accept_local: bool = False) -> SyncJobRow:
     """``FAILED -> QUEUED`` for ``retry``, with ``--accept-local`` recorded (see ``NASSyncClient.retry``).
 
+    A job FAILED by a cleanup stopped part way (``local_changed_during_cleanup``,
+    ``remote_changed_during_cleanup``) first gets the files the cleanup
+    deleted back from their verified NAS copies (:func:`_put_back_deleted`).
+
     Raises ``KeyError`` (no such job), :class:`LocalDamageError` (damage
     still there, not accepted), :class:`RunFolderMissingError` (FAILED
-    ``run_folder_missing`` and the folder still not there) and
+    ``run_folder_missing`` and the folder still not there),
+    :class:`RunIncompleteError` (deleted files that cannot be put back) and
     ``IllegalTransition`` (not FAILED).
     """
     queue = ctx.require_queue()
     job = queue.get(job_id)
     if job is None:
         raise KeyError(f"no job {job_id}")
+    if job.state == S.FAILED and job.error_kind in _PART_DELETED:
+        await _put_back_deleted(ctx, job)
     if job.state == S.FAILED and job.error_kind == FailureKind.RUN_FOLDER_MISSING:
         run = Path(job.run_path)
         if not await asyncio.to_thread(os.path.isdir, run) or await asyncio.to_thread(os.path.islink, run):
@@ -758,6 +783,56 @@ async def rearm(ctx: ClientContext, job_id: str, *, accept_local: bool = False) 
         )
     ctx.kick()
     return job
+
+
+#: Failures of a cleanup stopped part way: the run lacks files the plan deleted (verified on the NAS first).
+_PART_DELETED = frozenset({FailureKind.LOCAL_CHANGED_DURING_CLEANUP, FailureKind.REMOTE_CHANGED_DURING_CLEANUP})
+
+
+async def _put_back_deleted(ctx: ClientContext, job: SyncJobRow) -> None:
+    """Before ``retry`` re-arms a cleanup stopped part way: the files it deleted are put back from the NAS.
+
+    Each from its NAS copy, checked against the verified manifest (as
+    ``restore`` puts back lost files; recorded as a ``restore`` event), so
+    the transfer sends a whole run: the NAS copies of those files are the
+    run's own again, never another's (``remote_conflict``), and the files
+    the job names to send again (``rewrite_paths``: those the audit found
+    different on the NAS) go from their local copies. Raises
+    :class:`RunIncompleteError` when one cannot be put back (its NAS copy is
+    not the verified bytes, or the NAS is away): nothing is re-armed.
+    """
+    queue = ctx.require_queue()
+    run = Path(job.run_path)
+    check = await asyncio.to_thread(check_local, queue, job)
+    missing = () if check is None or check.refusal is not None else tuple(check.missing)
+    if not missing:
+        return
+    why = f"{len(missing)} file(s) the stopped cleanup deleted ({name_paths(list(missing))}) cannot be put back"
+    equipment = ctx.equipment(job)
+    if equipment is None:
+        raise RunIncompleteError(job.id, job.run_path, f"{why}: equipment {job.equipment_id} is no longer configured")
+    mounted = await asyncio.to_thread(mount_refusal, run)
+    if mounted is not None:
+        raise RunIncompleteError(job.id, job.run_path, f"{why}: {mounted}")
+    if not await ctx.remotes.reachable(job):
+        raise RunIncompleteError(job.id, job.run_path, f"{why} now: the NAS is not reachable")
+    try:
+        restored, refused, _kept = await restore_damaged(
+            queue, job, ctx.remotes.access(equipment), (), missing=missing, now=ctx.clock()
+        )
+    except (TransportError, RestoreError) as exc:
+        raise RunIncompleteError(job.id, job.run_path, f"{why} now: {exc}") from None
+    queue.record_event(job.id, "restore", restore_detail(restored, refused, job.manifest_digest or ""), now=ctx.clock())
+    ctx.log(equipment).info(run, "restore", job=job.id, restored=len(restored), refused=len(refused))
+    if refused:
+        lost = "; ".join(f"{rel}: {reason}" for rel, reason in refused.items())
+        raise RunIncompleteError(
+            job.id,
+            job.run_path,
+            f"not put back from the NAS: {lost}; put their verified bytes back into the run (an older copy: a NAS "
+            f"snapshot, a backup), then retry",
+            tuple(refused),
+        )
 
 
 async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], None] | None = None) -> RestoreResult:
