@@ -321,6 +321,18 @@ class Reaper(InterlockFacts):
     def _log(self, job: SyncJobRow) -> EquipmentLog:
         return self.log_for(job.equipment_id)
 
+    def _log_or_wait(self, job: SyncJobRow) -> tuple[EquipmentLog | None, ReaperOutcome | None]:
+        """The job's equipment log, or the wait when its equipment is not configured or its log cannot be had."""
+        unconfigured = self._unconfigured(job)
+        if unconfigured is not None:
+            return None, unconfigured
+        try:
+            return self._log(job), None
+        except Exception as exc:
+            reason = f"equipment log unavailable: {exc}"
+            self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
+            return None, ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
+
     def _unconfigured(self, job: SyncJobRow) -> ReaperOutcome | None:
         """A wait when the job's equipment id is no longer in the config (renamed or removed); None when it is.
 
@@ -341,15 +353,10 @@ class Reaper(InterlockFacts):
     # ------------------------------------------------------------ one eligible job
 
     async def _consider(self, job: SyncJobRow) -> ReaperOutcome:
-        unconfigured = self._unconfigured(job)
-        if unconfigured is not None:
-            return unconfigured
-        try:
-            log = self._log(job)
-        except Exception as exc:
-            reason = f"equipment log unavailable: {exc}"
-            self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
-            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
+        log, waiting = self._log_or_wait(job)
+        if waiting is not None:
+            return waiting
+        assert log is not None
         decision, scan = await self._decide(job, local=True)
         if decision.action == "wait":
             if self._refuse_event(job.id, decision.reason, decision.code) and decision.interlock >= 4:
@@ -480,15 +487,10 @@ class Reaper(InterlockFacts):
                 if blocked:
                     why += f"; kept as set aside, a file has its name again: {', '.join(blocked)}"
                 return self._abandon(progress, job, why)
-            unconfigured = self._unconfigured(job)
-            if unconfigured is not None:
-                return unconfigured
-            try:
-                log = self._log(job)
-            except Exception as exc:
-                reason = f"equipment log unavailable: {exc}"
-                self._refuse_event(job.id, reason, C.EQUIPMENT_LOG_UNAVAILABLE)
-                return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.EQUIPMENT_LOG_UNAVAILABLE)
+            log, waiting = self._log_or_wait(job)
+            if waiting is not None:
+                return waiting
+            assert log is not None
             if blocked:
                 done = progress.files - self._count_present(progress)
                 why = (
