@@ -49,7 +49,7 @@ from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper import (
     PlanProgress,
     cleanup_planned,
-    drop_plan,
+    fail_part_deleted,
     load_verified_stats,
     local_data_deleted_at,
     plan_progress,
@@ -409,25 +409,20 @@ def _stop_cleanup(
         )
     message = "; ".join(parts)
     now = ctx.clock()
-    try:
-        with queue.transaction():
-            moved = queue.transition(
-                job.id,
-                fresh.state,
-                S.FAILED,
-                now=now,
-                detail=message,
-                error_kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP,
-                last_error=message,
-                next_attempt_at=None,
-                # The NAS copy was found bad: nothing may bring the job back to VERIFIED without a transfer.
-                verify_passes=0,
-                verified_at=None,
-                pass_times=(),
-                rewrite_paths=bad,
-            )
-            drop_plan(queue, job.id)
-    except IllegalTransition:
+    moved = fail_part_deleted(
+        queue,
+        job.id,
+        fresh.state,
+        now=now,
+        reason=message,
+        kind=FailureKind.REMOTE_CHANGED_DURING_CLEANUP,
+        # The NAS copy was found bad: nothing may bring the job back to VERIFIED without a transfer.
+        verify_passes=0,
+        verified_at=None,
+        pass_times=(),
+        rewrite_paths=bad,
+    )
+    if moved is None:
         return  # another actor moved it first
     with contextlib.suppress(Exception):
         if run.is_dir():

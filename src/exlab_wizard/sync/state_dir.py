@@ -83,12 +83,8 @@ def is_mine(info: os.stat_result) -> bool:
 
 def user_name(uid: int) -> str:
     """``uid 1003 (attacker)``, or ``uid 1003`` when the name is unknown."""
-    try:
-        import pwd
-
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
+    name = _login_name(uid)
+    return f"uid {uid} ({name})" if name else f"uid {uid}"
 
 
 def _login_name(uid: int) -> str | None:
@@ -221,6 +217,17 @@ class LockHolder:
         if self.command is None:
             return None
         return any(name in self.command for name in _OUR_COMMANDS)
+
+    def describe(self) -> str:
+        """``pid N, uid U (name), 'command'``, and that it is no exlab-sync process when /proc says so."""
+        text = f"pid {self.pid}"
+        if self.uid is not None:
+            text += f", {user_name(self.uid)}"
+        if self.command:
+            text += f", {self.command[:200]!r}"
+        if self.is_exlab is False:
+            text += " (not an exlab-sync process: another user's lock?)"
+        return text
 
     @classmethod
     def of(cls, pid: int) -> LockHolder:

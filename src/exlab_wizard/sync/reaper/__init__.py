@@ -87,6 +87,7 @@ from exlab_wizard.sync.reaper.store import (
     cleanup_planned,
     drop_plan,
     ensure_cleanup_schema,
+    fail_part_deleted,
     local_data_deleted_at,
     planned_paths,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "cleanup_planned",
     "drop_plan",
     "ensure_cleanup_schema",
+    "fail_part_deleted",
     "load_verified_stats",
     "local_data_deleted_at",
     "mount_refusal",

@@ -60,9 +60,10 @@ from exlab_wizard.sync.reaper.store import (
     PlannedFile,
     Progress,
     cleanup_planned,
+    fail_part_deleted,
     folder_identity,
 )
-from exlab_wizard.sync.state_dir import PrivateLock, lock_holder, user_name
+from exlab_wizard.sync.state_dir import PrivateLock, lock_holder
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.verifier import scan_run as list_run
 
@@ -109,16 +110,7 @@ class _ProcessLock:
     def holder(self) -> str:
         """Who holds the lock, for a log line: ``pid N, uid U (name), command`` or ``a process not named``."""
         found = lock_holder(self.path)
-        if found is None:
-            return "a process the system does not name"
-        text = f"pid {found.pid}"
-        if found.uid is not None:
-            text += f", {user_name(found.uid)}"
-        if found.command:
-            text += f", {found.command[:200]!r}"
-        if found.is_exlab is False:
-            text += " (not an exlab-sync process: another user's lock?)"
-        return text
+        return "a process the system does not name" if found is None else found.describe()
 
 
 class Reaper(InterlockFacts):
@@ -588,20 +580,7 @@ class Reaper(InterlockFacts):
 
         Nothing when the job left CLEANUP_ELIGIBLE first (the audit stopped the deletion: its failure stands).
         """
-        try:
-            with self.queue.transaction():
-                self.queue.transition(
-                    job.id,
-                    S.CLEANUP_ELIGIBLE,
-                    S.FAILED,
-                    now=self.now(),
-                    detail=reason,
-                    error_kind=kind,
-                    last_error=reason,
-                    next_attempt_at=None,
-                )
-                self._store.drop_plan(job.id)
-        except IllegalTransition:
+        if fail_part_deleted(self.queue, job.id, S.CLEANUP_ELIGIBLE, now=self.now(), reason=reason, kind=kind) is None:
             return
         log.error(
             job.run_path,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
-from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 
 __all__ = [
     "ABORTED_EVENT",
@@ -448,6 +448,41 @@ def local_data_deleted_at(queue: JobQueue, job_id: str) -> dt.datetime | None:
 def drop_plan(queue: JobQueue, job_id: str) -> None:
     """Forget the job's deletion plan (its files and progress). Inside the caller's transaction, part of it."""
     CleanupStore(queue).drop_plan(job_id)
+
+
+def fail_part_deleted(
+    queue: JobQueue,
+    job_id: str,
+    from_state: SyncJobState,
+    *,
+    now: dt.datetime,
+    reason: str,
+    kind: str,
+    **fields: object,
+) -> SyncJobRow | None:
+    """A deletion stopped part way: FAILED with ``kind`` and the plan dropped, in one transaction.
+
+    ``fields``: more columns to set with the transition. None (nothing done) when the
+    job left ``from_state`` first: whoever moved it, its move stands. The reaper's own
+    stops and the audit's (a NAS copy found bad during a deletion) both end here.
+    """
+    try:
+        with queue.transaction():
+            moved = queue.transition(
+                job_id,
+                from_state,
+                SyncJobState.FAILED,
+                now=now,
+                detail=reason,
+                error_kind=kind,
+                last_error=reason,
+                next_attempt_at=None,
+                **fields,
+            )
+            drop_plan(queue, job_id)
+    except IllegalTransition:
+        return None
+    return moved
 
 
 def planned_run_folder(queue: JobQueue, job_id: str) -> str | None:
