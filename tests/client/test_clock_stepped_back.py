@@ -8,7 +8,7 @@ A clock that ran an hour ahead when the job started and was stepped back
 by NTP during it dates every later change before that event: a frame
 rewritten (same size) after the push had read it was recorded as trusted
 beside the hash of its old bytes, and the reaper deleted the only copy of
-the new ones. The hashing is now timed by the monotonic clock
+the new ones. The hashing is now timed by a clock never stepped (CLOCK_BOOTTIME)
 (``record_verified_stat(hashing_for_s=...)``).
 """
 

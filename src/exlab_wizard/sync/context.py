@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from exlab_wizard.sync.remote import HashsumFactory, PushFactory, Remotes, Remot
 from exlab_wizard.sync.verifier import Verifier
 from exlab_wizard.validator import Validator
 
-__all__ = ["PROGRESS_INTERVAL_S", "ClientContext", "ProgressSink", "TransferProgress", "utcnow"]
+__all__ = ["PROGRESS_INTERVAL_S", "ClientContext", "ProgressSink", "TransferProgress", "elapsed_s", "utcnow"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ PROGRESS_INTERVAL_S = 0.25
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def elapsed_s() -> float:
+    """Seconds on a clock that is never stepped and counts a suspend (CLOCK_BOOTTIME where there is one).
+
+    For "how long ago did this begin" measured against the wall clock: ``time.monotonic()``
+    stops while the PC sleeps on Linux, and would date a start hours too late after a suspend.
+    """
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.monotonic() if boottime is None else time.clock_gettime(boottime)
 
 
 @dataclass

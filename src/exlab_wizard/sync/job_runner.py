@@ -29,7 +29,6 @@ import datetime as dt
 import functools
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR, is_data_path
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
-from exlab_wizard.sync.context import ClientContext, TransferProgress
+from exlab_wizard.sync.context import ClientContext, TransferProgress, elapsed_s
 from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unverifiable_kind
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
@@ -484,7 +483,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         detail=f"transfer attempt {job.attempts + 1}",
         overrides_relied_on=tuple(result.overrides_relied_on),
     )
-    # By the monotonic clock: a wall clock stepped back since would date the hashing too late (see _promote).
+    # By a clock never stepped that counts a suspend: a wall clock stepped back since would date the
+    # hashing too late, and so would time.monotonic() after the PC slept (see _promote).
     hashing = _HashingStart.now(run)
     ctx.notify_state(job)
     # What this transfer sends over a NAS copy on purpose is kept first (moved under previous/<stamp>/,
@@ -708,7 +708,7 @@ async def _keep_previous(
 
 @dataclasses.dataclass(frozen=True)
 class _HashingStart:
-    """When the local hashing of a run began (``time.monotonic()``), and its folder then (device, inode)."""
+    """When the local hashing of a run began (:func:`elapsed_s`), and its folder then (device, inode)."""
 
     at: float
     folder: tuple[int, int] | None
@@ -720,7 +720,7 @@ class _HashingStart:
             folder = (info.st_dev, info.st_ino)
         except OSError:
             folder = None
-        return cls(time.monotonic(), folder)
+        return cls(elapsed_s(), folder)
 
 
 def _reserve_push_stamp(ctx: ClientContext, job: SyncJobRow, on_nas: Collection[str] = ()) -> str:
@@ -964,8 +964,9 @@ async def _promote(
     # What the reaper will check the local files against, before it deletes any. Lost
     # in a crash (or an error) right here, the reaper re-hashes every file instead: safe, only slower.
     try:
-        # How long ago the hashing began, by the monotonic clock: a file changed since then may
-        # not hold the hashed bytes, whatever a stepped wall clock would make of its times. And the
+        # How long ago the hashing began, by a clock never stepped that counts a suspend (not
+        # time.monotonic(), which stops while the PC sleeps): a file changed since then may not
+        # hold the hashed bytes, whatever a stepped wall clock would make of its times. And the
         # run folder it began in: another folder moved in under the run's path (the run's own, or
         # one above it, renamed) holds files that were never hashed.
         await asyncio.to_thread(
@@ -975,7 +976,7 @@ async def _promote(
             run,
             local_hashes,
             now,
-            hashing_for_s=time.monotonic() - hashing.at,
+            hashing_for_s=elapsed_s() - hashing.at,
             run_folder=hashing.folder,
         )
     except Exception as exc:

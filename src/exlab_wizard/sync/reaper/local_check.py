@@ -124,7 +124,9 @@ def record_verified_stat(
     ``.exlab-wizard/`` entries are ignored). ``hashed_since`` is when the
     local hashing began; by default the time the job last entered RUNNING
     (the earliest the hashing can have begun). ``hashing_for_s``: how long
-    ago the hashing began by the monotonic clock; the bound is then never
+    ago the hashing began by a clock that is never stepped and counts a
+    suspend (``context.elapsed_s``: ``time.monotonic()`` stops while the
+    PC sleeps, and would date the start too late); the bound is then never
     later than ``now`` minus that, so a wall clock stepped back since the
     job entered RUNNING (NTP correcting a clock that ran ahead) cannot date
     a later edit before the hashing. A file modified within
