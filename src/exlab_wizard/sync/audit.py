@@ -603,7 +603,9 @@ async def _run_folder_missing(ctx: ClientContext, job: SyncJobRow, run: Path) ->
     missing parent is a disk or share away, which says nothing of the run:
     it is waited for as long as it lasts. The absence is timed from the
     first audit that saw it (an ``audit_skipped`` event with code
-    ``run_folder_missing``); any other audit finding since starts it anew.
+    ``run_folder_missing``); any other audit finding since starts it anew,
+    and so does a first sighting stamped after now (by a clock that ran
+    ahead and has been set back since): a new marker is written at now.
     """
     queue = ctx.require_queue()
     gone = not await asyncio.to_thread(os.path.lexists, run) and await asyncio.to_thread(os.path.isdir, run.parent)
@@ -612,7 +614,9 @@ async def _run_folder_missing(ctx: ClientContext, job: SyncJobRow, run: Path) ->
         return
     now = ctx.clock()
     since = _missing_since(queue, job.id)
-    if since is None:
+    # A first sighting stamped after now was stamped while the clock ran ahead, set back since:
+    # the grace counts anew from now (waiting it out would hold the job for the clock's whole error).
+    if since is None or since > now:
         queue.record_event(
             job.id,
             "audit_skipped",
@@ -623,7 +627,7 @@ async def _run_folder_missing(ctx: ClientContext, job: SyncJobRow, run: Path) ->
         )
         return
     if now - since < RUN_FOLDER_GRACE:
-        return  # a clock set back since makes this negative: it waits, never fails early
+        return
     fresh = queue.get(job.id)
     if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
         return
@@ -642,11 +646,15 @@ def _missing_since(queue: JobQueue, job_id: str) -> dt.datetime | None:
 
     Read back from the job's events: the last ``run_folder_missing``
     markers not followed by a transition, a pass or another audit finding
-    (the reaper's refusals and other notes say nothing of the folder).
+    (the reaper's refusals and other notes say nothing of the folder). A
+    marker stamped after a later one was stamped while the clock ran ahead:
+    the absence is timed from the later one, written after the correction.
     """
     since = None
     for event in reversed(queue.events(job_id, limit=_MISSING_LOOKBACK)):
         if event.kind == "audit_skipped" and event.code == _MISSING:
+            if since is not None and event.at > since:
+                break
             since = event.at
         elif event.kind in (TRANSITION_EVENT, "verify_pass", "audit_skipped"):
             break
