@@ -52,7 +52,10 @@ from exlab_wizard.sync.recovery import (
     adopt_nas_copy,
     check_local,
     check_nas_copy,
+    cleaned_here,
     damage_message,
+    missing_message,
+    nas_copy_place,
     new_previous_stamp,
     used_previous_stamps,
 )
@@ -424,6 +427,21 @@ def fail(
 # ---------------------------------------------------------------------- transfer
 
 
+def _settle_cleaned(ctx: ClientContext, job: SyncJobRow, nas_copy: NasCopyCheck) -> None:
+    """QUEUED -> CLEANED: a cleaned run re-enqueued after its queue was lost (see :func:`cleaned_here`)."""
+    place = nas_copy_place(ctx.equipment(job), job.remote_path)
+    detail = (
+        f"the run was cleaned before its queue was lost: its creation.json records local_cleaned of manifest "
+        f"{nas_copy.digest[:12]}, which its NAS folder holds with all {len(nas_copy.manifest)} file(s) at {place}; "
+        f"nothing sent"
+    )
+    job = ctx.require_queue().transition(job.id, S.QUEUED, S.CLEANED, now=ctx.clock(), detail=detail)
+    equipment = ctx.equipment(job)
+    if equipment is not None:
+        ctx.log(equipment).info(job.run_path, "cleaned_settled", job=job.id, files=len(nas_copy.manifest))
+    ctx.notify_state(job)
+
+
 async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
     """QUEUED -> RUNNING -> AWAITING_VERIFY, then :func:`verify_job`; or held, or back through the retry policy."""
     queue = ctx.require_queue()
@@ -463,6 +481,16 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         if nas_copy is not None and nas_copy.damaged:
             job = adopt_nas_copy(queue, job, nas_copy, ctx.clock())  # so retry, enqueue and restore know it
             fail(ctx, job, S.QUEUED, LOCAL_DAMAGE, damage_message(job.id, job.run_path, nas_copy.damaged))
+            return
+        if nas_copy is not None and nas_copy.missing:
+            # The run lacks files of its verified copy (a cleanup, whole or stopped part way, whose queue
+            # is lost): nothing is pushed, which would take their NAS copies for another's files.
+            job = adopt_nas_copy(queue, job, nas_copy, ctx.clock())  # so restore can bring them back
+            if await asyncio.to_thread(cleaned_here, run, nas_copy, ctx.cache):
+                _settle_cleaned(ctx, job, nas_copy)
+            else:
+                message = missing_message(job.id, job.run_path, nas_copy.missing)
+                fail(ctx, job, S.QUEUED, TransportErrorKind.LOCAL_FILE_VANISHED, message)
             return
     damaged = () if check is None else tuple(check.damaged)
     accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))

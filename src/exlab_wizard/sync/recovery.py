@@ -85,6 +85,7 @@ from exlab_wizard.sync.transports.base import (
     previous_stamps,
 )
 from exlab_wizard.sync.transports.conflict import NAS_MANIFEST
+from exlab_wizard.sync.verifier import scan_run as list_run
 
 __all__ = [
     "LOCAL_DAMAGE",
@@ -100,9 +101,11 @@ __all__ = [
     "adopt_nas_copy",
     "check_local",
     "check_nas_copy",
+    "cleaned_here",
     "damage_message",
     "damage_ways_out",
     "find_damage",
+    "missing_message",
     "nas_copy_place",
     "new_previous_stamp",
     "previous_stamp",
@@ -377,13 +380,16 @@ class NasCopyCheck:
     the NAS folder holds byte for byte; ``manifest``: its data files;
     ``damaged``: the local files whose bytes differ from it while their mtime
     is not later than their NAS copy's; ``rows``: the stats the NAS copies
-    vouch for (:func:`~exlab_wizard.sync.reaper.check_against_copy`).
+    vouch for (:func:`~exlab_wizard.sync.reaper.check_against_copy`);
+    ``missing``: its files the NAS holds and the run lacks.
     """
 
     digest: str
     manifest: Mapping[str, str]
     damaged: tuple[str, ...]
     rows: Mapping[str, Any]
+    #: the manifest's files the NAS folder holds and the run does not (a cleanup, whole or stopped part way)
+    missing: tuple[str, ...] = ()
 
 
 async def check_nas_copy(run: Path, remote: RemoteAccess) -> NasCopyCheck | None:
@@ -420,7 +426,43 @@ async def check_nas_copy(run: Path, remote: RemoteAccess) -> NasCopyCheck | None
     if theirs != hashlib.sha256(raw).hexdigest():
         return None
     damaged, rows = await asyncio.to_thread(check_against_copy, run, manifest, copies)
-    return NasCopyCheck(manifest_digest(listed or {}), manifest, damaged, rows)
+    missing = await asyncio.to_thread(_lacked, run, [rel for rel in manifest if rel in copies])
+    return NasCopyCheck(manifest_digest(listed or {}), manifest, damaged, rows, missing)
+
+
+def _lacked(run: Path, paths: Iterable[str]) -> tuple[str, ...]:
+    """The ``paths`` nothing is at in ``run`` (sorted). Blocking I/O."""
+    return tuple(sorted((rel for rel in paths if not os.path.lexists(run / rel)), key=os.fsencode))
+
+
+def cleaned_here(run: Path, found: NasCopyCheck, writer: Any) -> bool:
+    """Was the run cleaned, its verified copy being ``found`` on the NAS? Blocking I/O.
+
+    True when every file of the manifest is on the NAS and none is here, no
+    data file is left in the run, and its ``creation.json`` records the
+    reaper's ``local_cleaned`` of that very manifest (``writer``: a
+    ``CreationWriter``). For a run re-enqueued after its queue was lost.
+    """
+    if not found.manifest or set(found.missing) != set(found.manifest):
+        return False
+    try:
+        if any(not e.is_dir and is_data_path(e.rel) for e in list_run(run)):
+            return False
+        record = writer.read(run)
+    except (OSError, CacheError):
+        return False
+    cleaned = record.get("local_cleaned") if record is not None else None
+    return isinstance(cleaned, Mapping) and cleaned.get("manifest_digest") == found.digest
+
+
+def missing_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
+    """The one-line reason for a lost queue's job whose run lacks files of its verified NAS copy."""
+    return (
+        f"{len(paths)} file(s) of the run's verified checksums.sha256 (its NAS folder holds the same) are gone "
+        f"locally, their NAS copies there (a cleanup stopped part way, or deleted by mistake): "
+        f"{name_paths(list(paths))}; nothing sent. `exlab-sync restore {shlex.quote(run_path)}` brings them back "
+        f"from the NAS and re-arms job {job_id}"
+    )
 
 
 def adopt_nas_copy(queue: JobQueue, job: SyncJobRow, found: NasCopyCheck, now: dt.datetime) -> SyncJobRow:

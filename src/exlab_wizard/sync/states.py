@@ -30,7 +30,9 @@ S = SyncJobState
 
 #: from-state -> the states a job may move to from it.
 TRANSITIONS: dict[SyncJobState, frozenset[SyncJobState]] = {
-    S.QUEUED: frozenset({S.RUNNING, S.FAILED}),
+    # QUEUED -> CLEANED: a cleaned run re-enqueued after its queue was lost (creation.json's
+    # local_cleaned names the manifest its NAS folder holds): nothing left to send.
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CLEANED}),
     S.RUNNING: frozenset({S.AWAITING_VERIFY, S.QUEUED, S.FAILED}),
     S.AWAITING_VERIFY: frozenset({S.VERIFIED, S.QUEUED, S.FAILED}),
     S.VERIFIED: frozenset({S.CLEANUP_ELIGIBLE, S.QUEUED, S.FAILED}),
