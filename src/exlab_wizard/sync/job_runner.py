@@ -450,6 +450,16 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     if not run.is_dir() or run.is_symlink():
         fail(ctx, job, S.QUEUED, TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} is gone")
         return
+    try:
+        run_location(equipment, run)
+    except ValueError:
+        # local_root changed in the config (the data moved to another disk): its NAS place cannot be named.
+        message = (
+            f"the run is no longer under equipment {equipment.id}'s local root; nothing sent. Enqueue the run "
+            f"where it lies now, or put the old local_root back and `exlab-sync retry {job.id}`"
+        )
+        fail(ctx, job, S.QUEUED, TransportErrorKind.UNKNOWN, message)
+        return
     result = await asyncio.to_thread(gate_mod.check_run, run, validator=ctx.validator, writer=ctx.cache)
     if not result.eligible:
         # The hold's code is its sorted blocking rules: the same hold again is not recorded again.
