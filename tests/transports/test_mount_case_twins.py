@@ -7,10 +7,12 @@ copy of ``A.tif``, nothing kept. The push now refuses such a run before
 anything is written (``remote_write_refused``, naming both files) when the
 share folds; a share that tells case apart takes both, as before.
 
-No filesystem that folds case can be made on this kernel (no
-CONFIG_UNICODE), so the share's folding is shown the way a lookup on it
-behaves: the run folder found under its name with the case swapped (a
-symlink to it, made on the share).
+Here the share's folding is shown the way a lookup on it behaves: the run
+folder found under its name with the case swapped (a symlink to it, made on
+the share; the kernel's own casefold needs CONFIG_UNICODE, which this one
+lacks). The same cases on a real share that folds case (exFAT through
+exfat-fuse, which also gives the one folder a new inode number per name
+looked up) are in ``test_mount_case_folding_share.py``.
 """
 
 from __future__ import annotations

@@ -783,25 +783,45 @@ class MountTransport(Transport):
 
         The deepest existing folder of ``remote`` below the share root whose
         name has a cased letter is looked up under its name with the case
-        swapped: the same folder found means the share folds. No such folder
-        yet (a first push of a new project): False, and the audit's read-back
-        by name finds the two files one later.
+        swapped: the same folder found means the share folds. The same folder
+        is one inode, or, on a share that numbers a file per name looked up
+        (FUSE without ``use_ino``, exfat-fuse; cifs with ``noserverino``), two
+        names found that the parent folder does not list as two entries. No
+        such folder yet (a first push of a new project): False, and the
+        audit's read-back by name finds the two files one later.
         """
         root = os.path.realpath(self.mount_path)
         folder = os.path.realpath(remote)
         while folder.startswith(root + os.sep):
             name = os.path.basename(folder)
             if name.swapcase() != name:
+                parent = os.path.dirname(folder)
                 try:
                     here = os.stat(folder)
-                    there = os.stat(os.path.join(os.path.dirname(folder), name.swapcase()))
+                    there = os.stat(os.path.join(parent, name.swapcase()))
                 except OSError:
                     pass  # not there yet (or no such twin): go up
                 else:
-                    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+                    if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                        return True
+                    # Two inode numbers: two folders only if the share lists both names.
+                    return not self._lists_both(parent, name, name.swapcase())
                 if os.path.isdir(folder):
                     return False  # there, and its swapped name is not: the share tells case apart
             folder = os.path.dirname(folder)
+        return False
+
+    def _lists_both(self, parent: str, name: str, twin: str) -> bool:
+        """Does ``parent`` on the share hold entries under both names (one share that tells case apart)?"""
+        wanted = {name, twin}
+        try:
+            with os.scandir(parent) as entries:
+                for entry in entries:
+                    wanted.discard(entry.name)
+                    if not wanted:
+                        return True
+        except OSError as exc:
+            raise self._remote_error(exc, parent) from exc
         return False
 
     def _inspect_remote(
