@@ -49,7 +49,9 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   evidently still being written). A source file that disappears (or is
   unlinked while copied) raises ``LOCAL_FILE_VANISHED``.
 * **Errors**: on the share, ENOSPC/EDQUOT/EFBIG/EROFS/EACCES/EPERM and names
-  the share refuses (EINVAL/EILSEQ/ENAMETOOLONG) are
+  the share refuses (EINVAL/EILSEQ/ENAMETOOLONG; ENOENT creating or renaming
+  to a name in a folder that is there, the share mounted: exFAT's and SMB's
+  answer to ``a:b.tif``) are
   ``REMOTE_WRITE_REFUSED``; ENOENT (share or folder gone), ENOTCONN, EIO,
   ESTALE, EHOSTDOWN and other connection errors are ``NETWORK``; anything
   else ``UNKNOWN`` (the tables are :mod:`exlab_wizard.sync.failures`'s).
@@ -479,6 +481,38 @@ class MountTransport(Transport):
         if kind is FailureKind.NETWORK:
             return TransportError(kind, f"remote unreachable: {reason}")
         return TransportError(TransportErrorKind.UNKNOWN, f"remote error: {reason}")
+
+    def _create_error(
+        self, exc: OSError, path: str, *, dir_fd: int | None = None, source: str | None = None
+    ) -> TransportError:
+        """An error making ``path`` (a file, a folder, or a rename's target) on the share.
+
+        ENOENT is how exFAT and SMB refuse a name they cannot store (``a:b.tif``,
+        ``q"x``): when the share is mounted, the folder made in is there (the
+        one open as ``dir_fd``) and a rename's ``source`` still in it, that is
+        the name refused, not a share gone (which reads as unreachable, below).
+        """
+        if exc.errno == errno.ENOENT and self._folder_holds(os.path.dirname(path), dir_fd, source) and self._mounted():
+            return TransportError(
+                TransportErrorKind.REMOTE_WRITE_REFUSED,
+                f"remote refused the write: {path}: a name the share cannot store ({exc.strerror or exc})",
+            )
+        return self._remote_error(exc, path)
+
+    @staticmethod
+    def _folder_holds(folder: str, dir_fd: int | None, source: str | None) -> bool:
+        """Is ``folder`` a folder on the share (the same as the one open as ``dir_fd``) holding ``source``?"""
+        try:
+            there = os.stat(folder)
+            if not stat.S_ISDIR(there.st_mode) or (
+                dir_fd is not None and not os.path.samestat(os.fstat(dir_fd), there)
+            ):
+                return False
+            if source is not None:
+                os.stat(source, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
 
     @staticmethod
     def _local_error(exc: OSError, rel: str, run: Path) -> TransportError:
@@ -972,7 +1006,7 @@ class MountTransport(Transport):
                     ) from None
                 continue
             except OSError as exc:
-                raise self._remote_error(exc, path) from exc
+                raise self._create_error(exc, path) from exc
             job.touched.add(os.path.dirname(path))
             job.touched.add(path)
         return wanted
@@ -1145,10 +1179,12 @@ class MountTransport(Transport):
             mode = stat.S_IMODE(before.st_mode)
             # Created with its final permission bits when the umask keeps them: one fchmod less.
             chmod = job.umask is None or mode & ~0o777 or mode & job.umask
+            at: int | None = None
             try:
-                fd_out = os.open(temp, _CREATE, 0o600 if chmod else mode, dir_fd=shares.fd(folder))
+                at = shares.fd(folder)
+                fd_out = os.open(temp, _CREATE, 0o600 if chmod else mode, dir_fd=at)
             except OSError as exc:
-                raise self._remote_error(exc, shares.path(folder, temp)) from exc
+                raise self._create_error(exc, shares.path(folder, name), dir_fd=at) from exc
             temp_path = shares.path(folder, temp)
             job.temps.add(temp_path)
             try:
@@ -1234,9 +1270,12 @@ class MountTransport(Transport):
                     folder, temp, name, rel = item
                     try:
                         at = shares.fd(folder)
-                        os.replace(temp, name, src_dir_fd=at, dst_dir_fd=at)
                     except OSError as exc:
                         raise self._remote_error(exc, shares.path(folder, name)) from exc
+                    try:
+                        os.replace(temp, name, src_dir_fd=at, dst_dir_fd=at)
+                    except OSError as exc:
+                        raise self._create_error(exc, shares.path(folder, name), dir_fd=at, source=temp) from exc
                     temps.discard(shares.path(folder, temp))
                     folders.add(folder)
                     renamed += 1
@@ -1316,7 +1355,7 @@ class MountTransport(Transport):
                     direct = 0  # the share does not do direct I/O
                     fd_out = os.open(name, _CREATE, 0o600, dir_fd=dir_fd)
             except OSError as exc:
-                raise self._remote_error(exc, temp) from exc
+                raise self._create_error(exc, os.path.join(folder, src.name), dir_fd=dir_fd) from exc
             job.temps.add(temp)
             try:
                 digest, count = self._stream(job, src, fd_in, fd_out, view, temp, before.st_size, bool(direct))
@@ -1424,7 +1463,7 @@ class MountTransport(Transport):
         try:
             os.replace(os.path.basename(temp), os.path.basename(final), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
-            raise self._remote_error(exc, final) from exc
+            raise self._create_error(exc, final, dir_fd=dir_fd, source=os.path.basename(temp)) from exc
         job.temps.discard(temp)
         job.touched.add(os.path.dirname(final))
         with job.lock:
