@@ -187,6 +187,8 @@ async def run_tool(
     stdin: bytes | None = None,
     timeout: float | None = None,
     stop_after: float | None = None,
+    stop_if: Callable[[], bool] | None = None,
+    check_every: float = 5.0,
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
     log: EquipmentLog | None = None,
@@ -200,6 +202,9 @@ async def run_tool(
     ``timeout``: seconds after which the tool is killed and the result marked
     ``timed_out`` (a hung network). ``stop_after``: seconds after which the
     tool is stopped on purpose (``stopped``), e.g. at a bandwidth window edge.
+    ``stop_if``: asked every ``check_every`` seconds while the tool runs; the
+    tool is stopped on purpose once it answers True (a limit that changed
+    because the wall clock was stepped, which ``stop_after`` cannot see).
     Cancelling the caller kills the tool's whole process group before the
     cancellation propagates. Never raises for a failing tool: the caller
     classifies the result. ``quiet`` logs only failures, and the same failure
@@ -232,14 +237,25 @@ async def run_tool(
                 proc.stdin.close()
         pumps = asyncio.gather(_pump(proc.stdout, out, on_stdout), _pump(proc.stderr, err, on_stderr))
         limits = [t for t in (timeout, stop_after) if t is not None]
-        try:
-            await asyncio.wait_for(asyncio.shield(pumps), min(limits) if limits else None)
-        except TimeoutError:
-            if stop_after is not None and (timeout is None or stop_after <= timeout):
-                stopped = True
-            else:
-                timed_out = stopped = True
-            await _stop(proc)
+        deadline = time.monotonic() + min(limits) if limits else None
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            checking = stop_if is not None and (left is None or check_every < left)
+            try:
+                await asyncio.wait_for(asyncio.shield(pumps), check_every if checking else left)
+                break
+            except TimeoutError:
+                if checking:
+                    assert stop_if is not None
+                    if not stop_if():
+                        continue
+                    stopped = True
+                elif stop_after is not None and (timeout is None or stop_after <= timeout):
+                    stopped = True
+                else:
+                    timed_out = stopped = True
+                await _stop(proc)
+                break
         await pumps
         await proc.wait()
     except BaseException:

@@ -161,6 +161,10 @@ STREAMS_MAX_SHARE = 0.7
 HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
 #: Should the schedule name a window edge already past, rsync runs on and the schedule is read again after this.
 EDGE_RECHECK_S = 300.0
+#: While rsync runs, the limit is read again by the wall clock this often, in seconds: a clock stepped into
+#: (or out of) a window meanwhile restarts rsync with the new limit; the edge it waits for by the monotonic
+#: clock would be hours late.
+SCHEDULE_CHECK_S = 5.0
 
 # rsync's temporary name for ``name`` while receiving it: ".name." and 6 random letters or digits.
 _RSYNC_TMP_RE = re.compile(r"\.(?P<base>.+)\.[A-Za-z0-9]{6}", re.DOTALL)  # fullmatch; a name may hold a newline
@@ -1013,6 +1017,11 @@ class RsyncSshTransport(Transport):
     ) -> ToolResult:
         """Run rsync, restarting it with the new ``--bwlimit`` at each window edge.
 
+        The wait for the next edge runs on the monotonic clock; besides it, the
+        limit by the wall clock is read every :data:`SCHEDULE_CHECK_S`, and
+        rsync is restarted as soon as it differs from the one it runs with
+        (the clock was stepped: NTP, an operator setting the date).
+
         Sends the contents of ``source`` (default: the run folder) into
         ``remote_run``. ``streams``: how many rsyncs share the limit (each
         gets ``limit / streams``). Each rsync takes the limit in force when it
@@ -1039,24 +1048,37 @@ class RsyncSshTransport(Transport):
             if limit is not None:
                 argv.append(f"--bwlimit={max(1, int(limit / streams))}")
             argv += [f"{source or run_path}/", self._target(remote_run)]
+            stepped: list[dt.datetime] = []  # the wall-clock time at which the limit was seen to differ
+
+            def limit_moved(limit: int | None = limit, stepped: list[dt.datetime] = stepped) -> bool:
+                wall = self.now()
+                if self._limit_now(bwlimit_kibps, wall) == limit:
+                    return False
+                stepped.append(wall)
+                return True
+
             result = await run_tool(
                 argv,
                 stdin=stdin,
                 stop_after=stop_after,
+                stop_if=limit_moved,
+                check_every=SCHEDULE_CHECK_S,
                 on_stdout=_ProgressParser(progress),
                 log=self.log,
                 run_path=run_path,
                 step=step,
             )
             if result.stopped and not result.timed_out:
-                reached = edge
-                at = self.now() if edge is None else max(self.now(), edge)
+                # Stopped at the edge: its time has come. Stopped on a changed limit: the wall clock rules again.
+                reached = None if stepped else edge
+                at = stepped[-1] if stepped else (self.now() if edge is None else max(self.now(), edge))
                 self.log.info(
                     run_path,
                     "bandwidth_window_edge",
                     step=step,
                     old_kibps=limit or "unlimited",
                     new_kibps=self._limit_now(bwlimit_kibps, at) or "unlimited",
+                    **({"clock_stepped": at.isoformat()} if stepped else {}),
                 )
                 files, size = _stats(result.stdout)
                 files_total, bytes_total = files_total + files, bytes_total + size
