@@ -24,6 +24,7 @@ from typing import Any
 from exlab_wizard.cache import CreationWriter
 from exlab_wizard.config.models import Config, EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.policy.bandwidth import follow_time_zone
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper.contract import JobLocks
 from exlab_wizard.sync.remote import HashsumFactory, PushFactory, Remotes, RemoteStat
@@ -115,8 +116,10 @@ class ClientContext:
         """:attr:`clock` in this workstation's local time: what the bandwidth schedule reads.
 
         The one clock of the client, also handed to every transport it builds,
-        so a test's clock is the time the whole push sees.
+        so a test's clock is the time the whole push sees. In the zone set
+        now, not the one the service started in (:func:`follow_time_zone`).
         """
+        follow_time_zone()
         return self.clock().astimezone()
 
     def require_queue(self) -> JobQueue:

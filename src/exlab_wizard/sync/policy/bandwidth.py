@@ -11,11 +11,32 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections.abc import Callable
 
 from exlab_wizard.config.models import DAYS, BandwidthConfig, BandwidthWindow
 
-__all__ = ["mbps_to_kibps", "limit_kibps", "next_change", "rclone_timetable", "active_window"]
+__all__ = ["mbps_to_kibps", "limit_kibps", "next_change", "rclone_timetable", "active_window", "follow_time_zone"]
+
+#: How often, at most, the system's time zone is read again (seconds, monotonic clock).
+TIME_ZONE_RECHECK_S = 60.0
+_zone_read_at: float | None = None
+
+
+def follow_time_zone() -> None:
+    """Read the system's time zone again (``time.tzset``), once a minute at most.
+
+    The C library reads the zone (``/etc/localtime``, ``TZ``) once per
+    process: a zone set while the service runs (``timedatectl
+    set-timezone`` on a PC installed in UTC) would not move the windows until
+    a restart. Called before every reading of the local time that the
+    schedule uses.
+    """
+    global _zone_read_at
+    now = time.monotonic()
+    if _zone_read_at is None or not 0 <= now - _zone_read_at < TIME_ZONE_RECHECK_S:
+        _zone_read_at = now
+        time.tzset()
 
 
 def mbps_to_kibps(mbps: float) -> int:
@@ -38,6 +59,7 @@ def _intervals(window: BandwidthWindow, around: dt.datetime) -> list[tuple[dt.da
 
 
 def _naive_local(now: dt.datetime) -> dt.datetime:
+    follow_time_zone()
     if now.tzinfo is not None:
         now = now.astimezone()  # the workstation's local time
     return now.replace(tzinfo=None)

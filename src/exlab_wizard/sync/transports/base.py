@@ -26,6 +26,7 @@ from typing import NamedTuple
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.failures import FailureKind as F
+from exlab_wizard.sync.policy.bandwidth import follow_time_zone
 from exlab_wizard.sync.transports.rclone_conf import remote_digest
 
 __all__ = [
@@ -61,7 +62,8 @@ Clock = Callable[[], dt.datetime]
 
 
 def local_now() -> dt.datetime:
-    """The default :data:`Clock`: this workstation's local time, timezone-aware."""
+    """The default :data:`Clock`: this workstation's local time, timezone-aware (in the zone set now)."""
+    follow_time_zone()
     return dt.datetime.now().astimezone()
 
 
