@@ -218,6 +218,10 @@ _DIRECT_ALIGN = 4096
 _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 _FADVISE = getattr(os, "posix_fadvise", None)
+#: The mount marker is opened (followed, as ``exists`` would), never read.
+_MARKER = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+#: An open that fails with one of these: the file is not (or no longer) a regular file there.
+_NOT_THERE = GONE_ERRNOS | {errno.ENXIO}
 
 #: Filesystems whose syncfs(2) makes every written file durable (for NFS the
 #: write-back commits to the server). Anything else gets per-file fsync.
@@ -251,6 +255,48 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+
+#: statx(2): AT_EMPTY_PATH (the open file itself), AT_STATX_FORCE_SYNC (ask the server, not the attribute
+#: cache), and the fields wanted (type, mode, size, mtime).
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_FORCE_SYNC = 0x2000
+_STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x200  # STATX_TYPE | STATX_MODE | STATX_MTIME | STATX_SIZE
+
+
+def _load_statx() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+    except OSError:
+        return None
+
+
+_STATX = _load_statx()
+
+
+def _synced_stat(fd: int) -> tuple[int, int, int]:
+    """``(mode, size, mtime ns)`` of the open file ``fd`` as its filesystem's server has it now.
+
+    ``statx`` with ``AT_STATX_FORCE_SYNC``: FUSE (sshfs), NFS and SMB ask the
+    server instead of answering from the kernel's attribute cache (an
+    ``fstat`` right after the open may still be the cached attributes of a
+    second ago). Where ``statx`` is missing or does not fill these fields,
+    ``fstat``.
+    """
+    if _STATX is not None:
+        buf = ctypes.create_string_buffer(256)  # struct statx
+        if _STATX(fd, b"", _AT_EMPTY_PATH | _AT_STATX_FORCE_SYNC, _STATX_WANTED, buf) == 0:
+            raw, order = buf.raw, sys.byteorder
+            if int.from_bytes(raw[0:4], order) & _STATX_WANTED == _STATX_WANTED:
+                mode, size = int.from_bytes(raw[28:30], order), int.from_bytes(raw[40:48], order)
+                seconds = int.from_bytes(raw[112:120], order, signed=True)  # stx_mtime.tv_sec, then tv_nsec
+                return mode, size, seconds * 1_000_000_000 + int.from_bytes(raw[120:124], order)
+        elif ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    info = os.fstat(fd)
+    return info.st_mode, info.st_size, info.st_mtime_ns
 
 
 def is_temp_name(name: str) -> bool:
@@ -451,8 +497,13 @@ class MountTransport(Transport):
     # ------------------------------------------------------------------ guard
 
     def _mounted(self) -> bool:
+        """``mount_path`` is a folder and its marker opens: an open goes to the server (a stat may be
+        answered from sshfs's or NFS's attribute cache)."""
         try:
-            return os.path.isdir(self.mount_path) and os.path.exists(self.marker)
+            if not os.path.isdir(self.mount_path):
+                return False
+            os.close(os.open(self.marker, _MARKER))
+            return True
         except OSError:
             return False
 
@@ -1841,6 +1892,14 @@ class MountTransport(Transport):
         return await asyncio.to_thread(self._remote_listing, Path(run_path))
 
     def _remote_listing(self, run: Path) -> dict[str, RemoteFile]:
+        """The listing, each file opened and its size and mtime asked of the server (:func:`_opened_stat`).
+
+        A folder's entries may come from the client's cache, but each file is
+        opened: an open goes to the server on sshfs (whose ``lstat`` answers
+        from its cache for up to 20 s) and makes NFS and SMB revalidate. A file
+        whose open finds it gone (or not a regular file) is left out; any other
+        failure raises (a file that cannot be opened is never one not there).
+        """
         self._require_mounted()
         remote = self.remote_run_path(run)
         files: dict[str, RemoteFile] = {}
@@ -1853,23 +1912,59 @@ class MountTransport(Transport):
             return files
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
+        folders = OpenFolders(remote)
         try:
-            for rel, entry in _scan_share(remote):
+            for rel, entry in _scan_share(remote, folders=folders):
                 try:
-                    info = entry.stat(follow_symlinks=False)
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = _opened_stat(entry.name, folders.fd(rel.rpartition("/")[0]))
                 except FileNotFoundError:
                     continue  # removed while listed: not on the share any more
-                if stat.S_ISREG(info.st_mode):
-                    files[rel] = RemoteFile(info.st_size, info.st_mtime_ns)
+                except OSError as exc:
+                    raise self._listing_error(exc, f"{remote}/{rel}") from exc
+                if info is not None:
+                    files[rel] = info
         except FileNotFoundError:
             pass  # the run folder removed while listed, or the share unmounted (checked below)
         except OSError as exc:
             raise self._remote_error(exc, remote) from exc
+        finally:
+            folders.close()
         self._require_mounted()
         return files
 
+    def _listing_error(self, exc: OSError, where: str) -> TransportError:
+        """A file listed that cannot be opened: unreachable (``NETWORK``) or ``UNKNOWN``, never a refused write."""
+        error = self._remote_error(exc, where)
+        if error.kind is TransportErrorKind.NETWORK:
+            return error
+        return TransportError(
+            TransportErrorKind.UNKNOWN,
+            f"a file on the share cannot be opened to list it: {where}: {exc.strerror or exc}",
+        )
 
-def _scan_share(top: str, prefix: str = "") -> Iterator[tuple[str, os.DirEntry[str]]]:
+
+def _opened_stat(name: str, dir_fd: int) -> RemoteFile | None:
+    """Size and mtime of the regular file ``name`` in the open folder ``dir_fd``, opened now (never followed,
+    never read) and asked of the server (:func:`_synced_stat`); None when it is not there as a regular file
+    (gone, a symlink, a socket, a folder). Raises ``OSError`` for any other failure."""
+    try:
+        fd = os.open(name, _READ, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NOT_THERE:
+            return None
+        raise
+    try:
+        mode, size, mtime_ns = _synced_stat(fd)
+    finally:
+        os.close(fd)
+    return RemoteFile(size, mtime_ns) if stat.S_ISREG(mode) else None
+
+
+def _scan_share(
+    top: str, prefix: str = "", *, folders: OpenFolders | None = None
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """``(prefix + relative path, entry)`` of everything below the share folder ``top``, folders one at a time.
 
     Each folder is opened relative to its open parent without following a
@@ -1879,8 +1974,11 @@ def _scan_share(top: str, prefix: str = "") -> Iterator[tuple[str, os.DirEntry[s
     symlink, while listed is left out. An entry's ``stat()`` holds until the
     next entry is taken. Raises ``OSError`` as ``os.open`` when ``top`` is
     missing or not a real folder, as ``os.scandir`` otherwise. Unordered.
+    ``folders``: the caller's :class:`OpenFolders` of ``top`` (not closed here),
+    whose ``fd(folder)`` is the folder of the entry just taken.
     """
-    folders = OpenFolders(top)
+    own = folders is None
+    folders = OpenFolders(top) if folders is None else folders
     try:
         folders.fd("")
         stack = [""]
@@ -1899,7 +1997,8 @@ def _scan_share(top: str, prefix: str = "") -> Iterator[tuple[str, os.DirEntry[s
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(rel)
     finally:
-        folders.close()
+        if own:
+            folders.close()
 
 
 class _ReadBackManifest(Mapping[str, str]):

@@ -1,0 +1,172 @@
+"""The mount transport on a real sshfs share (FUSE over the loopback sshd), cleanup on.
+
+A lab mounts its NAS with sshfs; ``mount_path`` is the sshfs mount point and
+the marker ``.exlab-nas`` lies on the server. sshfs answers a stat or a
+listing from its own cache for up to 20 s (``cache_timeout``), so the reaper's
+last look before a deletion must go to the server (docs/cleanup.md: "read from
+the NAS itself, never from a cache"). Through the real client and reaper: the
+whole flow, a mount that died (ENOTCONN), the read-back against bytes changed
+on the server behind the mount's back, and the last look at a NAS copy removed
+on the server a moment before the pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.mount import MountTransport
+from tests.fixtures.sshfs_share import Sshfs
+from tests.helpers import Clock
+from tests.lab import EQ, FILES, Lab, act_once_in, acts, cleanup_config, data_intact, ready, running
+
+S = SyncJobState
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def share(tmp_path: Path, sshd_factory, remote_dir: Path) -> Iterator[tuple[Lab, Sshfs]]:
+    """A one-equipment lab whose NAS (``tmp_path/nas``) is ``remote_dir`` on the sshd, mounted with sshfs."""
+    server = sshd_factory()
+    (remote_dir / ".exlab-nas").write_text("mounted\n")
+    lab = Lab.build(tmp_path, equipment=(EQ,), nas_per_equipment=False, marker=None)
+    mount = Sshfs(server, remote_dir, lab.nas).mount()
+    try:
+        assert (lab.nas / ".exlab-nas").is_file()
+        yield lab, mount
+    finally:
+        mount.close()
+
+
+def _on_server(lab: Lab, remote_dir: Path, run: Path) -> Path:
+    """The run's NAS copy as the server's own disk holds it (not through the mount)."""
+    return remote_dir / lab.nas_copy(run).relative_to(lab.nas)
+
+
+def _server_files(nas: Path) -> dict[str, bytes]:
+    return {rel: (nas / rel).read_bytes() for rel in FILES if (nas / rel).is_file()}
+
+
+async def test_the_whole_flow_with_cleanup_on_sshfs(share, remote_dir: Path) -> None:
+    lab, _mount = share
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(cleanup_config(lab), clock) as client:
+        await ready(client, clock, run)
+        outcomes = acts(await client.cleanup_once())
+        assert [o.action for o in outcomes] == ["deleted"], outcomes
+        assert (await client.job(run)).state == S.CLEANED
+    assert not any((run / rel).exists() for rel in FILES)
+    assert _server_files(_on_server(lab, remote_dir, run)) == FILES
+
+
+async def test_a_dead_sshfs_mount_is_never_an_empty_nas(share, remote_dir: Path) -> None:
+    """sshfs killed: every access to the mount point is ENOTCONN (rule 3)."""
+    lab, mount = share
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(cleanup_config(lab), clock) as client:
+        await ready(client, clock, run)
+        mount.kill()
+        await client.audit_once()
+        job = await client.job(run)
+        assert job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE) and job.verify_passes == 2, (job.state, job.last_error)
+        outcomes = acts(await client.cleanup_once())
+        assert all(o.action != "deleted" for o in outcomes), outcomes
+        assert data_intact(run)
+    assert _server_files(_on_server(lab, remote_dir, run)) == FILES
+
+
+async def test_bytes_changed_on_the_server_after_the_write_are_seen_by_the_verification(
+    share, remote_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back goes to the server, not to this machine's page cache of the bytes just written."""
+    lab, _mount = share
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    nas = _on_server(lab, remote_dir, run)
+
+    def flip_on_the_server() -> None:
+        target = nas / "sub" / "stack.raw"
+        info = target.stat()
+        with open(target, "r+b") as handle:
+            handle.seek(100)
+            handle.write(b"Z")
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))  # size and mtime as written
+
+    fired = act_once_in(
+        monkeypatch,
+        MountTransport,
+        "_read_back",
+        lambda _self, _job, rel, *a, **k: rel == "sub/stack.raw",
+        flip_on_the_server,
+    )
+    async with running(cleanup_config(lab), clock) as client:
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+    assert fired
+    mismatches = [e for e in job.events if "mismatch" in (e.detail or "") or e.kind == "hash_mismatch"]
+    assert mismatches, [(e.kind, e.detail) for e in job.events]
+    assert _server_files(nas) == FILES  # re-sent
+
+
+async def test_the_last_look_before_deleting_is_not_sshfs_s_cache(share, remote_dir: Path) -> None:
+    """The NAS copy removed on the server a moment after a look through the mount (an admin, a snapshot restore).
+
+    The reaper's listing right before the deletion must show the NAS as it is,
+    not sshfs's cached listing of the dry run a moment before.
+    """
+    lab, _mount = share
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(cleanup_config(lab), clock) as client:
+        await ready(client, clock, run)
+        [dry] = await client.cleanup_once(dry_run=True)  # looks at the NAS copy through the mount
+        assert dry.action == "would_delete", dry
+        shutil.rmtree(_on_server(lab, remote_dir, run))  # gone on the server
+        outcomes = acts(await client.cleanup_once())
+        job = await client.job(run)
+    assert data_intact(run), (outcomes, job.state)  # rule 1: its NAS copy is gone, the local bytes stay
+    assert all(o.action != "deleted" for o in outcomes), outcomes
+
+
+async def test_remote_stats_are_the_server_s_not_sshfs_s_cache(share, remote_dir: Path) -> None:
+    """Files removed and grown on the server a moment after a listing through the mount: the next listing sees both.
+
+    A size changed within the kernel's own attribute cache time (1 s) too: an
+    ``fstat`` right after the open would still give the old one.
+    """
+    lab, _mount = share
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(cleanup_config(lab), clock) as client:
+        await ready(client, clock, run)
+    transport = MountTransport(lab.config().equipment[0])
+    assert set(FILES) <= set(await transport.remote_stats(run))
+    nas = _on_server(lab, remote_dir, run)
+    (nas / "sub" / "stack.raw").unlink()
+    with open(nas / "notes.txt", "ab") as grown:
+        grown.write(b"more")
+    after = await transport.remote_stats(run)
+    assert "sub/stack.raw" not in after
+    assert after["notes.txt"].size == len(FILES["notes.txt"]) + 4
+
+
+async def test_a_marker_removed_on_the_server_is_not_mounted_at_once(share, remote_dir: Path) -> None:
+    """The mount guard opens the marker: sshfs's cached stat of it a moment before does not answer."""
+    lab, _mount = share
+    transport = MountTransport(lab.config().equipment[0])
+    run = lab.make_run(files=FILES)
+    assert await transport.reachable(run)
+    (remote_dir / ".exlab-nas").unlink()  # the share is not the NAS any more
+    assert not await transport.reachable(run)
+    with pytest.raises(TransportError) as raised:
+        await transport.remote_stats(run)
+    assert raised.value.kind is TransportErrorKind.NETWORK
