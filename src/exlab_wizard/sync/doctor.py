@@ -8,7 +8,8 @@ serve them. A failed check carries a ``hint``: what to run or change.
 Per equipment:
 
 - ``local_root``: ``<local_root>/<id>`` is a folder this user can list.
-- mount: ``mount_path`` (a folder), ``mount_marker`` (present: the share is
+- mount: ``mount_path`` (a folder; on an sshfs mount, a warning to mount it
+  with ``-o cache=no``), ``mount_marker`` (present: the share is
   mounted), ``mount_writable`` (a probe file created, made durable and
   removed -- only when the marker is there, never into a bare mount point),
   ``free_space`` (at least :data:`MIN_FREE_BYTES`).
@@ -61,6 +62,7 @@ from exlab_wizard.sync.state_dir import state_dir_warnings
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports._process import run_tool
 from exlab_wizard.sync.transports.classify import transport_error
+from exlab_wizard.sync.transports.mount import _filesystem_type
 from exlab_wizard.sync.transports.rclone import _PROBE_FLAGS, RcloneTransport, rclone_text
 from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
 
@@ -236,7 +238,13 @@ def _mount(cfg: MountTransportConfig) -> list[Check]:
                 f"touch {shlex.quote(str(marker))}",
             ),
         ]
-    checks = [Check("mount_path", True, f"{mount} is a folder"), Check("mount_marker", True, f"{marker} is present")]
+    found = f"{mount} is a folder"
+    if _filesystem_type(str(mount)) == "fuse.sshfs":  # sshfs's options are not in mountinfo: a reminder, always
+        found += (
+            "; warning: an sshfs mount answers listings from its cache for up to 20 s unless mounted with "
+            "-o cache=no (the cleanup asks the server itself; audits and resumes see the NAS late)"
+        )
+    checks = [Check("mount_path", True, found), Check("mount_marker", True, f"{marker} is present")]
     checks.append(_probe_write(mount))
     try:
         free = shutil.disk_usage(mount).free
