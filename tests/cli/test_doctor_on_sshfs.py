@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.sshfs_share import Sshfs
+from tests.fixtures.fuse_shares import Sshfs
 from tests.helpers import cli
 from tests.lab import EQ, mark_nas
 

@@ -22,7 +22,7 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.fixtures.sshfs_share import Sshfs
+from tests.fixtures.fuse_shares import Sshfs
 from tests.helpers import Clock
 from tests.lab import EQ, FILES, Lab, act_once_in, acts, cleanup_config, data_intact, ready, running
 
