@@ -263,6 +263,13 @@ def enqueue_cmd(paths: tuple[Path, ...], wait: bool, timeout_s: float, config: C
                         ),
                         highlight=False,
                     )
+            elif handle.note:  # the job exists but was not sent again: say so, not "queued"
+                ids.append(handle.job_id)
+                console.print(
+                    f"[yellow]left as it is[/]  {handle.run_path}  job {handle.job_id}: {handle.note}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             else:
                 ids.append(handle.job_id)
                 console.print(f"[cyan]queued[/]  {handle.run_path}  job {handle.job_id}", highlight=False)

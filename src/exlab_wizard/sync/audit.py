@@ -535,7 +535,11 @@ async def _checked_locally(
 async def _act_on_local_check(ctx: ClientContext, job: SyncJobRow, run: Path, check: LocalCheck) -> SyncJobRow | None:
     """Damage: FAILED ``local_damage``; else files added or edited: back to QUEUED; else nothing (None).
 
-    Nothing once the reaper has planned a deletion since the check (asked again: one row read).
+    Nothing once the reaper has planned a deletion since the check: asked
+    again here, and in the move's own UPDATE (``unless_planned``), which
+    orders it with a reaper in another process (an ``exlab-sync enqueue``
+    beside ``serve``, a window-time check beside ``exlab-sync cleanup``): the
+    job locks are one process's.
     """
     async with ctx.job_locks(job.id):  # the reaper's batches wait: a send-back never lands mid-deletion
         return await _act_unlocked(ctx, job, run, check)
@@ -569,9 +573,10 @@ async def _act_unlocked(ctx: ClientContext, job: SyncJobRow, run: Path, check: L
             verify_passes=0,
             verified_at=None,
             pass_times=(),
+            unless_planned=True,
         )
     except IllegalTransition:
-        return None  # another actor moved it first
+        return None  # another actor moved it first, or the reaper planned its deletion: its to finish
     equipment = ctx.equipment(job)
     if equipment is not None:
         ctx.log(equipment).warning(run, "run_changed", job=job.id, files=len(paths))
@@ -588,9 +593,16 @@ def _fail_local_damage(ctx: ClientContext, job: SyncJobRow, damaged: tuple[str, 
     if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or not _same_verification(fresh, job):
         return None
     try:
-        fail(ctx, fresh, fresh.state, FailureKind.LOCAL_DAMAGE, damage_message(job.id, job.run_path, damaged))
+        fail(
+            ctx,
+            fresh,
+            fresh.state,
+            FailureKind.LOCAL_DAMAGE,
+            damage_message(job.id, job.run_path, damaged),
+            unless_planned=True,  # a deletion under way is the reaper's: its interlocks judge the files
+        )
     except IllegalTransition:
-        return None  # another actor moved it first
+        return None  # another actor moved it first, or the reaper planned its deletion
     return queue.get(job.id)
 
 
@@ -636,9 +648,10 @@ async def _run_folder_missing(ctx: ClientContext, job: SyncJobRow, run: Path) ->
         f"engine; if it comes back, `exlab-sync retry {job.id}` re-arms it"
     )
     try:
-        fail(ctx, fresh, fresh.state, FailureKind.RUN_FOLDER_MISSING, reason)
+        # Not once a deletion is planned (with retain_cache: false the reaper removes the folder itself).
+        fail(ctx, fresh, fresh.state, FailureKind.RUN_FOLDER_MISSING, reason, unless_planned=True)
     except IllegalTransition:
-        return  # another actor moved it first
+        return  # another actor moved it first, or the reaper planned its deletion
 
 
 def _missing_since(queue: JobQueue, job_id: str) -> dt.datetime | None:

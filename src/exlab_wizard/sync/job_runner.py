@@ -397,12 +397,15 @@ def fail(
     attempts: int | None = None,
     mismatch: int | None = None,
     nas_copy_bad: bool = False,
+    unless_planned: bool = False,
 ) -> None:
     """Move the job to FAILED with ``kind`` and ``message``; mark the run's creation.json ``failed``.
 
     ``nas_copy_bad``: the failure found the NAS copy wrong (an audit), so its
     verification and passes are cleared: nothing (a restore, say) may bring
     the job back to VERIFIED without a new transfer and verification.
+    ``unless_planned``: not while the reaper has a deletion plan for the job
+    (see ``JobQueue.transition``; raises ``DeletionPlanned``).
     """
     queue = ctx.require_queue()
     kind_value = str(getattr(kind, "value", kind))
@@ -413,7 +416,9 @@ def fail(
         fields["attempts"] = attempts
     if mismatch is not None:
         fields["mismatch_count"] = mismatch
-    job = queue.transition(job.id, from_state, S.FAILED, now=ctx.clock(), detail=message, **fields)
+    job = queue.transition(
+        job.id, from_state, S.FAILED, now=ctx.clock(), detail=message, unless_planned=unless_planned, **fields
+    )
     run = Path(job.run_path)
     with contextlib.suppress(Exception):
         if run.is_dir():

@@ -53,7 +53,7 @@ from exlab_wizard.sync import audit, job_runner, metadata_push, recovery
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.context import ClientContext, TransferProgress
 from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
-from exlab_wizard.sync.reaper import Reaper
+from exlab_wizard.sync.reaper import Reaper, cleanup_planned
 from exlab_wizard.sync.recovery import (
     LocalDamageError,
     RestoreError,
@@ -98,13 +98,16 @@ class SyncJobHandle:
     """What ``enqueue`` returns.
 
     ``job_id`` is empty when the gate blocked the run; ``blocking_findings`` is
-    non-empty exactly when ``state == BLOCKED``.
+    non-empty exactly when ``state == BLOCKED``. ``note``: why the existing
+    job was left as it is though it may hold files not sent (the reaper's
+    deletion of the run is planned or under way); empty otherwise.
     """
 
     job_id: str
     state: SyncHandleState
     run_path: Path
     blocking_findings: tuple[Finding, ...] = ()
+    note: str = ""
 
 
 def _shared(name: str, doc: str) -> Any:
@@ -282,6 +285,7 @@ class NASSyncClient:
         remote = self._transport(equipment).remote_run_path(run)
         await asyncio.to_thread(self._ensure_creation, run, remote)
         now = self.clock()
+        note = ""
         job, created = queue.get_or_create(str(run), equipment.id, remote, now=now)
         if not created and job.state == S.FAILED:
             await recovery.refuse_local_damage(queue, job)
@@ -300,12 +304,19 @@ class NASSyncClient:
         elif not created and job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             # Asked again for a verified run: files added or edited since are sent (the audit finds them
             # too); local damage fails the job and is answered as for a job FAILED local_damage.
-            job = await audit.send_back_if_changed(ctx, job, run, raise_damage=True) or job
+            moved = await audit.send_back_if_changed(ctx, job, run, raise_damage=True)
+            if moved is None and await asyncio.to_thread(cleanup_planned, queue, job.id):
+                note = (
+                    f"not sent: the reaper's deletion of its verified local data is planned or under way (job "
+                    f"{job.state.value}); files written into the run now are not sent with it: once it is cleaned, "
+                    f"the audit's late_data event names them, to be moved into a new run folder"
+                )
+            job = moved or job
         if created:
             ctx.log(equipment).info(run, "enqueued", job=job.id)
         ctx.notify({"type": "state", "job_id": job.id, "run_path": str(run), "state": job.state.value})
         ctx.kick()
-        return SyncJobHandle(job.id, SyncHandleState.QUEUED, run, ())
+        return SyncJobHandle(job.id, SyncHandleState.QUEUED, run, (), note)
 
     def run_folder(self, run_path: Path | str) -> tuple[Path, EquipmentConfig]:
         """The run (absolute) and its equipment; :class:`EnqueueError` when it cannot be one.

@@ -67,7 +67,7 @@ from exlab_wizard.sync.state_dir import (
     lock_holder,
     make_state_dir,
 )
-from exlab_wizard.sync.states import IllegalTransition, SyncJobState, check_transition
+from exlab_wizard.sync.states import DeletionPlanned, IllegalTransition, SyncJobState, check_transition
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -824,19 +824,30 @@ class JobQueue:
         expected: SyncJobState,
         sets: dict[str, Any],
         unchanged: dict[str, Any] | None = None,
+        unless_planned: bool = False,
     ) -> None:
         columns = ", ".join(f"{name} = ?" for name in sets)
         same = unchanged or {}
         guards = "".join(f" AND {name} IS ?" for name in same)
-        cursor = conn.execute(
-            f"UPDATE jobs SET {columns} WHERE id = ? AND state = ?{guards}",
-            (*(_storable(value) for value in sets.values()), job_id, expected.value, *same.values()),
+        params: tuple[Any, ...] = (
+            *(_storable(value) for value in sets.values()),
+            job_id,
+            expected.value,
+            *same.values(),
         )
+        if unless_planned:
+            guards += " AND NOT EXISTS (SELECT 1 FROM cleanup_progress WHERE job_id = ?)"
+            params = (*params, job_id)
+        cursor = conn.execute(f"UPDATE jobs SET {columns} WHERE id = ? AND state = ?{guards}", params)
         if cursor.rowcount == 1:
             return
         current = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if current is None:
             raise JobNotFound(job_id)
+        if current["state"] == expected.value and unless_planned:
+            planned = conn.execute("SELECT 1 FROM cleanup_progress WHERE job_id = ?", (job_id,)).fetchone()
+            if planned is not None:
+                raise DeletionPlanned(f"job {job_id}: the reaper has a deletion plan for it; left {expected.value}")
         if current["state"] == expected.value:
             raise IllegalTransition(f"stale: job {job_id} changed its {', '.join(same)} meanwhile")
         raise IllegalTransition(f"stale: job {job_id} is in state {current['state']}, not {expected.value}")
@@ -877,6 +888,7 @@ class JobQueue:
         *,
         now: dt.datetime,
         detail: str = "",
+        unless_planned: bool = False,
         **fields: Any,
     ) -> SyncJobRow:
         """Move a job from ``from_state`` to ``to_state`` and return the new row.
@@ -884,7 +896,10 @@ class JobQueue:
         ``fields`` may set any of :data:`JOB_FIELDS` (None clears a nullable
         one; omitted fields keep their value); ``updated_at`` is always set
         to ``now``. The ``transition`` event is written in the same
-        transaction.
+        transaction. ``unless_planned``: not while the reaper has a deletion
+        plan for the job (a ``cleanup_progress`` row), checked in the same
+        UPDATE: a plan written by another process between a caller's look and
+        its move wins (:class:`~exlab_wizard.sync.states.DeletionPlanned`).
 
         Raises :class:`IllegalTransition` when the table forbids the move or
         the job is no longer in ``from_state`` (stale), :class:`JobNotFound`
@@ -896,7 +911,9 @@ class JobQueue:
         sets = _encode_all(fields)
         stamp = _ts(now)
         with self.transaction() as conn:
-            self._guarded_update(conn, job_id, src, {**sets, "state": dst.value, "updated_at": stamp})
+            self._guarded_update(
+                conn, job_id, src, {**sets, "state": dst.value, "updated_at": stamp}, unless_planned=unless_planned
+            )
             self._insert_event(conn, job_id, stamp, TRANSITION_EVENT, src.value, dst.value, detail)
             return self._fetch(conn, job_id)
 

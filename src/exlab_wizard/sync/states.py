@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["SyncJobState", "SyncHandleState", "TRANSITIONS", "TERMINAL_STATES", "IllegalTransition", "check_transition"]
+__all__ = [
+    "SyncJobState",
+    "SyncHandleState",
+    "TRANSITIONS",
+    "TERMINAL_STATES",
+    "IllegalTransition",
+    "DeletionPlanned",
+    "check_transition",
+]
 
 
 class SyncJobState(StrEnum):
@@ -47,6 +55,15 @@ TERMINAL_STATES = frozenset({S.CLEANED})
 
 class IllegalTransition(RuntimeError):
     """A state change the lifecycle does not allow, or a stale update."""
+
+
+class DeletionPlanned(IllegalTransition):
+    """A move refused because the reaper has a deletion plan for the job (planned, under way or done).
+
+    Raised by ``JobQueue.transition(..., unless_planned=True)``: the plan and
+    the move are checked in one statement, so a reaper in another process
+    cannot write its plan between the two.
+    """
 
 
 def check_transition(from_state: SyncJobState | str, to_state: SyncJobState | str) -> None:
