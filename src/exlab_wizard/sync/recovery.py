@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import os
 import re
@@ -182,7 +183,7 @@ class RestoreError(Exception):
     """``restore`` could not run at all; nothing was changed.
 
     ``kind``: ``no_job``, ``no_verified_manifest``, ``busy`` (a transfer is in
-    flight), ``cleaned`` (the local files were deleted once verified: the
+    flight, or another restore of the run), ``cleaned`` (the local files were deleted once verified: the
     message names the NAS copy to copy back from), ``unreachable`` (the NAS cannot be reached now), ``mount_point``
     (a folder is mounted inside the run: its files are another folder's, never
     written through).
@@ -613,16 +614,48 @@ def _put_missing(fetched: Path, run: Path, rel: str, mtime_ns: int | None) -> st
     return None
 
 
-def _scratch(run: Path) -> Path:
+def _scratch(run: Path) -> tuple[Path, int | None]:
+    """A new scratch folder in the run's ``.exlab-wizard/``, and the descriptor holding the run's restore lock.
+
+    The lock (``flock`` on ``.exlab-wizard/`` itself: no file left behind,
+    released by the kernel when a restore is killed) is held until the
+    scratch is removed: a second restore of the run meanwhile (another
+    ``exlab-sync restore``, a ``retry`` putting files back) gets
+    ``RestoreError("busy")`` instead of sweeping the first's scratch folder
+    away as stale under it. A filesystem with no ``flock`` gets no lock (None).
+    """
     meta = run / METADATA_DIR
     if meta.is_symlink() or not meta.is_dir():
         raise RestoreError("no_verified_manifest", f"{meta} is not a folder")
-    for stale in meta.glob(_SCRATCH_PREFIX + "*"):  # left by a restore that was killed
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-    scratch = meta / f"{_SCRATCH_PREFIX}{secrets.token_hex(6)}"
-    scratch.mkdir(mode=0o700)
-    return scratch
+    fd: int | None = os.open(meta, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RestoreError("busy", f"another restore of {run} is under way; nothing restored by this one") from None
+    except OSError:
+        os.close(fd)  # no flock here (some network filesystems): as before, unlocked
+        fd = None
+    try:
+        for stale in meta.glob(_SCRATCH_PREFIX + "*"):  # left by a restore that was killed
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        scratch = meta / f"{_SCRATCH_PREFIX}{secrets.token_hex(6)}"
+        scratch.mkdir(mode=0o700)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return scratch, fd
+
+
+def _drop_scratch(scratch: Path, fd: int | None) -> None:
+    """Remove the scratch folder, then let the run's restore lock go."""
+    try:
+        shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 async def restore_damaged(
@@ -667,7 +700,7 @@ async def restore_damaged(
     manifest = verified_manifest(job, queue) or {}
     stats = load_verified_stats(queue, job.id)
     seen = {rel: _lstat(run / rel) for rel in damaged}
-    scratch = await asyncio.to_thread(_scratch, run)
+    scratch, lock_fd = await asyncio.to_thread(_scratch, run)
     restored: list[str] = []
     refused: dict[str, str] = {}
     kept: dict[str, str] = {}
@@ -732,7 +765,7 @@ async def restore_damaged(
             restored.append(rel)
             kept[rel] = aside
     finally:
-        await asyncio.to_thread(shutil.rmtree, scratch, True)
+        await asyncio.to_thread(_drop_scratch, scratch, lock_fd)
     return tuple(restored), refused, kept
 
 
