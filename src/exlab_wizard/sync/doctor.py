@@ -64,7 +64,7 @@ from exlab_wizard.sync.transports._process import run_tool
 from exlab_wizard.sync.transports.classify import transport_error
 from exlab_wizard.sync.transports.mount import _filesystem_type
 from exlab_wizard.sync.transports.rclone import _PROBE_FLAGS, RcloneTransport, rclone_text
-from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
+from exlab_wizard.sync.transports.rsync_ssh import SYNC_THEN_STREAM, RsyncSshTransport, remote_line
 
 __all__ = ["MIN_FREE_BYTES", "Check", "check_config_file", "run_checks"]
 
@@ -76,6 +76,7 @@ SPEED_SAMPLE_BYTES = 64 << 20
 _SPEED_COMMANDS = {
     "openssl": "openssl dgst -sha256 -r",
     "sha256sum": "sha256sum",
+    "sha256sum-stdin": "sha256sum",
     "python3": "python3 -c "
     + shlex.quote(
         "import hashlib,sys\nh=hashlib.sha256()\nfor b in iter(lambda: sys.stdin.buffer.read(1<<20), b''): h.update(b)\n"
@@ -402,9 +403,7 @@ async def _remote_writable(transport: RsyncSshTransport, cfg: RsyncSshTransportC
         f"cd {root} 2>/dev/null || {{ echo exlab-no-root; exit 3; }}; "
         'f=.exlab-doctor-$$; : > "$f" && rm -f -- "$f" && echo exlab-writable'
     )
-    result = await transport._ssh(
-        f"sh -c {shlex.quote(script)}", run_path=None, step="doctor_write", timeout=60, quiet=True
-    )
+    result = await transport._ssh(remote_line(script), run_path=None, step="doctor_write", timeout=60, quiet=True)
     out = result.stdout.decode(errors="replace")
     if "exlab-writable" in out:
         return Check("remote_writable", True, f"a probe file was created and removed in {cfg.remote_root}")
@@ -434,11 +433,16 @@ async def _hash_tool(transport: RsyncSshTransport, *, baseline_s: float) -> Chec
             True,
             "the NAS refuses commands: each file is read back and hashed here (slower; see docs/transports.md)",
         )
+    if tool == SYNC_THEN_STREAM:
+        return Check(
+            "remote_hash_tool",
+            True,
+            "no SHA-256 tool works on the NAS: each run is flushed there with sync, then read back and hashed "
+            "here (slower; install python3 or openssl there, see docs/transports.md)",
+        )
     command = _SPEED_COMMANDS["python3" if tool.startswith("python3") else tool]
     script = f"head -c {SPEED_SAMPLE_BYTES} /dev/zero | {command} >/dev/null"
-    timed = await transport._ssh(
-        f"sh -c {shlex.quote(script)}", run_path=None, step="doctor_hash_speed", timeout=120, quiet=True
-    )
+    timed = await transport._ssh(remote_line(script), run_path=None, step="doctor_hash_speed", timeout=120, quiet=True)
     if timed.returncode != 0:
         return Check("remote_hash_tool", True, f"{tool} (its speed could not be measured)")
     seconds = max(timed.seconds - baseline_s, 0.01)

@@ -199,26 +199,116 @@ _PY_WATCH = remote_program("remote_watch.py")
 _SH_KEEP_PREVIOUS = remote_program("keep_previous.sh")
 # Every hashing program first makes the run's filesystem durable on the NAS (``sync -f``, a
 # whole ``sync`` where coreutils is older than 8.24): VERIFIED means the bytes are on its disks.
-_SH_ENTER = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; sync -f . 2>/dev/null || sync; '
+# No sync at all (missing, or failing) is exit 6: never hashes taken for durable ones.
+_SH_CD = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
+_SH_SYNC = "{ sync -f . 2>/dev/null || sync; } || exit 6; "
+_SH_ENTER = _SH_CD + _SH_SYNC
+_SYNC_FAILED = 6
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
-_SH_OPENSSL = (
-    _SH_ENTER
-    + "find . -type f -exec sh -c "
-    + shlex.quote('for f do printf "%s\\0" "$f"; openssl dgst -sha256 -r < "$f" || echo ERR; done')
-    + " sh {} +"
+
+
+def _sh_each_file(hasher: str) -> str:
+    """The run's regular files, each as ``<path>\\0`` then ``hasher``'s line for its bytes on stdin."""
+    loop = f'for f do printf "%s\\0" "$f"; {hasher} < "$f" || echo ERR; done'
+    return _SH_ENTER + "find . -type f -exec sh -c " + shlex.quote(loop) + " sh {} +"
+
+
+_SH_OPENSSL = _sh_each_file("openssl dgst -sha256 -r")
+# BusyBox (QNAP, older DSM, appliances): its sha256sum has no -z, but hashes stdin ("<hex>  -").
+_SH_SHA256SUM_STDIN = _sh_each_file("sha256sum")
+#: The probe's answer for a NAS that runs commands but has no SHA-256 tool that works: the run is
+#: flushed there with ``sync`` over ssh, then read back with rsync and hashed here.
+SYNC_THEN_STREAM = "sync-then-stream"
+#: fastest first: OpenSSL's SHA-256 (through python3 or the CLI), then coreutils, then BusyBox
+_TOOL_RANK = ("python3-openssl", "openssl", "sha256sum", "python3-builtin", "sha256sum-stdin")
+# The probe runs every hashing program on a folder of one empty file (see _probe_script).
+_PROBE_FILE = "e"
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_PYTHON_VARIANT = (
+    "import hashlib; print('python3-' + ('openssl' if hashlib.sha256.__name__.startswith('openssl') else 'builtin'))"
 )
-_PROBE = (
-    "echo exlab-probe; "
-    "command -v python3 >/dev/null 2>&1 && python3 -c "
-    + shlex.quote(
-        "import hashlib; print('python3-' + ('openssl' if hashlib.sha256.__name__.startswith('openssl') else 'builtin'))"
-    )
-    + " 2>/dev/null; "
-    'command -v openssl >/dev/null 2>&1 && printf "" | openssl dgst -sha256 -r >/dev/null 2>&1 && echo openssl; '
-    'printf "" | sha256sum -z >/dev/null 2>&1 && echo sha256sum; true'
-)
-#: fastest first: OpenSSL's SHA-256 (through python3 or the CLI), then coreutils
-_TOOL_RANK = ("python3-openssl", "openssl", "sha256sum", "python3-builtin")
+# Bytes a word may hold as is in a remote_line (inside csh's or sh's single quotes, and printf's format).
+_LINE_SAFE = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "#$&()*+,-./:;<=>?@[]_`{|}~')
+
+
+def _line_text(command: str) -> str:
+    """``command``'s bytes as a printf format: every byte outside :data:`_LINE_SAFE` as ``\\ooo``."""
+    return "".join(chr(b) if b in _LINE_SAFE else f"\\{b:03o}" for b in os.fsencode(command))
+
+
+def remote_line(command: str) -> str:
+    """``command`` (POSIX sh text: many lines, any names) as one line every login shell passes to sh unchanged.
+
+    sshd hands a command to the account's login shell; a csh or tcsh
+    (FreeBSD, TrueNAS CORE) refuses a newline inside quotes and runs the
+    lines after it as csh commands. The line is ``sh -c '_c=$(printf "$1")
+    && shift && eval "$_c"' sh '<text>'``: the text in single quotes holds only printable
+    ASCII other than ``'``, ``\\``, ``%`` and ``!`` (each other byte as an
+    octal escape that printf turns back), which csh, sh, bash and BusyBox
+    ash all pass on as is. It needs nothing on the NAS beyond sh's printf.
+    """
+    return f"sh -c '_c=$(printf \"$1\") && shift && eval \"$_c\"' sh '{_line_text(command)}'"
+
+
+def _hash_command(tool: str, args: str, *, flush: bool = True) -> str:
+    """The sh command that hashes a run with ``tool``; ``args`` are two sh words: run folder, remote root.
+
+    ``flush=False`` (the probe only, which checks ``sync`` on its own): the
+    sh programs without their ``sync``, so a NAS lacking it still shows its tool.
+    """
+    if tool.startswith("python3"):
+        return f"python3 -c {shlex.quote(_PY_HASH)} {args}"
+    script = {"openssl": _SH_OPENSSL, "sha256sum": _SH_SHA256SUM, "sha256sum-stdin": _SH_SHA256SUM_STDIN}[tool]
+    if not flush:
+        script = script.replace(_SH_SYNC, "", 1)
+    return f"sh -c {shlex.quote(script)} sh {args}"
+
+
+def _parse_hashes(tool: str, stdout: bytes) -> RemoteManifest:
+    return _parse_openssl(stdout) if tool in ("openssl", "sha256sum-stdin") else _parse_nul_records(stdout)
+
+
+def _probe_script() -> str:
+    """Which hashing programs work here: each is run on a fresh folder holding one empty file.
+
+    Prints ``exlab-probe`` (our shell answered, not a forced command), the
+    python3 variant, ``exlab-sync`` when ``sync`` works there, then per program ``\\nexlab-tool <name>\\n<output>\\nexlab-rc
+    <exit>\\n``: only a program whose output gives the empty file's hash is used.
+    """
+    lines = [
+        "echo exlab-probe",
+        'd=$(mktemp -d "${TMPDIR:-/tmp}/exlab-probe.XXXXXX" 2>/dev/null) || exit 0',
+        f': > "$d/{_PROBE_FILE}" || {{ rm -rf "$d"; exit 0; }}',
+        f"python3 -c {shlex.quote(_PYTHON_VARIANT)} 2>/dev/null",
+        '{ sync -f "$d" 2>/dev/null || sync; } >/dev/null 2>&1 && echo exlab-sync',
+    ]
+    for tool in ("python3", "openssl", "sha256sum", "sha256sum-stdin"):
+        run = _hash_command(tool, '"$d" "$d"', flush=False)
+        lines.append(f"printf '\\nexlab-tool {tool}\\n'; {run} </dev/null 2>/dev/null; printf '\\nexlab-rc %s\\n' $?")
+    lines.append('rm -rf "$d"')
+    return "\n".join(lines)
+
+
+def _probed_tool(stdout: bytes) -> tuple[str | None, bool]:
+    """The fastest working tool in a probe's output (None: our shell did not answer, commands refused),
+    and whether ``sync`` works there."""
+    head, *segments = stdout.split(b"\nexlab-tool ")
+    lines = head.decode(errors="replace").split()
+    if "exlab-probe" not in lines:
+        return None, False  # a forced command (rrsync, internal-sftp) answered instead of our shell
+    working = set()
+    for segment in segments:
+        name, _, rest = segment.partition(b"\n")
+        output, _, code = rest.rpartition(b"\nexlab-rc ")
+        tool = name.decode(errors="replace")
+        if tool == "python3":
+            tool = "python3-openssl" if "python3-openssl" in lines else "python3-builtin"
+        if tool in _TOOL_RANK and code.strip() == b"0":
+            found = _parse_hashes(tool, output)
+            if found.hashes == {_PROBE_FILE: _EMPTY_SHA256} and not found.unverifiable:
+                working.add(tool)
+    return next((name for name in _TOOL_RANK if name in working), SYNC_THEN_STREAM), "exlab-sync" in lines
+
 
 # One probe per host for the whole process: (target, port, key, known_hosts) -> tool or None.
 _HOST_TOOLS: dict[tuple[str, int, str, str], str | None] = {}
@@ -993,7 +1083,7 @@ class RsyncSshTransport(Transport):
         argv = [
             *self._ssh_argv(),
             self.config.ssh_target,
-            f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}",
+            remote_line(f"python3 -c {shlex.quote(_PY_WATCH)} {shlex.quote(remote_run)}"),
         ]
         watcher = _RemoteWatcher()
         try:
@@ -1229,22 +1319,24 @@ class RsyncSshTransport(Transport):
         remote_run = self.remote_run_path(run_path)
         tool = await self.hash_tool(run_path)
         if tool is None:
+            return await self._streamed_manifest(run_path, remote_run)  # refuses commands: nothing to flush with
+        args = f"{shlex.quote(remote_run)} {shlex.quote(self.config.remote_root)}"
+        if tool == SYNC_THEN_STREAM:
+            # Runs commands but has no hashing tool: flush the run there, then read it back.
+            command = remote_line(f"sh -c {shlex.quote(_SH_ENTER + 'exit 0')} sh {args}")
+            result = await self._ssh(command, run_path=run_path, step="remote_sync")
+            self._raise_for_enter(result, remote_run, "flushing")
+            if result.returncode != 0:
+                raise transport_error("ssh", result.returncode, result.stderr_text, f"flushing {remote_run}")
             return await self._streamed_manifest(run_path, remote_run)
-        root = self.config.remote_root
-        args = f"{shlex.quote(remote_run)} {shlex.quote(root)}"
         sent = self._sent_hashes.pop(str(run_path), b"")
-        if tool.startswith("python3"):
-            command, stdin = f"python3 -c {shlex.quote(_PY_HASH)} {args}", sent
-        elif tool == "openssl":
-            command, stdin = f"sh -c {shlex.quote(_SH_OPENSSL)} sh {args}", None
-        else:
-            command, stdin = f"sh -c {shlex.quote(_SH_SHA256SUM)} sh {args}", None
+        stdin = sent if tool.startswith("python3") else None
+        command = remote_line(_hash_command(tool, args))
         result = await self._ssh(command, run_path=run_path, step=f"remote_hash:{tool}", stdin=stdin)
-        if result.returncode == 3:
-            raise TransportError(K.NETWORK, f"remote root {root} does not exist on {self.config.ssh_target}")
+        self._raise_for_enter(result, remote_run, "hashing")
         if result.returncode == 255 or (result.returncode != 0 and not result.stdout):
             raise transport_error("ssh", result.returncode, result.stderr_text, f"hashing {remote_run}")
-        manifest = _parse_openssl(result.stdout) if tool == "openssl" else _parse_nul_records(result.stdout)
+        manifest = _parse_hashes(tool, result.stdout)
         if result.returncode != 0:
             # some files could not be read (xargs 123): they are absent, hence never verified
             self.log.warning(run_path, "remote_hash_incomplete", rc=result.returncode, hashed=len(manifest.hashes))
@@ -1258,22 +1350,45 @@ class RsyncSshTransport(Transport):
         )
         return manifest
 
+    def _raise_for_enter(self, result: ToolResult, remote_run: str, doing: str) -> None:
+        """The exits of :data:`_SH_ENTER`: 3, the remote root missing; 6, no ``sync`` that worked."""
+        host = self.config.ssh_target
+        if result.returncode == 3:
+            raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist on {host}")
+        if result.returncode == _SYNC_FAILED:
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED,
+                f"sync not found or failed on {host} while {doing} {remote_run}: the copy cannot be made "
+                f"durable there, so it is not verified ({result.stderr_text.strip()[:200]})",
+            )
+
     async def hash_tool(self, run_path: object = None) -> str | None:
-        """The SHA-256 tool used on this host, probed once per host; None when it refuses commands."""
+        """The SHA-256 tool used on this host, probed once per host.
+
+        None: the host refuses commands (a forced rrsync or sftp answered);
+        :data:`SYNC_THEN_STREAM`: it runs them but no hashing program worked there.
+        """
         key = self._host_key()
         if key in _HOST_TOOLS:
             return _HOST_TOOLS[key]
-        result = await self._ssh(f"sh -c {shlex.quote(_PROBE)}", run_path=run_path, step="probe_hash_tool", timeout=60)
+        result = await self._ssh(remote_line(_probe_script()), run_path=run_path, step="probe_hash_tool", timeout=60)
         if result.returncode == 255:
             raise transport_error(
                 "ssh", result.returncode, result.stderr_text, f"connecting to {self.config.ssh_target}"
             )
-        lines = result.stdout.decode(errors="replace").split()
-        if "exlab-probe" not in lines:
-            tool = None  # a forced command (rrsync, internal-sftp) answered instead of our shell
-        else:
-            tool = next((name for name in _TOOL_RANK if name in lines), None)
-        self.log.info(run_path, "remote_hash_tool", host=self.config.ssh_target, tool=tool or "none (commands refused)")
+        tool, syncs = _probed_tool(result.stdout)
+        if tool is not None and not syncs:
+            self.log.warning(
+                run_path,
+                "remote_sync_missing",
+                host=self.config.ssh_target,
+                detail="sync not found or failing there: no run can be verified on this NAS until it works",
+            )
+        shown = {
+            None: "none (commands refused: read back and hashed here, no flush on the NAS)",
+            SYNC_THEN_STREAM: "none that works (runs commands: flushed with sync, read back and hashed here)",
+        }.get(tool, tool)
+        self.log.info(run_path, "remote_hash_tool", host=self.config.ssh_target, tool=shown)
         _HOST_TOOLS[key] = tool
         return tool
 
@@ -1490,7 +1605,7 @@ class RsyncSshTransport(Transport):
         self, run_path: Path, remote_run: str, keep: str, paths: list[str], *, new: bool = False
     ) -> set[str]:
         words = [self.config.remote_root, remote_run, keep, "new" if new else "again", *paths]
-        command = f"sh -c {shlex.quote(_SH_KEEP_PREVIOUS)} sh " + " ".join(shlex.quote(w) for w in words)
+        command = remote_line(f"sh -c {shlex.quote(_SH_KEEP_PREVIOUS)} sh " + " ".join(shlex.quote(w) for w in words))
         result = await self._ssh(command, run_path=run_path, step="keep_previous")
         if result.returncode == 255:
             raise transport_error(
@@ -1509,6 +1624,12 @@ class RsyncSshTransport(Transport):
             )
         if result.returncode == 5:
             raise PreviousStampTaken(keep.rpartition("/")[2], remote_run)
+        if result.returncode == _SYNC_FAILED:
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED,
+                f"sync not found or failed on {self.config.ssh_target} after keeping files under {keep}: "
+                f"the moves may not be durable ({result.stderr_text.strip()[:200]})",
+            )
         if result.returncode != 0:
             raise TransportError(
                 K.REMOTE_WRITE_REFUSED, f"moving verified files under {keep} failed: {result.stderr_text.strip()[:300]}"
@@ -1830,7 +1951,7 @@ def _arg_batches(paths: list[str]) -> Iterable[list[str]]:
     batch: list[str] = []
     size = 0
     for path in paths:
-        length = len(os.fsencode(shlex.quote(path))) + 1
+        length = len(_line_text(shlex.quote(path))) + 1  # as remote_line sends it
         if batch and size + length > _ARGS_MAX_BYTES:
             yield batch
             batch, size = [], 0

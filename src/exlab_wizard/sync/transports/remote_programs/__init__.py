@@ -2,7 +2,8 @@
 
 ``remote_hash.py`` (hash a remote run folder) and ``remote_watch.py`` (hash
 files as a push completes them) are sent as ``python3 -c <source>``;
-``keep_previous.sh`` as ``sh -c <source>``. They use the remote's standard
+``keep_previous.sh`` as ``sh -c <source>``, each wrapped by
+``rsync_ssh.remote_line`` into one line a csh login shell passes on too. They use the remote's standard
 library only and must stay valid for the oldest python3 a NAS may carry: they
 import nothing from this package. Each file's opening comment is its contract
 (arguments, output, exit codes). The tests compile every one of them.
