@@ -256,8 +256,11 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 _SYNCFS = _load_syncfs()
 
-#: statx(2): AT_EMPTY_PATH (the open file itself), AT_STATX_FORCE_SYNC (ask the server, not the attribute
-#: cache), and the fields wanted (type, mode, size, mtime).
+#: statx(2): AT_FDCWD (a path from the working folder), AT_SYMLINK_NOFOLLOW, AT_EMPTY_PATH (the open file
+#: itself), AT_STATX_FORCE_SYNC (ask the server, not the attribute cache), and the fields wanted (type, mode,
+#: size, mtime).
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
 _AT_EMPTY_PATH = 0x1000
 _AT_STATX_FORCE_SYNC = 0x2000
 _STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x200  # STATX_TYPE | STATX_MODE | STATX_MTIME | STATX_SIZE
@@ -275,18 +278,24 @@ def _load_statx() -> Callable[..., int] | None:
 _STATX = _load_statx()
 
 
-def _synced_stat(fd: int) -> tuple[int, int, int]:
-    """``(mode, size, mtime ns)`` of the open file ``fd`` as its filesystem's server has it now.
+def _synced_stat(dir_fd: int, path: str = "", flags: int = 0) -> tuple[int, int, int]:
+    """``(mode, size, mtime ns)`` of ``path`` in the folder open as ``dir_fd`` (``_AT_FDCWD``: the working
+    folder), or of the open file ``dir_fd`` itself when ``path`` is empty, as its filesystem's server has it now.
 
-    ``statx`` with ``AT_STATX_FORCE_SYNC``: FUSE (sshfs), NFS and SMB ask the
-    server instead of answering from the kernel's attribute cache (an
-    ``fstat`` right after the open may still be the cached attributes of a
-    second ago). Where ``statx`` is missing or does not fill these fields,
-    ``fstat``.
+    ``statx`` with ``AT_STATX_FORCE_SYNC`` (and ``flags``: ``_AT_SYMLINK_NOFOLLOW``):
+    FUSE, NFS and SMB ask the server instead of answering from the kernel's
+    attribute cache (an ``fstat`` right after the open may still be the
+    cached attributes of a second ago). By a path it is no last look on its
+    own: sshfs answers that from its own cache (up to 20 s) unless an open of
+    the name just failed (which drops the name from it) or succeeded (which
+    asks the server). Where ``statx`` is missing or does not fill these
+    fields, ``os.stat``/``fstat``.
     """
+    if not path:
+        flags |= _AT_EMPTY_PATH
     if _STATX is not None:
         buf = ctypes.create_string_buffer(256)  # struct statx
-        if _STATX(fd, b"", _AT_EMPTY_PATH | _AT_STATX_FORCE_SYNC, _STATX_WANTED, buf) == 0:
+        if _STATX(dir_fd, os.fsencode(path), flags | _AT_STATX_FORCE_SYNC, _STATX_WANTED, buf) == 0:
             raw, order = buf.raw, sys.byteorder
             if int.from_bytes(raw[0:4], order) & _STATX_WANTED == _STATX_WANTED:
                 mode, size = int.from_bytes(raw[28:30], order), int.from_bytes(raw[40:48], order)
@@ -294,8 +303,12 @@ def _synced_stat(fd: int) -> tuple[int, int, int]:
                 return mode, size, seconds * 1_000_000_000 + int.from_bytes(raw[120:124], order)
         elif ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
             code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    info = os.fstat(fd)
+            raise OSError(code, os.strerror(code), path or None)
+    if path:
+        at = None if dir_fd == _AT_FDCWD else dir_fd
+        info = os.stat(path, dir_fd=at, follow_symlinks=not flags & _AT_SYMLINK_NOFOLLOW)
+    else:
+        info = os.fstat(dir_fd)
     return info.st_mode, info.st_size, info.st_mtime_ns
 
 
@@ -498,11 +511,19 @@ class MountTransport(Transport):
 
     def _mounted(self) -> bool:
         """``mount_path`` is a folder and its marker opens: an open goes to the server (a stat may be
-        answered from sshfs's or NFS's attribute cache)."""
+        answered from sshfs's or NFS's attribute cache).
+
+        A marker the service may not open (an admin's 0600 file, NFS
+        root_squash) is there: only a name that is there is refused for its
+        permissions, and the server's stat right after says it still is.
+        """
         try:
             if not os.path.isdir(self.mount_path):
                 return False
-            os.close(os.open(self.marker, _MARKER))
+            try:
+                os.close(os.open(self.marker, _MARKER))
+            except PermissionError:
+                _synced_stat(_AT_FDCWD, self.marker)
             return True
         except OSError:
             return False
@@ -1897,7 +1918,8 @@ class MountTransport(Transport):
         A folder's entries may come from the client's cache, but each file is
         opened: an open goes to the server on sshfs (whose ``lstat`` answers
         from its cache for up to 20 s) and makes NFS and SMB revalidate. A file
-        whose open finds it gone (or not a regular file) is left out; any other
+        whose open finds it gone (or not a regular file) is left out; one the
+        service may not open is listed as the server's stat has it; any other
         failure raises (a file that cannot be opened is never one not there).
         """
         self._require_mounted()
@@ -1948,17 +1970,25 @@ class MountTransport(Transport):
 def _opened_stat(name: str, dir_fd: int) -> RemoteFile | None:
     """Size and mtime of the regular file ``name`` in the open folder ``dir_fd``, opened now (never followed,
     never read) and asked of the server (:func:`_synced_stat`); None when it is not there as a regular file
-    (gone, a symlink, a socket, a folder). Raises ``OSError`` for any other failure."""
+    (gone, a symlink, a socket, a folder). Raises ``OSError`` for any other failure.
+
+    A file the service may not open (a colleague's, umask 077) is there (only a name that is there is
+    refused for its permissions): its stat by name, asked right after the refused open, is the server's
+    (sshfs drops a name whose open failed from its cache; NFS and SMB revalidate)."""
     try:
-        fd = os.open(name, _READ, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, _READ, dir_fd=dir_fd)
+        except PermissionError:
+            mode, size, mtime_ns = _synced_stat(dir_fd, name, _AT_SYMLINK_NOFOLLOW)
+        else:
+            try:
+                mode, size, mtime_ns = _synced_stat(fd)
+            finally:
+                os.close(fd)
     except OSError as exc:
         if exc.errno in _NOT_THERE:
             return None
         raise
-    try:
-        mode, size, mtime_ns = _synced_stat(fd)
-    finally:
-        os.close(fd)
     return RemoteFile(size, mtime_ns) if stat.S_ISREG(mode) else None
 
 
