@@ -18,7 +18,9 @@ included; an open goes to the server. So:
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.transports import TransportErrorKind
 from exlab_wizard.sync.transports.mount import MountTransport
 from tests.fixtures.fuse_shares import Sshfs
 from tests.lab import EQ, Lab
@@ -51,6 +54,27 @@ def _not_the_login_s(path: Path) -> None:
     """``path`` on the server: root's, 0600 (the sftp login may not open it)."""
     os.chown(path, 0, 0)
     path.chmod(0o600)
+
+
+def test_a_run_folder_removed_on_the_server_is_not_a_name_the_share_cannot_store(share, remote_dir: Path) -> None:
+    lab, transport = share
+    folder = lab.nas / "PROJ" / "Runs" / "Run_1"
+    folder.mkdir(parents=True)  # through the mount, as a push makes it
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.stat(folder)  # looked at through the mount: in sshfs's cache now
+        shutil.rmtree(remote_dir / "PROJ" / "Runs" / "Run_1")  # removed on the server meanwhile
+        with pytest.raises(OSError) as made:
+            os.close(os.open("image_001.tif", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=fd))
+        assert made.value.errno == errno.ENOENT
+        error = transport._create_error(made.value, str(folder / "image_001.tif"), dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert error.kind != TransportErrorKind.REMOTE_WRITE_REFUSED, (
+        f"a run folder removed on the NAS is read as a name the share cannot store (failed for good, never "
+        f"retried): {error.message}"
+    )
+    assert error.kind is TransportErrorKind.NETWORK, error
 
 
 def test_a_marker_the_login_may_not_open_is_there_until_removed_on_the_server(share, remote_dir: Path) -> None:

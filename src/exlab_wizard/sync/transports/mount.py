@@ -50,7 +50,8 @@ No external tool. Guarantees, on top of the :class:`Transport` contract:
   unlinked while copied) raises ``LOCAL_FILE_VANISHED``.
 * **Errors**: on the share, ENOSPC/EDQUOT/EFBIG/EROFS/EACCES/EPERM and names
   the share refuses (EINVAL/EILSEQ/ENAMETOOLONG; ENOENT creating or renaming
-  to a name in a folder that is there, the share mounted: exFAT's and SMB's
+  to a name holding ``"*:<>?\\|``, a control character or a trailing dot or
+  space, in a folder that is there, the share mounted: exFAT's and SMB's
   answer to ``a:b.tif``) are
   ``REMOTE_WRITE_REFUSED``; ENOENT (share or folder gone), ENOTCONN, EIO,
   ESTALE, EHOSTDOWN and other connection errors are ``NETWORK``; anything
@@ -312,6 +313,15 @@ def _synced_stat(dir_fd: int, path: str = "", flags: int = 0) -> tuple[int, int,
     return info.st_mode, info.st_size, info.st_mtime_ns
 
 
+#: Characters some share (exFAT, FAT, SMB to NTFS) cannot store in a name: control characters and these.
+_REFUSED_CHARS = frozenset('"*:<>?\\|' + "".join(map(chr, range(32))))
+
+
+def _name_some_share_refuses(name: str) -> bool:
+    """Does ``name`` hold a character some share cannot store, or end in a dot or a space?"""
+    return name.endswith((".", " ")) or not _REFUSED_CHARS.isdisjoint(name)
+
+
 def is_temp_name(name: str) -> bool:
     """Is ``name`` (a file name, not a path) one of this transport's temp files?"""
     return bool(_TEMP_RE.match(name))
@@ -560,11 +570,19 @@ class MountTransport(Transport):
         """An error making ``path`` (a file, a folder, or a rename's target) on the share.
 
         ENOENT is how exFAT and SMB refuse a name they cannot store (``a:b.tif``,
-        ``q"x``): when the share is mounted, the folder made in is there (the
-        one open as ``dir_fd``) and a rename's ``source`` still in it, that is
-        the name refused, not a share gone (which reads as unreachable, below).
+        ``q"x``): when the name holds a character some share refuses, the share
+        is mounted, the folder made in is there (the one open as ``dir_fd``)
+        and a rename's ``source`` still in it, that is the name refused, not a
+        share gone (which reads as unreachable, below). Only such a name: sshfs
+        and SMB answer "is the folder there" from a cache, so a plain name in a
+        folder removed on the server would read as refused, for good.
         """
-        if exc.errno == errno.ENOENT and self._folder_holds(os.path.dirname(path), dir_fd, source) and self._mounted():
+        if (
+            exc.errno == errno.ENOENT
+            and _name_some_share_refuses(os.path.basename(path))
+            and self._folder_holds(os.path.dirname(path), dir_fd, source)
+            and self._mounted()
+        ):
             return TransportError(
                 TransportErrorKind.REMOTE_WRITE_REFUSED,
                 f"remote refused the write: {path}: a name the share cannot store ({exc.strerror or exc})",
