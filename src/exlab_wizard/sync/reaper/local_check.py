@@ -13,13 +13,23 @@ sizes and mtimes instead, and :func:`record_copy_stats` records those.
 Never follows a symlink (see :mod:`.nofollow`) and never takes a file below
 a mount point inside the run for the run's (see :mod:`.mounts`): the scan
 refuses such a run, the verified stats of those files are not trusted.
-Reads only: nothing here deletes or writes a local file.
+A filesystem that keeps no change time (exFAT: exfat-fuse gives the mtime
+for it) lets a rewrite in place that puts the old size and mtime back leave
+every field of the stat as recorded: on such a disk (:func:`keeps_ctime`) no
+stat is trusted, every file is read again by the scan and planned with no
+ctime, so that the deletion reads it once more right before its unlink.
+
+Reads only: nothing here deletes or writes a local file, but for the empty
+file :func:`keeps_ctime` makes and removes in ``.exlab-wizard/`` on a
+filesystem the mount table does not name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import secrets
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -30,7 +40,7 @@ from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
-from exlab_wizard.sync.reaper.mounts import describe, mounts_inside
+from exlab_wizard.sync.reaper.mounts import describe, filesystem_type, mounts_inside
 from exlab_wizard.sync.reaper.nofollow import (
     RunFolderError,
     Tree,
@@ -51,6 +61,7 @@ __all__ = [
     "PlannedFile",
     "VerifiedStat",
     "check_against_copy",
+    "keeps_ctime",
     "load_verified_stats",
     "record_copy_stats",
     "record_verified_stat",
@@ -62,6 +73,70 @@ __all__ = [
 #: trusted, and the reaper re-hashes it before deleting it. Covers filesystems
 #: with coarse timestamps (FAT: 2 s).
 RACE_SLACK_NS = 2_000_000_000
+
+
+#: Filesystems whose ctime is the kernel's change time, set by every write, rename and utime.
+_CTIME_KEPT = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "jfs", "reiserfs", "nilfs2", "bcachefs"}
+)
+#: FAT's kin keep no change time on disk: their kernel drivers give the mtime for it once an inode
+#: has left memory.
+_NO_CTIME = frozenset({"vfat", "msdos", "umsdos", "fat", "exfat"})
+#: The mtime :func:`keeps_ctime` sets on its probe: 2001-09-09, within FAT's range, never "now".
+_PROBE_NS = 1_000_000_000_000_000_000
+
+
+def keeps_ctime(run_path: Path | str) -> bool:
+    """Does the run's filesystem keep a real change time (ctime)? False when that cannot be told.
+
+    Without one (exfat-fuse reports ctime = mtime), a file rewritten in place
+    with its size and mtime put back (``exiftool -P``, ``touch -r``) keeps
+    every field of its stat: only its bytes tell. By the mount table's type
+    where it says (ext4, xfs, ...: kept; vfat, exfat: not); else (``fuseblk``
+    is exfat-fuse and ntfs-3g alike) probed: an empty file made in the run's
+    ``.exlab-wizard/`` (the engine's own folder, on the run's filesystem) is
+    given an old mtime; a real ctime then reads "now", a missing one that
+    mtime. The file is removed at once (a crash in between leaves an empty
+    ``.ctime-probe.<hex>.tmp`` there). A folder that cannot be written, or
+    is not there, answers False: the files are read again, never trusted
+    unread. Blocking I/O.
+    """
+    run = Path(run_path)
+    try:
+        device = os.lstat(run).st_dev
+    except OSError:
+        return False
+    kind = filesystem_type(device)
+    if kind in _CTIME_KEPT:
+        return True
+    if kind in _NO_CTIME:
+        return False
+    try:
+        root = open_run(run)
+    except RunFolderError:
+        return False
+    try:
+        meta = open_dir_chain(root, [METADATA_DIR])
+    except OSError:
+        return False
+    finally:
+        os.close(root)
+    name = f".ctime-probe.{secrets.token_hex(6)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=meta)
+        try:
+            os.utime(fd, ns=(_PROBE_NS, _PROBE_NS))
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=meta)
+    except OSError:
+        return False
+    finally:
+        os.close(meta)
+    return st.st_ctime_ns > st.st_mtime_ns + RACE_SLACK_NS
 
 
 @dataclass(frozen=True)
@@ -142,7 +217,9 @@ def record_verified_stat(
     ctime moved): every file at or below one, or below a folder on another
     device than the run folder, is recorded as not trusted (the reaper refuses the run while
     the mount is there, and re-hashes those files once it is gone).
-    A file stamped since the hashing began is read again: when it holds
+    On a filesystem that keeps no change time (:func:`keeps_ctime`: exFAT)
+    no row is trusted. A file stamped since the hashing began is read
+    again: when it holds
     other bytes now, its row records their SHA-256 (``newer_sha256``, see
     :class:`VerifiedStat`), and the reaper takes those bytes for an edit,
     never for damage.
@@ -170,6 +247,9 @@ def record_verified_stat(
         file_now = filesystem_now_ns(run)
         if file_now is not None:
             since_ns -= max(0, _ns(now) - file_now)
+
+    # Without a ctime, a rewrite that put the size and mtime back is seen by no stat: none is trusted.
+    ctime_kept = keeps_ctime(run)
 
     base = os.fspath(run) + "/"
     #: folder (relative, "" = the run) -> it and every folder above it, up to the run's, unchanged
@@ -216,6 +296,7 @@ def record_verified_stat(
             regular = stat.S_ISREG(st.st_mode)
             trusted = (
                 regular
+                and ctime_kept
                 and since_ns is not None
                 and st.st_mtime_ns < since_ns
                 and st.st_ctime_ns < since_ns
@@ -375,7 +456,8 @@ def scan_run(
 
     Per listed file, against its recorded :class:`VerifiedStat`:
 
-    - same size, mtime, ctime and inode (and trusted): unchanged, not read;
+    - same size, mtime, ctime and inode (and trusted), on a filesystem that
+      keeps a ctime (:func:`keeps_ctime`): unchanged, not read;
     - otherwise re-hashed: the same content -> unchanged (touched, copied
       back, or recorded while possibly being written); different content
       with an mtime later than the recorded one -> ``changed`` (an edit);
@@ -396,6 +478,8 @@ def scan_run(
     (its files cannot be checked), and so is a mount point inside the run
     (``run holds a mount point: <paths>``, :data:`CleanupCode.RUN_HOLDS_MOUNT`):
     the files below it are another folder's, whatever their stats say.
+    On a filesystem that keeps no ctime, every file is planned with none
+    (``ctime_ns`` None): the deletion reads it again before its unlink.
     """
     run = Path(run_path)
     for rel in manifest:
@@ -423,6 +507,8 @@ def scan_run(
                     refusal_code=CleanupCode.LOCAL_UNREADABLE,
                 )
             )
+        # No ctime kept: no stat vouches for the bytes, and the plan's files are read again at their unlink.
+        ctime_kept = keeps_ctime(run)
         added = sorted((p for p in tree.files if p not in manifest), key=os.fsencode)
         changed: list[str] = []
         damaged: list[str] = []
@@ -442,7 +528,7 @@ def scan_run(
             record = verified.get(rel)
             if record is not None and record.sha256 != want:
                 record = None  # recorded for another content: vouches for nothing
-            if record is not None and record.matches(st):
+            if ctime_kept and record is not None and record.matches(st):
                 planned.append(PlannedFile(rel, st.st_size, st.st_mtime_ns, st.st_ino, want, st.st_ctime_ns))
                 continue
             rehashed.append(rel)
@@ -469,9 +555,8 @@ def scan_run(
                 changed.append(rel)  # being written right now
                 continue
             if digest == want:
-                planned.append(
-                    PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want, after.st_ctime_ns)
-                )
+                ctime = after.st_ctime_ns if ctime_kept else None
+                planned.append(PlannedFile(rel, after.st_size, after.st_mtime_ns, after.st_ino, want, ctime))
             else:
                 (damaged if _damage(after, record, verified_ns, digest) else changed).append(rel)
         check = LocalCheck(added=tuple(added), changed=tuple(changed), damaged=tuple(damaged), missing=tuple(missing))

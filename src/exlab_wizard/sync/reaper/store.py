@@ -157,8 +157,9 @@ class PlannedFile:
     """One file the deletion may remove, with the stat it must still have.
 
     ``ctime_ns``: its ctime when it was checked (None: not known, a plan
-    written before ctimes were kept). A file whose ctime moved since is
-    re-hashed before it is unlinked (:func:`~.deletion.delete_batch`).
+    written before ctimes were kept, or a filesystem that keeps none). A
+    file whose ctime moved since, or is not known, is re-hashed before it is
+    unlinked (:func:`~.deletion.delete_batch`).
     """
 
     path: str
