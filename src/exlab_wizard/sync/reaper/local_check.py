@@ -219,7 +219,9 @@ def record_verified_stat(
     the mount is there, and re-hashes those files once it is gone).
     On a filesystem that keeps no change time (:func:`keeps_ctime`: exFAT)
     no row is trusted. A file stamped since the hashing began is read
-    again: when it holds
+    again, and so is one stamped by a write (ctime = mtime, or no ctime
+    kept) within :data:`RACE_SLACK_NS` before it (exFAT rounds an mtime
+    down to the second): when it holds
     other bytes now, its row records their SHA-256 (``newer_sha256``, see
     :class:`VerifiedStat`), and the reaper takes those bytes for an edit,
     never for damage.
@@ -304,12 +306,14 @@ def record_verified_stat(
                 and folder_kept(rel.rpartition("/")[0])
             )
             # Bytes a write stamped after the hashing began (no slack: an mtime put back to before it
-            # is not that) may not be the bytes it read: read them again.
-            newer = (
-                _other_bytes(base + rel, sha)
-                if regular and (since_ns is None or st.st_mtime_ns >= since_ns + RACE_SLACK_NS)
-                else None
-            )
+            # is not that) may not be the bytes it read: read them again. So may bytes stamped up to
+            # the slack before it where times are rounded down (exFAT: whole seconds; FAT: 2 s): a
+            # frame appended in the second the hashing began. Stamped by a write: its ctime is its
+            # mtime (a tool putting an mtime back leaves a later ctime), or no ctime is kept (exFAT).
+            stamped = since_ns is None or st.st_mtime_ns >= since_ns + RACE_SLACK_NS
+            if not stamped and st.st_mtime_ns >= since_ns:
+                stamped = not ctime_kept or st.st_ctime_ns == st.st_mtime_ns
+            newer = _other_bytes(base + rel, sha) if regular and stamped else None
             yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer)
 
     return CleanupStore(queue).record_verified(job_id, data, stats(), now)
