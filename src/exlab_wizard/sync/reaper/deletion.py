@@ -11,11 +11,16 @@ Owns every unlink and rmdir the reaper makes:
   and must still hold the verified bytes. It is then renamed, in its folder
   and never over a file, to a private name (``.exlab-reaping-<20 hex>``, the
   same for the same planned file every time), and that name must hold the
-  planned inode before it is unlinked: a file renamed over the planned name
-  in between is given its name back and the deletion stops. A pass killed
-  between the rename and the unlink leaves the private name, which the next
-  one deletes if it holds the planned file (no listing of a run shows such a
-  name meanwhile). Folders are fsync-ed after their files are unlinked.
+  inode checked before it is unlinked: a file renamed over the planned name
+  in between is given its name back and the deletion stops. A file whose
+  stat cannot vouch for its bytes (another inode number than planned: exFAT
+  through FUSE numbers inodes anew after a remount or memory pressure; no
+  ctime known: a filesystem that keeps none) is hashed after that rename,
+  through the private name, and unlinked only when it holds the verified
+  bytes. A pass killed between the rename and the unlink leaves the private
+  name, which the next one deletes if it holds the planned file (its bytes
+  read again; no listing of a run shows such a name meanwhile). Folders are
+  fsync-ed after their files are unlinked.
   A run that holds a mount point (the mount table read once per batch, and
   no folder on another device entered) has nothing deleted: the files below
   one are another folder's, reached through the run's names.
@@ -165,16 +170,29 @@ def _planned(st: os.stat_result, item: PlannedFile) -> bool:
     return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns, st.st_ino) == (item.size, item.mtime_ns, item.ino)
 
 
+def _sized(st: os.stat_result, item: PlannedFile) -> bool:
+    """A regular file with the planned size and mtime, whatever its inode number."""
+    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+
+
 def _reap(folder: int, name: str, item: PlannedFile) -> bool:
     """Delete one planned file, ``name`` in ``folder``: True when deleted, False when it was gone. Raises :class:`_Stop`.
 
     Checked by name, then taken out of reach (renamed to its private name,
     :func:`~exlab_wizard.fileio.reaping_name`, never over a file), then the
-    file under the private name is checked to be the planned inode and only
-    then unlinked: an unlink of the name would remove whatever file has the
-    name at that instant, such as a new version another program saved ("write
-    a temp file, rename it over") after the check. Nothing else writes to or
-    renames over a private name.
+    file under the private name is checked to be the one checked by name and
+    only then unlinked: an unlink of the name would remove whatever file has
+    the name at that instant, such as a new version another program saved
+    ("write a temp file, rename it over") after the check. Nothing else
+    writes to or renames over a private name.
+
+    A file whose stat cannot vouch for its bytes is read again after the
+    rename, through the private name, and unlinked only when it holds the
+    verified bytes: one with another inode number than planned (a FUSE
+    filesystem without ``use_ino``, exfat-fuse, numbers inodes anew after a
+    remount or when the kernel let the inode go), or with no ctime known (a
+    filesystem that keeps none, exFAT: :func:`~.local_check.keeps_ctime`).
+    Other bytes: the file gets its name back, a fatal stop.
     """
     private = reaping_name(name, item.ino)
     try:
@@ -183,9 +201,12 @@ def _reap(folder: int, name: str, item: PlannedFile) -> bool:
         return _reap_set_aside(folder, private, item)
     if not stat.S_ISREG(st.st_mode):
         raise _Stop(f"not a regular file any more: {item.path} ({kind_of(st.st_mode)})")
-    if not _planned(st, item):
+    if not _sized(st, item):
         raise _Stop(f"local file changed since the plan: {item.path}")
-    if st.st_ctime_ns != item.ctime_ns and not _still_verified(folder, name, item):
+    read_after = st.st_ino != item.ino or item.ctime_ns is None
+    if read_after and not item.sha256:
+        raise _Stop(f"local file changed since the plan: {item.path}")  # nothing to compare its bytes with
+    if not read_after and st.st_ctime_ns != item.ctime_ns and not _still_verified(folder, name, item):
         raise _Stop(f"local file changed since the plan (its bytes, not its mtime): {item.path}")
     try:
         rename_noreplace(name, private, dir_fd=folder)
@@ -199,8 +220,10 @@ def _reap(folder: int, name: str, item: PlannedFile) -> bool:
         moved = os.stat(private, dir_fd=folder, follow_symlinks=False)
     except OSError as exc:  # nothing else uses the name: should not happen
         raise _Stop(f"cannot delete {item.path}: {_beside(item.path, private)}: {exc.strerror or exc}") from None
-    if not _planned(moved, item):
+    if not _sized(moved, item) or moved.st_ino != st.st_ino:
         _put_back(folder, private, name, item)
+    if read_after and not _holds_verified(folder, private, item, moved.st_ino):
+        _put_back(folder, private, name, item, bytes_changed=True)
     _unlink_private(folder, private, item)
     return True
 
@@ -208,16 +231,20 @@ def _reap(folder: int, name: str, item: PlannedFile) -> bool:
 def _reap_set_aside(folder: int, private: str, item: PlannedFile) -> bool:
     """A planned file whose name is gone: deleted before, or set aside by a pass killed before its unlink.
 
-    The private name holding the planned file (its inode, size and mtime;
-    and, having been renamed, its verified bytes when the plan has them) is
-    unlinked: True. Anything else there is not the plan's: kept, a fatal stop.
-    False when there is nothing to delete.
+    The private name holding the planned file (its size and mtime, and its
+    verified bytes read again; where the plan has no SHA-256, its inode) is
+    unlinked: True. Its inode number is not asked for: a disk mounted anew
+    since (the PC rebooted after the killed pass) may give it another.
+    Anything else there is not the plan's: kept, a fatal stop. False when
+    there is nothing to delete.
     """
     try:
         st = os.stat(private, dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if not _planned(st, item) or (item.sha256 and not _still_verified(folder, private, item)):
+    if not _sized(st, item) or not (
+        _holds_verified(folder, private, item, st.st_ino) if item.sha256 else _planned(st, item)
+    ):
         raise _Stop(
             f"local file changed since the plan: {item.path} is gone, and the file an interrupted deletion set "
             f"aside as {_beside(item.path, private)} is not the planned one (kept)"
@@ -226,25 +253,29 @@ def _reap_set_aside(folder: int, private: str, item: PlannedFile) -> bool:
     return True
 
 
-def _put_back(folder: int, private: str, name: str, item: PlannedFile) -> NoReturn:
-    """The name was replaced between its check and the rename: give the file now under ``private`` its name back.
+def _put_back(folder: int, private: str, name: str, item: PlannedFile, *, bytes_changed: bool = False) -> NoReturn:
+    """The file now under ``private`` may not be deleted: give it its name back.
 
-    Linked back (never over a file: a link refuses to replace one), then the
-    private name unlinked. A fatal stop in every case; when a file has the
-    name again already, both are kept and both named.
+    Either the name was replaced between its check and the rename, or
+    (``bytes_changed``) the file read after the rename does not hold the
+    verified bytes. Linked back (never over a file: a link refuses to
+    replace one), then the private name unlinked. A fatal stop in every
+    case; when a file has the name again already, both are kept and both named.
     """
-    kept = f"local file changed since the plan: {item.path} was replaced before its deletion"
+    if bytes_changed:
+        kept = f"local file changed since the plan (its bytes, not its mtime): {item.path}"
+    else:
+        kept = f"local file changed since the plan: {item.path} was replaced before its deletion"
+    found = "that file" if bytes_changed else "the file found in its place"
     try:
         _name_back(folder, private, name)
     except FileExistsError:
         raise _Stop(
-            f"{kept}, and again since: the file found in its place is kept as {_beside(item.path, private)}, "
-            f"the newest at {item.path}"
+            f"{kept}, and again since: {found} is kept as {_beside(item.path, private)}, the newest at {item.path}"
         ) from None
     except OSError as exc:
         raise _Stop(
-            f"{kept}: the file found in its place is kept as {_beside(item.path, private)} "
-            f"(cannot be put back: {exc.strerror or exc})"
+            f"{kept}: {found} is kept as {_beside(item.path, private)} (cannot be put back: {exc.strerror or exc})"
         ) from None
     raise _Stop(f"{kept}: that file is kept, nothing of it deleted")
 
@@ -268,6 +299,9 @@ def _name_back(folder: int, private: str, name: str) -> None:
 
 def put_back_set_aside(run_path: Path, planned: Sequence[PlannedFile]) -> list[str]:
     """Give each planned file a killed pass set aside (its private name) its own name back. Blocking I/O.
+
+    A file there with another inode number than planned (exFAT: renumbered
+    by a remount since) is the planned one when it holds the verified bytes.
 
     A plan found at the start of a pass may have been cut between a file's
     rename to its private name and its unlink. That file was never deleted:
@@ -299,7 +333,7 @@ def put_back_set_aside(run_path: Path, planned: Sequence[PlannedFile]) -> list[s
                         st = os.stat(private, dir_fd=folder, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    if not _planned(st, item):
+                    if not _set_aside_here(folder, private, st, item):
                         continue  # not the file set aside: the resume's check keeps it and names it
                     try:
                         _name_back(folder, private, name)
@@ -322,6 +356,18 @@ def put_back_set_aside(run_path: Path, planned: Sequence[PlannedFile]) -> list[s
     finally:
         os.close(root)
     return blocked
+
+
+def _set_aside_here(folder: int, private: str, st: os.stat_result, item: PlannedFile) -> bool:
+    """Is the file under ``private`` (stat-ed ``st``) the planned one a killed pass set aside?
+
+    The planned inode, size and mtime; or, with another inode number (the
+    disk mounted anew since: exFAT through FUSE renumbers), the planned size
+    and mtime and the verified bytes, read again.
+    """
+    if _planned(st, item):
+        return True
+    return _sized(st, item) and _holds_verified(folder, private, item, st.st_ino)
 
 
 def _same_file(folder: int, name: str, st: os.stat_result) -> bool:
@@ -351,10 +397,18 @@ def _beside(path: str, private: str) -> str:
 def _still_verified(folder: int, name: str, item: PlannedFile) -> bool:
     """Does the file, whose ctime moved since the plan, still hold the verified bytes? Read through ``folder``.
 
-    Hashed again (nothing followed) and compared with the plan's SHA-256; it
-    must be the planned inode with the planned size and mtime, and not change
-    while it is read. A plan with no SHA-256 (the ``.exlab-wizard/`` files)
-    has nothing to compare with: False.
+    It must be the planned inode: :func:`_holds_verified` with ``item.ino``.
+    """
+    return _holds_verified(folder, name, item, item.ino)
+
+
+def _holds_verified(folder: int, name: str, item: PlannedFile, ino: int) -> bool:
+    """Does ``name`` in ``folder``, inode ``ino``, hold the verified bytes? Read through ``folder``.
+
+    Hashed again (nothing followed) and compared with the plan's SHA-256; the
+    file read must be inode ``ino`` with the planned size and mtime, and not
+    change while it is read. A plan with no SHA-256 (the ``.exlab-wizard/``
+    files) has nothing to compare with: False.
     """
     if not item.sha256:
         return False
@@ -362,7 +416,7 @@ def _still_verified(folder: int, name: str, item: PlannedFile) -> bool:
         digest, before, after = hash_at(folder, name)
     except OSError:
         return False
-    planned = (before.st_size, before.st_mtime_ns, before.st_ino) == (item.size, item.mtime_ns, item.ino)
+    planned = (before.st_size, before.st_mtime_ns, before.st_ino) == (item.size, item.mtime_ns, ino)
     return planned and steady(before, after) and digest == item.sha256.lower()
 
 
