@@ -267,7 +267,7 @@ class Durability:
         real_mkdir, real_replace, real_rename, real_fsync = os.mkdir, os.replace, os.rename, os.fsync
         from exlab_wizard.sync.transports import mount as mount_module
 
-        real_syncfs = mount_module._syncfs
+        real_syncfs, real_noreplace = mount_module._syncfs, mount_module.rename_noreplace
 
         def folder_of(path, dir_fd):
             if dir_fd is not None:
@@ -294,6 +294,10 @@ class Durability:
             real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
             made(dst, dst_dir_fd)
 
+        def rename_noreplace(src, dst, *, dir_fd, dst_dir_fd=None, atomic_only=False):
+            real_noreplace(src, dst, dir_fd=dir_fd, dst_dir_fd=dst_dir_fd, atomic_only=atomic_only)
+            made(dst, dir_fd if dst_dir_fd is None else dst_dir_fd)
+
         def fsync(fd):
             real_fsync(fd)
             fd = fd if isinstance(fd, int) else fd.fileno()
@@ -310,6 +314,7 @@ class Durability:
         monkeypatch.setattr(os, "rename", rename)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(mount_module, "_syncfs", syncfs)
+        monkeypatch.setattr(mount_module, "rename_noreplace", rename_noreplace)
 
     def power_cut(self) -> list[str]:
         """Remove every entry not made durable; the paths removed, relative to the root."""

@@ -448,6 +448,13 @@ class _Push:
     claim: Callable[[], None] | None = None
     #: the job's id, named in .exlab-wizard/claims/ before the first write (None: no claim written)
     owner: str | None = None
+    #: files sent that the push's listing showed on the NAS: renamed over their NAS copy on purpose
+    #: (kept under previous/ first when verified); every other file is renamed only to a free name
+    replacing: set[str] = field(default_factory=set)
+    #: the share refuses ``RENAME_NOREPLACE``: a free name is looked up, then renamed to, under ``placing``
+    noreplace_refused: bool = False
+    placing: threading.Lock = field(default_factory=threading.Lock)
+    fstype: str = ""
 
 
 #: read-back tags and their sums are 64-bit
@@ -516,6 +523,8 @@ class MountTransport(Transport):
         #: remote run folder -> (monotonic time the push ended, its read-back records, its local hashes)
         self._read_backs: dict[str, tuple[float, dict[str, list[int]], dict[str, str]]] = {}
         self._read_backs_lock = threading.Lock()
+        #: filesystem types seen refusing ``RENAME_NOREPLACE`` (FUSE 2: smbnetfs, exfat-fuse)
+        self._noreplace_refused: set[str] = set()
 
     # ------------------------------------------------------------------ guard
 
@@ -853,8 +862,10 @@ class MountTransport(Transport):
                 or not same_mtime(mtime_ns, theirs[1])
             )
             sources.append(_Source(rel, size, send))
-            if send and theirs is not None and job.keep_stamp is not None and is_data_path(rel):
-                replaced.append(rel)
+            if send and theirs is not None:
+                job.replacing.add(rel)
+                if job.keep_stamp is not None and is_data_path(rel):
+                    replaced.append(rel)
         del local_files, remote_stats
         if replaced:
             self._keep_replaced(job, sorted(replaced, key=os.fsencode))
@@ -875,9 +886,10 @@ class MountTransport(Transport):
         chain = self._make_dirs(job, run, local_dirs)
         if job.owner is not None and not claimed_here:
             self._write_claim(job)  # durably, before any file of the run is written
-        fstype = _filesystem_type(job.remote)
+        fstype = job.fstype = _filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
+        job.noreplace_refused = fstype in self._noreplace_refused
         job.umask = _current_umask()
         # Small files on a share whose syncfs is durable go in batches (one syncfs each), folder by
         # folder (one thread, each folder opened once); every other file is made durable on its own
@@ -1123,14 +1135,14 @@ class MountTransport(Transport):
                 break
         else:
             raise _kept_changing(src)
-        temp, digest = copied
+        temp, digest, _source = copied
         if job.abort.is_set():
             # Cancelled during the copy (its fsync may take long on a stalled share): no rename after
             # the push was given up, when its lease may already be another process's.
             self._unlink_temp(job, temp, dir_fd=at)
             raise _Cancelled()
         job.hashes[src.rel] = digest
-        self._rename(job, temp, final, dir_fd=at)
+        self._rename(job, temp, final, dir_fd=at, replace=src.rel in job.replacing)
         self._read_back(job, src.rel, final, view, dir_fd=at)
 
     def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
@@ -1363,7 +1375,9 @@ class MountTransport(Transport):
                     except OSError as exc:
                         raise self._remote_error(exc, shares.path(folder, name)) from exc
                     try:
-                        os.replace(temp, name, src_dir_fd=at, dst_dir_fd=at)
+                        self._place(
+                            job, temp, name, dir_fd=at, replace=rel in job.replacing, path=shares.path(folder, name)
+                        )
                     except OSError as exc:
                         raise self._create_error(exc, shares.path(folder, name), dir_fd=at, source=temp) from exc
                     temps.discard(shares.path(folder, temp))
@@ -1422,8 +1436,9 @@ class MountTransport(Transport):
 
     def _copy_once(
         self, job: _Push, src: _Source, view: memoryview, folder: str, *, durable: bool, dir_fd: int
-    ) -> tuple[str, str] | None:
-        """Copy to a temp file, fsynced when ``durable``; (temp, sha256) or None when the source changed meanwhile.
+    ) -> tuple[str, str, os.stat_result] | None:
+        """Copy to a temp file, fsynced when ``durable``; (temp, sha256, the source's stat) or None when the
+        source changed meanwhile.
 
         The temp file is made in ``dir_fd``, the open ``folder``; ``temp`` is its path, for messages
         and the push's list of temp files.
@@ -1458,7 +1473,7 @@ class MountTransport(Transport):
         if changed:
             self._unlink_temp(job, temp, dir_fd=dir_fd)
             return None
-        return temp, digest
+        return temp, digest, before
 
     def _stream(
         self,
@@ -1548,16 +1563,65 @@ class MountTransport(Transport):
             pass
         job.temps.discard(temp)
 
-    def _rename(self, job: _Push, temp: str, final: str, *, dir_fd: int) -> None:
-        """``temp`` over ``final``, both in the open folder ``dir_fd`` (their paths name them in messages)."""
+    def _rename(self, job: _Push, temp: str, final: str, *, dir_fd: int, replace: bool = False) -> None:
+        """``temp`` to ``final``, both in the open folder ``dir_fd`` (their paths name them in messages).
+
+        ``replace``: over the NAS file the listing showed there; otherwise only to a free name (:meth:`_place`).
+        """
         try:
-            os.replace(os.path.basename(temp), os.path.basename(final), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self._place(
+                job, os.path.basename(temp), os.path.basename(final), dir_fd=dir_fd, replace=replace, path=final
+            )
         except OSError as exc:
             raise self._create_error(exc, final, dir_fd=dir_fd, source=os.path.basename(temp)) from exc
         job.temps.discard(temp)
         job.touched.add(os.path.dirname(final))
         with job.lock:
             job.files_sent += 1
+
+    def _place(self, job: _Push, temp: str, name: str, *, dir_fd: int, replace: bool, path: str) -> None:
+        """Rename the temp file ``temp`` to ``name`` in the open folder ``dir_fd`` (``path``: for messages).
+
+        A file the listing did not show (``replace`` False) never lands on an
+        existing NAS file: the share may take its name for another's (letter
+        case, a Unicode form, a name it mangles, or cuts: smbnetfs stores
+        ``x?`` as ``x``). ``RENAME_NOREPLACE`` refuses atomically; where the
+        share refuses the flag (FUSE 2: smbnetfs, exfat-fuse; remembered per
+        filesystem type), the name is looked up and renamed to only when
+        nothing answers to it, the two steps under one lock so the push's own
+        threads cannot both take a name. Raises ``REMOTE_WRITE_REFUSED`` when
+        the name is taken, ``OSError`` as ``os.rename``.
+        """
+        if replace:
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        if not job.noreplace_refused:
+            try:
+                rename_noreplace(temp, name, dir_fd=dir_fd, atomic_only=True)
+                return
+            except FileExistsError:
+                raise self._name_taken(path) from None
+            except OSError as exc:
+                if exc.errno != errno.ENOTSUP:
+                    raise
+            job.noreplace_refused = True
+            self._noreplace_refused.add(job.fstype)
+        with job.placing:
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                return
+        raise self._name_taken(path)
+
+    @staticmethod
+    def _name_taken(path: str) -> TransportError:
+        return TransportError(
+            TransportErrorKind.REMOTE_WRITE_REFUSED,
+            f"remote refused the write: the share already holds a file under the name {path!r}, one the push's"
+            " listing did not show (the share takes the name for another's: letter case, Unicode form, or a"
+            " name it cuts or mangles); nothing was overwritten",
+        )
 
     def _read_back(self, job: _Push, rel: str, final: str, view: memoryview, *, dir_fd: int) -> None:
         """Hash a durable file as the share stores it (cached pages dropped), for the coming manifest.
