@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports.base import PREVIOUS_DIR
 from exlab_wizard.sync.transports.mount import MountTransport
 from tests.fixtures.smb_share import SmbShare
 from tests.helpers import Clock
@@ -228,3 +229,24 @@ async def test_a_late_file_the_share_stores_under_a_verified_file_s_name(share) 
         job.last_error,
         sorted(str(p.relative_to(nas)) for p in nas.rglob("*")),
     )
+
+
+async def test_a_late_file_re_pushes_only_itself(share) -> None:
+    """The times the push sets stay on the share: a verified run's re-push sends the late file alone and
+    keeps nothing under previous/ (Samba stamped every file's write time at close, so every file looked
+    changed and the whole run moved to previous/<stamp>/)."""
+    lab, smb = share
+    clock = Clock()
+    run = lab.make_run(files=FILES)
+    async with running(cleanup_config(lab), clock) as client:
+        await synced(client, run)
+        (run / "late.tif").write_bytes(b"late frame")
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=90)
+        job = await client.job(run)
+    assert job.state == S.VERIFIED, (job.state, job.last_error)
+    nas = _on_server(lab, smb, run)
+    assert (nas / "late.tif").read_bytes() == b"late frame"
+    kept = nas / PREVIOUS_DIR
+    assert not kept.exists() or not [p for p in kept.rglob("*") if p.is_file()], sorted(kept.rglob("*"))

@@ -3,7 +3,8 @@
 Samba's defaults: lookups fold case and keep it. smbnetfs (libsmbclient)
 cuts a path at ``?``: ``x?`` is the NAS file ``x``, and so is the temp
 name the push makes for it. A file the push's listing did not show must
-never land on a NAS file the share takes its name to mean (rule 2).
+never land on a NAS file the share takes its name to mean (rule 2), and the
+times the push sets must stay, or every push sends every file again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports.mount import same_mtime
 from tests.fixtures.smb_share import SmbShare
 from tests.lab import MountLab, everything_under
 
@@ -113,3 +115,18 @@ def test_a_foreign_nas_file_differing_only_in_case_is_a_conflict(smb_lab) -> Non
     outcome = _push(lab)
     assert (server / "A.tif").read_bytes() == b"another run's frame"  # rule 2
     assert isinstance(outcome, TransportError) and outcome.kind is TransportErrorKind.REMOTE_CONFLICT, outcome
+
+
+def test_the_times_set_by_the_push_stay_and_the_next_push_sends_nothing(smb_lab) -> None:
+    """Samba stamps the write time when the writing handle closes, after the push set it: set again by name."""
+    lab, smb = smb_lab
+    old = 1_600_000_000_123_456_789
+    lab.write("a.tif", b"frame a", mtime_ns=old)
+    lab.write("sub/b.raw", os.urandom(3000), mtime_ns=old)
+    first = lab.push()
+    assert first.ok and first.files_sent == 2, first
+    for rel in ("a.tif", "sub/b.raw"):
+        on_server = (_server(lab, smb) / rel).stat().st_mtime_ns
+        assert same_mtime(old, on_server), (rel, old, on_server)
+    again = lab.push()
+    assert again.ok and again.files_sent == 0, again.message

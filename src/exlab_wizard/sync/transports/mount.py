@@ -244,6 +244,11 @@ _SYNCFS_DURABLE = frozenset(
         "overlay",
     }
 )
+#: Filesystems that keep the times set on an open file (``futimens`` before close). Elsewhere the
+#: push looks at a file's mtime once it is renamed and sets it again by name when it moved:
+#: smbnetfs (libsmbclient) sets times by name on a handle of its own, and Samba then stamps the
+#: write time when the writing handle closes, so every file would look changed to the next push.
+_KEEPS_TIMES = _SYNCFS_DURABLE | {"vfat", "msdos", "exfat", "ntfs", "ntfs3", "fuseblk", "fuse.sshfs"}
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -454,6 +459,8 @@ class _Push:
     #: the share refuses ``RENAME_NOREPLACE``: a free name is looked up, then renamed to, under ``placing``
     noreplace_refused: bool = False
     placing: threading.Lock = field(default_factory=threading.Lock)
+    #: the share may not keep the times set on an open file (:data:`_KEEPS_TIMES`)
+    check_times: bool = False
     fstype: str = ""
 
 
@@ -890,6 +897,7 @@ class MountTransport(Transport):
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
         job.noreplace_refused = fstype in self._noreplace_refused
+        job.check_times = fstype not in _KEEPS_TIMES
         job.umask = _current_umask()
         # Small files on a share whose syncfs is durable go in batches (one syncfs each), folder by
         # folder (one thread, each folder opened once); every other file is made durable on its own
@@ -1135,7 +1143,7 @@ class MountTransport(Transport):
                 break
         else:
             raise _kept_changing(src)
-        temp, digest, _source = copied
+        temp, digest, source = copied
         if job.abort.is_set():
             # Cancelled during the copy (its fsync may take long on a stalled share): no rename after
             # the push was given up, when its lease may already be another process's.
@@ -1143,6 +1151,8 @@ class MountTransport(Transport):
             raise _Cancelled()
         job.hashes[src.rel] = digest
         self._rename(job, temp, final, dir_fd=at, replace=src.rel in job.replacing)
+        if job.check_times:
+            self._keep_times(final, source, dir_fd=at)
         self._read_back(job, src.rel, final, view, dir_fd=at)
 
     def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
@@ -1622,6 +1632,19 @@ class MountTransport(Transport):
             " listing did not show (the share takes the name for another's: letter case, Unicode form, or a"
             " name it cuts or mangles); nothing was overwritten",
         )
+
+    def _keep_times(self, final: str, source: os.stat_result, *, dir_fd: int) -> None:
+        """Set the renamed ``final``'s times again, by name, when the share moved them (:data:`_KEEPS_TIMES`).
+
+        Best effort: a file whose mtime is off is only sent again by the next push.
+        """
+        name = os.path.basename(final)
+        try:
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and not same_mtime(source.st_mtime_ns, info.st_mtime_ns):
+                os.utime(name, dir_fd=dir_fd, ns=(source.st_atime_ns, source.st_mtime_ns), follow_symlinks=False)
+        except OSError:
+            pass
 
     def _read_back(self, job: _Push, rel: str, final: str, view: memoryview, *, dir_fd: int) -> None:
         """Hash a durable file as the share stores it (cached pages dropped), for the coming manifest.
