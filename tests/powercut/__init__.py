@@ -1,0 +1,1 @@
+"""Real power cuts (see :mod:`tests.powercut.rig`, :mod:`tests.powercut.harness`); ``python -m tests.powercut`` is the long run."""
