@@ -1,4 +1,4 @@
-"""``python -m tests.powercut --labs 16 --seed 1``: the long run of real power cuts.
+"""``python -m tests.powercut --labs 20 --seed 1``: the long run of real power cuts.
 
 First the rig's self-check, then every hooked cut point (mount: 14 points x
 retain_cache on/off where valid, and 6 cuts after ``restore`` / ``retry
@@ -26,7 +26,7 @@ def _stop(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.powercut", description=__doc__.splitlines()[0])
-    parser.add_argument("--labs", type=int, default=16, help="labs cut at random instants")
+    parser.add_argument("--labs", type=int, default=20, help="labs cut at random instants")
     parser.add_argument("--chain", type=int, default=3, help="random cuts in a row per lab")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help=f"of {','.join(TRANSPORTS)}")

@@ -5,7 +5,7 @@ cuts, checks what the disks promise right after the cut, then lets a fresh
 engine recover, audit and clean, and checks the three rules again (see
 :mod:`tests.powercut.harness`). About 1 s a mount case, 2-3 s an rsync_ssh case.
 The long run, every hooked point and many random cuts on both transports, is
-``python -m tests.powercut --labs 16 --seed 1`` (docs/reliability.md, "Power cuts").
+``python -m tests.powercut --labs 20 --seed 1`` (docs/reliability.md, "Power cuts").
 """
 
 from __future__ import annotations
