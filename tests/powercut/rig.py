@@ -32,10 +32,13 @@ from pathlib import Path
 
 import pytest
 
+import exlab_wizard
 from tests.fixtures.sshd import kill_tree
 from tests.helpers import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
+#: The engine the child runs is the one this process imports (PYTHONPATH=/tmp/old/src tests old code).
+SRC = str(Path(exlab_wizard.__file__).resolve().parents[1])
 TOOLS = ("mkfs.ext4", "losetup", "mount", "umount", "cp", "sync")
 IMAGE_MB = 200
 
@@ -133,7 +136,7 @@ class Rig:
 
     def start_engine(self, config_file: Path, flow: str, cut_at: str, run: Path) -> subprocess.Popen:
         """The engine in a child process: ``flow`` on ``run``, stopping itself at ``cut_at`` (see ENGINE)."""
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + str(REPO))
+        env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + str(REPO))
         child = subprocess.Popen(
             [sys.executable, "-c", ENGINE, str(config_file), flow, cut_at, str(run)],
             stdout=subprocess.PIPE,
