@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins: list[str] = ["tests.fixtures.sshd", "tests.fixtures.rclone_serve"]
+pytest_plugins: list[str] = ["tests.fixtures.sshd", "tests.fixtures.rclone_serve", "tests.fixtures.samba_server"]
