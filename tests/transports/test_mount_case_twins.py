@@ -70,7 +70,7 @@ def test_a_share_that_tells_case_apart_takes_both(tmp_path: Path) -> None:
 
 
 def test_twins_are_names_of_one_folder_that_fold_alike() -> None:
-    from exlab_wizard.sync.transports.mount import _fold_twins
+    from exlab_wizard.sync.transports.conflict import fold_twins as _fold_twins
 
     assert _fold_twins(["d/A.tif", "d/b", "d/a.tif"]) == ("d/A.tif", "d/a.tif")
     assert _fold_twins(["d/A.tif", "e/a.tif"]) is None

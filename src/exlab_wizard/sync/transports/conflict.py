@@ -45,6 +45,7 @@ import errno
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -67,6 +68,8 @@ __all__ = [
     "claim_path",
     "ownership_error",
     "foreign_copy_error",
+    "fold_twins",
+    "folded_name",
     "local_manifest_digest",
     "sort_remote",
     "unclaimed_files_error",
@@ -292,3 +295,37 @@ async def check_owner(
     error = foreign_copy_error(remote_run, theirs=theirs, own=own, local=local)
     if error is not None:
         raise error
+
+
+def folded_name(name: str) -> str:
+    """``name`` as a share that folds letter case and Unicode forms (SMB, exFAT, macOS) compares it."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def fold_twins(files: Iterable[str], dirs: Iterable[str] = ()) -> tuple[str, str] | None:
+    """Two entries of the run (relative paths) in one folder whose names differ only in letter case or
+    Unicode form, or None: two files, two folders (``Sub/``, ``sub/``: their files meet on the NAS), or a
+    file and a folder. ``files`` lists each folder's files together (``scan_run``'s order), so one
+    folder's file names are held at a time, beside every folder's (a few).
+    """
+
+    def fold(rel: str) -> tuple[str, str]:
+        parent, _, name = rel.rpartition("/")
+        return parent, folded_name(name)
+
+    by_parent: dict[str, dict[str, str]] = {}  # folder -> its folders' folded names
+    for rel in dirs:
+        parent, folded = fold(rel)
+        other = by_parent.setdefault(parent, {}).setdefault(folded, rel)
+        if other != rel:
+            return other, rel
+    folder, seen = None, {}
+    for rel in files:
+        parent, folded = fold(rel)
+        if parent != folder:
+            folder, seen = parent, dict(by_parent.get(parent, {}))
+        other = seen.setdefault(folded, rel)
+        if other != rel:
+            return other, rel
+    return None
+

@@ -102,7 +102,6 @@ import stat
 import sys
 import threading
 import time
-import unicodedata
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -167,6 +166,7 @@ from exlab_wizard.sync.transports.conflict import (
     claim_markers,
     claim_path,
     conflict_error,
+    fold_twins,
     foreign_copy_error,
     local_manifest_digest,
     ownership_error,
@@ -835,7 +835,7 @@ class MountTransport(Transport):
             where = os.path.relpath(exc.filename, run) if isinstance(exc.filename, str) else prefix or "."
             raise self._local_error(exc, where, run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
-        twins = _fold_twins(local_files, local_dirs)
+        twins = fold_twins(local_files, local_dirs)
         if twins is not None and self._share_folds(job.remote):
             raise TransportError(
                 TransportErrorKind.REMOTE_WRITE_REFUSED,
@@ -2175,34 +2175,6 @@ class _ReadBackManifest(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"_ReadBackManifest({dict(self)!r})"
-
-
-def _fold_twins(files: Iterable[str], dirs: Iterable[str] = ()) -> tuple[str, str] | None:
-    """Two entries of the run (relative paths) in one folder whose names differ only in letter case or
-    Unicode form, or None: two files, two folders (``Sub/``, ``sub/``: their files meet on the NAS), or a
-    file and a folder. ``files`` lists each folder's files together (:func:`scan_run`'s order), so one
-    folder's file names are held at a time, beside every folder's (a few).
-    """
-
-    def fold(rel: str) -> tuple[str, str]:
-        parent, _, name = rel.rpartition("/")
-        return parent, unicodedata.normalize("NFC", name).casefold()
-
-    by_parent: dict[str, dict[str, str]] = {}  # folder -> its folders' folded names
-    for rel in dirs:
-        parent, folded = fold(rel)
-        other = by_parent.setdefault(parent, {}).setdefault(folded, rel)
-        if other != rel:
-            return other, rel
-    folder, seen = None, {}
-    for rel in files:
-        parent, folded = fold(rel)
-        if parent != folder:
-            folder, seen = parent, dict(by_parent.get(parent, {}))
-        other = seen.setdefault(folded, rel)
-        if other != rel:
-            return other, rel
-    return None
 
 
 def _kept_changing(src: _Source) -> TransportError:
