@@ -68,6 +68,7 @@ __all__ = [
     "claim_path",
     "ownership_error",
     "foreign_copy_error",
+    "fold_clash",
     "fold_twins",
     "folded_name",
     "local_manifest_digest",
@@ -329,3 +330,33 @@ def fold_twins(files: Iterable[str], dirs: Iterable[str] = ()) -> tuple[str, str
             return other, rel
     return None
 
+
+def fold_clash(
+    local_files: Iterable[str], local_dirs: Iterable[str], remote_files: Iterable[str]
+) -> tuple[str, str] | None:
+    """A path of the run (file or folder) the remote folder does not hold by its name, and the remote entry of
+    another spelling that a share folding letter case and Unicode forms takes for it: ``(ours, theirs)``, or None.
+
+    ``remote_files``: the remote run folder's files (their folders are entries too). Shallowest first, so
+    ``sub/A.tif`` against a NAS ``Sub/A.tif`` is the folders ``sub`` and ``Sub``.
+    """
+    remote = set(remote_files)
+    for rel in list(remote):
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in remote:
+            remote.add(parent)
+            parent = parent.rpartition("/")[0]
+    by_fold: dict[str, str] = {}
+    for rel in sorted(remote, key=os.fsencode):
+        by_fold.setdefault(_folded_path(rel), rel)
+    for rel in sorted({*local_dirs, *local_files}, key=lambda p: (p.count("/"), os.fsencode(p))):
+        if rel in remote:
+            continue
+        theirs = by_fold.get(_folded_path(rel))
+        if theirs is not None:
+            return rel, theirs
+    return None
+
+
+def _folded_path(rel: str) -> str:
+    return "/".join(folded_name(part) for part in rel.split("/"))

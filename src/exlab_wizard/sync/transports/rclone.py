@@ -14,7 +14,8 @@ report must name every one. A run with a name rclone cannot carry is refused
 before any write (``REMOTE_WRITE_REFUSED``): a name that is not UTF-8 (rclone
 copies it, but prints every name as JSON, where such a byte reads U+FFFD, so
 it could never be verified) or one rclone cannot find by its name (see
-:func:`rclone_can_name`). The copy runs
+:func:`rclone_can_name`), and names a NAS that folds letter case takes for
+another (:meth:`RcloneTransport._check_folding`). The copy runs
 with ``--checksum`` (for a run verified before, without it: sizes and modification
 times, so a local file damaged with its stat kept is never sent over its
 verified NAS copy) with ``--bwlimit`` as an rclone timetable of the equipment's
@@ -99,9 +100,12 @@ from exlab_wizard.sync.transports.conflict import (
     claim_markers,
     claim_path,
     conflict_error,
+    fold_clash,
+    fold_twins,
     ownership_error,
     sort_remote,
 )
+from exlab_wizard.validator.rules import reserved_filesystem_name
 
 __all__ = [
     "RcloneTransport",
@@ -428,6 +432,10 @@ class RcloneTransport(Transport):
         #: None: ``backend features`` did not list it, which some backends do although they can
         #: (sftp with ``sha256sum_command``): the first manifest finds out.
         self._native_sha256: bool | None = None
+        #: the backend takes names that differ only in letter case for one (``backend features``'
+        #: CaseInsensitive; smb, onedrive, ...), or it is rclone's smb backend (Samba): see probe()
+        self._folds_case = False
+        self._smb = False
         self._probed = False
 
     def _fs(self, run_path: Path) -> str:
@@ -454,7 +462,10 @@ class RcloneTransport(Transport):
                     "rclone", result.returncode, rclone_text(result.stderr), "asking the backend's features"
                 )
                 raise await self._explained(error, run_path)
-            hashes = [str(h).lower() for h in json.loads(result.stdout).get("Hashes") or []]
+            features = json.loads(result.stdout)
+            hashes = [str(h).lower() for h in features.get("Hashes") or []]
+            self._folds_case = bool((features.get("Features") or {}).get("CaseInsensitive"))
+            self._smb = str(features.get("String") or "").startswith("smb://")
             self._probed = True
             self._native_sha256 = True if "sha256" in hashes else None
             self.log.info(
@@ -463,6 +474,7 @@ class RcloneTransport(Transport):
                 remote=self.config.rclone_remote,
                 hashes=",".join(hashes) or "none",
                 remote_hashing="untried" if self._native_sha256 is None else self._native_sha256,
+                case_insensitive=self._folds_case,
             )
         return self.capabilities
 
@@ -590,9 +602,10 @@ class RcloneTransport(Transport):
         owner: str | None,
     ) -> tuple[int, int]:
         """push() once the run is listed (``local``): the checks, the claim, the copy; (files, bytes) sent."""
+        probing = None
         if not self._probed:
-            # Ask the backend's features while the push runs (the verify pass needs them next);
-            # a failed probe is simply asked again by remote_manifest.
+            # Ask the backend's features beside the listing: the name checks below need them
+            # (does it fold letter case?), and the verify pass next (does it hash SHA-256?).
             probing = asyncio.ensure_future(self.probe(run_path))
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
         listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step="conflict_check")
@@ -625,6 +638,12 @@ class RcloneTransport(Transport):
             raise error
         if previous_stamp is not None and previous_stamp in previous_stamps(remote):
             raise PreviousStampTaken(previous_stamp, fs)  # --backup-dir would replace what it keeps
+        if probing is not None:
+            try:
+                await probing
+            except (OSError, TransportError):
+                await self.probe(run_path)  # asked once more: its error is the push's
+        await self._check_folding(run_path, fs, local, remote)  # before the claim and any write
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
         if owner is not None and claim_path(owner) not in remote:
@@ -765,6 +784,65 @@ class RcloneTransport(Transport):
             scope=METADATA_DIR,
         )
         return TransportResult(ok=True, files_sent=stats.transfers, bytes_sent=stats.bytes)
+
+    async def _check_folding(self, run_path: Path, fs: str, local: LocalTree, remote: Collection[str]) -> None:
+        """Raise ``REMOTE_WRITE_REFUSED`` for a run whose names would meet another name on the remote.
+
+        rclone compares names exactly, but a backend that folds letter case
+        (Samba through ``smb``) opens the NAS ``A.tif`` for ``a.tif``: the
+        upload of a late ``a.tif`` lands on the verified ``A.tif``. So, on a
+        backend that says it folds case (or Samba): two entries of one folder
+        whose names fold alike, and a Windows device name (``aux.txt``: Samba
+        stores it but lists it under a mangled name, so it never verifies). On
+        any backend (sftp to a share that folds says nothing): a path of the
+        run the remote folder does not hold by its name while it holds one of
+        another spelling, when the remote answers for the run's spelling.
+        """
+        if self._folds_case or self._smb:
+            in_folders = sorted(local.files, key=lambda rel: (rel.rpartition("/")[0], os.fsencode(rel)))
+            twins = fold_twins(in_folders, sorted(local.dirs, key=lambda rel: rel.count("/")))
+            if twins is not None:
+                raise TransportError(
+                    K.REMOTE_WRITE_REFUSED,
+                    f"the remote takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or"
+                    " Unicode form): it cannot hold both files of this run; nothing was written, rename one of them",
+                )
+            names = [remote_relpath(self.equipment, run_path).as_posix(), *sorted(local.dirs), *sorted(local.files)]
+            for path in names:
+                hits = [hit for part in path.split("/") for hit in reserved_filesystem_name(part)]
+                if hits:
+                    raise TransportError(
+                        K.REMOTE_WRITE_REFUSED,
+                        f"{path!r} holds the Windows device name {hits[0].token.upper()}: an SMB server stores it"
+                        " but lists it under another name, so it could never be verified; nothing was written,"
+                        " rename it",
+                    )
+        clash = fold_clash(local.files, local.dirs, remote)
+        if clash is None:
+            return
+        ours, theirs = clash
+        # One remote file at or below ``theirs``, asked for under the run's spelling.
+        known = theirs if theirs in remote else min(p for p in remote if p.startswith(f"{theirs}/"))
+        if self._folds_case or await self._answers_for(run_path, f"{fs}/{encode_name(ours + known[len(theirs) :])}"):
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED,
+                f"the remote takes {ours!r} for its {theirs!r} (it ignores letter case or Unicode form):"
+                f" the run's {ours!r} would land on that copy; nothing was written, rename {ours!r}",
+            )
+
+    async def _answers_for(self, run_path: Path, path_fs: str) -> bool:
+        """Does the remote find a file at ``path_fs``, a name its listing does not show (so it folds names)?
+
+        An object store answers a folder (a prefix) for any name: only a file counts.
+        """
+        argv = [*self._base(), *_COMMON, "lsjson", "--stat", "--no-mimetype", "--", path_fs]
+        result = await run_tool(argv, timeout=60, log=self.log, run_path=run_path, step="fold_check", quiet=True)
+        if result.returncode in (3, 4):  # directory not found, file not found: the remote tells case apart
+            return False
+        if result.returncode != 0:
+            raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"looking up {path_fs}")
+        found = json.loads(result.stdout or b"null")
+        return isinstance(found, dict) and not found.get("IsDir")
 
     # ------------------------------------------------------- remote manifest
 
