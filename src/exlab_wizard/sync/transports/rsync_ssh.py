@@ -10,6 +10,10 @@ with the local run: a file that is neither in the run, nor under
 ``.exlab-wizard/``, nor rsync's own leftover of an interrupted push (a
 ``.rsync-partial/`` folder the run does not have, or a ``.<name>.<6 random>``
 temporary) is someone else's data and the push raises ``REMOTE_CONFLICT``.
+Two entries of the run whose names differ only in letter case or Unicode
+form, or a path the NAS folder holds only under another spelling, are refused
+(``REMOTE_WRITE_REFUSED``) on a NAS that folds names, which would take one for
+the other (:meth:`RsyncSshTransport._check_folding`).
 Every remote path is given to rsync with its wildcard characters bracketed
 (:func:`remote_path_arg`): the remote side expands them, in a source and a
 destination alike.
@@ -64,7 +68,6 @@ import shutil
 import stat
 import tempfile
 import threading
-import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,6 +126,9 @@ from exlab_wizard.sync.transports.conflict import (
     claim_markers,
     claim_path,
     conflict_error,
+    fold_clash,
+    fold_twins,
+    folded_name,
     ownership_error,
     sort_remote,
 )
@@ -312,6 +318,9 @@ def _probed_tool(stdout: bytes) -> tuple[str | None, bool]:
 
 # One probe per host for the whole process: (target, port, key, known_hosts) -> tool or None.
 _HOST_TOOLS: dict[tuple[str, int, str, str], str | None] = {}
+#: Does the NAS take names differing only in letter case for one? Per host and remote root, asked once
+#: (:meth:`RsyncSshTransport._nas_folds_case`).
+_HOST_FOLDS_CASE: dict[tuple[str, int, str, str, str], bool] = {}
 _RSYNC_VERSIONS: dict[str, tuple[int, ...]] = {}
 # Cipher list per host, decided once: (target, port, key, known_hosts) -> "-o Ciphers" value or None.
 _CIPHERS: dict[tuple[str, int, str, str], str | None] = {}
@@ -455,11 +464,6 @@ class _Entry:
     #: whole seconds since the epoch, as listed when asked for (rsync prints the listing's times
     #: in its local time zone: every listing runs with ``TZ=UTC``, see :func:`_listing_env`)
     mtime_s: int = 0
-
-
-def _folded(name: str) -> str:
-    """``name`` as a NAS that folds letter case and Unicode forms compares it."""
-    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _unescape(name: bytes) -> str:
@@ -807,6 +811,7 @@ class RsyncSshTransport(Transport):
             raise error
         if keep_stamp is not None and listing is not None and keep_stamp in previous_stamps(listing):
             raise PreviousStampTaken(keep_stamp, remote_run)  # --backup-dir would replace what it keeps
+        await self._check_folding(run_path, remote_run, local, listing)  # before the claim and any write
         if claim is not None:
             await asyncio.to_thread(claim)  # durably, before anything is written in the NAS folder
         mine = None if owner is None else claim_path(owner)
@@ -874,6 +879,86 @@ class RsyncSshTransport(Transport):
         if junk:
             await self._remove_leftovers(run_path, remote_run, junk)
         return files_sent, bytes_sent
+
+    async def _check_folding(
+        self, run_path: Path, remote_run: str, local: LocalTree, listing: dict[str, _Entry] | None
+    ) -> None:
+        """Raise ``REMOTE_WRITE_REFUSED`` for a run whose names would meet another name on the NAS.
+
+        rsync looks names up exactly on the NAS, and a NAS that folds letter
+        case (SMB, exFAT, macOS) finds its ``A.tif`` for the run's ``a.tif``:
+        the late ``a.tif`` lands on the verified ``A.tif``. Two entries of one
+        run folder whose names fold alike are refused when the NAS folds case
+        (:meth:`_nas_folds_case`); a path of the run the NAS folder does not
+        hold by its name while it holds one of another spelling, when the NAS
+        finds a file under the run's spelling. A NAS that tells them apart
+        takes both.
+        """
+        remote = listing or {}
+        in_folders = sorted(local.files, key=lambda rel: (rel.rpartition("/")[0], os.fsencode(rel)))
+        twins = fold_twins(in_folders, sorted(local.dirs, key=lambda rel: rel.count("/")))
+        clash = fold_clash(local.files, local.dirs, remote)
+        found = False
+        if clash is not None:
+            ours, theirs = clash
+            # One remote entry at or below ``theirs``, asked for under the run's spelling.
+            known = theirs if theirs in remote else min(p for p in remote if p.startswith(f"{theirs}/"))
+            found = await self._resolves(run_path, f"{remote_run.rstrip('/')}/{ours}{known[len(theirs) :]}")
+        if twins is not None and (found or await self._nas_folds_case(run_path, listing is not None)):
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED,
+                f"the remote takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or"
+                " Unicode form): it cannot hold both files of this run; nothing was written, rename one of them",
+            )
+        if found:
+            raise TransportError(
+                K.REMOTE_WRITE_REFUSED,
+                f"the remote takes {ours!r} for its {theirs!r} (it ignores letter case or Unicode form):"
+                f" the run's {ours!r} would land on that copy; nothing was written, rename {ours!r}",
+            )
+
+    async def _nas_folds_case(self, run_path: Path, run_folder_there: bool) -> bool:
+        """Does the NAS take names that differ in letter case for one? Asked once per host and remote root.
+
+        As the mount transport asks its share: the deepest folder of the run's
+        path below the remote root (the run folder when ``run_folder_there``)
+        whose name has a cased (ASCII) letter, listed in its parent, is looked up under
+        its name with the case swapped: found while the parent lists only the
+        one name, the NAS folds. With rsync's own listing, so an rrsync
+        account answers too. No such folder: True, the safe side (not kept).
+        """
+        key = (*self._host_key(), self.config.remote_root)
+        if key in _HOST_FOLDS_CASE:
+            return _HOST_FOLDS_CASE[key]
+        parts = remote_relpath(self.equipment, run_path).parts
+        root = self.config.remote_root.rstrip("/")
+        for depth in range(len(parts) if run_folder_there else len(parts) - 1, 0, -1):
+            name = parts[depth - 1]
+            twin = name.swapcase()
+            if twin == name or not name.isascii():  # "ß".swapcase() is "SS": no twin a NAS would fold
+                continue
+            parent = "/".join([root, *parts[: depth - 1]])
+            entries = await self._list_remote(run_path, parent, step="fold_check", recursive=False)
+            if entries is None or name not in entries:
+                continue
+            folds = twin not in entries and await self._resolves(run_path, f"{parent}/{twin}")
+            _HOST_FOLDS_CASE[key] = folds
+            self.log.info(run_path, "remote_folds_case", host=self.config.ssh_target, folds=folds, asked=name)
+            return folds
+        return True
+
+    async def _resolves(self, run_path: Path, remote_path: str) -> bool:
+        """Does the NAS find an entry at ``remote_path`` (itself listed, not its contents)?"""
+        target = self._target(remote_path)[:-1]  # without the slash: the entry itself, a file too
+        argv = [*self._rsync_base(), "--list-only", target]
+        result = await run_tool(
+            argv, log=self.log, run_path=run_path, step="fold_check", quiet=True, env=_listing_env()
+        )
+        if result.returncode == 0:
+            return True
+        if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
+            return False
+        raise _listing_error(result, remote_path)
 
     async def _send_claim(self, run_path: Path, remote_run: str, claim: str) -> None:
         """``claim`` (``.exlab-wizard/claims/<job id>``) into the remote run folder, its folders made as needed.
@@ -1258,8 +1343,8 @@ class RsyncSshTransport(Transport):
             return None, False  # the parent is missing too
         top = entries.get(name)
         if top is None:
-            folded = _folded(name)
-            if not any(_folded(other) == folded for other in entries):
+            folded = folded_name(name)
+            if not any(folded_name(other) == folded for other in entries):
                 return None, True
             return await self._list_remote(run_path, remote_run, step="conflict_check"), False
         if top.kind != "d":
