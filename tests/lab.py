@@ -16,8 +16,8 @@ together. :class:`Lab` builds that; the variants below reuse it:
 - :class:`MountLab`: one run folder and a real :class:`MountTransport`.
 - :func:`make_hostile_run` and :func:`rsync_equipment`: the run with hostile
   names the transport tests send, and an rsync_ssh equipment on the sshd.
-- :func:`make_client`, :func:`running`, :func:`synced`, :func:`ready`: a real
-  client over a lab.
+- :func:`make_client`, :func:`running`, :func:`synced`, :func:`ready`,
+  :func:`ready_run`: a real client over a lab.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ __all__ = [
     "FILES",
     "TWIN_FILES",
     "everything_under",
+    "held_files",
+    "nothing_deleted",
+    "ready_run",
+    "rewrite_in_place",
     "metadata_push_down",
     "retry_now",
     "HOSTILE",
@@ -281,6 +285,11 @@ class Lab:
 
     def nas_copy(self, run: Path, equipment: str = EQ) -> Path:
         return self.mount_path(equipment) / run.relative_to(self.local_root / equipment)
+
+    def server_copy(self, run: Path, server_root: Path) -> Path:
+        """The run's NAS copy as the server's own disk holds it (not through the mount), the NAS being
+        the share whose folder on that disk is ``server_root``."""
+        return server_root / self.nas_copy(run).relative_to(self.nas)
 
     def equipment_log(self, equipment: str = EQ) -> Path:
         return self.local_root / equipment / METADATA / f"wizard.{socket.gethostname()}.log"
@@ -761,6 +770,18 @@ async def ready(client: NASSyncClient, clock: Clock, run: Path) -> Any:
     return job
 
 
+@contextlib.asynccontextmanager
+async def ready_run(
+    lab: Lab, cfg: Config | None = None, *, files: Mapping[str, bytes] = FILES, name: str = "Run_2026-01-01"
+) -> AsyncIterator[tuple[NASSyncClient, Clock, Path]]:
+    """A client over ``lab`` (``cfg``, else :func:`cleanup_config`) and its one run of ``files``, :func:`ready`."""
+    clock = Clock()
+    run = lab.make_run(name, files=files)
+    async with running(cfg or cleanup_config(lab), clock) as client:
+        await ready(client, clock, run)
+        yield client, clock, run
+
+
 def acts(outcomes: list[Any]) -> list[Any]:
     """A pass's outcomes without the promotions to CLEANUP_ELIGIBLE."""
     return [o for o in outcomes if o.action != "promoted"]
@@ -772,3 +793,24 @@ def events(job: Any, kind: str | None = None) -> list[Any]:
 
 def data_intact(run: Path, files: dict[str, bytes] = FILES) -> bool:
     return all((run / rel).is_file() and (run / rel).read_bytes() == data for rel, data in files.items())
+
+
+def nothing_deleted(run: Path, outcomes: list[Any], *context: Any) -> None:
+    """Rule 1 held in a cleanup pass: every file of ``run`` is there with its bytes, no outcome deleted."""
+    assert data_intact(run), (outcomes, *context)
+    assert all(o.action != "deleted" for o in outcomes), outcomes
+
+
+def held_files(folder: Path, files: Mapping[str, bytes] = FILES) -> dict[str, bytes]:
+    """The bytes of those of ``files`` that ``folder`` holds (a NAS copy as the server's disk has it)."""
+    return {rel: (folder / rel).read_bytes() for rel in files if (folder / rel).is_file()}
+
+
+def rewrite_in_place(path: Path, data: bytes, *, at: int = 0) -> None:
+    """``data`` written over ``path`` at offset ``at``, its times put back: an edit the stat does not show
+    (``exiftool -overwrite_original_in_place -P``, ``touch -r``, bytes changed on a server)."""
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -20,7 +20,22 @@ from exlab_wizard.sync.transports.base import PREVIOUS_DIR
 from exlab_wizard.sync.transports.mount import MountTransport
 from tests.fixtures.smb_share import SmbShare
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, act_once_in, acts, cleanup_config, data_intact, ready, retry_now, running, synced
+from tests.lab import (
+    EQ,
+    FILES,
+    Lab,
+    act_once_in,
+    acts,
+    cleanup_config,
+    data_intact,
+    held_files,
+    nothing_deleted,
+    ready_run,
+    retry_now,
+    rewrite_in_place,
+    running,
+    synced,
+)
 
 S = SyncJobState
 
@@ -51,37 +66,27 @@ def _wait_readable(path: Path, timeout: float = 20) -> None:
 
 
 def _on_server(lab: Lab, smb: SmbShare, run: Path) -> Path:
-    return smb.server_dir / lab.nas_copy(run).relative_to(lab.nas)
-
-
-def _server_files(folder: Path, files: dict[str, bytes] = FILES) -> dict[str, bytes]:
-    return {rel: (folder / rel).read_bytes() for rel in files if (folder / rel).is_file()}
+    return lab.server_copy(run, smb.server_dir)
 
 
 async def test_the_whole_flow_with_cleanup_on_smb(share) -> None:
     lab, smb = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["deleted"], outcomes
         assert (await client.job(run)).state == S.CLEANED
     assert not any((run / rel).exists() for rel in FILES)
-    assert _server_files(_on_server(lab, smb, run)) == FILES
+    assert held_files(_on_server(lab, smb, run)) == FILES
 
 
 async def test_the_whole_flow_without_retained_cache_on_smb(share) -> None:
     lab, smb = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab, retain_cache=False), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab, cleanup_config(lab, retain_cache=False)) as (client, _clock, run):
         acts(await client.cleanup_once())
         job = await client.job(run)
         assert job.state == S.CLEANED, (job.state, job.last_error)
     assert not run.exists()
-    assert _server_files(_on_server(lab, smb, run)) == FILES
+    assert held_files(_on_server(lab, smb, run)) == FILES
 
 
 async def test_the_read_back_is_the_server_s_bytes(share, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,21 +95,12 @@ async def test_the_read_back_is_the_server_s_bytes(share, monkeypatch: pytest.Mo
     clock = Clock()
     run = lab.make_run(files=FILES)
     nas = _on_server(lab, smb, run)
-
-    def flip_on_the_server() -> None:
-        target = nas / "sub" / "stack.raw"
-        info = target.stat()
-        with open(target, "r+b") as handle:
-            handle.seek(100)
-            handle.write(b"Z")
-        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
-
     fired = act_once_in(
         monkeypatch,
         MountTransport,
         "_read_back",
         lambda _self, _job, rel, *a, **k: rel == "sub/stack.raw",
-        flip_on_the_server,
+        lambda: rewrite_in_place(nas / "sub" / "stack.raw", b"Z", at=100),
     )
     async with running(cleanup_config(lab), clock) as client:
         await client.enqueue(run)
@@ -113,30 +109,23 @@ async def test_the_read_back_is_the_server_s_bytes(share, monkeypatch: pytest.Mo
     assert fired
     mismatches = [e for e in job.events if "mismatch" in (e.detail or "") or e.kind == "hash_mismatch"]
     assert mismatches, [(e.kind, e.detail) for e in job.events]
-    assert _server_files(nas) == FILES
+    assert held_files(nas) == FILES
 
 
 async def test_the_last_look_sees_the_run_folder_deleted_on_the_server(share) -> None:
     lab, smb = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         [dry] = await client.cleanup_once(dry_run=True)
         assert dry.action == "would_delete", dry
         shutil.rmtree(_on_server(lab, smb, run))  # gone on the server, behind the mount
         outcomes = acts(await client.cleanup_once())
-    assert data_intact(run), outcomes  # rule 1
-    assert all(o.action != "deleted" for o in outcomes), outcomes
+    nothing_deleted(run, outcomes)  # rule 1
 
 
 async def test_a_file_emptied_on_the_server_is_seen_by_the_last_look(share) -> None:
     """One NAS file truncated and its mtime put back on the server a moment before the pass."""
     lab, smb = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         [dry] = await client.cleanup_once(dry_run=True)
         assert dry.action == "would_delete", dry
         target = _on_server(lab, smb, run) / "image_001.tif"
@@ -144,22 +133,17 @@ async def test_a_file_emptied_on_the_server_is_seen_by_the_last_look(share) -> N
         target.write_bytes(b"")
         os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
         outcomes = acts(await client.cleanup_once())
-    assert data_intact(run), outcomes  # rule 1
-    assert all(o.action != "deleted" for o in outcomes), outcomes
+    nothing_deleted(run, outcomes)  # rule 1
 
 
 async def test_the_server_stopped_before_the_pass_is_never_an_empty_nas(share) -> None:
     lab, smb = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         smb.stop_server()
         await client.audit_once()
         outcomes = acts(await client.cleanup_once())
         job = await client.job(run)
-    assert data_intact(run), (outcomes, job.state, job.last_error)  # rules 1 and 3
-    assert all(o.action != "deleted" for o in outcomes), outcomes
+    nothing_deleted(run, outcomes, job.state, job.last_error)  # rules 1 and 3
 
 
 @pytest.mark.parametrize("step", ["_opened_stat", "delete_batch"])
@@ -168,10 +152,7 @@ async def test_the_server_stopped_mid_cleanup(share, monkeypatch: pytest.MonkeyP
     from exlab_wizard.sync.transports import mount as mount_module
 
     lab, smb = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         if step == "_opened_stat":
             fired = act_once_in(monkeypatch, mount_module, "_opened_stat", lambda *a, **k: True, smb.stop_server)
         else:
@@ -182,7 +163,7 @@ async def test_the_server_stopped_mid_cleanup(share, monkeypatch: pytest.MonkeyP
         job = await client.job(run)
     assert fired
     gone = [rel for rel in FILES if not (run / rel).exists()]
-    server = _server_files(_on_server(lab, smb, run))
+    server = held_files(_on_server(lab, smb, run))
     # rule 1: whatever went locally is on the server, verified bytes
     assert all(server.get(rel) == FILES[rel] for rel in gone), (gone, outcomes, job.state)
 
@@ -203,7 +184,7 @@ async def test_the_server_stopped_mid_push_then_back(share, monkeypatch: pytest.
         _wait_readable(lab.nas / ".exlab-nas")  # smbnetfs's negative cache (3 s) forgets the failures
         job = await retry_now(client, clock, run)
     assert job.state == S.VERIFIED, (job.state, job.last_error)
-    assert _server_files(_on_server(lab, smb, run)) == FILES
+    assert held_files(_on_server(lab, smb, run)) == FILES
     assert data_intact(run)
 
 

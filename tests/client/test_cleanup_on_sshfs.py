@@ -12,7 +12,6 @@ on the server a moment before the pass.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +21,20 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.fixtures.fuse_shares import Sshfs
+from tests.fixtures.fuse_shares import Sshfs, sshfs_lab
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, act_once_in, acts, cleanup_config, data_intact, ready, running
+from tests.lab import (
+    FILES,
+    Lab,
+    act_once_in,
+    acts,
+    cleanup_config,
+    held_files,
+    nothing_deleted,
+    ready_run,
+    rewrite_in_place,
+    running,
+)
 
 S = SyncJobState
 pytestmark = pytest.mark.network
@@ -33,54 +43,31 @@ pytestmark = pytest.mark.network
 @pytest.fixture
 def share(tmp_path: Path, sshd_factory, remote_dir: Path) -> Iterator[tuple[Lab, Sshfs]]:
     """A one-equipment lab whose NAS (``tmp_path/nas``) is ``remote_dir`` on the sshd, mounted with sshfs."""
-    server = sshd_factory()
-    (remote_dir / ".exlab-nas").write_text("mounted\n")
-    lab = Lab.build(tmp_path, equipment=(EQ,), nas_per_equipment=False, marker=None)
-    mount = Sshfs(server, remote_dir, lab.nas).mount()
-    try:
+    with sshfs_lab(tmp_path, sshd_factory(), remote_dir) as (lab, mount):
         assert (lab.nas / ".exlab-nas").is_file()
         yield lab, mount
-    finally:
-        mount.close()
-
-
-def _on_server(lab: Lab, remote_dir: Path, run: Path) -> Path:
-    """The run's NAS copy as the server's own disk holds it (not through the mount)."""
-    return remote_dir / lab.nas_copy(run).relative_to(lab.nas)
-
-
-def _server_files(nas: Path) -> dict[str, bytes]:
-    return {rel: (nas / rel).read_bytes() for rel in FILES if (nas / rel).is_file()}
 
 
 async def test_the_whole_flow_with_cleanup_on_sshfs(share, remote_dir: Path) -> None:
     lab, _mount = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         outcomes = acts(await client.cleanup_once())
         assert [o.action for o in outcomes] == ["deleted"], outcomes
         assert (await client.job(run)).state == S.CLEANED
     assert not any((run / rel).exists() for rel in FILES)
-    assert _server_files(_on_server(lab, remote_dir, run)) == FILES
+    assert held_files(lab.server_copy(run, remote_dir)) == FILES
 
 
 async def test_a_dead_sshfs_mount_is_never_an_empty_nas(share, remote_dir: Path) -> None:
     """sshfs killed: every access to the mount point is ENOTCONN (rule 3)."""
     lab, mount = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         mount.kill()
         await client.audit_once()
         job = await client.job(run)
         assert job.state in (S.VERIFIED, S.CLEANUP_ELIGIBLE) and job.verify_passes == 2, (job.state, job.last_error)
-        outcomes = acts(await client.cleanup_once())
-        assert all(o.action != "deleted" for o in outcomes), outcomes
-        assert data_intact(run)
-    assert _server_files(_on_server(lab, remote_dir, run)) == FILES
+        nothing_deleted(run, acts(await client.cleanup_once()))
+    assert held_files(lab.server_copy(run, remote_dir)) == FILES
 
 
 async def test_bytes_changed_on_the_server_after_the_write_are_seen_by_the_verification(
@@ -90,22 +77,13 @@ async def test_bytes_changed_on_the_server_after_the_write_are_seen_by_the_verif
     lab, _mount = share
     clock = Clock()
     run = lab.make_run(files=FILES)
-    nas = _on_server(lab, remote_dir, run)
-
-    def flip_on_the_server() -> None:
-        target = nas / "sub" / "stack.raw"
-        info = target.stat()
-        with open(target, "r+b") as handle:
-            handle.seek(100)
-            handle.write(b"Z")
-        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))  # size and mtime as written
-
+    nas = lab.server_copy(run, remote_dir)
     fired = act_once_in(
         monkeypatch,
         MountTransport,
         "_read_back",
         lambda _self, _job, rel, *a, **k: rel == "sub/stack.raw",
-        flip_on_the_server,
+        lambda: rewrite_in_place(nas / "sub" / "stack.raw", b"Z", at=100),  # size and mtime as written
     )
     async with running(cleanup_config(lab), clock) as client:
         await client.enqueue(run)
@@ -114,7 +92,7 @@ async def test_bytes_changed_on_the_server_after_the_write_are_seen_by_the_verif
     assert fired
     mismatches = [e for e in job.events if "mismatch" in (e.detail or "") or e.kind == "hash_mismatch"]
     assert mismatches, [(e.kind, e.detail) for e in job.events]
-    assert _server_files(nas) == FILES  # re-sent
+    assert held_files(nas) == FILES  # re-sent
 
 
 async def test_the_last_look_before_deleting_is_not_sshfs_s_cache(share, remote_dir: Path) -> None:
@@ -124,17 +102,13 @@ async def test_the_last_look_before_deleting_is_not_sshfs_s_cache(share, remote_
     not sshfs's cached listing of the dry run a moment before.
     """
     lab, _mount = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (client, _clock, run):
         [dry] = await client.cleanup_once(dry_run=True)  # looks at the NAS copy through the mount
         assert dry.action == "would_delete", dry
-        shutil.rmtree(_on_server(lab, remote_dir, run))  # gone on the server
+        shutil.rmtree(lab.server_copy(run, remote_dir))  # gone on the server
         outcomes = acts(await client.cleanup_once())
         job = await client.job(run)
-    assert data_intact(run), (outcomes, job.state)  # rule 1: its NAS copy is gone, the local bytes stay
-    assert all(o.action != "deleted" for o in outcomes), outcomes
+    nothing_deleted(run, outcomes, job.state)  # rule 1: its NAS copy is gone, the local bytes stay
 
 
 async def test_remote_stats_are_the_server_s_not_sshfs_s_cache(share, remote_dir: Path) -> None:
@@ -144,13 +118,11 @@ async def test_remote_stats_are_the_server_s_not_sshfs_s_cache(share, remote_dir
     ``fstat`` right after the open would still give the old one.
     """
     lab, _mount = share
-    clock = Clock()
-    run = lab.make_run(files=FILES)
-    async with running(cleanup_config(lab), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab) as (_client, _clock, run):
+        pass  # synced and audited: the NAS copy is there
     transport = MountTransport(lab.config().equipment[0])
     assert set(FILES) <= set(await transport.remote_stats(run))
-    nas = _on_server(lab, remote_dir, run)
+    nas = lab.server_copy(run, remote_dir)
     (nas / "sub" / "stack.raw").unlink()
     with open(nas / "notes.txt", "ab") as grown:
         grown.write(b"more")

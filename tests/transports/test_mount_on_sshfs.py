@@ -30,8 +30,8 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports import TransportErrorKind
 from exlab_wizard.sync.transports.mount import MountTransport
-from tests.fixtures.fuse_shares import Sshfs
-from tests.lab import EQ, Lab
+from tests.fixtures.fuse_shares import sshfs_lab
+from tests.lab import Lab
 
 pytestmark = pytest.mark.network
 
@@ -39,15 +39,9 @@ pytestmark = pytest.mark.network
 @pytest.fixture
 def share(tmp_path: Path, sshd_factory, remote_dir: Path) -> Iterator[tuple[Lab, MountTransport]]:
     """A one-equipment lab whose NAS is ``remote_dir`` on the sshd, mounted with sshfs (login ``exlabt_rw``)."""
-    server = sshd_factory()
-    (remote_dir / ".exlab-nas").write_text("mounted\n")
-    lab = Lab.build(tmp_path, equipment=(EQ,), nas_per_equipment=False, marker=None)
-    mount = Sshfs(server, remote_dir, lab.nas).mount()
-    try:
+    with sshfs_lab(tmp_path, sshd_factory(), remote_dir) as (lab, _mount):
         equipment = EquipmentConfig.model_validate(lab.equipment_data())
         yield lab, MountTransport(equipment, log=EquipmentLog(equipment))
-    finally:
-        mount.close()
 
 
 def _not_the_login_s(path: Path) -> None:
