@@ -21,7 +21,7 @@ from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.rclone import RcloneTransport
 from tests.fixtures.samba_server import ROOT, SambaServer
 from tests.helpers import Clock
-from tests.lab import EQ, FILES, Lab, acts, data_intact, ready, running, synced
+from tests.lab import EQ, FILES, Lab, acts, data_intact, ready_run, rewrite_in_place, running, synced
 
 S = SyncJobState
 CLEANUP = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
@@ -39,33 +39,37 @@ def _remote_run(lab: Lab, samba: SambaServer, run: Path) -> Path:
     return samba.root / run.relative_to(lab.local_root / EQ)
 
 
-async def test_a_run_on_rclone_smb_is_verified_audited_and_cleaned(tmp_path: Path, samba: SambaServer) -> None:
-    lab = Lab.build(tmp_path, equipment=(EQ,))
-    run = lab.make_run("Run_1", files=FILES)
-    clock = Clock()
-    async with running(_config(lab, samba), clock) as client:
-        await ready(client, clock, run)
+def _on_the_server(lab: Lab, samba: SambaServer, run: Path, files: dict[str, bytes] = FILES) -> Path:
+    """The run's folder on the server's disk, after asserting it holds ``files``, byte for byte."""
+    remote = _remote_run(lab, samba, run)
+    for rel, data in files.items():
+        assert (remote / rel).read_bytes() == data
+    return remote
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return Lab.build(tmp_path, equipment=(EQ,))
+
+
+async def test_a_run_on_rclone_smb_is_verified_audited_and_cleaned(lab: Lab, samba: SambaServer) -> None:
+    async with ready_run(lab, _config(lab, samba), name="Run_1") as (client, _clock, run):
         outcomes = acts(await client.cleanup_once())
         job = await client.job(run)
     assert [o.action for o in outcomes] == ["deleted"], [(o.action, o.reason) for o in outcomes]
     assert job.state == S.CLEANED
-    remote = _remote_run(lab, samba, run)
-    for rel, data in FILES.items():
-        assert (remote / rel).read_bytes() == data
-        assert not (run / rel).exists()
+    _on_the_server(lab, samba, run)
+    assert not any((run / rel).exists() for rel in FILES)
 
 
-async def test_the_audit_reads_what_the_smb_server_holds(tmp_path: Path, samba: SambaServer) -> None:
+async def test_the_audit_reads_what_the_smb_server_holds(lab: Lab, samba: SambaServer) -> None:
     """No SHA-256 on smb: hashed by download, from the server (a same-size, same-mtime rot is found)."""
-    lab = Lab.build(tmp_path, equipment=(EQ,))
     run = lab.make_run("Run_1", files=FILES)
     clock = Clock()
     async with running(_config(lab, samba), clock) as client:
         await synced(client, run)
         nas_file = _remote_run(lab, samba, run) / "image_001.tif"
-        st = nas_file.stat()
-        nas_file.write_bytes(b"Z" * st.st_size)
-        os.utime(nas_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+        rewrite_in_place(nas_file, b"Z" * nas_file.stat().st_size)
         clock.advance(7)
         await client.audit_once()
         await client.wait_idle(timeout=60)
@@ -75,12 +79,8 @@ async def test_the_audit_reads_what_the_smb_server_holds(tmp_path: Path, samba: 
         assert job.state == S.VERIFIED, (job.state, job.last_error)
 
 
-async def test_server_down_at_the_reapers_last_look_deletes_nothing(tmp_path: Path, samba: SambaServer) -> None:
-    lab = Lab.build(tmp_path, equipment=(EQ,))
-    run = lab.make_run("Run_1", files=FILES)
-    clock = Clock()
-    async with running(_config(lab, samba), clock) as client:
-        await ready(client, clock, run)
+async def test_server_down_at_the_reapers_last_look_deletes_nothing(lab: Lab, samba: SambaServer) -> None:
+    async with ready_run(lab, _config(lab, samba), name="Run_1") as (client, _clock, run):
         samba.stop()
         try:
             outcomes = acts(await client.cleanup_once())
@@ -93,12 +93,8 @@ async def test_server_down_at_the_reapers_last_look_deletes_nothing(tmp_path: Pa
         assert [o.action for o in outcomes] == ["deleted"], [(o.action, o.reason) for o in outcomes]
 
 
-async def test_the_nas_run_folder_emptied_is_never_taken_for_a_copy(tmp_path: Path, samba: SambaServer) -> None:
-    lab = Lab.build(tmp_path, equipment=(EQ,))
-    run = lab.make_run("Run_1", files=FILES)
-    clock = Clock()
-    async with running(_config(lab, samba), clock) as client:
-        await ready(client, clock, run)
+async def test_the_nas_run_folder_emptied_is_never_taken_for_a_copy(lab: Lab, samba: SambaServer) -> None:
+    async with ready_run(lab, _config(lab, samba), name="Run_1") as (client, _clock, run):
         remote = _remote_run(lab, samba, run)
         for rel in FILES:
             (remote / rel).unlink()
@@ -106,14 +102,13 @@ async def test_the_nas_run_folder_emptied_is_never_taken_for_a_copy(tmp_path: Pa
         assert data_intact(run), [(o.action, o.reason) for o in outcomes]
 
 
-async def test_server_killed_mid_push_then_back(tmp_path: Path, samba: SambaServer, monkeypatch) -> None:
+async def test_server_killed_mid_push_then_back(lab: Lab, samba: SambaServer, monkeypatch) -> None:
     import threading
 
     from exlab_wizard.sync.transports import rclone as rclone_mod
     from tests.lab import act_once_in, retry_now
 
     monkeypatch.setattr(rclone_mod.RcloneTransport, "_bwlimit_args", lambda self, kibps: ["--bwlimit", "4M"])
-    lab = Lab.build(tmp_path, equipment=(EQ,))
     files = {**FILES, "big.bin": os.urandom(24 << 20)}
     run = lab.make_run("Run_1", files=files)
     timers: list[threading.Timer] = []
@@ -137,23 +132,15 @@ async def test_server_killed_mid_push_then_back(tmp_path: Path, samba: SambaServ
         await client.wait_idle(timeout=120)
         job = await client.job(run)
         assert job.state == S.VERIFIED, (job.state, job.error_kind, job.last_error)
-    remote = _remote_run(lab, samba, run)
+    remote = _on_the_server(lab, samba, run, files)
     assert not [p for p in remote.rglob("*.partial")]
-    for rel, data in files.items():
-        assert (remote / rel).read_bytes() == data
 
 
-async def test_server_killed_before_the_final_push_of_a_cleanup(
-    tmp_path: Path, samba: SambaServer, monkeypatch
-) -> None:
+async def test_server_killed_before_the_final_push_of_a_cleanup(lab: Lab, samba: SambaServer, monkeypatch) -> None:
     from exlab_wizard.sync.transports import rclone as rclone_mod
     from tests.lab import act_once_in
 
-    lab = Lab.build(tmp_path, equipment=(EQ,))
-    run = lab.make_run("Run_1", files=FILES)
-    clock = Clock()
-    async with running(_config(lab, samba, retain_cache=False), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(lab, _config(lab, samba, retain_cache=False), name="Run_1") as (client, _clock, run):
         fired = act_once_in(monkeypatch, rclone_mod.RcloneTransport, "push_metadata", lambda *a, **kw: True, samba.stop)
         outcomes = acts(await client.cleanup_once())
         assert fired
@@ -163,9 +150,7 @@ async def test_server_killed_before_the_final_push_of_a_cleanup(
         outcomes = acts(await client.cleanup_once())
         job = await client.job(run)
         assert job.state == S.CLEANED, (job.state, [(o.action, o.reason) for o in outcomes])
-    remote = _remote_run(lab, samba, run)
-    for rel, data in FILES.items():
-        assert (remote / rel).read_bytes() == data
+    remote = _on_the_server(lab, samba, run)
     assert (remote / ".exlab-wizard" / "checksums.sha256").is_file()
     assert "local_cleaned" in (remote / ".exlab-wizard" / "creation.json").read_text()
 
