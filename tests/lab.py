@@ -17,7 +17,7 @@ together. :class:`Lab` builds that; the variants below reuse it:
 - :func:`make_hostile_run` and :func:`rsync_equipment`: the run with hostile
   names the transport tests send, and an rsync_ssh equipment on the sshd.
 - :func:`make_client`, :func:`running`, :func:`synced`, :func:`ready`,
-  :func:`ready_run`: a real client over a lab.
+  :func:`ready_run`, :func:`ready_client`: a real client over a lab.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ __all__ = [
     "everything_under",
     "held_files",
     "nothing_deleted",
+    "ready_client",
     "ready_run",
     "rewrite_in_place",
     "metadata_push_down",
@@ -775,11 +776,18 @@ async def ready_run(
     lab: Lab, cfg: Config | None = None, *, files: Mapping[str, bytes] = FILES, name: str = "Run_2026-01-01"
 ) -> AsyncIterator[tuple[NASSyncClient, Clock, Path]]:
     """A client over ``lab`` (``cfg``, else :func:`cleanup_config`) and its one run of ``files``, :func:`ready`."""
-    clock = Clock()
     run = lab.make_run(name, files=files)
+    async with ready_client(lab, run, cfg) as (client, clock):
+        yield client, clock, run
+
+
+@contextlib.asynccontextmanager
+async def ready_client(lab: Lab, run: Path, cfg: Config | None = None) -> AsyncIterator[tuple[NASSyncClient, Clock]]:
+    """A client over ``lab`` (``cfg``, else :func:`cleanup_config`) with ``run``, already made, :func:`ready`."""
+    clock = Clock()
     async with running(cfg or cleanup_config(lab), clock) as client:
         await ready(client, clock, run)
-        yield client, clock, run
+        yield client, clock
 
 
 def acts(outcomes: list[Any]) -> list[Any]:

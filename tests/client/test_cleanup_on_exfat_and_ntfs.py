@@ -19,27 +19,27 @@ Needs root, /dev/fuse and ntfs-3g, exfat-fuse, exfatprogs (fails without).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from exlab_wizard.config import Config
 from exlab_wizard.sync import job_runner
 from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.states import SyncJobState
-from tests.fixtures.local_disks import LocalDisk, drop_inode_cache, local_disk
+from tests.fixtures.local_disks import LocalDisk, drop_inode_cache, local_disk, run_on_disk
 from tests.helpers import Clock
 from tests.lab import (
     FILES,
-    Lab,
     Site,
     act_once_in,
     cleanup_config,
     deletion_killed_after_two,
     ready,
+    ready_client,
+    rewrite_in_place,
     running,
     synced,
 )
@@ -47,27 +47,17 @@ from tests.lab import (
 S = SyncJobState
 
 
-@contextlib.contextmanager
-def _local_root(fs: str, point: Path) -> Iterator[LocalDisk | None]:
-    """``point`` on an ``fs`` disk; ``native``: left on the test machine's own filesystem."""
-    if fs == "native":
-        yield None
-        return
-    with local_disk(fs, point) as disk:
-        yield disk
-
-
-def _put_back_mtime_after(path: Path, new: bytes) -> None:
-    """An in-place rewrite that keeps the file's size and date (``exiftool -overwrite_original_in_place -P``)."""
-    st = path.stat()
-    with open(path, "r+b") as fh:
-        fh.write(new)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 async def _verdict(client, run: Path) -> tuple:
     job = await client.job(run)
     return job.state.value, job.error_kind, job.last_error
+
+
+async def _cleanup_after_a_reboot(disk: LocalDisk, cfg: Config, clock: Clock, run: Path) -> tuple:
+    """The PC boots again (the disk mounted anew) and a new client runs a cleanup pass: the job's verdict."""
+    disk.remount()
+    async with running(cfg, clock) as client:
+        await client.cleanup_once()
+        return await _verdict(client, run)
 
 
 # --------------------------------------------------------------------------- 1. an edit keeping size and mtime
@@ -79,14 +69,9 @@ NEW = b"b" * 4096  # the same size
 
 @pytest.mark.parametrize("fs", ["native", "ntfs", "exfat"])
 async def test_an_edit_that_kept_size_and_mtime_is_never_deleted(tmp_path: Path, fs: str) -> None:
-    with _local_root(fs, tmp_path / "lab"):
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=FRAMES)
-        time.sleep(2.5)  # written well before the sync starts: no stat is doubted for its time
-        clock = Clock()
-        async with running(cleanup_config(lab), clock) as client:
-            await ready(client, clock, run)
-            _put_back_mtime_after(run / EDITED, NEW)
+    with run_on_disk(fs, tmp_path, FRAMES) as (_disk, lab, run):
+        async with ready_client(lab, run) as (client, _clock):
+            rewrite_in_place(run / EDITED, NEW)
             await client.cleanup_once()
             job = await client.job(run)
             local = (run / EDITED).read_bytes() if (run / EDITED).exists() else None
@@ -112,7 +97,7 @@ async def test_exfat_edit_keeping_size_and_mtime_is_never_deleted(request, tmp_p
         clock = Clock()
         async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
             await ready(client, clock, run)
-            _put_back_mtime_after(run / "f03.bin", b"z" * 4096)
+            rewrite_in_place(run / "f03.bin", b"z" * 4096)
             await client.cleanup_once()
             job = await client.job(run)
             local = (run / "f03.bin").read_bytes() if (run / "f03.bin").exists() else None
@@ -136,10 +121,7 @@ def _start_of_a_second() -> None:
 @pytest.mark.parametrize("fs", ["native", "exfat"])
 async def test_a_frame_appended_during_the_push_is_never_cut_back(tmp_path: Path, monkeypatch, fs: str) -> None:
     frame = os.urandom(4096)
-    with _local_root(fs, tmp_path / "lab"):
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files={**FILES, "acquisition_complete.flag": b""})
-        time.sleep(2.5)
+    with run_on_disk(fs, tmp_path, {**FILES, "acquisition_complete.flag": b""}) as (_disk, lab, run):
 
         def append() -> None:
             with open(run / GROWN, "ab") as fh:  # the instrument's last frame, after the file was copied
@@ -177,20 +159,12 @@ SMALL = {f"f{i:02d}.bin": bytes([65 + i]) * 1000 for i in range(6)}
 
 @pytest.mark.parametrize("fs", ["ntfs", "exfat"])
 async def test_a_deletion_cut_by_a_reboot_finishes_after_it(tmp_path: Path, monkeypatch, fs: str) -> None:
-    with local_disk(fs, tmp_path / "lab") as disk:
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=SMALL)
-        time.sleep(2.5)
-        clock = Clock()
-        async with running(cleanup_config(lab), clock) as client:
-            await ready(client, clock, run)
+    with run_on_disk(fs, tmp_path, SMALL) as (disk, lab, run):
+        async with ready_client(lab, run) as (client, clock):
             with deletion_killed_after_two(monkeypatch):
                 await client.cleanup_once()  # two files deleted, then the power cut
-        disk.remount()  # the PC boots again: the disk is mounted anew
-        async with running(cleanup_config(lab), clock) as client:
-            await client.cleanup_once()
-            verdict = await _verdict(client, run)
-            left = sorted(p.name for p in run.iterdir() if p.is_file())
+        verdict = await _cleanup_after_a_reboot(disk, cleanup_config(lab), clock, run)
+        left = sorted(p.name for p in run.iterdir() if p.is_file())
     nas = lab.nas_copy(run)
     assert all((nas / rel).read_bytes() == data for rel, data in SMALL.items())
     assert verdict[0] == S.CLEANED.value, f"[{fs}] the resumed deletion failed: {verdict}; local files left {left}"
@@ -199,13 +173,8 @@ async def test_a_deletion_cut_by_a_reboot_finishes_after_it(tmp_path: Path, monk
 async def test_a_deletion_after_the_kernel_let_the_inodes_go(tmp_path: Path, monkeypatch) -> None:
     """Memory pressure between the plan and its first batch (a large run: minutes of hashing). Writes the
     machine-wide ``vm.drop_caches``: the one test that does."""
-    with local_disk("exfat", tmp_path / "lab"):
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=SMALL)
-        time.sleep(2.5)
-        clock = Clock()
-        async with running(cleanup_config(lab), clock) as client:
-            await ready(client, clock, run)
+    with run_on_disk("exfat", tmp_path, SMALL) as (_disk, lab, run):
+        async with ready_client(lab, run) as (client, _clock):
             fired = act_once_in(monkeypatch, deletion, "delete_batch", lambda *a, **k: True, drop_inode_cache)
             await client.cleanup_once()
             assert fired
@@ -216,17 +185,10 @@ async def test_a_deletion_after_the_kernel_let_the_inodes_go(tmp_path: Path, mon
 @pytest.mark.parametrize("fs", ["ntfs", "exfat"])
 async def test_a_reboot_between_verification_and_cleanup(tmp_path: Path, fs: str) -> None:
     """The local check re-hashes every file whose inode moved, and plans with the new numbers."""
-    with local_disk(fs, tmp_path / "lab") as disk:
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=SMALL)
-        time.sleep(2.5)
-        clock = Clock()
-        async with running(cleanup_config(lab), clock) as client:
-            await ready(client, clock, run)
-        disk.remount()
-        async with running(cleanup_config(lab), clock) as client:
-            await client.cleanup_once()
-            verdict = await _verdict(client, run)
+    with run_on_disk(fs, tmp_path, SMALL) as (disk, lab, run):
+        async with ready_client(lab, run) as (_client, clock):
+            pass  # synced, audited, 25 h old
+        verdict = await _cleanup_after_a_reboot(disk, cleanup_config(lab), clock, run)
     assert verdict[0] == S.CLEANED.value, verdict
 
 
@@ -243,10 +205,7 @@ async def test_exfat_deletion_cut_by_a_reboot_finishes(request, tmp_path: Path, 
             await ready(client, clock, run)
             with deletion_killed_after_two(monkeypatch):
                 await client.cleanup_once()
-        disk.remount()
-        async with running(cfg, clock) as client:
-            await client.cleanup_once()
-            job = await client.job(run)
+        verdict = await _cleanup_after_a_reboot(disk, cfg, clock, run)
     nas = site.nas_copy(run)
     assert all((nas / rel).read_bytes() == data for rel, data in RUN_FILES.items())
-    assert job.state == S.CLEANED, f"[{kind}] {job.state.value} {job.error_kind}: {job.last_error}"
+    assert verdict[0] == S.CLEANED.value, f"[{kind}] {verdict}"

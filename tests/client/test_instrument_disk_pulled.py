@@ -21,9 +21,9 @@ from exlab_wizard.service.run_signals import list_runs
 from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import mount
-from tests.fixtures.local_disks import local_disk
+from tests.fixtures.local_disks import local_disk, run_on_disk
 from tests.helpers import Clock
-from tests.lab import Lab, act_once_in, cleanup_config, ready, retry_now, running, synced
+from tests.lab import Lab, act_once_in, cleanup_config, ready_client, retry_now, running, synced
 
 S = SyncJobState
 FILES = {f"f{i:02d}.bin": bytes([65 + i]) * 200_000 for i in range(6)}
@@ -35,10 +35,7 @@ def _state(job) -> tuple:
 
 @pytest.mark.parametrize("fs", ["ntfs", "exfat"])
 async def test_disk_pulled_during_the_push(tmp_path: Path, monkeypatch, fs: str) -> None:
-    with local_disk(fs, tmp_path / "lab") as disk:
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=FILES)
-        time.sleep(2.5)
+    with run_on_disk(fs, tmp_path, FILES) as (disk, lab, run):
         clock = Clock()
         fired = act_once_in(monkeypatch, mount.MountTransport, "_copy_small", lambda *a, **k: True, disk.kill_daemon)
         async with running(cleanup_config(lab), clock) as client:
@@ -56,13 +53,8 @@ async def test_disk_pulled_during_the_push(tmp_path: Path, monkeypatch, fs: str)
 
 @pytest.mark.parametrize("fs", ["ntfs", "exfat"])
 async def test_disk_pulled_during_the_deletion(tmp_path: Path, monkeypatch, fs: str) -> None:
-    with local_disk(fs, tmp_path / "lab") as disk:
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=FILES)
-        time.sleep(2.5)
-        clock = Clock()
-        async with running(cleanup_config(lab), clock) as client:
-            await ready(client, clock, run)
+    with run_on_disk(fs, tmp_path, FILES) as (disk, lab, run):
+        async with ready_client(lab, run) as (client, clock):
             fired = act_once_in(monkeypatch, deletion, "delete_batch", lambda *a, **k: True, disk.kill_daemon)
             await client.cleanup_once()
             assert fired
@@ -82,10 +74,7 @@ async def test_disk_pulled_during_the_deletion(tmp_path: Path, monkeypatch, fs: 
 
 @pytest.mark.parametrize("fs", ["ntfs", "exfat"])
 async def test_disk_pulled_at_rest(tmp_path: Path, fs: str) -> None:
-    with local_disk(fs, tmp_path / "lab") as disk:
-        lab = Lab.build(tmp_path)
-        run = lab.make_run("Run_2026-01-01", files=FILES)
-        time.sleep(2.5)
+    with run_on_disk(fs, tmp_path, FILES) as (disk, lab, run):
         clock = Clock()
         async with running(cleanup_config(lab), clock) as client:
             await synced(client, run)
@@ -116,9 +105,7 @@ async def test_ntfs_symlinks_in_a_run_are_never_followed_nor_deleted_through(tmp
         os.symlink(outside / "precious.bin", run / "link.bin")  # an NTFS reparse-point symlink
         os.symlink(outside, run / "linkdir")
         time.sleep(2.5)
-        clock = Clock()
-        async with running(cleanup_config(lab), clock) as client:
-            await ready(client, clock, run)
+        async with ready_client(lab, run) as (client, _clock):
             await client.cleanup_once()
             job = await client.job(run)
         nas = lab.nas_copy(run)
