@@ -18,30 +18,26 @@ saying so (it failed ``unknown`` on a ``ValueError``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from exlab_wizard.sync.nas_client import NASSyncClient
 from exlab_wizard.sync.states import SyncJobState
 from tests.client.test_queue_lost_local_damage import lose_queue
 from tests.helpers import Clock
-from tests.lab import FILES, Site, data_intact, deletion_killed_after_two, ready, running
+from tests.lab import FILES, Site, data_intact, deletion_killed_after_two, held_files, ready_run, running
 
 S = SyncJobState
 CLEANUP = {"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True}
 SYNC = {"audit_interval_s": 6 * 3600, "scan_interval_s": 3600}
 
 
-def _nas_files(nas: Path) -> dict[str, bytes]:
-    return {rel: (nas / rel).read_bytes() for rel in FILES if (nas / rel).is_file()}
-
-
 async def _half_cleaned_then_queue_lost(site: Site, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Clock]:
-    run = site.make_run("Run_1", files=FILES)
-    clock = Clock()
-    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(site, site.config(cleanup=CLEANUP, sync=SYNC), name="Run_1") as (client, clock, run):
         with deletion_killed_after_two(monkeypatch):
             await client.cleanup_once()  # two of three data files deleted, then the process "dies"
     assert sum((run / rel).exists() for rel in FILES) == 1
@@ -50,10 +46,7 @@ async def _half_cleaned_then_queue_lost(site: Site, monkeypatch: pytest.MonkeyPa
 
 
 async def _cleaned_then_queue_lost(site: Site) -> tuple[Path, Clock]:
-    run = site.make_run("Run_1", files=FILES)
-    clock = Clock()
-    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
-        await ready(client, clock, run)
+    async with ready_run(site, site.config(cleanup=CLEANUP, sync=SYNC), name="Run_1") as (client, clock, run):
         await client.cleanup_once()
         assert (await client.job(run)).state == S.CLEANED
     assert not any((run / rel).exists() for rel in FILES)
@@ -61,16 +54,23 @@ async def _cleaned_then_queue_lost(site: Site) -> tuple[Path, Clock]:
     return run, clock
 
 
+@contextlib.asynccontextmanager
+async def _enqueued_again(site: Site, clock: Clock, run: Path) -> AsyncIterator[NASSyncClient]:
+    """A new client over the site whose queue was lost, the run enqueued again (watcher or by hand), idle."""
+    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        yield client
+
+
 async def test_a_half_cleaned_run_whose_queue_was_lost_is_not_called_someone_elses(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, clock = await _half_cleaned_then_queue_lost(site, monkeypatch)
     nas = site.nas_copy(run)
-    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
-        await client.enqueue(run)
-        await client.wait_idle(timeout=60)
+    async with _enqueued_again(site, clock, run) as client:
         job = await client.job(run)
-    assert _nas_files(nas) == FILES  # rule 2 holds: nothing written over the verified copy
+    assert held_files(nas) == FILES  # rule 2 holds: nothing written over the verified copy
     assert job.error_kind != "remote_conflict", (
         "the run's own verified NAS copy (its checksums.sha256 is the NAS's) is refused as another "
         f"run's data, with no way out: {job.last_error}"
@@ -86,9 +86,7 @@ async def test_restore_brings_back_the_files_a_stopped_cleanup_deleted_after_the
 ) -> None:
     run, clock = await _half_cleaned_then_queue_lost(site, monkeypatch)
     nas = site.nas_copy(run)
-    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
-        await client.enqueue(run)
-        await client.wait_idle(timeout=60)
+    async with _enqueued_again(site, clock, run) as client:
         try:
             result = await client.restore(run)
             restored = (result.ok, result.restored)
@@ -101,19 +99,17 @@ async def test_restore_brings_back_the_files_a_stopped_cleanup_deleted_after_the
         await client.wait_idle(timeout=60)
         job = await client.job(run)
     assert job.state == S.VERIFIED, (job.state, job.last_error)
-    assert _nas_files(nas) == FILES
+    assert held_files(nas) == FILES
 
 
 async def test_a_cleaned_run_whose_queue_was_lost_is_cleaned_again(site: Site) -> None:
     run, clock = await _cleaned_then_queue_lost(site)
     nas = site.nas_copy(run)
-    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
-        await client.enqueue(run)
-        await client.wait_idle(timeout=60)
+    async with _enqueued_again(site, clock, run) as client:
         job = await client.job(run)
     assert job.state == S.CLEANED, (job.state, job.error_kind, job.last_error)
     assert job.manifest_digest
-    assert _nas_files(nas) == FILES
+    assert held_files(nas) == FILES
     assert not any((run / rel).exists() for rel in FILES)
 
 
@@ -124,10 +120,8 @@ async def test_a_cleaned_run_without_its_local_cleaned_record_fails_naming_resto
     raw = json.loads(creation.read_bytes())
     del raw["local_cleaned"]
     creation.write_text(json.dumps(raw))
-    async with running(site.config(cleanup=CLEANUP, sync=SYNC), clock) as client:
-        await client.enqueue(run)
-        await client.wait_idle(timeout=60)
+    async with _enqueued_again(site, clock, run) as client:
         job = await client.job(run)
     assert (job.state, job.error_kind) == (S.FAILED, "local_file_vanished"), (job.state, job.last_error)
     assert "exlab-sync restore" in (job.last_error or ""), job.last_error
-    assert _nas_files(site.nas_copy(run)) == FILES
+    assert held_files(site.nas_copy(run)) == FILES
