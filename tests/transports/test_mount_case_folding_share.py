@@ -79,30 +79,29 @@ def test_the_share_is_seen_to_fold_case(exfat_lab: MountLab) -> None:
     assert exfat_lab.transport._share_folds(exfat_lab.remote)
 
 
-def test_a_late_case_twin_never_lands_on_the_verified_copy(exfat_lab: MountLab) -> None:
-    lab = exfat_lab
-    lab.write("A.tif", b"verified frame")
+def _late_twin_refused(lab: MountLab, verified: str, late: str) -> TransportError:
+    """``verified`` pushed, then a late ``late`` (a case twin of it or of its folder) pushed: refused,
+    the verified copy still on the NAS (rule 2)."""
+    lab.write(verified, b"verified frame")
     assert lab.push().ok
-    lab.write("a.tif", b"another frame, late")
+    lab.write(late, b"another frame, late")
     outcome = _push(lab)
-    # rule 2: the verified copy of A.tif is still on the NAS. Read by the names listed: a lookup of
-    # "A.tif" may still find a replaced file's node in the kernel's FUSE entry cache for a moment.
+    # Read by the names listed: a lookup of "A.tif" may still find a replaced file's node in the
+    # kernel's FUSE entry cache for a moment.
     assert b"verified frame" in everything_under(Path(lab.remote)), _nas_names(Path(lab.remote))
     assert isinstance(outcome, TransportError), outcome
     assert outcome.kind is TransportErrorKind.REMOTE_WRITE_REFUSED, outcome
+    return outcome
+
+
+def test_a_late_case_twin_never_lands_on_the_verified_copy(exfat_lab: MountLab) -> None:
+    outcome = _late_twin_refused(exfat_lab, "A.tif", "a.tif")
     assert "'A.tif'" in outcome.message and "'a.tif'" in outcome.message
-    assert _nas_names(Path(lab.remote)) == ["A.tif"]
+    assert _nas_names(Path(exfat_lab.remote)) == ["A.tif"]
 
 
 def test_a_late_file_in_a_case_twin_folder_is_refused(exfat_lab: MountLab) -> None:
-    lab = exfat_lab
-    lab.write("Sub/A.tif", b"verified frame")
-    assert lab.push().ok
-    lab.write("sub/A.tif", b"another frame, late")
-    outcome = _push(lab)
-    assert b"verified frame" in everything_under(Path(lab.remote)), _nas_names(Path(lab.remote))  # rule 2
-    assert isinstance(outcome, TransportError), outcome
-    assert outcome.kind is TransportErrorKind.REMOTE_WRITE_REFUSED, outcome
+    _late_twin_refused(exfat_lab, "Sub/A.tif", "sub/A.tif")
 
 
 @pytest.mark.parametrize(
