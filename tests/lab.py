@@ -58,6 +58,7 @@ __all__ = [
     "FILES",
     "TWIN_FILES",
     "everything_under",
+    "flip_before_read_back",
     "held_files",
     "nothing_deleted",
     "ready_client",
@@ -812,6 +813,18 @@ def nothing_deleted(run: Path, outcomes: list[Any], *context: Any) -> None:
 def held_files(folder: Path, files: Mapping[str, bytes] = FILES) -> dict[str, bytes]:
     """The bytes of those of ``files`` that ``folder`` holds (a NAS copy as the server's disk has it)."""
     return {rel: (folder / rel).read_bytes() for rel in files if (folder / rel).is_file()}
+
+
+def flip_before_read_back(monkeypatch: pytest.MonkeyPatch, nas: Path, rel: str = "sub/stack.raw") -> list[int]:
+    """A byte of ``rel`` flipped in ``nas`` (a NAS copy as the server's disk holds it), size and mtime kept,
+    right before the mount transport reads it back; the list returned holds one item once it was."""
+    return act_once_in(
+        monkeypatch,
+        MountTransport,
+        "_read_back",
+        lambda _self, _job, name, *a, **k: name == rel,
+        lambda: rewrite_in_place(nas / rel, b"Z", at=100),
+    )
 
 
 def rewrite_in_place(path: Path, data: bytes, *, at: int = 0) -> None:

@@ -28,11 +28,11 @@ from tests.lab import (
     acts,
     cleanup_config,
     data_intact,
+    flip_before_read_back,
     held_files,
     nothing_deleted,
     ready_run,
     retry_now,
-    rewrite_in_place,
     running,
     synced,
 )
@@ -69,6 +69,15 @@ def _on_server(lab: Lab, smb: SmbShare, run: Path) -> Path:
     return lab.server_copy(run, smb.server_dir)
 
 
+async def _late_file_after_verification(client, clock: Clock, run: Path, name: str, data: bytes) -> None:
+    """The run synced and verified, then ``name`` written into it: the next audit (6 h on) and what it sends."""
+    await synced(client, run)
+    (run / name).write_bytes(data)
+    clock.advance(6)
+    await client.audit_once()
+    await client.wait_idle(timeout=90)
+
+
 async def test_the_whole_flow_with_cleanup_on_smb(share) -> None:
     lab, smb = share
     async with ready_run(lab) as (client, _clock, run):
@@ -95,13 +104,7 @@ async def test_the_read_back_is_the_server_s_bytes(share, monkeypatch: pytest.Mo
     clock = Clock()
     run = lab.make_run(files=FILES)
     nas = _on_server(lab, smb, run)
-    fired = act_once_in(
-        monkeypatch,
-        MountTransport,
-        "_read_back",
-        lambda _self, _job, rel, *a, **k: rel == "sub/stack.raw",
-        lambda: rewrite_in_place(nas / "sub" / "stack.raw", b"Z", at=100),
-    )
+    fired = flip_before_read_back(monkeypatch, nas)
     async with running(cleanup_config(lab), clock) as client:
         await client.enqueue(run)
         await client.wait_idle(timeout=60)
@@ -196,11 +199,7 @@ async def test_a_late_file_the_share_stores_under_a_verified_file_s_name(share) 
     files = {**FILES, "x": b"verified frame"}
     run = lab.make_run(files=files)
     async with running(cleanup_config(lab), clock) as client:
-        await synced(client, run)
-        (run / "x?").write_bytes(b"late frame, another")
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=90)
+        await _late_file_after_verification(client, clock, run, "x?", b"late frame, another")
         job = await retry_now(client, clock, run)
     nas = _on_server(lab, smb, run)
     kept = [p.read_bytes() for p in nas.rglob("*") if p.is_file()]
@@ -220,11 +219,7 @@ async def test_a_late_file_re_pushes_only_itself(share) -> None:
     clock = Clock()
     run = lab.make_run(files=FILES)
     async with running(cleanup_config(lab), clock) as client:
-        await synced(client, run)
-        (run / "late.tif").write_bytes(b"late frame")
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=90)
+        await _late_file_after_verification(client, clock, run, "late.tif", b"late frame")
         job = await client.job(run)
     assert job.state == S.VERIFIED, (job.state, job.last_error)
     nas = _on_server(lab, smb, run)

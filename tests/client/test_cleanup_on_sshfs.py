@@ -26,13 +26,12 @@ from tests.helpers import Clock
 from tests.lab import (
     FILES,
     Lab,
-    act_once_in,
     acts,
     cleanup_config,
+    flip_before_read_back,
     held_files,
     nothing_deleted,
     ready_run,
-    rewrite_in_place,
     running,
 )
 
@@ -78,13 +77,7 @@ async def test_bytes_changed_on_the_server_after_the_write_are_seen_by_the_verif
     clock = Clock()
     run = lab.make_run(files=FILES)
     nas = lab.server_copy(run, remote_dir)
-    fired = act_once_in(
-        monkeypatch,
-        MountTransport,
-        "_read_back",
-        lambda _self, _job, rel, *a, **k: rel == "sub/stack.raw",
-        lambda: rewrite_in_place(nas / "sub" / "stack.raw", b"Z", at=100),  # size and mtime as written
-    )
+    fired = flip_before_read_back(monkeypatch, nas)
     async with running(cleanup_config(lab), clock) as client:
         await client.enqueue(run)
         await client.wait_idle(timeout=60)
