@@ -714,14 +714,52 @@ def _flip(path: Path, rng: random.Random) -> None:
 OUTLIVE_GRACE_S = 3.0
 
 
+#: Seconds more for a tool the kernel has already sent SIGKILL (its parent-death signal): it runs no
+#: more of its own code, but a read or write it is blocked in (state D, a loaded disk) ends first.
+DYING_GRACE_S = 10.0
+
+
+def _killed_pending(pid: int) -> bool:
+    """Has ``pid`` a SIGKILL pending (sent, not yet acted on: it is dying)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone meanwhile
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigPnd", "ShdPnd") and int(value.strip(), 16) & (1 << (signal.SIGKILL - 1)):
+            return True
+    return False
+
+
 def _outliving(root: Path) -> list[str]:
-    """The tools of a service just killed that are still running after the grace period."""
+    """The tools of a service just killed that are still running after the grace period.
+
+    A tool with a SIGKILL pending (the kernel's parent-death signal, sent at the kill) is dying: it
+    gets :data:`DYING_GRACE_S` more to leave a blocked read or write. Each one named by the start
+    and the end of its command line, its state and whether the SIGKILL reached it.
+    """
     deadline = time.monotonic() + OUTLIVE_GRACE_S
     left = tool_processes(str(root))
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
         left = tool_processes(str(root))
-    return sorted(cmd[:200] for cmd in left.values())
+    dying = deadline + DYING_GRACE_S
+    while left and all(_killed_pending(pid) for pid in left) and time.monotonic() < dying:
+        time.sleep(0.1)
+        left = tool_processes(str(root))
+    named = []
+    for pid, cmd in left.items():
+        shown = cmd if len(cmd) <= 300 else f"{cmd[:150]} ... {cmd[-150:]}"
+        named.append(f"{shown} (pid {pid}, {_state(pid)}, SIGKILL pending: {_killed_pending(pid)})")
+    return sorted(named)
+
+
+def _state(pid: int) -> str:
+    try:
+        return "state " + Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return "gone"
 
 
 def _orphans(root: Path) -> list[int]:
