@@ -358,5 +358,38 @@ def fold_clash(
     return None
 
 
+def tree_fold_twins(files: Iterable[str], dirs: Iterable[str]) -> tuple[str, str] | None:
+    """:func:`fold_twins` of a run's files and folders in any order (sorted here into the order it reads)."""
+    in_folders = sorted(files, key=lambda rel: (rel.rpartition("/")[0], os.fsencode(rel)))
+    return fold_twins(in_folders, sorted(dirs, key=lambda rel: rel.count("/")))
+
+
+def clash_lookup(clash: tuple[str, str], remote_files: Collection[str]) -> str:
+    """A remote file at or below ``theirs`` of :func:`fold_clash`'s answer, spelled as the run spells
+    ``ours``: the name to ask the remote for (found: it folds names)."""
+    ours, theirs = clash
+    known = theirs if theirs in remote_files else min(p for p in remote_files if p.startswith(f"{theirs}/"))
+    return ours + known[len(theirs) :]
+
+
+def twins_refused(twins: tuple[str, str], *, where: str = "remote") -> TransportError:
+    """``REMOTE_WRITE_REFUSED`` for two entries of the run a NAS that folds names takes for one."""
+    return TransportError(
+        TransportErrorKind.REMOTE_WRITE_REFUSED,
+        f"the {where} takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or Unicode"
+        " form): it cannot hold both files of this run; nothing was written, rename one of them",
+    )
+
+
+def clash_refused(clash: tuple[str, str]) -> TransportError:
+    """``REMOTE_WRITE_REFUSED`` for a path of the run a NAS that folds names takes for its own other spelling."""
+    ours, theirs = clash
+    return TransportError(
+        TransportErrorKind.REMOTE_WRITE_REFUSED,
+        f"the remote takes {ours!r} for its {theirs!r} (it ignores letter case or Unicode form):"
+        f" the run's {ours!r} would land on that copy; nothing was written, rename {ours!r}",
+    )
+
+
 def _folded_path(rel: str) -> str:
     return "/".join(folded_name(part) for part in rel.split("/"))

@@ -99,11 +99,14 @@ from exlab_wizard.sync.transports.conflict import (
     claim_body,
     claim_markers,
     claim_path,
+    clash_lookup,
+    clash_refused,
     conflict_error,
     fold_clash,
-    fold_twins,
     ownership_error,
     sort_remote,
+    tree_fold_twins,
+    twins_refused,
 )
 from exlab_wizard.validator.rules import reserved_filesystem_name
 
@@ -799,14 +802,9 @@ class RcloneTransport(Transport):
         another spelling, when the remote answers for the run's spelling.
         """
         if self._folds_case or self._smb:
-            in_folders = sorted(local.files, key=lambda rel: (rel.rpartition("/")[0], os.fsencode(rel)))
-            twins = fold_twins(in_folders, sorted(local.dirs, key=lambda rel: rel.count("/")))
+            twins = tree_fold_twins(local.files, local.dirs)
             if twins is not None:
-                raise TransportError(
-                    K.REMOTE_WRITE_REFUSED,
-                    f"the remote takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or"
-                    " Unicode form): it cannot hold both files of this run; nothing was written, rename one of them",
-                )
+                raise twins_refused(twins)
             names = [remote_relpath(self.equipment, run_path).as_posix(), *sorted(local.dirs), *sorted(local.files)]
             for path in names:
                 hits = [hit for part in path.split("/") for hit in reserved_filesystem_name(part)]
@@ -820,15 +818,8 @@ class RcloneTransport(Transport):
         clash = fold_clash(local.files, local.dirs, remote)
         if clash is None:
             return
-        ours, theirs = clash
-        # One remote file at or below ``theirs``, asked for under the run's spelling.
-        known = theirs if theirs in remote else min(p for p in remote if p.startswith(f"{theirs}/"))
-        if self._folds_case or await self._answers_for(run_path, f"{fs}/{encode_name(ours + known[len(theirs) :])}"):
-            raise TransportError(
-                K.REMOTE_WRITE_REFUSED,
-                f"the remote takes {ours!r} for its {theirs!r} (it ignores letter case or Unicode form):"
-                f" the run's {ours!r} would land on that copy; nothing was written, rename {ours!r}",
-            )
+        if self._folds_case or await self._answers_for(run_path, f"{fs}/{encode_name(clash_lookup(clash, remote))}"):
+            raise clash_refused(clash)
 
     async def _answers_for(self, run_path: Path, path_fs: str) -> bool:
         """Does the remote find a file at ``path_fs``, a name its listing does not show (so it folds names)?

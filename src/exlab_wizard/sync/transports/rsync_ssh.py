@@ -125,12 +125,15 @@ from exlab_wizard.sync.transports.conflict import (
     claim_body,
     claim_markers,
     claim_path,
+    clash_lookup,
+    clash_refused,
     conflict_error,
     fold_clash,
-    fold_twins,
     folded_name,
     ownership_error,
     sort_remote,
+    tree_fold_twins,
+    twins_refused,
 )
 from exlab_wizard.sync.transports.remote_programs import remote_program
 
@@ -895,27 +898,16 @@ class RsyncSshTransport(Transport):
         takes both.
         """
         remote = listing or {}
-        in_folders = sorted(local.files, key=lambda rel: (rel.rpartition("/")[0], os.fsencode(rel)))
-        twins = fold_twins(in_folders, sorted(local.dirs, key=lambda rel: rel.count("/")))
+        twins = tree_fold_twins(local.files, local.dirs)
         clash = fold_clash(local.files, local.dirs, remote)
-        found = False
-        if clash is not None:
-            ours, theirs = clash
-            # One remote entry at or below ``theirs``, asked for under the run's spelling.
-            known = theirs if theirs in remote else min(p for p in remote if p.startswith(f"{theirs}/"))
-            found = await self._resolves(run_path, f"{remote_run.rstrip('/')}/{ours}{known[len(theirs) :]}")
+        found = clash is not None and await self._resolves(
+            run_path, f"{remote_run.rstrip('/')}/{clash_lookup(clash, remote)}"
+        )
         if twins is not None and (found or await self._nas_folds_case(run_path, listing is not None)):
-            raise TransportError(
-                K.REMOTE_WRITE_REFUSED,
-                f"the remote takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or"
-                " Unicode form): it cannot hold both files of this run; nothing was written, rename one of them",
-            )
+            raise twins_refused(twins)
         if found:
-            raise TransportError(
-                K.REMOTE_WRITE_REFUSED,
-                f"the remote takes {ours!r} for its {theirs!r} (it ignores letter case or Unicode form):"
-                f" the run's {ours!r} would land on that copy; nothing was written, rename {ours!r}",
-            )
+            assert clash is not None
+            raise clash_refused(clash)
 
     async def _nas_folds_case(self, run_path: Path, run_folder_there: bool) -> bool:
         """Does the NAS take names that differ in letter case for one? Asked once per host and remote root.
