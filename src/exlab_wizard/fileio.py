@@ -52,6 +52,7 @@ from pathlib import Path
 
 __all__ = [
     "remove_stale_temps",
+    "filesystem_type",
     "BLOCK_SIZE",
     "DROP_BEHIND",
     "METADATA_DIR",
@@ -640,3 +641,25 @@ def hash_from_storage(
     if not prefetched:
         drop_page_cache_fd(fd, sync=sync)
     return hash_fd(fd, view, drop_behind=True, limit=limit)
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo, the longest mount point
+    above its real path), e.g. ``ext4``, ``fuseblk``, ``fuse.sshfs``; '' when the table cannot be read."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return ""
+    target = os.fsencode(os.path.realpath(path))
+    best, fstype = b"", ""
+    for line in lines:
+        left, _sep, right = line.partition(b" - ")
+        fields = left.split(b" ")
+        if len(fields) < 5 or not right:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, right.split(b" ")[0].decode(errors="replace")
+    return fstype

@@ -43,7 +43,7 @@ async def test_every_nas_entry_is_durable_before_the_local_copy_is_deleted(
 ) -> None:
     lab = Lab.build(tmp_path)
     # A share whose syncfs is not trusted (SMB, FUSE, unknown): files are fsynced one by one.
-    monkeypatch.setattr(mount_module, "_filesystem_type", lambda path: "fuse.sshfs")
+    monkeypatch.setattr(mount_module, "filesystem_type", lambda path: "fuse.sshfs")
     model = Durability(lab.nas, monkeypatch)
 
     # The first push reaches the folder fsyncs and the share fails there (or the engine is killed

@@ -42,7 +42,7 @@ async def test_local_power_cut_after_verified_leaves_the_run_cleanable(
 ) -> None:
     lab = Lab.build(tmp_path)
     # A share fsynced file by file (SMB, FUSE): no syncfs that would also sync the test's local disk.
-    monkeypatch.setattr(mount_module, "_filesystem_type", lambda path: "fuse.sshfs")
+    monkeypatch.setattr(mount_module, "filesystem_type", lambda path: "fuse.sshfs")
     run = lab.make_run(files=FILES, creation=False)  # an orphan run: it has no .exlab-wizard/ yet
     for folder in (run, *run.parents):  # what existed before the engine ran is durable
         if str(folder).startswith(str(tmp_path)):

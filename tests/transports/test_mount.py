@@ -220,7 +220,7 @@ class _WriteSpy:
 
 def _local_disk(monkeypatch: pytest.MonkeyPatch, lab: Lab) -> None:
     """Treat the test's filesystem as a local disk that gets direct writes, whatever it is."""
-    fstype = mount_module._filesystem_type(str(lab.nas))
+    fstype = mount_module.filesystem_type(str(lab.nas))
     monkeypatch.setattr(mount_module, "_DIRECT_WRITE_FS", frozenset({fstype}))
 
 
@@ -256,7 +256,7 @@ def test_large_files_bypass_the_page_cache_with_direct_writes(lab: Lab, monkeypa
 
 
 def test_network_shares_keep_buffered_writes(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mount_module, "_filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr(mount_module, "filesystem_type", lambda path: "nfs4")
     lab.write("big.raw", os.urandom(BIG))
     spy = _WriteSpy(monkeypatch)
     lab.push()

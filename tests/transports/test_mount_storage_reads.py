@@ -40,7 +40,7 @@ def _read_bytes() -> int:
 @pytest.fixture
 def storage(tmp_path: Path) -> Iterator[Path]:
     """A folder on a block-backed filesystem."""
-    if mount_module._filesystem_type(str(tmp_path)) in BLOCK_BACKED:
+    if mount_module.filesystem_type(str(tmp_path)) in BLOCK_BACKED:
         yield tmp_path
         return
     assert os.geteuid() == 0, f"{tmp_path} is not on a block device and a loop mount needs root"
@@ -65,7 +65,7 @@ def _small_run(lab: MountLab) -> int:
 
 
 def test_the_push_reads_every_small_file_back_from_storage(storage: Path) -> None:
-    assert shutil.which("mkfs.ext4") or mount_module._filesystem_type(str(storage)) in BLOCK_BACKED
+    assert shutil.which("mkfs.ext4") or mount_module.filesystem_type(str(storage)) in BLOCK_BACKED
     lab = MountLab(storage)
     data = _small_run(lab)
     before = _read_bytes()

@@ -55,6 +55,7 @@ from exlab_wizard.config.models import (
     RcloneTransportConfig,
     RsyncSshTransportConfig,
 )
+from exlab_wizard.fileio import filesystem_type
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.queue import MIGRATIONS, lease_path_for
@@ -62,7 +63,6 @@ from exlab_wizard.sync.state_dir import state_dir_warnings
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports._process import run_tool
 from exlab_wizard.sync.transports.classify import transport_error
-from exlab_wizard.sync.transports.mount import _filesystem_type
 from exlab_wizard.sync.transports.rclone import _PROBE_FLAGS, RcloneTransport, rclone_text
 from exlab_wizard.sync.transports.rsync_ssh import SYNC_THEN_STREAM, RsyncSshTransport, remote_line
 
@@ -240,7 +240,7 @@ def _mount(cfg: MountTransportConfig) -> list[Check]:
             ),
         ]
     found = f"{mount} is a folder"
-    if _filesystem_type(str(mount)) == "fuse.sshfs":  # sshfs's options are not in mountinfo: a reminder, always
+    if filesystem_type(str(mount)) == "fuse.sshfs":  # sshfs's options are not in mountinfo: a reminder, always
         found += (
             "; warning: an sshfs mount answers listings from its cache for up to 20 s unless mounted with "
             "-o cache=no (the cleanup asks the server itself; audits and resumes see the NAS late)"

@@ -35,12 +35,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exlab_wizard.fileio import METADATA_DIR, filesystem_now_ns, hash_file, is_data_path, is_metadata_path
+from exlab_wizard.fileio import (
+    METADATA_DIR,
+    filesystem_now_ns,
+    filesystem_type,
+    hash_file,
+    is_data_path,
+    is_metadata_path,
+)
 from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, LocalCheck
 from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue
-from exlab_wizard.sync.reaper.mounts import describe, filesystem_type, mounts_inside
+from exlab_wizard.sync.reaper.mounts import describe, mounts_inside
 from exlab_wizard.sync.reaper.nofollow import (
     RunFolderError,
     Tree,
@@ -102,11 +109,9 @@ def keeps_ctime(run_path: Path | str) -> bool:
     unread. Blocking I/O.
     """
     run = Path(run_path)
-    try:
-        device = os.lstat(run).st_dev
-    except OSError:
+    if not os.path.lexists(run):
         return False
-    kind = filesystem_type(device)
+    kind = filesystem_type(run)
     if kind in _CTIME_KEPT:
         return True
     if kind in _NO_CTIME:

@@ -26,7 +26,6 @@ from exlab_wizard.sync.policy.cleanup import name_paths
 __all__ = [
     "MOUNTINFO",
     "describe",
-    "filesystem_type",
     "mount_points",
     "mount_refusal",
     "mounts_inside",
@@ -60,29 +59,6 @@ def mount_points(mountinfo: str = MOUNTINFO) -> list[str] | None:
             return parse_mountinfo(fh.read())
     except OSError:
         return None
-
-
-def filesystem_type(device: int, mountinfo: str = MOUNTINFO) -> str | None:
-    """The filesystem type the mount table gives for ``device`` (a ``st_dev``), e.g. ``ext4``, ``fuseblk``.
-
-    None when no mount has that device (btrfs subvolumes, overlayfs files) or
-    the table cannot be read. Every FUSE filesystem on a disk is ``fuseblk``
-    (exfat-fuse and ntfs-3g alike): the type says nothing of what it keeps.
-    """
-    try:
-        with open(mountinfo, "rb") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    key = f"{os.major(device)}:{os.minor(device)}".encode()
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        if len(fields) < 3 or fields[2] != key or b"-" not in fields[6:]:
-            continue
-        after = fields.index(b"-", 6) + 1
-        if after < len(fields):
-            return os.fsdecode(fields[after])
-    return None
 
 
 def mounts_inside(run_path: Path | str, points: list[str] | None = None) -> list[str]:

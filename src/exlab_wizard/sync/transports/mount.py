@@ -116,6 +116,7 @@ from exlab_wizard.fileio import (
     OpenFolders,
     OpenFoldersByThread,
     drop_page_cache_fd,
+    filesystem_type,
     fsync_dir,
     fsync_dir_fd,
     hash_fd,
@@ -171,6 +172,7 @@ from exlab_wizard.sync.transports.conflict import (
     local_manifest_digest,
     ownership_error,
     sort_remote,
+    twins_refused,
 )
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
@@ -361,27 +363,6 @@ def _temp_name(name: str) -> str:
         raw = raw.decode("utf-8", "ignore").encode()  # never half a character: exFAT and SMB refuse one
     suffix = f"{_TEMP_SALT}{next(_TEMP_COUNTER) & 0xFFFFFFFF:08x}"
     return os.fsdecode(b"." + raw + _TEMP_MARK.encode() + suffix.encode())
-
-
-def _filesystem_type(path: str) -> str:
-    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo), or ''."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return ""
-    target = os.fsencode(os.path.realpath(path))
-    best, fstype = b"", ""
-    for line in lines:
-        left, _sep, right = line.partition(b" - ")
-        fields = left.split(b" ")
-        if len(fields) < 5 or not right:
-            continue
-        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-        inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
-        if inside and len(point) >= len(best):
-            best, fstype = point, right.split(b" ")[0].decode(errors="replace")
-    return fstype
 
 
 def _buffered(fd: int) -> None:
@@ -837,11 +818,7 @@ class MountTransport(Transport):
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
         twins = fold_twins(local_files, local_dirs)
         if twins is not None and self._share_folds(job.remote):
-            raise TransportError(
-                TransportErrorKind.REMOTE_WRITE_REFUSED,
-                f"the share takes {twins[0]!r} and {twins[1]!r} for one file (it ignores letter case or Unicode"
-                " form): it cannot hold both files of this run; nothing was written, rename one of them",
-            )
+            raise twins_refused(twins, where="share")
         remote_stats, stale, claimed_here = self._inspect_remote(
             job.remote,
             local_files,
@@ -893,7 +870,7 @@ class MountTransport(Transport):
         chain = self._make_dirs(job, run, local_dirs)
         if job.owner is not None and not claimed_here:
             self._write_claim(job)  # durably, before any file of the run is written
-        fstype = job.fstype = _filesystem_type(job.remote)
+        fstype = job.fstype = filesystem_type(job.remote)
         job.per_file_sync = _SYNCFS is None or fstype not in _SYNCFS_DURABLE
         job.direct_io = bool(_O_DIRECT) and fstype in _DIRECT_WRITE_FS
         job.noreplace_refused = fstype in self._noreplace_refused
@@ -1722,7 +1699,7 @@ class MountTransport(Transport):
         # One syncfs cleans every page of a filesystem whose syncfs is durable; elsewhere each
         # file is fsynced before its pages are dropped.
         synced = False
-        if listed and _SYNCFS is not None and _filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
+        if listed and _SYNCFS is not None and filesystem_type(self.mount_path) in _SYNCFS_DURABLE:
             try:
                 _syncfs(remote)
                 synced = True
