@@ -40,6 +40,7 @@ from exlab_wizard.sync.transports.base import (
     RemoteFile,
     TransportError,
     TransportErrorKind,
+    clamped_times,
     location_change,
     remote_run_path,
 )
@@ -134,7 +135,9 @@ class InterlockFacts:
         bytes (another manifest's) vouches for nothing. Each also as a
         32-bit store keeps it (:func:`narrow_times`: SFTP version 3 under
         rclone sftp, an rsync older than protocol 30 on the NAS), so a file
-        dated outside what 32 bits hold lands at another time.
+        dated outside what 32 bits hold lands at another time; and as a NAS
+        filesystem of a narrower range clamps it (:func:`clamped_times`: XFS
+        without ``bigtime``, FAT/exFAT), a function of the time sent all the same.
         """
         verified = load_verified_stats(self.queue, job.id)
         times: dict[str, set[int]] = {}
@@ -143,7 +146,7 @@ class InterlockFacts:
             record = verified.get(f.path)
             if record is not None and record.mtime_ns is not None and record.sha256 == f.sha256:
                 sent.add(record.mtime_ns)
-            times[f.path] = {n for t in sent for n in narrow_times(t)}
+            times[f.path] = {n for t in sent for n in (*narrow_times(t), *clamped_times(t))}
         return times
 
     def _claimed_by_another_run(self, job: SyncJobRow, listing: Mapping[str, RemoteFile]) -> str | None:

@@ -31,6 +31,7 @@ from exlab_wizard.sync.transports.rclone_conf import remote_digest
 
 __all__ = [
     "METADATA_DIR",
+    "NAS_TIME_ENDS_NS",
     "Clock",
     "PREVIOUS_DIR",
     "PreviousStampTaken",
@@ -44,6 +45,7 @@ __all__ = [
     "TransportResult",
     "check_previous_stamp",
     "check_relpath",
+    "clamped_times",
     "local_now",
     "location_change",
     "previous_path",
@@ -281,6 +283,27 @@ def check_previous_stamp(stamp: str) -> str:
     if not _STAMP_RE.fullmatch(stamp):
         raise ValueError(f"not a UTC timestamp folder name (YYYYMMDDTHHMMSSZ): {stamp!r}")
     return stamp
+
+
+#: The time ranges (whole seconds, UTC) of NAS filesystems narrower than the instruments': 32-bit signed
+#: seconds (XFS without ``bigtime``, every RHEL 7/8 server; ext4 with 128-byte inodes), and FAT/exFAT
+#: (1980-01-01 00:00:00 to 2107-12-31 23:59:58, exFAT's last second too).
+_NAS_TIME_RANGES = ((-(2**31), 2**31 - 1), (315_532_800, 4_354_819_198), (315_532_800, 4_354_819_199))
+#: Every time (ns) a clamp of :func:`clamped_times` gives: a listed time not among them is no clamp.
+NAS_TIME_ENDS_NS = frozenset(end * 1_000_000_000 for ends in _NAS_TIME_RANGES for end in ends)
+
+
+def clamped_times(mtime_ns: int) -> set[int]:
+    """The times (ns) a NAS of a narrower range stores for a file set to ``mtime_ns`` outside it; empty inside all.
+
+    The kernel clamps such a time to the range's end without an error (an
+    instrument PC whose clock reads 2100 gives 2038-01-19 03:14:07 on XFS
+    without ``bigtime``, a file stamped 1970 reads 1980-01-01 on FAT). A clamp
+    is a function of the time sent, so a NAS copy at it is still the copy sent.
+    """
+    seconds = mtime_ns // 1_000_000_000
+    ends = {low if seconds < low else high for low, high in _NAS_TIME_RANGES if not low <= seconds <= high}
+    return {end * 1_000_000_000 for end in ends}
 
 
 def previous_path(stamp: str, rel: str) -> str:

@@ -151,6 +151,7 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
     check_previous_stamp,
     check_relpath,
+    clamped_times,
     local_now,
     previous_path,
     previous_stamps,
@@ -339,7 +340,16 @@ def _own_temp(rel: str, kind: str) -> str | None:
 
 
 def same_mtime(local_ns: int, remote_ns: int) -> bool:
-    """The resume rule: mtimes equal to the precision the share evidently keeps."""
+    """The resume rule: mtimes equal to the precision the share evidently keeps.
+
+    A local time outside the share's range is equal to the end the share
+    clamps it to (:func:`~exlab_wizard.sync.transports.base.clamped_times`):
+    sent again, the file would be clamped again, for ever.
+    """
+    return any(_same_to_precision(sent, remote_ns) for sent in (local_ns, *clamped_times(local_ns)))
+
+
+def _same_to_precision(local_ns: int, remote_ns: int) -> bool:
     diff = abs(local_ns - remote_ns)
     if diff <= 1_000:
         return True
