@@ -10,10 +10,12 @@ gave" (2038-01-19), sends the job back for a re-transfer of the file, the
 re-transfer keeps the (good) NAS copy under ``previous/`` and sends it again,
 it is verified again, and the next cleanup finds the same: for ever, with a
 false reason ("NAS copy changed since it was sent"), the NAS filling with a
-kept copy per round.
+kept copy per round. A push of the verified run (a file written late) sent
+the clamped file again each time, keeping its good NAS copy under
+``previous/`` once more.
 
 Now a NAS time at the clamp of the time sent is the time the push gave
-(docs/cleanup.md, interlock 4).
+(docs/cleanup.md, interlock 4), for the reaper and the push's skip alike.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.states import SyncJobState
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import Clock
-from tests.lab import Site, acts, running
+from tests.lab import Site, acts, running, write_files
 
 S = SyncJobState
 YEAR_2100 = 4_102_444_800
@@ -100,6 +103,25 @@ async def test_a_file_dated_past_the_nas_range_is_cleaned_not_resent_for_ever(si
         details = [e.detail or "" for e in job.events]
     kept = list((site.nas_copy(run) / ".exlab-wizard").glob("previous/*/a.bin"))
     assert job.state == S.CLEANED, (job.state, job.last_error, [d for d in details if "mtime" in d][:2], kept)
+
+
+async def test_a_push_of_the_verified_run_does_not_send_the_clamped_file_again(site: Site) -> None:
+    run = site.make_run("Run_2", files={"a.bin": b"a" * 1000, "b.bin": b"b" * 2000})
+    os.utime(run / "a.bin", (YEAR_2100, YEAR_2100))
+    cfg = site.config(sync={"audit_interval_s": 6 * 3600, "scan_interval_s": 3600})
+    async with running(cfg, Clock()) as client:
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        assert (await client.job(run)).state == S.VERIFIED
+        write_files(run, {"late.bin": b"l" * 500}, mtime=time.time() + 2)  # the instrument was not done
+        await client.enqueue(run)
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+    nas = site.nas_copy(run)
+    assert job.state == S.VERIFIED, (job.state, job.last_error)
+    assert (nas / "late.bin").is_file()
+    kept = sorted(p.relative_to(nas).as_posix() for p in (nas / ".exlab-wizard").glob("previous/*/*"))
+    assert kept == [], kept  # the verified a.bin was not sent over and kept again
 
 
 async def test_a_nas_copy_replaced_later_still_shows_as_changed(site: Site) -> None:

@@ -68,7 +68,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,7 @@ from exlab_wizard.sync.transports._process import (
     spawn,
 )
 from exlab_wizard.sync.transports.base import (
+    NAS_TIME_ENDS_NS,
     PREVIOUS_DIR,
     Clock,
     PreviousStampTaken,
@@ -108,6 +109,7 @@ from exlab_wizard.sync.transports.base import (
     TransportResult,
     check_previous_stamp,
     check_relpath,
+    clamped_times,
     local_now,
     previous_stamps,
     remote_relpath,
@@ -861,17 +863,19 @@ class RsyncSshTransport(Transport):
         # under their own names, without their mtimes: the next push, into a folder that exists,
         # sends them again the usual way (temporary file, rename).
         sending = common if listing is not None else [*kept, "--inplace", "--stats"]
+        clamped = await asyncio.to_thread(_clamped_on_nas, run_path, local, listing or {})
         try:
-            files, size = await self._send(
-                run_path,
-                sending,
-                remote_run,
-                bwlimit_kibps,
-                local,
-                progress,
-                made=listing is not None,
-                streams=keep_stamp is None,  # streams would race to make the same backup folders
-            )
+            with _excluded(clamped) as excluding:
+                files, size = await self._send(
+                    run_path,
+                    [*sending, *excluding],
+                    remote_run,
+                    bwlimit_kibps,
+                    local,
+                    progress,
+                    made=listing is not None,
+                    streams=keep_stamp is None,  # streams would race to make the same backup folders
+                )
         except BaseException:
             if watcher is not None:
                 await asyncio.shield(watcher.abort())
@@ -1329,7 +1333,7 @@ class RsyncSshTransport(Transport):
         """
         parent, _sep, name = remote_run.rstrip("/").rpartition("/")
         if not parent or not name or "\n" in name or "\r" in name:
-            return await self._list_remote(run_path, remote_run, step="conflict_check"), False
+            return await self._list_remote(run_path, remote_run, step="conflict_check", times=True), False
         entries = await self._list_remote(run_path, parent, step="conflict_check", recursive=False)
         if entries is None:
             return None, False  # the parent is missing too
@@ -1338,18 +1342,18 @@ class RsyncSshTransport(Transport):
             folded = folded_name(name)
             if not any(folded_name(other) == folded for other in entries):
                 return None, True
-            return await self._list_remote(run_path, remote_run, step="conflict_check"), False
+            return await self._list_remote(run_path, remote_run, step="conflict_check", times=True), False
         if top.kind != "d":
             raise conflict_error(remote_run, ["."])
-        return await self._list_remote(run_path, remote_run, step="conflict_check"), True
+        return await self._list_remote(run_path, remote_run, step="conflict_check", times=True), True
 
     async def _list_remote(
-        self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True
+        self, run_path: Path, remote_path: str, *, step: str, recursive: bool = True, times: bool = False
     ) -> dict[str, _Entry] | None:
-        """The remote folder's entries, or None when the folder does not exist."""
+        """The remote folder's entries, or None when the folder does not exist; ``times``: with their mtimes."""
         result = await self._list_remote_raw(run_path, remote_path, step=step, recursive=recursive)
         if result.returncode == 0:
-            return parse_listing(result.stdout)
+            return parse_listing(result.stdout, times=times)
         if result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text):
             return None
         raise _listing_error(result, remote_path)
@@ -1835,6 +1839,48 @@ def _files_from(paths: Iterable[str]) -> bytes:
 def _patterns(names: Iterable[str]) -> bytes:
     """rsync filter patterns matching exactly these top-level names of the run, NUL-separated."""
     return b"".join(b"/" + os.fsencode(name) + b"\0" for name in names)
+
+
+def _clamped_on_nas(run_path: Path, local: LocalTree, listing: dict[str, _Entry]) -> list[str]:
+    """The run's files the NAS holds at their size and at the clamp of their local mtime. Blocking I/O.
+
+    rsync's quick check compares the times itself: a file dated past the NAS
+    filesystem's range (:func:`~exlab_wizard.sync.transports.base.clamped_times`)
+    would be sent again at every push, and its verified NAS copy kept under
+    ``previous/`` each time. Only files listed at a clamp's end are looked at
+    here; a name rsync reads as a wildcard (``*?[\\``) cannot be excluded
+    exactly and is sent again.
+    """
+    found = []
+    for rel, size in local.files.items():
+        entry = listing.get(rel)
+        if entry is None or entry.kind != FILE or entry.size != size or _GLOB_CHARS.search(rel):
+            continue
+        listed_ns = entry.mtime_s * 1_000_000_000
+        if listed_ns not in NAS_TIME_ENDS_NS:
+            continue
+        try:
+            mtime_ns = os.lstat(run_path / rel).st_mtime_ns
+        except OSError:
+            continue  # rsync finds it gone, or sends it
+        if listed_ns in clamped_times(mtime_ns):
+            found.append(rel)
+    return sorted(found)
+
+
+_GLOB_CHARS = re.compile(r"[*?\[\\]")
+
+
+@contextlib.contextmanager
+def _excluded(paths: list[str]) -> Iterator[list[str]]:
+    """rsync options excluding exactly ``paths`` (of the run) from a send, through a file of patterns."""
+    if not paths:
+        yield []
+        return
+    with tempfile.NamedTemporaryFile(prefix="exlab-clamped-") as patterns:
+        patterns.write(b"".join(b"/" + os.fsencode(rel) + b"\0" for rel in paths))
+        patterns.flush()
+        yield ["--from0", f"--exclude-from={patterns.name}"]
 
 
 def _top_level_filters(units: list[list[str]]) -> tuple[list[list[str]], list[bytes]]:
