@@ -39,7 +39,7 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
-from exlab_wizard.sync.job_runner import fail
+from exlab_wizard.sync.job_runner import fail, settle_if_gone
 from exlab_wizard.sync.manifest_format import read_manifest
 from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
@@ -341,6 +341,14 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         if plan is not None and (plan.deleted or plan.data_deleted or plan.blocked):
             # Part of the run is deleted: a re-transfer of the rest would not verify (nor send those).
             _stop_cleanup(ctx, job, run, reason, (tuple(outcome.different), tuple(outcome.missing)), plan)
+            return
+        try:
+            # The run's verified files gone locally, its NAS folder holding the run's verified copy (the run
+            # cleaned while the queue did not know it: put back from an older backup, say): never sent.
+            if await settle_if_gone(ctx, queue.get(job.id) or job):
+                return
+        except TransportError as exc:
+            _note(ctx, job, "audit_skipped", f"{reason}; the NAS copy could not be checked now: {exc.message}")
             return
         refusal = await asyncio.to_thread(_local_copies_unusable, ctx, job, run, recorded, bad)
         if refusal is not None:

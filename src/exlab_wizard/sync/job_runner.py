@@ -41,9 +41,9 @@ from exlab_wizard.sync.context import ClientContext, TransferProgress, elapsed_s
 from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unverifiable_kind
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
-from exlab_wizard.sync.policy.cleanup import name_paths
+from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
 from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, JobQueue, SyncJobRow, attempt_due
-from exlab_wizard.sync.reaper import record_verified_stat
+from exlab_wizard.sync.reaper import cleanup_planned, record_verified_stat
 from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
     PREVIOUS_KEPT_EVENT,
@@ -58,6 +58,7 @@ from exlab_wizard.sync.recovery import (
     nas_copy_place,
     new_previous_stamp,
     used_previous_stamps,
+    verified_manifest,
 )
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
@@ -432,19 +433,84 @@ def fail(
 # ---------------------------------------------------------------------- transfer
 
 
-def _settle_cleaned(ctx: ClientContext, job: SyncJobRow, nas_copy: NasCopyCheck) -> None:
-    """QUEUED -> CLEANED: a cleaned run re-enqueued after its queue was lost (see :func:`cleaned_here`)."""
+def _settle_cleaned(ctx: ClientContext, job: SyncJobRow, nas_copy: NasCopyCheck, from_state: SyncJobState) -> None:
+    """-> CLEANED: a cleaned run whose queue did not know it (lost, or put back from before; see :func:`cleaned_here`).
+
+    From VERIFIED through QUEUED (the run changed since verification: its
+    files are gone), the lifecycle's only ways to CLEANED being from QUEUED
+    and CLEANUP_ELIGIBLE.
+    """
+    queue = ctx.require_queue()
     place = nas_copy_place(ctx.equipment(job), job.remote_path)
     detail = (
-        f"the run was cleaned before its queue was lost: its creation.json records local_cleaned of manifest "
-        f"{nas_copy.digest[:12]}, which its NAS folder holds with all {len(nas_copy.manifest)} file(s) at {place}; "
-        f"nothing sent"
+        f"the run was cleaned while its queue did not know it (lost, or put back from an older backup): its "
+        f"creation.json records local_cleaned of manifest {nas_copy.digest[:12]}, which its NAS folder holds with "
+        f"all {len(nas_copy.manifest)} file(s) at {place}; nothing sent"
     )
-    job = ctx.require_queue().transition(job.id, S.QUEUED, S.CLEANED, now=ctx.clock(), detail=detail)
+    if from_state == S.VERIFIED:
+        queue.transition(job.id, S.VERIFIED, S.QUEUED, now=ctx.clock(), detail="the verified files are gone locally")
+        from_state = S.QUEUED
+    job = queue.transition(job.id, from_state, S.CLEANED, now=ctx.clock(), detail=detail)
     equipment = ctx.equipment(job)
     if equipment is not None:
         ctx.log(equipment).info(job.run_path, "cleaned_settled", job=job.id, files=len(nas_copy.manifest))
     ctx.notify_state(job)
+
+
+async def settle_gone(ctx: ClientContext, job: SyncJobRow, from_state: SyncJobState, nas_copy: NasCopyCheck) -> None:
+    """A run lacking files of its verified NAS copy (``nas_copy.missing``): never pushed, which would take
+    their NAS copies for another run's. CLEANED when the run was cleaned (:func:`cleaned_here`), else FAILED
+    ``local_file_vanished`` naming ``restore``. Deletes nothing, writes nothing on the NAS."""
+    if nas_copy.digest != job.manifest_digest:
+        # The queue's manifest is lost or older (a backup): the run's own, which the NAS holds, is the job's now,
+        # so retry, enqueue and restore know it.
+        job = adopt_nas_copy(ctx.require_queue(), job, nas_copy, ctx.clock())
+    if await asyncio.to_thread(cleaned_here, Path(job.run_path), nas_copy, ctx.cache):
+        _settle_cleaned(ctx, job, nas_copy, from_state)
+    else:
+        message = missing_message(job.id, job.run_path, nas_copy.missing)
+        fail(
+            ctx, job, from_state, TransportErrorKind.LOCAL_FILE_VANISHED, message, unless_planned=from_state != S.QUEUED
+        )
+
+
+async def gone_nas_copy(ctx: ClientContext, job: SyncJobRow, check: LocalCheck | None) -> NasCopyCheck | None:
+    """The run's verified NAS copy when the run lacks files of it, else None. Raises ``TransportError``.
+
+    ``check``: the local check against the queue's verified manifest (None
+    without one): looked at only when it finds files missing, or when the
+    queue holds no verified manifest (the lost-queue case).
+    """
+    if check is not None and (check.refusal is not None or not check.missing):
+        return None
+    equipment = ctx.equipment(job)
+    if equipment is None:
+        return None
+    run = Path(job.run_path)
+    queue = ctx.require_queue()
+    manifest = None if check is None else await asyncio.to_thread(verified_manifest, job, queue)
+    verified = (job.manifest_digest, manifest) if job.manifest_digest and manifest else None
+    return await check_nas_copy(run, ctx.remotes.access(equipment), verified)
+
+
+async def settle_if_gone(ctx: ClientContext, job: SyncJobRow) -> bool:
+    """For a VERIFIED or CLEANUP_ELIGIBLE job with no deletion plan (the audit's and the reaper's): its verified
+    files gone locally, its NAS copy the verified one, :func:`settle_gone`; True when it did. Raises
+    ``TransportError`` (the NAS not read: nothing decided)."""
+    queue = ctx.require_queue()
+    if job.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or await asyncio.to_thread(cleanup_planned, queue, job.id):
+        return False
+    check = await asyncio.to_thread(check_local, queue, job)
+    if check is None or check.refusal is not None or not check.missing:
+        return False
+    nas_copy = await gone_nas_copy(ctx, job, check)
+    if nas_copy is None or not nas_copy.missing:
+        return False
+    try:
+        await settle_gone(ctx, job, job.state, nas_copy)
+    except IllegalTransition:
+        return False  # moved on meanwhile (or the reaper planned its deletion): the mover decides
+    return True
 
 
 async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig) -> None:
@@ -484,29 +550,28 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     check = await asyncio.to_thread(check_local, queue, job)
     remote = ctx.remotes.access(equipment)
     nas_copy: NasCopyCheck | None = None
-    if check is None:
+    if check is None or check.missing:
         # No verified manifest in the queue (lost with it, or restored from before the verification):
         # the run's own checksums.sha256, when its NAS folder holds the same, stands for it, and the
-        # NAS copies' sizes and mtimes for the stats recorded at verification.
+        # NAS copies' sizes and mtimes for the stats recorded at verification. Files of the verified
+        # manifest gone locally (a cleanup the queue does not know of: lost, or put back from a backup
+        # taken before it): the run's verified NAS copy is looked for too, never pushed over.
         try:
-            nas_copy = await check_nas_copy(run, remote)
+            nas_copy = await gone_nas_copy(ctx, job, check)
         except TransportError as exc:
             retry_or_fail(ctx, job, S.QUEUED, exc.kind, f"checking the NAS copy: {exc.message}")
             return
-        if nas_copy is not None and nas_copy.damaged:
+        if check is None and nas_copy is not None and nas_copy.damaged:
             job = adopt_nas_copy(queue, job, nas_copy, ctx.clock())  # so retry, enqueue and restore know it
             fail(ctx, job, S.QUEUED, LOCAL_DAMAGE, damage_message(job.id, job.run_path, nas_copy.damaged))
             return
         if nas_copy is not None and nas_copy.missing:
             # The run lacks files of its verified copy (a cleanup, whole or stopped part way, whose queue
-            # is lost): nothing is pushed, which would take their NAS copies for another's files.
-            job = adopt_nas_copy(queue, job, nas_copy, ctx.clock())  # so restore can bring them back
-            if await asyncio.to_thread(cleaned_here, run, nas_copy, ctx.cache):
-                _settle_cleaned(ctx, job, nas_copy)
-            else:
-                message = missing_message(job.id, job.run_path, nas_copy.missing)
-                fail(ctx, job, S.QUEUED, TransportErrorKind.LOCAL_FILE_VANISHED, message)
+            # is lost or older): nothing is pushed, which would take their NAS copies for another's files.
+            await settle_gone(ctx, job, S.QUEUED, nas_copy)
             return
+        if check is not None:
+            nas_copy = None  # the queue's verified manifest stands: the push as before
     damaged = () if check is None else tuple(check.damaged)
     accepted = tuple(p for p in damaged if p in set(job.accept_local_paths))
     if len(accepted) < len(damaged):

@@ -461,6 +461,7 @@ class NASSyncClient:
             now=lambda: ctx.clock(),
             remote_listing=ctx.remotes.listing,
             job_locks=ctx.job_locks,
+            settle_gone=lambda job: job_runner.settle_if_gone(ctx, job),
         )
 
     async def _reaper_loop(self) -> None:

@@ -393,15 +393,19 @@ class NasCopyCheck:
     missing: tuple[str, ...] = ()
 
 
-async def check_nas_copy(run: Path, remote: RemoteAccess) -> NasCopyCheck | None:
-    """The local check of a run the queue holds no verified manifest of, against its verified NAS copy.
+async def check_nas_copy(
+    run: Path, remote: RemoteAccess, verified: tuple[str, Mapping[str, str]] | None = None
+) -> NasCopyCheck | None:
+    """The local check of a run against its verified NAS copy, for a queue that holds no verified manifest of it
+    (or one of files gone locally: a cleanup the queue does not know of).
 
     The run's own ``.exlab-wizard/checksums.sha256`` says which bytes were
     verified, when its NAS folder holds the very same file (the run's own
-    verified copy, as the push itself recognises it); the NAS copies' sizes
-    and mtimes stand in for the stats the lost queue recorded. None when the
-    run has no readable manifest or the NAS folder holds no such one (nothing
-    verified there to protect: the push's own checks apply). Raises
+    verified copy, as the push itself recognises it); else ``verified`` (the
+    job's manifest digest and its data files), when the NAS's
+    ``checksums.sha256`` has that digest. The NAS copies' sizes and mtimes
+    stand in for the stats the lost queue recorded. None when neither holds
+    (nothing verified there to protect: the push's own checks apply). Raises
     ``TransportError`` (``NETWORK`` for a manifest listed that cannot be read:
     never taken for none). Reads only; hashes only the local files whose
     mtime is not later than their copy's.
@@ -410,9 +414,9 @@ async def check_nas_copy(run: Path, remote: RemoteAccess) -> NasCopyCheck | None
         raw = await asyncio.to_thread(read_regular_file, manifest_path(run), MANIFEST_MAX_BYTES)
         listed = parse_manifest(raw) if raw is not None else None
     except (CacheError, ManifestFormatError, OSError):
-        return None
+        raw = listed = None
     manifest = {rel: sha.lower() for rel, sha in (listed or {}).items() if is_data_path(rel)}
-    if raw is None or not manifest:
+    if (raw is None or not manifest) and not (verified and verified[1]):
         return None
     copies = await remote.stats(run)
     if NAS_MANIFEST not in copies:
@@ -423,12 +427,30 @@ async def check_nas_copy(run: Path, remote: RemoteAccess) -> NasCopyCheck | None
             raise TransportError(
                 TransportErrorKind.NETWORK, f"the NAS copy's {NAS_MANIFEST} is listed but could not be read"
             )
-        theirs = await asyncio.to_thread(hash_file, fetched)
-    if theirs != hashlib.sha256(raw).hexdigest():
+        try:
+            theirs_raw = await asyncio.to_thread(read_regular_file, fetched, MANIFEST_MAX_BYTES)
+        except CacheError:
+            return None  # not a manifest this engine wrote
+    if theirs_raw is None:
+        return None
+    theirs = hashlib.sha256(theirs_raw).hexdigest()
+    if raw is not None and manifest and theirs == hashlib.sha256(raw).hexdigest():
+        digest = manifest_digest(listed or {})
+    elif verified and verified[1] and _has_digest_bytes(theirs_raw, verified[0], theirs):
+        digest, manifest = verified[0], dict(verified[1])
+    else:
         return None
     damaged, rows = await asyncio.to_thread(check_against_copy, run, manifest, copies)
     missing = await asyncio.to_thread(_lacked, run, [rel for rel in manifest if rel in copies])
-    return NasCopyCheck(manifest_digest(listed or {}), manifest, damaged, rows, missing)
+    return NasCopyCheck(digest, manifest, damaged, rows, missing)
+
+
+def _has_digest_bytes(raw: bytes, digest: str, file_sha256: str) -> bool:
+    """Is ``raw`` (a NAS copy's ``checksums.sha256``) the manifest of ``digest``?"""
+    try:
+        return has_digest(parse_manifest(raw), digest, file_sha256=file_sha256)
+    except ManifestFormatError:
+        return False
 
 
 def _lacked(run: Path, paths: Iterable[str]) -> tuple[str, ...]:
@@ -442,7 +464,8 @@ def cleaned_here(run: Path, found: NasCopyCheck, writer: Any) -> bool:
     True when every file of the manifest is on the NAS and none is here, no
     data file is left in the run, and its ``creation.json`` records the
     reaper's ``local_cleaned`` of that very manifest (``writer``: a
-    ``CreationWriter``). For a run re-enqueued after its queue was lost.
+    ``CreationWriter``). For a run cleaned while its queue was lost, or put
+    back since from a backup taken before the cleanup.
     """
     if not found.manifest or set(found.missing) != set(found.manifest):
         return False
@@ -457,7 +480,7 @@ def cleaned_here(run: Path, found: NasCopyCheck, writer: Any) -> bool:
 
 
 def missing_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
-    """The one-line reason for a lost queue's job whose run lacks files of its verified NAS copy."""
+    """The one-line reason for a job whose run lacks files of its verified NAS copy (the queue lost, or older)."""
     return (
         f"{len(paths)} file(s) of the run's verified checksums.sha256 (its NAS folder holds the same) are gone "
         f"locally, their NAS copies there (a cleanup stopped part way, or deleted by mistake): "
@@ -482,8 +505,8 @@ def adopt_nas_copy(queue: JobQueue, job: SyncJobRow, found: NasCopyCheck, now: d
         job.state,
         now=now,
         event_kind="note",
-        detail=f"no verified manifest in the queue: the run's checksums.sha256 (manifest {found.digest[:12]}), "
-        "which its NAS folder holds too, stands for it",
+        detail=f"the run's checksums.sha256 (manifest {found.digest[:12]}), which its NAS folder holds too, is the "
+        f"job's verified manifest now (the queue's: {(job.manifest_digest or '')[:12] or 'none'})",
         manifest_digest=found.digest,
     )
 

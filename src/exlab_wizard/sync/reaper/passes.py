@@ -26,6 +26,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import shlex
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,11 @@ class Reaper(InterlockFacts):
     only with ``retain_cache: false``. ``now()``: the clock (timezone-aware).
     ``job_locks``: the per-job locks shared with the audit (:class:`JobLocks`;
     the client's, so an audit finding and a batch of unlinks never interleave).
+    ``settle_gone(job)``: for a job whose verified files are gone locally, the
+    client's look at the run's verified NAS copy (reads only): True when it
+    settled the job (CLEANED: the run was cleaned while the queue did not know
+    it; or FAILED naming ``restore``), False to fail it here; raising makes it
+    wait (the NAS not read).
 
     One pass at a time per database: passes in one process are serialised,
     and a lock file ``<queue db>.reaper.lock`` keeps a second process (the
@@ -152,6 +158,7 @@ class Reaper(InterlockFacts):
         now: Callable[[], dt.datetime] = _utcnow,
         remote_listing: RemoteListing | None = None,
         job_locks: JobLocks | None = None,
+        settle_gone: Callable[[SyncJobRow], Awaitable[bool]] | None = None,
     ):
         self.queue = queue
         self.config = config
@@ -162,6 +169,7 @@ class Reaper(InterlockFacts):
         self.push_metadata = push_metadata
         self.now = now
         self.job_locks = job_locks if job_locks is not None else JobLocks()
+        self.settle_gone = settle_gone
         self._lock = asyncio.Lock()
         self._file_lock = _ProcessLock(Path(str(queue.db_path) + ".reaper.lock"))
         self._busy_passes = 0
@@ -357,6 +365,10 @@ class Reaper(InterlockFacts):
         if decision.action == "requeue":
             return self._requeue(job, decision, log)
         if decision.action == "fail":
+            if decision.code == C.LOCAL_MISSING and self.settle_gone is not None:
+                settled = await self._settle_gone(job, decision)
+                if settled is not None:
+                    return settled
             return self._fail(job, decision, log)
         assert decision.action == "delete" and scan is not None
         progress = self._write_plan(job, scan.files, len(scan.rehashed), log)
@@ -398,12 +410,35 @@ class Reaper(InterlockFacts):
             job.id, job.run_path, "requeued", decision.reason, paths=decision.paths, code=decision.code
         )
 
+    async def _settle_gone(self, job: SyncJobRow, decision: CleanupDecision) -> ReaperOutcome | None:
+        """Verified files gone locally: the client looks at the run's NAS copy (``settle_gone``); None: fail here."""
+        assert self.settle_gone is not None
+        try:
+            settled = await self.settle_gone(job)
+        except Exception as exc:  # the NAS not read: nothing is decided on a guess
+            reason = f"{decision.reason}; its NAS copy could not be checked now: {exc}"
+            self._refuse_event(job.id, reason, C.REMOTE_UNREACHABLE)
+            return ReaperOutcome(job.id, job.run_path, "waiting", reason, code=C.REMOTE_UNREACHABLE)
+        if not settled:
+            return None
+        fresh = self.queue.get(job.id)
+        last = self.queue.events(job.id, limit=1)
+        reason = last[-1].detail if last else decision.reason
+        if fresh is not None and fresh.state == S.CLEANED:  # nothing deleted by this pass: files and bytes 0
+            return ReaperOutcome(job.id, job.run_path, "deleted", reason, code=C.CLEANED)
+        return ReaperOutcome(job.id, job.run_path, "failed", reason, paths=decision.paths, code=decision.code)
+
     def _fail(self, job: SyncJobRow, decision: CleanupDecision, log: EquipmentLog) -> ReaperOutcome:
         reason = f"{decision.reason}; nothing deleted, the NAS copy is left as verified"
         if decision.error_kind == FailureKind.LOCAL_DAMAGE:
             from exlab_wizard.sync.recovery import damage_ways_out  # recovery builds on the reaper
 
             reason += ". " + damage_ways_out(job.id, job.run_path)
+        elif decision.error_kind == FailureKind.LOCAL_FILE_VANISHED:
+            reason += (
+                f". `exlab-sync restore {shlex.quote(job.run_path)}` brings them back from the NAS and re-arms job "
+                f"{job.id}"
+            )
         try:
             self.queue.transition(
                 job.id,
