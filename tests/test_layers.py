@@ -4,7 +4,7 @@ Every module under ``src/exlab_wizard`` is parsed with :mod:`ast`; every import
 counts, wherever it is written (module level, inside a function, under
 ``TYPE_CHECKING``, relative or absolute). The layers, lowest first:
 
- 1. ``fileio``, ``sync.failures``, ``sync.state_dir`` (standard library only)
+ 1. ``fileio``, ``sync.failures``, ``sync.state_dir``, ``sync.queue_damage`` (standard library only)
  2. ``config``   3. ``cache``   4. ``validator``   5. ``sync.policy`` (pure)
  6. ``sync.states``, ``sync.queue``, ``sync.equipment_log`` (``sync.manifest_format``, an on-disk format: 3)
  7. ``sync.transports``, ``sync.verifier``   8. ``sync.gate``
@@ -28,6 +28,9 @@ LAYERS: dict[str, int] = {
     "exlab_wizard.sync.failures": 1,
     # The state folder's modes and who holds a lock in it: the queue, the CLI and the service use it.
     "exlab_wizard.sync.state_dir": 1,
+    # A damaged queue file told apart from a busy one, by SQLite's result code: the queue, the
+    # service's own connections to its file and the CLI's one-line errors use it.
+    "exlab_wizard.sync.queue_damage": 1,
     "exlab_wizard.config": 2,
     "exlab_wizard.cache": 3,
     "exlab_wizard.validator": 4,

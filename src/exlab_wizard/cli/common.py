@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from exlab_wizard.config import Config, ConfigError, load_config
+from exlab_wizard.sync.queue_damage import QueueDamaged
 from exlab_wizard.sync.state_dir import ForeignStateDirError, check_writer, make_state_dir
 
 __all__ = [
@@ -129,6 +130,8 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except (SystemExit, click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
+        except QueueDamaged as exc:  # its line names the file and the way out
+            fail(str(exc), EXIT_USAGE)
         except Exception as exc:  # the CLI never shows a traceback
             fail(f"{type(exc).__name__}: {exc}", EXIT_USAGE)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from exlab_wizard.sync.queue import CACHE_KIB, SyncJobRow
 from exlab_wizard.sync.queue import _job as _row  # the one place rows are read from SQL
+from exlab_wizard.sync.queue_damage import classified, known
 from exlab_wizard.sync.states import SyncJobState
 
 __all__ = ["EquipmentStateCount", "JobPage", "QueueStats", "StoredEvent"]
@@ -92,7 +93,9 @@ class StoredEvent:
 class QueueStats:
     """Read-only aggregate queries on the queue database at ``db_path`` (which must exist).
 
-    Thread-safe; every method is synchronous and short.
+    Thread-safe; every method is synchronous and short. Raises
+    :class:`~exlab_wizard.sync.queue_damage.QueueDamaged`, untried, once SQLite
+    has said the file is damaged to this process.
     """
 
     def __init__(self, db_path: Path | str):
@@ -103,22 +106,26 @@ class QueueStats:
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            if self._conn is None:
-                conn = sqlite3.connect(
-                    f"file:{self.db_path}?mode=ro",
-                    uri=True,
-                    check_same_thread=False,
-                    isolation_level=None,
-                    timeout=10.0,
-                )
-                conn.row_factory = sqlite3.Row
-                conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # a long-lived connection: bounded
-                self._conn = conn
-            self._conn.execute("BEGIN")  # one snapshot for the whole question
-            try:
-                yield self._conn
-            finally:
-                self._conn.execute("COMMIT")
+            damage = known(self.db_path)
+            if damage is not None:
+                raise damage
+            with classified(self.db_path):
+                conn = self._connection()
+                conn.execute("BEGIN")  # one snapshot for the whole question
+                try:
+                    yield conn
+                finally:
+                    conn.execute("COMMIT")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None, timeout=10.0
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # a long-lived connection: bounded
+            self._conn = conn
+        return self._conn
 
     def close(self) -> None:
         with self._lock:
