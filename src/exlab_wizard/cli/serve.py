@@ -2,7 +2,8 @@
 
 Loopback only by default; any other ``--host`` prints a warning (the API then
 answers the network: mutations still need the token). One ``serve`` per
-``state_dir``: a second one exits 2 with one line. A port in use is one
+``state_dir``: a second one exits 2 with one line, as does a damaged queue
+database (its check at start; nothing runs). A port in use is one
 warning line, not an exit: the workers run and the port is tried again every
 30 s. A ``state_dir`` or runner lease another local user could use is a
 warning line at start, as is a central log it cannot open. Prints the
@@ -41,7 +42,8 @@ from exlab_wizard.cli.common import (
 )
 from exlab_wizard.cli.sync_cmds import configure_logging
 from exlab_wizard.config import Config
-from exlab_wizard.sync.queue import lease_path_for
+from exlab_wizard.sync import queue_damage
+from exlab_wizard.sync.queue import QueueDamaged, lease_path_for
 from exlab_wizard.sync.state_dir import state_dir_warnings
 
 if TYPE_CHECKING:  # FastAPI and uvicorn load only when ``serve`` runs: every other command starts faster
@@ -59,6 +61,15 @@ def _announce(info: ServiceInfo) -> None:
     )
     print(f"log in from a browser on this machine (works once, within 10 minutes): {info.login_url}")
     sys.stdout.flush()
+
+
+class _ErrorLine(logging.Handler):
+    """Each record as one ``error:`` line on stderr (the journal), besides the central log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(
+            Text.assemble(("error:", "bold red"), " ", printable(record.getMessage())), highlight=False, soft_wrap=True
+        )
 
 
 def _no_central_log(path: Path, error: OSError) -> None:
@@ -109,9 +120,14 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
         )
     started = False  # the workers run: a failure from then on stops a service that was syncing
 
-    def on_running() -> None:
+    def on_running() -> None:  # called again once it listens
         nonlocal started
+        if started:
+            return
         started = True
+        # Damage to the queue found from now on is one line in the journal too (`systemctl status`
+        # shows it): the service stays up to say so on /healthz, but syncs and deletes nothing.
+        logging.getLogger(queue_damage.__name__).addHandler(_ErrorLine(logging.ERROR))
 
     def on_ready(info: ServiceInfo) -> None:
         on_running()
@@ -136,6 +152,10 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
             )
         )
     except AlreadyServing as exc:
+        fail(str(exc), EXIT_USAGE)
+    except QueueDamaged as exc:
+        # Found by the start's check (the central log has the line): exit 2, which the unit's
+        # RestartPreventExitStatus=2 does not restart; a restart reads the same damaged pages.
         fail(str(exc), EXIT_USAGE)
     except CannotListen as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)

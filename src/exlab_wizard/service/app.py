@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import getpass
+import html
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from exlab_wizard.sync.nas_client import (
     RunIncompleteError,
 )
 from exlab_wizard.sync.policy import bandwidth as bw_policy
+from exlab_wizard.sync.queue_damage import QueueDamaged
 from exlab_wizard.sync.queue_stats import QueueStats
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError
@@ -67,6 +69,8 @@ __all__ = ["MAX_BODY_BYTES", "ApiError", "Guard", "ServiceContext", "Watcher", "
 #: The largest request body accepted (every body of this API is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 _STATE_VALUES = [s.value for s in SyncJobState]
+#: The error kind of every answer once the queue database is found damaged (503).
+_QUEUE_DAMAGED = "queue_damaged"
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,16 @@ class ApiError(Exception):
     def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+def _damaged_page(damage: QueueDamaged) -> str:
+    """The dashboard's whole page while the queue is damaged: the one line, nothing that reads the queue."""
+    return (
+        "<!doctype html><title>exlab-sync: queue damaged</title>"
+        "<h1>exlab-sync has stopped syncing and cleaning up</h1>"
+        f"<p><strong>{html.escape(str(damage))}</strong></p>"
+        "<p>What to do: docs/recovery.md, <em>A damaged queue database</em>. <code>/healthz</code> says the same.</p>"
+    )
 
 
 # --------------------------------------------------------------------------- the guard
@@ -254,6 +268,13 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
             422,
             shapes.error("invalid_request", _readable(exc), errors=json.loads(json.dumps(exc.errors(), default=str))),
         )
+
+    @app.exception_handler(QueueDamaged)
+    async def _queue_damaged(request: Request, exc: QueueDamaged) -> Response:
+        # Logged once where it was found; every page and call says the same line, no traceback.
+        if request.url.path.startswith("/api/"):
+            return _json_reply(503, shapes.error(_QUEUE_DAMAGED, str(exc)))
+        return HTMLResponse(_damaged_page(exc), status_code=503, headers={"Cache-Control": "no-store"})
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:
@@ -430,9 +451,19 @@ def create_app(ctx: ServiceContext, *, allowed_hosts: list[str] | None = None) -
     async def events(request: Request) -> EventSourceResponse:
         return EventSourceResponse(_feed(ctx.hub, request.headers.get("last-event-id")), ping=15)
 
-    @app.get("/healthz", summary="Liveness: the service runs (and whether it runs the workers)")
-    async def healthz() -> dict[str, Any]:
-        return {"ok": True, "runs_workers": ctx.client.runs_workers, "watcher": ctx.watcher is not None}
+    @app.get(
+        "/healthz",
+        summary="Liveness: the service runs (and whether it runs the workers); 503 once the queue is damaged",
+    )
+    async def healthz() -> Response:
+        damage = ctx.client.queue_damage
+        body: dict[str, Any] = {"ok": damage is None, "runs_workers": ctx.client.runs_workers}
+        body["watcher"] = ctx.watcher is not None
+        if damage is None:
+            return JSONResponse(body)
+        # The service runs but syncs and deletes nothing: a monitor reading only the status sees it too.
+        body["queue_damaged"] = shapes.error(damage.kind.value, str(damage))
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics", summary="Prometheus text format")
     async def metrics() -> Response:

@@ -49,6 +49,7 @@ from exlab_wizard.service.events import FeedMessage
 from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue import SyncJobRow
+from exlab_wizard.sync.queue_damage import classified, known
 from exlab_wizard.sync.states import SyncJobState
 
 if TYPE_CHECKING:
@@ -171,10 +172,14 @@ def local_time(moment: dt.datetime | str | float | None, now: dt.datetime | None
 
 @contextlib.contextmanager
 def _read_only(db_path: Path) -> Iterator[sqlite3.Connection]:
+    damage = known(db_path)
+    if damage is not None:
+        raise damage
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0, isolation_level=None)
     conn.row_factory = sqlite3.Row
     try:
-        yield conn
+        with classified(db_path):  # a damaged file: QueueDamaged, as from the queue (the app answers 503)
+            yield conn
     finally:
         conn.close()
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from exlab_wizard.sync.queue_damage import QueueDamaged
 from exlab_wizard.sync.queue_stats import QueueStats, StoredEvent
 
 __all__ = ["EventHub", "FeedMessage"]
@@ -147,6 +148,9 @@ class EventHub:
                 events = await asyncio.to_thread(self.stats.events_after, self._last_id)
             except asyncio.CancelledError:
                 raise
+            except QueueDamaged:  # logged once by the queue: no event can be read any more
+                logger.info("event feed stopped: the queue database is damaged")
+                return
             except Exception:
                 logger.exception("reading the queue's events failed")
                 events = []

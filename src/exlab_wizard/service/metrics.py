@@ -29,6 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exlab_wizard.config.models import Config
+from exlab_wizard.sync.queue_damage import QueueDamaged
 from exlab_wizard.sync.queue_stats import QueueStats, StoredEvent
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import make_transport
@@ -83,6 +84,8 @@ class NasFacts:
         await asyncio.gather(*(self._probe(eq) for eq in self._transports))
         try:
             self.reclaimable = await asyncio.to_thread(self.stats.reclaimable_bytes)
+        except QueueDamaged:  # logged once by the queue, reported by /healthz
+            pass
         except Exception:
             logger.exception("reading reclaimable bytes failed")
 

@@ -244,9 +244,10 @@ async def run_service(
     """Run the service until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     Raises :class:`AlreadyServing` when another process runs the workers for
-    this queue, and :class:`CannotListen` when the address cannot be bound
-    (both before anything starts); any other ``OSError`` is not about the
-    address. With ``on_port_taken``, a port in use (``EADDRINUSE``, only
+    this queue, :class:`CannotListen` when the address cannot be bound and
+    :class:`~exlab_wizard.sync.queue.QueueDamaged` when the queue's check
+    finds the file damaged (all before anything starts); any other ``OSError``
+    is not about the address. With ``on_port_taken``, a port in use (``EADDRINUSE``, only
     that) is no error: it is called once, the workers, watcher, audit and
     reaper start, and the bind is tried again every ``listen_retry_s``;
     ``on_ready`` comes once it listens. ``on_running`` is called once the
@@ -283,7 +284,13 @@ async def run_service(
     token = load_or_create_token(config.state_dir)
     client = client or client_from_config(config)
     client.close_push_timeout_s = 3.0  # a metadata push left pending is resent by the next start
-    await client.init()
+    try:
+        await client.init()
+    except BaseException:  # a damaged queue (QueueDamaged), say: nothing started, nothing left open
+        await client.close()
+        if sock is not None:
+            sock.close()
+        raise
     if not client.runs_workers:
         await client.close()
         if sock is not None:

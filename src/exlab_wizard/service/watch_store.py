@@ -16,19 +16,23 @@ at them every pass anyway. Rows of runs that disappeared are deleted.
 The store has its own SQLite connection to the queue file (WAL,
 ``synchronous=FULL``, the queue's busy timeout). Reads are plain ``SELECT``
 statements that take no write lock; each write is one ``BEGIN IMMEDIATE``
-transaction. Times are stored as the queue stores them (ISO 8601 UTC).
+transaction. Times are stored as the queue stores them (ISO 8601 UTC). A
+damaged file raises :class:`~exlab_wizard.sync.queue_damage.QueueDamaged`,
+as the queue does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.sync.queue import BUSY_TIMEOUT_S, CACHE_KIB, WAL_LIMIT_BYTES, JobQueue
+from exlab_wizard.sync.queue_damage import classified, known
 from exlab_wizard.validator import Finding
 
 __all__ = ["BLOCKED", "HANDED_OVER", "WatchStore", "WatchedRun"]
@@ -103,20 +107,31 @@ class WatchStore:
 
     def all(self) -> dict[str, WatchedRun]:
         """Every row, by run path."""
-        rows = self._conn.execute("SELECT * FROM watched_runs").fetchall()
+        with self._classified():
+            rows = self._conn.execute("SELECT * FROM watched_runs").fetchall()
         return {row["run_path"]: _row(row) for row in rows}
+
+    @contextlib.contextmanager
+    def _classified(self) -> Iterator[None]:
+        """:class:`QueueDamaged`, untried, once the file is known damaged; SQLite's damage codes as it."""
+        damage = known(self.db_path)
+        if damage is not None:
+            raise damage
+        with classified(self.db_path):
+            yield
 
     def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in statements:
-                conn.execute(sql, params)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._classified():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     def save(self, runs: Iterable[WatchedRun]) -> None:
         """Insert or replace these rows, all in one transaction."""

@@ -75,6 +75,7 @@ from exlab_wizard.service.watch_store import (
     WatchStore,
 )
 from exlab_wizard.sync.equipment_log import EquipmentLog
+from exlab_wizard.sync.queue_damage import QueueDamaged
 from exlab_wizard.sync.states import SyncHandleState
 from exlab_wizard.validator import Finding
 
@@ -233,7 +234,7 @@ class CompletionWatcher:
             for equipment in self.config.equipment:
                 try:
                     await self._scan_equipment(equipment, report)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, QueueDamaged):  # a damaged queue ends the pass
                     raise
                 except Exception as exc:  # one equipment's trouble must not stop the others
                     logger.exception("completion watcher: %s", equipment.id)
@@ -242,12 +243,15 @@ class CompletionWatcher:
             return report
 
     async def run(self) -> None:
-        """Scan now, then every ``sync.scan_interval_s``, until cancelled."""
+        """Scan now, then every ``sync.scan_interval_s``, until cancelled or the queue is found damaged."""
         while True:
             try:
                 await self.scan_once()
             except asyncio.CancelledError:
                 raise
+            except QueueDamaged:  # logged once by the queue: nothing can be queued any more
+                logger.info("completion watcher stopped: the queue database is damaged")
+                return
             except Exception:
                 logger.exception("completion watcher pass failed; trying again next interval")
             await asyncio.sleep(self.config.sync.scan_interval_s)
@@ -287,7 +291,7 @@ class CompletionWatcher:
                     continue
                 try:
                     await self._consider(equipment, run, row, report, adopted)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, QueueDamaged):
                     raise
                 except Exception as exc:  # one run's trouble must not stop the pass
                     logger.exception("completion watcher: %s", run)

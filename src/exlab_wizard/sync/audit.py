@@ -45,7 +45,7 @@ from exlab_wizard.sync.metadata_push import data_only
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import LocalCheck, add_pass_time, name_paths
-from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, QueueDamaged, SyncJobRow
 from exlab_wizard.sync.reaper import (
     PlanProgress,
     cleanup_planned,
@@ -81,7 +81,10 @@ _MISSING_NOTE = "local run folder missing: no recorded manifest to check against
 
 
 async def audit_loop(ctx: ClientContext) -> None:
-    """Run :func:`audit_pass` for ever, every ``min(audit_interval_s, scan_interval_s)``; a failed pass is logged."""
+    """Run :func:`audit_pass` every ``min(audit_interval_s, scan_interval_s)``; a failed pass is logged.
+
+    Returns once the queue is damaged (:class:`QueueDamaged`).
+    """
     interval = ctx.config.sync.audit_interval_s
     while True:
         await asyncio.sleep(min(interval, max(ctx.config.sync.scan_interval_s, 0.05)))
@@ -89,6 +92,9 @@ async def audit_loop(ctx: ClientContext) -> None:
             await audit_pass(ctx, force=False)
         except asyncio.CancelledError:
             raise
+        except QueueDamaged:  # logged once by the queue; no pass can mend it
+            logger.info("audit stopped: the queue database is damaged")
+            return
         except Exception:
             logger.exception("audit pass failed")
 
@@ -127,7 +133,7 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                     await audit_job(ctx, job, equipment)
             except IllegalTransition as exc:  # another process moved the job: its move stands
                 logger.warning("audit of job %s: %s", job.id, exc)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, QueueDamaged):  # a damaged queue ends the pass (and the loop)
                 raise
             except Exception as exc:  # one job's trouble never keeps the others from their passes
                 logger.exception("audit of job %s failed", job.id)

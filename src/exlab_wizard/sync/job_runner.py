@@ -42,7 +42,7 @@ from exlab_wizard.sync.failures import UNVERIFIABLE_OVERSIZE, FailureKind, unver
 from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.policy import retry as retry_policy
 from exlab_wizard.sync.policy.cleanup import LocalCheck, name_paths
-from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, JobQueue, SyncJobRow, attempt_due
+from exlab_wizard.sync.queue import NAS_CLAIMED_EVENT, JobQueue, QueueDamaged, SyncJobRow, attempt_due
 from exlab_wizard.sync.reaper import cleanup_planned, record_verified_stat
 from exlab_wizard.sync.recovery import (
     LOCAL_DAMAGE,
@@ -112,12 +112,20 @@ def start(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfig, work:
 
 
 async def dispatch_loop(ctx: ClientContext, *, poll_interval_s: float) -> None:
-    """Start due jobs: one per equipment, ``max_parallel_jobs`` overall."""
+    """Start due jobs: one per equipment, ``max_parallel_jobs`` overall.
+
+    Returns once the queue is damaged (:class:`QueueDamaged`, logged once by
+    the queue): no job is started again by this process.
+    """
     assert ctx.wake is not None
     while True:
         ctx.wake.clear()
         try:
             timeout = _dispatch_once(ctx, poll_interval_s)
+        except QueueDamaged:
+            # No poll can mend the file: polling on would log a traceback per poll and sync nothing.
+            logger.info("dispatcher stopped: the queue database is damaged")
+            return
         except Exception:
             # The queue could not be read or written (locked by another program past its busy
             # timeout, its disk full): nothing is started, and the loop goes on.
@@ -307,6 +315,8 @@ async def guarded(ctx: ClientContext, job: SyncJobRow, work: Awaitable[None]) ->
         raise
     except IllegalTransition as exc:  # another process moved the job: its move stands
         logger.warning("job %s: %s", job.id, exc)
+    except QueueDamaged:  # logged once by the queue; no outcome can be recorded: recovered after a repair
+        logger.info("job %s stopped: the queue database is damaged", job.id)
     except Exception as exc:
         logger.exception("job %s crashed", job.id)
         crashed(ctx, job, exc)

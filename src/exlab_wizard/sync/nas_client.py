@@ -52,7 +52,7 @@ from exlab_wizard.config.models import Config, EquipmentConfig
 from exlab_wizard.sync import audit, job_runner, metadata_push, recovery
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.context import ClientContext, TransferProgress
-from exlab_wizard.sync.queue import JobQueue, RunnerLease, SyncJobRow
+from exlab_wizard.sync.queue import JobQueue, QueueDamaged, RunnerLease, SyncJobRow
 from exlab_wizard.sync.reaper import Reaper, cleanup_planned
 from exlab_wizard.sync.recovery import (
     LocalDamageError,
@@ -171,6 +171,12 @@ class NASSyncClient:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def queue_damage(self) -> QueueDamaged | None:
+        """The damage SQLite reported on the queue database, once it has (the workers have stopped)."""
+        queue = self._ctx.queue
+        return None if queue is None else queue.damage
+
+    @property
     def runs_workers(self) -> bool:
         """True when this client holds the runner lease and runs the workers."""
         return self._lease is not None and self._lease.held
@@ -179,7 +185,9 @@ class NASSyncClient:
         """Open the queue; with the lease, recover and start the background tasks.
 
         ``run_workers=False`` opens the queue for reading and writing rows only
-        (the CLI beside a running ``serve``).
+        (the CLI beside a running ``serve``). With the lease, the queue's
+        per-run tables are checked first (:meth:`JobQueue.check`): a damaged
+        file raises :class:`QueueDamaged`, the lease given back, nothing started.
         """
         ctx = self._ctx
         make_state_dir(self.queue_db.parent)
@@ -191,6 +199,11 @@ class NASSyncClient:
         if not lease.acquire():
             logger.info("another process runs the workers for %s", self.queue_db)
             return
+        try:
+            ctx.queue.check()
+        except BaseException:
+            lease.release()
+            raise
         self._lease = lease
         for job in ctx.queue.recover(now=self.clock(), max_wait=job_runner.max_wait(ctx)):
             equipment = ctx.equipment(job)
@@ -471,6 +484,9 @@ class NASSyncClient:
                 await self._current_reaper().run_pass()
             except asyncio.CancelledError:
                 raise
+            except QueueDamaged:  # logged once by the queue: no plan can be trusted, nothing is deleted
+                logger.info("cleanup stopped: the queue database is damaged")
+                return
             except Exception:
                 logger.exception("cleanup pass failed")
 

@@ -38,7 +38,7 @@ from exlab_wizard.sync.failures import FailureKind
 from exlab_wizard.sync.manifest_format import manifest_path
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision
-from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, SyncJobRow
+from exlab_wizard.sync.queue import TRANSITION_EVENT, JobQueue, QueueDamaged, SyncJobRow
 from exlab_wizard.sync.reaper import deletion
 from exlab_wizard.sync.reaper.contract import (
     FinalPush,
@@ -273,7 +273,7 @@ class Reaper(InterlockFacts):
     async def _guarded(self, job_id: str, run_path: str, work: Awaitable[ReaperOutcome | None]) -> ReaperOutcome | None:
         try:
             return await work
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, QueueDamaged):  # a damaged queue ends the pass: no plan is trusted
             raise
         except Exception as exc:
             logger.exception("cleanup of job %s failed", job_id)
