@@ -339,3 +339,34 @@ def test_filesystem_now_is_the_files_clock_and_leaves_nothing_behind(tmp_path: P
         os.unlink(tmp_path / "stamped")
     assert sorted(os.listdir(tmp_path)) == before
     assert fileio.filesystem_now_ns(tmp_path / "missing") is None
+
+
+def test_a_renumbered_disk_is_the_same_mounted_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/dev/sdb1`` one boot, ``/dev/sdc1`` the next: the file system's UUID (udev's link) names it both times."""
+    by_uuid = tmp_path / "by-uuid"
+    by_uuid.mkdir()
+    monkeypatch.setattr(fileio, "DISK_BY_UUID", str(by_uuid))
+    (by_uuid / "0f1e-2d3c").symlink_to("/dev/sdb1")
+    monkeypatch.setattr(fileio, "_mount_of", lambda path: ("exfat", "/dev/sdb1", "/"))
+    before = fileio.mounted_filesystem("/mnt/usb")
+    (by_uuid / "0f1e-2d3c").unlink()
+    (by_uuid / "0f1e-2d3c").symlink_to("/dev/sdc1")
+    monkeypatch.setattr(fileio, "_mount_of", lambda path: ("exfat", "/dev/sdc1", "/"))
+    assert fileio.mounted_filesystem("/mnt/usb") == before == "exfat UUID=0f1e-2d3c /"
+    # Without udev's link the device name stands (a renumbered disk then costs a re-verification: safe).
+    (by_uuid / "0f1e-2d3c").unlink()
+    assert fileio.mounted_filesystem("/mnt/usb") == "exfat /dev/sdc1 /"
+
+
+def test_mounted_filesystem_tells_a_bind_mount_from_the_folder_under_it(tmp_path: Path) -> None:
+    share, other = tmp_path / "share", tmp_path / "other"
+    share.mkdir()
+    other.mkdir()
+    bare = fileio.mounted_filesystem(share)
+    subprocess.run(["mount", "--bind", str(other), str(share)], check=True)
+    try:
+        bound = fileio.mounted_filesystem(share / "sub" / "not-there")
+    finally:
+        subprocess.run(["umount", str(share)], check=True)
+    assert bare and bound != bare and bound.endswith(f" {other}")
+    assert fileio.filesystem_type(share) == bare.split(" ")[0]

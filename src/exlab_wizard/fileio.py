@@ -13,6 +13,8 @@ verifier, the transports and the reaper use these instead of their own copies.
   a file so named outside ``.exlab-wizard/``, at any depth, is never a run's
   data: every listing of a run's data leaves it out.
 - :func:`rename_noreplace`: rename between open folders, never over an existing name.
+- :func:`filesystem_type` / :func:`mounted_filesystem`: the mount holding a path, read from
+  ``/proc/self/mountinfo`` (its type; what is mounted there: type, source, root).
 - :func:`fsync_dir` / :func:`fsync_dir_fd`: make a creation, rename or unlink in a folder durable.
 - :func:`atomic_write_bytes`: replace a file so that a reader, or a machine
   that loses power at any instant, sees the old content or the new one, never
@@ -53,6 +55,8 @@ from pathlib import Path
 __all__ = [
     "remove_stale_temps",
     "filesystem_type",
+    "mounted_filesystem",
+    "DISK_BY_UUID",
     "BLOCK_SIZE",
     "DROP_BEHIND",
     "METADATA_DIR",
@@ -643,23 +647,77 @@ def hash_from_storage(
     return hash_fd(fd, view, drop_behind=True, limit=limit)
 
 
-def filesystem_type(path: str | os.PathLike[str]) -> str:
-    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo, the longest mount point
-    above its real path), e.g. ``ext4``, ``fuseblk``, ``fuse.sshfs``; '' when the table cannot be read."""
+#: Where udev names each block device's file system by its UUID (absent in many containers).
+DISK_BY_UUID = "/dev/disk/by-uuid"
+
+
+def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
+    """``(filesystem type, source, root)`` of the mount holding ``path``, as /proc/self/mountinfo writes them.
+
+    The mount is the one at the longest mount point above ``path``'s real
+    path (the last listed of equal ones: the one mounted on top). ``source``
+    and ``root`` (the folder of the source file system mounted there: ``/``,
+    or a bind mount's or btrfs subvolume's folder) keep the kernel's octal
+    escapes, so neither holds a space. None when the table cannot be read.
+    Blocking I/O: the real path is looked up on the file systems it crosses.
+    """
     try:
         with open("/proc/self/mountinfo", "rb") as handle:
             lines = handle.read().splitlines()
     except OSError:
-        return ""
+        return None
     target = os.fsencode(os.path.realpath(path))
-    best, fstype = b"", ""
+    best, found = b"", None
     for line in lines:
         left, _sep, right = line.partition(b" - ")
-        fields = left.split(b" ")
-        if len(fields) < 5 or not right:
+        fields, after = left.split(b" "), right.split(b" ")
+        if len(fields) < 5 or len(after) < 2:
             continue
         point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
         inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
         if inside and len(point) >= len(best):
-            best, fstype = point, right.split(b" ")[0].decode(errors="replace")
-    return fstype
+            best, found = point, (after[0], after[1], fields[3])
+    if found is None:
+        return None
+    return tuple(os.fsdecode(f) for f in found)  # type: ignore[return-value]
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo, the longest mount point
+    above its real path), e.g. ``ext4``, ``fuseblk``, ``fuse.sshfs``; '' when the table cannot be read."""
+    found = _mount_of(path)
+    return "" if found is None else found[0]
+
+
+def mounted_filesystem(path: str | os.PathLike[str]) -> str:
+    """What is mounted where ``path`` is: ``<type> <source> <root>`` of the mount holding it; '' when unknown.
+
+    Names the file system, not the mount point: another server (or disk)
+    mounted at the same place reads differently, so does another folder of
+    one file system bind-mounted there. A block device's source is its file
+    system's UUID when udev names it (``UUID=<uuid>``, from
+    :data:`DISK_BY_UUID`), so a disk the kernel renumbers (``/dev/sdb1`` one
+    boot, ``/dev/sdc1`` the next) reads the same; without that link, the
+    device name. Network and FUSE sources are as mounted (``nas1:/export``,
+    ``//nas1/lab``, ``lab@nas1:/srv``). Blocking I/O (see :func:`_mount_of`).
+    """
+    found = _mount_of(path)
+    if found is None:
+        return ""
+    fstype, source, root = found
+    if source.startswith("/dev/"):
+        source = _uuid_of_device(source) or source
+    return f"{fstype} {source} {root}"
+
+
+def _uuid_of_device(device: str) -> str | None:
+    """``UUID=<uuid>`` of the block device ``device`` from :data:`DISK_BY_UUID`'s links; None when none names it."""
+    try:
+        real = os.path.realpath(device)
+        with os.scandir(DISK_BY_UUID) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if os.path.realpath(entry.path) == real:
+                    return f"UUID={entry.name}"
+    except OSError:
+        return None
+    return None
