@@ -8,6 +8,7 @@ each transport that name the place.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,30 @@ def test_an_rclone_remote_edited_within_one_clock_tick_at_the_same_size_is_anoth
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     assert location_change(eq, run, verified_location=verified, remote_path="ignored") is not None
     assert rclone_conf._CACHE  # parsed once per content, not once per call
+
+
+def test_a_mount_location_names_what_is_mounted_there(tmp_path: Path) -> None:
+    """fstab pointed at a new server, the config unchanged: the mount table tells the two apart."""
+    share = tmp_path / "nas"
+    other = tmp_path / "nas02"
+    share.mkdir()
+    other.mkdir()
+    eq = _equipment(tmp_path, {"type": "mount", "mount_path": str(share)})
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    verified = run_location(eq, run)
+    subprocess.run(["mount", "--bind", str(other), str(share)], check=True)
+    try:
+        moved = location_change(eq, run, verified_location=verified, remote_path="ignored")
+        here = run_location(eq, run)
+    finally:
+        subprocess.run(["umount", str(share)], check=True)
+    assert moved == (verified, here) and here.endswith(f" {other}|{share}/PROJ/Run_1"), moved
+    assert location_change(eq, run, verified_location=verified, remote_path="ignored") is None
+
+
+def test_a_mount_location_recorded_before_mounts_were_named_counts_as_this_place(tmp_path: Path) -> None:
+    """``mount||<path>`` (an older version's): this place while the path is; another path is another place."""
+    run = tmp_path / "EQ_01" / "PROJ" / "Run_1"
+    eq = _equipment(tmp_path, BASE["mount"])
+    assert location_change(eq, run, verified_location="mount||/mnt/nas/PROJ/Run_1", remote_path="x") is None
+    assert location_change(eq, run, verified_location="mount||/mnt/old/PROJ/Run_1", remote_path="x") is not None

@@ -59,7 +59,7 @@ from exlab_wizard.sync.reaper.store import REFUSED_EVENT
 from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_message, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import location_change, run_location
+from exlab_wizard.sync.transports.base import location_change, remote_run_path, run_location
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as list_run
 
@@ -185,7 +185,7 @@ async def local_check(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentC
         return
     run = Path(job.run_path)
     try:
-        run_location(equipment, run)
+        remote_run_path(equipment, run)
     except ValueError:
         return  # no longer under its local root: its NAS place cannot be named, nothing to send it to
     if await asyncio.to_thread(cleanup_planned, ctx.require_queue(), job.id):
@@ -240,7 +240,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     run = Path(job.run_path)
     log = ctx.log(equipment)
     try:
-        run_location(equipment, run)
+        remote_run_path(equipment, run)
     except ValueError:
         # local_root changed in the config (the data moved to another disk): the NAS place of
         # this run cannot be named any more, so nothing is read or counted for it.
@@ -268,6 +268,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     # wrote nothing: a pass when the NAS copy holds none either) from no recorded manifest at all.
     verified, known = record
     recorded = data_only(verified)
+    # The place read, named before it is read (a share swapped meanwhile: recorded as the one before).
+    here = await asyncio.to_thread(run_location, equipment, run)
     try:
         remote = await ctx.remotes.access(equipment).manifest(run)
     except TransportError as exc:
@@ -290,9 +292,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
             return  # moved on meanwhile (re-queued, or cleaned): this pass counts for nothing
         if not _same_verification(fresh, job):
             return  # verified again meanwhile (a new copy): this pass read the one before
-        here = run_location(equipment, run)
         moved = location_change(
-            equipment, run, verified_location=fresh.verified_location, remote_path=fresh.remote_path
+            equipment, run, verified_location=fresh.verified_location, remote_path=fresh.remote_path, here=here
         )
         if moved is not None:
             # The configuration names another NAS than the one the passes were read at: this

@@ -63,7 +63,13 @@ from exlab_wizard.sync.recovery import (
 from exlab_wizard.sync.remote import RemoteAccess
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
-from exlab_wizard.sync.transports.base import PreviousStampTaken, location_change, previous_stamps, run_location
+from exlab_wizard.sync.transports.base import (
+    PreviousStampTaken,
+    location_change,
+    previous_stamps,
+    remote_run_path,
+    run_location,
+)
 from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner, claim_markers, ownership_error
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
@@ -532,7 +538,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
         fail(ctx, job, S.QUEUED, TransportErrorKind.LOCAL_FILE_VANISHED, f"run folder {run} is gone")
         return
     try:
-        run_location(equipment, run)
+        remote_run_path(equipment, run)
     except ValueError:
         # local_root changed in the config (the data moved to another disk): its NAS place cannot be named.
         message = (
@@ -626,7 +632,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # another's (another run's verified copy whose manifest its metadata push has not written yet),
     # and none is its to keep. What says it wrote is its claim file on the NAS, which a push writes
     # (durably) before its first file; the queue knows only of jobs from before claim files.
-    here = run_location(equipment, run)
+    here = await asyncio.to_thread(run_location, equipment, run)
     fresh = not await asyncio.to_thread(_claimed_before, queue, job, equipment, run)
     if not fresh or nas_copy is not None:
         # The folder is the run's own: the push sends .exlab-wizard/ too, and never a creation.json
@@ -966,6 +972,9 @@ async def verify_job(
             hashing = _HashingStart.now(run)
             local_hashes = metadata_push.data_only(await ctx.verifier.hash_local(run))
         ctx.progress_cb(job, "verify", 0)
+        # The place read, named before it is read: a share swapped meanwhile is recorded as the one
+        # before, which the reaper then finds is not the one mounted (and the audit verifies that one).
+        place = await asyncio.to_thread(run_location, equipment, run)
         # The remote manifest is asked for while the local files are checked for;
         # a vanished local file fails the job whatever the remote answers.
         manifest_task = asyncio.ensure_future(ctx.remotes.access(equipment).manifest(run))
@@ -986,7 +995,7 @@ async def verify_job(
         return
     checked = _judge(ctx, job, equipment, local_hashes, remote)
     if checked is not None:
-        await _promote(ctx, job, equipment, local_hashes, checked=checked, hashing=hashing)
+        await _promote(ctx, job, equipment, local_hashes, checked=checked, hashing=hashing, place=place)
 
 
 def _judge(
@@ -1043,8 +1052,12 @@ async def _promote(
     *,
     checked: int,
     hashing: _HashingStart,
+    place: str,
 ) -> None:
-    """AWAITING_VERIFY -> VERIFIED with the new manifest; then the verified stats and the metadata push it owes."""
+    """AWAITING_VERIFY -> VERIFIED with the new manifest; then the verified stats and the metadata push it owes.
+
+    ``place``: :func:`run_location` as it was when the NAS copy was read.
+    """
     queue = ctx.require_queue()
     run = Path(job.run_path)
     digest = await asyncio.to_thread(ctx.verifier.write_manifest, run, local_hashes)
@@ -1075,7 +1088,7 @@ async def _promote(
         previous_stamp=None,
         previous_kept_at=None,
         # Where the manifest just compared was read: the passes count for this place only.
-        verified_location=run_location(equipment, run),
+        verified_location=place,
     )
     ctx.log(equipment).info(run, "verified", job=job.id, files=checked, manifest_digest=digest)
     ctx.notify_state(job)

@@ -284,7 +284,9 @@ async def try_push(
     """
     run = Path(job.run_path)
     try:
-        moved = location_change(equipment, run, verified_location=job.verified_location, remote_path=job.remote_path)
+        moved = await asyncio.to_thread(
+            location_change, equipment, run, verified_location=job.verified_location, remote_path=job.remote_path
+        )
         if moved is not None:
             refused = await _not_ours_there(ctx, job, equipment, moved)
             if refused is not None:

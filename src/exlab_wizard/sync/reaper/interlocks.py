@@ -85,8 +85,13 @@ class InterlockFacts:
         bytes). A NAS keeps mtimes to its own precision (FAT 2 s, whole
         seconds as rsync lists them): :data:`COPY_TIME_SLACK_NS` either way.
         """
-        moved = self._moved(job)
+        # What is at the place now (for mount: what is mounted there, read from the mount table right
+        # before the listing) against where the passes were read.
+        moved = await asyncio.to_thread(self._moved, job)
         if moved is not None:
+            if not await self._reachable(job):
+                # A share unmounted since interlock 1: the bare mount point is not another NAS.
+                return policy.RemoteCheck(refusal="remote unreachable", refusal_code=CleanupCode.REMOTE_UNREACHABLE)
             return policy.RemoteCheck(refusal=moved, refusal_code=CleanupCode.NAS_LOCATION_CHANGED)
         if self.remote_listing is None:
             return policy.RemoteCheck(
@@ -228,8 +233,9 @@ class InterlockFacts:
         """Why the NAS the configuration names now is not where the job's copy was verified; None when it is.
 
         Passes read at one place vouch for nothing at another: after the
-        equipment's share, host or remote path changed in the config, the
-        listing would be of a copy nobody hashed. The audit verifies the run
+        equipment's share, host or remote path changed in the config (or, for
+        mount, another file system was mounted at the mount path), the
+        listing would be of a copy nobody hashed. Blocking I/O (the mount table). The audit verifies the run
         at the new place (its pass there counts as the first), and only then
         may the reaper go on. A job verified before locations were recorded
         is judged by its remote path alone.
@@ -248,7 +254,8 @@ class InterlockFacts:
             return None
         return (
             f"NAS location changed since the verification (verified at {moved[0]}, the configuration now names"
-            f" {moved[1]}): the audit verifies the run there before anything is deleted"
+            f" {moved[1]}; for mount: what is mounted there): the audit verifies the run there before anything is"
+            " deleted"
         )
 
     def _overrides(self, job: SyncJobRow, now: dt.datetime) -> tuple[tuple[str, ...], str | None]:

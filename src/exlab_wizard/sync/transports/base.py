@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from exlab_wizard.config.models import EquipmentConfig
-from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.fileio import METADATA_DIR, mounted_filesystem
 from exlab_wizard.sync.failures import FailureKind as F
 from exlab_wizard.sync.policy.bandwidth import follow_time_zone
 from exlab_wizard.sync.transports.rclone_conf import remote_digest
@@ -228,6 +228,12 @@ def run_location(equipment: EquipmentConfig, run_path: Path) -> str:
     it read (the job's ``verified_location``); the reaper deletes nothing on
     the strength of passes read somewhere else. ``ValueError`` as
     :func:`remote_relpath`.
+
+    Mount: no setting names the server, so the place is what is mounted at
+    ``mount_path`` now (:func:`~exlab_wizard.fileio.mounted_filesystem`: its
+    type, source and root), read from the mount table: another NAS mounted
+    there (fstab pointed at a new server) is another place. Blocking I/O
+    for mount (the mount path's real path is looked up): call it in a thread.
     """
     transport = equipment.transport
     if transport.type == "rsync_ssh":
@@ -236,31 +242,43 @@ def run_location(equipment: EquipmentConfig, run_path: Path) -> str:
         # The remote's definition too: a lab moves to a new NAS by editing the remote in rclone.conf.
         server = f"{transport.rclone_config or ''}#{remote_digest(transport.rclone_config, transport.rclone_remote)}"
     else:
-        server = ""
+        # What is mounted there: a lab moves to a new NAS by pointing fstab at it, the config unchanged.
+        server = mounted_filesystem(transport.mount_path)
     return f"{transport.type}|{server}|{remote_run_path(equipment, run_path)}"
 
 
-def _location_before_remote_digests(equipment: EquipmentConfig, run_path: Path) -> str | None:
-    """An rclone run's location as recorded before it named the remote's definition (None: not rclone)."""
+def _location_before_servers(equipment: EquipmentConfig, run_path: Path) -> str | None:
+    """The run's location as recorded before it named the server (an rclone remote's definition, what is
+    mounted at a mount path), by the settings alone; None for rsync_ssh, which always named it."""
     transport = equipment.transport
-    if transport.type != "rclone":
-        return None
-    return f"rclone|{transport.rclone_config or ''}|{remote_run_path(equipment, run_path)}"
+    if transport.type == "rclone":
+        return f"rclone|{transport.rclone_config or ''}|{remote_run_path(equipment, run_path)}"
+    if transport.type == "mount":
+        return f"mount||{remote_run_path(equipment, run_path)}"
+    return None
 
 
 def location_change(
-    equipment: EquipmentConfig, run_path: Path, *, verified_location: str | None, remote_path: str
+    equipment: EquipmentConfig,
+    run_path: Path,
+    *,
+    verified_location: str | None,
+    remote_path: str,
+    here: str | None = None,
 ) -> tuple[str, str] | None:
     """``(where the copy was verified, where the configuration now names)`` when they differ, else None.
 
-    A job verified before locations were recorded (``verified_location``
-    None) is judged by its ``remote_path`` alone. ``ValueError`` as
-    :func:`remote_relpath`.
+    ``here``: :func:`run_location` as the caller read it already (read here
+    otherwise: blocking I/O for mount). A job verified before locations were
+    recorded (``verified_location`` None) is judged by its ``remote_path``
+    alone; one recorded before locations named the server (an older
+    version's rclone or mount location) by the settings and path, as then.
+    ``ValueError`` as :func:`remote_relpath`.
     """
     if verified_location is not None:
-        was, now = verified_location, run_location(equipment, run_path)
-        if was == _location_before_remote_digests(equipment, run_path):
-            return None  # recorded before definitions were: judged by the config file and path, as then
+        if verified_location == _location_before_servers(equipment, run_path):
+            return None  # recorded before servers were: judged by the settings and path, as then
+        was, now = verified_location, run_location(equipment, run_path) if here is None else here
     else:
         was, now = remote_path, remote_run_path(equipment, run_path)
     return None if was == now else (was, now)
