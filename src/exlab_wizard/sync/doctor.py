@@ -124,7 +124,7 @@ async def run_checks(config: Config, *, now: dt.datetime | None = None) -> list[
         found = [_local_root(equipment)]
         transport = equipment.transport
         if isinstance(transport, MountTransportConfig):
-            found += _mount(transport)
+            found += _mount(equipment, transport)
         elif isinstance(transport, RsyncSshTransportConfig):
             found += await _rsync_ssh(equipment, transport)
         elif isinstance(transport, RcloneTransportConfig):
@@ -216,7 +216,7 @@ def _local_root(equipment: EquipmentConfig) -> Check:
     return Check("local_root", True, f"{root} is readable ({count} entries)")
 
 
-def _mount(cfg: MountTransportConfig) -> list[Check]:
+def _mount(equipment: EquipmentConfig, cfg: MountTransportConfig) -> list[Check]:
     mount = Path(cfg.mount_path)
     if not mount.is_dir():
         return [
@@ -245,7 +245,10 @@ def _mount(cfg: MountTransportConfig) -> list[Check]:
             "; warning: an sshfs mount answers listings from its cache for up to 20 s unless mounted with "
             "-o cache=no (the cleanup asks the server itself; audits and resumes see the NAS late)"
         )
-    checks = [Check("mount_path", True, found), Check("mount_marker", True, f"{marker} is present")]
+    checks = [
+        Check("mount_path", True, found),
+        Check("mount_marker", True, f"{marker} is present{_same_disk(equipment, mount)}"),
+    ]
     checks.append(_probe_write(mount))
     try:
         free = shutil.disk_usage(mount).free
@@ -264,6 +267,25 @@ def _mount(cfg: MountTransportConfig) -> list[Check]:
         )
     )
     return checks
+
+
+def _same_disk(equipment: EquipmentConfig, mount: Path) -> str:
+    """A warning when ``mount`` is on the file system of the equipment's own folder; '' otherwise (or unknown).
+
+    A marker touched in the bare mount point while the share was not
+    mounted passes every other check: the engine would sync onto the
+    instrument's own disk, and ``free_space`` report that disk.
+    """
+    try:
+        same = os.stat(mount).st_dev == os.stat(equipment.equipment_root).st_dev
+    except OSError:
+        return ""
+    if not same:
+        return ""
+    return (
+        f"; warning: {mount} is on the same file system as {equipment.equipment_root} (the instrument's own disk, "
+        "not a share: a marker made while the share was not mounted?); free_space below is that disk's"
+    )
 
 
 def _probe_write(folder: Path) -> Check:
