@@ -105,7 +105,7 @@ def test_a_marker_the_service_may_not_read_is_not_a_share_gone(place: Path) -> N
 
     def look() -> dict:
         transport = MountTransport(equipment, log=EquipmentLog(equipment))
-        checks = doctor._mount(equipment.transport)
+        checks = doctor._mount(equipment, equipment.transport)
         return {
             "mounted": transport._mounted(),
             "doctor": {c.name: [c.ok, c.detail] for c in checks if c.name == "mount_marker"},
