@@ -43,6 +43,7 @@ __all__ = [
     "MountTransportConfig",
     "RcloneTransportConfig",
     "RsyncSshTransportConfig",
+    "RunOutsideRoots",
     "SyncConfig",
     "TransportConfig",
     "ValidatorConfig",
@@ -435,6 +436,23 @@ def _overlap(one: tuple[str, str], other: tuple[str, str]) -> str | None:
     return None
 
 
+class RunOutsideRoots(ValueError):
+    """A run path not inside one equipment's ``<local_root>/<id>`` both as written and with its links resolved.
+
+    ``kind``: ``"outside_roots"`` (as written, under no equipment's folder) or
+    ``"linked_away"`` (under one equipment's folder as written, but a symbolic
+    link in it leads into another equipment's folder or out of every one).
+    """
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _strictly_inside(inner: str, outer: str) -> bool:
+    return inner != outer and _inside(inner, outer)
+
+
 def _default_state_dir() -> Path:
     return Path(os.path.expanduser("~/.local/state/exlab-wizard"))
 
@@ -530,6 +548,47 @@ class Config(_Model):
             if run != root and run.is_relative_to(root):
                 return equipment
         return None
+
+    def equipment_holding(self, run_path: Path | str) -> tuple[Path, EquipmentConfig]:
+        """The run (absolute, as written) and the equipment whose ``<local_root>/<id>`` holds it, links resolved too.
+
+        The one check of the CLI, the API, the watcher and the workers: a path
+        is a run of an equipment only when it lies inside that equipment's
+        folder both as written and once every symbolic link in it is resolved
+        (a link at the equipment folder itself is followed on both sides, so a
+        data disk linked in as ``<local_root>/<id>`` is fine). Raises
+        :class:`RunOutsideRoots` otherwise, naming both places.
+        """
+        written = os.path.abspath(run_path)
+        equipment = self.equipment_for_run(Path(written))
+        if equipment is None:
+            raise RunOutsideRoots(
+                f"{written} is not under any configured equipment's <local_root>/<id>", "outside_roots"
+            )
+        try:
+            real = os.path.realpath(written)
+        except (OSError, ValueError):
+            real = None
+        if real is not None and _strictly_inside(real, _spellings(equipment.equipment_root)[1]):
+            return Path(written), equipment
+        other = next(
+            (
+                eq
+                for eq in self.equipment
+                if real is not None and _strictly_inside(real, _spellings(eq.equipment_root)[1])
+            ),
+            None,
+        )
+        where = (
+            f"inside {other.id}'s folder {other.equipment_root}: it is {other.id}'s, enqueue it as {real}"
+            if other is not None
+            else "outside every equipment's folder"
+        )
+        raise RunOutsideRoots(
+            f"{written} is under {equipment.id}'s folder {equipment.equipment_root} as written, but a symbolic"
+            f" link on the way leads to {real or '(a path that cannot be resolved)'}, {where}",
+            "linked_away",
+        )
 
     @property
     def queue_db(self) -> Path:

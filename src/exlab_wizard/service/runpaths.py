@@ -7,6 +7,7 @@ points out of the lab's folders never lets the API touch what it points at.
 A path the file system refuses to look at (a segment longer than 255 bytes,
 a loop of links, a folder that may not be searched) is refused the same way:
 its links cannot be resolved, so it cannot be shown to be inside a root.
+The root check is :meth:`Config.equipment_holding`, the one ``enqueue`` makes.
 A path that does not exist is let through: the routes answer 422 (not a run).
 """
 
@@ -16,17 +17,13 @@ import errno
 import os
 from pathlib import Path
 
-from exlab_wizard.config.models import Config, EquipmentConfig
+from exlab_wizard.config.models import Config, EquipmentConfig, RunOutsideRoots
 
 __all__ = ["OutsideRoots", "resolve_run_path"]
 
 
 class OutsideRoots(ValueError):
     """The path is not inside any configured equipment root."""
-
-
-def _inside(path: str, root: str) -> bool:
-    return path != root and path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 #: What ``lstat`` says of a path that is only absent (the routes answer 422: not a run folder).
@@ -51,10 +48,9 @@ def resolve_run_path(config: Config, text: str) -> tuple[Path, EquipmentConfig]:
     if ".." in Path(text).parts:
         raise OutsideRoots(f"{text!r} holds a '..' segment")
     written = os.path.normpath(text)
-    real = os.path.realpath(written)
-    for equipment in config.equipment:
-        root = os.path.abspath(equipment.equipment_root)
-        if _inside(written, root) and _inside(real, os.path.realpath(root)):
-            _lookable(written, text)
-            return Path(written), equipment
-    raise OutsideRoots(f"{text} is not inside any configured equipment's <local_root>/<id> (links resolved)")
+    try:
+        _, equipment = config.equipment_holding(written)  # the one check the CLI and the workers make too
+    except RunOutsideRoots as exc:
+        raise OutsideRoots(str(exc)) from None
+    _lookable(written, text)
+    return Path(written), equipment

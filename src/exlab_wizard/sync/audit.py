@@ -35,7 +35,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.config.models import EquipmentConfig, RunOutsideRoots
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
@@ -188,6 +188,10 @@ async def local_check(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentC
         remote_run_path(equipment, run)
     except ValueError:
         return  # no longer under its local root: its NAS place cannot be named, nothing to send it to
+    try:
+        await asyncio.to_thread(ctx.config.equipment_holding, run)
+    except RunOutsideRoots:
+        return  # a link on the way leads into another equipment's folder: those files are not this run's
     if await asyncio.to_thread(cleanup_planned, ctx.require_queue(), job.id):
         return  # the reaper has planned (or done) the deletion: the run is its to finish
     if not await asyncio.to_thread(os.path.isdir, run):
@@ -245,6 +249,12 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         # local_root changed in the config (the data moved to another disk): the NAS place of
         # this run cannot be named any more, so nothing is read or counted for it.
         _note(ctx, job, "audit_skipped", f"the run is no longer under equipment {equipment.id}'s local root")
+        return
+    try:
+        await asyncio.to_thread(ctx.config.equipment_holding, run)
+    except RunOutsideRoots as exc:
+        # The files reached through the link are another equipment's: never hashed, sent or counted as this run's.
+        _note(ctx, job, "audit_skipped", str(exc))
         return
     deleted_at = await asyncio.to_thread(local_data_deleted_at, queue, job.id)
     if deleted_at is not None:

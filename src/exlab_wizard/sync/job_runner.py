@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.config.models import EquipmentConfig, RunOutsideRoots
 from exlab_wizard.fileio import METADATA_DIR, is_data_path
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync import metadata_push
@@ -546,6 +546,12 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
             f"where it lies now, or put the old local_root back and `exlab-sync retry {job.id}`"
         )
         fail(ctx, job, S.QUEUED, TransportErrorKind.UNKNOWN, message)
+        return
+    try:
+        await asyncio.to_thread(ctx.config.equipment_holding, run)
+    except RunOutsideRoots as exc:
+        # A link on the way now leads into another equipment's folder (or out of all): its files are not this run's.
+        fail(ctx, job, S.QUEUED, TransportErrorKind.UNKNOWN, f"{exc}; nothing sent")
         return
     result = await asyncio.to_thread(gate_mod.check_run, run, validator=ctx.validator, writer=ctx.cache)
     if not result.eligible:

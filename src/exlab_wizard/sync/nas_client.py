@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from exlab_wizard.cache import CreationWriter
-from exlab_wizard.config.models import Config, EquipmentConfig
+from exlab_wizard.config.models import Config, EquipmentConfig, RunOutsideRoots
 from exlab_wizard.sync import audit, job_runner, metadata_push, recovery
 from exlab_wizard.sync import gate as gate_mod
 from exlab_wizard.sync.context import ClientContext, TransferProgress
@@ -90,7 +90,12 @@ S = SyncJobState
 
 
 class EnqueueError(ValueError):
-    """The path cannot be enqueued (not a folder, not under any equipment)."""
+    """The path cannot be enqueued; ``kind``: ``"not_a_run"`` (not a folder), or a
+    :class:`~exlab_wizard.config.models.RunOutsideRoots` kind (``"outside_roots"``, ``"linked_away"``)."""
+
+    def __init__(self, message: str, kind: str = "not_a_run"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -334,14 +339,15 @@ class NASSyncClient:
     def run_folder(self, run_path: Path | str) -> tuple[Path, EquipmentConfig]:
         """The run (absolute) and its equipment; :class:`EnqueueError` when it cannot be one.
 
-        The path must lie under a configured equipment's ``<local_root>/<id>``
-        and be a folder (not a symbolic link). Reads no queue; what
+        The path must lie under a configured equipment's ``<local_root>/<id>``,
+        as written and with its links resolved (:meth:`Config.equipment_holding`,
+        the API's check too), and be a folder (not a symbolic link). Reads no queue; what
         :meth:`enqueue` checks before the gate runs.
         """
-        run = Path(os.path.abspath(run_path))
-        equipment = self.config.equipment_for_run(run)
-        if equipment is None:
-            raise EnqueueError(f"{run} is not under any configured equipment's <local_root>/<id>")
+        try:
+            run, equipment = self.config.equipment_holding(run_path)
+        except RunOutsideRoots as exc:
+            raise EnqueueError(str(exc), exc.kind) from None
         if not run.is_dir() or run.is_symlink():
             raise EnqueueError(f"{run} is not a run folder")
         return run, equipment

@@ -54,6 +54,7 @@ from typing import Any
 
 from exlab_wizard.cache.atomic import CacheError, read_regular_file
 from exlab_wizard.config import EquipmentConfig
+from exlab_wizard.config.models import RunOutsideRoots
 from exlab_wizard.fileio import METADATA_DIR, fsync_dir, hash_file, is_data_path
 from exlab_wizard.sync.context import ClientContext
 from exlab_wizard.sync.failures import FailureKind
@@ -186,7 +187,8 @@ class RestoreError(Exception):
     flight, or another restore of the run), ``cleaned`` (the local files were deleted once verified: the
     message names the NAS copy to copy back from), ``unreachable`` (the NAS cannot be reached now), ``mount_point``
     (a folder is mounted inside the run: its files are another folder's, never
-    written through).
+    written through), ``linked_away`` (a symbolic link on the run's path leads
+    into another equipment's folder or out of every one: never written through).
     """
 
     def __init__(self, kind: str, message: str):
@@ -912,6 +914,10 @@ async def _put_back_deleted(ctx: ClientContext, job: SyncJobRow) -> None:
     mounted = await asyncio.to_thread(mount_refusal, run)
     if mounted is not None:
         raise RunIncompleteError(job.id, job.run_path, f"{why}: {mounted}")
+    try:
+        await asyncio.to_thread(ctx.config.equipment_holding, run)
+    except RunOutsideRoots as exc:
+        raise RunIncompleteError(job.id, job.run_path, f"{why}: {exc}") from None
     if not await ctx.remotes.reachable(job):
         raise RunIncompleteError(job.id, job.run_path, f"{why} now: the NAS is not reachable")
     try:
@@ -956,6 +962,10 @@ async def restore(ctx: ClientContext, run: Path, *, progress: Callable[[int], No
     mounted = await asyncio.to_thread(mount_refusal, run)
     if mounted is not None:
         raise RestoreError("mount_point", f"{run}: {mounted}; nothing restored")
+    try:
+        await asyncio.to_thread(ctx.config.equipment_holding, run)
+    except RunOutsideRoots as exc:
+        raise RestoreError("linked_away", f"{exc}; nothing restored") from None
     damaged, missing = await asyncio.to_thread(_to_restore, queue, job)
     restored: tuple[str, ...] = ()
     refused: dict[str, str] = {}

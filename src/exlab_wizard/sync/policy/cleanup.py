@@ -123,6 +123,7 @@ class CleanupCode(StrEnum):
     # -- interlock 6: the local run could not be checked --
     RUN_MISSING = "run_missing"
     RUN_SYMLINK = "run_symlink"
+    RUN_LINKED_AWAY = "run_linked_away"  # a symbolic link on the run's path leads out of its equipment's folder
     RUN_HOLDS_MOUNT = "run_holds_mount"  # a folder mounted inside the run: its files are someone else's
     RUN_UNOPENABLE = "run_unopenable"
     LOCAL_UNREADABLE = "local_unreadable"

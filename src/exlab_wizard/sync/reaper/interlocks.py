@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from exlab_wizard.config.models import RunOutsideRoots
 from exlab_wizard.sync.manifest_format import ManifestFormatError, has_digest, read_manifest_and_digest
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision, CleanupFacts, LocalCheck
@@ -276,6 +277,11 @@ class InterlockFacts:
         run = Path(job.run_path)
         if os.path.islink(run):
             return _refused("run folder is a symlink", CleanupCode.RUN_SYMLINK)
+        try:
+            self.config.equipment_holding(run)
+        except RunOutsideRoots as exc:
+            # A link on the way leads into another equipment's folder (or out of all): never delete through it.
+            return _refused(str(exc), CleanupCode.RUN_LINKED_AWAY)
         try:
             recorded = read_manifest_and_digest(run)
         except ManifestFormatError as exc:
