@@ -102,6 +102,11 @@ class ServiceContext:
     #: Recorded as ``operator`` of an override when the request names none.
     operator: str = dataclasses.field(default_factory=lambda: f"{getpass.getuser()} (api)")
 
+    def local_root_missing(self, equipment_id: str) -> bool | None:
+        """Whether the watcher's last pass found the equipment's ``<local_root>/<id>`` missing (None: no watcher)."""
+        missing = getattr(self.watcher, "missing_roots", None)
+        return None if missing is None else equipment_id in missing()
+
     def __post_init__(self) -> None:
         if self.validator is None:
             self.validator = Validator(self.config.validator)
@@ -551,6 +556,7 @@ def _equipment_cards(ctx: ServiceContext) -> list[dict[str, Any]]:
                 "bwlimit_next_change": shapes.iso(change),
                 "jobs": counts[eq.id],
                 "bytes_reclaimable": ctx.facts.reclaimable.get(eq.id, 0),
+                "local_root_missing": ctx.local_root_missing(eq.id),
             }
         )
     return cards

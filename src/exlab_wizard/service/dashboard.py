@@ -384,6 +384,7 @@ def _equipment_cards(
                 "waiting_bytes": waiting.get(eq.id, 0),
                 "waiting_runs": waiting_runs.get(eq.id, 0),
                 "reclaimable_bytes": ctx.facts.reclaimable.get(eq.id, 0),
+                "local_root_missing": ctx.local_root_missing(eq.id),
             }
         )
     return cards

@@ -13,7 +13,8 @@ Read-only functions, each cheap enough for where it is used:
 - :func:`fingerprint` digests what the Pre-Sync Gate looks at in a run (a
   walk of its tree), so a blocked run is gated again only when it changed.
 
-None of them follows a symbolic link or opens anything but a regular file.
+None of them follows a symbolic link below the equipment folder (which may
+itself be a link to a data disk) or opens anything but a regular file.
 """
 
 from __future__ import annotations
@@ -91,12 +92,15 @@ def list_runs(equipment_root: Path | str) -> RunListing:
     other folders for runs declared by their creation.json: it lists exactly
     three levels (projects, mode folders, runs), so a pass costs one listing
     per project and mode folder whatever lies elsewhere under the root.
-    Symbolic links (to a project, a mode folder or a run) are never followed.
+    Symbolic links (to a project, a mode folder or a run) are never followed;
+    ``equipment_root`` itself may be one (to the instrument's data disk).
     """
     root = os.path.abspath(os.fspath(equipment_root))
     listing = RunListing()
     try:
-        if not stat.S_ISDIR(os.lstat(root).st_mode):
+        # A link at the equipment folder itself is followed (a data disk linked in as <local_root>/<id>),
+        # as the config loader, enqueue and the reaper follow it; never one below it.
+        if not stat.S_ISDIR(os.stat(root).st_mode):
             listing.root_missing = True
             return listing
     except OSError:

@@ -198,6 +198,7 @@ class CompletionWatcher:
         self._waiting: dict[str, IncompleteRun] = {}
         self._listeners: list[Listener] = []
         self._logs: dict[str, EquipmentLog] = {}
+        self._missing: dict[str, str] = {}  # equipment id -> its folder, while the last pass found it missing
         self._pass_lock = asyncio.Lock()
         # Part of every fingerprint: other validator settings may unblock a run.
         self._gate_settings = {"validator": config.validator.model_dump(mode="json")}
@@ -221,6 +222,13 @@ class CompletionWatcher:
             for path, row in sorted(self._known.items())
             if row.status == BLOCKED and path not in self._waiting and row.equipment_id in watched
         ]
+
+    def missing_roots(self) -> dict[str, str]:
+        """Equipment whose ``<local_root>/<id>`` the last pass found absent or not a folder: id -> that folder.
+
+        Their runs are not scanned (an unmounted disk is not an empty one) until the folder is back.
+        """
+        return dict(self._missing)
 
     def incomplete(self) -> list[IncompleteRun]:
         """Runs waiting for their completeness signal (as of the last pass), sorted by path."""
@@ -279,7 +287,17 @@ class CompletionWatcher:
         listing = await asyncio.to_thread(list_runs, equipment.equipment_root)
         if listing.root_missing:
             report.skipped_equipment.append(equipment.id)
+            if equipment.id not in self._missing:  # said once, not at every pass
+                logger.warning(
+                    "completion watcher: %s's folder %s is missing or not a folder (a disk not mounted?): "
+                    "its runs are not scanned until it is back",
+                    equipment.id,
+                    equipment.equipment_root,
+                )
+                self._missing[equipment.id] = str(equipment.equipment_root)
             return
+        if self._missing.pop(equipment.id, None) is not None:
+            logger.info("completion watcher: %s's folder %s is back", equipment.id, equipment.equipment_root)
         self._forget_gone(equipment, listing, report)
         report.runs_seen += len(listing.runs)
         adopted: list[WatchedRun] = []
