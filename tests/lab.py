@@ -639,6 +639,7 @@ def rsync_equipment(
     key: Path | None = None,
     known_hosts: Path | None = None,
     bandwidth: dict | None = None,
+    remote_marker: str | None = None,
 ) -> EquipmentConfig:
     """``CONFOCAL_01`` (local root ``tmp_path/lab``) on rsync_ssh to the loopback sshd."""
     transport = {
@@ -651,6 +652,8 @@ def rsync_equipment(
     }
     if bandwidth is not None:
         transport["bandwidth"] = bandwidth
+    if remote_marker is not None:
+        transport["remote_marker"] = remote_marker
     return EquipmentConfig.model_validate({"id": EQ, "local_root": str(tmp_path / "lab"), "transport": transport})
 
 

@@ -181,6 +181,12 @@ class BandwidthConfig(_Model):
         return () if value is None else value
 
 
+def _marker_name(value: str, inside: str) -> str:
+    if not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"must be a plain file name inside {inside}")
+    return value
+
+
 class _TransportBase(_Model):
     bandwidth: BandwidthConfig = BandwidthConfig()
 
@@ -220,9 +226,7 @@ class MountTransportConfig(_TransportBase):
     @field_validator("mount_marker")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        if not value or "/" in value or value in (".", ".."):
-            raise ValueError("must be a plain file name inside mount_path")
-        return value
+        return _marker_name(value, "mount_path")
 
     @property
     def remote_root(self) -> str:
@@ -238,6 +242,9 @@ class RsyncSshTransportConfig(_TransportBase):
     ssh_port: int = Field(default=22, ge=1, le=65535)
     remote_path: str
     ssh_known_hosts: Path | None = None
+    #: optional: a file that must exist in ``remote_path`` (proves the NAS volume is mounted),
+    #: as ``mount_marker``; None: only a missing ``remote_path`` reads as unreachable
+    remote_marker: str | None = None
 
     _expand = field_validator("ssh_key_path", "ssh_known_hosts", mode="before")(expand_path)
 
@@ -247,6 +254,11 @@ class RsyncSshTransportConfig(_TransportBase):
         if not re.fullmatch(r"[A-Za-z0-9._][A-Za-z0-9._-]*@[A-Za-z0-9.:\[\]_-]+", value):
             raise ValueError(f"{value!r} is not user@host")
         return value
+
+    @field_validator("remote_marker")
+    @classmethod
+    def _marker(cls, value: str | None) -> str | None:
+        return None if value is None else _marker_name(value, "remote_path")
 
     @field_validator("remote_path")
     @classmethod
@@ -267,8 +279,15 @@ class RcloneTransportConfig(_TransportBase):
     rclone_remote: str
     rclone_remote_path: str = ""
     rclone_config: Path | None = None
+    #: optional, as rsync_ssh's ``remote_marker``: a file that must exist in ``rclone_remote_path``
+    remote_marker: str | None = None
 
     _expand = field_validator("rclone_config", mode="before")(expand_path)
+
+    @field_validator("remote_marker")
+    @classmethod
+    def _marker(cls, value: str | None) -> str | None:
+        return None if value is None else _marker_name(value, "rclone_remote_path")
 
     @field_validator("rclone_remote")
     @classmethod

@@ -5,7 +5,9 @@ name survives); a file that is not in the run, not under ``.exlab-wizard/`` and
 not rclone's own ``<name>.<8 hex>.partial`` leftover is someone else's data and
 the push raises ``REMOTE_CONFLICT`` without writing. A run folder not there
 yet is written only once the remote root answers (rclone would create the
-root too: see :meth:`RcloneTransport._require_root`). Then ``rclone copy
+root too: see :meth:`RcloneTransport._require_root`); with ``remote_marker``
+set, nothing is written or trusted unless that file is in the root
+(:meth:`RcloneTransport._require_marker`). Then ``rclone copy
 --files-from0`` of exactly the files the push listed, which are hashed here
 beside the transfer (``hashes_while_sending``): a file the run gains during
 the push is neither sent nor hashed, and the audit finds it added. rclone
@@ -117,10 +119,12 @@ __all__ = [
     "encode_name",
     "list_sizes",
     "list_stats",
+    "marker_present",
     "rclone_binary",
     "rclone_can_name",
     "rclone_text",
     "sftp_connection_string",
+    "stat_listing",
 ]
 
 K = TransportErrorKind
@@ -312,6 +316,24 @@ async def _root_exists(base: list[str], root_fs: str, *, log: EquipmentLog | Non
     return (await _root_listing(base, root_fs, log=log, run_path=run_path)).returncode == 0
 
 
+async def stat_listing(
+    base: list[str], path_fs: str, *, log: EquipmentLog | None = None, run_path: object = None
+) -> ToolResult:
+    """``lsjson --stat`` of one entry (a marker file): exit 0 when it is there, 3 or 4 when it is not."""
+    argv = [*base, *_PROBE_FLAGS, "lsjson", "--stat", "--no-mimetype", "--", path_fs]
+    return await run_tool(argv, timeout=60, log=log, run_path=run_path, step="marker_check", quiet=True)
+
+
+async def marker_present(base: list[str], path_fs: str, *, log: EquipmentLog, run_path: object) -> bool:
+    """Is the entry at ``path_fs`` there? False when the remote says it is not; other failures raise."""
+    result = await stat_listing(base, path_fs, log=log, run_path=run_path)
+    if result.returncode in (3, 4):  # directory not found, file not found
+        return False
+    if result.returncode != 0:
+        raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"looking up {path_fs}")
+    return True
+
+
 async def _hashsum(
     base: list[str],
     fs: str,
@@ -446,6 +468,30 @@ class RcloneTransport(Transport):
         root = self.config.remote_root.rstrip("/")
         sep = "" if root.endswith(":") else "/"
         return f"{root}{sep}{encode_name(remote_relpath(self.equipment, run_path).as_posix())}"
+
+    def _marker_fs(self) -> str | None:
+        """``<root>/<remote_marker>`` in rclone's notation; None when no marker is configured."""
+        if self.config.remote_marker is None:
+            return None
+        root = self.config.remote_root.rstrip("/")
+        return f"{root}{'' if root.endswith(':') else '/'}{encode_name(self.config.remote_marker)}"
+
+    async def _require_marker(self, run_path: object) -> None:
+        """``NETWORK`` unless ``remote_marker`` (when configured) is in the remote root.
+
+        As the mount transport's ``mount_marker``: a root that is the NAS data
+        volume's own mount point is there, empty, while the volume is not
+        mounted; only the marker touched on the mounted volume tells them apart.
+        Checked before anything is written, and after every look at the NAS
+        (listing, manifest), so that a look at a bare mount point is never
+        taken for an empty NAS. Never created here.
+        """
+        marker = self._marker_fs()
+        if marker is not None and not await marker_present(self._base(), marker, log=self.log, run_path=run_path):
+            raise TransportError(
+                K.NETWORK,
+                f"remote unreachable: {self.config.remote_root} is not mounted (no {self.config.remote_marker})",
+            )
 
     def _base(self) -> list[str]:
         argv = [self._rclone or rclone_binary()]
@@ -611,6 +657,7 @@ class RcloneTransport(Transport):
             # (does it fold letter case?), and the verify pass next (does it hash SHA-256?).
             probing = asyncio.ensure_future(self.probe(run_path))
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await self._require_marker(run_path)  # before the listing the push trusts, and any write
         listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step="conflict_check")
         if listed.returncode == 3:
             await self._require_root(run_path)  # the copy below would create a missing root
@@ -753,6 +800,7 @@ class RcloneTransport(Transport):
         run_path, source = local_metadata_folder(run_path)
         fs = f"{self._fs(run_path)}/{METADATA_DIR}"
         await self._require_root(run_path)
+        await self._require_marker(run_path)
         stats = _Stats(None)
         argv = [
             *self._base(),
@@ -838,6 +886,11 @@ class RcloneTransport(Transport):
     # ------------------------------------------------------- remote manifest
 
     async def remote_manifest(self, run_path: Path) -> RemoteManifest:
+        manifest = await self._remote_manifest(run_path)
+        await self._require_marker(run_path)  # hashes of a bare mount point are no NAS copy
+        return manifest
+
+    async def _remote_manifest(self, run_path: Path) -> RemoteManifest:
         fs = self._fs(Path(os.path.abspath(run_path)))
         # sftp: a symlink on the NAS is never hashed as a file of the run (rclone follows links
         # by default); it then shows as missing, and the re-send replaces it with the run's file.
@@ -921,21 +974,25 @@ class RcloneTransport(Transport):
         """
         fs = self._fs(Path(os.path.abspath(run_path)))
         try:
-            return await list_sizes(
+            sizes = await list_sizes(
                 self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path
             )
         except TransportError as error:
             raise await self._explained(error, run_path) from None
+        await self._require_marker(run_path)  # a listing of a bare mount point is no empty NAS
+        return sizes
 
     async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
         """As :meth:`remote_listing`, each file with the modification time rclone lists (the backend's precision)."""
         fs = self._fs(Path(os.path.abspath(run_path)))
         try:
-            return await list_stats(
+            stats = await list_stats(
                 self._base() + _COMMON, fs, self.config.remote_root, log=self.log, run_path=run_path
             )
         except TransportError as error:
             raise await self._explained(error, run_path) from None
+        await self._require_marker(run_path)  # a listing of a bare mount point is no empty NAS
+        return stats
 
     # ------------------------------------------------------- fetch, keep previous
 
@@ -944,10 +1001,12 @@ class RcloneTransport(Transport):
         listed = await _lsjson(self._base() + _COMMON, fs, log=self.log, run_path=run_path, step=step)
         if listed.returncode == 3:
             if await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path):
+                await self._require_marker(run_path)
                 return {}
             raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} is not reachable")
         if listed.returncode != 0:
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
+        await self._require_marker(run_path)  # before a fetch or a move trusts the listing
         return _listing(listed.stdout)
 
     async def fetch(self, run_path: Path, paths: Collection[str], into: Path) -> dict[str, Path]:
@@ -1033,7 +1092,7 @@ class RcloneTransport(Transport):
     # ------------------------------------------------------------- reachable
 
     async def reachable(self, run_path: Path) -> bool:
-        """Is the remote root there? Never raises.
+        """Is the remote root there (its ``remote_marker``, when one is configured)? Never raises.
 
         Called per job on every reaper and audit pass, and by the service's
         metrics: a failing probe is written to the equipment log once, then
@@ -1041,8 +1100,12 @@ class RcloneTransport(Transport):
         (``QUIET_REPEAT_S``), and once more after a success (the callers
         record the wait).
         """
+        marker = self._marker_fs()
         try:
-            result = await _root_listing(self._base(), self.config.remote_root)
+            if marker is not None:  # the marker answers for the root too
+                result = await stat_listing(self._base(), marker)
+            else:
+                result = await _root_listing(self._base(), self.config.remote_root)
         except (OSError, TransportError):
             return False
         if new_failure(self.log, self.config.remote_root, "reachable", result):

@@ -19,7 +19,10 @@ Every remote path is given to rsync with its wildcard characters bracketed
 destination alike.
 The run folder and its parents are created below the remote root only, never
 the root itself (see :meth:`RsyncSshTransport._make_run_folder`): a missing
-root is a NAS volume not mounted, ``NETWORK``.
+root is a NAS volume not mounted, ``NETWORK``. A root that is the volume's own
+mount point is never missing: with ``remote_marker`` set, every write and
+every look at the NAS needs that file in the root
+(:meth:`RsyncSshTransport._require_marker`), as the mount transport's marker.
 Leftovers are removed once a push completes. Files named in ``rewrite`` are
 sent whole first (``--ignore-times --whole-file``), whatever their size and
 mtime. rsync has no bandwidth timetable: each rsync starts with the limit in
@@ -990,6 +993,7 @@ class RsyncSshTransport(Transport):
         matching nothing (zsh, csh) refuses the listing of such a folder while
         it is missing: its run waits (``network``), a known limit.
         """
+        await self._require_marker(run_path)  # before the listing the push trusts, and any write
         listing, parent_listed = await self._list_run_folder(run_path, remote_run)
         if listing is None and (not parent_listed or _WILDCARD_RE.search(remote_run)):
             await self._make_run_folder(run_path)
@@ -1010,6 +1014,7 @@ class RsyncSshTransport(Transport):
         """
         run_path, source = local_metadata_folder(run_path)
         remote_meta = f"{self.remote_run_path(run_path).rstrip('/')}/{METADATA_DIR}"
+        await self._require_marker(run_path)
         await self._make_run_folder(run_path, METADATA_DIR)
         args = ["-a", "-I", "--no-links", "--no-D", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats"]
         result = await self._rsync_following_schedule(
@@ -1305,6 +1310,59 @@ class RsyncSshTransport(Transport):
             await self._raise_if_root_missing(run_path)
             raise transport_error("rsync", result.returncode, result.stderr_text, f"creating {rel} under {root}")
 
+    def _marker_path(self) -> str | None:
+        """``<remote_path>/<remote_marker>``; None when no marker is configured."""
+        marker = self.config.remote_marker
+        return None if marker is None else f"{self.config.remote_root.rstrip('/')}/{marker}"
+
+    async def _require_marker(self, run_path: object) -> None:
+        """``NETWORK`` unless ``remote_marker`` (when configured) is in ``remote_path``.
+
+        As the mount transport's ``mount_marker``: a ``remote_path`` that is
+        the NAS data volume's own mount point is there, empty, while the volume
+        is not mounted (``test -d`` answers); only the marker touched on the
+        mounted volume tells them apart. Checked before anything is written and
+        after every look at the NAS (listing, manifest, fetch), so that a bare
+        mount point is never taken for an empty NAS. rsync's own listing of the
+        marker (no remote command: an rrsync account answers too), over sftp
+        where the account may not run rsync. Never created here.
+        """
+        marker = self._marker_path()
+        if marker is None:
+            return
+        result = await run_tool(
+            [*self._rsync_base(), "--list-only", self._target(marker)[:-1]],
+            log=self.log,
+            run_path=run_path,
+            step="marker_check",
+            quiet=True,
+            env=_listing_env(),
+        )
+        if result.returncode == 0:
+            return
+        if not (result.returncode == 23 and _MISSING_DIR_RE.search(result.stderr_text)):
+            found = classify("rsync", result.returncode, result.stderr_text)
+            if found.rule is None or found.rule.why != _REFUSES_RSYNC:
+                raise _listing_error(result, marker)
+            if await self._sftp_marker(run_path, marker):
+                return
+        raise TransportError(
+            K.NETWORK,
+            f"remote unreachable: {self.config.remote_root} on {self.config.ssh_target} is not mounted "
+            f"(no {self.config.remote_marker})",
+        )
+
+    async def _sftp_marker(self, run_path: object, marker: str) -> bool:
+        from exlab_wizard.sync.transports.rclone import marker_present, rclone_binary, sftp_connection_string
+
+        cfg = self.config
+        user, _, host = cfg.ssh_target.rpartition("@")
+        known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
+        fs = sftp_connection_string(
+            host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=marker
+        )
+        return await marker_present([rclone_binary(), "--config", os.devnull], fs, log=self.log, run_path=run_path)
+
     async def _raise_if_root_missing(self, run_path: Path) -> None:
         """``NETWORK`` when the remote root does not exist (asked after a write failed)."""
         root = self.config.remote_root
@@ -1397,6 +1455,11 @@ class RsyncSshTransport(Transport):
 
     async def remote_manifest(self, run_path: Path) -> RemoteManifest:
         run_path = Path(os.path.abspath(run_path))
+        manifest = await self._remote_manifest(run_path)
+        await self._require_marker(run_path)  # hashes of a bare mount point are no NAS copy
+        return manifest
+
+    async def _remote_manifest(self, run_path: Path) -> RemoteManifest:
         remote_run = self.remote_run_path(run_path)
         tool = await self.hash_tool(run_path)
         if tool is None:
@@ -1585,6 +1648,11 @@ class RsyncSshTransport(Transport):
     async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
         """As :meth:`remote_listing`, each file with its mtime in whole seconds (as rsync and sftp list it)."""
         run_path = Path(os.path.abspath(run_path))
+        stats = await self._remote_stats(run_path)
+        await self._require_marker(run_path)  # a listing of a bare mount point is no empty NAS
+        return stats
+
+    async def _remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
         remote_run = self.remote_run_path(run_path)
         result = await self._list_remote_raw(run_path, remote_run, step="remote_listing")
         if result.returncode == 0:
@@ -1633,9 +1701,11 @@ class RsyncSshTransport(Transport):
         remote_run = self.remote_run_path(run_path)
         wanted = sorted({check_relpath(p) for p in paths}, key=os.fsencode)
         listing = await self._list_remote(run_path, remote_run, step="fetch_list")
+        root = self.config.remote_root
+        if listing is None and await self._list_remote(run_path, root, step="fetch_root", recursive=False) is None:
+            raise TransportError(K.NETWORK, f"remote root {root} does not exist")
+        await self._require_marker(run_path)  # before the listing is trusted
         if listing is None:
-            if await self._list_remote(run_path, self.config.remote_root, step="fetch_root", recursive=False) is None:
-                raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} does not exist")
             return {}
         present = [p for p in wanted if listing.get(p, _Entry("", 0)).kind == "f"]
         return await self._pull(run_path, remote_run, present, into)
@@ -1672,6 +1742,7 @@ class RsyncSshTransport(Transport):
         keep = f"{remote_run}/{PREVIOUS_DIR}/{check_previous_stamp(stamp)}"
         if not wanted:
             return []
+        await self._require_marker(run_path)
         kept_set: set[str] = set()
         for batch in _arg_batches(wanted):
             # Only the first batch checks that the folder is new: the ones after it may find it made by it.
@@ -1720,7 +1791,7 @@ class RsyncSshTransport(Transport):
     # ------------------------------------------------------------- reachable
 
     async def reachable(self, run_path: Path) -> bool:
-        """Is the remote root there? Never raises.
+        """Is the remote root there (its ``remote_marker``, when one is configured)? Never raises.
 
         Called per job on every reaper and audit pass, and by the service's
         metrics: a failing probe is written to the equipment log once, then
@@ -1737,14 +1808,17 @@ class RsyncSshTransport(Transport):
         return result.returncode == 0
 
     async def _probe(self) -> ToolResult | None:
-        """``ssh test -d`` of the root, else (a remote refusing commands) ``rsync --list-only``; None: not run."""
-        root = self.config.remote_root
+        """``ssh test -d`` of the root (``test -e`` of its marker, when one is configured), else (a remote
+        refusing commands) ``rsync --list-only`` of the same; None: not run."""
+        marker = self._marker_path()
+        where, test = (self.config.remote_root, "-d") if marker is None else (marker, "-e")
         try:
-            argv = [*self._ssh_argv(5), self.config.ssh_target, f"test -d {shlex.quote(root)}"]
+            argv = [*self._ssh_argv(5), self.config.ssh_target, f"test {test} {shlex.quote(where)}"]
             result = await run_tool(argv, timeout=30, step="reachable")
             if result.returncode not in (0, 255):
                 # A remote that refuses commands may still serve rsync: its refusal is no failure to log.
-                argv = [*self._rsync_base(), "--list-only", self._target(root)]
+                target = self._target(where) if marker is None else self._target(where)[:-1]
+                argv = [*self._rsync_base(), "--list-only", target]
                 result = await run_tool(argv, timeout=30, step="reachable")
         except (OSError, TransportError):
             return None
