@@ -19,8 +19,13 @@ Per equipment:
   true``), ``remote_writable`` (a probe file in ``remote_path``), and
   ``remote_hash_tool`` (the tool the transport's own probe picks, and its
   speed over 64 MiB of zeros, measured from here: approximate). Checks that
-  need a login are left out when the login fails.
-- rclone: ``rclone_remote`` (a listing of the remote root answers) and
+  need a login are left out when the login fails. Before ``remote_writable``,
+  ``remote_marker``: with one set, it must be in ``remote_path`` (else the
+  checks stop there); with none, a warning when ``remote_path`` is a mount
+  point on the NAS (``stat -c %d`` of it and its parent differ; only where the
+  NAS runs commands), which an unmounted volume would leave bare.
+- rclone: ``rclone_remote`` (a listing of the remote root answers), then
+  ``remote_marker`` when one is set (present), and
   ``rclone_hashes`` (does the backend hash SHA-256 itself, or will each file
   be downloaded to verify it).
 - ``bandwidth``: the upload limit in force now and when it changes next.
@@ -391,9 +396,52 @@ async def _rsync_ssh(equipment: EquipmentConfig, cfg: RsyncSshTransportConfig) -
     checks.append(
         Check("ssh_login", True, f"{cfg.ssh_target} port {cfg.ssh_port}: key login works ({login.seconds:.2f} s)")
     )
+    marker = await _remote_marker(transport, cfg)
+    if marker is not None:
+        checks.append(marker)
+        if not marker.ok:
+            return checks  # never a probe file into a bare mount point
     checks.append(await _remote_writable(transport, cfg))
     checks.append(await _hash_tool(transport, baseline_s=login.seconds))
     return checks
+
+
+async def _remote_marker(transport: RsyncSshTransport, cfg: RsyncSshTransportConfig) -> Check | None:
+    """``remote_marker`` present, when one is set; else a warning when ``remote_path`` is a mount point.
+
+    A ``remote_path`` that is the NAS data volume's own mount point exists,
+    empty, while the volume is not mounted: without a marker, only "the root
+    is missing" guards it, which such a folder never is. Told where the NAS
+    runs commands (``stat -c %d`` of the root and its parent differ); None
+    when there is nothing to say.
+    """
+    if cfg.remote_marker is not None:
+        try:
+            await transport._require_marker(None)
+        except TransportError as exc:
+            where = shlex.quote(f"{cfg.remote_root.rstrip('/')}/{cfg.remote_marker}")
+            return Check(
+                "remote_marker",
+                False,
+                f"{exc.message}; nothing will be synced",
+                f"mount the NAS volume at {cfg.remote_root}; on a volume set up for the first time create the "
+                f"marker there: ssh -p {cfg.ssh_port} {cfg.ssh_target} touch {where}",
+            )
+        return Check("remote_marker", True, f"{cfg.remote_root}/{cfg.remote_marker} is present")
+    root = shlex.quote(cfg.remote_root)
+    probe = await transport._ssh(
+        remote_line(f"stat -c %d -- {root} {root}/.."), run_path=None, step="doctor_mount_point", timeout=60, quiet=True
+    )
+    devices = probe.stdout.split()
+    if probe.returncode != 0 or len(devices) != 2 or devices[0] == devices[1] or cfg.remote_root == "/":
+        return None  # no mount point of its own, or the NAS cannot tell (refuses commands, no stat -c)
+    return Check(
+        "remote_marker",
+        True,
+        f"warning: {cfg.remote_root} is a mount point on the NAS and no remote_marker is set: while its volume "
+        f"is not mounted the bare folder would be taken for the NAS; on the mounted volume run "
+        f"touch {shlex.quote(cfg.remote_root.rstrip('/') + '/.exlab-nas')}, then set remote_marker: .exlab-nas",
+    )
 
 
 def _login_failure(cfg: RsyncSshTransportConfig, returncode: int, stderr: str) -> Check:
@@ -496,6 +544,21 @@ async def _rclone(equipment: EquipmentConfig, cfg: RcloneTransportConfig) -> lis
             )
         ]
     checks = [Check("rclone_remote", True, f"{cfg.remote_root} answers")]
+    if cfg.remote_marker is not None:
+        try:
+            await transport._require_marker(None)
+        except TransportError as exc:
+            return [
+                *checks,
+                Check(
+                    "remote_marker",
+                    False,
+                    f"{exc.message}; nothing will be synced",
+                    f"mount the NAS volume at {cfg.remote_root}; on a volume set up for the first time create the "
+                    f"marker there: rclone touch {shlex.quote(transport._marker_fs() or '')}",
+                ),
+            ]
+        checks.append(Check("remote_marker", True, f"{transport._marker_fs()} is present"))
     try:
         await transport.probe()
     except TransportError as exc:
