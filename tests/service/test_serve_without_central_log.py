@@ -17,7 +17,7 @@ from tests.service.test_serve_process import Serve, write_config
 def test_serve_warns_in_one_line_when_the_central_log_cannot_be_opened(tmp_path: Path) -> None:
     (tmp_path / "nas" / "CONFOCAL_01").mkdir(parents=True)
     (tmp_path / "nas" / "CONFOCAL_01" / ".exlab-nas").write_text("mounted\n")
-    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "CONFOCAL_01").mkdir(parents=True)  # not a missing disk: no line of its own
     lab = Lab(tmp_path, tmp_path / "lab", tmp_path / "nas", tmp_path / "state")
     config = write_config(lab)
     central = lab.state / "exlab-sync.log"
