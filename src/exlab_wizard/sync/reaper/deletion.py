@@ -23,11 +23,14 @@ Owns every unlink and rmdir the reaper makes:
   fsync-ed after their files are unlinked.
   A run that holds a mount point (the mount table read once per batch, and
   no folder on another device entered) has nothing deleted: the files below
-  one are another folder's, reached through the run's names.
+  one are another folder's, reached through the run's names. A btrfs
+  subvolume inside the run is no mount (:func:`~.nofollow.is_subvolume`):
+  its files are deleted like any other, within their own folder.
 - :func:`put_back_set_aside`: at the start of a resumed plan, every file a
   killed pass set aside gets its name back before anything is decided.
 - :func:`remove_left_empty`: the folders the deletion left empty, deepest
-  first, never the run folder, never a symlink, never outside the run.
+  first, never the run folder, never a symlink, never outside the run (an
+  emptied btrfs subvolume too, where ``rmdir`` may remove one).
 - :func:`metadata_snapshot` / :func:`remove_metadata` /
   :func:`remove_run_folder`: with ``retain_cache: false``, the
   ``.exlab-wizard/`` files that did not change since the final push, then
@@ -55,6 +58,7 @@ from exlab_wizard.sync.reaper.nofollow import (
     RunFolderError,
     Tree,
     hash_at,
+    is_subvolume,
     kind_of,
     open_dir_chain,
     open_run,
@@ -420,12 +424,15 @@ def _holds_verified(folder: int, name: str, item: PlannedFile, ino: int) -> bool
     return planned and steady(before, after) and digest == item.sha256.lower()
 
 
-def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
+def remove_left_empty(run_path: Path, paths: Iterable[str], *, kept: list[str] | None = None) -> list[str]:
     """Remove the folders that held the given files and are now empty, deepest first. Blocking I/O.
 
     Never the run folder itself, never a symlink (``rmdir`` does not follow
     one), never a folder outside the run (descent uses ``O_NOFOLLOW`` and
-    crosses no mount point; nothing at or below one is removed).
+    crosses no mount point; nothing at or below one is removed). An empty
+    btrfs subvolume is removed the same way (``rmdir`` does, as root); one
+    it refuses is left, named in ``kept`` (``"sub (Operation not permitted)"``)
+    when the caller gives a list: nothing fails for it.
     Returns the folders removed.
     """
     candidates: set[tuple[str, ...]] = set()
@@ -449,8 +456,10 @@ def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
                 continue
             try:
                 os.rmdir(folder[-1], dir_fd=parent)
-            except OSError:
-                pass  # not empty, already gone, or not a folder: leave it
+            except OSError as exc:
+                # Not empty, already gone, or not a folder: leave it. An empty subvolume rmdir refused: say so.
+                if kept is not None and exc.errno not in _NOT_REMOVABLE and _subvolume_at(parent, folder[-1]):
+                    kept.append(f"{'/'.join(folder)} ({exc.strerror or exc})")
             else:
                 removed.append("/".join(folder))
                 os.fsync(parent)
@@ -459,6 +468,22 @@ def remove_left_empty(run_path: Path, paths: Iterable[str]) -> list[str]:
     finally:
         os.close(root)
     return removed
+
+
+#: An ``rmdir`` refusal that says nothing of a subvolume: the folder is not empty, gone, or no folder.
+_NOT_REMOVABLE = frozenset({errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR})
+
+
+def _subvolume_at(parent: int, name: str) -> bool:
+    """Is ``name`` in ``parent`` (not followed) a btrfs subvolume of the run's (:func:`~.nofollow.is_subvolume`)?"""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+    except OSError:
+        return False
+    try:
+        return os.fstat(fd).st_dev != os.fstat(parent).st_dev and is_subvolume(parent, fd)
+    finally:
+        os.close(fd)
 
 
 def metadata_snapshot(run_path: Path) -> tuple[list[PlannedFile], list[str]]:

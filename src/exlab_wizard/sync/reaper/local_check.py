@@ -221,7 +221,9 @@ def record_verified_stat(
     subfolder shows another folder's files under the run's names, with no
     ctime moved): every file at or below one, or below a folder on another
     device than the run folder, is recorded as not trusted (the reaper refuses the run while
-    the mount is there, and re-hashes those files once it is gone).
+    the mount is there, and re-hashes those files once it is gone). The files of a btrfs
+    subvolume inside the run (another device, no mount: the run's) are not trusted either:
+    the scan re-hashes them every time, then plans them like any other.
     On a filesystem that keeps no change time (:func:`keeps_ctime`: exFAT)
     no row is trusted. A file stamped since the hashing began is read
     again, and so is one stamped by a write (ctime = mtime, or no ctime
@@ -486,7 +488,9 @@ def scan_run(
     synced, and never deleted). A folder that cannot be read is a refusal
     (its files cannot be checked), and so is a mount point inside the run
     (``run holds a mount point: <paths>``, :data:`CleanupCode.RUN_HOLDS_MOUNT`):
-    the files below it are another folder's, whatever their stats say.
+    the files below it are another folder's, whatever their stats say. A btrfs
+    subvolume inside the run is no mount point (:func:`~.nofollow.is_subvolume`):
+    compared like any folder (its files' stats recorded untrusted: re-hashed).
     On a filesystem that keeps no ctime, every file is planned with none
     (``ctime_ns`` None): the deletion reads it again before its unlink.
     """

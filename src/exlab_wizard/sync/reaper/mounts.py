@@ -12,7 +12,11 @@ itself may be a mount point: that is where its files are).
 a deletion batch), never per file; where there is no such file (not Linux)
 it finds nothing, and the callers' device check (a folder whose ``st_dev`` is
 not the run folder's) still catches a mount of another file system.
-Blocking I/O.
+
+:func:`mount_id` and :func:`mount_type` name the mount a descriptor is on
+(``/proc/self/fdinfo``) and its file system type: a btrfs subvolume inside a
+run has a device of its own but is on the run's own mount (see
+:func:`~.nofollow.is_subvolume`). Blocking I/O.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from exlab_wizard.sync.policy.cleanup import name_paths
 __all__ = [
     "MOUNTINFO",
     "describe",
+    "mount_id",
     "mount_points",
     "mount_refusal",
+    "mount_type",
     "mounts_inside",
     "parse_mountinfo",
 ]
@@ -59,6 +65,33 @@ def mount_points(mountinfo: str = MOUNTINFO) -> list[str] | None:
             return parse_mountinfo(fh.read())
     except OSError:
         return None
+
+
+def mount_id(fd: int) -> int | None:
+    """The id of the mount the open file ``fd`` is on (``mnt_id`` of ``/proc/self/fdinfo``); None where not told."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def mount_type(mnt_id: int, mountinfo: str = MOUNTINFO) -> str | None:
+    """The file system type of mount ``mnt_id`` (field 1 of its ``mountinfo`` line); None when not listed."""
+    try:
+        with open(mountinfo, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    wanted = str(mnt_id).encode()
+    for line in lines:
+        left, sep, right = line.partition(b" - ")
+        if sep and left.split(b" ", 1)[0] == wanted:
+            return os.fsdecode(right.split(b" ", 1)[0])
+    return None
 
 
 def mounts_inside(run_path: Path | str, points: list[str] | None = None) -> list[str]:

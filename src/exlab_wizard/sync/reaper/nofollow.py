@@ -10,6 +10,8 @@ mount point crossed: a folder on another device than the run folder is
 never descended into or listed as the run's (:class:`Tree`'s
 ``mounts``; ``EXDEV`` from :func:`open_dir_chain`). A bind mount of a folder
 of the same file system shows no other device: :mod:`.mounts` finds those.
+A btrfs subvolume inside the run has a device of its own but is no mount
+(:func:`is_subvolume`): it is the run's, entered like any folder.
 
 Used by the local check (:mod:`.local_check`) and the deletion
 (:mod:`.deletion`). Blocking I/O throughout.
@@ -27,14 +29,17 @@ from pathlib import Path
 
 from exlab_wizard.fileio import BLOCK_SIZE, METADATA_DIR, hash_fd, is_reaping_name, open_regular
 from exlab_wizard.sync.policy.cleanup import CleanupCode
+from exlab_wizard.sync.reaper.mounts import mount_id, mount_type
 
 __all__ = [
     "CLOEXEC",
     "DIR_FLAGS",
     "FILE_FLAGS",
+    "SUBVOLUME_ROOT_INO",
     "RunFolderError",
     "Tree",
     "hash_at",
+    "is_subvolume",
     "kind_of",
     "open_dir_chain",
     "open_run",
@@ -46,6 +51,8 @@ __all__ = [
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | CLOEXEC
 FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | CLOEXEC
+#: The inode number of every btrfs subvolume's root folder (``BTRFS_FIRST_FREE_OBJECTID``).
+SUBVOLUME_ROOT_INO = 256
 
 
 class RunFolderError(Exception):
@@ -71,23 +78,46 @@ def open_run(run_path: Path) -> int:
         raise RunFolderError(f"cannot open run folder: {exc.strerror or exc}") from None
 
 
+def is_subvolume(parent_fd: int, fd: int) -> bool:
+    """Is the folder ``fd``, on another device than its parent folder ``parent_fd``, a btrfs subvolume of the run's?
+
+    A btrfs subvolume (a tool made one, snapper's ``.snapshots``) shows a
+    device of its own, its root folder is inode :data:`SUBVOLUME_ROOT_INO`,
+    and it is no mount: it is on its parent's mount (the same mount id, read
+    from the descriptors themselves), a btrfs one. A file system mounted
+    there (a btrfs one's root is inode 256 too) or a subvolume bind-mounted
+    there is on a mount of its own: False. False too where the mount ids or
+    types cannot be read (not Linux): taken for a mount point, never entered.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_ino != SUBVOLUME_ROOT_INO:
+        return False
+    mnt = mount_id(fd)
+    return mnt is not None and mnt == mount_id(parent_fd) and mount_type(mnt) == "btrfs"
+
+
 def open_dir_chain(root_fd: int, parts: Sequence[str]) -> int:
     """Descend from ``root_fd`` through ``parts`` with ``O_NOFOLLOW`` at each step, never across a mount point.
 
     Returns a new descriptor (the caller closes it). Raises ``OSError``:
     ``ENOENT`` when a folder is gone, ``ELOOP``/``ENOTDIR`` when one was
     replaced by a symlink or a file, ``EXDEV`` when one is on another device
-    than ``root_fd`` (a file system mounted there).
+    than its parent (a file system mounted there). A btrfs subvolume of the
+    same mount (:func:`is_subvolume`) is descended into.
     """
     fd = os.dup(root_fd)
     try:
         device = os.fstat(fd).st_dev if parts else None
         for part in parts:
             nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-            if os.fstat(fd).st_dev != device:
-                raise OSError(errno.EXDEV, "a mount point (another file system)", part)
+            parent, fd = fd, nxt
+            try:
+                here = os.fstat(fd).st_dev
+                if here != device and not is_subvolume(parent, fd):
+                    raise OSError(errno.EXDEV, "a mount point (another file system)", part)
+            finally:
+                os.close(parent)
+            device = here
     except BaseException:
         os.close(fd)
         raise
@@ -133,6 +163,7 @@ class Tree:
     dirs: set[str] = dataclasses.field(default_factory=set)
     unreadable: list[str] = dataclasses.field(default_factory=list)
     mounts: list[str] = dataclasses.field(default_factory=list)  # on another device: mount points, never entered
+    subvolumes: list[str] = dataclasses.field(default_factory=list)  # btrfs subvolumes: in ``dirs`` too, entered
 
 
 def kind_of(mode: int) -> str:
@@ -155,7 +186,9 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
     :func:`exlab_wizard.fileio.is_metadata_path` has it); a file so named is data.
 
     A folder on another device than its parent (a file system mounted
-    there) goes to ``tree.mounts`` and nowhere else: never entered. Only
+    there) goes to ``tree.mounts`` and nowhere else: never entered; but a
+    btrfs subvolume on the parent's own mount (:func:`is_subvolume`) is
+    the run's folder, in ``tree.dirs`` and ``tree.subvolumes``, entered. Only
     folders are compared: overlayfs may give a file of a lower layer a
     device of its own, never a folder.
     """
@@ -172,8 +205,8 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
                     continue
                 if skip_metadata and not rel and name == METADATA_DIR and stat.S_ISDIR(st.st_mode):
                     continue
-                if st.st_dev != device and stat.S_ISDIR(st.st_mode):
-                    tree.mounts.append(path)
+                if st.st_dev != device and stat.S_ISDIR(st.st_mode) and st.st_ino != SUBVOLUME_ROOT_INO:
+                    tree.mounts.append(path)  # inode 256 may be a subvolume: told apart once opened, below
                 elif stat.S_ISREG(st.st_mode):
                     if skip_metadata and is_reaping_name(name):
                         continue  # set aside by a deletion for its unlink (see .deletion): not data
@@ -200,10 +233,12 @@ def walk(dir_fd: int, rel: str, tree: Tree, *, skip_metadata: bool = True) -> No
             tree.unreadable.append(f"{path} ({exc.strerror or exc})")
             continue
         try:
-            if os.fstat(sub).st_dev != device:  # mounted on since it was listed
-                tree.dirs.discard(path)
-                tree.mounts.append(path)
-                continue
+            if os.fstat(sub).st_dev != device:
+                if not is_subvolume(dir_fd, sub):  # a mount point, or mounted on since it was listed
+                    tree.dirs.discard(path)
+                    tree.mounts.append(path)
+                    continue
+                tree.subvolumes.append(path)
             walk(sub, path, tree, skip_metadata=skip_metadata)
         finally:
             os.close(sub)

@@ -671,6 +671,7 @@ class Reaper(InterlockFacts):
         run = Path(job.run_path)
         files = self._store.plan_files(job.id)
         deleted_before = progress.data_deleted_at is not None
+        kept_note = ""
         if not deleted_before:
             if resumed:
                 log.info(
@@ -702,7 +703,9 @@ class Reaper(InterlockFacts):
                 if not resumed and gone:
                     # Files vanished between the check and the unlink; their verified copies are on the NAS.
                     log.warning(job.run_path, "cleanup_files_already_gone", job=job.id, files=gone)
-                removed = await asyncio.to_thread(deletion.remove_left_empty, run, [f.path for f in files])
+                kept: list[str] = []  # emptied btrfs subvolumes rmdir refused: left, said, never a failure
+                removed = await asyncio.to_thread(deletion.remove_left_empty, run, [f.path for f in files], kept=kept)
+                kept_note = f"; empty btrfs subvolume kept: {', '.join(kept)}" if kept else ""
                 fields: dict[str, object] = {
                     "job": job.id,
                     "files": progress.files,
@@ -712,6 +715,8 @@ class Reaper(InterlockFacts):
                     "manifest_digest": progress.manifest_digest,
                     "folders_removed": len(removed),
                 }
+                if kept:
+                    fields["subvolumes_kept"] = ", ".join(kept)
                 if resumed:
                     fields["resumed"] = True
                 logged = log.info(job.run_path, "cleanup_deleted", **fields)
@@ -720,7 +725,7 @@ class Reaper(InterlockFacts):
                     job.id,
                     data_deleted_at,
                     f"local data deleted: {progress.files} files, {progress.bytes} bytes, "
-                    f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}"
+                    f"manifest {progress.manifest_digest}, verify passes {job.verify_passes}{kept_note}"
                     + (
                         ""
                         if logged
@@ -731,12 +736,21 @@ class Reaper(InterlockFacts):
         # The last steps under the job's lock too: an audit that found the NAS copy bad as the last files
         # went has FAILED the job (no record, no final push, no CLEANED), or meets it CLEANED and says so.
         async with self.job_locks(job.id):
-            return await self._finish(job, progress, log, files, deleted_before)
+            return await self._finish(job, progress, log, files, deleted_before, kept_note)
 
     async def _finish(
-        self, job: SyncJobRow, progress: Progress, log: EquipmentLog, files: list[PlannedFile], deleted_before: bool
+        self,
+        job: SyncJobRow,
+        progress: Progress,
+        log: EquipmentLog,
+        files: list[PlannedFile],
+        deleted_before: bool,
+        kept_note: str = "",
     ) -> ReaperOutcome:
-        """(d)-(e) once the data are deleted: record, the final push (``retain_cache: false``), then CLEANED."""
+        """(d)-(e) once the data are deleted: record, the final push (``retain_cache: false``), then CLEANED.
+
+        ``kept_note``: said in the outcome after the rest (the emptied btrfs subvolumes ``rmdir`` left).
+        """
         retain = self.config.nas_cleanup.retain_cache
         current = self.queue.get(job.id)
         if not _still_planned(current, progress):
@@ -760,7 +774,7 @@ class Reaper(InterlockFacts):
                 )
         detail = (
             f"cleaned: {progress.files} files, {progress.bytes} bytes freed, "
-            f"manifest {progress.manifest_digest}{folder_note}"
+            f"manifest {progress.manifest_digest}{folder_note}{kept_note}"
         )
         try:
             with self.queue.transaction():
