@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -147,3 +148,96 @@ def test_the_shell_hashing_programs_sync_the_run_before_they_hash(tmp_path: Path
     calls = log.read_text().splitlines()
     assert calls[0] == "sync -f .", calls  # run from inside the run folder, before any hashing
     assert len(calls) > 1 and all(not c.startswith("sync") for c in calls[1:])
+
+
+# A prelude that makes remote_hash.py's syncfs fail with the errno in EXLAB_SYNCFS_ERRNO.
+_FAILING_SYNCFS_PRELUDE = """
+import ctypes, os
+_CDLL = ctypes.CDLL
+class _Failing:
+    def __init__(self, *a, **k):
+        self._lib = _CDLL(*a, **k)
+    def __getattr__(self, name):
+        if name != "syncfs":
+            return getattr(self._lib, name)
+        def syncfs(fd):
+            ctypes.set_errno(int(os.environ["EXLAB_SYNCFS_ERRNO"]))
+            return -1
+        return syncfs
+ctypes.CDLL = _Failing
+"""
+
+
+@pytest.mark.parametrize(("code", "flushed"), [("EIO", False), ("ENOSPC", False), ("ENOSYS", True)])
+def test_remote_hash_exits_6_when_syncfs_fails_and_syncs_whole_only_without_syncfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, flushed: bool
+) -> None:
+    """EIO/ENOSPC (a thin volume whose pool is full) is no flush: exit 6; ENOSYS (no syncfs): a whole sync."""
+    root, run = _run_with_files(tmp_path)
+    monkeypatch.setenv("EXLAB_SYNCFS_ERRNO", str(getattr(errno, code)))
+    done = _hash_with(_FAILING_SYNCFS_PRELUDE + remote_program("remote_hash.py"), run, root)
+    if flushed:
+        assert done.returncode == 0, done.stderr
+        assert len([r for r in done.stdout.split(b"\0") if r]) == 2
+    else:
+        assert done.returncode == rsync_ssh._SYNC_FAILED, done.stderr
+        assert os.strerror(getattr(errno, code)) in done.stderr.decode()
+
+
+def _fake_sync(tmp_path: Path, how: str) -> tuple[dict[str, str], Path]:
+    """A ``sync`` on PATH: ``old`` knows no ``-f`` (coreutils < 8.24), ``eio`` fails ``-f`` with an I/O error."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls"
+    refuse = {
+        "old": "echo \"sync: invalid option -- 'f'\" >&2",
+        "eio": "echo \"sync: error syncing '$2': Input/output error\" >&2",
+    }[how]
+    (fake / "sync").write_text(f'#!/bin/sh\necho "sync $*" >> {log}\nif [ "$1" = -f ]; then {refuse}; exit 1; fi\n')
+    (fake / "sync").chmod(0o755)
+    return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, log
+
+
+@pytest.mark.parametrize("how", ["old", "eio"])
+@pytest.mark.parametrize("program", ["_SH_SHA256SUM", "_SH_OPENSSL", "_SH_SHA256SUM_STDIN"])
+def test_the_shell_hashing_programs_sync_whole_only_where_sync_has_no_f(tmp_path: Path, program: str, how: str) -> None:
+    """A whole ``sync`` reports no error: it stands in for ``sync -f`` only where ``-f`` is unknown."""
+    root, run = _run_with_files(tmp_path)
+    env, log = _fake_sync(tmp_path, how)
+    done = subprocess.run(
+        ["sh", "-c", getattr(rsync_ssh, program), "sh", str(run), str(root)],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    calls = log.read_text().splitlines()
+    if how == "old":
+        assert done.returncode == 0, done.stderr
+        assert calls == ["sync -f .", "sync "]
+        assert done.stdout.count(b"a.txt") == 1
+    else:
+        assert (done.returncode, done.stdout) == (rsync_ssh._SYNC_FAILED, b""), done.stderr
+        assert calls == ["sync -f ."]  # never the whole sync that would report nothing
+        assert b"Input/output error" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["old", "eio"])
+def test_keep_previous_fails_when_sync_f_fails_and_syncs_whole_only_where_it_has_no_f(tmp_path: Path, how: str) -> None:
+    root, run = _run_with_files(tmp_path)
+    env, log = _fake_sync(tmp_path, how)
+    keep = run / ".exlab-wizard" / "previous" / "20261205T073000Z"
+    done = subprocess.run(
+        ["sh", "-c", remote_program("keep_previous.sh"), "sh", str(root), str(run), str(keep), "new", "a.txt"],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"sync -f -- {keep}"
+    if how == "old":
+        assert (done.returncode, calls[1:]) == (0, ["sync "]), done.stderr
+    else:
+        assert (done.returncode, calls[1:]) == (rsync_ssh._SYNC_FAILED, []), done.stderr
+        assert b"Input/output error" in done.stderr

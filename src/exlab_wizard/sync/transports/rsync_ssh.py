@@ -211,11 +211,29 @@ def _listing_error(result: ToolResult, remote_path: str) -> TransportError:
 _PY_HASH = remote_program("remote_hash.py")
 _PY_WATCH = remote_program("remote_watch.py")
 _SH_KEEP_PREVIOUS = remote_program("keep_previous.sh")
-# Every hashing program first makes the run's filesystem durable on the NAS (``sync -f``, a
-# whole ``sync`` where coreutils is older than 8.24): VERIFIED means the bytes are on its disks.
-# No sync at all (missing, or failing) is exit 6: never hashes taken for durable ones.
+
+
+def _sh_sync(where: str) -> str:
+    """sh: ``sync -f <where>``, a whole ``sync`` only where that ``sync`` has no ``-f``; else exit 6.
+
+    A whole ``sync`` reports no error, so it stands in only for a ``sync`` that
+    does not know ``-f`` (coreutils before 8.24, an old BusyBox: "invalid
+    option") or a kernel without syncfs; any other failure of ``sync -f`` (EIO,
+    ENOSPC: a thin volume whose pool is full, its bytes only in the NAS's memory)
+    is exit 6 with its message on stderr, as is no ``sync`` at all.
+    """
+    return (
+        f"_e=$(LC_ALL=C sync -f {where} 2>&1) || case $_e in "
+        '*option*|*"not implemented"*|*"Invalid argument"*) sync || exit 6;; '
+        '*) printf "%s\\n" "$_e" >&2; exit 6;; esac; '
+    )
+
+
+# Every hashing program first makes the run's filesystem durable on the NAS (``sync -f``, see
+# _sh_sync): VERIFIED means the bytes are on its disks. No sync that worked is exit 6: never
+# hashes taken for durable ones.
 _SH_CD = 'cd -- "$1" 2>/dev/null || { [ -d "$2" ] && exit 0; exit 3; }; '
-_SH_SYNC = "{ sync -f . 2>/dev/null || sync; } || exit 6; "
+_SH_SYNC = _sh_sync(".")
 _SH_ENTER = _SH_CD + _SH_SYNC
 _SYNC_FAILED = 6
 _SH_SHA256SUM = _SH_ENTER + "find . -type f -print0 | xargs -0 -r sha256sum -z --"
@@ -294,7 +312,7 @@ def _probe_script() -> str:
         'd=$(mktemp -d "${TMPDIR:-/tmp}/exlab-probe.XXXXXX" 2>/dev/null) || exit 0',
         f': > "$d/{_PROBE_FILE}" || {{ rm -rf "$d"; exit 0; }}',
         f"python3 -c {shlex.quote(_PYTHON_VARIANT)} 2>/dev/null",
-        '{ sync -f "$d" 2>/dev/null || sync; } >/dev/null 2>&1 && echo exlab-sync',
+        "( " + _sh_sync('"$d"') + ") >/dev/null 2>&1 && echo exlab-sync",
     ]
     for tool in ("python3", "openssl", "sha256sum", "sha256sum-stdin"):
         run = _hash_command(tool, '"$d" "$d"', flush=False)

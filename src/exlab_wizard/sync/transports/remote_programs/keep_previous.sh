@@ -3,8 +3,8 @@
 # is moved to <previous>/<path> unless something is there already (never overwritten). "new": the
 # round's first keep there, so a <previous> folder that exists is an earlier round's: exit 5,
 # nothing moved. Prints the marker line, then "<path>\0" for each path now kept there; exit 3 when
-# the root is missing, 4 when a move fails. The moves are made durable (sync) before it exits: 6
-# when no sync works there (missing or failing).
+# the root is missing, 4 when a move fails. The moves are made durable (sync -f) before it exits: 6
+# when no sync works there (missing, or failing: EIO or ENOSPC of a thin volume whose pool is full).
 
 echo exlab-keep
 root=$1 run=$2 keep=$3 mode=$4
@@ -31,5 +31,11 @@ for rel do
     printf '%s\0' "$rel"
     moved=1
 done
-if [ -n "$moved" ]; then { sync -f -- "$keep" 2>/dev/null || sync; } || exit 6; fi
+# sync -f; a whole sync (which reports no error) only where sync has no -f or the kernel no syncfs
+if [ -n "$moved" ]; then
+    _e=$(LC_ALL=C sync -f -- "$keep" 2>&1) || case $_e in
+        *option*|*"not implemented"*|*"Invalid argument"*) sync || exit 6;;
+        *) printf '%s\n' "$_e" >&2; exit 6;;
+    esac
+fi
 exit 0

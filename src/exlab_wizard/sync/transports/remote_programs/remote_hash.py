@@ -4,10 +4,14 @@
 # the hashes are of the same pages, and the program ends only once the flush
 # has returned), prints "<hex>  <path relative to the run>\0" per regular file,
 # never follows a symlink, exits 0 with no output when the run folder is
-# missing but the root exists, and 3 when the root itself is missing.
+# missing but the root exists, and 3 when the root itself is missing. Exits 6
+# when the flush fails (syncfs EIO or ENOSPC: a thin volume whose pool is full
+# keeps serving the bytes from memory that never reached its disks): whatever
+# it printed is then no hash of the NAS copy, and the client reads none of it.
 # Written for any python3 a NAS may carry (3.5 has no f-strings): %-formatting stays.
 # ruff: noqa: UP031
 
+import errno
 import hashlib
 import os
 import stat
@@ -22,19 +26,37 @@ if not os.path.isdir(run):
 
 def flush(folder):
     # The run's bytes onto the NAS's disks before they are hashed: a hash of pages a power
-    # cut would lose verifies nothing. syncfs of the run's filesystem, else a whole sync.
+    # cut would lose verifies nothing. syncfs of the run's filesystem; a whole os.sync() only
+    # where there is no syncfs (no ctypes, a libc or kernel without it), as os.sync() reports
+    # no error. -> None when flushed, else why not.
     try:
         import ctypes
 
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):
+        os.sync()
+        return None
+    try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            if ctypes.CDLL(None, use_errno=True).syncfs(fd) == 0:
-                return
+            code = 0 if syncfs(fd) == 0 else ctypes.get_errno() or errno.EIO
         finally:
             os.close(fd)
-    except (ImportError, OSError, AttributeError):
-        pass
-    os.sync()
+    except OSError as e:
+        code = e.errno or errno.EIO
+    if code in (errno.ENOSYS, errno.EINVAL):
+        os.sync()
+    elif code:
+        return "syncfs of the run's filesystem failed: %s" % os.strerror(code)
+    return None
+
+
+def flushing(folder, result):
+    # any failure of the flush, even one not foreseen, is exit 6: never an exit 0 with no flush
+    try:
+        result.append(flush(folder))
+    except BaseException as e:
+        result.append("syncfs of the run's filesystem failed: %r" % e)
 
 
 # stdin: hashes taken while the push ran, "<hex>  <identity>  <path>\0" (see remote_watch.py);
@@ -107,7 +129,8 @@ def hash_large(path):
 
 
 out = sys.stdout.buffer
-syncing = threading.Thread(target=flush, args=(run,))
+flushed = []
+syncing = threading.Thread(target=flushing, args=(run, flushed))
 syncing.start()
 cut = len(run.rstrip(b"/")) + 1
 large = []
@@ -138,3 +161,6 @@ with ThreadPoolExecutor(4) as pool:
         out.write(future.result().encode() + b"  " + rel + b"\0")
 out.flush()
 syncing.join()  # the program never ends, so no hash is trusted, before the run is on the NAS's disks
+if flushed != [None]:
+    sys.stderr.write("%s\n" % (flushed[0] if flushed else "syncfs did not return"))
+    sys.exit(6)
