@@ -226,6 +226,9 @@ _FADVISE = getattr(os, "posix_fadvise", None)
 _MARKER = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 #: An open that fails with one of these: the file is not (or no longer) a regular file there.
 _NOT_THERE = GONE_ERRNOS | {errno.ENXIO}
+#: A read of a file that opened fine failing with one of these, while the share still answers:
+#: the NAS cannot return the file (btrfs, ZFS or XFS caught a bad block or checksum), not a share gone.
+_BAD_BLOCK = frozenset({errno.EIO, errno.EBADMSG, getattr(errno, "EUCLEAN", errno.EIO)})
 
 #: Filesystems whose syncfs(2) makes every written file durable (for NFS the
 #: write-back commits to the server). Anything else gets per-file fsync.
@@ -1721,24 +1724,33 @@ class MountTransport(Transport):
 
         def work(rel: str, view: memoryview) -> None:
             path = f"{remote}/{rel}"  # for messages only
-            try:
-                fd, _info = shares.mine().open_regular(rel)
-            except OSError as exc:
-                if exc.errno in GONE_ERRNOS:
-                    return  # removed or replaced since the listing: not on the share any more
-                if exc.errno in UNREADABLE_ERRNOS:
-                    unverifiable[rel] = f"unreadable: {exc.strerror}"
+            for again in (False, True):
+                try:
+                    fd, _info = shares.mine().open_regular(rel)
+                except OSError as exc:
+                    if exc.errno in GONE_ERRNOS:
+                        return  # removed or replaced since the listing: not on the share any more
+                    if exc.errno in UNREADABLE_ERRNOS:
+                        unverifiable[rel] = f"unreadable: {exc.strerror}"
+                        return
+                    raise self._remote_error(exc, path) from exc
+                try:
+                    hashes[rel] = hash_from_storage(fd, view, sync=not synced)
                     return
-                raise self._remote_error(exc, path) from exc
-            try:
-                hashes[rel] = hash_from_storage(fd, view, sync=not synced)
-            except OSError as exc:
-                if exc.errno in UNREADABLE_ERRNOS:
-                    unverifiable[rel] = f"unreadable: {exc.strerror}"
-                    return
-                raise self._remote_error(exc, path) from exc
-            finally:
-                os.close(fd)
+                except OSError as exc:
+                    if exc.errno in UNREADABLE_ERRNOS:
+                        unverifiable[rel] = f"unreadable: {exc.strerror}"
+                        return
+                    if exc.errno not in _BAD_BLOCK or not self._mounted():
+                        raise self._remote_error(exc, path) from exc
+                    if again:
+                        # Opened, read twice, the share mounted and answering each time: the NAS
+                        # holds the file but cannot return it. Unverifiable, never "unreachable".
+                        unverifiable[rel] = f"unreadable: {exc.strerror}"
+                        return
+                    # An sshfs or SMB blip mid-read: read it once more, from a fresh open.
+                finally:
+                    os.close(fd)
 
         try:
             run_parallel(listed, work, self.threads, abort)
