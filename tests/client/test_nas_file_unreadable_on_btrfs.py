@@ -14,6 +14,8 @@ Such a file is unverifiable ("unreadable"), never "remote unreachable":
    verification fails as unreadable, not as a retry for ever as unreachable.
 2. audit after the two passes: the audit that reads the EIO sends the job
    back, and the cleanup right after keeps the local copy, the only good one.
+3. the push after that audit sends the file again, the bad NAS copy kept
+   under previous/.
 """
 
 from __future__ import annotations
@@ -190,6 +192,36 @@ def _ids(user: str) -> tuple[int, int]:
 
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
+
+
+# --------------------------------------------------------------------------- 3. the push after the audit
+
+
+async def test_the_push_after_the_audit_sends_the_unreadable_file_again(tmp_path: Path) -> None:
+    (tmp_path / "nas").mkdir()
+    with btrfs_at(tmp_path / "nas") as fs:
+        lab = Lab.build(tmp_path)
+        run = lab.make_run(files=FILES)
+        cfg = cleanup_config(lab)
+        clock = Clock()
+        async with running(cfg, clock) as client:
+            await ready(client, clock, run)
+            nas = lab.nas_copy(run)
+            fs.rot(FILES[BAD])
+            assert _eio(nas / BAD), "btrfs did not catch the changed block"
+            clock.advance(6)
+            await client.audit_once()
+            sent_back = await client.job(run)
+            job = await retry_now(client, clock, run)
+        kept = [p for p in (nas / ".exlab-wizard" / "previous").rglob("stack.raw")]
+        healed = not _eio(nas / BAD) and (nas / BAD).read_bytes() == FILES[BAD]
+        kept_unreadable = len(kept) == 1 and _eio(kept[0])
+    assert sent_back.state == S.QUEUED and BAD in sent_back.rewrite_paths, (
+        f"the audit did not send {BAD} back to be re-sent: {sent_back.state.value} {sent_back.rewrite_paths!r} "
+        f"{sent_back.last_error!r}"
+    )
+    assert job.state == S.VERIFIED and healed, f"not re-sent: {job.state.value} {job.last_error!r}"
+    assert kept_unreadable, f"the bad NAS copy is not kept under previous/: {kept!r}"
 
 
 # --------------------------------------------------------------------------- the same error from a share gone, or a blip

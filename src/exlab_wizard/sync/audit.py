@@ -38,7 +38,7 @@ from pathlib import Path
 from exlab_wizard.config.models import EquipmentConfig, RunOutsideRoots
 from exlab_wizard.fileio import METADATA_DIR
 from exlab_wizard.sync.context import ClientContext
-from exlab_wizard.sync.failures import FailureKind
+from exlab_wizard.sync.failures import FailureKind, unverifiable_kind
 from exlab_wizard.sync.job_runner import fail, settle_if_gone
 from exlab_wizard.sync.manifest_format import read_manifest
 from exlab_wizard.sync.metadata_push import data_only
@@ -332,7 +332,14 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         if check is not None:
             await _act_on_local_check(ctx, job, run, check)
         return
-    bad = tuple(outcome.different) + tuple(outcome.missing)
+    # A NAS file its share could not read (a read error: btrfs refusing a damaged block) is sent again
+    # like a different one, its NAS copy kept under previous/; one too large to stream back is not.
+    unreadable = tuple(
+        rel
+        for rel in outcome.unverifiable
+        if unverifiable_kind(remote.unverifiable.get(rel, "")) is FailureKind.VERIFY_UNREADABLE
+    )
+    bad = tuple(outcome.different) + tuple(outcome.missing) + unreadable
     reason = (
         "audit: no recorded manifest"
         if not known
@@ -357,7 +364,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         plan = await asyncio.to_thread(plan_progress, queue, job.id, run)
         if plan is not None and (plan.deleted or plan.data_deleted or plan.blocked):
             # Part of the run is deleted: a re-transfer of the rest would not verify (nor send those).
-            _stop_cleanup(ctx, job, run, reason, (tuple(outcome.different), tuple(outcome.missing)), plan)
+            found = (tuple(outcome.different), tuple(outcome.missing), unreadable)
+            _stop_cleanup(ctx, job, run, reason, found, plan)
             return
         try:
             # The run's verified files gone locally, its NAS folder holding the run's verified copy (the run
@@ -380,14 +388,14 @@ def _stop_cleanup(
     job: SyncJobRow,
     run: Path,
     reason: str,
-    found: tuple[tuple[str, ...], tuple[str, ...]],
+    found: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
     plan: PlanProgress,
 ) -> None:
     """A mismatch while the reaper's deletion of the run is under way: stop it, FAILED, plan dropped.
 
     As the reaper fails a cleanup stopped part way (``remote_changed_during_cleanup``):
     which files were deleted (their NAS copies verified before), which NAS
-    files are found different or missing now, the rest kept locally. The
+    files are found different, missing or unreadable now, the rest kept locally. The
     mismatched files are recorded to be sent again (``rewrite_paths``) once
     ``retry`` has put the deleted files back from the NAS; one whose local
     copy this cleanup deleted is said plainly to be lost but for an older
@@ -397,8 +405,8 @@ def _stop_cleanup(
     fresh = queue.get(job.id)
     if fresh is None or fresh.state not in (S.VERIFIED, S.CLEANUP_ELIGIBLE) or not _same_verification(fresh, job):
         return  # moved on meanwhile: the reaper's next batch check finds that
-    different, missing = found
-    bad = (*different, *missing)
+    different, missing, unreadable = found
+    bad = (*different, *missing, *unreadable)
     deleted = set(plan.deleted)
     lost = [p for p in bad if p in deleted]
     kept = [p for p in bad if p not in deleted]
@@ -411,7 +419,7 @@ def _stop_cleanup(
     ]
     found_text = "; ".join(
         f"{what} on the NAS: {name_paths(list(paths))}"
-        for what, paths in (("different", different), ("missing", missing))
+        for what, paths in (("different", different), ("missing", missing), ("unreadable", unreadable))
         if paths
     )
     if found_text:
