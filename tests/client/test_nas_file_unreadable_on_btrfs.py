@@ -152,18 +152,7 @@ async def test_a_nas_file_unreadable_at_verify_is_not_retried_for_ever_as_unreac
 @pytest.mark.parametrize("kind", ["mount", "rsync_ssh"])
 async def test_a_nas_file_unreadable_at_audit_keeps_the_local_copy(request, tmp_path: Path, kind: str) -> None:
     with contextlib.ExitStack() as stack:
-        if kind == "mount":
-            (tmp_path / "nas").mkdir()
-            fs = stack.enter_context(btrfs_at(tmp_path / "nas"))
-            site = Site.on(request, tmp_path, kind)
-        else:
-            remote = request.getfixturevalue("remote_dir")
-            fs = stack.enter_context(btrfs_at(remote))
-            os.chmod(remote, 0o755)
-            from tests.fixtures.sshd import RW_USER
-
-            os.chown(remote, *_ids(RW_USER))
-            site = Site.on(request, tmp_path, kind)
+        fs, site = _btrfs_site(stack, request, tmp_path, kind)
         run = site.make_run(files=FILES)
         cfg = site.config(
             cleanup={"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
@@ -187,6 +176,21 @@ async def test_a_nas_file_unreadable_at_audit_keeps_the_local_copy(request, tmp_
     )
 
 
+def _btrfs_site(stack: contextlib.ExitStack, request, tmp_path: Path, kind: str) -> tuple[Btrfs, Site]:
+    """A site of ``kind`` whose NAS (the mount, or the sshd's remote root) is a btrfs image."""
+    if kind == "mount":
+        (tmp_path / "nas").mkdir()
+        fs = stack.enter_context(btrfs_at(tmp_path / "nas"))
+    else:
+        remote = request.getfixturevalue("remote_dir")
+        fs = stack.enter_context(btrfs_at(remote))
+        os.chmod(remote, 0o755)
+        from tests.fixtures.sshd import RW_USER
+
+        os.chown(remote, *_ids(RW_USER))
+    return fs, Site.on(request, tmp_path, kind)
+
+
 def _ids(user: str) -> tuple[int, int]:
     import pwd
 
@@ -197,12 +201,16 @@ def _ids(user: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- 3. the push after the audit
 
 
-async def test_the_push_after_the_audit_sends_the_unreadable_file_again(tmp_path: Path) -> None:
-    (tmp_path / "nas").mkdir()
-    with btrfs_at(tmp_path / "nas") as fs:
-        lab = Lab.build(tmp_path)
+@pytest.mark.network
+@pytest.mark.parametrize("kind", ["mount", "rsync_ssh"])
+async def test_the_push_after_the_audit_sends_the_unreadable_file_again(request, tmp_path: Path, kind: str) -> None:
+    with contextlib.ExitStack() as stack:
+        fs, lab = _btrfs_site(stack, request, tmp_path, kind)
         run = lab.make_run(files=FILES)
-        cfg = cleanup_config(lab)
+        cfg = lab.config(
+            cleanup={"enabled": True, "min_verify_passes": 2, "min_age_hours": 24, "retain_cache": True},
+            sync={"audit_interval_s": 6 * 3600, "scan_interval_s": 3600},
+        )
         clock = Clock()
         async with running(cfg, clock) as client:
             await ready(client, clock, run)
@@ -217,11 +225,11 @@ async def test_the_push_after_the_audit_sends_the_unreadable_file_again(tmp_path
         healed = not _eio(nas / BAD) and (nas / BAD).read_bytes() == FILES[BAD]
         kept_unreadable = len(kept) == 1 and _eio(kept[0])
     assert sent_back.state == S.QUEUED and BAD in sent_back.rewrite_paths, (
-        f"the audit did not send {BAD} back to be re-sent: {sent_back.state.value} {sent_back.rewrite_paths!r} "
+        f"[{kind}] the audit did not send {BAD} back to be re-sent: {sent_back.state.value} {sent_back.rewrite_paths!r} "
         f"{sent_back.last_error!r}"
     )
-    assert job.state == S.VERIFIED and healed, f"not re-sent: {job.state.value} {job.last_error!r}"
-    assert kept_unreadable, f"the bad NAS copy is not kept under previous/: {kept!r}"
+    assert job.state == S.VERIFIED and healed, f"[{kind}] not re-sent: {job.state.value} {job.last_error!r}"
+    assert kept_unreadable, f"[{kind}] the bad NAS copy is not kept under previous/: {kept!r}"
 
 
 # --------------------------------------------------------------------------- the same error from a share gone, or a blip
