@@ -552,6 +552,7 @@ def _equipment_cards(ctx: ServiceContext) -> list[dict[str, Any]]:
                 "nas_root": eq.nas_root,
                 "nas_reachable": ctx.facts.reachable.get(eq.id),
                 "nas_probed_at": ctx.facts.probed_at.get(eq.id),
+                "nas_silent_since": ctx.facts.silent_since.get(eq.id),
                 "bwlimit_kibps_now": bw_policy.limit_kibps(bandwidth, now),
                 "bwlimit_next_change": shapes.iso(change),
                 "jobs": counts[eq.id],

@@ -376,6 +376,7 @@ def _equipment_cards(
                 "transport": eq.transport.type,
                 "nas_reachable": ctx.facts.reachable.get(eq.id),
                 "nas_probed_at": ctx.facts.probed_at.get(eq.id),
+                "nas_silent_since": ctx.facts.silent_since.get(eq.id),
                 "limit_now": limit,
                 "next_change": change,
                 "limit_then": limit_then,

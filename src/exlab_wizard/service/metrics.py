@@ -5,7 +5,8 @@ equipment: cheap with 100,000 jobs): ``exlab_jobs{equipment,state}``,
 ``exlab_oldest_queued_job_age_seconds``, ``exlab_last_verified_sync_timestamp_seconds``.
 Read from :class:`NasFacts`, refreshed in the background and never during a
 scrape (a probe may take seconds when a NAS is away): ``exlab_nas_reachable``,
-``exlab_nas_probe_timestamp_seconds``, ``exlab_reclaimable_bytes``.
+``exlab_nas_probe_timestamp_seconds``, ``exlab_nas_silent_since_timestamp_seconds``,
+``exlab_reclaimable_bytes``.
 Counted as things happen (since this process started):
 ``exlab_transferred_bytes_total``, ``exlab_verifications_total{outcome}``
 (``pass``: a first verification or an audit pass; ``fail``: a verification
@@ -55,8 +56,12 @@ def _epoch(text: str) -> float | None:
 class NasFacts:
     """Per equipment: is the NAS reachable, and how many local bytes could cleanup free.
 
-    :meth:`run` refreshes both every ``interval_s`` (each probe bounded by
-    ``probe_timeout_s``); readers get the last answer and its time, never wait.
+    :meth:`run` refreshes both every ``interval_s`` (each probe awaited at
+    most ``probe_timeout_s``); readers get the last answer and its time, never
+    wait. A probe that does not answer in time is left to end on its own and
+    no other is started while it is out (a silent share holds a thread
+    in it for as long as it is silent): the NAS is "not answering since"
+    the probe started (:attr:`silent_since`), until that probe returns.
     """
 
     def __init__(self, config: Config, stats: QueueStats, *, interval_s: float = 30.0, probe_timeout_s: float = 20.0):
@@ -66,18 +71,32 @@ class NasFacts:
         self.probe_timeout_s = probe_timeout_s
         self.reachable: dict[str, bool] = {}
         self.probed_at: dict[str, float] = {}
+        #: Unix time the probe still out started, for each equipment whose NAS did not answer it in time.
+        self.silent_since: dict[str, float] = {}
         self.reclaimable: dict[str, int] = {}
         self._transports = {eq.id: make_transport(eq) for eq in config.equipment}
+        self._out: dict[str, tuple[float, asyncio.Future[bool]]] = {}
 
-    async def _probe(self, equipment_id: str) -> None:
+    async def _ask(self, equipment_id: str) -> bool:
         equipment = self.config.equipment_by_id(equipment_id)
         try:
-            ok = await asyncio.wait_for(
-                self._transports[equipment_id].reachable(Path(equipment.equipment_root)), self.probe_timeout_s
-            )
-        except Exception:  # a probe that fails or hangs means "not reachable"
-            ok = False
-        self.reachable[equipment_id] = bool(ok)
+            return bool(await self._transports[equipment_id].reachable(Path(equipment.equipment_root)))
+        except Exception:  # a probe that fails means "not reachable"
+            return False
+
+    async def _probe(self, equipment_id: str) -> None:
+        out = self._out.get(equipment_id)
+        if out is None:
+            out = self._out[equipment_id] = (time.time(), asyncio.ensure_future(self._ask(equipment_id)))
+            await asyncio.wait({out[1]}, timeout=self.probe_timeout_s)
+        started, probe = out
+        if probe.done():
+            del self._out[equipment_id]
+            self.reachable[equipment_id] = probe.result()
+            self.silent_since.pop(equipment_id, None)
+        else:  # still in the share: no other probe is started
+            self.reachable[equipment_id] = False
+            self.silent_since[equipment_id] = started
         self.probed_at[equipment_id] = time.time()
 
     async def refresh(self) -> None:
@@ -90,9 +109,13 @@ class NasFacts:
             logger.exception("reading reclaimable bytes failed")
 
     async def run(self) -> None:
-        while True:
-            await self.refresh()
-            await asyncio.sleep(self.interval_s)
+        try:
+            while True:
+                await self.refresh()
+                await asyncio.sleep(self.interval_s)
+        finally:
+            for _started, probe in self._out.values():
+                probe.cancel()
 
 
 class _QueueCollector(Collector):
@@ -139,12 +162,19 @@ class _QueueCollector(Collector):
             "Verified local bytes that cleanup could free (VERIFIED and CLEANUP_ELIGIBLE jobs).",
             labels=["equipment"],
         )
+        silent = GaugeMetricFamily(
+            "exlab_nas_silent_since_timestamp_seconds",
+            "Unix time since which a NAS probe has not returned (0: the last probe answered).",
+            labels=["equipment"],
+        )
         for eq in ids:
             reachable.add_metric([eq], 1.0 if self.facts.reachable.get(eq) else 0.0)
             probed.add_metric([eq], self.facts.probed_at.get(eq, 0.0))
+            silent.add_metric([eq], self.facts.silent_since.get(eq, 0.0))
             reclaim.add_metric([eq], float(self.facts.reclaimable.get(eq, 0)))
         yield reachable
         yield probed
+        yield silent
         yield reclaim
 
 

@@ -60,6 +60,7 @@ from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_mes
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import location_change, remote_run_path, run_location
+from exlab_wizard.sync.transports.share_lanes import in_share_of
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as list_run
 
@@ -279,7 +280,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     verified, known = record
     recorded = data_only(verified)
     # The place read, named before it is read (a share swapped meanwhile: recorded as the one before).
-    here = await asyncio.to_thread(run_location, equipment, run)
+    here = await in_share_of(equipment, f"where the NAS copy of {run} is", run_location, equipment, run)
     try:
         remote = await ctx.remotes.access(equipment).manifest(run)
     except TransportError as exc:

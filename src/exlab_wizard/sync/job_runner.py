@@ -71,6 +71,7 @@ from exlab_wizard.sync.transports.base import (
     run_location,
 )
 from exlab_wizard.sync.transports.conflict import NAS_MANIFEST, check_owner, claim_markers, ownership_error
+from exlab_wizard.sync.transports.share_lanes import in_share_of
 from exlab_wizard.sync.verifier import compare
 from exlab_wizard.sync.verifier import scan_run as scan_entries
 
@@ -638,8 +639,8 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     # another's (another run's verified copy whose manifest its metadata push has not written yet),
     # and none is its to keep. What says it wrote is its claim file on the NAS, which a push writes
     # (durably) before its first file; the queue knows only of jobs from before claim files.
-    here = await asyncio.to_thread(run_location, equipment, run)
-    fresh = not await asyncio.to_thread(_claimed_before, queue, job, equipment, run)
+    here = await in_share_of(equipment, f"where the NAS copy of {run} is", run_location, equipment, run)
+    fresh = not await in_share_of(equipment, f"where {run} was claimed", _claimed_before, queue, job, equipment, run)
     if not fresh or nas_copy is not None:
         # The folder is the run's own: the push sends .exlab-wizard/ too, and never a creation.json
         # poorer than the NAS's (one written anew where the local one was lost).
@@ -980,7 +981,7 @@ async def verify_job(
         ctx.progress_cb(job, "verify", 0)
         # The place read, named before it is read: a share swapped meanwhile is recorded as the one
         # before, which the reaper then finds is not the one mounted (and the audit verifies that one).
-        place = await asyncio.to_thread(run_location, equipment, run)
+        place = await in_share_of(equipment, f"where the NAS copy of {run} is", run_location, equipment, run)
         # The remote manifest is asked for while the local files are checked for;
         # a vanished local file fails the job whatever the remote answers.
         manifest_task = asyncio.ensure_future(ctx.remotes.access(equipment).manifest(run))

@@ -66,6 +66,7 @@ from exlab_wizard.sync.transports.conflict import (
     claim_path,
     ownership_error,
 )
+from exlab_wizard.sync.transports.share_lanes import in_share_of
 from exlab_wizard.sync.verifier import hash_tree
 
 __all__ = [
@@ -284,8 +285,14 @@ async def try_push(
     """
     run = Path(job.run_path)
     try:
-        moved = await asyncio.to_thread(
-            location_change, equipment, run, verified_location=job.verified_location, remote_path=job.remote_path
+        moved = await in_share_of(
+            equipment,
+            f"where the NAS copy of {run} is",
+            location_change,
+            equipment,
+            run,
+            verified_location=job.verified_location,
+            remote_path=job.remote_path,
         )
         if moved is not None:
             refused = await _not_ours_there(ctx, job, equipment, moved)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from exlab_wizard.config.models import RunOutsideRoots
+from exlab_wizard.config.models import EquipmentConfig, RunOutsideRoots
 from exlab_wizard.sync.manifest_format import ManifestFormatError, has_digest, read_manifest_and_digest
 from exlab_wizard.sync.policy import cleanup as policy
 from exlab_wizard.sync.policy.cleanup import CleanupCode, CleanupDecision, CleanupFacts, LocalCheck
@@ -46,6 +46,7 @@ from exlab_wizard.sync.transports.base import (
     remote_run_path,
 )
 from exlab_wizard.sync.transports.conflict import claim_markers, claim_path
+from exlab_wizard.sync.transports.share_lanes import in_share_of
 
 __all__ = ["InterlockFacts", "narrow_times"]
 
@@ -88,7 +89,8 @@ class InterlockFacts:
         """
         # What is at the place now (for mount: what is mounted there, read from the mount table right
         # before the listing) against where the passes were read.
-        moved = await asyncio.to_thread(self._moved, job)
+        share = self._equipment_of(job)  # its looks into a mount share go on that share's own threads
+        moved = await in_share_of(share, f"where the NAS copy of {job.run_path} is", self._moved, job)
         if moved is not None:
             if not await self._reachable(job):
                 # A share unmounted since interlock 1: the bare mount point is not another NAS.
@@ -120,7 +122,7 @@ class InterlockFacts:
         claimed = self._claimed_by_another_run(job, listing)
         if claimed is not None:
             return policy.RemoteCheck(refusal=claimed, refusal_code=CleanupCode.NAS_FOLDER_CLAIMED)
-        local = await asyncio.to_thread(self._nas_is_local, job, files)
+        local = await in_share_of(share, f"comparing the NAS copy of {job.run_path}", self._nas_is_local, job, files)
         if local is not None:
             return policy.RemoteCheck(refusal=local, refusal_code=CleanupCode.NAS_IS_LOCAL)
         sent = await asyncio.to_thread(self._sent_times, job, files)
@@ -131,6 +133,12 @@ class InterlockFacts:
             listed_times={path: entry.mtime_ns for path, entry in listing.items()},
             slack_ns=COPY_TIME_SLACK_NS,
         )
+
+    def _equipment_of(self, job: SyncJobRow) -> EquipmentConfig | None:
+        try:
+            return self.config.equipment_by_id(job.equipment_id)
+        except KeyError:
+            return None
 
     def _sent_times(self, job: SyncJobRow, files: Sequence[PlannedFile]) -> dict[str, set[int]]:
         """The mtimes a push may have given each planned file on the NAS: the local one, and the verified one.

@@ -175,6 +175,7 @@ from exlab_wizard.sync.transports.conflict import (
     sort_remote,
     twins_refused,
 )
+from exlab_wizard.sync.transports.share_lanes import lane as share_lane
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
@@ -557,7 +558,7 @@ class MountTransport(Transport):
 
     async def reachable(self, run_path: Path) -> bool:
         """True when ``mount_path`` is a folder holding the mount marker. Never raises."""
-        return await asyncio.to_thread(self._mounted)
+        return await share_lane(self.mount_path, "probe").run("probe", self._mounted)
 
     def _remote_error(self, exc: OSError, where: str) -> TransportError:
         code = exc.errno
@@ -651,7 +652,8 @@ class MountTransport(Transport):
         """
         abort = threading.Event()
         try:
-            return await asyncio.to_thread(
+            return await share_lane(self.mount_path).run(
+                f"push of {run_path}",
                 self._push,
                 Path(run_path),
                 bwlimit_kibps,
@@ -679,8 +681,16 @@ class MountTransport(Transport):
         """
         abort = threading.Event()
         try:
-            return await asyncio.to_thread(
-                self._push, Path(run_path), bwlimit_kibps, frozenset(), None, abort, frozenset(), True
+            return await share_lane(self.mount_path).run(
+                f"metadata push of {run_path}",
+                self._push,
+                Path(run_path),
+                bwlimit_kibps,
+                frozenset(),
+                None,
+                abort,
+                frozenset(),
+                True,
             )
         except asyncio.CancelledError:
             abort.set()
@@ -1685,7 +1695,9 @@ class MountTransport(Transport):
         """
         abort = threading.Event()
         try:
-            return await asyncio.to_thread(self._remote_manifest, Path(run_path), abort)
+            return await share_lane(self.mount_path).run(
+                f"hashing the NAS copy of {run_path}", self._remote_manifest, Path(run_path), abort
+            )
         except asyncio.CancelledError:
             abort.set()  # the hashing threads stop at their next file
             raise
@@ -1835,7 +1847,9 @@ class MountTransport(Transport):
         Marker guard as for ``push``. A file reached through a symlink on the
         share (the file or a folder above it) is not fetched.
         """
-        return await asyncio.to_thread(self._fetch, Path(run_path), sorted(set(paths)), Path(into))
+        return await share_lane(self.mount_path).run(
+            f"fetch from the NAS copy of {run_path}", self._fetch, Path(run_path), sorted(set(paths)), Path(into)
+        )
 
     def _fetch(self, run: Path, paths: list[str], into: Path) -> dict[str, Path]:
         self._require_mounted()
@@ -1886,7 +1900,14 @@ class MountTransport(Transport):
         self, run_path: Path, paths: Collection[str], stamp: str, *, new: bool = False
     ) -> list[str]:
         """Rename the named files into ``.exlab-wizard/previous/<stamp>/`` on the share; folders fsynced."""
-        return await asyncio.to_thread(self._keep_previous, Path(run_path), sorted(set(paths)), stamp, new=new)
+        return await share_lane(self.mount_path).run(
+            f"keeping previous NAS files of {run_path}",
+            self._keep_previous,
+            Path(run_path),
+            sorted(set(paths)),
+            stamp,
+            new=new,
+        )
 
     def _keep_previous(self, run: Path, paths: list[str], stamp: str, *, new: bool = False) -> list[str]:
         """Each rename made below the remote run folder, opened once: folder by folder, never through a symlink.
@@ -2009,12 +2030,16 @@ class MountTransport(Transport):
         that is not a folder, lists nothing; a subfolder removed while listed
         lists nothing either. Nothing is followed, read or written.
         """
-        listed = await asyncio.to_thread(self._remote_listing, Path(run_path))
+        listed = await share_lane(self.mount_path).run(
+            f"listing the NAS copy of {run_path}", self._remote_listing, Path(run_path)
+        )
         return {rel: info.size for rel, info in listed.items()}
 
     async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
         """As :meth:`remote_listing`, each file with its mtime as the share keeps it."""
-        return await asyncio.to_thread(self._remote_listing, Path(run_path))
+        return await share_lane(self.mount_path).run(
+            f"listing the NAS copy of {run_path}", self._remote_listing, Path(run_path)
+        )
 
     def _remote_listing(self, run: Path) -> dict[str, RemoteFile]:
         """The listing, each file opened and its size and mtime asked of the server (:func:`_opened_stat`).
