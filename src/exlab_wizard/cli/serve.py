@@ -19,11 +19,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.text import Text
@@ -45,6 +50,7 @@ from exlab_wizard.config import Config
 from exlab_wizard.sync import queue_damage
 from exlab_wizard.sync.queue import QueueDamaged, lease_path_for
 from exlab_wizard.sync.state_dir import state_dir_warnings
+from exlab_wizard.sync.transports import share_lanes
 
 if TYPE_CHECKING:  # FastAPI and uvicorn load only when ``serve`` runs: every other command starts faster
     from exlab_wizard.service.server import ServiceInfo
@@ -86,6 +92,51 @@ def _no_central_log(path: Path, error: OSError) -> None:
         ),
         highlight=False,
     )
+
+
+#: How long a stopped service waits for its threads to end before it exits without them.
+THREADS_GRACE_S = 1.0
+
+
+async def _then_leave(service: Coroutine[Any, Any, None]) -> None:
+    """Run ``service``; then, when a thread is still blocked (in a NAS share gone silent), exit without it.
+
+    ``asyncio.run`` would wait for the default pool without a bound, and the
+    interpreter for every pool's threads at exit: a share that does not answer
+    would hold the stop past systemd's ``TimeoutStopSec`` (SIGKILL). The queue
+    is durable: the job left RUNNING goes back to QUEUED at the next start, and
+    the next push removes the temporary files of this one.
+    """
+    pool = ThreadPoolExecutor(thread_name_prefix="exlab-serve")  # ours, so its end can be bounded
+    asyncio.get_running_loop().set_default_executor(pool)
+    await service
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + THREADS_GRACE_S
+    while True:
+        calls = share_lanes.stuck()
+        others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+        if not calls and not others:
+            return
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    now = time.time()
+    lines = [
+        f"serve stopped with a thread blocked for {now - call.since:.0f} s in the share {call.path} ({call.what}): "
+        "the NAS does not answer; exiting without it (the job is sent again at the next start)"
+        for call in calls
+    ]
+    if others:
+        lines.append(
+            f"serve stopped with {len(others)} thread(s) still busy ({', '.join(others)}): exiting without them"
+        )
+    for line in lines:
+        logger.error("%s", line)
+        err_console.print(Text.assemble(("error:", "bold red"), " ", printable(line)), highlight=False, soft_wrap=True)
+    logging.shutdown()  # flushes the central log
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK)
 
 
 @main.command("serve")
@@ -147,8 +198,10 @@ def serve_cmd(host: str, port: int, config: Config) -> None:
 
     try:
         asyncio.run(
-            run_service(
-                config, host=host, port=port, on_ready=on_ready, on_port_taken=on_port_taken, on_running=on_running
+            _then_leave(
+                run_service(
+                    config, host=host, port=port, on_ready=on_ready, on_port_taken=on_port_taken, on_running=on_running
+                )
             )
         )
     except AlreadyServing as exc:
