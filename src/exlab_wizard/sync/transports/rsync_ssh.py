@@ -1370,15 +1370,21 @@ class RsyncSshTransport(Transport):
             f"(no {self.config.remote_marker})",
         )
 
-    async def _sftp_marker(self, run_path: object, marker: str) -> bool:
-        from exlab_wizard.sync.transports.rclone import marker_present, rclone_binary, sftp_connection_string
+    def _sftp_fs(self, path: str) -> str:
+        """rclone's on-the-fly sftp remote for ``path`` on this host, with this key and known_hosts."""
+        from exlab_wizard.sync.transports.rclone import sftp_connection_string
 
         cfg = self.config
         user, _, host = cfg.ssh_target.rpartition("@")
         known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
-        fs = sftp_connection_string(
-            host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=marker
+        return sftp_connection_string(
+            host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=path
         )
+
+    async def _sftp_marker(self, run_path: object, marker: str) -> bool:
+        from exlab_wizard.sync.transports.rclone import marker_present, rclone_binary
+
+        fs = self._sftp_fs(marker)
         return await marker_present([rclone_binary(), "--config", os.devnull], fs, log=self.log, run_path=run_path)
 
     async def _raise_if_root_missing(self, run_path: Path) -> None:
@@ -1616,22 +1622,9 @@ class RsyncSshTransport(Transport):
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
     async def _sftp_manifest(self, run_path: Path, remote_run: str) -> RemoteManifest:
-        from exlab_wizard.sync.transports.rclone import download_manifest, rclone_binary, sftp_connection_string
+        from exlab_wizard.sync.transports.rclone import download_manifest, rclone_binary
 
-        cfg = self.config
-        user, _, host = cfg.ssh_target.rpartition("@")
-        known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
-        fs = sftp_connection_string(
-            host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=remote_run
-        )
-        root_fs = sftp_connection_string(
-            host=host,
-            port=cfg.ssh_port,
-            user=user,
-            key_file=cfg.ssh_key_path,
-            known_hosts_file=known,
-            path=cfg.remote_root,
-        )
+        fs, root_fs = self._sftp_fs(remote_run), self._sftp_fs(self.config.remote_root)
         manifest = await download_manifest(
             [rclone_binary(), "--config", os.devnull],
             fs,
@@ -1694,17 +1687,9 @@ class RsyncSshTransport(Transport):
         return {}
 
     async def _sftp_listing(self, run_path: Path, remote_run: str) -> dict[str, RemoteFile]:
-        from exlab_wizard.sync.transports.rclone import list_stats, rclone_binary, sftp_connection_string
+        from exlab_wizard.sync.transports.rclone import list_stats, rclone_binary
 
-        cfg = self.config
-        user, _, host = cfg.ssh_target.rpartition("@")
-        known = cfg.ssh_known_hosts or Path("~/.ssh/known_hosts").expanduser()
-        fs, root_fs = (
-            sftp_connection_string(
-                host=host, port=cfg.ssh_port, user=user, key_file=cfg.ssh_key_path, known_hosts_file=known, path=path
-            )
-            for path in (remote_run, cfg.remote_root)
-        )
+        fs, root_fs = self._sftp_fs(remote_run), self._sftp_fs(self.config.remote_root)
         return await list_stats([rclone_binary(), "--config", os.devnull], fs, root_fs, log=self.log, run_path=run_path)
 
     # ------------------------------------------------------- fetch, keep previous
