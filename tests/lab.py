@@ -404,6 +404,19 @@ def deletion_killed_after_two(monkeypatch: Any) -> Iterator[None]:
         monkeypatch.undo()
 
 
+def settled_since() -> dt.datetime:
+    """A time for the hashing to have begun at that makes every file written so far trusted.
+
+    Later than now by the kernel's writeback window (a store through a mapping may stamp no
+    time within it: :func:`~exlab_wizard.sync.reaper.local_check.writeback_window_ns`) and 3 s.
+    """
+    from exlab_wizard.sync.reaper import local_check
+
+    window_ns = getattr(local_check, "writeback_window_ns", lambda: 0)() or 0
+    window = dt.timedelta(microseconds=window_ns // 1000)
+    return dt.datetime.now(dt.UTC) + window + dt.timedelta(seconds=3)
+
+
 @dataclasses.dataclass
 class VerifiedLab:
     """One equipment (``CONF_01``) whose runs are copied and verified, as the client leaves them.
@@ -537,10 +550,9 @@ class VerifiedLab:
             last_verify_at=pass_times[-1] if passes else None,
             manifest_digest=manifest_digest(hashes),
         )
-        # The files were last changed (ctime: just now, by utime) before the hashing began.
-        record_verified_stat(
-            self.queue, job.id, run, hashes, verified_at, hashed_since=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
-        )
+        # The files were last changed (ctime: just now, by utime) before the hashing began, by more than
+        # the kernel's writeback window (a store through a mapping may stamp no time within it).
+        record_verified_stat(self.queue, job.id, run, hashes, verified_at, hashed_since=settled_since())
         if eligible:
             self.queue.transition(job.id, S.VERIFIED, S.CLEANUP_ELIGIBLE, now=verified_at + HOUR)
         return run, job.id

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync import queue as queue_mod
+from exlab_wizard.sync.reaper.store import VerifiedStat
 from exlab_wizard.sync.states import SyncJobState
 from tests.client.test_grown_after_its_copy import FRAME, GROWN, _a_day_of_audits_and_cleanup, _grown_while_verified
 from tests.client.upgrade import as_version, user_version
@@ -73,6 +74,8 @@ async def test_restore_after_the_upgrade_never_cuts_a_file_an_engine_at_10_calle
     as_version(db, 8)
     with monkeypatch.context() as at_10:
         at_10.setattr(queue_mod, "MIGRATIONS", queue_mod.MIGRATIONS[:10])
+        # Nor did it know of stats from another boot (migration 13), whose unchanged stat holds an edit.
+        at_10.setattr(VerifiedStat, "unstamped", property(lambda _: False))
         async with running(cleanup_config(lab), clock) as client:  # upgraded to 10
             await _a_day_of_audits_and_cleanup(client, clock)
             job = await client.job(run)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
 import os
 import subprocess
@@ -25,7 +24,7 @@ from exlab_wizard.sync.reaper import deletion, load_verified_stats, mounts, reco
 from exlab_wizard.sync.reaper.store import CleanupStore, PlannedFile
 from exlab_wizard.sync.recovery import restore_damaged, verified_manifest
 from exlab_wizard.sync.states import SyncJobState
-from tests.lab import VERIFIED_FILES
+from tests.lab import VERIFIED_FILES, settled_since
 from tests.lab import VerifiedLab as Lab
 
 S = SyncJobState
@@ -175,8 +174,7 @@ def test_stats_recorded_below_a_mount_point_are_not_trusted(lab: Lab, tmp_path: 
     CleanupStore(lab.queue).forget_verified(job_id)
     other = _other_sub(tmp_path)
     with mounted("--bind", str(other), str(run / "sub")):
-        since = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)  # every file older than the hashing
-        record_verified_stat(lab.queue, job_id, run, HASHES, lab.now, hashed_since=since)
+        record_verified_stat(lab.queue, job_id, run, HASHES, lab.now, hashed_since=settled_since())
     trusted = {rel: row.trusted for rel, row in load_verified_stats(lab.queue, job_id).items()}
     assert trusted == {
         "image_001.tif": True,

@@ -736,6 +736,7 @@ def test_record_verified_stat_keeps_the_first_trusted_stat(lab: Lab):
 
 def test_record_verified_stat_distrusts_files_written_while_hashing(lab: Lab, monkeypatch):
     monkeypatch.setattr(local_check, "RACE_SLACK_NS", 0)  # the test cannot wait out 2 s of slack
+    monkeypatch.setattr(local_check, "writeback_window_ns", lambda: 0)  # nor the kernel's writeback window
     run, job_id = lab.make_run()
     # The hashing's start read from the file system's own (coarse) clock, as the mtimes are: the wall
     # clock can be a tick ahead of the mtime of a file written right after it (flaky under load).

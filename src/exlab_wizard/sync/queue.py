@@ -271,6 +271,19 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE cleanup_progress ADD COLUMN run_folder TEXT;
     """,
+    # 13: the boot (/proc/sys/kernel/random/boot_id) a job's verified stats were recorded in, and a
+    # plan written in: a power cut may keep a save's bytes and lose its new times, so a stat from
+    # another boot vouches for nothing (NULL, rows and plans written before: another boot). And a
+    # verified file written within the kernel's writeback window before the hashing (writeback = 1):
+    # a store through a memory mapping may have changed its bytes since with no time stamped.
+    """
+    CREATE TABLE verified_boots (
+        job_id  TEXT PRIMARY KEY REFERENCES jobs (id),
+        boot_id TEXT NOT NULL
+    );
+    ALTER TABLE verified_files ADD COLUMN writeback INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE cleanup_progress ADD COLUMN boot_id TEXT;
+    """,
 ]
 
 

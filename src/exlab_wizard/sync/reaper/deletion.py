@@ -15,7 +15,7 @@ Owns every unlink and rmdir the reaper makes:
   in between is given its name back and the deletion stops. A file whose
   stat cannot vouch for its bytes (another inode number than planned: exFAT
   through FUSE numbers inodes anew after a remount or memory pressure; no
-  ctime known: a filesystem that keeps none) is hashed after that rename,
+  ctime known: a filesystem that keeps none, a plan of another boot) is hashed after that rename,
   through the private name, and unlinked only when it holds the verified
   bytes. A pass killed between the rename and the unlink leaves the private
   name, which the next one deletes if it holds the planned file (its bytes
@@ -195,7 +195,9 @@ def _reap(folder: int, name: str, item: PlannedFile) -> bool:
     verified bytes: one with another inode number than planned (a FUSE
     filesystem without ``use_ino``, exfat-fuse, numbers inodes anew after a
     remount or when the kernel let the inode go), or with no ctime known (a
-    filesystem that keeps none, exFAT: :func:`~.local_check.keeps_ctime`).
+    filesystem that keeps none, exFAT: :func:`~.local_check.keeps_ctime`; a
+    plan written in another boot, whose stats a power cut may have made lie:
+    :meth:`~.store.CleanupStore.plan_files`).
     Other bytes: the file gets its name back, a fatal stop.
     """
     private = reaping_name(name, item.ino)

@@ -18,6 +18,11 @@ for it) lets a rewrite in place that puts the old size and mtime back leave
 every field of the stat as recorded: on such a disk (:func:`keeps_ctime`) no
 stat is trusted, every file is read again by the scan and planned with no
 ctime, so that the deletion reads it once more right before its unlink.
+Nor is a stat that may not show a write: one stamped within the kernel's
+writeback window before the hashing (:func:`writeback_window_ns`: a store
+through a memory mapping stamps no time while its page stays dirty), or one
+recorded in another boot (:func:`~.store.current_boot`: a power cut may keep a
+save's bytes and lose its times). Other bytes under such a stat are an edit.
 
 Reads only: nothing here deletes or writes a local file, but for the empty
 file :func:`keeps_ctime` makes and removes in ``.exlab-wizard/`` on a
@@ -64,6 +69,7 @@ from exlab_wizard.sync.transports.base import RemoteFile
 
 __all__ = [
     "RACE_SLACK_NS",
+    "WRITEBACK_MARGIN_NS",
     "LocalScan",
     "PlannedFile",
     "VerifiedStat",
@@ -73,6 +79,7 @@ __all__ = [
     "record_copy_stats",
     "record_verified_stat",
     "scan_run",
+    "writeback_window_ns",
 ]
 
 #: A file whose mtime is this close to (or after) the start of the hashing
@@ -80,6 +87,39 @@ __all__ = [
 #: trusted, and the reaper re-hashes it before deleting it. Covers filesystems
 #: with coarse timestamps (FAT: 2 s).
 RACE_SLACK_NS = 2_000_000_000
+
+#: Where Linux keeps how long a page may stay dirty, and how often the flusher wakes (centiseconds).
+_VM = "/proc/sys/vm"
+#: Their defaults (30 s and 5 s), for a kernel that does not say.
+_DIRTY_DEFAULTS_CS = {"dirty_expire_centisecs": 3000, "dirty_writeback_centisecs": 500}
+#: Added to the kernel's window: a flusher busy with other pages comes late.
+WRITEBACK_MARGIN_NS = 5_000_000_000
+
+
+def writeback_window_ns() -> int | None:
+    """How long before the hashing a write may have been stamped and still be followed by unstamped ones.
+
+    A store through a shared memory mapping (``numpy.memmap``, a camera
+    SDK's ring file) stamps mtime and ctime at its first write fault into a
+    clean page only; later stores into that page stamp nothing until
+    writeback has cleaned it: up to ``dirty_expire_centisecs`` +
+    ``dirty_writeback_centisecs`` (35 s by default), plus
+    :data:`WRITEBACK_MARGIN_NS`, and never less than :data:`RACE_SLACK_NS`.
+    A file stamped later than that before the hashing began may hold other
+    bytes than the hashed ones under its recorded stat. None: no bound (the
+    periodic writeback is off, ``dirty_writeback_centisecs`` 0), no file is trusted.
+    """
+    total = 0
+    for name, default in _DIRTY_DEFAULTS_CS.items():
+        try:
+            with open(f"{_VM}/{name}", encoding="ascii") as handle:
+                value = int(handle.read().strip())
+        except (OSError, ValueError):
+            value = default
+        if name == "dirty_writeback_centisecs" and value <= 0:
+            return None
+        total += max(0, value) * 10_000_000
+    return max(RACE_SLACK_NS, total + WRITEBACK_MARGIN_NS)
 
 
 #: Filesystems whose ctime is the kernel's change time, set by every write, rename and utime.
@@ -212,7 +252,11 @@ def record_verified_stat(
     a later edit before the hashing. A file modified within
     :data:`RACE_SLACK_NS` of that time, or later, may not hold the hashed
     bytes: its stat is recorded as not trusted, and the reaper re-hashes it
-    before it deletes anything. So is a file below a folder (the run's
+    before it deletes anything. So is one whose mtime or ctime is within the
+    kernel's writeback window before that time (:func:`writeback_window_ns`,
+    ~40 s): a store through a memory mapping may change it later with no
+    time stamped; its row is marked ``writeback``, and other bytes under its
+    very stat are then an edit, not damage (:func:`_damage`). So is a file below a folder (the run's
     included) whose ctime is that late: renamed or moved into place since,
     it may hold another run's files of the same names. ``run_folder``: the
     run folder's (device, inode) when the hashing began; another folder at
@@ -256,6 +300,10 @@ def record_verified_stat(
         file_now = filesystem_now_ns(run)
         if file_now is not None:
             since_ns -= max(0, _ns(now) - file_now)
+    # A file stamped after this may have been written through a mapping since, with no time stamped.
+    # None: no bound known (the periodic writeback is off), every file may have been.
+    window = writeback_window_ns()
+    settled_ns = None if since_ns is None or window is None else since_ns + RACE_SLACK_NS - window
 
     # Without a ctime, a rewrite that put the size and mtime back is seen by no stat: none is trusted.
     ctime_kept = keeps_ctime(run)
@@ -303,9 +351,15 @@ def record_verified_stat(
             except OSError:
                 continue
             regular = stat.S_ISREG(st.st_mode)
+            writeback = (
+                ctime_kept
+                and since_ns is not None
+                and (settled_ns is None or max(st.st_mtime_ns, st.st_ctime_ns) >= settled_ns)
+            )
             trusted = (
                 regular
                 and ctime_kept
+                and not writeback
                 and since_ns is not None
                 and st.st_mtime_ns < since_ns
                 and st.st_ctime_ns < since_ns
@@ -321,7 +375,7 @@ def record_verified_stat(
             if not stamped and st.st_mtime_ns >= since_ns:
                 stamped = not ctime_kept or st.st_ctime_ns == st.st_mtime_ns
             newer = _other_bytes(base + rel, sha) if regular and stamped else None
-            yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer)
+            yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer, writeback)
 
     return CleanupStore(queue).record_verified(job_id, data, stats(), now)
 
@@ -410,7 +464,15 @@ def _damage(st: os.stat_result, record: VerifiedStat | None, verified_ns: int | 
     untrusted row an engine before queue migration 10 recorded
     (:attr:`~.store.VerifiedStat.legacy`) never read the file again: any
     bytes under its mtime may be that edit, so they are one (sent again; the
-    push keeps the replaced NAS copy), only an older mtime is damage. File times are
+    push keeps the replaced NAS copy), only an older mtime is damage. A row
+    whose stat may not show a write (:attr:`~.store.VerifiedStat.unstamped`:
+    written within the writeback window before the hashing, a store through a
+    mapping stamping nothing; or recorded in another boot, a power cut losing
+    a save's new times but not its bytes) with the very size, mtime, ctime and
+    inode recorded, last stamped by a write (recorded ctime = mtime: a write
+    stamps both alike; an mtime put back by a tool leaves a later ctime, and
+    stays damage), holds an edit whose times were never stamped: sent again,
+    never "restored" over. File times are
     compared with file times (the "trusted" flag compares them with the
     client's clock, which may be off). Without a record, only an mtime after
     the verification is an edit.
@@ -419,6 +481,8 @@ def _damage(st: os.stat_result, record: VerifiedStat | None, verified_ns: int | 
     if record is not None and record.mtime_ns is not None:
         if _written_behind(st, record.size, (record.mtime_ns, record.ctime_ns)):
             return False
+        if record.unstamped and record.ctime_ns == record.mtime_ns and record.same_stat(st):
+            return False  # last stamped by a write (which stamps both alike; a utime or chmod leaves a later ctime)
         if record.legacy:
             return mtime_ns < record.mtime_ns
         if record.newer_sha256 is not None and mtime_ns == record.mtime_ns and digest == record.newer_sha256:

@@ -4,10 +4,12 @@ Owns every SQL statement on the reaper's three tables (created by the
 queue's migration 4, like every other table):
 
 - ``verified_files``: the size, mtime, ctime and inode each verified file
-  had when it was hashed (:class:`VerifiedStat`);
+  had when it was hashed (:class:`VerifiedStat`), and ``verified_boots``:
+  the boot they were recorded in (queue migration 13, :func:`current_boot`);
 - ``cleanup_progress``: one row per job whose deletion is planned (its
   manifest digest, counts, the folder it was planned in (:func:`folder_identity`,
-  queue migration 12), and when its data were deleted);
+  queue migration 12), the boot it was planned in (migration 13), and when its
+  data were deleted);
 - ``cleanup_plan``: one row per file that deletion may remove
   (:class:`PlannedFile`).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +49,7 @@ __all__ = [
     "PlannedFile",
     "Progress",
     "VerifiedStat",
+    "current_boot",
     "drop_plan",
     "ensure_cleanup_schema",
     "folder_identity",
@@ -104,6 +108,49 @@ def _ns_value(stored: int | bytes | None) -> int | None:
     return int(stored) if isinstance(stored, bytes) else stored
 
 
+# --------------------------------------------------------------------------- the boot
+
+#: Where Linux gives this boot's id: a new random UUID at every boot.
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def current_boot() -> str | None:
+    """This boot's id (:data:`BOOT_ID_FILE`); None when it cannot be read (then no stat is of this boot).
+
+    A power cut can keep a file's new bytes and lose its new times: XFS makes
+    the data of a ``pwrite`` + ``fdatasync`` durable while the times wait in
+    its in-memory log; btrfs writes a ``nodatacow`` file's pages in place
+    while its times wait for the next transaction commit (30 s); ext4 within
+    its journal commit (5 s). After the reboot the file holds other bytes
+    under the very stat recorded. A stat recorded, or a plan written, in
+    another boot therefore vouches for nothing: the file is read again.
+    """
+    try:
+        with open(BOOT_ID_FILE, encoding="ascii") as handle:
+            boot = handle.read().strip()
+    except (OSError, ValueError):
+        return None
+    return boot or None
+
+
+#: The queue migration that made ``verified_boots``, ``verified_files.writeback`` and
+#: ``cleanup_progress.boot_id``. A database at an older step (a test pinning the migrations)
+#: has none: its stats and plans are then of no boot known, as rows written before it are.
+_BOOTS_SINCE = 13
+
+
+def _boots_kept(conn: sqlite3.Connection) -> bool:
+    return conn.execute("PRAGMA user_version").fetchone()[0] >= _BOOTS_SINCE
+
+
+def _stored_boot(conn: sqlite3.Connection, query: str, job_id: str) -> str | None:
+    """The boot id ``query`` reads for ``job_id``; None when none is stored (or the schema has none)."""
+    if not _boots_kept(conn):
+        return None
+    row = conn.execute(query, (job_id,)).fetchone()
+    return None if row is None else row[0]
+
+
 # --------------------------------------------------------------------------- records
 
 #: ``newer_sha256`` of an untrusted row recorded before queue migration 10 (set by migration 11;
@@ -125,6 +172,15 @@ class VerifiedStat:
     :data:`LEGACY_NEWER` (queue migration 11): an untrusted row an engine
     before migration 10 recorded without reading the file again; its stat
     may be of bytes written after the hashing (:attr:`legacy`).
+
+    ``writeback``: the file was stamped within the kernel's writeback window
+    before the hashing (or later): a store through a memory mapping into a
+    page still dirty stamps no time, so its bytes may have changed since
+    under this very stat (recorded untrusted). ``other_boot``: recorded in
+    another boot than this one (or one not known), see :func:`current_boot`;
+    such a stat vouches for nothing either. For both, other bytes under the
+    very stat recorded (:meth:`same_stat`) are an edit whose times were never
+    stamped or were lost, never damage.
     """
 
     path: str
@@ -135,17 +191,27 @@ class VerifiedStat:
     ino: int | None
     trusted: bool
     newer_sha256: str | None = None
+    writeback: bool = False
+    other_boot: bool = False
 
     @property
     def legacy(self) -> bool:
         """Untrusted and recorded before migration 10: the bytes under this stat were never read."""
         return not self.trusted and self.newer_sha256 == LEGACY_NEWER
 
+    @property
+    def unstamped(self) -> bool:
+        """May the file have been written since with no time stamped, or with its new times lost?"""
+        return self.writeback or self.other_boot
+
     def matches(self, st: os.stat_result) -> bool:
-        """Same size, mtime, ctime and inode as ``st``, and trusted."""
+        """Same size, mtime, ctime and inode as ``st``, trusted, and recorded in this boot."""
+        return self.trusted and not self.other_boot and self.same_stat(st)
+
+    def same_stat(self, st: os.stat_result) -> bool:
+        """Same size, mtime, ctime and inode as ``st``, trusted or not."""
         return (
-            self.trusted
-            and self.size == st.st_size
+            self.size == st.st_size
             and self.mtime_ns == st.st_mtime_ns
             and self.ctime_ns == st.st_ctime_ns
             and self.ino == st.st_ino
@@ -176,7 +242,9 @@ class Progress:
 
     ``run_folder``: the :func:`folder_identity` of the run folder the plan was
     written for; None when not known (a plan written before queue migration 12,
-    or a folder that could not be stat-ed then).
+    or a folder that could not be stat-ed then). ``boot_id``: the boot it was
+    written in (:func:`current_boot`; None: not known, a plan written before
+    queue migration 13).
     """
 
     job_id: str
@@ -187,6 +255,7 @@ class Progress:
     bytes: int
     data_deleted_at: dt.datetime | None
     run_folder: str | None = None
+    boot_id: str | None = None
 
 
 def folder_identity(run: str | os.PathLike[str]) -> str | None:
@@ -209,9 +278,9 @@ def folder_identity(run: str | os.PathLike[str]) -> str | None:
     return f"{st.st_dev}:{st.st_ino} {inner}"
 
 
-#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted, newer_sha256)`` of one file, as
-#: :meth:`CleanupStore.record_verified` takes it (see :class:`VerifiedStat`).
-StatRow = tuple[str, int, int, int, int, bool, str | None]
+#: ``(sha256, size, mtime_ns, ctime_ns, inode, trusted, newer_sha256[, writeback])`` of one file, as
+#: :meth:`CleanupStore.record_verified` takes it (see :class:`VerifiedStat`; no ``writeback``: False).
+StatRow = tuple[str, int, int, int, int, bool, str | None] | tuple[str, int, int, int, int, bool, str | None, bool]
 
 
 # --------------------------------------------------------------------------- the store
@@ -239,14 +308,23 @@ class CleanupStore:
                 bytes=row["bytes"],
                 data_deleted_at=_from_ts(row["data_deleted_at"]),
                 run_folder=row["run_folder"],
+                boot_id=row["boot_id"] if "boot_id" in row.keys() else None,  # noqa: SIM118
             )
             for row in rows
         }
 
     def plan_files(self, job_id: str) -> list[PlannedFile]:
-        """The job's planned files, in byte order of their paths; empty without a plan."""
+        """The job's planned files, in byte order of their paths; empty without a plan.
+
+        A plan written in another boot (:func:`current_boot`) gives no ctime
+        (None): each file is then read again right before its unlink, as on a
+        disk that keeps no ctime (a power cut may have lost a save's new times).
+        """
+        boot = current_boot()
         with self.queue.snapshot() as conn:
             rows = conn.execute("SELECT * FROM cleanup_plan WHERE job_id = ?", (job_id,)).fetchall()
+            planned = _stored_boot(conn, "SELECT boot_id FROM cleanup_progress WHERE job_id = ?", job_id)
+        this_boot = boot is not None and planned == boot
         files = [
             PlannedFile(
                 _path_text(r["path"]),
@@ -254,7 +332,7 @@ class CleanupStore:
                 _ns_value(r["mtime_ns"]),
                 int(r["ino"]),
                 r["sha256"],
-                _ns_value(r["ctime_ns"]),
+                _ns_value(r["ctime_ns"]) if this_boot else None,
             )
             for r in rows
         ]
@@ -273,9 +351,12 @@ class CleanupStore:
         return None if row is None else _from_ts(row["data_deleted_at"])
 
     def verified_stats(self, job_id: str) -> dict[str, VerifiedStat]:
-        """The recorded stats of the job's verified files, by relative path."""
+        """The recorded stats of the job's verified files, by relative path (``other_boot``: see :func:`current_boot`)."""
+        boot = current_boot()
         with self.queue.snapshot() as conn:
             rows = conn.execute("SELECT * FROM verified_files WHERE job_id = ?", (job_id,)).fetchall()
+            recorded = _stored_boot(conn, "SELECT boot_id FROM verified_boots WHERE job_id = ?", job_id)
+        other_boot = boot is None or recorded != boot
         out = {}
         for row in rows:
             rel = _path_text(row["path"])
@@ -288,6 +369,8 @@ class CleanupStore:
                 ino=None if row["ino"] is None else int(row["ino"]),
                 trusted=bool(row["trusted"]),
                 newer_sha256=row["newer_sha256"],
+                writeback="writeback" in row.keys() and bool(row["writeback"]),  # noqa: SIM118
+                other_boot=other_boot,
             )
         return out
 
@@ -307,11 +390,22 @@ class CleanupStore:
         pairs taken one at a time). A row whose SHA-256 is unchanged
         and trusted is kept as it is; rows of files no longer in ``data`` are
         dropped, and so is the row of a file verified with new content that
-        could not be stat-ed now.
+        could not be stat-ed now. Rows recorded in another boot
+        (:func:`current_boot`) are all dropped first, none kept: the job's
+        rows are then all of the boot stored with them.
         """
         stamp = _ts(now)
         written = 0
+        boot = current_boot()
         with self.queue.transaction() as conn:
+            boots = _boots_kept(conn)
+            if (
+                boot is None
+                or _stored_boot(conn, "SELECT boot_id FROM verified_boots WHERE job_id = ?", job_id) != boot
+            ):
+                conn.execute("DELETE FROM verified_files WHERE job_id = ?", (job_id,))
+                if boots:
+                    conn.execute("DELETE FROM verified_boots WHERE job_id = ?", (job_id,))
             existing = {
                 _path_text(row["path"]): row
                 for row in conn.execute("SELECT * FROM verified_files WHERE job_id = ?", (job_id,)).fetchall()
@@ -323,7 +417,7 @@ class CleanupStore:
 
             def rows() -> Iterator[tuple[object, ...]]:
                 nonlocal written
-                for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted, newer_sha256) in (
+                for rel, (sha, size, mtime_ns, ctime_ns, ino, trusted, newer_sha256, *more) in (
                     stats.items() if isinstance(stats, Mapping) else stats
                 ):
                     old = existing.get(rel)
@@ -332,25 +426,21 @@ class CleanupStore:
                     if old is not None and old["sha256"] == sha and old["trusted"]:
                         continue
                     written += 1
-                    yield (
-                        job_id,
-                        _path_key(rel),
-                        sha,
-                        size,
-                        _ns_key(mtime_ns),
-                        _ns_key(ctime_ns),
-                        str(ino),
-                        int(trusted),
-                        newer_sha256,
-                        stamp,
-                    )
+                    row = (job_id, _path_key(rel), sha, size, _ns_key(mtime_ns), _ns_key(ctime_ns), str(ino))
+                    yield (*row, int(trusted), newer_sha256, stamp, *((int(bool(more and more[0])),) if boots else ()))
 
             conn.executemany(  # one statement for every row: half the time of one execute a row
                 "INSERT OR REPLACE INTO verified_files"
-                " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, newer_sha256, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " (job_id, path, sha256, size, mtime_ns, ctime_ns, ino, trusted, newer_sha256, recorded_at"
+                + (
+                    ", writeback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    if boots
+                    else ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
                 rows(),
             )
+            if boot is not None and boots:
+                conn.execute("INSERT OR REPLACE INTO verified_boots (job_id, boot_id) VALUES (?, ?)", (job_id, boot))
             for rel in data:
                 if rel in existing and rel not in stated and existing[rel]["sha256"] != data[rel]:
                     # New content verified, file not stat-able now: the old stat must not vouch for it.
@@ -374,6 +464,7 @@ class CleanupStore:
         """
         digest = job.manifest_digest or ""
         total = sum(f.size for f in files)
+        boot = current_boot()
         with self.queue.transaction() as conn:
             row = conn.execute("SELECT state, manifest_digest FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row is None or row["state"] != SyncJobState.CLEANUP_ELIGIBLE.value or row["manifest_digest"] != digest:
@@ -402,8 +493,10 @@ class CleanupStore:
                 " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
                 (job.id, job.run_path, digest, _ts(now), len(files), total, run_folder),
             )
+            if _boots_kept(conn):
+                conn.execute("UPDATE cleanup_progress SET boot_id = ? WHERE job_id = ?", (boot, job.id))
             self.queue.record_event(job.id, PLANNED_EVENT, detail, now=now)
-        return Progress(job.id, job.run_path, digest, now, len(files), total, None, run_folder)
+        return Progress(job.id, job.run_path, digest, now, len(files), total, None, run_folder, boot)
 
     def mark_data_deleted(self, job_id: str, at: dt.datetime, detail: str) -> None:
         """The planned files are gone: record when, with the ``cleanup_deleted`` event."""
@@ -421,6 +514,8 @@ class CleanupStore:
         """Drop the job's verified stats (its local data are gone). Inside the caller's transaction, part of it."""
         with self.queue.transaction() as conn:
             conn.execute("DELETE FROM verified_files WHERE job_id = ?", (job_id,))
+            if _boots_kept(conn):
+                conn.execute("DELETE FROM verified_boots WHERE job_id = ?", (job_id,))
 
 
 # --------------------------------------------------------------------------- entry points
