@@ -341,21 +341,30 @@ def test_filesystem_now_is_the_files_clock_and_leaves_nothing_behind(tmp_path: P
     assert fileio.filesystem_now_ns(tmp_path / "missing") is None
 
 
-def test_a_renumbered_disk_is_the_same_mounted_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``/dev/sdb1`` one boot, ``/dev/sdc1`` the next: the file system's UUID (udev's link) names it both times."""
-    by_uuid = tmp_path / "by-uuid"
-    by_uuid.mkdir()
-    monkeypatch.setattr(fileio, "DISK_BY_UUID", str(by_uuid))
-    (by_uuid / "0f1e-2d3c").symlink_to("/dev/sdb1")
-    monkeypatch.setattr(fileio, "_mount_of", lambda path: ("exfat", "/dev/sdb1", "/"))
-    before = fileio.mounted_filesystem("/mnt/usb")
-    (by_uuid / "0f1e-2d3c").unlink()
-    (by_uuid / "0f1e-2d3c").symlink_to("/dev/sdc1")
-    monkeypatch.setattr(fileio, "_mount_of", lambda path: ("exfat", "/dev/sdc1", "/"))
-    assert fileio.mounted_filesystem("/mnt/usb") == before == "exfat UUID=0f1e-2d3c /"
-    # Without udev's link the device name stands (a renumbered disk then costs a re-verification: safe).
-    (by_uuid / "0f1e-2d3c").unlink()
-    assert fileio.mounted_filesystem("/mnt/usb") == "exfat /dev/sdc1 /"
+def test_a_renumbered_disk_is_the_same_mounted_filesystem(tmp_path: Path) -> None:
+    """``/dev/loopN`` one boot, ``/dev/loopM`` the next: the file system's own id names it both times."""
+    image, point = tmp_path / "disk.img", tmp_path / "usb"
+    point.mkdir()
+    subprocess.run(["truncate", "-s", "16M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    seen = []
+    for _boot in range(2):
+        # A device of its own each time (the one before is still attached): the kernel numbered it anew.
+        device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True)
+        devices = [device.stdout.strip()]
+        if seen:
+            devices.append(seen[-1][0])
+        subprocess.run(["mount", devices[0], str(point)], check=True)
+        try:
+            seen.append((devices[0], fileio.mounted_filesystem(point / "not-there")))
+        finally:
+            subprocess.run(["umount", str(point)], check=True)
+        if len(seen) == 2:
+            for attached in {seen[0][0], seen[1][0]}:
+                subprocess.run(["losetup", "-d", attached], check=True)
+    (first_device, first), (second_device, second) = seen
+    assert first_device != second_device
+    assert first == second and first.startswith("ext4 fsid=") and first.endswith(" /")
 
 
 def test_mounted_filesystem_tells_a_bind_mount_from_the_folder_under_it(tmp_path: Path) -> None:

@@ -56,7 +56,6 @@ __all__ = [
     "remove_stale_temps",
     "filesystem_type",
     "mounted_filesystem",
-    "DISK_BY_UUID",
     "BLOCK_SIZE",
     "DROP_BEHIND",
     "METADATA_DIR",
@@ -647,10 +646,6 @@ def hash_from_storage(
     return hash_fd(fd, view, drop_behind=True, limit=limit)
 
 
-#: Where udev names each block device's file system by its UUID (absent in many containers).
-DISK_BY_UUID = "/dev/disk/by-uuid"
-
-
 def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
     """``(filesystem type, source, root)`` of the mount holding ``path``, as /proc/self/mountinfo writes them.
 
@@ -694,30 +689,38 @@ def mounted_filesystem(path: str | os.PathLike[str]) -> str:
 
     Names the file system, not the mount point: another server (or disk)
     mounted at the same place reads differently, so does another folder of
-    one file system bind-mounted there. A block device's source is its file
-    system's UUID when udev names it (``UUID=<uuid>``, from
-    :data:`DISK_BY_UUID`), so a disk the kernel renumbers (``/dev/sdb1`` one
-    boot, ``/dev/sdc1`` the next) reads the same; without that link, the
-    device name. Network and FUSE sources are as mounted (``nas1:/export``,
-    ``//nas1/lab``, ``lab@nas1:/srv``). Blocking I/O (see :func:`_mount_of`).
+    one file system bind-mounted there. A block device's source is the file
+    system's id as the kernel gives it (``statvfs``'s ``f_fsid``: ext4 and
+    btrfs derive it from the file system's UUID), so a disk the kernel
+    renumbers (``/dev/sdb1`` one boot, ``/dev/sdc1`` the next) reads the same;
+    where the id is 0 or unreadable, the device name (a renumbered disk then
+    costs a re-verification: safe). Not udev's ``/dev/disk/by-uuid``: the
+    service runs with ``PrivateDevices=yes`` and would name the file system
+    otherwise than the CLI beside it. Network and FUSE sources are as mounted
+    (``nas1:/export``, ``//nas1/lab``, ``lab@nas1:/srv``). Blocking I/O (see
+    :func:`_mount_of`).
     """
     found = _mount_of(path)
     if found is None:
         return ""
     fstype, source, root = found
     if source.startswith("/dev/"):
-        source = _uuid_of_device(source) or source
+        source = _fsid(path) or source
     return f"{fstype} {source} {root}"
 
 
-def _uuid_of_device(device: str) -> str | None:
-    """``UUID=<uuid>`` of the block device ``device`` from :data:`DISK_BY_UUID`'s links; None when none names it."""
-    try:
-        real = os.path.realpath(device)
-        with os.scandir(DISK_BY_UUID) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                if os.path.realpath(entry.path) == real:
-                    return f"UUID={entry.name}"
-    except OSError:
-        return None
-    return None
+def _fsid(path: str | os.PathLike[str]) -> str | None:
+    """``fsid=<hex>`` of the file system holding ``path`` (``statvfs`` of it or its nearest folder that
+    exists); None when 0 or unreadable."""
+    where = os.path.realpath(path)
+    while True:
+        try:
+            fsid = os.statvfs(where).f_fsid
+            break
+        except FileNotFoundError:
+            if os.path.dirname(where) == where:
+                return None
+            where = os.path.dirname(where)
+        except OSError:
+            return None
+    return f"fsid={fsid:x}" if fsid else None
