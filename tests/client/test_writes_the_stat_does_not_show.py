@@ -3,7 +3,8 @@
 Stores through a memory mapping into a page still dirty stamp no time; a
 power cut can keep an in-place save's bytes and lose its new times. Either
 leaves other bytes under the very stat recorded at verification: the reaper
-must read them before it deletes, and take them for an edit, never damage.
+must read them before it deletes; it calls them damage (never sent over the
+verified NAS copy: a bad sector looks alike), naming ``retry --accept-local``.
 A loop image per test, mounted at the lab's local_root. Needs root and
 mkfs.btrfs / mkfs.xfs (fails, never skips, without them).
 """
@@ -118,9 +119,9 @@ async def test_bytes_written_through_a_mapping_after_the_hashing_are_never_delet
         f"[{fs}] bytes never verified were deleted: local {'deleted' if local is None else local[:8]!r}, "
         f"NAS holds {nas[:8]!r}; job {_verdict(job)}"
     )
-    # An edit whose time was never stamped, sent again (the verified NAS copy kept under previous/); as damage,
-    # the advised `restore` would put the old bytes over the only copy of the new ones.
-    assert job.state == S.QUEUED, f"[{fs}] an edit not sent again: {_verdict(job)}"
+    # Damage to the engine (a bad sector looks alike): nothing sent, the way to keep an unstamped save named.
+    assert (job.state, job.error_kind) == (S.FAILED, "local_damage"), f"[{fs}] {_verdict(job)}"
+    assert "memory map" in (job.last_error or ""), job.last_error
 
 
 # --------------------------------------------------------------------------- a power cut after an in-place save
@@ -211,5 +212,6 @@ async def test_a_power_cut_after_an_in_place_save_never_gets_its_bytes_deleted(
         f"bytes never verified were deleted after a power cut: local {'deleted' if local is None else local[:8]!r}, "
         f"NAS holds {nas[:8]!r}; job {_verdict(job)}"
     )
-    # The save whose times the cut lost is an edit, sent again; never damage that `restore` would undo.
-    assert (job.state, job.error_kind) == (S.QUEUED, "local_changed"), f"an edit not sent again: {_verdict(job)}"
+    # Damage to the engine (a bad sector looks alike): nothing sent, the way to keep the save named.
+    assert (job.state, job.error_kind) == (S.FAILED, "local_damage"), _verdict(job)
+    assert "power cut" in (job.last_error or ""), job.last_error

@@ -234,7 +234,8 @@ def damage_ways_out(job_id: str, run_path: str) -> str:
         f"`exlab-sync restore {shlex.quote(run_path)}` brings the verified bytes back from the NAS "
         f"(the local ones kept under {REPLACED_DIR}/), "
         f"`exlab-sync retry --accept-local {job_id}` sends the local bytes as the new truth "
-        f"(the NAS keeps the replaced files under {PREVIOUS_DIR}/)"
+        f"(the NAS keeps the replaced files under {PREVIOUS_DIR}/); a file saved just before a power cut, or "
+        f"written through a memory map, can look damaged so: accept it if its new bytes are wanted"
     )
 
 

@@ -466,13 +466,13 @@ def _damage(st: os.stat_result, record: VerifiedStat | None, verified_ns: int | 
     bytes under its mtime may be that edit, so they are one (sent again; the
     push keeps the replaced NAS copy), only an older mtime is damage. A row
     whose stat may not show a write (:attr:`~.store.VerifiedStat.unstamped`:
-    written within the writeback window before the hashing, a store through a
-    mapping stamping nothing; or recorded in another boot, a power cut losing
-    a save's new times but not its bytes) with the very size, mtime, ctime and
-    inode recorded, last stamped by a write (recorded ctime = mtime: a write
-    stamps both alike; an mtime put back by a tool leaves a later ctime, and
-    stays damage), holds an edit whose times were never stamped: sent again,
-    never "restored" over. File times are
+    written within the writeback window before the hashing, or recorded in
+    another boot) is read before any deletion, never trusted; other bytes
+    under its very stat are damage all the same: an unstamped save (a store
+    through a mapping, a power cut losing a save's times) and a bad sector
+    look alike, and damage is never sent over the verified NAS copy. The
+    operator tells them apart (:func:`~exlab_wizard.sync.recovery.damage_ways_out`
+    names both). File times are
     compared with file times (the "trusted" flag compares them with the
     client's clock, which may be off). Without a record, only an mtime after
     the verification is an edit.
@@ -481,8 +481,6 @@ def _damage(st: os.stat_result, record: VerifiedStat | None, verified_ns: int | 
     if record is not None and record.mtime_ns is not None:
         if _written_behind(st, record.size, (record.mtime_ns, record.ctime_ns)):
             return False
-        if record.unstamped and record.ctime_ns == record.mtime_ns and record.same_stat(st):
-            return False  # last stamped by a write (which stamps both alike; a utime or chmod leaves a later ctime)
         if record.legacy:
             return mtime_ns < record.mtime_ns
         if record.newer_sha256 is not None and mtime_ns == record.mtime_ns and digest == record.newer_sha256:
