@@ -89,3 +89,30 @@ async def test_a_verified_run_now_behind_such_a_link_is_neither_cleaned_nor_rest
         job = await client.job(run)
     assert job.state == S.FAILED and OTHER in (job.last_error or ""), (job.state, job.last_error)
     assert (lab.nas_copy(run) / "notes.txt").read_bytes() == FILES["notes.txt"]
+
+
+async def test_a_verified_run_whose_project_moved_to_another_disk_is_still_cleaned(tmp_path: Path) -> None:
+    """A link out of every equipment's folder (a project moved to a second disk when the first filled, a link
+    left in its place) is the run's own place: cleaned as before, never refused as another equipment's."""
+    lab = Lab.build(tmp_path)
+    run = lab.make_run("Run_1", files=FILES)
+    clock = Clock()
+    async with running(cleanup_config(lab), clock) as client:
+        await synced(client, run)
+        for _ in range(4):  # passes and age: the reaper would delete now
+            clock.advance(7)
+            await client.audit_once()
+        project = run.parent.parent
+        data2 = tmp_path / "data2"
+        data2.mkdir()
+        shutil.move(project, data2 / project.name)
+        os.symlink(data2 / project.name, project)
+        outcomes = []
+        for _ in range(3):
+            clock.advance(7)
+            await client.audit_once()
+            outcomes += acts(await client.cleanup_once())
+        job = await client.job(run)
+    assert not any(o.code == "run_linked_away" for o in outcomes), [(o.code, o.reason) for o in outcomes][:1]
+    assert job is not None and job.state == S.CLEANED, job
+    assert not any(p.is_file() for p in (data2 / project.name).rglob("*") if ".exlab-wizard" not in p.parts)

@@ -568,15 +568,19 @@ class Config(_Model):
                 return equipment
         return None
 
-    def equipment_holding(self, run_path: Path | str) -> tuple[Path, EquipmentConfig]:
+    def equipment_holding(self, run_path: Path | str, *, strict: bool = False) -> tuple[Path, EquipmentConfig]:
         """The run (absolute, as written) and the equipment whose ``<local_root>/<id>`` holds it, links resolved too.
 
         The one check of the CLI, the API, the watcher and the workers: a path
-        is a run of an equipment only when it lies inside that equipment's
-        folder both as written and once every symbolic link in it is resolved
-        (a link at the equipment folder itself is followed on both sides, so a
-        data disk linked in as ``<local_root>/<id>`` is fine). Raises
-        :class:`RunOutsideRoots` otherwise, naming both places.
+        under one equipment's folder as written whose symbolic links lead into
+        another equipment's folder is that one's (``linked_away``: sent or
+        deleted as the first's, its data would never reach its own NAS
+        folder). A link at the equipment folder itself is followed on both
+        sides (a data disk linked in as ``<local_root>/<id>`` is fine); a link
+        out of every equipment's folder (a project moved to another disk, a
+        link left behind) is the run's own place, except with ``strict`` (the
+        HTTP API: no link leads a web request out of the equipment folders).
+        Raises :class:`RunOutsideRoots` otherwise, naming both places.
         """
         written = os.path.abspath(run_path)
         equipment = self.equipment_for_run(Path(written))
@@ -598,6 +602,8 @@ class Config(_Model):
             ),
             None,
         )
+        if other is None and real is not None and not strict:
+            return Path(written), equipment
         where = (
             f"inside {other.id}'s folder {other.equipment_root}: it is {other.id}'s, enqueue it as {real}"
             if other is not None

@@ -49,7 +49,7 @@ def resolve_run_path(config: Config, text: str) -> tuple[Path, EquipmentConfig]:
         raise OutsideRoots(f"{text!r} holds a '..' segment")
     written = os.path.normpath(text)
     try:
-        _, equipment = config.equipment_holding(written)  # the one check the CLI and the workers make too
+        _, equipment = config.equipment_holding(written, strict=True)  # the CLI's and the workers' check, and more
     except RunOutsideRoots as exc:
         raise OutsideRoots(str(exc)) from None
     _lookable(written, text)
