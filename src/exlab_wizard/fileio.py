@@ -629,7 +629,13 @@ def prefetch_from_storage(fd: int, *, sync: bool = True) -> None:
 
 
 def hash_from_storage(
-    fd: int, view: memoryview, *, sync: bool = True, prefetched: bool = False, limit: int | None = None
+    fd: int,
+    view: memoryview,
+    *,
+    sync: bool = True,
+    prefetched: bool = False,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> str:
     """SHA-256 hex of ``fd`` as the storage holds it, not as this machine's memory does.
 
@@ -639,11 +645,11 @@ def hash_from_storage(
     the drop). ``prefetched``: :func:`prefetch_from_storage` already dropped
     the cache and started the read (dropping again would throw that read
     away). ``limit``: read at most this many bytes (the size ``fstat`` gave
-    at open, for a caller that keeps it beside the hash).
+    at open, for a caller that keeps it beside the hash). ``progress(n)``: after each block read.
     """
     if not prefetched:
         drop_page_cache_fd(fd, sync=sync)
-    return hash_fd(fd, view, drop_behind=True, limit=limit)
+    return hash_fd(fd, view, progress, drop_behind=True, limit=limit)
 
 
 def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
@@ -661,7 +667,7 @@ def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
             lines = handle.read().splitlines()
     except OSError:
         return None
-    target = os.fsencode(os.path.realpath(path))
+    target = os.fsencode(_real_path_by_links(path))
     best, found = b"", None
     for line in lines:
         left, _sep, right = line.partition(b" - ")
@@ -675,6 +681,40 @@ def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
     if found is None:
         return None
     return tuple(os.fsdecode(f) for f in found)  # type: ignore[return-value]
+
+
+def _real_path_by_links(path: str | os.PathLike[str]) -> str:
+    """``os.path.realpath(path)`` found with ``readlink`` alone, never a ``stat``.
+
+    ``realpath`` lstats each component, and an lstat of a mount point asks the
+    file system mounted there (a hung FUSE daemon, a silent hard-mounted share:
+    blocked for ever); a readlink of a folder or a mount point is refused
+    (EINVAL) without asking it. A component that is not there ends the walk
+    (the rest is joined as written), as ``realpath`` does.
+    """
+    pending = os.path.abspath(os.fspath(path)).split(os.sep)[1:]
+    resolved = os.sep
+    hops = 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        here = os.path.join(resolved, name)
+        try:
+            link = os.readlink(here)
+        except OSError:
+            resolved = here  # not a link (EINVAL), or not there: taken as written
+            continue
+        hops += 1
+        if hops > 40:  # a loop of links: as realpath, the path as far as it went
+            return os.path.join(here, *pending)
+        if os.path.isabs(link):
+            resolved = os.sep
+        pending[:0] = link.split(os.sep)
+    return resolved
 
 
 def filesystem_type(path: str | os.PathLike[str]) -> str:

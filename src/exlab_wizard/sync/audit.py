@@ -58,7 +58,7 @@ from exlab_wizard.sync.reaper import (
 from exlab_wizard.sync.reaper.store import REFUSED_EVENT
 from exlab_wizard.sync.recovery import LocalDamageError, check_local, damage_message, verified_manifest
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
-from exlab_wizard.sync.transports import TransportError, TransportErrorKind
+from exlab_wizard.sync.transports import NasNotAnswering, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import location_change, remote_run_path, run_location
 from exlab_wizard.sync.transports.share_lanes import in_share_of
 from exlab_wizard.sync.verifier import compare
@@ -104,6 +104,8 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
     """Audit every VERIFIED or CLEANUP_ELIGIBLE job that is due (all of them with ``force``), not in flight."""
     queue = ctx.require_queue()
     interval = dt.timedelta(seconds=ctx.config.sync.audit_interval_s)
+    ctx.nas_looks.new_pass()
+    silent: dict[str, str] = {}  # equipment id -> why its NAS is skipped for the rest of this pass
     for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
         for job in queue.iter_jobs(state):  # page by page, whatever the size of the queue
             equipment = ctx.equipment(job)
@@ -112,6 +114,9 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                 _note(ctx, job, "audit_skipped", _unconfigured_note(job))
                 continue
             if job.equipment_id in ctx.inflight:
+                continue
+            if job.equipment_id in silent:
+                _note(ctx, job, "audit_skipped", silent[job.equipment_id])
                 continue
             now = ctx.clock()
             if not force and _recent(job.last_verify_at, now, interval):
@@ -134,6 +139,9 @@ async def audit_pass(ctx: ClientContext, *, force: bool) -> None:
                     await audit_job(ctx, job, equipment)
             except IllegalTransition as exc:  # another process moved the job: its move stands
                 logger.warning("audit of job %s: %s", job.id, exc)
+            except NasNotAnswering as exc:  # no pass, no finding; the equipment's other jobs wait for the next pass
+                silent[job.equipment_id] = exc.message
+                _note(ctx, job, "audit_skipped", exc.message)
             except (asyncio.CancelledError, QueueDamaged):  # a damaged queue ends the pass (and the loop)
                 raise
             except Exception as exc:  # one job's trouble never keeps the others from their passes
@@ -267,7 +275,7 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
         # An external disk away, say: the recorded manifest cannot be read, which says nothing about the NAS.
         await _run_folder_missing(ctx, job, run)
         return
-    if not await ctx.remotes.reachable(job):
+    if not await ctx.nas_looks.look(job.equipment_id, "the reachability check", lambda: ctx.remotes.reachable(job)):
         _note(ctx, job, "audit_skipped", "remote unreachable")
         return
     record = await asyncio.to_thread(_verified_record, queue, job, run)
@@ -283,6 +291,8 @@ async def audit_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentCon
     here = await in_share_of(equipment, f"where the NAS copy of {run} is", run_location, equipment, run)
     try:
         remote = await ctx.remotes.access(equipment).manifest(run)
+    except NasNotAnswering:  # the transport's own stall limit: never a mismatch
+        raise
     except TransportError as exc:
         if exc.kind in (TransportErrorKind.NETWORK, TransportErrorKind.UNKNOWN):
             _note(ctx, job, "audit_skipped", f"remote unreachable: {exc.message}")

@@ -27,7 +27,7 @@ from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import follow_time_zone
 from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper.contract import JobLocks
-from exlab_wizard.sync.remote import HashsumFactory, PushFactory, Remotes, RemoteStat
+from exlab_wizard.sync.remote import HashsumFactory, NasLooks, PushFactory, Remotes, RemoteStat
 from exlab_wizard.sync.verifier import Verifier
 from exlab_wizard.validator import Validator
 
@@ -111,6 +111,8 @@ class ClientContext:
         #: one lock per job, held by the reaper through each batch of unlinks and by the audit through
         #: its finding's transition: the two never interleave on a job
         self.job_locks = JobLocks()
+        #: the audit's looks at each NAS, bounded: one silent NAS holds up the audit of its equipment only
+        self.nas_looks = NasLooks()
 
     def local_now(self) -> dt.datetime:
         """:attr:`clock` in this workstation's local time: what the bandwidth schedule reads.

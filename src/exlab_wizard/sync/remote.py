@@ -44,6 +44,7 @@ from exlab_wizard.sync.policy import bandwidth as bw_policy
 from exlab_wizard.sync.queue import SyncJobRow
 from exlab_wizard.sync.transports import (
     Clock,
+    NasNotAnswering,
     RemoteFile,
     RemoteManifest,
     Transport,
@@ -54,13 +55,80 @@ from exlab_wizard.sync.transports import (
     make_transport,
 )
 
-__all__ = ["PushFactory", "HashsumFactory", "RemoteAccess", "RemoteStat", "Remotes", "optional_kwargs"]
+__all__ = [
+    "NAS_LOOK_TIMEOUT_S",
+    "HashsumFactory",
+    "NasLooks",
+    "PushFactory",
+    "RemoteAccess",
+    "RemoteStat",
+    "Remotes",
+    "optional_kwargs",
+]
 
 logger = logging.getLogger(__name__)
 
 PushFactory = Callable[[EquipmentConfig], Callable[..., Any]]
 HashsumFactory = Callable[[EquipmentConfig], Callable[[Path], Awaitable[Any]]]
 RemoteStat = Callable[[SyncJobRow], Any]
+
+#: How long one look at an equipment's NAS by the reaper or the audit (is it reachable, the run's
+#: listing) may take before that NAS counts as not answering. Read at each look (tests lower it).
+NAS_LOOK_TIMEOUT_S = 180.0
+
+
+class NasLooks:
+    """Looks at each equipment's NAS, each bounded by :data:`NAS_LOOK_TIMEOUT_S` (the reaper's, the audit's).
+
+    A look that gives no answer in time raises :class:`NasNotAnswering`; it is
+    left to end on its own and its late answer is thrown away, never used. Until
+    it ends, and for the rest of the pass (:meth:`new_pass`), every other look at
+    that equipment's NAS raises at once: one silent NAS holds up one look, not
+    the cleanup or audit of every equipment, and blocked threads do not pile up.
+    """
+
+    def __init__(self) -> None:
+        self._stuck: dict[str, tuple[asyncio.Future[Any], float]] = {}
+        self._silent: dict[str, str] = {}
+
+    def new_pass(self) -> None:
+        """A new pass: an equipment is looked at again unless its earlier look is still blocked."""
+        self._silent.clear()
+
+    async def look(self, equipment_id: str, what: str, work: Callable[[], Awaitable[Any]]) -> Any:
+        """``await work()`` within the limit; raises :class:`NasNotAnswering` (``NETWORK``) past it."""
+        said = self._silent.get(equipment_id)
+        if said is not None:
+            raise NasNotAnswering(said)
+        stuck = self._stuck.get(equipment_id)
+        if stuck is not None and not stuck[0].done():
+            since = asyncio.get_running_loop().time() - stuck[1]
+            raise NasNotAnswering(
+                f"NAS not answering: a look at equipment {equipment_id}'s NAS started {since:.0f} s ago has "
+                f"not returned; nothing more is asked of it until it does"
+            )
+        self._stuck.pop(equipment_id, None)
+        limit = NAS_LOOK_TIMEOUT_S
+        task = asyncio.ensure_future(work())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.add_done_callback(_thrown_away)
+        self._stuck[equipment_id] = (task, asyncio.get_running_loop().time())
+        reason = f"NAS not answering: {what} for equipment {equipment_id} gave no answer within {limit:g} s"
+        self._silent[equipment_id] = reason
+        logger.warning("%s", reason)
+        raise NasNotAnswering(reason)
+
+
+def _thrown_away(task: asyncio.Future[Any]) -> None:
+    """A look's late answer: never used (its exception retrieved, so asyncio does not log it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def optional_kwargs(func: Callable[..., Any], **candidates: Any) -> dict[str, Any]:

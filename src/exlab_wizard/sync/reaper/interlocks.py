@@ -36,8 +36,10 @@ from exlab_wizard.sync.queue import JobQueue, SyncJobRow
 from exlab_wizard.sync.reaper.contract import ReaperOutcome, RemoteListing, RemoteStat
 from exlab_wizard.sync.reaper.local_check import COPY_TIME_SLACK_NS, LocalScan, load_verified_stats, scan_run
 from exlab_wizard.sync.reaper.store import PlannedFile, Progress
+from exlab_wizard.sync.remote import NasLooks
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.base import (
+    NasNotAnswering,
     RemoteFile,
     TransportError,
     TransportErrorKind,
@@ -62,14 +64,20 @@ class InterlockFacts:
     remote_stat: RemoteStat
     remote_listing: RemoteListing | None
     now: Callable[[], dt.datetime]
+    looks: NasLooks
 
     async def _reachable(self, job: SyncJobRow) -> bool:
-        try:
+        """Is the job's NAS reachable? Raises :class:`NasNotAnswering` past the look's time limit."""
+
+        async def probe() -> bool:
             answer = self.remote_stat(job)
             if inspect.isawaitable(answer):
                 answer = await answer
             return bool(answer)
-        except asyncio.CancelledError:
+
+        try:
+            return await self.looks.look(job.equipment_id, "the reachability check", probe)
+        except (asyncio.CancelledError, NasNotAnswering):
             raise
         except Exception as exc:
             logger.debug(
@@ -90,7 +98,11 @@ class InterlockFacts:
         # What is at the place now (for mount: what is mounted there, read from the mount table right
         # before the listing) against where the passes were read.
         share = self._equipment_of(job)  # its looks into a mount share go on that share's own threads
-        moved = await in_share_of(share, f"where the NAS copy of {job.run_path} is", self._moved, job)
+        moved = await self.looks.look(
+            job.equipment_id,
+            "the look at what is mounted at the NAS place",
+            lambda: in_share_of(share, f"where the NAS copy of {job.run_path} is", self._moved, job),
+        )
         if moved is not None:
             if not await self._reachable(job):
                 # A share unmounted since interlock 1: the bare mount point is not another NAS.
@@ -102,12 +114,14 @@ class InterlockFacts:
                 refusal_code=CleanupCode.REMOTE_LISTING_FAILED,
             )
         try:
-            listing = await self.remote_listing(job)
+            listing = await self.looks.look(
+                job.equipment_id, "the listing of the run's NAS folder", lambda: self.remote_listing(job)
+            )
             if not isinstance(listing, Mapping):
                 raise TypeError(f"remote listing returned {type(listing).__name__}, not a mapping")
             if not all(isinstance(entry, RemoteFile) for entry in listing.values()):
                 raise TypeError("remote listing holds no modification times (expected RemoteFile entries)")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, NasNotAnswering):  # a time-out is never an empty listing (rule 3)
             raise
         except TransportError as exc:
             logger.debug("remote listing for job %s failed: %s", job.id, exc)
@@ -122,7 +136,11 @@ class InterlockFacts:
         claimed = self._claimed_by_another_run(job, listing)
         if claimed is not None:
             return policy.RemoteCheck(refusal=claimed, refusal_code=CleanupCode.NAS_FOLDER_CLAIMED)
-        local = await in_share_of(share, f"comparing the NAS copy of {job.run_path}", self._nas_is_local, job, files)
+        local = await self.looks.look(
+            job.equipment_id,
+            "the look at the NAS run folder",
+            lambda: in_share_of(share, f"comparing the NAS copy of {job.run_path}", self._nas_is_local, job, files),
+        )
         if local is not None:
             return policy.RemoteCheck(refusal=local, refusal_code=CleanupCode.NAS_IS_LOCAL)
         sent = await asyncio.to_thread(self._sent_times, job, files)

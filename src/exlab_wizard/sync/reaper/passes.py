@@ -64,8 +64,10 @@ from exlab_wizard.sync.reaper.store import (
     fail_part_deleted,
     folder_identity,
 )
+from exlab_wizard.sync.remote import NasLooks
 from exlab_wizard.sync.state_dir import PrivateLock, lock_holder
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
+from exlab_wizard.sync.transports.base import NasNotAnswering
 from exlab_wizard.sync.verifier import scan_run as list_run
 
 __all__ = ["Reaper", "another_runs_folder", "plan_progress"]
@@ -173,6 +175,8 @@ class Reaper(InterlockFacts):
         self._lock = asyncio.Lock()
         self._file_lock = _ProcessLock(Path(str(queue.db_path) + ".reaper.lock"))
         self._busy_passes = 0
+        #: each look at a NAS bounded; one that times out holds up its own equipment only
+        self.looks = NasLooks()
 
     @property
     def _store(self) -> CleanupStore:
@@ -244,10 +248,15 @@ class Reaper(InterlockFacts):
             return await self.run_pass()
         outcomes: list[ReaperOutcome] = []
         progress = self._store.progress_rows()
+        self.looks.new_pass()
         for state in (S.VERIFIED, S.CLEANUP_ELIGIBLE):
             for job in self.queue.list_jobs(state=state):
                 try:
                     outcomes.append(await self._dry_run_job(job, progress.get(job.id)))
+                except NasNotAnswering as exc:
+                    outcomes.append(
+                        ReaperOutcome(job.id, job.run_path, "waiting", exc.message, code=C.REMOTE_UNREACHABLE)
+                    )
                 except Exception as exc:  # a dry run reports, it never stops
                     outcomes.append(
                         ReaperOutcome(job.id, job.run_path, "error", f"{type(exc).__name__}: {exc}", code=C.ERROR)
@@ -259,6 +268,7 @@ class Reaper(InterlockFacts):
     async def _pass(self) -> list[ReaperOutcome]:
         outcomes: list[ReaperOutcome] = []
         progress = self._store.progress_rows()
+        self.looks.new_pass()  # a NAS that did not answer in this pass is skipped for the rest of it
         for row in sorted(progress.values(), key=lambda p: p.planned_at):
             outcomes.append(await self._guarded(row.job_id, row.run_path, self._resume(row)))
         # Page by page: a pass over 100,000 verified jobs must not hold them all at once.
@@ -275,6 +285,10 @@ class Reaper(InterlockFacts):
             return await work
         except (asyncio.CancelledError, QueueDamaged):  # a damaged queue ends the pass: no plan is trusted
             raise
+        except NasNotAnswering as exc:  # a refusal (nothing deleted); the equipment's other jobs wait too
+            with contextlib.suppress(Exception):
+                self._refuse_event(job_id, exc.message, C.REMOTE_UNREACHABLE)
+            return ReaperOutcome(job_id, run_path, "waiting", exc.message, code=C.REMOTE_UNREACHABLE)
         except Exception as exc:
             logger.exception("cleanup of job %s failed", job_id)
             reason = f"cleanup error: {type(exc).__name__}: {exc}"
@@ -414,7 +428,10 @@ class Reaper(InterlockFacts):
         """Verified files gone locally: the client looks at the run's NAS copy (``settle_gone``); None: fail here."""
         assert self.settle_gone is not None
         try:
-            settled = await self.settle_gone(job)
+            settle_gone = self.settle_gone
+            settled = await self.looks.look(
+                job.equipment_id, "the look at the run's NAS copy", lambda: settle_gone(job)
+            )
         except Exception as exc:  # the NAS not read: nothing is decided on a guess
             reason = f"{decision.reason}; its NAS copy could not be checked now: {exc}"
             self._refuse_event(job.id, reason, C.REMOTE_UNREACHABLE)

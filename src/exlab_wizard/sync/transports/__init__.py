@@ -11,6 +11,7 @@ from exlab_wizard.config.models import EquipmentConfig
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.transports.base import (
     Clock,
+    NasNotAnswering,
     RemoteFile,
     RemoteManifest,
     Transport,
@@ -24,6 +25,7 @@ from exlab_wizard.sync.transports.base import (
 
 __all__ = [
     "Clock",
+    "NasNotAnswering",
     "RemoteFile",
     "RemoteManifest",
     "Transport",

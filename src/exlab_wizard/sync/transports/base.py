@@ -34,6 +34,7 @@ __all__ = [
     "NAS_TIME_ENDS_NS",
     "Clock",
     "PREVIOUS_DIR",
+    "NasNotAnswering",
     "PreviousStampTaken",
     "ProgressCallback",
     "RemoteFile",
@@ -99,6 +100,15 @@ class TransportError(Exception):
         self.kind = TransportErrorKind(kind)
         self.message = message
         super().__init__(f"{self.kind.value}: {message}")
+
+
+class NasNotAnswering(TransportError):
+    """The NAS gave no answer within a time limit (a hung FUSE daemon, a hard-mounted share whose server
+    is silent, a half-open connection): ``NETWORK``, never an empty answer. What was asked of it may still
+    be blocked; its late answer is thrown away."""
+
+    def __init__(self, message: str):
+        super().__init__(TransportErrorKind.NETWORK, message)
 
 
 class PreviousStampTaken(TransportError):

@@ -89,6 +89,7 @@ takes the read-back's hashes) share the push's state and its error mapping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -107,7 +108,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from exlab_wizard.config.models import EquipmentConfig, MountTransportConfig
 from exlab_wizard.fileio import (
@@ -140,6 +141,7 @@ from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
     Clock,
+    NasNotAnswering,
     PreviousStampTaken,
     ProgressCallback,
     RemoteFile,
@@ -175,7 +177,6 @@ from exlab_wizard.sync.transports.conflict import (
     sort_remote,
     twins_refused,
 )
-from exlab_wizard.sync.transports.share_lanes import lane as share_lane
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
@@ -183,6 +184,8 @@ __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
 #: Files at least this big are fsynced on their own, overlapping the write-back
 #: with the copy of the next file.
 LARGE_FILE = 1 << 20
+T = TypeVar("T")
+
 #: A batch of small files shares one syncfs before its renames.
 BATCH_FILES = 2048
 BATCH_BYTES = 64 << 20
@@ -196,6 +199,16 @@ READ_AHEAD = 128
 #: Progress is reported at most once per this many bytes per copy thread (plus a
 #: last call for the rest), not once per small file.
 PROGRESS_STEP = 1 << 20
+#: How long the share may give no answer (no block written or read, no file done, no entry listed)
+#: before the work on it is given up: ``NETWORK``, "<mount_path> has not answered for N s". Read at
+#: each check (tests lower it). The work's thread, blocked in the share, is left to return on its own
+#: (aborted); nothing more is started on the equipment's share until it does.
+STALL_TIMEOUT_S = 120.0
+#: equipment id and mount path -> (what was started, when (monotonic), set once it returned): work
+#: given up while still blocked in the share. Module-wide: a transport built anew (a config change)
+#: still sees it.
+_STUCK: dict[tuple[str, str], tuple[str, float, threading.Event]] = {}
+_STUCK_LOCK = threading.Lock()
 COPY_ATTEMPTS = 3
 #: While a large file is copied, write-back of each such stretch already
 #: written is started at once (so the fsync at the end waits for little).
@@ -527,6 +540,81 @@ class MountTransport(Transport):
         self._read_backs_lock = threading.Lock()
         #: filesystem types seen refusing ``RENAME_NOREPLACE`` (FUSE 2: smbnetfs, exfat-fuse)
         self._noreplace_refused: set[str] = set()
+        #: monotonic time the share last answered (a block, a file, an entry): the stall watchdog reads it
+        self._answered_at = 0.0
+
+    # ------------------------------------------------------------------ stall watchdog
+
+    def _answered(self, _count: int = 0) -> None:
+        """The share answered (a block written or read, a file done, an entry listed): progress."""
+        self._answered_at = time.monotonic()
+
+    async def _watched(self, what: str, abort: threading.Event | None, fn: Callable[..., T], *args, **kwargs) -> T:
+        """``fn(*args, **kwargs)`` on a thread of its own, given up after :data:`STALL_TIMEOUT_S` without progress.
+
+        Given up: ``abort`` set, :class:`NasNotAnswering` raised, the thread
+        (blocked in the share) left to end on its own, its late result thrown
+        away. Until it ends, every call on this equipment's share waits for it
+        (given up in turn after as long without an answer): nothing more is
+        started there, never two pushes into one folder.
+        A daemon thread, not the loop's executor: one blocked for ever holds no
+        pool slot and no exit.
+        """
+        key = (self.equipment.id, self.mount_path)
+        with _STUCK_LOCK:
+            stuck = _STUCK.get(key)
+        if stuck is not None:
+            # Work given up earlier is still blocked in the share: wait for it as for any answer.
+            what_before, since, gone = stuck
+            waited = time.monotonic()
+            while not gone.is_set():
+                if time.monotonic() - waited >= STALL_TIMEOUT_S:
+                    raise NasNotAnswering(
+                        f"{self.mount_path} has not answered for {time.monotonic() - since:.0f} s: the {what_before} "
+                        f"started then has not returned; nothing more is started on it until it does"
+                    )
+                await asyncio.sleep(min(0.2, STALL_TIMEOUT_S / 4))
+            with _STUCK_LOCK:
+                if _STUCK.get(key) is stuck:
+                    del _STUCK[key]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        returned = threading.Event()
+
+        def body() -> None:
+            try:
+                outcome: tuple[bool, object] = (True, fn(*args, **kwargs))
+            except BaseException as exc:
+                outcome = (False, exc)
+            finally:
+                returned.set()
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits for it
+                loop.call_soon_threadsafe(_settle, future, outcome)
+
+        started = time.monotonic()
+        threading.Thread(target=body, name=f"exlab-mount-{what}", daemon=True).start()
+
+        def give_up() -> None:
+            if abort is not None:
+                abort.set()  # the work stops at its next block once the share answers, and removes its temps
+            future.add_done_callback(_thrown_away)
+            with _STUCK_LOCK:
+                if not returned.is_set():
+                    _STUCK[key] = (what, started, returned)
+
+        try:
+            while True:
+                limit = STALL_TIMEOUT_S
+                await asyncio.wait({future}, timeout=min(1.0, limit / 4))
+                if future.done():
+                    return future.result()
+                if time.monotonic() - max(started, self._answered_at) >= limit:
+                    break
+        except asyncio.CancelledError:
+            give_up()
+            raise
+        give_up()
+        raise NasNotAnswering(f"{self.mount_path} has not answered for {limit:g} s")
 
     # ------------------------------------------------------------------ guard
 
@@ -558,7 +646,10 @@ class MountTransport(Transport):
 
     async def reachable(self, run_path: Path) -> bool:
         """True when ``mount_path`` is a folder holding the mount marker. Never raises."""
-        return await share_lane(self.mount_path, "probe").run("probe", self._mounted)
+        try:
+            return await self._watched("reachability check", None, self._mounted)
+        except NasNotAnswering:
+            return False
 
     def _remote_error(self, exc: OSError, where: str) -> TransportError:
         code = exc.errno
@@ -652,8 +743,9 @@ class MountTransport(Transport):
         """
         abort = threading.Event()
         try:
-            return await share_lane(self.mount_path).run(
-                f"push of {run_path}",
+            return await self._watched(
+                "push",
+                abort,
                 self._push,
                 Path(run_path),
                 bwlimit_kibps,
@@ -681,8 +773,9 @@ class MountTransport(Transport):
         """
         abort = threading.Event()
         try:
-            return await share_lane(self.mount_path).run(
-                f"metadata push of {run_path}",
+            return await self._watched(
+                "metadata push",
+                abort,
                 self._push,
                 Path(run_path),
                 bwlimit_kibps,
@@ -1231,6 +1324,7 @@ class MountTransport(Transport):
                     raise _kept_changing(src)
                 temp, digest, count = done
                 hashes[rel] = digest
+                self._answered()
                 copied.append((folder, temp, name, rel))
                 sent += count
                 unreported += count
@@ -1427,6 +1521,7 @@ class MountTransport(Transport):
             job.touched.update(shares.path(folder) for folder in folders)
             with job.lock:
                 job.files_sent += renamed
+                self._answered()
                 for folder, (files, total) in read_back.items():
                     acc = job.read_back.setdefault(folder, [0, 0])
                     acc[0] += files
@@ -1541,6 +1636,7 @@ class MountTransport(Transport):
             except OSError as exc:
                 raise self._remote_error(exc, temp) from exc
             total += count
+            self._answered()
             with job.lock:
                 job.bytes_sent += count
 
@@ -1588,6 +1684,7 @@ class MountTransport(Transport):
         job.touched.add(os.path.dirname(final))
         with job.lock:
             job.files_sent += 1
+            self._answered()
 
     def _place(self, job: _Push, temp: str, name: str, *, dir_fd: int, replace: bool, path: str) -> None:
         """Rename the temp file ``temp`` to ``name`` in the open folder ``dir_fd`` (``path``: for messages).
@@ -1658,7 +1755,7 @@ class MountTransport(Transport):
             return
         try:
             # durable already (fsync or syncfs): its pages are clean
-            digest = hash_from_storage(fd, view, sync=False)
+            digest = hash_from_storage(fd, view, sync=False, progress=self._answered)
             after = os.fstat(fd)
         except OSError:
             return
@@ -1695,9 +1792,7 @@ class MountTransport(Transport):
         """
         abort = threading.Event()
         try:
-            return await share_lane(self.mount_path).run(
-                f"hashing the NAS copy of {run_path}", self._remote_manifest, Path(run_path), abort
-            )
+            return await self._watched("remote manifest", abort, self._remote_manifest, Path(run_path), abort)
         except asyncio.CancelledError:
             abort.set()  # the hashing threads stop at their next file
             raise
@@ -1713,7 +1808,7 @@ class MountTransport(Transport):
         remote = self.remote_run_path(run)
         read_back, local = self._take_read_back(remote)
         try:
-            listed, folders = self._list_remote(remote, read_back, local)
+            listed, folders = self._list_remote(remote, read_back, local, self._answered)
             del read_back
         except FileNotFoundError:
             self._require_mounted()
@@ -1747,7 +1842,7 @@ class MountTransport(Transport):
                         return
                     raise self._remote_error(exc, path) from exc
                 try:
-                    hashes[rel] = hash_from_storage(fd, view, sync=not synced)
+                    hashes[rel] = hash_from_storage(fd, view, sync=not synced, progress=self._answered)
                     return
                 except OSError as exc:
                     if exc.errno in UNREADABLE_ERRNOS:
@@ -1780,7 +1875,10 @@ class MountTransport(Transport):
 
     @staticmethod
     def _list_remote(
-        remote: str, read_back: dict[str, list[int]], local: dict[str, str]
+        remote: str,
+        read_back: dict[str, list[int]],
+        local: dict[str, str],
+        answered: Callable[[], None] = lambda: None,
     ) -> tuple[list[str], dict[str, int]]:
         """List the remote run folder: the files to read from storage, and the folders confirmed by the read-back.
 
@@ -1795,15 +1893,15 @@ class MountTransport(Transport):
         changed since its read-back (a new ctime) changes the sum, with odds
         of 2**-64 of not doing so. Returns the files to read (relative
         paths), and the confirmed folders with their file counts. Nothing
-        followed (:func:`_scan_share`).
+        followed (:func:`_scan_share`). ``answered()``: after each entry (the stall watchdog's progress).
         """
         if not read_back:
-            listed = [
-                rel
-                for rel, entry in _scan_share(remote)
-                if entry.is_file(follow_symlinks=False) and not (is_data_path(rel) and is_reaping_name(entry.name))
-            ]
-            return listed, {}
+            found: list[str] = []
+            for rel, entry in _scan_share(remote):
+                answered()
+                if entry.is_file(follow_symlinks=False) and not (is_data_path(rel) and is_reaping_name(entry.name)):
+                    found.append(rel)
+            return found, {}
         wanted: dict[str, int] = {}  # folder -> local files in it
         for rel in local:
             folder = rel.rpartition("/")[0]
@@ -1821,6 +1919,7 @@ class MountTransport(Transport):
                 listed.extend(held)
 
         for rel, entry in _scan_share(remote):  # folders one at a time
+            answered()
             here = rel.rpartition("/")[0]
             if here != folder:
                 close_folder()
@@ -1847,9 +1946,7 @@ class MountTransport(Transport):
         Marker guard as for ``push``. A file reached through a symlink on the
         share (the file or a folder above it) is not fetched.
         """
-        return await share_lane(self.mount_path).run(
-            f"fetch from the NAS copy of {run_path}", self._fetch, Path(run_path), sorted(set(paths)), Path(into)
-        )
+        return await self._watched("fetch", None, self._fetch, Path(run_path), sorted(set(paths)), Path(into))
 
     def _fetch(self, run: Path, paths: list[str], into: Path) -> dict[str, Path]:
         self._require_mounted()
@@ -1900,13 +1997,8 @@ class MountTransport(Transport):
         self, run_path: Path, paths: Collection[str], stamp: str, *, new: bool = False
     ) -> list[str]:
         """Rename the named files into ``.exlab-wizard/previous/<stamp>/`` on the share; folders fsynced."""
-        return await share_lane(self.mount_path).run(
-            f"keeping previous NAS files of {run_path}",
-            self._keep_previous,
-            Path(run_path),
-            sorted(set(paths)),
-            stamp,
-            new=new,
+        return await self._watched(
+            "keep previous", None, self._keep_previous, Path(run_path), sorted(set(paths)), stamp, new=new
         )
 
     def _keep_previous(self, run: Path, paths: list[str], stamp: str, *, new: bool = False) -> list[str]:
@@ -2030,16 +2122,12 @@ class MountTransport(Transport):
         that is not a folder, lists nothing; a subfolder removed while listed
         lists nothing either. Nothing is followed, read or written.
         """
-        listed = await share_lane(self.mount_path).run(
-            f"listing the NAS copy of {run_path}", self._remote_listing, Path(run_path)
-        )
+        listed = await self._watched("remote listing", None, self._remote_listing, Path(run_path))
         return {rel: info.size for rel, info in listed.items()}
 
     async def remote_stats(self, run_path: Path) -> dict[str, RemoteFile]:
         """As :meth:`remote_listing`, each file with its mtime as the share keeps it."""
-        return await share_lane(self.mount_path).run(
-            f"listing the NAS copy of {run_path}", self._remote_listing, Path(run_path)
-        )
+        return await self._watched("remote listing", None, self._remote_listing, Path(run_path))
 
     def _remote_listing(self, run: Path) -> dict[str, RemoteFile]:
         """The listing, each file opened and its size and mtime asked of the server (:func:`_opened_stat`).
@@ -2074,6 +2162,7 @@ class MountTransport(Transport):
                     continue  # removed while listed: not on the share any more
                 except OSError as exc:
                     raise self._listing_error(exc, f"{remote}/{rel}") from exc
+                self._answered()
                 if info is not None:
                     files[rel] = info
         except FileNotFoundError:
@@ -2094,6 +2183,23 @@ class MountTransport(Transport):
             TransportErrorKind.UNKNOWN,
             f"a file on the share cannot be opened to list it: {where}: {exc.strerror or exc}",
         )
+
+
+def _settle(future: asyncio.Future[T], outcome: tuple[bool, object]) -> None:
+    """Hand a watched thread's result (or exception) to its future, unless it was given up already."""
+    if future.done():
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)  # type: ignore[arg-type]
+    else:
+        future.set_exception(value)  # type: ignore[arg-type]
+
+
+def _thrown_away(future: asyncio.Future[object]) -> None:
+    """A given-up call's late result: never used (its exception retrieved, so asyncio does not log it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _opened_stat(name: str, dir_fd: int) -> RemoteFile | None:
