@@ -55,6 +55,7 @@ from pathlib import Path
 __all__ = [
     "remove_stale_temps",
     "filesystem_type",
+    "real_path_by_links",
     "mounted_filesystem",
     "BLOCK_SIZE",
     "DROP_BEHIND",
@@ -667,7 +668,7 @@ def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
             lines = handle.read().splitlines()
     except OSError:
         return None
-    target = os.fsencode(_real_path_by_links(path))
+    target = os.fsencode(real_path_by_links(path))
     best, found = b"", None
     for line in lines:
         left, _sep, right = line.partition(b" - ")
@@ -683,7 +684,7 @@ def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
     return tuple(os.fsdecode(f) for f in found)  # type: ignore[return-value]
 
 
-def _real_path_by_links(path: str | os.PathLike[str]) -> str:
+def real_path_by_links(path: str | os.PathLike[str]) -> str:
     """``os.path.realpath(path)`` found with ``readlink`` alone, never a ``stat``.
 
     ``realpath`` lstats each component, and an lstat of a mount point asks the

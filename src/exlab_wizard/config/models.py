@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from exlab_wizard.fileio import real_path_by_links
+
 __all__ = [
     "DAYS",
     "MAX_CONTENT_SCAN_MIB",
@@ -431,10 +433,14 @@ class ValidatorConfig(_Model):
 
 
 def _spellings(path: Path) -> tuple[str, str]:
-    """(absolute path, resolved path): the resolved one as far as the file system answers."""
+    """(absolute path, resolved path): the resolved one as far as the file system answers.
+
+    Resolved with readlink alone (:func:`~exlab_wizard.fileio.real_path_by_links`): realpath's lstat
+    of a share's mount point blocks for ever when the share does not answer (serve, doctor at start).
+    """
     absolute = os.path.abspath(path)
     try:
-        return absolute, os.path.realpath(absolute)
+        return absolute, real_path_by_links(absolute)
     except (OSError, ValueError):  # a NUL in the name, a symlink loop under strict rules
         return absolute, absolute
 

@@ -12,7 +12,9 @@ Per equipment:
   with ``-o cache=no``), ``mount_marker`` (present: the share is
   mounted), ``mount_writable`` (a probe file created, made durable and
   removed -- only when the marker is there, never into a bare mount point),
-  ``free_space`` (at least :data:`MIN_FREE_BYTES`).
+  ``free_space`` (at least :data:`MIN_FREE_BYTES`). A share that does not
+  answer these within :data:`MOUNT_CHECK_TIMEOUT_S` (a hung FUSE daemon, a
+  hard-mounted share whose server is silent) fails ``mount_path``.
 - rsync_ssh: ``ssh_key`` (readable, not readable by others: ssh refuses such
   a key), ``host_key`` (in the known_hosts file ssh will use; the hint is the
   exact ``ssh-keyscan`` line), ``ssh_login`` (``ssh -o BatchMode=yes TARGET
@@ -40,6 +42,7 @@ Nothing here changes the queue or a run; the only writes are the probe files.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import os
@@ -48,6 +51,8 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,6 +80,8 @@ __all__ = ["MIN_FREE_BYTES", "Check", "check_config_file", "run_checks"]
 
 #: Less free space than this on a mounted share is a failed check.
 MIN_FREE_BYTES = 256 << 20
+#: How long the mount checks of one equipment may take: a share that does not answer by then FAILs.
+MOUNT_CHECK_TIMEOUT_S = 15.0
 #: Bytes hashed on the NAS to measure its SHA-256 tool.
 SPEED_SAMPLE_BYTES = 64 << 20
 
@@ -129,7 +136,7 @@ async def run_checks(config: Config, *, now: dt.datetime | None = None) -> list[
         found = [_local_root(equipment)]
         transport = equipment.transport
         if isinstance(transport, MountTransportConfig):
-            found += _mount(equipment, transport)
+            found += await _mount_bounded(equipment, transport)
         elif isinstance(transport, RsyncSshTransportConfig):
             found += await _rsync_ssh(equipment, transport)
         elif isinstance(transport, RcloneTransportConfig):
@@ -219,6 +226,44 @@ def _local_root(equipment: EquipmentConfig) -> Check:
             "give the user running exlab-sync read access to the instrument's folder",
         )
     return Check("local_root", True, f"{root} is readable ({count} entries)")
+
+
+async def _mount_bounded(equipment: EquipmentConfig, cfg: MountTransportConfig) -> list[Check]:
+    """:func:`_mount` on a daemon thread, given :data:`MOUNT_CHECK_TIMEOUT_S`; a share that does not answer FAILs.
+
+    Every syscall on a share whose FUSE daemon hangs, or a hard-mounted share
+    whose server is silent, blocks for ever: the thread is left there (a daemon
+    thread holds no exit) and the doctor goes on to the next equipment.
+    """
+    limit = MOUNT_CHECK_TIMEOUT_S
+    answer: list[list[Check]] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            answer.append(_mount(equipment, cfg))
+        except BaseException as exc:  # handed to the caller as raised
+            errors.append(exc)
+
+    thread = threading.Thread(target=body, name=f"exlab-doctor-{equipment.id}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + limit
+    while thread.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if errors:
+        raise errors[0]
+    if answer:
+        return answer[0]
+    return [
+        Check(
+            "mount_path",
+            False,
+            f"{cfg.mount_path} does not answer within {limit:g} s (hung FUSE daemon / hard-mounted share whose "
+            f"server is silent)",
+            f"check the share's server and network; restart its FUSE daemon, or unmount it "
+            f"(umount -l {shlex.quote(str(cfg.mount_path))}) and mount it again",
+        )
+    ]
 
 
 def _mount(equipment: EquipmentConfig, cfg: MountTransportConfig) -> list[Check]:
