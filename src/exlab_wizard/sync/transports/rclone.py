@@ -50,6 +50,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -75,6 +76,7 @@ from exlab_wizard.sync.transports._process import (
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
     Clock,
+    NasNotAnswering,
     PreviousStampTaken,
     ProgressCallback,
     RemoteFile,
@@ -140,6 +142,13 @@ _MODTIME_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,
 #: flags on every rclone call: fail fast on a dead remote, let the engine retry
 _COMMON = ["--contimeout", "15s", "--low-level-retries", "3"]
 _PROBE_FLAGS = ["--contimeout", "5s", "--low-level-retries", "1", "--retries", "1"]
+#: How long a listing (``lsjson``, which prints each entry as it is listed) may print nothing before
+#: the NAS counts as not answering (a server stopped with its connection open: rclone's own I/O
+#: timeout and retries would wait 15 minutes and more). Read at each call (tests lower it).
+STALL_TIMEOUT_S = 120.0
+#: rclone's own limits for a hashsum, which prints nothing until it ends: the connection attempt,
+#: and how long a connection may carry no byte (its ``--timeout``), tried twice at most.
+_LOOK_FLAGS = ["--contimeout", "15s", "--timeout", "120s", "--low-level-retries", "2"]
 
 
 def rclone_binary() -> str:
@@ -299,10 +308,43 @@ def modtime_ns(text: str) -> int:
 
 
 async def _lsjson(
-    base: list[str], fs: str, *, log: EquipmentLog, run_path: object, step: str, extra: list[str] = ()
+    base: list[str],
+    fs: str,
+    *,
+    log: EquipmentLog,
+    run_path: object,
+    step: str,
+    extra: list[str] = (),
+    watched: bool = True,
 ) -> ToolResult:
+    """``lsjson -R`` of ``fs``. ``watched``: given up after :data:`STALL_TIMEOUT_S` printing nothing.
+
+    Raises :class:`NasNotAnswering` (``NETWORK``) then, never an empty listing.
+    ``watched=False`` for a listing that hashes each file first (``--hash``):
+    a large file may take longer than that to hash on the NAS.
+    """
     argv = [*base, "lsjson", "-R", "--files-only", "--no-mimetype", *extra, "--", fs]
-    return await run_tool(argv, log=log, run_path=run_path, step=step, quiet=True)
+    if not watched:
+        return await run_tool(argv, log=log, run_path=run_path, step=step, quiet=True)
+    limit = STALL_TIMEOUT_S
+    printed = [time.monotonic()]
+
+    def noted(_chunk: bytes) -> None:
+        printed[0] = time.monotonic()
+
+    result = await run_tool(
+        argv,
+        on_stdout=noted,
+        stop_if=lambda: time.monotonic() - printed[0] >= limit,
+        check_every=min(5.0, limit / 4),
+        log=log,
+        run_path=run_path,
+        step=step,
+        quiet=True,
+    )
+    if result.stopped:
+        raise NasNotAnswering(f"{fs} has not answered for {limit:g} s (rclone lsjson)")
+    return result
 
 
 async def _root_listing(
@@ -347,7 +389,7 @@ async def _hashsum(
     request: dict[str, object] = {"fs": fs, "hashType": "sha256", "download": download}
     if max_bytes is not None:
         request["_filter"] = {"MaxSize": max_bytes}
-    argv = [*base, "rc", "--loopback", "operations/hashsum", "--json", json.dumps(request)]
+    argv = [*base, *_LOOK_FLAGS, "rc", "--loopback", "operations/hashsum", "--json", json.dumps(request)]
     return await run_tool(
         argv, log=log, run_path=run_path, step="download_hash" if download else "remote_hash", quiet=not download
     )
@@ -933,7 +975,13 @@ class RcloneTransport(Transport):
     async def _listed_hashes(self, base: list[str], fs: str, run_path: Path) -> tuple[dict[str, str], dict[str, str]]:
         """Each file's SHA-256 from ``lsjson -R --hash``: (hashes, unverifiable)."""
         listed = await _lsjson(
-            base, fs, log=self.log, run_path=run_path, step="remote_hash", extra=["--hash", "--hash-type", "sha256"]
+            base,
+            fs,
+            log=self.log,
+            run_path=run_path,
+            step="remote_hash",
+            extra=["--hash", "--hash-type", "sha256"],
+            watched=False,
         )
         if listed.returncode != 0:
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"hashing {fs}")
