@@ -116,6 +116,9 @@ class NasLooks:
             task.cancel()
             raise
         if task in done:
+            if not task.cancelled() and isinstance(task.exception(), NasNotAnswering):
+                # The transport's own stall limit: as silent as a time-out here, for the rest of the pass.
+                self._silent[equipment_id] = task.exception().message  # type: ignore[union-attr]
             return task.result()
         task.add_done_callback(_thrown_away)
         self._stuck[equipment_id] = (task, asyncio.get_running_loop().time())

@@ -549,14 +549,17 @@ class MountTransport(Transport):
         """The share answered (a block written or read, a file done, an entry listed): progress."""
         self._answered_at = time.monotonic()
 
-    async def _watched(self, what: str, abort: threading.Event | None, fn: Callable[..., T], *args, **kwargs) -> T:
+    async def _watched(
+        self, what: str, abort: threading.Event | None, fn: Callable[..., T], *args, wait: bool = True, **kwargs
+    ) -> T:
         """``fn(*args, **kwargs)`` on a thread of its own, given up after :data:`STALL_TIMEOUT_S` without progress.
 
         Given up: ``abort`` set, :class:`NasNotAnswering` raised, the thread
         (blocked in the share) left to end on its own, its late result thrown
-        away. Until it ends, every call on this equipment's share waits for it
-        (given up in turn after as long without an answer): nothing more is
-        started there, never two pushes into one folder.
+        away. Until it ends nothing more is started on this equipment's share,
+        never two pushes into one folder: a call waits for it (a job's step,
+        whose failure costs an attempt), given up in turn after as long; with
+        ``wait=False`` (:meth:`reachable`, the probe) it raises at once.
         A daemon thread, not the loop's executor: one blocked for ever holds no
         pool slot and no exit.
         """
@@ -568,7 +571,7 @@ class MountTransport(Transport):
             what_before, since, gone = stuck
             waited = time.monotonic()
             while not gone.is_set():
-                if time.monotonic() - waited >= STALL_TIMEOUT_S:
+                if not wait or time.monotonic() - waited >= STALL_TIMEOUT_S:
                     raise NasNotAnswering(
                         f"{self.mount_path} has not answered for {time.monotonic() - since:.0f} s: the {what_before} "
                         f"started then has not returned; nothing more is started on it until it does"
@@ -647,7 +650,7 @@ class MountTransport(Transport):
     async def reachable(self, run_path: Path) -> bool:
         """True when ``mount_path`` is a folder holding the mount marker. Never raises."""
         try:
-            return await self._watched("reachability check", None, self._mounted)
+            return await self._watched("reachability check", None, self._mounted, wait=False)
         except NasNotAnswering:
             return False
 
