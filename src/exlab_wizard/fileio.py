@@ -745,7 +745,9 @@ def mounted_filesystem(path: str | os.PathLike[str]) -> str:
     if found is None:
         return ""
     fstype, source, root = found
-    if source.startswith("/dev/"):
+    if source.startswith("/dev/") and not fstype.startswith("fuse"):
+        # Not through FUSE (fuseblk: exfat-fuse, ntfs-3g): its statfs asks the daemon, which may not answer,
+        # and gives no id.
         source = _fsid(path) or source
     return f"{fstype} {source} {root}"
 
@@ -753,7 +755,7 @@ def mounted_filesystem(path: str | os.PathLike[str]) -> str:
 def _fsid(path: str | os.PathLike[str]) -> str | None:
     """``fsid=<hex>`` of the file system holding ``path`` (``statvfs`` of it or its nearest folder that
     exists); None when 0 or unreadable."""
-    where = os.path.realpath(path)
+    where = real_path_by_links(path)
     while True:
         try:
             fsid = os.statvfs(where).f_fsid

@@ -89,7 +89,6 @@ takes the read-back's hashes) share the push's state and its error mapping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -177,6 +176,7 @@ from exlab_wizard.sync.transports.conflict import (
     sort_remote,
     twins_refused,
 )
+from exlab_wizard.sync.transports.share_lanes import lane as share_lane
 from exlab_wizard.sync.verifier import run_parallel, scan_run, serial_progress, side_by_side
 
 __all__ = ["MountTransport", "is_temp_name", "same_mtime"]
@@ -552,7 +552,8 @@ class MountTransport(Transport):
     async def _watched(
         self, what: str, abort: threading.Event | None, fn: Callable[..., T], *args, wait: bool = True, **kwargs
     ) -> T:
-        """``fn(*args, **kwargs)`` on a thread of its own, given up after :data:`STALL_TIMEOUT_S` without progress.
+        """``fn(*args, **kwargs)`` on a thread of the share's lane, given up after :data:`STALL_TIMEOUT_S` without
+        progress.
 
         Given up: ``abort`` set, :class:`NasNotAnswering` raised, the thread
         (blocked in the share) left to end on its own, its late result thrown
@@ -560,8 +561,9 @@ class MountTransport(Transport):
         never two pushes into one folder: a call waits for it (a job's step,
         whose failure costs an attempt), given up in turn after as long; with
         ``wait=False`` (:meth:`reachable`, the probe) it raises at once.
-        A daemon thread, not the loop's executor: one blocked for ever holds no
-        pool slot and no exit.
+        A daemon thread of the share's lane (:mod:`.share_lanes`), not the
+        loop's executor: one blocked for ever holds no pool slot and no exit,
+        and ``serve`` names it when it stops without it.
         """
         key = (self.equipment.id, self.mount_path)
         with _STUCK_LOCK:
@@ -580,27 +582,23 @@ class MountTransport(Transport):
             with _STUCK_LOCK:
                 if _STUCK.get(key) is stuck:
                     del _STUCK[key]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
         returned = threading.Event()
 
-        def body() -> None:
+        def body() -> T:
             try:
-                outcome: tuple[bool, object] = (True, fn(*args, **kwargs))
-            except BaseException as exc:
-                outcome = (False, exc)
+                return fn(*args, **kwargs)
             finally:
                 returned.set()
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits for it
-                loop.call_soon_threadsafe(_settle, future, outcome)
 
         started = time.monotonic()
-        threading.Thread(target=body, name=f"exlab-mount-{what}", daemon=True).start()
+        # On the share's own lane (daemon threads, apart from the loop's pool; :func:`share_lanes.stuck`
+        # names a call still blocked in it when serve stops without it). Cancelling stops the wait only.
+        future = asyncio.ensure_future(share_lane(self.mount_path, "io" if wait else "probe").run(what, body))
 
         def give_up() -> None:
             if abort is not None:
                 abort.set()  # the work stops at its next block once the share answers, and removes its temps
-            future.add_done_callback(_thrown_away)
+            future.cancel()  # its late result thrown away; the lane's thread ends when the share answers
             with _STUCK_LOCK:
                 if not returned.is_set():
                     _STUCK[key] = (what, started, returned)
@@ -2186,23 +2184,6 @@ class MountTransport(Transport):
             TransportErrorKind.UNKNOWN,
             f"a file on the share cannot be opened to list it: {where}: {exc.strerror or exc}",
         )
-
-
-def _settle(future: asyncio.Future[T], outcome: tuple[bool, object]) -> None:
-    """Hand a watched thread's result (or exception) to its future, unless it was given up already."""
-    if future.done():
-        return
-    ok, value = outcome
-    if ok:
-        future.set_result(value)  # type: ignore[arg-type]
-    else:
-        future.set_exception(value)  # type: ignore[arg-type]
-
-
-def _thrown_away(future: asyncio.Future[object]) -> None:
-    """A given-up call's late result: never used (its exception retrieved, so asyncio does not log it)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _opened_stat(name: str, dir_fd: int) -> RemoteFile | None:
