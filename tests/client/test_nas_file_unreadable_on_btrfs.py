@@ -134,7 +134,7 @@ async def test_a_nas_file_unreadable_at_verify_is_not_retried_for_ever_as_unreac
             await client.wait_idle(timeout=60)
             assert fired
             assert _eio(nas_bad), "btrfs did not catch the changed block"
-            for _ in range(4):  # the operator (or the backoff) tries again
+            for _ in range(2):  # the operator (or the backoff) tries again
                 clock.advance(1)
                 job = await retry_now(client, clock, run)
             job = await client.job(run)

@@ -31,6 +31,7 @@ from exlab_wizard.sync.reaper import deletion, load_verified_stats, mounts, scan
 from exlab_wizard.sync.reaper.store import PlannedFile
 from exlab_wizard.sync.recovery import verified_manifest
 from exlab_wizard.sync.states import SyncJobState
+from tests.fixtures.local_disks import fs_disk
 from tests.helpers import Clock
 from tests.lab import VERIFIED_FILES, Lab, VerifiedLab, cleanup_config, ready, running
 
@@ -39,27 +40,6 @@ S = SyncJobState
 
 def _run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
-
-
-@contextlib.contextmanager
-def fs_disk(kind: str, point: Path, *, size: str = "400M", opts: str = "") -> Iterator[Path]:
-    """An empty ``kind`` (btrfs or xfs) filesystem on a loop image, mounted at ``point``; unmounted and detached after."""
-    assert os.geteuid() == 0, "loop mounts need root"
-    image = point.parent / f"{point.name}.{kind}.img"
-    _run("truncate", "-s", size, str(image))
-    _run(f"mkfs.{kind}", "-q", "-f", str(image))
-    point.mkdir(parents=True, exist_ok=True)
-    argv = ["mount", "-o", f"loop{',' + opts if opts else ''}", str(image), str(point)]
-    _run(*argv)
-    try:
-        yield point
-    finally:
-        for _ in range(50):
-            done = subprocess.run(["umount", "-d", str(point)], capture_output=True, text=True)
-            if done.returncode == 0 or "not mounted" in done.stderr:
-                break
-            time.sleep(0.1)
-        image.unlink(missing_ok=True)
 
 
 def _verdict(job) -> tuple:

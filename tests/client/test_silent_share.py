@@ -12,11 +12,7 @@ seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,44 +21,12 @@ from exlab_wizard.sync import remote as remote_mod
 from exlab_wizard.sync.policy.cleanup import CleanupCode
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import mount as mount_mod
-from tests.fixtures.fuse_shares import exfat_share
-from tests.fixtures.local_disks import _daemon_of
+from tests.fixtures.silent_share import silent_share
 from tests.helpers import Clock
 from tests.lab import EQ, MARKER, cleanup_config, client_lab, on_share, running, synced
 
 S = SyncJobState
 OTHER = "FACS_02"
-
-
-class Freezer:
-    """SIGSTOP / SIGCONT of a share's FUSE daemon."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.stopped = False
-
-    def freeze(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
-        self.stopped = True
-
-    def thaw(self) -> None:
-        if self.stopped:
-            os.kill(self.pid, signal.SIGCONT)
-            self.stopped = False
-
-
-@contextlib.contextmanager
-def hung_share(root: Path) -> Iterator[tuple[Path, Freezer]]:
-    """An exfat-fuse share with its marker, and the :class:`Freezer` of its daemon (thawed on exit)."""
-    with exfat_share(root / "share") as point:
-        (point / MARKER).write_text("mounted\n")
-        pid = _daemon_of(point)
-        assert pid is not None, "exfat-fuse daemon not found"
-        freezer = Freezer(pid)
-        try:
-            yield point, freezer
-        finally:
-            freezer.thaw()
 
 
 async def _until(pred, timeout: float) -> bool:
@@ -93,7 +57,7 @@ async def test_push_into_a_silent_share_ends_and_the_other_nas_keeps_moving(
     """
     monkeypatch.setattr(mount_mod, "STALL_TIMEOUT_S", 3.0, raising=False)
     lab = client_lab(tmp_path)
-    with hung_share(tmp_path) as (share, freezer):
+    with silent_share(tmp_path) as (share, freezer):
         cfg = on_share(lab.config(), EQ, share)
         run_a = lab.make_run("Run_A", {"a.bin": b"a" * 5000})
         run_b = lab.make_run("Run_B", {"b.bin": b"b" * 5000}, equipment=OTHER)
@@ -133,7 +97,7 @@ async def test_the_reapers_last_look_into_a_silent_share_does_not_stop_the_other
     """
     monkeypatch.setattr(remote_mod, "NAS_LOOK_TIMEOUT_S", 2.0, raising=False)
     lab = client_lab(tmp_path)
-    with hung_share(tmp_path) as (share, freezer):
+    with silent_share(tmp_path) as (share, freezer):
         cfg = on_share(cleanup_config(lab), EQ, share)
         run_a = lab.make_run("Run_A", {"a.bin": b"a" * 5000})
         run_b = lab.make_run("Run_B", {"b.bin": b"b" * 5000}, equipment=OTHER)
