@@ -51,8 +51,13 @@ import stat
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
+    "MOUNTINFO",
+    "MountEntry",
+    "mountinfo",
+    "parse_mountinfo_lines",
     "remove_stale_temps",
     "filesystem_type",
     "real_path_by_links",
@@ -653,6 +658,42 @@ def hash_from_storage(
     return hash_fd(fd, view, progress, drop_behind=True, limit=limit)
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+class MountEntry(NamedTuple):
+    """One line of ``mountinfo``: the mount's id, its mount point (unescaped), and its root, file system type
+    and source as the kernel writes them (octal escapes kept: none holds a space)."""
+
+    mount_id: int
+    point: bytes
+    root: bytes
+    fstype: bytes
+    source: bytes
+
+
+def parse_mountinfo_lines(text: bytes) -> list[MountEntry]:
+    """Every well-formed line of a ``mountinfo`` text, in order (a mount listed later is mounted on top)."""
+    entries = []
+    for line in text.splitlines():
+        left, _sep, right = line.partition(b" - ")
+        fields, after = left.split(b" "), right.split(b" ")
+        if len(fields) < 5 or len(after) < 2 or not fields[4] or not fields[0].isdigit():
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), fields[4])
+        entries.append(MountEntry(int(fields[0]), point, fields[3], after[0], after[1]))
+    return entries
+
+
+def mountinfo(path: str = MOUNTINFO) -> list[MountEntry] | None:
+    """This process's mount table (:func:`parse_mountinfo_lines`); None when it cannot be read (not Linux)."""
+    try:
+        with open(path, "rb") as handle:
+            return parse_mountinfo_lines(handle.read())
+    except OSError:
+        return None
+
+
 def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
     """``(filesystem type, source, root)`` of the mount holding ``path``, as /proc/self/mountinfo writes them.
 
@@ -663,22 +704,16 @@ def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
     escapes, so neither holds a space. None when the table cannot be read.
     Blocking I/O: the real path is looked up on the file systems it crosses.
     """
-    try:
-        with open("/proc/self/mountinfo", "rb") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
+    entries = mountinfo()
+    if entries is None:
         return None
     target = os.fsencode(real_path_by_links(path))
     best, found = b"", None
-    for line in lines:
-        left, _sep, right = line.partition(b" - ")
-        fields, after = left.split(b" "), right.split(b" ")
-        if len(fields) < 5 or len(after) < 2:
-            continue
-        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+    for entry in entries:
+        point = entry.point
         inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
         if inside and len(point) >= len(best):
-            best, found = point, (after[0], after[1], fields[3])
+            best, found = point, (entry.fstype, entry.source, entry.root)
     if found is None:
         return None
     return tuple(os.fsdecode(f) for f in found)  # type: ignore[return-value]

@@ -22,9 +22,9 @@ run has a device of its own but is on the run's own mount (see
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from exlab_wizard.fileio import MOUNTINFO, mountinfo, parse_mountinfo_lines
 from exlab_wizard.sync.policy.cleanup import name_paths
 
 __all__ = [
@@ -38,33 +38,16 @@ __all__ = [
     "parse_mountinfo",
 ]
 
-MOUNTINFO = "/proc/self/mountinfo"
-
-_ESCAPE = re.compile(rb"\\([0-7]{3})")
-
-
-def _unescape(field: bytes) -> bytes:
-    r"""The kernel writes a space, tab, newline and backslash of a mount point as ``\040``, ``\011``, ``\012``, ``\134``."""
-    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field)
-
 
 def parse_mountinfo(text: bytes) -> list[str]:
     """The mount point paths of a ``mountinfo`` file's text (field 5 of each line), unescaped, as ``os.fsdecode`` gives them."""
-    points: list[str] = []
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        if len(fields) >= 5 and fields[4]:
-            points.append(os.fsdecode(_unescape(fields[4])))
-    return points
+    return [os.fsdecode(entry.point) for entry in parse_mountinfo_lines(text)]
 
 
-def mount_points(mountinfo: str = MOUNTINFO) -> list[str] | None:
+def mount_points(path: str = MOUNTINFO) -> list[str] | None:
     """Every mount point this process sees; None when the mount table cannot be read (not Linux)."""
-    try:
-        with open(mountinfo, "rb") as fh:
-            return parse_mountinfo(fh.read())
-    except OSError:
-        return None
+    entries = mountinfo(path)
+    return None if entries is None else [os.fsdecode(entry.point) for entry in entries]
 
 
 def mount_id(fd: int) -> int | None:
@@ -79,19 +62,10 @@ def mount_id(fd: int) -> int | None:
     return None
 
 
-def mount_type(mnt_id: int, mountinfo: str = MOUNTINFO) -> str | None:
+def mount_type(mnt_id: int, path: str = MOUNTINFO) -> str | None:
     """The file system type of mount ``mnt_id`` (field 1 of its ``mountinfo`` line); None when not listed."""
-    try:
-        with open(mountinfo, "rb") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    wanted = str(mnt_id).encode()
-    for line in lines:
-        left, sep, right = line.partition(b" - ")
-        if sep and left.split(b" ", 1)[0] == wanted:
-            return os.fsdecode(right.split(b" ", 1)[0])
-    return None
+    entries = mountinfo(path) or []
+    return next((os.fsdecode(entry.fstype) for entry in entries if entry.mount_id == mnt_id), None)
 
 
 def mounts_inside(run_path: Path | str, points: list[str] | None = None) -> list[str]:
