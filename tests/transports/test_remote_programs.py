@@ -241,3 +241,51 @@ def test_keep_previous_fails_when_sync_f_fails_and_syncs_whole_only_where_it_has
     else:
         assert (done.returncode, calls[1:]) == (rsync_ssh._SYNC_FAILED, []), done.stderr
         assert b"Input/output error" in done.stderr
+
+
+def _watcher(run: Path, flush: str, env: dict[str, str]) -> subprocess.Popen:
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", remote_program("remote_watch.py"), str(run), flush],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert watcher.stdin is not None
+    watcher.stdin.write(b"\0\0")  # no large file to hash
+    watcher.stdin.flush()
+    return watcher
+
+
+@pytest.mark.parametrize("flush", ["0.05", "0"])
+def test_the_watcher_syncs_the_nas_while_the_push_runs_and_never_waits_for_its_sync(tmp_path: Path, flush: str) -> None:
+    """A plain ``sync`` (sync(2): it consumes no writeback error the verify pass's syncfs must report)
+    every flush interval until the push ends; at the end the watcher leaves at once, a slow sync
+    running on by itself (it holds no output of the session)."""
+    run = tmp_path / "Run_1"
+    run.mkdir()
+    fake, log = tmp_path / "bin", tmp_path / "sync.log"
+    fake.mkdir()
+    (fake / "sync").write_text(f'#!/bin/sh\necho "sync $*" >> {log}\nsleep 3\n')
+    (fake / "sync").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    watcher = _watcher(run, flush, env)
+    try:
+        for _ in range(100):
+            if log.exists() or flush == "0":
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        subprocess.run(["sleep", "0.3"], check=True)
+        if flush == "0":
+            assert watcher.poll() == 0  # nothing to hash, nothing to flush: gone before the push ends
+        else:
+            assert watcher.poll() is None  # flushing until the push ends
+            assert log.read_text().splitlines() == ["sync "]  # whole, no -f; one at a time
+        started = subprocess.run(["date", "+%s.%N"], capture_output=True, check=True, text=True).stdout
+        out, err = watcher.communicate(b"", timeout=2)  # EOF: the push ended
+        ended = subprocess.run(["date", "+%s.%N"], capture_output=True, check=True, text=True).stdout
+    finally:
+        watcher.kill()
+    assert (watcher.returncode, out, err) == (0, b"", b"")
+    assert float(ended) - float(started) < 1.5  # not the 3 s of the sync still running
+    assert log.exists() == (flush != "0")

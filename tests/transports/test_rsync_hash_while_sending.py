@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -122,3 +123,34 @@ def test_aes_gcm_goes_first_only_in_ssh_own_default_list(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rsync_ssh, "_cpu_has_aes", lambda: False)
     assert preferred_ciphers([ssh, "-F", os.devnull], "user@nas.example.org") is None
+
+
+@pytest.mark.parametrize("limit", [None, 50_000])
+async def test_a_large_push_at_full_speed_has_the_nas_flush_while_it_runs(
+    tmp_path, sshd, remote_dir, monkeypatch, limit
+):
+    """The watcher is started with a flush interval for a push of at least FLUSH_WHILE_SENDING_MIN_BYTES
+    at full speed (the verify pass's own flush then finds little left), never under a bandwidth limit
+    (the kernel's writeback keeps up); the run verifies exactly either way."""
+    monkeypatch.setattr(rsync_ssh, "FLUSH_WHILE_SENDING_MIN_BYTES", BIG)
+    started: list[list[str]] = []
+    real_start = rsync_ssh._RemoteWatcher.start
+
+    async def start(self, argv: list[str], header: bytes) -> None:
+        started.append(argv)
+        await real_start(self, argv, header)
+
+    monkeypatch.setattr(rsync_ssh._RemoteWatcher, "start", start)
+    eq = equipment(tmp_path, sshd, remote_dir)
+    small = {f"f{i}.dat": os.urandom(BIG // 8) for i in range(10)}  # no file large enough to hash while sending
+    run = make_run(eq.local_root, small, symlink=False)
+    transport = RsyncSshTransport(eq)
+    assert (await transport.push(run, bwlimit_kibps=limit)).ok
+    line = rsync_ssh._line_text(f"{shlex.quote(str(remote_dir / RUN_REL))} {rsync_ssh.FLUSH_WHILE_SENDING_S}")
+    if limit is None:
+        assert len(started) == 1 and started[0][-1].endswith(f"{line}'"), started
+    else:
+        assert started == []  # nothing to hash while sending, nothing to flush
+    assert str(run) not in transport._sent_hashes  # it hashed nothing
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == {name: sha(data) for name, data in small.items()}

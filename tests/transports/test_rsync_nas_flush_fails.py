@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from exlab_wizard.sync.states import SyncJobState
+from exlab_wizard.sync.transports import rsync_ssh
 from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import Clock
@@ -66,7 +67,10 @@ class ThinVolume:
     def fill_pool(self) -> None:
         """The pool runs out: no new block of the image can be written any more."""
         avail = os.statvfs(self.pool).f_bavail * os.statvfs(self.pool).f_frsize
-        _sh("fallocate", "-l", str(avail), str(self.pool / "filler"))
+        filled = subprocess.run(["fallocate", "-l", str(avail), str(self.pool / "filler")], capture_output=True)
+        if filled.returncode != 0:  # the volume wrote meanwhile: fill it up to the last page instead
+            (self.pool / "filler").unlink(missing_ok=True)
+            subprocess.run(["dd", "if=/dev/zero", f"of={self.pool / 'filler'}", "bs=1M"], capture_output=True)
 
     def grow_pool_and_remount(self) -> None:
         """The admin frees the pool and mounts the volume again (the NAS rebooted)."""
@@ -136,6 +140,50 @@ async def test_rsync_ssh_never_verifies_bytes_the_thin_nas_volume_could_not_writ
     if lost:
         assert (job.state, job.error_kind) == (S.FAILED, "remote_write_refused"), (job.state, job.last_error)
         assert "sync not found or failed" in (job.last_error or ""), job.last_error
+
+
+@pytest.mark.network
+async def test_a_write_failing_while_the_push_flushes_the_nas_is_never_verified(
+    request, tmp_path: Path, remote_dir: Path, monkeypatch
+) -> None:
+    """The pool runs out as the push starts, while the NAS is flushed every 50 ms beside it: the
+    job is never VERIFIED (here btrfs turns read-only at the first failed flush, and the push is refused).
+
+    Those flushes are plain ``sync`` calls (sync(2)), which report no write-back error and mark none
+    as seen, so the verify pass's own ``syncfs`` still reports each one (a ``syncfs`` there would be
+    told an error first, and a ``syncfs`` opened after it would find nothing to report: seen outside
+    the engine on XFS with its log on another device, where only the data's write-back fails).
+    test_remote_programs pins the plain ``sync``.
+    """
+    monkeypatch.setattr(rsync_ssh, "FLUSH_WHILE_SENDING_MIN_BYTES", 0)
+    monkeypatch.setattr(rsync_ssh, "FLUSH_WHILE_SENDING_S", 0.05)
+    await _fixed_tool("python3-openssl", monkeypatch)
+    vol = ThinVolume("btrfs", tmp_path / "pool", remote_dir)
+    try:
+        user = pwd.getpwnam(RW_USER)
+        os.chown(remote_dir, user.pw_uid, user.pw_gid)
+        os.chmod(remote_dir, 0o755)
+        site = Site.on(request, tmp_path, "rsync_ssh")
+        run = site.make_run(files=FILES)
+        fired = act_once_in(monkeypatch, RsyncSshTransport, "_send", lambda *a, **k: True, vol.fill_pool)
+        clock = Clock()
+        async with running(site.config(sync={"backoff_s": [3600.0]}), clock) as client:
+            await client.enqueue(run)
+            for _ in range(60):
+                job = await client.job(run)
+                if job.state in (S.VERIFIED, S.FAILED) or (job.state == S.QUEUED and job.attempts):
+                    break
+                await asyncio.sleep(1)
+        assert fired
+        await asyncio.to_thread(vol.grow_pool_and_remount)
+        nas = site.nas_copy(run)
+        held = {rel: (nas / rel).read_bytes() if (nas / rel).is_file() else None for rel in FILES}
+    finally:
+        vol.close()
+    lost = sorted(rel for rel, data in held.items() if data != FILES[rel])
+    assert lost  # the pool was full before the first byte: none reached the volume's disks
+    assert job.state != S.VERIFIED, f"VERIFIED, but {lost} never reached the NAS volume's disks"
+    assert job.error_kind == "remote_write_refused", (job.state, job.last_error)
 
 
 @pytest.mark.parametrize("fs", ["xfs", "btrfs"])

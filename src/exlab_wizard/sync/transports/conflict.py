@@ -341,6 +341,8 @@ def fold_clash(
     ``sub/A.tif`` against a NAS ``Sub/A.tif`` is the folders ``sub`` and ``Sub``.
     """
     remote = set(remote_files)
+    if not remote:
+        return None  # an empty (or new) remote folder holds no other spelling
     for rel in list(remote):
         parent = rel.rpartition("/")[0]
         while parent and parent not in remote:
@@ -349,13 +351,12 @@ def fold_clash(
     by_fold: dict[str, str] = {}
     for rel in sorted(remote, key=os.fsencode):
         by_fold.setdefault(_folded_path(rel), rel)
-    for rel in sorted({*local_dirs, *local_files}, key=lambda p: (p.count("/"), os.fsencode(p))):
-        if rel in remote:
-            continue
-        theirs = by_fold.get(_folded_path(rel))
-        if theirs is not None:
-            return rel, theirs
-    return None
+    # The shallowest path of the run the remote folder does not hold by its name that meets one.
+    met = [rel for rel in {*local_dirs, *local_files} if rel not in remote and _folded_path(rel) in by_fold]
+    if not met:
+        return None
+    ours = min(met, key=lambda p: (p.count("/"), os.fsencode(p)))
+    return ours, by_fold[_folded_path(ours)]
 
 
 def tree_fold_twins(files: Iterable[str], dirs: Iterable[str]) -> tuple[str, str] | None:

@@ -1,18 +1,21 @@
-# Hashing while sending: argument <run folder>; stdin "<path>\0<size>\0<mtime s>\0" per
-# file the push is about to send, then "\0", then nothing until the push ends (EOF).
-# Until then, each of those files is hashed as soon as it is complete under its final
-# name (rsync renames a file into place only once it is whole, with its size and mtime
-# set) and printed as "<hex>  <dev:ino:size:mtime_ns:ctime_ns>  <path>\0" -- the inode's
+# Hashing while sending: arguments <run folder> [<flush every s>]; stdin "<path>\0<size>\0<mtime s>\0"
+# per file the push is about to send, then "\0" (the list may be empty: "\0\0"), then nothing
+# until the push ends (EOF). Until then, each of those files is hashed as soon as it is complete
+# under its final name (rsync renames a file into place only once it is whole, with its size and
+# mtime set) and printed as "<hex>  <dev:ino:size:mtime_ns:ctime_ns>  <path>\0" -- the inode's
 # identity before and after the read, which must agree. At EOF it stops.
+# With <flush every s> above 0 it also starts a plain `sync` that often until EOF (see flushing).
 # Written for any python3 a NAS may carry (3.5 has no f-strings).
 
 import hashlib
 import os
 import stat
+import subprocess
 import sys
 import threading
 
 run = os.fsencode(sys.argv[1])
+flush_every = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
 data = b""
 while b"\0\0" not in data:
     chunk = os.read(0, 1 << 16)
@@ -31,6 +34,29 @@ def wait_eof():
 
 
 threading.Thread(target=wait_eof, daemon=True).start()
+
+
+def flushing():
+    # The kernel writes a push's bytes to the NAS's disks only some 30 s after they land, so the
+    # verify pass's flush would wait for all of them; a `sync` started every flush_every seconds
+    # writes them while the push still runs. A plain sync(2): it reports no writeback error and
+    # marks none as seen, so an error stays for the verify pass's syncfs to report (syncfs here
+    # would mark it seen, and a syncfs opened later would miss it). A child with its output
+    # elsewhere: nothing here waits for it, and it never holds the session open.
+    child = None
+    while not done.wait(flush_every):
+        if child is not None and child.poll() is None:
+            continue  # the last one still runs
+        try:
+            child = subprocess.Popen(
+                ["sync"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        except OSError:
+            return  # no sync here: the verify pass flushes it all
+
+
+if flush_every > 0:
+    threading.Thread(target=flushing, daemon=True).start()
 
 
 def identity(st):
@@ -76,3 +102,5 @@ while pending and not done.is_set():
             os.close(fd)
         out.write(h.hexdigest().encode() + b"  " + identity(st) + b"  " + rel + b"\0")
         out.flush()
+if flush_every > 0:
+    done.wait()  # flushing until the push ends (EOF)
