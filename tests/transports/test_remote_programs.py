@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,50 @@ def test_the_watcher_syncs_the_nas_while_the_push_runs_and_never_waits_for_its_s
     assert (watcher.returncode, out, err) == (0, b"", b"")
     assert float(ended) - float(started) < 1.5  # not the 3 s of the sync still running
     assert log.exists() == (flush != "0")
+
+
+# In a forked child of remote_hash.py: exit at once, writing nothing (a child killed, out of memory).
+_DYING_CHILD_PRELUDE = """
+import os
+_fork = os.fork
+def _dying_fork():
+    pid = _fork()
+    if pid == 0:
+        os._exit(9)
+    return pid
+os.fork = _dying_fork
+"""
+
+
+@pytest.mark.parametrize("children", ["working", "dying", "no_fork"])
+def test_remote_hash_shares_a_run_of_many_files_among_processes_and_misses_none(tmp_path: Path, children: str) -> None:
+    """Every file once, as hashlib hashes it, whether the forked processes do their share, die
+    without a word (their share is hashed again by the first), or cannot be forked at all."""
+    root = tmp_path / "root"
+    run = root / "Run_1"
+    files = {f"d{i % 7}/f{i}.bin": os.urandom(i % 300) for i in range(200)}
+    files["big/x.raw"] = os.urandom((1 << 20) + 3)
+    for rel, data in files.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(data)
+    program = remote_program("remote_hash.py")
+    assert "FORK_MIN_FILES = 2000\n" in program
+    program = program.replace("FORK_MIN_FILES = 2000\n", "FORK_MIN_FILES = 100\n")
+    by_pid = "import os\n_op = os.open\nos.open = lambda *a, **k: (os.write(2, b'by %d\\n' % os.getpid()), _op(*a, **k))[1]\n"
+    prelude = {"working": by_pid, "dying": _DYING_CHILD_PRELUDE, "no_fork": "import os\ndel os.fork\n"}[children]
+    done = _hash_with(_TRACE_PRELUDE + prelude + program, run, root)
+    assert done.returncode == 0, done.stderr
+    records = [r for r in done.stdout.split(b"\0") if r]
+    assert len(records) == len(files)  # none twice
+    assert {os.fsdecode(r[66:]): r[:64].decode() for r in records} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()
+    }
+    trace = done.stderr.decode().splitlines()
+    opened = Counter(line[len(f"open {run}/") :] for line in trace if line.startswith("open "))
+    # each file read by one process only (a large one is opened to look at, then to hash); the
+    # dead children opened nothing, so their shares were read by the first process alone
+    assert opened == {rel: 2 if rel == "big/x.raw" else 1 for rel in files}
+    if children == "working":  # one process a core, up to 4
+        readers = {line for line in trace if line.startswith("by ")}
+        assert len(readers) == min(os.cpu_count() or 1, 4), readers
+    assert trace[-2:] == ["syncfs returned", "end"], trace[-3:]

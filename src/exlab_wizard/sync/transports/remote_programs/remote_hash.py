@@ -8,6 +8,9 @@
 # when the flush fails (syncfs EIO or ENOSPC: a thin volume whose pool is full
 # keeps serving the bytes from memory that never reached its disks): whatever
 # it printed is then no hash of the NAS copy, and the client reads none of it.
+# A run of many files is shared among forked processes, one a core (up to 4),
+# each share's records taken from its process only when it wrote them all and
+# ended well, else hashed again here.
 # Written for any python3 a NAS may carry (3.5 has no f-strings): %-formatting stays.
 # ruff: noqa: UP031
 
@@ -72,6 +75,8 @@ def identity(st):
     return b"%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+#: a run of at least this many files is hashed by one process a core
+FORK_MIN_FILES = 2000
 FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 SMALL = 1 << 20
 
@@ -128,14 +133,11 @@ def hash_large(path):
         os.close(fd)
 
 
-out = sys.stdout.buffer
-flushed = []
-syncing = threading.Thread(target=flushing, args=(run, flushed))
-syncing.start()
-cut = len(run.rstrip(b"/")) + 1
-large = []
-with ThreadPoolExecutor(4) as pool:
-    stack = [run]
+def scan(top):
+    # -> [(path, path relative to the run)] of the run's regular files (and the entries that may be)
+    cut = len(top.rstrip(b"/")) + 1
+    found = []
+    stack = [top]
     while stack:
         folder = stack.pop()
         try:
@@ -146,19 +148,90 @@ with ThreadPoolExecutor(4) as pool:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    continue
+                elif entry.is_file(follow_symlinks=False):
+                    found.append((entry.path, entry.path[cut:]))
             except OSError:
                 continue
-            rel = entry.path[cut:]
-            hexdigest, pending = digest(entry.path, rel)
-            if pending is not None:
-                large.append((rel, pool.submit(hash_large, pending)))
-            elif hexdigest is not None:
-                out.write(hexdigest.encode() + b"  " + rel + b"\0")
+    return found
+
+
+def records(share):
+    # -> the records of the files of share, each hashed here, one after the other
+    done = bytearray()
+    for path, rel in share:
+        hexdigest, pending = digest(path, rel)
+        if pending is not None:
+            hexdigest = hash_large(pending)
+        if hexdigest is not None:
+            done += hexdigest.encode() + b"  " + rel + b"\0"
+    return bytes(done)
+
+
+def forked(share):
+    # -> (pid, read end of a pipe), the child writing the records of share into it; None: no child
+    try:
+        r, w = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:  # the child: never the parent's exit handlers nor its buffered output
+        code = 1
+        try:
+            os.close(r)
+            view = memoryview(records(share))
+            while view:
+                view = view[os.write(w, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def collected(child, share):
+    # -> the records of share: the child's when it wrote them all and ended well, else hashed here
+    if child is None:
+        return records(share)
+    pid, r = child
+    got = bytearray()
+    try:
+        while True:
+            chunk = os.read(r, 1 << 20)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        os.close(r)
+    status = os.waitpid(pid, 0)[1]
+    return bytes(got) if status == 0 else records(share)
+
+
+out = sys.stdout.buffer
+files = scan(run)
+# Many files: shared among processes, one a core (up to 4); forked before any thread starts.
+parts = min(os.cpu_count() or 1, 4) if len(files) >= FORK_MIN_FILES and hasattr(os, "fork") else 1
+shares = [files[i::parts] for i in range(parts)]
+children = [forked(share) for share in shares[1:]]
+flushed = []
+syncing = threading.Thread(target=flushing, args=(run, flushed))
+syncing.start()
+large = []
+with ThreadPoolExecutor(4) as pool:
+    for path, rel in shares[0]:
+        hexdigest, pending = digest(path, rel)
+        if pending is not None:
+            large.append((rel, pool.submit(hash_large, pending)))
+        elif hexdigest is not None:
+            out.write(hexdigest.encode() + b"  " + rel + b"\0")
     for rel, future in large:
         out.write(future.result().encode() + b"  " + rel + b"\0")
+for number, child in enumerate(children, 1):
+    out.write(collected(child, shares[number]))
 out.flush()
 syncing.join()  # the program never ends, so no hash is trusted, before the run is on the NAS's disks
 if flushed != [None]:
