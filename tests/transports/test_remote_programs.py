@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -337,3 +338,43 @@ def test_remote_hash_shares_a_run_of_many_files_among_processes_and_misses_none(
         readers = {line for line in trace if line.startswith("by ")}
         assert len(readers) == min(os.cpu_count() or 1, 4), readers
     assert trace[-2:] == ["syncfs returned", "end"], trace[-3:]
+
+
+def _sigchld_ignored() -> None:  # inherited across exec, as from a NAS wrapper's `trap '' CHLD`
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("syncfs", ["works", "EIO"])
+def test_remote_hash_forks_and_waits_for_its_children_even_when_started_with_sigchld_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: str
+) -> None:
+    """The kernel reaps the children of a process whose SIGCHLD is ignored, and waiting for them
+    failed: the program died after printing its own share (half a manifest, exit 1), and with a
+    failing flush too, exit 1 instead of 6. Found by the review of the forked hashing."""
+    root = tmp_path / "root"
+    run = root / "Run_1"
+    files = {f"d{i % 9}/f{i}.bin": os.urandom(i % 100) for i in range(300)}
+    for rel, data in files.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(data)
+    program = remote_program("remote_hash.py").replace("FORK_MIN_FILES = 2000\n", "FORK_MIN_FILES = 100\n")
+    if syncfs == "EIO":
+        monkeypatch.setenv("EXLAB_SYNCFS_ERRNO", str(errno.EIO))
+        program = _FAILING_SYNCFS_PRELUDE + program
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(run), str(root)],
+        input=b"",
+        capture_output=True,
+        check=False,
+        timeout=120,
+        preexec_fn=_sigchld_ignored,
+    )
+    if syncfs == "EIO":
+        assert done.returncode == rsync_ssh._SYNC_FAILED, done.stderr  # never a plain crash: exit 6
+        return
+    assert done.returncode == 0, done.stderr
+    records = [r for r in done.stdout.split(b"\0") if r]
+    assert len(records) == len(files)
+    assert {os.fsdecode(r[66:]): r[:64].decode() for r in records} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()
+    }

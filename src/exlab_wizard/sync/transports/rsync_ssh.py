@@ -1532,11 +1532,12 @@ class RsyncSshTransport(Transport):
         command = remote_line(_hash_command(tool, args))
         result = await self._ssh(command, run_path=run_path, step=f"remote_hash:{tool}", stdin=stdin)
         self._raise_for_enter(result, remote_run, "hashing")
-        if result.returncode == 255 or (result.returncode != 0 and not result.stdout):
+        if result.returncode == 255 or (result.returncode != 0 and (not result.stdout or tool.startswith("python3"))):
+            # remote_hash.py ends non-zero only when it failed part way (a traceback): none of it is read
             raise transport_error("ssh", result.returncode, result.stderr_text, f"hashing {remote_run}")
         manifest = _parse_hashes(tool, result.stdout)
         if result.returncode != 0:
-            # some files could not be read (xargs 123): they are absent, hence never verified
+            # some files could not be read (the sh programs' xargs 123): they are absent, hence never verified
             self.log.warning(run_path, "remote_hash_incomplete", rc=result.returncode, hashed=len(manifest.hashes))
         self.log.info(
             run_path,

@@ -17,6 +17,7 @@
 import errno
 import hashlib
 import os
+import signal
 import stat
 import sys
 import threading
@@ -207,7 +208,10 @@ def collected(child, share):
             got += chunk
     finally:
         os.close(r)
-    status = os.waitpid(pid, 0)[1]
+    try:
+        status = os.waitpid(pid, 0)[1]
+    except OSError:  # not ours to wait for (reaped by someone else): its word is not taken
+        status = -1
     return bytes(got) if status == 0 else records(share)
 
 
@@ -215,25 +219,35 @@ out = sys.stdout.buffer
 files = scan(run)
 # Many files: shared among processes, one a core (up to 4); forked before any thread starts.
 parts = min(os.cpu_count() or 1, 4) if len(files) >= FORK_MIN_FILES and hasattr(os, "fork") else 1
+if parts > 1 and hasattr(signal, "SIGCHLD"):
+    # Children waited for here: a SIGCHLD ignored by whoever started this (a wrapper's `trap ''
+    # CHLD`) would have the kernel reap them first, and no child's records would count.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 shares = [files[i::parts] for i in range(parts)]
 children = [forked(share) for share in shares[1:]]
 flushed = []
 syncing = threading.Thread(target=flushing, args=(run, flushed))
 syncing.start()
-large = []
-with ThreadPoolExecutor(4) as pool:
-    for path, rel in shares[0]:
-        hexdigest, pending = digest(path, rel)
-        if pending is not None:
-            large.append((rel, pool.submit(hash_large, pending)))
-        elif hexdigest is not None:
-            out.write(hexdigest.encode() + b"  " + rel + b"\0")
-    for rel, future in large:
-        out.write(future.result().encode() + b"  " + rel + b"\0")
-for number, child in enumerate(children, 1):
-    out.write(collected(child, shares[number]))
-out.flush()
-syncing.join()  # the program never ends, so no hash is trusted, before the run is on the NAS's disks
-if flushed != [None]:
-    sys.stderr.write("%s\n" % (flushed[0] if flushed else "syncfs did not return"))
-    sys.exit(6)
+try:
+    large = []
+    with ThreadPoolExecutor(4) as pool:
+        for path, rel in shares[0]:
+            hexdigest, pending = digest(path, rel)
+            if pending is not None:
+                large.append((rel, pool.submit(hash_large, pending)))
+            elif hexdigest is not None:
+                out.write(hexdigest.encode() + b"  " + rel + b"\0")
+        for rel, future in large:
+            out.write(future.result().encode() + b"  " + rel + b"\0")
+    for number, child in enumerate(children, 1):
+        out.write(collected(child, shares[number]))
+    out.flush()
+finally:
+    # The program never ends, so no hash is trusted, before the run is on the NAS's disks; and a
+    # flush that failed is exit 6 whatever else went wrong (any other failure: a non-zero exit, and
+    # the client reads none of the output).
+    syncing.join()
+    if flushed != [None]:
+        sys.stderr.write("%s\n" % (flushed[0] if flushed else "syncfs did not return"))
+        sys.stderr.flush()
+        os._exit(6)
