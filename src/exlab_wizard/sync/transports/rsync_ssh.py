@@ -1097,8 +1097,7 @@ class RsyncSshTransport(Transport):
         by side over the one ssh connection: one rsync is a pipeline of
         processes that leaves cores idle while it waits on itself. Each stream
         then takes whole top-level entries of the run, recursively (rsync builds
-        its file list as it goes, so sending starts at once), and a pass that
-        sends the run folder alone gives it its mtime back at the end; see
+        its file list as it goes, so sending starts at once); see
         :meth:`_send_top_level`. A run whose top level cannot be shared out
         fairly goes as streams given lists of files (:meth:`_send_listed`).
         Should a bandwidth window open meanwhile, each stream gets an equal
@@ -1133,7 +1132,10 @@ class RsyncSshTransport(Transport):
         itself, which is writable by us (see :func:`_split_top_level`). Names go
         as rsync filter patterns anchored at the run folder (``/name``), NUL-
         separated; a name rsync would read as a wildcard stays with the first
-        stream.
+        stream. The run folder's own mtime needs no pass of its own at the end:
+        each stream's rsync puts it back once it has written its last entry
+        (rsync's touch-up of folder times, which compares them first), so the
+        last stream to end does so after every write of either.
         """
         lists, stdins = _top_level_filters(units)
         run_folder_only = [*common, "--no-recursive", "--dirs", "--exclude=*"]
@@ -1154,7 +1156,6 @@ class RsyncSshTransport(Transport):
                 for number, (args, stdin) in enumerate(zip(lists, stdins, strict=True), 1)
             )
         )
-        await self._rsync_following_schedule(run_path, run_folder_only, remote_run, None, step="push_run_folder")
         return _sum_stats(results)
 
     async def _send_listed(
