@@ -23,6 +23,7 @@ import os
 import pwd
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,14 +102,12 @@ async def _fixed_tool(tool: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(RsyncSshTransport, "hash_tool", hash_tool)
 
 
-@pytest.mark.network
-@pytest.mark.parametrize("tool", ["python3-openssl", "sha256sum", "openssl", "sha256sum-stdin"])
-# XFS: the same loss measured outside the engine; in this flow its blocks were written before the pool filled
-@pytest.mark.parametrize("fs", ["btrfs"])
-async def test_rsync_ssh_never_verifies_bytes_the_thin_nas_volume_could_not_write(
-    request, tmp_path: Path, remote_dir: Path, monkeypatch, fs: str, tool: str
-) -> None:
-    await _fixed_tool(tool, monkeypatch)
+async def _push_while_the_pool_fills(
+    request, tmp_path: Path, remote_dir: Path, monkeypatch: pytest.MonkeyPatch, fs: str, before: str
+) -> tuple[Any, dict[str, bytes | None]]:
+    """FILES synced by the service onto a thin ``fs`` volume at ``remote_dir`` whose pool runs out
+    right before the first call of ``RsyncSshTransport.<before>``; the job once it settled, and
+    what the volume holds once mounted again."""
     vol = ThinVolume(fs, tmp_path / "pool", remote_dir)
     try:
         user = pwd.getpwnam(RW_USER)
@@ -116,7 +115,7 @@ async def test_rsync_ssh_never_verifies_bytes_the_thin_nas_volume_could_not_writ
         os.chmod(remote_dir, 0o755)
         site = Site.on(request, tmp_path, "rsync_ssh")
         run = site.make_run(files=FILES)
-        fired = act_once_in(monkeypatch, RsyncSshTransport, "remote_manifest", lambda *a, **k: True, vol.fill_pool)
+        fired = act_once_in(monkeypatch, RsyncSshTransport, before, lambda *a, **k: True, vol.fill_pool)
         clock = Clock()
         async with running(site.config(sync={"backoff_s": [3600.0]}), clock) as client:
             await client.enqueue(run)
@@ -131,6 +130,18 @@ async def test_rsync_ssh_never_verifies_bytes_the_thin_nas_volume_could_not_writ
         held = {rel: (nas / rel).read_bytes() if (nas / rel).is_file() else None for rel in FILES}
     finally:
         vol.close()
+    return job, held
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("tool", ["python3-openssl", "sha256sum", "openssl", "sha256sum-stdin"])
+# XFS: the same loss measured outside the engine; in this flow its blocks were written before the pool filled
+@pytest.mark.parametrize("fs", ["btrfs"])
+async def test_rsync_ssh_never_verifies_bytes_the_thin_nas_volume_could_not_write(
+    request, tmp_path: Path, remote_dir: Path, monkeypatch, fs: str, tool: str
+) -> None:
+    await _fixed_tool(tool, monkeypatch)
+    job, held = await _push_while_the_pool_fills(request, tmp_path, remote_dir, monkeypatch, fs, "remote_manifest")
     lost = sorted(rel for rel, data in held.items() if data != FILES[rel])
     assert job.state != S.VERIFIED or not lost, (
         f"[{fs}, {tool}] the job is VERIFIED ({job.last_error or 'no error'}) but after the NAS volume is mounted "
@@ -158,28 +169,7 @@ async def test_a_write_failing_while_the_push_flushes_the_nas_is_never_verified(
     monkeypatch.setattr(rsync_ssh, "FLUSH_WHILE_SENDING_MIN_BYTES", 0)
     monkeypatch.setattr(rsync_ssh, "FLUSH_WHILE_SENDING_S", 0.05)
     await _fixed_tool("python3-openssl", monkeypatch)
-    vol = ThinVolume("btrfs", tmp_path / "pool", remote_dir)
-    try:
-        user = pwd.getpwnam(RW_USER)
-        os.chown(remote_dir, user.pw_uid, user.pw_gid)
-        os.chmod(remote_dir, 0o755)
-        site = Site.on(request, tmp_path, "rsync_ssh")
-        run = site.make_run(files=FILES)
-        fired = act_once_in(monkeypatch, RsyncSshTransport, "_send", lambda *a, **k: True, vol.fill_pool)
-        clock = Clock()
-        async with running(site.config(sync={"backoff_s": [3600.0]}), clock) as client:
-            await client.enqueue(run)
-            for _ in range(60):
-                job = await client.job(run)
-                if job.state in (S.VERIFIED, S.FAILED) or (job.state == S.QUEUED and job.attempts):
-                    break
-                await asyncio.sleep(1)
-        assert fired
-        await asyncio.to_thread(vol.grow_pool_and_remount)
-        nas = site.nas_copy(run)
-        held = {rel: (nas / rel).read_bytes() if (nas / rel).is_file() else None for rel in FILES}
-    finally:
-        vol.close()
+    job, held = await _push_while_the_pool_fills(request, tmp_path, remote_dir, monkeypatch, "btrfs", "_send")
     lost = sorted(rel for rel, data in held.items() if data != FILES[rel])
     assert lost  # the pool was full before the first byte: none reached the volume's disks
     assert job.state != S.VERIFIED, f"VERIFIED, but {lost} never reached the NAS volume's disks"
