@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -50,6 +53,49 @@ EXE = str(Path(sys.executable).parent / "exlab-sync")
 #: nested brackets deep enough to exhaust a recursive parser
 BOMB = b"[" * 100_000 + b"]" * 100_000
 NESTED_IN_A_FIELD = b'{"schema_version": "1.0", "level": "run", "notes": ' + BOMB + b"}"
+
+
+#: Taken around every useradd/usermod of the suite: pytest-xdist's workers start at once, and two
+#: runs for one name (or two at once: /etc/passwd's and /etc/shadow's lock files) fail one of them.
+USERS_LOCK = Path("/tmp/exlab-test-users.lock")
+
+
+_USERS_HELD = threading.RLock()
+_users_depth = 0
+
+
+@contextlib.contextmanager
+def users_lock() -> Iterator[None]:
+    """Held while this process adds or changes a local login (see :data:`USERS_LOCK`); re-entrant."""
+    global _users_depth
+    with _USERS_HELD:
+        if _users_depth:
+            _users_depth += 1
+            try:
+                yield
+            finally:
+                _users_depth -= 1
+            return
+        with open(USERS_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            _users_depth = 1
+            try:
+                yield
+            finally:
+                _users_depth = 0
+
+
+def ensure_user(name: str, *useradd_args: str) -> pwd.struct_passwd:
+    """The local login ``name``, made with ``useradd <useradd_args> name`` when missing.
+
+    Left in place afterwards (a worker removing it would pull it from under another's test).
+    """
+    with users_lock():
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run([require_tool("useradd"), *useradd_args, name], check=True, capture_output=True)
+            return pwd.getpwnam(name)
 
 
 def require_tool(name: str) -> str:

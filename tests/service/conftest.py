@@ -22,6 +22,7 @@ from exlab_wizard.config import Config, parse_config
 from exlab_wizard.service import CompletionWatcher
 from exlab_wizard.service.server import ServiceInfo, run_service
 from exlab_wizard.sync.nas_client import NASSyncClient, client_from_config
+from tests.helpers import ensure_user
 from tests.lab import Lab, client_lab
 
 EQ = "CONFOCAL_01"
@@ -238,19 +239,10 @@ OTHER_USER = "attacker"
 
 @pytest.fixture(scope="session")
 def other_user() -> Iterator[pwd.struct_passwd]:
-    """A second local login (``attacker``): made with ``useradd`` when missing, removed afterwards if made here."""
+    """A second local login (``attacker``): made with ``useradd`` when missing, left in place afterwards
+    (the suite's workers start at once; one removing it would pull it from under another's test)."""
     assert os.geteuid() == 0, "running a process as another local user needs root"  # fails, never skips
-    made = False
-    try:
-        pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/bin/sh", OTHER_USER], check=True)
-        made = True
-    try:
-        yield pwd.getpwnam(OTHER_USER)
-    finally:
-        if made:
-            subprocess.run(["userdel", OTHER_USER], check=False)
+    yield ensure_user(OTHER_USER, "-M", "-s", "/bin/sh")
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import pytest
 
 from exlab_wizard.sync.transports import rsync_ssh
 from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
-from tests.helpers import Clock, require_tool
+from tests.helpers import Clock, ensure_user
 from tests.lab import EQ, FILES, acts, client_lab, rsync_equipment, running
 from tests.lab import cleanup_config as config
 
@@ -104,13 +104,8 @@ while True:
 
 @pytest.fixture(scope="module")
 def other_user() -> Iterator[pwd.struct_passwd]:
-    """An ordinary login of the same PC; removed afterwards if made here."""
-    made = subprocess.run(["getent", "passwd", OTHER], stdout=subprocess.DEVNULL).returncode != 0
-    if made:
-        subprocess.run([require_tool("useradd"), "-M", "-s", "/bin/sh", OTHER], check=True)
-    yield pwd.getpwnam(OTHER)
-    if made:
-        subprocess.run([require_tool("userdel"), OTHER], check=True)
+    """An ordinary login of the same PC (left in place: tests on other workers may be using it)."""
+    yield ensure_user(OTHER, "-M", "-s", "/bin/sh")
 
 
 @pytest.fixture
