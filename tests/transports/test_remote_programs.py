@@ -270,7 +270,7 @@ def test_the_watcher_syncs_the_nas_while_the_push_runs_and_never_waits_for_its_s
     fake.mkdir()
     (fake / "sync").write_text(f'#!/bin/sh\necho "sync $*" >> {log}\nsleep 3\n')
     (fake / "sync").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}  # its lock file here
     watcher = _watcher(run, flush, env)
     try:
         for _ in range(100):
@@ -378,3 +378,35 @@ def test_remote_hash_forks_and_waits_for_its_children_even_when_started_with_sig
     assert {os.fsdecode(r[66:]): r[:64].decode() for r in records} == {
         rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()
     }
+
+
+def test_a_hanging_sync_is_never_joined_by_another_one_from_the_next_push(tmp_path: Path) -> None:
+    """A NAS whose sync hangs (a dead mount elsewhere on it): one push's watcher started one, the
+    next push's watcher starts none while it runs (a stuck process a push would pile up), and
+    starts one again once it has ended."""
+    run = tmp_path / "Run_1"
+    run.mkdir()
+    fake, log = tmp_path / "bin", tmp_path / "sync.log"
+    fake.mkdir()
+    (fake / "sync").write_text(f'#!/bin/sh\necho "sync $$" >> {log}\nsleep 2\n')
+    (fake / "sync").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+
+    def calls() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    first = _watcher(run, "0.05", env)
+    for _ in range(100):
+        if calls():
+            break
+        subprocess.run(["sleep", "0.05"], check=True)
+    first.communicate(b"", timeout=5)  # the first push ends; its sync hangs on
+    second = _watcher(run, "0.05", env)
+    try:
+        subprocess.run(["sleep", "1"], check=True)
+        assert calls() == 1  # still the first one's, hanging: none more
+        subprocess.run(["sleep", "2"], check=True)
+        assert calls() >= 2  # the first has ended: this push flushes again
+    finally:
+        second.communicate(b"", timeout=5)
+    assert second.returncode == 0

@@ -5,8 +5,10 @@
 # mtime set) and printed as "<hex>  <dev:ino:size:mtime_ns:ctime_ns>  <path>\0" -- the inode's
 # identity before and after the read, which must agree. At EOF it stops.
 # With <flush every s> above 0 it also starts a plain `sync` that often until EOF (see flushing).
-# Written for any python3 a NAS may carry (3.5 has no f-strings).
+# Written for any python3 a NAS may carry (3.5 has no f-strings): %-formatting stays.
+# ruff: noqa: UP031
 
+import fcntl
 import hashlib
 import os
 import stat
@@ -42,17 +44,33 @@ def flushing():
     # writes them while the push still runs. A plain sync(2): it reports no writeback error and
     # marks none as seen, so an error stays for the verify pass's syncfs to report (syncfs here
     # would mark it seen, and a syncfs opened later would miss it). A child with its output
-    # elsewhere: nothing here waits for it, and it never holds the session open.
-    child = None
+    # elsewhere: nothing here waits for it, and it never holds the session open. One at a time
+    # for this login on this host, whichever push started it: the child holds a lock file's
+    # lock until it ends, so a sync that hangs (a dead mount elsewhere on the NAS) is never
+    # joined by one more for every push.
+    lock = os.path.join(os.environ.get("TMPDIR") or "/tmp", "exlab-flush-%d.lock" % os.getuid())
     while not done.wait(flush_every):
-        if child is not None and child.poll() is None:
-            continue  # the last one still runs
         try:
-            child = subprocess.Popen(
-                ["sync"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError:
-            return  # no sync here: the verify pass flushes it all
+            return  # no lock of ours to hold: no flush here, the verify pass flushes it all
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a sync started earlier (by this push or another) still runs
+            try:
+                subprocess.Popen(
+                    ["sync"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    pass_fds=(fd,),  # the child holds the lock (the same open file) until it ends
+                )
+            except OSError:
+                return  # no sync here: the verify pass flushes it all
+        finally:
+            os.close(fd)
 
 
 if flush_every > 0:
