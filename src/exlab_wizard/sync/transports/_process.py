@@ -22,6 +22,7 @@ import shlex
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -169,6 +170,45 @@ async def _pump(stream: asyncio.StreamReader | None, sink: bytearray, callback: 
             callback(chunk)
 
 
+class _PolledFile:
+    """A tool's output into an anonymous file in memory, read from it every ``every`` seconds.
+
+    The tool's descriptor shares the file's offset: this side reads with ``pread`` at its own.
+    Only what is new goes to ``callback``; the result keeps the last :data:`POLLED_TAIL_BYTES`.
+    """
+
+    def __init__(self, callback: Callable[[bytes], None] | None, every: float):
+        if hasattr(os, "memfd_create"):  # no disk: a full /tmp on a full instrument disk never stops a push
+            self.fd = os.memfd_create("exlab-tool-out", os.MFD_CLOEXEC)
+        else:
+            self.fd, name = tempfile.mkstemp(prefix="exlab-tool-out-")
+            os.unlink(name)
+        self.callback, self.every = callback, every
+        self.offset = 0
+
+    def read_new(self) -> None:
+        while chunk := os.pread(self.fd, 1 << 20, self.offset):
+            self.offset += len(chunk)
+            if self.callback is not None:
+                self.callback(chunk)
+
+    def tail(self) -> bytes:
+        start = max(0, self.offset - POLLED_TAIL_BYTES)
+        return os.pread(self.fd, self.offset - start, start)
+
+    async def poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.read_new()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+#: What a tool run with ``stdout_every`` keeps of its output: its last lines (rsync's ``--stats``).
+POLLED_TAIL_BYTES = 64 << 10
+
+
 async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
     """Await all of ``aws`` side by side; the first to raise cancels the others (and their tools)."""
     tasks = [asyncio.ensure_future(aw) for aw in aws]
@@ -191,6 +231,7 @@ async def run_tool(
     check_every: float = 5.0,
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
+    stdout_every: float | None = None,
     log: EquipmentLog | None = None,
     run_path: object = None,
     step: str = "",
@@ -209,22 +250,35 @@ async def run_tool(
     cancellation propagates. Never raises for a failing tool: the caller
     classifies the result. ``quiet`` logs only failures, and the same failure
     of the same run and step once an hour at most (:data:`QUIET_REPEAT_S`).
+    ``stdout_every``: the tool's output goes to an anonymous file in memory,
+    read every that many seconds and once it has ended (each new piece given
+    to ``on_stdout``), not through a pipe: a tool printing a line a file
+    (rsync's progress: 20,000 lines for 20,000 files) woke this loop
+    thousands of times (0.2-0.3 CPU-seconds of this process for 20,000
+    files). The result's ``stdout`` is then its last :data:`POLLED_TAIL_BYTES`.
     """
     argv = [str(a) for a in argv]
     tool = os.path.basename(argv[0])
     if log is not None and not quiet:
         log.info(run_path, "tool_start", tool=tool, step=step, argv=shlex.join(argv))
     started = time.monotonic()
-    proc = await spawn(
-        argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
     out, err = bytearray(), bytearray()
+    polled = None if stdout_every is None else _PolledFile(on_stdout, stdout_every)
+    try:
+        proc = await spawn(
+            argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if polled is None else polled.fd,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+    except BaseException:
+        if polled is not None:
+            polled.close()
+        raise
     stopped = timed_out = False
     pumps: asyncio.Future | None = None
+    polling = None if polled is None else asyncio.ensure_future(polled.poll())
     try:
         if stdin is not None:
             assert proc.stdin is not None
@@ -235,7 +289,10 @@ async def run_tool(
                 pass  # the tool exited early; its exit code tells why
             finally:
                 proc.stdin.close()
-        pumps = asyncio.gather(_pump(proc.stdout, out, on_stdout), _pump(proc.stderr, err, on_stderr))
+        pumps = asyncio.gather(
+            _pump(proc.stdout, out, on_stdout) if polled is None else proc.wait(),
+            _pump(proc.stderr, err, on_stderr),
+        )
         limits = [t for t in (timeout, stop_after) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
         while True:
@@ -258,6 +315,9 @@ async def run_tool(
                 break
         await pumps
         await proc.wait()
+        if polled is not None:
+            polled.read_new()  # what it printed last
+            out += polled.tail()
     except BaseException:
         await asyncio.shield(_stop(proc))
         if pumps is not None:
@@ -265,6 +325,13 @@ async def run_tool(
             with contextlib.suppress(BaseException):
                 await pumps
         raise
+    finally:
+        if polling is not None:
+            polling.cancel()
+            with contextlib.suppress(BaseException):
+                await polling
+        if polled is not None:
+            polled.close()
     result = ToolResult(
         argv,
         proc.returncode if proc.returncode is not None else -1,

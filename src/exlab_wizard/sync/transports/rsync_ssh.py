@@ -178,6 +178,8 @@ HASH_WHILE_SENDING_MIN_BYTES = 1 << 20
 #: pass's flush then finds little left. Under a bandwidth limit the kernel's own writeback keeps up.
 FLUSH_WHILE_SENDING_MIN_BYTES = 16 << 20
 FLUSH_WHILE_SENDING_S = 0.5
+#: A push's progress (rsync prints a line a file) is read this often, from a file, not line by line.
+PROGRESS_READ_S = 0.25
 #: Should the schedule name a window edge already past, rsync runs on and the schedule is read again after this.
 EDGE_RECHECK_S = 300.0
 #: While rsync runs, the limit is read again by the wall clock this often, in seconds: a clock stepped into
@@ -1289,6 +1291,7 @@ class RsyncSshTransport(Transport):
                 stop_if=limit_moved,
                 check_every=SCHEDULE_CHECK_S,
                 on_stdout=_ProgressParser(progress),
+                stdout_every=None if progress is None else PROGRESS_READ_S,
                 log=self.log,
                 run_path=run_path,
                 step=step,
