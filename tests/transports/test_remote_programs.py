@@ -259,18 +259,24 @@ def _watcher(run: Path, flush: str, env: dict[str, str]) -> subprocess.Popen:
     return watcher
 
 
+def _slow_sync(tmp_path: Path, *, logged: str, seconds: int) -> tuple[Path, Path, dict[str, str]]:
+    """A run folder, and a ``sync`` on PATH that writes ``sync <logged>`` to a log, then takes
+    ``seconds``; the environment has it first, and TMPDIR (where the watcher's lock file goes) here."""
+    run = tmp_path / "Run_1"
+    run.mkdir()
+    fake, log = tmp_path / "bin", tmp_path / "sync.log"
+    fake.mkdir()
+    (fake / "sync").write_text(f'#!/bin/sh\necho "sync {logged}" >> {log}\nsleep {seconds}\n')
+    (fake / "sync").chmod(0o755)
+    return run, log, {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+
+
 @pytest.mark.parametrize("flush", ["0.05", "0"])
 def test_the_watcher_syncs_the_nas_while_the_push_runs_and_never_waits_for_its_sync(tmp_path: Path, flush: str) -> None:
     """A plain ``sync`` (sync(2): it consumes no writeback error the verify pass's syncfs must report)
     every flush interval until the push ends; at the end the watcher leaves at once, a slow sync
     running on by itself (it holds no output of the session)."""
-    run = tmp_path / "Run_1"
-    run.mkdir()
-    fake, log = tmp_path / "bin", tmp_path / "sync.log"
-    fake.mkdir()
-    (fake / "sync").write_text(f'#!/bin/sh\necho "sync $*" >> {log}\nsleep 3\n')
-    (fake / "sync").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}  # its lock file here
+    run, log, env = _slow_sync(tmp_path, logged="$*", seconds=3)
     watcher = _watcher(run, flush, env)
     try:
         for _ in range(100):
@@ -384,13 +390,7 @@ def test_a_hanging_sync_is_never_joined_by_another_one_from_the_next_push(tmp_pa
     """A NAS whose sync hangs (a dead mount elsewhere on it): one push's watcher started one, the
     next push's watcher starts none while it runs (a stuck process a push would pile up), and
     starts one again once it has ended."""
-    run = tmp_path / "Run_1"
-    run.mkdir()
-    fake, log = tmp_path / "bin", tmp_path / "sync.log"
-    fake.mkdir()
-    (fake / "sync").write_text(f'#!/bin/sh\necho "sync $$" >> {log}\nsleep 2\n')
-    (fake / "sync").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    run, log, env = _slow_sync(tmp_path, logged="$$", seconds=2)
 
     def calls() -> int:
         return len(log.read_text().splitlines()) if log.exists() else 0
