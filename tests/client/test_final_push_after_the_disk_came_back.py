@@ -50,19 +50,18 @@ def disk(tmp_path: Path):
 
     class Disk:
         def plug(self, at: Path) -> None:
-            state["dev"] = _sh("losetup", "-f", "--show", str(image))
+            """Attached to a free loop device other than the one it had (another stick took that
+            number, as one would take sdb); never the same, whatever other tests' loop devices do."""
+            while (dev := _sh("losetup", "-f", "--show", str(image))) == state.get("was"):
+                held.append(dev)  # the old number stays taken
+            state["dev"] = dev
             subprocess.run(["mount", state["dev"], str(at)], check=True)
             state["at"] = str(at)
 
         def unplug(self) -> None:
             subprocess.run(["umount", state.pop("at")], check=True)
-            subprocess.run(["losetup", "-d", state.pop("dev")], check=True)
-
-        def hold_a_device(self) -> None:
-            """Another device takes the loop number the disk had (as another USB stick would take sdb)."""
-            filler = tmp_path / f"filler{len(held)}.img"
-            subprocess.run(["truncate", "-s", "1M", str(filler)], check=True)
-            held.append(_sh("losetup", "-f", "--show", str(filler)))
+            state["was"] = state.pop("dev")
+            subprocess.run(["losetup", "-d", state["was"]], check=True)
 
     d = Disk()
     yield d
@@ -89,7 +88,6 @@ async def test_a_replugged_disk_still_gets_its_final_push(site: Site, disk) -> N
         assert json.loads((run / CREATION).read_text())["local_cleaned"]
         # The disk unplugged and plugged back: the same folder, another device number.
         disk.unplug()
-        disk.hold_a_device()
         disk.plug(equipment_folder)
         after = run.stat()
         assert after.st_ino == before.st_ino and after.st_dev != before.st_dev
