@@ -31,6 +31,9 @@ LAYERS: dict[str, int] = {
     # A damaged queue file told apart from a busy one, by SQLite's result code: the queue, the
     # service's own connections to its file and the CLI's one-line errors use it.
     "exlab_wizard.sync.queue_damage": 1,
+    # A run's per-file records, spilled to a temporary file past a bound: the manifest format,
+    # the transports, the verification and the reaper's stats hold runs of any size in it.
+    "exlab_wizard.sync.spill": 1,
     "exlab_wizard.config": 2,
     "exlab_wizard.cache": 3,
     "exlab_wizard.validator": 4,
