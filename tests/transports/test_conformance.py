@@ -46,6 +46,7 @@ serve s3`` on loopback). A missing tool fails the test, never skips it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import pwd
@@ -59,6 +60,7 @@ from typing import Any
 import pytest
 
 from exlab_wizard.config.models import EquipmentConfig
+from exlab_wizard.sync import spill
 from exlab_wizard.sync.equipment_log import log_path_for
 from exlab_wizard.sync.transports import make_transport, rsync_ssh
 from exlab_wizard.sync.transports.base import PreviousStampTaken, Transport, TransportError, TransportErrorKind
@@ -71,7 +73,7 @@ from tests.lab import make_hostile_run as make_run
 
 pytestmark = pytest.mark.network
 K = TransportErrorKind
-BACKENDS = ["mount", "rsync_ssh", "rsync_ssh_streams", "rclone_sftp", "rclone_s3"]
+BACKENDS = ["mount", "mount_spilled", "rsync_ssh", "rsync_ssh_streams", "rclone_sftp", "rclone_s3"]
 #: the mount transport's temporary name while writing ``name`` (``.<name>.exlab-tmp-<hex>``)
 MOUNT_TMP = ".{}.exlab-tmp-0123456789ab"
 
@@ -124,6 +126,8 @@ class Remote:
     gone_on_disk: Path | None = None
     #: names are bytes end to end (a name that is not UTF-8 is listed as it is stored)
     byte_names: bool = False
+    #: the server's login that must own files written straight to disk (None: a share, no login)
+    login: str | None = RW_USER
 
     def transport(self, eq: EquipmentConfig) -> Transport:
         return make_transport(eq)
@@ -180,7 +184,14 @@ def _mount(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         root_gone=root_gone,
         gone_on_disk=tmp_path / "no-such-share",
         byte_names=True,
+        login=None,
     )
+
+
+def _mount_spilled(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
+    """The mount transport with every per-file map on disk from its first entry (spill.SpillMap)."""
+    request.getfixturevalue("monkeypatch").setattr(spill, "SPILL_AT", 0)
+    return dataclasses.replace(_mount(request, tmp_path), name="mount_spilled")
 
 
 def _rsync_ssh(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
@@ -282,6 +293,7 @@ def _rclone_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
 _FACTORIES = {
     "mount": _mount,
     "rsync_ssh": _rsync_ssh,
+    "mount_spilled": _mount_spilled,
     "rsync_ssh_streams": _rsync_ssh_streams,
     "rclone_sftp": _rclone_sftp,
     "rclone_s3": _rclone_s3,
@@ -305,7 +317,8 @@ def put_on_disk(remote: Remote, files: dict[str, bytes]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     for folder, _dirs, _files in os.walk(remote.run_on_disk.parents[len(RUN_REL.parts) - 1]):
-        shutil.chown(folder, RW_USER, RW_USER)  # the sshd login user must be able to write there
+        if remote.login is not None:  # (the mount backend has no login: made only by the sshd fixture)
+            shutil.chown(folder, remote.login, remote.login)  # the sshd login user must be able to write there
     remote.settle()
 
 
@@ -319,6 +332,8 @@ async def test_push_copies_hostile_nested_and_empty_files_and_manifest_matches(r
 
     result = await transport.push(run, bwlimit_kibps=None)
     assert result.ok and result.files_sent == len(HOSTILE)
+    if remote.name == "mount_spilled":  # the hashes from disk, not a dict
+        assert isinstance(result.local_hashes, spill.SpillMap) and result.local_hashes.spilled
     on_disk = tree(remote.run_on_disk)
     assert on_disk == HOSTILE  # byte-identical names and contents; symlinks not copied
     assert not any(os.path.islink(remote.run_on_disk / name) for name in on_disk)
@@ -762,7 +777,7 @@ async def test_push_metadata_to_an_unreachable_remote_is_network_and_writes_noth
         await remote.transport(remote.down(local_root)).push_metadata(run, bwlimit_kibps=None)
     assert caught.value.kind == K.NETWORK, caught.value.message
     assert not remote.run_on_disk.exists()
-    if remote.name == "mount":  # the bare folder of an unmounted share stays bare
+    if remote.name.startswith("mount"):  # the bare folder of an unmounted share stays bare
         assert list((local_root.parent / "unmounted").iterdir()) == []
 
 
@@ -1052,12 +1067,13 @@ def _link_to_other_run(remote, rel: str, data: bytes):
     other = remote.run_on_disk.parent / "Other_Run" / "theirs.raw"
     other.parent.mkdir(parents=True, exist_ok=True)
     other.write_bytes(data)
-    shutil.chown(other.parent, RW_USER, RW_USER)
-    shutil.chown(other, RW_USER, RW_USER)
     target = remote.run_on_disk / rel
     target.unlink()
     target.symlink_to(other)
-    os.lchown(target, pwd.getpwnam(RW_USER).pw_uid, pwd.getpwnam(RW_USER).pw_gid)
+    if remote.login is not None:
+        shutil.chown(other.parent, remote.login, remote.login)
+        shutil.chown(other, remote.login, remote.login)
+        os.lchown(target, pwd.getpwnam(remote.login).pw_uid, pwd.getpwnam(remote.login).pw_gid)
     remote.settle()
     return other
 

@@ -29,7 +29,7 @@ import datetime as dt
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from exlab_wizard.sync.recovery import (
     verified_manifest,
 )
 from exlab_wizard.sync.remote import RemoteAccess
+from exlab_wizard.sync.spill import SpillMap, keys_by_bytes
 from exlab_wizard.sync.states import IllegalTransition, SyncJobState
 from exlab_wizard.sync.transports import RemoteManifest, TransportError, TransportErrorKind
 from exlab_wizard.sync.transports.base import (
@@ -728,12 +729,12 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     await verify_job(ctx, job, equipment, local_hashes=_data_hashes(local_hashes), hashing=hashing)
 
 
-def _data_hashes(hashes: Mapping[str, str] | None) -> dict[str, str] | None:
-    """The data files' entries of ``hashes``: in place when it is a dict (ours once a push returned it).
+def _data_hashes(hashes: Mapping[str, str] | None) -> MutableMapping[str, str] | None:
+    """The data files' entries of ``hashes``: in place when it is a dict or a SpillMap (ours once a push returned it).
 
     At 200,000 files a second dict beside the push's costs about 10 MB.
     """
-    if hashes is None or not isinstance(hashes, dict):
+    if hashes is None or not isinstance(hashes, (dict, SpillMap)):
         return None if hashes is None else metadata_push.data_only(hashes)
     for rel in [rel for rel in hashes if not is_data_path(rel)]:
         del hashes[rel]
@@ -931,7 +932,7 @@ def _vanished(run: Path, paths: Iterable[str]) -> list[str]:
     listed: dict[str, set[str]] = {}  # folder -> names, a few folders at a time (not a copy of the run)
     names = 0
     gone: list[str] = []
-    for rel in sorted(paths):  # folder by folder (mostly); a list of references, no keys made
+    for rel in keys_by_bytes(paths):  # folder by folder (mostly); a spilled map's from its file
         folder, _sep, name = rel.rpartition("/")
         present = listed.get(folder)
         if present is None:
@@ -965,7 +966,7 @@ async def verify_job(
     job: SyncJobRow,
     equipment: EquipmentConfig,
     *,
-    local_hashes: dict[str, str] | None,
+    local_hashes: Mapping[str, str] | None,
     hashing: _HashingStart | None = None,
 ) -> None:
     """AWAITING_VERIFY -> VERIFIED, or back through the retry policy.
@@ -1055,7 +1056,7 @@ async def _promote(
     ctx: ClientContext,
     job: SyncJobRow,
     equipment: EquipmentConfig,
-    local_hashes: dict[str, str],
+    local_hashes: Mapping[str, str],
     *,
     checked: int,
     hashing: _HashingStart,

@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from exlab_wizard.cache.atomic import CacheError, CacheErrorKind, read_regular_file
 from exlab_wizard.fileio import METADATA_DIR
+from exlab_wizard.sync.spill import items_by_bytes
 
 __all__ = [
     "MANIFEST_MAX_BYTES",
@@ -89,26 +90,6 @@ def format_manifest(hashes: Mapping[str, str]) -> bytes:
     return b"".join(manifest_chunks(hashes))
 
 
-def _by_bytes(keys: Iterable[str]) -> list[str]:
-    """``keys`` sorted by their bytes (os.fsencode), without making those bytes when not needed.
-
-    UTF-8 keeps code point order, so a plain sort is the byte order unless a
-    key holds a surrogate escape (a non-UTF-8 name): only then sorted by bytes.
-    """
-    ordered = sorted(keys)
-    if not all(key.isascii() or _utf8(key) for key in ordered):
-        ordered.sort(key=os.fsencode)
-    return ordered
-
-
-def _utf8(key: str) -> bool:
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def manifest_chunks(hashes: Mapping[str, str], size: int = 1 << 20) -> Iterator[bytearray]:
     """:func:`format_manifest` in pieces of about ``size`` bytes, for writing without the whole in memory.
 
@@ -120,12 +101,12 @@ def manifest_chunks(hashes: Mapping[str, str], size: int = 1 << 20) -> Iterator[
 def _chunks(hashes: Mapping[str, str], size: int, dash: bytes) -> Iterator[bytearray]:
     """:func:`manifest_chunks`, a root file named ``-`` written as ``dash``."""
     out = bytearray()
-    for key in _by_bytes(hashes):
+    for key, value in items_by_bytes(hashes):  # a spilled map's straight from its file
         name, escaped = _escape(os.fsencode(key))
         name = dash if name == _STDIN_NAME else name
-        digest = hashes[key].lower().encode("ascii")
+        digest = value.lower().encode("ascii")
         if not _HEX_RE.match(digest):
-            raise ManifestFormatError(f"not a SHA-256 hex digest for {key!r}: {hashes[key]!r}")
+            raise ManifestFormatError(f"not a SHA-256 hex digest for {key!r}: {value!r}")
         if escaped:
             out += b"\\"
         out += digest

@@ -136,6 +136,7 @@ from exlab_wizard.sync.failures import (
     remote_errno_kind,
 )
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
+from exlab_wizard.sync.spill import SPILL_AT, SpillMap, items_by_bytes
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
@@ -440,7 +441,7 @@ class _Push:
     per_file_sync: bool
     total_sink: ProgressCallback | None = None  # the caller's own callback, told the total (report_total)
     direct_io: bool = False
-    hashes: dict[str, str] = field(default_factory=dict)
+    hashes: SpillMap[str] = field(default_factory=SpillMap)
     #: folder -> [files, sum of their :func:`_read_back_tag`] of the files read back from the
     #: share with the digest of ``hashes`` (a few numbers a folder, none a file)
     read_back: dict[str, list[int]] = field(default_factory=dict)
@@ -915,25 +916,39 @@ class MountTransport(Transport):
         top, prefix = (run / METADATA_DIR, METADATA_DIR + "/") if metadata_only else (run, "")
         if metadata_only and (os.path.islink(top) or not os.path.isdir(top)):
             raise TransportError(TransportErrorKind.LOCAL_FILE_VANISHED, f"{top} is not a folder")
-        try:
-            dirs: list[str] = [METADATA_DIR] if metadata_only else []
-            # (size, mtime ns) only: whole stat results, or absolute paths, would cost hundreds of
-            # bytes a file (the path is made from the run folder when the file is opened).
-            local_files: dict[str, tuple[int, int]] = {}
+        dirs: list[str] = [METADATA_DIR] if metadata_only else []
+        # (size, mtime ns) only: whole stat results, or absolute paths, would cost hundreds of
+        # bytes a file (the path is made from the run folder when the file is opened). On disk
+        # past spill.SPILL_AT files: the push's memory does not grow with the run.
+        local_files: SpillMap[tuple[int, int]] = SpillMap()
+
+        def listed() -> Iterator[str]:
+            """Each folder and file as listed (a folder's entries together), kept in ``dirs`` and ``local_files``."""
             for entry in scan_run(top, include_metadata=True, with_stat=True, metadata_root=metadata_only):
+                rel = prefix + entry.rel
                 if entry.is_dir:
-                    dirs.append(prefix + entry.rel)
+                    dirs.append(rel)
                 elif metadata_only or entry.rel != NAS_MANIFEST:
                     # The verified manifest goes to the NAS only with the metadata push after its
                     # VERIFIED is recorded: a NAS manifest is then always one the queue knows
                     # (conflict.foreign_copy_error), never one written locally by a step that failed.
-                    local_files[prefix + entry.rel] = (entry.stat.st_size, entry.stat.st_mtime_ns)
+                    local_files[rel] = (entry.stat.st_size, entry.stat.st_mtime_ns)
+                else:
+                    continue
+                yield rel
+
+        try:
+            names = listed()
+            # Name twins looked for as the run is listed, folders and files alike, one folder's
+            # names at a time: a spilled listing is not in folder order when read back.
+            twins = fold_twins(names)
+            for _rest in names:  # the whole listing, whatever was found
+                pass
         except OSError as exc:
             # The folder the listing could not read (a subfolder without permission), named in the run.
             where = os.path.relpath(exc.filename, run) if isinstance(exc.filename, str) else prefix or "."
             raise self._local_error(exc, where, run) from exc
         local_dirs = sorted(dirs, key=lambda rel: rel.count("/"))
-        twins = fold_twins(local_files, local_dirs)
         if twins is not None and self._share_folds(job.remote):
             raise twins_refused(twins, where="share")
         remote_stats, stale, claimed_here = self._inspect_remote(
@@ -950,39 +965,47 @@ class MountTransport(Transport):
         if job.claim is not None:
             job.claim()  # durably, before anything is written or moved in the NAS folder
 
-        sources = []
+        def sources() -> Iterator[_Source]:
+            """Every file of the push, by the bytes of its path: what it is and whether it is sent."""
+            for rel, (size, mtime_ns) in items_by_bytes(local_files):
+                theirs = remote_stats.get(rel)  # (size, mtime ns)
+                send = (
+                    metadata_only
+                    or rel in rewrite
+                    or theirs is None
+                    or theirs[0] != size
+                    or not same_mtime(mtime_ns, theirs[1])
+                )
+                yield _Source(rel, size, send)
+
         replaced: list[str] = []  # data files on the NAS this push writes over
-        while local_files:  # each entry freed as its record is made: the two are never whole at once
-            rel, (size, mtime_ns) = local_files.popitem()
-            theirs = remote_stats.get(rel)  # (size, mtime ns)
-            send = (
-                metadata_only
-                or rel in rewrite
-                or theirs is None
-                or theirs[0] != size
-                or not same_mtime(mtime_ns, theirs[1])
-            )
-            sources.append(_Source(rel, size, send))
-            if send and theirs is not None:
-                job.replacing.add(rel)
-                if job.keep_stamp is not None and is_data_path(rel):
-                    replaced.append(rel)
-        del local_files, remote_stats
+        sent = sent_bytes = skipped = small = 0
+        for src in sources():
+            if not src.send:
+                skipped += 1
+                continue
+            sent += 1
+            sent_bytes += src.size
+            small += src.size < LARGE_FILE
+            if src.rel in remote_stats:
+                job.replacing.add(src.rel)
+                if job.keep_stamp is not None and is_data_path(src.rel):
+                    replaced.append(src.rel)
         if replaced:
-            self._keep_replaced(job, sorted(replaced, key=os.fsencode))
+            self._keep_replaced(job, replaced)  # in byte order, as listed
         self._logged(
             "INFO",
             run,
             "push_start",
             transport="mount",
             remote=job.remote,
-            files=sum(s.send for s in sources),
-            bytes=sum(s.size for s in sources if s.send),
-            skipped=sum(not s.send for s in sources),
+            files=sent,
+            bytes=sent_bytes,
+            skipped=skipped,
             bwlimit_kibps="none" if bwlimit_kibps is None else bwlimit_kibps,
             **({"scope": METADATA_DIR} if metadata_only else {}),
         )
-        report_total(job.total_sink, sum(s.size for s in sources if s.send))
+        report_total(job.total_sink, sent_bytes)
         self._remove_stale(job, stale)
         chain = self._make_dirs(job, run, local_dirs)
         if job.owner is not None and not claimed_here:
@@ -995,17 +1018,15 @@ class MountTransport(Transport):
         job.umask = _current_umask()
         # Small files on a share whose syncfs is durable go in batches (one syncfs each), folder by
         # folder (one thread, each folder opened once); every other file is made durable on its own
-        # (fsync) by the copy threads, round-robin over folders.
-        sources.sort(key=lambda s: os.fsencode(s.rel))
-        batched = [] if job.per_file_sync else [s for s in sources if s.send and s.size < LARGE_FILE]
-        alone = _interleave([s for s in sources if not (s.send and s.size < LARGE_FILE)] if batched else sources)
-        del sources
+        # (fsync) by the copy threads, round-robin over folders. Both taken from the listing as
+        # they are sent, never a list of the whole run.
+        batching = small > 0 and not job.per_file_sync
         work = []
-        if alone:
-            work.append(lambda: self._send_alone(job, alone))
-        if batched:
-            work.append(lambda: self._send_small(job, batched))
-        # Side by side: large files mostly wait on the disk, small ones on the CPU.
+        if not batching or len(local_files) > small:
+            alone = (s for s in sources() if not (batching and s.send and s.size < LARGE_FILE))
+            work.append(lambda: self._send_alone(job, _interleave(alone)))
+        if batching:
+            work.append(lambda: self._send_small(job, (s for s in sources() if s.send and s.size < LARGE_FILE)))
         side_by_side(work, job.abort)
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
@@ -1249,7 +1270,7 @@ class MountTransport(Transport):
             self._keep_times(final, source, dir_fd=at)
         self._read_back(job, src.rel, final, view, dir_fd=at)
 
-    def _send_alone(self, job: _Push, alone: list[_Source]) -> None:
+    def _send_alone(self, job: _Push, alone: Iterable[_Source]) -> None:
         """Files fsynced one by one (large ones, or every file on a share whose syncfs is not trusted)."""
         for part in _batches(alone, ROUND_FILES, ROUND_BYTES):
             shares = OpenFoldersByThread(job.remote)  # each copy thread keeps its folders open for the round
@@ -1260,7 +1281,7 @@ class MountTransport(Transport):
 
     # ------------------------------------------------------------------ small files, in batches
 
-    def _send_small(self, job: _Push, small: list[_Source]) -> None:
+    def _send_small(self, job: _Push, small: Iterable[_Source]) -> None:
         """Copy small files in batches on this one thread; one syncfs per batch on a thread of its own.
 
         Batch k+1 is copied while the ``syncfs`` that makes batch k durable
@@ -1271,7 +1292,7 @@ class MountTransport(Transport):
         to each other than they gain (two copy threads and a committer were
         slower than this one thread on two cores). Files are opened, created
         and renamed relative to their open folder (:class:`OpenFolders`).
-        ``small`` is emptied as its files are taken. Any failure stops the
+        ``small`` is taken from as its files are sent. Any failure stops the
         push; the first error is raised.
         """
         sources, shares = OpenFolders(os.fspath(job.run)), OpenFolders(job.remote)
@@ -1279,7 +1300,7 @@ class MountTransport(Transport):
         syncing: _Background | None = None
         copied: list[tuple[str, str, str, str]] = []
         try:
-            for batch in _batches(_drain(small), BATCH_FILES, BATCH_BYTES):
+            for batch in _batches(small, BATCH_FILES, BATCH_BYTES):
                 ready = self._copy_batch(job, batch, view, sources, shares)
                 del batch
                 if syncing is not None:
@@ -2359,29 +2380,27 @@ class _Background:
             raise self._error
 
 
-def _interleave(sources: list[_Source]) -> list[_Source]:
-    """Round-robin over folders, so parallel threads mostly work in different folders."""
-    by_folder: dict[str, list[_Source]] = {}
-    for src in sorted(sources, key=lambda s: os.fsencode(s.rel)):
-        by_folder.setdefault(src.folder, []).append(src)
-    queues = [iter(group) for group in by_folder.values()]
-    out: list[_Source] = []
-    while queues:
-        alive = []
-        for queue in queues:
-            item = next(queue, None)
-            if item is not None:
-                out.append(item)
-                alive.append(queue)
-        queues = alive
-    return out
+def _interleave(sources: Iterable[_Source], chunk: int = SPILL_AT) -> Iterator[_Source]:
+    """Round-robin over folders, so parallel threads mostly work in different folders.
 
-
-def _drain(sources: list[_Source]) -> Iterator[_Source]:
-    """The items of ``sources`` in order, each removed from the list as it is taken."""
-    sources.reverse()
-    while sources:
-        yield sources.pop()
+    ``sources`` in byte order (a folder's files together); taken ``chunk`` files at a time, so a
+    run of any size holds one chunk's records, not the whole run's.
+    """
+    taken = iter(sources)
+    while part := list(itertools.islice(taken, chunk)):
+        by_folder: dict[str, list[_Source]] = {}
+        for src in part:
+            by_folder.setdefault(src.folder, []).append(src)
+        del part
+        queues = [iter(group) for group in by_folder.values()]
+        while queues:
+            alive = []
+            for queue in queues:
+                item = next(queue, None)
+                if item is not None:
+                    yield item
+                    alive.append(queue)
+            queues = alive
 
 
 def _batches(sources: Iterable[_Source], max_files: int, max_bytes: int):
