@@ -1,12 +1,15 @@
-"""rsync_ssh before and after a change, in one run: this checkout's engine, another checkout's, the bare rsync.
+"""A transport before and after a change, in one run: this checkout's engine, another checkout's, the anchor.
 
 Uses ``run_all.py``'s methods as they are (the engine in a child process,
 enqueue to VERIFIED; every copy to a fresh loop-mounted ext4; each timed
-measurement under ``/tmp/exlab-bench.lock``), with one more method: ``Rb``,
-the same engine run from ``--before-src`` (default ``/work/main/src``).
-Prints the medians and the ratios to the bare ``rsync -a --checksum`` (RR).
+measurement under ``/tmp/exlab-bench.lock``), with one more method: ``Rb``
+(rsync_ssh) or ``Mb`` (mount), the same engine run from ``--before-src``
+(default ``/work/main/src``). Prints the medians and the ratios to the
+anchor: the bare ``rsync -a --checksum`` (RR), or the durable verified
+rclone copy (MA) for the mount transport.
 
     PYTHONPATH=$PWD/src .venv/bin/python bench/before_after.py --datasets small,mixed,big --repeat 3
+    PYTHONPATH=$PWD/src .venv/bin/python bench/before_after.py --transport mount --before-src /tmp/old/src
 """
 
 from __future__ import annotations
@@ -49,21 +52,31 @@ class BeforeAfter(run_all.Transports):
         finally:
             del self._engine
 
+    def _m_Mb(self, run: Path, dest: Path, profile: Path | None) -> tuple[float, dict]:
+        self._engine = self._engine_before  # type: ignore[method-assign]
+        try:
+            return self._m_M(run, dest, profile)
+        finally:
+            del self._engine
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="small,mixed,big")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--before-src", default=BeforeAfter.before_src)
+    parser.add_argument("--transport", choices=("rsync_ssh", "mount"), default="rsync_ssh")
     args = parser.parse_args(argv)
-    methods = ["R", "Rb", "RR"]
+    methods = ["R", "Rb", "RR"] if args.transport == "rsync_ssh" else ["M", "Mb", "MA"]
+    now, before, anchor = methods
     run_all.NETWORK = (*run_all.NETWORK, "Rb")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with run_all.transports_bench(BeforeAfter, "exlab-bench-ba", use_lock=True) as bench:
         bench.before_src = args.before_src
         runs = {name: bench.add_run(name, dataset(name)) for name in args.datasets.split(",")}
         subprocess.run(["sync"], check=True)
-        bench.start_sshd()
+        if args.transport == "rsync_ssh":
+            bench.start_sshd()
         times: dict[str, dict[str, list[float]]] = {name: {m: [] for m in methods} for name in runs}
         for rep in range(args.repeat):
             for name, run in runs.items():
@@ -74,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, by_method in times.items():
             med = {m: median(v) for m, v in by_method.items()}
             print(
-                f"{name}: R {med['R']:.2f} s, Rb {med['Rb']:.2f} s, RR {med['RR']:.2f} s;"
-                f" R/RR {med['R'] / med['RR']:.2f}, Rb/RR {med['Rb'] / med['RR']:.2f}"
+                f"{name}: {now} {med[now]:.2f} s, {before} {med[before]:.2f} s, {anchor} {med[anchor]:.2f} s;"
+                f" {now}/{anchor} {med[now] / med[anchor]:.2f}, {before}/{anchor} {med[before] / med[anchor]:.2f}"
                 f" (runs {json.dumps({m: [round(x, 2) for x in v] for m, v in by_method.items()})})"
             )
         return 0
