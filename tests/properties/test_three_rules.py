@@ -90,7 +90,7 @@ from hypothesis.stateful import (
 )
 
 from exlab_wizard.config import parse_config
-from exlab_wizard.sync import job_runner
+from exlab_wizard.sync import job_runner, spill
 from exlab_wizard.sync.manifest_format import manifest_digest, parse_manifest
 from exlab_wizard.sync.nas_client import (
     EnqueueError,
@@ -1047,6 +1047,15 @@ def _machine(make_nas: Callable[[Path], Nas], base: Path) -> type[ThreeRules]:
 @pytest.mark.timeout(0 if LONG else 300)
 def test_three_rules_hold_on_the_mount_transport(tmp_path: Path) -> None:
     run_state_machine_as_test(_machine(MountNas, tmp_path), settings=_settings(EXAMPLES))
+
+
+@pytest.mark.timeout(0 if LONG else 300)
+def test_three_rules_hold_on_the_mount_transport_with_every_map_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same machine with every per-file map (the push's listing and plan, the local digests) spilled."""
+    monkeypatch.setattr(spill, "SPILL_AT", 0)
+    run_state_machine_as_test(_machine(MountNas, tmp_path), settings=_settings(max(1, EXAMPLES // 2)))
 
 
 @pytest.mark.network

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from exlab_wizard.sync import spill
 from exlab_wizard.sync import verifier as verifier_module
 from exlab_wizard.sync.manifest_format import manifest_digest, manifest_path, read_manifest
 from exlab_wizard.sync.transports.base import RemoteManifest, TransportError, TransportErrorKind
@@ -21,6 +22,7 @@ from exlab_wizard.sync.verifier import (
     drop_page_cache,
     hash_file,
     hash_tree,
+    run_parallel,
     walk_run,
 )
 from tests.helpers import require_tool
@@ -180,7 +182,6 @@ def test_hash_tree_parallel_equals_serial(tmp_path: Path) -> None:
         (run / f"many/{index % 7}/f{index}.bin").write_bytes(blob)
     serial = hash_tree(run, threads=1)
     assert serial == _data_hashes(contents)
-    assert list(serial) == sorted(serial, key=os.fsencode)
     for threads in (2, 4, 8):
         assert hash_tree(run, threads=threads) == serial
     with_metadata = hash_tree(run, threads=3, include_metadata=True)
@@ -190,20 +191,45 @@ def test_hash_tree_parallel_equals_serial(tmp_path: Path) -> None:
     assert sum(total) == sum(len(data) for rel, data in contents.items() if not rel.startswith(".exlab"))
 
 
+def test_hash_tree_spilled_to_disk_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    contents = _make_run(run)
+    in_memory = hash_tree(run, threads=2)
+    monkeypatch.setattr(spill, "SPILL_AT", 0)
+    on_disk = hash_tree(run, threads=2)
+    assert isinstance(on_disk, spill.SpillMap) and on_disk.spilled
+    assert on_disk == in_memory == _data_hashes(contents)
+    assert list(spill.items_by_bytes(on_disk)) == sorted(in_memory.items(), key=lambda kv: os.fsencode(kv[0]))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_listing_that_fails_while_its_items_are_taken_fails_the_work(threads: int) -> None:
+    """Items taken from a generator as they are worked on: its error is raised, never the end of the items."""
+    done: list[int] = []
+
+    def listing():
+        yield from range(5)
+        raise PermissionError(errno.EACCES, "Permission denied", "run/locked")
+
+    with pytest.raises(PermissionError):
+        run_parallel(listing(), lambda item, _view: done.append(item), threads)
+    assert sorted(done) == list(range(5))
+
+
 def test_hash_tree_file_vanishing_raises_local_file_vanished(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    for index in range(10):
-        (run / f"d{index}").mkdir(parents=True)
-        (run / f"d{index}" / "f.bin").write_bytes(b"x" * 5000)
+    (run / "d").mkdir(parents=True)
+    for index in range(10):  # one folder: listed at once, read one file after another
+        (run / "d" / f"f{index}.bin").write_bytes(b"x" * 5000)
 
     def delete_everything_else(_count: int) -> None:
         for index in range(10):
-            (run / f"d{index}" / "f.bin").unlink(missing_ok=True)
+            (run / "d" / f"f{index}.bin").unlink(missing_ok=True)
 
     with pytest.raises(TransportError) as caught:
         hash_tree(run, threads=1, progress=delete_everything_else)
     assert caught.value.kind is TransportErrorKind.LOCAL_FILE_VANISHED
-    assert "f.bin" in caught.value.message
+    assert "vanished" in caught.value.message and "d/f" in caught.value.message
 
 
 # --------------------------------------------------------------------------- compare with damaged fixtures

@@ -978,7 +978,7 @@ async def verify_job(
     try:
         if local_hashes is None or hashing is None:
             hashing = _HashingStart.now(run)
-            local_hashes = metadata_push.data_only(await ctx.verifier.hash_local(run))
+            local_hashes = await ctx.verifier.hash_local(run)  # data files only: no copy to filter
         ctx.progress_cb(job, "verify", 0)
         # The place read, named before it is read: a share swapped meanwhile is recorded as the one
         # before, which the reaper then finds is not the one mounted (and the audit verifies that one).

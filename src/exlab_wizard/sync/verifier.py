@@ -64,6 +64,7 @@ from exlab_wizard.sync.manifest_format import (
     manifest_path,
     read_manifest,
 )
+from exlab_wizard.sync.spill import SpillMap
 from exlab_wizard.sync.transports.base import (
     ProgressCallback,
     RemoteManifest,
@@ -209,7 +210,9 @@ def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading
 
     Each thread owns one ``BLOCK_SIZE`` buffer (a memoryview, page-aligned)
     for the whole run. The first exception stops the others (they finish the item in hand)
-    and is re-raised; a :class:`TransportError` wins over other errors.
+    and is re-raised; a :class:`TransportError` wins over other errors. ``items`` may be a
+    generator (taken from under a lock): an error it raises is raised so too, never taken
+    for the end of the items.
     """
     abort = abort if abort is not None else threading.Event()
     iterator = iter(items)
@@ -219,11 +222,11 @@ def run_parallel(items: Iterable, work: Callable, threads: int, abort: threading
     def loop() -> None:
         view = memoryview(mmap.mmap(-1, BLOCK_SIZE))  # page-aligned: usable for O_DIRECT
         while not abort.is_set():
-            with lock:
-                item = next(iterator, _DONE)
-            if item is _DONE:
-                return
             try:
+                with lock:  # items may come from a listing made as they are taken: its error is the run's
+                    item = next(iterator, _DONE)
+                if item is _DONE:
+                    return
                 work(item, view)
             except BaseException as exc:
                 errors.append(exc)
@@ -281,24 +284,25 @@ def hash_tree(
     threads: int | None = None,
     include_metadata: bool = False,
     progress: ProgressCallback | None = None,
-) -> dict[str, str]:
-    """``{relative path: sha256 hex}`` for every regular file of the run.
+) -> SpillMap[str]:
+    """``{relative path: sha256 hex}`` for every regular file of the run (a :class:`SpillMap`, unordered).
 
-    Files are hashed in parallel (``threads``, default :func:`default_threads`).
-    Symlinks are skipped; ``.exlab-wizard/`` only with ``include_metadata``.
-    Raises ``TransportError(LOCAL_FILE_VANISHED)`` naming the file when a
-    listed file disappears (or stops being a regular file) before it is read.
+    Files are hashed in parallel (``threads``, default :func:`default_threads`)
+    as the run is listed: no list of the run is held. Symlinks are skipped;
+    ``.exlab-wizard/`` only with ``include_metadata``. Raises
+    ``TransportError(LOCAL_FILE_VANISHED)`` naming the file when a listed file
+    disappears (or stops being a regular file) before it is read.
     """
     root = os.fspath(run_path)
-    listed = [rel for rel, _path, is_dir, _st in scan_run(root, include_metadata=include_metadata) if not is_dir]
-    hashes: dict[str, str] = {}
+    listed = (rel for rel, _path, is_dir, _st in scan_run(root, include_metadata=include_metadata) if not is_dir)
+    hashes: SpillMap[str] = SpillMap()
     report = serial_progress(progress)
 
     def work(rel: str, view: memoryview) -> None:
         hashes[rel] = hash_run_file(root, rel, view, report)
 
     run_parallel(listed, work, threads or default_threads())
-    return dict(sorted(hashes.items(), key=lambda kv: os.fsencode(kv[0])))
+    return hashes
 
 
 # --------------------------------------------------------------------------- compare

@@ -1095,7 +1095,7 @@ class MountTransport(Transport):
         fresh: bool = False,
         job_id: str | None = None,
         keep_stamp: str | None = None,
-    ) -> tuple[dict[str, tuple[int, int]], list[str], bool]:
+    ) -> tuple[Mapping[str, tuple[int, int]], list[str], bool]:
         """(size, mtime ns) of remote files the run also has, stale temp files, and does ``job_id`` claim the folder.
 
         Refuses conflicts.
@@ -1121,8 +1121,9 @@ class MountTransport(Transport):
                 TransportErrorKind.REMOTE_CONFLICT,
                 f"remote {'folder' if only else 'run folder'} {top} exists and is not a folder",
             )
-        stats: dict[str, tuple[int, int]] = {}
-        listing: dict[str, str] = {}
+        # A resumed push finds the whole run there: both on disk past spill.SPILL_AT entries.
+        stats: SpillMap[tuple[int, int]] = SpillMap()
+        listing: SpillMap[str] = SpillMap()
         try:
             for rel, entry in _scan_share(top, only + "/" if only else ""):
                 if entry.is_dir(follow_symlinks=False):
