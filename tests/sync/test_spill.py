@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -133,3 +134,24 @@ def test_a_full_temporary_folder_keeps_every_record_in_memory(tmp_path: Path) ->
         assert done.stdout.strip() == "spilled spilled"
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_lookups_in_any_order_answer_from_disk_as_a_dict_does() -> None:
+    """Rows read ahead or one at a time, whatever the order; a write or delete between lookups is seen."""
+    rng = random.Random(7)
+    keys = [f"d{i // 50:03d}/f{i:05d}" for i in range(5000)]
+    mine: SpillMap = SpillMap(spill_at=0)
+    model = {}
+    for key in keys[::2]:  # every other key stored: the rest are absent between stored ones
+        mine[key] = model[key] = f"v{key}"
+    in_folders = [k for start in range(0, len(keys), 50) for k in rng.sample(keys[start : start + 50], 50)]
+    scattered = rng.sample(keys, len(keys))
+    for order in (keys, in_folders, scattered, keys[::-1]):
+        for index, key in enumerate(order):
+            assert mine.get(key) == model.get(key), key
+            if index % 997 == 0:  # a change now and then: what was read ahead must not hide it
+                if key in model:
+                    del mine[key], model[key]
+                else:
+                    mine[key] = model[key] = "new"
+    assert dict(mine.items()) == model

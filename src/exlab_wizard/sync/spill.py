@@ -39,8 +39,13 @@ _PENDING = 4096
 _FETCH = 1024
 
 #: Rows read ahead by a lookup that missed them: at least, and at most.
-_NEAR_MIN = 32
+_NEAR_MIN = 8
 _NEAR_MAX = 4096
+
+#: Lookups answered one row at a time after rows read ahead answered none, before trying again.
+_POINTS = 32
+
+_NEAR_SQL = "SELECT k, v FROM m WHERE k >= ? ORDER BY k LIMIT ?"
 
 #: The database's page cache: the memory a spilled map keeps, whatever its size.
 _CACHE_KIB = 2048
@@ -71,6 +76,7 @@ class SpillMap(MutableMapping[str, V]):
         self._near_from: bytes | None = None  # every key from this one ...
         self._near_to: bytes | None = None  # ... to this one (None: to the end) is in _near, or absent
         self._near_hits = 0
+        self._points = 0  # lookups answered one row at a time before rows are read ahead again
 
     # ------------------------------------------------------------------ the mapping
 
@@ -182,16 +188,23 @@ class SpillMap(MutableMapping[str, V]):
         """The stored value of the stored ``key``, from the rows read ahead, or read with the rows after it.
 
         As many rows are read ahead as twice the lookups the last read answered (within
-        :data:`_NEAR_MIN` and :data:`_NEAR_MAX`): lookups in key order read a few thousand rows a
-        query, scattered ones a few.
+        :data:`_NEAR_MIN` and :data:`_NEAR_MAX`): lookups in key order (another map's, or a
+        folder's names sorted) read thousands of rows a query, scattered ones a few.
         """
         start, end = self._near_from, self._near_to
         if start is not None and start <= key and (end is None or key <= end):
             self._near_hits += 1
             return self._near.get(key)
         assert self._db is not None
+        if self._points:
+            self._points -= 1  # at 0, rows are read ahead again below
+        elif start is not None and not self._near_hits:
+            self._points = _POINTS  # the last rows read ahead answered nothing: scattered lookups
+        if self._points:
+            row = self._db.execute("SELECT v FROM m WHERE k = ?", (key,)).fetchone()
+            return None if row is None else row[0]
         size = max(_NEAR_MIN, min(_NEAR_MAX, 2 * self._near_hits))
-        rows = self._db.execute("SELECT k, v FROM m WHERE k >= ? ORDER BY k LIMIT ?", (key, size)).fetchall()
+        rows = self._db.execute(_NEAR_SQL, (key, size)).fetchall()
         self._near = dict(rows)
         self._near_from, self._near_to = key, (rows[-1][0] if len(rows) == size else None)
         self._near_hits = 0

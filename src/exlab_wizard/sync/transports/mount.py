@@ -492,7 +492,12 @@ def _read_back_tag(info: os.stat_result, digest: str) -> int:
     local digests, and takes those digests for the whole folder only when
     both the count and the sum agree (see :meth:`MountTransport._list_remote`).
     """
-    return hash(_stat_key(info) + bytes.fromhex(digest)) & _TAG_MASK
+    return _tag(_stat_key(info), digest)
+
+
+def _tag(stat_key: bytes, digest: str) -> int:
+    """:func:`_read_back_tag` of a file whose :func:`_stat_key` is ``stat_key``."""
+    return hash(stat_key + bytes.fromhex(digest)) & _TAG_MASK
 
 
 def _add_tag(sums: dict[str, list[int]], rel: str, tag: int) -> None:
@@ -1931,11 +1936,21 @@ class MountTransport(Transport):
             wanted[folder] = wanted.get(folder, 0) + 1
         listed: list[str] = []
         confirmed: dict[str, int] = {}
-        held: list[str] = []  # the files of the folder being listed that the local manifest has
-        total = 0
+        files: list[tuple[str, bytes]] = []  # the folder being listed: its files and their _stat_key
         folder: str | None = None
 
         def close_folder() -> None:
+            held: list[str] = []  # its files that the local manifest has
+            total = 0
+            files.sort()  # looked up in path order: a spilled local manifest reads ahead
+            for rel, key in files:
+                mine = local.get(rel)
+                if mine is None:
+                    listed.append(rel)
+                else:
+                    total = (total + _tag(key, mine)) & _TAG_MASK
+                    held.append(rel)
+            files.clear()
             if held and read_back.get(folder) == [len(held), total] and wanted.get(folder) == len(held):
                 confirmed[folder] = len(held)
             else:
@@ -1946,18 +1961,12 @@ class MountTransport(Transport):
             here = rel.rpartition("/")[0]
             if here != folder:
                 close_folder()
-                folder, held, total = here, [], 0
+                folder = here
             try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                mine = local.get(rel)
-                if mine is None:
-                    listed.append(rel)
-                    continue
-                total = (total + _read_back_tag(entry.stat(follow_symlinks=False), mine)) & _TAG_MASK
+                if entry.is_file(follow_symlinks=False):
+                    files.append((rel, _stat_key(entry.stat(follow_symlinks=False))))  # as listed now
             except FileNotFoundError:
                 continue  # vanished while listed: not on the share any more
-            held.append(rel)
         close_folder()
         return listed, confirmed
 
