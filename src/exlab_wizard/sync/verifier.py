@@ -390,15 +390,20 @@ def compare(
     unverifiable = {rel for rel in unverifiable_reasons if not is_metadata_path(rel)}
 
     # No set of every path: at 200,000 files each costs megabytes, and the lookups need none.
-    missing = [rel for rel in mine if rel not in theirs and rel not in unverifiable]
+    # One lookup a file each way (a spilled map's are read from disk).
+    missing: list[str] = []
+    different: list[str] = []
+    for rel, digest in mine.items():
+        if rel in unverifiable:
+            continue  # counted in ``cannot``
+        other = theirs.get(rel)
+        if other is None:
+            missing.append(rel)
+        elif _lowered(other) != digest:
+            different.append(rel)
     extra = [rel for rel in theirs if rel not in mine and not is_metadata_path(rel)]
     extra += [rel for rel in unverifiable if rel not in mine and rel not in theirs]
     cannot = [rel for rel in unverifiable if rel in mine]
-    different = [
-        rel
-        for rel, digest in mine.items()
-        if rel in theirs and rel not in unverifiable and _lowered(theirs[rel]) != digest
-    ]
     ok = not (missing or extra or cannot or different)
     return VerifyResult(
         ok=ok,

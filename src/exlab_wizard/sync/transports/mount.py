@@ -2301,11 +2301,11 @@ class _ReadBackManifest(Mapping[str, str]):
 
     def __getitem__(self, rel: str) -> str:
         digest = self._read.get(rel)
-        if digest is not None:
-            return digest
-        if isinstance(rel, str) and self._confirmed(rel):
-            return self._local[rel]
-        raise KeyError(rel)
+        if digest is None and isinstance(rel, str) and rel.rpartition("/")[0] in self._folders:
+            digest = self._local.get(rel)  # one lookup (a spilled map's is read from disk)
+        if digest is None:
+            raise KeyError(rel)
+        return digest
 
     def __contains__(self, rel: object) -> bool:
         return rel in self._read or (isinstance(rel, str) and self._confirmed(rel))
