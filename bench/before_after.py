@@ -10,6 +10,9 @@ rclone copy (MA) for the mount transport.
 
     PYTHONPATH=$PWD/src .venv/bin/python bench/before_after.py --datasets small,mixed,big --repeat 3
     PYTHONPATH=$PWD/src .venv/bin/python bench/before_after.py --transport mount --before-src /tmp/old/src
+    PYTHONPATH=$PWD/src .venv/bin/python bench/before_after.py --transport mount --datasets files50000
+
+``filesN``: N files of 1 KiB, 500 to a folder (the peak-memory dataset of ``run_all``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class BeforeAfter(run_all.Transports):
             del self._engine
 
 
+def _dataset(name: str):
+    """A dataset of ``common`` by name, or ``filesN``: N files of 1 KiB (``run_all.many_files``)."""
+    return run_all.many_files(int(name[5:])) if name.startswith("files") else dataset(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="small,mixed,big")
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with run_all.transports_bench(BeforeAfter, "exlab-bench-ba", use_lock=True) as bench:
         bench.before_src = args.before_src
-        runs = {name: bench.add_run(name, dataset(name)) for name in args.datasets.split(",")}
+        specs = {name: _dataset(name) for name in args.datasets.split(",")}
+        runs = {name: bench.add_run(name, spec) for name, spec in specs.items()}
         subprocess.run(["sync"], check=True)
         if args.transport == "rsync_ssh":
             bench.start_sshd()
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeat):
             for name, run in runs.items():
                 for method in methods[rep % 3 :] + methods[: rep % 3]:
-                    seconds, _info = bench.measure(method, run, dataset(name))
+                    seconds, _info = bench.measure(method, run, specs[name])
                     times[name][method].append(seconds)
                     print(f"  [{rep + 1}/{args.repeat}] {name} {method} {seconds:.2f} s", flush=True)
         for name, by_method in times.items():

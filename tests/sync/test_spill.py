@@ -77,6 +77,10 @@ def test_spills_past_its_bound_and_answers_from_disk() -> None:
     assert "f3/s_00010" not in mine and len(mine) == 999
     mine.close()
     assert len(mine) == 0
+    small: SpillMap = SpillMap()
+    small["a"] = "b"
+    small.close()  # in memory: emptied too
+    assert len(small) == 0 and "a" not in small
 
 
 def test_threads_writing_at_once_lose_nothing() -> None:

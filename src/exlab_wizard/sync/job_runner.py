@@ -671,7 +671,7 @@ async def run_job(ctx: ClientContext, job: SyncJobRow, equipment: EquipmentConfi
     if not remote.reports_total:
         # The run's size, for progress, is counted while the transfer starts.
         sizing = asyncio.create_task(_count_total(ctx.progress[job.id], run))
-    local_task: asyncio.Task[dict[str, str]] | None = None
+    local_task: asyncio.Task[SpillMap[str]] | None = None
     if not hashes_in_pass:
         # Hash the local run while the transfer runs: one overlapped read pass.
         local_task = asyncio.create_task(ctx.verifier.hash_local(run))

@@ -10,9 +10,10 @@ file count.
 The file is SQLite's own temporary database (opened with the empty name): it
 is unlinked as soon as it is made, in ``SQLITE_TMPDIR`` or ``TMPDIR`` (else
 ``/var/tmp``, ``/tmp``), so a crash or a power cut leaves nothing behind. When
-that folder cannot take the records (full, read-only), the map takes them all
-back into memory and goes on there: slower to free memory, never a lost
-record nor a failed push.
+that folder cannot take the records (full, read-only) as they are written,
+the map takes them all back into memory and goes on there: no record lost,
+no push failed for it. A read of the file that fails later (the disk gone)
+raises ``sqlite3.Error``: the job's step fails and is retried.
 """
 
 from __future__ import annotations
@@ -143,14 +144,12 @@ class SpillMap(MutableMapping[str, V]):
         return self._rows(ordered=True)
 
     def clear(self) -> None:
-        with self._lock:
-            self._mem.clear()
-            self._pending.clear()
-            self.close()
+        self.close()
 
     def close(self) -> None:
-        """Forget the database (and its file): the map is empty after."""
+        """Forget every entry, and the database (and its file) when spilled: the map is empty after."""
         with self._lock:
+            self._mem = {}
             db, self._db = self._db, None
             self._pending.clear()
             self._near, self._near_from = {}, None
@@ -256,7 +255,9 @@ def _key(path: str) -> str:
     """A path as stored: itself when ASCII, else its bytes as Latin-1 code points.
 
     SQLite orders text by its UTF-8 bytes, which keep code point order: either way the table's
-    order is the byte order of the paths (a name that is not UTF-8 included).
+    order is the byte order of the paths (a name that is not UTF-8 included). Two strings with
+    the same ``os.fsencode`` bytes are one key (``"\\udcc3\\udca9"`` and ``"é"``): only one of
+    them is ever a decoded file name.
     """
     return path if path.isascii() else os.fsencode(path).decode("latin-1")
 

@@ -289,9 +289,11 @@ def hash_tree(
 
     Files are hashed in parallel (``threads``, default :func:`default_threads`)
     as the run is listed: no list of the run is held. Symlinks are skipped;
-    ``.exlab-wizard/`` only with ``include_metadata``. Raises
-    ``TransportError(LOCAL_FILE_VANISHED)`` naming the file when a listed file
-    disappears (or stops being a regular file) before it is read.
+    ``.exlab-wizard/`` only with ``include_metadata``. The files are those
+    each folder held when it was listed: one gone before its folder is listed
+    is not in the map (a caller comparing with the NAS then finds it extra),
+    one gone after raises ``TransportError(LOCAL_FILE_VANISHED)`` naming it
+    (so does one that stopped being a regular file).
     """
     root = os.fspath(run_path)
     listed = (rel for rel, _path, is_dir, _st in scan_run(root, include_metadata=include_metadata) if not is_dir)
@@ -429,7 +431,7 @@ class Verifier:
     def __init__(self, threads: int | None = None):
         self.threads = threads or default_threads()
 
-    async def hash_local(self, run_path: Path, progress: ProgressCallback | None = None) -> dict[str, str]:
+    async def hash_local(self, run_path: Path, progress: ProgressCallback | None = None) -> SpillMap[str]:
         """``{path: hex}`` of the run's data files (``.exlab-wizard/`` left out).
 
         Raises ``TransportError(LOCAL_FILE_VANISHED)`` as :func:`hash_tree` does.

@@ -1091,7 +1091,7 @@ class MountTransport(Transport):
     def _inspect_remote(
         self,
         remote: str,
-        local_files: dict,
+        local_files: Mapping[str, tuple[int, int]],
         local_dirs: set[str],
         cleaned: frozenset[str] = frozenset(),
         *,
