@@ -159,3 +159,14 @@ def test_lookups_in_any_order_answer_from_disk_as_a_dict_does() -> None:
                 else:
                     mine[key] = model[key] = "new"
     assert dict(mine.items()) == model
+
+
+def test_the_bound_from_the_environment(tmp_path: Path) -> None:
+    """EXLAB_SPILL_AT sets the bound (0: on disk from the first entry); a value that is no number is ignored."""
+    child = "from exlab_wizard.sync import spill; m = spill.SpillMap(); m['a'] = 'b'; print(spill.SPILL_AT, m.spilled)"
+    seen = {}
+    for value in ("0", "5", "many", ""):
+        env = {**os.environ, spill.SPILL_AT_ENV: value}
+        done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+        seen[value] = done.stdout.split()
+    assert seen == {"0": ["0", "True"], "5": ["5", "False"], "many": ["32768", "False"], "": ["32768", "False"]}

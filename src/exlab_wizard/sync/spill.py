@@ -26,12 +26,21 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Literal, TypeVar
 
-__all__ = ["SPILL_AT", "SpillMap", "by_bytes", "items_by_bytes", "keys_by_bytes"]
+__all__ = ["SPILL_AT", "SPILL_AT_ENV", "SpillMap", "by_bytes", "items_by_bytes", "keys_by_bytes"]
 
 V = TypeVar("V")
 
+#: ``EXLAB_SPILL_AT``: another bound (a PC short of memory: lower; 0: every map on disk from its
+#: first entry, as the torture and power-cut runs can ask). Anything but digits is ignored.
+SPILL_AT_ENV = "EXLAB_SPILL_AT"
+
+
+def _bound(text: str | None) -> int:
+    return int(text) if text is not None and text.strip().isdigit() else 32_768
+
+
 #: Entries a map holds in memory before it moves them to disk (~10 MB of records at most).
-SPILL_AT = 32_768
+SPILL_AT = _bound(os.environ.get(SPILL_AT_ENV))
 
 #: Writes held in memory between two flushes to the database once spilled.
 _PENDING = 4096

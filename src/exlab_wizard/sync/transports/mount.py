@@ -136,7 +136,7 @@ from exlab_wizard.sync.failures import (
     remote_errno_kind,
 )
 from exlab_wizard.sync.policy.bandwidth import limit_kibps
-from exlab_wizard.sync.spill import SPILL_AT, SpillMap, items_by_bytes
+from exlab_wizard.sync.spill import SpillMap, items_by_bytes
 from exlab_wizard.sync.throttle import TokenBucket
 from exlab_wizard.sync.transports.base import (
     PREVIOUS_DIR,
@@ -1032,7 +1032,17 @@ class MountTransport(Transport):
             work.append(lambda: self._send_alone(job, _interleave(alone)))
         if batching:
             work.append(lambda: self._send_small(job, (s for s in sources() if s.send and s.size < LARGE_FILE)))
+        # Side by side: large files mostly wait on the disk, small ones on the CPU.
         side_by_side(work, job.abort)
+        if not job.abort.is_set() and len(job.hashes) != len(local_files):
+            # Every file listed is sent or found there, and hashed either way: a file a send path
+            # left out would be missing from the NAS and from the local manifest alike, and the
+            # verification, comparing the two, could not see it.
+            raise TransportError(
+                TransportErrorKind.UNKNOWN,
+                f"push incomplete: {len(job.hashes)} of the {len(local_files)} files listed were sent or found",
+            )
+        local_files.close()
         if job.touched:
             self._set_dir_times(job, run, local_dirs)
         # Every folder of the run and of the chain above it, not only those this push touched: a
@@ -2390,7 +2400,7 @@ class _Background:
             raise self._error
 
 
-def _interleave(sources: Iterable[_Source], chunk: int = SPILL_AT) -> Iterator[_Source]:
+def _interleave(sources: Iterable[_Source], chunk: int = 32_768) -> Iterator[_Source]:
     """Round-robin over folders, so parallel threads mostly work in different folders.
 
     ``sources`` in byte order (a folder's files together); taken ``chunk`` files at a time, so a
