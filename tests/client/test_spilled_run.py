@@ -23,18 +23,9 @@ from exlab_wizard.sync.manifest_format import manifest_path
 from exlab_wizard.sync.reaper import load_verified_stats
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import mount as mount_module
+from tests.client.test_end_to_end import OVERRIDE  # the override of the names these runs hold
 from tests.helpers import require_tool
 from tests.lab import client_lab, make_client
-
-OVERRIDE = {
-    "id": "0b6f9c1e-2c7a-4a64-9a57-6d0f2e6f1a02",
-    "problem_class": "illegal_filesystem_character",
-    "operator": "asmith",
-    "recorded_at": "2026-01-01T00:00:00Z",
-    "expires_at": None,
-    "reason": "instrument writes these names",
-    "revoked": False,
-}
 
 FILES: dict[str, bytes] = {
     **{f"f{index % 7}/s_{index:04d}.bin": index.to_bytes(4, "little") * (index % 5) for index in range(400)},
