@@ -239,6 +239,23 @@ def read_jobs(db: Path) -> list[dict]:
     return rows
 
 
+def _log_loss_history(rnd, run, frel: str, good: str, nas_dir: Path, job: dict | None) -> None:
+    """What the next look at a loss needs: where the wanted bytes still are, and the job's history."""
+    kept = sorted(
+        str(path.relative_to(nas_dir))
+        for path in (nas_dir / ".exlab-wizard" / "previous").glob(f"*/{frel}")
+        if _file_sha(path) == good
+    )
+    rnd.log(f"    wanted bytes kept on the NAS under: {kept or 'nothing'}")
+    if job is None:
+        return
+    for event in job_events(rnd.db, job["id"]):
+        rnd.log(
+            f"    event {event['id']} {event['kind']} {event.get('from_state') or ''}->{event.get('to_state') or ''}"
+            f" {(event.get('detail') or '')[:200]}"
+        )
+
+
 def job_events(db: Path, job_id: str) -> list[dict]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
@@ -858,6 +875,8 @@ def check_round(rnd: Round, jobs: list[dict], settled: bool) -> dict:
                 f"NAS {nas and nas[:8]}, manifest {manifest.get(frel, '-')[:8]}, want {good[:8]} "
                 f"(job {state})"
             )
+            if not late:
+                _log_loss_history(rnd, run, frel, good, nas_dir, job)
         for frel, want in manifest.items():  # every verified NAS file is the manifest's bytes
             got = _file_sha(nas_dir / frel)
             late = (run.rel, frel) in undetected
