@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 from exlab_wizard.config import Config, parse_config
+from exlab_wizard.fileio import BLOCK_SIZE, hash_fd, open_regular
 from exlab_wizard.sync import job_runner
 from exlab_wizard.sync.manifest_format import manifest_digest, manifest_path, read_manifest
 from exlab_wizard.sync.nas_client import LocalDamageError, NASSyncClient, RestoreError
-from exlab_wizard.sync.reaper import load_verified_stats
+from exlab_wizard.sync.reaper import load_verified_stats, local_check
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports.mount import MountTransport
 from tests.fixtures.sshd import RW_USER
@@ -552,3 +553,94 @@ async def test_damage_caught_half_way_by_the_stats_record_is_never_sent(
         assert restored.restored == (DAMAGED,) and restored.ok
     assert (run / DAMAGED).read_bytes() == FILES[DAMAGED]
     assert os.stat(run / DAMAGED).st_mtime_ns == verified_mtime[0]
+
+
+# ------------------------------------------------------------------ damage landing during a read of the file
+
+
+def _flip_during_reads_in(monkeypatch: pytest.MonkeyPatch, step: str, name: str, opener: str) -> list[str]:
+    """DAMAGED flipped (size and mtime kept) during the first read of it that ``job_runner.<step>`` makes
+    through ``local_check.<opener>``, after that read's open: a byte rotting while the client reads it."""
+    real_step = getattr(job_runner, step)
+    real_open = getattr(local_check, opener)
+    armed: list[bool] = []
+    flipped: list[str] = []
+
+    def opened(*args: Any, **kwargs: Any) -> Any:
+        target = str(args[-1] if opener == "hash_at" else args[0])
+        if not armed or flipped or not target.endswith(name):
+            return real_open(*args, **kwargs)
+        if opener == "open_regular":
+            flip_byte_keep_stat(Path(target), 42)  # after the record's stat, before its read
+            flipped.append(target)
+            return real_open(*args, **kwargs)
+        folder, file_name = args
+        fd, before = open_regular(file_name, dir_fd=folder)
+        try:
+            flip_byte_keep_stat(Path(f"/proc/self/fd/{folder}") / file_name, 42)  # after the open
+            flipped.append(target)
+            digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
+            return digest, before, os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def step_armed(*args: Any, **kwargs: Any) -> Any:
+        armed.append(True)
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            armed.clear()
+
+    monkeypatch.setattr(local_check, opener, opened)
+    monkeypatch.setattr(job_runner, step, step_armed)
+    return flipped
+
+
+async def test_damage_landing_while_the_record_reads_the_file_again_is_never_sent(
+    nas: Nas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the torture harness: the stats record reads again a file stamped after the hashing began,
+    and takes other bytes there for an edit the hashing missed. Bytes flipped between its stat and its read
+    were recorded so: the reaper then sent the damage over the verified NAS copy and deleted the good bytes."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    flipped = _flip_during_reads_in(monkeypatch, "record_verified_stat", "stack.raw", "open_regular")
+    real_record = job_runner.record_verified_stat
+
+    def record_all_stamped(queue: Any, job_id: str, run_path: Any, hashes: Any, now: Any, **kw: Any) -> int:
+        # every file stamped after the hashing began (as files written just before it): each read again
+        return real_record(queue, job_id, run_path, hashes, now, hashed_since=now - dt.timedelta(days=1), **kw)
+
+    monkeypatch.setattr(job_runner, "record_verified_stat", record_all_stamped)
+    async with running(nas.config(min_verify_passes=1, min_age_hours=0), clock) as client:
+        job = await synced(client, run)
+        assert flipped == [str(run / DAMAGED)]
+        assert load_verified_stats(client._require_queue(), job.id)[DAMAGED].newer_sha256 is None
+        await client.cleanup_once()
+        await _settle_retrying_a_mismatch(client, run)
+        await client.cleanup_once()
+        await _assert_failed_local_damage_and_refused(client, run)
+    assert data_tree(nas.copy(run)) == FILES
+    assert previous_files(nas.copy(run)) == {}
+
+
+async def test_damage_landing_while_the_pre_transfer_check_reads_the_file_is_never_sent(
+    nas: Nas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the torture harness: a byte flipped while the check before a re-transfer read the file.
+    That read saw the ctime move and took the file for one being written: an edit, sent over the verified
+    NAS copy (kept under previous/) and verified as the new truth."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    async with running(nas.config(enabled=False), clock) as client:
+        await synced(client, run)
+        with open(run / "notes.txt", "ab") as f:  # an edit: the audit sends the run back to a transfer
+            f.write(b"and a note added later\n")
+        flipped = _flip_during_reads_in(monkeypatch, "check_local", "stack.raw", "hash_at")
+        clock.advance(6)
+        await client.audit_once()
+        await _settle_retrying_a_mismatch(client, run)
+        assert flipped, "the check before the transfer never read the file"
+        await _assert_failed_local_damage_and_refused(client, run)
+    assert data_tree(nas.copy(run)) == FILES
+    assert previous_files(nas.copy(run)) == {}

@@ -13,7 +13,8 @@ run first, then takes random steps: create a run, enqueue it (first sync or
 again), audit, cleanup, delete the run's NAS folder, delete/truncate/flip one
 NAS file, put one NAS file back from an older snapshot (other bytes, the same
 size, an older mtime), flip a local byte keeping size and mtime (damage; also half way
-through the client's record of a verification's file stats), edit a local file
+through the client's record of a verification's file stats, and during one
+of the client's reads of the file, after its open), edit a local file
 (new bytes, new mtime; also between a verification's hashing and its record,
 with the client's clock ahead of the file times after an audit), add a file,
 delete a verified run by hand and reuse its folder and file names for a new
@@ -99,7 +100,7 @@ from exlab_wizard.sync.nas_client import (
     client_from_config,
 )
 from exlab_wizard.sync.queue import JobQueue
-from exlab_wizard.sync.reaper import record_verified_stat
+from exlab_wizard.sync.reaper import local_check, record_verified_stat
 from exlab_wizard.sync.states import SyncJobState
 from tests.properties.nas import EQ, MountNas, Nas, RsyncNas
 
@@ -116,6 +117,9 @@ STEPS = int(os.environ.get(STEPS_ENV, "15"))
 #: steps to leave out, comma-separated (to look past a known failure: EXLAB_PROPERTY_SKIP=nas_delete_run)
 SKIP = frozenset(filter(None, os.environ.get("EXLAB_PROPERTY_SKIP", "").split(",")))
 WAIT_S = 60.0
+#: the client's reads of a file, as the local checks and the stats record make them
+REAL_HASH_AT = local_check.hash_at
+REAL_OPEN_REGULAR = local_check.open_regular
 
 # The accept-local retry and restore are being added; their rules exist only
 # when the client under test has them, so this module runs on both sides.
@@ -239,7 +243,12 @@ class ThreeRules(RuleBasedStateMachine):
         self.locked_writes = 0
         #: a write failed for the lock during this step (reset after the step's checks)
         self.lock_met = False
+        #: armed by rot_during_a_read (run, file, its bytes then): done inside the client's next read of it
+        self.read_rot: tuple[RunModel, str, bytes] | None = None
+        self.reads_to_skip = 0
         job_runner.record_verified_stat = self._record_verified_stat
+        local_check.hash_at = self._hash_at
+        local_check.open_regular = self._open_regular
         real_transaction = self._real_transaction = JobQueue.transaction
 
         def transaction(queue: JobQueue) -> Any:
@@ -256,6 +265,8 @@ class ThreeRules(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         job_runner.record_verified_stat = record_verified_stat
+        local_check.hash_at = REAL_HASH_AT
+        local_check.open_regular = REAL_OPEN_REGULAR
         JobQueue.transaction = self._real_transaction  # type: ignore[method-assign]
         try:
             if self.client is not None:
@@ -652,6 +663,57 @@ class ThreeRules(RuleBasedStateMachine):
         stats: found by the torture harness, where such damage went out as an edit.
         """
         self.rot_armed = True
+
+    @precondition(lambda self: bool(self._local_damageable()))
+    @rule(data=st.data(), skip=st.integers(0, 2))
+    def rot_during_a_read(self, data: st.DataObject, skip: int) -> None:
+        """Armed: a byte of a verified file flips (size and mtime kept) during a coming read of it by the client.
+
+        The read after the next ``skip`` ones (an audit's check may read it first, then the check
+        before the re-transfer the audit started).
+
+        After the read's open, before its bytes: in a local check (the reaper's, the audit's, the
+        one before a re-transfer) or in the stats record's second read of a file stamped after
+        the hashing. Found by the torture harness: each took the damage for an edit (a file
+        being written; the newer bytes of an edit the hashing missed) and sent it over the
+        verified NAS copy. It lands only while the file and its NAS copy still hold the bytes
+        they held when armed (the test never damages the last copy, nor a file edited since).
+        """
+        model, rel = self._pick_file(data, self._local_damageable())
+        self.read_rot = (model, rel, model.truth[rel])
+        self.reads_to_skip = skip
+
+    def _rots_now(self, path: str) -> bool:
+        """Does the armed rot land in this read of ``path``? Disarms it when it does."""
+        if self.read_rot is None:
+            return False
+        model, rel, good = self.read_rot
+        if str(model.path / rel) != path or model.truth.get(rel) != good:
+            return False
+        if read(model.path / rel) != good or read(self._nas_dir(model) / rel) != good:
+            return False
+        if self.reads_to_skip > 0:
+            self.reads_to_skip -= 1
+            return False
+        self.read_rot = None
+        self.rotted.add((str(model.path), rel))
+        return True
+
+    def _hash_at(self, folder: int, name: str) -> Any:
+        if not self._rots_now(os.path.join(os.readlink(f"/proc/self/fd/{folder}"), name)):
+            return REAL_HASH_AT(folder, name)
+        fd, before = REAL_OPEN_REGULAR(name, dir_fd=folder)
+        try:
+            flip_byte_keep_stat(Path(f"/proc/self/fd/{folder}", name), 0)
+            data = os.pread(fd, before.st_size + 1, 0)
+            return hashlib.sha256(data).hexdigest(), before, os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def _open_regular(self, path: Any, **kwargs: Any) -> Any:
+        if not kwargs and self._rots_now(str(path)):
+            flip_byte_keep_stat(Path(path), 0)  # after the record's stat, before its read
+        return REAL_OPEN_REGULAR(path, **kwargs)
 
     @rule()
     def edit_at_the_next_verification(self) -> None:

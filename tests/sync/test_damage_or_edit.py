@@ -18,8 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from exlab_wizard.fileio import BLOCK_SIZE, hash_fd, open_regular
 from exlab_wizard.sync.queue import JobQueue
-from exlab_wizard.sync.reaper import load_verified_stats, record_verified_stat, scan_run
+from exlab_wizard.sync.reaper import (
+    check_against_copy,
+    load_verified_stats,
+    local_check,
+    record_verified_stat,
+    scan_run,
+)
+from exlab_wizard.sync.transports import RemoteFile
 
 GOOD = b"verified bytes " * 200
 REL = "sub/stack.raw"
@@ -186,3 +194,123 @@ def test_a_stat_recorded_before_migration_10_may_be_an_edit_the_hashing_missed(
         _rewrite(path, _flipped() + b"frame", st.st_mtime_ns)  # the stat no longer matches (ctime)
     check = scan_run(run, {REL: sha}, {REL: record}, verified_at=NOW).check
     assert getattr(check, verdict) == (REL,), (check.changed, check.damaged)
+
+
+# --------------------------------------------------------------------------- a write landing during the check's read
+
+
+def _write_during_reads(monkeypatch: pytest.MonkeyPatch, write, reads: int = 1) -> list[str]:
+    """The check's first ``reads`` reads each have ``write()`` land between their open and their read."""
+    real = local_check.hash_at
+    calls: list[str] = []
+
+    def hash_at(folder: int, name: str):
+        calls.append(name)
+        if len(calls) > reads:
+            return real(folder, name)
+        fd, before = open_regular(name, dir_fd=folder)
+        try:
+            write()
+            digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return digest, before, after
+
+    monkeypatch.setattr(local_check, "hash_at", hash_at)
+    return calls
+
+
+def test_damage_landing_during_the_checks_read_is_damage_not_an_edit_under_way(verified, monkeypatch):
+    """Found by the torture harness: a byte flipped (old mtime put back) while the pre-transfer check read
+    the file. That read saw the ctime move and called the file "being written right now": an edit, whose
+    damaged bytes the push sent over the verified NAS copy and verified as the new truth."""
+    queue, job_id, run, original, record = verified
+    record()
+    path = run / REL
+    calls = _write_during_reads(monkeypatch, lambda: _rewrite(path, _flipped(), original))
+    check = _check(queue, job_id, run)
+    assert check.damaged == (REL,) and check.changed == ()
+    assert calls == ["stack.raw", "stack.raw"]  # read again once the write was over
+
+
+def test_damage_landing_during_the_read_against_the_nas_copy_is_damage(tmp_path: Path, monkeypatch):
+    """The same for a run whose queue was lost: checked against its NAS copy's sizes and mtimes."""
+    run = tmp_path / "Run_0001"
+    (run / "sub").mkdir(parents=True)
+    path = run / REL
+    path.write_bytes(GOOD)
+    st = os.stat(path)
+    calls = _write_during_reads(monkeypatch, lambda: _rewrite(path, _flipped(), st.st_mtime_ns))
+    manifest = {REL: hashlib.sha256(GOOD).hexdigest()}
+    found, _rows = check_against_copy(run, manifest, {REL: RemoteFile(len(GOOD), st.st_mtime_ns)})
+    assert found == (REL,)
+    assert calls == ["stack.raw", "stack.raw"]
+
+
+def test_a_file_written_during_every_read_is_an_edit_under_way(verified, monkeypatch):
+    """A writer still at work (each read sees a write, its mtime moving on): never damage, never read for ever."""
+    queue, job_id, run, original, record = verified
+    record()
+    path = run / REL
+    stamps = iter(range(1, 100))
+
+    def acquire() -> None:
+        _rewrite(path, b"re-acquired " * 300, _ns(NOW + dt.timedelta(seconds=next(stamps))))
+
+    calls = _write_during_reads(monkeypatch, acquire, reads=100)
+    check = _check(queue, job_id, run)
+    assert check.changed == (REL,) and check.damaged == ()
+    assert len(calls) == local_check.STEADY_READS
+
+
+def test_damage_landing_during_the_records_read_is_no_newer_edit(tmp_path: Path, monkeypatch):
+    """Found by the torture harness: a file stamped after the hashing began is read again when its stats are
+    recorded, and other bytes there are the edit the hashing missed (``newer_sha256``). A byte flipped with the
+    old mtime put back between the record's stat and that read was recorded so: the reaper took the damage for
+    that edit, and the re-transfer sent it over the verified NAS copy."""
+    run = tmp_path / "Run_0001"
+    (run / "sub").mkdir(parents=True)
+    path = run / REL
+    path.write_bytes(GOOD)
+    st = os.stat(path)
+    queue = JobQueue(tmp_path / "queue.db")
+    job, _ = queue.get_or_create(str(run), "CONF_01", "/nas/Run_0001", now=NOW)
+    real = local_check.open_regular
+    flips: list[str] = []
+
+    def open_regular(where, **kwargs):
+        flips.append(str(where))
+        _rewrite(path, _flipped(), st.st_mtime_ns)  # lands after the record's stat, before its read
+        return real(where, **kwargs)
+
+    monkeypatch.setattr(local_check, "open_regular", open_regular)
+    began = dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, dt.UTC) - dt.timedelta(seconds=5)
+    manifest = {REL: hashlib.sha256(GOOD).hexdigest()}
+    record_verified_stat(queue, job.id, run, manifest, began + dt.timedelta(seconds=6), hashed_since=began)
+    monkeypatch.undo()
+    assert flips == [str(path)]  # stamped after the hashing began: read again
+    stats = load_verified_stats(queue, job.id)
+    assert stats[REL].newer_sha256 is None
+    check = scan_run(run, manifest, stats, verified_at=began + dt.timedelta(seconds=6)).check
+    assert check.damaged == (REL,) and check.changed == ()
+    queue.close()
+
+
+def test_an_edit_the_hashing_missed_is_still_recorded_as_newer_bytes(tmp_path: Path):
+    """The other side: bytes written after the hashing began, read steady by the record, are that edit."""
+    run = tmp_path / "Run_0001"
+    (run / "sub").mkdir(parents=True)
+    path = run / REL
+    path.write_bytes(GOOD + b"one more frame")
+    st = os.stat(path)
+    queue = JobQueue(tmp_path / "queue.db")
+    job, _ = queue.get_or_create(str(run), "CONF_01", "/nas/Run_0001", now=NOW)
+    began = dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, dt.UTC) - dt.timedelta(seconds=5)
+    manifest = {REL: hashlib.sha256(GOOD).hexdigest()}  # what the hashing read, before the frame
+    record_verified_stat(queue, job.id, run, manifest, began + dt.timedelta(seconds=6), hashed_since=began)
+    stats = load_verified_stats(queue, job.id)
+    assert stats[REL].newer_sha256 == hashlib.sha256(GOOD + b"one more frame").hexdigest()
+    check = scan_run(run, manifest, stats, verified_at=began + dt.timedelta(seconds=6)).check
+    assert check.changed == (REL,) and check.damaged == ()
+    queue.close()

@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exlab_wizard.fileio import (
+    BLOCK_SIZE,
     METADATA_DIR,
     filesystem_now_ns,
     filesystem_type,
-    hash_file,
+    hash_fd,
     is_data_path,
     is_metadata_path,
+    open_regular,
 )
 from exlab_wizard.sync.manifest_format import MANIFEST_NAME
 from exlab_wizard.sync.policy import cleanup as policy
@@ -374,22 +376,37 @@ def record_verified_stat(
             stamped = since_ns is None or st.st_mtime_ns >= since_ns + RACE_SLACK_NS
             if not stamped and st.st_mtime_ns >= since_ns:
                 stamped = not ctime_kept or st.st_ctime_ns == st.st_mtime_ns
-            newer = _other_bytes(base + rel, sha) if regular and stamped else None
+            newer = _other_bytes(base + rel, sha, st) if regular and stamped else None
             yield rel, (sha, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, trusted, newer, writeback)
 
     return CleanupStore(queue).record_verified(job_id, data, stats(), now)
 
 
-def _other_bytes(path: str, sha: str) -> str | None:
-    """The SHA-256 of the bytes the file at ``path`` holds now, when they are not ``sha``; else None.
+def _other_bytes(path: str, sha: str, st: os.stat_result) -> str | None:
+    """The SHA-256 of the bytes the file at ``path`` holds now, when they are not ``sha`` and were read
+    under the very stat ``st`` its row records; else None.
 
-    A file being written meanwhile gives the digest of what was read: its
-    next mtime is later than the one recorded, an edit anyway. A file that
-    cannot be read as a regular file is left to the reaper's own check.
+    A write landing between that stat and the end of the read (a byte
+    flipped with the old mtime put back, an edit) moves the file's ctime:
+    the bytes read are not the ones the row's stat vouches for, and taken
+    for the newer bytes of an edit they would pass damage off as one (sent
+    over the verified NAS copy). With no newer bytes recorded the reaper
+    judges them by their own mtime: an edit moves it on, damage does not. A
+    file that cannot be read as a regular file is left to the reaper's own
+    check.
     """
     try:
-        digest = hash_file(path)
+        fd, before = open_regular(path)
     except OSError:
+        return None
+    try:
+        digest = hash_fd(fd, memoryview(bytearray(BLOCK_SIZE)))
+        after = os.fstat(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if before.st_ino != st.st_ino or not (steady(st, before) and steady(before, after)):
         return None
     return None if digest == sha else digest
 
@@ -400,6 +417,28 @@ def load_verified_stats(queue: JobQueue, job_id: str) -> dict[str, VerifiedStat]
 
 
 # --------------------------------------------------------------------------- the scan
+
+
+#: Reads of a file that each saw a write before it counts as being written (an edit under way).
+STEADY_READS = 3
+
+
+def _steady_read(folder: int, name: str) -> tuple[str, os.stat_result, os.stat_result]:
+    """:func:`hash_at`, read again while a write lands during the read: up to :data:`STEADY_READS` reads.
+
+    One write landing during one read (bit rot, a tool rewriting a byte and
+    putting the old mtime back) leaves a ctime that moved: the read that
+    follows sees the bytes it left, and the caller judges them by their
+    mtime (damage when it was not moved on). Taken for "being written
+    right now" from that one read, the damage would be an edit, and sent
+    over the verified NAS copy. A file every read sees written to is a
+    write under way (the last read's stats say so to the caller).
+    """
+    for _ in range(STEADY_READS - 1):
+        digest, before, after = hash_at(folder, name)
+        if steady(before, after):
+            return digest, before, after
+    return hash_at(folder, name)
 
 
 def _bad_manifest_path(rel: str) -> bool:
@@ -617,7 +656,7 @@ def scan_run(
                 changed.append(rel)
                 continue
             try:
-                digest, before, after = hash_at(folder, name)
+                digest, before, after = _steady_read(folder, name)
             except FileNotFoundError:
                 missing.append(rel)
                 continue
@@ -627,7 +666,7 @@ def scan_run(
             finally:
                 os.close(folder)
             if not steady(before, after) or before.st_ino != st.st_ino:
-                changed.append(rel)  # being written right now
+                changed.append(rel)  # being written right now (every read saw a write), or replaced
                 continue
             if digest == want:
                 ctime = after.st_ctime_ns if ctime_kept else None
@@ -711,12 +750,12 @@ def check_against_copy(
             except OSError:
                 continue  # gone or replaced meanwhile: nothing here to send as damage
             try:
-                digest, before, after = hash_at(folder, name)
+                digest, before, after = _steady_read(folder, name)
             except OSError:
                 continue
             finally:
                 os.close(folder)
-            # Written to while read: an edit under way, never damage.
+            # Written to while read, each time: an edit under way, never damage.
             if (
                 steady(before, after)
                 and digest != want
