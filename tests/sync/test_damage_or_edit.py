@@ -12,6 +12,7 @@ truth. Whatever the order, damage must stay damage and an edit an edit.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -314,3 +315,83 @@ def test_an_edit_the_hashing_missed_is_still_recorded_as_newer_bytes(tmp_path: P
     check = scan_run(run, manifest, stats, verified_at=began + dt.timedelta(seconds=6)).check
     assert check.changed == (REL,) and check.damaged == ()
     queue.close()
+
+
+def test_a_file_replaced_during_the_check_is_judged_by_its_mtime(verified, monkeypatch):
+    """Another inode than the listing saw (a copy of other bytes renamed into place, the old mtime put back,
+    as ``cp -p`` or an ``exiftool -P`` leaves it) is damage; one saved through a rename (a new mtime) is an edit."""
+    queue, job_id, run, original, record = verified
+    record()
+    path = run / REL
+
+    def replace(data: bytes, mtime_ns: int) -> None:
+        swap = run / "sub" / ".swap"
+        swap.write_bytes(data)
+        os.utime(swap, ns=(mtime_ns, mtime_ns))
+        os.replace(swap, path)
+
+    real = local_check.hash_at
+    pending: list = []
+
+    def hash_at(folder: int, name: str):
+        while pending:
+            pending.pop()()  # after the listing, before the read
+        return real(folder, name)
+
+    monkeypatch.setattr(local_check, "hash_at", hash_at)
+    pending.append(lambda: replace(_flipped(), original))
+    check = _check(queue, job_id, run)
+    assert check.damaged == (REL,) and check.changed == ()
+    pending.append(lambda: replace(b"re-acquired " * 300, _ns(NOW + dt.timedelta(seconds=5))))
+    check = _check(queue, job_id, run)
+    assert check.changed == (REL,) and check.damaged == ()
+
+
+def test_rot_under_metadata_that_churns_through_every_read_is_damage(verified, monkeypatch):
+    """A byte flipped (mtime kept), then a tagger or a scanner moving the ctime during every read: the
+    mtime never moved on, so no edit is under way; the bytes are damage, not sent."""
+    queue, job_id, run, original, record = verified
+    record()
+    path = run / REL
+    _rewrite(path, _flipped(), original)
+    calls = _write_during_reads(monkeypatch, lambda: os.chmod(path, 0o640 ^ (os.stat(path).st_mode & 0o004)), 100)
+    check = _check(queue, job_id, run)
+    assert check.damaged == (REL,) and check.changed == ()
+    assert len(calls) == local_check.STEADY_READS
+
+
+def test_a_file_that_cannot_be_read_for_a_bad_sector_is_damage_never_sent(verified, monkeypatch):
+    """EIO is no edit: sent, or its NAS copy moved aside for it, the verified bytes would stand on the NAS alone."""
+    queue, job_id, run, original, record = verified
+    record()
+    _rewrite(run / REL, _flipped(), original)  # ctime moved: the check reads the file
+
+    def bad_sector(folder: int, name: str):
+        raise OSError(errno.EIO, "Input/output error", name)
+
+    monkeypatch.setattr(local_check, "hash_at", bad_sector)
+    check = _check(queue, job_id, run)
+    assert check.damaged == (REL,) and check.changed == ()
+
+
+def test_churning_metadata_over_the_verified_bytes_is_no_change(verified, monkeypatch):
+    """The same churn over intact bytes: nothing to send, nothing damaged (the deletion reads it again)."""
+    queue, job_id, run, original, record = verified
+    record()
+    path = run / REL
+    _write_during_reads(monkeypatch, lambda: os.chmod(path, 0o640 ^ (os.stat(path).st_mode & 0o004)), 100)
+    check = _check(queue, job_id, run)
+    assert check.damaged == () and check.changed == () and check.missing == ()
+
+
+def test_rot_under_churning_metadata_is_damage_against_the_nas_copy_too(tmp_path: Path, monkeypatch):
+    """The same for a run whose queue was lost, checked against its NAS copy's sizes and mtimes."""
+    run = tmp_path / "Run_0001"
+    (run / "sub").mkdir(parents=True)
+    path = run / REL
+    path.write_bytes(_flipped())
+    st = os.stat(path)
+    _write_during_reads(monkeypatch, lambda: os.chmod(path, 0o640 ^ (os.stat(path).st_mode & 0o004)), 100)
+    manifest = {REL: hashlib.sha256(GOOD).hexdigest()}
+    found, _rows = check_against_copy(run, manifest, {REL: RemoteFile(len(GOOD), st.st_mtime_ns)})
+    assert found == (REL,)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import secrets
 import stat
@@ -660,13 +661,18 @@ def scan_run(
             except FileNotFoundError:
                 missing.append(rel)
                 continue
-            except OSError:
-                changed.append(rel)  # became a symlink or a folder under us
+            except OSError as exc:
+                # A bad sector is no edit: never sent (nor its NAS copy moved aside for it). Anything
+                # else: it became a symlink or a folder under us, or cannot be opened (sent as it is).
+                (damaged if exc.errno == errno.EIO else changed).append(rel)
                 continue
             finally:
                 os.close(folder)
-            if not steady(before, after) or before.st_ino != st.st_ino:
-                changed.append(rel)  # being written right now (every read saw a write), or replaced
+            # Every read saw a write: an edit under way when the mtime moved on; else judged by its
+            # bytes like any other file (metadata churning under a rotted file). So is a file replaced
+            # since the listing (another inode): a save through a rename moves the mtime on.
+            if not steady(before, after) and not _damage(after, record, verified_ns, digest):
+                changed.append(rel)
                 continue
             if digest == want:
                 ctime = after.st_ctime_ns if ctime_kept else None
@@ -755,10 +761,9 @@ def check_against_copy(
                 continue
             finally:
                 os.close(folder)
-            # Written to while read, each time: an edit under way, never damage.
+            # Written to while read, each time, with the mtime moved on: an edit under way, never damage.
             if (
-                steady(before, after)
-                and digest != want
+                digest != want
                 and after.st_mtime_ns <= mtime_ns
                 and not _written_behind(after, copy.size, (copy.mtime_ns,))
             ):
