@@ -582,6 +582,12 @@ def scan_run(
       stat at all, a new content is ``changed`` when
       the file's mtime is after ``verified_at``, else ``damaged`` (see
       :func:`_damage`);
+    - a read that saw a write (its size, mtime or ctime moved) is made again
+      (:func:`_steady_read`): a file every read saw written to is
+      ``changed`` (an edit under way) when its mtime moved on, else judged
+      by its bytes as above; so is one replaced since the listing (another
+      inode). One that cannot be read for ``EIO`` (a bad sector) is
+      ``damaged``;
     - no longer a regular file (a symlink, a folder), or a parent folder
       replaced by a symlink -> ``changed``; gone -> ``missing``.
 
