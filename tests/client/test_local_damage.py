@@ -25,7 +25,7 @@ import pytest
 
 from exlab_wizard.config import Config, parse_config
 from exlab_wizard.fileio import BLOCK_SIZE, hash_fd, open_regular
-from exlab_wizard.sync import job_runner
+from exlab_wizard.sync import job_runner, metadata_push
 from exlab_wizard.sync.manifest_format import manifest_digest, manifest_path, read_manifest
 from exlab_wizard.sync.nas_client import LocalDamageError, NASSyncClient, RestoreError
 from exlab_wizard.sync.reaper import load_verified_stats, local_check
@@ -644,3 +644,45 @@ async def test_damage_landing_while_the_pre_transfer_check_reads_the_file_is_nev
         await _assert_failed_local_damage_and_refused(client, run)
     assert data_tree(nas.copy(run)) == FILES
     assert previous_files(nas.copy(run)) == {}
+
+
+async def test_a_local_damage_job_still_sends_the_metadata_push_it_owes(
+    nas: Nas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the torture harness (seed 21): the NAS away when the job was verified, the local copy damaged
+    before the NAS came back. FAILED ``local_damage``, the job never sent the ``checksums.sha256`` it owed: the
+    one verified copy left, on the NAS, had no manifest to be checked against but the one on the damaged PC."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    real_try_push = metadata_push.try_push
+    away: list[bool] = [True]
+
+    async def try_push(*args: Any, **kwargs: Any) -> Any:
+        if away:
+            return None, "network: the NAS is away (test)"
+        return await real_try_push(*args, **kwargs)
+
+    monkeypatch.setattr(metadata_push, "try_push", try_push)
+    async with running(nas.config(enabled=False), clock) as client:
+        await synced(client, run)
+        assert not (nas.copy(run) / ".exlab-wizard" / "checksums.sha256").exists()
+        flip_byte_keep_stat(run / DAMAGED, 42)
+        clock.advance(6)
+        await client.audit_once()
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
+        away.clear()  # the NAS is back
+        clock.advance(3600)
+        nas_manifest = nas.copy(run) / ".exlab-wizard" / "checksums.sha256"
+
+        async def arrived() -> bool:
+            return nas_manifest.exists()
+
+        await until(arrived, timeout=30)
+        await client.wait_idle(timeout=60)
+        job = await client.job(run)
+        assert job.state == S.FAILED and job.error_kind == "local_damage" and not job.metadata_push_pending
+    assert (nas.copy(run) / ".exlab-wizard" / "checksums.sha256").read_bytes() == manifest_path(run).read_bytes()
+    assert manifest_digest(read_manifest(run)) == job.manifest_digest
+    assert data_tree(nas.copy(run)) == FILES

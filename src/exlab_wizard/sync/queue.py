@@ -638,6 +638,17 @@ def _keep_private(db_path: Path) -> None:
                 logger.warning("%s was open to other users (mode %04o): set to %04o", path, mode, mode & ~0o007)
 
 
+#: The jobs whose pending metadata push is sent (:meth:`JobQueue.next_metadata_push`): VERIFIED,
+#: CLEANUP_ELIGIBLE, and FAILED ``local_damage`` (its NAS copy is the verified one).
+_OWES_PUSH = "(state IN (?, ?) OR (state = ? AND error_kind = ?))"
+_OWES_PUSH_PARAMS = (
+    SyncJobState.VERIFIED.value,
+    SyncJobState.CLEANUP_ELIGIBLE.value,
+    SyncJobState.FAILED.value,
+    "local_damage",
+)
+
+
 class JobQueue:
     """The SQLite job store at ``db_path`` (created, with its folder, if missing).
 
@@ -1164,10 +1175,15 @@ class JobQueue:
     def next_metadata_push(
         self, now: dt.datetime, *, busy_equipment: Collection[str] = (), max_wait: dt.timedelta | None = None
     ) -> SyncJobRow | None:
-        """The VERIFIED or CLEANUP_ELIGIBLE job whose pending metadata push is due first, or None.
+        """The job whose pending metadata push is due first, or None.
 
-        Only jobs whose ``metadata_push_due_at`` is ``<= now`` (or further
-        ahead than ``max_wait``: set by a clock since set back, as for
+        A VERIFIED or CLEANUP_ELIGIBLE job, or one FAILED ``local_damage``:
+        its NAS copy is the verified one, and often the only good one left,
+        which must not wait for a ``restore`` to get the manifest it is
+        checked against (the push sends only a ``checksums.sha256`` that is
+        the verified manifest byte for byte). Only jobs whose
+        ``metadata_push_due_at`` is ``<= now`` (or further ahead than
+        ``max_wait``: set by a clock since set back, as for
         :func:`attempt_due`) and whose equipment is not in ``busy_equipment``;
         the earliest due first.
         """
@@ -1176,14 +1192,9 @@ class JobQueue:
         busy = sorted({str(e) for e in busy_equipment})
         sql = (
             "SELECT * FROM jobs WHERE metadata_push_due_at IS NOT NULL"
-            " AND (metadata_push_due_at <= ? OR metadata_push_due_at > ?) AND state IN (?, ?)"
+            " AND (metadata_push_due_at <= ? OR metadata_push_due_at > ?) AND " + _OWES_PUSH
         )
-        params: list[Any] = [
-            _ts(now),
-            _beyond(now, max_wait),
-            SyncJobState.VERIFIED.value,
-            SyncJobState.CLEANUP_ELIGIBLE.value,
-        ]
+        params: list[Any] = [_ts(now), _beyond(now, max_wait), *_OWES_PUSH_PARAMS]
         if busy:
             sql += f" AND equipment_id NOT IN ({', '.join('?' * len(busy))})"
             params.extend(busy)
@@ -1193,11 +1204,11 @@ class JobQueue:
         return None if row is None else _job(row)
 
     def next_metadata_wakeup(self, now: dt.datetime) -> dt.datetime | None:
-        """The earliest pending metadata push due after ``now`` (VERIFIED or CLEANUP_ELIGIBLE jobs), or None."""
+        """The earliest pending metadata push due after ``now`` (the jobs :meth:`next_metadata_push` takes), or None."""
         with self._locked() as conn:
             row = conn.execute(
-                "SELECT MIN(metadata_push_due_at) AS t FROM jobs WHERE metadata_push_due_at > ? AND state IN (?, ?)",
-                (_ts(now), SyncJobState.VERIFIED.value, SyncJobState.CLEANUP_ELIGIBLE.value),
+                "SELECT MIN(metadata_push_due_at) AS t FROM jobs WHERE metadata_push_due_at > ? AND " + _OWES_PUSH,
+                (_ts(now), *_OWES_PUSH_PARAMS),
             ).fetchone()
         return _dt(row["t"])
 
