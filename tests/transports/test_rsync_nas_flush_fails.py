@@ -29,6 +29,7 @@ import pytest
 
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import rsync_ssh
+from exlab_wizard.sync.transports._process import ToolResult
 from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import Clock
@@ -174,6 +175,33 @@ async def test_a_write_failing_while_the_push_flushes_the_nas_is_never_verified(
     assert lost  # the pool was full before the first byte: none reached the volume's disks
     assert job.state != S.VERIFIED, f"VERIFIED, but {lost} never reached the NAS volume's disks"
     assert job.error_kind == "remote_write_refused", (job.state, job.last_error)
+
+
+_TAIL = (
+    "rsync error: some files/attrs were not transferred (see previous errors) (code 23) at main.c(1394) [sender=3.5.0]"
+)
+
+
+# Lines rsync printed in the flow above (btrfs answers the writes in flight with EIO, the later ones with
+# EROFS): a push that met only EIO was "unknown" and retried, about 1 run in 40.
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        ('rsync: [receiver] open "/nas/Run/a.raw" failed: Input/output error (5)', "remote_write_refused"),
+        (
+            'rsync: [generator] recv_generator: failed to stat "/nas/Run/sub": Input/output error (5)',
+            "remote_write_refused",
+        ),
+        ('rsync: [receiver] write failed on "/nas/Run/a.raw": Read-only file system (30)', "remote_write_refused"),
+        # the sender is this PC: its EIO is a local read, never the NAS refusing
+        ('rsync: [sender] read errors mapping "/data/Run/a.raw": Input/output error (5)', "unknown"),
+    ],
+)
+def test_an_eio_on_the_nas_side_of_a_push_is_the_nas_refusing_the_write(line: str, kind: str) -> None:
+    result = ToolResult(["rsync"], 23, b"", f"{line}\n{_TAIL}\n".encode(), 0.1)
+    error = rsync_ssh._push_error(result, "rsync push to /nas/Run")
+    assert error.kind.value == kind, error.message
+    assert error.message.startswith("rsync push to /nas/Run: ") and (line in error.message) == (kind != "unknown")
 
 
 @pytest.mark.parametrize("fs", ["xfs", "btrfs"])

@@ -213,6 +213,29 @@ def _listing_error(result: ToolResult, remote_path: str) -> TransportError:
     return error
 
 
+_NAS_SIDE_EIO_RE = re.compile(r"rsync: \[(receiver|generator)\] .*Input/output error \(5\)", re.IGNORECASE)
+
+
+def _push_error(result: ToolResult, context: str) -> TransportError:
+    """The error of a failed push, whose receiver and generator run on the NAS.
+
+    An EIO on their side is the NAS's storage failing the write (a thin
+    volume whose pool filled up, a failing disk, a file system that turned
+    read-only under the write: btrfs answers the writes in flight with EIO,
+    the ones after with EROFS): ``REMOTE_WRITE_REFUSED`` like a full or
+    read-only NAS, which needs its admin, not ``UNKNOWN`` retried. The
+    sender's EIO is a local read and keeps its own kind.
+    """
+    error = transport_error("rsync", result.returncode, result.stderr_text, context)
+    if error.kind == K.UNKNOWN:
+        for line in result.stderr_text.splitlines():
+            if _NAS_SIDE_EIO_RE.search(line):
+                return TransportError(
+                    K.REMOTE_WRITE_REFUSED, f"{context}: the NAS's storage failed the write: {line.strip()[:300]}"
+                )
+    return error
+
+
 # Programs run on the remote host, kept in remote_programs/ (each file's opening comment
 # is its contract): hashing a run, hashing while a push sends, keeping replaced files.
 _PY_HASH = remote_program("remote_hash.py")
@@ -1313,7 +1336,7 @@ class RsyncSshTransport(Transport):
                 continue
             if result.returncode != 0:
                 await self._raise_if_root_missing(run_path)
-                raise transport_error("rsync", result.returncode, result.stderr_text, f"rsync {step} to {remote_run}")
+                raise _push_error(result, f"rsync {step} to {remote_run}")
             if files_total or bytes_total:
                 files, size = _stats(result.stdout)
                 result.stdout += (
