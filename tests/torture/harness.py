@@ -1159,6 +1159,12 @@ def report(tally: Tally, *, command: str, seed: int) -> str:
         "  under load (CI on 141afe4, rsync_ssh; a repeated round, mount). Mended in 74d9ace: newer bytes",
         "  count only when read under the very stat recorded, and a check reads a file again while a write",
         "  lands during its read. `tests/client/test_local_damage.py` (`damage_landing_*`).",
+        "- A local byte flipped after a verification whose metadata push could not go out (the ssh",
+        "  master broken, then sshd restarted): the job FAILED `local_damage` and its owed push waited",
+        "  for a restore, so the NAS held the verified bytes but no `checksums.sha256` (seed 21 on",
+        "  d51dfa8, rsync_ssh; counted a loss as no verified manifest stood beside them). Mended in",
+        "  6769329: such a job still sends the push it owes. `tests/client/test_local_damage.py`",
+        "  (`local_damage_job_still_sends_the_metadata_push_it_owes`).",
     ]
     problems = tally.problems()
     lines += ["", "## Problems found", ""]
