@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -191,7 +192,7 @@ async def test_audit_driven_retransfer_and_its_mismatch_rewrite_never_send_damag
         job = await client.job(run)
         assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
         assert (
-            f"local damage (content differs from the verified copy, mtime not moved on by an edit): {DAMAGED}"
+            f"local damage (content differs from the verified copy or cannot be read, mtime not moved on by an edit): {DAMAGED}"
             in job.last_error
         )
         assert len([e for e in job.events if e.kind == "transition" and e.to_state == "running"]) == 1
@@ -642,6 +643,33 @@ async def test_damage_landing_while_the_pre_transfer_check_reads_the_file_is_nev
         await _settle_retrying_a_mismatch(client, run)
         assert flipped, "the check before the transfer never read the file"
         await _assert_failed_local_damage_and_refused(client, run)
+    assert data_tree(nas.copy(run)) == FILES
+    assert previous_files(nas.copy(run)) == {}
+
+
+async def test_a_bad_sector_under_a_verified_file_is_damage_never_sent(
+    nas: Nas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verified file the audit cannot read (EIO: a bad sector, its ctime moved by a chmod) is local damage,
+    said as such: never sent, its NAS copy never moved aside for it, retry and enqueue refused."""
+    clock = Clock()
+    run = nas.lab.make_run(files=FILES)
+    real_hash_at = local_check.hash_at
+
+    def bad_sector(folder: int, name: str) -> Any:
+        if name == Path(DAMAGED).name:
+            raise OSError(errno.EIO, "Input/output error", name)
+        return real_hash_at(folder, name)
+
+    async with running(nas.config(enabled=False), clock) as client:
+        await synced(client, run)
+        os.chmod(run / DAMAGED, 0o600)  # the ctime moves: the audit reads the file again
+        monkeypatch.setattr(local_check, "hash_at", bad_sector)
+        clock.advance(6)
+        await client.audit_once()
+        await _settle_retrying_a_mismatch(client, run)
+        await _assert_failed_local_damage_and_refused(client, run)
+        assert "cannot be read" in (await client.job(run)).last_error
     assert data_tree(nas.copy(run)) == FILES
     assert previous_files(nas.copy(run)) == {}
 

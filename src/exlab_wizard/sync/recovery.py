@@ -223,7 +223,7 @@ class RestoreResult:
 def damage_message(job_id: str, run_path: str, paths: Sequence[str]) -> str:
     """The one-line reason for a ``local_damage`` failure, naming the files and the ways out."""
     return (
-        f"local damage (content differs from the verified copy, mtime not moved on by an edit): "
+        f"local damage (content differs from the verified copy or cannot be read, mtime not moved on by an edit): "
         f"{name_paths(list(paths))}; nothing sent. " + damage_ways_out(job_id, run_path)
     )
 
