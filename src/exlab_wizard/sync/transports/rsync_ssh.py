@@ -217,7 +217,8 @@ _NAS_SIDE_EIO_RE = re.compile(r"rsync: \[(receiver|generator)\] .*Input/output e
 
 
 def _push_error(result: ToolResult, context: str) -> TransportError:
-    """The error of a failed push, whose receiver and generator run on the NAS.
+    """The error of a failed rsync that writes on the NAS (a push, making the run's folder, removing
+    leftovers), whose receiver and generator run there.
 
     An EIO on their side is the NAS's storage failing the write (a thin
     volume whose pool filled up, a failing disk, a file system that turned
@@ -1383,7 +1384,7 @@ class RsyncSshTransport(Transport):
         result = await run_tool(argv, stdin=_files_from(chain), log=self.log, run_path=run_path, step="make_run_folder")
         if result.returncode != 0:
             await self._raise_if_root_missing(run_path)
-            raise transport_error("rsync", result.returncode, result.stderr_text, f"creating {rel} under {root}")
+            raise _push_error(result, f"creating {rel} under {root}")
 
     def _marker_path(self) -> str | None:
         """``<remote_path>/<remote_marker>``; None when no marker is configured."""
@@ -1529,7 +1530,7 @@ class RsyncSshTransport(Transport):
                 argv, stdin=_files_from(junk), log=self.log, run_path=run_path, step="remove_leftovers"
             )
         if result.returncode != 0:
-            raise transport_error("rsync", result.returncode, result.stderr_text, f"removing leftovers in {remote_run}")
+            raise _push_error(result, f"removing leftovers in {remote_run}")
         self.log.info(run_path, "leftovers_removed", remote=remote_run, count=len(junk))
 
     # ------------------------------------------------------- remote manifest
