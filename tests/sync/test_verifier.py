@@ -103,7 +103,9 @@ def _cached(fd: int, offset: int) -> bool:
     ``mincore`` on a private mapping of that page: it only looks. A read with
     ``RWF_NOWAIT`` is no probe: on a miss the kernel starts readahead before
     it answers ``EAGAIN``, and a tiny file's read can complete in between
-    (about 1 in 50 here), so the probe itself made the page cached.
+    (about 1 in 50 here), so the probe itself made the page cached. (mincore
+    reports every page of a file the caller may not write as cached: the
+    tests probe only files they wrote.)
     """
     page = mmap.PAGESIZE
     start = offset // page * page

@@ -195,6 +195,7 @@ _TAIL = (
         ('rsync: [receiver] write failed on "/nas/Run/a.raw": Read-only file system (30)', "remote_write_refused"),
         # the sender is this PC: its EIO is a local read, never the NAS refusing
         ('rsync: [sender] read errors mapping "/data/Run/a.raw": Input/output error (5)', "unknown"),
+        ('rsync: [sender] read errors mapping "/data/rsync: [receiver] x": Input/output error (5)', "unknown"),
     ],
 )
 def test_an_eio_on_the_nas_side_of_a_push_is_the_nas_refusing_the_write(line: str, kind: str) -> None:

@@ -213,7 +213,7 @@ def _listing_error(result: ToolResult, remote_path: str) -> TransportError:
     return error
 
 
-_NAS_SIDE_EIO_RE = re.compile(r"rsync: \[(receiver|generator)\] .*Input/output error \(5\)", re.IGNORECASE)
+_NAS_SIDE_EIO_RE = re.compile(r"rsync: \[(receiver|generator)\] .*Input/output error \(5\)$", re.IGNORECASE)
 
 
 def _push_error(result: ToolResult, context: str) -> TransportError:
@@ -224,15 +224,21 @@ def _push_error(result: ToolResult, context: str) -> TransportError:
     volume whose pool filled up, a failing disk, a file system that turned
     read-only under the write: btrfs answers the writes in flight with EIO,
     the ones after with EROFS): ``REMOTE_WRITE_REFUSED`` like a full or
-    read-only NAS, which needs its admin, not ``UNKNOWN`` retried. The
-    sender's EIO is a local read and keeps its own kind.
+    read-only NAS, which needs its admin, not ``UNKNOWN`` retried, as the
+    remote hashing's failing flush is (exit 6). A NAS folder that is itself
+    a network mount on the ssh host (NFS ``soft``) answering EIO in an outage
+    fails at once too: ``exlab-sync retry`` takes it up. The mount transport
+    reads EIO as ``NETWORK``: on a share it is the connection. The sender's
+    EIO is a local read and keeps its own kind.
     """
     error = transport_error("rsync", result.returncode, result.stderr_text, context)
     if error.kind == K.UNKNOWN:
         for line in result.stderr_text.splitlines():
-            if _NAS_SIDE_EIO_RE.search(line):
+            if _NAS_SIDE_EIO_RE.match(line.strip()):
                 return TransportError(
-                    K.REMOTE_WRITE_REFUSED, f"{context}: the NAS's storage failed the write: {line.strip()[:300]}"
+                    K.REMOTE_WRITE_REFUSED,
+                    f"{context}: rsync exited with {result.returncode}: the NAS's storage failed the write: "
+                    f"{line.strip()[:300]}",
                 )
     return error
 
