@@ -52,7 +52,10 @@ _FATAL_REASONS: dict[FailureKind, str] = {
     K.REMOTE_CONFLICT: (
         "the remote run folder holds files that are not this run's; not retried, never overwriting someone else's data"
     ),
-    K.LOCAL_DAMAGE: "local file content differs from the verified copy or cannot be read, its mtime not moved on by an edit; not retried",
+    K.LOCAL_DAMAGE: (
+        "local file content differs from the verified copy or cannot be read, its mtime not moved on by an edit; "
+        "not retried"
+    ),
 }
 
 
