@@ -205,6 +205,23 @@ def test_an_eio_on_the_nas_side_of_a_push_is_the_nas_refusing_the_write(line: st
     assert error.message.startswith("rsync push to /nas/Run: ") and (line in error.message) == (kind != "unknown")
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        'rsync: [receiver] write failed on "/tmp/exlab-verify-x/Run/a.raw": No space left on device (28)',
+        'rsync: [receiver] mkstemp "/tmp/exlab-verify-x/Run/.a.raw.Xy1" failed: Permission denied (13)',
+    ],
+)
+def test_a_write_refused_while_reading_from_the_nas_is_this_pcs_never_the_nas(line: str) -> None:
+    """In a pull (reading back, fetch) the receiver is this PC: its full disk is no NAS refusing a write."""
+    tail = "rsync error: error in file IO (code 11) at receiver.c(381) [receiver=3.5.0]"
+    result = ToolResult(["rsync"], 11, b"", f"{line}\n{tail}\n".encode(), 0.1)
+    error = rsync_ssh._pull_error(result, "reading back /nas/Run")
+    assert error.kind.value == "unknown", error.message
+    assert "this PC could not write" in error.message and line in error.message
+    assert rsync_ssh._push_error(result, "rsync push to /nas/Run").kind.value == "remote_write_refused"
+
+
 @pytest.mark.parametrize("fs", ["xfs", "btrfs"])
 async def test_mount_never_verifies_bytes_the_thin_nas_volume_could_not_write(
     tmp_path: Path, monkeypatch, fs: str
