@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import os
 import pwd
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -917,6 +919,28 @@ async def test_fetch_reads_named_files_back_as_the_remote_holds_them(remote, loc
     with pytest.raises(TransportError) as caught:
         await dead.fetch(run, ["kept.txt"], tmp_path)
     assert caught.value.kind == K.NETWORK, caught.value.message
+
+
+async def test_fetch_into_a_full_local_disk_is_this_pcs_error_never_the_nas_refusing(remote, local_root, tmp_path):
+    """A restore's scratch folder on a full disk: the error is this PC's (an OSError, or a TransportError of
+    another kind than remote_write_refused, which would fail a job at once and send its admin to the NAS)."""
+    eq = remote.equipment(local_root)
+    run = make_run(eq.local_root, {"big.bin": os.urandom(400_000)}, symlink=False)
+    await remote.transport(eq).push(run, bwlimit_kibps=None)
+    remote.settle()
+    into = tmp_path / "full"
+    into.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(into)], check=True)
+    try:
+        with pytest.raises((OSError, TransportError)) as caught:
+            await remote.transport(eq).fetch(run, ["big.bin"], into)
+    finally:
+        subprocess.run(["umount", "-l", str(into)], check=True)
+    if isinstance(caught.value, TransportError):
+        assert caught.value.kind != K.REMOTE_WRITE_REFUSED, caught.value.message
+        assert "this PC could not write" in caught.value.message, caught.value.message
+    else:
+        assert caught.value.errno == errno.ENOSPC, caught.value
 
 
 async def test_fetch_from_a_run_folder_not_there_is_empty(remote, local_root, tmp_path):

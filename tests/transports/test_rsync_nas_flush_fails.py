@@ -30,6 +30,7 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import rsync_ssh
 from exlab_wizard.sync.transports._process import ToolResult
+from exlab_wizard.sync.transports.classify import pull_error
 from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import Clock
@@ -216,7 +217,7 @@ def test_a_write_refused_while_reading_from_the_nas_is_this_pcs_never_the_nas(li
     """In a pull (reading back, fetch) the receiver is this PC: its full disk is no NAS refusing a write."""
     tail = "rsync error: error in file IO (code 11) at receiver.c(381) [receiver=3.5.0]"
     result = ToolResult(["rsync"], 11, b"", f"{line}\n{tail}\n".encode(), 0.1)
-    error = rsync_ssh._pull_error(result, "reading back /nas/Run")
+    error = pull_error("rsync", 11, result.stderr_text, "reading back /nas/Run")
     assert error.kind.value == "unknown", error.message
     assert "this PC could not write" in error.message and line in error.message
     assert rsync_ssh._push_error(result, "rsync push to /nas/Run").kind.value == "remote_write_refused"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 
-__all__ = ["REFUSES_RSYNC", "RULES", "Classification", "Rule", "classify", "transport_error"]
+__all__ = ["REFUSES_RSYNC", "RULES", "Classification", "Rule", "classify", "pull_error", "transport_error"]
 
 K = TransportErrorKind
 SSH_FAMILY = frozenset({"ssh", "rsync"})  # rsync over ssh prints ssh's own messages
@@ -56,6 +56,14 @@ def _rule(kind, tools, codes=None, pattern=None, why=""):
 
 # The table reads best one rule to a few lines, as written: the formatter leaves it alone.
 # fmt: off
+# The two write refusals that a pull, where this PC is the writer, reads as this PC's (pull_error).
+FULL_OR_READ_ONLY = _rule(K.REMOTE_WRITE_REFUSED, ALL, None,
+    r"No space left on device|Disk quota exceeded|Read-only file system|read-only server is not allowed"
+    r"|QuotaExceeded|InsufficientStorage|\b507 Insufficient|file too big for remaining disk space",
+    "remote full or read-only")
+RECEIVER_NOT_WRITABLE = _rule(K.REMOTE_WRITE_REFUSED, RSYNC, None,
+    r"rsync: \[(Receiver|generator)\] .*(Permission denied|Operation not permitted) \(\d+\)",
+    "remote folder not writable")
 RULES: tuple[Rule, ...] = (
     # rclone's own exit codes first: 5 is "temporary, retry later".
     _rule(K.NETWORK, RCLONE, {5}, None, "rclone: temporary error"),
@@ -73,13 +81,8 @@ RULES: tuple[Rule, ...] = (
           r"|SignatureDoesNotMatch|InvalidAccessKeyId|InvalidClientTokenId|ExpiredToken"
           r"|StatusCode: 40[13]\b|\b401 Unauthorized|didn't find section in config file", "credentials refused"),
     # -- the remote refuses the write (FAILED at once) --
-    _rule(K.REMOTE_WRITE_REFUSED, ALL, None,
-          r"No space left on device|Disk quota exceeded|Read-only file system|read-only server is not allowed"
-          r"|QuotaExceeded|InsufficientStorage|\b507 Insufficient|file too big for remaining disk space",
-          "remote full or read-only"),
-    _rule(K.REMOTE_WRITE_REFUSED, RSYNC, None,
-          r"rsync: \[(Receiver|generator)\] .*(Permission denied|Operation not permitted) \(\d+\)",
-          "remote folder not writable"),
+    FULL_OR_READ_ONLY,
+    RECEIVER_NOT_WRITABLE,
     # -- a local source file vanished (FAILED at once); before rclone's generic
     # permission rule, whose text also names the local side --
     _rule(K.LOCAL_FILE_VANISHED, RSYNC, None,
@@ -149,3 +152,20 @@ def transport_error(tool: str, returncode: int, stderr: str, context: str = "") 
     """The :class:`TransportError` for a failed tool run; ``context`` says what was being done."""
     found = classify(tool, returncode, stderr)
     return TransportError(found.kind, f"{context}: {found.reason}" if context else found.reason)
+
+
+def pull_error(tool: str, returncode: int, stderr: str, context: str) -> TransportError:
+    """:func:`transport_error` for a run that reads from the NAS into this PC (a read-back, a fetch).
+
+    There the writer is this PC: a write refused for room, a read-only disk
+    or (rsync's receiver) a folder it may not write is never the NAS
+    refusing a write, which would fail a job at once and send its admin to
+    the NAS. ``UNKNOWN`` (backed off and retried), said as this PC's. Other
+    refusals keep their kind (a 403 on a download is the NAS's answer).
+    """
+    found = classify(tool, returncode, stderr)
+    if found.rule is FULL_OR_READ_ONLY or found.rule is RECEIVER_NOT_WRITABLE:
+        return TransportError(
+            K.UNKNOWN, f"{context}: {found.reason} (this PC could not write what it read from the NAS)"
+        )
+    return TransportError(found.kind, f"{context}: {found.reason}")

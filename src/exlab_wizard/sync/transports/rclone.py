@@ -94,7 +94,7 @@ from exlab_wizard.sync.transports.base import (
     remote_relpath,
     report_total,
 )
-from exlab_wizard.sync.transports.classify import transport_error
+from exlab_wizard.sync.transports.classify import pull_error, transport_error
 from exlab_wizard.sync.transports.conflict import (
     FILE,
     NAS_MANIFEST,
@@ -1094,7 +1094,7 @@ class RcloneTransport(Transport):
             if result.returncode in (3, 4):
                 continue  # gone since the listing
             if result.returncode != 0:
-                raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"fetching {rel!r}")
+                raise pull_error("rclone", result.returncode, rclone_text(result.stderr), f"fetching {rel!r}")
             if target.is_file() and not target.is_symlink():
                 fetched[rel] = target
         return fetched

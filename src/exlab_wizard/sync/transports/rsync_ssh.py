@@ -119,7 +119,7 @@ from exlab_wizard.sync.transports.base import (
     report_total,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
-from exlab_wizard.sync.transports.classify import classify, transport_error
+from exlab_wizard.sync.transports.classify import classify, pull_error, transport_error
 from exlab_wizard.sync.transports.conflict import (
     DIR,
     FILE,
@@ -240,20 +240,6 @@ def _push_error(result: ToolResult, context: str) -> TransportError:
                     f"{context}: rsync exited with {result.returncode}: the NAS's storage failed the write: "
                     f"{line.strip()[:300]}",
                 )
-    return error
-
-
-def _pull_error(result: ToolResult, context: str) -> TransportError:
-    """The error of a failed rsync that reads from the NAS into this PC (reading back, fetch).
-
-    Its receiver and generator run here: a write refused there (this PC's
-    disk full or read-only, a folder it may not write) is never the NAS
-    refusing a write, which would fail the job at once and send its admin to
-    the NAS. ``UNKNOWN`` (backed off and retried), said as this PC's.
-    """
-    error = transport_error("rsync", result.returncode, result.stderr_text, context)
-    if error.kind == K.REMOTE_WRITE_REFUSED:
-        return TransportError(K.UNKNOWN, f"{error.message} (this PC could not write what it read from the NAS)")
     return error
 
 
@@ -1688,7 +1674,7 @@ class RsyncSshTransport(Transport):
                     quiet=True,
                 )
                 if result.returncode not in (0, 23, 24):
-                    raise _pull_error(result, f"reading back {remote_run}")
+                    raise pull_error("rsync", result.returncode, result.stderr_text, f"reading back {remote_run}")
                 hashes.update(await asyncio.to_thread(_hash_files, scratch, [p for p, _ in batch]))
             finally:
                 await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
@@ -1807,7 +1793,7 @@ class RsyncSshTransport(Transport):
         ]
         result = await run_tool(argv, stdin=_files_from(present), log=self.log, run_path=run_path, step="fetch")
         if result.returncode not in (0, 23, 24):  # 23/24: a file gone meanwhile is simply not fetched
-            raise _pull_error(result, f"fetching from {remote_run}")
+            raise pull_error("rsync", result.returncode, result.stderr_text, f"fetching from {remote_run}")
         return await asyncio.to_thread(_regular_files, {p: Path(into) / p for p in present})
 
     async def keep_previous(
