@@ -10,7 +10,7 @@ from pathlib import Path
 from exlab_wizard.sync.doctor import Check
 from exlab_wizard.sync.queue import MIGRATIONS, JobQueue
 from tests.fixtures.sshd import RW_USER, SshServer, free_port
-from tests.helpers import cli
+from tests.helpers import Clock, cli
 from tests.lab import EQ, mark_nas
 
 
@@ -206,3 +206,36 @@ def test_a_queue_written_by_a_newer_engine_fails_state_dir(tmp_path: Path) -> No
     assert f"queue schema {newer}" in state["detail"] and "newer exlab-wizard" in state["detail"]
     assert "never delete queue.db" in state["hint"]
     assert (tmp_path / "state" / "queue.db").exists()
+
+
+def test_a_damaged_queue_fails_state_dir_and_is_never_touched(tmp_path: Path) -> None:
+    """A page of the events zeroed (a failing sector): the service's start checks only the per-run tables,
+    so doctor's whole-file quick_check is where a lab finds it before it is read; the file is left as it was."""
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    mark_nas(nas)
+    config = _config(tmp_path, {"type": "mount", "mount_path": str(nas)})
+    db = tmp_path / "state" / "queue.db"
+    with JobQueue(db) as queue:
+        job, _created = queue.get_or_create(f"/lab/{EQ}/P/Runs/Run_1", EQ, "/nas/Run_1", now=Clock()())
+    con = sqlite3.connect(db)  # a long history: the file's last pages are the events'
+    con.executemany(
+        "INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, 'note', ?)",
+        [(job.id, "2026-12-07T00:00:00+00:00", f"event {i} " + "x" * 1000) for i in range(200)],
+    )
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    done = cli("doctor", "--config", str(config), "--json")
+    state = _checks(done)["state_dir"]
+    assert done.returncode == 0 and state["ok"] and "quick_check ok" in state["detail"], done.stdout
+    pages = db.stat().st_size // 4096
+    with open(db, "r+b") as f:  # the last page all zeros, as a failing sector reads back
+        f.seek((pages - 1) * 4096)
+        f.write(b"\0" * 4096)
+    before = db.read_bytes()
+    done = cli("doctor", "--config", str(config), "--json")
+    state = _checks(done)["state_dir"]
+    assert done.returncode == 1 and not state["ok"], done.stdout
+    assert "is damaged (quick_check:" in state["detail"] and "never delete it" in state["hint"], state
+    assert db.read_bytes() == before

@@ -69,6 +69,7 @@ from exlab_wizard.fileio import filesystem_type
 from exlab_wizard.sync.equipment_log import EquipmentLog
 from exlab_wizard.sync.policy.bandwidth import limit_kibps, next_change
 from exlab_wizard.sync.queue import MIGRATIONS, lease_path_for
+from exlab_wizard.sync.queue_damage import damage_of
 from exlab_wizard.sync.state_dir import state_dir_warnings
 from exlab_wizard.sync.transports import TransportError
 from exlab_wizard.sync.transports._process import run_tool
@@ -194,16 +195,51 @@ def _state_dir_found(config: Config) -> Check:
             "cleanup relies on)",
         )
     upgrade = "" if version == ours else f", upgraded to {ours} at the next start"
-    return Check("state_dir", True, f"{found}; queue schema {version}{upgrade}")
+    try:
+        damage = _queue_damage(db)
+    except sqlite3.Error as exc:
+        if damage_of(exc, db) is None:  # busy, say: no verdict either way
+            return Check("state_dir", True, f"{found}; queue schema {version}{upgrade}; quick_check not run: {exc}")
+        damage = str(exc)
+    if damage is not None:
+        return Check(
+            "state_dir",
+            False,
+            f"{found}, but {db} is damaged (quick_check: {damage}): nothing is synced or deleted until it is repaired",
+            "stop exlab-sync serve, keep a copy, then move queue.db with its -wal and -shm aside or put back a "
+            "backup (docs/recovery.md, A damaged queue database); never delete it",
+        )
+    return Check("state_dir", True, f"{found}; queue schema {version}{upgrade}; quick_check ok")
+
+
+def _read_only(db: Path) -> sqlite3.Connection:
+    """The queue database opened without writing to it (a running service's WAL is read, never reset)."""
+    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
 
 
 def _schema_version(db: Path) -> int:
     """``PRAGMA user_version`` of the queue database, read without writing to it."""
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    conn = _read_only(db)
     try:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
     finally:
         conn.close()
+
+
+def _queue_damage(db: Path) -> str | None:
+    """SQLite's first complaint from a ``PRAGMA quick_check`` of the whole file, or None when it is sound.
+
+    Every table and index, the per-file and per-event ones included (the
+    service's start checks the per-run tables only, to start fast): a
+    damaged page anywhere is found before a verified manifest stored there
+    is needed. Read-only, beside a running service.
+    """
+    conn = _read_only(db)
+    try:
+        rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+    finally:
+        conn.close()
+    return None if rows == ["ok"] else "; ".join(rows[:3])
 
 
 def _local_root(equipment: EquipmentConfig) -> Check:
