@@ -30,7 +30,7 @@ import pytest
 from exlab_wizard.sync.states import SyncJobState
 from exlab_wizard.sync.transports import rsync_ssh
 from exlab_wizard.sync.transports._process import ToolResult
-from exlab_wizard.sync.transports.classify import pull_error
+from exlab_wizard.sync.transports.classify import pull_error, push_error
 from exlab_wizard.sync.transports.rsync_ssh import RsyncSshTransport
 from tests.fixtures.sshd import RW_USER
 from tests.helpers import Clock
@@ -201,7 +201,7 @@ _TAIL = (
 )
 def test_an_eio_on_the_nas_side_of_a_push_is_the_nas_refusing_the_write(line: str, kind: str) -> None:
     result = ToolResult(["rsync"], 23, b"", f"{line}\n{_TAIL}\n".encode(), 0.1)
-    error = rsync_ssh._push_error(result, "rsync push to /nas/Run")
+    error = push_error("rsync", 23, result.stderr_text, "rsync push to /nas/Run")
     assert error.kind.value == kind, error.message
     assert error.message.startswith("rsync push to /nas/Run: ") and (line in error.message) == (kind != "unknown")
 
@@ -220,7 +220,7 @@ def test_a_write_refused_while_reading_from_the_nas_is_this_pcs_never_the_nas(li
     error = pull_error("rsync", 11, result.stderr_text, "reading back /nas/Run")
     assert error.kind.value == "unknown", error.message
     assert "this PC could not write" in error.message and line in error.message
-    assert rsync_ssh._push_error(result, "rsync push to /nas/Run").kind.value == "remote_write_refused"
+    assert push_error("rsync", 11, result.stderr_text, "rsync push to /nas/Run").kind.value == "remote_write_refused"
 
 
 @pytest.mark.parametrize("fs", ["xfs", "btrfs"])

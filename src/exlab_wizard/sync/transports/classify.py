@@ -24,7 +24,16 @@ from dataclasses import dataclass
 
 from exlab_wizard.sync.transports.base import TransportError, TransportErrorKind
 
-__all__ = ["REFUSES_RSYNC", "RULES", "Classification", "Rule", "classify", "pull_error", "transport_error"]
+__all__ = [
+    "REFUSES_RSYNC",
+    "RULES",
+    "Classification",
+    "Rule",
+    "classify",
+    "pull_error",
+    "push_error",
+    "transport_error",
+]
 
 K = TransportErrorKind
 SSH_FAMILY = frozenset({"ssh", "rsync"})  # rsync over ssh prints ssh's own messages
@@ -152,6 +161,36 @@ def transport_error(tool: str, returncode: int, stderr: str, context: str = "") 
     """The :class:`TransportError` for a failed tool run; ``context`` says what was being done."""
     found = classify(tool, returncode, stderr)
     return TransportError(found.kind, f"{context}: {found.reason}" if context else found.reason)
+
+
+#: An EIO on the NAS's side of an rsync that writes there: its receiver and generator run on the NAS.
+_NAS_SIDE_EIO = re.compile(r"rsync: \[(receiver|generator)\] .*Input/output error \(5\)$", re.IGNORECASE)
+
+
+def push_error(tool: str, returncode: int, stderr: str, context: str) -> TransportError:
+    """:func:`transport_error` for a run that writes on the NAS (a push, making the run's folder, removing leftovers).
+
+    An EIO that rsync's receiver or generator (both on the NAS there) met is
+    the NAS's storage failing the write (a thin volume whose pool filled up,
+    a failing disk, a file system that turned read-only under the write:
+    btrfs answers the writes in flight with EIO, the ones after with EROFS):
+    ``REMOTE_WRITE_REFUSED`` like a full or read-only NAS, which needs its
+    admin, not ``UNKNOWN`` retried, as the remote hashing's failing flush is
+    (exit 6). A NAS folder that is itself a network mount on the ssh host
+    (NFS ``soft``) answering EIO in an outage fails at once too: ``exlab-sync
+    retry`` takes it up. The mount transport reads EIO as ``NETWORK``: on a
+    share it is the connection. The sender's EIO is this PC's read and keeps
+    its own kind; only ``UNKNOWN`` is ever changed.
+    """
+    found = classify(tool, returncode, stderr)
+    if found.kind == K.UNKNOWN and tool == "rsync":
+        for line in _lines(stderr):
+            if _NAS_SIDE_EIO.match(line):
+                return TransportError(
+                    K.REMOTE_WRITE_REFUSED,
+                    f"{context}: {_reason(tool, returncode, line)} (the NAS's storage failed the write)",
+                )
+    return TransportError(found.kind, f"{context}: {found.reason}")
 
 
 def pull_error(tool: str, returncode: int, stderr: str, context: str) -> TransportError:

@@ -119,7 +119,7 @@ from exlab_wizard.sync.transports.base import (
     report_total,
 )
 from exlab_wizard.sync.transports.classify import REFUSES_RSYNC as _REFUSES_RSYNC
-from exlab_wizard.sync.transports.classify import classify, pull_error, transport_error
+from exlab_wizard.sync.transports.classify import classify, pull_error, push_error, transport_error
 from exlab_wizard.sync.transports.conflict import (
     DIR,
     FILE,
@@ -210,36 +210,6 @@ def _listing_error(result: ToolResult, remote_path: str) -> TransportError:
     error = transport_error("rsync", result.returncode, result.stderr_text, f"listing {remote_path}")
     if error.kind == K.LOCAL_FILE_VANISHED:
         return TransportError(K.NETWORK, error.message)
-    return error
-
-
-_NAS_SIDE_EIO_RE = re.compile(r"rsync: \[(receiver|generator)\] .*Input/output error \(5\)$", re.IGNORECASE)
-
-
-def _push_error(result: ToolResult, context: str) -> TransportError:
-    """The error of a failed rsync that writes on the NAS (a push, making the run's folder, removing
-    leftovers), whose receiver and generator run there.
-
-    An EIO on their side is the NAS's storage failing the write (a thin
-    volume whose pool filled up, a failing disk, a file system that turned
-    read-only under the write: btrfs answers the writes in flight with EIO,
-    the ones after with EROFS): ``REMOTE_WRITE_REFUSED`` like a full or
-    read-only NAS, which needs its admin, not ``UNKNOWN`` retried, as the
-    remote hashing's failing flush is (exit 6). A NAS folder that is itself
-    a network mount on the ssh host (NFS ``soft``) answering EIO in an outage
-    fails at once too: ``exlab-sync retry`` takes it up. The mount transport
-    reads EIO as ``NETWORK``: on a share it is the connection. The sender's
-    EIO is a local read and keeps its own kind.
-    """
-    error = transport_error("rsync", result.returncode, result.stderr_text, context)
-    if error.kind == K.UNKNOWN:
-        for line in result.stderr_text.splitlines():
-            if _NAS_SIDE_EIO_RE.match(line.strip()):
-                return TransportError(
-                    K.REMOTE_WRITE_REFUSED,
-                    f"{context}: rsync exited with {result.returncode}: the NAS's storage failed the write: "
-                    f"{line.strip()[:300]}",
-                )
     return error
 
 
@@ -1343,7 +1313,7 @@ class RsyncSshTransport(Transport):
                 continue
             if result.returncode != 0:
                 await self._raise_if_root_missing(run_path)
-                raise _push_error(result, f"rsync {step} to {remote_run}")
+                raise push_error("rsync", result.returncode, result.stderr_text, f"rsync {step} to {remote_run}")
             if files_total or bytes_total:
                 files, size = _stats(result.stdout)
                 result.stdout += (
@@ -1390,7 +1360,7 @@ class RsyncSshTransport(Transport):
         result = await run_tool(argv, stdin=_files_from(chain), log=self.log, run_path=run_path, step="make_run_folder")
         if result.returncode != 0:
             await self._raise_if_root_missing(run_path)
-            raise _push_error(result, f"creating {rel} under {root}")
+            raise push_error("rsync", result.returncode, result.stderr_text, f"creating {rel} under {root}")
 
     def _marker_path(self) -> str | None:
         """``<remote_path>/<remote_marker>``; None when no marker is configured."""
@@ -1536,7 +1506,7 @@ class RsyncSshTransport(Transport):
                 argv, stdin=_files_from(junk), log=self.log, run_path=run_path, step="remove_leftovers"
             )
         if result.returncode != 0:
-            raise _push_error(result, f"removing leftovers in {remote_run}")
+            raise push_error("rsync", result.returncode, result.stderr_text, f"removing leftovers in {remote_run}")
         self.log.info(run_path, "leftovers_removed", remote=remote_run, count=len(junk))
 
     # ------------------------------------------------------- remote manifest
