@@ -143,6 +143,19 @@ async def failed_local_damage(client: NASSyncClient, clock: Clock, run: Path) ->
     return job
 
 
+async def audited(client: NASSyncClient, clock: Clock, run: Path) -> Any:
+    """An audit once the pass is due, the client left to settle; the run's job afterwards."""
+    clock.advance(6)
+    await client.audit_once()
+    await client.wait_idle(timeout=60)
+    return await client.job(run)
+
+
+def transfers(job: Any) -> int:
+    """How many times the job went RUNNING: each a transfer."""
+    return len([e for e in job.events if e.kind == "transition" and e.to_state == "running"])
+
+
 def transfers_after(job: Any, moment: dt.datetime) -> list[Any]:
     return [e for e in job.events if e.kind == "transition" and e.to_state == "running" and e.at > moment]
 
@@ -185,17 +198,13 @@ async def test_audit_driven_retransfer_and_its_mismatch_rewrite_never_send_damag
         job = await synced(client, run)
         (nas.copy(run) / "notes.txt").unlink()  # the audit sees it missing: a re-transfer of it
         flip_byte_keep_stat(run / DAMAGED, 7)
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
         assert (
             f"local damage (content differs from the verified copy or cannot be read, mtime not moved on by an edit): {DAMAGED}"
             in job.last_error
         )
-        assert len([e for e in job.events if e.kind == "transition" and e.to_state == "running"]) == 1
+        assert transfers(job) == 1
     assert data_tree(nas.copy(run)) == {k: v for k, v in FILES.items() if k != "notes.txt"}
     assert manifest_digest(read_manifest(run)) == job.manifest_digest
 
@@ -208,10 +217,7 @@ async def test_retry_of_a_job_failed_otherwise_never_lets_the_mismatch_rewrite_s
         job = await synced(client, run)
         foreign = nas.copy(run) / "someone else.csv"
         foreign.write_bytes(b"not ours")  # the audit sees an extra file; the re-transfer refuses the folder
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.FAILED and job.error_kind == "remote_conflict", job.last_error
         foreign.unlink()  # the admin cleans the folder up; meanwhile a local file rotted
         flip_byte_keep_stat(run / DAMAGED, 13)
@@ -239,10 +245,7 @@ async def test_with_the_verified_stats_lost_damage_is_not_sent_and_an_edit_is(na
         later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).timestamp()
         os.utime(run / "notes.txt", (later, later))
         (nas.copy(run) / "image_001.tif").unlink()  # an audit mismatch sends the job back to a transfer
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.VERIFIED, job.last_error
         assert (nas.copy(run) / "notes.txt").read_bytes() == b"re-acquired\n"
         assert read_manifest(run)["notes.txt"] == sha(b"re-acquired\n")
@@ -251,10 +254,7 @@ async def test_with_the_verified_stats_lost_damage_is_not_sent_and_an_edit_is(na
             conn.execute("DELETE FROM verified_files WHERE job_id = ?", (job.id,))
         flip_byte_keep_stat(run / DAMAGED, 3)  # old mtime: damage, not an edit
         (nas.copy(run) / "image_001.tif").unlink()
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
     assert (nas.copy(run) / DAMAGED).read_bytes() == FILES[DAMAGED]
 
@@ -323,10 +323,7 @@ async def test_accept_local_keeps_the_replaced_nas_file_and_verifies_the_new_one
         flip_byte_keep_stat(run / DAMAGED, 11)
         accepted = (run / DAMAGED).read_bytes()
         (nas.copy(run) / "notes.txt").unlink()  # the audit sends the job to a re-transfer, which finds the damage
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.FAILED and job.error_kind == "local_damage"
 
         job = await client.retry(job.id, accept_local=True)
@@ -449,10 +446,7 @@ async def test_a_retry_never_sends_damage_without_the_local_manifest(nas: Nas, h
         await synced(client, run)
         foreign = nas.copy(run) / "someone else.csv"
         foreign.write_bytes(b"not ours")
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.FAILED and job.error_kind == "remote_conflict", job.last_error
         foreign.unlink()
         lose_local_manifest(run, how)
@@ -671,7 +665,7 @@ async def test_a_bad_sector_under_a_verified_file_is_damage_never_sent(
         await _assert_failed_local_damage_and_refused(client, run)
         job = await client.job(run)
         # the bytes on disk are intact (the EIO is the read's): the job's history shows nothing was sent again
-        assert len([e for e in job.events if e.kind == "transition" and e.to_state == "running"]) == 1, job.events
+        assert transfers(job) == 1, job.events
         assert "cannot be read" in job.last_error
     assert data_tree(nas.copy(run)) == FILES
     assert previous_files(nas.copy(run)) == {}
@@ -698,10 +692,7 @@ async def test_a_local_damage_job_still_sends_the_metadata_push_it_owes(
         await synced(client, run)
         assert not (nas.copy(run) / ".exlab-wizard" / "checksums.sha256").exists()
         flip_byte_keep_stat(run / DAMAGED, 42)
-        clock.advance(6)
-        await client.audit_once()
-        await client.wait_idle(timeout=60)
-        job = await client.job(run)
+        job = await audited(client, clock, run)
         assert job.state == S.FAILED and job.error_kind == "local_damage", job.last_error
         away.clear()  # the NAS is back
         clock.advance(3600)
