@@ -409,6 +409,50 @@ async def test_bandwidth_timetable_is_passed_to_rclone(tmp_path, sshd, remote_di
     assert "--links" not in copy and "--copy-links" not in copy and "-L" not in copy.split()
 
 
+async def test_a_small_run_takes_one_sftp_connection_for_each_rclone_call(
+    tmp_path, sshd_factory, remote_dir, rclone_sftp_config
+):
+    """Each transfer at once is an ssh login on sftp: a few files go over one, a larger run keeps rclone's defaults."""
+    server = sshd_factory()  # its own log: every login of this test and none other
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), without_remote_hashes(rclone_sftp_config(server)))
+    files = {f"d/f{i}.bin": os.urandom(4096) for i in range(8)} | {".exlab-wizard/creation.json": b"{}"}
+    run = make_run(eq.local_root, files, symlink=False)
+    started = tmp_path / "rclone-calls"  # a line for each rclone started, quiet ones too
+    counting = tmp_path / "rclone"
+    script = f'#!/bin/sh\n{rclone_mod.rclone_binary()} "$@"\nrc=$?\necho "$*" >> {started}\nexit $rc\n'
+    counting.write_text(script)
+    counting.chmod(0o755)
+    transport = RcloneTransport(eq, rclone=str(counting))
+    await transport.push(run, bwlimit_kibps=None)
+    manifest = await transport.remote_manifest(run)  # downloaded and hashed here: the server offers no hash
+    await transport.push_metadata(run)
+    assert manifest.hashes == hashes(tree(run)) and manifest.unverifiable == {}
+
+    calls = [line for line in _log_text(eq).splitlines() if "tool_start" in line and "tool=rclone" in line]
+    moving = [line for line in calls if re.search(r"step=(push|download_hash|push_metadata) ", line)]
+    assert len(moving) == 3 and all("--transfers 1 --checkers 1" in line for line in moving)
+    logins = server.log.read_text().count("Accepted publickey for")
+    # One login each, the hashing download's two at most (it lists and reads at once); before, four
+    # for each copy and each hashing.
+    calls_started = len(started.read_text().splitlines())
+    assert calls_started <= logins <= calls_started + 1
+
+    many = {f"f{i}.bin": b"x" for i in range(rclone_mod.ONE_CONNECTION_FILES + 1)}
+    bigger = make_run(eq.local_root, many, rel=RUN_REL.parent / "Run_more", symlink=False)
+    await transport.push(bigger, bwlimit_kibps=None)
+    copy = [line for line in _log_text(eq).splitlines() if "tool_start" in line and "step=push " in line][-1]
+    assert "--transfers" not in copy and "--checkers" not in copy
+
+
+def test_one_connection_only_for_a_small_copy_on_sftp():
+    flags = rclone_mod.connection_flags
+    assert flags(1, 0, sftp=True) == ["--transfers", "1", "--checkers", "1"]
+    assert flags(rclone_mod.ONE_CONNECTION_FILES, rclone_mod.ONE_CONNECTION_BYTES, sftp=True)
+    assert flags(rclone_mod.ONE_CONNECTION_FILES + 1, 0, sftp=True) == []
+    assert flags(1, rclone_mod.ONE_CONNECTION_BYTES + 1, sftp=True) == []
+    assert flags(1, 0, sftp=False) == []  # an object store's connections cost little: rclone's defaults
+
+
 # ---------------------------------------------------------- error classes
 
 
