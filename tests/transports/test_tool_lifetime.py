@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import exlab_wizard
+from exlab_wizard.sync.transports import _process
 from tests.helpers import tool_processes
 from tests.lab import RUN_REL, make_hostile_run, rsync_equipment
 from tests.transports.test_rsync_ssh import receiving
@@ -51,10 +52,17 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
+@pytest.mark.parametrize("setpriv", ["setpriv", "preexec_fn"])
 @pytest.mark.parametrize("path", sorted(STARTERS))
-def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str) -> None:
+def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str, setpriv: str) -> None:
+    """Both ways the death signal is set: util-linux's setpriv, and a preexec_fn where there is none."""
+    assert _process._setpriv() is not None, "setpriv (util-linux) with --pdeathsig is not installed"
     pid_file = tmp_path / "tool.pid"
-    script = textwrap.dedent(STARTERS[path]) + textwrap.dedent(f"""
+    without = "from exlab_wizard.sync.transports import _process\n_process._setpriv = lambda: None\n"
+    script = (
+        (without if setpriv == "preexec_fn" else "")
+        + textwrap.dedent(STARTERS[path])
+        + textwrap.dedent(f"""
         import asyncio, os, sys
         async def main():
             await start(["sh", "-c", "echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file} && exec sleep 60"])
@@ -64,6 +72,7 @@ def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str)
             await asyncio.sleep(60)
         asyncio.run(main())
     """)
+    )
     child = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC}
     )
@@ -85,6 +94,19 @@ def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str)
             child.wait()
         if tool is not None and _alive(tool):
             os.kill(tool, signal.SIGKILL)
+
+
+def test_a_tool_whose_starter_ended_before_the_signal_was_set_never_runs(tmp_path: Path) -> None:
+    """The race setpriv alone would leave: the starter gone before the death signal was set in the tool."""
+    setpriv = _process._setpriv()
+    assert setpriv is not None
+    ran = tmp_path / "ran"
+    tool = ["sh", "-c", f"touch {ran}"]
+    not_the_parent = 1  # what the tool's parent is once the one that started it has ended (or a subreaper)
+    late = subprocess.run(_process.dying_with(not_the_parent, tool, setpriv), capture_output=True)
+    assert late.returncode == 255 and not ran.exists()
+    alive = subprocess.run(_process.dying_with(os.getpid(), tool, setpriv), capture_output=True)
+    assert alive.returncode == 0 and ran.exists()
 
 
 @pytest.mark.network
