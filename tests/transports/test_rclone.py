@@ -409,6 +409,22 @@ async def test_bandwidth_timetable_is_passed_to_rclone(tmp_path, sshd, remote_di
     assert "--links" not in copy and "--copy-links" not in copy and "-L" not in copy.split()
 
 
+def counting_rclone(tmp_path: Path, started: Path, sshd_log: Path = Path("/dev/null")) -> str:
+    """An rclone that writes each call, quiet ones too, as a line of ``started``.
+
+    The line: the server's logins before the call and after it (as ``sshd_log`` counts them), then the
+    call's arguments.
+    """
+    logins = f'grep -c "Accepted publickey for" {sshd_log}'
+    counting = tmp_path / "rclone"
+    counting.write_text(
+        f'#!/bin/sh\nbefore=$({logins})\n{rclone_mod.rclone_binary()} "$@"\nrc=$?\n'
+        f'echo "$before $({logins}) $*" >> {started}\nexit $rc\n'
+    )
+    counting.chmod(0o755)
+    return str(counting)
+
+
 async def test_a_small_run_takes_one_sftp_connection_for_each_rclone_call(
     tmp_path, sshd_factory, remote_dir, rclone_sftp_config
 ):
@@ -417,31 +433,51 @@ async def test_a_small_run_takes_one_sftp_connection_for_each_rclone_call(
     eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), without_remote_hashes(rclone_sftp_config(server)))
     files = {f"d/f{i}.bin": os.urandom(4096) for i in range(8)} | {".exlab-wizard/creation.json": b"{}"}
     run = make_run(eq.local_root, files, symlink=False)
-    started = tmp_path / "rclone-calls"  # a line for each rclone started, quiet ones too
-    counting = tmp_path / "rclone"
-    script = f'#!/bin/sh\n{rclone_mod.rclone_binary()} "$@"\nrc=$?\necho "$*" >> {started}\nexit $rc\n'
-    counting.write_text(script)
-    counting.chmod(0o755)
-    transport = RcloneTransport(eq, rclone=str(counting))
+    started = tmp_path / "rclone-calls"
+    transport = RcloneTransport(eq, rclone=counting_rclone(tmp_path, started, server.log))
     await transport.push(run, bwlimit_kibps=None)
     manifest = await transport.remote_manifest(run)  # downloaded and hashed here: the server offers no hash
     await transport.push_metadata(run)
     assert manifest.hashes == hashes(tree(run)) and manifest.unverifiable == {}
 
-    calls = [line for line in _log_text(eq).splitlines() if "tool_start" in line and "tool=rclone" in line]
-    moving = [line for line in calls if re.search(r"step=(push|download_hash|push_metadata) ", line)]
-    assert len(moving) == 3 and all("--transfers 1 --checkers 1" in line for line in moving)
-    logins = server.log.read_text().count("Accepted publickey for")
-    # One login each, the hashing download's two at most (it lists and reads at once); before, four
-    # for each copy and each hashing.
-    calls_started = len(started.read_text().splitlines())
-    assert calls_started <= logins <= calls_started + 1
+    # Each call that moves files runs alone: the logins during it are its own. One for a copy; two at
+    # most for the hashing download, which lists and reads at once. Before, four for each.
+    logins = {}
+    for line in started.read_text().splitlines():
+        before, after, args = line.split(" ", 2)
+        for verb in ("--files-from0 - copy", "copy --ignore-times", '"download": true'):
+            if verb in args:
+                assert "--transfers 1 --checkers 1" in args, args
+                logins[verb] = int(after) - int(before)
+    assert logins.keys() == {"--files-from0 - copy", '"download": true', "copy --ignore-times"}
+    assert logins["--files-from0 - copy"] == logins["copy --ignore-times"] == 1 and logins['"download": true'] <= 2
 
     many = {f"f{i}.bin": b"x" for i in range(rclone_mod.ONE_CONNECTION_FILES + 1)}
     bigger = make_run(eq.local_root, many, rel=RUN_REL.parent / "Run_more", symlink=False)
     await transport.push(bigger, bwlimit_kibps=None)
     copy = [line for line in _log_text(eq).splitlines() if "tool_start" in line and "step=push " in line][-1]
     assert "--transfers" not in copy and "--checkers" not in copy
+
+
+@pytest.mark.parametrize("remote_sha256", [False, True], ids=["download_hashing", "server_hashing"])
+async def test_a_nas_copy_larger_than_what_is_left_here_is_hashed_on_rclones_connections(
+    tmp_path, sshd, remote_dir, rclone_sftp_config, remote_sha256
+):
+    """After the reaper deleted the data here, an audit or the last metadata push hashes the whole NAS copy."""
+    conf = rclone_sftp_config(sshd, remote_sha256=remote_sha256)
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), conf if remote_sha256 else without_remote_hashes(conf))
+    many = {f"f{i}.bin": b"x" * i for i in range(rclone_mod.ONE_CONNECTION_FILES + 8)}
+    run = make_run(eq.local_root, many | {".exlab-wizard/creation.json": b"{}"}, symlink=False)
+    started = tmp_path / "rclone-calls"
+    transport = RcloneTransport(eq, rclone=counting_rclone(tmp_path, started))
+    await transport.push(run, bwlimit_kibps=None)
+    for name in many:
+        (run / name).unlink()  # cleaned here, as the reaper does once the copy is verified
+    started.unlink()
+    manifest = await transport.remote_manifest(run)
+    assert len(manifest.hashes) == len(many) + 1 and manifest.unverifiable == {}
+    hashing = [line for line in started.read_text().splitlines() if "operations/hashsum" in line]
+    assert hashing and all("--transfers" not in line and "--checkers" not in line for line in hashing), hashing
 
 
 def test_one_connection_only_for_a_small_copy_on_sftp():

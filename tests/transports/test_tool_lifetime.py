@@ -43,6 +43,20 @@ STARTERS = {
 }
 
 
+WITHOUT_SETPRIV = """
+from exlab_wizard.sync.transports import _process
+_process._setpriv = lambda: None
+"""
+WATCHING_SETPRIV = """
+from exlab_wizard.sync.transports import _process
+_dying_with = _process.dying_with
+def watched(*args):
+    open({via!r}, "w").close()
+    return _dying_with(*args)
+_process.dying_with = watched
+"""
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a reaper that may never come does not count)."""
     try:
@@ -56,11 +70,13 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("path", sorted(STARTERS))
 def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str, setpriv: str) -> None:
     """Both ways the death signal is set: util-linux's setpriv, and a preexec_fn where there is none."""
-    assert _process._setpriv() is not None, "setpriv (util-linux) with --pdeathsig is not installed"
+    if setpriv == "setpriv":
+        assert _process._setpriv() is not None, "setpriv (util-linux) with --pdeathsig is not installed"
     pid_file = tmp_path / "tool.pid"
-    without = "from exlab_wizard.sync.transports import _process\n_process._setpriv = lambda: None\n"
+    via = tmp_path / "via-setpriv"  # written when the tool is started through setpriv
+    way = WITHOUT_SETPRIV if setpriv == "preexec_fn" else WATCHING_SETPRIV.format(via=str(via))
     script = (
-        (without if setpriv == "preexec_fn" else "")
+        way
         + textwrap.dedent(STARTERS[path])
         + textwrap.dedent(f"""
         import asyncio, os, sys
@@ -88,6 +104,7 @@ def test_a_tool_dies_with_the_process_that_started_it(tmp_path: Path, path: str,
         while _alive(tool) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not _alive(tool), f"the tool ({path}) outlived the process that started it"
+        assert via.exists() == (setpriv == "setpriv")
     finally:
         if child.poll() is None:
             child.kill()
@@ -107,6 +124,18 @@ def test_a_tool_whose_starter_ended_before_the_signal_was_set_never_runs(tmp_pat
     assert late.returncode == 255 and not ran.exists()
     alive = subprocess.run(_process.dying_with(os.getpid(), tool, setpriv), capture_output=True)
     assert alive.returncode == 0 and ran.exists()
+
+
+@pytest.mark.parametrize("setpriv", ["setpriv", "preexec_fn"])
+@pytest.mark.parametrize("tool", ["/nonexistent/rsync", "no-such-tool-anywhere", "/etc"])
+async def test_a_tool_that_cannot_start_raises_as_exec_does(
+    monkeypatch: pytest.MonkeyPatch, tool: str, setpriv: str
+) -> None:
+    """Never a shell's exit 127 taken for the tool's own: the caller learns it is missing (doctor's hint)."""
+    if setpriv == "preexec_fn":
+        monkeypatch.setattr(_process, "_setpriv", lambda: None)
+    with pytest.raises(PermissionError if tool == "/etc" else FileNotFoundError):
+        await _process.spawn([tool, "--version"])
 
 
 @pytest.mark.network

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import mmap
@@ -159,10 +160,25 @@ def _setpriv() -> str | None:
     if _PRCTL is None or found is None:
         return None
     try:
-        tried = subprocess.run([found, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", "exit 0"], capture_output=True)
-    except OSError:
+        tried = subprocess.run(
+            [found, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", "exit 0"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
         return None
     return found if tried.returncode == 0 else None
+
+
+def _startable(tool: str, env: object) -> None:
+    """Raise what ``exec`` would for a tool that cannot be started; through ``sh`` it would only exit 127 or 126."""
+    path = (env if isinstance(env, dict) else os.environ).get("PATH", os.defpath)
+    if shutil.which(tool, path=path) is not None:
+        return
+    if os.sep in tool and os.path.exists(tool):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), tool)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), tool)
 
 
 def dying_with(parent: int, argv: Sequence[str], setpriv: str) -> list[str]:
@@ -178,8 +194,9 @@ def dying_with(parent: int, argv: Sequence[str], setpriv: str) -> list[str]:
 
 async def spawn(argv: Sequence[str], **kwargs: object) -> asyncio.subprocess.Process:
     """``asyncio.create_subprocess_exec`` for a tool: its own session, and killed with this process (Linux)."""
-    setpriv = _setpriv()
+    setpriv = await asyncio.to_thread(_setpriv)  # looked for once, off the event loop
     if setpriv is not None:
+        _startable(argv[0], kwargs.get("env"))
         return await asyncio.create_subprocess_exec(
             *dying_with(os.getpid(), argv, setpriv),
             start_new_session=True,

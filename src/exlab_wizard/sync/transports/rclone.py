@@ -465,15 +465,22 @@ async def _listed(base: list[str], fs: str, root_fs: str, *, log: EquipmentLog, 
 
 
 async def download_manifest(
-    base: list[str], fs: str, root_fs: str, max_bytes: int, *, log: EquipmentLog, run_path: object
+    base: list[str],
+    fs: str,
+    root_fs: str,
+    max_bytes: int,
+    *,
+    log: EquipmentLog,
+    run_path: object,
+    sftp: bool = False,
 ) -> RemoteManifest:
     """Hash a remote folder by downloading it through rclone (for backends without SHA-256).
 
     Files larger than ``max_bytes`` are not read: ``verify_skipped_oversize``.
     Listed files that rclone could not hash are ``remote_read_error``; neither
     is ever counted as verified. A missing folder is an empty manifest when the
-    root answers, ``NETWORK`` otherwise. ``base`` carries the caller's
-    :func:`connection_flags`.
+    root answers, ``NETWORK`` otherwise. ``sftp``: the hashing takes as many
+    connections as the files listed there need (:func:`connection_flags`).
     """
     listed = await _lsjson(base, fs, log=log, run_path=run_path, step="list_for_download")
     if listed.returncode == 3:
@@ -486,10 +493,11 @@ async def download_manifest(
     unverifiable = {path: OVERSIZE for path, size in sizes.items() if size > max_bytes}
     hashes: dict[str, str] = {}
     if len(unverifiable) < len(sizes):
-        result = await _hashsum(base, fs, log=log, run_path=run_path, download=True, max_bytes=max_bytes)
+        readable = {path: size for path, size in sizes.items() if size <= max_bytes}
+        lanes = connection_flags(len(readable), sum(readable.values()), sftp=sftp)
+        result = await _hashsum(base + lanes, fs, log=log, run_path=run_path, download=True, max_bytes=max_bytes)
         if result.returncode != 0:
             raise transport_error("rclone", result.returncode, rclone_text(result.stderr), f"hashing {fs}")
-        readable = {path: size for path, size in sizes.items() if size <= max_bytes}
         found, unreadable = _hashed_listing(result.stdout, readable)
         hashes = {path: digest for path, digest in found.items() if path in sizes}
         unverifiable |= unreadable
@@ -735,9 +743,9 @@ class RcloneTransport(Transport):
             probing.add_done_callback(lambda task: task.cancelled() or task.exception())
         await self._require_marker(run_path)  # before the listing the push trusts, and any write
         size = (len(local.files), sum(local.files.values()))
-        # A small run's listing gains nothing from parallel connections on any backend: one, even
-        # before the features (asked beside it) tell whether this is sftp.
-        one = connection_flags(*size, sftp=True)
+        # On sftp (known from the second push on: the features are asked beside this listing)
+        # a small run is listed over one connection.
+        one = connection_flags(*size, sftp=self._sftp)
         listed = await _lsjson(self._base() + _COMMON + one, fs, log=self.log, run_path=run_path, step="conflict_check")
         if listed.returncode == 3:
             await self._require_root(run_path)  # the copy below would create a missing root
@@ -981,23 +989,16 @@ class RcloneTransport(Transport):
         # by default); it then shows as missing, and the re-send replaces it with the run's file.
         base = self._base() + _COMMON + ["--sftp-skip-links"]
         await self.probe(run_path)
-        if self._sftp:  # as many connections as the local run needs: the copy there should mirror it
-            base += connection_flags(*await asyncio.to_thread(counted, run_path), sftp=True)
         if self._native_sha256 is False:
             return await self._download_manifest(base, fs, run_path)
-        # The listing (every name, JSON) and the hashing (rclone's checkers in parallel;
-        # lsjson --hash asks for one file at a time) run side by side.
-        listed, hashed = await gather_or_cancel(
-            _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_list"),
-            _hashsum(base, fs, log=self.log, run_path=run_path),
-        )
+        listed, hashed = await self._listed_and_hashed(base, fs, run_path)
         if listed.returncode == 3:
             if await _root_exists(self._base(), self.config.remote_root, log=self.log, run_path=run_path):
                 return RemoteManifest(hashes={})
             raise TransportError(K.NETWORK, f"remote root {self.config.remote_root} is not reachable")
         if listed.returncode != 0:
             raise transport_error("rclone", listed.returncode, rclone_text(listed.stderr), f"listing {fs}")
-        if hashed.returncode == 0:
+        if hashed is not None and hashed.returncode == 0:
             hashes, unverifiable = _hashed_listing(hashed.stdout, _listing(listed.stdout))
             tool = "rclone_hashsum"
         else:  # no bulk hashing from this backend: ask the listing for each file's hash
@@ -1016,6 +1017,27 @@ class RcloneTransport(Transport):
                 return await self._download_manifest(base, fs, run_path)
         self.log.info(run_path, "remote_manifest", tool=tool, files=len(hashes), unverifiable=len(unverifiable))
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
+
+    async def _listed_and_hashed(
+        self, base: list[str], fs: str, run_path: Path
+    ) -> tuple[ToolResult, ToolResult | None]:
+        """The run folder's listing (every name, JSON) and the server's hashing of it (rclone's checkers).
+
+        Side by side, as ``lsjson --hash`` asks for one file at a time. On sftp,
+        for a local run small enough for one connection, the listing comes
+        first and the NAS copy's own size sets the hashing's connections: a run
+        the reaper emptied here may be large there. No hashing (None) when the
+        listing failed.
+        """
+        listing = _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_list")
+        if not (self._sftp and connection_flags(*await asyncio.to_thread(counted, run_path), sftp=True)):
+            return await gather_or_cancel(listing, _hashsum(base, fs, log=self.log, run_path=run_path))
+        listed = await listing
+        if listed.returncode != 0:
+            return listed, None
+        sizes = _listing(listed.stdout)
+        lanes = connection_flags(len(sizes), sum(sizes.values()), sftp=True)
+        return listed, await _hashsum(base + lanes, fs, log=self.log, run_path=run_path)
 
     async def _listed_hashes(self, base: list[str], fs: str, run_path: Path) -> tuple[dict[str, str], dict[str, str]]:
         """Each file's SHA-256 from ``lsjson -R --hash``: (hashes, unverifiable)."""
@@ -1045,7 +1067,13 @@ class RcloneTransport(Transport):
 
     async def _download_manifest(self, base: list[str], fs: str, run_path: Path) -> RemoteManifest:
         manifest = await download_manifest(
-            base, fs, self.config.remote_root, self.verify_max_stream_bytes, log=self.log, run_path=run_path
+            base,
+            fs,
+            self.config.remote_root,
+            self.verify_max_stream_bytes,
+            log=self.log,
+            run_path=run_path,
+            sftp=self._sftp,
         )
         self.log.info(
             run_path,

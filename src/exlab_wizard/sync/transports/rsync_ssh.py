@@ -1657,17 +1657,17 @@ class RsyncSshTransport(Transport):
         return RemoteManifest(hashes=hashes, unverifiable=unverifiable)
 
     async def _sftp_manifest(self, run_path: Path, remote_run: str) -> RemoteManifest:
-        from exlab_wizard.sync.transports.rclone import connection_flags, counted, download_manifest, rclone_binary
+        from exlab_wizard.sync.transports.rclone import download_manifest, rclone_binary
 
         fs, root_fs = self._sftp_fs(remote_run), self._sftp_fs(self.config.remote_root)
-        lanes = connection_flags(*await asyncio.to_thread(counted, run_path), sftp=True)
         manifest = await download_manifest(
-            [rclone_binary(), "--config", os.devnull, *lanes],
+            [rclone_binary(), "--config", os.devnull],
             fs,
             root_fs,
             self.verify_max_stream_bytes,
             log=self.log,
             run_path=run_path,
+            sftp=True,
         )
         self.log.info(
             run_path,
