@@ -8,12 +8,14 @@ Python process that is then SIGKILLed; its tool must be gone right after.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,21 @@ async def test_a_tool_that_cannot_start_raises_as_exec_does(
         monkeypatch.setattr(_process, "_setpriv", lambda: None)
     with pytest.raises(PermissionError if tool == "/etc" else FileNotFoundError):
         await _process.spawn([tool, "--version"])
+
+
+async def test_a_tool_starts_while_every_thread_of_the_pool_is_stuck() -> None:
+    """A silent share may hold the event loop's thread pool: a tool for another NAS must still start."""
+    first = await _process.spawn(["true"])  # setpriv looked for (once, on a thread)
+    assert await first.wait() == 0
+    loop = asyncio.get_running_loop()
+    stuck = threading.Event()
+    held = [loop.run_in_executor(None, stuck.wait) for _ in range(64)]  # more than the pool has threads
+    try:
+        tool = await asyncio.wait_for(_process.spawn(["true"]), 10)
+        assert await asyncio.wait_for(tool.wait(), 10) == 0
+    finally:
+        stuck.set()
+        await asyncio.gather(*held)
 
 
 @pytest.mark.network

@@ -194,7 +194,13 @@ def dying_with(parent: int, argv: Sequence[str], setpriv: str) -> list[str]:
 
 async def spawn(argv: Sequence[str], **kwargs: object) -> asyncio.subprocess.Process:
     """``asyncio.create_subprocess_exec`` for a tool: its own session, and killed with this process (Linux)."""
-    setpriv = await asyncio.to_thread(_setpriv)  # looked for once, off the event loop
+    looked = getattr(_setpriv, "cache_info", None)
+    if looked is not None and looked().currsize == 0:
+        # Looked for once, off the event loop; never again through the thread pool, which a silent
+        # share may hold (a tool for another NAS must still start).
+        setpriv = await asyncio.to_thread(_setpriv)
+    else:
+        setpriv = _setpriv()
     if setpriv is not None:
         _startable(argv[0], kwargs.get("env"))
         return await asyncio.create_subprocess_exec(

@@ -1029,8 +1029,9 @@ class RcloneTransport(Transport):
         the reaper emptied here may be large there. No hashing (None) when the
         listing failed.
         """
+        small = self._sftp and bool(connection_flags(*await asyncio.to_thread(counted, run_path), sftp=True))
         listing = _lsjson(base, fs, log=self.log, run_path=run_path, step="remote_list")
-        if not (self._sftp and connection_flags(*await asyncio.to_thread(counted, run_path), sftp=True)):
+        if not small:
             return await gather_or_cancel(listing, _hashsum(base, fs, log=self.log, run_path=run_path))
         listed = await listing
         if listed.returncode != 0:
