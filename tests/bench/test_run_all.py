@@ -53,3 +53,32 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert " targets met." in text
     # nothing left behind: no loop mount, no work folder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("exlab-bench-all-")]
+    # a missed transport ratio is followed by what would meet it, from the run's own medians
+    transports = text.split("\n## 2.")[1].split("\n## 3.")[0]
+    if "| **missed** |" in transports:
+        assert "\n### What limits each missed ratio" in transports
+
+
+def _run_all():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return run_all
+
+
+def test_what_limits_a_missed_mount_ratio_is_figured_against_the_floor() -> None:
+    med = {"floor": 10.0, "cp": 8.0, "M": 9.0, "MA": 12.0}
+    line = _run_all().what_limits("M", "MA", "big", 0.6, med, None)
+    # 0.6 x 12 s = 7.2 s: 0.72x the direct floor, 0.90x cp + sync; ours 0.90x the floor, the anchor 1.20x
+    assert "at most 7.20 s" in line
+    assert "0.72x the disk's direct floor" in line and "0.90x `cp -a` + `sync`" in line
+    assert "0.90x that floor; the anchor 1.20x" in line
+
+
+def test_what_limits_a_missed_ratio_against_the_unsynced_rsync_names_the_sync() -> None:
+    med = {"floor": 1.0, "cp": 1.0, "R": 4.4, "RR": 4.5, "RN": 3.0}
+    line = _run_all().what_limits("R", "RN", "small", 1.0, med, 1.2)
+    assert "at most 3.00 s" in line and "took 1.20 s more" in line and "ours is 0.98" in line
+    assert _run_all().what_limits("R", "RN", "small", 1.0, med, None).endswith("; ours took 4.40 s.")
