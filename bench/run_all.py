@@ -617,10 +617,10 @@ def what_limits(ours: str, anchor: str, name: str, limit: float, med: dict[str, 
     head = f"- **{ours}/{anchor} {name}**: meeting {limit} takes at most {allowed:.2f} s"
     if anchor == "MA":
         return (
-            f"{head}, {allowed / med['floor']:.2f}x the disk's direct floor in this run ({fmt_t(med['floor'])}: the "
-            f"source read once and its bytes written once, nothing read back) and {allowed / med['cp']:.2f}x "
-            f"`cp -a` + `sync`. Ours writes each byte durably, then reads the copy back from storage, past the page "
-            f"cache, to hash it: {med[ours] / med['floor']:.2f}x that floor; the anchor {med[anchor] / med['floor']:.2f}x."
+            f"{head}: {allowed / med['cp']:.2f}x `cp -a` + `sync` in this run ({fmt_t(med['cp'])}, a copy that hashes "
+            f"nothing and reads nothing back) and {allowed / med['floor']:.2f}x the direct floor. Ours writes each "
+            f"byte durably, then reads the copy back from storage, past the page cache, to hash it: "
+            f"{med[ours] / med['cp']:.2f}x `cp -a` + `sync`; the anchor {med[anchor] / med['cp']:.2f}x."
         )
     if anchor == "RN" and sync_s is not None and med.get("RR"):
         return (

@@ -68,13 +68,12 @@ def _run_all():
     return run_all
 
 
-def test_what_limits_a_missed_mount_ratio_is_figured_against_the_floor() -> None:
+def test_what_limits_a_missed_mount_ratio_is_figured_against_a_plain_copy() -> None:
     med = {"floor": 10.0, "cp": 8.0, "M": 9.0, "MA": 12.0}
     line = _run_all().what_limits("M", "MA", "big", 0.6, med, None)
-    # 0.6 x 12 s = 7.2 s: 0.72x the direct floor, 0.90x cp + sync; ours 0.90x the floor, the anchor 1.20x
-    assert "at most 7.20 s" in line
-    assert "0.72x the disk's direct floor" in line and "0.90x `cp -a` + `sync`" in line
-    assert "0.90x that floor; the anchor 1.20x" in line
+    # 0.6 x 12 s = 7.2 s: 0.90x cp + sync, 0.72x the direct floor; ours 1.12x cp + sync, the anchor 1.50x
+    assert "at most 7.20 s: 0.90x `cp -a` + `sync` in this run (8.00 s," in line
+    assert "0.72x the direct floor" in line and "1.12x `cp -a` + `sync`; the anchor 1.50x" in line
 
 
 def test_what_limits_a_missed_ratio_against_the_unsynced_rsync_names_the_sync() -> None:
