@@ -42,6 +42,7 @@ from exlab_wizard.service.app import MAX_BODY_BYTES
 from exlab_wizard.service.auth import COOKIE_NAME
 from exlab_wizard.service.server import run_service
 from tests.fuzz.conftest import CASES, FUZZ
+from tests.helpers import client_tls
 from tests.lab import Lab, client_lab
 
 API_EXAMPLES = int(os.environ.get("EXLAB_FUZZ_API_EXAMPLES", "15"))
@@ -256,7 +257,7 @@ def test_generated_traversals_and_link_escapes_are_refused(
 ) -> None:
     path = _build_path(served, start, segments)
     method, route = endpoint
-    with httpx.Client(base_url=served.url, headers=served.auth, timeout=30) as http:
+    with httpx.Client(base_url=served.url, headers=served.auth, timeout=30, verify=client_tls()) as http:
         if method == "GET":
             response = http.get(route, params={"run_path": path})
         else:
@@ -298,7 +299,7 @@ def test_generated_wrong_tokens_are_refused(served: Served, token: str, scheme: 
     value = scheme + token
     if token == served.token or not _sendable(value):
         return  # the right token, or a header value no client can send
-    with httpx.Client(base_url=served.url, timeout=30) as http:
+    with httpx.Client(base_url=served.url, timeout=30, verify=client_tls()) as http:
         response = http.post(route, json={"run_path": str(served.runs[0])}, headers={"Authorization": value})
     CASES["api attack: wrong tokens"] += 1
     _assert_sane(response, f"POST {route} with {value!r}")
@@ -308,7 +309,7 @@ def test_generated_wrong_tokens_are_refused(served: Served, token: str, scheme: 
 @pytest.fixture(scope="module")
 def session(served: Served) -> str:
     code = urllib.parse.parse_qs(urllib.parse.urlparse(served.login_url).query)["code"][0]
-    with httpx.Client(base_url=served.url, timeout=30) as http:
+    with httpx.Client(base_url=served.url, timeout=30, verify=client_tls()) as http:
         login = http.get("/login", params={"code": code})
     assert login.status_code == 303, login.text
     return login.headers["set-cookie"].split(";")[0].split("=", 1)[1]
@@ -330,7 +331,7 @@ def test_generated_cross_origin_posts_with_a_session_cookie_are_refused(
     if origin in (served.url, f"http://localhost:{port}") or (origin is not None and not _sendable(origin)):
         return  # this server's own origins, or a header value no client can send
     headers = {} if origin is None else {"Origin": origin}
-    with httpx.Client(base_url=served.url, cookies={COOKIE_NAME: session}, timeout=30) as browser:
+    with httpx.Client(base_url=served.url, cookies={COOKIE_NAME: session}, timeout=30, verify=client_tls()) as browser:
         response = browser.post(route, json={"run_path": str(served.runs[1])}, headers=headers)
     CASES["api attack: cross-origin posts with a session cookie"] += 1
     _assert_sane(response, f"POST {route} from {origin!r}")
@@ -352,7 +353,7 @@ def test_generated_oversized_bodies_are_413(
     if chunked:
         content = iter([body[i : i + 16384] for i in range(0, len(body), 16384)])  # no Content-Length
     method = "GET" if route in ("/api/jobs", "/healthz") else "POST"
-    with httpx.Client(base_url=served.url, timeout=30) as http:
+    with httpx.Client(base_url=served.url, timeout=30, verify=client_tls()) as http:
         response = http.request(method, route, content=content, headers=served.auth if with_token else {})
     CASES["api attack: bodies over 64 KiB"] += 1
     _assert_sane(response, f"{method} {route} {size} bytes")
@@ -364,7 +365,7 @@ def test_revoking_in_a_run_whose_overrides_have_odd_ids_is_404_not_500(served: S
     # The fuzzer's find (tests/fuzz/test_regressions.py) seen from the API: an override entry
     # whose id is a JSON list made revoke_override raise TypeError, a 500 here.
     run = next(run for run in served.runs if run.name == "Run_odd_ids")
-    with httpx.Client(base_url=served.url, headers=served.auth, timeout=30) as http:
+    with httpx.Client(base_url=served.url, headers=served.auth, timeout=30, verify=client_tls()) as http:
         response = http.post("/api/overrides/a/revoke", json={"run_path": str(run), "reason": "wrong run"})
     _assert_sane(response, "revoke beside odd ids")
     assert response.status_code == 404 and response.json()["kind"] == "not_found", response.text

@@ -22,7 +22,7 @@ from exlab_wizard.config import Config, parse_config
 from exlab_wizard.service import CompletionWatcher
 from exlab_wizard.service.server import ServiceInfo, run_service
 from exlab_wizard.sync.nas_client import NASSyncClient, client_from_config
-from tests.helpers import ensure_user
+from tests.helpers import client_tls, ensure_user
 from tests.lab import Lab, client_lab
 
 EQ = "CONFOCAL_01"
@@ -218,7 +218,7 @@ async def serving(config: Config, lab: Lab) -> AsyncIterator[Service]:
     if task in done:
         task.result()  # raises the start-up failure
     info = ready.result()
-    async with httpx.AsyncClient(base_url=info.base_url, timeout=20) as http:
+    async with httpx.AsyncClient(base_url=info.base_url, timeout=20, verify=client_tls()) as http:
         try:
             yield Service(info, config, lab, http)
         finally:

@@ -59,7 +59,7 @@ import exlab_wizard
 from exlab_wizard.sync.manifest_format import parse_manifest
 from exlab_wizard.sync.transports.mount import is_temp_name
 from tests.fixtures.sshd import RW_USER, SshEnv, SshServer, write_rclone_sftp_config
-from tests.helpers import processes, tool_processes
+from tests.helpers import client_tls, processes, tool_processes
 from tests.lab import mark_nas, write_creation
 
 TRANSPORTS = ("mount", "rsync_ssh", "rclone")
@@ -193,10 +193,16 @@ class Serve:
         raise RuntimeError(f"serve did not start (exit {self.proc.returncode})")
 
     def post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+        return httpx.post(
+            self.url + path,
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+            verify=client_tls(),
+        )
 
     def jobs(self) -> list[dict]:
-        return httpx.get(self.url + "/api/jobs", params={"limit": 1000}, timeout=30).json()["jobs"]
+        return httpx.get(self.url + "/api/jobs", params={"limit": 1000}, timeout=30, verify=client_tls()).json()["jobs"]
 
     def kill(self) -> None:
         """SIGKILL of the service process alone, as a crash; its tools must die with it (checked after each kill)."""
