@@ -81,3 +81,10 @@ def test_what_limits_a_missed_ratio_against_the_unsynced_rsync_names_the_sync() 
     line = _run_all().what_limits("R", "RN", "small", 1.0, med, 1.2)
     assert "at most 3.00 s" in line and "took 1.20 s more" in line and "ours is 0.98" in line
     assert _run_all().what_limits("R", "RN", "small", 1.0, med, None).endswith("; ours took 4.40 s.")
+
+
+def test_a_ratio_just_over_its_target_is_not_printed_as_the_target() -> None:
+    shown = _run_all().shown
+    assert shown(6.80 / 6.77, 1.0) == "1.004"  # missed: "1.00" would read as met
+    assert shown(1.0, 1.0) == "1.00" and shown(0.998, 1.0) == "1.00" and shown(1.47, 1.0) == "1.47"
+    assert shown(0.603, 0.6) == "0.603" and shown(0.61, 0.6) == "0.61"
