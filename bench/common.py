@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -135,6 +136,14 @@ def write_dataset(root: Path, spec: Dataset, *, seed: int = 3) -> None:
                 handle.write(pool[offset : offset + chunk])
                 written += chunk
                 offset = 0 if offset + chunk >= len(pool) else offset + chunk
+
+
+def work_dir(value: str) -> str:
+    """``--dir``'s argparse type: an existing folder, as an absolute path; else a one-line usage error."""
+    path = os.path.abspath(value)
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{value}: no such folder (create it first)")
+    return path
 
 
 # --------------------------------------------------------------------------- timing

@@ -60,7 +60,17 @@ for _path in (str(_HERE), str(_ROOT)):
 import floor  # noqa: E402
 import sync_network  # noqa: E402
 import timeline  # noqa: E402
-from common import DATASETS, Dataset, dataset, median, new_run, ratio, run_measured, write_dataset  # noqa: E402
+from common import (  # noqa: E402
+    DATASETS,
+    Dataset,
+    dataset,
+    median,
+    new_run,
+    ratio,
+    run_measured,
+    work_dir,
+    write_dataset,
+)
 from fresh_fs import FreshFs  # noqa: E402
 
 from exlab_wizard.sync.transports.rclone import rclone_binary  # noqa: E402
@@ -1008,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results (bench/RESULTS.md)")
     parser.add_argument("--repeat", type=int, default=None, help="transport rounds (default 3; quick 1)")
     parser.add_argument("--budget-min", type=float, default=20.0, help="stop transport rounds early to end near this")
-    parser.add_argument("--dir", type=os.path.abspath, default=None, help="work here (default: a temporary folder)")
+    parser.add_argument("--dir", type=work_dir, default=None, help="work here (default: a temporary folder)")
     parser.add_argument("--profile", action="store_true", help="take the profiles of missed targets in --quick too")
     parser.add_argument("--no-lock", action="store_true", help="do not take /tmp/exlab-bench.lock (tests)")
     args = parser.parse_args(argv)

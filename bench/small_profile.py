@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import dataset, median, new_run, sh, write_dataset
+from common import dataset, median, new_run, sh, work_dir, write_dataset
 
 EQUIPMENT = "BENCH_01"
 MARKER = ".exlab-nas"
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fs-size", default="3G")
-    parser.add_argument("--dir", type=os.path.abspath, default=None)
+    parser.add_argument("--dir", type=work_dir, default=None)
     parser.add_argument("--plain-loop", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_loop:

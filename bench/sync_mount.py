@@ -55,6 +55,7 @@ from common import (
     run_measured,
     sh,
     timed,
+    work_dir,
     write_dataset,
 )
 from fresh_fs import FreshFs
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of a,b,c,d")
-    parser.add_argument("--dir", type=os.path.abspath, default=None, help="work here (default: a temporary folder)")
+    parser.add_argument("--dir", type=work_dir, default=None, help="work here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args(argv)
     names = [n for n in args.datasets.split(",") if n]

@@ -58,7 +58,17 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 sys.path.insert(1, str(_HERE.parent))  # tests.fixtures.sshd: the same server the tests use
 
-from common import DATASETS, dataset, interleave, median, new_run, ratio, timed, write_dataset  # noqa: E402
+from common import (  # noqa: E402
+    DATASETS,
+    dataset,
+    interleave,
+    median,
+    new_run,
+    ratio,
+    timed,
+    work_dir,
+    write_dataset,
+)
 from fresh_fs import FreshFs  # noqa: E402
 
 from exlab_wizard.cache import CreationWriter  # noqa: E402
@@ -360,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    parser.add_argument("--dir", type=os.path.abspath, default=None, help="work here (default: a temporary folder)")
+    parser.add_argument("--dir", type=work_dir, default=None, help="work here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     parser.add_argument(
         "--keep-log", type=Path, default=None, help="copy the equipment log (every tool run, timed) here"

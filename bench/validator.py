@@ -26,6 +26,9 @@ from pathlib import Path
 
 from exlab_wizard.validator import Validator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or with -m
+from common import work_dir
+
 __all__ = ["build_tree", "main"]
 
 # One in 10 files is text the validator scans; the rest are instrument data.
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="build the tree here (default: a temporary folder)")
+    parser.add_argument("--dir", type=work_dir, default=None, help="build the tree here (default: a temporary folder)")
     args = parser.parse_args(argv)
 
     base = Path(tempfile.mkdtemp(prefix="exlab-bench-validator-", dir=args.dir))
