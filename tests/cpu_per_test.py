@@ -47,16 +47,22 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     _out.write(f"{item.nodeid}\t{own:.3f}\t{kids:.3f}\t{time.monotonic() - started:.3f}\n")
 
 
-def main(folder: Path = DIR, top: int = 40) -> None:
-    by_file: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+def rows(folder: Path = DIR) -> Iterator[tuple[str, float, float, float]]:
+    """``(node id, worker CPU s, children CPU s, wall s)`` of every test recorded in ``folder``."""
     for tsv in sorted(folder.glob("*.tsv")):
         for line in tsv.read_text().splitlines():
             nodeid, own, kids, wall = line.split("\t")
-            row = by_file[nodeid.split("::")[0]]
-            row[0] += float(own)
-            row[1] += float(kids)
-            row[2] += float(wall)
-            row[3] += 1
+            yield nodeid, float(own), float(kids), float(wall)
+
+
+def main(folder: Path = DIR, top: int = 40) -> None:
+    by_file: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+    for nodeid, own, kids, wall in rows(folder):
+        row = by_file[nodeid.split("::")[0]]
+        row[0] += own
+        row[1] += kids
+        row[2] += wall
+        row[3] += 1
     own_s, kids_s = sum(r[0] for r in by_file.values()), sum(r[1] for r in by_file.values())
     print(f"{sum(r[3] for r in by_file.values())} tests: {own_s:.0f} CPU-s in the workers, {kids_s:.0f} in children")
     print(f"{'cpu s':>7} {'worker':>7} {'children':>8} {'test s':>7} {'tests':>5}  file")

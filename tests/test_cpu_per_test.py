@@ -35,11 +35,7 @@ def test_cpu_per_test_counts_the_worker_and_its_children(tmp_path: Path, capsys)
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = {
-        line.split("\t")[0].split("::")[1]: [float(x) for x in line.split("\t")[1:]]
-        for tsv in out.glob("*.tsv")
-        for line in tsv.read_text().splitlines()
-    }
+    rows = {nodeid.split("::")[1]: (own, kids) for nodeid, own, kids, _wall in cpu_per_test.rows(out)}
     assert set(rows) == {"test_spins_in_a_child", "test_spins_here"}
     assert rows["test_spins_in_a_child"][1] >= 0.3  # the child's CPU
     assert rows["test_spins_here"][0] >= 0.3 and rows["test_spins_here"][1] < 0.1  # the worker's own

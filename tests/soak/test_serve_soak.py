@@ -300,8 +300,8 @@ def test_the_memory_check_lets_allocator_steps_pass_and_fails_a_steady_leak() ->
     # step early (2.6 MiB in all, by the median slope 11.8 KiB a run), one 1 MiB step late (1.5 MiB
     # in all, but 26.2 KiB a run by the median slope: a step near the end leans most slopes).
     early = [(10, 65.5), (18, 65.6), (30, 65.7), (37, 67.7), (45, 67.8), (54, 67.9), (63, 68.0), (73, 68.1), (90, 68.3)]
-    late = [(9, 66.5), (18, 66.6), (30, 66.6), (36, 66.7), (46, 66.8), (54, 66.8), (66, 67.0), (72, 67.1), (81, 68.1)]
-    late.append((90, 68.1))
+    late = [(9, 66.5), (18, 66.6), (30, 66.6), (36, 66.7), (46, 66.8), (54, 66.8), (66, 67.0), (72, 67.1)]
+    late += [(81, 68.1), (90, 68.1)]  # the 1 MiB step
     for curve in (early, late):
         check(figures(curve), jobs, written)
     # a service keeping 48 KiB for every verified job: 2.8 MiB over the last 60 runs, every slope 48 KiB
