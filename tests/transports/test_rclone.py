@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -620,3 +621,132 @@ def test_bulk_hash_output_is_matched_to_the_listing():
         "appeared later.txt": ok,
     }
     assert unverifiable == dict.fromkeys(["unhashable.bin", "failed.bin", "never hashed.bin"], "remote_read_error")
+
+
+# ------------------------------------------------- large files hashed by openssl on an sftp NAS
+
+T = rclone_mod.FAST_SHA256_MIN_BYTES
+#: large files under hostile names (one of exactly the limit, one a byte short of it), and small ones
+LARGE_AND_SMALL = {
+    **{name: os.urandom(T + i) for i, name in enumerate(n for n in HOSTILE if n != "empty.bin" and "/" not in n)},
+    "exactly the limit.bin": os.urandom(T),
+    "one byte short.bin": os.urandom(T - 1),
+    "small/a.txt": b"a",
+    "empty.bin": b"",
+}
+
+
+def _rclone_escaped(path: str) -> str:
+    """A path as rclone's sftp backend appends it to a hash command for a unix shell."""
+    return re.sub(r"[^A-Za-z0-9_.,:/@\u0080-\U0010ffff\n-]", lambda m: "\\" + m.group(0), path).replace("\n", "'\n'")
+
+
+@pytest.mark.parametrize("openssl", [True, False], ids=["openssl", "no_openssl"])
+def test_the_fast_command_prints_each_hostile_names_sha256_first(tmp_path, openssl):
+    """As rclone runs it: its path appended, escaped; the digest is the first word (also without openssl)."""
+    folder = tmp_path / "nas"
+    folder.mkdir()
+    path_dirs = tmp_path / "bin"
+    path_dirs.mkdir()
+    for tool in ["sh", "sha256sum", *(["openssl"] if openssl else [])]:
+        (path_dirs / tool).symlink_to(shutil.which(tool))
+    for name in (n for n in HOSTILE if "/" not in n):
+        (folder / name).write_bytes(HOSTILE[name])
+        for shown in (name, str(folder / name)):  # relative (a leading dash) and absolute
+            done = subprocess.run(
+                f"{rclone_mod.FAST_SHA256_COMMAND} {_rclone_escaped(shown)}",
+                shell=True,
+                cwd=folder,
+                capture_output=True,
+                env={"PATH": str(path_dirs)},
+            )
+            assert done.returncode == 0, (name, done.stderr)
+            first = done.stdout.decode().lstrip("\\").split(" ")[0]
+            assert first == hashlib.sha256(HOSTILE[name]).hexdigest(), (name, done.stdout)
+    assert not list(folder.glob("PWNED*"))
+
+
+def _openssl_that_counts(tmp_path: Path) -> tuple[Path, Path]:
+    """An ``openssl`` the sftp login user can run that notes each call, then runs the real one."""
+    tools = Path(tempfile.mkdtemp(prefix="exlab-tools-"))
+    tools.chmod(0o755)
+    calls = tools / "calls"
+    calls.touch()
+    shutil.chown(calls, RW_USER, RW_USER)
+    wrapper = tools / "openssl"
+    wrapper.write_text(f'#!/bin/sh\necho call >> {calls}\nexec {shutil.which("openssl")} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, calls
+
+
+async def test_large_files_are_hashed_by_openssl_on_an_sftp_nas_and_the_others_by_sha256sum(
+    tmp_path, sshd, remote_dir, rclone_sftp_config, monkeypatch
+):
+    wrapper, calls = _openssl_that_counts(tmp_path)
+    try:
+        monkeypatch.setattr(
+            rclone_mod, "FAST_SHA256_COMMAND", rclone_mod.FAST_SHA256_COMMAND.replace("openssl", str(wrapper))
+        )
+        eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd, remote_sha256=True))
+        run = make_run(eq.local_root, LARGE_AND_SMALL, symlink=False)
+        transport = RcloneTransport(eq)
+        await transport.push(run, bwlimit_kibps=None)
+        manifest = await transport.remote_manifest(run)
+        assert manifest.hashes == hashes(LARGE_AND_SMALL) and manifest.unverifiable == {}
+        assert f"remote_manifest tool=rclone_hashsum files={len(LARGE_AND_SMALL)}" in _log_text(eq)
+        large = sum(len(data) >= T for data in LARGE_AND_SMALL.values())
+        assert calls.read_text().count("call") == large  # each large file once, by openssl; no other
+        assert "rclone_fast_sha256_off" not in _log_text(eq)
+    finally:
+        shutil.rmtree(wrapper.parent)
+
+
+@pytest.mark.parametrize(
+    "command", ["false", "echo not-a-digest", "sh -c 'exit 0'"], ids=["fails", "garbage", "silent"]
+)
+async def test_a_fast_command_that_does_not_hash_leaves_rclones_way_to_hash_them(
+    tmp_path, sshd, remote_dir, rclone_sftp_config, monkeypatch, command
+):
+    monkeypatch.setattr(rclone_mod, "FAST_SHA256_COMMAND", command)
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd, remote_sha256=True))
+    run = make_run(eq.local_root, LARGE_AND_SMALL, symlink=False)
+    transport = RcloneTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == hashes(LARGE_AND_SMALL) and manifest.unverifiable == {}
+    assert "rclone_fast_sha256_off" in _log_text(eq)
+    assert _remote_hashing_logged(eq) == "true"  # never taken for a server that cannot hash
+    before = _log_text(eq).count("--sftp-sha256sum-command")
+    again = await transport.remote_manifest(run)
+    assert again.hashes == manifest.hashes
+    assert _log_text(eq).count("--sftp-sha256sum-command") == before  # not asked again
+
+
+@pytest.mark.parametrize(
+    ("lines", "env", "allowed"),
+    [
+        (["sha256sum_command = sha256sum"], {}, True),
+        ([], {}, True),
+        (["sha256sum_command = sha256sum", "shell_type = unix"], {}, True),
+        (["sha256sum_command = /opt/bin/sha256sum"], {}, False),
+        (["sha256sum_command = none"], {}, False),
+        (["shell_type = powershell"], {}, False),
+        (["sha256sum_command = sha256sum"], {"RCLONE_CONFIG_LABSFTP_SHA256SUM_COMMAND": "mysum"}, False),
+        (["sha256sum_command = sha256sum"], {"RCLONE_SFTP_SHA256SUM_COMMAND": "mysum"}, False),
+        (["sha256sum_command = sha256sum"], {"RCLONE_SFTP_SHELL_TYPE": "cmd"}, False),
+    ],
+)
+def test_the_fast_command_only_stands_in_for_a_plain_sha256sum(tmp_path, monkeypatch, lines, env, allowed):
+    conf = tmp_path / "rclone.conf"
+    conf.write_text("\n".join(["[labsftp]", "type = sftp", "host = 127.0.0.1", *lines, ""]))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    transport = RcloneTransport(rclone_equipment(tmp_path, "labsftp", "/nas", conf))
+    transport._sftp = True  # as probe() finds for this remote
+    assert transport._fast_sha256_allowed() is allowed
+    other = RcloneTransport(rclone_equipment(tmp_path, "labsftp", "/nas", conf))
+    assert other._fast_sha256_allowed() is False  # not an sftp backend (probe found another)
+    conf.write_text("# Encrypted rclone configuration File\n\nRCLONE_ENCRYPT_V0:\nabc\n")
+    unknown = RcloneTransport(rclone_equipment(tmp_path, "labsftp", "/nas", conf))
+    unknown._sftp = True
+    assert unknown._fast_sha256_allowed() is False

@@ -22,7 +22,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["config_path", "remote_digest"]
+__all__ = ["config_path", "remote_digest", "remote_section"]
 
 #: Keys rclone itself rewrites while the remote stays where it is: an OAuth backend's access token
 #: (OneDrive, Google Drive, Dropbox, Box: refreshed about hourly and written back to the file).
@@ -68,17 +68,40 @@ def remote_digest(configured: Path | None, remote: str) -> str:
     return hashlib.sha256(repr((found, env)).encode()).hexdigest()[:16]
 
 
-def _definition(raw: bytes, remote: str) -> str:
+def remote_section(configured: Path | None, remote: str) -> dict[str, str] | None:
+    """The keys and values of ``remote``'s section of the config file, as written there.
+
+    None when that cannot be told: no file, one that cannot be read, an
+    encrypted one, one that does not parse, or no such section (a remote
+    defined by environment variables alone).
+    """
+    try:
+        parser = _parsed(config_path(configured).read_bytes())
+    except OSError:
+        return None
+    if parser is None or not parser.has_section(remote):
+        return None
+    return dict(parser.items(remote))
+
+
+def _parsed(raw: bytes) -> configparser.RawConfigParser | None:
+    """The config file's sections; None for an encrypted file or one that does not parse."""
     text = raw.decode("utf-8", "replace")
-    whole = hashlib.sha256(raw).hexdigest()[:16]
     if text.lstrip().startswith("# Encrypted rclone configuration"):
-        return whole
+        return None
     parser = configparser.RawConfigParser(strict=False, interpolation=None, default_section="\0")
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys as written
     try:
         parser.read_string(text)
     except configparser.Error:
-        return whole
+        return None
+    return parser
+
+
+def _definition(raw: bytes, remote: str) -> str:
+    parser = _parsed(raw)
+    if parser is None:
+        return hashlib.sha256(raw).hexdigest()[:16]
     parts: list[tuple[str, list[tuple[str, str]]]] = []
     seen: set[str] = set()
     pending = [remote]
