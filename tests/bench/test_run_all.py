@@ -70,6 +70,13 @@ def test_what_limits_a_missed_mount_ratio_is_figured_against_a_plain_copy() -> N
     # 0.6 x 12 s = 7.2 s: 0.90x cp + sync, 0.72x the direct floor; ours 1.12x cp + sync, the anchor 1.50x
     assert "at most 7.20 s: 0.90x `cp -a` + `sync` in this run (8.00 s," in line
     assert "0.72x the direct floor" in line and "1.12x `cp -a` + `sync`; the anchor 1.50x" in line
+    assert "Reading" not in line  # no read back measured: nothing said of it
+    med["readback"] = 3.0
+    line = _run_all().what_limits("M", "MA", "big", 0.6, med, None)
+    # cp 8 s + read back 3 s = 11 s, 1.53x the 7.2 s allowed; ours 9 s is 0.82x the two one after the other
+    assert "Reading `cp`'s copy back from storage alone took 3.00 s" in line
+    assert "one after the other, 11.00 s, 1.53x what the target allows" in line
+    assert "ours took 9.00 s, 0.82x the two one after the other." in line
 
 
 def test_what_limits_a_missed_ratio_against_the_unsynced_rsync_names_the_sync() -> None:
