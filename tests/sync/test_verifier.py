@@ -329,6 +329,18 @@ def test_compare_ignores_metadata_on_both_sides() -> None:
         assert result.manifest_digest == manifest_digest({"a": ABC})
 
 
+def test_compare_without_the_digest_renders_no_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``digest=False``: the caller writes the manifest and gets its digest there; nothing is rendered here."""
+    local = {f"d/f{i}": hashlib.sha256(b"%d" % i).hexdigest() for i in range(5)}
+    rendered: list[int] = []
+    real = verifier_module.manifest_digest
+    monkeypatch.setattr(verifier_module, "manifest_digest", lambda hashes: rendered.append(1) or real(hashes))
+    result = compare(local, dict(local), digest=False)
+    assert result.ok and result.checked == 5
+    assert result.manifest_digest is None and rendered == []
+    assert compare(local, dict(local)).manifest_digest == manifest_digest(local) and rendered == [1]
+
+
 def test_compare_hex_case_and_empty_sides() -> None:
     assert compare({"a": ABC}, {"a": ABC.upper()}).ok
     assert compare({}, {}).ok

@@ -395,13 +395,13 @@ def compare(
     # One lookup a file each way (a spilled map's are read from disk).
     missing: list[str] = []
     different: list[str] = []
-    for rel, digest in mine.items():
+    for rel, ours in mine.items():
         if rel in unverifiable:
             continue  # counted in ``cannot``
         other = theirs.get(rel)
         if other is None:
             missing.append(rel)
-        elif _lowered(other) != digest:
+        elif _lowered(other) != ours:
             different.append(rel)
     extra = [rel for rel in theirs if rel not in mine and not is_metadata_path(rel)]
     extra += [rel for rel in unverifiable if rel not in mine and rel not in theirs]
