@@ -679,6 +679,18 @@ def _openssl_that_counts(tmp_path: Path) -> tuple[Path, Path]:
     return wrapper, calls
 
 
+async def _large_and_small_verified(tmp_path, sshd, remote_dir, rclone_sftp_config):
+    """LARGE_AND_SMALL pushed to the test sshd over rclone sftp (sha256sum_command = sha256sum) and its
+    manifest taken, every file hashed: (equipment, transport, run, manifest)."""
+    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd, remote_sha256=True))
+    run = make_run(eq.local_root, LARGE_AND_SMALL, symlink=False)
+    transport = RcloneTransport(eq)
+    await transport.push(run, bwlimit_kibps=None)
+    manifest = await transport.remote_manifest(run)
+    assert manifest.hashes == hashes(LARGE_AND_SMALL) and manifest.unverifiable == {}
+    return eq, transport, run, manifest
+
+
 async def test_large_files_are_hashed_by_openssl_on_an_sftp_nas_and_the_others_by_sha256sum(
     tmp_path, sshd, remote_dir, rclone_sftp_config, monkeypatch
 ):
@@ -687,12 +699,9 @@ async def test_large_files_are_hashed_by_openssl_on_an_sftp_nas_and_the_others_b
         monkeypatch.setattr(
             rclone_mod, "FAST_SHA256_COMMAND", rclone_mod.FAST_SHA256_COMMAND.replace("openssl", str(wrapper))
         )
-        eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd, remote_sha256=True))
-        run = make_run(eq.local_root, LARGE_AND_SMALL, symlink=False)
-        transport = RcloneTransport(eq)
-        await transport.push(run, bwlimit_kibps=None)
-        manifest = await transport.remote_manifest(run)
-        assert manifest.hashes == hashes(LARGE_AND_SMALL) and manifest.unverifiable == {}
+        eq, _transport, _run, _manifest = await _large_and_small_verified(
+            tmp_path, sshd, remote_dir, rclone_sftp_config
+        )
         assert f"remote_manifest tool=rclone_hashsum files={len(LARGE_AND_SMALL)}" in _log_text(eq)
         large = sum(len(data) >= T for data in LARGE_AND_SMALL.values())
         assert calls.read_text().count("call") == large  # each large file once, by openssl; no other
@@ -708,12 +717,7 @@ async def test_a_fast_command_that_does_not_hash_leaves_rclones_way_to_hash_them
     tmp_path, sshd, remote_dir, rclone_sftp_config, monkeypatch, command
 ):
     monkeypatch.setattr(rclone_mod, "FAST_SHA256_COMMAND", command)
-    eq = rclone_equipment(tmp_path, "labsftp", str(remote_dir), rclone_sftp_config(sshd, remote_sha256=True))
-    run = make_run(eq.local_root, LARGE_AND_SMALL, symlink=False)
-    transport = RcloneTransport(eq)
-    await transport.push(run, bwlimit_kibps=None)
-    manifest = await transport.remote_manifest(run)
-    assert manifest.hashes == hashes(LARGE_AND_SMALL) and manifest.unverifiable == {}
+    eq, transport, run, manifest = await _large_and_small_verified(tmp_path, sshd, remote_dir, rclone_sftp_config)
     assert "rclone_fast_sha256_off" in _log_text(eq)
     assert _remote_hashing_logged(eq) == "true"  # never taken for a server that cannot hash
     before = _log_text(eq).count("--sftp-sha256sum-command")
