@@ -51,7 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from exlab_wizard.config.models import EquipmentConfig, RcloneTransportConfig
@@ -180,18 +180,23 @@ def connection_flags(files: int, size: int, *, sftp: bool) -> list[str]:
     return []
 
 
-def counted(folder: Path) -> tuple[int, int]:
-    """(files, bytes) of a local folder, counted only as far as :func:`connection_flags` needs to decide."""
-    files = size = 0
+def _local_sizes(folder: Path) -> Iterator[int]:
+    """The size of each file below a local folder, walked only as far as the caller reads (a file gone is left out)."""
     for parent, _dirs, names in os.walk(folder):
         for name in names:
             try:
-                size += os.lstat(os.path.join(parent, name)).st_size
+                yield os.lstat(os.path.join(parent, name)).st_size
             except OSError:
                 continue  # gone: the copy itself says so
-            files += 1
-            if files > ONE_CONNECTION_FILES or size > ONE_CONNECTION_BYTES:
-                return files, size
+
+
+def counted(folder: Path) -> tuple[int, int]:
+    """(files, bytes) of a local folder, counted only as far as :func:`connection_flags` needs to decide."""
+    files = size = 0
+    for one in _local_sizes(folder):
+        files, size = files + 1, size + one
+        if files > ONE_CONNECTION_FILES or size > ONE_CONNECTION_BYTES:
+            break
     return files, size
 
 
@@ -454,21 +459,14 @@ def _hashsum_output(result: ToolResult) -> list[str] | None:
         return None
 
 
-def _all_digests(lines: list[str]) -> bool:
-    """Whether every line of a hashsum's output gives its file a SHA-256."""
-    return all(_HEX_RE.match(line.partition("  ")[0]) for line in lines)
+def _holds_large_file(folder: Path) -> bool:
+    """Whether a local run holds a file of :data:`FAST_SHA256_MIN_BYTES` or more (walked until one is found)."""
+    return any(size >= FAST_SHA256_MIN_BYTES for size in _local_sizes(folder))
 
 
-def _has_file_of(folder: Path, size: int) -> bool:
-    """Whether a local folder holds a file of ``size`` bytes or more (looked for only until one is found)."""
-    for parent, _dirs, names in os.walk(folder):
-        for name in names:
-            try:
-                if os.lstat(os.path.join(parent, name)).st_size >= size:
-                    return True
-            except OSError:
-                continue
-    return False
+def _unhashed(result: ToolResult, files: dict[str, int]) -> bool:
+    """Whether a hashsum left any of ``files`` (path -> size, from the listing) without a SHA-256."""
+    return bool(_hashed_listing(result.stdout, files)[1])
 
 
 def _hashed_listing(stdout: bytes, sizes: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
@@ -1103,7 +1101,7 @@ class RcloneTransport(Transport):
         then on. Whatever is left unhashed is the caller's to see against the
         listing, as for one call.
         """
-        if not (self._fast_sha256_allowed() and await asyncio.to_thread(_has_file_of, run_path, FAST_SHA256_MIN_BYTES)):
+        if not (self._fast_sha256_allowed() and await asyncio.to_thread(_holds_large_file, run_path)):
             return await _hashsum(base, fs, log=self.log, run_path=run_path)
         large_by = [*base, "--sftp-sha256sum-command", FAST_SHA256_COMMAND]
         large, rest = await gather_or_cancel(
@@ -1115,18 +1113,17 @@ class RcloneTransport(Transport):
             return rest  # as one call would have ended: the listing's hashes follow
         large_lines = _hashsum_output(large)
         listed = await listing
-        named = {decode_name(line.partition("  ")[2]) for line in large_lines or []}
         wanted = (
-            {p for p, n in _listing(listed.stdout).items() if n >= FAST_SHA256_MIN_BYTES}
+            {p: n for p, n in _listing(listed.stdout).items() if n >= FAST_SHA256_MIN_BYTES}
             if not listed.returncode
-            else set()
+            else {}
         )
-        if large_lines is None or not _all_digests(large_lines) or not wanted <= named:
+        if large_lines is None or _unhashed(large, wanted):
             again = await _hashsum(base, fs, log=self.log, run_path=run_path, min_bytes=FAST_SHA256_MIN_BYTES)
             again_lines = _hashsum_output(again)
             if again_lines is None:
                 return again
-            if _all_digests(again_lines):  # rclone's way hashed what the command did not
+            if not _unhashed(again, wanted):  # rclone's way hashed what the command did not
                 self._fast_sha256_off = True
                 self.log.info(
                     run_path,
