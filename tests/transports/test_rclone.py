@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -666,19 +665,6 @@ def test_the_fast_command_prints_each_hostile_names_sha256_first(tmp_path, opens
     assert not list(folder.glob("PWNED*"))
 
 
-def _openssl_that_counts(tmp_path: Path) -> tuple[Path, Path]:
-    """An ``openssl`` the sftp login user can run that notes each call, then runs the real one."""
-    tools = Path(tempfile.mkdtemp(prefix="exlab-tools-"))
-    tools.chmod(0o755)
-    calls = tools / "calls"
-    calls.touch()
-    shutil.chown(calls, RW_USER, RW_USER)
-    wrapper = tools / "openssl"
-    wrapper.write_text(f'#!/bin/sh\necho call >> {calls}\nexec {shutil.which("openssl")} "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper, calls
-
-
 async def _large_and_small_verified(tmp_path, sshd, remote_dir, rclone_sftp_config):
     """LARGE_AND_SMALL pushed to the test sshd over rclone sftp (sha256sum_command = sha256sum) and its
     manifest taken, every file hashed: (equipment, transport, run, manifest)."""
@@ -692,22 +678,13 @@ async def _large_and_small_verified(tmp_path, sshd, remote_dir, rclone_sftp_conf
 
 
 async def test_large_files_are_hashed_by_openssl_on_an_sftp_nas_and_the_others_by_sha256sum(
-    tmp_path, sshd, remote_dir, rclone_sftp_config, monkeypatch
+    tmp_path, sshd, remote_dir, rclone_sftp_config, openssl_calls
 ):
-    wrapper, calls = _openssl_that_counts(tmp_path)
-    try:
-        monkeypatch.setattr(
-            rclone_mod, "FAST_SHA256_COMMAND", rclone_mod.FAST_SHA256_COMMAND.replace("openssl", str(wrapper))
-        )
-        eq, _transport, _run, _manifest = await _large_and_small_verified(
-            tmp_path, sshd, remote_dir, rclone_sftp_config
-        )
-        assert f"remote_manifest tool=rclone_hashsum files={len(LARGE_AND_SMALL)}" in _log_text(eq)
-        large = sum(len(data) >= T for data in LARGE_AND_SMALL.values())
-        assert calls.read_text().count("call") == large  # each large file once, by openssl; no other
-        assert "rclone_fast_sha256_off" not in _log_text(eq)
-    finally:
-        shutil.rmtree(wrapper.parent)
+    eq, _transport, _run, _manifest = await _large_and_small_verified(tmp_path, sshd, remote_dir, rclone_sftp_config)
+    assert f"remote_manifest tool=rclone_hashsum files={len(LARGE_AND_SMALL)}" in _log_text(eq)
+    large = sum(len(data) >= T for data in LARGE_AND_SMALL.values())
+    assert openssl_calls.read_text().count("call") == large  # each large file once, by openssl; no other
+    assert "rclone_fast_sha256_off" not in _log_text(eq)
 
 
 @pytest.mark.parametrize(
@@ -720,10 +697,17 @@ async def test_a_fast_command_that_does_not_hash_leaves_rclones_way_to_hash_them
     eq, transport, run, manifest = await _large_and_small_verified(tmp_path, sshd, remote_dir, rclone_sftp_config)
     assert "rclone_fast_sha256_off" in _log_text(eq)
     assert _remote_hashing_logged(eq) == "true"  # never taken for a server that cannot hash
-    before = _log_text(eq).count("--sftp-sha256sum-command")
+    asked: list[list[str]] = []
+    real = rclone_mod._hashsum
+
+    async def noted(base, fs, **kwargs):  # the real hashsum; its argv noted (a quiet call is not logged)
+        asked.append(list(base))
+        return await real(base, fs, **kwargs)
+
+    monkeypatch.setattr(rclone_mod, "_hashsum", noted)
     again = await transport.remote_manifest(run)
     assert again.hashes == manifest.hashes
-    assert _log_text(eq).count("--sftp-sha256sum-command") == before  # not asked again
+    assert asked and not any("--sftp-sha256sum-command" in base for base in asked)  # not asked again
 
 
 @pytest.mark.parametrize(
